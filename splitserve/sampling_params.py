@@ -1,0 +1,131 @@
+"""Sampling parameters: the user-facing dataclass (vLLM's names) and its protobuf form.
+
+Torch-free: the gateway and the scheduler import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+"""Default cap on logprobs / top_logprobs / prompt_logprobs (vLLM's --max-logprobs)."""
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. Defaults follow vLLM."""
+
+    n: int = 1
+    """Number of sequences to return for the prompt."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 or -1 disables."""
+    min_p: float = 0.0
+    """Drop tokens below min_p times the top probability; 0 disables."""
+    presence_penalty: float = 0.0
+    """Additive penalty for tokens present in the output."""
+    frequency_penalty: float = 0.0
+    """Additive penalty scaled by output counts."""
+    repetition_penalty: float = 1.0
+    """Multiplicative penalty for tokens in prompt or output; 1 disables."""
+    seed: int | None = None
+    """Per-request RNG seed."""
+    max_tokens: int | None = 16
+    """Tokens to generate at most; None means up to the context length."""
+    min_tokens: int = 0
+    """Tokens to generate before EOS / stop token ids may end the request."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end the request."""
+    ignore_eos: bool = False
+    """Keep generating past EOS."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string in the text."""
+    logprobs: int | None = None
+    """Top logprobs to return per generated token."""
+    prompt_logprobs: int | None = None
+    """Top logprobs to return per prompt token."""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    """Additive logit bias per token id."""
+    skip_special_tokens: bool = True
+    """Drop special tokens from the text."""
+    detokenize: bool = True
+    """Produce text (the in-process engine); off returns token ids only."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.top_k == -1:
+            self.top_k = 0
+        errors = validate(self)
+        if errors:
+            raise ValueError(errors[0][1])
+
+    def to_proto(self):
+        from splitserve.protos import common_pb2
+
+        p = common_pb2.SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            logit_bias=self.logit_bias, stop=self.stop,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens, n=self.n)
+        if self.seed is not None:
+            p.seed = self.seed
+        if self.max_tokens is not None:
+            p.max_tokens = self.max_tokens
+        if self.logprobs is not None:
+            p.logprobs = self.logprobs
+        if self.prompt_logprobs is not None:
+            p.prompt_logprobs = self.prompt_logprobs
+        return p
+
+
+def validate(p: SamplingParams, max_logprobs: int = MAX_LOGPROBS,
+             vocab_size: int | None = None) -> list[tuple[str, str]]:
+    """Return (param, message) for every invalid field; empty when all are valid."""
+    e: list[tuple[str, str]] = []
+    if not isinstance(p.n, int) or p.n < 1:
+        e.append(("n", f"n must be at least 1, got {p.n}"))
+    if p.temperature < 0:
+        e.append(("temperature", f"temperature must be non-negative, got {p.temperature}"))
+    if not 0 < p.top_p <= 1:
+        e.append(("top_p", f"top_p must be in (0, 1], got {p.top_p}"))
+    if p.top_k < -1:
+        e.append(("top_k", f"top_k must be -1 (disable), 0 (disable) or at least 1, got {p.top_k}"))
+    if not 0 <= p.min_p <= 1:
+        e.append(("min_p", f"min_p must be in [0, 1], got {p.min_p}"))
+    if not -2 <= p.presence_penalty <= 2:
+        e.append(("presence_penalty", f"presence_penalty must be in [-2, 2], got {p.presence_penalty}"))
+    if not -2 <= p.frequency_penalty <= 2:
+        e.append(("frequency_penalty",
+                  f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}"))
+    if p.repetition_penalty <= 0:
+        e.append(("repetition_penalty",
+                  f"repetition_penalty must be greater than 0, got {p.repetition_penalty}"))
+    if p.max_tokens is not None and (not isinstance(p.max_tokens, int) or p.max_tokens < 1):
+        e.append(("max_tokens", f"max_tokens must be at least 1, got {p.max_tokens}"))
+    if p.min_tokens < 0:
+        e.append(("min_tokens", f"min_tokens must be non-negative, got {p.min_tokens}"))
+    if p.max_tokens is not None and p.min_tokens > p.max_tokens:
+        e.append(("min_tokens",
+                  f"min_tokens ({p.min_tokens}) must not exceed max_tokens ({p.max_tokens})"))
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(p, name)
+        if v is not None and (v < 0 or v > max_logprobs):
+            e.append((name, f"{name} must be between 0 and {max_logprobs}, got {v}"))
+    if vocab_size is not None:
+        for t in p.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                e.append(("stop_token_ids", f"stop token id {t} is outside [0, {vocab_size})"))
+        for t in p.logit_bias:
+            if not 0 <= int(t) < vocab_size:
+                e.append(("logit_bias", f"logit_bias token id {t} is outside [0, {vocab_size})"))
+    return e
