@@ -1,1 +1,21 @@
-"""splitserve.kernels."""
+"""Triton kernels for splitserve, each beside a plain-torch reference.
+
+Callers (the worker) use `splitserve.kernels.dispatch`, which runs the Triton launcher on CUDA
+tensors and the torch path otherwise. The Triton modules are imported lazily there, so this
+package imports on machines without triton.
+
+Modules:
+    reference           plain-torch references (the oracle of every kernel test)
+    torch_attention     vectorised CPU paths for paged attention and the KV-cache write
+    attention_prefill   varlen paged attention (prefill, chunked prefill, mixed batches)
+    attention_decode    split-KV paged decode attention + reduce
+    kv_cache            scatter of new keys/values into the paged cache
+    rms_norm            RMSNorm with optional fused residual add
+    rotary              cos/sin cache builders (default, linear, llama3, yarn), pure torch
+    rotary_kernel       in-place rotary embedding (neox and gpt-j layouts)
+    activation          SiLU-and-mul, GELU-and-mul (erf and tanh)
+    token_bitmask       packed int32 grammar bitmask applied to logits
+    dispatch            backend choice and the op-level functions the worker calls
+"""
+
+from __future__ import annotations

@@ -55,6 +55,11 @@ class TokenizerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.FromString,
                 _registered_method=True)
+        self.DecodeEach = channel.unary_unary(
+                '/splitserve.tokenizer.v1.TokenizerService/DecodeEach',
+                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachResponse.FromString,
+                _registered_method=True)
         self.GetTokenizerInfo = channel.unary_unary(
                 '/splitserve.tokenizer.v1.TokenizerService/GetTokenizerInfo',
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.SerializeToString,
@@ -96,6 +101,13 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecodeEach(self, request, context):
+        """Each token id decoded on its own (for logprobs' token strings), in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTokenizerInfo(self, request, context):
         """Facts about the tokenizer the gateway needs for validation.
         """
@@ -125,6 +137,11 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.ApplyChatTemplate,
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.SerializeToString,
+            ),
+            'DecodeEach': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecodeEach,
+                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachResponse.SerializeToString,
             ),
             'GetTokenizerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTokenizerInfo,
@@ -241,6 +258,33 @@ class TokenizerService:
             '/splitserve.tokenizer.v1.TokenizerService/ApplyChatTemplate',
             splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.SerializeToString,
             splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeEach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.tokenizer.v1.TokenizerService/DecodeEach',
+            splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachRequest.SerializeToString,
+            splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachResponse.FromString,
             options,
             channel_credentials,
             insecure,

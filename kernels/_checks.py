@@ -1,0 +1,49 @@
+"""Argument checks shared by the Triton launchers.
+
+Kept free of triton imports so that the torch-only paths (and their tests) load on machines
+without triton installed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# NOTE: the kernels accumulate in fp32 but load/store in the tensor dtype; fp8 KV caches would
+# need per-tensor scales that no caller provides yet, so they are rejected up front.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for non-negative ints."""
+    return -(-a // b)
+
+
+def check_float(name: str, t: torch.Tensor, ndim: int) -> None:
+    """Raise ValueError unless `t` is a floating tensor of rank `ndim` with a unit last stride."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of {FLOAT_DTYPES}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    # Vectorised loads along the last axis assume it is contiguous.
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def check_int(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:
+    """Raise ValueError unless `t` is an integer tensor of rank `ndim` with one of `dtypes`."""
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError when the given tensors live on different devices."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"tensors on different devices: {devices}")

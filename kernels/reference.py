@@ -1,0 +1,274 @@
+"""Plain-torch references for every kernel in `splitserve.kernels`.
+
+These are the oracles of the kernel tests: written for clarity, computed in fp32 and cast back
+to the input dtype at the same points the kernels (and Hugging Face models) do. They are also
+vectorised enough to serve as the CPU path for the elementwise ops (see `dispatch.py`).
+
+Shapes use: T tokens, S sequences, Hq query heads, Hk KV heads, D head dim, NB cache blocks,
+BS block size, MB max blocks per sequence, V vocab, I intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "apply_rotary_ref",
+    "apply_token_bitmask_ref",
+    "fused_add_rms_norm_ref",
+    "gelu_and_mul_ref",
+    "paged_attention_ref",
+    "rms_norm_ref",
+    "silu_and_mul_ref",
+    "soft_cap_logits",
+    "write_kv_cache_ref",
+]
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def soft_cap_logits(logits: torch.Tensor, soft_cap: float | None) -> torch.Tensor:
+    """Gemma-2 style logit capping: soft_cap * tanh(logits / soft_cap); identity when None."""
+    if soft_cap is None or soft_cap <= 0:
+        return logits
+    return soft_cap * torch.tanh(logits / soft_cap)
+
+
+def gather_sequence_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one sequence's keys/values out of the paged cache.
+
+    Args:
+        key_cache, value_cache: [NB, BS, Hk, D].
+        block_table: int [MB] — only the first ceil(seq_len / BS) entries are read, so padding
+            entries may hold anything (0, -1, stale ids).
+        seq_len: tokens of this sequence in the cache.
+
+    Returns:
+        (k, v), each [seq_len, Hk, D].
+    """
+    block_size = key_cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    k = key_cache[blocks].reshape(-1, *key_cache.shape[2:])[:seq_len]
+    v = value_cache[blocks].reshape(-1, *value_cache.shape[2:])[:seq_len]
+    return k, v
+
+
+def attention_mask(
+    query_positions: torch.Tensor, key_len: int, sliding_window: int | None
+) -> torch.Tensor:
+    """Boolean [Q, K] mask: key j is visible to a query at position p iff p - window < j <= p."""
+    j = torch.arange(key_len, device=query_positions.device)
+    p = query_positions[:, None]
+    mask = j[None, :] <= p
+    if sliding_window is not None:
+        mask &= j[None, :] > p - sliding_window
+    return mask
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal paged attention over a block-table KV cache, one sequence at a time, in fp32.
+
+    Args:
+        q: [T, Hq, D] — queries of all sequences, flattened; sequence i owns rows
+            cu_seqlens_q[i]:cu_seqlens_q[i+1] and those are its LAST query_len positions.
+        key_cache, value_cache: [NB, BS, Hk, D]; Hq % Hk == 0 (GQA/MQA).
+        block_tables: int32 [S, MB].
+        seq_lens: int32 [S] — tokens in the cache per sequence, new ones included.
+        cu_seqlens_q: int32 [S + 1].
+        scale: multiplies q·k before capping and softmax.
+        sliding_window: a query at position p sees keys in (p - window, p].
+        soft_cap: logits -> soft_cap * tanh(logits / soft_cap).
+        sinks: fp32 [Hq] — one extra logit per head in the softmax denominator, with no value.
+
+    Returns:
+        [T, Hq, D] in q.dtype; rows not covered by cu_seqlens_q are zero.
+    """
+    num_heads = q.shape[1]
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for i, seq_len in enumerate(lens):
+        q_start, q_end = cu[i], cu[i + 1]
+        query_len = q_end - q_start
+        if query_len == 0:
+            continue
+        k, v = gather_sequence_kv(key_cache, value_cache, block_tables[i], seq_len)
+        # GQA: query head h reads KV head h // group.
+        k = k.float().repeat_interleave(group, dim=1)  # [K, Hq, D]
+        v = v.float().repeat_interleave(group, dim=1)
+        qi = q[q_start:q_end].float()  # [Q, Hq, D]
+        logits = torch.einsum("qhd,khd->hqk", qi, k) * scale
+        logits = soft_cap_logits(logits, soft_cap)
+        positions = torch.arange(seq_len - query_len, seq_len, device=q.device)
+        mask = attention_mask(positions, seq_len, sliding_window)
+        logits = logits.masked_fill(~mask[None], float("-inf"))
+        if sinks is not None:
+            sink_col = sinks.float()[:, None, None].expand(-1, query_len, 1)
+            probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out
+
+
+def write_kv_cache_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter new keys/values into the paged cache, in place.
+
+    Args:
+        key, value: [T, Hk, D].
+        key_cache, value_cache: [NB, BS, Hk, D] (any strides).
+        slot_mapping: int64 [T]; slot = block_id * BS + offset, slot < 0 skips the token
+            (padding tokens of a CUDA-graph batch).
+    """
+    block_size = key_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    # Two-index advanced assignment works for any cache strides (no .view() needed).
+    key_cache[blocks, offsets] = key[keep].to(key_cache.dtype)
+    value_cache[blocks, offsets] = value[keep].to(value_cache.dtype)
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as in HF Llama: normalise in fp32, cast to x.dtype, then multiply by weight.
+
+    Args:
+        x: [..., N]; weight: [N].
+
+    Returns:
+        [..., N] in x.dtype.
+    """
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * normed.to(x.dtype).float()).to(x.dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), the sum rounded to x.dtype as a model would.
+
+    Args:
+        x, residual: [..., N] same dtype; weight: [N].
+    """
+    new_residual = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm_ref(new_residual, weight, eps), new_residual
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+def apply_rotary_ref(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding, out of place.
+
+    Args:
+        positions: int64 [T].
+        q: [T, Hq, D]; k: [T, Hk, D].
+        cos_sin_cache: [max_pos, R] — cos in [:, :R/2], sin in [:, R/2:]; R <= D, and only the
+            first R dims of each head rotate (partial rotary).
+        is_neox: rotate halves (x[:R/2], x[R/2:R]); False rotates interleaved pairs (gpt-j).
+
+    Returns:
+        (q_out, k_out) with the input shapes and dtypes.
+    """
+    rot = cos_sin_cache.shape[-1]
+    cos, sin = cos_sin_cache[positions.long()].float().chunk(2, dim=-1)  # [T, R/2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xr, xp = xf[..., :rot], xf[..., rot:]
+        if is_neox:
+            x1, x2 = xr.chunk(2, dim=-1)
+            y = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        else:
+            x1, x2 = xr[..., 0::2], xr[..., 1::2]
+            y = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        return torch.cat([y, xp], dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :I]) * x[..., I:] computed in fp32. x: [..., 2I] -> [..., I]."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def gelu_and_mul_ref(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """gelu(x[..., :I]) * x[..., I:] in fp32; approximate is "none" (erf) or "tanh"."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.gelu(gate, approximate=approximate) * up).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- grammar bitmask
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed int32 [B, W] -> bool [B, min(vocab_size, 32W)]; bit j of word w is token 32w + j."""
+    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)
+    return allowed[:, :vocab_size]
+
+
+def apply_token_bitmask_ref(
+    logits: torch.Tensor, bitmask: torch.Tensor, indices: torch.Tensor | None = None
+) -> None:
+    """Set disallowed logits to -inf, in place.
+
+    Args:
+        logits: [B, V] float.
+        bitmask: int32 [B, W], usually W = ceil(V / 32); a token id >= 32W is left untouched
+            (as in xgrammar) because the mask says nothing about it.
+        indices: optional int [R] — only these rows (of logits and bitmask alike) are masked.
+    """
+    vocab = logits.shape[1]
+    n = min(vocab, bitmask.shape[1] * 32)
+    if indices is None:
+        allowed = unpack_bitmask(bitmask, n)
+        logits[:, :n].masked_fill_(~allowed, float("-inf"))
+        return
+    rows = indices.long()
+    allowed = unpack_bitmask(bitmask[rows], n)
+    sub = logits[rows, :n].masked_fill(~allowed, float("-inf"))
+    logits[rows, :n] = sub
+
