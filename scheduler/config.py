@@ -1,0 +1,63 @@
+"""Scheduler configuration: one typed dataclass; the CLI flags are generated from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching and KV-cache settings (vLLM's flag names)."""
+
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (prefill chunks plus decodes)."""
+    max_num_seqs: int = 256
+    """Requests running at once."""
+    max_model_len: int | None = None
+    """Longest prompt + output; None takes the model's context length."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prompt prefixes (chained SHA-256 of full blocks)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps within the token budget."""
+    num_gpu_blocks_override: int | None = None
+    """Use this many KV blocks instead of the number the workers' memory profile gives."""
+    max_logprobs: int = 20
+    """Largest logprobs / prompt_logprobs a request may ask for."""
+    max_waiting_requests: int = 4096
+    """Waiting-queue length past which new requests are refused with RESOURCE_EXHAUSTED."""
+    async_scheduling_depth: int = 2
+    """Steps sent to the workers before the oldest result is back (2 overlaps scheduling
+    with compute; 1 is strictly synchronous)."""
+    worker_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50053"])
+    """gRPC addresses of the pipeline ranks, rank 0 first."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(
+                f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+        if not 0 <= self.max_logprobs:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.max_waiting_requests < 1:
+            raise ValueError(
+                f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
+        if self.async_scheduling_depth not in (1, 2, 3):
+            raise ValueError(
+                f"async_scheduling_depth must be 1, 2 or 3, got {self.async_scheduling_depth}")
+
+    def check_model_len(self, max_model_len: int) -> None:
+        """Checks that need the final context length."""
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens})"
+                f" must be >= max_model_len ({max_model_len})")

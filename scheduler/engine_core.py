@@ -1,0 +1,99 @@
+"""The step loop shared by the scheduler service and the in-process engine.
+
+An executor runs steps on the workers in order. The loop keeps up to
+`async_scheduling_depth` steps outstanding, so the next step is planned and sent while the
+current one computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Protocol
+
+from splitserve.protos import scheduler_pb2, worker_pb2
+
+from .config import SchedulerConfig
+from .scheduler import RequestOutput, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """Runs steps on the pipeline ranks; results come back in submission order."""
+
+    def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]: ...
+
+    def initialize_cache(self, num_blocks: int, block_size: int) -> None: ...
+
+    def submit(self, step: worker_pb2.StepRequest) -> None: ...
+
+    def get_result(self) -> worker_pb2.StepResult: ...
+
+    def shutdown(self) -> None: ...
+
+
+def plan_kv_cache(config: SchedulerConfig, ranks: list[worker_pb2.DescribeResponse]
+                  ) -> tuple[int, int]:
+    """(num_blocks, max_model_len) from the ranks' memory profiles and model limits."""
+    model_len = min(r.max_model_len for r in ranks)
+    if config.max_model_len is not None:
+        if config.max_model_len > model_len:
+            raise ValueError(
+                f"max_model_len ({config.max_model_len}) is larger than the model's context "
+                f"length ({model_len})")
+        model_len = config.max_model_len
+    if config.num_gpu_blocks_override is not None:
+        num_blocks = config.num_gpu_blocks_override
+    else:
+        num_blocks = min(r.available_kv_bytes // max(r.bytes_per_block, 1) for r in ranks)
+    if num_blocks < 1:
+        need = max(r.bytes_per_block for r in ranks)
+        raise ValueError(
+            f"no room for a single KV block ({need} bytes per block on the largest rank); "
+            "raise --kv-cache-memory or --gpu-memory-utilization")
+    return int(num_blocks), int(model_len)
+
+
+class EngineCore:
+    """Owns the scheduler and an executor; `step()` advances the whole batch by one result."""
+
+    def __init__(self, config: SchedulerConfig, executor: Executor) -> None:
+        self.config = config
+        self.executor = executor
+        ranks = executor.describe(config.block_size)
+        self.num_blocks, self.max_model_len = plan_kv_cache(config, ranks)
+        last = ranks[-1]
+        self.model_info = scheduler_pb2.ModelInfo(
+            max_model_len=self.max_model_len, vocab_size=last.vocab_size,
+            eos_token_ids=list(last.eos_token_ids), model=last.model,
+            max_logprobs=config.max_logprobs)
+        logger.info("KV cache: %d blocks of %d tokens; max_model_len %d",
+                    self.num_blocks, config.block_size, self.max_model_len)
+        executor.initialize_cache(self.num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len,
+                                   last.vocab_size, list(last.eos_token_ids))
+        self._inflight: deque[worker_pb2.StepRequest] = deque()
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self._inflight)
+
+    def step(self) -> list[RequestOutput]:
+        """Fill the pipeline, then wait for the oldest step and apply its result."""
+        while len(self._inflight) < self.config.async_scheduling_depth:
+            step = self.scheduler.schedule()
+            if step is None:
+                break
+            self.executor.submit(step)
+            self._inflight.append(step)
+        if not self._inflight:
+            return []
+        sent = self._inflight.popleft()
+        result = self.executor.get_result()
+        if result.step_id != sent.step_id:
+            raise RuntimeError(f"worker answered step {result.step_id}, expected {sent.step_id}")
+        return self.scheduler.update_from_output(result)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

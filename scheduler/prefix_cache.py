@@ -1,0 +1,33 @@
+"""Block hashes for prefix caching: a SHA-256 chain over full blocks of token ids.
+
+hash(block i) = SHA-256(hash(block i-1) || extra key || token ids of block i as int32 LE).
+The chain makes a block's identity depend on everything before it, so two tenants share a
+block only when their whole prefix up to it is identical. The extra key keeps prefixes of
+different LoRA adapters apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+
+ROOT_HASH = hashlib.sha256(b"splitserve-prefix-cache-v1").digest()
+
+
+def hash_block(parent: bytes, token_ids: list[int], extra_key: bytes = b"") -> bytes:
+    h = hashlib.sha256(parent)
+    if extra_key:
+        h.update(len(extra_key).to_bytes(4, "little"))
+        h.update(extra_key)
+    h.update(array("i", token_ids).tobytes())
+    return h.digest()
+
+
+def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: int,
+                        extra_key: bytes = b"") -> None:
+    """Append the hashes of every full block of `token_ids` not hashed yet."""
+    num_full = len(token_ids) // block_size
+    parent = hashes[-1] if hashes else ROOT_HASH
+    for i in range(len(hashes), num_full):
+        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], extra_key)
+        hashes.append(parent)

@@ -1,0 +1,69 @@
+"""A request's state inside the scheduler."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from splitserve.protos import common_pb2
+
+from .block_pool import KVBlock
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: common_pb2.SamplingParams
+    max_tokens: int
+    """Resolved cap on output tokens (the request's max_tokens within the context)."""
+    eos_token_ids: frozenset[int]
+    """EOS ids that end this request (empty when ignore_eos)."""
+    stop_token_ids: frozenset[int]
+    min_tokens: int
+    arrival: int
+    priority: int = 0
+    lora_name: str = ""
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    """Tokens whose KV is computed or scheduled for computation."""
+    num_inflight: int = 0
+    """Tokens scheduled to be sampled whose results have not come back yet."""
+    blocks: list[KVBlock] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    """Leading blocks registered in the prefix cache."""
+    num_cached_tokens: int = -1
+    """Prompt tokens served by the prefix cache on first schedule (-1 before)."""
+    known_to_worker: bool = False
+    """The workers hold this request's state (sent as new, not finished since)."""
+    num_sent_blocks: int = 0
+    """Blocks the workers know for this request."""
+    prompt_logprobs_pending: bool = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Known tokens: prompt plus outputs received."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_inflight(self) -> int:
+        return self.num_tokens + self.num_inflight
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_output_with_inflight(self) -> int:
+        return len(self.output_token_ids) + self.num_inflight

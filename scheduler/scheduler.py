@@ -1,0 +1,345 @@
+"""The step planner: waiting/running queues, token budget, preemption, stop checks.
+
+No torch here: it plans steps as `worker_pb2.StepRequest` messages (new requests in full,
+running ones as deltas) and reads back `worker_pb2.StepResult`. Steps may be planned before
+earlier results are back (async scheduling): a running request then carries `num_inflight`
+placeholder tokens that the workers already know and the scheduler learns later.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
+
+from .config import SchedulerConfig
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+FinishReason = common_pb2.FinishReason
+
+
+class RequestRejected(Exception):
+    """A request the scheduler refuses; `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
+    stop_token_id: int | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, num_blocks: int, max_model_len: int,
+                 vocab_size: int, eos_token_ids: list[int]) -> None:
+        config.check_model_len(max_model_len)
+        self.config = config
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []
+        """Sorted by (priority, arrival)."""
+        self.running: list[Request] = []
+        self._arrival = itertools.count()
+        self._step_ids = itertools.count()
+        self._finished_for_workers: list[str] = []
+        self.num_preemptions = 0
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, req: scheduler_pb2.GenerateRequest) -> Request:
+        """Validate and queue a request; raises RequestRejected."""
+        rid = req.request_id
+        if not rid:
+            raise RequestRejected("INVALID_ARGUMENT", "request_id must not be empty")
+        if rid in self.requests:
+            raise RequestRejected("ALREADY_EXISTS", f"request id {rid!r} is already running")
+        prompt = list(req.prompt_token_ids)
+        sp = req.sampling_params
+        self.validate(prompt, sp)
+        if len(self.waiting) >= self.config.max_waiting_requests:
+            raise RequestRejected(
+                "RESOURCE_EXHAUSTED",
+                f"the waiting queue is full ({len(self.waiting)} requests); retry later")
+        room = self.max_model_len - len(prompt)
+        max_tokens = min(sp.max_tokens, room) if sp.HasField("max_tokens") else room
+        r = Request(
+            request_id=rid, prompt_token_ids=prompt, sampling_params=sp, max_tokens=max_tokens,
+            eos_token_ids=frozenset() if sp.ignore_eos else self.eos_token_ids,
+            stop_token_ids=frozenset(sp.stop_token_ids), min_tokens=sp.min_tokens,
+            arrival=next(self._arrival), priority=req.priority, lora_name=req.lora_name,
+            prompt_logprobs_pending=sp.HasField("prompt_logprobs"))
+        self.requests[rid] = r
+        self._enqueue_waiting(r)
+        return r
+
+    def validate(self, prompt: list[int], sp: common_pb2.SamplingParams) -> None:
+        """Raise RequestRejected for a request that can never run; reads only fixed state."""
+        n = len(prompt)
+        if n == 0:
+            raise RequestRejected("INVALID_ARGUMENT", "the prompt must hold at least one token")
+        lo, hi = min(prompt), max(prompt)
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if n >= self.max_model_len:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"the prompt has {n} tokens but the maximum context length is "
+                f"{self.max_model_len}: leave room for at least one output token")
+        if sp.HasField("max_tokens"):
+            if sp.max_tokens < 1:
+                raise RequestRejected("INVALID_ARGUMENT",
+                                      f"max_tokens must be at least 1, got {sp.max_tokens}")
+            if n + sp.max_tokens > self.max_model_len:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT",
+                    f"the prompt ({n} tokens) plus max_tokens ({sp.max_tokens}) is "
+                    f"{n + sp.max_tokens}, over the maximum context length of "
+                    f"{self.max_model_len} tokens")
+        for name in ("logprobs", "prompt_logprobs"):
+            if sp.HasField(name) and not 0 <= getattr(sp, name) <= self.config.max_logprobs:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT", f"{name} must be between 0 and "
+                    f"{self.config.max_logprobs}, got {getattr(sp, name)}")
+        need = self.kv.blocks_for(n + 1)
+        if need > self.kv.pool.num_blocks:
+            raise RequestRejected(
+                "INVALID_ARGUMENT", f"the prompt needs {need} KV blocks but the cache holds "
+                f"only {self.kv.pool.num_blocks}")
+
+    def _enqueue_waiting(self, r: Request) -> None:
+        r.status = RequestStatus.WAITING
+        keys = [(q.priority, q.arrival) for q in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, (r.priority, r.arrival)), r)
+
+    def abort_request(self, request_id: str) -> bool:
+        r = self.requests.get(request_id)
+        if r is None:
+            return False
+        self._finish(r)
+        return True
+
+    def _finish(self, r: Request) -> None:
+        if r.status == RequestStatus.RUNNING:
+            self.running.remove(r)
+        elif r.status == RequestStatus.WAITING:
+            self.waiting.remove(r)
+        r.status = RequestStatus.FINISHED
+        self.kv.free(r)
+        if r.known_to_worker:
+            self._finished_for_workers.append(r.request_id)
+            r.known_to_worker = False
+        del self.requests[r.request_id]
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ planning
+    def schedule(self) -> worker_pb2.StepRequest | None:
+        """Plan the next step, or None when nothing can run now."""
+        budget = self.config.max_num_batched_tokens
+        step = worker_pb2.StepRequest()
+        scheduled: dict[str, int] = {}
+        preempted = False
+
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = self._tokens_to_schedule(req, budget)
+            if n == 0:
+                continue
+            while True:
+                new_blocks = self.kv.allocate_slots(req, n)
+                if new_blocks is not None:
+                    break
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                continue
+            num_computed = req.num_computed_tokens
+            self._commit(req, n)
+            if req.known_to_worker:
+                c = step.cached_requests.add()
+                c.request_id = req.request_id
+                c.new_block_ids.extend(b.block_id for b in req.blocks[req.num_sent_blocks:])
+                c.num_computed_tokens = num_computed
+                req.num_sent_blocks = len(req.blocks)
+            else:
+                self._add_new(step, req, num_computed)
+            scheduled[req.request_id] = n
+            budget -= n
+
+        # NOTE: no new admissions in a step that had to preempt: the pool is short.
+        idx = 0
+        while (not preempted and budget > 0 and idx < len(self.waiting)
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[idx]
+            if req.num_inflight:
+                idx += 1  # its last in-flight token must come back before it can resume
+                continue
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            remaining = req.num_tokens - num_hit
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                break
+            n = min(remaining, budget)
+            if self.kv.allocate_slots(req, n, hits) is None:
+                break
+            self.waiting.pop(idx)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            req.num_computed_tokens = num_hit
+            self.kv.record_lookup(req.num_tokens, num_hit)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            self._commit(req, n)
+            self._add_new(step, req, num_hit)
+            scheduled[req.request_id] = n
+            budget -= n
+
+        if self._finished_for_workers:
+            step.finished_request_ids.extend(self._finished_for_workers)
+            self._finished_for_workers.clear()
+        if not scheduled:
+            if step.finished_request_ids:
+                # Nothing to run: keep the ids for the next step that runs.
+                self._finished_for_workers.extend(step.finished_request_ids)
+            return None
+        step.num_scheduled_tokens.update(scheduled)
+        step.step_id = next(self._step_ids)
+        self.num_steps += 1
+        return step
+
+    def _tokens_to_schedule(self, req: Request, budget: int) -> int:
+        if req.num_output_with_inflight >= req.max_tokens:
+            return 0
+        if req.num_tokens_with_inflight >= self.max_model_len:
+            return 0
+        return min(req.num_tokens_with_inflight - req.num_computed_tokens, budget)
+
+    def _commit(self, req: Request, n: int) -> None:
+        req.num_computed_tokens += n
+        if req.num_computed_tokens == req.num_tokens_with_inflight:
+            req.num_inflight += 1  # this step samples the request's next token
+        self.kv.cache_blocks(req)
+
+    def _add_new(self, step: worker_pb2.StepRequest, req: Request, num_computed: int) -> None:
+        m = step.new_requests.add()
+        m.request_id = req.request_id
+        m.token_ids.extend(req.prompt_token_ids)
+        m.token_ids.extend(req.output_token_ids)
+        m.sampling_params.CopyFrom(req.sampling_params)
+        m.block_ids.extend(b.block_id for b in req.blocks)
+        m.num_computed_tokens = num_computed
+        m.num_prompt_tokens = req.num_prompt_tokens
+        req.known_to_worker = True
+        req.num_sent_blocks = len(req.blocks)
+
+    def _preempt(self, req: Request) -> None:
+        """Preemption by recompute: drop the KV, keep the tokens, requeue."""
+        logger.debug("preempting %s at %d tokens", req.request_id, req.num_tokens)
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        if req.known_to_worker:
+            self._finished_for_workers.append(req.request_id)
+            req.known_to_worker = False
+        req.num_sent_blocks = 0
+        self.num_preemptions += 1
+        self._enqueue_waiting(req)
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(self, result: worker_pb2.StepResult) -> list[RequestOutput]:
+        """Apply a step's sampled tokens; returns one output per request that changed."""
+        outputs: dict[str, RequestOutput] = {}
+        for rid, entries in result.prompt_logprobs.items():
+            r = self.requests.get(rid)
+            if r is not None and r.prompt_logprobs_pending:
+                out = outputs.setdefault(rid, self._output(r))
+                out.prompt_logprobs.extend(entries.entries)
+        for i, rid in enumerate(result.request_ids):
+            r = self.requests.get(rid)
+            if r is None:
+                continue  # finished or aborted while this step ran
+            r.num_inflight -= 1
+            tok = result.token_ids[i]
+            r.output_token_ids.append(tok)
+            out = outputs.setdefault(rid, self._output(r))
+            out.token_ids.append(tok)
+            if r.sampling_params.HasField("logprobs"):
+                out.logprobs.append(result.logprobs[i])
+            if r.prompt_logprobs_pending:
+                r.prompt_logprobs_pending = False
+            self._check_stop(r, tok, out)
+            if out.finished:
+                self._finish(r)
+            else:
+                self.kv.cache_blocks(r)
+        for rid, message in result.errors.items():
+            r = self.requests.get(rid)
+            if r is None:
+                continue
+            out = outputs.setdefault(rid, self._output(r))
+            out.finish_reason = FinishReason.FINISH_REASON_ERROR
+            out.error = message
+            self._finish(r)
+        return list(outputs.values())
+
+    def _output(self, r: Request) -> RequestOutput:
+        return RequestOutput(r.request_id, num_prompt_tokens=r.num_prompt_tokens,
+                             num_cached_tokens=max(r.num_cached_tokens, 0))
+
+    def _check_stop(self, r: Request, tok: int, out: RequestOutput) -> None:
+        n_out = len(r.output_token_ids)
+        if n_out >= r.min_tokens:
+            if tok in r.stop_token_ids:
+                out.finish_reason = FinishReason.FINISH_REASON_STOP
+                out.stop_token_id = tok
+                return
+            if tok in r.eos_token_ids:
+                out.finish_reason = FinishReason.FINISH_REASON_STOP
+                return
+        if n_out >= r.max_tokens or r.num_tokens >= self.max_model_len:
+            out.finish_reason = FinishReason.FINISH_REASON_LENGTH
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> scheduler_pb2.SchedulerStats:
+        return scheduler_pb2.SchedulerStats(
+            num_waiting=len(self.waiting), num_running=len(self.running),
+            num_total_blocks=self.kv.pool.num_blocks, num_free_blocks=self.kv.num_free_blocks,
+            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.num_preemptions, num_steps=self.num_steps,
+            block_size=self.config.block_size)

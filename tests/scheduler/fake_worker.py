@@ -1,0 +1,107 @@
+"""A torch-free stand-in for the worker that keeps a simulated paged KV cache.
+
+Each slot stores the (token id, position) written into it. The "model" reads a sequence's
+whole context back through its block table and hashes it into the next token, so a wrong
+block table, a prefix-cache hit on the wrong block or a block reused too early changes the
+output. Step semantics are the real worker's (see worker.proto): finished ids first, new
+requests in full, cached ones as deltas, sample when the scheduled chunk reaches the end of
+the known tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+
+from splitserve.protos import worker_pb2
+
+
+@dataclass
+class _Req:
+    token_ids: list[int]
+    block_ids: list[int]
+    num_computed: int
+    trace: list[int] = field(default_factory=list)
+
+
+def next_token(context: list[tuple[int, int]], vocab_size: int) -> int:
+    h = hashlib.sha256(repr(context).encode()).digest()
+    return int.from_bytes(h[:4], "little") % vocab_size
+
+
+class FakeWorkerExecutor:
+    def __init__(self, num_blocks: int, vocab_size: int = 1000, max_model_len: int = 4096,
+                 eos_token_ids: tuple[int, ...] = (), bytes_per_block: int = 1) -> None:
+        self.num_blocks = num_blocks
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = list(eos_token_ids)
+        self.bytes_per_block = bytes_per_block
+        self.reqs: dict[str, _Req] = {}
+        self.cache: dict[int, tuple[int, int]] = {}
+        self.block_size = 0
+        self.steps: list[worker_pb2.StepRequest] = []
+        self._results: deque[worker_pb2.StepResult] = deque()
+        self.force_token: dict[str, list[int]] = {}
+        """Per request, tokens to emit instead of the hashed ones (to test stop rules)."""
+
+    def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
+        return [worker_pb2.DescribeResponse(
+            vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids, bytes_per_block=self.bytes_per_block,
+            available_kv_bytes=self.num_blocks * self.bytes_per_block, model="fake")]
+
+    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+    def submit(self, step: worker_pb2.StepRequest) -> None:
+        self.steps.append(step)
+        self._results.append(self._execute(step))
+
+    def get_result(self) -> worker_pb2.StepResult:
+        return self._results.popleft()
+
+    def shutdown(self) -> None:
+        pass
+
+    def _slot(self, r: _Req, pos: int) -> int:
+        bid = r.block_ids[pos // self.block_size]
+        assert 0 <= bid < self.num_blocks, bid
+        return bid * self.block_size + pos % self.block_size
+
+    def _execute(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
+        for rid in step.finished_request_ids:
+            self.reqs.pop(rid, None)
+        for m in step.new_requests:
+            assert m.request_id not in self.reqs, f"{m.request_id} sent as new twice"
+            self.reqs[m.request_id] = _Req(list(m.token_ids), list(m.block_ids),
+                                           m.num_computed_tokens)
+        for c in step.cached_requests:
+            r = self.reqs[c.request_id]
+            assert r.num_computed == c.num_computed_tokens, (c.request_id, r.num_computed,
+                                                             c.num_computed_tokens)
+            r.block_ids.extend(c.new_block_ids)
+        out = worker_pb2.StepResult(step_id=step.step_id)
+        # Write every scheduled token's KV first (as the real worker does per layer) ...
+        for rid, n in step.num_scheduled_tokens.items():
+            r = self.reqs[rid]
+            assert r.num_computed + n <= len(r.token_ids), (rid, r.num_computed, n)
+            for pos in range(r.num_computed, r.num_computed + n):
+                self.cache[self._slot(r, pos)] = (r.token_ids[pos], pos)
+        # ... then read contexts back and sample.
+        for rid, n in step.num_scheduled_tokens.items():
+            r = self.reqs[rid]
+            r.num_computed += n
+            if r.num_computed == len(r.token_ids):
+                ctx = [self.cache.get(self._slot(r, p)) for p in range(r.num_computed)]
+                assert all(c is not None and c[1] == p for p, c in enumerate(ctx)), (
+                    f"{rid}: context read back wrong")
+                forced = self.force_token.get(rid)
+                tok = forced.pop(0) if forced else next_token(ctx, self.vocab_size)
+                r.token_ids.append(tok)
+                out.request_ids.append(rid)
+                out.token_ids.append(tok)
+                out.logprobs.add()
+        return out

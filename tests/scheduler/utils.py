@@ -1,0 +1,50 @@
+"""Drive a real EngineCore over the fake worker, step by step."""
+
+from __future__ import annotations
+
+from splitserve.protos import common_pb2, scheduler_pb2
+from splitserve.scheduler.config import SchedulerConfig
+from splitserve.scheduler.engine_core import EngineCore
+
+from .fake_worker import FakeWorkerExecutor
+
+
+def make_engine(num_blocks: int = 64, block_size: int = 4, vocab_size: int = 1000,
+                eos: tuple[int, ...] = (), max_model_len: int = 4096,
+                **cfg) -> tuple[EngineCore, FakeWorkerExecutor]:
+    ex = FakeWorkerExecutor(num_blocks, vocab_size, max_model_len, eos)
+    config = SchedulerConfig(block_size=block_size, **cfg)
+    return EngineCore(config, ex), ex
+
+
+def gen_request(rid: str, prompt: list[int], max_tokens: int = 8, **sp) -> \
+        scheduler_pb2.GenerateRequest:
+    params = common_pb2.SamplingParams(max_tokens=max_tokens, **sp)
+    return scheduler_pb2.GenerateRequest(request_id=rid, prompt_token_ids=prompt,
+                                         sampling_params=params)
+
+
+def run_to_completion(engine: EngineCore, max_steps: int = 10_000,
+                      on_step=None) -> dict[str, tuple[list[int], int]]:
+    """Run until idle; returns request id -> (output token ids, finish reason)."""
+    outs: dict[str, list[int]] = {}
+    reasons: dict[str, int] = {}
+    for _ in range(max_steps):
+        if not engine.has_work:
+            break
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        if on_step:
+            on_step(engine)
+    else:
+        raise AssertionError("engine did not go idle")
+    return {rid: (toks, reasons.get(rid, 0)) for rid, toks in outs.items()}
+
+
+def prompts(n: int, lo: int = 3, hi: int = 40, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(5, 1000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]

@@ -1,0 +1,74 @@
+"""Tokenizer service configuration: one typed dataclass; the CLI flags are generated from it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+TOKENIZER_MODES = ("auto", "slow", "fast")
+
+# A chat-template argument holding any of these is a template, not a file path (vLLM's rule).
+_JINJA_CHARS = "{}\n"
+
+
+@dataclass
+class TokenizerServiceConfig:
+    """Settings of the tokenizer service (vLLM's flag names where vLLM has the flag)."""
+
+    tokenizer: str = ""
+    """Tokenizer folder or hub id (required; usually the model's)."""
+    revision: str | None = None
+    """Hub branch, tag or commit of the tokenizer; None takes the default branch."""
+    tokenizer_mode: str = "auto"
+    """'auto' takes what transformers loads, 'fast' requires a Rust tokenizer, 'slow' a Python one."""
+    trust_remote_code: bool = False
+    """Allow a tokenizer class defined by Python code inside the model folder."""
+    chat_template: str | None = None
+    """Chat template (a file path or the template text) used instead of the model's."""
+    trust_request_chat_template: bool = False
+    """Accept a chat template sent in a request; off refuses such requests."""
+    chat_template_timeout_s: float = 5.0
+    """Longest time one chat-template render may take before it is cut off."""
+    max_stop_strings: int = 64
+    """Most stop strings one sequence may carry."""
+    max_workers: int = 4
+    """Threads for tokenization and template rendering (the event loop stays free)."""
+    shutdown_grace_s: float = 5.0
+    """Seconds in-flight RPCs get to finish after SIGTERM."""
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer:
+            raise ValueError(f"tokenizer must name a folder or hub id, got {self.tokenizer!r}")
+        if self.tokenizer_mode not in TOKENIZER_MODES:
+            raise ValueError(
+                f"tokenizer_mode must be one of {', '.join(TOKENIZER_MODES)}, "
+                f"got {self.tokenizer_mode!r}")
+        if self.chat_template is not None:
+            load_chat_template(self.chat_template)  # raises on an unreadable path
+        if not self.chat_template_timeout_s > 0:
+            raise ValueError(
+                f"chat_template_timeout_s must be > 0, got {self.chat_template_timeout_s}")
+        if self.max_stop_strings < 0:
+            raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
+        if self.max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+
+
+def load_chat_template(value: str) -> str:
+    """Return the template text of a `--chat-template` argument: a file's contents or the text.
+
+    Like vLLM: text with braces or a newline is a template; anything else must be a readable
+    file, and a path that cannot be read is an error rather than a one-line template.
+    """
+    if any(c in value for c in _JINJA_CHARS):
+        return value
+    path = os.path.expanduser(value)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(
+            f"chat_template {value!r} is not a template and cannot be read as a file: {exc}"
+        ) from exc

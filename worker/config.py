@@ -1,0 +1,85 @@
+"""Worker configuration: one typed dataclass, from which the CLI flags are generated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+DEFAULT_CPU_KV_BYTES = 2 << 30
+
+
+@dataclass
+class WorkerConfig:
+    """What one worker (one pipeline rank) loads and how it runs."""
+
+    model: str = ""
+    """Model folder or Hugging Face hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `model` is a hub id."""
+    dtype: str = "auto"
+    """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
+    seed: int = 0
+    """Seed for dummy weights and for sampling of requests without their own seed."""
+    max_model_len: int | None = None
+    """Context length; None takes max_position_embeddings from the model config."""
+    kv_cache_memory: int | None = None
+    """Bytes of KV cache on CPU; None means 2 GiB, capped to a share of free memory."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory this worker may use (weights, activations and KV cache)."""
+    device: str = "auto"
+    """Device: auto (cuda when available), cpu or cuda."""
+    load_format: str = "auto"
+    """Weights format: auto (safetensors, else .bin/.pt), safetensors, pt, or dummy (random)."""
+    rank: int = 0
+    """Pipeline rank of this worker."""
+    pipeline_parallel_size: int = 1
+    """Number of pipeline stages the model is split into."""
+    attention_backend: str = "auto"
+    """Attention implementation: auto (triton on CUDA, torch otherwise), torch or triton."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs."""
+    max_num_seqs: int = 256
+    """Most requests in one step."""
+    max_num_batched_tokens: int = 8192
+    """Most tokens in one step (sizes the activation-memory profile)."""
+    max_logprobs: int = 20
+    """Most top logprobs a request may ask for."""
+
+    def __post_init__(self) -> None:
+        choices = {"dtype": DTYPES, "device": DEVICES, "load_format": LOAD_FORMATS,
+                   "attention_backend": ATTENTION_BACKENDS}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(
+                f"pipeline_parallel_size must be at least 1, got {self.pipeline_parallel_size}")
+        if not 0 <= self.rank < self.pipeline_parallel_size:
+            raise ValueError(f"rank must be in [0, {self.pipeline_parallel_size}), got {self.rank}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
+
+    @property
+    def is_first_rank(self) -> bool:
+        """Whether this rank owns the token embedding."""
+        return self.rank == 0
+
+    @property
+    def is_last_rank(self) -> bool:
+        """Whether this rank owns the final norm and lm_head, and samples."""
+        return self.rank == self.pipeline_parallel_size - 1
