@@ -248,7 +248,9 @@ def paged_attention_decode(
     Returns:
         out [T, Hq, D].
     """
-    check_paged_attention_args(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sinks)
+    check_paged_attention_args(
+        q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sinks
+    )
     _, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -278,7 +280,9 @@ def paged_attention_decode(
         part_acc = torch.empty(
             num_seqs, num_heads, num_partitions, head_dim_pad, dtype=torch.float32, device=q.device
         )
-        part_m = torch.empty(num_seqs, num_heads, num_partitions, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(
+            num_seqs, num_heads, num_partitions, dtype=torch.float32, device=q.device
+        )
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # dummies, never touched when SPLIT=False

@@ -176,7 +176,9 @@ def check_paged_attention_args(
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key/value cache shapes differ: {key_cache.shape} vs {value_cache.shape}")
     if not (q.dtype == key_cache.dtype == value_cache.dtype):
-        raise ValueError(f"q/cache dtypes differ: {q.dtype}, {key_cache.dtype}, {value_cache.dtype}")
+        raise ValueError(
+            f"q/cache dtypes differ: {q.dtype}, {key_cache.dtype}, {value_cache.dtype}"
+        )
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = key_cache.shape[2]
     if key_cache.shape[3] != head_dim:
@@ -238,7 +240,9 @@ def paged_attention_prefill(
     Returns:
         out [T, Hq, D]; rows past cu_seqlens_q[-1] are left unwritten.
     """
-    check_paged_attention_args(q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sinks)
+    check_paged_attention_args(
+        q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, sinks
+    )
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     num_seqs = seq_lens.shape[0]

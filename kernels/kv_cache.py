@@ -57,9 +57,13 @@ def _write_kv_cache_kernel(
     v = tl.load(value_ptr + t.to(tl.int64) * stride_value_t + tile, mask=mask)
 
     kc = k_cache_ptr + block * stride_kc_b + offset * stride_kc_s
-    tl.store(kc + h[:, None] * stride_kc_h + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        kc + h[:, None] * stride_kc_h + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask
+    )
     vc = v_cache_ptr + block * stride_vc_b + offset * stride_vc_s
-    tl.store(vc + h[:, None] * stride_vc_h + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        vc + h[:, None] * stride_vc_h + d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def write_kv_cache(
@@ -82,7 +86,11 @@ def write_kv_cache(
     check_float("value_cache", value_cache, 4)
     check_int("slot_mapping", slot_mapping, 1, (torch.int64, torch.int32))
     check_same_device(
-        key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping
+        key=key,
+        value=value,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        slot_mapping=slot_mapping,
     )
     if key.shape != value.shape or key.shape[0] != slot_mapping.shape[0]:
         raise ValueError(

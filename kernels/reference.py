@@ -271,4 +271,3 @@ def apply_token_bitmask_ref(
     allowed = unpack_bitmask(bitmask[rows], n)
     sub = logits[rows, :n].masked_fill(~allowed, float("-inf"))
     logits[rows, :n] = sub
-

@@ -62,7 +62,10 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def _yarn_inv_freq(
-    params: dict[str, Any], dim: int, max_position_embeddings: int | None, device: torch.device | None
+    params: dict[str, Any],
+    dim: int,
+    max_position_embeddings: int | None,
+    device: torch.device | None,
 ) -> tuple[torch.Tensor, float]:
     base = params["rope_theta"]
     factor = params.get("factor")
@@ -77,7 +80,9 @@ def _yarn_inv_freq(
     if attention_factor is None:
         mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
         if mscale and mscale_all_dim:
-            attention_factor = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+            attention_factor = float(
+                _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            )
         else:
             attention_factor = _yarn_mscale(factor)
     beta_fast = params.get("beta_fast") or 32

@@ -38,7 +38,9 @@ def _attend(
         [B, Hq, Q, D] in q.dtype.
     """
     if not soft_cap and sinks is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible, scale=scale, enable_gqa=True
+        )
     b, hq, nq, d = q.shape
     hk, seq = k.shape[1], k.shape[2]
     group = hq // hk
@@ -91,6 +93,11 @@ def _decode(
     v = _gather_padded(value_cache, block_tables, num_blocks)
     j = torch.arange(k.shape[2], device=q.device)
     lens = seq_lens.to(q.device).long()[:, None]
+    # Slots past a sequence's end hold whatever the cache held (stale tokens, or NaN from
+    # torch.empty); a masked logit of NaN would still poison SDPA's sums, so zero them.
+    past_end = (j[None, :] >= lens)[:, None, :, None]
+    k = k.masked_fill(past_end, 0.0)
+    v = v.masked_fill(past_end, 0.0)
     visible = j[None, :] < lens
     if sliding_window is not None:
         visible &= j[None, :] >= lens - sliding_window

@@ -46,6 +46,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str = ""
+    error_code: str = ""
+    """A grpc.StatusCode name when `error` is set."""
 
     @property
     def finished(self) -> bool:
@@ -315,6 +317,7 @@ class Scheduler:
             out = outputs.setdefault(rid, self._output(r))
             out.finish_reason = FinishReason.FINISH_REASON_ERROR
             out.error = message
+            out.error_code = "INVALID_ARGUMENT"
             self._finish(r)
         return list(outputs.values())
 

@@ -11,6 +11,7 @@ the known tokens.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,12 +33,15 @@ def next_token(context: list[tuple[int, int]], vocab_size: int) -> int:
 
 class FakeWorkerExecutor:
     def __init__(self, num_blocks: int, vocab_size: int = 1000, max_model_len: int = 4096,
-                 eos_token_ids: tuple[int, ...] = (), bytes_per_block: int = 1) -> None:
+                 eos_token_ids: tuple[int, ...] = (), bytes_per_block: int = 1,
+                 step_seconds: float = 0.0) -> None:
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = list(eos_token_ids)
         self.bytes_per_block = bytes_per_block
+        self.step_seconds = step_seconds
+        """Simulated compute time per step (service tests need steps that take a while)."""
         self.reqs: dict[str, _Req] = {}
         self.cache: dict[int, tuple[int, int]] = {}
         self.block_size = 0
@@ -61,6 +65,8 @@ class FakeWorkerExecutor:
         self._results.append(self._execute(step))
 
     def get_result(self) -> worker_pb2.StepResult:
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         return self._results.popleft()
 
     def shutdown(self) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from splitserve.protos import common_pb2
 from splitserve.scheduler.prefix_cache import ROOT_HASH, hash_block
 from splitserve.scheduler.scheduler import RequestRejected

@@ -1,0 +1,108 @@
+"""The gateway's configuration: one dataclass, from which the CLI is generated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from splitserve.sampling_params import MAX_LOGPROBS
+
+
+@dataclass
+class GatewayConfig:
+    """How the HTTP gateway listens, where its services are, and the limits it enforces."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds."""
+    port: int = 8000
+    """Port the HTTP server binds (0 picks a free one)."""
+    scheduler_address: str = "127.0.0.1:50051"
+    """gRPC address of the scheduler service (host:port or unix:path)."""
+    tokenizer_address: str = "127.0.0.1:50052"
+    """gRPC address of the tokenizer service (host:port or unix:path)."""
+    model: str = ""
+    """Model folder or hub id, for display; empty takes the one the scheduler reports."""
+    served_model_name: list[str] | None = None
+    """Model names clients may ask for; the first is reported in responses (default: model)."""
+    api_key: str | None = field(default=None, repr=False)
+    """When set, every /v1/* request needs `Authorization: Bearer <key>`."""
+    max_logprobs: int = MAX_LOGPROBS
+    """Largest logprobs / top_logprobs / prompt_logprobs a request may ask for."""
+    max_n: int = 128
+    """Largest `n` (sequences per prompt) a request may ask for."""
+    max_stop_strings: int = 64
+    """Most stop strings a request may give."""
+    max_stop_string_chars: int = 1024
+    """Longest stop string a request may give, in characters."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest request body accepted; bigger bodies get 413."""
+    request_timeout_s: float | None = None
+    """Deadline of each request's gRPC calls in seconds (exceeded: 504); None for none."""
+    max_tokens_default: int = 16
+    """max_tokens of a completion request that gives none (chat uses the rest of the context)."""
+    retry_after_s: int = 1
+    """Seconds put in Retry-After when the scheduler's queue is full (503)."""
+    startup_timeout_s: float = 600.0
+    """How long start-up waits for the scheduler and tokenizer services to answer."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, how long in-flight requests may run before they are cancelled."""
+    root_path: str = ""
+    """ASGI root_path, when the gateway sits behind a path-based proxy."""
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    """CORS allowed origins."""
+    allow_credentials: bool = False
+    """CORS: allow credentials."""
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    """CORS allowed methods."""
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    """CORS allowed headers."""
+    uvicorn_log_level: str = "info"
+    """Log level of uvicorn's own loggers."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.served_model_name, str):
+            self.served_model_name = [self.served_model_name]
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("scheduler_address", "tokenizer_address"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty, got {getattr(self, name)!r}")
+        if self.served_model_name is not None and (
+            not self.served_model_name or not all(self.served_model_name)
+        ):
+            raise ValueError(
+                f"served_model_name must hold non-empty names, got {self.served_model_name!r}")
+        if self.api_key is not None and not self.api_key:
+            # NOTE: never echo the key itself.
+            raise ValueError("api_key must not be empty when set")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be at least 1, got {self.max_n}")
+        if self.max_stop_strings < 0:
+            raise ValueError(f"max_stop_strings must be non-negative, got {self.max_stop_strings}")
+        if self.max_stop_string_chars < 1:
+            raise ValueError(
+                f"max_stop_string_chars must be at least 1, got {self.max_stop_string_chars}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(
+                f"request_timeout_s must be positive or None, got {self.request_timeout_s}")
+        if self.max_tokens_default < 1:
+            raise ValueError(
+                f"max_tokens_default must be at least 1, got {self.max_tokens_default}")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be non-negative, got {self.retry_after_s}")
+        if not self.startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s must be positive, got {self.startup_timeout_s}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be non-negative, got {self.drain_timeout_s}")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ValueError(
+                f"root_path must start with '/' and not end with one, got {self.root_path!r}")
+
+    def model_names(self, reported_model: str = "") -> list[str]:
+        """The names clients may use, first one reported; falls back to the model path."""
+        if self.served_model_name:
+            return list(self.served_model_name)
+        return [self.model or reported_model or "default"]

@@ -1,0 +1,236 @@
+"""The one place that decides between the Triton kernels and the torch path.
+
+The worker resolves `--attention-backend` once with `select_attention_backend` and then calls
+the op functions below, passing that backend (or None to decide from the tensor's device).
+No other module should test `is_cuda` to pick an implementation.
+
+Triton modules are imported on first use, so CPU-only installs without triton work.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference as ref
+from .torch_attention import paged_attention_torch
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when TRITON_INTERPRET=1, i.e. Triton kernels run on CPU tensors (slowly)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def select_attention_backend(name: str, device: torch.device | str) -> str:
+    """Resolve `--attention-backend` for the worker's device.
+
+    Args:
+        name: "auto", "triton" or "torch".
+        device: the device the KV cache lives on.
+
+    Returns:
+        "triton" or "torch". auto picks triton on CUDA (when installed) and torch elsewhere.
+
+    Raises:
+        ValueError: unknown name, or "triton" where it cannot run (not installed, or a non-CUDA
+            device without TRITON_INTERPRET=1).
+    """
+    choice = name.lower()
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    device = torch.device(device)
+    if choice == "auto":
+        if device.type == "cuda" and not triton_available():
+            logger.warning(
+                "triton is not installed; using the torch attention backend on %s", device
+            )
+            return "torch"
+        return "triton" if device.type == "cuda" else "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise ValueError("--attention-backend triton requested but triton is not installed")
+        if device.type != "cuda" and not triton_interpreter_enabled():
+            raise ValueError(
+                f"--attention-backend triton needs a CUDA device, got {device}; use 'torch' or "
+                "'auto' (or set TRITON_INTERPRET=1 to run the kernels in the interpreter)"
+            )
+    return choice
+
+
+def _kernel_module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
+    if backend is None or backend == "auto":
+        return t.is_cuda and triton_available()
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be one of {ATTENTION_BACKENDS} or None, got {backend!r}")
+    return backend == "triton"
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal paged attention of new tokens against the KV cache (which already holds them).
+
+    Args:
+        q: [T, Hq, D]; key_cache, value_cache: [NB, BS, Hk, D]; block_tables: int32 [S, MB];
+        seq_lens: int32 [S]; cu_seqlens_q: int32 [S + 1]; sinks: fp32 [Hq] or None.
+        max_query_len, max_seq_len: host-side maxima (avoid a device sync; under CUDA graphs
+            pass fixed values). max_query_len == 1 selects the split-KV decode kernel.
+        backend: "triton", "torch", or None/"auto" to follow q's device.
+
+    Returns:
+        [T, Hq, D].
+    """
+    kwargs = dict(sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks, out=out)
+    if not _use_triton(q, backend):
+        return paged_attention_torch(
+            q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, **kwargs
+        )
+    if max_query_len is None:
+        max_query_len = (
+            int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if len(seq_lens) else 0
+        )
+    if max_query_len == 1:
+        return _kernel_module("attention_decode").paged_attention_decode(
+            q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+            max_seq_len=max_seq_len, **kwargs,
+        )  # fmt: skip
+    return _kernel_module("attention_prefill").paged_attention_prefill(
+        q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+        max_query_len=max_query_len, **kwargs,
+    )  # fmt: skip
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Scatter key/value [T, Hk, D] into [NB, BS, Hk, D] caches at slot_mapping (int64 [T],
+    negative = skip), in place."""
+    if _use_triton(key, backend):
+        _kernel_module("kv_cache").write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        ref.write_kv_cache_ref(key, value, key_cache, value_cache, slot_mapping)
+
+
+# --------------------------------------------------------------------------- elementwise ops
+# The references of these ops are already vectorised torch, so they double as the CPU path.
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, *, backend: str | None = None
+) -> torch.Tensor:
+    """RMSNorm over the last dim, HF Llama numerics. x: [..., N], weight: [N] -> [..., N]."""
+    if _use_triton(x, backend):
+        return _kernel_module("rms_norm").rms_norm(x, weight, eps)
+    return ref.rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual); x, residual: [..., N], weight: [N]."""
+    if _use_triton(x, backend):
+        return _kernel_module("rms_norm").fused_add_rms_norm(x, residual, weight, eps)
+    return ref.fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def apply_rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, Hq, D] and k [T, Hk, D] IN PLACE by positions int64 [T]; returns (q, k).
+
+    cos_sin_cache: [max_pos, R] from `rotary.build_cos_sin_cache`; only the first R dims rotate.
+    """
+    if _use_triton(q, backend):
+        return _kernel_module("rotary_kernel").apply_rotary(positions, q, k, cos_sin_cache, is_neox)
+    rot = cos_sin_cache.shape[-1]
+    q_rot, k_rot = ref.apply_rotary_ref(
+        positions, q[..., :rot], k[..., :rot], cos_sin_cache, is_neox
+    )
+    q[..., :rot] = q_rot
+    k[..., :rot] = k_rot
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """silu(x[..., :I]) * x[..., I:]; x: [..., 2I] -> [..., I]."""
+    if _use_triton(x, backend):
+        return _kernel_module("activation").silu_and_mul(x)
+    return ref.silu_and_mul_ref(x)
+
+
+def gelu_and_mul(
+    x: torch.Tensor, approximate: str = "none", *, backend: str | None = None
+) -> torch.Tensor:
+    """gelu(x[..., :I]) * x[..., I:], approximate "none" (erf) or "tanh"; [..., 2I] -> [..., I]."""
+    if _use_triton(x, backend):
+        return _kernel_module("activation").gelu_and_mul(x, approximate)
+    return ref.gelu_and_mul_ref(x, approximate)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,
+    bitmask: torch.Tensor,
+    indices: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> None:
+    """-inf the logits [B, V] of tokens whose bit is clear in bitmask int32 [B, W], in place;
+    optional indices [R] restrict it to those rows."""
+    if _use_triton(logits, backend):
+        _kernel_module("token_bitmask").apply_token_bitmask(logits, bitmask, indices)
+    else:
+        ref.apply_token_bitmask_ref(logits, bitmask, indices)

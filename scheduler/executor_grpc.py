@@ -1,0 +1,86 @@
+"""Executor over gRPC: every pipeline rank gets each step; the last rank's result counts.
+
+Each rank needs the step's block tables for its own slice of the KV cache; hidden states
+travel between ranks over torch.distributed, not through here. Blocking calls: the engine
+loop runs in its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+
+import grpc
+from splitserve.protos import worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+class WorkerDied(RuntimeError):
+    """A worker's Execute stream broke: the engine cannot go on."""
+
+
+class GrpcExecutor:
+    def __init__(self, addresses: list[str], connect_timeout_s: float = 600.0) -> None:
+        self.addresses = addresses
+        self._channels = [grpc.insecure_channel(
+            a, options=[("grpc.max_send_message_length", 256 << 20),
+                        ("grpc.max_receive_message_length", 256 << 20)]) for a in addresses]
+        self._stubs = [worker_pb2_grpc.WorkerServiceStub(c) for c in self._channels]
+        self._wait_ready(connect_timeout_s)
+        self._queues: list[queue.Queue] = []
+        self._streams = []
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        for addr, ch in zip(self.addresses, self._channels):
+            health = health_pb2_grpc.HealthStub(ch)
+            while True:
+                try:
+                    # Serving or not: the process is up and answering; Describe works once
+                    # the weights are loaded, which the worker does before it listens.
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    break
+                except grpc.RpcError as exc:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"worker at {addr} did not answer: {exc}") from exc
+                    time.sleep(0.2)
+
+    def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
+        return [s.Describe(worker_pb2.DescribeRequest(block_size=block_size), timeout=600)
+                for s in self._stubs]
+
+    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
+        req = worker_pb2.InitializeCacheRequest(num_blocks=num_blocks, block_size=block_size)
+        for s in self._stubs:
+            s.InitializeCache(req, timeout=1800)
+        for s in self._stubs:
+            q: queue.Queue = queue.Queue()
+            self._queues.append(q)
+            self._streams.append(s.Execute(iter(q.get, _END)))
+
+    def submit(self, step: worker_pb2.StepRequest) -> None:
+        for q in self._queues:
+            q.put(step)
+
+    def get_result(self) -> worker_pb2.StepResult:
+        result = None
+        try:
+            for stream in self._streams:
+                result = next(stream)
+        except (grpc.RpcError, StopIteration) as exc:
+            raise WorkerDied(f"a worker's step stream ended: {exc}") from exc
+        return result
+
+    def shutdown(self) -> None:
+        for q in self._queues:
+            q.put(_END)
+        for s in self._streams:
+            s.cancel()
+        for c in self._channels:
+            c.close()

@@ -1,0 +1,159 @@
+"""The scheduler's gRPC service: Generate streams, Abort, stats, model info, health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import traceback
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
+
+from .config import SchedulerConfig
+from .engine_core import EngineCore
+from .engine_loop import EngineLoop
+from .scheduler import RequestOutput, RequestRejected
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "splitserve.scheduler.v1.SchedulerService"
+
+
+def to_response(out: RequestOutput) -> scheduler_pb2.GenerateResponse:
+    r = scheduler_pb2.GenerateResponse(
+        token_ids=out.token_ids, logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs,
+        finish_reason=out.finish_reason, num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens, error=out.error)
+    if out.stop_token_id is not None:
+        r.stop_token_id = out.stop_token_id
+    return r
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self) -> None:
+        self.engine_loop: EngineLoop | None = None
+        """Set once the workers are up; until then every call is UNAVAILABLE."""
+
+    async def _engine(self, context) -> EngineLoop:
+        if self.engine_loop is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is starting")
+        return self.engine_loop
+
+    async def Generate(self, request, context):
+        engine_loop = await self._engine(context)
+        try:
+            q = engine_loop.add_request(request)
+        except RequestRejected as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        finished = False
+        try:
+            while True:
+                out: RequestOutput = await q.get()
+                if out.error:
+                    finished = True
+                    await context.abort(getattr(grpc.StatusCode, out.error_code or "INTERNAL"),
+                                        out.error)
+                finished = out.finished
+                yield to_response(out)
+                if finished:
+                    return
+        finally:
+            if not finished:  # the client cancelled or went away: abort downstream
+                engine_loop.abort(request.request_id)
+
+    async def Abort(self, request, context):
+        engine_loop = await self._engine(context)
+        return scheduler_pb2.AbortResponse(aborted=engine_loop.abort(request.request_id))
+
+    async def GetStats(self, request, context):
+        return (await self._engine(context)).engine.scheduler.stats()
+
+    async def GetModelInfo(self, request, context):
+        return (await self._engine(context)).engine.model_info
+
+
+class _ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Unexpected exceptions become INTERNAL with a logged traceback."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+
+        inner = handler.unary_unary
+
+        async def wrapped(request, context):
+            try:
+                return await inner(request, context)
+            except (grpc.RpcError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                logger.error("%s failed:\n%s", handler_call_details.method,
+                             traceback.format_exc())
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+async def run_scheduler(config: SchedulerConfig, address: str, executor_factory=None,
+                        grace_s: float = 5.0) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status (non-zero if the engine died)."""
+    loop = asyncio.get_running_loop()
+    server = grpc.aio.server(interceptors=[_ErrorInterceptor()], options=[
+        ("grpc.max_receive_message_length", 64 << 20)])
+    servicer = SchedulerServicer()
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    server.add_insecure_port(address)
+    await server.start()
+    logger.info("scheduler listening on %s; connecting to workers %s", address,
+                config.worker_addresses)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+
+    if executor_factory is None:
+        from .executor_grpc import GrpcExecutor
+
+        def executor_factory():
+            return GrpcExecutor(config.worker_addresses)
+
+    engine_task = loop.run_in_executor(None, lambda: EngineCore(config, executor_factory()))
+    done, _ = await asyncio.wait({engine_task, asyncio.ensure_future(stop.wait())},
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if engine_task not in done:
+        await server.stop(grace_s)
+        return 0
+    engine = engine_task.result()
+
+    died = asyncio.Event()
+    engine_loop = EngineLoop(engine, loop, on_dead=lambda exc: loop.call_soon_threadsafe(died.set))
+    engine_loop.start()
+    servicer.engine_loop = engine_loop
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("scheduler ready: %d KV blocks", engine.num_blocks)
+
+    try:
+        await asyncio.wait({asyncio.ensure_future(stop.wait()),
+                            asyncio.ensure_future(died.wait())},
+                           return_when=asyncio.FIRST_COMPLETED)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        await server.stop(grace_s)
+        engine_loop.stop()
+    return 1 if died.is_set() else 0

@@ -1,0 +1,136 @@
+"""Loading the tokenizer and the facts about it the rest of the service (and the gateway) use.
+
+`TokenizerHandle` wraps a transformers tokenizer with what every RPC needs at hand: the
+vocabulary size for id checks, the ids that `decode(skip_special_tokens=True)` drops, the
+effective chat template, and the token-level primitives the incremental detokenizer calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from splitserve.model_path import resolve_model_path
+
+from .config import TokenizerServiceConfig, load_chat_template
+from .errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerInfo:
+    """What the gateway needs to validate requests (mirrors the `TokenizerInfo` proto)."""
+
+    name: str
+    vocab_size: int
+    eos_token_id: int
+    bos_token_id: int
+    has_chat_template: bool
+
+
+class TokenizerHandle:
+    """A loaded tokenizer plus the facts derived from it once, at load time."""
+
+    def __init__(self, tokenizer, name: str, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.name = name
+        self.chat_template = chat_template
+        """The operator's template override; None uses the tokenizer's own."""
+        self.vocab_size = len(tokenizer)
+        self.is_fast = bool(getattr(tokenizer, "is_fast", False))
+        self.skip_ids = self._init_skip_ids()
+        self._init_token_lookup()
+
+    def _init_skip_ids(self) -> frozenset[int]:
+        # NOTE: these must be the ids `tokenizer.decode(skip_special_tokens=True)` drops, so
+        # that streamed text equals a one-shot decode. The Rust decoder skips the added tokens
+        # flagged special; the Python backend skips `all_special_ids`.
+        if self.is_fast:
+            added = self.tokenizer.backend_tokenizer.get_added_tokens_decoder()
+            return frozenset(i for i, tok in added.items() if tok.special)
+        return frozenset(self.tokenizer.all_special_ids)
+
+    def _init_token_lookup(self) -> None:
+        if self.is_fast:
+            backend = self.tokenizer.backend_tokenizer
+            self._id_to_token = backend.id_to_token  # the Rust call, no Python wrapper
+            decoder = backend.decoder
+            self.tokens_to_string = decoder.decode if decoder is not None else " ".join
+        else:
+            self._id_to_token = self.tokenizer.convert_ids_to_tokens
+            self.tokens_to_string = self.tokenizer.convert_tokens_to_string
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template or getattr(self.tokenizer, "chat_template", None))
+
+    def info(self) -> TokenizerInfo:
+        eos = self.tokenizer.eos_token_id
+        bos = self.tokenizer.bos_token_id
+        return TokenizerInfo(
+            name=self.name, vocab_size=self.vocab_size,
+            eos_token_id=-1 if eos is None else int(eos),
+            bos_token_id=-1 if bos is None else int(bos),
+            has_chat_template=self.has_chat_template)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The token string of one id; "" for an id past the tokenizer (a padded model vocab)."""
+        if token_id >= self.vocab_size:
+            return ""
+        return self._id_to_token(token_id) or ""
+
+    def check_token_ids(self, token_ids, what: str = "token id") -> None:
+        """Raise InvalidRequest unless every id is in [0, vocab_size)."""
+        if not token_ids:
+            return
+        lo, hi = min(token_ids), max(token_ids)
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InvalidRequest(f"{what} {bad} is outside [0, {self.vocab_size})")
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        check_text(text, "text")
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids, skip_special_tokens: bool) -> str:
+        self.check_token_ids(token_ids)
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be UTF-8 (a lone surrogate, e.g. from a JSON `\\ud800` escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{what} contains a lone surrogate (U+{ord(text[exc.start]):04X}) at position "
+            f"{exc.start}; text must be valid Unicode") from None
+
+
+def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
+    """Resolve `config.tokenizer` to a folder and load it as `config.tokenizer_mode` asks."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config.tokenizer, config.revision)
+    kwargs: dict = {"trust_remote_code": config.trust_remote_code}
+    if config.tokenizer_mode == "slow":
+        kwargs["use_fast"] = False  # vLLM's meaning; transformers 5 ignores it, checked below
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    is_fast = bool(getattr(tokenizer, "is_fast", False))
+    if config.tokenizer_mode == "slow" and is_fast:
+        raise ValueError(
+            f"tokenizer_mode='slow' needs a Python (slow) tokenizer, but {config.tokenizer!r} "
+            f"loads only as {type(tokenizer).__name__}, a Rust `tokenizers` tokenizer: "
+            "transformers 5 has no slow tokenizer for this folder. Use tokenizer_mode 'auto'.")
+    if config.tokenizer_mode == "fast" and not is_fast:
+        raise ValueError(
+            f"tokenizer_mode='fast' needs a Rust `tokenizers` tokenizer, but {config.tokenizer!r} "
+            f"loads as {type(tokenizer).__name__}, a Python (slow) tokenizer. "
+            "Use tokenizer_mode 'auto'.")
+    template = load_chat_template(config.chat_template) if config.chat_template else None
+    handle = TokenizerHandle(tokenizer, config.tokenizer, template)
+    logger.info("loaded tokenizer %s from %s: %s, vocab %d, chat template %s",
+                config.tokenizer, path, type(tokenizer).__name__, handle.vocab_size,
+                "override" if template else ("model" if handle.has_chat_template else "none"))
+    return handle

@@ -1,0 +1,32 @@
+"""Pipeline split: which layers a rank owns, and what crosses between stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def layer_range(num_layers: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Return [start, end) of the decoder layers rank `rank` of `world_size` owns.
+
+    Layers split evenly; the remainder goes to the ranks just before the last one, which
+    also carries the final norm and lm_head (vLLM's split, so checkpoints shard alike).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if num_layers < world_size:
+        raise ValueError(f"cannot split {num_layers} layers over {world_size} pipeline ranks")
+    sizes = [num_layers // world_size] * world_size
+    for i in range(2, num_layers % world_size + 2):
+        sizes[-i] += 1
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+@dataclass(slots=True)
+class IntermediateTensors:
+    """Activations a non-last rank hands to the next: both [num_tokens, hidden_size]."""
+
+    hidden_states: torch.Tensor
+    residual: torch.Tensor
