@@ -53,7 +53,7 @@ def compute_inv_freq(params: dict, head_dim: int,
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: "
                          f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     base = float(params.get("rope_theta", DEFAULT_ROPE_THETA))
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float) / head_dim
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (base ** exponents)
     if rope_type == "default":
         return inv_freq, 1.0
@@ -108,8 +108,9 @@ def _yarn(base: float, dim: int, params: dict,
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a division by zero, as transformers does
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).to(torch.float) / dim)
+    ramp = torch.arange(dim // 2, dtype=torch.float32, device="cpu")
+    ramp = torch.clamp((ramp - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     extrapolation_factor = 1 - ramp
     inv_freq = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
@@ -123,12 +124,24 @@ class RotaryEmbedding(nn.Module):
                  max_position_embeddings: int | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq, scaling = compute_inv_freq(params, head_dim, max_position_embeddings)
+        self.max_positions = max_positions
+        self.params = params
+        self.max_position_embeddings = max_position_embeddings
+        self.init_cache()
+
+    def init_cache(self) -> None:
+        """(Re)compute the cos/sin cache, on CPU, then onto the buffers' current device."""
+        device = self.cos.device if "cos" in self._buffers else torch.device("cpu")
+        if device.type == "meta":
+            device = torch.device("cpu")
+        inv_freq, scaling = compute_inv_freq(self.params, self.head_dim,
+                                             self.max_position_embeddings)
         # NOTE: same float32 product and cat as transformers, so angles match bit for bit.
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
+        freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self.register_buffer("cos", (emb.cos() * scaling).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

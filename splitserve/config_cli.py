@@ -1,0 +1,141 @@
+"""Command-line flags generated from the services' config dataclasses.
+
+Every field of a config dataclass becomes `--field-name`, its help the field's docstring,
+so `--help` and the config never drift. A field that several services share (say
+`max_model_len`) is one flag that sets it in each of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+from typing import Any
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (the string literal right after it)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+                    and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
+                    and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _kind(annotation: Any) -> tuple[str, bool]:
+    """('bool'|'int'|'float'|'str'|'list', optional) from a field's annotation string."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    text = str(text).replace(" ", "")
+    optional = "None" in text.split("|")
+    base = [p for p in text.split("|") if p != "None"]
+    base_t = base[0] if base else "str"
+    if base_t.startswith(("list", "tuple")):
+        return "list", optional
+    if base_t in ("bool", "int", "float"):
+        return base_t, optional
+    return "str", optional
+
+
+def _parse_int(text: str) -> int:
+    """An int, allowing sizes like 4GiB / 512MiB / 2G and underscores."""
+    t = text.strip().replace("_", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+             "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9}
+    low = t.lower()
+    for suffix in sorted(units, key=len, reverse=True):
+        if low.endswith(suffix) and low[: -len(suffix)].replace(".", "", 1).isdigit():
+            return int(float(low[: -len(suffix)]) * units[suffix])
+    return int(t)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *classes: type,
+                     skip: set[str] = frozenset(), defaults: dict[str, Any] | None = None
+                     ) -> None:
+    """Add one flag per field across `classes` (first class's help wins on shared names)."""
+    seen: set[str] = set()
+    group = parser.add_argument_group("engine and service options")
+    for cls in classes:
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen or f.name in skip or not f.init:
+                continue
+            seen.add(f.name)
+            kind, optional = _kind(f.type)
+            default = (defaults or {}).get(f.name, dataclasses.MISSING)
+            if default is dataclasses.MISSING:
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                    default = f.default_factory()  # type: ignore[misc]
+                else:
+                    default = None
+            flag = "--" + f.name.replace("_", "-")
+            help_text = docs.get(f.name, "")
+            help_text = f"{help_text} (default: {default!r})" if help_text else None
+            kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                      "help": help_text}
+            if kind == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            elif kind == "list":
+                group.add_argument(flag, nargs="+", **kwargs)
+            else:
+                conv = {"int": _parse_int, "float": float, "str": str}[kind]
+                if optional:
+                    conv = _optional(conv)
+                group.add_argument(flag, type=conv, **kwargs)
+
+
+def _optional(conv):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else conv(text)
+
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def build_config(cls: type, args: argparse.Namespace, **overrides: Any):
+    """Instantiate `cls` from the parsed flags it has (unset flags keep the defaults)."""
+    values = vars(args)
+    kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls)
+              if f.init and f.name in values}
+    kwargs.update({k: v for k, v in overrides.items()
+                   if k in {f.name for f in dataclasses.fields(cls)}})
+    return cls(**kwargs)
+
+
+def config_to_argv(config: Any, skip: set[str] = frozenset()) -> list[str]:
+    """Flags that rebuild `config` in a child process (only fields off their default)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        if f.name in skip or not f.init:
+            continue
+        value = getattr(config, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+            else dataclasses.MISSING)
+        if value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind, _ = _kind(f.type)
+        if kind == "bool":
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif kind == "list":
+            argv += [flag, *map(str, value)]
+        elif value is None:
+            argv += [flag, "none"]
+        else:
+            argv += [flag, str(value)]
+    return argv

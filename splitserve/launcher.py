@@ -1,0 +1,145 @@
+"""`splitserve serve`: start the tokenizer service, workers, scheduler and gateway as
+separate processes on loopback, wait until the gateway is healthy, and stop them all
+together (Ctrl-C / SIGTERM, or any one of them dying)."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from splitserve.config_cli import build_config, config_to_argv
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if the launcher dies without cleaning up (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """The child processes of one `serve`, in start order."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        cmd = [sys.executable, "-m", "splitserve.cli", *argv]
+        logger.debug("starting %s: %s", name, " ".join(cmd))
+        self.procs.append((name, subprocess.Popen(cmd, preexec_fn=_die_with_parent)))
+
+    def dead(self) -> tuple[str, int] | None:
+        for name, p in self.procs:
+            if p.poll() is not None:
+                return name, p.returncode
+        return None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        # The gateway first (stop taking requests), then the rest.
+        for _, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in time; killing it", name)
+                p.kill()
+                p.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    from splitserve.cli import _configs
+
+    gateway_cls, scheduler_cls, worker_cls, tokenizer_cls = _configs()
+    model = args.model_tag
+    if model is None:
+        from splitserve.demo_model import demo_model_path
+
+        print("splitserve: no model given; serving the built-in demo model", flush=True)
+        model = str(demo_model_path())
+    host = "127.0.0.1"
+    tok_addr = f"{host}:{free_port()}"
+    sched_addr = f"{host}:{free_port()}"
+    worker_cfg = build_config(worker_cls, args, model=model)
+    if worker_cfg.pipeline_parallel_size != 1:
+        raise ValueError(
+            f"--pipeline-parallel-size {worker_cfg.pipeline_parallel_size} is not supported "
+            "yet: only 1 (pipeline stage transfer lands with its own issue)")
+    worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
+    tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
+    tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
+    scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
+    gateway_cfg = build_config(gateway_cls, args, model=model, scheduler_address=sched_addr,
+                               tokenizer_address=tok_addr)
+    log = ["--log-level", args.log_level]
+
+    stack = Stack()
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stack.spawn("tokenizer", [*log, "tokenizer", "--address", tok_addr,
+                                  *config_to_argv(tokenizer_cfg)])
+        for rank, addr in enumerate(worker_addrs):
+            stack.spawn(f"worker{rank}", [*log, "worker", model, "--address", addr,
+                                          "--rank", str(rank),
+                                          *config_to_argv(worker_cfg, skip={"model", "rank"})])
+        stack.spawn("scheduler", [*log, "scheduler", "--address", sched_addr,
+                                  *config_to_argv(scheduler_cfg)])
+        stack.spawn("gateway", [*log, "gateway", *config_to_argv(gateway_cfg)])
+        base = f"http://{gateway_cfg.host}:{gateway_cfg.port}"
+        while not _healthy(base + "/health"):
+            if stop["signal"] is not None:
+                return 0
+            dead = stack.dead()
+            if dead:
+                print(f"splitserve: {dead[0]} exited with status {dead[1]} during start-up",
+                      file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.25)
+        print(f"splitserve: ready. OpenAI API at {base}/v1 serving {model!r}", flush=True)
+        while stop["signal"] is None:
+            dead = stack.dead()
+            if dead:
+                print(f"splitserve: {dead[0]} exited with status {dead[1]}; stopping",
+                      file=sys.stderr, flush=True)
+                return 1
+            time.sleep(0.25)
+        print("splitserve: stopping", flush=True)
+        return 0
+    finally:
+        stack.stop()
+        for s, h in old.items():
+            signal.signal(s, h)

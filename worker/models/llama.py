@@ -1,0 +1,191 @@
+"""Llama (and Mistral): module and parameter names mirror the Hugging Face checkpoint.
+
+q/k/v and gate/up are fused (`qkv_proj`, `gate_up_proj`); `packed_modules` tells the loader how
+the checkpoint's separate tensors pack into them. The model is built for one pipeline slice
+[start_layer, end_layer): the first rank owns `model.embed_tokens`, the last `model.norm` and
+`lm_head`; layers outside the slice are parameterless placeholders so names keep their indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitserve.worker.attention import Attention
+from splitserve.worker.layers import RMSNorm, SiluAndMul
+from splitserve.worker.linear import GateUpLinear, QKVLinear
+from splitserve.worker.pipeline import IntermediateTensors
+from splitserve.worker.rotary import RotaryEmbedding, rope_parameters
+
+
+def head_dim_of(config: Any) -> int:
+    """The config's head_dim when present, else hidden_size // num_attention_heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config: Any, layer_idx: int) -> int | None:
+    """The layer's sliding window, or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return window
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention: fused qkv projection, rotary, paged attention, output projection."""
+
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
+                 qkv_bias: bool, o_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVLinear(config.hidden_size, self.num_heads, self.num_kv_heads,
+                                  self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                              self.head_dim ** -0.5, layer_idx,
+                              sliding_window_of(config, layer_idx))
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v.contiguous()))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU MLP over a fused gate_up projection."""
+
+    def __init__(self, config: Any, bias: bool) -> None:
+        super().__init__()
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm decoder layer; the residual add is fused into the next norm."""
+
+    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
+                 qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(config, mlp_bias)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, this rank's decoder layers, and the final norm."""
+
+    def __init__(self, config: Any, start_layer: int, end_layer: int, is_first: bool,
+                 is_last: bool, max_positions: int, qkv_bias: bool, o_bias: bool,
+                 mlp_bias: bool) -> None:
+        super().__init__()
+        self.start_layer, self.end_layer = start_layer, end_layer
+        self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
+                             if is_first else None)
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), max_positions,
+                                          rope_parameters(config),
+                                          config.max_position_embeddings)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, o_bias, mlp_bias)
+            if start_layer <= i < end_layer else nn.Identity()
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        if self.embed_tokens is not None:
+            hidden_states, residual = self.embed_tokens(input_ids), None
+        else:
+            if intermediate is None:
+                raise ValueError("a non-first pipeline rank needs the previous rank's tensors")
+            hidden_states, residual = intermediate.hidden_states, intermediate.residual
+        for i in range(self.start_layer, self.end_layer):
+            hidden_states, residual = self.layers[i](positions, hidden_states, residual)
+        if self.norm is None:
+            return IntermediateTensors(hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama / Mistral for one pipeline slice; `compute_logits` exists on the last rank only."""
+
+    packed_modules: dict[str, tuple[str, str]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+    """Checkpoint module name -> (fused module name, shard id)."""
+
+    def __init__(self, config: Any, start_layer: int, end_layer: int, is_first: bool,
+                 is_last: bool, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        qkv_bias, o_bias, mlp_bias = self.biases(config)
+        self.model = LlamaModel(config, start_layer, end_layer, is_first, is_last,
+                                max_positions, qkv_bias, o_bias, mlp_bias)
+        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                        if is_last else None)
+        if self.lm_head is not None and self.model.embed_tokens is not None and \
+                self.ties_embeddings(config):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def biases(config: Any) -> tuple[bool, bool, bool]:
+        """(qkv, o_proj, mlp) bias flags."""
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return attention_bias, attention_bias, bool(getattr(config, "mlp_bias", False))
+
+    @staticmethod
+    def ties_embeddings(config: Any) -> bool:
+        """Whether lm_head shares the input embedding's weight."""
+        return bool(getattr(config, "tie_word_embeddings", False))
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate: IntermediateTensors | None = None
+                ) -> torch.Tensor | IntermediateTensors:
+        """Hidden states after the final norm (last rank), else the tensors for the next rank."""
+        return self.model(input_ids, positions, intermediate)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """lm_head over the (already selected) hidden states: [N, H] -> [N, vocab]."""
+        return self.lm_head(hidden_states)
+
+    def init_buffers(self) -> None:
+        """Rebuild non-persistent buffers (after the module was materialised from meta)."""
+        self.model.rotary_emb.init_cache()
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral is Llama with an optional sliding window (read per layer from the config)."""

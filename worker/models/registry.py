@@ -1,0 +1,23 @@
+"""Architecture name (config.json `architectures`) -> model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
+from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+
+
+def get_model_class(architectures: list[str] | None) -> type[nn.Module]:
+    """The first supported class among `architectures`; ValueError listing the supported ones."""
+    for name in architectures or []:
+        if name in MODEL_REGISTRY:
+            return MODEL_REGISTRY[name]
+    raise ValueError(f"unsupported model architecture {architectures!r}; supported: "
+                     f"{', '.join(sorted(MODEL_REGISTRY))}")
