@@ -14,7 +14,7 @@ from splitserve.config_cli import add_config_flags, build_config
 logger = logging.getLogger("splitserve")
 
 # Fields the launcher sets itself (addresses of the processes it starts).
-_WIRING = {"scheduler_address", "tokenizer_address", "worker_addresses", "rank"}
+_WIRING = {"worker_addresses", "rank"}
 
 
 def _configs():

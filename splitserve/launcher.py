@@ -87,8 +87,10 @@ def serve(args: argparse.Namespace) -> int:
         print("splitserve: no model given; serving the built-in demo model", flush=True)
         model = str(demo_model_path())
     host = "127.0.0.1"
-    tok_addr = f"{host}:{free_port()}"
-    sched_addr = f"{host}:{free_port()}"
+    # Internal services listen on loopback; --scheduler-address / --tokenizer-address pin
+    # them (for gRPC clients that call the scheduler directly), otherwise free ports.
+    tok_addr = getattr(args, "tokenizer_address", None) or f"{host}:{free_port()}"
+    sched_addr = getattr(args, "scheduler_address", None) or f"{host}:{free_port()}"
     worker_cfg = build_config(worker_cls, args, model=model)
     if worker_cfg.pipeline_parallel_size != 1:
         raise ValueError(
@@ -129,7 +131,8 @@ def serve(args: argparse.Namespace) -> int:
                       file=sys.stderr, flush=True)
                 return 1
             time.sleep(0.25)
-        print(f"splitserve: ready. OpenAI API at {base}/v1 serving {model!r}", flush=True)
+        print(f"splitserve: ready. OpenAI API at {base}/v1 serving {model!r}; "
+              f"scheduler gRPC at {sched_addr}, tokenizer gRPC at {tok_addr}", flush=True)
         while stop["signal"] is None:
             dead = stack.dead()
             if dead:

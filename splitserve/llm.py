@@ -1,0 +1,222 @@
+"""`LLM`: the scheduler and the worker in one process, no gRPC (vLLM's offline API).
+
+    from splitserve import LLM, SamplingParams
+    llm = LLM("path/to/model")
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=16, temperature=0))
+
+Tests use it, and it is the baseline of the split-overhead benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from splitserve.protos import common_pb2, scheduler_pb2
+from splitserve.sampling_params import SamplingParams
+
+_FINISH = {common_pb2.FinishReason.FINISH_REASON_STOP: "stop",
+           common_pb2.FinishReason.FINISH_REASON_LENGTH: "length",
+           common_pb2.FinishReason.FINISH_REASON_ABORT: "abort",
+           common_pb2.FinishReason.FINISH_REASON_ERROR: "error"}
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[common_pb2.TokenLogprobs] | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """Everything generated for one prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[common_pb2.TokenLogprobs] | None = None
+    num_cached_tokens: int = 0
+    finished: bool = True
+
+
+@dataclass
+class _Seq:
+    index: int
+    prompt_idx: int
+    stream: object | None
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+
+class LLM:
+    """An in-process engine over a local model folder or hub id.
+
+    Keyword arguments are the fields of `WorkerConfig` and `SchedulerConfig` (the same names
+    as the `splitserve serve` flags), plus `tokenizer` and `tokenizer_mode`.
+    """
+
+    def __init__(self, model: str, tokenizer: str | None = None, **kwargs) -> None:
+        from splitserve.inproc_executor import InprocExecutor
+        from splitserve.scheduler.config import SchedulerConfig
+        from splitserve.scheduler.engine_core import EngineCore
+        from splitserve.tokenizer_svc.config import TokenizerServiceConfig
+        from splitserve.tokenizer_svc.tokenizer import load_tokenizer
+        from splitserve.worker.config import WorkerConfig
+        from splitserve.worker.model_runner import ModelRunner
+
+        picked = {cls: {f.name for f in dataclasses.fields(cls)}
+                  for cls in (WorkerConfig, SchedulerConfig, TokenizerServiceConfig)}
+        unknown = set(kwargs) - set().union(*picked.values())
+        if unknown:
+            raise TypeError(f"LLM() got unknown options {sorted(unknown)}")
+
+        def pick(cls, **extra):
+            return cls(**{k: v for k, v in kwargs.items() if k in picked[cls]}, **extra)
+
+        self.worker_config = pick(WorkerConfig, model=model)
+        self.scheduler_config = pick(SchedulerConfig)
+        tok_cfg = pick(TokenizerServiceConfig, tokenizer=tokenizer or model)
+        self.tokenizer = load_tokenizer(tok_cfg)
+        self.engine = EngineCore(self.scheduler_config,
+                                 InprocExecutor(ModelRunner(self.worker_config)))
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def get_tokenizer(self):
+        return self.tokenizer.tokenizer
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt (text, or token ids) and return in prompt order."""
+        batch = _as_batch(prompts)
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(batch)
+        if len(params_list) != len(batch):
+            raise ValueError(f"{len(params_list)} sampling params for {len(batch)} prompts")
+        texts: list[str | None] = []
+        ids_list: list[list[int]] = []
+        for p in batch:
+            if isinstance(p, str):
+                texts.append(p)
+                ids_list.append(self.tokenizer.encode(p, add_special_tokens=True))
+            else:
+                texts.append(None)
+                ids_list.append(list(p))
+        return self._run(texts, ids_list, params_list)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
+
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        renderer = ChatRenderer(self.tokenizer)
+        texts, ids_list = [], []
+        for conv in convs:
+            req = parse_chat_request(json.dumps(conv),
+                                     add_generation_prompt=add_generation_prompt)
+            rendered = renderer.render(req)
+            texts.append(rendered.prompt)
+            ids_list.append(list(rendered.token_ids))
+        sp = sampling_params or SamplingParams()
+        return self._run(texts, ids_list, [sp] * len(convs))
+
+    def _run(self, texts, ids_list, params_list) -> list[RequestOutput]:
+        from splitserve.tokenizer_svc.stream import SequenceStream
+
+        seqs: dict[str, _Seq] = {}
+        sched = self.engine.scheduler
+        for pi, (ids, sp) in enumerate(zip(ids_list, params_list)):
+            for i in range(sp.n):
+                proto = sp.to_proto()
+                if sp.seed is not None:
+                    proto.seed = sp.seed + i  # n sequences differ yet stay reproducible
+                rid = f"llm-{next(self._ids)}"
+                stream = SequenceStream(self.tokenizer, ids, sp.skip_special_tokens, sp.stop,
+                                        sp.include_stop_str_in_output) if sp.detokenize else None
+                seqs[rid] = _Seq(i, pi, stream)
+                try:
+                    sched.add_request(scheduler_pb2.GenerateRequest(
+                        request_id=rid, prompt_token_ids=ids, sampling_params=proto))
+                except Exception as exc:
+                    for r in list(seqs)[:-1]:
+                        sched.abort_request(r)
+                    raise ValueError(getattr(exc, "message", str(exc))) from exc
+        while self.engine.has_work:
+            for out in self.engine.step():
+                s = seqs[out.request_id]
+                s.num_cached_tokens = out.num_cached_tokens
+                s.prompt_logprobs.extend(out.prompt_logprobs)
+                s.token_ids.extend(out.token_ids)
+                s.logprobs.extend(out.logprobs)
+                if out.error:
+                    raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+                if s.stream is not None and s.finish_reason is None:
+                    d = s.stream.push(out.token_ids)
+                    s.text.append(d.text)
+                    if d.stopped:
+                        s.finish_reason, s.stop_reason = "stop", d.stop_reason
+                        sched.abort_request(out.request_id)
+                        continue
+                if out.finished:
+                    s.finish_reason = _FINISH[out.finish_reason]
+                    s.stop_reason = out.stop_token_id
+                    if s.stream is not None:
+                        d = s.stream.finish()
+                        s.text.append(d.text)
+                        if d.stopped:
+                            s.finish_reason, s.stop_reason = "stop", d.stop_reason
+        results = []
+        for pi, (text, ids) in enumerate(zip(texts, ids_list)):
+            mine = sorted((s for s in seqs.values() if s.prompt_idx == pi), key=lambda s: s.index)
+            want_lp = params_list[pi].logprobs is not None
+            outs = [CompletionOutput(
+                index=s.index, text="".join(s.text), token_ids=s.token_ids,
+                logprobs=s.logprobs if want_lp else None, finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+                cumulative_logprob=sum(x.logprob for x in s.logprobs) if want_lp else None)
+                for s in mine]
+            results.append(RequestOutput(
+                request_id=str(pi), prompt=text, prompt_token_ids=ids, outputs=outs,
+                prompt_logprobs=mine[0].prompt_logprobs
+                if params_list[pi].prompt_logprobs is not None else None,
+                num_cached_tokens=mine[0].num_cached_tokens))
+        return results
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _as_batch(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]
+    return prompts

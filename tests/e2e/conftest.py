@@ -1,0 +1,108 @@
+"""`splitserve serve` on a tiny model: real processes on loopback, the official clients."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from splitserve.demo_model import build_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} while waiting for {what}")
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+class Server:
+    def __init__(self, model: pathlib.Path, extra: list[str], log: pathlib.Path) -> None:
+        self.port = free_port()
+        self.scheduler_address = f"127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model = str(model)
+        self.log = log
+        cmd = [sys.executable, "-m", "splitserve.cli", "serve", str(model),
+               "--port", str(self.port), "--scheduler-address", self.scheduler_address,
+               "--kv-cache-memory", "4MiB", "--max-model-len", "512", "--block-size", "16",
+               "--max-num-seqs", "32", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+        def healthy():
+            try:
+                return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        try:
+            wait_for(healthy, 240, "the stack to become healthy", self.proc)
+        except AssertionError:
+            self.proc.kill()
+            raise AssertionError(log.read_text()[-4000:]) from None
+        self.children = children_of(self.proc.pid)
+
+    def scheduler_stats(self):
+        import grpc
+
+        from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
+
+        with grpc.insecure_channel(self.scheduler_address) as ch:
+            return scheduler_pb2_grpc.SchedulerServiceStub(ch).GetStats(
+                scheduler_pb2.GetStatsRequest(), timeout=5)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> pathlib.Path:
+    return build_model(tmp_path_factory.mktemp("e2e") / "tiny-llama", "llama",
+                       hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, eos_token_ids=[1, 4])
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory):
+    s = Server(tiny_model, [], tmp_path_factory.mktemp("logs") / "serve.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=120)
