@@ -67,7 +67,7 @@ def parse_chat_request(messages_json: str, *, add_generation_prompt: bool = Fals
                        continue_final_message: bool = False, chat_template: str | None = None,
                        tools_json: str | None = None,
                        chat_template_kwargs_json: str | None = None) -> ChatRequest:
-    """Validate the JSON fields of an ApplyChatTemplate request; InvalidRequest says what's wrong."""
+    """Validate an ApplyChatTemplate request's JSON fields; InvalidRequest says what's wrong."""
     if add_generation_prompt and continue_final_message:
         raise InvalidRequest(
             "add_generation_prompt and continue_final_message cannot both be set: the first "

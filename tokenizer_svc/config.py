@@ -20,7 +20,7 @@ class TokenizerServiceConfig:
     revision: str | None = None
     """Hub branch, tag or commit of the tokenizer; None takes the default branch."""
     tokenizer_mode: str = "auto"
-    """'auto' takes what transformers loads, 'fast' requires a Rust tokenizer, 'slow' a Python one."""
+    """'auto': whatever transformers loads; 'fast': a Rust tokenizer; 'slow': a Python one."""
     trust_remote_code: bool = False
     """Allow a tokenizer class defined by Python code inside the model folder."""
     chat_template: str | None = None
@@ -31,7 +31,7 @@ class TokenizerServiceConfig:
     """Longest time one chat-template render may take before it is cut off."""
     max_stop_strings: int = 64
     """Most stop strings one sequence may carry."""
-    max_workers: int = 4
+    tokenizer_threads: int = 4
     """Threads for tokenization and template rendering (the event loop stays free)."""
     shutdown_grace_s: float = 5.0
     """Seconds in-flight RPCs get to finish after SIGTERM."""
@@ -50,8 +50,8 @@ class TokenizerServiceConfig:
                 f"chat_template_timeout_s must be > 0, got {self.chat_template_timeout_s}")
         if self.max_stop_strings < 0:
             raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
-        if self.max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.tokenizer_threads < 1:
+            raise ValueError(f"tokenizer_threads must be >= 1, got {self.tokenizer_threads}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
 

@@ -19,7 +19,7 @@ not an unfinished character) the text is released as it stands.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from .tokenizer import TokenizerHandle
 
@@ -31,6 +31,7 @@ _REPLACEMENT = "\ufffd"
 # A character is at most 4 UTF-8 bytes, so a longer run of held tokens is invalid bytes, not
 # an unfinished character; releasing it keeps the decoded window short.
 MAX_HELD_TOKENS = 16
+_TRIM_AT = 256
 
 
 class IncrementalDetokenizer:
@@ -39,20 +40,20 @@ class IncrementalDetokenizer:
     __slots__ = ("_handle", "_skip_ids", "_tokens", "_prefix_offset", "_read_offset",
                  "_prefix_text")
 
-    def __init__(self, handle: TokenizerHandle, prompt_token_ids: Iterable[int] = (),
+    def __init__(self, handle: TokenizerHandle, prompt_token_ids: Sequence[int] = (),
                  skip_special_tokens: bool = True):
         self._handle = handle
         self._skip_ids = handle.skip_ids if skip_special_tokens else frozenset()
-        context = list(prompt_token_ids)[-(PROMPT_CONTEXT_TOKENS + _PROMPT_CONTEXT_EXTRA):]
-        self._tokens = [handle.id_to_token(i) for i in context if i not in self._skip_ids]
+        context = prompt_token_ids[-(PROMPT_CONTEXT_TOKENS + _PROMPT_CONTEXT_EXTRA):]
+        tokens = [handle.id_to_token(i) for i in context if i not in self._skip_ids]
+        # A prompt that ends inside a character would glue its bytes to the first generated
+        # ones; drop that unfinished tail so generated text decodes as it does on its own.
+        while tokens and handle.tokens_to_string(tokens).endswith(_REPLACEMENT):
+            tokens.pop()
+        self._tokens = tokens
         self._read_offset = len(self._tokens)
         self._prefix_offset = max(self._read_offset - PROMPT_CONTEXT_TOKENS, 0)
         self._prefix_text: str | None = None  # decode of tokens[prefix:read], computed lazily
-
-    @property
-    def num_tokens(self) -> int:
-        """Token strings held (prompt context + generated): grows by one per kept token."""
-        return len(self._tokens)
 
     def push(self, token_ids: Iterable[int]) -> str:
         """Add generated ids; return the text they complete (possibly "")."""
@@ -84,4 +85,8 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._tokens)
         self._prefix_text = None
+        if self._prefix_offset > _TRIM_AT:  # tokens before the window are never read again
+            del self._tokens[:self._prefix_offset]
+            self._read_offset -= self._prefix_offset
+            self._prefix_offset = 0
         return new_text[len(prefix_text):]

@@ -5,7 +5,8 @@ This is the state behind one `DetokenizeStream` call, free of gRPC. The protocol
 - `push(ids)` for each `tokens` message with ids: the text they release (held back while a
   character is unfinished or the tail could start a stop string).
 - `finish()` for a `tokens` message with no ids, the end-of-sequence flush: the held text,
-  with `flushed` set. A stream that ends without it drops the held text.
+  with `flushed` set. A stream that ends without it drops the held text; ids sent after it
+  are refused, another flush returns nothing.
 - After a stop string matched, every response is empty with `stopped` set.
 
 Token ids past the tokenizer's vocabulary (a model whose embedding is padded past it) decode

@@ -8,6 +8,7 @@ effective chat template, and the token-level primitives the incremental detokeni
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 from splitserve.model_path import resolve_model_path
@@ -16,6 +17,22 @@ from .config import TokenizerServiceConfig, load_chat_template
 from .errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The GPT-2 byte-level alphabet, char -> byte: printable Latin-1 bytes stand for
+    themselves, the other bytes for the code points from U+0100 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table = {chr(b): b for b in kept}
+    shifted = (b for b in range(256) if b not in set(kept))
+    for n, b in enumerate(shifted):
+        table[chr(256 + n)] = b
+    return table
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +113,44 @@ class TokenizerHandle:
     def decode(self, token_ids, skip_special_tokens: bool) -> str:
         self.check_token_ids(token_ids)
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_each(self, token_ids) -> tuple[list[str], list[bytes]]:
+        """Each id decoded alone (special tokens as text), and its raw bytes.
+
+        For logprobs' token strings: the text is `decode([id])`, so part of a character shows as
+        U+FFFD, while the bytes are the token's own (a byte-level token maps back to its bytes;
+        `<0xNN>` byte-fallback tokens to their byte). Ids past the tokenizer (a padded model
+        vocabulary) give "" and b"", as `decode` does; negative ids are refused.
+        """
+        ids = [int(i) for i in token_ids]
+        if ids and min(ids) < 0:
+            raise InvalidRequest(f"token id {min(ids)} is negative")
+        known = [i if i < self.vocab_size else None for i in ids]
+        if self.is_fast:
+            texts = self.tokenizer.backend_tokenizer.decode_batch(
+                [[i] for i in ids if i < self.vocab_size], skip_special_tokens=False)
+        else:
+            texts = [self.tokenizer.decode([i]) for i in ids if i < self.vocab_size]
+        it = iter(texts)
+        strings = [next(it) if i is not None else "" for i in known]
+        raw = [self._token_bytes(i, text) if i is not None else b""
+               for i, text in zip(known, strings)]
+        return strings, raw
+
+    def _token_bytes(self, token_id: int, text: str) -> bytes:
+        token = self._id_to_token(token_id) or ""
+        try:
+            candidate = bytes(_UNICODE_TO_BYTE[c] for c in token)
+        except KeyError:
+            candidate = None
+        # NOTE: accept a mapping only when it reproduces the decoded text, so tokens of other
+        # schemes (Metaspace "▁the", added tokens) never come out as mangled bytes.
+        if candidate is not None and candidate.decode("utf-8", "replace") == text:
+            return candidate
+        match = _BYTE_FALLBACK.fullmatch(token)
+        if match is not None:
+            return bytes([int(match.group(1), 16)])
+        return text.encode("utf-8")
 
 
 def check_text(text: str, what: str) -> None:

@@ -1,0 +1,119 @@
+"""Config checks, tokenizer loading (auto / fast / slow), facts and id checks."""
+
+from __future__ import annotations
+
+import pytest
+from splitserve.tokenizer_svc.config import TokenizerServiceConfig
+from splitserve.tokenizer_svc.errors import InvalidRequest
+
+from .utils import load, stream_deltas
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tokenizer": ""}, "tokenizer must name"),
+    ({"tokenizer_mode": "turbo"}, "tokenizer_mode must be one of auto, slow, fast, got 'turbo'"),
+    ({"chat_template_timeout_s": 0}, "chat_template_timeout_s must be > 0, got 0"),
+    ({"max_stop_strings": -1}, "max_stop_strings must be >= 0, got -1"),
+    ({"tokenizer_threads": 0}, "tokenizer_threads must be >= 1, got 0"),
+    ({"shutdown_grace_s": -2}, "shutdown_grace_s must be >= 0, got -2"),
+    ({"chat_template": "/no/such/template.jinja"}, "/no/such/template.jinja"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TokenizerServiceConfig(**{"tokenizer": "some/model", **kwargs})
+
+
+def test_info(handle, bos_handle, no_template_dir):
+    info = handle.info()
+    tok = handle.tokenizer
+    assert info.vocab_size == len(tok) == 1000
+    assert info.eos_token_id == tok.convert_tokens_to_ids("</s>")
+    assert info.bos_token_id == tok.convert_tokens_to_ids("<s>")
+    assert info.has_chat_template
+    assert not load(no_template_dir).info().has_chat_template
+
+
+def test_missing_bos_is_minus_one(tmp_path):
+    from splitserve.demo_model import build_tokenizer
+
+    path = build_tokenizer(tmp_path, vocab_size=300, with_bos_token=False)
+    assert load(path).info().bos_token_id == -1
+
+
+def test_encode_decode(handle, bos_handle):
+    ids = handle.encode("héllo 🙂", add_special_tokens=True)
+    assert handle.decode(ids, skip_special_tokens=False) == "héllo 🙂"
+    with_bos = bos_handle.encode("hi", add_special_tokens=True)
+    assert with_bos[0] == bos_handle.info().bos_token_id
+    assert bos_handle.encode("hi", add_special_tokens=False) == with_bos[1:]
+    eos = handle.info().eos_token_id
+    assert handle.decode([*ids, eos], skip_special_tokens=True) == "héllo 🙂"
+    assert handle.decode([*ids, eos], skip_special_tokens=False) == "héllo 🙂</s>"
+
+
+@pytest.mark.parametrize("ids, bad",
+                         [([5, -1], "-1"), ([5, 1000], "1000"), ([10**9], "1000000000")])
+def test_decode_rejects_out_of_range(handle, ids, bad):
+    with pytest.raises(InvalidRequest, match=rf"token id {bad} is outside \[0, 1000\)"):
+        handle.decode(ids, skip_special_tokens=False)
+
+
+def test_encode_text_edge_cases(handle):
+    assert handle.encode("", add_special_tokens=False) == []
+    assert handle.decode(handle.encode("a\x00b", add_special_tokens=False), False) == "a\x00b"
+    with pytest.raises(InvalidRequest, match="lone surrogate"):
+        handle.encode("bad \udc80", add_special_tokens=False)
+
+
+def test_modes(chatml_dir, byt5_dir):
+    assert load(chatml_dir, tokenizer_mode="fast").is_fast
+    assert load(chatml_dir, tokenizer_mode="auto").is_fast
+    with pytest.raises(ValueError, match="tokenizer_mode='slow' needs a Python .slow. tokenizer"):
+        load(chatml_dir, tokenizer_mode="slow")
+    slow = load(byt5_dir, tokenizer_mode="slow")
+    assert not slow.is_fast and slow.decode(slow.encode("ok ü", False), False) == "ok ü"
+    assert not load(byt5_dir).is_fast  # auto takes what there is
+    with pytest.raises(ValueError, match="tokenizer_mode='fast' needs a Rust"):
+        load(byt5_dir, tokenizer_mode="fast")
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "nope")
+
+
+def test_decode_each_byte_level(handle):
+    ids = handle.encode("é🚀 ok", add_special_tokens=False)
+    im_end = handle.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    strings, raw = handle.decode_each([*ids, im_end, handle.vocab_size + 3])
+    assert strings == [handle.tokenizer.decode([i]) for i in ids] + ["<|im_end|>", ""]
+    assert "\ufffd" in strings[0]  # "é" is split: the text of one byte is U+FFFD...
+    assert b"".join(raw[:len(ids)]).decode("utf-8") == "é🚀 ok"  # ...its bytes are exact
+    assert raw[-2:] == [b"<|im_end|>", b""]
+    with pytest.raises(InvalidRequest, match="token id -4 is negative"):
+        handle.decode_each([3, -4])
+
+
+def test_metaspace_byte_fallback_tokenizer(tmp_path):
+    """A Llama-style tokenizer (U+2581 for spaces, <0xNN> byte tokens), not byte-level BPE."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁": 1, "h": 2, "i": 3, "<0xC3>": 4, "<0xA9>": 5, "▁h": 6}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "h")], byte_fallback=True,
+                                   unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        decoders.Strip(" ", 1, 0)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path)
+    llama_like = load(tmp_path)
+    ids = llama_like.encode("hi é", add_special_tokens=False)
+    assert 4 in ids and 5 in ids  # "é" went through byte fallback
+    strings, raw = llama_like.decode_each(ids)
+    assert raw[ids.index(4)] == b"\xc3" and raw[ids.index(5)] == b"\xa9"
+    assert strings[ids.index(4)] == "\ufffd"
+    deltas = stream_deltas(llama_like, [], ids)
+    assert "".join(deltas) == llama_like.tokenizer.decode(ids) == "hi é"
+    assert all("\ufffd" not in d for d in deltas)

@@ -1,0 +1,291 @@
+"""The tokenizer service over gRPC (`splitserve.tokenizer.v1.TokenizerService`, grpc.aio).
+
+Heavy calls (tokenize, decode, chat-template rendering) run in a thread pool so the event
+loop stays free; `DetokenizeStream` work is a few microseconds per token and runs inline, as
+does a small `DecodeEach` (one step's logprob tokens).
+Health (`grpc.health.v1`) says NOT_SERVING until the tokenizer is loaded, then SERVING, and
+NOT_SERVING again once shutdown starts. `RequestError`s become their gRPC status; anything
+else becomes INTERNAL with the traceback logged (`_ErrorInterceptor`).
+
+DetokenizeStream protocol (one response per request message, in order):
+  1. `start`: prompt ids (context), skip_special_tokens, stop strings -> an empty response.
+  2. `tokens` with ids -> the text they release (`stopped`/`stop_reason` once a stop string
+     matched; every later response is then empty with `stopped` set).
+  3. `tokens` with no ids = end of sequence -> the held-back text, `flushed` set. A client that
+     half-closes without it gets no more text; tokens after it are refused.
+
+Grammar-compile seam: structured outputs (JSON schema / regex / choice / EBNF compiled by
+xgrammar into a token-bitmask source, with a compile cache and timeout) plug in here as a
+`CompileGrammar` RPC beside `ApplyChatTemplate`, run in the same thread pool with the same
+`RequestError` -> INVALID_ARGUMENT mapping. Not implemented yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
+
+from .chat import ChatRenderer, parse_chat_request
+from .config import TokenizerServiceConfig
+from .errors import InvalidRequest, NotReady, RequestError
+from .stream import SequenceStream, StreamDelta
+from .tokenizer import TokenizerHandle, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].full_name
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Extra wait past the render bound before giving up on a render stuck in C code.
+_RENDER_BACKSTOP_S = 2.0
+_START_RESPONSE = tokenizer_pb2.DetokenizeStreamResponse()
+# DecodeEach with at most this many ids runs on the event loop (a few microseconds each).
+_INLINE_DECODE_EACH = 256
+
+
+class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    """The RPCs. Raises RequestError for refused requests; the interceptor maps them."""
+
+    def __init__(self, config: TokenizerServiceConfig, executor: ThreadPoolExecutor):
+        self._config = config
+        self._executor = executor
+        self._handle: TokenizerHandle | None = None
+        self._renderer: ChatRenderer | None = None
+
+    def set_tokenizer(self, handle: TokenizerHandle) -> None:
+        self._renderer = ChatRenderer(handle, self._config.trust_request_chat_template,
+                                      self._config.chat_template_timeout_s)
+        self._handle = handle
+
+    def _ready(self) -> TokenizerHandle:
+        if self._handle is None:
+            raise NotReady("the tokenizer is still loading")
+        return self._handle
+
+    async def _offload(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def Tokenize(self, request, context):
+        handle = self._ready()
+        ids = await self._offload(handle.encode, request.text, request.add_special_tokens)
+        return tokenizer_pb2.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, request, context):
+        handle = self._ready()
+        text = await self._offload(handle.decode, request.token_ids, request.skip_special_tokens)
+        return tokenizer_pb2.DetokenizeResponse(text=text)
+
+    async def ApplyChatTemplate(self, request, context):
+        self._ready()
+        renderer = self._renderer
+        fields = dict(
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            chat_template=request.chat_template if request.HasField("chat_template") else None,
+            tools_json=request.tools_json if request.HasField("tools_json") else None,
+            chat_template_kwargs_json=(request.chat_template_kwargs_json
+                                       if request.HasField("chat_template_kwargs_json") else None))
+
+        def parse_and_render():
+            return renderer.render(parse_chat_request(request.messages_json, **fields))
+
+        timeout = self._config.chat_template_timeout_s + _RENDER_BACKSTOP_S
+        try:
+            rendered = await asyncio.wait_for(self._offload(parse_and_render), timeout)
+        except asyncio.TimeoutError:
+            # The in-thread deadline normally fires first; this is a render stuck in C code.
+            raise InvalidRequest(
+                f"chat template rendering exceeded {self._config.chat_template_timeout_s:g} s"
+            ) from None
+        return tokenizer_pb2.ApplyChatTemplateResponse(
+            prompt=rendered.prompt, token_ids=rendered.token_ids)
+
+    async def DecodeEach(self, request, context):
+        handle = self._ready()
+        ids = request.token_ids
+        if len(ids) <= _INLINE_DECODE_EACH:  # a step's logprobs: cheaper than a thread hop
+            strings, raw = handle.decode_each(ids)
+        else:
+            strings, raw = await self._offload(handle.decode_each, ids)
+        return tokenizer_pb2.DecodeEachResponse(tokens=strings, token_bytes=raw)
+
+    async def GetTokenizerInfo(self, request, context):
+        info = self._ready().info()
+        return tokenizer_pb2.TokenizerInfo(
+            vocab_size=info.vocab_size, eos_token_id=info.eos_token_id,
+            bos_token_id=info.bos_token_id, has_chat_template=info.has_chat_template,
+            name=info.name)
+
+    async def DetokenizeStream(self, request_iterator, context):
+        seq: SequenceStream | None = None
+        async for request in request_iterator:
+            kind = request.WhichOneof("kind")
+            if kind == "tokens":
+                if seq is None:
+                    raise InvalidRequest("the first DetokenizeStream message must carry `start`")
+                ids = request.tokens.token_ids
+                yield _stream_response(seq.push(ids) if ids else seq.finish())
+            elif kind == "start":
+                if seq is not None:
+                    raise InvalidRequest("`start` sent twice on one DetokenizeStream")
+                start = request.start
+                seq = SequenceStream(
+                    self._ready(), start.prompt_token_ids, start.skip_special_tokens,
+                    start.stop, start.include_stop_str_in_output, self._config.max_stop_strings)
+                logger.debug("detokenize stream %s started", start.request_id)
+                yield _START_RESPONSE
+            else:
+                raise InvalidRequest("a DetokenizeStream message must carry `start` or `tokens`")
+
+
+def _stream_response(delta: StreamDelta) -> tokenizer_pb2.DetokenizeStreamResponse:
+    return tokenizer_pb2.DetokenizeStreamResponse(
+        text=delta.text, stopped=delta.stopped, stop_reason=delta.stop_reason,
+        flushed=delta.flushed)
+
+
+class _ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """RequestError -> its status with its message; any other exception -> INTERNAL, logged."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _guard_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _guard_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+async def _abort_for(exc: Exception, context, method: str) -> None:
+    if isinstance(exc, RequestError):
+        await context.abort(grpc.StatusCode[exc.status], exc.message)
+    else:
+        logger.error("unexpected error in %s", method, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL,
+                            f"internal error in {method}: {type(exc).__name__}: {exc}")
+
+
+def _guard_unary(behavior, method: str):
+    async def guarded(request, context):
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context, method)
+    return guarded
+
+
+def _guard_stream(behavior, method: str):
+    async def guarded(request_iterator, context):
+        try:
+            async for response in behavior(request_iterator, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context, method)
+    return guarded
+
+
+class TokenizerServer:
+    """The gRPC server: `start(address)` to listen, `load()` to load and turn SERVING, `stop()`."""
+
+    def __init__(self, config: TokenizerServiceConfig):
+        self.config = config
+        self._executor = ThreadPoolExecutor(config.tokenizer_threads,
+                                            thread_name_prefix="tokenizer")
+        self.servicer = TokenizerServicer(config, self._executor)
+        self.health = health_aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self, address: str) -> int:
+        """Bind `address` (host:port, port 0 for any free one, or unix:path); return the port."""
+        server = grpc.aio.server(
+            interceptors=[_ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                     ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
+        tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"tokenizer service could not bind {address!r}: {exc}") from exc
+        if port == 0 and not address.startswith("unix:"):
+            raise OSError(f"tokenizer service could not bind {address!r}")
+        await server.start()
+        self._server = server
+        logger.info("tokenizer service listening on %s", address)
+        return port
+
+    async def load(self) -> None:
+        """Load the tokenizer in a worker thread, then report SERVING."""
+        handle = await asyncio.get_running_loop().run_in_executor(
+            self._executor, load_tokenizer, self.config)
+        self.servicer.set_tokenizer(handle)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight RPCs finish for `grace` seconds, stop."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+
+async def run_tokenizer_service(config: TokenizerServiceConfig, address: str) -> None:
+    """Serve on `address` until SIGTERM or SIGINT, then stop with `config.shutdown_grace_s`.
+
+    Raises (so the process exits non-zero) when the address cannot be bound or the tokenizer
+    cannot be loaded.
+    """
+    server = TokenizerServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            signals.append(sig)
+    try:
+        await server.start(address)
+        load = asyncio.ensure_future(server.load())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if load.done():
+            load.result()  # a failed load raises here
+            logger.info("tokenizer service ready: %s", config.tokenizer)
+            await stopped
+        else:
+            load.cancel()
+        logger.info("tokenizer service stopping")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await server.stop()
