@@ -19,3 +19,27 @@ Modules:
 """
 
 from __future__ import annotations
+
+from .dispatch import (
+    apply_rotary,
+    apply_token_bitmask,
+    fused_add_rms_norm,
+    gelu_and_mul,
+    paged_attention,
+    rms_norm,
+    select_attention_backend,
+    silu_and_mul,
+    write_kv_cache,
+)
+
+__all__ = [
+    "apply_rotary",
+    "apply_token_bitmask",
+    "fused_add_rms_norm",
+    "gelu_and_mul",
+    "paged_attention",
+    "rms_norm",
+    "select_attention_backend",
+    "silu_and_mul",
+    "write_kv_cache",
+]

@@ -47,3 +47,9 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"tensors on different devices: {devices}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: full IEEE for fp32 tensors (Triton would silently use TF32,
+    ~1e-3 relative error, which fp32 models do not expect); irrelevant for fp16/bf16."""
+    return "ieee" if dtype == torch.float32 else "tf32"

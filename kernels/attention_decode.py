@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import cdiv, next_power_of_2
+from ._checks import cdiv, dot_precision, next_power_of_2
 from .attention_prefill import _tanh, check_paged_attention_args
 
 
@@ -66,11 +66,17 @@ def _paged_attention_decode_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
 
+    tok = tl.load(cu_seqlens_q_ptr + seq)
+    # A sequence with no new token this step owns no output row (cu[seq] is the next one's).
+    if tl.load(cu_seqlens_q_ptr + seq + 1) == tok:
+        return
+    tok = tok.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_lo = 0
     if USE_WINDOW:
@@ -87,7 +93,6 @@ def _paged_attention_decode_kernel(
     rows = tl.arange(0, M_PAD)
     head = kv_head * QPK + rows
     row_ok = rows < QPK
-    tok = tl.load(cu_seqlens_q_ptr + seq).to(tl.int64)
     d = tl.arange(0, HEAD_DIM_PAD)
     d_ok = d < head_dim
     q_ptrs = q_ptr + tok * stride_q_t + head[:, None] * stride_q_h + d[None, :]
@@ -114,7 +119,7 @@ def _paged_attention_decode_kernel(
         k_ptrs += kv_head * stride_k_h + d[:, None]
         k = tl.load(k_ptrs, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [D, BLOCK_N]
 
-        qk = tl.dot(q, k, out_dtype=tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         if USE_SOFTCAP:
             qk = soft_cap * _tanh(qk * (scale / soft_cap)) * 1.4426950408889634
         else:
@@ -131,7 +136,8 @@ def _paged_attention_decode_kernel(
         v_ptrs = v_cache_ptr + phys[:, None] * stride_v_b + slot_off[:, None] * stride_v_s
         v_ptrs += kv_head * stride_v_h + d[None, :]
         v = tl.load(v_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     if SPLIT:
@@ -174,6 +180,10 @@ def _paged_attention_reduce_kernel(
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    tok = tl.load(cu_seqlens_q_ptr + seq)
+    if tl.load(cu_seqlens_q_ptr + seq + 1) == tok:
+        return
+    tok = tok.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + seq)
     kv_lo = 0
     if USE_WINDOW:
@@ -211,7 +221,6 @@ def _paged_attention_reduce_kernel(
         acc += tl.sum(w[:, None] * a, axis=0)
 
     out = acc / tl.where(total == 0.0, 1.0, total)
-    tok = tl.load(cu_seqlens_q_ptr + seq).to(tl.int64)
     o_ptrs = out_ptr + tok * stride_o_t + head * stride_o_h + d
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
@@ -236,14 +245,15 @@ def paged_attention_decode(
     """Paged attention for a batch where every sequence has exactly ONE new token (Triton).
 
     Arguments are those of `paged_attention_prefill` (same layout; cu_seqlens_q[i] is the row
-    of sequence i's token). A sequence with seq_len 0 (CUDA-graph padding) gets zeros.
+    of sequence i's token). A sequence with seq_len 0 (CUDA-graph padding) gets zeros; one
+    with no query this step (cu_seqlens_q[i + 1] == cu_seqlens_q[i]) is skipped.
 
     Args:
         q: [T, Hq, D]; key_cache, value_cache: [NB, BS, Hk, D]; block_tables: int32 [S, MB];
             seq_lens: int32 [S]; cu_seqlens_q: int32 [S + 1] with unit steps.
         max_seq_len: host-side bound on seq_lens; fixes the partition count (and so the grid:
             pass max_seq_len_to_capture under CUDA graphs). Computed (one sync) when None.
-        partition_size: positions per split-KV program; a power of two >= block_n.
+        partition_size: positions per split-KV program; a power of two >= 16.
 
     Returns:
         out [T, Hq, D].
@@ -268,11 +278,12 @@ def paged_attention_decode(
     qpk = num_heads // num_kv_heads
     m_pad = max(16, next_power_of_2(qpk))  # tl.dot needs >= 16 rows
     head_dim_pad = max(16, next_power_of_2(head_dim))
+    if partition_size < 16 or partition_size & (partition_size - 1):
+        raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
     if block_n is None:
         block_n = 64 if head_dim_pad <= 128 else 32
-    block_n = max(16, block_n)
-    if partition_size % block_n or partition_size & (partition_size - 1):
-        raise ValueError(f"partition_size {partition_size} must be a power of two >= {block_n}")
+    # A key tile never straddles two partitions.
+    block_n = min(max(16, block_n), partition_size)
     num_partitions = max(1, cdiv(max_seq_len, partition_size))
     split = num_partitions > 1
 
@@ -308,6 +319,7 @@ def paged_attention_decode(
         USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=bool(soft_cap),
         USE_SINKS=sinks is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
     )  # fmt: skip
     if not split:

@@ -14,7 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import cdiv, check_float, check_int, check_same_device, next_power_of_2
+from ._checks import (
+    cdiv,
+    check_float,
+    check_int,
+    check_same_device,
+    dot_precision,
+    next_power_of_2,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -63,6 +70,7 @@ def _paged_attention_prefill_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * QPK_PAD
     q_block = tl.program_id(0)
@@ -123,7 +131,7 @@ def _paged_attention_prefill_kernel(
         k_ptrs += kv_head * stride_k_h + d[:, None]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [HEAD_DIM_PAD, BLOCK_N]
 
-        qk = tl.dot(q, k, out_dtype=tl.float32)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         if USE_SOFTCAP:
             qk = soft_cap * _tanh(qk * (scale / soft_cap)) * 1.4426950408889634
         else:
@@ -143,7 +151,8 @@ def _paged_attention_prefill_kernel(
         v_ptrs = v_cache_ptr + phys[:, None] * stride_v_b + slot_off[:, None] * stride_v_s
         v_ptrs += kv_head * stride_v_h + d[None, :]
         v = tl.load(v_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -290,6 +299,7 @@ def paged_attention_prefill(
         USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=bool(soft_cap),
         USE_SINKS=sinks is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if head_dim_pad <= 128 else 8,
     )  # fmt: skip
     return out

@@ -70,27 +70,13 @@ def _rotary_kernel(
     cos = tl.load(cache_row + i, mask=i < half, other=1.0).to(tl.float32)
     sin = tl.load(cache_row + half + i, mask=i < half, other=0.0).to(tl.float32)
     _rotate_heads(
-        q_ptr + t * stride_q_t,
-        stride_q_h,
-        num_q_heads,
-        cos,
-        sin,
-        half,
-        Q_HEADS_PAD,
-        HALF_PAD,
-        IS_NEOX,
-    )
+        q_ptr + t * stride_q_t, stride_q_h, num_q_heads, cos, sin, half,
+        Q_HEADS_PAD, HALF_PAD, IS_NEOX,
+    )  # fmt: skip
     _rotate_heads(
-        k_ptr + t * stride_k_t,
-        stride_k_h,
-        num_k_heads,
-        cos,
-        sin,
-        half,
-        K_HEADS_PAD,
-        HALF_PAD,
-        IS_NEOX,
-    )
+        k_ptr + t * stride_k_t, stride_k_h, num_k_heads, cos, sin, half,
+        K_HEADS_PAD, HALF_PAD, IS_NEOX,
+    )  # fmt: skip
 
 
 def apply_rotary(

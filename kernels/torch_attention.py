@@ -62,13 +62,14 @@ def _attend(
     return out
 
 
-def _gather_padded(
+def _gather_blocks(
     cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int
 ) -> torch.Tensor:
-    """[NB, BS, Hk, D] cache + [B, MB] tables -> [B, Hk, num_blocks * BS, D] (padded)."""
-    # NOTE: padding entries may hold -1 or stale ids; clamp so the gather stays in bounds.
-    # Those positions are masked out by the caller.
-    ids = block_tables[:, :num_blocks].long().clamp(0, cache.shape[0] - 1)
+    """[NB, BS, Hk, D] cache + [B, MB] tables -> [B, Hk, num_blocks * BS, D].
+
+    The caller slices off the tail past each sequence's length (it holds stale data).
+    """
+    ids = block_tables[:, :num_blocks].long()
     gathered = cache[ids]  # [B, nb, BS, Hk, D]
     b, nb, bs, hk, d = gathered.shape
     return gathered.reshape(b, nb * bs, hk, d).transpose(1, 2)
@@ -88,19 +89,22 @@ def _decode(
 ) -> torch.Tensor:
     """One SDPA over all decode rows. q: [B, Hq, D] -> [B, Hq, D]."""
     block_size = key_cache.shape[1]
-    num_blocks = -(-max_len // block_size)
-    k = _gather_padded(key_cache, block_tables, num_blocks)
-    v = _gather_padded(value_cache, block_tables, num_blocks)
-    j = torch.arange(k.shape[2], device=q.device)
-    lens = seq_lens.to(q.device).long()[:, None]
-    # Slots past a sequence's end hold whatever the cache held (stale tokens, or NaN from
-    # torch.empty); a masked logit of NaN would still poison SDPA's sums, so zero them.
-    past_end = (j[None, :] >= lens)[:, None, :, None]
-    k = k.masked_fill(past_end, 0.0)
-    v = v.masked_fill(past_end, 0.0)
-    visible = j[None, :] < lens
-    if sliding_window is not None:
-        visible &= j[None, :] >= lens - sliding_window
+    lens = seq_lens.to(q.device).long()[:, None]  # [B, 1]
+    # Gather only what some row can see: the last `window` positions, else everything.
+    span = max_len if sliding_window is None else min(max_len, sliding_window)
+    first = (lens - span).clamp(min=0)
+    pos = first + torch.arange(span, device=q.device)[None, :]  # [B, span] absolute positions
+    visible = pos < lens
+    # NOTE: positions past a row's end are redirected to that row's first gathered position,
+    # which holds a real token. Unowned slots may hold stale data or NaN (torch.empty), and a
+    # NaN key or value poisons SDPA's sums even when its logit is masked.
+    pos = torch.where(visible, pos, first)
+    blocks = block_tables.long().gather(1, pos // block_size)
+    blocks = blocks.clamp(0, key_cache.shape[0] - 1)  # only matters for seq_len-0 rows
+    offsets = pos % block_size
+    # Two-index gather works for any cache strides; [B, span, Hk, D] -> [B, Hk, span, D].
+    k = key_cache[blocks, offsets].transpose(1, 2)
+    v = value_cache[blocks, offsets].transpose(1, 2)
     # A seq_len-0 row (graph padding) would see nothing: let it see key 0, zero it afterwards.
     empty = lens[:, 0] == 0
     visible[:, 0] |= empty
@@ -152,11 +156,13 @@ def paged_attention_torch(
         if n <= 1:
             continue
         seq_len = lens[i]
+        # Keys before the first query's window are never visible: skip gathering them.
+        lo = 0 if sliding_window is None else max(0, seq_len - n - sliding_window + 1)
         num_blocks = -(-seq_len // block_size)
-        k = _gather_padded(key_cache, block_tables[i : i + 1], num_blocks)[:, :, :seq_len]
-        v = _gather_padded(value_cache, block_tables[i : i + 1], num_blocks)[:, :, :seq_len]
+        k = _gather_blocks(key_cache, block_tables[i : i + 1], num_blocks)[:, :, lo:seq_len]
+        v = _gather_blocks(value_cache, block_tables[i : i + 1], num_blocks)[:, :, lo:seq_len]
         pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
-        j = torch.arange(seq_len, device=q.device)[None, :]
+        j = torch.arange(lo, seq_len, device=q.device)[None, :]
         visible = j <= pos
         if sliding_window is not None:
             visible &= j > pos - sliding_window

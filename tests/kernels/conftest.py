@@ -1,20 +1,24 @@
-"""Kernel tests run the Triton kernels in the interpreter on CPU.
+"""Kernel tests: Triton kernels against their torch references.
 
-TRITON_INTERPRET must be set before anything imports triton, hence at conftest import time.
-On a GPU box, run `TRITON_INTERPRET=0 pytest tests/kernels` to test the compiled kernels on
-CUDA tensors instead (the helpers pick the device from the same variable).
+Without CUDA the kernels run in the Triton interpreter on CPU tensors. TRITON_INTERPRET must be
+set before any kernel module is decorated (i.e. imported), hence here, at conftest import.
+On a CUDA host it is left unset so the same tests run the compiled kernels on the GPU (and the
+bf16 tests, which the interpreter cannot do, run too); TRITON_INTERPRET=1 forces the
+interpreter there as well. `import torch` does not import triton.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,188 @@
+"""Compile every kernel for real GPU targets (sm_80, sm_90) without a GPU.
+
+The interpreter runs kernels as numpy and forgives things the compiler does not (loop-carried
+type changes, tl.dot shape/dtype limits, bf16 paths, constexpr branches it never took). Triton
+lowers to PTX and assembles a cubin with its bundled ptxas on any host, so these tests catch
+compile errors on CPU-only machines. `@triton.jit` yields interpreter objects while
+TRITON_INTERPRET=1, so the compiling happens in one child process started with it unset; each
+test then checks its own case in that child's JSON report.
+
+Run directly (`python tests/kernels/test_kernel_compile.py`) to compile and print all cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import pytest
+
+INT32_POINTERS = {
+    "block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr", "bitmask_ptr", "indices_ptr",
+}  # fmt: skip
+INT64_POINTERS = {"positions_ptr", "slot_mapping_ptr"}
+FP32_POINTERS = {"sinks_ptr", "part_acc_ptr", "part_m_ptr", "part_l_ptr"}
+FLOAT_SCALARS = {"scale", "soft_cap", "eps"}
+
+
+def _compile(kernel, dtype: str, constexprs: dict, arch: int = 90):
+    """Compile with every pointer typed `dtype` unless its name says otherwise (child only)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in INT32_POINTERS:
+            signature[name] = "*i32"
+        elif name in INT64_POINTERS:
+            signature[name] = "*i64"
+        elif name in FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{dtype}"
+        elif name in FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    index = {name: i for i, name in enumerate(kernel.arg_names)}
+    src = ASTSource(kernel, signature, constexprs={(index[k],): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    assert compiled.asm["cubin"]
+    return compiled
+
+
+def _attention_meta(dtype: str, head_dim_pad: int, features: bool) -> dict:
+    return {
+        "BLOCK_N": 64 if head_dim_pad <= 128 else 32,
+        "HEAD_DIM_PAD": head_dim_pad,
+        "BLOCK_SIZE": 16,
+        "USE_WINDOW": features,
+        "USE_SOFTCAP": features,
+        "USE_SINKS": features,
+        "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+    }
+
+
+ATTENTION_CASES = [
+    ("fp16", 128, True, 90),
+    ("bf16", 256, False, 90),
+    ("fp32", 64, True, 80),
+    ("bf16", 128, True, 80),
+]
+
+
+def _cases() -> dict[str, object]:
+    """Case name -> zero-argument function that compiles it (imports kernels lazily)."""
+    from splitserve.kernels.activation import _act_and_mul_kernel
+    from splitserve.kernels.attention_decode import (
+        _paged_attention_decode_kernel,
+        _paged_attention_reduce_kernel,
+    )
+    from splitserve.kernels.attention_prefill import _paged_attention_prefill_kernel
+    from splitserve.kernels.kv_cache import _write_kv_cache_kernel
+    from splitserve.kernels.rms_norm import _rms_norm_kernel
+    from splitserve.kernels.rotary_kernel import _rotary_kernel
+    from splitserve.kernels.token_bitmask import _apply_token_bitmask_kernel
+
+    cases = {}
+    for dtype, head_dim_pad, features, arch in ATTENTION_CASES:
+        tag = f"{dtype}-d{head_dim_pad}-{'features' if features else 'plain'}-sm{arch}"
+        meta = _attention_meta(dtype, head_dim_pad, features)
+        prefill = {**meta, "QPK": 3, "QPK_PAD": 4, "BLOCK_Q": 16}
+        cases[f"prefill-{tag}"] = (_paged_attention_prefill_kernel, dtype, prefill, arch)
+        for split in (True, False):
+            decode = {**meta, "QPK": 8, "M_PAD": 16, "PARTITION_SIZE": 512, "SPLIT": split}
+            cases[f"decode-{tag}-split{split}"] = (
+                _paged_attention_decode_kernel,
+                dtype,
+                decode,
+                arch,
+            )
+    for features in (True, False):
+        meta = {
+            "BLOCK_P": 8, "HEAD_DIM_PAD": 128, "PARTITION_SIZE": 512, "USE_WINDOW": features,
+            "USE_SINKS": features,
+        }  # fmt: skip
+        cases[f"reduce-features{features}"] = (_paged_attention_reduce_kernel, "bf16", meta, 90)
+    for dtype in ("fp16", "bf16"):
+        cases[f"kv_cache-{dtype}"] = (
+            _write_kv_cache_kernel,
+            dtype,
+            {"HEADS_PAD": 8, "HEAD_DIM_PAD": 128},
+            90,
+        )
+        cases[f"rms_norm-{dtype}"] = (
+            _rms_norm_kernel,
+            dtype,
+            {"BLOCK": 4096, "FUSED_ADD": True},
+            90,
+        )
+        meta = {"Q_HEADS_PAD": 32, "K_HEADS_PAD": 8, "HALF_PAD": 64, "IS_NEOX": dtype == "fp16"}
+        cases[f"rotary-{dtype}"] = (_rotary_kernel, dtype, meta, 90)
+        for act in range(3):
+            cases[f"act{act}-{dtype}"] = (
+                _act_and_mul_kernel,
+                dtype,
+                {"ACT": act, "BLOCK": 1024},
+                90,
+            )
+        meta = {"HAS_INDICES": dtype == "bf16", "BLOCK_V": 1024}
+        cases[f"bitmask-{dtype}"] = (_apply_token_bitmask_kernel, dtype, meta, 90)
+    return cases
+
+
+CASE_NAMES = [
+    *(f"prefill-{d}-d{h}-{'features' if f else 'plain'}-sm{a}" for d, h, f, a in ATTENTION_CASES),
+    *(
+        f"decode-{d}-d{h}-{'features' if f else 'plain'}-sm{a}-split{s}"
+        for d, h, f, a in ATTENTION_CASES
+        for s in (True, False)
+    ),
+    "reduce-featuresTrue", "reduce-featuresFalse",
+    *(f"{k}-{d}" for d in ("fp16", "bf16") for k in ("kv_cache", "rms_norm", "rotary", "act0", "act1", "act2", "bitmask")),
+]  # fmt: skip
+
+
+def _compile_all() -> dict[str, str]:
+    """Child process body: compile every case, return name -> "ok" or the error text."""
+    results = {}
+    for name, (kernel, dtype, meta, arch) in _cases().items():
+        try:
+            _compile(kernel, dtype, meta, arch)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - report every case, not just the first failure
+            results[name] = traceback.format_exc(limit=3)
+    return results
+
+
+@pytest.fixture(scope="module")
+def compile_report() -> dict[str, str]:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--json"], env=env, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"compile child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_kernel_compiles_for_gpu(compile_report, case):
+    assert case in compile_report, f"case {case} missing from {sorted(compile_report)}"
+    assert compile_report[case] == "ok", compile_report[case]
+
+
+if __name__ == "__main__":
+    report = _compile_all()
+    if "--json" in sys.argv:
+        print(json.dumps(report))
+    else:
+        for name, status in report.items():
+            print(f"{name}: {status}")
