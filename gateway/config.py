@@ -24,11 +24,12 @@ class GatewayConfig:
     served_model_name: list[str] | None = None
     """Model names clients may ask for; the first is reported in responses (default: model)."""
     api_key: str | None = field(default=None, repr=False)
-    """When set, every /v1/* request needs `Authorization: Bearer <key>`."""
+    """When set, every /v1/* request needs `Authorization: Bearer <key>` (else the
+    SPLITSERVE_API_KEY or VLLM_API_KEY environment variable, when set)."""
     max_logprobs: int = MAX_LOGPROBS
     """Largest logprobs / top_logprobs / prompt_logprobs a request may ask for."""
     max_n: int = 128
-    """Largest `n` (sequences per prompt) a request may ask for."""
+    """Most sequences one request may run: `n`, times the prompts of a completions batch."""
     max_stop_strings: int = 64
     """Most stop strings a request may give."""
     max_stop_string_chars: int = 1024
@@ -70,7 +71,8 @@ class GatewayConfig:
             not self.served_model_name or not all(self.served_model_name)
         ):
             raise ValueError(
-                f"served_model_name must hold non-empty names, got {self.served_model_name!r}")
+                f"served_model_name must hold non-empty names, got {self.served_model_name!r}"
+            )
         if self.api_key is not None and not self.api_key:
             # NOTE: never echo the key itself.
             raise ValueError("api_key must not be empty when set")
@@ -82,15 +84,18 @@ class GatewayConfig:
             raise ValueError(f"max_stop_strings must be non-negative, got {self.max_stop_strings}")
         if self.max_stop_string_chars < 1:
             raise ValueError(
-                f"max_stop_string_chars must be at least 1, got {self.max_stop_string_chars}")
+                f"max_stop_string_chars must be at least 1, got {self.max_stop_string_chars}"
+            )
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(
-                f"request_timeout_s must be positive or None, got {self.request_timeout_s}")
+                f"request_timeout_s must be positive or None, got {self.request_timeout_s}"
+            )
         if self.max_tokens_default < 1:
             raise ValueError(
-                f"max_tokens_default must be at least 1, got {self.max_tokens_default}")
+                f"max_tokens_default must be at least 1, got {self.max_tokens_default}"
+            )
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be non-negative, got {self.retry_after_s}")
         if not self.startup_timeout_s > 0:
@@ -99,7 +104,8 @@ class GatewayConfig:
             raise ValueError(f"drain_timeout_s must be non-negative, got {self.drain_timeout_s}")
         if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
             raise ValueError(
-                f"root_path must start with '/' and not end with one, got {self.root_path!r}")
+                f"root_path must start with '/' and not end with one, got {self.root_path!r}"
+            )
 
     def model_names(self, reported_model: str = "") -> list[str]:
         """The names clients may use, first one reported; falls back to the model path."""

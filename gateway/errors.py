@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -43,9 +44,15 @@ _TYPE_BY_STATUS = {
 class RequestError(Exception):
     """A request the gateway refuses or cannot serve, with its HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -79,52 +86,75 @@ class ErrorInfo:
 
 def map_exception(exc: BaseException, retry_after_s: int = 1) -> ErrorInfo:
     """Map any exception a route can raise to an HTTP status and an OpenAI error body."""
-    status, message, param, code, headers, type_ = 500, "internal server error", None, None, {}, None
     if isinstance(exc, RequestError):
-        status, message, param, code, headers, type_ = (
-            exc.status, exc.message, exc.param, exc.code, exc.headers, exc.type)
-    elif isinstance(exc, (RequestValidationError, ValidationError)):
-        status = 400
+        return _info(exc.status, exc.message, exc.param, exc.type, exc.code, exc.headers)
+    if isinstance(exc, (RequestValidationError, ValidationError)):
         message, param = _describe_validation(exc.errors())
-    elif isinstance(exc, grpc.aio.AioRpcError):
-        code_ = exc.code()
-        status = _GRPC_STATUS.get(code_, 500)
-        details = exc.details() or code_.name
-        if code_ == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            headers = {"Retry-After": str(retry_after_s)}
-            message = f"the server is overloaded, retry later: {details}"
-        elif code_ == grpc.StatusCode.DEADLINE_EXCEEDED:
-            message = "the request did not finish within the server's request timeout"
-        elif code_ == grpc.StatusCode.UNAVAILABLE:
-            message = "a backend service is unavailable"
-        elif status < 500:
-            message = details
-        else:
-            logger.error("backend call failed: %s %s", code_.name, details)
-            message = f"backend error ({code_.name})"
-        if status == 400:
-            param = _param_from_details(details)
-    elif isinstance(exc, EngineError):
-        message = f"the engine failed this request: {exc}"
-    elif isinstance(exc, StarletteHTTPException):
-        status = exc.status_code
-        message = str(exc.detail) if exc.detail else HTTPStatus(status).phrase
-        headers = dict(exc.headers or {})
-    else:
-        logger.error("unexpected error", exc_info=exc)
+        return _info(400, message, param)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return _from_grpc(exc, retry_after_s)
+    if isinstance(exc, EngineError):
+        return _info(500, f"the engine failed this request: {exc}")
+    if isinstance(exc, StarletteHTTPException):
+        message = str(exc.detail) if exc.detail else HTTPStatus(exc.status_code).phrase
+        return _info(exc.status_code, message, headers=dict(exc.headers or {}))
+    logger.error("unexpected error", exc_info=exc)
+    return _info(500, "internal server error")
+
+
+def _from_grpc(exc: grpc.aio.AioRpcError, retry_after_s: int) -> ErrorInfo:
+    code = exc.code()
+    status = _GRPC_STATUS.get(code, 500)
+    details = exc.details() or code.name
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return _info(
+            503,
+            f"the server is overloaded, retry later: {details}",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return _info(504, "the request did not finish within the server's request timeout")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return _info(503, "a backend service is unavailable")
+    if status < 500:
+        return _info(status, details, param_from_details(details) if status == 400 else None)
+    # NOTE: backend internals stay in the log, not in the response.
+    logger.error("backend call failed: %s %s", code.name, details)
+    return _info(status, f"backend error ({code.name})")
+
+
+def _info(
+    status: int,
+    message: str,
+    param: str | None = None,
+    type_: str | None = None,
+    code: str | int | None = None,
+    headers: dict[str, str] | None = None,
+) -> ErrorInfo:
     if type_ is None:
-        type_ = _TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else
-                                    "invalid_request_error")
-    body = {"error": {"message": message, "type": type_, "param": param,
-                      "code": code if code is not None else status}}
-    return ErrorInfo(status, body, headers)
+        type_ = _TYPE_BY_STATUS.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+    body = {
+        "error": {
+            "message": message,
+            "type": type_,
+            "param": param,
+            "code": code if code is not None else status,
+        }
+    }
+    return ErrorInfo(status, body, headers or {})
 
 
 def error_response(exc: BaseException, retry_after_s: int = 1) -> Response:
     """The JSON response for `exc` (ASCII-escaped: a lone surrogate must not break it)."""
     info = map_exception(exc, retry_after_s)
-    return Response(json.dumps(info.body), status_code=info.status,
-                    media_type="application/json", headers=info.headers)
+    return Response(
+        json.dumps(info.body),
+        status_code=info.status,
+        media_type="application/json",
+        headers=info.headers,
+    )
 
 
 def sse_error_event(exc: BaseException, retry_after_s: int = 1) -> str:
@@ -141,9 +171,10 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     kind = err.get("type", "")
     if kind == "json_invalid":
         return f"the request body is not valid JSON: {ctx.get('error', err.get('msg'))}", None
-    if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
-        return ("the request body must be a JSON object sent with "
-                "Content-Type: application/json"), None
+    if not loc and kind in ("model_attributes_type", "dict_type", "model_type", "missing"):
+        return (
+            "the request body must be a JSON object sent with Content-Type: application/json"
+        ), None
     if "param" in ctx:
         return err.get("msg", "invalid value"), str(ctx["param"])
     param = str(loc[0]) if loc else None
@@ -155,12 +186,36 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     return (f"{msg}: '{where}'" if where else msg), param
 
 
-_KNOWN_PARAMS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p",
-                 "logit_bias", "stop", "logprobs", "prompt_logprobs", "n", "chat_template",
-                 "tools", "seed", "repetition_penalty", "min_tokens", "stop_token_ids")
+_KNOWN_PARAMS = frozenset(
+    {
+        "prompt",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "logit_bias",
+        "stop",
+        "stop_token_ids",
+        "logprobs",
+        "prompt_logprobs",
+        "n",
+        "seed",
+        "repetition_penalty",
+        "min_tokens",
+        "chat_template",
+        "chat_template_kwargs",
+        "tools",
+        "add_generation_prompt",
+        "continue_final_message",
+    }
+)
+_LEADING_NAME = re.compile(r"[A-Za-z_]+")
 
 
-def _param_from_details(details: str) -> str | None:
-    """Best effort: a backend INVALID_ARGUMENT names its field first ("max_tokens: ...")."""
-    head = details.split(":", 1)[0].strip()
-    return head if head in _KNOWN_PARAMS else None
+def param_from_details(details: str) -> str | None:
+    """Best effort: a backend INVALID_ARGUMENT that starts with a field name names it
+    ("messages[0].role must be ...", "max_tokens: ...")."""
+    m = _LEADING_NAME.match(details)
+    return m.group(0) if m and m.group(0) in _KNOWN_PARAMS else None

@@ -1,0 +1,286 @@
+"""The FastAPI application: OpenAI routes, vLLM's extra routes, health, metrics and guards."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
+import splitserve
+from splitserve.gateway.clients import ServiceClients
+from splitserve.gateway.config import GatewayConfig
+from splitserve.gateway.errors import ClientDisconnected, RequestError, error_response
+from splitserve.gateway.generation import Deadline
+from splitserve.gateway.metrics import GatewayMetrics, HTTPMetricsMiddleware
+from splitserve.gateway.middleware import APIKeyMiddleware, BodyLimitMiddleware, DrainMiddleware
+from splitserve.gateway.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from splitserve.gateway.sampling import check_token_ids
+from splitserve.gateway.serving_base import ServingBase
+from splitserve.gateway.serving_chat import ChatService, apply_chat_template
+from splitserve.gateway.serving_completions import CompletionsService
+from splitserve.protos import tokenizer_pb2
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "SPLITSERVE_API_KEY"
+"""Where the API key may come from instead of argv (which `ps` shows); VLLM_API_KEY works too."""
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 500, 503, 504)
+}
+_KNOWN_PATHS = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/version",
+        "/metrics",
+    }
+)
+
+
+@dataclass
+class GatewayState:
+    """Mutable process state the routes and middlewares share."""
+
+    draining: bool = False
+    """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set on SIGTERM; ends a start-up still waiting for the services."""
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        self.stop_requested.set()
+
+
+def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> FastAPI:
+    """The gateway app. Without `clients`, it opens (and at shutdown closes) its own channels;
+    either way start-up waits until the scheduler and tokenizer answer."""
+    owned = clients is None
+    if clients is None:
+        clients = ServiceClients(config.scheduler_address, config.tokenizer_address)
+    metrics = GatewayMetrics()
+    state = GatewayState()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await _start_unless_stopped(clients, config.startup_timeout_s, state)
+        yield
+        if owned:
+            await clients.close()
+
+    app = FastAPI(
+        title="splitserve",
+        version=splitserve.__version__,
+        lifespan=lifespan,
+        root_path=config.root_path,
+    )
+    app.state.gateway = state
+    app.state.clients = clients
+    app.state.metrics = metrics
+    _add_exception_handlers(app, config)
+    _add_routes(app, config, clients, metrics, state)
+    # Added last = outermost: CORS, metrics, drain, body limit, API key, routes.
+    api_key = config.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("VLLM_API_KEY")
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(DrainMiddleware, state=state)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=_KNOWN_PATHS)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=config.allowed_origins,
+        allow_credentials=config.allow_credentials,
+        allow_methods=config.allowed_methods,
+        allow_headers=config.allowed_headers,
+    )
+    return app
+
+
+async def _start_unless_stopped(
+    clients: ServiceClients, timeout_s: float, state: GatewayState
+) -> None:
+    """Wait for the services, unless a stop is requested first (then serve nothing)."""
+    start = asyncio.ensure_future(clients.start(timeout_s))
+    stop = asyncio.ensure_future(state.stop_requested.wait())
+    try:
+        done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        start.cancel()
+        raise
+    finally:
+        stop.cancel()
+    if start in done:
+        start.result()  # raises when the services never answered in time
+        return
+    start.cancel()
+    await asyncio.gather(start, return_exceptions=True)
+    logger.info("stopped while waiting for the services")
+
+
+def _add_exception_handlers(app: FastAPI, config: GatewayConfig) -> None:
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(exc)
+
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            exc = RequestError(
+                404,
+                f"The endpoint {request.method} {request.url.path} is not served by splitserve",
+                code="not_found",
+            )
+        elif exc.status_code == 405:
+            exc = RequestError(
+                405,
+                f"Method {request.method} is not allowed on {request.url.path}",
+                code="method_not_allowed",
+            )
+        return error_response(exc, config.retry_after_s)
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+
+
+async def _guard(work: Awaitable[Response], retry_after_s: int) -> Response:
+    """Every route's failure becomes an OpenAI error body; a gone client gets nothing useful."""
+    try:
+        return await work
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except Exception as exc:
+        return error_response(exc, retry_after_s)
+
+
+def _add_routes(
+    app: FastAPI,
+    config: GatewayConfig,
+    clients: ServiceClients,
+    metrics: GatewayMetrics,
+    state: GatewayState,
+) -> None:
+    completions = CompletionsService(config, clients, metrics)
+    chat = ChatService(config, clients, metrics)
+    base = ServingBase(config, clients, metrics)
+    retry = config.retry_after_s
+
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS})
+    async def create_completion(body: CompletionRequest, raw: Request) -> Response:
+        return await _guard(completions.create(body, raw), retry)
+
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await _guard(chat.create(body, raw), retry)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def show_models() -> ModelList:
+        info = clients.model_info
+        root = config.model or (info.model if info else "") or None
+        return ModelList(
+            data=[
+                ModelCard(id=name, root=root, max_model_len=clients.max_model_len)
+                for name in base.served_names
+            ]
+        )
+
+    @app.post("/tokenize", responses={200: {"model": TokenizeResponse}, **_ERRORS})
+    async def tokenize(body: dict[str, Any] = Body(...)) -> Response:
+        return await _guard(_tokenize(base, body), retry)
+
+    @app.post("/detokenize", responses={200: {"model": DetokenizeResponse}, **_ERRORS})
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return await _guard(_detokenize(base, body), retry)
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        if state.draining:
+            return error_response(RequestError(503, "the server is shutting down"))
+        serving = await clients.health()
+        if all(serving.values()):
+            return Response(status_code=200)
+        down = ", ".join(name for name, ok in serving.items() if not ok)
+        return error_response(RequestError(503, f"not serving: {down}"))
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        return VersionResponse(version=splitserve.__version__)
+
+    @app.get("/metrics")
+    async def show_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
+    clients = base.clients
+    deadline = Deadline(base.config.request_timeout_s)
+    if "messages" in body:
+        chat_req = TokenizeChatRequest.model_validate(body)
+        base.check_model(chat_req.model)
+        rendered = await apply_chat_template(
+            clients,
+            chat_req.messages,
+            add_generation_prompt=chat_req.add_generation_prompt,
+            continue_final_message=chat_req.continue_final_message,
+            chat_template=chat_req.chat_template,
+            chat_template_kwargs=chat_req.chat_template_kwargs,
+            tools=chat_req.tools,
+            deadline=deadline,
+        )
+        ids, want_strs = list(rendered.token_ids), chat_req.return_token_strs
+    else:
+        req = TokenizeCompletionRequest.model_validate(body)
+        base.check_model(req.model)
+        resp = await clients.tokenizer.Tokenize(
+            tokenizer_pb2.TokenizeRequest(
+                text=req.prompt, add_special_tokens=req.add_special_tokens
+            ),
+            timeout=deadline.remaining(),
+        )
+        ids, want_strs = list(resp.token_ids), req.return_token_strs
+    token_strs = None
+    if want_strs:
+        await clients.fetch_token_strings(clients.missing_token_strings(ids), deadline.remaining())
+        token_strs = [clients.token_string(t)[0] for t in ids]
+    out = TokenizeResponse(
+        count=len(ids), max_model_len=clients.max_model_len, tokens=ids, token_strs=token_strs
+    )
+    return Response(out.model_dump_json(), media_type="application/json")
+
+
+async def _detokenize(base: ServingBase, req: DetokenizeRequest) -> Response:
+    base.check_model(req.model)
+    check_token_ids(req.tokens, base.limits(), "tokens")
+    resp = await base.clients.tokenizer.Detokenize(
+        tokenizer_pb2.DetokenizeRequest(token_ids=req.tokens),
+        timeout=Deadline(base.config.request_timeout_s).remaining(),
+    )
+    return Response(
+        DetokenizeResponse(prompt=resp.text).model_dump_json(), media_type="application/json"
+    )

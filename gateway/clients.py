@@ -1,0 +1,168 @@
+"""Async gRPC clients of the scheduler and tokenizer services, and the facts cached from them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitserve.protos import (
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL_OPTIONS = [
+    # Prompt logprobs of a long prompt exceed gRPC's 4 MiB default.
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),
+]
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
+
+
+class ServiceClients:
+    """One channel per service, created once; model and tokenizer facts fetched at start-up."""
+
+    def __init__(self, scheduler_address: str, tokenizer_address: str) -> None:
+        self.scheduler_address = scheduler_address
+        self.tokenizer_address = tokenizer_address
+        self._scheduler_channel: grpc.aio.Channel | None = None
+        self._tokenizer_channel: grpc.aio.Channel | None = None
+        self.scheduler: scheduler_pb2_grpc.SchedulerServiceStub | None = None
+        self.tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None = None
+        self.model_info: scheduler_pb2.ModelInfo | None = None
+        self.tokenizer_info: tokenizer_pb2.TokenizerInfo | None = None
+        self._token_strings: dict[int, tuple[str, bytes]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, timeout_s: float = 600.0) -> None:
+        """Open the channels and wait (retrying) until both services answer. Idempotent."""
+        if self._scheduler_channel is None:
+            self._scheduler_channel = grpc.aio.insecure_channel(
+                self.scheduler_address, options=_CHANNEL_OPTIONS
+            )
+            self._tokenizer_channel = grpc.aio.insecure_channel(
+                self.tokenizer_address, options=_CHANNEL_OPTIONS
+            )
+            self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._scheduler_channel)
+            self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._tokenizer_channel)
+        deadline = time.monotonic() + timeout_s
+        if self.model_info is None:
+            self.model_info = await _call_with_retries(
+                lambda t: self.scheduler.GetModelInfo(
+                    scheduler_pb2.GetModelInfoRequest(), timeout=t, wait_for_ready=True
+                ),
+                deadline,
+                "scheduler GetModelInfo",
+            )
+        if self.tokenizer_info is None:
+            self.tokenizer_info = await _call_with_retries(
+                lambda t: self.tokenizer.GetTokenizerInfo(
+                    tokenizer_pb2.GetTokenizerInfoRequest(), timeout=t, wait_for_ready=True
+                ),
+                deadline,
+                "tokenizer GetTokenizerInfo",
+            )
+        logger.info(
+            "services ready: max_model_len=%d vocab_size=%d tokenizer=%s",
+            self.model_info.max_model_len,
+            self.model_info.vocab_size,
+            self.tokenizer_info.name,
+        )
+
+    async def close(self) -> None:
+        for channel in (self._scheduler_channel, self._tokenizer_channel):
+            if channel is not None:
+                await channel.close()
+        self._scheduler_channel = self._tokenizer_channel = None
+
+    async def health(self, timeout_s: float = 2.0) -> dict[str, bool]:
+        """Serving state of each service through the standard gRPC health service."""
+        names = ("scheduler", "tokenizer")
+        channels = (self._scheduler_channel, self._tokenizer_channel)
+        results = await asyncio.gather(*(_is_serving(c, timeout_s) for c in channels))
+        return dict(zip(names, results, strict=True))
+
+    # ------------------------------------------------------------------ cached facts
+
+    @property
+    def vocab_size(self) -> int:
+        """Valid token ids are [0, vocab_size): the embedding rows, else the tokenizer's size."""
+        if self.model_info is not None and self.model_info.vocab_size > 0:
+            return self.model_info.vocab_size
+        return self.tokenizer_info.vocab_size if self.tokenizer_info is not None else 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_info.max_model_len if self.model_info is not None else 0
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = set(self.model_info.eos_token_ids) if self.model_info is not None else set()
+        if self.tokenizer_info is not None and self.tokenizer_info.eos_token_id >= 0:
+            ids.add(self.tokenizer_info.eos_token_id)
+        return frozenset(ids)
+
+    # ------------------------------------------------------------------ token strings
+
+    def missing_token_strings(self, ids: Iterable[int]) -> list[int]:
+        """Ids whose decoded string is not cached yet (deduplicated, order kept)."""
+        cache = self._token_strings
+        return list(dict.fromkeys(i for i in ids if i not in cache))
+
+    async def fetch_token_strings(self, ids: list[int], timeout: float | None = None) -> None:
+        """Decode each id alone (DecodeEach) and cache it; the vocabulary bounds the cache."""
+        if not ids:
+            return
+        resp = await self.tokenizer.DecodeEach(
+            tokenizer_pb2.DecodeEachRequest(token_ids=ids), timeout=timeout
+        )
+        token_bytes = list(resp.token_bytes)
+        for k, token_id in enumerate(ids):
+            text = resp.tokens[k] if k < len(resp.tokens) else ""
+            raw = token_bytes[k] if k < len(token_bytes) else text.encode("utf-8", "replace")
+            self._token_strings[token_id] = (text, raw)
+
+    def token_string(self, token_id: int) -> tuple[str, bytes]:
+        """The cached (text, bytes) of one id; fetch_token_strings must have run for it."""
+        return self._token_strings.get(token_id, ("", b""))
+
+
+async def _call_with_retries(call, deadline: float, what: str):
+    delay = 0.1
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"{what} did not answer before the start-up timeout")
+        try:
+            return await call(min(remaining, 10.0))
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in _RETRYABLE:
+                raise
+            logger.info("waiting for %s (%s)", what, e.code().name)
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 2.0)
+
+
+async def _is_serving(channel: grpc.aio.Channel | None, timeout_s: float) -> bool:
+    if channel is None:
+        return False
+    try:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+        )
+    except grpc.aio.AioRpcError:
+        return False
+    return resp.status == health_pb2.HealthCheckResponse.SERVING

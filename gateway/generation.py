@@ -1,0 +1,327 @@
+"""Running generated sequences: one scheduler Generate call + one DetokenizeStream per sequence.
+
+Per step a sequence costs one scheduler message and one detokenize round trip; logprob token
+strings come from the DecodeEach cache, fetched (only on a miss) concurrently with that round
+trip. Stop strings are matched by the tokenizer service; when one matches, the Generate call is
+cancelled, which aborts the request in the scheduler and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+
+from splitserve.gateway.clients import ServiceClients
+from splitserve.gateway.errors import EngineError
+from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
+
+_FINISH = common_pb2.FinishReason
+_FINISH_NAMES = {
+    _FINISH.FINISH_REASON_STOP: "stop",
+    _FINISH.FINISH_REASON_LENGTH: "length",
+    _FINISH.FINISH_REASON_ABORT: "abort",
+}
+# Streams finished normally are closed off the hot path; keep their tasks referenced.
+_closing: set[asyncio.Task] = set()
+
+
+class Deadline:
+    """One request's deadline, shared by all of its gRPC calls."""
+
+    __slots__ = ("_at",)
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self._at = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def remaining(self) -> float | None:
+        """Seconds left for the next call (None: no deadline)."""
+        if self._at is None:
+            return None
+        return max(0.001, self._at - time.monotonic())
+
+
+@dataclass(slots=True)
+class SequenceSpec:
+    """What one generated sequence needs."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: common_pb2.SamplingParams
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    want_logprobs: bool = False
+    want_prompt_logprobs: bool = False
+    priority: int = 0
+
+
+@dataclass(slots=True)
+class SequenceDelta:
+    """New output of one sequence: text, the tokens counted for it, and finish state."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[common_pb2.TokenLogprobs]
+    num_prompt_tokens: int
+    prompt_logprobs: list[common_pb2.TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+def merge_deltas(deltas: list[SequenceDelta]) -> SequenceDelta:
+    """All deltas of one sequence as one (the last carries the finish state)."""
+    last = deltas[-1]
+    prompt_lps = next((d.prompt_logprobs for d in deltas if d.prompt_logprobs), None)
+    return SequenceDelta(
+        text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        logprobs=[e for d in deltas for e in d.logprobs],
+        num_prompt_tokens=last.num_prompt_tokens,
+        prompt_logprobs=prompt_lps,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+    )
+
+
+async def run_sequence(
+    clients: ServiceClients, spec: SequenceSpec, deadline: Deadline
+) -> AsyncIterator[SequenceDelta]:
+    """Generate one sequence; the last delta has finish_reason set. Errors propagate."""
+    gen = clients.scheduler.Generate(
+        scheduler_pb2.GenerateRequest(
+            request_id=spec.request_id,
+            prompt_token_ids=spec.prompt_token_ids,
+            sampling_params=spec.sampling,
+            priority=spec.priority,
+        ),
+        timeout=deadline.remaining(),
+    )
+    detok = clients.tokenizer.DetokenizeStream(timeout=deadline.remaining())
+    finished_cleanly = False
+    try:
+        await detok.write(
+            tokenizer_pb2.DetokenizeStreamRequest(
+                start=tokenizer_pb2.DetokenizeStart(
+                    request_id=spec.request_id,
+                    prompt_token_ids=spec.prompt_token_ids,
+                    skip_special_tokens=spec.skip_special_tokens,
+                    stop=spec.stop,
+                    include_stop_str_in_output=spec.include_stop_str_in_output,
+                )
+            )
+        )
+        await _read(detok)
+        eos = clients.eos_token_ids
+        num_prompt = len(spec.prompt_token_ids)
+        # NOTE: prompt logprobs may span several messages (chunked prefill); they are
+        # gathered and handed out with the first delta.
+        prompt_lps: list[common_pb2.TokenLogprobs] | None = (
+            [] if spec.want_prompt_logprobs else None
+        )
+
+        def take_prompt_lps() -> list[common_pb2.TokenLogprobs] | None:
+            nonlocal prompt_lps
+            out, prompt_lps = prompt_lps, None
+            return out
+
+        async for resp in gen:
+            ids = list(resp.token_ids)
+            finish = resp.finish_reason
+            num_prompt = resp.num_prompt_tokens or num_prompt
+            detok_ids = ids
+            if (
+                finish == _FINISH.FINISH_REASON_STOP
+                and ids
+                and not spec.include_stop_str_in_output
+                and (
+                    ids[-1] in eos
+                    or (resp.HasField("stop_token_id") and ids[-1] == resp.stop_token_id)
+                )
+            ):
+                # vLLM: the token that stopped the sequence is counted but not detokenized.
+                detok_ids = ids[:-1]
+            new_prompt_lps = resp.prompt_logprobs if prompt_lps is not None else ()
+            if new_prompt_lps:
+                prompt_lps.extend(new_prompt_lps)
+            fetch = _prefetch(clients, spec, resp, new_prompt_lps, deadline)
+            try:
+                text, stop_str, used = await _detokenize(detok, detok_ids, bool(spec.stop))
+            except BaseException:
+                if fetch is not None:
+                    fetch.cancel()
+                raise
+            if fetch is not None:
+                await fetch
+            logprobs = list(resp.logprobs) if spec.want_logprobs else []
+            if stop_str is not None:
+                yield SequenceDelta(
+                    text,
+                    ids[:used],
+                    logprobs[:used],
+                    num_prompt,
+                    take_prompt_lps(),
+                    "stop",
+                    stop_str,
+                )
+                return
+            if finish == _FINISH.FINISH_REASON_UNSPECIFIED:
+                if ids or text:
+                    yield SequenceDelta(text, ids, logprobs, num_prompt, take_prompt_lps())
+                continue
+            if finish == _FINISH.FINISH_REASON_ERROR:
+                raise EngineError(resp.error or "unknown engine error")
+            tail, stop_str = await _flush(detok)
+            if stop_str is not None:
+                yield SequenceDelta(
+                    text + tail, ids, logprobs, num_prompt, take_prompt_lps(), "stop", stop_str
+                )
+                return
+            stop_reason = None
+            if finish == _FINISH.FINISH_REASON_STOP and resp.HasField("stop_token_id"):
+                tid = resp.stop_token_id
+                stop_reason = tid if (tid in spec.stop_token_ids or tid not in eos) else None
+            finished_cleanly = True
+            yield SequenceDelta(
+                text + tail,
+                ids,
+                logprobs,
+                num_prompt,
+                take_prompt_lps(),
+                _FINISH_NAMES.get(finish, "stop"),
+                stop_reason,
+            )
+            return
+        raise EngineError("the scheduler ended the stream without a finish reason")
+    finally:
+        if finished_cleanly:
+            _close_in_background(gen, detok)
+        else:
+            gen.cancel()
+            detok.cancel()
+
+
+def _prefetch(
+    clients: ServiceClients,
+    spec: SequenceSpec,
+    resp: scheduler_pb2.GenerateResponse,
+    prompt_lps,
+    deadline: Deadline,
+) -> asyncio.Future | None:
+    """Start DecodeEach for logprob ids not yet cached; None when all are (the usual case)."""
+    if not (spec.want_logprobs or prompt_lps):
+        return None
+    wanted: list[int] = []
+    if spec.want_logprobs:
+        wanted.extend(_ids_in(resp.logprobs))
+    if prompt_lps:
+        wanted.extend(spec.prompt_token_ids)
+        wanted.extend(_ids_in(prompt_lps))
+    missing = clients.missing_token_strings(wanted)
+    if not missing:
+        return None
+    return asyncio.ensure_future(clients.fetch_token_strings(missing, deadline.remaining()))
+
+
+def _ids_in(entries: Iterable[common_pb2.TokenLogprobs]) -> Iterable[int]:
+    for e in entries:
+        yield e.token_id
+        yield from e.top_token_ids
+
+
+def _tokens_msg(ids: list[int]) -> tokenizer_pb2.DetokenizeStreamRequest:
+    return tokenizer_pb2.DetokenizeStreamRequest(tokens=tokenizer_pb2.TokenIds(token_ids=ids))
+
+
+async def _read(detok) -> tokenizer_pb2.DetokenizeStreamResponse:
+    resp = await detok.read()
+    if resp is grpc.aio.EOF:
+        raise EngineError("the tokenizer service ended the detokenize stream early")
+    return resp
+
+
+async def _detokenize(detok, ids: list[int], split: bool) -> tuple[str, str | None, int]:
+    """(new text, matched stop string or None, tokens up to and including the match)."""
+    if not ids:
+        return "", None, 0
+    if split and len(ids) > 1:
+        # NOTE: with stop strings, ids go one a message (pipelined) so a match names the exact
+        # token that completed it, which is what usage counts.
+        for token_id in ids:
+            await detok.write(_tokens_msg([token_id]))
+        parts = []
+        for k in range(len(ids)):
+            r = await _read(detok)
+            parts.append(r.text)
+            if r.stopped:
+                return "".join(parts), r.stop_reason, k + 1
+        return "".join(parts), None, len(ids)
+    await detok.write(_tokens_msg(ids))
+    r = await _read(detok)
+    return r.text, (r.stop_reason if r.stopped else None), len(ids)
+
+
+async def _flush(detok) -> tuple[str, str | None]:
+    """End the sequence: an empty tokens message releases held-back text."""
+    await detok.write(_tokens_msg([]))
+    r = await _read(detok)
+    with contextlib.suppress(Exception):
+        await detok.done_writing()
+    return r.text, (r.stop_reason if r.stopped else None)
+
+
+def _close_in_background(*calls) -> None:
+    async def close() -> None:
+        for call in calls:
+            try:
+                await asyncio.wait_for(call.code(), 5.0)
+            except (Exception, asyncio.CancelledError):
+                call.cancel()
+
+    task = asyncio.ensure_future(close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+class SequenceGroup:
+    """The sequences of one HTTP request, each run as a task feeding one queue."""
+
+    def __init__(
+        self, clients: ServiceClients, specs: list[SequenceSpec], deadline: Deadline
+    ) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._live = len(specs)
+        self._tasks = [
+            asyncio.ensure_future(self._pump(i, clients, s, deadline)) for i, s in enumerate(specs)
+        ]
+
+    async def _pump(
+        self, index: int, clients: ServiceClients, spec: SequenceSpec, deadline: Deadline
+    ) -> None:
+        try:
+            async for delta in run_sequence(clients, spec, deadline):
+                self._queue.put_nowait((index, delta, None))
+        except Exception as exc:  # handed to the consumer, which maps it
+            self._queue.put_nowait((index, None, exc))
+
+    async def next(self) -> tuple[int, SequenceDelta] | None:
+        """The next delta of any sequence; None when all finished; a sequence's error raises."""
+        if self._live == 0:
+            return None
+        index, delta, exc = await self._queue.get()
+        if exc is not None:
+            raise exc
+        if delta.finish_reason is not None:
+            self._live -= 1
+        return index, delta
+
+    async def aclose(self) -> None:
+        """Cancel every sequence still running (aborting it downstream) and wait for them."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,386 @@
+"""OpenAI (and vLLM-extension) request and response models.
+
+Requests ignore unknown fields, as OpenAI and vLLM do. Integers are strict (no bools, floats or
+numeric strings) and floats must be finite, so "not an integer" is a 400, not a silent cast.
+Every request body is screened once for NUL characters and lone surrogates (CHECKLIST row 16).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+Int = Annotated[int, Strict()]
+Int32 = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
+Int64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
+Float = Annotated[float, Strict()]
+TokenIds = list[Int]
+# A batch may mix texts and token-id lists (as the lead's e2e test sends).
+PromptInput = str | TokenIds | list[str | TokenIds]
+
+
+def _unsafe_string(value: Any, path: str) -> tuple[str, str] | None:
+    """(path, problem) of the first string holding NUL or a lone surrogate, else None."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return path, "NUL characters are not allowed"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path, "strings must be valid Unicode (a lone surrogate was found)"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            found = _unsafe_string(k, sub) or _unsafe_string(v, sub)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _unsafe_string(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+class OpenAIModel(BaseModel):
+    """Base of every request: unknown fields ignored, no NaN or infinity."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class RequestModel(OpenAIModel):
+    """A top-level request body: screened for unsafe strings before field validation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _screen_strings(cls, data: Any) -> Any:
+        found = _unsafe_string(data, "")
+        if found:
+            path, problem = found
+            param = path.split(".")[0].split("[")[0] or None
+            raise PydanticCustomError(
+                "unsafe_string",
+                "{problem} (in '{path}')",
+                {"problem": problem, "path": path, "param": param},
+            )
+        return data
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool | None = True
+    """Send a final chunk with the usage and empty choices."""
+    continuous_usage_stats: bool | None = False
+    """Put the running usage in every chunk (vLLM)."""
+
+
+class ResponseFormat(OpenAIModel):
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
+class SamplingFields(RequestModel):
+    """Sampling fields shared by completions and chat completions (OpenAI + vLLM extras)."""
+
+    model: str | None = None
+    n: Int | None = 1
+    temperature: Float | None = None
+    top_p: Float | None = None
+    presence_penalty: Float | None = 0.0
+    frequency_penalty: Float | None = 0.0
+    logit_bias: dict[str, Float] | None = None
+    seed: Int64 | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    response_format: ResponseFormat | None = None
+    # vLLM extensions.
+    top_k: Int32 | None = None
+    min_p: Float | None = None
+    repetition_penalty: Float | None = None
+    min_tokens: Int32 = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[Int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: Int | None = None
+    priority: Int32 = 0
+    truncate_prompt_tokens: Int | None = None
+    guided_json: Any | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: Any | None = None
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: PromptInput
+    max_tokens: Int | None = None
+    logprobs: Int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: Int | None = None
+    add_special_tokens: bool = True
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError(
+                "prompt_type",
+                "prompt must be a string, a list of strings, a list of token ids "
+                "or a list of lists of token ids",
+            ) from None
+
+
+class ContentPart(OpenAIModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(OpenAIModel):
+    """One chat message; extra keys (e.g. reasoning_content) are passed to the template."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
+    logprobs: bool | None = False
+    top_logprobs: Int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    # vLLM extensions.
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeCompletionRequest(RequestModel):
+    """POST /tokenize with a prompt (vLLM)."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(RequestModel):
+    """POST /tokenize with chat messages (vLLM)."""
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
+
+
+class DetokenizeRequest(RequestModel):
+    """POST /detokenize (vLLM)."""
+
+    model: str | None = None
+    tokens: list[Int]
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions logprobs format."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """One candidate of vLLM's prompt_logprobs entries."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: str = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "splitserve"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

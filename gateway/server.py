@@ -1,0 +1,78 @@
+"""Serving the gateway with uvicorn; SIGTERM drains: new requests 503, in-flight ones finish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Generator
+
+import uvicorn
+
+from splitserve.gateway.app import build_app
+from splitserve.gateway.clients import ServiceClients
+from splitserve.gateway.config import GatewayConfig
+
+logger = logging.getLogger(__name__)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but a signal flips the app to draining and the process exits normally
+    (uvicorn would re-raise the signal after shutting down)."""
+
+    def __init__(self, config: uvicorn.Config, app_state) -> None:
+        super().__init__(config)
+        self._app_state = app_state
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.begin_drain, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or no signal support: the caller stops us
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def begin_drain(self, sig: int | None = None) -> None:
+        """Stop accepting, 503 new requests on open connections, let in-flight ones finish."""
+        if self.should_exit:
+            self.force_exit = sig == signal.SIGINT
+            return
+        logger.info("draining (signal %s)", sig)
+        self._app_state.begin_drain()
+        self.should_exit = True
+
+
+async def run_gateway(
+    config: GatewayConfig, clients: ServiceClients | None = None, sock: socket.socket | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain for up to `drain_timeout_s` and return.
+    Raises RuntimeError when start-up fails, so the process exits non-zero."""
+    app = build_app(config, clients)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        root_path=config.root_path,
+        log_level=config.uvicorn_log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=config.drain_timeout_s,
+        proxy_headers=False,
+    )
+    server = _DrainingServer(uv_config, app.state.gateway)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Accepted connections inherit it; without it small responses wait on delayed ACKs.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    await server.serve(sockets=[sock] if sock is not None else None)
+    if not server.started:
+        # uvicorn returns quietly when start-up fails (services never answered, port taken).
+        raise RuntimeError("the gateway failed to start; see the log above")

@@ -1,0 +1,133 @@
+"""What completions and chat completions share: model check, limits, running the sequences
+(non-streaming, or streaming as SSE) and recording metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from splitserve.gateway.clients import ServiceClients
+from splitserve.gateway.config import GatewayConfig
+from splitserve.gateway.errors import RequestError, sse_error_event
+from splitserve.gateway.generation import Deadline, SequenceDelta, SequenceGroup, SequenceSpec
+from splitserve.gateway.metrics import GatewayMetrics
+from splitserve.gateway.sampling import Limits
+from splitserve.gateway.streaming import DONE, SSEResponse, run_until_disconnect
+
+logger = logging.getLogger(__name__)
+
+RenderDelta = Callable[[int, SequenceDelta], Iterable[str]]
+
+
+class ServingBase:
+    """Request plumbing shared by the OpenAI generation endpoints."""
+
+    def __init__(
+        self, config: GatewayConfig, clients: ServiceClients, metrics: GatewayMetrics
+    ) -> None:
+        self.config = config
+        self.clients = clients
+        self.metrics = metrics
+
+    @property
+    def served_names(self) -> list[str]:
+        reported = self.clients.model_info.model if self.clients.model_info else ""
+        return self.config.model_names(reported)
+
+    def check_model(self, name: str | None) -> str:
+        """The name to report; unknown names are a 404 (`model_not_found`)."""
+        names = self.served_names
+        if name and name not in names:
+            raise RequestError(
+                404,
+                f"The model `{name}` does not exist.",
+                param="model",
+                type="invalid_request_error",
+                code="model_not_found",
+            )
+        return names[0]
+
+    def limits(self) -> Limits:
+        info = self.clients.model_info
+        return Limits.from_config(
+            self.config,
+            self.clients.vocab_size,
+            self.clients.max_model_len,
+            info.max_logprobs if info is not None else 0,
+        )
+
+    def deadline(self) -> Deadline:
+        return Deadline(self.config.request_timeout_s)
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    # ------------------------------------------------------------------ running
+
+    async def collect(
+        self, raw: Request, specs: list[SequenceSpec], deadline: Deadline, arrival: float
+    ) -> list[list[SequenceDelta]]:
+        """Run every sequence to the end; a disconnect cancels them all."""
+        group = SequenceGroup(self.clients, specs, deadline)
+
+        async def drain() -> list[list[SequenceDelta]]:
+            out: list[list[SequenceDelta]] = [[] for _ in specs]
+            first = True
+            while (event := await group.next()) is not None:
+                if first:
+                    first = False
+                    self.metrics.ttft.observe(time.monotonic() - arrival)
+                out[event[0]].append(event[1])
+            return out
+
+        try:
+            return await run_until_disconnect(raw, drain())
+        finally:
+            await group.aclose()
+
+    async def stream(
+        self,
+        raw: Request,
+        specs: list[SequenceSpec],
+        deadline: Deadline,
+        arrival: float,
+        render: RenderDelta,
+        finish: Callable[[], Iterable[str]],
+    ) -> Response:
+        """Start the sequences and wait for the first output, so that errors met before any
+        token (queue full, bad argument, deadline) still get their HTTP status; then stream."""
+        group = SequenceGroup(self.clients, specs, deadline)
+        try:
+            first = await run_until_disconnect(raw, group.next())
+        except BaseException:
+            await group.aclose()
+            raise
+        self.metrics.ttft.observe(time.monotonic() - arrival)
+        return SSEResponse(self._sse_body(group, first, render, finish), group.aclose)
+
+    async def _sse_body(
+        self,
+        group: SequenceGroup,
+        first: tuple[int, SequenceDelta] | None,
+        render: RenderDelta,
+        finish: Callable[[], Iterable[str]],
+    ) -> AsyncIterator[str]:
+        try:
+            event = first
+            while event is not None:
+                for chunk in render(*event):
+                    yield chunk
+                event = await group.next()
+            for chunk in finish():
+                yield chunk
+        except Exception as exc:
+            # NOTE: headers are sent; the error becomes an SSE event, then [DONE].
+            logger.info("stream failed: %s", exc)
+            yield sse_error_event(exc, self.config.retry_after_s)
+        yield DONE

@@ -1,0 +1,314 @@
+"""POST /v1/chat/completions: messages rendered by the tokenizer service's chat template,
+chat-format logprobs, streaming (role in the first delta) and not."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+from starlette.requests import Request
+from starlette.responses import Response
+
+from splitserve.gateway.errors import bad_request, param_from_details
+from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
+from splitserve.gateway.logprobs import chat_logprobs, prompt_logprobs_vllm
+from splitserve.gateway.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
+from splitserve.gateway.sampling import (
+    build_sampling,
+    check_n,
+    check_stream_fields,
+    check_token_ids,
+    check_unsupported,
+    resolve_max_tokens,
+    sequence_specs,
+    stop_strings,
+    truncate,
+)
+from splitserve.gateway.serving_base import ServingBase
+from splitserve.gateway.streaming import sse
+from splitserve.protos import tokenizer_pb2
+
+
+def messages_json(messages: list[ChatMessage]) -> str:
+    """The messages as the template expects them: text parts joined into one string."""
+    out = []
+    for k, message in enumerate(messages):
+        m = message.model_dump(exclude_unset=True)
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"messages[{k}]: content part type '{part.type}' is not "
+                        f"supported (only text)",
+                        "messages",
+                    )
+                texts.append(part.text)
+            m["content"] = "\n".join(texts)
+        out.append(m)
+    return json.dumps(out)
+
+
+async def apply_chat_template(
+    clients,
+    messages: list[ChatMessage],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    chat_template: str | None,
+    chat_template_kwargs: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None,
+    deadline: Deadline,
+) -> tokenizer_pb2.ApplyChatTemplateResponse:
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    if add_generation_prompt and continue_final_message:
+        raise bad_request(
+            "continue_final_message and add_generation_prompt cannot both be true",
+            "continue_final_message",
+        )
+    request = tokenizer_pb2.ApplyChatTemplateRequest(
+        messages_json=messages_json(messages),
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+    )
+    if chat_template is not None:
+        request.chat_template = chat_template
+    if chat_template_kwargs:
+        request.chat_template_kwargs_json = json.dumps(chat_template_kwargs)
+    if tools:
+        request.tools_json = json.dumps(tools)
+    try:
+        return await clients.tokenizer.ApplyChatTemplate(request, timeout=deadline.remaining())
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+            raise
+        details = exc.details() or "the messages could not be rendered"
+        param = param_from_details(details)
+        if param is None:
+            param = "chat_template" if chat_template is not None else "messages"
+        raise bad_request(details, param) from None
+
+
+class ChatService(ServingBase):
+    """The chat completions endpoint."""
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
+        model = self.check_model(req.model)
+        check_unsupported(req)
+        check_stream_fields(req)
+        limits = self.limits()
+        n = check_n(req, limits)
+        top = req.top_logprobs
+        if top is not None:
+            if top < 0 or top > limits.max_logprobs:
+                raise bad_request(
+                    f"top_logprobs must be between 0 and {limits.max_logprobs}, got {top}",
+                    "top_logprobs",
+                )
+            if top > 0 and not req.logprobs:
+                raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        if req.tool_choice not in (None, "none"):
+            raise bad_request(
+                "tool_choice other than 'none' is not supported by this server", "tool_choice"
+            )
+        max_param = (
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        )
+        user_max = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
+        sampling = build_sampling(
+            req,
+            limits,
+            n=n,
+            stop=stop_strings(req, limits),
+            logprobs=(top or 0) if req.logprobs else None,
+            prompt_logprobs=req.prompt_logprobs,
+            max_tokens=user_max,
+            aliases={"max_tokens": max_param, "logprobs": "top_logprobs"},
+        )
+        deadline = self.deadline()
+        rendered = await apply_chat_template(
+            self.clients,
+            req.messages,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            chat_template=req.chat_template,
+            chat_template_kwargs=req.chat_template_kwargs,
+            tools=req.tools,
+            deadline=deadline,
+        )
+        ids = truncate(list(rendered.token_ids), req.truncate_prompt_tokens, limits)
+        check_token_ids(ids, limits, "messages")
+        max_tokens = resolve_max_tokens(len(ids), user_max, limits, "messages", max_param)
+        request_id = self.new_id("chatcmpl")
+        specs = sequence_specs(request_id, [ids], [max_tokens], sampling, req.priority)
+        echo = ""
+        last = req.messages[-1]
+        if req.echo and last.role == "assistant" and isinstance(last.content, str):
+            echo = last.content
+        view = _ChatView(self, req, request_id, model, ids, n, arrival, echo)
+        if req.stream:
+            return await self.stream(
+                raw, specs, deadline, arrival, view.render_chunk, view.final_chunks
+            )
+        results = await self.collect(raw, specs, deadline, arrival)
+        return Response(
+            view.full_response(results).model_dump_json(), media_type="application/json"
+        )
+
+
+class _ChatView:
+    """Turns sequence deltas into chat chunks or the full response, for one request."""
+
+    def __init__(
+        self,
+        serving: ChatService,
+        req: ChatCompletionRequest,
+        request_id: str,
+        model: str,
+        prompt_ids: list[int],
+        n: int,
+        arrival: float,
+        echo: str,
+    ) -> None:
+        self.serving = serving
+        self.clients = serving.clients
+        self.req = req
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.prompt_ids = prompt_ids
+        self.arrival = arrival
+        self.echo = echo
+        self.top_n = req.top_logprobs or 0
+        self.want_logprobs = bool(req.logprobs)
+        opts = req.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+        self.continuous_usage = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+        self.started = [False] * n
+        self.num_tokens = [0] * n
+        self.finish_reasons: list[str] = []
+
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
+        p = len(self.prompt_ids)
+        return {
+            "prompt_tokens": p,
+            "completion_tokens": completion_tokens,
+            "total_tokens": p + completion_tokens,
+        }
+
+    def _chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        logprobs: dict | None,
+        finish_reason: str | None,
+        stop_reason: int | str | None,
+    ) -> str:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                    "stop_reason": stop_reason,
+                }
+            ],
+        }
+        if self.include_usage:
+            chunk["usage"] = self._usage(self.num_tokens[index]) if self.continuous_usage else None
+        return sse(chunk)
+
+    def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
+        out = []
+        text = delta.text
+        if not self.started[index]:
+            self.started[index] = True
+            out.append(self._chunk(index, {"role": "assistant", "content": ""}, None, None, None))
+            text = self.echo + text
+        self.num_tokens[index] += len(delta.token_ids)
+        logprobs = None
+        if self.want_logprobs and delta.logprobs:
+            logprobs = {"content": chat_logprobs(self.clients, delta.logprobs, self.top_n)}
+        if delta.finish_reason is not None:
+            self.finish_reasons.append(delta.finish_reason)
+            out.append(
+                self._chunk(
+                    index,
+                    {"content": text} if text else {},
+                    logprobs,
+                    delta.finish_reason,
+                    delta.stop_reason,
+                )
+            )
+        elif text or logprobs:
+            out.append(self._chunk(index, {"content": text}, logprobs, None, None))
+        return out
+
+    def final_chunks(self) -> Iterable[str]:
+        completion_tokens = sum(self.num_tokens)
+        self.serving.metrics.record_finished(
+            self.arrival, len(self.prompt_ids), completion_tokens, self.finish_reasons
+        )
+        if not self.include_usage:
+            return ()
+        return (
+            sse(
+                {
+                    "id": self.id,
+                    "object": "chat.completion.chunk",
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": self._usage(completion_tokens),
+                }
+            ),
+        )
+
+    def full_response(self, results: list[list[SequenceDelta]]) -> ChatCompletionResponse:
+        choices = []
+        prompt_lps = None
+        for index, deltas in enumerate(results):
+            merged = merge_deltas(deltas)
+            self.num_tokens[index] = len(merged.token_ids)
+            self.finish_reasons.append(merged.finish_reason or "stop")
+            logprobs = None
+            if self.want_logprobs:
+                logprobs = {"content": chat_logprobs(self.clients, merged.logprobs, self.top_n)}
+            if prompt_lps is None and self.req.prompt_logprobs is not None:
+                prompt_lps = prompt_logprobs_vllm(
+                    self.clients, self.prompt_ids, merged.prompt_logprobs
+                )
+            choices.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": self.echo + merged.text},
+                    "logprobs": logprobs,
+                    "finish_reason": merged.finish_reason,
+                    "stop_reason": merged.stop_reason,
+                }
+            )
+        completion_tokens = sum(self.num_tokens)
+        self.serving.metrics.record_finished(
+            self.arrival, len(self.prompt_ids), completion_tokens, self.finish_reasons
+        )
+        return ChatCompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self._usage(completion_tokens),
+            prompt_logprobs=prompt_lps,
+        )

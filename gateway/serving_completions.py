@@ -1,0 +1,301 @@
+"""POST /v1/completions: prompts (text, token ids, or batches of either), echo, legacy logprobs,
+streaming and not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from splitserve.gateway.errors import bad_request
+from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
+from splitserve.gateway.logprobs import CompletionLogprobsBuilder, align_prompt_logprobs
+from splitserve.gateway.logprobs import prompt_logprobs_vllm as vllm_prompt_logprobs
+from splitserve.gateway.protocol import CompletionRequest, CompletionResponse
+from splitserve.gateway.sampling import (
+    Limits,
+    build_sampling,
+    check_n,
+    check_stream_fields,
+    check_token_ids,
+    check_unsupported,
+    resolve_max_tokens,
+    sequence_specs,
+    stop_strings,
+    truncate,
+)
+from splitserve.gateway.serving_base import ServingBase
+from splitserve.gateway.streaming import sse
+from splitserve.protos import tokenizer_pb2
+
+
+@dataclass(slots=True)
+class _Prompt:
+    token_ids: list[int]
+    text: str | None  # known text, or None when only ids were given
+
+
+class CompletionsService(ServingBase):
+    """The legacy completions endpoint."""
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
+        model = self.check_model(req.model)
+        check_unsupported(req)
+        check_stream_fields(req)
+        if req.suffix is not None:
+            raise bad_request("suffix is not supported", "suffix")
+        limits = self.limits()
+        n = check_n(req, limits)
+        if req.best_of is not None and req.best_of != n:
+            raise bad_request("best_of other than n is not supported", "best_of")
+        echo = bool(req.echo)
+        engine_prompt_logprobs = req.prompt_logprobs
+        if echo and req.logprobs is not None:
+            engine_prompt_logprobs = max(engine_prompt_logprobs or 0, req.logprobs)
+        sampling = build_sampling(
+            req,
+            limits,
+            n=n,
+            stop=stop_strings(req, limits),
+            logprobs=req.logprobs,
+            prompt_logprobs=engine_prompt_logprobs,
+            max_tokens=req.max_tokens,
+        )
+        deadline = self.deadline()
+        prompts = await self._prepare_prompts(req, limits, n, deadline)
+        max_tokens = []
+        for p in prompts:
+            mt = resolve_max_tokens(len(p.token_ids), req.max_tokens, limits, "prompt")
+            max_tokens.append(
+                mt if req.max_tokens is not None else min(mt, limits.max_tokens_default)
+            )
+        if echo:
+            await self._fill_prompt_texts(prompts, deadline)
+        request_id = self.new_id("cmpl")
+        specs = sequence_specs(
+            request_id, [p.token_ids for p in prompts], max_tokens, sampling, req.priority
+        )
+        view = _CompletionView(self, req, request_id, model, prompts, n, arrival)
+        if req.stream:
+            return await self.stream(
+                raw, specs, deadline, arrival, view.render_chunk, view.final_chunks
+            )
+        results = await self.collect(raw, specs, deadline, arrival)
+        return Response(
+            view.full_response(results).model_dump_json(), media_type="application/json"
+        )
+
+    async def _prepare_prompts(
+        self, req: CompletionRequest, limits: Limits, n: int, deadline: Deadline
+    ) -> list[_Prompt]:
+        p = req.prompt
+        if isinstance(p, str):
+            items: list[Any] = [p]
+        elif not p:
+            raise bad_request("the prompt must not be empty", "prompt")
+        elif isinstance(p[0], int):
+            items = [p]
+        else:
+            items = list(p)
+        if len(items) * n > limits.max_n:
+            raise bad_request(
+                f"a request may run at most {limits.max_n} sequences (prompts x n), got "
+                f"{len(items)} x {n}",
+                "prompt",
+            )
+        for item in items:
+            if len(item) == 0:
+                raise bad_request("the prompt must not be empty", "prompt")
+            if not isinstance(item, str):
+                check_token_ids(item, limits, "prompt")
+        tokenizer = self.clients.tokenizer
+
+        async def tokenize(item: Any) -> _Prompt:
+            if not isinstance(item, str):
+                return _Prompt(list(item), None)
+            resp = await tokenizer.Tokenize(
+                tokenizer_pb2.TokenizeRequest(text=item, add_special_tokens=req.add_special_tokens),
+                timeout=deadline.remaining(),
+            )
+            return _Prompt(list(resp.token_ids), item)
+
+        prompts = list(await asyncio.gather(*(tokenize(i) for i in items)))
+        for prompt in prompts:
+            prompt.token_ids = truncate(prompt.token_ids, req.truncate_prompt_tokens, limits)
+            if req.truncate_prompt_tokens is not None:
+                prompt.text = None
+        return prompts
+
+    async def _fill_prompt_texts(self, prompts: list[_Prompt], deadline: Deadline) -> None:
+        """Echo needs the prompt text; token-id prompts are detokenized once here."""
+
+        async def text_of(p: _Prompt) -> None:
+            if p.text is None:
+                resp = await self.clients.tokenizer.Detokenize(
+                    tokenizer_pb2.DetokenizeRequest(
+                        token_ids=p.token_ids, skip_special_tokens=False
+                    ),
+                    timeout=deadline.remaining(),
+                )
+                p.text = resp.text
+
+        await asyncio.gather(*(text_of(p) for p in prompts))
+
+
+class _CompletionView:
+    """Turns sequence deltas into completion chunks or the full response, for one request."""
+
+    def __init__(
+        self,
+        serving: CompletionsService,
+        req: CompletionRequest,
+        request_id: str,
+        model: str,
+        prompts: list[_Prompt],
+        n: int,
+        arrival: float,
+    ) -> None:
+        self.serving = serving
+        self.clients = serving.clients
+        self.req = req
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.prompts = prompts
+        self.n = n
+        self.arrival = arrival
+        self.echo = bool(req.echo)
+        opts = req.stream_options
+        self.include_usage = bool(opts and opts.include_usage)
+        self.continuous_usage = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+        count = len(prompts) * n
+        self.started = [False] * count
+        self.num_tokens = [0] * count
+        self.finish_reasons: list[str] = []
+        self.builders = (
+            [CompletionLogprobsBuilder(self.clients, req.logprobs) for _ in range(count)]
+            if req.logprobs is not None
+            else None
+        )
+
+    def _prompt(self, index: int) -> _Prompt:
+        return self.prompts[index // self.n]
+
+    def _logprobs(self, index: int, delta: SequenceDelta, first: bool) -> dict | None:
+        if self.builders is None:
+            return None
+        builder = self.builders[index]
+        if first and self.echo:
+            prompt = self._prompt(index)
+            head = builder.build(
+                prompt.token_ids, align_prompt_logprobs(prompt.token_ids, delta.prompt_logprobs)
+            )
+            tail = builder.build(delta.token_ids, delta.logprobs)
+            return {k: head[k] + tail[k] for k in head}
+        return builder.build(delta.token_ids, delta.logprobs)
+
+    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    # ------------------------------------------------------------------ streaming
+
+    def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
+        first = not self.started[index]
+        self.started[index] = True
+        self.num_tokens[index] += len(delta.token_ids)
+        text = delta.text
+        if first and self.echo:
+            text = (self._prompt(index).text or "") + text
+        logprobs = self._logprobs(index, delta, first)
+        if delta.finish_reason is not None:
+            self.finish_reasons.append(delta.finish_reason)
+        elif not text and not (logprobs and logprobs["tokens"]):
+            return ()
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": delta.finish_reason,
+                    "stop_reason": delta.stop_reason,
+                }
+            ],
+        }
+        if self.include_usage:
+            chunk["usage"] = (
+                self._usage(len(self._prompt(index).token_ids), self.num_tokens[index])
+                if self.continuous_usage
+                else None
+            )
+        return (sse(chunk),)
+
+    def final_chunks(self) -> Iterable[str]:
+        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        completion_tokens = sum(self.num_tokens)
+        self.serving.metrics.record_finished(
+            self.arrival, prompt_tokens, completion_tokens, self.finish_reasons
+        )
+        if not self.include_usage:
+            return ()
+        return (
+            sse(
+                {
+                    "id": self.id,
+                    "object": "text_completion",
+                    "created": self.created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": self._usage(prompt_tokens, completion_tokens),
+                }
+            ),
+        )
+
+    # ------------------------------------------------------------------ full response
+
+    def full_response(self, results: list[list[SequenceDelta]]) -> CompletionResponse:
+        choices = []
+        for index, deltas in enumerate(results):
+            prompt = self._prompt(index)
+            merged = merge_deltas(deltas)
+            self.num_tokens[index] = len(merged.token_ids)
+            self.finish_reasons.append(merged.finish_reason or "stop")
+            text = ((prompt.text or "") if self.echo else "") + merged.text
+            choice: dict[str, Any] = {
+                "index": index,
+                "text": text,
+                "logprobs": self._logprobs(index, merged, True),
+                "finish_reason": merged.finish_reason,
+                "stop_reason": merged.stop_reason,
+            }
+            if self.req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                    self.clients, prompt.token_ids, merged.prompt_logprobs
+                )
+            choices.append(choice)
+        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
+        completion_tokens = sum(self.num_tokens)
+        self.serving.metrics.record_finished(
+            self.arrival, prompt_tokens, completion_tokens, self.finish_reasons
+        )
+        return CompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self._usage(prompt_tokens, completion_tokens),
+        )

@@ -1,0 +1,352 @@
+"""Deterministic in-test doubles of the tokenizer and scheduler services (gateway tests only).
+
+FakeTokenizer: byte-level vocabulary. Ids 0-255 are bytes, 256 is BOS `<s>`, 257 is EOS `</s>`.
+FakeScheduler: emits the bytes of a fixed script, one token a message. Markers in the prompt
+text steer it:
+  #busy      RESOURCE_EXHAUSTED (queue full)        #hang    no output until cancelled
+  #hold@N    N tokens, then wait until cancelled    #eos@N   EOS after N tokens
+  #fail      2 tokens, then FINISH_REASON_ERROR     #multi   all tokens in one message
+  #gate      no output until the test sets `FakeScheduler.gate`
+Every Generate call is recorded, with whether it was cancelled, for tests to wait on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from splitserve.protos import (
+    common_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    tokenizer_pb2,
+    tokenizer_pb2_grpc,
+)
+
+BOS, EOS = 256, 257
+TOKENIZER_VOCAB = 258
+MODEL_VOCAB = 260  # embedding rows may exceed the tokenizer's size
+MAX_MODEL_LEN = 256
+SCRIPT = "The quick brown fox jumps over the lazy dog. "
+_SPECIAL = {BOS: "<s>", EOS: "</s>"}
+FINISH = common_pb2.FinishReason
+
+
+def script_for(seed: int | None) -> bytes:
+    prefix = f"[seed={seed}] " if seed is not None else ""
+    return (prefix + SCRIPT * 20).encode()
+
+
+def encode(text: str, add_bos: bool = False) -> list[int]:
+    return ([BOS] if add_bos else []) + list(text.encode("utf-8"))
+
+
+def token_text(token_id: int, skip_special: bool = False) -> bytes:
+    if token_id in _SPECIAL:
+        return b"" if skip_special else _SPECIAL[token_id].encode()
+    return bytes([token_id])
+
+
+class Waiter:
+    """Thread-safe records that a test can wait on with a deadline."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+
+    def notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+
+class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
+    def __init__(self) -> None:
+        self.waiter = Waiter()
+        self.streams_opened = 0
+        self.streams_cancelled = 0
+        self.decode_each_calls: list[list[int]] = []
+
+    async def Tokenize(self, request, context):
+        return tokenizer_pb2.TokenizeResponse(
+            token_ids=encode(request.text, request.add_special_tokens)
+        )
+
+    async def Detokenize(self, request, context):
+        text = b"".join(token_text(t, request.skip_special_tokens) for t in request.token_ids)
+        return tokenizer_pb2.DetokenizeResponse(text=text.decode("utf-8", "replace"))
+
+    async def DecodeEach(self, request, context):
+        ids = list(request.token_ids)
+        self.decode_each_calls.append(ids)
+        raw = [token_text(t) for t in ids]
+        return tokenizer_pb2.DecodeEachResponse(
+            tokens=[r.decode("utf-8", "replace") for r in raw], token_bytes=raw
+        )
+
+    async def ApplyChatTemplate(self, request, context):
+        import json
+
+        if request.HasField("chat_template"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a chat template in the request is refused: not trusted",
+            )
+        messages = json.loads(request.messages_json)
+        parts = []
+        if request.HasField("tools_json"):
+            parts.append(f"<|tools|>{len(json.loads(request.tools_json))}\n")
+        for m in messages:
+            parts.append(f"<|{m['role']}|>{m.get('content') or ''}\n")
+        if request.add_generation_prompt:
+            parts.append("<|assistant|>")
+        prompt = "".join(parts)
+        return tokenizer_pb2.ApplyChatTemplateResponse(prompt=prompt, token_ids=encode(prompt))
+
+    async def GetTokenizerInfo(self, request, context):
+        return tokenizer_pb2.TokenizerInfo(
+            vocab_size=TOKENIZER_VOCAB,
+            eos_token_id=EOS,
+            bos_token_id=BOS,
+            has_chat_template=True,
+            name="fake-bytes",
+        )
+
+    async def DetokenizeStream(self, request_iterator, context):
+        self.streams_opened += 1
+        state = {"flushed": False}
+        try:
+            async for resp in self._detokenize(request_iterator, state):
+                yield resp
+        finally:
+            if not state["flushed"]:  # ended by the client (cancelled) before its flush
+                self.streams_cancelled += 1
+            self.waiter.notify()
+
+    async def _detokenize(self, request_iterator, state: dict):
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        start = None
+        text = ""  # all text decoded so far
+        sent = 0  # characters of `text` already sent
+        stopped = False
+        async for req in request_iterator:
+            if req.HasField("start"):
+                start = req.start
+                yield tokenizer_pb2.DetokenizeStreamResponse()
+                continue
+            ids = list(req.tokens.token_ids)
+            final = not ids
+            state["flushed"] = state["flushed"] or final
+            if stopped:
+                yield tokenizer_pb2.DetokenizeStreamResponse(flushed=final)
+                continue
+            raw = b"".join(token_text(t, start.skip_special_tokens) for t in ids)
+            text += decoder.decode(raw, final=final)
+            match = _first_stop(text, list(start.stop))
+            if match is not None:
+                pos, stop = match
+                end = pos + len(stop) if start.include_stop_str_in_output else pos
+                stopped = True
+                yield tokenizer_pb2.DetokenizeStreamResponse(
+                    text=text[sent:end], stopped=True, stop_reason=stop, flushed=final
+                )
+                sent = max(sent, end)
+                continue
+            hold = 0 if final else _held_back(text, list(start.stop))
+            end = max(sent, len(text) - hold)
+            yield tokenizer_pb2.DetokenizeStreamResponse(text=text[sent:end], flushed=final)
+            sent = end
+
+
+def _first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
+    best = None
+    for s in stops:
+        pos = text.find(s)
+        if pos >= 0 and (best is None or pos < best[0]):
+            best = (pos, s)
+    return best
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+@dataclass
+class GenerateCall:
+    request: scheduler_pb2.GenerateRequest
+    prompt_text: str
+    emitted: int = 0
+    cancelled: bool = False
+    finished: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self) -> None:
+        self.waiter = Waiter()
+        self.calls: dict[str, GenerateCall] = {}
+        self.gate = asyncio.Event()
+
+    def calls_matching(self, needle: str) -> list[GenerateCall]:
+        return [c for c in list(self.calls.values()) if needle in c.prompt_text]
+
+    async def GetModelInfo(self, request, context):
+        return scheduler_pb2.ModelInfo(
+            max_model_len=MAX_MODEL_LEN,
+            vocab_size=MODEL_VOCAB,
+            eos_token_ids=[EOS],
+            model="fake/model",
+            max_logprobs=20,
+        )
+
+    async def GetStats(self, request, context):
+        return scheduler_pb2.SchedulerStats(num_total_blocks=100, num_free_blocks=100)
+
+    async def Abort(self, request, context):
+        return scheduler_pb2.AbortResponse(aborted=request.request_id in self.calls)
+
+    async def Generate(self, request, context):
+        prompt = bytes(t for t in request.prompt_token_ids if t < 256).decode("utf-8", "replace")
+        call = GenerateCall(request, prompt)
+        self.calls[request.request_id] = call
+        self.waiter.notify()
+        ended = False
+        try:
+            async for resp in self._generate(call, context):
+                yield resp
+            call.finished = ended = True
+        except Exception:  # context.abort(): the fake itself ended the call
+            ended = True
+            raise
+        finally:
+            # Otherwise the client cancelled: grpc.aio cancels the task or closes the generator.
+            call.cancelled = not ended
+            self.waiter.notify()
+
+    async def _generate(self, call: GenerateCall, context):
+        req, prompt = call.request, call.prompt_text
+        sp = req.sampling_params
+        if "#busy" in prompt:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full")
+        if len(req.prompt_token_ids) + sp.max_tokens > MAX_MODEL_LEN:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "max_tokens: prompt + max_tokens exceeds max_model_len",
+            )
+        if "#hang" in prompt:
+            await asyncio.Event().wait()
+        if "#gate" in prompt:
+            await self.gate.wait()
+        hold = _marker(prompt, "hold")
+        eos_at = _marker(prompt, "eos")
+        script = script_for(sp.seed if sp.HasField("seed") else None)
+        stop_ids = set(sp.stop_token_ids)
+        first = True
+        pending = scheduler_pb2.GenerateResponse()
+        for k in range(sp.max_tokens):
+            if hold is not None and k == hold:
+                if pending.token_ids:
+                    yield pending
+                await asyncio.Event().wait()
+            token = EOS if (eos_at is not None and k == eos_at) else script[k % len(script)]
+            msg = pending if "#multi" in prompt else scheduler_pb2.GenerateResponse()
+            msg.token_ids.append(token)
+            msg.num_prompt_tokens = len(req.prompt_token_ids)
+            if sp.HasField("logprobs"):
+                msg.logprobs.append(_logprobs(token, sp.logprobs))
+            if first and sp.HasField("prompt_logprobs"):
+                entries = [
+                    _logprobs(t, sp.prompt_logprobs, rank=2) for t in req.prompt_token_ids[1:]
+                ]
+                if "#plpsplit" in prompt:
+                    half = len(entries) // 2
+                    yield scheduler_pb2.GenerateResponse(
+                        prompt_logprobs=entries[:half], num_prompt_tokens=len(req.prompt_token_ids)
+                    )
+                    entries = entries[half:]
+                msg.prompt_logprobs.extend(entries)
+            first = False
+            call.emitted = k + 1
+            if "#fail" in prompt and k == 1:
+                msg.finish_reason = FINISH.FINISH_REASON_ERROR
+                msg.error = "boom"
+            elif token == EOS and not sp.ignore_eos and k + 1 >= sp.min_tokens:
+                msg.finish_reason = FINISH.FINISH_REASON_STOP
+                msg.stop_token_id = EOS
+            elif token in stop_ids and k + 1 >= sp.min_tokens:
+                msg.finish_reason = FINISH.FINISH_REASON_STOP
+                msg.stop_token_id = token
+            elif k + 1 == sp.max_tokens:
+                msg.finish_reason = FINISH.FINISH_REASON_LENGTH
+            if msg.finish_reason or "#multi" not in prompt:
+                yield msg
+                pending = scheduler_pb2.GenerateResponse()
+            if msg.finish_reason:
+                return
+            await asyncio.sleep(0)
+
+
+def _marker(prompt: str, name: str) -> int | None:
+    m = re.search(rf"#{name}@(\d+)", prompt)
+    return int(m.group(1)) if m else None
+
+
+def _logprobs(token: int, k: int, rank: int = 1) -> common_pb2.TokenLogprobs:
+    """The chosen token has logprob -0.25 (rank 1) or -1.0 (rank 2, prompts); top-k follow."""
+    lp = -0.25 if rank == 1 else -1.0
+    tops = [token, (token + 1) % 256, (token + 2) % 256, (token + 3) % 256][:k]
+    tops += [(token + 4 + j) % 256 for j in range(max(0, k - len(tops)))]
+    return common_pb2.TokenLogprobs(
+        token_id=token,
+        logprob=lp,
+        rank=rank,
+        top_token_ids=tops,
+        top_logprobs=[-0.25 - j for j in range(len(tops))],
+    )
+
+
+@dataclass
+class FakeServices:
+    tokenizer: FakeTokenizer
+    scheduler: FakeScheduler
+    tokenizer_address: str
+    scheduler_address: str
+    servers: list
+    health: list
+
+
+async def start_fakes() -> FakeServices:
+    """Both fakes on loopback ports, each with the standard health service SERVING."""
+    tok, sched = FakeTokenizer(), FakeScheduler()
+    servers, healths, addresses = [], [], []
+    for servicer, add in (
+        (tok, tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server),
+        (sched, scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server),
+    ):
+        server = grpc.aio.server()
+        add(servicer, server)
+        h = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(h, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await h.set("", health_pb2.HealthCheckResponse.SERVING)
+        servers.append(server)
+        healths.append(h)
+        addresses.append(f"127.0.0.1:{port}")
+    return FakeServices(tok, sched, addresses[0], addresses[1], servers, healths)
