@@ -42,10 +42,11 @@ class Stack:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def spawn(self, name: str, argv: list[str]) -> None:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "splitserve.cli", *argv]
         logger.debug("starting %s: %s", name, " ".join(cmd))
-        self.procs.append((name, subprocess.Popen(cmd, preexec_fn=_die_with_parent)))
+        self.procs.append((name, subprocess.Popen(
+            cmd, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})))
 
     def dead(self) -> tuple[str, int] | None:
         for name, p in self.procs:
@@ -120,7 +121,10 @@ def serve(args: argparse.Namespace) -> int:
                                           *config_to_argv(worker_cfg, skip={"model", "rank"})])
         stack.spawn("scheduler", [*log, "scheduler", "--address", sched_addr,
                                   *config_to_argv(scheduler_cfg)])
-        stack.spawn("gateway", [*log, "gateway", *config_to_argv(gateway_cfg)])
+        # The API key goes through the environment: a command line is visible in `ps`.
+        stack.spawn("gateway", [*log, "gateway", *config_to_argv(gateway_cfg, skip={"api_key"})],
+                    env={"SPLITSERVE_API_KEY": gateway_cfg.api_key} if gateway_cfg.api_key
+                    else None)
         base = f"http://{gateway_cfg.host}:{gateway_cfg.port}"
         while not _healthy(base + "/health"):
             if stop["signal"] is not None:

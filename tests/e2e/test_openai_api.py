@@ -100,7 +100,8 @@ def test_logprobs_completions_and_chat(client, server):
                                   temperature=0, logprobs=3, extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 5 and len(lp.token_logprobs) == 5
-    assert all(len(t) == 3 for t in lp.top_logprobs)
+    # Keyed by token string: ids that decode alike (partial characters) share a key.
+    assert all(1 <= len(t) <= 3 for t in lp.top_logprobs)
     for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert val <= 0 and abs(max(top.values()) - val) < 1e-4  # greedy: chosen is top-1
     assert "".join(lp.tokens) == r.choices[0].text
@@ -192,7 +193,8 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
     with httpx.Client(timeout=60) as h, h.stream("POST", server.url + "/v1/completions",
                                                  json=body) as r:
         seen = 0
-        for line in r.iter_lines():
+        lines = r.iter_lines()  # keep the iterator: dropping it would close the connection
+        for line in lines:
             if line.startswith("data: {"):
                 json.loads(line[6:])
                 seen += 1
