@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,16 @@ class AttentionMetadata:
     """int64 [num_decodes, max_blocks] block tables, padded (padding is masked out)."""
     prefills: list[PrefillSeq] = field(default_factory=list)
     """The multi-token sequences, in token order."""
+    block_tables: torch.Tensor | None = None
+    """int32 [S, max_blocks] block tables of all sequences, in token order (varlen kernels)."""
+    seq_lens: torch.Tensor | None = None
+    """int32 [S] context length of each sequence after this step."""
+    query_start_loc: torch.Tensor | None = None
+    """int32 [S + 1] offsets of each sequence's tokens in the step."""
+    max_query_len: int = 0
+    """Longest query this step (1 means decodes only)."""
+    max_seq_len: int = 0
+    """Longest context this step."""
     extras: dict = field(default_factory=dict)
     """Backend-owned per-step state built by `AttentionBackend.prepare`."""
 
@@ -68,29 +80,94 @@ class AttentionBackend:
 
     def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """q [T, Hq * D], k/v [T, Hk * D] -> [T, Hq * D]."""
+        """q [T, Hq, D], k/v [T, Hk, D] (views may be strided) -> [T, Hq * D]."""
         raise NotImplementedError
 
 
+@dataclass(slots=True)
+class _DecodeGroup:
+    """A run of decode sequences [start, end) padded to `width` blocks."""
+
+    start: int
+    end: int
+    width: int
+    blocks: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+def _split_runs(num_blocks: np.ndarray, start: int, end: int,
+                depth: int) -> list[tuple[int, int]]:
+    """Split [start, end) where padding every row to its run's widest row saves the most."""
+    n = end - start
+    if depth == 0 or n < 2:
+        return [(start, end)]
+    widths = num_blocks[start:end]
+    head_max = np.maximum.accumulate(widths)
+    tail_max = np.maximum.accumulate(widths[::-1])[::-1]
+    ks = np.arange(1, n)
+    costs = ks * head_max[:-1] + (n - ks) * tail_max[1:]
+    best = int(costs.argmin())
+    whole = n * int(head_max[-1])
+    if costs[best] > 0.85 * whole or whole - costs[best] < 16:
+        return [(start, end)]
+    split = start + best + 1
+    return (_split_runs(num_blocks, start, split, depth - 1)
+            + _split_runs(num_blocks, split, end, depth - 1))
+
+
 class TorchAttentionBackend(AttentionBackend):
-    """Plain torch: one batched SDPA for all decodes, one SDPA per prefill sequence."""
+    """Plain torch: one batched SDPA for all decodes, one SDPA per prefill sequence.
+
+    Keys and values are gathered out of the paged cache into scratch buffers that persist
+    across layers and steps: fresh multi-megabyte tensors every layer cost page faults that
+    can take longer than the attention itself.
+    """
 
     name = "torch"
 
+    def __init__(self) -> None:
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _gather(self, name: str, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """cache[blocks] ([n, BS, Hk, D]) written into a reused buffer."""
+        n = blocks.shape[0]
+        buf = self._scratch.get(name)
+        if (buf is None or buf.shape[0] < n or buf.shape[1:] != cache.shape[1:]
+                or buf.dtype != cache.dtype or buf.device != cache.device):
+            capacity = max(n + n // 4, buf.shape[0] if buf is not None else 0)
+            buf = torch.empty((capacity, *cache.shape[1:]), dtype=cache.dtype,
+                              device=cache.device)
+            self._scratch[name] = buf
+        return torch.index_select(cache, 0, blocks, out=buf[:n])
+
     def prepare(self, meta: AttentionMetadata) -> None:
         meta.extras.clear()
-        if meta.num_decodes:
-            bs = meta.decode_block_tables
-            meta.extras["decode_blocks"] = bs.reshape(-1)
 
-    def _decode_mask(self, meta: AttentionMetadata, block_size: int,
-                     window: int | None) -> torch.Tensor:
-        key = ("decode_mask", block_size, window)
+    def _decode_groups(self, meta: AttentionMetadata, block_size: int) -> list[_DecodeGroup]:
+        """Split the decodes into a few runs of similar length, each padded only to its own
+        longest context (the runner sorts decodes by length), so short sequences do not pay
+        for the longest one's blocks."""
+        groups = meta.extras.get("decode_groups")
+        if groups is None:
+            lens = meta.decode_seq_lens.cpu().numpy()
+            num_blocks = -(-lens // block_size)
+            groups = []
+            for start, end in _split_runs(num_blocks, 0, len(lens), depth=2):
+                width = int(num_blocks[start:end].max())
+                table = meta.decode_block_tables[start:end, :width]
+                groups.append(_DecodeGroup(start, end, width, table.reshape(-1),
+                                           meta.decode_seq_lens[start:end]))
+            meta.extras["decode_groups"] = groups
+        return groups
+
+    @staticmethod
+    def _decode_mask(meta: AttentionMetadata, index: int, group: _DecodeGroup,
+                     block_size: int, window: int | None) -> torch.Tensor:
+        key = ("decode_mask", index, window)
         mask = meta.extras.get(key)
         if mask is None:
-            seq_lens = meta.decode_seq_lens[:, None]
-            length = meta.decode_block_tables.shape[1] * block_size
-            pos = torch.arange(length, device=seq_lens.device)[None, :]
+            seq_lens = group.seq_lens[:, None]
+            pos = torch.arange(group.width * block_size, device=seq_lens.device)[None, :]
             mask = pos < seq_lens
             if window is not None:
                 mask &= pos > seq_lens - 1 - window
@@ -116,57 +193,59 @@ class TorchAttentionBackend(AttentionBackend):
                 meta: AttentionMetadata) -> torch.Tensor:
         hq, hk, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         num_tokens = q.shape[0]
-        k = k.view(num_tokens, hk, d)
-        v = v.view(num_tokens, hk, d)
         key_cache, value_cache = layer.kv_cache if layer.kv_cache is not None else (None, None)
         if key_cache is not None and meta.slot_mapping is not None:
             write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
+        out = q.new_empty((num_tokens, hq * d))
         nd = meta.num_decodes
         if nd:
             out[:nd] = self._decode(layer, q[:nd], key_cache, value_cache, meta)
+        gqa = hq != hk
         for i, seq in enumerate(meta.prefills):
             s, n = seq.query_start, seq.query_len
-            qi = q[s:s + n].view(n, hq, d).transpose(0, 1)
+            # NOTE: 4-D inputs: on CPU only those take SDPA's flash kernel (3-D falls back
+            # to the math path, several times slower on long prompts).
+            qi = q[s:s + n].transpose(0, 1)[None]
             window = layer.sliding_window
             if seq.block_ids is None and (window is None or seq.seq_len <= window):
                 # No cached prefix: attend over this step's own keys, causally.
-                ki, vi = k[s:s + n].transpose(0, 1), v[s:s + n].transpose(0, 1)
+                ki, vi = k[s:s + n].transpose(0, 1)[None], v[s:s + n].transpose(0, 1)[None]
                 oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True,
-                                                    scale=layer.scale, enable_gqa=hq != hk)
+                                                    scale=layer.scale, enable_gqa=gqa)
             else:
                 ki, vi = self._gather_seq(key_cache, value_cache, seq, k[s:s + n], v[s:s + n])
                 mask = self._prefill_mask(meta, i, seq, window)
-                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask,
-                                                    scale=layer.scale, enable_gqa=hq != hk)
-            out[s:s + n] = oi.transpose(0, 1).reshape(n, hq * d)
+                oi = F.scaled_dot_product_attention(qi, ki[None], vi[None], attn_mask=mask,
+                                                    scale=layer.scale, enable_gqa=gqa)
+            out[s:s + n] = oi[0].transpose(0, 1).reshape(n, hq * d)
         return out
 
     def _decode(self, layer: Attention, q: torch.Tensor, key_cache: torch.Tensor,
                 value_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        nd = q.shape[0]
         hq, hk, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         block_size = key_cache.shape[1]
-        blocks = meta.extras["decode_blocks"]
-        length = meta.decode_block_tables.shape[1] * block_size
-        keys = key_cache.index_select(0, blocks).view(nd, length, hk, d).transpose(1, 2)
-        values = value_cache.index_select(0, blocks).view(nd, length, hk, d).transpose(1, 2)
-        # NOTE: query heads group by KV head (head j reads KV head j // G), so viewing the G
-        # query heads of a KV head as G query rows handles GQA without expanding the keys.
-        qg = q.view(nd, hk, hq // hk, d)
-        mask = self._decode_mask(meta, block_size, layer.sliding_window)
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=layer.scale)
-        return out.reshape(nd, hq * d)
+        out = q.new_empty((q.shape[0], hq * d))
+        for i, group in enumerate(self._decode_groups(meta, block_size)):
+            n, length = group.end - group.start, group.width * block_size
+            keys = self._gather("k", key_cache, group.blocks).view(n, length, hk, d)
+            values = self._gather("v", value_cache, group.blocks).view(n, length, hk, d)
+            # NOTE: query heads group by KV head (head j reads KV head j // G), so viewing the
+            # G query heads of a KV head as G query rows handles GQA without expanding keys.
+            qg = q[group.start:group.end].reshape(n, hk, hq // hk, d)
+            mask = self._decode_mask(meta, i, group, block_size, layer.sliding_window)
+            o = F.scaled_dot_product_attention(qg, keys.transpose(1, 2), values.transpose(1, 2),
+                                               attn_mask=mask, scale=layer.scale)
+            out[group.start:group.end] = o.reshape(n, hq * d)
+        return out
 
-    @staticmethod
-    def _gather_seq(key_cache: torch.Tensor | None, value_cache: torch.Tensor | None,
+    def _gather_seq(self, key_cache: torch.Tensor | None, value_cache: torch.Tensor | None,
                     seq: PrefillSeq, k_new: torch.Tensor, v_new: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         if seq.block_ids is None or key_cache is None:  # the whole context is this step's
             return k_new.transpose(0, 1), v_new.transpose(0, 1)
         hk, d = key_cache.shape[2], key_cache.shape[3]
-        ki = key_cache.index_select(0, seq.block_ids).view(-1, hk, d)[:seq.seq_len]
-        vi = value_cache.index_select(0, seq.block_ids).view(-1, hk, d)[:seq.seq_len]
+        ki = self._gather("k", key_cache, seq.block_ids).view(-1, hk, d)[:seq.seq_len]
+        vi = self._gather("v", value_cache, seq.block_ids).view(-1, hk, d)[:seq.seq_len]
         return ki.transpose(0, 1), vi.transpose(0, 1)
 
 
@@ -178,19 +257,44 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
     value_cache.view(-1, hk, d).index_copy_(0, slot_mapping, v.to(value_cache.dtype))
 
 
+class TritonAttentionBackend(AttentionBackend):
+    """`splitserve.kernels`: Triton KV write and varlen paged attention over the whole step
+    (the split-KV decode kernel when every query is one token)."""
+
+    name = "triton"
+
+    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        from splitserve.kernels import dispatch
+
+        key_cache, value_cache = layer.kv_cache
+        dispatch.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping,
+                                backend="triton")
+        out = dispatch.paged_attention(
+            q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+            layer.scale, sliding_window=layer.sliding_window, max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len, backend="triton")
+        return out.view(q.shape[0], -1)
+
+
 _BACKENDS: dict[str, type[AttentionBackend]] = {
     "torch": TorchAttentionBackend,
+    "triton": TritonAttentionBackend,
 }
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """Pick the backend for `attention_backend` ("auto", "torch", "triton") on `device`."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and "triton" in _BACKENDS else "torch"
-    if name not in _BACKENDS:
+    """Pick the backend for `attention_backend` ("auto", "torch", "triton") on `device`.
+
+    `splitserve.kernels.dispatch.select_attention_backend` decides what can run where
+    (auto: triton on CUDA when installed, torch elsewhere).
+    """
+    if name not in ("auto", *_BACKENDS):
         raise ValueError(f"attention backend {name!r} is not available; available: "
-                         f"{', '.join(sorted(_BACKENDS))}")
-    return _BACKENDS[name]()
+                         f"auto, {', '.join(sorted(_BACKENDS))}")
+    from splitserve.kernels.dispatch import select_attention_backend
+
+    return _BACKENDS[select_attention_backend(name, device)]()
 
 
 @dataclass(slots=True)
@@ -199,19 +303,20 @@ class _ForwardContext:
     metadata: AttentionMetadata
 
 
-_CONTEXT: _ForwardContext | None = None
+_LOCAL = threading.local()
+"""Per thread: the step being computed (runners on different threads do not mix)."""
 
 
 @contextlib.contextmanager
 def forward_context(backend: AttentionBackend, meta: AttentionMetadata) -> Iterator[None]:
     """Make `meta` the step every Attention layer reads while a forward runs."""
-    global _CONTEXT
     backend.prepare(meta)
-    previous, _CONTEXT = _CONTEXT, _ForwardContext(backend, meta)
+    previous = getattr(_LOCAL, "context", None)
+    _LOCAL.context = _ForwardContext(backend, meta)
     try:
         yield
     finally:
-        _CONTEXT = previous
+        _LOCAL.context = previous
 
 
 class Attention(nn.Module):
@@ -232,6 +337,7 @@ class Attention(nn.Module):
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if _CONTEXT is None:
+        context = getattr(_LOCAL, "context", None)
+        if context is None:
             raise RuntimeError("Attention called outside forward_context()")
-        return _CONTEXT.backend.forward(self, q, k, v, _CONTEXT.metadata)
+        return context.backend.forward(self, q, k, v, context.metadata)

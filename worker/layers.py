@@ -15,6 +15,9 @@ from torch import nn
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of x [..., H]: statistics in fp32, result cast back, then scaled by weight."""
     dtype = x.dtype
+    if dtype == torch.float32 and weight.dtype == torch.float32:
+        # One fused kernel; the same arithmetic as the spelled-out path below.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.to(torch.float32)
     variance = xf.pow(2).mean(-1, keepdim=True)
     return weight * (xf * torch.rsqrt(variance + eps)).to(dtype)
@@ -22,32 +25,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (rms_norm(x + residual), x + residual); the add happens in the model dtype."""
-    residual = x + residual
-    return rms_norm(residual, weight, eps), residual
+    """Return (rms_norm(x + residual), x + residual); the add happens in the model dtype.
+
+    NOTE: x is consumed: the sum is written into it (a layer's fresh output), which saves an
+    allocation per call; `residual` is left untouched.
+    """
+    x += residual
+    return rms_norm(x, weight, eps), x
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """SiLU(x[..., :I]) * x[..., I:] for x [..., 2I]."""
+    """SiLU(x[..., :I]) * x[..., I:] for x [..., 2I]; computed in place in x's first half.
+
+    Returns a strided view of x (row stride 2I), which matmuls read without a copy.
+    """
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate, inplace=True).mul_(up)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotation of x [T, H, D] (queries and keys of any heads) by cos/sin [T, D].
+
+    Same arithmetic as transformers' `x * cos + rotate_half(x) * sin` (cos/sin halves are
+    equal), written half by half into one output to avoid four temporaries.
+    """
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotation of q [T, Hq * D] and k [T, Hk * D] by cos/sin [T, D]."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    num_tokens = q.shape[0]
-    q = q.view(num_tokens, -1, head_dim)
-    k = k.view(num_tokens, -1, head_dim)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    return q.view(num_tokens, -1), k.view(num_tokens, -1)
+    cos, sin = cos[:, None, :half], sin[:, None, :half]
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1)
+    out1.sub_(x2 * sin)
+    torch.mul(x2, cos, out=out2)
+    out2.add_(x1 * sin)
+    return out
 
 
 class RMSNorm(nn.Module):

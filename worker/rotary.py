@@ -127,6 +127,7 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
         self.params = params
         self.max_position_embeddings = max_position_embeddings
+        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.init_cache()
 
     def init_cache(self) -> None:
@@ -143,9 +144,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(device), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, Hq * D] and k [T, Hk * D] by `positions` [T]; returns new tensors."""
-        cos = self.cos.index_select(0, positions).to(q.dtype)
-        sin = self.sin.index_select(0, positions).to(q.dtype)
-        return layers.apply_rotary(q, k, cos, sin, self.head_dim)
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> None:
+        """Gather cos/sin for this forward's positions [T] once; every layer then reuses them."""
+        cos = self.cos.index_select(0, positions).to(dtype)
+        sin = self.sin.index_select(0, positions).to(dtype)
+        self._step = (positions, cos, sin)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, H, D] (queries and keys together) by `positions` [T]; a new tensor."""
+        step = self._step
+        if step is None or step[0] is not positions or step[1].dtype != x.dtype:
+            self.prepare(positions, x.dtype)
+            step = self._step
+        return layers.apply_rotary(x, step[1], step[2])

@@ -57,9 +57,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous()))
+        num_tokens, d = qkv.shape[0], self.head_dim
+        # q and k sit side by side in qkv: rotate both heads' sets in one pass.
+        qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, -1, d)
+        qk = self.rotary_emb(positions, qk)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, d)
+        return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaMLP(nn.Module):
@@ -127,7 +131,10 @@ class LlamaModel(nn.Module):
         else:
             if intermediate is None:
                 raise ValueError("a non-first pipeline rank needs the previous rank's tensors")
-            hidden_states, residual = intermediate.hidden_states, intermediate.residual
+            # The first layer adds into hidden_states in place: keep the sender's tensor intact.
+            hidden_states = intermediate.hidden_states.clone()
+            residual = intermediate.residual
+        self.rotary_emb.prepare(positions, hidden_states.dtype)
         for i in range(self.start_layer, self.end_layer):
             hidden_states, residual = self.layers[i](positions, hidden_states, residual)
         if self.norm is None:
@@ -157,8 +164,11 @@ class LlamaForCausalLM(nn.Module):
                                 max_positions, qkv_bias, o_bias, mlp_bias)
         self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
                         if is_last else None)
+        self._tie_weights()
+
+    def _tie_weights(self) -> None:
         if self.lm_head is not None and self.model.embed_tokens is not None and \
-                self.ties_embeddings(config):
+                self.ties_embeddings(self.config):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @staticmethod
@@ -182,9 +192,10 @@ class LlamaForCausalLM(nn.Module):
         """lm_head over the (already selected) hidden states: [N, H] -> [N, vocab]."""
         return self.lm_head(hidden_states)
 
-    def init_buffers(self) -> None:
-        """Rebuild non-persistent buffers (after the module was materialised from meta)."""
+    def post_materialize(self) -> None:
+        """After `to_empty` from the meta device: rebuild the rotary cache, re-tie lm_head."""
         self.model.rotary_emb.init_cache()
+        self._tie_weights()
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -1,0 +1,1 @@
+"""Model parity tests: splitserve.worker against transformers on tiny random checkpoints."""

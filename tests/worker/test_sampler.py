@@ -1,0 +1,185 @@
+"""Sampler: each parameter moves the distribution the way vLLM's does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from splitserve.protos import common_pb2, worker_pb2
+from splitserve.worker.input_batch import InputBatch
+from splitserve.worker.sampler import Sampler
+
+V = 16
+EOS = [0]
+
+
+def _metadata(params: list[common_pb2.SamplingParams], prompt: list[int] | None = None,
+              outputs: list[list[int]] | None = None):
+    batch = InputBatch(max_model_len=64, block_size=4, vocab_size=V, num_blocks=8,
+                       device=torch.device("cpu"), initial_rows=2)
+    prompt = prompt or [3, 4]
+    for i, p in enumerate(params):
+        out = outputs[i] if outputs else []
+        batch.add(worker_pb2.NewRequest(request_id=str(i), token_ids=prompt + out,
+                                        num_prompt_tokens=len(prompt), sampling_params=p))
+    rows = np.array([batch.rows[str(i)] for i in range(len(params))])
+    return batch.sampling_metadata(rows, EOS)
+
+
+def _sampler(seed: int = 0) -> Sampler:
+    return Sampler(torch.Generator().manual_seed(seed))
+
+
+def _logits(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _params(**kwargs) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(**kwargs)
+
+
+def test_greedy_is_argmax_of_raw_logits():
+    logits = _logits(3)
+    tokens, logprobs = _sampler()(logits, _metadata([_params(temperature=0)] * 3))
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    assert logprobs is None
+
+
+def test_logit_bias_moves_greedy_choice():
+    logits = torch.zeros(1, V)
+    logits[0, 5] = 3.0
+    tokens, _ = _sampler()(logits, _metadata([_params(temperature=0, logit_bias={9: 4.0})]))
+    assert tokens.tolist() == [9]
+    tokens, _ = _sampler()(logits, _metadata([_params(temperature=0, logit_bias={9: 2.0})]))
+    assert tokens.tolist() == [5]
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_min_tokens_masks_eos_and_stop_ids_until_reached(ignore_eos):
+    logits = torch.zeros(1, V)
+    logits[0, 0], logits[0, 7], logits[0, 2] = 5.0, 4.0, 3.0  # EOS, a stop id, a plain token
+    params = _params(temperature=0, min_tokens=2, stop_token_ids=[7], ignore_eos=ignore_eos)
+    early, _ = _sampler()(logits, _metadata([params], outputs=[[9]]))
+    done, _ = _sampler()(logits, _metadata([params], outputs=[[9, 9]]))
+    # stop ids are always masked; EOS unless ignore_eos (vLLM's rule)
+    assert early.tolist() == ([0] if ignore_eos else [2])
+    assert done.tolist() == [0]
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = _logits(1)
+    prompt, outputs = [1, 2, 3], [[4, 4, 9]]
+    meta = _metadata([_params(temperature=0, repetition_penalty=1.7)], prompt, outputs)
+    processed = logits.clone()
+    Sampler.apply_processors(processed, meta)
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + outputs[0]]),
+                                                     logits.clone())
+    torch.testing.assert_close(processed, expected)
+
+
+def test_presence_and_frequency_penalties_use_output_counts_only():
+    logits = _logits(1)
+    meta = _metadata([_params(presence_penalty=0.5, frequency_penalty=0.25)], [1, 2],
+                     [[4, 4, 4, 9]])
+    processed = logits.clone()
+    Sampler.apply_processors(processed, meta)
+    delta = (logits - processed)[0]
+    expected = torch.zeros(V)
+    expected[4] = 0.5 + 3 * 0.25
+    expected[9] = 0.5 + 0.25
+    torch.testing.assert_close(delta, expected)  # prompt tokens 1, 2 untouched
+
+
+def _histogram(params: common_pb2.SamplingParams, logits_row: torch.Tensor,
+               n: int = 4000) -> torch.Tensor:
+    logits = logits_row.expand(n, V).clone()
+    tokens, _ = _sampler(1)(logits, _metadata([params] * n))
+    return torch.bincount(tokens, minlength=V).float() / n
+
+
+def test_temperature_sampling_follows_the_softmax():
+    logits = _logits(1)[0]
+    for temperature in (0.5, 1.0, 2.0):
+        freq = _histogram(_params(temperature=temperature), logits)
+        expected = torch.softmax(logits / temperature, -1)
+        assert (freq - expected).abs().sum() / 2 < 0.05, temperature
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = _logits(1)[0]
+    freq = _histogram(_params(temperature=1.0, top_k=3), logits)
+    allowed = set(logits.topk(3).indices.tolist())
+    assert {i for i in range(V) if freq[i] > 0} == allowed
+    expected = torch.zeros(V)
+    expected[list(allowed)] = torch.softmax(logits[list(allowed)], -1)
+    assert (freq - expected).abs().sum() / 2 < 0.05
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = _logits(1)[0]
+    probs = torch.softmax(logits, -1)
+    order = probs.argsort(descending=True)
+    cum = probs[order].cumsum(0)
+    nucleus = set(order[: int((cum < 0.6).sum()) + 1].tolist())
+    freq = _histogram(_params(temperature=1.0, top_p=0.6), logits)
+    assert {i for i in range(V) if freq[i] > 0} == nucleus
+    # with top-k too: the smaller of the two sets
+    freq = _histogram(_params(temperature=1.0, top_p=0.6, top_k=1), logits)
+    assert {i for i in range(V) if freq[i] > 0} == {int(order[0])}
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = _logits(1)[0]
+    probs = torch.softmax(logits, -1)
+    freq = _histogram(_params(temperature=1.0, min_p=0.3), logits)
+    assert {i for i in range(V) if freq[i] > 0} == set(
+        torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
+
+
+def test_mixed_batch_applies_each_rows_parameters():
+    logits = _logits(4)
+    params = [_params(temperature=0), _params(temperature=1.0, top_k=1),
+              _params(temperature=0, logit_bias={3: 100.0}), _params(temperature=1.0)]
+    tokens, _ = _sampler()(logits, _metadata(params))
+    assert tokens[0] == logits[0].argmax() and tokens[1] == logits[1].argmax()
+    assert tokens[2] == 3
+
+
+def _seeded_run(seed: int, neighbours: list[common_pb2.SamplingParams], steps: int = 20):
+    logits_row = _logits(1, seed=5)
+    params = [*neighbours, _params(temperature=1.0, seed=seed)]
+    meta = _metadata(params)
+    sampler = _sampler(seed=len(neighbours))  # the unseeded stream differs between runs
+    out = []
+    for _ in range(steps):
+        logits = torch.cat([_logits(len(neighbours), seed=len(out)), logits_row])
+        tokens, _ = sampler(logits, meta)
+        out.append(int(tokens[-1]))
+    return out
+
+
+def test_seeded_sampling_ignores_batch_composition():
+    alone = _seeded_run(42, [])
+    crowded = _seeded_run(42, [_params(temperature=1.0), _params(temperature=0.7, seed=7),
+                               _params(temperature=0)])
+    assert alone == crowded
+    assert _seeded_run(43, []) != alone
+
+
+def test_logprobs_come_from_raw_logits():
+    logits = _logits(2)
+    params = [_params(temperature=0, logprobs=3, logit_bias={1: 50.0}, repetition_penalty=2.0),
+              _params(temperature=0.0)]
+    tokens, logprobs = _sampler()(logits, _metadata(params))
+    assert tokens[0] == 1
+    raw = torch.log_softmax(logits[0], -1)
+    assert logprobs.token_ids.tolist() == [1]  # only the row that asked
+    torch.testing.assert_close(logprobs.logprobs[0], raw[1])
+    assert int(logprobs.ranks[0]) == int((raw >= raw[1]).sum())
+    torch.testing.assert_close(logprobs.top_logprobs[0], raw.topk(3).values)
+    proto = logprobs.to_protos([3])[0]
+    assert proto.token_id == 1 and list(proto.top_token_ids) == raw.topk(3).indices.tolist()
+    assert list(logprobs.to_protos([0])[0].top_token_ids) == []

@@ -1,0 +1,288 @@
+"""Per-request state that persists across steps, kept as rows of preallocated numpy arrays.
+
+Each live request owns one row: its token ids (prompt + outputs), block table, counters and
+sampling parameters. A step gathers what it needs with fancy indexing over the rows it
+schedules, so building the step's tensors costs a few numpy calls, not a Python loop per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from splitserve.protos import worker_pb2
+from splitserve.worker.sampler import SamplingMetadata
+
+_SAMPLING_EPS = 1e-5
+"""Temperatures below this sample greedily (vLLM's threshold)."""
+
+
+class InputBatch:
+    """Rows of request state; `rows[request_id]` is the row of a live request."""
+
+    def __init__(self, max_model_len: int, block_size: int, vocab_size: int,
+                 num_blocks: int, device: torch.device, initial_rows: int = 64,
+                 max_logprobs: int = 20) -> None:
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.num_cache_blocks = num_blocks
+        self.device = device
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.rows: dict[str, int] = {}
+        self.req_ids: list[str | None] = []
+        self.free_rows: list[int] = []
+        self.generators: list[torch.Generator | None] = []
+        self.logit_bias: list[dict[int, float] | None] = []
+        self.stop_ids: list[list[int]] = []
+        self.num_seeded = 0
+        self.num_biased = 0
+        self._alloc(initial_rows)
+
+    def _alloc(self, n: int) -> None:
+        # NOTE: np.zeros maps untouched pages lazily, so max_model_len-wide rows cost only
+        # what requests actually fill.
+        self.token_ids = np.zeros((n, self.max_model_len + 1), np.int32)
+        self.block_table = np.zeros((n, self.max_blocks_per_seq), np.int32)
+        self.num_tokens = np.zeros(n, np.int32)
+        self.num_prompt = np.zeros(n, np.int32)
+        self.num_computed = np.zeros(n, np.int32)
+        self.num_blocks = np.zeros(n, np.int32)
+        self.temperature = np.zeros(n, np.float32)
+        self.top_p = np.ones(n, np.float32)
+        self.top_k = np.zeros(n, np.int32)
+        self.min_p = np.zeros(n, np.float32)
+        self.presence = np.zeros(n, np.float32)
+        self.frequency = np.zeros(n, np.float32)
+        self.repetition = np.ones(n, np.float32)
+        self.min_tokens = np.zeros(n, np.int32)
+        self.logprobs = np.full(n, -1, np.int32)
+        self.prompt_logprobs = np.full(n, -1, np.int32)
+        self.ignore_eos = np.zeros(n, bool)
+        self.req_ids += [None] * n
+        self.generators += [None] * n
+        self.logit_bias += [None] * n
+        self.stop_ids += [[] for _ in range(n)]
+        self.free_rows = list(range(n - 1, -1, -1))
+
+    def _grow(self) -> None:
+        old = len(self.req_ids)
+        arrays = {name: getattr(self, name) for name, value in vars(self).items()
+                  if isinstance(value, np.ndarray)}
+        for name, array in arrays.items():
+            grown = np.zeros((old * 2, *array.shape[1:]), array.dtype)
+            grown[:old] = array
+            setattr(self, name, grown)
+        self.top_p[old:] = 1
+        self.repetition[old:] = 1
+        self.logprobs[old:] = -1
+        self.prompt_logprobs[old:] = -1
+        self.req_ids += [None] * old
+        self.generators += [None] * old
+        self.logit_bias += [None] * old
+        self.stop_ids += [[] for _ in range(old)]
+        self.free_rows = list(range(2 * old - 1, old - 1, -1))
+
+    def add(self, req: worker_pb2.NewRequest) -> str | None:
+        """Create the request's row; return an error message instead when it is invalid."""
+        error = self._validate(req)
+        if error:
+            return error
+        if req.request_id in self.rows:
+            self.remove(req.request_id)  # resumed after preemption without a finish notice
+        if not self.free_rows:
+            self._grow()
+        row = self.free_rows.pop()
+        self.rows[req.request_id] = row
+        self.req_ids[row] = req.request_id
+        n = len(req.token_ids)
+        self.token_ids[row, :n] = req.token_ids
+        self.num_tokens[row] = n
+        self.num_prompt[row] = req.num_prompt_tokens if req.num_prompt_tokens > 0 else n
+        self.num_computed[row] = req.num_computed_tokens
+        self.num_blocks[row] = 0
+        self.append_blocks(row, req.block_ids)
+        self._set_sampling(row, req.sampling_params)
+        return None
+
+    def _validate(self, req: worker_pb2.NewRequest) -> str | None:
+        n = len(req.token_ids)
+        if n == 0:
+            return "request has no token ids"
+        if n > self.max_model_len:
+            return f"request has {n} tokens, more than max_model_len ({self.max_model_len})"
+        ids = np.asarray(req.token_ids, dtype=np.int64)
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            return (f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})")
+        if not 0 <= req.num_computed_tokens < n:
+            return f"num_computed_tokens {req.num_computed_tokens} is outside [0, {n})"
+        if not 0 <= req.num_prompt_tokens <= n:
+            return f"num_prompt_tokens {req.num_prompt_tokens} is outside [0, {n}]"
+        return self._check_sampling(req.sampling_params) or self._check_blocks(req.block_ids, 0)
+
+    def _check_sampling(self, sp) -> str | None:
+        """What would make this request's row NaN or crash the batch (the gateway checks the
+        rest); everything else was validated upstream."""
+        for t in [*sp.stop_token_ids, *sp.logit_bias]:
+            if not 0 <= t < self.vocab_size:
+                return f"token id {t} in sampling parameters is outside [0, {self.vocab_size})"
+        if sp.HasField("temperature") and not sp.temperature >= 0:
+            return f"temperature must be non-negative, got {sp.temperature}"
+        if sp.HasField("top_p") and not 0 < sp.top_p <= 1:
+            return f"top_p must be in (0, 1], got {sp.top_p}"
+        if sp.HasField("repetition_penalty") and not sp.repetition_penalty > 0:
+            return f"repetition_penalty must be greater than 0, got {sp.repetition_penalty}"
+        if not 0 <= sp.min_p <= 1:
+            return f"min_p must be in [0, 1], got {sp.min_p}"
+        for name in ("logprobs", "prompt_logprobs"):
+            if sp.HasField(name) and not 0 <= getattr(sp, name) <= self.max_logprobs:
+                return (f"{name} must be between 0 and {self.max_logprobs}, "
+                        f"got {getattr(sp, name)}")
+        return None
+
+    def _check_blocks(self, block_ids, have: int) -> str | None:
+        if not block_ids:
+            return None
+        ids = np.asarray(block_ids)
+        if ids.min() < 0 or ids.max() >= self.num_cache_blocks:
+            return f"block ids must be in [0, {self.num_cache_blocks}), got {block_ids}"
+        if have + len(ids) > self.max_blocks_per_seq:
+            return f"block table would exceed {self.max_blocks_per_seq} blocks"
+        return None
+
+    def _set_sampling(self, row: int, sp) -> None:
+        temperature = sp.temperature if sp.HasField("temperature") else 1.0
+        self.temperature[row] = temperature if temperature >= _SAMPLING_EPS else 0.0
+        self.top_p[row] = sp.top_p if sp.HasField("top_p") else 1.0
+        self.top_k[row] = max(sp.top_k, 0) if sp.HasField("top_k") else 0
+        self.min_p[row] = sp.min_p
+        self.presence[row] = sp.presence_penalty
+        self.frequency[row] = sp.frequency_penalty
+        self.repetition[row] = sp.repetition_penalty if sp.HasField("repetition_penalty") else 1.0
+        self.min_tokens[row] = sp.min_tokens
+        self.logprobs[row] = sp.logprobs if sp.HasField("logprobs") else -1
+        self.prompt_logprobs[row] = sp.prompt_logprobs if sp.HasField("prompt_logprobs") else -1
+        self.ignore_eos[row] = sp.ignore_eos
+        self.logit_bias[row] = dict(sp.logit_bias) or None
+        self.num_biased += self.logit_bias[row] is not None
+        self.stop_ids[row] = list(sp.stop_token_ids)
+        if sp.HasField("seed"):
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(sp.seed)
+            self.generators[row] = gen
+            self.num_seeded += 1
+        else:
+            self.generators[row] = None
+
+    def append_blocks(self, row: int, block_ids) -> str | None:
+        """Append to the row's block table; an error message when the ids are invalid."""
+        if not block_ids:
+            return None
+        have = int(self.num_blocks[row])
+        error = self._check_blocks(block_ids, have)
+        if error:
+            return error
+        self.block_table[row, have:have + len(block_ids)] = block_ids
+        self.num_blocks[row] = have + len(block_ids)
+        return None
+
+    def remove(self, req_id: str) -> None:
+        """Forget a request (unknown ids are ignored)."""
+        row = self.rows.pop(req_id, None)
+        if row is None:
+            return
+        self.req_ids[row] = None
+        self.num_seeded -= self.generators[row] is not None
+        self.num_biased -= self.logit_bias[row] is not None
+        self.generators[row] = None
+        self.logit_bias[row] = None
+        self.stop_ids[row] = []
+        self.free_rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sampling_metadata(self, rows: np.ndarray, eos_token_ids: list[int]) -> SamplingMetadata:
+        """Gather the sampling inputs of `rows` (one per sampling request, in batch order)."""
+        device = self.device
+        temperature = self.temperature[rows]
+        greedy = temperature == 0
+        meta = SamplingMetadata(torch.from_numpy(temperature).to(device),
+                                all_greedy=bool(greedy.all()), all_random=not greedy.any())
+        if not meta.all_greedy:
+            self._random_params(meta, rows)
+        self._penalties(meta, rows)
+        self._masks(meta, rows, eos_token_ids)
+        num_logprobs = self.logprobs[rows]
+        wanted = np.flatnonzero(num_logprobs >= 0)
+        if wanted.size:
+            meta.logprob_rows = torch.from_numpy(wanted).to(device)
+            meta.max_num_logprobs = int(num_logprobs[wanted].max())
+        return meta
+
+    def _random_params(self, meta: SamplingMetadata, rows: np.ndarray) -> None:
+        device = self.device
+        top_k, top_p, min_p = self.top_k[rows], self.top_p[rows], self.min_p[rows]
+        if (top_k > 0).any():
+            meta.top_k = torch.from_numpy(top_k.astype(np.int64)).to(device)
+        if (top_p < 1).any():
+            meta.top_p = torch.from_numpy(top_p).to(device)
+        if (min_p > 0).any():
+            meta.min_p = torch.from_numpy(min_p).to(device)
+        if self.num_seeded:
+            gens = self.generators
+            meta.generators = {i: gens[r] for i, r in enumerate(rows.tolist())
+                               if gens[r] is not None}
+
+    def _penalties(self, meta: SamplingMetadata, rows: np.ndarray) -> None:
+        presence, frequency = self.presence[rows], self.frequency[rows]
+        repetition = self.repetition[rows]
+        if not ((presence != 0).any() or (frequency != 0).any() or (repetition != 1).any()):
+            return
+        device = self.device
+        num_tokens, num_prompt = self.num_tokens[rows], self.num_prompt[rows]
+        width = int(num_tokens.max())
+        tokens = self.token_ids[rows, :width].astype(np.int64)
+        cols = np.arange(width)[None, :]
+        pad = self.vocab_size
+        prompt = np.where(cols < num_prompt[:, None], tokens, pad)
+        output = np.where((cols >= num_prompt[:, None]) & (cols < num_tokens[:, None]), tokens, pad)
+        meta.presence_penalty = torch.from_numpy(presence).to(device)
+        meta.frequency_penalty = torch.from_numpy(frequency).to(device)
+        meta.repetition_penalty = torch.from_numpy(repetition).to(device)
+        meta.prompt_token_ids = torch.from_numpy(prompt).to(device)
+        meta.output_token_ids = torch.from_numpy(output).to(device)
+
+    def _masks(self, meta: SamplingMetadata, rows: np.ndarray, eos_token_ids: list[int]) -> None:
+        device = self.device
+        num_output = self.num_tokens[rows] - self.num_prompt[rows]
+        pending = np.flatnonzero(num_output < self.min_tokens[rows])
+        if pending.size:
+            mask_rows: list[int] = []
+            mask_cols: list[int] = []
+            for i in pending.tolist():
+                row = int(rows[i])
+                ids = self.stop_ids[row] + ([] if self.ignore_eos[row] else eos_token_ids)
+                mask_rows += [i] * len(ids)
+                mask_cols += ids
+            if mask_rows:
+                meta.masked_rows = torch.tensor(mask_rows, dtype=torch.int64, device=device)
+                meta.masked_cols = torch.tensor(mask_cols, dtype=torch.int64, device=device)
+        if self.num_biased:
+            b_rows: list[int] = []
+            b_cols: list[int] = []
+            b_vals: list[float] = []
+            for i, row in enumerate(rows.tolist()):
+                bias = self.logit_bias[row]
+                if bias:
+                    b_rows += [i] * len(bias)
+                    b_cols += bias.keys()
+                    b_vals += bias.values()
+            if b_rows:
+                meta.bias_rows = torch.tensor(b_rows, dtype=torch.int64, device=device)
+                meta.bias_cols = torch.tensor(b_cols, dtype=torch.int64, device=device)
+                meta.bias_values = torch.tensor(b_vals, dtype=torch.float32, device=device)

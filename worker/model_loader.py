@@ -1,0 +1,289 @@
+"""Load this rank's slice of a Hugging Face checkpoint: config, EOS ids, weights by name.
+
+Weights come from *.safetensors (one file, several, or sharded through
+model.safetensors.index.json), from *.bin / *.pt (`load_format="pt"`, or "auto" without
+safetensors), or are random (`dummy`). Only tensors this rank owns are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitserve.model_path import ALLOW_PATTERNS, resolve_model_path
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.linear import MergedLinear
+from splitserve.worker.models.registry import get_model_class
+from splitserve.worker.pipeline import layer_range
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float": torch.float32, "half": torch.float16}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")
+_PT_EXCLUDE = {"training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt",
+               "rng_state.pth"}
+
+
+@dataclass
+class LoadedModel:
+    """A model slice on its device, with the facts the runner needs about it."""
+
+    model: nn.Module
+    hf_config: Any
+    path: pathlib.Path
+    dtype: torch.dtype
+    device: torch.device
+    eos_token_ids: list[int]
+    start_layer: int
+    end_layer: int
+    max_model_len: int
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the embedding (may exceed the tokenizer's vocabulary)."""
+        return int(self.hf_config.vocab_size)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, raw_config: dict, device: torch.device) -> torch.dtype:
+    """"auto" -> the checkpoint's dtype on CUDA (fp32 checkpoints stay fp32), float32 on CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    saved = raw_config.get("dtype") or raw_config.get("torch_dtype") or "float32"
+    return _DTYPES.get(str(saved).removeprefix("torch."), torch.float32)
+
+
+def read_eos_token_ids(path: pathlib.Path, hf_config: Any) -> list[int]:
+    """Union of config.json's and generation_config.json's eos_token_id (int or list)."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+
+    add(getattr(hf_config, "eos_token_id", None))
+    gen = path / "generation_config.json"
+    if gen.exists():
+        add(json.loads(gen.read_text()).get("eos_token_id"))
+    return ids
+
+
+def _resolve_folder(config: WorkerConfig) -> pathlib.Path:
+    patterns = ALLOW_PATTERNS + (["*.bin", "*.pt"] if config.load_format == "pt" else [])
+    path = resolve_model_path(config.model, config.revision, allow_patterns=patterns)
+    if config.load_format == "auto" and not list(path.glob("*.safetensors")) and not (
+            pathlib.Path(config.model).is_dir()):
+        path = resolve_model_path(config.model, config.revision,
+                                  allow_patterns=ALLOW_PATTERNS + ["*.bin", "*.pt"])
+    return path
+
+
+def load_hf_config(path: pathlib.Path) -> tuple[dict, Any]:
+    """(raw config.json dict, transformers config) after checking the architecture is known."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json")
+    raw = json.loads(config_file.read_text())
+    get_model_class(raw.get("architectures"))  # fail early, naming the supported ones
+    from transformers import AutoConfig
+
+    return raw, AutoConfig.from_pretrained(path)
+
+
+def load_model(config: WorkerConfig) -> LoadedModel:
+    """Build this rank's model slice on its device and fill its weights."""
+    path = _resolve_folder(config)
+    raw, hf_config = load_hf_config(path)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, raw, device)
+    max_model_len = _max_model_len(config, hf_config)
+    start, end = layer_range(hf_config.num_hidden_layers, config.rank,
+                             config.pipeline_parallel_size)
+    cls = get_model_class(raw.get("architectures"))
+    with _default_dtype(dtype), torch.device("meta"):
+        model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank,
+                    max_model_len)
+    model.to_empty(device=device)
+    model.post_materialize()
+    if config.load_format == "dummy":
+        _init_dummy(model, config.seed)
+    else:
+        load_weights(model, iterate_weights(path, config.load_format, _owned_by(model)))
+    model.eval()
+    logger.info("loaded %s layers [%d, %d) of %d as %s on %s", path.name, start, end,
+                hf_config.num_hidden_layers, dtype, device)
+    return LoadedModel(model, hf_config, path, dtype, device, read_eos_token_ids(path, hf_config),
+                       start, end, max_model_len)
+
+
+def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
+    limit = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+    if config.max_model_len is None:
+        if not limit:
+            raise ValueError("the model config has no max_position_embeddings; set max_model_len")
+        return limit
+    if limit and config.max_model_len > limit:
+        raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
+                         f"max_position_embeddings ({limit})")
+    return config.max_model_len
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _init_dummy(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            values = torch.empty(param.shape, dtype=torch.float32).uniform_(
+                -1e-3, 1e-3, generator=generator)
+            param.copy_(values)
+
+
+def _owned_by(model: nn.Module) -> Callable[[str], bool]:
+    """Predicate over checkpoint names: does this rank hold (or derive a tensor from) it?"""
+    inner = model.model
+    first, last = inner.embed_tokens is not None, model.lm_head is not None
+
+    def owned(name: str) -> bool:
+        if m := _LAYER_RE.match(name):
+            return inner.start_layer <= int(m.group(1)) < inner.end_layer
+        if name.startswith("model.embed_tokens."):
+            return first or last  # the last rank may need it for a tied lm_head
+        if name.startswith(("model.norm.", "lm_head.")):
+            return last
+        return True
+
+    return owned
+
+
+def _weight_files(path: pathlib.Path, load_format: str) -> tuple[str, list[pathlib.Path]]:
+    safetensors = sorted(path.glob("*.safetensors"))
+    if load_format in ("auto", "safetensors") and safetensors:
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return "safetensors", [path / n for n in names]
+        return "safetensors", safetensors
+    if load_format == "safetensors":
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    pt = sorted(p for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")]
+                if p.name not in _PT_EXCLUDE)
+    if not pt:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin, *.pt) in {path}")
+    return "pt", pt
+
+
+def iterate_weights(path: pathlib.Path, load_format: str,
+                    wanted: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (checkpoint name, CPU tensor) for every tensor `wanted` accepts."""
+    kind, files = _weight_files(path, load_format)
+    for file in files:
+        if kind == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    if wanted(name):
+                        yield name, f.get_tensor(name)
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            for name, tensor in state.items():
+                if wanted(name):
+                    yield name, tensor
+            del state
+
+
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy checkpoint tensors into `model` by name, packing fused shards; check completeness.
+
+    A tied (or missing) lm_head takes model.embed_tokens.weight.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    expected = _expected_keys(model)
+    loaded: set[tuple[str, str | None]] = set()
+    embed: torch.Tensor | None = None
+    for name, tensor in weights:
+        if _IGNORED_RE.search(name):
+            continue
+        if name == "model.embed_tokens.weight":
+            embed = tensor
+        if name == "lm_head.weight" and tied:
+            continue  # a tied lm_head is the embedding, whatever the file also stores
+        module_name, _, param_name = name.rpartition(".")
+        head, _, leaf = module_name.rpartition(".")
+        if leaf in packed:
+            fused_name, shard = packed[leaf]
+            fused = f"{head}.{fused_name}" if head else fused_name
+            module = modules.get(fused)
+            if isinstance(module, MergedLinear):
+                module.load_shard(param_name, shard, tensor)
+                loaded.add((f"{fused}.{param_name}", shard))
+                continue
+        if name not in params:
+            if name != "model.embed_tokens.weight":
+                logger.warning("ignoring checkpoint tensor %s: no such parameter", name)
+            continue
+        _copy(params[name], tensor, name)
+        loaded.add((name, None))
+    if "lm_head.weight" in params and ("lm_head.weight", None) not in loaded:
+        if embed is None:
+            raise ValueError("lm_head.weight is missing and no model.embed_tokens.weight to tie it to")
+        _copy(params["lm_head.weight"], embed, "lm_head.weight (tied to model.embed_tokens)")
+        loaded.add(("lm_head.weight", None))
+    missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} weights this rank needs: "
+                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+
+
+def _expected_keys(model: nn.Module) -> set[tuple[str, str | None]]:
+    keys: set[tuple[str, str | None]] = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, MergedLinear):
+                keys.update((full, shard) for shard in module.shard_sizes)
+            else:
+                keys.add((full, None))
+    return keys
+
+
+def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model "
+                         f"expects {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)

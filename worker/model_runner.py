@@ -1,0 +1,375 @@
+"""ModelRunner: one pipeline rank's model, KV cache and per-request state; runs scheduler steps.
+
+Step semantics (`execute`): forget `finished_request_ids`; add `new_requests`; extend the block
+tables of `cached_requests` and take their `num_computed_tokens`; compute
+token_ids[num_computed : num_computed + n] for every scheduled request; a request whose
+computed tokens then cover all its known tokens samples one token, appended to its token ids
+(so the next decode step's input is already there, which is what lets the scheduler run one
+step ahead). Only the positions that are sampled, plus every position of prompt-logprobs
+requests, go through lm_head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from splitserve.protos import common_pb2, worker_pb2
+from splitserve.worker import kv_cache as kv
+from splitserve.worker.attention import (
+    AttentionMetadata,
+    PrefillSeq,
+    TorchAttentionBackend,
+    forward_context,
+    get_attention_backend,
+)
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.input_batch import InputBatch
+from splitserve.worker.model_loader import load_model
+from splitserve.worker.pipeline import IntermediateTensors
+from splitserve.worker.sampler import Sampler, compute_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """The scheduled requests of one step, decode-first, and the tensors built for them."""
+
+    rows: np.ndarray
+    """Batch rows, decodes first."""
+    ends: np.ndarray
+    """Computed tokens per row after this step."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    sample_rows: np.ndarray
+    """Rows that sample a token this step."""
+    logits_indices: torch.Tensor
+    """Token indices whose logits are needed: sampling positions, then prompt-logprob ones."""
+    prompt_logprobs: list[tuple[str, int, int, int]]
+    """(request id, first logits index, count, top-k) of each prompt-logprobs chunk."""
+    prompt_targets: torch.Tensor | None
+    """The next prompt token of every prompt-logprobs position, in that order."""
+
+
+class ModelRunner:
+    """Loads the model slice at construction; `initialize_cache` must run before `execute`."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self._init_model()
+        self._init_sampling()
+        self.kv_cache: kv.KVCache | None = None
+        self.batch: InputBatch | None = None
+        self.block_size = 0
+
+    def _init_model(self) -> None:
+        loaded = load_model(self.config)
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.dtype = loaded.dtype
+        self.eos_token_ids = loaded.eos_token_ids
+        self.vocab_size = loaded.vocab_size
+        self.max_model_len = loaded.max_model_len
+        self.is_first = self.config.is_first_rank
+        self.is_last = self.config.is_last_rank
+        self.backend = get_attention_backend(self.config.attention_backend, self.device)
+
+    def _init_sampling(self) -> None:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.config.seed)
+        self.sampler = Sampler(generator)
+
+    # ------------------------------------------------------------------ setup RPCs
+
+    def describe(self, block_size: int) -> worker_pb2.DescribeResponse:
+        """Model facts and the KV memory this rank can give, for `block_size`."""
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        profile = self._profile_peak_memory if self.device.type == "cuda" else None
+        available = (self.kv_cache.nbytes if self.kv_cache is not None
+                     else kv.available_kv_bytes(self.config, self.device, profile))
+        return worker_pb2.DescribeResponse(
+            rank=self.config.rank, world_size=self.config.pipeline_parallel_size,
+            vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+            eos_token_ids=self.eos_token_ids,
+            bytes_per_block=kv.bytes_per_block(self.model, block_size, self.dtype),
+            available_kv_bytes=available, model=self.config.model)
+
+    def initialize_cache(self, num_blocks: int, block_size: int) -> float:
+        """Allocate the KV cache and warm up with a dummy step; returns the seconds spent."""
+        start = time.perf_counter()
+        if self.kv_cache is not None:
+            self.kv_cache.unbind()
+            self.kv_cache = None
+        self.kv_cache = kv.KVCache(self.model, num_blocks, block_size, self.dtype, self.device)
+        self.block_size = block_size
+        self.batch = InputBatch(self.max_model_len, block_size, self.vocab_size, num_blocks,
+                                self.device, initial_rows=min(self.config.max_num_seqs, 64),
+                                max_logprobs=min(self.config.max_logprobs, self.vocab_size))
+        self._warm_up()
+        seconds = time.perf_counter() - start
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), ready in %.2fs", num_blocks,
+                    block_size, self.kv_cache.nbytes / 2**20, seconds)
+        return seconds
+
+    def _warm_up(self) -> None:
+        """Run a prefill and a decode step of a throwaway request through every path."""
+        capacity = self.kv_cache.num_blocks * self.block_size
+        length = max(1, min(16, capacity - 1, self.max_model_len - 1))
+        blocks = list(range(math.ceil((length + 1) / self.block_size)))
+        req = worker_pb2.NewRequest(
+            request_id="__warmup__", token_ids=[0] * length, block_ids=blocks,
+            num_prompt_tokens=length, sampling_params=common_pb2.SamplingParams(temperature=0))
+        steps = [worker_pb2.StepRequest(step_id=-1, new_requests=[req],
+                                        num_scheduled_tokens={"__warmup__": length}),
+                 worker_pb2.StepRequest(step_id=-1, num_scheduled_tokens={"__warmup__": 1})]
+        for i, step in enumerate(steps):
+            if not self.is_last and i == 1:
+                self.record_sampled(["__warmup__"], [0])
+            self.execute(step, self._dummy_intermediate(length if i == 0 else 1))
+        self.batch.remove("__warmup__")
+
+    def _dummy_intermediate(self, num_tokens: int) -> IntermediateTensors | None:
+        if self.is_first:
+            return None
+        hidden = self.loaded.hf_config.hidden_size
+        zeros = torch.zeros(num_tokens, hidden, dtype=self.dtype, device=self.device)
+        return IntermediateTensors(zeros, zeros.clone())
+
+    def _profile_peak_memory(self) -> int:
+        """Peak CUDA memory (weights included) of the largest step, before any KV cache."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.profile_forward()
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    @torch.inference_mode()
+    def profile_forward(self) -> None:
+        """Run the largest step the scheduler may send (max_num_batched_tokens prompt tokens,
+        lm_head and log-softmax over max_num_seqs rows) without a KV cache."""
+        num_tokens = min(self.config.max_num_batched_tokens,
+                         self.config.max_num_seqs * self.max_model_len)
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device) % self.max_model_len
+        seqs, start = [], 0
+        while start < num_tokens:  # sequences no longer than the context
+            n = min(self.max_model_len, num_tokens - start)
+            seqs.append(PrefillSeq(start, n, n, None))
+            start += n
+        meta = AttentionMetadata(num_tokens, None, 0, prefills=seqs)
+        # No cache exists yet, and the kernels read keys from it: profile with SDPA.
+        with forward_context(TorchAttentionBackend(), meta):
+            out = self.model(input_ids, positions, self._dummy_intermediate(num_tokens))
+        if self.is_last:
+            rows = min(self.config.max_num_seqs, num_tokens)
+            self.model.compute_logits(out[:rows]).float().log_softmax(-1)
+
+    # ------------------------------------------------------------------ steps
+
+    @torch.inference_mode()
+    def execute(self, step: worker_pb2.StepRequest,
+                intermediate: IntermediateTensors | None = None
+                ) -> worker_pb2.StepResult | IntermediateTensors:
+        """Run one scheduler step. The last rank returns a StepResult; the others return the
+        tensors for the next rank (and must later be told the sampled tokens, see
+        `record_sampled`)."""
+        batch = self.batch
+        if batch is None:
+            raise RuntimeError("initialize_cache must run before execute")
+        errors: dict[str, str] = {}
+        self._update_states(step, errors)
+        plan = self._plan(step, errors)
+        if plan is None:
+            if not self.is_last:
+                return self._empty_intermediate()
+            return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
+        with forward_context(self.backend, plan.attn):
+            out = self.model(plan.input_ids, plan.positions, intermediate)
+        batch.num_computed[plan.rows] = plan.ends
+        if not self.is_last:
+            return out
+        if plan.logits_indices.numel() == 0:  # only partial prefill chunks this step
+            return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
+        logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
+        return self._sample(step, plan, logits, errors)
+
+    def _empty_intermediate(self) -> IntermediateTensors:
+        hidden = self.loaded.hf_config.hidden_size
+        empty = torch.empty(0, hidden, dtype=self.dtype, device=self.device)
+        return IntermediateTensors(empty, empty)
+
+    def record_sampled(self, request_ids: list[str], token_ids: list[int]) -> None:
+        """Append tokens sampled by the last rank (non-last ranks keep token ids in step)."""
+        batch = self.batch
+        for rid, tok in zip(request_ids, token_ids, strict=True):
+            row = batch.rows.get(rid)
+            if row is not None:
+                batch.token_ids[row, batch.num_tokens[row]] = tok
+                batch.num_tokens[row] += 1
+
+    def _update_states(self, step: worker_pb2.StepRequest, errors: dict[str, str]) -> None:
+        batch = self.batch
+        for rid in step.finished_request_ids:
+            batch.remove(rid)
+        for req in step.new_requests:
+            error = batch.add(req)
+            if error:
+                errors[req.request_id] = error
+        for cached in step.cached_requests:
+            row = batch.rows.get(cached.request_id)
+            if row is None:
+                continue  # reported if it is scheduled
+            error = batch.append_blocks(row, cached.new_block_ids)
+            if error:
+                errors[cached.request_id] = error
+                batch.remove(cached.request_id)
+                continue
+            batch.num_computed[row] = cached.num_computed_tokens
+
+    def _plan(self, step: worker_pb2.StepRequest, errors: dict[str, str]) -> StepPlan | None:
+        batch = self.batch
+        rows_of = batch.rows
+        rows_list: list[int] = []
+        counts: list[int] = []
+        for rid, n in step.num_scheduled_tokens.items():
+            row = rows_of.get(rid)
+            if row is None:
+                errors.setdefault(rid, f"request {rid!r} is not known to this worker")
+            elif n > 0:
+                rows_list.append(row)
+                counts.append(n)
+        if not rows_list:
+            return None
+        rows = np.array(rows_list, dtype=np.int64)
+        q = np.array(counts, dtype=np.int64)
+        starts = batch.num_computed[rows].astype(np.int64)
+        ends = starts + q
+        bad = ((ends > batch.num_tokens[rows]) | (ends > self.max_model_len)
+               | ((ends - 1) // self.block_size >= batch.num_blocks[rows]))
+        if bad.any():
+            rows, q, starts, ends = self._drop_bad(rows, q, starts, ends, bad, errors)
+            if rows.size == 0:
+                return None
+        # Decodes first, shortest context first (the attention backend batches decodes of
+        # similar length together), then the multi-token queries.
+        order = np.lexsort((ends, q != 1))
+        rows, q, starts, ends = rows[order], q[order], starts[order], ends[order]
+        return self._build(rows, q, starts, ends)
+
+    def _drop_bad(self, rows, q, starts, ends, bad, errors):
+        batch = self.batch
+        for i in np.flatnonzero(bad).tolist():
+            row = int(rows[i])
+            rid = batch.req_ids[row]
+            errors[rid] = (f"cannot compute tokens [{starts[i]}, {ends[i]}): the request has "
+                           f"{batch.num_tokens[row]} tokens, {batch.num_blocks[row]} blocks of "
+                           f"{self.block_size}, and max_model_len is {self.max_model_len}")
+            batch.remove(rid)
+        keep = ~bad
+        return rows[keep], q[keep], starts[keep], ends[keep]
+
+    def _build(self, rows: np.ndarray, q: np.ndarray, starts: np.ndarray,
+               ends: np.ndarray) -> StepPlan:
+        batch, bs, device = self.batch, self.block_size, self.device
+        cu = np.cumsum(q)
+        offsets = cu - q
+        num_tokens = int(cu[-1])
+        token_rows = np.repeat(rows, q)
+        positions = np.arange(num_tokens) + np.repeat(starts - offsets, q)
+        input_ids = batch.token_ids[token_rows, positions]
+        slots = batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        num_decodes = int(np.count_nonzero(q == 1))
+        width = math.ceil(int(ends.max()) / bs)
+        tables = torch.from_numpy(batch.block_table[rows, :width]).to(device)
+        attn = AttentionMetadata(
+            num_tokens, torch.from_numpy(slots).to(device), num_decodes, block_tables=tables,
+            seq_lens=torch.from_numpy(ends.astype(np.int32)).to(device),
+            query_start_loc=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)).to(
+                device),
+            max_query_len=int(q.max()), max_seq_len=int(ends.max()))
+        if num_decodes:
+            decode_width = math.ceil(int(ends[:num_decodes].max()) / bs)
+            attn.decode_block_tables = tables[:num_decodes, :decode_width]
+            attn.decode_seq_lens = attn.seq_lens[:num_decodes]
+        for i in range(num_decodes, rows.size):
+            start, end = int(starts[i]), int(ends[i])
+            blocks = tables[i, :math.ceil(end / bs)] if start > 0 else None
+            attn.prefills.append(PrefillSeq(int(offsets[i]), end - start, end, blocks))
+        sampling = ends == batch.num_tokens[rows]
+        indices = cu[sampling] - 1
+        prompt_chunks, targets = self._prompt_logprob_positions(rows, starts, ends, offsets,
+                                                                indices.size)
+        if prompt_chunks:
+            indices = np.concatenate([indices, *(t[0] for t in targets)])
+        return StepPlan(
+            rows=rows, ends=ends,
+            input_ids=torch.from_numpy(input_ids).to(device),
+            positions=torch.from_numpy(positions).to(device), attn=attn,
+            sample_rows=rows[sampling],
+            logits_indices=torch.from_numpy(indices).to(device),
+            prompt_logprobs=prompt_chunks,
+            prompt_targets=(torch.from_numpy(np.concatenate([t[1] for t in targets])).to(device)
+                            if targets else None))
+
+    def _prompt_logprob_positions(self, rows, starts, ends, offsets, first_index):
+        """Per prompt-logprobs chunk: the logits indices and target tokens it needs."""
+        batch = self.batch
+        chunks: list[tuple[str, int, int, int]] = []
+        targets: list[tuple[np.ndarray, np.ndarray]] = []
+        wanted = np.flatnonzero(batch.prompt_logprobs[rows] >= 0)
+        index = first_index
+        for i in wanted.tolist():
+            row = int(rows[i])
+            start, stop = int(starts[i]), min(int(ends[i]), int(batch.num_prompt[row]) - 1)
+            if stop <= start:
+                continue
+            positions = np.arange(start, stop)
+            targets.append((positions - start + offsets[i], batch.token_ids[row, positions + 1]))
+            chunks.append((batch.req_ids[row], index, stop - start,
+                           int(batch.prompt_logprobs[row])))
+            index += stop - start
+        return chunks, targets
+
+    def _sample(self, step: worker_pb2.StepRequest, plan: StepPlan, logits: torch.Tensor,
+                errors: dict[str, str]) -> worker_pb2.StepResult:
+        batch = self.batch
+        rows = plan.sample_rows
+        n = rows.size
+        result = worker_pb2.StepResult(step_id=step.step_id, errors=errors)
+        if n:
+            meta = batch.sampling_metadata(rows, self.eos_token_ids)
+            sampled, logprobs = self.sampler(logits[:n], meta)
+            tokens = sampled.cpu().numpy()
+            lengths = batch.num_tokens[rows]
+            batch.token_ids[rows, lengths] = tokens
+            batch.num_tokens[rows] = lengths + 1
+            req_ids = batch.req_ids
+            result.request_ids.extend([req_ids[r] for r in rows.tolist()])
+            result.token_ids.extend(tokens.tolist())
+            self._add_logprobs(result, rows, logprobs)
+        for rid, first, count, top in plan.prompt_logprobs:
+            chunk = compute_logprobs(logits[first:first + count],
+                                     plan.prompt_targets[first - n:first - n + count].long(), top)
+            result.prompt_logprobs[rid].entries.extend(chunk.to_protos([top] * count))
+        return result
+
+    def _add_logprobs(self, result: worker_pb2.StepResult, rows: np.ndarray, logprobs) -> None:
+        if logprobs is None:
+            result.logprobs.extend([common_pb2.TokenLogprobs() for _ in range(rows.size)])
+            return
+        num = self.batch.logprobs[rows]
+        wanted = np.flatnonzero(num >= 0)
+        filled = logprobs.to_protos(num[wanted].tolist())
+        entries = [common_pb2.TokenLogprobs() for _ in range(rows.size)]
+        for i, entry in zip(wanted.tolist(), filled, strict=True):
+            entries[i] = entry
+        result.logprobs.extend(entries)

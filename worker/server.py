@@ -1,0 +1,209 @@
+"""The worker's gRPC service: Describe, InitializeCache and the Execute step stream.
+
+Health (grpc.health.v1) says NOT_SERVING until the weights are loaded and InitializeCache has
+allocated the cache and warmed up, then SERVING; it turns NOT_SERVING again if a step fails
+unexpectedly (the engine is dead). All runner calls go through one thread, in order, so the
+event loop stays free to read the next StepRequest while a step computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from splitserve.protos import worker_pb2, worker_pb2_grpc
+from splitserve.worker.config import WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+MAX_MESSAGE_BYTES = 512 << 20
+"""Steps with many long prompts, and prompt logprobs, exceed gRPC's 4 MiB default."""
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class ExceptionInterceptor(grpc.aio.ServerInterceptor):
+    """Turns an unexpected exception in any handler into INTERNAL, logging its traceback."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, kind)
+            if behavior is not None:
+                factory = getattr(grpc, f"{kind}_rpc_method_handler")
+                return factory(_guard(behavior, method),
+                               request_deserializer=handler.request_deserializer,
+                               response_serializer=handler.response_serializer)
+        return handler
+
+
+def _guard(behavior, method: str):
+    async def fail(context, exc: Exception) -> None:
+        logger.exception("%s failed", method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await fail(context, exc)
+        return stream
+
+    async def call(request, context):
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await fail(context, exc)
+    return call
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    """Serves one ModelRunner; every runner call runs on the single `executor` thread."""
+
+    def __init__(self, health_servicer: health.aio.HealthServicer) -> None:
+        self.health = health_servicer
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
+        self.runner_ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.dead: BaseException | None = None
+
+    async def set_health(self, status) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _runner(self, context):
+        """The runner once loaded (waits for it); aborts when loading failed or a step died."""
+        try:
+            runner = await asyncio.shield(self.runner_ready)
+        except Exception as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model failed to load: {exc}")
+        if self.dead is not None:
+            await context.abort(grpc.StatusCode.INTERNAL, f"the worker is dead: {self.dead}")
+        return runner
+
+    async def Describe(self, request, context):
+        runner = await self._runner(context)
+        try:
+            return await self._call(runner.describe, request.block_size)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def InitializeCache(self, request, context):
+        runner = await self._runner(context)
+        if request.num_blocks < 1 or request.block_size < 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"num_blocks and block_size must be positive, got "
+                                f"{request.num_blocks} and {request.block_size}")
+        await self.set_health(_NOT_SERVING)
+        seconds = await self._call(runner.initialize_cache, request.num_blocks, request.block_size)
+        await self.set_health(_SERVING)
+        return worker_pb2.InitializeCacheResponse(seconds=seconds)
+
+    async def Execute(self, request_iterator, context):
+        runner = await self._runner(context)
+        if runner.batch is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "InitializeCache must run before Execute")
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def read() -> None:
+            # Keeps reading while a step computes, so the scheduler's next step is queued.
+            try:
+                async for step in request_iterator:
+                    await queue.put(step)
+            finally:
+                await queue.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (step := await queue.get()) is not None:
+                try:
+                    result = await self._call(runner.execute, step)
+                except Exception as exc:
+                    self.dead = exc
+                    await self.set_health(_NOT_SERVING)
+                    raise
+                yield result
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+
+async def run_worker(config: WorkerConfig, address: str, ready_event=None,
+                     grace: float = 5.0) -> None:
+    """Serve a worker on `address` (host:port or unix:path) until SIGTERM/SIGINT or cancelled.
+
+    The server listens (and `ready_event`, a threading.Event or asyncio.Event, is set) before
+    the weights load; health turns SERVING after InitializeCache. Raises when loading fails.
+    """
+    from splitserve.worker.model_runner import ModelRunner
+
+    loop = asyncio.get_running_loop()
+    server = grpc.aio.server(
+        interceptors=[ExceptionInterceptor()],
+        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    health_servicer = health.aio.HealthServicer()
+    servicer = WorkerServicer(health_servicer)
+    await servicer.set_health(_NOT_SERVING)
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if not server.add_insecure_port(address) and not address.startswith("unix:"):
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    logger.info("worker rank %d listening on %s", config.rank, address)
+    stop = asyncio.Event()
+    signals = _install_signal_handlers(loop, stop)
+    if ready_event is not None:
+        ready_event.set()
+    try:
+        try:
+            runner = await loop.run_in_executor(servicer.executor, ModelRunner, config)
+        except Exception as exc:
+            servicer.runner_ready.set_exception(exc)
+            raise
+        servicer.runner_ready.set_result(runner)
+        logger.info("weights loaded; waiting for InitializeCache")
+        await stop.wait()
+        logger.info("stopping (grace %.1fs)", grace)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await servicer.set_health(_NOT_SERVING)
+        await server.stop(grace)
+        servicer.executor.shutdown(wait=False, cancel_futures=True)
+        if servicer.runner_ready.done() and not servicer.runner_ready.cancelled():
+            servicer.runner_ready.exception()  # mark retrieved: raised above already
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> list:
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (in-process use): cancel the task to stop instead
+    return installed
