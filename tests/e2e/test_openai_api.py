@@ -189,7 +189,7 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
     idle = server.scheduler_stats().num_free_blocks
     assert idle == server.scheduler_stats().num_total_blocks
     body = {"model": server.model, "prompt": "Beautiful is better than ugly. " * 10,
-            "max_tokens": 400, "stream": True, "ignore_eos": True}
+            "max_tokens": 300, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=60) as h, h.stream("POST", server.url + "/v1/completions",
                                                  json=body) as r:
         seen = 0
