@@ -24,16 +24,28 @@ import subprocess
 import sys
 import time
 
-BENCH_MODEL = dict(vocab_size=2000, extra_vocab=30000, hidden_size=1024,
-                   intermediate_size=2816, num_layers=12, num_heads=16, num_kv_heads=16)
-SMALL_MODEL = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_layers=2,
-                   num_heads=4, num_kv_heads=2)
+BENCH_MODEL = dict(
+    vocab_size=2000,
+    extra_vocab=30000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_layers=12,
+    num_heads=16,
+    num_kv_heads=16,
+)
+SMALL_MODEL = dict(
+    vocab_size=1000,
+    hidden_size=128,
+    intermediate_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+)
 
 
 def workload(n: int, vocab: int, seed: int = 0):
     rng = random.Random(seed)
-    prompts = [[rng.randrange(10, vocab) for _ in range(rng.randint(32, 256))]
-               for _ in range(n)]
+    prompts = [[rng.randrange(10, vocab) for _ in range(rng.randint(32, 256))] for _ in range(n)]
     outs = [rng.randint(16, 128) for _ in range(n)]
     return prompts, outs
 
@@ -41,12 +53,14 @@ def workload(n: int, vocab: int, seed: int = 0):
 def model_folder(small: bool) -> pathlib.Path:
     from splitserve.demo_model import build_model
 
-    cache = pathlib.Path(os.environ.get("SPLITSERVE_CACHE",
-                                        pathlib.Path.home() / ".cache" / "splitserve"))
+    cache = pathlib.Path(
+        os.environ.get("SPLITSERVE_CACHE", pathlib.Path.home() / ".cache" / "splitserve")
+    )
     path = cache / ("bench-small-v1" if small else "bench-200m-v1")
     if not (path / "config.json").exists():
-        build_model(path, "llama", initializer_range=0.02,
-                    **(SMALL_MODEL if small else BENCH_MODEL))
+        build_model(
+            path, "llama", initializer_range=0.02, **(SMALL_MODEL if small else BENCH_MODEL)
+        )
     return path
 
 
@@ -71,10 +85,18 @@ async def _send_all(url: str, model: str, prompts, outs) -> tuple[int, float]:
     import httpx
 
     async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=256)) as c:
+
         async def one(p, n):
-            r = await c.post(url + "/v1/completions", json={
-                "model": model, "prompt": p, "max_tokens": n, "temperature": 0,
-                "ignore_eos": True})
+            r = await c.post(
+                url + "/v1/completions",
+                json={
+                    "model": model,
+                    "prompt": p,
+                    "max_tokens": n,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
             r.raise_for_status()
             return r.json()["usage"]["completion_tokens"]
 
@@ -88,9 +110,21 @@ def bench_stack(path: pathlib.Path, prompts, outs, kv_bytes: str) -> float:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "serve", str(path),
-                             "--port", str(port), "--kv-cache-memory", kv_bytes,
-                             "--log-level", "warning"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitserve.cli",
+            "serve",
+            str(path),
+            "--port",
+            str(port),
+            "--kv-cache-memory",
+            kv_bytes,
+            "--log-level",
+            "warning",
+        ]
+    )
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -117,8 +151,9 @@ def bench_engine(path: pathlib.Path, prompts, outs, kv_bytes: str) -> float:
     from splitserve.config_cli import _parse_int
 
     llm = LLM(str(path), kv_cache_memory=_parse_int(kv_bytes))
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=True)
-              for n in outs]
+    params = [
+        SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, detokenize=True) for n in outs
+    ]
     llm.generate(prompts[:4], [SamplingParams(max_tokens=4, temperature=0)] * 4)  # warm-up
     t0 = time.perf_counter()
     res = llm.generate(prompts, params)
@@ -139,16 +174,22 @@ def bench_hf(path: pathlib.Path, prompts, outs, batch_sizes) -> tuple[float, int
     for bs in batch_sizes:
         t0 = time.perf_counter()
         for i in range(0, len(prompts), bs):
-            ps, ns = prompts[i:i + bs], outs[i:i + bs]
+            ps, ns = prompts[i : i + bs], outs[i : i + bs]
             width = max(map(len, ps))
             ids = torch.zeros(len(ps), width, dtype=torch.long)
             mask = torch.zeros(len(ps), width, dtype=torch.long)
             for j, p in enumerate(ps):  # left padding
-                ids[j, width - len(p):] = torch.tensor(p)
-                mask[j, width - len(p):] = 1
+                ids[j, width - len(p) :] = torch.tensor(p)
+                mask[j, width - len(p) :] = 1
             with torch.no_grad():
-                model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                               max_new_tokens=max(ns), min_new_tokens=max(ns), pad_token_id=0)
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=max(ns),
+                    min_new_tokens=max(ns),
+                    pad_token_id=0,
+                )
         rate = sum(outs) / (time.perf_counter() - t0)
         print(f"  transformers.generate batch {bs}: {rate:.1f} tok/s", flush=True)
         best = max(best, (rate, bs))
@@ -168,9 +209,12 @@ def main() -> None:
 
     cfg = json.loads((path / "config.json").read_text())
     prompts, outs = workload(args.requests, cfg["vocab_size"])
-    print(f"model {path} ({count_params(path) / 1e6:.0f}M params, float32); "
-          f"{len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, "
-          f"{sum(outs)} output tokens; {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"model {path} ({count_params(path) / 1e6:.0f}M params, float32); "
+        f"{len(prompts)} requests, {sum(map(len, prompts))} prompt tokens, "
+        f"{sum(outs)} output tokens; {os.cpu_count()} CPUs",
+        flush=True,
+    )
     skip = set(args.skip.split(","))
     res = {}
     if "a" not in skip:

@@ -23,8 +23,14 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{include}", f"-Isplitserve/protos={HERE}",
-                f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}"]
+        args = [
+            "protoc",
+            f"-I{include}",
+            f"-Isplitserve/protos={HERE}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+        ]
         args += [f"splitserve/protos/{p}" for p in PROTOS]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed: {' '.join(args)}")

@@ -40,24 +40,27 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(
-                f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+                f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}"
+            )
         if not 0 <= self.max_logprobs:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_waiting_requests < 1:
-            raise ValueError(
-                f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
+            raise ValueError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
         if self.async_scheduling_depth not in (1, 2, 3):
             raise ValueError(
-                f"async_scheduling_depth must be 1, 2 or 3, got {self.async_scheduling_depth}")
+                f"async_scheduling_depth must be 1, 2 or 3, got {self.async_scheduling_depth}"
+            )
 
     def check_model_len(self, max_model_len: int) -> None:
         """Checks that need the final context length."""
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
             raise ValueError(
                 f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens})"
-                f" must be >= max_model_len ({max_model_len})")
+                f" must be >= max_model_len ({max_model_len})"
+            )

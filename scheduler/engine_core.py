@@ -33,15 +33,17 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
-def plan_kv_cache(config: SchedulerConfig, ranks: list[worker_pb2.DescribeResponse]
-                  ) -> tuple[int, int]:
+def plan_kv_cache(
+    config: SchedulerConfig, ranks: list[worker_pb2.DescribeResponse]
+) -> tuple[int, int]:
     """(num_blocks, max_model_len) from the ranks' memory profiles and model limits."""
     model_len = min(r.max_model_len for r in ranks)
     if config.max_model_len is not None:
         if config.max_model_len > model_len:
             raise ValueError(
                 f"max_model_len ({config.max_model_len}) is larger than the model's context "
-                f"length ({model_len})")
+                f"length ({model_len})"
+            )
         model_len = config.max_model_len
     if config.num_gpu_blocks_override is not None:
         num_blocks = config.num_gpu_blocks_override
@@ -51,7 +53,8 @@ def plan_kv_cache(config: SchedulerConfig, ranks: list[worker_pb2.DescribeRespon
         need = max(r.bytes_per_block for r in ranks)
         raise ValueError(
             f"no room for a single KV block ({need} bytes per block on the largest rank); "
-            "raise --kv-cache-memory or --gpu-memory-utilization")
+            "raise --kv-cache-memory or --gpu-memory-utilization"
+        )
     return int(num_blocks), int(model_len)
 
 
@@ -65,14 +68,22 @@ class EngineCore:
         self.num_blocks, self.max_model_len = plan_kv_cache(config, ranks)
         last = ranks[-1]
         self.model_info = scheduler_pb2.ModelInfo(
-            max_model_len=self.max_model_len, vocab_size=last.vocab_size,
-            eos_token_ids=list(last.eos_token_ids), model=last.model,
-            max_logprobs=config.max_logprobs)
-        logger.info("KV cache: %d blocks of %d tokens; max_model_len %d",
-                    self.num_blocks, config.block_size, self.max_model_len)
+            max_model_len=self.max_model_len,
+            vocab_size=last.vocab_size,
+            eos_token_ids=list(last.eos_token_ids),
+            model=last.model,
+            max_logprobs=config.max_logprobs,
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens; max_model_len %d",
+            self.num_blocks,
+            config.block_size,
+            self.max_model_len,
+        )
         executor.initialize_cache(self.num_blocks, config.block_size)
-        self.scheduler = Scheduler(config, self.num_blocks, self.max_model_len,
-                                   last.vocab_size, list(last.eos_token_ids))
+        self.scheduler = Scheduler(
+            config, self.num_blocks, self.max_model_len, last.vocab_size, list(last.eos_token_ids)
+        )
         self._inflight: deque[worker_pb2.StepRequest] = deque()
 
     @property

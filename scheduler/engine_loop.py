@@ -23,8 +23,12 @@ _STOP = object()
 
 
 class EngineLoop:
-    def __init__(self, engine: EngineCore, loop: asyncio.AbstractEventLoop,
-                 on_dead: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineCore,
+        loop: asyncio.AbstractEventLoop,
+        on_dead: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.loop = loop
         self.on_dead = on_dead
@@ -94,8 +98,12 @@ class EngineLoop:
             try:
                 self.engine.scheduler.add_request(arg)
             except RequestRejected as exc:
-                out = RequestOutput(arg.request_id, error=exc.message, error_code=exc.code,
-                                    finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR)
+                out = RequestOutput(
+                    arg.request_id,
+                    error=exc.message,
+                    error_code=exc.code,
+                    finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,
+                )
                 self.loop.call_soon_threadsafe(self._publish, [out])
         else:
             self.engine.scheduler.abort_request(arg)
@@ -112,6 +120,12 @@ class EngineLoop:
 
     def _fail_all(self, exc: BaseException) -> None:
         for rid, q in list(self._streams.items()):
-            q.put_nowait(RequestOutput(rid, error=f"engine failed: {exc}", error_code="UNAVAILABLE",
-                                       finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR))
+            q.put_nowait(
+                RequestOutput(
+                    rid,
+                    error=f"engine failed: {exc}",
+                    error_code="UNAVAILABLE",
+                    finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,
+                )
+            )
         self._streams.clear()

@@ -12,6 +12,7 @@ import queue
 import time
 
 import grpc
+
 from splitserve.protos import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -26,9 +27,16 @@ class WorkerDied(RuntimeError):
 class GrpcExecutor:
     def __init__(self, addresses: list[str], connect_timeout_s: float = 600.0) -> None:
         self.addresses = addresses
-        self._channels = [grpc.insecure_channel(
-            a, options=[("grpc.max_send_message_length", 256 << 20),
-                        ("grpc.max_receive_message_length", 256 << 20)]) for a in addresses]
+        self._channels = [
+            grpc.insecure_channel(
+                a,
+                options=[
+                    ("grpc.max_send_message_length", 256 << 20),
+                    ("grpc.max_receive_message_length", 256 << 20),
+                ],
+            )
+            for a in addresses
+        ]
         self._stubs = [worker_pb2_grpc.WorkerServiceStub(c) for c in self._channels]
         self._wait_ready(connect_timeout_s)
         self._queues: list[queue.Queue] = []
@@ -52,8 +60,10 @@ class GrpcExecutor:
                     time.sleep(0.2)
 
     def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
-        return [s.Describe(worker_pb2.DescribeRequest(block_size=block_size), timeout=600)
-                for s in self._stubs]
+        return [
+            s.Describe(worker_pb2.DescribeRequest(block_size=block_size), timeout=600)
+            for s in self._stubs
+        ]
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         req = worker_pb2.InitializeCacheRequest(num_blocks=num_blocks, block_size=block_size)

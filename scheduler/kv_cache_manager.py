@@ -52,8 +52,9 @@ class KVCacheManager:
             self.prefix_queries += num_tokens
             self.prefix_hits += num_hit
 
-    def allocate_slots(self, req: Request, num_new_tokens: int,
-                       computed_blocks: list[KVBlock] | None = None) -> list[KVBlock] | None:
+    def allocate_slots(
+        self, req: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
+    ) -> list[KVBlock] | None:
         """Make room for `num_new_tokens` more tokens; None when the pool is too small.
 
         `computed_blocks` (prefix-cache hits for a request with no blocks yet) are taken
@@ -82,8 +83,9 @@ class KVCacheManager:
         if num_full <= req.num_cached_blocks:
             return
         if len(req.block_hashes) < num_full:
-            extend_block_hashes(req.block_hashes, req.all_token_ids(), self.block_size,
-                                self._extra_key(req))
+            extend_block_hashes(
+                req.block_hashes, req.all_token_ids(), self.block_size, self._extra_key(req)
+            )
         for i in range(req.num_cached_blocks, num_full):
             self.pool.cache_block(req.blocks[i], req.block_hashes[i])
         req.num_cached_blocks = num_full

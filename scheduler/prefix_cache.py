@@ -23,11 +23,12 @@ def hash_block(parent: bytes, token_ids: list[int], extra_key: bytes = b"") -> b
     return h.digest()
 
 
-def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: int,
-                        extra_key: bytes = b"") -> None:
+def extend_block_hashes(
+    hashes: list[bytes], token_ids: list[int], block_size: int, extra_key: bytes = b""
+) -> None:
     """Append the hashes of every full block of `token_ids` not hashed yet."""
     num_full = len(token_ids) // block_size
     parent = hashes[-1] if hashes else ROOT_HASH
     for i in range(len(hashes), num_full):
-        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], extra_key)
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_key)
         hashes.append(parent)

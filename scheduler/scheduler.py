@@ -55,8 +55,14 @@ class RequestOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_blocks: int, max_model_len: int,
-                 vocab_size: int, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        num_blocks: int,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: list[int],
+    ) -> None:
         config.check_model_len(max_model_len)
         self.config = config
         self.max_model_len = max_model_len
@@ -87,15 +93,23 @@ class Scheduler:
         if len(self.waiting) >= self.config.max_waiting_requests:
             raise RequestRejected(
                 "RESOURCE_EXHAUSTED",
-                f"the waiting queue is full ({len(self.waiting)} requests); retry later")
+                f"the waiting queue is full ({len(self.waiting)} requests); retry later",
+            )
         room = self.max_model_len - len(prompt)
         max_tokens = min(sp.max_tokens, room) if sp.HasField("max_tokens") else room
         r = Request(
-            request_id=rid, prompt_token_ids=prompt, sampling_params=sp, max_tokens=max_tokens,
+            request_id=rid,
+            prompt_token_ids=prompt,
+            sampling_params=sp,
+            max_tokens=max_tokens,
             eos_token_ids=frozenset() if sp.ignore_eos else self.eos_token_ids,
-            stop_token_ids=frozenset(sp.stop_token_ids), min_tokens=sp.min_tokens,
-            arrival=next(self._arrival), priority=req.priority, lora_name=req.lora_name,
-            prompt_logprobs_pending=sp.HasField("prompt_logprobs"))
+            stop_token_ids=frozenset(sp.stop_token_ids),
+            min_tokens=sp.min_tokens,
+            arrival=next(self._arrival),
+            priority=req.priority,
+            lora_name=req.lora_name,
+            prompt_logprobs_pending=sp.HasField("prompt_logprobs"),
+        )
         self.requests[rid] = r
         self._enqueue_waiting(r)
         return r
@@ -110,32 +124,40 @@ class Scheduler:
             bad = lo if lo < 0 else hi
             raise RequestRejected(
                 "INVALID_ARGUMENT",
-                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+            )
         if n >= self.max_model_len:
             raise RequestRejected(
                 "INVALID_ARGUMENT",
                 f"the prompt has {n} tokens but the maximum context length is "
-                f"{self.max_model_len}: leave room for at least one output token")
+                f"{self.max_model_len}: leave room for at least one output token",
+            )
         if sp.HasField("max_tokens"):
             if sp.max_tokens < 1:
-                raise RequestRejected("INVALID_ARGUMENT",
-                                      f"max_tokens must be at least 1, got {sp.max_tokens}")
+                raise RequestRejected(
+                    "INVALID_ARGUMENT", f"max_tokens must be at least 1, got {sp.max_tokens}"
+                )
             if n + sp.max_tokens > self.max_model_len:
                 raise RequestRejected(
                     "INVALID_ARGUMENT",
                     f"the prompt ({n} tokens) plus max_tokens ({sp.max_tokens}) is "
                     f"{n + sp.max_tokens}, over the maximum context length of "
-                    f"{self.max_model_len} tokens")
+                    f"{self.max_model_len} tokens",
+                )
         for name in ("logprobs", "prompt_logprobs"):
             if sp.HasField(name) and not 0 <= getattr(sp, name) <= self.config.max_logprobs:
                 raise RequestRejected(
-                    "INVALID_ARGUMENT", f"{name} must be between 0 and "
-                    f"{self.config.max_logprobs}, got {getattr(sp, name)}")
+                    "INVALID_ARGUMENT",
+                    f"{name} must be between 0 and "
+                    f"{self.config.max_logprobs}, got {getattr(sp, name)}",
+                )
         need = self.kv.blocks_for(n + 1)
         if need > self.kv.pool.num_blocks:
             raise RequestRejected(
-                "INVALID_ARGUMENT", f"the prompt needs {need} KV blocks but the cache holds "
-                f"only {self.kv.pool.num_blocks}")
+                "INVALID_ARGUMENT",
+                f"the prompt needs {need} KV blocks but the cache holds "
+                f"only {self.kv.pool.num_blocks}",
+            )
 
     def _enqueue_waiting(self, r: Request) -> None:
         r.status = RequestStatus.WAITING
@@ -197,7 +219,7 @@ class Scheduler:
             if req.known_to_worker:
                 c = step.cached_requests.add()
                 c.request_id = req.request_id
-                c.new_block_ids.extend(b.block_id for b in req.blocks[req.num_sent_blocks:])
+                c.new_block_ids.extend(b.block_id for b in req.blocks[req.num_sent_blocks :])
                 c.num_computed_tokens = num_computed
                 req.num_sent_blocks = len(req.blocks)
             else:
@@ -207,8 +229,12 @@ class Scheduler:
 
         # NOTE: no new admissions in a step that had to preempt: the pool is short.
         idx = 0
-        while (not preempted and budget > 0 and idx < len(self.waiting)
-               and len(self.running) < self.config.max_num_seqs):
+        while (
+            not preempted
+            and budget > 0
+            and idx < len(self.waiting)
+            and len(self.running) < self.config.max_num_seqs
+        ):
             req = self.waiting[idx]
             if req.num_inflight:
                 idx += 1  # its last in-flight token must come back before it can resume
@@ -322,8 +348,11 @@ class Scheduler:
         return list(outputs.values())
 
     def _output(self, r: Request) -> RequestOutput:
-        return RequestOutput(r.request_id, num_prompt_tokens=r.num_prompt_tokens,
-                             num_cached_tokens=max(r.num_cached_tokens, 0))
+        return RequestOutput(
+            r.request_id,
+            num_prompt_tokens=r.num_prompt_tokens,
+            num_cached_tokens=max(r.num_cached_tokens, 0),
+        )
 
     def _check_stop(self, r: Request, tok: int, out: RequestOutput) -> None:
         n_out = len(r.output_token_ids)
@@ -341,8 +370,13 @@ class Scheduler:
     # ------------------------------------------------------------------ stats
     def stats(self) -> scheduler_pb2.SchedulerStats:
         return scheduler_pb2.SchedulerStats(
-            num_waiting=len(self.waiting), num_running=len(self.running),
-            num_total_blocks=self.kv.pool.num_blocks, num_free_blocks=self.kv.num_free_blocks,
-            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits,
-            num_preemptions=self.num_preemptions, num_steps=self.num_steps,
-            block_size=self.config.block_size)
+            num_waiting=len(self.waiting),
+            num_running=len(self.running),
+            num_total_blocks=self.kv.pool.num_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.num_preemptions,
+            num_steps=self.num_steps,
+            block_size=self.config.block_size,
+        )

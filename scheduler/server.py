@@ -9,6 +9,7 @@ import traceback
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
 from .config import SchedulerConfig
@@ -23,9 +24,14 @@ SERVICE_NAME = "splitserve.scheduler.v1.SchedulerService"
 
 def to_response(out: RequestOutput) -> scheduler_pb2.GenerateResponse:
     r = scheduler_pb2.GenerateResponse(
-        token_ids=out.token_ids, logprobs=out.logprobs, prompt_logprobs=out.prompt_logprobs,
-        finish_reason=out.finish_reason, num_prompt_tokens=out.num_prompt_tokens,
-        num_cached_tokens=out.num_cached_tokens, error=out.error)
+        token_ids=out.token_ids,
+        logprobs=out.logprobs,
+        prompt_logprobs=out.prompt_logprobs,
+        finish_reason=out.finish_reason,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+        error=out.error,
+    )
     if out.stop_token_id is not None:
         r.stop_token_id = out.stop_token_id
     return r
@@ -53,8 +59,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 out: RequestOutput = await q.get()
                 if out.error:
                     finished = True
-                    await context.abort(getattr(grpc.StatusCode, out.error_code or "INTERNAL"),
-                                        out.error)
+                    await context.abort(
+                        getattr(grpc.StatusCode, out.error_code or "INTERNAL"), out.error
+                    )
                 finished = out.finished
                 yield to_response(out)
                 if finished:
@@ -92,21 +99,24 @@ class _ErrorInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 if isinstance(exc, grpc.aio.AbortError):
                     raise
-                logger.error("%s failed:\n%s", handler_call_details.method,
-                             traceback.format_exc())
+                logger.error("%s failed:\n%s", handler_call_details.method, traceback.format_exc())
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
 
         return grpc.unary_unary_rpc_method_handler(
-            wrapped, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
-async def run_scheduler(config: SchedulerConfig, address: str, executor_factory=None,
-                        grace_s: float = 5.0) -> int:
+async def run_scheduler(
+    config: SchedulerConfig, address: str, executor_factory=None, grace_s: float = 5.0
+) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (non-zero if the engine died)."""
     loop = asyncio.get_running_loop()
-    server = grpc.aio.server(interceptors=[_ErrorInterceptor()], options=[
-        ("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.aio.server(
+        interceptors=[_ErrorInterceptor()], options=[("grpc.max_receive_message_length", 64 << 20)]
+    )
     servicer = SchedulerServicer()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -115,8 +125,9 @@ async def run_scheduler(config: SchedulerConfig, address: str, executor_factory=
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.add_insecure_port(address)
     await server.start()
-    logger.info("scheduler listening on %s; connecting to workers %s", address,
-                config.worker_addresses)
+    logger.info(
+        "scheduler listening on %s; connecting to workers %s", address, config.worker_addresses
+    )
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,8 +143,9 @@ async def run_scheduler(config: SchedulerConfig, address: str, executor_factory=
             return GrpcExecutor(config.worker_addresses)
 
     engine_task = loop.run_in_executor(None, lambda: EngineCore(config, executor_factory()))
-    done, _ = await asyncio.wait({engine_task, asyncio.ensure_future(stop.wait())},
-                                 return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait(
+        {engine_task, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+    )
     if engine_task not in done:
         await server.stop(grace_s)
         return 0
@@ -148,9 +160,10 @@ async def run_scheduler(config: SchedulerConfig, address: str, executor_factory=
     logger.info("scheduler ready: %d KV blocks", engine.num_blocks)
 
     try:
-        await asyncio.wait({asyncio.ensure_future(stop.wait()),
-                            asyncio.ensure_future(died.wait())},
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(died.wait())},
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:

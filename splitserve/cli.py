@@ -27,26 +27,39 @@ def _configs():
 
 
 def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("model_tag", nargs=None if required else "?", metavar="MODEL",
-                   help="model folder or Hugging Face hub id"
-                   + ("" if required else " (default: the built-in demo model)"))
+    p.add_argument(
+        "model_tag",
+        nargs=None if required else "?",
+        metavar="MODEL",
+        help="model folder or Hugging Face hub id"
+        + ("" if required else " (default: the built-in demo model)"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = _configs()
     parser = argparse.ArgumentParser(
-        prog="splitserve", description="OpenAI-compatible LLM server split into gRPC services")
+        prog="splitserve", description="OpenAI-compatible LLM server split into gRPC services"
+    )
     parser.add_argument("--version", action="version", version=f"splitserve {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("SPLITSERVE_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("SPLITSERVE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="start every service as its own process")
     _model_arg(p, required=False)
-    add_config_flags(p, gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg,
-                     skip=_WIRING | {"model"})
-    p.add_argument("--log-level", dest="log_level", default=argparse.SUPPRESS,
-                   choices=["debug", "info", "warning", "error"])
+    add_config_flags(
+        p, gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg, skip=_WIRING | {"model"}
+    )
+    p.add_argument(
+        "--log-level",
+        dest="log_level",
+        default=argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+    )
 
     p = sub.add_parser("gateway", help="the OpenAI HTTP gateway alone")
     add_config_flags(p, gateway_cfg)
@@ -71,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [{args.command}] %(name)s: %(message)s")
+        format=f"%(asctime)s %(levelname)s [{args.command}] %(name)s: %(message)s",
+    )
     gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = _configs()
     try:
         if args.command == "serve":

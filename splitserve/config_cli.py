@@ -27,9 +27,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body
         for a, b in zip(body, body[1:]):
-            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
-                    and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
-                    and isinstance(b.value.value, str)):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
                 docs[a.target.id] = " ".join(b.value.value.split())
     return docs
 
@@ -51,9 +55,19 @@ def _kind(annotation: Any) -> tuple[str, bool]:
 def _parse_int(text: str) -> int:
     """An int, allowing sizes like 4GiB / 512MiB / 2G and underscores."""
     t = text.strip().replace("_", "")
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-             "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "kb": 10**3, "mb": 10**6,
-             "gb": 10**9}
+    units = {
+        "kib": 1 << 10,
+        "mib": 1 << 20,
+        "gib": 1 << 30,
+        "tib": 1 << 40,
+        "k": 10**3,
+        "m": 10**6,
+        "g": 10**9,
+        "t": 10**12,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+    }
     low = t.lower()
     for suffix in sorted(units, key=len, reverse=True):
         if low.endswith(suffix) and low[: -len(suffix)].replace(".", "", 1).isdigit():
@@ -61,9 +75,12 @@ def _parse_int(text: str) -> int:
     return int(t)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, *classes: type,
-                     skip: set[str] = frozenset(), defaults: dict[str, Any] | None = None
-                     ) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    *classes: type,
+    skip: set[str] = frozenset(),
+    defaults: dict[str, Any] | None = None,
+) -> None:
     """Add one flag per field across `classes` (first class's help wins on shared names)."""
     seen: set[str] = set()
     group = parser.add_argument_group("engine and service options")
@@ -85,8 +102,11 @@ def add_config_flags(parser: argparse.ArgumentParser, *classes: type,
             flag = "--" + f.name.replace("_", "-")
             help_text = docs.get(f.name, "")
             help_text = f"{help_text} (default: {default!r})" if help_text else None
-            kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                                      "help": help_text}
+            kwargs: dict[str, Any] = {
+                "dest": f.name,
+                "default": argparse.SUPPRESS,
+                "help": help_text,
+            }
             if kind == "bool":
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             elif kind == "list":
@@ -109,10 +129,12 @@ def _optional(conv):
 def build_config(cls: type, args: argparse.Namespace, **overrides: Any):
     """Instantiate `cls` from the parsed flags it has (unset flags keep the defaults)."""
     values = vars(args)
-    kwargs = {f.name: values[f.name] for f in dataclasses.fields(cls)
-              if f.init and f.name in values}
-    kwargs.update({k: v for k, v in overrides.items()
-                   if k in {f.name for f in dataclasses.fields(cls)}})
+    kwargs = {
+        f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values
+    }
+    kwargs.update(
+        {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(cls)}}
+    )
     return cls(**kwargs)
 
 
@@ -123,9 +145,15 @@ def config_to_argv(config: Any, skip: set[str] = frozenset()) -> list[str]:
         if f.name in skip or not f.init:
             continue
         value = getattr(config, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
-            else dataclasses.MISSING)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory()
+                if f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+                else dataclasses.MISSING
+            )
+        )
         if value == default:
             continue
         flag = "--" + f.name.replace("_", "-")

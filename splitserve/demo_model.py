@@ -42,9 +42,27 @@ def _corpus() -> Iterator[str]:
     with contextlib.redirect_stdout(io.StringIO()):  # `this` prints the Zen on import
         this = importlib.import_module("this")
     yield codecs.decode(this.s, "rot13")
-    for name in ["json", "pathlib", "collections", "itertools", "functools", "re",
-                 "argparse", "logging", "dataclasses", "typing", "asyncio", "os", "string",
-                 "textwrap", "unittest", "random", "statistics", "math", "datetime"]:
+    for name in [
+        "json",
+        "pathlib",
+        "collections",
+        "itertools",
+        "functools",
+        "re",
+        "argparse",
+        "logging",
+        "dataclasses",
+        "typing",
+        "asyncio",
+        "os",
+        "string",
+        "textwrap",
+        "unittest",
+        "random",
+        "statistics",
+        "math",
+        "datetime",
+    ]:
         try:
             yield pydoc.render_doc(name, renderer=pydoc.plaintext)
         except Exception:  # a module without docs is just skipped
@@ -52,9 +70,13 @@ def _corpus() -> Iterator[str]:
     yield "Héllo wörld, ça va? Grüße! 你好，世界。 こんにちは 🙂🚀 naïve café"
 
 
-def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1000,
-                    chat_template: str = CHATML_TEMPLATE, add_bos: bool = False,
-                    with_bos_token: bool = True) -> pathlib.Path:
+def build_tokenizer(
+    out_dir: str | os.PathLike,
+    vocab_size: int = 1000,
+    chat_template: str = CHATML_TEMPLATE,
+    add_bos: bool = False,
+    with_bos_token: bool = True,
+) -> pathlib.Path:
     """Train a byte-level BPE tokenizer and save it as a transformers tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -65,33 +87,52 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1000,
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>" if with_bos_token else None,
-        eos_token="</s>", unk_token="<unk>",
+        eos_token="</s>",
+        unk_token="<unk>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=4096)
+        model_max_length=4096,
+    )
     fast.chat_template = chat_template
     fast.save_pretrained(out)
     return out
 
 
-def build_model(out_dir: str | os.PathLike, arch: str = "llama", *, vocab_size: int = 1000,
-                hidden_size: int = 64, intermediate_size: int = 128, num_layers: int = 2,
-                num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
-                max_position_embeddings: int = 2048, tie_word_embeddings: bool | None = None,
-                rope_parameters: dict | None = None, extra_vocab: int = 0,
-                eos_token_ids: list[int] | None = None, seed: int = 0,
-                initializer_range: float = 0.2, tokenizer_kwargs: dict | None = None,
-                dtype: str = "float32") -> pathlib.Path:
+def build_model(
+    out_dir: str | os.PathLike,
+    arch: str = "llama",
+    *,
+    vocab_size: int = 1000,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int | None = None,
+    max_position_embeddings: int = 2048,
+    tie_word_embeddings: bool | None = None,
+    rope_parameters: dict | None = None,
+    extra_vocab: int = 0,
+    eos_token_ids: list[int] | None = None,
+    seed: int = 0,
+    initializer_range: float = 0.2,
+    tokenizer_kwargs: dict | None = None,
+    dtype: str = "float32",
+) -> pathlib.Path:
     """Save a tiny random Llama / Mistral / Qwen2 checkpoint with its tokenizer.
 
     `extra_vocab` pads the embedding past the tokenizer (as real checkpoints do).
@@ -105,27 +146,41 @@ def build_model(out_dir: str | os.PathLike, arch: str = "llama", *, vocab_size: 
     tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
     n_vocab = len(tok) + extra_vocab
     common = dict(
-        vocab_size=n_vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range, rms_norm_eps=1e-5,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        vocab_size=n_vocab,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     if rope_parameters is not None:
         common["rope_parameters"] = rope_parameters
     if arch == "llama":
         cfg = transformers.LlamaConfig(
             head_dim=head_dim or hidden_size // num_heads,
-            tie_word_embeddings=bool(tie_word_embeddings), **common)
+            tie_word_embeddings=bool(tie_word_embeddings),
+            **common,
+        )
         cls = transformers.LlamaForCausalLM
     elif arch == "mistral":
         cfg = transformers.MistralConfig(
-            head_dim=head_dim or hidden_size // num_heads, sliding_window=None,
-            tie_word_embeddings=bool(tie_word_embeddings), **common)
+            head_dim=head_dim or hidden_size // num_heads,
+            sliding_window=None,
+            tie_word_embeddings=bool(tie_word_embeddings),
+            **common,
+        )
         cls = transformers.MistralForCausalLM
     elif arch == "qwen2":
         cfg = transformers.Qwen2Config(
             tie_word_embeddings=True if tie_word_embeddings is None else tie_word_embeddings,
-            use_sliding_window=False, **common)
+            use_sliding_window=False,
+            **common,
+        )
         cls = transformers.Qwen2ForCausalLM
     else:
         raise ValueError(f"unknown arch {arch!r}; expected llama, mistral or qwen2")
@@ -141,14 +196,21 @@ def build_model(out_dir: str | os.PathLike, arch: str = "llama", *, vocab_size: 
     return out
 
 
-DEMO_SIZES = dict(vocab_size=2000, hidden_size=256, intermediate_size=688, num_layers=4,
-                  num_heads=8, num_kv_heads=4)
+DEMO_SIZES = dict(
+    vocab_size=2000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+)
 
 
 def demo_model_path() -> pathlib.Path:
     """Build the built-in demo model once and return its folder (cached on disk)."""
-    root = pathlib.Path(os.environ.get(
-        "SPLITSERVE_CACHE", pathlib.Path.home() / ".cache" / "splitserve"))
+    root = pathlib.Path(
+        os.environ.get("SPLITSERVE_CACHE", pathlib.Path.home() / ".cache" / "splitserve")
+    )
     path = root / "demo-llama-v1"
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path

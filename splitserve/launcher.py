@@ -45,8 +45,14 @@ class Stack:
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "splitserve.cli", *argv]
         logger.debug("starting %s: %s", name, " ".join(cmd))
-        self.procs.append((name, subprocess.Popen(
-            cmd, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})))
+        self.procs.append(
+            (
+                name,
+                subprocess.Popen(
+                    cmd, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})}
+                ),
+            )
+        )
 
     def dead(self) -> tuple[str, int] | None:
         for name, p in self.procs:
@@ -96,13 +102,15 @@ def serve(args: argparse.Namespace) -> int:
     if worker_cfg.pipeline_parallel_size != 1:
         raise ValueError(
             f"--pipeline-parallel-size {worker_cfg.pipeline_parallel_size} is not supported "
-            "yet: only 1 (pipeline stage transfer lands with its own issue)")
+            "yet: only 1 (pipeline stage transfer lands with its own issue)"
+        )
     worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
     tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
     tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
     scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
-    gateway_cfg = build_config(gateway_cls, args, model=model, scheduler_address=sched_addr,
-                               tokenizer_address=tok_addr)
+    gateway_cfg = build_config(
+        gateway_cls, args, model=model, scheduler_address=sched_addr, tokenizer_address=tok_addr
+    )
     log = ["--log-level", args.log_level]
 
     stack = Stack()
@@ -113,35 +121,59 @@ def serve(args: argparse.Namespace) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stack.spawn("tokenizer", [*log, "tokenizer", "--address", tok_addr,
-                                  *config_to_argv(tokenizer_cfg)])
+        stack.spawn(
+            "tokenizer", [*log, "tokenizer", "--address", tok_addr, *config_to_argv(tokenizer_cfg)]
+        )
         for rank, addr in enumerate(worker_addrs):
-            stack.spawn(f"worker{rank}", [*log, "worker", model, "--address", addr,
-                                          "--rank", str(rank),
-                                          *config_to_argv(worker_cfg, skip={"model", "rank"})])
-        stack.spawn("scheduler", [*log, "scheduler", "--address", sched_addr,
-                                  *config_to_argv(scheduler_cfg)])
+            stack.spawn(
+                f"worker{rank}",
+                [
+                    *log,
+                    "worker",
+                    model,
+                    "--address",
+                    addr,
+                    "--rank",
+                    str(rank),
+                    *config_to_argv(worker_cfg, skip={"model", "rank"}),
+                ],
+            )
+        stack.spawn(
+            "scheduler",
+            [*log, "scheduler", "--address", sched_addr, *config_to_argv(scheduler_cfg)],
+        )
         # The API key goes through the environment: a command line is visible in `ps`.
-        stack.spawn("gateway", [*log, "gateway", *config_to_argv(gateway_cfg, skip={"api_key"})],
-                    env={"SPLITSERVE_API_KEY": gateway_cfg.api_key} if gateway_cfg.api_key
-                    else None)
+        stack.spawn(
+            "gateway",
+            [*log, "gateway", *config_to_argv(gateway_cfg, skip={"api_key"})],
+            env={"SPLITSERVE_API_KEY": gateway_cfg.api_key} if gateway_cfg.api_key else None,
+        )
         base = f"http://{gateway_cfg.host}:{gateway_cfg.port}"
         while not _healthy(base + "/health"):
             if stop["signal"] is not None:
                 return 0
             dead = stack.dead()
             if dead:
-                print(f"splitserve: {dead[0]} exited with status {dead[1]} during start-up",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"splitserve: {dead[0]} exited with status {dead[1]} during start-up",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 1
             time.sleep(0.25)
-        print(f"splitserve: ready. OpenAI API at {base}/v1 serving {model!r}; "
-              f"scheduler gRPC at {sched_addr}, tokenizer gRPC at {tok_addr}", flush=True)
+        print(
+            f"splitserve: ready. OpenAI API at {base}/v1 serving {model!r}; "
+            f"scheduler gRPC at {sched_addr}, tokenizer gRPC at {tok_addr}",
+            flush=True,
+        )
         while stop["signal"] is None:
             dead = stack.dead()
             if dead:
-                print(f"splitserve: {dead[0]} exited with status {dead[1]}; stopping",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"splitserve: {dead[0]} exited with status {dead[1]}; stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 1
             time.sleep(0.25)
         print("splitserve: stopping", flush=True)

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from splitserve.protos import common_pb2, scheduler_pb2
 from splitserve.sampling_params import SamplingParams
 
-_FINISH = {common_pb2.FinishReason.FINISH_REASON_STOP: "stop",
-           common_pb2.FinishReason.FINISH_REASON_LENGTH: "length",
-           common_pb2.FinishReason.FINISH_REASON_ABORT: "abort",
-           common_pb2.FinishReason.FINISH_REASON_ERROR: "error"}
+_FINISH = {
+    common_pb2.FinishReason.FINISH_REASON_STOP: "stop",
+    common_pb2.FinishReason.FINISH_REASON_LENGTH: "length",
+    common_pb2.FinishReason.FINISH_REASON_ABORT: "abort",
+    common_pb2.FinishReason.FINISH_REASON_ERROR: "error",
+}
 
 
 @dataclass
@@ -80,8 +82,10 @@ class LLM:
         from splitserve.worker.config import WorkerConfig
         from splitserve.worker.model_runner import ModelRunner
 
-        picked = {cls: {f.name for f in dataclasses.fields(cls)}
-                  for cls in (WorkerConfig, SchedulerConfig, TokenizerServiceConfig)}
+        picked = {
+            cls: {f.name for f in dataclasses.fields(cls)}
+            for cls in (WorkerConfig, SchedulerConfig, TokenizerServiceConfig)
+        }
         unknown = set(kwargs) - set().union(*picked.values())
         if unknown:
             raise TypeError(f"LLM() got unknown options {sorted(unknown)}")
@@ -93,8 +97,9 @@ class LLM:
         self.scheduler_config = pick(SchedulerConfig)
         tok_cfg = pick(TokenizerServiceConfig, tokenizer=tokenizer or model)
         self.tokenizer = load_tokenizer(tok_cfg)
-        self.engine = EngineCore(self.scheduler_config,
-                                 InprocExecutor(ModelRunner(self.worker_config)))
+        self.engine = EngineCore(
+            self.scheduler_config, InprocExecutor(ModelRunner(self.worker_config))
+        )
         self._ids = itertools.count()
 
     @property
@@ -104,9 +109,11 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer.tokenizer
 
-    def generate(self, prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (text, or token ids) and return in prompt order."""
         batch = _as_batch(prompts)
         params = sampling_params or SamplingParams()
@@ -124,9 +131,12 @@ class LLM:
                 ids_list.append(list(p))
         return self._run(texts, ids_list, params_list)
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template, then generate."""
         from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
 
@@ -134,8 +144,7 @@ class LLM:
         renderer = ChatRenderer(self.tokenizer)
         texts, ids_list = [], []
         for conv in convs:
-            req = parse_chat_request(json.dumps(conv),
-                                     add_generation_prompt=add_generation_prompt)
+            req = parse_chat_request(json.dumps(conv), add_generation_prompt=add_generation_prompt)
             rendered = renderer.render(req)
             texts.append(rendered.prompt)
             ids_list.append(list(rendered.token_ids))
@@ -153,12 +162,24 @@ class LLM:
                 if sp.seed is not None:
                     proto.seed = sp.seed + i  # n sequences differ yet stay reproducible
                 rid = f"llm-{next(self._ids)}"
-                stream = SequenceStream(self.tokenizer, ids, sp.skip_special_tokens, sp.stop,
-                                        sp.include_stop_str_in_output) if sp.detokenize else None
+                stream = (
+                    SequenceStream(
+                        self.tokenizer,
+                        ids,
+                        sp.skip_special_tokens,
+                        sp.stop,
+                        sp.include_stop_str_in_output,
+                    )
+                    if sp.detokenize
+                    else None
+                )
                 seqs[rid] = _Seq(i, pi, stream)
                 try:
-                    sched.add_request(scheduler_pb2.GenerateRequest(
-                        request_id=rid, prompt_token_ids=ids, sampling_params=proto))
+                    sched.add_request(
+                        scheduler_pb2.GenerateRequest(
+                            request_id=rid, prompt_token_ids=ids, sampling_params=proto
+                        )
+                    )
                 except Exception as exc:
                     for r in list(seqs)[:-1]:
                         sched.abort_request(r)
@@ -191,17 +212,30 @@ class LLM:
         for pi, (text, ids) in enumerate(zip(texts, ids_list)):
             mine = sorted((s for s in seqs.values() if s.prompt_idx == pi), key=lambda s: s.index)
             want_lp = params_list[pi].logprobs is not None
-            outs = [CompletionOutput(
-                index=s.index, text="".join(s.text), token_ids=s.token_ids,
-                logprobs=s.logprobs if want_lp else None, finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-                cumulative_logprob=sum(x.logprob for x in s.logprobs) if want_lp else None)
-                for s in mine]
-            results.append(RequestOutput(
-                request_id=str(pi), prompt=text, prompt_token_ids=ids, outputs=outs,
-                prompt_logprobs=mine[0].prompt_logprobs
-                if params_list[pi].prompt_logprobs is not None else None,
-                num_cached_tokens=mine[0].num_cached_tokens))
+            outs = [
+                CompletionOutput(
+                    index=s.index,
+                    text="".join(s.text),
+                    token_ids=s.token_ids,
+                    logprobs=s.logprobs if want_lp else None,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                    cumulative_logprob=sum(x.logprob for x in s.logprobs) if want_lp else None,
+                )
+                for s in mine
+            ]
+            results.append(
+                RequestOutput(
+                    request_id=str(pi),
+                    prompt=text,
+                    prompt_token_ids=ids,
+                    outputs=outs,
+                    prompt_logprobs=mine[0].prompt_logprobs
+                    if params_list[pi].prompt_logprobs is not None
+                    else None,
+                    num_cached_tokens=mine[0].num_cached_tokens,
+                )
+            )
         return results
 
     def shutdown(self) -> None:

@@ -15,9 +15,12 @@ logger = logging.getLogger(__name__)
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 
 
-def resolve_model_path(model: str, revision: str | None = None,
-                       allow_patterns: list[str] | None = None,
-                       cache_dir: str | None = None) -> pathlib.Path:
+def resolve_model_path(
+    model: str,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+    cache_dir: str | None = None,
+) -> pathlib.Path:
     """Return the local folder holding `model`.
 
     A folder that exists is used as it is. Anything else is taken as a hub id and resolved
@@ -35,11 +38,16 @@ def resolve_model_path(model: str, revision: str | None = None,
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         local = snapshot_download(
-            repo_id=model, revision=revision, allow_patterns=allow_patterns or ALLOW_PATTERNS,
-            cache_dir=cache_dir, local_files_only=offline)
+            repo_id=model,
+            revision=revision,
+            allow_patterns=allow_patterns or ALLOW_PATTERNS,
+            cache_dir=cache_dir,
+            local_files_only=offline,
+        )
     except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
         raise FileNotFoundError(
             f"model {model!r} (revision {revision or 'main'}) is neither a local folder nor in "
-            f"the Hugging Face cache, and could not be downloaded: {exc}") from exc
+            f"the Hugging Face cache, and could not be downloaded: {exc}"
+        ) from exc
     logger.info("resolved %s@%s to %s", model, revision or "main", local)
     return pathlib.Path(local)

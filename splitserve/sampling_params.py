@@ -69,14 +69,22 @@ class SamplingParams:
         from splitserve.protos import common_pb2
 
         p = common_pb2.SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, presence_penalty=self.presence_penalty,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens,
-            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            logit_bias=self.logit_bias, stop=self.stop,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            logit_bias=self.logit_bias,
+            stop=self.stop,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens, n=self.n)
+            skip_special_tokens=self.skip_special_tokens,
+            n=self.n,
+        )
         if self.seed is not None:
             p.seed = self.seed
         if self.max_tokens is not None:
@@ -88,8 +96,9 @@ class SamplingParams:
         return p
 
 
-def validate(p: SamplingParams, max_logprobs: int = MAX_LOGPROBS,
-             vocab_size: int | None = None) -> list[tuple[str, str]]:
+def validate(
+    p: SamplingParams, max_logprobs: int = MAX_LOGPROBS, vocab_size: int | None = None
+) -> list[tuple[str, str]]:
     """Return (param, message) for every invalid field; empty when all are valid."""
     e: list[tuple[str, str]] = []
     if not isinstance(p.n, int) or p.n < 1:
@@ -103,20 +112,34 @@ def validate(p: SamplingParams, max_logprobs: int = MAX_LOGPROBS,
     if not 0 <= p.min_p <= 1:
         e.append(("min_p", f"min_p must be in [0, 1], got {p.min_p}"))
     if not -2 <= p.presence_penalty <= 2:
-        e.append(("presence_penalty", f"presence_penalty must be in [-2, 2], got {p.presence_penalty}"))
+        e.append(
+            ("presence_penalty", f"presence_penalty must be in [-2, 2], got {p.presence_penalty}")
+        )
     if not -2 <= p.frequency_penalty <= 2:
-        e.append(("frequency_penalty",
-                  f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}"))
+        e.append(
+            (
+                "frequency_penalty",
+                f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty}",
+            )
+        )
     if p.repetition_penalty <= 0:
-        e.append(("repetition_penalty",
-                  f"repetition_penalty must be greater than 0, got {p.repetition_penalty}"))
+        e.append(
+            (
+                "repetition_penalty",
+                f"repetition_penalty must be greater than 0, got {p.repetition_penalty}",
+            )
+        )
     if p.max_tokens is not None and (not isinstance(p.max_tokens, int) or p.max_tokens < 1):
         e.append(("max_tokens", f"max_tokens must be at least 1, got {p.max_tokens}"))
     if p.min_tokens < 0:
         e.append(("min_tokens", f"min_tokens must be non-negative, got {p.min_tokens}"))
     if p.max_tokens is not None and p.min_tokens > p.max_tokens:
-        e.append(("min_tokens",
-                  f"min_tokens ({p.min_tokens}) must not exceed max_tokens ({p.max_tokens})"))
+        e.append(
+            (
+                "min_tokens",
+                f"min_tokens ({p.min_tokens}) must not exceed max_tokens ({p.max_tokens})",
+            )
+        )
     for name in ("logprobs", "prompt_logprobs"):
         v = getattr(p, name)
         if v is not None and (v < 0 or v > max_logprobs):

@@ -6,6 +6,7 @@ import importlib.util
 import pathlib
 import subprocess
 import sys
+
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,9 +25,11 @@ def test_every_package_folder_is_listed_in_pyproject():
 
 
 def test_no_bare_top_level_service_packages():
-    code = ("import importlib.util, sys; sys.path = [p for p in sys.path if p not in ('', '.')];"
-            "print([n for n in ('kernels', 'scheduler', 'worker', 'gateway', 'protos',"
-            " 'tokenizer_svc') if importlib.util.find_spec(n) is not None])")
+    code = (
+        "import importlib.util, sys; sys.path = [p for p in sys.path if p not in ('', '.')];"
+        "print([n for n in ('kernels', 'scheduler', 'worker', 'gateway', 'protos',"
+        " 'tokenizer_svc') if importlib.util.find_spec(n) is not None])"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     for name in ("splitserve.kernels", "splitserve.scheduler", "splitserve.gateway"):
@@ -34,6 +37,7 @@ def test_no_bare_top_level_service_packages():
 
 
 def test_console_script_and_version():
-    out = subprocess.run([sys.executable, "-m", "splitserve.cli", "--version"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "splitserve.cli", "--version"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.startswith("splitserve ")

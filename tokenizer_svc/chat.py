@@ -29,16 +29,40 @@ from .tokenizer import TokenizerHandle, check_text
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-_MEDIA_PARTS = {"image_url": "images", "image": "images", "input_image": "images",
-                "image_pil": "images", "image_embeds": "images",
-                "input_audio": "audio", "audio_url": "audio", "audio": "audio",
-                "video_url": "video", "video": "video", "file": "files"}
+_MEDIA_PARTS = {
+    "image_url": "images",
+    "image": "images",
+    "input_image": "images",
+    "image_pil": "images",
+    "image_embeds": "images",
+    "input_audio": "audio",
+    "audio_url": "audio",
+    "audio": "audio",
+    "video_url": "video",
+    "video": "video",
+    "file": "files",
+}
 # apply_chat_template arguments a request's chat_template_kwargs may not override.
-_RESERVED_KWARGS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
-    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-    "sanitize_control_tokens"})
+_RESERVED_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "sanitize_control_tokens",
+    }
+)
 # Compiled Jinja templates carry this file name; only their lines are traced.
 _TEMPLATE_FILENAME = "<template>"
 
@@ -63,15 +87,21 @@ class RenderedChat:
     token_ids: list[int]
 
 
-def parse_chat_request(messages_json: str, *, add_generation_prompt: bool = False,
-                       continue_final_message: bool = False, chat_template: str | None = None,
-                       tools_json: str | None = None,
-                       chat_template_kwargs_json: str | None = None) -> ChatRequest:
+def parse_chat_request(
+    messages_json: str,
+    *,
+    add_generation_prompt: bool = False,
+    continue_final_message: bool = False,
+    chat_template: str | None = None,
+    tools_json: str | None = None,
+    chat_template_kwargs_json: str | None = None,
+) -> ChatRequest:
     """Validate an ApplyChatTemplate request's JSON fields; InvalidRequest says what's wrong."""
     if add_generation_prompt and continue_final_message:
         raise InvalidRequest(
             "add_generation_prompt and continue_final_message cannot both be set: the first "
-            "opens a new assistant turn, the second continues the last message")
+            "opens a new assistant turn, the second continues the last message"
+        )
     messages = _load_json(messages_json, "messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty JSON array of message objects")
@@ -79,7 +109,8 @@ def parse_chat_request(messages_json: str, *, add_generation_prompt: bool = Fals
     if continue_final_message and parsed[-1]["role"] != "assistant":
         raise InvalidRequest(
             f"continue_final_message needs an assistant message last, got role "
-            f"{parsed[-1]['role']!r}")
+            f"{parsed[-1]['role']!r}"
+        )
     tools = None
     if tools_json is not None:
         tools = _load_json(tools_json, "tools")
@@ -94,9 +125,11 @@ def parse_chat_request(messages_json: str, *, add_generation_prompt: bool = Fals
         if reserved:
             raise InvalidRequest(
                 f"chat_template_kwargs may not set {', '.join(reserved)}: "
-                "use the request fields instead")
-    return ChatRequest(parsed, add_generation_prompt, continue_final_message, chat_template,
-                       tools, kwargs)
+                "use the request fields instead"
+            )
+    return ChatRequest(
+        parsed, add_generation_prompt, continue_final_message, chat_template, tools, kwargs
+    )
 
 
 def _load_json(text: str, what: str):
@@ -131,7 +164,8 @@ def _content_text(content, role: str, i: int) -> str:
     if not isinstance(content, list):
         raise InvalidRequest(
             f"messages[{i}].content must be a string or an array of content parts, "
-            f"got {type(content).__name__}")
+            f"got {type(content).__name__}"
+        )
     texts = []
     for j, part in enumerate(content):
         where = f"messages[{i}].content[{j}]"
@@ -146,7 +180,8 @@ def _content_text(content, role: str, i: int) -> str:
         elif kind in _MEDIA_PARTS:
             raise InvalidRequest(
                 f"{where}: {_MEDIA_PARTS[kind]} are not supported by this model for now "
-                f"(content part type {kind!r})")
+                f"(content part type {kind!r})"
+            )
         else:
             raise InvalidRequest(f"{where}.type {kind!r} is not a known content part type")
     return "\n".join(texts)
@@ -179,8 +214,12 @@ class _RenderDeadline(BaseException):
 class ChatRenderer:
     """Renders chat requests with a bounded time; call `render` from a worker thread."""
 
-    def __init__(self, handle: TokenizerHandle, trust_request_chat_template: bool = False,
-                 timeout_s: float = 5.0):
+    def __init__(
+        self,
+        handle: TokenizerHandle,
+        trust_request_chat_template: bool = False,
+        timeout_s: float = 5.0,
+    ):
         self._handle = handle
         self._trust_request_template = trust_request_chat_template
         self._timeout_s = timeout_s
@@ -198,13 +237,15 @@ class ChatRenderer:
             if not self._trust_request_template:
                 raise InvalidRequest(
                     "a chat template in the request is refused: this server does not trust "
-                    "request chat templates (start it with --trust-request-chat-template)")
+                    "request chat templates (start it with --trust-request-chat-template)"
+                )
             return request.chat_template
         if not self._handle.has_chat_template:
             raise InvalidRequest(
                 f"the tokenizer of {self._handle.name!r} has no chat template (transformers 5 "
                 "has no default one); start the server with --chat-template, or send a "
-                "completion request with the prompt as text")
+                "completion request with the prompt as text"
+            )
         return self._handle.chat_template  # None: the tokenizer's own
 
     def _render_text(self, request: ChatRequest, template: str | None) -> str:
@@ -212,10 +253,14 @@ class ChatRenderer:
 
         def render() -> str:
             return tokenizer.apply_chat_template(
-                request.messages, tools=request.tools,
+                request.messages,
+                tools=request.tools,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
-                tokenize=False, chat_template=template, **request.kwargs)
+                tokenize=False,
+                chat_template=template,
+                **request.kwargs,
+            )
 
         try:
             prompt = run_with_deadline(render, self._timeout_s)
@@ -226,10 +271,12 @@ class ChatRenderer:
         except Exception as exc:  # the template is code from outside: any error is the input's
             logger.info("chat template rendering failed: %s: %s", type(exc).__name__, exc)
             raise InvalidRequest(
-                f"chat template rendering failed: {type(exc).__name__}: {exc}") from None
+                f"chat template rendering failed: {type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(prompt, str):
             raise InvalidRequest(
-                f"chat template rendering returned {type(prompt).__name__}, expected text")
+                f"chat template rendering returned {type(prompt).__name__}, expected text"
+            )
         return prompt
 
 

@@ -42,12 +42,14 @@ class TokenizerServiceConfig:
         if self.tokenizer_mode not in TOKENIZER_MODES:
             raise ValueError(
                 f"tokenizer_mode must be one of {', '.join(TOKENIZER_MODES)}, "
-                f"got {self.tokenizer_mode!r}")
+                f"got {self.tokenizer_mode!r}"
+            )
         if self.chat_template is not None:
             load_chat_template(self.chat_template)  # raises on an unreadable path
         if not self.chat_template_timeout_s > 0:
             raise ValueError(
-                f"chat_template_timeout_s must be > 0, got {self.chat_template_timeout_s}")
+                f"chat_template_timeout_s must be > 0, got {self.chat_template_timeout_s}"
+            )
         if self.max_stop_strings < 0:
             raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
         if self.tokenizer_threads < 1:

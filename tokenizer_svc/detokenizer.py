@@ -37,14 +37,24 @@ _TRIM_AT = 256
 class IncrementalDetokenizer:
     """Turns generated token ids into text deltas; `flush()` releases what is held back."""
 
-    __slots__ = ("_handle", "_skip_ids", "_tokens", "_prefix_offset", "_read_offset",
-                 "_prefix_text")
+    __slots__ = (
+        "_handle",
+        "_skip_ids",
+        "_tokens",
+        "_prefix_offset",
+        "_read_offset",
+        "_prefix_text",
+    )
 
-    def __init__(self, handle: TokenizerHandle, prompt_token_ids: Sequence[int] = (),
-                 skip_special_tokens: bool = True):
+    def __init__(
+        self,
+        handle: TokenizerHandle,
+        prompt_token_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+    ):
         self._handle = handle
         self._skip_ids = handle.skip_ids if skip_special_tokens else frozenset()
-        context = prompt_token_ids[-(PROMPT_CONTEXT_TOKENS + _PROMPT_CONTEXT_EXTRA):]
+        context = prompt_token_ids[-(PROMPT_CONTEXT_TOKENS + _PROMPT_CONTEXT_EXTRA) :]
         tokens = [handle.id_to_token(i) for i in context if i not in self._skip_ids]
         # A prompt that ends inside a character would glue its bytes to the first generated
         # ones; drop that unfinished tail so generated text decodes as it does on its own.
@@ -74,19 +84,22 @@ class IncrementalDetokenizer:
     def _step(self, final: bool) -> str:
         to_string = self._handle.tokens_to_string
         if self._prefix_text is None:
-            self._prefix_text = to_string(self._tokens[self._prefix_offset:self._read_offset])
+            self._prefix_text = to_string(self._tokens[self._prefix_offset : self._read_offset])
         prefix_text = self._prefix_text
-        new_text = to_string(self._tokens[self._prefix_offset:])
+        new_text = to_string(self._tokens[self._prefix_offset :])
         if len(new_text) <= len(prefix_text):
             return ""  # nothing new: an empty token
-        if (not final and new_text.endswith(_REPLACEMENT)
-                and len(self._tokens) - self._read_offset <= MAX_HELD_TOKENS):
+        if (
+            not final
+            and new_text.endswith(_REPLACEMENT)
+            and len(self._tokens) - self._read_offset <= MAX_HELD_TOKENS
+        ):
             return ""  # a character still unfinished: wait for its next byte
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._tokens)
         self._prefix_text = None
         if self._prefix_offset > _TRIM_AT:  # tokens before the window are never read again
-            del self._tokens[:self._prefix_offset]
+            del self._tokens[: self._prefix_offset]
             self._read_offset -= self._prefix_offset
             self._prefix_offset = 0
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]

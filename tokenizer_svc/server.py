@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .chat import ChatRenderer, parse_chat_request
@@ -60,8 +61,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._renderer: ChatRenderer | None = None
 
     def set_tokenizer(self, handle: TokenizerHandle) -> None:
-        self._renderer = ChatRenderer(handle, self._config.trust_request_chat_template,
-                                      self._config.chat_template_timeout_s)
+        self._renderer = ChatRenderer(
+            handle, self._config.trust_request_chat_template, self._config.chat_template_timeout_s
+        )
         self._handle = handle
 
     def _ready(self) -> TokenizerHandle:
@@ -90,8 +92,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             continue_final_message=request.continue_final_message,
             chat_template=request.chat_template if request.HasField("chat_template") else None,
             tools_json=request.tools_json if request.HasField("tools_json") else None,
-            chat_template_kwargs_json=(request.chat_template_kwargs_json
-                                       if request.HasField("chat_template_kwargs_json") else None))
+            chat_template_kwargs_json=(
+                request.chat_template_kwargs_json
+                if request.HasField("chat_template_kwargs_json")
+                else None
+            ),
+        )
 
         def parse_and_render():
             return renderer.render(parse_chat_request(request.messages_json, **fields))
@@ -105,7 +111,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 f"chat template rendering exceeded {self._config.chat_template_timeout_s:g} s"
             ) from None
         return tokenizer_pb2.ApplyChatTemplateResponse(
-            prompt=rendered.prompt, token_ids=rendered.token_ids)
+            prompt=rendered.prompt, token_ids=rendered.token_ids
+        )
 
     async def DecodeEach(self, request, context):
         handle = self._ready()
@@ -119,9 +126,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def GetTokenizerInfo(self, request, context):
         info = self._ready().info()
         return tokenizer_pb2.TokenizerInfo(
-            vocab_size=info.vocab_size, eos_token_id=info.eos_token_id,
-            bos_token_id=info.bos_token_id, has_chat_template=info.has_chat_template,
-            name=info.name)
+            vocab_size=info.vocab_size,
+            eos_token_id=info.eos_token_id,
+            bos_token_id=info.bos_token_id,
+            has_chat_template=info.has_chat_template,
+            name=info.name,
+        )
 
     async def DetokenizeStream(self, request_iterator, context):
         seq: SequenceStream | None = None
@@ -137,8 +147,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     raise InvalidRequest("`start` sent twice on one DetokenizeStream")
                 start = request.start
                 seq = SequenceStream(
-                    self._ready(), start.prompt_token_ids, start.skip_special_tokens,
-                    start.stop, start.include_stop_str_in_output, self._config.max_stop_strings)
+                    self._ready(),
+                    start.prompt_token_ids,
+                    start.skip_special_tokens,
+                    start.stop,
+                    start.include_stop_str_in_output,
+                    self._config.max_stop_strings,
+                )
                 logger.debug("detokenize stream %s started", start.request_id)
                 yield _START_RESPONSE
             else:
@@ -147,8 +162,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
 def _stream_response(delta: StreamDelta) -> tokenizer_pb2.DetokenizeStreamResponse:
     return tokenizer_pb2.DetokenizeStreamResponse(
-        text=delta.text, stopped=delta.stopped, stop_reason=delta.stop_reason,
-        flushed=delta.flushed)
+        text=delta.text, stopped=delta.stopped, stop_reason=delta.stop_reason, flushed=delta.flushed
+    )
 
 
 class _ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -163,12 +178,14 @@ class _ErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 _guard_unary(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                response_serializer=handler.response_serializer,
+            )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
                 _guard_stream(handler.stream_stream, method),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
 
@@ -177,8 +194,9 @@ async def _abort_for(exc: Exception, context, method: str) -> None:
         await context.abort(grpc.StatusCode[exc.status], exc.message)
     else:
         logger.error("unexpected error in %s", method, exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL,
-                            f"internal error in {method}: {type(exc).__name__}: {exc}")
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}"
+        )
 
 
 def _guard_unary(behavior, method: str):
@@ -189,6 +207,7 @@ def _guard_unary(behavior, method: str):
             raise
         except Exception as exc:
             await _abort_for(exc, context, method)
+
     return guarded
 
 
@@ -201,6 +220,7 @@ def _guard_stream(behavior, method: str):
             raise
         except Exception as exc:
             await _abort_for(exc, context, method)
+
     return guarded
 
 
@@ -209,8 +229,9 @@ class TokenizerServer:
 
     def __init__(self, config: TokenizerServiceConfig):
         self.config = config
-        self._executor = ThreadPoolExecutor(config.tokenizer_threads,
-                                            thread_name_prefix="tokenizer")
+        self._executor = ThreadPoolExecutor(
+            config.tokenizer_threads, thread_name_prefix="tokenizer"
+        )
         self.servicer = TokenizerServicer(config, self._executor)
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -219,9 +240,12 @@ class TokenizerServer:
         """Bind `address` (host:port, port 0 for any free one, or unix:path); return the port."""
         server = grpc.aio.server(
             interceptors=[_ErrorInterceptor()],
-            options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                     ("grpc.so_reuseport", 0)])  # a port in use is an error, not shared
+            options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )  # a port in use is an error, not shared
         tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -239,7 +263,8 @@ class TokenizerServer:
     async def load(self) -> None:
         """Load the tokenizer in a worker thread, then report SERVING."""
         handle = await asyncio.get_running_loop().run_in_executor(
-            self._executor, load_tokenizer, self.config)
+            self._executor, load_tokenizer, self.config
+        )
         self.servicer.set_tokenizer(handle)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

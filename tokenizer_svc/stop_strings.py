@@ -69,8 +69,8 @@ class StopStringChecker:
             end = best_start + len(best_stop) if self._include else best_start
             return StopResult(held[:end], best_stop)
         keep = self._held_tail_len(held)
-        self._held = held[len(held) - keep:] if keep else ""
-        return StopResult(held[:len(held) - keep])
+        self._held = held[len(held) - keep :] if keep else ""
+        return StopResult(held[: len(held) - keep])
 
     def flush(self) -> str:
         """End of the sequence: release the held tail (nothing after a stop)."""

@@ -39,12 +39,19 @@ class SequenceStream:
 
     __slots__ = ("_detok", "_stop", "_flushed")
 
-    def __init__(self, handle: TokenizerHandle, prompt_token_ids: Sequence[int] = (),
-                 skip_special_tokens: bool = True, stop: Sequence[str] = (),
-                 include_stop_str_in_output: bool = False, max_stop_strings: int = 64):
+    def __init__(
+        self,
+        handle: TokenizerHandle,
+        prompt_token_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+        max_stop_strings: int = 64,
+    ):
         if len(stop) > max_stop_strings:
             raise InvalidRequest(
-                f"{len(stop)} stop strings given; at most {max_stop_strings} are allowed")
+                f"{len(stop)} stop strings given; at most {max_stop_strings} are allowed"
+            )
         _check_non_negative(prompt_token_ids, "prompt token id")
         self._detok = IncrementalDetokenizer(handle, prompt_token_ids, skip_special_tokens)
         self._stop = StopStringChecker(stop, include_stop_str_in_output) if stop else None

@@ -86,10 +86,12 @@ class TokenizerHandle:
         eos = self.tokenizer.eos_token_id
         bos = self.tokenizer.bos_token_id
         return TokenizerInfo(
-            name=self.name, vocab_size=self.vocab_size,
+            name=self.name,
+            vocab_size=self.vocab_size,
             eos_token_id=-1 if eos is None else int(eos),
             bos_token_id=-1 if bos is None else int(bos),
-            has_chat_template=self.has_chat_template)
+            has_chat_template=self.has_chat_template,
+        )
 
     def id_to_token(self, token_id: int) -> str:
         """The token string of one id; "" for an id past the tokenizer (a padded model vocab)."""
@@ -128,13 +130,15 @@ class TokenizerHandle:
         known = [i if i < self.vocab_size else None for i in ids]
         if self.is_fast:
             texts = self.tokenizer.backend_tokenizer.decode_batch(
-                [[i] for i in ids if i < self.vocab_size], skip_special_tokens=False)
+                [[i] for i in ids if i < self.vocab_size], skip_special_tokens=False
+            )
         else:
             texts = [self.tokenizer.decode([i]) for i in ids if i < self.vocab_size]
         it = iter(texts)
         strings = [next(it) if i is not None else "" for i in known]
-        raw = [self._token_bytes(i, text) if i is not None else b""
-               for i, text in zip(known, strings)]
+        raw = [
+            self._token_bytes(i, text) if i is not None else b"" for i, text in zip(known, strings)
+        ]
         return strings, raw
 
     def _token_bytes(self, token_id: int, text: str) -> bytes:
@@ -160,7 +164,8 @@ def check_text(text: str, what: str) -> None:
     except UnicodeEncodeError as exc:
         raise InvalidRequest(
             f"{what} contains a lone surrogate (U+{ord(text[exc.start]):04X}) at position "
-            f"{exc.start}; text must be valid Unicode") from None
+            f"{exc.start}; text must be valid Unicode"
+        ) from None
 
 
 def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
@@ -177,15 +182,22 @@ def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
         raise ValueError(
             f"tokenizer_mode='slow' needs a Python (slow) tokenizer, but {config.tokenizer!r} "
             f"loads only as {type(tokenizer).__name__}, a Rust `tokenizers` tokenizer: "
-            "transformers 5 has no slow tokenizer for this folder. Use tokenizer_mode 'auto'.")
+            "transformers 5 has no slow tokenizer for this folder. Use tokenizer_mode 'auto'."
+        )
     if config.tokenizer_mode == "fast" and not is_fast:
         raise ValueError(
             f"tokenizer_mode='fast' needs a Rust `tokenizers` tokenizer, but {config.tokenizer!r} "
             f"loads as {type(tokenizer).__name__}, a Python (slow) tokenizer. "
-            "Use tokenizer_mode 'auto'.")
+            "Use tokenizer_mode 'auto'."
+        )
     template = load_chat_template(config.chat_template) if config.chat_template else None
     handle = TokenizerHandle(tokenizer, config.tokenizer, template)
-    logger.info("loaded tokenizer %s from %s: %s, vocab %d, chat template %s",
-                config.tokenizer, path, type(tokenizer).__name__, handle.vocab_size,
-                "override" if template else ("model" if handle.has_chat_template else "none"))
+    logger.info(
+        "loaded tokenizer %s from %s: %s, vocab %d, chat template %s",
+        config.tokenizer,
+        path,
+        type(tokenizer).__name__,
+        handle.vocab_size,
+        "override" if template else ("model" if handle.has_chat_template else "none"),
+    )
     return handle

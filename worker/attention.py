@@ -78,8 +78,14 @@ class AttentionBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         """Precompute per-step state (once per step, before the layers run)."""
 
-    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         """q [T, Hq, D], k/v [T, Hk, D] (views may be strided) -> [T, Hq * D]."""
         raise NotImplementedError
 
@@ -95,8 +101,7 @@ class _DecodeGroup:
     seq_lens: torch.Tensor
 
 
-def _split_runs(num_blocks: np.ndarray, start: int, end: int,
-                depth: int) -> list[tuple[int, int]]:
+def _split_runs(num_blocks: np.ndarray, start: int, end: int, depth: int) -> list[tuple[int, int]]:
     """Split [start, end) where padding every row to its run's widest row saves the most."""
     n = end - start
     if depth == 0 or n < 2:
@@ -111,8 +116,9 @@ def _split_runs(num_blocks: np.ndarray, start: int, end: int,
     if costs[best] > 0.85 * whole or whole - costs[best] < 16:
         return [(start, end)]
     split = start + best + 1
-    return (_split_runs(num_blocks, start, split, depth - 1)
-            + _split_runs(num_blocks, split, end, depth - 1))
+    return _split_runs(num_blocks, start, split, depth - 1) + _split_runs(
+        num_blocks, split, end, depth - 1
+    )
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -132,11 +138,15 @@ class TorchAttentionBackend(AttentionBackend):
         """cache[blocks] ([n, BS, Hk, D]) written into a reused buffer."""
         n = blocks.shape[0]
         buf = self._scratch.get(name)
-        if (buf is None or buf.shape[0] < n or buf.shape[1:] != cache.shape[1:]
-                or buf.dtype != cache.dtype or buf.device != cache.device):
+        if (
+            buf is None
+            or buf.shape[0] < n
+            or buf.shape[1:] != cache.shape[1:]
+            or buf.dtype != cache.dtype
+            or buf.device != cache.device
+        ):
             capacity = max(n + n // 4, buf.shape[0] if buf is not None else 0)
-            buf = torch.empty((capacity, *cache.shape[1:]), dtype=cache.dtype,
-                              device=cache.device)
+            buf = torch.empty((capacity, *cache.shape[1:]), dtype=cache.dtype, device=cache.device)
             self._scratch[name] = buf
         return torch.index_select(cache, 0, blocks, out=buf[:n])
 
@@ -155,14 +165,22 @@ class TorchAttentionBackend(AttentionBackend):
             for start, end in _split_runs(num_blocks, 0, len(lens), depth=2):
                 width = int(num_blocks[start:end].max())
                 table = meta.decode_block_tables[start:end, :width]
-                groups.append(_DecodeGroup(start, end, width, table.reshape(-1),
-                                           meta.decode_seq_lens[start:end]))
+                groups.append(
+                    _DecodeGroup(
+                        start, end, width, table.reshape(-1), meta.decode_seq_lens[start:end]
+                    )
+                )
             meta.extras["decode_groups"] = groups
         return groups
 
     @staticmethod
-    def _decode_mask(meta: AttentionMetadata, index: int, group: _DecodeGroup,
-                     block_size: int, window: int | None) -> torch.Tensor:
+    def _decode_mask(
+        meta: AttentionMetadata,
+        index: int,
+        group: _DecodeGroup,
+        block_size: int,
+        window: int | None,
+    ) -> torch.Tensor:
         key = ("decode_mask", index, window)
         mask = meta.extras.get(key)
         if mask is None:
@@ -175,8 +193,9 @@ class TorchAttentionBackend(AttentionBackend):
             meta.extras[key] = mask
         return mask
 
-    def _prefill_mask(self, meta: AttentionMetadata, i: int, seq: PrefillSeq,
-                      window: int | None) -> torch.Tensor:
+    def _prefill_mask(
+        self, meta: AttentionMetadata, i: int, seq: PrefillSeq, window: int | None
+    ) -> torch.Tensor:
         key = ("prefill_mask", i, window)
         mask = meta.extras.get(key)
         if mask is None:
@@ -189,8 +208,14 @@ class TorchAttentionBackend(AttentionBackend):
             meta.extras[key] = mask
         return mask
 
-    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         hq, hk, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         num_tokens = q.shape[0]
         key_cache, value_cache = layer.kv_cache if layer.kv_cache is not None else (None, None)
@@ -205,23 +230,31 @@ class TorchAttentionBackend(AttentionBackend):
             s, n = seq.query_start, seq.query_len
             # NOTE: 4-D inputs: on CPU only those take SDPA's flash kernel (3-D falls back
             # to the math path, several times slower on long prompts).
-            qi = q[s:s + n].transpose(0, 1)[None]
+            qi = q[s : s + n].transpose(0, 1)[None]
             window = layer.sliding_window
             if seq.block_ids is None and (window is None or seq.seq_len <= window):
                 # No cached prefix: attend over this step's own keys, causally.
-                ki, vi = k[s:s + n].transpose(0, 1)[None], v[s:s + n].transpose(0, 1)[None]
-                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True,
-                                                    scale=layer.scale, enable_gqa=gqa)
+                ki, vi = k[s : s + n].transpose(0, 1)[None], v[s : s + n].transpose(0, 1)[None]
+                oi = F.scaled_dot_product_attention(
+                    qi, ki, vi, is_causal=True, scale=layer.scale, enable_gqa=gqa
+                )
             else:
-                ki, vi = self._gather_seq(key_cache, value_cache, seq, k[s:s + n], v[s:s + n])
+                ki, vi = self._gather_seq(key_cache, value_cache, seq, k[s : s + n], v[s : s + n])
                 mask = self._prefill_mask(meta, i, seq, window)
-                oi = F.scaled_dot_product_attention(qi, ki[None], vi[None], attn_mask=mask,
-                                                    scale=layer.scale, enable_gqa=gqa)
-            out[s:s + n] = oi[0].transpose(0, 1).reshape(n, hq * d)
+                oi = F.scaled_dot_product_attention(
+                    qi, ki[None], vi[None], attn_mask=mask, scale=layer.scale, enable_gqa=gqa
+                )
+            out[s : s + n] = oi[0].transpose(0, 1).reshape(n, hq * d)
         return out
 
-    def _decode(self, layer: Attention, q: torch.Tensor, key_cache: torch.Tensor,
-                value_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         hq, hk, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         block_size = key_cache.shape[1]
         out = q.new_empty((q.shape[0], hq * d))
@@ -231,26 +264,37 @@ class TorchAttentionBackend(AttentionBackend):
             values = self._gather("v", value_cache, group.blocks).view(n, length, hk, d)
             # NOTE: query heads group by KV head (head j reads KV head j // G), so viewing the
             # G query heads of a KV head as G query rows handles GQA without expanding keys.
-            qg = q[group.start:group.end].reshape(n, hk, hq // hk, d)
+            qg = q[group.start : group.end].reshape(n, hk, hq // hk, d)
             mask = self._decode_mask(meta, i, group, block_size, layer.sliding_window)
-            o = F.scaled_dot_product_attention(qg, keys.transpose(1, 2), values.transpose(1, 2),
-                                               attn_mask=mask, scale=layer.scale)
-            out[group.start:group.end] = o.reshape(n, hq * d)
+            o = F.scaled_dot_product_attention(
+                qg, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=layer.scale
+            )
+            out[group.start : group.end] = o.reshape(n, hq * d)
         return out
 
-    def _gather_seq(self, key_cache: torch.Tensor | None, value_cache: torch.Tensor | None,
-                    seq: PrefillSeq, k_new: torch.Tensor, v_new: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather_seq(
+        self,
+        key_cache: torch.Tensor | None,
+        value_cache: torch.Tensor | None,
+        seq: PrefillSeq,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if seq.block_ids is None or key_cache is None:  # the whole context is this step's
             return k_new.transpose(0, 1), v_new.transpose(0, 1)
         hk, d = key_cache.shape[2], key_cache.shape[3]
-        ki = self._gather("k", key_cache, seq.block_ids).view(-1, hk, d)[:seq.seq_len]
-        vi = self._gather("v", value_cache, seq.block_ids).view(-1, hk, d)[:seq.seq_len]
+        ki = self._gather("k", key_cache, seq.block_ids).view(-1, hk, d)[: seq.seq_len]
+        vi = self._gather("v", value_cache, seq.block_ids).view(-1, hk, d)[: seq.seq_len]
         return ki.transpose(0, 1), vi.transpose(0, 1)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
-                   value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
     """Scatter k/v [T, Hk, D] into the caches [NB, BS, Hk, D] at slot_mapping [T] (int64)."""
     hk, d = key_cache.shape[2], key_cache.shape[3]
     key_cache.view(-1, hk, d).index_copy_(0, slot_mapping, k.to(key_cache.dtype))
@@ -263,17 +307,31 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
 
-    def forward(self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        layer: Attention,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         from splitserve.kernels import dispatch
 
         key_cache, value_cache = layer.kv_cache
-        dispatch.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping,
-                                backend="triton")
+        dispatch.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping, backend="triton")
         out = dispatch.paged_attention(
-            q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            layer.scale, sliding_window=layer.sliding_window, max_query_len=meta.max_query_len,
-            max_seq_len=meta.max_seq_len, backend="triton")
+            q,
+            key_cache,
+            value_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            layer.scale,
+            sliding_window=layer.sliding_window,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
+            backend="triton",
+        )
         return out.view(q.shape[0], -1)
 
 
@@ -290,8 +348,10 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     (auto: triton on CUDA when installed, torch elsewhere).
     """
     if name not in ("auto", *_BACKENDS):
-        raise ValueError(f"attention backend {name!r} is not available; available: "
-                         f"auto, {', '.join(sorted(_BACKENDS))}")
+        raise ValueError(
+            f"attention backend {name!r} is not available; available: "
+            f"auto, {', '.join(sorted(_BACKENDS))}"
+        )
     from splitserve.kernels.dispatch import select_attention_backend
 
     return _BACKENDS[select_attention_backend(name, device)]()
@@ -322,12 +382,20 @@ def forward_context(backend: AttentionBackend, meta: AttentionMetadata) -> Itera
 class Attention(nn.Module):
     """Paged attention of one layer; holds a reference to that layer's KV cache."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 layer_idx: int, sliding_window: int | None = None) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        layer_idx: int,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
-                             f"({num_kv_heads})")
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim

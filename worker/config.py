@@ -50,15 +50,20 @@ class WorkerConfig:
     """Most top logprobs a request may ask for."""
 
     def __post_init__(self) -> None:
-        choices = {"dtype": DTYPES, "device": DEVICES, "load_format": LOAD_FORMATS,
-                   "attention_backend": ATTENTION_BACKENDS}
+        choices = {
+            "dtype": DTYPES,
+            "device": DEVICES,
+            "load_format": LOAD_FORMATS,
+            "attention_backend": ATTENTION_BACKENDS,
+        }
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(
-                f"pipeline_parallel_size must be at least 1, got {self.pipeline_parallel_size}")
+                f"pipeline_parallel_size must be at least 1, got {self.pipeline_parallel_size}"
+            )
         if not 0 <= self.rank < self.pipeline_parallel_size:
             raise ValueError(f"rank must be in [0, {self.pipeline_parallel_size}), got {self.rank}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -67,7 +72,8 @@ class WorkerConfig:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

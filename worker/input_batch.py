@@ -22,9 +22,16 @@ _SAMPLING_EPS = 1e-5
 class InputBatch:
     """Rows of request state; `rows[request_id]` is the row of a live request."""
 
-    def __init__(self, max_model_len: int, block_size: int, vocab_size: int,
-                 num_blocks: int, device: torch.device, initial_rows: int = 64,
-                 max_logprobs: int = 20) -> None:
+    def __init__(
+        self,
+        max_model_len: int,
+        block_size: int,
+        vocab_size: int,
+        num_blocks: int,
+        device: torch.device,
+        initial_rows: int = 64,
+        max_logprobs: int = 20,
+    ) -> None:
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
         self.block_size = block_size
@@ -70,8 +77,11 @@ class InputBatch:
 
     def _grow(self) -> None:
         old = len(self.req_ids)
-        arrays = {name: getattr(self, name) for name, value in vars(self).items()
-                  if isinstance(value, np.ndarray)}
+        arrays = {
+            name: getattr(self, name)
+            for name, value in vars(self).items()
+            if isinstance(value, np.ndarray)
+        }
         for name, array in arrays.items():
             grown = np.zeros((old * 2, *array.shape[1:]), array.dtype)
             grown[:old] = array
@@ -117,7 +127,7 @@ class InputBatch:
         ids = np.asarray(req.token_ids, dtype=np.int64)
         bad = ids[(ids < 0) | (ids >= self.vocab_size)]
         if bad.size:
-            return (f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})")
+            return f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})"
         if not 0 <= req.num_computed_tokens < n:
             return f"num_computed_tokens {req.num_computed_tokens} is outside [0, {n})"
         if not 0 <= req.num_prompt_tokens <= n:
@@ -140,8 +150,7 @@ class InputBatch:
             return f"min_p must be in [0, 1], got {sp.min_p}"
         for name in ("logprobs", "prompt_logprobs"):
             if sp.HasField(name) and not 0 <= getattr(sp, name) <= self.max_logprobs:
-                return (f"{name} must be between 0 and {self.max_logprobs}, "
-                        f"got {getattr(sp, name)}")
+                return f"{name} must be between 0 and {self.max_logprobs}, got {getattr(sp, name)}"
         return None
 
     def _check_blocks(self, block_ids, have: int) -> str | None:
@@ -186,7 +195,7 @@ class InputBatch:
         error = self._check_blocks(block_ids, have)
         if error:
             return error
-        self.block_table[row, have:have + len(block_ids)] = block_ids
+        self.block_table[row, have : have + len(block_ids)] = block_ids
         self.num_blocks[row] = have + len(block_ids)
         return None
 
@@ -211,8 +220,11 @@ class InputBatch:
         device = self.device
         temperature = self.temperature[rows]
         greedy = temperature == 0
-        meta = SamplingMetadata(torch.from_numpy(temperature).to(device),
-                                all_greedy=bool(greedy.all()), all_random=not greedy.any())
+        meta = SamplingMetadata(
+            torch.from_numpy(temperature).to(device),
+            all_greedy=bool(greedy.all()),
+            all_random=not greedy.any(),
+        )
         if not meta.all_greedy:
             self._random_params(meta, rows)
         self._penalties(meta, rows)
@@ -235,8 +247,9 @@ class InputBatch:
             meta.min_p = torch.from_numpy(min_p).to(device)
         if self.num_seeded:
             gens = self.generators
-            meta.generators = {i: gens[r] for i, r in enumerate(rows.tolist())
-                               if gens[r] is not None}
+            meta.generators = {
+                i: gens[r] for i, r in enumerate(rows.tolist()) if gens[r] is not None
+            }
 
     def _penalties(self, meta: SamplingMetadata, rows: np.ndarray) -> None:
         presence, frequency = self.presence[rows], self.frequency[rows]

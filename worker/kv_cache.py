@@ -24,15 +24,15 @@ CPU_MEMORY_SHARE = 0.5
 
 def attention_layers(model: nn.Module) -> list[Attention]:
     """This rank's Attention modules, in layer order."""
-    return sorted((m for m in model.modules() if isinstance(m, Attention)),
-                  key=lambda m: m.layer_idx)
+    return sorted(
+        (m for m in model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_idx
+    )
 
 
 def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes over all of this rank's layers (keys and values)."""
     item = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * block_size * a.num_kv_heads * a.head_dim * item
-               for a in attention_layers(model))
+    return sum(2 * block_size * a.num_kv_heads * a.head_dim * item for a in attention_layers(model))
 
 
 def _available_cpu_memory() -> int | None:
@@ -49,8 +49,9 @@ def _available_cpu_memory() -> int | None:
         return None
 
 
-def available_kv_bytes(config: WorkerConfig, device: torch.device,
-                       profile: Callable[[], int] | None = None) -> int:
+def available_kv_bytes(
+    config: WorkerConfig, device: torch.device, profile: Callable[[], int] | None = None
+) -> int:
     """Bytes this rank can give to the KV cache.
 
     CPU: `kv_cache_memory`, or 2 GiB capped to half the available memory. CUDA:
@@ -67,20 +68,29 @@ def available_kv_bytes(config: WorkerConfig, device: torch.device,
     peak = profile() if profile is not None else torch.cuda.max_memory_allocated(device)
     budget = int(config.gpu_memory_utilization * total) - peak
     if budget <= 0:
-        raise ValueError(f"no memory left for the KV cache: gpu_memory_utilization "
-                         f"{config.gpu_memory_utilization} of {total} bytes is {budget + peak}, "
-                         f"and the model with activations peaks at {peak}")
+        raise ValueError(
+            f"no memory left for the KV cache: gpu_memory_utilization "
+            f"{config.gpu_memory_utilization} of {total} bytes is {budget + peak}, "
+            f"and the model with activations peaks at {peak}"
+        )
     return budget
 
 
 class KVCache:
     """Key and value tensors for every layer of this rank."""
 
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} "
-                             f"and {block_size}")
+            raise ValueError(
+                f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.layers = attention_layers(model)

@@ -26,23 +26,31 @@ class MergedLinear(nn.Linear):
         """Copy one checkpoint tensor (`weight` or `bias` of shard `shard_id`) into place."""
         param = getattr(self, param_name)
         if param is None:
-            raise ValueError(f"checkpoint has a {param_name} for shard {shard_id!r} but the "
-                             f"module was built without one")
+            raise ValueError(
+                f"checkpoint has a {param_name} for shard {shard_id!r} but the "
+                f"module was built without one"
+            )
         start, size = self.shard_offsets[shard_id], self.shard_sizes[shard_id]
         if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
-            raise ValueError(f"shard {shard_id!r} {param_name} has shape {tuple(loaded.shape)}, "
-                             f"expected ({size}, {', '.join(map(str, param.shape[1:]))})")
+            raise ValueError(
+                f"shard {shard_id!r} {param_name} has shape {tuple(loaded.shape)}, "
+                f"expected ({size}, {', '.join(map(str, param.shape[1:]))})"
+            )
         with torch.no_grad():
-            param.data[start:start + size].copy_(loaded)
+            param.data[start : start + size].copy_(loaded)
 
 
 class QKVLinear(MergedLinear):
     """q, k and v projections in one: output is [Hq * D | Hk * D | Hk * D]."""
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 bias: bool) -> None:
-        super().__init__(hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
-                                       "v": num_kv_heads * head_dim}, bias)
+    def __init__(
+        self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool
+    ) -> None:
+        super().__init__(
+            hidden_size,
+            {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim},
+            bias,
+        )
 
 
 class GateUpLinear(MergedLinear):

@@ -27,12 +27,22 @@ from splitserve.worker.pipeline import layer_range
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float": torch.float32, "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float": torch.float32,
+    "half": torch.float16,
+}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")
-_PT_EXCLUDE = {"training_args.bin", "optimizer.bin", "optimizer.pt", "scheduler.pt",
-               "rng_state.pth"}
+_PT_EXCLUDE = {
+    "training_args.bin",
+    "optimizer.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+}
 
 
 @dataclass
@@ -56,7 +66,7 @@ class LoadedModel:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu."""
+    """ "auto" -> cuda when available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -65,7 +75,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, raw_config: dict, device: torch.device) -> torch.dtype:
-    """"auto" -> the checkpoint's dtype on CUDA (fp32 checkpoints stay fp32), float32 on CPU."""
+    """ "auto" -> the checkpoint's dtype on CUDA (fp32 checkpoints stay fp32), float32 on CPU."""
     if name != "auto":
         return _DTYPES[name]
     if device.type != "cuda":
@@ -93,10 +103,14 @@ def read_eos_token_ids(path: pathlib.Path, hf_config: Any) -> list[int]:
 def _resolve_folder(config: WorkerConfig) -> pathlib.Path:
     patterns = ALLOW_PATTERNS + (["*.bin", "*.pt"] if config.load_format == "pt" else [])
     path = resolve_model_path(config.model, config.revision, allow_patterns=patterns)
-    if config.load_format == "auto" and not list(path.glob("*.safetensors")) and not (
-            pathlib.Path(config.model).is_dir()):
-        path = resolve_model_path(config.model, config.revision,
-                                  allow_patterns=ALLOW_PATTERNS + ["*.bin", "*.pt"])
+    if (
+        config.load_format == "auto"
+        and not list(path.glob("*.safetensors"))
+        and not (pathlib.Path(config.model).is_dir())
+    ):
+        path = resolve_model_path(
+            config.model, config.revision, allow_patterns=ALLOW_PATTERNS + ["*.bin", "*.pt"]
+        )
     return path
 
 
@@ -119,12 +133,12 @@ def load_model(config: WorkerConfig) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, raw, device)
     max_model_len = _max_model_len(config, hf_config)
-    start, end = layer_range(hf_config.num_hidden_layers, config.rank,
-                             config.pipeline_parallel_size)
+    start, end = layer_range(
+        hf_config.num_hidden_layers, config.rank, config.pipeline_parallel_size
+    )
     cls = get_model_class(raw.get("architectures"))
     with _default_dtype(dtype), torch.device("meta"):
-        model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank,
-                    max_model_len)
+        model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
     model.to_empty(device=device)
     model.post_materialize()
     if config.load_format == "dummy":
@@ -132,10 +146,26 @@ def load_model(config: WorkerConfig) -> LoadedModel:
     else:
         load_weights(model, iterate_weights(path, config.load_format, _owned_by(model)))
     model.eval()
-    logger.info("loaded %s layers [%d, %d) of %d as %s on %s", path.name, start, end,
-                hf_config.num_hidden_layers, dtype, device)
-    return LoadedModel(model, hf_config, path, dtype, device, read_eos_token_ids(path, hf_config),
-                       start, end, max_model_len)
+    logger.info(
+        "loaded %s layers [%d, %d) of %d as %s on %s",
+        path.name,
+        start,
+        end,
+        hf_config.num_hidden_layers,
+        dtype,
+        device,
+    )
+    return LoadedModel(
+        model,
+        hf_config,
+        path,
+        dtype,
+        device,
+        read_eos_token_ids(path, hf_config),
+        start,
+        end,
+        max_model_len,
+    )
 
 
 def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
@@ -145,8 +175,10 @@ def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
             raise ValueError("the model config has no max_position_embeddings; set max_model_len")
         return limit
     if limit and config.max_model_len > limit:
-        raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
-                         f"max_position_embeddings ({limit})")
+        raise ValueError(
+            f"max_model_len ({config.max_model_len}) exceeds the model's "
+            f"max_position_embeddings ({limit})"
+        )
     return config.max_model_len
 
 
@@ -165,7 +197,8 @@ def _init_dummy(model: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for param in model.parameters():
             values = torch.empty(param.shape, dtype=torch.float32).uniform_(
-                -1e-3, 1e-3, generator=generator)
+                -1e-3, 1e-3, generator=generator
+            )
             param.copy_(values)
 
 
@@ -196,15 +229,19 @@ def _weight_files(path: pathlib.Path, load_format: str) -> tuple[str, list[pathl
         return "safetensors", safetensors
     if load_format == "safetensors":
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    pt = sorted(p for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")]
-                if p.name not in _PT_EXCLUDE)
+    pt = sorted(
+        p
+        for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")]
+        if p.name not in _PT_EXCLUDE
+    )
     if not pt:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin, *.pt) in {path}")
     return "pt", pt
 
 
-def iterate_weights(path: pathlib.Path, load_format: str,
-                    wanted: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(
+    path: pathlib.Path, load_format: str, wanted: Callable[[str], bool]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (checkpoint name, CPU tensor) for every tensor `wanted` accepts."""
     kind, files = _weight_files(path, load_format)
     for file in files:
@@ -260,13 +297,17 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         loaded.add((name, None))
     if "lm_head.weight" in params and ("lm_head.weight", None) not in loaded:
         if embed is None:
-            raise ValueError("lm_head.weight is missing and no model.embed_tokens.weight to tie it to")
+            raise ValueError(
+                "lm_head.weight is missing and no model.embed_tokens.weight to tie it to"
+            )
         _copy(params["lm_head.weight"], embed, "lm_head.weight (tied to model.embed_tokens)")
         loaded.add(("lm_head.weight", None))
     missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
     if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} weights this rank needs: "
-                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint lacks {len(missing)} weights this rank needs: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
 
 
 def _expected_keys(model: nn.Module) -> set[tuple[str, str | None]]:
@@ -283,7 +324,9 @@ def _expected_keys(model: nn.Module) -> set[tuple[str, str | None]]:
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
     if param.shape != tensor.shape:
-        raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model "
-                         f"expects {tuple(param.shape)}")
+        raise ValueError(
+            f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model "
+            f"expects {tuple(param.shape)}"
+        )
     with torch.no_grad():
         param.copy_(tensor)

@@ -94,14 +94,21 @@ class ModelRunner:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         profile = self._profile_peak_memory if self.device.type == "cuda" else None
-        available = (self.kv_cache.nbytes if self.kv_cache is not None
-                     else kv.available_kv_bytes(self.config, self.device, profile))
+        available = (
+            self.kv_cache.nbytes
+            if self.kv_cache is not None
+            else kv.available_kv_bytes(self.config, self.device, profile)
+        )
         return worker_pb2.DescribeResponse(
-            rank=self.config.rank, world_size=self.config.pipeline_parallel_size,
-            vocab_size=self.vocab_size, max_model_len=self.max_model_len,
+            rank=self.config.rank,
+            world_size=self.config.pipeline_parallel_size,
+            vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
             bytes_per_block=kv.bytes_per_block(self.model, block_size, self.dtype),
-            available_kv_bytes=available, model=self.config.model)
+            available_kv_bytes=available,
+            model=self.config.model,
+        )
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> float:
         """Allocate the KV cache and warm up with a dummy step; returns the seconds spent."""
@@ -111,13 +118,24 @@ class ModelRunner:
             self.kv_cache = None
         self.kv_cache = kv.KVCache(self.model, num_blocks, block_size, self.dtype, self.device)
         self.block_size = block_size
-        self.batch = InputBatch(self.max_model_len, block_size, self.vocab_size, num_blocks,
-                                self.device, initial_rows=min(self.config.max_num_seqs, 64),
-                                max_logprobs=min(self.config.max_logprobs, self.vocab_size))
+        self.batch = InputBatch(
+            self.max_model_len,
+            block_size,
+            self.vocab_size,
+            num_blocks,
+            self.device,
+            initial_rows=min(self.config.max_num_seqs, 64),
+            max_logprobs=min(self.config.max_logprobs, self.vocab_size),
+        )
         self._warm_up()
         seconds = time.perf_counter() - start
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), ready in %.2fs", num_blocks,
-                    block_size, self.kv_cache.nbytes / 2**20, seconds)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), ready in %.2fs",
+            num_blocks,
+            block_size,
+            self.kv_cache.nbytes / 2**20,
+            seconds,
+        )
         return seconds
 
     def _warm_up(self) -> None:
@@ -126,11 +144,18 @@ class ModelRunner:
         length = max(1, min(16, capacity - 1, self.max_model_len - 1))
         blocks = list(range(math.ceil((length + 1) / self.block_size)))
         req = worker_pb2.NewRequest(
-            request_id="__warmup__", token_ids=[0] * length, block_ids=blocks,
-            num_prompt_tokens=length, sampling_params=common_pb2.SamplingParams(temperature=0))
-        steps = [worker_pb2.StepRequest(step_id=-1, new_requests=[req],
-                                        num_scheduled_tokens={"__warmup__": length}),
-                 worker_pb2.StepRequest(step_id=-1, num_scheduled_tokens={"__warmup__": 1})]
+            request_id="__warmup__",
+            token_ids=[0] * length,
+            block_ids=blocks,
+            num_prompt_tokens=length,
+            sampling_params=common_pb2.SamplingParams(temperature=0),
+        )
+        steps = [
+            worker_pb2.StepRequest(
+                step_id=-1, new_requests=[req], num_scheduled_tokens={"__warmup__": length}
+            ),
+            worker_pb2.StepRequest(step_id=-1, num_scheduled_tokens={"__warmup__": 1}),
+        ]
         for i, step in enumerate(steps):
             if not self.is_last and i == 1:
                 self.record_sampled(["__warmup__"], [0])
@@ -156,8 +181,9 @@ class ModelRunner:
     def profile_forward(self) -> None:
         """Run the largest step the scheduler may send (max_num_batched_tokens prompt tokens,
         lm_head and log-softmax over max_num_seqs rows) without a KV cache."""
-        num_tokens = min(self.config.max_num_batched_tokens,
-                         self.config.max_num_seqs * self.max_model_len)
+        num_tokens = min(
+            self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len
+        )
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.max_model_len
         seqs, start = [], 0
@@ -176,9 +202,9 @@ class ModelRunner:
     # ------------------------------------------------------------------ steps
 
     @torch.inference_mode()
-    def execute(self, step: worker_pb2.StepRequest,
-                intermediate: IntermediateTensors | None = None
-                ) -> worker_pb2.StepResult | IntermediateTensors:
+    def execute(
+        self, step: worker_pb2.StepRequest, intermediate: IntermediateTensors | None = None
+    ) -> worker_pb2.StepResult | IntermediateTensors:
         """Run one scheduler step. The last rank returns a StepResult; the others return the
         tensors for the next rank (and must later be told the sampled tokens, see
         `record_sampled`)."""
@@ -253,8 +279,11 @@ class ModelRunner:
         q = np.array(counts, dtype=np.int64)
         starts = batch.num_computed[rows].astype(np.int64)
         ends = starts + q
-        bad = ((ends > batch.num_tokens[rows]) | (ends > self.max_model_len)
-               | ((ends - 1) // self.block_size >= batch.num_blocks[rows]))
+        bad = (
+            (ends > batch.num_tokens[rows])
+            | (ends > self.max_model_len)
+            | ((ends - 1) // self.block_size >= batch.num_blocks[rows])
+        )
         if bad.any():
             rows, q, starts, ends = self._drop_bad(rows, q, starts, ends, bad, errors)
             if rows.size == 0:
@@ -270,15 +299,18 @@ class ModelRunner:
         for i in np.flatnonzero(bad).tolist():
             row = int(rows[i])
             rid = batch.req_ids[row]
-            errors[rid] = (f"cannot compute tokens [{starts[i]}, {ends[i]}): the request has "
-                           f"{batch.num_tokens[row]} tokens, {batch.num_blocks[row]} blocks of "
-                           f"{self.block_size}, and max_model_len is {self.max_model_len}")
+            errors[rid] = (
+                f"cannot compute tokens [{starts[i]}, {ends[i]}): the request has "
+                f"{batch.num_tokens[row]} tokens, {batch.num_blocks[row]} blocks of "
+                f"{self.block_size}, and max_model_len is {self.max_model_len}"
+            )
             batch.remove(rid)
         keep = ~bad
         return rows[keep], q[keep], starts[keep], ends[keep]
 
-    def _build(self, rows: np.ndarray, q: np.ndarray, starts: np.ndarray,
-               ends: np.ndarray) -> StepPlan:
+    def _build(
+        self, rows: np.ndarray, q: np.ndarray, starts: np.ndarray, ends: np.ndarray
+    ) -> StepPlan:
         batch, bs, device = self.batch, self.block_size, self.device
         cu = np.cumsum(q)
         offsets = cu - q
@@ -286,39 +318,52 @@ class ModelRunner:
         token_rows = np.repeat(rows, q)
         positions = np.arange(num_tokens) + np.repeat(starts - offsets, q)
         input_ids = batch.token_ids[token_rows, positions]
-        slots = batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        slots = (
+            batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        )
         num_decodes = int(np.count_nonzero(q == 1))
         width = math.ceil(int(ends.max()) / bs)
         tables = torch.from_numpy(batch.block_table[rows, :width]).to(device)
         attn = AttentionMetadata(
-            num_tokens, torch.from_numpy(slots).to(device), num_decodes, block_tables=tables,
+            num_tokens,
+            torch.from_numpy(slots).to(device),
+            num_decodes,
+            block_tables=tables,
             seq_lens=torch.from_numpy(ends.astype(np.int32)).to(device),
-            query_start_loc=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)).to(
-                device),
-            max_query_len=int(q.max()), max_seq_len=int(ends.max()))
+            query_start_loc=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)).to(device),
+            max_query_len=int(q.max()),
+            max_seq_len=int(ends.max()),
+        )
         if num_decodes:
             decode_width = math.ceil(int(ends[:num_decodes].max()) / bs)
             attn.decode_block_tables = tables[:num_decodes, :decode_width]
             attn.decode_seq_lens = attn.seq_lens[:num_decodes]
         for i in range(num_decodes, rows.size):
             start, end = int(starts[i]), int(ends[i])
-            blocks = tables[i, :math.ceil(end / bs)] if start > 0 else None
+            blocks = tables[i, : math.ceil(end / bs)] if start > 0 else None
             attn.prefills.append(PrefillSeq(int(offsets[i]), end - start, end, blocks))
         sampling = ends == batch.num_tokens[rows]
         indices = cu[sampling] - 1
-        prompt_chunks, targets = self._prompt_logprob_positions(rows, starts, ends, offsets,
-                                                                indices.size)
+        prompt_chunks, targets = self._prompt_logprob_positions(
+            rows, starts, ends, offsets, indices.size
+        )
         if prompt_chunks:
             indices = np.concatenate([indices, *(t[0] for t in targets)])
         return StepPlan(
-            rows=rows, ends=ends,
+            rows=rows,
+            ends=ends,
             input_ids=torch.from_numpy(input_ids).to(device),
-            positions=torch.from_numpy(positions).to(device), attn=attn,
+            positions=torch.from_numpy(positions).to(device),
+            attn=attn,
             sample_rows=rows[sampling],
             logits_indices=torch.from_numpy(indices).to(device),
             prompt_logprobs=prompt_chunks,
-            prompt_targets=(torch.from_numpy(np.concatenate([t[1] for t in targets])).to(device)
-                            if targets else None))
+            prompt_targets=(
+                torch.from_numpy(np.concatenate([t[1] for t in targets])).to(device)
+                if targets
+                else None
+            ),
+        )
 
     def _prompt_logprob_positions(self, rows, starts, ends, offsets, first_index):
         """Per prompt-logprobs chunk: the logits indices and target tokens it needs."""
@@ -334,13 +379,19 @@ class ModelRunner:
                 continue
             positions = np.arange(start, stop)
             targets.append((positions - start + offsets[i], batch.token_ids[row, positions + 1]))
-            chunks.append((batch.req_ids[row], index, stop - start,
-                           int(batch.prompt_logprobs[row])))
+            chunks.append(
+                (batch.req_ids[row], index, stop - start, int(batch.prompt_logprobs[row]))
+            )
             index += stop - start
         return chunks, targets
 
-    def _sample(self, step: worker_pb2.StepRequest, plan: StepPlan, logits: torch.Tensor,
-                errors: dict[str, str]) -> worker_pb2.StepResult:
+    def _sample(
+        self,
+        step: worker_pb2.StepRequest,
+        plan: StepPlan,
+        logits: torch.Tensor,
+        errors: dict[str, str],
+    ) -> worker_pb2.StepResult:
         batch = self.batch
         rows = plan.sample_rows
         n = rows.size
@@ -357,8 +408,11 @@ class ModelRunner:
             result.token_ids.extend(tokens.tolist())
             self._add_logprobs(result, rows, logprobs)
         for rid, first, count, top in plan.prompt_logprobs:
-            chunk = compute_logprobs(logits[first:first + count],
-                                     plan.prompt_targets[first - n:first - n + count].long(), top)
+            chunk = compute_logprobs(
+                logits[first : first + count],
+                plan.prompt_targets[first - n : first - n + count].long(),
+                top,
+            )
             result.prompt_logprobs[rid].entries.extend(chunk.to_protos([top] * count))
         return result
 

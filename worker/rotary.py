@@ -40,21 +40,24 @@ def rope_parameters(config: Any) -> dict:
         original = _get(config, "original_max_position_embeddings")
         if original is not None:
             params["original_max_position_embeddings"] = original
-        params.setdefault("original_max_position_embeddings",
-                          _get(config, "max_position_embeddings"))
+        params.setdefault(
+            "original_max_position_embeddings", _get(config, "max_position_embeddings")
+        )
     return params
 
 
-def compute_inv_freq(params: dict, head_dim: int,
-                     max_position_embeddings: int | None = None) -> tuple[torch.Tensor, float]:
+def compute_inv_freq(
+    params: dict, head_dim: int, max_position_embeddings: int | None = None
+) -> tuple[torch.Tensor, float]:
     """Return (inv_freq [head_dim // 2] float32, attention_scaling) for a RoPE parameter dict."""
     rope_type = params.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     base = float(params.get("rope_theta", DEFAULT_ROPE_THETA))
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
-    inv_freq = 1.0 / (base ** exponents)
+    inv_freq = 1.0 / (base**exponents)
     if rope_type == "default":
         return inv_freq, 1.0
     if rope_type == "linear":
@@ -79,8 +82,9 @@ def _llama3(inv_freq: torch.Tensor, params: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn(base: float, dim: int, params: dict,
-          max_position_embeddings: int | None) -> tuple[torch.Tensor, float]:
+def _yarn(
+    base: float, dim: int, params: dict, max_position_embeddings: int | None
+) -> tuple[torch.Tensor, float]:
     original = params["original_max_position_embeddings"]
     factor = params.get("factor")
     if factor is None:
@@ -93,7 +97,9 @@ def _yarn(base: float, dim: int, params: dict,
     mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
     if attention_factor is None:
         if mscale and mscale_all_dim:
-            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+            attention_factor = float(
+                get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+            )
         else:
             attention_factor = get_mscale(factor)
     beta_fast = params.get("beta_fast") or 32
@@ -120,8 +126,13 @@ def _yarn(base: float, dim: int, params: dict,
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding over a precomputed [max_positions, head_dim] cos/sin cache."""
 
-    def __init__(self, head_dim: int, max_positions: int, params: dict,
-                 max_position_embeddings: int | None = None) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        params: dict,
+        max_position_embeddings: int | None = None,
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.max_positions = max_positions
@@ -135,8 +146,9 @@ class RotaryEmbedding(nn.Module):
         device = self.cos.device if "cos" in self._buffers else torch.device("cpu")
         if device.type == "meta":
             device = torch.device("cpu")
-        inv_freq, scaling = compute_inv_freq(self.params, self.head_dim,
-                                             self.max_position_embeddings)
+        inv_freq, scaling = compute_inv_freq(
+            self.params, self.head_dim, self.max_position_embeddings
+        )
         # NOTE: same float32 product and cat as transformers, so angles match bit for bit.
         positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
         freqs = positions[:, None] * inv_freq[None, :]

@@ -63,8 +63,11 @@ class SamplingMetadata:
     @property
     def has_processors(self) -> bool:
         """Whether min_tokens, logit_bias or penalties touch the logits this step."""
-        return (self.masked_rows is not None or self.bias_rows is not None
-                or self.repetition_penalty is not None)
+        return (
+            self.masked_rows is not None
+            or self.bias_rows is not None
+            or self.repetition_penalty is not None
+        )
 
 
 @dataclass(slots=True)
@@ -86,14 +89,21 @@ class LogprobsTensors:
         """One TokenLogprobs per row, keeping the first counts[i] top entries of row i."""
         ids, lps, ranks = self.token_ids.tolist(), self.logprobs.tolist(), self.ranks.tolist()
         top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
-        return [common_pb2.TokenLogprobs(token_id=ids[i], logprob=lps[i], rank=ranks[i],
-                                         top_token_ids=top_ids[i][:k],
-                                         top_logprobs=top_lps[i][:k])
-                for i, k in enumerate(counts)]
+        return [
+            common_pb2.TokenLogprobs(
+                token_id=ids[i],
+                logprob=lps[i],
+                rank=ranks[i],
+                top_token_ids=top_ids[i][:k],
+                top_logprobs=top_lps[i][:k],
+            )
+            for i, k in enumerate(counts)
+        ]
 
 
-def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
-                     num_top: int) -> LogprobsTensors:
+def compute_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> LogprobsTensors:
     """Logprobs of token_ids [L] under logits [L, V] (raw), their ranks, and the top num_top."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids[:, None])
@@ -114,8 +124,9 @@ class Sampler:
         self.generator = generator
         """Noise source of requests without a seed."""
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata
-                 ) -> tuple[torch.Tensor, LogprobsTensors | None]:
+    def __call__(
+        self, logits: torch.Tensor, meta: SamplingMetadata
+    ) -> tuple[torch.Tensor, LogprobsTensors | None]:
         """logits [N, V] raw -> (token ids int64 [N], logprobs of meta.logprob_rows or None)."""
         raw = logits
         if meta.all_greedy and not meta.has_processors:
@@ -133,23 +144,26 @@ class Sampler:
         return sampled, self._logprobs(raw, sampled, meta)
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor, sampled: torch.Tensor,
-                  meta: SamplingMetadata) -> LogprobsTensors | None:
+    def _logprobs(
+        raw: torch.Tensor, sampled: torch.Tensor, meta: SamplingMetadata
+    ) -> LogprobsTensors | None:
         if meta.logprob_rows is None:
             return None
         rows = meta.logprob_rows
-        return compute_logprobs(raw.index_select(0, rows), sampled.index_select(0, rows),
-                                meta.max_num_logprobs)
+        return compute_logprobs(
+            raw.index_select(0, rows), sampled.index_select(0, rows), meta.max_num_logprobs
+        )
 
     @staticmethod
     def apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> None:
         """min_tokens masking, logit_bias and penalties, in place on float32 logits [N, V]."""
         if meta.masked_rows is not None:
-            logits.index_put_((meta.masked_rows, meta.masked_cols),
-                              torch.tensor(float("-inf"), device=logits.device))
+            logits.index_put_(
+                (meta.masked_rows, meta.masked_cols),
+                torch.tensor(float("-inf"), device=logits.device),
+            )
         if meta.bias_rows is not None:
-            logits.index_put_((meta.bias_rows, meta.bias_cols), meta.bias_values,
-                              accumulate=True)
+            logits.index_put_((meta.bias_rows, meta.bias_cols), meta.bias_values, accumulate=True)
         if meta.repetition_penalty is not None:
             apply_penalties(logits, meta)
 
@@ -177,8 +191,9 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
     prompt_mask = torch.zeros((n, vocab + 1), dtype=torch.bool, device=device)
     prompt_mask.scatter_(1, meta.prompt_token_ids, True)
     counts = torch.zeros((n, vocab + 1), dtype=logits.dtype, device=device)
-    counts.scatter_add_(1, meta.output_token_ids,
-                        torch.ones_like(meta.output_token_ids, dtype=logits.dtype))
+    counts.scatter_add_(
+        1, meta.output_token_ids, torch.ones_like(meta.output_token_ids, dtype=logits.dtype)
+    )
     prompt_mask, counts = prompt_mask[:, :vocab], counts[:, :vocab]
     output_mask = counts > 0
     rep = meta.repetition_penalty[:, None]
@@ -195,8 +210,9 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
     logits.masked_fill_(probs < threshold, float("-inf"))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
-                      top_p: torch.Tensor | None) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
     """Keep the top_k largest logits and the smallest set with mass >= top_p (per row)."""
     vocab = logits.shape[-1]
     if top_p is None:

@@ -43,9 +43,11 @@ class ExceptionInterceptor(grpc.aio.ServerInterceptor):
             behavior = getattr(handler, kind)
             if behavior is not None:
                 factory = getattr(grpc, f"{kind}_rpc_method_handler")
-                return factory(_guard(behavior, method),
-                               request_deserializer=handler.request_deserializer,
-                               response_serializer=handler.response_serializer)
+                return factory(
+                    _guard(behavior, method),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
         return handler
 
 
@@ -55,6 +57,7 @@ def _guard(behavior, method: str):
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     if inspect.isasyncgenfunction(behavior):
+
         async def stream(request, context):
             try:
                 async for item in behavior(request, context):
@@ -63,6 +66,7 @@ def _guard(behavior, method: str):
                 raise
             except Exception as exc:
                 await fail(context, exc)
+
         return stream
 
     async def call(request, context):
@@ -73,6 +77,7 @@ def _guard(behavior, method: str):
             raise
         except Exception as exc:
             await fail(context, exc)
+
     return call
 
 
@@ -112,9 +117,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def InitializeCache(self, request, context):
         runner = await self._runner(context)
         if request.num_blocks < 1 or request.block_size < 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"num_blocks and block_size must be positive, got "
-                                f"{request.num_blocks} and {request.block_size}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"num_blocks and block_size must be positive, got "
+                f"{request.num_blocks} and {request.block_size}",
+            )
         await self.set_health(_NOT_SERVING)
         seconds = await self._call(runner.initialize_cache, request.num_blocks, request.block_size)
         await self.set_health(_SERVING)
@@ -123,8 +130,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Execute(self, request_iterator, context):
         runner = await self._runner(context)
         if runner.batch is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "InitializeCache must run before Execute")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "InitializeCache must run before Execute"
+            )
         queue: asyncio.Queue = asyncio.Queue()
 
         async def read() -> None:
@@ -151,8 +159,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 await reader
 
 
-async def run_worker(config: WorkerConfig, address: str, ready_event=None,
-                     grace: float = 5.0) -> None:
+async def run_worker(
+    config: WorkerConfig, address: str, ready_event=None, grace: float = 5.0
+) -> None:
     """Serve a worker on `address` (host:port or unix:path) until SIGTERM/SIGINT or cancelled.
 
     The server listens (and `ready_event`, a threading.Event or asyncio.Event, is set) before
@@ -163,8 +172,11 @@ async def run_worker(config: WorkerConfig, address: str, ready_event=None,
     loop = asyncio.get_running_loop()
     server = grpc.aio.server(
         interceptors=[ExceptionInterceptor()],
-        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
     health_servicer = health.aio.HealthServicer()
     servicer = WorkerServicer(health_servicer)
     await servicer.set_health(_NOT_SERVING)

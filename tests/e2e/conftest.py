@@ -34,8 +34,9 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
 
 
 def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout
     return [int(x) for x in out.split()]
 
 
@@ -46,12 +47,32 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
         self.log = log
-        cmd = [sys.executable, "-m", "splitserve.cli", "serve", str(model),
-               "--port", str(self.port), "--scheduler-address", self.scheduler_address,
-               "--kv-cache-memory", "4MiB", "--max-model-len", "512", "--block-size", "16",
-               "--max-num-seqs", "32", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "splitserve.cli",
+            "serve",
+            str(model),
+            "--port",
+            str(self.port),
+            "--scheduler-address",
+            self.scheduler_address,
+            "--kv-cache-memory",
+            "4MiB",
+            "--max-model-len",
+            "512",
+            "--block-size",
+            "16",
+            "--max-num-seqs",
+            "32",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
         def healthy():
             try:
@@ -73,7 +94,8 @@ class Server:
 
         with grpc.insecure_channel(self.scheduler_address) as ch:
             return scheduler_pb2_grpc.SchedulerServiceStub(ch).GetStats(
-                scheduler_pb2.GetStatsRequest(), timeout=5)
+                scheduler_pb2.GetStatsRequest(), timeout=5
+            )
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -88,9 +110,16 @@ class Server:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> pathlib.Path:
-    return build_model(tmp_path_factory.mktemp("e2e") / "tiny-llama", "llama",
-                       hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                       num_kv_heads=2, eos_token_ids=[1, 4])
+    return build_model(
+        tmp_path_factory.mktemp("e2e") / "tiny-llama",
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        eos_token_ids=[1, 4],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -104,5 +133,4 @@ def server(tiny_model, tmp_path_factory):
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=120)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -14,11 +14,13 @@ def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
     try:
         body = {"model": s.model, "prompt": "hi", "max_tokens": 2}
         assert httpx.post(s.url + "/v1/completions", json=body).status_code == 401
-        r = httpx.post(s.url + "/v1/completions", json=body,
-                       headers={"Authorization": "Bearer wrong"})
+        r = httpx.post(
+            s.url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}
+        )
         assert r.status_code == 401 and r.json()["error"]
-        r = httpx.post(s.url + "/v1/completions", json=body,
-                       headers={"Authorization": "Bearer sekrit"})
+        r = httpx.post(
+            s.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekrit"}
+        )
         assert r.status_code == 200, r.text
         assert httpx.get(s.url + "/health").status_code == 200
         assert len(s.children) == 4  # tokenizer, worker, scheduler, gateway

@@ -37,8 +37,13 @@ def hf_greedy_text(hf, prompt: str, n: int) -> str:
 
 def test_completions_greedy_match_transformers(client, server, hf):
     for prompt in PROMPTS:
-        r = client.completions.create(model=server.model, prompt=prompt, max_tokens=16,
-                                      temperature=0, extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=server.model,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert r.choices[0].text == hf_greedy_text(hf, prompt, 16)
         assert r.choices[0].finish_reason == "length"
         assert r.usage.completion_tokens == 16
@@ -48,18 +53,29 @@ def test_completions_greedy_match_transformers(client, server, hf):
 
 def test_completion_batch_prompts_and_token_ids(client, server, hf):
     ids = hf[0](PROMPTS[0]).input_ids
-    r = client.completions.create(model=server.model, prompt=[PROMPTS[1], ids], max_tokens=6,
-                                  temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=server.model,
+        prompt=[PROMPTS[1], ids],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert [c.index for c in r.choices] == [0, 1]
     assert r.choices[1].text == hf_greedy_text(hf, PROMPTS[0], 6)
 
 
 def test_streaming_equals_non_streaming_and_usage(client, server):
-    kw = dict(model=server.model, prompt=PROMPTS[0], max_tokens=12, temperature=0,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model=server.model,
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.completions.create(**kw).choices[0].text
-    chunks = list(client.completions.create(stream=True,
-                                            stream_options={"include_usage": True}, **kw))
+    chunks = list(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == full
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
@@ -70,21 +86,38 @@ def test_streaming_equals_non_streaming_and_usage(client, server):
 
 def test_chat_non_streaming_and_streaming(client, server):
     msgs = [{"role": "user", "content": "Say something about namespaces."}]
-    r = client.chat.completions.create(model=server.model, messages=msgs, max_tokens=10,
-                                       temperature=0, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=server.model,
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens == 10
-    chunks = list(client.chat.completions.create(
-        model=server.model, messages=msgs, max_tokens=10, temperature=0, stream=True,
-        extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model,
+            messages=msgs,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content
 
 
 def test_n_and_seed_determinism(client, server):
-    kw = dict(model=server.model, prompt=PROMPTS[2], max_tokens=12, temperature=1.0,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model=server.model,
+        prompt=PROMPTS[2],
+        max_tokens=12,
+        temperature=1.0,
+        extra_body={"ignore_eos": True},
+    )
     a = client.completions.create(n=3, seed=1234, **kw)
     b = client.completions.create(n=3, seed=1234, **kw)
     assert len(a.choices) == 3
@@ -96,30 +129,47 @@ def test_n_and_seed_determinism(client, server):
 
 
 def test_logprobs_completions_and_chat(client, server):
-    r = client.completions.create(model=server.model, prompt=PROMPTS[0], max_tokens=5,
-                                  temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=server.model,
+        prompt=PROMPTS[0],
+        max_tokens=5,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == 5 and len(lp.token_logprobs) == 5
     # Keyed by token string: ids that decode alike (partial characters) share a key.
     assert all(1 <= len(t) <= 3 for t in lp.top_logprobs)
-    for tok, val, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for val, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert val <= 0 and abs(max(top.values()) - val) < 1e-4  # greedy: chosen is top-1
     assert "".join(lp.tokens) == r.choices[0].text
     c = client.chat.completions.create(
-        model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-        temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+        model=server.model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     content = c.choices[0].logprobs.content
     assert len(content) == 4 and all(len(e.top_logprobs) == 2 for e in content)
 
 
 def test_stop_string_truncates_and_reports(client, server):
-    kw = dict(model=server.model, prompt=PROMPTS[1], max_tokens=24, temperature=0,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model=server.model,
+        prompt=PROMPTS[1],
+        max_tokens=24,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.completions.create(**kw).choices[0].text
     stop = full[8:11]
     assert stop.strip(), full
     r = client.completions.create(stop=[stop], **kw)
-    assert r.choices[0].text == full[:full.index(stop)]
+    assert r.choices[0].text == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < 24
     chunks = list(client.completions.create(stop=[stop], stream=True, **kw))
@@ -133,25 +183,28 @@ def test_models_and_unserved_endpoint(client, server):
     assert r.status_code == 404 and "error" in r.json()
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
-    ({"max_tokens": 5}, 400, "prompt"),
-    ({"prompt": "", "max_tokens": 5}, 400, "prompt"),
-    ({"prompt": [5, -1], "max_tokens": 5}, 400, "prompt"),
-    ({"prompt": [5, 10**6], "max_tokens": 5}, 400, "prompt"),
-    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
-    ({"prompt": "hi", "top_k": -2}, 400, "top_k"),
-    ({"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
-    ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
-    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-    ({"prompt": "hi", "n": 100000}, 400, "n"),
-    ({"prompt": "hi", "stop": ["x"] * 1000}, 400, "stop"),
-    ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
-    ({"prompt": "hi", "max_tokens": 600}, 400, None),
-    ({"prompt": "hi", "model": "no-such-model"}, 404, None),
-])
+@pytest.mark.parametrize(
+    "body,status,param",
+    [
+        ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+        ({"max_tokens": 5}, 400, "prompt"),
+        ({"prompt": "", "max_tokens": 5}, 400, "prompt"),
+        ({"prompt": [5, -1], "max_tokens": 5}, 400, "prompt"),
+        ({"prompt": [5, 10**6], "max_tokens": 5}, 400, "prompt"),
+        ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+        ({"prompt": "hi", "top_k": -2}, 400, "top_k"),
+        ({"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
+        ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+        ({"prompt": "hi", "n": 100000}, 400, "n"),
+        ({"prompt": "hi", "stop": ["x"] * 1000}, 400, "stop"),
+        ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+        ({"prompt": "hi", "max_tokens": 600}, 400, None),
+        ({"prompt": "hi", "model": "no-such-model"}, 404, None),
+    ],
+)
 def test_bad_input_statuses(server, body, status, param):
     body = {"model": server.model, **body}
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
@@ -164,18 +217,24 @@ def test_bad_input_statuses(server, body, status, param):
         assert "600" in err["message"] and "512" in err["message"]
 
 
-@pytest.mark.parametrize("content,ctype", [
-    (b"{not json", "application/json"), (b"[1, 2]", "application/json"),
-    (b"prompt=hi", "text/plain")])
+@pytest.mark.parametrize(
+    "content,ctype",
+    [
+        (b"{not json", "application/json"),
+        (b"[1, 2]", "application/json"),
+        (b"prompt=hi", "text/plain"),
+    ],
+)
 def test_malformed_bodies_are_400(server, content, ctype):
-    r = httpx.post(server.url + "/v1/completions", content=content,
-                   headers={"content-type": ctype})
+    r = httpx.post(server.url + "/v1/completions", content=content, headers={"content-type": ctype})
     assert r.status_code == 400 and "error" in r.json()
 
 
 def test_overlong_prompt_names_both_numbers(server):
-    r = httpx.post(server.url + "/v1/completions",
-                   json={"model": server.model, "prompt": [5] * 600, "max_tokens": 1})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"model": server.model, "prompt": [5] * 600, "max_tokens": 1},
+    )
     assert r.status_code == 400
     assert "600" in r.json()["error"]["message"] and "512" in r.json()["error"]["message"]
 
@@ -188,10 +247,17 @@ def test_chat_bad_messages(server):
 def test_client_disconnect_mid_stream_frees_blocks(server):
     idle = server.scheduler_stats().num_free_blocks
     assert idle == server.scheduler_stats().num_total_blocks
-    body = {"model": server.model, "prompt": "Beautiful is better than ugly. " * 10,
-            "max_tokens": 300, "stream": True, "ignore_eos": True}
-    with httpx.Client(timeout=60) as h, h.stream("POST", server.url + "/v1/completions",
-                                                 json=body) as r:
+    body = {
+        "model": server.model,
+        "prompt": "Beautiful is better than ugly. " * 10,
+        "max_tokens": 300,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with (
+        httpx.Client(timeout=60) as h,
+        h.stream("POST", server.url + "/v1/completions", json=body) as r,
+    ):
         seen = 0
         lines = r.iter_lines()  # keep the iterator: dropping it would close the connection
         for line in lines:
@@ -201,8 +267,14 @@ def test_client_disconnect_mid_stream_frees_blocks(server):
                 if seen == 3:
                     break
         assert server.scheduler_stats().num_running == 1
-    wait_for(lambda: server.scheduler_stats().num_free_blocks == idle
-             and server.scheduler_stats().num_running == 0, 30, "blocks freed after disconnect")
+    wait_for(
+        lambda: (
+            server.scheduler_stats().num_free_blocks == idle
+            and server.scheduler_stats().num_running == 0
+        ),
+        30,
+        "blocks freed after disconnect",
+    )
 
 
 def test_api_errors_are_openai_exceptions(client, server):

@@ -22,16 +22,38 @@ from splitserve import demo_model
 LLAMA_EOS = [1, 4]  # </s> and <|im_end|>: two EOS ids in generation_config.json
 
 MODEL_KWARGS: dict[str, dict] = {
-    "llama": dict(arch="llama", extra_vocab=24, eos_token_ids=LLAMA_EOS, num_heads=4,
-                  num_kv_heads=2, max_position_embeddings=512),
+    "llama": dict(
+        arch="llama",
+        extra_vocab=24,
+        eos_token_ids=LLAMA_EOS,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+    ),
     "qwen2": dict(arch="qwen2", num_heads=4, num_kv_heads=2, max_position_embeddings=512),
     "mistral": dict(arch="mistral", num_heads=4, num_kv_heads=1, max_position_embeddings=512),
-    "llama3_rope": dict(arch="llama", max_position_embeddings=512, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-    "yarn_rope": dict(arch="llama", max_position_embeddings=512, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-        "original_max_position_embeddings": 128}),
+    "llama3_rope": dict(
+        arch="llama",
+        max_position_embeddings=512,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "yarn_rope": dict(
+        arch="llama",
+        max_position_embeddings=512,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
+    ),
 }
 
 

@@ -56,8 +56,9 @@ def reference(model_factory):
 
     def get(name: str) -> list:
         if name not in cache:
-            cache[name] = hf_greedy_logprobs(hf_model(model_factory(name)), PROMPTS, MAX_TOKENS,
-                                             NUM_LOGPROBS)
+            cache[name] = hf_greedy_logprobs(
+                hf_model(model_factory(name)), PROMPTS, MAX_TOKENS, NUM_LOGPROBS
+            )
         return cache[name]
 
     return get
@@ -100,8 +101,9 @@ def test_triton_attention_backend_matches_transformers(model_factory, reference)
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and TRITON_INTERPRET is not set")
-    runner = ModelRunner(WorkerConfig(model=str(model_factory("llama")),
-                                      attention_backend="triton"))
+    runner = ModelRunner(
+        WorkerConfig(model=str(model_factory("llama")), attention_backend="triton")
+    )
     assert runner.backend.name == "triton"
     ours = _run_continuous_batch(runner, block_size=4, chunk_size=5)
     theirs = reference("llama")
@@ -118,8 +120,9 @@ def test_sliding_window_matches_transformers(chunk_size, mistral_sliding_path):
         driver.add(str(i), PROMPTS[i], MAX_TOKENS, _greedy())
     out = driver.run()
     ours = [out[str(i)].top_logprobs() for i in (1, 3)]
-    theirs = hf_greedy_logprobs(hf_model(mistral_sliding_path), [PROMPTS[1], PROMPTS[3]],
-                                MAX_TOKENS, NUM_LOGPROBS)
+    theirs = hf_greedy_logprobs(
+        hf_model(mistral_sliding_path), [PROMPTS[1], PROMPTS[3]], MAX_TOKENS, NUM_LOGPROBS
+    )
     assert [t for t, _ in ours] == [t for t, _ in theirs]
     check_logprobs_close(theirs, ours, "transformers", "splitserve")
 
@@ -133,11 +136,11 @@ def test_prefix_cache_hit_matches_transformers(block_size, runner_for, model_fac
     driver.add("a", base, MAX_TOKENS, _greedy())
     driver.step()  # a's prompt is in the cache now
     shared = 33 // block_size
-    driver.add("b", second, MAX_TOKENS, _greedy(), shared_prefix_from="a",
-               num_shared_blocks=shared)
+    driver.add("b", second, MAX_TOKENS, _greedy(), shared_prefix_from="a", num_shared_blocks=shared)
     out = driver.run()
-    theirs = hf_greedy_logprobs(hf_model(model_factory("llama")), [base, second], MAX_TOKENS,
-                                NUM_LOGPROBS)
+    theirs = hf_greedy_logprobs(
+        hf_model(model_factory("llama")), [base, second], MAX_TOKENS, NUM_LOGPROBS
+    )
     ours = [out["a"].top_logprobs(), out["b"].top_logprobs()]
     assert out["b"].block_ids[:shared] == out["a"].block_ids[:shared]
     assert [t for t, _ in ours] == [t for t, _ in theirs]

@@ -32,15 +32,22 @@ def hf_model(path, dtype=torch.float32):
 
 
 @torch.inference_mode()
-def hf_greedy_logprobs(model, prompts: Sequence[Sequence[int]], max_tokens: int,
-                       num_logprobs: int) -> list[TokensLogprobs]:
+def hf_greedy_logprobs(
+    model, prompts: Sequence[Sequence[int]], max_tokens: int, num_logprobs: int
+) -> list[TokensLogprobs]:
     """transformers greedy decoding, one prompt at a time (no padding), with raw top-k logprobs."""
     results = []
     for prompt in prompts:
-        out = model.generate(torch.tensor([list(prompt)]), max_new_tokens=max_tokens,
-                             min_new_tokens=max_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
-        tokens = out.sequences[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([list(prompt)]),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        tokens = out.sequences[0, len(prompt) :].tolist()
         tops = []
         for logits in out.logits:
             lp = torch.log_softmax(logits[0].float(), dim=-1)
@@ -58,25 +65,34 @@ def hf_prompt_logprobs(model, prompt: Sequence[int]) -> torch.Tensor:
     return lp[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
 
 
-def check_logprobs_close(outputs_0: Sequence[TokensLogprobs], outputs_1: Sequence[TokensLogprobs],
-                         name_0: str, name_1: str, atol: float = 1e-3) -> None:
+def check_logprobs_close(
+    outputs_0: Sequence[TokensLogprobs],
+    outputs_1: Sequence[TokensLogprobs],
+    name_0: str,
+    name_1: str,
+    atol: float = 1e-3,
+) -> None:
     """The parity rule: while tokens match, their logprobs agree within atol; at the first
     divergence each side's token must be in the other's top-k, and the comparison stops."""
     assert len(outputs_0) == len(outputs_1)
     for i, ((tokens_0, lps_0), (tokens_1, lps_1)) in enumerate(
-            zip(outputs_0, outputs_1, strict=True)):
+        zip(outputs_0, outputs_1, strict=True)
+    ):
         for pos, (t0, t1) in enumerate(zip(tokens_0, tokens_1, strict=False)):
             top_0, top_1 = lps_0[pos], lps_1[pos]
             if t0 == t1:
                 for tok in set(top_0) & set(top_1):
                     assert abs(top_0[tok] - top_1[tok]) <= atol, (
                         f"prompt {i} position {pos} token {tok}: {name_0} logprob "
-                        f"{top_0[tok]:.6f} vs {name_1} {top_1[tok]:.6f}")
+                        f"{top_0[tok]:.6f} vs {name_1} {top_1[tok]:.6f}"
+                    )
                 continue
-            assert t0 in top_1, (f"prompt {i} position {pos}: {name_0} token {t0} is not in "
-                                 f"{name_1}'s top-k {top_1}")
-            assert t1 in top_0, (f"prompt {i} position {pos}: {name_1} token {t1} is not in "
-                                 f"{name_0}'s top-k {top_0}")
+            assert t0 in top_1, (
+                f"prompt {i} position {pos}: {name_0} token {t0} is not in {name_1}'s top-k {top_1}"
+            )
+            assert t1 in top_0, (
+                f"prompt {i} position {pos}: {name_1} token {t1} is not in {name_0}'s top-k {top_0}"
+            )
             break
 
 
@@ -111,8 +127,14 @@ class DriverRequest:
 class StepDriver:
     """Feeds a ModelRunner StepRequests for a set of requests until they all finish."""
 
-    def __init__(self, runner, block_size: int = 16, num_blocks: int = 512,
-                 chunk_size: int | None = None, initialize: bool = True) -> None:
+    def __init__(
+        self,
+        runner,
+        block_size: int = 16,
+        num_blocks: int = 512,
+        chunk_size: int | None = None,
+        initialize: bool = True,
+    ) -> None:
         self.runner = runner
         self.block_size = block_size
         self.chunk_size = chunk_size
@@ -123,9 +145,15 @@ class StepDriver:
         self.requests: dict[str, DriverRequest] = {}
         self.finished: list[str] = []
 
-    def add(self, request_id: str, prompt: Sequence[int], max_tokens: int = 8,
-            params: common_pb2.SamplingParams | None = None, shared_prefix_from: str | None = None,
-            num_shared_blocks: int = 0) -> DriverRequest:
+    def add(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        max_tokens: int = 8,
+        params: common_pb2.SamplingParams | None = None,
+        shared_prefix_from: str | None = None,
+        num_shared_blocks: int = 0,
+    ) -> DriverRequest:
         """Queue a request; with shared_prefix_from, reuse that request's first blocks as a
         prefix-cache hit (num_computed_tokens > 0)."""
         params = params if params is not None else common_pb2.SamplingParams(temperature=0)
@@ -158,13 +186,20 @@ class StepDriver:
             self._alloc(req, req.num_computed + n)
             if not req.sent:
                 step.new_requests.add(
-                    request_id=req.request_id, token_ids=req.token_ids, sampling_params=req.params,
-                    block_ids=req.block_ids, num_computed_tokens=req.num_computed,
-                    num_prompt_tokens=req.num_prompt)
+                    request_id=req.request_id,
+                    token_ids=req.token_ids,
+                    sampling_params=req.params,
+                    block_ids=req.block_ids,
+                    num_computed_tokens=req.num_computed,
+                    num_prompt_tokens=req.num_prompt,
+                )
                 req.sent = True
             else:
-                step.cached_requests.add(request_id=req.request_id, new_block_ids=req.new_blocks,
-                                         num_computed_tokens=req.num_computed)
+                step.cached_requests.add(
+                    request_id=req.request_id,
+                    new_block_ids=req.new_blocks,
+                    num_computed_tokens=req.num_computed,
+                )
             req.new_blocks = []
             step.num_scheduled_tokens[req.request_id] = n
             req.num_computed += n
@@ -173,8 +208,7 @@ class StepDriver:
 
     def step(self) -> worker_pb2.StepResult:
         result = self.runner.execute(self.build_step())
-        for rid, tok, lp in zip(result.request_ids, result.token_ids, result.logprobs,
-                                strict=True):
+        for rid, tok, lp in zip(result.request_ids, result.token_ids, result.logprobs, strict=True):
             req = self.requests[rid]
             req.outputs.append(tok)
             req.token_ids.append(tok)

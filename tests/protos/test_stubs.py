@@ -17,7 +17,8 @@ def test_committed_stubs_match_protos(tmp_path):
         committed = PROTOS / fresh.name
         assert committed.exists(), f"{fresh.name} is not committed"
         assert committed.read_text() == fresh.read_text(), (
-            f"{fresh.name} drifted from its .proto: run python -m splitserve.protos.generate")
+            f"{fresh.name} drifted from its .proto: run python -m splitserve.protos.generate"
+        )
 
 
 def test_every_field_and_rpc_has_a_comment():
@@ -38,6 +39,9 @@ def test_packages_are_versioned():
 def test_enums_start_unspecified():
     for proto in PROTOS.glob("*.proto"):
         for body in re.findall(r"enum \w+ \{(.*?)\}", proto.read_text(), re.S):
-            first = [ln.strip() for ln in body.splitlines()
-                     if ln.strip() and not ln.strip().startswith("//")][0]
+            first = [
+                ln.strip()
+                for ln in body.splitlines()
+                if ln.strip() and not ln.strip().startswith("//")
+            ][0]
             assert "_UNSPECIFIED = 0" in first, proto

@@ -32,9 +32,15 @@ def next_token(context: list[tuple[int, int]], vocab_size: int) -> int:
 
 
 class FakeWorkerExecutor:
-    def __init__(self, num_blocks: int, vocab_size: int = 1000, max_model_len: int = 4096,
-                 eos_token_ids: tuple[int, ...] = (), bytes_per_block: int = 1,
-                 step_seconds: float = 0.0) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        vocab_size: int = 1000,
+        max_model_len: int = 4096,
+        eos_token_ids: tuple[int, ...] = (),
+        bytes_per_block: int = 1,
+        step_seconds: float = 0.0,
+    ) -> None:
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -51,10 +57,16 @@ class FakeWorkerExecutor:
         """Per request, tokens to emit instead of the hashed ones (to test stop rules)."""
 
     def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
-        return [worker_pb2.DescribeResponse(
-            vocab_size=self.vocab_size, max_model_len=self.max_model_len,
-            eos_token_ids=self.eos_token_ids, bytes_per_block=self.bytes_per_block,
-            available_kv_bytes=self.num_blocks * self.bytes_per_block, model="fake")]
+        return [
+            worker_pb2.DescribeResponse(
+                vocab_size=self.vocab_size,
+                max_model_len=self.max_model_len,
+                eos_token_ids=self.eos_token_ids,
+                bytes_per_block=self.bytes_per_block,
+                available_kv_bytes=self.num_blocks * self.bytes_per_block,
+                model="fake",
+            )
+        ]
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
@@ -82,12 +94,16 @@ class FakeWorkerExecutor:
             self.reqs.pop(rid, None)
         for m in step.new_requests:
             assert m.request_id not in self.reqs, f"{m.request_id} sent as new twice"
-            self.reqs[m.request_id] = _Req(list(m.token_ids), list(m.block_ids),
-                                           m.num_computed_tokens)
+            self.reqs[m.request_id] = _Req(
+                list(m.token_ids), list(m.block_ids), m.num_computed_tokens
+            )
         for c in step.cached_requests:
             r = self.reqs[c.request_id]
-            assert r.num_computed == c.num_computed_tokens, (c.request_id, r.num_computed,
-                                                             c.num_computed_tokens)
+            assert r.num_computed == c.num_computed_tokens, (
+                c.request_id,
+                r.num_computed,
+                c.num_computed_tokens,
+            )
             r.block_ids.extend(c.new_block_ids)
         out = worker_pb2.StepResult(step_id=step.step_id)
         # Write every scheduled token's KV first (as the real worker does per layer) ...
@@ -103,7 +119,8 @@ class FakeWorkerExecutor:
             if r.num_computed == len(r.token_ids):
                 ctx = [self.cache.get(self._slot(r, p)) for p in range(r.num_computed)]
                 assert all(c is not None and c[1] == p for p, c in enumerate(ctx)), (
-                    f"{rid}: context read back wrong")
+                    f"{rid}: context read back wrong"
+                )
                 forced = self.force_token.get(rid)
                 tok = forced.pop(0) if forced else next_token(ctx, self.vocab_size)
                 r.token_ids.append(tok)

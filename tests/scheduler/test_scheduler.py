@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from splitserve.protos import common_pb2
 from splitserve.scheduler.prefix_cache import ROOT_HASH, hash_block
 from splitserve.scheduler.scheduler import RequestRejected
@@ -36,10 +37,12 @@ def test_scheduler_runs_with_torch_blocked():
         "e.scheduler.add_request(gen_request('a', [5, 6, 7], 4))\n"
         "assert len(run_to_completion(e)['a'][0]) == 4\n"
         "assert sys.modules['torch'] is None\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     root = pathlib.Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -71,8 +74,11 @@ def test_token_budget_and_max_num_seqs_held_every_step():
         assert sum(step.num_scheduled_tokens.values()) <= 32
         assert len(step.num_scheduled_tokens) <= 5
     # Chunked prefill happened: some new request was sent with fewer tokens than its prompt.
-    assert any(step.num_scheduled_tokens[m.request_id] < len(m.token_ids)
-               for step in ex.steps for m in step.new_requests)
+    assert any(
+        step.num_scheduled_tokens[m.request_id] < len(m.token_ids)
+        for step in ex.steps
+        for m in step.new_requests
+    )
     assert got == reference_outputs(ps)
 
 
@@ -128,8 +134,9 @@ def test_prefix_cache_hits_and_shared_blocks_give_same_outputs():
     assert first.num_cached_tokens == 32
     new = [m for s in ex.steps for m in s.new_requests if m.request_id == "r1"][0]
     assert new.num_computed_tokens == 32
-    assert [o.token_ids for o in outs if o.request_id == "r1"] and \
-        sum((o.token_ids for o in outs), []) == ref["r1"][0]
+    assert [o.token_ids for o in outs if o.request_id == "r1"] and sum(
+        (o.token_ids for o in outs), []
+    ) == ref["r1"][0]
     assert engine.scheduler.kv.num_free_blocks == 100
 
 
@@ -176,8 +183,12 @@ def test_evicted_cached_blocks_are_reused_lru():
 
 def test_stop_rules():
     engine, ex = make_engine(eos=(2,))
-    ex.force_token = {"eos": [9, 2, 9, 9], "mint": [2, 9, 2, 9, 9], "ign": [2, 2, 2],
-                      "stoptok": [9, 7, 9]}
+    ex.force_token = {
+        "eos": [9, 2, 9, 9],
+        "mint": [2, 9, 2, 9, 9],
+        "ign": [2, 2, 2],
+        "stoptok": [9, 7, 9],
+    }
     engine.scheduler.add_request(gen_request("eos", [5, 6], 4))
     engine.scheduler.add_request(gen_request("mint", [5, 6], 5, min_tokens=2))
     engine.scheduler.add_request(gen_request("ign", [5, 6], 3, ignore_eos=True))
@@ -198,14 +209,17 @@ def test_max_model_len_caps_output():
     assert len(got["a"][0]) == 10 and got["a"][1] == LENGTH
 
 
-@pytest.mark.parametrize("prompt,kw,needle", [
-    ([], {}, "at least one token"),
-    ([5, -1], {}, "-1"),
-    ([5, 1000], {}, "1000"),
-    (list(range(5, 25)), {}, "20"),
-    (list(range(5, 15)), {"max_tokens": 11}, "(10 tokens) plus max_tokens (11)"),
-    ([5], {"logprobs": 21}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "prompt,kw,needle",
+    [
+        ([], {}, "at least one token"),
+        ([5, -1], {}, "-1"),
+        ([5, 1000], {}, "1000"),
+        (list(range(5, 25)), {}, "20"),
+        (list(range(5, 15)), {"max_tokens": 11}, "(10 tokens) plus max_tokens (11)"),
+        ([5], {"logprobs": 21}, "logprobs"),
+    ],
+)
 def test_rejections_name_the_numbers(prompt, kw, needle):
     engine, _ = make_engine(max_model_len=20)
     max_tokens = kw.pop("max_tokens", 4)

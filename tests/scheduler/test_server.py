@@ -10,6 +10,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler
@@ -44,9 +45,15 @@ def scheduler_addr():
 
     def run():
         asyncio.set_event_loop(loop)
-        task = loop.create_task(run_scheduler(
-            config, addr, executor_factory=lambda: FakeWorkerExecutor(
-                NUM_BLOCKS, max_model_len=1024, step_seconds=0.01)))
+        task = loop.create_task(
+            run_scheduler(
+                config,
+                addr,
+                executor_factory=lambda: FakeWorkerExecutor(
+                    NUM_BLOCKS, max_model_len=1024, step_seconds=0.01
+                ),
+            )
+        )
         stop["task"] = task
         try:
             loop.run_until_complete(task)
@@ -60,8 +67,10 @@ def scheduler_addr():
 
     def serving():
         try:
-            return hs.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            return (
+                hs.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         except grpc.RpcError:
             return False
 
@@ -99,8 +108,10 @@ def test_cancel_mid_stream_frees_blocks(stub):
     next(call)
     assert stats(stub).num_free_blocks < idle
     call.cancel()
-    wait_for(lambda: stats(stub).num_free_blocks == idle and stats(stub).num_running == 0,
-             what="blocks freed after cancel")
+    wait_for(
+        lambda: stats(stub).num_free_blocks == idle and stats(stub).num_running == 0,
+        what="blocks freed after cancel",
+    )
 
 
 def test_abort_rpc_ends_stream(stub):

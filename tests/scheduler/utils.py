@@ -9,23 +9,31 @@ from splitserve.scheduler.engine_core import EngineCore
 from .fake_worker import FakeWorkerExecutor
 
 
-def make_engine(num_blocks: int = 64, block_size: int = 4, vocab_size: int = 1000,
-                eos: tuple[int, ...] = (), max_model_len: int = 4096,
-                **cfg) -> tuple[EngineCore, FakeWorkerExecutor]:
+def make_engine(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    vocab_size: int = 1000,
+    eos: tuple[int, ...] = (),
+    max_model_len: int = 4096,
+    **cfg,
+) -> tuple[EngineCore, FakeWorkerExecutor]:
     ex = FakeWorkerExecutor(num_blocks, vocab_size, max_model_len, eos)
     config = SchedulerConfig(block_size=block_size, **cfg)
     return EngineCore(config, ex), ex
 
 
-def gen_request(rid: str, prompt: list[int], max_tokens: int = 8, **sp) -> \
-        scheduler_pb2.GenerateRequest:
+def gen_request(
+    rid: str, prompt: list[int], max_tokens: int = 8, **sp
+) -> scheduler_pb2.GenerateRequest:
     params = common_pb2.SamplingParams(max_tokens=max_tokens, **sp)
-    return scheduler_pb2.GenerateRequest(request_id=rid, prompt_token_ids=prompt,
-                                         sampling_params=params)
+    return scheduler_pb2.GenerateRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling_params=params
+    )
 
 
-def run_to_completion(engine: EngineCore, max_steps: int = 10_000,
-                      on_step=None) -> dict[str, tuple[list[int], int]]:
+def run_to_completion(
+    engine: EngineCore, max_steps: int = 10_000, on_step=None
+) -> dict[str, tuple[list[int], int]]:
     """Run until idle; returns request id -> (output token ids, finish reason)."""
     outs: dict[str, list[int]] = {}
     reasons: dict[str, int] = {}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from splitserve.tokenizer_svc.tokenizer import TokenizerHandle
 
 from splitserve.demo_model import BOS_TEMPLATE, build_tokenizer
+from splitserve.tokenizer_svc.tokenizer import TokenizerHandle
 
 from .utils import load
 
@@ -19,8 +19,7 @@ def chatml_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bos_dir(tmp_path_factory):
     """Adds BOS when asked to, and has a template that writes BOS itself."""
-    return build_tokenizer(tmp_path_factory.mktemp("bos"), chat_template=BOS_TEMPLATE,
-                           add_bos=True)
+    return build_tokenizer(tmp_path_factory.mktemp("bos"), chat_template=BOS_TEMPLATE, add_bos=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,10 @@ import json
 import time
 
 import pytest
-from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
-from splitserve.tokenizer_svc.errors import InvalidRequest
 
 from splitserve.demo_model import CHATML_TEMPLATE
+from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
+from splitserve.tokenizer_svc.errors import InvalidRequest
 
 from .utils import load
 
@@ -49,18 +49,28 @@ def test_template_without_bos_gets_none(bos_dir):
 
 
 def test_content_parts_are_joined(handle):
-    messages = [{"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "one"},
-                                             {"type": "text", "text": "two"}]}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}],
+        },
+    ]
     out = render(handle, json.dumps(messages))
     assert "<|im_start|>user\none\ntwo<|im_end|>" in out.prompt
     assert out.prompt.startswith("<|im_start|>system\nbe brief<|im_end|>")
 
 
 def test_image_parts_are_refused(handle):
-    messages = [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ],
+        }
+    ]
     with pytest.raises(InvalidRequest, match="images are not supported by this model"):
         render(handle, json.dumps(messages))
 
@@ -70,24 +80,42 @@ def test_continue_final_message(handle):
     out = render(handle, json.dumps(messages), continue_final_message=True)
     assert out.prompt.endswith("<|im_start|>assistant\nHel")
     with pytest.raises(InvalidRequest, match="cannot both be set"):
-        render(handle, json.dumps(messages), continue_final_message=True,
-               add_generation_prompt=True)
+        render(
+            handle, json.dumps(messages), continue_final_message=True, add_generation_prompt=True
+        )
 
 
 def test_tools_and_kwargs_reach_the_template(handle):
-    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
-                "{% if flavour %}<{{ flavour }}>{% endif %}"
-                "{% for m in messages %}{{ m.role }}:{{ m.content }}"
-                "{% for c in m.tool_calls or [] %}({{ c.function.arguments.city }}){% endfor %}"
-                "{% endfor %}")
+    template = (
+        "{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+        "{% if flavour %}<{{ flavour }}>{% endif %}"
+        "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}({{ c.function.arguments.city }}){% endfor %}"
+        "{% endfor %}"
+    )
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
-    messages = [{"role": "user", "content": "rain?"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "c1", "type": "function",
-                     "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]}]
-    out = render(handle, json.dumps(messages), trust=True, chat_template=template,
-                 tools_json=json.dumps(tools),
-                 chat_template_kwargs_json=json.dumps({"flavour": "mint"}))
+    messages = [
+        {"role": "user", "content": "rain?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
+                }
+            ],
+        },
+    ]
+    out = render(
+        handle,
+        json.dumps(messages),
+        trust=True,
+        chat_template=template,
+        tools_json=json.dumps(tools),
+        chat_template_kwargs_json=json.dumps({"flavour": "mint"}),
+    )
     assert out.prompt == "[weather]<mint>user:rain?assistant:(Oslo)"
 
 
@@ -114,8 +142,7 @@ def test_request_template_refused_unless_trusted(handle):
 
 
 def test_endless_template_is_cut_off(handle):
-    endless = ("{% for i in range(100000) %}{% for j in range(100000) %}x"
-               "{% endfor %}{% endfor %}")
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
     start = time.monotonic()
     with pytest.raises(InvalidRequest, match="exceeded 0.3 s"):
         render(handle, trust=True, chat_template=endless, timeout_s=0.3)
@@ -124,29 +151,35 @@ def test_endless_template_is_cut_off(handle):
     assert render(handle).prompt.startswith("<|im_start|>user")
 
 
-@pytest.mark.parametrize("template", [
-    "{% for i in range(10**9) %}x{% endfor %}",  # the sandbox refuses the range outright
-    "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
-    "{{ raise_exception('no system messages') }}",
-    "{% for %}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for i in range(10**9) %}x{% endfor %}",  # the sandbox refuses the range outright
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        "{{ raise_exception('no system messages') }}",
+        "{% for %}",
+    ],
+)
 def test_template_errors_are_invalid_argument(handle, template):
     with pytest.raises(InvalidRequest, match="chat template rendering"):
         render(handle, trust=True, chat_template=template, timeout_s=2.0)
 
 
-@pytest.mark.parametrize("messages_json, match", [
-    ("not json", "not valid JSON"),
-    ("{}", "non-empty JSON array"),
-    ("[]", "non-empty JSON array"),
-    ('["hi"]', r"messages\[0\] must be an object"),
-    ('[{"role": "wizard", "content": "x"}]', r"messages\[0\].role must be one of"),
-    ('[{"content": "x"}]', r"messages\[0\].role"),
-    ('[{"role": "user"}]', r"messages\[0\].content is required"),
-    ('[{"role": "user", "content": 3}]', "must be a string or an array"),
-    ('[{"role": "user", "content": [{"type": "text"}]}]', r"content\[0\].text must be"),
-    ('[{"role": "user", "content": [{"type": "hologram"}]}]', "not a known content part"),
-])
+@pytest.mark.parametrize(
+    "messages_json, match",
+    [
+        ("not json", "not valid JSON"),
+        ("{}", "non-empty JSON array"),
+        ("[]", "non-empty JSON array"),
+        ('["hi"]', r"messages\[0\] must be an object"),
+        ('[{"role": "wizard", "content": "x"}]', r"messages\[0\].role must be one of"),
+        ('[{"content": "x"}]', r"messages\[0\].role"),
+        ('[{"role": "user"}]', r"messages\[0\].content is required"),
+        ('[{"role": "user", "content": 3}]', "must be a string or an array"),
+        ('[{"role": "user", "content": [{"type": "text"}]}]', r"content\[0\].text must be"),
+        ('[{"role": "user", "content": [{"type": "hologram"}]}]', "not a known content part"),
+    ],
+)
 def test_bad_messages(handle, messages_json, match):
     with pytest.raises(InvalidRequest, match=match):
         render(handle, messages_json)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from splitserve.tokenizer_svc.detokenizer import MAX_HELD_TOKENS, IncrementalDetokenizer
 
 from .utils import load, stream_deltas
@@ -43,15 +44,18 @@ def test_random_ids_match_full_decode(handle):
             left -= chunks[-1]
         deltas = stream_deltas(handle, prompt, generated, chunks, skip_special_tokens=skip)
         assert "".join(deltas) == tok.decode(generated, skip_special_tokens=skip), (
-            prompt, generated, skip)
+            prompt,
+            generated,
+            skip,
+        )
 
 
 def test_prompt_context_gives_leading_space(handle):
     tok = handle.tokenizer
     prompt = tok.encode("The answer is", add_special_tokens=False)
     full = tok.encode("The answer is 42 and more", add_special_tokens=False)
-    generated = full[len(prompt):]
-    assert full[:len(prompt)] == prompt
+    generated = full[len(prompt) :]
+    assert full[: len(prompt)] == prompt
     assert "".join(stream_deltas(handle, prompt, generated)) == " 42 and more"
 
 
@@ -59,8 +63,8 @@ def test_prompt_ending_inside_a_character(handle):
     tok = handle.tokenizer
     ids = tok.encode("ab🚀", add_special_tokens=False)
     # Split the emoji's bytes between prompt and generation.
-    cut = next(i for i in range(len(ids)) if "\ufffd" in tok.decode(ids[:i + 1]))
-    prompt, generated = ids[:cut + 1], ids[cut + 1:]
+    cut = next(i for i in range(len(ids)) if "\ufffd" in tok.decode(ids[: i + 1]))
+    prompt, generated = ids[: cut + 1], ids[cut + 1 :]
     deltas = stream_deltas(handle, prompt, generated)
     assert "".join(deltas) == tok.decode(generated)
 

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from splitserve.protos import tokenizer_pb2 as pb
 from splitserve.protos import tokenizer_pb2_grpc
 from splitserve.tokenizer_svc.config import TokenizerServiceConfig
@@ -82,8 +83,9 @@ def tokens_msg(ids):
 
 
 def test_tokenize_detokenize_info(srv, handle):
-    ids = srv.stub.Tokenize(pb.TokenizeRequest(text="héllo 你好 🙂", add_special_tokens=False),
-                            timeout=5).token_ids
+    ids = srv.stub.Tokenize(
+        pb.TokenizeRequest(text="héllo 你好 🙂", add_special_tokens=False), timeout=5
+    ).token_ids
     assert list(ids) == handle.tokenizer.encode("héllo 你好 🙂", add_special_tokens=False)
     text = srv.stub.Detokenize(pb.DetokenizeRequest(token_ids=ids), timeout=5).text
     assert text == "héllo 你好 🙂"
@@ -99,14 +101,16 @@ def test_decode_each(srv, handle):
     assert b"".join(out.token_bytes) == "é ok</s>".encode()
     many = ids * 200  # past the inline limit: decoded in the thread pool, same answer
     out = srv.stub.DecodeEach(pb.DecodeEachRequest(token_ids=many), timeout=5)
-    assert len(out.tokens) == len(many) and list(out.tokens[:len(ids)]) == list(
-        srv.stub.DecodeEach(pb.DecodeEachRequest(token_ids=ids), timeout=5).tokens)
+    assert len(out.tokens) == len(many) and list(out.tokens[: len(ids)]) == list(
+        srv.stub.DecodeEach(pb.DecodeEachRequest(token_ids=ids), timeout=5).tokens
+    )
 
 
 def test_apply_chat_template(srv, handle):
     req = pb.ApplyChatTemplateRequest(
         messages_json=json.dumps([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     out = srv.stub.ApplyChatTemplate(req, timeout=5)
     assert out.prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert list(out.token_ids) == handle.tokenizer.encode(out.prompt, add_special_tokens=False)
@@ -131,13 +135,13 @@ def test_detokenize_stream_stop_and_flush(srv, handle):
     tok = handle.tokenizer
     ids = tok.encode("The answer is 42.\n\nUser: more", add_special_tokens=False)
     requests = [start_msg(request_id="r2", stop=["User:", "\n\n"])]
-    requests += [tokens_msg(ids[i:i + 2]) for i in range(0, len(ids), 2)] + [tokens_msg([])]
+    requests += [tokens_msg(ids[i : i + 2]) for i in range(0, len(ids), 2)] + [tokens_msg([])]
     responses = stream(srv, requests)
     assert len(responses) == len(requests)
     first_stop = next(i for i, r in enumerate(responses) if r.stopped)
     assert responses[first_stop].stop_reason == "\n\n"
     assert "".join(r.text for r in responses) == "The answer is 42."
-    assert all(r.stopped and r.text == "" for r in responses[first_stop + 1:])
+    assert all(r.stopped and r.text == "" for r in responses[first_stop + 1 :])
     assert responses[-1].flushed
 
     # Without a stop: the held-back prefix of a stop string comes out with the flush.
@@ -147,35 +151,51 @@ def test_detokenize_stream_stop_and_flush(srv, handle):
     assert responses[2].flushed and not responses[2].stopped
 
 
-@pytest.mark.parametrize("requests, match", [
-    ([tokens_msg([1])], "first DetokenizeStream message must carry `start`"),
-    ([start_msg(), start_msg()], "`start` sent twice"),
-    ([start_msg(), pb.DetokenizeStreamRequest()], "must carry `start` or `tokens`"),
-    ([start_msg(), tokens_msg([3, -2])], "token id -2 is negative"),
-    ([start_msg(prompt_token_ids=[-5])], "prompt token id -5 is negative"),
-    ([start_msg(stop=["a", "b", "c", "d", "e"])], "at most 4"),
-    ([start_msg(stop=["a", ""])], "must not be empty"),
-    ([start_msg(), tokens_msg([]), tokens_msg([5])], "after the end-of-sequence flush"),
-])
+@pytest.mark.parametrize(
+    "requests, match",
+    [
+        ([tokens_msg([1])], "first DetokenizeStream message must carry `start`"),
+        ([start_msg(), start_msg()], "`start` sent twice"),
+        ([start_msg(), pb.DetokenizeStreamRequest()], "must carry `start` or `tokens`"),
+        ([start_msg(), tokens_msg([3, -2])], "token id -2 is negative"),
+        ([start_msg(prompt_token_ids=[-5])], "prompt token id -5 is negative"),
+        ([start_msg(stop=["a", "b", "c", "d", "e"])], "at most 4"),
+        ([start_msg(stop=["a", ""])], "must not be empty"),
+        ([start_msg(), tokens_msg([]), tokens_msg([5])], "after the end-of-sequence flush"),
+    ],
+)
 def test_detokenize_stream_invalid(srv, requests, match):
     code, details = code_of(lambda: stream(srv, requests))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert match in details
 
 
-@pytest.mark.parametrize("rpc, request_, match", [
-    ("Detokenize", pb.DetokenizeRequest(token_ids=[5, 1000]), "token id 1000 is outside"),
-    ("Detokenize", pb.DetokenizeRequest(token_ids=[-1]), "token id -1 is outside"),
-    ("DecodeEach", pb.DecodeEachRequest(token_ids=[-1]), "token id -1 is negative"),
-    ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages_json="{oops"), "not valid JSON"),
-    ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages_json='[{"role": "x"}]'),
-     "role must be one of"),
-    ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(
-        messages_json='[{"role": "user", "content": "hi"}]', chat_template="{{ 'x' }}"),
-     "does not trust request chat templates"),
-    ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(
-        messages_json='[{"role": "user", "content": "\\udfff"}]'), "lone surrogate"),
-])
+@pytest.mark.parametrize(
+    "rpc, request_, match",
+    [
+        ("Detokenize", pb.DetokenizeRequest(token_ids=[5, 1000]), "token id 1000 is outside"),
+        ("Detokenize", pb.DetokenizeRequest(token_ids=[-1]), "token id -1 is outside"),
+        ("DecodeEach", pb.DecodeEachRequest(token_ids=[-1]), "token id -1 is negative"),
+        ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages_json="{oops"), "not valid JSON"),
+        (
+            "ApplyChatTemplate",
+            pb.ApplyChatTemplateRequest(messages_json='[{"role": "x"}]'),
+            "role must be one of",
+        ),
+        (
+            "ApplyChatTemplate",
+            pb.ApplyChatTemplateRequest(
+                messages_json='[{"role": "user", "content": "hi"}]', chat_template="{{ 'x' }}"
+            ),
+            "does not trust request chat templates",
+        ),
+        (
+            "ApplyChatTemplate",
+            pb.ApplyChatTemplateRequest(messages_json='[{"role": "user", "content": "\\udfff"}]'),
+            "lone surrogate",
+        ),
+    ],
+)
 def test_invalid_argument_and_still_healthy(srv, rpc, request_, match):
     code, details = code_of(lambda: getattr(srv.stub, rpc)(request_, timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and match in details
@@ -189,8 +209,9 @@ def test_nul_in_text(srv):
 
 
 def test_health_and_lifecycle(chatml_dir, caplog):
-    config = TokenizerServiceConfig(tokenizer=str(chatml_dir), trust_request_chat_template=True,
-                                    chat_template_timeout_s=1.0)
+    config = TokenizerServiceConfig(
+        tokenizer=str(chatml_dir), trust_request_chat_template=True, chat_template_timeout_s=1.0
+    )
     s = ServerThread(config, load=False)
     try:
         assert s.health_status() == NOT_SERVING
@@ -202,13 +223,16 @@ def test_health_and_lifecycle(chatml_dir, caplog):
 
         # A trusted request template renders; an endless one is cut off, and the event loop
         # answers other calls while that render runs in a worker thread.
-        ok = pb.ApplyChatTemplateRequest(messages_json='[{"role": "user", "content": "hi"}]',
-                                         chat_template="{{ messages[0].content }}!")
+        ok = pb.ApplyChatTemplateRequest(
+            messages_json='[{"role": "user", "content": "hi"}]',
+            chat_template="{{ messages[0].content }}!",
+        )
         assert s.stub.ApplyChatTemplate(ok, timeout=5).prompt == "hi!"
         endless = pb.ApplyChatTemplateRequest(
             messages_json='[{"role": "user", "content": "hi"}]',
             chat_template="{% for i in range(100000) %}{% for j in range(100000) %}x"
-                          "{% endfor %}{% endfor %}")
+            "{% endfor %}{% endfor %}",
+        )
         renderer = s.server.servicer._renderer
         rendering = threading.Event()
         render = renderer.render
@@ -259,8 +283,12 @@ asyncio.run(run_tokenizer_service(TokenizerServiceConfig(tokenizer=sys.argv[1]),
 
 def test_process_serves_on_unix_socket_and_stops_on_sigterm(chatml_dir, tmp_path):
     sock = tmp_path / "tok.sock"
-    proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(chatml_dir), f"unix:{sock}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVE, str(chatml_dir), f"unix:{sock}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         with grpc.insecure_channel(f"unix:{sock}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -274,9 +302,17 @@ def test_process_serves_on_unix_socket_and_stops_on_sigterm(chatml_dir, tmp_path
                 except grpc.RpcError:
                     time.sleep(0.05)
             stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
-            assert stub.Detokenize(pb.DetokenizeRequest(
-                token_ids=stub.Tokenize(pb.TokenizeRequest(text="hi 🚀"), timeout=5).token_ids),
-                timeout=5).text == "hi 🚀"
+            assert (
+                stub.Detokenize(
+                    pb.DetokenizeRequest(
+                        token_ids=stub.Tokenize(
+                            pb.TokenizeRequest(text="hi 🚀"), timeout=5
+                        ).token_ids
+                    ),
+                    timeout=5,
+                ).text
+                == "hi 🚀"
+            )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stdout.read()
         assert "tokenizer service stopping" in proc.stdout.read()
@@ -290,6 +326,10 @@ def test_process_exits_non_zero_when_the_tokenizer_cannot_load(tmp_path):
     missing = tmp_path / "missing"
     proc = subprocess.run(
         [sys.executable, "-c", _SERVE, str(missing), f"unix:{tmp_path / 's.sock'}"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode != 0
     assert "does not exist" in proc.stderr

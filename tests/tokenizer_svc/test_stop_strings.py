@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from splitserve.tokenizer_svc.errors import InvalidRequest
 from splitserve.tokenizer_svc.stop_strings import StopStringChecker
 from splitserve.tokenizer_svc.stream import SequenceStream
@@ -29,8 +30,9 @@ def test_stop_string_spanning_pieces():
 
 
 def test_include_stop_str_in_output():
-    out, stop = feed(StopStringChecker(["STOP"], include_stop_str_in_output=True),
-                     ["Hello S", "TO", "P tail"])
+    out, stop = feed(
+        StopStringChecker(["STOP"], include_stop_str_in_output=True), ["Hello S", "TO", "P tail"]
+    )
     assert stop == "STOP" and "".join(out) == "Hello STOP"
 
 
@@ -83,7 +85,7 @@ def _oracle(stops, pieces, include):
         found = [(text.find(s), -len(s), s) for s in stops if s in text]
         if found:
             start, _, stop = min(found)
-            return (text[:start + len(stop)] if include else text[:start]), stop
+            return (text[: start + len(stop)] if include else text[:start]), stop
     return text, None
 
 
@@ -91,14 +93,16 @@ def test_random_streams_match_oracle():
     rng = random.Random(7)
     alphabet = "abc "
     for _ in range(3000):
-        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 5)))
-                 for _ in range(rng.randrange(1, 4))]
+        stops = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 5)))
+            for _ in range(rng.randrange(1, 4))
+        ]
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
         include = rng.random() < 0.5
         pieces, i = [], 0
         while i < len(text):
             k = rng.randrange(1, 5)
-            pieces.append(text[i:i + k])
+            pieces.append(text[i : i + k])
             i += k
         out, stop = feed(StopStringChecker(stops, include), pieces)
         # Output is cumulative, so matching the oracle's cut also means no earlier push

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import pytest
+
 from splitserve.tokenizer_svc.config import TokenizerServiceConfig
 from splitserve.tokenizer_svc.errors import InvalidRequest
 
 from .utils import load, stream_deltas
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"tokenizer": ""}, "tokenizer must name"),
-    ({"tokenizer_mode": "turbo"}, "tokenizer_mode must be one of auto, slow, fast, got 'turbo'"),
-    ({"chat_template_timeout_s": 0}, "chat_template_timeout_s must be > 0, got 0"),
-    ({"max_stop_strings": -1}, "max_stop_strings must be >= 0, got -1"),
-    ({"tokenizer_threads": 0}, "tokenizer_threads must be >= 1, got 0"),
-    ({"shutdown_grace_s": -2}, "shutdown_grace_s must be >= 0, got -2"),
-    ({"chat_template": "/no/such/template.jinja"}, "/no/such/template.jinja"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tokenizer": ""}, "tokenizer must name"),
+        (
+            {"tokenizer_mode": "turbo"},
+            "tokenizer_mode must be one of auto, slow, fast, got 'turbo'",
+        ),
+        ({"chat_template_timeout_s": 0}, "chat_template_timeout_s must be > 0, got 0"),
+        ({"max_stop_strings": -1}, "max_stop_strings must be >= 0, got -1"),
+        ({"tokenizer_threads": 0}, "tokenizer_threads must be >= 1, got 0"),
+        ({"shutdown_grace_s": -2}, "shutdown_grace_s must be >= 0, got -2"),
+        ({"chat_template": "/no/such/template.jinja"}, "/no/such/template.jinja"),
+    ],
+)
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TokenizerServiceConfig(**{"tokenizer": "some/model", **kwargs})
@@ -51,8 +58,9 @@ def test_encode_decode(handle, bos_handle):
     assert handle.decode([*ids, eos], skip_special_tokens=False) == "héllo 🙂</s>"
 
 
-@pytest.mark.parametrize("ids, bad",
-                         [([5, -1], "-1"), ([5, 1000], "1000"), ([10**9], "1000000000")])
+@pytest.mark.parametrize(
+    "ids, bad", [([5, -1], "-1"), ([5, 1000], "1000"), ([10**9], "1000000000")]
+)
 def test_decode_rejects_out_of_range(handle, ids, bad):
     with pytest.raises(InvalidRequest, match=rf"token id {bad} is outside \[0, 1000\)"):
         handle.decode(ids, skip_special_tokens=False)
@@ -88,7 +96,7 @@ def test_decode_each_byte_level(handle):
     strings, raw = handle.decode_each([*ids, im_end, handle.vocab_size + 3])
     assert strings == [handle.tokenizer.decode([i]) for i in ids] + ["<|im_end|>", ""]
     assert "\ufffd" in strings[0]  # "é" is split: the text of one byte is U+FFFD...
-    assert b"".join(raw[:len(ids)]).decode("utf-8") == "é🚀 ok"  # ...its bytes are exact
+    assert b"".join(raw[: len(ids)]).decode("utf-8") == "é🚀 ok"  # ...its bytes are exact
     assert raw[-2:] == [b"<|im_end|>", b""]
     with pytest.raises(InvalidRequest, match="token id -4 is negative"):
         handle.decode_each([3, -4])
@@ -100,13 +108,20 @@ def test_metaspace_byte_fallback_tokenizer(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "▁": 1, "h": 2, "i": 3, "<0xC3>": 4, "<0xA9>": 5, "▁h": 6}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "h")], byte_fallback=True,
-                                   unk_token="<unk>"))
+    backend = Tokenizer(
+        models.BPE(vocab=vocab, merges=[("▁", "h")], byte_fallback=True, unk_token="<unk>")
+    )
     backend.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence([
-        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-        decoders.Strip(" ", 1, 0)])
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path)
     llama_like = load(tmp_path)
     ids = llama_like.encode("hi é", add_special_tokens=False)

@@ -12,13 +12,18 @@ def load(path, **kwargs) -> TokenizerHandle:
     return load_tokenizer(TokenizerServiceConfig(tokenizer=str(path), **kwargs))
 
 
-def stream_deltas(handle: TokenizerHandle, prompt_ids, generated_ids, chunks=None,
-                  skip_special_tokens: bool = True) -> list[str]:
+def stream_deltas(
+    handle: TokenizerHandle,
+    prompt_ids,
+    generated_ids,
+    chunks=None,
+    skip_special_tokens: bool = True,
+) -> list[str]:
     """Feed generated ids in `chunks` (sizes; default one by one); the deltas, flush last."""
     detok = IncrementalDetokenizer(handle, prompt_ids, skip_special_tokens)
     deltas, i = [], 0
     for size in chunks or [1] * len(generated_ids):
-        deltas.append(detok.push(generated_ids[i:i + size]))
+        deltas.append(detok.push(generated_ids[i : i + size]))
         i += size
     assert i == len(generated_ids)
     deltas.append(detok.flush())

@@ -16,22 +16,45 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-         "mistral": ("MistralConfig", "MistralForCausalLM")}
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
 
 
-def save_checkpoint(out: pathlib.Path, arch: str = "llama", *, num_layers: int = 3,
-                    vocab_size: int = 96, tie: bool = False, max_shard_size: str | None = None,
-                    safe: bool = True, eos: list[int] | None = None, seed: int = 0,
-                    **config_kwargs) -> pathlib.Path:
+def save_checkpoint(
+    out: pathlib.Path,
+    arch: str = "llama",
+    *,
+    num_layers: int = 3,
+    vocab_size: int = 96,
+    tie: bool = False,
+    max_shard_size: str | None = None,
+    safe: bool = True,
+    eos: list[int] | None = None,
+    seed: int = 0,
+    **config_kwargs,
+) -> pathlib.Path:
     """Save a tiny random model and return its folder."""
     import transformers
 
     config_cls, model_cls = (getattr(transformers, n) for n in ARCHS[arch])
-    config = config_cls(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                        max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.2,
-                        tie_word_embeddings=tie, eos_token_id=2, bos_token_id=1, **config_kwargs)
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+        tie_word_embeddings=tie,
+        eos_token_id=2,
+        bos_token_id=1,
+        **config_kwargs,
+    )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -40,8 +63,7 @@ def save_checkpoint(out: pathlib.Path, arch: str = "llama", *, num_layers: int =
         out.mkdir(parents=True, exist_ok=True)
         config.architectures = [ARCHS[arch][1]]
         config.save_pretrained(out)
-        state = {k: v for k, v in model.state_dict().items()
-                 if not (tie and k == "lm_head.weight")}
+        state = {k: v for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
         torch.save(state, out / "pytorch_model.bin")
     else:
         model.save_pretrained(out, **kwargs)

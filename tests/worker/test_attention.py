@@ -44,7 +44,7 @@ SPREAD = [(2, 1), (6, 1), (7, 1), (60, 1), (88, 1), (95, 1), (4, 9)]
 def _batch(seqs, window, d=D):
     """A step over `seqs` with random caches: (layer, meta, q, k, v, contexts, slots)."""
     torch.manual_seed(0)
-    layer = Attention(HQ, HK, d, d ** -0.5, layer_idx=0, sliding_window=window)
+    layer = Attention(HQ, HK, d, d**-0.5, layer_idx=0, sliding_window=window)
     key_cache, value_cache = torch.randn(NB, BS, HK, d), torch.randn(NB, BS, HK, d)
     layer.kv_cache = (key_cache, value_cache)
     perm = torch.randperm(NB).tolist()
@@ -68,12 +68,17 @@ def _batch(seqs, window, d=D):
     seq_lens = torch.tensor([c + n for c, n in seqs], dtype=torch.int32)
     query_lens = torch.tensor([n for _, n in seqs])
     meta = AttentionMetadata(
-        num_tokens=len(slots), slot_mapping=torch.tensor(slots), num_decodes=num_decodes,
+        num_tokens=len(slots),
+        slot_mapping=torch.tensor(slots),
+        num_decodes=num_decodes,
         decode_seq_lens=seq_lens[:num_decodes],
-        decode_block_tables=padded[:num_decodes, :max(map(len, tables[:num_decodes]))],
-        block_tables=padded, seq_lens=seq_lens,
+        decode_block_tables=padded[:num_decodes, : max(map(len, tables[:num_decodes]))],
+        block_tables=padded,
+        seq_lens=seq_lens,
         query_start_loc=torch.cat([torch.zeros(1), query_lens.cumsum(0)]).to(torch.int32),
-        max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
+        max_query_len=int(query_lens.max()),
+        max_seq_len=int(seq_lens.max()),
+    )
     offset = num_decodes
     for (cached, new), table in zip(seqs[num_decodes:], tables[num_decodes:], strict=True):
         blocks = torch.tensor(table) if cached else None
@@ -92,7 +97,7 @@ def test_batch_matches_dense_attention(seqs, window):
     start = 0
     for (cached, new), (keys, values), qi in zip(seqs, contexts, q_all, strict=True):
         expected = _dense(qi, keys, values, cached, window)
-        torch.testing.assert_close(out[start:start + new], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[start : start + new], expected, atol=1e-5, rtol=1e-5)
         start += new
     groups = meta.extras["decode_groups"]
     assert (len(groups) > 1) == (seqs is SPREAD)

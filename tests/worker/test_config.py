@@ -9,20 +9,27 @@ import pytest
 from splitserve.worker.config import WorkerConfig
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("dtype", "float64", "dtype must be one of auto, float32, bfloat16, float16, got 'float64'"),
-    ("device", "tpu", "got 'tpu'"),
-    ("load_format", "gguf", "got 'gguf'"),
-    ("attention_backend", "flash", "got 'flash'"),
-    ("pipeline_parallel_size", 0, "pipeline_parallel_size must be at least 1, got 0"),
-    ("rank", 2, r"rank must be in \[0, 1\), got 2"),
-    ("max_model_len", 0, "max_model_len must be at least 1, got 0"),
-    ("kv_cache_memory", -5, "kv_cache_memory must be positive, got -5"),
-    ("gpu_memory_utilization", 1.5, r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
-    ("max_num_seqs", 0, "max_num_seqs must be at least 1, got 0"),
-    ("max_num_batched_tokens", 0, "max_num_batched_tokens must be at least 1, got 0"),
-    ("max_logprobs", -1, "max_logprobs must be non-negative, got -1"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        (
+            "dtype",
+            "float64",
+            "dtype must be one of auto, float32, bfloat16, float16, got 'float64'",
+        ),
+        ("device", "tpu", "got 'tpu'"),
+        ("load_format", "gguf", "got 'gguf'"),
+        ("attention_backend", "flash", "got 'flash'"),
+        ("pipeline_parallel_size", 0, "pipeline_parallel_size must be at least 1, got 0"),
+        ("rank", 2, r"rank must be in \[0, 1\), got 2"),
+        ("max_model_len", 0, "max_model_len must be at least 1, got 0"),
+        ("kv_cache_memory", -5, "kv_cache_memory must be positive, got -5"),
+        ("gpu_memory_utilization", 1.5, r"gpu_memory_utilization must be in \(0, 1\], got 1.5"),
+        ("max_num_seqs", 0, "max_num_seqs must be at least 1, got 0"),
+        ("max_num_batched_tokens", 0, "max_num_batched_tokens must be at least 1, got 0"),
+        ("max_logprobs", -1, "max_logprobs must be non-negative, got -1"),
+    ],
+)
 def test_bad_values_are_named(field, value, message):
     with pytest.raises(ValueError, match=message):
         WorkerConfig(model="m", **{field: value})
@@ -36,8 +43,11 @@ def test_every_field_has_a_default_and_a_docstring():
 
     source = inspect.getsource(module.WorkerConfig)
     body = ast.parse(source).body[0].body
-    documented = {node.target.id for node, doc in zip(body, body[1:], strict=False)
-                  if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)}
+    documented = {
+        node.target.id
+        for node, doc in zip(body, body[1:], strict=False)
+        if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr)
+    }
     for field in dataclasses.fields(WorkerConfig):
         assert field.default is not dataclasses.MISSING, field.name
         assert field.name in documented, field.name

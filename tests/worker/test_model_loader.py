@@ -27,8 +27,9 @@ def test_sharded_safetensors_match_transformers(checkpoint):
     assert len(list(path.glob("*.safetensors"))) > 2
     assert (path / "model.safetensors.index.json").exists()
     loaded = _load(path)
-    torch.testing.assert_close(model_forward(loaded.model, TOKENS), hf_logits(path, TOKENS),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model_forward(loaded.model, TOKENS), hf_logits(path, TOKENS), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_several_safetensors_without_index(checkpoint, tmp_path):
@@ -36,8 +37,9 @@ def test_several_safetensors_without_index(checkpoint, tmp_path):
     shutil.copytree(src, tmp_path / "m")
     (tmp_path / "m" / "model.safetensors.index.json").unlink()
     loaded = _load(tmp_path / "m")
-    torch.testing.assert_close(model_forward(loaded.model, TOKENS), hf_logits(src, TOKENS),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model_forward(loaded.model, TOKENS), hf_logits(src, TOKENS), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_tied_embeddings_share_one_tensor(checkpoint):
@@ -48,8 +50,9 @@ def test_tied_embeddings_share_one_tensor(checkpoint):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert model.model.layers[0].self_attn.qkv_proj.bias is not None  # qwen2 q/k/v bias
     assert model.model.layers[0].self_attn.o_proj.bias is None
-    torch.testing.assert_close(model_forward(model, TOKENS), hf_logits(path, TOKENS),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model_forward(model, TOKENS), hf_logits(path, TOKENS), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_missing_lm_head_falls_back_to_embeddings(checkpoint, tmp_path):
@@ -70,8 +73,9 @@ def test_pt_format(checkpoint):
     expected = hf_logits(path, TOKENS)
     for fmt in ("auto", "pt"):
         loaded = _load(path, load_format=fmt)
-        torch.testing.assert_close(model_forward(loaded.model, TOKENS), expected,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model_forward(loaded.model, TOKENS), expected, atol=1e-5, rtol=1e-5
+        )
     with pytest.raises(FileNotFoundError, match="safetensors"):
         _load(path, load_format="safetensors")
 
@@ -81,8 +85,9 @@ def test_dummy_format_needs_only_the_config(checkpoint, tmp_path):
     shutil.copy(checkpoint("llama_untied_src") / "config.json", tmp_path / "cfg")
     a = _load(tmp_path / "cfg", load_format="dummy", seed=3)
     b = _load(tmp_path / "cfg", load_format="dummy", seed=3)
-    for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters(),
-                                   strict=True):
+    for (name, pa), (_, pb) in zip(
+        a.model.named_parameters(), b.model.named_parameters(), strict=True
+    ):
         assert pa.abs().max() <= 1e-3, name
         assert torch.equal(pa, pb), name
     assert torch.isfinite(model_forward(a.model, TOKENS)).all()
@@ -107,8 +112,9 @@ def test_two_rank_split_reproduces_one_rank(arch, tie, checkpoint):
     assert "model.embed_tokens.weight" in names0 and "lm_head.weight" not in names0
     assert not any(n.startswith(("model.norm", "model.layers.2.")) for n in names0)
     assert {"model.norm.weight", "lm_head.weight"} <= names1
-    assert not any(n.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1."))
-                   for n in names1)
+    assert not any(
+        n.startswith(("model.embed_tokens", "model.layers.0.", "model.layers.1.")) for n in names1
+    )
     hidden = model_forward(rank0, TOKENS)
     assert isinstance(hidden, IntermediateTensors)
     logits = model_forward(rank1, TOKENS, hidden)
@@ -148,7 +154,8 @@ def test_hub_id_resolves_through_local_cache(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     loaded = _load("tiny-org/tiny-llama")
     assert loaded.path.resolve() == snapshot.resolve()
-    torch.testing.assert_close(model_forward(loaded.model, TOKENS), hf_logits(tiny_llama, TOKENS),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model_forward(loaded.model, TOKENS), hf_logits(tiny_llama, TOKENS), atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(FileNotFoundError, match="tiny-org/absent"):
         _load("tiny-org/absent")

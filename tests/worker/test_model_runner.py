@@ -24,26 +24,39 @@ def runner(tiny_llama):
 def _new(rid, tokens, blocks, computed=0, num_prompt=None, **params):
     params.setdefault("temperature", 0)
     return worker_pb2.NewRequest(
-        request_id=rid, token_ids=tokens, block_ids=blocks, num_computed_tokens=computed,
+        request_id=rid,
+        token_ids=tokens,
+        block_ids=blocks,
+        num_computed_tokens=computed,
         num_prompt_tokens=len(tokens) if num_prompt is None else num_prompt,
-        sampling_params=common_pb2.SamplingParams(**params))
+        sampling_params=common_pb2.SamplingParams(**params),
+    )
 
 
 def _decode(rid, computed, new_blocks=()):
-    return worker_pb2.CachedRequest(request_id=rid, num_computed_tokens=computed,
-                                    new_block_ids=list(new_blocks))
+    return worker_pb2.CachedRequest(
+        request_id=rid, num_computed_tokens=computed, new_block_ids=list(new_blocks)
+    )
 
 
 def _generate(runner, rid, prompt, n, blocks, first_step=0, **params):
     """Prefill then n - 1 decodes of one request; returns its tokens."""
-    res = runner.execute(worker_pb2.StepRequest(
-        step_id=first_step, new_requests=[_new(rid, prompt, blocks, **params)],
-        num_scheduled_tokens={rid: len(prompt)}))
+    res = runner.execute(
+        worker_pb2.StepRequest(
+            step_id=first_step,
+            new_requests=[_new(rid, prompt, blocks, **params)],
+            num_scheduled_tokens={rid: len(prompt)},
+        )
+    )
     tokens = list(res.token_ids)
     for i in range(1, n):
-        res = runner.execute(worker_pb2.StepRequest(
-            step_id=first_step + i, cached_requests=[_decode(rid, len(prompt) + i - 1)],
-            num_scheduled_tokens={rid: 1}))
+        res = runner.execute(
+            worker_pb2.StepRequest(
+                step_id=first_step + i,
+                cached_requests=[_decode(rid, len(prompt) + i - 1)],
+                num_scheduled_tokens={rid: 1},
+            )
+        )
         tokens += list(res.token_ids)
     runner.execute(worker_pb2.StepRequest(step_id=first_step + n, finished_request_ids=[rid]))
     return tokens
@@ -67,17 +80,21 @@ def test_warm_up_leaves_no_request_behind(runner):
 def test_step_result_shape_and_partial_chunks(runner):
     step = worker_pb2.StepRequest(
         step_id=7,
-        new_requests=[_new("whole", PROMPT, [0, 1], logprobs=2),
-                      _new("chunked", PROMPT, [2, 3])],
-        num_scheduled_tokens={"whole": len(PROMPT), "chunked": 3})
+        new_requests=[_new("whole", PROMPT, [0, 1], logprobs=2), _new("chunked", PROMPT, [2, 3])],
+        num_scheduled_tokens={"whole": len(PROMPT), "chunked": 3},
+    )
     res = runner.execute(step)
     assert res.step_id == 7
     assert list(res.request_ids) == ["whole"]  # a partial chunk samples nothing
     assert len(res.token_ids) == len(res.logprobs) == 1
     assert len(res.logprobs[0].top_token_ids) == 2 and res.logprobs[0].token_id == res.token_ids[0]
-    res = runner.execute(worker_pb2.StepRequest(
-        step_id=8, cached_requests=[_decode("whole", len(PROMPT)), _decode("chunked", 3)],
-        num_scheduled_tokens={"whole": 1, "chunked": len(PROMPT) - 3}))
+    res = runner.execute(
+        worker_pb2.StepRequest(
+            step_id=8,
+            cached_requests=[_decode("whole", len(PROMPT)), _decode("chunked", 3)],
+            num_scheduled_tokens={"whole": 1, "chunked": len(PROMPT) - 3},
+        )
+    )
     assert sorted(res.request_ids) == ["chunked", "whole"]
     by_id = dict(zip(res.request_ids, res.logprobs, strict=True))
     assert by_id["chunked"] == common_pb2.TokenLogprobs()  # did not ask: an empty entry
@@ -88,13 +105,24 @@ def test_step_result_shape_and_partial_chunks(runner):
 def test_bad_requests_fail_alone(runner):
     step = worker_pb2.StepRequest(
         step_id=1,
-        new_requests=[_new("ok", PROMPT, [0, 1]), _new("oov", [1, 96, 3], [2]),
-                      _new("negative", [1, -4], [3]), _new("noblocks", PROMPT, []),
-                      _new("greedy", PROMPT, [4, 5], logprobs=21),
-                      _new("nucleus", PROMPT, [6, 7], temperature=1.0, top_p=0.0)],
-        num_scheduled_tokens={"ok": len(PROMPT), "oov": 3, "negative": 2, "ghost": 2,
-                              "noblocks": len(PROMPT), "greedy": len(PROMPT),
-                              "nucleus": len(PROMPT)})
+        new_requests=[
+            _new("ok", PROMPT, [0, 1]),
+            _new("oov", [1, 96, 3], [2]),
+            _new("negative", [1, -4], [3]),
+            _new("noblocks", PROMPT, []),
+            _new("greedy", PROMPT, [4, 5], logprobs=21),
+            _new("nucleus", PROMPT, [6, 7], temperature=1.0, top_p=0.0),
+        ],
+        num_scheduled_tokens={
+            "ok": len(PROMPT),
+            "oov": 3,
+            "negative": 2,
+            "ghost": 2,
+            "noblocks": len(PROMPT),
+            "greedy": len(PROMPT),
+            "nucleus": len(PROMPT),
+        },
+    )
     res = runner.execute(step)
     assert list(res.request_ids) == ["ok"]
     assert "96" in res.errors["oov"] and "-4" in res.errors["negative"]
@@ -104,8 +132,11 @@ def test_bad_requests_fail_alone(runner):
     assert "top_p" in res.errors["nucleus"]
     assert set(runner.batch.rows) == {"ok"}
     # forgotten requests are forgotten; unknown finished ids are ignored
-    res = runner.execute(worker_pb2.StepRequest(
-        step_id=2, finished_request_ids=["ok", "never-seen"], num_scheduled_tokens={"ok": 1}))
+    res = runner.execute(
+        worker_pb2.StepRequest(
+            step_id=2, finished_request_ids=["ok", "never-seen"], num_scheduled_tokens={"ok": 1}
+        )
+    )
     assert "not known" in res.errors["ok"] and len(runner.batch) == 0
 
 
@@ -116,16 +147,19 @@ def test_decode_input_is_the_token_sampled_last_step(runner, tiny_llama):
     expected = list(PROMPT)
     for _ in range(6):  # transformers greedy over the growing sequence
         expected.append(int(hf_logits(tiny_llama, expected)[-1].argmax()))
-    assert tokens == expected[len(PROMPT):]
+    assert tokens == expected[len(PROMPT) :]
 
 
 def test_resumed_after_preemption_continues_the_same_sequence(runner):
     full = _generate(runner, "a", PROMPT, 8, [0, 1, 2, 3])
     # preempted after 3 outputs: resumed as a new request carrying them, recomputed from 0
     resumed = worker_pb2.StepRequest(
-        step_id=20, new_requests=[_new("a", PROMPT + full[:3], [10, 11, 12, 13],
-                                       num_prompt=len(PROMPT), min_tokens=4)],
-        num_scheduled_tokens={"a": len(PROMPT) + 3})
+        step_id=20,
+        new_requests=[
+            _new("a", PROMPT + full[:3], [10, 11, 12, 13], num_prompt=len(PROMPT), min_tokens=4)
+        ],
+        num_scheduled_tokens={"a": len(PROMPT) + 3},
+    )
     res = runner.execute(resumed)
     assert list(res.token_ids) == [full[3]]
     assert runner.batch.num_prompt[runner.batch.rows["a"]] == len(PROMPT)
@@ -147,17 +181,30 @@ def test_seeded_request_ignores_its_neighbours(runner):
     params = dict(temperature=1.0, seed=1234)
     alone = _generate(runner, "s", PROMPT, 10, [0, 1, 2, 3], **params)
     # the same request, now beside others (one seeded differently, one unseeded)
-    others = [_new("x", [7, 7, 7], [20], temperature=1.0), _new("y", PROMPT[:5], [21, 22],
-                                                                  temperature=0.8, seed=9)]
-    res = runner.execute(worker_pb2.StepRequest(
-        step_id=0, new_requests=[*others, _new("s", PROMPT, [0, 1, 2, 3], **params)],
-        num_scheduled_tokens={"x": 3, "y": 5, "s": len(PROMPT)}))
+    others = [
+        _new("x", [7, 7, 7], [20], temperature=1.0),
+        _new("y", PROMPT[:5], [21, 22], temperature=0.8, seed=9),
+    ]
+    res = runner.execute(
+        worker_pb2.StepRequest(
+            step_id=0,
+            new_requests=[*others, _new("s", PROMPT, [0, 1, 2, 3], **params)],
+            num_scheduled_tokens={"x": 3, "y": 5, "s": len(PROMPT)},
+        )
+    )
     got = [dict(zip(res.request_ids, res.token_ids, strict=True))["s"]]
     for i in range(1, 10):
-        res = runner.execute(worker_pb2.StepRequest(
-            step_id=i, cached_requests=[_decode("x", 3 + i - 1), _decode("y", 5 + i - 1),
-                                        _decode("s", len(PROMPT) + i - 1)],
-            num_scheduled_tokens={"x": 1, "y": 1, "s": 1}))
+        res = runner.execute(
+            worker_pb2.StepRequest(
+                step_id=i,
+                cached_requests=[
+                    _decode("x", 3 + i - 1),
+                    _decode("y", 5 + i - 1),
+                    _decode("s", len(PROMPT) + i - 1),
+                ],
+                num_scheduled_tokens={"x": 1, "y": 1, "s": 1},
+            )
+        )
         got.append(dict(zip(res.request_ids, res.token_ids, strict=True))["s"])
     runner.execute(worker_pb2.StepRequest(step_id=10, finished_request_ids=["x", "y", "s"]))
     assert got == alone
@@ -165,20 +212,36 @@ def test_seeded_request_ignores_its_neighbours(runner):
 
 
 def test_two_pipeline_ranks_reproduce_one(runner, tiny_llama):
-    ranks = [ModelRunner(WorkerConfig(model=str(tiny_llama), kv_cache_memory=1 << 20, rank=r,
-                                      pipeline_parallel_size=2)) for r in range(2)]
+    ranks = [
+        ModelRunner(
+            WorkerConfig(
+                model=str(tiny_llama), kv_cache_memory=1 << 20, rank=r, pipeline_parallel_size=2
+            )
+        )
+        for r in range(2)
+    ]
     for r in ranks:
         r.initialize_cache(64, BS)
     assert ranks[0].model.lm_head is None and ranks[1].model.model.embed_tokens is None
     params = dict(temperature=0, logprobs=1)
-    steps = [worker_pb2.StepRequest(
-        step_id=0, new_requests=[_new("p", PROMPT, [0, 1, 2, 3], **params),
-                                 _new("q", PROMPT[:3], [4, 5], **params)],
-        num_scheduled_tokens={"p": len(PROMPT), "q": 3})]
+    steps = [
+        worker_pb2.StepRequest(
+            step_id=0,
+            new_requests=[
+                _new("p", PROMPT, [0, 1, 2, 3], **params),
+                _new("q", PROMPT[:3], [4, 5], **params),
+            ],
+            num_scheduled_tokens={"p": len(PROMPT), "q": 3},
+        )
+    ]
     for i in range(1, 5):
-        steps.append(worker_pb2.StepRequest(
-            step_id=i, cached_requests=[_decode("p", len(PROMPT) + i - 1), _decode("q", 2 + i)],
-            num_scheduled_tokens={"p": 1, "q": 1}))
+        steps.append(
+            worker_pb2.StepRequest(
+                step_id=i,
+                cached_requests=[_decode("p", len(PROMPT) + i - 1), _decode("q", 2 + i)],
+                num_scheduled_tokens={"p": 1, "q": 1},
+            )
+        )
     for step in steps:
         single = runner.execute(step)
         hidden = ranks[0].execute(step)
@@ -186,9 +249,13 @@ def test_two_pipeline_ranks_reproduce_one(runner, tiny_llama):
         split = ranks[1].execute(step, hidden)
         ranks[0].record_sampled(list(split.request_ids), list(split.token_ids))
         assert dict(zip(split.request_ids, split.token_ids, strict=True)) == dict(
-            zip(single.request_ids, single.token_ids, strict=True))
-        for a, b in zip(sorted(split.logprobs, key=lambda x: x.token_id),
-                        sorted(single.logprobs, key=lambda x: x.token_id), strict=True):
+            zip(single.request_ids, single.token_ids, strict=True)
+        )
+        for a, b in zip(
+            sorted(split.logprobs, key=lambda x: x.token_id),
+            sorted(single.logprobs, key=lambda x: x.token_id),
+            strict=True,
+        ):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
     runner.execute(worker_pb2.StepRequest(step_id=9, finished_request_ids=["p", "q"]))
 
@@ -208,10 +275,17 @@ def test_logits_only_for_sampled_positions(runner, monkeypatch):
         return original(hidden)
 
     monkeypatch.setattr(runner.model, "compute_logits", spy)
-    runner.execute(worker_pb2.StepRequest(
-        step_id=0, new_requests=[_new("l1", PROMPT, [0, 1]), _new("l2", PROMPT, [2, 3]),
-                                 _new("l3", PROMPT, [4, 5], prompt_logprobs=1)],
-        num_scheduled_tokens={"l1": len(PROMPT), "l2": 4, "l3": len(PROMPT)}))
+    runner.execute(
+        worker_pb2.StepRequest(
+            step_id=0,
+            new_requests=[
+                _new("l1", PROMPT, [0, 1]),
+                _new("l2", PROMPT, [2, 3]),
+                _new("l3", PROMPT, [4, 5], prompt_logprobs=1),
+            ],
+            num_scheduled_tokens={"l1": len(PROMPT), "l2": 4, "l3": len(PROMPT)},
+        )
+    )
     # l1 samples (1 row), l2 is a partial chunk (0), l3 samples + 6 prompt positions
     assert seen == [1 + 1 + len(PROMPT) - 1]
     runner.execute(worker_pb2.StepRequest(step_id=1, finished_request_ids=["l1", "l2", "l3"]))
@@ -221,8 +295,15 @@ def test_logits_only_for_sampled_positions(runner, monkeypatch):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_profile_forward_runs_without_a_cache(tiny_llama, rank):
     # The CUDA memory profile's forward, exercised on CPU: the largest step, no KV cache.
-    fresh = ModelRunner(WorkerConfig(model=str(tiny_llama), max_num_batched_tokens=300,
-                                     max_num_seqs=4, max_model_len=128, rank=rank,
-                                     pipeline_parallel_size=2))
+    fresh = ModelRunner(
+        WorkerConfig(
+            model=str(tiny_llama),
+            max_num_batched_tokens=300,
+            max_num_seqs=4,
+            max_model_len=128,
+            rank=rank,
+            pipeline_parallel_size=2,
+        )
+    )
     assert fresh.kv_cache is None
     fresh.profile_forward()

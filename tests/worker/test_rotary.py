@@ -13,20 +13,41 @@ from splitserve.worker.rotary import RotaryEmbedding, compute_inv_freq, rope_par
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 500000.0},
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 256},
-    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-             "original_max_position_embeddings": 512},
-    "yarn_mscale": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
-                    "original_max_position_embeddings": 256, "mscale": 0.7,
-                    "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 512,
+    },
+    "yarn_mscale": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 8.0,
+        "original_max_position_embeddings": 256,
+        "mscale": 0.7,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 16,
+        "beta_slow": 2,
+    },
 }
 
 
 def _config(rope: dict) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64,
-                                    max_position_embeddings=2048, rope_parameters=dict(rope))
+    return transformers.LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+        rope_parameters=dict(rope),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ROPES))
@@ -34,8 +55,11 @@ def test_inv_freq_matches_transformers(name):
     config = _config(ROPES[name])
     rope_type = config.rope_parameters["rope_type"]
     if rope_type == "default":
-        expected, scale = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding \
-            .compute_default_rope_parameters(config)
+        expected, scale = (
+            transformers.models.llama.modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters(
+                config
+            )
+        )
     else:
         expected, scale = ROPE_INIT_FUNCTIONS[rope_type](config)
     got, got_scale = compute_inv_freq(rope_parameters(config), 64, 2048)
@@ -44,9 +68,16 @@ def test_inv_freq_matches_transformers(name):
 
 
 def test_legacy_rope_theta_and_rope_scaling():
-    legacy = {"rope_theta": 500000.0, "max_position_embeddings": 8192,
-              "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0}}
+    legacy = {
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "rope_scaling": {
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        },
+    }
     params = rope_parameters(legacy)
     assert params["rope_type"] == "llama3" and params["rope_theta"] == 500000.0
     assert params["original_max_position_embeddings"] == 8192
@@ -69,8 +100,9 @@ def test_rotary_matches_transformers_apply():
     rotated = rope(positions, torch.cat([q.view(4, 4, 64), k.view(4, 2, 64)], dim=1))
     q2, k2 = rotated[:, :4].reshape(4, -1), rotated[:, 4:].reshape(4, -1)
     cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
-    eq, ek = apply_rotary_pos_emb(q.view(1, 4, 4, 64).transpose(1, 2),
-                                  k.view(1, 4, 2, 64).transpose(1, 2), cos, sin)
+    eq, ek = apply_rotary_pos_emb(
+        q.view(1, 4, 4, 64).transpose(1, 2), k.view(1, 4, 2, 64).transpose(1, 2), cos, sin
+    )
     torch.testing.assert_close(q2, eq.transpose(1, 2).reshape(4, -1), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(k2, ek.transpose(1, 2).reshape(4, -1), atol=1e-6, rtol=1e-6)
     # the seam itself: a zero angle is the identity

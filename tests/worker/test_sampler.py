@@ -14,15 +14,30 @@ V = 16
 EOS = [0]
 
 
-def _metadata(params: list[common_pb2.SamplingParams], prompt: list[int] | None = None,
-              outputs: list[list[int]] | None = None):
-    batch = InputBatch(max_model_len=64, block_size=4, vocab_size=V, num_blocks=8,
-                       device=torch.device("cpu"), initial_rows=2)
+def _metadata(
+    params: list[common_pb2.SamplingParams],
+    prompt: list[int] | None = None,
+    outputs: list[list[int]] | None = None,
+):
+    batch = InputBatch(
+        max_model_len=64,
+        block_size=4,
+        vocab_size=V,
+        num_blocks=8,
+        device=torch.device("cpu"),
+        initial_rows=2,
+    )
     prompt = prompt or [3, 4]
     for i, p in enumerate(params):
         out = outputs[i] if outputs else []
-        batch.add(worker_pb2.NewRequest(request_id=str(i), token_ids=prompt + out,
-                                        num_prompt_tokens=len(prompt), sampling_params=p))
+        batch.add(
+            worker_pb2.NewRequest(
+                request_id=str(i),
+                token_ids=prompt + out,
+                num_prompt_tokens=len(prompt),
+                sampling_params=p,
+            )
+        )
     rows = np.array([batch.rows[str(i)] for i in range(len(params))])
     return batch.sampling_metadata(rows, EOS)
 
@@ -75,15 +90,17 @@ def test_repetition_penalty_matches_transformers():
     meta = _metadata([_params(temperature=0, repetition_penalty=1.7)], prompt, outputs)
     processed = logits.clone()
     Sampler.apply_processors(processed, meta)
-    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + outputs[0]]),
-                                                     logits.clone())
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(
+        torch.tensor([prompt + outputs[0]]), logits.clone()
+    )
     torch.testing.assert_close(processed, expected)
 
 
 def test_presence_and_frequency_penalties_use_output_counts_only():
     logits = _logits(1)
-    meta = _metadata([_params(presence_penalty=0.5, frequency_penalty=0.25)], [1, 2],
-                     [[4, 4, 4, 9]])
+    meta = _metadata(
+        [_params(presence_penalty=0.5, frequency_penalty=0.25)], [1, 2], [[4, 4, 4, 9]]
+    )
     processed = logits.clone()
     Sampler.apply_processors(processed, meta)
     delta = (logits - processed)[0]
@@ -93,8 +110,9 @@ def test_presence_and_frequency_penalties_use_output_counts_only():
     torch.testing.assert_close(delta, expected)  # prompt tokens 1, 2 untouched
 
 
-def _histogram(params: common_pb2.SamplingParams, logits_row: torch.Tensor,
-               n: int = 4000) -> torch.Tensor:
+def _histogram(
+    params: common_pb2.SamplingParams, logits_row: torch.Tensor, n: int = 4000
+) -> torch.Tensor:
     logits = logits_row.expand(n, V).clone()
     tokens, _ = _sampler(1)(logits, _metadata([params] * n))
     return torch.bincount(tokens, minlength=V).float() / n
@@ -136,13 +154,18 @@ def test_min_p_drops_unlikely_tokens():
     probs = torch.softmax(logits, -1)
     freq = _histogram(_params(temperature=1.0, min_p=0.3), logits)
     assert {i for i in range(V) if freq[i] > 0} == set(
-        torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
+        torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist()
+    )
 
 
 def test_mixed_batch_applies_each_rows_parameters():
     logits = _logits(4)
-    params = [_params(temperature=0), _params(temperature=1.0, top_k=1),
-              _params(temperature=0, logit_bias={3: 100.0}), _params(temperature=1.0)]
+    params = [
+        _params(temperature=0),
+        _params(temperature=1.0, top_k=1),
+        _params(temperature=0, logit_bias={3: 100.0}),
+        _params(temperature=1.0),
+    ]
     tokens, _ = _sampler()(logits, _metadata(params))
     assert tokens[0] == logits[0].argmax() and tokens[1] == logits[1].argmax()
     assert tokens[2] == 3
@@ -163,16 +186,19 @@ def _seeded_run(seed: int, neighbours: list[common_pb2.SamplingParams], steps: i
 
 def test_seeded_sampling_ignores_batch_composition():
     alone = _seeded_run(42, [])
-    crowded = _seeded_run(42, [_params(temperature=1.0), _params(temperature=0.7, seed=7),
-                               _params(temperature=0)])
+    crowded = _seeded_run(
+        42, [_params(temperature=1.0), _params(temperature=0.7, seed=7), _params(temperature=0)]
+    )
     assert alone == crowded
     assert _seeded_run(43, []) != alone
 
 
 def test_logprobs_come_from_raw_logits():
     logits = _logits(2)
-    params = [_params(temperature=0, logprobs=3, logit_bias={1: 50.0}, repetition_penalty=2.0),
-              _params(temperature=0.0)]
+    params = [
+        _params(temperature=0, logprobs=3, logit_bias={1: 50.0}, repetition_penalty=2.0),
+        _params(temperature=0.0),
+    ]
     tokens, logprobs = _sampler()(logits, _metadata(params))
     assert tokens[0] == 1
     raw = torch.log_softmax(logits[0], -1)

@@ -37,7 +37,8 @@ class _ServerThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.future = asyncio.run_coroutine_threadsafe(
-            run_worker(config, address, self.ready, grace=1.0), self.loop)
+            run_worker(config, address, self.ready, grace=1.0), self.loop
+        )
         assert self.ready.wait(DEADLINE), "the server did not start listening"
 
     def stop(self) -> None:
@@ -77,24 +78,43 @@ def test_health_describe_initialize_execute(served):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Execute(iter([worker_pb2.StepRequest()]), timeout=DEADLINE))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    init = stub.InitializeCache(worker_pb2.InitializeCacheRequest(num_blocks=32, block_size=4),
-                                timeout=DEADLINE)
+    init = stub.InitializeCache(
+        worker_pb2.InitializeCacheRequest(num_blocks=32, block_size=4), timeout=DEADLINE
+    )
     assert init.seconds > 0
     assert _health(channel) == SERVING and _health(channel, SERVICE_NAME) == SERVING
 
     prompt = [5, 9, 13, 17, 21]
     params = common_pb2.SamplingParams(temperature=0, logprobs=2)
-    steps = [worker_pb2.StepRequest(
-        step_id=0, num_scheduled_tokens={"r": len(prompt)},
-        new_requests=[worker_pb2.NewRequest(request_id="r", token_ids=prompt, block_ids=[0, 1],
-                                            sampling_params=params,
-                                            num_prompt_tokens=len(prompt))])]
-    steps += [worker_pb2.StepRequest(
-        step_id=i, num_scheduled_tokens={"r": 1},
-        cached_requests=[worker_pb2.CachedRequest(request_id="r",
-                                                  num_computed_tokens=len(prompt) + i - 1,
-                                                  new_block_ids=[2] if i == 3 else [])])
-        for i in range(1, 5)]
+    steps = [
+        worker_pb2.StepRequest(
+            step_id=0,
+            num_scheduled_tokens={"r": len(prompt)},
+            new_requests=[
+                worker_pb2.NewRequest(
+                    request_id="r",
+                    token_ids=prompt,
+                    block_ids=[0, 1],
+                    sampling_params=params,
+                    num_prompt_tokens=len(prompt),
+                )
+            ],
+        )
+    ]
+    steps += [
+        worker_pb2.StepRequest(
+            step_id=i,
+            num_scheduled_tokens={"r": 1},
+            cached_requests=[
+                worker_pb2.CachedRequest(
+                    request_id="r",
+                    num_computed_tokens=len(prompt) + i - 1,
+                    new_block_ids=[2] if i == 3 else [],
+                )
+            ],
+        )
+        for i in range(1, 5)
+    ]
     steps.append(worker_pb2.StepRequest(step_id=5, finished_request_ids=["r"]))
     results = list(stub.Execute(iter(steps), timeout=DEADLINE))
     assert [r.step_id for r in results] == list(range(6))
@@ -113,8 +133,9 @@ def test_unexpected_exception_is_internal_and_marks_unhealthy(served, monkeypatc
     from splitserve.worker.model_runner import ModelRunner
 
     stub = worker_pb2_grpc.WorkerServiceStub(served)
-    stub.InitializeCache(worker_pb2.InitializeCacheRequest(num_blocks=8, block_size=4),
-                         timeout=DEADLINE)
+    stub.InitializeCache(
+        worker_pb2.InitializeCacheRequest(num_blocks=8, block_size=4), timeout=DEADLINE
+    )
 
     def boom(self, step, intermediate=None):
         raise KeyError("synthetic failure")
@@ -134,14 +155,16 @@ def test_unix_socket_and_sigterm(tiny_llama, tmp_path):
         "from splitserve.worker.config import WorkerConfig\n"
         "from splitserve.worker.server import run_worker\n"
         f"asyncio.run(run_worker(WorkerConfig(model={str(tiny_llama)!r}, "
-        f"kv_cache_memory=1 << 20), 'unix:{sock}', grace=1.0))\n")
+        f"kv_cache_memory=1 << 20), 'unix:{sock}', grace=1.0))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
     try:
         channel = grpc.insecure_channel(f"unix:{sock}")
         grpc.channel_ready_future(channel).result(timeout=DEADLINE)
         stub = worker_pb2_grpc.WorkerServiceStub(channel)
-        stub.InitializeCache(worker_pb2.InitializeCacheRequest(num_blocks=8, block_size=4),
-                             timeout=DEADLINE)
+        stub.InitializeCache(
+            worker_pb2.InitializeCacheRequest(num_blocks=8, block_size=4), timeout=DEADLINE
+        )
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
         channel.close()
         proc.send_signal(signal.SIGTERM)

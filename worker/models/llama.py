@@ -39,30 +39,37 @@ def sliding_window_of(config: Any, layer_idx: int) -> int | None:
 class LlamaAttention(nn.Module):
     """Self-attention: fused qkv projection, rotary, paged attention, output projection."""
 
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
-                 qkv_bias: bool, o_bias: bool) -> None:
+    def __init__(
+        self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVLinear(config.hidden_size, self.num_heads, self.num_kv_heads,
-                                  self.head_dim, bias=qkv_bias)
+        self.qkv_proj = QKVLinear(
+            config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, bias=qkv_bias
+        )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.rotary_emb = rotary_emb
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                              self.head_dim ** -0.5, layer_idx,
-                              sliding_window_of(config, layer_idx))
+        self.attn = Attention(
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            layer_idx,
+            sliding_window_of(config, layer_idx),
+        )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         num_tokens, d = qkv.shape[0], self.head_dim
         # q and k sit side by side in qkv: rotate both heads' sets in one pass.
-        qk = qkv[:, :self.q_size + self.kv_size].view(num_tokens, -1, d)
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, d)
         qk = self.rotary_emb(positions, qk)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, d)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, d)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -84,16 +91,24 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm decoder layer; the residual add is fused into the next norm."""
 
-    def __init__(self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding,
-                 qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        rotary_emb: RotaryEmbedding,
+        qkv_bias: bool,
+        o_bias: bool,
+        mlp_bias: bool,
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, o_bias)
         self.mlp = LlamaMLP(config, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
@@ -107,25 +122,43 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, this rank's decoder layers, and the final norm."""
 
-    def __init__(self, config: Any, start_layer: int, end_layer: int, is_first: bool,
-                 is_last: bool, max_positions: int, qkv_bias: bool, o_bias: bool,
-                 mlp_bias: bool) -> None:
+    def __init__(
+        self,
+        config: Any,
+        start_layer: int,
+        end_layer: int,
+        is_first: bool,
+        is_last: bool,
+        max_positions: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        mlp_bias: bool,
+    ) -> None:
         super().__init__()
         self.start_layer, self.end_layer = start_layer, end_layer
-        self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
-                             if is_first else None)
-        self.rotary_emb = RotaryEmbedding(head_dim_of(config), max_positions,
-                                          rope_parameters(config),
-                                          config.max_position_embeddings)
+        self.embed_tokens = (
+            nn.Embedding(config.vocab_size, config.hidden_size) if is_first else None
+        )
+        self.rotary_emb = RotaryEmbedding(
+            head_dim_of(config),
+            max_positions,
+            rope_parameters(config),
+            config.max_position_embeddings,
+        )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, o_bias, mlp_bias)
-            if start_layer <= i < end_layer else nn.Identity()
-            for i in range(config.num_hidden_layers))
+            if start_layer <= i < end_layer
+            else nn.Identity()
+            for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate: IntermediateTensors | None = None
-                ) -> torch.Tensor | IntermediateTensors:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
         if self.embed_tokens is not None:
             hidden_states, residual = self.embed_tokens(input_ids), None
         else:
@@ -155,20 +188,40 @@ class LlamaForCausalLM(nn.Module):
     }
     """Checkpoint module name -> (fused module name, shard id)."""
 
-    def __init__(self, config: Any, start_layer: int, end_layer: int, is_first: bool,
-                 is_last: bool, max_positions: int) -> None:
+    def __init__(
+        self,
+        config: Any,
+        start_layer: int,
+        end_layer: int,
+        is_first: bool,
+        is_last: bool,
+        max_positions: int,
+    ) -> None:
         super().__init__()
         self.config = config
         qkv_bias, o_bias, mlp_bias = self.biases(config)
-        self.model = LlamaModel(config, start_layer, end_layer, is_first, is_last,
-                                max_positions, qkv_bias, o_bias, mlp_bias)
-        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-                        if is_last else None)
+        self.model = LlamaModel(
+            config,
+            start_layer,
+            end_layer,
+            is_first,
+            is_last,
+            max_positions,
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+        )
+        self.lm_head = (
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
+        )
         self._tie_weights()
 
     def _tie_weights(self) -> None:
-        if self.lm_head is not None and self.model.embed_tokens is not None and \
-                self.ties_embeddings(self.config):
+        if (
+            self.lm_head is not None
+            and self.model.embed_tokens is not None
+            and self.ties_embeddings(self.config)
+        ):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @staticmethod
@@ -182,9 +235,12 @@ class LlamaForCausalLM(nn.Module):
         """Whether lm_head shares the input embedding's weight."""
         return bool(getattr(config, "tie_word_embeddings", False))
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate: IntermediateTensors | None = None
-                ) -> torch.Tensor | IntermediateTensors:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
         """Hidden states after the final norm (last rank), else the tensors for the next rank."""
         return self.model(input_ids, positions, intermediate)
 

@@ -19,5 +19,7 @@ def get_model_class(architectures: list[str] | None) -> type[nn.Module]:
     for name in architectures or []:
         if name in MODEL_REGISTRY:
             return MODEL_REGISTRY[name]
-    raise ValueError(f"unsupported model architecture {architectures!r}; supported: "
-                     f"{', '.join(sorted(MODEL_REGISTRY))}")
+    raise ValueError(
+        f"unsupported model architecture {architectures!r}; supported: "
+        f"{', '.join(sorted(MODEL_REGISTRY))}"
+    )
