@@ -1,0 +1,119 @@
+"""The in-process engine (real scheduler + real worker, no gRPC) against transformers."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve import LLM, SamplingParams
+
+from .utils import check_logprobs_close, hf_greedy_logprobs, hf_model
+
+PROMPTS = [
+    [5, 17, 300, 42, 99, 7],
+    list(range(20, 61)),
+    [8] * 3,
+    list(range(400, 423)),
+    [600, 601, 602, 603, 604, 605, 606, 607, 608, 609, 610, 611, 612, 613, 614, 615, 616],
+]
+N_TOKENS = 24
+
+
+def engine_logprobs(outs) -> list:
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        tops = [dict(zip(lp.top_token_ids, lp.top_logprobs, strict=True)) for lp in c.logprobs]
+        res.append((c.token_ids, tops))
+    return res
+
+
+def greedy(n=N_TOKENS, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=5, **kw)
+
+
+@pytest.fixture(scope="module")
+def hf_ref(llama_path):
+    return hf_greedy_logprobs(hf_model(llama_path), PROMPTS, N_TOKENS, 5)
+
+
+@pytest.mark.parametrize(
+    "engine_kw",
+    [
+        {},
+        {"max_num_batched_tokens": 7},  # chunked prefill in pieces of at most 7 tokens
+        {"async_scheduling_depth": 1},
+    ],
+    ids=["default", "chunked", "sync"],
+)
+def test_llm_greedy_matches_transformers(llama_path, hf_ref, engine_kw):
+    llm = LLM(str(llama_path), kv_cache_memory=8 << 20, **engine_kw)
+    outs = llm.generate(PROMPTS, greedy())
+    got = engine_logprobs(outs)
+    assert [t for t, _ in got] == [t for t, _ in hf_ref]
+    check_logprobs_close(hf_ref, got, "transformers", "splitserve")
+    llm.shutdown()
+
+
+def test_qwen2_greedy_matches_transformers(qwen2_path):
+    ref = hf_greedy_logprobs(hf_model(qwen2_path), PROMPTS[:3], N_TOKENS, 5)
+    llm = LLM(str(qwen2_path), kv_cache_memory=8 << 20)
+    got = engine_logprobs(llm.generate(PROMPTS[:3], greedy()))
+    assert [t for t, _ in got] == [t for t, _ in ref]
+    check_logprobs_close(ref, got, "transformers", "splitserve")
+    llm.shutdown()
+
+
+def test_prefix_cache_hit_gives_same_tokens(llama_path, hf_ref):
+    llm = LLM(str(llama_path), kv_cache_memory=8 << 20, block_size=4)
+    first = llm.generate([PROMPTS[1]], greedy())
+    assert first[0].num_cached_tokens == 0
+    again = llm.generate([PROMPTS[1]], greedy())
+    assert again[0].num_cached_tokens == 40  # 10 full blocks; the last token is recomputed
+    assert again[0].outputs[0].token_ids == hf_ref[1][0]
+    stats = llm.engine.scheduler.stats()
+    assert stats.prefix_cache_hits >= 40
+    assert stats.num_free_blocks == stats.num_total_blocks
+    llm.shutdown()
+
+
+def test_tiny_kv_budget_forces_preemption_and_stays_correct(llama_path, hf_ref):
+    # 2 layers x 2 KV heads x 16 dims x 4 bytes x (K, V) = 512 bytes per token per rank.
+    llm = LLM(str(llama_path), kv_cache_memory=24 * 4 * 512, block_size=4)
+    assert llm.engine.num_blocks == 24
+    outs = llm.generate(PROMPTS, greedy())
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == [t for t, _ in hf_ref]
+    assert llm.engine.scheduler.kv.num_free_blocks == 24
+    llm.shutdown()
+
+
+def test_stop_strings_n_seed_and_chat(llama_path):
+    llm = LLM(str(llama_path), kv_cache_memory=8 << 20)
+    full = llm.generate(["Beautiful is better"], SamplingParams(max_tokens=20, temperature=0))
+    text = full[0].outputs[0].text
+    stop = text[5:8]
+    cut = llm.generate(
+        ["Beautiful is better"], SamplingParams(max_tokens=20, temperature=0, stop=[stop])
+    )[0].outputs[0]
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
+    assert cut.stop_reason == stop
+
+    sp = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    a = [c.token_ids for c in llm.generate(["Flat is better"], sp)[0].outputs]
+    b = [c.token_ids for c in llm.generate(["Flat is better"], sp)[0].outputs]
+    assert a == b and len({tuple(x) for x in a}) > 1
+
+    chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=4))
+    assert chat[0].prompt.endswith("<|im_start|>assistant\n")
+    assert len(chat[0].outputs[0].token_ids) <= 4
+    llm.shutdown()
+
+
+def test_llm_rejects_unknown_options_and_bad_requests(llama_path):
+    with pytest.raises(TypeError, match="tensor_parallel_size"):
+        LLM(str(llama_path), tensor_parallel_size=2)
+    llm = LLM(str(llama_path), kv_cache_memory=8 << 20, max_model_len=64)
+    with pytest.raises(ValueError, match="64"):
+        llm.generate([[5] * 60], SamplingParams(max_tokens=10))
+    assert not llm.engine.scheduler.requests
+    llm.shutdown()
