@@ -20,6 +20,8 @@ from splitserve.config_cli import build_config, config_to_argv
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+DEMO_NAME = "splitserve-demo"
+"""The model name clients use for the built-in demo model."""
 
 
 def _die_with_parent() -> None:
@@ -91,7 +93,10 @@ def serve(args: argparse.Namespace) -> int:
     if model is None:
         from splitserve.demo_model import demo_model_path
 
-        print("splitserve: no model given; serving the built-in demo model", flush=True)
+        print(
+            f"splitserve: no model given; serving the built-in demo model as {DEMO_NAME!r}",
+            flush=True,
+        )
         model = str(demo_model_path())
     host = "127.0.0.1"
     # Internal services listen on loopback; --scheduler-address / --tokenizer-address pin
@@ -108,8 +113,15 @@ def serve(args: argparse.Namespace) -> int:
     tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
     tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
     scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
+    # The demo model is served as DEMO_NAME unless the user names it.
+    named = args.model_tag or getattr(args, "served_model_name", None)
     gateway_cfg = build_config(
-        gateway_cls, args, model=model, scheduler_address=sched_addr, tokenizer_address=tok_addr
+        gateway_cls,
+        args,
+        model=model,
+        scheduler_address=sched_addr,
+        tokenizer_address=tok_addr,
+        **({} if named else {"served_model_name": [DEMO_NAME]}),
     )
     log = ["--log-level", args.log_level]
 
