@@ -36,3 +36,55 @@ def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
         with open(f"/proc/{pid}/status") as f:
             assert "zombie" in f.read(), f"child {pid} outlived the launcher"
     assert "sekrit" not in (tmp_path / "serve.log").read_text()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def test_worker_killed_fails_in_flight_and_stack_exits_nonzero(tiny_model, tmp_path):
+    import json
+    import signal
+    import subprocess
+
+    s = Server(tiny_model, [], tmp_path / "serve.log")
+    try:
+        worker = next(p for p in s.children if " worker " in _cmdline(p))
+        body = {
+            "model": s.model,
+            "prompt": "hi",
+            "max_tokens": 500,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        events = []
+        with (
+            httpx.Client(timeout=60) as h,
+            h.stream("POST", s.url + "/v1/completions", json=body) as r,
+        ):
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 2:
+                        os.kill(worker, signal.SIGKILL)
+        assert events[-1] == "[DONE]"
+        assert "error" in json.loads(events[-2]), events[-3:]
+        code = s.proc.wait(60)
+        assert code != 0
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the stack did not exit after its worker died") from None
+    finally:
+        s.stop()
+    for pid in s.children:
+        status = ""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        assert "zombie" in status, f"child {pid} outlived the launcher"
