@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import traceback
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from splitserve.grpc_errors import ErrorInterceptor
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
 from .config import SchedulerConfig
@@ -81,41 +81,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return (await self._engine(context)).engine.model_info
 
 
-class _ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Unexpected exceptions become INTERNAL with a logged traceback."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-
-        inner = handler.unary_unary
-
-        async def wrapped(request, context):
-            try:
-                return await inner(request, context)
-            except (grpc.RpcError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
-                logger.error("%s failed:\n%s", handler_call_details.method, traceback.format_exc())
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-
 async def run_scheduler(
     config: SchedulerConfig, address: str, executor_factory=None, grace_s: float = 5.0
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (non-zero if the engine died)."""
     loop = asyncio.get_running_loop()
     server = grpc.aio.server(
-        interceptors=[_ErrorInterceptor()], options=[("grpc.max_receive_message_length", 64 << 20)]
+        interceptors=[ErrorInterceptor()], options=[("grpc.max_receive_message_length", 64 << 20)]
     )
     servicer = SchedulerServicer()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)

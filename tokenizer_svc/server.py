@@ -5,7 +5,7 @@ loop stays free; `DetokenizeStream` work is a few microseconds per token and run
 does a small `DecodeEach` (one step's logprob tokens).
 Health (`grpc.health.v1`) says NOT_SERVING until the tokenizer is loaded, then SERVING, and
 NOT_SERVING again once shutdown starts. `RequestError`s become their gRPC status; anything
-else becomes INTERNAL with the traceback logged (`_ErrorInterceptor`).
+else becomes INTERNAL with the traceback logged (`splitserve.grpc_errors.ErrorInterceptor`).
 
 DetokenizeStream protocol (one response per request message, in order):
   1. `start`: prompt ids (context), skip_special_tokens, stop strings -> an empty response.
@@ -32,6 +32,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from splitserve.grpc_errors import ErrorInterceptor
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .chat import ChatRenderer, parse_chat_request
@@ -166,62 +167,11 @@ def _stream_response(delta: StreamDelta) -> tokenizer_pb2.DetokenizeStreamRespon
     )
 
 
-class _ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """RequestError -> its status with its message; any other exception -> INTERNAL, logged."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _guard_stream(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-
-async def _abort_for(exc: Exception, context, method: str) -> None:
+def _map_error(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """RequestError keeps its own status and message; anything else is INTERNAL."""
     if isinstance(exc, RequestError):
-        await context.abort(grpc.StatusCode[exc.status], exc.message)
-    else:
-        logger.error("unexpected error in %s", method, exc_info=exc)
-        await context.abort(
-            grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}"
-        )
-
-
-def _guard_unary(behavior, method: str):
-    async def guarded(request, context):
-        try:
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort_for(exc, context, method)
-
-    return guarded
-
-
-def _guard_stream(behavior, method: str):
-    async def guarded(request_iterator, context):
-        try:
-            async for response in behavior(request_iterator, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await _abort_for(exc, context, method)
-
-    return guarded
+        return grpc.StatusCode[exc.status], exc.message
+    return None
 
 
 class TokenizerServer:
@@ -239,7 +189,7 @@ class TokenizerServer:
     async def start(self, address: str) -> int:
         """Bind `address` (host:port, port 0 for any free one, or unix:path); return the port."""
         server = grpc.aio.server(
-            interceptors=[_ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(_map_error)],
             options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
