@@ -6,7 +6,8 @@ package imports on machines without triton.
 
 Modules:
     reference           plain-torch references (the oracle of every kernel test)
-    torch_attention     vectorised CPU paths for paged attention and the KV-cache write
+    torch_attention     CPU paths of paged attention (per-step plan) and the KV-cache write
+    torch_ops           CPU paths of RMSNorm (+ residual add), rotary and SiLU-and-mul
     attention_prefill   varlen paged attention (prefill, chunked prefill, mixed batches)
     attention_decode    split-KV paged decode attention + reduce
     kv_cache            scatter of new keys/values into the paged cache

@@ -19,7 +19,8 @@ from types import ModuleType
 import torch
 
 from . import reference as ref
-from .torch_attention import paged_attention_torch
+from . import torch_ops
+from .torch_attention import TorchAttentionPlan, paged_attention_torch, write_kv_cache_torch
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,9 @@ def _use_triton(t: torch.Tensor, backend: str | None) -> bool:
 
 def paged_attention(
     q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    key_cache: torch.Tensor | None,
+    value_cache: torch.Tensor | None,
+    block_tables: torch.Tensor | None,
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     scale: float,
@@ -104,6 +105,9 @@ def paged_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     backend: str | None = None,
+    plan: TorchAttentionPlan | None = None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of new tokens against the KV cache (which already holds them).
 
@@ -113,15 +117,21 @@ def paged_attention(
         max_query_len, max_seq_len: host-side maxima (avoid a device sync; under CUDA graphs
             pass fixed values). max_query_len == 1 selects the split-KV decode kernel.
         backend: "triton", "torch", or None/"auto" to follow q's device.
+        plan, key, value: torch path only (Triton ignores them): the step's
+            `TorchAttentionPlan` shared by all layers, and this step's keys/values [T, Hk, D],
+            which sequences without a cached prefix attend over directly. With no cache
+            (key_cache None, cache-free forwards such as memory profiling) key/value are
+            required and the torch path runs whatever `backend` says.
 
     Returns:
         [T, Hq, D].
     """
     kwargs = dict(sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks, out=out)
-    if not _use_triton(q, backend):
+    if key_cache is None or not _use_triton(q, backend):
         return paged_attention_torch(
-            q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, **kwargs
-        )
+            q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
+            plan=plan, key=key, value=value, **kwargs,
+        )  # fmt: skip
     if max_query_len is None:
         max_query_len = (
             int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if len(seq_lens) else 0
@@ -151,11 +161,12 @@ def write_kv_cache(
     if _use_triton(key, backend):
         _kernel_module("kv_cache").write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
     else:
-        ref.write_kv_cache_ref(key, value, key_cache, value_cache, slot_mapping)
+        write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping)
 
 
 # --------------------------------------------------------------------------- elementwise ops
-# The references of these ops are already vectorised torch, so they double as the CPU path.
+# CPU paths: `torch_ops` (fused / in-place torch); GELU and the bitmask use their references,
+# already vectorised torch.
 
 
 def rms_norm(
@@ -164,7 +175,7 @@ def rms_norm(
     """RMSNorm over the last dim, HF Llama numerics. x: [..., N], weight: [N] -> [..., N]."""
     if _use_triton(x, backend):
         return _kernel_module("rms_norm").rms_norm(x, weight, eps)
-    return ref.rms_norm_ref(x, weight, eps)
+    return torch_ops.rms_norm(x, weight, eps)
 
 
 def fused_add_rms_norm(
@@ -175,10 +186,14 @@ def fused_add_rms_norm(
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual); x, residual: [..., N], weight: [N]."""
+    """(rms_norm(x + residual), x + residual); x, residual: [..., N], weight: [N].
+
+    NOTE: x is consumed: the torch path writes the sum into it (and returns it as the new
+    residual), the Triton kernel returns fresh tensors. Callers must not reuse x.
+    """
     if _use_triton(x, backend):
         return _kernel_module("rms_norm").fused_add_rms_norm(x, residual, weight, eps)
-    return ref.fused_add_rms_norm_ref(x, residual, weight, eps)
+    return torch_ops.fused_add_rms_norm(x, residual, weight, eps)
 
 
 def apply_rotary(
@@ -196,20 +211,14 @@ def apply_rotary(
     """
     if _use_triton(q, backend):
         return _kernel_module("rotary_kernel").apply_rotary(positions, q, k, cos_sin_cache, is_neox)
-    rot = cos_sin_cache.shape[-1]
-    q_rot, k_rot = ref.apply_rotary_ref(
-        positions, q[..., :rot], k[..., :rot], cos_sin_cache, is_neox
-    )
-    q[..., :rot] = q_rot
-    k[..., :rot] = k_rot
-    return q, k
+    return torch_ops.apply_rotary(positions, q, k, cos_sin_cache, is_neox)
 
 
 def silu_and_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(x[..., :I]) * x[..., I:]; x: [..., 2I] -> [..., I]."""
     if _use_triton(x, backend):
         return _kernel_module("activation").silu_and_mul(x)
-    return ref.silu_and_mul_ref(x)
+    return torch_ops.silu_and_mul(x)
 
 
 def gelu_and_mul(

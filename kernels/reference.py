@@ -228,15 +228,20 @@ def apply_rotary_ref(
 # --------------------------------------------------------------------------- activations
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[..., :I]) * x[..., I:] computed in fp32. x: [..., 2I] -> [..., I]."""
-    gate, up = x.float().chunk(2, dim=-1)
+    """silu(x[..., :I]) * x[..., I:] computed in fp32 (fp64 for fp64 x). [..., 2I] -> [..., I]."""
+    gate, up = _at_least_fp32(x).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(x.dtype)
 
 
 def gelu_and_mul_ref(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """gelu(x[..., :I]) * x[..., I:] in fp32; approximate is "none" (erf) or "tanh"."""
-    gate, up = x.float().chunk(2, dim=-1)
+    """gelu(x[..., :I]) * x[..., I:] in fp32 (fp64 for fp64 x); approximate "none" (erf) or
+    "tanh"."""
+    gate, up = _at_least_fp32(x).chunk(2, dim=-1)
     return (F.gelu(gate, approximate=approximate) * up).to(x.dtype)
 
 

@@ -7,6 +7,8 @@ that HF multiplies into cos and sin (yarn's mscale; 1.0 for the others).
 `build_cos_sin_cache` turns them into the [max_pos, rotary_dim] table the rotary kernel reads:
 cos(p * inv_freq) * scaling in the first half of row p, sin(...) * scaling in the second.
 
+`rope_parameters_of` reads those settings out of an HF config (either config style).
+
 Dynamic NTK and longrope rescale with the running sequence length, which a fixed table cannot
 express; they are rejected with a clear error instead of silently diverging from HF.
 """
@@ -19,6 +21,43 @@ from typing import Any
 import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+DEFAULT_ROPE_THETA = 10000.0
+
+
+def _config_get(config: Any, name: str, default: Any = None) -> Any:
+    if isinstance(config, dict):
+        return config.get(name, default)
+    return getattr(config, name, default)
+
+
+def rope_parameters_of(config: Any) -> dict[str, Any]:
+    """One flat rope dict (`rope_type`, `rope_theta`, the type's keys) from an HF config.
+
+    Reads both config styles: transformers 5 `rope_parameters = {"rope_type", "rope_theta",
+    ...}` and the older top-level `rope_theta` + `rope_scaling` (whose "type" key becomes
+    "rope_type"). llama3 and yarn get `original_max_position_embeddings` from the config when
+    the dict lacks it (falling back to max_position_embeddings, as transformers does).
+    `config` may be a config object or a plain dict.
+    """
+    params = dict(_config_get(config, "rope_parameters") or {})
+    for key, value in (_config_get(config, "rope_scaling") or {}).items():
+        params.setdefault(key, value)
+    if "type" in params:
+        params.setdefault("rope_type", params.pop("type"))
+    params.setdefault("rope_type", "default")
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = _config_get(config, "rope_theta") or DEFAULT_ROPE_THETA
+    partial = _config_get(config, "partial_rotary_factor")
+    if partial is not None:
+        params.setdefault("partial_rotary_factor", partial)
+    if params["rope_type"] in ("llama3", "yarn"):
+        original = _config_get(config, "original_max_position_embeddings")
+        if original is not None:
+            params["original_max_position_embeddings"] = original
+        params.setdefault(
+            "original_max_position_embeddings", _config_get(config, "max_position_embeddings")
+        )
+    return params
 
 
 def rope_type_of(rope_parameters: dict[str, Any] | None) -> str:
@@ -131,7 +170,7 @@ def compute_inv_freq(
         scaling, as HF's rotary embedding does.
     """
     params = dict(rope_parameters or {})
-    params.setdefault("rope_theta", 10000.0)
+    params.setdefault("rope_theta", DEFAULT_ROPE_THETA)
     rope_type = rope_type_of(params)
     dim = rotary_dim if rotary_dim is not None else rotary_dim_of(params, head_dim)
     if dim % 2 or not 0 < dim <= head_dim:

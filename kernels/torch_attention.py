@@ -1,21 +1,268 @@
-"""Paged attention in plain torch, shaped for speed on CPU (the `torch` attention backend).
+"""Paged attention and the KV-cache write in plain torch, shaped for speed on CPU.
 
-Decode rows (query_len 1) of all sequences are gathered into ONE padded [B, Hk, L, D] batch
-and attended with a single SDPA call and a length mask; prefill rows go one sequence at a
-time (their key counts differ too much to pad profitably). SDPA has no soft-cap or sink
-input, so those features take an explicit fp32 softmax, chunked over queries to bound memory.
-Same contract as `reference.paged_attention_ref`; the tests hold it to that reference.
+This is the `torch` attention backend (dispatch's CPU path). Decode rows (query_len 1) are
+sorted by context length and cut into a few runs of similar length; each run gathers its
+blocks out of the paged cache into reused scratch buffers and takes ONE SDPA call, padded only
+to its own longest context (padding blocks re-read the row's first block). The slots past a
+row's last token in its last block are masked, but a NaN there would still poison SDPA's sums,
+so they are cleared after the gather, unless the caller vouches that the cache keeps them
+finite (`clean_tails`: true of caches written only through `write_kv_cache_torch`, which clears
+a block when its first token is written). The query heads of a KV head go in as that head's
+query rows, so GQA needs no expanded keys. Prefill rows go one sequence at a time; a sequence
+without a cached prefix attends over this step's own keys, causally, without reading the cache.
+
+The step's layout (runs, gather indices, masks per sliding window) lives in a
+`TorchAttentionPlan` that is built once per step and shared by every layer. SDPA has no
+soft-cap or sink input, so those features take an explicit fp32 softmax, chunked over queries
+to bound memory. Same contract as `reference.paged_attention_ref`; the tests hold it to it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .reference import soft_cap_logits
+from .reference import soft_cap_logits, write_kv_cache_ref
 
 # Upper bound on fp32 logits materialised at once by the explicit-softmax path (elements).
 _MAX_LOGITS = 1 << 26
+
+
+class Workspace:
+    """Gather buffers reused across layers and steps.
+
+    NOTE: a fresh multi-megabyte tensor every layer costs page faults that can take longer than
+    the attention itself; one owner (a worker's backend) keeps one workspace.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The first n rows of buffer `name`, shaped [n, *like.shape[1:]]."""
+        buf = self._buffers.get(name)
+        if (
+            buf is None
+            or buf.shape[0] < n
+            or buf.shape[1:] != like.shape[1:]
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
+            capacity = max(n + n // 4, buf.shape[0] if buf is not None else 0)
+            buf = torch.empty((capacity, *like.shape[1:]), dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[:n]
+
+    def gather(self, name: str, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """cache[blocks] ([n, BS, Hk, D]) written into the reused buffer `name`."""
+        return torch.index_select(cache, 0, blocks, out=self._buffer(name, blocks.shape[0], cache))
+
+
+@dataclass(slots=True)
+class _Layout:
+    """Where one decode run reads its keys, for one sliding window."""
+
+    blocks: torch.Tensor
+    """int64 [n * width] cache block of each gathered block."""
+    width: int
+    """Blocks gathered per row."""
+    visible: torch.Tensor
+    """bool [n, 1, 1, width * BS]: which gathered positions each row attends to."""
+    stale: torch.Tensor | None
+    """int64 gathered positions (of [n * width * BS]) past their row's last token, cleared
+    after the gather; None when there are none or the cache keeps them clean."""
+
+
+@dataclass(slots=True)
+class _DecodeRun:
+    """Decode rows of similar context length, attended with one SDPA call."""
+
+    rows: slice | torch.Tensor
+    """Their rows in q / out."""
+    seqs: slice | torch.Tensor
+    """Their rows in block_tables."""
+    seq_lens: np.ndarray
+    """int64 [n] context lengths (host)."""
+    layouts: dict[int | None, _Layout] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _PrefillSeq:
+    """One sequence with a multi-token query (or any sequence when there is no cache)."""
+
+    seq: int
+    start: int
+    end: int
+    seq_len: int
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    masks: dict[tuple[int | None, int], torch.Tensor] = field(default_factory=dict)
+
+
+def _host(t: torch.Tensor | np.ndarray | list[int]) -> np.ndarray:
+    if isinstance(t, torch.Tensor):
+        return t.cpu().numpy().astype(np.int64)
+    return np.asarray(t, dtype=np.int64)
+
+
+def _index(idx: np.ndarray, device: torch.device) -> slice | torch.Tensor:
+    """A slice when idx is a contiguous ascending range (views instead of copies)."""
+    if idx.size and (idx.size == 1 or bool(np.all(np.diff(idx) == 1))):
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return torch.from_numpy(idx).to(device)
+
+
+def _split_runs(num_blocks: np.ndarray, start: int, end: int, depth: int) -> list[tuple[int, int]]:
+    """Split sorted rows [start, end) where padding each row to its run's widest saves most."""
+    n = end - start
+    if depth == 0 or n < 2:
+        return [(start, end)]
+    widths = num_blocks[start:end]
+    head_max = np.maximum.accumulate(widths)
+    tail_max = np.maximum.accumulate(widths[::-1])[::-1]
+    ks = np.arange(1, n)
+    costs = ks * head_max[:-1] + (n - ks) * tail_max[1:]
+    best = int(costs.argmin())
+    whole = n * int(head_max[-1])
+    if costs[best] > 0.85 * whole or whole - costs[best] < 16:
+        return [(start, end)]
+    split = start + best + 1
+    return _split_runs(num_blocks, start, split, depth - 1) + _split_runs(
+        num_blocks, split, end, depth - 1
+    )
+
+
+class TorchAttentionPlan:
+    """Host-side layout of one step's batch, built once and shared by all layers.
+
+    Args:
+        seq_lens: [S] context length of each sequence after this step (tensor, array or list).
+        cu_seqlens_q: [S + 1] offsets of each sequence's query rows.
+        block_tables: int [S, MB] (device tensor), or None when there is no cache.
+        block_size: the cache's block size, or None when there is no cache (then every
+            sequence must be all new: seq_len == query_len, keys passed in directly).
+        workspace: gather buffers to reuse; a fresh one when None.
+        device: where index tensors go (defaults to block_tables' device, else CPU).
+        clean_tails: the caller vouches that the slots past each sequence's last token in its
+            last block hold finite values (the cache is written only through
+            `write_kv_cache_torch`); they are then not cleared after each gather.
+    """
+
+    def __init__(
+        self,
+        seq_lens: torch.Tensor | np.ndarray | list[int],
+        cu_seqlens_q: torch.Tensor | np.ndarray | list[int],
+        block_tables: torch.Tensor | None = None,
+        block_size: int | None = None,
+        *,
+        workspace: Workspace | None = None,
+        device: torch.device | None = None,
+        clean_tails: bool = False,
+    ) -> None:
+        lens, cu = _host(seq_lens), _host(cu_seqlens_q)
+        if cu.shape[0] != lens.shape[0] + 1:
+            raise ValueError(f"cu_seqlens_q has {cu.shape[0]} entries for {lens.shape[0]} seqs")
+        self.block_tables = block_tables
+        self.block_size = block_size
+        self.workspace = workspace if workspace is not None else Workspace()
+        self.clean_tails = clean_tails
+        if device is None:
+            device = block_tables.device if block_tables is not None else torch.device("cpu")
+        self.device = device
+        self.first_row, self.end_row = int(cu[0]), int(cu[-1])
+        query_lens = cu[1:] - cu[:-1]
+        # NOTE: a seq_len-0 row (CUDA-graph padding) attends to nothing; its output is zero.
+        empty = np.flatnonzero((lens == 0) & (query_lens > 0))
+        self.empty_rows = [(int(cu[i]), int(cu[i + 1])) for i in empty.tolist()]
+        live = (lens > 0) & (query_lens > 0)
+        batched = live & (query_lens == 1) if block_size else np.zeros_like(live)
+        self.decode_runs = self._init_decode_runs(np.flatnonzero(batched), lens, cu)
+        self.prefills = [
+            _PrefillSeq(i, int(cu[i]), int(cu[i + 1]), int(lens[i]))
+            for i in np.flatnonzero(live & ~batched).tolist()
+        ]
+
+    def _init_decode_runs(
+        self, seqs: np.ndarray, lens: np.ndarray, cu: np.ndarray
+    ) -> list[_DecodeRun]:
+        if seqs.size == 0:
+            return []
+        seqs = seqs[np.argsort(lens[seqs], kind="stable")]  # shortest first
+        num_blocks = -(-lens[seqs] // self.block_size)
+        runs = []
+        for start, end in _split_runs(num_blocks, 0, seqs.size, depth=2):
+            part = seqs[start:end]
+            runs.append(
+                _DecodeRun(_index(cu[part], self.device), _index(part, self.device), lens[part])
+            )
+        return runs
+
+    @property
+    def num_decodes(self) -> int:
+        """Rows batched as decodes."""
+        return sum(run.seq_lens.size for run in self.decode_runs)
+
+    def decode_layout(self, run: _DecodeRun, window: int | None) -> _Layout:
+        """The run's gather indices and mask for `window` (cached)."""
+        layout = run.layouts.get(window)
+        if layout is None:
+            layout = self._build_layout(run, window)
+            run.layouts[window] = layout
+        return layout
+
+    def _build_layout(self, run: _DecodeRun, window: int | None) -> _Layout:
+        bs, lens = self.block_size, run.seq_lens
+        last = (lens - 1) // bs
+        # Blocks wholly before the window are never visible: skip gathering them.
+        first = np.zeros_like(lens) if window is None else np.maximum(lens - window, 0) // bs
+        width = int((last - first).max()) + 1
+        cols = first[:, None] + np.arange(width)[None, :]
+        # Padding columns re-read the row's first gathered block: a valid id, and full of
+        # real tokens unless it is also the row's last block. Masked out either way.
+        src = np.where(cols > last[:, None], first[:, None], cols)
+        tables = self.block_tables[run.seqs].long()
+        blocks = torch.gather(tables, 1, torch.from_numpy(src).to(tables.device)).reshape(-1)
+        pos = (cols[:, :, None] * bs + np.arange(bs)).reshape(lens.size, -1)
+        visible = pos < lens[:, None]
+        if window is not None:
+            visible &= pos > lens[:, None] - 1 - window
+        stale = None
+        if not self.clean_tails:
+            # Gathered slots that hold no token of the row: the tail of its last block (and
+            # copies of it), whatever a previous owner, or nobody, left there.
+            src_pos = (src[:, :, None] * bs + np.arange(bs)).reshape(lens.size, -1)
+            found = np.flatnonzero(src_pos >= lens[:, None])
+            stale = torch.from_numpy(found).to(self.device) if found.size else None
+        return _Layout(
+            blocks=blocks,
+            width=width,
+            visible=torch.from_numpy(visible[:, None, None, :]).to(self.device),
+            stale=stale,
+        )
+
+    def prefill_blocks(self, seq: _PrefillSeq, first_block: int) -> torch.Tensor:
+        """Block ids [first_block, ceil(seq_len / BS)) of a prefill sequence (cached)."""
+        blocks = seq.blocks.get(first_block)
+        if blocks is None:
+            num_blocks = -(-seq.seq_len // self.block_size)
+            blocks = self.block_tables[seq.seq, first_block:num_blocks].long()
+            seq.blocks[first_block] = blocks
+        return blocks
+
+    def prefill_mask(self, seq: _PrefillSeq, window: int | None, lo: int) -> torch.Tensor:
+        """bool [query_len, seq_len - lo]: causal (and windowed) visibility (cached)."""
+        mask = seq.masks.get((window, lo))
+        if mask is None:
+            n = seq.end - seq.start
+            kpos = torch.arange(lo, seq.seq_len, device=self.device)[None, :]
+            qpos = torch.arange(seq.seq_len - n, seq.seq_len, device=self.device)[:, None]
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+            seq.masks[(window, lo)] = mask
+        return mask
 
 
 def _attend(
@@ -27,24 +274,21 @@ def _attend(
     soft_cap: float | None,
     sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Masked attention on dense tensors.
+    """Masked attention with soft-capping and/or sinks, as an explicit fp32 softmax.
 
     Args:
         q: [B, Hq, Q, D]; k, v: [B, Hk, L, D] (Hq % Hk == 0).
-        visible: bool [B, 1, Q, L]; every row must see at least one key.
+        visible: bool, broadcastable to [B, 1, Q, L]; every row must see at least one key.
         sinks: fp32 [Hq] or None.
 
     Returns:
         [B, Hq, Q, D] in q.dtype.
     """
-    if not soft_cap and sinks is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible, scale=scale, enable_gqa=True
-        )
     b, hq, nq, d = q.shape
     hk, seq = k.shape[1], k.shape[2]
     group = hq // hk
     kf, vf = k.float()[:, :, None], v.float()[:, :, None]  # [B, Hk, 1, L, D]
+    visible = visible.expand(b, 1, nq, seq)
     out = torch.empty_like(q)
     chunk = max(1, _MAX_LOGITS // max(1, b * hq * seq))
     for s in range(0, nq, chunk):
@@ -62,61 +306,99 @@ def _attend(
     return out
 
 
-def _gather_blocks(
-    cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int
-) -> torch.Tensor:
-    """[NB, BS, Hk, D] cache + [B, MB] tables -> [B, Hk, num_blocks * BS, D].
-
-    The caller slices off the tail past each sequence's length (it holds stale data).
-    """
-    ids = block_tables[:, :num_blocks].long()
-    gathered = cache[ids]  # [B, nb, BS, Hk, D]
-    b, nb, bs, hk, d = gathered.shape
-    return gathered.reshape(b, nb * bs, hk, d).transpose(1, 2)
-
-
-def _decode(
+def _decode_run(
+    plan: TorchAttentionPlan,
+    run: _DecodeRun,
     q: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    max_len: int,
     scale: float,
-    sliding_window: int | None,
+    window: int | None,
     soft_cap: float | None,
     sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One SDPA over all decode rows. q: [B, Hq, D] -> [B, Hq, D]."""
-    block_size = key_cache.shape[1]
-    lens = seq_lens.to(q.device).long()[:, None]  # [B, 1]
-    # Gather only what some row can see: the last `window` positions, else everything.
-    span = max_len if sliding_window is None else min(max_len, sliding_window)
-    first = (lens - span).clamp(min=0)
-    pos = first + torch.arange(span, device=q.device)[None, :]  # [B, span] absolute positions
-    visible = pos < lens
-    # NOTE: positions past a row's end are redirected to that row's first gathered position,
-    # which holds a real token. Unowned slots may hold stale data or NaN (torch.empty), and a
-    # NaN key or value poisons SDPA's sums even when its logit is masked.
-    pos = torch.where(visible, pos, first)
-    blocks = block_tables.long().gather(1, pos // block_size)
-    blocks = blocks.clamp(0, key_cache.shape[0] - 1)  # only matters for seq_len-0 rows
-    offsets = pos % block_size
-    # Two-index gather works for any cache strides; [B, span, Hk, D] -> [B, Hk, span, D].
-    k = key_cache[blocks, offsets].transpose(1, 2)
-    v = value_cache[blocks, offsets].transpose(1, 2)
-    # A seq_len-0 row (graph padding) would see nothing: let it see key 0, zero it afterwards.
-    empty = lens[:, 0] == 0
-    visible[:, 0] |= empty
-    out = _attend(q[:, :, None], k, v, visible[:, None, None], scale, soft_cap, sinks)[:, :, 0]
-    return out.masked_fill(empty[:, None, None], 0.0)
+    """Attention of one decode run: q [T, Hq, D] -> [n, Hq, D] for the run's rows."""
+    layout = plan.decode_layout(run, window)
+    n, length = run.seq_lens.size, layout.width * plan.block_size
+    hq, (hk, d) = q.shape[1], key_cache.shape[2:]
+    keys = plan.workspace.gather("k", key_cache, layout.blocks).view(n, length, hk, d)
+    values = plan.workspace.gather("v", value_cache, layout.blocks).view(n, length, hk, d)
+    if layout.stale is not None:
+        keys.view(-1, hk * d).index_fill_(0, layout.stale, 0)
+        values.view(-1, hk * d).index_fill_(0, layout.stale, 0)
+    qr = q[run.rows]
+    if soft_cap or sinks is not None:
+        out = _attend(
+            qr[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), layout.visible,
+            scale, soft_cap, sinks,
+        )  # fmt: skip
+        return out[:, :, 0]
+    # NOTE: query head j reads KV head j // G, so the G query heads of a KV head become G query
+    # rows of that head: GQA without expanding keys, and one mask row broadcast over them.
+    out = F.scaled_dot_product_attention(
+        qr.reshape(n, hk, hq // hk, d),
+        keys.transpose(1, 2),
+        values.transpose(1, 2),
+        attn_mask=layout.visible,
+        scale=scale,
+    )
+    return out.reshape(n, hq, d)
+
+
+def _prefill_seq(
+    plan: TorchAttentionPlan,
+    seq: _PrefillSeq,
+    q: torch.Tensor,
+    key_cache: torch.Tensor | None,
+    value_cache: torch.Tensor | None,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
+    scale: float,
+    window: int | None,
+    soft_cap: float | None,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of one sequence's queries: -> [query_len, Hq, D]."""
+    n, length = seq.end - seq.start, seq.seq_len
+    # NOTE: 4-D inputs: on CPU only those take SDPA's flash kernel (3-D falls back to the
+    # math path, several times slower on long prompts).
+    qi = q[seq.start : seq.end].transpose(0, 1)[None]
+    gqa = q.shape[1] != (key_cache if key_cache is not None else key).shape[-2]
+    plain = not soft_cap and sinks is None
+    # Keys before the first query's window are never visible: skip them.
+    lo = 0 if window is None else max(0, length - n - window + 1)
+    if length == n and key is not None:  # no cached prefix: this step's own keys
+        ki, vi = key[seq.start + lo : seq.end], value[seq.start + lo : seq.end]
+    elif key_cache is None:
+        raise ValueError("a sequence with a cached prefix needs the KV cache")
+    else:
+        first = lo // plan.block_size
+        blocks = plan.prefill_blocks(seq, first)
+        hk, d = key_cache.shape[2:]
+        a, b = lo - first * plan.block_size, length - first * plan.block_size
+        ki = plan.workspace.gather("k", key_cache, blocks).view(-1, hk, d)[a:b]
+        vi = plan.workspace.gather("v", value_cache, blocks).view(-1, hk, d)[a:b]
+    ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]
+    if plain and lo == 0 and length == n and (window is None or length <= window):
+        out = F.scaled_dot_product_attention(
+            qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    else:
+        mask = plan.prefill_mask(seq, window, lo)
+        if plain:
+            out = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
+        else:
+            out = _attend(qi, ki, vi, mask[None, None], scale, soft_cap, sinks)
+    return out[0].transpose(0, 1)
 
 
 def paged_attention_torch(
     q: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    key_cache: torch.Tensor | None,
+    value_cache: torch.Tensor | None,
+    block_tables: torch.Tensor | None,
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     scale: float,
@@ -125,6 +407,9 @@ def paged_attention_torch(
     soft_cap: float | None = None,
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    plan: TorchAttentionPlan | None = None,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal paged attention, torch path; contract of `reference.paged_attention_ref`.
 
@@ -132,41 +417,73 @@ def paged_attention_torch(
         q: [T, Hq, D]; key_cache, value_cache: [NB, BS, Hk, D]; block_tables: int [S, MB];
         seq_lens: int [S]; cu_seqlens_q: int [S + 1]; sinks: fp32 [Hq] or None.
         out: optional [T, Hq, D] buffer.
+        plan: this step's `TorchAttentionPlan` (shared by all layers); built here when None.
+        key, value: this step's new keys/values [T, Hk, D] (already written to the cache).
+            Optional: sequences without a cached prefix then attend over them directly. With
+            no cache at all (key_cache None) they are required, and every sequence must be
+            all new (seq_len == query_len).
 
     Returns:
-        [T, Hq, D]; rows not covered by cu_seqlens_q are zero (or untouched in `out`).
+        [T, Hq, D]; rows of seq_len-0 sequences are zero; rows not covered by cu_seqlens_q
+        are zero (or untouched in `out`).
     """
-    if out is None:
-        out = torch.zeros_like(q)
-    cu = cu_seqlens_q.tolist()  # host copies: the scheduler built these on the host anyway
-    lens = seq_lens.tolist()
-    query_lens = [cu[i + 1] - cu[i] for i in range(len(lens))]
-    block_size = key_cache.shape[1]
-
-    decode = [i for i, n in enumerate(query_lens) if n == 1]
-    if decode:
-        idx = torch.tensor(decode, device=q.device)
-        rows = torch.tensor([cu[i] for i in decode], device=q.device)
-        out[rows] = _decode(
-            q[rows], key_cache, value_cache, block_tables[idx], seq_lens[idx],
-            max(lens[i] for i in decode), scale, sliding_window, soft_cap, sinks,
+    if key_cache is None and key is None:
+        raise ValueError("paged_attention_torch needs key_cache or this step's key/value")
+    if plan is None:
+        plan = TorchAttentionPlan(
+            seq_lens, cu_seqlens_q, block_tables,
+            key_cache.shape[1] if key_cache is not None else None, device=q.device,
         )  # fmt: skip
-
-    for i, n in enumerate(query_lens):
-        if n <= 1:
-            continue
-        seq_len = lens[i]
-        # Keys before the first query's window are never visible: skip gathering them.
-        lo = 0 if sliding_window is None else max(0, seq_len - n - sliding_window + 1)
-        num_blocks = -(-seq_len // block_size)
-        k = _gather_blocks(key_cache, block_tables[i : i + 1], num_blocks)[:, :, lo:seq_len]
-        v = _gather_blocks(value_cache, block_tables[i : i + 1], num_blocks)[:, :, lo:seq_len]
-        pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
-        j = torch.arange(lo, seq_len, device=q.device)[None, :]
-        visible = j <= pos
-        if sliding_window is not None:
-            visible &= j > pos - sliding_window
-        qi = q[cu[i] : cu[i + 1]].transpose(0, 1)[None]  # [1, Hq, n, D]
-        o = _attend(qi, k, v, visible[None, None], scale, soft_cap, sinks)
-        out[cu[i] : cu[i + 1]] = o[0].transpose(0, 1)
+    if out is None:
+        covered = plan.first_row == 0 and plan.end_row == q.shape[0]
+        out = torch.empty_like(q) if covered else torch.zeros_like(q)
+    for start, end in plan.empty_rows:
+        out[start:end] = 0
+    features = (sliding_window, soft_cap, sinks)
+    for run in plan.decode_runs:
+        out[run.rows] = _decode_run(plan, run, q, key_cache, value_cache, scale, *features)
+    for seq in plan.prefills:
+        out[seq.start : seq.end] = _prefill_seq(
+            plan, seq, q, key_cache, value_cache, key, value, scale, *features
+        )
     return out
+
+
+def write_kv_cache_torch(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter key/value [T, Hk, D] into [NB, BS, Hk, D] caches at slot_mapping [T] (slot < 0
+    skips the token), in place; one index_copy_ per cache when the caches are contiguous.
+
+    NOTE: a token written at offset 0 starts its block: the block's other slots are zeroed
+    first, so the slots past a sequence's last token never hold what a previous owner of the
+    block left there (possibly inf or NaN). That is what `TorchAttentionPlan(clean_tails=True)`
+    relies on; it costs one small fill per new block.
+    """
+    block_size = key_cache.shape[1]
+    slots = slot_mapping.long()
+    if slots.device.type == "cpu":  # a few dozen indices: numpy beats torch's per-op overhead
+        host = slots.numpy()
+        if (host < 0).any():
+            keep = torch.from_numpy(host >= 0)
+            key, value, slots = key[keep], value[keep], slots[keep]
+            host = slots.numpy()
+        fresh = torch.from_numpy(host[host % block_size == 0] // block_size)
+    else:
+        if slots.numel() and bool((slots < 0).any()):
+            keep = slots >= 0
+            key, value, slots = key[keep], value[keep], slots[keep]
+        fresh = slots[slots % block_size == 0] // block_size
+    if fresh.numel():
+        key_cache[fresh, 1:] = 0
+        value_cache[fresh, 1:] = 0
+    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
+        write_kv_cache_ref(key, value, key_cache, value_cache, slots)
+        return
+    hk, d = key_cache.shape[2], key_cache.shape[3]
+    key_cache.view(-1, hk, d).index_copy_(0, slots, key.to(key_cache.dtype))
+    value_cache.view(-1, hk, d).index_copy_(0, slots, value.to(value_cache.dtype))

@@ -29,7 +29,7 @@ class WorkerConfig:
     kv_cache_memory: int | None = None
     """Bytes of KV cache on CPU; None means 2 GiB, capped to a share of free memory."""
     gpu_memory_utilization: float = 0.9
-    """Fraction of GPU memory this worker may use (weights, activations and KV cache)."""
+    """Fraction of GPU memory this worker may use: weights, activations, CUDA graphs (measured by a trial capture) and the KV cache, which gets the rest."""
     device: str = "auto"
     """Device: auto (cuda when available), cpu or cuda."""
     load_format: str = "auto"
@@ -41,7 +41,13 @@ class WorkerConfig:
     attention_backend: str = "auto"
     """Attention implementation: auto (triton on CUDA, torch otherwise), torch or triton."""
     enforce_eager: bool = False
-    """Never capture CUDA graphs."""
+    """Never capture CUDA graphs (CUDA only; a CPU worker always runs eagerly)."""
+    max_seq_len_to_capture: int = 8192
+    """CUDA only: longest context a CUDA-graph decode step covers (capped to max_model_len); a step whose longest sequence exceeds it runs eagerly."""
+    cuda_graph_sizes: list[int] | None = None
+    """CUDA only: decode batch sizes to capture as vLLM's --cuda-graph-sizes: one value N means 1, 2, 4 and multiples of 8 up to N, several are used as given; None: that pattern up to max_num_seqs."""
+    max_cudagraph_capture_size: int | None = None
+    """CUDA only: largest decode batch size captured (vLLM's --max-cudagraph-capture-size); None means 512, 0 captures nothing."""
     max_num_seqs: int = 256
     """Most requests in one step."""
     max_num_batched_tokens: int = 8192
@@ -79,6 +85,32 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
+        self._check_cuda_graph_fields()
+
+    def _check_cuda_graph_fields(self) -> None:
+        if self.max_seq_len_to_capture < 1:
+            raise ValueError(
+                f"max_seq_len_to_capture must be at least 1, got {self.max_seq_len_to_capture}"
+            )
+        if self.max_cudagraph_capture_size is not None and self.max_cudagraph_capture_size < 0:
+            raise ValueError(
+                "max_cudagraph_capture_size must be non-negative, got "
+                f"{self.max_cudagraph_capture_size}"
+            )
+        if self.cuda_graph_sizes is not None:
+            # The generated CLI hands list flags over as strings.
+            sizes = []
+            for size in self.cuda_graph_sizes:
+                try:
+                    sizes.append(int(str(size)))
+                except (TypeError, ValueError):
+                    sizes.append(None)
+            bad = [v for v, s in zip(self.cuda_graph_sizes, sizes, strict=True) if not s or s < 1]
+            if bad or not sizes:
+                raise ValueError(
+                    f"cuda_graph_sizes must be positive integers, got {self.cuda_graph_sizes!r}"
+                )
+            self.cuda_graph_sizes = sizes
 
     @property
     def is_first_rank(self) -> bool:

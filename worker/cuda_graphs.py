@@ -1,10 +1,12 @@
-"""CUDA-graph capture sizes and a runner that replays one graph per padded batch size.
+"""CUDA graphs for decode steps: capture sizes, a generic capture/replay runner, and
+`DecodeGraphs`, which runs a model slice's decode-only steps through it.
 
 Decode steps are launch-bound at small batch sizes: a graph replays the whole forward with one
 launch. Graphs have fixed shapes, so a handful of batch sizes is captured at start-up and a
-step of n sequences runs the smallest captured size >= n with the extra rows padded.
-Sizes and eager/graph choice follow vLLM's flags (`--enforce-eager`,
-`--max-seq-len-to-capture`, `--cuda-graph-sizes`).
+step of n sequences runs the smallest captured size >= n with the extra rows padded (seq_len 0
+and cache slot -1: they write nothing and read nothing). Sizes and the eager/graph choice
+follow vLLM's flags (`--enforce-eager`, `--max-seq-len-to-capture`, `--cuda-graph-sizes`,
+`--max-cudagraph-capture-size`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+
+from splitserve.worker.attention import AttentionBackend, AttentionMetadata, forward_context
+from splitserve.worker.pipeline import IntermediateTensors
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +88,25 @@ def should_run_eager(
     return batch_size > max(sizes) or max_seq_len > max_seq_len_to_capture
 
 
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _head(out: Outputs, n: int) -> Outputs:
+    if isinstance(out, torch.Tensor):
+        return out[:n]
+    return tuple(t[:n] for t in out)
+
+
 class CudaGraphRunner:
     """Capture `fn` once per batch size and replay it on padded inputs.
 
-    `fn(*inputs) -> Tensor` must take tensors whose dim 0 is the batch (plus a fixed offset:
-    an input of shape [B + k, ...], such as cu_seqlens with k = 1, is sliced to [s + k] for
-    size s) and must only do graph-safe work (no host syncs, no allocation-dependent Python
-    branching on values). Static input buffers hold the largest size; the graph of size s
-    reads their first s (+ k) rows, so all graphs share them.
+    `fn(*inputs)` returns a tensor or a tuple of tensors whose dim 0 is the batch. Its inputs'
+    dim 0 is the batch plus a fixed offset (an input of shape [B + k, ...], such as cu_seqlens
+    with k = 1, is sliced to [s + k] for size s); it must only do graph-safe work (no host
+    syncs, no Python branching on tensor values). Static input buffers hold the largest size;
+    the graph of size s reads their first s (+ k) rows, so all graphs share them. An input may
+    be narrower than its buffer past dim 0 (a block table of fewer columns): it fills the
+    leading corner, and `fn` must not read past what the rows' own lengths cover.
 
     Without CUDA (or before `capture`), `run` calls `fn` eagerly on the same padded buffers,
     which keeps the padding semantics testable anywhere.
@@ -98,7 +114,7 @@ class CudaGraphRunner:
 
     def __init__(
         self,
-        fn: Callable[..., torch.Tensor],
+        fn: Callable[..., Outputs],
         example_inputs: Sequence[torch.Tensor],
         sizes: Sequence[int],
         *,
@@ -113,7 +129,7 @@ class CudaGraphRunner:
         self.warmup_iters = warmup_iters
         self._init_static_inputs(example_inputs, pad_values)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, Outputs] = {}
         self.pool = None
 
     def _init_static_inputs(
@@ -176,14 +192,19 @@ class CudaGraphRunner:
         for src, dst, k, pad in zip(
             inputs, self.static_inputs, self.offsets, self.pad_values, strict=True
         ):
-            if src.shape[0] != n + k or src.shape[1:] != dst.shape[1:]:
+            if (
+                src.shape[0] != n + k
+                or src.dim() != dst.dim()
+                or any(a > b for a, b in zip(src.shape[1:], dst.shape[1:], strict=True))
+            ):
                 raise ValueError(f"input {tuple(src.shape)} does not fit buffer {tuple(dst.shape)}")
-            dst[: n + k].copy_(src, non_blocking=True)
+            corner = (slice(0, n + k), *(slice(0, d) for d in src.shape[1:]))
+            dst[corner].copy_(src, non_blocking=True)
             if size > n:
                 dst[n + k : size + k].fill_(pad)
         return n, size
 
-    def run(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> Outputs:
         """fn(*inputs) via the graph of the padded size; returns the first n output rows.
 
         NOTE: the result is a view of the graph's static output; it is overwritten by the next
@@ -196,4 +217,138 @@ class CudaGraphRunner:
         else:
             graph.replay()
             out = self.outputs[size]
-        return out[:n]
+        return _head(out, n)
+
+
+def _decode_forward(
+    model: torch.nn.Module,
+    backend: AttentionBackend,
+    max_seq_len: int,
+    is_last: bool,
+    max_size: int,
+    device: torch.device,
+) -> Callable[..., Outputs]:
+    """The captured function: a decode-only forward over fixed-shape metadata.
+
+    A closure rather than a method, so the graph runner holding it does not hold its owner
+    (no reference cycle keeps a dropped set of graphs, and their memory pool, alive).
+    """
+    query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)
+
+    def forward(
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *hidden: torch.Tensor,
+    ) -> Outputs:
+        n = input_ids.shape[0]
+        meta = AttentionMetadata(
+            n,
+            slot_mapping,
+            seq_lens=seq_lens,
+            query_start_loc=query_start_loc[: n + 1],
+            block_tables=block_tables,
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+        )
+        intermediate = IntermediateTensors(*hidden) if hidden else None
+        with forward_context(backend, meta):
+            out = model(input_ids, positions, intermediate)
+        return out if is_last else (out.hidden_states, out.residual)
+
+    return forward
+
+
+class DecodeGraphs:
+    """Decode-only steps of a model slice through a `CudaGraphRunner`.
+
+    The graph covers embedding (or the previous stage's tensors) to the final hidden states
+    (or the tensors for the next stage); logits and sampling stay outside, on the rows the
+    runner selects. Attention metadata is fixed-shape: query_start_loc is 0..B, max_seq_len the
+    capture cap, and the block tables are max_seq_len / block_size wide.
+
+    Args:
+        model: the model slice; `backend`: its attention backend (graph-safe: triton).
+        sizes: batch sizes to capture (see `capture_sizes`).
+        max_seq_len: longest context a graph covers (see `should_run_eager`).
+        hidden_size, dtype: of the activations passed between pipeline stages.
+        is_first, is_last: this rank's place in the pipeline.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: AttentionBackend,
+        sizes: Sequence[int],
+        *,
+        max_seq_len: int,
+        block_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        is_first: bool,
+        is_last: bool,
+    ) -> None:
+        self.sizes = sorted(set(sizes))
+        self.max_seq_len = max_seq_len
+        self.is_last = is_last
+        m = self.sizes[-1]
+        width = -(-max_seq_len // block_size)
+        examples = [
+            torch.zeros(m, dtype=torch.int64, device=device),  # input ids
+            torch.zeros(m, dtype=torch.int64, device=device),  # positions
+            torch.full((m,), -1, dtype=torch.int64, device=device),  # cache slots
+            torch.zeros(m, width, dtype=torch.int32, device=device),  # block tables
+            torch.zeros(m, dtype=torch.int32, device=device),  # seq lens
+        ]
+        pads = [0, 0, -1, 0, 0]
+        if not is_first:
+            # the previous stage's hidden states and residual
+            examples += [torch.zeros(m, hidden_size, dtype=dtype, device=device) for _ in range(2)]
+            pads += [0, 0]
+        forward = _decode_forward(model, backend, max_seq_len, is_last, m, device)
+        self.runner = CudaGraphRunner(forward, examples, self.sizes, pad_values=pads)
+
+    def can_run(self, num_seqs: int, max_query_len: int, max_seq_len: int) -> bool:
+        """Whether a step replays a graph: decodes only, and within the captured sizes."""
+        return max_query_len == 1 and not should_run_eager(
+            num_seqs, max_seq_len, self.sizes, self.max_seq_len, enforce_eager=False
+        )
+
+    def capture(self) -> None:
+        """Capture every size (CUDA only)."""
+        self.runner.capture()
+
+    def run(
+        self,
+        attn: AttentionMetadata,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """The model's output for a decode-only step (see `can_run`), through the graph of
+        the padded batch size: hidden states [n, H] on the last rank, else the
+        IntermediateTensors for the next one (copied out of the graph's static buffers)."""
+        inputs = [input_ids, positions, attn.slot_mapping, attn.block_tables, attn.seq_lens]
+        if intermediate is not None:
+            inputs += [intermediate.hidden_states, intermediate.residual]
+        out = self.runner.run(*inputs)
+        if self.is_last:
+            return out
+        hidden, residual = out
+        return IntermediateTensors(hidden.clone(), residual.clone())
+
+
+def measure_capture_memory(graphs: DecodeGraphs, device: torch.device) -> int:
+    """Device bytes a capture of `graphs` keeps reserved (its memory pool and static buffers):
+    the growth of reserved memory across the capture, with the allocator's free cache (the
+    side-stream warm-up's) released on both ends. CUDA only."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(device)
+    graphs.capture()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return max(0, torch.cuda.memory_reserved(device) - before)

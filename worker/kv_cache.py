@@ -50,13 +50,19 @@ def _available_cpu_memory() -> int | None:
 
 
 def available_kv_bytes(
-    config: WorkerConfig, device: torch.device, profile: Callable[[], int] | None = None
+    config: WorkerConfig,
+    device: torch.device,
+    profile: Callable[[], int] | None = None,
+    reserved: int = 0,
 ) -> int:
     """Bytes this rank can give to the KV cache.
 
     CPU: `kv_cache_memory`, or 2 GiB capped to half the available memory. CUDA:
     gpu_memory_utilization * total - peak memory of `profile` (weights + a forward of
-    max_num_batched_tokens, which `profile` runs and returns the peak of).
+    max_num_batched_tokens, which `profile` runs and returns the peak of) - `reserved`, the
+    memory kept outside that peak for good: the CUDA graphs' pool and static buffers, which the
+    runner measures with a trial capture before the cache exists and captures for real after
+    it is allocated.
     """
     if device.type != "cuda":
         if config.kv_cache_memory is not None:
@@ -66,12 +72,12 @@ def available_kv_bytes(
         return min(DEFAULT_CPU_KV_BYTES, cap)
     total = torch.cuda.get_device_properties(device).total_memory
     peak = profile() if profile is not None else torch.cuda.max_memory_allocated(device)
-    budget = int(config.gpu_memory_utilization * total) - peak
+    budget = int(config.gpu_memory_utilization * total) - peak - reserved
     if budget <= 0:
         raise ValueError(
             f"no memory left for the KV cache: gpu_memory_utilization "
-            f"{config.gpu_memory_utilization} of {total} bytes is {budget + peak}, "
-            f"and the model with activations peaks at {peak}"
+            f"{config.gpu_memory_utilization} of {total} bytes is {budget + peak + reserved}, "
+            f"the model with activations peaks at {peak} and CUDA graphs hold {reserved}"
         )
     return budget
 

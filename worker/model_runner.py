@@ -11,6 +11,7 @@ requests, go through lm_head.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -23,12 +24,12 @@ from splitserve.protos import common_pb2, worker_pb2
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
     AttentionMetadata,
-    PrefillSeq,
     TorchAttentionBackend,
     forward_context,
     get_attention_backend,
 )
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_capture_memory
 from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.model_loader import load_model
 from splitserve.worker.pipeline import IntermediateTensors
@@ -68,6 +69,7 @@ class ModelRunner:
         self.kv_cache: kv.KVCache | None = None
         self.batch: InputBatch | None = None
         self.block_size = 0
+        self.graphs: DecodeGraphs | None = None
 
     def _init_model(self) -> None:
         loaded = load_model(self.config)
@@ -93,12 +95,17 @@ class ModelRunner:
         """Model facts and the KV memory this rank can give, for `block_size`."""
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
-        profile = self._profile_peak_memory if self.device.type == "cuda" else None
-        available = (
-            self.kv_cache.nbytes
-            if self.kv_cache is not None
-            else kv.available_kv_bytes(self.config, self.device, profile)
-        )
+        if self.kv_cache is not None:
+            available = self.kv_cache.nbytes
+        elif self.device.type == "cuda":
+            available = kv.available_kv_bytes(
+                self.config,
+                self.device,
+                self._profile_peak_memory,
+                reserved=self._graph_memory(block_size),
+            )
+        else:
+            available = kv.available_kv_bytes(self.config, self.device)
         return worker_pb2.DescribeResponse(
             rank=self.config.rank,
             world_size=self.config.pipeline_parallel_size,
@@ -113,6 +120,7 @@ class ModelRunner:
     def initialize_cache(self, num_blocks: int, block_size: int) -> float:
         """Allocate the KV cache and warm up with a dummy step; returns the seconds spent."""
         start = time.perf_counter()
+        self.graphs = None  # captured against the old cache
         if self.kv_cache is not None:
             self.kv_cache.unbind()
             self.kv_cache = None
@@ -128,6 +136,7 @@ class ModelRunner:
             max_logprobs=min(self.config.max_logprobs, self.vocab_size),
         )
         self._warm_up()
+        self._capture_graphs()
         seconds = time.perf_counter() - start
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), ready in %.2fs",
@@ -162,6 +171,78 @@ class ModelRunner:
             self.execute(step, self._dummy_intermediate(length if i == 0 else 1))
         self.batch.remove("__warmup__")
 
+    # ------------------------------------------------------------------ CUDA graphs
+
+    def graph_sizes(self) -> list[int]:
+        """Decode batch sizes to capture; empty unless graphs run here: CUDA, no
+        enforce_eager, and the (graph-safe) triton attention backend."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return []
+        if self.backend.name != "triton":
+            logger.info("CUDA graphs need the triton attention backend; decoding eagerly")
+            return []
+        return capture_sizes(
+            self.config.max_num_seqs,
+            self.config.cuda_graph_sizes,
+            self.config.max_cudagraph_capture_size,
+        )
+
+    def make_decode_graphs(self, sizes: list[int], block_size: int) -> DecodeGraphs:
+        """Decode graphs over this rank's model, not yet captured (uncaptured, they run the
+        padded batch eagerly: the same rows a graph would compute)."""
+        return DecodeGraphs(
+            self.model,
+            self.backend,
+            sizes,
+            max_seq_len=min(self.config.max_seq_len_to_capture, self.max_model_len),
+            block_size=block_size,
+            hidden_size=self.loaded.hf_config.hidden_size,
+            dtype=self.dtype,
+            device=self.device,
+            is_first=self.is_first,
+            is_last=self.is_last,
+        )
+
+    def _capture_graphs(self) -> None:
+        sizes = self.graph_sizes()
+        if not sizes:
+            return
+        start, before = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        graphs = self.make_decode_graphs(sizes, self.block_size)
+        graphs.capture()
+        self.graphs = graphs
+        logger.info(
+            "CUDA graphs: %d decode batch sizes up to %d, contexts up to %d, %.1f MiB, %.1fs",
+            len(sizes),
+            sizes[-1],
+            graphs.max_seq_len,
+            (torch.cuda.memory_reserved(self.device) - before) / 2**20,
+            time.perf_counter() - start,
+        )
+
+    def _graph_memory(self, block_size: int) -> int:
+        """Bytes the decode graphs will keep, for the KV budget: a trial capture of the
+        largest size on a one-block cache (the smaller graphs reuse its memory pool), plus the
+        output rows each further graph keeps."""
+        sizes = self.graph_sizes()
+        if not sizes:
+            return 0
+        trial = kv.KVCache(self.model, 1, block_size, self.dtype, self.device)
+        try:
+            used = measure_capture_memory(
+                self.make_decode_graphs(sizes[-1:], block_size), self.device
+            )
+        finally:
+            trial.unbind()
+            del trial
+            gc.collect()  # release the trial graphs and their memory pool before measuring on
+            torch.cuda.empty_cache()
+        item = torch.empty((), dtype=self.dtype).element_size()
+        per_row = self.loaded.hf_config.hidden_size * item * (1 if self.is_last else 2)
+        reserved = used + sum(sizes[:-1]) * per_row
+        logger.info("CUDA graphs will hold about %.1f MiB", reserved / 2**20)
+        return reserved
+
     def _dummy_intermediate(self, num_tokens: int) -> IntermediateTensors | None:
         if self.is_first:
             return None
@@ -186,13 +267,19 @@ class ModelRunner:
         )
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.max_model_len
-        seqs, start = [], 0
-        while start < num_tokens:  # sequences no longer than the context
-            n = min(self.max_model_len, num_tokens - start)
-            seqs.append(PrefillSeq(start, n, n, None))
-            start += n
-        meta = AttentionMetadata(num_tokens, None, 0, prefills=seqs)
-        # No cache exists yet, and the kernels read keys from it: profile with SDPA.
+        # Sequences no longer than the context, each all new.
+        lens = [self.max_model_len] * (num_tokens // self.max_model_len)
+        lens += [num_tokens % self.max_model_len] if num_tokens % self.max_model_len else []
+        cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+        meta = AttentionMetadata(
+            num_tokens,
+            None,
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            query_start_loc=torch.from_numpy(cu).to(self.device),
+            max_query_len=max(lens),
+            max_seq_len=max(lens),
+        )
+        # No cache exists yet, and the kernels read keys from it: profile with the torch path.
         with forward_context(TorchAttentionBackend(), meta):
             out = self.model(input_ids, positions, self._dummy_intermediate(num_tokens))
         if self.is_last:
@@ -218,8 +305,7 @@ class ModelRunner:
             if not self.is_last:
                 return self._empty_intermediate()
             return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
-        with forward_context(self.backend, plan.attn):
-            out = self.model(plan.input_ids, plan.positions, intermediate)
+        out = self._forward(plan, intermediate)
         batch.num_computed[plan.rows] = plan.ends
         if not self.is_last:
             return out
@@ -227,6 +313,18 @@ class ModelRunner:
             return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
         logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
         return self._sample(step, plan, logits, errors)
+
+    def _forward(
+        self, plan: StepPlan, intermediate: IntermediateTensors | None
+    ) -> torch.Tensor | IntermediateTensors:
+        """The model over the step: a graph replay for decode-only steps that fit one."""
+        attn, graphs = plan.attn, self.graphs
+        if graphs is not None and graphs.can_run(
+            plan.rows.size, attn.max_query_len, attn.max_seq_len
+        ):
+            return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
+        with forward_context(self.backend, attn):
+            return self.model(plan.input_ids, plan.positions, intermediate)
 
     def _empty_intermediate(self) -> IntermediateTensors:
         hidden = self.loaded.hf_config.hidden_size
@@ -321,27 +419,16 @@ class ModelRunner:
         slots = (
             batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         )
-        num_decodes = int(np.count_nonzero(q == 1))
         width = math.ceil(int(ends.max()) / bs)
-        tables = torch.from_numpy(batch.block_table[rows, :width]).to(device)
         attn = AttentionMetadata(
             num_tokens,
             torch.from_numpy(slots).to(device),
-            num_decodes,
-            block_tables=tables,
             seq_lens=torch.from_numpy(ends.astype(np.int32)).to(device),
             query_start_loc=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)).to(device),
+            block_tables=torch.from_numpy(batch.block_table[rows, :width]).to(device),
             max_query_len=int(q.max()),
             max_seq_len=int(ends.max()),
         )
-        if num_decodes:
-            decode_width = math.ceil(int(ends[:num_decodes].max()) / bs)
-            attn.decode_block_tables = tables[:num_decodes, :decode_width]
-            attn.decode_seq_lens = attn.seq_lens[:num_decodes]
-        for i in range(num_decodes, rows.size):
-            start, end = int(starts[i]), int(ends[i])
-            blocks = tables[i, : math.ceil(end / bs)] if start > 0 else None
-            attn.prefills.append(PrefillSeq(int(offsets[i]), end - start, end, blocks))
         sampling = ends == batch.num_tokens[rows]
         indices = cu[sampling] - 1
         prompt_chunks, targets = self._prompt_logprob_positions(

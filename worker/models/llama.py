@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 from splitserve.worker.attention import Attention
-from splitserve.worker.layers import RMSNorm, SiluAndMul
+from splitserve.worker.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
 from splitserve.worker.linear import GateUpLinear, QKVLinear
 from splitserve.worker.pipeline import IntermediateTensors
-from splitserve.worker.rotary import RotaryEmbedding, rope_parameters
 
 
 def head_dim_of(config: Any) -> int:
@@ -65,11 +64,11 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         num_tokens, d = qkv.shape[0], self.head_dim
-        # q and k sit side by side in qkv: rotate both heads' sets in one pass.
-        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, d)
-        qk = self.rotary_emb(positions, qk)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, d)
+        qk_end = self.q_size + self.kv_size
+        q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, d)
+        k = qkv[:, self.q_size : qk_end].view(num_tokens, self.num_kv_heads, d)
+        v = qkv[:, qk_end:].view(num_tokens, self.num_kv_heads, d)
+        q, k = self.rotary_emb(positions, q, k)  # in place, in qkv
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -164,10 +163,9 @@ class LlamaModel(nn.Module):
         else:
             if intermediate is None:
                 raise ValueError("a non-first pipeline rank needs the previous rank's tensors")
-            # The first layer adds into hidden_states in place: keep the sender's tensor intact.
+            # The first norm consumes hidden_states: keep the sender's tensor intact.
             hidden_states = intermediate.hidden_states.clone()
             residual = intermediate.residual
-        self.rotary_emb.prepare(positions, hidden_states.dtype)
         for i in range(self.start_layer, self.end_layer):
             hidden_states, residual = self.layers[i](positions, hidden_states, residual)
         if self.norm is None:
