@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from splitserve.grpc_errors import ErrorInterceptor
 from splitserve.protos import worker_pb2, worker_pb2_grpc
 from splitserve.worker.config import WorkerConfig
 
@@ -29,56 +29,6 @@ MAX_MESSAGE_BYTES = 512 << 20
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class ExceptionInterceptor(grpc.aio.ServerInterceptor):
-    """Turns an unexpected exception in any handler into INTERNAL, logging its traceback."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            behavior = getattr(handler, kind)
-            if behavior is not None:
-                factory = getattr(grpc, f"{kind}_rpc_method_handler")
-                return factory(
-                    _guard(behavior, method),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
-
-
-def _guard(behavior, method: str):
-    async def fail(context, exc: Exception) -> None:
-        logger.exception("%s failed", method)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request, context):
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:
-                await fail(context, exc)
-
-        return stream
-
-    async def call(request, context):
-        try:
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            await fail(context, exc)
-
-    return call
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
@@ -171,7 +121,7 @@ async def run_worker(
 
     loop = asyncio.get_running_loop()
     server = grpc.aio.server(
-        interceptors=[ExceptionInterceptor()],
+        interceptors=[ErrorInterceptor()],
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
