@@ -82,3 +82,25 @@ class TokenLogprobs(_message.Message):
     top_token_ids: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GrammarSpec(_message.Message):
+    __slots__ = ("kind", "spec", "backend", "whitespace_pattern")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    WHITESPACE_PATTERN_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    spec: str
+    backend: str
+    whitespace_pattern: str
+    def __init__(self, kind: _Optional[str] = ..., spec: _Optional[str] = ..., backend: _Optional[str] = ..., whitespace_pattern: _Optional[str] = ...) -> None: ...
+
+class CompiledGrammar(_message.Message):
+    __slots__ = ("handle", "backend", "compiled")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    backend: str
+    compiled: bytes
+    def __init__(self, handle: _Optional[str] = ..., backend: _Optional[str] = ..., compiled: _Optional[bytes] = ...) -> None: ...

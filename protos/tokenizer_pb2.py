@@ -22,43 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitserve/protos/tokenizer.proto\x12\x17splitserve.tokenizer.v1\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"&\n\x11\x44\x65\x63odeEachRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"9\n\x12\x44\x65\x63odeEachResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x03(\x0c\"\x8e\x01\n\x0f\x44\x65tokenizeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x05 \x01(\x08\"\x91\x01\n\x17\x44\x65tokenizeStreamRequest\x12\x39\n\x05start\x18\x01 \x01(\x0b\x32(.splitserve.tokenizer.v1.DetokenizeStartH\x00\x12\x33\n\x06tokens\x18\x02 \x01(\x0b\x32!.splitserve.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"_\n\x18\x44\x65tokenizeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07stopped\x18\x02 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\x12\x0f\n\x07\x66lushed\x18\x04 \x01(\x08\"\x8c\x02\n\x18\x41pplyChatTemplateRequest\x12\x15\n\rmessages_json\x18\x01 \x01(\t\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1a\n\rchat_template\x18\x04 \x01(\tH\x00\x88\x01\x01\x12&\n\x19\x63hat_template_kwargs_json\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x17\n\ntools_json\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x10\n\x0e_chat_templateB\x1c\n\x1a_chat_template_kwargs_jsonB\r\n\x0b_tools_json\">\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x19\n\x17GetTokenizerInfoRequest\"x\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x62os_token_id\x18\x03 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x0c\n\x04name\x18\x05 \x01(\t2\xa8\x05\n\x10TokenizerService\x12_\n\x08Tokenize\x12(.splitserve.tokenizer.v1.TokenizeRequest\x1a).splitserve.tokenizer.v1.TokenizeResponse\x12\x65\n\nDetokenize\x12*.splitserve.tokenizer.v1.DetokenizeRequest\x1a+.splitserve.tokenizer.v1.DetokenizeResponse\x12{\n\x10\x44\x65tokenizeStream\x12\x30.splitserve.tokenizer.v1.DetokenizeStreamRequest\x1a\x31.splitserve.tokenizer.v1.DetokenizeStreamResponse(\x01\x30\x01\x12z\n\x11\x41pplyChatTemplate\x12\x31.splitserve.tokenizer.v1.ApplyChatTemplateRequest\x1a\x32.splitserve.tokenizer.v1.ApplyChatTemplateResponse\x12\x65\n\nDecodeEach\x12*.splitserve.tokenizer.v1.DecodeEachRequest\x1a+.splitserve.tokenizer.v1.DecodeEachResponse\x12l\n\x10GetTokenizerInfo\x12\x30.splitserve.tokenizer.v1.GetTokenizerInfoRequest\x1a&.splitserve.tokenizer.v1.TokenizerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitserve/protos/tokenizer.proto\x12\x17splitserve.tokenizer.v1\x1a\x1esplitserve/protos/common.proto\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"&\n\x11\x44\x65\x63odeEachRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"9\n\x12\x44\x65\x63odeEachResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x03(\x0c\"\x8e\x01\n\x0f\x44\x65tokenizeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x05 \x01(\x08\"\x91\x01\n\x17\x44\x65tokenizeStreamRequest\x12\x39\n\x05start\x18\x01 \x01(\x0b\x32(.splitserve.tokenizer.v1.DetokenizeStartH\x00\x12\x33\n\x06tokens\x18\x02 \x01(\x0b\x32!.splitserve.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"_\n\x18\x44\x65tokenizeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07stopped\x18\x02 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\x12\x0f\n\x07\x66lushed\x18\x04 \x01(\x08\"\x8c\x02\n\x18\x41pplyChatTemplateRequest\x12\x15\n\rmessages_json\x18\x01 \x01(\t\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1a\n\rchat_template\x18\x04 \x01(\tH\x00\x88\x01\x01\x12&\n\x19\x63hat_template_kwargs_json\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x17\n\ntools_json\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x10\n\x0e_chat_templateB\x1c\n\x1a_chat_template_kwargs_jsonB\r\n\x0b_tools_json\">\n\x19\x41pplyChatTemplateResponse\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x19\n\x17GetTokenizerInfoRequest\"x\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x62os_token_id\x18\x03 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x0c\n\x04name\x18\x05 \x01(\t\"e\n\x15\x43ompileGrammarRequest\x12\x32\n\x07grammar\x18\x01 \x01(\x0b\x32!.splitserve.common.v1.GrammarSpec\x12\x18\n\x10include_compiled\x18\x02 \x01(\x08\"|\n\x16\x43ompileGrammarResponse\x12\x36\n\x07grammar\x18\x01 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammar\x12\x17\n\x0f\x63ompile_seconds\x18\x02 \x01(\x02\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x32\x9b\x06\n\x10TokenizerService\x12_\n\x08Tokenize\x12(.splitserve.tokenizer.v1.TokenizeRequest\x1a).splitserve.tokenizer.v1.TokenizeResponse\x12\x65\n\nDetokenize\x12*.splitserve.tokenizer.v1.DetokenizeRequest\x1a+.splitserve.tokenizer.v1.DetokenizeResponse\x12{\n\x10\x44\x65tokenizeStream\x12\x30.splitserve.tokenizer.v1.DetokenizeStreamRequest\x1a\x31.splitserve.tokenizer.v1.DetokenizeStreamResponse(\x01\x30\x01\x12z\n\x11\x41pplyChatTemplate\x12\x31.splitserve.tokenizer.v1.ApplyChatTemplateRequest\x1a\x32.splitserve.tokenizer.v1.ApplyChatTemplateResponse\x12\x65\n\nDecodeEach\x12*.splitserve.tokenizer.v1.DecodeEachRequest\x1a+.splitserve.tokenizer.v1.DecodeEachResponse\x12l\n\x10GetTokenizerInfo\x12\x30.splitserve.tokenizer.v1.GetTokenizerInfoRequest\x1a&.splitserve.tokenizer.v1.TokenizerInfo\x12q\n\x0e\x43ompileGrammar\x12..splitserve.tokenizer.v1.CompileGrammarRequest\x1a/.splitserve.tokenizer.v1.CompileGrammarResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.protos.tokenizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIZEREQUEST']._serialized_start=62
-  _globals['_TOKENIZEREQUEST']._serialized_end=121
-  _globals['_TOKENIZERESPONSE']._serialized_start=123
-  _globals['_TOKENIZERESPONSE']._serialized_end=160
-  _globals['_DETOKENIZEREQUEST']._serialized_start=162
-  _globals['_DETOKENIZEREQUEST']._serialized_end=229
-  _globals['_DETOKENIZERESPONSE']._serialized_start=231
-  _globals['_DETOKENIZERESPONSE']._serialized_end=265
-  _globals['_DECODEEACHREQUEST']._serialized_start=267
-  _globals['_DECODEEACHREQUEST']._serialized_end=305
-  _globals['_DECODEEACHRESPONSE']._serialized_start=307
-  _globals['_DECODEEACHRESPONSE']._serialized_end=364
-  _globals['_DETOKENIZESTART']._serialized_start=367
-  _globals['_DETOKENIZESTART']._serialized_end=509
-  _globals['_DETOKENIZESTREAMREQUEST']._serialized_start=512
-  _globals['_DETOKENIZESTREAMREQUEST']._serialized_end=657
-  _globals['_TOKENIDS']._serialized_start=659
-  _globals['_TOKENIDS']._serialized_end=688
-  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_start=690
-  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_end=785
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=788
-  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=1056
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=1058
-  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1120
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=1122
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=1147
-  _globals['_TOKENIZERINFO']._serialized_start=1149
-  _globals['_TOKENIZERINFO']._serialized_end=1269
-  _globals['_TOKENIZERSERVICE']._serialized_start=1272
-  _globals['_TOKENIZERSERVICE']._serialized_end=1952
+  _globals['_TOKENIZEREQUEST']._serialized_start=94
+  _globals['_TOKENIZEREQUEST']._serialized_end=153
+  _globals['_TOKENIZERESPONSE']._serialized_start=155
+  _globals['_TOKENIZERESPONSE']._serialized_end=192
+  _globals['_DETOKENIZEREQUEST']._serialized_start=194
+  _globals['_DETOKENIZEREQUEST']._serialized_end=261
+  _globals['_DETOKENIZERESPONSE']._serialized_start=263
+  _globals['_DETOKENIZERESPONSE']._serialized_end=297
+  _globals['_DECODEEACHREQUEST']._serialized_start=299
+  _globals['_DECODEEACHREQUEST']._serialized_end=337
+  _globals['_DECODEEACHRESPONSE']._serialized_start=339
+  _globals['_DECODEEACHRESPONSE']._serialized_end=396
+  _globals['_DETOKENIZESTART']._serialized_start=399
+  _globals['_DETOKENIZESTART']._serialized_end=541
+  _globals['_DETOKENIZESTREAMREQUEST']._serialized_start=544
+  _globals['_DETOKENIZESTREAMREQUEST']._serialized_end=689
+  _globals['_TOKENIDS']._serialized_start=691
+  _globals['_TOKENIDS']._serialized_end=720
+  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_start=722
+  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_end=817
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_start=820
+  _globals['_APPLYCHATTEMPLATEREQUEST']._serialized_end=1088
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_start=1090
+  _globals['_APPLYCHATTEMPLATERESPONSE']._serialized_end=1152
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=1154
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=1179
+  _globals['_TOKENIZERINFO']._serialized_start=1181
+  _globals['_TOKENIZERINFO']._serialized_end=1301
+  _globals['_COMPILEGRAMMARREQUEST']._serialized_start=1303
+  _globals['_COMPILEGRAMMARREQUEST']._serialized_end=1404
+  _globals['_COMPILEGRAMMARRESPONSE']._serialized_start=1406
+  _globals['_COMPILEGRAMMARRESPONSE']._serialized_end=1530
+  _globals['_TOKENIZERSERVICE']._serialized_start=1533
+  _globals['_TOKENIZERSERVICE']._serialized_end=2328
 # @@protoc_insertion_point(module_scope)

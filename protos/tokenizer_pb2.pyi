@@ -1,3 +1,4 @@
+from splitserve.protos import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -129,3 +130,21 @@ class TokenizerInfo(_message.Message):
     has_chat_template: bool
     name: str
     def __init__(self, vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CompileGrammarRequest(_message.Message):
+    __slots__ = ("grammar", "include_compiled")
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_COMPILED_FIELD_NUMBER: _ClassVar[int]
+    grammar: _common_pb2.GrammarSpec
+    include_compiled: bool
+    def __init__(self, grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., include_compiled: _Optional[bool] = ...) -> None: ...
+
+class CompileGrammarResponse(_message.Message):
+    __slots__ = ("grammar", "compile_seconds", "cache_hit")
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    grammar: _common_pb2.CompiledGrammar
+    compile_seconds: float
+    cache_hit: bool
+    def __init__(self, grammar: _Optional[_Union[_common_pb2.CompiledGrammar, _Mapping]] = ..., compile_seconds: _Optional[float] = ..., cache_hit: _Optional[bool] = ...) -> None: ...

@@ -65,6 +65,11 @@ class TokenizerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.TokenizerInfo.FromString,
                 _registered_method=True)
+        self.CompileGrammar = channel.unary_unary(
+                '/splitserve.tokenizer.v1.TokenizerService/CompileGrammar',
+                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServiceServicer:
@@ -115,6 +120,15 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompileGrammar(self, request, context):
+        """Compile a structured-output constraint (cached by handle). A bad constraint or a schema
+        feature the backend cannot enforce is INVALID_ARGUMENT naming the problem; a compile that
+        runs past the time limit is DEADLINE_EXCEEDED; a full compile pool is RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.GetTokenizerInfo,
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.TokenizerInfo.SerializeToString,
+            ),
+            'CompileGrammar': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompileGrammar,
+                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +331,33 @@ class TokenizerService:
             '/splitserve.tokenizer.v1.TokenizerService/GetTokenizerInfo',
             splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.SerializeToString,
             splitserve_dot_protos_dot_tokenizer__pb2.TokenizerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompileGrammar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.tokenizer.v1.TokenizerService/CompileGrammar',
+            splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
+            splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
             options,
             channel_credentials,
             insecure,
