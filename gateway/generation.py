@@ -44,6 +44,10 @@ class Deadline:
             return None
         return max(0.001, self._at - time.monotonic())
 
+    def expired(self) -> bool:
+        """Whether the deadline has passed (a DEADLINE_EXCEEDED then is the gateway's own)."""
+        return self._at is not None and time.monotonic() >= self._at
+
 
 @dataclass(slots=True)
 class SequenceSpec:
@@ -59,6 +63,8 @@ class SequenceSpec:
     want_logprobs: bool = False
     want_prompt_logprobs: bool = False
     priority: int = 0
+    grammar: common_pb2.GrammarSpec | None = None
+    """The structured-output constraint, when the request has one."""
 
 
 @dataclass(slots=True)
@@ -99,6 +105,7 @@ async def run_sequence(
             prompt_token_ids=spec.prompt_token_ids,
             sampling_params=spec.sampling,
             priority=spec.priority,
+            grammar=spec.grammar,
         ),
         timeout=deadline.remaining(),
     )

@@ -119,11 +119,14 @@ class SamplingFields(RequestModel):
     prompt_logprobs: Int | None = None
     priority: Int32 = 0
     truncate_prompt_tokens: Int | None = None
-    guided_json: Any | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    # Structured outputs (gateway/structured.py checks the shapes, naming the field).
     structured_outputs: Any | None = None
+    guided_json: Any | None = None
+    guided_regex: Any | None = None
+    guided_choice: Any | None = None
+    guided_grammar: Any | None = None
+    guided_decoding_backend: Any | None = None
+    guided_whitespace_pattern: Any | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -14,6 +14,7 @@ from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import SequenceSpec
 from splitserve.gateway.protocol import SamplingFields
+from splitserve.protos import common_pb2
 from splitserve.sampling_params import SamplingParams, validate
 
 _INT64_MIN, _INT64_SPAN = -(2**63), 2**64
@@ -52,24 +53,6 @@ class Limits:
             config.max_stop_string_chars,
             config.max_tokens_default,
         )
-
-
-def check_unsupported(req: SamplingFields) -> None:
-    """Fields we accept in the schema but cannot serve yet: a clear 400, never silence."""
-    fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
-        raise bad_request(
-            f"response_format type '{fmt.type}' is not supported by this server", "response_format"
-        )
-    for name in (
-        "guided_json",
-        "guided_regex",
-        "guided_choice",
-        "guided_grammar",
-        "structured_outputs",
-    ):
-        if getattr(req, name) is not None:
-            raise bad_request(f"{name} is not supported by this server", name)
 
 
 def check_stream_fields(req: SamplingFields) -> None:
@@ -239,9 +222,11 @@ def sequence_specs(
     max_tokens: list[int],
     sampling: SamplingParams,
     priority: int,
+    grammar: common_pb2.GrammarSpec | None = None,
 ) -> list[SequenceSpec]:
     """prompt_index * n + i for every prompt and every i < n; with a seed, sequence i uses
-    seed + i, so the n sequences differ yet are reproducible."""
+    seed + i, so the n sequences differ yet are reproducible. Every sequence carries the
+    request's constraint."""
     specs = []
     n = sampling.n
     want_logprobs = sampling.logprobs is not None
@@ -270,6 +255,7 @@ def sequence_specs(
                     want_logprobs=want_logprobs,
                     want_prompt_logprobs=want_prompt,
                     priority=priority,
+                    grammar=grammar,
                 )
             )
     return specs

@@ -21,7 +21,6 @@ from splitserve.gateway.sampling import (
     check_n,
     check_stream_fields,
     check_token_ids,
-    check_unsupported,
     resolve_max_tokens,
     sequence_specs,
     stop_strings,
@@ -29,6 +28,8 @@ from splitserve.gateway.sampling import (
 )
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import sse
+from splitserve.gateway.structured import compile_constraint, resolve_constraint
+from splitserve.gateway.tool_calls import ToolCallParser, ToolMode, tool_constraint
 from splitserve.protos import tokenizer_pb2
 
 
@@ -100,8 +101,16 @@ class ChatService(ServingBase):
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
         model = self.check_model(req.model)
-        check_unsupported(req)
         check_stream_fields(req)
+        tool = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls)
+        tool_mode = tool[0] if tool is not None else None
+        constraint = resolve_constraint(req, [tool[1]] if tool is not None else None)
+        if tool_mode is not None and req.echo:
+            raise bad_request(
+                "echo cannot be combined with forced tool calls (tool_choice 'required' or a "
+                "named function)",
+                "echo",
+            )
         limits = self.limits()
         n = check_n(req, limits)
         top = req.top_logprobs
@@ -113,10 +122,6 @@ class ChatService(ServingBase):
                 )
             if top > 0 and not req.logprobs:
                 raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        if req.tool_choice not in (None, "none"):
-            raise bad_request(
-                "tool_choice other than 'none' is not supported by this server", "tool_choice"
-            )
         max_param = (
             "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         )
@@ -134,6 +139,8 @@ class ChatService(ServingBase):
             aliases={"max_tokens": max_param, "logprobs": "top_logprobs"},
         )
         deadline = self.deadline()
+        if constraint is not None:
+            await compile_constraint(self.clients, constraint, deadline)
         rendered = await apply_chat_template(
             self.clients,
             req.messages,
@@ -148,12 +155,19 @@ class ChatService(ServingBase):
         check_token_ids(ids, limits, "messages")
         max_tokens = resolve_max_tokens(len(ids), user_max, limits, "messages", max_param)
         request_id = self.new_id("chatcmpl")
-        specs = sequence_specs(request_id, [ids], [max_tokens], sampling, req.priority)
+        specs = sequence_specs(
+            request_id,
+            [ids],
+            [max_tokens],
+            sampling,
+            req.priority,
+            constraint.grammar if constraint is not None else None,
+        )
         echo = ""
         last = req.messages[-1]
         if req.echo and last.role == "assistant" and isinstance(last.content, str):
             echo = last.content
-        view = _ChatView(self, req, request_id, model, ids, n, arrival, echo)
+        view = _ChatView(self, req, request_id, model, ids, n, arrival, echo, tool_mode)
         if req.stream:
             return await self.stream(
                 raw, specs, deadline, arrival, view.render_chunk, view.final_chunks
@@ -177,6 +191,7 @@ class _ChatView:
         n: int,
         arrival: float,
         echo: str,
+        tool_mode: ToolMode | None = None,
     ) -> None:
         self.serving = serving
         self.clients = serving.clients
@@ -195,6 +210,9 @@ class _ChatView:
         self.started = [False] * n
         self.num_tokens = [0] * n
         self.finish_reasons: list[str] = []
+        # With forced tool calls the output is read as calls, not content.
+        self.tool_mode = tool_mode
+        self.parsers = [ToolCallParser(tool_mode) for _ in range(n)] if tool_mode else None
 
     def _usage(self, completion_tokens: int) -> dict[str, int]:
         p = len(self.prompt_ids)
@@ -232,6 +250,8 @@ class _ChatView:
         return sse(chunk)
 
     def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
+        if self.parsers is not None:
+            return self._render_tool_chunk(index, delta)
         out = []
         text = delta.text
         if not self.started[index]:
@@ -255,6 +275,28 @@ class _ChatView:
             )
         elif text or logprobs:
             out.append(self._chunk(index, {"content": text}, logprobs, None, None))
+        return out
+
+    def _render_tool_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
+        out = []
+        if not self.started[index]:
+            self.started[index] = True
+            out.append(self._chunk(index, {"role": "assistant", "content": None}, None, None, None))
+        self.num_tokens[index] += len(delta.token_ids)
+        parser = self.parsers[index]
+        calls = parser.feed(delta.text)
+        logprobs = None
+        if self.want_logprobs and delta.logprobs:
+            logprobs = {"content": chat_logprobs(self.clients, delta.logprobs, self.top_n)}
+        body = {"tool_calls": calls} if calls else {}
+        if delta.finish_reason is not None:
+            calls.extend(parser.finish())
+            body = {"tool_calls": calls} if calls else {}
+            reason = _tool_finish_reason(parser, delta.finish_reason)
+            self.finish_reasons.append(reason)
+            out.append(self._chunk(index, body, logprobs, reason, delta.stop_reason))
+        elif body or logprobs:
+            out.append(self._chunk(index, body, logprobs, None, None))
         return out
 
     def final_chunks(self) -> Iterable[str]:
@@ -291,12 +333,23 @@ class _ChatView:
                 prompt_lps = prompt_logprobs_vllm(
                     self.clients, self.prompt_ids, merged.prompt_logprobs
                 )
+            message: dict[str, Any] = {"role": "assistant", "content": self.echo + merged.text}
+            finish_reason = merged.finish_reason
+            if self.parsers is not None:
+                parser = self.parsers[index]
+                parser.feed(merged.text)
+                parser.finish()
+                calls = parser.calls()
+                if calls:
+                    message = {"role": "assistant", "content": None, "tool_calls": calls}
+                finish_reason = _tool_finish_reason(parser, finish_reason)
+                self.finish_reasons[-1] = finish_reason or "stop"
             choices.append(
                 {
                     "index": index,
-                    "message": {"role": "assistant", "content": self.echo + merged.text},
+                    "message": message,
                     "logprobs": logprobs,
-                    "finish_reason": merged.finish_reason,
+                    "finish_reason": finish_reason,
                     "stop_reason": merged.stop_reason,
                 }
             )
@@ -312,3 +365,10 @@ class _ChatView:
             usage=self._usage(completion_tokens),
             prompt_logprobs=prompt_lps,
         )
+
+
+def _tool_finish_reason(parser: ToolCallParser, finish_reason: str | None) -> str | None:
+    """ "tool_calls" when the constrained output ended cleanly and parsed as calls."""
+    if finish_reason == "stop" and parser.complete:
+        return "tool_calls"
+    return finish_reason

@@ -23,7 +23,6 @@ from splitserve.gateway.sampling import (
     check_n,
     check_stream_fields,
     check_token_ids,
-    check_unsupported,
     resolve_max_tokens,
     sequence_specs,
     stop_strings,
@@ -31,6 +30,7 @@ from splitserve.gateway.sampling import (
 )
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import sse
+from splitserve.gateway.structured import compile_constraint, resolve_constraint
 from splitserve.protos import tokenizer_pb2
 
 
@@ -46,8 +46,8 @@ class CompletionsService(ServingBase):
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
         model = self.check_model(req.model)
-        check_unsupported(req)
         check_stream_fields(req)
+        constraint = resolve_constraint(req)
         if req.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
         limits = self.limits()
@@ -68,6 +68,8 @@ class CompletionsService(ServingBase):
             max_tokens=req.max_tokens,
         )
         deadline = self.deadline()
+        if constraint is not None:
+            await compile_constraint(self.clients, constraint, deadline)
         prompts = await self._prepare_prompts(req, limits, n, deadline)
         max_tokens = []
         for p in prompts:
@@ -79,7 +81,12 @@ class CompletionsService(ServingBase):
             await self._fill_prompt_texts(prompts, deadline)
         request_id = self.new_id("cmpl")
         specs = sequence_specs(
-            request_id, [p.token_ids for p in prompts], max_tokens, sampling, req.priority
+            request_id,
+            [p.token_ids for p in prompts],
+            max_tokens,
+            sampling,
+            req.priority,
+            constraint.grammar if constraint is not None else None,
         )
         view = _CompletionView(self, req, request_id, model, prompts, n, arrival)
         if req.stream:

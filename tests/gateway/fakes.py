@@ -7,13 +7,22 @@ text steer it:
   #hold@N    N tokens, then wait until cancelled    #eos@N   EOS after N tokens
   #fail      2 tokens, then FINISH_REASON_ERROR     #multi   all tokens in one message
   #gate      no output until the test sets `FakeScheduler.gate`
+  #say=KEY   the text `FakeScheduler.say[KEY]` (a list: item i for sequence i of n), then
+             finish STOP without a stop token, as a grammar that terminated
 Every Generate call is recorded, with whether it was cancelled, for tests to wait on.
+FakeTokenizer.CompileGrammar checks a constraint as a real backend would at the level tests
+need (JSON syntax, schema shape, regex syntax, choice list, a `root ::=` rule) and records each
+request; a spec holding #compile-timeout or #compile-busy fails with DEADLINE_EXCEEDED or
+RESOURCE_EXHAUSTED, and a schema using `oneOf` is refused as a backend would refuse a feature
+it cannot enforce.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import hashlib
+import json
 import re
 import threading
 import time
@@ -75,6 +84,26 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.streams_opened = 0
         self.streams_cancelled = 0
         self.decode_each_calls: list[list[int]] = []
+        self.compile_calls: list[tokenizer_pb2.CompileGrammarRequest] = []
+
+    async def CompileGrammar(self, request, context):
+        g = request.grammar
+        self.compile_calls.append(request)
+        self.waiter.notify()
+        if "#compile-timeout" in g.spec:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "grammar compile exceeded the 2.0 s limit"
+            )
+        if "#compile-busy" in g.spec:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "grammar compile pool is full")
+        problem = grammar_problem(g)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        backend = g.backend if g.backend in ("xgrammar", "guidance") else "xgrammar"
+        handle = hashlib.sha256(f"{backend}\0{g.kind}\0{g.spec}".encode()).hexdigest()
+        return tokenizer_pb2.CompileGrammarResponse(
+            grammar=common_pb2.CompiledGrammar(handle=handle, backend=backend)
+        )
 
     async def Tokenize(self, request, context):
         return tokenizer_pb2.TokenizeResponse(
@@ -167,6 +196,37 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             sent = end
 
 
+def grammar_problem(g: common_pb2.GrammarSpec) -> str | None:
+    """What a backend would refuse in this constraint, or None."""
+    if g.backend not in ("", "xgrammar", "guidance", "auto"):
+        return f"unknown backend {g.backend!r}"
+    if g.kind == "json":
+        try:
+            schema = json.loads(g.spec)
+        except json.JSONDecodeError as exc:
+            return f"the schema is not valid JSON: {exc}"
+        if not isinstance(schema, (dict, bool)):
+            return "the schema must be an object or a boolean"
+        if '"oneOf"' in g.spec:
+            return "oneOf cannot be enforced exactly by xgrammar"
+        return None
+    if g.kind == "json_object":
+        return None if not g.spec else "json_object takes no spec"
+    if g.kind == "regex":
+        try:
+            re.compile(g.spec)
+        except re.error as exc:
+            return f"invalid regex: {exc}"
+        return None
+    if g.kind == "choice":
+        choices = json.loads(g.spec)
+        ok = isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)
+        return None if ok else "choices must be a non-empty list of strings"
+    if g.kind == "grammar":
+        return None if "root ::=" in g.spec else "the grammar has no 'root' rule"
+    return f"unknown constraint kind {g.kind!r}"
+
+
 def _first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
     best = None
     for s in stops:
@@ -202,6 +262,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.waiter = Waiter()
         self.calls: dict[str, GenerateCall] = {}
         self.gate = asyncio.Event()
+        self.say: dict[str, str | list[str]] = {}
 
     def calls_matching(self, needle: str) -> list[GenerateCall]:
         return [c for c in list(self.calls.values()) if needle in c.prompt_text]
@@ -256,6 +317,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         hold = _marker(prompt, "hold")
         eos_at = _marker(prompt, "eos")
         script = script_for(sp.seed if sp.HasField("seed") else None)
+        say = re.search(r"#say=(\w+)", prompt)
+        if say:
+            text = self.say[say.group(1)]
+            if isinstance(text, list):
+                text = text[int(req.request_id.rsplit("-", 1)[1]) % len(text)]
+            script = text.encode()
         stop_ids = set(sp.stop_token_ids)
         first = True
         pending = scheduler_pb2.GenerateResponse()
@@ -292,6 +359,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             elif token in stop_ids and k + 1 >= sp.min_tokens:
                 msg.finish_reason = FINISH.FINISH_REASON_STOP
                 msg.stop_token_id = token
+            elif say and k + 1 == len(script):
+                msg.finish_reason = FINISH.FINISH_REASON_STOP
             elif k + 1 == sp.max_tokens:
                 msg.finish_reason = FINISH.FINISH_REASON_LENGTH
             if msg.finish_reason or "#multi" not in prompt:

@@ -231,11 +231,13 @@ def test_tools_reach_the_template(http, fakes):
             "messages": [{"role": "user", "content": t}],
             "max_tokens": 1,
             "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "none",
         },
     )
     assert r.status_code == 200
     (call,) = fakes.scheduler.calls_matching(t)
     assert call.prompt_text.startswith("<|tools|>1\n")
+    assert not call.request.HasField("grammar")
 
 
 def test_continue_final_message(http, fakes):

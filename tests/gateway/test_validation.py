@@ -271,8 +271,6 @@ def test_min_tokens_above_max_tokens(http):
     [
         ("suffix", "end"),
         ("best_of", 3),
-        ("response_format", {"type": "json_object"}),
-        ("guided_regex", "a+"),
     ],
 )
 def test_unsupported_fields(http, field, value):
