@@ -13,7 +13,7 @@ Every Generate call is recorded, with whether it was cancelled, for tests to wai
 FakeTokenizer.CompileGrammar checks a constraint as a real backend would at the level tests
 need (JSON syntax, schema shape, regex syntax, choice list, a `root ::=` rule) and records each
 request; a spec holding #compile-timeout or #compile-busy fails with DEADLINE_EXCEEDED or
-RESOURCE_EXHAUSTED, and a schema using `oneOf` is refused as a backend would refuse a feature
+RESOURCE_EXHAUSTED, #compile-hang never answers, and a schema using `oneOf` is refused as a backend would refuse a feature
 it cannot enforce.
 """
 
@@ -94,6 +94,8 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, "grammar compile exceeded the 2.0 s limit"
             )
+        if "#compile-hang" in g.spec:
+            await asyncio.Event().wait()
         if "#compile-busy" in g.spec:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "grammar compile pool is full")
         problem = grammar_problem(g)

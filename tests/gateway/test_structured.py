@@ -333,3 +333,14 @@ def test_full_compile_pool_is_503_with_retry_after(http, fakes):
     assert r.headers["retry-after"] == "1"
     assert "compile pool" in r.json()["error"]["message"]
     assert fakes.scheduler.calls_matching(t) == []
+
+
+def test_gateway_deadline_during_compile_is_504(make_gateway, fakes):
+    """The request's own deadline running out while compiling is a timeout (504), not the
+    compiler's verdict on the constraint (400)."""
+    gw = make_gateway(request_timeout_s=0.3)
+    t = tag()
+    with gw.client() as c:
+        r = c.post(COMPL, json=body_for(COMPL, t, guided_regex="#compile-hang"))
+    assert_error(r, 504)
+    assert fakes.scheduler.calls_matching(t) == []

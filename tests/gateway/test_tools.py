@@ -353,3 +353,24 @@ def test_openai_parse_with_a_pydantic_tool(client, fakes):
     (call,) = r.choices[0].message.tool_calls
     assert call.function.parsed_arguments == Weather(city="Lima", days=2)
     assert r.choices[0].finish_reason == "tool_calls"
+
+
+def test_stream_chunks_match_schema(http, fakes):
+    from splitserve.gateway.protocol import ChatCompletionStreamResponse
+
+    prompt = say(fakes, TWO_CALLS)
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "stream": True,
+        "logprobs": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = sse_events(http.post(CHAT, json=body).text)
+    for event in events:
+        ChatCompletionStreamResponse.model_validate(event)
+    assert events[-1]["usage"]["completion_tokens"] == len(TWO_CALLS.encode())
+    assert sum(len(e["choices"][0]["logprobs"]["content"]) for e in events[1:-1]) == len(
+        TWO_CALLS.encode()
+    )
