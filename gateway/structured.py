@@ -103,7 +103,7 @@ def resolve_constraint(req: SamplingFields, extra: list[Source] | None = None) -
                 f"only, not to {src.label}",
                 "structured_outputs",
             )
-        spec = json.dumps(_close_objects(json.loads(spec)))
+        spec = json.dumps(_close_objects(json.loads(spec)), separators=(",", ":"))
     if so.get("disable_fallback") and backend in ("", "auto"):
         raise bad_request(
             "structured_outputs.disable_fallback needs a named backend (xgrammar or guidance): "

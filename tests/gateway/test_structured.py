@@ -90,7 +90,7 @@ SURFACES = {
         },
         (
             "json",
-            json.dumps(
+            compact(
                 {
                     "type": "object",
                     "properties": {"a": {"type": "object", "additionalProperties": False}},
