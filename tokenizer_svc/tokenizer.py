@@ -172,11 +172,15 @@ def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
     """Resolve `config.tokenizer` to a folder and load it as `config.tokenizer_mode` asks."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(config.tokenizer, config.revision)
+    revision = config.tokenizer_revision or config.revision
+    path = resolve_model_path(config.tokenizer, revision, cache_dir=config.download_dir)
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if config.tokenizer_mode == "slow":
         kwargs["use_fast"] = False  # vLLM's meaning; transformers 5 ignores it, checked below
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if config.tokenizer_mode == "mistral":
+        tokenizer = _load_mistral(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     is_fast = bool(getattr(tokenizer, "is_fast", False))
     if config.tokenizer_mode == "slow" and is_fast:
         raise ValueError(
@@ -201,3 +205,21 @@ def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
         "override" if template else ("model" if handle.has_chat_template else "none"),
     )
     return handle
+
+
+def _load_mistral(path):
+    """mistral_common's tokenizer through transformers' MistralCommonBackend."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), mistral_format=True)
+    except ImportError as exc:
+        raise ValueError(
+            f"tokenizer_mode 'mistral' needs the mistral_common package ({exc}): "
+            "pip install mistral-common"
+        ) from exc
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"tokenizer_mode 'mistral' needs a mistral_common tokenizer file (tekken.json or "
+            f"tokenizer.model.v*) in {path}: {exc}"
+        ) from exc

@@ -16,7 +16,7 @@ from .utils import load, stream_deltas
         ({"tokenizer": ""}, "tokenizer must name"),
         (
             {"tokenizer_mode": "turbo"},
-            "tokenizer_mode must be one of auto, slow, fast, got 'turbo'",
+            "tokenizer_mode must be one of auto, slow, fast, mistral, got 'turbo'",
         ),
         ({"chat_template_timeout_s": 0}, "chat_template_timeout_s must be > 0, got 0"),
         ({"max_stop_strings": -1}, "max_stop_strings must be >= 0, got -1"),
