@@ -173,7 +173,15 @@ def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
     from transformers import AutoTokenizer
 
     revision = config.tokenizer_revision or config.revision
-    path = resolve_model_path(config.tokenizer, revision, cache_dir=config.download_dir)
+    path = resolve_model_path(
+        config.tokenizer,
+        revision,
+        cache_dir=config.download_dir,
+        hub_flags={
+            "--revision": config.revision,
+            "--tokenizer-revision": config.tokenizer_revision,
+        },
+    )
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if config.tokenizer_mode == "slow":
         kwargs["use_fast"] = False  # vLLM's meaning; transformers 5 ignores it, checked below

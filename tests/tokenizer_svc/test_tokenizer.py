@@ -132,3 +132,46 @@ def test_metaspace_byte_fallback_tokenizer(tmp_path):
     deltas = stream_deltas(llama_like, [], ids)
     assert "".join(deltas) == llama_like.tokenizer.decode(ids) == "hi é"
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_tokenizer_revision_and_download_dir(chatml_dir, no_template_dir, tmp_path, monkeypatch):
+    """A hub cache in a download dir: main has a chat template, v2 none (offline)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "dl" / "models--tiny-org--tok"
+    for commit, src in (("a" * 40, chatml_dir), ("b" * 40, no_template_dir)):
+        shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "v2").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    dl = str(tmp_path / "dl")
+    assert load("tiny-org/tok", download_dir=dl).has_chat_template
+    assert not load("tiny-org/tok", download_dir=dl, revision="v2").has_chat_template
+    # --tokenizer-revision wins over --revision for the tokenizer.
+    handle = load("tiny-org/tok", download_dir=dl, revision="main", tokenizer_revision="v2")
+    assert not handle.has_chat_template
+    handle = load("tiny-org/tok", download_dir=dl, revision="v2", tokenizer_revision="main")
+    assert handle.has_chat_template
+    with pytest.raises(FileNotFoundError, match="tiny-org/tok"):
+        load("tiny-org/tok")  # not in the default cache
+
+
+def test_local_tokenizer_ignores_revision_with_a_warning(chatml_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="splitserve.model_path"):
+        assert load(chatml_dir, tokenizer_revision="v9").has_chat_template
+    assert any("ignoring --tokenizer-revision v9" in r.getMessage() for r in caplog.records)
+
+
+def test_mistral_mode_names_the_missing_package(chatml_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mistral_common", None)
+    with pytest.raises(ValueError, match="needs the mistral_common package.*pip install"):
+        load(chatml_dir, tokenizer_mode="mistral")
