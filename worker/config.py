@@ -25,7 +25,7 @@ class WorkerConfig:
     download_dir: str | None = None
     """Folder hub models are downloaded to and looked up in; None uses the Hugging Face cache."""
     trust_remote_code: bool = False
-    """Allow a config class defined by Python code inside the model folder (the model itself always runs splitserve's own implementation)."""
+    """Allow Python code from the model folder: a custom config or tokenizer class (the model itself always runs splitserve's own implementation)."""
     dtype: str = "auto"
     """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0

@@ -175,3 +175,46 @@ def test_mistral_mode_names_the_missing_package(chatml_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "mistral_common", None)
     with pytest.raises(ValueError, match="needs the mistral_common package.*pip install"):
         load(chatml_dir, tokenizer_mode="mistral")
+
+
+def _write_tekken(out, merges=(b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b" world")):
+    """A tiny mistral_common tekken.json: the 256 bytes, a few merges, 100 special tokens."""
+    import base64
+    import json
+
+    pieces = [bytes([i]) for i in range(256)] + list(merges)
+    vocab = [
+        {"rank": r, "token_bytes": base64.b64encode(p).decode(), "token_str": None}
+        for r, p in enumerate(pieces)
+    ]
+    pattern = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    config = {
+        "pattern": pattern,
+        "num_vocab_tokens": len(pieces),
+        "default_vocab_size": len(pieces) + 100,
+        "default_num_special_tokens": 100,
+        "version": "v7",
+    }
+    out.mkdir()
+    (out / "tekken.json").write_text(json.dumps({"vocab": vocab, "config": config}))
+    return out
+
+
+def test_mistral_mode_with_a_tekken_tokenizer(tmp_path):
+    pytest.importorskip("mistral_common")
+    handle = load(_write_tekken(tmp_path / "tekken"), tokenizer_mode="mistral")
+    assert type(handle.tokenizer).__name__ == "MistralCommonBackend"
+    assert handle.vocab_size == 256 + 8 + 100
+    text = "hello world, héllo wörld 🙂"
+    ids = handle.encode(text, add_special_tokens=False)
+    assert ids[:2] == [100 + 256 + 3, 100 + 256 + 7]  # "hello", " world" (after the specials)
+    assert handle.decode(ids, skip_special_tokens=True) == text
+    with_bos = handle.encode(text, add_special_tokens=True)
+    assert with_bos[0] == handle.info().bos_token_id == 1
+    assert handle.decode(with_bos, skip_special_tokens=True) == text
+    # Streaming splits multi-byte characters across byte tokens; the deltas still add up.
+    deltas = stream_deltas(handle, with_bos[:1], with_bos[1:])
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+    strings, raw = handle.decode_each(ids)
+    assert b"".join(raw) == text.encode()
+    assert strings[:2] == ["hello", " world"]
