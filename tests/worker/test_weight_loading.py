@@ -399,3 +399,33 @@ def test_missing_tensor_is_named(formats, tmp_path):
     save_file(state, out / "model.safetensors")
     with pytest.raises(ValueError, match=r"lacks 1 weights .*layers\.2\.post_attention_layernorm"):
         _check(out)
+
+
+def test_code_revision_picks_the_config_code_of_a_hub_model(hub_cache, formats):
+    """main's weights with the config class of another revision (offline cache)."""
+    repo = hub_cache / "models--tiny-org--tiny"
+    code_commit = "c" * 40
+    for commit, flavour in ((COMMIT_MAIN, "main-code"), (code_commit, "new-code")):
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(exist_ok=True)
+        config = json.loads((formats["single"] / "config.json").read_text())
+        config.update(
+            model_type="tiny-custom",
+            auto_map={"AutoConfig": "configuration_custom.TinyCustomConfig"},
+        )
+        (snapshot / "config.json").write_text(json.dumps(config))
+        code = _CUSTOM_CONFIG + f"    flavour = {flavour!r}\n"
+        (snapshot / "configuration_custom.py").write_text(code)
+    (repo / "refs" / "code2").write_text(code_commit)
+    dl = str(hub_cache)
+    with pytest.raises(ValueError, match="needs remote code"):
+        _load("tiny-org/tiny", download_dir=dl, load_format="dummy")
+    for code_revision, flavour in ((None, "main-code"), ("code2", "new-code")):
+        loaded = _load(
+            "tiny-org/tiny",
+            download_dir=dl,
+            trust_remote_code=True,
+            code_revision=code_revision,
+        )
+        assert loaded.hf_config.flavour == flavour
+        assert loaded.path.name == COMMIT_MAIN  # the weights stay at --revision
