@@ -244,7 +244,8 @@ def load_model(config: WorkerConfig) -> LoadedModel:
             config.load_format,
             _owned_by(model),
             max_workers=config.max_parallel_loading_workers,
-            desc=f"Loading {path.name} (rank {config.rank})",
+            desc=f"Loading {path.name if is_local_folder(config.model) else config.model} "
+            f"(rank {config.rank})",
         )
         load_weights(model, weights)
     model.eval()
