@@ -60,6 +60,7 @@ def _bad_arch(c):
 
 def _remote(c):
     c["auto_map"] = {"AutoConfig": "configuration_x.XConfig"}
+    c["model_type"] = "x-custom"
 
 
 def _bad_shape(folder):

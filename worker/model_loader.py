@@ -135,9 +135,10 @@ def _resolve_folder(config: WorkerConfig) -> pathlib.Path:
 def load_hf_config(path: pathlib.Path, config: WorkerConfig | None = None) -> tuple[dict, Any]:
     """(raw config.json dict, transformers config) after checking we can run the model.
 
-    A config that needs Python code from the model folder (an unknown model_type, or an
-    AutoConfig under auto_map) is refused unless `trust_remote_code`; even then only the
-    architectures splitserve implements run.
+    A config that transformers can only build with Python code from the model folder (a
+    model_type it does not know) is refused unless `trust_remote_code`; even then only the
+    architectures splitserve implements run. As in transformers, a trusted folder's own config
+    class (auto_map's AutoConfig) is used when it ships one.
     """
     config_file = path / "config.json"
     if not config_file.exists():
@@ -164,7 +165,7 @@ def load_hf_config(path: pathlib.Path, config: WorkerConfig | None = None) -> tu
         raise
     from transformers import AutoConfig
 
-    if not remote:
+    if not (trust and "AutoConfig" in (raw.get("auto_map") or {})):
         return raw, AutoConfig.from_pretrained(path)
     if config is not None and not is_local_folder(config.model):
         # Let transformers fetch the config code at --code-revision from the hub (or cache).
@@ -182,22 +183,36 @@ def load_hf_config(path: pathlib.Path, config: WorkerConfig | None = None) -> tu
 
 
 def _remote_code_reason(raw: dict) -> str | None:
-    """Why this config.json needs code from the model folder, or None."""
-    auto_map = raw.get("auto_map") or {}
-    if "AutoConfig" in auto_map:
-        return f"its config class is {auto_map['AutoConfig']!r} from auto_map"
+    """Why transformers needs code from the model folder to build this config, or None."""
     from transformers import CONFIG_MAPPING
 
     model_type = raw.get("model_type")
-    if model_type is None:
+    if model_type is None or model_type in CONFIG_MAPPING:
         return None
-    if model_type not in CONFIG_MAPPING:
-        return f"model_type {model_type!r} is unknown to transformers"
-    return None
+    auto_config = (raw.get("auto_map") or {}).get("AutoConfig")
+    if auto_config:
+        return (
+            f"model_type {model_type!r} is unknown to transformers; its config class is "
+            f"{auto_config!r} from auto_map"
+        )
+    return f"model_type {model_type!r} is unknown to transformers"
 
 
-def _build_meta_model(config: WorkerConfig, path: pathlib.Path):
-    """(raw config, hf config, dtype, device, max_model_len, layer range, model on meta)."""
+@dataclass
+class _Skeleton:
+    """A rank's model built on the meta device, with the facts it was built from."""
+
+    raw: dict
+    hf_config: Any
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    start: int
+    end: int
+    model: nn.Module
+
+
+def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
     raw, hf_config = load_hf_config(path, config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, raw, device)
@@ -208,7 +223,7 @@ def _build_meta_model(config: WorkerConfig, path: pathlib.Path):
     cls = get_model_class(raw.get("architectures"))
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
-    return raw, hf_config, dtype, device, max_model_len, (start, end), model
+    return _Skeleton(raw, hf_config, dtype, device, max_model_len, start, end, model)
 
 
 def check_model(config: WorkerConfig) -> pathlib.Path:
@@ -217,7 +232,7 @@ def check_model(config: WorkerConfig) -> pathlib.Path:
     shape (from the file headers). Raises ValueError / FileNotFoundError naming the problem;
     returns the resolved folder."""
     path = _resolve_folder(config)
-    *_, model = _build_meta_model(config, path)
+    model = _build_skeleton(config, path).model
     if config.load_format != "dummy":
         load_weights(
             model,
@@ -231,9 +246,8 @@ def check_model(config: WorkerConfig) -> pathlib.Path:
 def load_model(config: WorkerConfig) -> LoadedModel:
     """Build this rank's model slice on its device and fill its weights."""
     path = _resolve_folder(config)
-    _, hf_config, dtype, device, max_model_len, (start, end), model = _build_meta_model(
-        config, path
-    )
+    skeleton = _build_skeleton(config, path)
+    model, hf_config, device = skeleton.model, skeleton.hf_config, skeleton.device
     model.to_empty(device=device)
     model.post_materialize()
     if config.load_format == "dummy":
@@ -252,22 +266,22 @@ def load_model(config: WorkerConfig) -> LoadedModel:
     logger.info(
         "loaded %s layers [%d, %d) of %d as %s on %s",
         path.name,
-        start,
-        end,
+        skeleton.start,
+        skeleton.end,
         hf_config.num_hidden_layers,
-        dtype,
+        skeleton.dtype,
         device,
     )
     return LoadedModel(
         model,
         hf_config,
         path,
-        dtype,
+        skeleton.dtype,
         device,
         read_eos_token_ids(path, hf_config),
-        start,
-        end,
-        max_model_len,
+        skeleton.start,
+        skeleton.end,
+        skeleton.max_model_len,
     )
 
 

@@ -290,11 +290,11 @@ class TinyCustomConfig(LlamaConfig):
 """
 
 
-def _custom_folder(src, out, architectures, auto_map=True):
+def _custom_folder(src, out, architectures, auto_map=True, model_type="tiny-custom"):
     out.mkdir()
     config = json.loads((src / "config.json").read_text())
     config["architectures"] = architectures
-    config["model_type"] = "tiny-custom"
+    config["model_type"] = model_type
     if auto_map:
         config["auto_map"] = {"AutoConfig": "configuration_custom.TinyCustomConfig"}
         (out / "configuration_custom.py").write_text(_CUSTOM_CONFIG)
@@ -312,6 +312,14 @@ def test_remote_code_config_needs_trust_remote_code(formats, tmp_path):
     loaded = _load(folder, trust_remote_code=True)
     assert type(loaded.hf_config).__name__ == "TinyCustomConfig"
     assert greedy(loaded.model) == hf_greedy(formats["single"])
+
+
+def test_known_model_type_with_config_code_loads_like_transformers(formats, tmp_path):
+    # transformers builds a known model_type without the folder's code unless trusted.
+    folder = _custom_folder(formats["single"], tmp_path / "k", ["LlamaForCausalLM"], True, "llama")
+    assert type(_load(folder, load_format="dummy").hf_config).__name__ == "LlamaConfig"
+    trusted = _load(folder, load_format="dummy", trust_remote_code=True)
+    assert type(trusted.hf_config).__name__ == "TinyCustomConfig"
 
 
 def test_unknown_model_type_needs_trust_remote_code(formats, tmp_path):
