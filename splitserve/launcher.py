@@ -124,6 +124,10 @@ def serve(args: argparse.Namespace) -> int:
         **({} if named else {"served_model_name": [DEMO_NAME]}),
     )
     log = ["--log-level", args.log_level]
+    # NOTE: a model that cannot load fails here, before any process starts or port opens.
+    from splitserve.preflight import preflight
+
+    preflight(worker_cfg, tokenizer_cfg)
 
     stack = Stack()
     stop = {"signal": None}

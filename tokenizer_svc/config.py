@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
-TOKENIZER_MODES = ("auto", "slow", "fast")
+TOKENIZER_MODES = ("auto", "slow", "fast", "mistral")
 
 # A chat-template argument holding any of these is a template, not a file path (vLLM's rule).
 _JINJA_CHARS = "{}\n"
@@ -18,9 +19,13 @@ class TokenizerServiceConfig:
     tokenizer: str = ""
     """Tokenizer folder or hub id (required; usually the model's)."""
     revision: str | None = None
-    """Hub branch, tag or commit of the tokenizer; None takes the default branch."""
+    """Hub branch, tag or commit of the model (the tokenizer's too unless tokenizer_revision is set); None takes the default branch."""
+    tokenizer_revision: str | None = None
+    """Hub branch, tag or commit of the tokenizer when it is a hub id; None uses revision."""
+    download_dir: str | None = None
+    """Folder hub models are downloaded to and looked up in; None uses the Hugging Face cache."""
     tokenizer_mode: str = "auto"
-    """'auto': whatever transformers loads; 'fast': a Rust tokenizer; 'slow': a Python one."""
+    """'auto': whatever transformers loads; 'fast': a Rust tokenizer; 'slow': a Python (sentencepiece) one; 'mistral': mistral_common's tokenizer (tekken.json / tokenizer.model.v*)."""
     trust_remote_code: bool = False
     """Allow a tokenizer class defined by Python code inside the model folder."""
     chat_template: str | None = None
@@ -43,6 +48,11 @@ class TokenizerServiceConfig:
             raise ValueError(
                 f"tokenizer_mode must be one of {', '.join(TOKENIZER_MODES)}, "
                 f"got {self.tokenizer_mode!r}"
+            )
+        if self.tokenizer_mode == "mistral" and importlib.util.find_spec("mistral_common") is None:
+            raise ValueError(
+                "tokenizer_mode 'mistral' needs the mistral_common package, which is not "
+                "installed: pip install mistral-common"
             )
         if self.chat_template is not None:
             load_chat_template(self.chat_template)  # raises on an unreadable path

@@ -56,6 +56,8 @@ class TokenizerHandle:
         """The operator's template override; None uses the tokenizer's own."""
         self.vocab_size = len(tokenizer)
         self.is_fast = bool(getattr(tokenizer, "is_fast", False))
+        self._byte_piece = _tekken_byte_piece(tokenizer)
+        """id -> the token's raw bytes, for a mistral_common tekken tokenizer; else None."""
         self.skip_ids = self._init_skip_ids()
         self._init_token_lookup()
 
@@ -74,6 +76,12 @@ class TokenizerHandle:
             self._id_to_token = backend.id_to_token  # the Rust call, no Python wrapper
             decoder = backend.decoder
             self.tokens_to_string = decoder.decode if decoder is not None else " ".join
+        elif self._byte_piece is not None:
+            # mistral_common has no tokens -> text step. Tekken tokens are byte strings: hold
+            # each as Latin-1 text (one char per byte), so joined tokens give back their bytes.
+            piece = self._byte_piece
+            self._id_to_token = lambda token_id: piece(token_id).decode("latin-1")
+            self.tokens_to_string = _latin1_tokens_to_text
         else:
             self._id_to_token = self.tokenizer.convert_ids_to_tokens
             self.tokens_to_string = self.tokenizer.convert_tokens_to_string
@@ -142,6 +150,8 @@ class TokenizerHandle:
         return strings, raw
 
     def _token_bytes(self, token_id: int, text: str) -> bytes:
+        if self._byte_piece is not None:
+            return self._byte_piece(token_id)
         token = self._id_to_token(token_id) or ""
         try:
             candidate = bytes(_UNICODE_TO_BYTE[c] for c in token)
@@ -155,6 +165,20 @@ class TokenizerHandle:
         if match is not None:
             return bytes([int(match.group(1), 16)])
         return text.encode("utf-8")
+
+
+def _latin1_tokens_to_text(tokens: list[str]) -> str:
+    return "".join(tokens).encode("latin-1").decode("utf-8", "replace")
+
+
+def _tekken_byte_piece(tokenizer):
+    """id -> bytes of a transformers MistralCommonBackend over a tekken tokenizer, else None."""
+    if type(tokenizer).__name__ != "MistralCommonBackend":
+        return None
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    tekken = tokenizer.tokenizer.instruct_tokenizer.tokenizer
+    return lambda token_id: tekken.id_to_byte_piece(token_id, SpecialTokenPolicy.KEEP)
 
 
 def check_text(text: str, what: str) -> None:
@@ -172,11 +196,23 @@ def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
     """Resolve `config.tokenizer` to a folder and load it as `config.tokenizer_mode` asks."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(config.tokenizer, config.revision)
+    revision = config.tokenizer_revision or config.revision
+    path = resolve_model_path(
+        config.tokenizer,
+        revision,
+        cache_dir=config.download_dir,
+        hub_flags={
+            "--revision": config.revision,
+            "--tokenizer-revision": config.tokenizer_revision,
+        },
+    )
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if config.tokenizer_mode == "slow":
         kwargs["use_fast"] = False  # vLLM's meaning; transformers 5 ignores it, checked below
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
+    if config.tokenizer_mode == "mistral":
+        tokenizer = _load_mistral(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     is_fast = bool(getattr(tokenizer, "is_fast", False))
     if config.tokenizer_mode == "slow" and is_fast:
         raise ValueError(
@@ -201,3 +237,28 @@ def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
         "override" if template else ("model" if handle.has_chat_template else "none"),
     )
     return handle
+
+
+def _load_mistral(path):
+    """mistral_common's tokenizer through transformers' MistralCommonBackend."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), mistral_format=True)
+    except ImportError as exc:
+        raise ValueError(
+            f"tokenizer_mode 'mistral' needs the mistral_common package ({exc}): "
+            "pip install mistral-common"
+        ) from exc
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"tokenizer_mode 'mistral' needs a mistral_common tokenizer file (tekken.json) "
+            f"in {path}: {exc}"
+        ) from exc
+    kind = getattr(getattr(tokenizer, "_tokenizer_type", None), "value", None)
+    if kind != "tekken":
+        raise ValueError(
+            f"tokenizer_mode 'mistral' supports mistral_common's tekken tokenizers (tekken.json); "
+            f"{path} holds a {kind} one: use tokenizer_mode 'auto'"
+        )
+    return tokenizer

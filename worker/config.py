@@ -20,6 +20,12 @@ class WorkerConfig:
     """Model folder or Hugging Face hub id."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `model` is a hub id."""
+    code_revision: str | None = None
+    """Hub revision of the model's code (a config class under auto_map, with trust_remote_code); None uses revision."""
+    download_dir: str | None = None
+    """Folder hub models are downloaded to and looked up in; None uses the Hugging Face cache."""
+    trust_remote_code: bool = False
+    """Allow Python code from the model folder: a custom config or tokenizer class (the model itself always runs splitserve's own implementation)."""
     dtype: str = "auto"
     """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0
@@ -33,7 +39,9 @@ class WorkerConfig:
     device: str = "auto"
     """Device: auto (cuda when available), cpu or cuda."""
     load_format: str = "auto"
-    """Weights format: auto (safetensors, else .bin/.pt), safetensors, pt, or dummy (random)."""
+    """Weights format: auto (safetensors, else .bin/.pt), safetensors, pt (.bin/.pt read with torch.load(weights_only=True)), or dummy (random, reads no weight file)."""
+    max_parallel_loading_workers: int | None = None
+    """Threads reading checkpoint shards at once (each holds at most one shard in memory); None: min(8, CPU count)."""
     rank: int = 0
     """Pipeline rank of this worker."""
     pipeline_parallel_size: int = 1
@@ -72,6 +80,11 @@ class WorkerConfig:
             )
         if not 0 <= self.rank < self.pipeline_parallel_size:
             raise ValueError(f"rank must be in [0, {self.pipeline_parallel_size}), got {self.rank}")
+        if self.max_parallel_loading_workers is not None and self.max_parallel_loading_workers < 1:
+            raise ValueError(
+                "max_parallel_loading_workers must be at least 1, got "
+                f"{self.max_parallel_loading_workers}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -2,7 +2,11 @@
 
 Weights come from *.safetensors (one file, several, or sharded through
 model.safetensors.index.json), from *.bin / *.pt (`load_format="pt"`, or "auto" without
-safetensors), or are random (`dummy`). Only tensors this rank owns are read.
+safetensors; read with torch.load(weights_only=True)), or are random (`dummy`, which opens no
+weight file). Only tensors this rank owns are read, shard by shard (see weight_files.py).
+
+`check_model` runs the same checks on a meta-device model from the checkpoint's headers, so the
+launcher can refuse a bad model before any process starts or port opens.
 """
 
 from __future__ import annotations
@@ -19,11 +23,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitserve.model_path import ALLOW_PATTERNS, resolve_model_path
+from splitserve.model_path import (
+    ALLOW_PATTERNS,
+    CONFIG_PATTERNS,
+    PT_PATTERNS,
+    hub_offline,
+    is_local_folder,
+    resolve_model_path,
+)
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.linear import MergedLinear
 from splitserve.worker.models.registry import get_model_class
 from splitserve.worker.pipeline import layer_range
+from splitserve.worker.weight_files import iterate_weights, read_shard_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +48,6 @@ _DTYPES = {
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")
-_PT_EXCLUDE = {
-    "training_args.bin",
-    "optimizer.bin",
-    "optimizer.pt",
-    "scheduler.pt",
-    "rng_state.pth",
-}
 
 
 @dataclass
@@ -101,35 +106,114 @@ def read_eos_token_ids(path: pathlib.Path, hf_config: Any) -> list[int]:
 
 
 def _resolve_folder(config: WorkerConfig) -> pathlib.Path:
-    patterns = ALLOW_PATTERNS + (["*.bin", "*.pt"] if config.load_format == "pt" else [])
-    path = resolve_model_path(config.model, config.revision, allow_patterns=patterns)
+    """The local folder of `config.model`, with the files its load format needs (for a hub
+    id: downloaded or found in the cache at `config.revision`)."""
+    patterns = {
+        "dummy": CONFIG_PATTERNS,
+        "pt": CONFIG_PATTERNS + PT_PATTERNS,
+    }.get(config.load_format, ALLOW_PATTERNS)
+
+    def resolve(allow: list[str]) -> pathlib.Path:
+        return resolve_model_path(
+            config.model,
+            config.revision,
+            allow_patterns=allow,
+            cache_dir=config.download_dir,
+            hub_flags={"--code-revision": config.code_revision},
+        )
+
+    path = resolve(patterns)
     if (
         config.load_format == "auto"
+        and not is_local_folder(config.model)
         and not list(path.glob("*.safetensors"))
-        and not (pathlib.Path(config.model).is_dir())
     ):
-        path = resolve_model_path(
-            config.model, config.revision, allow_patterns=ALLOW_PATTERNS + ["*.bin", "*.pt"]
-        )
+        path = resolve(CONFIG_PATTERNS + PT_PATTERNS)  # no safetensors on the hub: take .bin
     return path
 
 
-def load_hf_config(path: pathlib.Path) -> tuple[dict, Any]:
-    """(raw config.json dict, transformers config) after checking the architecture is known."""
+def load_hf_config(path: pathlib.Path, config: WorkerConfig | None = None) -> tuple[dict, Any]:
+    """(raw config.json dict, transformers config) after checking we can run the model.
+
+    A config that transformers can only build with Python code from the model folder (a
+    model_type it does not know) is refused unless `trust_remote_code`; even then only the
+    architectures splitserve implements run. As in transformers, a trusted folder's own config
+    class (auto_map's AutoConfig) is used when it ships one.
+    """
     config_file = path / "config.json"
     if not config_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json")
-    raw = json.loads(config_file.read_text())
-    get_model_class(raw.get("architectures"))  # fail early, naming the supported ones
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+    trust = bool(config and config.trust_remote_code)
+    remote = _remote_code_reason(raw)
+    if remote and not trust:
+        raise ValueError(
+            f"the model at {path} needs remote code ({remote}); splitserve does not run code "
+            "from a model folder unless --trust-remote-code is given"
+        )
+    try:
+        get_model_class(raw.get("architectures"))
+    except ValueError as exc:
+        if remote:
+            raise ValueError(
+                f"{exc}. splitserve runs only its own model implementations, even with "
+                "--trust-remote-code"
+            ) from None
+        raise
     from transformers import AutoConfig
 
-    return raw, AutoConfig.from_pretrained(path)
+    if not (trust and "AutoConfig" in (raw.get("auto_map") or {})):
+        return raw, AutoConfig.from_pretrained(path)
+    if config is not None and not is_local_folder(config.model):
+        # Let transformers fetch the config code at --code-revision from the hub (or cache).
+        hf_config = AutoConfig.from_pretrained(
+            config.model,
+            revision=config.revision,
+            code_revision=config.code_revision,
+            cache_dir=config.download_dir,
+            local_files_only=hub_offline(),
+            trust_remote_code=True,
+        )
+    else:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    return raw, hf_config
 
 
-def load_model(config: WorkerConfig) -> LoadedModel:
-    """Build this rank's model slice on its device and fill its weights."""
-    path = _resolve_folder(config)
-    raw, hf_config = load_hf_config(path)
+def _remote_code_reason(raw: dict) -> str | None:
+    """Why transformers needs code from the model folder to build this config, or None."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if model_type is None or model_type in CONFIG_MAPPING:
+        return None
+    auto_config = (raw.get("auto_map") or {}).get("AutoConfig")
+    if auto_config:
+        return (
+            f"model_type {model_type!r} is unknown to transformers; its config class is "
+            f"{auto_config!r} from auto_map"
+        )
+    return f"model_type {model_type!r} is unknown to transformers"
+
+
+@dataclass
+class _Skeleton:
+    """A rank's model built on the meta device, with the facts it was built from."""
+
+    raw: dict
+    hf_config: Any
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    start: int
+    end: int
+    model: nn.Module
+
+
+def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
+    raw, hf_config = load_hf_config(path, config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, raw, device)
     max_model_len = _max_model_len(config, hf_config)
@@ -139,32 +223,65 @@ def load_model(config: WorkerConfig) -> LoadedModel:
     cls = get_model_class(raw.get("architectures"))
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
+    return _Skeleton(raw, hf_config, dtype, device, max_model_len, start, end, model)
+
+
+def check_model(config: WorkerConfig) -> pathlib.Path:
+    """Every load-time check of this rank, without reading weights: the folder and its config,
+    the architecture, max_model_len, the weight files, and each owned tensor's name and
+    shape (from the file headers). Raises ValueError / FileNotFoundError naming the problem;
+    returns the resolved folder."""
+    path = _resolve_folder(config)
+    model = _build_skeleton(config, path).model
+    if config.load_format != "dummy":
+        load_weights(
+            model,
+            iterate_weights(
+                path, config.load_format, _owned_by(model), read=read_shard_shapes, progress=False
+            ),
+        )
+    return path
+
+
+def load_model(config: WorkerConfig) -> LoadedModel:
+    """Build this rank's model slice on its device and fill its weights."""
+    path = _resolve_folder(config)
+    skeleton = _build_skeleton(config, path)
+    model, hf_config, device = skeleton.model, skeleton.hf_config, skeleton.device
     model.to_empty(device=device)
     model.post_materialize()
     if config.load_format == "dummy":
         _init_dummy(model, config.seed)
     else:
-        load_weights(model, iterate_weights(path, config.load_format, _owned_by(model)))
+        weights = iterate_weights(
+            path,
+            config.load_format,
+            _owned_by(model),
+            max_workers=config.max_parallel_loading_workers,
+            desc=f"Loading {path.name if is_local_folder(config.model) else config.model} "
+            f"(rank {config.rank})",
+        )
+        load_weights(model, weights)
     model.eval()
     logger.info(
         "loaded %s layers [%d, %d) of %d as %s on %s",
         path.name,
-        start,
-        end,
+        skeleton.start,
+        skeleton.end,
         hf_config.num_hidden_layers,
-        dtype,
+        skeleton.dtype,
         device,
     )
     return LoadedModel(
         model,
         hf_config,
         path,
-        dtype,
+        skeleton.dtype,
         device,
         read_eos_token_ids(path, hf_config),
-        start,
-        end,
-        max_model_len,
+        skeleton.start,
+        skeleton.end,
+        skeleton.max_model_len,
     )
 
 
@@ -176,8 +293,8 @@ def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
         return limit
     if limit and config.max_model_len > limit:
         raise ValueError(
-            f"max_model_len ({config.max_model_len}) exceeds the model's "
-            f"max_position_embeddings ({limit})"
+            f"--max-model-len {config.max_model_len} is longer than the model's context "
+            f"length (max_position_embeddings={limit} in its config.json); use at most {limit}"
         )
     return config.max_model_len
 
@@ -219,47 +336,6 @@ def _owned_by(model: nn.Module) -> Callable[[str], bool]:
     return owned
 
 
-def _weight_files(path: pathlib.Path, load_format: str) -> tuple[str, list[pathlib.Path]]:
-    safetensors = sorted(path.glob("*.safetensors"))
-    if load_format in ("auto", "safetensors") and safetensors:
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return "safetensors", [path / n for n in names]
-        return "safetensors", safetensors
-    if load_format == "safetensors":
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    pt = sorted(
-        p
-        for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")]
-        if p.name not in _PT_EXCLUDE
-    )
-    if not pt:
-        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin, *.pt) in {path}")
-    return "pt", pt
-
-
-def iterate_weights(
-    path: pathlib.Path, load_format: str, wanted: Callable[[str], bool]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (checkpoint name, CPU tensor) for every tensor `wanted` accepts."""
-    kind, files = _weight_files(path, load_format)
-    for file in files:
-        if kind == "safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    if wanted(name):
-                        yield name, f.get_tensor(name)
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            for name, tensor in state.items():
-                if wanted(name):
-                    yield name, tensor
-            del state
-
-
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy checkpoint tensors into `model` by name, packing fused shards; check completeness.
 
@@ -286,7 +362,10 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             fused = f"{head}.{fused_name}" if head else fused_name
             module = modules.get(fused)
             if isinstance(module, MergedLinear):
-                module.load_shard(param_name, shard, tensor)
+                try:
+                    module.load_shard(param_name, shard, tensor)
+                except ValueError as exc:
+                    raise ValueError(f"checkpoint tensor {name}: {exc}") from None
                 loaded.add((f"{fused}.{param_name}", shard))
                 continue
         if name not in params:

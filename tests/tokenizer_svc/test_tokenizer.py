@@ -16,7 +16,7 @@ from .utils import load, stream_deltas
         ({"tokenizer": ""}, "tokenizer must name"),
         (
             {"tokenizer_mode": "turbo"},
-            "tokenizer_mode must be one of auto, slow, fast, got 'turbo'",
+            "tokenizer_mode must be one of auto, slow, fast, mistral, got 'turbo'",
         ),
         ({"chat_template_timeout_s": 0}, "chat_template_timeout_s must be > 0, got 0"),
         ({"max_stop_strings": -1}, "max_stop_strings must be >= 0, got -1"),
@@ -132,3 +132,89 @@ def test_metaspace_byte_fallback_tokenizer(tmp_path):
     deltas = stream_deltas(llama_like, [], ids)
     assert "".join(deltas) == llama_like.tokenizer.decode(ids) == "hi é"
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_tokenizer_revision_and_download_dir(chatml_dir, no_template_dir, tmp_path, monkeypatch):
+    """A hub cache in a download dir: main has a chat template, v2 none (offline)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "dl" / "models--tiny-org--tok"
+    for commit, src in (("a" * 40, chatml_dir), ("b" * 40, no_template_dir)):
+        shutil.copytree(src, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (repo / "refs" / "v2").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    dl = str(tmp_path / "dl")
+    assert load("tiny-org/tok", download_dir=dl).has_chat_template
+    assert not load("tiny-org/tok", download_dir=dl, revision="v2").has_chat_template
+    # --tokenizer-revision wins over --revision for the tokenizer.
+    handle = load("tiny-org/tok", download_dir=dl, revision="main", tokenizer_revision="v2")
+    assert not handle.has_chat_template
+    handle = load("tiny-org/tok", download_dir=dl, revision="v2", tokenizer_revision="main")
+    assert handle.has_chat_template
+    with pytest.raises(FileNotFoundError, match="tiny-org/tok"):
+        load("tiny-org/tok")  # not in the default cache
+
+
+def test_local_tokenizer_ignores_revision_with_a_warning(chatml_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="splitserve.model_path"):
+        assert load(chatml_dir, tokenizer_revision="v9").has_chat_template
+    assert any("ignoring --tokenizer-revision v9" in r.getMessage() for r in caplog.records)
+
+
+def test_mistral_mode_names_the_missing_package(chatml_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mistral_common", None)
+    with pytest.raises(ValueError, match="needs the mistral_common package.*pip install"):
+        load(chatml_dir, tokenizer_mode="mistral")
+
+
+def _write_tekken(out, merges=(b"he", b"ll", b"hell", b"hello", b" w", b"or", b" wor", b" world")):
+    """A tiny mistral_common tekken.json: the 256 bytes, a few merges, 100 special tokens."""
+    import base64
+    import json
+
+    pieces = [bytes([i]) for i in range(256)] + list(merges)
+    vocab = [
+        {"rank": r, "token_bytes": base64.b64encode(p).decode(), "token_str": None}
+        for r, p in enumerate(pieces)
+    ]
+    pattern = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    config = {
+        "pattern": pattern,
+        "num_vocab_tokens": len(pieces),
+        "default_vocab_size": len(pieces) + 100,
+        "default_num_special_tokens": 100,
+        "version": "v7",
+    }
+    out.mkdir()
+    (out / "tekken.json").write_text(json.dumps({"vocab": vocab, "config": config}))
+    return out
+
+
+def test_mistral_mode_with_a_tekken_tokenizer(tmp_path):
+    pytest.importorskip("mistral_common")
+    handle = load(_write_tekken(tmp_path / "tekken"), tokenizer_mode="mistral")
+    assert type(handle.tokenizer).__name__ == "MistralCommonBackend"
+    assert handle.vocab_size == 256 + 8 + 100
+    text = "hello world, héllo wörld 🙂"
+    ids = handle.encode(text, add_special_tokens=False)
+    assert ids[:2] == [100 + 256 + 3, 100 + 256 + 7]  # "hello", " world" (after the specials)
+    assert handle.decode(ids, skip_special_tokens=True) == text
+    with_bos = handle.encode(text, add_special_tokens=True)
+    assert with_bos[0] == handle.info().bos_token_id == 1
+    assert handle.decode(with_bos, skip_special_tokens=True) == text
+    # Streaming splits multi-byte characters across byte tokens; the deltas still add up.
+    deltas = stream_deltas(handle, with_bos[:1], with_bos[1:])
+    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+    strings, raw = handle.decode_each(ids)
+    assert b"".join(raw) == text.encode()
+    assert strings[:2] == ["hello", " world"]
