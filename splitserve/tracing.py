@@ -112,14 +112,38 @@ def setup_tracing(service: str, endpoint: str | None) -> bool:
     trace.set_tracer_provider(provider)
     # NOTE: the exporter's own gRPC channel is created above, before the client
     # instrumentation, so exporting spans does not itself produce spans.
-    GrpcInstrumentorClient().instrument()
-    GrpcAioInstrumentorClient().instrument()
-    GrpcInstrumentorServer().instrument()
-    GrpcAioInstrumentorServer().instrument()
+    for instrumentor in (
+        GrpcInstrumentorClient,
+        GrpcAioInstrumentorClient,
+        GrpcInstrumentorServer,
+        GrpcAioInstrumentorServer,
+    ):
+        instrumentor(filter_=_traced_rpcs()).instrument()
     _state["enabled"] = True
     _state["provider"] = provider
     logger.info("exporting traces of %s to %s over OTLP/%s", name, endpoint, protocol)
     return True
+
+
+def _traced_rpcs():
+    """Every RPC but the housekeeping ones: health probes, the stats a /metrics scrape reads,
+    and the scheduler -> worker Execute stream, which lives as long as the process (its steps
+    get spans of their own with --collect-detailed-traces)."""
+    from opentelemetry.instrumentation.grpc import filters
+
+    return filters.negate(
+        filters.any_of(
+            filters.health_check(),
+            filters.all_of(
+                filters.service_name("splitserve.scheduler.v1.SchedulerService"),
+                filters.method_name("GetStats"),
+            ),
+            filters.all_of(
+                filters.service_name("splitserve.worker.v1.WorkerService"),
+                filters.method_name("Execute"),
+            ),
+        )
+    )
 
 
 def shutdown() -> None:
