@@ -31,10 +31,12 @@ class RequestTimeline:
     )
 
     def __init__(self, request_id: str) -> None:
-        from opentelemetry import context
-
         self.request_id = request_id
-        self.parent = context.get_current()
+        self.parent = None
+        if tracing.enabled():  # the Generate call's server span
+            from opentelemetry import context
+
+            self.parent = context.get_current()
         self.arrival_ns = time.time_ns()
         self.first_scheduled_ns = 0
         self.first_token_ns = 0

@@ -223,6 +223,39 @@ def test_one_trace_across_all_services(traced_server, receiver):
     assert all(s.parent_span_id == generate_server.span_id for s in steps)
 
 
+def test_streamed_request_span_ends_with_the_stream(traced_server, receiver):
+    trace_id = secrets.token_bytes(16)
+    traceparent = f"00-{trace_id.hex()}-{secrets.token_bytes(8).hex()}-01"
+    with httpx.stream(
+        "POST",
+        traced_server.url + "/v1/chat/completions",
+        headers={"traceparent": traceparent},
+        json={
+            "model": traced_server.model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "stream": True,
+            "ignore_eos": True,
+        },
+        timeout=60,
+    ) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+
+    def request_span():
+        found = [s for svc, s in receiver.of_trace(trace_id) if s.name == "llm_request"]
+        return found[0] if found else None
+
+    wait_for(lambda: request_span() is not None, 30, "the streamed request's span")
+    span = request_span()
+    attrs = _attrs(span)
+    assert span.status.code != trace_pb2.Status.STATUS_CODE_ERROR
+    assert attrs["gen_ai.usage.completion_tokens"] == 3
+    assert attrs["gen_ai.response.finish_reasons"] == ["length"]
+    assert attrs["http.route"] == "/v1/chat/completions"
+
+
 def _scrape(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     values = {}
