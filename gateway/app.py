@@ -18,6 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 import splitserve
+from splitserve import tracing
 from splitserve.gateway.clients import ServiceClients
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import ClientDisconnected, RequestError, error_response
@@ -39,10 +40,12 @@ from splitserve.gateway.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
+from splitserve.gateway.request_observer import RequestObserver
 from splitserve.gateway.sampling import check_token_ids
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.serving_chat import ChatService, apply_chat_template
 from splitserve.gateway.serving_completions import CompletionsService
+from splitserve.gateway.streaming import SSEResponse
 from splitserve.protos import tokenizer_pb2
 
 logger = logging.getLogger(__name__)
@@ -87,12 +90,14 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     owned = clients is None
     if clients is None:
         clients = ServiceClients(config.scheduler_address, config.tokenizer_address)
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(config.model_names()[0])
     state = GatewayState()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await _start_unless_stopped(clients, config.startup_timeout_s, state)
+        info = clients.model_info
+        metrics.set_model_name(config.model_names(info.model if info else "")[0])
         yield
         if owned:
             await clients.close()
@@ -122,6 +127,7 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
         allow_methods=config.allowed_methods,
         allow_headers=config.allowed_headers,
     )
+    tracing.instrument_fastapi(app)
     return app
 
 
@@ -193,11 +199,15 @@ def _add_routes(
 
     @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS})
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:
-        return await _guard(completions.create(body, raw), retry)
+        observer = RequestObserver(metrics, body.model or base.served_names[0], "/v1/completions")
+        return _observed(observer, await _guard(completions.create(body, raw), retry))
 
     @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
-        return await _guard(chat.create(body, raw), retry)
+        observer = RequestObserver(
+            metrics, body.model or base.served_names[0], "/v1/chat/completions"
+        )
+        return _observed(observer, await _guard(chat.create(body, raw), retry))
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def show_models() -> ModelList:
@@ -234,7 +244,15 @@ def _add_routes(
 
     @app.get("/metrics")
     async def show_metrics() -> Response:
+        await metrics.refresh_scheduler_stats(clients.scheduler)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _observed(observer: RequestObserver, response: Response) -> Response:
+    """A request that ended without its stream or result (an error): close its span."""
+    if not isinstance(response, SSEResponse) and response.status_code != 200:
+        observer.fail(f"HTTP {response.status_code}")
+    return response
 
 
 async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:

@@ -53,8 +53,11 @@ class ServiceClients:
             self._scheduler_channel = grpc.aio.insecure_channel(
                 self.scheduler_address, options=_CHANNEL_OPTIONS
             )
+            # The tokenizer service is stateless between calls: with several replicas behind
+            # one DNS name (docker compose --scale tokenizer=N) calls spread over all of them.
             self._tokenizer_channel = grpc.aio.insecure_channel(
-                self.tokenizer_address, options=_CHANNEL_OPTIONS
+                self.tokenizer_address,
+                options=[*_CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")],
             )
             self.scheduler = scheduler_pb2_grpc.SchedulerServiceStub(self._scheduler_channel)
             self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._tokenizer_channel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splitserve.sampling_params import MAX_LOGPROBS
+from splitserve.tracing import check_endpoint
 
 
 @dataclass
@@ -58,8 +59,12 @@ class GatewayConfig:
     """CORS allowed headers."""
     uvicorn_log_level: str = "info"
     """Log level of uvicorn's own loggers."""
+    otlp_traces_endpoint: str | None = None
+    """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
+    http/protobuf); None exports nothing and installs no instrumentation."""
 
     def __post_init__(self) -> None:
+        check_endpoint(self.otlp_traces_endpoint)
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]
         if not 0 <= self.port <= 65535:

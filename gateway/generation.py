@@ -65,6 +65,8 @@ class SequenceSpec:
     priority: int = 0
     grammar: common_pb2.GrammarSpec | None = None
     """The structured-output constraint, when the request has one."""
+    queue_time_s: float | None = None
+    """Filled in by run_sequence: the scheduler's queue time, from its first message."""
 
 
 @dataclass(slots=True)
@@ -138,6 +140,8 @@ async def run_sequence(
             return out
 
         async for resp in gen:
+            if spec.queue_time_s is None and resp.HasField("queue_time_s"):
+                spec.queue_time_s = resp.queue_time_s
             ids = list(resp.token_ids)
             finish = resp.finish_reason
             num_prompt = resp.num_prompt_tokens or num_prompt
@@ -282,17 +286,31 @@ async def _flush(detok) -> tuple[str, str | None]:
     return r.text, (r.stop_reason if r.stopped else None)
 
 
-def _close_in_background(*calls) -> None:
+def _close_in_background(gen, detok) -> None:
     async def close() -> None:
-        for call in calls:
+        # NOTE: each stream is read to its end (the server closes it right after the last
+        # message), not just awaited: a client interceptor (tracing) ends its span there.
+        for call, drain in ((gen, _drain_iter), (detok, _drain_reads)):
             try:
-                await asyncio.wait_for(call.code(), 5.0)
+                await asyncio.wait_for(drain(call), 5.0)
             except (Exception, asyncio.CancelledError):
                 call.cancel()
 
     task = asyncio.ensure_future(close())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
+
+
+async def _drain_iter(call) -> None:
+    async for _ in call:
+        pass
+    await call.code()
+
+
+async def _drain_reads(call) -> None:
+    while await call.read() is not grpc.aio.EOF:
+        pass
+    await call.code()
 
 
 class SequenceGroup:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -16,6 +15,7 @@ from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import RequestError, sse_error_event
 from splitserve.gateway.generation import Deadline, SequenceDelta, SequenceGroup, SequenceSpec
 from splitserve.gateway.metrics import GatewayMetrics
+from splitserve.gateway.request_observer import RequestObserver, current_observer
 from splitserve.gateway.sampling import Limits
 from splitserve.gateway.streaming import DONE, SSEResponse, run_until_disconnect
 
@@ -74,15 +74,13 @@ class ServingBase:
         self, raw: Request, specs: list[SequenceSpec], deadline: Deadline, arrival: float
     ) -> list[list[SequenceDelta]]:
         """Run every sequence to the end; a disconnect cancels them all."""
+        observer = self._observer(specs)
         group = SequenceGroup(self.clients, specs, deadline)
 
         async def drain() -> list[list[SequenceDelta]]:
             out: list[list[SequenceDelta]] = [[] for _ in specs]
-            first = True
             while (event := await group.next()) is not None:
-                if first:
-                    first = False
-                    self.metrics.ttft.observe(time.monotonic() - arrival)
+                observer.on_delta(*event)
                 out[event[0]].append(event[1])
             return out
 
@@ -102,14 +100,23 @@ class ServingBase:
     ) -> Response:
         """Start the sequences and wait for the first output, so that errors met before any
         token (queue full, bad argument, deadline) still get their HTTP status; then stream."""
+        observer = self._observer(specs)
         group = SequenceGroup(self.clients, specs, deadline)
         try:
             first = await run_until_disconnect(raw, group.next())
         except BaseException:
             await group.aclose()
             raise
-        self.metrics.ttft.observe(time.monotonic() - arrival)
-        return SSEResponse(self._sse_body(group, first, render, finish), group.aclose)
+        if first is not None:
+            observer.on_delta(*first)
+        return SSEResponse(self._sse_body(group, first, render, finish, observer), group.aclose)
+
+    def _observer(self, specs: list[SequenceSpec]) -> RequestObserver:
+        observer = current_observer()
+        if observer is None:  # not opened by a route (direct use): metrics only
+            observer = RequestObserver(self.metrics, self.served_names[0], "")
+        observer.start(specs)
+        return observer
 
     async def _sse_body(
         self,
@@ -117,6 +124,7 @@ class ServingBase:
         first: tuple[int, SequenceDelta] | None,
         render: RenderDelta,
         finish: Callable[[], Iterable[str]],
+        observer: RequestObserver,
     ) -> AsyncIterator[str]:
         try:
             event = first
@@ -124,10 +132,15 @@ class ServingBase:
                 for chunk in render(*event):
                     yield chunk
                 event = await group.next()
+                if event is not None:
+                    observer.on_delta(*event)
             for chunk in finish():
                 yield chunk
         except Exception as exc:
             # NOTE: headers are sent; the error becomes an SSE event, then [DONE].
             logger.info("stream failed: %s", exc)
+            observer.fail(exc)
             yield sse_error_event(exc, self.config.retry_after_s)
+        finally:
+            observer.fail("the client went away")  # no-op once finished
         yield DONE

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/worker.proto\x12\x14splitserve.worker.v1\x1a\x1esplitserve/protos/common.proto\"%\n\x0f\x44\x65scribeRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\"\xba\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x17\n\x0f\x62ytes_per_block\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\"@\n\x16InitializeCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\"*\n\x17InitializeCacheResponse\x12\x0f\n\x07seconds\x18\x01 \x01(\x02\"\x86\x02\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.common.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\x05\x12;\n\x07grammar\x18\x07 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x00\x88\x01\x01\x42\n\n\x08_grammar\"W\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\"\xc6\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x36\n\x0cnew_requests\x18\x02 \x03(\x0b\x32 .splitserve.worker.v1.NewRequest\x12<\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32#.splitserve.worker.v1.CachedRequest\x12W\n\x14num_scheduled_tokens\x18\x04 \x03(\x0b\x32\x39.splitserve.worker.v1.StepRequest.NumScheduledTokensEntry\x12\x1c\n\x14\x66inished_request_ids\x18\x05 \x03(\t\x1a\x39\n\x17NumScheduledTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x95\x03\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12M\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x34.splitserve.worker.v1.StepResult.PromptLogprobsEntry\x12<\n\x06\x65rrors\x18\x06 \x03(\x0b\x32,.splitserve.worker.v1.StepResult.ErrorsEntry\x1a[\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.splitserve.worker.v1.PromptLogprobs:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0ePromptLogprobs\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs2\xae\x02\n\rWorkerService\x12Y\n\x08\x44\x65scribe\x12%.splitserve.worker.v1.DescribeRequest\x1a&.splitserve.worker.v1.DescribeResponse\x12n\n\x0fInitializeCache\x12,.splitserve.worker.v1.InitializeCacheRequest\x1a-.splitserve.worker.v1.InitializeCacheResponse\x12R\n\x07\x45xecute\x12!.splitserve.worker.v1.StepRequest\x1a .splitserve.worker.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/worker.proto\x12\x14splitserve.worker.v1\x1a\x1esplitserve/protos/common.proto\"%\n\x0f\x44\x65scribeRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\"\xba\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x17\n\x0f\x62ytes_per_block\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\"@\n\x16InitializeCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\"*\n\x17InitializeCacheResponse\x12\x0f\n\x07seconds\x18\x01 \x01(\x02\"\x86\x03\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.common.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\x05\x12;\n\x07grammar\x18\x07 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x00\x88\x01\x01\x12I\n\rtrace_context\x18\x14 \x03(\x0b\x32\x32.splitserve.worker.v1.NewRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_grammar\"W\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\"\xc6\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x36\n\x0cnew_requests\x18\x02 \x03(\x0b\x32 .splitserve.worker.v1.NewRequest\x12<\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32#.splitserve.worker.v1.CachedRequest\x12W\n\x14num_scheduled_tokens\x18\x04 \x03(\x0b\x32\x39.splitserve.worker.v1.StepRequest.NumScheduledTokensEntry\x12\x1c\n\x14\x66inished_request_ids\x18\x05 \x03(\t\x1a\x39\n\x17NumScheduledTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x95\x03\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12M\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x34.splitserve.worker.v1.StepResult.PromptLogprobsEntry\x12<\n\x06\x65rrors\x18\x06 \x03(\x0b\x32,.splitserve.worker.v1.StepResult.ErrorsEntry\x1a[\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.splitserve.worker.v1.PromptLogprobs:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0ePromptLogprobs\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs2\xae\x02\n\rWorkerService\x12Y\n\x08\x44\x65scribe\x12%.splitserve.worker.v1.DescribeRequest\x1a&.splitserve.worker.v1.DescribeResponse\x12n\n\x0fInitializeCache\x12,.splitserve.worker.v1.InitializeCacheRequest\x1a-.splitserve.worker.v1.InitializeCacheResponse\x12R\n\x07\x45xecute\x12!.splitserve.worker.v1.StepRequest\x1a .splitserve.worker.v1.StepResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.protos.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_NEWREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_NEWREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._loaded_options = None
   _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_options = b'8\001'
   _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._loaded_options = None
@@ -47,21 +49,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INITIALIZECACHERESPONSE']._serialized_start=382
   _globals['_INITIALIZECACHERESPONSE']._serialized_end=424
   _globals['_NEWREQUEST']._serialized_start=427
-  _globals['_NEWREQUEST']._serialized_end=689
-  _globals['_CACHEDREQUEST']._serialized_start=691
-  _globals['_CACHEDREQUEST']._serialized_end=778
-  _globals['_STEPREQUEST']._serialized_start=781
-  _globals['_STEPREQUEST']._serialized_end=1107
-  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_start=1050
-  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_end=1107
-  _globals['_STEPRESULT']._serialized_start=1110
-  _globals['_STEPRESULT']._serialized_end=1515
-  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_start=1377
-  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_end=1468
-  _globals['_STEPRESULT_ERRORSENTRY']._serialized_start=1470
-  _globals['_STEPRESULT_ERRORSENTRY']._serialized_end=1515
-  _globals['_PROMPTLOGPROBS']._serialized_start=1517
-  _globals['_PROMPTLOGPROBS']._serialized_end=1587
-  _globals['_WORKERSERVICE']._serialized_start=1590
-  _globals['_WORKERSERVICE']._serialized_end=1892
+  _globals['_NEWREQUEST']._serialized_end=817
+  _globals['_NEWREQUEST_TRACECONTEXTENTRY']._serialized_start=754
+  _globals['_NEWREQUEST_TRACECONTEXTENTRY']._serialized_end=805
+  _globals['_CACHEDREQUEST']._serialized_start=819
+  _globals['_CACHEDREQUEST']._serialized_end=906
+  _globals['_STEPREQUEST']._serialized_start=909
+  _globals['_STEPREQUEST']._serialized_end=1235
+  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_start=1178
+  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_end=1235
+  _globals['_STEPRESULT']._serialized_start=1238
+  _globals['_STEPRESULT']._serialized_end=1643
+  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_start=1505
+  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_end=1596
+  _globals['_STEPRESULT_ERRORSENTRY']._serialized_start=1598
+  _globals['_STEPRESULT_ERRORSENTRY']._serialized_end=1643
+  _globals['_PROMPTLOGPROBS']._serialized_start=1645
+  _globals['_PROMPTLOGPROBS']._serialized_end=1715
+  _globals['_WORKERSERVICE']._serialized_start=1718
+  _globals['_WORKERSERVICE']._serialized_end=2020
 # @@protoc_insertion_point(module_scope)

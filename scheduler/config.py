@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.tracing import check_endpoint, parse_detailed_traces
+
 
 @dataclass
 class SchedulerConfig:
@@ -31,9 +33,25 @@ class SchedulerConfig:
     """Steps sent to the workers before the oldest result is back (2 overlaps scheduling
     with compute; 1 is strictly synchronous)."""
     worker_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50053"])
-    """gRPC addresses of the pipeline ranks, rank 0 first."""
+    """gRPC addresses of the pipeline ranks, rank 0 first (several per value when
+    comma-separated)."""
+    otlp_traces_endpoint: str | None = None
+    """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
+    http/protobuf); None exports nothing and installs no instrumentation."""
+    collect_detailed_traces: str | None = None
+    """Comma-separated modules to trace per step (all, model, worker; vLLM's values): the
+    scheduler sends trace context with steps and the workers emit a span per step. Needs
+    otlp_traces_endpoint; costly, for debugging."""
 
     def __post_init__(self) -> None:
+        # A comma-separated item is several addresses (one flag value from an env variable).
+        self.worker_addresses = [
+            a.strip() for item in self.worker_addresses for a in item.split(",") if a.strip()
+        ]
+        if not self.worker_addresses:
+            raise ValueError("worker_addresses must name at least one worker")
+        check_endpoint(self.otlp_traces_endpoint)
+        parse_detailed_traces(self.collect_detailed_traces, self.otlp_traces_endpoint)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

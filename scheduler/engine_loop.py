@@ -46,8 +46,11 @@ class EngineLoop:
         self.engine.shutdown()
 
     # -- called on the event loop -------------------------------------------------------
-    def add_request(self, req: scheduler_pb2.GenerateRequest) -> asyncio.Queue:
-        """Validate, register an output queue and hand the request to the engine thread."""
+    def add_request(
+        self, req: scheduler_pb2.GenerateRequest, trace_context: dict[str, str] | None = None
+    ) -> asyncio.Queue:
+        """Validate, register an output queue and hand the request to the engine thread.
+        `trace_context` (W3C headers) goes to the workers with the request's steps."""
         if self.dead is not None:
             raise RequestRejected("UNAVAILABLE", f"the engine is dead: {self.dead}")
         # validate() reads only fixed state, so it is safe off the engine thread.
@@ -58,7 +61,7 @@ class EngineLoop:
             raise RequestRejected("RESOURCE_EXHAUSTED", "the waiting queue is full; retry later")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = q
-        self._inbox.put(("add", req))
+        self._inbox.put(("add", (req, trace_context)))
         return q
 
     def abort(self, request_id: str) -> bool:
@@ -95,8 +98,10 @@ class EngineLoop:
     def _apply(self, item: tuple) -> None:
         kind, arg = item
         if kind == "add":
+            arg, trace_context = arg
             try:
-                self.engine.scheduler.add_request(arg)
+                request = self.engine.scheduler.add_request(arg)
+                request.trace_context = trace_context
             except RequestRejected as exc:
                 out = RequestOutput(
                     arg.request_id,

@@ -47,6 +47,10 @@ class Request:
     num_sent_blocks: int = 0
     """Blocks the workers know for this request."""
     prompt_logprobs_pending: bool = False
+    first_scheduled_ns: int = 0
+    """Wall-clock time (ns) the request first left the waiting queue; 0 before (tracing)."""
+    trace_context: dict[str, str] | None = None
+    """W3C trace headers sent to the workers with the request (detailed traces only)."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
@@ -48,6 +49,8 @@ class RequestOutput:
     error: str = ""
     error_code: str = ""
     """A grpc.StatusCode name when `error` is set."""
+    first_scheduled_ns: int = 0
+    """Wall-clock time (ns) the request was first scheduled (queue time, tracing)."""
 
     @property
     def finished(self) -> bool:
@@ -250,6 +253,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             req.num_computed_tokens = num_hit
+            if not req.first_scheduled_ns:
+                req.first_scheduled_ns = time.time_ns()
             self.kv.record_lookup(req.num_tokens, num_hit)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
@@ -293,6 +298,8 @@ class Scheduler:
         m.block_ids.extend(b.block_id for b in req.blocks)
         m.num_computed_tokens = num_computed
         m.num_prompt_tokens = req.num_prompt_tokens
+        if req.trace_context:
+            m.trace_context.update(req.trace_context)
         req.known_to_worker = True
         req.num_sent_blocks = len(req.blocks)
 
@@ -352,6 +359,7 @@ class Scheduler:
             r.request_id,
             num_prompt_tokens=r.num_prompt_tokens,
             num_cached_tokens=max(r.num_cached_tokens, 0),
+            first_scheduled_ns=r.first_scheduled_ns,
         )
 
     def _check_stop(self, r: Request, tok: int, out: RequestOutput) -> None:

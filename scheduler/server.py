@@ -9,12 +9,14 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from splitserve import tracing
 from splitserve.grpc_errors import ErrorInterceptor
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
 from .config import SchedulerConfig
 from .engine_core import EngineCore
 from .engine_loop import EngineLoop
+from .request_spans import RequestTimeline
 from .scheduler import RequestOutput, RequestRejected
 
 logger = logging.getLogger(__name__)
@@ -38,9 +40,11 @@ def to_response(out: RequestOutput) -> scheduler_pb2.GenerateResponse:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, detailed_traces: bool = False) -> None:
         self.engine_loop: EngineLoop | None = None
         """Set once the workers are up; until then every call is UNAVAILABLE."""
+        self.detailed_traces = detailed_traces and tracing.enabled()
+        """Send each request's trace context to the workers (per-step spans there)."""
 
     async def _engine(self, context) -> EngineLoop:
         if self.engine_loop is None:
@@ -49,8 +53,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def Generate(self, request, context):
         engine_loop = await self._engine(context)
+        # Arrival is noted before the request is queued: queue time starts here.
+        timeline = RequestTimeline(request.request_id)
         try:
-            q = engine_loop.add_request(request)
+            q = engine_loop.add_request(
+                request, tracing.inject_current() if self.detailed_traces else None
+            )
         except RequestRejected as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
         finished = False
@@ -63,12 +71,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         getattr(grpc.StatusCode, out.error_code or "INTERNAL"), out.error
                     )
                 finished = out.finished
-                yield to_response(out)
+                first = not timeline.first_scheduled_ns
+                timeline.observe(out)
+                resp = to_response(out)
+                if first and timeline.first_scheduled_ns:
+                    resp.queue_time_s = timeline.queue_time_s()
+                yield resp
                 if finished:
                     return
         finally:
             if not finished:  # the client cancelled or went away: abort downstream
                 engine_loop.abort(request.request_id)
+            if tracing.enabled():
+                timeline.emit()
 
     async def Abort(self, request, context):
         engine_loop = await self._engine(context)
@@ -89,7 +104,7 @@ async def run_scheduler(
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()], options=[("grpc.max_receive_message_length", 64 << 20)]
     )
-    servicer = SchedulerServicer()
+    servicer = SchedulerServicer(detailed_traces=config.collect_detailed_traces is not None)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -6,6 +6,8 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+from splitserve.tracing import check_endpoint
+
 TOKENIZER_MODES = ("auto", "slow", "fast", "mistral")
 
 # A chat-template argument holding any of these is a template, not a file path (vLLM's rule).
@@ -40,8 +42,12 @@ class TokenizerServiceConfig:
     """Threads for tokenization and template rendering (the event loop stays free)."""
     shutdown_grace_s: float = 5.0
     """Seconds in-flight RPCs get to finish after SIGTERM."""
+    otlp_traces_endpoint: str | None = None
+    """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
+    http/protobuf); None exports nothing and installs no instrumentation."""
 
     def __post_init__(self) -> None:
+        check_endpoint(self.otlp_traces_endpoint)
         if not self.tokenizer:
             raise ValueError(f"tokenizer must name a folder or hub id, got {self.tokenizer!r}")
         if self.tokenizer_mode not in TOKENIZER_MODES:

@@ -26,12 +26,14 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from splitserve import tracing
 from splitserve.grpc_errors import ErrorInterceptor
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -77,12 +79,18 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def Tokenize(self, request, context):
         handle = self._ready()
-        ids = await self._offload(handle.encode, request.text, request.add_special_tokens)
+        with tracing.span("tokenize", {"splitserve.text_chars": len(request.text)}) as span:
+            ids = await self._offload(handle.encode, request.text, request.add_special_tokens)
+            if span is not None:
+                span.set_attribute("splitserve.num_tokens", len(ids))
         return tokenizer_pb2.TokenizeResponse(token_ids=ids)
 
     async def Detokenize(self, request, context):
         handle = self._ready()
-        text = await self._offload(handle.decode, request.token_ids, request.skip_special_tokens)
+        with tracing.span("detokenize", {"splitserve.num_tokens": len(request.token_ids)}):
+            text = await self._offload(
+                handle.decode, request.token_ids, request.skip_special_tokens
+            )
         return tokenizer_pb2.DetokenizeResponse(text=text)
 
     async def ApplyChatTemplate(self, request, context):
@@ -135,6 +143,15 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         )
 
     async def DetokenizeStream(self, request_iterator, context):
+        trace = _StreamTrace() if tracing.enabled() else None
+        try:
+            async for response in self._detokenize_stream(request_iterator, trace):
+                yield response
+        finally:
+            if trace is not None:
+                trace.emit()
+
+    async def _detokenize_stream(self, request_iterator, trace: _StreamTrace | None):
         seq: SequenceStream | None = None
         async for request in request_iterator:
             kind = request.WhichOneof("kind")
@@ -142,6 +159,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 if seq is None:
                     raise InvalidRequest("the first DetokenizeStream message must carry `start`")
                 ids = request.tokens.token_ids
+                if trace is not None:
+                    trace.num_tokens += len(ids)
                 yield _stream_response(seq.push(ids) if ids else seq.finish())
             elif kind == "start":
                 if seq is not None:
@@ -156,9 +175,33 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     self._config.max_stop_strings,
                 )
                 logger.debug("detokenize stream %s started", start.request_id)
+                if trace is not None:
+                    trace.request_id = start.request_id
                 yield _START_RESPONSE
             else:
                 raise InvalidRequest("a DetokenizeStream message must carry `start` or `tokens`")
+
+
+class _StreamTrace:
+    """The `detokenize` span of one stream, emitted when the stream ends."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context
+
+        self.parent = context.get_current()
+        self.start_ns = time.time_ns()
+        self.request_id = ""
+        self.num_tokens = 0
+
+    def emit(self) -> None:
+        tracing.emit_span(
+            tracing.get_tracer(__name__),
+            "detokenize",
+            self.parent,
+            self.start_ns,
+            time.time_ns(),
+            {"gen_ai.request.id": self.request_id, "splitserve.num_tokens": self.num_tokens},
+        )
 
 
 def _stream_response(delta: StreamDelta) -> tokenizer_pb2.DetokenizeStreamResponse:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitserve.tracing import check_endpoint, parse_detailed_traces
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
@@ -62,8 +64,17 @@ class WorkerConfig:
     """Most tokens in one step (sizes the activation-memory profile)."""
     max_logprobs: int = 20
     """Most top logprobs a request may ask for."""
+    otlp_traces_endpoint: str | None = None
+    """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
+    http/protobuf); None exports nothing and installs no instrumentation."""
+    collect_detailed_traces: str | None = None
+    """Comma-separated modules to trace per step (all, model, worker; vLLM's values): the
+    scheduler sends trace context with steps and the workers emit a span per step. Needs
+    otlp_traces_endpoint; costly, for debugging."""
 
     def __post_init__(self) -> None:
+        check_endpoint(self.otlp_traces_endpoint)
+        parse_detailed_traces(self.collect_detailed_traces, self.otlp_traces_endpoint)
         choices = {
             "dtype": DTYPES,
             "device": DEVICES,

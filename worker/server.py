@@ -12,14 +12,17 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from splitserve import tracing
 from splitserve.grpc_errors import ErrorInterceptor
 from splitserve.protos import worker_pb2, worker_pb2_grpc
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.step_spans import StepSpans
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,12 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """Serves one ModelRunner; every runner call runs on the single `executor` thread."""
 
-    def __init__(self, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(
+        self, health_servicer: health.aio.HealthServicer, step_spans: StepSpans | None = None
+    ) -> None:
         self.health = health_servicer
+        self.step_spans = step_spans
+        """Per-step spans (--collect-detailed-traces with an OTLP endpoint); None: off."""
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
         self.runner_ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.dead: BaseException | None = None
@@ -96,8 +103,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (step := await queue.get()) is not None:
+                spans = self.step_spans
                 try:
+                    if spans is not None:
+                        spans.before(step)
+                        start_ns = time.time_ns()
                     result = await self._call(runner.execute, step)
+                    if spans is not None:
+                        spans.after(step, start_ns, time.time_ns())
                 except Exception as exc:
                     self.dead = exc
                     await self.set_health(_NOT_SERVING)
@@ -128,7 +141,8 @@ async def run_worker(
         ],
     )
     health_servicer = health.aio.HealthServicer()
-    servicer = WorkerServicer(health_servicer)
+    detailed = config.collect_detailed_traces is not None and tracing.enabled()
+    servicer = WorkerServicer(health_servicer, StepSpans(config.rank) if detailed else None)
     await servicer.set_health(_NOT_SERVING)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -137,11 +137,17 @@ def test_metrics(http):
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
-    assert values["splitserve_prompt_tokens_total"] >= 12
-    assert values["splitserve_generation_tokens_total"] >= 6
-    assert values["splitserve_time_to_first_token_seconds_count"] >= 2
+    m = '{model_name="fake-model"}'
+    assert values[f"vllm:prompt_tokens_total{m}"] >= 12
+    assert values[f"vllm:generation_tokens_total{m}"] >= 6
+    assert values[f"vllm:time_to_first_token_seconds_count{m}"] >= 2
     assert values['splitserve_http_requests_total{endpoint="/v1/completions",status="200"}'] >= 2
-    assert values['splitserve_request_success_total{finished_reason="length"}'] >= 2
+    assert (
+        values['vllm:request_success_total{finished_reason="length",model_name="fake-model"}'] >= 2
+    )
+    # The fake scheduler's GetStats: 100 blocks, all free.
+    assert values[f"vllm:kv_cache_usage_perc{m}"] == 0.0
+    assert values[f"vllm:num_requests_waiting{m}"] == 0
 
 
 def test_draining_refuses_new_requests(make_gateway):
