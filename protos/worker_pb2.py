@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/worker.proto\x12\x14splitserve.worker.v1\x1a\x1esplitserve/protos/common.proto\"%\n\x0f\x44\x65scribeRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\"\xba\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x17\n\x0f\x62ytes_per_block\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\"@\n\x16InitializeCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\"*\n\x17InitializeCacheResponse\x12\x0f\n\x07seconds\x18\x01 \x01(\x02\"\x86\x02\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.common.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\x05\x12;\n\x07grammar\x18\x07 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x00\x88\x01\x01\x42\n\n\x08_grammar\"W\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\"\xc6\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x36\n\x0cnew_requests\x18\x02 \x03(\x0b\x32 .splitserve.worker.v1.NewRequest\x12<\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32#.splitserve.worker.v1.CachedRequest\x12W\n\x14num_scheduled_tokens\x18\x04 \x03(\x0b\x32\x39.splitserve.worker.v1.StepRequest.NumScheduledTokensEntry\x12\x1c\n\x14\x66inished_request_ids\x18\x05 \x03(\t\x1a\x39\n\x17NumScheduledTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x95\x03\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12M\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x34.splitserve.worker.v1.StepResult.PromptLogprobsEntry\x12<\n\x06\x65rrors\x18\x06 \x03(\x0b\x32,.splitserve.worker.v1.StepResult.ErrorsEntry\x1a[\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.splitserve.worker.v1.PromptLogprobs:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0ePromptLogprobs\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs2\xae\x02\n\rWorkerService\x12Y\n\x08\x44\x65scribe\x12%.splitserve.worker.v1.DescribeRequest\x1a&.splitserve.worker.v1.DescribeResponse\x12n\n\x0fInitializeCache\x12,.splitserve.worker.v1.InitializeCacheRequest\x1a-.splitserve.worker.v1.InitializeCacheResponse\x12R\n\x07\x45xecute\x12!.splitserve.worker.v1.StepRequest\x1a .splitserve.worker.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/worker.proto\x12\x14splitserve.worker.v1\x1a\x1esplitserve/protos/common.proto\"%\n\x0f\x44\x65scribeRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\"\xba\x01\n\x10\x44\x65scribeResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x17\n\x0f\x62ytes_per_block\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\"@\n\x16InitializeCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\"*\n\x17InitializeCacheResponse\x12\x0f\n\x07seconds\x18\x01 \x01(\x02\"\x86\x02\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.common.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\x05\x12;\n\x07grammar\x18\x07 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x00\x88\x01\x01\x42\n\n\x08_grammar\"n\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x15\n\rnew_token_ids\x18\x04 \x03(\x05\"\xc6\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x36\n\x0cnew_requests\x18\x02 \x03(\x0b\x32 .splitserve.worker.v1.NewRequest\x12<\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32#.splitserve.worker.v1.CachedRequest\x12W\n\x14num_scheduled_tokens\x18\x04 \x03(\x0b\x32\x39.splitserve.worker.v1.StepRequest.NumScheduledTokensEntry\x12\x1c\n\x14\x66inished_request_ids\x18\x05 \x03(\t\x1a\x39\n\x17NumScheduledTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x95\x03\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12M\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x34.splitserve.worker.v1.StepResult.PromptLogprobsEntry\x12<\n\x06\x65rrors\x18\x06 \x03(\x0b\x32,.splitserve.worker.v1.StepResult.ErrorsEntry\x1a[\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.splitserve.worker.v1.PromptLogprobs:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0ePromptLogprobs\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\"%\n\x14GetStageStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"\xad\x01\n\nStageStats\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tnum_steps\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x19\n\x11recv_wait_seconds\x18\x04 \x01(\x01\x12\x19\n\x11send_wait_seconds\x18\x05 \x01(\x01\x12\x19\n\x11step_wait_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x07 \x01(\x01\x32\x8d\x03\n\rWorkerService\x12Y\n\x08\x44\x65scribe\x12%.splitserve.worker.v1.DescribeRequest\x1a&.splitserve.worker.v1.DescribeResponse\x12n\n\x0fInitializeCache\x12,.splitserve.worker.v1.InitializeCacheRequest\x1a-.splitserve.worker.v1.InitializeCacheResponse\x12R\n\x07\x45xecute\x12!.splitserve.worker.v1.StepRequest\x1a .splitserve.worker.v1.StepResult(\x01\x30\x01\x12]\n\rGetStageStats\x12*.splitserve.worker.v1.GetStageStatsRequest\x1a .splitserve.worker.v1.StageStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,19 +49,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEWREQUEST']._serialized_start=427
   _globals['_NEWREQUEST']._serialized_end=689
   _globals['_CACHEDREQUEST']._serialized_start=691
-  _globals['_CACHEDREQUEST']._serialized_end=778
-  _globals['_STEPREQUEST']._serialized_start=781
-  _globals['_STEPREQUEST']._serialized_end=1107
-  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_start=1050
-  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_end=1107
-  _globals['_STEPRESULT']._serialized_start=1110
-  _globals['_STEPRESULT']._serialized_end=1515
-  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_start=1377
-  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_end=1468
-  _globals['_STEPRESULT_ERRORSENTRY']._serialized_start=1470
-  _globals['_STEPRESULT_ERRORSENTRY']._serialized_end=1515
-  _globals['_PROMPTLOGPROBS']._serialized_start=1517
-  _globals['_PROMPTLOGPROBS']._serialized_end=1587
-  _globals['_WORKERSERVICE']._serialized_start=1590
-  _globals['_WORKERSERVICE']._serialized_end=1892
+  _globals['_CACHEDREQUEST']._serialized_end=801
+  _globals['_STEPREQUEST']._serialized_start=804
+  _globals['_STEPREQUEST']._serialized_end=1130
+  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_start=1073
+  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_end=1130
+  _globals['_STEPRESULT']._serialized_start=1133
+  _globals['_STEPRESULT']._serialized_end=1538
+  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_start=1400
+  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_end=1491
+  _globals['_STEPRESULT_ERRORSENTRY']._serialized_start=1493
+  _globals['_STEPRESULT_ERRORSENTRY']._serialized_end=1538
+  _globals['_PROMPTLOGPROBS']._serialized_start=1540
+  _globals['_PROMPTLOGPROBS']._serialized_end=1610
+  _globals['_GETSTAGESTATSREQUEST']._serialized_start=1612
+  _globals['_GETSTAGESTATSREQUEST']._serialized_end=1649
+  _globals['_STAGESTATS']._serialized_start=1652
+  _globals['_STAGESTATS']._serialized_end=1825
+  _globals['_WORKERSERVICE']._serialized_start=1828
+  _globals['_WORKERSERVICE']._serialized_end=2225
 # @@protoc_insertion_point(module_scope)
