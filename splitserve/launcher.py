@@ -103,12 +103,16 @@ def serve(args: argparse.Namespace) -> int:
     # them (for gRPC clients that call the scheduler directly), otherwise free ports.
     tok_addr = getattr(args, "tokenizer_address", None) or f"{host}:{free_port()}"
     sched_addr = getattr(args, "scheduler_address", None) or f"{host}:{free_port()}"
-    worker_cfg = build_config(worker_cls, args, model=model)
-    if worker_cfg.pipeline_parallel_size != 1:
-        raise ValueError(
-            f"--pipeline-parallel-size {worker_cfg.pipeline_parallel_size} is not supported "
-            "yet: only 1 (pipeline stage transfer lands with its own issue)"
-        )
+    # Pipeline ranks meet at --distributed-init-method, or at --master-addr/--master-port;
+    # given neither, at a free loopback port.
+    rendezvous = (
+        {"master_port": free_port()}
+        if getattr(args, "pipeline_parallel_size", 1) > 1
+        and getattr(args, "distributed_init_method", None) is None
+        and getattr(args, "master_port", None) is None
+        else {}
+    )
+    worker_cfg = build_config(worker_cls, args, model=model, **rendezvous)
     worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
     tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
     tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
