@@ -268,3 +268,19 @@ def test_ranks_need_a_rendezvous():
     assert WorkerConfig(model="m", master_port=1234).init_method() == "tcp://127.0.0.1:1234"
     with pytest.raises(ValueError, match="must be a URL"):
         WorkerConfig(model="m", distributed_init_method="localhost:1")
+
+
+def test_launcher_gives_each_rank_its_own_gpu(monkeypatch):
+    from splitserve.launcher import _gpu_per_rank
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    two = WorkerConfig(model="m", pipeline_parallel_size=2)
+    assert _gpu_per_rank(two) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert _gpu_per_rank(two) == [{"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"}]
+    assert _gpu_per_rank(WorkerConfig(model="m", pipeline_parallel_size=2, device="cpu")) is None
+    with pytest.raises(ValueError, match="needs one GPU per stage, but 2 are visible"):
+        _gpu_per_rank(WorkerConfig(model="m", pipeline_parallel_size=3))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert _gpu_per_rank(two) is None
