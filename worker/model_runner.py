@@ -32,7 +32,7 @@ from splitserve.worker.config import WorkerConfig
 from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_capture_memory
 from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.model_loader import load_model
-from splitserve.worker.pipeline import IntermediateTensors
+from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.sampler import Sampler, compute_logprobs
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class ModelRunner:
         self.batch: InputBatch | None = None
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
+        self.last_layout = 0
+        """`step_layout` of the last step run (pipeline ranks compare it)."""
 
     def _init_model(self) -> None:
         loaded = load_model(self.config)
@@ -301,6 +303,7 @@ class ModelRunner:
         errors: dict[str, str] = {}
         self._update_states(step, errors)
         plan = self._plan(step, errors)
+        self.last_layout = 0 if plan is None else step_layout(plan.rows, plan.ends)
         if not self.is_first:
             self._check_intermediate(step, plan, intermediate)
         if plan is None:
@@ -341,6 +344,11 @@ class ModelRunner:
             raise RuntimeError(
                 f"step {step.step_id}: this rank plans {expected} tokens but the previous "
                 f"pipeline rank sent {got}: the ranks' request states disagree"
+            )
+        if intermediate is not None and intermediate.layout not in (None, self.last_layout):
+            raise RuntimeError(
+                f"step {step.step_id}: the previous pipeline rank laid out the batch's rows "
+                "differently: the ranks' request states disagree"
             )
 
     def _empty_intermediate(self) -> IntermediateTensors:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -42,3 +43,18 @@ class IntermediateTensors:
 
     hidden_states: torch.Tensor
     residual: torch.Tensor
+    layout: int | None = None
+    """The sender's `step_layout` of these tokens, when they crossed between processes."""
+
+
+def step_layout(rows: np.ndarray, ends: np.ndarray) -> int:
+    """A fingerprint of which batch rows a step computes, in which order, and each one's
+    computed length after it: pipeline ranks must agree, or activations land on wrong rows."""
+    n = rows.size
+    if n == 0:
+        return 0
+    weights = np.arange(1, n + 1, dtype=np.int64)
+    # int64 wrap-around is fine: both ranks compute the same wrapped value.
+    with np.errstate(over="ignore"):
+        mixed = (rows.astype(np.int64) * 1_000_003 + ends.astype(np.int64)) * weights
+        return int(mixed.sum() & 0x7FFF_FFFF_FFFF_FFFF)

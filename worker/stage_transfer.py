@@ -4,9 +4,10 @@ The ranks form one process group (gloo on CPU, NCCL on CUDA) that they join them
 `WorkerConfig.init_method()`. Every step the scheduler sends to all ranks; each rank but the
 first receives the previous rank's activations for it, and each rank but the last sends its
 own to the next. A step crosses as two point-to-point messages: a header
-[step_id, num_tokens] and, when num_tokens > 0, one tensor [2, num_tokens, hidden] holding
-hidden states and residual. The header lets the receiver check that both ranks run the same
-step over the same tokens, so a disagreement fails loudly instead of mixing steps.
+[step_id, num_tokens, layout] and, when num_tokens > 0, one tensor [2, num_tokens, hidden]
+holding hidden states and residual. The header lets the receiver check that both ranks run
+the same step over the same rows in the same order (`pipeline.step_layout`), so a
+disagreement fails loudly instead of mixing requests.
 
 Sends are asynchronous (a send completes only once the receiver posts the matching receive,
 so a blocking send would hold rank 0 until the next stage is free: no overlap). Every wait
@@ -75,12 +76,12 @@ class StageLink:
             ) from exc
 
     # ------------------------------------------------------------------ send side
-    def send(self, step_id: int, tensors: IntermediateTensors) -> float:
+    def send(self, step_id: int, tensors: IntermediateTensors, layout: int) -> float:
         """Hand a step's activations to the next rank; returns seconds spent waiting for
         earlier sends (only when too many are still pending)."""
         hidden, residual = tensors.hidden_states, tensors.residual
         n = int(hidden.shape[0])
-        header = torch.tensor([step_id, n], dtype=torch.int64, device=self.device)
+        header = torch.tensor([step_id, n, layout], dtype=torch.int64, device=self.device)
         self._isend(header)
         if n:
             self._isend(torch.stack([hidden, residual]).contiguous())
@@ -106,9 +107,9 @@ class StageLink:
     # ------------------------------------------------------------------ receive side
     def recv(self, step_id: int, hidden_size: int, dtype: torch.dtype) -> IntermediateTensors:
         """The previous rank's activations for step `step_id` (possibly zero tokens)."""
-        header = torch.empty(2, dtype=torch.int64, device=self.device)
+        header = torch.empty(3, dtype=torch.int64, device=self.device)
         self._wait(dist.irecv(header, self.rank - 1), "receive from", self.rank - 1)
-        got_step, n = (int(x) for x in header.tolist())
+        got_step, n, layout = (int(x) for x in header.tolist())
         if got_step != step_id:
             raise StageTransferError(
                 f"rank {self.rank} runs step {step_id} but rank {self.rank - 1} sent step "
@@ -117,7 +118,7 @@ class StageLink:
         payload = torch.empty(2, n, hidden_size, dtype=dtype, device=self.device)
         if n:
             self._wait(dist.irecv(payload, self.rank - 1), "receive from", self.rank - 1)
-        return IntermediateTensors(payload[0], payload[1])
+        return IntermediateTensors(payload[0], payload[1], layout)
 
     def _wait(self, work, verb: str, peer: int) -> None:
         try:
@@ -169,7 +170,7 @@ class PipelineStage:
             recv_wait = time.perf_counter() - start
         out = runner.execute(step, intermediate)
         if link is not None and not link.is_last:
-            send_wait = link.send(step.step_id, out)
+            send_wait = link.send(step.step_id, out, runner.last_layout)
             out = worker_pb2.StepResult(step_id=step.step_id)
         end = time.perf_counter()
         with self._lock:

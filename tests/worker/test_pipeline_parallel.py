@@ -284,3 +284,40 @@ def test_launcher_gives_each_rank_its_own_gpu(monkeypatch):
         _gpu_per_rank(WorkerConfig(model="m", pipeline_parallel_size=3))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert _gpu_per_rank(two) is None
+
+
+def test_a_rank_refuses_activations_laid_out_differently(checkpoint):
+    from splitserve.worker.pipeline import IntermediateTensors
+
+    path = checkpoint("llama_names_False", num_layers=3)
+    ranks = [
+        ModelRunner(WorkerConfig(model=str(path), rank=r, pipeline_parallel_size=2))
+        for r in range(2)
+    ]
+    for r in ranks:
+        r.initialize_cache(8, 4)
+    sp = common_pb2.SamplingParams(temperature=0)
+    step = worker_pb2.StepRequest(
+        step_id=0,
+        new_requests=[
+            worker_pb2.NewRequest(
+                request_id=rid,
+                token_ids=[5, 6, 7],
+                block_ids=[i],
+                num_prompt_tokens=3,
+                sampling_params=sp,
+            )
+            for i, rid in enumerate(["a", "b"])
+        ],
+        num_scheduled_tokens={"a": 3, "b": 3},
+    )
+    out = ranks[0].execute(step)
+    good = IntermediateTensors(out.hidden_states, out.residual, ranks[0].last_layout)
+    swapped = IntermediateTensors(out.hidden_states, out.residual, ranks[0].last_layout + 1)
+    with pytest.raises(RuntimeError, match="laid out the batch's rows differently"):
+        ranks[1].execute(step, swapped)
+    fresh = ModelRunner(WorkerConfig(model=str(path), rank=1, pipeline_parallel_size=2))
+    fresh.initialize_cache(8, 4)
+    assert list(fresh.execute(step, good).request_ids) == ["a", "b"]
+    with pytest.raises(RuntimeError, match="plans 0 tokens but the previous pipeline rank sent 6"):
+        fresh.execute(worker_pb2.StepRequest(step_id=1), good)
