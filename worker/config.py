@@ -47,7 +47,7 @@ class WorkerConfig:
     master_port: int | None = None
     """Port of that store; `serve` picks a free one when neither this nor distributed_init_method is given."""
     distributed_timeout_seconds: float = 120.0
-    """Longest wait for a peer rank (joining, or a step's hidden states) before the rank declares the pipeline dead."""
+    """Longest wait for the previous rank's hidden states, or for the next rank to take this rank's, before declaring the pipeline dead (joining the group may take up to 10 minutes, while peers load)."""
     attention_backend: str = "auto"
     """Attention implementation: auto (triton on CUDA, torch otherwise), torch or triton."""
     enforce_eager: bool = False

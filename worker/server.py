@@ -101,20 +101,32 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 await queue.put(None)
 
         reader = asyncio.create_task(read())
+        interval = self.stage.watch_interval
         try:
-            while (step := await queue.get()) is not None:
+            while True:
                 try:
-                    result = await self._call(self.stage.execute, step)
-                except Exception as exc:
-                    logger.error("step %d failed; this worker is dead: %s", step.step_id, exc)
-                    self.dead = exc
-                    await self.set_health(_NOT_SERVING)
-                    raise
-                yield result
+                    step = await asyncio.wait_for(queue.get(), interval)
+                except asyncio.TimeoutError:
+                    # Idle: a pipeline rank checks that the next one still takes its sends.
+                    await self._run_step(self.stage.check, None)
+                    continue
+                if step is None:
+                    break
+                yield await self._run_step(self.stage.execute, step)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+    async def _run_step(self, fn, step):
+        try:
+            return await self._call(fn, step) if step is not None else await self._call(fn)
+        except Exception as exc:
+            where = f"step {step.step_id}" if step is not None else "the pipeline check"
+            logger.error("%s failed; this worker is dead: %s", where, exc)
+            self.dead = exc
+            await self.set_health(_NOT_SERVING)
+            raise
 
     async def GetStageStats(self, request, context):
         await self._runner(context)

@@ -32,6 +32,8 @@ from splitserve.worker.pipeline import IntermediateTensors
 
 logger = logging.getLogger(__name__)
 
+JOIN_TIMEOUT_S = 600.0
+"""Longest wait for every rank to join the group: peers load their weights at their own pace."""
 MAX_PENDING_SENDS = 8
 """Sends not yet taken by the next rank before this rank waits for the oldest."""
 
@@ -50,7 +52,8 @@ class StageLink:
         self.timeout = timedelta(seconds=config.distributed_timeout_seconds)
         self.is_first = config.is_first_rank
         self.is_last = config.is_last_rank
-        self._pending: deque[tuple[object, torch.Tensor]] = deque()
+        self._pending: deque[tuple[object, torch.Tensor, float]] = deque()
+        """(work, tensor, monotonic time sent) of sends the next rank has not taken yet."""
         backend = "nccl" if device.type == "cuda" else "gloo"
         init_method = config.init_method()
         logger.info(
@@ -66,13 +69,12 @@ class StageLink:
                 init_method=init_method,
                 rank=self.rank,
                 world_size=self.world_size,
-                timeout=self.timeout,
+                timeout=timedelta(seconds=max(JOIN_TIMEOUT_S, self.timeout.total_seconds())),
                 **({"device_id": device} if device.type == "cuda" else {}),
             )
         except Exception as exc:
             raise StageTransferError(
-                f"rank {self.rank} could not join the pipeline group at {init_method} within "
-                f"{self.timeout.total_seconds():.0f}s: {exc}"
+                f"rank {self.rank} could not join the pipeline group at {init_method}: {exc}"
             ) from exc
 
     # ------------------------------------------------------------------ send side
@@ -102,7 +104,21 @@ class StageLink:
                 f"rank {self.rank} could not send to rank {self.rank + 1}: {exc}"
             ) from exc
         # NOTE: the tensor must stay alive until the send completes.
-        self._pending.append((work, tensor))
+        self._pending.append((work, tensor, time.monotonic()))
+
+    def check_sends(self) -> None:
+        """Raise when the next rank has left a send untaken for longer than the timeout (it
+        hangs); called while this rank waits for steps, when nothing else would notice."""
+        while self._pending and self._pending[0][0].is_completed():
+            self._wait(self._pending.popleft()[0], "send to", self.rank + 1)
+        if self._pending:
+            age = time.monotonic() - self._pending[0][2]
+            if age > self.timeout.total_seconds():
+                raise StageTransferError(
+                    f"pipeline rank {self.rank + 1} has not taken rank {self.rank}'s "
+                    f"activations for {age:.0f}s (timeout "
+                    f"{self.timeout.total_seconds():.0f}s): it is stuck"
+                )
 
     # ------------------------------------------------------------------ receive side
     def recv(self, step_id: int, hidden_size: int, dtype: torch.dtype) -> IntermediateTensors:
@@ -184,6 +200,18 @@ class PipelineStage:
             self.send_wait += send_wait
             self.compute += end - start - recv_wait - send_wait
         return out
+
+    @property
+    def watch_interval(self) -> float | None:
+        """Seconds between `check` calls while idle; None when there is nothing to watch."""
+        if self.link is None or self.link.is_last:
+            return None
+        return max(0.5, min(5.0, self.link.timeout.total_seconds() / 4))
+
+    def check(self) -> None:
+        """Between steps: fail if the next rank stopped taking this rank's activations."""
+        if self.link is not None and not self.link.is_last:
+            self.link.check_sends()
 
     def stats(self, reset: bool = False) -> worker_pb2.StageStats:
         """The counters (and zero them when `reset`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from splitserve.worker.model_runner import ModelRunner
 from splitserve.worker.pipeline import layer_range
 
 NUM_REQUESTS = 32
+HANG_TIMEOUT_S = 5.0
 STARTUP_S = 180.0
 
 
@@ -43,7 +45,7 @@ def _workload(vocab_size: int) -> list[tuple[list[int], int]]:
 class PipelineWorkers:
     """`splitserve worker` processes, one per rank, meeting at one tcp:// rendezvous."""
 
-    def __init__(self, model, pp: int, log_dir, extra: list[str] = ()) -> None:
+    def __init__(self, model, pp: int, log_dir, timeout_s: float, extra: list[str] = ()) -> None:
         self.addresses = [f"127.0.0.1:{_free_port()}" for _ in range(pp)]
         init = f"tcp://127.0.0.1:{_free_port()}"
         self.logs = [log_dir / f"pp{pp}-rank{r}.log" for r in range(pp)]
@@ -64,7 +66,7 @@ class PipelineWorkers:
                     "--distributed-init-method",
                     init,
                     "--distributed-timeout-seconds",
-                    "60",
+                    str(timeout_s),
                     "--kv-cache-memory",
                     f"{pp - rank}MiB",  # unequal on purpose: the scheduler takes the least
                     *extra,
@@ -157,8 +159,9 @@ def test_pipeline_ranks_match_one_rank_and_transformers(checkpoint, tmp_path):
     workload = _workload(96)
     # Start both pipelines at once: their processes load while this one works.
     pipelines = {
-        2: PipelineWorkers(path, 2, tmp_path, ["--pp-layer-partition", "1,2"]),
-        3: PipelineWorkers(path, 3, tmp_path),
+        # P=2 gets a short transfer timeout: the test ends by stopping its last rank.
+        2: PipelineWorkers(path, 2, tmp_path, HANG_TIMEOUT_S, ["--pp-layer-partition", "1,2"]),
+        3: PipelineWorkers(path, 3, tmp_path, 60),
     }
     try:
         single = EngineCore(
@@ -180,14 +183,31 @@ def test_pipeline_ranks_match_one_rank_and_transformers(checkpoint, tmp_path):
             assert engine.num_blocks == (1 << 20) // (last_layers * 2048)
             got = _generate(engine, workload)
             stats = workers.stage_stats()
-            engine.shutdown()
             assert got == one, f"P={pp} differs from one rank"
             steps = {s.num_steps for s in stats}
             assert len(steps) == 1 and steps.pop() > 0, stats  # every rank ran every step
             assert stats[0].recv_wait_seconds == 0 and stats[-1].send_wait_seconds == 0
+            if pp == 2:
+                _last_rank_stuck_fails_the_engine(engine, workers)
+            engine.shutdown()
     finally:
         for workers in pipelines.values():
+            for proc in workers.procs:
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGCONT)
             workers.stop()
+
+
+def _last_rank_stuck_fails_the_engine(engine: EngineCore, workers: PipelineWorkers) -> None:
+    """A stopped (not dead) last rank: rank 0 sees its activations untaken past the timeout
+    and fails, and the scheduler's executor turns that into WorkerDied instead of waiting."""
+    from splitserve.scheduler.executor_grpc import WorkerDied
+
+    os.kill(workers.procs[-1].pid, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(WorkerDied, match="rank 1 has not taken rank 0's activations"):
+        _generate(engine, [([5, 6, 7], 4), ([8, 9], 4)])
+    assert time.monotonic() - start < HANG_TIMEOUT_S + 20
 
 
 @pytest.mark.parametrize("tie", [False, True])
