@@ -38,6 +38,13 @@ MAX_PENDING_SENDS = 8
 """Sends not yet taken by the next rank before this rank waits for the oldest."""
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """`cuda` -> `cuda:N` of the current device (NCCL binds the group to one device)."""
+    if device.index is not None:
+        return device
+    return torch.device(device.type, torch.cuda.current_device())
+
+
 class StageTransferError(RuntimeError):
     """A peer rank died, timed out, or ran a different step: the pipeline cannot go on."""
 
@@ -70,7 +77,7 @@ class StageLink:
                 rank=self.rank,
                 world_size=self.world_size,
                 timeout=timedelta(seconds=max(JOIN_TIMEOUT_S, self.timeout.total_seconds())),
-                **({"device_id": device} if device.type == "cuda" else {}),
+                **({"device_id": _indexed(device)} if device.type == "cuda" else {}),
             )
         except Exception as exc:
             raise StageTransferError(
