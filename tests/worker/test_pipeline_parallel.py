@@ -88,16 +88,13 @@ class PipelineWorkers:
                 stats.append(stub.GetStageStats(worker_pb2.GetStageStatsRequest(), timeout=10))
         return stats
 
-    def stop(self) -> None:
+    def kill(self) -> None:
+        """SIGKILL: graceful stops are the launcher tests' business, and slow here."""
         for p in self.procs:
             if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
                 p.kill()
-                p.wait()
+        for p in self.procs:
+            p.wait()
 
     def tail(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for log in self.logs)
@@ -192,10 +189,7 @@ def test_pipeline_ranks_match_one_rank_and_transformers(checkpoint, tmp_path):
             engine.shutdown()
     finally:
         for workers in pipelines.values():
-            for proc in workers.procs:
-                if proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGCONT)
-            workers.stop()
+            workers.kill()
 
 
 def _last_rank_stuck_fails_the_engine(engine: EngineCore, workers: PipelineWorkers) -> None:
