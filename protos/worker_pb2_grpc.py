@@ -50,6 +50,11 @@ class WorkerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_worker__pb2.StepRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_worker__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.GetStageStats = channel.unary_unary(
+                '/splitserve.worker.v1.WorkerService/GetStageStats',
+                request_serializer=splitserve_dot_protos_dot_worker__pb2.GetStageStatsRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_worker__pb2.StageStats.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -77,6 +82,13 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStageStats(self, request, context):
+        """Where this pipeline stage spent its time since start-up (or the last reset).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=splitserve_dot_protos_dot_worker__pb2.StepRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_worker__pb2.StepResult.SerializeToString,
+            ),
+            'GetStageStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStageStats,
+                    request_deserializer=splitserve_dot_protos_dot_worker__pb2.GetStageStatsRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_worker__pb2.StageStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class WorkerService:
             '/splitserve.worker.v1.WorkerService/Execute',
             splitserve_dot_protos_dot_worker__pb2.StepRequest.SerializeToString,
             splitserve_dot_protos_dot_worker__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStageStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.worker.v1.WorkerService/GetStageStats',
+            splitserve_dot_protos_dot_worker__pb2.GetStageStatsRequest.SerializeToString,
+            splitserve_dot_protos_dot_worker__pb2.StageStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,8 @@ class SchedulerConfig:
     """Waiting-queue length past which new requests are refused with RESOURCE_EXHAUSTED."""
     async_scheduling_depth: int = 2
     """Steps sent to the workers before the oldest result is back (2 overlaps scheduling
-    with compute; 1 is strictly synchronous)."""
+    with compute; 1 is strictly synchronous). With P > 1 pipeline ranks, P steps (one
+    micro-batch per stage) are in flight instead."""
     worker_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50053"])
     """gRPC addresses of the pipeline ranks, rank 0 first (several per value when
     comma-separated)."""

@@ -1,8 +1,10 @@
 """The step loop shared by the scheduler service and the in-process engine.
 
-An executor runs steps on the workers in order. The loop keeps up to
+An executor runs steps on the workers in order. With one pipeline rank the loop keeps up to
 `async_scheduling_depth` steps outstanding, so the next step is planned and sent while the
-current one computes.
+current one computes. With P > 1 ranks (learned from Describe) it keeps up to P steps
+outstanding, micro-batches of disjoint requests, so every stage has one to work on; see
+`Scheduler.pipeline_parallel_size`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ def plan_kv_cache(
     return int(num_blocks), int(model_len)
 
 
+def check_ranks(ranks: list[worker_pb2.DescribeResponse]) -> int:
+    """The pipeline size, after checking the workers form one pipeline, rank 0 first."""
+    size = len(ranks)
+    got = [(r.rank, r.world_size) for r in ranks]
+    if got != [(i, size) for i in range(size)]:
+        raise ValueError(
+            f"the {size} worker address(es) must be pipeline ranks 0..{size - 1} of a "
+            f"pipeline of {size}, in order; they answered (rank, size) = {got}"
+        )
+    return size
+
+
 class EngineCore:
     """Owns the scheduler and an executor; `step()` advances the whole batch by one result."""
 
@@ -65,6 +79,7 @@ class EngineCore:
         self.config = config
         self.executor = executor
         ranks = executor.describe(config.block_size)
+        self.pipeline_parallel_size = check_ranks(ranks)
         self.num_blocks, self.max_model_len = plan_kv_cache(config, ranks)
         last = ranks[-1]
         self.model_info = scheduler_pb2.ModelInfo(
@@ -82,8 +97,19 @@ class EngineCore:
         )
         executor.initialize_cache(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(
-            config, self.num_blocks, self.max_model_len, last.vocab_size, list(last.eos_token_ids)
+            config,
+            self.num_blocks,
+            self.max_model_len,
+            last.vocab_size,
+            list(last.eos_token_ids),
+            pipeline_parallel_size=self.pipeline_parallel_size,
         )
+        self.max_inflight = (
+            self.pipeline_parallel_size
+            if self.pipeline_parallel_size > 1
+            else config.async_scheduling_depth
+        )
+        """Steps outstanding at most: P micro-batches, or the async depth with one rank."""
         self._inflight: deque[worker_pb2.StepRequest] = deque()
 
     @property
@@ -92,7 +118,7 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         """Fill the pipeline, then wait for the oldest step and apply its result."""
-        while len(self._inflight) < self.config.async_scheduling_depth:
+        while len(self._inflight) < self.max_inflight:
             step = self.scheduler.schedule()
             if step is None:
                 break

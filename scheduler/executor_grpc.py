@@ -1,14 +1,23 @@
 """Executor over gRPC: every pipeline rank gets each step; the last rank's result counts.
 
-Each rank needs the step's block tables for its own slice of the KV cache; hidden states
-travel between ranks over torch.distributed, not through here. Blocking calls: the engine
-loop runs in its own thread.
+The scheduler sends each step to every rank itself rather than to rank 0 for relaying: every
+rank needs the step's block tables for its own slice of the KV cache, and a relay would put
+a serial hop in front of every stage. Hidden states travel between ranks over
+torch.distributed, not through here; the tokens the last rank samples come back here and
+reach the other ranks in a later step (`CachedRequest.new_token_ids`).
+
+The last rank's stream carries the results. The other ranks answer each step with its id
+once their part is done; a thread per rank drains those answers, and when a rank's stream
+breaks it cancels the last rank's stream, so `get_result` raises WorkerDied instead of
+waiting on a pipeline that lost a stage. Blocking calls: the engine loop runs in its own
+thread.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 
 import grpc
@@ -41,6 +50,8 @@ class GrpcExecutor:
         self._wait_ready(connect_timeout_s)
         self._queues: list[queue.Queue] = []
         self._streams = []
+        self._failure: str | None = None
+        """Why a non-last rank's stream ended, once one has."""
 
     def _wait_ready(self, timeout_s: float) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -73,21 +84,41 @@ class GrpcExecutor:
             q: queue.Queue = queue.Queue()
             self._queues.append(q)
             self._streams.append(s.Execute(iter(q.get, _END)))
+        for rank, stream in enumerate(self._streams[:-1]):
+            threading.Thread(
+                target=self._drain, args=(rank, stream), name=f"rank{rank}-acks", daemon=True
+            ).start()
+
+    def _drain(self, rank: int, stream) -> None:
+        """Consume a non-last rank's per-step answers; on a break, stop the last rank's."""
+        try:
+            for _ in stream:
+                pass
+            reason = "its step stream ended"
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._failure == "shutdown":
+                return
+            reason = f"{exc.code().name}: {exc.details()}"
+        if self._failure is None:
+            self._failure = f"pipeline rank {rank} ({self.addresses[rank]}) failed: {reason}"
+            logger.error("%s", self._failure)
+            self._streams[-1].cancel()
 
     def submit(self, step: worker_pb2.StepRequest) -> None:
         for q in self._queues:
             q.put(step)
 
     def get_result(self) -> worker_pb2.StepResult:
-        result = None
         try:
-            for stream in self._streams:
-                result = next(stream)
+            return next(self._streams[-1])
         except (grpc.RpcError, StopIteration) as exc:
-            raise WorkerDied(f"a worker's step stream ended: {exc}") from exc
-        return result
+            if self._failure is not None:
+                raise WorkerDied(self._failure) from exc
+            raise WorkerDied(f"the last pipeline rank's step stream ended: {exc}") from exc
 
     def shutdown(self) -> None:
+        if self._failure is None:
+            self._failure = "shutdown"
         for q in self._queues:
             q.put(_END)
         for s in self._streams:

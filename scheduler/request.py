@@ -46,6 +46,9 @@ class Request:
     """The workers hold this request's state (sent as new, not finished since)."""
     num_sent_blocks: int = 0
     """Blocks the workers know for this request."""
+    num_sent_tokens: int = 0
+    """Tokens the workers were given (pipeline parallelism: ranks other than the last learn
+    sampled tokens from the scheduler)."""
     prompt_logprobs_pending: bool = False
     first_scheduled_ns: int = 0
     """Wall-clock time (ns) the request first left the waiting queue; 0 before (tracing)."""

@@ -4,6 +4,14 @@ No torch here: it plans steps as `worker_pb2.StepRequest` messages (new requests
 running ones as deltas) and reads back `worker_pb2.StepResult`. Steps may be planned before
 earlier results are back (async scheduling): a running request then carries `num_inflight`
 placeholder tokens that the workers already know and the scheduler learns later.
+
+With pipeline parallelism (`pipeline_parallel_size` P > 1) a token is sampled on the last rank
+but embedded on rank 0, so placeholders cannot work: a request that awaits a sampled token
+is left out of new steps until that token is back, and the scheduler then hands it to the
+ranks in `CachedRequest.new_token_ids`. Up to P steps are outstanding, each a micro-batch of
+other requests (at most ceil(requests / P) each, so the stages get batches of similar size).
+Prompt chunks that sample nothing may still follow each other in flight: every rank runs steps
+in order, so a chunk's KV is written before the next chunk reads it.
 """
 
 from __future__ import annotations
@@ -65,9 +73,12 @@ class Scheduler:
         max_model_len: int,
         vocab_size: int,
         eos_token_ids: list[int],
+        pipeline_parallel_size: int = 1,
     ) -> None:
         config.check_model_len(max_model_len)
         self.config = config
+        self.pipeline_parallel_size = pipeline_parallel_size
+        """Pipeline ranks behind the executor (see the module docstring)."""
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -197,12 +208,16 @@ class Scheduler:
         step = worker_pb2.StepRequest()
         scheduled: dict[str, int] = {}
         preempted = False
+        pipelined = self.pipeline_parallel_size > 1
+        max_seqs = self._max_seqs_per_step()
 
         for req in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(scheduled) >= max_seqs:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if pipelined and req.num_inflight:
+                continue  # its next input token is still being sampled
             n = self._tokens_to_schedule(req, budget)
             if n == 0:
                 continue
@@ -225,6 +240,11 @@ class Scheduler:
                 c.new_block_ids.extend(b.block_id for b in req.blocks[req.num_sent_blocks :])
                 c.num_computed_tokens = num_computed
                 req.num_sent_blocks = len(req.blocks)
+                if pipelined:
+                    c.new_token_ids.extend(
+                        req.output_token_ids[req.num_sent_tokens - req.num_prompt_tokens :]
+                    )
+                    req.num_sent_tokens = req.num_tokens
             else:
                 self._add_new(step, req, num_computed)
             scheduled[req.request_id] = n
@@ -237,6 +257,7 @@ class Scheduler:
             and budget > 0
             and idx < len(self.waiting)
             and len(self.running) < self.config.max_num_seqs
+            and len(scheduled) < max_seqs
         ):
             req = self.waiting[idx]
             if req.num_inflight:
@@ -276,6 +297,14 @@ class Scheduler:
         self.num_steps += 1
         return step
 
+    def _max_seqs_per_step(self) -> int:
+        """Requests one step may take: all of them with one rank; with P ranks a P-th of
+        those that can run at once, so the P micro-batches in flight are alike in size."""
+        if self.pipeline_parallel_size == 1:
+            return self.config.max_num_seqs
+        active = min(len(self.requests), self.config.max_num_seqs)
+        return max(1, -(-active // self.pipeline_parallel_size))
+
     def _tokens_to_schedule(self, req: Request, budget: int) -> int:
         if req.num_output_with_inflight >= req.max_tokens:
             return 0
@@ -300,6 +329,7 @@ class Scheduler:
         m.num_prompt_tokens = req.num_prompt_tokens
         if req.trace_context:
             m.trace_context.update(req.trace_context)
+        req.num_sent_tokens = req.num_tokens
         req.known_to_worker = True
         req.num_sent_blocks = len(req.blocks)
 

@@ -85,6 +85,28 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _gpu_per_rank(worker_cfg) -> list[dict[str, str]] | None:
+    """With several pipeline ranks on CUDA, one visible GPU each (CUDA_VISIBLE_DEVICES);
+    None when they run on CPU or there is one rank."""
+    pp = worker_cfg.pipeline_parallel_size
+    if pp == 1 or worker_cfg.device == "cpu":
+        return None
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        if worker_cfg.device == "cuda":
+            raise ValueError("--device cuda was asked for but no CUDA device is visible")
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(count)]
+    if len(ids) < pp:
+        raise ValueError(
+            f"--pipeline-parallel-size {pp} needs one GPU per stage, but {len(ids)} are visible"
+        )
+    return [{"CUDA_VISIBLE_DEVICES": ids[rank]} for rank in range(pp)]
+
+
 def serve(args: argparse.Namespace) -> int:
     from splitserve.cli import _configs
 
@@ -103,13 +125,18 @@ def serve(args: argparse.Namespace) -> int:
     # them (for gRPC clients that call the scheduler directly), otherwise free ports.
     tok_addr = getattr(args, "tokenizer_address", None) or f"{host}:{free_port()}"
     sched_addr = getattr(args, "scheduler_address", None) or f"{host}:{free_port()}"
-    worker_cfg = build_config(worker_cls, args, model=model)
-    if worker_cfg.pipeline_parallel_size != 1:
-        raise ValueError(
-            f"--pipeline-parallel-size {worker_cfg.pipeline_parallel_size} is not supported "
-            "yet: only 1 (pipeline stage transfer lands with its own issue)"
-        )
+    # Pipeline ranks meet at --distributed-init-method, or at --master-addr/--master-port;
+    # given neither, at a free loopback port.
+    rendezvous = (
+        {"master_port": free_port()}
+        if getattr(args, "pipeline_parallel_size", 1) > 1
+        and getattr(args, "distributed_init_method", None) is None
+        and getattr(args, "master_port", None) is None
+        else {}
+    )
+    worker_cfg = build_config(worker_cls, args, model=model, **rendezvous)
     worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
+    rank_devices = _gpu_per_rank(worker_cfg)
     tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
     tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
     scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
@@ -153,6 +180,7 @@ def serve(args: argparse.Namespace) -> int:
                     str(rank),
                     *config_to_argv(worker_cfg, skip={"model", "rank"}),
                 ],
+                env=rank_devices[rank] if rank_devices else None,
             )
         stack.spawn(
             "scheduler",

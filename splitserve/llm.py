@@ -94,6 +94,12 @@ class LLM:
             return cls(**{k: v for k, v in kwargs.items() if k in picked[cls]}, **extra)
 
         self.worker_config = pick(WorkerConfig, model=model)
+        if self.worker_config.pipeline_parallel_size != 1:
+            raise ValueError(
+                "LLM runs the model in this one process: pipeline_parallel_size must be 1, got "
+                f"{self.worker_config.pipeline_parallel_size} (`splitserve serve "
+                "--pipeline-parallel-size P` runs one worker process per stage)"
+            )
         self.scheduler_config = pick(SchedulerConfig)
         tok_cfg = pick(TokenizerServiceConfig, tokenizer=tokenizer or model)
         self.tokenizer = load_tokenizer(tok_cfg)

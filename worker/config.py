@@ -48,6 +48,16 @@ class WorkerConfig:
     """Pipeline rank of this worker."""
     pipeline_parallel_size: int = 1
     """Number of pipeline stages the model is split into."""
+    pp_layer_partition: str | None = None
+    """Decoder layers per pipeline rank, comma-separated, rank 0 first (as vLLM's VLLM_PP_LAYER_PARTITION); they must sum to the model's layer count. None splits evenly."""
+    distributed_init_method: str | None = None
+    """torch.distributed rendezvous of the pipeline ranks (tcp://host:port); None uses tcp://master_addr:master_port."""
+    master_addr: str = "127.0.0.1"
+    """Host of pipeline rank 0's rendezvous store, when distributed_init_method is not given."""
+    master_port: int | None = None
+    """Port of that store; `serve` picks a free one when neither this nor distributed_init_method is given."""
+    distributed_timeout_seconds: float = 120.0
+    """Longest wait for the previous rank's hidden states, or for the next rank to take this rank's, before declaring the pipeline dead (joining the group may take up to 10 minutes, while peers load)."""
     attention_backend: str = "auto"
     """Attention implementation: auto (triton on CUDA, torch otherwise), torch or triton."""
     enforce_eager: bool = False
@@ -96,6 +106,7 @@ class WorkerConfig:
                 "max_parallel_loading_workers must be at least 1, got "
                 f"{self.max_parallel_loading_workers}"
             )
+        self._check_pipeline_fields()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -110,6 +121,53 @@ class WorkerConfig:
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
         self._check_cuda_graph_fields()
+
+    def _check_pipeline_fields(self) -> None:
+        self.layer_partition()  # raises on a malformed partition
+        if self.distributed_timeout_seconds <= 0:
+            raise ValueError(
+                "distributed_timeout_seconds must be positive, got "
+                f"{self.distributed_timeout_seconds}"
+            )
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port must be in [1, 65535], got {self.master_port}")
+        if self.distributed_init_method is not None and "://" not in self.distributed_init_method:
+            raise ValueError(
+                "distributed_init_method must be a URL such as tcp://host:port, got "
+                f"{self.distributed_init_method!r}"
+            )
+
+    def layer_partition(self) -> list[int] | None:
+        """`pp_layer_partition` as one layer count per rank, or None for an even split."""
+        if self.pp_layer_partition is None:
+            return None
+        text = str(self.pp_layer_partition)
+        try:
+            counts = [int(part) for part in text.split(",")]
+        except ValueError:
+            counts = []
+        if not counts or any(c < 1 for c in counts):
+            raise ValueError(
+                f"pp_layer_partition must be comma-separated positive layer counts, got {text!r}"
+            )
+        if len(counts) != self.pipeline_parallel_size:
+            raise ValueError(
+                f"pp_layer_partition {text!r} has {len(counts)} entries but "
+                f"pipeline_parallel_size is {self.pipeline_parallel_size}"
+            )
+        return counts
+
+    def init_method(self) -> str:
+        """The torch.distributed init URL of the pipeline group."""
+        if self.distributed_init_method is not None:
+            return self.distributed_init_method
+        if self.master_port is None:
+            raise ValueError(
+                f"pipeline_parallel_size {self.pipeline_parallel_size} needs "
+                "--distributed-init-method tcp://HOST:PORT or --master-port (and --master-addr) "
+                "so the ranks can find each other"
+            )
+        return f"tcp://{self.master_addr}:{self.master_port}"
 
     def _check_cuda_graph_fields(self) -> None:
         if self.max_seq_len_to_capture < 1:

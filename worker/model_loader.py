@@ -218,7 +218,10 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
     dtype = resolve_dtype(config.dtype, raw, device)
     max_model_len = _max_model_len(config, hf_config)
     start, end = layer_range(
-        hf_config.num_hidden_layers, config.rank, config.pipeline_parallel_size
+        hf_config.num_hidden_layers,
+        config.rank,
+        config.pipeline_parallel_size,
+        config.layer_partition(),
     )
     cls = get_model_class(raw.get("architectures"))
     with _default_dtype(dtype), torch.device("meta"):
@@ -323,12 +326,13 @@ def _owned_by(model: nn.Module) -> Callable[[str], bool]:
     """Predicate over checkpoint names: does this rank hold (or derive a tensor from) it?"""
     inner = model.model
     first, last = inner.embed_tokens is not None, model.lm_head is not None
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
     def owned(name: str) -> bool:
         if m := _LAYER_RE.match(name):
             return inner.start_layer <= int(m.group(1)) < inner.end_layer
         if name.startswith("model.embed_tokens."):
-            return first or last  # the last rank may need it for a tied lm_head
+            return first or (last and tied)  # a tied lm_head is the embedding
         if name.startswith(("model.norm.", "lm_head.")):
             return last
         return True

@@ -32,7 +32,7 @@ from splitserve.worker.config import WorkerConfig
 from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_capture_memory
 from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.model_loader import load_model
-from splitserve.worker.pipeline import IntermediateTensors
+from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.sampler import Sampler, compute_logprobs
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class ModelRunner:
         self.batch: InputBatch | None = None
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
+        self.last_layout = 0
+        """`step_layout` of the last step run (pipeline ranks compare it)."""
 
     def _init_model(self) -> None:
         loaded = load_model(self.config)
@@ -301,6 +303,9 @@ class ModelRunner:
         errors: dict[str, str] = {}
         self._update_states(step, errors)
         plan = self._plan(step, errors)
+        self.last_layout = 0 if plan is None else step_layout(plan.rows, plan.ends)
+        if not self.is_first:
+            self._check_intermediate(step, plan, intermediate)
         if plan is None:
             if not self.is_last:
                 return self._empty_intermediate()
@@ -325,6 +330,26 @@ class ModelRunner:
             return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
         with forward_context(self.backend, attn):
             return self.model(plan.input_ids, plan.positions, intermediate)
+
+    def _check_intermediate(
+        self,
+        step: worker_pb2.StepRequest,
+        plan: StepPlan | None,
+        intermediate: IntermediateTensors | None,
+    ) -> None:
+        """The previous rank must have computed exactly this step's tokens."""
+        expected = 0 if plan is None else plan.attn.num_tokens
+        got = None if intermediate is None else int(intermediate.hidden_states.shape[0])
+        if got != expected and not (got is None and expected == 0):
+            raise RuntimeError(
+                f"step {step.step_id}: this rank plans {expected} tokens but the previous "
+                f"pipeline rank sent {got}: the ranks' request states disagree"
+            )
+        if intermediate is not None and intermediate.layout not in (None, self.last_layout):
+            raise RuntimeError(
+                f"step {step.step_id}: the previous pipeline rank laid out the batch's rows "
+                "differently: the ranks' request states disagree"
+            )
 
     def _empty_intermediate(self) -> IntermediateTensors:
         hidden = self.loaded.hf_config.hidden_size
@@ -352,12 +377,27 @@ class ModelRunner:
             row = batch.rows.get(cached.request_id)
             if row is None:
                 continue  # reported if it is scheduled
-            error = batch.append_blocks(row, cached.new_block_ids)
+            error = batch.append_blocks(row, cached.new_block_ids) or self._append_tokens(
+                row, cached.new_token_ids
+            )
             if error:
                 errors[cached.request_id] = error
                 batch.remove(cached.request_id)
                 continue
             batch.num_computed[row] = cached.num_computed_tokens
+
+    def _append_tokens(self, row: int, token_ids) -> str:
+        """Take the tokens the last rank sampled (pipeline parallelism); the last rank
+        already appended them when it sampled. Returns an error, or "" when they fit."""
+        if self.is_last or not token_ids:
+            return ""
+        batch = self.batch
+        n, k = int(batch.num_tokens[row]), len(token_ids)
+        if n + k > batch.token_ids.shape[1]:
+            return f"{n + k} tokens exceed the context length {batch.token_ids.shape[1]}"
+        batch.token_ids[row, n : n + k] = token_ids
+        batch.num_tokens[row] = n + k
+        return ""
 
     def _plan(self, step: worker_pb2.StepRequest, errors: dict[str, str]) -> StepPlan | None:
         batch = self.batch
@@ -387,8 +427,10 @@ class ModelRunner:
             if rows.size == 0:
                 return None
         # Decodes first, shortest context first (the attention backend batches decodes of
-        # similar length together), then the multi-token queries.
-        order = np.lexsort((ends, q != 1))
+        # similar length together), then the multi-token queries. NOTE: ties break by row,
+        # not by the step's map order, which protobuf does not keep: pipeline ranks must lay
+        # out the same tokens in the same order (their rows agree: same adds and removes).
+        order = np.lexsort((rows, ends, q != 1))
         rows, q, starts, ends = rows[order], q[order], starts[order], ends[order]
         return self._build(rows, q, starts, ends)
 

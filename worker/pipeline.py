@@ -4,22 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
-def layer_range(num_layers: int, rank: int, world_size: int) -> tuple[int, int]:
+def layer_range(
+    num_layers: int, rank: int, world_size: int, partition: list[int] | None = None
+) -> tuple[int, int]:
     """Return [start, end) of the decoder layers rank `rank` of `world_size` owns.
 
-    Layers split evenly; the remainder goes to the ranks just before the last one, which
+    `partition` gives each rank's layer count (it must sum to `num_layers`). Without one,
+    layers split evenly; the remainder goes to the ranks just before the last one, which
     also carries the final norm and lm_head (vLLM's split, so checkpoints shard alike).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    if num_layers < world_size:
-        raise ValueError(f"cannot split {num_layers} layers over {world_size} pipeline ranks")
-    sizes = [num_layers // world_size] * world_size
-    for i in range(2, num_layers % world_size + 2):
-        sizes[-i] += 1
+    if partition is not None:
+        if len(partition) != world_size or sum(partition) != num_layers:
+            raise ValueError(
+                f"pp_layer_partition {','.join(map(str, partition))} gives "
+                f"{len(partition)} ranks {sum(partition)} layers, but the model has "
+                f"{num_layers} layers over {world_size} pipeline ranks"
+            )
+        sizes = list(partition)
+    else:
+        if num_layers < world_size:
+            raise ValueError(f"cannot split {num_layers} layers over {world_size} pipeline ranks")
+        sizes = [num_layers // world_size] * world_size
+        for i in range(2, num_layers % world_size + 2):
+            sizes[-i] += 1
     start = sum(sizes[:rank])
     return start, start + sizes[rank]
 
@@ -30,3 +43,18 @@ class IntermediateTensors:
 
     hidden_states: torch.Tensor
     residual: torch.Tensor
+    layout: int | None = None
+    """The sender's `step_layout` of these tokens, when they crossed between processes."""
+
+
+def step_layout(rows: np.ndarray, ends: np.ndarray) -> int:
+    """A fingerprint of which batch rows a step computes, in which order, and each one's
+    computed length after it: pipeline ranks must agree, or activations land on wrong rows."""
+    n = rows.size
+    if n == 0:
+        return 0
+    weights = np.arange(1, n + 1, dtype=np.int64)
+    # int64 wrap-around is fine: both ranks compute the same wrapped value.
+    with np.errstate(over="ignore"):
+        mixed = (rows.astype(np.int64) * 1_000_003 + ends.astype(np.int64)) * weights
+        return int(mixed.sum() & 0x7FFF_FFFF_FFFF_FFFF)

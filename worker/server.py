@@ -4,6 +4,11 @@ Health (grpc.health.v1) says NOT_SERVING until the weights are loaded and Initia
 allocated the cache and warmed up, then SERVING; it turns NOT_SERVING again if a step fails
 unexpectedly (the engine is dead). All runner calls go through one thread, in order, so the
 event loop stays free to read the next StepRequest while a step computes.
+
+With pipeline parallelism (P > 1) the rank joins the torch.distributed group once its weights
+are loaded (see stage_transfer.py); each step then receives the previous rank's activations
+and sends its own to the next on that same thread. A transfer failure (a peer died or timed
+out) kills this rank's engine like any step failure.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """Per-step spans (--collect-detailed-traces with an OTLP endpoint); None: off."""
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
         self.runner_ready: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.stage = None
+        """The PipelineStage around the runner, set with runner_ready."""
         self.dead: BaseException | None = None
 
     async def set_health(self, status) -> None:
@@ -101,25 +108,44 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 await queue.put(None)
 
         reader = asyncio.create_task(read())
+        interval = self.stage.watch_interval
         try:
-            while (step := await queue.get()) is not None:
-                spans = self.step_spans
+            while True:
                 try:
-                    if spans is not None:
-                        spans.before(step)
-                        start_ns = time.time_ns()
-                    result = await self._call(runner.execute, step)
-                    if spans is not None:
-                        spans.after(step, start_ns, time.time_ns())
-                except Exception as exc:
-                    self.dead = exc
-                    await self.set_health(_NOT_SERVING)
-                    raise
+                    step = await asyncio.wait_for(queue.get(), interval)
+                except asyncio.TimeoutError:
+                    # Idle: a pipeline rank checks that the next one still takes its sends.
+                    await self._run_step(self.stage.check, None)
+                    continue
+                if step is None:
+                    break
+                spans = self.step_spans
+                if spans is None:
+                    yield await self._run_step(self.stage.execute, step)
+                    continue
+                spans.before(step)
+                start_ns = time.time_ns()
+                result = await self._run_step(self.stage.execute, step)
+                spans.after(step, start_ns, time.time_ns())
                 yield result
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+
+    async def _run_step(self, fn, step):
+        try:
+            return await self._call(fn, step) if step is not None else await self._call(fn)
+        except Exception as exc:
+            where = f"step {step.step_id}" if step is not None else "the pipeline check"
+            logger.error("%s failed; this worker is dead: %s", where, exc)
+            self.dead = exc
+            await self.set_health(_NOT_SERVING)
+            raise
+
+    async def GetStageStats(self, request, context):
+        await self._runner(context)
+        return self.stage.stats(reset=request.reset)
 
 
 async def run_worker(
@@ -131,7 +157,10 @@ async def run_worker(
     the weights load; health turns SERVING after InitializeCache. Raises when loading fails.
     """
     from splitserve.worker.model_runner import ModelRunner
+    from splitserve.worker.stage_transfer import PipelineStage, StageLink
 
+    if config.pipeline_parallel_size > 1:
+        config.init_method()  # fail before listening when the ranks cannot meet
     loop = asyncio.get_running_loop()
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()],
@@ -154,12 +183,18 @@ async def run_worker(
     signals = _install_signal_handlers(loop, stop)
     if ready_event is not None:
         ready_event.set()
+    link = None
     try:
         try:
             runner = await loop.run_in_executor(servicer.executor, ModelRunner, config)
+            if config.pipeline_parallel_size > 1:
+                link = await loop.run_in_executor(
+                    servicer.executor, StageLink, config, runner.device
+                )
         except Exception as exc:
             servicer.runner_ready.set_exception(exc)
             raise
+        servicer.stage = PipelineStage(runner, link)
         servicer.runner_ready.set_result(runner)
         logger.info("weights loaded; waiting for InitializeCache")
         await stop.wait()
@@ -169,6 +204,11 @@ async def run_worker(
             loop.remove_signal_handler(sig)
         await servicer.set_health(_NOT_SERVING)
         await server.stop(grace)
+        if link is not None:
+            # On the step thread, after any step in progress (a peer that stops closes its
+            # connection, which ends a pending receive at once).
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(loop.run_in_executor(servicer.executor, link.close), 10)
         servicer.executor.shutdown(wait=False, cancel_futures=True)
         if servicer.runner_ready.done() and not servicer.runner_ready.cancelled():
             servicer.runner_ready.exception()  # mark retrieved: raised above already

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 import httpx
+import pytest
 
-from .conftest import Server
+from .conftest import Server, wait_for
 
 
 def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
@@ -46,14 +47,21 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_worker_killed_fails_in_flight_and_stack_exits_nonzero(tiny_model, tmp_path):
+@pytest.mark.parametrize("pp", [1, 2], ids=["one-rank", "pp2-rank0-killed"])
+def test_worker_killed_fails_in_flight_and_stack_exits_nonzero(tiny_model, tmp_path, pp):
     import json
     import signal
     import subprocess
+    import time
 
-    s = Server(tiny_model, [], tmp_path / "serve.log")
+    s = Server(tiny_model, ["--pipeline-parallel-size", str(pp)], tmp_path / "serve.log")
     try:
-        worker = next(p for p in s.children if " worker " in _cmdline(p))
+        workers = [p for p in s.children if " worker " in _cmdline(p)]
+        assert len(workers) == pp and len(s.children) == 3 + pp
+        # With two ranks, kill the first: the scheduler reads results from the last one,
+        # which then waits on a stage that is gone.
+        worker = next(p for p in workers if "--rank 0" in _cmdline(p))
+        killed_at = None
         body = {
             "model": s.model,
             "prompt": "hi",
@@ -72,8 +80,18 @@ def test_worker_killed_fails_in_flight_and_stack_exits_nonzero(tiny_model, tmp_p
                     events.append(line[6:])
                     if len(events) == 2:
                         os.kill(worker, signal.SIGKILL)
+                        killed_at = time.monotonic()
         assert events[-1] == "[DONE]"
         assert "error" in json.loads(events[-2]), events[-3:]
+        assert time.monotonic() - killed_at < 30, "the error took too long to arrive"
+
+        def unhealthy() -> bool:
+            try:
+                return httpx.get(s.url + "/health", timeout=5).status_code == 503
+            except httpx.TransportError:
+                return True  # the stack is already going down
+
+        wait_for(unhealthy, 30, "/health to turn 503")
         code = s.proc.wait(60)
         assert code != 0
     except subprocess.TimeoutExpired:

@@ -112,6 +112,8 @@ def test_stop_strings_n_seed_and_chat(llama_path):
 def test_llm_rejects_unknown_options_and_bad_requests(llama_path):
     with pytest.raises(TypeError, match="tensor_parallel_size"):
         LLM(str(llama_path), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be 1, got 2"):
+        LLM(str(llama_path), pipeline_parallel_size=2)
     llm = LLM(str(llama_path), kv_cache_memory=8 << 20, max_model_len=64)
     with pytest.raises(ValueError, match="64"):
         llm.generate([[5] * 60], SamplingParams(max_tokens=10))

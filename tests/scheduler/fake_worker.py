@@ -6,6 +6,11 @@ block table, a prefix-cache hit on the wrong block or a block reused too early c
 output. Step semantics are the real worker's (see worker.proto): finished ids first, new
 requests in full, cached ones as deltas, sample when the scheduled chunk reaches the end of
 the known tokens.
+
+With `pipeline_parallel_size` P > 1 it also plays the ranks that do not sample: it keeps rank
+0's copy of every request's tokens, fed only by new requests and `new_token_ids`, and fails
+when a step needs a token rank 0 was never given, or schedules a request again while one of
+its sampled tokens is still in flight.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class FakeWorkerExecutor:
         eos_token_ids: tuple[int, ...] = (),
         bytes_per_block: int = 1,
         step_seconds: float = 0.0,
+        pipeline_parallel_size: int = 1,
     ) -> None:
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size
@@ -55,10 +61,17 @@ class FakeWorkerExecutor:
         self._results: deque[worker_pb2.StepResult] = deque()
         self.force_token: dict[str, list[int]] = {}
         """Per request, tokens to emit instead of the hashed ones (to test stop rules)."""
+        self.pipeline_parallel_size = pipeline_parallel_size
+        self.rank0_tokens: dict[str, list[int]] = {}
+        """P > 1: the tokens rank 0 knows, per request."""
+        self.max_outstanding = 0
+        """Most steps submitted and not yet answered at once."""
 
     def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
         return [
             worker_pb2.DescribeResponse(
+                rank=rank,
+                world_size=self.pipeline_parallel_size,
                 vocab_size=self.vocab_size,
                 max_model_len=self.max_model_len,
                 eos_token_ids=self.eos_token_ids,
@@ -66,6 +79,7 @@ class FakeWorkerExecutor:
                 available_kv_bytes=self.num_blocks * self.bytes_per_block,
                 model="fake",
             )
+            for rank in range(self.pipeline_parallel_size)
         ]
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
@@ -74,7 +88,30 @@ class FakeWorkerExecutor:
 
     def submit(self, step: worker_pb2.StepRequest) -> None:
         self.steps.append(step)
+        if self.pipeline_parallel_size > 1:
+            self._check_pipeline(step)
         self._results.append(self._execute(step))
+        self.max_outstanding = max(self.max_outstanding, len(self._results))
+
+    def _check_pipeline(self, step: worker_pb2.StepRequest) -> None:
+        sampling = {rid for res in self._results for rid in res.request_ids}
+        again = sampling & set(step.num_scheduled_tokens)
+        assert not again, f"step {step.step_id} schedules {again} while their tokens are in flight"
+        for rid in step.finished_request_ids:
+            self.rank0_tokens.pop(rid, None)
+        for m in step.new_requests:
+            self.rank0_tokens[m.request_id] = list(m.token_ids)
+        for c in step.cached_requests:
+            self.rank0_tokens[c.request_id].extend(c.new_token_ids)
+        starts = {
+            m.request_id: (m.num_computed_tokens, list(m.token_ids)) for m in step.new_requests
+        }
+        for c in step.cached_requests:
+            starts[c.request_id] = (c.num_computed_tokens, self.reqs[c.request_id].token_ids)
+        for rid, n in step.num_scheduled_tokens.items():
+            first, truth = starts[rid]
+            known = self.rank0_tokens[rid][: first + n]
+            assert known == truth[: first + n], f"{rid}: rank 0 cannot embed [{first}, {first + n})"
 
     def get_result(self) -> worker_pb2.StepResult:
         if self.step_seconds:
