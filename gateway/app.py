@@ -218,7 +218,15 @@ def _add_routes(
     async def detokenize(body: DetokenizeRequest) -> Response:
         return await _guard(_detokenize(base, body), retry)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={
+            # NOTE: as vLLM, a healthy answer has no body; the schema must say so.
+            200: {"description": "every service is serving", "content": None},
+            503: {"model": ErrorResponse},
+        },
+    )
     async def health() -> Response:
         if state.draining:
             return error_response(RequestError(503, "the server is shutting down"))
@@ -232,7 +240,16 @@ def _add_routes(
     async def version() -> VersionResponse:
         return VersionResponse(version=splitserve.__version__)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def show_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
