@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
@@ -75,10 +75,26 @@ class GatewayState:
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     """Set on SIGTERM; ends a start-up still waiting for the services."""
+    in_flight: int = 0
+    """HTTP requests being served, /health and /metrics aside (what a drain waits for)."""
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while `in_flight` is zero."""
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     def begin_drain(self) -> None:
         self.draining = True
         self.stop_requested.set()
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
 
 
 def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> FastAPI:
@@ -115,6 +131,11 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
     app.add_middleware(DrainMiddleware, state=state)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=_KNOWN_PATHS)
+    Gauge(
+        "splitserve_http_requests_in_flight",
+        "HTTP requests being served (/health and /metrics aside).",
+        registry=metrics.registry,
+    ).set_function(lambda: state.in_flight)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=config.allowed_origins,

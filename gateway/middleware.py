@@ -104,16 +104,30 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+_UNCOUNTED = frozenset({"/health", "/metrics"})
+
+
 class DrainMiddleware:
-    """After SIGTERM, new requests get 503 while in-flight ones finish."""
+    """After SIGTERM, new requests get 503 while in-flight ones finish; counts the in-flight
+    ones (what the drain waits for)."""
 
     def __init__(self, app: ASGIApp, state) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.state.draining:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.state.draining:
             err = RequestError(503, "the server is shutting down", headers={"Connection": "close"})
             await error_response(err)(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        if _route_path(scope) in _UNCOUNTED:
+            await self.app(scope, receive, send)
+            return
+        self.state.request_started()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.request_finished()

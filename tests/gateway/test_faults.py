@@ -152,9 +152,8 @@ def test_draining_refuses_new_requests(make_gateway):
         assert c.get("/health").status_code == 503
 
 
-@pytest.mark.timeout(90)
-def test_run_gateway_sigterm_drains_and_exits_zero(fakes, loop_thread):
-    """SIGTERM: the in-flight request still completes, then the process exits 0."""
+def _fake_backed_gateway(fakes, drain_timeout_s: float) -> tuple[subprocess.Popen, str]:
+    """`run_gateway` in its own process (real signal handling) over the fakes, healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -166,22 +165,42 @@ def test_run_gateway_sigterm_drains_and_exits_zero(fakes, loop_thread):
         asyncio.run(run_gateway(GatewayConfig(
             port={port}, scheduler_address="{fakes.scheduler_address}",
             tokenizer_address="{fakes.tokenizer_address}", uvicorn_log_level="warning",
-            drain_timeout_s=20)))
+            drain_timeout_s={drain_timeout_s})))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            assert proc.poll() is None, "gateway exited"
+            return False
+
+    try:
+        wait_until(ready, timeout=30, what="gateway health")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+def _assert_draining(url: str) -> None:
+    """Still listening (a load balancer sees it): health and new requests are 503."""
+    assert_error(httpx.get(url + "/health", timeout=5), 503)
+    err = assert_error(httpx.post(url + COMPL, json={"prompt": "x"}, timeout=5), 503)
+    assert "shutting down" in err["message"]
+
+
+@pytest.mark.timeout(90)
+def test_run_gateway_sigterm_drains_and_exits_zero(fakes, loop_thread):
+    """SIGTERM: health and new requests 503, the in-flight request still completes, then
+    the process exits 0 (row 21)."""
+    proc, url = _fake_backed_gateway(fakes, drain_timeout_s=20)
     t = tag()
     result: dict = {}
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                assert proc.poll() is None, "gateway exited"
-                return False
-
-        wait_until(ready, timeout=30, what="gateway health")
         loop_thread.loop.call_soon_threadsafe(fakes.scheduler.gate.clear)
 
         def in_flight() -> None:
@@ -193,12 +212,53 @@ def test_run_gateway_sigterm_drains_and_exits_zero(fakes, loop_thread):
         assert fakes.scheduler.waiter.wait_for(lambda: fakes.scheduler.calls_matching(t))
         proc.send_signal(signal.SIGTERM)
         wait_until(lambda: _refuses(url), timeout=10, what="new requests refused")
+        _assert_draining(url)
+        assert proc.poll() is None, "the gateway exited with a request in flight"
         loop_thread.loop.call_soon_threadsafe(fakes.scheduler.gate.set)
         worker.join(30)
         assert result["status"] == 200 and result["body"]["choices"][0]["text"] == "The "
         assert proc.wait(30) == 0
+        assert not fakes.scheduler.calls_matching(t)[0].cancelled
     finally:
         loop_thread.loop.call_soon_threadsafe(fakes.scheduler.gate.set)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("stream", [False, True])
+def test_run_gateway_drain_timeout_cancels_in_flight_and_exits_zero(fakes, stream):
+    """A request still running when the drain timeout passes is cancelled (aborted in the
+    scheduler), and the gateway still exits 0 (row 21)."""
+    proc, url = _fake_backed_gateway(fakes, drain_timeout_s=1.0)
+    t = tag()
+    outcome: dict = {}
+
+    def in_flight() -> None:
+        body = {"prompt": f"#hold@2 {t}", "max_tokens": 8, "stream": stream}
+        try:
+            r = httpx.post(url + COMPL, json=body, timeout=30)
+            outcome["status"], outcome["text"] = r.status_code, r.text
+        except httpx.HTTPError as exc:
+            outcome["error"] = exc
+
+    client = threading.Thread(target=in_flight)
+    try:
+        client.start()
+        assert fakes.scheduler.waiter.wait_for(
+            lambda: any(c.emitted == 2 for c in fakes.scheduler.calls_matching(t))
+        )
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refuses(url), timeout=10, what="new requests refused")
+        _assert_draining(url)
+        assert proc.wait(30) == 0
+        assert fakes.scheduler.waiter.wait_for(lambda: _all_cancelled(fakes, t))
+        client.join(30)
+        # Not a clean answer: the connection drops, or a stream ends without [DONE].
+        assert "error" in outcome or "[DONE]" not in outcome.get("text", ""), outcome
+        assert not (not stream and outcome.get("status") == 200), outcome
+    finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
