@@ -200,6 +200,17 @@ async def _guard(work: Awaitable[Response], retry_after_s: int) -> Response:
         return error_response(exc, retry_after_s)
 
 
+def _generated(model: type) -> dict[str, Any]:
+    """A generation route's 200: the JSON body, or with `stream: true` server-sent events."""
+    event = {
+        "type": "object",
+        "description": "One event: `data` is a JSON chunk, an error object, or `[DONE]`.",
+        "properties": {"data": {"type": "string"}},
+        "required": ["data"],
+    }
+    return {"model": model, "content": {"text/event-stream": {"schema": event}}}
+
+
 def _add_routes(
     app: FastAPI,
     config: GatewayConfig,
@@ -212,11 +223,13 @@ def _add_routes(
     base = ServingBase(config, clients, metrics)
     retry = config.retry_after_s
 
-    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS})
+    @app.post("/v1/completions", responses={200: _generated(CompletionResponse), **_ERRORS})
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:
         return await _guard(completions.create(body, raw), retry)
 
-    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
+    @app.post(
+        "/v1/chat/completions", responses={200: _generated(ChatCompletionResponse), **_ERRORS}
+    )
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
         return await _guard(chat.create(body, raw), retry)
 

@@ -8,6 +8,8 @@ code, content type and body; a request the schema says is invalid must be refuse
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -30,7 +32,8 @@ CHECKS = [
     response_schema_conformance,
     negative_data_rejection,
 ]
-EXAMPLES = 25
+EXAMPLES = int(os.environ.get("SPLITSERVE_FUZZ_EXAMPLES", "25"))
+"""Examples per operation and mode; CI keeps it small, a deeper local run raises it."""
 
 
 @pytest.fixture(scope="module")
