@@ -48,7 +48,7 @@ def _sigterm_drains_a_stream_in_flight(s: Server, auth: dict[str, str]) -> None:
     """Row 21: SIGTERM to `splitserve serve` with a stream in flight: the gateway keeps its
     port but answers health and new requests with 503, the stream runs to its end (the
     services behind the gateway stop only after it), then the launcher exits."""
-    body = {"model": s.model, "prompt": "drain", "max_tokens": 250, "ignore_eos": True}
+    body = {"model": s.model, "prompt": "drain", "max_tokens": 200, "ignore_eos": True}
     events = []
     with (
         httpx.Client(timeout=120, headers=auth) as h,
@@ -66,6 +66,8 @@ def _sigterm_drains_a_stream_in_flight(s: Server, auth: dict[str, str]) -> None:
         refused = httpx.post(s.url + "/v1/completions", json=body, headers=auth, timeout=5)
         assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
         assert s.proc.poll() is None
+        # The services behind the gateway still serve the request while the gateway drains.
+        assert s.scheduler_stats().num_running == 1
         events += [ln[6:] for ln in lines if ln.startswith("data: ")]
     assert events[-1] == "[DONE]", events[-3:]
     chunks = [json.loads(e) for e in events[:-1]]

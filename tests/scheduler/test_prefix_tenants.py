@@ -64,7 +64,8 @@ def test_two_tenants_same_prefix_match_alone_and_share_blocks(b_arrives_after_st
     added_b = False
     while engine.has_work or not added_b:
         if not added_b and (
-            steps == b_arrives_after_steps or (b_arrives_after_steps is None and not engine.has_work)
+            steps == b_arrives_after_steps
+            or (b_arrives_after_steps is None and not engine.has_work)
         ):
             engine.scheduler.add_request(gen_request("r1", TENANT_B))
             added_b = True
