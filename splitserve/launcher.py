@@ -61,6 +61,12 @@ class Stack:
             )
         )
 
+    def send_signal(self, name: str, signum: int) -> None:
+        """Send `signum` to the child called `name`, if it still runs."""
+        for n, p in self.procs:
+            if n == name and p.poll() is None:
+                p.send_signal(signum)
+
     def dead(self) -> tuple[str, int] | None:
         for name, p in self.procs:
             if p.poll() is not None:
@@ -141,6 +147,10 @@ def serve(args: argparse.Namespace) -> int:
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
+        if stop["signal"] is not None:
+            # A second signal while the gateway drains: pass it on, the gateway then stops
+            # at once (cancelling what is still in flight).
+            stack.send_signal("gateway", signal.SIGTERM)
         stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

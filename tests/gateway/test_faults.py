@@ -272,6 +272,36 @@ def test_run_gateway_drain_timeout_cancels_in_flight_and_exits_zero(fakes):
             proc.wait()
 
 
+@pytest.mark.timeout(90)
+def test_run_gateway_second_sigterm_stops_at_once(fakes):
+    """A second signal during a long drain: the in-flight request is cut short with the
+    OpenAI 503 body and aborted in the scheduler, and the gateway exits 0."""
+    proc, url = _fake_backed_gateway(fakes, drain_timeout_s=600)
+    t = tag()
+    outcome: dict = {}
+
+    def in_flight() -> None:
+        r = httpx.post(url + COMPL, json={"prompt": f"#hang {t}"}, timeout=60)
+        outcome["status"], outcome["body"] = r.status_code, r.json()
+
+    client = threading.Thread(target=in_flight)
+    try:
+        client.start()
+        assert fakes.scheduler.waiter.wait_for(lambda: fakes.scheduler.calls_matching(t))
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refuses(url), timeout=10, what="new requests refused")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        client.join(30)
+        assert outcome["status"] == 503 and "shut down" in outcome["body"]["error"]["message"]
+        assert fakes.scheduler.waiter.wait_for(lambda: _all_cancelled(fakes, t))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _gateway_process(scheduler_address: str, **overrides) -> subprocess.Popen:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
