@@ -111,6 +111,29 @@ def test_request_timeout_is_504_and_frees_the_scheduler(stack, tmp_path):
         assert gw.wait(30) == 0
 
 
+def test_scheduler_grpc_deadline_aborts_the_request(stack):
+    """A direct gRPC client of the scheduler (the public Generate API) with a deadline
+    shorter than the generation: DEADLINE_EXCEEDED, and the request's blocks are freed."""
+    import grpc
+
+    from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+    req = scheduler_pb2.GenerateRequest(
+        request_id="deadline-direct",
+        prompt_token_ids=list(range(5, 40)),
+        sampling_params=common_pb2.SamplingParams(max_tokens=470, ignore_eos=True),
+    )
+    got = 0
+    with grpc.insecure_channel(stack.scheduler_address) as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            for resp in stub.Generate(req, timeout=0.2):
+                got += len(resp.token_ids)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert got < 470, got
+    wait_for(lambda: _scheduler_idle(stack), IDLE_TIMEOUT, "the scheduler to go idle")
+
+
 # ---------------------------------------------------------------- row 25
 
 

@@ -100,6 +100,51 @@ def test_deadline_is_504_and_aborts_downstream(make_gateway, fakes, stream):
     assert fakes.scheduler.waiter.wait_for(lambda: _all_cancelled(fakes, t))
 
 
+def test_call_failing_past_the_deadline_is_504_whatever_grpc_says():
+    """gRPC reports a passed deadline best effort: a stream write racing it fails with
+    INTERNAL. Past the request's own deadline that is still the 504, not a 500."""
+    import asyncio
+
+    from splitserve.gateway.generation import Deadline, SequenceGroup, SequenceSpec
+    from splitserve.protos import common_pb2
+
+    core_error = _rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+    class Call:
+        def cancel(self) -> None:
+            pass
+
+        async def write(self, _msg) -> None:
+            raise core_error
+
+    class Stubs:
+        def Generate(self, *_a, **_kw):
+            return Call()
+
+        def DetokenizeStream(self, *_a, **_kw):
+            return Call()
+
+    class Clients:
+        scheduler = tokenizer = Stubs()
+
+    async def first_error(timeout_s: float) -> BaseException:
+        spec = SequenceSpec("r-1", [1, 2], common_pb2.SamplingParams(max_tokens=4))
+        group = SequenceGroup(Clients(), [spec], Deadline(timeout_s))
+        try:
+            await group.next()
+        except Exception as exc:
+            return exc
+        finally:
+            await group.aclose()
+        raise AssertionError("no error")
+
+    past = asyncio.run(first_error(0.0))
+    assert map_exception(past).status == 504
+    assert map_exception(past).body["error"]["type"] == "timeout_error"
+    within = asyncio.run(first_error(600.0))  # not past the deadline: a real INTERNAL
+    assert within is core_error and map_exception(within).status == 500
+
+
 def test_engine_error_non_stream_is_500(http):
     err = assert_error(http.post(COMPL, json={"prompt": "#fail", "max_tokens": 10}), 500)
     assert "boom" in err["message"]
