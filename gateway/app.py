@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
@@ -78,10 +78,26 @@ class GatewayState:
     """Set on SIGTERM: new requests get 503 while in-flight ones finish."""
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     """Set on SIGTERM; ends a start-up still waiting for the services."""
+    in_flight: int = 0
+    """HTTP requests being served, /health and /metrics aside (what a drain waits for)."""
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while `in_flight` is zero."""
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     def begin_drain(self) -> None:
         self.draining = True
         self.stop_requested.set()
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
 
 
 def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> FastAPI:
@@ -120,6 +136,11 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
     app.add_middleware(DrainMiddleware, state=state)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=_KNOWN_PATHS)
+    Gauge(
+        "splitserve_http_requests_in_flight",
+        "HTTP requests being served (/health and /metrics aside).",
+        registry=metrics.registry,
+    ).set_function(lambda: state.in_flight)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=config.allowed_origins,
@@ -185,6 +206,17 @@ async def _guard(work: Awaitable[Response], retry_after_s: int) -> Response:
         return error_response(exc, retry_after_s)
 
 
+def _generated(model: type) -> dict[str, Any]:
+    """A generation route's 200: the JSON body, or with `stream: true` server-sent events."""
+    event = {
+        "type": "object",
+        "description": "One event: `data` is a JSON chunk, an error object, or `[DONE]`.",
+        "properties": {"data": {"type": "string"}},
+        "required": ["data"],
+    }
+    return {"model": model, "content": {"text/event-stream": {"schema": event}}}
+
+
 def _add_routes(
     app: FastAPI,
     config: GatewayConfig,
@@ -197,12 +229,14 @@ def _add_routes(
     base = ServingBase(config, clients, metrics)
     retry = config.retry_after_s
 
-    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS})
+    @app.post("/v1/completions", responses={200: _generated(CompletionResponse), **_ERRORS})
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:
         observer = RequestObserver(metrics, body.model or base.served_names[0], "/v1/completions")
         return _observed(observer, await _guard(completions.create(body, raw), retry))
 
-    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERRORS})
+    @app.post(
+        "/v1/chat/completions", responses={200: _generated(ChatCompletionResponse), **_ERRORS}
+    )
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
         observer = RequestObserver(
             metrics, body.model or base.served_names[0], "/v1/chat/completions"
@@ -228,7 +262,15 @@ def _add_routes(
     async def detokenize(body: DetokenizeRequest) -> Response:
         return await _guard(_detokenize(base, body), retry)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={
+            # NOTE: as vLLM, a healthy answer has no body; the schema must say so.
+            200: {"description": "every service is serving", "content": None},
+            503: {"model": ErrorResponse},
+        },
+    )
     async def health() -> Response:
         if state.draining:
             return error_response(RequestError(503, "the server is shutting down"))
@@ -242,7 +284,16 @@ def _add_routes(
     async def version() -> VersionResponse:
         return VersionResponse(version=splitserve.__version__)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def show_metrics() -> Response:
         await metrics.refresh_scheduler_stats(clients.scheduler)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -46,7 +46,8 @@ class GatewayConfig:
     startup_timeout_s: float = 600.0
     """How long start-up waits for the scheduler and tokenizer services to answer."""
     drain_timeout_s: float = 30.0
-    """On SIGTERM, how long in-flight requests may run before they are cancelled."""
+    """On SIGTERM/SIGINT, how long in-flight requests may still run (health and new requests
+    get 503 meanwhile) before they are cancelled and the gateway exits."""
     root_path: str = ""
     """ASGI root_path, when the gateway sits behind a path-based proxy."""
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])

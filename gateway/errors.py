@@ -67,6 +67,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return RequestError(400, message, param=param, code=code)
 
 
+REQUEST_TIMEOUT_MESSAGE = "the request did not finish within the server's request timeout"
+
+
+def request_timeout() -> RequestError:
+    """The 504 of a request past its own deadline (--request-timeout-s)."""
+    return RequestError(504, REQUEST_TIMEOUT_MESSAGE)
+
+
 class EngineError(Exception):
     """A sequence failed inside the engine (finish_reason ERROR); only that request fails."""
 
@@ -113,7 +121,7 @@ def _from_grpc(exc: grpc.aio.AioRpcError, retry_after_s: int) -> ErrorInfo:
             headers={"Retry-After": str(retry_after_s)},
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return _info(504, "the request did not finish within the server's request timeout")
+        return _info(504, REQUEST_TIMEOUT_MESSAGE)
     if code == grpc.StatusCode.UNAVAILABLE:
         return _info(503, "a backend service is unavailable")
     if status < 500:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from splitserve.gateway.clients import ServiceClients
-from splitserve.gateway.errors import EngineError
+from splitserve.gateway.errors import EngineError, request_timeout
 from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
 
 _FINISH = common_pb2.FinishReason
@@ -332,6 +332,11 @@ class SequenceGroup:
             async for delta in run_sequence(clients, spec, deadline):
                 self._queue.put_nowait((index, delta, None))
         except Exception as exc:  # handed to the consumer, which maps it
+            if isinstance(exc, grpc.aio.AioRpcError) and deadline.expired():
+                # NOTE: gRPC reports a passed deadline only best effort: a stream write that
+                # races it fails with INTERNAL ("Internal error from Core"). Past our own
+                # deadline, any call failure is that deadline.
+                exc = request_timeout()
             self._queue.put_nowait((index, None, exc))
 
     async def next(self) -> tuple[int, SequenceDelta] | None:

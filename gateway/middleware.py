@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from splitserve.gateway.errors import RequestError, error_response
+from splitserve.gateway.errors import (
+    RequestError,
+    error_response,
+    map_exception,
+    sse_error_event,
+)
 
 
 def _route_path(scope: Scope) -> str:
@@ -104,16 +111,69 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+_UNCOUNTED = frozenset({"/health", "/metrics"})
+
+
 class DrainMiddleware:
-    """After SIGTERM, new requests get 503 while in-flight ones finish."""
+    """After SIGTERM, new requests get 503 while in-flight ones finish; counts the in-flight
+    ones (what the drain waits for)."""
 
     def __init__(self, app: ASGIApp, state) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.state.draining:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.state.draining:
             err = RequestError(503, "the server is shutting down", headers={"Connection": "close"})
             await error_response(err)(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        if _route_path(scope) in _UNCOUNTED:
+            await self.app(scope, receive, send)
+            return
+        started: Message | None = None
+        ended = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started, ended
+            if message["type"] == "http.response.start":
+                started = message
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
+            await send(message)
+
+        self.state.request_started()
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            # NOTE: only the server's shutdown cancels a request's task, when the drain
+            # timeout has passed; the handler has cancelled its gRPC calls by now (aborting
+            # the work downstream). End the response as an OpenAI error, not a bare 500 or a
+            # cut stream.
+            if not self.state.draining or ended or not await _end_cut_short(started, send):
+                raise
+        finally:
+            self.state.request_finished()
+
+
+_CUT_SHORT = "the server shut down (drain timeout) before the request finished"
+
+
+async def _end_cut_short(started: Message | None, send: Send) -> bool:
+    """Send the end of a response cut short by shutdown; False when it cannot be ended."""
+    err = RequestError(503, _CUT_SHORT)
+    if started is None:
+        info = map_exception(err)
+        body = json.dumps(info.body).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": info.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return True
+    content_type = dict(started.get("headers", ())).get(b"content-type", b"")
+    if not content_type.startswith(b"text/event-stream"):
+        return False
+    tail = sse_error_event(err) + "data: [DONE]\n\n"
+    await send({"type": "http.response.body", "body": tail.encode()})
+    return True

@@ -1,4 +1,5 @@
-"""Serving the gateway with uvicorn; SIGTERM drains: new requests 503, in-flight ones finish."""
+"""Serving the gateway with uvicorn; SIGTERM drains: health and new requests 503, in-flight
+ones finish (cancelled after the drain timeout), then the process exits 0."""
 
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ from splitserve.gateway.config import GatewayConfig
 
 logger = logging.getLogger(__name__)
 
+_CANCEL_GRACE_S = 1.0
+"""After the drain, how long uvicorn waits for request tasks before cancelling them."""
+
 
 class _DrainingServer(uvicorn.Server):
     """uvicorn, but a signal flips the app to draining and the process exits normally
     (uvicorn would re-raise the signal after shutting down)."""
 
-    def __init__(self, config: uvicorn.Config, app_state) -> None:
+    def __init__(self, config: uvicorn.Config, app_state, drain_timeout_s: float) -> None:
         super().__init__(config)
         self._app_state = app_state
+        self._drain_timeout_s = drain_timeout_s
+        self._drain_task: asyncio.Task | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -43,12 +49,37 @@ class _DrainingServer(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
     def begin_drain(self, sig: int | None = None) -> None:
-        """Stop accepting, 503 new requests on open connections, let in-flight ones finish."""
-        if self.should_exit:
+        """Health and new requests get 503 (the port stays open, so a load balancer sees
+        it), in-flight ones finish; the server exits when none is left or after the drain
+        timeout, cancelling (so aborting downstream) those still running. A second signal
+        stops at once."""
+        if self._app_state.draining:
+            logger.info("second signal %s: stopping without waiting for in-flight requests", sig)
             self.force_exit = sig == signal.SIGINT
+            self.config.timeout_graceful_shutdown = 0
+            self.should_exit = True
             return
-        logger.info("draining (signal %s)", sig)
+        logger.info(
+            "draining (signal %s): %d request(s) in flight, up to %.1f s",
+            sig,
+            self._app_state.in_flight,
+            self._drain_timeout_s,
+        )
         self._app_state.begin_drain()
+        self._drain_task = asyncio.ensure_future(self._exit_when_idle())
+
+    async def _exit_when_idle(self) -> None:
+        try:
+            await asyncio.wait_for(self._app_state.idle.wait(), self._drain_timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "drain timeout (%.1f s) passed with %d request(s) in flight; cancelling them",
+                self._drain_timeout_s,
+                self._app_state.in_flight,
+            )
+        # NOTE: whatever still runs now is past the drain timeout: uvicorn cancels it after
+        # this grace, which cancels its gRPC calls and so aborts it in the scheduler.
+        self.config.timeout_graceful_shutdown = _CANCEL_GRACE_S
         self.should_exit = True
 
 
@@ -68,7 +99,7 @@ async def run_gateway(
         timeout_graceful_shutdown=config.drain_timeout_s,
         proxy_headers=False,
     )
-    server = _DrainingServer(uv_config, app.state.gateway)
+    server = _DrainingServer(uv_config, app.state.gateway, config.drain_timeout_s)
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         # Accepted connections inherit it; without it small responses wait on delayed ACKs.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

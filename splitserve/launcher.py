@@ -51,10 +51,21 @@ class Stack:
             (
                 name,
                 subprocess.Popen(
-                    cmd, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})}
+                    cmd,
+                    preexec_fn=_die_with_parent,
+                    env={**os.environ, **(env or {})},
+                    # NOTE: own session: a terminal's Ctrl-C reaches only the launcher, which
+                    # stops the children in order (the gateway drains before the rest stop).
+                    start_new_session=True,
                 ),
             )
         )
+
+    def send_signal(self, name: str, signum: int) -> None:
+        """Send `signum` to the child called `name`, if it still runs."""
+        for n, p in self.procs:
+            if n == name and p.poll() is None:
+                p.send_signal(signum)
 
     def dead(self) -> tuple[str, int] | None:
         for name, p in self.procs:
@@ -62,13 +73,20 @@ class Stack:
                 return name, p.returncode
         return None
 
-    def stop(self, timeout: float = 20.0) -> None:
-        # The gateway first (stop taking requests), then the rest.
-        for _, p in reversed(self.procs):
+    def stop(self, timeout: float = 20.0, drain_timeout: float = 0.0) -> None:
+        """SIGTERM the gateway alone and wait while it drains (its in-flight requests need
+        the services behind it), then the rest; whatever outlives its wait is killed."""
+        gateway = [(n, p) for n, p in self.procs if n == "gateway"]
+        self._terminate(gateway, drain_timeout + timeout)
+        self._terminate([(n, p) for n, p in reversed(self.procs) if n != "gateway"], timeout)
+
+    @staticmethod
+    def _terminate(procs: list[tuple[str, subprocess.Popen]], timeout: float) -> None:
+        for _, p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for name, p in self.procs:
+        for name, p in procs:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -160,6 +178,10 @@ def serve(args: argparse.Namespace) -> int:
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
+        if stop["signal"] is not None:
+            # A second signal while the gateway drains: pass it on, the gateway then stops
+            # at once (cancelling what is still in flight).
+            stack.send_signal("gateway", signal.SIGTERM)
         stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -223,6 +245,6 @@ def serve(args: argparse.Namespace) -> int:
         print("splitserve: stopping", flush=True)
         return 0
     finally:
-        stack.stop()
+        stack.stop(drain_timeout=gateway_cfg.drain_timeout_s)
         for s, h in old.items():
             signal.signal(s, h)

@@ -44,6 +44,7 @@ class Server:
     def __init__(self, model: pathlib.Path, extra: list[str], log: pathlib.Path) -> None:
         self.port = free_port()
         self.scheduler_address = f"127.0.0.1:{free_port()}"
+        self.tokenizer_address = f"127.0.0.1:{free_port()}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(model)
         self.log = log
@@ -57,6 +58,8 @@ class Server:
             str(self.port),
             "--scheduler-address",
             self.scheduler_address,
+            "--tokenizer-address",
+            self.tokenizer_address,
             "--kv-cache-memory",
             "4MiB",
             "--max-model-len",
@@ -124,7 +127,10 @@ def tiny_model(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
-    s = Server(tiny_model, [], tmp_path_factory.mktemp("logs") / "serve.log")
+    # NOTE: a small waiting queue, so that a burst (test_overload.py) meets deliberate 503s.
+    s = Server(
+        tiny_model, ["--max-waiting-requests", "16"], tmp_path_factory.mktemp("logs") / "serve.log"
+    )
     yield s
     s.stop()
 

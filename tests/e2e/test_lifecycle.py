@@ -1,17 +1,23 @@
-"""--api-key, start-up health and SIGTERM with no orphans, on a second stack."""
+"""--api-key, SIGTERM draining a request in flight and exiting with no orphans, and a killed
+worker, each on a stack of its own."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 
 import httpx
 import pytest
 
-from .conftest import Server, wait_for
+from .conftest import Server, children_of, wait_for
 
 
 def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
-    s = Server(tiny_model, ["--api-key", "sekrit"], tmp_path / "serve.log")
+    s = Server(
+        tiny_model, ["--api-key", "sekrit", "--drain-timeout-s", "90"], tmp_path / "serve.log"
+    )
+    auth = {"Authorization": "Bearer sekrit"}
     try:
         body = {"model": s.model, "prompt": "hi", "max_tokens": 2}
         assert httpx.post(s.url + "/v1/completions", json=body).status_code == 401
@@ -19,15 +25,15 @@ def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
             s.url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}
         )
         assert r.status_code == 401 and r.json()["error"]
-        r = httpx.post(
-            s.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sekrit"}
-        )
+        r = httpx.post(s.url + "/v1/completions", json=body, headers=auth)
         assert r.status_code == 200, r.text
         assert httpx.get(s.url + "/health").status_code == 200
         assert len(s.children) == 4  # tokenizer, worker, scheduler, gateway
+        _sigterm_drains_a_stream_in_flight(s, auth)
     finally:
         code = s.stop()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    assert not children_of(s.proc.pid)
     for pid in s.children:
         try:
             os.kill(pid, 0)
@@ -37,6 +43,39 @@ def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
         with open(f"/proc/{pid}/status") as f:
             assert "zombie" in f.read(), f"child {pid} outlived the launcher"
     assert "sekrit" not in (tmp_path / "serve.log").read_text()
+
+
+def _sigterm_drains_a_stream_in_flight(s: Server, auth: dict[str, str]) -> None:
+    """Row 21: SIGTERM to `splitserve serve` with a stream in flight: the gateway keeps its
+    port but answers health and new requests with 503, the stream runs to its end (the
+    services behind the gateway stop only after it), then the launcher exits."""
+    body = {"model": s.model, "prompt": "drain", "max_tokens": 200, "ignore_eos": True}
+    events = []
+    with (
+        httpx.Client(timeout=120, headers=auth) as h,
+        h.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}) as r,
+    ):
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        events.append(next(ln for ln in lines if ln.startswith("data: "))[6:])
+        s.proc.send_signal(signal.SIGTERM)
+
+        def draining() -> bool:
+            return httpx.get(s.url + "/health", timeout=5).status_code == 503
+
+        wait_for(draining, 20, "health to turn 503")
+        refused = httpx.post(s.url + "/v1/completions", json=body, headers=auth, timeout=5)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert s.proc.poll() is None
+        # The services behind the gateway still answer while the gateway drains (the old
+        # stop signalled them all at once: this call was refused).
+        assert s.scheduler_stats().num_total_blocks > 0
+        events += [ln[6:] for ln in lines if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks), chunks[-2:]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert s.proc.wait(60) == 0
 
 
 def _cmdline(pid: int) -> str:

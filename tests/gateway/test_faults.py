@@ -100,6 +100,51 @@ def test_deadline_is_504_and_aborts_downstream(make_gateway, fakes, stream):
     assert fakes.scheduler.waiter.wait_for(lambda: _all_cancelled(fakes, t))
 
 
+def test_call_failing_past_the_deadline_is_504_whatever_grpc_says():
+    """gRPC reports a passed deadline best effort: a stream write racing it fails with
+    INTERNAL. Past the request's own deadline that is still the 504, not a 500."""
+    import asyncio
+
+    from splitserve.gateway.generation import Deadline, SequenceGroup, SequenceSpec
+    from splitserve.protos import common_pb2
+
+    core_error = _rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+    class Call:
+        def cancel(self) -> None:
+            pass
+
+        async def write(self, _msg) -> None:
+            raise core_error
+
+    class Stubs:
+        def Generate(self, *_a, **_kw):
+            return Call()
+
+        def DetokenizeStream(self, *_a, **_kw):
+            return Call()
+
+    class Clients:
+        scheduler = tokenizer = Stubs()
+
+    async def first_error(timeout_s: float) -> BaseException:
+        spec = SequenceSpec("r-1", [1, 2], common_pb2.SamplingParams(max_tokens=4))
+        group = SequenceGroup(Clients(), [spec], Deadline(timeout_s))
+        try:
+            await group.next()
+        except Exception as exc:
+            return exc
+        finally:
+            await group.aclose()
+        raise AssertionError("no error")
+
+    past = asyncio.run(first_error(0.0))
+    assert map_exception(past).status == 504
+    assert map_exception(past).body["error"]["type"] == "timeout_error"
+    within = asyncio.run(first_error(600.0))  # not past the deadline: a real INTERNAL
+    assert within is core_error and map_exception(within).status == 500
+
+
 def test_engine_error_non_stream_is_500(http):
     err = assert_error(http.post(COMPL, json={"prompt": "#fail", "max_tokens": 10}), 500)
     assert "boom" in err["message"]
@@ -158,9 +203,8 @@ def test_draining_refuses_new_requests(make_gateway):
         assert c.get("/health").status_code == 503
 
 
-@pytest.mark.timeout(90)
-def test_run_gateway_sigterm_drains_and_exits_zero(fakes, loop_thread):
-    """SIGTERM: the in-flight request still completes, then the process exits 0."""
+def _fake_backed_gateway(fakes, drain_timeout_s: float) -> tuple[subprocess.Popen, str]:
+    """`run_gateway` in its own process (real signal handling) over the fakes, healthy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -172,22 +216,42 @@ def test_run_gateway_sigterm_drains_and_exits_zero(fakes, loop_thread):
         asyncio.run(run_gateway(GatewayConfig(
             port={port}, scheduler_address="{fakes.scheduler_address}",
             tokenizer_address="{fakes.tokenizer_address}", uvicorn_log_level="warning",
-            drain_timeout_s=20)))
+            drain_timeout_s={drain_timeout_s})))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ})
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            assert proc.poll() is None, "gateway exited"
+            return False
+
+    try:
+        wait_until(ready, timeout=30, what="gateway health")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+def _assert_draining(url: str) -> None:
+    """Still listening (a load balancer sees it): health and new requests are 503."""
+    assert_error(httpx.get(url + "/health", timeout=5), 503)
+    err = assert_error(httpx.post(url + COMPL, json={"prompt": "x"}, timeout=5), 503)
+    assert "shutting down" in err["message"]
+
+
+@pytest.mark.timeout(90)
+def test_run_gateway_sigterm_drains_and_exits_zero(fakes, loop_thread):
+    """SIGTERM: health and new requests 503, the in-flight request still completes, then
+    the process exits 0 (row 21)."""
+    proc, url = _fake_backed_gateway(fakes, drain_timeout_s=20)
     t = tag()
     result: dict = {}
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                assert proc.poll() is None, "gateway exited"
-                return False
-
-        wait_until(ready, timeout=30, what="gateway health")
         loop_thread.loop.call_soon_threadsafe(fakes.scheduler.gate.clear)
 
         def in_flight() -> None:
@@ -199,12 +263,91 @@ def test_run_gateway_sigterm_drains_and_exits_zero(fakes, loop_thread):
         assert fakes.scheduler.waiter.wait_for(lambda: fakes.scheduler.calls_matching(t))
         proc.send_signal(signal.SIGTERM)
         wait_until(lambda: _refuses(url), timeout=10, what="new requests refused")
+        _assert_draining(url)
+        assert proc.poll() is None, "the gateway exited with a request in flight"
         loop_thread.loop.call_soon_threadsafe(fakes.scheduler.gate.set)
         worker.join(30)
         assert result["status"] == 200 and result["body"]["choices"][0]["text"] == "The "
         assert proc.wait(30) == 0
+        assert not fakes.scheduler.calls_matching(t)[0].cancelled
     finally:
         loop_thread.loop.call_soon_threadsafe(fakes.scheduler.gate.set)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(90)
+def test_run_gateway_drain_timeout_cancels_in_flight_and_exits_zero(fakes):
+    """Requests still running when the drain timeout passes are cancelled (aborted in the
+    scheduler), and the gateway still exits 0 (row 21)."""
+    proc, url = _fake_backed_gateway(fakes, drain_timeout_s=1.0)
+    t = tag()
+    outcome: dict = {}
+
+    def in_flight(stream: bool) -> None:
+        body = {"prompt": f"#hold@2 {t}", "max_tokens": 8, "stream": stream}
+        try:
+            r = httpx.post(url + COMPL, json=body, timeout=30)
+            outcome[stream] = (r.status_code, r.text)
+        except httpx.HTTPError as exc:
+            outcome[stream] = exc
+
+    clients = [threading.Thread(target=in_flight, args=(s,)) for s in (False, True)]
+    try:
+        for c in clients:
+            c.start()
+        # NOTE: the fake notifies on calls starting and ending, not per token: poll.
+        wait_until(
+            lambda: sum(c.emitted == 2 for c in fakes.scheduler.calls_matching(t)) == 2,
+            what="two tokens generated by each request",
+        )
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refuses(url), timeout=10, what="new requests refused")
+        _assert_draining(url)
+        assert proc.wait(30) == 0
+        assert fakes.scheduler.waiter.wait_for(lambda: _all_cancelled(fakes, t))
+        for c in clients:
+            c.join(30)
+        # An OpenAI error: a 503 body, or (the 200 already sent) an SSE error event + [DONE].
+        status, text = outcome[False]
+        assert status == 503 and "drain timeout" in json.loads(text)["error"]["message"]
+        status, text = outcome[True]
+        assert status == 200
+        events = sse_events(text)  # asserts the final [DONE]
+        assert events[0]["choices"][0]["text"] == "T"
+        assert "drain timeout" in events[-1]["error"]["message"], events[-1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(90)
+def test_run_gateway_second_sigterm_stops_at_once(fakes):
+    """A second signal during a long drain: the in-flight request is cut short with the
+    OpenAI 503 body and aborted in the scheduler, and the gateway exits 0."""
+    proc, url = _fake_backed_gateway(fakes, drain_timeout_s=600)
+    t = tag()
+    outcome: dict = {}
+
+    def in_flight() -> None:
+        r = httpx.post(url + COMPL, json={"prompt": f"#hang {t}"}, timeout=60)
+        outcome["status"], outcome["body"] = r.status_code, r.json()
+
+    client = threading.Thread(target=in_flight)
+    try:
+        client.start()
+        assert fakes.scheduler.waiter.wait_for(lambda: fakes.scheduler.calls_matching(t))
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refuses(url), timeout=10, what="new requests refused")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        client.join(30)
+        assert outcome["status"] == 503 and "shut down" in outcome["body"]["error"]["message"]
+        assert fakes.scheduler.waiter.wait_for(lambda: _all_cancelled(fakes, t))
+    finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
