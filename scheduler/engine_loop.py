@@ -46,8 +46,13 @@ class EngineLoop:
         self.engine.shutdown()
 
     # -- called on the event loop -------------------------------------------------------
-    def add_request(self, req: scheduler_pb2.GenerateRequest) -> asyncio.Queue:
-        """Validate, register an output queue and hand the request to the engine thread."""
+    def add_request(
+        self,
+        req: scheduler_pb2.GenerateRequest,
+        grammar: common_pb2.CompiledGrammar | None = None,
+    ) -> asyncio.Queue:
+        """Validate, register an output queue and hand the request (with its compiled
+        constraint, if any) to the engine thread."""
         if self.dead is not None:
             raise RequestRejected("UNAVAILABLE", f"the engine is dead: {self.dead}")
         # validate() reads only fixed state, so it is safe off the engine thread.
@@ -58,7 +63,7 @@ class EngineLoop:
             raise RequestRejected("RESOURCE_EXHAUSTED", "the waiting queue is full; retry later")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = q
-        self._inbox.put(("add", req))
+        self._inbox.put(("add", (req, grammar)))
         return q
 
     def abort(self, request_id: str) -> bool:
@@ -95,11 +100,12 @@ class EngineLoop:
     def _apply(self, item: tuple) -> None:
         kind, arg = item
         if kind == "add":
+            req, grammar = arg
             try:
-                self.engine.scheduler.add_request(arg)
+                self.engine.scheduler.add_request(req, grammar)
             except RequestRejected as exc:
                 out = RequestOutput(
-                    arg.request_id,
+                    req.request_id,
                     error=exc.message,
                     error_code=exc.code,
                     finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,

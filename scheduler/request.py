@@ -47,6 +47,8 @@ class Request:
     num_sent_blocks: int = 0
     """Blocks the workers know for this request."""
     prompt_logprobs_pending: bool = False
+    grammar: common_pb2.CompiledGrammar | None = None
+    """Structured-output constraint, sent to the workers with the request (and on resume)."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -103,16 +103,18 @@ def serve(args: argparse.Namespace) -> int:
     # them (for gRPC clients that call the scheduler directly), otherwise free ports.
     tok_addr = getattr(args, "tokenizer_address", None) or f"{host}:{free_port()}"
     sched_addr = getattr(args, "scheduler_address", None) or f"{host}:{free_port()}"
-    worker_cfg = build_config(worker_cls, args, model=model)
+    tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
+    worker_cfg = build_config(worker_cls, args, model=model, **tok_overrides)
     if worker_cfg.pipeline_parallel_size != 1:
         raise ValueError(
             f"--pipeline-parallel-size {worker_cfg.pipeline_parallel_size} is not supported "
             "yet: only 1 (pipeline stage transfer lands with its own issue)"
         )
     worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
-    tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
     tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
-    scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
+    scheduler_cfg = build_config(
+        scheduler_cls, args, worker_addresses=worker_addrs, tokenizer_address=tok_addr
+    )
     # The demo model is served as DEMO_NAME unless the user names it.
     named = args.model_tag or getattr(args, "served_model_name", None)
     gateway_cfg = build_config(

@@ -20,6 +20,8 @@ class WorkerConfig:
     """Model folder or Hugging Face hub id."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `model` is a hub id."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id for structured-output matchers (loaded on the first constrained request); None uses the model's."""
     dtype: str = "auto"
     """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0
