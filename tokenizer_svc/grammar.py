@@ -3,8 +3,8 @@
 A `GrammarSpec` (kind json | json_object | regex | choice | grammar, the constraint text, the
 backend asked for, a whitespace pattern) becomes a `CompiledGrammar`: a handle (SHA-256 over
 backend, kind and text), the backend that compiled it, and bytes the sampling rank rebuilds a
-matcher from (xgrammar: its serialized compiled grammar; llguidance: its grammar JSON, which
-needs no tokenizer-specific precompute).
+matcher from (xgrammar: its serialized Grammar, which the sampling rank compiles again for
+its tokenizer, cached by handle; llguidance: its grammar JSON, which needs no precompute).
 
 Output that breaks the constraint is never acceptable, so a schema keyword a backend would
 only approximate is refused with INVALID_ARGUMENT naming it, or, under `auto`, sent to the
@@ -43,11 +43,18 @@ logger = logging.getLogger(__name__)
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 BACKENDS = ("xgrammar", "guidance", "auto")
 
-_ANNOTATIONS = frozenset(
-    "$schema $id $comment $anchor title description default examples deprecated readOnly "
-    "writeOnly contentEncoding contentMediaType id".split()
+# JSON Schema's validation and applicator keywords (drafts 4 to 2020-12). Other keys are
+# annotations or unknown, which validators ignore, and so may a backend.
+_VALIDATION_KEYWORDS = frozenset(
+    "type enum const properties required additionalProperties items prefixItems additionalItems "
+    "minItems maxItems uniqueItems contains minContains maxContains minLength maxLength pattern "
+    "format minimum maximum exclusiveMinimum exclusiveMaximum multipleOf anyOf allOf oneOf not "
+    "if then else $ref $defs definitions patternProperties propertyNames minProperties "
+    "maxProperties dependencies dependentRequired dependentSchemas unevaluatedProperties "
+    "unevaluatedItems $dynamicRef $recursiveRef contentSchema".split()
 )
-# Keywords xgrammar enforces exactly or more narrowly (checked with breaking instances).
+# The ones xgrammar enforces exactly or more narrowly (checked with breaking instances);
+# `_xgrammar_departure` adds the conditions some of them need.
 _XGRAMMAR_KEYWORDS = frozenset(
     "type enum const properties required additionalProperties items prefixItems minItems "
     "maxItems minLength maxLength pattern format minimum maximum exclusiveMinimum "
@@ -202,19 +209,10 @@ def xgrammar_unsupported(schema, path: str = "#") -> str | None:
     if not isinstance(schema, dict):
         return f"a non-schema value at {path}"
     for key, value in schema.items():
-        where = f"{path}/{key}"
-        if key in _ANNOTATIONS:
-            continue
-        if key not in _XGRAMMAR_KEYWORDS:
-            return f"'{key}' at {where}"
-        if key == "oneOf" and isinstance(value, list) and len(value) > 1:
-            return f"'oneOf' with {len(value)} branches (xgrammar may treat it as anyOf) at {where}"
-        if key == "allOf" and isinstance(value, list) and len(value) > 1:
-            return f"'allOf' with {len(value)} schemas at {where}"
-        if key == "format" and value not in _XGRAMMAR_FORMATS:
-            return f"string format {value!r} at {where}"
-        if key == "items" and isinstance(value, list):
-            return f"'items' as an array (tuple validation) at {where}"
+        if key in _VALIDATION_KEYWORDS:
+            found = _xgrammar_departure(schema, key, value)
+            if found:
+                return f"{found} at {path}/{key}"
     for key in _SCHEMA_MAPS:
         sub = schema.get(key)
         if isinstance(sub, dict):
@@ -235,6 +233,31 @@ def xgrammar_unsupported(schema, path: str = "#") -> str | None:
             found = xgrammar_unsupported(sub, f"{path}/{key}")
             if found:
                 return found
+    return None
+
+
+def _xgrammar_departure(schema: dict, key: str, value) -> str | None:
+    """Why xgrammar would not enforce `key` of `schema` exactly, or None."""
+    if key not in _XGRAMMAR_KEYWORDS:
+        return f"'{key}'"
+    if key == "oneOf" and isinstance(value, list) and len(value) > 1:
+        return f"'oneOf' with {len(value)} branches (xgrammar may treat it as anyOf)"
+    if key == "allOf" and isinstance(value, list) and len(value) > 1:
+        return f"'allOf' with {len(value)} schemas"
+    if key == "format" and value not in _XGRAMMAR_FORMATS:
+        return f"string format {value!r}"
+    if key == "items" and isinstance(value, list):
+        return "'items' as an array (tuple validation)"
+    if key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
+        return f"a '$ref' outside the schema ({value!r})"
+    if key == "multipleOf" and (schema.get("type") != "integer" or not isinstance(value, int)):
+        return "'multipleOf' other than an integer on an integer"
+    if key == "required" and isinstance(value, list):
+        props = schema.get("properties")
+        props = props if isinstance(props, dict) else {}
+        missing = [name for name in value if name not in props]
+        if missing:
+            return f"'required' naming {missing[0]!r}, which 'properties' does not define"
     return None
 
 
@@ -261,26 +284,38 @@ def compile_xgrammar(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
                 f"backend xgrammar does not enforce JSON-schema {missing} exactly; "
                 "use backend guidance or auto"
             )
-    compiler = xgrammar.GrammarCompiler(tok.xgrammar_info(), max_threads=1, cache_enabled=False)
+    Grammar = xgrammar.Grammar
     try:
         if kind == "json":
-            compiled = compiler.compile_json_schema(spec, any_whitespace=True, strict_mode=True)
+            grammar = Grammar.from_json_schema(spec, any_whitespace=True, strict_mode=True)
         elif kind == "json_object":
-            compiled = compiler.compile_json_schema('{"type": "object"}', strict_mode=False)
+            grammar = Grammar.from_json_schema('{"type": "object"}', strict_mode=False)
         elif kind == "regex":
-            compiled = compiler.compile_regex(spec)
+            grammar = Grammar.from_regex(spec)
         elif kind == "choice":
             alternatives = " | ".join(_ebnf_string(c) for c in _parse_choices(spec))
-            compiled = compiler.compile_grammar(f"root ::= {alternatives}")
+            grammar = Grammar.from_ebnf(f"root ::= {alternatives}")
         else:
-            compiled = compiler.compile_grammar(spec)
+            grammar = Grammar.from_ebnf(spec)
+        # The token-mask precompute, here to prove the grammar compiles for this tokenizer
+        # (and within the time limit); the sampling rank repeats it from the small grammar.
+        xgrammar_compiler(tok).compile_grammar(grammar)
     except GrammarError:
         raise
     except Exception as exc:  # xgrammar raises RuntimeError / ValueError on bad input
         raise GrammarError(
             f"xgrammar cannot compile the {kind}: {_clean_xgrammar_error(exc)}"
         ) from None
-    return compiled.serialize_json().encode()
+    # NOTE: the compiled form's serialization carries the adaptive token-mask cache (tens of
+    # MB for a small schema); the grammar itself is a few KB.
+    return grammar.serialize_json().encode()
+
+
+def xgrammar_compiler(tok: GrammarTokenizer):
+    """An xgrammar GrammarCompiler over the tokenizer (we cache by handle ourselves)."""
+    import xgrammar
+
+    return xgrammar.GrammarCompiler(tok.xgrammar_info(), max_threads=1, cache_enabled=False)
 
 
 def _ebnf_string(text: str) -> str:

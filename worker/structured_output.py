@@ -1,7 +1,8 @@
 """Grammar matchers on the sampling rank: one per constrained request, a bitmask every step.
 
 A request's `CompiledGrammar` (from the tokenizer service) is turned into a matcher when the
-request arrives; compiled forms are cached by handle. Every step the rows that sample and hold
+request arrives: an xgrammar grammar is compiled for this rank's tokenizer (model vocabulary,
+EOS ids) and cached by handle; an llguidance grammar needs no precompute. Every step the rows that sample and hold
 a live matcher get one packed int32 bitmask row each (bit j of word w allows token 32w + j),
 filled on a helper thread while the forward pass runs; after sampling each matcher accepts its
 row's token. A matcher that accepts a stop token is terminated: the request is reported as
@@ -14,7 +15,6 @@ Requests without a grammar never reach this module.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from splitserve.protos import common_pb2
-from splitserve.tokenizer_svc.grammar import GrammarTokenizer
+from splitserve.tokenizer_svc.grammar import GrammarTokenizer, xgrammar_compiler
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class StructuredOutputs:
         self.cache_size = cache_size
         self._tokenizer: GrammarTokenizer | None = None
         self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._xgrammar_compiler = None
         self.matchers: dict[str, _XgrammarMatcher | _GuidanceMatcher] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._buffer = torch.empty(0, self.words, dtype=torch.int32)
@@ -155,17 +156,9 @@ class StructuredOutputs:
             raise ValueError(f"unknown grammar backend {grammar.backend!r}")
         import xgrammar
 
-        meta = json.loads(text).get("tokenizer_metadata", {})
-        if isinstance(meta, str):
-            meta = json.loads(meta)
-        vocab = meta.get("vocab_size")
-        if vocab != self.vocab_size:
-            raise ValueError(
-                f"the grammar was compiled for a vocabulary of {vocab} tokens but the model has "
-                f"{self.vocab_size}: the tokenizer service must serve this model's tokenizer"
-            )
-        info = self._grammar_tokenizer().xgrammar_info(vocab, meta.get("stop_token_ids"))
-        return xgrammar.CompiledGrammar.deserialize_json(text, info)
+        if self._xgrammar_compiler is None:
+            self._xgrammar_compiler = xgrammar_compiler(self._grammar_tokenizer())
+        return self._xgrammar_compiler.compile_grammar(xgrammar.Grammar.deserialize_json(text))
 
     # ------------------------------------------------------------------ steps
 
