@@ -153,13 +153,40 @@ class GrammarTokenizer:
         with self._lock:
             info = self._xgrammar_infos.get(key)
             if info is None:
-                import xgrammar
-
-                info = xgrammar.TokenizerInfo.from_huggingface(
-                    self.hf_tokenizer, vocab_size=key[0], stop_token_ids=list(key[1])
-                )
+                info = self._build_xgrammar_info(*key)
                 self._xgrammar_infos[key] = info
             return info
+
+    def _build_xgrammar_info(self, vocab_size: int, stop_ids: tuple[int, ...]):
+        import xgrammar
+
+        base = xgrammar.TokenizerInfo.from_huggingface(
+            self.hf_tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_ids)
+        )
+        # NOTE: xgrammar reads special tokens such as <|im_start|> as their literal text, so
+        # they could appear inside a JSON string; an empty entry is never allowed.
+        special = set(self.special_token_ids()) - set(stop_ids)
+        if not special:
+            return base
+        vocab = list(base.decoded_vocab)
+        for i in special:
+            if i < len(vocab):
+                vocab[i] = b""
+        return xgrammar.TokenizerInfo(
+            vocab,
+            xgrammar.VocabType.RAW,
+            vocab_size=vocab_size,
+            stop_token_ids=list(stop_ids),
+            add_prefix_space=base.add_prefix_space,
+        )
+
+    def special_token_ids(self) -> list[int]:
+        """Ids of the tokenizer's special (control) tokens."""
+        tok = self.hf_tokenizer
+        ids = set(getattr(tok, "all_special_ids", []) or [])
+        decoder = getattr(tok, "added_tokens_decoder", {}) or {}
+        ids.update(i for i, t in decoder.items() if getattr(t, "special", False))
+        return sorted(ids)
 
     def guidance_tokenizer(self):
         """llguidance.LLTokenizer over the model's vocabulary."""
@@ -287,9 +314,9 @@ def compile_xgrammar(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
     Grammar = xgrammar.Grammar
     try:
         if kind == "json":
-            grammar = Grammar.from_json_schema(spec, any_whitespace=True, strict_mode=True)
+            grammar = _xgrammar_json(Grammar.from_json_schema(spec, strict_mode=True))
         elif kind == "json_object":
-            grammar = Grammar.from_json_schema('{"type": "object"}', strict_mode=False)
+            grammar = _xgrammar_json(Grammar.from_json_schema('{"type": "object"}'))
         elif kind == "regex":
             grammar = Grammar.from_regex(spec)
         elif kind == "choice":
@@ -309,6 +336,30 @@ def compile_xgrammar(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
     # NOTE: the compiled form's serialization carries the adaptive token-mask cache (tens of
     # MB for a small schema); the grammar itself is a few KB.
     return grammar.serialize_json().encode()
+
+
+# xgrammar 0.2.8 writes the characters of a length-limited JSON string as [^"\\\r\n]: raw
+# control characters (U+0000-U+001F), which JSON forbids in strings, get through.
+_XGRAMMAR_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
+_STRICT_STRING_CHAR = r"[^\0-\x1f\"\\]"
+_EBNF_REGEX_CALL = re.compile(r'Regex\("(?:[^"\\]|\\.)*"[^)]*\)')
+_NEGATED_CLASS = re.compile(r"\[\^(?!\\0-\\x1f)")
+
+
+def _xgrammar_json(grammar):
+    """The JSON grammar with raw control characters kept out of every string."""
+    import xgrammar
+
+    text = str(grammar).replace(_XGRAMMAR_LOOSE_STRING_CHAR, _STRICT_STRING_CHAR)
+    # NOTE: a regex `pattern` compiles to a Regex(..., json_string=true) call, which keeps
+    # control characters out by itself; any other negated class must exclude them.
+    loose = _NEGATED_CLASS.search(_EBNF_REGEX_CALL.sub("", text))
+    if loose:
+        raise GrammarError(
+            "backend xgrammar would let control characters into a JSON string here "
+            f"({text[loose.start() : loose.start() + 30]!r}); use backend guidance or auto"
+        )
+    return xgrammar.Grammar.from_ebnf(text)
 
 
 def xgrammar_compiler(tok: GrammarTokenizer):

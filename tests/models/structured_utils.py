@@ -46,10 +46,12 @@ class Checker:
 
 def whitespace_bias(tokenizer, value: float = -30.0) -> dict[int, float]:
     """logit_bias that discourages whitespace-only tokens, so a random model's JSON ends
-    within a few tokens (the grammar allows unlimited whitespace)."""
+    within a few tokens (the grammar allows unlimited whitespace), and tokens with DEL or C1
+    control characters: JSON allows them raw in strings and xgrammar does, but llguidance
+    refuses them, so a cut document holding one could not be cross-checked by it."""
     bias = {}
     for tok in range(len(tokenizer)):
         text = tokenizer.decode([tok])
-        if text and not text.strip():
+        if text and (not text.strip() or any(0x7F <= ord(c) <= 0x9F for c in text)):
             bias[tok] = value
     return bias

@@ -202,6 +202,18 @@ def test_xgrammar_refuses_what_it_would_only_approximate(compiler, schema, featu
         compiler.compile_sync(spec("json", json.dumps(schema), "xgrammar"))
 
 
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+@pytest.mark.parametrize("schema", [{"type": "string"}, {"type": "string", "maxLength": 4}])
+def test_raw_control_characters_never_enter_a_json_string(
+    compiler, structured, hf_tok, backend, schema
+):
+    """xgrammar's own length-limited string lets U+0011 through; ours must not."""
+    compiled = compiler.compile_sync(spec("json", json.dumps(schema), backend)).grammar
+    assert status(structured, hf_tok, compiled, '"ab"') == "complete"
+    assert status(structured, hf_tok, compiled, '"a\x11') == "rejected"
+    assert status(structured, hf_tok, compiled, '"a\tb"') == "rejected"
+
+
 def test_xgrammar_ignores_unknown_keywords_as_validators_do(compiler):
     schema = {"type": "integer", "x-kind": "count", "self": {"vendor": "v"}, "title": "t"}
     assert compiler.compile_sync(spec("json", json.dumps(schema), "xgrammar")).grammar.compiled

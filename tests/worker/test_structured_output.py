@@ -38,7 +38,9 @@ def so(hf_tok):
 
 
 def compiled(compiler, kind, text, backend):
-    return compiler.compile_sync(common_pb2.GrammarSpec(kind=kind, spec=text, backend=backend)).grammar
+    return compiler.compile_sync(
+        common_pb2.GrammarSpec(kind=kind, spec=text, backend=backend)
+    ).grammar
 
 
 def allowed(bitmask_row) -> set[int]:
@@ -121,3 +123,16 @@ def test_compiled_grammars_are_cached_by_handle(so, compiler):
     so.remove("a")
     so.remove("b")
     assert len(so) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_special_tokens_never_enter_a_json_string(so, compiler, hf_tok, backend):
+    """xgrammar reads <|im_start|> as its literal text; it must still never be allowed."""
+    grammar = compiled(compiler, "json", '{"type": "string"}', backend)
+    so.add("r", grammar, hf_tok.encode('"a', add_special_tokens=False))
+    bitmask, _ = so.fill(["r"], [0])
+    got = allowed(bitmask[0])
+    letter = hf_tok.encode("b", add_special_tokens=False)[0]
+    assert letter in got
+    special = set(hf_tok.all_special_ids) - set(STOP)
+    assert special and not (special & got)
