@@ -17,7 +17,6 @@ worker code as the server):
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
