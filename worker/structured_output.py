@@ -10,6 +10,10 @@ finished, and any step already planned past that point samples unmasked (the sch
 that token). After a preemption the request comes back as new with its outputs, which are
 replayed into a fresh matcher.
 
+NOTE: async scheduling needs nothing special here. The scheduler may plan step N+1 before it
+has step N's tokens, but this rank runs steps in order and its matchers accept each sampled
+token before the next step starts, so every mask is built from the full output so far.
+
 Requests without a grammar never reach this module.
 """
 
