@@ -21,7 +21,7 @@ class WorkerConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `model` is a hub id."""
     tokenizer: str | None = None
-    """Tokenizer folder or hub id for structured-output matchers (loaded on the first constrained request); None uses the model's."""
+    """Tokenizer folder or hub id; None uses the model's. (The worker loads it only for structured-output matchers, on the first constrained request.)"""
     dtype: str = "auto"
     """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0
