@@ -97,6 +97,8 @@ class StructuredOutputs:
         self._tokenizer: GrammarTokenizer | None = None
         self._compiled: OrderedDict[str, object] = OrderedDict()
         self._xgrammar_compiler = None
+        self._xgrammar_batch = None
+        self._guidance_executor = None
         self.matchers: dict[str, _XgrammarMatcher | _GuidanceMatcher] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._buffer = torch.empty(0, self.words, dtype=torch.int32)
@@ -186,15 +188,41 @@ class StructuredOutputs:
             self._buffer = torch.empty(rows, self.words, dtype=torch.int32)
         bitmask = self._buffer[:n]
         failed: dict[str, str] = {}
+        by_backend: dict[type, list[int]] = {}
         for i in positions:
-            rid = request_ids[i]
+            by_backend.setdefault(type(self.matchers[request_ids[i]]), []).append(i)
+        for kind, rows in by_backend.items():
+            matchers = [self.matchers[request_ids[i]].matcher for i in rows]
             try:
-                self.matchers[rid].fill(bitmask, i)
-            except Exception as exc:  # a matcher bug fails its request, not the step
-                logger.exception("grammar mask of %s failed", rid)
-                failed[rid] = f"the grammar matcher failed: {exc}"
-                bitmask[i].fill_(-1)
+                self._fill_batch(kind, matchers, rows, bitmask)
+            except Exception:  # find the matcher at fault; the others still get their rows
+                logger.exception("batched grammar mask failed; filling row by row")
+                for i in rows:
+                    rid = request_ids[i]
+                    try:
+                        self.matchers[rid].fill(bitmask, i)
+                    except Exception as exc:  # a matcher bug fails its request only
+                        failed[rid] = f"the grammar matcher failed: {exc}"
+                        bitmask[i].fill_(-1)
         return bitmask, failed
+
+    def _fill_batch(self, kind: type, matchers: list, rows: list[int], bitmask) -> None:
+        """One call per backend for all its rows (both backends spread it over threads)."""
+        if kind is _XgrammarMatcher:
+            if self._xgrammar_batch is None:
+                import xgrammar
+
+                self._xgrammar_batch = xgrammar.BatchGrammarMatcher()
+            self._xgrammar_batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        else:
+            import llguidance
+            import llguidance.torch
+
+            if self._guidance_executor is None:
+                self._guidance_executor = llguidance.LLExecutor()
+            llguidance.torch.fill_next_token_bitmask_par(
+                self._guidance_executor, list(zip(matchers, rows)), bitmask
+            )
 
     def fill_async(self, request_ids: list[str], positions: list[int]) -> Future:
         """`fill` on a helper thread, so it overlaps the forward pass."""

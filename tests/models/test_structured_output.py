@@ -153,13 +153,14 @@ def test_unconstrained_rows_get_the_same_tokens_in_a_mixed_batch(llm):
 def test_grammar_survives_preemption(llm, llama_path):
     """A tight cache preempts constrained requests mid-output; the matcher is rebuilt by
     replaying their tokens, so the outputs equal those of an engine with room to spare."""
-    long_regex = "[a-z ]{10,60}[.]"
+    long_regex = "[a-z ]{40,80}[.]"
     params = [
         constrained(backend, **kind, temperature=0, max_tokens=40)
         for backend in BACKENDS
         for kind in ({"json": SCHEMA}, {"regex": long_regex}, {"grammar": EBNF})
     ]
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(params))]
+    # Each request needs up to 15 of the 24 blocks; together they need far more.
+    prompts = [PROMPTS[i % len(PROMPTS)] * 2 for i in range(len(params))]
     roomy = llm.generate(prompts, params)
     tight = LLM(str(llama_path), kv_cache_memory=24 * 4 * 512, block_size=4)
     try:
