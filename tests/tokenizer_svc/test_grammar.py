@@ -351,3 +351,36 @@ def test_bad_constraint_rpc_is_invalid_argument_and_the_service_stays_healthy(sr
     assert match in info.value.details()
     assert srv.health_status() == health_pb2.HealthCheckResponse.SERVING
     assert srv.stub.Tokenize(pb.TokenizeRequest(text="still fine"), timeout=10).token_ids
+
+
+def test_service_flags_reach_the_compiler(model_dir):
+    from splitserve.tokenizer_svc.server import make_grammar_compiler
+    from splitserve.tokenizer_svc.tokenizer import load_tokenizer
+
+    config = TokenizerServiceConfig(
+        tokenizer=str(model_dir),
+        guided_decoding_backend="guidance",
+        grammar_cache_size=7,
+        grammar_compile_timeout_s=2.5,
+        grammar_max_pending=3,
+    )
+    compiler = make_grammar_compiler(config, load_tokenizer(config))
+    assert compiler.default_backend == "guidance"
+    assert (compiler.cache_size, compiler.timeout_s, compiler.max_pending) == (7, 2.5, 3)
+    assert compiler.tokenizer.vocab_size == len(compiler.tokenizer.hf_tokenizer) + EXTRA_VOCAB
+    compiler.shutdown()
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("guided_decoding_backend", "outlines", "guided_decoding_backend must be one of"),
+        ("grammar_cache_size", -1, "grammar_cache_size must be >= 0"),
+        ("grammar_compile_timeout_s", 0, "grammar_compile_timeout_s must be > 0"),
+        ("grammar_compile_threads", 0, "grammar_compile_threads must be >= 1"),
+        ("grammar_max_pending", 0, "grammar_max_pending must be >= 1"),
+    ],
+)
+def test_bad_grammar_flags_are_refused(model_dir, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TokenizerServiceConfig(tokenizer=str(model_dir), **{field: value})
