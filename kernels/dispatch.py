@@ -165,7 +165,7 @@ def write_kv_cache(
 
 
 # --------------------------------------------------------------------------- elementwise ops
-# CPU paths: `torch_ops` (fused / in-place torch); GELU and the bitmask use their references,
+# CPU paths: `torch_ops` (fused / in-place torch); GELU uses its reference,
 # already vectorised torch.
 
 
@@ -242,4 +242,4 @@ def apply_token_bitmask(
     if _use_triton(logits, backend):
         _kernel_module("token_bitmask").apply_token_bitmask(logits, bitmask, indices)
     else:
-        ref.apply_token_bitmask_ref(logits, bitmask, indices)
+        torch_ops.apply_token_bitmask(logits, bitmask, indices)

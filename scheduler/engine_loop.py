@@ -47,10 +47,14 @@ class EngineLoop:
 
     # -- called on the event loop -------------------------------------------------------
     def add_request(
-        self, req: scheduler_pb2.GenerateRequest, trace_context: dict[str, str] | None = None
+        self,
+        req: scheduler_pb2.GenerateRequest,
+        grammar: common_pb2.CompiledGrammar | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> asyncio.Queue:
-        """Validate, register an output queue and hand the request to the engine thread.
-        `trace_context` (W3C headers) goes to the workers with the request's steps."""
+        """Validate, register an output queue and hand the request (with its compiled
+        constraint, if any) to the engine thread. `trace_context` (W3C headers) goes to the
+        workers with the request's steps."""
         if self.dead is not None:
             raise RequestRejected("UNAVAILABLE", f"the engine is dead: {self.dead}")
         # validate() reads only fixed state, so it is safe off the engine thread.
@@ -61,7 +65,7 @@ class EngineLoop:
             raise RequestRejected("RESOURCE_EXHAUSTED", "the waiting queue is full; retry later")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = q
-        self._inbox.put(("add", (req, trace_context)))
+        self._inbox.put(("add", (req, grammar, trace_context)))
         return q
 
     def abort(self, request_id: str) -> bool:
@@ -98,13 +102,13 @@ class EngineLoop:
     def _apply(self, item: tuple) -> None:
         kind, arg = item
         if kind == "add":
-            arg, trace_context = arg
+            req, grammar, trace_context = arg
             try:
-                request = self.engine.scheduler.add_request(arg)
+                request = self.engine.scheduler.add_request(req, grammar)
                 request.trace_context = trace_context
             except RequestRejected as exc:
                 out = RequestOutput(
-                    arg.request_id,
+                    req.request_id,
                     error=exc.message,
                     error_code=exc.code,
                     finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,

@@ -54,6 +54,8 @@ class Request:
     """Wall-clock time (ns) the request first left the waiting queue; 0 before (tracing)."""
     trace_context: dict[str, str] | None = None
     """W3C trace headers sent to the workers with the request (detailed traces only)."""
+    grammar: common_pb2.CompiledGrammar | None = None
+    """Structured-output constraint, sent to the workers with the request (and on resume)."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -94,8 +94,13 @@ class Scheduler:
         self.num_steps = 0
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, req: scheduler_pb2.GenerateRequest) -> Request:
-        """Validate and queue a request; raises RequestRejected."""
+    def add_request(
+        self,
+        req: scheduler_pb2.GenerateRequest,
+        grammar: common_pb2.CompiledGrammar | None = None,
+    ) -> Request:
+        """Validate and queue a request (with its compiled constraint, if it has one); raises
+        RequestRejected."""
         rid = req.request_id
         if not rid:
             raise RequestRejected("INVALID_ARGUMENT", "request_id must not be empty")
@@ -123,6 +128,7 @@ class Scheduler:
             priority=req.priority,
             lora_name=req.lora_name,
             prompt_logprobs_pending=sp.HasField("prompt_logprobs"),
+            grammar=grammar,
         )
         self.requests[rid] = r
         self._enqueue_waiting(r)
@@ -329,6 +335,8 @@ class Scheduler:
         m.num_prompt_tokens = req.num_prompt_tokens
         if req.trace_context:
             m.trace_context.update(req.trace_context)
+        if req.grammar is not None:
+            m.grammar.CopyFrom(req.grammar)
         req.num_sent_tokens = req.num_tokens
         req.known_to_worker = True
         req.num_sent_blocks = len(req.blocks)
@@ -350,6 +358,7 @@ class Scheduler:
     def update_from_output(self, result: worker_pb2.StepResult) -> list[RequestOutput]:
         """Apply a step's sampled tokens; returns one output per request that changed."""
         outputs: dict[str, RequestOutput] = {}
+        grammar_done = set(result.grammar_terminated_ids)
         for rid, entries in result.prompt_logprobs.items():
             r = self.requests.get(rid)
             if r is not None and r.prompt_logprobs_pending:
@@ -369,6 +378,8 @@ class Scheduler:
             if r.prompt_logprobs_pending:
                 r.prompt_logprobs_pending = False
             self._check_stop(r, tok, out)
+            if rid in grammar_done and not out.finished:
+                out.finish_reason = FinishReason.FINISH_REASON_STOP
             if out.finished:
                 self._finish(r)
             else:

@@ -152,12 +152,14 @@ def serve(args: argparse.Namespace) -> int:
         and getattr(args, "master_port", None) is None
         else {}
     )
-    worker_cfg = build_config(worker_cls, args, model=model, **rendezvous)
+    tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
+    worker_cfg = build_config(worker_cls, args, model=model, **rendezvous, **tok_overrides)
     worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
     rank_devices = _gpu_per_rank(worker_cfg)
-    tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
     tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
-    scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
+    scheduler_cfg = build_config(
+        scheduler_cls, args, worker_addresses=worker_addrs, tokenizer_address=tok_addr
+    )
     # The demo model is served as DEMO_NAME unless the user names it.
     named = args.model_tag or getattr(args, "served_model_name", None)
     gateway_cfg = build_config(

@@ -103,6 +103,8 @@ class LLM:
         self.scheduler_config = pick(SchedulerConfig)
         tok_cfg = pick(TokenizerServiceConfig, tokenizer=tokenizer or model)
         self.tokenizer = load_tokenizer(tok_cfg)
+        self._tokenizer_config = tok_cfg
+        self._grammars = None
         self.engine = EngineCore(
             self.scheduler_config, InprocExecutor(ModelRunner(self.worker_config))
         )
@@ -114,6 +116,21 @@ class LLM:
 
     def get_tokenizer(self):
         return self.tokenizer.tokenizer
+
+    def _compile(self, sp: SamplingParams):
+        """The CompiledGrammar of sp.structured_outputs (None without one); ValueError when the
+        constraint is refused."""
+        if sp.structured_outputs is None:
+            return None
+        from splitserve.tokenizer_svc.grammar import GrammarError
+        from splitserve.tokenizer_svc.server import make_grammar_compiler
+
+        if self._grammars is None:
+            self._grammars = make_grammar_compiler(self._tokenizer_config, self.tokenizer)
+        try:
+            return self._grammars.compile_sync(sp.structured_outputs.to_proto()).grammar
+        except GrammarError as exc:
+            raise ValueError(exc.message) from None
 
     def generate(
         self,
@@ -162,6 +179,7 @@ class LLM:
 
         seqs: dict[str, _Seq] = {}
         sched = self.engine.scheduler
+        grammars = [self._compile(sp) for sp in params_list]
         for pi, (ids, sp) in enumerate(zip(ids_list, params_list)):
             for i in range(sp.n):
                 proto = sp.to_proto()
@@ -184,7 +202,8 @@ class LLM:
                     sched.add_request(
                         scheduler_pb2.GenerateRequest(
                             request_id=rid, prompt_token_ids=ids, sampling_params=proto
-                        )
+                        ),
+                        grammars[pi],
                     )
                 except Exception as exc:
                     for r in list(seqs)[:-1]:

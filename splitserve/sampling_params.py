@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.structured_outputs import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 """Default cap on logprobs / top_logprobs / prompt_logprobs (vLLM's --max-logprobs)."""
 
@@ -55,6 +57,8 @@ class SamplingParams:
     """Drop special tokens from the text."""
     detokenize: bool = True
     """Produce text (the in-process engine); off returns token ids only."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON schema, regex, choice or grammar."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

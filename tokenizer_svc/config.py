@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from splitserve.tracing import check_endpoint
 
 TOKENIZER_MODES = ("auto", "slow", "fast", "mistral")
+GUIDED_DECODING_BACKENDS = ("xgrammar", "guidance", "auto")
 
 # A chat-template argument holding any of these is a template, not a file path (vLLM's rule).
 _JINJA_CHARS = "{}\n"
@@ -45,6 +46,16 @@ class TokenizerServiceConfig:
     otlp_traces_endpoint: str | None = None
     """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
     http/protobuf); None exports nothing and installs no instrumentation."""
+    guided_decoding_backend: str = "xgrammar"
+    """Structured-output backend when a request names none: xgrammar, guidance or auto (the one that enforces the constraint exactly)."""
+    grammar_cache_size: int = 256
+    """Compiled constraints kept (LRU by SHA-256 of backend, kind and text); 0 disables."""
+    grammar_compile_timeout_s: float = 30.0
+    """Longest one constraint compile may take before the request fails with DEADLINE_EXCEEDED."""
+    grammar_compile_threads: int = 2
+    """Threads compiling constraints."""
+    grammar_max_pending: int = 16
+    """Compiles running or queued past which new ones are refused with RESOURCE_EXHAUSTED."""
 
     def __post_init__(self) -> None:
         check_endpoint(self.otlp_traces_endpoint)
@@ -70,6 +81,23 @@ class TokenizerServiceConfig:
             raise ValueError(f"max_stop_strings must be >= 0, got {self.max_stop_strings}")
         if self.tokenizer_threads < 1:
             raise ValueError(f"tokenizer_threads must be >= 1, got {self.tokenizer_threads}")
+        if self.guided_decoding_backend not in GUIDED_DECODING_BACKENDS:
+            raise ValueError(
+                "guided_decoding_backend must be one of "
+                f"{', '.join(GUIDED_DECODING_BACKENDS)}, got {self.guided_decoding_backend!r}"
+            )
+        if self.grammar_cache_size < 0:
+            raise ValueError(f"grammar_cache_size must be >= 0, got {self.grammar_cache_size}")
+        if not self.grammar_compile_timeout_s > 0:
+            raise ValueError(
+                f"grammar_compile_timeout_s must be > 0, got {self.grammar_compile_timeout_s}"
+            )
+        if self.grammar_compile_threads < 1:
+            raise ValueError(
+                f"grammar_compile_threads must be >= 1, got {self.grammar_compile_threads}"
+            )
+        if self.grammar_max_pending < 1:
+            raise ValueError(f"grammar_max_pending must be >= 1, got {self.grammar_max_pending}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
 

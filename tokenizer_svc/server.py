@@ -14,10 +14,9 @@ DetokenizeStream protocol (one response per request message, in order):
   3. `tokens` with no ids = end of sequence -> the held-back text, `flushed` set. A client that
      half-closes without it gets no more text; tokens after it are refused.
 
-Grammar-compile seam: structured outputs (JSON schema / regex / choice / EBNF compiled by
-xgrammar into a token-bitmask source, with a compile cache and timeout) plug in here as a
-`CompileGrammar` RPC beside `ApplyChatTemplate`, run in the same thread pool with the same
-`RequestError` -> INVALID_ARGUMENT mapping. Not implemented yet.
+CompileGrammar compiles a structured-output constraint (see `grammar.py`) in its own bounded
+pool with a timeout and an LRU cache; a bad constraint is INVALID_ARGUMENT and touches nothing
+else (health stays SERVING).
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 from .chat import ChatRenderer, parse_chat_request
 from .config import TokenizerServiceConfig
 from .errors import InvalidRequest, NotReady, RequestError
+from .grammar import GrammarCompiler, GrammarTokenizer, grammar_stop_ids, grammar_vocab_size
 from .stream import SequenceStream, StreamDelta
 from .tokenizer import TokenizerHandle, load_tokenizer
 
@@ -62,11 +62,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._executor = executor
         self._handle: TokenizerHandle | None = None
         self._renderer: ChatRenderer | None = None
+        self.grammars: GrammarCompiler | None = None
 
     def set_tokenizer(self, handle: TokenizerHandle) -> None:
         self._renderer = ChatRenderer(
             handle, self._config.trust_request_chat_template, self._config.chat_template_timeout_s
         )
+        self.grammars = make_grammar_compiler(self._config, handle)
         self._handle = handle
 
     def _ready(self) -> TokenizerHandle:
@@ -142,6 +144,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             name=info.name,
         )
 
+    async def CompileGrammar(self, request, context):
+        self._ready()
+        result = await self.grammars.compile(request.grammar)
+        grammar = result.grammar
+        if not request.include_compiled:
+            grammar = type(grammar)(handle=grammar.handle, backend=grammar.backend)
+        return tokenizer_pb2.CompileGrammarResponse(
+            grammar=grammar, compile_seconds=result.seconds, cache_hit=result.cache_hit
+        )
+
     async def DetokenizeStream(self, request_iterator, context):
         trace = _StreamTrace() if tracing.enabled() else None
         try:
@@ -202,6 +214,26 @@ class _StreamTrace:
             time.time_ns(),
             {"gen_ai.request.id": self.request_id, "splitserve.num_tokens": self.num_tokens},
         )
+
+
+def make_grammar_compiler(
+    config: TokenizerServiceConfig, handle: TokenizerHandle
+) -> GrammarCompiler:
+    """The constraint compiler over this tokenizer, sized by the model's vocabulary."""
+    tokenizer = handle.tokenizer
+    tok = GrammarTokenizer(
+        tokenizer,
+        grammar_vocab_size(handle.path, len(tokenizer)),
+        grammar_stop_ids(handle.path, tokenizer),
+    )
+    return GrammarCompiler(
+        tok,
+        default_backend=config.guided_decoding_backend,
+        cache_size=config.grammar_cache_size,
+        timeout_s=config.grammar_compile_timeout_s,
+        threads=config.grammar_compile_threads,
+        max_pending=config.grammar_max_pending,
+    )
 
 
 def _stream_response(delta: StreamDelta) -> tokenizer_pb2.DetokenizeStreamResponse:
@@ -267,6 +299,8 @@ class TokenizerServer:
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.servicer.grammars is not None:
+            self.servicer.grammars.shutdown()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -54,6 +54,8 @@ class TokenizerHandle:
         self.name = name
         self.chat_template = chat_template
         """The operator's template override; None uses the tokenizer's own."""
+        self.path = None
+        """The resolved tokenizer folder, when loaded from one (model facts live beside it)."""
         self.vocab_size = len(tokenizer)
         self.is_fast = bool(getattr(tokenizer, "is_fast", False))
         self._byte_piece = _tekken_byte_piece(tokenizer)
@@ -228,6 +230,7 @@ def load_tokenizer(config: TokenizerServiceConfig) -> TokenizerHandle:
         )
     template = load_chat_template(config.chat_template) if config.chat_template else None
     handle = TokenizerHandle(tokenizer, config.tokenizer, template)
+    handle.path = path
     logger.info(
         "loaded tokenizer %s from %s: %s, vocab %d, chat template %s",
         config.tokenizer,

@@ -28,6 +28,8 @@ class WorkerConfig:
     """Folder hub models are downloaded to and looked up in; None uses the Hugging Face cache."""
     trust_remote_code: bool = False
     """Allow Python code from the model folder: a custom config or tokenizer class (the model itself always runs splitserve's own implementation)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id; None uses the model's. (The worker loads it only for structured-output matchers, on the first constrained request.)"""
     dtype: str = "auto"
     """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0

@@ -15,6 +15,7 @@ import gc
 import logging
 import math
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +35,21 @@ from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.model_loader import load_model
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.sampler import Sampler, compute_logprobs
+from splitserve.worker.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class GrammarMasks:
+    """The grammar bitmasks of one step's constrained sampling rows, being filled."""
+
+    request_ids: list[str]
+    """Request id of every sampling row, in sampling order."""
+    positions: list[int]
+    """Sampling rows (indices into request_ids) that carry a mask."""
+    future: Future
+    """-> (int32 bitmask [len(request_ids), words], failed request id -> message)."""
 
 
 @dataclass(slots=True)
@@ -90,6 +104,20 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.config.seed)
         self.sampler = Sampler(generator)
+        self.structured = (
+            StructuredOutputs(self._load_tokenizer, self.vocab_size, self.eos_token_ids)
+            if self.is_last
+            else None
+        )
+
+    def _load_tokenizer(self):
+        """The HF tokenizer the grammar matchers need (first constrained request only)."""
+        from transformers import AutoTokenizer
+
+        from splitserve.model_path import resolve_model_path
+
+        source = self.config.tokenizer or self.config.model
+        return AutoTokenizer.from_pretrained(str(resolve_model_path(source, self.config.revision)))
 
     # ------------------------------------------------------------------ setup RPCs
 
@@ -310,6 +338,7 @@ class ModelRunner:
             if not self.is_last:
                 return self._empty_intermediate()
             return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
+        masks = self._start_masks(plan)
         out = self._forward(plan, intermediate)
         batch.num_computed[plan.rows] = plan.ends
         if not self.is_last:
@@ -317,7 +346,20 @@ class ModelRunner:
         if plan.logits_indices.numel() == 0:  # only partial prefill chunks this step
             return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
         logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
-        return self._sample(step, plan, logits, errors)
+        return self._sample(step, plan, logits, errors, masks)
+
+    def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
+        """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it
+        overlaps the forward pass); None when no sampling row is constrained."""
+        structured = self.structured
+        if structured is None or len(structured) == 0 or plan.sample_rows.size == 0:
+            return None
+        req_ids = self.batch.req_ids
+        rids = [req_ids[r] for r in plan.sample_rows.tolist()]
+        positions = structured.active(rids)
+        if not positions:
+            return None
+        return GrammarMasks(rids, positions, structured.fill_async(rids, positions))
 
     def _forward(
         self, plan: StepPlan, intermediate: IntermediateTensors | None
@@ -367,12 +409,20 @@ class ModelRunner:
 
     def _update_states(self, step: worker_pb2.StepRequest, errors: dict[str, str]) -> None:
         batch = self.batch
+        structured = self.structured
         for rid in step.finished_request_ids:
             batch.remove(rid)
+            if structured is not None:
+                structured.remove(rid)
         for req in step.new_requests:
             error = batch.add(req)
             if error:
                 errors[req.request_id] = error
+            elif structured is not None:
+                error = self._add_grammar(req)
+                if error:
+                    errors[req.request_id] = error
+                    batch.remove(req.request_id)
         for cached in step.cached_requests:
             row = batch.rows.get(cached.request_id)
             if row is None:
@@ -382,7 +432,7 @@ class ModelRunner:
             )
             if error:
                 errors[cached.request_id] = error
-                batch.remove(cached.request_id)
+                self._forget(cached.request_id)
                 continue
             batch.num_computed[row] = cached.num_computed_tokens
 
@@ -398,6 +448,19 @@ class ModelRunner:
         batch.token_ids[row, n : n + k] = token_ids
         batch.num_tokens[row] = n + k
         return ""
+
+    def _add_grammar(self, req: worker_pb2.NewRequest) -> str | None:
+        """Give a constrained request its matcher, replaying outputs kept across a preemption."""
+        if not req.HasField("grammar"):
+            self.structured.remove(req.request_id)  # a reused id must not keep an old matcher
+            return None
+        num_prompt = req.num_prompt_tokens if req.num_prompt_tokens > 0 else len(req.token_ids)
+        return self.structured.add(req.request_id, req.grammar, list(req.token_ids[num_prompt:]))
+
+    def _forget(self, request_id: str) -> None:
+        self.batch.remove(request_id)
+        if self.structured is not None:
+            self.structured.remove(request_id)
 
     def _plan(self, step: worker_pb2.StepRequest, errors: dict[str, str]) -> StepPlan | None:
         batch = self.batch
@@ -444,7 +507,7 @@ class ModelRunner:
                 f"{batch.num_tokens[row]} tokens, {batch.num_blocks[row]} blocks of "
                 f"{self.block_size}, and max_model_len is {self.max_model_len}"
             )
-            batch.remove(rid)
+            self._forget(rid)
         keep = ~bad
         return rows[keep], q[keep], starts[keep], ends[keep]
 
@@ -520,6 +583,7 @@ class ModelRunner:
         plan: StepPlan,
         logits: torch.Tensor,
         errors: dict[str, str],
+        masks: GrammarMasks | None = None,
     ) -> worker_pb2.StepResult:
         batch = self.batch
         rows = plan.sample_rows
@@ -527,8 +591,22 @@ class ModelRunner:
         result = worker_pb2.StepResult(step_id=step.step_id, errors=errors)
         if n:
             meta = batch.sampling_metadata(rows, self.eos_token_ids)
+            if masks is not None:
+                bitmask, failed = masks.future.result()
+                for rid, message in failed.items():
+                    result.errors[rid] = message
+                    self.structured.remove(rid)
+                meta.bitmask = bitmask.to(self.device, non_blocking=True)
+                meta.bitmask_rows = torch.tensor(masks.positions, device=self.device)
             sampled, logprobs = self.sampler(logits[:n], meta)
             tokens = sampled.cpu().numpy()
+            if masks is not None:
+                done, rejected = self.structured.accept(
+                    masks.request_ids, masks.positions, tokens.tolist()
+                )
+                result.grammar_terminated_ids.extend(done)
+                for rid, message in rejected.items():
+                    result.errors[rid] = message
             lengths = batch.num_tokens[rows]
             batch.token_ids[rows, lengths] = tokens
             batch.num_tokens[rows] = lengths + 1

@@ -2,7 +2,8 @@
 
 Order: logprobs are taken from the raw logits (before any processing, vLLM's default); then
 min_tokens masking, logit_bias, penalties (repetition: prompt + output tokens, divide positive
-logits and multiply negative ones; presence / frequency: output tokens); greedy rows take the
+logits and multiply negative ones; presence / frequency: output tokens), then the grammar
+bitmask of structured-output rows (-inf for disallowed tokens); greedy rows take the
 argmax here; the others apply temperature, min_p, top-k, top-p, and sample with the exponential
 race (argmax of probs / Exp(1) noise), drawing the noise of a seeded request from its own
 generator so its tokens do not depend on what else is in the batch.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitserve.kernels import dispatch
 from splitserve.protos import common_pb2
 
 
@@ -55,6 +57,11 @@ class SamplingMetadata:
     """int64 [K] tokens of logit_bias entries."""
     bias_values: torch.Tensor | None = None
     """float32 [K] bias values."""
+    bitmask: torch.Tensor | None = None
+    """int32 [N, ceil(V / 32)] structured-output masks (bit set = token allowed); only the
+    rows in bitmask_rows are read. None when no row is constrained."""
+    bitmask_rows: torch.Tensor | None = None
+    """int64 [G] rows that have a grammar mask this step."""
     logprob_rows: torch.Tensor | None = None
     """int64 [L] rows that asked for logprobs; None when none did."""
     max_num_logprobs: int = 0
@@ -62,11 +69,12 @@ class SamplingMetadata:
 
     @property
     def has_processors(self) -> bool:
-        """Whether min_tokens, logit_bias or penalties touch the logits this step."""
+        """Whether min_tokens, logit_bias, penalties or a grammar touch the logits this step."""
         return (
             self.masked_rows is not None
             or self.bias_rows is not None
             or self.repetition_penalty is not None
+            or self.bitmask is not None
         )
 
 
@@ -156,7 +164,8 @@ class Sampler:
 
     @staticmethod
     def apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> None:
-        """min_tokens masking, logit_bias and penalties, in place on float32 logits [N, V]."""
+        """min_tokens masking, logit_bias, penalties, then the grammar bitmask, in place on
+        float32 logits [N, V]."""
         if meta.masked_rows is not None:
             logits.index_put_(
                 (meta.masked_rows, meta.masked_cols),
@@ -166,6 +175,8 @@ class Sampler:
             logits.index_put_((meta.bias_rows, meta.bias_cols), meta.bias_values, accumulate=True)
         if meta.repetition_penalty is not None:
             apply_penalties(logits, meta)
+        if meta.bitmask is not None:
+            dispatch.apply_token_bitmask(logits, meta.bitmask, meta.bitmask_rows)
 
     def sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Temperature, min_p, top-k / top-p, then the exponential race."""

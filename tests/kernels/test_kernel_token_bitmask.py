@@ -59,3 +59,20 @@ def test_bitmask_rejects_bad_dtype():
         apply_token_bitmask(
             torch.zeros(1, 32, device=DEVICE), torch.zeros(1, 1, dtype=torch.int64, device=DEVICE)
         )
+
+
+@pytest.mark.parametrize(
+    "rows,vocab,words",
+    [(1, 1, 1), (3, 31, 1), (2, 33, 2), (4, 1000, 32), (2, 2100, 66), (2, 100, 3)],
+)
+@pytest.mark.parametrize("with_indices", [False, True])
+def test_cpu_fast_path_matches_reference(rows, vocab, words, with_indices):
+    from splitserve.kernels import torch_ops
+
+    logits = torch.randn(rows, vocab)
+    bitmask = _random_bitmask(rows, words).cpu()
+    indices = torch.randperm(rows)[: max(1, rows // 2)] if with_indices else None
+    expected = logits.clone()
+    apply_token_bitmask_ref(expected, bitmask, indices)
+    torch_ops.apply_token_bitmask(logits, bitmask, indices)
+    assert torch.equal(logits, expected)

@@ -29,6 +29,7 @@ class _Req:
     block_ids: list[int]
     num_computed: int
     trace: list[int] = field(default_factory=list)
+    num_prompt: int = 0
 
 
 def next_token(context: list[tuple[int, int]], vocab_size: int) -> int:
@@ -66,6 +67,10 @@ class FakeWorkerExecutor:
         """P > 1: the tokens rank 0 knows, per request."""
         self.max_outstanding = 0
         """Most steps submitted and not yet answered at once."""
+        self.grammar_ends_after: dict[str, int] = {}
+        """Per request, the output length at which its grammar terminates."""
+        self.grammars_seen: dict[str, list[bytes]] = {}
+        """Per request, the compiled grammar of every NewRequest (b"" when none)."""
 
     def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
         return [
@@ -134,6 +139,10 @@ class FakeWorkerExecutor:
             self.reqs[m.request_id] = _Req(
                 list(m.token_ids), list(m.block_ids), m.num_computed_tokens
             )
+            self.reqs[m.request_id].num_prompt = m.num_prompt_tokens
+            self.grammars_seen.setdefault(m.request_id, []).append(
+                m.grammar.compiled if m.HasField("grammar") else b""
+            )
         for c in step.cached_requests:
             r = self.reqs[c.request_id]
             assert r.num_computed == c.num_computed_tokens, (
@@ -164,4 +173,7 @@ class FakeWorkerExecutor:
                 out.request_ids.append(rid)
                 out.token_ids.append(tok)
                 out.logprobs.add()
+                ends = self.grammar_ends_after.get(rid)
+                if ends is not None and len(r.token_ids) - r.num_prompt == ends:
+                    out.grammar_terminated_ids.append(rid)
         return out

@@ -209,3 +209,51 @@ def test_logprobs_come_from_raw_logits():
     proto = logprobs.to_protos([3])[0]
     assert proto.token_id == 1 and list(proto.top_token_ids) == raw.topk(3).indices.tolist()
     assert list(logprobs.to_protos([0])[0].top_token_ids) == []
+
+
+def _bitmask(rows: int, allowed: dict[int, list[int]]) -> torch.Tensor:
+    """int32 [rows, ceil(V/32)] with only `allowed[row]` set (other rows all allowed)."""
+    words = (V + 31) // 32
+    mask = torch.full((rows, words), -1, dtype=torch.int32)
+    for row, toks in allowed.items():
+        bits = np.zeros(words * 32, dtype=np.uint8)
+        bits[toks] = 1
+        packed = np.packbits(bits.reshape(words, 32), axis=1, bitorder="little")
+        mask[row] = torch.from_numpy(packed.copy().view(np.int32).reshape(words))
+    return mask
+
+
+def test_grammar_bitmask_limits_greedy_and_random_rows_only_where_given():
+    logits = _logits(3, seed=4)
+    allowed = {0: [2, 9], 2: [5]}
+    meta = _metadata([_params(temperature=0), _params(temperature=0), _params(temperature=1.0)])
+    meta.bitmask = _bitmask(3, allowed)
+    meta.bitmask_rows = torch.tensor([0, 2])
+    for seed in range(5):
+        tokens, _ = _sampler(seed)(logits, meta)
+        best0 = max(allowed[0], key=lambda t: logits[0, t])
+        assert tokens[0] == best0  # greedy within the mask
+        assert tokens[1] == logits[1].argmax()  # a row without a mask is untouched
+        assert tokens[2] == 5  # the only token its mask allows
+
+
+def test_grammar_bitmask_applies_after_logit_bias():
+    """Bias cannot bring back a token the grammar forbids, and still ranks allowed ones."""
+    logits = torch.zeros(1, V)
+    params = _params(temperature=0, logit_bias={7: 100.0, 3: 5.0})
+    meta = _metadata([params])
+    meta.bitmask = _bitmask(1, {0: [3, 11]})
+    meta.bitmask_rows = torch.tensor([0])
+    tokens, _ = _sampler()(logits, meta)
+    assert tokens.tolist() == [3]
+
+
+def test_logprobs_stay_those_of_the_raw_logits_under_a_mask():
+    logits = _logits(1, seed=2)
+    meta = _metadata([_params(temperature=0, logprobs=2)])
+    meta.bitmask = _bitmask(1, {0: [1]})
+    meta.bitmask_rows = torch.tensor([0])
+    tokens, lp = _sampler()(logits, meta)
+    assert tokens.tolist() == [1]
+    expected = torch.log_softmax(logits[0], -1)[1]
+    assert torch.allclose(lp.logprobs[0], expected)

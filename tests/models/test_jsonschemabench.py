@@ -1,0 +1,98 @@
+"""The 199 real-world schemas of ../shared/testdata/jsonschemabench (see its README) through
+the in-process engine, on both backends: each compiles or is refused with INVALID_ARGUMENT
+(never another error), and every generated document is accepted: a complete one validates with
+`jsonschema`; one cut at max_tokens is a valid prefix for the other backend's matcher when that
+backend takes the schema and is not narrower there (else for a fresh matcher of its own).
+Counts are printed per set.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+
+import jsonschema
+import pytest
+
+from splitserve import LLM, SamplingParams, StructuredOutputsParams
+from splitserve.tokenizer_svc.grammar import GrammarError
+
+from .conftest import LLAMA_EOS
+from .structured_utils import OTHER, Checker, whitespace_bias
+
+ROOT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "testdata" / "jsonschemabench"
+if not ROOT.is_dir():  # the worktree may sit elsewhere; the data is shared
+    ROOT = pathlib.Path("/work/shared/testdata/jsonschemabench")
+
+MAX_TOKENS = 24
+
+
+def schemas() -> list[tuple[str, str, str]]:
+    """(set, file name, schema text) for every schema."""
+    return [(p.parent.name, p.name, p.read_text()) for p in sorted(ROOT.glob("*/*.json"))]
+
+
+@pytest.fixture(scope="module")
+def llm(llama_path):
+    engine = LLM(str(llama_path), kv_cache_memory=32 << 20, max_num_seqs=256)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.mark.skipif(not ROOT.is_dir(), reason="jsonschemabench data not present")
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+def test_jsonschemabench(llm, backend):
+    all_schemas = schemas()
+    assert len(all_schemas) == 199
+    checker = Checker(llm, LLAMA_EOS)
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    accepted, params, prompts = [], [], []
+    bias = whitespace_bias(llm.get_tokenizer())
+    for group, name, text in all_schemas:
+        try:
+            checker.compiler.compile_sync(
+                StructuredOutputsParams(json=text, backend=backend).to_proto()
+            )
+        except GrammarError as exc:
+            assert exc.status == "INVALID_ARGUMENT"
+            counts[group]["refused"] += 1
+            continue
+        counts[group]["compiled"] += 1
+        accepted.append((group, name, text))
+        params.append(
+            SamplingParams(
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                logit_bias=bias,
+                structured_outputs=StructuredOutputsParams(json=text, backend=backend),
+            )
+        )
+        prompts.append(f"A {group} document:")
+    results = llm.generate(prompts, params)
+    for (group, name, text), result in zip(accepted, results):
+        out = result.outputs[0]
+        if out.finish_reason == "stop":
+            schema = json.loads(text)
+            validator = jsonschema.validators.validator_for(schema)(schema)
+            errors = list(validator.iter_errors(json.loads(out.text)))
+            assert not errors, (group, name, out.text, errors[0].message)
+            counts[group]["complete"] += 1
+        else:
+            assert out.finish_reason == "length", (group, name, out)
+            other = checker.compile("json", text, OTHER[backend])
+            if other is not None and checker.status(other, out.token_ids) != "rejected":
+                counts[group]["cut, prefix for the other backend"] += 1
+                continue
+            # The other backend refuses the schema, or is narrower than JSON Schema here
+            # (xgrammar anchors `pattern`, llguidance refuses raw DEL): a fresh matcher of
+            # the same backend must still take the tokens.
+            same = checker.compile("json", text, backend)
+            assert checker.status(same, out.token_ids) != "rejected", (group, name, out.text)
+            counts[group]["cut, prefix for its own backend"] += 1
+    print(f"\njsonschemabench on {backend} (max_tokens {MAX_TOKENS}):")
+    for group in sorted(counts):
+        print(f"  {group:16s} {dict(sorted(counts[group].items()))}")
+    total = sum(counts.values(), collections.Counter())
+    print(f"  {'total':16s} {dict(sorted(total.items()))}")
+    assert total["compiled"] >= 100 and total["complete"] >= 10

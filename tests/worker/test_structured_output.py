@@ -1,0 +1,138 @@
+"""The sampling rank's grammar matchers: masks, replay after preemption, termination, errors.
+
+The masks are checked against the tokenizer itself: a token is allowed exactly when its text
+continues one of the choices.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from splitserve.demo_model import build_tokenizer
+from splitserve.protos import common_pb2
+from splitserve.tokenizer_svc import grammar as gm
+from splitserve.worker.structured_output import StructuredOutputs
+
+EXTRA = 40  # embedding rows past the tokenizer
+STOP = [1, 4]
+CHOICES = ["yes", "no way"]
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(build_tokenizer(tmp_path_factory.mktemp("so_tok")))
+
+
+@pytest.fixture(scope="module")
+def compiler(hf_tok):
+    return gm.GrammarCompiler(gm.GrammarTokenizer(hf_tok, len(hf_tok) + EXTRA, STOP))
+
+
+@pytest.fixture()
+def so(hf_tok):
+    return StructuredOutputs(lambda: hf_tok, len(hf_tok) + EXTRA, STOP)
+
+
+def compiled(compiler, kind, text, backend):
+    return compiler.compile_sync(
+        common_pb2.GrammarSpec(kind=kind, spec=text, backend=backend)
+    ).grammar
+
+
+def allowed(bitmask_row) -> set[int]:
+    words = bitmask_row.tolist()
+    return {w * 32 + b for w, word in enumerate(words) for b in range(32) if word >> b & 1}
+
+
+BACKENDS = ["xgrammar", "guidance"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_allows_exactly_the_tokens_that_continue_a_choice(so, compiler, hf_tok, backend):
+    grammar = compiled(compiler, "choice", json.dumps(CHOICES), backend)
+    assert so.add("r", grammar, []) is None
+    bitmask, failed = so.fill(["other", "r"], [1])
+    assert not failed and bitmask.shape == (2, (len(hf_tok) + EXTRA + 31) // 32)
+    got = allowed(bitmask[1])
+    expected = set()
+    for tok in range(len(hf_tok)):
+        text = hf_tok.decode([tok])
+        if text and "\ufffd" not in text and any(c.startswith(text) for c in CHOICES):
+            expected.add(tok)
+    assert expected and got == expected
+    assert all(t < len(hf_tok) for t in got)  # padding rows of the embedding never allowed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accept_advances_and_terminates(so, compiler, hf_tok, backend):
+    grammar = compiled(compiler, "choice", json.dumps(CHOICES), backend)
+    so.add("r", grammar, [])
+    ids = hf_tok.encode("yes", add_special_tokens=False)
+    for tok in ids:
+        positions = so.active(["r"])
+        assert positions == [0]
+        done, errors = so.accept(["r"], positions, [tok])
+        assert not errors
+    if not done:  # xgrammar ends on a stop token; llguidance may stop by itself
+        bitmask, _ = so.fill(["r"], [0])
+        assert allowed(bitmask[0]) == set(STOP)
+        done, errors = so.accept(["r"], [0], [STOP[0]])
+    assert done == ["r"] and not errors
+    assert so.active(["r"]) == []  # a terminated matcher asks for no mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replay_rebuilds_the_state_after_preemption(so, compiler, hf_tok, backend):
+    grammar = compiled(compiler, "regex", "ab[0-9]+", backend)
+    prefix = hf_tok.encode("ab1", add_special_tokens=False)
+    assert so.add("r", grammar, prefix) is None
+    bitmask, _ = so.fill(["r"], [0])
+    for tok in allowed(bitmask[0]):
+        text = hf_tok.decode([tok])
+        assert tok in STOP or (text and text.isdigit()), (tok, text)
+    error = so.add("bad", grammar, hf_tok.encode("xy", add_special_tokens=False))
+    assert error and "breaks the grammar on replay" in error
+    assert "bad" not in so
+
+
+def test_rejected_token_is_a_request_error(so, compiler, hf_tok):
+    so.add("r", compiled(compiler, "regex", "[0-9]+", "xgrammar"), [])
+    letter = hf_tok.encode("x", add_special_tokens=False)[0]
+    done, errors = so.accept(["r"], [0], [letter])
+    assert not done and "not allowed by the grammar" in errors["r"]
+    assert "r" not in so
+
+
+def test_bad_payload_fails_only_that_request(so):
+    bad = common_pb2.CompiledGrammar(handle="h", backend="xgrammar", compiled=b"{nonsense")
+    error = so.add("r", bad, [])
+    assert error and error.startswith("cannot build the grammar matcher")
+    assert len(so) == 0
+
+
+def test_compiled_grammars_are_cached_by_handle(so, compiler):
+    grammar = compiled(compiler, "regex", "[a-z]+", "xgrammar")
+    so.add("a", grammar, [])
+    cached = so._compiled[grammar.handle]
+    so.add("b", grammar, [])
+    assert so._compiled[grammar.handle] is cached and len(so) == 2
+    so.remove("a")
+    so.remove("b")
+    assert len(so) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_special_tokens_never_enter_a_json_string(so, compiler, hf_tok, backend):
+    """xgrammar reads <|im_start|> as its literal text; it must still never be allowed."""
+    grammar = compiled(compiler, "json", '{"type": "string"}', backend)
+    so.add("r", grammar, hf_tok.encode('"a', add_special_tokens=False))
+    bitmask, _ = so.fill(["r"], [0])
+    got = allowed(bitmask[0])
+    letter = hf_tok.encode("b", add_special_tokens=False)[0]
+    assert letter in got
+    special = set(hf_tok.all_special_ids) - set(STOP)
+    assert special and not (special & got)

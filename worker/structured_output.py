@@ -1,0 +1,257 @@
+"""Grammar matchers on the sampling rank: one per constrained request, a bitmask every step.
+
+A request's `CompiledGrammar` (from the tokenizer service) is turned into a matcher when the
+request arrives: an xgrammar grammar is compiled for this rank's tokenizer (model vocabulary,
+EOS ids) and cached by handle; an llguidance grammar needs no precompute. Every step the rows that sample and hold
+a live matcher get one packed int32 bitmask row each (bit j of word w allows token 32w + j),
+filled on a helper thread while the forward pass runs; after sampling each matcher accepts its
+row's token. A matcher that accepts a stop token is terminated: the request is reported as
+finished, and any step already planned past that point samples unmasked (the scheduler drops
+that token). After a preemption the request comes back as new with its outputs, which are
+replayed into a fresh matcher.
+
+NOTE: async scheduling needs nothing special here. The scheduler may plan step N+1 before it
+has step N's tokens, but this rank runs steps in order and its matchers accept each sampled
+token before the next step starts, so every mask is built from the full output so far.
+
+Requests without a grammar never reach this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from splitserve.protos import common_pb2
+from splitserve.tokenizer_svc.grammar import GrammarTokenizer, xgrammar_compiler
+
+logger = logging.getLogger(__name__)
+
+
+class _XgrammarMatcher:
+    __slots__ = ("matcher",)
+
+    def __init__(self, compiled) -> None:
+        import xgrammar
+
+        self.matcher = xgrammar.GrammarMatcher(compiled)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
+
+    @property
+    def terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+    def error(self) -> str:
+        return ""
+
+
+class _GuidanceMatcher:
+    __slots__ = ("matcher",)
+
+    def __init__(self, tokenizer, grammar: str) -> None:
+        import llguidance
+
+        self.matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        import llguidance.torch
+
+        llguidance.torch.fill_next_token_bitmask(self.matcher, bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        return self.matcher.consume_token(token) and not self.matcher.is_error()
+
+    @property
+    def terminated(self) -> bool:
+        return self.matcher.is_stopped()
+
+    def error(self) -> str:
+        return self.matcher.get_error() if self.matcher.is_error() else ""
+
+
+class StructuredOutputs:
+    """The live matchers of one sampling rank, by request id."""
+
+    def __init__(
+        self,
+        load_tokenizer: Callable[[], object],
+        vocab_size: int,
+        eos_token_ids: list[int],
+        cache_size: int = 256,
+    ) -> None:
+        self._load_tokenizer = load_tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.words = (vocab_size + 31) // 32
+        """int32 words per bitmask row."""
+        self.cache_size = cache_size
+        self._tokenizer: GrammarTokenizer | None = None
+        self._compiled: OrderedDict[str, object] = OrderedDict()
+        self._xgrammar_compiler = None
+        self._xgrammar_batch = None
+        self._guidance_executor = None
+        self.matchers: dict[str, _XgrammarMatcher | _GuidanceMatcher] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._buffer = torch.empty(0, self.words, dtype=torch.int32)
+
+    def __len__(self) -> int:
+        return len(self.matchers)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.matchers
+
+    # ------------------------------------------------------------------ requests
+
+    def add(
+        self, request_id: str, grammar: common_pb2.CompiledGrammar, replay: list[int]
+    ) -> str | None:
+        """Create the request's matcher and replay `replay` (outputs kept across a preemption);
+        returns an error message instead when that fails."""
+        self.matchers.pop(request_id, None)
+        try:
+            matcher = self._matcher(grammar)
+        except Exception as exc:  # a bad payload fails this request only
+            logger.warning("grammar %s of %s: %s", grammar.handle[:12], request_id, exc)
+            return f"cannot build the grammar matcher: {exc}"
+        for i, token in enumerate(replay):
+            if not matcher.accept(token):
+                return (
+                    f"output token {token} at position {i} breaks the grammar on replay "
+                    f"{matcher.error()}".rstrip()
+                )
+        self.matchers[request_id] = matcher
+        return None
+
+    def remove(self, request_id: str) -> None:
+        self.matchers.pop(request_id, None)
+
+    def _matcher(self, grammar: common_pb2.CompiledGrammar):
+        compiled = self._compiled.get(grammar.handle)
+        if compiled is None:
+            compiled = self._load(grammar)
+            self._compiled[grammar.handle] = compiled
+            while len(self._compiled) > self.cache_size:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(grammar.handle)
+        if grammar.backend == "xgrammar":
+            return _XgrammarMatcher(compiled)
+        return _GuidanceMatcher(self._grammar_tokenizer().guidance_tokenizer(), compiled)
+
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        if self._tokenizer is None:  # loaded on the first constrained request only
+            self._tokenizer = GrammarTokenizer(
+                self._load_tokenizer(), self.vocab_size, self.eos_token_ids
+            )
+        return self._tokenizer
+
+    def _load(self, grammar: common_pb2.CompiledGrammar):
+        text = grammar.compiled.decode()
+        if grammar.backend == "guidance":
+            return text
+        if grammar.backend != "xgrammar":
+            raise ValueError(f"unknown grammar backend {grammar.backend!r}")
+        import xgrammar
+
+        if self._xgrammar_compiler is None:
+            self._xgrammar_compiler = xgrammar_compiler(self._grammar_tokenizer())
+        return self._xgrammar_compiler.compile_grammar(xgrammar.Grammar.deserialize_json(text))
+
+    # ------------------------------------------------------------------ steps
+
+    def active(self, request_ids: list[str]) -> list[int]:
+        """Positions in `request_ids` whose matcher wants a mask this step."""
+        matchers = self.matchers
+        return [
+            i
+            for i, rid in enumerate(request_ids)
+            if (m := matchers.get(rid)) is not None and not m.terminated
+        ]
+
+    def fill(
+        self, request_ids: list[str], positions: list[int]
+    ) -> tuple[torch.Tensor, dict[str, str]]:
+        """Bitmask int32 [len(request_ids), words] with the rows at `positions` filled, and the
+        requests whose matcher failed (their rows allow everything; they must be failed)."""
+        n = len(request_ids)
+        if self._buffer.shape[0] < n:
+            rows = max(n, 2 * self._buffer.shape[0])
+            self._buffer = torch.empty(rows, self.words, dtype=torch.int32)
+        bitmask = self._buffer[:n]
+        failed: dict[str, str] = {}
+        by_backend: dict[type, list[int]] = {}
+        for i in positions:
+            by_backend.setdefault(type(self.matchers[request_ids[i]]), []).append(i)
+        for kind, rows in by_backend.items():
+            matchers = [self.matchers[request_ids[i]].matcher for i in rows]
+            try:
+                self._fill_batch(kind, matchers, rows, bitmask)
+            except Exception:  # find the matcher at fault; the others still get their rows
+                logger.exception("batched grammar mask failed; filling row by row")
+                for i in rows:
+                    rid = request_ids[i]
+                    try:
+                        self.matchers[rid].fill(bitmask, i)
+                    except Exception as exc:  # a matcher bug fails its request only
+                        failed[rid] = f"the grammar matcher failed: {exc}"
+                        bitmask[i].fill_(-1)
+        return bitmask, failed
+
+    def _fill_batch(self, kind: type, matchers: list, rows: list[int], bitmask) -> None:
+        """One call per backend for all its rows (both backends spread it over threads)."""
+        if kind is _XgrammarMatcher:
+            if self._xgrammar_batch is None:
+                import xgrammar
+
+                self._xgrammar_batch = xgrammar.BatchGrammarMatcher()
+            self._xgrammar_batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        else:
+            import llguidance
+            import llguidance.torch
+
+            if self._guidance_executor is None:
+                self._guidance_executor = llguidance.LLExecutor()
+            llguidance.torch.fill_next_token_bitmask_par(
+                self._guidance_executor, list(zip(matchers, rows)), bitmask
+            )
+
+    def fill_async(self, request_ids: list[str], positions: list[int]) -> Future:
+        """`fill` on a helper thread, so it overlaps the forward pass."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        return self._pool.submit(self.fill, request_ids, positions)
+
+    def accept(
+        self, request_ids: list[str], positions: list[int], tokens: list[int]
+    ) -> tuple[list[str], dict[str, str]]:
+        """Advance the matchers at `positions` with their sampled token; returns the ids whose
+        grammar terminated and the errors (a token the grammar rejects) by id."""
+        terminated: list[str] = []
+        errors: dict[str, str] = {}
+        for i in positions:
+            rid = request_ids[i]
+            matcher = self.matchers.get(rid)
+            if matcher is None:
+                continue  # failed while filling its mask
+            if not matcher.accept(tokens[i]):
+                errors[rid] = (
+                    f"sampled token {tokens[i]} is not allowed by the grammar "
+                    f"{matcher.error()}".rstrip()
+                )
+                self.matchers.pop(rid)
+            elif matcher.terminated:
+                terminated.append(rid)
+        return terminated, errors
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
