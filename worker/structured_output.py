@@ -2,7 +2,11 @@
 
 A request's `CompiledGrammar` (from the tokenizer service) is turned into a matcher when the
 request arrives: an xgrammar grammar is compiled for this rank's tokenizer (model vocabulary,
-EOS ids) and cached by handle; an llguidance grammar needs no precompute. Every step the rows that sample and hold
+EOS ids) and cached by handle; an llguidance grammar needs no precompute. The xgrammar compile
+(up to about a second for the largest schemas) runs on a background thread from the step the
+request arrives in; the batch goes on meanwhile (the request's prefill chunks included), and
+only the mask of the request's first sampled token waits for it, on the mask thread, while that
+step's forward pass runs. Every step the rows that sample and hold
 a live matcher get one packed int32 bitmask row each (bit j of word w allows token 32w + j),
 filled on a helper thread while the forward pass runs; after sampling each matcher accepts its
 row's token. A matcher that accepts a stop token is terminated: the request is reported as
@@ -23,6 +27,8 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from threading import Lock
 
 import torch
 
@@ -78,6 +84,15 @@ class _GuidanceMatcher:
         return self.matcher.get_error() if self.matcher.is_error() else ""
 
 
+@dataclass(slots=True)
+class _Pending:
+    """A request whose xgrammar grammar is still compiling."""
+
+    grammar: common_pb2.CompiledGrammar
+    future: Future
+    replay: list[int]
+
+
 class StructuredOutputs:
     """The live matchers of one sampling rank, by request id."""
 
@@ -100,14 +115,20 @@ class StructuredOutputs:
         self._xgrammar_batch = None
         self._guidance_executor = None
         self.matchers: dict[str, _XgrammarMatcher | _GuidanceMatcher] = {}
+        self._pending: dict[str, _Pending] = {}
+        """Requests whose matcher waits for a compile (built before their first mask)."""
+        self._compiling: dict[str, Future] = {}
+        """Background xgrammar compiles by handle (done ones move to the cache)."""
+        self._tokenizer_lock = Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._compile_pool: ThreadPoolExecutor | None = None
         self._buffer = torch.empty(0, self.words, dtype=torch.int32)
 
     def __len__(self) -> int:
-        return len(self.matchers)
+        return len(self.matchers) + len(self._pending)
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self.matchers
+        return request_id in self.matchers or request_id in self._pending
 
     # ------------------------------------------------------------------ requests
 
@@ -115,10 +136,32 @@ class StructuredOutputs:
         self, request_id: str, grammar: common_pb2.CompiledGrammar, replay: list[int]
     ) -> str | None:
         """Create the request's matcher and replay `replay` (outputs kept across a preemption);
-        returns an error message instead when that fails."""
-        self.matchers.pop(request_id, None)
+        returns an error message instead when that fails. A grammar not compiled yet starts
+        compiling in the background; its matcher is built before the request's first mask,
+        and an error found then is reported by `fill`."""
+        self.remove(request_id)
         try:
-            matcher = self._matcher(grammar)
+            compiled = self._compiled_or_future(grammar)
+        except Exception as exc:  # a bad payload fails this request only
+            logger.warning("grammar %s of %s: %s", grammar.handle[:12], request_id, exc)
+            return f"cannot build the grammar matcher: {exc}"
+        if isinstance(compiled, Future):
+            self._pending[request_id] = _Pending(grammar, compiled, list(replay))
+            return None
+        return self._start(request_id, grammar, compiled, replay)
+
+    def remove(self, request_id: str) -> None:
+        self.matchers.pop(request_id, None)
+        self._pending.pop(request_id, None)
+
+    def _start(
+        self, request_id: str, grammar: common_pb2.CompiledGrammar, compiled, replay
+    ) -> str | None:
+        try:
+            if grammar.backend == "xgrammar":
+                matcher = _XgrammarMatcher(compiled)
+            else:
+                matcher = _GuidanceMatcher(self._grammar_tokenizer().guidance_tokenizer(), compiled)
         except Exception as exc:  # a bad payload fails this request only
             logger.warning("grammar %s of %s: %s", grammar.handle[:12], request_id, exc)
             return f"cannot build the grammar matcher: {exc}"
@@ -131,50 +174,83 @@ class StructuredOutputs:
         self.matchers[request_id] = matcher
         return None
 
-    def remove(self, request_id: str) -> None:
-        self.matchers.pop(request_id, None)
+    def _resolve(self, request_id: str) -> str | None:
+        """Build the matcher of a pending request, waiting for its compile if need be."""
+        pending = self._pending.pop(request_id)
+        try:
+            compiled = pending.future.result()
+        except Exception as exc:
+            self._compiling.pop(pending.grammar.handle, None)  # a later request retries
+            logger.warning("grammar %s of %s: %s", pending.grammar.handle[:12], request_id, exc)
+            return f"cannot build the grammar matcher: {exc}"
+        self._cache(pending.grammar.handle, compiled)
+        return self._start(request_id, pending.grammar, compiled, pending.replay)
 
-    def _matcher(self, grammar: common_pb2.CompiledGrammar):
+    def _compiled_or_future(self, grammar: common_pb2.CompiledGrammar):
+        """The cached compiled grammar, or the Future of its background compile."""
+        self._harvest()
         compiled = self._compiled.get(grammar.handle)
-        if compiled is None:
-            compiled = self._load(grammar)
-            self._compiled[grammar.handle] = compiled
-            while len(self._compiled) > self.cache_size:
-                self._compiled.popitem(last=False)
-        else:
+        if compiled is not None:
             self._compiled.move_to_end(grammar.handle)
-        if grammar.backend == "xgrammar":
-            return _XgrammarMatcher(compiled)
-        return _GuidanceMatcher(self._grammar_tokenizer().guidance_tokenizer(), compiled)
-
-    def _grammar_tokenizer(self) -> GrammarTokenizer:
-        if self._tokenizer is None:  # loaded on the first constrained request only
-            self._tokenizer = GrammarTokenizer(
-                self._load_tokenizer(), self.vocab_size, self.eos_token_ids
-            )
-        return self._tokenizer
-
-    def _load(self, grammar: common_pb2.CompiledGrammar):
+            return compiled
+        future = self._compiling.get(grammar.handle)
+        if future is not None:
+            return future
         text = grammar.compiled.decode()
         if grammar.backend == "guidance":
+            self._cache(grammar.handle, text)
             return text
         if grammar.backend != "xgrammar":
             raise ValueError(f"unknown grammar backend {grammar.backend!r}")
         import xgrammar
 
+        # NOTE: parsing the shipped grammar is cheap and stays here, so a bad payload fails
+        # the request at once; only the compile against the vocabulary goes to the background.
+        parsed = xgrammar.Grammar.deserialize_json(text)
+        if self._compile_pool is None:
+            self._compile_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+        future = self._compile_pool.submit(self._compile_xgrammar, parsed)
+        self._compiling[grammar.handle] = future
+        return future
+
+    def _compile_xgrammar(self, parsed):
+        """On the compile thread (the only one that touches the xgrammar compiler)."""
         if self._xgrammar_compiler is None:
             self._xgrammar_compiler = xgrammar_compiler(self._grammar_tokenizer())
-        return self._xgrammar_compiler.compile_grammar(xgrammar.Grammar.deserialize_json(text))
+        return self._xgrammar_compiler.compile_grammar(parsed)
+
+    def _harvest(self) -> None:
+        """Move finished background compiles into the cache (failed ones are dropped)."""
+        for handle, future in list(self._compiling.items()):
+            if future.done():
+                del self._compiling[handle]
+                if future.exception() is None:
+                    self._cache(handle, future.result())
+
+    def _cache(self, handle: str, compiled) -> None:
+        self._compiling.pop(handle, None)
+        self._compiled[handle] = compiled
+        self._compiled.move_to_end(handle)
+        while len(self._compiled) > self.cache_size:
+            self._compiled.popitem(last=False)
+
+    def _grammar_tokenizer(self) -> GrammarTokenizer:
+        with self._tokenizer_lock:  # the compile thread and the step thread both ask
+            if self._tokenizer is None:  # loaded on the first constrained request only
+                self._tokenizer = GrammarTokenizer(
+                    self._load_tokenizer(), self.vocab_size, self.eos_token_ids
+                )
+            return self._tokenizer
 
     # ------------------------------------------------------------------ steps
 
     def active(self, request_ids: list[str]) -> list[int]:
         """Positions in `request_ids` whose matcher wants a mask this step."""
-        matchers = self.matchers
+        matchers, pending = self.matchers, self._pending
         return [
             i
             for i, rid in enumerate(request_ids)
-            if (m := matchers.get(rid)) is not None and not m.terminated
+            if rid in pending or ((m := matchers.get(rid)) is not None and not m.terminated)
         ]
 
     def fill(
@@ -190,7 +266,12 @@ class StructuredOutputs:
         failed: dict[str, str] = {}
         by_backend: dict[type, list[int]] = {}
         for i in positions:
-            by_backend.setdefault(type(self.matchers[request_ids[i]]), []).append(i)
+            rid = request_ids[i]
+            if rid in self._pending and (error := self._resolve(rid)) is not None:
+                failed[rid] = error
+                bitmask[i].fill_(-1)
+                continue
+            by_backend.setdefault(type(self.matchers[rid]), []).append(i)
         for kind, rows in by_backend.items():
             matchers = [self.matchers[request_ids[i]].matcher for i in rows]
             try:
@@ -239,10 +320,20 @@ class StructuredOutputs:
         errors: dict[str, str] = {}
         for i in positions:
             rid = request_ids[i]
+            if rid in self._pending and (error := self._resolve(rid)) is not None:
+                errors[rid] = error  # no mask was asked for: its compile ends here
+                continue
             matcher = self.matchers.get(rid)
             if matcher is None:
                 continue  # failed while filling its mask
-            if not matcher.accept(tokens[i]):
+            try:
+                ok = matcher.accept(tokens[i])
+            except Exception as exc:  # a matcher bug fails its request only
+                logger.exception("grammar matcher of %s failed", rid)
+                errors[rid] = f"the grammar matcher failed: {exc}"
+                self.matchers.pop(rid)
+                continue
+            if not ok:
                 errors[rid] = (
                     f"sampled token {tokens[i]} is not allowed by the grammar "
                     f"{matcher.error()}".rstrip()
@@ -253,5 +344,6 @@ class StructuredOutputs:
         return terminated, errors
 
     def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        for pool in (self._pool, self._compile_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)

@@ -115,14 +115,52 @@ def test_bad_payload_fails_only_that_request(so):
 
 
 def test_compiled_grammars_are_cached_by_handle(so, compiler):
+    """Two requests with one grammar share one background compile; once it is done, a third
+    gets its matcher at once from the cache."""
     grammar = compiled(compiler, "regex", "[a-z]+", "xgrammar")
     so.add("a", grammar, [])
-    cached = so._compiled[grammar.handle]
     so.add("b", grammar, [])
-    assert so._compiled[grammar.handle] is cached and len(so) == 2
-    so.remove("a")
-    so.remove("b")
+    assert so._pending["a"].future is so._pending["b"].future and len(so) == 2
+    _, failed = so.fill(["a", "b"], [0, 1])
+    assert not failed and not so._pending
+    cached = so._compiled[grammar.handle]
+    so.add("c", grammar, [])
+    assert "c" in so.matchers and so._compiled[grammar.handle] is cached and len(so) == 3
+    for rid in "abc":
+        so.remove(rid)
     assert len(so) == 0
+
+
+def test_a_failing_background_compile_fails_its_request_at_the_first_mask(so, compiler):
+    grammar = compiled(compiler, "regex", "[a-z]+", "xgrammar")
+
+    def broken(parsed):
+        raise RuntimeError("compiler exploded")
+
+    so._compile_xgrammar = broken
+    assert so.add("r", grammar, []) is None  # the compile has only started
+    bitmask, failed = so.fill(["other", "r"], [1])
+    assert "compiler exploded" in failed["r"] and bitmask[1].eq(-1).all()
+    assert "r" not in so and grammar.handle not in so._compiling
+
+
+def test_a_matcher_raising_on_accept_fails_its_request_only(so, compiler, hf_tok):
+    grammar = compiled(compiler, "regex", "[a-z]+", "xgrammar")
+    so.add("a", grammar, [])
+    so.add("b", grammar, [])
+    so.fill(["a", "b"], [0, 1])
+
+    class Exploding:
+        terminated = False
+
+        def accept(self, token):
+            raise RuntimeError("matcher bug")
+
+    so.matchers["a"] = Exploding()
+    letter = hf_tok.encode("x", add_special_tokens=False)[0]
+    done, errors = so.accept(["a", "b"], [0, 1], [letter, letter])
+    assert "matcher bug" in errors["a"] and "b" not in errors and not done
+    assert "a" not in so and "b" in so
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
