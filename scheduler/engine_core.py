@@ -114,14 +114,21 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self._inflight)
+        return (
+            self.scheduler.has_unfinished
+            or bool(self._inflight)
+            or self.scheduler.has_release_pending
+        )
 
     def step(self) -> list[RequestOutput]:
         """Fill the pipeline, then wait for the oldest step and apply its result."""
         while len(self._inflight) < self.max_inflight:
             step = self.scheduler.schedule()
             if step is None:
-                break
+                # NOTE: with nothing to run, ended requests are still released on the workers.
+                step = self.scheduler.release_step()
+                if step is None:
+                    break
             self.executor.submit(step)
             self._inflight.append(step)
         if not self._inflight:

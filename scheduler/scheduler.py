@@ -303,6 +303,22 @@ class Scheduler:
         self.num_steps += 1
         return step
 
+    def release_step(self) -> worker_pb2.StepRequest | None:
+        """A step that runs nothing and only tells the workers which requests ended, for when
+        no step is planned: an aborted or stop-string request must not keep its worker row and
+        grammar matcher until some later request comes. None when there is nothing to tell."""
+        if not self._finished_for_workers:
+            return None
+        step = worker_pb2.StepRequest(step_id=next(self._step_ids))
+        step.finished_request_ids.extend(self._finished_for_workers)
+        self._finished_for_workers.clear()
+        return step
+
+    @property
+    def has_release_pending(self) -> bool:
+        """Whether ended requests still have to be reported to the workers."""
+        return bool(self._finished_for_workers)
+
     def _max_seqs_per_step(self) -> int:
         """Requests one step may take: all of them with one rank; with P ranks a P-th of
         those that can run at once, so the P micro-batches in flight are alike in size."""
@@ -369,6 +385,8 @@ class Scheduler:
             if r is None:
                 continue  # finished or aborted while this step ran
             r.num_inflight -= 1
+            if rid in result.errors:
+                continue  # failed in this step (its grammar, say): the token is not output
             tok = result.token_ids[i]
             r.output_token_ids.append(tok)
             out = outputs.setdefault(rid, self._output(r))
