@@ -156,3 +156,75 @@ def test_bad_constraints_are_400_and_the_stack_stays_healthy(client, server):
     r = client.completions.create(model=server.model, prompt="still fine", max_tokens=3)
     assert r.choices[0].text is not None
     idle(server)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streamed_constrained_answers_equal_the_non_streamed_ones(client, server, backend):
+    """Same seed, stream or not: the joined SSE deltas are the whole answer, and it holds."""
+    kw = dict(
+        model=server.model,
+        prompt="The answer:",
+        max_tokens=16,
+        temperature=1.0,
+        seed=9,
+        n=2,
+        extra_body={"guided_decoding_backend": backend, "guided_regex": REGEX},
+    )
+    whole = client.completions.create(**kw)
+    texts, finish = ["", ""], [None, None]
+    for ch in client.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            texts[c.index] += c.text
+            finish[c.index] = c.finish_reason or finish[c.index]
+    for c in whole.choices:
+        assert texts[c.index] == c.text and finish[c.index] == c.finish_reason == "stop"
+        assert re.fullmatch(REGEX, c.text), c.text
+
+    pattern = {"guided_whitespace_pattern": " ?"} if backend == "guidance" else {}
+    kw = dict(
+        model=server.model,
+        messages=[{"role": "user", "content": "plan a trip"}],
+        max_tokens=64,
+        temperature=0.7,
+        seed=13,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "trip", "schema": CITY_SCHEMA, "strict": True},
+        },
+        extra_body={"guided_decoding_backend": backend, **pattern},
+    )
+    whole = client.chat.completions.create(**kw).choices[0]
+    text, reason = "", None
+    for ch in client.chat.completions.create(**kw, stream=True):
+        if ch.choices:
+            text += ch.choices[0].delta.content or ""
+            reason = ch.choices[0].finish_reason or reason
+    assert text == whole.message.content and reason == whole.finish_reason
+    if reason == "stop":
+        jsonschema.validate(json.loads(text), CITY_SCHEMA)
+    else:
+        assert reason == "length" and text.lstrip().startswith("{")
+    idle(server)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_cuts_a_constrained_answer(client, server, stream):
+    kw = dict(
+        model=server.model,
+        prompt="The answer:",
+        max_tokens=16,
+        temperature=1.0,
+        seed=3,
+        n=3,
+        extra_body={"guided_regex": REGEX},
+    )
+    whole = client.completions.create(**kw)
+    cut = client.completions.create(**kw, stop=["-"], stream=stream)
+    texts, finish = ["", "", ""], [None, None, None]
+    for c in (c for ch in cut for c in ch.choices) if stream else cut.choices:
+        texts[c.index] += c.text
+        finish[c.index] = c.finish_reason or finish[c.index]
+    for c in whole.choices:
+        assert re.fullmatch(REGEX, c.text), c.text
+        assert texts[c.index] == c.text.split("-")[0] and finish[c.index] == "stop"
+    idle(server)
