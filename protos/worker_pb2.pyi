@@ -108,7 +108,7 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Mapping[str, int]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "prompt_logprobs", "errors", "grammar_terminated_ids")
+    __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "prompt_logprobs", "errors", "grammar_terminated_ids", "deferred_request_ids")
     class PromptLogprobsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class StepResult(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_TERMINATED_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -137,7 +138,8 @@ class StepResult(_message.Message):
     prompt_logprobs: _containers.MessageMap[str, PromptLogprobs]
     errors: _containers.ScalarMap[str, str]
     grammar_terminated_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ..., errors: _Optional[_Mapping[str, str]] = ..., grammar_terminated_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    deferred_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ..., errors: _Optional[_Mapping[str, str]] = ..., grammar_terminated_ids: _Optional[_Iterable[str]] = ..., deferred_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PromptLogprobs(_message.Message):
     __slots__ = ("entries",)

@@ -402,6 +402,15 @@ class Scheduler:
                 self._finish(r)
             else:
                 self.kv.cache_blocks(r)
+        for rid in result.deferred_request_ids:
+            r = self.requests.get(rid)
+            if r is None:
+                continue
+            # NOTE: the worker did not sample it (its grammar is compiling): the last position
+            # is computed again, so the request stays schedulable and no other row waits.
+            r.num_inflight -= 1
+            if r.status == RequestStatus.RUNNING:
+                r.num_computed_tokens -= 1
         for rid, message in result.errors.items():
             r = self.requests.get(rid)
             if r is None:

@@ -6,7 +6,10 @@ token_ids[num_computed : num_computed + n] for every scheduled request; a reques
 computed tokens then cover all its known tokens samples one token, appended to its token ids
 (so the next decode step's input is already there, which is what lets the scheduler run one
 step ahead). Only the positions that are sampled, plus every position of prompt-logprobs
-requests, go through lm_head.
+requests, go through lm_head. A constrained request whose grammar is still compiling does not
+sample: it is reported in `deferred_request_ids`, its last position counts as not computed, and
+a later step computes that position again (the scheduler takes it off num_computed_tokens; a
+step planned before the scheduler saw the deferral is corrected here).
 """
 
 from __future__ import annotations
@@ -45,11 +48,16 @@ class GrammarMasks:
     """The grammar bitmasks of one step's constrained sampling rows, being filled."""
 
     request_ids: list[str]
-    """Request id of every sampling row, in sampling order."""
+    """Request id of every sampling row that samples, in sampling order."""
     positions: list[int]
     """Sampling rows (indices into request_ids) that carry a mask."""
-    future: Future
-    """-> (int32 bitmask [len(request_ids), words], failed request id -> message)."""
+    future: Future | None
+    """-> (int32 bitmask [len(request_ids), words], failed request id -> message); None when
+    no row carries a mask."""
+    deferred: list[int]
+    """Indices into the step's sampling rows that do not sample: their grammar is still
+    compiling. They are reported in `deferred_request_ids` and their last position is
+    computed again in a later step."""
 
 
 @dataclass(slots=True)
@@ -109,6 +117,8 @@ class ModelRunner:
             if self.is_last
             else None
         )
+        self._deferred: set[str] = set()
+        """Requests that did not sample at their sampling position (grammar compiling)."""
 
     def _load_tokenizer(self):
         """The HF tokenizer the grammar matchers need (first constrained request only)."""
@@ -356,10 +366,15 @@ class ModelRunner:
             return None
         req_ids = self.batch.req_ids
         rids = [req_ids[r] for r in plan.sample_rows.tolist()]
+        deferred = structured.compiling(rids)
+        if deferred:
+            skip = set(deferred)
+            rids = [rid for i, rid in enumerate(rids) if i not in skip]
         positions = structured.active(rids)
-        if not positions:
+        if not positions and not deferred:
             return None
-        return GrammarMasks(rids, positions, structured.fill_async(rids, positions))
+        future = structured.fill_async(rids, positions) if positions else None
+        return GrammarMasks(rids, positions, future, deferred)
 
     def _forward(
         self, plan: StepPlan, intermediate: IntermediateTensors | None
@@ -412,6 +427,7 @@ class ModelRunner:
         structured = self.structured
         for rid in step.finished_request_ids:
             batch.remove(rid)
+            self._deferred.discard(rid)
             if structured is not None:
                 structured.remove(rid)
         for req in step.new_requests:
@@ -434,7 +450,12 @@ class ModelRunner:
                 errors[cached.request_id] = error
                 self._forget(cached.request_id)
                 continue
-            batch.num_computed[row] = cached.num_computed_tokens
+            computed = cached.num_computed_tokens
+            if cached.request_id in self._deferred:
+                # NOTE: a step planned before the scheduler saw the deferral counts the
+                # deferred position as computed; this rank computes it again.
+                computed = min(computed, int(batch.num_computed[row]))
+            batch.num_computed[row] = computed
 
     def _append_tokens(self, row: int, token_ids) -> str:
         """Take the tokens the last rank sampled (pipeline parallelism); the last rank
@@ -459,6 +480,7 @@ class ModelRunner:
 
     def _forget(self, request_id: str) -> None:
         self.batch.remove(request_id)
+        self._deferred.discard(request_id)
         if self.structured is not None:
             self.structured.remove(request_id)
 
@@ -587,20 +609,24 @@ class ModelRunner:
     ) -> worker_pb2.StepResult:
         batch = self.batch
         rows = plan.sample_rows
-        n = rows.size
+        n = rows.size  # NOTE: the prompt-logprob logits follow the n sampling ones
+        sample_logits = logits[:n]
         result = worker_pb2.StepResult(step_id=step.step_id, errors=errors)
-        if n:
+        if masks is not None and masks.deferred:
+            rows, sample_logits = self._defer(result, rows, sample_logits, masks.deferred)
+        if rows.size:
+            self._deferred.difference_update(batch.req_ids[r] for r in rows.tolist())
             meta = batch.sampling_metadata(rows, self.eos_token_ids)
-            if masks is not None:
+            if masks is not None and masks.future is not None:
                 bitmask, failed = masks.future.result()
                 for rid, message in failed.items():
                     result.errors[rid] = message
                     self.structured.remove(rid)
                 meta.bitmask = bitmask.to(self.device, non_blocking=True)
                 meta.bitmask_rows = torch.tensor(masks.positions, device=self.device)
-            sampled, logprobs = self.sampler(logits[:n], meta)
+            sampled, logprobs = self.sampler(sample_logits, meta)
             tokens = sampled.cpu().numpy()
-            if masks is not None:
+            if masks is not None and masks.future is not None:
                 done, rejected = self.structured.accept(
                     masks.request_ids, masks.positions, tokens.tolist()
                 )
@@ -622,6 +648,18 @@ class ModelRunner:
             )
             result.prompt_logprobs[rid].entries.extend(chunk.to_protos([top] * count))
         return result
+
+    def _defer(self, result, rows: np.ndarray, logits: torch.Tensor, deferred: list[int]):
+        """Take the `deferred` sampling rows out of this step: their last position counts as
+        not computed, so a later step computes it again and samples then."""
+        batch = self.batch
+        out = rows[deferred]
+        batch.num_computed[out] -= 1
+        ids = [batch.req_ids[r] for r in out.tolist()]
+        self._deferred.update(ids)
+        result.deferred_request_ids.extend(ids)
+        keep = np.setdiff1d(np.arange(rows.size), deferred)
+        return rows[keep], logits[torch.from_numpy(keep).to(logits.device)]
 
     def _add_logprobs(self, result: worker_pb2.StepResult, rows: np.ndarray, logprobs) -> None:
         if logprobs is None:

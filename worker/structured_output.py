@@ -4,9 +4,9 @@ A request's `CompiledGrammar` (from the tokenizer service) is turned into a matc
 request arrives: an xgrammar grammar is compiled for this rank's tokenizer (model vocabulary,
 EOS ids) and cached by handle; an llguidance grammar needs no precompute. The xgrammar compile
 (up to about a second for the largest schemas) runs on a background thread from the step the
-request arrives in; the batch goes on meanwhile (the request's prefill chunks included), and
-only the mask of the request's first sampled token waits for it, on the mask thread, while that
-step's forward pass runs. Every step the rows that sample and hold
+request arrives in; the batch goes on meanwhile. A request that reaches its first sampling
+position before its compile is done does not sample: the runner defers it (see
+`ModelRunner._sample`) and it samples in a later step; no other row waits. Every step the rows that sample and hold
 a live matcher get one packed int32 bitmask row each (bit j of word w allows token 32w + j),
 filled on a helper thread while the forward pass runs; after sampling each matcher accepts its
 row's token. A matcher that accepts a stop token is terminated: the request is reported as
@@ -243,6 +243,16 @@ class StructuredOutputs:
             return self._tokenizer
 
     # ------------------------------------------------------------------ steps
+
+    def compiling(self, request_ids: list[str]) -> list[int]:
+        """Positions in `request_ids` whose grammar is still compiling: they cannot sample
+        this step (the runner defers them; nothing else waits)."""
+        pending = self._pending
+        return [
+            i
+            for i, rid in enumerate(request_ids)
+            if (p := pending.get(rid)) is not None and not p.future.done()
+        ]
 
     def active(self, request_ids: list[str]) -> list[int]:
         """Positions in `request_ids` whose matcher wants a mask this step."""
