@@ -81,7 +81,7 @@ def timed_masks(llm) -> tuple[list[float], list[float]]:
 
     def timed_start(plan):
         masks = start_masks(plan)
-        if masks is not None:
+        if masks is not None and masks.future is not None:
             future = masks.future
             result = future.result
 

@@ -141,13 +141,16 @@ def test_prefix_cache_hits_keep_constraints_and_leak_no_state(
     assert_all_released(llm, idle_blocks)
 
 
-def test_a_slow_compile_holds_back_only_its_own_request(llama_path):
-    """The xgrammar compile of a new grammar is held until the unconstrained request has
-    decoded several more tokens: were it compiled inside the step, that step would wait for
-    it and `released.wait` would time out."""
-    small = LLM(str(llama_path), kv_cache_memory=8 << 20, max_num_batched_tokens=16)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_slow_compile_holds_back_only_its_own_request(llama_path, depth):
+    """The worker's xgrammar compile of a new grammar is held until the unconstrained request
+    has decoded several more tokens. Were the compile done inside a step, or awaited for the
+    first mask, that step would wait for it and `released.wait` would time out. The held-back
+    request then gives the same tokens as when its grammar is ready at once."""
+    small = LLM(str(llama_path), kv_cache_memory=8 << 20, async_scheduling_depth=depth)
     try:
         plain = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+        slow_sp = constrained("xgrammar", regex=REGEX, temperature=0)
         (alone,) = small.generate(["Errors should never"], plain)
         structured = small.engine.executor.runner.structured
         released, waited = threading.Event(), []
@@ -158,13 +161,12 @@ def test_a_slow_compile_holds_back_only_its_own_request(llama_path):
             return compile_now(parsed)
 
         structured._compile_xgrammar = slow_compile
-        tokens: dict[str, list[int]] = {}
+        tokens: dict[str, list[int]] = {"plain": []}
         add(small, "plain", "Errors should never", plain)
-        small.engine.step()
-        small.engine.step()
-        # A long prompt: its prefill takes several 16-token steps beside the decode.
-        add(small, "slow", SHARED, constrained("xgrammar", regex=REGEX, temperature=0))
-        tokens["plain"] = []
+        while not tokens["plain"]:
+            for out in small.engine.step():
+                tokens["plain"].extend(out.token_ids)
+        add(small, "slow", "The answer is", slow_sp)  # prefilled in one step
 
         def release_after_four_tokens():
             if not released.is_set() and len(tokens["plain"]) >= 4:
@@ -173,10 +175,12 @@ def test_a_slow_compile_holds_back_only_its_own_request(llama_path):
 
         errors = drain(small, tokens, release_after_four_tokens)
         assert not errors and waited == [True]
-        assert alone.outputs[0].token_ids[-len(tokens["plain"]) :] == tokens["plain"]
-        text = small.tokenizer.decode(tokens["slow"], skip_special_tokens=True)
-        assert re.fullmatch(REGEX, text), text
-        assert len(structured) == 0
+        assert tokens["plain"] == alone.outputs[0].token_ids
+        (again,) = small.generate(["The answer is"], slow_sp)  # compiled: no deferral
+        assert tokens["slow"] == again.outputs[0].token_ids
+        assert re.fullmatch(REGEX, again.outputs[0].text), again.outputs[0].text
+        assert len(structured) == 0 and not small.engine.executor.runner._deferred
+        assert small.engine.scheduler.kv.num_free_blocks == small.engine.num_blocks
     finally:
         small.shutdown()
 
