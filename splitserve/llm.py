@@ -217,6 +217,8 @@ class LLM:
                 s.token_ids.extend(out.token_ids)
                 s.logprobs.extend(out.logprobs)
                 if out.error:
+                    for rid in seqs:  # the call fails: its other requests must not linger
+                        sched.abort_request(rid)
                     raise RuntimeError(f"request {out.request_id} failed: {out.error}")
                 if s.stream is not None and s.finish_reason is None:
                     d = s.stream.push(out.token_ids)

@@ -299,7 +299,7 @@ class StructuredOutputs:
 
     def _fill_batch(self, kind: type, matchers: list, rows: list[int], bitmask) -> None:
         """One call per backend for all its rows (both backends spread it over threads)."""
-        if kind is _XgrammarMatcher:
+        if issubclass(kind, _XgrammarMatcher):
             if self._xgrammar_batch is None:
                 import xgrammar
 

@@ -246,3 +246,26 @@ def test_a_failing_matcher_fails_only_its_request(llm, idle_blocks, monkeypatch)
     assert tokens["plain"] == plain_alone.outputs[0].token_ids
     assert tokens["good"] == good_alone.outputs[0].token_ids
     assert_all_released(llm, idle_blocks)
+
+
+def test_a_failed_request_fails_its_generate_call_and_leaves_nothing(llm, idle_blocks, monkeypatch):
+    """Through `LLM.generate`: the call with the failing request raises, its other requests
+    are aborted rather than left running, and the next call works."""
+    structured = llm.engine.executor.runner.structured
+    start = structured._start
+    broken = constrained("xgrammar", regex="[a-z ]{20,40}[.]", temperature=0)
+    handle = llm._compile(broken).handle
+
+    def start_failing(rid, grammar, compiled, replay):
+        error = start(rid, grammar, compiled, replay)
+        if grammar.handle == handle:
+            structured.matchers[rid] = _FailingMatcher(structured.matchers[rid], 1, "accept")
+        return error
+
+    monkeypatch.setattr(structured, "_start", start_failing)
+    plain = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    with pytest.raises(RuntimeError, match="grammar bug in accept"):
+        llm.generate(["Beautiful is", "Errors should never"], [broken, plain])
+    (again,) = llm.generate(["Errors should never"], plain)
+    assert len(again.outputs[0].token_ids) == 30
+    assert_all_released(llm, idle_blocks)
