@@ -269,3 +269,87 @@ def test_a_failed_request_fails_its_generate_call_and_leaves_nothing(llm, idle_b
     (again,) = llm.generate(["Errors should never"], plain)
     assert len(again.outputs[0].token_ids) == 30
     assert_all_released(llm, idle_blocks)
+
+
+class _TwoRanks:
+    """Two pipeline ranks in this process, run one after the other for each step."""
+
+    def __init__(self, path: str) -> None:
+        from splitserve.worker.config import WorkerConfig
+        from splitserve.worker.model_runner import ModelRunner
+
+        self.ranks = [
+            ModelRunner(
+                WorkerConfig(model=path, kv_cache_memory=8 << 20, rank=r, pipeline_parallel_size=2)
+            )
+            for r in range(2)
+        ]
+        self.results: list = []
+
+    def describe(self, block_size: int):
+        return [r.describe(block_size) for r in self.ranks]
+
+    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
+        for r in self.ranks:
+            r.initialize_cache(num_blocks, block_size)
+
+    def submit(self, step) -> None:
+        self.results.append(self.ranks[1].execute(step, self.ranks[0].execute(step)))
+
+    def get_result(self):
+        return self.results.pop(0)
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            if r.structured is not None:
+                r.structured.shutdown()
+
+
+def test_a_deferred_request_keeps_pipeline_ranks_in_step(llm, llama_path):
+    """With two pipeline ranks only the last one knows the grammar is compiling; the first
+    computes the deferred position again because the scheduler schedules it again."""
+    from splitserve.scheduler.config import SchedulerConfig
+    from splitserve.scheduler.engine_core import EngineCore
+
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    slow_sp = constrained("xgrammar", regex=REGEX, temperature=0)
+    expected = llm.generate(["Errors should never", "The answer is"], [plain, slow_sp])
+    executor = _TwoRanks(str(llama_path))
+    engine = EngineCore(SchedulerConfig(), executor)
+    structured = executor.ranks[1].structured
+    released, waited = threading.Event(), []
+    compile_now = structured._compile_xgrammar
+
+    def slow_compile(parsed):
+        waited.append(released.wait(20))
+        return compile_now(parsed)
+
+    structured._compile_xgrammar = slow_compile
+    tokens: dict[str, list[int]] = {}
+    for rid, prompt, sp in (
+        ("plain", "Errors should never", plain),
+        ("slow", "The answer is", slow_sp),
+    ):
+        engine.scheduler.add_request(
+            scheduler_pb2.GenerateRequest(
+                request_id=rid,
+                prompt_token_ids=llm.tokenizer.encode(prompt, add_special_tokens=True),
+                sampling_params=sp.to_proto(),
+            ),
+            llm._compile(sp),
+        )
+    try:
+        while engine.has_work:
+            for out in engine.step():
+                assert not out.error, out.error
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if not released.is_set() and len(tokens.get("plain", [])) >= 4:
+                assert not tokens.get("slow")
+                released.set()
+    finally:
+        released.set()
+        executor.shutdown()
+    assert waited == [True]
+    assert tokens["plain"] == expected[0].outputs[0].token_ids
+    assert tokens["slow"] == expected[1].outputs[0].token_ids
+    assert engine.scheduler.kv.num_free_blocks == engine.num_blocks
