@@ -71,6 +71,12 @@ class FakeWorkerExecutor:
         """Per request, the output length at which its grammar terminates."""
         self.grammars_seen: dict[str, list[bytes]] = {}
         """Per request, the compiled grammar of every NewRequest (b"" when none)."""
+        self.defer_first: dict[str, int] = {}
+        """Per request, how many times it is deferred (no token, its grammar compiling) at
+        its first sampling position after each time it arrives as new."""
+        self.num_deferred = 0
+        self._defer_left: dict[str, int] = {}
+        self._deferred: set[str] = set()
 
     def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
         return [
@@ -140,12 +146,17 @@ class FakeWorkerExecutor:
                 list(m.token_ids), list(m.block_ids), m.num_computed_tokens
             )
             self.reqs[m.request_id].num_prompt = m.num_prompt_tokens
+            self._defer_left[m.request_id] = self.defer_first.get(m.request_id, 0)
+            self._deferred.discard(m.request_id)
             self.grammars_seen.setdefault(m.request_id, []).append(
                 m.grammar.compiled if m.HasField("grammar") else b""
             )
         for c in step.cached_requests:
             r = self.reqs[c.request_id]
-            assert r.num_computed == c.num_computed_tokens, (
+            # A step planned before the scheduler saw a deferral counts the deferred position
+            # as computed; the worker computes it again (as the real one does).
+            late = c.request_id in self._deferred and c.num_computed_tokens == r.num_computed + 1
+            assert late or r.num_computed == c.num_computed_tokens, (
                 c.request_id,
                 r.num_computed,
                 c.num_computed_tokens,
@@ -167,6 +178,14 @@ class FakeWorkerExecutor:
                 assert all(c is not None and c[1] == p for p, c in enumerate(ctx)), (
                     f"{rid}: context read back wrong"
                 )
+                if self._defer_left.get(rid, 0) > 0:
+                    self._defer_left[rid] -= 1
+                    self._deferred.add(rid)
+                    self.num_deferred += 1
+                    r.num_computed -= 1  # computed again by a later step
+                    out.deferred_request_ids.append(rid)
+                    continue
+                self._deferred.discard(rid)
                 forced = self.force_token.get(rid)
                 tok = forced.pop(0) if forced else next_token(ctx, self.vocab_size)
                 r.token_ids.append(tok)

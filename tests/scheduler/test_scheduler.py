@@ -95,6 +95,29 @@ def test_preemption_by_recompute_keeps_outputs_correct():
     assert engine.scheduler.kv.num_free_blocks == 24
 
 
+@pytest.mark.parametrize("depth,pp", [(1, 1), (2, 1), (1, 2)])
+def test_deferred_requests_sample_later_with_the_same_outputs(depth, pp):
+    """A worker may defer a request at its sampling position (its grammar still compiling):
+    no token, the position computed again later. With async planning, pipeline ranks and
+    preemption, every output equals the run without deferrals and every block comes back."""
+    from splitserve.scheduler.config import SchedulerConfig
+    from splitserve.scheduler.engine_core import EngineCore
+
+    from .fake_worker import FakeWorkerExecutor
+
+    ps = prompts(8, 10, 30, seed=4)
+    ref = reference_outputs(ps, max_tokens=16)
+    ex = FakeWorkerExecutor(24, pipeline_parallel_size=pp)
+    ex.defer_first = {f"r{i}": i % 4 for i in range(len(ps))}
+    engine = EngineCore(SchedulerConfig(block_size=4, async_scheduling_depth=depth), ex)
+    for i, p in enumerate(ps):
+        engine.scheduler.add_request(gen_request(f"r{i}", p, 16))
+    got = run_to_completion(engine)
+    assert ex.num_deferred >= 12 and engine.scheduler.num_preemptions > 0
+    assert got == ref
+    assert engine.scheduler.kv.num_free_blocks == 24 and not engine.scheduler.requests
+
+
 def test_abort_frees_everything_running_and_waiting():
     ps = prompts(6, 20, 30, seed=3)
     engine, ex = make_engine(num_blocks=40, max_num_seqs=2)
