@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from splitserve.tracing import check_endpoint, parse_detailed_traces
@@ -10,6 +11,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+PP_PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -51,7 +53,7 @@ class WorkerConfig:
     pipeline_parallel_size: int = 1
     """Number of pipeline stages the model is split into."""
     pp_layer_partition: str | None = None
-    """Decoder layers per pipeline rank, comma-separated, rank 0 first (as vLLM's VLLM_PP_LAYER_PARTITION); they must sum to the model's layer count. None splits evenly."""
+    """Decoder layers per pipeline rank, comma-separated, rank 0 first; they must sum to the model's layer count. None reads VLLM_PP_LAYER_PARTITION from the environment (as vLLM does), else splits evenly."""
     distributed_init_method: str | None = None
     """torch.distributed rendezvous of the pipeline ranks (tcp://host:port); None uses tcp://master_addr:master_port."""
     master_addr: str = "127.0.0.1"
@@ -125,6 +127,9 @@ class WorkerConfig:
         self._check_cuda_graph_fields()
 
     def _check_pipeline_fields(self) -> None:
+        if self.pp_layer_partition is None and os.environ.get(PP_PARTITION_ENV):
+            # vLLM users set the partition in the environment; the flag wins when both are set.
+            self.pp_layer_partition = os.environ[PP_PARTITION_ENV]
         self.layer_partition()  # raises on a malformed partition
         if self.distributed_timeout_seconds <= 0:
             raise ValueError(
