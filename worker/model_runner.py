@@ -32,6 +32,7 @@ from splitserve.worker.attention import (
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_capture_memory
 from splitserve.worker.input_batch import InputBatch
+from splitserve.worker.lora import LoRAManager
 from splitserve.worker.model_loader import load_model
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.sampler import Sampler, compute_logprobs
@@ -71,6 +72,8 @@ class StepPlan:
     """(request id, first logits index, count, top-k) of each prompt-logprobs chunk."""
     prompt_targets: torch.Tensor | None
     """The next prompt token of every prompt-logprobs position, in that order."""
+    counts: np.ndarray | None = None
+    """Tokens computed per row this step (LoRA groups tokens by their row's adapter)."""
 
 
 class ModelRunner:
@@ -99,6 +102,11 @@ class ModelRunner:
         self.is_first = self.config.is_first_rank
         self.is_last = self.config.is_last_rank
         self.backend = get_attention_backend(self.config.attention_backend, self.device)
+        self.lora = (
+            LoRAManager(self.config, self.model, self.device, self.dtype)
+            if self.config.enable_lora
+            else None
+        )
 
     def _init_sampling(self) -> None:
         generator = torch.Generator(device=self.device)
@@ -207,6 +215,9 @@ class ModelRunner:
         """Decode batch sizes to capture; empty unless graphs run here: CUDA, no
         enforce_eager, and the (graph-safe) triton attention backend."""
         if self.device.type != "cuda" or self.config.enforce_eager:
+            return []
+        if self.lora is not None:
+            logger.info("CUDA graphs are not captured with --enable-lora; decoding eagerly")
             return []
         if self.backend.name != "triton":
             logger.info("CUDA graphs need the triton attention backend; decoding eagerly")
@@ -370,8 +381,16 @@ class ModelRunner:
             plan.rows.size, attn.max_query_len, attn.max_seq_len
         ):
             return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
-        with forward_context(self.backend, attn):
-            return self.model(plan.input_ids, plan.positions, intermediate)
+        if self.lora is None:
+            with forward_context(self.backend, attn):
+                return self.model(plan.input_ids, plan.positions, intermediate)
+        req_ids = self.batch.req_ids
+        self.lora.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
+        try:
+            with forward_context(self.backend, attn):
+                return self.model(plan.input_ids, plan.positions, intermediate)
+        finally:
+            self.lora.end_step()
 
     def _check_intermediate(
         self,
@@ -412,10 +431,12 @@ class ModelRunner:
         structured = self.structured
         for rid in step.finished_request_ids:
             batch.remove(rid)
+            if self.lora is not None:
+                self.lora.remove_request(rid)
             if structured is not None:
                 structured.remove(rid)
         for req in step.new_requests:
-            error = batch.add(req)
+            error = self._add_lora(req) or batch.add(req)
             if error:
                 errors[req.request_id] = error
             elif structured is not None:
@@ -457,8 +478,20 @@ class ModelRunner:
         num_prompt = req.num_prompt_tokens if req.num_prompt_tokens > 0 else len(req.token_ids)
         return self.structured.add(req.request_id, req.grammar, list(req.token_ids[num_prompt:]))
 
+    def _add_lora(self, req: worker_pb2.NewRequest) -> str | None:
+        """Load the request's adapter (if it names one); an error message, or None."""
+        if self.lora is not None:
+            self.lora.remove_request(req.request_id)  # a reused id must not keep an old adapter
+        if not req.lora_name:
+            return None
+        if self.lora is None:
+            return f"LoRA adapter {req.lora_name!r} asked for, but this worker runs without --enable-lora"
+        return self.lora.add_request(req.request_id, req.lora_name, req.lora_path)
+
     def _forget(self, request_id: str) -> None:
         self.batch.remove(request_id)
+        if self.lora is not None:
+            self.lora.remove_request(request_id)
         if self.structured is not None:
             self.structured.remove(request_id)
 
@@ -555,6 +588,7 @@ class ModelRunner:
                 if targets
                 else None
             ),
+            counts=q,
         )
 
     def _prompt_logprob_positions(self, rows, starts, ends, offsets, first_index):

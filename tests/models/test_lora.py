@@ -1,0 +1,139 @@
+"""LoRA adapters against peft + transformers on the same tiny random weights (float32, CPU).
+
+Each adapter is made here with peft (lora_B randomized: peft starts it at zero), saved with
+save_pretrained, and served through `LLM` (scheduler + worker in one process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from splitserve import LLM, SamplingParams
+from splitserve.lora import LoRARequest
+
+MAX_TOKENS = 12
+PROMPTS = [[11, 57, 300, 42, 9, 610, 77], [5, 900, 13, 250, 88], [400, 401, 402]]
+
+
+def make_adapter(base_path, out_dir, targets, r, alpha, seed, use_rslora=False, fmt="st"):
+    """A random peft LoRA adapter for the checkpoint at base_path, saved to out_dir."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path, torch_dtype=torch.float32)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=use_rslora
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    peft_model.save_pretrained(out_dir, safe_serialization=(fmt == "st"))
+    return out_dir
+
+
+def peft_greedy(base_path, adapter_dir, prompts, max_tokens):
+    """Greedy tokens of transformers (+ peft adapter when given), prompt by prompt."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, torch_dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            outs.append(gen[0, len(p) :].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request, model_factory, tmp_path_factory):
+    base = model_factory(request.param)
+    root = tmp_path_factory.mktemp(f"loras_{request.param}")
+    a = make_adapter(base, root / "a", ["q_proj", "k_proj", "v_proj", "o_proj"], 8, 16, 1)
+    b = make_adapter(
+        base,
+        root / "b",
+        ["gate_proj", "up_proj", "down_proj", "v_proj"],
+        4,
+        8,
+        2,
+        use_rslora=True,
+        fmt="bin",
+    )
+    expected = {
+        name: peft_greedy(base, path, PROMPTS, MAX_TOKENS)
+        for name, path in (("a", a), ("b", b), ("", None))
+    }
+    llm = LLM(str(base), enable_lora=True, lora_root=str(root), max_loras=2, max_lora_rank=8)
+    yield llm, root, expected
+    llm.shutdown()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def test_each_adapter_matches_peft(setup):
+    llm, root, expected = setup
+    assert expected["a"] != expected[""] and expected["b"] != expected[""]  # adapters matter
+    for name in ("a", "b"):
+        req = LoRARequest(name, 1, str(root / name))
+        outs = llm.generate(PROMPTS, GREEDY, lora_request=req)
+        assert [o.outputs[0].token_ids for o in outs] == expected[name], name
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected[""]
+
+
+def test_mixed_batch_rows_match_alone(setup):
+    llm, root, expected = setup
+    a, b = (LoRARequest(n, i, str(root / n)) for i, n in enumerate("ab", 1))
+    # Every prompt three times: through a, through b and through the base, in one batch.
+    prompts = PROMPTS * 3
+    loras = [a] * len(PROMPTS) + [b] * len(PROMPTS) + [None] * len(PROMPTS)
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, lora_request=loras)]
+    n = len(PROMPTS)
+    assert outs[:n] == expected["a"]
+    assert outs[n : 2 * n] == expected["b"]
+    assert outs[2 * n :] == expected[""]
+    kv = llm.engine.scheduler.kv
+    assert kv.num_free_blocks == kv.pool.num_blocks  # nothing held after the batch
+
+
+def test_refusals(setup, tmp_path):
+    llm, root, _ = setup
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "adapter_config.json").write_text("{}")
+    link = root / "escape"
+    if not link.exists():
+        os.symlink(outside, link)
+    for path in ("../outside", str(outside), str(link), str(root / ".." / "x")):
+        with pytest.raises(RuntimeError, match="outside the allowed root"):
+            llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("bad", 9, path))
+    # An unsupported config is refused by name.
+    cfg = json.loads((root / "a" / "adapter_config.json").read_text())
+    dora = root / "dora"
+    dora.mkdir(exist_ok=True)
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(RuntimeError, match="DoRA"):
+        llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("dora", 3, str(dora)))
+    # The engine still serves afterwards.
+    assert llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids
