@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -93,3 +94,23 @@ def test_refusals(setup, tmp_path):
         llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("dora", 3, str(dora)))
     # The engine still serves afterwards.
     assert llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids
+
+
+def test_cpu_lru_evicts_idle_adapters_and_reloads_them(setup):
+    llm, root, expected = setup
+    manager = llm.engine.executor.runner.lora
+    assert manager.max_cpu == 2 and manager.max_loras == 2
+    c = root / "c"
+    if not c.exists():
+        shutil.copytree(root / "a", c)  # same weights as a, under another name
+    reqs = {n: LoRARequest(n, i, str(root / n)) for i, n in enumerate("abc", 1)}
+    for name in ("a", "b", "c"):
+        llm.generate(PROMPTS[:1], GREEDY, lora_request=reqs[name])
+    assert list(manager.cpu) == ["b", "c"]  # a, least recently used, went first
+    assert set(manager.slots) <= {"b", "c"} and len(manager.slots) <= 2
+    # Finished requests let go of their adapter (the worker hears of it with the next step).
+    assert set(manager.request_adapter.values()) <= {"c"}
+    outs = llm.generate(PROMPTS, GREEDY, lora_request=reqs["a"])  # read again from disk
+    assert [o.outputs[0].token_ids for o in outs] == expected["a"]
+    assert list(manager.cpu) == ["c", "a"]
+    assert set(manager.request_adapter.values()) <= {"a"}
