@@ -63,6 +63,7 @@ def _complete(client, model: str) -> str:
         temperature=0,
         extra_body={"ignore_eos": True},
     )
+    assert out.model == model  # as vLLM: an adapter's responses carry its name
     return out.choices[0].text
 
 
@@ -82,6 +83,20 @@ def test_models_and_adapter_outputs(lora_setup, tiny_model):
     assert _complete(client, server.model) == tok.decode(base, skip_special_tokens=True)
     with pytest.raises(openai.NotFoundError):
         _complete(client, "no-such-adapter")
+    # Chat goes through the adapter too (streamed): it differs from the base model's answer.
+    msgs = [{"role": "user", "content": "hello there"}]
+    texts = {}
+    for model in ("a", server.model):
+        stream = client.chat.completions.create(
+            model=model,
+            messages=msgs,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        texts[model] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert texts["a"] != texts[server.model]
 
 
 def test_runtime_load_path_safety(lora_setup):
