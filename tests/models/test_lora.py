@@ -114,3 +114,28 @@ def test_cpu_lru_evicts_idle_adapters_and_reloads_them(setup):
     assert [o.outputs[0].token_ids for o in outs] == expected["a"]
     assert list(manager.cpu) == ["c", "a"]
     assert set(manager.request_adapter.values()) <= {"a"}
+
+
+def test_pipeline_ranks_load_only_their_layers(model_factory, tmp_path):
+    from splitserve.worker.config import WorkerConfig
+    from splitserve.worker.lora import LoRAManager
+    from splitserve.worker.model_loader import load_model
+
+    base = model_factory("llama")
+    make_adapter(base, tmp_path / "ad", ["q_proj", "down_proj"], 4, 8, 5)
+    for rank in (0, 1):
+        cfg = WorkerConfig(
+            model=str(base),
+            pipeline_parallel_size=2,
+            rank=rank,
+            master_port=1,
+            enable_lora=True,
+            lora_root=str(tmp_path),
+        )
+        loaded = load_model(cfg)
+        manager = LoRAManager(cfg, loaded.model, loaded.device, loaded.dtype)
+        assert manager.add_request("r", "ad", "ad") is None
+        assert sorted(manager.cpu["ad"].weights) == [
+            f"model.layers.{rank}.mlp.down_proj",
+            f"model.layers.{rank}.self_attn.qkv_proj",
+        ]
