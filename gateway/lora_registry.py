@@ -45,6 +45,8 @@ class LoRARegistry:
         self.roots = allowed_roots(config.lora_root, modules)
         self.adapters: dict[str, Adapter] = {}
         for m in modules:
+            if m.name in config.model_names():
+                raise ValueError(f"--lora-modules name {m.name!r} is the base model's name")
             try:
                 # NOTE: a relative --lora-modules path is relative to the working directory.
                 path = os.path.abspath(m.path)

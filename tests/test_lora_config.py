@@ -120,3 +120,17 @@ def test_serve_refuses_bad_lora_flags_at_start(tmp_path, capsys, flags, message)
     argv = [f.format(root=root, outside=outside) for f in flags]
     assert main(["serve", str(tmp_path / "no-model"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_adapter_name_must_differ_from_the_base_model(tmp_path):
+    from splitserve.gateway.config import GatewayConfig
+    from splitserve.gateway.lora_registry import LoRARegistry
+
+    ad = _adapter(tmp_path / "ad")
+    cfg = GatewayConfig(
+        served_model_name=["m"], enable_lora=True, lora_modules=[f"m={ad}"], lora_root=None
+    )
+    with pytest.raises(ValueError, match="base model's name"):
+        LoRARegistry(cfg)
+    ok = LoRARegistry(GatewayConfig(enable_lora=True, lora_modules=[f"x={ad}"]))
+    assert ok.get("x").path == ad.resolve()
