@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 import splitserve
 from splitserve import tracing
@@ -23,6 +23,7 @@ from splitserve.gateway.clients import ServiceClients
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import ClientDisconnected, RequestError, error_response
 from splitserve.gateway.generation import Deadline
+from splitserve.gateway.lora_registry import LoRARegistry, runtime_updates_allowed
 from splitserve.gateway.metrics import GatewayMetrics, HTTPMetricsMiddleware
 from splitserve.gateway.middleware import APIKeyMiddleware, BodyLimitMiddleware, DrainMiddleware
 from splitserve.gateway.protocol import (
@@ -224,9 +225,10 @@ def _add_routes(
     metrics: GatewayMetrics,
     state: GatewayState,
 ) -> None:
-    completions = CompletionsService(config, clients, metrics)
-    chat = ChatService(config, clients, metrics)
-    base = ServingBase(config, clients, metrics)
+    loras = LoRARegistry(config)
+    completions = CompletionsService(config, clients, metrics, loras)
+    chat = ChatService(config, clients, metrics, loras)
+    base = ServingBase(config, clients, metrics, loras)
     retry = config.retry_after_s
 
     @app.post("/v1/completions", responses={200: _generated(CompletionResponse), **_ERRORS})
@@ -247,12 +249,24 @@ def _add_routes(
     async def show_models() -> ModelList:
         info = clients.model_info
         root = config.model or (info.model if info else "") or None
-        return ModelList(
-            data=[
-                ModelCard(id=name, root=root, max_model_len=clients.max_model_len)
-                for name in base.served_names
-            ]
-        )
+        names = base.served_names
+        cards = [
+            ModelCard(id=name, root=root, max_model_len=clients.max_model_len) for name in names
+        ]
+        # As vLLM: an adapter's card has its folder as root and the base model as parent.
+        cards += [
+            ModelCard(
+                id=a.name,
+                root=str(a.path),
+                parent=a.base_model_name or names[0],
+                max_model_len=clients.max_model_len,
+            )
+            for a in loras.adapters.values()
+        ]
+        return ModelList(data=cards)
+
+    if runtime_updates_allowed():
+        _add_lora_routes(app, base, loras)
 
     @app.post("/tokenize", responses={200: {"model": TokenizeResponse}, **_ERRORS})
     async def tokenize(body: dict[str, Any] = Body(...)) -> Response:
@@ -297,6 +311,34 @@ def _add_routes(
     async def show_metrics() -> Response:
         await metrics.refresh_scheduler_stats(clients.scheduler)
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_lora_routes(app: FastAPI, base: ServingBase, loras: LoRARegistry) -> None:
+    """vLLM's runtime adapter routes (only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+    async def load_lora_adapter(body: dict[str, Any] = Body(...)) -> Response:
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            return error_response(
+                RequestError(400, "lora_name and lora_path must be strings", "lora_name")
+            )
+        try:
+            loras.load(name, path, base.served_names)
+        except RequestError as exc:
+            return error_response(exc)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+    async def unload_lora_adapter(body: dict[str, Any] = Body(...)) -> Response:
+        name = body.get("lora_name")
+        if not isinstance(name, str):
+            return error_response(RequestError(400, "lora_name must be a string", "lora_name"))
+        try:
+            loras.unload(name)
+        except RequestError as exc:
+            return error_response(exc)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 def _observed(observer: RequestObserver, response: Response) -> Response:

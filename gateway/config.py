@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.lora import check_lora_fields
 from splitserve.sampling_params import MAX_LOGPROBS
 from splitserve.tracing import check_endpoint
 
@@ -63,8 +64,17 @@ class GatewayConfig:
     otlp_traces_endpoint: str | None = None
     """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
     http/protobuf); None exports nothing and installs no instrumentation."""
+    enable_lora: bool = False
+    """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
+    lora_modules: list[str] | None = None
+    """Adapters to serve, each name=path or vLLM's JSON form {"name": .., "path": .., "base_model_name": ..} (peft folders: adapter_config.json + adapter_model.safetensors or .bin)."""
+    lora_root: str | None = None
+    """Folder every adapter path must resolve inside (symlinks followed); None allows only the --lora-modules folders."""
+    max_lora_rank: int = 16
+    """Largest adapter rank r accepted; larger adapters are refused."""
 
     def __post_init__(self) -> None:
+        check_lora_fields(self)
         check_endpoint(self.otlp_traces_endpoint)
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]

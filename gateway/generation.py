@@ -65,6 +65,10 @@ class SequenceSpec:
     priority: int = 0
     grammar: common_pb2.GrammarSpec | None = None
     """The structured-output constraint, when the request has one."""
+    lora_name: str = ""
+    """The LoRA adapter to run with; empty for the base model."""
+    lora_path: str = ""
+    """The adapter's folder, resolved inside the allowed root."""
     queue_time_s: float | None = None
     """Filled in by run_sequence: the scheduler's queue time, from its first message."""
 
@@ -108,6 +112,8 @@ async def run_sequence(
             sampling_params=spec.sampling,
             priority=spec.priority,
             grammar=spec.grammar,
+            lora_name=spec.lora_name,
+            lora_path=spec.lora_path,
         ),
         timeout=deadline.remaining(),
     )

@@ -14,6 +14,7 @@ from splitserve.gateway.clients import ServiceClients
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import RequestError, sse_error_event
 from splitserve.gateway.generation import Deadline, SequenceDelta, SequenceGroup, SequenceSpec
+from splitserve.gateway.lora_registry import LoRARegistry
 from splitserve.gateway.metrics import GatewayMetrics
 from splitserve.gateway.request_observer import RequestObserver, current_observer
 from splitserve.gateway.sampling import Limits
@@ -28,11 +29,16 @@ class ServingBase:
     """Request plumbing shared by the OpenAI generation endpoints."""
 
     def __init__(
-        self, config: GatewayConfig, clients: ServiceClients, metrics: GatewayMetrics
+        self,
+        config: GatewayConfig,
+        clients: ServiceClients,
+        metrics: GatewayMetrics,
+        loras: LoRARegistry | None = None,
     ) -> None:
         self.config = config
         self.clients = clients
         self.metrics = metrics
+        self.loras = loras if loras is not None else LoRARegistry(config)
 
     @property
     def served_names(self) -> list[str]:
@@ -40,8 +46,11 @@ class ServingBase:
         return self.config.model_names(reported)
 
     def check_model(self, name: str | None) -> str:
-        """The name to report; unknown names are a 404 (`model_not_found`)."""
+        """The name to report (an adapter's own name for a LoRA adapter); unknown names are a
+        404 (`model_not_found`)."""
         names = self.served_names
+        if self.loras.get(name) is not None:
+            return name
         if name and name not in names:
             raise RequestError(
                 404,
@@ -51,6 +60,14 @@ class ServingBase:
                 code="model_not_found",
             )
         return names[0]
+
+    def attach_lora(self, specs: list[SequenceSpec], model: str | None) -> None:
+        """Point every sequence at the adapter `model` names, if it names one."""
+        adapter = self.loras.get(model)
+        if adapter is None:
+            return
+        for spec in specs:
+            spec.lora_name, spec.lora_path = adapter.name, str(adapter.path)
 
     def limits(self) -> Limits:
         info = self.clients.model_info

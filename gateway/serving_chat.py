@@ -163,6 +163,7 @@ class ChatService(ServingBase):
             req.priority,
             constraint.grammar if constraint is not None else None,
         )
+        self.attach_lora(specs, req.model)
         echo = ""
         last = req.messages[-1]
         if req.echo and last.role == "assistant" and isinstance(last.content, str):

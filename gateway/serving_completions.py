@@ -88,6 +88,7 @@ class CompletionsService(ServingBase):
             req.priority,
             constraint.grammar if constraint is not None else None,
         )
+        self.attach_lora(specs, req.model)
         view = _CompletionView(self, req, request_id, model, prompts, n, arrival)
         if req.stream:
             return await self.stream(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.lora import check_lora_fields
 from splitserve.tracing import check_endpoint, parse_detailed_traces
 
 
@@ -47,8 +48,13 @@ class SchedulerConfig:
     """gRPC address of the tokenizer service, which compiles structured-output constraints; None refuses requests that carry one."""
     grammar_compile_deadline_s: float = 60.0
     """Deadline of the scheduler's CompileGrammar call to the tokenizer service."""
+    enable_lora: bool = False
+    """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
+    max_loras: int = 1
+    """Most distinct LoRA adapters in one batch (adapter slots on the device); requests for others wait."""
 
     def __post_init__(self) -> None:
+        check_lora_fields(self)
         # A comma-separated item is several addresses (one flag value from an env variable).
         self.worker_addresses = [
             a.strip() for item in self.worker_addresses for a in item.split(",") if a.strip()

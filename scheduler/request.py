@@ -30,6 +30,8 @@ class Request:
     arrival: int
     priority: int = 0
     lora_name: str = ""
+    lora_path: str = ""
+    """The adapter's folder (with lora_name), passed on to the workers."""
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

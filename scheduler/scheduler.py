@@ -109,6 +109,7 @@ class Scheduler:
         prompt = list(req.prompt_token_ids)
         sp = req.sampling_params
         self.validate(prompt, sp)
+        self._validate_lora(req)
         if len(self.waiting) >= self.config.max_waiting_requests:
             raise RequestRejected(
                 "RESOURCE_EXHAUSTED",
@@ -127,12 +128,37 @@ class Scheduler:
             arrival=next(self._arrival),
             priority=req.priority,
             lora_name=req.lora_name,
+            lora_path=req.lora_path,
             prompt_logprobs_pending=sp.HasField("prompt_logprobs"),
             grammar=grammar,
         )
         self.requests[rid] = r
         self._enqueue_waiting(r)
         return r
+
+    def _validate_lora(self, req: scheduler_pb2.GenerateRequest) -> None:
+        if not req.lora_name:
+            if req.lora_path:
+                raise RequestRejected("INVALID_ARGUMENT", "lora_path given without lora_name")
+            return
+        if not self.config.enable_lora:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"LoRA adapter {req.lora_name!r} asked for, but the server runs without "
+                "--enable-lora",
+            )
+        if not req.lora_path:
+            raise RequestRejected(
+                "INVALID_ARGUMENT", f"LoRA adapter {req.lora_name!r} needs its lora_path"
+            )
+
+    def _lora_fits(self, req: Request) -> bool:
+        """Whether admitting `req` keeps the running adapters within max_loras (every running
+        request may be in one step, so this bounds the adapters of any step)."""
+        if not req.lora_name:
+            return True
+        running = {r.lora_name for r in self.running if r.lora_name}
+        return req.lora_name in running or len(running) < self.config.max_loras
 
     def validate(self, prompt: list[int], sp: common_pb2.SamplingParams) -> None:
         """Raise RequestRejected for a request that can never run; reads only fixed state."""
@@ -269,6 +295,9 @@ class Scheduler:
             if req.num_inflight:
                 idx += 1  # its last in-flight token must come back before it can resume
                 continue
+            if not self._lora_fits(req):
+                idx += 1  # its adapter needs a slot: it waits until one frees
+                continue
             hits, num_hit = self.kv.get_computed_blocks(req)
             remaining = req.num_tokens - num_hit
             if not self.config.enable_chunked_prefill and remaining > budget:
@@ -353,6 +382,8 @@ class Scheduler:
             m.trace_context.update(req.trace_context)
         if req.grammar is not None:
             m.grammar.CopyFrom(req.grammar)
+        if req.lora_name:
+            m.lora_name, m.lora_path = req.lora_name, req.lora_path
         req.num_sent_tokens = req.num_tokens
         req.known_to_worker = True
         req.num_sent_blocks = len(req.blocks)

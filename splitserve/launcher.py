@@ -170,6 +170,10 @@ def serve(args: argparse.Namespace) -> int:
         tokenizer_address=tok_addr,
         **({} if named else {"served_model_name": [DEMO_NAME]}),
     )
+    if gateway_cfg.enable_lora:
+        from splitserve.gateway.lora_registry import LoRARegistry
+
+        LoRARegistry(gateway_cfg)  # a bad --lora-modules adapter fails before anything starts
     log = ["--log-level", args.log_level]
     # NOTE: a model that cannot load fails here, before any process starts or port opens.
     from splitserve.preflight import preflight

@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from splitserve.lora import LoRARequest
 from splitserve.protos import common_pb2, scheduler_pb2
 from splitserve.sampling_params import SamplingParams
 
@@ -136,8 +137,11 @@ class LLM:
         self,
         prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids) and return in prompt order."""
+        """Generate for every prompt (text, or token ids) and return in prompt order; with
+        `lora_request` (one for all prompts, or one per prompt) through that LoRA adapter,
+        whose path must lie inside `lora_root` (or a `lora_modules` folder)."""
         batch = _as_batch(prompts)
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(batch)
@@ -152,7 +156,14 @@ class LLM:
             else:
                 texts.append(None)
                 ids_list.append(list(p))
-        return self._run(texts, ids_list, params_list)
+        loras = (
+            list(lora_request)
+            if isinstance(lora_request, Sequence)
+            else [lora_request] * len(batch)
+        )
+        if len(loras) != len(batch):
+            raise ValueError(f"{len(loras)} LoRA requests for {len(batch)} prompts")
+        return self._run(texts, ids_list, params_list, loras)
 
     def chat(
         self,
@@ -174,13 +185,14 @@ class LLM:
         sp = sampling_params or SamplingParams()
         return self._run(texts, ids_list, [sp] * len(convs))
 
-    def _run(self, texts, ids_list, params_list) -> list[RequestOutput]:
+    def _run(self, texts, ids_list, params_list, loras=None) -> list[RequestOutput]:
         from splitserve.tokenizer_svc.stream import SequenceStream
 
         seqs: dict[str, _Seq] = {}
         sched = self.engine.scheduler
         grammars = [self._compile(sp) for sp in params_list]
         for pi, (ids, sp) in enumerate(zip(ids_list, params_list)):
+            lora = loras[pi] if loras else None
             for i in range(sp.n):
                 proto = sp.to_proto()
                 if sp.seed is not None:
@@ -201,7 +213,11 @@ class LLM:
                 try:
                     sched.add_request(
                         scheduler_pb2.GenerateRequest(
-                            request_id=rid, prompt_token_ids=ids, sampling_params=proto
+                            request_id=rid,
+                            prompt_token_ids=ids,
+                            sampling_params=proto,
+                            lora_name=lora.lora_name if lora else "",
+                            lora_path=str(lora.lora_path) if lora else "",
                         ),
                         grammars[pi],
                     )

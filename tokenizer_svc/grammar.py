@@ -279,12 +279,51 @@ def _xgrammar_departure(schema: dict, key: str, value) -> str | None:
         return f"a '$ref' outside the schema ({value!r})"
     if key == "multipleOf" and (schema.get("type") != "integer" or not isinstance(value, int)):
         return "'multipleOf' other than an integer on an integer"
+    ranged = [
+        k for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema
+    ]
+    if key == "multipleOf" and ranged:
+        # xgrammar 0.2.8 drops multipleOf when a range comes with it ("ignoring multipleOf").
+        return f"'multipleOf' together with '{ranged[0]}'"
+    lengths = [k for k in ("minLength", "maxLength") if k in schema]
+    if key in ("pattern", "format") and lengths:
+        # xgrammar 0.2.8 drops the length limits of a pattern or format string.
+        return f"'{key}' together with '{lengths[0]}'"
+    if key == "pattern" and isinstance(value, str):
+        found = xgrammar_regex_departure(value)
+        if found:
+            return f"'pattern' with {found}"
     if key == "required" and isinstance(value, list):
         props = schema.get("properties")
         props = props if isinstance(props, dict) else {}
         missing = [name for name in value if name not in props]
         if missing:
             return f"'required' naming {missing[0]!r}, which 'properties' does not define"
+    return None
+
+
+def xgrammar_regex_departure(regex: str) -> str | None:
+    """What of `regex` xgrammar would ignore rather than enforce, or None: lookahead (it
+    skips the assertion) and `^` / `$` anywhere but the very start / end (it drops them)."""
+    i, n, in_class = 0, len(regex), False
+    while i < n:
+        c = regex[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if regex.startswith("[^", i) or regex.startswith("[]", i):
+                i += 1  # a leading ^ negates, a leading ] is literal
+        elif regex.startswith("(?=", i) or regex.startswith("(?!", i):
+            return "a lookahead assertion"
+        elif c == "^" and i != 0:
+            return "'^' in the middle"
+        elif c == "$" and i != n - 1:
+            return "'$' in the middle"
+        i += 1
     return None
 
 
@@ -318,6 +357,12 @@ def compile_xgrammar(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
         elif kind == "json_object":
             grammar = _xgrammar_json(Grammar.from_json_schema('{"type": "object"}'))
         elif kind == "regex":
+            ignored = xgrammar_regex_departure(spec)
+            if ignored:
+                raise GrammarError(
+                    f"backend xgrammar does not enforce a regex with {ignored}; "
+                    "use backend guidance or auto"
+                )
             grammar = Grammar.from_regex(spec)
         elif kind == "choice":
             alternatives = " | ".join(_ebnf_string(c) for c in _parse_choices(spec))

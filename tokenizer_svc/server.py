@@ -114,13 +114,17 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             return renderer.render(parse_chat_request(request.messages_json, **fields))
 
         timeout = self._config.chat_template_timeout_s + _RENDER_BACKSTOP_S
-        try:
-            rendered = await asyncio.wait_for(self._offload(parse_and_render), timeout)
-        except asyncio.TimeoutError:
-            # The in-thread deadline normally fires first; this is a render stuck in C code.
-            raise InvalidRequest(
-                f"chat template rendering exceeded {self._config.chat_template_timeout_s:g} s"
-            ) from None
+        # A chat request's tokenization is its template render: the same `tokenize` span.
+        with tracing.span("tokenize", {"splitserve.chat_template": True}) as span:
+            try:
+                rendered = await asyncio.wait_for(self._offload(parse_and_render), timeout)
+            except asyncio.TimeoutError:
+                # The in-thread deadline normally fires first; this is a render stuck in C code.
+                raise InvalidRequest(
+                    f"chat template rendering exceeded {self._config.chat_template_timeout_s:g} s"
+                ) from None
+            if span is not None:
+                span.set_attribute("splitserve.num_tokens", len(rendered.token_ids))
         return tokenizer_pb2.ApplyChatTemplateResponse(
             prompt=rendered.prompt, token_ids=rendered.token_ids
         )
@@ -146,7 +150,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     async def CompileGrammar(self, request, context):
         self._ready()
-        result = await self.grammars.compile(request.grammar)
+        attrs = {"splitserve.grammar.kind": request.grammar.kind}
+        with tracing.span("compile_grammar", attrs) as span:
+            result = await self.grammars.compile(request.grammar)
+            if span is not None:
+                span.set_attribute("splitserve.grammar.backend", result.grammar.backend)
+                span.set_attribute("splitserve.grammar.cache_hit", result.cache_hit)
+                span.set_attribute("splitserve.grammar.compile_seconds", result.seconds)
         grammar = result.grammar
         if not request.include_compiled:
             grammar = type(grammar)(handle=grammar.handle, backend=grammar.backend)

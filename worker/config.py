@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+from splitserve.lora import check_lora_fields
 from splitserve.tracing import check_endpoint, parse_detailed_traces
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+PP_PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
 
@@ -51,7 +54,7 @@ class WorkerConfig:
     pipeline_parallel_size: int = 1
     """Number of pipeline stages the model is split into."""
     pp_layer_partition: str | None = None
-    """Decoder layers per pipeline rank, comma-separated, rank 0 first (as vLLM's VLLM_PP_LAYER_PARTITION); they must sum to the model's layer count. None splits evenly."""
+    """Decoder layers per pipeline rank, comma-separated, rank 0 first; they must sum to the model's layer count. None reads VLLM_PP_LAYER_PARTITION from the environment (as vLLM does), else splits evenly."""
     distributed_init_method: str | None = None
     """torch.distributed rendezvous of the pipeline ranks (tcp://host:port); None uses tcp://master_addr:master_port."""
     master_addr: str = "127.0.0.1"
@@ -83,8 +86,23 @@ class WorkerConfig:
     """Comma-separated modules to trace per step (all, model, worker; vLLM's values): the
     scheduler sends trace context with steps and the workers emit a span per step. Needs
     otlp_traces_endpoint; costly, for debugging."""
+    enable_lora: bool = False
+    """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
+    lora_modules: list[str] | None = None
+    """Adapters to serve, each name=path or vLLM's JSON form {"name": .., "path": .., "base_model_name": ..} (peft folders: adapter_config.json + adapter_model.safetensors or .bin)."""
+    lora_root: str | None = None
+    """Folder every adapter path must resolve inside (symlinks followed); None allows only the --lora-modules folders."""
+    max_loras: int = 1
+    """Most distinct LoRA adapters in one batch (adapter slots on the device); requests for others wait."""
+    max_lora_rank: int = 16
+    """Largest adapter rank r accepted; larger adapters are refused."""
+    max_cpu_loras: int | None = None
+    """Adapters kept loaded in CPU memory (least recently used evicted); None means max_loras."""
+    lora_extra_vocab_size: int = 0
+    """Extra vocabulary of adapters; only 0 is supported (adapters that add tokens are refused)."""
 
     def __post_init__(self) -> None:
+        check_lora_fields(self)
         check_endpoint(self.otlp_traces_endpoint)
         parse_detailed_traces(self.collect_detailed_traces, self.otlp_traces_endpoint)
         choices = {
@@ -125,6 +143,9 @@ class WorkerConfig:
         self._check_cuda_graph_fields()
 
     def _check_pipeline_fields(self) -> None:
+        if self.pp_layer_partition is None and os.environ.get(PP_PARTITION_ENV):
+            # vLLM users set the partition in the environment; the flag wins when both are set.
+            self.pp_layer_partition = os.environ[PP_PARTITION_ENV]
         self.layer_partition()  # raises on a malformed partition
         if self.distributed_timeout_seconds <= 0:
             raise ValueError(

@@ -35,6 +35,7 @@ from splitserve.worker.attention import (
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_capture_memory
 from splitserve.worker.input_batch import InputBatch
+from splitserve.worker.lora import LoRAManager
 from splitserve.worker.model_loader import load_model
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.sampler import Sampler, compute_logprobs
@@ -79,6 +80,8 @@ class StepPlan:
     """(request id, first logits index, count, top-k) of each prompt-logprobs chunk."""
     prompt_targets: torch.Tensor | None
     """The next prompt token of every prompt-logprobs position, in that order."""
+    counts: np.ndarray | None = None
+    """Tokens computed per row this step (LoRA groups tokens by their row's adapter)."""
 
 
 class ModelRunner:
@@ -107,6 +110,11 @@ class ModelRunner:
         self.is_first = self.config.is_first_rank
         self.is_last = self.config.is_last_rank
         self.backend = get_attention_backend(self.config.attention_backend, self.device)
+        self.lora = (
+            LoRAManager(self.config, self.model, self.device, self.dtype)
+            if self.config.enable_lora
+            else None
+        )
 
     def _init_sampling(self) -> None:
         generator = torch.Generator(device=self.device)
@@ -217,6 +225,9 @@ class ModelRunner:
         """Decode batch sizes to capture; empty unless graphs run here: CUDA, no
         enforce_eager, and the (graph-safe) triton attention backend."""
         if self.device.type != "cuda" or self.config.enforce_eager:
+            return []
+        if self.lora is not None:
+            logger.info("CUDA graphs are not captured with --enable-lora; decoding eagerly")
             return []
         if self.backend.name != "triton":
             logger.info("CUDA graphs need the triton attention backend; decoding eagerly")
@@ -385,8 +396,16 @@ class ModelRunner:
             plan.rows.size, attn.max_query_len, attn.max_seq_len
         ):
             return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
-        with forward_context(self.backend, attn):
-            return self.model(plan.input_ids, plan.positions, intermediate)
+        if self.lora is None:
+            with forward_context(self.backend, attn):
+                return self.model(plan.input_ids, plan.positions, intermediate)
+        req_ids = self.batch.req_ids
+        self.lora.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
+        try:
+            with forward_context(self.backend, attn):
+                return self.model(plan.input_ids, plan.positions, intermediate)
+        finally:
+            self.lora.end_step()
 
     def _check_intermediate(
         self,
@@ -428,10 +447,12 @@ class ModelRunner:
         for rid in step.finished_request_ids:
             batch.remove(rid)
             self._deferred.discard(rid)
+            if self.lora is not None:
+                self.lora.remove_request(rid)
             if structured is not None:
                 structured.remove(rid)
         for req in step.new_requests:
-            error = batch.add(req)
+            error = self._add_lora(req) or batch.add(req)
             if error:
                 errors[req.request_id] = error
             elif structured is not None:
@@ -478,9 +499,21 @@ class ModelRunner:
         num_prompt = req.num_prompt_tokens if req.num_prompt_tokens > 0 else len(req.token_ids)
         return self.structured.add(req.request_id, req.grammar, list(req.token_ids[num_prompt:]))
 
+    def _add_lora(self, req: worker_pb2.NewRequest) -> str | None:
+        """Load the request's adapter (if it names one); an error message, or None."""
+        if self.lora is not None:
+            self.lora.remove_request(req.request_id)  # a reused id must not keep an old adapter
+        if not req.lora_name:
+            return None
+        if self.lora is None:
+            return f"LoRA adapter {req.lora_name!r} asked for, but this worker runs without --enable-lora"
+        return self.lora.add_request(req.request_id, req.lora_name, req.lora_path)
+
     def _forget(self, request_id: str) -> None:
         self.batch.remove(request_id)
         self._deferred.discard(request_id)
+        if self.lora is not None:
+            self.lora.remove_request(request_id)
         if self.structured is not None:
             self.structured.remove(request_id)
 
@@ -577,6 +610,7 @@ class ModelRunner:
                 if targets
                 else None
             ),
+            counts=q,
         )
 
     def _prompt_logprob_positions(self, rows, starts, ends, offsets, first_index):

@@ -256,6 +256,42 @@ def test_streamed_request_span_ends_with_the_stream(traced_server, receiver):
     assert attrs["http.route"] == "/v1/chat/completions"
 
 
+def test_chat_with_a_constraint_traces_template_and_compile(traced_server, receiver):
+    """A chat request's template render is its `tokenize` span; a constrained request gets a
+    `compile_grammar` span for the gateway's compile and one for the scheduler's (a cache
+    hit), each under its caller's gRPC span in the request's trace."""
+    trace_id = secrets.token_bytes(16)
+    traceparent = f"00-{trace_id.hex()}-{secrets.token_bytes(8).hex()}-01"
+    r = httpx.post(
+        traced_server.url + "/v1/chat/completions",
+        headers={"traceparent": traceparent},
+        json={
+            "model": traced_server.model,
+            "messages": [{"role": "user", "content": "pick"}],
+            "max_tokens": 8,
+            "guided_choice": ["left", "right"],
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] in ("left", "right")
+
+    def tokenizer_spans() -> list:
+        return [s for svc, s in receiver.of_trace(trace_id) if svc == "splitserve-tokenizer"]
+
+    def done() -> bool:
+        names = [s.name for s in tokenizer_spans()]
+        return names.count("compile_grammar") == 2 and "tokenize" in names
+
+    wait_for(done, 30, "the tokenizer's tokenize and two compile_grammar spans")
+    compiles = [_attrs(s) for s in tokenizer_spans() if s.name == "compile_grammar"]
+    assert all(a["splitserve.grammar.kind"] == "choice" for a in compiles)
+    assert sorted(a["splitserve.grammar.cache_hit"] for a in compiles) == [False, True]
+    (tok,) = [s for s in tokenizer_spans() if s.name == "tokenize"]
+    assert _attrs(tok)["splitserve.chat_template"] is True
+    assert _attrs(tok)["splitserve.num_tokens"] > 0
+
+
 def _scrape(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     values = {}

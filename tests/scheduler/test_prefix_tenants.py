@@ -110,13 +110,13 @@ def test_keys_are_chains_not_block_contents():
 def test_tenants_on_different_adapters_do_not_share_blocks():
     """Same prompt, different LoRA adapters: the adapter is in every key, so no block is
     shared and each keeps its own chain."""
-    engine, _ = make_engine(num_blocks=64, block_size=BS)
+    engine, _ = make_engine(num_blocks=64, block_size=BS, enable_lora=True)
     kv = engine.scheduler.kv
     engine.scheduler.add_request(gen_request("a", TENANT_A, 2))
     run_to_completion(engine)
     hits_before = kv.prefix_hits
     req = gen_request("b", TENANT_A, 2)
-    req.lora_name = "tenant-b-adapter"
+    req.lora_name, req.lora_path = "tenant-b-adapter", "/adapters/tenant-b"
     engine.scheduler.add_request(req)
     run_to_completion(engine)
     assert kv.prefix_hits == hits_before

@@ -195,6 +195,11 @@ DISJOINT_ONE_OF = {"oneOf": [{"type": "integer"}, {"type": "string"}]}
             {"type": "object", "properties": {"a": {"dependentSchemas": {}}}},
             "'dependentSchemas' at #/properties/a/dependentSchemas",
         ),
+        # xgrammar 0.2.8 warns and drops the second keyword of each of these pairs.
+        ({"type": "integer", "minimum": 0, "multipleOf": 2}, "'multipleOf' together with"),
+        ({"type": "string", "pattern": "a+", "maxLength": 3}, "'pattern' together with"),
+        ({"type": "string", "format": "email", "minLength": 9}, "'format' together with"),
+        ({"type": "string", "pattern": "a^b"}, "'pattern' with '\\^' in the middle"),
     ],
 )
 def test_xgrammar_refuses_what_it_would_only_approximate(compiler, schema, feature):
@@ -217,6 +222,34 @@ def test_raw_control_characters_never_enter_a_json_string(
 def test_xgrammar_ignores_unknown_keywords_as_validators_do(compiler):
     schema = {"type": "integer", "x-kind": "count", "self": {"vendor": "v"}, "title": "t"}
     assert compiler.compile_sync(spec("json", json.dumps(schema), "xgrammar")).grammar.compiled
+
+
+@pytest.mark.parametrize(
+    "regex, feature",
+    [("ab(?=c)", "a lookahead assertion"), ("a^b", "'\\^' in the middle"), ("a$b+", "'\\$' in")],
+)
+def test_xgrammar_refuses_a_regex_it_would_only_approximate(compiler, regex, feature):
+    with pytest.raises(gm.GrammarError, match=f"xgrammar does not enforce a regex with {feature}"):
+        compiler.compile_sync(spec("regex", regex, "xgrammar"))
+
+
+@pytest.mark.parametrize(
+    "regex, ok",
+    [(r"^ab$", None), (r"[^$]+\$\^", None), (r"[]^]x", None), (r"(?:a|b)$", None)],
+)
+def test_anchors_at_the_ends_and_escaped_or_in_classes_are_fine(regex, ok):
+    assert gm.xgrammar_regex_departure(regex) is ok
+
+
+def test_xgrammar_really_drops_a_range_multipleof(gtok):
+    """The pair refusals are not folklore either: compiled as-is, xgrammar accepts 3 for
+    {minimum 0, multipleOf 2}, a value the schema forbids."""
+    import xgrammar
+
+    schema = {"type": "integer", "minimum": 0, "multipleOf": 2}
+    compiled = gm.xgrammar_compiler(gtok).compile_json_schema(json.dumps(schema))
+    matcher = xgrammar.GrammarMatcher(compiled)
+    assert matcher.accept_string("3")
 
 
 def test_the_backends_really_disagree_where_xgrammar_is_refused(gtok):

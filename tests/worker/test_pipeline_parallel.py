@@ -335,3 +335,16 @@ def test_a_rank_refuses_activations_laid_out_differently(checkpoint):
     assert list(fresh.execute(step, good).request_ids) == ["a", "b"]
     with pytest.raises(RuntimeError, match="plans 0 tokens but the previous pipeline rank sent 6"):
         fresh.execute(worker_pb2.StepRequest(step_id=1), good)
+
+
+def test_layer_partition_from_vllm_environment_variable(checkpoint, monkeypatch):
+    path = checkpoint("llama_names_False", num_layers=3)
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "1,2")
+    cfg = WorkerConfig(model=str(path), pipeline_parallel_size=2)
+    assert cfg.layer_partition() == [1, 2]
+    # The flag wins over the environment.
+    cfg = WorkerConfig(model=str(path), pipeline_parallel_size=2, pp_layer_partition="2,1")
+    assert cfg.layer_partition() == [2, 1]
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "1,1,1")
+    with pytest.raises(ValueError, match="has 3 entries"):
+        WorkerConfig(model=str(path), pipeline_parallel_size=2)

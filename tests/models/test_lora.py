@@ -1,0 +1,141 @@
+"""LoRA adapters against peft + transformers on the same tiny random weights (float32, CPU).
+
+Each adapter is made here with peft (lora_B randomized: peft starts it at zero), saved with
+save_pretrained, and served through `LLM` (scheduler + worker in one process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from splitserve import LLM, SamplingParams
+from splitserve.lora import LoRARequest
+
+from .lora_utils import make_adapter, peft_greedy
+
+MAX_TOKENS = 12
+PROMPTS = [[11, 57, 300, 42, 9, 610, 77], [5, 900, 13, 250, 88], [400, 401, 402]]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request, model_factory, tmp_path_factory):
+    base = model_factory(request.param)
+    root = tmp_path_factory.mktemp(f"loras_{request.param}")
+    a = make_adapter(base, root / "a", ["q_proj", "k_proj", "v_proj", "o_proj"], 8, 16, 1)
+    b = make_adapter(
+        base,
+        root / "b",
+        ["gate_proj", "up_proj", "down_proj", "v_proj"],
+        4,
+        8,
+        2,
+        use_rslora=True,
+        fmt="bin",
+    )
+    expected = {
+        name: peft_greedy(base, path, PROMPTS, MAX_TOKENS)
+        for name, path in (("a", a), ("b", b), ("", None))
+    }
+    llm = LLM(str(base), enable_lora=True, lora_root=str(root), max_loras=2, max_lora_rank=8)
+    yield llm, root, expected
+    llm.shutdown()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def test_each_adapter_matches_peft(setup):
+    llm, root, expected = setup
+    assert expected["a"] != expected[""] and expected["b"] != expected[""]  # adapters matter
+    for name in ("a", "b"):
+        req = LoRARequest(name, 1, str(root / name))
+        outs = llm.generate(PROMPTS, GREEDY, lora_request=req)
+        assert [o.outputs[0].token_ids for o in outs] == expected[name], name
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected[""]
+
+
+def test_mixed_batch_rows_match_alone(setup):
+    llm, root, expected = setup
+    a, b = (LoRARequest(n, i, str(root / n)) for i, n in enumerate("ab", 1))
+    # Every prompt three times: through a, through b and through the base, in one batch.
+    prompts = PROMPTS * 3
+    loras = [a] * len(PROMPTS) + [b] * len(PROMPTS) + [None] * len(PROMPTS)
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, lora_request=loras)]
+    n = len(PROMPTS)
+    assert outs[:n] == expected["a"]
+    assert outs[n : 2 * n] == expected["b"]
+    assert outs[2 * n :] == expected[""]
+    kv = llm.engine.scheduler.kv
+    assert kv.num_free_blocks == kv.pool.num_blocks  # nothing held after the batch
+
+
+def test_refusals(setup, tmp_path):
+    llm, root, _ = setup
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "adapter_config.json").write_text("{}")
+    link = root / "escape"
+    if not link.exists():
+        os.symlink(outside, link)
+    for path in ("../outside", str(outside), str(link), str(root / ".." / "x")):
+        with pytest.raises(RuntimeError, match="outside the allowed root"):
+            llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("bad", 9, path))
+    # An unsupported config is refused by name.
+    cfg = json.loads((root / "a" / "adapter_config.json").read_text())
+    dora = root / "dora"
+    dora.mkdir(exist_ok=True)
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(RuntimeError, match="DoRA"):
+        llm.generate(PROMPTS[:1], GREEDY, lora_request=LoRARequest("dora", 3, str(dora)))
+    # The engine still serves afterwards.
+    assert llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids
+
+
+def test_cpu_lru_evicts_idle_adapters_and_reloads_them(setup):
+    llm, root, expected = setup
+    manager = llm.engine.executor.runner.lora
+    assert manager.max_cpu == 2 and manager.max_loras == 2
+    c = root / "c"
+    if not c.exists():
+        shutil.copytree(root / "a", c)  # same weights as a, under another name
+    reqs = {n: LoRARequest(n, i, str(root / n)) for i, n in enumerate("abc", 1)}
+    for name in ("a", "b", "c"):
+        llm.generate(PROMPTS[:1], GREEDY, lora_request=reqs[name])
+    assert list(manager.cpu) == ["b", "c"]  # a, least recently used, went first
+    assert set(manager.slots) <= {"b", "c"} and len(manager.slots) <= 2
+    # Finished requests let go of their adapter (the worker hears of it with the next step).
+    assert set(manager.request_adapter.values()) <= {"c"}
+    outs = llm.generate(PROMPTS, GREEDY, lora_request=reqs["a"])  # read again from disk
+    assert [o.outputs[0].token_ids for o in outs] == expected["a"]
+    assert list(manager.cpu) == ["c", "a"]
+    assert set(manager.request_adapter.values()) <= {"a"}
+
+
+def test_pipeline_ranks_load_only_their_layers(model_factory, tmp_path):
+    from splitserve.worker.config import WorkerConfig
+    from splitserve.worker.lora import LoRAManager
+    from splitserve.worker.model_loader import load_model
+
+    base = model_factory("llama")
+    make_adapter(base, tmp_path / "ad", ["q_proj", "down_proj"], 4, 8, 5)
+    for rank in (0, 1):
+        cfg = WorkerConfig(
+            model=str(base),
+            pipeline_parallel_size=2,
+            rank=rank,
+            master_port=1,
+            enable_lora=True,
+            lora_root=str(tmp_path),
+        )
+        loaded = load_model(cfg)
+        manager = LoRAManager(cfg, loaded.model, loaded.device, loaded.dtype)
+        assert manager.add_request("r", "ad", "ad") is None
+        assert sorted(manager.cpu["ad"].weights) == [
+            f"model.layers.{rank}.mlp.down_proj",
+            f"model.layers.{rank}.self_attn.qkv_proj",
+        ]

@@ -1,0 +1,136 @@
+"""splitserve.lora (no torch): --lora-modules forms, path safety, adapter config refusals."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+
+import pytest
+
+from splitserve.lora import (
+    LoRAModule,
+    LoRAPathError,
+    allowed_roots,
+    parse_lora_modules,
+    read_adapter_config,
+    resolve_adapter_path,
+)
+
+GOOD = {
+    "peft_type": "LORA",
+    "r": 8,
+    "lora_alpha": 16,
+    "target_modules": ["q_proj", "v_proj"],
+    "bias": "none",
+    "modules_to_save": None,
+    "use_dora": False,
+}
+
+
+def _adapter(folder, **overrides):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps({**GOOD, **overrides}))
+    return folder
+
+
+def test_lora_modules_forms():
+    mods = parse_lora_modules(["a=/x/a", '{"name": "b", "path": "/x/b", "base_model_name": "m"}'])
+    assert mods == [LoRAModule("a", "/x/a"), LoRAModule("b", "/x/b", "m")]
+    for bad in (["a"], ["=p"], ['{"name": "a"}'], ["{oops"], ["a=/x", "a=/y"]):
+        with pytest.raises(ValueError):
+            parse_lora_modules(bad)
+
+
+def test_paths_outside_the_root_are_refused_without_reading(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    _adapter(root / "ok")
+    outside = _adapter(tmp_path / "outside")
+    os.symlink(outside, root / "link")
+    roots = allowed_roots(str(root), [])
+    assert resolve_adapter_path("ok", roots) == (root / "ok").resolve()
+    assert resolve_adapter_path(str(root / "ok"), roots) == (root / "ok").resolve()
+
+    opened = []
+    real_open = io.open
+
+    def spy(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", spy)
+    monkeypatch.setattr(builtins, "open", spy)
+    for bad in ("../outside", str(outside), "link", str(root / "ok" / ".." / ".." / "outside")):
+        with pytest.raises(LoRAPathError, match="outside the allowed root"):
+            resolve_adapter_path(bad, roots)
+    assert not [p for p in opened if str(tmp_path / "outside") in p]
+    with pytest.raises(LoRAPathError, match="no LoRA root"):
+        resolve_adapter_path("ok", [])
+    with pytest.raises(LoRAPathError, match="not a folder"):
+        resolve_adapter_path("missing", roots)
+    # Default roots: only the --lora-modules folders themselves.
+    only = allowed_roots(None, [LoRAModule("ok", str(root / "ok"))])
+    assert resolve_adapter_path(str(root / "ok"), only)
+    with pytest.raises(LoRAPathError):
+        resolve_adapter_path(str(outside), only)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"target_modules": ["embed_tokens", "q_proj"]}, "embed_tokens"),
+        ({"target_modules": ".*proj"}, "target_modules"),
+        ({"bias": "all"}, "bias"),
+        ({"r": 32}, "max-lora-rank"),
+        ({"peft_type": "IA3"}, "IA3"),
+        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+    ],
+)
+def test_unsupported_adapter_configs_are_named(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        read_adapter_config(_adapter(tmp_path / "a", **overrides), max_lora_rank=16)
+
+
+def test_scaling(tmp_path):
+    assert read_adapter_config(_adapter(tmp_path / "a"), 16).scaling == 2.0
+    rs = read_adapter_config(_adapter(tmp_path / "b", use_rslora=True, r=4), 16)
+    assert rs.scaling == 16 / 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--enable-lora", "--lora-extra-vocab-size", "256"], "lora_extra_vocab_size"),
+        (["--lora-modules", "a=/x"], "need --enable-lora"),
+        (["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
+        (["--enable-lora", "--max-lora-rank", "0"], "max_lora_rank"),
+        (["--enable-lora", "--lora-root", "{root}", "--lora-modules", "a={outside}"], "outside"),
+        (["--enable-lora", "--lora-modules", "a={root}/dora"], "DoRA"),
+    ],
+)
+def test_serve_refuses_bad_lora_flags_at_start(tmp_path, capsys, flags, message):
+    from splitserve.cli import main
+
+    root = tmp_path / "root"
+    _adapter(root / "dora", use_dora=True)
+    outside = _adapter(tmp_path / "outside")
+    argv = [f.format(root=root, outside=outside) for f in flags]
+    assert main(["serve", str(tmp_path / "no-model"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_adapter_name_must_differ_from_the_base_model(tmp_path):
+    from splitserve.gateway.config import GatewayConfig
+    from splitserve.gateway.lora_registry import LoRARegistry
+
+    ad = _adapter(tmp_path / "ad")
+    cfg = GatewayConfig(
+        served_model_name=["m"], enable_lora=True, lora_modules=[f"m={ad}"], lora_root=None
+    )
+    with pytest.raises(ValueError, match="base model's name"):
+        LoRARegistry(cfg)
+    ok = LoRARegistry(GatewayConfig(enable_lora=True, lora_modules=[f"x={ad}"]))
+    assert ok.get("x").path == ad.resolve()

@@ -1,0 +1,264 @@
+"""LoRA on the worker: peft adapters loaded per request, applied per row of a mixed batch.
+
+`LoRAManager.wrap` puts a `LoRALinear` around every projection an adapter may target
+(qkv_proj, o_proj, gate_up_proj, down_proj). Per step, `begin_step` groups the step's tokens
+by adapter; each wrapped projection then adds, per adapter in the batch (a loop over distinct
+adapters, never over tokens), `scale * (x[idx] @ A^T) @ B^T` into its output rows `idx`.
+
+For a fused projection the shards' A matrices are stacked ([n*r, in]) and their B matrices
+laid out block-diagonally ([out, n*r], rows at each shard's offset), so one pair of matmuls
+serves q, k and v (or gate and up) together. The scale is folded into B at load time.
+
+Adapters live in a CPU LRU of `max_cpu_loras`; the ones a step uses are copied to the device
+into one of `max_loras` slots (also LRU). Every path is re-checked against the worker's own
+allowed roots before a file is opened.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from splitserve.lora import (
+    adapter_weight_file,
+    allowed_roots,
+    parse_lora_modules,
+    read_adapter_config,
+    resolve_adapter_path,
+)
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.linear import MergedLinear
+
+logger = logging.getLogger(__name__)
+
+WRAPPED = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<prefix>.+)\.(?P<module>[a-z_]+_proj)"
+    r"\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
+)
+
+AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Wrapped module name -> (A [n*r, in], scale * B [out, n*r])."""
+
+
+@dataclass(slots=True)
+class _Loaded:
+    path: str
+    weights: AdapterWeights
+
+
+class LoRALinear(nn.Module):
+    """A projection plus the low-rank deltas of the step's adapters, row by row."""
+
+    def __init__(self, base: nn.Linear, name: str, manager: LoRAManager) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name
+        self._manager = [manager]  # a list: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for weights, idx in self._manager[0].active:
+            pair = weights.get(self.name)
+            if pair is None:
+                continue
+            a, b = pair
+            if idx is None:  # every token of the step uses this adapter
+                y.add_((x @ a.t()) @ b.t())
+            else:
+                y.index_add_(0, idx, (x.index_select(0, idx) @ a.t()) @ b.t())
+        return y
+
+
+class LoRAManager:
+    """Adapters of one worker rank: loading, CPU/device LRUs, and the step's token groups."""
+
+    def __init__(self, config: WorkerConfig, model: nn.Module, device, dtype) -> None:
+        self.config = config
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.roots = allowed_roots(config.lora_root, parse_lora_modules(config.lora_modules))
+        self.max_loras = config.max_loras
+        self.max_cpu = config.max_cpu_loras or config.max_loras
+        self.cpu: OrderedDict[str, _Loaded] = OrderedDict()
+        self.slots: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self.request_adapter: dict[str, str] = {}
+        self.active: list[tuple[AdapterWeights, torch.Tensor | None]] = []
+        self._targets = self._wrap()
+
+    # ------------------------------------------------------------------ model surgery
+
+    def _wrap(self) -> dict[str, nn.Module]:
+        """Replace each target projection by a LoRALinear; returns name -> base module."""
+        targets: dict[str, nn.Module] = {}
+        for name, module in list(self.model.named_modules()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in WRAPPED and isinstance(module, nn.Linear):
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name)
+                setattr(parent, attr, LoRALinear(module, name, self))
+                targets[name] = module
+        return targets
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: str, name: str, path: str) -> str | None:
+        """Make the request's adapter resident in CPU memory; an error message, or None."""
+        try:
+            self._load(name, path)
+        except (ValueError, OSError, RuntimeError) as exc:
+            return f"cannot load LoRA adapter {name!r}: {exc}"
+        self.request_adapter[request_id] = name
+        return None
+
+    def remove_request(self, request_id: str) -> None:
+        self.request_adapter.pop(request_id, None)
+
+    def _load(self, name: str, path: str) -> _Loaded:
+        loaded = self.cpu.get(name)
+        if loaded is not None and loaded.path == path:
+            self.cpu.move_to_end(name)
+            return loaded
+        folder = resolve_adapter_path(path, self.roots)
+        loaded = _Loaded(path, self._read(folder))
+        self.slots.pop(name, None)  # a reloaded name must not keep stale device weights
+        self.cpu[name] = loaded
+        self.cpu.move_to_end(name)
+        in_use = set(self.request_adapter.values()) | {name}
+        while len(self.cpu) > self.max_cpu:
+            # NOTE: an adapter a running request still uses stays, past the limit if need be.
+            victim = next((n for n in self.cpu if n not in in_use), None)
+            if victim is None:
+                break
+            del self.cpu[victim]
+            self.slots.pop(victim, None)
+            logger.info("LoRA adapter %r evicted from CPU memory", victim)
+        logger.info("LoRA adapter %r loaded from %s", name, folder)
+        return loaded
+
+    def _read(self, folder: Path) -> AdapterWeights:
+        cfg = read_adapter_config(folder, self.config.max_lora_rank)
+        weight_file = adapter_weight_file(folder)
+        if weight_file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(weight_file), device="cpu")
+        else:
+            tensors = torch.load(weight_file, map_location="cpu", weights_only=True)
+        return self._pack(tensors, cfg.rank, cfg.scaling, folder.name)
+
+    def _pack(
+        self, tensors: dict[str, torch.Tensor], rank: int, scale: float, adapter: str
+    ) -> AdapterWeights:
+        """peft tensors -> per wrapped module (A stacked, B block-diagonal and scaled)."""
+        packed_modules = getattr(self.model, "packed_modules", {})
+        shards: dict[str, dict[str | None, dict[str, torch.Tensor]]] = {}
+        for key, tensor in tensors.items():
+            m = _KEY.match(key)
+            if m is None:
+                raise ValueError(f"adapter {adapter!r}: unsupported tensor {key!r}")
+            module = m["module"]
+            fused, shard = packed_modules.get(module, (module, None))
+            target = f"{m['prefix']}.{fused}"
+            if target not in self._targets:
+                if self._other_rank(m["prefix"]):
+                    continue
+                raise ValueError(f"adapter {adapter!r}: {key!r} targets no module of this model")
+            shards.setdefault(target, {}).setdefault(shard, {})[m["ab"]] = tensor
+        out: AdapterWeights = {}
+        for target, by_shard in shards.items():
+            out[target] = self._pack_module(target, by_shard, rank, scale, adapter)
+        return out
+
+    def _other_rank(self, prefix: str) -> bool:
+        """Whether `prefix` (model.layers.N....) is a layer another pipeline rank owns."""
+        m = re.match(r"^(.*\.layers)\.(\d+)\.", prefix + ".")
+        if m is None:
+            return False
+        try:
+            layer = self.model.get_submodule(f"{m[1]}.{m[2]}")
+        except AttributeError:
+            return False
+        return isinstance(layer, nn.Identity)
+
+    def _pack_module(self, target, by_shard, rank, scale, adapter):
+        base = self._targets[target]
+        if isinstance(base, MergedLinear):
+            order = [s for s in base.shard_offsets if s in by_shard]
+            sizes = {s: base.shard_sizes[s] for s in order}
+            offsets = {s: base.shard_offsets[s] for s in order}
+        else:
+            order = [None]
+            sizes, offsets = {None: base.out_features}, {None: 0}
+        a_all = torch.zeros(len(order) * rank, base.in_features, dtype=torch.float32)
+        b_all = torch.zeros(base.out_features, len(order) * rank, dtype=torch.float32)
+        for j, shard in enumerate(order):
+            pair = by_shard.get(shard, {})
+            if set(pair) != {"A", "B"}:
+                raise ValueError(f"adapter {adapter!r}: {target} ({shard}) lacks lora_A or lora_B")
+            a, b = pair["A"], pair["B"]
+            if tuple(a.shape) != (rank, base.in_features) or tuple(b.shape) != (
+                sizes[shard],
+                rank,
+            ):
+                raise ValueError(
+                    f"adapter {adapter!r}: {target} ({shard}) has lora_A {tuple(a.shape)} and "
+                    f"lora_B {tuple(b.shape)}, expected ({rank}, {base.in_features}) and "
+                    f"({sizes[shard]}, {rank})"
+                )
+            a_all[j * rank : (j + 1) * rank] = a.float()
+            start = offsets[shard]
+            b_all[start : start + sizes[shard], j * rank : (j + 1) * rank] = b.float() * scale
+        return a_all, b_all
+
+    # ------------------------------------------------------------------ steps
+
+    def begin_step(self, req_ids: list[str], counts: np.ndarray) -> None:
+        """Group the step's tokens (rows in order, `counts` tokens each) by adapter."""
+        names = [self.request_adapter.get(rid, "") for rid in req_ids]
+        distinct = sorted({n for n in names if n})
+        self.active = []
+        if not distinct:
+            return
+        if len(distinct) > self.max_loras:
+            raise RuntimeError(
+                f"a step uses {len(distinct)} LoRA adapters but max_loras is {self.max_loras}"
+            )
+        token_names = np.repeat(np.array(names, dtype=object), counts)
+        for name in distinct:
+            weights = self._slot(name, keep=distinct)
+            if len(distinct) == 1 and all(names):
+                self.active.append((weights, None))
+                continue
+            idx = np.flatnonzero(token_names == name)
+            self.active.append((weights, torch.from_numpy(idx).to(self.device)))
+
+    def end_step(self) -> None:
+        self.active = []
+
+    def _slot(self, name: str, keep: list[str]) -> AdapterWeights:
+        """The adapter's device copy, evicting the least recently used slot not in `keep`."""
+        weights = self.slots.get(name)
+        if weights is not None:
+            self.slots.move_to_end(name)
+            return weights
+        loaded = self.cpu[name]
+        weights = {
+            k: (a.to(self.device, self.dtype), b.to(self.device, self.dtype))
+            for k, (a, b) in loaded.weights.items()
+        }
+        while len(self.slots) >= self.max_loras:
+            victim = next((n for n in self.slots if n not in keep), None)
+            if victim is None:
+                break
+            del self.slots[victim]
+        self.slots[name] = weights
+        return weights
