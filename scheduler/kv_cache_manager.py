@@ -27,6 +27,15 @@ class KVCacheManager:
     def _extra_key(self, req: Request) -> bytes:
         return req.lora_name.encode() if req.lora_name else b""
 
+    def _extend_hashes(self, req: Request, tokens: list[int]) -> None:
+        extend_block_hashes(
+            req.block_hashes,
+            tokens,
+            self.block_size,
+            self._extra_key(req),
+            req.cache_salt.encode(),
+        )
+
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of a request with no blocks, and its length in tokens.
 
@@ -36,7 +45,7 @@ class KVCacheManager:
         if not self.enable_caching:
             return [], 0
         tokens = req.all_token_ids()
-        extend_block_hashes(req.block_hashes, tokens, self.block_size, self._extra_key(req))
+        self._extend_hashes(req, tokens)
         max_blocks = (len(tokens) - 1) // self.block_size
         hits: list[KVBlock] = []
         for h in req.block_hashes[:max_blocks]:
@@ -83,9 +92,7 @@ class KVCacheManager:
         if num_full <= req.num_cached_blocks:
             return
         if len(req.block_hashes) < num_full:
-            extend_block_hashes(
-                req.block_hashes, req.all_token_ids(), self.block_size, self._extra_key(req)
-            )
+            self._extend_hashes(req, req.all_token_ids())
         for i in range(req.num_cached_blocks, num_full):
             self.pool.cache_block(req.blocks[i], req.block_hashes[i])
         req.num_cached_blocks = num_full

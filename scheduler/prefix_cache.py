@@ -4,6 +4,11 @@ hash(block i) = SHA-256(hash(block i-1) || extra key || token ids of block i as 
 The chain makes a block's identity depend on everything before it, so two tenants share a
 block only when their whole prefix up to it is identical. The extra key keeps prefixes of
 different LoRA adapters apart.
+
+A request's cache salt (vLLM's `cache_salt`) goes into the first block only, after the extra
+key, as int32 -1 (never a token id, never a 4-byte length we would write) then the salt's
+length and bytes. The salted first hash differs, so every later hash in the chain differs
+too: requests share blocks only when their salts are equal (or both absent).
 """
 
 from __future__ import annotations
@@ -12,23 +17,36 @@ import hashlib
 from array import array
 
 ROOT_HASH = hashlib.sha256(b"splitserve-prefix-cache-v1").digest()
+_SALT_MARK = (0xFFFFFFFF).to_bytes(4, "little")
 
 
-def hash_block(parent: bytes, token_ids: list[int], extra_key: bytes = b"") -> bytes:
+def hash_block(
+    parent: bytes, token_ids: list[int], extra_key: bytes = b"", salt: bytes = b""
+) -> bytes:
     h = hashlib.sha256(parent)
     if extra_key:
         h.update(len(extra_key).to_bytes(4, "little"))
         h.update(extra_key)
+    if salt:
+        h.update(_SALT_MARK)
+        h.update(len(salt).to_bytes(4, "little"))
+        h.update(salt)
     h.update(array("i", token_ids).tobytes())
     return h.digest()
 
 
 def extend_block_hashes(
-    hashes: list[bytes], token_ids: list[int], block_size: int, extra_key: bytes = b""
+    hashes: list[bytes],
+    token_ids: list[int],
+    block_size: int,
+    extra_key: bytes = b"",
+    salt: bytes = b"",
 ) -> None:
-    """Append the hashes of every full block of `token_ids` not hashed yet."""
+    """Append the hashes of every full block of `token_ids` not hashed yet; `salt` enters the
+    first block's hash only."""
     num_full = len(token_ids) // block_size
     parent = hashes[-1] if hashes else ROOT_HASH
     for i in range(len(hashes), num_full):
-        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_key)
+        block = token_ids[i * block_size : (i + 1) * block_size]
+        parent = hash_block(parent, block, extra_key, salt if i == 0 else b"")
         hashes.append(parent)

@@ -32,6 +32,8 @@ class Request:
     lora_name: str = ""
     lora_path: str = ""
     """The adapter's folder (with lora_name), passed on to the workers."""
+    cache_salt: str = ""
+    """vLLM's cache_salt: only requests with the same salt share prefix-cache blocks."""
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

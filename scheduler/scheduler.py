@@ -129,6 +129,7 @@ class Scheduler:
             priority=req.priority,
             lora_name=req.lora_name,
             lora_path=req.lora_path,
+            cache_salt=req.cache_salt,
             prompt_logprobs_pending=sp.HasField("prompt_logprobs"),
             grammar=grammar,
         )
