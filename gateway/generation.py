@@ -69,6 +69,8 @@ class SequenceSpec:
     """The LoRA adapter to run with; empty for the base model."""
     lora_path: str = ""
     """The adapter's folder, resolved inside the allowed root."""
+    cache_salt: str = ""
+    """vLLM's cache_salt; empty for none."""
     queue_time_s: float | None = None
     """Filled in by run_sequence: the scheduler's queue time, from its first message."""
 
@@ -114,6 +116,7 @@ async def run_sequence(
             grammar=spec.grammar,
             lora_name=spec.lora_name,
             lora_path=spec.lora_path,
+            cache_salt=spec.cache_salt,
         ),
         timeout=deadline.remaining(),
     )

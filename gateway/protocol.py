@@ -119,6 +119,8 @@ class SamplingFields(RequestModel):
     prompt_logprobs: Int | None = None
     priority: Int32 = 0
     truncate_prompt_tokens: Int | None = None
+    cache_salt: str | None = None
+    """Only requests with the same salt share prefix-cache blocks (vLLM)."""
     # Structured outputs (gateway/structured.py checks the shapes, naming the field).
     structured_outputs: Any | None = None
     guided_json: Any | None = None
@@ -127,6 +129,17 @@ class SamplingFields(RequestModel):
     guided_grammar: Any | None = None
     guided_decoding_backend: Any | None = None
     guided_whitespace_pattern: Any | None = None
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _cache_salt_not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value:
+            raise PydanticCustomError(
+                "cache_salt",
+                "cache_salt must be a non-empty string when given",
+                {"param": "cache_salt"},
+            )
+        return value
 
 
 class CompletionRequest(SamplingFields):

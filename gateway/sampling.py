@@ -223,10 +223,11 @@ def sequence_specs(
     sampling: SamplingParams,
     priority: int,
     grammar: common_pb2.GrammarSpec | None = None,
+    cache_salt: str | None = None,
 ) -> list[SequenceSpec]:
     """prompt_index * n + i for every prompt and every i < n; with a seed, sequence i uses
     seed + i, so the n sequences differ yet are reproducible. Every sequence carries the
-    request's constraint."""
+    request's constraint and cache salt."""
     specs = []
     n = sampling.n
     want_logprobs = sampling.logprobs is not None
@@ -256,6 +257,7 @@ def sequence_specs(
                     want_prompt_logprobs=want_prompt,
                     priority=priority,
                     grammar=grammar,
+                    cache_salt=cache_salt or "",
                 )
             )
     return specs

@@ -162,6 +162,7 @@ class ChatService(ServingBase):
             sampling,
             req.priority,
             constraint.grammar if constraint is not None else None,
+            req.cache_salt,
         )
         self.attach_lora(specs, req.model)
         echo = ""

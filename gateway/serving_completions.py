@@ -87,6 +87,7 @@ class CompletionsService(ServingBase):
             sampling,
             req.priority,
             constraint.grammar if constraint is not None else None,
+            req.cache_salt,
         )
         self.attach_lora(specs, req.model)
         view = _CompletionView(self, req, request_id, model, prompts, n, arrival)
