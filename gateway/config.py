@@ -64,6 +64,8 @@ class GatewayConfig:
     otlp_traces_endpoint: str | None = None
     """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
     http/protobuf); None exports nothing and installs no instrumentation."""
+    enable_prompt_tokens_details: bool = False
+    """Report usage.prompt_tokens_details.cached_tokens: prompt tokens served from the prefix cache (vLLM's flag)."""
     enable_lora: bool = False
     """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
     lora_modules: list[str] | None = None

@@ -86,6 +86,8 @@ class SequenceDelta:
     prompt_logprobs: list[common_pb2.TokenLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    """Prompt tokens the scheduler found in the prefix cache (so far)."""
 
 
 def merge_deltas(deltas: list[SequenceDelta]) -> SequenceDelta:
@@ -100,6 +102,7 @@ def merge_deltas(deltas: list[SequenceDelta]) -> SequenceDelta:
         prompt_logprobs=prompt_lps,
         finish_reason=last.finish_reason,
         stop_reason=last.stop_reason,
+        num_cached_tokens=max(d.num_cached_tokens for d in deltas),
     )
 
 
@@ -143,6 +146,8 @@ async def run_sequence(
             [] if spec.want_prompt_logprobs else None
         )
 
+        cached = 0
+
         def take_prompt_lps() -> list[common_pb2.TokenLogprobs] | None:
             nonlocal prompt_lps
             out, prompt_lps = prompt_lps, None
@@ -154,6 +159,7 @@ async def run_sequence(
             ids = list(resp.token_ids)
             finish = resp.finish_reason
             num_prompt = resp.num_prompt_tokens or num_prompt
+            cached = max(cached, resp.num_cached_tokens)
             detok_ids = ids
             if (
                 finish == _FINISH.FINISH_REASON_STOP
@@ -188,18 +194,28 @@ async def run_sequence(
                     take_prompt_lps(),
                     "stop",
                     stop_str,
+                    cached,
                 )
                 return
             if finish == _FINISH.FINISH_REASON_UNSPECIFIED:
                 if ids or text:
-                    yield SequenceDelta(text, ids, logprobs, num_prompt, take_prompt_lps())
+                    yield SequenceDelta(
+                        text, ids, logprobs, num_prompt, take_prompt_lps(), num_cached_tokens=cached
+                    )
                 continue
             if finish == _FINISH.FINISH_REASON_ERROR:
                 raise EngineError(resp.error or "unknown engine error")
             tail, stop_str = await _flush(detok)
             if stop_str is not None:
                 yield SequenceDelta(
-                    text + tail, ids, logprobs, num_prompt, take_prompt_lps(), "stop", stop_str
+                    text + tail,
+                    ids,
+                    logprobs,
+                    num_prompt,
+                    take_prompt_lps(),
+                    "stop",
+                    stop_str,
+                    cached,
                 )
                 return
             stop_reason = None
@@ -215,6 +231,7 @@ async def run_sequence(
                 take_prompt_lps(),
                 _FINISH_NAMES.get(finish, "stop"),
                 stop_reason,
+                cached,
             )
             return
         raise EngineError("the scheduler ended the stream without a finish reason")

@@ -250,10 +250,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class PromptTokenUsageInfo(BaseModel):
+    cached_tokens: int = 0
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -211,18 +211,25 @@ class _ChatView:
         self.continuous_usage = bool(opts and opts.include_usage and opts.continuous_usage_stats)
         self.started = [False] * n
         self.num_tokens = [0] * n
+        self.num_cached = [0] * n
         self.finish_reasons: list[str] = []
         # With forced tool calls the output is read as calls, not content.
         self.tool_mode = tool_mode
         self.parsers = [ToolCallParser(tool_mode) for _ in range(n)] if tool_mode else None
 
-    def _usage(self, completion_tokens: int) -> dict[str, int]:
+    def _usage(self, completion_tokens: int, cached: int | None = None) -> dict[str, Any]:
         p = len(self.prompt_ids)
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": p,
             "completion_tokens": completion_tokens,
             "total_tokens": p + completion_tokens,
         }
+        if self.serving.config.enable_prompt_tokens_details:
+            # What was cached before the n sequences started: the least any of them found.
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": min(self.num_cached) if cached is None else cached
+            }
+        return usage
 
     def _chunk(
         self,
@@ -248,7 +255,11 @@ class _ChatView:
             ],
         }
         if self.include_usage:
-            chunk["usage"] = self._usage(self.num_tokens[index]) if self.continuous_usage else None
+            chunk["usage"] = (
+                self._usage(self.num_tokens[index], self.num_cached[index])
+                if self.continuous_usage
+                else None
+            )
         return sse(chunk)
 
     def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
@@ -261,6 +272,7 @@ class _ChatView:
             out.append(self._chunk(index, {"role": "assistant", "content": ""}, None, None, None))
             text = self.echo + text
         self.num_tokens[index] += len(delta.token_ids)
+        self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
         logprobs = None
         if self.want_logprobs and delta.logprobs:
             logprobs = {"content": chat_logprobs(self.clients, delta.logprobs, self.top_n)}
@@ -285,6 +297,7 @@ class _ChatView:
             self.started[index] = True
             out.append(self._chunk(index, {"role": "assistant", "content": None}, None, None, None))
         self.num_tokens[index] += len(delta.token_ids)
+        self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
         parser = self.parsers[index]
         calls = parser.feed(delta.text)
         logprobs = None
@@ -327,6 +340,7 @@ class _ChatView:
         for index, deltas in enumerate(results):
             merged = merge_deltas(deltas)
             self.num_tokens[index] = len(merged.token_ids)
+            self.num_cached[index] = merged.num_cached_tokens
             self.finish_reasons.append(merged.finish_reason or "stop")
             logprobs = None
             if self.want_logprobs:

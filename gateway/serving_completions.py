@@ -186,6 +186,7 @@ class _CompletionView:
         count = len(prompts) * n
         self.started = [False] * count
         self.num_tokens = [0] * count
+        self.num_cached = [0] * count
         self.finish_reasons: list[str] = []
         self.builders = (
             [CompletionLogprobsBuilder(self.clients, req.logprobs) for _ in range(count)]
@@ -209,12 +210,25 @@ class _CompletionView:
             return {k: head[k] + tail[k] for k in head}
         return builder.build(delta.token_ids, delta.logprobs)
 
-    def _usage(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-        return {
+    def _usage(
+        self, prompt_tokens: int, completion_tokens: int, cached: int | None = None
+    ) -> dict[str, Any]:
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
+        if self.serving.config.enable_prompt_tokens_details:
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": self._cached_tokens() if cached is None else cached
+            }
+        return usage
+
+    def _cached_tokens(self) -> int:
+        """Per prompt, what was cached before its n sequences started (the least any of them
+        found: later ones also hit the blocks the first one wrote), summed over prompts."""
+        n = self.n
+        return sum(min(self.num_cached[i : i + n]) for i in range(0, len(self.num_cached), n))
 
     # ------------------------------------------------------------------ streaming
 
@@ -222,6 +236,7 @@ class _CompletionView:
         first = not self.started[index]
         self.started[index] = True
         self.num_tokens[index] += len(delta.token_ids)
+        self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
         text = delta.text
         if first and self.echo:
             text = (self._prompt(index).text or "") + text
@@ -247,7 +262,11 @@ class _CompletionView:
         }
         if self.include_usage:
             chunk["usage"] = (
-                self._usage(len(self._prompt(index).token_ids), self.num_tokens[index])
+                self._usage(
+                    len(self._prompt(index).token_ids),
+                    self.num_tokens[index],
+                    self.num_cached[index],
+                )
                 if self.continuous_usage
                 else None
             )
@@ -282,6 +301,7 @@ class _CompletionView:
             prompt = self._prompt(index)
             merged = merge_deltas(deltas)
             self.num_tokens[index] = len(merged.token_ids)
+            self.num_cached[index] = merged.num_cached_tokens
             self.finish_reasons.append(merged.finish_reason or "stop")
             text = ((prompt.text or "") if self.echo else "") + merged.text
             choice: dict[str, Any] = {

@@ -9,6 +9,7 @@ text steer it:
   #gate      no output until the test sets `FakeScheduler.gate`
   #say=KEY   the text `FakeScheduler.say[KEY]` (a list: item i for sequence i of n), then
              finish STOP without a stop token, as a grammar that terminated
+  #cached@N  report N + 3*i prompt tokens found in the prefix cache for sequence i of n
 Every Generate call is recorded, with whether it was cancelled, for tests to wait on.
 FakeTokenizer.CompileGrammar checks a constraint as a real backend would at the level tests
 need (JSON syntax, schema shape, regex syntax, choice list, a `root ::=` rule) and records each
@@ -325,6 +326,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             if isinstance(text, list):
                 text = text[int(req.request_id.rsplit("-", 1)[1]) % len(text)]
             script = text.encode()
+        cached = _marker(prompt, "cached")
+        if cached is not None:
+            cached += 3 * int(req.request_id.rsplit("-", 1)[1])
         stop_ids = set(sp.stop_token_ids)
         first = True
         pending = scheduler_pb2.GenerateResponse()
@@ -337,6 +341,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             msg = pending if "#multi" in prompt else scheduler_pb2.GenerateResponse()
             msg.token_ids.append(token)
             msg.num_prompt_tokens = len(req.prompt_token_ids)
+            if cached is not None:
+                msg.num_cached_tokens = cached
             if sp.HasField("logprobs"):
                 msg.logprobs.append(_logprobs(token, sp.logprobs))
             if first and sp.HasField("prompt_logprobs"):
