@@ -89,7 +89,13 @@ def test_batch_prompts_index_is_prompt_times_n_plus_i(http):
     CompletionResponse.model_validate(body)
     by_index = {c["index"]: c["text"] for c in body["choices"]}
     assert by_index == {0: "ATh", 1: "ATh", 2: "BTh", 3: "BTh"}
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12}
+    # prompt_tokens_details is null unless --enable-prompt-tokens-details (as vLLM).
+    assert body["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 8,
+        "total_tokens": 12,
+        "prompt_tokens_details": None,
+    }
 
 
 def test_batch_stream_covers_every_choice(http):
