@@ -69,6 +69,8 @@ class SequenceSpec:
     """The LoRA adapter to run with; empty for the base model."""
     lora_path: str = ""
     """The adapter's folder, resolved inside the allowed root."""
+    lora_int_id: int = 0
+    """The adapter's load number (a reload gets a new one)."""
     queue_time_s: float | None = None
     """Filled in by run_sequence: the scheduler's queue time, from its first message."""
 
@@ -114,6 +116,7 @@ async def run_sequence(
             grammar=spec.grammar,
             lora_name=spec.lora_name,
             lora_path=spec.lora_path,
+            lora_int_id=spec.lora_int_id,
         ),
         timeout=deadline.remaining(),
     )

@@ -32,6 +32,8 @@ class Request:
     lora_name: str = ""
     lora_path: str = ""
     """The adapter's folder (with lora_name), passed on to the workers."""
+    lora_int_id: int = 0
+    """Which load of the adapter (with lora_name): one load's weights are not another's."""
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
