@@ -71,6 +71,8 @@ class SequenceSpec:
     """The adapter's folder, resolved inside the allowed root."""
     cache_salt: str = ""
     """vLLM's cache_salt; empty for none."""
+    lora_int_id: int = 0
+    """The adapter's load number (a reload gets a new one)."""
     queue_time_s: float | None = None
     """Filled in by run_sequence: the scheduler's queue time, from its first message."""
 
@@ -120,6 +122,7 @@ async def run_sequence(
             lora_name=spec.lora_name,
             lora_path=spec.lora_path,
             cache_salt=spec.cache_salt,
+            lora_int_id=spec.lora_int_id,
         ),
         timeout=deadline.remaining(),
     )

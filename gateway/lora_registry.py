@@ -7,6 +7,7 @@ again by the workers before they read anything.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,10 @@ from splitserve.lora import (
 class Adapter:
     name: str
     path: Path
+    int_id: int
+    """This load's number (vLLM's lora_int_id), fresh for every load: the workers keep
+    weights and the scheduler keeps prefix-cache blocks per load, so a reload reads the
+    files again instead of serving the weights of an earlier load of the same name."""
     base_model_name: str | None = None
 
 
@@ -44,6 +49,7 @@ class LoRARegistry:
         modules = parse_lora_modules(config.lora_modules)
         self.roots = allowed_roots(config.lora_root, modules)
         self.adapters: dict[str, Adapter] = {}
+        self._load_numbers = itertools.count(1)
         for m in modules:
             if m.name in config.model_names():
                 raise ValueError(f"--lora-modules name {m.name!r} is the base model's name")
@@ -57,7 +63,7 @@ class LoRARegistry:
     def _check(self, name: str, path: str, base_model_name: str | None) -> Adapter:
         folder = resolve_adapter_path(path, self.roots)
         read_adapter_config(folder, self.max_lora_rank)
-        return Adapter(name, folder, base_model_name)
+        return Adapter(name, folder, next(self._load_numbers), base_model_name)
 
     def get(self, name: str | None) -> Adapter | None:
         return self.adapters.get(name) if name else None

@@ -68,6 +68,7 @@ class ServingBase:
             return
         for spec in specs:
             spec.lora_name, spec.lora_path = adapter.name, str(adapter.path)
+            spec.lora_int_id = adapter.int_id
 
     def limits(self) -> Limits:
         info = self.clients.model_info

@@ -25,7 +25,10 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def _extra_key(self, req: Request) -> bytes:
-        return req.lora_name.encode() if req.lora_name else b""
+        if not req.lora_name:
+            return b""
+        # NOTE: the load number keeps a reloaded adapter (new weights) off the old load's KV.
+        return req.lora_name.encode() + b"\x00" + req.lora_int_id.to_bytes(8, "little")
 
     def _extend_hashes(self, req: Request, tokens: list[int]) -> None:
         extend_block_hashes(

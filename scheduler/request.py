@@ -34,6 +34,8 @@ class Request:
     """The adapter's folder (with lora_name), passed on to the workers."""
     cache_salt: str = ""
     """vLLM's cache_salt: only requests with the same salt share prefix-cache blocks."""
+    lora_int_id: int = 0
+    """Which load of the adapter (with lora_name): one load's weights are not another's."""
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

@@ -130,6 +130,7 @@ class Scheduler:
             lora_name=req.lora_name,
             lora_path=req.lora_path,
             cache_salt=req.cache_salt,
+            lora_int_id=req.lora_int_id,
             prompt_logprobs_pending=sp.HasField("prompt_logprobs"),
             grammar=grammar,
         )
@@ -158,8 +159,10 @@ class Scheduler:
         request may be in one step, so this bounds the adapters of any step)."""
         if not req.lora_name:
             return True
-        running = {r.lora_name for r in self.running if r.lora_name}
-        return req.lora_name in running or len(running) < self.config.max_loras
+        # NOTE: two loads of one name (reloaded while old requests still run) are two
+        # adapters on the worker, each with its own slot.
+        running = {(r.lora_name, r.lora_int_id) for r in self.running if r.lora_name}
+        return (req.lora_name, req.lora_int_id) in running or len(running) < self.config.max_loras
 
     def validate(self, prompt: list[int], sp: common_pb2.SamplingParams) -> None:
         """Raise RequestRejected for a request that can never run; reads only fixed state."""
@@ -385,6 +388,7 @@ class Scheduler:
             m.grammar.CopyFrom(req.grammar)
         if req.lora_name:
             m.lora_name, m.lora_path = req.lora_name, req.lora_path
+            m.lora_int_id = req.lora_int_id
         req.num_sent_tokens = req.num_tokens
         req.known_to_worker = True
         req.num_sent_blocks = len(req.blocks)

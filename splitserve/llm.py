@@ -218,6 +218,7 @@ class LLM:
                             sampling_params=proto,
                             lora_name=lora.lora_name if lora else "",
                             lora_path=str(lora.lora_path) if lora else "",
+                            lora_int_id=lora.lora_int_id if lora else 0,
                         ),
                         grammars[pi],
                     )

@@ -12,6 +12,10 @@ serves q, k and v (or gate and up) together. The scale is folded into B at load 
 Adapters live in a CPU LRU of `max_cpu_loras`; the ones a step uses are copied to the device
 into one of `max_loras` slots (also LRU). Every path is re-checked against the worker's own
 allowed roots before a file is opened.
+
+Both caches are keyed by (name, lora_int_id): the gateway numbers every load of an adapter, so
+an adapter unloaded and loaded again (say its files were rewritten) is read from disk afresh,
+while requests still running on the old load keep the old weights until they finish.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ _KEY = re.compile(
 
 AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Wrapped module name -> (A [n*r, in], scale * B [out, n*r])."""
+AdapterKey = tuple[str, int]
+"""(adapter name, load number): one load of an adapter."""
 
 
 @dataclass(slots=True)
@@ -88,9 +94,9 @@ class LoRAManager:
         self.roots = allowed_roots(config.lora_root, parse_lora_modules(config.lora_modules))
         self.max_loras = config.max_loras
         self.max_cpu = config.max_cpu_loras or config.max_loras
-        self.cpu: OrderedDict[str, _Loaded] = OrderedDict()
-        self.slots: OrderedDict[str, AdapterWeights] = OrderedDict()
-        self.request_adapter: dict[str, str] = {}
+        self.cpu: OrderedDict[AdapterKey, _Loaded] = OrderedDict()
+        self.slots: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
+        self.request_adapter: dict[str, AdapterKey] = {}
         self.active: list[tuple[AdapterWeights, torch.Tensor | None]] = []
         self._targets = self._wrap()
 
@@ -110,29 +116,38 @@ class LoRAManager:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, request_id: str, name: str, path: str) -> str | None:
-        """Make the request's adapter resident in CPU memory; an error message, or None."""
+    def add_request(self, request_id: str, name: str, path: str, int_id: int = 0) -> str | None:
+        """Make the request's adapter (load `int_id` of `name`) resident in CPU memory; an
+        error message, or None."""
+        key = (name, int_id)
         try:
-            self._load(name, path)
+            self._load(key, path)
         except (ValueError, OSError, RuntimeError) as exc:
             return f"cannot load LoRA adapter {name!r}: {exc}"
-        self.request_adapter[request_id] = name
+        self.request_adapter[request_id] = key
         return None
 
     def remove_request(self, request_id: str) -> None:
         self.request_adapter.pop(request_id, None)
 
-    def _load(self, name: str, path: str) -> _Loaded:
-        loaded = self.cpu.get(name)
+    def _load(self, key: AdapterKey, path: str) -> _Loaded:
+        loaded = self.cpu.get(key)
         if loaded is not None and loaded.path == path:
-            self.cpu.move_to_end(name)
+            self.cpu.move_to_end(key)
             return loaded
+        if loaded is not None and key in self.request_adapter.values():
+            # NOTE: replacing the weights under a running request would change its output
+            # mid-generation; a new path needs a new load number.
+            raise ValueError(
+                f"lora_int_id {key[1]} is in use from {loaded.path}; a request for {path} "
+                "needs another lora_int_id"
+            )
         folder = resolve_adapter_path(path, self.roots)
         loaded = _Loaded(path, self._read(folder))
-        self.slots.pop(name, None)  # a reloaded name must not keep stale device weights
-        self.cpu[name] = loaded
-        self.cpu.move_to_end(name)
-        in_use = set(self.request_adapter.values()) | {name}
+        self.slots.pop(key, None)  # a reloaded adapter must not keep stale device weights
+        self.cpu[key] = loaded
+        self.cpu.move_to_end(key)
+        in_use = set(self.request_adapter.values()) | {key}
         while len(self.cpu) > self.max_cpu:
             # NOTE: an adapter a running request still uses stays, past the limit if need be.
             victim = next((n for n in self.cpu if n not in in_use), None)
@@ -140,8 +155,8 @@ class LoRAManager:
                 break
             del self.cpu[victim]
             self.slots.pop(victim, None)
-            logger.info("LoRA adapter %r evicted from CPU memory", victim)
-        logger.info("LoRA adapter %r loaded from %s", name, folder)
+            logger.info("LoRA adapter %r (load %d) evicted from CPU memory", *victim)
+        logger.info("LoRA adapter %r (load %d) read from %s", key[0], key[1], folder)
         return loaded
 
     def _read(self, folder: Path) -> AdapterWeights:
@@ -223,8 +238,8 @@ class LoRAManager:
 
     def begin_step(self, req_ids: list[str], counts: np.ndarray) -> None:
         """Group the step's tokens (rows in order, `counts` tokens each) by adapter."""
-        names = [self.request_adapter.get(rid, "") for rid in req_ids]
-        distinct = sorted({n for n in names if n})
+        names = [self.request_adapter.get(rid) for rid in req_ids]
+        distinct = sorted({n for n in names if n is not None})
         self.active = []
         if not distinct:
             return
@@ -232,19 +247,20 @@ class LoRAManager:
             raise RuntimeError(
                 f"a step uses {len(distinct)} LoRA adapters but max_loras is {self.max_loras}"
             )
-        token_names = np.repeat(np.array(names, dtype=object), counts)
-        for name in distinct:
+        code = {key: j for j, key in enumerate(distinct)}
+        token_codes = np.repeat(np.array([code.get(n, -1) for n in names]), counts)
+        for j, name in enumerate(distinct):
             weights = self._slot(name, keep=distinct)
-            if len(distinct) == 1 and all(names):
+            if len(distinct) == 1 and all(n is not None for n in names):
                 self.active.append((weights, None))
                 continue
-            idx = np.flatnonzero(token_names == name)
+            idx = np.flatnonzero(token_codes == j)
             self.active.append((weights, torch.from_numpy(idx).to(self.device)))
 
     def end_step(self) -> None:
         self.active = []
 
-    def _slot(self, name: str, keep: list[str]) -> AdapterWeights:
+    def _slot(self, name: AdapterKey, keep: list[AdapterKey]) -> AdapterWeights:
         """The adapter's device copy, evicting the least recently used slot not in `keep`."""
         weights = self.slots.get(name)
         if weights is not None:

@@ -507,7 +507,7 @@ class ModelRunner:
             return None
         if self.lora is None:
             return f"LoRA adapter {req.lora_name!r} asked for, but this worker runs without --enable-lora"
-        return self.lora.add_request(req.request_id, req.lora_name, req.lora_path)
+        return self.lora.add_request(req.request_id, req.lora_name, req.lora_path, req.lora_int_id)
 
     def _forget(self, request_id: str) -> None:
         self.batch.remove(request_id)

@@ -24,6 +24,8 @@ Requests without a grammar never reach this module.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +38,23 @@ from splitserve.protos import common_pb2
 from splitserve.tokenizer_svc.grammar import GrammarTokenizer, xgrammar_compiler
 
 logger = logging.getLogger(__name__)
+
+TEST_COMPILE_GATE_ENV = "SPLITSERVE_TEST_GRAMMAR_COMPILE_GATE"
+"""TEST HOOK ONLY, never for production: a file path. When set, every background xgrammar
+compile of this worker waits until that file exists (at most TEST_COMPILE_GATE_TIMEOUT_S, then
+the compile fails), so a test driving real worker processes can hold a compile back for as long
+as it likes and release it by creating the file. Read once, in `StructuredOutputs.__init__`."""
+TEST_COMPILE_GATE_TIMEOUT_S = 120.0
+
+
+def _wait_for_test_gate(path: str) -> None:
+    """The TEST_COMPILE_GATE_ENV hook: block the compile thread until `path` exists."""
+    logger.warning("%s is set: grammar compile held until %s exists", TEST_COMPILE_GATE_ENV, path)
+    deadline = time.monotonic() + TEST_COMPILE_GATE_TIMEOUT_S
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{TEST_COMPILE_GATE_ENV}: {path} did not appear in time")
+        time.sleep(0.02)  # only the compile thread waits; the steps go on
 
 
 class _XgrammarMatcher:
@@ -123,6 +142,7 @@ class StructuredOutputs:
         self._pool: ThreadPoolExecutor | None = None
         self._compile_pool: ThreadPoolExecutor | None = None
         self._buffer = torch.empty(0, self.words, dtype=torch.int32)
+        self._test_compile_gate = os.environ.get(TEST_COMPILE_GATE_ENV) or None
 
     def __len__(self) -> int:
         return len(self.matchers) + len(self._pending)
@@ -215,6 +235,8 @@ class StructuredOutputs:
 
     def _compile_xgrammar(self, parsed):
         """On the compile thread (the only one that touches the xgrammar compiler)."""
+        if self._test_compile_gate is not None:
+            _wait_for_test_gate(self._test_compile_gate)
         if self._xgrammar_compiler is None:
             self._xgrammar_compiler = xgrammar_compiler(self._grammar_tokenizer())
         return self._xgrammar_compiler.compile_grammar(parsed)

@@ -116,3 +116,31 @@ def test_runtime_load_path_safety(lora_setup):
     with pytest.raises(openai.NotFoundError):
         _complete(client, "spare")
     assert server.scheduler_stats().num_free_blocks == server.scheduler_stats().num_total_blocks
+
+
+def test_reload_after_files_change_serves_the_new_weights(lora_setup, tiny_model):
+    """Load X at P, generate, rewrite P's files with other weights, unload and load X again:
+    the output is peft's on the NEW weights (workers and prefix cache hold nothing stale)."""
+    from transformers import AutoTokenizer
+
+    server, client, root, _ = lora_setup
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    targets = ["q_proj", "v_proj", "up_proj"]
+    path = make_adapter(tiny_model, root / "rewritten", targets, 4, 8, 31)
+    new = make_adapter(tiny_model, root.parent / "rewritten_next", targets, 4, 8, 32)
+    old_want, new_want = (
+        tok.decode(peft_greedy(tiny_model, p, [PROMPT], MAX_TOKENS)[0], skip_special_tokens=True)
+        for p in (path, new)
+    )
+    assert old_want != new_want
+    load, unload = server.url + "/v1/load_lora_adapter", server.url + "/v1/unload_lora_adapter"
+    body = {"lora_name": "x", "lora_path": "rewritten"}
+    assert httpx.post(load, json=body).status_code == 200
+    assert _complete(client, "x") == old_want
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(new / f, path / f)  # same name, same path, new contents
+    assert httpx.post(unload, json={"lora_name": "x"}).status_code == 200
+    assert httpx.post(load, json=body).status_code == 200
+    assert _complete(client, "x") == new_want
+    assert httpx.post(unload, json={"lora_name": "x"}).status_code == 200
+    assert server.scheduler_stats().num_free_blocks == server.scheduler_stats().num_total_blocks

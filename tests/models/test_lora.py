@@ -106,14 +106,14 @@ def test_cpu_lru_evicts_idle_adapters_and_reloads_them(setup):
     reqs = {n: LoRARequest(n, i, str(root / n)) for i, n in enumerate("abc", 1)}
     for name in ("a", "b", "c"):
         llm.generate(PROMPTS[:1], GREEDY, lora_request=reqs[name])
-    assert list(manager.cpu) == ["b", "c"]  # a, least recently used, went first
-    assert set(manager.slots) <= {"b", "c"} and len(manager.slots) <= 2
+    assert list(manager.cpu) == [("b", 2), ("c", 3)]  # a, least recently used, went first
+    assert set(manager.slots) <= {("b", 2), ("c", 3)} and len(manager.slots) <= 2
     # Finished requests let go of their adapter (the worker hears of it with the next step).
-    assert set(manager.request_adapter.values()) <= {"c"}
+    assert set(manager.request_adapter.values()) <= {("c", 3)}
     outs = llm.generate(PROMPTS, GREEDY, lora_request=reqs["a"])  # read again from disk
     assert [o.outputs[0].token_ids for o in outs] == expected["a"]
-    assert list(manager.cpu) == ["c", "a"]
-    assert set(manager.request_adapter.values()) <= {"a"}
+    assert list(manager.cpu) == [("c", 3), ("a", 1)]
+    assert set(manager.request_adapter.values()) <= {("a", 1)}
 
 
 def test_pipeline_ranks_load_only_their_layers(model_factory, tmp_path):
@@ -135,7 +135,79 @@ def test_pipeline_ranks_load_only_their_layers(model_factory, tmp_path):
         loaded = load_model(cfg)
         manager = LoRAManager(cfg, loaded.model, loaded.device, loaded.dtype)
         assert manager.add_request("r", "ad", "ad") is None
-        assert sorted(manager.cpu["ad"].weights) == [
+        assert sorted(manager.cpu[("ad", 0)].weights) == [
             f"model.layers.{rank}.mlp.down_proj",
             f"model.layers.{rank}.self_attn.qkv_proj",
         ]
+
+
+def test_reload_serves_new_files_while_a_running_request_keeps_the_old(setup, tmp_path):
+    """An adapter rewritten on disk and loaded again (a new load number, as the gateway gives
+    every /v1/load_lora_adapter) serves the new weights, from the first prompt token on (no
+    prefix-cache block of the old load is reused), while a request already running on the old
+    load finishes on the old weights."""
+    from splitserve.protos import scheduler_pb2
+
+    llm, root, _ = setup
+    path = root / "reloaded"
+    shutil.rmtree(path, ignore_errors=True)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    base_path = llm.worker_config.model
+    make_adapter(base_path, path, targets, 4, 8, seed=21)
+    new = make_adapter(base_path, tmp_path / "new", targets, 4, 8, seed=22)
+    prompt = list(range(30, 70))  # several full blocks: the prefix cache would serve them
+    old_want = peft_greedy(base_path, path, [prompt], MAX_TOKENS)[0]
+    new_want = peft_greedy(base_path, new, [prompt], MAX_TOKENS)[0]
+    assert old_want != new_want
+
+    engine, sched = llm.engine, llm.engine.scheduler
+    sp = GREEDY.to_proto()
+
+    def add(rid: str, int_id: int) -> None:
+        sched.add_request(
+            scheduler_pb2.GenerateRequest(
+                request_id=rid,
+                prompt_token_ids=prompt,
+                sampling_params=sp,
+                lora_name="reloaded",
+                lora_path=str(path),
+                lora_int_id=int_id,
+            )
+        )
+
+    got: dict[str, list[int]] = {"old": [], "new": []}
+
+    def step() -> None:
+        for out in engine.step():
+            assert not out.error, out.error
+            got[out.request_id].extend(out.token_ids)
+
+    add("old", 101)
+    while len(got["old"]) < 2:  # running, with the old weights in use
+        step()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(new / f, path / f)  # rewritten in place, same name and path
+    add("new", 102)
+    while engine.has_work:
+        step()
+    assert got["old"] == old_want
+    assert got["new"] == new_want
+    # A third request on the new load matches too (its prefix-cache hits are the new load's).
+    got["new"] = []
+    add("new", 102)
+    while engine.has_work:
+        step()
+    assert got["new"] == new_want
+    manager = engine.executor.runner.lora
+    assert ("reloaded", 102) in manager.cpu
+    assert not any(k[0] == "reloaded" for k in manager.request_adapter.values())
+
+
+def test_one_load_number_for_two_paths_is_refused_while_in_use(setup):
+    """Two paths under one (name, lora_int_id) in one batch: the second request fails by
+    name instead of swapping the weights under the first."""
+    llm, root, _ = setup
+    a, b = LoRARequest("a", 1, str(root / "a")), LoRARequest("a", 1, str(root / "b"))
+    with pytest.raises(RuntimeError, match="lora_int_id 1 is in use"):
+        llm.generate(PROMPTS[:2], GREEDY, lora_request=[a, b])
+    assert llm.engine.scheduler.kv.num_free_blocks == llm.engine.scheduler.kv.pool.num_blocks

@@ -63,3 +63,28 @@ def test_lora_request_refused_without_enable_lora():
     req.lora_path = ""
     with pytest.raises(RequestRejected, match="lora_path"):
         engine.scheduler.add_request(req)
+
+
+def test_two_loads_of_one_name_are_two_adapters():
+    """An adapter reloaded while a request of the old load runs needs a slot of its own (the
+    worker holds both weights): with max_loras=1 the new load waits; the load number reaches
+    the workers."""
+    engine, _ = make_engine(num_blocks=200, enable_lora=True, max_loras=1)
+    sched = engine.scheduler
+    old, new = _lora("old", "x"), _lora("new", "x")
+    old.lora_int_id, new.lora_int_id = 1, 2
+    sched.add_request(old)
+    sched.add_request(new)
+    sent: list[dict[str, int]] = []
+    original = sched.schedule
+
+    def watch():
+        step = original()
+        if step is not None and step.new_requests:
+            sent.append({m.request_id: m.lora_int_id for m in step.new_requests})
+        return step
+
+    sched.schedule = watch
+    got = run_to_completion(engine)
+    assert sent == [{"old": 1}, {"new": 2}]  # never both at once
+    assert set(got) == {"old", "new"} and sched.kv.num_free_blocks == 200

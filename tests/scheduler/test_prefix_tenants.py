@@ -121,5 +121,14 @@ def test_tenants_on_different_adapters_do_not_share_blocks():
     run_to_completion(engine)
     assert kv.prefix_hits == hits_before
     keys = cached_keys(engine)
-    own = chain(TENANT_A, b"tenant-b-adapter")
+    own = chain(TENANT_A, b"tenant-b-adapter\x00" + (0).to_bytes(8, "little"))
     assert own[0] in keys and chain(TENANT_A)[0] in keys and own[0] != chain(TENANT_A)[0]
+    # The same adapter loaded again (a new load number: its files may have changed) shares
+    # nothing with the earlier load either.
+    hits_before = kv.prefix_hits
+    req = gen_request("c", TENANT_A, 2)
+    req.lora_name, req.lora_path = "tenant-b-adapter", "/adapters/tenant-b"
+    req.lora_int_id = 7
+    engine.scheduler.add_request(req)
+    run_to_completion(engine)
+    assert kv.prefix_hits == hits_before
