@@ -88,9 +88,10 @@ def test_salt_with_lora_keeps_both_apart():
     _, c3 = run_one(engine, "sl2", PROMPT, "tenant", lora="ad")
     assert (c1, c2, c3) == (0, 0, 16)
     keys = cached_keys(engine)
-    assert chain(PROMPT, b"tenant", b"ad")[0] in keys
+    adapter = b"ad\x00" + (0).to_bytes(8, "little")  # the adapter's name and load number
+    assert chain(PROMPT, b"tenant", adapter)[0] in keys
     assert chain(PROMPT, b"tenant")[0] in keys
-    assert chain(PROMPT, b"", b"ad")[0] not in keys
+    assert chain(PROMPT, b"", adapter)[0] not in keys
 
 
 def test_salt_cannot_pose_as_an_adapter():
