@@ -135,11 +135,13 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+        prompts: str | dict | Sequence[str | dict] | Sequence[int] | Sequence[Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, or token ids) and return in prompt order; with
+        """Generate for every prompt and return in prompt order. A prompt is text, token ids,
+        or vLLM's prompt dict: {"prompt": text} or {"prompt_token_ids": ids}, optionally with
+        "cache_salt" (only prompts with the same salt share prefix-cache blocks). With
         `lora_request` (one for all prompts, or one per prompt) through that LoRA adapter,
         whose path must lie inside `lora_root` (or a `lora_modules` folder)."""
         batch = _as_batch(prompts)
@@ -149,7 +151,12 @@ class LLM:
             raise ValueError(f"{len(params_list)} sampling params for {len(batch)} prompts")
         texts: list[str | None] = []
         ids_list: list[list[int]] = []
+        salts: list[str] = []
         for p in batch:
+            salt = ""
+            if isinstance(p, dict):
+                p, salt = _unpack_prompt_dict(p)
+            salts.append(salt)
             if isinstance(p, str):
                 texts.append(p)
                 ids_list.append(self.tokenizer.encode(p, add_special_tokens=True))
@@ -163,7 +170,7 @@ class LLM:
         )
         if len(loras) != len(batch):
             raise ValueError(f"{len(loras)} LoRA requests for {len(batch)} prompts")
-        return self._run(texts, ids_list, params_list, loras)
+        return self._run(texts, ids_list, params_list, loras, salts)
 
     def chat(
         self,
@@ -185,7 +192,7 @@ class LLM:
         sp = sampling_params or SamplingParams()
         return self._run(texts, ids_list, [sp] * len(convs))
 
-    def _run(self, texts, ids_list, params_list, loras=None) -> list[RequestOutput]:
+    def _run(self, texts, ids_list, params_list, loras=None, salts=None) -> list[RequestOutput]:
         from splitserve.tokenizer_svc.stream import SequenceStream
 
         seqs: dict[str, _Seq] = {}
@@ -219,6 +226,7 @@ class LLM:
                             lora_name=lora.lora_name if lora else "",
                             lora_path=str(lora.lora_path) if lora else "",
                             lora_int_id=lora.lora_int_id if lora else 0,
+                            cache_salt=salts[pi] if salts else "",
                         ),
                         grammars[pi],
                     )
@@ -291,8 +299,27 @@ class LLM:
             engine.shutdown()
 
 
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt"}
+
+
+def _unpack_prompt_dict(p: dict) -> tuple[str | list[int], str]:
+    """vLLM's TextPrompt / TokensPrompt: (text or token ids, cache salt)."""
+    unknown = sorted(set(p) - _PROMPT_KEYS)
+    if unknown:
+        raise ValueError(
+            f"prompt dict keys {unknown} are not supported; expected 'prompt' or "
+            "'prompt_token_ids', optionally with 'cache_salt'"
+        )
+    if ("prompt" in p) == ("prompt_token_ids" in p):
+        raise ValueError("a prompt dict needs exactly one of 'prompt' and 'prompt_token_ids'")
+    salt = p.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+    return (p["prompt"] if "prompt" in p else list(p["prompt_token_ids"])), salt or ""
+
+
 def _as_batch(prompts) -> list:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str | dict):
         return [prompts]
     prompts = list(prompts)
     if prompts and isinstance(prompts[0], int):

@@ -119,3 +119,31 @@ def test_llm_rejects_unknown_options_and_bad_requests(llama_path):
         llm.generate([[5] * 60], SamplingParams(max_tokens=10))
     assert not llm.engine.scheduler.requests
     llm.shutdown()
+
+
+def test_prompt_dicts_and_cache_salt(llama_path):
+    """vLLM's prompt dicts: text or token ids, and cache_salt keeps prefix caches apart."""
+    llm = LLM(str(llama_path), kv_cache_memory=8 << 20, block_size=4)
+    ids = list(range(5, 25))
+    plain = llm.generate([ids], greedy())[0]
+    same = llm.generate({"prompt_token_ids": ids}, greedy())[0]
+    assert same.outputs[0].token_ids == plain.outputs[0].token_ids
+    assert same.num_cached_tokens > 0  # no salt shares the unsalted blocks
+    salted = llm.generate({"prompt_token_ids": ids, "cache_salt": "t1"}, greedy())[0]
+    assert (
+        salted.num_cached_tokens == 0 and salted.outputs[0].token_ids == same.outputs[0].token_ids
+    )
+    again = llm.generate([{"prompt_token_ids": ids, "cache_salt": "t1"}], greedy())[0]
+    assert again.num_cached_tokens > 0
+    other = llm.generate({"prompt_token_ids": ids, "cache_salt": "t2"}, greedy())[0]
+    assert other.num_cached_tokens == 0
+    text = llm.generate({"prompt": "hello there"}, greedy())[0]
+    assert text.prompt == "hello there" and text.outputs[0].token_ids
+    for bad, match in [
+        ({"prompt": "x", "multi_modal_data": {}}, "not supported"),
+        ({"prompt": "x", "prompt_token_ids": [1]}, "exactly one"),
+        ({"prompt": "x", "cache_salt": ""}, "non-empty string"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            llm.generate(bad, greedy())
+    llm.shutdown()
