@@ -7,29 +7,15 @@ scheduler's own helper.
 
 from __future__ import annotations
 
-import hashlib
-import struct
-
 from .test_scheduler import reference_outputs
-from .utils import gen_request, make_engine
+from .utils import block_key_chain, cached_keys, gen_request, make_engine
 
 BS = 4
 PROMPT = list(range(300, 318))  # 4 full blocks and 2 tokens
 
 
 def chain(tokens: list[int], salt: bytes = b"", extra_key: bytes = b"") -> list[bytes]:
-    parent = hashlib.sha256(b"splitserve-prefix-cache-v1").digest()
-    keys = []
-    for i in range(len(tokens) // BS):
-        data = parent
-        if extra_key:
-            data += struct.pack("<I", len(extra_key)) + extra_key
-        if salt and i == 0:
-            data += struct.pack("<iI", -1, len(salt)) + salt
-        data += struct.pack(f"<{BS}i", *tokens[i * BS : (i + 1) * BS])
-        parent = hashlib.sha256(data).digest()
-        keys.append(parent)
-    return keys
+    return block_key_chain(tokens, BS, salt, extra_key)
 
 
 def run_one(engine, rid: str, prompt: list[int], salt: str | None, lora: str = ""):
@@ -53,13 +39,6 @@ def run_one(engine, rid: str, prompt: list[int], salt: str | None, lora: str = "
     return out, cached
 
 
-def cached_keys(engine) -> set[bytes]:
-    pool = engine.scheduler.kv.pool
-    for key, block in pool._cached.items():
-        assert block.block_hash == key
-    return set(pool._cached)
-
-
 def test_salts_isolate_and_equal_salts_share():
     """none, then salt a, then salt b, then a again, then none again: only the repeats hit,
     each reading all four full prompt blocks; every output equals the unsalted reference."""
@@ -73,7 +52,7 @@ def test_salts_isolate_and_equal_salts_share():
     computed = PROMPT + ref[:2]  # the last sampled token's KV is never computed
     keys = cached_keys(engine)
     plain, salt_a, salt_b = chain(computed), chain(computed, b"a"), chain(computed, b"b")
-    assert keys == set(plain) | set(salt_a) | set(salt_b)
+    assert set(keys) == set(plain) | set(salt_a) | set(salt_b)
     # The salt is hashed into block 0 only, yet every later key of the chain differs.
     for i in range(len(plain)):
         assert len({plain[i], salt_a[i], salt_b[i]}) == 3, i

@@ -8,13 +8,10 @@ with the scheduler's own helper.
 
 from __future__ import annotations
 
-import hashlib
-import struct
-
 import pytest
 
 from .test_scheduler import reference_outputs
-from .utils import gen_request, make_engine, run_to_completion
+from .utils import block_key_chain, cached_keys, gen_request, make_engine, run_to_completion
 
 BS = 4
 SHARED = list(range(300, 316))  # 4 full blocks
@@ -23,26 +20,7 @@ TENANT_B = SHARED + [21, 22, 23]
 
 
 def chain(tokens: list[int], extra_key: bytes = b"") -> list[bytes]:
-    """The documented key of each full block: SHA-256(parent || [len(extra) || extra] ||
-    int32 LE token ids), starting from SHA-256(b"splitserve-prefix-cache-v1")."""
-    parent = hashlib.sha256(b"splitserve-prefix-cache-v1").digest()
-    keys = []
-    for i in range(len(tokens) // BS):
-        data = parent
-        if extra_key:
-            data += struct.pack("<I", len(extra_key)) + extra_key
-        data += struct.pack(f"<{BS}i", *tokens[i * BS : (i + 1) * BS])
-        parent = hashlib.sha256(data).digest()
-        keys.append(parent)
-    return keys
-
-
-def cached_keys(engine) -> dict[bytes, int]:
-    """Prefix-cache key -> block id, as the pool holds them."""
-    pool = engine.scheduler.kv.pool
-    for key, block in pool._cached.items():
-        assert block.block_hash == key
-    return {key: block.block_id for key, block in pool._cached.items()}
+    return block_key_chain(tokens, BS, extra_key=extra_key)
 
 
 def computed_tokens(prompt: list[int], output: list[int]) -> list[int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 from splitserve.protos import common_pb2, scheduler_pb2
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.engine_core import EngineCore
@@ -56,3 +59,31 @@ def prompts(n: int, lo: int = 3, hi: int = 40, seed: int = 0) -> list[list[int]]
 
     rng = random.Random(seed)
     return [[rng.randrange(5, 1000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def block_key_chain(
+    tokens: list[int], block_size: int, salt: bytes = b"", extra_key: bytes = b""
+) -> list[bytes]:
+    """The documented prefix-cache key of each full block, computed independently of the
+    scheduler: SHA-256(parent || [len(extra) || extra] || [int32 -1 || len(salt) || salt, first
+    block only] || int32 LE token ids), starting from SHA-256(b"splitserve-prefix-cache-v1")."""
+    parent = hashlib.sha256(b"splitserve-prefix-cache-v1").digest()
+    keys = []
+    for i in range(len(tokens) // block_size):
+        data = parent
+        if extra_key:
+            data += struct.pack("<I", len(extra_key)) + extra_key
+        if salt and i == 0:
+            data += struct.pack("<iI", -1, len(salt)) + salt
+        data += struct.pack(f"<{block_size}i", *tokens[i * block_size : (i + 1) * block_size])
+        parent = hashlib.sha256(data).digest()
+        keys.append(parent)
+    return keys
+
+
+def cached_keys(engine) -> dict[bytes, int]:
+    """Prefix-cache key -> block id, as the pool holds them."""
+    pool = engine.scheduler.kv.pool
+    for key, block in pool._cached.items():
+        assert block.block_hash == key
+    return {key: block.block_id for key, block in pool._cached.items()}
