@@ -105,3 +105,21 @@ def qwen2_path(model_factory):
 @pytest.fixture(scope="session")
 def mistral_path(model_factory):
     return model_factory("mistral")
+
+
+@pytest.fixture(scope="module")
+def llm(llama_path):
+    """An in-process engine on the tiny Llama, one per test module (a module may override)."""
+    from splitserve import LLM
+
+    engine = LLM(str(llama_path), kv_cache_memory=8 << 20)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checker(llm):
+    """Independent checks of constrained outputs (structured_utils.Checker) over `llm`."""
+    from .structured_utils import Checker
+
+    return Checker(llm, LLAMA_EOS)

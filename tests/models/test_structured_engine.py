@@ -17,8 +17,7 @@ from splitserve import LLM, SamplingParams, StructuredOutputsParams
 from splitserve.protos import scheduler_pb2
 from splitserve.worker.structured_output import _XgrammarMatcher
 
-from .conftest import LLAMA_EOS
-from .structured_utils import Checker, whitespace_bias
+from .structured_utils import whitespace_bias
 
 REGEX = r"[a-z]{2,6}-[0-9]{1,3}"
 CHOICES = ["yes", "no way", "maybe 🙂"]
@@ -40,18 +39,6 @@ def constrained(backend="xgrammar", max_tokens=40, **kwargs) -> SamplingParams:
         structured_outputs=StructuredOutputsParams(backend=backend, **so),
         **rest,
     )
-
-
-@pytest.fixture(scope="module")
-def llm(llama_path):
-    engine = LLM(str(llama_path), kv_cache_memory=8 << 20)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checker(llm):
-    return Checker(llm, LLAMA_EOS)
 
 
 @pytest.fixture(scope="module")

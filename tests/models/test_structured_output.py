@@ -16,8 +16,7 @@ import pytest
 
 from splitserve import LLM, SamplingParams, StructuredOutputsParams
 
-from .conftest import LLAMA_EOS
-from .structured_utils import OTHER, Checker, whitespace_bias
+from .structured_utils import OTHER, whitespace_bias
 
 BACKENDS = ["xgrammar", "guidance"]
 PROMPTS = ["Beautiful is better than", "The answer is", "Errors should never"]
@@ -36,18 +35,6 @@ REGEX = r"[a-z]{2,6}-[0-9]{1,3}"
 CHOICES = ["yes", "no way", "maybe 🙂"]
 EBNF = 'root ::= "(" num ("+" num)* ")"\nnum ::= [0-9] | [1-9] [0-9]'
 EBNF_AS_REGEX = r"\((?:[0-9]|[1-9][0-9])(?:\+(?:[0-9]|[1-9][0-9]))*\)"
-
-
-@pytest.fixture(scope="module")
-def llm(llama_path):
-    engine = LLM(str(llama_path), kv_cache_memory=8 << 20)
-    yield engine
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def checker(llm):
-    return Checker(llm, LLAMA_EOS)
 
 
 @pytest.fixture(scope="module")
