@@ -445,21 +445,14 @@ class ModelRunner:
         batch = self.batch
         structured = self.structured
         for rid in step.finished_request_ids:
-            batch.remove(rid)
-            self._deferred.discard(rid)
-            if self.lora is not None:
-                self.lora.remove_request(rid)
-            if structured is not None:
-                structured.remove(rid)
+            self._forget(rid)
         for req in step.new_requests:
             error = self._add_lora(req) or batch.add(req)
+            if not error and structured is not None:
+                error = self._add_grammar(req)
             if error:
                 errors[req.request_id] = error
-            elif structured is not None:
-                error = self._add_grammar(req)
-                if error:
-                    errors[req.request_id] = error
-                    batch.remove(req.request_id)
+                self._forget(req.request_id)  # drops the adapter reference too
         for cached in step.cached_requests:
             row = batch.rows.get(cached.request_id)
             if row is None:
