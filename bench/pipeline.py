@@ -23,22 +23,17 @@ import argparse
 import os
 import pathlib
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+from splitserve.launcher import free_port
+
 MODEL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8)
 SMALL_MODEL = dict(
     hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_checkpoint(out: pathlib.Path, small: bool) -> pathlib.Path:

@@ -19,10 +19,11 @@ import os
 import pathlib
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from splitserve.launcher import free_port
 
 BENCH_MODEL = dict(
     vocab_size=2000,
@@ -75,12 +76,6 @@ def count_params(path: pathlib.Path) -> int:
 
 
 # ---------------------------------------------------------------- (a) the full stack
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _send_all(url: str, model: str, prompts, outs) -> tuple[int, float]:
     import httpx
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -11,6 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.launcher import free_port
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler
@@ -19,12 +19,6 @@ from .fake_worker import FakeWorkerExecutor
 from .utils import gen_request
 
 NUM_BLOCKS = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(cond, timeout=20.0, what="condition"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import time
 import pytest
 import torch
 
+from splitserve.launcher import free_port
 from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.engine_core import EngineCore
@@ -25,12 +25,6 @@ from splitserve.worker.pipeline import layer_range
 NUM_REQUESTS = 32
 HANG_TIMEOUT_S = 5.0
 STARTUP_S = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _workload(vocab_size: int) -> list[tuple[list[int], int]]:
@@ -46,8 +40,8 @@ class PipelineWorkers:
     """`splitserve worker` processes, one per rank, meeting at one tcp:// rendezvous."""
 
     def __init__(self, model, pp: int, log_dir, timeout_s: float, extra: list[str] = ()) -> None:
-        self.addresses = [f"127.0.0.1:{_free_port()}" for _ in range(pp)]
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(pp)]
+        init = f"tcp://127.0.0.1:{free_port()}"
         self.logs = [log_dir / f"pp{pp}-rank{r}.log" for r in range(pp)]
         self.procs = [
             subprocess.Popen(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,17 +14,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.launcher import free_port
 from splitserve.protos import common_pb2, worker_pb2, worker_pb2_grpc
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.server import SERVICE_NAME, run_worker
 
 DEADLINE = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _ServerThread:
@@ -57,7 +51,7 @@ def _health(channel, service: str = "") -> int:
 
 @pytest.fixture
 def served(tiny_llama):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     server = _ServerThread(WorkerConfig(model=str(tiny_llama), kv_cache_memory=1 << 20), address)
     channel = grpc.insecure_channel(address)
     yield channel
