@@ -66,6 +66,9 @@ class GatewayConfig:
     http/protobuf); None exports nothing and installs no instrumentation."""
     enable_prompt_tokens_details: bool = False
     """Report usage.prompt_tokens_details.cached_tokens: prompt tokens served from the prefix cache (vLLM's flag)."""
+    return_tokens_as_token_ids: bool = False
+    """Logprob tokens as strings "token_id:N" (requests may override with
+    return_tokens_as_token_ids), for tokens that do not decode to text on their own."""
     enable_lora: bool = False
     """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
     lora_modules: list[str] | None = None

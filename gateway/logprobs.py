@@ -14,6 +14,19 @@ _FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM report this floor instead.
 TokenLogprobs = common_pb2.TokenLogprobs
 
 
+def token_strings(clients: ServiceClients, as_ids: bool = False):
+    """token id -> (text, bytes): the decoded token, or vLLM's "token_id:N" form when
+    return_tokens_as_token_ids asks for it."""
+    if not as_ids:
+        return clients.token_string
+
+    def as_id(token_id: int) -> tuple[str, bytes]:
+        text = f"token_id:{token_id}"
+        return text, text.encode()
+
+    return as_id
+
+
 def clamp(logprob: float) -> float:
     return _FLOOR if math.isnan(logprob) or logprob < _FLOOR else logprob
 
@@ -34,10 +47,10 @@ class CompletionLogprobsBuilder:
     """The legacy {tokens, token_logprobs, top_logprobs, text_offset} format, built
     incrementally so streamed chunks and the full response agree on text offsets."""
 
-    __slots__ = ("_clients", "_top_n", "offset")
+    __slots__ = ("_lookup", "_top_n", "offset")
 
-    def __init__(self, clients: ServiceClients, top_n: int) -> None:
-        self._clients = clients
+    def __init__(self, clients: ServiceClients, top_n: int, as_ids: bool = False) -> None:
+        self._lookup = token_strings(clients, as_ids)
         self._top_n = top_n
         self.offset = 0
 
@@ -48,7 +61,7 @@ class CompletionLogprobsBuilder:
         token_logprobs: list[float | None] = []
         top_logprobs: list[dict[str, float] | None] = []
         text_offset: list[int] = []
-        lookup = self._clients.token_string
+        lookup = self._lookup
         for token_id, entry in zip(token_ids, entries, strict=False):
             text = lookup(token_id)[0]
             tokens.append(text)
@@ -77,11 +90,11 @@ class CompletionLogprobsBuilder:
 
 
 def chat_logprobs(
-    clients: ServiceClients, entries: Sequence[TokenLogprobs], top_n: int
+    clients: ServiceClients, entries: Sequence[TokenLogprobs], top_n: int, as_ids: bool = False
 ) -> list[dict[str, Any]]:
     """Chat format: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
     out = []
-    lookup = clients.token_string
+    lookup = token_strings(clients, as_ids)
     for entry in entries:
         text, raw = lookup(entry.token_id)
         tops = []

@@ -7,6 +7,7 @@ Every request body is screened once for NUL characters and lone surrogates (CHEC
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+logger = logging.getLogger(__name__)
 
 Int = Annotated[int, Strict()]
 Int32 = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
@@ -62,11 +65,19 @@ class OpenAIModel(BaseModel):
 
 
 class RequestModel(OpenAIModel):
-    """A top-level request body: screened for unsafe strings before field validation."""
+    """A top-level request body: screened for unsafe strings before field validation; the
+    names of fields it ignores are logged once per request, as vLLM does."""
 
     @model_validator(mode="before")
     @classmethod
     def _screen_strings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            ignored = [k for k in data if k not in cls.model_fields]
+            if ignored:
+                logger.warning(
+                    "The following fields were present in the request but ignored: %s",
+                    sorted(ignored)[:20],
+                )
         found = _unsafe_string(data, "")
         if found:
             path, problem = found
@@ -121,6 +132,22 @@ class SamplingFields(RequestModel):
     truncate_prompt_tokens: Int | None = None
     cache_salt: str | None = None
     """Only requests with the same salt share prefix-cache blocks (vLLM)."""
+    allowed_token_ids: list[Int] | None = None
+    """Only these token ids may be sampled (vLLM)."""
+    bad_words: list[str] | None = None
+    """Words never generated: each is tokenized (with and without a leading space) and the
+    last token of a sequence is banned whenever the output ends with the rest of it (vLLM)."""
+    return_tokens_as_token_ids: bool | None = None
+    """Logprob tokens as "token_id:N" instead of text (vLLM; --return-tokens-as-token-ids
+    sets the default)."""
+    request_id: str | None = None
+    """The id of the response (vLLM: chatcmpl-/cmpl- plus this); random when unset."""
+    # vLLM extensions splitserve refuses by name rather than ignore (vllm_extras.py).
+    use_beam_search: bool = False
+    length_penalty: Float = 1.0
+    logits_processors: Any | None = None
+    vllm_xargs: Any | None = None
+    kv_transfer_params: Any | None = None
     # Structured outputs (gateway/structured.py checks the shapes, naming the field).
     structured_outputs: Any | None = None
     guided_json: Any | None = None
@@ -151,6 +178,8 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     suffix: str | None = None
     best_of: Int | None = None
+    prompt_embeds: Any | None = None
+    """Refused (vllm_extras.py): prompts are text or token ids."""
     add_special_tokens: bool = True
 
     @field_validator("prompt", mode="wrap")
@@ -195,6 +224,8 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     # vLLM extensions.
+    mm_processor_kwargs: Any | None = None
+    """Refused (vllm_extras.py): no multimodal inputs."""
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
+from splitserve.gateway import vllm_extras
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import SequenceSpec
@@ -199,6 +200,9 @@ def build_sampling(
         prompt_logprobs=prompt_logprobs,
         logit_bias=logit_bias(req, limits),
         skip_special_tokens=req.skip_special_tokens,
+        allowed_token_ids=vllm_extras.allowed_token_ids(req.allowed_token_ids, limits.vocab_size)
+        or None,
+        bad_words=vllm_extras.check_bad_words(req.bad_words),
     )
     errors = validate(
         SimpleNamespace(**fields), max_logprobs=limits.max_logprobs, vocab_size=limits.vocab_size

@@ -82,6 +82,13 @@ class ServingBase:
     def deadline(self) -> Deadline:
         return Deadline(self.config.request_timeout_s)
 
+    def tokens_as_ids(self, req) -> bool:
+        """Logprob tokens as "token_id:N": the request's return_tokens_as_token_ids, else
+        --return-tokens-as-token-ids."""
+        if req.return_tokens_as_token_ids is not None:
+            return req.return_tokens_as_token_ids
+        return self.config.return_tokens_as_token_ids
+
     @staticmethod
     def new_id(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"

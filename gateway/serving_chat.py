@@ -12,6 +12,7 @@ import grpc
 from starlette.requests import Request
 from starlette.responses import Response
 
+from splitserve.gateway import vllm_extras
 from splitserve.gateway.errors import bad_request, param_from_details
 from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.logprobs import chat_logprobs, prompt_logprobs_vllm
@@ -30,6 +31,7 @@ from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import sse
 from splitserve.gateway.structured import compile_constraint, resolve_constraint
 from splitserve.gateway.tool_calls import ToolCallParser, ToolMode, tool_constraint
+from splitserve.gateway.vllm_extras import refuse_unsupported
 from splitserve.protos import tokenizer_pb2
 
 
@@ -102,6 +104,8 @@ class ChatService(ServingBase):
         arrival = time.monotonic()
         model = self.check_model(req.model)
         check_stream_fields(req)
+        refuse_unsupported(req)
+        response_id = vllm_extras.response_id("chatcmpl", req.request_id)
         tool = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls)
         tool_mode = tool[0] if tool is not None else None
         constraint = resolve_constraint(req, [tool[1]] if tool is not None else None)
@@ -139,6 +143,7 @@ class ChatService(ServingBase):
             aliases={"max_tokens": max_param, "logprobs": "top_logprobs"},
         )
         deadline = self.deadline()
+        await vllm_extras.tokenize_bad_words(self.clients, sampling, deadline)
         if constraint is not None:
             await compile_constraint(self.clients, constraint, deadline)
         rendered = await apply_chat_template(
@@ -169,7 +174,9 @@ class ChatService(ServingBase):
         last = req.messages[-1]
         if req.echo and last.role == "assistant" and isinstance(last.content, str):
             echo = last.content
-        view = _ChatView(self, req, request_id, model, ids, n, arrival, echo, tool_mode)
+        view = _ChatView(
+            self, req, response_id or request_id, model, ids, n, arrival, echo, tool_mode
+        )
         if req.stream:
             return await self.stream(
                 raw, specs, deadline, arrival, view.render_chunk, view.final_chunks
@@ -206,6 +213,7 @@ class _ChatView:
         self.echo = echo
         self.top_n = req.top_logprobs or 0
         self.want_logprobs = bool(req.logprobs)
+        self.as_ids = serving.tokens_as_ids(req)
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous_usage = bool(opts and opts.include_usage and opts.continuous_usage_stats)
@@ -275,7 +283,9 @@ class _ChatView:
         self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
         logprobs = None
         if self.want_logprobs and delta.logprobs:
-            logprobs = {"content": chat_logprobs(self.clients, delta.logprobs, self.top_n)}
+            logprobs = {
+                "content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)
+            }
         if delta.finish_reason is not None:
             self.finish_reasons.append(delta.finish_reason)
             out.append(
@@ -302,7 +312,9 @@ class _ChatView:
         calls = parser.feed(delta.text)
         logprobs = None
         if self.want_logprobs and delta.logprobs:
-            logprobs = {"content": chat_logprobs(self.clients, delta.logprobs, self.top_n)}
+            logprobs = {
+                "content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)
+            }
         body = {"tool_calls": calls} if calls else {}
         if delta.finish_reason is not None:
             calls.extend(parser.finish())
@@ -344,7 +356,9 @@ class _ChatView:
             self.finish_reasons.append(merged.finish_reason or "stop")
             logprobs = None
             if self.want_logprobs:
-                logprobs = {"content": chat_logprobs(self.clients, merged.logprobs, self.top_n)}
+                logprobs = {
+                    "content": chat_logprobs(self.clients, merged.logprobs, self.top_n, self.as_ids)
+                }
             if prompt_lps is None and self.req.prompt_logprobs is not None:
                 prompt_lps = prompt_logprobs_vllm(
                     self.clients, self.prompt_ids, merged.prompt_logprobs

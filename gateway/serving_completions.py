@@ -12,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from splitserve.gateway import vllm_extras
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.logprobs import CompletionLogprobsBuilder, align_prompt_logprobs
@@ -31,6 +32,7 @@ from splitserve.gateway.sampling import (
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import sse
 from splitserve.gateway.structured import compile_constraint, resolve_constraint
+from splitserve.gateway.vllm_extras import refuse_unsupported
 from splitserve.protos import tokenizer_pb2
 
 
@@ -50,6 +52,8 @@ class CompletionsService(ServingBase):
         constraint = resolve_constraint(req)
         if req.suffix is not None:
             raise bad_request("suffix is not supported", "suffix")
+        refuse_unsupported(req)
+        response_id = vllm_extras.response_id("cmpl", req.request_id)
         limits = self.limits()
         n = check_n(req, limits)
         if req.best_of is not None and req.best_of != n:
@@ -68,6 +72,7 @@ class CompletionsService(ServingBase):
             max_tokens=req.max_tokens,
         )
         deadline = self.deadline()
+        await vllm_extras.tokenize_bad_words(self.clients, sampling, deadline)
         if constraint is not None:
             await compile_constraint(self.clients, constraint, deadline)
         prompts = await self._prepare_prompts(req, limits, n, deadline)
@@ -90,7 +95,7 @@ class CompletionsService(ServingBase):
             req.cache_salt,
         )
         self.attach_lora(specs, req.model)
-        view = _CompletionView(self, req, request_id, model, prompts, n, arrival)
+        view = _CompletionView(self, req, response_id or request_id, model, prompts, n, arrival)
         if req.stream:
             return await self.stream(
                 raw, specs, deadline, arrival, view.render_chunk, view.final_chunks
@@ -189,7 +194,10 @@ class _CompletionView:
         self.num_cached = [0] * count
         self.finish_reasons: list[str] = []
         self.builders = (
-            [CompletionLogprobsBuilder(self.clients, req.logprobs) for _ in range(count)]
+            [
+                CompletionLogprobsBuilder(self.clients, req.logprobs, serving.tokens_as_ids(req))
+                for _ in range(count)
+            ]
             if req.logprobs is not None
             else None
         )

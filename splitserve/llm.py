@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from splitserve.lora import LoRARequest
 from splitserve.protos import common_pb2, scheduler_pb2
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import SamplingParams, bad_word_variants
 
 _FINISH = {
     common_pb2.FinishReason.FINISH_REASON_STOP: "stop",
@@ -133,6 +133,18 @@ class LLM:
         except GrammarError as exc:
             raise ValueError(exc.message) from None
 
+    def _tokenize_bad_words(self, sp: SamplingParams) -> SamplingParams:
+        """A copy of sp with bad_words tokenized (both spellings, no special tokens)."""
+        if not sp.bad_words or sp.bad_words_token_ids is not None:
+            return sp
+        seqs: dict[tuple[int, ...], None] = {}
+        for word in sp.bad_words:
+            for text in bad_word_variants(word):
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    seqs[ids] = None
+        return dataclasses.replace(sp, bad_words_token_ids=[list(s) for s in seqs])
+
     def generate(
         self,
         prompts: str | dict | Sequence[str | dict] | Sequence[int] | Sequence[Sequence[int]],
@@ -198,6 +210,7 @@ class LLM:
         seqs: dict[str, _Seq] = {}
         sched = self.engine.scheduler
         grammars = [self._compile(sp) for sp in params_list]
+        params_list = [self._tokenize_bad_words(sp) for sp in params_list]
         for pi, (ids, sp) in enumerate(zip(ids_list, params_list)):
             lora = loras[pi] if loras else None
             for i in range(sp.n):

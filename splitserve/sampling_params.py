@@ -59,6 +59,12 @@ class SamplingParams:
     """Produce text (the in-process engine); off returns token ids only."""
     structured_outputs: StructuredOutputsParams | None = None
     """Constrain the output to a JSON schema, regex, choice or grammar."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be sampled; None allows all."""
+    bad_words: list[str] = field(default_factory=list)
+    """Words never generated: each is banned as written and after a space."""
+    bad_words_token_ids: list[list[int]] | None = None
+    """The bad_words tokenized (filled by whoever holds the tokenizer: the gateway, LLM)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -97,7 +103,20 @@ class SamplingParams:
             p.logprobs = self.logprobs
         if self.prompt_logprobs is not None:
             p.prompt_logprobs = self.prompt_logprobs
+        if self.allowed_token_ids:
+            p.allowed_token_ids.extend(self.allowed_token_ids)
+        if self.bad_words and self.bad_words_token_ids is None:
+            raise ValueError("bad_words must be tokenized (bad_words_token_ids) before sending")
+        for seq in self.bad_words_token_ids or ():
+            p.bad_words_token_ids.add(token_ids=seq)
         return p
+
+
+def bad_word_variants(word: str) -> tuple[str, str]:
+    """The two spellings a bad word is banned in: as written (leading spaces removed) and
+    after a space, since most tokenizers spell a word differently mid-sentence."""
+    bare = word.lstrip()
+    return bare, " " + bare
 
 
 def validate(
@@ -148,7 +167,19 @@ def validate(
         v = getattr(p, name)
         if v is not None and (v < 0 or v > max_logprobs):
             e.append((name, f"{name} must be between 0 and {max_logprobs}, got {v}"))
+    allowed = getattr(p, "allowed_token_ids", None)
+    if allowed is not None and not allowed:
+        e.append(("allowed_token_ids", "allowed_token_ids must not be empty when given"))
     if vocab_size is not None:
+        for t in allowed or ():
+            if not 0 <= t < vocab_size:
+                e.append(
+                    (
+                        "allowed_token_ids",
+                        f"allowed_token_ids: token id {t} is outside [0, {vocab_size})",
+                    )
+                )
+                break
         for t in p.stop_token_ids:
             if not 0 <= t < vocab_size:
                 e.append(("stop_token_ids", f"stop token id {t} is outside [0, {vocab_size})"))

@@ -44,9 +44,13 @@ class InputBatch:
         self.free_rows: list[int] = []
         self.generators: list[torch.Generator | None] = []
         self.logit_bias: list[dict[int, float] | None] = []
+        self.allowed: list[torch.Tensor | None] = []
+        self.bad_words: list[list[tuple[int, ...]] | None] = []
         self.stop_ids: list[list[int]] = []
         self.num_seeded = 0
         self.num_biased = 0
+        self.num_allowed = 0
+        self.num_bad_words = 0
         self._alloc(initial_rows)
 
     def _alloc(self, n: int) -> None:
@@ -72,6 +76,8 @@ class InputBatch:
         self.req_ids += [None] * n
         self.generators += [None] * n
         self.logit_bias += [None] * n
+        self.allowed += [None] * n
+        self.bad_words += [None] * n
         self.stop_ids += [[] for _ in range(n)]
         self.free_rows = list(range(n - 1, -1, -1))
 
@@ -93,6 +99,8 @@ class InputBatch:
         self.req_ids += [None] * old
         self.generators += [None] * old
         self.logit_bias += [None] * old
+        self.allowed += [None] * old
+        self.bad_words += [None] * old
         self.stop_ids += [[] for _ in range(old)]
         self.free_rows = list(range(2 * old - 1, old - 1, -1))
 
@@ -137,9 +145,12 @@ class InputBatch:
     def _check_sampling(self, sp) -> str | None:
         """What would make this request's row NaN or crash the batch (the gateway checks the
         rest); everything else was validated upstream."""
-        for t in [*sp.stop_token_ids, *sp.logit_bias]:
+        bad_words = [t for seq in sp.bad_words_token_ids for t in seq.token_ids]
+        for t in [*sp.stop_token_ids, *sp.logit_bias, *sp.allowed_token_ids, *bad_words]:
             if not 0 <= t < self.vocab_size:
                 return f"token id {t} in sampling parameters is outside [0, {self.vocab_size})"
+        if any(not seq.token_ids for seq in sp.bad_words_token_ids):
+            return "bad_words_token_ids holds an empty sequence"
         if sp.HasField("temperature") and not sp.temperature >= 0:
             return f"temperature must be non-negative, got {sp.temperature}"
         if sp.HasField("top_p") and not 0 < sp.top_p <= 1:
@@ -178,6 +189,16 @@ class InputBatch:
         self.ignore_eos[row] = sp.ignore_eos
         self.logit_bias[row] = dict(sp.logit_bias) or None
         self.num_biased += self.logit_bias[row] is not None
+        if sp.allowed_token_ids:
+            allowed = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            allowed[torch.tensor(list(sp.allowed_token_ids), dtype=torch.int64)] = True
+            self.allowed[row] = allowed
+            self.num_allowed += 1
+        else:
+            self.allowed[row] = None
+        words = [tuple(seq.token_ids) for seq in sp.bad_words_token_ids]
+        self.bad_words[row] = words or None
+        self.num_bad_words += bool(words)
         self.stop_ids[row] = list(sp.stop_token_ids)
         if sp.HasField("seed"):
             gen = torch.Generator(device=self.device)
@@ -207,8 +228,12 @@ class InputBatch:
         self.req_ids[row] = None
         self.num_seeded -= self.generators[row] is not None
         self.num_biased -= self.logit_bias[row] is not None
+        self.num_allowed -= self.allowed[row] is not None
+        self.num_bad_words -= self.bad_words[row] is not None
         self.generators[row] = None
         self.logit_bias[row] = None
+        self.allowed[row] = None
+        self.bad_words[row] = None
         self.stop_ids[row] = []
         self.free_rows.append(row)
 
@@ -274,17 +299,29 @@ class InputBatch:
         device = self.device
         num_output = self.num_tokens[rows] - self.num_prompt[rows]
         pending = np.flatnonzero(num_output < self.min_tokens[rows])
-        if pending.size:
-            mask_rows: list[int] = []
-            mask_cols: list[int] = []
-            for i in pending.tolist():
-                row = int(rows[i])
-                ids = self.stop_ids[row] + ([] if self.ignore_eos[row] else eos_token_ids)
-                mask_rows += [i] * len(ids)
-                mask_cols += ids
-            if mask_rows:
-                meta.masked_rows = torch.tensor(mask_rows, dtype=torch.int64, device=device)
-                meta.masked_cols = torch.tensor(mask_cols, dtype=torch.int64, device=device)
+        mask_rows: list[int] = []
+        mask_cols: list[int] = []
+        for i in pending.tolist():
+            row = int(rows[i])
+            ids = self.stop_ids[row] + ([] if self.ignore_eos[row] else eos_token_ids)
+            mask_rows += [i] * len(ids)
+            mask_cols += ids
+        if self.num_bad_words:
+            self._bad_word_bans(rows, mask_rows, mask_cols)
+        if mask_rows:
+            meta.masked_rows = torch.tensor(mask_rows, dtype=torch.int64, device=device)
+            meta.masked_cols = torch.tensor(mask_cols, dtype=torch.int64, device=device)
+        if self.num_allowed:
+            pairs = [
+                (i, self.allowed[r])
+                for i, r in enumerate(rows.tolist())
+                if self.allowed[r] is not None
+            ]
+            if pairs:
+                meta.allowed_rows = torch.tensor(
+                    [i for i, _ in pairs], dtype=torch.int64, device=device
+                )
+                meta.allowed_mask = torch.stack([m for _, m in pairs])
         if self.num_biased:
             b_rows: list[int] = []
             b_cols: list[int] = []
@@ -299,3 +336,19 @@ class InputBatch:
                 meta.bias_rows = torch.tensor(b_rows, dtype=torch.int64, device=device)
                 meta.bias_cols = torch.tensor(b_cols, dtype=torch.int64, device=device)
                 meta.bias_values = torch.tensor(b_vals, dtype=torch.float32, device=device)
+
+    def _bad_word_bans(self, rows: np.ndarray, mask_rows: list[int], mask_cols: list[int]) -> None:
+        """(row, token) pairs the bad words ban this step: a one-token word always, a longer
+        one's last token when the output so far ends with the rest of it."""
+        for i, row in enumerate(rows.tolist()):
+            words = self.bad_words[row]
+            if not words:
+                continue
+            start, end = int(self.num_prompt[row]), int(self.num_tokens[row])
+            for seq in words:
+                k = len(seq) - 1
+                if k > end - start:
+                    continue
+                if k == 0 or tuple(self.token_ids[row, end - k : end].tolist()) == seq[:-1]:
+                    mask_rows.append(i)
+                    mask_cols.append(seq[-1])

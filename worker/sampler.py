@@ -1,7 +1,7 @@
 """Logits -> tokens, vectorised over the batch, with vLLM's parameter semantics.
 
 Order: logprobs are taken from the raw logits (before any processing, vLLM's default); then
-min_tokens masking, logit_bias, penalties (repetition: prompt + output tokens, divide positive
+allowed_token_ids, min_tokens and bad-word masking, logit_bias, penalties (repetition: prompt + output tokens, divide positive
 logits and multiply negative ones; presence / frequency: output tokens), then the grammar
 bitmask of structured-output rows (-inf for disallowed tokens); greedy rows take the
 argmax here; the others apply temperature, min_p, top-k, top-p, and sample with the exponential
@@ -51,6 +51,10 @@ class SamplingMetadata:
     """int64 [M] rows of (row, token) pairs set to -inf (min_tokens: EOS and stop ids)."""
     masked_cols: torch.Tensor | None = None
     """int64 [M] tokens of those pairs."""
+    allowed_rows: torch.Tensor | None = None
+    """int64 [A] rows restricted to allowed_token_ids; None when no row is."""
+    allowed_mask: torch.Tensor | None = None
+    """bool [A, V]: True where the token may be sampled."""
     bias_rows: torch.Tensor | None = None
     """int64 [K] rows of logit_bias entries."""
     bias_cols: torch.Tensor | None = None
@@ -69,9 +73,11 @@ class SamplingMetadata:
 
     @property
     def has_processors(self) -> bool:
-        """Whether min_tokens, logit_bias, penalties or a grammar touch the logits this step."""
+        """Whether min_tokens, bad words, allowed_token_ids, logit_bias, penalties or a grammar
+        touch the logits this step."""
         return (
             self.masked_rows is not None
+            or self.allowed_rows is not None
             or self.bias_rows is not None
             or self.repetition_penalty is not None
             or self.bitmask is not None
@@ -164,8 +170,12 @@ class Sampler:
 
     @staticmethod
     def apply_processors(logits: torch.Tensor, meta: SamplingMetadata) -> None:
-        """min_tokens masking, logit_bias, penalties, then the grammar bitmask, in place on
-        float32 logits [N, V]."""
+        """allowed_token_ids, min_tokens and bad-word masking, logit_bias, penalties, then the
+        grammar bitmask, in place on float32 logits [N, V]."""
+        if meta.allowed_rows is not None:
+            rows = logits.index_select(0, meta.allowed_rows)
+            rows.masked_fill_(~meta.allowed_mask, float("-inf"))
+            logits.index_copy_(0, meta.allowed_rows, rows)
         if meta.masked_rows is not None:
             logits.index_put_(
                 (meta.masked_rows, meta.masked_cols),

@@ -147,3 +147,62 @@ def test_prompt_dicts_and_cache_salt(llama_path):
         with pytest.raises(ValueError, match=match):
             llm.generate(bad, greedy())
     llm.shutdown()
+
+
+def _hf_constrained(model, prompt, n, **kw) -> list[int]:
+    import torch
+
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        **kw,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_allowed_token_ids_and_bad_words_match_transformers(llama_path, hf_ref):
+    """allowed_token_ids against transformers' prefix_allowed_tokens_fn, bad words (given as
+    token ids) against its bad_words_ids, on the same weights; greedy."""
+    model = hf_model(llama_path)
+    prompt, free = PROMPTS[1], hf_ref[1][0]
+    llm = LLM(str(llama_path), kv_cache_memory=8 << 20)
+
+    allowed = [t for t in range(100, 700) if t not in free[:4]]
+    got = llm.generate([prompt], greedy(allowed_token_ids=allowed))[0].outputs[0].token_ids
+    want = _hf_constrained(model, prompt, N_TOKENS, prefix_allowed_tokens_fn=lambda b, i: allowed)
+    assert got == want and set(got) <= set(allowed) and got != free
+
+    # Ban free[3] right after free[2], and free[6] everywhere: the output must change there.
+    assert prompt[-1] != free[2]  # transformers also matches the prompt; splitserve does not
+    words = [[free[2], free[3]], [free[6]]]
+    got = llm.generate([prompt], greedy(bad_words_token_ids=words))[0].outputs[0].token_ids
+    want = _hf_constrained(model, prompt, N_TOKENS, bad_words_ids=words)
+    assert got == want and got[:3] == free[:3] and got[3] != free[3]
+    assert free[6] not in got
+    llm.shutdown()
+
+
+def test_llm_tokenizes_bad_words_in_both_spellings(llm):
+    tok = llm.get_tokenizer()
+    sp = SamplingParams(max_tokens=4, bad_words=["hello", "  world", "hello"])
+    filled = llm._tokenize_bad_words(sp)
+    expected = []
+    for text in ("hello", " hello", "world", " world"):
+        ids = tok.encode(text, add_special_tokens=False)
+        if ids not in expected:
+            expected.append(ids)
+    assert filled.bad_words_token_ids == expected
+    assert sp.bad_words_token_ids is None  # the caller's params are not changed
+    # End to end: the free greedy output's first token, as a one-token bad word, never appears.
+    free = llm.generate(["hello"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    first = free[0].outputs[0].token_ids[0]
+    word = tok.decode([first])
+    assert tok.encode(word.lstrip(), add_special_tokens=False) == [first], word
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, bad_words=[word])
+    out = llm.generate(["hello"], sp)[0].outputs[0].token_ids
+    assert first not in out
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])

@@ -257,3 +257,91 @@ def test_logprobs_stay_those_of_the_raw_logits_under_a_mask():
     assert tokens.tolist() == [1]
     expected = torch.log_softmax(logits[0], -1)[1]
     assert torch.allclose(lp.logprobs[0], expected)
+
+
+def _bad_words(*seqs: list[int]) -> list[common_pb2.TokenIdSequence]:
+    return [common_pb2.TokenIdSequence(token_ids=s) for s in seqs]
+
+
+def test_allowed_token_ids_limit_greedy_and_random_rows_only():
+    logits = _logits(3, seed=4)
+    allowed = [2, 11, 13]
+    params = [
+        _params(temperature=0, allowed_token_ids=allowed),
+        _params(temperature=1.0, allowed_token_ids=allowed),
+        _params(temperature=0),
+    ]
+    meta = _metadata(params)
+    tokens, _ = _sampler()(logits, meta)
+    assert tokens[0].item() == max(allowed, key=lambda t: logits[0, t].item())
+    assert tokens[1].item() in allowed
+    assert tokens[2].item() == logits[2].argmax().item()  # the unrestricted row is untouched
+    for seed in range(20):  # the random row never leaves the set
+        tok, _ = _sampler(seed)(_logits(3, seed=seed), _metadata(params))
+        assert tok[1].item() in allowed
+
+
+def test_allowed_token_ids_keep_raw_logprobs():
+    logits = _logits(1, seed=2)
+    meta = _metadata([_params(temperature=0, allowed_token_ids=[5], logprobs=3)])
+    tokens, lps = _sampler()(logits, meta)
+    assert tokens.tolist() == [5]
+    expected = torch.log_softmax(logits, -1)[0, 5].item()
+    assert lps.logprobs.tolist() == pytest.approx([expected], abs=1e-5)
+
+
+def test_bad_words_ban_single_tokens_always_and_sequences_after_their_prefix():
+    logits = torch.zeros(1, V)
+    logits[0, 9], logits[0, 6], logits[0, 2] = 5.0, 4.0, 3.0
+    # One-token bad word: 9 never; two-token [8, 6]: 6 only right after an 8 in the output.
+    params = _params(temperature=0, bad_words_token_ids=_bad_words([9], [8, 6]))
+    after_other, _ = _sampler()(logits, _metadata([params], outputs=[[8, 1]]))
+    after_prefix, _ = _sampler()(logits, _metadata([params], outputs=[[1, 8]]))
+    assert after_other.tolist() == [6]
+    assert after_prefix.tolist() == [2]
+    # The prompt does not count as output: a prompt ending with 8 does not ban 6 (vLLM's rule).
+    at_start, _ = _sampler()(logits, _metadata([params], prompt=[3, 8], outputs=[[]]))
+    assert at_start.tolist() == [6]
+
+
+def test_bad_words_match_transformers_no_bad_words_processor():
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    logits = _logits(1, seed=5)
+    prompt, out = [1, 2], [[7, 3, 4]]
+    words = [[3, 4, 10], [4, 12], [14], [5, 5, 5]]
+    meta = _metadata([_params(temperature=0, bad_words_token_ids=_bad_words(*words))], prompt, out)
+    processed = logits.clone()
+    Sampler.apply_processors(processed, meta)
+    expected = NoBadWordsLogitsProcessor(words, eos_token_id=EOS)(
+        torch.tensor([prompt + out[0]]), logits.clone()
+    )
+    assert torch.equal(torch.isinf(processed), torch.isinf(expected))
+    assert torch.isinf(processed[0, [10, 12, 14]]).all()
+
+
+def test_rows_release_their_allowed_and_bad_words_state():
+    batch = InputBatch(64, 4, V, 8, torch.device("cpu"), initial_rows=1)
+    sp = _params(temperature=0, allowed_token_ids=[1], bad_words_token_ids=_bad_words([2]))
+    for rid in ("a", "b"):
+        batch.add(worker_pb2.NewRequest(request_id=rid, token_ids=[3], sampling_params=sp))
+    assert (batch.num_allowed, batch.num_bad_words) == (2, 2)
+    batch.remove("a")
+    batch.remove("b")
+    assert (batch.num_allowed, batch.num_bad_words) == (0, 0)
+    meta = batch.sampling_metadata(np.array([], dtype=np.int64), EOS)
+    assert meta.allowed_rows is None and meta.masked_rows is None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        _params(allowed_token_ids=[V]),
+        _params(bad_words_token_ids=_bad_words([1, -1])),
+        _params(bad_words_token_ids=_bad_words([])),
+    ],
+)
+def test_out_of_vocab_allowed_or_bad_word_ids_are_refused(params):
+    batch = InputBatch(64, 4, V, 8, torch.device("cpu"), initial_rows=1)
+    error = batch.add(worker_pb2.NewRequest(request_id="x", token_ids=[3], sampling_params=params))
+    assert error and ("outside" in error or "empty" in error)
