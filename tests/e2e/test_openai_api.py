@@ -286,3 +286,37 @@ def test_api_errors_are_openai_exceptions(client, server):
         client.completions.create(model=server.model, prompt="x", max_tokens=-1)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=1)
+
+
+def test_allowed_token_ids_and_bad_words_through_the_stack(client, server, hf):
+    """vLLM's allowed_token_ids and bad_words travel gateway -> scheduler -> worker sampler;
+    the sampled ids are read back from the logprobs with return_tokens_as_token_ids."""
+    tok, _ = hf
+    prompt = PROMPTS[0]
+
+    def sampled(**extra) -> list[int]:
+        r = client.completions.create(
+            model=server.model,
+            prompt=prompt,
+            max_tokens=8,
+            temperature=0,
+            logprobs=0,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True, **extra},
+        )
+        tokens = r.choices[0].logprobs.tokens
+        assert all(t.startswith("token_id:") for t in tokens), tokens
+        return [int(t.split(":")[1]) for t in tokens]
+
+    free = sampled()
+    assert tok.decode(free, skip_special_tokens=True) == hf_greedy_text(hf, prompt, 8)
+    allowed = [t for t in range(len(tok)) if t not in free][:50]
+    got = sampled(allowed_token_ids=allowed)
+    assert set(got) <= set(allowed)
+    # A one-token word from the free output, banned: it no longer appears.
+    word = next(
+        w
+        for w in (tok.decode([t]).strip() for t in free)
+        if w and len(tok(w, add_special_tokens=False).input_ids) == 1
+    )
+    banned = tok(word, add_special_tokens=False).input_ids[0]
+    assert banned in free and banned not in sampled(bad_words=[word])
