@@ -153,7 +153,9 @@ class ChatService(ServingBase):
         )
         ids = truncate(list(rendered.token_ids), req.truncate_prompt_tokens, limits)
         check_token_ids(ids, limits, "messages")
-        max_tokens = resolve_max_tokens(len(ids), user_max, limits, "messages", max_param)
+        max_tokens = resolve_max_tokens(
+            len(ids), user_max, limits, "messages", max_param, default=limits.defaults.max_tokens
+        )
         request_id = self.new_id("chatcmpl")
         specs = sequence_specs(
             request_id,
