@@ -239,6 +239,7 @@ def sequence_specs(
     priority: int,
     grammar: common_pb2.GrammarSpec | None = None,
     cache_salt: str | None = None,
+    max_tokens_defaulted: bool = False,
 ) -> list[SequenceSpec]:
     """prompt_index * n + i for every prompt and every i < n; with a seed, sequence i uses
     seed + i, so the n sequences differ yet are reproducible. Every sequence carries the
@@ -250,8 +251,12 @@ def sequence_specs(
     stop_ids = frozenset(sampling.stop_token_ids)
     for p, (ids, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
         if sampling.min_tokens > mt:
+            # The client may not know where a max_tokens it never sent came from.
+            why = (
+                " (the default, as the request gives no max_tokens)" if max_tokens_defaulted else ""
+            )
             raise bad_request(
-                f"min_tokens ({sampling.min_tokens}) must not exceed max_tokens ({mt})",
+                f"min_tokens ({sampling.min_tokens}) must not exceed max_tokens ({mt}){why}",
                 "min_tokens",
             )
         base = replace(sampling, n=1, max_tokens=mt)

@@ -165,6 +165,7 @@ class ChatService(ServingBase):
             req.priority,
             constraint.grammar if constraint is not None else None,
             req.cache_salt,
+            max_tokens_defaulted=user_max is None,
         )
         self.attach_lora(specs, req.model)
         echo = ""

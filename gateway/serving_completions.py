@@ -91,6 +91,7 @@ class CompletionsService(ServingBase):
             req.priority,
             constraint.grammar if constraint is not None else None,
             req.cache_salt,
+            max_tokens_defaulted=req.max_tokens is None,
         )
         self.attach_lora(specs, req.model)
         view = _CompletionView(self, req, request_id, model, prompts, n, arrival)

@@ -147,3 +147,11 @@ def test_bad_reported_defaults_fail_start_up_not_requests(loop_thread, fakes):
     finally:
         fakes.scheduler.sampling_defaults = None
         loop_thread.run(clients.close())
+
+
+def test_min_tokens_above_a_defaulted_max_tokens_says_where_it_came_from(gen_http):
+    r = gen_http.post("/v1/completions", json={"prompt": "gen-min", "min_tokens": 8})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "min_tokens"
+    assert "max_tokens (5) (the default, as the request gives no max_tokens)" in err["message"]
