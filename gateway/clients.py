@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.generation_config import SamplingDefaults
 from splitserve.protos import (
     scheduler_pb2,
     scheduler_pb2_grpc,
@@ -43,6 +44,8 @@ class ServiceClients:
         self.tokenizer: tokenizer_pb2_grpc.TokenizerServiceStub | None = None
         self.model_info: scheduler_pb2.ModelInfo | None = None
         self.tokenizer_info: tokenizer_pb2.TokenizerInfo | None = None
+        self.sampling_defaults = SamplingDefaults()
+        """Defaults for request fields left unset (the model's generation config)."""
         self._token_strings: dict[int, tuple[str, bytes]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -63,13 +66,18 @@ class ServiceClients:
             self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self._tokenizer_channel)
         deadline = time.monotonic() + timeout_s
         if self.model_info is None:
-            self.model_info = await _call_with_retries(
+            info = await _call_with_retries(
                 lambda t: self.scheduler.GetModelInfo(
                     scheduler_pb2.GetModelInfoRequest(), timeout=t, wait_for_ready=True
                 ),
                 deadline,
                 "scheduler GetModelInfo",
             )
+            # NOTE: checked here, so that a bad default fails start-up instead of turning
+            # into a 400 that blames a client who never sent the field.
+            self.sampling_defaults = SamplingDefaults.from_proto(info.sampling_defaults)
+            self.sampling_defaults.warn_if_changed()
+            self.model_info = info
         if self.tokenizer_info is None:
             self.tokenizer_info = await _call_with_retries(
                 lambda t: self.tokenizer.GetTokenizerInfo(

@@ -15,6 +15,7 @@ from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import SequenceSpec
 from splitserve.gateway.protocol import SamplingFields
+from splitserve.generation_config import SamplingDefaults
 from splitserve.protos import common_pb2
 from splitserve.sampling_params import SamplingParams, validate
 
@@ -33,6 +34,8 @@ class Limits:
     max_stop_strings: int
     max_stop_string_chars: int
     max_tokens_default: int
+    defaults: SamplingDefaults = SamplingDefaults()
+    """The model's defaults for the sampling fields a request leaves unset."""
 
     @classmethod
     def from_config(
@@ -41,6 +44,7 @@ class Limits:
         vocab_size: int,
         max_model_len: int,
         engine_max_logprobs: int = 0,
+        defaults: SamplingDefaults | None = None,
     ) -> Limits:
         max_logprobs = config.max_logprobs
         if engine_max_logprobs > 0:
@@ -53,6 +57,7 @@ class Limits:
             config.max_stop_strings,
             config.max_stop_string_chars,
             config.max_tokens_default,
+            defaults if defaults is not None else SamplingDefaults(),
         )
 
 
@@ -140,8 +145,10 @@ def resolve_max_tokens(
     limits: Limits,
     prompt_param: str,
     max_tokens_param: str = "max_tokens",
+    default: int | None = None,
 ) -> int:
-    """Check the prompt and max_tokens against the context; None means the rest of it."""
+    """Check the prompt and max_tokens against the context; None means `default`, capped by
+    the rest of the context (the rest of it when `default` is None)."""
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(
             f"{max_tokens_param} must be at least 1, got {max_tokens}", max_tokens_param
@@ -157,7 +164,7 @@ def resolve_max_tokens(
             prompt_param,
         )
     if max_tokens is None:
-        return ctx - prompt_len
+        return ctx - prompt_len if default is None else min(default, ctx - prompt_len)
     if prompt_len + max_tokens > ctx:
         raise bad_request(
             f"This model's maximum context length is {ctx} tokens. However, you requested "
@@ -180,15 +187,18 @@ def build_sampling(
     aliases: dict[str, str] | None = None,
 ) -> SamplingParams:
     """Validated SamplingParams from the request (max_tokens is checked per prompt later)."""
+    # A field the request leaves unset takes the model's default (generation_config.json),
+    # else splitserve's own; an explicit value, 0 or -1 included, always wins.
+    d = limits.defaults
     fields = dict(
         n=n,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if req.top_k is None else req.top_k,
-        min_p=0.0 if req.min_p is None else req.min_p,
+        temperature=_first(req.temperature, d.temperature, 1.0),
+        top_p=_first(req.top_p, d.top_p, 1.0),
+        top_k=_first(req.top_k, d.top_k, 0),
+        min_p=_first(req.min_p, d.min_p, 0.0),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        repetition_penalty=_first(req.repetition_penalty, d.repetition_penalty, 1.0),
         seed=req.seed,
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
@@ -220,6 +230,11 @@ def build_sampling(
     return SamplingParams(**fields)
 
 
+def _first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
 def sequence_specs(
     request_id: str,
     prompts: list[list[int]],
@@ -228,6 +243,7 @@ def sequence_specs(
     priority: int,
     grammar: common_pb2.GrammarSpec | None = None,
     cache_salt: str | None = None,
+    max_tokens_defaulted: bool = False,
 ) -> list[SequenceSpec]:
     """prompt_index * n + i for every prompt and every i < n; with a seed, sequence i uses
     seed + i, so the n sequences differ yet are reproducible. Every sequence carries the
@@ -239,8 +255,12 @@ def sequence_specs(
     stop_ids = frozenset(sampling.stop_token_ids)
     for p, (ids, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
         if sampling.min_tokens > mt:
+            # The client may not know where a max_tokens it never sent came from.
+            why = (
+                " (the default, as the request gives no max_tokens)" if max_tokens_defaulted else ""
+            )
             raise bad_request(
-                f"min_tokens ({sampling.min_tokens}) must not exceed max_tokens ({mt})",
+                f"min_tokens ({sampling.min_tokens}) must not exceed max_tokens ({mt}){why}",
                 "min_tokens",
             )
         base = replace(sampling, n=1, max_tokens=mt)

@@ -77,6 +77,7 @@ class ServingBase:
             self.clients.vocab_size,
             self.clients.max_model_len,
             info.max_logprobs if info is not None else 0,
+            self.clients.sampling_defaults,
         )
 
     def deadline(self) -> Deadline:

@@ -158,7 +158,9 @@ class ChatService(ServingBase):
         )
         ids = truncate(list(rendered.token_ids), req.truncate_prompt_tokens, limits)
         check_token_ids(ids, limits, "messages")
-        max_tokens = resolve_max_tokens(len(ids), user_max, limits, "messages", max_param)
+        max_tokens = resolve_max_tokens(
+            len(ids), user_max, limits, "messages", max_param, default=limits.defaults.max_tokens
+        )
         request_id = self.new_id("chatcmpl")
         specs = sequence_specs(
             request_id,
@@ -168,6 +170,7 @@ class ChatService(ServingBase):
             req.priority,
             constraint.grammar if constraint is not None else None,
             req.cache_salt,
+            max_tokens_defaulted=user_max is None,
         )
         self.attach_lora(specs, req.model)
         echo = ""

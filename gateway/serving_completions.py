@@ -77,10 +77,13 @@ class CompletionsService(ServingBase):
             await compile_constraint(self.clients, constraint, deadline)
         prompts = await self._prepare_prompts(req, limits, n, deadline)
         max_tokens = []
+        # Without max_tokens: the model's max_new_tokens, else --max-tokens-default.
+        default = limits.defaults.max_tokens or limits.max_tokens_default
         for p in prompts:
-            mt = resolve_max_tokens(len(p.token_ids), req.max_tokens, limits, "prompt")
             max_tokens.append(
-                mt if req.max_tokens is not None else min(mt, limits.max_tokens_default)
+                resolve_max_tokens(
+                    len(p.token_ids), req.max_tokens, limits, "prompt", default=default
+                )
             )
         if echo:
             await self._fill_prompt_texts(prompts, deadline)
@@ -93,6 +96,7 @@ class CompletionsService(ServingBase):
             req.priority,
             constraint.grammar if constraint is not None else None,
             req.cache_salt,
+            max_tokens_defaulted=req.max_tokens is None,
         )
         self.attach_lora(specs, req.model)
         view = _CompletionView(self, req, response_id or request_id, model, prompts, n, arrival)

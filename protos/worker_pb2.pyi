@@ -14,7 +14,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, block_size: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("rank", "world_size", "vocab_size", "max_model_len", "eos_token_ids", "bytes_per_block", "available_kv_bytes", "model")
+    __slots__ = ("rank", "world_size", "vocab_size", "max_model_len", "eos_token_ids", "bytes_per_block", "available_kv_bytes", "model", "sampling_defaults")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class DescribeResponse(_message.Message):
     BYTES_PER_BLOCK_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     vocab_size: int
@@ -31,7 +32,8 @@ class DescribeResponse(_message.Message):
     bytes_per_block: int
     available_kv_bytes: int
     model: str
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bytes_per_block: _Optional[int] = ..., available_kv_bytes: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    sampling_defaults: _common_pb2.SamplingDefaults
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bytes_per_block: _Optional[int] = ..., available_kv_bytes: _Optional[int] = ..., model: _Optional[str] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ...) -> None: ...
 
 class InitializeCacheRequest(_message.Message):
     __slots__ = ("num_blocks", "block_size")

@@ -88,6 +88,7 @@ class EngineCore:
             eos_token_ids=list(last.eos_token_ids),
             model=last.model,
             max_logprobs=config.max_logprobs,
+            sampling_defaults=last.sampling_defaults,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens; max_model_len %d",

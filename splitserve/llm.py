@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from splitserve.generation_config import SamplingDefaults
 from splitserve.lora import LoRARequest
 from splitserve.protos import common_pb2, scheduler_pb2
 from splitserve.sampling_params import SamplingParams, bad_word_variants
@@ -71,7 +72,10 @@ class LLM:
     """An in-process engine over a local model folder or hub id.
 
     Keyword arguments are the fields of `WorkerConfig` and `SchedulerConfig` (the same names
-    as the `splitserve serve` flags), plus `tokenizer` and `tokenizer_mode`.
+    as the `splitserve serve` flags), plus `tokenizer` and `tokenizer_mode`. As in vLLM,
+    `generation_config` ("auto", "vllm" or a folder) and `override_generation_config` (a dict
+    or JSON text) set the default sampling parameters: `get_default_sampling_params()`, which
+    `generate` and `chat` use when given none.
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, **kwargs) -> None:
@@ -110,10 +114,20 @@ class LLM:
             self.scheduler_config, InprocExecutor(ModelRunner(self.worker_config))
         )
         self._ids = itertools.count()
+        # The same path the gateway reads: the worker's Describe, through the engine's ModelInfo.
+        self.sampling_defaults = SamplingDefaults.from_proto(
+            self.engine.model_info.sampling_defaults
+        )
+        self.sampling_defaults.warn_if_changed()
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's defaults (generation_config.json and
+        override_generation_config) over splitserve's own; a fresh object each call."""
+        return SamplingParams(**self.sampling_defaults.as_dict())
 
     def get_tokenizer(self):
         return self.tokenizer.tokenizer
@@ -155,9 +169,10 @@ class LLM:
         or vLLM's prompt dict: {"prompt": text} or {"prompt_token_ids": ids}, optionally with
         "cache_salt" (only prompts with the same salt share prefix-cache blocks). With
         `lora_request` (one for all prompts, or one per prompt) through that LoRA adapter,
-        whose path must lie inside `lora_root` (or a `lora_modules` folder)."""
+        whose path must lie inside `lora_root` (or a `lora_modules` folder). Without
+        `sampling_params`, `get_default_sampling_params()`."""
         batch = _as_batch(prompts)
-        params = sampling_params or SamplingParams()
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(batch)
         if len(params_list) != len(batch):
             raise ValueError(f"{len(params_list)} sampling params for {len(batch)} prompts")
@@ -201,7 +216,7 @@ class LLM:
             rendered = renderer.render(req)
             texts.append(rendered.prompt)
             ids_list.append(list(rendered.token_ids))
-        sp = sampling_params or SamplingParams()
+        sp = self.get_default_sampling_params() if sampling_params is None else sampling_params
         return self._run(texts, ids_list, [sp] * len(convs))
 
     def _run(self, texts, ids_list, params_list, loras=None, salts=None) -> list[RequestOutput]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from splitserve.generation_config import canonical_override
+from splitserve.generation_config import check_mode as check_generation_mode
 from splitserve.lora import check_lora_fields
 from splitserve.tracing import check_endpoint, parse_detailed_traces
 
@@ -100,6 +102,10 @@ class WorkerConfig:
     """Adapters kept loaded in CPU memory (least recently used evicted); None means max_loras."""
     lora_extra_vocab_size: int = 0
     """Extra vocabulary of adapters; only 0 is supported (adapters that add tokens are refused)."""
+    generation_config: str = "auto"
+    """Where default sampling parameters come from (vLLM's flag): auto reads the model folder's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as the default max_tokens), vllm ignores it (splitserve's own defaults), or a folder holding a generation_config.json. They apply to the fields a request leaves unset."""
+    override_generation_config: str | None = None
+    """JSON object merged over those defaults (vLLM's flag), also with --generation-config vllm, e.g. '{"temperature": 0.5, "max_new_tokens": 256}'; keys: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens (null drops a default)."""
 
     def __post_init__(self) -> None:
         check_lora_fields(self)
@@ -141,6 +147,9 @@ class WorkerConfig:
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
         self._check_cuda_graph_fields()
+        check_generation_mode(self.generation_config)
+        # A dict (the in-process LLM's keyword) becomes compact JSON, as the flag carries it.
+        self.override_generation_config = canonical_override(self.override_generation_config)
 
     def _check_pipeline_fields(self) -> None:
         if self.pp_layer_partition is None and os.environ.get(PP_PARTITION_ENV):

@@ -17,12 +17,13 @@ import logging
 import pathlib
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from splitserve.generation_config import SamplingDefaults, resolve
 from splitserve.model_path import (
     ALLOW_PATTERNS,
     CONFIG_PATTERNS,
@@ -63,6 +64,8 @@ class LoadedModel:
     start_layer: int
     end_layer: int
     max_model_len: int
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    """Defaults for unset request fields (--generation-config, --override-generation-config)."""
 
     @property
     def vocab_size(self) -> int:
@@ -103,6 +106,12 @@ def read_eos_token_ids(path: pathlib.Path, hf_config: Any) -> list[int]:
     if gen.exists():
         add(json.loads(gen.read_text()).get("eos_token_id"))
     return ids
+
+
+def sampling_defaults(config: WorkerConfig, path: pathlib.Path) -> SamplingDefaults:
+    """The default sampling parameters of `config` for the model folder `path`; ValueError
+    names the file and field when generation_config.json holds a bad value."""
+    return resolve(config.generation_config, path, config.override_generation_config)
 
 
 def _resolve_folder(config: WorkerConfig) -> pathlib.Path:
@@ -236,6 +245,7 @@ def check_model(config: WorkerConfig) -> pathlib.Path:
     returns the resolved folder."""
     path = _resolve_folder(config)
     model = _build_skeleton(config, path).model
+    sampling_defaults(config, path)
     if config.load_format != "dummy":
         load_weights(
             model,
@@ -285,6 +295,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         skeleton.start,
         skeleton.end,
         skeleton.max_model_len,
+        sampling_defaults(config, path),
     )
 
 

@@ -163,6 +163,7 @@ class ModelRunner:
             bytes_per_block=kv.bytes_per_block(self.model, block_size, self.dtype),
             available_kv_bytes=available,
             model=self.config.model,
+            sampling_defaults=self.loaded.sampling_defaults.to_proto(),
         )
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> float:

@@ -266,6 +266,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.calls: dict[str, GenerateCall] = {}
         self.gate = asyncio.Event()
         self.say: dict[str, str | list[str]] = {}
+        self.sampling_defaults: common_pb2.SamplingDefaults | None = None
+        """What GetModelInfo reports as the model's defaults (read by a gateway at start-up)."""
 
     def calls_matching(self, needle: str) -> list[GenerateCall]:
         return [c for c in list(self.calls.values()) if needle in c.prompt_text]
@@ -277,6 +279,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             eos_token_ids=[EOS],
             model="fake/model",
             max_logprobs=20,
+            sampling_defaults=self.sampling_defaults,
         )
 
     async def GetStats(self, request, context):
