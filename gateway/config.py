@@ -41,7 +41,7 @@ class GatewayConfig:
     request_timeout_s: float | None = None
     """Deadline of each request's gRPC calls in seconds (exceeded: 504); None for none."""
     max_tokens_default: int = 16
-    """max_tokens of a completion request that gives none, unless the model's generation config sets max_new_tokens (chat uses the rest of the context)."""
+    """max_tokens of a completion request that gives none (chat uses the rest of the context); the model's max_new_tokens, when its generation config sets one, caps it and every explicit max_tokens too, as in vLLM."""
     retry_after_s: int = 1
     """Seconds put in Retry-After when the scheduler's queue is full (503)."""
     startup_timeout_s: float = 600.0

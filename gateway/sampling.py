@@ -146,9 +146,34 @@ def resolve_max_tokens(
     prompt_param: str,
     max_tokens_param: str = "max_tokens",
     default: int | None = None,
+    cap: int | None = None,
 ) -> int:
     """Check the prompt and max_tokens against the context; None means `default`, capped by
-    the rest of the context (the rest of it when `default` is None)."""
+    the rest of the context (the rest of it when `default` is None). `cap` (the model's
+    max_new_tokens) bounds the result either way, as vLLM takes the least of them."""
+    resolved = _resolve_max_tokens(
+        prompt_len, max_tokens, limits, prompt_param, max_tokens_param, default
+    )
+    return resolved if cap is None else min(resolved, cap)
+
+
+def max_tokens_note(requested: int | None, cap: int | None) -> str:
+    """Where a max_tokens the client did not write came from, for error messages."""
+    if requested is None:
+        return " (the default, as the request gives no max_tokens)"
+    if cap is not None and cap < requested:
+        return " (the model's max_new_tokens, which caps every request)"
+    return ""
+
+
+def _resolve_max_tokens(
+    prompt_len: int,
+    max_tokens: int | None,
+    limits: Limits,
+    prompt_param: str,
+    max_tokens_param: str,
+    default: int | None,
+) -> int:
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(
             f"{max_tokens_param} must be at least 1, got {max_tokens}", max_tokens_param
@@ -243,7 +268,7 @@ def sequence_specs(
     priority: int,
     grammar: common_pb2.GrammarSpec | None = None,
     cache_salt: str | None = None,
-    max_tokens_defaulted: bool = False,
+    max_tokens_note: str = "",
 ) -> list[SequenceSpec]:
     """prompt_index * n + i for every prompt and every i < n; with a seed, sequence i uses
     seed + i, so the n sequences differ yet are reproducible. Every sequence carries the
@@ -256,9 +281,7 @@ def sequence_specs(
     for p, (ids, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
         if sampling.min_tokens > mt:
             # The client may not know where a max_tokens it never sent came from.
-            why = (
-                " (the default, as the request gives no max_tokens)" if max_tokens_defaulted else ""
-            )
+            why = max_tokens_note
             raise bad_request(
                 f"min_tokens ({sampling.min_tokens}) must not exceed max_tokens ({mt}){why}",
                 "min_tokens",

@@ -22,6 +22,7 @@ from splitserve.gateway.sampling import (
     check_n,
     check_stream_fields,
     check_token_ids,
+    max_tokens_note,
     resolve_max_tokens,
     sequence_specs,
     stop_strings,
@@ -158,9 +159,8 @@ class ChatService(ServingBase):
         )
         ids = truncate(list(rendered.token_ids), req.truncate_prompt_tokens, limits)
         check_token_ids(ids, limits, "messages")
-        max_tokens = resolve_max_tokens(
-            len(ids), user_max, limits, "messages", max_param, default=limits.defaults.max_tokens
-        )
+        cap = limits.defaults.max_tokens
+        max_tokens = resolve_max_tokens(len(ids), user_max, limits, "messages", max_param, cap=cap)
         request_id = self.new_id("chatcmpl")
         specs = sequence_specs(
             request_id,
@@ -170,7 +170,7 @@ class ChatService(ServingBase):
             req.priority,
             constraint.grammar if constraint is not None else None,
             req.cache_salt,
-            max_tokens_defaulted=user_max is None,
+            max_tokens_note=max_tokens_note(user_max, cap),
         )
         self.attach_lora(specs, req.model)
         echo = ""

@@ -24,6 +24,7 @@ from splitserve.gateway.sampling import (
     check_n,
     check_stream_fields,
     check_token_ids,
+    max_tokens_note,
     resolve_max_tokens,
     sequence_specs,
     stop_strings,
@@ -77,12 +78,18 @@ class CompletionsService(ServingBase):
             await compile_constraint(self.clients, constraint, deadline)
         prompts = await self._prepare_prompts(req, limits, n, deadline)
         max_tokens = []
-        # Without max_tokens: the model's max_new_tokens, else --max-tokens-default.
-        default = limits.defaults.max_tokens or limits.max_tokens_default
+        # Without max_tokens: --max-tokens-default (16); the model's max_new_tokens caps it
+        # and an explicit max_tokens alike (vLLM takes the least).
+        cap = limits.defaults.max_tokens
         for p in prompts:
             max_tokens.append(
                 resolve_max_tokens(
-                    len(p.token_ids), req.max_tokens, limits, "prompt", default=default
+                    len(p.token_ids),
+                    req.max_tokens,
+                    limits,
+                    "prompt",
+                    default=limits.max_tokens_default,
+                    cap=cap,
                 )
             )
         if echo:
@@ -96,7 +103,7 @@ class CompletionsService(ServingBase):
             req.priority,
             constraint.grammar if constraint is not None else None,
             req.cache_salt,
-            max_tokens_defaulted=req.max_tokens is None,
+            max_tokens_note=max_tokens_note(req.max_tokens, cap),
         )
         self.attach_lora(specs, req.model)
         view = _CompletionView(self, req, response_id or request_id, model, prompts, n, arrival)

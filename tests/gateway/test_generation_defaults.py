@@ -86,7 +86,44 @@ def test_explicit_values_win_even_zero_and_minus_one(gen_http, fakes, path):
     assert r.status_code == 200, r.text
     sp = _sampling(fakes, tag)
     assert (sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.repetition_penalty) == (0, 1, 0, 0, 1)
-    assert sp.max_tokens == 9
+    # max_tokens is the exception: as in vLLM the model's max_new_tokens (5) caps it.
+    assert sp.max_tokens == 5
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_max_tokens_below_the_cap_is_kept(gen_http, fakes, path):
+    tag = f"gen-below-{path}"
+    prompt = (
+        {"prompt": tag} if "chat" not in path else {"messages": [{"role": "user", "content": tag}]}
+    )
+    assert gen_http.post(path, json={**prompt, "max_tokens": 3}).status_code == 200
+    assert _sampling(fakes, tag).max_tokens == 3
+
+
+def test_a_large_max_new_tokens_leaves_completions_at_16_and_bounds_chat(make_gateway, fakes):
+    """vLLM takes the least of the request's (completions: 16 when unset), the context's and
+    the model's max_new_tokens."""
+    fakes.scheduler.sampling_defaults = SamplingDefaults(max_tokens=40).to_proto()
+    try:
+        gw = make_gateway()
+    finally:
+        fakes.scheduler.sampling_defaults = None
+    with gw.client() as c:
+        assert c.post("/v1/completions", json={"prompt": "gen-big-cmpl"}).status_code == 200
+        body = {"messages": [{"role": "user", "content": "gen-big-chat"}]}
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+        r = c.post(
+            "/v1/completions", json={"prompt": "gen-big-x", "min_tokens": 2, "max_tokens": 50}
+        )
+        assert r.status_code == 200, r.text
+        r = c.post(
+            "/v1/completions", json={"prompt": "gen-big-m", "min_tokens": 45, "max_tokens": 50}
+        )
+    assert _sampling(fakes, "gen-big-cmpl").max_tokens == 16
+    assert _sampling(fakes, "gen-big-chat").max_tokens == 40
+    assert _sampling(fakes, "gen-big-x").max_tokens == 40
+    assert r.status_code == 400
+    assert "max_new_tokens, which caps every request" in r.json()["error"]["message"]
 
 
 def test_default_max_tokens_is_capped_by_the_context(gen_http, fakes):
