@@ -333,7 +333,10 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning: str | None = None
+    """The `<think>` text, with --reasoning-parser (current vLLM's field name)."""
     reasoning_content: str | None = None
+    """The same text under vLLM's former name, which many clients read."""
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -358,6 +361,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 
