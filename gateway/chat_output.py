@@ -17,9 +17,19 @@ from splitserve.gateway.tool_parsers import TOOL_PARSERS
 class ChoiceOutput:
     """Incremental: `feed` gives one streaming delta's fields; `message` the full message."""
 
-    def __init__(self, reasoning_parser: str | None, tool_parser: str | None) -> None:
+    def __init__(
+        self,
+        reasoning_parser: str | None,
+        tool_parser: str | None,
+        *,
+        parallel_tool_calls: bool = True,
+        include_reasoning: bool = True,
+    ) -> None:
         self.reasoning = REASONING_PARSERS[reasoning_parser]() if reasoning_parser else None
         self.tools = TOOL_PARSERS[tool_parser]() if tool_parser else None
+        # parallel_tool_calls false: the first call only (later ones are dropped, as in vLLM).
+        self.max_calls = None if parallel_tool_calls else 1
+        self.include_reasoning = include_reasoning
         self._reasoning: list[str] = []
         self._content: list[str] = []
 
@@ -35,10 +45,12 @@ class ChoiceOutput:
         calls: list[dict[str, Any]] = []
         if self.tools is not None:
             content, calls = self.tools.feed(content, final)
+            if self.max_calls is not None:
+                calls = [d for d in calls if d["index"] < self.max_calls]
         self._reasoning.append(reasoning)
         self._content.append(content)
         out: dict[str, Any] = {}
-        if reasoning:
+        if reasoning and self.include_reasoning:
             out["reasoning"] = reasoning
             out["reasoning_content"] = reasoning
         if content:
@@ -52,13 +64,13 @@ class ChoiceOutput:
         leads the content."""
         reasoning = "".join(self._reasoning)
         content = prefix + "".join(self._content)
-        calls = self.tools.tool_calls() if self.tools is not None else []
+        calls = self.tools.tool_calls()[: self.max_calls] if self.tools is not None else []
         found = calls or (self.reasoning is not None and self.reasoning.found)
         message: dict[str, Any] = {
             "role": "assistant",
             "content": (content or None) if found else content,
             "tool_calls": calls,
         }
-        if self.reasoning is not None:
+        if self.reasoning is not None and self.include_reasoning:
             message["reasoning"] = message["reasoning_content"] = reasoning or None
         return message

@@ -195,6 +195,8 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     # vLLM extensions.
+    include_reasoning: bool = True
+    """With --reasoning-parser: false drops the reasoning text from the response."""
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False

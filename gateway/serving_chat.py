@@ -111,17 +111,8 @@ class ChatService(ServingBase):
         constraint = resolve_constraint(req, [tool[1]] if tool is not None else None)
         # tool_choice "auto" reads calls out of the free output; a constrained output (forced
         # calls, response_format) has no <think> part, so it is not split for reasoning.
-        parse_tools = (
-            auto_parser
-            if tool is None
-            and req.tools
-            and req.tool_choice
-            in (
-                None,
-                "auto",
-            )
-            else None
-        )
+        auto = tool is None and bool(req.tools) and req.tool_choice in (None, "auto")
+        parse_tools = auto_parser if auto else None
         parse_reasoning = config.reasoning_parser if constraint is None else None
         if parse_tools is not None and TOOL_PARSERS[parse_tools].special_start_tag:
             # The call tag is a special token (Mistral's [TOOL_CALLS]): keep it in the text.
@@ -192,7 +183,15 @@ class ChatService(ServingBase):
             echo = last.content
         view = _ChatView(self, req, request_id, model, ids, n, arrival, echo, tool_mode)
         if parse_tools or parse_reasoning:
-            view.outputs = [ChoiceOutput(parse_reasoning, parse_tools) for _ in range(n)]
+            view.outputs = [
+                ChoiceOutput(
+                    parse_reasoning,
+                    parse_tools,
+                    parallel_tool_calls=req.parallel_tool_calls is not False,
+                    include_reasoning=req.include_reasoning,
+                )
+                for _ in range(n)
+            ]
         if req.stream:
             return await self.stream(
                 raw, specs, deadline, arrival, view.render_chunk, view.final_chunks

@@ -208,3 +208,33 @@ def test_mistral_keeps_special_tokens_in_the_text(make_gateway):
         skipped = http.post(CHAT, json={**body, "tool_choice": "none"}).json()
     assert kept == "Th</s> "
     assert skipped["choices"][0]["message"]["content"] == "Th "
+
+
+def test_parallel_tool_calls_false_keeps_the_first(auto_http, fakes):
+    prompt = say(fakes, CALLS)
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "tools": TOOLS,
+        "parallel_tool_calls": False,
+    }
+    choice = auto_http.post(CHAT, json=body).json()["choices"][0]
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["get_weather"]
+    assert choice["finish_reason"] == "tool_calls"
+    events = sse_events(auto_http.post(CHAT, json={**body, "stream": True}).text)
+    calls = [d for e in events for d in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert {d["index"] for d in calls} == {0}
+
+
+def test_include_reasoning_false_drops_it(auto_http, fakes):
+    prompt = say(fakes, THINK)
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "tools": TOOLS,
+        "include_reasoning": False,
+    }
+    message = auto_http.post(CHAT, json=body).json()["choices"][0]["message"]
+    assert message["reasoning"] is None and message["reasoning_content"] is None
+    assert message["tool_calls"][0]["function"]["name"] == "get_weather"
+    events = sse_events(auto_http.post(CHAT, json={**body, "stream": True}).text)
+    assert not any("reasoning" in e["choices"][0]["delta"] for e in events)
+    assert not any("reasoning_content" in e["choices"][0]["delta"] for e in events)
