@@ -498,13 +498,3 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "llama3_json": Llama3JsonToolParser,
     "mistral": MistralToolParser,
 }
-
-
-def parse_tool_calls(name: str, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """A whole output's (content, tool calls); content None when calls were found and no
-    content is left."""
-    parser = TOOL_PARSERS[name]()
-    parser.feed(text, final=True)
-    calls = parser.tool_calls()
-    content = parser.content
-    return (content or None) if calls else content, calls
