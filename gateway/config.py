@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.gateway.reasoning import REASONING_PARSERS
+from splitserve.gateway.tool_parsers import TOOL_PARSERS
 from splitserve.lora import check_lora_fields
 from splitserve.sampling_params import MAX_LOGPROBS
 from splitserve.tracing import check_endpoint
@@ -77,9 +79,16 @@ class GatewayConfig:
     """Folder every adapter path must resolve inside (symlinks followed); None allows only the --lora-modules folders."""
     max_lora_rank: int = 16
     """Largest adapter rank r accepted; larger adapters are refused."""
+    enable_auto_tool_choice: bool = False
+    """Let chat requests use tool_choice "auto" (the default with tools): the output is read for tool calls by --tool-call-parser (vLLM's flag)."""
+    tool_call_parser: str | None = None
+    """How tool calls are written in the model's output, for --enable-auto-tool-choice: hermes (Qwen2.5/Qwen3, Hermes), llama3_json (Llama 3.1+), mistral."""
+    reasoning_parser: str | None = None
+    """Split chat output's <think> text into the message's reasoning (and reasoning_content) field: deepseek_r1 (the template opens <think>) or qwen3."""
 
     def __post_init__(self) -> None:
         check_lora_fields(self)
+        self._check_parsers()
         check_endpoint(self.otlp_traces_endpoint)
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]
@@ -126,6 +135,28 @@ class GatewayConfig:
         if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
             raise ValueError(
                 f"root_path must start with '/' and not end with one, got {self.root_path!r}"
+            )
+
+    def _check_parsers(self) -> None:
+        for name, known in (
+            ("tool_call_parser", TOOL_PARSERS),
+            ("reasoning_parser", REASONING_PARSERS),
+        ):
+            value = getattr(self, name)
+            if value is not None and value not in known:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value!r} is not a known parser; "
+                    f"known: {', '.join(sorted(known))}"
+                )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError(
+                "--enable-auto-tool-choice needs --tool-call-parser NAME (known: "
+                f"{', '.join(sorted(TOOL_PARSERS))})"
+            )
+        if self.tool_call_parser is not None and not self.enable_auto_tool_choice:
+            raise ValueError(
+                f"--tool-call-parser {self.tool_call_parser} is used only with "
+                "--enable-auto-tool-choice; add that flag"
             )
 
     def model_names(self, reported_model: str = "") -> list[str]:

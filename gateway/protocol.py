@@ -226,6 +226,8 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM extensions.
     mm_processor_kwargs: Any | None = None
     """Refused (vllm_extras.py): no multimodal inputs."""
+    include_reasoning: bool = True
+    """With --reasoning-parser: false drops the reasoning text from the response."""
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -364,7 +366,10 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning: str | None = None
+    """The `<think>` text, with --reasoning-parser (current vLLM's field name)."""
     reasoning_content: str | None = None
+    """The same text under vLLM's former name, which many clients read."""
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -389,6 +394,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from splitserve.gateway import vllm_extras
+from splitserve.gateway.chat_output import ChoiceOutput
 from splitserve.gateway.errors import bad_request, param_from_details
 from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.logprobs import chat_logprobs, prompt_logprobs_vllm
@@ -32,6 +33,7 @@ from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import sse
 from splitserve.gateway.structured import compile_constraint, resolve_constraint
 from splitserve.gateway.tool_calls import ToolCallParser, ToolMode, tool_constraint
+from splitserve.gateway.tool_parsers import TOOL_PARSERS
 from splitserve.gateway.vllm_extras import refuse_unsupported
 from splitserve.protos import tokenizer_pb2
 
@@ -107,9 +109,19 @@ class ChatService(ServingBase):
         check_stream_fields(req)
         refuse_unsupported(req)
         response_id = vllm_extras.response_id("chatcmpl", req.request_id)
-        tool = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls)
+        config = self.config
+        auto_parser = config.tool_call_parser if config.enable_auto_tool_choice else None
+        tool = tool_constraint(req.tools, req.tool_choice, req.parallel_tool_calls, auto_parser)
         tool_mode = tool[0] if tool is not None else None
         constraint = resolve_constraint(req, [tool[1]] if tool is not None else None)
+        # tool_choice "auto" reads calls out of the free output; a constrained output (forced
+        # calls, response_format) has no <think> part, so it is not split for reasoning.
+        auto = tool is None and bool(req.tools) and req.tool_choice in (None, "auto")
+        parse_tools = auto_parser if auto else None
+        parse_reasoning = config.reasoning_parser if constraint is None else None
+        if parse_tools is not None and TOOL_PARSERS[parse_tools].special_start_tag:
+            # The call tag is a special token (Mistral's [TOOL_CALLS]): keep it in the text.
+            req.skip_special_tokens = False
         if tool_mode is not None and req.echo:
             raise bad_request(
                 "echo cannot be combined with forced tool calls (tool_choice 'required' or a "
@@ -180,6 +192,16 @@ class ChatService(ServingBase):
         view = _ChatView(
             self, req, response_id or request_id, model, ids, n, arrival, echo, tool_mode
         )
+        if parse_tools or parse_reasoning:
+            view.outputs = [
+                ChoiceOutput(
+                    parse_reasoning,
+                    parse_tools,
+                    parallel_tool_calls=req.parallel_tool_calls is not False,
+                    include_reasoning=req.include_reasoning,
+                )
+                for _ in range(n)
+            ]
         if req.stream:
             return await self.stream(
                 raw, specs, deadline, arrival, view.render_chunk, view.final_chunks
@@ -227,6 +249,8 @@ class _ChatView:
         # With forced tool calls the output is read as calls, not content.
         self.tool_mode = tool_mode
         self.parsers = [ToolCallParser(tool_mode) for _ in range(n)] if tool_mode else None
+        # With --reasoning-parser or tool_choice "auto": each choice's own output parsers.
+        self.outputs: list[ChoiceOutput] | None = None
 
     def _usage(self, completion_tokens: int, cached: int | None = None) -> dict[str, Any]:
         p = len(self.prompt_ids)
@@ -276,6 +300,8 @@ class _ChatView:
     def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
         if self.parsers is not None:
             return self._render_tool_chunk(index, delta)
+        if self.outputs is not None:
+            return self._render_parsed_chunk(index, delta)
         out = []
         text = delta.text
         if not self.started[index]:
@@ -323,6 +349,29 @@ class _ChatView:
             calls.extend(parser.finish())
             body = {"tool_calls": calls} if calls else {}
             reason = _tool_finish_reason(parser, delta.finish_reason)
+            self.finish_reasons.append(reason)
+            out.append(self._chunk(index, body, logprobs, reason, delta.stop_reason))
+        elif body or logprobs:
+            out.append(self._chunk(index, body, logprobs, None, None))
+        return out
+
+    def _render_parsed_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
+        out = []
+        body = self.outputs[index].feed(delta.text, final=delta.finish_reason is not None)
+        if not self.started[index]:
+            self.started[index] = True
+            out.append(self._chunk(index, {"role": "assistant", "content": ""}, None, None, None))
+            if self.echo:
+                body["content"] = self.echo + body.get("content", "")
+        self.num_tokens[index] += len(delta.token_ids)
+        self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
+        logprobs = None
+        if self.want_logprobs and delta.logprobs:
+            logprobs = {
+                "content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)
+            }
+        if delta.finish_reason is not None:
+            reason = _parsed_finish_reason(self.outputs[index], delta.finish_reason)
             self.finish_reasons.append(reason)
             out.append(self._chunk(index, body, logprobs, reason, delta.stop_reason))
         elif body or logprobs:
@@ -377,6 +426,12 @@ class _ChatView:
                     message = {"role": "assistant", "content": None, "tool_calls": calls}
                 finish_reason = _tool_finish_reason(parser, finish_reason)
                 self.finish_reasons[-1] = finish_reason or "stop"
+            elif self.outputs is not None:
+                output = self.outputs[index]
+                output.feed(merged.text, final=True)
+                message = output.message(self.echo)
+                finish_reason = _parsed_finish_reason(output, finish_reason)
+                self.finish_reasons[-1] = finish_reason or "stop"
             choices.append(
                 {
                     "index": index,
@@ -403,5 +458,12 @@ class _ChatView:
 def _tool_finish_reason(parser: ToolCallParser, finish_reason: str | None) -> str | None:
     """ "tool_calls" when the constrained output ended cleanly and parsed as calls."""
     if finish_reason == "stop" and parser.complete:
+        return "tool_calls"
+    return finish_reason
+
+
+def _parsed_finish_reason(output: ChoiceOutput, finish_reason: str | None) -> str | None:
+    """ "tool_calls" when calls were read out of an output that ended normally."""
+    if finish_reason == "stop" and output.has_calls:
         return "tool_calls"
     return finish_reason

@@ -4,8 +4,9 @@ schema constraint, and the constrained output becomes OpenAI `tool_calls`.
 A named function constrains the output to that function's parameter schema: the whole output
 is the call's arguments. "required" constrains it to a JSON array of at least one
 `{"name": ..., "parameters": ...}` object, one `anyOf` branch per tool (the `$defs` of every
-tool's parameters hoisted to the root so that their `$ref`s still resolve). "auto" needs a
-tool-call parser, which splitserve does not have: it is refused.
+tool's parameters hoisted to the root so that their `$ref`s still resolve). "auto" leaves the
+output free and reads calls out of it afterwards (gateway/tool_parsers.py), which needs the
+server started with --enable-auto-tool-choice --tool-call-parser NAME; without them it is refused.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def tool_constraint(
     tools: list[dict[str, Any]] | None,
     tool_choice: str | dict[str, Any] | None,
     parallel_tool_calls: bool | None,
+    auto_parser: str | None = None,
 ) -> tuple[ToolMode, Source] | None:
-    """The constraint that forces tool calls, or None when the output stays free text."""
+    """The constraint that forces tool calls, or None when the output stays free text.
+    `auto_parser`: the server's tool-call parser for "auto" (None: "auto" is refused)."""
     params = _tool_parameters(tools)
     choice = tool_choice
     if choice is None:
@@ -46,12 +49,13 @@ def tool_constraint(
     if choice == "none":
         return None
     if choice == "auto":
-        if not params:
+        if not params or auto_parser is not None:
             return None
         raise bad_request(
-            "tool_choice 'auto' (the default when tools are given) needs a tool-call parser, "
-            "which this server does not have; use tool_choice 'required', a named function "
-            '({"type": "function", "function": {"name": ...}}), or \'none\'',
+            "tool_choice 'auto' (the default when tools are given) needs the server started "
+            "with --enable-auto-tool-choice --tool-call-parser NAME; otherwise use tool_choice "
+            '\'required\', a named function ({"type": "function", "function": {"name": ...}}), '
+            "or 'none'",
             "tool_choice",
         )
     if choice == "required":

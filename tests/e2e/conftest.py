@@ -122,9 +122,15 @@ def tiny_model(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
     # NOTE: a small waiting queue, so that a burst (test_overload.py) meets deliberate 503s.
-    s = Server(
-        tiny_model, ["--max-waiting-requests", "16"], tmp_path_factory.mktemp("logs") / "serve.log"
-    )
+    # tool_choice "auto" is read with the hermes parser (test_auto_tools.py).
+    flags = [
+        "--max-waiting-requests",
+        "16",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "hermes",
+    ]
+    s = Server(tiny_model, flags, tmp_path_factory.mktemp("logs") / "serve.log")
     yield s
     s.stop()
 

@@ -239,6 +239,11 @@ BAD = [
     ({"tools": TOOLS}, "tool_choice", "'auto'"),
     ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "required"),
     (
+        {"tools": TOOLS, "tool_choice": "auto"},
+        "tool_choice",
+        "--enable-auto-tool-choice --tool-call-parser NAME",
+    ),
+    (
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
         "tool_choice",
         "'nope'",
