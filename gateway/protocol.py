@@ -140,6 +140,8 @@ class SamplingFields(RequestModel):
     return_tokens_as_token_ids: bool | None = None
     """Logprob tokens as "token_id:N" instead of text (vLLM; --return-tokens-as-token-ids
     sets the default)."""
+    return_token_ids: bool | None = None
+    """Put the prompt's and each choice's token ids in the response (vLLM)."""
     request_id: str | None = None
     """The id of the response (vLLM: chatcmpl-/cmpl- plus this); random when unset."""
     # vLLM extensions splitserve refuses by name rather than ignore (vllm_extras.py).
@@ -321,6 +323,10 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids (vLLM)."""
+    token_ids: list[int] | None = None
+    """With return_token_ids (vLLM)."""
 
 
 class CompletionResponse(BaseModel):
@@ -338,6 +344,10 @@ class CompletionStreamChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids, on the first chunk of each choice (vLLM)."""
+    token_ids: list[int] | None = None
+    """With return_token_ids, the ids this chunk adds (vLLM)."""
 
 
 class CompletionStreamResponse(BaseModel):
@@ -379,6 +389,8 @@ class ChatChoice(BaseModel):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+    """With return_token_ids (vLLM)."""
 
 
 class ChatCompletionResponse(BaseModel):
@@ -389,6 +401,8 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids (vLLM)."""
 
 
 class DeltaMessage(BaseModel):
@@ -405,6 +419,8 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+    """With return_token_ids, the ids this chunk adds (vLLM)."""
 
 
 class ChatCompletionStreamResponse(BaseModel):
@@ -414,6 +430,8 @@ class ChatCompletionStreamResponse(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None
+    """With return_token_ids, on the first chunk of each choice (vLLM)."""
 
 
 class ModelCard(BaseModel):

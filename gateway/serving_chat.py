@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -239,6 +239,7 @@ class _ChatView:
         self.top_n = req.top_logprobs or 0
         self.want_logprobs = bool(req.logprobs)
         self.as_ids = serving.tokens_as_ids(req)
+        self.return_token_ids = bool(req.return_token_ids)
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous_usage = bool(opts and opts.include_usage and opts.continuous_usage_stats)
@@ -273,22 +274,28 @@ class _ChatView:
         logprobs: dict | None,
         finish_reason: str | None,
         stop_reason: int | str | None,
+        token_ids: Sequence[int] | None = None,
     ) -> str:
+        choice: dict[str, Any] = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
+        }
         chunk: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": index,
-                    "delta": delta,
-                    "logprobs": logprobs,
-                    "finish_reason": finish_reason,
-                    "stop_reason": stop_reason,
-                }
-            ],
+            "choices": [choice],
         }
+        if self.return_token_ids:
+            # vLLM's return_token_ids: the prompt's ids on the first chunk of each choice,
+            # then every chunk carries the ids it adds.
+            choice["token_ids"] = list(token_ids or ())
+            if delta.get("role"):
+                chunk["prompt_token_ids"] = self.prompt_ids
         if self.include_usage:
             chunk["usage"] = (
                 self._usage(self.num_tokens[index], self.num_cached[index])
@@ -296,6 +303,9 @@ class _ChatView:
                 else None
             )
         return sse(chunk)
+
+    def _role_chunk(self, index: int, content: str | None) -> str:
+        return self._chunk(index, {"role": "assistant", "content": content}, None, None, None)
 
     def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
         if self.parsers is not None:
@@ -306,7 +316,7 @@ class _ChatView:
         text = delta.text
         if not self.started[index]:
             self.started[index] = True
-            out.append(self._chunk(index, {"role": "assistant", "content": ""}, None, None, None))
+            out.append(self._role_chunk(index, ""))
             text = self.echo + text
         self.num_tokens[index] += len(delta.token_ids)
         self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
@@ -315,6 +325,7 @@ class _ChatView:
             logprobs = {
                 "content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)
             }
+        ids = delta.token_ids
         if delta.finish_reason is not None:
             self.finish_reasons.append(delta.finish_reason)
             out.append(
@@ -324,17 +335,18 @@ class _ChatView:
                     logprobs,
                     delta.finish_reason,
                     delta.stop_reason,
+                    ids,
                 )
             )
-        elif text or logprobs:
-            out.append(self._chunk(index, {"content": text}, logprobs, None, None))
+        elif text or logprobs or (self.return_token_ids and ids):
+            out.append(self._chunk(index, {"content": text}, logprobs, None, None, ids))
         return out
 
     def _render_tool_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
         out = []
         if not self.started[index]:
             self.started[index] = True
-            out.append(self._chunk(index, {"role": "assistant", "content": None}, None, None, None))
+            out.append(self._role_chunk(index, None))
         self.num_tokens[index] += len(delta.token_ids)
         self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
         parser = self.parsers[index]
@@ -350,9 +362,11 @@ class _ChatView:
             body = {"tool_calls": calls} if calls else {}
             reason = _tool_finish_reason(parser, delta.finish_reason)
             self.finish_reasons.append(reason)
-            out.append(self._chunk(index, body, logprobs, reason, delta.stop_reason))
-        elif body or logprobs:
-            out.append(self._chunk(index, body, logprobs, None, None))
+            out.append(
+                self._chunk(index, body, logprobs, reason, delta.stop_reason, delta.token_ids)
+            )
+        elif body or logprobs or (self.return_token_ids and delta.token_ids):
+            out.append(self._chunk(index, body, logprobs, None, None, delta.token_ids))
         return out
 
     def _render_parsed_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
@@ -360,7 +374,7 @@ class _ChatView:
         body = self.outputs[index].feed(delta.text, final=delta.finish_reason is not None)
         if not self.started[index]:
             self.started[index] = True
-            out.append(self._chunk(index, {"role": "assistant", "content": ""}, None, None, None))
+            out.append(self._role_chunk(index, ""))
             if self.echo:
                 body["content"] = self.echo + body.get("content", "")
         self.num_tokens[index] += len(delta.token_ids)
@@ -373,9 +387,11 @@ class _ChatView:
         if delta.finish_reason is not None:
             reason = _parsed_finish_reason(self.outputs[index], delta.finish_reason)
             self.finish_reasons.append(reason)
-            out.append(self._chunk(index, body, logprobs, reason, delta.stop_reason))
-        elif body or logprobs:
-            out.append(self._chunk(index, body, logprobs, None, None))
+            out.append(
+                self._chunk(index, body, logprobs, reason, delta.stop_reason, delta.token_ids)
+            )
+        elif body or logprobs or (self.return_token_ids and delta.token_ids):
+            out.append(self._chunk(index, body, logprobs, None, None, delta.token_ids))
         return out
 
     def final_chunks(self) -> Iterable[str]:
@@ -432,15 +448,16 @@ class _ChatView:
                 message = output.message(self.echo)
                 finish_reason = _parsed_finish_reason(output, finish_reason)
                 self.finish_reasons[-1] = finish_reason or "stop"
-            choices.append(
-                {
-                    "index": index,
-                    "message": message,
-                    "logprobs": logprobs,
-                    "finish_reason": finish_reason,
-                    "stop_reason": merged.stop_reason,
-                }
-            )
+            choice = {
+                "index": index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+                "stop_reason": merged.stop_reason,
+            }
+            if self.return_token_ids:
+                choice["token_ids"] = list(merged.token_ids)
+            choices.append(choice)
         completion_tokens = sum(self.num_tokens)
         self.serving.metrics.record_finished(
             self.arrival, len(self.prompt_ids), completion_tokens, self.finish_reasons
@@ -452,6 +469,7 @@ class _ChatView:
             choices=choices,
             usage=self._usage(completion_tokens),
             prompt_logprobs=prompt_lps,
+            prompt_token_ids=self.prompt_ids if self.return_token_ids else None,
         )
 
 

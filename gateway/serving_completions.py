@@ -196,6 +196,7 @@ class _CompletionView:
         self.n = n
         self.arrival = arrival
         self.echo = bool(req.echo)
+        self.return_token_ids = bool(req.return_token_ids)
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous_usage = bool(opts and opts.include_usage and opts.continuous_usage_stats)
@@ -262,7 +263,11 @@ class _CompletionView:
         logprobs = self._logprobs(index, delta, first)
         if delta.finish_reason is not None:
             self.finish_reasons.append(delta.finish_reason)
-        elif not text and not (logprobs and logprobs["tokens"]):
+        elif (
+            not text
+            and not (logprobs and logprobs["tokens"])
+            and not (self.return_token_ids and (first or delta.token_ids))
+        ):
             return ()
         chunk: dict[str, Any] = {
             "id": self.id,
@@ -279,6 +284,13 @@ class _CompletionView:
                 }
             ],
         }
+        if self.return_token_ids:
+            # vLLM's return_token_ids: the prompt's ids on a choice's first chunk, then the
+            # ids each chunk adds.
+            choice = chunk["choices"][0]
+            if first:
+                choice["prompt_token_ids"] = self._prompt(index).token_ids
+            choice["token_ids"] = list(delta.token_ids)
         if self.include_usage:
             chunk["usage"] = (
                 self._usage(
@@ -330,6 +342,9 @@ class _CompletionView:
                 "finish_reason": merged.finish_reason,
                 "stop_reason": merged.stop_reason,
             }
+            if self.return_token_ids:
+                choice["prompt_token_ids"] = prompt.token_ids
+                choice["token_ids"] = list(merged.token_ids)
             if self.req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = vllm_prompt_logprobs(
                     self.clients, prompt.token_ids, merged.prompt_logprobs

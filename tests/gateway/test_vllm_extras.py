@@ -203,3 +203,50 @@ def test_same_request_id_twice_at_once_does_not_collide(http, fakes, loop_thread
 @pytest.mark.parametrize("value", ["", "has space", "x" * 200, "a/b"])
 def test_bad_request_id_is_400(http, value):
     assert_error(http.post(COMPL, json=body(COMPL, "x", request_id=value)), 400, "request_id")
+
+
+# ------------------------------------------------------------------ return_token_ids
+
+
+def _sse(text: str) -> list[dict]:
+    import json
+
+    return [
+        json.loads(line[6:])
+        for line in text.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def test_completion_return_token_ids(http):
+    r = http.post(COMPL, json=body(COMPL, "Hi", return_token_ids=True, n=2))
+    assert r.status_code == 200, r.text
+    for choice in r.json()["choices"]:
+        assert choice["prompt_token_ids"] == encode("Hi", add_bos=True)
+        assert bytes(choice["token_ids"]).decode() == choice["text"] == "The"
+    plain = http.post(COMPL, json=body(COMPL, "Hi")).json()["choices"][0]
+    assert plain.get("token_ids") is None and plain.get("prompt_token_ids") is None
+
+
+def test_completion_return_token_ids_streamed_add_up(http):
+    r = http.post(COMPL, json=body(COMPL, "Hi", return_token_ids=True, stream=True))
+    chunks = [c for c in _sse(r.text) if c["choices"]]
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == encode("Hi", add_bos=True)
+    assert all("prompt_token_ids" not in c["choices"][0] for c in chunks[1:])
+    ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+    assert bytes(ids).decode() == "".join(c["choices"][0]["text"] for c in chunks) == "The"
+
+
+def test_chat_return_token_ids(http):
+    r = http.post(CHAT, json=body(CHAT, "Hi", return_token_ids=True))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["prompt_token_ids"] and bytes(t for t in data["prompt_token_ids"] if t < 256)
+    choice = data["choices"][0]
+    assert bytes(choice["token_ids"]).decode() == choice["message"]["content"] == "The"
+    r = http.post(CHAT, json=body(CHAT, "Hi", return_token_ids=True, stream=True))
+    chunks = [c for c in _sse(r.text) if c["choices"]]
+    assert chunks[0]["prompt_token_ids"] == data["prompt_token_ids"]
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+    assert bytes(ids).decode() == "The"
