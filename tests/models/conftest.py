@@ -32,6 +32,10 @@ MODEL_KWARGS: dict[str, dict] = {
     ),
     "qwen2": dict(arch="qwen2", num_heads=4, num_kv_heads=2, max_position_embeddings=512),
     "mistral": dict(arch="mistral", num_heads=4, num_kv_heads=1, max_position_embeddings=512),
+    # head_dim 32: q is 128 wide over a hidden size of 64; embeddings tied.
+    "qwen3": dict(
+        arch="qwen3", num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512
+    ),
     "llama3_rope": dict(
         arch="llama",
         max_position_embeddings=512,

@@ -79,7 +79,12 @@ def _run_continuous_batch(runner: ModelRunner, **driver_kwargs) -> list:
     return [out[str(i)].top_logprobs() for i in range(len(PROMPTS))]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "llama3_rope", "yarn_rope"])
+NEW_ARCHS = ["qwen3"]
+
+
+@pytest.mark.parametrize(
+    "name", ["llama", "qwen2", "mistral", "llama3_rope", "yarn_rope", *NEW_ARCHS]
+)
 def test_greedy_and_logprobs_match_transformers(name, runner_for, reference):
     ours = _run_continuous_batch(runner_for(name), block_size=16)
     theirs = reference(name)
@@ -87,7 +92,7 @@ def test_greedy_and_logprobs_match_transformers(name, runner_for, reference):
     check_logprobs_close(theirs, ours, "transformers", "splitserve")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", *NEW_ARCHS])
 def test_chunked_prefill_matches_transformers(name, runner_for, reference):
     ours = _run_continuous_batch(runner_for(name), block_size=4, chunk_size=5)
     theirs = reference(name)

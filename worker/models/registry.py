@@ -6,11 +6,13 @@ from torch import nn
 
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
+from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 
