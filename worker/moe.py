@@ -88,7 +88,7 @@ class MoEExperts(nn.Module):
                 f"{', '.join(self.checkpoint_names)}"
             )
         if param != "weight":
-            raise ValueError(f"expert {param}s are not supported (expert {proj} has a {param})")
+            raise ValueError(f"experts have weights only, not {proj}.{param}")
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is out of range: the config has {self.num_experts}")
         stacked, shard = self.checkpoint_names[proj]
