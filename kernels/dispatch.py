@@ -237,13 +237,17 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """SwiGLU experts on their routed tokens: x [T, H], w13 [E, 2I, H] (gate, then up rows),
     w2 [E, H, I], topk_weights [T, K], topk_ids int [T, K] -> [T, H], weighted sum per token.
 
-    NOTE: no Triton kernel yet: every device runs the grouped torch path (`torch_moe`), which
-    computes each expert on its own tokens only. A fused-MoE kernel slots in here.
+    Both paths compute each expert on its own tokens only. The torch path (`torch_moe`) reads
+    the routing on the host; the Triton one (`fused_moe`) does not, so it can be captured.
     """
+    if _use_triton(x, backend):
+        return _kernel_module("fused_moe").fused_moe(x, w13, w2, topk_weights, topk_ids)
     return fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
 
 

@@ -291,7 +291,8 @@ def fused_moe_ref(
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
     """Token by token, slot by slot: sum_j w[t, j] * down(silu(gate(x[t])) * up(x[t])) of
-    expert topk_ids[t, j], in fp32.
+    expert topk_ids[t, j], in fp32 with the projections' outputs rounded to x.dtype, where a
+    model (and the kernels) store them.
 
     Args:
         x: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I];
@@ -300,11 +301,16 @@ def fused_moe_ref(
     Returns:
         [T, H] in x.dtype.
     """
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(x.dtype).float()
+
     out = torch.zeros(x.shape, dtype=torch.float32)
     for t in range(x.shape[0]):
         xt = x[t].float().cpu()
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
-            gate, up = (w13[e].float().cpu() @ xt).chunk(2)
-            out[t] += float(topk_weights[t, j]) * (w2[e].float().cpu() @ (F.silu(gate) * up))
+            gate, up = rounded(w13[e].float().cpu() @ xt).chunk(2)
+            hidden = rounded(F.silu(gate) * up)
+            out[t] += float(topk_weights[t, j]) * rounded(w2[e].float().cpu() @ hidden)
     return out.to(device=x.device, dtype=x.dtype)

@@ -6,8 +6,8 @@ The per-expert outputs, scaled by their routing weights, are added into the outp
 ascending expert order (what transformers' experts loop does), in the activation dtype.
 
 NOTE: the run lengths are read on the host (one sync per layer) and shapes follow the routing,
-so this path cannot be captured in a CUDA graph; a fused-MoE Triton kernel would slot in at
-`dispatch.fused_moe`.
+so this path cannot be captured in a CUDA graph; on CUDA, `dispatch.fused_moe` runs the
+Triton kernel (`fused_moe.py`) instead.
 """
 
 from __future__ import annotations

@@ -128,6 +128,33 @@ def test_moe_parity_models_route_to_many_experts(name, runner_for, monkeypatch):
     assert min(used[:sparse_layers]) >= 6, counts  # the 33-token prefill reaches most experts
 
 
+def test_triton_moe_kernel_matches_transformers(runner_for, reference, monkeypatch):
+    """The Mixtral batch with the MoE layers on the Triton kernel (interpreted on CPU)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    from splitserve.kernels import dispatch
+    from splitserve.kernels.fused_moe import fused_moe
+
+    calls = []
+
+    def triton_moe(*args):
+        calls.append(args[0].shape[0])
+        return fused_moe(*args)
+
+    driver = StepDriver(runner_for("mixtral"), block_size=4, chunk_size=5)
+    monkeypatch.setattr(dispatch, "fused_moe", triton_moe)
+    tokens = 5  # the interpreter is slow: two prompts (one chunked), a few tokens
+    for i in (0, 2):
+        driver.add(str(i), PROMPTS[i], tokens, _greedy())
+    out = driver.run()
+    assert len(calls) >= 2 * tokens  # both layers, every step, through the kernel
+    ours = [out[str(i)].top_logprobs() for i in (0, 2)]
+    theirs = [(t[:tokens], lp[:tokens]) for t, lp in (reference("mixtral")[i] for i in (0, 2))]
+    assert [t for t, _ in ours] == [t for t, _ in theirs]
+    check_logprobs_close(theirs, ours, "transformers", "splitserve")
+
+
 def test_triton_attention_backend_matches_transformers(model_factory, reference):
     """The same continuous batch (chunked) through splitserve.kernels' Triton attention
     (compiled on CUDA, interpreted on CPU)."""

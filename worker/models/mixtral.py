@@ -38,6 +38,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
     """Mixtral for one pipeline slice."""
 
     model_cls = MixtralModel
-    supports_cuda_graphs = False  # the torch MoE path syncs on the routing (worker/moe.py)
+    # NOTE: the Triton MoE path has no host sync, but capture is untested on a GPU yet.
+    supports_cuda_graphs = False
     checkpoint_renames = ((re.compile(r"\.block_sparse_moe\."), ".mlp."),)
     """(pattern, replacement) applied to each checkpoint tensor name before it is placed."""
