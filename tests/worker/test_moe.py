@@ -184,3 +184,24 @@ def test_lora_on_moe_experts_is_refused_naming_the_module(checkpoint, tmp_path):
     assert "targets the MoE module model.layers.0.mlp.gate;" in manager.add_request(
         "r3", "router", str(router), 3
     )
+
+
+def test_qwen3_moe_sparse_layers_follow_transformers():
+    """decoder_sparse_step and mlp_only_layers pick the same sparse layers as transformers."""
+    import transformers
+
+    from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+        num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, num_experts=4,
+        num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3],
+    )  # fmt: skip
+    theirs = transformers.Qwen3MoeForCausalLM(config)
+    expected = [
+        type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in theirs.model.layers
+    ]
+    assert expected == [False, True, False, False, False, True]
+    with torch.device("meta"):
+        ours = Qwen3MoeForCausalLM(config, 0, 6, True, True, 64)
+    assert [isinstance(layer.mlp, SparseMoE) for layer in ours.model.layers] == expected
