@@ -205,3 +205,28 @@ def test_qwen3_moe_sparse_layers_follow_transformers():
     with torch.device("meta"):
         ours = Qwen3MoeForCausalLM(config, 0, 6, True, True, 64)
     assert [isinstance(layer.mlp, SparseMoE) for layer in ours.model.layers] == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_moe_models_decode_without_cuda_graphs(arch, checkpoint, caplog):
+    """Graph capture is off for MoE models (not yet tried on a GPU), on for dense ones, in
+    the same (faked) CUDA + triton setting."""
+    import logging
+    from types import SimpleNamespace
+
+    from splitserve.worker.model_runner import ModelRunner
+
+    if arch == "mixtral":
+        path = checkpoint("mixtral_moe", arch=arch, num_layers=2, **MOE_CONFIGS[arch])
+    else:
+        path = checkpoint("llama_graph_sizes", arch=arch, num_layers=2)
+    runner = ModelRunner(WorkerConfig(model=str(path)))
+    runner.device = torch.device("cuda")
+    runner.backend = SimpleNamespace(name="triton")
+    with caplog.at_level(logging.INFO, logger="splitserve.worker.model_runner"):
+        sizes = runner.graph_sizes()
+    if arch == "mixtral":
+        assert sizes == []
+        assert "CUDA graphs are not captured for MixtralForCausalLM" in caplog.text
+    else:
+        assert sizes and sizes[0] == 1
