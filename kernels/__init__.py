@@ -8,6 +8,8 @@ Modules:
     reference           plain-torch references (the oracle of every kernel test)
     torch_attention     CPU paths of paged attention (per-step plan) and the KV-cache write
     torch_ops           CPU paths of RMSNorm (+ residual add), rotary and SiLU-and-mul
+    torch_moe           grouped torch path of the fused MoE op (each expert on its own tokens)
+    fused_moe           grouped-GEMM MoE experts (device-side alignment, no host sync)
     attention_prefill   varlen paged attention (prefill, chunked prefill, mixed batches)
     attention_decode    split-KV paged decode attention + reduce
     kv_cache            scatter of new keys/values into the paged cache
@@ -25,6 +27,7 @@ from .dispatch import (
     apply_rotary,
     apply_token_bitmask,
     fused_add_rms_norm,
+    fused_moe,
     gelu_and_mul,
     paged_attention,
     rms_norm,
@@ -37,6 +40,7 @@ __all__ = [
     "apply_rotary",
     "apply_token_bitmask",
     "fused_add_rms_norm",
+    "fused_moe",
     "gelu_and_mul",
     "paged_attention",
     "rms_norm",

@@ -21,6 +21,7 @@ import torch
 from . import reference as ref
 from . import torch_ops
 from .torch_attention import TorchAttentionPlan, paged_attention_torch, write_kv_cache_torch
+from .torch_moe import fused_moe_torch
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +229,26 @@ def gelu_and_mul(
     if _use_triton(x, backend):
         return _kernel_module("activation").gelu_and_mul(x, approximate)
     return ref.gelu_and_mul_ref(x, approximate)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """SwiGLU experts on their routed tokens: x [T, H], w13 [E, 2I, H] (gate, then up rows),
+    w2 [E, H, I], topk_weights [T, K], topk_ids int [T, K] -> [T, H], weighted sum per token.
+
+    Both paths compute each expert on its own tokens only. The torch path (`torch_moe`) reads
+    the routing on the host; the Triton one (`fused_moe`) does not, so it can be captured.
+    """
+    if _use_triton(x, backend):
+        return _kernel_module("fused_moe").fused_moe(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
 
 
 def apply_token_bitmask(

@@ -5,7 +5,8 @@ to the input dtype at the same points the kernels (and Hugging Face models) do. 
 vectorised enough to serve as the CPU path for the elementwise ops (see `dispatch.py`).
 
 Shapes use: T tokens, S sequences, Hq query heads, Hk KV heads, D head dim, NB cache blocks,
-BS block size, MB max blocks per sequence, V vocab, I intermediate size.
+BS block size, MB max blocks per sequence, V vocab, I intermediate size, E experts, K experts
+per token.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __all__ = [
     "apply_rotary_ref",
     "apply_token_bitmask_ref",
     "fused_add_rms_norm_ref",
+    "fused_moe_ref",
     "gelu_and_mul_ref",
     "paged_attention_ref",
     "rms_norm_ref",
@@ -276,3 +278,39 @@ def apply_token_bitmask_ref(
     allowed = unpack_bitmask(bitmask[rows], n)
     sub = logits[rows, :n].masked_fill(~allowed, float("-inf"))
     logits[rows, :n] = sub
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Token by token, slot by slot: sum_j w[t, j] * down(silu(gate(x[t])) * up(x[t])) of
+    expert topk_ids[t, j], in fp32 with the projections' outputs rounded to x.dtype, where a
+    model (and the kernels) store them.
+
+    Args:
+        x: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I];
+        topk_weights: [T, K]; topk_ids: int [T, K].
+
+    Returns:
+        [T, H] in x.dtype.
+    """
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        return t.to(x.dtype).float()
+
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        xt = x[t].float().cpu()
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            gate, up = rounded(w13[e].float().cpu() @ xt).chunk(2)
+            hidden = rounded(F.silu(gate) * up)
+            out[t] += float(topk_weights[t, j]) * rounded(w2[e].float().cpu() @ hidden)
+    return out.to(device=x.device, dtype=x.dtype)

@@ -31,6 +31,24 @@ BOS_TEMPLATE = (
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
+ARCHS: dict[str, tuple[str, str, dict]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        {"tie_word_embeddings": False, "sliding_window": None},
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        {"tie_word_embeddings": True, "use_sliding_window": False},
+    ),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"tie_word_embeddings": False}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"tie_word_embeddings": False}),
+}
+"""build_model's arch -> (transformers config class, model class, default config fields)."""
+
 
 def _corpus() -> Iterator[str]:
     """English text that ships with Python: module docs and the Zen of Python."""
@@ -132,11 +150,14 @@ def build_model(
     initializer_range: float = 0.2,
     tokenizer_kwargs: dict | None = None,
     dtype: str = "float32",
+    **config_kwargs,
 ) -> pathlib.Path:
-    """Save a tiny random Llama / Mistral / Qwen2 checkpoint with its tokenizer.
+    """Save a tiny random checkpoint of `arch` (one of `ARCHS`) with its tokenizer.
 
     `extra_vocab` pads the embedding past the tokenizer (as real checkpoints do).
     `eos_token_ids` goes to generation_config.json (several EOS ids, as Llama 3 has).
+    `config_kwargs` are further config fields (attention_bias, num_experts, norm_topk_prob,
+    mlp_only_layers, ...); the MoE archs default to 4 experts, top-2.
     """
     import torch
     import transformers
@@ -160,30 +181,22 @@ def build_model(
     )
     if rope_parameters is not None:
         common["rope_parameters"] = rope_parameters
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(
-            head_dim=head_dim or hidden_size // num_heads,
-            tie_word_embeddings=bool(tie_word_embeddings),
-            **common,
-        )
-        cls = transformers.LlamaForCausalLM
-    elif arch == "mistral":
-        cfg = transformers.MistralConfig(
-            head_dim=head_dim or hidden_size // num_heads,
-            sliding_window=None,
-            tie_word_embeddings=bool(tie_word_embeddings),
-            **common,
-        )
-        cls = transformers.MistralForCausalLM
-    elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(
-            tie_word_embeddings=True if tie_word_embeddings is None else tie_word_embeddings,
-            use_sliding_window=False,
-            **common,
-        )
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        raise ValueError(f"unknown arch {arch!r}; expected llama, mistral or qwen2")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    config_name, model_name, defaults = ARCHS[arch]
+    fields = {**defaults, **common, **config_kwargs}
+    if arch in ("llama", "mistral", "qwen3", "qwen3_moe"):
+        fields["head_dim"] = head_dim or hidden_size // num_heads
+    if arch in ("mixtral", "qwen3_moe"):
+        if not {"num_experts", "num_local_experts"} & fields.keys():
+            fields["num_local_experts"] = 4
+        fields.setdefault("num_experts_per_tok", 2)
+    if arch == "qwen3_moe":
+        fields.setdefault("moe_intermediate_size", intermediate_size // 2)
+    if tie_word_embeddings is not None:
+        fields["tie_word_embeddings"] = tie_word_embeddings
+    cfg = getattr(transformers, config_name)(**fields)
+    cls = getattr(transformers, model_name)
     torch.manual_seed(seed)
     model = cls(cfg).to(getattr(torch, dtype))
     model.eval()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """peft target module names splitserve applies an adapter to."""
+MOE_TARGETS = ("w1", "w2", "w3", "gate", "experts", "block_sparse_moe", "gate_up_proj")
+"""peft target names of MoE experts and routers (Mixtral's w1/w2/w3, the router `gate`)."""
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 RUNTIME_UPDATE_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
@@ -172,9 +174,11 @@ def read_adapter_config(folder: Path, max_lora_rank: int) -> AdapterConfig:
         raise ValueError(f"{where}: target_modules must be a list of module names, got {targets!r}")
     unsupported = sorted(set(targets) - set(SUPPORTED_TARGETS))
     if unsupported:
+        moe = sorted(set(unsupported) & set(MOE_TARGETS))
+        hint = f"; {moe} are MoE expert or router modules, which LoRA does not cover" if moe else ""
         raise ValueError(
             f"{where}: target modules {unsupported} are not supported "
-            f"(supported: {', '.join(SUPPORTED_TARGETS)})"
+            f"(supported: {', '.join(SUPPORTED_TARGETS)}){hint}"
         )
     rank = cfg.get("r")
     if not isinstance(rank, int) or rank < 1:

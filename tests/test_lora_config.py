@@ -83,6 +83,10 @@ def test_paths_outside_the_root_are_refused_without_reading(tmp_path, monkeypatc
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"target_modules": ["embed_tokens", "q_proj"]}, "embed_tokens"),
         ({"target_modules": ".*proj"}, "target_modules"),
+        (
+            {"target_modules": ["q_proj", "w1", "w2"]},
+            r"\['w1', 'w2'\] are MoE expert or router modules",
+        ),
         ({"bias": "all"}, "bias"),
         ({"r": 32}, "max-lora-rank"),
         ({"peft_type": "IA3"}, "IA3"),

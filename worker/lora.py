@@ -47,6 +47,11 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<prefix>.+)\.(?P<module>[a-z_]+_proj)"
     r"\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
+_MOE_KEY = re.compile(
+    r"^(?:base_model\.model\.)?"
+    r"(?P<module>.+?\.(?:experts(?:\.\S+?)?|block_sparse_moe\.gate|mlp\.gate))\.lora_[AB]\b"
+)
+"""Adapter tensors on MoE experts (per expert or stacked) or on the router."""
 
 AdapterWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Wrapped module name -> (A [n*r, in], scale * B [out, n*r])."""
@@ -177,6 +182,12 @@ class LoRAManager:
         packed_modules = getattr(self.model, "packed_modules", {})
         shards: dict[str, dict[str | None, dict[str, torch.Tensor]]] = {}
         for key, tensor in tensors.items():
+            if moe := _MOE_KEY.match(key):
+                raise ValueError(
+                    f"adapter {adapter!r}: {key!r} targets the MoE module {moe['module']}; "
+                    "LoRA on MoE experts and routers is not supported (attention "
+                    "projections and dense MLPs are)"
+                )
             m = _KEY.match(key)
             if m is None:
                 raise ValueError(f"adapter {adapter!r}: unsupported tensor {key!r}")

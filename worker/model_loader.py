@@ -35,6 +35,7 @@ from splitserve.model_path import (
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.linear import MergedLinear
 from splitserve.worker.models.registry import get_model_class
+from splitserve.worker.moe import MoEExperts
 from splitserve.worker.pipeline import layer_range
 from splitserve.worker.weight_files import iterate_weights, read_shard_shapes
 
@@ -49,6 +50,9 @@ _DTYPES = {
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")
+_EXPERT_RE = re.compile(
+    r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<param>\w+)$"
+)
 
 
 @dataclass
@@ -352,19 +356,36 @@ def _owned_by(model: nn.Module) -> Callable[[str], bool]:
 
 
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into `model` by name, packing fused shards; check completeness.
+    """Copy checkpoint tensors into `model` by name, packing fused shards and stacking MoE
+    experts; check completeness.
 
-    A tied (or missing) lm_head takes model.embed_tokens.weight.
+    A tied (or missing) lm_head takes model.embed_tokens.weight. The model's
+    `checkpoint_renames` ((pattern, replacement) pairs) rewrite names first.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    renames: tuple[tuple[re.Pattern, str], ...] = getattr(model, "checkpoint_renames", ())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     expected = _expected_keys(model)
     loaded: set[tuple[str, str | None]] = set()
     embed: torch.Tensor | None = None
-    for name, tensor in weights:
-        if _IGNORED_RE.search(name):
+    for file_name, tensor in weights:
+        if _IGNORED_RE.search(file_name):
+            continue
+        name = file_name
+        for pattern, replacement in renames:
+            name = pattern.sub(replacement, name)
+        if (m := _EXPERT_RE.match(name)) and isinstance(
+            experts := modules.get(m["module"]), MoEExperts
+        ):
+            try:
+                stacked, shard = experts.load_expert(
+                    int(m["expert"]), m["proj"], m["param"], tensor
+                )
+            except ValueError as exc:
+                raise ValueError(f"checkpoint tensor {file_name}: {exc}") from None
+            loaded.add((f"{m['module']}.{stacked}", shard))
             continue
         if name == "model.embed_tokens.weight":
             embed = tensor
@@ -380,15 +401,19 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
                 try:
                     module.load_shard(param_name, shard, tensor)
                 except ValueError as exc:
-                    raise ValueError(f"checkpoint tensor {name}: {exc}") from None
+                    raise ValueError(f"checkpoint tensor {file_name}: {exc}") from None
                 loaded.add((f"{fused}.{param_name}", shard))
                 continue
         if name not in params:
             if name != "model.embed_tokens.weight":
-                logger.warning("ignoring checkpoint tensor %s: no such parameter", name)
+                logger.warning("ignoring checkpoint tensor %s: no such parameter", file_name)
             continue
-        _copy(params[name], tensor, name)
-        loaded.add((name, None))
+        _copy(params[name], tensor, file_name)
+        owner = modules.get(module_name)
+        if isinstance(owner, MoEExperts):  # all experts at once, already stacked
+            loaded.update((name, s) for s in owner.shard_ids(param_name))
+        else:
+            loaded.add((name, None))
     if "lm_head.weight" in params and ("lm_head.weight", None) not in loaded:
         if embed is None:
             raise ValueError(
@@ -411,6 +436,8 @@ def _expected_keys(model: nn.Module) -> set[tuple[str, str | None]]:
             full = f"{module_name}.{param_name}" if module_name else param_name
             if isinstance(module, MergedLinear):
                 keys.update((full, shard) for shard in module.shard_sizes)
+            elif isinstance(module, MoEExperts):
+                keys.update((full, shard) for shard in module.shard_ids(param_name))
             else:
                 keys.add((full, None))
     return keys

@@ -224,11 +224,18 @@ class ModelRunner:
 
     def graph_sizes(self) -> list[int]:
         """Decode batch sizes to capture; empty unless graphs run here: CUDA, no
-        enforce_eager, and the (graph-safe) triton attention backend."""
+        enforce_eager, no LoRA, a graph-safe model, and the triton attention backend."""
         if self.device.type != "cuda" or self.config.enforce_eager:
             return []
         if self.lora is not None:
             logger.info("CUDA graphs are not captured with --enable-lora; decoding eagerly")
+            return []
+        if not getattr(self.model, "supports_cuda_graphs", True):
+            logger.info(
+                "CUDA graphs are not captured for %s (its MoE layers run eagerly); "
+                "decoding eagerly",
+                type(self.model).__name__,
+            )
             return []
         if self.backend.name != "triton":
             logger.info("CUDA graphs need the triton attention backend; decoding eagerly")

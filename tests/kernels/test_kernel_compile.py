@@ -22,9 +22,10 @@ import pytest
 
 INT32_POINTERS = {
     "block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr", "bitmask_ptr", "indices_ptr",
+    "pair_ids_ptr", "block_expert_ptr",
 }  # fmt: skip
 INT64_POINTERS = {"positions_ptr", "slot_mapping_ptr"}
-FP32_POINTERS = {"sinks_ptr", "part_acc_ptr", "part_m_ptr", "part_l_ptr"}
+FP32_POINTERS = {"sinks_ptr", "part_acc_ptr", "part_m_ptr", "part_l_ptr", "topk_weights_ptr"}
 FLOAT_SCALARS = {"scale", "soft_cap", "eps"}
 
 
@@ -85,6 +86,7 @@ def _cases() -> dict[str, object]:
         _paged_attention_reduce_kernel,
     )
     from splitserve.kernels.attention_prefill import _paged_attention_prefill_kernel
+    from splitserve.kernels.fused_moe import _fused_moe_kernel
     from splitserve.kernels.kv_cache import _write_kv_cache_kernel
     from splitserve.kernels.rms_norm import _rms_norm_kernel
     from splitserve.kernels.rotary_kernel import _rotary_kernel
@@ -134,6 +136,18 @@ def _cases() -> dict[str, object]:
             )
         meta = {"HAS_INDICES": dtype == "bf16", "BLOCK_V": 1024}
         cases[f"bitmask-{dtype}"] = (_apply_token_bitmask_kernel, dtype, meta, 90)
+    for dtype, arch in (("fp16", 90), ("bf16", 80), ("fp32", 90)):
+        for gate_up in (True, False):
+            meta = {
+                "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "A_BY_TOKEN": gate_up,
+                "MUL_WEIGHT": not gate_up, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            }  # fmt: skip
+            cases[f"fused_moe-{dtype}-sm{arch}-{'gate_up' if gate_up else 'down'}"] = (
+                _fused_moe_kernel,
+                dtype,
+                meta,
+                arch,
+            )
     return cases
 
 
@@ -146,6 +160,7 @@ CASE_NAMES = [
     ),
     "reduce-featuresTrue", "reduce-featuresFalse",
     *(f"{k}-{d}" for d in ("fp16", "bf16") for k in ("kv_cache", "rms_norm", "rotary", "act0", "act1", "act2", "bitmask")),
+    *(f"fused_moe-{d}-{p}" for d in ("fp16-sm90", "bf16-sm80", "fp32-sm90") for p in ("gate_up", "down")),
 ]  # fmt: skip
 
 

@@ -81,6 +81,8 @@ def test_cpu_tensors_never_reach_triton(monkeypatch):
     dispatch.apply_rotary(torch.arange(3), q, q.clone(), torch.randn(4, 8))
     cache = torch.zeros(2, 4, 2, 16)
     dispatch.write_kv_cache(q, q, cache, cache.clone(), torch.arange(3))
+    w13, w2 = torch.randn(4, 8, 16), torch.randn(4, 16, 4)
+    dispatch.fused_moe(x, w13, w2, torch.rand(3, 2), torch.tensor([[0, 1], [1, 2], [3, 0]]))
 
 
 # --------------------------------------------------------------------------- attention paths

@@ -32,6 +32,32 @@ MODEL_KWARGS: dict[str, dict] = {
     ),
     "qwen2": dict(arch="qwen2", num_heads=4, num_kv_heads=2, max_position_embeddings=512),
     "mistral": dict(arch="mistral", num_heads=4, num_kv_heads=1, max_position_embeddings=512),
+    # head_dim 32: q is 128 wide over a hidden size of 64; embeddings tied.
+    "qwen3": dict(
+        arch="qwen3", num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512
+    ),
+    # 8 experts, top-2, renormalised: decode tokens spread over most experts.
+    "mixtral": dict(
+        arch="mixtral",
+        num_heads=4,
+        num_kv_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+    ),
+    # Sparse layers 0 and 2 around a dense layer 1; top-2 not renormalised; q/k/v/o biases.
+    "qwen3_moe": dict(
+        arch="qwen3_moe",
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        attention_bias=True,
+        max_position_embeddings=512,
+    ),
     "llama3_rope": dict(
         arch="llama",
         max_position_embeddings=512,

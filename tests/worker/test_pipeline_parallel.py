@@ -22,6 +22,8 @@ from splitserve.worker.model_loader import load_model
 from splitserve.worker.model_runner import ModelRunner
 from splitserve.worker.pipeline import layer_range
 
+from ..models.utils import StepDriver
+
 NUM_REQUESTS = 32
 HANG_TIMEOUT_S = 5.0
 STARTUP_S = 180.0
@@ -342,3 +344,55 @@ def test_layer_partition_from_vllm_environment_variable(checkpoint, monkeypatch)
     monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "1,1,1")
     with pytest.raises(ValueError, match="has 3 entries"):
         WorkerConfig(model=str(path), pipeline_parallel_size=2)
+
+
+class _ChainedRanks:
+    """Pipeline ranks in one process, for StepDriver: a step goes through each rank in turn,
+    activations handed on as the stage transfer would, and the non-last ranks are told the
+    sampled tokens afterwards."""
+
+    def __init__(self, ranks: list[ModelRunner]) -> None:
+        self.ranks = ranks
+
+    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
+        for rank in self.ranks:
+            rank.initialize_cache(num_blocks, block_size)
+
+    def execute(self, step):
+        from splitserve.worker.pipeline import IntermediateTensors
+
+        out = None
+        for rank in self.ranks:
+            out = rank.execute(step, out)
+            if isinstance(out, IntermediateTensors):
+                out = IntermediateTensors(out.hidden_states, out.residual, rank.last_layout)
+        for rank in self.ranks[:-1]:
+            rank.record_sampled(list(out.request_ids), list(out.token_ids))
+        return out
+
+
+@pytest.mark.parametrize(
+    "arch,config",
+    [
+        ("qwen3", dict(head_dim=16, tie=True)),
+        ("mixtral", dict(num_local_experts=6, num_experts_per_tok=2)),
+        ("qwen3_moe", dict(num_experts=6, num_experts_per_tok=2, mlp_only_layers=[1])),
+    ],
+)
+def test_newer_architectures_split_over_ranks_match_transformers(checkpoint, arch, config):
+    """Two ranks in one process (layers [0, 2) and [2, 3)) decode the workload like
+    transformers; for Qwen3-MoE rank 0 holds a sparse and the dense layer."""
+    path = checkpoint(f"{arch}_pp", arch=arch, num_layers=3, **config)
+    workload = _workload(96)[:8]
+    ranks = [
+        ModelRunner(WorkerConfig(model=str(path), rank=r, pipeline_parallel_size=2))
+        for r in range(2)
+    ]
+    assert [(r.loaded.start_layer, r.loaded.end_layer) for r in ranks] == [(0, 2), (2, 3)]
+    driver = StepDriver(_ChainedRanks(ranks), block_size=4, chunk_size=7)
+    sp = common_pb2.SamplingParams(temperature=0, ignore_eos=True)
+    for i, (prompt, n) in enumerate(workload):
+        driver.add(f"r{i}", prompt, n, sp)
+    out = driver.run()
+    got = {rid: req.outputs for rid, req in out.items()}
+    assert got == _transformers_greedy(path, workload)

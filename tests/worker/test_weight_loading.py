@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from splitserve.worker import weight_files
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.model_loader import check_model, load_model
+from splitserve.worker.models.registry import MODEL_REGISTRY
 
 from .utils import model_forward
 
@@ -335,8 +337,8 @@ def test_trusted_remote_model_still_runs_only_our_implementations(formats, tmp_p
     with pytest.raises(
         ValueError,
         match=r"unsupported model architecture \['TinyCustomForCausalLM'\]; supported: "
-        r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM\. splitserve runs only its "
-        r"own model implementations",
+        + re.escape(", ".join(sorted(MODEL_REGISTRY)))
+        + r"\. splitserve runs only its own model implementations",
     ):
         _load(folder, trust_remote_code=True)
 

@@ -61,13 +61,17 @@ class LlamaAttention(nn.Module):
             sliding_window_of(config, layer_idx),
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the fused projection's output: q [T, Hq, D], k and v [T, Hk, D]."""
         num_tokens, d = qkv.shape[0], self.head_dim
         qk_end = self.q_size + self.kv_size
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, d)
         k = qkv[:, self.q_size : qk_end].view(num_tokens, self.num_kv_heads, d)
         v = qkv[:, qk_end:].view(num_tokens, self.num_kv_heads, d)
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_qkv(self.qkv_proj(hidden_states))
         q, k = self.rotary_emb(positions, q, k)  # in place, in qkv
         return self.o_proj(self.attn(q, k, v))
 
@@ -88,7 +92,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm decoder layer; the residual add is fused into the next norm."""
+    """Pre-norm decoder layer; the residual add is fused into the next norm.
+
+    Variants swap `attention_cls`, or override `make_mlp` (MoE models pick a sparse MLP per
+    layer), and keep the rest.
+    """
+
+    attention_cls: type[LlamaAttention] = LlamaAttention
 
     def __init__(
         self,
@@ -100,10 +110,14 @@ class LlamaDecoderLayer(nn.Module):
         mlp_bias: bool,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, rotary_emb, qkv_bias, o_bias)
-        self.mlp = LlamaMLP(config, mlp_bias)
+        self.self_attn = self.attention_cls(config, layer_idx, rotary_emb, qkv_bias, o_bias)
+        self.mlp = self.make_mlp(config, layer_idx, mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(self, config: Any, layer_idx: int, bias: bool) -> nn.Module:
+        """The layer's feed-forward block: the dense SwiGLU MLP."""
+        return LlamaMLP(config, bias)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
@@ -120,6 +134,8 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Embedding, this rank's decoder layers, and the final norm."""
+
+    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
     def __init__(
         self,
@@ -145,7 +161,7 @@ class LlamaModel(nn.Module):
             config.max_position_embeddings,
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, qkv_bias, o_bias, mlp_bias)
+            self.decoder_layer_cls(config, i, self.rotary_emb, qkv_bias, o_bias, mlp_bias)
             if start_layer <= i < end_layer
             else nn.Identity()
             for i in range(config.num_hidden_layers)
@@ -186,6 +202,10 @@ class LlamaForCausalLM(nn.Module):
     }
     """Checkpoint module name -> (fused module name, shard id)."""
 
+    model_cls: type[LlamaModel] = LlamaModel
+    supports_cuda_graphs: bool = True
+    """Whether a decode step can be captured (no host syncs or data-dependent shapes)."""
+
     def __init__(
         self,
         config: Any,
@@ -198,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         qkv_bias, o_bias, mlp_bias = self.biases(config)
-        self.model = LlamaModel(
+        self.model = self.model_cls(
             config,
             start_layer,
             end_layer,

@@ -5,12 +5,18 @@ from __future__ import annotations
 from torch import nn
 
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
+from splitserve.worker.models.mixtral import MixtralForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
+from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
+from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -1,0 +1,144 @@
+"""Sparse mixture-of-experts MLP: a router picks each token's top-k experts, and each expert
+runs only on the tokens routed to it (`kernels.dispatch.fused_moe`).
+
+A layer's expert weights are stacked at load time: `experts.gate_up_proj` [E, 2I, H] (each
+expert's gate rows, then its up rows) and `experts.down_proj` [E, H, I], the layout and names
+transformers keeps in memory, so a fused-MoE kernel reads one tensor per projection. Checkpoints
+store experts one by one (`experts.N.w1.weight` for Mixtral, `experts.N.gate_proj.weight` for
+Qwen3-MoE: what transformers 5 writes), or already stacked (a saved state dict);
+`MoEExperts.load_expert` places a per-expert tensor, and the stacked ones load by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from splitserve.kernels import dispatch
+
+ExpertNames = dict[str, tuple[str, str | None]]
+"""Per-expert checkpoint projection -> (stacked parameter, shard: "gate" / "up" / None)."""
+
+MIXTRAL_EXPERT_NAMES: ExpertNames = {
+    "w1": ("gate_up_proj", "gate"),
+    "w3": ("gate_up_proj", "up"),
+    "w2": ("down_proj", None),
+}
+QWEN_EXPERT_NAMES: ExpertNames = {
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+    "down_proj": ("down_proj", None),
+}
+
+
+def num_experts_of(config: Any) -> int:
+    """The config's expert count (`num_local_experts`, or `num_experts` in older configs)."""
+    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", 0))
+
+
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts (fp32), then each token's top-k.
+
+    Args:
+        router_logits: [T, E]; renormalize: rescale the k weights to sum to 1.
+
+    Returns:
+        (weights fp32 [T, K], expert ids int64 [T, K]), highest weight first.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class MoEExperts(nn.Module):
+    """E SwiGLU experts with stacked weights; forward runs the routed tokens through them."""
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, names: ExpertNames
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.checkpoint_names = dict(names)
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size)
+        )
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def shard_ids(self, param_name: str) -> list[str]:
+        """The per-expert pieces a stacked parameter is filled from ("3.gate", "3.up", "3")."""
+        if param_name == "gate_up_proj":
+            return [f"{e}.{s}" for e in range(self.num_experts) for s in ("gate", "up")]
+        return [str(e) for e in range(self.num_experts)]
+
+    def load_expert(
+        self, expert: int, proj: str, param: str, loaded: torch.Tensor
+    ) -> tuple[str, str]:
+        """Copy checkpoint tensor `experts.{expert}.{proj}.{param}` into its stacked slot;
+        returns (stacked parameter name, shard id)."""
+        if proj not in self.checkpoint_names:
+            raise ValueError(
+                f"unknown expert projection {proj!r}; expected one of "
+                f"{', '.join(self.checkpoint_names)}"
+            )
+        if param != "weight":
+            raise ValueError(f"experts have weights only, not {proj}.{param}")
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} is out of range: the config has {self.num_experts}")
+        stacked, shard = self.checkpoint_names[proj]
+        target = getattr(self, stacked)[expert]
+        if shard is not None:
+            size = self.intermediate_size
+            target = target[:size] if shard == "gate" else target[size:]
+        if loaded.shape != target.shape:
+            raise ValueError(
+                f"expert {expert} {proj!r} weight has shape {tuple(loaded.shape)}, "
+                f"expected {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(loaded)
+        return stacked, f"{expert}.{shard}" if shard else str(expert)
+
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return dispatch.fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+
+
+class SparseMoE(nn.Module):
+    """Router (`gate`, a bias-free linear) -> softmax -> top-k -> (renormalise) -> experts."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        names: ExpertNames,
+        hidden_act: str = "silu",
+    ) -> None:
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(
+                f"unsupported hidden_act {hidden_act!r} for MoE experts; supported: silu"
+            )
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, {num_experts}] (the expert count), got {top_k}"
+            )
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = MoEExperts(num_experts, hidden_size, intermediate_size, names)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        return self.experts(x, weights, ids)
