@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from splitserve.generation_config import SamplingDefaults
 from splitserve.lora import LoRARequest
@@ -163,14 +164,18 @@ class LLM:
         self,
         prompts: str | dict | Sequence[str | dict] | Sequence[int] | Sequence[Sequence[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., Any] = True,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt and return in prompt order. A prompt is text, token ids,
         or vLLM's prompt dict: {"prompt": text} or {"prompt_token_ids": ids}, optionally with
         "cache_salt" (only prompts with the same salt share prefix-cache blocks). With
         `lora_request` (one for all prompts, or one per prompt) through that LoRA adapter,
         whose path must lie inside `lora_root` (or a `lora_modules` folder). Without
-        `sampling_params`, `get_default_sampling_params()`."""
+        `sampling_params`, `get_default_sampling_params()`. As in vLLM, `use_tqdm` shows a
+        progress bar over the prompts (True, or a tqdm-like callable), and `priority` (one
+        int per prompt, lower first) orders the waiting queue."""
         batch = _as_batch(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(batch)
@@ -197,29 +202,61 @@ class LLM:
         )
         if len(loras) != len(batch):
             raise ValueError(f"{len(loras)} LoRA requests for {len(batch)} prompts")
-        return self._run(texts, ids_list, params_list, loras, salts)
+        if priority is not None and len(priority) != len(batch):
+            raise ValueError(f"{len(priority)} priorities for {len(batch)} prompts")
+        return self._run(texts, ids_list, params_list, loras, salts, priority, use_tqdm)
 
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        sampling_params: SamplingParams | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., Any] = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+        """Render each conversation with the model's chat template (or `chat_template`, which
+        an in-process caller is trusted to pass), with `tools` and `chat_template_kwargs`,
+        then generate; vLLM's LLM.chat arguments."""
         from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
 
+        if chat_template_content_format != "auto":
+            raise ValueError(
+                "chat_template_content_format: only 'auto' is supported (the template decides "
+                f"how message content is passed), got {chat_template_content_format!r}"
+            )
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        renderer = ChatRenderer(self.tokenizer)
+        renderer = ChatRenderer(self.tokenizer, trust_request_chat_template=True)
         texts, ids_list = [], []
         for conv in convs:
-            req = parse_chat_request(json.dumps(conv), add_generation_prompt=add_generation_prompt)
+            req = parse_chat_request(
+                json.dumps(conv),
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template=chat_template,
+                tools_json=None if tools is None else json.dumps(tools),
+                chat_template_kwargs_json=None
+                if chat_template_kwargs is None
+                else json.dumps(chat_template_kwargs),
+            )
             rendered = renderer.render(req)
             texts.append(rendered.prompt)
             ids_list.append(list(rendered.token_ids))
-        sp = self.get_default_sampling_params() if sampling_params is None else sampling_params
-        return self._run(texts, ids_list, [sp] * len(convs))
+        # The template wrote the special tokens: the token ids go in as they are.
+        outs = self.generate(
+            ids_list, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request
+        )
+        for out, text in zip(outs, texts, strict=True):
+            out.prompt = text
+        return outs
 
-    def _run(self, texts, ids_list, params_list, loras=None, salts=None) -> list[RequestOutput]:
+    def _run(
+        self, texts, ids_list, params_list, loras=None, salts=None, priorities=None, use_tqdm=False
+    ) -> list[RequestOutput]:
         from splitserve.tokenizer_svc.stream import SequenceStream
 
         seqs: dict[str, _Seq] = {}
@@ -255,6 +292,7 @@ class LLM:
                             lora_path=str(lora.lora_path) if lora else "",
                             lora_int_id=lora.lora_int_id if lora else 0,
                             cache_salt=salts[pi] if salts else "",
+                            priority=priorities[pi] if priorities else 0,
                         ),
                         grammars[pi],
                     )
@@ -262,6 +300,14 @@ class LLM:
                     for r in list(seqs)[:-1]:
                         sched.abort_request(r)
                     raise ValueError(getattr(exc, "message", str(exc))) from exc
+        bar = _progress_bar(use_tqdm, len(ids_list))
+        left = {pi: p.n for pi, p in enumerate(params_list)}
+
+        def ended(seq: _Seq) -> None:
+            left[seq.prompt_idx] -= 1
+            if bar is not None and left[seq.prompt_idx] == 0:
+                bar.update(1)
+
         while self.engine.has_work:
             for out in self.engine.step():
                 s = seqs[out.request_id]
@@ -279,8 +325,11 @@ class LLM:
                     if d.stopped:
                         s.finish_reason, s.stop_reason = "stop", d.stop_reason
                         sched.abort_request(out.request_id)
+                        ended(s)
                         continue
                 if out.finished:
+                    if s.finish_reason is None:
+                        ended(s)
                     s.finish_reason = _FINISH[out.finish_reason]
                     s.stop_reason = out.stop_token_id
                     if s.stream is not None:
@@ -288,6 +337,8 @@ class LLM:
                         s.text.append(d.text)
                         if d.stopped:
                             s.finish_reason, s.stop_reason = "stop", d.stop_reason
+        if bar is not None:
+            bar.close()
         results = []
         for pi, (text, ids) in enumerate(zip(texts, ids_list)):
             mine = sorted((s for s in seqs.values() if s.prompt_idx == pi), key=lambda s: s.index)
@@ -353,3 +404,15 @@ def _as_batch(prompts) -> list:
     if prompts and isinstance(prompts[0], int):
         return [prompts]
     return prompts
+
+
+def _progress_bar(use_tqdm: bool | Callable[..., Any], total: int):
+    """vLLM's progress bar over the prompts: tqdm for True, the callable itself when one is
+    given (a tqdm-like class), none for False."""
+    if use_tqdm is False or use_tqdm is None:
+        return None
+    if use_tqdm is True:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+    return use_tqdm(total=total, desc="Processed prompts")

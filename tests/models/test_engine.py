@@ -206,3 +206,53 @@ def test_llm_tokenizes_bad_words_in_both_spellings(llm):
     assert first not in out
     with pytest.raises(ValueError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=[])
+
+
+def test_generate_and_chat_take_vllms_arguments(llm, llama_path):
+    """use_tqdm (True, False or a tqdm-like callable), priority, and LLM.chat's template
+    arguments, as vLLM's LLM has them."""
+    greedy4 = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    plain = llm.generate([[5, 6, 7], [8, 9]], greedy4, use_tqdm=False)
+
+    class Bar:
+        made: list = []
+
+        def __init__(self, total, desc):
+            self.total, self.count = total, 0
+            Bar.made.append(self)
+
+        def update(self, k):
+            self.count += k
+
+        def close(self):
+            self.closed = True
+
+    outs = llm.generate([[5, 6, 7], [8, 9]], greedy4, use_tqdm=Bar, priority=[1, 0])
+    (bar,) = Bar.made
+    assert (bar.total, bar.count, bar.closed) == (2, 2, True)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    with pytest.raises(ValueError, match="priorities"):
+        llm.generate([[5, 6, 7]], greedy4, priority=[0, 1])
+
+    conv = [{"role": "user", "content": "hi"}]
+    default = llm.chat(conv, greedy4, use_tqdm=False)[0]
+    assert default.prompt.endswith("<|im_start|>assistant\n")
+    custom = llm.chat(
+        conv,
+        greedy4,
+        use_tqdm=False,
+        chat_template="{% for m in messages %}[{{ m.content }}|{{ flavour }}]{% endfor %}",
+        chat_template_kwargs={"flavour": "x"},
+    )[0]
+    assert custom.prompt == "[hi|x]"
+    assert llm.get_tokenizer().decode(custom.prompt_token_ids) == "[hi|x]"
+    cont = llm.chat(
+        [*conv, {"role": "assistant", "content": "Sure"}],
+        greedy4,
+        use_tqdm=False,
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )[0]
+    assert cont.prompt.endswith("Sure")
+    with pytest.raises(ValueError, match="chat_template_content_format"):
+        llm.chat(conv, greedy4, chat_template_content_format="openai")
