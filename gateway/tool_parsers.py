@@ -251,6 +251,19 @@ class ToolParser:
         self._space_before, self._pending_space = self._pending_space, ""
         self.block_start = at
 
+    def _advance_open(self) -> bool:
+        """After the opening markup: a call object must follow (spaces allowed)."""
+        if not self._skip_space():
+            if self._final:
+                self._broken(self.block_start)
+                return True
+            return False
+        if self.buf[self.pos] != "{":
+            self._broken(self.block_start)
+            return True
+        self._begin_object()
+        return True
+
     def _begin_object(self) -> None:
         self.obj = _CallObject(self.pos, self.arg_keys)
         self.state = "obj"
@@ -336,16 +349,7 @@ class HermesToolParser(ToolParser):
             self.pos, self.state = j + len(self.START), "open"
             return True
         if state == "open":
-            if not self._skip_space():
-                if self._final:
-                    self._broken(self.block_start)
-                    return True
-                return False
-            if buf[self.pos] != "{":
-                self._broken(self.block_start)
-                return True
-            self._begin_object()
-            return True
+            return self._advance_open()
         if state == "obj":
             return self._read_object("close")
         if state == "close":
@@ -386,16 +390,7 @@ class _SequenceToolParser(ToolParser):
     def _advance_sequence(self) -> bool:
         buf, state = self.buf, self.state
         if state == "open":
-            if not self._skip_space():
-                if self._final:
-                    self._broken(self.block_start)
-                    return True
-                return False
-            if buf[self.pos] != "{":
-                self._broken(self.block_start)
-                return True
-            self._begin_object()
-            return True
+            return self._advance_open()
         if state == "obj":
             return self._read_object("sep")
         if state == "sep":
