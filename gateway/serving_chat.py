@@ -304,6 +304,15 @@ class _ChatView:
             )
         return sse(chunk)
 
+    def _account(self, index: int, delta: SequenceDelta) -> dict | None:
+        """Count the delta's tokens and prefix-cache hits; its logprobs in chat form (None
+        when the request did not ask for them)."""
+        self.num_tokens[index] += len(delta.token_ids)
+        self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
+        if self.want_logprobs and delta.logprobs:
+            return {"content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)}
+        return None
+
     def _role_chunk(self, index: int, content: str | None) -> str:
         return self._chunk(index, {"role": "assistant", "content": content}, None, None, None)
 
@@ -318,13 +327,7 @@ class _ChatView:
             self.started[index] = True
             out.append(self._role_chunk(index, ""))
             text = self.echo + text
-        self.num_tokens[index] += len(delta.token_ids)
-        self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
-        logprobs = None
-        if self.want_logprobs and delta.logprobs:
-            logprobs = {
-                "content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)
-            }
+        logprobs = self._account(index, delta)
         ids = delta.token_ids
         if delta.finish_reason is not None:
             self.finish_reasons.append(delta.finish_reason)
@@ -347,15 +350,9 @@ class _ChatView:
         if not self.started[index]:
             self.started[index] = True
             out.append(self._role_chunk(index, None))
-        self.num_tokens[index] += len(delta.token_ids)
-        self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
+        logprobs = self._account(index, delta)
         parser = self.parsers[index]
         calls = parser.feed(delta.text)
-        logprobs = None
-        if self.want_logprobs and delta.logprobs:
-            logprobs = {
-                "content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)
-            }
         body = {"tool_calls": calls} if calls else {}
         if delta.finish_reason is not None:
             calls.extend(parser.finish())
@@ -377,13 +374,7 @@ class _ChatView:
             out.append(self._role_chunk(index, ""))
             if self.echo:
                 body["content"] = self.echo + body.get("content", "")
-        self.num_tokens[index] += len(delta.token_ids)
-        self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
-        logprobs = None
-        if self.want_logprobs and delta.logprobs:
-            logprobs = {
-                "content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)
-            }
+        logprobs = self._account(index, delta)
         if delta.finish_reason is not None:
             reason = _parsed_finish_reason(self.outputs[index], delta.finish_reason)
             self.finish_reasons.append(reason)
