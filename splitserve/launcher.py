@@ -10,9 +10,11 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 from splitserve.config_cli import build_config, config_to_argv
@@ -95,9 +97,20 @@ class Stack:
                 p.wait()
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, tls_client_cert_required: bool = False) -> bool:
+    """Whether the gateway answers /health. Over TLS its certificate is not checked (it is
+    our own child on a known port); when it demands client certificates, which the launcher
+    has none of, an accepted TCP connection says it is up (uvicorn binds only after start-up)."""
+    if tls_client_cert_required:
+        host, port = urllib.parse.urlsplit(url).netloc.rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return True
+        except OSError:
+            return False
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             return r.status == 200
     except OSError:
         return False
@@ -220,8 +233,9 @@ def serve(args: argparse.Namespace) -> int:
             [*log, "gateway", *config_to_argv(gateway_cfg, skip={"api_key"})],
             env={"SPLITSERVE_API_KEY": gateway_cfg.api_key} if gateway_cfg.api_key else None,
         )
-        base = f"http://{gateway_cfg.host}:{gateway_cfg.port}"
-        while not _healthy(base + "/health"):
+        scheme = "https" if gateway_cfg.ssl_certfile else "http"
+        base = f"{scheme}://{gateway_cfg.host}:{gateway_cfg.port}"
+        while not _healthy(base + "/health", gateway_cfg.ssl_cert_reqs == 2):
             if stop["signal"] is not None:
                 return 0
             dead = stack.dead()
