@@ -14,7 +14,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
 
 from splitserve.config_cli import build_config, config_to_argv
@@ -97,21 +96,23 @@ class Stack:
                 p.wait()
 
 
-def _healthy(url: str, tls_client_cert_required: bool = False) -> bool:
-    """Whether the gateway answers /health. Over TLS its certificate is not checked (it is
-    our own child on a known port); when it demands client certificates, which the launcher
-    has none of, an accepted TCP connection says it is up (uvicorn binds only after start-up)."""
-    if tls_client_cert_required:
-        host, port = urllib.parse.urlsplit(url).netloc.rsplit(":", 1)
-        try:
-            with socket.create_connection((host, int(port)), timeout=2):
-                return True
-        except OSError:
-            return False
+def _healthy(url: str) -> bool:
+    """Whether the gateway answers /health. Over TLS its certificate is not checked: it is
+    our own child on a port we chose."""
     context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
         with urllib.request.urlopen(url, timeout=2, context=context) as r:
             return r.status == 200
+    except OSError:
+        return False
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    """For a gateway that demands client certificates (which the launcher has none of): an
+    accepted TCP connection says it is up, as uvicorn binds only once start-up is done."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
     except OSError:
         return False
 
@@ -235,7 +236,11 @@ def serve(args: argparse.Namespace) -> int:
         )
         scheme = "https" if gateway_cfg.ssl_certfile else "http"
         base = f"{scheme}://{gateway_cfg.host}:{gateway_cfg.port}"
-        while not _healthy(base + "/health", gateway_cfg.ssl_cert_reqs == 2):
+        while not (
+            _accepts_connections(gateway_cfg.host, gateway_cfg.port)
+            if gateway_cfg.ssl_cert_reqs == 2
+            else _healthy(base + "/health")
+        ):
             if stop["signal"] is not None:
                 return 0
             dead = stack.dead()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
+from splitserve import launcher
 from splitserve.gateway.app import build_app
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.server import uvicorn_config
@@ -194,6 +195,9 @@ def test_tls_serving(tmp_path, loop_thread, fakes):
                 "/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 2}
             )
             assert r.status_code == 200
+        # `splitserve serve` sees the TLS gateway come up.
+        assert launcher._healthy(f"https://127.0.0.1:{port}/health")
+        assert launcher._accepts_connections("127.0.0.1", port)
         # Plain HTTP on the TLS port does not get an answer.
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
