@@ -18,10 +18,12 @@ ALL = frozenset({"gateway", "scheduler", "worker", "tokenizer"})
 
 
 def _int(text: str) -> object:
+    """A whole number as int ("4", "4.0"); anything else is left as given."""
     try:
-        return int(text)
+        value = float(text)
     except ValueError:
         return text
+    return int(value) if value.is_integer() else value
 
 
 def _word(text: str) -> object:

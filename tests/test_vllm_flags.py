@@ -78,7 +78,7 @@ def test_pinned_flags_in_help(capsys):
 
 
 def test_short_aliases(capsys):
-    assert main(["serve", "-tp", "1", "-O0", "--check-config"]) == 0
+    assert main(["serve", "-tp", "1", "-O0", "--swap-space", "4.0", "--check-config"]) == 0
     capsys.readouterr()
     assert main(["serve", "-O3", "--check-config"]) == 2
     assert "torch.compile" in capsys.readouterr().err
