@@ -25,7 +25,12 @@ from splitserve.gateway.errors import ClientDisconnected, RequestError, error_re
 from splitserve.gateway.generation import Deadline
 from splitserve.gateway.lora_registry import LoRARegistry, runtime_updates_allowed
 from splitserve.gateway.metrics import GatewayMetrics, HTTPMetricsMiddleware
-from splitserve.gateway.middleware import APIKeyMiddleware, BodyLimitMiddleware, DrainMiddleware
+from splitserve.gateway.middleware import (
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    DrainMiddleware,
+    RequestIdMiddleware,
+)
 from splitserve.gateway.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -36,6 +41,7 @@ from splitserve.gateway.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    ServerLoad,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
@@ -67,6 +73,7 @@ _KNOWN_PATHS = frozenset(
         "/health",
         "/version",
         "/metrics",
+        "/load",
     }
 )
 
@@ -83,6 +90,8 @@ class GatewayState:
     """HTTP requests being served, /health and /metrics aside (what a drain waits for)."""
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while `in_flight` is zero."""
+    server_load: int = 0
+    """Completions and chat requests in flight, streams until their last event (GET /load)."""
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -91,12 +100,14 @@ class GatewayState:
         self.draining = True
         self.stop_requested.set()
 
-    def request_started(self) -> None:
+    def request_started(self, load: bool = False) -> None:
         self.in_flight += 1
+        self.server_load += load
         self.idle.clear()
 
-    def request_finished(self) -> None:
+    def request_finished(self, load: bool = False) -> None:
         self.in_flight -= 1
+        self.server_load -= load
         if self.in_flight == 0:
             self.idle.set()
 
@@ -124,6 +135,11 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
         version=splitserve.__version__,
         lifespan=lifespan,
         root_path=config.root_path,
+        **(
+            {"docs_url": None, "redoc_url": None, "openapi_url": None}
+            if config.disable_fastapi_docs
+            else {}
+        ),
     )
     app.state.gateway = state
     app.state.clients = clients
@@ -137,6 +153,8 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
     app.add_middleware(DrainMiddleware, state=state)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=_KNOWN_PATHS)
+    if config.enable_request_id_headers:
+        app.add_middleware(RequestIdMiddleware)
     Gauge(
         "splitserve_http_requests_in_flight",
         "HTTP requests being served (/health and /metrics aside).",
@@ -293,6 +311,12 @@ def _add_routes(
             return Response(status_code=200)
         down = ", ".join(name for name, ok in serving.items() if not ok)
         return error_response(RequestError(503, f"not serving: {down}"))
+
+    if config.enable_server_load_tracking:
+
+        @app.get("/load", response_model=ServerLoad)
+        async def load() -> ServerLoad:
+            return ServerLoad(server_load=state.server_load)
 
     @app.get("/version", response_model=VersionResponse)
     async def version() -> VersionResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from splitserve.gateway.reasoning import REASONING_PARSERS
@@ -86,9 +87,35 @@ class GatewayConfig:
     reasoning_parser: str | None = None
     """Split chat output's <think> text into the message's reasoning (and reasoning_content) field: deepseek_r1 (the template opens <think>) or qwen3."""
 
+    enable_log_requests: bool = False
+    """Log each generation request as it arrives (vLLM's flag): its id, prompt text and token ids (cut to --max-log-len), sampling parameters and adapter."""
+    disable_log_requests: bool = False
+    """vLLM's older spelling, kept for old scripts: request logging is already off unless --enable-log-requests is given; giving both is an error."""
+    max_log_len: int | None = None
+    """Most prompt characters and prompt token ids a request log line shows; None shows all."""
+    disable_uvicorn_access_log: bool = False
+    """Do not log one line per HTTP request (uvicorn's access log)."""
+    disable_fastapi_docs: bool = False
+    """Serve no /docs, /redoc or /openapi.json."""
+    response_role: str = "assistant"
+    """Role of the chat response's message when the request's add_generation_prompt is true (otherwise the last message's role, as in vLLM)."""
+    ssl_keyfile: str | None = None
+    """TLS private key file (PEM); with ssl_certfile the gateway serves HTTPS."""
+    ssl_certfile: str | None = None
+    """TLS certificate chain file (PEM); with ssl_keyfile the gateway serves HTTPS."""
+    ssl_ca_certs: str | None = None
+    """CA certificates (PEM) that client certificates are checked against."""
+    ssl_cert_reqs: int = 0
+    """Whether clients must present a certificate (Python's ssl.VerifyMode): 0 none, 1 optional, 2 required (with ssl_ca_certs)."""
+    enable_request_id_headers: bool = False
+    """Put an X-Request-Id header on every response: the request's own X-Request-Id when it sends a well-formed one, else a new random id."""
+    enable_server_load_tracking: bool = False
+    """Count completions and chat requests in flight and serve the count at GET /load as {"server_load": N} (vLLM's flag)."""
+
     def __post_init__(self) -> None:
         check_lora_fields(self)
         self._check_parsers()
+        self._check_frontend_fields()
         check_endpoint(self.otlp_traces_endpoint)
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]
@@ -135,6 +162,38 @@ class GatewayConfig:
         if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
             raise ValueError(
                 f"root_path must start with '/' and not end with one, got {self.root_path!r}"
+            )
+
+    def _check_frontend_fields(self) -> None:
+        if self.enable_log_requests and self.disable_log_requests:
+            raise ValueError(
+                "--enable-log-requests and --disable-log-requests contradict each other; "
+                "give one (request logging is off by default)"
+            )
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ValueError(f"max_log_len must be non-negative or None, got {self.max_log_len}")
+        if not self.response_role:
+            raise ValueError("response_role must not be empty")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError(
+                "--ssl-keyfile and --ssl-certfile go together, got "
+                f"ssl_keyfile={self.ssl_keyfile!r}, ssl_certfile={self.ssl_certfile!r}"
+            )
+        for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name} {path!r} is not a readable file")
+        if self.ssl_cert_reqs not in (0, 1, 2):
+            raise ValueError(
+                f"ssl_cert_reqs must be 0 (none), 1 (optional) or 2 (required), "
+                f"got {self.ssl_cert_reqs}"
+            )
+        if self.ssl_cert_reqs and self.ssl_certfile is None:
+            raise ValueError("ssl_cert_reqs needs TLS: give --ssl-keyfile and --ssl-certfile")
+        if self.ssl_cert_reqs == 2 and self.ssl_ca_certs is None:
+            raise ValueError(
+                "ssl_cert_reqs 2 (client certificates required) needs --ssl-ca-certs to check "
+                "them against"
             )
 
     def _check_parsers(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import uuid
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -111,7 +112,9 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-_UNCOUNTED = frozenset({"/health", "/metrics"})
+_UNCOUNTED = frozenset({"/health", "/metrics", "/load"})
+LOAD_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+"""The routes --enable-server-load-tracking counts (generation, as vLLM's load-aware calls)."""
 
 
 class DrainMiddleware:
@@ -144,7 +147,8 @@ class DrainMiddleware:
                 ended = True
             await send(message)
 
-        self.state.request_started()
+        load = _route_path(scope) in LOAD_PATHS
+        self.state.request_started(load)
         try:
             await self.app(scope, receive, tracking_send)
         except asyncio.CancelledError:
@@ -155,7 +159,7 @@ class DrainMiddleware:
             if not self.state.draining or ended or not await _end_cut_short(started, send):
                 raise
         finally:
-            self.state.request_finished()
+            self.state.request_finished(load)
 
 
 _CUT_SHORT = "the server shut down (drain timeout) before the request finished"
@@ -177,3 +181,38 @@ async def _end_cut_short(started: Message | None, send: Send) -> bool:
     tail = sse_error_event(err) + "data: [DONE]\n\n"
     await send({"type": "http.response.body", "body": tail.encode()})
     return True
+
+
+_MAX_REQUEST_ID = 256
+
+
+def _usable_request_id(value: bytes | None) -> bool:
+    """A client's X-Request-Id is echoed when it is 1-256 visible ASCII characters."""
+    return (
+        value is not None
+        and 0 < len(value) <= _MAX_REQUEST_ID
+        and all(0x21 <= c <= 0x7E for c in value)
+    )
+
+
+class RequestIdMiddleware:
+    """--enable-request-id-headers: every response carries X-Request-Id, the client's own
+    when it sent a usable one (so it can match logs and traces), else a new random id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"x-request-id")
+        request_id = given if _usable_request_id(given) else uuid.uuid4().hex.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -462,3 +462,10 @@ class DetokenizeResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+class ServerLoad(BaseModel):
+    """GET /load (with --enable-server-load-tracking)."""
+
+    server_load: int
+    """Completions and chat requests in flight."""

@@ -83,22 +83,32 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def uvicorn_config(app, config: GatewayConfig) -> uvicorn.Config:
+    """uvicorn's settings for `app`: address, logging, TLS and the drain timeout."""
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        root_path=config.root_path,
+        log_level=config.uvicorn_log_level,
+        access_log=not config.disable_uvicorn_access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=config.drain_timeout_s,
+        proxy_headers=False,
+        ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile,
+        ssl_ca_certs=config.ssl_ca_certs,
+        ssl_cert_reqs=config.ssl_cert_reqs,
+    )
+
+
 async def run_gateway(
     config: GatewayConfig, clients: ServiceClients | None = None, sock: socket.socket | None = None
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain for up to `drain_timeout_s` and return.
     Raises RuntimeError when start-up fails, so the process exits non-zero."""
     app = build_app(config, clients)
-    uv_config = uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        root_path=config.root_path,
-        log_level=config.uvicorn_log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=config.drain_timeout_s,
-        proxy_headers=False,
-    )
+    uv_config = uvicorn_config(app, config)
     server = _DrainingServer(uv_config, app.state.gateway, config.drain_timeout_s)
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         # Accepted connections inherit it; without it small responses wait on delayed ACKs.

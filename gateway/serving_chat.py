@@ -18,6 +18,7 @@ from splitserve.gateway.errors import bad_request, param_from_details
 from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.logprobs import chat_logprobs, prompt_logprobs_vllm
 from splitserve.gateway.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
+from splitserve.gateway.request_log import log_request
 from splitserve.gateway.sampling import (
     build_sampling,
     check_n,
@@ -185,6 +186,9 @@ class ChatService(ServingBase):
             max_tokens_note=max_tokens_note(user_max, cap),
         )
         self.attach_lora(specs, req.model)
+        log_request(
+            self.config, request_id, rendered.prompt, ids, sampling, specs[0].lora_name or None
+        )
         echo = ""
         last = req.messages[-1]
         if req.echo and last.role == "assistant" and isinstance(last.content, str):
@@ -236,6 +240,10 @@ class _ChatView:
         self.prompt_ids = prompt_ids
         self.arrival = arrival
         self.echo = echo
+        # As vLLM: --response-role when a new turn is generated, else the turn being continued.
+        self.role = (
+            serving.config.response_role if req.add_generation_prompt else req.messages[-1].role
+        )
         self.top_n = req.top_logprobs or 0
         self.want_logprobs = bool(req.logprobs)
         self.as_ids = serving.tokens_as_ids(req)
@@ -314,7 +322,7 @@ class _ChatView:
         return None
 
     def _role_chunk(self, index: int, content: str | None) -> str:
-        return self._chunk(index, {"role": "assistant", "content": content}, None, None, None)
+        return self._chunk(index, {"role": self.role, "content": content}, None, None, None)
 
     def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
         if self.parsers is not None:
@@ -422,7 +430,7 @@ class _ChatView:
                 prompt_lps = prompt_logprobs_vllm(
                     self.clients, self.prompt_ids, merged.prompt_logprobs
                 )
-            message: dict[str, Any] = {"role": "assistant", "content": self.echo + merged.text}
+            message: dict[str, Any] = {"role": self.role, "content": self.echo + merged.text}
             finish_reason = merged.finish_reason
             if self.parsers is not None:
                 parser = self.parsers[index]
@@ -430,13 +438,13 @@ class _ChatView:
                 parser.finish()
                 calls = parser.calls()
                 if calls:
-                    message = {"role": "assistant", "content": None, "tool_calls": calls}
+                    message = {"role": self.role, "content": None, "tool_calls": calls}
                 finish_reason = _tool_finish_reason(parser, finish_reason)
                 self.finish_reasons[-1] = finish_reason or "stop"
             elif self.outputs is not None:
                 output = self.outputs[index]
                 output.feed(merged.text, final=True)
-                message = output.message(self.echo)
+                message = {**output.message(self.echo), "role": self.role}
                 finish_reason = _parsed_finish_reason(output, finish_reason)
                 self.finish_reasons[-1] = finish_reason or "stop"
             choice = {

@@ -18,6 +18,7 @@ from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.logprobs import CompletionLogprobsBuilder, align_prompt_logprobs
 from splitserve.gateway.logprobs import prompt_logprobs_vllm as vllm_prompt_logprobs
 from splitserve.gateway.protocol import CompletionRequest, CompletionResponse
+from splitserve.gateway.request_log import log_request
 from splitserve.gateway.sampling import (
     Limits,
     build_sampling,
@@ -106,6 +107,9 @@ class CompletionsService(ServingBase):
             max_tokens_note=max_tokens_note(req.max_tokens, cap),
         )
         self.attach_lora(specs, req.model)
+        lora = specs[0].lora_name or None
+        for i, p in enumerate(prompts):
+            log_request(self.config, f"{request_id}-{i}", p.text, p.token_ids, sampling, lora)
         view = _CompletionView(self, req, response_id or request_id, model, prompts, n, arrival)
         if req.stream:
             return await self.stream(

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from splitserve.lora import check_lora_fields
 from splitserve.tracing import check_endpoint, parse_detailed_traces
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
 
 @dataclass
 class SchedulerConfig:
@@ -34,6 +36,12 @@ class SchedulerConfig:
     """Steps sent to the workers before the oldest result is back (2 overlaps scheduling
     with compute; 1 is strictly synchronous). With P > 1 pipeline ranks, P steps (one
     micro-batch per stage) are in flight instead."""
+    async_scheduling: bool | None = None
+    """vLLM's switch for overlapping scheduling with the model step: on means async_scheduling_depth 2, off means 1 (strictly synchronous); unset leaves async_scheduling_depth as given."""
+    scheduling_policy: str = "fcfs"
+    """Order of the waiting queue (vLLM's flag): fcfs (arrival order; a request with a non-zero priority is refused) or priority (lower priority value first, then arrival; when KV blocks run out the running request with the highest value is preempted first)."""
+    disable_log_stats: bool = False
+    """Do not log the engine's periodic stats line (prompt and generation throughput, running and waiting requests, KV-cache usage, prefix-cache hit rate); its interval is VLLM_LOG_STATS_INTERVAL seconds (default 10)."""
     worker_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50053"])
     """gRPC addresses of the pipeline ranks, rank 0 first (several per value when
     comma-separated)."""
@@ -89,6 +97,27 @@ class SchedulerConfig:
             raise ValueError(
                 f"async_scheduling_depth must be 1, 2 or 3, got {self.async_scheduling_depth}"
             )
+        self._apply_async_scheduling()
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                f"got {self.scheduling_policy!r}"
+            )
+
+    def _apply_async_scheduling(self) -> None:
+        """--async-scheduling / --no-async-scheduling as an async_scheduling_depth."""
+        if self.async_scheduling is None:
+            return
+        if self.async_scheduling and self.async_scheduling_depth == 1:
+            raise ValueError(
+                "--async-scheduling contradicts --async-scheduling-depth 1 (synchronous); give one"
+            )
+        if not self.async_scheduling:
+            if self.async_scheduling_depth == 3:
+                raise ValueError(
+                    "--no-async-scheduling contradicts --async-scheduling-depth 3; give one"
+                )
+            self.async_scheduling_depth = 1
 
     def check_model_len(self, max_model_len: int) -> None:
         """Checks that need the final context length."""

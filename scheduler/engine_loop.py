@@ -59,6 +59,7 @@ class EngineLoop:
             raise RequestRejected("UNAVAILABLE", f"the engine is dead: {self.dead}")
         # validate() reads only fixed state, so it is safe off the engine thread.
         self.engine.scheduler.validate(list(req.prompt_token_ids), req.sampling_params)
+        self.engine.scheduler.check_priority(req.priority)
         if req.request_id in self._streams:
             raise RequestRejected("ALREADY_EXISTS", f"request id {req.request_id!r} is in use")
         if len(self.engine.scheduler.waiting) >= self.engine.config.max_waiting_requests:

@@ -85,13 +85,18 @@ class Scheduler:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
-        """Sorted by (priority, arrival)."""
+        """Sorted by arrival (fcfs) or by (priority, arrival) (--scheduling-policy priority)."""
+        self._by_priority = config.scheduling_policy == "priority"
         self.running: list[Request] = []
         self._arrival = itertools.count()
         self._step_ids = itertools.count()
         self._finished_for_workers: list[str] = []
         self.num_preemptions = 0
         self.num_steps = 0
+        self.num_prompt_tokens = 0
+        """Prompt tokens computed so far (recomputed ones again), for the stats line."""
+        self.num_generation_tokens = 0
+        """Tokens sampled so far, for the stats line."""
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -109,6 +114,7 @@ class Scheduler:
         prompt = list(req.prompt_token_ids)
         sp = req.sampling_params
         self.validate(prompt, sp)
+        self.check_priority(req.priority)
         self._validate_lora(req)
         if len(self.waiting) >= self.config.max_waiting_requests:
             raise RequestRejected(
@@ -209,10 +215,32 @@ class Scheduler:
                 f"only {self.kv.pool.num_blocks}",
             )
 
+    def check_priority(self, priority: int) -> None:
+        """Under fcfs a priority cannot be honoured, so it is refused (as vLLM does)."""
+        if priority and not self._by_priority:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"priority {priority} needs a server started with --scheduling-policy "
+                "priority; this one schedules first-come-first-served (fcfs)",
+            )
+
     def _enqueue_waiting(self, r: Request) -> None:
         r.status = RequestStatus.WAITING
-        keys = [(q.priority, q.arrival) for q in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, (r.priority, r.arrival)), r)
+        # NOTE: a preempted request keeps its arrival, so it goes back ahead of later ones.
+        if self._by_priority:
+            keys = [(q.priority, q.arrival) for q in self.waiting]
+            self.waiting.insert(bisect.bisect(keys, (r.priority, r.arrival)), r)
+        else:
+            self.waiting.insert(bisect.bisect([q.arrival for q in self.waiting], r.arrival), r)
+
+    def _victim(self, scheduled: dict[str, int]) -> Request:
+        """The running request to preempt: the latest admitted (fcfs), or, among those not
+        yet in this step, the one with the highest priority value, latest arrival among
+        equals (priority)."""
+        if self._by_priority:
+            candidates = [q for q in self.running if q.request_id not in scheduled]
+            return max(candidates, key=lambda q: (q.priority, q.arrival))
+        return self.running[-1]
 
     def abort_request(self, request_id: str) -> bool:
         r = self.requests.get(request_id)
@@ -261,7 +289,7 @@ class Scheduler:
                 new_blocks = self.kv.allocate_slots(req, n)
                 if new_blocks is not None:
                     break
-                victim = self.running[-1]
+                victim = self._victim(scheduled)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -368,6 +396,10 @@ class Scheduler:
         return min(req.num_tokens_with_inflight - req.num_computed_tokens, budget)
 
     def _commit(self, req: Request, n: int) -> None:
+        p = req.num_prompt_tokens
+        self.num_prompt_tokens += min(req.num_computed_tokens + n, p) - min(
+            req.num_computed_tokens, p
+        )
         req.num_computed_tokens += n
         if req.num_computed_tokens == req.num_tokens_with_inflight:
             req.num_inflight += 1  # this step samples the request's next token
@@ -425,6 +457,7 @@ class Scheduler:
                 continue  # failed in this step (its grammar, say): the token is not output
             tok = result.token_ids[i]
             r.output_token_ids.append(tok)
+            self.num_generation_tokens += 1
             out = outputs.setdefault(rid, self._output(r))
             out.token_ids.append(tok)
             if r.sampling_params.HasField("logprobs"):

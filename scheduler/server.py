@@ -18,6 +18,7 @@ from .engine_core import EngineCore
 from .engine_loop import EngineLoop
 from .request_spans import RequestTimeline
 from .scheduler import RequestOutput, RequestRejected
+from .stats_logger import start_stats_logging, stats_interval_s
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ async def run_scheduler(
     config: SchedulerConfig, address: str, executor_factory=None, grace_s: float = 5.0
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (non-zero if the engine died)."""
+    if not config.disable_log_stats:
+        stats_interval_s()  # a bad VLLM_LOG_STATS_INTERVAL fails before anything starts
     loop = asyncio.get_running_loop()
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()], options=[("grpc.max_receive_message_length", 64 << 20)]
@@ -197,6 +200,7 @@ async def run_scheduler(
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info("scheduler ready: %d KV blocks", engine.num_blocks)
+    stats_task = start_stats_logging(config, engine.scheduler)
 
     try:
         await asyncio.wait(
@@ -206,6 +210,8 @@ async def run_scheduler(
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         await server.stop(grace_s)
         engine_loop.stop()
     return 1 if died.is_set() else 0

@@ -12,7 +12,9 @@ import sys
 
 from splitserve import __version__
 from splitserve.config_cli import add_config_flags, build_config
+from splitserve.config_file import expand_config_file
 from splitserve.tracing import setup_tracing
+from splitserve.vllm_compat import add_pinned_flags, check_pinned
 
 logger = logging.getLogger("splitserve")
 
@@ -51,18 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    check = {
-        "action": "store_true",
-        "help": "parse and validate the configuration, print it as JSON and exit 0 "
-        "without starting anything",
-    }
+    # Kept for --config, which needs the flags of the command it fills.
+    parser.set_defaults(_subparsers={})
 
     p = sub.add_parser("serve", help="start every service as its own process")
-    p.add_argument("--check-config", **check)
+    _common(parser, p, "serve")
     _model_arg(p, required=False)
     add_config_flags(
         p, gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg, skip=_WIRING | {"model"}
     )
+    add_pinned_flags(p, None)
     p.add_argument(
         "--log-level",
         dest="log_level",
@@ -71,36 +71,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("gateway", help="the OpenAI HTTP gateway alone")
-    p.add_argument("--check-config", **check)
+    _common(parser, p, "gateway")
     add_config_flags(p, gateway_cfg)
+    add_pinned_flags(p, "gateway")
 
     p = sub.add_parser("scheduler", help="the scheduler alone")
-    p.add_argument("--check-config", **check)
+    _common(parser, p, "scheduler")
     p.add_argument("--address", default="127.0.0.1:50052", help="where to listen")
     add_config_flags(p, scheduler_cfg)
+    add_pinned_flags(p, "scheduler")
 
     p = sub.add_parser("worker", help="one pipeline rank alone")
-    p.add_argument("--check-config", **check)
+    _common(parser, p, "worker")
     _model_arg(p, required=True)
     p.add_argument("--address", default="127.0.0.1:50053", help="where to listen")
     add_config_flags(p, worker_cfg, skip={"model"})
+    add_pinned_flags(p, "worker")
 
     p = sub.add_parser("tokenizer", help="the tokenizer service alone")
-    p.add_argument("--check-config", **check)
+    _common(parser, p, "tokenizer")
     p.add_argument("--address", default="127.0.0.1:50051", help="where to listen")
     add_config_flags(p, tokenizer_cfg)
+    add_pinned_flags(p, "tokenizer")
     return parser
+
+
+def _common(parser: argparse.ArgumentParser, p: argparse.ArgumentParser, name: str) -> None:
+    """--check-config and --config, which every command takes."""
+    parser.get_default("_subparsers")[name] = p
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="parse and validate the configuration, print it as JSON and exit 0 "
+        "without starting anything",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="read flags from a YAML file of flag names (dashes or underscores) and values, "
+        "as vLLM's --config; flags given on the command line win",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.config is not None:
+        try:
+            argv = expand_config_file(
+                argv,
+                args.command,
+                args._subparsers[args.command],
+                None if not hasattr(args, "model_tag") else args.model_tag is not None,
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+        args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [{args.command}] %(name)s: %(message)s",
     )
     gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = _configs()
     try:
+        check_pinned(args)
         if args.check_config:
             return _check_config(args)
         if args.command == "serve":

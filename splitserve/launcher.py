@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -96,9 +97,22 @@ class Stack:
 
 
 def _healthy(url: str) -> bool:
+    """Whether the gateway answers /health. Over TLS its certificate is not checked: it is
+    our own child on a port we chose."""
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(url, timeout=2, context=context) as r:
             return r.status == 200
+    except OSError:
+        return False
+
+
+def _accepts_connections(host: str, port: int) -> bool:
+    """For a gateway that demands client certificates (which the launcher has none of): an
+    accepted TCP connection says it is up, as uvicorn binds only once start-up is done."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
     except OSError:
         return False
 
@@ -220,8 +234,13 @@ def serve(args: argparse.Namespace) -> int:
             [*log, "gateway", *config_to_argv(gateway_cfg, skip={"api_key"})],
             env={"SPLITSERVE_API_KEY": gateway_cfg.api_key} if gateway_cfg.api_key else None,
         )
-        base = f"http://{gateway_cfg.host}:{gateway_cfg.port}"
-        while not _healthy(base + "/health"):
+        scheme = "https" if gateway_cfg.ssl_certfile else "http"
+        base = f"{scheme}://{gateway_cfg.host}:{gateway_cfg.port}"
+        while not (
+            _accepts_connections(gateway_cfg.host, gateway_cfg.port)
+            if gateway_cfg.ssl_cert_reqs == 2
+            else _healthy(base + "/health")
+        ):
             if stop["signal"] is not None:
                 return 0
             dead = stack.dead()

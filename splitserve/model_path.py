@@ -34,13 +34,15 @@ def resolve_model_path(
     cache_dir: str | None = None,
     *,
     hub_flags: dict[str, str | None] | None = None,
+    ignore_patterns: list[str] | None = None,
 ) -> pathlib.Path:
     """Return the local folder holding `model`.
 
     A folder that exists is used as it is; hub options set for it (`hub_flags`, by default
     --revision and --download-dir) are ignored with a warning. Anything else is taken as a hub
     id and resolved with `huggingface_hub.snapshot_download` into `cache_dir` (cache first;
-    `revision` picks the branch, tag or commit). Raises FileNotFoundError with the reason
+    `revision` picks the branch, tag or commit; files matching `ignore_patterns` are not
+    downloaded). Raises FileNotFoundError with the reason
     when neither works.
     """
     path = pathlib.Path(model).expanduser()
@@ -65,6 +67,7 @@ def resolve_model_path(
             repo_id=model,
             revision=revision,
             allow_patterns=allow_patterns or ALLOW_PATTERNS,
+            ignore_patterns=ignore_patterns or None,
             cache_dir=cache_dir,
             local_files_only=hub_offline(),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 
@@ -57,8 +58,12 @@ class TokenizerServiceConfig:
     grammar_max_pending: int = 16
     """Compiles running or queued past which new ones are refused with RESOURCE_EXHAUSTED."""
 
+    structured_outputs_config: str | None = None
+    """vLLM's --structured-outputs-config JSON, mapped onto these flags: backend sets --guided-decoding-backend; disable_fallback true needs a named backend (splitserve never falls back from one); disable_any_whitespace, disable_additional_properties, reasoning_parser (use the gateway's --reasoning-parser), reasoning_parser_plugin and enable_in_reasoning are accepted only at their defaults; other keys are refused."""
+
     def __post_init__(self) -> None:
         check_endpoint(self.otlp_traces_endpoint)
+        self._apply_structured_outputs_config()
         if not self.tokenizer:
             raise ValueError(f"tokenizer must name a folder or hub id, got {self.tokenizer!r}")
         if self.tokenizer_mode not in TOKENIZER_MODES:
@@ -100,6 +105,76 @@ class TokenizerServiceConfig:
             raise ValueError(f"grammar_max_pending must be >= 1, got {self.grammar_max_pending}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+
+    def _apply_structured_outputs_config(self) -> None:
+        if self.structured_outputs_config is None:
+            return
+        value = self.structured_outputs_config
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"--structured-outputs-config is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"--structured-outputs-config must be a JSON object, got {type(value).__name__}"
+            )
+        unknown = sorted(set(value) - set(_SO_DEFAULTS) - {"backend", "disable_fallback"})
+        if unknown:
+            raise ValueError(
+                f"--structured-outputs-config: unknown key(s) {', '.join(unknown)}; known: "
+                f"backend, disable_fallback, {', '.join(_SO_DEFAULTS)}"
+            )
+        for key, (default, why) in _SO_DEFAULTS.items():
+            if key in value and value[key] != default:
+                raise ValueError(
+                    f"--structured-outputs-config {key}={value[key]!r}: {why} (only "
+                    f"{default!r} is accepted)"
+                )
+        backend = value.get("backend")
+        if backend is not None:
+            if backend not in GUIDED_DECODING_BACKENDS:
+                raise ValueError(
+                    f"--structured-outputs-config backend={backend!r}: splitserve has "
+                    f"{', '.join(GUIDED_DECODING_BACKENDS)}"
+                )
+            default = _default_backend()
+            if self.guided_decoding_backend not in (default, backend):
+                raise ValueError(
+                    f"--structured-outputs-config backend={backend!r} contradicts "
+                    f"--guided-decoding-backend {self.guided_decoding_backend}; give one"
+                )
+            self.guided_decoding_backend = backend
+        if value.get("disable_fallback") and self.guided_decoding_backend == "auto":
+            raise ValueError(
+                "--structured-outputs-config disable_fallback=true needs a named backend "
+                "(xgrammar or guidance): only auto chooses between backends"
+            )
+        self.structured_outputs_config = json.dumps(value, sort_keys=True)
+
+
+# Server-wide structured-output settings splitserve takes only at vLLM's default, and why.
+_SO_DEFAULTS = {
+    "disable_any_whitespace": (
+        False,
+        "not supported server-wide; a request may give structured_outputs.whitespace_pattern",
+    ),
+    "disable_additional_properties": (
+        False,
+        "set it per request in structured_outputs.disable_additional_properties",
+    ),
+    "reasoning_parser": ("", "use the gateway's --reasoning-parser"),
+    "reasoning_parser_plugin": ("", "splitserve loads no parser plugins"),
+    "enable_in_reasoning": (False, "constraints always apply to the whole output"),
+}
+
+
+def _default_backend() -> str:
+    from dataclasses import fields
+
+    return next(
+        f.default for f in fields(TokenizerServiceConfig) if f.name == "guided_decoding_backend"
+    )
 
 
 def load_chat_template(value: str) -> str:

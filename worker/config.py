@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from splitserve.generation_config import canonical_override
 from splitserve.generation_config import check_mode as check_generation_mode
+from splitserve.hf_overrides import canonical_hf_overrides
 from splitserve.lora import check_lora_fields
 from splitserve.tracing import check_endpoint, parse_detailed_traces
 
@@ -17,6 +18,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PP_PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
+DEFAULT_IGNORE_PATTERNS = ["original/**/*"]
 
 
 @dataclass
@@ -107,8 +109,18 @@ class WorkerConfig:
     override_generation_config: str | None = None
     """JSON object merged over those defaults (vLLM's flag), also with --generation-config vllm, e.g. '{"temperature": 0.5, "max_new_tokens": 256}'; keys: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens (null drops a default)."""
 
+    hf_overrides: str | None = None
+    """JSON object applied over the model's Hugging Face config before the model is built (vLLM's flag), e.g. '{"max_position_embeddings": 4096}' or '{"rope_scaling": {...}}'; a nested object updates a nested config."""
+    ignore_patterns: list[str] | None = None
+    """Files never downloaded for a hub id nor read as weights (glob patterns relative to the model folder, vLLM's flag); None means vLLM's default, original/**/* (the unconverted checkpoint some repositories carry)."""
+
     def __post_init__(self) -> None:
         check_lora_fields(self)
+        self.hf_overrides = canonical_hf_overrides(self.hf_overrides)
+        if self.ignore_patterns is not None and not all(self.ignore_patterns):
+            raise ValueError(
+                f"ignore_patterns must be non-empty globs, got {self.ignore_patterns!r}"
+            )
         check_endpoint(self.otlp_traces_endpoint)
         parse_detailed_traces(self.collect_detailed_traces, self.otlp_traces_endpoint)
         choices = {
@@ -225,6 +237,10 @@ class WorkerConfig:
                     f"cuda_graph_sizes must be positive integers, got {self.cuda_graph_sizes!r}"
                 )
             self.cuda_graph_sizes = sizes
+
+    def weight_ignore_patterns(self) -> list[str]:
+        """The ignore patterns in force (vLLM's default when none are given)."""
+        return DEFAULT_IGNORE_PATTERNS if self.ignore_patterns is None else self.ignore_patterns
 
     @property
     def is_first_rank(self) -> bool:

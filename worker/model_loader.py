@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from splitserve.generation_config import SamplingDefaults, resolve
+from splitserve.hf_overrides import apply_hf_overrides
 from splitserve.model_path import (
     ALLOW_PATTERNS,
     CONFIG_PATTERNS,
@@ -133,6 +134,7 @@ def _resolve_folder(config: WorkerConfig) -> pathlib.Path:
             allow_patterns=allow,
             cache_dir=config.download_dir,
             hub_flags={"--code-revision": config.code_revision},
+            ignore_patterns=config.weight_ignore_patterns(),
         )
 
     path = resolve(patterns)
@@ -227,6 +229,9 @@ class _Skeleton:
 
 def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
     raw, hf_config = load_hf_config(path, config)
+    if config.hf_overrides is not None:
+        apply_hf_overrides(raw, hf_config, config.hf_overrides)
+        logger.info("config of %s with --hf-overrides %s", config.model, config.hf_overrides)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, raw, device)
     max_model_len = _max_model_len(config, hf_config)
@@ -254,7 +259,12 @@ def check_model(config: WorkerConfig) -> pathlib.Path:
         load_weights(
             model,
             iterate_weights(
-                path, config.load_format, _owned_by(model), read=read_shard_shapes, progress=False
+                path,
+                config.load_format,
+                _owned_by(model),
+                read=read_shard_shapes,
+                progress=False,
+                ignore_patterns=config.weight_ignore_patterns(),
             ),
         )
     return path
@@ -275,6 +285,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
             config.load_format,
             _owned_by(model),
             max_workers=config.max_parallel_loading_workers,
+            ignore_patterns=config.weight_ignore_patterns(),
             desc=f"Loading {path.name if is_local_folder(config.model) else config.model} "
             f"(rank {config.rank})",
         )

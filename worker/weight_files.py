@@ -11,6 +11,7 @@ tensors and plain containers is refused before any of its code could run.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import pathlib
@@ -48,12 +49,33 @@ class WeightFiles:
     files: list[pathlib.Path]
 
 
-def find_weight_files(path: pathlib.Path, load_format: str) -> WeightFiles:
-    """The weight files of `path` for `load_format` (auto, safetensors or pt).
+def find_weight_files(
+    path: pathlib.Path, load_format: str, ignore_patterns: list[str] | None = None
+) -> WeightFiles:
+    """The weight files of `path` for `load_format` (auto, safetensors or pt), less those
+    matching `ignore_patterns` (globs relative to `path`, --ignore-patterns).
 
     `auto` takes safetensors when there are any, else .bin/.pt. A shard index
     (`*.index.json`) decides the file list when present; a shard it names must exist.
     """
+    found = _find_weight_files(path, load_format)
+    if not ignore_patterns:
+        return found
+    kept = [f for f in found.files if not _ignored(f.relative_to(path), ignore_patterns)]
+    if not kept:
+        raise FileNotFoundError(
+            f"every {found.kind} weight file in {path} matches --ignore-patterns "
+            f"{' '.join(ignore_patterns)}"
+        )
+    return WeightFiles(found.kind, kept)
+
+
+def _ignored(relative: pathlib.PurePath, patterns: list[str]) -> bool:
+    name = relative.as_posix()
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _find_weight_files(path: pathlib.Path, load_format: str) -> WeightFiles:
     if load_format not in ("auto", "safetensors", "pt"):
         raise ValueError(f"load format {load_format!r} reads no weight files")
     if load_format in ("auto", "safetensors"):
@@ -165,13 +187,14 @@ def iterate_weights(
     read: Callable[[pathlib.Path, str, Callable[[str], bool]], Named] | None = None,
     desc: str | None = None,
     progress: bool = True,
+    ignore_patterns: list[str] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (checkpoint name, CPU tensor) for every tensor `wanted` accepts, shard by shard.
 
     `read` (default `read_shard`) reads one file; `max_workers` files are read at a time.
     """
     read = read or read_shard
-    found = find_weight_files(path, load_format)
+    found = find_weight_files(path, load_format, ignore_patterns)
     workers = resolve_workers(max_workers, len(found.files))
     from tqdm.auto import tqdm
 

@@ -68,7 +68,8 @@ class Server:
             cmd,
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # A stats line every second (test_scheduling_policy.py reads one from the log).
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_LOG_STATS_INTERVAL": "1"},
         )
 
         def healthy():
