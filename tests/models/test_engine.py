@@ -227,12 +227,19 @@ def test_generate_and_chat_take_vllms_arguments(llm, llama_path):
         def close(self):
             self.closed = True
 
-    outs = llm.generate([[5, 6, 7], [8, 9]], greedy4, use_tqdm=Bar, priority=[1, 0])
+    outs = llm.generate([[5, 6, 7], [8, 9]], greedy4, use_tqdm=Bar)
     (bar,) = Bar.made
     assert (bar.total, bar.count, bar.closed) == (2, 2, True)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
     with pytest.raises(ValueError, match="priorities"):
         llm.generate([[5, 6, 7]], greedy4, priority=[0, 1])
+    # As in vLLM, priorities need the priority policy; fcfs (the default) refuses them.
+    with pytest.raises(ValueError, match="scheduling-policy priority"):
+        llm.generate([[5, 6, 7]], greedy4, use_tqdm=False, priority=[1])
+    ranked = LLM(str(llama_path), kv_cache_memory=8 << 20, scheduling_policy="priority")
+    outs = ranked.generate([[5, 6, 7], [8, 9]], greedy4, use_tqdm=False, priority=[1, 0])
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    ranked.shutdown()
 
     conv = [{"role": "user", "content": "hi"}]
     default = llm.chat(conv, greedy4, use_tqdm=False)[0]
