@@ -85,9 +85,18 @@ class LLM:
         from splitserve.scheduler.engine_core import EngineCore
         from splitserve.tokenizer_svc.config import TokenizerServiceConfig
         from splitserve.tokenizer_svc.tokenizer import load_tokenizer
+        from splitserve.vllm_compat import PINNED
         from splitserve.worker.config import WorkerConfig
         from splitserve.worker.model_runner import ModelRunner
 
+        # vLLM arguments splitserve takes with one value (tensor_parallel_size=1, ...): checked,
+        # then dropped; any other value is a ValueError saying what to use instead.
+        for row in PINNED:
+            name = row.flag[2:].replace("-", "_")
+            if name in kwargs:
+                value = kwargs.pop(name)
+                if value is not None:  # vLLM's LLM takes None for "not set"
+                    row.check(value)
         picked = {
             cls: {f.name for f in dataclasses.fields(cls)}
             for cls in (WorkerConfig, SchedulerConfig, TokenizerServiceConfig)

@@ -110,8 +110,13 @@ def test_stop_strings_n_seed_and_chat(llama_path):
 
 
 def test_llm_rejects_unknown_options_and_bad_requests(llama_path):
-    with pytest.raises(TypeError, match="tensor_parallel_size"):
+    with pytest.raises(TypeError, match="no_such_option"):
+        LLM(str(llama_path), no_such_option=2)
+    # vLLM arguments with one supported value: that value is fine, another is refused sharply.
+    with pytest.raises(ValueError, match="--tensor-parallel-size 2: .*pipeline"):
         LLM(str(llama_path), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="--kv-cache-dtype fp8"):
+        LLM(str(llama_path), tensor_parallel_size=1, kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="pipeline_parallel_size must be 1, got 2"):
         LLM(str(llama_path), pipeline_parallel_size=2)
     llm = LLM(str(llama_path), kv_cache_memory=8 << 20, max_model_len=64)
