@@ -13,7 +13,7 @@ import pytest
 from splitserve.demo_model import build_tokenizer
 from splitserve.protos import common_pb2
 from splitserve.tokenizer_svc import grammar as gm
-from splitserve.worker.structured_output import StructuredOutputs
+from splitserve.worker.structured_output import TEST_COMPILE_GATE_ENV, StructuredOutputs
 
 EXTRA = 40  # embedding rows past the tokenizer
 STOP = [1, 4]
@@ -114,13 +114,17 @@ def test_bad_payload_fails_only_that_request(so):
     assert len(so) == 0
 
 
-def test_compiled_grammars_are_cached_by_handle(so, compiler):
+def test_compiled_grammars_are_cached_by_handle(hf_tok, compiler, monkeypatch, tmp_path):
     """Two requests with one grammar share one background compile; once it is done, a third
     gets its matcher at once from the cache."""
+    gate = tmp_path / "gate"  # the compile waits for this file, so both adds see it pending
+    monkeypatch.setenv(TEST_COMPILE_GATE_ENV, str(gate))
+    so = StructuredOutputs(lambda: hf_tok, len(hf_tok) + EXTRA, STOP)
     grammar = compiled(compiler, "regex", "[a-z]+", "xgrammar")
     so.add("a", grammar, [])
     so.add("b", grammar, [])
     assert so._pending["a"].future is so._pending["b"].future and len(so) == 2
+    gate.touch()
     _, failed = so.fill(["a", "b"], [0, 1])
     assert not failed and not so._pending
     cached = so._compiled[grammar.handle]
