@@ -110,15 +110,28 @@ class LLM:
         self.tokenizer = load_tokenizer(tok_cfg)
         self._tokenizer_config = tok_cfg
         self._grammars = None
-        self.engine = EngineCore(
-            self.scheduler_config, InprocExecutor(ModelRunner(self.worker_config))
-        )
+        runner = ModelRunner(self.worker_config)
+        self._images = self._image_preprocessor(runner, tok_cfg)
+        self.engine = EngineCore(self.scheduler_config, InprocExecutor(runner))
         self._ids = itertools.count()
         # The same path the gateway reads: the worker's Describe, through the engine's ModelInfo.
         self.sampling_defaults = SamplingDefaults.from_proto(
             self.engine.model_info.sampling_defaults
         )
         self.sampling_defaults.warn_if_changed()
+
+    @staticmethod
+    def _image_preprocessor(runner, tok_cfg):
+        """The model folder's processor when the model takes images, else None."""
+        if not getattr(runner.model, "supports_images", False):
+            return None
+        from splitserve.tokenizer_svc.multimodal import ImagePreprocessor, parse_mm_limits
+
+        return ImagePreprocessor(
+            str(runner.loaded.path),
+            runner.model.image_token_id,
+            parse_mm_limits(tok_cfg.limit_mm_per_prompt),
+        )
 
     @property
     def max_model_len(self) -> int:
@@ -167,7 +180,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt and return in prompt order. A prompt is text, token ids,
         or vLLM's prompt dict: {"prompt": text} or {"prompt_token_ids": ids}, optionally with
-        "cache_salt" (only prompts with the same salt share prefix-cache blocks). With
+        "cache_salt" (only prompts with the same salt share prefix-cache blocks), and for
+        models that take images "multi_modal_data": {"image": PIL image or list of them},
+        with one image placeholder (LLaVA: "<image>") in the prompt text per image. With
         `lora_request` (one for all prompts, or one per prompt) through that LoRA adapter,
         whose path must lie inside `lora_root` (or a `lora_modules` folder). Without
         `sampling_params`, `get_default_sampling_params()`."""
@@ -179,12 +194,19 @@ class LLM:
         texts: list[str | None] = []
         ids_list: list[list[int]] = []
         salts: list[str] = []
+        mm_list: list[list] = []
         for p in batch:
-            salt = ""
+            salt, images = "", None
             if isinstance(p, dict):
-                p, salt = _unpack_prompt_dict(p)
+                p, salt, images = _unpack_prompt_dict(p)
             salts.append(salt)
-            if isinstance(p, str):
+            mm_list.append([])
+            if images is not None:
+                processed = self._process_images(p, images)
+                texts.append(p)
+                ids_list.append(processed.token_ids)
+                mm_list[-1] = processed.mm_inputs
+            elif isinstance(p, str):
                 texts.append(p)
                 ids_list.append(self.tokenizer.encode(p, add_special_tokens=True))
             else:
@@ -197,7 +219,34 @@ class LLM:
         )
         if len(loras) != len(batch):
             raise ValueError(f"{len(loras)} LoRA requests for {len(batch)} prompts")
-        return self._run(texts, ids_list, params_list, loras, salts)
+        return self._run(texts, ids_list, params_list, loras, salts, mm_list)
+
+    def _process_images(self, prompt, data: dict):
+        """Run the model's processor over a text prompt and its images (ValueError when the
+        model takes none or the input is bad)."""
+        if self._images is None:
+            raise ValueError(
+                f"multi_modal_data was given, but the model {self.worker_config.model!r} does "
+                "not take image inputs"
+            )
+        if not isinstance(prompt, str):
+            raise ValueError("multi_modal_data needs a text prompt (with the image placeholders)")
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            raise ValueError(
+                f"multi_modal_data must be a dict with the key 'image', got {type(data).__name__}"
+                + (f" with keys {sorted(data)}" if isinstance(data, dict) else "")
+            )
+        images = data.get("image")
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        from PIL import Image
+
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise ValueError(
+                    f"multi_modal_data['image'][{i}] must be a PIL image, got "
+                    f"{type(image).__name__}"
+                )
+        return self._images.process(prompt, images)
 
     def chat(
         self,
@@ -219,7 +268,9 @@ class LLM:
         sp = self.get_default_sampling_params() if sampling_params is None else sampling_params
         return self._run(texts, ids_list, [sp] * len(convs))
 
-    def _run(self, texts, ids_list, params_list, loras=None, salts=None) -> list[RequestOutput]:
+    def _run(
+        self, texts, ids_list, params_list, loras=None, salts=None, mm_list=None
+    ) -> list[RequestOutput]:
         from splitserve.tokenizer_svc.stream import SequenceStream
 
         seqs: dict[str, _Seq] = {}
@@ -255,6 +306,7 @@ class LLM:
                             lora_path=str(lora.lora_path) if lora else "",
                             lora_int_id=lora.lora_int_id if lora else 0,
                             cache_salt=salts[pi] if salts else "",
+                            mm_inputs=mm_list[pi] if mm_list else [],
                         ),
                         grammars[pi],
                     )
@@ -327,23 +379,24 @@ class LLM:
             engine.shutdown()
 
 
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt"}
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "multi_modal_data"}
 
 
-def _unpack_prompt_dict(p: dict) -> tuple[str | list[int], str]:
-    """vLLM's TextPrompt / TokensPrompt: (text or token ids, cache salt)."""
+def _unpack_prompt_dict(p: dict) -> tuple[str | list[int], str, dict | None]:
+    """vLLM's TextPrompt / TokensPrompt: (text or token ids, cache salt, multi_modal_data)."""
     unknown = sorted(set(p) - _PROMPT_KEYS)
     if unknown:
         raise ValueError(
             f"prompt dict keys {unknown} are not supported; expected 'prompt' or "
-            "'prompt_token_ids', optionally with 'cache_salt'"
+            "'prompt_token_ids', optionally with 'cache_salt' and 'multi_modal_data'"
         )
     if ("prompt" in p) == ("prompt_token_ids" in p):
         raise ValueError("a prompt dict needs exactly one of 'prompt' and 'prompt_token_ids'")
     salt = p.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
-    return (p["prompt"] if "prompt" in p else list(p["prompt_token_ids"])), salt or ""
+    text = p["prompt"] if "prompt" in p else list(p["prompt_token_ids"])
+    return text, salt or "", p.get("multi_modal_data")
 
 
 def _as_batch(prompts) -> list:

@@ -56,6 +56,8 @@ class TokenizerServiceConfig:
     """Threads compiling constraints."""
     grammar_max_pending: int = 16
     """Compiles running or queued past which new ones are refused with RESOURCE_EXHAUSTED."""
+    limit_mm_per_prompt: str | None = None
+    """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2}'; images default to 4 (vLLM: 999). Only models that take images accept any."""
 
     def __post_init__(self) -> None:
         check_endpoint(self.otlp_traces_endpoint)
@@ -100,6 +102,10 @@ class TokenizerServiceConfig:
             raise ValueError(f"grammar_max_pending must be >= 1, got {self.grammar_max_pending}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        from splitserve.tokenizer_svc.multimodal import canonical_mm_limits
+
+        # A dict (the in-process LLM's keyword) becomes compact JSON, as the flag carries it.
+        self.limit_mm_per_prompt = canonical_mm_limits(self.limit_mm_per_prompt)
 
 
 def load_chat_template(value: str) -> str:

@@ -140,7 +140,8 @@ def test_prompt_dicts_and_cache_salt(llama_path):
     text = llm.generate({"prompt": "hello there"}, greedy())[0]
     assert text.prompt == "hello there" and text.outputs[0].token_ids
     for bad, match in [
-        ({"prompt": "x", "multi_modal_data": {}}, "not supported"),
+        ({"prompt": "x", "multi_modal_data": {}}, "does not take image inputs"),
+        ({"prompt": "x", "images": []}, "not supported"),
         ({"prompt": "x", "prompt_token_ids": [1]}, "exactly one"),
         ({"prompt": "x", "cache_salt": ""}, "non-empty string"),
     ]:

@@ -335,7 +335,7 @@ def test_trusted_remote_model_still_runs_only_our_implementations(formats, tmp_p
     with pytest.raises(
         ValueError,
         match=r"unsupported model architecture \['TinyCustomForCausalLM'\]; supported: "
-        r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM\. splitserve runs only its "
+        r"LlamaForCausalLM, (\w+, )*Qwen2ForCausalLM(, \w+)*\. splitserve runs only its "
         r"own model implementations",
     ):
         _load(folder, trust_remote_code=True)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
+from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
 }
 
 

@@ -1,0 +1,149 @@
+"""LLaVA in the in-process engine against transformers on the same tiny random checkpoint.
+
+The prompts carry images through vLLM's `{"prompt", "multi_modal_data": {"image": ...}}`; the
+model folder's own processor expands each `<image>` into its placeholder tokens. Checked:
+greedy tokens equal transformers' for a batch of different images (one prompt with two), also
+when prefill chunks cut through the images; each image is encoded once per request and let go
+afterwards; the prefix cache serves the same image again but never another image's blocks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve import LLM, SamplingParams
+
+from .llava_utils import NUM_IMAGE_TOKENS, build_llava, random_image
+
+N = 16
+TEXT = "the quick brown fox jumps over the lazy dog and keeps on running"
+PROMPTS = [
+    (f"{TEXT} <image> what is it?", [0]),
+    (f"{TEXT} <image> what is it?", [1]),
+    ("compare <image> with <image> please", [2, 3]),
+]
+
+
+@pytest.fixture(scope="module")
+def llava_path(model_factory, tmp_path_factory):
+    return build_llava(tmp_path_factory.mktemp("llava"), model_factory("llama"))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [random_image(i, size=(40 + 4 * i, 34)) for i in range(4)]
+
+
+@torch.inference_mode()
+def hf_greedy(path, prompts, images) -> list[list[int]]:
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+    model.generation_config.eos_token_id = None
+    outs = []
+    for text, which in prompts:
+        enc = processor(text=[text], images=[images[i] for i in which], return_tensors="pt")
+        out = model.generate(
+            **enc, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0
+        )
+        outs.append(out[0, enc["input_ids"].shape[1] :].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def hf_ref(llava_path, images):
+    return hf_greedy(llava_path, PROMPTS, images)
+
+
+def greedy() -> SamplingParams:
+    return SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
+
+
+def requests(images, prompts=PROMPTS):
+    return [
+        {"prompt": text, "multi_modal_data": {"image": [images[i] for i in which]}}
+        for text, which in prompts
+    ]
+
+
+@pytest.mark.parametrize(
+    "engine_kw",
+    [{}, {"max_num_batched_tokens": 7}],  # chunks of at most 7 tokens cut through every image
+    ids=["whole", "chunked"],
+)
+def test_llava_greedy_matches_transformers(llava_path, images, hf_ref, engine_kw):
+    llm = LLM(str(llava_path), kv_cache_memory=8 << 20, enable_prefix_caching=False, **engine_kw)
+    outs = llm.generate(requests(images), greedy())
+    got = [o.outputs[0].token_ids for o in outs]
+    assert got == hf_ref
+    assert got[0] != got[1]  # the two images of the same text steer the output apart
+    image_id = llm.engine.executor.runner.model.image_token_id
+    for o, (_, which) in zip(outs, PROMPTS, strict=True):
+        assert o.prompt_token_ids.count(image_id) == NUM_IMAGE_TOKENS * len(which)
+    mm = llm.engine.executor.runner.mm
+    assert mm.num_encoded == 4  # once per image, however many chunks cut through it
+    assert len(mm) == 0  # nothing kept once the prompts are prefilled
+    llm.shutdown()
+
+
+def test_llava_prefix_cache_keeps_images_apart(llava_path, images, hf_ref):
+    llm = LLM(str(llava_path), kv_cache_memory=8 << 20, block_size=16)
+    first = llm.generate(requests(images, PROMPTS[:1]), greedy())[0]
+    again = llm.generate(requests(images, PROMPTS[:1]), greedy())[0]
+    other = llm.generate(requests(images, PROMPTS[1:2]), greedy())[0]
+    ids = first.prompt_token_ids
+    image_at = ids.index(llm.engine.executor.runner.model.image_token_id)
+    assert first.num_cached_tokens == 0
+    # Same text and image: every full block but the one holding the last prompt token.
+    assert again.num_cached_tokens == (len(ids) - 1) // 16 * 16 > image_at
+    # Another image after the same text: only the blocks before the image are shared.
+    assert other.num_cached_tokens == image_at // 16 * 16
+    outs = [first, again, other]
+    assert [o.outputs[0].token_ids for o in outs] == [hf_ref[0], hf_ref[0], hf_ref[1]]
+    # Same text and image, other words after it: the hit ends inside the image, whose
+    # embeddings are then spliced in from the middle.
+    tail = [(f"{TEXT} <image> tell me more about it now", [0])]
+    later = llm.generate(requests(images, tail), greedy())[0]
+    image_end = image_at + NUM_IMAGE_TOKENS
+    assert image_at < later.num_cached_tokens == image_end // 16 * 16 < image_end
+    assert later.outputs[0].token_ids == hf_greedy(llava_path, tail, images)[0]
+    llm.shutdown()
+
+
+def test_llava_refuses_bad_image_inputs(llava_path, images):
+    llm = LLM(str(llava_path), kv_cache_memory=8 << 20, limit_mm_per_prompt={"image": 1})
+    bad = [
+        (
+            {"prompt": "two <image> <image>", "multi_modal_data": {"image": images[:2]}},
+            "limit of 1",
+        ),
+        ({"prompt": "none here", "multi_modal_data": {"image": images[0]}}, "0 image placeholders"),
+        ({"prompt": "<image>", "multi_modal_data": {"image": "cat.png"}}, "must be a PIL image"),
+        ({"prompt": "<image>", "multi_modal_data": {"video": []}}, "key 'image'"),
+        ({"prompt_token_ids": [5, 6], "multi_modal_data": {"image": images[0]}}, "text prompt"),
+    ]
+    for prompt, match in bad:
+        with pytest.raises(ValueError, match=match):
+            llm.generate(prompt, greedy())
+    ok = llm.generate({"prompt": "a <image>", "multi_modal_data": {"image": images[0]}}, greedy())
+    assert len(ok[0].outputs[0].token_ids) == N
+    llm.shutdown()
+
+
+def test_limit_mm_per_prompt_is_checked():
+    from splitserve.tokenizer_svc.multimodal import canonical_mm_limits, parse_mm_limits
+
+    assert parse_mm_limits(None) == {"image": 4}
+    assert parse_mm_limits('{"image": 2}') == {"image": 2}
+    assert canonical_mm_limits({"image": 0}) == '{"image":0}'
+    for value, match in [
+        ("[1]", "JSON object"),
+        ("{", "JSON object"),
+        ('{"audio": 1}', "unsupported modality 'audio'"),
+        ('{"image": -1}', "non-negative integer"),
+        ('{"image": true}', "non-negative integer"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_mm_limits(value)
