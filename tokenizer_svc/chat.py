@@ -11,8 +11,11 @@ executes or the next Python call, so the thread itself stops, not only the wait 
 Limit: a single C-level operation that runs long (a huge string repeat) is not interrupted;
 request templates are refused unless the operator trusts them.
 
-Multimodal seam: image / audio / video content parts are refused here for now; a later issue
-turns them into placeholders plus multimodal inputs.
+Images: for a model with an image processor, an `{"type": "image"}` content part (the gateway
+has fetched the image and sends its bytes beside the messages) becomes the model's image
+placeholder text (LLaVA's `<image>`) at its place among the text parts, joined by '\n' like
+them; the processor later expands it (tokenizer_svc/multimodal.py). `image_url` parts must be
+resolved by the caller first; audio / video / file parts are refused.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ class ChatRequest:
     chat_template: str | None = None
     tools: list[dict] | None = None
     kwargs: dict = field(default_factory=dict)
+    num_images: int = 0
+    """`{"type": "image"}` parts in the messages (each is an image placeholder in the text)."""
 
 
 @dataclass(slots=True)
@@ -95,8 +100,11 @@ def parse_chat_request(
     chat_template: str | None = None,
     tools_json: str | None = None,
     chat_template_kwargs_json: str | None = None,
+    image_placeholder: str | None = None,
 ) -> ChatRequest:
-    """Validate an ApplyChatTemplate request's JSON fields; InvalidRequest says what's wrong."""
+    """Validate an ApplyChatTemplate request's JSON fields; InvalidRequest says what's wrong.
+    `image_placeholder` (the model's image token text; None when it takes no images) stands in
+    for each `{"type": "image"}` part."""
     if add_generation_prompt and continue_final_message:
         raise InvalidRequest(
             "add_generation_prompt and continue_final_message cannot both be set: the first "
@@ -105,7 +113,8 @@ def parse_chat_request(
     messages = _load_json(messages_json, "messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty JSON array of message objects")
-    parsed = [_parse_message(m, i) for i, m in enumerate(messages)]
+    images: list[int] = []
+    parsed = [_parse_message(m, i, image_placeholder, images) for i, m in enumerate(messages)]
     if continue_final_message and parsed[-1]["role"] != "assistant":
         raise InvalidRequest(
             f"continue_final_message needs an assistant message last, got role "
@@ -128,7 +137,13 @@ def parse_chat_request(
                 "use the request fields instead"
             )
     return ChatRequest(
-        parsed, add_generation_prompt, continue_final_message, chat_template, tools, kwargs
+        parsed,
+        add_generation_prompt,
+        continue_final_message,
+        chat_template,
+        tools,
+        kwargs,
+        len(images),
     )
 
 
@@ -139,22 +154,30 @@ def _load_json(text: str, what: str):
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
 
 
-def _parse_message(message, i: int) -> dict:
+def _parse_message(message, i: int, image_placeholder: str | None, images: list[int]) -> dict:
     if not isinstance(message, dict):
         raise InvalidRequest(f"messages[{i}] must be an object, got {type(message).__name__}")
     role = message.get("role")
     if role not in ROLES:
         raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
     out = dict(message)
-    out["content"] = _content_text(message.get("content"), role, i)
+    out["content"] = _content_text(message.get("content"), role, i, image_placeholder, images)
     tool_calls = out.get("tool_calls")
     if tool_calls is not None:
         out["tool_calls"] = _parse_tool_calls(tool_calls, i)
     return out
 
 
-def _content_text(content, role: str, i: int) -> str:
-    """OpenAI content (a string or a list of parts) as one string, text parts joined by '\\n'."""
+def _content_text(
+    content,
+    role: str,
+    i: int,
+    image_placeholder: str | None = None,
+    images: list[int] | None = None,
+) -> str:
+    """OpenAI content (a string or a list of parts) as one string, text parts (and image
+    placeholders) joined by '\\n'; every image part found appends its message index to
+    `images`."""
     if content is None:
         if role == "assistant":  # tool calls only, or an empty prefill
             return ""
@@ -177,6 +200,15 @@ def _content_text(content, role: str, i: int) -> str:
             if not isinstance(text, str):
                 raise InvalidRequest(f"{where}.{kind} must be a string")
             texts.append(text)
+        elif kind == "image" and image_placeholder is not None:
+            texts.append(image_placeholder)
+            if images is not None:
+                images.append(i)
+        elif kind in ("image_url", "input_image") and image_placeholder is not None:
+            raise InvalidRequest(
+                f"{where}: {kind!r} parts are fetched by the gateway; send {{'type': 'image'}} "
+                "parts with the image files in ApplyChatTemplateRequest.images"
+            )
         elif kind in _MEDIA_PARTS:
             raise InvalidRequest(
                 f"{where}: {_MEDIA_PARTS[kind]} are not supported by this model for now "
@@ -226,11 +258,15 @@ class ChatRenderer:
 
     def render(self, request: ChatRequest) -> RenderedChat:
         """Render and tokenize one request (blocking). Raises InvalidRequest on any refusal."""
-        template = self._pick_template(request)
-        prompt = self._render_text(request, template)
-        check_text(prompt, "the rendered chat prompt")
+        prompt = self.render_prompt(request)
         token_ids = self._handle.tokenizer.encode(prompt, add_special_tokens=False)
         return RenderedChat(prompt, list(token_ids))
+
+    def render_prompt(self, request: ChatRequest) -> str:
+        """The rendered prompt text (blocking). Raises InvalidRequest on any refusal."""
+        prompt = self._render_text(request, self._pick_template(request))
+        check_text(prompt, "the rendered chat prompt")
+        return prompt
 
     def _pick_template(self, request: ChatRequest) -> str | None:
         if request.chat_template is not None:

@@ -58,6 +58,10 @@ class TokenizerServiceConfig:
     """Compiles running or queued past which new ones are refused with RESOURCE_EXHAUSTED."""
     limit_mm_per_prompt: str | None = None
     """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2}'; images default to 4 (vLLM: 999). Only models that take images accept any."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest image (width times height, read from its header before decoding) a request may carry."""
+    disable_mm_preprocessor_cache: bool = False
+    """vLLM's flag; refused: splitserve keeps no multimodal preprocessor cache (every image is processed on each request), so there is nothing to disable."""
 
     def __post_init__(self) -> None:
         check_endpoint(self.otlp_traces_endpoint)
@@ -102,7 +106,16 @@ class TokenizerServiceConfig:
             raise ValueError(f"grammar_max_pending must be >= 1, got {self.grammar_max_pending}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
-        from splitserve.tokenizer_svc.multimodal import canonical_mm_limits
+        from splitserve.mm_limits import canonical_mm_limits
+
+        if self.disable_mm_preprocessor_cache:
+            raise ValueError(
+                "--disable-mm-preprocessor-cache is not supported: splitserve keeps no "
+                "multimodal preprocessor cache (each image is processed on every request); "
+                "drop the flag"
+            )
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
         # A dict (the in-process LLM's keyword) becomes compact JSON, as the flag carries it.
         self.limit_mm_per_prompt = canonical_mm_limits(self.limit_mm_per_prompt)

@@ -12,56 +12,17 @@ another image does not.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import pathlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from splitserve.mm_limits import DEFAULT_IMAGE_LIMIT, canonical_mm_limits, parse_mm_limits
 from splitserve.protos import common_pb2
 
-DEFAULT_IMAGE_LIMIT = 4
-"""Images one prompt may carry unless --limit-mm-per-prompt says otherwise (vLLM allows 999;
-every image is encoded and its pixels cross gRPC, so splitserve keeps a small bound)."""
-MODALITIES = ("image",)
-
-
-def parse_mm_limits(value: str | dict | None) -> dict[str, int]:
-    """`--limit-mm-per-prompt` (JSON object, e.g. '{"image": 2}', or a dict) -> modality ->
-    limit, with the default for modalities it leaves out; ValueError naming the bad entry."""
-    if value is None or value == "":
-        raw: dict = {}
-    elif isinstance(value, dict):
-        raw = value
-    else:
-        try:
-            raw = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(
-                f"limit_mm_per_prompt must be a JSON object such as '{{\"image\": 2}}', got "
-                f"{value!r}: {exc}"
-            ) from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"limit_mm_per_prompt must be a JSON object, got {value!r}")
-    limits = {"image": DEFAULT_IMAGE_LIMIT}
-    for key, limit in raw.items():
-        if key not in MODALITIES:
-            raise ValueError(
-                f"limit_mm_per_prompt: unsupported modality {key!r}; supported: "
-                f"{', '.join(MODALITIES)}"
-            )
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(
-                f"limit_mm_per_prompt[{key!r}] must be a non-negative integer, got {limit!r}"
-            )
-        limits[key] = limit
-    return limits
-
-
-def canonical_mm_limits(value: str | dict | None) -> str | None:
-    """The flag's value as compact JSON (a dict from the in-process LLM becomes text too)."""
-    if value is None:
-        return None
-    return json.dumps(parse_mm_limits(value), sort_keys=True, separators=(",", ":"))
+__all__ = ["DEFAULT_IMAGE_LIMIT", "canonical_mm_limits", "parse_mm_limits"]
 
 
 def tensor_proto(array: np.ndarray) -> common_pb2.TensorData:
@@ -87,6 +48,7 @@ def image_hash(t: common_pb2.TensorData) -> bytes:
 class ProcessedPrompt:
     """A prompt after the processor: expanded token ids and its images for the engine."""
 
+    prompt: str
     token_ids: list[int]
     mm_inputs: list[common_pb2.MultiModalInput]
 
@@ -113,9 +75,12 @@ class ImagePreprocessor:
                 "(--limit-mm-per-prompt)"
             )
 
-    def process(self, prompt: str, images: list) -> ProcessedPrompt:
+    def process(
+        self, prompt: str, images: list, add_special_tokens: bool = True
+    ) -> ProcessedPrompt:
         """Expand `prompt` (with one image placeholder per image) and process `images` (PIL
-        images); ValueError naming the problem."""
+        images); ValueError naming the problem. Chat prompts pass add_special_tokens=False
+        (the template writes BOS itself)."""
         self.check_count(len(images))
         found = prompt.count(self.image_token)
         if found != len(images):
@@ -125,13 +90,17 @@ class ImagePreprocessor:
             )
         try:
             out = self.processor(
-                text=[prompt], images=images or None, return_tensors="np", padding=False
+                text=[prompt],
+                images=images or None,
+                return_tensors="np",
+                padding=False,
+                add_special_tokens=add_special_tokens,
             )
         except Exception as exc:  # the processor's own message names the problem
             raise ValueError(f"the model's processor refused the input: {exc}") from exc
         ids = [int(t) for t in np.asarray(out["input_ids"])[0].tolist()]
         if not images:
-            return ProcessedPrompt(ids, [])
+            return ProcessedPrompt(prompt, ids, [])
         pixels = np.asarray(out["pixel_values"])
         spans = self._spans(ids, len(images))
         mm_inputs = []
@@ -146,7 +115,7 @@ class ImagePreprocessor:
                     length=length,
                 )
             )
-        return ProcessedPrompt(ids, mm_inputs)
+        return ProcessedPrompt(prompt, ids, mm_inputs)
 
     def _spans(self, ids: list[int], num_images: int) -> list[tuple[int, int]]:
         """(offset, length) of each image's placeholder tokens (each image gets the same
@@ -164,3 +133,49 @@ class ImagePreprocessor:
                 raise ValueError("an image's placeholder tokens are not contiguous")
             spans.append((int(run[0]), k))
         return spans
+
+
+def image_token_id_of(path: pathlib.Path) -> int | None:
+    """The image placeholder token id of the model folder's config.json (LLaVA's
+    image_token_index), or None for a model that takes no images."""
+    config = path / "config.json"
+    if not config.exists():
+        return None
+    raw = json.loads(config.read_text())
+    value = raw.get("image_token_id", raw.get("image_token_index"))
+    return int(value) if value is not None else None
+
+
+def load_image_preprocessor(path: pathlib.Path | None, limits: dict[str, int]):
+    """The ImagePreprocessor of a model folder whose config names an image token and which
+    ships a processor config; None for a text-only model."""
+    if path is None:
+        return None
+    token_id = image_token_id_of(path)
+    has_processor = any(
+        (path / name).exists() for name in ("processor_config.json", "preprocessor_config.json")
+    )
+    if token_id is None or not has_processor:
+        return None
+    return ImagePreprocessor(str(path), token_id, limits)
+
+
+def decode_images(blobs: list[bytes], max_pixels: int) -> list:
+    """Image files -> RGB PIL images; ValueError naming the image when one is not an image
+    or has more than `max_pixels` pixels (checked from the header, before decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for i, blob in enumerate(blobs):
+        try:
+            image = Image.open(io.BytesIO(blob))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(
+                    f"image {i} is {width}x{height} = {width * height} pixels, more than the "
+                    f"limit of {max_pixels} (--max-image-pixels)"
+                )
+            images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"image {i} could not be decoded as an image: {exc}") from None
+    return images

@@ -1,0 +1,113 @@
+"""ApplyChatTemplate with images: `{"type": "image"}` parts plus the image files; the model
+folder's processor expands each placeholder and returns the processed pixels, bounded by
+--limit-mm-per-prompt and --max-image-pixels."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import grpc
+import pytest
+
+from splitserve.protos import tokenizer_pb2 as pb
+from splitserve.tokenizer_svc.config import TokenizerServiceConfig
+from tests.models.llava_utils import IMAGE_SIZE, NUM_IMAGE_TOKENS, build_llava, random_image
+
+from .test_server import ServerThread
+
+
+def png(seed: int, size=(40, 34)) -> bytes:
+    buf = io.BytesIO()
+    random_image(seed, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def llava_dir(chatml_dir, tmp_path_factory):
+    return build_llava(tmp_path_factory.mktemp("tok-llava"), chatml_dir)
+
+
+@pytest.fixture(scope="module")
+def server(llava_dir):
+    s = ServerThread(
+        TokenizerServiceConfig(
+            tokenizer=str(llava_dir), limit_mm_per_prompt='{"image": 2}', max_image_pixels=50_000
+        )
+    )
+    yield s
+    s.close()
+
+
+def chat(n_images: int, text: str = "what is it?") -> str:
+    parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    return json.dumps([{"role": "user", "content": parts}])
+
+
+def apply(server, messages: str, images: list[bytes]):
+    return server.stub.ApplyChatTemplate(
+        pb.ApplyChatTemplateRequest(
+            messages_json=messages, add_generation_prompt=True, images=images
+        ),
+        timeout=30,
+    )
+
+
+def test_image_parts_expand_and_carry_pixels(server):
+    one = apply(server, chat(1), [png(1)])
+    assert "<image>\nwhat is it?" in one.prompt
+    (item,) = one.mm_inputs
+    ids = list(one.token_ids)
+    image_id = ids[item.offset]
+    assert item.length == NUM_IMAGE_TOKENS and ids.count(image_id) == NUM_IMAGE_TOKENS
+    assert ids[item.offset : item.offset + item.length] == [image_id] * NUM_IMAGE_TOKENS
+    t = item.pixel_values
+    assert (t.dtype, list(t.shape)) == ("float32", [3, IMAGE_SIZE, IMAGE_SIZE])
+    assert len(t.data) == 4 * 3 * IMAGE_SIZE * IMAGE_SIZE and len(item.hash) == 32
+    again = apply(server, chat(1), [png(1)])
+    other = apply(server, chat(1), [png(2)])
+    assert again.mm_inputs[0].hash == item.hash != other.mm_inputs[0].hash
+    two = apply(server, chat(2), [png(1), png(2)])
+    a, b = two.mm_inputs
+    assert b.offset >= a.offset + a.length and a.hash == item.hash and b.hash != a.hash
+
+
+@pytest.mark.parametrize(
+    "n_parts, images, match",
+    [
+        (2, [png(1)], "2 image parts but 1 images"),
+        (0, [png(1)], "0 image parts but 1 images"),
+        (3, [png(1)] * 3, "3 images, more than the limit of 2"),
+        (1, [png(1, size=(300, 300))], "more than the limit of 50000"),
+        (1, [b"not an image"], "could not be decoded"),
+    ],
+)
+def test_bad_images_are_invalid_argument(server, n_parts, images, match):
+    with pytest.raises(grpc.RpcError) as info:
+        apply(server, chat(n_parts), images)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in info.value.details()
+
+
+def test_image_url_parts_must_be_fetched_by_the_caller(server):
+    messages = json.dumps(
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    )
+    with pytest.raises(grpc.RpcError, match="fetched by the gateway"):
+        apply(server, messages, [])
+
+
+def test_text_only_model_refuses_images(chatml_dir):
+    s = ServerThread(TokenizerServiceConfig(tokenizer=str(chatml_dir)))
+    try:
+        with pytest.raises(grpc.RpcError, match="does not take image inputs"):
+            apply(s, chat(1), [png(1)])
+        with pytest.raises(grpc.RpcError, match="images are not supported by this model"):
+            apply(s, chat(1), [])
+    finally:
+        s.close()
+
+
+def test_disable_mm_preprocessor_cache_is_refused(chatml_dir):
+    with pytest.raises(ValueError, match="keeps no multimodal preprocessor cache"):
+        TokenizerServiceConfig(tokenizer=str(chatml_dir), disable_mm_preprocessor_cache=True)
