@@ -92,7 +92,7 @@ class GatewayConfig:
     """Hosts chat image_url parts may be fetched from over http(s) (vLLM's flag); None: no remote fetch (data: URLs always work). Hosts must resolve to public addresses only."""
     allowed_local_media_path: str | None = None
     """Folder chat image_url parts may read file:// images from, symlinks followed (vLLM's flag); None: no local files."""
-    max_image_bytes: int = 20 << 20
+    max_image_bytes: int = 10 << 20
     """Largest image file a chat request may carry (a data: URL's decoded bytes, a fetched or local file)."""
     media_fetch_timeout_s: float = 5.0
     """Longest time fetching one image over http(s) may take, redirects included."""

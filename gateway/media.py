@@ -67,7 +67,7 @@ class MediaPolicy:
     """Hosts http(s) images may be fetched from; empty: no remote fetch."""
     local_root: pathlib.Path | None = None
     """Folder file:// images may be read from (resolved); None: no local files."""
-    max_bytes: int = 20 << 20
+    max_bytes: int = 10 << 20
     timeout_s: float = 5.0
     resolver: Resolver = resolve_host
     """host, port -> addresses (tests answer for DNS)."""

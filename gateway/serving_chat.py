@@ -40,6 +40,9 @@ from splitserve.gateway.vllm_extras import refuse_unsupported
 from splitserve.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2
 
+_MAX_TOTAL_IMAGE_BYTES = 48 << 20
+"""The images of one request travel to the tokenizer service in one gRPC message (64 MiB)."""
+
 
 def messages_json(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
     """The messages as the tokenizer service takes them: text parts joined into one string,
@@ -140,7 +143,15 @@ async def _load_images(urls: list[tuple[str, str]], config) -> list[bytes]:
             "messages",
         )
     policy = MediaPolicy.from_config(config)
-    return list(await asyncio.gather(*(load_image(url, policy, p) for url, p in urls)))
+    blobs = list(await asyncio.gather(*(load_image(url, policy, p) for url, p in urls)))
+    total = sum(len(b) for b in blobs)
+    if total > _MAX_TOTAL_IMAGE_BYTES:
+        raise bad_request(
+            f"the messages' images hold {total} bytes together, more than "
+            f"{_MAX_TOTAL_IMAGE_BYTES} per request",
+            "messages",
+        )
+    return blobs
 
 
 class ChatService(ServingBase):

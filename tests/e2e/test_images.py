@@ -120,3 +120,5 @@ def test_refused_images_are_400_and_the_server_stays_up(
         model=llava_server.model, messages=messages(image), max_tokens=2
     )
     assert ok.choices[0].finish_reason == "length"
+    stats = llava_server.scheduler_stats()
+    assert stats.num_free_blocks == stats.num_total_blocks  # nothing held after the requests

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from splitserve import LLM, SamplingParams
+from splitserve.protos import scheduler_pb2
 
 from .llava_utils import NUM_IMAGE_TOKENS, build_llava, random_image
 
@@ -147,3 +148,56 @@ def test_limit_mm_per_prompt_is_checked():
     ]:
         with pytest.raises(ValueError, match=match):
             parse_mm_limits(value)
+
+
+def test_llava_survives_preemption(llava_path, images, hf_ref):
+    """A KV pool too small for the batch: requests are preempted and resumed with their
+    images sent again (and encoded again); the tokens still equal transformers'."""
+    # 9 blocks of 16: the two-image prompt (60 tokens, 4 blocks) and the next (65 tokens, 5
+    # blocks) fill the pool; the first needs a fifth block after 4 outputs.
+    llm = LLM(
+        str(llava_path), num_gpu_blocks_override=9, block_size=16, enable_prefix_caching=False
+    )
+    order = [2, 0, 1]
+    outs = llm.generate(requests(images, [PROMPTS[i] for i in order]), greedy())
+    assert [o.outputs[0].token_ids for o in outs] == [hf_ref[i] for i in order]
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert len(llm.engine.executor.runner.mm) == 0
+    llm.shutdown()
+
+
+def test_worker_refuses_inconsistent_image_spans(llava_path, images):
+    """A direct engine caller whose image span does not hold image tokens, or is the wrong
+    length for the model, fails alone (per-request error); the engine keeps serving."""
+    llm = LLM(str(llava_path), kv_cache_memory=8 << 20)
+    good = llm.generate(requests(images, PROMPTS[:1]), greedy())[0]
+    item = llm._images.process(PROMPTS[0][0], [images[0]]).mm_inputs[0]
+    ids = good.prompt_token_ids
+    sched = llm.engine.scheduler
+    cases = {
+        "shifted": (item.offset - 1, item.length, "other tokens than the image token"),
+        "short": (item.offset, item.length - 1, "placeholder tokens, the model yields"),
+    }
+    for rid, (offset, length, _) in cases.items():
+        bad = type(item)()
+        bad.CopyFrom(item)
+        bad.offset, bad.length = offset, length
+        sched.add_request(
+            scheduler_pb2.GenerateRequest(
+                request_id=rid,
+                prompt_token_ids=ids,
+                sampling_params=greedy().to_proto(),
+                mm_inputs=[bad],
+            )
+        )
+    errors = {}
+    while llm.engine.has_work:
+        for out in llm.engine.step():
+            if out.error:
+                errors[out.request_id] = out.error
+    assert set(errors) == set(cases)
+    for rid, (_, _, match) in cases.items():
+        assert match in errors[rid]
+    again = llm.generate(requests(images, PROMPTS[:1]), greedy())[0]
+    assert again.outputs[0].token_ids == good.outputs[0].token_ids
+    llm.shutdown()
