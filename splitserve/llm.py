@@ -258,10 +258,15 @@ class LLM:
         from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
 
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        renderer = ChatRenderer(self.tokenizer)
+        cfg = self._tokenizer_config
+        renderer = ChatRenderer(self.tokenizer, content_format=cfg.chat_template_content_format)
         texts, ids_list = [], []
         for conv in convs:
-            req = parse_chat_request(json.dumps(conv), add_generation_prompt=add_generation_prompt)
+            req = parse_chat_request(
+                json.dumps(conv),
+                add_generation_prompt=add_generation_prompt,
+                content_format=renderer.content_format(),
+            )
             rendered = renderer.render(req)
             texts.append(rendered.prompt)
             ids_list.append(list(rendered.token_ids))

@@ -37,6 +37,8 @@ class TokenizerServiceConfig:
     """Accept a chat template sent in a request; off refuses such requests."""
     chat_template_timeout_s: float = 5.0
     """Longest time one chat-template render may take before it is cut off."""
+    chat_template_content_format: str = "auto"
+    """How the template gets message content (vLLM's flag): 'string' (text parts joined by a newline, images as the model's placeholder text), 'openai' (a list of {"type": "text"} / {"type": "image"} parts), or 'auto' ('openai' when the template loops over message['content'])."""
     max_stop_strings: int = 64
     """Most stop strings one sequence may carry."""
     tokenizer_threads: int = 4
@@ -79,6 +81,11 @@ class TokenizerServiceConfig:
             )
         if self.chat_template is not None:
             load_chat_template(self.chat_template)  # raises on an unreadable path
+        if self.chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(
+                "chat_template_content_format must be one of auto, string, openai, got "
+                f"{self.chat_template_content_format!r}"
+            )
         if not self.chat_template_timeout_s > 0:
             raise ValueError(
                 f"chat_template_timeout_s must be > 0, got {self.chat_template_timeout_s}"

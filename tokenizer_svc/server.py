@@ -75,7 +75,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
     def set_tokenizer(self, handle: TokenizerHandle) -> None:
         self._renderer = ChatRenderer(
-            handle, self._config.trust_request_chat_template, self._config.chat_template_timeout_s
+            handle,
+            self._config.trust_request_chat_template,
+            self._config.chat_template_timeout_s,
+            self._config.chat_template_content_format,
         )
         self.grammars = make_grammar_compiler(self._config, handle)
         self._images = load_image_preprocessor(
@@ -124,6 +127,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
 
         images = self._images
         fields["image_placeholder"] = images.image_token if images is not None else None
+        fields["content_format"] = renderer.content_format(fields["chat_template"])
         if request.images and images is None:
             raise InvalidRequest("images were sent, but this model does not take image inputs")
 

@@ -111,3 +111,61 @@ def test_text_only_model_refuses_images(chatml_dir):
 def test_disable_mm_preprocessor_cache_is_refused(chatml_dir):
     with pytest.raises(ValueError, match="keeps no multimodal preprocessor cache"):
         TokenizerServiceConfig(tokenizer=str(chatml_dir), disable_mm_preprocessor_cache=True)
+    with pytest.raises(ValueError, match="chat_template_content_format must be one of"):
+        TokenizerServiceConfig(tokenizer=str(chatml_dir), chat_template_content_format="xml")
+
+
+# A llava-hf style template: it loops over content parts and writes the image placeholder.
+PARTS_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_content_format_is_detected_from_the_template():
+    from splitserve.tokenizer_svc.chat import detect_content_format
+
+    assert detect_content_format(PARTS_TEMPLATE) == "openai"
+    assert detect_content_format("{% for c in m.content %}{% endfor %}") == "openai"
+    chatml = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    assert detect_content_format(chatml) == "string"
+    assert detect_content_format(None) == "string"
+
+
+@pytest.mark.parametrize("content_format", ["auto", "openai"])
+def test_a_template_over_content_parts_gets_parts(llava_dir, content_format):
+    s = ServerThread(
+        TokenizerServiceConfig(
+            tokenizer=str(llava_dir),
+            chat_template=PARTS_TEMPLATE,
+            chat_template_content_format=content_format,
+        )
+    )
+    try:
+        out = apply(s, chat(1), [png(1)])
+        assert out.prompt == "USER: <image>\nwhat is it? ASSISTANT:"
+        assert out.mm_inputs[0].length == NUM_IMAGE_TOKENS
+        plain = json.dumps([{"role": "user", "content": "hi"}])  # a string becomes one part
+        assert apply(s, plain, []).prompt == "USER: hi ASSISTANT:"
+    finally:
+        s.close()
+
+
+def test_string_format_forced_on_a_parts_template_fails_to_place_the_image(llava_dir):
+    """--chat-template-content-format string on a template that loops over parts: the
+    template sees characters, not parts, so it writes no placeholder; the image count check
+    says so instead of sending an image the prompt has no room for."""
+    s = ServerThread(
+        TokenizerServiceConfig(
+            tokenizer=str(llava_dir),
+            chat_template=PARTS_TEMPLATE,
+            chat_template_content_format="string",
+        )
+    )
+    try:
+        with pytest.raises(grpc.RpcError, match="0 image placeholders"):
+            apply(s, chat(1), [png(1)])
+    finally:
+        s.close()
