@@ -201,3 +201,41 @@ def test_worker_refuses_inconsistent_image_spans(llava_path, images):
     again = llm.generate(requests(images, PROMPTS[:1]), greedy())[0]
     assert again.outputs[0].token_ids == good.outputs[0].token_ids
     llm.shutdown()
+
+
+@pytest.mark.parametrize(
+    "renames",
+    [
+        # llava-hf's checkpoints nest the CLIP tower one level deeper
+        [("vision_tower.", "vision_tower.vision_model.")],
+        # transformers' own module paths
+        [
+            ("vision_tower.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+        ],
+    ],
+    ids=["vision_model", "module_paths"],
+)
+def test_llava_loads_other_checkpoint_names(llava_path, images, hf_ref, tmp_path, renames):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "renamed"
+    shutil.copytree(llava_path, out)
+    tensors = load_file(out / "model.safetensors")
+    renamed = {}
+    for name, t in tensors.items():
+        for old, new in renames:
+            if name.startswith(old):
+                name = new + name[len(old) :]
+                break
+        renamed[name] = t
+    assert set(renamed) != set(tensors)
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    llm = LLM(str(out), kv_cache_memory=8 << 20)
+    got = llm.generate(requests(images, PROMPTS[:1]), greedy())[0].outputs[0].token_ids
+    assert got == hf_ref[0]
+    llm.shutdown()
