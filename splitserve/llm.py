@@ -254,24 +254,38 @@ class LLM:
         sampling_params: SamplingParams | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+        """Render each conversation with the model's chat template, then generate. On a model
+        that takes images, content parts may be `{"type": "image_url", "image_url": {"url":
+        "data:image/...;base64,..."}}` or `{"type": "image_pil", "image_pil": pil_image}`."""
         from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
 
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         cfg = self._tokenizer_config
         renderer = ChatRenderer(self.tokenizer, content_format=cfg.chat_template_content_format)
-        texts, ids_list = [], []
+        placeholder = self._images.image_token if self._images is not None else None
+        texts, ids_list, mm_list = [], [], []
         for conv in convs:
-            req = parse_chat_request(
+            conv, images = _take_chat_images(conv) if placeholder else (conv, [])
+            req = parse_chat_request(  # InvalidRequest (a ValueError) for bad messages
                 json.dumps(conv),
                 add_generation_prompt=add_generation_prompt,
+                image_placeholder=placeholder,
                 content_format=renderer.content_format(),
             )
+            if images:
+                processed = self._images.process(
+                    renderer.render_prompt(req), images, add_special_tokens=False
+                )
+                texts.append(processed.prompt)
+                ids_list.append(processed.token_ids)
+                mm_list.append(processed.mm_inputs)
+                continue
             rendered = renderer.render(req)
             texts.append(rendered.prompt)
             ids_list.append(list(rendered.token_ids))
+            mm_list.append([])
         sp = self.get_default_sampling_params() if sampling_params is None else sampling_params
-        return self._run(texts, ids_list, [sp] * len(convs))
+        return self._run(texts, ids_list, [sp] * len(convs), mm_list=mm_list)
 
     def _run(
         self, texts, ids_list, params_list, loras=None, salts=None, mm_list=None
@@ -385,6 +399,55 @@ class LLM:
 
 
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "multi_modal_data"}
+
+
+def _take_chat_images(conv: list[dict]) -> tuple[list[dict], list]:
+    """The conversation with its image parts (data: URLs, PIL images) replaced by
+    `{"type": "image"}`, and the images in order; ValueError for an image it cannot take."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    images: list = []
+    out = []
+    for i, message in enumerate(conv):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if kind == "image_pil":
+                image = part.get("image_pil")
+                if not isinstance(image, Image.Image):
+                    raise ValueError(f"{where}.image_pil must be a PIL image")
+            elif kind == "image_url":
+                value = part.get("image_url")
+                url = value.get("url") if isinstance(value, dict) else value
+                if not isinstance(url, str) or not url.startswith("data:"):
+                    raise ValueError(
+                        f"{where}: LLM.chat takes images as data: URLs or image_pil parts "
+                        "(it fetches nothing)"
+                    )
+                header, _, payload = url[5:].partition(",")
+                try:
+                    if "base64" not in header.split(";")[1:]:
+                        raise ValueError("only base64 data: URLs are supported")
+                    image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+                    image.load()
+                except (ValueError, binascii.Error, UnidentifiedImageError, OSError) as exc:
+                    raise ValueError(f"{where}: the image could not be decoded: {exc}") from None
+            else:
+                parts.append(part)
+                continue
+            images.append(image.convert("RGB"))
+            parts.append({"type": "image"})
+        out.append({**message, "content": parts})
+    return out, images
 
 
 def _unpack_prompt_dict(p: dict) -> tuple[str | list[int], str, dict | None]:

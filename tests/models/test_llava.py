@@ -239,3 +239,35 @@ def test_llava_loads_other_checkpoint_names(llava_path, images, hf_ref, tmp_path
     got = llm.generate(requests(images, PROMPTS[:1]), greedy())[0].outputs[0].token_ids
     assert got == hf_ref[0]
     llm.shutdown()
+
+
+def test_llava_chat_takes_data_urls_and_pil_images(llava_path, images):
+    import base64
+    import io
+
+    import transformers
+
+    buf = io.BytesIO()
+    images[1].save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    question = "what is it?"
+    text = {"type": "text", "text": question}
+    conversations = [
+        [{"role": "user", "content": [{"type": "image_pil", "image_pil": images[0]}, text]}],
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, text]}],
+    ]
+    tok = transformers.AutoTokenizer.from_pretrained(llava_path)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{question}"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    want = hf_greedy(llava_path, [(prompt, [0]), (prompt, [1])], images)
+    llm = LLM(str(llava_path), kv_cache_memory=8 << 20)
+    outs = [llm.chat(conv, greedy())[0] for conv in conversations]
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert outs[0].prompt == prompt
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a"}}]}]
+    with pytest.raises(ValueError, match="fetches nothing"):
+        llm.chat(bad, greedy())
+    llm.shutdown()
