@@ -95,6 +95,19 @@ def test_chat_with_a_data_url_image_matches_transformers(llava_server, llava_cli
         extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
     )
     assert [int(t.token.split(":")[1]) for t in other.choices[0].logprobs.content] != got
+    stream = llava_client.chat.completions.create(
+        model=llava_server.model,
+        messages=messages(image),
+        max_tokens=N,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == resp.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == num_prompt
 
 
 @pytest.mark.parametrize(
