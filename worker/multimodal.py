@@ -92,8 +92,12 @@ class MultiModalInputs:
                 pixels = tensor_from_proto(item.pixel_values)
             except ValueError as exc:
                 return f"image {i}: {exc}"
-            if pixels.dim() != 3:
-                return f"image {i}: pixel_values must be [channels, height, width], got {list(pixels.shape)}"
+            want_shape = list(self.model.pixel_shape)
+            if list(pixels.shape) != want_shape:
+                return (
+                    f"image {i}: pixel_values of shape {list(pixels.shape)}, the model takes "
+                    f"{want_shape} ([channels, height, width])"
+                )
             images.append(_Image(item.offset, item.length, pixels))
             end = item.offset + item.length
         self.images[req.request_id] = images

@@ -167,8 +167,9 @@ def test_llava_survives_preemption(llava_path, images, hf_ref):
 
 
 def test_worker_refuses_inconsistent_image_spans(llava_path, images):
-    """A direct engine caller whose image span does not hold image tokens, or is the wrong
-    length for the model, fails alone (per-request error); the engine keeps serving."""
+    """A direct engine caller whose image span does not hold image tokens, is the wrong
+    length for the model, or whose image has the wrong size fails alone (per-request error);
+    the engine keeps serving."""
     llm = LLM(str(llava_path), kv_cache_memory=8 << 20)
     good = llm.generate(requests(images, PROMPTS[:1]), greedy())[0]
     item = llm._images.process(PROMPTS[0][0], [images[0]]).mm_inputs[0]
@@ -178,10 +179,14 @@ def test_worker_refuses_inconsistent_image_spans(llava_path, images):
         "shifted": (item.offset - 1, item.length, "other tokens than the image token"),
         "short": (item.offset, item.length - 1, "placeholder tokens, the model yields"),
     }
+    cases["pixels"] = (item.offset, item.length, "pixel_values of shape [3, 30, 29]")
     for rid, (offset, length, _) in cases.items():
         bad = type(item)()
         bad.CopyFrom(item)
         bad.offset, bad.length = offset, length
+        if rid == "pixels":  # a direct caller's wrong-sized image must not reach the encoder
+            bad.pixel_values.shape[:] = [3, 30, 29]
+            bad.pixel_values.data = bad.pixel_values.data[: 4 * 3 * 30 * 29]
         sched.add_request(
             scheduler_pb2.GenerateRequest(
                 request_id=rid,

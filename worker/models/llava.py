@@ -122,6 +122,12 @@ class LlavaForConditionalGeneration(nn.Module):
         patches = (vc.image_size // vc.patch_size) ** 2
         return patches + (1 if self.feature_strategy == "full" else 0)
 
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """[channels, height, width] of one processed image."""
+        vc = self.config.vision_config
+        return (vc.num_channels, vc.image_size, vc.image_size)
+
     @staticmethod
     def checkpoint_name(name: str) -> str:
         """The module path of a checkpoint tensor in this model."""
