@@ -7,20 +7,25 @@ Read by the gateway (it refuses extra images before fetching any) and the tokeni
 from __future__ import annotations
 
 import json
+import re
 
 DEFAULT_IMAGE_LIMIT = 4
 """Images one prompt may carry unless --limit-mm-per-prompt says otherwise (vLLM allows 999;
 every image is encoded and its pixels cross gRPC, so splitserve keeps a small bound)."""
 MODALITIES = ("image",)
+_KEY_VALUES = re.compile(r"^\s*\w+\s*=\s*-?\d+\s*(,\s*\w+\s*=\s*-?\d+\s*)*$")
 
 
 def parse_mm_limits(value: str | dict | None) -> dict[str, int]:
-    """`--limit-mm-per-prompt` (JSON object, e.g. '{"image": 2}', or a dict) -> modality ->
-    limit, with the default for modalities it leaves out; ValueError naming the bad entry."""
+    """`--limit-mm-per-prompt` (JSON object, e.g. '{"image": 2}', older vLLM's 'image=2', or a
+    dict) -> modality -> limit, with the default for modalities it leaves out; ValueError
+    naming the bad entry."""
     if value is None or value == "":
         raw: dict = {}
     elif isinstance(value, dict):
         raw = value
+    elif _KEY_VALUES.match(value):
+        raw = {k.strip(): int(v) for k, v in (item.split("=") for item in value.split(","))}
     else:
         try:
             raw = json.loads(value)

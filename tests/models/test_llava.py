@@ -138,12 +138,15 @@ def test_limit_mm_per_prompt_is_checked():
 
     assert parse_mm_limits(None) == {"image": 4}
     assert parse_mm_limits('{"image": 2}') == {"image": 2}
+    assert parse_mm_limits("image=3") == {"image": 3}  # older vLLM's form
     assert canonical_mm_limits({"image": 0}) == '{"image":0}'
     for value, match in [
         ("[1]", "JSON object"),
         ("{", "JSON object"),
         ('{"audio": 1}', "unsupported modality 'audio'"),
         ('{"image": -1}', "non-negative integer"),
+        ("image=-1", "non-negative integer"),
+        ("video=1", "unsupported modality 'video'"),
         ('{"image": true}', "non-negative integer"),
     ]:
         with pytest.raises(ValueError, match=match):
