@@ -125,7 +125,8 @@ class LLM:
         """The model folder's processor when the model takes images, else None."""
         if not getattr(runner.model, "supports_images", False):
             return None
-        from splitserve.tokenizer_svc.multimodal import ImagePreprocessor, parse_mm_limits
+        from splitserve.mm_limits import parse_mm_limits
+        from splitserve.tokenizer_svc.multimodal import ImagePreprocessor
 
         return ImagePreprocessor(
             str(runner.loaded.path),

@@ -19,10 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitserve.mm_limits import DEFAULT_IMAGE_LIMIT, canonical_mm_limits, parse_mm_limits
 from splitserve.protos import common_pb2
-
-__all__ = ["DEFAULT_IMAGE_LIMIT", "canonical_mm_limits", "parse_mm_limits"]
 
 
 def tensor_proto(array: np.ndarray) -> common_pb2.TensorData:

@@ -34,19 +34,14 @@ from grpc_health.v1.health import aio as health_aio
 
 from splitserve import tracing
 from splitserve.grpc_errors import ErrorInterceptor
+from splitserve.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .chat import ChatRenderer, parse_chat_request
 from .config import TokenizerServiceConfig
 from .errors import InvalidRequest, NotReady, RequestError
 from .grammar import GrammarCompiler, GrammarTokenizer, grammar_stop_ids, grammar_vocab_size
-from .multimodal import (
-    ImagePreprocessor,
-    ProcessedPrompt,
-    decode_images,
-    load_image_preprocessor,
-    parse_mm_limits,
-)
+from .multimodal import ImagePreprocessor, ProcessedPrompt, decode_images, load_image_preprocessor
 from .stream import SequenceStream, StreamDelta
 from .tokenizer import TokenizerHandle, load_tokenizer
 
