@@ -126,12 +126,15 @@ class LLM:
         if not getattr(runner.model, "supports_images", False):
             return None
         from splitserve.mm_limits import parse_mm_limits
-        from splitserve.tokenizer_svc.multimodal import ImagePreprocessor
+        from splitserve.tokenizer_svc.config import mm_cache_bytes
+        from splitserve.tokenizer_svc.multimodal import ImagePreprocessor, ProcessedImageCache
 
+        cache_bytes = mm_cache_bytes(tok_cfg)
         return ImagePreprocessor(
             str(runner.loaded.path),
             runner.model.image_token_id,
             parse_mm_limits(tok_cfg.limit_mm_per_prompt),
+            ProcessedImageCache(cache_bytes) if cache_bytes else None,
         )
 
     @property
@@ -247,7 +250,7 @@ class LLM:
                     f"multi_modal_data['image'][{i}] must be a PIL image, got "
                     f"{type(image).__name__}"
                 )
-        return self._images.process(prompt, images)
+        return self._images.process_images(prompt, images)
 
     def chat(
         self,
@@ -274,7 +277,7 @@ class LLM:
                 content_format=renderer.content_format(),
             )
             if images:
-                processed = self._images.process(
+                processed = self._images.process_images(
                     renderer.render_prompt(req), images, add_special_tokens=False
                 )
                 texts.append(processed.prompt)

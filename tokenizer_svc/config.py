@@ -62,8 +62,10 @@ class TokenizerServiceConfig:
     """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2}'; images default to 4 (vLLM: 999). Only models that take images accept any."""
     max_image_pixels: int = 4096 * 4096
     """Largest image (width times height, read from its header before decoding) a request may carry."""
+    mm_processor_cache_gb: float = 4.0
+    """GiB of processed images kept by the SHA-256 of their files (vLLM's flag), so a repeated image skips decoding and the image processor; 0 disables."""
     disable_mm_preprocessor_cache: bool = False
-    """vLLM's flag; refused: splitserve keeps no multimodal preprocessor cache (every image is processed on each request), so there is nothing to disable."""
+    """No preprocessor cache (vLLM's older flag; the same as --mm-processor-cache-gb 0)."""
 
     def __post_init__(self) -> None:
         check_endpoint(self.otlp_traces_endpoint)
@@ -115,17 +117,22 @@ class TokenizerServiceConfig:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         from splitserve.mm_limits import canonical_mm_limits
 
-        if self.disable_mm_preprocessor_cache:
+        if not self.mm_processor_cache_gb >= 0:
             raise ValueError(
-                "--disable-mm-preprocessor-cache is not supported: splitserve keeps no "
-                "multimodal preprocessor cache (each image is processed on every request); "
-                "drop the flag"
+                f"mm_processor_cache_gb must be >= 0, got {self.mm_processor_cache_gb}"
             )
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
 
         # A dict (the in-process LLM's keyword) becomes compact JSON, as the flag carries it.
         self.limit_mm_per_prompt = canonical_mm_limits(self.limit_mm_per_prompt)
+
+
+def mm_cache_bytes(config: TokenizerServiceConfig) -> int:
+    """Bytes of the preprocessor cache (0: none)."""
+    if config.disable_mm_preprocessor_cache:
+        return 0
+    return int(config.mm_processor_cache_gb * (1 << 30))
 
 
 def load_chat_template(value: str) -> str:

@@ -38,10 +38,10 @@ from splitserve.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .chat import ChatRenderer, parse_chat_request
-from .config import TokenizerServiceConfig
+from .config import TokenizerServiceConfig, mm_cache_bytes
 from .errors import InvalidRequest, NotReady, RequestError
 from .grammar import GrammarCompiler, GrammarTokenizer, grammar_stop_ids, grammar_vocab_size
-from .multimodal import ImagePreprocessor, ProcessedPrompt, decode_images, load_image_preprocessor
+from .multimodal import ImagePreprocessor, ProcessedPrompt, load_image_preprocessor
 from .stream import SequenceStream, StreamDelta
 from .tokenizer import TokenizerHandle, load_tokenizer
 
@@ -77,7 +77,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         )
         self.grammars = make_grammar_compiler(self._config, handle)
         self._images = load_image_preprocessor(
-            handle.path, parse_mm_limits(self._config.limit_mm_per_prompt)
+            handle.path,
+            parse_mm_limits(self._config.limit_mm_per_prompt),
+            mm_cache_bytes(self._config),
         )
         self._handle = handle
 
@@ -137,9 +139,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 return renderer.render(chat)
             try:
                 images.check_count(chat.num_images)
-                decoded = decode_images(list(request.images), self._config.max_image_pixels)
-                prompt = renderer.render_prompt(chat)
-                return images.process(prompt, decoded, add_special_tokens=False)
+                return images.process_files(
+                    renderer.render_prompt(chat),
+                    list(request.images),
+                    self._config.max_image_pixels,
+                    add_special_tokens=False,
+                )
             except ValueError as exc:
                 raise InvalidRequest(f"messages: {exc}") from None
 

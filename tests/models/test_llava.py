@@ -103,6 +103,8 @@ def test_llava_prefix_cache_keeps_images_apart(llava_path, images, hf_ref):
     assert other.num_cached_tokens == image_at // 16 * 16
     outs = [first, again, other]
     assert [o.outputs[0].token_ids for o in outs] == [hf_ref[0], hf_ref[0], hf_ref[1]]
+    assert again.prompt_token_ids == ids  # expanded from the preprocessor cache
+    assert llm._images.cache.hits == 1
     # Same text and image, other words after it: the hit ends inside the image, whose
     # embeddings are then spliced in from the middle.
     tail = [(f"{TEXT} <image> tell me more about it now", [0])]

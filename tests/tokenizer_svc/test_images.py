@@ -108,9 +108,53 @@ def test_text_only_model_refuses_images(chatml_dir):
         s.close()
 
 
-def test_disable_mm_preprocessor_cache_is_refused(chatml_dir):
-    with pytest.raises(ValueError, match="keeps no multimodal preprocessor cache"):
-        TokenizerServiceConfig(tokenizer=str(chatml_dir), disable_mm_preprocessor_cache=True)
+def test_preprocessor_cache_gives_what_the_processor_gives(llava_dir):
+    """A prompt whose images are all cached skips the processor; its tokens and images equal
+    the processor's, also with the images in other places and another order."""
+    s = ServerThread(TokenizerServiceConfig(tokenizer=str(llava_dir)))
+    plain = ServerThread(
+        TokenizerServiceConfig(tokenizer=str(llava_dir), disable_mm_preprocessor_cache=True)
+    )
+    try:
+        cache = s.server.servicer._images.cache
+        assert plain.server.servicer._images.cache is None
+        first = apply(s, chat(2, "a b"), [png(1), png(2)])
+        assert (cache.hits, cache.misses, len(cache)) == (0, 1, 2)
+        for messages, blobs in [
+            (chat(2, "a b"), [png(1), png(2)]),
+            (chat(2, "other words here"), [png(2), png(1)]),
+            (chat(1, "x"), [png(2)]),
+        ]:
+            hit, ref = apply(s, messages, blobs), apply(plain, messages, blobs)
+            assert list(hit.token_ids) == list(ref.token_ids)
+            assert list(hit.mm_inputs) == list(ref.mm_inputs)
+        assert cache.hits == 3
+        assert list(apply(s, chat(2, "a b"), [png(1), png(2)]).mm_inputs) == list(first.mm_inputs)
+    finally:
+        s.close()
+        plain.close()
+
+
+def test_preprocessor_cache_keeps_within_its_budget():
+    from splitserve.protos import common_pb2
+    from splitserve.tokenizer_svc.multimodal import ProcessedImageCache
+
+    def item(n: int):
+        return common_pb2.MultiModalInput(pixel_values=common_pb2.TensorData(data=b"x" * n))
+
+    cache = ProcessedImageCache(max_bytes=100)
+    cache.put(b"a", item(40))
+    cache.put(b"b", item(40))
+    assert cache.get_all([b"a"]) is not None  # a is now the most recent
+    cache.put(b"c", item(40))  # over budget: b (least recent) goes
+    assert cache.get_all([b"b"]) is None and cache.get_all([b"a", b"c"]) is not None
+    cache.put(b"huge", item(101))  # larger than the whole budget: not kept
+    assert cache.get_all([b"huge"]) is None and cache.nbytes == 80
+
+
+def test_config_checks(chatml_dir):
+    with pytest.raises(ValueError, match="mm_processor_cache_gb must be >= 0"):
+        TokenizerServiceConfig(tokenizer=str(chatml_dir), mm_processor_cache_gb=-1)
     with pytest.raises(ValueError, match="chat_template_content_format must be one of"):
         TokenizerServiceConfig(tokenizer=str(chatml_dir), chat_template_content_format="xml")
 
