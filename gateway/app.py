@@ -387,6 +387,7 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
             chat_template_kwargs=chat_req.chat_template_kwargs,
             tools=chat_req.tools,
             deadline=deadline,
+            config=base.config,
         )
         ids, want_strs = list(rendered.token_ids), chat_req.return_token_strs
     else:

@@ -86,6 +86,16 @@ class GatewayConfig:
     """How tool calls are written in the model's output, for --enable-auto-tool-choice: hermes (Qwen2.5/Qwen3, Hermes), llama3_json (Llama 3.1+), mistral."""
     reasoning_parser: str | None = None
     """Split chat output's <think> text into the message's reasoning (and reasoning_content) field: deepseek_r1 (the template opens <think>) or qwen3."""
+    limit_mm_per_prompt: str | None = None
+    """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2}'; images default to 4 (vLLM: 999). Only models that take images accept any."""
+    allowed_media_domains: list[str] | None = None
+    """Hosts chat image_url parts may be fetched from over http(s) (vLLM's flag); None: no remote fetch (data: URLs always work). Hosts must resolve to public addresses only."""
+    allowed_local_media_path: str | None = None
+    """Folder chat image_url parts may read file:// images from, symlinks followed (vLLM's flag); None: no local files."""
+    max_image_bytes: int = 10 << 20
+    """Largest image file a chat request may carry (a data: URL's decoded bytes, a fetched or local file)."""
+    media_fetch_timeout_s: float = 5.0
+    """Longest time fetching one image over http(s) may take, redirects included."""
 
     enable_log_requests: bool = False
     """Log each generation request as it arrives (vLLM's flag): its id, prompt text and token ids (cut to --max-log-len), sampling parameters and adapter."""
@@ -114,6 +124,7 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         check_lora_fields(self)
+        self._check_media()
         self._check_parsers()
         self._check_frontend_fields()
         check_endpoint(self.otlp_traces_endpoint)
@@ -216,6 +227,30 @@ class GatewayConfig:
             raise ValueError(
                 f"--tool-call-parser {self.tool_call_parser} is used only with "
                 "--enable-auto-tool-choice; add that flag"
+            )
+
+    def _check_media(self) -> None:
+        from splitserve.mm_limits import canonical_mm_limits
+
+        self.limit_mm_per_prompt = canonical_mm_limits(self.limit_mm_per_prompt)
+        if self.max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+        if not self.media_fetch_timeout_s > 0:
+            raise ValueError(f"media_fetch_timeout_s must be > 0, got {self.media_fetch_timeout_s}")
+        if self.allowed_media_domains is not None:
+            if isinstance(self.allowed_media_domains, str):
+                self.allowed_media_domains = [self.allowed_media_domains]
+            bad = [d for d in self.allowed_media_domains if not d or "/" in d or ":" in d]
+            if bad:
+                raise ValueError(
+                    f"allowed_media_domains must be bare host names, got {bad} "
+                    "(no scheme, port or path)"
+                )
+        if self.allowed_local_media_path is not None and not os.path.isdir(
+            self.allowed_local_media_path
+        ):
+            raise ValueError(
+                f"allowed_local_media_path {self.allowed_local_media_path!r} is not a folder"
             )
 
     def model_names(self, reported_model: str = "") -> list[str]:

@@ -75,6 +75,8 @@ class SequenceSpec:
     """The adapter's load number (a reload gets a new one)."""
     queue_time_s: float | None = None
     """Filled in by run_sequence: the scheduler's queue time, from its first message."""
+    mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
+    """The prompt's processed images (chat requests with image_url parts)."""
 
 
 @dataclass(slots=True)
@@ -123,6 +125,7 @@ async def run_sequence(
             lora_path=spec.lora_path,
             cache_salt=spec.cache_salt,
             lora_int_id=spec.lora_int_id,
+            mm_inputs=spec.mm_inputs,
         ),
         timeout=deadline.remaining(),
     )

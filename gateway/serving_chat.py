@@ -3,6 +3,7 @@ chat-format logprobs, streaming (role in the first delta) and not."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,7 @@ from splitserve.gateway.chat_output import ChoiceOutput
 from splitserve.gateway.errors import bad_request, param_from_details
 from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.logprobs import chat_logprobs, prompt_logprobs_vllm
+from splitserve.gateway.media import MediaPolicy, load_image
 from splitserve.gateway.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
 from splitserve.gateway.request_log import log_request
 from splitserve.gateway.sampling import (
@@ -36,28 +38,51 @@ from splitserve.gateway.structured import compile_constraint, resolve_constraint
 from splitserve.gateway.tool_calls import ToolCallParser, ToolMode, tool_constraint
 from splitserve.gateway.tool_parsers import TOOL_PARSERS
 from splitserve.gateway.vllm_extras import refuse_unsupported
+from splitserve.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2
 
+_MAX_TOTAL_IMAGE_BYTES = 48 << 20
+"""The images of one request travel to the tokenizer service in one gRPC message (64 MiB)."""
 
-def messages_json(messages: list[ChatMessage]) -> str:
-    """The messages as the template expects them: text parts joined into one string."""
+
+def messages_json(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
+    """The messages as the tokenizer service takes them: text parts joined into one string,
+    or, with images, a list of text parts and `{"type": "image"}` placeholders; and the
+    (url, param) of every image_url part, in order."""
     out = []
+    images: list[tuple[str, str]] = []
     for k, message in enumerate(messages):
         m = message.model_dump(exclude_unset=True)
         content = message.content
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
+            parts: list[dict] = []
+            for j, part in enumerate(content):
+                if part.type == "image_url":
+                    param = f"messages[{k}].content[{j}].image_url"
+                    images.append((_image_url(part, param), param))
+                    parts.append({"type": "image"})
+                elif part.type == "text" and part.text is not None:
+                    parts.append({"type": "text", "text": part.text})
+                else:
                     raise bad_request(
                         f"messages[{k}]: content part type '{part.type}' is not "
-                        f"supported (only text)",
+                        f"supported (only text and image_url)",
                         "messages",
                     )
-                texts.append(part.text)
-            m["content"] = "\n".join(texts)
+            if any(p["type"] == "image" for p in parts):
+                m["content"] = parts
+            else:
+                m["content"] = "\n".join(p["text"] for p in parts)
         out.append(m)
-    return json.dumps(out)
+    return json.dumps(out), images
+
+
+def _image_url(part, param: str) -> str:
+    value = (part.model_extra or {}).get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{param}.url must be a non-empty string", param)
+    return url
 
 
 async def apply_chat_template(
@@ -70,7 +95,10 @@ async def apply_chat_template(
     chat_template_kwargs: dict[str, Any] | None,
     tools: list[dict[str, Any]] | None,
     deadline: Deadline,
+    config=None,
 ) -> tokenizer_pb2.ApplyChatTemplateResponse:
+    """Render the messages; with `config` (the gateway's), image_url parts are fetched under
+    its media rules and sent along (refused without it)."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
     if add_generation_prompt and continue_final_message:
@@ -78,11 +106,14 @@ async def apply_chat_template(
             "continue_final_message and add_generation_prompt cannot both be true",
             "continue_final_message",
         )
+    rendered_json, image_urls = messages_json(messages)
     request = tokenizer_pb2.ApplyChatTemplateRequest(
-        messages_json=messages_json(messages),
+        messages_json=rendered_json,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
     )
+    if image_urls:
+        request.images.extend(await _load_images(image_urls, config))
     if chat_template is not None:
         request.chat_template = chat_template
     if chat_template_kwargs:
@@ -99,6 +130,29 @@ async def apply_chat_template(
         if param is None:
             param = "chat_template" if chat_template is not None else "messages"
         raise bad_request(details, param) from None
+
+
+async def _load_images(urls: list[tuple[str, str]], config) -> list[bytes]:
+    """Fetch every image (concurrently), after checking their number against the limit."""
+    if config is None:
+        raise bad_request("image_url parts are not accepted on this endpoint", urls[0][1])
+    limit = parse_mm_limits(config.limit_mm_per_prompt)["image"]
+    if len(urls) > limit:
+        raise bad_request(
+            f"the messages carry {len(urls)} images, more than the limit of {limit} "
+            "(--limit-mm-per-prompt)",
+            "messages",
+        )
+    policy = MediaPolicy.from_config(config)
+    blobs = list(await asyncio.gather(*(load_image(url, policy, p) for url, p in urls)))
+    total = sum(len(b) for b in blobs)
+    if total > _MAX_TOTAL_IMAGE_BYTES:
+        raise bad_request(
+            f"the messages' images hold {total} bytes together, more than "
+            f"{_MAX_TOTAL_IMAGE_BYTES} per request",
+            "messages",
+        )
+    return blobs
 
 
 class ChatService(ServingBase):
@@ -169,7 +223,14 @@ class ChatService(ServingBase):
             chat_template_kwargs=req.chat_template_kwargs,
             tools=req.tools,
             deadline=deadline,
+            config=config,
         )
+        if rendered.mm_inputs and req.truncate_prompt_tokens is not None:
+            raise bad_request(
+                "truncate_prompt_tokens cannot be combined with images: truncation would cut "
+                "into an image's placeholder tokens",
+                "truncate_prompt_tokens",
+            )
         ids = truncate(list(rendered.token_ids), req.truncate_prompt_tokens, limits)
         check_token_ids(ids, limits, "messages")
         cap = limits.defaults.max_tokens
@@ -189,6 +250,8 @@ class ChatService(ServingBase):
         log_request(
             self.config, request_id, rendered.prompt, ids, sampling, specs[0].lora_name or None
         )
+        for spec in specs:
+            spec.mm_inputs = list(rendered.mm_inputs)
         echo = ""
         last = req.messages[-1]
         if req.echo and last.role == "assistant" and isinstance(last.content, str):

@@ -5,7 +5,7 @@ Served: `allowed_token_ids` and `bad_words` (applied by the sampler on the last 
 `return_tokens_as_token_ids`, `request_id`. Refused with a 400 naming the field: beam search
 (`use_beam_search`, and `length_penalty`, which only beam search reads), per-request logits
 processors (`logits_processors`, `vllm_xargs`), disaggregated-prefill `kv_transfer_params`,
-`prompt_embeds` and `mm_processor_kwargs` (no multimodal or embedding inputs).
+`prompt_embeds` and `mm_processor_kwargs` (no embedding inputs; images use the processor as saved).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ _REFUSED: tuple[tuple[str, str], ...] = (
     ("prompt_embeds", "prompt_embeds are not supported by this server; send text or token ids"),
     (
         "mm_processor_kwargs",
-        "mm_processor_kwargs are not supported: this server has no multimodal inputs",
+        "mm_processor_kwargs are not supported: images are processed with the model folder's "
+        "processor settings",
     ),
 )
 

@@ -37,6 +37,7 @@ class KVCacheManager:
             self.block_size,
             self._extra_key(req),
             req.cache_salt.encode(),
+            req.mm_spans,
         )
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:

@@ -62,6 +62,10 @@ class Request:
     """W3C trace headers sent to the workers with the request (detailed traces only)."""
     grammar: common_pb2.CompiledGrammar | None = None
     """Structured-output constraint, sent to the workers with the request (and on resume)."""
+    mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
+    """Images of the prompt, sent to the workers with the request (and on resume)."""
+    mm_spans: tuple[tuple[int, int, bytes], ...] = ()
+    """(offset, length, hash) of each image's placeholder tokens, for the prefix-cache keys."""
 
     @property
     def num_prompt_tokens(self) -> int:

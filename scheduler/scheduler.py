@@ -116,6 +116,7 @@ class Scheduler:
         self.validate(prompt, sp)
         self.check_priority(req.priority)
         self._validate_lora(req)
+        self._validate_mm(req)
         if len(self.waiting) >= self.config.max_waiting_requests:
             raise RequestRejected(
                 "RESOURCE_EXHAUSTED",
@@ -139,6 +140,8 @@ class Scheduler:
             lora_int_id=req.lora_int_id,
             prompt_logprobs_pending=sp.HasField("prompt_logprobs"),
             grammar=grammar,
+            mm_inputs=list(req.mm_inputs),
+            mm_spans=tuple((m.offset, m.length, m.hash) for m in req.mm_inputs),
         )
         self.requests[rid] = r
         self._enqueue_waiting(r)
@@ -159,6 +162,24 @@ class Scheduler:
             raise RequestRejected(
                 "INVALID_ARGUMENT", f"LoRA adapter {req.lora_name!r} needs its lora_path"
             )
+
+    def _validate_mm(self, req: scheduler_pb2.GenerateRequest) -> None:
+        """Images must sit inside the prompt, in order, apart, each with its hash (the
+        worker checks the rest: the model takes images, the spans hold image tokens)."""
+        end, n = 0, len(req.prompt_token_ids)
+        for i, m in enumerate(req.mm_inputs):
+            if m.length < 1 or m.offset < end or m.offset + m.length > n:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT",
+                    f"mm_inputs[{i}]: placeholder span [{m.offset}, {m.offset + m.length}) must "
+                    f"be non-empty, after the previous image and inside the {n}-token prompt",
+                )
+            if len(m.hash) != 32:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT",
+                    f"mm_inputs[{i}]: hash must be a 32-byte SHA-256 digest, got {len(m.hash)} bytes",
+                )
+            end = m.offset + m.length
 
     def _lora_fits(self, req: Request) -> bool:
         """Whether admitting `req` keeps the running adapters within max_loras (every running
@@ -421,6 +442,8 @@ class Scheduler:
         if req.lora_name:
             m.lora_name, m.lora_path = req.lora_name, req.lora_path
             m.lora_int_id = req.lora_int_id
+        if req.mm_inputs:
+            m.mm_inputs.extend(req.mm_inputs)
         req.num_sent_tokens = req.num_tokens
         req.known_to_worker = True
         req.num_sent_blocks = len(req.blocks)

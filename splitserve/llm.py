@@ -120,15 +120,32 @@ class LLM:
         self.tokenizer = load_tokenizer(tok_cfg)
         self._tokenizer_config = tok_cfg
         self._grammars = None
-        self.engine = EngineCore(
-            self.scheduler_config, InprocExecutor(ModelRunner(self.worker_config))
-        )
+        runner = ModelRunner(self.worker_config)
+        self._images = self._image_preprocessor(runner, tok_cfg)
+        self.engine = EngineCore(self.scheduler_config, InprocExecutor(runner))
         self._ids = itertools.count()
         # The same path the gateway reads: the worker's Describe, through the engine's ModelInfo.
         self.sampling_defaults = SamplingDefaults.from_proto(
             self.engine.model_info.sampling_defaults
         )
         self.sampling_defaults.warn_if_changed()
+
+    @staticmethod
+    def _image_preprocessor(runner, tok_cfg):
+        """The model folder's processor when the model takes images, else None."""
+        if not getattr(runner.model, "supports_images", False):
+            return None
+        from splitserve.mm_limits import parse_mm_limits
+        from splitserve.tokenizer_svc.config import mm_cache_bytes
+        from splitserve.tokenizer_svc.multimodal import ImagePreprocessor, ProcessedImageCache
+
+        cache_bytes = mm_cache_bytes(tok_cfg)
+        return ImagePreprocessor(
+            str(runner.loaded.path),
+            runner.model.image_token_id,
+            parse_mm_limits(tok_cfg.limit_mm_per_prompt),
+            ProcessedImageCache(cache_bytes) if cache_bytes else None,
+        )
 
     @property
     def max_model_len(self) -> int:
@@ -179,7 +196,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt and return in prompt order. A prompt is text, token ids,
         or vLLM's prompt dict: {"prompt": text} or {"prompt_token_ids": ids}, optionally with
-        "cache_salt" (only prompts with the same salt share prefix-cache blocks). With
+        "cache_salt" (only prompts with the same salt share prefix-cache blocks), and for
+        models that take images "multi_modal_data": {"image": PIL image or list of them},
+        with one image placeholder (LLaVA: "<image>") in the prompt text per image. With
         `lora_request` (one for all prompts, or one per prompt) through that LoRA adapter,
         whose path must lie inside `lora_root` (or a `lora_modules` folder). Without
         `sampling_params`, `get_default_sampling_params()`. As in vLLM, `use_tqdm` shows a
@@ -193,12 +212,19 @@ class LLM:
         texts: list[str | None] = []
         ids_list: list[list[int]] = []
         salts: list[str] = []
+        mm_list: list[list] = []
         for p in batch:
-            salt = ""
+            salt, images = "", None
             if isinstance(p, dict):
-                p, salt = _unpack_prompt_dict(p)
+                p, salt, images = _unpack_prompt_dict(p)
             salts.append(salt)
-            if isinstance(p, str):
+            mm_list.append([])
+            if images is not None:
+                processed = self._process_images(p, images)
+                texts.append(p)
+                ids_list.append(processed.token_ids)
+                mm_list[-1] = processed.mm_inputs
+            elif isinstance(p, str):
                 texts.append(p)
                 ids_list.append(self.tokenizer.encode(p, add_special_tokens=True))
             else:
@@ -213,7 +239,34 @@ class LLM:
             raise ValueError(f"{len(loras)} LoRA requests for {len(batch)} prompts")
         if priority is not None and len(priority) != len(batch):
             raise ValueError(f"{len(priority)} priorities for {len(batch)} prompts")
-        return self._run(texts, ids_list, params_list, loras, salts, priority, use_tqdm)
+        return self._run(texts, ids_list, params_list, loras, salts, priority, use_tqdm, mm_list)
+
+    def _process_images(self, prompt, data: dict):
+        """Run the model's processor over a text prompt and its images (ValueError when the
+        model takes none or the input is bad)."""
+        if self._images is None:
+            raise ValueError(
+                f"multi_modal_data was given, but the model {self.worker_config.model!r} does "
+                "not take image inputs"
+            )
+        if not isinstance(prompt, str):
+            raise ValueError("multi_modal_data needs a text prompt (with the image placeholders)")
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            raise ValueError(
+                f"multi_modal_data must be a dict with the key 'image', got {type(data).__name__}"
+                + (f" with keys {sorted(data)}" if isinstance(data, dict) else "")
+            )
+        images = data.get("image")
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        from PIL import Image
+
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise ValueError(
+                    f"multi_modal_data['image'][{i}] must be a PIL image, got "
+                    f"{type(image).__name__}"
+                )
+        return self._images.process_images(prompt, images)
 
     def chat(
         self,
@@ -230,19 +283,31 @@ class LLM:
     ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template (or `chat_template`, which
         an in-process caller is trusted to pass), with `tools` and `chat_template_kwargs`,
-        then generate; vLLM's LLM.chat arguments."""
+        then generate; vLLM's LLM.chat arguments. On a model that takes images, content parts
+        may be `{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}` or
+        `{"type": "image_pil", "image_pil": pil_image}`."""
         from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
 
-        if chat_template_content_format != "auto":
-            raise ValueError(
-                "chat_template_content_format: only 'auto' is supported (the template decides "
-                f"how message content is passed), got {chat_template_content_format!r}"
-            )
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        renderer = ChatRenderer(self.tokenizer, trust_request_chat_template=True)
-        texts, ids_list = [], []
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(
+                "chat_template_content_format must be 'auto', 'string' or 'openai', got "
+                f"{chat_template_content_format!r}"
+            )
+        cfg = self._tokenizer_config
+        content_format = (
+            cfg.chat_template_content_format
+            if chat_template_content_format == "auto"
+            else chat_template_content_format
+        )
+        renderer = ChatRenderer(
+            self.tokenizer, trust_request_chat_template=True, content_format=content_format
+        )
+        placeholder = self._images.image_token if self._images is not None else None
+        texts, ids_list, mm_list = [], [], []
         for conv in convs:
-            req = parse_chat_request(
+            conv, images = _take_chat_images(conv) if placeholder else (conv, [])
+            req = parse_chat_request(  # InvalidRequest (a ValueError) for bad messages
                 json.dumps(conv),
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
@@ -251,20 +316,41 @@ class LLM:
                 chat_template_kwargs_json=None
                 if chat_template_kwargs is None
                 else json.dumps(chat_template_kwargs),
+                image_placeholder=placeholder,
+                content_format=renderer.content_format(chat_template),
             )
+            if images:
+                processed = self._images.process_images(
+                    renderer.render_prompt(req), images, add_special_tokens=False
+                )
+                texts.append(processed.prompt)
+                ids_list.append(processed.token_ids)
+                mm_list.append(processed.mm_inputs)
+                continue
             rendered = renderer.render(req)
             texts.append(rendered.prompt)
             ids_list.append(list(rendered.token_ids))
-        # The template wrote the special tokens: the token ids go in as they are.
-        outs = self.generate(
-            ids_list, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request
-        )
-        for out, text in zip(outs, texts, strict=True):
-            out.prompt = text
-        return outs
+            mm_list.append([])
+        n = len(convs)
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
+        params_list = list(params) if isinstance(params, Sequence) else [params] * n
+        if len(params_list) != n:
+            raise ValueError(f"{len(params_list)} sampling params for {n} conversations")
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * n
+        if len(loras) != n:
+            raise ValueError(f"{len(loras)} LoRA requests for {n} conversations")
+        return self._run(texts, ids_list, params_list, loras, use_tqdm=use_tqdm, mm_list=mm_list)
 
     def _run(
-        self, texts, ids_list, params_list, loras=None, salts=None, priorities=None, use_tqdm=False
+        self,
+        texts,
+        ids_list,
+        params_list,
+        loras=None,
+        salts=None,
+        priorities=None,
+        use_tqdm=False,
+        mm_list=None,
     ) -> list[RequestOutput]:
         from splitserve.tokenizer_svc.stream import SequenceStream
 
@@ -302,6 +388,7 @@ class LLM:
                             lora_int_id=lora.lora_int_id if lora else 0,
                             cache_salt=salts[pi] if salts else "",
                             priority=priorities[pi] if priorities else 0,
+                            mm_inputs=mm_list[pi] if mm_list else [],
                         ),
                         grammars[pi],
                     )
@@ -387,23 +474,73 @@ class LLM:
             engine.shutdown()
 
 
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt"}
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "multi_modal_data"}
 
 
-def _unpack_prompt_dict(p: dict) -> tuple[str | list[int], str]:
-    """vLLM's TextPrompt / TokensPrompt: (text or token ids, cache salt)."""
+def _take_chat_images(conv: list[dict]) -> tuple[list[dict], list]:
+    """The conversation with its image parts (data: URLs, PIL images) replaced by
+    `{"type": "image"}`, and the images in order; ValueError for an image it cannot take."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    images: list = []
+    out = []
+    for i, message in enumerate(conv):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if kind == "image_pil":
+                image = part.get("image_pil")
+                if not isinstance(image, Image.Image):
+                    raise ValueError(f"{where}.image_pil must be a PIL image")
+            elif kind == "image_url":
+                value = part.get("image_url")
+                url = value.get("url") if isinstance(value, dict) else value
+                if not isinstance(url, str) or not url.startswith("data:"):
+                    raise ValueError(
+                        f"{where}: LLM.chat takes images as data: URLs or image_pil parts "
+                        "(it fetches nothing)"
+                    )
+                header, _, payload = url[5:].partition(",")
+                try:
+                    if "base64" not in header.split(";")[1:]:
+                        raise ValueError("only base64 data: URLs are supported")
+                    image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+                    image.load()
+                except (ValueError, binascii.Error, UnidentifiedImageError, OSError) as exc:
+                    raise ValueError(f"{where}: the image could not be decoded: {exc}") from None
+            else:
+                parts.append(part)
+                continue
+            images.append(image.convert("RGB"))
+            parts.append({"type": "image"})
+        out.append({**message, "content": parts})
+    return out, images
+
+
+def _unpack_prompt_dict(p: dict) -> tuple[str | list[int], str, dict | None]:
+    """vLLM's TextPrompt / TokensPrompt: (text or token ids, cache salt, multi_modal_data)."""
     unknown = sorted(set(p) - _PROMPT_KEYS)
     if unknown:
         raise ValueError(
             f"prompt dict keys {unknown} are not supported; expected 'prompt' or "
-            "'prompt_token_ids', optionally with 'cache_salt'"
+            "'prompt_token_ids', optionally with 'cache_salt' and 'multi_modal_data'"
         )
     if ("prompt" in p) == ("prompt_token_ids" in p):
         raise ValueError("a prompt dict needs exactly one of 'prompt' and 'prompt_token_ids'")
     salt = p.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
-    return (p["prompt"] if "prompt" in p else list(p["prompt_token_ids"])), salt or ""
+    text = p["prompt"] if "prompt" in p else list(p["prompt_token_ids"])
+    return text, salt or "", p.get("multi_modal_data")
 
 
 def _as_batch(prompts) -> list:

@@ -264,13 +264,6 @@ PINNED: tuple[Pinned, ...] = (
         parse=_int,
     ),
     Pinned(
-        "--chat-template-content-format",
-        "how message content is handed to the chat template (string or openai).",
-        ("auto",),
-        "splitserve detects the format from the template (auto)",
-        frozenset({_T, _G}),
-    ),
-    Pinned(
         "--disable-frontend-multiprocessing",
         "runs the API server in the engine's process.",
         (False,),

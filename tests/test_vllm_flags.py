@@ -33,7 +33,6 @@ _VALUES = {
     "--max-num-partial-prefills": ("1", "4"),
     "--long-prefill-token-threshold": ("0", "512"),
     "--tokenizer-pool-size": ("0", "4"),
-    "--chat-template-content-format": ("auto", "openai"),
     "--disable-frontend-multiprocessing": (False, True),
     "--middleware": (None, "my.module.Middleware"),
 }

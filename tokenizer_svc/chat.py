@@ -11,14 +11,24 @@ executes or the next Python call, so the thread itself stops, not only the wait 
 Limit: a single C-level operation that runs long (a huge string repeat) is not interrupted;
 request templates are refused unless the operator trusts them.
 
-Multimodal seam: image / audio / video content parts are refused here for now; a later issue
-turns them into placeholders plus multimodal inputs.
+Content format (vLLM's `--chat-template-content-format`): "string" hands the template each
+message's content as one string, text parts joined by '\n'; "openai" hands it a list of parts
+(`{"type": "text", "text": ...}`, `{"type": "image"}`), which templates that loop over
+`message['content']` need (llava-hf's do). "auto" picks "openai" for such a template.
+
+Images: for a model with an image processor, an `{"type": "image"}` content part (the gateway
+has fetched the image and sends its bytes beside the messages) becomes, in the string format,
+the model's image placeholder text (LLaVA's `<image>`) at its place among the text parts; in
+the openai format the template writes the placeholder. The processor later expands it
+(tokenizer_svc/multimodal.py). `image_url` parts must be resolved by the caller first;
+audio / video / file parts are refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,6 +75,14 @@ _RESERVED_KWARGS = frozenset(
 )
 # Compiled Jinja templates carry this file name; only their lines are traced.
 _TEMPLATE_FILENAME = "<template>"
+CONTENT_FORMATS = ("auto", "string", "openai")
+# A template that loops over a message's content: `for x in message['content']` / `.content`.
+_CONTENT_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+\s*(?:\[\s*['\"]content['\"]\s*\]|\.content\b)")
+
+
+def detect_content_format(template: str | None) -> str:
+    """ "openai" for a template that loops over message content parts, else "string"."""
+    return "openai" if template and _CONTENT_LOOP.search(template) else "string"
 
 
 @dataclass(slots=True)
@@ -77,6 +95,8 @@ class ChatRequest:
     chat_template: str | None = None
     tools: list[dict] | None = None
     kwargs: dict = field(default_factory=dict)
+    num_images: int = 0
+    """`{"type": "image"}` parts in the messages (each is an image placeholder in the text)."""
 
 
 @dataclass(slots=True)
@@ -95,8 +115,12 @@ def parse_chat_request(
     chat_template: str | None = None,
     tools_json: str | None = None,
     chat_template_kwargs_json: str | None = None,
+    image_placeholder: str | None = None,
+    content_format: str = "string",
 ) -> ChatRequest:
-    """Validate an ApplyChatTemplate request's JSON fields; InvalidRequest says what's wrong."""
+    """Validate an ApplyChatTemplate request's JSON fields; InvalidRequest says what's wrong.
+    `image_placeholder` (the model's image token text; None when it takes no images) stands in
+    for each `{"type": "image"}` part; `content_format` is "string" or "openai" (see above)."""
     if add_generation_prompt and continue_final_message:
         raise InvalidRequest(
             "add_generation_prompt and continue_final_message cannot both be set: the first "
@@ -105,7 +129,11 @@ def parse_chat_request(
     messages = _load_json(messages_json, "messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty JSON array of message objects")
-    parsed = [_parse_message(m, i) for i, m in enumerate(messages)]
+    images: list[int] = []
+    parsed = [
+        _parse_message(m, i, image_placeholder, images, content_format == "openai")
+        for i, m in enumerate(messages)
+    ]
     if continue_final_message and parsed[-1]["role"] != "assistant":
         raise InvalidRequest(
             f"continue_final_message needs an assistant message last, got role "
@@ -128,7 +156,13 @@ def parse_chat_request(
                 "use the request fields instead"
             )
     return ChatRequest(
-        parsed, add_generation_prompt, continue_final_message, chat_template, tools, kwargs
+        parsed,
+        add_generation_prompt,
+        continue_final_message,
+        chat_template,
+        tools,
+        kwargs,
+        len(images),
     )
 
 
@@ -139,34 +173,63 @@ def _load_json(text: str, what: str):
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
 
 
-def _parse_message(message, i: int) -> dict:
+def _parse_message(
+    message, i: int, image_placeholder: str | None, images: list[int], as_parts: bool = False
+) -> dict:
     if not isinstance(message, dict):
         raise InvalidRequest(f"messages[{i}] must be an object, got {type(message).__name__}")
     role = message.get("role")
     if role not in ROLES:
         raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
     out = dict(message)
-    out["content"] = _content_text(message.get("content"), role, i)
+    if as_parts:
+        out["content"] = _content_parts(message.get("content"), role, i, image_placeholder, images)
+    else:
+        out["content"] = _content_text(message.get("content"), role, i, image_placeholder, images)
     tool_calls = out.get("tool_calls")
     if tool_calls is not None:
         out["tool_calls"] = _parse_tool_calls(tool_calls, i)
     return out
 
 
-def _content_text(content, role: str, i: int) -> str:
-    """OpenAI content (a string or a list of parts) as one string, text parts joined by '\\n'."""
+def _content_text(
+    content,
+    role: str,
+    i: int,
+    image_placeholder: str | None = None,
+    images: list[int] | None = None,
+) -> str:
+    """OpenAI content (a string or a list of parts) as one string, text parts (and image
+    placeholders) joined by '\\n'; every image part found appends its message index to
+    `images`."""
+    if content is None or isinstance(content, str):
+        return _plain_content(content, role, i)
+    parts = _content_parts(content, role, i, image_placeholder, images)
+    return "\n".join(image_placeholder if p["type"] == "image" else p["text"] for p in parts)
+
+
+def _plain_content(content: str | None, role: str, i: int) -> str:
     if content is None:
         if role == "assistant":  # tool calls only, or an empty prefill
             return ""
         raise InvalidRequest(f"messages[{i}].content is required for role {role!r}")
-    if isinstance(content, str):
-        return content
+    return content
+
+
+def _content_parts(
+    content, role: str, i: int, image_placeholder: str | None, images: list[int] | None
+) -> list[dict] | str:
+    """OpenAI content as a list of `{"type": "text", "text"}` and `{"type": "image"}` parts
+    (the "openai" content format); a missing assistant content stays ""."""
+    if content is None or isinstance(content, str):
+        text = _plain_content(content, role, i)
+        return [{"type": "text", "text": text}] if content is not None else text
     if not isinstance(content, list):
         raise InvalidRequest(
             f"messages[{i}].content must be a string or an array of content parts, "
             f"got {type(content).__name__}"
         )
-    texts = []
+    parts: list[dict] = []
     for j, part in enumerate(content):
         where = f"messages[{i}].content[{j}]"
         if not isinstance(part, dict):
@@ -176,7 +239,16 @@ def _content_text(content, role: str, i: int) -> str:
             text = part.get(kind)
             if not isinstance(text, str):
                 raise InvalidRequest(f"{where}.{kind} must be a string")
-            texts.append(text)
+            parts.append({"type": "text", "text": text})
+        elif kind == "image" and image_placeholder is not None:
+            parts.append({"type": "image"})
+            if images is not None:
+                images.append(i)
+        elif kind in ("image_url", "input_image") and image_placeholder is not None:
+            raise InvalidRequest(
+                f"{where}: {kind!r} parts are fetched by the gateway; send {{'type': 'image'}} "
+                "parts with the image files in ApplyChatTemplateRequest.images"
+            )
         elif kind in _MEDIA_PARTS:
             raise InvalidRequest(
                 f"{where}: {_MEDIA_PARTS[kind]} are not supported by this model for now "
@@ -184,7 +256,7 @@ def _content_text(content, role: str, i: int) -> str:
             )
         else:
             raise InvalidRequest(f"{where}.type {kind!r} is not a known content part type")
-    return "\n".join(texts)
+    return parts
 
 
 def _parse_tool_calls(tool_calls, i: int) -> list:
@@ -219,18 +291,35 @@ class ChatRenderer:
         handle: TokenizerHandle,
         trust_request_chat_template: bool = False,
         timeout_s: float = 5.0,
+        content_format: str = "auto",
     ):
         self._handle = handle
         self._trust_request_template = trust_request_chat_template
         self._timeout_s = timeout_s
+        self._content_format = content_format
+
+    def content_format(self, request_template: str | None = None) -> str:
+        """ "string" or "openai" for a request (its own template, if any, else the server's)."""
+        if self._content_format != "auto":
+            return self._content_format
+        template = request_template or self._handle.chat_template
+        if template is None:
+            template = getattr(self._handle.tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one renders
+            template = template.get("default")
+        return detect_content_format(template if isinstance(template, str) else None)
 
     def render(self, request: ChatRequest) -> RenderedChat:
         """Render and tokenize one request (blocking). Raises InvalidRequest on any refusal."""
-        template = self._pick_template(request)
-        prompt = self._render_text(request, template)
-        check_text(prompt, "the rendered chat prompt")
+        prompt = self.render_prompt(request)
         token_ids = self._handle.tokenizer.encode(prompt, add_special_tokens=False)
         return RenderedChat(prompt, list(token_ids))
+
+    def render_prompt(self, request: ChatRequest) -> str:
+        """The rendered prompt text (blocking). Raises InvalidRequest on any refusal."""
+        prompt = self._render_text(request, self._pick_template(request))
+        check_text(prompt, "the rendered chat prompt")
+        return prompt
 
     def _pick_template(self, request: ChatRequest) -> str | None:
         if request.chat_template is not None:

@@ -38,6 +38,8 @@ class TokenizerServiceConfig:
     """Accept a chat template sent in a request; off refuses such requests."""
     chat_template_timeout_s: float = 5.0
     """Longest time one chat-template render may take before it is cut off."""
+    chat_template_content_format: str = "auto"
+    """How the template gets message content (vLLM's flag): 'string' (text parts joined by a newline, images as the model's placeholder text), 'openai' (a list of {"type": "text"} / {"type": "image"} parts), or 'auto' ('openai' when the template loops over message['content'])."""
     max_stop_strings: int = 64
     """Most stop strings one sequence may carry."""
     tokenizer_threads: int = 4
@@ -57,6 +59,14 @@ class TokenizerServiceConfig:
     """Threads compiling constraints."""
     grammar_max_pending: int = 16
     """Compiles running or queued past which new ones are refused with RESOURCE_EXHAUSTED."""
+    limit_mm_per_prompt: str | None = None
+    """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2}'; images default to 4 (vLLM: 999). Only models that take images accept any."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest image (width times height, read from its header before decoding) a request may carry."""
+    mm_processor_cache_gb: float = 4.0
+    """GiB of processed images kept by the SHA-256 of their files (vLLM's flag), so a repeated image skips decoding and the image processor; 0 disables."""
+    disable_mm_preprocessor_cache: bool = False
+    """No preprocessor cache (vLLM's older flag; the same as --mm-processor-cache-gb 0)."""
 
     structured_outputs_config: str | None = None
     """vLLM's --structured-outputs-config JSON, mapped onto these flags: backend sets --guided-decoding-backend; disable_fallback true needs a named backend (splitserve never falls back from one); disable_any_whitespace, disable_additional_properties, reasoning_parser (use the gateway's --reasoning-parser), reasoning_parser_plugin and enable_in_reasoning are accepted only at their defaults; other keys are refused."""
@@ -78,6 +88,11 @@ class TokenizerServiceConfig:
             )
         if self.chat_template is not None:
             load_chat_template(self.chat_template)  # raises on an unreadable path
+        if self.chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(
+                "chat_template_content_format must be one of auto, string, openai, got "
+                f"{self.chat_template_content_format!r}"
+            )
         if not self.chat_template_timeout_s > 0:
             raise ValueError(
                 f"chat_template_timeout_s must be > 0, got {self.chat_template_timeout_s}"
@@ -105,6 +120,17 @@ class TokenizerServiceConfig:
             raise ValueError(f"grammar_max_pending must be >= 1, got {self.grammar_max_pending}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        from splitserve.mm_limits import canonical_mm_limits
+
+        if not self.mm_processor_cache_gb >= 0:
+            raise ValueError(
+                f"mm_processor_cache_gb must be >= 0, got {self.mm_processor_cache_gb}"
+            )
+        if self.max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+
+        # A dict (the in-process LLM's keyword) becomes compact JSON, as the flag carries it.
+        self.limit_mm_per_prompt = canonical_mm_limits(self.limit_mm_per_prompt)
 
     def _apply_structured_outputs_config(self) -> None:
         if self.structured_outputs_config is None:
@@ -175,6 +201,13 @@ def _default_backend() -> str:
     return next(
         f.default for f in fields(TokenizerServiceConfig) if f.name == "guided_decoding_backend"
     )
+
+
+def mm_cache_bytes(config: TokenizerServiceConfig) -> int:
+    """Bytes of the preprocessor cache (0: none)."""
+    if config.disable_mm_preprocessor_cache:
+        return 0
+    return int(config.mm_processor_cache_gb * (1 << 30))
 
 
 def load_chat_template(value: str) -> str:

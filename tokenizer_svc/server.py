@@ -34,12 +34,14 @@ from grpc_health.v1.health import aio as health_aio
 
 from splitserve import tracing
 from splitserve.grpc_errors import ErrorInterceptor
+from splitserve.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .chat import ChatRenderer, parse_chat_request
-from .config import TokenizerServiceConfig
+from .config import TokenizerServiceConfig, mm_cache_bytes
 from .errors import InvalidRequest, NotReady, RequestError
 from .grammar import GrammarCompiler, GrammarTokenizer, grammar_stop_ids, grammar_vocab_size
+from .multimodal import ImagePreprocessor, ProcessedPrompt, load_image_preprocessor
 from .stream import SequenceStream, StreamDelta
 from .tokenizer import TokenizerHandle, load_tokenizer
 
@@ -62,13 +64,23 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._executor = executor
         self._handle: TokenizerHandle | None = None
         self._renderer: ChatRenderer | None = None
+        self._images: ImagePreprocessor | None = None
+        """The model's processor, when the model takes images."""
         self.grammars: GrammarCompiler | None = None
 
     def set_tokenizer(self, handle: TokenizerHandle) -> None:
         self._renderer = ChatRenderer(
-            handle, self._config.trust_request_chat_template, self._config.chat_template_timeout_s
+            handle,
+            self._config.trust_request_chat_template,
+            self._config.chat_template_timeout_s,
+            self._config.chat_template_content_format,
         )
         self.grammars = make_grammar_compiler(self._config, handle)
+        self._images = load_image_preprocessor(
+            handle.path,
+            parse_mm_limits(self._config.limit_mm_per_prompt),
+            mm_cache_bytes(self._config),
+        )
         self._handle = handle
 
     def _ready(self) -> TokenizerHandle:
@@ -110,8 +122,31 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             ),
         )
 
+        images = self._images
+        fields["image_placeholder"] = images.image_token if images is not None else None
+        fields["content_format"] = renderer.content_format(fields["chat_template"])
+        if request.images and images is None:
+            raise InvalidRequest("images were sent, but this model does not take image inputs")
+
         def parse_and_render():
-            return renderer.render(parse_chat_request(request.messages_json, **fields))
+            chat = parse_chat_request(request.messages_json, **fields)
+            if chat.num_images != len(request.images):
+                raise InvalidRequest(
+                    f"messages hold {chat.num_images} image parts but {len(request.images)} "
+                    "images were sent"
+                )
+            if not chat.num_images:
+                return renderer.render(chat)
+            try:
+                images.check_count(chat.num_images)
+                return images.process_files(
+                    renderer.render_prompt(chat),
+                    list(request.images),
+                    self._config.max_image_pixels,
+                    add_special_tokens=False,
+                )
+            except ValueError as exc:
+                raise InvalidRequest(f"messages: {exc}") from None
 
         timeout = self._config.chat_template_timeout_s + _RENDER_BACKSTOP_S
         # A chat request's tokenization is its template render: the same `tokenize` span.
@@ -125,6 +160,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 ) from None
             if span is not None:
                 span.set_attribute("splitserve.num_tokens", len(rendered.token_ids))
+        if isinstance(rendered, ProcessedPrompt):
+            return tokenizer_pb2.ApplyChatTemplateResponse(
+                prompt=rendered.prompt, token_ids=rendered.token_ids, mm_inputs=rendered.mm_inputs
+            )
         return tokenizer_pb2.ApplyChatTemplateResponse(
             prompt=rendered.prompt, token_ids=rendered.token_ids
         )

@@ -73,9 +73,15 @@ class LoadedModel:
     """Defaults for unset request fields (--generation-config, --override-generation-config)."""
 
     @property
+    def text_config(self) -> Any:
+        """The language model's config (the whole config for a text-only model; the
+        `text_config` of a multimodal one)."""
+        return self.hf_config.get_text_config()
+
+    @property
     def vocab_size(self) -> int:
         """Rows of the embedding (may exceed the tokenizer's vocabulary)."""
-        return int(self.hf_config.vocab_size)
+        return int(self.text_config.vocab_size)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,6 +113,8 @@ def read_eos_token_ids(path: pathlib.Path, hf_config: Any) -> list[int]:
                 ids.append(int(v))
 
     add(getattr(hf_config, "eos_token_id", None))
+    if hf_config.get_text_config() is not hf_config:
+        add(getattr(hf_config.get_text_config(), "eos_token_id", None))
     gen = path / "generation_config.json"
     if gen.exists():
         add(json.loads(gen.read_text()).get("eos_token_id"))
@@ -236,7 +244,7 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
     dtype = resolve_dtype(config.dtype, raw, device)
     max_model_len = _max_model_len(config, hf_config)
     start, end = layer_range(
-        hf_config.num_hidden_layers,
+        hf_config.get_text_config().num_hidden_layers,
         config.rank,
         config.pipeline_parallel_size,
         config.layer_partition(),
@@ -296,7 +304,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         path.name,
         skeleton.start,
         skeleton.end,
-        hf_config.num_hidden_layers,
+        hf_config.get_text_config().num_hidden_layers,
         skeleton.dtype,
         device,
     )
@@ -315,7 +323,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
 
 
 def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
-    limit = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+    limit = int(getattr(hf_config.get_text_config(), "max_position_embeddings", 0) or 0)
     if config.max_model_len is None:
         if not limit:
             raise ValueError("the model config has no max_position_embeddings; set max_model_len")
@@ -350,6 +358,9 @@ def _init_dummy(model: nn.Module, seed: int) -> None:
 
 def _owned_by(model: nn.Module) -> Callable[[str], bool]:
     """Predicate over checkpoint names: does this rank hold (or derive a tensor from) it?"""
+    custom = getattr(model, "owns_weight", None)
+    if custom is not None:
+        return custom
     inner = model.model
     first, last = inner.embed_tokens is not None, model.lm_head is not None
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -370,9 +381,11 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     """Copy checkpoint tensors into `model` by name, packing fused shards and stacking MoE
     experts; check completeness.
 
-    A tied (or missing) lm_head takes model.embed_tokens.weight. The model's
-    `checkpoint_renames` ((pattern, replacement) pairs) rewrite names first.
+    A tied (or missing) lm_head takes model.embed_tokens.weight. A model with a
+    `checkpoint_name(name)` method renames checkpoint tensors to its module paths first; the
+    model's `checkpoint_renames` ((pattern, replacement) pairs) rewrite names after that.
     """
+    rename = getattr(model, "checkpoint_name", None)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
@@ -382,9 +395,9 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     loaded: set[tuple[str, str | None]] = set()
     embed: torch.Tensor | None = None
     for file_name, tensor in weights:
-        if _IGNORED_RE.search(file_name):
+        name = rename(file_name) if rename is not None else file_name
+        if _IGNORED_RE.search(name):
             continue
-        name = file_name
         for pattern, replacement in renames:
             name = pattern.sub(replacement, name)
         if (m := _EXPERT_RE.match(name)) and isinstance(

@@ -37,6 +37,7 @@ from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_c
 from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.lora import LoRAManager
 from splitserve.worker.model_loader import load_model
+from splitserve.worker.multimodal import MultiModalInputs
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.sampler import Sampler, compute_logprobs
 from splitserve.worker.structured_output import StructuredOutputs
@@ -115,6 +116,12 @@ class ModelRunner:
             if self.config.enable_lora
             else None
         )
+        self.mm = (
+            MultiModalInputs(self.model, self.device)
+            if getattr(self.model, "supports_images", False)
+            else None
+        )
+        """Images of the live requests (models that take images)."""
 
     def _init_sampling(self) -> None:
         generator = torch.Generator(device=self.device)
@@ -255,7 +262,7 @@ class ModelRunner:
             sizes,
             max_seq_len=min(self.config.max_seq_len_to_capture, self.max_model_len),
             block_size=block_size,
-            hidden_size=self.loaded.hf_config.hidden_size,
+            hidden_size=self.loaded.text_config.hidden_size,
             dtype=self.dtype,
             device=self.device,
             is_first=self.is_first,
@@ -297,7 +304,7 @@ class ModelRunner:
             gc.collect()  # release the trial graphs and their memory pool before measuring on
             torch.cuda.empty_cache()
         item = torch.empty((), dtype=self.dtype).element_size()
-        per_row = self.loaded.hf_config.hidden_size * item * (1 if self.is_last else 2)
+        per_row = self.loaded.text_config.hidden_size * item * (1 if self.is_last else 2)
         reserved = used + sum(sizes[:-1]) * per_row
         logger.info("CUDA graphs will hold about %.1f MiB", reserved / 2**20)
         return reserved
@@ -305,7 +312,7 @@ class ModelRunner:
     def _dummy_intermediate(self, num_tokens: int) -> IntermediateTensors | None:
         if self.is_first:
             return None
-        hidden = self.loaded.hf_config.hidden_size
+        hidden = self.loaded.text_config.hidden_size
         zeros = torch.zeros(num_tokens, hidden, dtype=self.dtype, device=self.device)
         return IntermediateTensors(zeros, zeros.clone())
 
@@ -370,6 +377,8 @@ class ModelRunner:
         masks = self._start_masks(plan)
         out = self._forward(plan, intermediate)
         batch.num_computed[plan.rows] = plan.ends
+        if self.mm is not None and len(self.mm):
+            self.mm.release_computed([batch.req_ids[r] for r in plan.rows.tolist()], plan.ends)
         if not self.is_last:
             return out
         if plan.logits_indices.numel() == 0:  # only partial prefill chunks this step
@@ -400,20 +409,37 @@ class ModelRunner:
     ) -> torch.Tensor | IntermediateTensors:
         """The model over the step: a graph replay for decode-only steps that fit one."""
         attn, graphs = plan.attn, self.graphs
-        if graphs is not None and graphs.can_run(
-            plan.rows.size, attn.max_query_len, attn.max_seq_len
+        embeds = self._image_embeddings(plan)
+        if (
+            embeds is None
+            and graphs is not None
+            and graphs.can_run(plan.rows.size, attn.max_query_len, attn.max_seq_len)
         ):
             return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
+        if embeds is None:
+            args, kwargs = (plan.input_ids, plan.positions, intermediate), {}
+        else:
+            args, kwargs = (None, plan.positions, intermediate), {"inputs_embeds": embeds}
         if self.lora is None:
             with forward_context(self.backend, attn):
-                return self.model(plan.input_ids, plan.positions, intermediate)
+                return self.model(*args, **kwargs)
         req_ids = self.batch.req_ids
         self.lora.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
         try:
             with forward_context(self.backend, attn):
-                return self.model(plan.input_ids, plan.positions, intermediate)
+                return self.model(*args, **kwargs)
         finally:
             self.lora.end_step()
+
+    def _image_embeddings(self, plan: StepPlan) -> torch.Tensor | None:
+        """The step's input embeddings with image embeddings at image positions; None when
+        the step computes no image position."""
+        if self.mm is None or not len(self.mm):
+            return None
+        q = plan.counts
+        offsets = np.cumsum(q) - q
+        req_ids = [self.batch.req_ids[r] for r in plan.rows.tolist()]
+        return self.mm.embeddings(req_ids, plan.ends - q, plan.ends, offsets, plan.input_ids)
 
     def _check_intermediate(
         self,
@@ -436,7 +462,7 @@ class ModelRunner:
             )
 
     def _empty_intermediate(self) -> IntermediateTensors:
-        hidden = self.loaded.hf_config.hidden_size
+        hidden = self.loaded.text_config.hidden_size
         empty = torch.empty(0, hidden, dtype=self.dtype, device=self.device)
         return IntermediateTensors(empty, empty)
 
@@ -455,7 +481,7 @@ class ModelRunner:
         for rid in step.finished_request_ids:
             self._forget(rid)
         for req in step.new_requests:
-            error = self._add_lora(req) or batch.add(req)
+            error = self._add_lora(req) or batch.add(req) or self._add_images(req)
             if not error and structured is not None:
                 error = self._add_grammar(req)
             if error:
@@ -492,6 +518,14 @@ class ModelRunner:
         batch.num_tokens[row] = n + k
         return ""
 
+    def _add_images(self, req: worker_pb2.NewRequest) -> str | None:
+        """Keep the request's images (first rank: it embeds the tokens); an error message."""
+        if self.mm is not None:
+            return self.mm.add(req)
+        if req.mm_inputs and self.is_first:
+            return "this model does not take image inputs"
+        return None
+
     def _add_grammar(self, req: worker_pb2.NewRequest) -> str | None:
         """Give a constrained request its matcher, replaying outputs kept across a preemption."""
         if not req.HasField("grammar"):
@@ -513,6 +547,8 @@ class ModelRunner:
     def _forget(self, request_id: str) -> None:
         self.batch.remove(request_id)
         self._deferred.discard(request_id)
+        if self.mm is not None:
+            self.mm.remove(request_id)
         if self.lora is not None:
             self.lora.remove_request(request_id)
         if self.structured is not None:

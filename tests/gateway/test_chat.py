@@ -194,12 +194,17 @@ def test_text_content_parts_are_joined(http, fakes):
 
 
 def test_image_part_refused(http):
+    """Remote image fetch is off by default: a 400 naming the part, before any fetch."""
     msgs = [
         {
             "role": "user",
             "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}],
         }
     ]
+    r = http.post(CHAT, json={"messages": msgs})
+    assert_error(r, 400, "messages[0].content[0].image_url")
+    assert "--allowed-media-domains" in r.json()["error"]["message"]
+    msgs[0]["content"][0] = {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
     assert_error(http.post(CHAT, json={"messages": msgs}), 400, "messages")
 
 

@@ -145,7 +145,8 @@ def test_prompt_dicts_and_cache_salt(llama_path):
     text = llm.generate({"prompt": "hello there"}, greedy())[0]
     assert text.prompt == "hello there" and text.outputs[0].token_ids
     for bad, match in [
-        ({"prompt": "x", "multi_modal_data": {}}, "not supported"),
+        ({"prompt": "x", "multi_modal_data": {}}, "does not take image inputs"),
+        ({"prompt": "x", "images": []}, "not supported"),
         ({"prompt": "x", "prompt_token_ids": [1]}, "exactly one"),
         ({"prompt": "x", "cache_salt": ""}, "non-empty string"),
     ]:
@@ -267,4 +268,4 @@ def test_generate_and_chat_take_vllms_arguments(llm, llama_path):
     )[0]
     assert cont.prompt.endswith("Sure")
     with pytest.raises(ValueError, match="chat_template_content_format"):
-        llm.chat(conv, greedy4, chat_template_content_format="openai")
+        llm.chat(conv, greedy4, chat_template_content_format="xml")

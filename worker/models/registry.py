@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
+from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mixtral import MixtralForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
 from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
@@ -17,6 +18,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
 }
 
 
