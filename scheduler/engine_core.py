@@ -89,6 +89,7 @@ class EngineCore:
             model=last.model,
             max_logprobs=config.max_logprobs,
             sampling_defaults=last.sampling_defaults,
+            runner_info=last.runner_info,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens; max_model_len %d",
@@ -104,6 +105,7 @@ class EngineCore:
             last.vocab_size,
             list(last.eos_token_ids),
             pipeline_parallel_size=self.pipeline_parallel_size,
+            runner_info=last.runner_info if last.HasField("runner_info") else None,
         )
         self.max_inflight = (
             self.pipeline_parallel_size

@@ -62,6 +62,10 @@ class Request:
     """W3C trace headers sent to the workers with the request (detailed traces only)."""
     grammar: common_pb2.CompiledGrammar | None = None
     """Structured-output constraint, sent to the workers with the request (and on resume)."""
+    pooling: bool = False
+    """An embedding request (pooling runner): prompt-only, finished when its pooled state is back."""
+    dimensions: int | None = None
+    """With pooling: matryoshka truncation of the pooled vector (None keeps all)."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -369,6 +369,20 @@ class LLM:
             )
         return results
 
+    def embed(
+        self,
+        prompts,
+        pooling_params=None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool | Callable[..., Any] = True,
+    ):
+        """vLLM's LLM.embed (needs runner="pooling"): one EmbeddingRequestOutput per prompt,
+        in order, its embedding in `.outputs.embedding`. See splitserve.llm_embed."""
+        from splitserve.llm_embed import embed
+
+        return embed(self, prompts, pooling_params, truncate_prompt_tokens, use_tqdm)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

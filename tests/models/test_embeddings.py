@@ -1,0 +1,116 @@
+"""The pooling runner against transformers: AutoModel's last hidden state (after the final
+norm), pooled (LAST or MEAN) and L2-normalized, on the same tiny random Qwen3 weights, with
+chunked prefill forced small and through a prefix-cache hit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from splitserve import LLM
+from splitserve.llm_embed import PoolingParams
+
+# Lengths straddle the 4-token blocks and the 8-token step budget (several chunks each).
+PROMPTS = [
+    [5, 17, 300],
+    [9, 8, 7, 6, 5, 4, 3, 2, 1],
+    list(range(40, 57)),
+    [int(x) for x in np.random.default_rng(0).integers(3, 999, size=30)],
+]
+
+
+@pytest.fixture(scope="module")
+def qwen3_path(model_factory):
+    return model_factory("qwen3")
+
+
+@pytest.fixture(scope="module")
+def hf_model(qwen3_path):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(qwen3_path, dtype=torch.float32).eval()
+
+
+def hf_embedding(hf_model, ids: list[int], pooling: str, normalize: bool) -> np.ndarray:
+    with torch.no_grad():
+        hidden = hf_model(torch.tensor([ids])).last_hidden_state[0]
+    vec = hidden[-1] if pooling == "LAST" else hidden.mean(0)
+    if normalize:
+        vec = torch.nn.functional.normalize(vec, dim=-1)
+    return vec.numpy()
+
+
+def engine(path, **kw) -> LLM:
+    return LLM(
+        str(path),
+        runner="pooling",
+        kv_cache_memory=8 << 20,
+        block_size=4,
+        max_num_batched_tokens=8,
+        **kw,
+    )
+
+
+def test_last_token_pooling_matches_transformers(qwen3_path, hf_model):
+    llm = engine(qwen3_path)
+    try:
+        outs = llm.embed(PROMPTS, use_tqdm=False)
+        assert [o.prompt_token_ids for o in outs] == PROMPTS
+        for ids, out in zip(PROMPTS, outs, strict=True):
+            got = np.array(out.outputs.embedding)
+            assert got.shape == (64,)
+            np.testing.assert_allclose(got, hf_embedding(hf_model, ids, "LAST", True), atol=2e-5)
+            assert abs(np.linalg.norm(got) - 1) < 1e-5
+        # The longest prompt again with a new tail: its leading blocks come from the cache,
+        # and the last token (never served from the cache) is pooled as before.
+        again = PROMPTS[3][:24] + [11, 12, 13]
+        (out,) = llm.embed([again], use_tqdm=False)
+        assert out.num_cached_tokens >= 20
+        np.testing.assert_allclose(
+            out.outputs.embedding, hf_embedding(hf_model, again, "LAST", True), atol=2e-5
+        )
+        # Every block is back once the requests are done.
+        stats = llm.engine.scheduler.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+        # A generate call on a pooling model is refused, naming the runner.
+        with pytest.raises(ValueError, match="--runner pooling"):
+            llm.generate([[1, 2, 3]], use_tqdm=False)
+        # dimensions on a model that declares no matryoshka support: refused.
+        with pytest.raises(ValueError, match="matryoshka"):
+            llm.embed([[1, 2]], PoolingParams(dimensions=8), use_tqdm=False)
+        # truncate_prompt_tokens keeps the last k tokens.
+        (out,) = llm.embed([PROMPTS[2]], truncate_prompt_tokens=5, use_tqdm=False)
+        assert out.prompt_token_ids == PROMPTS[2][-5:]
+        np.testing.assert_allclose(
+            out.outputs.embedding, hf_embedding(hf_model, PROMPTS[2][-5:], "LAST", True), atol=2e-5
+        )
+    finally:
+        llm.shutdown()
+
+
+def test_mean_pooling_from_pooler_config(qwen3_path, hf_model):
+    llm = engine(qwen3_path, pooler_config={"pooling_type": "MEAN", "normalize": False})
+    try:
+        outs = llm.embed(PROMPTS, use_tqdm=False)
+        for ids, out in zip(PROMPTS, outs, strict=True):
+            np.testing.assert_allclose(
+                out.outputs.embedding, hf_embedding(hf_model, ids, "MEAN", False), atol=2e-5
+            )
+        # MEAN needs every position: a repeated prompt gets no prefix-cache hit.
+        (out,) = llm.embed([PROMPTS[3]], use_tqdm=False)
+        assert out.num_cached_tokens == 0
+        np.testing.assert_allclose(
+            out.outputs.embedding, hf_embedding(hf_model, PROMPTS[3], "MEAN", False), atol=2e-5
+        )
+    finally:
+        llm.shutdown()
+
+
+def test_generate_model_refuses_embed(qwen3_path):
+    llm = LLM(str(qwen3_path), kv_cache_memory=4 << 20)
+    try:
+        with pytest.raises(ValueError, match="runner='pooling'"):
+            llm.embed(["hi"], use_tqdm=False)
+    finally:
+        llm.shutdown()
