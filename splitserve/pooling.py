@@ -80,7 +80,8 @@ def parse_pooler_config(text: str | None, flag: str = "pooler_config") -> dict[s
 
 def read_sentence_transformers_pooling(folder: pathlib.Path) -> dict[str, Any]:
     """Pooling type and normalization from a sentence-transformers folder (modules.json);
-    empty when the folder has none. A pooling mode splitserve lacks is a ValueError."""
+    empty when the folder has none. A pooling mode splitserve lacks is named under
+    "unsupported" (an error unless --pooler-config sets pooling_type)."""
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return {}
@@ -99,10 +100,7 @@ def read_sentence_transformers_pooling(folder: pathlib.Path) -> dict[str, Any]:
             else:
                 used = [k for k in _ST_UNSUPPORTED if st.get(k)]
                 if used:
-                    raise ValueError(
-                        f"{config_file}: sentence-transformers pooling {used} is not supported "
-                        f"(splitserve pools {', '.join(POOLING_TYPES)}); set --pooler-config"
-                    )
+                    out["unsupported"] = f"{config_file}: sentence-transformers pooling {used}"
     out["normalize"] = any(t.endswith(".Normalize") for t in types)
     return out
 
@@ -115,12 +113,15 @@ class PoolerSettings:
     normalize: bool = True
 
 
-def resolve_runner(runner: str, architectures: list[str] | None) -> str:
-    """ "generate" or "pooling". auto -> generate: every supported architecture is a *ForCausalLM
-    (vLLM picks pooling for *Model / *EmbeddingModel names, which splitserve does not load)."""
-    if runner != "auto":
-        return runner
-    return "generate"
+def resolve_runner(runner: str, convert: str) -> str:
+    """ "generate" or "pooling". --convert embed implies pooling; otherwise auto -> generate:
+    every architecture splitserve loads is a *ForCausalLM (vLLM picks pooling by itself only
+    for *Model / *EmbeddingModel names, which splitserve does not load)."""
+    if convert == "embed":
+        if runner == "generate":
+            raise ValueError("--convert embed makes a pooling model: it needs --runner pooling")
+        return "pooling"
+    return "generate" if runner == "auto" else runner
 
 
 def resolve_pooler(
@@ -128,10 +129,15 @@ def resolve_pooler(
 ) -> PoolerSettings:
     """Defaults (LAST, normalize), then the folder's sentence-transformers config, then the
     flags (--override-pooler-config is vLLM's older name of --pooler-config)."""
-    values: dict[str, Any] = {"pooling_type": "LAST", "normalize": True}
-    values.update(read_sentence_transformers_pooling(folder))
-    values.update(parse_pooler_config(override_pooler_config, "override_pooler_config"))
-    values.update(parse_pooler_config(pooler_config))
+    flags = parse_pooler_config(override_pooler_config, "override_pooler_config")
+    flags.update(parse_pooler_config(pooler_config))
+    st = read_sentence_transformers_pooling(folder)
+    if "unsupported" in st and "pooling_type" not in flags:
+        raise ValueError(
+            f"{st['unsupported']} is not supported (splitserve pools "
+            f"{', '.join(POOLING_TYPES)}); choose one with --pooler-config"
+        )
+    values: dict[str, Any] = {"pooling_type": "LAST", "normalize": True, **st, **flags}
     return PoolerSettings(values["pooling_type"], values["normalize"])
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from splitserve.generation_config import canonical_override
 from splitserve.generation_config import check_mode as check_generation_mode
 from splitserve.lora import check_lora_fields
-from splitserve.pooling import check_runner_fields, parse_pooler_config
+from splitserve.pooling import check_runner_fields, parse_pooler_config, resolve_runner
 from splitserve.tracing import check_endpoint, parse_detailed_traces
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -164,13 +164,17 @@ class WorkerConfig:
 
     def _check_pooling_fields(self) -> None:
         check_runner_fields(self.runner, self.convert)
+        resolve_runner(self.runner, self.convert)  # raises on --runner generate --convert embed
         for name in ("pooler_config", "override_pooler_config"):
             value = getattr(self, name)
             if isinstance(value, dict):  # the in-process LLM's keyword
                 setattr(self, name, value := json.dumps(value, separators=(",", ":")))
             parse_pooler_config(value, name)  # raises on a malformed one
-            if value is not None and self.runner == "generate":
-                raise ValueError(f"{name} needs --runner pooling, but runner is 'generate'")
+            if value is not None and resolve_runner(self.runner, self.convert) != "pooling":
+                raise ValueError(
+                    f"{name} needs --runner pooling, but the runner is generate "
+                    f"(--runner {self.runner})"
+                )
 
     def _check_pipeline_fields(self) -> None:
         if self.pp_layer_partition is None and os.environ.get(PP_PARTITION_ENV):

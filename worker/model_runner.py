@@ -122,7 +122,7 @@ class ModelRunner:
     def _init_runner(self) -> None:
         """--runner: a pooling runner pools on the last rank instead of sampling."""
         hf_config = self.loaded.hf_config
-        self.runner = resolve_runner(self.config.runner, getattr(hf_config, "architectures", None))
+        self.runner = resolve_runner(self.config.runner, self.config.convert)
         self.pooler: Pooler | None = None
         info = common_pb2.RunnerInfo(runner=self.runner)
         if self.runner == "pooling":

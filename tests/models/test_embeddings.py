@@ -35,7 +35,7 @@ def hf_model(qwen3_path):
 def hf_embedding(hf_model, ids: list[int], pooling: str, normalize: bool) -> np.ndarray:
     with torch.no_grad():
         hidden = hf_model(torch.tensor([ids])).last_hidden_state[0]
-    vec = hidden[-1] if pooling == "LAST" else hidden.mean(0)
+    vec = {"LAST": hidden[-1], "MEAN": hidden.mean(0), "CLS": hidden[0]}[pooling]
     if normalize:
         vec = torch.nn.functional.normalize(vec, dim=-1)
     return vec.numpy()
@@ -89,19 +89,22 @@ def test_last_token_pooling_matches_transformers(qwen3_path, hf_model):
         llm.shutdown()
 
 
-def test_mean_pooling_from_pooler_config(qwen3_path, hf_model):
-    llm = engine(qwen3_path, pooler_config={"pooling_type": "MEAN", "normalize": False})
+@pytest.mark.parametrize("pooling, normalize", [("MEAN", False), ("CLS", True)])
+def test_mean_and_cls_pooling_from_pooler_config(qwen3_path, hf_model, pooling, normalize):
+    llm = engine(qwen3_path, pooler_config={"pooling_type": pooling, "normalize": normalize})
     try:
         outs = llm.embed(PROMPTS, use_tqdm=False)
         for ids, out in zip(PROMPTS, outs, strict=True):
             np.testing.assert_allclose(
-                out.outputs.embedding, hf_embedding(hf_model, ids, "MEAN", False), atol=2e-5
+                out.outputs.embedding, hf_embedding(hf_model, ids, pooling, normalize), atol=2e-5
             )
-        # MEAN needs every position: a repeated prompt gets no prefix-cache hit.
+        # They need every position: a repeated prompt gets no prefix-cache hit.
         (out,) = llm.embed([PROMPTS[3]], use_tqdm=False)
         assert out.num_cached_tokens == 0
         np.testing.assert_allclose(
-            out.outputs.embedding, hf_embedding(hf_model, PROMPTS[3], "MEAN", False), atol=2e-5
+            out.outputs.embedding,
+            hf_embedding(hf_model, PROMPTS[3], pooling, normalize),
+            atol=2e-5,
         )
     finally:
         llm.shutdown()
@@ -112,5 +115,47 @@ def test_generate_model_refuses_embed(qwen3_path):
     try:
         with pytest.raises(ValueError, match="runner='pooling'"):
             llm.embed(["hi"], use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+def test_sentence_transformers_pooling_config(qwen3_path, hf_model, tmp_path):
+    """A folder whose modules.json says mean pooling without a Normalize module is pooled so,
+    without any flag (vLLM reads the same file)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "st"
+    shutil.copytree(qwen3_path, folder)
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
+    )
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_mean_tokens": True})
+    )
+    llm = engine(folder)
+    try:
+        info = llm.engine.model_info.runner_info
+        assert (info.runner, info.pooling_type, info.normalize) == ("pooling", "MEAN", False)
+        (out,) = llm.embed([PROMPTS[2]], use_tqdm=False)
+        np.testing.assert_allclose(
+            out.outputs.embedding, hf_embedding(hf_model, PROMPTS[2], "MEAN", False), atol=2e-5
+        )
     finally:
         llm.shutdown()
