@@ -113,15 +113,43 @@ class PoolerSettings:
     normalize: bool = True
 
 
-def resolve_runner(runner: str, convert: str) -> str:
-    """ "generate" or "pooling". --convert embed implies pooling; otherwise auto -> generate:
-    every architecture splitserve loads is a *ForCausalLM (vLLM picks pooling by itself only
-    for *Model / *EmbeddingModel names, which splitserve does not load)."""
-    if convert == "embed":
+BASE_MODEL_ARCHITECTURES = {
+    "LlamaModel": "LlamaForCausalLM",
+    "MistralModel": "MistralForCausalLM",
+    "Qwen2Model": "Qwen2ForCausalLM",
+    "Qwen3Model": "Qwen3ForCausalLM",
+}
+"""Bare decoders (checkpoints saved from AutoModel, e.g. e5-mistral's MistralModel): splitserve
+runs them with its *ForCausalLM class, as embedding models (vLLM's --convert embed)."""
+
+
+def is_base_model(architectures: list[str] | None) -> bool:
+    """Whether the checkpoint is a bare decoder (its first architecture is a *Model)."""
+    return bool(architectures) and architectures[0] in BASE_MODEL_ARCHITECTURES
+
+
+def resolve_runner(runner: str, convert: str, architectures: list[str] | None = None) -> str:
+    """ "generate" or "pooling". --convert embed implies pooling; so does auto for a bare
+    decoder (*Model, as vLLM decides); otherwise auto means generate (a *ForCausalLM)."""
+    if convert == "embed" or is_base_model(architectures):
         if runner == "generate":
-            raise ValueError("--convert embed makes a pooling model: it needs --runner pooling")
+            why = "--convert embed" if convert == "embed" else f"architecture {architectures[0]}"
+            raise ValueError(f"{why} makes a pooling model: it needs --runner pooling (or auto)")
         return "pooling"
     return "generate" if runner == "auto" else runner
+
+
+def check_runner(config: Any, architectures: list[str] | None) -> str:
+    """The runner a worker config resolves to for these architectures; pooler flags with a
+    generate runner are an error (a flag must not be parsed and ignored)."""
+    runner = resolve_runner(config.runner, config.convert, architectures)
+    for name in ("pooler_config", "override_pooler_config"):
+        if getattr(config, name) is not None and runner != "pooling":
+            raise ValueError(
+                f"{name} needs --runner pooling, but the runner is generate "
+                f"(--runner {config.runner})"
+            )
+    return runner
 
 
 def resolve_pooler(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from splitserve.pooling import (
+    check_runner,
     dimensions_problem,
     finish_embedding,
     parse_pooler_config,
@@ -24,6 +25,16 @@ def test_runner_resolution():
     assert resolve_runner("auto", "embed") == "pooling"
     with pytest.raises(ValueError, match="needs --runner pooling"):
         resolve_runner("generate", "embed")
+    # A bare decoder (saved from AutoModel, as e5-mistral) is an embedding model under auto.
+    assert resolve_runner("auto", "auto", ["MistralModel"]) == "pooling"
+    assert resolve_runner("auto", "auto", ["MistralForCausalLM"]) == "generate"
+    with pytest.raises(ValueError, match="architecture Qwen3Model makes a pooling model"):
+        resolve_runner("generate", "auto", ["Qwen3Model"])
+    # Pooler flags under auto are checked once the architecture is known.
+    cfg = WorkerConfig(model="m", pooler_config='{"normalize": false}')
+    assert check_runner(cfg, ["Qwen3Model"]) == "pooling"
+    with pytest.raises(ValueError, match="pooler_config needs --runner pooling"):
+        check_runner(cfg, ["Qwen3ForCausalLM"])
 
 
 @pytest.mark.parametrize(
@@ -36,7 +47,7 @@ def test_runner_resolution():
         (dict(runner="pooling", pooler_config='{"pooling_type": "ALL"}'), "LAST, MEAN, CLS"),
         (dict(runner="pooling", pooler_config='{"normalize": "yes"}'), "true or false"),
         (dict(runner="pooling", pooler_config='{"softmax": true}'), "unsupported key"),
-        (dict(pooler_config='{"normalize": false}'), "needs --runner pooling"),
+        (dict(runner="generate", pooler_config='{"normalize": false}'), "needs --runner pooling"),
         (dict(runner="pooling", override_pooler_config='{"x": 1}'), "override_pooler_config"),
     ],
 )

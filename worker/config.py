@@ -170,11 +170,8 @@ class WorkerConfig:
             if isinstance(value, dict):  # the in-process LLM's keyword
                 setattr(self, name, value := json.dumps(value, separators=(",", ":")))
             parse_pooler_config(value, name)  # raises on a malformed one
-            if value is not None and resolve_runner(self.runner, self.convert) != "pooling":
-                raise ValueError(
-                    f"{name} needs --runner pooling, but the runner is generate "
-                    f"(--runner {self.runner})"
-                )
+            if value is not None and self.runner == "generate":
+                raise ValueError(f"{name} needs --runner pooling, but the runner is generate")
 
     def _check_pipeline_fields(self) -> None:
         if self.pp_layer_partition is None and os.environ.get(PP_PARTITION_ENV):

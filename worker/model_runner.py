@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splitserve.pooling import matryoshka_dimensions, resolve_pooler, resolve_runner
+from splitserve.pooling import check_runner, matryoshka_dimensions, resolve_pooler
 from splitserve.protos import common_pb2, worker_pb2
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
@@ -122,7 +122,7 @@ class ModelRunner:
     def _init_runner(self) -> None:
         """--runner: a pooling runner pools on the last rank instead of sampling."""
         hf_config = self.loaded.hf_config
-        self.runner = resolve_runner(self.config.runner, self.config.convert)
+        self.runner = check_runner(self.config, getattr(hf_config, "architectures", None))
         self.pooler: Pooler | None = None
         info = common_pb2.RunnerInfo(runner=self.runner)
         if self.runner == "pooling":

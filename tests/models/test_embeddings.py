@@ -159,3 +159,30 @@ def test_sentence_transformers_pooling_config(qwen3_path, hf_model, tmp_path):
         )
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mistral"])
+def test_bare_decoder_checkpoint_is_an_embedding_model(model_factory, tmp_path, name):
+    """A checkpoint saved from AutoModel (Qwen3Model / MistralModel, as e5-mistral ships):
+    weight names without "model.", no lm_head; `auto` serves it as a pooling model."""
+    import shutil
+
+    from transformers import AutoModel
+
+    src = model_factory(name)
+    bare = AutoModel.from_pretrained(src, dtype=torch.float32).eval()
+    folder = tmp_path / f"{name}-bare"
+    bare.save_pretrained(folder)
+    for f in src.glob("*token*"):
+        shutil.copy(f, folder)
+    assert bare.config.architectures[0].endswith("Model")
+    llm = LLM(str(folder), kv_cache_memory=8 << 20, block_size=4, max_num_batched_tokens=8)
+    try:
+        assert llm.engine.model_info.runner_info.runner == "pooling"
+        outs = llm.embed(PROMPTS[:3], use_tqdm=False)
+        for ids, out in zip(PROMPTS, outs, strict=False):
+            np.testing.assert_allclose(
+                out.outputs.embedding, hf_embedding(bare, ids, "LAST", True), atol=2e-5
+            )
+    finally:
+        llm.shutdown()
