@@ -11,7 +11,8 @@ text steer it:
              finish STOP without a stop token, as a grammar that terminated
   #cached@N  report N + 3*i prompt tokens found in the prefix cache for sequence i of n
 A pooling request (embeddings; `FakeScheduler.runner_info` says pooling) gets one message
-with `fake_embedding(prompt ids)`, truncated to the request's dimensions.
+with `fake_embedding(prompt ids)`, truncated to the request's dimensions (#busy and #hang
+work there too).
 Every Generate call is recorded, with whether it was cancelled, for tests to wait on.
 FakeTokenizer.CompileGrammar checks a constraint as a real backend would at the level tests
 need (JSON syntax, schema shape, regex syntax, choice list, a `root ::=` rule) and records each
@@ -315,6 +316,10 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         req, prompt = call.request, call.prompt_text
         sp = req.sampling_params
         if req.pooling:
+            if "#busy" in prompt:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full")
+            if "#hang" in prompt:
+                await asyncio.Event().wait()
             vec = fake_embedding(list(req.prompt_token_ids))
             if req.HasField("dimensions"):
                 vec = vec[: req.dimensions]

@@ -5,6 +5,9 @@ pooling runner; a generate model refuses the endpoint."""
 from __future__ import annotations
 
 import base64
+import json
+import socket
+import uuid
 
 import numpy as np
 import openai
@@ -129,6 +132,31 @@ def test_dimensions_on_a_matryoshka_model(matryoshka):
     for bad in (5, 0):
         error = _error(matryoshka.post("/v1/embeddings", json={"input": [3], "dimensions": bad}))
         assert error["param"] == "dimensions"
+
+
+def test_disconnect_cancels_the_scheduler_calls(loop_thread, fakes):
+    """CHECKLIST row 17: a client gone while its inputs are queued aborts them downstream."""
+    gw = _pooling_gateway(loop_thread, fakes)
+    try:
+        t = f"#hang {uuid.uuid4().hex[:8]}"
+        body = json.dumps({"input": ["fine", t]}).encode()
+        host, port = gw.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            assert fakes.scheduler.waiter.wait_for(lambda: fakes.scheduler.calls_matching(t))
+        calls = fakes.scheduler.calls_matching(t)
+        assert fakes.scheduler.waiter.wait_for(lambda: calls[0].cancelled)
+    finally:
+        stop_gateway(loop_thread, gw)
+
+
+def test_queue_full_is_503(pooling):
+    resp = pooling.post("/v1/embeddings", json={"input": "#busy"})
+    _error(resp, 503)
+    assert resp.headers["retry-after"] == "1"
 
 
 def test_generate_model_refuses_embeddings(http):
