@@ -46,6 +46,8 @@ class EmbeddingRequest(RequestModel):
     user: str | None = None
     """Accepted and ignored, as OpenAI does."""
     truncate_prompt_tokens: Int | None = None
+    normalize: bool | None = None
+    """L2-normalize the embeddings (vLLM); unset follows the model's pooler."""
     """Keep only the last k tokens of each input; -1 means the context length (vLLM)."""
     add_special_tokens: bool | None = None
     """Add BOS etc. when tokenizing text; default true for `input`, false for `messages`."""
@@ -214,6 +216,8 @@ class EmbeddingsService(ServingBase):
         )
         if req.dimensions is not None:
             message.dimensions = req.dimensions
+        if req.normalize is not None:
+            message.normalize = req.normalize
         embedding: list[float] | None = None
         async for resp in self.clients.scheduler.Generate(message, timeout=deadline.remaining()):
             if resp.embedding:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "lora_name", "priority", "grammar", "lora_path", "cache_salt", "lora_int_id", "pooling", "dimensions")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "lora_name", "priority", "grammar", "lora_path", "cache_salt", "lora_int_id", "pooling", "dimensions", "normalize")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class GenerateRequest(_message.Message):
     LORA_INT_ID_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -31,7 +32,8 @@ class GenerateRequest(_message.Message):
     lora_int_id: int
     pooling: bool
     dimensions: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., lora_name: _Optional[str] = ..., priority: _Optional[int] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., lora_path: _Optional[str] = ..., cache_salt: _Optional[str] = ..., lora_int_id: _Optional[int] = ..., pooling: _Optional[bool] = ..., dimensions: _Optional[int] = ...) -> None: ...
+    normalize: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., lora_name: _Optional[str] = ..., priority: _Optional[int] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., lora_path: _Optional[str] = ..., cache_salt: _Optional[str] = ..., lora_int_id: _Optional[int] = ..., pooling: _Optional[bool] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "logprobs", "prompt_logprobs", "finish_reason", "stop_token_id", "num_prompt_tokens", "num_cached_tokens", "error", "queue_time_s", "embedding")

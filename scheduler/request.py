@@ -66,6 +66,8 @@ class Request:
     """An embedding request (pooling runner): prompt-only, finished when its pooled state is back."""
     dimensions: int | None = None
     """With pooling: matryoshka truncation of the pooled vector (None keeps all)."""
+    normalize: bool | None = None
+    """With pooling: L2-normalize the embedding (None: as the pooler says)."""
 
     @property
     def num_prompt_tokens(self) -> int:

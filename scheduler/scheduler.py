@@ -148,6 +148,7 @@ class Scheduler:
             grammar=grammar,
             pooling=req.pooling,
             dimensions=req.dimensions if req.HasField("dimensions") else None,
+            normalize=req.normalize if req.HasField("normalize") else None,
         )
         self.requests[rid] = r
         self._enqueue_waiting(r)
@@ -524,7 +525,8 @@ class Scheduler:
                 continue  # aborted while this step ran
             r.num_inflight -= 1
             out = outputs.setdefault(r.request_id, self._output(r))
-            vec = finish_embedding(pooled.data, r.dimensions, self.runner_info.normalize)
+            normalize = self.runner_info.normalize if r.normalize is None else r.normalize
+            vec = finish_embedding(pooled.data, r.dimensions, normalize)
             out.embedding = vec.tolist()
             out.finish_reason = FinishReason.FINISH_REASON_STOP
             self._finish(r)

@@ -22,6 +22,8 @@ class PoolingParams:
     """Keep the first `dimensions` values (matryoshka models only), then normalize."""
     truncate_prompt_tokens: int | None = None
     """Keep only the last k prompt tokens; -1 means the model's context length."""
+    normalize: bool | None = None
+    """L2-normalize the embedding; None follows the model's pooler."""
 
 
 @dataclass
@@ -92,6 +94,8 @@ def embed(
         )
         if pp.dimensions is not None:
             req.dimensions = pp.dimensions
+        if pp.normalize is not None:
+            req.normalize = pp.normalize
         try:
             sched.add_request(req)
         except Exception as exc:

@@ -323,6 +323,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             vec = fake_embedding(list(req.prompt_token_ids))
             if req.HasField("dimensions"):
                 vec = vec[: req.dimensions]
+            if req.HasField("normalize") and req.normalize:
+                vec = [x / sum(y * y for y in vec) ** 0.5 for x in vec]
             yield scheduler_pb2.GenerateResponse(
                 embedding=vec,
                 num_prompt_tokens=len(req.prompt_token_ids),

@@ -69,6 +69,14 @@ def test_input_shapes_and_usage(pooling):
         assert out["usage"] == {"prompt_tokens": used, "total_tokens": used}
 
 
+def test_normalize_is_passed_on(pooling):
+    resp = pooling.post("/v1/embeddings", json={"input": [3, 4], "normalize": True})
+    vec = np.array(resp.json()["data"][0]["embedding"])
+    assert np.allclose(
+        vec, np.array(fake_embedding([3, 4])) / np.linalg.norm(fake_embedding([3, 4]))
+    )
+
+
 def test_base64_is_little_endian_float32(pooling):
     resp = pooling.post("/v1/embeddings", json={"input": [7, 8, 9], "encoding_format": "base64"})
     assert resp.status_code == 200, resp.text

@@ -79,6 +79,11 @@ def test_last_token_pooling_matches_transformers(qwen3_path, hf_model):
         # dimensions on a model that declares no matryoshka support: refused.
         with pytest.raises(ValueError, match="matryoshka"):
             llm.embed([[1, 2]], PoolingParams(dimensions=8), use_tqdm=False)
+        # normalize=False per request: the raw last hidden state.
+        (out,) = llm.embed([PROMPTS[1]], PoolingParams(normalize=False), use_tqdm=False)
+        np.testing.assert_allclose(
+            out.outputs.embedding, hf_embedding(hf_model, PROMPTS[1], "LAST", False), atol=2e-5
+        )
         # truncate_prompt_tokens keeps the last k tokens.
         (out,) = llm.embed([PROMPTS[2]], truncate_prompt_tokens=5, use_tqdm=False)
         assert out.prompt_token_ids == PROMPTS[2][-5:]

@@ -73,6 +73,13 @@ def test_dimensions_need_matryoshka():
     result.pooled.add(request_id="d", data=[0.0, 2.0, 9.0, 9.0])
     (out,) = s.update_from_output(result)
     assert np.allclose(out.embedding, [0.0, 1.0])
+    # normalize=False per request: truncated, not normalized.
+    s.add_request(embed("raw", [1, 2], dimensions=3, normalize=False))
+    step = s.schedule()
+    result = worker_pb2.StepResult(step_id=step.step_id)
+    result.pooled.add(request_id="raw", data=[0.0, 2.0, 9.0, 9.0])
+    (out,) = s.update_from_output(result)
+    assert out.embedding == [0.0, 2.0, 9.0]
 
 
 @pytest.mark.parametrize("pooling_type, hit", [("LAST", 8), ("MEAN", 0)])
