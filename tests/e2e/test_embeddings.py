@@ -56,5 +56,9 @@ def test_embeddings_match_transformers(pooling_server, tiny_model):
 
     with pytest.raises(openai.BadRequestError, match="--runner pooling"):
         client.completions.create(model=str(tiny_model), prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="--runner pooling"):
+        client.chat.completions.create(
+            model=str(tiny_model), messages=[{"role": "user", "content": "hi"}], stream=True
+        )
     stats = pooling_server.scheduler_stats()
     assert stats.num_free_blocks == stats.num_total_blocks
