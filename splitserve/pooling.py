@@ -33,7 +33,14 @@ _ST_MODES = (
     ("pooling_mode_mean_tokens", "MEAN"),
     ("pooling_mode_cls_token", "CLS"),
 )
-_ST_UNSUPPORTED = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens")
+_ST_UNSUPPORTED = (
+    "pooling_mode_max_tokens",
+    "pooling_mode_mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens",
+)
+# sentence-transformers modules whose effect splitserve reproduces (the rest are refused, not
+# skipped: a Dense projection left out would give wrong vectors without a word).
+_ST_MODULES = (".Transformer", ".Pooling", ".Normalize")
 
 
 def check_runner_fields(runner: str, convert: str) -> None:
@@ -88,11 +95,22 @@ def read_sentence_transformers_pooling(folder: pathlib.Path) -> dict[str, Any]:
     modules = json.loads(modules_file.read_text())
     out: dict[str, Any] = {}
     types = [str(m.get("type", "")) for m in modules]
+    others = [t for t in types if not t.endswith(_ST_MODULES)]
+    if others:
+        raise ValueError(
+            f"{modules_file}: sentence-transformers module(s) {others} are not supported "
+            "(splitserve applies Transformer, Pooling and Normalize only)"
+        )
     pooling = [m for m in modules if str(m.get("type", "")).endswith(".Pooling")]
     if pooling:
         config_file = folder / str(pooling[0].get("path", "")) / "config.json"
         if config_file.is_file():
             st = json.loads(config_file.read_text())
+            if st.get("include_prompt") is False:
+                raise ValueError(
+                    f"{config_file}: include_prompt false (pooling that skips the instruction "
+                    "tokens) is not supported"
+                )
             for key, ptype in _ST_MODES:
                 if st.get(key):
                     out["pooling_type"] = ptype

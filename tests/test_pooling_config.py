@@ -128,3 +128,22 @@ def test_dimensions_rules():
     assert "only supports [4, 8]" in dimensions_problem(5, "M", True, [4, 8], 8)
     assert "at least 1" in dimensions_problem(0, "M", True, [], 8)
     assert "hidden size" in dimensions_problem(9, "M", True, [], 8)
+
+
+def test_sentence_transformers_modules_that_would_change_the_vector_are_refused(tmp_path):
+    folder = _st_folder(tmp_path, {"pooling_mode_lasttoken": True}, normalize=True)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.append(
+        {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
+    )
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match="Dense"):
+        resolve_pooler(folder, None, None)
+
+
+def test_sentence_transformers_include_prompt_false_is_refused(tmp_path):
+    folder = _st_folder(
+        tmp_path, {"pooling_mode_mean_tokens": True, "include_prompt": False}, normalize=True
+    )
+    with pytest.raises(ValueError, match="include_prompt"):
+        resolve_pooler(folder, None, None)
