@@ -82,8 +82,6 @@ class EmbeddingsService(ServingBase):
 
     async def create(self, req: EmbeddingRequest, raw: Request) -> Response:
         model = self.check_model(req.model)
-        if self.loras.get(req.model) is not None:
-            raise bad_request("LoRA adapters are not supported for embeddings", "model")
         info = self.clients.model_info.runner_info
         if info.runner != "pooling":
             raise bad_request(
@@ -218,6 +216,10 @@ class EmbeddingsService(ServingBase):
             message.dimensions = req.dimensions
         if req.normalize is not None:
             message.normalize = req.normalize
+        adapter = self.loras.get(req.model)
+        if adapter is not None:  # the model names a LoRA adapter: embed through it
+            message.lora_name, message.lora_path = adapter.name, str(adapter.path)
+            message.lora_int_id = adapter.int_id
         embedding: list[float] | None = None
         async for resp in self.clients.scheduler.Generate(message, timeout=deadline.remaining()):
             if resp.embedding:

@@ -62,6 +62,7 @@ def embed(
     pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
     truncate_prompt_tokens: int | None = None,
     use_tqdm: bool | Callable[..., Any] = True,
+    lora_request=None,
 ) -> list[EmbeddingRequestOutput]:
     from splitserve.llm import _as_batch, _progress_bar, _unpack_prompt_dict
 
@@ -76,10 +77,15 @@ def embed(
     params_list = list(params) if isinstance(params, Sequence) else [params] * len(batch)
     if len(params_list) != len(batch):
         raise ValueError(f"{len(params_list)} pooling params for {len(batch)} prompts")
+    loras = (
+        list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * len(batch)
+    )
+    if len(loras) != len(batch):
+        raise ValueError(f"{len(loras)} LoRA requests for {len(batch)} prompts")
     sched = engine.scheduler
     rids: list[str] = []
     ids_list: list[list[int]] = []
-    for p, pp in zip(batch, params_list, strict=True):
+    for p, pp, lora in zip(batch, params_list, loras, strict=True):
         salt = ""
         if isinstance(p, dict):
             p, salt = _unpack_prompt_dict(p)
@@ -96,6 +102,9 @@ def embed(
             req.dimensions = pp.dimensions
         if pp.normalize is not None:
             req.normalize = pp.normalize
+        if lora is not None:
+            req.lora_name, req.lora_path = lora.lora_name, str(lora.lora_path)
+            req.lora_int_id = lora.lora_int_id
         try:
             sched.add_request(req)
         except Exception as exc:

@@ -167,6 +167,36 @@ def test_queue_full_is_503(pooling):
     assert resp.headers["retry-after"] == "1"
 
 
+def test_lora_adapter_is_passed_on(loop_thread, fakes, tmp_path):
+    """model= an adapter's name: the scheduler request carries the adapter, the response
+    names it (as vLLM)."""
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "peft_type": "LORA"})
+    )
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    fakes.scheduler.runner_info = common_pb2.RunnerInfo(runner="pooling", hidden_size=8)
+    try:
+        gw = start_gateway(loop_thread, fakes, enable_lora=True, lora_modules=[f"emb={folder}"])
+    finally:
+        fakes.scheduler.runner_info = None
+    try:
+        with gw.client() as c:
+            resp = c.post("/v1/embeddings", json={"input": [5, 6, 71], "model": "emb"})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"] == "emb"
+        (call,) = [
+            c
+            for c in fakes.scheduler.calls.values()
+            if list(c.request.prompt_token_ids) == [5, 6, 71]
+        ]
+        assert call.request.pooling and call.request.lora_name == "emb"
+        assert call.request.lora_path == str(folder.resolve())
+    finally:
+        stop_gateway(loop_thread, gw)
+
+
 def test_generate_model_refuses_embeddings(http):
     error = _error(http.post("/v1/embeddings", json={"input": "hi"}))
     assert "does not support Embeddings API" in error["message"]

@@ -191,3 +191,39 @@ def test_bare_decoder_checkpoint_is_an_embedding_model(model_factory, tmp_path, 
             )
     finally:
         llm.shutdown()
+
+
+def test_lora_adapter_embeddings_match_peft(model_factory, tmp_path):
+    """Embeddings through a LoRA adapter equal transformers + peft's final hidden state; the
+    base model's, in the same batch, stay the base model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from splitserve.lora import LoRARequest
+
+    from .lora_utils import make_adapter
+
+    base = model_factory("llama")
+    adapter = make_adapter(base, tmp_path / "a", ["q_proj", "v_proj", "down_proj"], 8, 16, 3)
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter
+    ).eval()
+
+    def oracle(model, ids):
+        with torch.no_grad():
+            last = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+        return torch.nn.functional.normalize(last, dim=-1).numpy()
+
+    llm = engine(base, enable_lora=True, lora_root=str(tmp_path), max_lora_rank=8)
+    try:
+        lora = LoRARequest("a", 1, str(adapter))
+        outs = llm.embed(PROMPTS[:2] * 2, lora_request=[lora, lora, None, None], use_tqdm=False)
+        for i, out in enumerate(outs):
+            model = peft if i < 2 else hf
+            np.testing.assert_allclose(
+                out.outputs.embedding, oracle(model, PROMPTS[i % 2]), atol=3e-5
+            )
+        assert not np.allclose(outs[0].outputs.embedding, outs[2].outputs.embedding, atol=1e-3)
+    finally:
+        llm.shutdown()
