@@ -80,6 +80,9 @@ class EngineCore:
         self.executor = executor
         ranks = executor.describe(config.block_size)
         self.pipeline_parallel_size = check_ranks(ranks)
+        runners = [r.runner_info.runner or "generate" for r in ranks]
+        if len(set(runners)) > 1:  # started by hand with different --runner flags
+            raise ValueError(f"the pipeline ranks run different runners (--runner): {runners}")
         self.num_blocks, self.max_model_len = plan_kv_cache(config, ranks)
         last = ranks[-1]
         self.model_info = scheduler_pb2.ModelInfo(

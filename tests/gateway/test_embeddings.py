@@ -119,6 +119,7 @@ def test_truncate_and_special_tokens(pooling):
         ({"input": [-1]}, "input", "outside the vocabulary"),
         ({"input": [1] * (MAX_MODEL_LEN + 1)}, "input", f"{MAX_MODEL_LEN} tokens"),
         ({"input": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "got 0"),
+        ({"input": [[1]] * 2049}, "input", "at most 2048 inputs, got 2049"),
         ({"input": "x", "encoding_format": "int8"}, "encoding_format", ""),
         ({"input": "x", "dimensions": 4}, "dimensions", "does not support matryoshka"),
         ({"input": "x", "model": "nope"}, "model", "does not exist"),

@@ -94,3 +94,18 @@ def test_prefix_cache_hits_only_for_last_pooling(pooling_type, hit):
         result.pooled.add(request_id=rid, data=[1.0, 0, 0, 0])
         (out,) = s.update_from_output(result)
     assert out.num_cached_tokens == hit
+
+
+def test_ranks_with_different_runners_are_refused():
+    from splitserve.scheduler.engine_core import EngineCore
+
+    from .fake_worker import FakeWorkerExecutor
+
+    class Mixed(FakeWorkerExecutor):
+        def describe(self, block_size):
+            ranks = super().describe(block_size)
+            ranks[-1].runner_info.runner = "pooling"
+            return ranks
+
+    with pytest.raises(ValueError, match=r"different runners .*\['generate', 'pooling'\]"):
+        EngineCore(SchedulerConfig(block_size=4), Mixed(32, pipeline_parallel_size=2))
