@@ -254,7 +254,8 @@ def _add_routes(
 
     @app.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **_ERRORS})
     async def create_embedding(body: EmbeddingRequest, raw: Request) -> Response:
-        return await _guard(embeddings.create(body, raw), retry)
+        observer = RequestObserver(metrics, body.model or base.served_names[0], "/v1/embeddings")
+        return _observed(observer, await _guard(embeddings.create(body, raw), retry))
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def show_models() -> ModelList:

@@ -81,6 +81,7 @@ class EmbeddingsService(ServingBase):
     """The embeddings endpoint; refused unless the workers run the pooling runner."""
 
     async def create(self, req: EmbeddingRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
         model = self.check_model(req.model)
         info = self.clients.model_info.runner_info
         if info.runner != "pooling":
@@ -117,6 +118,8 @@ class EmbeddingsService(ServingBase):
             for i, vec in enumerate(vectors)
         ]
         used = sum(len(p) for p in prompts)
+        # As vLLM: prompt tokens and one successful request ("stop") per input.
+        self.metrics.record_finished(arrival, used, 0, ["stop"] * len(prompts))
         body = EmbeddingResponse(
             id=request_id,
             created=int(time.time()),

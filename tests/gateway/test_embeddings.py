@@ -77,6 +77,23 @@ def test_normalize_is_passed_on(pooling):
     )
 
 
+def _metric(client, name: str) -> float:
+    text = client.get("/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def test_metrics_count_embeddings(pooling):
+    before = _metric(pooling, "vllm:prompt_tokens_total")
+    done = _metric(pooling, 'vllm:request_success_total{finished_reason="stop"')
+    assert pooling.post("/v1/embeddings", json={"input": [[1, 2, 3], [4, 5]]}).status_code == 200
+    assert _metric(pooling, "vllm:prompt_tokens_total") == before + 5
+    assert _metric(pooling, 'vllm:request_success_total{finished_reason="stop"') == done + 2
+
+
 def test_base64_is_little_endian_float32(pooling):
     resp = pooling.post("/v1/embeddings", json={"input": [7, 8, 9], "encoding_format": "base64"})
     assert resp.status_code == 200, resp.text
