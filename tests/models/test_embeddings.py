@@ -42,14 +42,10 @@ def hf_embedding(hf_model, ids: list[int], pooling: str, normalize: bool) -> np.
 
 
 def engine(path, **kw) -> LLM:
-    return LLM(
-        str(path),
-        runner="pooling",
-        kv_cache_memory=8 << 20,
-        block_size=4,
-        max_num_batched_tokens=8,
-        **kw,
+    defaults = dict(
+        runner="pooling", kv_cache_memory=8 << 20, block_size=4, max_num_batched_tokens=8
     )
+    return LLM(str(path), **{**defaults, **kw})
 
 
 def test_last_token_pooling_matches_transformers(qwen3_path, hf_model):
@@ -225,5 +221,28 @@ def test_lora_adapter_embeddings_match_peft(model_factory, tmp_path):
                 out.outputs.embedding, oracle(model, PROMPTS[i % 2]), atol=3e-5
             )
         assert not np.allclose(outs[0].outputs.embedding, outs[2].outputs.embedding, atol=1e-3)
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("pooling", ["LAST", "MEAN"])
+def test_preemption_keeps_embeddings_exact(qwen3_path, hf_model, pooling):
+    """A KV cache of 12 blocks (48 tokens) for prompts of 17-30 tokens: requests are preempted
+    mid-prefill and recomputed, and every embedding still equals transformers'."""
+    per_block = 2 * 2 * 2 * 32 * 4 * 4  # layers x (k, v) x kv heads x head_dim x block x fp32
+    llm = engine(
+        qwen3_path,
+        kv_cache_memory=12 * per_block,
+        max_num_batched_tokens=16,
+        pooler_config={"pooling_type": pooling},
+    )
+    try:
+        batch = [PROMPTS[2], PROMPTS[3], PROMPTS[3][::-1], PROMPTS[2][::-1]]
+        outs = llm.embed(batch, use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions > 0
+        for ids, out in zip(batch, outs, strict=True):
+            np.testing.assert_allclose(
+                out.outputs.embedding, hf_embedding(hf_model, ids, pooling, True), atol=2e-5
+            )
     finally:
         llm.shutdown()
