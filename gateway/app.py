@@ -52,6 +52,11 @@ from splitserve.gateway.sampling import check_token_ids
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.serving_chat import ChatService, apply_chat_template
 from splitserve.gateway.serving_completions import CompletionsService
+from splitserve.gateway.serving_embeddings import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingsService,
+)
 from splitserve.gateway.streaming import SSEResponse
 from splitserve.protos import tokenizer_pb2
 
@@ -67,6 +72,7 @@ _KNOWN_PATHS = frozenset(
     {
         "/v1/completions",
         "/v1/chat/completions",
+        "/v1/embeddings",
         "/v1/models",
         "/tokenize",
         "/detokenize",
@@ -247,6 +253,7 @@ def _add_routes(
     completions = CompletionsService(config, clients, metrics, loras)
     chat = ChatService(config, clients, metrics, loras)
     base = ServingBase(config, clients, metrics, loras)
+    embeddings = EmbeddingsService(config, clients, metrics, loras)
     retry = config.retry_after_s
 
     @app.post("/v1/completions", responses={200: _generated(CompletionResponse), **_ERRORS})
@@ -262,6 +269,11 @@ def _add_routes(
             metrics, body.model or base.served_names[0], "/v1/chat/completions"
         )
         return _observed(observer, await _guard(chat.create(body, raw), retry))
+
+    @app.post("/v1/embeddings", responses={200: {"model": EmbeddingResponse}, **_ERRORS})
+    async def create_embedding(body: EmbeddingRequest, raw: Request) -> Response:
+        observer = RequestObserver(metrics, body.model or base.served_names[0], "/v1/embeddings")
+        return _observed(observer, await _guard(embeddings.create(body, raw), retry))
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def show_models() -> ModelList:

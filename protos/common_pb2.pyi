@@ -154,3 +154,19 @@ class MultiModalInput(_message.Message):
     offset: int
     length: int
     def __init__(self, modality: _Optional[str] = ..., pixel_values: _Optional[_Union[TensorData, _Mapping]] = ..., hash: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class RunnerInfo(_message.Message):
+    __slots__ = ("runner", "pooling_type", "normalize", "hidden_size", "is_matryoshka", "matryoshka_dimensions")
+    RUNNER_FIELD_NUMBER: _ClassVar[int]
+    POOLING_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    IS_MATRYOSHKA_FIELD_NUMBER: _ClassVar[int]
+    MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    runner: str
+    pooling_type: str
+    normalize: bool
+    hidden_size: int
+    is_matryoshka: bool
+    matryoshka_dimensions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, runner: _Optional[str] = ..., pooling_type: _Optional[str] = ..., normalize: _Optional[bool] = ..., hidden_size: _Optional[int] = ..., is_matryoshka: _Optional[bool] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -14,7 +14,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, block_size: _Optional[int] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("rank", "world_size", "vocab_size", "max_model_len", "eos_token_ids", "bytes_per_block", "available_kv_bytes", "model", "sampling_defaults")
+    __slots__ = ("rank", "world_size", "vocab_size", "max_model_len", "eos_token_ids", "bytes_per_block", "available_kv_bytes", "model", "sampling_defaults", "runner_info")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class DescribeResponse(_message.Message):
     AVAILABLE_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_INFO_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     vocab_size: int
@@ -33,7 +34,8 @@ class DescribeResponse(_message.Message):
     available_kv_bytes: int
     model: str
     sampling_defaults: _common_pb2.SamplingDefaults
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bytes_per_block: _Optional[int] = ..., available_kv_bytes: _Optional[int] = ..., model: _Optional[str] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ...) -> None: ...
+    runner_info: _common_pb2.RunnerInfo
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bytes_per_block: _Optional[int] = ..., available_kv_bytes: _Optional[int] = ..., model: _Optional[str] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ..., runner_info: _Optional[_Union[_common_pb2.RunnerInfo, _Mapping]] = ...) -> None: ...
 
 class InitializeCacheRequest(_message.Message):
     __slots__ = ("num_blocks", "block_size")
@@ -118,7 +120,7 @@ class StepRequest(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Mapping[str, int]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "prompt_logprobs", "errors", "grammar_terminated_ids", "deferred_request_ids")
+    __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "prompt_logprobs", "errors", "grammar_terminated_ids", "deferred_request_ids", "pooled")
     class PromptLogprobsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +143,7 @@ class StepResult(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_TERMINATED_IDS_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -149,7 +152,16 @@ class StepResult(_message.Message):
     errors: _containers.ScalarMap[str, str]
     grammar_terminated_ids: _containers.RepeatedScalarFieldContainer[str]
     deferred_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ..., errors: _Optional[_Mapping[str, str]] = ..., grammar_terminated_ids: _Optional[_Iterable[str]] = ..., deferred_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    pooled: _containers.RepeatedCompositeFieldContainer[PooledOutput]
+    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ..., errors: _Optional[_Mapping[str, str]] = ..., grammar_terminated_ids: _Optional[_Iterable[str]] = ..., deferred_request_ids: _Optional[_Iterable[str]] = ..., pooled: _Optional[_Iterable[_Union[PooledOutput, _Mapping]]] = ...) -> None: ...
+
+class PooledOutput(_message.Message):
+    __slots__ = ("request_id", "data")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    data: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., data: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PromptLogprobs(_message.Message):
     __slots__ = ("entries",)

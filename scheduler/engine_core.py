@@ -80,6 +80,9 @@ class EngineCore:
         self.executor = executor
         ranks = executor.describe(config.block_size)
         self.pipeline_parallel_size = check_ranks(ranks)
+        runners = [r.runner_info.runner or "generate" for r in ranks]
+        if len(set(runners)) > 1:  # started by hand with different --runner flags
+            raise ValueError(f"the pipeline ranks run different runners (--runner): {runners}")
         self.num_blocks, self.max_model_len = plan_kv_cache(config, ranks)
         last = ranks[-1]
         self.model_info = scheduler_pb2.ModelInfo(
@@ -89,6 +92,7 @@ class EngineCore:
             model=last.model,
             max_logprobs=config.max_logprobs,
             sampling_defaults=last.sampling_defaults,
+            runner_info=last.runner_info,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens; max_model_len %d",
@@ -104,6 +108,7 @@ class EngineCore:
             last.vocab_size,
             list(last.eos_token_ids),
             pipeline_parallel_size=self.pipeline_parallel_size,
+            runner_info=last.runner_info if last.HasField("runner_info") else None,
         )
         self.max_inflight = (
             self.pipeline_parallel_size

@@ -66,6 +66,12 @@ class Request:
     """Images of the prompt, sent to the workers with the request (and on resume)."""
     mm_spans: tuple[tuple[int, int, bytes], ...] = ()
     """(offset, length, hash) of each image's placeholder tokens, for the prefix-cache keys."""
+    pooling: bool = False
+    """An embedding request (pooling runner): prompt-only, finished when its pooled state is back."""
+    dimensions: int | None = None
+    """With pooling: matryoshka truncation of the pooled vector (None keeps all)."""
+    normalize: bool | None = None
+    """With pooling: L2-normalize the embedding (None: as the pooler says)."""
 
     @property
     def num_prompt_tokens(self) -> int:

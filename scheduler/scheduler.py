@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from splitserve.pooling import dimensions_problem, finish_embedding
 from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
 
 from .config import SchedulerConfig
@@ -59,6 +60,8 @@ class RequestOutput:
     """A grpc.StatusCode name when `error` is set."""
     first_scheduled_ns: int = 0
     """Wall-clock time (ns) the request was first scheduled (queue time, tracing)."""
+    embedding: list[float] | None = None
+    """Pooling requests: the finished embedding, on the last output."""
 
     @property
     def finished(self) -> bool:
@@ -74,8 +77,11 @@ class Scheduler:
         vocab_size: int,
         eos_token_ids: list[int],
         pipeline_parallel_size: int = 1,
+        runner_info: common_pb2.RunnerInfo | None = None,
     ) -> None:
         config.check_model_len(max_model_len)
+        self.runner_info = runner_info or common_pb2.RunnerInfo(runner="generate")
+        """The workers' runner; a pooling runner serves only pooling requests."""
         self.config = config
         self.pipeline_parallel_size = pipeline_parallel_size
         """Pipeline ranks behind the executor (see the module docstring)."""
@@ -113,7 +119,12 @@ class Scheduler:
             raise RequestRejected("ALREADY_EXISTS", f"request id {rid!r} is already running")
         prompt = list(req.prompt_token_ids)
         sp = req.sampling_params
-        self.validate(prompt, sp)
+        self._validate_runner(req)
+        if req.pooling:
+            self.validate_pooling(prompt)
+            sp = common_pb2.SamplingParams()
+        else:
+            self.validate(prompt, sp)
         self.check_priority(req.priority)
         self._validate_lora(req)
         self._validate_mm(req)
@@ -124,6 +135,8 @@ class Scheduler:
             )
         room = self.max_model_len - len(prompt)
         max_tokens = min(sp.max_tokens, room) if sp.HasField("max_tokens") else room
+        if req.pooling:
+            max_tokens = 1  # its one "step result" is the pooled state
         r = Request(
             request_id=rid,
             prompt_token_ids=prompt,
@@ -142,10 +155,72 @@ class Scheduler:
             grammar=grammar,
             mm_inputs=list(req.mm_inputs),
             mm_spans=tuple((m.offset, m.length, m.hash) for m in req.mm_inputs),
+            pooling=req.pooling,
+            dimensions=req.dimensions if req.HasField("dimensions") else None,
+            normalize=req.normalize if req.HasField("normalize") else None,
         )
         self.requests[rid] = r
         self._enqueue_waiting(r)
         return r
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.runner_info.runner == "pooling"
+
+    def _validate_runner(self, req: scheduler_pb2.GenerateRequest) -> None:
+        """A pooling runner serves only pooling requests, a generate runner none."""
+        if req.pooling and not self.is_pooling:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                "this model does not support the Embeddings API: it runs with --runner "
+                f"{self.runner_info.runner or 'generate'} (start it with --runner pooling)",
+            )
+        if not req.pooling and self.is_pooling:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                "this model runs with --runner pooling and serves only embeddings; "
+                "generation is not supported",
+            )
+        if req.pooling and req.HasField("grammar"):
+            raise RequestRejected(
+                "INVALID_ARGUMENT", "a pooling request takes no structured-output constraint"
+            )
+        if req.HasField("dimensions"):
+            info = self.runner_info
+            problem = dimensions_problem(
+                req.dimensions,
+                "This model",
+                info.is_matryoshka,
+                list(info.matryoshka_dimensions),
+                info.hidden_size,
+            )
+            if problem:
+                raise RequestRejected("INVALID_ARGUMENT", problem)
+
+    def validate_pooling(self, prompt: list[int]) -> None:
+        """validate() for an embedding request: the whole context may hold the prompt."""
+        n = len(prompt)
+        if n == 0:
+            raise RequestRejected("INVALID_ARGUMENT", "the prompt must hold at least one token")
+        lo, hi = min(prompt), max(prompt)
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+            )
+        if n > self.max_model_len:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"the input has {n} tokens but the maximum context length is {self.max_model_len}",
+            )
+        need = self.kv.blocks_for(n)
+        if need > self.kv.pool.num_blocks:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"the prompt needs {need} KV blocks but the cache holds "
+                f"only {self.kv.pool.num_blocks}",
+            )
 
     def _validate_lora(self, req: scheduler_pb2.GenerateRequest) -> None:
         if not req.lora_name:
@@ -351,7 +426,11 @@ class Scheduler:
             if not self._lora_fits(req):
                 idx += 1  # its adapter needs a slot: it waits until one frees
                 continue
-            hits, num_hit = self.kv.get_computed_blocks(req)
+            if req.pooling and self.runner_info.pooling_type != "LAST":
+                # NOTE: MEAN/CLS pool positions a cache hit would skip: compute all of them.
+                hits, num_hit = [], 0
+            else:
+                hits, num_hit = self.kv.get_computed_blocks(req)
             remaining = req.num_tokens - num_hit
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
@@ -410,6 +489,8 @@ class Scheduler:
         return max(1, -(-active // self.pipeline_parallel_size))
 
     def _tokens_to_schedule(self, req: Request, budget: int) -> int:
+        if req.pooling:  # prompt-only: until its last chunk is in flight
+            return 0 if req.num_inflight else min(req.num_tokens - req.num_computed_tokens, budget)
         if req.num_output_with_inflight >= req.max_tokens:
             return 0
         if req.num_tokens_with_inflight >= self.max_model_len:
@@ -494,6 +575,17 @@ class Scheduler:
                 self._finish(r)
             else:
                 self.kv.cache_blocks(r)
+        for pooled in result.pooled:
+            r = self.requests.get(pooled.request_id)
+            if r is None or pooled.request_id in result.errors:
+                continue  # aborted while this step ran
+            r.num_inflight -= 1
+            out = outputs.setdefault(r.request_id, self._output(r))
+            normalize = self.runner_info.normalize if r.normalize is None else r.normalize
+            vec = finish_embedding(pooled.data, r.dimensions, normalize)
+            out.embedding = vec.tolist()
+            out.finish_reason = FinishReason.FINISH_REASON_STOP
+            self._finish(r)
         for rid in result.deferred_request_ids:
             r = self.requests.get(rid)
             if r is None:

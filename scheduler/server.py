@@ -37,6 +37,8 @@ def to_response(out: RequestOutput) -> scheduler_pb2.GenerateResponse:
     )
     if out.stop_token_id is not None:
         r.stop_token_id = out.stop_token_id
+    if out.embedding is not None:
+        r.embedding.extend(out.embedding)
     return r
 
 

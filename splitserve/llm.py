@@ -465,6 +465,21 @@ class LLM:
             )
         return results
 
+    def embed(
+        self,
+        prompts,
+        pooling_params=None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool | Callable[..., Any] = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+    ):
+        """vLLM's LLM.embed (needs runner="pooling"): one EmbeddingRequestOutput per prompt,
+        in order, its embedding in `.outputs.embedding`. See splitserve.llm_embed."""
+        from splitserve.llm_embed import embed
+
+        return embed(self, prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

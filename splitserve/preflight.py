@@ -24,6 +24,14 @@ def preflight(worker_config, tokenizer_config) -> None:
     for rank in range(worker_config.pipeline_parallel_size):
         path = check_model(dataclasses.replace(worker_config, rank=rank))
     logger.info("model %s checked: %s", worker_config.model, path)
+    import json
+
+    from splitserve.pooling import check_runner, resolve_pooler
+
+    architectures = json.loads((path / "config.json").read_text()).get("architectures")
+    if check_runner(worker_config, architectures) == "pooling":
+        # A sentence-transformers pooling mode splitserve lacks fails here, not in a worker.
+        resolve_pooler(path, worker_config.pooler_config, worker_config.override_pooler_config)
     try:
         load_tokenizer(tokenizer_config)
     except (ValueError, FileNotFoundError):

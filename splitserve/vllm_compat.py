@@ -156,14 +156,8 @@ PINNED: tuple[Pinned, ...] = (
         "--task",
         "the task the model runs (generate, embed, classify, ...).",
         ("auto", "generate"),
-        "splitserve serves text generation only",
-        frozenset({_W}),
-    ),
-    Pinned(
-        "--runner",
-        "the runner type (generate, pooling, draft).",
-        ("auto", "generate"),
-        "splitserve serves text generation only",
+        "vLLM's older spelling; for embeddings use --runner pooling (--convert embed), "
+        "classify / score / reward are not served",
         frozenset({_W}),
     ),
     Pinned(

@@ -20,7 +20,6 @@ _VALUES = {
     "--preemption-mode": ("recompute", "swap"),
     "--logprobs-mode": ("raw_logprobs", "processed_logprobs"),
     "--task": ("generate", "embed"),
-    "--runner": ("auto", "pooling"),
     "--model-impl": ("vllm", "transformers"),
     "--cpu-offload-gb": ("0", "8"),
     "--swap-space": ("4", "16"),

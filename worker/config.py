@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ from splitserve.generation_config import canonical_override
 from splitserve.generation_config import check_mode as check_generation_mode
 from splitserve.hf_overrides import canonical_hf_overrides
 from splitserve.lora import check_lora_fields
+from splitserve.pooling import check_runner_fields, parse_pooler_config, resolve_runner
 from splitserve.tracing import check_endpoint, parse_detailed_traces
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -108,6 +110,14 @@ class WorkerConfig:
     """Where default sampling parameters come from (vLLM's flag): auto reads the model folder's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as the default max_tokens), vllm ignores it (splitserve's own defaults), or a folder holding a generation_config.json. They apply to the fields a request leaves unset."""
     override_generation_config: str | None = None
     """JSON object merged over those defaults (vLLM's flag), also with --generation-config vllm, e.g. '{"temperature": 0.5, "max_new_tokens": 256}'; keys: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens (null drops a default)."""
+    runner: str = "auto"
+    """Model runner (vLLM's --runner): generate (sampling), pooling (embeddings only: /v1/embeddings, LLM.embed), or auto (generate for every architecture splitserve loads, all *ForCausalLM)."""
+    convert: str = "auto"
+    """How a pooling runner adapts the model (vLLM's --convert): auto or embed, both pool the decoder LM's final hidden states into an embedding."""
+    pooler_config: str | None = None
+    """JSON object setting the pooler of --runner pooling (vLLM's --pooler-config): pooling_type LAST, MEAN or CLS, normalize true/false; it overrides the defaults (LAST, normalized) and a sentence-transformers modules.json in the model folder."""
+    override_pooler_config: str | None = None
+    """vLLM's older name of --pooler-config (same JSON); --pooler-config wins where both set a key."""
 
     hf_overrides: str | None = None
     """JSON object applied over the model's Hugging Face config before the model is built (vLLM's flag), e.g. '{"max_position_embeddings": 4096}' or '{"rope_scaling": {...}}'; a nested object updates a nested config."""
@@ -162,6 +172,18 @@ class WorkerConfig:
         check_generation_mode(self.generation_config)
         # A dict (the in-process LLM's keyword) becomes compact JSON, as the flag carries it.
         self.override_generation_config = canonical_override(self.override_generation_config)
+        self._check_pooling_fields()
+
+    def _check_pooling_fields(self) -> None:
+        check_runner_fields(self.runner, self.convert)
+        resolve_runner(self.runner, self.convert)  # raises on --runner generate --convert embed
+        for name in ("pooler_config", "override_pooler_config"):
+            value = getattr(self, name)
+            if isinstance(value, dict):  # the in-process LLM's keyword
+                setattr(self, name, value := json.dumps(value, separators=(",", ":")))
+            parse_pooler_config(value, name)  # raises on a malformed one
+            if value is not None and self.runner == "generate":
+                raise ValueError(f"{name} needs --runner pooling, but the runner is generate")
 
     def _check_pipeline_fields(self) -> None:
         if self.pp_layer_partition is None and os.environ.get(PP_PARTITION_ENV):

@@ -33,6 +33,7 @@ from splitserve.model_path import (
     is_local_folder,
     resolve_model_path,
 )
+from splitserve.pooling import is_base_model
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.linear import MergedLinear
 from splitserve.worker.models.registry import get_model_class
@@ -51,6 +52,7 @@ _DTYPES = {
 }
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")
+_BASE_MODEL_PREFIX = (re.compile(r"^(?!model\.|lm_head\.)"), "model.")
 _EXPERT_RE = re.compile(
     r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<param>\w+)$"
 )
@@ -252,6 +254,11 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
     cls = get_model_class(raw.get("architectures"))
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
+    if is_base_model(raw.get("architectures")):
+        # NOTE: saved from AutoModel: names lack "model." and there is no lm_head (unused by
+        # the pooling runner; it takes the embedding, as a tied one would).
+        model.checkpoint_renames = (_BASE_MODEL_PREFIX, *getattr(model, "checkpoint_renames", ()))
+        model.lm_head_from_embedding = True
     return _Skeleton(raw, hf_config, dtype, device, max_model_len, start, end, model)
 
 
@@ -364,8 +371,12 @@ def _owned_by(model: nn.Module) -> Callable[[str], bool]:
     inner = model.model
     first, last = inner.embed_tokens is not None, model.lm_head is not None
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    tied = tied or getattr(model, "lm_head_from_embedding", False)
+    renames: tuple[tuple[re.Pattern, str], ...] = getattr(model, "checkpoint_renames", ())
 
     def owned(name: str) -> bool:
+        for pattern, replacement in renames:
+            name = pattern.sub(replacement, name)
         if m := _LAYER_RE.match(name):
             return inner.start_layer <= int(m.group(1)) < inner.end_layer
         if name.startswith("model.embed_tokens."):

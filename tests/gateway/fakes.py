@@ -10,6 +10,9 @@ text steer it:
   #say=KEY   the text `FakeScheduler.say[KEY]` (a list: item i for sequence i of n), then
              finish STOP without a stop token, as a grammar that terminated
   #cached@N  report N + 3*i prompt tokens found in the prefix cache for sequence i of n
+A pooling request (embeddings; `FakeScheduler.runner_info` says pooling) gets one message
+with `fake_embedding(prompt ids)`, truncated to the request's dimensions (#busy and #hang
+work there too).
 Every Generate call is recorded, with whether it was cancelled, for tests to wait on.
 FakeTokenizer.CompileGrammar checks a constraint as a real backend would at the level tests
 need (JSON syntax, schema shape, regex syntax, choice list, a `root ::=` rule) and records each
@@ -268,6 +271,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.say: dict[str, str | list[str]] = {}
         self.sampling_defaults: common_pb2.SamplingDefaults | None = None
         """What GetModelInfo reports as the model's defaults (read by a gateway at start-up)."""
+        self.runner_info: common_pb2.RunnerInfo | None = None
+        """What GetModelInfo reports as the runner (None: generate)."""
 
     def calls_matching(self, needle: str) -> list[GenerateCall]:
         return [c for c in list(self.calls.values()) if needle in c.prompt_text]
@@ -280,6 +285,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             model="fake/model",
             max_logprobs=20,
             sampling_defaults=self.sampling_defaults,
+            runner_info=self.runner_info,
         )
 
     async def GetStats(self, request, context):
@@ -309,6 +315,22 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def _generate(self, call: GenerateCall, context):
         req, prompt = call.request, call.prompt_text
         sp = req.sampling_params
+        if req.pooling:
+            if "#busy" in prompt:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full")
+            if "#hang" in prompt:
+                await asyncio.Event().wait()
+            vec = fake_embedding(list(req.prompt_token_ids))
+            if req.HasField("dimensions"):
+                vec = vec[: req.dimensions]
+            if req.HasField("normalize") and req.normalize:
+                vec = [x / sum(y * y for y in vec) ** 0.5 for x in vec]
+            yield scheduler_pb2.GenerateResponse(
+                embedding=vec,
+                num_prompt_tokens=len(req.prompt_token_ids),
+                finish_reason=FINISH.FINISH_REASON_STOP,
+            )
+            return
         if "#busy" in prompt:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full")
         if len(req.prompt_token_ids) + sp.max_tokens > MAX_MODEL_LEN:
@@ -380,6 +402,20 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             if msg.finish_reason:
                 return
             await asyncio.sleep(0)
+
+
+def fake_embedding(ids: list[int]) -> list[float]:
+    """The fake's 8-float "embedding" of a prompt (exact in float32)."""
+    return [
+        float(len(ids)),
+        float(sum(ids) % 97),
+        float(ids[0]),
+        float(ids[-1]),
+        0.5,
+        -1.0,
+        2.0,
+        3.0,
+    ]
 
 
 def _marker(prompt: str, name: str) -> int | None:

@@ -300,7 +300,7 @@ def test_alias_is_served_and_first_name_reported(http):
 @pytest.mark.parametrize(
     "method,path",
     [
-        ("POST", "/v1/embeddings"),
+        ("POST", "/v1/moderations"),
         ("POST", "/v1/images/generations"),
         ("GET", "/v1/nothing"),
         ("POST", "/v1/audio/speech"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from splitserve.pooling import BASE_MODEL_ARCHITECTURES
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mixtral import MixtralForCausalLM
@@ -25,6 +26,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 def get_model_class(architectures: list[str] | None) -> type[nn.Module]:
     """The first supported class among `architectures`; ValueError listing the supported ones."""
     for name in architectures or []:
+        name = BASE_MODEL_ARCHITECTURES.get(name, name)  # a bare decoder (embedding models)
         if name in MODEL_REGISTRY:
             return MODEL_REGISTRY[name]
     raise ValueError(
