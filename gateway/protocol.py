@@ -230,6 +230,8 @@ class ChatCompletionRequest(SamplingFields):
     """Refused (vllm_extras.py): no multimodal inputs."""
     include_reasoning: bool = True
     """With --reasoning-parser: false drops the reasoning text from the response."""
+    documents: list[dict[str, str]] | None = None
+    """Retrieved passages for RAG chat templates, passed to the template as `documents`."""
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False

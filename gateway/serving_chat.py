@@ -96,6 +96,7 @@ async def apply_chat_template(
     tools: list[dict[str, Any]] | None,
     deadline: Deadline,
     config=None,
+    documents: list[dict[str, str]] | None = None,
 ) -> tokenizer_pb2.ApplyChatTemplateResponse:
     """Render the messages; with `config` (the gateway's), image_url parts are fetched under
     its media rules and sent along (refused without it)."""
@@ -120,6 +121,8 @@ async def apply_chat_template(
         request.chat_template_kwargs_json = json.dumps(chat_template_kwargs)
     if tools:
         request.tools_json = json.dumps(tools)
+    if documents is not None:
+        request.documents_json = json.dumps(documents)
     try:
         return await clients.tokenizer.ApplyChatTemplate(request, timeout=deadline.remaining())
     except grpc.aio.AioRpcError as exc:
@@ -222,6 +225,7 @@ class ChatService(ServingBase):
             chat_template=req.chat_template,
             chat_template_kwargs=req.chat_template_kwargs,
             tools=req.tools,
+            documents=req.documents,
             deadline=deadline,
             config=config,
         )

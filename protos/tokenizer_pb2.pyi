@@ -90,7 +90,7 @@ class DetokenizeStreamResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., stopped: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., flushed: _Optional[bool] = ...) -> None: ...
 
 class ApplyChatTemplateRequest(_message.Message):
-    __slots__ = ("messages_json", "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs_json", "tools_json", "images")
+    __slots__ = ("messages_json", "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs_json", "tools_json", "images", "documents_json")
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class ApplyChatTemplateRequest(_message.Message):
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
     messages_json: str
     add_generation_prompt: bool
     continue_final_message: bool
@@ -105,7 +106,8 @@ class ApplyChatTemplateRequest(_message.Message):
     chat_template_kwargs_json: str
     tools_json: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., tools_json: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    documents_json: str
+    def __init__(self, messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., tools_json: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., documents_json: _Optional[str] = ...) -> None: ...
 
 class ApplyChatTemplateResponse(_message.Message):
     __slots__ = ("prompt", "token_ids", "mm_inputs")

@@ -96,6 +96,8 @@ class ChatRequest:
     tools: list[dict] | None = None
     kwargs: dict = field(default_factory=dict)
     num_images: int = 0
+    documents: list[dict] | None = None
+    """vLLM's `documents`, for RAG templates."""
     """`{"type": "image"}` parts in the messages (each is an image placeholder in the text)."""
 
 
@@ -117,6 +119,7 @@ def parse_chat_request(
     chat_template_kwargs_json: str | None = None,
     image_placeholder: str | None = None,
     content_format: str = "string",
+    documents_json: str | None = None,
 ) -> ChatRequest:
     """Validate an ApplyChatTemplate request's JSON fields; InvalidRequest says what's wrong.
     `image_placeholder` (the model's image token text; None when it takes no images) stands in
@@ -155,6 +158,13 @@ def parse_chat_request(
                 f"chat_template_kwargs may not set {', '.join(reserved)}: "
                 "use the request fields instead"
             )
+    documents = None
+    if documents_json is not None:
+        documents = _load_json(documents_json, "documents")
+        if not isinstance(documents, list) or not all(
+            isinstance(d, dict) and all(isinstance(v, str) for v in d.values()) for d in documents
+        ):
+            raise InvalidRequest("documents must be a JSON array of objects with string values")
     return ChatRequest(
         parsed,
         add_generation_prompt,
@@ -163,6 +173,7 @@ def parse_chat_request(
         tools,
         kwargs,
         len(images),
+        documents,
     )
 
 
@@ -344,6 +355,7 @@ class ChatRenderer:
             return tokenizer.apply_chat_template(
                 request.messages,
                 tools=request.tools,
+                documents=request.documents,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 tokenize=False,

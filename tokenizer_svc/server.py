@@ -115,6 +115,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             continue_final_message=request.continue_final_message,
             chat_template=request.chat_template if request.HasField("chat_template") else None,
             tools_json=request.tools_json if request.HasField("tools_json") else None,
+            documents_json=(request.documents_json if request.HasField("documents_json") else None),
             chat_template_kwargs_json=(
                 request.chat_template_kwargs_json
                 if request.HasField("chat_template_kwargs_json")

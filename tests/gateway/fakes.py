@@ -140,6 +140,9 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         parts = []
         if request.HasField("tools_json"):
             parts.append(f"<|tools|>{len(json.loads(request.tools_json))}\n")
+        if request.HasField("documents_json"):
+            for doc in json.loads(request.documents_json):
+                parts.append(f"<|document|>{doc.get('text', '')}\n")
         for m in messages:
             parts.append(f"<|{m['role']}|>{m.get('content') or ''}\n")
         if request.add_generation_prompt:

@@ -250,3 +250,13 @@ def test_chat_return_token_ids(http):
     assert all("prompt_token_ids" not in c for c in chunks[1:])
     ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
     assert bytes(ids).decode() == "The"
+
+
+def test_chat_documents_reach_the_template(http, fakes):
+    t = tag()
+    docs = [{"title": "t", "text": f"passage {t}"}]
+    r = http.post(CHAT, json=body(CHAT, "q", documents=docs))
+    assert r.status_code == 200, r.text
+    (call,) = fakes.scheduler.calls_matching(f"passage {t}")
+    assert f"<|document|>passage {t}" in call.prompt_text
+    assert_error(http.post(CHAT, json=body(CHAT, "q", documents=[{"text": 1}])), 400, "documents")

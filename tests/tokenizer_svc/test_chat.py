@@ -119,6 +119,25 @@ def test_tools_and_kwargs_reach_the_template(handle):
     assert out.prompt == "[weather]<mint>user:rain?assistant:(Oslo)"
 
 
+def test_documents_reach_the_template(handle):
+    template = (
+        "{% for d in documents or [] %}<{{ d.title }}: {{ d.text }}>{% endfor %}"
+        "{% for m in messages %}{{ m.role }}:{{ m.content }}{% endfor %}"
+    )
+    docs = [{"title": "a", "text": "x"}, {"title": "b", "text": "y"}]
+    out = render(
+        handle,
+        '[{"role": "user", "content": "q"}]',
+        trust=True,
+        chat_template=template,
+        documents_json=json.dumps(docs),
+    )
+    assert out.prompt == "<a: x><b: y>user:q"
+    for bad in ('{"title": "a"}', '[{"title": 1}]', "[1]"):
+        with pytest.raises(InvalidRequest, match="documents must be"):
+            render(handle, documents_json=bad)
+
+
 def test_no_template_is_a_clear_error(no_template_dir):
     handle = load(no_template_dir)
     assert not handle.has_chat_template
