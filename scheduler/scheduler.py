@@ -197,10 +197,9 @@ class Scheduler:
             if problem:
                 raise RequestRejected("INVALID_ARGUMENT", problem)
 
-    def validate_pooling(self, prompt: list[int]) -> None:
-        """validate() for an embedding request: the whole context may hold the prompt."""
-        n = len(prompt)
-        if n == 0:
+    def _check_prompt_ids(self, prompt: list[int]) -> int:
+        """The prompt's length; RequestRejected when it is empty or leaves the vocabulary."""
+        if not prompt:
             raise RequestRejected("INVALID_ARGUMENT", "the prompt must hold at least one token")
         lo, hi = min(prompt), max(prompt)
         if lo < 0 or hi >= self.vocab_size:
@@ -209,6 +208,11 @@ class Scheduler:
                 "INVALID_ARGUMENT",
                 f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
             )
+        return len(prompt)
+
+    def validate_pooling(self, prompt: list[int]) -> None:
+        """validate() for an embedding request: the whole context may hold the prompt."""
+        n = self._check_prompt_ids(prompt)
         if n > self.max_model_len:
             raise RequestRejected(
                 "INVALID_ARGUMENT",
@@ -268,16 +272,7 @@ class Scheduler:
 
     def validate(self, prompt: list[int], sp: common_pb2.SamplingParams) -> None:
         """Raise RequestRejected for a request that can never run; reads only fixed state."""
-        n = len(prompt)
-        if n == 0:
-            raise RequestRejected("INVALID_ARGUMENT", "the prompt must hold at least one token")
-        lo, hi = min(prompt), max(prompt)
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise RequestRejected(
-                "INVALID_ARGUMENT",
-                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-            )
+        n = self._check_prompt_ids(prompt)
         if n >= self.max_model_len:
             raise RequestRejected(
                 "INVALID_ARGUMENT",
