@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splitserve.pooling import check_runner, matryoshka_dimensions, resolve_pooler
 from splitserve.protos import common_pb2, worker_pb2
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
@@ -40,7 +39,7 @@ from splitserve.worker.lora import LoRAManager
 from splitserve.worker.model_loader import load_model
 from splitserve.worker.multimodal import MultiModalInputs
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
-from splitserve.worker.pooler import Pooler
+from splitserve.worker.pooler import setup_runner
 from splitserve.worker.sampler import Sampler, compute_logprobs
 from splitserve.worker.structured_output import StructuredOutputs
 
@@ -124,35 +123,10 @@ class ModelRunner:
             else None
         )
         """Images of the live requests (models that take images)."""
-        self._init_runner()
-
-    def _init_runner(self) -> None:
-        """--runner: a pooling runner pools on the last rank instead of sampling."""
-        hf_config = self.loaded.hf_config
-        self.runner = check_runner(self.config, getattr(hf_config, "architectures", None))
-        self.pooler: Pooler | None = None
-        info = common_pb2.RunnerInfo(runner=self.runner)
-        if self.runner == "pooling":
-            settings = resolve_pooler(
-                self.loaded.path, self.config.pooler_config, self.config.override_pooler_config
-            )
-            matryoshka, dims = matryoshka_dimensions(hf_config)
-            info = common_pb2.RunnerInfo(
-                runner=self.runner,
-                pooling_type=settings.pooling_type,
-                normalize=settings.normalize,
-                hidden_size=int(hf_config.hidden_size),
-                is_matryoshka=matryoshka,
-                matryoshka_dimensions=dims,
-            )
-            if self.is_last:
-                self.pooler = Pooler(settings)
-            logger.info(
-                "pooling runner: %s pooling, normalize=%s",
-                settings.pooling_type,
-                settings.normalize,
-            )
-        self.runner_info = info
+        # --runner: a pooling runner pools on the last rank instead of sampling.
+        self.runner, self.pooler, self.runner_info = setup_runner(
+            self.config, self.loaded, self.is_last
+        )
 
     def _init_sampling(self) -> None:
         generator = torch.Generator(device=self.device)
@@ -418,29 +392,19 @@ class ModelRunner:
         if not self.is_last:
             return out
         if self.pooler is not None:
-            return self._pool(step, plan, out, errors)
+            return self.pooler.step_result(
+                step.step_id,
+                [batch.req_ids[r] for r in plan.rows.tolist()],
+                out,
+                plan.counts,
+                plan.ends - plan.counts,
+                plan.ends == batch.num_tokens[plan.rows],
+                errors,
+            )
         if plan.logits_indices.numel() == 0:  # only partial prefill chunks this step
             return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
         logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
         return self._sample(step, plan, logits, errors, masks)
-
-    def _pool(
-        self, step: worker_pb2.StepRequest, plan: StepPlan, hidden: torch.Tensor, errors
-    ) -> worker_pb2.StepResult:
-        """Pooling runner: pool the hidden states of every request whose prompt ended this
-        step (nothing is sampled, no token is appended)."""
-        batch = self.batch
-        req_ids = [batch.req_ids[r] for r in plan.rows.tolist()]
-        done = plan.ends == batch.num_tokens[plan.rows]
-        finished, vectors = self.pooler.pool(
-            req_ids, hidden, plan.counts, plan.ends - plan.counts, done, errors
-        )
-        result = worker_pb2.StepResult(step_id=step.step_id, errors=errors)
-        if vectors is not None:
-            for rid, row in zip(finished, vectors.cpu().numpy(), strict=True):
-                if rid not in errors:
-                    result.pooled.add(request_id=rid, data=row.tolist())
-        return result
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
         """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it

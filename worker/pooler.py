@@ -10,12 +10,21 @@ Truncation (matryoshka) and normalization happen in the scheduler (splitserve.po
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from splitserve.pooling import PoolerSettings
+from splitserve.pooling import (
+    PoolerSettings,
+    check_runner,
+    matryoshka_dimensions,
+    resolve_pooler,
+)
+from splitserve.protos import common_pb2, worker_pb2
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -83,3 +92,46 @@ class Pooler:
             else:
                 self._partial[rid] = part
         return finished, (torch.stack(vectors) if vectors else None)
+
+    def step_result(
+        self,
+        step_id: int,
+        request_ids: list[str],
+        hidden: torch.Tensor,
+        counts: np.ndarray,
+        starts: np.ndarray,
+        done: np.ndarray,
+        errors: dict[str, str],
+    ) -> worker_pb2.StepResult:
+        """One step of the pooling runner as its StepResult: the pooled vector of every
+        request whose prompt ended this step (nothing is sampled, no token is appended)."""
+        finished, vectors = self.pool(request_ids, hidden, counts, starts, done, errors)
+        result = worker_pb2.StepResult(step_id=step_id, errors=errors)
+        if vectors is not None:
+            for rid, row in zip(finished, vectors.cpu().numpy(), strict=True):
+                if rid not in errors:
+                    result.pooled.add(request_id=rid, data=row.tolist())
+        return result
+
+
+def setup_runner(config, loaded, is_last: bool) -> tuple[str, Pooler | None, common_pb2.RunnerInfo]:
+    """--runner for one rank: the runner, the Pooler (pooling runner, last rank only) and the
+    RunnerInfo the worker reports in Describe."""
+    hf_config = loaded.hf_config
+    runner = check_runner(config, getattr(hf_config, "architectures", None))
+    if runner != "pooling":
+        return runner, None, common_pb2.RunnerInfo(runner=runner)
+    settings = resolve_pooler(loaded.path, config.pooler_config, config.override_pooler_config)
+    matryoshka, dims = matryoshka_dimensions(hf_config)
+    info = common_pb2.RunnerInfo(
+        runner=runner,
+        pooling_type=settings.pooling_type,
+        normalize=settings.normalize,
+        hidden_size=int(hf_config.hidden_size),
+        is_matryoshka=matryoshka,
+        matryoshka_dimensions=dims,
+    )
+    logger.info(
+        "pooling runner: %s pooling, normalize=%s", settings.pooling_type, settings.normalize
+    )
+    return runner, Pooler(settings) if is_last else None, info
