@@ -251,6 +251,21 @@ class ToolParser:
         self._space_before, self._pending_space = self._pending_space, ""
         self.block_start = at
 
+    def _advance_to_start(self, next_state: str) -> bool:
+        """Outside the markup: text up to the opening tag is content (an end of the buffer
+        that may begin the tag is held back), then the block opens in `next_state`."""
+        buf = self.buf
+        j = buf.find(self.START, self.pos)
+        if j < 0:
+            keep = 0 if self._final else held_suffix(buf[self.pos :], self.START)
+            self._text(buf[self.pos : len(buf) - keep])
+            self.pos = len(buf) - keep
+            return False
+        self._text(buf[self.pos : j])
+        self._open_block(j)
+        self.pos, self.state = j + len(self.START), next_state
+        return True
+
     def _advance_open(self) -> bool:
         """After the opening markup: a call object must follow (spaces allowed)."""
         if not self._skip_space():
@@ -338,16 +353,7 @@ class HermesToolParser(ToolParser):
     def _advance(self) -> bool:
         buf, state = self.buf, self.state
         if state == "out":
-            j = buf.find(self.START, self.pos)
-            if j < 0:
-                keep = 0 if self._final else held_suffix(buf[self.pos :], self.START)
-                self._text(buf[self.pos : len(buf) - keep])
-                self.pos = len(buf) - keep
-                return False
-            self._text(buf[self.pos : j])
-            self._open_block(j)
-            self.pos, self.state = j + len(self.START), "open"
-            return True
+            return self._advance_to_start("open")
         if state == "open":
             return self._advance_open()
         if state == "obj":
@@ -463,16 +469,7 @@ class MistralToolParser(_SequenceToolParser):
     def _advance(self) -> bool:
         buf = self.buf
         if self.state == "out":
-            j = buf.find(self.START, self.pos)
-            if j < 0:
-                keep = 0 if self._final else held_suffix(buf[self.pos :], self.START)
-                self._text(buf[self.pos : len(buf) - keep])
-                self.pos = len(buf) - keep
-                return False
-            self._text(buf[self.pos : j])
-            self._open_block(j)
-            self.pos, self.state = j + len(self.START), "array"
-            return True
+            return self._advance_to_start("array")
         if self.state == "array":
             if not self._skip_space():
                 if self._final:
