@@ -235,8 +235,7 @@ def build_sampling(
         prompt_logprobs=prompt_logprobs,
         logit_bias=logit_bias(req, limits),
         skip_special_tokens=req.skip_special_tokens,
-        allowed_token_ids=vllm_extras.allowed_token_ids(req.allowed_token_ids, limits.vocab_size)
-        or None,
+        allowed_token_ids=vllm_extras.allowed_token_ids(req.allowed_token_ids),
         bad_words=vllm_extras.check_bad_words(req.bad_words),
     )
     errors = validate(

@@ -65,23 +65,16 @@ def refuse_unsupported(req: Any) -> None:
             raise bad_request(message, name)
 
 
-def allowed_token_ids(ids: list[int] | None, vocab_size: int) -> list[int]:
-    """The deduplicated ids, each a row of the embedding; [] when unset."""
+def allowed_token_ids(ids: list[int] | None) -> list[int] | None:
+    """The deduplicated ids (None when unset); emptiness and the vocabulary are checked with
+    the other sampling fields (splitserve.sampling_params.validate)."""
     if ids is None:
-        return []
-    if not ids:
-        raise bad_request("allowed_token_ids must not be empty when given", "allowed_token_ids")
+        return None
     if len(ids) > MAX_ALLOWED_TOKEN_IDS:
         raise bad_request(
             f"allowed_token_ids may hold at most {MAX_ALLOWED_TOKEN_IDS} ids, got {len(ids)}",
             "allowed_token_ids",
         )
-    for t in ids:
-        if not 0 <= t < vocab_size:
-            raise bad_request(
-                f"allowed_token_ids: token id {t} is outside the vocabulary [0, {vocab_size})",
-                "allowed_token_ids",
-            )
     return list(dict.fromkeys(ids))
 
 
