@@ -71,7 +71,7 @@ class _DrainingServer(uvicorn.Server):
     async def _exit_when_idle(self) -> None:
         try:
             await asyncio.wait_for(self._app_state.idle.wait(), self._drain_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.warning(
                 "drain timeout (%.1f s) passed with %d request(s) in flight; cancelling them",
                 self._drain_timeout_s,

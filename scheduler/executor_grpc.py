@@ -33,6 +33,11 @@ class WorkerDied(RuntimeError):
     """A worker's Execute stream broke: the engine cannot go on."""
 
 
+class WorkerStartError(RuntimeError):
+    """A worker answered but cannot serve (its model failed to load, say): the scheduler
+    cannot start. The message names the rank, its address and the worker's reason."""
+
+
 class GrpcExecutor:
     def __init__(self, addresses: list[str], connect_timeout_s: float = 600.0) -> None:
         self.addresses = addresses
@@ -71,10 +76,19 @@ class GrpcExecutor:
                     time.sleep(0.2)
 
     def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
-        return [
-            s.Describe(worker_pb2.DescribeRequest(block_size=block_size), timeout=600)
-            for s in self._stubs
-        ]
+        answers = []
+        for rank, (addr, stub) in enumerate(zip(self.addresses, self._stubs)):
+            try:
+                answers.append(
+                    stub.Describe(worker_pb2.DescribeRequest(block_size=block_size), timeout=600)
+                )
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                raise WorkerStartError(
+                    f"worker rank {rank} at {addr} cannot serve: {exc.details()}"
+                ) from None
+        return answers
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         req = worker_pb2.InitializeCacheRequest(num_blocks=num_blocks, block_size=block_size)

@@ -180,8 +180,9 @@ async def run_scheduler(
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
 
+    from .executor_grpc import GrpcExecutor, WorkerStartError
+
     if executor_factory is None:
-        from .executor_grpc import GrpcExecutor
 
         def executor_factory():
             return GrpcExecutor(config.worker_addresses)
@@ -193,7 +194,13 @@ async def run_scheduler(
     if engine_task not in done:
         await server.stop(grace_s)
         return 0
-    engine = engine_task.result()
+    try:
+        engine = engine_task.result()
+    except WorkerStartError as exc:
+        # One line, no traceback: the launcher shows it as the reason the stack did not start.
+        logger.error("%s", exc)
+        await server.stop(grace_s)
+        return 1
 
     died = asyncio.Event()
     engine_loop = EngineLoop(engine, loop, on_dead=lambda exc: loop.call_soon_threadsafe(died.set))

@@ -10,7 +10,14 @@ import logging
 import os
 import sys
 
-from splitserve import __version__
+if __name__ == "__main__" and not sys.flags.safe_path and sys.path[:1] == [os.getcwd()]:
+    # NOTE: `python -m splitserve.cli` (without -P) put the working folder first on sys.path.
+    # From the repository root its service folders (`kernels`, `scheduler`, ...) would then
+    # shadow installed packages of those names (transformers imports Hugging Face's
+    # `kernels`); nothing splitserve needs lives there, so drop it before anything imports.
+    del sys.path[0]
+
+from splitserve import __version__  # noqa: E402
 from splitserve.config_cli import add_config_flags, build_config
 from splitserve.config_file import expand_config_file
 from splitserve.tracing import setup_tracing
@@ -60,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser, p, "serve")
     _model_arg(p, required=False)
     add_config_flags(
-        p, gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg, skip=_WIRING | {"model"}
+        p,
+        gateway_cfg,
+        scheduler_cfg,
+        worker_cfg,
+        tokenizer_cfg,
+        skip=_WIRING | {"model"},
+        default_text={
+            "scheduler_address": "a free loopback port",
+            "tokenizer_address": "a free loopback port",
+        },
     )
     add_pinned_flags(p, None)
     p.add_argument(

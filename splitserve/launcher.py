@@ -8,14 +8,18 @@ import argparse
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
+from splitserve.child_process import LoggedChild, child_env, python_command
 from splitserve.config_cli import build_config, config_to_argv
 
 logger = logging.getLogger(__name__)
@@ -40,25 +44,27 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class Stack:
-    """The child processes of one `serve`, in start order."""
+    """The child processes of one `serve`, in start order, each logging to its own file in
+    `log_dir` as well as to the terminal."""
 
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[LoggedChild] = []
+
+    @property
+    def procs(self) -> list[tuple[str, subprocess.Popen]]:
+        return [(c.name, c.proc) for c in self.children]
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        cmd = [sys.executable, "-m", "splitserve.cli", *argv]
+        cmd = python_command("splitserve.cli", *argv)
         logger.debug("starting %s: %s", name, " ".join(cmd))
-        self.procs.append(
-            (
+        self.children.append(
+            LoggedChild(
                 name,
-                subprocess.Popen(
-                    cmd,
-                    preexec_fn=_die_with_parent,
-                    env={**os.environ, **(env or {})},
-                    # NOTE: own session: a terminal's Ctrl-C reaches only the launcher, which
-                    # stops the children in order (the gateway drains before the rest stop).
-                    start_new_session=True,
-                ),
+                cmd,
+                self.log_dir / f"{name}.log",
+                child_env(env),
+                preexec_fn=_die_with_parent,
             )
         )
 
@@ -68,11 +74,10 @@ class Stack:
             if n == name and p.poll() is None:
                 p.send_signal(signum)
 
-    def dead(self) -> tuple[str, int] | None:
-        for name, p in self.procs:
-            if p.poll() is not None:
-                return name, p.returncode
-        return None
+    def dead(self) -> LoggedChild | None:
+        """The child that exited first, if any has."""
+        exited = [c for c in self.children if c.exited()]
+        return min(exited, key=lambda c: c.exited_at) if exited else None
 
     def stop(self, timeout: float = 20.0, drain_timeout: float = 0.0) -> None:
         """SIGTERM the gateway alone and wait while it drains (its in-flight requests need
@@ -194,7 +199,7 @@ def serve(args: argparse.Namespace) -> int:
 
     preflight(worker_cfg, tokenizer_cfg)
 
-    stack = Stack()
+    stack = Stack(Path(tempfile.mkdtemp(prefix="splitserve-logs-")))
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
@@ -205,6 +210,8 @@ def serve(args: argparse.Namespace) -> int:
         stop["signal"] = signum
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    clean = False
+    failure: tuple[LoggedChild, str] | None = None
     try:
         stack.spawn(
             "tokenizer", [*log, "tokenizer", "--address", tok_addr, *config_to_argv(tokenizer_cfg)]
@@ -242,14 +249,11 @@ def serve(args: argparse.Namespace) -> int:
             else _healthy(base + "/health")
         ):
             if stop["signal"] is not None:
+                clean = True
                 return 0
             dead = stack.dead()
             if dead:
-                print(
-                    f"splitserve: {dead[0]} exited with status {dead[1]} during start-up",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                failure = (dead, "during start-up")
                 return 1
             time.sleep(0.25)
         print(
@@ -260,16 +264,31 @@ def serve(args: argparse.Namespace) -> int:
         while stop["signal"] is None:
             dead = stack.dead()
             if dead:
-                print(
-                    f"splitserve: {dead[0]} exited with status {dead[1]}; stopping",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                failure = (dead, "while serving")
                 return 1
             time.sleep(0.25)
         print("splitserve: stopping", flush=True)
+        clean = True
         return 0
     finally:
         stack.stop(drain_timeout=gateway_cfg.drain_timeout_s)
         for s, h in old.items():
             signal.signal(s, h)
+        if failure is not None:  # last, below what the others printed while stopping
+            for child in stack.children:
+                child.wait_output(1.0)
+            _report_death(*failure)
+        if clean:
+            shutil.rmtree(stack.log_dir, ignore_errors=True)
+
+
+def _report_death(child: LoggedChild, when: str) -> None:
+    """One line naming the child and the exception it died of, then where its log is."""
+    reason = child.failure_line() or "no error in its output"
+    print(
+        f"splitserve: {child.name} exited with status {child.proc.returncode} {when}: {reason}\n"
+        f"splitserve: its full output is in {child.log_path} (every service's log is in "
+        f"{child.log_path.parent})",
+        file=sys.stderr,
+        flush=True,
+    )

@@ -573,7 +573,7 @@ class GrammarCompiler:
         future.add_done_callback(release)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise CompileTimeout(
                 f"compiling the {spec.kind} constraint took longer than {self.timeout_s:g} s"
             ) from None

@@ -154,7 +154,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         with tracing.span("tokenize", {"splitserve.chat_template": True}) as span:
             try:
                 rendered = await asyncio.wait_for(self._offload(parse_and_render), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 # The in-thread deadline normally fires first; this is a render stuck in C code.
                 raise InvalidRequest(
                     f"chat template rendering exceeded {self._config.chat_template_timeout_s:g} s"

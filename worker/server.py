@@ -66,7 +66,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             runner = await asyncio.shield(self.runner_ready)
         except Exception as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model failed to load: {exc}")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the model failed to load: {type(exc).__name__}: {exc}",
+            )
         if self.dead is not None:
             await context.abort(grpc.StatusCode.INTERNAL, f"the worker is dead: {self.dead}")
         return runner
@@ -113,7 +116,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             while True:
                 try:
                     step = await asyncio.wait_for(queue.get(), interval)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     # Idle: a pipeline rank checks that the next one still takes its sends.
                     await self._run_step(self.stage.check, None)
                     continue

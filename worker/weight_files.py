@@ -137,14 +137,17 @@ def read_shard(file: pathlib.Path, kind: str, wanted: Callable[[str], bool]) -> 
 def read_shard_shapes(file: pathlib.Path, kind: str, wanted: Callable[[str], bool]) -> Named:
     """Every wanted tensor of one file as a meta tensor of its shape (no data is read)."""
     if kind == "safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return [
-                (n, torch.empty(f.get_slice(n).get_shape(), device="meta"))
-                for n in f.keys()  # noqa: SIM118
-                if wanted(n)
-            ]
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                return [
+                    (n, torch.empty(f.get_slice(n).get_shape(), device="meta"))
+                    for n in f.keys()  # noqa: SIM118
+                    if wanted(n)
+                ]
+        except SafetensorError as exc:  # truncated or not a safetensors file at all
+            raise ValueError(f"checkpoint file {file} cannot be read: {exc}") from exc
     state = load_pt(file, mmap=True)
     return [(n, torch.empty(t.shape, device="meta")) for n, t in state.items() if wanted(n)]
 

@@ -35,7 +35,14 @@ def children_of(pid: int) -> list[int]:
 
 
 class Server:
-    def __init__(self, model: pathlib.Path, extra: list[str], log: pathlib.Path) -> None:
+    def __init__(
+        self,
+        model: pathlib.Path,
+        extra: list[str],
+        log: pathlib.Path,
+        cwd: pathlib.Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.scheduler_address = f"127.0.0.1:{free_port()}"
         self.tokenizer_address = f"127.0.0.1:{free_port()}"
@@ -69,7 +76,12 @@ class Server:
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             # A stats line every second (test_scheduling_policy.py reads one from the log).
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "VLLM_LOG_STATS_INTERVAL": "1"},
+            env={
+                **(os.environ if env is None else env),
+                "PYTHONUNBUFFERED": "1",
+                "VLLM_LOG_STATS_INTERVAL": "1",
+            },
+            cwd=cwd,
         )
 
         def healthy():
