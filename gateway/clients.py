@@ -71,7 +71,8 @@ class ServiceClients:
                     scheduler_pb2.GetModelInfoRequest(), timeout=t, wait_for_ready=True
                 ),
                 deadline,
-                "scheduler GetModelInfo",
+                f"the scheduler at {self.scheduler_address} (ready once its workers have loaded "
+                "the model)",
             )
             # NOTE: checked here, so that a bad default fails start-up instead of turning
             # into a 400 that blames a client who never sent the field.
@@ -84,7 +85,7 @@ class ServiceClients:
                     tokenizer_pb2.GetTokenizerInfoRequest(), timeout=t, wait_for_ready=True
                 ),
                 deadline,
-                "tokenizer GetTokenizerInfo",
+                f"the tokenizer service at {self.tokenizer_address}",
             )
         logger.info(
             "services ready: max_model_len=%d vocab_size=%d tokenizer=%s",
@@ -153,6 +154,7 @@ class ServiceClients:
 
 async def _call_with_retries(call, deadline: float, what: str):
     delay = 0.1
+    waiting = False
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -162,7 +164,9 @@ async def _call_with_retries(call, deadline: float, what: str):
         except grpc.aio.AioRpcError as e:
             if e.code() not in _RETRYABLE:
                 raise
-            logger.info("waiting for %s (%s)", what, e.code().name)
+            if not waiting:  # one line, not one per retry
+                logger.info("waiting for %s", what)
+                waiting = True
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 2.0)
 

@@ -20,9 +20,9 @@ class GatewayConfig:
     """Address the HTTP server binds."""
     port: int = 8000
     """Port the HTTP server binds (0 picks a free one)."""
-    scheduler_address: str = "127.0.0.1:50051"
+    scheduler_address: str = "127.0.0.1:50052"
     """gRPC address of the scheduler service (host:port or unix:path)."""
-    tokenizer_address: str = "127.0.0.1:50052"
+    tokenizer_address: str = "127.0.0.1:50051"
     """gRPC address of the tokenizer service (host:port or unix:path)."""
     model: str = ""
     """Model folder or hub id, for display; empty takes the one the scheduler reports."""

@@ -2,7 +2,8 @@
 
 Requests ignore unknown fields, as OpenAI and vLLM do. Integers are strict (no bools, floats or
 numeric strings) and floats must be finite, so "not an integer" is a 400, not a silent cast.
-Every request body is screened once for NUL characters and lone surrogates (CHECKLIST row 16).
+Every request body is screened once for NUL characters and lone surrogates, which would
+otherwise reach the tokenizer or a log as invalid text.
 """
 
 from __future__ import annotations

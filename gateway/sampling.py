@@ -1,7 +1,8 @@
 """Request checks and sampling parameters shared by completions and chat completions.
 
-Every check raises a 400 `RequestError` naming the offending field (CHECKLIST rows 2-8); the
-model limits (context length, vocabulary, logprobs cap) are the ones the scheduler reports.
+Every check raises a 400 `RequestError` naming the offending field (prompt, token ids,
+max_tokens, context length, sampling ranges, logprobs, n and stop caps); the model limits
+(context length, vocabulary, logprobs cap) are the ones the scheduler reports.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Server-sent events and client-disconnect handling.
 
-A disconnect must abort the request downstream (CHECKLIST row 17): while a response is being
+A disconnect must abort the request downstream and free what it held: while a response is being
 prepared, the work races a task that waits for `http.disconnect`; once streaming, Starlette
 cancels the body when the client goes, and `SSEResponse` always runs its close callback.
 """

@@ -79,9 +79,12 @@ def add_config_flags(
     parser: argparse.ArgumentParser,
     *classes: type,
     skip: set[str] = frozenset(),
-    defaults: dict[str, Any] | None = None,
+    default_text: dict[str, str] | None = None,
 ) -> None:
-    """Add one flag per field across `classes` (first class's help wins on shared names)."""
+    """Add one flag per field across `classes` (first class's help wins on shared names).
+
+    `default_text` replaces the default `--help` shows for a field, where the command
+    decides the value itself (`serve` picks free ports for the services' addresses)."""
     seen: set[str] = set()
     group = parser.add_argument_group("engine and service options")
     for cls in classes:
@@ -91,17 +94,16 @@ def add_config_flags(
                 continue
             seen.add(f.name)
             kind, optional = _kind(f.type)
-            default = (defaults or {}).get(f.name, dataclasses.MISSING)
-            if default is dataclasses.MISSING:
-                if f.default is not dataclasses.MISSING:
-                    default = f.default
-                elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                    default = f.default_factory()  # type: ignore[misc]
-                else:
-                    default = None
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = repr(f.default_factory())  # type: ignore[misc]
+            else:
+                default = repr(None)
+            default = (default_text or {}).get(f.name, default)
             flag = "--" + f.name.replace("_", "-")
             help_text = docs.get(f.name, "")
-            help_text = f"{help_text} (default: {default!r})" if help_text else None
+            help_text = f"{help_text} (default: {default})" if help_text else None
             kwargs: dict[str, Any] = {
                 "dest": f.name,
                 "default": argparse.SUPPRESS,

@@ -219,15 +219,33 @@ DEMO_SIZES = dict(
 )
 
 
+DEMO_DIR = "demo-llama-v2"
+"""The demo model's folder under the cache (compose/docker-compose.yml names it too)."""
+
+DEMO_MAX_NEW_TOKENS = 32
+"""generation_config.json's max_new_tokens for the demo model. Its random weights never
+sample EOS, so without this cap a chat that gives no max_tokens would run to the end of the
+context (minutes on a laptop CPU); as in vLLM the file's value bounds every request."""
+
+
 def demo_model_path() -> pathlib.Path:
     """Build the built-in demo model once and return its folder (cached on disk)."""
     root = pathlib.Path(
         os.environ.get("SPLITSERVE_CACHE", pathlib.Path.home() / ".cache" / "splitserve")
     )
-    path = root / "demo-llama-v1"
+    path = root / DEMO_DIR
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
     tmp = root / f".demo-build-{os.getpid()}"
     build_model(tmp, "llama", initializer_range=0.05, **DEMO_SIZES)
-    tmp.rename(path) if not path.exists() else None
+    gen_path = tmp / "generation_config.json"
+    gen_path.write_text(
+        json.dumps({**json.loads(gen_path.read_text()), "max_new_tokens": DEMO_MAX_NEW_TOKENS})
+    )
+    if path.exists():  # another process built it meanwhile
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(path)
     return path

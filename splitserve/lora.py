@@ -196,8 +196,8 @@ def check_lora_fields(config) -> None:
     get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
     if get("lora_extra_vocab_size", 0):
         raise ValueError(
-            f"lora_extra_vocab_size {config.lora_extra_vocab_size} is not supported: splitserve "
-            "adapters cannot add tokens; use 0"
+            f"--lora-extra-vocab-size {config.lora_extra_vocab_size} is not supported: "
+            "splitserve adapters cannot add tokens; leave the flag out (or give 0)"
         )
     for name in ("max_loras", "max_lora_rank"):
         value = get(name)

@@ -107,7 +107,7 @@ def test_scaling(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--enable-lora", "--lora-extra-vocab-size", "256"], "lora_extra_vocab_size"),
+        (["--enable-lora", "--lora-extra-vocab-size", "256"], "--lora-extra-vocab-size 256"),
         (["--lora-modules", "a=/x"], "need --enable-lora"),
         (["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
         (["--enable-lora", "--max-lora-rank", "0"], "max_lora_rank"),

@@ -9,9 +9,9 @@ import io
 import json
 import pathlib
 import re
+import tomllib
 
 import pytest
-import tomllib
 import yaml
 
 from splitserve import cli, healthcheck
@@ -84,10 +84,10 @@ def test_model_init_builds_the_demo_model_the_services_use(services):
     init = services["model-init"]
     script = init["entrypoint"][-1]
     assert "demo_model_path()" in script
-    from splitserve.demo_model import demo_model_path  # noqa: F401  (the import it runs)
+    from splitserve.demo_model import DEMO_DIR, demo_model_path  # noqa: F401  (it runs this)
 
     # The services default to the folder demo_model_path() builds in the cache volume.
-    default = "/root/.cache/splitserve/demo-llama-v1"
+    default = f"/root/.cache/splitserve/{DEMO_DIR}"
     assert (
         services["tokenizer"]["command"][services["tokenizer"]["command"].index("--tokenizer") + 1]
         == default
@@ -226,3 +226,20 @@ def test_check_config_on_every_subcommand_validates_and_starts_nothing(capsys):
     assert "otlp_traces_endpoint" in capsys.readouterr().err
     assert cli.main(["gateway", "--api-key", "sekrit", "--check-config"]) == 0
     assert "sekrit" not in capsys.readouterr().out
+
+
+def test_the_image_runs_every_service_without_sources_on_sys_path():
+    # The model-init `python -c` and the health checks' `python -m` would otherwise put the
+    # working folder first on sys.path: with the sources' kernels/ there, transformers'
+    # `import kernels` would find it instead of Hugging Face's package.
+    lines = [
+        line.strip()
+        for line in (COMPOSE / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    assert "PYTHONSAFEPATH=1" in " ".join(line for line in lines if line.startswith(("ENV", "PY")))
+    workdirs = [line.split()[1] for line in lines if line.startswith("WORKDIR")]
+    copied_to = workdirs[0]
+    assert any(f"rm -rf {copied_to}" in line for line in lines), "sources left in the image"
+    assert workdirs[-1] != copied_to and not workdirs[-1].startswith(copied_to + "/")
+    assert any("-c constraints.txt" in line for line in lines)
