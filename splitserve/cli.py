@@ -41,17 +41,53 @@ def _configs():
 def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument(
         "model_tag",
-        nargs=None if required else "?",
+        nargs="?",
         metavar="MODEL",
         help="model folder or Hugging Face hub id"
         + ("" if required else " (default: the built-in demo model)"),
     )
+    p.add_argument(
+        "--model",
+        dest="model_flag",
+        default=None,
+        metavar="MODEL",
+        help="the same as the positional MODEL, as vLLM also takes it",
+    )
+    p.set_defaults(_model_required=required)
+
+
+def _resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One model from the positional MODEL and vLLM's --model."""
+    if not hasattr(args, "model_flag"):
+        return
+    flag, tag = args.model_flag, args.model_tag
+    if flag is not None and tag is not None and flag != tag:
+        parser.error(f"the model is given twice, as {tag!r} and as --model {flag!r}")
+    args.model_tag = tag if tag is not None else flag
+    if args.model_tag is None and args._model_required:
+        parser.error(f"{args.command}: a model is required (MODEL or --model)")
+
+
+def dashed_flags(argv: list[str]) -> list[str]:
+    """vLLM takes `--max_num_seqs` for `--max-num-seqs`: the name part of every long flag
+    with dashes (a value after `=` is left as it is)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = _configs()
+    # NOTE: allow_abbrev off everywhere: argparse would read vLLM's `--model X` as our
+    # `--model-impl X`, and any prefix of a flag as the flag.
     parser = argparse.ArgumentParser(
-        prog="splitserve", description="OpenAI-compatible LLM server split into gRPC services"
+        prog="splitserve",
+        description="OpenAI-compatible LLM server split into gRPC services",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"splitserve {__version__}")
     parser.add_argument(
@@ -63,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Kept for --config, which needs the flags of the command it fills.
     parser.set_defaults(_subparsers={})
 
-    p = sub.add_parser("serve", help="start every service as its own process")
+    p = sub.add_parser("serve", help="start every service as its own process", allow_abbrev=False)
     _common(parser, p, "serve")
     _model_arg(p, required=False)
     add_config_flags(
@@ -86,25 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
     )
 
-    p = sub.add_parser("gateway", help="the OpenAI HTTP gateway alone")
+    p = sub.add_parser("gateway", help="the OpenAI HTTP gateway alone", allow_abbrev=False)
     _common(parser, p, "gateway")
     add_config_flags(p, gateway_cfg)
     add_pinned_flags(p, "gateway")
 
-    p = sub.add_parser("scheduler", help="the scheduler alone")
+    p = sub.add_parser("scheduler", help="the scheduler alone", allow_abbrev=False)
     _common(parser, p, "scheduler")
     p.add_argument("--address", default="127.0.0.1:50052", help="where to listen")
     add_config_flags(p, scheduler_cfg)
     add_pinned_flags(p, "scheduler")
 
-    p = sub.add_parser("worker", help="one pipeline rank alone")
+    p = sub.add_parser("worker", help="one pipeline rank alone", allow_abbrev=False)
     _common(parser, p, "worker")
     _model_arg(p, required=True)
     p.add_argument("--address", default="127.0.0.1:50053", help="where to listen")
     add_config_flags(p, worker_cfg, skip={"model"})
     add_pinned_flags(p, "worker")
 
-    p = sub.add_parser("tokenizer", help="the tokenizer service alone")
+    p = sub.add_parser("tokenizer", help="the tokenizer service alone", allow_abbrev=False)
     _common(parser, p, "tokenizer")
     p.add_argument("--address", default="127.0.0.1:50051", help="where to listen")
     add_config_flags(p, tokenizer_cfg)
@@ -131,8 +167,9 @@ def _common(parser: argparse.ArgumentParser, p: argparse.ArgumentParser, name: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = dashed_flags(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    _resolve_model(parser, args)
     if args.config is not None:
         try:
             argv = expand_config_file(
@@ -144,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(str(exc))
         args = parser.parse_args(argv)
+        _resolve_model(parser, args)
     logging.basicConfig(
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [{args.command}] %(name)s: %(message)s",

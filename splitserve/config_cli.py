@@ -75,6 +75,10 @@ def _parse_int(text: str) -> int:
     return int(t)
 
 
+SHORT_FLAGS = {"pipeline_parallel_size": ("-pp",)}
+"""vLLM's short spellings of flags that config fields generate."""
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser,
     *classes: type,
@@ -109,15 +113,16 @@ def add_config_flags(
                 "default": argparse.SUPPRESS,
                 "help": help_text,
             }
+            flags = (flag, *SHORT_FLAGS.get(f.name, ()))
             if kind == "bool":
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
             elif kind == "list":
-                group.add_argument(flag, nargs="+", **kwargs)
+                group.add_argument(*flags, nargs="+", **kwargs)
             else:
                 conv = {"int": _parse_int, "float": float, "str": str}[kind]
                 if optional:
                     conv = _optional(conv)
-                group.add_argument(flag, type=conv, **kwargs)
+                group.add_argument(*flags, type=conv, **kwargs)
 
 
 def _optional(conv):

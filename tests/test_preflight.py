@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import types
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -126,7 +128,13 @@ def test_good_model_passes_and_hub_options_reach_the_processes(good_model, spawn
 
     monkeypatch.setattr(launcher.Stack, "spawn", spawn)
     monkeypatch.setattr(launcher, "_healthy", lambda url: True)
-    monkeypatch.setattr(launcher.Stack, "dead", lambda self: ("test", 0))
+    dead = types.SimpleNamespace(
+        name="test",
+        proc=types.SimpleNamespace(returncode=0),
+        failure_line=lambda: "",
+        log_path=pathlib.Path("/nonexistent/test.log"),
+    )
+    monkeypatch.setattr(launcher.Stack, "dead", lambda self: dead)
     flags = [
         "--revision",
         "r1",

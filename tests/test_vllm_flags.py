@@ -34,6 +34,43 @@ _VALUES = {
     "--tokenizer-pool-size": ("0", "4"),
     "--disable-frontend-multiprocessing": (False, True),
     "--middleware": (None, "my.module.Middleware"),
+    "--speculative-config": (None, '{"method": "ngram", "num_speculative_tokens": 3}'),
+    "--kv-transfer-config": (None, '{"kv_connector": "NixlConnector"}'),
+    "--kv-events-config": (None, '{"enable_kv_cache_events": true}'),
+    "--kv-offloading-size": (None, "8"),
+    "--prefix-caching-hash-algo": ("sha256", "xxhash"),
+    "--enable-sleep-mode": (False, True),
+    "--calculate-kv-scales": (False, True),
+    "--disable-custom-all-reduce": (True, None),
+    "--disable-cascade-attn": (True, None),
+    "--decode-context-parallel-size": ("1", "2"),
+    "--optimization-level": ("0", "3"),
+    "--logits-processors": (None, "my.module.Processor"),
+    "--worker-extension-cls": (None, "my.module.Extension"),
+    "--scheduler-cls": (None, "my.module.Scheduler"),
+    "--max-long-partial-prefills": ("1", "2"),
+    "--data-parallel-rank": (None, "1"),
+    "--data-parallel-size-local": (None, "2"),
+    "--data-parallel-address": (None, "10.0.0.1"),
+    "--data-parallel-rpc-port": (None, "13345"),
+    "--data-parallel-backend": ("mp", "ray"),
+    "--nnodes": ("1", "2"),
+    "--node-rank": ("0", "1"),
+    "--headless": (False, True),
+    "--api-server-count": ("1", "4"),
+    "--uds": (None, "/tmp/vllm.sock"),
+    "--grpc": (False, True),
+    "--stream-interval": ("1", "8"),
+    "--tool-parser-plugin": ("", "/plugins/parser.py"),
+    "--reasoning-parser-plugin": ("", "/plugins/reasoning.py"),
+    "--tool-server": (None, "demo"),
+    "--enable-force-include-usage": (False, True),
+    "--enable-log-outputs": (False, True),
+    "--enable-tokenizer-info-endpoint": (False, True),
+    "--enable-prompt-embeds": (False, True),
+    "--skip-tokenizer-init": (False, True),
+    "--hf-token": (None, "hf_abc"),
+    "--log-config-file": (None, "/etc/logging.json"),
 }
 
 
@@ -58,6 +95,9 @@ def test_pinned_flag(row, capsys):
             extra = ["--tokenizer", "t"] if service == "tokenizer" else []
             assert main([service, *pre, *_argv(row, good), *extra, "--check-config"]) == 0
     capsys.readouterr()
+    if bad is None:  # both values describe splitserve
+        assert main(["serve", *_argv(row, not good), "--check-config"]) == 0
+        return
     assert main(["serve", *_argv(row, bad), "--check-config"]) == 2
     err = capsys.readouterr().err
     shown = row.flag if not row.boolean or bad else "--no-" + row.flag[2:]
@@ -80,6 +120,55 @@ def test_short_aliases(capsys):
     capsys.readouterr()
     assert main(["serve", "-O3", "--check-config"]) == 2
     assert "torch.compile" in capsys.readouterr().err
+
+
+def test_vllm_spellings_of_flags(capsys):
+    # vLLM's --model, underscores in flag names, and its short aliases.
+    out = _checked(
+        [
+            "serve",
+            "--model",
+            "/models/x",
+            "--max_num_seqs=7",
+            "--max_model_len",
+            "640",
+            "-pp",
+            "2",
+            "-ep",
+            "--no-enable-expert-parallel",
+            "--check-config",
+        ],
+        capsys,
+    )
+    assert out["worker"]["model"] == "/models/x"
+    assert out["scheduler"]["max_num_seqs"] == 7
+    assert out["scheduler"]["max_model_len"] == 640
+    assert out["worker"]["pipeline_parallel_size"] == 2
+    out = _checked(["worker", "--model", "/models/x", "--check-config"], capsys)
+    assert out["worker"]["model"] == "/models/x"
+    # A value with underscores stays as it is.
+    out = _checked(["serve", "m", "--served-model-name", "my_model", "--check-config"], capsys)
+    assert out["gateway"]["served_model_name"] == ["my_model"]
+
+
+def test_model_twice_or_missing_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "/models/a", "--model", "/models/b", "--check-config"])
+    assert exc.value.code == 2
+    assert "/models/a" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["worker", "--check-config"])
+    assert "a model is required" in capsys.readouterr().err
+
+
+def test_no_prefix_of_a_flag_is_taken_for_the_flag(capsys):
+    # argparse's abbreviations would read `--max-num-seq 4` as --max-num-seqs (and vLLM's
+    # `--model X`, before splitserve took --model, as --model-impl X).
+    for argv in (["--max-num-seq", "4"], ["--enable-prefix"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", "m", *argv, "--check-config"])
+        assert exc.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_flag_of_another_service_is_unknown(capsys):
