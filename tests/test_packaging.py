@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -45,3 +46,51 @@ def test_console_script_and_version():
         [sys.executable, "-m", "splitserve.cli", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0 and out.stdout.startswith("splitserve ")
+
+
+def _setup_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Set-up on a fresh machine")
+    section = readme[start : readme.index("\n## ", start + 1)]
+    blocks = section.split("```bash\n")[1:]
+    return [b.split("```", 1)[0].strip() for b in blocks if "pip install" in b]
+
+
+def test_readme_set_up_commands_and_ci_install_the_pinned_versions():
+    serve, test = _setup_commands()
+    for command in (serve, test):
+        assert command.startswith("python -m pip install torch==2.13.0 && "), command
+        assert "-c constraints.txt -e " in command, command
+    assert serve.endswith("splitserve serve")
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == test, "the last line of .ci/run must be the README's test command"
+
+
+def _upgrade_check():
+    spec = importlib.util.spec_from_file_location("upgrade_check", ROOT / "tools/upgrade_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_upgrade_check_reports_what_changed():
+    uc = _upgrade_check()
+    old = uc.parse("# pins\nTorch==2.13.0+cpu\nfoo_bar==1.0\ngone==3\n")
+    new = uc.parse("torch==2.13.0\nfoo-bar==1.1\nnew==0.1 ; python_version >= '3.11'\n")
+    assert old == {"torch": "2.13.0", "foo-bar": "1.0", "gone": "3"}
+    assert uc.diff(old, new) == ["  ~ foo-bar 1.0 -> 1.1", "  - gone 3", "  + new 0.1"]
+
+
+def test_constraints_pin_every_dependency_exactly():
+    upgrade_check = _upgrade_check()
+    text = (ROOT / "constraints.txt").read_text()
+    pins = upgrade_check.parse(text)
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = cfg["dependencies"] + cfg["optional-dependencies"]["test"]
+    names = {re.split(r"[<>=!~\[ ;]", spec)[0].replace("_", "-").lower() for spec in wanted}
+    assert not names - pins.keys(), f"unpinned: {sorted(names - pins.keys())}"
+    assert pins["torch"] == "2.13.0"
+    # Every line is a comment or name==version (what pip freeze writes), nothing looser.
+    for line in text.splitlines():
+        assert line.startswith("#") or upgrade_check._LINE.match(line), line
+    assert upgrade_check.render(pins) == text, "constraints.txt is not in the generated form"
