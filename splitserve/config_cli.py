@@ -11,6 +11,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import textwrap
 from typing import Any
 
@@ -75,8 +76,11 @@ def _parse_int(text: str) -> int:
     return int(t)
 
 
-SHORT_FLAGS = {"pipeline_parallel_size": ("-pp",)}
-"""vLLM's short spellings of flags that config fields generate."""
+VLLM_SPELLINGS = {
+    "pipeline_parallel_size": ("-pp",),
+    "drain_timeout_s": ("--shutdown-timeout",),
+}
+"""vLLM's other spellings of flags that config fields generate."""
 
 
 def add_config_flags(
@@ -113,7 +117,7 @@ def add_config_flags(
                 "default": argparse.SUPPRESS,
                 "help": help_text,
             }
-            flags = (flag, *SHORT_FLAGS.get(f.name, ()))
+            flags = (flag, *VLLM_SPELLINGS.get(f.name, ()))
             if kind == "bool":
                 group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
             elif kind == "list":
@@ -133,11 +137,25 @@ def _optional(conv):
     return parse
 
 
+def _json_list(value: Any) -> Any:
+    """A list flag given as one JSON list, as vLLM takes `--allowed-origins '["a", "b"]'`."""
+    if isinstance(value, list) and len(value) == 1 and str(value[0]).lstrip().startswith("["):
+        try:
+            parsed = json.loads(value[0])
+        except ValueError:
+            return value
+        if isinstance(parsed, list):
+            return [v if isinstance(v, str) else json.dumps(v) for v in parsed]
+    return value
+
+
 def build_config(cls: type, args: argparse.Namespace, **overrides: Any):
     """Instantiate `cls` from the parsed flags it has (unset flags keep the defaults)."""
     values = vars(args)
     kwargs = {
-        f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values
+        f.name: _json_list(values[f.name])
+        for f in dataclasses.fields(cls)
+        if f.init and f.name in values
     }
     kwargs.update(
         {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(cls)}}

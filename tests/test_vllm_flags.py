@@ -146,6 +146,21 @@ def test_vllm_spellings_of_flags(capsys):
     assert out["worker"]["pipeline_parallel_size"] == 2
     out = _checked(["worker", "--model", "/models/x", "--check-config"], capsys)
     assert out["worker"]["model"] == "/models/x"
+    # A list flag as one JSON list; --shutdown-timeout is the drain timeout.
+    out = _checked(
+        [
+            "serve",
+            "m",
+            "--allowed-origins",
+            '["https://a", "https://b"]',
+            "--shutdown-timeout",
+            "5",
+            "--check-config",
+        ],
+        capsys,
+    )
+    assert out["gateway"]["allowed_origins"] == ["https://a", "https://b"]
+    assert out["gateway"]["drain_timeout_s"] == 5.0
     # A value with underscores stays as it is.
     out = _checked(["serve", "m", "--served-model-name", "my_model", "--check-config"], capsys)
     assert out["gateway"]["served_model_name"] == ["my_model"]
