@@ -29,8 +29,11 @@ def reference_outputs(ps, max_tokens=8, **kw):
 def test_scheduler_runs_with_torch_blocked():
     """In a fresh interpreter where `import torch` fails, the scheduler package imports and
     runs an engine over the fake worker."""
+    root = pathlib.Path(__file__).resolve().parents[2]
     code = (
         "import sys; sys.modules['torch'] = None\n"
+        # Appended, not prepended: the root's folders must not shadow installed packages.
+        f"sys.path.append({str(root)!r})\n"
         "import splitserve.scheduler.server, splitserve.scheduler.engine_loop\n"
         "from tests.scheduler.utils import gen_request, make_engine, run_to_completion\n"
         "e, _ = make_engine()\n"
@@ -39,7 +42,6 @@ def test_scheduler_runs_with_torch_blocked():
         "assert sys.modules['torch'] is None\n"
         "print('ok')\n"
     )
-    root = pathlib.Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
     )
