@@ -98,12 +98,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"upgrade_check: {len(changes)} package(s) differ from constraints.txt")
     print("\n".join(changes) if changes else "  (none)")
 
-    # The README's test command, minus its installs (done above), in the scratch venv.
-    ok = (
-        _run([py, "-m", "ruff", "check", "."]) == 0
-        and _run([py, "-m", "ruff", "format", "--check", "."]) == 0
-        and _run([py, "-m", "pytest", *(args.pytest_args or [])]) == 0
-    )
+    # The README's test command, minus its installs (done above), in the scratch venv, with
+    # the candidate constraints.txt in place (the suite checks the file); the old one is put
+    # back unless --write and the suite passed.
+    before = CONSTRAINTS.read_text() if CONSTRAINTS.exists() else None
+    ok = False
+    CONSTRAINTS.write_text(render(new))
+    try:
+        ok = (
+            _run([py, "-m", "ruff", "check", "."]) == 0
+            and _run([py, "-m", "ruff", "format", "--check", "."]) == 0
+            and _run([py, "-m", "pytest", *(args.pytest_args or [])]) == 0
+        )
+    finally:
+        keep = ok and args.write and not args.pytest_args
+        if not keep:
+            if before is None:
+                CONSTRAINTS.unlink()
+            else:
+                CONSTRAINTS.write_text(before)
     print(f"upgrade_check: the suite {'passed' if ok else 'FAILED'} on the newest releases")
     if changes:
         print("\n".join(changes))
@@ -114,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
             print("upgrade_check: --write needs the whole suite", file=sys.stderr)
             return 2
         else:
-            CONSTRAINTS.write_text(render(new))
             print(f"upgrade_check: wrote {CONSTRAINTS.relative_to(ROOT)}; commit it")
     return 0 if ok else 1
 
