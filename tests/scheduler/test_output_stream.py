@@ -16,8 +16,8 @@ from .utils import gen_request
 class Reader:
     """Reads a StreamOutputs call on a thread, keeping every batch."""
 
-    def __init__(self, stub, stream_id: str) -> None:
-        self.call = stub.StreamOutputs(scheduler_pb2.StreamOutputsRequest(stream_id=stream_id))
+    def __init__(self, client, stream_id: str) -> None:
+        self.call = client.StreamOutputs(scheduler_pb2.StreamOutputsRequest(stream_id=stream_id))
         first = next(self.call)
         assert not first.outputs  # the "registered" message
         self.batches: list[scheduler_pb2.OutputBatch] = []
@@ -39,8 +39,8 @@ class Reader:
         return any(o.finish_reason for o in self.outputs(rid))
 
 
-def submit(stub, stream_id: str, req: scheduler_pb2.GenerateRequest) -> None:
-    stub.Submit(scheduler_pb2.SubmitRequest(stream_id=stream_id, request=req))
+def submit(client, stream_id: str, req: scheduler_pb2.GenerateRequest) -> None:
+    client.Submit(scheduler_pb2.SubmitRequest(stream_id=stream_id, request=req))
 
 
 def test_one_message_per_step_for_all_requests_of_a_stream(stub):  # noqa: F811
