@@ -1,8 +1,11 @@
-"""Running generated sequences: one scheduler Generate call + one DetokenizeStream per sequence.
+"""Running generated sequences.
 
-Per step a sequence costs one scheduler message and one detokenize round trip; logprob token
-strings come from the DecodeEach cache, fetched (only on a miss) concurrently with that round
-trip. Stop strings are matched by the tokenizer service; when one matches, the Generate call is
+Where the tokenizer service ships its decoder, a request's sequences run on the gateway's one
+batched output stream (`output_stream.OutputRouter`). Otherwise (a Python or mistral_common
+tokenizer) each sequence runs `run_sequence` here: one scheduler Generate call + one
+DetokenizeStream. Per step a sequence then costs one scheduler message and one detokenize round
+trip; logprob token strings come from the DecodeEach cache, fetched (only on a miss)
+concurrently with that round trip. Stop strings are matched by the tokenizer service; when one matches, the Generate call is
 cancelled, which aborts the request in the scheduler and frees its KV blocks.
 """
 
@@ -353,6 +356,13 @@ class SequenceGroup:
     ) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._live = len(specs)
+        self._run = None
+        self._tasks: list[asyncio.Task] = []
+        router = getattr(clients, "router", None)
+        if router is not None:
+            # NOTE: the batched path: the router's reader puts each delta on the queue.
+            self._run = router.start(specs, deadline, self._queue.put_nowait)
+            return
         self._tasks = [
             asyncio.ensure_future(self._pump(i, clients, s, deadline)) for i, s in enumerate(specs)
         ]
@@ -382,8 +392,21 @@ class SequenceGroup:
             self._live -= 1
         return index, delta
 
+    def poll(self) -> tuple[int, SequenceDelta] | None:
+        """The next delta if one is waiting now, else None (never waits); errors raise."""
+        if self._live == 0 or self._queue.empty():
+            return None
+        index, delta, exc = self._queue.get_nowait()
+        if exc is not None:
+            raise exc
+        if delta.finish_reason is not None:
+            self._live -= 1
+        return index, delta
+
     async def aclose(self) -> None:
         """Cancel every sequence still running (aborting it downstream) and wait for them."""
+        if self._run is not None:
+            await self._run.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

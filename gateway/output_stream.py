@@ -1,0 +1,473 @@
+"""Every running sequence of this gateway over one scheduler stream, detokenized here.
+
+The gateway opens one `StreamOutputs` call to the scheduler and submits each sequence with
+`Submit`; each step then arrives as one `OutputBatch` holding the new tokens of all of them.
+One reader task fans a batch out: each sequence's `SequenceOutput` detokenizes its tokens with
+the same `SequenceStream` the tokenizer service runs (built from the service's `DecoderSpec`,
+fetched once), matches stop strings, and puts a `SequenceDelta` on its request's queue. So a
+generated token costs no gRPC message of its own: no per-request stream, no detokenize call.
+
+A sequence ends by its finish reason, a stop string, an error, its deadline or its consumer
+going away; every end but a finish from the scheduler sends `Abort`, which frees its KV blocks.
+If the stream itself breaks, every sequence on it fails, and the next request opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+import grpc
+
+from splitserve import tracing
+from splitserve.gateway.errors import EngineError, request_timeout
+from splitserve.gateway.generation import SequenceDelta
+from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
+from splitserve.tokenizer_svc.decode_handle import DecodeHandle
+from splitserve.tokenizer_svc.errors import RequestError as TokenizerRequestError
+from splitserve.tokenizer_svc.stream import SequenceStream
+
+logger = logging.getLogger(__name__)
+
+_FINISH = common_pb2.FinishReason
+_UNSPECIFIED = _FINISH.FINISH_REASON_UNSPECIFIED
+_FINISH_NAMES = {
+    _FINISH.FINISH_REASON_STOP: "stop",
+    _FINISH.FINISH_REASON_LENGTH: "length",
+    _FINISH.FINISH_REASON_ABORT: "abort",
+}
+# Abort calls are fire-and-forget; keep their tasks referenced until they end.
+_background: set[asyncio.Task] = set()
+
+Put = Callable[[tuple], None]
+"""A request's queue: (sequence index, delta or None, exception or None)."""
+
+
+def grpc_error(code: grpc.StatusCode | str, details: str) -> grpc.aio.AioRpcError:
+    """The error a per-request gRPC call would have raised, for the same HTTP mapping."""
+    if isinstance(code, str):
+        code = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class SequenceOutput:
+    """One sequence's output processing: tokens in, `SequenceDelta`s out (as `run_sequence`)."""
+
+    __slots__ = (
+        "index",
+        "spec",
+        "put",
+        "stream",
+        "eos",
+        "num_prompt",
+        "cached",
+        "prompt_lps",
+        "done",
+        "timer",
+        "trace",
+    )
+
+    def __init__(self, index: int, spec, put: Put, decoder: DecoderInfo, eos: frozenset[int]):
+        self.index = index
+        self.spec = spec
+        self.put = put
+        try:
+            self.stream = SequenceStream(
+                decoder.handle,
+                spec.prompt_token_ids,
+                spec.skip_special_tokens,
+                spec.stop,
+                spec.include_stop_str_in_output,
+                decoder.max_stop_strings,
+            )
+        except TokenizerRequestError as exc:  # what the tokenizer service would have refused
+            raise grpc_error(exc.status, exc.message) from None
+        self.eos = eos
+        self.num_prompt = len(spec.prompt_token_ids)
+        self.cached = 0
+        # NOTE: prompt logprobs may span several messages (chunked prefill); they are
+        # gathered and handed out with the first delta.
+        self.prompt_lps: list | None = [] if spec.want_prompt_logprobs else None
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.trace = _DetokenizeTrace(spec.request_id) if tracing.enabled() else None
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    def wanted_strings(self, resp: scheduler_pb2.GenerateResponse) -> Iterable[int]:
+        """Token ids whose strings this output's logprobs will render."""
+        spec = self.spec
+        if spec.want_logprobs:
+            yield from _ids_in(resp.logprobs)
+        if self.prompt_lps is not None and resp.prompt_logprobs:
+            yield from spec.prompt_token_ids
+            yield from _ids_in(resp.prompt_logprobs)
+
+    def fail(self, exc: BaseException) -> None:
+        self.done = True
+        self.put((self.index, None, exc))
+
+    def on_output(self, entry: scheduler_pb2.StreamedOutput) -> bool:
+        """Process one output; True when the sequence ended here (`aborted` then says whether
+        the scheduler still runs it)."""
+        resp = entry.output
+        spec = self.spec
+        if entry.error_code:
+            self.fail(grpc_error(entry.error_code, resp.error))
+            return True
+        if spec.queue_time_s is None and resp.HasField("queue_time_s"):
+            spec.queue_time_s = resp.queue_time_s
+        ids = list(resp.token_ids)
+        if self.trace is not None:
+            self.trace.num_tokens += len(ids)
+        finish = resp.finish_reason
+        self.num_prompt = resp.num_prompt_tokens or self.num_prompt
+        self.cached = max(self.cached, resp.num_cached_tokens)
+        detok_ids = ids
+        if (
+            finish == _FINISH.FINISH_REASON_STOP
+            and ids
+            and not spec.include_stop_str_in_output
+            and (
+                ids[-1] in self.eos
+                or (resp.HasField("stop_token_id") and ids[-1] == resp.stop_token_id)
+            )
+        ):
+            # vLLM: the token that stopped the sequence is counted but not detokenized.
+            detok_ids = ids[:-1]
+        if self.prompt_lps is not None and resp.prompt_logprobs:
+            self.prompt_lps.extend(resp.prompt_logprobs)
+        text, stop_str, used = self._detokenize(detok_ids)
+        logprobs = list(resp.logprobs) if spec.want_logprobs else []
+        if stop_str is not None:
+            self._emit(text, ids[:used], logprobs[:used], "stop", stop_str)
+            return True
+        if finish == _UNSPECIFIED:
+            if ids or text:
+                self._emit(text, ids, logprobs)
+            return False
+        if finish == _FINISH.FINISH_REASON_ERROR:
+            self.fail(EngineError(resp.error or "unknown engine error"))
+            return True
+        tail = self.stream.finish()
+        if tail.stopped:
+            self._emit(text + tail.text, ids, logprobs, "stop", tail.stop_reason)
+            return True
+        stop_reason = None
+        if finish == _FINISH.FINISH_REASON_STOP and resp.HasField("stop_token_id"):
+            tid = resp.stop_token_id
+            stop_reason = tid if (tid in spec.stop_token_ids or tid not in self.eos) else None
+        self._emit(text + tail.text, ids, logprobs, _FINISH_NAMES.get(finish, "stop"), stop_reason)
+        return True
+
+    def _detokenize(self, ids: list[int]) -> tuple[str, str | None, int]:
+        """(new text, matched stop string or None, tokens up to and including the match)."""
+        if not ids:
+            return "", None, 0
+        try:
+            if self.spec.stop and len(ids) > 1:
+                # NOTE: with stop strings, ids go in one at a time so a match names the exact
+                # token that completed it, which is what usage counts.
+                parts = []
+                for k, token_id in enumerate(ids):
+                    d = self.stream.push((token_id,))
+                    parts.append(d.text)
+                    if d.stopped:
+                        return "".join(parts), d.stop_reason, k + 1
+                return "".join(parts), None, len(ids)
+            d = self.stream.push(ids)
+        except TokenizerRequestError as exc:
+            raise grpc_error(exc.status, exc.message) from None
+        return d.text, (d.stop_reason if d.stopped else None), len(ids)
+
+    def _emit(self, text, ids, logprobs, finish=None, stop_reason=None) -> None:
+        prompt_lps, self.prompt_lps = self.prompt_lps, None
+        if finish is not None:
+            self.done = True
+        self.put(
+            (
+                self.index,
+                SequenceDelta(
+                    text,
+                    ids,
+                    logprobs,
+                    self.num_prompt,
+                    prompt_lps,
+                    finish,
+                    stop_reason,
+                    self.cached,
+                ),
+                None,
+            )
+        )
+
+
+class _DetokenizeTrace:
+    """The `detokenize` span of one sequence (this gateway's share of its output work)."""
+
+    __slots__ = ("parent", "start_ns", "request_id", "num_tokens")
+
+    def __init__(self, request_id: str) -> None:
+        from opentelemetry import context
+
+        self.parent = context.get_current()
+        self.start_ns = time.time_ns()
+        self.request_id = request_id
+        self.num_tokens = 0
+
+    def emit(self) -> None:
+        tracing.emit_span(
+            tracing.get_tracer(__name__),
+            "detokenize",
+            self.parent,
+            self.start_ns,
+            time.time_ns(),
+            {"gen_ai.request.id": self.request_id, "splitserve.num_tokens": self.num_tokens},
+        )
+
+
+def _ids_in(entries) -> Iterable[int]:
+    for e in entries:
+        yield e.token_id
+        yield from e.top_token_ids
+
+
+class DecoderInfo:
+    """The tokenizer service's DecoderSpec, rebuilt for local use."""
+
+    __slots__ = ("handle", "max_stop_strings")
+
+    def __init__(self, spec: tokenizer_pb2.DecoderSpec) -> None:
+        self.handle = DecodeHandle(spec.tokenizer_json, spec.skip_special_ids, spec.vocab_size)
+        self.max_stop_strings = spec.max_stop_strings
+
+
+class OutputRouter:
+    """This gateway's output stream from the scheduler and the sequences reading it."""
+
+    def __init__(self, clients, decoder: DecoderInfo) -> None:
+        self._clients = clients
+        self._decoder = decoder
+        self._seqs: dict[str, SequenceOutput] = {}
+        self._call = None
+        self._stream_id = ""
+        self._opening: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self.batches_read = 0
+        """OutputBatch messages read so far (tests count messages per step with it)."""
+
+    # ------------------------------------------------------------------ the stream
+
+    async def _ensure_open(self) -> str:
+        if self._call is not None:
+            return self._stream_id
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        try:
+            return await asyncio.shield(self._opening)
+        finally:
+            if self._opening is not None and self._opening.done():
+                self._opening = None
+
+    async def _open(self) -> str:
+        stream_id = f"gw-{uuid.uuid4().hex}"
+        call = self._clients.scheduler.StreamOutputs(
+            scheduler_pb2.StreamOutputsRequest(stream_id=stream_id)
+        )
+        try:
+            first = await call.read()
+        except BaseException:
+            call.cancel()
+            raise
+        if first is grpc.aio.EOF:
+            raise EngineError("the scheduler closed the output stream at once")
+        self._call, self._stream_id = call, stream_id
+        self._reader = asyncio.ensure_future(self._read(call))
+        logger.info("output stream %s open", stream_id)
+        return stream_id
+
+    async def _read(self, call) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                batch = await call.read()
+                if batch is grpc.aio.EOF:
+                    break
+                self.batches_read += 1
+                await self._dispatch(batch.outputs)
+        except asyncio.CancelledError:
+            error = EngineError("the gateway is shutting down")
+            raise
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except Exception as exc:  # a bug here must not leave requests hanging
+            logger.exception("output stream reader failed")
+            error = exc
+        finally:
+            if self._call is call:
+                self._call = None
+            failure = error or grpc_error(
+                grpc.StatusCode.UNAVAILABLE, "the scheduler ended the output stream"
+            )
+            for seq in list(self._seqs.values()):
+                self._forget(seq)
+                seq.fail(failure)
+
+    async def _dispatch(self, entries) -> None:
+        seqs = self._seqs
+        wanted: list[int] = []
+        for e in entries:
+            seq = seqs.get(e.request_id)
+            if seq is not None and (seq.spec.want_logprobs or seq.prompt_lps is not None):
+                wanted.extend(seq.wanted_strings(e.output))
+        if wanted:
+            missing = self._clients.missing_token_strings(wanted)
+            if missing:
+                try:
+                    await self._clients.fetch_token_strings(missing, 60.0)
+                except grpc.aio.AioRpcError as exc:
+                    self._fail_wanting_strings(entries, exc)
+        for e in entries:
+            seq = seqs.get(e.request_id)
+            if seq is None:
+                continue  # ended here already (stop string, consumer gone): aborted
+            try:
+                ended = seq.on_output(e)
+            except grpc.aio.AioRpcError as exc:
+                seq.fail(exc)
+                ended = True
+            if ended:
+                self._forget(seq)
+                if not e.output.finish_reason and not e.error_code:
+                    self._abort(seq.request_id)  # a stop string: the scheduler still runs it
+
+    def _fail_wanting_strings(self, entries, exc: BaseException) -> None:
+        for e in entries:
+            seq = self._seqs.get(e.request_id)
+            if seq is not None and seq.spec.want_logprobs:
+                self._forget(seq)
+                seq.fail(exc)
+                self._abort(seq.request_id)
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    # ------------------------------------------------------------------ sequences
+
+    def start(self, specs: list, deadline, put: Put) -> RouterGroup:
+        """Run `specs` (one request's sequences), their deltas going to `put`."""
+        eos = self._clients.eos_token_ids
+        seqs = [SequenceOutput(i, s, put, self._decoder, eos) for i, s in enumerate(specs)]
+        return RouterGroup(self, seqs, deadline)
+
+    def _register(self, seq: SequenceOutput, deadline) -> None:
+        self._seqs[seq.request_id] = seq
+        remaining = deadline.remaining()
+        if remaining is not None:
+            seq.timer = asyncio.get_running_loop().call_later(remaining, self._expire, seq)
+
+    def _expire(self, seq: SequenceOutput) -> None:
+        if self._seqs.get(seq.request_id) is seq:
+            self._forget(seq)
+            seq.fail(request_timeout())
+            self._abort(seq.request_id)
+
+    def _forget(self, seq: SequenceOutput) -> None:
+        if self._seqs.get(seq.request_id) is seq:
+            del self._seqs[seq.request_id]
+        if seq.timer is not None:
+            seq.timer.cancel()
+            seq.timer = None
+        if seq.trace is not None:
+            seq.trace.emit()
+            seq.trace = None
+
+    def _abort(self, request_id: str) -> None:
+        stub = self._clients.scheduler
+        if stub is None:
+            return
+
+        async def abort() -> None:
+            try:
+                await stub.Abort(scheduler_pb2.AbortRequest(request_id=request_id), timeout=30)
+            except grpc.aio.AioRpcError as exc:  # the scheduler is gone: nothing runs there
+                logger.debug("abort of %s failed: %s", request_id, exc.code())
+
+        task = asyncio.ensure_future(abort())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def cancel(self, seq: SequenceOutput) -> None:
+        """The consumer went away: stop the sequence and free what it holds."""
+        if self._seqs.get(seq.request_id) is seq:
+            self._forget(seq)
+            self._abort(seq.request_id)
+
+
+class RouterGroup:
+    """The sequences of one request on the router: submitted together, closed together."""
+
+    def __init__(self, router: OutputRouter, seqs: list[SequenceOutput], deadline) -> None:
+        self._router = router
+        self._seqs = seqs
+        self._submitting = asyncio.ensure_future(self._submit_all(deadline))
+
+    async def _submit_all(self, deadline) -> None:
+        router = self._router
+        try:
+            stream_id = await router._ensure_open()
+        except Exception as exc:
+            for seq in self._seqs:
+                seq.fail(exc)
+            return
+        for seq in self._seqs:
+            router._register(seq, deadline)
+        await asyncio.gather(*(self._submit(stream_id, seq, deadline) for seq in self._seqs))
+
+    async def _submit(self, stream_id: str, seq: SequenceOutput, deadline) -> None:
+        spec = seq.spec
+        request = scheduler_pb2.GenerateRequest(
+            request_id=spec.request_id,
+            prompt_token_ids=spec.prompt_token_ids,
+            sampling_params=spec.sampling,
+            priority=spec.priority,
+            grammar=spec.grammar,
+            lora_name=spec.lora_name,
+            lora_path=spec.lora_path,
+            cache_salt=spec.cache_salt,
+            lora_int_id=spec.lora_int_id,
+            mm_inputs=spec.mm_inputs,
+        )
+        try:
+            await self._router._clients.scheduler.Submit(
+                scheduler_pb2.SubmitRequest(stream_id=stream_id, request=request),
+                timeout=deadline.remaining(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if self._router._seqs.get(seq.request_id) is seq:
+                self._router._forget(seq)
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or deadline.expired():
+                    # NOTE: past our own deadline, any call failure is that deadline (the
+                    # request may be queued: abort it).
+                    self._router._abort(seq.request_id)
+                    seq.fail(request_timeout())
+                else:
+                    seq.fail(exc)
+
+    async def aclose(self) -> None:
+        """Stop every sequence still running (aborting it in the scheduler)."""
+        if not self._submitting.done():
+            self._submitting.cancel()
+            await asyncio.gather(self._submitting, return_exceptions=True)
+        for seq in self._seqs:
+            if not seq.done:
+                self._router.cancel(seq)
