@@ -33,7 +33,10 @@ from splitserve.tokenizer_svc.stream import SequenceStream
 logger = logging.getLogger(__name__)
 
 _FINISH = common_pb2.FinishReason
-_UNSPECIFIED = _FINISH.FINISH_REASON_UNSPECIFIED
+# NOTE: plain ints: an attribute of a protobuf enum wrapper is a slow lookup on a hot path.
+_UNSPECIFIED = int(_FINISH.FINISH_REASON_UNSPECIFIED)
+_STOP = int(_FINISH.FINISH_REASON_STOP)
+_ERROR = int(_FINISH.FINISH_REASON_ERROR)
 _FINISH_NAMES = {
     _FINISH.FINISH_REASON_STOP: "stop",
     _FINISH.FINISH_REASON_LENGTH: "length",
@@ -130,7 +133,7 @@ class SequenceOutput:
         self.cached = max(self.cached, resp.num_cached_tokens)
         detok_ids = ids
         if (
-            finish == _FINISH.FINISH_REASON_STOP
+            finish == _STOP
             and ids
             and not spec.include_stop_str_in_output
             and (
@@ -151,7 +154,7 @@ class SequenceOutput:
             if ids or text:
                 self._emit(text, ids, logprobs)
             return False
-        if finish == _FINISH.FINISH_REASON_ERROR:
+        if finish == _ERROR:
             self.fail(EngineError(resp.error or "unknown engine error"))
             return True
         tail = self.stream.finish()
@@ -159,7 +162,7 @@ class SequenceOutput:
             self._emit(text + tail.text, ids, logprobs, "stop", tail.stop_reason)
             return True
         stop_reason = None
-        if finish == _FINISH.FINISH_REASON_STOP and resp.HasField("stop_token_id"):
+        if finish == _STOP and resp.HasField("stop_token_id"):
             tid = resp.stop_token_id
             stop_reason = tid if (tid in spec.stop_token_ids or tid not in self.eos) else None
         self._emit(text + tail.text, ids, logprobs, _FINISH_NAMES.get(finish, "stop"), stop_reason)
