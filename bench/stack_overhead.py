@@ -11,7 +11,8 @@ same prompts. The two alternate, `--rounds` times each, after a warm-up of both;
 response must report exactly `--tokens` completion tokens (the stack's from its usage chunk,
 the engine's from its token ids). Then time-to-first-token at concurrency 1 (median of
 `--ttft-samples` streamed 1-token requests; the engine's is one `generate` of 1 token).
-Prints tok/s of each round, the medians, their ratio a/b and the TTFT difference.
+Prints tok/s of each round, the medians, their ratio a/b and the TTFT difference, and the CPU
+seconds each process of the stack (and this client) spent in the stack rounds (Linux /proc).
 
 The client is kept light (raw SSE bytes, the usage chunk parsed once) because it shares the
 machine's cores with the stack.
@@ -63,6 +64,8 @@ class Stack:
         cmd += ["--port", str(self.port), "--kv-cache-memory", kv_bytes]
         cmd += ["--log-level", "warning", "--disable-uvicorn-access-log", *extra]
         self.proc = subprocess.Popen(cmd)
+        self.cpu: dict[str, float] = {}
+        """CPU seconds per process (the services by name, and "client") in run()s so far."""
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         import httpx
@@ -115,6 +118,24 @@ class Stack:
             raise RuntimeError(f"no usage chunk in the stream's tail: {tail[-300:]!r}")
         return usage["completion_tokens"], first if first is not None else float("nan")
 
+    def _cpu_now(self) -> dict[str, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {"client": _cpu_seconds(os.getpid(), tick)}
+        for pid in _children(self.proc.pid):
+            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            name = next((a.decode() for a in argv if a.decode() in _SERVICES), str(pid))
+            out[name] = _cpu_seconds(pid, tick)
+        return out
+
+    def measure(self, prompts: list[list[int]], tokens: int) -> float:
+        """run() with the CPU time of every process added to `cpu`."""
+        before = self._cpu_now() if sys.platform == "linux" else {}
+        rate = asyncio.run(self.run(prompts, tokens))
+        if before:
+            for name, secs in self._cpu_now().items():
+                self.cpu[name] = self.cpu.get(name, 0.0) + secs - before.get(name, secs)
+        return rate
+
     async def run(self, prompts: list[list[int]], tokens: int) -> float:
         import httpx
 
@@ -134,6 +155,26 @@ class Stack:
         async with httpx.AsyncClient(base_url=self.url, timeout=600) as c:
             times = [(await self._one(c, prompt, 1))[1] for _ in range(samples)]
         return statistics.median(times)
+
+
+_SERVICES = ("gateway", "scheduler", "worker", "tokenizer")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _cpu_seconds(pid: int, tick: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
 
 
 # ---------------------------------------------------------------- (b) in-process engine
@@ -196,7 +237,7 @@ def main() -> None:
         engine.run(prompts, 8)
         a, b = [], []
         for k in range(args.rounds):
-            a.append(asyncio.run(stack.run(prompts, args.tokens)))
+            a.append(stack.measure(prompts, args.tokens))
             b.append(engine.run(prompts, args.tokens))
             print(
                 f"round {k}: (a) stack {a[-1]:.0f} tok/s  (b) engine {b[-1]:.0f} tok/s "
@@ -211,6 +252,14 @@ def main() -> None:
     print(f"(a) full stack over HTTP : {ma:.0f} tok/s (median of {args.rounds})")
     print(f"(b) in-process engine    : {mb:.0f} tok/s (median of {args.rounds})")
     print(f"a/b = {ma / mb:.3f}  (target >= 0.8)")
+    if stack.cpu:
+        secs = sum(args.streams * args.tokens / x for x in a)  # wall time of the stack rounds
+        total = sum(stack.cpu.values())
+        parts = ", ".join(f"{k} {v / args.rounds:.1f}" for k, v in sorted(stack.cpu.items()))
+        print(
+            f"CPU seconds per stack round: {parts}; all {total / args.rounds:.1f} "
+            f"in {secs / args.rounds:.1f} s of wall time"
+        )
     print(
         f"TTFT at concurrency 1: stack {ttft_a * 1e3:.1f} ms, in-process {ttft_b * 1e3:.1f} ms, "
         f"difference {(ttft_a - ttft_b) * 1e3:.1f} ms"
