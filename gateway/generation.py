@@ -22,6 +22,7 @@ import grpc
 from splitserve.gateway.clients import ServiceClients
 from splitserve.gateway.errors import EngineError, request_timeout
 from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
+from splitserve.tokenizer_svc.output_processor import SequenceDelta  # noqa: F401 (re-exported)
 
 _FINISH = common_pb2.FinishReason
 _FINISH_NAMES = {
@@ -80,21 +81,6 @@ class SequenceSpec:
     """Filled in by run_sequence: the scheduler's queue time, from its first message."""
     mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
     """The prompt's processed images (chat requests with image_url parts)."""
-
-
-@dataclass(slots=True)
-class SequenceDelta:
-    """New output of one sequence: text, the tokens counted for it, and finish state."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[common_pb2.TokenLogprobs]
-    num_prompt_tokens: int
-    prompt_logprobs: list[common_pb2.TokenLogprobs] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    """Prompt tokens the scheduler found in the prefix cache (so far)."""
 
 
 def merge_deltas(deltas: list[SequenceDelta]) -> SequenceDelta:

@@ -24,24 +24,15 @@ import grpc
 
 from splitserve import tracing
 from splitserve.gateway.errors import EngineError, request_timeout
-from splitserve.gateway.generation import SequenceDelta
 from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
 from splitserve.tokenizer_svc.decode_handle import DecodeHandle
 from splitserve.tokenizer_svc.errors import RequestError as TokenizerRequestError
+from splitserve.tokenizer_svc.output_processor import OutputProcessor
 from splitserve.tokenizer_svc.stream import SequenceStream
 
 logger = logging.getLogger(__name__)
 
-_FINISH = common_pb2.FinishReason
-# NOTE: plain ints: an attribute of a protobuf enum wrapper is a slow lookup on a hot path.
-_UNSPECIFIED = int(_FINISH.FINISH_REASON_UNSPECIFIED)
-_STOP = int(_FINISH.FINISH_REASON_STOP)
-_ERROR = int(_FINISH.FINISH_REASON_ERROR)
-_FINISH_NAMES = {
-    _FINISH.FINISH_REASON_STOP: "stop",
-    _FINISH.FINISH_REASON_LENGTH: "length",
-    _FINISH.FINISH_REASON_ABORT: "abort",
-}
+_ERROR = int(common_pb2.FinishReason.FINISH_REASON_ERROR)
 # Abort calls are fire-and-forget; keep their tasks referenced until they end.
 _background: set[asyncio.Task] = set()
 
@@ -57,28 +48,16 @@ def grpc_error(code: grpc.StatusCode | str, details: str) -> grpc.aio.AioRpcErro
 
 
 class SequenceOutput:
-    """One sequence's output processing: tokens in, `SequenceDelta`s out (as `run_sequence`)."""
+    """One sequence on the router: the shared `OutputProcessor` plus where its deltas go."""
 
-    __slots__ = (
-        "index",
-        "spec",
-        "put",
-        "stream",
-        "eos",
-        "num_prompt",
-        "cached",
-        "prompt_lps",
-        "done",
-        "timer",
-        "trace",
-    )
+    __slots__ = ("index", "spec", "put", "proc", "done", "timer", "trace")
 
     def __init__(self, index: int, spec, put: Put, decoder: DecoderInfo, eos: frozenset[int]):
         self.index = index
         self.spec = spec
         self.put = put
         try:
-            self.stream = SequenceStream(
+            stream = SequenceStream(
                 decoder.handle,
                 spec.prompt_token_ids,
                 spec.skip_special_tokens,
@@ -88,12 +67,16 @@ class SequenceOutput:
             )
         except TokenizerRequestError as exc:  # what the tokenizer service would have refused
             raise grpc_error(exc.status, exc.message) from None
-        self.eos = eos
-        self.num_prompt = len(spec.prompt_token_ids)
-        self.cached = 0
-        # NOTE: prompt logprobs may span several messages (chunked prefill); they are
-        # gathered and handed out with the first delta.
-        self.prompt_lps: list | None = [] if spec.want_prompt_logprobs else None
+        self.proc = OutputProcessor(
+            stream,
+            len(spec.prompt_token_ids),
+            has_stop_strings=bool(spec.stop),
+            include_stop_str_in_output=spec.include_stop_str_in_output,
+            stop_token_ids=spec.stop_token_ids,
+            eos=eos,
+            want_logprobs=spec.want_logprobs,
+            want_prompt_logprobs=spec.want_prompt_logprobs,
+        )
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
         self.trace = _DetokenizeTrace(spec.request_id) if tracing.enabled() else None
@@ -102,12 +85,16 @@ class SequenceOutput:
     def request_id(self) -> str:
         return self.spec.request_id
 
+    @property
+    def wants_strings(self) -> bool:
+        return self.spec.want_logprobs or self.proc.prompt_lps is not None
+
     def wanted_strings(self, resp: scheduler_pb2.GenerateResponse) -> Iterable[int]:
         """Token ids whose strings this output's logprobs will render."""
         spec = self.spec
         if spec.want_logprobs:
             yield from _ids_in(resp.logprobs)
-        if self.prompt_lps is not None and resp.prompt_logprobs:
+        if self.proc.prompt_lps is not None and resp.prompt_logprobs:
             yield from spec.prompt_token_ids
             yield from _ids_in(resp.prompt_logprobs)
 
@@ -116,98 +103,35 @@ class SequenceOutput:
         self.put((self.index, None, exc))
 
     def on_output(self, entry: scheduler_pb2.StreamedOutput) -> bool:
-        """Process one output; True when the sequence ended here (`aborted` then says whether
-        the scheduler still runs it)."""
+        """Process one output; True when the sequence ended here."""
         resp = entry.output
-        spec = self.spec
         if entry.error_code:
             self.fail(grpc_error(entry.error_code, resp.error))
             return True
+        spec = self.spec
         if spec.queue_time_s is None and resp.HasField("queue_time_s"):
             spec.queue_time_s = resp.queue_time_s
-        ids = list(resp.token_ids)
         if self.trace is not None:
-            self.trace.num_tokens += len(ids)
-        finish = resp.finish_reason
-        self.num_prompt = resp.num_prompt_tokens or self.num_prompt
-        self.cached = max(self.cached, resp.num_cached_tokens)
-        detok_ids = ids
-        if (
-            finish == _STOP
-            and ids
-            and not spec.include_stop_str_in_output
-            and (
-                ids[-1] in self.eos
-                or (resp.HasField("stop_token_id") and ids[-1] == resp.stop_token_id)
-            )
-        ):
-            # vLLM: the token that stopped the sequence is counted but not detokenized.
-            detok_ids = ids[:-1]
-        if self.prompt_lps is not None and resp.prompt_logprobs:
-            self.prompt_lps.extend(resp.prompt_logprobs)
-        text, stop_str, used = self._detokenize(detok_ids)
-        logprobs = list(resp.logprobs) if spec.want_logprobs else []
-        if stop_str is not None:
-            self._emit(text, ids[:used], logprobs[:used], "stop", stop_str)
-            return True
-        if finish == _UNSPECIFIED:
-            if ids or text:
-                self._emit(text, ids, logprobs)
-            return False
-        if finish == _ERROR:
+            self.trace.num_tokens += len(resp.token_ids)
+        if resp.finish_reason == _ERROR:
             self.fail(EngineError(resp.error or "unknown engine error"))
             return True
-        tail = self.stream.finish()
-        if tail.stopped:
-            self._emit(text + tail.text, ids, logprobs, "stop", tail.stop_reason)
-            return True
-        stop_reason = None
-        if finish == _STOP and resp.HasField("stop_token_id"):
-            tid = resp.stop_token_id
-            stop_reason = tid if (tid in spec.stop_token_ids or tid not in self.eos) else None
-        self._emit(text + tail.text, ids, logprobs, _FINISH_NAMES.get(finish, "stop"), stop_reason)
-        return True
-
-    def _detokenize(self, ids: list[int]) -> tuple[str, str | None, int]:
-        """(new text, matched stop string or None, tokens up to and including the match)."""
-        if not ids:
-            return "", None, 0
         try:
-            if self.spec.stop and len(ids) > 1:
-                # NOTE: with stop strings, ids go in one at a time so a match names the exact
-                # token that completed it, which is what usage counts.
-                parts = []
-                for k, token_id in enumerate(ids):
-                    d = self.stream.push((token_id,))
-                    parts.append(d.text)
-                    if d.stopped:
-                        return "".join(parts), d.stop_reason, k + 1
-                return "".join(parts), None, len(ids)
-            d = self.stream.push(ids)
+            delta = self.proc.process(
+                resp.token_ids,
+                resp.logprobs,
+                resp.prompt_logprobs,
+                resp.finish_reason,
+                resp.stop_token_id if resp.HasField("stop_token_id") else None,
+                resp.num_prompt_tokens,
+                resp.num_cached_tokens,
+            )
         except TokenizerRequestError as exc:
             raise grpc_error(exc.status, exc.message) from None
-        return d.text, (d.stop_reason if d.stopped else None), len(ids)
-
-    def _emit(self, text, ids, logprobs, finish=None, stop_reason=None) -> None:
-        prompt_lps, self.prompt_lps = self.prompt_lps, None
-        if finish is not None:
-            self.done = True
-        self.put(
-            (
-                self.index,
-                SequenceDelta(
-                    text,
-                    ids,
-                    logprobs,
-                    self.num_prompt,
-                    prompt_lps,
-                    finish,
-                    stop_reason,
-                    self.cached,
-                ),
-                None,
-            )
-        )
+        if delta is not None:
+            self.done = self.proc.done
+            self.put((self.index, delta, None))
+        return self.proc.done
 
 
 class _DetokenizeTrace:
@@ -326,7 +250,7 @@ class OutputRouter:
         wanted: list[int] = []
         for e in entries:
             seq = seqs.get(e.request_id)
-            if seq is not None and (seq.spec.want_logprobs or seq.prompt_lps is not None):
+            if seq is not None and seq.wants_strings:
                 wanted.extend(seq.wanted_strings(e.output))
         if wanted:
             missing = self._clients.missing_token_strings(wanted)
@@ -341,13 +265,14 @@ class OutputRouter:
                 continue  # ended here already (stop string, consumer gone): aborted
             try:
                 ended = seq.on_output(e)
+                cut_short = ended and seq.proc.stopped_by_string
             except grpc.aio.AioRpcError as exc:
                 seq.fail(exc)
-                ended = True
+                ended = cut_short = True
             if ended:
                 self._forget(seq)
-                if not e.output.finish_reason and not e.error_code:
-                    self._abort(seq.request_id)  # a stop string: the scheduler still runs it
+                if cut_short and not e.output.finish_reason:
+                    self._abort(seq.request_id)  # the scheduler still runs it
 
     def _fail_wanting_strings(self, entries, exc: BaseException) -> None:
         for e in entries:
