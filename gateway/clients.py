@@ -47,6 +47,9 @@ class ServiceClients:
         self.sampling_defaults = SamplingDefaults()
         """Defaults for request fields left unset (the model's generation config)."""
         self._token_strings: dict[int, tuple[str, bytes]] = {}
+        self.router = None
+        """The batched output stream (an OutputRouter), once the services support it; None:
+        each sequence runs its own Generate and DetokenizeStream calls."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -87,6 +90,8 @@ class ServiceClients:
                 deadline,
                 f"the tokenizer service at {self.tokenizer_address}",
             )
+        if self.router is None:
+            self.router = await self._make_router(deadline)
         logger.info(
             "services ready: max_model_len=%d vocab_size=%d tokenizer=%s",
             self.model_info.max_model_len,
@@ -94,7 +99,32 @@ class ServiceClients:
             self.tokenizer_info.name,
         )
 
+    async def _make_router(self, deadline: float):
+        """The batched output path, when the tokenizer ships its decoder; else None."""
+        from splitserve.gateway.output_stream import DecoderInfo, OutputRouter
+
+        try:
+            spec = await _call_with_retries(
+                lambda t: self.tokenizer.GetDecoder(
+                    tokenizer_pb2.GetDecoderRequest(), timeout=t, wait_for_ready=True
+                ),
+                deadline,
+                "tokenizer GetDecoder",
+                retry_unimplemented=False,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            spec = None
+        if spec is None or not spec.tokenizer_json:
+            logger.info("the tokenizer is not shipped to the gateway: detokenizing per sequence")
+            return None
+        return OutputRouter(self, DecoderInfo(spec))
+
     async def close(self) -> None:
+        if self.router is not None:
+            await self.router.close()
+            self.router = None
         for channel in (self._scheduler_channel, self._tokenizer_channel):
             if channel is not None:
                 await channel.close()
@@ -152,7 +182,7 @@ class ServiceClients:
         return self._token_strings.get(token_id, ("", b""))
 
 
-async def _call_with_retries(call, deadline: float, what: str):
+async def _call_with_retries(call, deadline: float, what: str, retry_unimplemented=True):
     delay = 0.1
     waiting = False
     while True:
@@ -162,7 +192,9 @@ async def _call_with_retries(call, deadline: float, what: str):
         try:
             return await call(min(remaining, 10.0))
         except grpc.aio.AioRpcError as e:
-            if e.code() not in _RETRYABLE:
+            if e.code() not in _RETRYABLE or (
+                e.code() == grpc.StatusCode.UNIMPLEMENTED and not retry_unimplemented
+            ):
                 raise
             if not waiting:  # one line, not one per retry
                 logger.info("waiting for %s", what)

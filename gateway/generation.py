@@ -1,8 +1,11 @@
-"""Running generated sequences: one scheduler Generate call + one DetokenizeStream per sequence.
+"""Running generated sequences.
 
-Per step a sequence costs one scheduler message and one detokenize round trip; logprob token
-strings come from the DecodeEach cache, fetched (only on a miss) concurrently with that round
-trip. Stop strings are matched by the tokenizer service; when one matches, the Generate call is
+Where the tokenizer service ships its decoder, a request's sequences run on the gateway's one
+batched output stream (`output_stream.OutputRouter`). Otherwise (a Python or mistral_common
+tokenizer) each sequence runs `run_sequence` here: one scheduler Generate call + one
+DetokenizeStream. Per step a sequence then costs one scheduler message and one detokenize round
+trip; logprob token strings come from the DecodeEach cache, fetched (only on a miss)
+concurrently with that round trip. Stop strings are matched by the tokenizer service; when one matches, the Generate call is
 cancelled, which aborts the request in the scheduler and frees its KV blocks.
 """
 
@@ -19,6 +22,7 @@ import grpc
 from splitserve.gateway.clients import ServiceClients
 from splitserve.gateway.errors import EngineError, request_timeout
 from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
+from splitserve.tokenizer_svc.output_processor import SequenceDelta  # noqa: F401 (re-exported)
 
 _FINISH = common_pb2.FinishReason
 _FINISH_NAMES = {
@@ -77,21 +81,6 @@ class SequenceSpec:
     """Filled in by run_sequence: the scheduler's queue time, from its first message."""
     mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
     """The prompt's processed images (chat requests with image_url parts)."""
-
-
-@dataclass(slots=True)
-class SequenceDelta:
-    """New output of one sequence: text, the tokens counted for it, and finish state."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[common_pb2.TokenLogprobs]
-    num_prompt_tokens: int
-    prompt_logprobs: list[common_pb2.TokenLogprobs] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    """Prompt tokens the scheduler found in the prefix cache (so far)."""
 
 
 def merge_deltas(deltas: list[SequenceDelta]) -> SequenceDelta:
@@ -353,6 +342,13 @@ class SequenceGroup:
     ) -> None:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._live = len(specs)
+        self._run = None
+        self._tasks: list[asyncio.Task] = []
+        router = getattr(clients, "router", None)
+        if router is not None:
+            # NOTE: the batched path: the router's reader puts each delta on the queue.
+            self._run = router.start(specs, deadline, self._queue.put_nowait)
+            return
         self._tasks = [
             asyncio.ensure_future(self._pump(i, clients, s, deadline)) for i, s in enumerate(specs)
         ]
@@ -382,8 +378,21 @@ class SequenceGroup:
             self._live -= 1
         return index, delta
 
+    def poll(self) -> tuple[int, SequenceDelta] | None:
+        """The next delta if one is waiting now, else None (never waits); errors raise."""
+        if self._live == 0 or self._queue.empty():
+            return None
+        index, delta, exc = self._queue.get_nowait()
+        if exc is not None:
+            raise exc
+        if delta.finish_reason is not None:
+            self._live -= 1
+        return index, delta
+
     async def aclose(self) -> None:
         """Cancel every sequence still running (aborting it downstream) and wait for them."""
+        if self._run is not None:
+            await self._run.aclose()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

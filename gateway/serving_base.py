@@ -155,8 +155,18 @@ class ServingBase:
         try:
             event = first
             while event is not None:
-                for chunk in render(*event):
-                    yield chunk
+                # NOTE: the deltas already waiting go out in one write (same SSE events).
+                parts = list(render(*event))
+                failed: Exception | None = None
+                try:
+                    while (ready := group.poll()) is not None:
+                        observer.on_delta(*ready)
+                        parts.extend(render(*ready))
+                except Exception as exc:  # after what is rendered, as the SSE error event
+                    failed = exc
+                yield "".join(parts)
+                if failed is not None:
+                    raise failed
                 event = await group.next()
                 if event is not None:
                     observer.on_delta(*event)

@@ -55,6 +55,16 @@ class SchedulerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_scheduler__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.StreamOutputs = channel.unary_stream(
+                '/splitserve.scheduler.v1.SchedulerService/StreamOutputs',
+                request_serializer=splitserve_dot_protos_dot_scheduler__pb2.StreamOutputsRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.OutputBatch.FromString,
+                _registered_method=True)
+        self.Submit = channel.unary_unary(
+                '/splitserve.scheduler.v1.SchedulerService/Submit',
+                request_serializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -90,6 +100,24 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamOutputs(self, request, context):
+        """A front end's output stream (the gateway's): after an empty first message (the stream is
+        registered), one OutputBatch per step with the new output of every request submitted to
+        it, instead of one message per request per step. Ending the call aborts every request
+        still running on it and frees what they held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Submit(self, request, context):
+        """Queue a request whose outputs go to an open StreamOutputs stream; answers once queued,
+        with Generate's status codes for a request refused before queueing. Abort ends it early.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +140,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.GetModelInfoRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_scheduler__pb2.ModelInfo.SerializeToString,
+            ),
+            'StreamOutputs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamOutputs,
+                    request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.StreamOutputsRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_scheduler__pb2.OutputBatch.SerializeToString,
+            ),
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +261,60 @@ class SchedulerService:
             '/splitserve.scheduler.v1.SchedulerService/GetModelInfo',
             splitserve_dot_protos_dot_scheduler__pb2.GetModelInfoRequest.SerializeToString,
             splitserve_dot_protos_dot_scheduler__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitserve.scheduler.v1.SchedulerService/StreamOutputs',
+            splitserve_dot_protos_dot_scheduler__pb2.StreamOutputsRequest.SerializeToString,
+            splitserve_dot_protos_dot_scheduler__pb2.OutputBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.scheduler.v1.SchedulerService/Submit',
+            splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.SerializeToString,
+            splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

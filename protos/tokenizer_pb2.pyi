@@ -119,6 +119,22 @@ class ApplyChatTemplateResponse(_message.Message):
     mm_inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultiModalInput]
     def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ...) -> None: ...
 
+class GetDecoderRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DecoderSpec(_message.Message):
+    __slots__ = ("tokenizer_json", "skip_special_ids", "vocab_size", "max_stop_strings")
+    TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
+    SKIP_SPECIAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    tokenizer_json: str
+    skip_special_ids: _containers.RepeatedScalarFieldContainer[int]
+    vocab_size: int
+    max_stop_strings: int
+    def __init__(self, tokenizer_json: _Optional[str] = ..., skip_special_ids: _Optional[_Iterable[int]] = ..., vocab_size: _Optional[int] = ..., max_stop_strings: _Optional[int] = ...) -> None: ...
+
 class GetTokenizerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

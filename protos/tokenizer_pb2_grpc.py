@@ -70,6 +70,11 @@ class TokenizerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
                 _registered_method=True)
+        self.GetDecoder = channel.unary_unary(
+                '/splitserve.tokenizer.v1.TokenizerService/GetDecoder',
+                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.GetDecoderRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DecoderSpec.FromString,
+                _registered_method=True)
 
 
 class TokenizerServiceServicer:
@@ -129,6 +134,15 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetDecoder(self, request, context):
+        """What a front end needs to detokenize and match stop strings itself (the gateway fetches
+        it once at start), so that generated tokens need no call here. An empty tokenizer_json
+        means this tokenizer cannot be shipped (not a Rust `tokenizers` one): use DetokenizeStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +180,11 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.CompileGrammar,
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.SerializeToString,
+            ),
+            'GetDecoder': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDecoder,
+                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.GetDecoderRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DecoderSpec.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +377,33 @@ class TokenizerService:
             '/splitserve.tokenizer.v1.TokenizerService/CompileGrammar',
             splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
             splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDecoder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.tokenizer.v1.TokenizerService/GetDecoder',
+            splitserve_dot_protos_dot_tokenizer__pb2.GetDecoderRequest.SerializeToString,
+            splitserve_dot_protos_dot_tokenizer__pb2.DecoderSpec.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,11 @@ class RequestRejected(Exception):
         self.message = message
 
 
+# A plain int: `finished` runs for every output of every step (an enum wrapper's attribute
+# is a slow lookup).
+_UNSPECIFIED = int(FinishReason.FINISH_REASON_UNSPECIFIED)
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
@@ -65,7 +70,7 @@ class RequestOutput:
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason != FinishReason.FINISH_REASON_UNSPECIFIED
+        return self.finish_reason != _UNSPECIFIED
 
 
 class Scheduler:

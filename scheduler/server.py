@@ -1,4 +1,5 @@
-"""The scheduler's gRPC service: Generate streams, Abort, stats, model info, health."""
+"""The scheduler's gRPC service: Generate streams, batched output streams (StreamOutputs +
+Submit), Abort, stats, model info, health."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, 
 
 from .config import SchedulerConfig
 from .engine_core import EngineCore
-from .engine_loop import EngineLoop
+from .engine_loop import EngineLoop, OutputStream
 from .request_spans import RequestTimeline
 from .scheduler import RequestOutput, RequestRejected
 from .stats_logger import start_stats_logging, stats_interval_s
@@ -26,20 +27,48 @@ SERVICE_NAME = "splitserve.scheduler.v1.SchedulerService"
 
 
 def to_response(out: RequestOutput) -> scheduler_pb2.GenerateResponse:
-    r = scheduler_pb2.GenerateResponse(
-        token_ids=out.token_ids,
-        logprobs=out.logprobs,
-        prompt_logprobs=out.prompt_logprobs,
-        finish_reason=out.finish_reason,
-        num_prompt_tokens=out.num_prompt_tokens,
-        num_cached_tokens=out.num_cached_tokens,
-        error=out.error,
-    )
+    return fill_response(scheduler_pb2.GenerateResponse(), out)
+
+
+def fill_response(
+    r: scheduler_pb2.GenerateResponse, out: RequestOutput
+) -> scheduler_pb2.GenerateResponse:
+    """Write `out` into the empty message `r`; returns `r`."""
+    r.token_ids.extend(out.token_ids)
+    if out.logprobs:
+        r.logprobs.extend(out.logprobs)
+    if out.prompt_logprobs:
+        r.prompt_logprobs.extend(out.prompt_logprobs)
+    r.finish_reason = out.finish_reason
+    r.num_prompt_tokens = out.num_prompt_tokens
+    r.num_cached_tokens = out.num_cached_tokens
+    if out.error:
+        r.error = out.error
     if out.stop_token_id is not None:
         r.stop_token_id = out.stop_token_id
     if out.embedding is not None:
         r.embedding.extend(out.embedding)
     return r
+
+
+def _output_batch(outputs: list[RequestOutput], timelines: dict) -> scheduler_pb2.OutputBatch:
+    """One StreamOutputs message; finished requests' timelines are emitted and dropped."""
+    batch = scheduler_pb2.OutputBatch()
+    entries = batch.outputs
+    for out in outputs:
+        entry = entries.add(request_id=out.request_id, error_code=out.error_code)
+        resp = fill_response(entry.output, out)
+        timeline = timelines.get(out.request_id)
+        if timeline is not None:
+            first = not timeline.first_scheduled_ns
+            timeline.observe(out)
+            if first and timeline.first_scheduled_ns:
+                resp.queue_time_s = timeline.queue_time_s()
+            if out.finished:
+                del timelines[out.request_id]
+                if tracing.enabled():
+                    timeline.emit()
+    return batch
 
 
 # Statuses of CompileGrammar passed on to the Generate caller as they are; others -> UNAVAILABLE.
@@ -99,7 +128,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the scheduler is starting")
         return self.engine_loop
 
-    async def Generate(self, request, context):
+    async def _queue(self, request, context, stream: OutputStream | None = None):
+        """Compile the request's constraint and queue it; refusals abort the call."""
         engine_loop = await self._engine(context)
         grammar = None
         if request.HasField("grammar"):
@@ -107,12 +137,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             grammar = await self.grammars.compile(request.grammar, context)
         # Arrival is noted before the request is queued: queue time starts here.
         timeline = RequestTimeline(request.request_id)
+        if stream is not None:
+            stream.timelines[request.request_id] = timeline
         try:
             q = engine_loop.add_request(
-                request, grammar, tracing.inject_current() if self.detailed_traces else None
+                request,
+                grammar,
+                tracing.inject_current() if self.detailed_traces else None,
+                stream,
             )
         except RequestRejected as exc:
+            if stream is not None:
+                stream.timelines.pop(request.request_id, None)
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        return engine_loop, q, timeline
+
+    async def Generate(self, request, context):
+        engine_loop, q, timeline = await self._queue(request, context)
         finished = False
         try:
             while True:
@@ -137,9 +178,48 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             if tracing.enabled():
                 timeline.emit()
 
+    async def StreamOutputs(self, request, context):
+        engine_loop = await self._engine(context)
+        try:
+            stream = engine_loop.open_stream(request.stream_id)
+        except RequestRejected as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        try:
+            yield scheduler_pb2.OutputBatch()  # registered: Submit may name it now
+            while True:
+                yield _output_batch(await stream.get(), stream.timelines)
+        finally:
+            # The front end went away (or the server stops): nothing may keep running for it.
+            orphans = engine_loop.close_stream(stream)
+            if orphans:
+                logger.info(
+                    "output stream %s closed: aborted %d requests", stream.stream_id, len(orphans)
+                )
+            if tracing.enabled():
+                for timeline in stream.timelines.values():
+                    timeline.emit()
+            stream.timelines.clear()
+
+    async def Submit(self, request, context):
+        engine_loop = await self._engine(context)
+        stream = engine_loop.output_stream(request.stream_id)
+        if stream is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no open output stream {request.stream_id!r}: call StreamOutputs first",
+            )
+        await self._queue(request.request, context, stream)
+        return scheduler_pb2.SubmitResponse()
+
     async def Abort(self, request, context):
         engine_loop = await self._engine(context)
-        return scheduler_pb2.AbortResponse(aborted=engine_loop.abort(request.request_id))
+        stream = engine_loop.stream_of(request.request_id)
+        aborted = engine_loop.abort(request.request_id)
+        if stream is not None:  # a Generate call cleans up itself; a streamed request here
+            timeline = stream.timelines.pop(request.request_id, None)
+            if timeline is not None and tracing.enabled():
+                timeline.emit()
+        return scheduler_pb2.AbortResponse(aborted=aborted)
 
     async def GetStats(self, request, context):
         return (await self._engine(context)).engine.scheduler.stats()

@@ -21,13 +21,6 @@ from splitserve.lora import LoRARequest
 from splitserve.protos import common_pb2, scheduler_pb2
 from splitserve.sampling_params import SamplingParams, bad_word_variants
 
-_FINISH = {
-    common_pb2.FinishReason.FINISH_REASON_STOP: "stop",
-    common_pb2.FinishReason.FINISH_REASON_LENGTH: "length",
-    common_pb2.FinishReason.FINISH_REASON_ABORT: "abort",
-    common_pb2.FinishReason.FINISH_REASON_ERROR: "error",
-}
-
 
 @dataclass
 class CompletionOutput:
@@ -59,7 +52,8 @@ class RequestOutput:
 class _Seq:
     index: int
     prompt_idx: int
-    stream: object | None
+    proc: object
+    """The sequence's OutputProcessor (the one the gateway runs too)."""
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -352,10 +346,15 @@ class LLM:
         use_tqdm=False,
         mm_list=None,
     ) -> list[RequestOutput]:
+        from splitserve.tokenizer_svc.output_processor import OutputProcessor
         from splitserve.tokenizer_svc.stream import SequenceStream
 
         seqs: dict[str, _Seq] = {}
         sched = self.engine.scheduler
+        eos = set(sched.eos_token_ids)
+        if self.tokenizer.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.tokenizer.eos_token_id)
+        eos = frozenset(eos)
         grammars = [self._compile(sp) for sp in params_list]
         params_list = [self._tokenize_bad_words(sp) for sp in params_list]
         for pi, (ids, sp) in enumerate(zip(ids_list, params_list)):
@@ -376,7 +375,16 @@ class LLM:
                     if sp.detokenize
                     else None
                 )
-                seqs[rid] = _Seq(i, pi, stream)
+                proc = OutputProcessor(
+                    stream,
+                    len(ids),
+                    has_stop_strings=bool(sp.stop),
+                    include_stop_str_in_output=sp.include_stop_str_in_output,
+                    stop_token_ids=frozenset(sp.stop_token_ids),
+                    eos=eos,
+                    want_logprobs=True,
+                )
+                seqs[rid] = _Seq(i, pi, proc)
                 try:
                     sched.add_request(
                         scheduler_pb2.GenerateRequest(
@@ -407,32 +415,33 @@ class LLM:
         while self.engine.has_work:
             for out in self.engine.step():
                 s = seqs[out.request_id]
-                s.num_cached_tokens = out.num_cached_tokens
-                s.prompt_logprobs.extend(out.prompt_logprobs)
-                s.token_ids.extend(out.token_ids)
-                s.logprobs.extend(out.logprobs)
                 if out.error:
                     for rid in seqs:  # the call fails: its other requests must not linger
                         sched.abort_request(rid)
                     raise RuntimeError(f"request {out.request_id} failed: {out.error}")
-                if s.stream is not None and s.finish_reason is None:
-                    d = s.stream.push(out.token_ids)
-                    s.text.append(d.text)
-                    if d.stopped:
-                        s.finish_reason, s.stop_reason = "stop", d.stop_reason
+                if s.finish_reason is not None:
+                    continue  # ended on a stop string; an output already in flight
+                s.num_cached_tokens = out.num_cached_tokens
+                s.prompt_logprobs.extend(out.prompt_logprobs)
+                d = s.proc.process(
+                    out.token_ids,
+                    out.logprobs,
+                    (),
+                    out.finish_reason,
+                    out.stop_token_id,
+                    out.num_prompt_tokens,
+                    out.num_cached_tokens,
+                )
+                if d is None:
+                    continue
+                s.text.append(d.text)
+                s.token_ids.extend(d.token_ids)
+                s.logprobs.extend(d.logprobs)
+                if d.finish_reason is not None:
+                    s.finish_reason, s.stop_reason = d.finish_reason, d.stop_reason
+                    ended(s)
+                    if s.proc.stopped_by_string and not out.finished:
                         sched.abort_request(out.request_id)
-                        ended(s)
-                        continue
-                if out.finished:
-                    if s.finish_reason is None:
-                        ended(s)
-                    s.finish_reason = _FINISH[out.finish_reason]
-                    s.stop_reason = out.stop_token_id
-                    if s.stream is not None:
-                        d = s.stream.finish()
-                        s.text.append(d.text)
-                        if d.stopped:
-                            s.finish_reason, s.stop_reason = "stop", d.stop_reason
         if bar is not None:
             bar.close()
         results = []

@@ -178,6 +178,19 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             strings, raw = await self._offload(handle.decode_each, ids)
         return tokenizer_pb2.DecodeEachResponse(tokens=strings, token_bytes=raw)
 
+    async def GetDecoder(self, request, context):
+        handle = self._ready()
+        spec = tokenizer_pb2.DecoderSpec(
+            skip_special_ids=sorted(handle.skip_ids),
+            vocab_size=handle.vocab_size,
+            max_stop_strings=self._config.max_stop_strings,
+        )
+        if handle.is_fast and handle.tokenizer_json is None:
+            handle.tokenizer_json = handle.tokenizer.backend_tokenizer.to_str()
+        if handle.is_fast:
+            spec.tokenizer_json = handle.tokenizer_json
+        return spec
+
     async def GetTokenizerInfo(self, request, context):
         info = self._ready().info()
         return tokenizer_pb2.TokenizerInfo(

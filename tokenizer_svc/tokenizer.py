@@ -57,6 +57,8 @@ class TokenizerHandle:
         self.path = None
         """The resolved tokenizer folder, when loaded from one (model facts live beside it)."""
         self.vocab_size = len(tokenizer)
+        self.tokenizer_json: str | None = None
+        """The Rust tokenizer serialized, made on the first GetDecoder call."""
         self.is_fast = bool(getattr(tokenizer, "is_fast", False))
         self._byte_piece = _tekken_byte_piece(tokenizer)
         """id -> the token's raw bytes, for a mistral_common tekken tokenizer; else None."""

@@ -104,8 +104,9 @@ SEQ_ID = "{}-0-0"
 """The scheduler-side id of a request's only sequence (gateway/sampling.py)."""
 
 EXPECTED = {
-    "splitserve-gateway": {"llm_request"},
-    "splitserve-tokenizer": {"tokenize", "detokenize"},
+    # The gateway detokenizes generated tokens itself (one output stream from the scheduler).
+    "splitserve-gateway": {"llm_request", "detokenize"},
+    "splitserve-tokenizer": {"tokenize"},
     "splitserve-scheduler": {"scheduler.queued", "scheduler.prefill", "scheduler.decode"},
     "splitserve-worker": {"worker.execute_step"},
 }
@@ -172,6 +173,8 @@ def test_one_trace_across_all_services(traced_server, receiver):
 
     # The gateway's request span sits under the HTTP server span, itself under the client's.
     llm = one("splitserve-gateway", "llm_request")
+    detok = one("splitserve-gateway", "detokenize")
+    assert detok.parent_span_id == llm.span_id and _attrs(detok)["splitserve.num_tokens"] == 4
     llm_chain = ancestors(llm)
     assert llm_chain and llm_chain[-1][0] == "splitserve-gateway"
     attrs = _attrs(llm)

@@ -13,7 +13,10 @@ text steer it:
 A pooling request (embeddings; `FakeScheduler.runner_info` says pooling) gets one message
 with `fake_embedding(prompt ids)`, truncated to the request's dimensions (#busy and #hang
 work there too).
-Every Generate call is recorded, with whether it was cancelled, for tests to wait on.
+Every Generate call is recorded, with whether it was cancelled, for tests to wait on. A request
+Submitted to a StreamOutputs stream (the gateway's batched path) is recorded the same way: its
+outputs are those Generate would stream, and Abort or closing the stream "cancels" it.
+FakeTokenizer.GetDecoder ships a Rust byte-level tokenizer that decodes as the fake does.
 FakeTokenizer.CompileGrammar checks a constraint as a real backend would at the level tests
 need (JSON syntax, schema shape, regex syntax, choice list, a `root ::=` rule) and records each
 request; a spec holding #compile-timeout or #compile-busy fails with DEADLINE_EXCEEDED or
@@ -89,6 +92,9 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.streams_cancelled = 0
         self.decode_each_calls: list[list[int]] = []
         self.compile_calls: list[tokenizer_pb2.CompileGrammarRequest] = []
+        self.ship_decoder = True
+        """GetDecoder ships the tokenizer (False: a gateway then detokenizes per sequence)."""
+        self.decoder_calls = 0
 
     async def CompileGrammar(self, request, context):
         g = request.grammar
@@ -149,6 +155,17 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             parts.append("<|assistant|>")
         prompt = "".join(parts)
         return tokenizer_pb2.ApplyChatTemplateResponse(prompt=prompt, token_ids=encode(prompt))
+
+    async def GetDecoder(self, request, context):
+        self.decoder_calls += 1
+        if not self.ship_decoder:
+            return tokenizer_pb2.DecoderSpec(vocab_size=TOKENIZER_VOCAB)
+        return tokenizer_pb2.DecoderSpec(
+            tokenizer_json=fake_tokenizer_json(),
+            skip_special_ids=[BOS, EOS],
+            vocab_size=TOKENIZER_VOCAB,
+            max_stop_strings=64,
+        )
 
     async def GetTokenizerInfo(self, request, context):
         return tokenizer_pb2.TokenizerInfo(
@@ -263,6 +280,8 @@ class GenerateCall:
     emitted: int = 0
     cancelled: bool = False
     finished: bool = False
+    submitted: bool = False
+    """Came by Submit (the batched output stream), not by Generate."""
     started_at: float = field(default_factory=time.monotonic)
 
 
@@ -276,6 +295,11 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         """What GetModelInfo reports as the model's defaults (read by a gateway at start-up)."""
         self.runner_info: common_pb2.RunnerInfo | None = None
         """What GetModelInfo reports as the runner (None: generate)."""
+        self.output_streams: dict[str, asyncio.Queue] = {}
+        self.running: dict[str, tuple[asyncio.Task, str]] = {}
+        """Submitted requests still producing: id -> (task, output stream id)."""
+        self.streams_opened = 0
+        self.batches_sent = 0
 
     def calls_matching(self, needle: str) -> list[GenerateCall]:
         return [c for c in list(self.calls.values()) if needle in c.prompt_text]
@@ -295,6 +319,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.SchedulerStats(num_total_blocks=100, num_free_blocks=100)
 
     async def Abort(self, request, context):
+        running = self.running.get(request.request_id)
+        if running is not None:
+            running[0].cancel()
         return scheduler_pb2.AbortResponse(aborted=request.request_id in self.calls)
 
     async def Generate(self, request, context):
@@ -315,12 +342,68 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             call.cancelled = not ended
             self.waiter.notify()
 
+    async def StreamOutputs(self, request, context):
+        queue: asyncio.Queue = asyncio.Queue()
+        self.output_streams[request.stream_id] = queue
+        self.streams_opened += 1
+        try:
+            yield scheduler_pb2.OutputBatch()
+            while True:
+                first = await queue.get()
+                if first is None:  # break_streams(): end the call as a restarting scheduler
+                    return
+                batch = scheduler_pb2.OutputBatch(outputs=[first])
+                while not queue.empty() and queue._queue[0] is not None:
+                    batch.outputs.append(queue.get_nowait())
+                self.batches_sent += 1
+                yield batch
+        finally:
+            del self.output_streams[request.stream_id]
+            for task, sid in list(self.running.values()):
+                if sid == request.stream_id:
+                    task.cancel()
+
+    def break_streams(self) -> None:
+        """End every open output stream (call on the fakes' loop)."""
+        for queue in self.output_streams.values():
+            queue.put_nowait(None)
+
+    async def Submit(self, request, context):
+        queue = self.output_streams.get(request.stream_id)
+        if queue is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no such output stream")
+        req = request.request
+        prompt = bytes(t for t in req.prompt_token_ids if t < 256).decode("utf-8", "replace")
+        refusal = _refusal(req, prompt)
+        if refusal is not None:
+            await context.abort(*refusal)
+        call = GenerateCall(req, prompt, submitted=True)
+        self.calls[req.request_id] = call
+        self.waiter.notify()
+
+        async def run() -> None:
+            try:
+                async for resp in self._generate(call, context):
+                    queue.put_nowait(
+                        scheduler_pb2.StreamedOutput(request_id=req.request_id, output=resp)
+                    )
+                call.finished = True
+            except asyncio.CancelledError:
+                call.cancelled = True
+            finally:
+                self.running.pop(req.request_id, None)
+                self.waiter.notify()
+
+        self.running[req.request_id] = (asyncio.ensure_future(run()), request.stream_id)
+        return scheduler_pb2.SubmitResponse()
+
     async def _generate(self, call: GenerateCall, context):
         req, prompt = call.request, call.prompt_text
         sp = req.sampling_params
+        refusal = _refusal(req, prompt)
+        if refusal is not None:
+            await context.abort(*refusal)
         if req.pooling:
-            if "#busy" in prompt:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full")
             if "#hang" in prompt:
                 await asyncio.Event().wait()
             vec = fake_embedding(list(req.prompt_token_ids))
@@ -334,13 +417,6 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
                 finish_reason=FINISH.FINISH_REASON_STOP,
             )
             return
-        if "#busy" in prompt:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full")
-        if len(req.prompt_token_ids) + sp.max_tokens > MAX_MODEL_LEN:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "max_tokens: prompt + max_tokens exceeds max_model_len",
-            )
         if "#hang" in prompt:
             await asyncio.Event().wait()
         if "#gate" in prompt:
@@ -405,6 +481,39 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             if msg.finish_reason:
                 return
             await asyncio.sleep(0)
+
+
+def _refusal(req: scheduler_pb2.GenerateRequest, prompt: str) -> tuple | None:
+    """The status a request is refused with before it is queued, or None."""
+    if "#busy" in prompt:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue is full"
+    if not req.pooling and len(req.prompt_token_ids) + req.sampling_params.max_tokens > (
+        MAX_MODEL_LEN
+    ):
+        return (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens: prompt + max_tokens exceeds max_model_len",
+        )
+    return None
+
+
+def fake_tokenizer_json() -> str:
+    """A Rust tokenizer whose decoding is the fake's: ids 0-255 the bytes, then <s>, </s>."""
+    from tokenizers import Tokenizer, decoders, models
+
+    alphabet = {b: c for c, b in _byte_level_alphabet().items()}
+    vocab = {alphabet[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    assert tok.token_to_id("<s>") == BOS and tok.token_to_id("</s>") == EOS
+    return tok.to_str()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    from splitserve.tokenizer_svc.tokenizer import _byte_level_alphabet as table
+
+    return table()
 
 
 def fake_embedding(ids: list[int]) -> list[float]:

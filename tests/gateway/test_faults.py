@@ -35,13 +35,21 @@ def _all_cancelled(fakes, t: str) -> bool:
 # ---------------------------------------------------------------- row 17
 
 
+@pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("path", [COMPL, CHAT])
-def test_disconnect_mid_stream_cancels_generate(gateway, fakes, path):
+def test_disconnect_mid_stream_cancels_generate(gateway, make_gateway, fakes, path, batched):
+    if not batched:  # a tokenizer the service cannot ship: Generate + DetokenizeStream each
+        fakes.tokenizer.ship_decoder = False
+        try:
+            gateway = make_gateway()
+        finally:
+            fakes.tokenizer.ship_decoder = True
     t = tag()
     text = f"#hold@3 {t}"
     body = {"prompt": text} if path == COMPL else {"messages": [{"role": "user", "content": text}]}
     body.update(max_tokens=50, stream=True, n=2)
     cancelled_before = fakes.tokenizer.streams_cancelled
+    opened_before = fakes.tokenizer.streams_opened
     with gateway.client() as c, c.stream("POST", path, json=body) as r:
         assert r.status_code == 200
         # NOTE: keep the line iterator referenced: closing it closes the connection.
@@ -49,12 +57,15 @@ def test_disconnect_mid_stream_cancels_generate(gateway, fakes, path):
         first = next(line for line in lines if line.startswith("data:"))
         assert json.loads(first[5:])["choices"]
         assert not _all_cancelled(fakes, t)
-    # The client is gone: both Generate calls and both detokenize streams are cancelled.
+    # The client is gone: both sequences are aborted in the scheduler.
     assert fakes.scheduler.waiter.wait_for(lambda: _all_cancelled(fakes, t))
     assert len(fakes.scheduler.calls_matching(t)) == 2
-    assert fakes.tokenizer.waiter.wait_for(
-        lambda: fakes.tokenizer.streams_cancelled >= cancelled_before + 2
-    )
+    if batched:  # detokenized in the gateway: no call to the tokenizer service at all
+        assert fakes.tokenizer.streams_opened == opened_before
+    else:  # and both detokenize streams are cancelled
+        assert fakes.tokenizer.waiter.wait_for(
+            lambda: fakes.tokenizer.streams_cancelled >= cancelled_before + 2
+        )
 
 
 @pytest.mark.parametrize("stream", [False, True])

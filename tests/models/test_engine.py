@@ -269,3 +269,18 @@ def test_generate_and_chat_take_vllms_arguments(llm, llama_path):
     assert cont.prompt.endswith("Sure")
     with pytest.raises(ValueError, match="chat_template_content_format"):
         llm.chat(conv, greedy4, chat_template_content_format="xml")
+
+
+def test_stop_token_is_counted_not_shown(llama_path):
+    """The output processor the gateway runs: the stop token counts, its text does not, and it
+    is the stop_reason (an EOS would not be)."""
+    llm = LLM(str(llama_path), kv_cache_memory=8 << 20)
+    greedy_ = dict(max_tokens=10, temperature=0, ignore_eos=True)
+    full = llm.generate(["Beautiful is better"], SamplingParams(**greedy_))[0].outputs[0]
+    stops = [t for t in full.token_ids[3:] if t not in full.token_ids[:3]]
+    cut = llm.generate(["Beautiful is better"], SamplingParams(stop_token_ids=stops, **greedy_))[
+        0
+    ].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == cut.token_ids[-1] in stops
+    assert cut.text == llm.get_tokenizer().decode(cut.token_ids[:-1], skip_special_tokens=True)
+    llm.shutdown()

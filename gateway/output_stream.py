@@ -1,0 +1,401 @@
+"""Every running sequence of this gateway over one scheduler stream, detokenized here.
+
+The gateway opens one `StreamOutputs` call to the scheduler and submits each sequence with
+`Submit`; each step then arrives as one `OutputBatch` holding the new tokens of all of them.
+One reader task fans a batch out: each sequence's `SequenceOutput` detokenizes its tokens with
+the same `SequenceStream` the tokenizer service runs (built from the service's `DecoderSpec`,
+fetched once), matches stop strings, and puts a `SequenceDelta` on its request's queue. So a
+generated token costs no gRPC message of its own: no per-request stream, no detokenize call.
+
+A sequence ends by its finish reason, a stop string, an error, its deadline or its consumer
+going away; every end but a finish from the scheduler sends `Abort`, which frees its KV blocks.
+If the stream itself breaks, every sequence on it fails, and the next request opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+import grpc
+
+from splitserve import tracing
+from splitserve.gateway.errors import EngineError, request_timeout
+from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
+from splitserve.tokenizer_svc.decode_handle import DecodeHandle
+from splitserve.tokenizer_svc.errors import RequestError as TokenizerRequestError
+from splitserve.tokenizer_svc.output_processor import OutputProcessor
+from splitserve.tokenizer_svc.stream import SequenceStream
+
+logger = logging.getLogger(__name__)
+
+_ERROR = int(common_pb2.FinishReason.FINISH_REASON_ERROR)
+# Abort calls are fire-and-forget; keep their tasks referenced until they end.
+_background: set[asyncio.Task] = set()
+
+Put = Callable[[tuple], None]
+"""A request's queue: (sequence index, delta or None, exception or None)."""
+
+
+def grpc_error(code: grpc.StatusCode | str, details: str) -> grpc.aio.AioRpcError:
+    """The error a per-request gRPC call would have raised, for the same HTTP mapping."""
+    if isinstance(code, str):
+        code = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class SequenceOutput:
+    """One sequence on the router: the shared `OutputProcessor` plus where its deltas go."""
+
+    __slots__ = ("index", "spec", "put", "proc", "done", "timer", "trace")
+
+    def __init__(self, index: int, spec, put: Put, decoder: DecoderInfo, eos: frozenset[int]):
+        self.index = index
+        self.spec = spec
+        self.put = put
+        try:
+            stream = SequenceStream(
+                decoder.handle,
+                spec.prompt_token_ids,
+                spec.skip_special_tokens,
+                spec.stop,
+                spec.include_stop_str_in_output,
+                decoder.max_stop_strings,
+            )
+        except TokenizerRequestError as exc:  # what the tokenizer service would have refused
+            raise grpc_error(exc.status, exc.message) from None
+        self.proc = OutputProcessor(
+            stream,
+            len(spec.prompt_token_ids),
+            has_stop_strings=bool(spec.stop),
+            include_stop_str_in_output=spec.include_stop_str_in_output,
+            stop_token_ids=spec.stop_token_ids,
+            eos=eos,
+            want_logprobs=spec.want_logprobs,
+            want_prompt_logprobs=spec.want_prompt_logprobs,
+        )
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.trace = _DetokenizeTrace(spec.request_id) if tracing.enabled() else None
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    @property
+    def wants_strings(self) -> bool:
+        return self.spec.want_logprobs or self.proc.prompt_lps is not None
+
+    def wanted_strings(self, resp: scheduler_pb2.GenerateResponse) -> Iterable[int]:
+        """Token ids whose strings this output's logprobs will render."""
+        spec = self.spec
+        if spec.want_logprobs:
+            yield from _ids_in(resp.logprobs)
+        if self.proc.prompt_lps is not None and resp.prompt_logprobs:
+            yield from spec.prompt_token_ids
+            yield from _ids_in(resp.prompt_logprobs)
+
+    def fail(self, exc: BaseException) -> None:
+        self.done = True
+        self.put((self.index, None, exc))
+
+    def on_output(self, entry: scheduler_pb2.StreamedOutput) -> bool:
+        """Process one output; True when the sequence ended here."""
+        resp = entry.output
+        if entry.error_code:
+            self.fail(grpc_error(entry.error_code, resp.error))
+            return True
+        spec = self.spec
+        if spec.queue_time_s is None and resp.HasField("queue_time_s"):
+            spec.queue_time_s = resp.queue_time_s
+        if self.trace is not None:
+            self.trace.num_tokens += len(resp.token_ids)
+        if resp.finish_reason == _ERROR:
+            self.fail(EngineError(resp.error or "unknown engine error"))
+            return True
+        try:
+            delta = self.proc.process(
+                resp.token_ids,
+                resp.logprobs,
+                resp.prompt_logprobs,
+                resp.finish_reason,
+                resp.stop_token_id if resp.HasField("stop_token_id") else None,
+                resp.num_prompt_tokens,
+                resp.num_cached_tokens,
+            )
+        except TokenizerRequestError as exc:
+            raise grpc_error(exc.status, exc.message) from None
+        if delta is not None:
+            self.done = self.proc.done
+            self.put((self.index, delta, None))
+        return self.proc.done
+
+
+class _DetokenizeTrace:
+    """The `detokenize` span of one sequence (this gateway's share of its output work)."""
+
+    __slots__ = ("parent", "start_ns", "request_id", "num_tokens")
+
+    def __init__(self, request_id: str) -> None:
+        from opentelemetry import context
+
+        self.parent = context.get_current()
+        self.start_ns = time.time_ns()
+        self.request_id = request_id
+        self.num_tokens = 0
+
+    def emit(self) -> None:
+        tracing.emit_span(
+            tracing.get_tracer(__name__),
+            "detokenize",
+            self.parent,
+            self.start_ns,
+            time.time_ns(),
+            {"gen_ai.request.id": self.request_id, "splitserve.num_tokens": self.num_tokens},
+        )
+
+
+def _ids_in(entries) -> Iterable[int]:
+    for e in entries:
+        yield e.token_id
+        yield from e.top_token_ids
+
+
+class DecoderInfo:
+    """The tokenizer service's DecoderSpec, rebuilt for local use."""
+
+    __slots__ = ("handle", "max_stop_strings")
+
+    def __init__(self, spec: tokenizer_pb2.DecoderSpec) -> None:
+        self.handle = DecodeHandle(spec.tokenizer_json, spec.skip_special_ids, spec.vocab_size)
+        self.max_stop_strings = spec.max_stop_strings
+
+
+class OutputRouter:
+    """This gateway's output stream from the scheduler and the sequences reading it."""
+
+    def __init__(self, clients, decoder: DecoderInfo) -> None:
+        self._clients = clients
+        self._decoder = decoder
+        self._seqs: dict[str, SequenceOutput] = {}
+        self._call = None
+        self._stream_id = ""
+        self._opening: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self.batches_read = 0
+        """OutputBatch messages read so far (tests count messages per step with it)."""
+
+    # ------------------------------------------------------------------ the stream
+
+    async def _ensure_open(self) -> str:
+        if self._call is not None:
+            return self._stream_id
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._open())
+        try:
+            return await asyncio.shield(self._opening)
+        finally:
+            if self._opening is not None and self._opening.done():
+                self._opening = None
+
+    async def _open(self) -> str:
+        stream_id = f"gw-{uuid.uuid4().hex}"
+        call = self._clients.scheduler.StreamOutputs(
+            scheduler_pb2.StreamOutputsRequest(stream_id=stream_id)
+        )
+        try:
+            first = await call.read()
+        except BaseException:
+            call.cancel()
+            raise
+        if first is grpc.aio.EOF:
+            raise EngineError("the scheduler closed the output stream at once")
+        self._call, self._stream_id = call, stream_id
+        self._reader = asyncio.ensure_future(self._read(call))
+        logger.info("output stream %s open", stream_id)
+        return stream_id
+
+    async def _read(self, call) -> None:
+        error: BaseException | None = None
+        try:
+            while True:
+                batch = await call.read()
+                if batch is grpc.aio.EOF:
+                    break
+                self.batches_read += 1
+                await self._dispatch(batch.outputs)
+        except asyncio.CancelledError:
+            error = EngineError("the gateway is shutting down")
+            raise
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except Exception as exc:  # a bug here must not leave requests hanging
+            logger.exception("output stream reader failed")
+            error = exc
+        finally:
+            if self._call is call:
+                self._call = None
+            failure = error or grpc_error(
+                grpc.StatusCode.UNAVAILABLE, "the scheduler ended the output stream"
+            )
+            for seq in list(self._seqs.values()):
+                self._forget(seq)
+                seq.fail(failure)
+
+    async def _dispatch(self, entries) -> None:
+        seqs = self._seqs
+        wanted: list[int] = []
+        for e in entries:
+            seq = seqs.get(e.request_id)
+            if seq is not None and seq.wants_strings:
+                wanted.extend(seq.wanted_strings(e.output))
+        if wanted:
+            missing = self._clients.missing_token_strings(wanted)
+            if missing:
+                try:
+                    await self._clients.fetch_token_strings(missing, 60.0)
+                except grpc.aio.AioRpcError as exc:
+                    self._fail_wanting_strings(entries, exc)
+        for e in entries:
+            seq = seqs.get(e.request_id)
+            if seq is None:
+                continue  # ended here already (stop string, consumer gone): aborted
+            try:
+                ended = seq.on_output(e)
+                cut_short = ended and seq.proc.stopped_by_string
+            except grpc.aio.AioRpcError as exc:
+                seq.fail(exc)
+                ended = cut_short = True
+            if ended:
+                self._forget(seq)
+                if cut_short and not e.output.finish_reason:
+                    self._abort(seq.request_id)  # the scheduler still runs it
+
+    def _fail_wanting_strings(self, entries, exc: BaseException) -> None:
+        for e in entries:
+            seq = self._seqs.get(e.request_id)
+            if seq is not None and seq.spec.want_logprobs:
+                self._forget(seq)
+                seq.fail(exc)
+                self._abort(seq.request_id)
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    # ------------------------------------------------------------------ sequences
+
+    def start(self, specs: list, deadline, put: Put) -> RouterGroup:
+        """Run `specs` (one request's sequences), their deltas going to `put`."""
+        eos = self._clients.eos_token_ids
+        seqs = [SequenceOutput(i, s, put, self._decoder, eos) for i, s in enumerate(specs)]
+        return RouterGroup(self, seqs, deadline)
+
+    def _register(self, seq: SequenceOutput, deadline) -> None:
+        self._seqs[seq.request_id] = seq
+        remaining = deadline.remaining()
+        if remaining is not None:
+            seq.timer = asyncio.get_running_loop().call_later(remaining, self._expire, seq)
+
+    def _expire(self, seq: SequenceOutput) -> None:
+        if self._seqs.get(seq.request_id) is seq:
+            self._forget(seq)
+            seq.fail(request_timeout())
+            self._abort(seq.request_id)
+
+    def _forget(self, seq: SequenceOutput) -> None:
+        if self._seqs.get(seq.request_id) is seq:
+            del self._seqs[seq.request_id]
+        if seq.timer is not None:
+            seq.timer.cancel()
+            seq.timer = None
+        if seq.trace is not None:
+            seq.trace.emit()
+            seq.trace = None
+
+    def _abort(self, request_id: str) -> None:
+        stub = self._clients.scheduler
+        if stub is None:
+            return
+
+        async def abort() -> None:
+            try:
+                await stub.Abort(scheduler_pb2.AbortRequest(request_id=request_id), timeout=30)
+            except grpc.aio.AioRpcError as exc:  # the scheduler is gone: nothing runs there
+                logger.debug("abort of %s failed: %s", request_id, exc.code())
+
+        task = asyncio.ensure_future(abort())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def cancel(self, seq: SequenceOutput) -> None:
+        """The consumer went away: stop the sequence and free what it holds."""
+        if self._seqs.get(seq.request_id) is seq:
+            self._forget(seq)
+            self._abort(seq.request_id)
+
+
+class RouterGroup:
+    """The sequences of one request on the router: submitted together, closed together."""
+
+    def __init__(self, router: OutputRouter, seqs: list[SequenceOutput], deadline) -> None:
+        self._router = router
+        self._seqs = seqs
+        self._submitting = asyncio.ensure_future(self._submit_all(deadline))
+
+    async def _submit_all(self, deadline) -> None:
+        router = self._router
+        try:
+            stream_id = await router._ensure_open()
+        except Exception as exc:
+            for seq in self._seqs:
+                seq.fail(exc)
+            return
+        for seq in self._seqs:
+            router._register(seq, deadline)
+        await asyncio.gather(*(self._submit(stream_id, seq, deadline) for seq in self._seqs))
+
+    async def _submit(self, stream_id: str, seq: SequenceOutput, deadline) -> None:
+        spec = seq.spec
+        request = scheduler_pb2.GenerateRequest(
+            request_id=spec.request_id,
+            prompt_token_ids=spec.prompt_token_ids,
+            sampling_params=spec.sampling,
+            priority=spec.priority,
+            grammar=spec.grammar,
+            lora_name=spec.lora_name,
+            lora_path=spec.lora_path,
+            cache_salt=spec.cache_salt,
+            lora_int_id=spec.lora_int_id,
+            mm_inputs=spec.mm_inputs,
+        )
+        try:
+            await self._router._clients.scheduler.Submit(
+                scheduler_pb2.SubmitRequest(stream_id=stream_id, request=request),
+                timeout=deadline.remaining(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if self._router._seqs.get(seq.request_id) is seq:
+                self._router._forget(seq)
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or deadline.expired():
+                    # NOTE: past our own deadline, any call failure is that deadline (the
+                    # request may be queued: abort it).
+                    self._router._abort(seq.request_id)
+                    seq.fail(request_timeout())
+                else:
+                    seq.fail(exc)
+
+    async def aclose(self) -> None:
+        """Stop every sequence still running (aborting it in the scheduler)."""
+        if not self._submitting.done():
+            self._submitting.cancel()
+            await asyncio.gather(self._submitting, return_exceptions=True)
+        for seq in self._seqs:
+            if not seq.done:
+                self._router.cancel(seq)

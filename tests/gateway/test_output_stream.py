@@ -1,0 +1,79 @@
+"""The gateway's batched output path: one scheduler stream for every sequence, detokenized in
+the gateway (no tokenizer-service call per token)."""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import wait_until
+from .fakes import SCRIPT
+from .test_completions import tag
+from .test_faults import COMPL
+
+
+def _events(lines) -> list[dict]:
+    return [json.loads(x[5:]) for x in lines if x.startswith("data:") and x != "data: [DONE]"]
+
+
+def test_sequences_run_on_the_output_stream_without_tokenizer_calls(gateway, fakes):
+    t = tag()
+    opened = fakes.scheduler.streams_opened
+    detok_streams = fakes.tokenizer.streams_opened
+    body = {
+        "prompt": f"{t}",
+        "max_tokens": 30,
+        "n": 3,
+        "stream": True,
+        "stop": ["lazy"],
+        "logprobs": 2,
+    }
+    with gateway.client() as c, c.stream("POST", COMPL, json=body) as r:
+        assert r.status_code == 200
+        events = _events(r.iter_lines())
+    texts = ["", "", ""]
+    for e in events:
+        for ch in e["choices"]:
+            texts[ch["index"]] += ch["text"]
+    assert texts == [SCRIPT[:30]] * 3  # "lazy" lies past 30 tokens
+    calls = fakes.scheduler.calls_matching(t)
+    assert len(calls) == 3 and all(c.submitted for c in calls)
+    # NOTE: what this path exists for: the tokenizer service sees no call for these tokens,
+    # and the scheduler stream is the gateway's one (opened once, reused).
+    assert fakes.tokenizer.streams_opened == detok_streams
+    assert fakes.scheduler.streams_opened <= max(opened, 1)
+
+
+def test_stop_string_aborts_the_sequence_in_the_scheduler(http, fakes):
+    t = tag()
+    r = http.post(COMPL, json={"prompt": f"#hold@40 {t}", "max_tokens": 60, "stop": ["brown"]})
+    assert r.status_code == 200
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "The quick " and choice["finish_reason"] == "stop"
+    assert choice["stop_reason"] == "brown"
+    assert fakes.scheduler.waiter.wait_for(
+        lambda: all(c.cancelled for c in fakes.scheduler.calls_matching(t))
+    )
+
+
+def test_a_broken_stream_fails_its_requests_and_the_next_request_reopens(
+    gateway, fakes, loop_thread
+):
+    t = tag()
+    opened = fakes.scheduler.streams_opened
+    body = {"prompt": f"#hold@3 {t}", "max_tokens": 50, "stream": True}
+    with gateway.client() as c, c.stream("POST", COMPL, json=body) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        assert json.loads(first[5:])["choices"]
+
+        async def brk() -> None:
+            fakes.scheduler.break_streams()
+
+        loop_thread.run(brk())
+        rest = list(lines)
+    errors = [e for e in _events(rest) if "error" in e]
+    assert errors and errors[0]["error"]["code"] == 503
+    assert "data: [DONE]" in rest
+    r = gateway.client().post(COMPL, json={"prompt": f"again {t}", "max_tokens": 5})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == SCRIPT[:5]
+    wait_until(lambda: fakes.scheduler.streams_opened == opened + 1, what="a new stream")

@@ -1,0 +1,110 @@
+"""The batched output path: StreamOutputs (one message per step for a front end) and Submit."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from splitserve.protos import scheduler_pb2
+
+from .test_server import NUM_BLOCKS, scheduler_addr, stats, stub, wait_for  # noqa: F401
+from .utils import gen_request
+
+
+class Reader:
+    """Reads a StreamOutputs call on a thread, keeping every batch."""
+
+    def __init__(self, client, stream_id: str) -> None:
+        self.call = client.StreamOutputs(scheduler_pb2.StreamOutputsRequest(stream_id=stream_id))
+        first = next(self.call)
+        assert not first.outputs  # the "registered" message
+        self.batches: list[scheduler_pb2.OutputBatch] = []
+        self.error: grpc.RpcError | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for batch in self.call:
+                self.batches.append(batch)
+        except grpc.RpcError as exc:
+            self.error = exc
+
+    def outputs(self, rid: str) -> list[scheduler_pb2.GenerateResponse]:
+        return [e.output for b in list(self.batches) for e in b.outputs if e.request_id == rid]
+
+    def finished(self, rid: str) -> bool:
+        return any(o.finish_reason for o in self.outputs(rid))
+
+
+def submit(client, stream_id: str, req: scheduler_pb2.GenerateRequest) -> None:
+    client.Submit(scheduler_pb2.SubmitRequest(stream_id=stream_id, request=req))
+
+
+def test_one_message_per_step_for_all_requests_of_a_stream(stub):  # noqa: F811
+    steps_before = stats(stub).num_steps
+    reader = Reader(stub, "gw-batch")
+    lengths = {"s1": 30, "s2": 31, "s3": 32}
+    for rid, n in lengths.items():
+        submit(stub, "gw-batch", gen_request(rid, [5, 6, 7], n))
+    wait_for(lambda: all(reader.finished(r) for r in lengths), what="all requests finished")
+    steps = stats(stub).num_steps - steps_before
+    for rid, n in lengths.items():
+        outs = reader.outputs(rid)
+        assert sum(len(o.token_ids) for o in outs) == n
+        assert outs[-1].finish_reason == 2 and outs[0].num_prompt_tokens == 3
+        assert [o.HasField("queue_time_s") for o in outs if o.token_ids][0]
+    batches = [b for b in reader.batches if b.outputs]
+    # NOTE: the property this path exists for: a message per step, not per request per step.
+    assert len(batches) <= steps
+    assert max(len({e.request_id for e in b.outputs}) for b in batches) == 3
+    reader.call.cancel()
+    wait_for(lambda: stats(stub).num_free_blocks == NUM_BLOCKS, what="blocks free")
+
+
+def test_closing_the_stream_aborts_its_requests(stub):  # noqa: F811
+    reader = Reader(stub, "gw-close")
+    submit(stub, "gw-close", gen_request("long1", list(range(5, 40)), 400))
+    submit(stub, "gw-close", gen_request("long2", list(range(5, 40)), 400))
+    wait_for(lambda: reader.outputs("long1") and reader.outputs("long2"), what="first tokens")
+    assert stats(stub).num_free_blocks < NUM_BLOCKS
+    reader.call.cancel()
+    wait_for(
+        lambda: stats(stub).num_free_blocks == NUM_BLOCKS and stats(stub).num_running == 0,
+        what="blocks freed after the stream closed",
+    )
+    # The id is free again once closed.
+    Reader(stub, "gw-close").call.cancel()
+
+
+def test_abort_ends_one_request_and_spares_the_others(stub):  # noqa: F811
+    reader = Reader(stub, "gw-abort")
+    submit(stub, "gw-abort", gen_request("ab1", [5, 6, 7], 400))
+    submit(stub, "gw-abort", gen_request("ab2", [5, 6, 7], 40))
+    wait_for(lambda: reader.outputs("ab1"), what="first token")
+    assert stub.Abort(scheduler_pb2.AbortRequest(request_id="ab1")).aborted
+    wait_for(lambda: reader.finished("ab2"), what="the other request finished")
+    assert sum(len(o.token_ids) for o in reader.outputs("ab2")) == 40
+    wait_for(lambda: stats(stub).num_free_blocks == NUM_BLOCKS, what="blocks freed")
+    assert not reader.finished("ab1")
+    reader.call.cancel()
+
+
+def test_submit_refusals_keep_generate_status_codes(stub):  # noqa: F811
+    with pytest.raises(grpc.RpcError) as e:
+        submit(stub, "no-such-stream", gen_request("x1", [5, 6], 2))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    reader = Reader(stub, "gw-bad")
+    with pytest.raises(grpc.RpcError) as e:
+        submit(stub, "gw-bad", gen_request("b1", list(range(5, 500)), 100))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "495" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StreamOutputs(scheduler_pb2.StreamOutputsRequest(stream_id="gw-bad")).next()
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    submit(stub, "gw-bad", gen_request("ok1", [5, 6], 3))
+    wait_for(lambda: reader.finished("ok1"), what="a good request after refusals")
+    assert not reader.outputs("b1")
+    reader.call.cancel()
