@@ -94,3 +94,17 @@ def test_constraints_pin_every_dependency_exactly():
     for line in text.splitlines():
         assert line.startswith("#") or upgrade_check._LINE.match(line), line
     assert upgrade_check.render(pins) == text, "constraints.txt is not in the generated form"
+
+
+def test_no_script_folder_shadows_an_installed_module():
+    # `python bench/x.py` puts bench/ first on sys.path: a bench/kernels.py there was taken
+    # for Hugging Face's `kernels` when transformers imported it.
+    stems = sorted({p.stem for folder in ("bench", "tools") for p in (ROOT / folder).glob("*.py")})
+    code = (
+        "import importlib.util, json, sys;"
+        "print(json.dumps([n for n in sys.argv[1:] if importlib.util.find_spec(n) is not None]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code, *stems], cwd="/", capture_output=True, text=True
+    )
+    assert json.loads(out.stdout) == [], "bench/ or tools/ files named like installed modules"

@@ -18,10 +18,10 @@ shapes (and CPU decode attention against a CPU memcpy), runs the end-to-end harn
 tiny model as a smoke test (its speeds mean nothing), times a CPU decode step of the demo-size
 model (and of a ~200M one with --cpu-steps), and exits 0.
 
-    python bench/kernels.py            # full run
-    python bench/kernels.py --quick    # fewer repetitions
-    python bench/kernels.py --no-e2e   # kernels only
-    python bench/kernels.py --cpu-steps --threads 1   # CPU decode steps, demo and ~200M
+    python bench/kernel_bench.py            # full run
+    python bench/kernel_bench.py --quick    # fewer repetitions
+    python bench/kernel_bench.py --no-e2e   # kernels only
+    python bench/kernel_bench.py --cpu-steps --threads 1   # CPU decode steps, demo and ~200M
 """
 
 from __future__ import annotations
