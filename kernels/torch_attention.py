@@ -1,20 +1,23 @@
 """Paged attention and the KV-cache write in plain torch, shaped for speed on CPU.
 
-This is the `torch` attention backend (dispatch's CPU path). Decode rows (query_len 1) are
-sorted by context length and cut into a few runs of similar length; each run gathers its
-blocks out of the paged cache into reused scratch buffers and takes ONE SDPA call, padded only
-to its own longest context (padding blocks re-read the row's first block). The slots past a
-row's last token in its last block are masked, but a NaN there would still poison SDPA's sums,
-so they are cleared after the gather, unless the caller vouches that the cache keeps them
-finite (`clean_tails`: true of caches written only through `write_kv_cache_torch`, which clears
-a block when its first token is written). The query heads of a KV head go in as that head's
-query rows, so GQA needs no expanded keys. Prefill rows go one sequence at a time; a sequence
-without a cached prefix attends over this step's own keys, causally, without reading the cache.
+This is the `torch` attention backend (dispatch's CPU path). Decode rows (query_len 1) read
+the cache in place (`torch_paged_decode`) when its layout allows: CPU float32 caches made by
+`torch_paged_decode.new_kv_cache`, as the worker's torch backend allocates them. With plain
+caches they take the gather path: sorted by context length and cut into a few runs of
+similar length, each run gathers its blocks out of the paged cache into reused scratch
+buffers and takes ONE SDPA call, padded only to its own longest context (padding blocks
+re-read the row's first block). The slots past a row's last token in its last block are
+masked, but a NaN there would still poison SDPA's sums, so they are cleared after the gather,
+unless the caller vouches that the cache keeps them finite (`clean_tails`: true of caches
+written only through `write_kv_cache_torch`, which clears a block when its first token is
+written). The query heads of a KV head go in as that head's query rows, so GQA needs no
+expanded keys. Prefill rows go one sequence at a time; a sequence without a cached prefix
+attends over this step's own keys, causally, without reading the cache.
 
-The step's layout (runs, gather indices, masks per sliding window) lives in a
-`TorchAttentionPlan` that is built once per step and shared by every layer. SDPA has no
-soft-cap or sink input, so those features take an explicit fp32 softmax, chunked over queries
-to bound memory. Same contract as `reference.paged_attention_ref`; the tests hold it to it.
+The step's layout (in-place indices, or runs with gather indices and masks; per sliding
+window) lives in a `TorchAttentionPlan` that is built once per step and shared by every layer.
+SDPA has no soft-cap or sink input, so those features take an explicit fp32 softmax, chunked
+over queries to bound memory. Same contract as `reference.paged_attention_ref`; the tests hold it to it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .reference import soft_cap_logits, write_kv_cache_ref
+from . import torch_paged_decode
+from .reference import soft_cap_logits
+from .torch_paged_decode import PagedDecodeLayout, paged_decode
 
 # Upper bound on fp32 logits materialised at once by the explicit-softmax path (elements).
 _MAX_LOGITS = 1 << 26
@@ -178,7 +183,10 @@ class TorchAttentionPlan:
         self.empty_rows = [(int(cu[i]), int(cu[i + 1])) for i in empty.tolist()]
         live = (lens > 0) & (query_lens > 0)
         batched = live & (query_lens == 1) if block_size else np.zeros_like(live)
-        self.decode_runs = self._init_decode_runs(np.flatnonzero(batched), lens, cu)
+        decode_seqs = np.flatnonzero(batched)
+        self.decode_runs = self._init_decode_runs(decode_seqs, lens, cu)
+        self._decode = (decode_seqs, lens[decode_seqs], cu[decode_seqs])
+        self._paged: dict[tuple[int | None, int, int, int], PagedDecodeLayout] = {}
         self.prefills = [
             _PrefillSeq(i, int(cu[i]), int(cu[i + 1]), int(lens[i]))
             for i in np.flatnonzero(live & ~batched).tolist()
@@ -210,6 +218,22 @@ class TorchAttentionPlan:
         if layout is None:
             layout = self._build_layout(run, window)
             run.layouts[window] = layout
+        return layout
+
+    def paged_layout(
+        self, window: int | None, num_heads: int, num_kv_heads: int, head_dim: int
+    ) -> PagedDecodeLayout:
+        """All decode rows' in-place layout for `window` and the head shape (cached)."""
+        key = (window, num_heads, num_kv_heads, head_dim)
+        layout = self._paged.get(key)
+        if layout is None:
+            seqs, lens, rows = self._decode
+            tables = self.block_tables[torch.from_numpy(seqs).to(self.block_tables.device)]
+            layout = torch_paged_decode.build_layout(
+                _index(rows, self.device), lens, tables.cpu().numpy(), self.block_size, window,
+                num_heads, num_kv_heads, head_dim, self.device,
+            )  # fmt: skip
+            self._paged[key] = layout
         return layout
 
     def _build_layout(self, run: _DecodeRun, window: int | None) -> _Layout:
@@ -440,8 +464,14 @@ def paged_attention_torch(
     for start, end in plan.empty_rows:
         out[start:end] = 0
     features = (sliding_window, soft_cap, sinks)
-    for run in plan.decode_runs:
-        out[run.rows] = _decode_run(plan, run, q, key_cache, value_cache, scale, *features)
+    if plan.decode_runs and torch_paged_decode.supports(key_cache, value_cache):
+        layout = plan.paged_layout(sliding_window, q.shape[1], *key_cache.shape[2:])
+        out[layout.rows] = paged_decode(
+            layout, q, key_cache, value_cache, scale, soft_cap=soft_cap, sinks=sinks
+        )
+    else:
+        for run in plan.decode_runs:
+            out[run.rows] = _decode_run(plan, run, q, key_cache, value_cache, scale, *features)
     for seq in plan.prefills:
         out[seq.start : seq.end] = _prefill_seq(
             plan, seq, q, key_cache, value_cache, key, value, scale, *features
@@ -457,7 +487,8 @@ def write_kv_cache_torch(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Scatter key/value [T, Hk, D] into [NB, BS, Hk, D] caches at slot_mapping [T] (slot < 0
-    skips the token), in place; one index_copy_ per cache when the caches are contiguous.
+    skips the token), in place; one index_copy_ per contiguous cache, an indexed assignment
+    for any other strides.
 
     NOTE: a token written at offset 0 starts its block: the block's other slots are zeroed
     first, so the slots past a sequence's last token never hold what a previous owner of the
@@ -481,9 +512,8 @@ def write_kv_cache_torch(
     if fresh.numel():
         key_cache[fresh, 1:] = 0
         value_cache[fresh, 1:] = 0
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
-        write_kv_cache_ref(key, value, key_cache, value_cache, slots)
-        return
-    hk, d = key_cache.shape[2], key_cache.shape[3]
-    key_cache.view(-1, hk, d).index_copy_(0, slots, key.to(key_cache.dtype))
-    value_cache.view(-1, hk, d).index_copy_(0, slots, value.to(value_cache.dtype))
+    for new, cache in ((key, key_cache), (value, value_cache)):
+        if cache.is_contiguous():
+            cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
+        else:  # e.g. the keys of `torch_paged_decode.new_kv_cache`, stored [NB, Hk, D, BS]
+            cache[slots // block_size, slots % block_size] = new.to(cache.dtype)

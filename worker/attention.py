@@ -13,6 +13,7 @@ p % block_size.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,8 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from splitserve.kernels import dispatch
+from splitserve.kernels import dispatch, torch_paged_decode
 from splitserve.kernels.torch_attention import TorchAttentionPlan, Workspace
+
+PAGED_DECODE_ENV = "SPLITSERVE_CPU_PAGED_DECODE"
+"""Set to 0 to make the torch backend allocate plain caches, so its decodes take the older
+gather path (each layer copies the rows' blocks, then SDPA); for A/B benchmarks only."""
 
 
 @dataclass(slots=True)
@@ -56,6 +61,16 @@ class AttentionBackend:
     def prepare(self, meta: AttentionMetadata) -> None:
         """Reset per-step state (once per step, before the layers run)."""
         meta.extras.clear()
+
+    def new_kv_cache(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed key and value caches of one layer, shaped [NB, BS, Hk, D] (the memory layout
+        underneath is the backend's choice)."""
+        return (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
 
     def forward(
         self,
@@ -97,13 +112,22 @@ class AttentionBackend:
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """The torch path (CPU): decodes batched by similar length, prefills per sequence, and a
-    cache-free mode for profiling forwards. Its gather buffers persist across steps."""
+    """The torch path (CPU): decodes read the cache in place (`torch_paged_decode`, whose key
+    layout this backend allocates), prefills go per sequence, and a cache-free mode serves
+    profiling forwards. Its gather buffers persist across steps."""
 
     name = "torch"
 
     def __init__(self) -> None:
         self._workspace = Workspace()
+        self.paged_decode = os.environ.get(PAGED_DECODE_ENV, "1") != "0"
+
+    def new_kv_cache(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.paged_decode:
+            return super().new_kv_cache(shape, dtype, device)
+        return torch_paged_decode.new_kv_cache(*shape, dtype=dtype, device=device)
 
     def torch_plan(
         self, meta: AttentionMetadata, key_cache: torch.Tensor | None

@@ -1,7 +1,9 @@
 """The paged KV cache of this rank: sizing, allocation, and binding to the attention layers.
 
-Layout per layer: key and value tensors [num_blocks, block_size, num_kv_heads, head_dim] (the
-Triton kernels in `splitserve.kernels` read this exact layout).
+Shape per layer: key and value tensors [num_blocks, block_size, num_kv_heads, head_dim]. The
+attention backend allocates them and picks the memory layout underneath: contiguous for the
+Triton kernels, keys stored [num_blocks, num_kv_heads, head_dim, block_size] for the CPU torch
+path's in-place decode.
 """
 
 from __future__ import annotations
@@ -92,7 +94,10 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        allocate: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
+        """`allocate(shape, dtype, device)` returns one layer's zeroed (key, value) caches
+        (an attention backend's `new_kv_cache`); None allocates contiguous zeros."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(
                 f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}"
@@ -105,8 +110,11 @@ class KVCache:
             shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
             # NOTE: zeros, not empty: padded and stale slots are masked, but a NaN there
             # would still poison the attention output (0 * NaN).
-            key = torch.zeros(shape, dtype=dtype, device=device)
-            value = torch.zeros(shape, dtype=dtype, device=device)
+            if allocate is None:
+                key = torch.zeros(shape, dtype=dtype, device=device)
+                value = torch.zeros(shape, dtype=dtype, device=device)
+            else:
+                key, value = allocate(shape, dtype, device)
             self.caches.append((key, value))
         self.bind()
 

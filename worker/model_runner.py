@@ -186,7 +186,9 @@ class ModelRunner:
         if self.kv_cache is not None:
             self.kv_cache.unbind()
             self.kv_cache = None
-        self.kv_cache = kv.KVCache(self.model, num_blocks, block_size, self.dtype, self.device)
+        self.kv_cache = kv.KVCache(
+            self.model, num_blocks, block_size, self.dtype, self.device, self.backend.new_kv_cache
+        )
         self.block_size = block_size
         self.batch = InputBatch(
             self.max_model_len,

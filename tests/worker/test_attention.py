@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
+from splitserve.kernels import torch_paged_decode
 from splitserve.worker.attention import (
+    PAGED_DECODE_ENV,
     Attention,
     AttentionMetadata,
     forward_context,
@@ -96,6 +98,30 @@ def test_batch_matches_dense_attention(seqs, window):
     # the new keys landed in their slots
     flat = layer.kv_cache[0].view(-1, HK, D)
     torch.testing.assert_close(flat[torch.tensor(slots)], k)
+
+
+@pytest.mark.parametrize("paged", ["1", "0"])
+def test_torch_backend_cache_layout(monkeypatch, paged):
+    """The torch backend allocates keys in the layout its decodes read in place; with
+    SPLITSERVE_CPU_PAGED_DECODE=0, plain caches and the gather path. Same results."""
+    monkeypatch.setenv(PAGED_DECODE_ENV, paged)
+    backend = get_attention_backend("torch", torch.device("cpu"))
+    key, value = backend.new_kv_cache((NB, BS, HK, D), torch.float32, torch.device("cpu"))
+    assert torch_paged_decode.supports(key, value) == (paged == "1")
+    layer, meta, q, k, v, contexts, q_all, _ = _batch(MIXED, 5)
+    key.copy_(layer.kv_cache[0])
+    value.copy_(layer.kv_cache[1])
+    layer.kv_cache = (key, value)
+    with forward_context(backend, meta):
+        out = layer(q, k, v)
+    start = 0
+    for (cached, new), (keys, values), qi in zip(MIXED, contexts, q_all, strict=True):
+        expected = _dense(qi, keys, values, cached, 5)
+        torch.testing.assert_close(out[start : start + new], expected, atol=1e-5, rtol=1e-5)
+        start += new
+    plan = meta.extras["torch_plan"]
+    assert bool(plan._paged) == (paged == "1")
+    assert all(bool(run.layouts) == (paged == "0") for run in plan.decode_runs)
 
 
 @pytest.mark.parametrize("seqs", [MIXED, [(9, 1), (0, 1), (15, 1)]], ids=["mixed", "decodes"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splitserve.kernels import torch_paged_decode
 from splitserve.protos import common_pb2, worker_pb2
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.model_runner import ModelRunner
@@ -71,6 +72,11 @@ def test_describe_reports_model_and_memory(runner, tiny_llama):
     assert d.model == str(tiny_llama)
     fresh = ModelRunner(WorkerConfig(model=str(tiny_llama), kv_cache_memory=12345))
     assert fresh.describe(16).available_kv_bytes == 12345
+
+
+def test_cpu_caches_are_read_in_place(runner):
+    """A CPU float32 worker allocates every layer's cache for the in-place decode path."""
+    assert all(torch_paged_decode.supports(k, v) for k, v in runner.kv_cache.caches)
 
 
 def test_warm_up_leaves_no_request_behind(runner):
