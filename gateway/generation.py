@@ -82,6 +82,21 @@ class SequenceSpec:
     mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
     """The prompt's processed images (chat requests with image_url parts)."""
 
+    def to_request(self) -> scheduler_pb2.GenerateRequest:
+        """The scheduler request for this sequence (Generate and Submit take the same)."""
+        return scheduler_pb2.GenerateRequest(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            sampling_params=self.sampling,
+            priority=self.priority,
+            grammar=self.grammar,
+            lora_name=self.lora_name,
+            lora_path=self.lora_path,
+            cache_salt=self.cache_salt,
+            lora_int_id=self.lora_int_id,
+            mm_inputs=self.mm_inputs,
+        )
+
 
 def merge_deltas(deltas: list[SequenceDelta]) -> SequenceDelta:
     """All deltas of one sequence as one (the last carries the finish state)."""
@@ -103,21 +118,7 @@ async def run_sequence(
     clients: ServiceClients, spec: SequenceSpec, deadline: Deadline
 ) -> AsyncIterator[SequenceDelta]:
     """Generate one sequence; the last delta has finish_reason set. Errors propagate."""
-    gen = clients.scheduler.Generate(
-        scheduler_pb2.GenerateRequest(
-            request_id=spec.request_id,
-            prompt_token_ids=spec.prompt_token_ids,
-            sampling_params=spec.sampling,
-            priority=spec.priority,
-            grammar=spec.grammar,
-            lora_name=spec.lora_name,
-            lora_path=spec.lora_path,
-            cache_salt=spec.cache_salt,
-            lora_int_id=spec.lora_int_id,
-            mm_inputs=spec.mm_inputs,
-        ),
-        timeout=deadline.remaining(),
-    )
+    gen = clients.scheduler.Generate(spec.to_request(), timeout=deadline.remaining())
     detok = clients.tokenizer.DetokenizeStream(timeout=deadline.remaining())
     finished_cleanly = False
     try:

@@ -363,18 +363,7 @@ class RouterGroup:
 
     async def _submit(self, stream_id: str, seq: SequenceOutput, deadline) -> None:
         spec = seq.spec
-        request = scheduler_pb2.GenerateRequest(
-            request_id=spec.request_id,
-            prompt_token_ids=spec.prompt_token_ids,
-            sampling_params=spec.sampling,
-            priority=spec.priority,
-            grammar=spec.grammar,
-            lora_name=spec.lora_name,
-            lora_path=spec.lora_path,
-            cache_salt=spec.cache_salt,
-            lora_int_id=spec.lora_int_id,
-            mm_inputs=spec.mm_inputs,
-        )
+        request = spec.to_request()
         try:
             await self._router._clients.scheduler.Submit(
                 scheduler_pb2.SubmitRequest(stream_id=stream_id, request=request),
