@@ -204,8 +204,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         engine_loop = await self._engine(context)
         stream = engine_loop.output_stream(request.stream_id)
         if stream is None:
+            # UNAVAILABLE, not a client error: a front end submits right after it (re)opened
+            # its stream, so a missing one is a stream that broke meanwhile (a 503, retryable).
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.UNAVAILABLE,
                 f"no open output stream {request.stream_id!r}: call StreamOutputs first",
             )
         await self._queue(request.request, context, stream)

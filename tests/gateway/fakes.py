@@ -371,7 +371,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Submit(self, request, context):
         queue = self.output_streams.get(request.stream_id)
         if queue is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no such output stream")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no such output stream")
         req = request.request
         prompt = bytes(t for t in req.prompt_token_ids if t < 256).decode("utf-8", "replace")
         refusal = _refusal(req, prompt)

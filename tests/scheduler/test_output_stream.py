@@ -95,7 +95,8 @@ def test_abort_ends_one_request_and_spares_the_others(stub):  # noqa: F811
 def test_submit_refusals_keep_generate_status_codes(stub):  # noqa: F811
     with pytest.raises(grpc.RpcError) as e:
         submit(stub, "no-such-stream", gen_request("x1", [5, 6], 2))
-    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no open output stream" in e.value.details()
     reader = Reader(stub, "gw-bad")
     with pytest.raises(grpc.RpcError) as e:
         submit(stub, "gw-bad", gen_request("b1", list(range(5, 500)), 100))
