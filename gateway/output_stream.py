@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -79,7 +78,9 @@ class SequenceOutput:
         )
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
-        self.trace = _DetokenizeTrace(spec.request_id) if tracing.enabled() else None
+        self.trace = (
+            tracing.DetokenizeTrace(__name__, spec.request_id) if tracing.enabled() else None
+        )
 
     @property
     def request_id(self) -> str:
@@ -132,30 +133,6 @@ class SequenceOutput:
             self.done = self.proc.done
             self.put((self.index, delta, None))
         return self.proc.done
-
-
-class _DetokenizeTrace:
-    """The `detokenize` span of one sequence (this gateway's share of its output work)."""
-
-    __slots__ = ("parent", "start_ns", "request_id", "num_tokens")
-
-    def __init__(self, request_id: str) -> None:
-        from opentelemetry import context
-
-        self.parent = context.get_current()
-        self.start_ns = time.time_ns()
-        self.request_id = request_id
-        self.num_tokens = 0
-
-    def emit(self) -> None:
-        tracing.emit_span(
-            tracing.get_tracer(__name__),
-            "detokenize",
-            self.parent,
-            self.start_ns,
-            time.time_ns(),
-            {"gen_ai.request.id": self.request_id, "splitserve.num_tokens": self.num_tokens},
-        )
 
 
 def _ids_in(entries) -> Iterable[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
@@ -200,6 +201,33 @@ def emit_span(
         name, context=parent_context, start_time=start_ns, attributes=dict(attributes or {})
     )
     span.end(end_time=max(end_ns, start_ns))
+
+
+class DetokenizeTrace:
+    """The `detokenize` span of one sequence's (or one stream's) output work: its parent is
+    the context current when it is made; `emit` closes it when that work is done."""
+
+    __slots__ = ("scope", "parent", "start_ns", "request_id", "num_tokens")
+
+    def __init__(self, scope: str, request_id: str = "") -> None:
+        from opentelemetry import context
+
+        self.scope = scope
+        """The instrumentation scope (the module that does the work)."""
+        self.parent = context.get_current()
+        self.start_ns = time.time_ns()
+        self.request_id = request_id
+        self.num_tokens = 0
+
+    def emit(self) -> None:
+        emit_span(
+            get_tracer(self.scope),
+            "detokenize",
+            self.parent,
+            self.start_ns,
+            time.time_ns(),
+            {"gen_ai.request.id": self.request_id, "splitserve.num_tokens": self.num_tokens},
+        )
 
 
 def span(name: str, attributes: Mapping[str, object] | None = None):

@@ -25,7 +25,6 @@ import asyncio
 import logging
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -218,7 +217,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         )
 
     async def DetokenizeStream(self, request_iterator, context):
-        trace = _StreamTrace() if tracing.enabled() else None
+        trace = tracing.DetokenizeTrace(__name__) if tracing.enabled() else None
         try:
             async for response in self._detokenize_stream(request_iterator, trace):
                 yield response
@@ -226,7 +225,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             if trace is not None:
                 trace.emit()
 
-    async def _detokenize_stream(self, request_iterator, trace: _StreamTrace | None):
+    async def _detokenize_stream(self, request_iterator, trace: tracing.DetokenizeTrace | None):
         seq: SequenceStream | None = None
         async for request in request_iterator:
             kind = request.WhichOneof("kind")
@@ -255,28 +254,6 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 yield _START_RESPONSE
             else:
                 raise InvalidRequest("a DetokenizeStream message must carry `start` or `tokens`")
-
-
-class _StreamTrace:
-    """The `detokenize` span of one stream, emitted when the stream ends."""
-
-    def __init__(self) -> None:
-        from opentelemetry import context
-
-        self.parent = context.get_current()
-        self.start_ns = time.time_ns()
-        self.request_id = ""
-        self.num_tokens = 0
-
-    def emit(self) -> None:
-        tracing.emit_span(
-            tracing.get_tracer(__name__),
-            "detokenize",
-            self.parent,
-            self.start_ns,
-            time.time_ns(),
-            {"gen_ai.request.id": self.request_id, "splitserve.num_tokens": self.num_tokens},
-        )
 
 
 def make_grammar_compiler(
