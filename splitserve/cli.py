@@ -18,7 +18,7 @@ if __name__ == "__main__" and not sys.flags.safe_path and sys.path[:1] == [os.ge
     del sys.path[0]
 
 from splitserve import __version__  # noqa: E402
-from splitserve.config_cli import add_config_flags, build_config
+from splitserve.config_cli import add_config_flags, build_config, service_configs
 from splitserve.config_file import expand_config_file
 from splitserve.tracing import setup_tracing
 from splitserve.vllm_compat import add_pinned_flags, check_pinned
@@ -27,15 +27,6 @@ logger = logging.getLogger("splitserve")
 
 # Fields the launcher sets itself (addresses of the processes it starts).
 _WIRING = {"worker_addresses", "rank"}
-
-
-def _configs():
-    from splitserve.gateway.config import GatewayConfig
-    from splitserve.scheduler.config import SchedulerConfig
-    from splitserve.tokenizer_svc.config import TokenizerServiceConfig
-    from splitserve.worker.config import WorkerConfig
-
-    return GatewayConfig, SchedulerConfig, WorkerConfig, TokenizerServiceConfig
 
 
 def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
@@ -81,7 +72,7 @@ def dashed_flags(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = _configs()
+    gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = service_configs()
     # NOTE: allow_abbrev off everywhere: argparse would read vLLM's `--model X` as our
     # `--model-impl X`, and any prefix of a flag as the flag.
     parser = argparse.ArgumentParser(
@@ -186,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s [{args.command}] %(name)s: %(message)s",
     )
-    gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = _configs()
+    gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = service_configs()
     try:
         check_pinned(args)
         if args.check_config:
@@ -247,7 +238,7 @@ def quiet_openmp_waits(environ=os.environ) -> None:
 
 def _check_config(args: argparse.Namespace) -> int:
     """`--check-config`: build every config the command would use, print them, start nothing."""
-    gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = _configs()
+    gateway_cfg, scheduler_cfg, worker_cfg, tokenizer_cfg = service_configs()
     address = {"address": args.address} if hasattr(args, "address") else {}
     if args.command == "serve":
         # The same configs `serve` builds, minus the ports it would pick at start-up.

@@ -16,6 +16,17 @@ import textwrap
 from typing import Any
 
 
+def service_configs() -> tuple[type, type, type, type]:
+    """The config dataclasses of the gateway, scheduler, worker and tokenizer service (imported
+    here, lazily, so that the launcher and the CLI share them without importing each other)."""
+    from splitserve.gateway.config import GatewayConfig
+    from splitserve.scheduler.config import SchedulerConfig
+    from splitserve.tokenizer_svc.config import TokenizerServiceConfig
+    from splitserve.worker.config import WorkerConfig
+
+    return GatewayConfig, SchedulerConfig, WorkerConfig, TokenizerServiceConfig
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each dataclass field (the string literal right after it)."""
     docs: dict[str, str] = {}

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from splitserve.child_process import LoggedChild, child_env, python_command
-from splitserve.config_cli import build_config, config_to_argv
+from splitserve.config_cli import build_config, config_to_argv, service_configs
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,7 @@ def _gpu_per_rank(worker_cfg) -> list[dict[str, str]] | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from splitserve.cli import _configs
-
-    gateway_cls, scheduler_cls, worker_cls, tokenizer_cls = _configs()
+    gateway_cls, scheduler_cls, worker_cls, tokenizer_cls = service_configs()
     model = args.model_tag
     if model is None:
         from splitserve.demo_model import demo_model_path
