@@ -38,7 +38,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class LoggedChild:
-    """One child process whose merged output is copied to `echo` and to `log_path`."""
+    """One child process whose merged output is copied to our stderr and to `log_path`."""
 
     def __init__(
         self,
@@ -46,14 +46,12 @@ class LoggedChild:
         cmd: list[str],
         log_path: Path,
         env: dict[str, str],
-        echo=None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.log_path = log_path
         self.exited_at: float | None = None
         """time.monotonic() when the child exited (orders several deaths)."""
-        self._echo = echo if echo is not None else sys.stderr.buffer
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             cmd,
@@ -80,8 +78,8 @@ class LoggedChild:
             self._log.write(chunk)
             self._log.flush()
             try:
-                self._echo.write(chunk)
-                self._echo.flush()
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
             except (OSError, ValueError):  # the launcher's own stderr is gone: keep the log
                 pass
         self._log.close()

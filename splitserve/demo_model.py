@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import pydoc
+import shutil
 from collections.abc import Iterator
 
 CHATML_TEMPLATE = (
@@ -243,8 +244,6 @@ def demo_model_path() -> pathlib.Path:
         json.dumps({**json.loads(gen_path.read_text()), "max_new_tokens": DEMO_MAX_NEW_TOKENS})
     )
     if path.exists():  # another process built it meanwhile
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(path)
