@@ -25,7 +25,7 @@ import time
 
 
 def build(out: pathlib.Path, small: bool) -> pathlib.Path:
-    from splitserve.demo_model import build_model
+    from splitserve.testing.demo_model import build_model
 
     shape = (
         dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)

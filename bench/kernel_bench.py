@@ -189,7 +189,7 @@ def bench_cpu(reps: int) -> None:
 # --------------------------------------------------------------------------- CPU decode step
 
 STEP_SHAPES = {
-    # splitserve.demo_model.DEMO_SIZES
+    # splitserve.testing.demo_model.DEMO_SIZES
     "demo": dict(
         vocab_size=2000,
         hidden_size=256,
@@ -408,7 +408,7 @@ def make_dummy_model(out: pathlib.Path, shape: str, dtype: str) -> pathlib.Path:
     small tokenizer (prompts are token ids and nothing is detokenized)."""
     import transformers
 
-    from splitserve.demo_model import build_tokenizer
+    from splitserve.testing.demo_model import build_tokenizer
 
     build_tokenizer(out, vocab_size=300)
     config = transformers.LlamaConfig(

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
 
 MODEL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8)
 SMALL_MODEL = dict(
@@ -75,7 +75,7 @@ class Workers:
                 [
                     sys.executable,
                     "-m",
-                    "splitserve.cli",
+                    "splitserve.entrypoints.cli",
                     "--log-level",
                     "warning",
                     "worker",

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
 
 BENCH_MODEL = dict(
     vocab_size=2000,
@@ -52,7 +52,7 @@ def workload(n: int, vocab: int, seed: int = 0):
 
 
 def model_folder(small: bool) -> pathlib.Path:
-    from splitserve.demo_model import build_model
+    from splitserve.testing.demo_model import build_model
 
     cache = pathlib.Path(
         os.environ.get("SPLITSERVE_CACHE", pathlib.Path.home() / ".cache" / "splitserve")
@@ -109,7 +109,7 @@ def bench_stack(path: pathlib.Path, prompts, outs, kv_bytes: str) -> float:
         [
             sys.executable,
             "-m",
-            "splitserve.cli",
+            "splitserve.entrypoints.cli",
             "serve",
             str(path),
             "--port",
@@ -143,7 +143,7 @@ def bench_stack(path: pathlib.Path, prompts, outs, kv_bytes: str) -> float:
 # ---------------------------------------------------------------- (b) in-process engine
 def bench_engine(path: pathlib.Path, prompts, outs, kv_bytes: str) -> float:
     from splitserve import LLM, SamplingParams
-    from splitserve.config_cli import _parse_int
+    from splitserve.entrypoints.config_cli import _parse_int
 
     llm = LLM(str(path), kv_cache_memory=_parse_int(kv_bytes))
     params = [

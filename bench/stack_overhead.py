@@ -32,13 +32,13 @@ import subprocess
 import sys
 import time
 
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
 
 TINY_MODEL = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4)
 
 
 def model_folder() -> pathlib.Path:
-    from splitserve.demo_model import build_model
+    from splitserve.testing.demo_model import build_model
 
     cache = pathlib.Path(
         os.environ.get("SPLITSERVE_CACHE", pathlib.Path.home() / ".cache" / "splitserve")
@@ -60,7 +60,7 @@ class Stack:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(path)
-        cmd = [sys.executable, "-m", "splitserve.cli", "serve", str(path)]
+        cmd = [sys.executable, "-m", "splitserve.entrypoints.cli", "serve", str(path)]
         cmd += ["--port", str(self.port), "--kv-cache-memory", kv_bytes]
         cmd += ["--log-level", "warning", "--disable-uvicorn-access-log", *extra]
         self.proc = subprocess.Popen(cmd)
@@ -181,7 +181,7 @@ def _cpu_seconds(pid: int, tick: int) -> float:
 class Engine:
     def __init__(self, path: pathlib.Path, kv_bytes: str) -> None:
         from splitserve import LLM
-        from splitserve.config_cli import _parse_int
+        from splitserve.entrypoints.config_cli import _parse_int
 
         self.llm = LLM(str(path), kv_cache_memory=_parse_int(kv_bytes))
 

@@ -138,7 +138,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from splitserve import LLM, SamplingParams, StructuredOutputsParams
-    from splitserve.demo_model import build_model
+    from splitserve.testing.demo_model import build_model
 
     max_tokens = args.max_tokens or (32 if args.small else 96)
     tmp = tempfile.TemporaryDirectory()

@@ -109,7 +109,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from splitserve import LLM
-    from splitserve.demo_model import build_model
+    from splitserve.testing.demo_model import build_model
 
     tmp = tempfile.TemporaryDirectory()
     sizes = SMALL_MODEL if args.small else MODEL

@@ -18,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import PlainTextResponse, Response
 
 import splitserve
-from splitserve import tracing
+from splitserve.common import tracing
 from splitserve.gateway.clients import ServiceClients
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import ClientDisconnected, RequestError, error_response

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.generation_config import SamplingDefaults
+from splitserve.common.generation_config import SamplingDefaults
 from splitserve.protos import (
     scheduler_pb2,
     scheduler_pb2_grpc,

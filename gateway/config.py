@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from splitserve.common.lora import check_lora_fields
+from splitserve.common.sampling_params import MAX_LOGPROBS
+from splitserve.common.tracing import check_endpoint
 from splitserve.gateway.reasoning import REASONING_PARSERS
 from splitserve.gateway.tool_parsers import TOOL_PARSERS
-from splitserve.lora import check_lora_fields
-from splitserve.sampling_params import MAX_LOGPROBS
-from splitserve.tracing import check_endpoint
 
 
 @dataclass
@@ -230,7 +230,7 @@ class GatewayConfig:
             )
 
     def _check_media(self) -> None:
-        from splitserve.mm_limits import canonical_mm_limits
+        from splitserve.common.mm_limits import canonical_mm_limits
 
         self.limit_mm_per_prompt = canonical_mm_limits(self.limit_mm_per_prompt)
         if self.max_image_bytes < 1:

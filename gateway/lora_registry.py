@@ -12,9 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitserve.gateway.config import GatewayConfig
-from splitserve.gateway.errors import RequestError
-from splitserve.lora import (
+from splitserve.common.lora import (
     RUNTIME_UPDATE_ENV,
     LoRAPathError,
     allowed_roots,
@@ -22,6 +20,8 @@ from splitserve.lora import (
     read_adapter_config,
     resolve_adapter_path,
 )
+from splitserve.gateway.config import GatewayConfig
+from splitserve.gateway.errors import RequestError
 
 
 @dataclass(frozen=True, slots=True)

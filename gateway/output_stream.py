@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from splitserve import tracing
+from splitserve.common import tracing
 from splitserve.gateway.errors import EngineError, request_timeout
 from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
 from splitserve.tokenizer_svc.decode_handle import DecodeHandle

@@ -14,7 +14,7 @@ import contextvars
 import time
 from collections.abc import Sequence
 
-from splitserve import tracing
+from splitserve.common import tracing
 from splitserve.gateway.generation import SequenceDelta, SequenceSpec
 from splitserve.gateway.metrics import GatewayMetrics
 

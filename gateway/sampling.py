@@ -11,14 +11,14 @@ import math
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
+from splitserve.common.generation_config import SamplingDefaults
+from splitserve.common.sampling_params import SamplingParams, validate
 from splitserve.gateway import vllm_extras
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import SequenceSpec
 from splitserve.gateway.protocol import SamplingFields
-from splitserve.generation_config import SamplingDefaults
 from splitserve.protos import common_pb2
-from splitserve.sampling_params import SamplingParams, validate
 
 _INT64_MIN, _INT64_SPAN = -(2**63), 2**64
 _LOGIT_BIAS_LIMIT = 100.0

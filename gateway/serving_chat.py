@@ -13,6 +13,7 @@ import grpc
 from starlette.requests import Request
 from starlette.responses import Response
 
+from splitserve.common.mm_limits import parse_mm_limits
 from splitserve.gateway import vllm_extras
 from splitserve.gateway.chat_output import ChoiceOutput
 from splitserve.gateway.errors import bad_request, param_from_details
@@ -38,7 +39,6 @@ from splitserve.gateway.structured import compile_constraint, resolve_constraint
 from splitserve.gateway.tool_calls import ToolCallParser, ToolMode, tool_constraint
 from splitserve.gateway.tool_parsers import TOOL_PARSERS
 from splitserve.gateway.vllm_extras import refuse_unsupported
-from splitserve.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2
 
 _MAX_TOTAL_IMAGE_BYTES = 48 << 20

@@ -21,13 +21,13 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
+from splitserve.common.pooling import dimensions_problem
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import Deadline
 from splitserve.gateway.protocol import ChatMessage, Int, PromptInput, RequestModel
 from splitserve.gateway.sampling import Limits, check_token_ids
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import run_until_disconnect
-from splitserve.pooling import dimensions_problem
 from splitserve.protos import scheduler_pb2, tokenizer_pb2
 
 MAX_INPUTS = 2048

@@ -14,9 +14,9 @@ import asyncio
 import re
 from typing import Any
 
+from splitserve.common.sampling_params import SamplingParams, bad_word_variants
 from splitserve.gateway.errors import bad_request
 from splitserve.protos import tokenizer_pb2
-from splitserve.sampling_params import SamplingParams, bad_word_variants
 
 MAX_ALLOWED_TOKEN_IDS = 1 << 20
 """Cap on the length of allowed_token_ids (each id is checked against the vocabulary)."""
@@ -67,7 +67,7 @@ def refuse_unsupported(req: Any) -> None:
 
 def allowed_token_ids(ids: list[int] | None) -> list[int] | None:
     """The deduplicated ids (None when unset); emptiness and the vocabulary are checked with
-    the other sampling fields (splitserve.sampling_params.validate)."""
+    the other sampling fields (splitserve.common.sampling_params.validate)."""
     if ids is None:
         return None
     if len(ids) > MAX_ALLOWED_TOKEN_IDS:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitserve.lora import check_lora_fields
-from splitserve.tracing import check_endpoint, parse_detailed_traces
+from splitserve.common.lora import check_lora_fields
+from splitserve.common.tracing import check_endpoint, parse_detailed_traces
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 

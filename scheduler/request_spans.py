@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from splitserve import tracing
+from splitserve.common import tracing
 
 from .scheduler import RequestOutput
 

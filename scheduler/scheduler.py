@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from splitserve.pooling import dimensions_problem, finish_embedding
+from splitserve.common.pooling import dimensions_problem, finish_embedding
 from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
 
 from .config import SchedulerConfig

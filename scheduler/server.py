@@ -10,8 +10,8 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitserve import tracing
-from splitserve.grpc_errors import ErrorInterceptor
+from splitserve.common import tracing
+from splitserve.common.grpc_errors import ErrorInterceptor
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 from .config import SchedulerConfig

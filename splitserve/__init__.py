@@ -10,15 +10,15 @@ __all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "__version__"]
 def __getattr__(name: str):
     # Lazy: `splitserve.gateway` and `splitserve.scheduler` must import without torch.
     if name == "LLM":
-        from splitserve.llm import LLM
+        from splitserve.offline.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from splitserve.sampling_params import SamplingParams
+        from splitserve.common.sampling_params import SamplingParams
 
         return SamplingParams
     if name == "StructuredOutputsParams":
-        from splitserve.structured_outputs import StructuredOutputsParams
+        from splitserve.common.structured_outputs import StructuredOutputsParams
 
         return StructuredOutputsParams
     raise AttributeError(name)

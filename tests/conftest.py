@@ -5,8 +5,8 @@ there on sys.path, they shadow installed packages of the same names: transformer
 Hugging Face's `kernels`. `python -m pytest` from the root puts the root first on sys.path;
 pytest itself adds nothing (`--import-mode=importlib` in pyproject.toml). This file runs
 before any test module imports transformers, drops the root, and sets PYTHONSAFEPATH so that
-every Python child a test starts (`python -m splitserve.cli`, `python -c ...`) keeps it off
-too, as splitserve's own launcher does (splitserve/child_process.py).
+every Python child a test starts (`python -m splitserve.entrypoints.cli`, `python -c ...`) keeps it off
+too, as splitserve's own launcher does (splitserve/entrypoints/child_process.py).
 """
 
 from __future__ import annotations

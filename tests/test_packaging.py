@@ -43,7 +43,9 @@ def test_no_bare_top_level_service_packages():
 
 def test_console_script_and_version():
     out = subprocess.run(
-        [sys.executable, "-m", "splitserve.cli", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "splitserve.entrypoints.cli", "--version"],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0 and out.stdout.startswith("splitserve ")
 

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from splitserve.tracing import check_endpoint
+from splitserve.common.tracing import check_endpoint
 
 TOKENIZER_MODES = ("auto", "slow", "fast", "mistral")
 GUIDED_DECODING_BACKENDS = ("xgrammar", "guidance", "auto")
@@ -120,7 +120,7 @@ class TokenizerServiceConfig:
             raise ValueError(f"grammar_max_pending must be >= 1, got {self.grammar_max_pending}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
-        from splitserve.mm_limits import canonical_mm_limits
+        from splitserve.common.mm_limits import canonical_mm_limits
 
         if not self.mm_processor_cache_gb >= 0:
             raise ValueError(

@@ -5,7 +5,7 @@ loop stays free; `DetokenizeStream` work is a few microseconds per token and run
 does a small `DecodeEach` (one step's logprob tokens).
 Health (`grpc.health.v1`) says NOT_SERVING until the tokenizer is loaded, then SERVING, and
 NOT_SERVING again once shutdown starts. `RequestError`s become their gRPC status; anything
-else becomes INTERNAL with the traceback logged (`splitserve.grpc_errors.ErrorInterceptor`).
+else becomes INTERNAL with the traceback logged (`splitserve.common.grpc_errors.ErrorInterceptor`).
 
 DetokenizeStream protocol (one response per request message, in order):
   1. `start`: prompt ids (context), skip_special_tokens, stop strings -> an empty response.
@@ -31,9 +31,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from splitserve import tracing
-from splitserve.grpc_errors import ErrorInterceptor
-from splitserve.mm_limits import parse_mm_limits
+from splitserve.common import tracing
+from splitserve.common.grpc_errors import ErrorInterceptor
+from splitserve.common.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from .chat import ChatRenderer, parse_chat_request

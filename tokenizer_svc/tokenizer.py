@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from splitserve.model_path import resolve_model_path
+from splitserve.common.model_path import resolve_model_path
 
 from .config import TokenizerServiceConfig, load_chat_template
 from .errors import InvalidRequest

@@ -6,12 +6,12 @@ import json
 import os
 from dataclasses import dataclass
 
-from splitserve.generation_config import canonical_override
-from splitserve.generation_config import check_mode as check_generation_mode
-from splitserve.hf_overrides import canonical_hf_overrides
-from splitserve.lora import check_lora_fields
-from splitserve.pooling import check_runner_fields, parse_pooler_config, resolve_runner
-from splitserve.tracing import check_endpoint, parse_detailed_traces
+from splitserve.common.generation_config import canonical_override
+from splitserve.common.generation_config import check_mode as check_generation_mode
+from splitserve.common.hf_overrides import canonical_hf_overrides
+from splitserve.common.lora import check_lora_fields
+from splitserve.common.pooling import check_runner_fields, parse_pooler_config, resolve_runner
+from splitserve.common.tracing import check_endpoint, parse_detailed_traces
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from splitserve.lora import (
+from splitserve.common.lora import (
     adapter_weight_file,
     allowed_roots,
     parse_lora_modules,

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitserve.generation_config import SamplingDefaults, resolve
-from splitserve.hf_overrides import apply_hf_overrides
-from splitserve.model_path import (
+from splitserve.common.generation_config import SamplingDefaults, resolve
+from splitserve.common.hf_overrides import apply_hf_overrides
+from splitserve.common.model_path import (
     ALLOW_PATTERNS,
     CONFIG_PATTERNS,
     PT_PATTERNS,
@@ -33,7 +33,7 @@ from splitserve.model_path import (
     is_local_folder,
     resolve_model_path,
 )
-from splitserve.pooling import is_base_model
+from splitserve.common.pooling import is_base_model
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.linear import MergedLinear
 from splitserve.worker.models.registry import get_model_class

@@ -144,7 +144,7 @@ class ModelRunner:
         """The HF tokenizer the grammar matchers need (first constrained request only)."""
         from transformers import AutoTokenizer
 
-        from splitserve.model_path import resolve_model_path
+        from splitserve.common.model_path import resolve_model_path
 
         source = self.config.tokenizer or self.config.model
         return AutoTokenizer.from_pretrained(str(resolve_model_path(source, self.config.revision)))

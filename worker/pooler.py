@@ -5,7 +5,7 @@ LAST keeps the hidden state of the prompt's last token (always computed this ste
 cache never serves a prompt's last token). MEAN averages every prompt position and CLS keeps
 the first one, so they need every position computed here: the scheduler gives such requests
 no prefix-cache hits, and a chunk that starts past what this pooler has seen is an error.
-Truncation (matryoshka) and normalization happen in the scheduler (splitserve.pooling).
+Truncation (matryoshka) and normalization happen in the scheduler (splitserve.common.pooling).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splitserve.pooling import (
+from splitserve.common.pooling import (
     PoolerSettings,
     check_runner,
     matryoshka_dimensions,

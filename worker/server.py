@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitserve import tracing
-from splitserve.grpc_errors import ErrorInterceptor
+from splitserve.common import tracing
+from splitserve.common.grpc_errors import ErrorInterceptor
 from splitserve.protos import worker_pb2, worker_pb2_grpc
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.step_spans import StepSpans

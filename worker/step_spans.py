@@ -7,7 +7,7 @@ request in that step, timed around the step's execution.
 
 from __future__ import annotations
 
-from splitserve import tracing
+from splitserve.common import tracing
 from splitserve.protos import worker_pb2
 
 

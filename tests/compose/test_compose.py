@@ -14,7 +14,7 @@ import tomllib
 import pytest
 import yaml
 
-from splitserve import cli, healthcheck
+from splitserve.entrypoints import cli, healthcheck
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
@@ -84,7 +84,7 @@ def test_model_init_builds_the_demo_model_the_services_use(services):
     init = services["model-init"]
     script = init["entrypoint"][-1]
     assert "demo_model_path()" in script
-    from splitserve.demo_model import DEMO_DIR, demo_model_path  # noqa: F401  (it runs this)
+    from splitserve.testing.demo_model import DEMO_DIR, demo_model_path  # noqa: F401  (it runs this)
 
     # The services default to the folder demo_model_path() builds in the cache volume.
     default = f"/root/.cache/splitserve/{DEMO_DIR}"
@@ -154,7 +154,7 @@ def test_health_checks_point_at_real_endpoints(services):
         if name == "model-init":
             continue
         test = svc["healthcheck"]["test"]
-        assert test[:4] == ["CMD", "python", "-m", "splitserve.healthcheck"], name
+        assert test[:4] == ["CMD", "python", "-m", "splitserve.entrypoints.healthcheck"], name
         args = parser.parse_args(test[4:])
         if name == "gateway":
             assert args.kind == "http"

@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from splitserve.demo_model import build_model
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
+from splitserve.testing.demo_model import build_model
 
 
 def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
@@ -52,7 +52,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "splitserve.cli",
+            "splitserve.entrypoints.cli",
             "serve",
             str(model),
             "--port",

@@ -12,7 +12,7 @@ import sys
 
 import httpx
 
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
 
 from .conftest import Server
 
@@ -49,7 +49,7 @@ def test_a_service_that_dies_during_start_up_is_named_with_its_exception(tiny_mo
             [
                 sys.executable,
                 "-m",
-                "splitserve.cli",
+                "splitserve.entrypoints.cli",
                 "serve",
                 str(tiny_model),
                 "--kv-cache-memory",

@@ -362,7 +362,7 @@ def test_no_endpoint_installs_nothing():
 
     code = (
         "import grpc, grpc.aio; from opentelemetry import trace;"
-        "from splitserve.tracing import setup_tracing, enabled;"
+        "from splitserve.common.tracing import setup_tracing, enabled;"
         "f = grpc.aio.server; assert setup_tracing('x', None) is False and not enabled();"
         "assert grpc.aio.server is f;"
         "print(type(trace.get_tracer_provider()).__name__)"

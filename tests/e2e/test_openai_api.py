@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from splitserve.demo_model import SPECIAL_TOKENS
+from splitserve.testing.demo_model import SPECIAL_TOKENS
 
 from .conftest import wait_for
 

@@ -64,7 +64,7 @@ def test_request_timeout_is_504_and_frees_the_scheduler(stack, tmp_path):
         [
             sys.executable,
             "-m",
-            "splitserve.cli",
+            "splitserve.entrypoints.cli",
             "gateway",
             "--port",
             str(port),

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
-from splitserve import launcher
+from splitserve.entrypoints import launcher
 from splitserve.gateway.app import build_app
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.server import uvicorn_config

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
+from splitserve.common.generation_config import SamplingDefaults
 from splitserve.gateway.clients import ServiceClients
-from splitserve.generation_config import SamplingDefaults
 
 from .conftest import start_gateway, stop_gateway
 from .fakes import MAX_MODEL_LEN
@@ -160,14 +160,14 @@ def _start_clients(loop_thread, fakes, defaults):
 
 
 def test_start_up_warns_once_naming_the_changed_defaults(loop_thread, fakes, caplog):
-    with caplog.at_level(logging.WARNING, logger="splitserve.generation_config"):
+    with caplog.at_level(logging.WARNING, logger="splitserve.common.generation_config"):
         _start_clients(loop_thread, fakes, SamplingDefaults(temperature=0.7, top_p=1.0))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "temperature=0.7" in warnings[0] and "top_p" not in warnings[0]
     assert "--generation-config vllm" in warnings[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="splitserve.generation_config"):
+    with caplog.at_level(logging.WARNING, logger="splitserve.common.generation_config"):
         _start_clients(loop_thread, fakes, None)
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from splitserve import demo_model
+from splitserve.testing import demo_model
 
 LLAMA_EOS = [1, 4]  # </s> and <|im_end|>: two EOS ids in generation_config.json
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from splitserve import LLM
-from splitserve.llm_embed import PoolingParams
+from splitserve.offline.llm_embed import PoolingParams
 
 # Lengths straddle the 4-token blocks and the 8-token step budget (several chunks each).
 PROMPTS = [
@@ -80,6 +80,19 @@ def test_last_token_pooling_matches_transformers(qwen3_path, hf_model):
         np.testing.assert_allclose(
             out.outputs.embedding, hf_embedding(hf_model, PROMPTS[1], "LAST", False), atol=2e-5
         )
+        # vLLM's TokensPrompt dict, with a cache salt: the same embedding as the bare ids;
+        # multi_modal_data is refused, naming it.
+        (out,) = llm.embed(
+            [{"prompt_token_ids": PROMPTS[1], "cache_salt": "tenant-a"}], use_tqdm=False
+        )
+        np.testing.assert_allclose(
+            out.outputs.embedding, hf_embedding(hf_model, PROMPTS[1], "LAST", True), atol=2e-5
+        )
+        with pytest.raises(ValueError, match="multi_modal_data"):
+            llm.embed(
+                [{"prompt_token_ids": [1, 2], "multi_modal_data": {"image": object()}}],
+                use_tqdm=False,
+            )
         # truncate_prompt_tokens keeps the last k tokens.
         (out,) = llm.embed([PROMPTS[2]], truncate_prompt_tokens=5, use_tqdm=False)
         assert out.prompt_token_ids == PROMPTS[2][-5:]
@@ -195,7 +208,7 @@ def test_lora_adapter_embeddings_match_peft(model_factory, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from splitserve.lora import LoRARequest
+    from splitserve.common.lora import LoRARequest
 
     from .lora_utils import make_adapter
 

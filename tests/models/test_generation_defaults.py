@@ -27,7 +27,7 @@ def gen_model(llama_path, tmp_path_factory):
 
 
 def test_generate_without_params_uses_the_models_defaults(gen_model, caplog):
-    with caplog.at_level(logging.WARNING, logger="splitserve.generation_config"):
+    with caplog.at_level(logging.WARNING, logger="splitserve.common.generation_config"):
         llm = LLM(str(gen_model), kv_cache_memory=8 << 20)
     try:
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

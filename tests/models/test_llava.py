@@ -136,7 +136,7 @@ def test_llava_refuses_bad_image_inputs(llava_path, images):
 
 
 def test_limit_mm_per_prompt_is_checked():
-    from splitserve.mm_limits import canonical_mm_limits, parse_mm_limits
+    from splitserve.common.mm_limits import canonical_mm_limits, parse_mm_limits
 
     assert parse_mm_limits(None) == {"image": 4}
     assert parse_mm_limits('{"image": 2}') == {"image": 2}

@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from splitserve import LLM, SamplingParams
-from splitserve.lora import LoRARequest
+from splitserve.common.lora import LoRARequest
 
 from .lora_utils import make_adapter, peft_greedy
 

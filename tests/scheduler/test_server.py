@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler

@@ -10,7 +10,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
 from splitserve.protos import worker_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler

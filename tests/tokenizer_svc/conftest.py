@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve.demo_model import BOS_TEMPLATE, build_tokenizer
+from splitserve.testing.demo_model import BOS_TEMPLATE, build_tokenizer
 from splitserve.tokenizer_svc.tokenizer import TokenizerHandle
 
 from .utils import load

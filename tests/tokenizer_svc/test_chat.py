@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from splitserve.demo_model import CHATML_TEMPLATE
+from splitserve.testing.demo_model import CHATML_TEMPLATE
 from splitserve.tokenizer_svc.chat import ChatRenderer, parse_chat_request
 from splitserve.tokenizer_svc.errors import InvalidRequest
 

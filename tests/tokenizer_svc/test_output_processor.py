@@ -62,8 +62,8 @@ def test_without_a_stream_no_text_and_no_stop_strings():
 def test_the_gateway_and_the_llm_run_this_processor():
     import inspect
 
-    from splitserve import llm
     from splitserve.gateway import output_stream
+    from splitserve.offline import llm
 
     assert "OutputProcessor(" in inspect.getsource(llm.LLM._run)
     assert "OutputProcessor(" in inspect.getsource(output_stream.SequenceOutput.__init__)

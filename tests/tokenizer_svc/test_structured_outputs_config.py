@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from splitserve.cli import main
-from splitserve.config_cli import config_to_argv
+from splitserve.entrypoints.cli import main
+from splitserve.entrypoints.config_cli import config_to_argv
 from splitserve.tokenizer_svc.config import TokenizerServiceConfig
 
 

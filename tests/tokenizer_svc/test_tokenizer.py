@@ -41,7 +41,7 @@ def test_info(handle, bos_handle, no_template_dir):
 
 
 def test_missing_bos_is_minus_one(tmp_path):
-    from splitserve.demo_model import build_tokenizer
+    from splitserve.testing.demo_model import build_tokenizer
 
     path = build_tokenizer(tmp_path, vocab_size=300, with_bos_token=False)
     assert load(path).info().bos_token_id == -1
@@ -164,7 +164,7 @@ def test_tokenizer_revision_and_download_dir(chatml_dir, no_template_dir, tmp_pa
 def test_local_tokenizer_ignores_revision_with_a_warning(chatml_dir, caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="splitserve.model_path"):
+    with caplog.at_level(logging.WARNING, logger="splitserve.common.model_path"):
         assert load(chatml_dir, tokenizer_revision="v9").has_chat_template
     assert any("ignoring --tokenizer-revision v9" in r.getMessage() for r in caplog.records)
 

@@ -66,7 +66,7 @@ def test_cuda_graph_sizes_from_the_command_line():
     """The generated CLI passes list flags as strings; the config stores ints."""
     import argparse
 
-    from splitserve.config_cli import add_config_flags, build_config
+    from splitserve.entrypoints.config_cli import add_config_flags, build_config
 
     parser = argparse.ArgumentParser()
     add_config_flags(parser, WorkerConfig)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from splitserve.preflight import preflight
+from splitserve.entrypoints.preflight import preflight
 from splitserve.tokenizer_svc.config import TokenizerServiceConfig
 from splitserve.worker import weight_files
 from splitserve.worker.config import WorkerConfig

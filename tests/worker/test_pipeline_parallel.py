@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
 from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.engine_core import EngineCore
@@ -50,7 +50,7 @@ class PipelineWorkers:
                 [
                     sys.executable,
                     "-m",
-                    "splitserve.cli",
+                    "splitserve.entrypoints.cli",
                     "worker",
                     str(model),
                     "--address",
@@ -145,7 +145,7 @@ def _transformers_greedy(path, workload) -> dict[str, list[int]]:
 
 
 def test_pipeline_ranks_match_one_rank_and_transformers(checkpoint, tmp_path):
-    from splitserve.inproc_executor import InprocExecutor
+    from splitserve.offline.inproc_executor import InprocExecutor
     from splitserve.scheduler.executor_grpc import GrpcExecutor
 
     path = checkpoint("llama_pp", num_layers=3, tie=True)
@@ -281,7 +281,7 @@ def test_ranks_need_a_rendezvous():
 
 
 def test_launcher_gives_each_rank_its_own_gpu(monkeypatch):
-    from splitserve.launcher import _gpu_per_rank
+    from splitserve.entrypoints.launcher import _gpu_per_rank
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitserve.launcher import free_port
+from splitserve.entrypoints.launcher import free_port
 from splitserve.protos import common_pb2, worker_pb2, worker_pb2_grpc
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.server import SERVICE_NAME, run_worker

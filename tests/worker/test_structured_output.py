@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from splitserve.demo_model import build_tokenizer
 from splitserve.protos import common_pb2
+from splitserve.testing.demo_model import build_tokenizer
 from splitserve.tokenizer_svc import grammar as gm
 from splitserve.worker.structured_output import TEST_COMPILE_GATE_ENV, StructuredOutputs
 

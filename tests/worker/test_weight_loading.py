@@ -267,7 +267,7 @@ def test_each_revision_serves_its_own_weights(hub_cache, checkpoint):
 
 
 def test_local_folder_ignores_hub_options_with_a_warning(formats, caplog):
-    with caplog.at_level(logging.WARNING, logger="splitserve.model_path"):
+    with caplog.at_level(logging.WARNING, logger="splitserve.common.model_path"):
         _load(
             formats["single"],
             revision="v2",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from splitserve.pooling import BASE_MODEL_ARCHITECTURES
+from splitserve.common.pooling import BASE_MODEL_ARCHITECTURES
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mixtral import MixtralForCausalLM

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from splitserve.cli import quiet_openmp_waits
+from splitserve.entrypoints.cli import quiet_openmp_waits
 
 
 def test_passive_by_default_and_the_users_choice_kept():
@@ -22,7 +22,7 @@ def test_the_worker_command_sets_it():
     # before torch loads: OpenMP reads the variable once, at load).
     code = (
         "import os, sys; os.environ.pop('OMP_WAIT_POLICY', None)\n"
-        "from splitserve import cli\n"
+        "from splitserve.entrypoints import cli\n"
         "cli.main(['worker', '/nonexistent/model', '--address', '127.0.0.1:1'])\n"
         "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
     )

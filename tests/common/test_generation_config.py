@@ -9,13 +9,13 @@ import math
 
 import pytest
 
-from splitserve import cli
-from splitserve.generation_config import (
+from splitserve.common.generation_config import (
     SamplingDefaults,
     check_mode,
     parse_override,
     resolve,
 )
+from splitserve.entrypoints import cli
 from splitserve.worker.config import WorkerConfig
 
 QWEN_LIKE = {

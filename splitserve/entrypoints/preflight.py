@@ -26,7 +26,7 @@ def preflight(worker_config, tokenizer_config) -> None:
     logger.info("model %s checked: %s", worker_config.model, path)
     import json
 
-    from splitserve.pooling import check_runner, resolve_pooler
+    from splitserve.common.pooling import check_runner, resolve_pooler
 
     architectures = json.loads((path / "config.json").read_text()).get("architectures")
     if check_runner(worker_config, architectures) == "pooling":

@@ -1,4 +1,4 @@
-"""splitserve/child_process.py: children never import a repository folder as a package, and
+"""splitserve/entrypoints/child_process.py: children never import a repository folder as a package, and
 the launcher finds the line a dead child died of."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pathlib
 import subprocess
 import sys
 
-from splitserve.child_process import child_env, last_error_line, python_command
+from splitserve.entrypoints.child_process import child_env, last_error_line, python_command
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMPORTS = "import splitserve.worker.models; import transformers.models.llama.modeling_llama"
 
 
@@ -46,8 +46,8 @@ def test_a_child_started_from_the_root_imports_the_installed_packages():
 
 
 def test_python_command_runs_the_module_in_safe_path_mode():
-    cmd = python_command("splitserve.cli", "--version")
-    assert cmd == [sys.executable, "-P", "-m", "splitserve.cli", "--version"]
+    cmd = python_command("splitserve.entrypoints.cli", "--version")
+    assert cmd == [sys.executable, "-P", "-m", "splitserve.entrypoints.cli", "--version"]
     code = "import sys; print(sys.flags.safe_path, sys.path)"
     probe = subprocess.run(
         [*cmd[:2], "-c", code], cwd=ROOT, env=_without_safe_path(), capture_output=True, text=True

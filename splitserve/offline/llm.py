@@ -16,10 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve.generation_config import SamplingDefaults
-from splitserve.lora import LoRARequest
+from splitserve.common.generation_config import SamplingDefaults
+from splitserve.common.lora import LoRARequest
+from splitserve.common.sampling_params import SamplingParams, bad_word_variants
+from splitserve.offline.prompts import as_batch, progress_bar, unpack_prompt_dict
 from splitserve.protos import common_pb2, scheduler_pb2
-from splitserve.sampling_params import SamplingParams, bad_word_variants
 
 
 @dataclass
@@ -74,12 +75,12 @@ class LLM:
     """
 
     def __init__(self, model: str, tokenizer: str | None = None, **kwargs) -> None:
-        from splitserve.inproc_executor import InprocExecutor
+        from splitserve.entrypoints.vllm_compat import PINNED
+        from splitserve.offline.inproc_executor import InprocExecutor
         from splitserve.scheduler.config import SchedulerConfig
         from splitserve.scheduler.engine_core import EngineCore
         from splitserve.tokenizer_svc.config import TokenizerServiceConfig
         from splitserve.tokenizer_svc.tokenizer import load_tokenizer
-        from splitserve.vllm_compat import PINNED
         from splitserve.worker.config import WorkerConfig
         from splitserve.worker.model_runner import ModelRunner
 
@@ -129,7 +130,7 @@ class LLM:
         """The model folder's processor when the model takes images, else None."""
         if not getattr(runner.model, "supports_images", False):
             return None
-        from splitserve.mm_limits import parse_mm_limits
+        from splitserve.common.mm_limits import parse_mm_limits
         from splitserve.tokenizer_svc.config import mm_cache_bytes
         from splitserve.tokenizer_svc.multimodal import ImagePreprocessor, ProcessedImageCache
 
@@ -198,7 +199,7 @@ class LLM:
         `sampling_params`, `get_default_sampling_params()`. As in vLLM, `use_tqdm` shows a
         progress bar over the prompts (True, or a tqdm-like callable), and `priority` (one
         int per prompt, lower first) orders the waiting queue."""
-        batch = _as_batch(prompts)
+        batch = as_batch(prompts)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(batch)
         if len(params_list) != len(batch):
@@ -210,7 +211,7 @@ class LLM:
         for p in batch:
             salt, images = "", None
             if isinstance(p, dict):
-                p, salt, images = _unpack_prompt_dict(p)
+                p, salt, images = unpack_prompt_dict(p)
             salts.append(salt)
             mm_list.append([])
             if images is not None:
@@ -404,7 +405,7 @@ class LLM:
                     for r in list(seqs)[:-1]:
                         sched.abort_request(r)
                     raise ValueError(getattr(exc, "message", str(exc))) from exc
-        bar = _progress_bar(use_tqdm, len(ids_list))
+        bar = progress_bar(use_tqdm, len(ids_list))
         left = {pi: p.n for pi, p in enumerate(params_list)}
 
         def ended(seq: _Seq) -> None:
@@ -484,8 +485,8 @@ class LLM:
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ):
         """vLLM's LLM.embed (needs runner="pooling"): one EmbeddingRequestOutput per prompt,
-        in order, its embedding in `.outputs.embedding`. See splitserve.llm_embed."""
-        from splitserve.llm_embed import embed
+        in order, its embedding in `.outputs.embedding`. See splitserve.offline.llm_embed."""
+        from splitserve.offline.llm_embed import embed
 
         return embed(self, prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request)
 
@@ -496,9 +497,6 @@ class LLM:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "cache_salt", "multi_modal_data"}
 
 
 def _take_chat_images(conv: list[dict]) -> tuple[list[dict], list]:
@@ -548,41 +546,3 @@ def _take_chat_images(conv: list[dict]) -> tuple[list[dict], list]:
             parts.append({"type": "image"})
         out.append({**message, "content": parts})
     return out, images
-
-
-def _unpack_prompt_dict(p: dict) -> tuple[str | list[int], str, dict | None]:
-    """vLLM's TextPrompt / TokensPrompt: (text or token ids, cache salt, multi_modal_data)."""
-    unknown = sorted(set(p) - _PROMPT_KEYS)
-    if unknown:
-        raise ValueError(
-            f"prompt dict keys {unknown} are not supported; expected 'prompt' or "
-            "'prompt_token_ids', optionally with 'cache_salt' and 'multi_modal_data'"
-        )
-    if ("prompt" in p) == ("prompt_token_ids" in p):
-        raise ValueError("a prompt dict needs exactly one of 'prompt' and 'prompt_token_ids'")
-    salt = p.get("cache_salt")
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
-    text = p["prompt"] if "prompt" in p else list(p["prompt_token_ids"])
-    return text, salt or "", p.get("multi_modal_data")
-
-
-def _as_batch(prompts) -> list:
-    if isinstance(prompts, str | dict):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and isinstance(prompts[0], int):
-        return [prompts]
-    return prompts
-
-
-def _progress_bar(use_tqdm: bool | Callable[..., Any], total: int):
-    """vLLM's progress bar over the prompts: tqdm for True, the callable itself when one is
-    given (a tqdm-like class), none for False."""
-    if use_tqdm is False or use_tqdm is None:
-        return None
-    if use_tqdm is True:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
-    return use_tqdm(total=total, desc="Processed prompts")

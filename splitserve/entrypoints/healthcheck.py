@@ -1,4 +1,4 @@
-"""`python -m splitserve.healthcheck grpc HOST:PORT | http URL`: exit 0 when the service is up.
+"""`python -m splitserve.entrypoints.healthcheck grpc HOST:PORT | http URL`: exit 0 when the service is up.
 
 For container health checks: `grpc` asks the standard gRPC health service (overall status,
 service ""), `http` expects a 200. Anything else, a refusal or a timeout exits 1 with the
@@ -39,7 +39,7 @@ def check_http(url: str, timeout_s: float) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m splitserve.healthcheck")
+    parser = argparse.ArgumentParser(prog="python -m splitserve.entrypoints.healthcheck")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
     sub = parser.add_subparsers(dest="kind", required=True)
     sub.add_parser("grpc", help="gRPC health service").add_argument("target", metavar="HOST:PORT")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from splitserve.pooling import (
+from splitserve.common.pooling import (
     check_runner,
     dimensions_problem,
     finish_embedding,

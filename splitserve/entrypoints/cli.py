@@ -11,17 +11,17 @@ import os
 import sys
 
 if __name__ == "__main__" and not sys.flags.safe_path and sys.path[:1] == [os.getcwd()]:
-    # NOTE: `python -m splitserve.cli` (without -P) put the working folder first on sys.path.
+    # NOTE: `python -m splitserve.entrypoints.cli` (without -P) put the working folder first on sys.path.
     # From the repository root its service folders (`kernels`, `scheduler`, ...) would then
     # shadow installed packages of those names (transformers imports Hugging Face's
     # `kernels`); nothing splitserve needs lives there, so drop it before anything imports.
     del sys.path[0]
 
 from splitserve import __version__  # noqa: E402
-from splitserve.config_cli import add_config_flags, build_config, service_configs
-from splitserve.config_file import expand_config_file
-from splitserve.tracing import setup_tracing
-from splitserve.vllm_compat import add_pinned_flags, check_pinned
+from splitserve.common.tracing import setup_tracing
+from splitserve.entrypoints.config_cli import add_config_flags, build_config, service_configs
+from splitserve.entrypoints.config_file import expand_config_file
+from splitserve.entrypoints.vllm_compat import add_pinned_flags, check_pinned
 
 logger = logging.getLogger("splitserve")
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_config:
             return _check_config(args)
         if args.command == "serve":
-            from splitserve.launcher import serve
+            from splitserve.entrypoints.launcher import serve
 
             return serve(args)
         if args.command == "gateway":

@@ -1,6 +1,6 @@
 """How splitserve starts its own Python children, and what it keeps of their output.
 
-Every child runs `python -P -m splitserve.cli ...` with `PYTHONSAFEPATH=1` in its
+Every child runs `python -P -m splitserve.entrypoints.cli ...` with `PYTHONSAFEPATH=1` in its
 environment: neither it nor any Python process it starts puts the working folder on
 `sys.path`. The repository's service folders (`kernels`, `scheduler`, `worker`, ...) sit at
 its root, and started from there a plain `python -m` would let them shadow installed packages

@@ -19,8 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from splitserve.child_process import LoggedChild, child_env, python_command
-from splitserve.config_cli import build_config, config_to_argv, service_configs
+from splitserve.entrypoints.child_process import LoggedChild, child_env, python_command
+from splitserve.entrypoints.config_cli import build_config, config_to_argv, service_configs
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Stack:
         return [(c.name, c.proc) for c in self.children]
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        cmd = python_command("splitserve.cli", *argv)
+        cmd = python_command("splitserve.entrypoints.cli", *argv)
         logger.debug("starting %s: %s", name, " ".join(cmd))
         self.children.append(
             LoggedChild(
@@ -148,7 +148,7 @@ def serve(args: argparse.Namespace) -> int:
     gateway_cls, scheduler_cls, worker_cls, tokenizer_cls = service_configs()
     model = args.model_tag
     if model is None:
-        from splitserve.demo_model import demo_model_path
+        from splitserve.testing.demo_model import demo_model_path
 
         print(
             f"splitserve: no model given; serving the built-in demo model as {DEMO_NAME!r}",
@@ -193,7 +193,7 @@ def serve(args: argparse.Namespace) -> int:
         LoRARegistry(gateway_cfg)  # a bad --lora-modules adapter fails before anything starts
     log = ["--log-level", args.log_level]
     # NOTE: a model that cannot load fails here, before any process starts or port opens.
-    from splitserve.preflight import preflight
+    from splitserve.entrypoints.preflight import preflight
 
     preflight(worker_cfg, tokenizer_cfg)
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.offline.prompts import as_batch, progress_bar, unpack_prompt_dict
 from splitserve.protos import scheduler_pb2
 
 
@@ -64,15 +65,13 @@ def embed(
     use_tqdm: bool | Callable[..., Any] = True,
     lora_request=None,
 ) -> list[EmbeddingRequestOutput]:
-    from splitserve.llm import _as_batch, _progress_bar, _unpack_prompt_dict
-
     engine = llm.engine
     if engine.model_info.runner_info.runner != "pooling":
         raise ValueError(
             "LLM.embed needs a pooling model: create the LLM with runner='pooling' "
             "(this one runs the generate runner)"
         )
-    batch = _as_batch(prompts)
+    batch = as_batch(prompts)
     params = PoolingParams() if pooling_params is None else pooling_params
     params_list = list(params) if isinstance(params, Sequence) else [params] * len(batch)
     if len(params_list) != len(batch):
@@ -88,7 +87,11 @@ def embed(
     for p, pp, lora in zip(batch, params_list, loras, strict=True):
         salt = ""
         if isinstance(p, dict):
-            p, salt = _unpack_prompt_dict(p)
+            p, salt, mm_data = unpack_prompt_dict(p)
+            if mm_data:
+                raise ValueError(
+                    "LLM.embed takes no multi_modal_data (the pooling runner is text-only)"
+                )
         ids = llm.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
         k = pp.truncate_prompt_tokens if pp.truncate_prompt_tokens is not None else None
         ids = truncate_prompt(
@@ -114,7 +117,7 @@ def embed(
         rids.append(rid)
         ids_list.append(ids)
     done: dict[str, Any] = {}
-    bar = _progress_bar(use_tqdm, len(rids))
+    bar = progress_bar(use_tqdm, len(rids))
     while engine.has_work:
         for out in engine.step():
             if out.error:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve.cli import build_parser
-from splitserve.config_cli import build_config, config_to_argv
+from splitserve.entrypoints.cli import build_parser
+from splitserve.entrypoints.config_cli import build_config, config_to_argv
 from splitserve.gateway.config import GatewayConfig
 
 FLAGS = ["--drain-timeout-s", "5", "--request-timeout-s", "2.5"]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from splitserve.cli import build_parser, main
-from splitserve.vllm_compat import PINNED
+from splitserve.entrypoints.cli import build_parser, main
+from splitserve.entrypoints.vllm_compat import PINNED
 
 # A value each row accepts and one it refuses (None: the row accepts nothing).
 _VALUES = {

@@ -14,8 +14,8 @@ import types
 import pytest
 from safetensors.torch import load_file, save_file
 
-from splitserve import cli, launcher
-from splitserve.demo_model import build_model
+from splitserve.entrypoints import cli, launcher
+from splitserve.testing.demo_model import build_model
 from splitserve.worker.models.registry import MODEL_REGISTRY
 
 
@@ -173,7 +173,15 @@ def test_serve_with_a_bad_model_exits_nonzero_and_opens_no_port(good_model, tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "splitserve.cli", "--log-level", "debug", "serve", str(folder)]
+        [
+            sys.executable,
+            "-m",
+            "splitserve.entrypoints.cli",
+            "--log-level",
+            "debug",
+            "serve",
+            str(folder),
+        ]
         + ["--port", str(port)],
         capture_output=True,
         text=True,
@@ -212,7 +220,7 @@ ARCH_MODELS = {
 @pytest.fixture(scope="module")
 def arch_model(good_model, tmp_path_factory):
     """arch -> a tiny checkpoint of it (the tokenizer copied from good_model, not trained)."""
-    from splitserve import demo_model
+    from splitserve.testing import demo_model
 
     root = tmp_path_factory.mktemp("preflight_archs")
     built = {}

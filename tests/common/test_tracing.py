@@ -1,4 +1,4 @@
-"""splitserve.tracing: the exporter protocol follows the standard OTEL variables, bad values
+"""splitserve.common.tracing: the exporter protocol follows the standard OTEL variables, bad values
 are config errors, and spans really leave over OTLP/HTTP (the gRPC path: tests/e2e)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from splitserve import tracing
+from splitserve.common import tracing
 
 
 def test_protocol_and_flag_checks(monkeypatch):
@@ -59,7 +59,7 @@ def test_spans_leave_over_otlp_http():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     code = (
-        "import sys; from splitserve import tracing;"
+        "import sys; from splitserve.common import tracing;"
         "assert tracing.setup_tracing('svc-http', sys.argv[1]) and tracing.enabled();"
         'exec(\'with tracing.span("hello", {"k": 7}):\\n    pass\');'
         "tracing.shutdown()"

@@ -1,4 +1,4 @@
-"""splitserve.lora (no torch): --lora-modules forms, path safety, adapter config refusals."""
+"""splitserve.common.lora (no torch): --lora-modules forms, path safety, adapter config refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from splitserve.lora import (
+from splitserve.common.lora import (
     LoRAModule,
     LoRAPathError,
     allowed_roots,
@@ -116,7 +116,7 @@ def test_scaling(tmp_path):
     ],
 )
 def test_serve_refuses_bad_lora_flags_at_start(tmp_path, capsys, flags, message):
-    from splitserve.cli import main
+    from splitserve.entrypoints.cli import main
 
     root = tmp_path / "root"
     _adapter(root / "dora", use_dora=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve.cli import build_parser, main
-from splitserve.config_cli import build_config, config_to_argv
+from splitserve.entrypoints.cli import build_parser, main
+from splitserve.entrypoints.config_cli import build_config, config_to_argv
 from splitserve.gateway.config import GatewayConfig
 
 FLAGS = [

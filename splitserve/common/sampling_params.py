@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitserve.structured_outputs import StructuredOutputsParams
+from splitserve.common.structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 """Default cap on logprobs / top_logprobs / prompt_logprobs (vLLM's --max-logprobs)."""
