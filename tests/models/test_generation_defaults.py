@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from splitserve import LLM, SamplingParams, cli
+from splitserve import LLM, SamplingParams
+from splitserve.entrypoints import cli
 
 PROMPTS = ["hello world", "the quick brown fox"]
 GEN = {"eos_token_id": [1, 4], "temperature": 0.0, "top_k": 5, "max_new_tokens": 7}
