@@ -290,6 +290,17 @@ def load_image_preprocessor(
     return ImagePreprocessor(str(path), token_id, limits, cache)
 
 
+def to_rgb(image):
+    """A PIL image as RGB, transparency composited onto white first, as transformers' image
+    processors do (its `convert_to_rgb`, which is what this calls): `image.convert("RGB")`
+    alone drops the alpha channel, so a transparent pixel would keep its hidden colour and the
+    model would see a different picture than under transformers or vLLM."""
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
 def decode_images(blobs: list[bytes], max_pixels: int) -> list:
     """Image files -> RGB PIL images; ValueError naming the image when one is not an image
     or has more than `max_pixels` pixels (checked from the header, before decoding)."""
@@ -305,7 +316,7 @@ def decode_images(blobs: list[bytes], max_pixels: int) -> list:
                     f"image {i} is {width}x{height} = {width * height} pixels, more than the "
                     f"limit of {max_pixels} (--max-image-pixels)"
                 )
-            images.append(image.convert("RGB"))
+            images.append(to_rgb(image))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ValueError(f"image {i} could not be decoded as an image: {exc}") from None
     return images

@@ -508,6 +508,8 @@ def _take_chat_images(conv: list[dict]) -> tuple[list[dict], list]:
 
     from PIL import Image, UnidentifiedImageError
 
+    from splitserve.tokenizer_svc.multimodal import to_rgb
+
     images: list = []
     out = []
     for i, message in enumerate(conv):
@@ -542,7 +544,7 @@ def _take_chat_images(conv: list[dict]) -> tuple[list[dict], list]:
             else:
                 parts.append(part)
                 continue
-            images.append(image.convert("RGB"))
+            images.append(to_rgb(image))
             parts.append({"type": "image"})
         out.append({**message, "content": parts})
     return out, images

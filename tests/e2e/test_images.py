@@ -11,7 +11,7 @@ import openai
 import pytest
 import torch
 
-from tests.models.llava_utils import build_llava, random_image
+from tests.models.llava_utils import build_llava, random_image, transparent_image
 
 from .conftest import Server
 
@@ -72,8 +72,14 @@ def hf_chat_greedy(path, image) -> tuple[int, list[int]]:
     return n, out[0, n:].tolist()
 
 
-def test_chat_with_a_data_url_image_matches_transformers(llava_server, llava_client):
-    image = random_image(5, size=(48, 40))
+@pytest.mark.parametrize("transparent", [False, True], ids=["rgb", "rgba"])
+def test_chat_with_a_data_url_image_matches_transformers(llava_server, llava_client, transparent):
+    # A semi-transparent PNG must be composited onto white, as transformers' processor does.
+    image = (
+        transparent_image("RGBA", 5, size=(48, 40))
+        if transparent
+        else random_image(5, size=(48, 40))
+    )
     resp = llava_client.chat.completions.create(
         model=llava_server.model,
         messages=messages(image),

@@ -84,3 +84,23 @@ def copy_tokenizer(src, dst) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (pathlib.Path(src) / name).exists():
             shutil.copy(pathlib.Path(src) / name, pathlib.Path(dst) / name)
+
+
+def transparent_image(mode: str, seed: int, size=(40, 34)):
+    """A PIL image with transparency whose hidden colours differ from what shows on white:
+    "RGBA" and "LA" with random alpha, "P" with one palette entry marked transparent."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    if mode == "RGBA":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+    if mode == "LA":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 2), dtype=np.uint8), "LA")
+    if mode == "P":
+        image = Image.fromarray(rng.integers(0, 16, (h, w), dtype=np.uint8), "P")
+        image.putpalette(rng.integers(0, 256, 16 * 3, dtype=np.uint8).tolist())
+        image.info["transparency"] = 3
+        return image
+    raise ValueError(mode)

@@ -15,7 +15,7 @@ import torch
 from splitserve import LLM, SamplingParams
 from splitserve.protos import scheduler_pb2
 
-from .llava_utils import NUM_IMAGE_TOKENS, build_llava, random_image
+from .llava_utils import NUM_IMAGE_TOKENS, build_llava, random_image, transparent_image
 
 N = 16
 TEXT = "the quick brown fox jumps over the lazy dog and keeps on running"
@@ -257,6 +257,7 @@ def test_llava_chat_takes_data_urls_and_pil_images(llava_path, images):
 
     import transformers
 
+    rgba = transparent_image("RGBA", seed=3)
     buf = io.BytesIO()
     images[1].save(buf, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -265,6 +266,8 @@ def test_llava_chat_takes_data_urls_and_pil_images(llava_path, images):
     conversations = [
         [{"role": "user", "content": [{"type": "image_pil", "image_pil": images[0]}, text]}],
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, text]}],
+        # Semi-transparent: composited onto white as transformers' processor does.
+        [{"role": "user", "content": [{"type": "image_pil", "image_pil": rgba}, text]}],
     ]
     tok = transformers.AutoTokenizer.from_pretrained(llava_path)
     prompt = tok.apply_chat_template(
@@ -272,7 +275,7 @@ def test_llava_chat_takes_data_urls_and_pil_images(llava_path, images):
         add_generation_prompt=True,
         tokenize=False,
     )
-    want = hf_greedy(llava_path, [(prompt, [0]), (prompt, [1])], images)
+    want = hf_greedy(llava_path, [(prompt, [0]), (prompt, [1]), (prompt, [2])], [*images[:2], rgba])
     llm = LLM(str(llava_path), kv_cache_memory=8 << 20)
     outs = [llm.chat(conv, greedy())[0] for conv in conversations]
     assert [o.outputs[0].token_ids for o in outs] == want

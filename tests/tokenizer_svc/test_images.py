@@ -12,7 +12,13 @@ import pytest
 
 from splitserve.protos import tokenizer_pb2 as pb
 from splitserve.tokenizer_svc.config import TokenizerServiceConfig
-from tests.models.llava_utils import IMAGE_SIZE, NUM_IMAGE_TOKENS, build_llava, random_image
+from tests.models.llava_utils import (
+    IMAGE_SIZE,
+    NUM_IMAGE_TOKENS,
+    build_llava,
+    random_image,
+    transparent_image,
+)
 
 from .test_server import ServerThread
 
@@ -213,3 +219,31 @@ def test_string_format_forced_on_a_parts_template_fails_to_place_the_image(llava
             apply(s, chat(1), [png(1)])
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_images_are_composited_on_white_as_transformers_does(server, llava_dir, mode):
+    """The pixels the service sends equal transformers' processor output on the same image
+    file (the processor composites transparency onto white); the image's colours without
+    their alpha give different pixels, so the comparison would catch a dropped channel."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    buf = io.BytesIO()
+    transparent_image(mode, seed=7).save(buf, format="PNG")
+    (item,) = apply(server, chat(1), [buf.getvalue()]).mm_inputs
+    got = np.frombuffer(item.pixel_values.data, dtype=np.float32).reshape(3, IMAGE_SIZE, IMAGE_SIZE)
+
+    processor = transformers.AutoProcessor.from_pretrained(llava_dir).image_processor
+
+    def pixels(image):
+        return processor(images=[image], return_tensors="np")["pixel_values"][0]
+
+    np.testing.assert_allclose(got, pixels(Image.open(io.BytesIO(buf.getvalue()))), atol=1e-6)
+    # The image really exercises transparency: its colours alone (alpha dropped, and no
+    # transparency key left in .info for the processor to honour) give other pixels.
+    alpha_dropped = Image.fromarray(
+        np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    )
+    assert np.abs(got - pixels(alpha_dropped)).max() > 0.1
