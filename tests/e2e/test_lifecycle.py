@@ -15,7 +15,9 @@ from .conftest import Server, children_of, wait_for
 
 def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
     s = Server(
-        tiny_model, ["--api-key", "sekrit", "--drain-timeout-s", "90"], tmp_path / "serve.log"
+        tiny_model,
+        ["--api-key", "sekrit", "--drain-timeout-s", "90", "--max-model-len", "1024"],
+        tmp_path / "serve.log",
     )
     auth = {"Authorization": "Bearer sekrit"}
     try:
@@ -49,7 +51,10 @@ def _sigterm_drains_a_stream_in_flight(s: Server, auth: dict[str, str]) -> None:
     """Row 21: SIGTERM to `splitserve serve` with a stream in flight: the gateway keeps its
     port but answers health and new requests with 503, the stream runs to its end (the
     services behind the gateway stop only after it), then the launcher exits."""
-    body = {"model": s.model, "prompt": "drain", "max_tokens": 200, "ignore_eos": True}
+    # NOTE: long enough (1000 tokens, with --max-model-len 1024) that the stream is still
+    # running when the 503 for a new request is checked: with 200 tokens it could finish on a
+    # loaded machine first, the gateway then closed its port, and the POST was refused.
+    body = {"model": s.model, "prompt": "drain", "max_tokens": 1000, "ignore_eos": True}
     events = []
     with (
         httpx.Client(timeout=120, headers=auth) as h,
