@@ -1,7 +1,7 @@
 """Pipeline stage transfer: hidden states and residual from rank to rank over torch.distributed.
 
 The ranks form one process group (gloo on CPU, NCCL on CUDA) that they join themselves from
-`WorkerConfig.init_method()`. Every step the scheduler sends to all ranks; each rank but the
+`WorkerConfig.init_method()`, through a store bound to the master address (`rendezvous.py`). Every step the scheduler sends to all ranks; each rank but the
 first receives the previous rank's activations for it, and each rank but the last sends its
 own to the next. A step crosses as two point-to-point messages: a header
 [step_id, num_tokens, layout] and, when num_tokens > 0, one tensor [2, num_tokens, hidden]
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from splitserve.protos import worker_pb2
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.pipeline import IntermediateTensors
+from splitserve.worker.rendezvous import Rendezvous
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class StageLink:
         self.is_last = config.is_last_rank
         self._pending: deque[tuple[object, torch.Tensor, float]] = deque()
         """(work, tensor, monotonic time sent) of sends the next rank has not taken yet."""
+        self._rendezvous: Rendezvous | None = None
         backend = "nccl" if device.type == "cuda" else "gloo"
         init_method = config.init_method()
         logger.info(
@@ -71,12 +73,15 @@ class StageLink:
             init_method,
         )
         try:
+            join_timeout = timedelta(seconds=max(JOIN_TIMEOUT_S, self.timeout.total_seconds()))
+            # NOTE: held for the life of the group: on rank 0 it owns the store's socket.
+            self._rendezvous = Rendezvous(init_method, self.rank, self.world_size, join_timeout)
             dist.init_process_group(
                 backend,
-                init_method=init_method,
+                **self._rendezvous.join_kwargs(),
                 rank=self.rank,
                 world_size=self.world_size,
-                timeout=timedelta(seconds=max(JOIN_TIMEOUT_S, self.timeout.total_seconds())),
+                timeout=join_timeout,
                 **({"device_id": _indexed(device)} if device.type == "cuda" else {}),
             )
         except Exception as exc:
@@ -160,6 +165,8 @@ class StageLink:
                 dist.destroy_process_group()
             except Exception:  # a dead peer can make teardown fail; the process is exiting
                 logger.warning("leaving the pipeline group failed", exc_info=True)
+        if self._rendezvous is not None:
+            self._rendezvous.close()
 
 
 class PipelineStage:
