@@ -42,6 +42,12 @@ class SchedulerConfig:
     """Order of the waiting queue (vLLM's flag): fcfs (arrival order; a request with a non-zero priority is refused) or priority (lower priority value first, then arrival; when KV blocks run out the running request with the highest value is preempted first)."""
     disable_log_stats: bool = False
     """Do not log the engine's periodic stats line (prompt and generation throughput, running and waiting requests, KV-cache usage, prefix-cache hit rate); its interval is VLLM_LOG_STATS_INTERVAL seconds (default 10)."""
+    worker_step_timeout_s: float = 300.0
+    """Longest wait for a step's result from the workers once the engine runs (start-up is
+    excluded); past it a rank is taken as stalled: in-flight requests fail, health turns
+    NOT_SERVING and the scheduler exits non-zero. Leave room for the largest prefill chunk
+    and a first CUDA-graph capture (vLLM bounds the same wait by
+    VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, 300 s)."""
     worker_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50053"])
     """gRPC addresses of the pipeline ranks, rank 0 first (several per value when
     comma-separated)."""
@@ -93,6 +99,8 @@ class SchedulerConfig:
             raise ValueError(
                 f"grammar_compile_deadline_s must be > 0, got {self.grammar_compile_deadline_s}"
             )
+        if not self.worker_step_timeout_s > 0:
+            raise ValueError(f"worker_step_timeout_s must be > 0, got {self.worker_step_timeout_s}")
         if self.async_scheduling_depth not in (1, 2, 3):
             raise ValueError(
                 f"async_scheduling_depth must be 1, 2 or 3, got {self.async_scheduling_depth}"

@@ -9,8 +9,9 @@ reach the other ranks in a later step (`CachedRequest.new_token_ids`).
 The last rank's stream carries the results. The other ranks answer each step with its id
 once their part is done; a thread per rank drains those answers, and when a rank's stream
 breaks it cancels the last rank's stream, so `get_result` raises WorkerDied instead of
-waiting on a pipeline that lost a stage. Blocking calls: the engine loop runs in its own
-thread.
+waiting on a pipeline that lost a stage. A rank that is alive but stalled (stopped, stuck in
+a collective) breaks nothing, so `get_result` also gives up after `step_timeout_s` without a
+result (the step watchdog). Blocking calls: the engine loop runs in its own thread.
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ class WorkerStartError(RuntimeError):
 
 
 class GrpcExecutor:
-    def __init__(self, addresses: list[str], connect_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        connect_timeout_s: float = 600.0,
+        step_timeout_s: float = 300.0,
+    ) -> None:
         self.addresses = addresses
+        self.step_timeout_s = step_timeout_s
         self._channels = [
             grpc.insecure_channel(
                 a,
@@ -57,6 +64,8 @@ class GrpcExecutor:
         self._streams = []
         self._failure: str | None = None
         """Why a non-last rank's stream ended, once one has."""
+        self._results: queue.Queue = queue.Queue()
+        """The last rank's step results, or the exception that ended its stream."""
 
     def _wait_ready(self, timeout_s: float) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -102,6 +111,17 @@ class GrpcExecutor:
             threading.Thread(
                 target=self._drain, args=(rank, stream), name=f"rank{rank}-acks", daemon=True
             ).start()
+        threading.Thread(target=self._read_results, name="step-results", daemon=True).start()
+
+    def _read_results(self) -> None:
+        """The last rank's stream into `_results`, so `get_result` can wait with a timeout
+        (a gRPC stream's next() cannot)."""
+        try:
+            for result in self._streams[-1]:
+                self._results.put(result)
+            self._results.put(StopIteration("the step stream ended"))
+        except grpc.RpcError as exc:
+            self._results.put(exc)
 
     def _drain(self, rank: int, stream) -> None:
         """Consume a non-last rank's per-step answers; on a break, stop the last rank's."""
@@ -124,11 +144,21 @@ class GrpcExecutor:
 
     def get_result(self) -> worker_pb2.StepResult:
         try:
-            return next(self._streams[-1])
-        except (grpc.RpcError, StopIteration) as exc:
-            if self._failure is not None:
-                raise WorkerDied(self._failure) from exc
-            raise WorkerDied(f"the last pipeline rank's step stream ended: {exc}") from exc
+            item = self._results.get(timeout=self.step_timeout_s)
+        except queue.Empty:
+            self._failure = (
+                f"no step result from the workers within {self.step_timeout_s:g}s "
+                "(--worker-step-timeout-s): a worker rank is stalled"
+            )
+            logger.error("%s", self._failure)
+            for stream in self._streams:
+                stream.cancel()
+            raise WorkerDied(self._failure) from None
+        if not isinstance(item, BaseException):
+            return item
+        if self._failure is not None:
+            raise WorkerDied(self._failure) from item
+        raise WorkerDied(f"the last pipeline rank's step stream ended: {item}") from item
 
     def shutdown(self) -> None:
         if self._failure is None:

@@ -267,7 +267,9 @@ async def run_scheduler(
     if executor_factory is None:
 
         def executor_factory():
-            return GrpcExecutor(config.worker_addresses)
+            return GrpcExecutor(
+                config.worker_addresses, step_timeout_s=config.worker_step_timeout_s
+            )
 
     engine_task = loop.run_in_executor(None, lambda: EngineCore(config, executor_factory()))
     done, _ = await asyncio.wait(
