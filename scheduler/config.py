@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from splitserve.common.lora import check_lora_fields
-from splitserve.common.tracing import check_endpoint, parse_detailed_traces
+from splitserve.common.tracing import check_endpoint
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
@@ -54,10 +54,6 @@ class SchedulerConfig:
     otlp_traces_endpoint: str | None = None
     """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
     http/protobuf); None exports nothing and installs no instrumentation."""
-    collect_detailed_traces: str | None = None
-    """Comma-separated modules to trace per step (all, model, worker; vLLM's values): the
-    scheduler sends trace context with steps and the workers emit a span per step. Needs
-    otlp_traces_endpoint; costly, for debugging."""
     tokenizer_address: str | None = None
     """gRPC address of the tokenizer service, which compiles structured-output constraints; None refuses requests that carry one."""
     grammar_compile_deadline_s: float = 60.0
@@ -76,7 +72,6 @@ class SchedulerConfig:
         if not self.worker_addresses:
             raise ValueError("worker_addresses must name at least one worker")
         check_endpoint(self.otlp_traces_endpoint)
-        parse_detailed_traces(self.collect_detailed_traces, self.otlp_traces_endpoint)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -114,14 +114,13 @@ class GrammarClient:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(
-        self, grammars: GrammarClient | None = None, detailed_traces: bool = False
-    ) -> None:
+    def __init__(self, grammars: GrammarClient | None = None) -> None:
         self.engine_loop: EngineLoop | None = None
         """Set once the workers are up; until then every call is UNAVAILABLE."""
         self.grammars = grammars or GrammarClient(None, 60.0)
-        self.detailed_traces = detailed_traces and tracing.enabled()
-        """Send each request's trace context to the workers (per-step spans there)."""
+        self.worker_traces = tracing.enabled()
+        """Send each request's trace context to the workers: each rank adds its span to the
+        request's trace (per-step spans too with --collect-detailed-traces, a worker flag)."""
 
     async def _engine(self, context) -> EngineLoop:
         if self.engine_loop is None:
@@ -143,7 +142,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             q = engine_loop.add_request(
                 request,
                 grammar,
-                tracing.inject_current() if self.detailed_traces else None,
+                tracing.inject_current() if self.worker_traces else None,
                 stream,
             )
         except RequestRejected as exc:
@@ -242,7 +241,6 @@ async def run_scheduler(
     )
     servicer = SchedulerServicer(
         GrammarClient(config.tokenizer_address, config.grammar_compile_deadline_s),
-        detailed_traces=config.collect_detailed_traces is not None,
     )
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

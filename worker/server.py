@@ -27,7 +27,7 @@ from splitserve.common import tracing
 from splitserve.common.grpc_errors import ErrorInterceptor
 from splitserve.protos import worker_pb2, worker_pb2_grpc
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.step_spans import StepSpans
+from splitserve.worker.trace_spans import WorkerSpans
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +43,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     """Serves one ModelRunner; every runner call runs on the single `executor` thread."""
 
     def __init__(
-        self, health_servicer: health.aio.HealthServicer, step_spans: StepSpans | None = None
+        self, health_servicer: health.aio.HealthServicer, spans: WorkerSpans | None = None
     ) -> None:
         self.health = health_servicer
-        self.step_spans = step_spans
-        """Per-step spans (--collect-detailed-traces with an OTLP endpoint); None: off."""
+        self.spans = spans
+        """This rank's spans in request traces (an OTLP endpoint set); None: off."""
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-step")
         self.runner_ready: asyncio.Future = asyncio.get_running_loop().create_future()
         self.stage = None
@@ -122,7 +122,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     continue
                 if step is None:
                     break
-                spans = self.step_spans
+                spans = self.spans
                 if spans is None:
                     yield await self._run_step(self.stage.execute, step)
                     continue
@@ -173,8 +173,10 @@ async def run_worker(
         ],
     )
     health_servicer = health.aio.HealthServicer()
-    detailed = config.collect_detailed_traces is not None and tracing.enabled()
-    servicer = WorkerServicer(health_servicer, StepSpans(config.rank) if detailed else None)
+    spans = None
+    if tracing.enabled():
+        spans = WorkerSpans(config.rank, per_step=config.collect_detailed_traces is not None)
+    servicer = WorkerServicer(health_servicer, spans)
     await servicer.set_health(_NOT_SERVING)
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

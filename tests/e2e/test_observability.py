@@ -56,8 +56,7 @@ def receiver():
     server.stop(0)
 
 
-@pytest.fixture(scope="module")
-def traced_server(tiny_model, receiver, tmp_path_factory):
+def _traced_stack(tiny_model, receiver, log_dir, extra: list[str]) -> Server:
     env = {
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s, not the default 5 s
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
@@ -66,15 +65,10 @@ def traced_server(tiny_model, receiver, tmp_path_factory):
     os.environ.update(env)
     os.environ.pop("OTEL_SERVICE_NAME", None)
     try:
-        s = Server(
+        return Server(
             tiny_model,
-            [
-                "--otlp-traces-endpoint",
-                receiver.endpoint,
-                "--collect-detailed-traces",
-                "all",
-            ],
-            tmp_path_factory.mktemp("logs") / "traced.log",
+            ["--otlp-traces-endpoint", receiver.endpoint, *extra],
+            log_dir / "traced.log",
         )
     finally:
         for k, v in saved.items():
@@ -82,6 +76,13 @@ def traced_server(tiny_model, receiver, tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def traced_server(tiny_model, receiver, tmp_path_factory):
+    s = _traced_stack(
+        tiny_model, receiver, tmp_path_factory.mktemp("logs"), ["--collect-detailed-traces", "all"]
+    )
     yield s
     s.stop()
 
@@ -108,7 +109,7 @@ EXPECTED = {
     "splitserve-gateway": {"llm_request", "detokenize"},
     "splitserve-tokenizer": {"tokenize"},
     "splitserve-scheduler": {"scheduler.queued", "scheduler.prefill", "scheduler.decode"},
-    "splitserve-worker": {"worker.execute_step"},
+    "splitserve-worker": {"worker.request", "worker.execute_step"},
 }
 
 
@@ -220,10 +221,59 @@ def test_one_trace_across_all_services(traced_server, receiver):
     assert _attrs(prefill)["gen_ai.usage.prompt_tokens"] == usage["prompt_tokens"]
     assert _attrs(decode)["gen_ai.usage.completion_tokens"] == 4
     # Detailed traces: one worker span per step of this request (4 tokens: 4 steps).
-    steps = [s for svc, s in spans if svc == "splitserve-worker"]
+    steps = [
+        s for svc, s in spans if svc == "splitserve-worker" and s.name == "worker.execute_step"
+    ]
     assert len(steps) == 4
     generate_server = by_id[queued.parent_span_id][1]
     assert all(s.parent_span_id == generate_server.span_id for s in steps)
+    _check_worker_request_span(spans, usage, generate_server)
+
+
+def _check_worker_request_span(spans, usage: dict, generate_server) -> None:
+    """The worker's one span of a 4-token request: one prefill step, three decode steps."""
+    stay = next(s for svc, s in spans if svc == "splitserve-worker" and s.name == "worker.request")
+    assert stay.parent_span_id == generate_server.span_id
+    attrs = _attrs(stay)
+    assert attrs["splitserve.rank"] == 0
+    assert (
+        attrs["splitserve.request.prefill_steps"],
+        attrs["splitserve.request.decode_steps"],
+    ) == (
+        1,
+        3,
+    )
+    assert attrs["splitserve.request.num_scheduled_tokens"] == usage["prompt_tokens"] + 3
+    assert attrs["splitserve.request.resumed_after_preemption"] is False
+
+
+def test_default_tracing_has_one_worker_span_per_request(tiny_model, receiver, tmp_path):
+    """Without --collect-detailed-traces: spans from all four services under the client's
+    traceparent, the worker's being its one `worker.request` span (no per-step spans)."""
+    s = _traced_stack(tiny_model, receiver, tmp_path, [])
+    try:
+        trace_id = secrets.token_bytes(16)
+        traceparent = f"00-{trace_id.hex()}-{secrets.token_bytes(8).hex()}-01"
+        r = httpx.post(
+            s.url + "/v1/completions",
+            headers={"traceparent": traceparent},
+            json={"model": s.model, "prompt": "hello world", "max_tokens": 4, "ignore_eos": True},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+
+        def services() -> set[str]:
+            return {svc for svc, _ in receiver.of_trace(trace_id)}
+
+        wait_for(lambda: len(services()) == 4, 30, "spans from all four services")
+        spans = receiver.of_trace(trace_id)
+        worker = [sp.name for svc, sp in spans if svc == "splitserve-worker"]
+        assert worker == ["worker.request"], worker
+        queued = next(sp for _, sp in spans if sp.name == "scheduler.queued")
+        by_id = {sp.span_id: sp for _, sp in spans}
+        _check_worker_request_span(spans, r.json()["usage"], by_id[queued.parent_span_id])
+    finally:
+        s.stop()
 
 
 def test_streamed_request_span_ends_with_the_stream(traced_server, receiver):
