@@ -119,6 +119,60 @@ class ApplyChatTemplateResponse(_message.Message):
     mm_inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultiModalInput]
     def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ...) -> None: ...
 
+class PrepareRequest(_message.Message):
+    __slots__ = ("chat", "prompts", "bad_words", "grammar", "truncate_prompt_tokens", "return_prompt_text")
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    BAD_WORDS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    chat: ApplyChatTemplateRequest
+    prompts: PromptList
+    bad_words: _containers.RepeatedScalarFieldContainer[str]
+    grammar: _common_pb2.GrammarSpec
+    truncate_prompt_tokens: int
+    return_prompt_text: bool
+    def __init__(self, chat: _Optional[_Union[ApplyChatTemplateRequest, _Mapping]] = ..., prompts: _Optional[_Union[PromptList, _Mapping]] = ..., bad_words: _Optional[_Iterable[str]] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_prompt_text: _Optional[bool] = ...) -> None: ...
+
+class PromptList(_message.Message):
+    __slots__ = ("prompts", "add_special_tokens")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedCompositeFieldContainer[PromptInput]
+    add_special_tokens: bool
+    def __init__(self, prompts: _Optional[_Iterable[_Union[PromptInput, _Mapping]]] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class PromptInput(_message.Message):
+    __slots__ = ("text", "token_ids")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: TokenIds
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+
+class PreparedPrompt(_message.Message):
+    __slots__ = ("token_ids", "text", "mm_inputs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    MM_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    mm_inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultiModalInput]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ...) -> None: ...
+
+class PrepareResponse(_message.Message):
+    __slots__ = ("prompts", "bad_words_token_ids", "grammar", "compile_seconds")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    BAD_WORDS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedCompositeFieldContainer[PreparedPrompt]
+    bad_words_token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    grammar: _common_pb2.CompiledGrammar
+    compile_seconds: float
+    def __init__(self, prompts: _Optional[_Iterable[_Union[PreparedPrompt, _Mapping]]] = ..., bad_words_token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., grammar: _Optional[_Union[_common_pb2.CompiledGrammar, _Mapping]] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
+
 class GetDecoderRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

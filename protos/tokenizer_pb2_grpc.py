@@ -70,6 +70,11 @@ class TokenizerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
                 _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/splitserve.tokenizer.v1.TokenizerService/Prepare',
+                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.PrepareResponse.FromString,
+                _registered_method=True)
         self.GetDecoder = channel.unary_unary(
                 '/splitserve.tokenizer.v1.TokenizerService/GetDecoder',
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.GetDecoderRequest.SerializeToString,
@@ -134,6 +139,18 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prepare(self, request, context):
+        """Everything one request needs before generation, in one call: its prompts rendered and
+        tokenized, its bad words tokenized and its structured-output constraint compiled (the
+        compiled form comes back, for GenerateRequest.compiled_grammar). A refused part is
+        INVALID_ARGUMENT (a constraint also CompileGrammar's DEADLINE_EXCEEDED and
+        RESOURCE_EXHAUSTED), with the trailing metadata key `splitserve-prepare-part` naming the
+        part at fault: "prompt" or "grammar"; the constraint is reported first when both fail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetDecoder(self, request, context):
         """What a front end needs to detokenize and match stop strings itself (the gateway fetches
         it once at start), so that generated tokens need no call here. An empty tokenizer_json
@@ -180,6 +197,11 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.CompileGrammar,
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.PrepareRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.PrepareResponse.SerializeToString,
             ),
             'GetDecoder': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDecoder,
@@ -377,6 +399,33 @@ class TokenizerService:
             '/splitserve.tokenizer.v1.TokenizerService/CompileGrammar',
             splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
             splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.tokenizer.v1.TokenizerService/Prepare',
+            splitserve_dot_protos_dot_tokenizer__pb2.PrepareRequest.SerializeToString,
+            splitserve_dot_protos_dot_tokenizer__pb2.PrepareResponse.FromString,
             options,
             channel_credentials,
             insecure,
