@@ -50,11 +50,6 @@ class TokenizerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DetokenizeStreamRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DetokenizeStreamResponse.FromString,
                 _registered_method=True)
-        self.ApplyChatTemplate = channel.unary_unary(
-                '/splitserve.tokenizer.v1.TokenizerService/ApplyChatTemplate',
-                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.SerializeToString,
-                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.FromString,
-                _registered_method=True)
         self.DecodeEach = channel.unary_unary(
                 '/splitserve.tokenizer.v1.TokenizerService/DecodeEach',
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachRequest.SerializeToString,
@@ -64,11 +59,6 @@ class TokenizerServiceStub:
                 '/splitserve.tokenizer.v1.TokenizerService/GetTokenizerInfo',
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.TokenizerInfo.FromString,
-                _registered_method=True)
-        self.CompileGrammar = channel.unary_unary(
-                '/splitserve.tokenizer.v1.TokenizerService/CompileGrammar',
-                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
-                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
                 _registered_method=True)
         self.Prepare = channel.unary_unary(
                 '/splitserve.tokenizer.v1.TokenizerService/Prepare',
@@ -109,13 +99,6 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ApplyChatTemplate(self, request, context):
-        """Render chat messages with the model's template and tokenize the result.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def DecodeEach(self, request, context):
         """Each token id decoded on its own (for logprobs' token strings), in one call.
         """
@@ -130,22 +113,15 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CompileGrammar(self, request, context):
-        """Compile a structured-output constraint (cached by handle). A bad constraint or a schema
-        feature the backend cannot enforce is INVALID_ARGUMENT naming the problem; a compile that
-        runs past the time limit is DEADLINE_EXCEEDED; a full compile pool is RESOURCE_EXHAUSTED.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Prepare(self, request, context):
-        """Everything one request needs before generation, in one call: its prompts rendered and
-        tokenized, its bad words tokenized and its structured-output constraint compiled (the
-        compiled form comes back, for GenerateRequest.compiled_grammar). A refused part is
-        INVALID_ARGUMENT (a constraint also CompileGrammar's DEADLINE_EXCEEDED and
-        RESOURCE_EXHAUSTED), with the trailing metadata key `splitserve-prepare-part` naming the
-        part at fault: "prompt" or "grammar"; the constraint is reported first when both fail.
+        """Everything one request needs before generation, in one call: its prompts rendered (chat
+        template) and tokenized, its bad words tokenized and its structured-output constraint
+        compiled (cached by handle; the compiled form comes back for
+        GenerateRequest.compiled_grammar). A refused part is INVALID_ARGUMENT naming the problem
+        (a bad constraint, a schema feature the backend cannot enforce, bad messages); a compile
+        past the time limit is DEADLINE_EXCEEDED and a full compile pool RESOURCE_EXHAUSTED. The
+        trailing metadata key `splitserve-prepare-part` names the part at fault, "prompt" or
+        "grammar"; when both fail the constraint is reported.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,11 +154,6 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DetokenizeStreamRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DetokenizeStreamResponse.SerializeToString,
             ),
-            'ApplyChatTemplate': grpc.unary_unary_rpc_method_handler(
-                    servicer.ApplyChatTemplate,
-                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.FromString,
-                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.SerializeToString,
-            ),
             'DecodeEach': grpc.unary_unary_rpc_method_handler(
                     servicer.DecodeEach,
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachRequest.FromString,
@@ -192,11 +163,6 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     servicer.GetTokenizerInfo,
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.TokenizerInfo.SerializeToString,
-            ),
-            'CompileGrammar': grpc.unary_unary_rpc_method_handler(
-                    servicer.CompileGrammar,
-                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.FromString,
-                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.SerializeToString,
             ),
             'Prepare': grpc.unary_unary_rpc_method_handler(
                     servicer.Prepare,
@@ -302,33 +268,6 @@ class TokenizerService:
             _registered_method=True)
 
     @staticmethod
-    def ApplyChatTemplate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/splitserve.tokenizer.v1.TokenizerService/ApplyChatTemplate',
-            splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.SerializeToString,
-            splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def DecodeEach(request,
             target,
             options=(),
@@ -372,33 +311,6 @@ class TokenizerService:
             '/splitserve.tokenizer.v1.TokenizerService/GetTokenizerInfo',
             splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.SerializeToString,
             splitserve_dot_protos_dot_tokenizer__pb2.TokenizerInfo.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CompileGrammar(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/splitserve.tokenizer.v1.TokenizerService/CompileGrammar',
-            splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
-            splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
             options,
             channel_credentials,
             insecure,
