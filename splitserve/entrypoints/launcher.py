@@ -174,9 +174,7 @@ def serve(args: argparse.Namespace) -> int:
     worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
     rank_devices = _gpu_per_rank(worker_cfg)
     tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
-    scheduler_cfg = build_config(
-        scheduler_cls, args, worker_addresses=worker_addrs, tokenizer_address=tok_addr
-    )
+    scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
     # The demo model is served as DEMO_NAME unless the user names it.
     named = args.model_tag or getattr(args, "served_model_name", None)
     gateway_cfg = build_config(
