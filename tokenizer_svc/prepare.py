@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from splitserve.common.sampling_params import bad_word_variants
 from splitserve.protos import common_pb2, tokenizer_pb2
 
-from .tokenizer import TokenizerHandle
+if TYPE_CHECKING:  # the gateway imports this module for its constants, not the tokenizer
+    from .tokenizer import TokenizerHandle
 
 PART_METADATA_KEY = "splitserve-prepare-part"
 """Trailing-metadata key of a refused Prepare call: which part was at fault."""
