@@ -52,7 +52,7 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class Constraint:
-    """The request's one constraint, ready for CompileGrammar and GenerateRequest.grammar."""
+    """The request's one constraint, ready for the Prepare call (PrepareRequest.grammar)."""
 
     grammar: common_pb2.GrammarSpec
     label: str

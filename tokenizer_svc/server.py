@@ -178,7 +178,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 prompts.append(Prepared(list(rendered.token_ids), rendered.prompt))
                 if isinstance(rendered, ProcessedPrompt):
                     prompts[0].mm_inputs = list(rendered.mm_inputs)
-            prompts, bad = await self._offload(tokenize)
+            if chat and not words and truncate is None and not request.return_prompt_text:
+                bad = []  # nothing left to do: no second thread hop
+            else:
+                prompts, bad = await self._offload(tokenize)
             if span is not None:
                 span.set_attribute("splitserve.num_tokens", sum(len(p.token_ids) for p in prompts))
         return prompts, bad
