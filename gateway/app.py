@@ -31,6 +31,7 @@ from splitserve.gateway.middleware import (
     DrainMiddleware,
     RequestIdMiddleware,
 )
+from splitserve.gateway.prepare import chat_input, prepare
 from splitserve.gateway.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -50,7 +51,7 @@ from splitserve.gateway.protocol import (
 from splitserve.gateway.request_observer import RequestObserver
 from splitserve.gateway.sampling import check_token_ids
 from splitserve.gateway.serving_base import ServingBase
-from splitserve.gateway.serving_chat import ChatService, apply_chat_template
+from splitserve.gateway.serving_chat import ChatService
 from splitserve.gateway.serving_completions import CompletionsService
 from splitserve.gateway.serving_embeddings import (
     EmbeddingRequest,
@@ -390,18 +391,17 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
     if "messages" in body:
         chat_req = TokenizeChatRequest.model_validate(body)
         base.check_model(chat_req.model)
-        rendered = await apply_chat_template(
-            clients,
+        chat = await chat_input(
             chat_req.messages,
             add_generation_prompt=chat_req.add_generation_prompt,
             continue_final_message=chat_req.continue_final_message,
             chat_template=chat_req.chat_template,
             chat_template_kwargs=chat_req.chat_template_kwargs,
             tools=chat_req.tools,
-            deadline=deadline,
             config=base.config,
         )
-        ids, want_strs = list(rendered.token_ids), chat_req.return_token_strs
+        prepared = await prepare(clients, tokenizer_pb2.PrepareRequest(chat=chat), deadline)
+        ids, want_strs = list(prepared.prompts[0].token_ids), chat_req.return_token_strs
     else:
         req = TokenizeCompletionRequest.model_validate(body)
         base.check_model(req.model)

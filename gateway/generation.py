@@ -67,8 +67,8 @@ class SequenceSpec:
     want_logprobs: bool = False
     want_prompt_logprobs: bool = False
     priority: int = 0
-    grammar: common_pb2.GrammarSpec | None = None
-    """The structured-output constraint, when the request has one."""
+    grammar: common_pb2.CompiledGrammar | None = None
+    """The request's structured-output constraint as Prepare compiled it, when it has one."""
     lora_name: str = ""
     """The LoRA adapter to run with; empty for the base model."""
     lora_path: str = ""
@@ -89,7 +89,7 @@ class SequenceSpec:
             prompt_token_ids=self.prompt_token_ids,
             sampling_params=self.sampling,
             priority=self.priority,
-            grammar=self.grammar,
+            compiled_grammar=self.grammar,
             lora_name=self.lora_name,
             lora_path=self.lora_path,
             cache_salt=self.cache_salt,

@@ -128,16 +128,18 @@ def check_token_ids(ids: list[int], limits: Limits, param: str) -> None:
             raise bad_request(f"token id {t} is outside the vocabulary [0, {vocab})", param)
 
 
-def truncate(ids: list[int], truncate_prompt_tokens: int | None, limits: Limits) -> list[int]:
+def check_truncation(truncate_prompt_tokens: int | None, limits: Limits) -> int | None:
+    """truncate_prompt_tokens checked against the context (a 400 outside [1, max_model_len]);
+    the tokenizer service keeps that many last tokens of each prompt."""
     if truncate_prompt_tokens is None:
-        return ids
+        return None
     if not 1 <= truncate_prompt_tokens <= limits.max_model_len:
         raise bad_request(
             f"truncate_prompt_tokens must be in [1, {limits.max_model_len}], "
             f"got {truncate_prompt_tokens}",
             "truncate_prompt_tokens",
         )
-    return ids[-truncate_prompt_tokens:]
+    return truncate_prompt_tokens
 
 
 def resolve_max_tokens(
@@ -266,7 +268,7 @@ def sequence_specs(
     max_tokens: list[int],
     sampling: SamplingParams,
     priority: int,
-    grammar: common_pb2.GrammarSpec | None = None,
+    grammar: common_pb2.CompiledGrammar | None = None,
     cache_salt: str | None = None,
     max_tokens_note: str = "",
 ) -> list[SequenceSpec]:

@@ -1,161 +1,42 @@
-"""POST /v1/chat/completions: messages rendered by the tokenizer service's chat template,
+"""POST /v1/chat/completions: messages rendered by the tokenizer service's chat template (in
+the request's one Prepare call, with its bad words and constraint),
 chat-format logprobs, streaming (role in the first delta) and not."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import grpc
 from starlette.requests import Request
 from starlette.responses import Response
 
-from splitserve.common.mm_limits import parse_mm_limits
 from splitserve.gateway import vllm_extras
 from splitserve.gateway.chat_output import ChoiceOutput
-from splitserve.gateway.errors import bad_request, param_from_details
-from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
+from splitserve.gateway.errors import bad_request
+from splitserve.gateway.generation import SequenceDelta, merge_deltas
 from splitserve.gateway.logprobs import chat_logprobs, prompt_logprobs_vllm
-from splitserve.gateway.media import MediaPolicy, load_image
-from splitserve.gateway.protocol import ChatCompletionRequest, ChatCompletionResponse, ChatMessage
+from splitserve.gateway.prepare import chat_input, prepare
+from splitserve.gateway.protocol import ChatCompletionRequest, ChatCompletionResponse
 from splitserve.gateway.request_log import log_request
 from splitserve.gateway.sampling import (
     build_sampling,
     check_n,
     check_stream_fields,
     check_token_ids,
+    check_truncation,
     max_tokens_note,
     resolve_max_tokens,
     sequence_specs,
     stop_strings,
-    truncate,
 )
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import sse
-from splitserve.gateway.structured import compile_constraint, resolve_constraint
+from splitserve.gateway.structured import resolve_constraint
 from splitserve.gateway.tool_calls import ToolCallParser, ToolMode, tool_constraint
 from splitserve.gateway.tool_parsers import TOOL_PARSERS
 from splitserve.gateway.vllm_extras import refuse_unsupported
 from splitserve.protos import tokenizer_pb2
-
-_MAX_TOTAL_IMAGE_BYTES = 48 << 20
-"""The images of one request travel to the tokenizer service in one gRPC message (64 MiB)."""
-
-
-def messages_json(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
-    """The messages as the tokenizer service takes them: text parts joined into one string,
-    or, with images, a list of text parts and `{"type": "image"}` placeholders; and the
-    (url, param) of every image_url part, in order."""
-    out = []
-    images: list[tuple[str, str]] = []
-    for k, message in enumerate(messages):
-        m = message.model_dump(exclude_unset=True)
-        content = message.content
-        if isinstance(content, list):
-            parts: list[dict] = []
-            for j, part in enumerate(content):
-                if part.type == "image_url":
-                    param = f"messages[{k}].content[{j}].image_url"
-                    images.append((_image_url(part, param), param))
-                    parts.append({"type": "image"})
-                elif part.type == "text" and part.text is not None:
-                    parts.append({"type": "text", "text": part.text})
-                else:
-                    raise bad_request(
-                        f"messages[{k}]: content part type '{part.type}' is not "
-                        f"supported (only text and image_url)",
-                        "messages",
-                    )
-            if any(p["type"] == "image" for p in parts):
-                m["content"] = parts
-            else:
-                m["content"] = "\n".join(p["text"] for p in parts)
-        out.append(m)
-    return json.dumps(out), images
-
-
-def _image_url(part, param: str) -> str:
-    value = (part.model_extra or {}).get("image_url")
-    url = value.get("url") if isinstance(value, dict) else value
-    if not isinstance(url, str) or not url:
-        raise bad_request(f"{param}.url must be a non-empty string", param)
-    return url
-
-
-async def apply_chat_template(
-    clients,
-    messages: list[ChatMessage],
-    *,
-    add_generation_prompt: bool,
-    continue_final_message: bool,
-    chat_template: str | None,
-    chat_template_kwargs: dict[str, Any] | None,
-    tools: list[dict[str, Any]] | None,
-    deadline: Deadline,
-    config=None,
-    documents: list[dict[str, str]] | None = None,
-) -> tokenizer_pb2.ApplyChatTemplateResponse:
-    """Render the messages; with `config` (the gateway's), image_url parts are fetched under
-    its media rules and sent along (refused without it)."""
-    if not messages:
-        raise bad_request("messages must not be empty", "messages")
-    if add_generation_prompt and continue_final_message:
-        raise bad_request(
-            "continue_final_message and add_generation_prompt cannot both be true",
-            "continue_final_message",
-        )
-    rendered_json, image_urls = messages_json(messages)
-    request = tokenizer_pb2.ApplyChatTemplateRequest(
-        messages_json=rendered_json,
-        add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message,
-    )
-    if image_urls:
-        request.images.extend(await _load_images(image_urls, config))
-    if chat_template is not None:
-        request.chat_template = chat_template
-    if chat_template_kwargs:
-        request.chat_template_kwargs_json = json.dumps(chat_template_kwargs)
-    if tools:
-        request.tools_json = json.dumps(tools)
-    if documents is not None:
-        request.documents_json = json.dumps(documents)
-    try:
-        return await clients.tokenizer.ApplyChatTemplate(request, timeout=deadline.remaining())
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-            raise
-        details = exc.details() or "the messages could not be rendered"
-        param = param_from_details(details)
-        if param is None:
-            param = "chat_template" if chat_template is not None else "messages"
-        raise bad_request(details, param) from None
-
-
-async def _load_images(urls: list[tuple[str, str]], config) -> list[bytes]:
-    """Fetch every image (concurrently), after checking their number against the limit."""
-    if config is None:
-        raise bad_request("image_url parts are not accepted on this endpoint", urls[0][1])
-    limit = parse_mm_limits(config.limit_mm_per_prompt)["image"]
-    if len(urls) > limit:
-        raise bad_request(
-            f"the messages carry {len(urls)} images, more than the limit of {limit} "
-            "(--limit-mm-per-prompt)",
-            "messages",
-        )
-    policy = MediaPolicy.from_config(config)
-    blobs = list(await asyncio.gather(*(load_image(url, policy, p) for url, p in urls)))
-    total = sum(len(b) for b in blobs)
-    if total > _MAX_TOTAL_IMAGE_BYTES:
-        raise bad_request(
-            f"the messages' images hold {total} bytes together, more than "
-            f"{_MAX_TOTAL_IMAGE_BYTES} per request",
-            "messages",
-        )
-    return blobs
 
 
 class ChatService(ServingBase):
@@ -214,11 +95,7 @@ class ChatService(ServingBase):
             aliases={"max_tokens": max_param, "logprobs": "top_logprobs"},
         )
         deadline = self.deadline()
-        await vllm_extras.tokenize_bad_words(self.clients, sampling, deadline)
-        if constraint is not None:
-            await compile_constraint(self.clients, constraint, deadline)
-        rendered = await apply_chat_template(
-            self.clients,
+        chat = await chat_input(
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
@@ -226,16 +103,24 @@ class ChatService(ServingBase):
             chat_template_kwargs=req.chat_template_kwargs,
             tools=req.tools,
             documents=req.documents,
-            deadline=deadline,
             config=config,
         )
-        if rendered.mm_inputs and req.truncate_prompt_tokens is not None:
-            raise bad_request(
-                "truncate_prompt_tokens cannot be combined with images: truncation would cut "
-                "into an image's placeholder tokens",
-                "truncate_prompt_tokens",
-            )
-        ids = truncate(list(rendered.token_ids), req.truncate_prompt_tokens, limits)
+        prepare_request = tokenizer_pb2.PrepareRequest(chat=chat)
+        keep = check_truncation(req.truncate_prompt_tokens, limits)
+        if keep is not None:
+            if chat.images:
+                raise bad_request(
+                    "truncate_prompt_tokens cannot be combined with images: truncation would "
+                    "cut into an image's placeholder tokens",
+                    "truncate_prompt_tokens",
+                )
+            prepare_request.truncate_prompt_tokens = keep
+        # One tokenizer-service call: template, tokens, bad words and the constraint compiled.
+        prepared = await prepare(
+            self.clients, prepare_request, deadline, sampling=sampling, constraint=constraint
+        )
+        (rendered,) = prepared.prompts
+        ids = list(rendered.token_ids)
         check_token_ids(ids, limits, "messages")
         cap = limits.defaults.max_tokens
         max_tokens = resolve_max_tokens(len(ids), user_max, limits, "messages", max_param, cap=cap)
@@ -246,14 +131,13 @@ class ChatService(ServingBase):
             [max_tokens],
             sampling,
             req.priority,
-            constraint.grammar if constraint is not None else None,
+            prepared.grammar if constraint is not None else None,
             req.cache_salt,
             max_tokens_note=max_tokens_note(user_max, cap),
         )
         self.attach_lora(specs, req.model)
-        log_request(
-            self.config, request_id, rendered.prompt, ids, sampling, specs[0].lora_name or None
-        )
+        text = rendered.text if rendered.HasField("text") else None
+        log_request(self.config, request_id, text, ids, sampling, specs[0].lora_name or None)
         for spec in specs:
             spec.mm_inputs = list(rendered.mm_inputs)
         echo = ""

@@ -3,7 +3,6 @@ streaming and not."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,11 +11,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from splitserve.common.sampling_params import SamplingParams
 from splitserve.gateway import vllm_extras
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.logprobs import CompletionLogprobsBuilder, align_prompt_logprobs
 from splitserve.gateway.logprobs import prompt_logprobs_vllm as vllm_prompt_logprobs
+from splitserve.gateway.prepare import prepare, prompt_list
 from splitserve.gateway.protocol import CompletionRequest, CompletionResponse
 from splitserve.gateway.request_log import log_request
 from splitserve.gateway.sampling import (
@@ -25,17 +26,17 @@ from splitserve.gateway.sampling import (
     check_n,
     check_stream_fields,
     check_token_ids,
+    check_truncation,
     max_tokens_note,
     resolve_max_tokens,
     sequence_specs,
     stop_strings,
-    truncate,
 )
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import sse
-from splitserve.gateway.structured import compile_constraint, resolve_constraint
+from splitserve.gateway.structured import Constraint, resolve_constraint
 from splitserve.gateway.vllm_extras import refuse_unsupported
-from splitserve.protos import tokenizer_pb2
+from splitserve.protos import common_pb2, tokenizer_pb2
 
 
 @dataclass(slots=True)
@@ -74,10 +75,7 @@ class CompletionsService(ServingBase):
             max_tokens=req.max_tokens,
         )
         deadline = self.deadline()
-        await vllm_extras.tokenize_bad_words(self.clients, sampling, deadline)
-        if constraint is not None:
-            await compile_constraint(self.clients, constraint, deadline)
-        prompts = await self._prepare_prompts(req, limits, n, deadline)
+        prompts, grammar = await self._prepare(req, limits, n, deadline, sampling, constraint)
         max_tokens = []
         # Without max_tokens: --max-tokens-default (16); the model's max_new_tokens caps it
         # and an explicit max_tokens alike (vLLM takes the least).
@@ -93,8 +91,6 @@ class CompletionsService(ServingBase):
                     cap=cap,
                 )
             )
-        if echo:
-            await self._fill_prompt_texts(prompts, deadline)
         request_id = self.new_id("cmpl")
         specs = sequence_specs(
             request_id,
@@ -102,7 +98,7 @@ class CompletionsService(ServingBase):
             max_tokens,
             sampling,
             req.priority,
-            constraint.grammar if constraint is not None else None,
+            grammar,
             req.cache_salt,
             max_tokens_note=max_tokens_note(req.max_tokens, cap),
         )
@@ -120,9 +116,17 @@ class CompletionsService(ServingBase):
             view.full_response(results).model_dump_json(), media_type="application/json"
         )
 
-    async def _prepare_prompts(
-        self, req: CompletionRequest, limits: Limits, n: int, deadline: Deadline
-    ) -> list[_Prompt]:
+    async def _prepare(
+        self,
+        req: CompletionRequest,
+        limits: Limits,
+        n: int,
+        deadline: Deadline,
+        sampling: SamplingParams,
+        constraint: Constraint | None,
+    ) -> tuple[list[_Prompt], common_pb2.CompiledGrammar | None]:
+        """The prompts' ids (and texts, for echo), bad words and the constraint compiled, in
+        one tokenizer-service call."""
         p = req.prompt
         if isinstance(p, str):
             items: list[Any] = [p]
@@ -143,38 +147,22 @@ class CompletionsService(ServingBase):
                 raise bad_request("the prompt must not be empty", "prompt")
             if not isinstance(item, str):
                 check_token_ids(item, limits, "prompt")
-        tokenizer = self.clients.tokenizer
-
-        async def tokenize(item: Any) -> _Prompt:
-            if not isinstance(item, str):
-                return _Prompt(list(item), None)
-            resp = await tokenizer.Tokenize(
-                tokenizer_pb2.TokenizeRequest(text=item, add_special_tokens=req.add_special_tokens),
-                timeout=deadline.remaining(),
-            )
-            return _Prompt(list(resp.token_ids), item)
-
-        prompts = list(await asyncio.gather(*(tokenize(i) for i in items)))
-        for prompt in prompts:
-            prompt.token_ids = truncate(prompt.token_ids, req.truncate_prompt_tokens, limits)
-            if req.truncate_prompt_tokens is not None:
-                prompt.text = None
-        return prompts
-
-    async def _fill_prompt_texts(self, prompts: list[_Prompt], deadline: Deadline) -> None:
-        """Echo needs the prompt text; token-id prompts are detokenized once here."""
-
-        async def text_of(p: _Prompt) -> None:
-            if p.text is None:
-                resp = await self.clients.tokenizer.Detokenize(
-                    tokenizer_pb2.DetokenizeRequest(
-                        token_ids=p.token_ids, skip_special_tokens=False
-                    ),
-                    timeout=deadline.remaining(),
-                )
-                p.text = resp.text
-
-        await asyncio.gather(*(text_of(p) for p in prompts))
+        request = tokenizer_pb2.PrepareRequest(
+            prompts=prompt_list(items, req.add_special_tokens),
+            # Echo shows the prompt: id-only and truncated prompts get their text decoded.
+            return_prompt_text=bool(req.echo),
+        )
+        keep = check_truncation(req.truncate_prompt_tokens, limits)
+        if keep is not None:
+            request.truncate_prompt_tokens = keep
+        prepared = await prepare(
+            self.clients, request, deadline, sampling=sampling, constraint=constraint
+        )
+        prompts = [
+            _Prompt(list(r.token_ids), r.text if r.HasField("text") else None)
+            for r in prepared.prompts
+        ]
+        return prompts, prepared.grammar if constraint is not None else None
 
 
 class _CompletionView:

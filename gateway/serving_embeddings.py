@@ -24,6 +24,7 @@ from starlette.responses import Response
 from splitserve.common.pooling import dimensions_problem
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import Deadline
+from splitserve.gateway.prepare import chat_input, prepare, prompt_list
 from splitserve.gateway.protocol import ChatMessage, Int, PromptInput, RequestModel
 from splitserve.gateway.sampling import Limits, check_token_ids
 from splitserve.gateway.serving_base import ServingBase
@@ -132,25 +133,25 @@ class EmbeddingsService(ServingBase):
     async def _prompts(
         self, req: EmbeddingRequest, limits: Limits, deadline: Deadline
     ) -> list[list[int]]:
-        """Token ids of every input, checked against the vocabulary and the context."""
+        """Token ids of every input (one tokenizer-service call), checked against the
+        vocabulary and the context."""
         if (req.input is None) == (req.messages is None):
             raise bad_request("give exactly one of input and messages", "input")
         if req.messages is not None:
-            from splitserve.gateway.serving_chat import apply_chat_template
-
-            rendered = await apply_chat_template(
-                self.clients,
+            chat = await chat_input(
                 req.messages,
                 add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message,
                 chat_template=None,
                 chat_template_kwargs=req.chat_template_kwargs,
                 tools=None,
-                deadline=deadline,
             )
-            prompts, param = [list(rendered.token_ids)], "messages"
+            request, param = tokenizer_pb2.PrepareRequest(chat=chat), "messages"
         else:
-            prompts, param = await self._tokenize_input(req, limits, deadline), "input"
+            items = self._input_items(req, limits)
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            request = tokenizer_pb2.PrepareRequest(prompts=prompt_list(items, add_special))
+            param = "input"
         k = req.truncate_prompt_tokens
         if k is not None:
             if k == -1:
@@ -161,7 +162,9 @@ class EmbeddingsService(ServingBase):
                     f"got {req.truncate_prompt_tokens}",
                     "truncate_prompt_tokens",
                 )
-            prompts = [ids[-k:] for ids in prompts]
+            request.truncate_prompt_tokens = k
+        prepared = await prepare(self.clients, request, deadline)
+        prompts = [list(p.token_ids) for p in prepared.prompts]
         for i, ids in enumerate(prompts):
             if not ids:
                 raise bad_request(f"input {i} has no tokens", param)
@@ -174,9 +177,9 @@ class EmbeddingsService(ServingBase):
                 )
         return prompts
 
-    async def _tokenize_input(
-        self, req: EmbeddingRequest, limits: Limits, deadline: Deadline
-    ) -> list[list[int]]:
+    @staticmethod
+    def _input_items(req: EmbeddingRequest, limits: Limits) -> list[Any]:
+        """`input` as a list of prompts (each text or token ids), checked."""
         p = req.input
         if isinstance(p, str):
             items: list[Any] = [p]
@@ -195,18 +198,7 @@ class EmbeddingsService(ServingBase):
                 raise bad_request("input must not hold an empty string or list", "input")
             if not isinstance(item, str):
                 check_token_ids(item, limits, "input")
-        add_special = True if req.add_special_tokens is None else req.add_special_tokens
-
-        async def tokenize(item: Any) -> list[int]:
-            if not isinstance(item, str):
-                return list(item)
-            resp = await self.clients.tokenizer.Tokenize(
-                tokenizer_pb2.TokenizeRequest(text=item, add_special_tokens=add_special),
-                timeout=deadline.remaining(),
-            )
-            return list(resp.token_ids)
-
-        return list(await asyncio.gather(*(tokenize(i) for i in items)))
+        return items
 
     async def _embed(
         self, request_id: str, ids: list[int], req: EmbeddingRequest, deadline: Deadline

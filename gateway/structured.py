@@ -1,5 +1,6 @@
 """Structured outputs: every request surface mapped to one GrammarSpec, checked here for shape,
-then compiled by the tokenizer service before the engine sees the request.
+then compiled by the tokenizer service in the request's Prepare call (`prepare.py`) before the
+engine sees the request.
 
 Surfaces: OpenAI `response_format`; vLLM's `structured_outputs` object; vLLM's older top-level
 `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` with the modifiers
@@ -14,12 +15,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
-from splitserve.gateway.errors import RequestError, bad_request
-from splitserve.gateway.generation import Deadline
+from splitserve.gateway.errors import bad_request
 from splitserve.gateway.protocol import SamplingFields
-from splitserve.protos import common_pb2, tokenizer_pb2
+from splitserve.protos import common_pb2
 
 # The names a request may use for a backend; "llguidance" is the library's own name.
 _BACKENDS = {
@@ -54,7 +52,7 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class Constraint:
-    """The request's one constraint, ready for CompileGrammar and GenerateRequest.grammar."""
+    """The request's one constraint, ready for the Prepare call (PrepareRequest.grammar)."""
 
     grammar: common_pb2.GrammarSpec
     label: str
@@ -352,28 +350,3 @@ def _close_objects(schema: Any) -> Any:
         elif isinstance(node, list):
             stack.extend(node)
     return schema
-
-
-# ----------------------------------------------------------------------------- compile
-
-
-async def compile_constraint(clients, constraint: Constraint, deadline: Deadline) -> None:
-    """Compile through the tokenizer service (its cache then serves the scheduler). A bad
-    constraint or a compile timeout is a 400 here, before the engine sees the request."""
-    request = tokenizer_pb2.CompileGrammarRequest(
-        grammar=constraint.grammar, include_compiled=False
-    )
-    try:
-        await clients.tokenizer.CompileGrammar(request, timeout=deadline.remaining())
-    except grpc.aio.AioRpcError as exc:
-        code = exc.code()
-        details = exc.details() or code.name
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise bad_request(f"invalid {constraint.label}: {details}", constraint.param) from None
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not deadline.expired():
-            raise RequestError(
-                400,
-                f"{constraint.label} took too long to compile: {details}",
-                param=constraint.param,
-            ) from None
-        raise

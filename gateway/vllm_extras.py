@@ -10,13 +10,10 @@ processors (`logits_processors`, `vllm_xargs`), disaggregated-prefill `kv_transf
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
-from splitserve.common.sampling_params import SamplingParams, bad_word_variants
 from splitserve.gateway.errors import bad_request
-from splitserve.protos import tokenizer_pb2
 
 MAX_ALLOWED_TOKEN_IDS = 1 << 20
 """Cap on the length of allowed_token_ids (each id is checked against the vocabulary)."""
@@ -94,37 +91,6 @@ def check_bad_words(words: list[str] | None) -> list[str]:
                 "bad_words",
             )
     return words
-
-
-async def tokenize_bad_words(clients: Any, sampling: SamplingParams, deadline: Any) -> None:
-    """Fill sampling.bad_words_token_ids from the tokenizer service."""
-    if sampling.bad_words:
-        sampling.bad_words_token_ids = await bad_words_token_ids(
-            clients, sampling.bad_words, deadline.remaining()
-        )
-
-
-async def bad_words_token_ids(
-    clients: Any, words: list[str], timeout: float | None
-) -> list[list[int]]:
-    """Token sequences to ban, from the tokenizer service (no special tokens), deduplicated."""
-    if not words:
-        return []
-    texts = [v for w in words for v in bad_word_variants(w)]
-    replies = await asyncio.gather(
-        *(
-            clients.tokenizer.Tokenize(
-                tokenizer_pb2.TokenizeRequest(text=t, add_special_tokens=False), timeout=timeout
-            )
-            for t in texts
-        )
-    )
-    out: dict[tuple[int, ...], None] = {}
-    for reply in replies:
-        ids = tuple(reply.token_ids)
-        if ids:
-            out[ids] = None
-    return [list(s) for s in out]
 
 
 def response_id(prefix: str, request_id: str | None) -> str | None:

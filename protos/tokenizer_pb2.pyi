@@ -89,7 +89,7 @@ class DetokenizeStreamResponse(_message.Message):
     flushed: bool
     def __init__(self, text: _Optional[str] = ..., stopped: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., flushed: _Optional[bool] = ...) -> None: ...
 
-class ApplyChatTemplateRequest(_message.Message):
+class ChatInput(_message.Message):
     __slots__ = ("messages_json", "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs_json", "tools_json", "images", "documents_json")
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -109,15 +109,59 @@ class ApplyChatTemplateRequest(_message.Message):
     documents_json: str
     def __init__(self, messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., tools_json: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., documents_json: _Optional[str] = ...) -> None: ...
 
-class ApplyChatTemplateResponse(_message.Message):
-    __slots__ = ("prompt", "token_ids", "mm_inputs")
-    PROMPT_FIELD_NUMBER: _ClassVar[int]
+class PrepareRequest(_message.Message):
+    __slots__ = ("chat", "prompts", "bad_words", "grammar", "truncate_prompt_tokens", "return_prompt_text")
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    BAD_WORDS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    chat: ChatInput
+    prompts: PromptList
+    bad_words: _containers.RepeatedScalarFieldContainer[str]
+    grammar: _common_pb2.GrammarSpec
+    truncate_prompt_tokens: int
+    return_prompt_text: bool
+    def __init__(self, chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompts: _Optional[_Union[PromptList, _Mapping]] = ..., bad_words: _Optional[_Iterable[str]] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_prompt_text: _Optional[bool] = ...) -> None: ...
+
+class PromptList(_message.Message):
+    __slots__ = ("prompts", "add_special_tokens")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    ADD_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedCompositeFieldContainer[PromptInput]
+    add_special_tokens: bool
+    def __init__(self, prompts: _Optional[_Iterable[_Union[PromptInput, _Mapping]]] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class PromptInput(_message.Message):
+    __slots__ = ("text", "token_ids")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: TokenIds
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+
+class PreparedPrompt(_message.Message):
+    __slots__ = ("token_ids", "text", "mm_inputs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     MM_INPUTS_FIELD_NUMBER: _ClassVar[int]
-    prompt: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
     mm_inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultiModalInput]
-    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ...) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ...) -> None: ...
+
+class PrepareResponse(_message.Message):
+    __slots__ = ("prompts", "bad_words_token_ids", "grammar", "compile_seconds")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    BAD_WORDS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedCompositeFieldContainer[PreparedPrompt]
+    bad_words_token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    grammar: _common_pb2.CompiledGrammar
+    compile_seconds: float
+    def __init__(self, prompts: _Optional[_Iterable[_Union[PreparedPrompt, _Mapping]]] = ..., bad_words_token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., grammar: _Optional[_Union[_common_pb2.CompiledGrammar, _Mapping]] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
 
 class GetDecoderRequest(_message.Message):
     __slots__ = ()
@@ -152,21 +196,3 @@ class TokenizerInfo(_message.Message):
     has_chat_template: bool
     name: str
     def __init__(self, vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
-
-class CompileGrammarRequest(_message.Message):
-    __slots__ = ("grammar", "include_compiled")
-    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
-    INCLUDE_COMPILED_FIELD_NUMBER: _ClassVar[int]
-    grammar: _common_pb2.GrammarSpec
-    include_compiled: bool
-    def __init__(self, grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., include_compiled: _Optional[bool] = ...) -> None: ...
-
-class CompileGrammarResponse(_message.Message):
-    __slots__ = ("grammar", "compile_seconds", "cache_hit")
-    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
-    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
-    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
-    grammar: _common_pb2.CompiledGrammar
-    compile_seconds: float
-    cache_hit: bool
-    def __init__(self, grammar: _Optional[_Union[_common_pb2.CompiledGrammar, _Mapping]] = ..., compile_seconds: _Optional[float] = ..., cache_hit: _Optional[bool] = ...) -> None: ...

@@ -50,11 +50,6 @@ class TokenizerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DetokenizeStreamRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DetokenizeStreamResponse.FromString,
                 _registered_method=True)
-        self.ApplyChatTemplate = channel.unary_unary(
-                '/splitserve.tokenizer.v1.TokenizerService/ApplyChatTemplate',
-                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.SerializeToString,
-                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.FromString,
-                _registered_method=True)
         self.DecodeEach = channel.unary_unary(
                 '/splitserve.tokenizer.v1.TokenizerService/DecodeEach',
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachRequest.SerializeToString,
@@ -65,10 +60,10 @@ class TokenizerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.TokenizerInfo.FromString,
                 _registered_method=True)
-        self.CompileGrammar = channel.unary_unary(
-                '/splitserve.tokenizer.v1.TokenizerService/CompileGrammar',
-                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
-                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
+        self.Prepare = channel.unary_unary(
+                '/splitserve.tokenizer.v1.TokenizerService/Prepare',
+                request_serializer=splitserve_dot_protos_dot_tokenizer__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.PrepareResponse.FromString,
                 _registered_method=True)
         self.GetDecoder = channel.unary_unary(
                 '/splitserve.tokenizer.v1.TokenizerService/GetDecoder',
@@ -104,13 +99,6 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ApplyChatTemplate(self, request, context):
-        """Render chat messages with the model's template and tokenize the result.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def DecodeEach(self, request, context):
         """Each token id decoded on its own (for logprobs' token strings), in one call.
         """
@@ -125,10 +113,15 @@ class TokenizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CompileGrammar(self, request, context):
-        """Compile a structured-output constraint (cached by handle). A bad constraint or a schema
-        feature the backend cannot enforce is INVALID_ARGUMENT naming the problem; a compile that
-        runs past the time limit is DEADLINE_EXCEEDED; a full compile pool is RESOURCE_EXHAUSTED.
+    def Prepare(self, request, context):
+        """Everything one request needs before generation, in one call: its prompts rendered (chat
+        template) and tokenized, its bad words tokenized and its structured-output constraint
+        compiled (cached by handle; the compiled form comes back for
+        GenerateRequest.compiled_grammar). A refused part is INVALID_ARGUMENT naming the problem
+        (a bad constraint, a schema feature the backend cannot enforce, bad messages); a compile
+        past the time limit is DEADLINE_EXCEEDED and a full compile pool RESOURCE_EXHAUSTED. The
+        trailing metadata key `splitserve-prepare-part` names the part at fault, "prompt" or
+        "grammar"; when both fail the constraint is reported.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,11 +154,6 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DetokenizeStreamRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.DetokenizeStreamResponse.SerializeToString,
             ),
-            'ApplyChatTemplate': grpc.unary_unary_rpc_method_handler(
-                    servicer.ApplyChatTemplate,
-                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.FromString,
-                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.SerializeToString,
-            ),
             'DecodeEach': grpc.unary_unary_rpc_method_handler(
                     servicer.DecodeEach,
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.DecodeEachRequest.FromString,
@@ -176,10 +164,10 @@ def add_TokenizerServiceServicer_to_server(servicer, server):
                     request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.GetTokenizerInfoRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.TokenizerInfo.SerializeToString,
             ),
-            'CompileGrammar': grpc.unary_unary_rpc_method_handler(
-                    servicer.CompileGrammar,
-                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.FromString,
-                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.SerializeToString,
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=splitserve_dot_protos_dot_tokenizer__pb2.PrepareRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_tokenizer__pb2.PrepareResponse.SerializeToString,
             ),
             'GetDecoder': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDecoder,
@@ -280,33 +268,6 @@ class TokenizerService:
             _registered_method=True)
 
     @staticmethod
-    def ApplyChatTemplate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/splitserve.tokenizer.v1.TokenizerService/ApplyChatTemplate',
-            splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateRequest.SerializeToString,
-            splitserve_dot_protos_dot_tokenizer__pb2.ApplyChatTemplateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def DecodeEach(request,
             target,
             options=(),
@@ -361,7 +322,7 @@ class TokenizerService:
             _registered_method=True)
 
     @staticmethod
-    def CompileGrammar(request,
+    def Prepare(request,
             target,
             options=(),
             channel_credentials=None,
@@ -374,9 +335,9 @@ class TokenizerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitserve.tokenizer.v1.TokenizerService/CompileGrammar',
-            splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarRequest.SerializeToString,
-            splitserve_dot_protos_dot_tokenizer__pb2.CompileGrammarResponse.FromString,
+            '/splitserve.tokenizer.v1.TokenizerService/Prepare',
+            splitserve_dot_protos_dot_tokenizer__pb2.PrepareRequest.SerializeToString,
+            splitserve_dot_protos_dot_tokenizer__pb2.PrepareResponse.FromString,
             options,
             channel_credentials,
             insecure,

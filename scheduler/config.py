@@ -54,10 +54,6 @@ class SchedulerConfig:
     otlp_traces_endpoint: str | None = None
     """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
     http/protobuf); None exports nothing and installs no instrumentation."""
-    tokenizer_address: str | None = None
-    """gRPC address of the tokenizer service, which compiles structured-output constraints; None refuses requests that carry one."""
-    grammar_compile_deadline_s: float = 60.0
-    """Deadline of the scheduler's CompileGrammar call to the tokenizer service."""
     enable_lora: bool = False
     """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
     max_loras: int = 1
@@ -90,10 +86,6 @@ class SchedulerConfig:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
-        if not self.grammar_compile_deadline_s > 0:
-            raise ValueError(
-                f"grammar_compile_deadline_s must be > 0, got {self.grammar_compile_deadline_s}"
-            )
         if not self.worker_step_timeout_s > 0:
             raise ValueError(f"worker_step_timeout_s must be > 0, got {self.worker_step_timeout_s}")
         if self.async_scheduling_depth not in (1, 2, 3):

@@ -90,12 +90,12 @@ class EngineLoop:
     def add_request(
         self,
         req: scheduler_pb2.GenerateRequest,
-        grammar: common_pb2.CompiledGrammar | None = None,
+        grammar: common_pb2.CompiledGrammar | common_pb2.GrammarSpec | None = None,
         trace_context: dict[str, str] | None = None,
         stream: OutputStream | None = None,
     ) -> asyncio.Queue | None:
-        """Validate, register the request's sink and hand it (with its compiled constraint,
-        if any) to the engine thread. `trace_context` (W3C headers) goes to the workers with
+        """Validate, register the request's sink and hand it (with its constraint, if any) to
+        the engine thread. `trace_context` (W3C headers) goes to the workers with
         the request's steps. Returns the request's own output queue, or None when its
         outputs go to `stream`."""
         if self.dead is not None:

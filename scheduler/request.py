@@ -60,8 +60,9 @@ class Request:
     """Wall-clock time (ns) the request first left the waiting queue; 0 before (tracing)."""
     trace_context: dict[str, str] | None = None
     """W3C trace headers sent to the workers with the request (detailed traces only)."""
-    grammar: common_pb2.CompiledGrammar | None = None
-    """Structured-output constraint, sent to the workers with the request (and on resume)."""
+    grammar: common_pb2.CompiledGrammar | common_pb2.GrammarSpec | None = None
+    """Structured-output constraint, compiled or a spec for the sampling rank to compile; sent
+    to the workers with the request (and on resume)."""
     mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
     """Images of the prompt, sent to the workers with the request (and on resume)."""
     mm_spans: tuple[tuple[int, int, bytes], ...] = ()

@@ -73,6 +73,22 @@ class RequestOutput:
         return self.finish_reason != _UNSPECIFIED
 
 
+def request_constraint(
+    req: scheduler_pb2.GenerateRequest,
+) -> common_pb2.CompiledGrammar | common_pb2.GrammarSpec | None:
+    """The request's structured-output constraint: compiled (the gateway compiled it in its
+    Prepare call) or a spec (a direct Generate caller), or None; both is INVALID_ARGUMENT.
+
+    NOTE: the scheduler compiles nothing and holds no tokenizer: the sampling rank builds its
+    matcher from either form, so a constraint costs no call from here, and a bad spec fails
+    its request with INVALID_ARGUMENT when it reaches that rank."""
+    if req.HasField("compiled_grammar"):
+        if req.HasField("grammar"):
+            raise RequestRejected("INVALID_ARGUMENT", "give grammar or compiled_grammar, not both")
+        return req.compiled_grammar
+    return req.grammar if req.HasField("grammar") else None
+
+
 class Scheduler:
     def __init__(
         self,
@@ -113,10 +129,10 @@ class Scheduler:
     def add_request(
         self,
         req: scheduler_pb2.GenerateRequest,
-        grammar: common_pb2.CompiledGrammar | None = None,
+        grammar: common_pb2.CompiledGrammar | common_pb2.GrammarSpec | None = None,
     ) -> Request:
-        """Validate and queue a request (with its compiled constraint, if it has one); raises
-        RequestRejected."""
+        """Validate and queue a request (with its constraint, compiled or as a spec, if it has
+        one; see `request_constraint`); raises RequestRejected."""
         rid = req.request_id
         if not rid:
             raise RequestRejected("INVALID_ARGUMENT", "request_id must not be empty")
@@ -186,7 +202,7 @@ class Scheduler:
                 "this model runs with --runner pooling and serves only embeddings; "
                 "generation is not supported",
             )
-        if req.pooling and req.HasField("grammar"):
+        if req.pooling and (req.HasField("grammar") or req.HasField("compiled_grammar")):
             raise RequestRejected(
                 "INVALID_ARGUMENT", "a pooling request takes no structured-output constraint"
             )
@@ -518,8 +534,10 @@ class Scheduler:
         m.num_prompt_tokens = req.num_prompt_tokens
         if req.trace_context:
             m.trace_context.update(req.trace_context)
-        if req.grammar is not None:
+        if isinstance(req.grammar, common_pb2.CompiledGrammar):
             m.grammar.CopyFrom(req.grammar)
+        elif req.grammar is not None:
+            m.grammar_spec.CopyFrom(req.grammar)
         if req.lora_name:
             m.lora_name, m.lora_path = req.lora_name, req.lora_path
             m.lora_int_id = req.lora_int_id

@@ -1,5 +1,9 @@
 """The scheduler's gRPC service: Generate streams, batched output streams (StreamOutputs +
-Submit), Abort, stats, model info, health."""
+Submit), Abort, stats, model info, health.
+
+The scheduler talks to no tokenizer service: a structured-output constraint arrives compiled
+(the gateway's Prepare call) or as a spec (a direct Generate caller), and either way goes to the
+sampling rank with the request (see `request_constraint`)."""
 
 from __future__ import annotations
 
@@ -12,13 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitserve.common import tracing
 from splitserve.common.grpc_errors import ErrorInterceptor
-from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
 from .config import SchedulerConfig
 from .engine_core import EngineCore
 from .engine_loop import EngineLoop, OutputStream
 from .request_spans import RequestTimeline
-from .scheduler import RequestOutput, RequestRejected
+from .scheduler import RequestOutput, RequestRejected, request_constraint
 from .stats_logger import start_stats_logging, stats_interval_s
 
 logger = logging.getLogger(__name__)
@@ -71,53 +75,10 @@ def _output_batch(outputs: list[RequestOutput], timelines: dict) -> scheduler_pb
     return batch
 
 
-# Statuses of CompileGrammar passed on to the Generate caller as they are; others -> UNAVAILABLE.
-_COMPILE_STATUSES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
-class GrammarClient:
-    """Compiles a request's constraint through the tokenizer service before it is queued."""
-
-    def __init__(self, address: str | None, deadline_s: float) -> None:
-        self.address = address
-        self.deadline_s = deadline_s
-        self._stub: tokenizer_pb2_grpc.TokenizerServiceStub | None = None
-
-    async def compile(self, spec, context):
-        """The CompiledGrammar of `spec`; aborts the call with the compile's status on failure."""
-        if self.address is None:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "structured outputs need the tokenizer service: start the scheduler with "
-                "--tokenizer-address",
-            )
-        if self._stub is None:
-            channel = grpc.aio.insecure_channel(
-                self.address, options=[("grpc.max_receive_message_length", 64 << 20)]
-            )
-            self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
-        try:
-            response = await self._stub.CompileGrammar(
-                tokenizer_pb2.CompileGrammarRequest(grammar=spec, include_compiled=True),
-                timeout=self.deadline_s,
-            )
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code not in _COMPILE_STATUSES:
-                code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"grammar compile failed: {exc.details()}")
-        return response.grammar
-
-
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, grammars: GrammarClient | None = None) -> None:
+    def __init__(self) -> None:
         self.engine_loop: EngineLoop | None = None
         """Set once the workers are up; until then every call is UNAVAILABLE."""
-        self.grammars = grammars or GrammarClient(None, 60.0)
         self.worker_traces = tracing.enabled()
         """Send each request's trace context to the workers: each rank adds its span to the
         request's trace (per-step spans too with --collect-detailed-traces, a worker flag)."""
@@ -128,12 +89,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return self.engine_loop
 
     async def _queue(self, request, context, stream: OutputStream | None = None):
-        """Compile the request's constraint and queue it; refusals abort the call."""
+        """Queue the request; refusals abort the call."""
         engine_loop = await self._engine(context)
-        grammar = None
-        if request.HasField("grammar"):
-            # NOTE: compiled before queueing: a bad constraint never reaches the engine.
-            grammar = await self.grammars.compile(request.grammar, context)
         # Arrival is noted before the request is queued: queue time starts here.
         timeline = RequestTimeline(request.request_id)
         if stream is not None:
@@ -141,7 +98,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             q = engine_loop.add_request(
                 request,
-                grammar,
+                request_constraint(request),
                 tracing.inject_current() if self.worker_traces else None,
                 stream,
             )
@@ -239,9 +196,7 @@ async def run_scheduler(
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()], options=[("grpc.max_receive_message_length", 64 << 20)]
     )
-    servicer = SchedulerServicer(
-        GrammarClient(config.tokenizer_address, config.grammar_compile_deadline_s),
-    )
+    servicer = SchedulerServicer()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

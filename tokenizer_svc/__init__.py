@@ -6,5 +6,6 @@ strings, served over gRPC (`splitserve.tokenizer.v1.TokenizerService`).
 - `detokenizer.IncrementalDetokenizer`, `stop_strings.StopStringChecker`,
   `stream.SequenceStream`: one sequence's streamed text (the `DetokenizeStream` RPC).
 - `chat.ChatRenderer`: OpenAI messages to prompt text and ids, render time bounded.
+- `prepare`: one request's pre-generation work (the `Prepare` RPC; the offline LLM shares it).
 - `server.run_tokenizer_service(config, address)`: the process entry point.
 """

@@ -87,7 +87,7 @@ def detect_content_format(template: str | None) -> str:
 
 @dataclass(slots=True)
 class ChatRequest:
-    """A validated ApplyChatTemplate request."""
+    """A validated chat input (Prepare's ChatInput)."""
 
     messages: list[dict]
     add_generation_prompt: bool = False
@@ -121,7 +121,7 @@ def parse_chat_request(
     content_format: str = "string",
     documents_json: str | None = None,
 ) -> ChatRequest:
-    """Validate an ApplyChatTemplate request's JSON fields; InvalidRequest says what's wrong.
+    """Validate a ChatInput's JSON fields; InvalidRequest says what's wrong.
     `image_placeholder` (the model's image token text; None when it takes no images) stands in
     for each `{"type": "image"}` part; `content_format` is "string" or "openai" (see above)."""
     if add_generation_prompt and continue_final_message:
@@ -258,7 +258,7 @@ def _content_parts(
         elif kind in ("image_url", "input_image") and image_placeholder is not None:
             raise InvalidRequest(
                 f"{where}: {kind!r} parts are fetched by the gateway; send {{'type': 'image'}} "
-                "parts with the image files in ApplyChatTemplateRequest.images"
+                "parts with the image files in ChatInput.images"
             )
         elif kind in _MEDIA_PARTS:
             raise InvalidRequest(

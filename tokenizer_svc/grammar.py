@@ -336,7 +336,24 @@ def _clean_xgrammar_error(exc: Exception) -> str:
 
 
 def compile_xgrammar(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> bytes:
-    """Compile with xgrammar; returns its serialized CompiledGrammar (UTF-8 JSON)."""
+    """Compile with xgrammar; returns its serialized Grammar (UTF-8 JSON), once the grammar
+    is proven to compile for this tokenizer."""
+    grammar = xgrammar_grammar(kind, spec, ws)
+    try:
+        # The token-mask precompute, here to prove the grammar compiles for this tokenizer
+        # (and within the time limit); the sampling rank repeats it from the small grammar.
+        xgrammar_compiler(tok).compile_grammar(grammar)
+    except Exception as exc:  # xgrammar raises RuntimeError / ValueError on bad input
+        raise GrammarError(
+            f"xgrammar cannot compile the {kind}: {_clean_xgrammar_error(exc)}"
+        ) from None
+    # NOTE: the compiled form's serialization carries the adaptive token-mask cache (tens of
+    # MB for a small schema at a large vocabulary); the grammar itself is a few KB.
+    return grammar.serialize_json().encode()
+
+
+def xgrammar_grammar(kind: str, spec: str, ws: str):
+    """The xgrammar Grammar of a constraint (checked, not yet compiled for a vocabulary)."""
     import xgrammar
 
     if ws and kind in ("json", "json_object"):
@@ -369,18 +386,13 @@ def compile_xgrammar(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
             grammar = Grammar.from_ebnf(f"root ::= {alternatives}")
         else:
             grammar = Grammar.from_ebnf(spec)
-        # The token-mask precompute, here to prove the grammar compiles for this tokenizer
-        # (and within the time limit); the sampling rank repeats it from the small grammar.
-        xgrammar_compiler(tok).compile_grammar(grammar)
     except GrammarError:
         raise
     except Exception as exc:  # xgrammar raises RuntimeError / ValueError on bad input
         raise GrammarError(
             f"xgrammar cannot compile the {kind}: {_clean_xgrammar_error(exc)}"
         ) from None
-    # NOTE: the compiled form's serialization carries the adaptive token-mask cache (tens of
-    # MB for a small schema); the grammar itself is a few KB.
-    return grammar.serialize_json().encode()
+    return grammar
 
 
 # xgrammar 0.2.8 writes the characters of a length-limited JSON string as [^"\\\r\n]: raw
@@ -457,6 +469,60 @@ def compile_guidance(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
 _COMPILERS = {"xgrammar": compile_xgrammar, "guidance": compile_guidance}
 
 
+def _xgrammar_uncompiled(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> bytes:
+    """xgrammar's serialized Grammar without the vocabulary precompute (see uncompiled_grammar)."""
+    return xgrammar_grammar(kind, spec, ws).serialize_json().encode()
+
+
+_UNCOMPILED = {"xgrammar": _xgrammar_uncompiled, "guidance": compile_guidance}
+
+
+def resolve_spec(spec: common_pb2.GrammarSpec, default_backend: str) -> tuple[str, str]:
+    """(backend asked for, handle) after checking kind and backend; `default_backend` stands
+    in for an empty one."""
+    if spec.kind not in KINDS:
+        raise GrammarError(f"unknown constraint kind {spec.kind!r}; expected {', '.join(KINDS)}")
+    backend = spec.backend or default_backend
+    if backend not in BACKENDS:
+        raise GrammarError(
+            f"unknown guided decoding backend {spec.backend!r}; expected {', '.join(BACKENDS)}"
+        )
+    if spec.kind != "json_object" and not spec.spec:
+        raise GrammarError(f"the {spec.kind} constraint is empty")
+    return backend, grammar_handle(backend, spec.kind, spec.spec, spec.whitespace_pattern)
+
+
+def build(
+    compilers: dict, tok: GrammarTokenizer, backend: str, spec: common_pb2.GrammarSpec
+) -> tuple[str, bytes]:
+    """(backend used, bytes) from `compilers[backend]`; under auto xgrammar first, then
+    guidance when xgrammar refuses the constraint."""
+    args = (tok, spec.kind, spec.spec, spec.whitespace_pattern)
+    if backend != "auto":
+        return backend, compilers[backend](*args)
+    try:
+        return "xgrammar", compilers["xgrammar"](*args)
+    except GrammarError as first:
+        try:
+            return "guidance", compilers["guidance"](*args)
+        except GrammarError as second:
+            raise GrammarError(
+                f"no backend can enforce this constraint: {first.message}; {second.message}"
+            ) from None
+
+
+def uncompiled_grammar(
+    tok: GrammarTokenizer, spec: common_pb2.GrammarSpec, default_backend: str
+) -> common_pb2.CompiledGrammar:
+    """What the tokenizer service would ship for `spec`, checked the same way, but without
+    xgrammar's vocabulary precompute: for a sampling rank handed a bare spec (a direct
+    Generate caller), which runs that precompute itself next and would only do it twice.
+    Raises GrammarError for a constraint the service would refuse."""
+    backend, handle = resolve_spec(spec, default_backend)
+    used, data = build(_UNCOMPILED, tok, backend, spec)
+    return common_pb2.CompiledGrammar(handle=handle, backend=used, compiled=data)
+
+
 # ---------------------------------------------------------------------------- the compiler
 
 
@@ -495,18 +561,7 @@ class GrammarCompiler:
 
     def resolve(self, spec: common_pb2.GrammarSpec) -> tuple[str, str]:
         """(backend asked for, handle) after checking kind and backend."""
-        if spec.kind not in KINDS:
-            raise GrammarError(
-                f"unknown constraint kind {spec.kind!r}; expected {', '.join(KINDS)}"
-            )
-        backend = spec.backend or self.default_backend
-        if backend not in BACKENDS:
-            raise GrammarError(
-                f"unknown guided decoding backend {spec.backend!r}; expected {', '.join(BACKENDS)}"
-            )
-        if spec.kind != "json_object" and not spec.spec:
-            raise GrammarError(f"the {spec.kind} constraint is empty")
-        return backend, grammar_handle(backend, spec.kind, spec.spec, spec.whitespace_pattern)
+        return resolve_spec(spec, self.default_backend)
 
     def lookup(self, handle: str) -> common_pb2.CompiledGrammar | None:
         with self._lock:
@@ -537,18 +592,7 @@ class GrammarCompiler:
         return CompileResult(compiled, time.perf_counter() - start, False)
 
     def _compile(self, backend: str, spec: common_pb2.GrammarSpec) -> tuple[str, bytes]:
-        args = (self.tokenizer, spec.kind, spec.spec, spec.whitespace_pattern)
-        if backend != "auto":
-            return backend, _COMPILERS[backend](*args)
-        try:
-            return "xgrammar", compile_xgrammar(*args)
-        except GrammarError as first:
-            try:
-                return "guidance", compile_guidance(*args)
-            except GrammarError as second:
-                raise GrammarError(
-                    f"no backend can enforce this constraint: {first.message}; {second.message}"
-                ) from None
+        return build(_COMPILERS, self.tokenizer, backend, spec)
 
     async def compile(self, spec: common_pb2.GrammarSpec) -> CompileResult:
         """Compile in the pool, at most `timeout_s` seconds; a full pool is refused."""

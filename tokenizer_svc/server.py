@@ -1,6 +1,6 @@
 """The tokenizer service over gRPC (`splitserve.tokenizer.v1.TokenizerService`, grpc.aio).
 
-Heavy calls (tokenize, decode, chat-template rendering) run in a thread pool so the event
+Heavy calls (tokenize, decode, chat-template rendering, Prepare's prompt work) run in a thread pool so the event
 loop stays free; `DetokenizeStream` work is a few microseconds per token and runs inline, as
 does a small `DecodeEach` (one step's logprob tokens).
 Health (`grpc.health.v1`) says NOT_SERVING until the tokenizer is loaded, then SERVING, and
@@ -14,9 +14,10 @@ DetokenizeStream protocol (one response per request message, in order):
   3. `tokens` with no ids = end of sequence -> the held-back text, `flushed` set. A client that
      half-closes without it gets no more text; tokens after it are refused.
 
-CompileGrammar compiles a structured-output constraint (see `grammar.py`) in its own bounded
-pool with a timeout and an LRU cache; a bad constraint is INVALID_ARGUMENT and touches nothing
-else (health stays SERVING).
+Prepare does a request's whole pre-generation work in one call (see `prepare.py`): chat
+template or tokenization, bad words, truncation, and the structured-output constraint, which
+compiles (see `grammar.py`) in its own bounded pool with a timeout and an LRU cache; a bad
+constraint is INVALID_ARGUMENT and touches nothing else (health stays SERVING).
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ from .config import TokenizerServiceConfig, mm_cache_bytes
 from .errors import InvalidRequest, NotReady, RequestError
 from .grammar import GrammarCompiler, GrammarTokenizer, grammar_stop_ids, grammar_vocab_size
 from .multimodal import ImagePreprocessor, ProcessedPrompt, load_image_preprocessor
+from .prepare import (
+    PART_GRAMMAR,
+    PART_METADATA_KEY,
+    PART_PROMPT,
+    Prepared,
+    bad_words_token_ids,
+    finish_prompts,
+    to_proto,
+    tokenize_prompts,
+)
 from .stream import SequenceStream, StreamDelta
 from .tokenizer import TokenizerHandle, load_tokenizer
 
@@ -106,8 +117,77 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             )
         return tokenizer_pb2.DetokenizeResponse(text=text)
 
-    async def ApplyChatTemplate(self, request, context):
-        self._ready()
+    async def Prepare(self, request, context):
+        """Prompts and bad words in the tokenizer pool, the constraint in the grammar pool,
+        concurrently: a request waits for the slower of the two, not for their sum."""
+        handle = self._ready()
+        compile_task = (
+            asyncio.ensure_future(self._compile(request.grammar))
+            if request.HasField("grammar")
+            else None
+        )
+        prompt_task = asyncio.ensure_future(self._prepare_prompts(handle, request))
+        response = tokenizer_pb2.PrepareResponse()
+        if compile_task is not None:
+            try:
+                result = await compile_task
+            except BaseException as exc:
+                prompt_task.cancel()  # one refusal a request; its prompt work is moot
+                if isinstance(exc, RequestError):
+                    context.set_trailing_metadata(((PART_METADATA_KEY, PART_GRAMMAR),))
+                raise
+            response.grammar.CopyFrom(result.grammar)
+            response.compile_seconds = result.seconds
+        try:
+            prompts, bad_words = await prompt_task
+        except RequestError:
+            context.set_trailing_metadata(((PART_METADATA_KEY, PART_PROMPT),))
+            raise
+        response.prompts.extend(to_proto(p) for p in prompts)
+        for ids in bad_words:
+            response.bad_words_token_ids.add(token_ids=ids)
+        return response
+
+    async def _compile(self, spec):
+        with tracing.span("compile_grammar", {"splitserve.grammar.kind": spec.kind}) as span:
+            result = await self.grammars.compile(spec)
+            if span is not None:
+                span.set_attribute("splitserve.grammar.backend", result.grammar.backend)
+                span.set_attribute("splitserve.grammar.cache_hit", result.cache_hit)
+                span.set_attribute("splitserve.grammar.compile_seconds", result.seconds)
+        return result
+
+    async def _prepare_prompts(self, handle: TokenizerHandle, request):
+        """(prompts, bad-word token sequences) of a Prepare request."""
+        truncate = (
+            request.truncate_prompt_tokens if request.HasField("truncate_prompt_tokens") else None
+        )
+        words = list(request.bad_words)
+        chat = request.WhichOneof("input") == "chat"
+
+        def tokenize():  # in the tokenizer pool
+            p = tokenize_prompts(handle, request.prompts) if not chat else prompts
+            p = finish_prompts(handle, p, truncate, request.return_prompt_text)
+            return p, bad_words_token_ids(handle, words)
+
+        # A chat request's tokenization is its template render: the same `tokenize` span.
+        with tracing.span("tokenize", {"splitserve.chat_template": chat}) as span:
+            prompts: list[Prepared] = []
+            if chat:
+                rendered = await self._render_chat(request.chat)
+                prompts.append(Prepared(list(rendered.token_ids), rendered.prompt))
+                if isinstance(rendered, ProcessedPrompt):
+                    prompts[0].mm_inputs = list(rendered.mm_inputs)
+            if chat and not words and truncate is None and not request.return_prompt_text:
+                bad = []  # nothing left to do: no second thread hop
+            else:
+                prompts, bad = await self._offload(tokenize)
+            if span is not None:
+                span.set_attribute("splitserve.num_tokens", sum(len(p.token_ids) for p in prompts))
+        return prompts, bad
+
+    async def _render_chat(self, request):
+        """Render and tokenize chat messages (ChatInput); with images, process them too."""
         renderer = self._renderer
         fields = dict(
             add_generation_prompt=request.add_generation_prompt,
@@ -149,24 +229,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 raise InvalidRequest(f"messages: {exc}") from None
 
         timeout = self._config.chat_template_timeout_s + _RENDER_BACKSTOP_S
-        # A chat request's tokenization is its template render: the same `tokenize` span.
-        with tracing.span("tokenize", {"splitserve.chat_template": True}) as span:
-            try:
-                rendered = await asyncio.wait_for(self._offload(parse_and_render), timeout)
-            except TimeoutError:
-                # The in-thread deadline normally fires first; this is a render stuck in C code.
-                raise InvalidRequest(
-                    f"chat template rendering exceeded {self._config.chat_template_timeout_s:g} s"
-                ) from None
-            if span is not None:
-                span.set_attribute("splitserve.num_tokens", len(rendered.token_ids))
-        if isinstance(rendered, ProcessedPrompt):
-            return tokenizer_pb2.ApplyChatTemplateResponse(
-                prompt=rendered.prompt, token_ids=rendered.token_ids, mm_inputs=rendered.mm_inputs
-            )
-        return tokenizer_pb2.ApplyChatTemplateResponse(
-            prompt=rendered.prompt, token_ids=rendered.token_ids
-        )
+        try:
+            return await asyncio.wait_for(self._offload(parse_and_render), timeout)
+        except TimeoutError:
+            # The in-thread deadline normally fires first; this is a render stuck in C code.
+            raise InvalidRequest(
+                f"chat template rendering exceeded {self._config.chat_template_timeout_s:g} s"
+            ) from None
 
     async def DecodeEach(self, request, context):
         handle = self._ready()
@@ -198,22 +267,6 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             bos_token_id=info.bos_token_id,
             has_chat_template=info.has_chat_template,
             name=info.name,
-        )
-
-    async def CompileGrammar(self, request, context):
-        self._ready()
-        attrs = {"splitserve.grammar.kind": request.grammar.kind}
-        with tracing.span("compile_grammar", attrs) as span:
-            result = await self.grammars.compile(request.grammar)
-            if span is not None:
-                span.set_attribute("splitserve.grammar.backend", result.grammar.backend)
-                span.set_attribute("splitserve.grammar.cache_hit", result.cache_hit)
-                span.set_attribute("splitserve.grammar.compile_seconds", result.seconds)
-        grammar = result.grammar
-        if not request.include_compiled:
-            grammar = type(grammar)(handle=grammar.handle, backend=grammar.backend)
-        return tokenizer_pb2.CompileGrammarResponse(
-            grammar=grammar, compile_seconds=result.seconds, cache_hit=result.cache_hit
         )
 
     async def DetokenizeStream(self, request_iterator, context):

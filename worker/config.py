@@ -17,6 +17,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+GUIDED_DECODING_BACKENDS = ("xgrammar", "guidance", "auto")
 PP_PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
 
 DEFAULT_CPU_KV_BYTES = 2 << 30
@@ -39,6 +40,8 @@ class WorkerConfig:
     """Allow Python code from the model folder: a custom config or tokenizer class (the model itself always runs splitserve's own implementation)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id; None uses the model's. (The worker loads it only for structured-output matchers, on the first constrained request.)"""
+    guided_decoding_backend: str = "xgrammar"
+    """Structured-output backend when a request names none: xgrammar, guidance or auto (the one that enforces the constraint exactly). The sampling rank reads it for a constraint that reaches it uncompiled (a direct Generate caller's)."""
     dtype: str = "auto"
     """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0
@@ -126,6 +129,11 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         check_lora_fields(self)
+        if self.guided_decoding_backend not in GUIDED_DECODING_BACKENDS:
+            raise ValueError(
+                f"guided_decoding_backend must be one of {', '.join(GUIDED_DECODING_BACKENDS)}, "
+                f"got {self.guided_decoding_backend!r}"
+            )
         self.hf_overrides = canonical_hf_overrides(self.hf_overrides)
         if self.ignore_patterns is not None and not all(self.ignore_patterns):
             raise ValueError(

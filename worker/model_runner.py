@@ -133,7 +133,12 @@ class ModelRunner:
         generator.manual_seed(self.config.seed)
         self.sampler = Sampler(generator)
         self.structured = (
-            StructuredOutputs(self._load_tokenizer, self.vocab_size, self.eos_token_ids)
+            StructuredOutputs(
+                self._load_tokenizer,
+                self.vocab_size,
+                self.eos_token_ids,
+                default_backend=self.config.guided_decoding_backend,
+            )
             if self.is_last
             else None
         )
@@ -550,11 +555,15 @@ class ModelRunner:
 
     def _add_grammar(self, req: worker_pb2.NewRequest) -> str | None:
         """Give a constrained request its matcher, replaying outputs kept across a preemption."""
-        if not req.HasField("grammar"):
+        if req.HasField("grammar"):
+            grammar = req.grammar
+        elif req.HasField("grammar_spec"):
+            grammar = req.grammar_spec  # a direct caller's constraint: compiled here
+        else:
             self.structured.remove(req.request_id)  # a reused id must not keep an old matcher
             return None
         num_prompt = req.num_prompt_tokens if req.num_prompt_tokens > 0 else len(req.token_ids)
-        return self.structured.add(req.request_id, req.grammar, list(req.token_ids[num_prompt:]))
+        return self.structured.add(req.request_id, grammar, list(req.token_ids[num_prompt:]))
 
     def _add_lora(self, req: worker_pb2.NewRequest) -> str | None:
         """Load the request's adapter (if it names one); an error message, or None."""

@@ -1,8 +1,30 @@
 """Grammar matchers on the sampling rank: one per constrained request, a bitmask every step.
 
-A request's `CompiledGrammar` (from the tokenizer service) is turned into a matcher when the
-request arrives: an xgrammar grammar is compiled for this rank's tokenizer (model vocabulary,
-EOS ids) and cached by handle; an llguidance grammar needs no precompute. The xgrammar compile
+A request's constraint is turned into a matcher when the request arrives: an xgrammar grammar
+is compiled for this rank's tokenizer (model vocabulary, EOS ids) and cached by handle; an
+llguidance grammar needs no precompute.
+
+What this rank compiles, and why (the tokenizer service already compiled the constraint in the
+gateway's Prepare call, to refuse a bad one with a 400 before anything runs):
+- The gateway's `CompiledGrammar` carries xgrammar's serialized *Grammar*, not its compiled
+  form, and this rank runs the vocabulary precompute (`compile_grammar`) once per handle. The
+  compiled form would spare that, but it holds the adaptive token-mask cache: 43 KB against
+  the grammar's 4.8 KB for a three-property schema at the demo model's 2,000-token vocabulary
+  (xgrammar 0.2.8), and it grows with the vocabulary (it lists token ids per grammar position)
+  and the schema, so real vocabularies of 32k-256k tokens make it far larger. It would travel
+  gateway -> scheduler -> every NewRequest on the step path, again on each resume after a
+  preemption, which this design keeps lean; and it is bound to the TokenizerInfo it was built
+  with, while this rank builds its own from the model (vocabulary rows, EOS ids). The
+  precompute runs off the step thread and is cached by handle, so a repeated grammar costs
+  nothing here. (vLLM likewise never ships compiled grammars between processes.)
+- llguidance has no precompute: its matcher is built from the grammar text, nothing to cache
+  beyond the text.
+- A bare `GrammarSpec` (a direct Generate caller; the scheduler compiles nothing) is checked and
+  built here (`uncompiled_grammar`: the service's checks, minus the precompute this rank runs
+  anyway) with --guided-decoding-backend for an unnamed backend; a bad one fails its request
+  with the service's message. Its handle is the service's, so both forms share the cache.
+
+The xgrammar compile
 (up to about a second for the largest schemas) runs on a background thread from the step the
 request arrives in; the batch goes on meanwhile. A request that reaches its first sampling
 position before its compile is done does not sample: the runner defers it (see
@@ -35,7 +57,13 @@ from threading import Lock
 import torch
 
 from splitserve.protos import common_pb2
-from splitserve.tokenizer_svc.grammar import GrammarTokenizer, xgrammar_compiler
+from splitserve.tokenizer_svc.grammar import (
+    GrammarError,
+    GrammarTokenizer,
+    resolve_spec,
+    uncompiled_grammar,
+    xgrammar_compiler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +149,7 @@ class StructuredOutputs:
         vocab_size: int,
         eos_token_ids: list[int],
         cache_size: int = 256,
+        default_backend: str = "xgrammar",
     ) -> None:
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size
@@ -128,6 +157,10 @@ class StructuredOutputs:
         self.words = (vocab_size + 31) // 32
         """int32 words per bitmask row."""
         self.cache_size = cache_size
+        self.default_backend = default_backend
+        """Backend of a bare GrammarSpec that names none (--guided-decoding-backend)."""
+        self._built: OrderedDict[str, common_pb2.CompiledGrammar] = OrderedDict()
+        """Bare specs built into their shipped form, by handle (a few KB each)."""
         self._tokenizer: GrammarTokenizer | None = None
         self._compiled: OrderedDict[str, object] = OrderedDict()
         self._xgrammar_compiler = None
@@ -153,13 +186,22 @@ class StructuredOutputs:
     # ------------------------------------------------------------------ requests
 
     def add(
-        self, request_id: str, grammar: common_pb2.CompiledGrammar, replay: list[int]
+        self,
+        request_id: str,
+        grammar: common_pb2.CompiledGrammar | common_pb2.GrammarSpec,
+        replay: list[int],
     ) -> str | None:
         """Create the request's matcher and replay `replay` (outputs kept across a preemption);
         returns an error message instead when that fails. A grammar not compiled yet starts
         compiling in the background; its matcher is built before the request's first mask,
-        and an error found then is reported by `fill`."""
+        and an error found then is reported by `fill`. A GrammarSpec is built here first."""
         self.remove(request_id)
+        if isinstance(grammar, common_pb2.GrammarSpec):
+            try:
+                grammar = self._from_spec(grammar)
+            except GrammarError as exc:  # the constraint itself is bad: the service's words
+                logger.info("constraint of %s refused: %s", request_id, exc.message)
+                return exc.message
         try:
             compiled = self._compiled_or_future(grammar)
         except Exception as exc:  # a bad payload fails this request only
@@ -169,6 +211,19 @@ class StructuredOutputs:
             self._pending[request_id] = _Pending(grammar, compiled, list(replay))
             return None
         return self._start(request_id, grammar, compiled, replay)
+
+    def _from_spec(self, spec: common_pb2.GrammarSpec) -> common_pb2.CompiledGrammar:
+        """The shipped form of a bare spec, built once per handle (GrammarError if bad)."""
+        _, handle = resolve_spec(spec, self.default_backend)
+        built = self._built.get(handle)
+        if built is None:
+            built = uncompiled_grammar(self._grammar_tokenizer(), spec, self.default_backend)
+            self._built[handle] = built
+            while len(self._built) > self.cache_size:
+                self._built.popitem(last=False)
+        else:
+            self._built.move_to_end(handle)
+        return built
 
     def remove(self, request_id: str) -> None:
         self.matchers.pop(request_id, None)

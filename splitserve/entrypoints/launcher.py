@@ -170,13 +170,20 @@ def serve(args: argparse.Namespace) -> int:
         else {}
     )
     tok_overrides = {} if getattr(args, "tokenizer", None) else {"tokenizer": model}
-    worker_cfg = build_config(worker_cls, args, model=model, **rendezvous, **tok_overrides)
+    tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
+    # The sampling rank compiles a direct Generate caller's constraint itself: with the backend
+    # the tokenizer service resolved (--structured-outputs-config may have changed it).
+    worker_cfg = build_config(
+        worker_cls,
+        args,
+        model=model,
+        guided_decoding_backend=tokenizer_cfg.guided_decoding_backend,
+        **rendezvous,
+        **tok_overrides,
+    )
     worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
     rank_devices = _gpu_per_rank(worker_cfg)
-    tokenizer_cfg = build_config(tokenizer_cls, args, **tok_overrides)
-    scheduler_cfg = build_config(
-        scheduler_cls, args, worker_addresses=worker_addrs, tokenizer_address=tok_addr
-    )
+    scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
     # The demo model is served as DEMO_NAME unless the user names it.
     named = args.model_tag or getattr(args, "served_model_name", None)
     gateway_cfg = build_config(

@@ -18,7 +18,7 @@ from typing import Any
 
 from splitserve.common.generation_config import SamplingDefaults
 from splitserve.common.lora import LoRARequest
-from splitserve.common.sampling_params import SamplingParams, bad_word_variants
+from splitserve.common.sampling_params import SamplingParams
 from splitserve.offline.prompts import as_batch, progress_bar, unpack_prompt_dict
 from splitserve.protos import common_pb2, scheduler_pb2
 
@@ -170,16 +170,14 @@ class LLM:
             raise ValueError(exc.message) from None
 
     def _tokenize_bad_words(self, sp: SamplingParams) -> SamplingParams:
-        """A copy of sp with bad_words tokenized (both spellings, no special tokens)."""
+        """A copy of sp with bad_words tokenized as the tokenizer service's Prepare does (the
+        same function: both spellings, no special tokens)."""
         if not sp.bad_words or sp.bad_words_token_ids is not None:
             return sp
-        seqs: dict[tuple[int, ...], None] = {}
-        for word in sp.bad_words:
-            for text in bad_word_variants(word):
-                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
-                if ids:
-                    seqs[ids] = None
-        return dataclasses.replace(sp, bad_words_token_ids=[list(s) for s in seqs])
+        from splitserve.tokenizer_svc.prepare import bad_words_token_ids
+
+        ids = bad_words_token_ids(self.tokenizer, sp.bad_words)
+        return dataclasses.replace(sp, bad_words_token_ids=ids)
 
     def generate(
         self,

@@ -334,12 +334,13 @@ def test_chat_with_a_constraint_traces_template_and_compile(traced_server, recei
 
     def done() -> bool:
         names = [s.name for s in tokenizer_spans()]
-        return names.count("compile_grammar") == 2 and "tokenize" in names
+        return "compile_grammar" in names and "tokenize" in names
 
-    wait_for(done, 30, "the tokenizer's tokenize and two compile_grammar spans")
+    # One compile: the gateway's Prepare call; the scheduler no longer asks again.
+    wait_for(done, 30, "the tokenizer's tokenize and compile_grammar spans")
     compiles = [_attrs(s) for s in tokenizer_spans() if s.name == "compile_grammar"]
-    assert all(a["splitserve.grammar.kind"] == "choice" for a in compiles)
-    assert sorted(a["splitserve.grammar.cache_hit"] for a in compiles) == [False, True]
+    assert [a["splitserve.grammar.kind"] for a in compiles] == ["choice"]
+    assert [a["splitserve.grammar.cache_hit"] for a in compiles] == [False]
     (tok,) = [s for s in tokenizer_spans() if s.name == "tokenize"]
     assert _attrs(tok)["splitserve.chat_template"] is True
     assert _attrs(tok)["splitserve.num_tokens"] > 0

@@ -17,11 +17,14 @@ Every Generate call is recorded, with whether it was cancelled, for tests to wai
 Submitted to a StreamOutputs stream (the gateway's batched path) is recorded the same way: its
 outputs are those Generate would stream, and Abort or closing the stream "cancels" it.
 FakeTokenizer.GetDecoder ships a Rust byte-level tokenizer that decodes as the fake does.
-FakeTokenizer.CompileGrammar checks a constraint as a real backend would at the level tests
-need (JSON syntax, schema shape, regex syntax, choice list, a `root ::=` rule) and records each
-request; a spec holding #compile-timeout or #compile-busy fails with DEADLINE_EXCEEDED or
-RESOURCE_EXHAUSTED, #compile-hang never answers, and a schema using `oneOf` is refused as a backend would refuse a feature
-it cannot enforce.
+FakeTokenizer.Prepare renders chat messages with a fake template (a request template is refused
+as untrusted), tokenizes prompts and bad words, truncates, and compiles a constraint: it checks
+one as a real backend would at the level tests need (JSON syntax, schema shape, regex syntax,
+choice list, a `root ::=` rule) and ships the spec itself as the "compiled" bytes. Every
+Prepare request is recorded, and every RPC's method name in `FakeTokenizer.rpcs`; refusals
+name their part in the trailing metadata. A spec holding #compile-timeout or #compile-busy
+fails with DEADLINE_EXCEEDED or RESOURCE_EXHAUSTED, #compile-hang never answers, and a schema
+using `oneOf` is refused as a backend would refuse a feature it cannot enforce.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from splitserve.protos import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
+from splitserve.tokenizer_svc.prepare import PART_METADATA_KEY
 
 BOS, EOS = 256, 257
 TOKENIZER_VOCAB = 258
@@ -91,31 +95,12 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.streams_opened = 0
         self.streams_cancelled = 0
         self.decode_each_calls: list[list[int]] = []
-        self.compile_calls: list[tokenizer_pb2.CompileGrammarRequest] = []
+        self.prepare_calls: list[tokenizer_pb2.PrepareRequest] = []
+        self.rpcs: list[str] = []
+        """The method name of every call, in arrival order (see RpcRecorder)."""
         self.ship_decoder = True
         """GetDecoder ships the tokenizer (False: a gateway then detokenizes per sequence)."""
         self.decoder_calls = 0
-
-    async def CompileGrammar(self, request, context):
-        g = request.grammar
-        self.compile_calls.append(request)
-        self.waiter.notify()
-        if "#compile-timeout" in g.spec:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "grammar compile exceeded the 2.0 s limit"
-            )
-        if "#compile-hang" in g.spec:
-            await asyncio.Event().wait()
-        if "#compile-busy" in g.spec:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "grammar compile pool is full")
-        problem = grammar_problem(g)
-        if problem is not None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        backend = g.backend if g.backend in ("xgrammar", "guidance") else "xgrammar"
-        handle = hashlib.sha256(f"{backend}\0{g.kind}\0{g.spec}".encode()).hexdigest()
-        return tokenizer_pb2.CompileGrammarResponse(
-            grammar=common_pb2.CompiledGrammar(handle=handle, backend=backend)
-        )
 
     async def Tokenize(self, request, context):
         return tokenizer_pb2.TokenizeResponse(
@@ -134,27 +119,76 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             tokens=[r.decode("utf-8", "replace") for r in raw], token_bytes=raw
         )
 
-    async def ApplyChatTemplate(self, request, context):
-        import json
+    async def Prepare(self, request, context):
+        self.prepare_calls.append(request)
+        self.waiter.notify()
+        response = tokenizer_pb2.PrepareResponse()
+        if request.HasField("grammar"):
+            response.grammar.CopyFrom(await self._compile(request.grammar, context))
+        if request.HasField("chat"):
+            chat = request.chat
+            if chat.HasField("chat_template"):
+                await _refuse(context, "prompt", "a chat template in the request is refused")
+            prompt = _render_chat(chat)
+            prompts = [tokenizer_pb2.PreparedPrompt(token_ids=encode(prompt), text=prompt)]
+        else:
+            prompts = []
+            bos = request.prompts.add_special_tokens
+            for item in request.prompts.prompts:
+                if item.HasField("text"):
+                    ids = encode(item.text, bos)
+                    prompts.append(tokenizer_pb2.PreparedPrompt(token_ids=ids, text=item.text))
+                else:
+                    prompts.append(tokenizer_pb2.PreparedPrompt(token_ids=item.token_ids.token_ids))
+        for p in prompts:
+            if request.HasField("truncate_prompt_tokens"):
+                ids = list(p.token_ids)[-request.truncate_prompt_tokens :]
+                del p.token_ids[:]
+                p.token_ids.extend(ids)
+                p.ClearField("text")
+            if request.return_prompt_text and not p.HasField("text"):
+                p.text = b"".join(token_text(t) for t in p.token_ids).decode("utf-8", "replace")
+        response.prompts.extend(prompts)
+        seen: list[list[int]] = []
+        for word in request.bad_words:
+            for variant in (word.lstrip(), " " + word.lstrip()):
+                if encode(variant) not in seen:
+                    seen.append(encode(variant))
+        for ids in seen:
+            response.bad_words_token_ids.add(token_ids=ids)
+        return response
 
-        if request.HasField("chat_template"):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "a chat template in the request is refused: not trusted",
+    @property
+    def compile_calls(self) -> list[tokenizer_pb2.PrepareRequest]:
+        """The Prepare calls that carried a constraint."""
+        return [r for r in self.prepare_calls if r.HasField("grammar")]
+
+    async def _compile(self, g: common_pb2.GrammarSpec, context) -> common_pb2.CompiledGrammar:
+        if "#compile-timeout" in g.spec:
+            await _refuse(
+                context,
+                "grammar",
+                "grammar compile exceeded the 2.0 s limit",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
             )
-        messages = json.loads(request.messages_json)
-        parts = []
-        if request.HasField("tools_json"):
-            parts.append(f"<|tools|>{len(json.loads(request.tools_json))}\n")
-        if request.HasField("documents_json"):
-            for doc in json.loads(request.documents_json):
-                parts.append(f"<|document|>{doc.get('text', '')}\n")
-        for m in messages:
-            parts.append(f"<|{m['role']}|>{m.get('content') or ''}\n")
-        if request.add_generation_prompt:
-            parts.append("<|assistant|>")
-        prompt = "".join(parts)
-        return tokenizer_pb2.ApplyChatTemplateResponse(prompt=prompt, token_ids=encode(prompt))
+        if "#compile-hang" in g.spec:
+            await asyncio.Event().wait()
+        if "#compile-busy" in g.spec:
+            await _refuse(
+                context,
+                "grammar",
+                "grammar compile pool is full",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
+        problem = grammar_problem(g)
+        if problem is not None:
+            await _refuse(context, "grammar", problem)
+        backend = g.backend if g.backend in ("xgrammar", "guidance") else "xgrammar"
+        handle = hashlib.sha256(f"{backend}\0{g.kind}\0{g.spec}".encode()).hexdigest()
+        # The fake's "compiled form" is the spec itself, so tests can read it back.
+        return common_pb2.CompiledGrammar(
+            handle=handle, backend=backend, compiled=g.SerializeToString()
+        )
 
     async def GetDecoder(self, request, context):
         self.decoder_calls += 1
@@ -220,6 +254,30 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             end = max(sent, len(text) - hold)
             yield tokenizer_pb2.DetokenizeStreamResponse(text=text[sent:end], flushed=final)
             sent = end
+
+
+async def _refuse(context, part: str, message: str, code=grpc.StatusCode.INVALID_ARGUMENT):
+    await context.abort(code, message, trailing_metadata=((PART_METADATA_KEY, part),))
+
+
+def _render_chat(chat: tokenizer_pb2.ChatInput) -> str:
+    """The fake's chat template: `<|role|>content` lines, tools and documents first."""
+    parts = []
+    if chat.HasField("tools_json"):
+        parts.append(f"<|tools|>{len(json.loads(chat.tools_json))}\n")
+    if chat.HasField("documents_json"):
+        for doc in json.loads(chat.documents_json):
+            parts.append(f"<|document|>{doc.get('text', '')}\n")
+    for m in json.loads(chat.messages_json):
+        parts.append(f"<|{m['role']}|>{m.get('content') or ''}\n")
+    if chat.add_generation_prompt:
+        parts.append("<|assistant|>")
+    return "".join(parts)
+
+
+def grammar_compiled_spec(g: common_pb2.CompiledGrammar) -> common_pb2.GrammarSpec:
+    """The spec inside a CompiledGrammar the fake made."""
+    return common_pb2.GrammarSpec.FromString(g.compiled)
 
 
 def grammar_problem(g: common_pb2.GrammarSpec) -> str | None:
@@ -549,6 +607,17 @@ def _logprobs(token: int, k: int, rank: int = 1) -> common_pb2.TokenLogprobs:
     )
 
 
+class RpcRecorder(grpc.aio.ServerInterceptor):
+    """Appends the method name ("Prepare", "Tokenize", ...) of every call to `into`."""
+
+    def __init__(self, into: list[str]) -> None:
+        self.into = into
+
+    async def intercept_service(self, continuation, handler_call_details):
+        self.into.append(handler_call_details.method.rsplit("/", 1)[-1])
+        return await continuation(handler_call_details)
+
+
 @dataclass
 class FakeServices:
     tokenizer: FakeTokenizer
@@ -567,7 +636,7 @@ async def start_fakes() -> FakeServices:
         (tok, tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server),
         (sched, scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server),
     ):
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[RpcRecorder(tok.rpcs)] if servicer is tok else [])
         add(servicer, server)
         h = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(h, server)

@@ -183,7 +183,7 @@ def test_required_still_constrains(auto_http, fakes):
     }
     choice = auto_http.post(CHAT, json=body).json()["choices"][0]
     assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_time"
-    assert fakes.scheduler.calls_matching(prompt)[0].request.HasField("grammar")
+    assert fakes.scheduler.calls_matching(prompt)[0].request.HasField("compiled_grammar")
 
 
 def test_plain_output_without_tags_is_content(auto_http, fakes):

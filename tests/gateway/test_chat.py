@@ -242,7 +242,7 @@ def test_tools_reach_the_template(http, fakes):
     assert r.status_code == 200
     (call,) = fakes.scheduler.calls_matching(t)
     assert call.prompt_text.startswith("<|tools|>1\n")
-    assert not call.request.HasField("grammar")
+    assert not call.request.HasField("grammar") and not call.request.HasField("compiled_grammar")
 
 
 def test_continue_final_message(http, fakes):

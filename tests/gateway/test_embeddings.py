@@ -69,6 +69,16 @@ def test_input_shapes_and_usage(pooling):
         assert out["usage"] == {"prompt_tokens": used, "total_tokens": used}
 
 
+def test_one_tokenizer_call_per_request(pooling, fakes):
+    for body in (
+        {"input": ["one", "two", [65, 66]]},
+        {"messages": [{"role": "user", "content": "hi"}]},
+    ):
+        before = len(fakes.tokenizer.rpcs)
+        assert pooling.post("/v1/embeddings", json=body).status_code == 200
+        assert fakes.tokenizer.rpcs[before:] == ["Prepare"]
+
+
 def test_normalize_is_passed_on(pooling):
     resp = pooling.post("/v1/embeddings", json={"input": [3, 4], "normalize": True})
     vec = np.array(resp.json()["data"][0]["embedding"])

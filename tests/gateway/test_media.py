@@ -206,7 +206,7 @@ def test_local_files_only_inside_the_allowed_folder(tmp_path):
 def test_chat_images_are_counted_before_fetching_and_bounded_together(monkeypatch):
     from types import SimpleNamespace
 
-    from splitserve.gateway import serving_chat
+    from splitserve.gateway import prepare
 
     config = SimpleNamespace(
         limit_mm_per_prompt='{"image":2}',
@@ -217,14 +217,14 @@ def test_chat_images_are_counted_before_fetching_and_bounded_together(monkeypatc
     )
     urls = [(data_url(PNG), f"messages[0].content[{j}].image_url") for j in range(3)]
     with pytest.raises(RequestError, match="3 images, more than the limit of 2") as info:
-        asyncio.run(serving_chat._load_images(urls, config))
+        asyncio.run(prepare._load_images(urls, config))
     assert info.value.param == "messages"
-    assert asyncio.run(serving_chat._load_images(urls[:2], config)) == [PNG, PNG]
-    monkeypatch.setattr(serving_chat, "_MAX_TOTAL_IMAGE_BYTES", len(PNG) + 1)
+    assert asyncio.run(prepare._load_images(urls[:2], config)) == [PNG, PNG]
+    monkeypatch.setattr(prepare, "_MAX_TOTAL_IMAGE_BYTES", len(PNG) + 1)
     with pytest.raises(RequestError, match="144 bytes together"):
-        asyncio.run(serving_chat._load_images(urls[:2], config))
+        asyncio.run(prepare._load_images(urls[:2], config))
     # Remote fetch refused on the part itself, even before any network is touched.
     remote = [("http://example.com/a.png", "messages[1].content[0].image_url")]
     with pytest.raises(RequestError, match="fetching images over http") as info:
-        asyncio.run(serving_chat._load_images(remote, config))
+        asyncio.run(prepare._load_images(remote, config))
     assert info.value.param == "messages[1].content[0].image_url"

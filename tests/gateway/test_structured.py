@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from .fakes import grammar_compiled_spec
 from .test_completions import tag
 from .test_validation import assert_error
 
@@ -31,7 +32,12 @@ def body_for(path: str, t: str, **fields) -> dict:
 def grammar_of(fakes, t: str):
     calls = fakes.scheduler.calls_matching(t)
     assert calls, "no Generate call"
-    return [c.request.grammar if c.request.HasField("grammar") else None for c in calls]
+    out = []
+    for c in calls:
+        assert not c.request.HasField("grammar")  # the gateway sends the compiled form only
+        has = c.request.HasField("compiled_grammar")
+        out.append(grammar_compiled_spec(c.request.compiled_grammar) if has else None)
+    return out
 
 
 def compact(value) -> str:
@@ -139,9 +145,39 @@ def test_surface_maps_to_one_grammar(http, fakes, path, surface):
         backend,
         whitespace,
     )
-    # The gateway compiled exactly that constraint first, without asking for the bytes.
+    # The gateway compiled exactly that constraint in the request's Prepare call.
     last = fakes.tokenizer.compile_calls[-1]
-    assert last.grammar == grammar and not last.include_compiled
+    assert last.grammar == grammar
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", [CHAT, COMPL])
+def test_one_tokenizer_call_per_request(http, fakes, path, stream):
+    """Template or tokens, bad words and the constraint: one Prepare call, nothing else; the
+    compiled constraint and the bad words' ids travel to the scheduler with the request."""
+    t = tag()
+    fields = {
+        "bad_words": ["fox", "dog"],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}},
+        "stream": stream,
+    }
+    if path == COMPL:  # a batch of a text and an id prompt, echoed
+        fields.update(prompt=[t, [65, 66, 67]], echo=True)
+    before = len(fakes.tokenizer.rpcs)
+    r = http.post(path, json=body_for(path, t, **fields))
+    assert r.status_code == 200, r.text
+    assert fakes.tokenizer.rpcs[before:] == ["Prepare"]
+    (call,) = fakes.tokenizer.prepare_calls[-1:]
+    assert list(call.bad_words) == ["fox", "dog"] and call.grammar.kind == "json"
+    generated = fakes.scheduler.calls_matching(t)
+    assert generated and [grammar_compiled_spec(c.request.compiled_grammar) for c in generated]
+    for c in generated:
+        assert grammar_compiled_spec(c.request.compiled_grammar) == call.grammar
+        banned = [list(s.token_ids) for s in c.request.sampling_params.bad_words_token_ids]
+        assert banned == [list(b"fox"), list(b" fox"), list(b"dog"), list(b" dog")]
+    if path == COMPL and not stream:
+        texts = [c["text"] for c in r.json()["choices"]]
+        assert texts[0].startswith(t) and texts[1].startswith("ABC")  # echo: decoded ids
 
 
 @pytest.mark.parametrize("path", [CHAT, COMPL])

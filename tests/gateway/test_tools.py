@@ -10,6 +10,7 @@ import openai
 import pydantic
 import pytest
 
+from .fakes import grammar_compiled_spec
 from .test_completions import sse_events, tag
 from .test_validation import assert_error
 
@@ -51,8 +52,8 @@ def say(fakes, text) -> str:
 
 def sent_grammar(fakes, prompt: str):
     calls = fakes.scheduler.calls_matching(prompt)
-    assert calls and all(c.request.HasField("grammar") for c in calls)
-    return [c.request.grammar for c in calls]
+    assert calls and all(c.request.HasField("compiled_grammar") for c in calls)
+    return [grammar_compiled_spec(c.request.compiled_grammar) for c in calls]
 
 
 def test_named_function(client, fakes):
@@ -232,7 +233,7 @@ def test_tool_choice_none_is_free_text(http, fakes):
     assert r["message"]["content"] and r["message"]["tool_calls"] == []
     (call,) = fakes.scheduler.calls_matching(t)
     assert call.prompt_text.startswith("<|tools|>2\n")
-    assert call.request.grammar.kind == "json_object"
+    assert grammar_compiled_spec(call.request.compiled_grammar).kind == "json_object"
 
 
 BAD = [

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from splitserve.protos import worker_pb2
+from splitserve.protos import common_pb2, worker_pb2
 
 
 @dataclass
@@ -71,6 +71,8 @@ class FakeWorkerExecutor:
         """Per request, the output length at which its grammar terminates."""
         self.grammars_seen: dict[str, list[bytes]] = {}
         """Per request, the compiled grammar of every NewRequest (b"" when none)."""
+        self.grammar_specs_seen: dict[str, list[common_pb2.GrammarSpec]] = {}
+        """Per request, the uncompiled constraint (grammar_spec) of every NewRequest that had one."""
         self.defer_first: dict[str, int] = {}
         """Per request, how many times it is deferred (no token, its grammar compiling) at
         its first sampling position after each time it arrives as new."""
@@ -148,9 +150,12 @@ class FakeWorkerExecutor:
             self.reqs[m.request_id].num_prompt = m.num_prompt_tokens
             self._defer_left[m.request_id] = self.defer_first.get(m.request_id, 0)
             self._deferred.discard(m.request_id)
+            assert not (m.HasField("grammar") and m.HasField("grammar_spec")), m.request_id
             self.grammars_seen.setdefault(m.request_id, []).append(
                 m.grammar.compiled if m.HasField("grammar") else b""
             )
+            if m.HasField("grammar_spec"):
+                self.grammar_specs_seen.setdefault(m.request_id, []).append(m.grammar_spec)
         for c in step.cached_requests:
             r = self.reqs[c.request_id]
             # A step planned before the scheduler saw a deferral counts the deferred position

@@ -1,25 +1,19 @@
 """Structured outputs in the scheduler (torch-free): the compiled grammar travels to the
 workers with the request (again on resume after a preemption), a terminated grammar finishes
-the request with STOP, and over gRPC a constraint is compiled through the tokenizer service
-before queueing: a bad one is refused with INVALID_ARGUMENT and the engine never sees it.
+the request with STOP, and over gRPC the scheduler compiles nothing and calls no tokenizer
+service: a compiled constraint (the gateway's) goes to the workers as it came, a spec (a direct
+caller's) goes as a spec for the sampling rank to compile, and both at once are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent import futures
 
 import grpc
 import pytest
 
-from splitserve.protos import (
-    common_pb2,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-    tokenizer_pb2,
-    tokenizer_pb2_grpc,
-)
+from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler
 
@@ -62,31 +56,10 @@ def test_grammar_is_resent_when_a_preempted_request_resumes():
     assert all(len(toks) == 24 for toks, _ in outs.values())
 
 
-class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
-    """Stands in for the tokenizer service's CompileGrammar: regex "(" is refused."""
-
-    def __init__(self) -> None:
-        self.calls: list[tokenizer_pb2.CompileGrammarRequest] = []
-
-    def CompileGrammar(self, request, context):
-        self.calls.append(request)
-        if request.grammar.spec == "(":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid regex: unclosed group")
-        compiled = request.grammar.spec.encode() if request.include_compiled else b""
-        return tokenizer_pb2.CompileGrammarResponse(
-            grammar=common_pb2.CompiledGrammar(handle="h", backend="xgrammar", compiled=compiled)
-        )
-
-
 @pytest.fixture(scope="module")
 def stack():
-    tok_server = grpc.server(futures.ThreadPoolExecutor(2))
-    fake_tok = FakeTokenizer()
-    tokenizer_pb2_grpc.add_TokenizerServiceServicer_to_server(fake_tok, tok_server)
-    tok_addr = f"127.0.0.1:{tok_server.add_insecure_port('127.0.0.1:0')}"
-    tok_server.start()
     addr = f"127.0.0.1:{free_port()}"
-    config = SchedulerConfig(block_size=4, max_model_len=512, tokenizer_address=tok_addr)
+    config = SchedulerConfig(block_size=4, max_model_len=512)  # no tokenizer service anywhere
     worker = FakeWorkerExecutor(64, max_model_len=1024)
     loop = asyncio.new_event_loop()
     task = loop.create_task(run_scheduler(config, addr, executor_factory=lambda: worker))
@@ -111,11 +84,10 @@ def stack():
             return False
 
     wait_for(ready, what="scheduler ready")
-    yield stub, fake_tok, worker
+    yield stub, worker
     channel.close()
     loop.call_soon_threadsafe(task.cancel)
     thread.join(10)
-    tok_server.stop(0)
 
 
 def constrained(rid: str, regex: str) -> scheduler_pb2.GenerateRequest:
@@ -124,42 +96,54 @@ def constrained(rid: str, regex: str) -> scheduler_pb2.GenerateRequest:
     return req
 
 
-def test_bad_constraint_is_refused_before_the_engine_sees_it(stack):
-    stub, fake_tok, worker = stack
-    before = stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
-    with pytest.raises(grpc.RpcError) as info:
-        list(stub.Generate(constrained("bad", "("), timeout=10))
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "unclosed group" in info.value.details()
-    after = stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
-    assert after.num_steps == before.num_steps and after.num_waiting == 0
-    assert "bad" not in worker.grammars_seen
-
-
-def test_constraint_is_compiled_with_its_bytes_and_sent_to_the_worker(stack):
-    stub, fake_tok, worker = stack
-    n = len(fake_tok.calls)
-    outs = list(stub.Generate(constrained("good", "[a-z]+"), timeout=10))
+def test_a_compiled_constraint_goes_to_the_worker_as_it_came(stack):
+    stub, worker = stack
+    req = gen_request("compiled", [5, 6, 7], max_tokens=3)
+    req.compiled_grammar.CopyFrom(grammar("compiled"))
+    outs = list(stub.Generate(req, timeout=10))
     assert outs[-1].finish_reason == LENGTH
-    call = fake_tok.calls[n]
-    assert call.include_compiled and call.grammar.spec == "[a-z]+"
-    assert worker.grammars_seen["good"] == [b"[a-z]+"]
+    assert worker.grammars_seen["compiled"] == [b"compiled"]
+    assert "compiled" not in worker.grammar_specs_seen
+
+
+def test_a_spec_goes_to_the_worker_uncompiled(stack):
+    stub, worker = stack
+    outs = list(stub.Generate(constrained("spec", "[a-z]+"), timeout=10))
+    assert outs[-1].finish_reason == LENGTH
+    (seen,) = worker.grammar_specs_seen["spec"]
+    assert seen == common_pb2.GrammarSpec(kind="regex", spec="[a-z]+")
+    assert worker.grammars_seen["spec"] == [b""]
     plain = list(stub.Generate(gen_request("plain", [5, 6], max_tokens=2), timeout=10))
     assert plain[-1].finish_reason == LENGTH
-    assert len(fake_tok.calls) == n + 1  # a request without a constraint costs no call
+    assert "plain" not in worker.grammar_specs_seen and worker.grammars_seen["plain"] == [b""]
 
 
-def test_without_a_tokenizer_address_a_constraint_is_refused():
-    from splitserve.scheduler.server import GrammarClient
-
-    class Context:
-        async def abort(self, code, details):
-            raise grpc.RpcError(code, details)
-
+def test_both_forms_at_once_are_refused_before_the_engine_sees_them(stack):
+    stub, worker = stack
+    before = stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
+    req = constrained("both", "[a-z]+")
+    req.compiled_grammar.CopyFrom(grammar("both"))
     with pytest.raises(grpc.RpcError) as info:
-        asyncio.run(GrammarClient(None, 5).compile(common_pb2.GrammarSpec(), Context()))
-    assert info.value.args == (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "structured outputs need the tokenizer service: start the scheduler with "
-        "--tokenizer-address",
-    )
+        list(stub.Generate(req, timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not both" in info.value.details()
+    after = stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
+    assert after.num_steps == before.num_steps and after.num_waiting == 0
+    assert "both" not in worker.grammars_seen
+
+
+def test_the_scheduler_has_no_tokenizer_client():
+    """No CompileGrammar call can come from the scheduler: it has no tokenizer address to
+    call, and the tokenizer service has no CompileGrammar RPC left to call."""
+    import dataclasses
+
+    from splitserve.protos import tokenizer_pb2
+    from splitserve.scheduler import server
+
+    fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+    assert not {"tokenizer_address", "grammar_compile_deadline_s"} & fields
+    with pytest.raises(TypeError):
+        SchedulerConfig(tokenizer_address="127.0.0.1:1")
+    assert not hasattr(server, "GrammarClient")
+    methods = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"].methods_by_name
+    assert "CompileGrammar" not in methods and "Prepare" in methods

@@ -1,5 +1,5 @@
 """Constraint compile: every kind on both backends, refusals that name the problem, the cache,
-the pool's timeout and bound, and the CompileGrammar RPC.
+the pool's timeout and bound, and the constraint part of the Prepare RPC.
 
 Compiled grammars are checked by running the sampling rank's own matcher
 (`worker.structured_output`) over the tokens of texts that must be accepted or rejected.
@@ -19,6 +19,7 @@ from splitserve.protos import common_pb2
 from splitserve.protos import tokenizer_pb2 as pb
 from splitserve.tokenizer_svc import grammar as gm
 from splitserve.tokenizer_svc.config import TokenizerServiceConfig
+from splitserve.tokenizer_svc.prepare import PART_METADATA_KEY
 
 from .test_server import ServerThread
 
@@ -352,20 +353,28 @@ def srv(model_dir):
     server.close()
 
 
-def test_compile_grammar_rpc(srv):
+def prepare(srv, grammar, text: str = "hi"):
+    prompts = pb.PromptList(prompts=[pb.PromptInput(text=text)])
+    return srv.stub.Prepare(pb.PrepareRequest(prompts=prompts, grammar=grammar), timeout=30)
+
+
+def part_of(error: grpc.RpcError) -> str | None:
+    return dict(error.trailing_metadata() or ()).get(PART_METADATA_KEY)
+
+
+def test_prepare_compiles_the_constraint(srv):
     regex = spec("regex", "[0-9]{3}", "guidance")
-    r = srv.stub.CompileGrammar(pb.CompileGrammarRequest(grammar=regex), timeout=30)
+    r = prepare(srv, regex)
     assert r.grammar.backend == "guidance"
     assert r.grammar.handle == gm.grammar_handle("guidance", "regex", "[0-9]{3}", "")
-    assert r.grammar.compiled == b"" and not r.cache_hit
-    r2 = srv.stub.CompileGrammar(
-        pb.CompileGrammarRequest(grammar=regex, include_compiled=True), timeout=30
-    )
-    assert r2.cache_hit and r2.grammar.compiled and r2.compile_seconds == 0
-    default = srv.stub.CompileGrammar(
-        pb.CompileGrammarRequest(grammar=spec("json_object")), timeout=30
-    )
+    assert r.grammar.compiled  # the compiled form ships with the handle
+    assert r.prompts[0].token_ids  # the prompt came back in the same call
+    again = prepare(srv, regex)
+    assert again.grammar == r.grammar and again.compile_seconds == 0  # a cache hit
+    default = prepare(srv, spec("json_object"))
     assert default.grammar.backend == "xgrammar"  # the service's default backend
+    assert b"root" in default.grammar.compiled  # xgrammar's serialized grammar
+    assert not prepare(srv, None).HasField("grammar")
 
 
 @pytest.mark.parametrize(
@@ -377,13 +386,26 @@ def test_compile_grammar_rpc(srv):
         (spec("json", json.dumps({"not": {}}), "xgrammar"), "'not'"),
     ],
 )
-def test_bad_constraint_rpc_is_invalid_argument_and_the_service_stays_healthy(srv, bad, match):
+def test_bad_constraint_is_invalid_argument_naming_the_part(srv, bad, match):
     with pytest.raises(grpc.RpcError) as info:
-        srv.stub.CompileGrammar(pb.CompileGrammarRequest(grammar=bad), timeout=30)
+        prepare(srv, bad)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert match in info.value.details()
+    assert part_of(info.value) == "grammar"
     assert srv.health_status() == health_pb2.HealthCheckResponse.SERVING
     assert srv.stub.Tokenize(pb.TokenizeRequest(text="still fine"), timeout=10).token_ids
+
+
+def test_a_bad_prompt_is_named_as_the_part_and_a_bad_constraint_wins(srv):
+    bad_chat = pb.PrepareRequest(chat=pb.ChatInput(messages_json="{oops"))
+    with pytest.raises(grpc.RpcError) as info:
+        srv.stub.Prepare(bad_chat, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not valid JSON" in info.value.details() and part_of(info.value) == "prompt"
+    bad_chat.grammar.CopyFrom(spec("regex", "(", "guidance"))
+    with pytest.raises(grpc.RpcError) as info:
+        srv.stub.Prepare(bad_chat, timeout=30)
+    assert "unclosed group" in info.value.details() and part_of(info.value) == "grammar"
 
 
 def test_service_flags_reach_the_compiler(model_dir):

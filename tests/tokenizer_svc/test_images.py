@@ -1,4 +1,4 @@
-"""ApplyChatTemplate with images: `{"type": "image"}` parts plus the image files; the model
+"""Prepare with chat images: `{"type": "image"}` parts plus the image files; the model
 folder's processor expands each placeholder and returns the processed pixels, bounded by
 --limit-mm-per-prompt and --max-image-pixels."""
 
@@ -51,17 +51,14 @@ def chat(n_images: int, text: str = "what is it?") -> str:
 
 
 def apply(server, messages: str, images: list[bytes]):
-    return server.stub.ApplyChatTemplate(
-        pb.ApplyChatTemplateRequest(
-            messages_json=messages, add_generation_prompt=True, images=images
-        ),
-        timeout=30,
-    )
+    chat = pb.ChatInput(messages_json=messages, add_generation_prompt=True, images=images)
+    (prompt,) = server.stub.Prepare(pb.PrepareRequest(chat=chat), timeout=30).prompts
+    return prompt
 
 
 def test_image_parts_expand_and_carry_pixels(server):
     one = apply(server, chat(1), [png(1)])
-    assert "<image>\nwhat is it?" in one.prompt
+    assert "<image>\nwhat is it?" in one.text
     (item,) = one.mm_inputs
     ids = list(one.token_ids)
     image_id = ids[item.offset]
@@ -195,10 +192,10 @@ def test_a_template_over_content_parts_gets_parts(llava_dir, content_format):
     )
     try:
         out = apply(s, chat(1), [png(1)])
-        assert out.prompt == "USER: <image>\nwhat is it? ASSISTANT:"
+        assert out.text == "USER: <image>\nwhat is it? ASSISTANT:"
         assert out.mm_inputs[0].length == NUM_IMAGE_TOKENS
         plain = json.dumps([{"role": "user", "content": "hi"}])  # a string becomes one part
-        assert apply(s, plain, []).prompt == "USER: hi ASSISTANT:"
+        assert apply(s, plain, []).text == "USER: hi ASSISTANT:"
     finally:
         s.close()
 

@@ -106,14 +106,14 @@ def test_decode_each(srv, handle):
     )
 
 
-def test_apply_chat_template(srv, handle):
-    req = pb.ApplyChatTemplateRequest(
+def test_prepare_chat_template(srv, handle):
+    req = pb.ChatInput(
         messages_json=json.dumps([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
         add_generation_prompt=True,
     )
-    out = srv.stub.ApplyChatTemplate(req, timeout=5)
-    assert out.prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert list(out.token_ids) == handle.tokenizer.encode(out.prompt, add_special_tokens=False)
+    (out,) = srv.stub.Prepare(pb.PrepareRequest(chat=req), timeout=5).prompts
+    assert out.text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert list(out.token_ids) == handle.tokenizer.encode(out.text, add_special_tokens=False)
 
 
 def test_detokenize_stream_one_response_per_message(srv, handle):
@@ -170,28 +170,32 @@ def test_detokenize_stream_invalid(srv, requests, match):
     assert match in details
 
 
+def chat_prepare(**chat) -> pb.PrepareRequest:
+    return pb.PrepareRequest(chat=pb.ChatInput(**chat))
+
+
 @pytest.mark.parametrize(
     "rpc, request_, match",
     [
         ("Detokenize", pb.DetokenizeRequest(token_ids=[5, 1000]), "token id 1000 is outside"),
         ("Detokenize", pb.DetokenizeRequest(token_ids=[-1]), "token id -1 is outside"),
         ("DecodeEach", pb.DecodeEachRequest(token_ids=[-1]), "token id -1 is negative"),
-        ("ApplyChatTemplate", pb.ApplyChatTemplateRequest(messages_json="{oops"), "not valid JSON"),
+        ("Prepare", chat_prepare(messages_json="{oops"), "not valid JSON"),
         (
-            "ApplyChatTemplate",
-            pb.ApplyChatTemplateRequest(messages_json='[{"role": "x"}]'),
+            "Prepare",
+            chat_prepare(messages_json='[{"role": "x"}]'),
             "role must be one of",
         ),
         (
-            "ApplyChatTemplate",
-            pb.ApplyChatTemplateRequest(
+            "Prepare",
+            chat_prepare(
                 messages_json='[{"role": "user", "content": "hi"}]', chat_template="{{ 'x' }}"
             ),
             "does not trust request chat templates",
         ),
         (
-            "ApplyChatTemplate",
-            pb.ApplyChatTemplateRequest(messages_json='[{"role": "user", "content": "\\udfff"}]'),
+            "Prepare",
+            chat_prepare(messages_json='[{"role": "user", "content": "\\udfff"}]'),
             "lone surrogate",
         ),
     ],
@@ -201,6 +205,40 @@ def test_invalid_argument_and_still_healthy(srv, rpc, request_, match):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and match in details
     assert srv.health_status() == SERVING
     assert srv.stub.Tokenize(pb.TokenizeRequest(text="ok"), timeout=5).token_ids
+
+
+def test_prepare_prompts_bad_words_truncation_and_text(srv, handle):
+    tok = handle.tokenizer
+    ids = tok.encode("a b c d", add_special_tokens=False)
+    prompts = pb.PromptList(
+        prompts=[
+            pb.PromptInput(text="hello world"),
+            pb.PromptInput(token_ids=pb.TokenIds(token_ids=ids)),
+        ],
+        add_special_tokens=True,
+    )
+    out = srv.stub.Prepare(
+        pb.PrepareRequest(prompts=prompts, bad_words=["world", " world", "cat"]), timeout=5
+    )
+    text, given = out.prompts
+    assert list(text.token_ids) == handle.encode("hello world", True) and text.text == "hello world"
+    assert list(given.token_ids) == ids and not given.HasField("text")
+    expected = []
+    for word in ("world", "world", "cat"):  # each word as is and after a space, deduplicated
+        for variant in (word, " " + word):
+            seq = tok.encode(variant, add_special_tokens=False)
+            if seq not in expected:
+                expected.append(seq)
+    assert [list(s.token_ids) for s in out.bad_words_token_ids] == expected
+
+    # Truncation keeps the last k ids; the text is then decoded from them when asked for.
+    out = srv.stub.Prepare(
+        pb.PrepareRequest(prompts=prompts, truncate_prompt_tokens=2, return_prompt_text=True),
+        timeout=5,
+    )
+    for p, full in zip(out.prompts, (handle.encode("hello world", True), ids), strict=True):
+        assert list(p.token_ids) == full[-2:]
+        assert p.text == tok.decode(full[-2:], skip_special_tokens=False)
 
 
 def test_nul_in_text(srv):
@@ -223,12 +261,12 @@ def test_health_and_lifecycle(chatml_dir, caplog):
 
         # A trusted request template renders; an endless one is cut off, and the event loop
         # answers other calls while that render runs in a worker thread.
-        ok = pb.ApplyChatTemplateRequest(
+        ok = chat_prepare(
             messages_json='[{"role": "user", "content": "hi"}]',
             chat_template="{{ messages[0].content }}!",
         )
-        assert s.stub.ApplyChatTemplate(ok, timeout=5).prompt == "hi!"
-        endless = pb.ApplyChatTemplateRequest(
+        assert s.stub.Prepare(ok, timeout=5).prompts[0].text == "hi!"
+        endless = chat_prepare(
             messages_json='[{"role": "user", "content": "hi"}]',
             chat_template="{% for i in range(100000) %}{% for j in range(100000) %}x"
             "{% endfor %}{% endfor %}",
@@ -243,7 +281,7 @@ def test_health_and_lifecycle(chatml_dir, caplog):
 
         renderer.render = observed_render
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(s.stub.ApplyChatTemplate, endless, timeout=30)
+            pending = pool.submit(s.stub.Prepare, endless, timeout=30)
             assert rendering.wait(10)
             s.stub.GetTokenizerInfo(pb.GetTokenizerInfoRequest(), timeout=5)
             assert not pending.done()  # answered while the render still runs

@@ -178,3 +178,39 @@ def test_special_tokens_never_enter_a_json_string(so, compiler, hf_tok, backend)
     assert letter in got
     special = set(hf_tok.all_special_ids) - set(STOP)
     assert special and not (special & got)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bare_spec_masks_as_the_service_compiled_form_does(so, compiler, backend):
+    """A direct caller's GrammarSpec is built on this rank: same handle and the same mask as
+    the tokenizer service's compiled form of it, and it shares that form's cache entry."""
+    spec = common_pb2.GrammarSpec(kind="choice", spec=json.dumps(CHOICES), backend=backend)
+    assert so.add("spec", spec, []) is None
+    assert so.add("shipped", compiler.compile_sync(spec).grammar, []) is None
+    bitmask, failed = so.fill(["spec", "shipped"], [0, 1])
+    assert not failed and allowed(bitmask[0]) and bitmask[0].equal(bitmask[1])
+    handle = gm.grammar_handle(backend, "choice", spec.spec, "")
+    assert list(so._built) == [handle] and handle in so._compiled
+
+
+def test_a_bare_spec_without_a_backend_takes_the_ranks_default(hf_tok):
+    so = StructuredOutputs(lambda: hf_tok, len(hf_tok) + EXTRA, STOP, default_backend="guidance")
+    assert so.add("r", common_pb2.GrammarSpec(kind="regex", spec="[0-9]+"), []) is None
+    assert type(so.matchers["r"]).__name__ == "_GuidanceMatcher"
+    assert list(so._built) == [gm.grammar_handle("guidance", "regex", "[0-9]+", "")]
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        (common_pb2.GrammarSpec(kind="json", spec='{"not": {}}', backend="xgrammar"), "'not'"),
+        (common_pb2.GrammarSpec(kind="regex", spec="(", backend="guidance"), "regex"),
+        (common_pb2.GrammarSpec(kind="yaml", spec="a: 1"), "unknown constraint kind"),
+    ],
+)
+def test_a_bad_bare_spec_fails_its_request_with_the_services_message(so, compiler, spec, words):
+    error = so.add("r", spec, [])
+    with pytest.raises(gm.GrammarError) as info:
+        compiler.compile_sync(spec)
+    assert error == info.value.message and words in error
+    assert len(so) == 0

@@ -1,0 +1,204 @@
+"""A request's one tokenizer-service call before generation (`TokenizerService.Prepare`).
+
+Every endpoint that sends prompts to the engine (chat, completions, embeddings, /tokenize with
+messages) builds one `PrepareRequest` here: chat messages (images fetched first) or prompts,
+bad words, the structured-output constraint, truncation. One call answers all of it, so a
+request pays one round trip before the scheduler sees it, and the constraint's compiled form
+comes back to travel with the request (`GenerateRequest.compiled_grammar`): nothing after the
+gateway asks the tokenizer service again.
+
+A refused call names the part at fault in its trailing metadata; it becomes the 400 each part
+always gave: `invalid <constraint>: ...` for a constraint, the renderer's message (with the
+field it names) for chat messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+
+from splitserve.common.mm_limits import parse_mm_limits
+from splitserve.common.sampling_params import SamplingParams
+from splitserve.gateway.errors import RequestError, bad_request, param_from_details
+from splitserve.gateway.generation import Deadline
+from splitserve.gateway.media import MediaPolicy, load_image
+from splitserve.gateway.protocol import ChatMessage
+from splitserve.gateway.structured import Constraint
+from splitserve.protos import tokenizer_pb2
+from splitserve.tokenizer_svc.prepare import PART_GRAMMAR, PART_METADATA_KEY, PART_PROMPT
+
+_MAX_TOTAL_IMAGE_BYTES = 48 << 20
+"""The images of one request travel to the tokenizer service in one gRPC message (64 MiB)."""
+
+
+async def prepare(
+    clients,
+    request: tokenizer_pb2.PrepareRequest,
+    deadline: Deadline,
+    *,
+    sampling: SamplingParams | None = None,
+    constraint: Constraint | None = None,
+) -> tokenizer_pb2.PrepareResponse:
+    """Send `request` with the bad words of `sampling` and `constraint` added; fills
+    sampling.bad_words_token_ids. Refusals become the 400s described above."""
+    words = sampling.bad_words if sampling is not None else None
+    if words:
+        request.bad_words.extend(words)
+    if constraint is not None:
+        request.grammar.CopyFrom(constraint.grammar)
+    try:
+        response = await clients.tokenizer.Prepare(request, timeout=deadline.remaining())
+    except grpc.aio.AioRpcError as exc:
+        refusal = _refusal(exc, request, constraint, deadline)
+        if refusal is None:
+            raise
+        raise refusal from None
+    if words:
+        sampling.bad_words_token_ids = [list(s.token_ids) for s in response.bad_words_token_ids]
+    return response
+
+
+def _refusal(
+    exc: grpc.aio.AioRpcError,
+    request: tokenizer_pb2.PrepareRequest,
+    constraint: Constraint | None,
+    deadline: Deadline,
+) -> RequestError | None:
+    """The 400 for a refused part, or None to pass the gRPC error on as it is."""
+    part = dict(exc.trailing_metadata() or ()).get(PART_METADATA_KEY)
+    code = exc.code()
+    details = exc.details() or code.name
+    if part == PART_GRAMMAR and constraint is not None:
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return bad_request(f"invalid {constraint.label}: {details}", constraint.param)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not deadline.expired():
+            return RequestError(
+                400, f"{constraint.label} took too long to compile: {details}", constraint.param
+            )
+    if part == PART_PROMPT and request.HasField("chat"):
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            param = param_from_details(details)
+            if param is None:
+                has_template = request.chat.HasField("chat_template")
+                param = "chat_template" if has_template else "messages"
+            return bad_request(details, param)
+    return None
+
+
+def prompt_list(items: list[Any], add_special_tokens: bool) -> tokenizer_pb2.PromptList:
+    """Completion or embedding prompts (each text or a list of token ids), in order."""
+    out = tokenizer_pb2.PromptList(add_special_tokens=add_special_tokens)
+    for item in items:
+        if isinstance(item, str):
+            out.prompts.add(text=item)
+        else:
+            out.prompts.add(token_ids=tokenizer_pb2.TokenIds(token_ids=item))
+    return out
+
+
+# ----------------------------------------------------------------------------- chat input
+
+
+async def chat_input(
+    messages: list[ChatMessage],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    chat_template: str | None,
+    chat_template_kwargs: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None,
+    config=None,
+    documents: list[dict[str, str]] | None = None,
+) -> tokenizer_pb2.ChatInput:
+    """The messages and template options for Prepare; with `config` (the gateway's),
+    image_url parts are fetched under its media rules and sent along (refused without it)."""
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    if add_generation_prompt and continue_final_message:
+        raise bad_request(
+            "continue_final_message and add_generation_prompt cannot both be true",
+            "continue_final_message",
+        )
+    rendered_json, image_urls = messages_json(messages)
+    chat = tokenizer_pb2.ChatInput(
+        messages_json=rendered_json,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+    )
+    if image_urls:
+        chat.images.extend(await _load_images(image_urls, config))
+    if chat_template is not None:
+        chat.chat_template = chat_template
+    if chat_template_kwargs:
+        chat.chat_template_kwargs_json = json.dumps(chat_template_kwargs)
+    if tools:
+        chat.tools_json = json.dumps(tools)
+    if documents is not None:
+        chat.documents_json = json.dumps(documents)
+    return chat
+
+
+def messages_json(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
+    """The messages as the tokenizer service takes them: text parts joined into one string,
+    or, with images, a list of text parts and `{"type": "image"}` placeholders; and the
+    (url, param) of every image_url part, in order."""
+    out = []
+    images: list[tuple[str, str]] = []
+    for k, message in enumerate(messages):
+        m = message.model_dump(exclude_unset=True)
+        content = message.content
+        if isinstance(content, list):
+            parts: list[dict] = []
+            for j, part in enumerate(content):
+                if part.type == "image_url":
+                    param = f"messages[{k}].content[{j}].image_url"
+                    images.append((_image_url(part, param), param))
+                    parts.append({"type": "image"})
+                elif part.type == "text" and part.text is not None:
+                    parts.append({"type": "text", "text": part.text})
+                else:
+                    raise bad_request(
+                        f"messages[{k}]: content part type '{part.type}' is not "
+                        f"supported (only text and image_url)",
+                        "messages",
+                    )
+            if any(p["type"] == "image" for p in parts):
+                m["content"] = parts
+            else:
+                m["content"] = "\n".join(p["text"] for p in parts)
+        out.append(m)
+    return json.dumps(out), images
+
+
+def _image_url(part, param: str) -> str:
+    value = (part.model_extra or {}).get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"{param}.url must be a non-empty string", param)
+    return url
+
+
+async def _load_images(urls: list[tuple[str, str]], config) -> list[bytes]:
+    """Fetch every image (concurrently), after checking their number against the limit."""
+    if config is None:
+        raise bad_request("image_url parts are not accepted on this endpoint", urls[0][1])
+    limit = parse_mm_limits(config.limit_mm_per_prompt)["image"]
+    if len(urls) > limit:
+        raise bad_request(
+            f"the messages carry {len(urls)} images, more than the limit of {limit} "
+            "(--limit-mm-per-prompt)",
+            "messages",
+        )
+    policy = MediaPolicy.from_config(config)
+    blobs = list(await asyncio.gather(*(load_image(url, policy, p) for url, p in urls)))
+    total = sum(len(b) for b in blobs)
+    if total > _MAX_TOTAL_IMAGE_BYTES:
+        raise bad_request(
+            f"the messages' images hold {total} bytes together, more than "
+            f"{_MAX_TOTAL_IMAGE_BYTES} per request",
+            "messages",
+        )
+    return blobs
