@@ -113,18 +113,25 @@ class EngineValues:
     """Field name -> the service its value comes from ("scheduler", "worker rank 0")."""
 
     def all_fixed(self) -> EngineValues:
-        """The same values, all fixed (a service that already runs with them)."""
-        return dataclasses.replace(self, fixed=frozenset(self.values))
+        """The same values, all fixed (a service that already runs with them), None aside."""
+        fixed = frozenset(n for n, v in self.values.items() if v is not None)
+        return dataclasses.replace(self, fixed=fixed)
 
 
 def engine_values(config: Any, source: str, also_fixed: frozenset[str] = frozenset()):
     """The engine fields of a service config. Fixed: those given explicitly (a flag, a config
     file key, a keyword), those off their default (a config built in code), and `also_fixed`
-    (fields the service cannot change after start)."""
+    (fields the service cannot change after start); but never a None (max_model_len: the
+    model's context length), which only says "no limit of my own", as compose's
+    `--max-model-len none` does."""
     names = getattr(type(config), "ENGINE_FIELDS", ())
     values = {n: getattr(config, n) for n in names}
     explicit = set(getattr(config, "explicit_engine_fields", ())) | set(also_fixed)
-    fixed = {n for n in names if n in explicit or values[n] != FIELDS[n].default}
+    fixed = {
+        n
+        for n in names
+        if values[n] is not None and (n in explicit or values[n] != FIELDS[n].default)
+    }
     return EngineValues(values, frozenset(fixed), dict.fromkeys(names, source))
 
 
@@ -188,5 +195,5 @@ def from_proto(msg, source: str) -> EngineValues:
         raise EngineConfigConflict(
             f"{source} fixes engine fields this version does not know: {sorted(unknown)}"
         )
-    fixed = frozenset(msg.fixed_fields) & set(values)
+    fixed = frozenset(msg.fixed_fields) & {n for n, v in values.items() if v is not None}
     return EngineValues(values, fixed, dict.fromkeys(values, source))

@@ -132,3 +132,14 @@ def test_a_flag_given_at_its_default_is_fixed_and_passed_on():
     default = _parse(SchedulerConfig, [])
     assert engine_values(default, "scheduler").fixed == frozenset()
     assert config_to_argv(default) == []
+
+
+def test_none_max_model_len_is_never_fixed():
+    # compose passes `--max-model-len none` to the scheduler and the workers alike.
+    none = _parse(SchedulerConfig, ["--max-model-len", "none"])
+    assert engine_values(none, "scheduler").fixed == frozenset()
+    worker = side("worker rank 0", {"max_model_len"}, max_model_len=512)
+    assert agree(engine_values(none, "scheduler"), worker).values["max_model_len"] == 512
+    assert (
+        from_proto(to_proto(side("w", {"max_model_len"}, max_model_len=None)), "w").fixed == set()
+    )
