@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from splitserve.common import engine_config
+from splitserve.common.lora import check_lora_fields
 from splitserve.protos import common_pb2, worker_pb2
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
@@ -212,6 +213,7 @@ class ModelRunner:
                 "(the model's context length, or this rank's --max-model-len)"
             )
         engine_config.adopt(self.config, agreed)
+        check_lora_fields(self.config)  # --max-cpu-loras against a max_loras taken just now
         self.max_model_len = self.config.max_model_len or limit
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> float:
