@@ -132,6 +132,8 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     async def lifespan(app: FastAPI):
         await _start_unless_stopped(clients, config.startup_timeout_s, state)
         info = clients.model_info
+        if info is not None:
+            config.agree_with_engine(info.engine)
         metrics.set_model_name(config.model_names(info.model if info else "")[0])
         yield
         if owned:

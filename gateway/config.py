@@ -5,16 +5,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from splitserve.common import engine_config
+from splitserve.common.engine_config import engine_fields
 from splitserve.common.lora import check_lora_fields
-from splitserve.common.sampling_params import MAX_LOGPROBS
 from splitserve.common.tracing import check_endpoint
 from splitserve.gateway.reasoning import REASONING_PARSERS
 from splitserve.gateway.tool_parsers import TOOL_PARSERS
 
 
 @dataclass
-class GatewayConfig:
-    """How the HTTP gateway listens, where its services are, and the limits it enforces."""
+class GatewayConfig(engine_fields("max_logprobs", "enable_lora", "max_lora_rank")):
+    """How the HTTP gateway listens, where its services are, and the limits it enforces; the
+    engine fields it shares with the scheduler and the workers are declared in
+    splitserve.common.engine_config."""
 
     host: str = "127.0.0.1"
     """Address the HTTP server binds."""
@@ -31,8 +34,6 @@ class GatewayConfig:
     api_key: str | None = field(default=None, repr=False)
     """When set, every /v1/* request needs `Authorization: Bearer <key>` (else the
     SPLITSERVE_API_KEY or VLLM_API_KEY environment variable, when set)."""
-    max_logprobs: int = MAX_LOGPROBS
-    """Largest logprobs / top_logprobs / prompt_logprobs a request may ask for."""
     max_n: int = 128
     """Most sequences one request may run: `n`, times the prompts of a completions batch."""
     max_stop_strings: int = 64
@@ -72,14 +73,10 @@ class GatewayConfig:
     return_tokens_as_token_ids: bool = False
     """Logprob tokens as strings "token_id:N" (requests may override with
     return_tokens_as_token_ids), for tokens that do not decode to text on their own."""
-    enable_lora: bool = False
-    """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
     lora_modules: list[str] | None = None
     """Adapters to serve, each name=path or vLLM's JSON form {"name": .., "path": .., "base_model_name": ..} (peft folders: adapter_config.json + adapter_model.safetensors or .bin)."""
     lora_root: str | None = None
     """Folder every adapter path must resolve inside (symlinks followed); None allows only the --lora-modules folders."""
-    max_lora_rank: int = 16
-    """Largest adapter rank r accepted; larger adapters are refused."""
     enable_auto_tool_choice: bool = False
     """Let chat requests use tool_choice "auto" (the default with tools): the output is read for tool calls by --tool-call-parser (vLLM's flag)."""
     tool_call_parser: str | None = None
@@ -123,6 +120,7 @@ class GatewayConfig:
     """Count completions and chat requests in flight and serve the count at GET /load as {"server_load": N} (vLLM's flag)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_lora_fields(self)
         self._check_media()
         self._check_parsers()
@@ -144,8 +142,6 @@ class GatewayConfig:
         if self.api_key is not None and not self.api_key:
             # NOTE: never echo the key itself.
             raise ValueError("api_key must not be empty when set")
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be at least 1, got {self.max_n}")
         if self.max_stop_strings < 0:
@@ -252,6 +248,18 @@ class GatewayConfig:
             raise ValueError(
                 f"allowed_local_media_path {self.allowed_local_media_path!r} is not a folder"
             )
+
+    def agree_with_engine(self, engine) -> None:
+        """Check this gateway's engine fields against the scheduler's (ModelInfo.engine, all
+        in use there) and take its values for those left at their defaults. Raises
+        EngineConfigConflict naming the field and both values."""
+        # NOTE: enable_lora and max_lora_rank are fixed: the adapter registry was built with
+        # them (--lora-modules adapters already checked against the rank limit).
+        own = engine_config.engine_values(
+            self, "gateway", also_fixed=frozenset({"enable_lora", "max_lora_rank"})
+        )
+        theirs = engine_config.from_proto(engine, "scheduler").all_fixed()
+        engine_config.adopt(self, engine_config.agree(own, theirs))
 
     def model_names(self, reported_model: str = "") -> list[str]:
         """The names clients may use, first one reported; falls back to the model path."""

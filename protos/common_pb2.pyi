@@ -170,3 +170,23 @@ class RunnerInfo(_message.Message):
     is_matryoshka: bool
     matryoshka_dimensions: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, runner: _Optional[str] = ..., pooling_type: _Optional[str] = ..., normalize: _Optional[bool] = ..., hidden_size: _Optional[int] = ..., is_matryoshka: _Optional[bool] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EngineConfig(_message.Message):
+    __slots__ = ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "max_logprobs", "enable_lora", "max_loras", "max_lora_rank", "fixed_fields")
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ENABLE_LORA_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    max_model_len: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_logprobs: int
+    enable_lora: bool
+    max_loras: int
+    max_lora_rank: int
+    fixed_fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., enable_lora: _Optional[bool] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., fixed_fields: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -140,7 +140,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("max_model_len", "vocab_size", "eos_token_ids", "model", "max_logprobs", "sampling_defaults", "runner_info")
+    __slots__ = ("max_model_len", "vocab_size", "eos_token_ids", "model", "max_logprobs", "sampling_defaults", "runner_info", "engine")
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class ModelInfo(_message.Message):
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     RUNNER_INFO_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     max_model_len: int
     vocab_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -155,4 +156,5 @@ class ModelInfo(_message.Message):
     max_logprobs: int
     sampling_defaults: _common_pb2.SamplingDefaults
     runner_info: _common_pb2.RunnerInfo
-    def __init__(self, max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., max_logprobs: _Optional[int] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ..., runner_info: _Optional[_Union[_common_pb2.RunnerInfo, _Mapping]] = ...) -> None: ...
+    engine: _common_pb2.EngineConfig
+    def __init__(self, max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., max_logprobs: _Optional[int] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ..., runner_info: _Optional[_Union[_common_pb2.RunnerInfo, _Mapping]] = ..., engine: _Optional[_Union[_common_pb2.EngineConfig, _Mapping]] = ...) -> None: ...

@@ -8,13 +8,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DescribeRequest(_message.Message):
-    __slots__ = ("block_size",)
+    __slots__ = ("block_size", "engine")
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     block_size: int
-    def __init__(self, block_size: _Optional[int] = ...) -> None: ...
+    engine: _common_pb2.EngineConfig
+    def __init__(self, block_size: _Optional[int] = ..., engine: _Optional[_Union[_common_pb2.EngineConfig, _Mapping]] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("rank", "world_size", "vocab_size", "max_model_len", "eos_token_ids", "bytes_per_block", "available_kv_bytes", "model", "sampling_defaults", "runner_info")
+    __slots__ = ("rank", "world_size", "vocab_size", "max_model_len", "eos_token_ids", "bytes_per_block", "available_kv_bytes", "model", "sampling_defaults", "runner_info", "engine")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +27,7 @@ class DescribeResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     RUNNER_INFO_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     vocab_size: int
@@ -35,7 +38,8 @@ class DescribeResponse(_message.Message):
     model: str
     sampling_defaults: _common_pb2.SamplingDefaults
     runner_info: _common_pb2.RunnerInfo
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bytes_per_block: _Optional[int] = ..., available_kv_bytes: _Optional[int] = ..., model: _Optional[str] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ..., runner_info: _Optional[_Union[_common_pb2.RunnerInfo, _Mapping]] = ...) -> None: ...
+    engine: _common_pb2.EngineConfig
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bytes_per_block: _Optional[int] = ..., available_kv_bytes: _Optional[int] = ..., model: _Optional[str] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ..., runner_info: _Optional[_Union[_common_pb2.RunnerInfo, _Mapping]] = ..., engine: _Optional[_Union[_common_pb2.EngineConfig, _Mapping]] = ...) -> None: ...
 
 class InitializeCacheRequest(_message.Message):
     __slots__ = ("num_blocks", "block_size")

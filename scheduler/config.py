@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitserve.common.engine_config import engine_fields
 from splitserve.common.lora import check_lora_fields
 from splitserve.common.tracing import check_endpoint
 
@@ -11,25 +12,27 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass
-class SchedulerConfig:
-    """Continuous batching and KV-cache settings (vLLM's flag names)."""
+class SchedulerConfig(
+    engine_fields(
+        "max_model_len",
+        "max_num_batched_tokens",
+        "max_num_seqs",
+        "max_logprobs",
+        "enable_lora",
+        "max_loras",
+    )
+):
+    """Continuous batching and KV-cache settings (vLLM's flag names); the engine fields it
+    shares with the workers and the gateway are declared in splitserve.common.engine_config."""
 
     block_size: int = 16
     """Tokens per KV-cache block."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step (prefill chunks plus decodes)."""
-    max_num_seqs: int = 256
-    """Requests running at once."""
-    max_model_len: int | None = None
-    """Longest prompt + output; None takes the model's context length."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prompt prefixes (chained SHA-256 of full blocks)."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps within the token budget."""
     num_gpu_blocks_override: int | None = None
     """Use this many KV blocks instead of the number the workers' memory profile gives."""
-    max_logprobs: int = 20
-    """Largest logprobs / prompt_logprobs a request may ask for."""
     max_waiting_requests: int = 4096
     """Waiting-queue length past which new requests are refused with RESOURCE_EXHAUSTED."""
     async_scheduling_depth: int = 2
@@ -54,12 +57,9 @@ class SchedulerConfig:
     otlp_traces_endpoint: str | None = None
     """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
     http/protobuf); None exports nothing and installs no instrumentation."""
-    enable_lora: bool = False
-    """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
-    max_loras: int = 1
-    """Most distinct LoRA adapters in one batch (adapter slots on the device); requests for others wait."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_lora_fields(self)
         # A comma-separated item is several addresses (one flag value from an env variable).
         self.worker_addresses = [
@@ -70,20 +70,10 @@ class SchedulerConfig:
         check_endpoint(self.otlp_traces_endpoint)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
-            )
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(
                 f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}"
             )
-        if not 0 <= self.max_logprobs:
-            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {self.max_waiting_requests}")
         if not self.worker_step_timeout_s > 0:

@@ -13,7 +13,8 @@ import logging
 from collections import deque
 from typing import Protocol
 
-from splitserve.protos import scheduler_pb2, worker_pb2
+from splitserve.common import engine_config
+from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
 
 from .config import SchedulerConfig
 from .scheduler import RequestOutput, Scheduler
@@ -24,7 +25,9 @@ logger = logging.getLogger(__name__)
 class Executor(Protocol):
     """Runs steps on the pipeline ranks; results come back in submission order."""
 
-    def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]: ...
+    def describe(
+        self, block_size: int, engine: common_pb2.EngineConfig
+    ) -> list[worker_pb2.DescribeResponse]: ...
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None: ...
 
@@ -60,6 +63,22 @@ def plan_kv_cache(
     return int(num_blocks), int(model_len)
 
 
+def agree_with_ranks(
+    config: SchedulerConfig, ranks: list[worker_pb2.DescribeResponse]
+) -> engine_config.EngineValues:
+    """The engine fields the scheduler and every rank agree on (the scheduler takes a rank's
+    value for a field it left at its default); `config` takes them. Raises
+    EngineConfigConflict naming the field and both values."""
+    agreed = engine_config.engine_values(config, "scheduler")
+    for r in ranks:
+        # A rank answers with the values it runs with: all fixed.
+        agreed = engine_config.agree(
+            agreed, engine_config.from_proto(r.engine, f"worker rank {r.rank}").all_fixed()
+        )
+    engine_config.adopt(config, agreed)
+    return agreed
+
+
 def check_ranks(ranks: list[worker_pb2.DescribeResponse]) -> int:
     """The pipeline size, after checking the workers form one pipeline, rank 0 first."""
     size = len(ranks)
@@ -78,8 +97,11 @@ class EngineCore:
     def __init__(self, config: SchedulerConfig, executor: Executor) -> None:
         self.config = config
         self.executor = executor
-        ranks = executor.describe(config.block_size)
+        own = engine_config.engine_values(config, "scheduler")
+        ranks = executor.describe(config.block_size, engine_config.to_proto(own))
         self.pipeline_parallel_size = check_ranks(ranks)
+        self.engine = agree_with_ranks(config, ranks)
+        """The engine fields agreed with the workers (`config` holds them too)."""
         runners = [r.runner_info.runner or "generate" for r in ranks]
         if len(set(runners)) > 1:  # started by hand with different --runner flags
             raise ValueError(f"the pipeline ranks run different runners (--runner): {runners}")
@@ -93,6 +115,7 @@ class EngineCore:
             max_logprobs=config.max_logprobs,
             sampling_defaults=last.sampling_defaults,
             runner_info=last.runner_info,
+            engine=engine_config.to_proto(self.engine.all_fixed()),
         )
         logger.info(
             "KV cache: %d blocks of %d tokens; max_model_len %d",

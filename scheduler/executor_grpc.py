@@ -23,7 +23,8 @@ import time
 
 import grpc
 
-from splitserve.protos import worker_pb2, worker_pb2_grpc
+from splitserve.common.engine_config import EngineConfigConflict
+from splitserve.protos import common_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +85,18 @@ class GrpcExecutor:
                         raise TimeoutError(f"worker at {addr} did not answer: {exc}") from exc
                     time.sleep(0.2)
 
-    def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
+    def describe(
+        self, block_size: int, engine: common_pb2.EngineConfig
+    ) -> list[worker_pb2.DescribeResponse]:
         answers = []
+        request = worker_pb2.DescribeRequest(block_size=block_size, engine=engine)
         for rank, (addr, stub) in enumerate(zip(self.addresses, self._stubs)):
             try:
-                answers.append(
-                    stub.Describe(worker_pb2.DescribeRequest(block_size=block_size), timeout=600)
-                )
+                answers.append(stub.Describe(request, timeout=600))
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    # The rank refused the scheduler's engine fields; its reason names both.
+                    raise EngineConfigConflict(exc.details()) from None
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 raise WorkerStartError(

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitserve.common import tracing
+from splitserve.common.engine_config import EngineConfigConflict
 from splitserve.common.grpc_errors import ErrorInterceptor
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
@@ -233,7 +234,7 @@ async def run_scheduler(
         return 0
     try:
         engine = engine_task.result()
-    except WorkerStartError as exc:
+    except (WorkerStartError, EngineConfigConflict) as exc:
         # One line, no traceback: the launcher shows it as the reason the stack did not start.
         logger.error("%s", exc)
         await server.stop(grace_s)

@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from splitserve.common.engine_config import engine_fields
 from splitserve.common.generation_config import canonical_override
 from splitserve.common.generation_config import check_mode as check_generation_mode
 from splitserve.common.hf_overrides import canonical_hf_overrides
@@ -25,8 +26,19 @@ DEFAULT_IGNORE_PATTERNS = ["original/**/*"]
 
 
 @dataclass
-class WorkerConfig:
-    """What one worker (one pipeline rank) loads and how it runs."""
+class WorkerConfig(
+    engine_fields(
+        "max_model_len",
+        "max_num_batched_tokens",
+        "max_num_seqs",
+        "max_logprobs",
+        "enable_lora",
+        "max_loras",
+        "max_lora_rank",
+    )
+):
+    """What one worker (one pipeline rank) loads and how it runs; the engine fields it shares
+    with the scheduler and the gateway are declared in splitserve.common.engine_config."""
 
     model: str = ""
     """Model folder or Hugging Face hub id."""
@@ -46,8 +58,6 @@ class WorkerConfig:
     """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0
     """Seed for dummy weights and for sampling of requests without their own seed."""
-    max_model_len: int | None = None
-    """Context length; None takes max_position_embeddings from the model config."""
     kv_cache_memory: int | None = None
     """Bytes of KV cache on CPU; None means 2 GiB, capped to a share of free memory."""
     gpu_memory_utilization: float = 0.9
@@ -82,12 +92,6 @@ class WorkerConfig:
     """CUDA only: decode batch sizes to capture as vLLM's --cuda-graph-sizes: one value N means 1, 2, 4 and multiples of 8 up to N, several are used as given; None: that pattern up to max_num_seqs."""
     max_cudagraph_capture_size: int | None = None
     """CUDA only: largest decode batch size captured (vLLM's --max-cudagraph-capture-size); None means 512, 0 captures nothing."""
-    max_num_seqs: int = 256
-    """Most requests in one step."""
-    max_num_batched_tokens: int = 8192
-    """Most tokens in one step (sizes the activation-memory profile)."""
-    max_logprobs: int = 20
-    """Most top logprobs a request may ask for."""
     otlp_traces_endpoint: str | None = None
     """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
     http/protobuf); None exports nothing and installs no instrumentation."""
@@ -95,16 +99,10 @@ class WorkerConfig:
     """Comma-separated modules to trace per step (all, model, worker; vLLM's values): the
     scheduler sends trace context with steps and the workers emit a span per step. Needs
     otlp_traces_endpoint; costly, for debugging."""
-    enable_lora: bool = False
-    """Serve LoRA adapters (vLLM's --enable-lora): --lora-modules at start, and requests whose model names an adapter."""
     lora_modules: list[str] | None = None
     """Adapters to serve, each name=path or vLLM's JSON form {"name": .., "path": .., "base_model_name": ..} (peft folders: adapter_config.json + adapter_model.safetensors or .bin)."""
     lora_root: str | None = None
     """Folder every adapter path must resolve inside (symlinks followed); None allows only the --lora-modules folders."""
-    max_loras: int = 1
-    """Most distinct LoRA adapters in one batch (adapter slots on the device); requests for others wait."""
-    max_lora_rank: int = 16
-    """Largest adapter rank r accepted; larger adapters are refused."""
     max_cpu_loras: int | None = None
     """Adapters kept loaded in CPU memory (least recently used evicted); None means max_loras."""
     lora_extra_vocab_size: int = 0
@@ -128,6 +126,7 @@ class WorkerConfig:
     """Files never downloaded for a hub id nor read as weights (glob patterns relative to the model folder, vLLM's flag); None means vLLM's default, original/**/* (the unconverted checkpoint some repositories carry)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_lora_fields(self)
         if self.guided_decoding_backend not in GUIDED_DECODING_BACKENDS:
             raise ValueError(
@@ -163,19 +162,12 @@ class WorkerConfig:
                 f"{self.max_parallel_loading_workers}"
             )
         self._check_pipeline_fields()
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be non-negative, got {self.max_logprobs}")
         self._check_cuda_graph_fields()
         check_generation_mode(self.generation_config)
         # A dict (the in-process LLM's keyword) becomes compact JSON, as the flag carries it.

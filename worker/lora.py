@@ -97,13 +97,20 @@ class LoRAManager:
         self.device = device
         self.dtype = dtype
         self.roots = allowed_roots(config.lora_root, parse_lora_modules(config.lora_modules))
-        self.max_loras = config.max_loras
-        self.max_cpu = config.max_cpu_loras or config.max_loras
         self.cpu: OrderedDict[AdapterKey, _Loaded] = OrderedDict()
         self.slots: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
         self.request_adapter: dict[str, AdapterKey] = {}
         self.active: list[tuple[AdapterWeights, torch.Tensor | None]] = []
         self._targets = self._wrap()
+
+    @property
+    def max_loras(self) -> int:
+        # NOTE: read from the config, which takes the scheduler's value at Describe.
+        return self.config.max_loras
+
+    @property
+    def max_cpu(self) -> int:
+        return self.config.max_cpu_loras or self.config.max_loras
 
     # ------------------------------------------------------------------ model surgery
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from splitserve.common import engine_config
+from splitserve.common.lora import check_lora_fields
 from splitserve.protos import common_pb2, worker_pb2
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
@@ -91,6 +93,12 @@ class ModelRunner:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        self.engine_label = f"worker rank {config.rank}"
+        # NOTE: enable_lora is fixed: the LoRA layers are wrapped while the model loads.
+        self.engine = engine_config.engine_values(
+            config, self.engine_label, also_fixed=frozenset({"enable_lora"})
+        )
+        """This rank's own engine fields (its flags), before it takes any of the scheduler's."""
         self._init_model()
         self._init_sampling()
         self.kv_cache: kv.KVCache | None = None
@@ -156,10 +164,15 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ setup RPCs
 
-    def describe(self, block_size: int) -> worker_pb2.DescribeResponse:
-        """Model facts and the KV memory this rank can give, for `block_size`."""
+    def describe(
+        self, block_size: int, engine: common_pb2.EngineConfig | None = None
+    ) -> worker_pb2.DescribeResponse:
+        """Model facts and the KV memory this rank can give, for `block_size`, after taking
+        the scheduler's `engine` fields this rank left at their defaults (the memory profile
+        runs with them). Raises EngineConfigConflict on a field both fix differently."""
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        self._agree_engine(engine)
         if self.kv_cache is not None:
             available = self.kv_cache.nbytes
         elif self.device.type == "cuda":
@@ -182,7 +195,31 @@ class ModelRunner:
             model=self.config.model,
             sampling_defaults=self.loaded.sampling_defaults.to_proto(),
             runner_info=self.runner_info,
+            engine=engine_config.to_proto(
+                engine_config.engine_values(self.config, self.engine_label).all_fixed()
+            ),
         )
+
+    def _agree_engine(self, engine: common_pb2.EngineConfig | None) -> None:
+        """Take the scheduler's fixed engine fields where this rank has its defaults."""
+        own = self.engine
+        if self.kv_cache is not None:
+            # In use: the cache, the batch and the profile were sized with the current values.
+            own = engine_config.engine_values(self.config, self.engine_label).all_fixed()
+        peer = engine_config.EngineValues({}, frozenset(), {})
+        if engine is not None:
+            peer = engine_config.from_proto(engine, "scheduler")
+        agreed = engine_config.agree(peer, own)
+        limit = self.loaded.max_model_len
+        if agreed.values["max_model_len"] is not None and agreed.values["max_model_len"] > limit:
+            raise engine_config.EngineConfigConflict(
+                f"max_model_len: {agreed.sources['max_model_len']} "
+                f"{agreed.values['max_model_len']}, {own.sources['max_model_len']} {limit} "
+                "(the model's context length, or this rank's --max-model-len)"
+            )
+        engine_config.adopt(self.config, agreed)
+        check_lora_fields(self.config)  # --max-cpu-loras against a max_loras taken just now
+        self.max_model_len = self.config.max_model_len or limit
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> float:
         """Allocate the KV cache and warm up with a dummy step; returns the seconds spent."""

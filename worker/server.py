@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from splitserve.common import tracing
+from splitserve.common.engine_config import EngineConfigConflict
 from splitserve.common.grpc_errors import ErrorInterceptor
 from splitserve.protos import worker_pb2, worker_pb2_grpc
 from splitserve.worker.config import WorkerConfig
@@ -76,8 +77,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def Describe(self, request, context):
         runner = await self._runner(context)
+        engine = request.engine if request.HasField("engine") else None
         try:
-            return await self._call(runner.describe, request.block_size)
+            return await self._call(runner.describe, request.block_size, engine)
+        except EngineConfigConflict as exc:
+            # The scheduler's engine fields contradict this rank's flags: it may not start.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 

@@ -28,13 +28,16 @@ def service_configs() -> tuple[type, type, type, type]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (the string literal right after it)."""
+    """The docstring under each dataclass field (the string literal right after it). A base
+    made by `engine_fields` has no source of its own: its fields' docstrings are read where
+    they are declared (`DOCS_DECLARED_IN`)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        source = klass.__dict__.get("DOCS_DECLARED_IN", klass)
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            tree = ast.parse(textwrap.dedent(inspect.getsource(source)))
         except (OSError, TypeError):
             continue
         body = tree.body[0].body
@@ -171,12 +174,20 @@ def build_config(cls: type, args: argparse.Namespace, **overrides: Any):
     kwargs.update(
         {k: v for k, v in overrides.items() if k in {f.name for f in dataclasses.fields(cls)}}
     )
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    engine = getattr(cls, "ENGINE_FIELDS", ())
+    if engine:
+        # Engine fields given on the command line are fixed even at their default value:
+        # a peer service must then agree with them rather than lend its own.
+        config.explicit_engine_fields = frozenset(n for n in engine if n in kwargs)
+    return config
 
 
 def config_to_argv(config: Any, skip: set[str] = frozenset()) -> list[str]:
-    """Flags that rebuild `config` in a child process (only fields off their default)."""
+    """Flags that rebuild `config` in a child process (only fields off their default, and
+    engine fields given explicitly)."""
     argv: list[str] = []
+    explicit = getattr(config, "explicit_engine_fields", frozenset())
     for f in dataclasses.fields(config):
         if f.name in skip or not f.init:
             continue
@@ -190,7 +201,7 @@ def config_to_argv(config: Any, skip: set[str] = frozenset()) -> list[str]:
                 else dataclasses.MISSING
             )
         )
-        if value == default:
+        if value == default and f.name not in explicit:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind, _ = _kind(f.type)

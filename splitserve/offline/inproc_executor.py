@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from splitserve.protos import worker_pb2
+from splitserve.protos import common_pb2, worker_pb2
 
 _END = object()
 
@@ -21,8 +21,10 @@ class InprocExecutor:
         self._results: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
 
-    def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
-        return [self.runner.describe(block_size)]
+    def describe(
+        self, block_size: int, engine: common_pb2.EngineConfig
+    ) -> list[worker_pb2.DescribeResponse]:
+        return [self.runner.describe(block_size, engine)]
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         self.runner.initialize_cache(num_blocks, block_size)

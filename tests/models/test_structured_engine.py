@@ -273,8 +273,8 @@ class _TwoRanks:
         ]
         self.results: list = []
 
-    def describe(self, block_size: int):
-        return [r.describe(block_size) for r in self.ranks]
+    def describe(self, block_size: int, engine=None):
+        return [r.describe(block_size, engine) for r in self.ranks]
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         for r in self.ranks:

@@ -80,7 +80,8 @@ class FakeWorkerExecutor:
         self._defer_left: dict[str, int] = {}
         self._deferred: set[str] = set()
 
-    def describe(self, block_size: int) -> list[worker_pb2.DescribeResponse]:
+    def describe(self, block_size: int, engine=None) -> list[worker_pb2.DescribeResponse]:
+        # States no engine fields: the scheduler keeps its own.
         return [
             worker_pb2.DescribeResponse(
                 rank=rank,

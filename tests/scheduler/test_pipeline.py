@@ -68,6 +68,6 @@ def test_one_rank_keeps_placeholder_async_scheduling():
 def test_ranks_out_of_order_are_refused():
     ex = FakeWorkerExecutor(10, pipeline_parallel_size=2)
     ranks = ex.describe(4)
-    ex.describe = lambda _bs: ranks[::-1]
+    ex.describe = lambda _bs, _engine: ranks[::-1]
     with pytest.raises(ValueError, match=r"ranks 0..1 .*\(1, 2\), \(0, 2\)"):
         EngineCore(SchedulerConfig(block_size=4), ex)

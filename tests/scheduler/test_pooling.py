@@ -102,8 +102,8 @@ def test_ranks_with_different_runners_are_refused():
     from .fake_worker import FakeWorkerExecutor
 
     class Mixed(FakeWorkerExecutor):
-        def describe(self, block_size):
-            ranks = super().describe(block_size)
+        def describe(self, block_size, engine=None):
+            ranks = super().describe(block_size, engine)
             ranks[-1].runner_info.runner = "pooling"
             return ranks
 
