@@ -4,11 +4,13 @@ A disconnect must abort the request downstream and free what it held: while a re
 prepared, the work races a task that waits for `http.disconnect`; once streaming, Starlette
 cancels the body when the client goes, and `SSEResponse` always runs its close callback.
 
-A stream sends one body message per token. Every middleware here (ours, CORS, Starlette's
-error and exception layers) looks at the start message only, so `DirectBodyMiddleware`, the
-outermost, leaves the server's own `send` in the scope and `SSEResponse` sends the body chunks
-there: the start and the final message still go down the whole chain (status, headers, CORS,
-metrics, drain's end-of-response), the chunks skip its eight send wrappers.
+A stream sends one body message per token. Every middleware under `DirectBodyMiddleware`
+(ours, CORS, Starlette's exception layers, the route's) looks at the start message only, so
+that one, the outermost user middleware, leaves the `send` it was given in the scope and
+`SSEResponse` sends the body chunks there: the start and the final message still go through
+the whole chain (status, headers, CORS, metrics, drain's end-of-response), the chunks skip its
+six or seven send wrappers (only Starlette's error middleware and, with tracing, the
+OpenTelemetry one stay outside it).
 """
 
 from __future__ import annotations
