@@ -18,7 +18,7 @@ The client shares the machine's cores with the stack, so it is kept lean (`LeanC
 asyncio streams speaking HTTP/1.1 with keep-alive and chunked transfer encoding; every SSE event
 split out and counted, only the finish and usage events decoded). Each stack response must end
 with `[DONE]`, one finish reason `length`, and a usage chunk saying `--tokens`. `--client httpx`
-measures with async httpx instead (what this script used before; ~3x the client's CPU).
+measures with async httpx instead (what this script used before; 4-6x the client's CPU).
 """
 
 from __future__ import annotations
@@ -413,14 +413,18 @@ class Engine:
         from splitserve.config_cli import _parse_int
 
         self.llm = LLM(str(path), kv_cache_memory=_parse_int(kv_bytes))
+        self.cpu = 0.0
+        """CPU seconds this process (all its threads) spent in run()s so far."""
 
     def run(self, prompts: list[list[int]], tokens: int) -> float:
         from splitserve import SamplingParams
 
         sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=True)
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         res = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         secs = time.perf_counter() - t0
+        self.cpu += time.process_time() - cpu0
         bad = [len(r.outputs[0].token_ids) for r in res if len(r.outputs[0].token_ids) != tokens]
         if bad:
             raise AssertionError(f"{len(bad)} engine outputs without {tokens} tokens: {bad[:5]}")
@@ -494,6 +498,14 @@ def main() -> None:
         print(
             f"CPU seconds per stack round: {parts}; all {total / args.rounds:.1f} "
             f"in {secs / args.rounds:.1f} s of wall time"
+        )
+        # NOTE: CPU seconds depend far less than tok/s on what else runs on the machine:
+        # under load this ratio is the steadier measure of what the split costs.
+        served = total - stack.cpu.get("client", 0.0)
+        print(
+            f"CPU seconds per round: in-process engine {engine.cpu / args.rounds:.1f}, stack "
+            f"without the client {served / args.rounds:.1f}; engine/stack "
+            f"{engine.cpu / served:.3f}"
         )
     print(
         f"TTFT at concurrency 1: stack {ttft_a * 1e3:.1f} ms, in-process {ttft_b * 1e3:.1f} ms, "
