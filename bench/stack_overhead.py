@@ -5,8 +5,8 @@
 
 A tiny model (2 layers, hidden 64) keeps the model's compute negligible, so what is left is
 the per-token cost of everything around it. (a) `splitserve serve` as a subprocess, driven
-by `--streams` concurrent streaming /v1/completions requests (async httpx, `ignore_eos`,
-`--tokens` each, prompts given as token ids); (b) `splitserve.LLM` in this process on the
+by `--streams` concurrent streaming /v1/completions requests (`ignore_eos`, `--tokens` each,
+prompts given as token ids); (b) `splitserve.LLM` in this process on the
 same prompts. The two alternate, `--rounds` times each, after a warm-up of both; every
 response must report exactly `--tokens` completion tokens (the stack's from its usage chunk,
 the engine's from its token ids). Then time-to-first-token at concurrency 1 (median of
@@ -14,14 +14,18 @@ the engine's from its token ids). Then time-to-first-token at concurrency 1 (med
 Prints tok/s of each round, the medians, their ratio a/b and the TTFT difference, and the CPU
 seconds each process of the stack (and this client) spent in the stack rounds (Linux /proc).
 
-The client is kept light (raw SSE bytes, the usage chunk parsed once) because it shares the
-machine's cores with the stack.
+The client shares the machine's cores with the stack, so it is kept lean (`LeanClient`: raw
+asyncio streams speaking HTTP/1.1 with keep-alive and chunked transfer encoding; every SSE event
+split out and counted, only the finish and usage events decoded). Each stack response must end
+with `[DONE]`, one finish reason `length`, and a usage chunk saying `--tokens`. `--client httpx`
+measures with async httpx instead (what this script used before; 4-6x the client's CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -54,9 +58,207 @@ def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
 
 
+# ---------------------------------------------------------------- the benchmark's HTTP client
+class HTTPStatusError(RuntimeError):
+    """A response other than 200 (its status and the start of its body)."""
+
+
+class StreamResult:
+    """What the lean client keeps of one streamed completion."""
+
+    __slots__ = ("status", "first_token_s", "text_events", "finish_reasons", "usage", "done")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.first_token_s = float("nan")
+        """Seconds from sending the request to the first event with a `"text"` field."""
+        self.text_events = 0
+        """Events that carry a choice (`"text"`): at most one per token of a 1-choice request."""
+        self.finish_reasons: list[str] = []
+        self.usage: dict | None = None
+        """The usage object of the stream's last JSON event (`stream_options.include_usage`)."""
+        self.done = False
+        """The stream ended with `data: [DONE]`."""
+
+
+class _ChunkedBody:
+    """Undoes HTTP/1.1 chunked transfer encoding incrementally; `feed` returns body bytes."""
+
+    __slots__ = ("buf", "need", "finished")
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.need = -1  # bytes of chunk data still to come (+2 for its CRLF); -1: a size line
+        self.finished = False
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self.buf + data if self.buf else data
+        out = []
+        pos = 0
+        n = len(buf)
+        while not self.finished:
+            if self.need == -2:
+                if buf.startswith(b"\r\n", pos):  # no trailer fields
+                    pos += 2
+                    self.finished = True
+                    continue
+                end = buf.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    break
+                pos = end + 4
+                self.finished = True
+            elif self.need == -1:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                size = int(buf[pos:eol].split(b";", 1)[0], 16)
+                pos = eol + 2
+                if size == 0:
+                    self.need = -2  # the trailer section: header lines, then an empty line
+                    continue
+                self.need = size
+            else:
+                if n - pos < self.need + 2:
+                    if n - pos > self.need:  # all of the data, part of the CRLF
+                        break
+                    out.append(buf[pos:])
+                    self.need -= n - pos
+                    pos = n
+                    break
+                end = pos + self.need
+                if buf[end : end + 2] != b"\r\n":
+                    raise ValueError(f"chunk data not followed by CRLF: {buf[end : end + 8]!r}")
+                out.append(buf[pos:end])
+                pos = end + 2
+                self.need = -1
+        self.buf = buf[pos:]
+        return b"".join(out)
+
+
+class LeanClient:
+    """Streaming POSTs over HTTP/1.1 keep-alive connections with raw asyncio streams.
+
+    It exists so that the benchmark's own client costs little of the CPU it shares with the
+    stack: no HTTP library, and of the SSE stream it parses only what it checks. Every event
+    is split out and counted; only events with `"usage"` or a non-null `"finish_reason"` are
+    decoded as JSON."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._head = (
+            f"POST {{path}} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            "Content-Length: {length}\r\n\r\n"
+        )
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for _, writer in idle:
+            writer.close()
+        for _, writer in idle:
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass  # the peer was gone already: closed either way
+
+    async def stream(self, path: str, body: bytes) -> StreamResult:
+        if self._idle:
+            reader, writer = self._idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        head = self._head.format(path=path, length=len(body)).encode()
+        t0 = time.perf_counter()
+        writer.write(head + body)
+        try:
+            result, keep = await self._read_response(reader, t0)
+        except BaseException:
+            writer.close()
+            raise
+        if keep:
+            self._idle.append((reader, writer))
+        else:
+            writer.close()
+        return result
+
+    async def _read_response(self, reader: asyncio.StreamReader, t0: float):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        version, status, *_ = lines[0].split(" ", 2)
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                key, _, value = line.partition(":")
+                headers[key.strip().lower()] = value.strip()
+        result = StreamResult()
+        result.status = int(status)
+        keep = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            dechunk = _ChunkedBody()
+            parts = []
+            seen_text = False
+            recent = b""
+            while not dechunk.finished:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("the connection closed inside a chunked body")
+                body = dechunk.feed(data)
+                if body:
+                    if not seen_text:  # `"text"` may be cut between two reads
+                        recent = recent[-5:] + body
+                        seen_text = b'"text"' in recent
+                        if seen_text:
+                            result.first_token_s = time.perf_counter() - t0
+                    parts.append(body)
+            if dechunk.buf:
+                raise ValueError(f"bytes after the chunked body: {dechunk.buf[:64]!r}")
+            body = b"".join(parts)
+        elif "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        else:
+            body = await reader.read()
+            keep = False
+        if result.status != 200:
+            raise HTTPStatusError(f"HTTP {result.status}: {body[:300]!r}")
+        _parse_sse(body, result)
+        return result, keep
+
+
+def _parse_sse(body: bytes, result: StreamResult) -> None:
+    """Count the events of a complete SSE body and decode the few the checks need."""
+    events = body.split(b"\n\n")
+    if events[-1]:
+        raise ValueError(f"the stream does not end with an empty line: {events[-1][-100:]!r}")
+    events.pop()
+    for event in events:
+        if not event.startswith(b"data: "):
+            raise ValueError(f"not a data event: {event[:100]!r}")
+        if event == b"data: [DONE]":
+            result.done = True
+            continue
+        if result.done:
+            raise ValueError("an event after [DONE]")
+        if b'"text"' in event:
+            result.text_events += 1
+        if b'"usage":{' in event or b'"finish_reason":"' in event or b'"error"' in event:
+            payload = json.loads(event[6:])
+            if "error" in payload:
+                raise RuntimeError(f"error event in the stream: {payload['error']}")
+            for choice in payload.get("choices", ()):
+                if choice.get("finish_reason"):
+                    result.finish_reasons.append(choice["finish_reason"])
+            if payload.get("usage"):
+                result.usage = payload["usage"]
+
+
 # ---------------------------------------------------------------- (a) the full stack
 class Stack:
-    def __init__(self, path: pathlib.Path, kv_bytes: str, extra: list[str]) -> None:
+    def __init__(
+        self, path: pathlib.Path, kv_bytes: str, extra: list[str], client_kind: str = "lean"
+    ) -> None:
+        self.client_kind = client_kind
+        """"lean" (LeanClient) or "httpx" (async httpx, the client this script used before)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.model = str(path)
@@ -101,6 +303,19 @@ class Stack:
 
     async def _one(self, client, prompt: list[int], tokens: int) -> tuple[int, float]:
         """(completion tokens from the usage chunk, seconds to the first token's chunk)."""
+        if self.client_kind == "httpx":
+            return await self._one_httpx(client, prompt, tokens)
+        res = await client.stream("/v1/completions", json.dumps(self.body(prompt, tokens)).encode())
+        if not res.done or res.usage is None:
+            raise RuntimeError(f"a stream without [DONE] or usage (done {res.done})")
+        if res.finish_reasons != ["length"] or not 0 < res.text_events <= tokens:
+            raise RuntimeError(
+                f"finish reasons {res.finish_reasons}, {res.text_events} text events "
+                f"for {tokens} tokens"
+            )
+        return res.usage["completion_tokens"], res.first_token_s
+
+    async def _one_httpx(self, client, prompt: list[int], tokens: int) -> tuple[int, float]:
         t0 = time.perf_counter()
         first = None
         tail = b""
@@ -117,6 +332,23 @@ class Stack:
         if not usage:
             raise RuntimeError(f"no usage chunk in the stream's tail: {tail[-300:]!r}")
         return usage["completion_tokens"], first if first is not None else float("nan")
+
+    @contextlib.asynccontextmanager
+    async def _client(self, connections: int):
+        if self.client_kind == "httpx":
+            import httpx
+
+            limits = httpx.Limits(
+                max_connections=connections, max_keepalive_connections=connections
+            )
+            async with httpx.AsyncClient(base_url=self.url, timeout=3600, limits=limits) as c:
+                yield c
+            return
+        client = LeanClient("127.0.0.1", self.port)
+        try:
+            yield client
+        finally:
+            await client.close()
 
     def _cpu_now(self) -> dict[str, float]:
         tick = os.sysconf("SC_CLK_TCK")
@@ -137,10 +369,9 @@ class Stack:
         return rate
 
     async def run(self, prompts: list[list[int]], tokens: int) -> float:
-        import httpx
-
-        limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
-        async with httpx.AsyncClient(base_url=self.url, timeout=3600, limits=limits) as c:
+        # NOTE: the client lives for one round, so each round opens its connections anew
+        # (as the httpx client did); within the round each request has its own.
+        async with self._client(len(prompts)) as c:
             t0 = time.perf_counter()
             res = await asyncio.gather(*(self._one(c, p, tokens) for p in prompts))
             secs = time.perf_counter() - t0
@@ -150,9 +381,7 @@ class Stack:
         return len(prompts) * tokens / secs
 
     async def ttft(self, prompt: list[int], samples: int) -> float:
-        import httpx
-
-        async with httpx.AsyncClient(base_url=self.url, timeout=600) as c:
+        async with self._client(1) as c:
             times = [(await self._one(c, prompt, 1))[1] for _ in range(samples)]
         return statistics.median(times)
 
@@ -184,14 +413,18 @@ class Engine:
         from splitserve.entrypoints.config_cli import _parse_int
 
         self.llm = LLM(str(path), kv_cache_memory=_parse_int(kv_bytes))
+        self.cpu = 0.0
+        """CPU seconds this process (all its threads) spent in run()s so far."""
 
     def run(self, prompts: list[list[int]], tokens: int) -> float:
         from splitserve import SamplingParams
 
         sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=True)
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         res = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         secs = time.perf_counter() - t0
+        self.cpu += time.process_time() - cpu0
         bad = [len(r.outputs[0].token_ids) for r in res if len(r.outputs[0].token_ids) != tokens]
         if bad:
             raise AssertionError(f"{len(bad)} engine outputs without {tokens} tokens: {bad[:5]}")
@@ -218,6 +451,12 @@ def main() -> None:
     ap.add_argument("--ttft-samples", type=int, default=20)
     ap.add_argument("--kv-cache-memory", default="512MiB")
     ap.add_argument(
+        "--client",
+        choices=("lean", "httpx"),
+        default="lean",
+        help="the benchmark's HTTP client: raw asyncio streams (lean) or async httpx",
+    )
+    ap.add_argument(
         "--serve-arg", action="append", default=[], help="extra `splitserve serve` flag"
     )
     args = ap.parse_args()
@@ -228,7 +467,7 @@ def main() -> None:
         f"{args.prompt_len} tokens; {os.cpu_count()} CPUs; {args.rounds} rounds each",
         flush=True,
     )
-    stack = Stack(path, args.kv_cache_memory, args.serve_arg)
+    stack = Stack(path, args.kv_cache_memory, args.serve_arg, args.client)
     try:
         engine = Engine(path, args.kv_cache_memory)
         stack.wait_ready()
@@ -259,6 +498,14 @@ def main() -> None:
         print(
             f"CPU seconds per stack round: {parts}; all {total / args.rounds:.1f} "
             f"in {secs / args.rounds:.1f} s of wall time"
+        )
+        # NOTE: CPU seconds depend far less than tok/s on what else runs on the machine:
+        # under load this ratio is the steadier measure of what the split costs.
+        served = total - stack.cpu.get("client", 0.0)
+        print(
+            f"CPU seconds per round: in-process engine {engine.cpu / args.rounds:.1f}, stack "
+            f"without the client {served / args.rounds:.1f}; engine/stack "
+            f"{engine.cpu / served:.3f}"
         )
     print(
         f"TTFT at concurrency 1: stack {ttft_a * 1e3:.1f} ms, in-process {ttft_b * 1e3:.1f} ms, "

@@ -58,7 +58,7 @@ from splitserve.gateway.serving_embeddings import (
     EmbeddingResponse,
     EmbeddingsService,
 )
-from splitserve.gateway.streaming import SSEResponse
+from splitserve.gateway.streaming import DirectBodyMiddleware, SSEResponse
 from splitserve.protos import tokenizer_pb2
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,8 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     app.state.metrics = metrics
     _add_exception_handlers(app, config)
     _add_routes(app, config, clients, metrics, state)
-    # Added last = outermost: CORS, metrics, drain, body limit, API key, routes.
+    # Added last = outermost: direct body send (streaming.py), CORS, request id, metrics,
+    # drain, body limit, API key, routes.
     api_key = config.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("VLLM_API_KEY")
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
@@ -176,6 +177,7 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
         allow_methods=config.allowed_methods,
         allow_headers=config.allowed_headers,
     )
+    app.add_middleware(DirectBodyMiddleware)
     tracing.instrument_fastapi(app)
     return app
 

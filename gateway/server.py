@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any
 
 import uvicorn
 
@@ -83,10 +85,86 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+"""The most bytes of a request head (request line and headers) the gateway reads: h11's
+default bound, which the httptools protocol gets from `_bounded_httptools`."""
+
+
+def http_protocol() -> str | type[asyncio.Protocol]:
+    """uvicorn's HTTP/1.1 implementation: httptools (C, as vLLM serves) with h11's bound on
+    the request head when httptools is installed, else h11 (pure Python, several times the
+    CPU per streamed chunk)."""
+    if importlib.util.find_spec("httptools") is None:
+        return "h11"
+    return _bounded_httptools()
+
+
+_HEAD_TOO_LARGE = b"Request header fields too large"
+
+
+def _bounded_httptools() -> type[asyncio.Protocol]:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol, refusing (431, connection closed) a request head
+        still incomplete after MAX_REQUEST_HEAD_BYTES: httptools alone buffers a head of
+        any size, where h11 stops at its bound."""
+
+        _in_head = True
+        _head_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():
+                # NOTE: counts whole reads, so a read that also holds the end of the previous
+                # request's body counts too: at most one read too many.
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_REQUEST_HEAD_BYTES:
+                    self._refuse_head()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head = True
+            self._head_bytes = 0
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def _refuse_head(self) -> None:
+            logger.warning("request head over %d bytes: refused", MAX_REQUEST_HEAD_BYTES)
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (len(_HEAD_TOO_LARGE), _HEAD_TOO_LARGE)
+            )
+            self.transport.close()
+
+    return BoundedHttpToolsProtocol
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when installed (as vLLM's server runs), else None (asyncio's)."""
+    if importlib.util.find_spec("uvloop") is None:
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
+def run_until_complete(main: Coroutine[Any, Any, Any]) -> Any:
+    """`asyncio.run(main)`, on the event loop `event_loop_factory` picks."""
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(main)
+
+
 def uvicorn_config(app, config: GatewayConfig) -> uvicorn.Config:
-    """uvicorn's settings for `app`: address, logging, TLS and the drain timeout."""
+    """uvicorn's settings for `app`: address, logging, TLS, the drain timeout and the HTTP
+    implementation. (The event loop is the caller's: `run_until_complete` picks it.)"""
     return uvicorn.Config(
         app,
+        http=http_protocol(),
         host=config.host,
         port=config.port,
         root_path=config.root_path,

@@ -33,7 +33,7 @@ from splitserve.gateway.sampling import (
     stop_strings,
 )
 from splitserve.gateway.serving_base import ServingBase
-from splitserve.gateway.streaming import sse
+from splitserve.gateway.streaming import TextChunkTemplate, sse
 from splitserve.gateway.structured import Constraint, resolve_constraint
 from splitserve.gateway.vllm_extras import refuse_unsupported
 from splitserve.protos import common_pb2, tokenizer_pb2
@@ -192,6 +192,14 @@ class _CompletionView:
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
         self.continuous_usage = bool(opts and opts.include_usage and opts.continuous_usage_stats)
+        self.plain_chunk = (
+            None
+            if self.return_token_ids or self.continuous_usage
+            else TextChunkTemplate(
+                self.id, "text_completion", self.created, model, self.include_usage
+            )
+        )
+        """The chunk renderer for what most streams send: text only, no logprobs."""
         count = len(prompts) * n
         self.started = [False] * count
         self.num_tokens = [0] * count
@@ -261,6 +269,8 @@ class _CompletionView:
             and not (self.return_token_ids and (first or delta.token_ids))
         ):
             return ()
+        if logprobs is None and self.plain_chunk is not None:
+            return (self.plain_chunk.render(index, text, delta.finish_reason, delta.stop_reason),)
         chunk: dict[str, Any] = {
             "id": self.id,
             "object": "text_completion",

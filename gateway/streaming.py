@@ -3,6 +3,14 @@
 A disconnect must abort the request downstream and free what it held: while a response is being
 prepared, the work races a task that waits for `http.disconnect`; once streaming, Starlette
 cancels the body when the client goes, and `SSEResponse` always runs its close callback.
+
+A stream sends one body message per token. Every middleware under `DirectBodyMiddleware`
+(ours, CORS, Starlette's exception layers, the route's) looks at the start message only, so
+that one, the outermost user middleware, leaves the `send` it was given in the scope and
+`SSEResponse` sends the body chunks there: the start and the final message still go through
+the whole chain (status, headers, CORS, metrics, drain's end-of-response), the chunks skip its
+six or seven send wrappers (only Starlette's error middleware and, with tracing, the
+OpenTelemetry one stay outside it).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitserve.gateway.errors import ClientDisconnected
 
@@ -22,10 +30,52 @@ T = TypeVar("T")
 
 DONE = "data: [DONE]\n\n"
 
+DIRECT_SEND = "splitserve.direct_send"
+"""Scope key: the `send` the outermost middleware was given (see `DirectBodyMiddleware`)."""
+
 
 def sse(payload: dict[str, Any]) -> str:
     """One SSE event. ASCII-escaped JSON: valid whatever the model emits."""
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps does to a str
+
+
+def _json_scalar(value: str | int | None) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return _json_str(value)
+    return json.dumps(value)
+
+
+class TextChunkTemplate:
+    """`sse()` of a streamed completion chunk whose one choice has text, finish and stop
+    reasons and nothing else (no logprobs, token ids or running usage), without building
+    and encoding the dict per token: the same bytes, the constant parts rendered once.
+
+    The chunk is {"id", "object", "created", "model", "choices": [{"index", "text",
+    "logprobs": null, "finish_reason", "stop_reason"}]} and, with `usage_null`, "usage": null.
+    """
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, id: str, object: str, created: int, model: str, usage_null: bool):
+        self._head = (
+            f'data: {{"id":{_json_str(id)},"object":{_json_str(object)},"created":{created},'
+            f'"model":{_json_str(model)},"choices":[{{"index":'
+        )
+        self._tail = ',"usage":null}\n\n' if usage_null else "}\n\n"
+
+    def render(
+        self, index: int, text: str, finish_reason: str | None, stop_reason: str | int | None
+    ) -> str:
+        return (
+            f'{self._head}{index},"text":{_json_str(text)},"logprobs":null,'
+            f'"finish_reason":{_json_scalar(finish_reason)},'
+            f'"stop_reason":{_json_scalar(stop_reason)}}}]{self._tail}'
+        )
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -53,9 +103,26 @@ async def run_until_disconnect(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected()
 
 
+class DirectBodyMiddleware:
+    """Outermost: puts the `send` it was given in the scope under `DIRECT_SEND`.
+
+    NOTE: only for middlewares that never change or count response body messages; a new one
+    that does (compression, say) must go outside this one (tests/gateway/test_streaming.py
+    lists the allowed ones)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[DIRECT_SEND] = send
+        await self.app(scope, receive, send)
+
+
 class SSEResponse(StreamingResponse):
     """A text/event-stream response that always runs `on_close` (completion, error or
-    disconnect), so the request's gRPC calls are cancelled whatever ends the stream."""
+    disconnect), so the request's gRPC calls are cancelled whatever ends the stream. Its
+    body chunks go to the scope's `DIRECT_SEND` when there is one."""
 
     def __init__(self, body: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
         super().__init__(
@@ -64,8 +131,19 @@ class SSEResponse(StreamingResponse):
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._on_close = on_close
+        self._direct_send: Send | None = None
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        direct = self._direct_send or send
+        async for chunk in self.body_iterator:
+            await direct({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._direct_send = scope.get(DIRECT_SEND)
         try:
             await super().__call__(scope, receive, send)
         finally:

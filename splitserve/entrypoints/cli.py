@@ -187,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(args)
         if args.command == "gateway":
-            from splitserve.gateway.server import run_gateway
+            from splitserve.gateway.server import run_gateway, run_until_complete
 
             config = build_config(gateway_cfg, args)
             setup_tracing("splitserve-gateway", config.otlp_traces_endpoint)
-            asyncio.run(run_gateway(config))
+            run_until_complete(run_gateway(config))
             return 0
         if args.command == "scheduler":
             from splitserve.scheduler.server import run_scheduler

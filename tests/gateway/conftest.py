@@ -16,6 +16,7 @@ import uvicorn
 
 from splitserve.gateway.app import build_app
 from splitserve.gateway.config import GatewayConfig
+from splitserve.gateway.server import http_protocol
 
 from .fakes import FakeServices, start_fakes
 
@@ -90,7 +91,13 @@ def start_gateway(loop_thread: LoopThread, fakes: FakeServices, **overrides) -> 
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(app, lifespan="on", log_level="warning", timeout_graceful_shutdown=2)
+        uvicorn.Config(
+            app,
+            lifespan="on",
+            log_level="warning",
+            timeout_graceful_shutdown=2,
+            http=http_protocol(),  # as run_gateway serves
+        )
     )
     server.capture_signals = _no_signals  # not the main thread
 
