@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.entrypoints.launcher import free_port
-from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
+from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler
 
@@ -109,9 +109,13 @@ def test_cancel_mid_stream_frees_blocks(stub):
 
 
 def test_abort_rpc_ends_stream(stub):
-    call = stub.Generate(gen_request("a1", [5, 6, 7], 400))
+    call = stub.Generate(gen_request("a1", [5, 6, 7], 400), timeout=30)
     next(call)
     assert stub.Abort(scheduler_pb2.AbortRequest(request_id="a1")).aborted
+    # The Generate call ends (its last message says ABORT) instead of waiting forever.
+    last = list(call)[-1]
+    assert last.finish_reason == common_pb2.FinishReason.FINISH_REASON_ABORT
+    assert call.code() == grpc.StatusCode.OK
     wait_for(lambda: stats(stub).num_free_blocks == NUM_BLOCKS, what="blocks freed")
     assert not stub.Abort(scheduler_pb2.AbortRequest(request_id="nope")).aborted
 
