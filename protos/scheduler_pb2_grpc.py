@@ -72,8 +72,8 @@ class SchedulerServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Queue a request; the stream yields a message for every step that gives it new tokens,
-        and the last one carries finish_reason. Cancelling the call aborts the request and frees
+        """Queue a request; the stream yields a message for every step that gives it new output
+        (usually one token), and the last one carries finish_reason. Cancelling the call aborts the request and frees
         everything it held. A request refused before queueing ends the call with
         INVALID_ARGUMENT (the message names the problem), ALREADY_EXISTS (its id is running),
         RESOURCE_EXHAUSTED (the waiting queue is full) or UNAVAILABLE (starting, or the engine
