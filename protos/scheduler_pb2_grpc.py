@@ -72,15 +72,20 @@ class SchedulerServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Queue a request; the stream yields new tokens every step until it finishes.
-        Cancelling the call aborts the request and frees everything it held.
+        """Queue a request; the stream yields a message for every step that gives it new output
+        (usually one token), and the last one carries finish_reason. Cancelling the call aborts the request and frees
+        everything it held. A request refused before queueing ends the call with
+        INVALID_ARGUMENT (the message names the problem), ALREADY_EXISTS (its id is running),
+        RESOURCE_EXHAUSTED (the waiting queue is full) or UNAVAILABLE (starting, or the engine
+        died); one that fails later ends it with its error's status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Abort a request by id (same effect as cancelling its Generate call).
+        """Abort a request by id and free what it held; a Generate call streaming it ends with a
+        last message whose finish_reason is ABORT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

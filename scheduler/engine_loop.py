@@ -113,10 +113,21 @@ class EngineLoop:
         return None if stream is not None else sink.queue
 
     def abort(self, request_id: str) -> bool:
-        """Abort a request this loop is streaming; False when it is not known."""
-        if self._streams.pop(request_id, None) is None:
+        """Abort a request this loop is streaming; False when it is not known. A Generate
+        call still reading (aborted through the Abort RPC) gets a last output, finish reason
+        ABORT, so that its stream ends instead of waiting for outputs that never come."""
+        sink = self._streams.pop(request_id, None)
+        if sink is None:
             return False
         self._inbox.put(("abort", request_id))
+        if isinstance(sink, _RequestQueue):
+            sink.deliver(
+                [
+                    RequestOutput(
+                        request_id, finish_reason=common_pb2.FinishReason.FINISH_REASON_ABORT
+                    )
+                ]
+            )
         return True
 
     def open_stream(self, stream_id: str) -> OutputStream:

@@ -1,5 +1,6 @@
 """The scheduler's gRPC service: Generate streams, batched output streams (StreamOutputs +
-Submit), Abort, stats, model info, health.
+Submit), Abort, stats, model info; the standard health service and server reflection, so that
+a client calling Generate directly (grpcurl, a stub of its own) can discover the API.
 
 The scheduler talks to no tokenizer service: a structured-output constraint arrives compiled
 (the gateway's Prepare call) or as a spec (a direct Generate caller), and either way goes to the
@@ -13,6 +14,7 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from splitserve.common import tracing
 from splitserve.common.engine_config import EngineConfigConflict
@@ -203,6 +205,9 @@ async def run_scheduler(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     server.add_insecure_port(address)
     await server.start()
     logger.info(

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.entrypoints.launcher import free_port
-from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
+from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler
 
@@ -109,9 +109,13 @@ def test_cancel_mid_stream_frees_blocks(stub):
 
 
 def test_abort_rpc_ends_stream(stub):
-    call = stub.Generate(gen_request("a1", [5, 6, 7], 400))
+    call = stub.Generate(gen_request("a1", [5, 6, 7], 400), timeout=30)
     next(call)
     assert stub.Abort(scheduler_pb2.AbortRequest(request_id="a1")).aborted
+    # The Generate call ends (its last message says ABORT) instead of waiting forever.
+    last = list(call)[-1]
+    assert last.finish_reason == common_pb2.FinishReason.FINISH_REASON_ABORT
+    assert call.code() == grpc.StatusCode.OK
     wait_for(lambda: stats(stub).num_free_blocks == NUM_BLOCKS, what="blocks freed")
     assert not stub.Abort(scheduler_pb2.AbortRequest(request_id="nope")).aborted
 
@@ -125,3 +129,26 @@ def test_bad_requests_get_invalid_argument(stub):
         list(stub.Generate(gen_request("b2", [5, 5000], 1)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stats(stub).num_free_blocks == NUM_BLOCKS
+
+
+def test_reflection_describes_the_public_api(scheduler_addr):
+    """A client with no stubs (grpcurl) discovers Generate through server reflection."""
+    from google.protobuf import descriptor_pool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(scheduler_addr) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        services = set(db.get_services())
+        assert {"splitserve.scheduler.v1.SchedulerService", "grpc.health.v1.Health"} <= services
+        pool = descriptor_pool.DescriptorPool(db)
+        generate = pool.FindServiceByName(
+            "splitserve.scheduler.v1.SchedulerService"
+        ).FindMethodByName("Generate")
+        assert generate.server_streaming and not generate.client_streaming
+        assert generate.input_type.full_name == "splitserve.scheduler.v1.GenerateRequest"
+        # The sampling parameters come from common.proto, served as a dependency.
+        sp = generate.input_type.fields_by_name["sampling_params"].message_type
+        assert sp.full_name == "splitserve.common.v1.SamplingParams"
+        assert "max_tokens" in sp.fields_by_name
