@@ -329,6 +329,13 @@ class GatewayMetrics:
             buckets=REQUEST_LATENCY_BUCKETS,
             registry=reg,
         )
+        self._request_tpot = Histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            m,
+            buckets=ITL_BUCKETS,
+            registry=reg,
+        )
         self._params_n = Histogram(
             "vllm:request_params_n",
             "Histogram of the n request parameter.",
@@ -397,6 +404,7 @@ class GatewayMetrics:
             self._inference_time,
             self._prefill_time,
             self._decode_time,
+            self._request_tpot,
             self._params_n,
             *self._token_histograms,
         ):
@@ -412,6 +420,7 @@ class GatewayMetrics:
         self.inference_time = self._inference_time.labels(model_name)
         self.prefill_time = self._prefill_time.labels(model_name)
         self.decode_time = self._decode_time.labels(model_name)
+        self.request_tpot = self._request_tpot.labels(model_name)
         self.params_n = self._params_n.labels(model_name)
         self.request_prompt_tokens = self._request_prompt_tokens.labels(model_name)
         self.request_generation_tokens = self._request_generation_tokens.labels(model_name)

@@ -148,6 +148,9 @@ class RequestObserver:
                 m.prefill_time.observe(spec.prefill_time_s)
                 m.decode_time.observe(spec.decode_time_s)
                 m.inference_time.observe(spec.prefill_time_s + spec.decode_time_s)
+                # vLLM: the mean gap after the first token; 0 with a single token.
+                gaps = num_tokens - 1
+                m.request_tpot.observe(spec.decode_time_s / gaps if gaps > 0 else 0.0)
             # Sequence ids are `<request id>-<prompt index>-<i>` (gateway/sampling.py).
             groups.setdefault(spec.request_id.rsplit("-", 1)[0], []).append(num_tokens)
         for counts in groups.values():

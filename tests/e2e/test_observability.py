@@ -487,6 +487,10 @@ def test_vllm_request_histograms_move_by_exact_amounts(server):
     assert times["decode"] > 0  # four more tokens came after the first
     assert abs(times["inference"] - (times["prefill"] + times["decode"])) < 1e-6
     assert times["prefill"] <= times["inference"] and times["decode"] <= times["inference"]
+    # Per sequence: its decode time over the 4 gaps after its first token.
+    assert delta(f"vllm:request_time_per_output_token_seconds_count{m}") == 2
+    tpot = delta(f"vllm:request_time_per_output_token_seconds_sum{m}")
+    assert abs(tpot - times["decode"] / 4) < 1e-6
     e2e = delta(f"vllm:e2e_request_latency_seconds_sum{m}")
     assert delta(f"vllm:e2e_request_latency_seconds_count{m}") == 1
     assert times["queue"] + times["inference"] <= 2 * e2e

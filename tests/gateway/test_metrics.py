@@ -163,6 +163,9 @@ def test_sequences_recorded_per_vllm_request():
     assert hist("vllm:request_prefill_time_seconds") == (2, 0.75)
     assert hist("vllm:request_decode_time_seconds") == (2, 3.0)
     assert hist("vllm:request_inference_time_seconds") == (2, 3.75)
+    # Decode time over the gaps after the first token: 1.0 / 3 and 2.0 / 4.
+    count, total = hist("vllm:request_time_per_output_token_seconds")
+    assert count == 2 and abs(total - (1.0 / 3 + 2.0 / 4)) < 1e-9
     # Recorded once: a second finish adds nothing.
     obs.finish(0, 0, [])
     assert families(m)["vllm:request_params_n"].samples == fams["vllm:request_params_n"].samples
