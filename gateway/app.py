@@ -134,7 +134,9 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
         info = clients.model_info
         if info is not None:
             config.agree_with_engine(info.engine)
-        metrics.set_model_name(config.model_names(info.model if info else "")[0])
+        metrics.set_model_name(
+            config.model_names(info.model if info else "")[0], info.max_model_len if info else None
+        )
         yield
         if owned:
             await clients.close()

@@ -79,7 +79,11 @@ class SequenceSpec:
     lora_int_id: int = 0
     """The adapter's load number (a reload gets a new one)."""
     queue_time_s: float | None = None
-    """Filled in by run_sequence: the scheduler's queue time, from its first message."""
+    """Filled in by note_timings: the scheduler's queue time, from its first message."""
+    prefill_time_s: float | None = None
+    """Filled in by note_timings: first scheduled to first token, from the last message."""
+    decode_time_s: float | None = None
+    """Filled in by note_timings: first token to last token, from the last message."""
     mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
     """The prompt's processed images (chat requests with image_url parts)."""
 
@@ -97,6 +101,15 @@ class SequenceSpec:
             lora_int_id=self.lora_int_id,
             mm_inputs=self.mm_inputs,
         )
+
+
+def note_timings(spec: SequenceSpec, resp: scheduler_pb2.GenerateResponse) -> None:
+    """Keep the scheduler's phase times of the sequence that `resp` carries, for metrics."""
+    if spec.queue_time_s is None and resp.HasField("queue_time_s"):
+        spec.queue_time_s = resp.queue_time_s
+    if resp.HasField("prefill_time_s"):
+        spec.prefill_time_s = resp.prefill_time_s
+        spec.decode_time_s = resp.decode_time_s
 
 
 def merge_deltas(deltas: list[SequenceDelta]) -> SequenceDelta:
@@ -151,8 +164,7 @@ async def run_sequence(
             return out
 
         async for resp in gen:
-            if spec.queue_time_s is None and resp.HasField("queue_time_s"):
-                spec.queue_time_s = resp.queue_time_s
+            note_timings(spec, resp)
             ids = list(resp.token_ids)
             finish = resp.finish_reason
             num_prompt = resp.num_prompt_tokens or num_prompt

@@ -13,7 +13,12 @@ import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splitserve.protos import scheduler_pb2
@@ -89,6 +94,21 @@ REQUEST_LATENCY_BUCKETS = (
     1920.0,
     7680.0,
 )
+PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+DEFAULT_MAX_MODEL_LEN = 2048
+"""Bounds the token-count buckets until the scheduler tells the real context length."""
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's buckets for token counts)."""
+    out, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * scale
+            if value > limit:
+                return tuple(out)
+            out.append(value)
+        scale *= 10
 
 
 class SchedulerStatsCollector:
@@ -145,6 +165,91 @@ class SchedulerStatsCollector:
             "Prefix cache hits, in terms of number of cached tokens.",
             s.prefix_cache_hits,
         )
+        # vLLM's older name of kv_cache_usage_perc, still read by its example dashboard.
+        yield gauge(
+            "vllm:gpu_cache_usage_perc",
+            "GPU KV-cache usage. 1 means 100 percent usage. "
+            "DEPRECATED: Use vllm:kv_cache_usage_perc instead.",
+            usage,
+        )
+        yield from self._iteration_tokens(s)
+        yield from self._info(s)
+
+    def _iteration_tokens(self, s: scheduler_pb2.SchedulerStats):
+        counts = s.iteration_tokens_bucket_counts
+        if not counts:
+            return  # a scheduler that does not count them
+        if len(counts) != len(s.iteration_tokens_bounds) + 1:
+            logger.warning(
+                "scheduler stats: %d iteration-token buckets for %d bounds; not exported",
+                len(counts),
+                len(s.iteration_tokens_bounds),
+            )
+            return
+        h = HistogramMetricFamily(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            labels=["model_name"],
+        )
+        les = [str(float(b)) for b in s.iteration_tokens_bounds] + ["+Inf"]
+        h.add_metric([self.model_name], list(zip(les, counts)), s.iteration_tokens_sum)
+        yield h
+
+    def _info(self, s: scheduler_pb2.SchedulerStats):
+        # Info-style gauges as vLLM shapes them: the facts are labels, without model_name.
+        cache = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=["block_size", "enable_prefix_caching", "engine", "num_gpu_blocks"],
+        )
+        cache.add_metric(
+            [
+                str(s.block_size),
+                str(s.enable_prefix_caching),
+                "0",
+                str(s.num_total_blocks),
+            ],
+            1.0,
+        )
+        yield cache
+        if s.max_loras:  # vLLM has the family only when LoRA is on
+            lora = GaugeMetricFamily(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            )
+            # The value is when these adapter sets were seen (vLLM: the last update).
+            lora.add_metric(
+                [
+                    str(s.max_loras),
+                    ",".join(s.waiting_lora_adapters),
+                    ",".join(s.running_lora_adapters),
+                ],
+                time.time(),
+            )
+            yield lora
+
+
+class AliasCollector:
+    """Exports a family again under another name (vLLM keeps deprecated names that its
+    example dashboard still reads); costs nothing until a scrape."""
+
+    def __init__(self, source, name: str, documentation: str) -> None:
+        self.source = source
+        self.name = name
+        self.documentation = documentation
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for family in self.source.collect():
+            alias = Metric(self.name, self.documentation, family.type, family.unit)
+            for sample in family.samples:
+                alias.samples.append(
+                    sample._replace(name=self.name + sample.name[len(family.name) :])
+                )
+            yield alias
 
 
 class GatewayMetrics:
@@ -203,11 +308,91 @@ class GatewayMetrics:
             buckets=REQUEST_LATENCY_BUCKETS,
             registry=reg,
         )
-        self.set_model_name(model_name)
+        self._inference_time = Histogram(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            m,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._prefill_time = Histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            m,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._decode_time = Histogram(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            m,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._request_tpot = Histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            m,
+            buckets=ITL_BUCKETS,
+            registry=reg,
+        )
+        self._params_n = Histogram(
+            "vllm:request_params_n",
+            "Histogram of the n request parameter.",
+            m,
+            buckets=PARAMS_N_BUCKETS,
+            registry=reg,
+        )
+        # vLLM's older name of the inter-token latency, still read by its example dashboard.
+        reg.register(
+            AliasCollector(
+                self._inter_token_latency,
+                "vllm:time_per_output_token_seconds",
+                "Histogram of time per output token in seconds. "
+                "DEPRECATED: Use vllm:inter_token_latency_seconds instead.",
+            )
+        )
+        self._token_histograms: tuple[Histogram, ...] = ()
+        self.max_model_len = 0
+        self.set_model_name(model_name, DEFAULT_MAX_MODEL_LEN)
 
-    def set_model_name(self, model_name: str) -> None:
-        """The `model_name` label (the first served name, known once the services answered)."""
+    def _init_token_histograms(self, max_model_len: int) -> None:
+        """The histograms of token counts, bucketed 1-2-5 up to the context length."""
+        for family in self._token_histograms:
+            self.registry.unregister(family)
+        m, reg = ["model_name"], self.registry
+        buckets = buckets_1_2_5(max_model_len)
+
+        def hist(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, m, buckets=buckets, registry=reg)
+
+        self._request_prompt_tokens = hist(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed."
+        )
+        self._request_generation_tokens = hist(
+            "vllm:request_generation_tokens", "Number of generation tokens processed."
+        )
+        self._max_num_generation_tokens = hist(
+            "vllm:request_max_num_generation_tokens",
+            "Histogram of maximum number of requested generation tokens.",
+        )
+        self._params_max_tokens = hist(
+            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter."
+        )
+        self._token_histograms = (
+            self._request_prompt_tokens,
+            self._request_generation_tokens,
+            self._max_num_generation_tokens,
+            self._params_max_tokens,
+        )
+        self.max_model_len = max_model_len
+
+    def set_model_name(self, model_name: str, max_model_len: int | None = None) -> None:
+        """The `model_name` label (the first served name, known once the services answered)
+        and the context length that bounds the token-count buckets."""
         # NOTE: renamed at start-up only, before any request: nothing recorded is lost.
+        if max_model_len and max_model_len != self.max_model_len:
+            self._init_token_histograms(max_model_len)
         for family in (
             self._prompt_tokens,
             self._generation_tokens,
@@ -216,6 +401,12 @@ class GatewayMetrics:
             self._inter_token_latency,
             self._e2e_latency,
             self._queue_time,
+            self._inference_time,
+            self._prefill_time,
+            self._decode_time,
+            self._request_tpot,
+            self._params_n,
+            *self._token_histograms,
         ):
             family.clear()
         self.model_name = model_name
@@ -226,6 +417,15 @@ class GatewayMetrics:
         self.inter_token_latency = self._inter_token_latency.labels(model_name)
         self.e2e_latency = self._e2e_latency.labels(model_name)
         self.queue_time = self._queue_time.labels(model_name)
+        self.inference_time = self._inference_time.labels(model_name)
+        self.prefill_time = self._prefill_time.labels(model_name)
+        self.decode_time = self._decode_time.labels(model_name)
+        self.request_tpot = self._request_tpot.labels(model_name)
+        self.params_n = self._params_n.labels(model_name)
+        self.request_prompt_tokens = self._request_prompt_tokens.labels(model_name)
+        self.request_generation_tokens = self._request_generation_tokens.labels(model_name)
+        self.max_num_generation_tokens = self._max_num_generation_tokens.labels(model_name)
+        self.params_max_tokens = self._params_max_tokens.labels(model_name)
 
     def record_finished(
         self, arrival: float, prompt_tokens: int, generation_tokens: int, finish_reasons: list[str]

@@ -23,6 +23,7 @@ import grpc
 
 from splitserve.common import tracing
 from splitserve.gateway.errors import EngineError, request_timeout
+from splitserve.gateway.generation import note_timings
 from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
 from splitserve.tokenizer_svc.decode_handle import DecodeHandle
 from splitserve.tokenizer_svc.errors import RequestError as TokenizerRequestError
@@ -110,8 +111,7 @@ class SequenceOutput:
             self.fail(grpc_error(entry.error_code, resp.error))
             return True
         spec = self.spec
-        if spec.queue_time_s is None and resp.HasField("queue_time_s"):
-            spec.queue_time_s = resp.queue_time_s
+        note_timings(spec, resp)
         if self.trace is not None:
             self.trace.num_tokens += len(resp.token_ids)
         if resp.finish_reason == _ERROR:

@@ -39,6 +39,8 @@ class RequestObserver:
         self.ttft_s: float | None = None
         self.queue_time_s: float | None = None
         self._specs: Sequence[SequenceSpec] = ()
+        self._num_tokens: list[int] = []
+        """Tokens each sequence produced so far."""
         self._last_token_at: dict[int, float] = {}
         self._span = None
         if tracing.enabled():
@@ -65,6 +67,7 @@ class RequestObserver:
     def start(self, specs: Sequence[SequenceSpec]) -> None:
         """The sequences are about to run (after tokenization and validation)."""
         self._specs = specs
+        self._num_tokens = [0] * len(specs)
         span = self._span
         if span is None or not specs:
             return
@@ -97,6 +100,8 @@ class RequestObserver:
                     self.queue_time_s = queue_time
         if not delta.token_ids:
             return
+        if index < len(self._num_tokens):
+            self._num_tokens[index] += len(delta.token_ids)
         last = self._last_token_at.get(index)
         if last is not None:
             self.metrics.inter_token_latency.observe(now - last)
@@ -105,7 +110,9 @@ class RequestObserver:
     # ------------------------------------------------------------------ the end
 
     def finish(self, prompt_tokens: int, completion_tokens: int, reasons: list[str]) -> None:
-        """The request completed (metrics recorded by the caller); end the span."""
+        """The request completed (its totals recorded by the caller): record its sequences'
+        figures and end the span."""
+        self._record_sequences()
         span, self._span = self._span, None
         if span is None:
             return
@@ -124,6 +131,32 @@ class RequestObserver:
         span.set_attributes(attrs)
         # The span lasts exactly the e2e latency it reports.
         span.end(end_time=self._start_ns + int(e2e * 1e9))
+
+    def _record_sequences(self) -> None:
+        """vLLM's per-request histograms. Each sequence is one of vLLM's requests (tokens,
+        max_tokens, phase times); each prompt's group of n sequences is one parent request
+        (n, and the most tokens a sequence of the group produced)."""
+        m = self.metrics
+        groups: dict[str, list[int]] = {}
+        for i, spec in enumerate(self._specs):
+            num_tokens = self._num_tokens[i]
+            m.request_prompt_tokens.observe(len(spec.prompt_token_ids))
+            m.request_generation_tokens.observe(num_tokens)
+            if spec.sampling.HasField("max_tokens"):
+                m.params_max_tokens.observe(spec.sampling.max_tokens)
+            if spec.prefill_time_s is not None:
+                m.prefill_time.observe(spec.prefill_time_s)
+                m.decode_time.observe(spec.decode_time_s)
+                m.inference_time.observe(spec.prefill_time_s + spec.decode_time_s)
+                # vLLM: the mean gap after the first token; 0 with a single token.
+                gaps = num_tokens - 1
+                m.request_tpot.observe(spec.decode_time_s / gaps if gaps > 0 else 0.0)
+            # Sequence ids are `<request id>-<prompt index>-<i>` (gateway/sampling.py).
+            groups.setdefault(spec.request_id.rsplit("-", 1)[0], []).append(num_tokens)
+        for counts in groups.values():
+            m.params_n.observe(len(counts))
+            m.max_num_generation_tokens.observe(max(counts))
+        self._specs = ()  # recorded once
 
     def fail(self, error: BaseException | str) -> None:
         """The request failed or was abandoned; end the span with an error status."""

@@ -59,6 +59,14 @@ class RequestTimeline:
         if out.finished:
             self.finish_reason = out.finish_reason
 
+    def set_phase_times(self, resp) -> None:
+        """On a request's last message (observed already): its prefill and decode times,
+        vLLM's phases (first scheduled to first token, first token to last token), when it
+        produced a token. The last token is the one this message carries: now."""
+        if self.first_scheduled_ns and self.first_token_ns:
+            resp.prefill_time_s = max(0, self.first_token_ns - self.first_scheduled_ns) / 1e9
+            resp.decode_time_s = max(0, time.time_ns() - self.first_token_ns) / 1e9
+
     def emit(self) -> None:
         """The queued / prefill / decode spans, as far as the request got."""
         tracer = tracing.get_tracer(__name__)

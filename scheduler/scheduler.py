@@ -28,6 +28,7 @@ from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
 from .config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
+from .step_tokens import StepTokenHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class Scheduler:
         """Prompt tokens computed so far (recomputed ones again), for the stats line."""
         self.num_generation_tokens = 0
         """Tokens sampled so far, for the stats line."""
+        self.step_tokens = StepTokenHistogram()
+        """Tokens scheduled per step (vllm:iteration_tokens_total)."""
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -478,6 +481,7 @@ class Scheduler:
         step.num_scheduled_tokens.update(scheduled)
         step.step_id = next(self._step_ids)
         self.num_steps += 1
+        self.step_tokens.observe(sum(scheduled.values()))
         return step
 
     def release_step(self) -> worker_pb2.StepRequest | None:
@@ -657,4 +661,11 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             num_steps=self.num_steps,
             block_size=self.config.block_size,
+            iteration_tokens_bounds=self.step_tokens.bounds,
+            iteration_tokens_bucket_counts=self.step_tokens.cumulative(),
+            iteration_tokens_sum=self.step_tokens.total,
+            enable_prefix_caching=self.config.enable_prefix_caching,
+            max_loras=self.config.max_loras if self.config.enable_lora else 0,
+            running_lora_adapters=sorted({r.lora_name for r in self.running if r.lora_name}),
+            waiting_lora_adapters=sorted({r.lora_name for r in self.waiting if r.lora_name}),
         )

@@ -72,6 +72,7 @@ def _output_batch(outputs: list[RequestOutput], timelines: dict) -> scheduler_pb
             if first and timeline.first_scheduled_ns:
                 resp.queue_time_s = timeline.queue_time_s()
             if out.finished:
+                timeline.set_phase_times(resp)
                 del timelines[out.request_id]
                 if tracing.enabled():
                     timeline.emit()
@@ -128,6 +129,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 resp = to_response(out)
                 if first and timeline.first_scheduled_ns:
                     resp.queue_time_s = timeline.queue_time_s()
+                if finished:
+                    timeline.set_phase_times(resp)
                 yield resp
                 if finished:
                     return

@@ -144,3 +144,32 @@ def test_reload_after_files_change_serves_the_new_weights(lora_setup, tiny_model
     assert _complete(client, "x") == new_want
     assert httpx.post(unload, json={"lora_name": "x"}).status_code == 200
     assert server.scheduler_stats().num_free_blocks == server.scheduler_stats().num_total_blocks
+
+
+def _lora_info(url: str) -> tuple[dict, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    (sample,) = fams["vllm:lora_requests_info"].samples
+    return sample.labels, sample.value
+
+
+def test_lora_requests_info(lora_setup):
+    """vLLM's vllm:lora_requests_info: max_lora from --max-loras, and the adapters of the
+    running and waiting requests as labels."""
+    server, client, _, _ = lora_setup
+    labels, _ = _lora_info(server.url)
+    assert labels == {"max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    # NOTE: a long generation, so that it is still running when /metrics is read after its
+    # first chunk.
+    stream = client.completions.create(
+        model="a", prompt=PROMPT, max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+    )
+    try:
+        next(iter(stream))
+        labels, _ = _lora_info(server.url)
+    finally:
+        stream.close()
+    assert labels["running_lora_adapters"] == "a"
+    assert labels["max_lora"] == "2"

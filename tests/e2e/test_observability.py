@@ -421,3 +421,146 @@ def test_no_endpoint_installs_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ProxyTracerProvider"
+
+
+def _families(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def test_vllm_request_histograms_move_by_exact_amounts(server):
+    """One request, n=2, max_tokens=5, a 9-token prompt: each of vLLM's per-request families
+    moves by what vLLM would record (per sequence, or per prompt for n and max generation
+    tokens); tokens per step add up to what the steps computed."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    model = server.model
+    m = f'{{model_name="{model}"}}'
+    prompt = [21, 22, 23, 24, 25, 26, 27, 28, 29]  # under one block: no prefix-cache hit
+    before, stats_before = _scrape(server.url), server.scheduler_stats()
+    out = client.completions.create(
+        model=model,
+        prompt=prompt,
+        n=2,
+        max_tokens=5,
+        temperature=1.0,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.finish_reason for c in out.choices] == ["length", "length"]
+    assert out.usage.completion_tokens == 10
+    after, stats_after = _scrape(server.url), server.scheduler_stats()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def bucket(family: str, le: str) -> float:
+        return delta(f'vllm:{family}_bucket{{le="{le}",model_name="{model}"}}')
+
+    # Per sequence (vLLM's child requests).
+    assert delta(f"vllm:request_prompt_tokens_count{m}") == 2
+    assert delta(f"vllm:request_prompt_tokens_sum{m}") == 2 * 9
+    assert bucket("request_prompt_tokens", "5.0") == 0
+    assert bucket("request_prompt_tokens", "10.0") == 2
+    assert delta(f"vllm:request_generation_tokens_count{m}") == 2
+    assert delta(f"vllm:request_generation_tokens_sum{m}") == 2 * 5
+    assert bucket("request_generation_tokens", "2.0") == 0
+    assert bucket("request_generation_tokens", "5.0") == 2
+    assert delta(f"vllm:request_params_max_tokens_count{m}") == 2
+    assert delta(f"vllm:request_params_max_tokens_sum{m}") == 2 * 5
+    # Per prompt (vLLM's parent request).
+    assert delta(f"vllm:request_params_n_count{m}") == 1
+    assert delta(f"vllm:request_params_n_sum{m}") == 2
+    assert bucket("request_params_n", "1.0") == 0
+    assert bucket("request_params_n", "2.0") == 1
+    assert delta(f"vllm:request_max_num_generation_tokens_count{m}") == 1
+    assert delta(f"vllm:request_max_num_generation_tokens_sum{m}") == 5
+    # Phase times, one per sequence; inference = prefill + decode, within the request's e2e.
+    times = {}
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert delta(f"vllm:request_{phase}_time_seconds_count{m}") == 2, phase
+        times[phase] = delta(f"vllm:request_{phase}_time_seconds_sum{m}")
+        assert times[phase] >= 0, phase
+    assert times["decode"] > 0  # four more tokens came after the first
+    assert abs(times["inference"] - (times["prefill"] + times["decode"])) < 1e-6
+    assert times["prefill"] <= times["inference"] and times["decode"] <= times["inference"]
+    # Per sequence: its decode time over the 4 gaps after its first token.
+    assert delta(f"vllm:request_time_per_output_token_seconds_count{m}") == 2
+    tpot = delta(f"vllm:request_time_per_output_token_seconds_sum{m}")
+    assert abs(tpot - times["decode"] / 4) < 1e-6
+    e2e = delta(f"vllm:e2e_request_latency_seconds_sum{m}")
+    assert delta(f"vllm:e2e_request_latency_seconds_count{m}") == 1
+    assert times["queue"] + times["inference"] <= 2 * e2e
+    # Tokens per step: both prompts computed (less any prefix-cache hit), then one input
+    # token per later output token; one observation per step the scheduler ran.
+    hits = delta(f"vllm:prefix_cache_hits_total{m}")
+    assert delta(f"vllm:num_preemptions_total{m}") == 0
+    assert delta(f"vllm:iteration_tokens_total_sum{m}") == 2 * 9 - hits + 2 * (5 - 1)
+    steps = stats_after.num_steps - stats_before.num_steps
+    assert steps >= 5  # a prefill step, then at least four decode steps
+    assert delta(f"vllm:iteration_tokens_total_count{m}") == steps
+    assert bucket("iteration_tokens_total", "+Inf") == steps
+
+
+def test_cache_config_info_names_the_configured_cache(server):
+    stats = server.scheduler_stats()
+    (sample,) = _families(server.url)["vllm:cache_config_info"].samples
+    assert sample.value == 1
+    assert sample.labels["block_size"] == "16"  # --block-size 16 (conftest.py)
+    assert sample.labels["num_gpu_blocks"] == str(stats.num_total_blocks)
+    assert int(sample.labels["num_gpu_blocks"]) > 0
+    assert sample.labels["enable_prefix_caching"] == "True"
+
+
+# The metric names that the panels of vLLM's example Grafana dashboard
+# (examples/online_serving/prometheus_grafana/grafana.json) query, with the names its newer
+# revisions use instead of the deprecated ones. Every panel filters on model_name.
+DASHBOARD_SERIES = (
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:e2e_request_latency_seconds_sum",
+    "vllm:e2e_request_latency_seconds_count",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:time_per_output_token_seconds_bucket",
+    "vllm:time_per_output_token_seconds_sum",
+    "vllm:time_per_output_token_seconds_count",
+    "vllm:inter_token_latency_seconds_bucket",
+    "vllm:inter_token_latency_seconds_sum",
+    "vllm:inter_token_latency_seconds_count",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:time_to_first_token_seconds_bucket",
+    "vllm:time_to_first_token_seconds_sum",
+    "vllm:time_to_first_token_seconds_count",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:kv_cache_usage_perc",
+    "vllm:request_prompt_tokens_bucket",
+    "vllm:request_generation_tokens_bucket",
+    "vllm:request_success_total",
+    "vllm:request_queue_time_seconds_sum",
+    "vllm:request_prefill_time_seconds_sum",
+    "vllm:request_decode_time_seconds_sum",
+    "vllm:request_max_num_generation_tokens_sum",
+)
+
+
+def test_every_dashboard_series_has_data(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    client.completions.create(
+        model=server.model, prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    present: dict[str, list[dict]] = {}
+    for family in _families(server.url).values():
+        for s in family.samples:
+            present.setdefault(s.name, []).append(s.labels)
+    for name in DASHBOARD_SERIES:
+        labels = present.get(name)
+        assert labels, f"{name} is missing from /metrics"
+        assert any(lb.get("model_name") == server.model for lb in labels), name
+    reasons = {lb.get("finished_reason") for lb in present["vllm:request_success_total"]}
+    assert "length" in reasons  # the Finish Reason panel sums by finished_reason
