@@ -35,7 +35,7 @@ from splitserve.model_path import (
 )
 from splitserve.pooling import is_base_model
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.linear import MergedLinear
+from splitserve.worker.linear import MergedLinear, process_weights_after_loading
 from splitserve.worker.models.registry import get_model_class
 from splitserve.worker.moe import MoEExperts
 from splitserve.worker.pipeline import layer_range
@@ -306,6 +306,9 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         )
         load_weights(model, weights)
     model.eval()
+    packed = process_weights_after_loading(model)  # CPU float32: oneDNN-packed weights
+    if packed:
+        logger.info("%d linear layers hold oneDNN-packed weights", packed)
     logger.info(
         "loaded %s layers [%d, %d) of %d as %s on %s",
         path.name,
