@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--skip-vllm", action="store_true", help="splitserve and baseline only")
     ap.add_argument("--only", choices=("splitserve", "baseline", "vllm"), default=None)
     ap.add_argument(
         "--splitserve-exe",
@@ -242,6 +243,7 @@ def main() -> None:
         "as 'baseline' in each round, between splitserve and vLLM",
     )
     ap.add_argument("--splitserve-args", default="", help="extra flags for splitserve serve")
+    ap.add_argument("--baseline-args", default=None, help="its flags (default: as splitserve's)")
     ap.add_argument("--vllm-args", default="", help="extra flags for vllm serve")
     ap.add_argument("--logs", default="/tmp/vs_vllm_cpu", help="folder for the servers' logs")
     args = ap.parse_args()
@@ -252,14 +254,19 @@ def main() -> None:
     venv = pathlib.Path(args.vllm_venv)
     names = ["splitserve", *(["baseline"] if args.baseline_exe else []), "vllm"]
     names = [args.only] if args.only else names
+    if args.skip_vllm:
+        names.remove("vllm")
     print(f"model {path}; {_load_line()}", flush=True)
     table: dict[str, list[dict]] = {n: [] for n in names}
     for rnd in range(args.rounds):
         for name in names:
             port = free_port()
             if name in ("splitserve", "baseline"):
-                exe = args.splitserve_exe if name == "splitserve" else args.baseline_exe
-                cmd, env = splitserve_cmd(path, port, exe, args.splitserve_args.split())
+                exe, extra = args.splitserve_exe, args.splitserve_args
+                if name == "baseline":
+                    exe = args.baseline_exe
+                    extra = extra if args.baseline_args is None else args.baseline_args
+                cmd, env = splitserve_cmd(path, port, exe, extra.split())
             else:
                 cmd, env = vllm_cmd(path, port, venv, args.vllm_args.split())
             with Server(name, cmd, env, port, logs / f"{name}-{rnd}.log") as server:

@@ -8,10 +8,13 @@ once, when torch loads: `apply` must run before `import torch`, so the `worker` 
 it first. No torch import here.
 
 Values of `--cpu-omp-threads-bind`:
-- `auto`: the cores this process may run on (its affinity mask) but one, left to the other
-  services of the stack (vLLM's CPU build reserves one the same way), split evenly between
-  the pipeline ranks (rank r takes the r-th slice); nothing is bound on a CUDA worker, or when
-  the slice would be empty.
+- `auto`: on a machine with at least `AUTO_MIN_CORES` usable cores (the process's affinity
+  mask), all of them but one, left to the other services of the stack (vLLM's CPU build
+  reserves one the same way), split evenly between the pipeline ranks (rank r takes the r-th
+  slice). Nothing is bound on a CUDA worker, on a smaller machine, or when the slice would be
+  empty. NOTE: on the 2-core machine measured (bench/RESULTS.md, 2026-12-06 "vs vLLM"), one
+  pinned thread with a core left over gave 0.82-0.97x the tokens/s of two free threads, so
+  small machines are left unbound; the threshold of 4 is a judgment, not a measurement.
 - `nobind`: leave the threads to the OS.
 - a CPU list such as `0-3` or `0,2,4-7`: exactly those cores.
 
@@ -29,6 +32,8 @@ import os
 OMP_VARS = ("OMP_PLACES", "OMP_PROC_BIND")
 RESERVED_CORES = 1
 """Cores `auto` leaves to the rest of the stack."""
+AUTO_MIN_CORES = 4
+"""Usable cores below which `auto` binds nothing."""
 
 
 def parse_cpu_list(spec: str) -> list[int]:
@@ -79,7 +84,9 @@ def cores_for(
     cpus = sorted(available if available is not None else os.sched_getaffinity(0))
     # NOTE: the scheduler, gateway and tokenizer work on every step too; with a core of their
     # own they do not preempt a worker thread in the middle of a parallel region.
-    cpus = cpus[:-RESERVED_CORES] if len(cpus) > RESERVED_CORES else []
+    if len(cpus) < AUTO_MIN_CORES:
+        return []
+    cpus = cpus[:-RESERVED_CORES]
     per_rank = len(cpus) // world
     return cpus[rank * per_rank : (rank + 1) * per_rank]
 

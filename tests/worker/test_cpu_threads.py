@@ -31,8 +31,9 @@ def test_auto_leaves_one_core_and_splits_ranks():
     cores = {0, 1, 2, 3, 4, 5, 6, 7, 8}
     assert cpu_threads.cores_for("auto", "cpu", available=cores) == list(range(8))
     assert cpu_threads.cores_for("auto", "cpu", 1, 2, available=cores) == [4, 5, 6, 7]
-    assert cpu_threads.cores_for("auto", "cpu", available={0, 1}) == [0]
-    assert cpu_threads.cores_for("auto", "cpu", available={3}) == []  # nothing to spare
+    assert cpu_threads.cores_for("auto", "cpu", available={0, 1, 2, 3}) == [0, 1, 2]
+    assert cpu_threads.cores_for("auto", "cpu", available={0, 1, 2}) == []  # too small
+    assert cpu_threads.cores_for("auto", "cpu", 1, 4, available=cores) == [2, 3]
     assert cpu_threads.cores_for("auto", "cuda", available=cores) == []
     assert cpu_threads.cores_for("nobind", "cpu", available=cores) == []
     assert cpu_threads.cores_for("2,5", "cpu", available=cores) == [2, 5]
