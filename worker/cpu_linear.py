@@ -1,12 +1,19 @@
-"""CPU float32 projections through oneDNN, with the weight packed once in place of the plain one.
+"""CPU float32 projections through oneDNN, without a second copy of any weight.
 
 On CPU, `torch.nn.functional.linear` goes to a GEMM that, on the skinny shapes of decode steps
 (a few to a few dozen rows against a large weight), reaches a fraction of what oneDNN's inner
-product does with the weight already in its blocked layout (bench/RESULTS.md, "CPU decode").
-`pack` returns that layout as an opaque `torch._mkldnn` tensor; the linear method stores it as
-the layer's `weight`, so the plain weight is freed and the model holds one copy, as before.
-`unpack` gives the plain weight back (a temporary) where one is needed.
+product does (bench/RESULTS.md, "CPU decode"). Three modes, by `SPLITSERVE_CPU_ONEDNN_LINEAR`:
 
+- `plain` (the default): the weight stays as loaded; two or more rows go through oneDNN, which
+  reads the plain [out, in] weight, one row stays on torch's linear (a matrix-vector product,
+  bound by reading the weight, where torch's GEMV was several times faster than oneDNN on the
+  2-core AMD machine measured).
+- `packed`: the weight is replaced after loading by oneDNN's blocked layout (`pack`, an opaque
+  `torch._mkldnn` tensor) and every row count goes through oneDNN; still one copy. Faster than
+  `plain` on some shapes with many rows, much slower at one row on the machine measured.
+- `0`: torch's linear always (A/B benchmarks).
+
+`unpack` gives a plain weight back (a temporary) where one is needed.
 NOTE: packing happens after loading; nothing writes a weight later. A layer whose plain weight
 is needed while serving (tied to the embedding) is not packed.
 """
@@ -18,7 +25,8 @@ import os
 import torch
 
 ONEDNN_LINEAR_ENV = "SPLITSERVE_CPU_ONEDNN_LINEAR"
-"""Set to 0 to keep CPU linears on torch's default GEMM with plain weights (A/B benchmarks)."""
+"""plain (default), packed, or 0 (see the module docstring)."""
+MODES = ("plain", "packed", "0")
 
 MAX_ROWS = 512
 """Rows per oneDNN call; longer inputs go in chunks of this many."""
@@ -34,20 +42,24 @@ def onednn_linear_available() -> bool:
     )
 
 
-def enabled() -> bool:
-    """oneDNN packing is on (the default) and this torch build supports it."""
-    return os.environ.get(ONEDNN_LINEAR_ENV, "1") != "0" and onednn_linear_available()
+def mode() -> str:
+    """The configured mode; "0" as well when this torch build lacks the oneDNN ops."""
+    value = os.environ.get(ONEDNN_LINEAR_ENV, "plain")
+    if value == "1":
+        value = "packed"
+    if value not in MODES:
+        raise ValueError(f"{ONEDNN_LINEAR_ENV}={value!r}; expected one of {', '.join(MODES)}")
+    return value if onednn_linear_available() else "0"
 
 
-def can_pack(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A plain float32 CPU weight (and bias) that oneDNN can take, with packing enabled."""
+def supports(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A plain float32 CPU weight (and bias) that oneDNN can take."""
     return (
         weight.device.type == "cpu"
         and weight.layout == torch.strided
         and weight.dtype == torch.float32
         and weight.dim() == 2
         and (bias is None or bias.dtype == torch.float32)
-        and enabled()
     )
 
 
@@ -88,8 +100,8 @@ def _onednn(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return y[:n] if padded != n else y
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ weight.T + bias with `weight` from `pack`: [..., out]."""
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ weight.T + bias through oneDNN: [..., out]; `weight` plain or packed."""
     rows = x.reshape(-1, x.shape[-1])
     if not rows.is_contiguous():
         rows = rows.contiguous()

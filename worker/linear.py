@@ -38,8 +38,9 @@ class LinearMethod:
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    """A dense weight [out, in] in the model's dtype; on CPU float32 it is replaced by its
-    oneDNN-packed form after loading (the plain one is freed, see `cpu_linear`)."""
+    """A dense weight [out, in] in the model's dtype. On CPU float32, projections of several
+    rows run through oneDNN, on the plain weight or on its packed form, which then replaces
+    the plain one (`cpu_linear`); either way the model holds one copy."""
 
     def create_weights(
         self, layer: Linear, in_features: int, out_features: int, bias: bool
@@ -49,17 +50,21 @@ class UnquantizedLinearMethod(LinearMethod):
             layer.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
         else:
             layer.register_parameter("bias", None)
+        layer.onednn = False
 
     def process_weights_after_loading(self, layer: Linear) -> None:
+        mode = cpu_linear.mode()
+        if mode == "0" or not cpu_linear.supports(layer.weight, layer.bias):
+            return
+        layer.onednn = True
         # NOTE: a weight another module also holds (a tied lm_head) stays plain: packing it
         # would take it from the embedding, or keep a second copy.
-        if layer.keep_plain_weight or not cpu_linear.can_pack(layer.weight, layer.bias):
-            return
-        layer.weight = nn.Parameter(cpu_linear.pack(layer.weight), requires_grad=False)
+        if mode == "packed" and not layer.keep_plain_weight:
+            layer.weight = nn.Parameter(cpu_linear.pack(layer.weight), requires_grad=False)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if cpu_linear.is_packed(layer.weight):
-            return cpu_linear.packed_linear(x, layer.weight, layer.bias)
+        if layer.onednn and (x.numel() != x.shape[-1] or cpu_linear.is_packed(layer.weight)):
+            return cpu_linear.onednn_linear(x, layer.weight, layer.bias)
         return torch.nn.functional.linear(x, layer.weight, layer.bias)
 
 
@@ -105,7 +110,7 @@ def _plain_state(module: Linear, state: dict, prefix: str, local_metadata: dict)
 
 
 def process_weights_after_loading(model: nn.Module) -> int:
-    """Run every `Linear`'s post-load step; returns how many changed their weight's layout.
+    """Run every `Linear`'s post-load step; returns how many now run through oneDNN.
 
     A parameter reachable from two modules (lm_head tied to the embedding) is marked
     `keep_plain_weight` first.
@@ -113,16 +118,15 @@ def process_weights_after_loading(model: nn.Module) -> int:
     owners: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
-    changed = 0
+    count = 0
     for module in model.modules():
         if not isinstance(module, Linear):
             continue
         if owners.get(id(module.weight), 0) > 1:
             module.keep_plain_weight = True
-        before = module.weight
         module.process_weights_after_loading()
-        changed += module.weight is not before
-    return changed
+        count += bool(getattr(module, "onednn", False))
+    return count
 
 
 class MergedLinear(Linear):

@@ -306,9 +306,9 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         )
         load_weights(model, weights)
     model.eval()
-    packed = process_weights_after_loading(model)  # CPU float32: oneDNN-packed weights
-    if packed:
-        logger.info("%d linear layers hold oneDNN-packed weights", packed)
+    onednn = process_weights_after_loading(model)  # CPU float32: linears through oneDNN
+    if onednn:
+        logger.info("%d linear layers run through oneDNN", onednn)
     logger.info(
         "loaded %s layers [%d, %d) of %d as %s on %s",
         path.name,

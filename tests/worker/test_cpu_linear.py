@@ -1,5 +1,6 @@
-"""The linear seam on CPU float32: weights packed for oneDNN in place of the plain ones (one
-copy, not two), the same outputs as torch's linear, tied weights kept plain, the env switch."""
+"""The linear seam on CPU float32: oneDNN on the plain weight (default) or on a packed one that
+replaces it (one copy, not two), the same outputs as torch's linear, one row on torch's linear,
+tied weights kept plain, the env switch."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ pytestmark = pytest.mark.skipif(
 TOKENS = [3, 17, 42, 8, 91, 5, 11]
 
 
+@pytest.fixture
+def packed(monkeypatch):
+    monkeypatch.setenv(cpu_linear.ONEDNN_LINEAR_ENV, "packed")
+
+
 def _filled(layer: Linear) -> Linear:
     with torch.no_grad():
         for p in layer.parameters():
@@ -31,7 +37,7 @@ def _filled(layer: Linear) -> Linear:
 
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 17, 64, cpu_linear.MAX_ROWS + 1, 1200])
-def test_packed_linear_matches_torch(rows):
+def test_packed_linear_matches_torch(rows, packed):
     torch.manual_seed(0)
     layer = _filled(QKVLinear(24, 4, 2, 6, bias=True))
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
@@ -43,7 +49,9 @@ def test_packed_linear_matches_torch(rows):
     )
 
 
-def test_leading_dims_and_strided_input():
+@pytest.mark.parametrize("mode", ["plain", "packed"])
+def test_leading_dims_and_strided_input(monkeypatch, mode):
+    monkeypatch.setenv(cpu_linear.ONEDNN_LINEAR_ENV, mode)
     torch.manual_seed(0)
     layer = _filled(Linear(16, 8, bias=False))
     weight = layer.weight.detach().clone()
@@ -52,7 +60,7 @@ def test_leading_dims_and_strided_input():
     torch.testing.assert_close(layer(x), x @ weight.t(), atol=1e-4, rtol=1e-4)
 
 
-def test_the_plain_weight_is_freed():
+def test_the_plain_weight_is_freed(packed):
     """Packing replaces the weight: nothing keeps the plain tensor alive (no second copy)."""
     layer = _filled(Linear(256, 512, bias=True))
     plain = weakref.ref(layer.weight)
@@ -66,7 +74,7 @@ def test_the_plain_weight_is_freed():
     assert [p for p in layer.parameters() if p.layout == torch.strided] == [layer.bias]
 
 
-def test_state_dict_gives_plain_weights():
+def test_state_dict_gives_plain_weights(packed):
     layer = _filled(Linear(16, 8))
     expected = {k: v.clone() for k, v in layer.state_dict().items()}
     process_weights_after_loading(layer)
@@ -85,25 +93,52 @@ def test_other_dtypes_and_the_env_switch_stay_plain(monkeypatch):
     assert process_weights_after_loading(layer) == 0 and layer.weight.layout == torch.strided
 
 
-def _load(path, monkeypatch, packed: bool):
-    monkeypatch.setenv(cpu_linear.ONEDNN_LINEAR_ENV, "1" if packed else "0")
+@pytest.mark.parametrize("rows", [0, 1, 2, 5, 700])
+def test_plain_mode_keeps_the_weight_and_matches_torch(monkeypatch, rows):
+    """The default: the same weight tensor afterwards; several rows through oneDNN, one row
+    through torch's linear."""
+    monkeypatch.delenv(cpu_linear.ONEDNN_LINEAR_ENV, raising=False)
+    torch.manual_seed(0)
+    layer = _filled(Linear(40, 24))
+    weight = layer.weight
+    x = torch.randn(rows, 40)
+    expected = torch.nn.functional.linear(x, weight, layer.bias)
+    calls = []
+    real = cpu_linear.onednn_linear
+    monkeypatch.setattr(cpu_linear, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    assert process_weights_after_loading(layer) == 1
+    assert layer.weight is weight and layer.weight.layout == torch.strided
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+    assert calls == ([] if rows == 1 else [1])
+
+
+def test_unknown_mode_is_refused(monkeypatch):
+    monkeypatch.setenv(cpu_linear.ONEDNN_LINEAR_ENV, "fast")
+    with pytest.raises(ValueError, match="'fast'"):
+        process_weights_after_loading(Linear(4, 4))
+
+
+def _load(path, monkeypatch, mode: str):
+    monkeypatch.setenv(cpu_linear.ONEDNN_LINEAR_ENV, mode)
     return load_model(WorkerConfig(model=str(path))).model
 
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_loaded_model_packs_all_but_a_tied_head(checkpoint, monkeypatch, tie):
     path = checkpoint(f"llama_tie_{tie}", tie=tie)
-    model = _load(path, monkeypatch, packed=True)
-    plain = _load(path, monkeypatch, packed=False)
+    model = _load(path, monkeypatch, "packed")
+    plain = _load(path, monkeypatch, "0")
+    default = _load(path, monkeypatch, "plain")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
     assert {n for n, m in linears.items() if not cpu_linear.is_packed(m.weight)} == (
         {"lm_head"} if tie else set()
     )
     if tie:  # the head still is the embedding, not a copy of it
         assert model.lm_head.weight is model.model.embed_tokens.weight
-    torch.testing.assert_close(
-        model_forward(model, TOKENS), model_forward(plain, TOKENS), atol=1e-4, rtol=1e-4
-    )
+    expected = model_forward(plain, TOKENS)
+    torch.testing.assert_close(model_forward(model, TOKENS), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model_forward(default, TOKENS), expected, atol=1e-4, rtol=1e-4)
+    assert not any(cpu_linear.is_packed(p) for p in default.parameters())
 
 
 def test_row_buckets_are_few_and_tight():
