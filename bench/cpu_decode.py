@@ -1,14 +1,15 @@
-"""CPU decode throughput of the in-process engine: the older CPU path against the current one.
+"""CPU decode throughput of the in-process engine: two CPU paths A/B in one process.
 
     python bench/cpu_decode.py                      # ~220M-param Llama, fp32, batch 1 / 8 / 32
+    python bench/cpu_decode.py --variants gather,plain  # the older decode attention vs in place
     python bench/cpu_decode.py --small --rounds 1   # a quick run on a tiny model
     python bench/cpu_decode.py --profile 32         # where a decode step's time goes, batch 32
 
-Two engines (`splitserve.LLM`) over the same weights are built in one process: "old" with
-SPLITSERVE_CPU_PAGED_DECODE=0 (decode attention gathers each row's blocks into a dense buffer
-in every layer, then SDPA) and "new" with it on (decode attention reads the paged cache in
-place). Each round runs every concurrency on both engines, alternating, so
-that other load on the machine hits both alike; the ratio new/old is printed per round.
+Two engines (`splitserve.LLM`) over the same weights are built in one process, each with the
+environment switches of its variant (`VARIANTS`; default `plain` vs `packed`: torch's GEMM on
+plain weights against oneDNN on packed ones). Each round runs every concurrency on both
+engines, alternating, so that other load on the machine hits both alike; the ratio b/a is
+printed per round.
 
 Workload per measurement: `batch` random prompts of 128 tokens, 64 output tokens each
 (greedy, `ignore_eos`), all submitted at once. Output tokens/s counts every generated token
@@ -25,9 +26,13 @@ import statistics
 import time
 
 VARIANTS = {
-    "old": {"SPLITSERVE_CPU_PAGED_DECODE": "0"},
-    "new": {"SPLITSERVE_CPU_PAGED_DECODE": "1"},
+    "gather": {"SPLITSERVE_CPU_PAGED_DECODE": "0", "SPLITSERVE_CPU_ONEDNN_LINEAR": "0"},
+    "plain": {"SPLITSERVE_CPU_PAGED_DECODE": "1", "SPLITSERVE_CPU_ONEDNN_LINEAR": "0"},
+    "packed": {"SPLITSERVE_CPU_PAGED_DECODE": "1", "SPLITSERVE_CPU_ONEDNN_LINEAR": "1"},
 }
+"""Engine variants by the environment switches they are built with: `gather` copies each
+row's KV blocks into a dense buffer per layer (the older decode attention); `plain` reads the
+paged cache in place with torch's GEMM for linears; `packed` adds oneDNN-packed weights."""
 
 
 def _serve_throughput():
@@ -129,14 +134,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--variants", default="plain,packed", help=f"a,b of {', '.join(VARIANTS)}")
     parser.add_argument("--profile", type=int, metavar="BATCH", help="profile both paths")
     args = parser.parse_args()
 
     import torch
 
+    a, b = args.variants.split(",")
     path = _serve_throughput().model_folder(args.small)
     vocab = 1000 if args.small else 2000
-    engines = {name: build_engine(path, env) for name, env in VARIANTS.items()}
+    engines = {name: build_engine(path, VARIANTS[name]) for name in (a, b)}
     print(f"model {path}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs")  # fmt: skip
     for llm in engines.values():  # warm-up: first calls pay one-off costs
@@ -147,24 +154,24 @@ def main() -> None:
             print(f"== {name}, batch {args.profile}")
             profile(llm, prompts, args.output_len)
         return
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(n) for n in args.batches.split(",")]
     results: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     for r in range(args.rounds):
         for batch in batches:
             prompts = prompts_for(batch, vocab, args.prompt_len, seed=100 * r + batch)
-            for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            for name in (a, b) if r % 2 == 0 else (b, a):
                 results[name, batch].append(tokens_per_s(engines[name], prompts, args.output_len))
-            old, new = results["old", batch][-1], results["new", batch][-1]
-            print(f"round {r} batch {batch:3d}: old {old:7.1f} tok/s  new {new:7.1f} tok/s  "
-                  f"new/old {new / old:5.2f}", flush=True)  # fmt: skip
-    print("\n| batch | old tok/s | new tok/s | new/old per round | median ratio |")
+            x, y = results[a, batch][-1], results[b, batch][-1]
+            print(f"round {r} batch {batch:3d}: {a} {x:7.1f} tok/s  {b} {y:7.1f} tok/s  "
+                  f"{b}/{a} {y / x:5.2f}", flush=True)  # fmt: skip
+    print(f"\n| batch | {a} tok/s | {b} tok/s | {b}/{a} per round | median ratio |")
     print("|---|---|---|---|---|")
     for batch in batches:
-        old, new = results["old", batch], results["new", batch]
-        ratios = [n / o for n, o in zip(new, old, strict=True)]
-        print(f"| {batch} | {' / '.join(f'{x:.1f}' for x in old)} | "
-              f"{' / '.join(f'{x:.1f}' for x in new)} | "
-              f"{' / '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(ratios):.2f} |")  # fmt: skip
+        xs, ys = results[a, batch], results[b, batch]
+        ratios = [y / x for x, y in zip(xs, ys, strict=True)]
+        print(f"| {batch} | {' / '.join(f'{x:.1f}' for x in xs)} | "
+              f"{' / '.join(f'{y:.1f}' for y in ys)} | "
+              f"{' / '.join(f'{q:.2f}' for q in ratios)} | {statistics.median(ratios):.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from splitserve.common.hf_overrides import canonical_hf_overrides
 from splitserve.common.lora import check_lora_fields
 from splitserve.common.pooling import check_runner_fields, parse_pooler_config, resolve_runner
 from splitserve.common.tracing import check_endpoint, parse_detailed_traces
+from splitserve.worker.cpu_threads import check_bind
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,6 +85,8 @@ class WorkerConfig(
     """Longest wait for the previous rank's hidden states, or for the next rank to take this rank's, before declaring the pipeline dead (joining the group may take up to 10 minutes, while peers load)."""
     attention_backend: str = "auto"
     """Attention implementation: auto (triton on CUDA, torch otherwise), torch or triton."""
+    cpu_omp_threads_bind: str = "auto"
+    """CPU worker: cores its OpenMP threads are pinned to, one each: auto (on 4+ usable cores, all but one, split between pipeline ranks; nothing on CUDA or smaller machines), nobind, or a list such as 0-3,6. Set by the `worker` command before torch loads; ignored when OMP_PLACES or OMP_PROC_BIND is set. The in-process LLM accepts only auto or nobind (its threads are the caller's)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs (CUDA only; a CPU worker always runs eagerly)."""
     max_seq_len_to_capture: int = 8192
@@ -162,6 +165,7 @@ class WorkerConfig(
                 f"{self.max_parallel_loading_workers}"
             )
         self._check_pipeline_fields()
+        check_bind(self.cpu_omp_threads_bind)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if not 0 < self.gpu_memory_utilization <= 1:

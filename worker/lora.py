@@ -38,7 +38,7 @@ from splitserve.common.lora import (
     resolve_adapter_path,
 )
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.linear import MergedLinear
+from splitserve.worker.linear import Linear, MergedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class _Loaded:
 class LoRALinear(nn.Module):
     """A projection plus the low-rank deltas of the step's adapters, row by row."""
 
-    def __init__(self, base: nn.Linear, name: str, manager: LoRAManager) -> None:
+    def __init__(self, base: nn.Linear | Linear, name: str, manager: LoRAManager) -> None:
         super().__init__()
         self.base = base
         self.name = name
@@ -119,7 +119,7 @@ class LoRAManager:
         targets: dict[str, nn.Module] = {}
         for name, module in list(self.model.named_modules()):
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in WRAPPED and isinstance(module, nn.Linear):
+            if leaf in WRAPPED and isinstance(module, (nn.Linear, Linear)):
                 parent_name, _, attr = name.rpartition(".")
                 parent = self.model.get_submodule(parent_name)
                 setattr(parent, attr, LoRALinear(module, name, self))

@@ -35,7 +35,7 @@ from splitserve.common.model_path import (
 )
 from splitserve.common.pooling import is_base_model
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.linear import MergedLinear
+from splitserve.worker.linear import MergedLinear, process_weights_after_loading
 from splitserve.worker.models.registry import get_model_class
 from splitserve.worker.moe import MoEExperts
 from splitserve.worker.pipeline import layer_range
@@ -306,6 +306,9 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         )
         load_weights(model, weights)
     model.eval()
+    onednn = process_weights_after_loading(model)  # CPU float32: linears through oneDNN
+    if onednn:
+        logger.info("%d linear layers run through oneDNN", onednn)
     logger.info(
         "loaded %s layers [%d, %d) of %d as %s on %s",
         path.name,

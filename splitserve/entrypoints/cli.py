@@ -201,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run_scheduler(config, args.address))
         if args.command == "worker":
             quiet_openmp_waits()
+            config = build_config(worker_cfg, args, model=args.model_tag)
+            bind_openmp_threads(config)
             from splitserve.worker.server import run_worker
 
-            config = build_config(worker_cfg, args, model=args.model_tag)
             setup_tracing("splitserve-worker", config.otlp_traces_endpoint)
             asyncio.run(run_worker(config, args.address))
             return 0
@@ -234,6 +235,22 @@ def quiet_openmp_waits(environ=os.environ) -> None:
     bench/stack_overhead.py). Steps start with a wake-up instead, which costs microseconds.
     """
     environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def bind_openmp_threads(config, environ=os.environ) -> None:
+    """Pin the worker's OpenMP threads as `--cpu-omp-threads-bind` says (`worker.cpu_threads`).
+    Must run before torch is imported."""
+    from splitserve.worker import cpu_threads
+
+    cores = cpu_threads.apply(
+        config.cpu_omp_threads_bind,
+        config.device,
+        config.rank,
+        config.pipeline_parallel_size,
+        environ,
+    )
+    if cores:
+        logging.getLogger(__name__).info("OpenMP threads pinned to cores %s", cores)
 
 
 def _check_config(args: argparse.Namespace) -> int:

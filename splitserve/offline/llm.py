@@ -110,6 +110,13 @@ class LLM:
                 f"{self.worker_config.pipeline_parallel_size} (`splitserve serve "
                 "--pipeline-parallel-size P` runs one worker process per stage)"
             )
+        if self.worker_config.cpu_omp_threads_bind not in ("auto", "nobind"):
+            raise ValueError(
+                "LLM runs in this process, whose OpenMP threads exist before it starts: "
+                f"cpu_omp_threads_bind={self.worker_config.cpu_omp_threads_bind!r} cannot "
+                "pin them (set OMP_PLACES / OMP_PROC_BIND before importing torch, or use "
+                "`splitserve serve --cpu-omp-threads-bind`)"
+            )
         self.scheduler_config = pick(SchedulerConfig)
         tok_cfg = pick(TokenizerServiceConfig, tokenizer=tokenizer or model)
         self.tokenizer = load_tokenizer(tok_cfg)

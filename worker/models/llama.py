@@ -15,7 +15,7 @@ from torch import nn
 
 from splitserve.worker.attention import Attention
 from splitserve.worker.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
-from splitserve.worker.linear import GateUpLinear, QKVLinear
+from splitserve.worker.linear import GateUpLinear, Linear, QKVLinear
 from splitserve.worker.pipeline import IntermediateTensors
 
 
@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVLinear(
             config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, bias=qkv_bias
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.rotary_emb = rotary_emb
         self.attn = Attention(
             self.num_heads,
@@ -84,7 +84,7 @@ class LlamaMLP(nn.Module):
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
         self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ class LlamaForCausalLM(nn.Module):
             mlp_bias,
         )
         self.lm_head = (
-            nn.Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
+            Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
         )
         self._tie_weights()
 
