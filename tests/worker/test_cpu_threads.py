@@ -56,7 +56,7 @@ def test_the_worker_command_pins_before_torch_loads():
     code = (
         "import os, sys\n"
         "for k in ('OMP_PLACES', 'OMP_PROC_BIND', 'OMP_NUM_THREADS'): os.environ.pop(k, None)\n"
-        "from splitserve import cli\n"
+        "from splitserve.entrypoints import cli\n"
         "cli.main(['worker', '/nonexistent/model', '--address', '127.0.0.1:1',\n"
         "          '--device', 'cpu', '--cpu-omp-threads-bind', '0'])\n"
         "print(os.environ.get('OMP_PLACES'), os.environ.get('OMP_NUM_THREADS'))\n"
