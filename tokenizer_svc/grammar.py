@@ -569,7 +569,7 @@ class GrammarCompiler:
     def __init__(
         self,
         tokenizer: GrammarTokenizer,
-        default_backend: str = "xgrammar",
+        default_backend: str = "auto",
         cache_size: int = 256,
         timeout_s: float = 30.0,
         threads: int = 2,
