@@ -273,6 +273,15 @@ def test_auto_sends_a_schema_to_the_backend_that_enforces_it(compiler, structure
     assert plain.backend == "xgrammar"
 
 
+def test_auto_sends_all_of_to_llguidance_which_keeps_every_part(compiler, structured, hf_tok):
+    schema = {"allOf": [{"type": "integer", "minimum": 10}, {"type": "integer", "maximum": 20}]}
+    compiled = compiler.compile_sync(spec("json", json.dumps(schema), "auto")).grammar
+    assert compiled.backend == "guidance"
+    assert status(structured, hf_tok, compiled, "15") == "complete"
+    assert status(structured, hf_tok, compiled, "25") == "rejected"  # breaks the second part
+    assert status(structured, hf_tok, compiled, "5") == "rejected"  # breaks the first
+
+
 def test_a_provably_disjoint_one_of_is_enforced_by_xgrammar(compiler, structured, hf_tok):
     compiled = compiler.compile_sync(spec("json", json.dumps(DISJOINT_ONE_OF), "auto")).grammar
     assert compiled.backend == "xgrammar"
