@@ -12,7 +12,8 @@ whenever it is unsure. What it reads:
 - the JSON types a branch can take (`type`, `const`, `enum`, `allOf`, `anyOf`, `oneOf`, a local
   `$ref`), `integer` counting as a `number`;
 - the literal values of `const` / `enum`;
-- for two object branches, a property both require whose subschemas are disjoint.
+- for two object branches, a property both require whose subschemas are disjoint, or one
+  that a branch requires and the other forbids (`additionalProperties: false`, or `false`).
 A `$ref` is read alone: draft 7 ignores its siblings, later drafts only add to them.
 """
 
@@ -64,13 +65,29 @@ def disjoint(a, b, root, depth: int = 0) -> bool:
     if la is not None and lb is not None and not la & lb:
         return True
     if shared == {"object"} and isinstance(a, dict) and isinstance(b, dict):
-        pa, pb = a.get("properties"), b.get("properties")
-        if not (isinstance(pa, dict) and isinstance(pb, dict)):
-            return False
+        if any(_forbids(a, name) for name in _required(b)):
+            return True
+        if any(_forbids(b, name) for name in _required(a)):
+            return True
+        pa, pb = _properties(a), _properties(b)
         for name in _required(a) & _required(b):
             if name in pa and name in pb and disjoint(pa[name], pb[name], root, depth + 1):
                 return True
     return False
+
+
+def _properties(schema: dict) -> dict:
+    value = schema.get("properties")
+    return value if isinstance(value, dict) else {}
+
+
+def _forbids(schema: dict, name: str) -> bool:
+    """True when an object valid for `schema` cannot have property `name`: its subschema is
+    false, or `additionalProperties: false` covers it (no patternProperties to check)."""
+    props = _properties(schema)
+    if name in props:
+        return props[name] is False
+    return schema.get("additionalProperties") is False and not schema.get("patternProperties")
 
 
 def _resolve(schema, root, hops: int = 0):

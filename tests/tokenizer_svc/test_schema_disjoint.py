@@ -28,6 +28,12 @@ ROOT = {
         ({"const": 1}, {"type": "string"}),
         ({"anyOf": [{"type": "string"}, {"type": "null"}]}, {"type": "boolean"}),
         (True, False),
+        # one requires "a", the other forbids it
+        (
+            {"type": "object", "required": ["a"]},
+            {"type": "object", "properties": {"b": {}}, "additionalProperties": False},
+        ),
+        ({"type": "object", "required": ["a"]}, {"type": "object", "properties": {"a": False}}),
         (
             {"type": "object", "required": ["k"], "properties": {"k": {"const": "a"}}},
             {"type": "object", "required": ["k", "v"], "properties": {"k": {"const": "b"}}},
@@ -51,6 +57,13 @@ def test_disjoint_pairs_are_proven(a, b):
         (
             {"type": "object", "required": ["k"], "properties": {"k": {"const": "a"}}},
             {"type": "object", "properties": {"k": {"const": "b"}}},
+        ),
+        # without type object, a string matches both: required/properties only bind objects
+        ({"required": ["a"]}, {"additionalProperties": False}),
+        # a patternProperties entry might admit "a"
+        (
+            {"type": "object", "required": ["a"]},
+            {"type": "object", "patternProperties": {"^a$": {}}, "additionalProperties": False},
         ),
         # draft 7 ignores a $ref's siblings, so the sibling type proves nothing.
         ({"$ref": "#/definitions/name", "type": "null"}, {"type": "string"}),
