@@ -17,7 +17,8 @@ break the keyword):
 - llguidance 1.9.1 refuses (itself) every keyword it does not implement (`oneOf`, `not`,
   `uniqueItems`, `contains`, `if`, `propertyNames`, unknown formats, ...).
 A `oneOf` whose branches are provably disjoint (schema_disjoint.py) means the same as `anyOf`,
-so either backend takes it: xgrammar as is, llguidance with `coerce_one_of`.
+so either backend takes it: xgrammar as is, llguidance with `coerce_one_of`. `dependencies`
+and some forms of `not` are rewritten into equal keywords llguidance has (schema_lowering.py).
 Keywords that only narrow the accepted set (xgrammar's strict additionalProperties, fixed
 property order in llguidance) are fine: every output still validates.
 """
@@ -40,6 +41,7 @@ from splitserve.protos import common_pb2
 
 from .errors import InvalidRequest, RequestError
 from .schema_disjoint import one_of_disjoint, one_of_lists
+from .schema_lowering import lower_for_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -446,6 +448,7 @@ def compile_guidance(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
     try:
         if kind in ("json", "json_object"):
             schema = _parse_schema(spec) if kind == "json" else {"type": "object"}
+            schema = lower_for_guidance(schema)
             options = _guidance_options(schema, ws)
             if options:
                 if isinstance(schema, bool):

@@ -282,6 +282,21 @@ def test_auto_sends_all_of_to_llguidance_which_keeps_every_part(compiler, struct
     assert status(structured, hf_tok, compiled, "5") == "rejected"  # breaks the first
 
 
+def test_dependencies_and_not_required_reach_llguidance_rewritten(compiler, structured, hf_tok):
+    """Neither backend has `dependencies` or `not`; the rewrite llguidance gets is exact."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "dependencies": {"a": ["b"]},
+        "not": {"required": ["b"]},
+    }
+    compiled = compiler.compile_sync(spec("json", json.dumps(schema), "auto")).grammar
+    assert compiled.backend == "guidance"
+    assert status(structured, hf_tok, compiled, "{}") == "complete"
+    assert status(structured, hf_tok, compiled, '{"a": 1}') == "rejected"  # needs b
+    assert status(structured, hf_tok, compiled, '{"b": 2}') == "rejected"  # b is forbidden
+
+
 def test_a_provably_disjoint_one_of_is_enforced_by_xgrammar(compiler, structured, hf_tok):
     compiled = compiler.compile_sync(spec("json", json.dumps(DISJOINT_ONE_OF), "auto")).grammar
     assert compiled.backend == "xgrammar"
