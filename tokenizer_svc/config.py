@@ -49,8 +49,8 @@ class TokenizerServiceConfig:
     otlp_traces_endpoint: str | None = None
     """OTLP URL to export traces to (protocol from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: grpc or
     http/protobuf); None exports nothing and installs no instrumentation."""
-    guided_decoding_backend: str = "xgrammar"
-    """Structured-output backend when a request names none: xgrammar, guidance or auto (the one that enforces the constraint exactly)."""
+    guided_decoding_backend: str = "auto"
+    """Structured-output backend when a request names none (vLLM's default, auto): auto (xgrammar where it enforces the constraint exactly, else guidance; refused only when neither does), xgrammar or guidance."""
     grammar_cache_size: int = 256
     """Compiled constraints kept (LRU by SHA-256 of backend, kind and text); 0 disables."""
     grammar_compile_timeout_s: float = 30.0

@@ -16,6 +16,9 @@ break the keyword):
   refused. It cannot take a whitespace pattern.
 - llguidance 1.9.1 refuses (itself) every keyword it does not implement (`oneOf`, `not`,
   `uniqueItems`, `contains`, `if`, `propertyNames`, unknown formats, ...).
+A `oneOf` whose branches are provably disjoint (schema_disjoint.py) means the same as `anyOf`,
+so either backend takes it: xgrammar as is, llguidance with `coerce_one_of`. `dependencies`
+and some forms of `not` are rewritten into equal keywords llguidance has (schema_lowering.py).
 Keywords that only narrow the accepted set (xgrammar's strict additionalProperties, fixed
 property order in llguidance) are fine: every output still validates.
 """
@@ -37,6 +40,8 @@ from dataclasses import dataclass
 from splitserve.protos import common_pb2
 
 from .errors import InvalidRequest, RequestError
+from .schema_disjoint import one_of_disjoint, one_of_lists
+from .schema_lowering import lower_for_guidance
 
 logger = logging.getLogger(__name__)
 
@@ -229,46 +234,51 @@ def _parse_choices(spec: str) -> list[str]:
     return choices
 
 
-def xgrammar_unsupported(schema, path: str = "#") -> str | None:
-    """The first schema keyword xgrammar would not enforce exactly, as 'keyword at path'."""
+def xgrammar_unsupported(schema, path: str = "#", root=None) -> str | None:
+    """The first schema keyword xgrammar would not enforce exactly, as 'keyword at path'
+    (`root`: the whole schema, which local `$ref`s point into; `schema` itself if None)."""
+    root = schema if root is None else root
     if isinstance(schema, bool):
         return None
     if not isinstance(schema, dict):
         return f"a non-schema value at {path}"
     for key, value in schema.items():
         if key in _VALIDATION_KEYWORDS:
-            found = _xgrammar_departure(schema, key, value)
+            found = _xgrammar_departure(schema, key, value, root)
             if found:
                 return f"{found} at {path}/{key}"
     for key in _SCHEMA_MAPS:
         sub = schema.get(key)
         if isinstance(sub, dict):
             for name, s in sub.items():
-                found = xgrammar_unsupported(s, f"{path}/{key}/{name}")
+                found = xgrammar_unsupported(s, f"{path}/{key}/{name}", root)
                 if found:
                     return found
     for key in _SCHEMA_LISTS:
         sub = schema.get(key)
         if isinstance(sub, list):
             for i, s in enumerate(sub):
-                found = xgrammar_unsupported(s, f"{path}/{key}/{i}")
+                found = xgrammar_unsupported(s, f"{path}/{key}/{i}", root)
                 if found:
                     return found
     for key in _SCHEMA_VALUES:
         sub = schema.get(key)
         if isinstance(sub, dict):
-            found = xgrammar_unsupported(sub, f"{path}/{key}")
+            found = xgrammar_unsupported(sub, f"{path}/{key}", root)
             if found:
                 return found
     return None
 
 
-def _xgrammar_departure(schema: dict, key: str, value) -> str | None:
+def _xgrammar_departure(schema: dict, key: str, value, root) -> str | None:
     """Why xgrammar would not enforce `key` of `schema` exactly, or None."""
     if key not in _XGRAMMAR_KEYWORDS:
         return f"'{key}'"
-    if key == "oneOf" and isinstance(value, list) and len(value) > 1:
-        return f"'oneOf' with {len(value)} branches (xgrammar may treat it as anyOf)"
+    if key == "oneOf" and isinstance(value, list) and not one_of_disjoint(value, root):
+        return (
+            f"'oneOf' with {len(value)} branches not provably disjoint "
+            "(xgrammar treats it as anyOf)"
+        )
     if key == "allOf" and isinstance(value, list) and len(value) > 1:
         return f"'allOf' with {len(value)} schemas"
     if key == "format" and value not in _XGRAMMAR_FORMATS:
@@ -438,10 +448,12 @@ def compile_guidance(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
     try:
         if kind in ("json", "json_object"):
             schema = _parse_schema(spec) if kind == "json" else {"type": "object"}
-            if ws:
+            schema = lower_for_guidance(schema)
+            options = _guidance_options(schema, ws)
+            if options:
                 if isinstance(schema, bool):
                     schema = {} if schema else {"not": {}}
-                schema = {**schema, "x-guidance": {"whitespace_pattern": ws}}
+                schema = {**schema, "x-guidance": options}
             grammar = llguidance.grammar_from("json_schema", json.dumps(schema))
         elif kind == "regex":
             grammar = llguidance.grammar_from("regex", spec)
@@ -464,6 +476,25 @@ def compile_guidance(tok: GrammarTokenizer, kind: str, spec: str, ws: str) -> by
         detail = "; ".join(m.strip() for m in messages) or "invalid grammar"
         raise GrammarError(f"llguidance cannot compile the {kind}: {detail}")
     return grammar.encode()
+
+
+def _guidance_options(schema: dict | bool, ws: str) -> dict:
+    """llguidance's `x-guidance` options for `schema`: the whitespace pattern, and
+    `coerce_one_of` (read `oneOf` as `anyOf`) only when every `oneOf` is provably disjoint,
+    where the two mean the same. A schema's own `x-guidance` is refused: its options
+    (`coerce_one_of`, `lenient`) could make llguidance enforce less than the schema says."""
+    if isinstance(schema, bool):
+        return {"whitespace_pattern": ws} if ws else {}
+    if "x-guidance" in schema:
+        raise GrammarError(
+            "a JSON schema may not carry llguidance's 'x-guidance' options; "
+            "give structured_outputs.whitespace_pattern instead"
+        )
+    options = {"whitespace_pattern": ws} if ws else {}
+    lists = one_of_lists(schema)
+    if lists and all(one_of_disjoint(branches, schema) for branches in lists):
+        options["coerce_one_of"] = True
+    return options
 
 
 _COMPILERS = {"xgrammar": compile_xgrammar, "guidance": compile_guidance}
@@ -541,7 +572,7 @@ class GrammarCompiler:
     def __init__(
         self,
         tokenizer: GrammarTokenizer,
-        default_backend: str = "xgrammar",
+        default_backend: str = "auto",
         cache_size: int = 256,
         timeout_s: float = 30.0,
         threads: int = 2,

@@ -53,8 +53,8 @@ class WorkerConfig(
     """Allow Python code from the model folder: a custom config or tokenizer class (the model itself always runs splitserve's own implementation)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id; None uses the model's. (The worker loads it only for structured-output matchers, on the first constrained request.)"""
-    guided_decoding_backend: str = "xgrammar"
-    """Structured-output backend when a request names none: xgrammar, guidance or auto (the one that enforces the constraint exactly). The sampling rank reads it for a constraint that reaches it uncompiled (a direct Generate caller's)."""
+    guided_decoding_backend: str = "auto"
+    """Structured-output backend when a request names none (vLLM's default, auto): auto (xgrammar where it enforces the constraint exactly, else guidance), xgrammar or guidance. The sampling rank reads it for a constraint that reaches it uncompiled (a direct Generate caller's)."""
     dtype: str = "auto"
     """Weight and activation dtype: auto (config's dtype on CUDA, float32 on CPU), float32, bfloat16, float16."""
     seed: int = 0

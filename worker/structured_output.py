@@ -149,7 +149,7 @@ class StructuredOutputs:
         vocab_size: int,
         eos_token_ids: list[int],
         cache_size: int = 256,
-        default_backend: str = "xgrammar",
+        default_backend: str = "auto",
     ) -> None:
         self._load_tokenizer = load_tokenizer
         self.vocab_size = vocab_size

@@ -72,3 +72,17 @@ def test_bad_constraint_is_invalid_argument_and_the_stack_stays_healthy(server, 
     ids, finish = generate(stub, "after", "regex", "[0-9]{4}", "auto", temperature=0)
     assert finish == common_pb2.FinishReason.FINISH_REASON_STOP and len(ids) >= 1
     assert server.scheduler_stats().num_free_blocks == idle
+
+
+def test_a_bare_constraint_takes_the_default_backend_auto(stub, tokenizer):
+    """A direct caller's GrammarSpec names no backend: the sampling rank compiles it under the
+    default, auto, so a string pattern with a length bound (xgrammar would drop the bound,
+    and was refused under the old xgrammar default) is served by llguidance."""
+    import jsonschema
+
+    schema = {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}
+    for i in range(3):
+        ids, finish = generate(stub, f"bare-{i}", "json", json.dumps(schema), "", seed=i)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        assert finish == common_pb2.FinishReason.FINISH_REASON_STOP, text
+        jsonschema.validate(json.loads(text), schema)

@@ -228,3 +228,59 @@ def test_a_stop_string_cuts_a_constrained_answer(client, server, stream):
         assert re.fullmatch(REGEX, c.text), c.text
         assert texts[c.index] == c.text.split("-")[0] and finish[c.index] == "stop"
     idle(server)
+
+
+# A tagged union (the branches differ in a required "kind" const) or null: its oneOf is
+# provably disjoint, so it means its anyOf. The "s" branch's pattern has a length bound, which
+# xgrammar would drop, so the default backend (auto) must pick llguidance for it.
+TAGGED_ONE_OF = {
+    "oneOf": [
+        {
+            "type": "object",
+            "properties": {"kind": {"const": "n"}, "v": {"type": "integer", "maximum": 9}},
+            "required": ["kind", "v"],
+            "additionalProperties": False,
+        },
+        {
+            "type": "object",
+            "properties": {
+                "kind": {"const": "s"},
+                "v": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3},
+            },
+            "required": ["kind", "v"],
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ]
+}
+
+
+def test_one_of_schema_with_the_default_backend(client, server, tiny_model):
+    """vLLM's default backend is auto: a oneOf schema (which the old xgrammar default refused
+    with a 400) is served with no backend named, and every answer validates."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    # The random model favours whitespace, which JSON allows without limit: discourage it.
+    no_space = {str(t): -100 for t in range(len(tok)) if not tok.decode([t]).strip()}
+    seen = set()
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model=server.model,
+            messages=[{"role": "user", "content": f"one value please ({seed})"}],
+            max_tokens=64,
+            temperature=1.0,
+            seed=seed,
+            logit_bias=no_space,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "tagged", "schema": TAGGED_ONE_OF},
+            },
+        )
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", choice
+        value = json.loads(choice.message.content)
+        jsonschema.validate(value, TAGGED_ONE_OF)
+        seen.add(None if value is None else value["kind"])
+    print(seen)
+    idle(server)

@@ -183,7 +183,7 @@ DISJOINT_ONE_OF = {"oneOf": [{"type": "integer"}, {"type": "string"}]}
 @pytest.mark.parametrize(
     "schema, feature",
     [
-        (DISJOINT_ONE_OF, "'oneOf' with 2 branches"),
+        (OVERLAPPING_ONE_OF, "'oneOf' with 2 branches not provably disjoint"),
         ({"not": {"type": "integer"}}, "'not'"),
         ({"allOf": [{"minimum": 1}, {"maximum": 3}]}, "'allOf' with 2 schemas"),
         ({"if": {"type": "integer"}, "then": {"minimum": 3}}, "'if'"),
@@ -263,13 +263,66 @@ def test_the_backends_really_disagree_where_xgrammar_is_refused(gtok):
 
 
 def test_auto_sends_a_schema_to_the_backend_that_enforces_it(compiler, structured, hf_tok):
-    compiled = compiler.compile_sync(spec("json", json.dumps(DISJOINT_ONE_OF), "auto")).grammar
+    # xgrammar drops a pattern's length bound; llguidance keeps it.
+    bounded = {"type": "string", "pattern": "a+", "maxLength": 3}
+    compiled = compiler.compile_sync(spec("json", json.dumps(bounded), "auto")).grammar
     assert compiled.backend == "guidance"
+    assert status(structured, hf_tok, compiled, '"aaa"') == "complete"
+    assert status(structured, hf_tok, compiled, '"aaaa') == "rejected"
+    plain = compiler.compile_sync(spec("json", json.dumps(SCHEMA), "auto")).grammar
+    assert plain.backend == "xgrammar"
+
+
+def test_auto_sends_all_of_to_llguidance_which_keeps_every_part(compiler, structured, hf_tok):
+    schema = {"allOf": [{"type": "integer", "minimum": 10}, {"type": "integer", "maximum": 20}]}
+    compiled = compiler.compile_sync(spec("json", json.dumps(schema), "auto")).grammar
+    assert compiled.backend == "guidance"
+    assert status(structured, hf_tok, compiled, "15") == "complete"
+    assert status(structured, hf_tok, compiled, "25") == "rejected"  # breaks the second part
+    assert status(structured, hf_tok, compiled, "5") == "rejected"  # breaks the first
+
+
+def test_dependencies_and_not_required_reach_llguidance_rewritten(compiler, structured, hf_tok):
+    """Neither backend has `dependencies` or `not`; the rewrite llguidance gets is exact."""
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "dependencies": {"a": ["b"]},
+        "not": {"required": ["b"]},
+    }
+    compiled = compiler.compile_sync(spec("json", json.dumps(schema), "auto")).grammar
+    assert compiled.backend == "guidance"
+    assert status(structured, hf_tok, compiled, "{}") == "complete"
+    assert status(structured, hf_tok, compiled, '{"a": 1}') == "rejected"  # needs b
+    assert status(structured, hf_tok, compiled, '{"b": 2}') == "rejected"  # b is forbidden
+
+
+def test_a_provably_disjoint_one_of_is_enforced_by_xgrammar(compiler, structured, hf_tok):
+    compiled = compiler.compile_sync(spec("json", json.dumps(DISJOINT_ONE_OF), "auto")).grammar
+    assert compiled.backend == "xgrammar"
     assert status(structured, hf_tok, compiled, "12") == "complete"
     assert status(structured, hf_tok, compiled, '"s"') == "complete"
     assert status(structured, hf_tok, compiled, "null") == "rejected"
-    plain = compiler.compile_sync(spec("json", json.dumps(SCHEMA), "auto")).grammar
-    assert plain.backend == "xgrammar"
+
+
+def test_llguidance_reads_a_disjoint_one_of_as_any_of(compiler, structured, hf_tok):
+    """llguidance refuses oneOf unless told to read it as anyOf; told only when exact."""
+    schema = {"oneOf": [{"type": "string", "pattern": "a+", "maxLength": 2}, {"type": "null"}]}
+    compiled = compiler.compile_sync(spec("json", json.dumps(schema), "auto")).grammar
+    assert compiled.backend == "guidance"
+    assert json.loads(compiled.compiled)["grammars"][0]["json_schema"]["x-guidance"] == {
+        "coerce_one_of": True
+    }
+    assert status(structured, hf_tok, compiled, '"aa"') == "complete"
+    assert status(structured, hf_tok, compiled, "null") == "complete"
+    assert status(structured, hf_tok, compiled, '"aaa') == "rejected"
+    assert status(structured, hf_tok, compiled, "1") == "rejected"
+
+
+def test_a_schema_cannot_loosen_llguidance_with_its_own_options(compiler):
+    schema = {"oneOf": [{"type": "integer"}, {}], "x-guidance": {"coerce_one_of": True}}
+    with pytest.raises(gm.GrammarError, match="may not carry llguidance's 'x-guidance'"):
+        compiler.compile_sync(spec("json", json.dumps(schema), "guidance"))
 
 
 def test_auto_refuses_what_no_backend_enforces(compiler):

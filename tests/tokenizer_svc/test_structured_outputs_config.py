@@ -34,7 +34,7 @@ def test_accepted_defaults_and_fallback():
         }
     )
     assert cfg.guided_decoding_backend == "guidance"
-    assert _cfg(structured_outputs_config="{}").guided_decoding_backend == "xgrammar"
+    assert _cfg(structured_outputs_config="{}").guided_decoding_backend == "auto"
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,17 @@ def test_serve_flag(capsys):
     assert out["tokenizer"]["guided_decoding_backend"] == "guidance"
     assert main(["serve", "--structured-outputs-config", '{"x": 1}', "--check-config"]) == 2
     assert "--structured-outputs-config: unknown key(s) x" in capsys.readouterr().err
+
+
+def test_default_backend_is_auto_in_both_services(capsys):
+    """vLLM's default; the tokenizer service and the sampling rank (which compiles a direct
+    Generate caller's constraint) must agree on it."""
+    assert main(["serve", "--check-config"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokenizer"]["guided_decoding_backend"] == "auto"
+    assert out["worker"]["guided_decoding_backend"] == "auto"
+    argv = ["serve", "--guided-decoding-backend", "xgrammar", "--check-config"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokenizer"]["guided_decoding_backend"] == "xgrammar"
+    assert out["worker"]["guided_decoding_backend"] == "xgrammar"
