@@ -19,9 +19,14 @@ from starlette.responses import PlainTextResponse, Response
 
 import splitserve
 from splitserve.common import tracing
-from splitserve.gateway.clients import ServiceClients
+from splitserve.gateway.clients import TOKENIZER_SERVICE, ServiceClients
 from splitserve.gateway.config import GatewayConfig
-from splitserve.gateway.errors import ClientDisconnected, RequestError, error_response
+from splitserve.gateway.errors import (
+    ClientDisconnected,
+    RequestError,
+    bad_request,
+    error_response,
+)
 from splitserve.gateway.generation import Deadline
 from splitserve.gateway.lora_registry import LoRARegistry, runtime_updates_allowed
 from splitserve.gateway.metrics import GatewayMetrics, HTTPMetricsMiddleware
@@ -31,7 +36,7 @@ from splitserve.gateway.middleware import (
     DrainMiddleware,
     RequestIdMiddleware,
 )
-from splitserve.gateway.prepare import chat_input, prepare
+from splitserve.gateway.prepare import chat_input, check_prompt_chars, prepare
 from splitserve.gateway.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -125,6 +130,7 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     owned = clients is None
     if clients is None:
         clients = ServiceClients(config.scheduler_address, config.tokenizer_address)
+    clients.rpc_timeout_s = config.rpc_timeout_s
     metrics = GatewayMetrics(config.model_names()[0])
     state = GatewayState()
 
@@ -159,7 +165,8 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     # drain, body limit, API key, routes.
     api_key = config.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("VLLM_API_KEY")
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        open_paths = frozenset({"/metrics"}) if config.disable_metrics_auth else frozenset()
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=open_paths)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
     app.add_middleware(DrainMiddleware, state=state)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=_KNOWN_PATHS)
@@ -409,16 +416,19 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
     else:
         req = TokenizeCompletionRequest.model_validate(body)
         base.check_model(req.model)
-        resp = await clients.tokenizer.Tokenize(
+        check_prompt_chars(clients, len(req.prompt), "the prompt", "prompt")
+        resp = await clients.unary(
+            TOKENIZER_SERVICE,
+            clients.tokenizer.Tokenize,
             tokenizer_pb2.TokenizeRequest(
                 text=req.prompt, add_special_tokens=req.add_special_tokens
             ),
-            timeout=deadline.remaining(),
+            deadline,
         )
         ids, want_strs = list(resp.token_ids), req.return_token_strs
     token_strs = None
     if want_strs:
-        await clients.fetch_token_strings(clients.missing_token_strings(ids), deadline.remaining())
+        await clients.fetch_token_strings(clients.missing_token_strings(ids), deadline)
         token_strs = [clients.token_string(t)[0] for t in ids]
     out = TokenizeResponse(
         count=len(ids), max_model_len=clients.max_model_len, tokens=ids, token_strs=token_strs
@@ -428,10 +438,20 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
 
 async def _detokenize(base: ServingBase, req: DetokenizeRequest) -> Response:
     base.check_model(req.model)
-    check_token_ids(req.tokens, base.limits(), "tokens")
-    resp = await base.clients.tokenizer.Detokenize(
+    limits = base.limits()
+    check_token_ids(req.tokens, limits, "tokens")
+    if len(req.tokens) > limits.max_model_len:
+        raise bad_request(
+            f"tokens holds {len(req.tokens)} ids, more than this model's maximum context "
+            f"length of {limits.max_model_len} tokens",
+            "tokens",
+        )
+    clients = base.clients
+    resp = await clients.unary(
+        TOKENIZER_SERVICE,
+        clients.tokenizer.Detokenize,
         tokenizer_pb2.DetokenizeRequest(token_ids=req.tokens),
-        timeout=Deadline(base.config.request_timeout_s).remaining(),
+        Deadline(base.config.request_timeout_s),
     )
     return Response(
         DetokenizeResponse(prompt=resp.text).model_dump_json(), media_type="application/json"

@@ -267,6 +267,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             bos_token_id=info.bos_token_id,
             has_chat_template=info.has_chat_template,
             name=info.name,
+            max_token_chars=info.max_token_chars,
         )
 
     async def DetokenizeStream(self, request_iterator, context):
