@@ -83,6 +83,7 @@ _KNOWN_PATHS = frozenset(
         "/tokenize",
         "/detokenize",
         "/health",
+        "/ping",
         "/version",
         "/metrics",
         "/load",
@@ -335,6 +336,20 @@ def _add_routes(
             return Response(status_code=200)
         down = ", ".join(name for name, ok in serving.items() if not ok)
         return error_response(RequestError(503, f"not serving: {down}"))
+
+    ping_responses: dict[int | str, dict[str, Any]] = {
+        # NOTE: as vLLM, a healthy answer has no body; the schema must say so.
+        200: {"description": "as /health (vLLM's /ping)", "content": None},
+        503: {"model": ErrorResponse},
+    }
+
+    @app.get("/ping", response_class=Response, responses=ping_responses)
+    async def ping() -> Response:
+        return await health()
+
+    @app.post("/ping", response_class=Response, responses=ping_responses)
+    async def ping_post() -> Response:
+        return await health()
 
     if config.enable_server_load_tracking:
 

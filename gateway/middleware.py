@@ -120,7 +120,7 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-_UNCOUNTED = frozenset({"/health", "/metrics", "/load"})
+_UNCOUNTED = frozenset({"/health", "/ping", "/metrics", "/load"})
 LOAD_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 """The routes --enable-server-load-tracking counts (generation, as vLLM's load-aware calls)."""
 

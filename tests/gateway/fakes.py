@@ -7,6 +7,7 @@ text steer it:
   #hold@N    N tokens, then wait until cancelled    #eos@N   EOS after N tokens
   #fail      2 tokens, then FINISH_REASON_ERROR     #multi   all tokens in one message
   #gate      no output until the test sets `FakeScheduler.gate`
+  #slow      a token every 50 ms
   #say=KEY   the text `FakeScheduler.say[KEY]` (a list: item i for sequence i of n), then
              finish STOP without a stop token, as a grammar that terminated
   #cached@N  report N + 3*i prompt tokens found in the prefix cache for sequence i of n
@@ -560,7 +561,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
                 pending = scheduler_pb2.GenerateResponse()
             if msg.finish_reason:
                 return
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.05 if "#slow" in prompt else 0)
 
 
 def _refusal(req: scheduler_pb2.GenerateRequest, prompt: str) -> tuple | None:

@@ -84,7 +84,7 @@ def test_a_silent_output_stream_fails_its_requests(make_gateway, fakes):
 
 def test_a_stall_mid_stream_ends_it_with_an_error_event(make_gateway, fakes):
     gw = make_gateway(rpc_timeout_s=TIMEOUT_S)
-    body = {"prompt": "hi", "max_tokens": 40, "stream": True, "ignore_eos": True}
+    body = {"prompt": "hi #slow", "max_tokens": 100, "stream": True, "ignore_eos": True}
     events: list[str] = []
     with gw.client() as c, c.stream("POST", COMPL, json=body) as r:
         assert r.status_code == 200

@@ -368,6 +368,7 @@ def test_api_key(make_gateway):
         assert c.get("/v1/models", headers=ok).status_code == 200
         assert c.get("/health").status_code == 200  # the probes never need the key
         assert c.get("/version").status_code == 200
+        assert c.get("/ping").status_code == 200 and c.post("/ping").status_code == 200
         # Every other route does, /v1 or not (vLLM guards only /v1).
         assert_error(c.post("/tokenize", json={"prompt": "x"}), 401, code="invalid_api_key")
         assert_error(c.post("/detokenize", json={"tokens": [1]}), 401, code="invalid_api_key")
