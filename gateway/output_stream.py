@@ -221,11 +221,19 @@ class OutputRouter:
 
     async def _watch(self) -> None:
         """Fail the stream when it has been silent past --rpc-timeout-s (heartbeats included):
-        the scheduler is stopped or hung, and its requests must not wait on it forever."""
+        the scheduler is stopped or hung, and its requests must not wait on it forever. After
+        a stall, keep trying to open a new stream, so that /health recovers with the scheduler
+        even when no request comes (a probe that sees 503 sends none)."""
         loop = asyncio.get_running_loop()
         while True:
             timeout = self._clients.rpc_timeout_s
             await asyncio.sleep(timeout / _HEARTBEATS_PER_TIMEOUT)
+            if self.stalled and self._call is None:
+                try:
+                    await self._ensure_open()
+                except (grpc.aio.AioRpcError, RequestError, EngineError) as exc:
+                    logger.info("the scheduler's output stream does not open yet: %s", exc)
+                continue
             since = self._waiting_since
             reader = self._reader
             if since is None or reader is None or reader.done():

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import Server
+from .conftest import Server, wait_for
 from .test_lifecycle import _cmdline
 
 RPC_TIMEOUT_S = 3
@@ -92,6 +92,16 @@ def test_a_stopped_scheduler_fails_requests_within_the_rpc_timeout(stack):
     error = json.loads(events[-2])["error"]
     assert error["code"] == 503 and "scheduler did not answer" in error["message"], error
     assert _unhealthy(s.url)
+    os.kill(scheduler, signal.SIGCONT)
+    stopped.remove(scheduler)
+    # Back without a request to prompt it: the gateway reopens its output stream itself.
+    wait_for(lambda: not _unhealthy(s.url), 30, "/health back to 200")
+    r = httpx.post(
+        s.url + "/v1/completions",
+        json={"model": s.model, "prompt": "hi", "max_tokens": 5},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_a_stopped_tokenizer_service_fails_requests_within_the_rpc_timeout(stack):
