@@ -19,9 +19,14 @@ from starlette.responses import PlainTextResponse, Response
 
 import splitserve
 from splitserve.common import tracing
-from splitserve.gateway.clients import ServiceClients
+from splitserve.gateway.clients import TOKENIZER_SERVICE, ServiceClients
 from splitserve.gateway.config import GatewayConfig
-from splitserve.gateway.errors import ClientDisconnected, RequestError, error_response
+from splitserve.gateway.errors import (
+    ClientDisconnected,
+    RequestError,
+    bad_request,
+    error_response,
+)
 from splitserve.gateway.generation import Deadline
 from splitserve.gateway.lora_registry import LoRARegistry, runtime_updates_allowed
 from splitserve.gateway.metrics import GatewayMetrics, HTTPMetricsMiddleware
@@ -31,7 +36,7 @@ from splitserve.gateway.middleware import (
     DrainMiddleware,
     RequestIdMiddleware,
 )
-from splitserve.gateway.prepare import chat_input, prepare
+from splitserve.gateway.prepare import chat_input, check_prompt_chars, prepare
 from splitserve.gateway.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -78,6 +83,7 @@ _KNOWN_PATHS = frozenset(
         "/tokenize",
         "/detokenize",
         "/health",
+        "/ping",
         "/version",
         "/metrics",
         "/load",
@@ -125,6 +131,7 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     owned = clients is None
     if clients is None:
         clients = ServiceClients(config.scheduler_address, config.tokenizer_address)
+    clients.rpc_timeout_s = config.rpc_timeout_s
     metrics = GatewayMetrics(config.model_names()[0])
     state = GatewayState()
 
@@ -161,7 +168,8 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
     # drain, body limit, API key, routes.
     api_key = config.api_key or os.environ.get(API_KEY_ENV) or os.environ.get("VLLM_API_KEY")
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        open_paths = frozenset({"/metrics"}) if config.disable_metrics_auth else frozenset()
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, open_paths=open_paths)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=config.max_body_bytes)
     app.add_middleware(DrainMiddleware, state=state)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, known_paths=_KNOWN_PATHS)
@@ -331,6 +339,20 @@ def _add_routes(
         down = ", ".join(name for name, ok in serving.items() if not ok)
         return error_response(RequestError(503, f"not serving: {down}"))
 
+    ping_responses: dict[int | str, dict[str, Any]] = {
+        # NOTE: as vLLM, a healthy answer has no body; the schema must say so.
+        200: {"description": "as /health (vLLM's /ping)", "content": None},
+        503: {"model": ErrorResponse},
+    }
+
+    @app.get("/ping", response_class=Response, responses=ping_responses)
+    async def ping() -> Response:
+        return await health()
+
+    @app.post("/ping", response_class=Response, responses=ping_responses)
+    async def ping_post() -> Response:
+        return await health()
+
     if config.enable_server_load_tracking:
 
         @app.get("/load", response_model=ServerLoad)
@@ -411,16 +433,19 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
     else:
         req = TokenizeCompletionRequest.model_validate(body)
         base.check_model(req.model)
-        resp = await clients.tokenizer.Tokenize(
+        check_prompt_chars(clients, len(req.prompt), "the prompt", "prompt")
+        resp = await clients.unary(
+            TOKENIZER_SERVICE,
+            clients.tokenizer.Tokenize,
             tokenizer_pb2.TokenizeRequest(
                 text=req.prompt, add_special_tokens=req.add_special_tokens
             ),
-            timeout=deadline.remaining(),
+            deadline,
         )
         ids, want_strs = list(resp.token_ids), req.return_token_strs
     token_strs = None
     if want_strs:
-        await clients.fetch_token_strings(clients.missing_token_strings(ids), deadline.remaining())
+        await clients.fetch_token_strings(clients.missing_token_strings(ids), deadline)
         token_strs = [clients.token_string(t)[0] for t in ids]
     out = TokenizeResponse(
         count=len(ids), max_model_len=clients.max_model_len, tokens=ids, token_strs=token_strs
@@ -430,10 +455,20 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
 
 async def _detokenize(base: ServingBase, req: DetokenizeRequest) -> Response:
     base.check_model(req.model)
-    check_token_ids(req.tokens, base.limits(), "tokens")
-    resp = await base.clients.tokenizer.Detokenize(
+    limits = base.limits()
+    check_token_ids(req.tokens, limits, "tokens")
+    if len(req.tokens) > limits.max_model_len:
+        raise bad_request(
+            f"tokens holds {len(req.tokens)} ids, more than this model's maximum context "
+            f"length of {limits.max_model_len} tokens",
+            "tokens",
+        )
+    clients = base.clients
+    resp = await clients.unary(
+        TOKENIZER_SERVICE,
+        clients.tokenizer.Detokenize,
         tokenizer_pb2.DetokenizeRequest(token_ids=req.tokens),
-        timeout=Deadline(base.config.request_timeout_s).remaining(),
+        Deadline(base.config.request_timeout_s),
     )
     return Response(
         DetokenizeResponse(prompt=resp.text).model_dump_json(), media_type="application/json"

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.common.generation_config import SamplingDefaults
+from splitserve.gateway.errors import service_stalled
 from splitserve.protos import (
     scheduler_pb2,
     scheduler_pb2_grpc,
@@ -25,6 +26,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]
+SCHEDULER = "scheduler"
+TOKENIZER_SERVICE = "tokenizer service"
 _RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -35,9 +38,14 @@ _RETRYABLE = (
 class ServiceClients:
     """One channel per service, created once; model and tokenizer facts fetched at start-up."""
 
-    def __init__(self, scheduler_address: str, tokenizer_address: str) -> None:
+    def __init__(
+        self, scheduler_address: str, tokenizer_address: str, rpc_timeout_s: float = 60.0
+    ) -> None:
         self.scheduler_address = scheduler_address
         self.tokenizer_address = tokenizer_address
+        self.rpc_timeout_s = rpc_timeout_s
+        """Deadline of each unary call, within the request's own (--rpc-timeout-s); also how
+        long the output stream may stay silent before the scheduler counts as stalled."""
         self._scheduler_channel: grpc.aio.Channel | None = None
         self._tokenizer_channel: grpc.aio.Channel | None = None
         self.scheduler: scheduler_pb2_grpc.SchedulerServiceStub | None = None
@@ -135,7 +143,37 @@ class ServiceClients:
         names = ("scheduler", "tokenizer")
         channels = (self._scheduler_channel, self._tokenizer_channel)
         results = await asyncio.gather(*(_is_serving(c, timeout_s) for c in channels))
-        return dict(zip(names, results, strict=True))
+        serving = dict(zip(names, results, strict=True))
+        if self.router is not None and self.router.stalled:
+            # NOTE: its health service may still answer while its outputs stopped.
+            serving["scheduler"] = False
+        return serving
+
+    # ------------------------------------------------------------------ bounded calls
+
+    def call_timeout(self, deadline=None) -> float:
+        """A unary call's timeout: the request's time left, at most --rpc-timeout-s."""
+        remaining = deadline.remaining() if deadline is not None else None
+        return self.rpc_timeout_s if remaining is None else min(remaining, self.rpc_timeout_s)
+
+    def stalled_error(self, exc: grpc.aio.AioRpcError, deadline, service: str):
+        """`exc` as the 503 of a stalled service when it is --rpc-timeout-s running out (not
+        the request's own deadline, which stays a 504); else `exc` itself."""
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (
+            deadline is not None and deadline.expired()
+        ):
+            return service_stalled(service, self.rpc_timeout_s)
+        return exc
+
+    async def unary(self, service: str, method, request, deadline=None):
+        """`method(request)` bounded by call_timeout; a stalled service becomes a 503."""
+        try:
+            return await method(request, timeout=self.call_timeout(deadline))
+        except grpc.aio.AioRpcError as exc:
+            error = self.stalled_error(exc, deadline, service)
+            if error is exc:
+                raise
+            raise error from None
 
     # ------------------------------------------------------------------ cached facts
 
@@ -164,12 +202,15 @@ class ServiceClients:
         cache = self._token_strings
         return list(dict.fromkeys(i for i in ids if i not in cache))
 
-    async def fetch_token_strings(self, ids: list[int], timeout: float | None = None) -> None:
+    async def fetch_token_strings(self, ids: list[int], deadline=None) -> None:
         """Decode each id alone (DecodeEach) and cache it; the vocabulary bounds the cache."""
         if not ids:
             return
-        resp = await self.tokenizer.DecodeEach(
-            tokenizer_pb2.DecodeEachRequest(token_ids=ids), timeout=timeout
+        resp = await self.unary(
+            TOKENIZER_SERVICE,
+            self.tokenizer.DecodeEach,
+            tokenizer_pb2.DecodeEachRequest(token_ids=ids),
+            deadline,
         )
         token_bytes = list(resp.token_bytes)
         for k, token_id in enumerate(ids):

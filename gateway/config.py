@@ -32,8 +32,11 @@ class GatewayConfig(engine_fields("max_logprobs", "enable_lora", "max_lora_rank"
     served_model_name: list[str] | None = None
     """Model names clients may ask for; the first is reported in responses (default: model)."""
     api_key: str | None = field(default=None, repr=False)
-    """When set, every /v1/* request needs `Authorization: Bearer <key>` (else the
-    SPLITSERVE_API_KEY or VLLM_API_KEY environment variable, when set)."""
+    """When set, every route but the probes (/health, /ping, /version) needs `Authorization:
+    Bearer <key>` (vLLM guards only /v1/*); else the SPLITSERVE_API_KEY or VLLM_API_KEY
+    environment variable, when set."""
+    disable_metrics_auth: bool = False
+    """With an API key: serve /metrics without it, for Prometheus scrapers that send none."""
     max_n: int = 128
     """Most sequences one request may run: `n`, times the prompts of a completions batch."""
     max_stop_strings: int = 64
@@ -46,6 +49,12 @@ class GatewayConfig(engine_fields("max_logprobs", "enable_lora", "max_lora_rank"
     """Deadline of each request's gRPC calls in seconds (exceeded: 504); None for none."""
     max_tokens_default: int = 16
     """max_tokens of a completion request that gives none (chat uses the rest of the context); the model's max_new_tokens, when its generation config sets one, caps it and every explicit max_tokens too, as in vLLM."""
+    rpc_timeout_s: float = 60.0
+    """Longest wait on the scheduler or the tokenizer service: the deadline of every unary
+    call to them (within the request's own), and the longest silence of the scheduler's
+    output stream (it sends heartbeats) before the gateway takes the scheduler as stalled
+    and fails every request on it. Either way the client gets a 503 (an SSE error event
+    once streaming) and /health is 503 while the service stays silent."""
     retry_after_s: int = 1
     """Seconds put in Retry-After when the scheduler's queue is full (503)."""
     startup_timeout_s: float = 600.0
@@ -160,6 +169,8 @@ class GatewayConfig(engine_fields("max_logprobs", "enable_lora", "max_lora_rank"
             raise ValueError(
                 f"max_tokens_default must be at least 1, got {self.max_tokens_default}"
             )
+        if not self.rpc_timeout_s > 0:
+            raise ValueError(f"rpc_timeout_s must be positive, got {self.rpc_timeout_s}")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s must be non-negative, got {self.retry_after_s}")
         if not self.startup_timeout_s > 0:

@@ -75,6 +75,13 @@ def request_timeout() -> RequestError:
     return RequestError(504, REQUEST_TIMEOUT_MESSAGE)
 
 
+def service_stalled(service: str, timeout_s: float) -> RequestError:
+    """The 503 of a backend that did not answer within --rpc-timeout-s (stopped, hung)."""
+    return RequestError(
+        503, f"the {service} did not answer within {timeout_s:g}s (--rpc-timeout-s)"
+    )
+
+
 class EngineError(Exception):
     """A sequence failed inside the engine (finish_reason ERROR); only that request fails."""
 

@@ -271,7 +271,7 @@ def _prefetch(
     missing = clients.missing_token_strings(wanted)
     if not missing:
         return None
-    return asyncio.ensure_future(clients.fetch_token_strings(missing, deadline.remaining()))
+    return asyncio.ensure_future(clients.fetch_token_strings(missing, deadline))
 
 
 def _ids_in(entries: Iterable[common_pb2.TokenLogprobs]) -> Iterable[int]:

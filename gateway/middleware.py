@@ -84,18 +84,26 @@ class BodyLimitMiddleware:
             await error_response(exc)(scope, receive, send)
 
 
-class APIKeyMiddleware:
-    """Every /v1/* request needs `Authorization: Bearer <key>`; compared in constant time."""
+PROBE_PATHS = frozenset({"/health", "/ping", "/version"})
+"""Routes an orchestrator's probes call: they answer without the API key."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+
+class APIKeyMiddleware:
+    """With --api-key, every route but the probes (and `open_paths`) needs
+    `Authorization: Bearer <key>`, compared in constant time. vLLM guards only /v1; here
+    /tokenize, /detokenize, /metrics, /load and the docs are guarded too, since each of them
+    reaches a service or tells about the deployment."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str] = frozenset()):
         self.app = app
         self._expected = f"Bearer {api_key}".encode()
+        self._open = PROBE_PATHS | open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
             and scope.get("method") != "OPTIONS"
-            and _route_path(scope).startswith("/v1")
+            and _route_path(scope) not in self._open
         ):
             given = _header(scope, b"authorization") or b""
             if not hmac.compare_digest(given, self._expected):
@@ -112,7 +120,7 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-_UNCOUNTED = frozenset({"/health", "/metrics", "/load"})
+_UNCOUNTED = frozenset({"/health", "/ping", "/metrics", "/load"})
 LOAD_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 """The routes --enable-server-load-tracking counts (generation, as vLLM's load-aware calls)."""
 

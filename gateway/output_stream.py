@@ -10,6 +10,8 @@ generated token costs no gRPC message of its own: no per-request stream, no deto
 A sequence ends by its finish reason, a stop string, an error, its deadline or its consumer
 going away; every end but a finish from the scheduler sends `Abort`, which frees its KV blocks.
 If the stream itself breaks, every sequence on it fails, and the next request opens a new one.
+So it does when the stream stays silent past --rpc-timeout-s: the scheduler sends an empty
+batch every quarter of that while it has nothing else to send, so silence means it stalled.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from collections.abc import Callable, Iterable
 import grpc
 
 from splitserve.common import tracing
-from splitserve.gateway.errors import EngineError, request_timeout
+from splitserve.gateway.clients import SCHEDULER
+from splitserve.gateway.errors import EngineError, RequestError, request_timeout, service_stalled
 from splitserve.gateway.generation import note_timings
 from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
 from splitserve.tokenizer_svc.decode_handle import DecodeHandle
@@ -33,6 +36,9 @@ from splitserve.tokenizer_svc.stream import SequenceStream
 logger = logging.getLogger(__name__)
 
 _ERROR = int(common_pb2.FinishReason.FINISH_REASON_ERROR)
+_HEARTBEATS_PER_TIMEOUT = 4
+"""Heartbeats the scheduler sends per --rpc-timeout-s of silence: a few may be late or lost
+to a busy loop before the stream counts as stalled."""
 # Abort calls are fire-and-forget; keep their tasks referenced until they end.
 _background: set[asyncio.Task] = set()
 
@@ -162,6 +168,13 @@ class OutputRouter:
         self._stream_id = ""
         self._opening: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._waiting_since: float | None = None
+        """When the reader began waiting for the next batch (None while it handles one)."""
+        self._stall_cancel: asyncio.Task | None = None
+        """The reader the watchdog cancelled (its end is then the stall, not a shutdown)."""
+        self.stalled = False
+        """The last stream went silent past --rpc-timeout-s; cleared when a new one opens."""
         self.batches_read = 0
         """OutputBatch messages read so far (tests count messages per step with it)."""
 
@@ -180,39 +193,91 @@ class OutputRouter:
 
     async def _open(self) -> str:
         stream_id = f"gw-{uuid.uuid4().hex}"
+        timeout = self._clients.rpc_timeout_s
         call = self._clients.scheduler.StreamOutputs(
-            scheduler_pb2.StreamOutputsRequest(stream_id=stream_id)
+            scheduler_pb2.StreamOutputsRequest(
+                stream_id=stream_id, heartbeat_interval_s=timeout / _HEARTBEATS_PER_TIMEOUT
+            )
         )
         try:
-            first = await call.read()
+            first = await asyncio.wait_for(call.read(), timeout)
+        except TimeoutError:
+            call.cancel()
+            self.stalled = True
+            raise service_stalled(SCHEDULER, timeout) from None
         except BaseException:
             call.cancel()
             raise
         if first is grpc.aio.EOF:
             raise EngineError("the scheduler closed the output stream at once")
         self._call, self._stream_id = call, stream_id
+        self.stalled = False
+        self._waiting_since = None
         self._reader = asyncio.ensure_future(self._read(call))
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch())
         logger.info("output stream %s open", stream_id)
         return stream_id
 
+    async def _watch(self) -> None:
+        """Fail the stream when it has been silent past --rpc-timeout-s (heartbeats included):
+        the scheduler is stopped or hung, and its requests must not wait on it forever. After
+        a stall, keep trying to open a new stream, so that /health recovers with the scheduler
+        even when no request comes (a probe that sees 503 sends none)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = self._clients.rpc_timeout_s
+            await asyncio.sleep(timeout / _HEARTBEATS_PER_TIMEOUT)
+            if self.stalled and self._call is None:
+                try:
+                    await self._ensure_open()
+                except (grpc.aio.AioRpcError, RequestError, EngineError) as exc:
+                    logger.info("the scheduler's output stream does not open yet: %s", exc)
+                continue
+            since = self._waiting_since
+            reader = self._reader
+            if since is None or reader is None or reader.done():
+                continue
+            if loop.time() - since > timeout:
+                logger.error(
+                    "the scheduler's output stream %s was silent for %.0fs (--rpc-timeout-s): "
+                    "failing its %d requests",
+                    self._stream_id,
+                    loop.time() - since,
+                    len(self._seqs),
+                )
+                self.stalled = True
+                self._stall_cancel = reader
+                reader.cancel()
+
     async def _read(self, call) -> None:
         error: BaseException | None = None
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                self._waiting_since = loop.time()
                 batch = await call.read()
+                self._waiting_since = None
                 if batch is grpc.aio.EOF:
                     break
                 self.batches_read += 1
                 await self._dispatch(batch.outputs)
         except asyncio.CancelledError:
-            error = EngineError("the gateway is shutting down")
-            raise
+            if self._stall_cancel is asyncio.current_task():
+                # NOTE: the watchdog's cancel; the call is dropped below (the scheduler, if it
+                # ever resumes, aborts every request on it), and the next request opens anew.
+                call.cancel()
+                error = service_stalled(SCHEDULER, self._clients.rpc_timeout_s)
+            else:
+                error = EngineError("the gateway is shutting down")
+                raise
         except grpc.aio.AioRpcError as exc:
             error = exc
         except Exception as exc:  # a bug here must not leave requests hanging
             logger.exception("output stream reader failed")
             error = exc
         finally:
+            self._waiting_since = None
             if self._call is call:
                 self._call = None
             failure = error or grpc_error(
@@ -233,8 +298,8 @@ class OutputRouter:
             missing = self._clients.missing_token_strings(wanted)
             if missing:
                 try:
-                    await self._clients.fetch_token_strings(missing, 60.0)
-                except grpc.aio.AioRpcError as exc:
+                    await self._clients.fetch_token_strings(missing)
+                except (grpc.aio.AioRpcError, RequestError) as exc:
                     self._fail_wanting_strings(entries, exc)
         for e in entries:
             seq = seqs.get(e.request_id)
@@ -260,6 +325,10 @@ class OutputRouter:
                 self._abort(seq.request_id)
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         if self._call is not None:
             self._call.cancel()
         if self._reader is not None:
@@ -303,7 +372,10 @@ class OutputRouter:
 
         async def abort() -> None:
             try:
-                await stub.Abort(scheduler_pb2.AbortRequest(request_id=request_id), timeout=30)
+                await stub.Abort(
+                    scheduler_pb2.AbortRequest(request_id=request_id),
+                    timeout=self._clients.rpc_timeout_s,
+                )
             except grpc.aio.AioRpcError as exc:  # the scheduler is gone: nothing runs there
                 logger.debug("abort of %s failed: %s", request_id, exc.code())
 
@@ -341,15 +413,20 @@ class RouterGroup:
     async def _submit(self, stream_id: str, seq: SequenceOutput, deadline) -> None:
         spec = seq.spec
         request = spec.to_request()
+        clients = self._router._clients
         try:
-            await self._router._clients.scheduler.Submit(
+            await clients.scheduler.Submit(
                 scheduler_pb2.SubmitRequest(stream_id=stream_id, request=request),
-                timeout=deadline.remaining(),
+                timeout=clients.call_timeout(deadline),
             )
         except grpc.aio.AioRpcError as exc:
             if self._router._seqs.get(seq.request_id) is seq:
                 self._router._forget(seq)
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or deadline.expired():
+                stalled = clients.stalled_error(exc, deadline, SCHEDULER)
+                if stalled is not exc:
+                    self._router._abort(seq.request_id)  # it may be queued there
+                    seq.fail(stalled)
+                elif exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or deadline.expired():
                     # NOTE: past our own deadline, any call failure is that deadline (the
                     # request may be queued: abort it).
                     self._router._abort(seq.request_id)

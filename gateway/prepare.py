@@ -22,6 +22,7 @@ import grpc
 
 from splitserve.common.mm_limits import parse_mm_limits
 from splitserve.common.sampling_params import SamplingParams
+from splitserve.gateway.clients import TOKENIZER_SERVICE
 from splitserve.gateway.errors import RequestError, bad_request, param_from_details
 from splitserve.gateway.generation import Deadline
 from splitserve.gateway.media import MediaPolicy, load_image
@@ -41,24 +42,69 @@ async def prepare(
     *,
     sampling: SamplingParams | None = None,
     constraint: Constraint | None = None,
+    prompt_param: str = "prompt",
 ) -> tokenizer_pb2.PrepareResponse:
     """Send `request` with the bad words of `sampling` and `constraint` added; fills
     sampling.bad_words_token_ids. Refusals become the 400s described above."""
+    check_prompt_size(clients, request, prompt_param)
     words = sampling.bad_words if sampling is not None else None
     if words:
         request.bad_words.extend(words)
     if constraint is not None:
         request.grammar.CopyFrom(constraint.grammar)
     try:
-        response = await clients.tokenizer.Prepare(request, timeout=deadline.remaining())
+        response = await clients.tokenizer.Prepare(request, timeout=clients.call_timeout(deadline))
     except grpc.aio.AioRpcError as exc:
         refusal = _refusal(exc, request, constraint, deadline)
         if refusal is None:
-            raise
+            refusal = clients.stalled_error(exc, deadline, TOKENIZER_SERVICE)
+            if refusal is exc:
+                raise
         raise refusal from None
     if words:
         sampling.bad_words_token_ids = [list(s.token_ids) for s in response.bad_words_token_ids]
     return response
+
+
+def prompt_char_limit(clients) -> int | None:
+    """The most characters a prompt may hold: what max_model_len tokens can stand for (the
+    tokenizer service's max_token_chars each); None when the service does not say."""
+    info = clients.tokenizer_info
+    per_token = info.max_token_chars if info is not None else 0
+    ctx = clients.max_model_len
+    return ctx * per_token if per_token > 0 and ctx > 0 else None
+
+
+def check_prompt_chars(clients, chars: int, what: str, param: str) -> None:
+    """A 400 for a text too long to fit the context in any tokenization, sent before the
+    tokenizer service spends time and memory on it (a prompt past the context would be
+    refused after tokenizing anyway)."""
+    limit = prompt_char_limit(clients)
+    if limit is not None and chars > limit:
+        raise bad_request(
+            f"{what} holds {chars} characters, more than any prompt that fits this model's "
+            f"maximum context length of {clients.max_model_len} tokens can hold ({limit}: at "
+            f"most {limit // clients.max_model_len} characters a token). Please reduce the "
+            "length of the prompt.",
+            param,
+        )
+
+
+def check_prompt_size(
+    clients, request: tokenizer_pb2.PrepareRequest, prompt_param: str = "prompt"
+) -> None:
+    """Every text of a Prepare request against prompt_char_limit: each prompt, or the chat
+    messages as JSON with their tools and documents (what the template renders from). A
+    request that asks for truncation may be longer: only the body limit bounds it."""
+    if request.HasField("truncate_prompt_tokens"):
+        return
+    if request.HasField("chat"):
+        chat = request.chat
+        chars = len(chat.messages_json) + len(chat.tools_json) + len(chat.documents_json)
+        check_prompt_chars(clients, chars, "the messages (as JSON, with tools)", "messages")
+    for k, p in enumerate(request.prompts.prompts):
+        if p.WhichOneof("kind") == "text":
+            check_prompt_chars(clients, len(p.text), f"{prompt_param} {k}", prompt_param)
 
 
 def _refusal(

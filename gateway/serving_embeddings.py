@@ -163,7 +163,7 @@ class EmbeddingsService(ServingBase):
                     "truncate_prompt_tokens",
                 )
             request.truncate_prompt_tokens = k
-        prepared = await prepare(self.clients, request, deadline)
+        prepared = await prepare(self.clients, request, deadline, prompt_param="input")
         prompts = [list(p.token_ids) for p in prepared.prompts]
         for i, ids in enumerate(prompts):
             if not ids:

@@ -80,10 +80,12 @@ class AbortResponse(_message.Message):
     def __init__(self, aborted: _Optional[bool] = ...) -> None: ...
 
 class StreamOutputsRequest(_message.Message):
-    __slots__ = ("stream_id",)
+    __slots__ = ("stream_id", "heartbeat_interval_s")
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     stream_id: str
-    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+    heartbeat_interval_s: float
+    def __init__(self, stream_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("stream_id", "request")

@@ -184,15 +184,17 @@ class GetTokenizerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TokenizerInfo(_message.Message):
-    __slots__ = ("vocab_size", "eos_token_id", "bos_token_id", "has_chat_template", "name")
+    __slots__ = ("vocab_size", "eos_token_id", "bos_token_id", "has_chat_template", "name", "max_token_chars")
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKEN_CHARS_FIELD_NUMBER: _ClassVar[int]
     vocab_size: int
     eos_token_id: int
     bos_token_id: int
     has_chat_template: bool
     name: str
-    def __init__(self, vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+    max_token_chars: int
+    def __init__(self, vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., name: _Optional[str] = ..., max_token_chars: _Optional[int] = ...) -> None: ...

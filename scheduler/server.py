@@ -79,6 +79,14 @@ def _output_batch(outputs: list[RequestOutput], timelines: dict) -> scheduler_pb
     return batch
 
 
+async def _heartbeats(stream: OutputStream, interval_s: float) -> None:
+    """An empty delivery every `interval_s`: sent as an empty OutputBatch when the stream is
+    quiet, merged into the next batch when it is busy (OutputStream.get joins queued ones)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        stream.deliver([])
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self) -> None:
         self.engine_loop: EngineLoop | None = None
@@ -146,11 +154,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             stream = engine_loop.open_stream(request.stream_id)
         except RequestRejected as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        interval = request.heartbeat_interval_s
+        heartbeats = asyncio.ensure_future(_heartbeats(stream, interval)) if interval > 0 else None
         try:
             yield scheduler_pb2.OutputBatch()  # registered: Submit may name it now
             while True:
                 yield _output_batch(await stream.get(), stream.timelines)
         finally:
+            if heartbeats is not None:
+                heartbeats.cancel()
             # The front end went away (or the server stops): nothing may keep running for it.
             orphans = engine_loop.close_stream(stream)
             if orphans:

@@ -37,6 +37,7 @@ from splitserve.common.grpc_errors import ErrorInterceptor
 from splitserve.common.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
+from . import memory
 from .chat import ChatRenderer, parse_chat_request
 from .config import TokenizerServiceConfig, mm_cache_bytes
 from .errors import InvalidRequest, NotReady, RequestError
@@ -107,7 +108,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             ids = await self._offload(handle.encode, request.text, request.add_special_tokens)
             if span is not None:
                 span.set_attribute("splitserve.num_tokens", len(ids))
-        return tokenizer_pb2.TokenizeResponse(token_ids=ids)
+        return await self._trimmed(request, tokenizer_pb2.TokenizeResponse(token_ids=ids))
+
+    async def _trimmed(self, request, response):
+        """`response`, after giving a large request's freed memory back (memory.py)."""
+        if memory.is_large(request, response):
+            await self._offload(memory.release_freed_memory)
+        return response
 
     async def Detokenize(self, request, context):
         handle = self._ready()
@@ -115,7 +122,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             text = await self._offload(
                 handle.decode, request.token_ids, request.skip_special_tokens
             )
-        return tokenizer_pb2.DetokenizeResponse(text=text)
+        return await self._trimmed(request, tokenizer_pb2.DetokenizeResponse(text=text))
 
     async def Prepare(self, request, context):
         """Prompts and bad words in the tokenizer pool, the constraint in the grammar pool,
@@ -146,7 +153,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         response.prompts.extend(to_proto(p) for p in prompts)
         for ids in bad_words:
             response.bad_words_token_ids.add(token_ids=ids)
-        return response
+        return await self._trimmed(request, response)
 
     async def _compile(self, spec):
         with tracing.span("compile_grammar", {"splitserve.grammar.kind": spec.kind}) as span:
@@ -267,6 +274,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             bos_token_id=info.bos_token_id,
             has_chat_template=info.has_chat_template,
             name=info.name,
+            max_token_chars=info.max_token_chars,
         )
 
     async def DetokenizeStream(self, request_iterator, context):

@@ -7,6 +7,7 @@ effective chat template, and the token-level primitives the incremental detokeni
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class TokenizerInfo:
     eos_token_id: int
     bos_token_id: int
     has_chat_template: bool
+    max_token_chars: int
 
 
 class TokenizerHandle:
@@ -90,6 +92,17 @@ class TokenizerHandle:
             self._id_to_token = self.tokenizer.convert_ids_to_tokens
             self.tokens_to_string = self.tokenizer.convert_tokens_to_string
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: its piece or its text decoded alone,
+        whichever is longer (a piece keeps the leading space marker a lone decode drops). A
+        prompt of n tokens holds at most n times this many characters, unless the normalizer
+        drops some; the gateway refuses longer texts before tokenizing them."""
+        ids = range(self.vocab_size)
+        texts, _ = self.decode_each(ids)
+        longest_text = max(map(len, texts), default=0)
+        return max(longest_text, max((len(self.id_to_token(i)) for i in ids), default=0))
+
     @property
     def has_chat_template(self) -> bool:
         return bool(self.chat_template or getattr(self.tokenizer, "chat_template", None))
@@ -103,6 +116,7 @@ class TokenizerHandle:
             eos_token_id=-1 if eos is None else int(eos),
             bos_token_id=-1 if bos is None else int(bos),
             has_chat_template=self.has_chat_template,
+            max_token_chars=self.max_token_chars,
         )
 
     def id_to_token(self, token_id: int) -> str:

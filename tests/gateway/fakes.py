@@ -7,6 +7,7 @@ text steer it:
   #hold@N    N tokens, then wait until cancelled    #eos@N   EOS after N tokens
   #fail      2 tokens, then FINISH_REASON_ERROR     #multi   all tokens in one message
   #gate      no output until the test sets `FakeScheduler.gate`
+  #slow      a token every 50 ms
   #say=KEY   the text `FakeScheduler.say[KEY]` (a list: item i for sequence i of n), then
              finish STOP without a stop token, as a grammar that terminated
   #cached@N  report N + 3*i prompt tokens found in the prefix cache for sequence i of n
@@ -56,6 +57,7 @@ MODEL_VOCAB = 260  # embedding rows may exceed the tokenizer's size
 MAX_MODEL_LEN = 256
 SCRIPT = "The quick brown fox jumps over the lazy dog. "
 _SPECIAL = {BOS: "<s>", EOS: "</s>"}
+_HEARTBEAT = object()
 FINISH = common_pb2.FinishReason
 
 
@@ -101,13 +103,21 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.ship_decoder = True
         """GetDecoder ships the tokenizer (False: a gateway then detokenizes per sequence)."""
         self.decoder_calls = 0
+        self.stalled = False
+        """True: unary calls get no answer until it is False again (a stopped service)."""
+
+    async def _wait_while_stalled(self) -> None:
+        while self.stalled:
+            await asyncio.sleep(0.02)
 
     async def Tokenize(self, request, context):
+        await self._wait_while_stalled()
         return tokenizer_pb2.TokenizeResponse(
             token_ids=encode(request.text, request.add_special_tokens)
         )
 
     async def Detokenize(self, request, context):
+        await self._wait_while_stalled()
         text = b"".join(token_text(t, request.skip_special_tokens) for t in request.token_ids)
         return tokenizer_pb2.DetokenizeResponse(text=text.decode("utf-8", "replace"))
 
@@ -120,6 +130,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         )
 
     async def Prepare(self, request, context):
+        await self._wait_while_stalled()
         self.prepare_calls.append(request)
         self.waiter.notify()
         response = tokenizer_pb2.PrepareResponse()
@@ -208,6 +219,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             bos_token_id=BOS,
             has_chat_template=True,
             name="fake-bytes",
+            max_token_chars=max(len(token_text(t)) for t in range(TOKENIZER_VOCAB)),
         )
 
     async def DetokenizeStream(self, request_iterator, context):
@@ -358,6 +370,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         """Submitted requests still producing: id -> (task, output stream id)."""
         self.streams_opened = 0
         self.batches_sent = 0
+        self.outputs_stalled = False
+        """True: the output streams send nothing, heartbeats included (a stopped scheduler)."""
 
     def calls_matching(self, needle: str) -> list[GenerateCall]:
         return [c for c in list(self.calls.values()) if needle in c.prompt_text]
@@ -404,10 +418,19 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         queue: asyncio.Queue = asyncio.Queue()
         self.output_streams[request.stream_id] = queue
         self.streams_opened += 1
+        interval = request.heartbeat_interval_s or None
         try:
             yield scheduler_pb2.OutputBatch()
             while True:
-                first = await queue.get()
+                try:
+                    first = await asyncio.wait_for(queue.get(), interval)
+                except TimeoutError:
+                    first = _HEARTBEAT
+                while self.outputs_stalled:  # a stopped scheduler: not even heartbeats
+                    await asyncio.sleep(0.02)
+                if first is _HEARTBEAT:
+                    yield scheduler_pb2.OutputBatch()
+                    continue
                 if first is None:  # break_streams(): end the call as a restarting scheduler
                     return
                 batch = scheduler_pb2.OutputBatch(outputs=[first])
@@ -538,7 +561,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
                 pending = scheduler_pb2.GenerateResponse()
             if msg.finish_reason:
                 return
-            await asyncio.sleep(0)
+            await asyncio.sleep(0.05 if "#slow" in prompt else 0)
 
 
 def _refusal(req: scheduler_pb2.GenerateRequest, prompt: str) -> tuple | None:

@@ -16,7 +16,7 @@ import pytest
 from splitserve.protos import common_pb2
 
 from .conftest import start_gateway, stop_gateway
-from .fakes import BOS, MAX_MODEL_LEN, encode, fake_embedding
+from .fakes import BOS, MAX_MODEL_LEN, TOKENIZER_VOCAB, encode, fake_embedding, token_text
 
 
 def _pooling_gateway(loop_thread, fakes, **info):
@@ -289,3 +289,18 @@ def test_embeddings_schema_fuzz(fakes, mode):
         assert valid.call_and_validate(checks=CHECKS).status_code == 200
     finally:
         fakes.scheduler.runner_info = None
+
+
+def test_an_input_past_any_prompt_that_fits_is_refused_before_tokenizing(pooling, fakes):
+    limit = MAX_MODEL_LEN * max(len(token_text(t)) for t in range(TOKENIZER_VOCAB))
+    calls = len(fakes.tokenizer.rpcs)
+    resp = pooling.post("/v1/embeddings", json={"input": ["ok", "x" * (limit + 1)]})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "input" and "input 1 holds" in error["message"], error
+    assert len(fakes.tokenizer.rpcs) == calls
+    # Truncation asked for: longer inputs are the point (only the body limit bounds them).
+    resp = pooling.post(
+        "/v1/embeddings", json={"input": "x" * (limit + 1), "truncate_prompt_tokens": 3}
+    )
+    assert resp.status_code == 200, resp.text

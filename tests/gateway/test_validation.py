@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from .fakes import MAX_MODEL_LEN, MODEL_VOCAB
+from .fakes import MAX_MODEL_LEN, MODEL_VOCAB, TOKENIZER_VOCAB, token_text
 
 CHAT = "/v1/chat/completions"
 COMPL = "/v1/completions"
@@ -366,8 +366,26 @@ def test_api_key(make_gateway):
         ok = {"Authorization": "Bearer s3cret-key"}
         assert c.post(COMPL, json=body, headers=ok).status_code == 200
         assert c.get("/v1/models", headers=ok).status_code == 200
-        assert c.get("/health").status_code == 200  # never needs the key
+        assert c.get("/health").status_code == 200  # the probes never need the key
+        assert c.get("/version").status_code == 200
+        assert c.get("/ping").status_code == 200 and c.post("/ping").status_code == 200
+        # Every other route does, /v1 or not (vLLM guards only /v1).
+        assert_error(c.post("/tokenize", json={"prompt": "x"}), 401, code="invalid_api_key")
+        assert_error(c.post("/detokenize", json={"tokens": [1]}), 401, code="invalid_api_key")
+        for path in ("/metrics", "/docs", "/openapi.json", "/load", "/no-such-route"):
+            assert_error(c.get(path), 401, code="invalid_api_key")
+        assert c.post("/tokenize", json={"prompt": "x"}, headers=ok).status_code == 200
+        assert c.post("/detokenize", json={"tokens": [1]}, headers=ok).status_code == 200
+        assert c.get("/metrics", headers=ok).status_code == 200
+        assert c.get("/openapi.json", headers=ok).status_code == 200
+
+
+def test_disable_metrics_auth_opens_only_metrics(make_gateway):
+    gw = make_gateway(api_key="s3cret-key", disable_metrics_auth=True)
+    with gw.client() as c:
         assert c.get("/metrics").status_code == 200
+        assert_error(c.post("/tokenize", json={"prompt": "x"}), 401, code="invalid_api_key")
+        assert_error(c.get("/v1/models"), 401, code="invalid_api_key")
 
 
 def test_api_key_with_openai_client(make_gateway):
@@ -451,3 +469,45 @@ def test_large_body_with_a_small_head_is_served(gateway):
     status = int(data.split(b" ", 2)[1])
     assert status != 431, data[:300]
     assert status in (200, 400), data[:300]  # 400: the prompt may exceed the model's length
+
+
+# ---------------------------------------------------------------- row 30
+
+
+def _char_limit() -> int:
+    return MAX_MODEL_LEN * max(len(token_text(t)) for t in range(TOKENIZER_VOCAB))
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/tokenize", lambda text: {"prompt": text}, "prompt"),
+        ("/tokenize", lambda text: {"messages": [{"role": "user", "content": text}]}, "messages"),
+        (COMPL, lambda text: {"prompt": text, "max_tokens": 1}, "prompt"),
+        (COMPL, lambda text: {"prompt": ["ok", text], "max_tokens": 1}, "prompt"),
+        (CHAT, lambda text: {"messages": [{"role": "user", "content": text}]}, "messages"),
+    ],
+)
+def test_a_text_past_any_prompt_that_fits_is_refused_before_tokenizing(
+    http, fakes, path, body, param
+):
+    # A prompt of max_model_len tokens holds at most max_model_len x max_token_chars
+    # characters: past that, a 400 without a call to the tokenizer service.
+    calls = len(fakes.tokenizer.rpcs)
+    err = assert_error(http.post(path, json=body("x" * (_char_limit() + 1))), 400, param)
+    assert "maximum context length of 256 tokens" in err["message"]
+    assert len(fakes.tokenizer.rpcs) == calls, fakes.tokenizer.rpcs[calls:]
+
+
+def test_the_longest_text_that_may_fit_is_tokenized(http):
+    r = http.post("/tokenize", json={"prompt": "x" * _char_limit()})
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] > 256  # /tokenize counts past the context, as vLLM's does
+
+
+def test_detokenize_takes_at_most_the_context(http, fakes):
+    calls = len(fakes.tokenizer.rpcs)
+    err = assert_error(http.post("/detokenize", json={"tokens": [104] * 257}), 400, "tokens")
+    assert "maximum context length of 256 tokens" in err["message"]
+    assert len(fakes.tokenizer.rpcs) == calls
+    assert http.post("/detokenize", json={"tokens": [104] * 256}).status_code == 200

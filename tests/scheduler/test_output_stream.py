@@ -16,8 +16,12 @@ from .utils import gen_request
 class Reader:
     """Reads a StreamOutputs call on a thread, keeping every batch."""
 
-    def __init__(self, client, stream_id: str) -> None:
-        self.call = client.StreamOutputs(scheduler_pb2.StreamOutputsRequest(stream_id=stream_id))
+    def __init__(self, client, stream_id: str, heartbeat_interval_s: float = 0.0) -> None:
+        self.call = client.StreamOutputs(
+            scheduler_pb2.StreamOutputsRequest(
+                stream_id=stream_id, heartbeat_interval_s=heartbeat_interval_s
+            )
+        )
         first = next(self.call)
         assert not first.outputs  # the "registered" message
         self.batches: list[scheduler_pb2.OutputBatch] = []
@@ -109,3 +113,18 @@ def test_submit_refusals_keep_generate_status_codes(stub):  # noqa: F811
     wait_for(lambda: reader.finished("ok1"), what="a good request after refusals")
     assert not reader.outputs("b1")
     reader.call.cancel()
+
+
+def test_a_quiet_stream_carries_heartbeats_only_when_asked(stub):  # noqa: F811
+    quiet = Reader(stub, "gw-quiet")
+    beating = Reader(stub, "gw-heartbeats", heartbeat_interval_s=0.1)
+    # Empty batches keep coming while nothing runs: the gateway tells a quiet scheduler
+    # from a stalled one by them (--rpc-timeout-s).
+    wait_for(lambda: len(beating.batches) >= 3, what="three heartbeats")
+    assert all(not b.outputs for b in beating.batches)
+    submit(stub, "gw-heartbeats", gen_request("hb1", [5, 6, 7], 4))
+    wait_for(lambda: beating.finished("hb1"), what="the request on a heartbeat stream")
+    assert sum(len(o.token_ids) for o in beating.outputs("hb1")) == 4
+    assert quiet.batches == []  # none asked for, none sent
+    quiet.call.cancel()
+    beating.call.cancel()

@@ -92,6 +92,15 @@ def test_tokenize_detokenize_info(srv, handle):
     info = srv.stub.GetTokenizerInfo(pb.GetTokenizerInfoRequest(), timeout=5)
     assert (info.vocab_size, info.eos_token_id, info.bos_token_id) == (1000, 1, 0)
     assert info.has_chat_template and info.name == handle.name
+    # No token stands for more characters than max_token_chars: a text of c characters takes
+    # at least c / max_token_chars tokens (the gateway's size check before tokenizing).
+    pieces = [handle.tokenizer.convert_ids_to_tokens(i) for i in range(info.vocab_size)]
+    assert info.max_token_chars == max(
+        max(len(p) for p in pieces),
+        max(len(handle.tokenizer.decode([i])) for i in range(info.vocab_size)),
+    )
+    text = "the quick brown fox jumps over the lazy dog, " * 20 + "     " * 30
+    assert len(handle.encode(text, False)) * info.max_token_chars >= len(text)
 
 
 def test_decode_each(srv, handle):
