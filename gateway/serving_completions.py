@@ -126,7 +126,8 @@ class CompletionsService(ServingBase):
         constraint: Constraint | None,
     ) -> tuple[list[_Prompt], common_pb2.CompiledGrammar | None]:
         """The prompts' ids (and texts, for echo), bad words and the constraint compiled, in
-        one tokenizer-service call."""
+        one tokenizer-service call, or none when the prompts are token ids and nothing else
+        needs the tokenizer."""
         p = req.prompt
         if isinstance(p, str):
             items: list[Any] = [p]
@@ -147,12 +148,22 @@ class CompletionsService(ServingBase):
                 raise bad_request("the prompt must not be empty", "prompt")
             if not isinstance(item, str):
                 check_token_ids(item, limits, "prompt")
+        keep = check_truncation(req.truncate_prompt_tokens, limits)
+        if (
+            constraint is None
+            and not sampling.bad_words
+            and not req.echo
+            and keep is None
+            and not any(isinstance(item, str) for item in items)
+        ):
+            # NOTE: token ids with nothing to tokenize, compile or decode: no round trip to
+            # the tokenizer service before the first token (at most one call per request).
+            return [_Prompt(list(item), None) for item in items], None
         request = tokenizer_pb2.PrepareRequest(
             prompts=prompt_list(items, req.add_special_tokens),
             # Echo shows the prompt: id-only and truncated prompts get their text decoded.
             return_prompt_text=bool(req.echo),
         )
-        keep = check_truncation(req.truncate_prompt_tokens, limits)
         if keep is not None:
             request.truncate_prompt_tokens = keep
         prepared = await prepare(

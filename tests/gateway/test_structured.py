@@ -380,3 +380,19 @@ def test_gateway_deadline_during_compile_is_504(make_gateway, fakes):
         r = c.post(COMPL, json=body_for(COMPL, t, guided_regex="#compile-hang"))
     assert_error(r, 504)
     assert fakes.scheduler.calls_matching(t) == []
+
+
+def test_token_id_prompts_with_nothing_to_prepare_skip_the_tokenizer(http, fakes):
+    """Token ids, no bad words, constraint, echo or truncation: zero tokenizer calls, and the
+    ids reach the scheduler as given."""
+    before_rpcs, before_calls = len(fakes.tokenizer.rpcs), set(fakes.scheduler.calls)
+    ids = [65, 66, 67, 68]
+    r = http.post(COMPL, json={"prompt": ids, "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert fakes.tokenizer.rpcs[before_rpcs:] == []
+    (new,) = [c for key, c in fakes.scheduler.calls.items() if key not in before_calls]
+    assert list(new.request.prompt_token_ids) == ids
+    # With echo the prompt's text is needed: one Prepare call again.
+    r = http.post(COMPL, json={"prompt": ids, "max_tokens": 3, "echo": True})
+    assert r.status_code == 200, r.text
+    assert fakes.tokenizer.rpcs[before_rpcs:] == ["Prepare"]
