@@ -18,8 +18,6 @@ import gc
 import logging
 import math
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,49 +41,10 @@ from splitserve.worker.multimodal import MultiModalInputs
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.pooler import setup_runner
 from splitserve.worker.sampler import Sampler, compute_logprobs
+from splitserve.worker.step_plan import GrammarMasks, StepPlan
 from splitserve.worker.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class GrammarMasks:
-    """The grammar bitmasks of one step's constrained sampling rows, being filled."""
-
-    request_ids: list[str]
-    """Request id of every sampling row that samples, in sampling order."""
-    positions: list[int]
-    """Sampling rows (indices into request_ids) that carry a mask."""
-    future: Future | None
-    """-> (int32 bitmask [len(request_ids), words], failed request id -> message); None when
-    no row carries a mask."""
-    deferred: list[int]
-    """Indices into the step's sampling rows that do not sample: their grammar is still
-    compiling. They are reported in `deferred_request_ids` and their last position is
-    computed again in a later step."""
-
-
-@dataclass(slots=True)
-class StepPlan:
-    """The scheduled requests of one step, decode-first, and the tensors built for them."""
-
-    rows: np.ndarray
-    """Batch rows, decodes first."""
-    ends: np.ndarray
-    """Computed tokens per row after this step."""
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    attn: AttentionMetadata
-    sample_rows: np.ndarray
-    """Rows that sample a token this step."""
-    logits_indices: torch.Tensor
-    """Token indices whose logits are needed: sampling positions, then prompt-logprob ones."""
-    prompt_logprobs: list[tuple[str, int, int, int]]
-    """(request id, first logits index, count, top-k) of each prompt-logprobs chunk."""
-    prompt_targets: torch.Tensor | None
-    """The next prompt token of every prompt-logprobs position, in that order."""
-    counts: np.ndarray | None = None
-    """Tokens computed per row this step (LoRA groups tokens by their row's adapter)."""
 
 
 class ModelRunner:
