@@ -95,7 +95,8 @@ class CompilePoolFull(RequestError):
 
 
 def grammar_handle(backend: str, kind: str, spec: str, whitespace_pattern: str) -> str:
-    """SHA-256 (hex) over backend, kind and text: the cache key everywhere."""
+    """SHA-256 (hex) over backend, kind, text and whitespace pattern, each length-prefixed:
+    the cache key everywhere (tokenizer service and sampling rank)."""
     h = hashlib.sha256()
     for part in (backend, kind, spec, whitespace_pattern):
         data = part.encode("utf-8", "surrogatepass")

@@ -1,7 +1,7 @@
 """Structured outputs across the real processes of `splitserve serve`, through the scheduler's
-public gRPC API: the scheduler compiles the constraint in the tokenizer service, the worker
-applies the bitmask; a bad constraint is INVALID_ARGUMENT and leaves the stack healthy with
-every KV block free.
+public gRPC API: a direct caller's bare constraint passes through the scheduler untouched and
+the sampling rank compiles it (with the tokenizer service's checks) and applies the bitmask; a
+bad constraint is INVALID_ARGUMENT and leaves the stack healthy with every KV block free.
 """
 
 from __future__ import annotations
