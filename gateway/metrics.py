@@ -268,6 +268,10 @@ class GatewayMetrics:
             registry=reg,
         )
         m = ["model_name"]
+
+        def hist(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, m, buckets=buckets, registry=reg)
+
         self._prompt_tokens = Counter(
             "vllm:prompt_tokens", "Number of prefill tokens processed.", m, registry=reg
         )
@@ -280,68 +284,48 @@ class GatewayMetrics:
             ["model_name", "finished_reason"],
             registry=reg,
         )
-        self._ttft = Histogram(
+        self._ttft = hist(
             "vllm:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
-            m,
-            buckets=TTFT_BUCKETS,
-            registry=reg,
+            TTFT_BUCKETS,
         )
-        self._inter_token_latency = Histogram(
+        self._inter_token_latency = hist(
             "vllm:inter_token_latency_seconds",
             "Histogram of inter-token latency in seconds.",
-            m,
-            buckets=ITL_BUCKETS,
-            registry=reg,
+            ITL_BUCKETS,
         )
-        self._e2e_latency = Histogram(
+        self._e2e_latency = hist(
             "vllm:e2e_request_latency_seconds",
             "Histogram of e2e request latency in seconds.",
-            m,
-            buckets=REQUEST_LATENCY_BUCKETS,
-            registry=reg,
+            REQUEST_LATENCY_BUCKETS,
         )
-        self._queue_time = Histogram(
+        self._queue_time = hist(
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in WAITING phase for request.",
-            m,
-            buckets=REQUEST_LATENCY_BUCKETS,
-            registry=reg,
+            REQUEST_LATENCY_BUCKETS,
         )
-        self._inference_time = Histogram(
+        self._inference_time = hist(
             "vllm:request_inference_time_seconds",
             "Histogram of time spent in RUNNING phase for request.",
-            m,
-            buckets=REQUEST_LATENCY_BUCKETS,
-            registry=reg,
+            REQUEST_LATENCY_BUCKETS,
         )
-        self._prefill_time = Histogram(
+        self._prefill_time = hist(
             "vllm:request_prefill_time_seconds",
             "Histogram of time spent in PREFILL phase for request.",
-            m,
-            buckets=REQUEST_LATENCY_BUCKETS,
-            registry=reg,
+            REQUEST_LATENCY_BUCKETS,
         )
-        self._decode_time = Histogram(
+        self._decode_time = hist(
             "vllm:request_decode_time_seconds",
             "Histogram of time spent in DECODE phase for request.",
-            m,
-            buckets=REQUEST_LATENCY_BUCKETS,
-            registry=reg,
+            REQUEST_LATENCY_BUCKETS,
         )
-        self._request_tpot = Histogram(
+        self._request_tpot = hist(
             "vllm:request_time_per_output_token_seconds",
             "Histogram of time_per_output_token_seconds per request.",
-            m,
-            buckets=ITL_BUCKETS,
-            registry=reg,
+            ITL_BUCKETS,
         )
-        self._params_n = Histogram(
-            "vllm:request_params_n",
-            "Histogram of the n request parameter.",
-            m,
-            buckets=PARAMS_N_BUCKETS,
-            registry=reg,
+        self._params_n = hist(
+            "vllm:request_params_n", "Histogram of the n request parameter.", PARAMS_N_BUCKETS
         )
         # vLLM's older name of the inter-token latency, still read by its example dashboard.
         reg.register(
