@@ -27,6 +27,35 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def stream_signalling(
+    url: str, model: str, max_tokens: int, pid: int, sig
+) -> tuple[list[str], float]:
+    """Stream a completion of `max_tokens` (ignore_eos); after its second SSE event send
+    `sig` to `pid`. Returns the event payloads to the end of the stream and when the signal
+    went."""
+    body = {
+        "model": model,
+        "prompt": "hi",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    events: list[str] = []
+    sent_at = None
+    with (
+        httpx.Client(timeout=60) as h,
+        h.stream("POST", url + "/v1/completions", json=body) as r,
+    ):
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 2:
+                    os.kill(pid, sig)
+                    sent_at = time.monotonic()
+    assert sent_at is not None, f"the stream ended after {len(events)} events: {events}"
+    return events, sent_at
+
+
 def children_of(pid: int) -> list[int]:
     out = subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True

@@ -10,7 +10,7 @@ import signal
 import httpx
 import pytest
 
-from .conftest import Server, children_of, wait_for
+from .conftest import Server, children_of, stream_signalling, wait_for
 
 
 def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
@@ -105,26 +105,7 @@ def test_worker_killed_fails_in_flight_and_stack_exits_nonzero(tiny_model, tmp_p
         # With two ranks, kill the first: the scheduler reads results from the last one,
         # which then waits on a stage that is gone.
         worker = next(p for p in workers if "--rank 0" in _cmdline(p))
-        killed_at = None
-        body = {
-            "model": s.model,
-            "prompt": "hi",
-            "max_tokens": 500,
-            "stream": True,
-            "ignore_eos": True,
-        }
-        events = []
-        with (
-            httpx.Client(timeout=60) as h,
-            h.stream("POST", s.url + "/v1/completions", json=body) as r,
-        ):
-            lines = r.iter_lines()
-            for line in lines:
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 2:
-                        os.kill(worker, signal.SIGKILL)
-                        killed_at = time.monotonic()
+        events, killed_at = stream_signalling(s.url, s.model, 500, worker, signal.SIGKILL)
         assert events[-1] == "[DONE]"
         assert "error" in json.loads(events[-2]), events[-3:]
         assert time.monotonic() - killed_at < 30, "the error took too long to arrive"

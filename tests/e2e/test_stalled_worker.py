@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-from .conftest import Server, wait_for
+from .conftest import Server, stream_signalling, wait_for
 from .test_lifecycle import _cmdline
 
 STEP_TIMEOUT_S = 3
@@ -26,26 +26,8 @@ def test_a_stopped_worker_fails_requests_within_the_step_timeout(tiny_model, tmp
         tmp_path / "serve.log",
     )
     (worker,) = [p for p in s.children if " worker " in _cmdline(p)]
-    stopped_at = None
     try:
-        body = {
-            "model": s.model,
-            "prompt": "hi",
-            "max_tokens": 400,
-            "stream": True,
-            "ignore_eos": True,
-        }
-        events = []
-        with (
-            httpx.Client(timeout=60) as h,
-            h.stream("POST", s.url + "/v1/completions", json=body) as r,
-        ):
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 2:
-                        os.kill(worker, signal.SIGSTOP)
-                        stopped_at = time.monotonic()
+        events, stopped_at = stream_signalling(s.url, s.model, 400, worker, signal.SIGSTOP)
         waited = time.monotonic() - stopped_at
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]
