@@ -240,6 +240,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         sent = 0  # characters of `text` already sent
         stopped = False
         async for req in request_iterator:
+            await self._wait_while_stalled()
             if req.HasField("start"):
                 start = req.start
                 yield tokenizer_pb2.DetokenizeStreamResponse()
@@ -403,7 +404,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.waiter.notify()
         ended = False
         try:
-            async for resp in self._generate(call, context):
+            async for resp in self._heartbeating(
+                self._generate(call, context), request.heartbeat_interval_s
+            ):
                 yield resp
             call.finished = ended = True
         except Exception:  # context.abort(): the fake itself ended the call
@@ -413,6 +416,40 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             # Otherwise the client cancelled: grpc.aio cancels the task or closes the generator.
             call.cancelled = not ended
             self.waiter.notify()
+
+    async def _heartbeating(self, source, interval: float):
+        """`source`'s responses, with an empty one every `interval` seconds (> 0) of silence,
+        as the scheduler's Generate sends; nothing at all while `outputs_stalled`."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for resp in source:
+                    queue.put_nowait(resp)
+                queue.put_nowait(None)
+            except BaseException as exc:  # handed to the handler, which re-raises it
+                queue.put_nowait(exc)
+
+        task = asyncio.ensure_future(pump())
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(interval if interval > 0 else None):
+                        item = await queue.get()
+                except TimeoutError:
+                    item = _HEARTBEAT
+                while self.outputs_stalled:  # a stopped scheduler: not even heartbeats
+                    await asyncio.sleep(0.02)
+                if item is _HEARTBEAT:
+                    yield scheduler_pb2.GenerateResponse()
+                elif item is None:
+                    return
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            task.cancel()
 
     async def StreamOutputs(self, request, context):
         queue: asyncio.Queue = asyncio.Queue()
