@@ -64,6 +64,8 @@ class StageLink:
         """(work, tensor, monotonic time sent) of sends the next rank has not taken yet."""
         self._rendezvous: Rendezvous | None = None
         backend = "nccl" if device.type == "cuda" else "gloo"
+        self._sends_report_completion = backend == "nccl"
+        """NCCL's `is_completed` tells a taken send; gloo's stays False until a wait."""
         init_method = config.init_method()
         logger.info(
             "rank %d of %d joining the %s pipeline group at %s",
@@ -129,22 +131,35 @@ class StageLink:
         rank took it, so polling `is_completed` cannot tell a taken send from a stuck peer
         (the last sends of every burst looked untaken forever, and an idle pipeline failed
         once they were older than the timeout). Nor can a short `wait` poll: a gloo wait that
-        times out closes the connection. A taken send's wait returns at once.
+        times out closes the connection. A taken send's wait returns at once. NCCL's
+        `is_completed` does tell, so there the oldest untaken send's age decides.
         """
         limit = self.timeout.total_seconds()
         while self._pending:
             work, _, sent = self._pending[0]
             age = time.monotonic() - sent
+            if work.is_completed():
+                self._wait(work, "send to", self.rank + 1)
+                self._pending.popleft()
+                continue
+            if self._sends_report_completion:
+                if age > limit:
+                    raise self._untaken(sent)
+                return
             try:
                 # NOTE: an overdue send still gets a moment: it may have been taken long ago.
                 work.wait(timedelta(seconds=max(limit - age, 0.05)))
             except Exception as exc:
-                raise StageTransferError(
-                    f"pipeline rank {self.rank + 1} has not taken rank {self.rank}'s "
-                    f"activations for {time.monotonic() - sent:.0f}s (timeout {limit:.0f}s): "
-                    f"it is stuck ({exc})"
-                ) from exc
+                raise self._untaken(sent, exc) from exc
             self._pending.popleft()
+
+    def _untaken(self, sent: float, cause: Exception | None = None) -> StageTransferError:
+        limit = self.timeout.total_seconds()
+        return StageTransferError(
+            f"pipeline rank {self.rank + 1} has not taken rank {self.rank}'s activations for "
+            f"{time.monotonic() - sent:.0f}s (timeout {limit:.0f}s): it is stuck"
+            + (f" ({cause})" if cause is not None else "")
+        )
 
     # ------------------------------------------------------------------ receive side
     def recv(self, step_id: int, hidden_size: int, dtype: torch.dtype) -> IntermediateTensors:
