@@ -417,6 +417,18 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             call.cancelled = not ended
             self.waiter.notify()
 
+    async def _next_or_heartbeat(self, queue: asyncio.Queue, interval: float | None):
+        """The queue's next item, or _HEARTBEAT after `interval` seconds (> 0) without one;
+        held back while `outputs_stalled` (a stopped scheduler sends not even heartbeats)."""
+        try:
+            async with asyncio.timeout(interval if interval and interval > 0 else None):
+                item = await queue.get()
+        except TimeoutError:
+            item = _HEARTBEAT
+        while self.outputs_stalled:
+            await asyncio.sleep(0.02)
+        return item
+
     async def _heartbeating(self, source, interval: float):
         """`source`'s responses, with an empty one every `interval` seconds (> 0) of silence,
         as the scheduler's Generate sends; nothing at all while `outputs_stalled`."""
@@ -433,13 +445,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         task = asyncio.ensure_future(pump())
         try:
             while True:
-                try:
-                    async with asyncio.timeout(interval if interval > 0 else None):
-                        item = await queue.get()
-                except TimeoutError:
-                    item = _HEARTBEAT
-                while self.outputs_stalled:  # a stopped scheduler: not even heartbeats
-                    await asyncio.sleep(0.02)
+                item = await self._next_or_heartbeat(queue, interval)
                 if item is _HEARTBEAT:
                     yield scheduler_pb2.GenerateResponse()
                 elif item is None:
@@ -459,12 +465,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             yield scheduler_pb2.OutputBatch()
             while True:
-                try:
-                    first = await asyncio.wait_for(queue.get(), interval)
-                except TimeoutError:
-                    first = _HEARTBEAT
-                while self.outputs_stalled:  # a stopped scheduler: not even heartbeats
-                    await asyncio.sleep(0.02)
+                first = await self._next_or_heartbeat(queue, interval)
                 if first is _HEARTBEAT:
                     yield scheduler_pb2.OutputBatch()
                     continue

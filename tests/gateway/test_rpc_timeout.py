@@ -39,6 +39,35 @@ def _assert_stalled(r, service: str, started: float) -> None:
     assert waited < TIMEOUT_S + 5, f"the error took {waited:.1f}s"
 
 
+def _stall(fakes, service: str, on: bool) -> None:
+    """Stop (or restart) one fake service without killing it."""
+    if service == "scheduler":
+        fakes.scheduler.outputs_stalled = on
+    else:
+        fakes.tokenizer.stalled = on
+
+
+def _stall_mid_stream(client, fakes, service: str) -> None:
+    """Stream a slow completion and stop `service` after the first event: the stream ends
+    with a 503 error event naming it, then [DONE], within the timeout and a margin."""
+    body = {"prompt": "hi #slow", "max_tokens": 100, "stream": True, "ignore_eos": True}
+    events: list[str] = []
+    try:
+        with client.stream("POST", COMPL, json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 1:
+                        _stall(fakes, service, True)
+                        started = time.monotonic()
+    finally:
+        _stall(fakes, service, False)
+    assert time.monotonic() - started < TIMEOUT_S + 5
+    assert events[-1] == "[DONE]"
+    assert '"code": 503' in events[-2] and f"the {service} did not answer" in events[-2]
+
+
 @pytest.mark.parametrize(
     "path,body",
     [
@@ -87,23 +116,8 @@ def test_a_silent_output_stream_fails_its_requests(make_gateway, fakes):
 
 
 def test_a_stall_mid_stream_ends_it_with_an_error_event(make_gateway, fakes):
-    gw = make_gateway(rpc_timeout_s=TIMEOUT_S)
-    body = {"prompt": "hi #slow", "max_tokens": 100, "stream": True, "ignore_eos": True}
-    events: list[str] = []
-    with gw.client() as c, c.stream("POST", COMPL, json=body) as r:
-        assert r.status_code == 200
-        try:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 1:
-                        fakes.scheduler.outputs_stalled = True
-                        started = time.monotonic()
-        finally:
-            fakes.scheduler.outputs_stalled = False
-    assert time.monotonic() - started < TIMEOUT_S + 5
-    assert events[-1] == "[DONE]"
-    assert '"code": 503' in events[-2] and "the scheduler did not answer" in events[-2]
+    with make_gateway(rpc_timeout_s=TIMEOUT_S).client() as c:
+        _stall_mid_stream(c, fakes, "scheduler")
 
 
 # ---------------------------------------------------------------- per-sequence path
@@ -147,42 +161,13 @@ def test_per_sequence_a_silent_scheduler_gives_503(per_sequence, stalled_outputs
 
 
 def test_per_sequence_a_stall_mid_stream_ends_it_with_an_error_event(per_sequence, fakes):
-    body = {"prompt": "hi #slow", "max_tokens": 100, "stream": True, "ignore_eos": True}
-    events: list[str] = []
-    try:
-        with per_sequence.stream("POST", COMPL, json=body) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 1:
-                        fakes.scheduler.outputs_stalled = True
-                        started = time.monotonic()
-    finally:
-        fakes.scheduler.outputs_stalled = False
-    assert time.monotonic() - started < TIMEOUT_S + 5
-    assert events[-1] == "[DONE]"
-    assert '"code": 503' in events[-2] and "the scheduler did not answer" in events[-2]
+    _stall_mid_stream(per_sequence, fakes, "scheduler")
 
 
 def test_per_sequence_a_silent_detokenizer_gives_503(per_sequence, fakes):
     """The tokenizer service stops after the prompt was prepared: the detokenize stream's
     silence is bounded too."""
-    body = {"prompt": "hi #slow", "max_tokens": 100, "stream": True, "ignore_eos": True}
-    events: list[str] = []
-    try:
-        with per_sequence.stream("POST", COMPL, json=body) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 1:
-                        fakes.tokenizer.stalled = True
-                        started = time.monotonic()
-    finally:
-        fakes.tokenizer.stalled = False
-    assert time.monotonic() - started < TIMEOUT_S + 5
-    assert '"code": 503' in events[-2] and "the tokenizer service did not answer" in events[-2]
+    _stall_mid_stream(per_sequence, fakes, "tokenizer service")
 
 
 def test_embeddings_a_silent_scheduler_gives_503(make_gateway, fakes):
