@@ -6,7 +6,8 @@ expert's gate rows, then its up rows) and `experts.down_proj` [E, H, I], the lay
 transformers keeps in memory, so a fused-MoE kernel reads one tensor per projection. Checkpoints
 store experts one by one (`experts.N.w1.weight` for Mixtral, `experts.N.gate_proj.weight` for
 Qwen3-MoE: what transformers 5 writes), or already stacked (a saved state dict);
-`MoEExperts.load_expert` places a per-expert tensor, and the stacked ones load by name.
+each stacked parameter's `weight_loader` places a per-expert tensor (shard "3.gate"), or takes
+the stacked one whole.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch
+from splitserve.worker.linear import default_weight_loader, set_weight_attrs
 
 ExpertNames = dict[str, tuple[str, str | None]]
 """Per-expert checkpoint projection -> (stacked parameter, shard: "gate" / "up" / None)."""
@@ -71,17 +73,20 @@ class MoEExperts(nn.Module):
         )
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+        for name in ("gate_up_proj", "down_proj"):
+            set_weight_attrs(
+                self, name, weight_loader=self.weight_loader, shard_ids=self.shard_ids(name)
+            )
+
     def shard_ids(self, param_name: str) -> list[str]:
         """The per-expert pieces a stacked parameter is filled from ("3.gate", "3.up", "3")."""
         if param_name == "gate_up_proj":
             return [f"{e}.{s}" for e in range(self.num_experts) for s in ("gate", "up")]
         return [str(e) for e in range(self.num_experts)]
 
-    def load_expert(
-        self, expert: int, proj: str, param: str, loaded: torch.Tensor
-    ) -> tuple[str, str]:
-        """Copy checkpoint tensor `experts.{expert}.{proj}.{param}` into its stacked slot;
-        returns (stacked parameter name, shard id)."""
+    def checkpoint_target(self, expert: int, proj: str, param: str) -> tuple[str, str]:
+        """Where checkpoint tensor `experts.{expert}.{proj}.{param}` goes: (stacked parameter
+        name, shard id)."""
         if proj not in self.checkpoint_names:
             raise ValueError(
                 f"unknown expert projection {proj!r}; expected one of "
@@ -92,18 +97,31 @@ class MoEExperts(nn.Module):
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is out of range: the config has {self.num_experts}")
         stacked, shard = self.checkpoint_names[proj]
-        target = getattr(self, stacked)[expert]
-        if shard is not None:
+        return stacked, f"{expert}.{shard}" if shard else str(expert)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        """Copy one expert's tensor (shard "3.gate", "3.up" or "3") into its stacked slot, or
+        all experts at once (shard_id None)."""
+        if shard_id is None:
+            default_weight_loader(param, loaded)
+            return
+        expert, _, half = shard_id.partition(".")
+        target = param.data[int(expert)]
+        if half:
             size = self.intermediate_size
-            target = target[:size] if shard == "gate" else target[size:]
+            target = target[:size] if half == "gate" else target[size:]
         if loaded.shape != target.shape:
+            proj = next(
+                p
+                for p, (_, s) in self.checkpoint_names.items()
+                if (s or "") == half and (half or param is self.down_proj)
+            )
             raise ValueError(
                 f"expert {expert} {proj!r} weight has shape {tuple(loaded.shape)}, "
                 f"expected {tuple(target.shape)}"
             )
         with torch.no_grad():
             target.copy_(loaded)
-        return stacked, f"{expert}.{shard}" if shard else str(expert)
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
