@@ -172,7 +172,7 @@ def test_non_finite_scale_is_refused_at_load(packed, tmp_path):
         state["model.layers.2.mlp.down_proj.weight_scale"][3] = float("nan")
 
     folder = _edited(packed["ct-channel"][0], tmp_path / "nan", state_edit=nan)
-    with pytest.raises(ValueError, match="negative or non-finite values"):
+    with pytest.raises(ValueError, match="its FP8 scale holds non-finite values"):
         load_model(WorkerConfig(model=str(folder)))
 
 
@@ -208,6 +208,12 @@ def test_unsupported_compressed_tensors_scheme(packed, tmp_path):
         _edited(packed["ct-channel"][0], tmp_path / "i", config_edit=int4),
         r"format 'pack-quantized' with 4-bit int weights is not supported yet",
     )
+
+
+def test_dummy_weights_load_in_every_format(packed):
+    for fmt in ("fp8-tensor", "fp8-block"):
+        model = load_model(WorkerConfig(model=str(packed[fmt][0]), load_format="dummy")).model
+        assert torch.isfinite(model_forward(model, PROMPT)).all()
 
 
 def test_quantized_moe_experts_are_refused(checkpoint):

@@ -51,10 +51,10 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def _finish(layer: Linear, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]):
     """Hold the FP8 weight for the Triton GEMM (CUDA), or its dense copy (CPU)."""
-    if not torch.isfinite(scale).all() or (scale < 0).any():
+    if not torch.isfinite(scale).all():
         raise ValueError(
-            f"layer {layer.extra_repr()}: its FP8 scale holds negative or non-finite values "
-            "(a corrupt checkpoint?)"
+            f"layer ({layer.extra_repr()}): its FP8 scale holds non-finite values (a corrupt "
+            "checkpoint?)"
         )
     layer.fp8_dense = not (weight.is_cuda and dispatch.triton_available())
     if layer.fp8_dense:
