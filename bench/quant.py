@@ -8,7 +8,7 @@ CPU: one random Llama is saved unquantized and packed into each FP8 format
 (`splitserve.testing.fp8_pack`: fbgemm_fp8 per channel, fp8 block-wise 128x128,
 compressed-tensors per channel), plus `--quantization fp8` on the unquantized folder; one
 in-process engine (`splitserve.LLM`) per variant, all in one process, run alternately
-(`--rounds`). Each run: `batch` random 64-token prompts, 64 output tokens (greedy,
+(`--rounds`, the order reversed every other round), the median ratio printed last. Each run: `batch` random 64-token prompts, 32 output tokens (greedy,
 `ignore_eos`); printed: output tokens/s of each and its ratio to the unquantized engine of
 the same round. The CPU worker dequantizes FP8 to the compute dtype at load, so the expected
 ratio is 1.0: this checks that nothing else (a per-step dequantization, lost oneDNN packing)
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import random
+import statistics
 import tempfile
 import time
 
@@ -74,11 +75,21 @@ def cpu(args) -> None:
             prompts = [[rng.randrange(10, 2000) for _ in range(64)] for _ in range(batch)]
             for llm in engines.values():
                 tokens_per_s(llm, prompts[:1], 4)  # warm-up
+            ratios: dict[str, list[float]] = {name: [] for name in engines}
             for r in range(args.rounds):
-                speed = {n: tokens_per_s(e, prompts, args.output_len) for n, e in engines.items()}
+                order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+                speed = {n: tokens_per_s(engines[n], prompts, args.output_len) for n in order}
                 base = speed["unquantized"]
-                line = ", ".join(f"{n} {s:.1f} tok/s ({s / base:.2f}x)" for n, s in speed.items())
+                line = ", ".join(
+                    f"{n} {speed[n]:.1f} tok/s ({speed[n] / base:.2f}x)" for n in engines
+                )
                 print(f"CPU batch {batch} round {r + 1}: {line}", flush=True)
+                for n in engines:
+                    ratios[n].append(speed[n] / base)
+            medians = ", ".join(
+                f"{n} {statistics.median(v):.2f}x" for n, v in ratios.items() if n != "unquantized"
+            )
+            print(f"CPU batch {batch} median ratio to unquantized: {medians}", flush=True)
 
 
 def gpu() -> None:
@@ -115,9 +126,9 @@ def gpu() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny model, one round")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batches", default="1,8", help="concurrencies, comma-separated")
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--skip-cpu", action="store_true")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]

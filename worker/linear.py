@@ -189,6 +189,8 @@ def process_weights_after_loading(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if not isinstance(module, Linear):
+            if hasattr(module, "process_weights_after_loading"):  # MoE experts
+                module.process_weights_after_loading()
             continue
         if owners.get(id(module.weight), 0) > 1:
             module.keep_plain_weight = True

@@ -430,13 +430,13 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             embed = tensor
         if name == "lm_head.weight" and tied:
             continue  # a tied lm_head is the embedding, whatever the file also stores
+        if quant_config is not None and quant_config.skips_tensor(name):
+            continue
         try:
             target = _param_target(name, params, modules, packed)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {file_name}: {exc}") from None
         if target is None:
-            if quant_config is not None and quant_config.skips_tensor(name):
-                continue
             if name != "model.embed_tokens.weight":
                 logger.warning("ignoring checkpoint tensor %s: no such parameter", file_name)
             continue

@@ -19,8 +19,10 @@ import torch
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 LINEAR_RE = re.compile(
-    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"
+    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj"
+    r"|(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$"
 )
+"""The tensors packed: attention and MLP projections, and each expert's (not the router)."""
 BLOCK = (16, 24)
 """Block of the block-wise formats: divides every fused shard of the tiny test models (16-row
 multiples) and leaves ragged K blocks (in 32 or 64)."""

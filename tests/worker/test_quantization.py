@@ -6,6 +6,7 @@ Plus the start-up errors of a bad quantized checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -30,7 +31,7 @@ from .utils import hf_logits, model_forward
 
 @pytest.fixture(scope="module")
 def source(checkpoint):
-    return checkpoint("llama")
+    return checkpoint("llama_fp8", arch="llama")
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +217,65 @@ def test_dummy_weights_load_in_every_format(packed):
         assert torch.isfinite(model_forward(model, PROMPT)).all()
 
 
-def test_quantized_moe_experts_are_refused(checkpoint):
-    folder = checkpoint("mixtral", arch="mixtral")
-    with pytest.raises(ValueError, match=r"fp8 quantization of MoE experts .* not supported yet"):
-        check_model(WorkerConfig(model=str(folder), quantization="fp8"))
+MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[1]
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "arch,fmt", [("mixtral", "fbgemm_fp8"), ("qwen3_moe", "fp8-block"), ("qwen3_moe", "fp8-tensor")]
+)
+def test_fp8_moe_experts_match_transformers(arch, fmt, checkpoint, tmp_path):
+    src = checkpoint(f"{arch}_fp8", arch=arch, num_layers=2, **MOE[arch])
+    folder, dense_folder = pack_checkpoint(src, tmp_path / fmt, fmt, block=(8, 16))
+    names = load_file(folder / "model.safetensors").keys()
+    assert any(
+        ".experts.3." in n and n.endswith(("weight_scale", "weight_scale_inv")) for n in names
+    )
+    model = load_model(WorkerConfig(model=str(folder))).model
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float32
+    dense = load_file(dense_folder / "model.safetensors")
+    gate, up = ("w1", "w3") if arch == "mixtral" else ("gate_proj", "up_proj")
+    moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    expected = torch.cat([dense[f"model.layers.0.{moe}.experts.2.{p}.weight"] for p in (gate, up)])
+    assert torch.equal(experts.gate_up_proj[2], expected)
+    _assert_parity(model, dense_folder)
+
+
+def test_quantization_fp8_on_unquantized_moe_experts(checkpoint):
+    src = checkpoint("qwen3_moe_fp8", arch="qwen3_moe", num_layers=2, **MOE["qwen3_moe"])
+    model = load_model(WorkerConfig(model=str(src), quantization="fp8")).model
+    state = load_file(src / "model.safetensors")
+    w = state["model.layers.0.mlp.experts.1.down_proj.weight"]
+    assert torch.equal(
+        model.model.layers[0].mlp.experts.down_proj[1], dequant(*pack(w, "channel"), "channel")
+    )
+
+
+def test_block_size_that_splits_the_experts_gate_and_up(checkpoint, tmp_path):
+    src = checkpoint("qwen3_moe_fp8", arch="qwen3_moe", num_layers=2, **MOE["qwen3_moe"])
+    folder, _ = pack_checkpoint(src, tmp_path / "b", "fp8-block", block=(16, 16))
+    _both(
+        folder,
+        r"layer model\.layers\.0\.mlp\.experts: weight_block_size \[16, 16\] does not divide "
+        r"the experts' intermediate size 24",
+    )
+
+
+def test_corrupt_expert_scale_is_named(checkpoint, tmp_path):
+    src = checkpoint("qwen3_moe_fp8", arch="qwen3_moe", num_layers=2, **MOE["qwen3_moe"])
+    folder, _ = pack_checkpoint(src, tmp_path / "c", "fbgemm_fp8")
+    name = "model.layers.0.mlp.experts.3.up_proj.weight_scale"
+
+    def bad(state):
+        state[name] = torch.ones(23, 1)
+
+    _both(
+        _edited(folder, tmp_path / "bad", state_edit=bad),
+        rf"checkpoint tensor {re.escape(name)}: expert 3 'up_proj' weight_scale has shape "
+        r"\(23, 1\), expected \(24, 1\)",
+    )

@@ -38,6 +38,10 @@ class QuantConfig:
         None keeps it unquantized."""
         raise NotImplementedError
 
+    def moe_method(self, experts: nn.Module, name: str) -> Any:
+        """The MoEExpertsMethod of the experts module `name`; None keeps them unquantized."""
+        raise ValueError(f"{self.name} quantization of MoE experts ({name}) is not supported")
+
     def skips_tensor(self, name: str) -> bool:
         """Checkpoint tensors of the format that this build does not use (static activation
         scales on a weight-only path): dropped without a warning."""
@@ -105,18 +109,20 @@ def checkpoint_names(module_name: str, module: nn.Module, packed: dict[str, tupl
 def apply_quant_config(model: nn.Module, config: QuantConfig) -> None:
     """Give every `Linear` of `model` (built on the meta device, not loaded) its quant method.
 
-    lm_head stays unquantized (as in vLLM); MoE experts are refused until the MoE layer takes
-    a quant method. Raises ValueError naming the layer when the format cannot hold it.
+    lm_head stays unquantized (as in vLLM); MoE experts get the format's experts method. Raises ValueError naming the layer when the format cannot hold it.
     """
     from splitserve.worker.moe import MoEExperts
 
     packed = getattr(model, "packed_modules", {})
     for name, module in list(model.named_modules()):
         if isinstance(module, MoEExperts):
-            raise ValueError(
-                f"{config.name} quantization of MoE experts ({name}) is not supported yet; "
-                "splitserve loads quantized dense models only"
-            )
+            moe_method = config.moe_method(module, name)
+            if moe_method is not None:
+                try:
+                    module.set_method(moe_method)
+                except ValueError as exc:
+                    raise ValueError(f"layer {name}: {exc}") from None
+            continue
         if not isinstance(module, Linear) or name.split(".")[-1] == "lm_head":
             continue
         method = config.linear_method(module, checkpoint_names(name, module, packed))

@@ -33,6 +33,7 @@ from torch import nn
 from splitserve.kernels import dispatch
 from splitserve.kernels.reference import fp8_dequantize_ref
 from splitserve.worker.linear import Linear, LinearMethod, MergedLinear, UnquantizedLinearMethod
+from splitserve.worker.moe import MoEExperts, MoEExpertsMethod
 from splitserve.worker.quantization import QuantConfig, matches
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -49,13 +50,35 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
+def scale_2d(
+    kind: str,
+    scale: torch.Tensor,
+    shape: tuple[int, int],
+    shards: list[int] | None,
+    block: tuple[int, int] | None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A checkpoint scale of layout `kind` for a weight of `shape` [N, K] (fused from `shards`
+    output sizes, or None) as [ceil(N / bn), ceil(K / bk)] float32, and (bn, bk)."""
+    n, k = shape
+    scale = scale.float()
+    if kind == "channel":
+        return scale.reshape(n, 1), (1, k)
+    if kind == "block":
+        return scale, block
+    if shards is not None:
+        sizes = torch.tensor(shards, device=scale.device)
+        return scale.reshape(-1).repeat_interleave(sizes).reshape(n, 1), (1, k)
+    return scale.reshape(1, 1), (n, k)
+
+
+def _check_finite(scale: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"{where}: its FP8 scale holds non-finite values (a corrupt checkpoint?)")
+
+
 def _finish(layer: Linear, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]):
     """Hold the FP8 weight for the Triton GEMM (CUDA), or its dense copy (CPU)."""
-    if not torch.isfinite(scale).all():
-        raise ValueError(
-            f"layer ({layer.extra_repr()}): its FP8 scale holds non-finite values (a corrupt "
-            "checkpoint?)"
-        )
+    _check_finite(scale, f"layer ({layer.extra_repr()})")
     layer.fp8_dense = not (weight.is_cuda and dispatch.triton_available())
     if layer.fp8_dense:
         dense = fp8_dequantize_ref(weight, scale, block, layer.compute_dtype)
@@ -116,16 +139,14 @@ class Fp8LinearMethod(LinearMethod):
 
     def scale_2d(self, layer: Linear) -> tuple[torch.Tensor, tuple[int, int]]:
         """The layer's scale as [ceil(N / bn), ceil(K / bk)] float32, and (bn, bk)."""
-        n, k = layer.out_features, layer.in_features
-        scale = getattr(layer, self.scale_name).detach().float()
-        if self.kind == "channel":
-            return scale.reshape(n, 1), (1, k)
-        if self.kind == "block":
-            return scale, self.block
-        if isinstance(layer, MergedLinear):
-            sizes = torch.tensor(list(layer.shard_sizes.values()), device=scale.device)
-            return scale.repeat_interleave(sizes).reshape(n, 1), (1, k)
-        return scale.reshape(1, 1), (n, k)
+        shards = list(layer.shard_sizes.values()) if isinstance(layer, MergedLinear) else None
+        return scale_2d(
+            self.kind,
+            getattr(layer, self.scale_name).detach(),
+            (layer.out_features, layer.in_features),
+            shards,
+            self.block,
+        )
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         scale, block = self.scale_2d(layer)
@@ -152,6 +173,85 @@ class Fp8OnlineLinearMethod(UnquantizedLinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return _apply(layer, x)
+
+
+def _expert_shapes(experts: MoEExperts) -> dict[str, tuple[tuple[int, int], list[int] | None]]:
+    """Stacked parameter -> (one expert's [N, K], its fused shard sizes or None)."""
+    hidden, inter = experts.hidden_size, experts.intermediate_size
+    return {
+        "gate_up_proj": ((2 * inter, hidden), [inter, inter]),
+        "down_proj": ((hidden, inter), None),
+    }
+
+
+class Fp8MoEMethod(MoEExpertsMethod):
+    """FP8 experts as the checkpoint stores them (per expert: weight + scale of layout `kind`),
+    stacked, then dequantized to the compute dtype at load on every device: the fused-MoE
+    paths read dense stacks (an FP8 grouped GEMM is a later slice), so an FP8 MoE checkpoint
+    loads and computes as its dequantized model but takes the dense model's memory."""
+
+    def __init__(self, scale_name: str, kind: str, block: tuple[int, int] | None = None) -> None:
+        self.scale_name, self.kind, self.block = scale_name, kind, block
+        self.checkpoint_params = {"weight": "", scale_name: "_scale"}
+
+    def create_weights(self, experts: MoEExperts) -> None:
+        experts.compute_dtype = torch.get_default_dtype()
+        num = experts.num_experts
+        if self.kind == "block" and experts.intermediate_size % self.block[0]:
+            bn, bk = self.block
+            raise ValueError(
+                f"weight_block_size [{bn}, {bk}] does not divide the experts' intermediate size "
+                f"{experts.intermediate_size} (the gate / up halves of one stacked tensor)"
+            )
+        for name, ((n, k), shards) in _expert_shapes(experts).items():
+            weight = torch.empty(num, n, k, dtype=FP8_DTYPE)
+            setattr(experts, name, nn.Parameter(weight, requires_grad=False))
+            experts.register_stacked(name)
+            attrs: dict[str, Any] = {}
+            if self.kind == "channel":
+                shape: tuple[int, ...] = (num, n, 1)
+            elif self.kind == "tensor":
+                shape = (num, 2) if shards else (num,)
+                attrs["per_shard"] = True
+            else:
+                bn, bk = self.block
+                shape = (num, -(-n // bn), -(-k // bk))
+                attrs["row_block"] = bn
+            scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+            setattr(experts, name + "_scale", scale)
+            experts.register_stacked(name + "_scale", self.scale_name, **attrs)
+
+    def process_weights_after_loading(self, experts: MoEExperts) -> None:
+        for name, (shape, shards) in _expert_shapes(experts).items():
+            weight = getattr(experts, name).detach()
+            scales = getattr(experts, name + "_scale").detach()
+            dense = torch.empty(weight.shape, dtype=experts.compute_dtype, device=weight.device)
+            for e in range(experts.num_experts):
+                scale, block = scale_2d(self.kind, scales[e], shape, shards, self.block)
+                _check_finite(scale, f"expert {e} {name}")
+                dense[e] = fp8_dequantize_ref(weight[e], scale, block, experts.compute_dtype)
+            delattr(experts, name + "_scale")
+            setattr(experts, name, nn.Parameter(dense, requires_grad=False))
+
+
+class Fp8OnlineMoEMethod(MoEExpertsMethod):
+    """`--quantization fp8` on unquantized experts: each expert's stacks quantized per output
+    channel at load, then held dequantized (see Fp8MoEMethod)."""
+
+    checkpoint_params = {"weight": ""}
+
+    def create_weights(self, experts: MoEExperts) -> None:
+        num = experts.num_experts
+        for name, ((n, k), _) in _expert_shapes(experts).items():
+            setattr(experts, name, nn.Parameter(torch.empty(num, n, k), requires_grad=False))
+            experts.register_stacked(name)
+
+    def process_weights_after_loading(self, experts: MoEExperts) -> None:
+        for name in ("gate_up_proj", "down_proj"):
+            stack = getattr(experts, name).detach()
+            for e in range(experts.num_experts):
+                weight, scale = quantize_per_channel(stack[e])
+                stack[e] = fp8_dequantize_ref(weight, scale, (1, stack.shape[2]), stack.dtype)
 
 
 def _ignored(config: Any, names: list[str], patterns: list[str]) -> bool:
@@ -210,6 +310,15 @@ class Fp8Config(QuantConfig):
             return Fp8LinearMethod("weight_scale_inv", "block", self.block)
         return Fp8LinearMethod("weight_scale", "tensor")
 
+    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
+        if _ignored(self, [name], self.ignored):
+            return None
+        if not self.serialized:
+            return Fp8OnlineMoEMethod()
+        if self.block is not None:
+            return Fp8MoEMethod("weight_scale_inv", "block", self.block)
+        return Fp8MoEMethod("weight_scale", "tensor")
+
     def skips_tensor(self, name: str) -> bool:
         return name.endswith(".input_scale")
 
@@ -237,6 +346,11 @@ class FbgemmFp8Config(QuantConfig):
         if _ignored(self, checkpoint_names, self.ignored):
             return None
         return Fp8LinearMethod("weight_scale", "channel")
+
+    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
+        if _ignored(self, [name], self.ignored):
+            return None
+        return Fp8MoEMethod("weight_scale", "channel")
 
     def skips_tensor(self, name: str) -> bool:
         return name.endswith(".input_scale_ub")
@@ -293,6 +407,11 @@ class CompressedTensorsConfig(QuantConfig):
         if _ignored(self, checkpoint_names, self.ignored):
             return None
         return Fp8LinearMethod("weight_scale", self.kind, self.block)
+
+    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
+        if _ignored(self, [name], self.ignored):
+            return None
+        return Fp8MoEMethod("weight_scale", self.kind, self.block)
 
     def skips_tensor(self, name: str) -> bool:
         return name.endswith((".input_scale", ".input_zero_point", ".weight_zero_point"))
