@@ -9,7 +9,7 @@ product does (bench/RESULTS.md, "CPU decode"). Three modes, by `SPLITSERVE_CPU_O
   count goes through oneDNN (fewer than `PACKED_MIN_ROWS` rows padded up to it); still one
   copy. Without the row hint this layout made one-row products ~5x slower than torch's GEMV;
   with it, in-process decode measured 1.1-1.8x `plain`'s tokens/s at batch 1 and 1.0-1.4x at
-  batch 32 on the 2-core machine (noisy; bench/RESULTS.md, 2026-12-06 17:10-17:27).
+  batch 32 on the 2-core machine (noisy; bench/RESULTS.md, 2026-12-06 17:00-18:00).
 - `plain`: the weight stays as loaded; two or more rows go through oneDNN, which reads the
   plain [out, in] weight, one row stays on torch's linear (a matrix-vector product).
 - `0`: torch's linear always (A/B benchmarks).
@@ -68,7 +68,7 @@ PACK_ROWS_HINT = 32
 """The row count oneDNN picks the packed layout for (`pack`). NOTE: without a hint the layout
 made one- to eight-row products several times slower than torch's GEMV on the 2-core AMD
 machine; with 32 they ran about as fast as the plain-weight oneDNN path at 32 rows or faster
-(bench/RESULTS.md, 2026-12-06 17:10-17:27)."""
+(bench/RESULTS.md, 2026-12-06 17:00-18:00)."""
 
 PACKED_MIN_ROWS = 4
 """Packed products of fewer rows are padded to this many: oneDNN's one-row path over a
