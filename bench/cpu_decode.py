@@ -29,10 +29,12 @@ VARIANTS = {
     "gather": {"SPLITSERVE_CPU_PAGED_DECODE": "0", "SPLITSERVE_CPU_ONEDNN_LINEAR": "0"},
     "plain": {"SPLITSERVE_CPU_PAGED_DECODE": "1", "SPLITSERVE_CPU_ONEDNN_LINEAR": "0"},
     "packed": {"SPLITSERVE_CPU_PAGED_DECODE": "1", "SPLITSERVE_CPU_ONEDNN_LINEAR": "1"},
+    "onednn": {"SPLITSERVE_CPU_PAGED_DECODE": "1", "SPLITSERVE_CPU_ONEDNN_LINEAR": "plain"},
 }
 """Engine variants by the environment switches they are built with: `gather` copies each
 row's KV blocks into a dense buffer per layer (the older decode attention); `plain` reads the
-paged cache in place with torch's GEMM for linears; `packed` adds oneDNN-packed weights."""
+paged cache in place with torch's GEMM for linears; `packed` adds oneDNN-packed weights;
+`onednn` runs oneDNN on the plain weights from two rows (torch's GEMV for one)."""
 
 
 def _serve_throughput():

@@ -4,13 +4,14 @@ On CPU, `torch.nn.functional.linear` goes to a GEMM that, on the skinny shapes o
 (a few to a few dozen rows against a large weight), reaches a fraction of what oneDNN's inner
 product does (bench/RESULTS.md, "CPU decode"). Three modes, by `SPLITSERVE_CPU_ONEDNN_LINEAR`:
 
-- `plain` (the default): the weight stays as loaded; two or more rows go through oneDNN, which
-  reads the plain [out, in] weight, one row stays on torch's linear (a matrix-vector product,
-  bound by reading the weight, where torch's GEMV was several times faster than oneDNN on the
-  2-core AMD machine measured).
-- `packed`: the weight is replaced after loading by oneDNN's blocked layout (`pack`, an opaque
-  `torch._mkldnn` tensor) and every row count goes through oneDNN; still one copy. Faster than
-  `plain` on some shapes with many rows, much slower at one row on the machine measured.
+- `packed` (the default): the weight is replaced after loading by oneDNN's blocked layout
+  (`pack`, an opaque `torch._mkldnn` tensor, laid out for `PACK_ROWS_HINT` rows) and every row
+  count goes through oneDNN (fewer than `PACKED_MIN_ROWS` rows padded up to it); still one
+  copy. Without the row hint this layout made one-row products ~5x slower than torch's GEMV;
+  with it, in-process decode measured 1.1-1.8x `plain`'s tokens/s at batch 1 and 1.0-1.4x at
+  batch 32 on the 2-core machine (noisy; bench/RESULTS.md, 2026-12-06 17:00-18:00).
+- `plain`: the weight stays as loaded; two or more rows go through oneDNN, which reads the
+  plain [out, in] weight, one row stays on torch's linear (a matrix-vector product).
 - `0`: torch's linear always (A/B benchmarks).
 
 `unpack` gives a plain weight back (a temporary) where one is needed.
@@ -25,10 +26,10 @@ import os
 import torch
 
 ONEDNN_LINEAR_ENV = "SPLITSERVE_CPU_ONEDNN_LINEAR"
-"""plain (default), packed, or 0 (see the module docstring)."""
+"""packed (default), plain, or 0 (see the module docstring)."""
 MODES = ("plain", "packed", "0")
 
-MAX_ROWS = 512
+MAX_ROWS = 2048
 """Rows per oneDNN call; longer inputs go in chunks of this many."""
 
 
@@ -44,7 +45,7 @@ def onednn_linear_available() -> bool:
 
 def mode() -> str:
     """The configured mode; "0" as well when this torch build lacks the oneDNN ops."""
-    value = os.environ.get(ONEDNN_LINEAR_ENV, "plain")
+    value = os.environ.get(ONEDNN_LINEAR_ENV, "packed")
     if value == "1":
         value = "packed"
     if value not in MODES:
@@ -63,10 +64,21 @@ def supports(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     )
 
 
+PACK_ROWS_HINT = 32
+"""The row count oneDNN picks the packed layout for (`pack`). NOTE: without a hint the layout
+made one- to eight-row products several times slower than torch's GEMV on the 2-core AMD
+machine; with 32 they ran about as fast as the plain-weight oneDNN path at 32 rows or faster
+(bench/RESULTS.md, 2026-12-06 17:00-18:00)."""
+
+PACKED_MIN_ROWS = 4
+"""Packed products of fewer rows are padded to this many: oneDNN's one-row path over a
+packed weight was slower than its four-row one on the machine measured."""
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """The weight [out, in] in oneDNN's blocked layout (same logical shape and values)."""
     with torch.no_grad():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
 
 
 def is_packed(weight: torch.Tensor) -> bool:
@@ -93,7 +105,7 @@ def row_bucket(rows: int) -> int:
 
 def _onednn(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     n = rows.shape[0]
-    padded = row_bucket(n)
+    padded = row_bucket(max(n, PACKED_MIN_ROWS) if is_packed(weight) else n)
     if padded != n:
         rows = torch.cat([rows, rows.new_zeros(padded - n, rows.shape[1])])
     y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")

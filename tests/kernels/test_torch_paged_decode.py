@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitserve.kernels import reference, torch_paged_decode
+from splitserve.kernels import reference, torch_attention, torch_paged_decode
 from splitserve.kernels.torch_attention import (
     TorchAttentionPlan,
     paged_attention_torch,
@@ -186,3 +186,27 @@ def test_layout_indices():
     assert layout.value_weights.tolist() == (
         [0, 1, 2, 3, 4] + [8, 9, 10, 11, 12] + [16, 17, 18] + [24, 25, 26]
     )
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, torch_attention._FLAT_WRITE_MAX_TOKENS + 3])
+def test_write_into_the_in_place_layout_matches_the_reference(num_tokens):
+    """Both write routes into slot-last keys (one flat index_copy_ for few tokens, indexed
+    assignment for many) give the reference's cache; fresh blocks are cleared of leftovers
+    (NaN here), blocks already started keep theirs."""
+    torch.manual_seed(num_tokens)
+    num_blocks, bs, hk, d = 64, 8, 2, 16
+    key_cache, value_cache = new_kv_cache(num_blocks, bs, hk, d, torch.float32, "cpu")
+    key_cache.fill_(float("nan"))
+    value_cache.fill_(float("nan"))
+    others = torch.randperm(num_blocks * bs)
+    others = others[others != 5 * bs]
+    slots = torch.cat([torch.tensor([5 * bs]), others[: num_tokens - 1]])  # one fresh block
+    key, value = torch.randn(num_tokens, hk, d), torch.randn(num_tokens, hk, d)
+    expected_k, expected_v = key_cache.clone(), value_cache.clone()
+    fresh = slots[slots % bs == 0] // bs
+    expected_k[fresh], expected_v[fresh] = 0.0, 0.0
+    reference.write_kv_cache_ref(key, value, expected_k, expected_v, slots)
+    write_kv_cache_torch(key, value, key_cache, value_cache, slots)
+    assert supports(key_cache, value_cache)
+    assert torch.equal(key_cache.nan_to_num(7.0), expected_k.nan_to_num(7.0))
+    assert torch.equal(value_cache.nan_to_num(7.0), expected_v.nan_to_num(7.0))

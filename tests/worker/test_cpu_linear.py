@@ -1,5 +1,5 @@
-"""The linear seam on CPU float32: oneDNN on the plain weight (default) or on a packed one that
-replaces it (one copy, not two), the same outputs as torch's linear, one row on torch's linear,
+"""The linear seam on CPU float32: oneDNN on a packed weight that replaces the plain one
+(default; one copy, not two) or on the plain weight, the same outputs as torch's linear, one row on torch's linear,
 tied weights kept plain, the env switch."""
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def test_other_dtypes_and_the_env_switch_stay_plain(monkeypatch):
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 5, 700])
 def test_plain_mode_keeps_the_weight_and_matches_torch(monkeypatch, rows):
-    """The default: the same weight tensor afterwards; several rows through oneDNN, one row
+    """`plain`: the same weight tensor afterwards; several rows through oneDNN, one row
     through torch's linear."""
-    monkeypatch.delenv(cpu_linear.ONEDNN_LINEAR_ENV, raising=False)
+    monkeypatch.setenv(cpu_linear.ONEDNN_LINEAR_ENV, "plain")
     torch.manual_seed(0)
     layer = _filled(Linear(40, 24))
     weight = layer.weight
@@ -110,6 +110,13 @@ def test_plain_mode_keeps_the_weight_and_matches_torch(monkeypatch, rows):
     assert layer.weight is weight and layer.weight.layout == torch.strided
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
     assert calls == ([] if rows == 1 else [1])
+
+
+def test_the_default_is_packed(monkeypatch):
+    monkeypatch.delenv(cpu_linear.ONEDNN_LINEAR_ENV, raising=False)
+    assert cpu_linear.mode() == "packed"
+    layer = _filled(Linear(16, 8))
+    assert process_weights_after_loading(layer) == 1 and cpu_linear.is_packed(layer.weight)
 
 
 def test_unknown_mode_is_refused(monkeypatch):
