@@ -15,13 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splitserve.protos import common_pb2, worker_pb2
+from splitserve.common import messages as msg
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def tensor_from_proto(t: common_pb2.TensorData) -> torch.Tensor:
-    """The tensor of a TensorData message; ValueError when its fields disagree."""
+def tensor_from_proto(t: msg.TensorData) -> torch.Tensor:
+    """The tensor of a TensorData (dataclass or message); ValueError when its fields disagree."""
+    if t is None:  # a dataclass MultiModalInput without pixel_values (an unset message field)
+        t = msg.TensorData()
     dtype = _DTYPES.get(t.dtype)
     if dtype is None:
         raise ValueError(f"unsupported tensor dtype {t.dtype!r}; supported: {sorted(_DTYPES)}")
@@ -60,7 +62,7 @@ class MultiModalInputs:
     def __len__(self) -> int:
         return len(self.images)
 
-    def add(self, req: worker_pb2.NewRequest) -> str | None:
+    def add(self, req: msg.NewRequest) -> str | None:
         """Take a new request's images; an error message when they are invalid."""
         self.images.pop(req.request_id, None)
         if not req.mm_inputs:
