@@ -27,6 +27,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]
 SCHEDULER = "scheduler"
+HEARTBEATS_PER_TIMEOUT = 4
+"""Heartbeats a scheduler stream sends per --rpc-timeout-s of silence: a few may be late or
+lost to a busy loop before the stream counts as stalled."""
 TOKENIZER_SERVICE = "tokenizer service"
 _RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
@@ -150,6 +153,24 @@ class ServiceClients:
         return serving
 
     # ------------------------------------------------------------------ bounded calls
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        """How often the scheduler's streams to this gateway send a heartbeat when quiet."""
+        return self.rpc_timeout_s / HEARTBEATS_PER_TIMEOUT
+
+    async def read_stream(self, call, service: str):
+        """The next message of a streaming `call` (EOF at its end); a silence past
+        --rpc-timeout-s fails it as a stalled `service` (503). A scheduler stream must ask for
+        heartbeats, or a request that is only queued or slow would count as stalled."""
+        # NOTE: asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation
+        # that lands as the read completes, and a disconnected client's sequence would go on.
+        try:
+            async with asyncio.timeout(self.rpc_timeout_s):
+                return await call.read()
+        except TimeoutError:
+            call.cancel()
+            raise service_stalled(service, self.rpc_timeout_s) from None
 
     def call_timeout(self, deadline=None) -> float:
         """A unary call's timeout: the request's time left, at most --rpc-timeout-s."""

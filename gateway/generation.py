@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from splitserve.gateway.clients import ServiceClients
+from splitserve.gateway.clients import SCHEDULER, TOKENIZER_SERVICE, ServiceClients
 from splitserve.gateway.errors import EngineError, request_timeout
 from splitserve.protos import common_pb2, scheduler_pb2, tokenizer_pb2
 from splitserve.tokenizer_svc.output_processor import SequenceDelta  # noqa: F401 (re-exported)
@@ -132,8 +132,12 @@ async def run_sequence(
     clients: ServiceClients, spec: SequenceSpec, deadline: Deadline
 ) -> AsyncIterator[SequenceDelta]:
     """Generate one sequence; the last delta has finish_reason set. Errors propagate."""
-    gen = clients.scheduler.Generate(spec.to_request(), timeout=deadline.remaining())
-    detok = clients.tokenizer.DetokenizeStream(timeout=deadline.remaining())
+    request = spec.to_request()
+    request.heartbeat_interval_s = clients.heartbeat_interval_s
+    gen = clients.scheduler.Generate(request, timeout=deadline.remaining())
+    detok = _DetokenizeCall(
+        clients, clients.tokenizer.DetokenizeStream(timeout=deadline.remaining())
+    )
     finished_cleanly = False
     try:
         await detok.write(
@@ -163,7 +167,9 @@ async def run_sequence(
             out, prompt_lps = prompt_lps, None
             return out
 
-        async for resp in gen:
+        while (resp := await clients.read_stream(gen, SCHEDULER)) is not grpc.aio.EOF:
+            if not resp.ByteSize():
+                continue  # a heartbeat: the scheduler is alive, the request quiet
             note_timings(spec, resp)
             ids = list(resp.token_ids)
             finish = resp.finish_reason
@@ -284,6 +290,28 @@ def _tokens_msg(ids: list[int]) -> tokenizer_pb2.DetokenizeStreamRequest:
     return tokenizer_pb2.DetokenizeStreamRequest(tokens=tokenizer_pb2.TokenIds(token_ids=ids))
 
 
+class _DetokenizeCall:
+    """A DetokenizeStream call whose reads fail as a stalled tokenizer service (503) after
+    --rpc-timeout-s of silence."""
+
+    __slots__ = ("_clients", "_call")
+
+    def __init__(self, clients: ServiceClients, call) -> None:
+        self._clients, self._call = clients, call
+
+    async def write(self, message: tokenizer_pb2.DetokenizeStreamRequest) -> None:
+        await self._call.write(message)
+
+    async def read(self) -> tokenizer_pb2.DetokenizeStreamResponse:
+        return await self._clients.read_stream(self._call, TOKENIZER_SERVICE)
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+    async def code(self) -> grpc.StatusCode:
+        return await self._call.code()
+
+
 async def _read(detok) -> tokenizer_pb2.DetokenizeStreamResponse:
     resp = await detok.read()
     if resp is grpc.aio.EOF:
@@ -325,21 +353,15 @@ def _close_in_background(gen, detok) -> None:
     async def close() -> None:
         # NOTE: each stream is read to its end (the server closes it right after the last
         # message), not just awaited: a client interceptor (tracing) ends its span there.
-        for call, drain in ((gen, _drain_iter), (detok, _drain_reads)):
+        for call in (gen, detok):
             try:
-                await asyncio.wait_for(drain(call), 5.0)
+                await asyncio.wait_for(_drain_reads(call), 5.0)
             except (Exception, asyncio.CancelledError):
                 call.cancel()
 
     task = asyncio.ensure_future(close())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
-
-
-async def _drain_iter(call) -> None:
-    async for _ in call:
-        pass
-    await call.code()
 
 
 async def _drain_reads(call) -> None:

@@ -418,11 +418,12 @@ class GatewayMetrics:
         self.generation_tokens.inc(generation_tokens)
         for reason in finish_reasons:
             self._request_success.labels(self.model_name, reason).inc()
-        self.e2e_latency.observe(time.monotonic() - arrival)
         from splitserve.gateway.request_observer import current_observer
 
         observer = current_observer()
-        if observer is not None:
+        if observer is None or not observer.num_sequences:
+            self.e2e_latency.observe(time.monotonic() - arrival)
+        if observer is not None:  # e2e latency per sequence, as vLLM per child request
             observer.finish(prompt_tokens, generation_tokens, finish_reasons)
 
     async def refresh_scheduler_stats(self, scheduler, timeout_s: float = 5.0) -> None:

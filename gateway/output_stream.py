@@ -36,9 +36,6 @@ from splitserve.tokenizer_svc.stream import SequenceStream
 logger = logging.getLogger(__name__)
 
 _ERROR = int(common_pb2.FinishReason.FINISH_REASON_ERROR)
-_HEARTBEATS_PER_TIMEOUT = 4
-"""Heartbeats the scheduler sends per --rpc-timeout-s of silence: a few may be late or lost
-to a busy loop before the stream counts as stalled."""
 # Abort calls are fire-and-forget; keep their tasks referenced until they end.
 _background: set[asyncio.Task] = set()
 
@@ -196,7 +193,7 @@ class OutputRouter:
         timeout = self._clients.rpc_timeout_s
         call = self._clients.scheduler.StreamOutputs(
             scheduler_pb2.StreamOutputsRequest(
-                stream_id=stream_id, heartbeat_interval_s=timeout / _HEARTBEATS_PER_TIMEOUT
+                stream_id=stream_id, heartbeat_interval_s=self._clients.heartbeat_interval_s
             )
         )
         try:
@@ -227,7 +224,7 @@ class OutputRouter:
         loop = asyncio.get_running_loop()
         while True:
             timeout = self._clients.rpc_timeout_s
-            await asyncio.sleep(timeout / _HEARTBEATS_PER_TIMEOUT)
+            await asyncio.sleep(self._clients.heartbeat_interval_s)
             if self.stalled and self._call is None:
                 try:
                     await self._ensure_open()

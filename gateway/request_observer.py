@@ -42,6 +42,10 @@ class RequestObserver:
         self._num_tokens: list[int] = []
         """Tokens each sequence produced so far."""
         self._last_token_at: dict[int, float] = {}
+        self._first_at: dict[int, float] = {}
+        """When each sequence's first output arrived."""
+        self._finished_at: dict[int, float] = {}
+        """When each sequence's last output (the one with its finish reason) arrived."""
         self._span = None
         if tracing.enabled():
             from opentelemetry import context, trace
@@ -89,9 +93,14 @@ class RequestObserver:
 
     def on_delta(self, index: int, delta: SequenceDelta) -> None:
         now = time.monotonic()
-        if self.ttft_s is None:
-            self.ttft_s = now - self.arrival
-            self.metrics.ttft.observe(self.ttft_s)
+        if index not in self._first_at:
+            # vLLM observes time to first token per child request: per sequence here.
+            self._first_at[index] = now
+            self.metrics.ttft.observe(now - self.arrival)
+            if self.ttft_s is None:
+                self.ttft_s = now - self.arrival
+        if delta.finish_reason is not None:
+            self._finished_at[index] = now
         if index < len(self._specs):
             queue_time = self._specs[index].queue_time_s
             if queue_time is not None and index not in self._last_token_at:
@@ -132,14 +141,21 @@ class RequestObserver:
         # The span lasts exactly the e2e latency it reports.
         span.end(end_time=self._start_ns + int(e2e * 1e9))
 
+    @property
+    def num_sequences(self) -> int:
+        """Sequences started and not yet recorded."""
+        return len(self._specs)
+
     def _record_sequences(self) -> None:
         """vLLM's per-request histograms. Each sequence is one of vLLM's requests (tokens,
-        max_tokens, phase times); each prompt's group of n sequences is one parent request
-        (n, and the most tokens a sequence of the group produced)."""
+        max_tokens, phase times, e2e latency); each prompt's group of n sequences is one parent
+        request (n, and the most tokens a sequence of the group produced)."""
         m = self.metrics
+        now = time.monotonic()
         groups: dict[str, list[int]] = {}
         for i, spec in enumerate(self._specs):
             num_tokens = self._num_tokens[i]
+            m.e2e_latency.observe(self._finished_at.get(i, now) - self.arrival)
             m.request_prompt_tokens.observe(len(spec.prompt_token_ids))
             m.request_generation_tokens.observe(num_tokens)
             if spec.sampling.HasField("max_tokens"):

@@ -16,12 +16,14 @@ import base64
 import time
 from typing import Any, Literal
 
+import grpc
 import numpy as np
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
 from splitserve.common.pooling import dimensions_problem
+from splitserve.gateway.clients import SCHEDULER
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import Deadline
 from splitserve.gateway.prepare import chat_input, prepare, prompt_list
@@ -215,10 +217,16 @@ class EmbeddingsService(ServingBase):
         if adapter is not None:  # the model names a LoRA adapter: embed through it
             message.lora_name, message.lora_path = adapter.name, str(adapter.path)
             message.lora_int_id = adapter.int_id
+        message.heartbeat_interval_s = self.clients.heartbeat_interval_s
         embedding: list[float] | None = None
-        async for resp in self.clients.scheduler.Generate(message, timeout=deadline.remaining()):
-            if resp.embedding:
-                embedding = list(resp.embedding)
+        call = self.clients.scheduler.Generate(message, timeout=deadline.remaining())
+        try:
+            while (resp := await self.clients.read_stream(call, SCHEDULER)) is not grpc.aio.EOF:
+                if resp.embedding:
+                    embedding = list(resp.embedding)
+        except BaseException:
+            call.cancel()  # the scheduler aborts the request
+            raise
         if embedding is None:
             raise RuntimeError(f"the scheduler finished {request_id} without an embedding")
         return embedding

@@ -142,18 +142,22 @@ class TensorData(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MultiModalInput(_message.Message):
-    __slots__ = ("modality", "pixel_values", "hash", "offset", "length")
+    __slots__ = ("modality", "pixel_values", "hash", "offset", "length", "input_features", "num_frames")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     PIXEL_VALUES_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     modality: str
     pixel_values: TensorData
     hash: bytes
     offset: int
     length: int
-    def __init__(self, modality: _Optional[str] = ..., pixel_values: _Optional[_Union[TensorData, _Mapping]] = ..., hash: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    input_features: TensorData
+    num_frames: int
+    def __init__(self, modality: _Optional[str] = ..., pixel_values: _Optional[_Union[TensorData, _Mapping]] = ..., hash: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., input_features: _Optional[_Union[TensorData, _Mapping]] = ..., num_frames: _Optional[int] = ...) -> None: ...
 
 class RunnerInfo(_message.Message):
     __slots__ = ("runner", "pooling_type", "normalize", "hidden_size", "is_matryoshka", "matryoshka_dimensions")

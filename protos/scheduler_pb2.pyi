@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "lora_name", "priority", "grammar", "lora_path", "cache_salt", "lora_int_id", "mm_inputs", "pooling", "dimensions", "normalize", "compiled_grammar")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "lora_name", "priority", "grammar", "lora_path", "cache_salt", "lora_int_id", "mm_inputs", "pooling", "dimensions", "normalize", "compiled_grammar", "heartbeat_interval_s")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class GenerateRequest(_message.Message):
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     COMPILED_GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: _common_pb2.SamplingParams
@@ -37,7 +38,8 @@ class GenerateRequest(_message.Message):
     dimensions: int
     normalize: bool
     compiled_grammar: _common_pb2.CompiledGrammar
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., lora_name: _Optional[str] = ..., priority: _Optional[int] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., lora_path: _Optional[str] = ..., cache_salt: _Optional[str] = ..., lora_int_id: _Optional[int] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ..., pooling: _Optional[bool] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., compiled_grammar: _Optional[_Union[_common_pb2.CompiledGrammar, _Mapping]] = ...) -> None: ...
+    heartbeat_interval_s: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., lora_name: _Optional[str] = ..., priority: _Optional[int] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., lora_path: _Optional[str] = ..., cache_salt: _Optional[str] = ..., lora_int_id: _Optional[int] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ..., pooling: _Optional[bool] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., compiled_grammar: _Optional[_Union[_common_pb2.CompiledGrammar, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "logprobs", "prompt_logprobs", "finish_reason", "stop_token_id", "num_prompt_tokens", "num_cached_tokens", "error", "queue_time_s", "embedding", "prefill_time_s", "decode_time_s")

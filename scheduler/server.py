@@ -125,10 +125,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def Generate(self, request, context):
         engine_loop, q, timeline = await self._queue(request, context)
+        interval = request.heartbeat_interval_s if request.heartbeat_interval_s > 0 else None
         finished = False
         try:
             while True:
-                out: RequestOutput = await q.get()
+                try:
+                    # NOTE: not wait_for, which in Python 3.11 can drop a cancellation.
+                    async with asyncio.timeout(interval):
+                        out: RequestOutput = await q.get()
+                except TimeoutError:
+                    yield scheduler_pb2.GenerateResponse()  # a heartbeat: quiet, not stalled
+                    continue
                 if out.error:
                     finished = True
                     await context.abort(

@@ -238,27 +238,33 @@ class ImagePreprocessor:
     def _spans(
         self, ids: list[int], num_images: int, lengths: list[int] | None = None
     ) -> list[tuple[int, int]]:
-        """(offset, length) of each image's placeholder tokens, in order: `lengths` each, or
-        all the same number (adjacent images' runs split evenly)."""
-        positions = np.flatnonzero(np.asarray(ids) == self.image_token_id)
-        if lengths is None:
-            if positions.size == 0 or positions.size % num_images:
-                raise ValueError(
-                    f"the processor left {positions.size} image tokens for {num_images} images"
-                )
-            lengths = [positions.size // num_images] * num_images
-        if positions.size != sum(lengths):
+        return placeholder_spans(ids, self.image_token_id, num_images, "image", lengths)
+
+
+def placeholder_spans(
+    ids: list[int], token_id: int, num_items: int, kind: str, lengths: list[int] | None = None
+) -> list[tuple[int, int]]:
+    """(offset, length) of each item's run of placeholder tokens `token_id`, in order:
+    `lengths` each, or all the same number (adjacent items' runs split evenly)."""
+    positions = np.flatnonzero(np.asarray(ids) == token_id)
+    if lengths is None:
+        if positions.size == 0 or positions.size % num_items:
             raise ValueError(
-                f"the prompt holds {positions.size} image tokens, its images need {sum(lengths)}"
+                f"the processor left {positions.size} {kind} tokens for {num_items} {kind}s"
             )
-        spans, start = [], 0
-        for k in lengths:
-            run = positions[start : start + k]
-            if run[-1] - run[0] != k - 1:
-                raise ValueError("an image's placeholder tokens are not contiguous")
-            spans.append((int(run[0]), k))
-            start += k
-        return spans
+        lengths = [positions.size // num_items] * num_items
+    if positions.size != sum(lengths):
+        raise ValueError(
+            f"the prompt holds {positions.size} {kind} tokens, its {kind}s need {sum(lengths)}"
+        )
+    spans, start = [], 0
+    for k in lengths:
+        run = positions[start : start + k]
+        if run[-1] - run[0] != k - 1:
+            raise ValueError(f"an {kind}'s placeholder tokens are not contiguous")
+        spans.append((int(run[0]), k))
+        start += k
+    return spans
 
 
 def image_token_id_of(path: pathlib.Path) -> int | None:

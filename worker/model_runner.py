@@ -91,9 +91,10 @@ class ModelRunner:
         self.mm = (
             MultiModalInputs(self.model, self.device)
             if getattr(self.model, "supports_images", False)
+            or getattr(self.model, "supports_audio", False)
             else None
         )
-        """Images of the live requests (models that take images)."""
+        """Images and audio of the live requests (models that take them)."""
         # --runner: a pooling runner pools on the last rank instead of sampling.
         self.runner, self.pooler, self.runner_info = setup_runner(
             self.config, self.loaded, self.is_last
@@ -546,11 +547,12 @@ class ModelRunner:
         return ""
 
     def _add_images(self, req: msg.NewRequest) -> str | None:
-        """Keep the request's images (first rank: it embeds the tokens); an error message."""
+        """Keep the request's images and audio (first rank: it embeds the tokens); an error
+        message."""
         if self.mm is not None:
             return self.mm.add(req)
         if req.mm_inputs and self.is_first:
-            return "this model does not take image inputs"
+            return f"this model does not take {req.mm_inputs[0].modality or 'multimodal'} inputs"
         return None
 
     def _add_grammar(self, req: msg.NewRequest) -> str | None:

@@ -65,6 +65,8 @@ class StageLink:
         """(work, tensor, monotonic time sent) of sends the next rank has not taken yet."""
         self._rendezvous: Rendezvous | None = None
         backend = "nccl" if device.type == "cuda" else "gloo"
+        self._sends_report_completion = backend == "nccl"
+        """NCCL's `is_completed` tells a taken send; gloo's stays False until a wait."""
         init_method = config.init_method()
         logger.info(
             "rank %d of %d joining the %s pipeline group at %s",
@@ -101,6 +103,8 @@ class StageLink:
         if n:
             self._isend(torch.stack([hidden, residual]).contiguous())
         waited = 0.0
+        # NOTE: on gloo `is_completed` stays False until a send is waited on (see
+        # `check_sends`), so there the window is simply the last MAX_PENDING_SENDS sends.
         while self._pending and (
             len(self._pending) > MAX_PENDING_SENDS or self._pending[0][0].is_completed()
         ):
@@ -120,18 +124,43 @@ class StageLink:
         self._pending.append((work, tensor, time.monotonic()))
 
     def check_sends(self) -> None:
-        """Raise when the next rank has left a send untaken for longer than the timeout (it
-        hangs); called while this rank waits for steps, when nothing else would notice."""
-        while self._pending and self._pending[0][0].is_completed():
-            self._wait(self._pending.popleft()[0], "send to", self.rank + 1)
-        if self._pending:
-            age = time.monotonic() - self._pending[0][2]
-            if age > self.timeout.total_seconds():
-                raise StageTransferError(
-                    f"pipeline rank {self.rank + 1} has not taken rank {self.rank}'s "
-                    f"activations for {age:.0f}s (timeout "
-                    f"{self.timeout.total_seconds():.0f}s): it is stuck"
-                )
+        """Wait for the sends the next rank has not been seen to take, each for what is left
+        of its timeout, and raise if one is still untaken then (the next rank hangs). Called
+        while this rank waits for steps, when nothing else would notice.
+
+        A gloo send reads as not completed until it is waited on, whether or not the next
+        rank took it, so polling `is_completed` cannot tell a taken send from a stuck peer
+        (the last sends of every burst looked untaken forever, and an idle pipeline failed
+        once they were older than the timeout). Nor can a short `wait` poll: a gloo wait that
+        times out closes the connection. A taken send's wait returns at once. NCCL's
+        `is_completed` does tell, so there the oldest untaken send's age decides.
+        """
+        limit = self.timeout.total_seconds()
+        while self._pending:
+            work, _, sent = self._pending[0]
+            age = time.monotonic() - sent
+            if work.is_completed():
+                self._wait(work, "send to", self.rank + 1)
+                self._pending.popleft()
+                continue
+            if self._sends_report_completion:
+                if age > limit:
+                    raise self._untaken(sent)
+                return
+            try:
+                # NOTE: an overdue send still gets a moment: it may have been taken long ago.
+                work.wait(timedelta(seconds=max(limit - age, 0.05)))
+            except Exception as exc:
+                raise self._untaken(sent, exc) from exc
+            self._pending.popleft()
+
+    def _untaken(self, sent: float, cause: Exception | None = None) -> StageTransferError:
+        limit = self.timeout.total_seconds()
+        return StageTransferError(
+            f"pipeline rank {self.rank + 1} has not taken rank {self.rank}'s activations for "
+            f"{time.monotonic() - sent:.0f}s (timeout {limit:.0f}s): it is stuck"
+            + (f" ({cause})" if cause is not None else "")
+        )
 
     # ------------------------------------------------------------------ receive side
     def recv(self, step_id: int, hidden_size: int, dtype: torch.dtype) -> IntermediateTensors:

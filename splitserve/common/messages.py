@@ -94,13 +94,16 @@ class TensorData:
 
 @dataclass(slots=True)
 class MultiModalInput:
-    """common.MultiModalInput: one preprocessed image of a prompt and its placeholder span."""
+    """common.MultiModalInput: one preprocessed image or audio clip of a prompt and its
+    placeholder span."""
 
     modality: str = ""
     pixel_values: TensorData | None = None
     hash: bytes = b""
     offset: int = 0
     length: int = 0
+    input_features: TensorData | None = None
+    num_frames: int = 0
 
 
 @dataclass(slots=True)
@@ -121,6 +124,8 @@ class GenerateRequest:
     dimensions: int | None = None
     normalize: bool | None = None
     compiled_grammar: CompiledGrammar | None = None
+    heartbeat_interval_s: float = 0.0
+    """The Generate call's own (its server sends heartbeats); the engine ignores it."""
 
 
 @dataclass(slots=True)

@@ -110,23 +110,43 @@ def compiled_grammar_to_proto(g: msg.CompiledGrammar) -> common_pb2.CompiledGram
     return common_pb2.CompiledGrammar(handle=g.handle, backend=g.backend, compiled=g.compiled)
 
 
+def _tensor_from_proto(m, name: str) -> msg.TensorData | None:
+    if not m.HasField(name):
+        return None
+    t = getattr(m, name)
+    return msg.TensorData(t.dtype, list(t.shape), t.data)
+
+
+def _tensor_to_proto(field, t: msg.TensorData | None) -> None:
+    if t is not None:
+        field.SetInParent()  # present even when empty
+        field.dtype = t.dtype
+        field.shape.extend(t.shape)
+        field.data = t.data
+
+
 def mm_input_from_proto(m: common_pb2.MultiModalInput) -> msg.MultiModalInput:
-    pv = None
-    if m.HasField("pixel_values"):
-        t = m.pixel_values
-        pv = msg.TensorData(t.dtype, list(t.shape), t.data)
-    return msg.MultiModalInput(m.modality, pv, m.hash, m.offset, m.length)
+    return msg.MultiModalInput(
+        modality=m.modality,
+        pixel_values=_tensor_from_proto(m, "pixel_values"),
+        hash=m.hash,
+        offset=m.offset,
+        length=m.length,
+        input_features=_tensor_from_proto(m, "input_features"),
+        num_frames=m.num_frames,
+    )
 
 
 def mm_input_to_proto(m: msg.MultiModalInput) -> common_pb2.MultiModalInput:
     p = common_pb2.MultiModalInput(
-        modality=m.modality, hash=m.hash, offset=m.offset, length=m.length
+        modality=m.modality,
+        hash=m.hash,
+        offset=m.offset,
+        length=m.length,
+        num_frames=m.num_frames,
     )
-    if m.pixel_values is not None:
-        t = m.pixel_values
-        p.pixel_values.dtype = t.dtype
-        p.pixel_values.shape.extend(t.shape)
-        p.pixel_values.data = t.data
+    _tensor_to_proto(p.pixel_values, m.pixel_values)
+    _tensor_to_proto(p.input_features, m.input_features)
     return p
 
 
@@ -154,6 +174,7 @@ def generate_request_from_proto(r: scheduler_pb2.GenerateRequest) -> msg.Generat
             if r.HasField("compiled_grammar")
             else None
         ),
+        heartbeat_interval_s=r.heartbeat_interval_s,
     )
 
 
@@ -169,6 +190,7 @@ def generate_request_to_proto(r: msg.GenerateRequest) -> scheduler_pb2.GenerateR
         lora_int_id=r.lora_int_id,
         mm_inputs=[mm_input_to_proto(m) for m in r.mm_inputs],
         pooling=r.pooling,
+        heartbeat_interval_s=r.heartbeat_interval_s,
     )
     if r.sampling_params != msg.SamplingParams():  # unset and empty mean the same
         p.sampling_params.CopyFrom(sampling_params_to_proto(r.sampling_params))

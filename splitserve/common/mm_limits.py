@@ -12,7 +12,9 @@ import re
 DEFAULT_IMAGE_LIMIT = 4
 """Images one prompt may carry unless --limit-mm-per-prompt says otherwise (vLLM allows 999;
 every image is encoded and its pixels cross gRPC, so splitserve keeps a small bound)."""
-MODALITIES = ("image",)
+DEFAULT_AUDIO_LIMIT = 4
+"""Audio items one prompt may carry unless --limit-mm-per-prompt says otherwise."""
+MODALITIES = ("image", "audio")
 _KEY_VALUES = re.compile(r"^\s*\w+\s*=\s*-?\d+\s*(,\s*\w+\s*=\s*-?\d+\s*)*$")
 
 
@@ -36,7 +38,7 @@ def parse_mm_limits(value: str | dict | None) -> dict[str, int]:
             ) from None
         if not isinstance(raw, dict):
             raise ValueError(f"limit_mm_per_prompt must be a JSON object, got {value!r}")
-    limits = {"image": DEFAULT_IMAGE_LIMIT}
+    limits = {"image": DEFAULT_IMAGE_LIMIT, "audio": DEFAULT_AUDIO_LIMIT}
     for key, limit in raw.items():
         if key not in MODALITIES:
             raise ValueError(

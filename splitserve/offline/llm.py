@@ -125,6 +125,7 @@ class LLM:
         self._grammars = None
         runner = ModelRunner(self.worker_config)
         self._images = self._image_preprocessor(runner, tok_cfg)
+        self._audio = self._audio_preprocessor(runner, tok_cfg)
         self.engine = EngineCore(self.scheduler_config, InprocExecutor(runner))
         self._ids = itertools.count()
         # The same path the gateway reads: the worker's Describe, through the engine's ModelInfo.
@@ -148,6 +149,20 @@ class LLM:
             runner.model.image_token_id,
             parse_mm_limits(tok_cfg.limit_mm_per_prompt),
             ProcessedImageCache(cache_bytes) if cache_bytes else None,
+        )
+
+    @staticmethod
+    def _audio_preprocessor(runner, tok_cfg):
+        """The model folder's processor when the model takes audio, else None."""
+        if not getattr(runner.model, "supports_audio", False):
+            return None
+        from splitserve.common.mm_limits import parse_mm_limits
+        from splitserve.tokenizer_svc.audio_processor import AudioPreprocessor
+
+        return AudioPreprocessor(
+            str(runner.loaded.path),
+            runner.model.audio_token_id,
+            parse_mm_limits(tok_cfg.limit_mm_per_prompt),
         )
 
     @property
@@ -244,20 +259,26 @@ class LLM:
         return self._run(texts, ids_list, params_list, loras, salts, priority, use_tqdm, mm_list)
 
     def _process_images(self, prompt, data: dict):
-        """Run the model's processor over a text prompt and its images (ValueError when the
-        model takes none or the input is bad)."""
-        if self._images is None:
-            raise ValueError(
-                f"multi_modal_data was given, but the model {self.worker_config.model!r} does "
-                "not take image inputs"
-            )
+        """Run the model's processor over a text prompt and its images or audio (ValueError
+        when the model takes none or the input is bad)."""
         if not isinstance(prompt, str):
-            raise ValueError("multi_modal_data needs a text prompt (with the image placeholders)")
-        if not isinstance(data, dict) or set(data) - {"image"}:
             raise ValueError(
-                f"multi_modal_data must be a dict with the key 'image', got {type(data).__name__}"
+                "multi_modal_data needs a text prompt (with the image or audio placeholders)"
+            )
+        if not isinstance(data, dict) or len(data) != 1 or set(data) - {"image", "audio"}:
+            raise ValueError(
+                "multi_modal_data must be a dict with one key, 'image' or 'audio', got "
+                f"{type(data).__name__}"
                 + (f" with keys {sorted(data)}" if isinstance(data, dict) else "")
             )
+        kind = next(iter(data))
+        if (self._images if kind == "image" else self._audio) is None:
+            raise ValueError(
+                f"multi_modal_data was given, but the model {self.worker_config.model!r} does "
+                f"not take {kind} inputs"
+            )
+        if kind == "audio":
+            return self._audio.process(prompt, _audio_items(data["audio"]))
         images = data.get("image")
         images = list(images) if isinstance(images, list | tuple) else [images]
         from PIL import Image
@@ -557,3 +578,19 @@ def _take_chat_images(conv: list[dict]) -> tuple[list[dict], list]:
             parts.append({"type": "image"})
         out.append({**message, "content": parts})
     return out, images
+
+
+def _audio_items(value) -> list[tuple]:
+    """vLLM's multi_modal_data["audio"]: one (samples, sampling rate) pair or a list of them."""
+    items = (
+        [value] if isinstance(value, tuple) else list(value) if isinstance(value, list) else None
+    )
+    if items is None or not all(isinstance(v, tuple) and len(v) == 2 for v in items):
+        raise ValueError(
+            "multi_modal_data['audio'] must be a (samples, sampling_rate) pair or a list of "
+            f"them, got {type(value).__name__}"
+        )
+    for i, (_, rate) in enumerate(items):
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate > 0:
+            raise ValueError(f"multi_modal_data['audio'][{i}]: sampling rate {rate!r}")
+    return items

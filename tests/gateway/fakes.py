@@ -240,6 +240,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         sent = 0  # characters of `text` already sent
         stopped = False
         async for req in request_iterator:
+            await self._wait_while_stalled()
             if req.HasField("start"):
                 start = req.start
                 yield tokenizer_pb2.DetokenizeStreamResponse()
@@ -403,7 +404,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.waiter.notify()
         ended = False
         try:
-            async for resp in self._generate(call, context):
+            async for resp in self._heartbeating(
+                self._generate(call, context), request.heartbeat_interval_s
+            ):
                 yield resp
             call.finished = ended = True
         except Exception:  # context.abort(): the fake itself ended the call
@@ -414,6 +417,46 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             call.cancelled = not ended
             self.waiter.notify()
 
+    async def _next_or_heartbeat(self, queue: asyncio.Queue, interval: float | None):
+        """The queue's next item, or _HEARTBEAT after `interval` seconds (> 0) without one;
+        held back while `outputs_stalled` (a stopped scheduler sends not even heartbeats)."""
+        try:
+            async with asyncio.timeout(interval if interval and interval > 0 else None):
+                item = await queue.get()
+        except TimeoutError:
+            item = _HEARTBEAT
+        while self.outputs_stalled:
+            await asyncio.sleep(0.02)
+        return item
+
+    async def _heartbeating(self, source, interval: float):
+        """`source`'s responses, with an empty one every `interval` seconds (> 0) of silence,
+        as the scheduler's Generate sends; nothing at all while `outputs_stalled`."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for resp in source:
+                    queue.put_nowait(resp)
+                queue.put_nowait(None)
+            except BaseException as exc:  # handed to the handler, which re-raises it
+                queue.put_nowait(exc)
+
+        task = asyncio.ensure_future(pump())
+        try:
+            while True:
+                item = await self._next_or_heartbeat(queue, interval)
+                if item is _HEARTBEAT:
+                    yield scheduler_pb2.GenerateResponse()
+                elif item is None:
+                    return
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            task.cancel()
+
     async def StreamOutputs(self, request, context):
         queue: asyncio.Queue = asyncio.Queue()
         self.output_streams[request.stream_id] = queue
@@ -422,12 +465,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             yield scheduler_pb2.OutputBatch()
             while True:
-                try:
-                    first = await asyncio.wait_for(queue.get(), interval)
-                except TimeoutError:
-                    first = _HEARTBEAT
-                while self.outputs_stalled:  # a stopped scheduler: not even heartbeats
-                    await asyncio.sleep(0.02)
+                first = await self._next_or_heartbeat(queue, interval)
                 if first is _HEARTBEAT:
                     yield scheduler_pb2.OutputBatch()
                     continue

@@ -137,6 +137,7 @@ def test_call_failing_past_the_deadline_is_504_whatever_grpc_says():
 
     class Clients:
         scheduler = tokenizer = Stubs()
+        heartbeat_interval_s = rpc_timeout_s = 60.0
 
     async def first_error(timeout_s: float) -> BaseException:
         spec = SequenceSpec("r-1", [1, 2], common_pb2.SamplingParams(max_tokens=4))

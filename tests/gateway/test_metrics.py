@@ -144,7 +144,8 @@ def test_token_buckets_follow_the_context_length():
 
 
 def test_sequences_recorded_per_vllm_request():
-    """Per sequence (vLLM's child requests): tokens, max_tokens and phase times; per prompt
+    """Per sequence (vLLM's child requests): tokens, max_tokens, phase times, time to first
+    token and e2e latency; per prompt
     (vLLM's parent request): n and the most tokens one of its sequences produced."""
     from splitserve.gateway.generation import SequenceDelta
     from splitserve.gateway.request_observer import RequestObserver
@@ -166,6 +167,9 @@ def test_sequences_recorded_per_vllm_request():
         count = value(fams, name, name + "_count", model_name="tiny")
         return count, value(fams, name, name + "_sum", model_name="tiny")
 
+    # Time to first token and e2e latency per sequence too (vLLM's child requests).
+    assert hist("vllm:time_to_first_token_seconds")[0] == 3
+    assert hist("vllm:e2e_request_latency_seconds")[0] == 3
     assert hist("vllm:request_prompt_tokens") == (3, 7 + 7 + 4)
     assert hist("vllm:request_generation_tokens") == (3, 4 + 5 + 2)
     assert hist("vllm:request_params_max_tokens") == (2, 10)

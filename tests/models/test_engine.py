@@ -145,7 +145,9 @@ def test_prompt_dicts_and_cache_salt(llama_path):
     text = llm.generate({"prompt": "hello there"}, greedy())[0]
     assert text.prompt == "hello there" and text.outputs[0].token_ids
     for bad, match in [
-        ({"prompt": "x", "multi_modal_data": {}}, "does not take image inputs"),
+        ({"prompt": "x", "multi_modal_data": {}}, "one key, 'image' or 'audio'"),
+        ({"prompt": "x", "multi_modal_data": {"image": []}}, "does not take image inputs"),
+        ({"prompt": "x", "multi_modal_data": {"audio": []}}, "does not take audio inputs"),
         ({"prompt": "x", "images": []}, "not supported"),
         ({"prompt": "x", "prompt_token_ids": [1]}, "exactly one"),
         ({"prompt": "x", "cache_salt": ""}, "non-empty string"),

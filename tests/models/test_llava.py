@@ -125,7 +125,7 @@ def test_llava_refuses_bad_image_inputs(llava_path, images):
         ),
         ({"prompt": "none here", "multi_modal_data": {"image": images[0]}}, "0 image placeholders"),
         ({"prompt": "<image>", "multi_modal_data": {"image": "cat.png"}}, "must be a PIL image"),
-        ({"prompt": "<image>", "multi_modal_data": {"video": []}}, "key 'image'"),
+        ({"prompt": "<image>", "multi_modal_data": {"video": []}}, "'image' or 'audio'"),
         ({"prompt_token_ids": [5, 6], "multi_modal_data": {"image": images[0]}}, "text prompt"),
     ]
     for prompt, match in bad:
@@ -139,14 +139,13 @@ def test_llava_refuses_bad_image_inputs(llava_path, images):
 def test_limit_mm_per_prompt_is_checked():
     from splitserve.common.mm_limits import canonical_mm_limits, parse_mm_limits
 
-    assert parse_mm_limits(None) == {"image": 4}
-    assert parse_mm_limits('{"image": 2}') == {"image": 2}
-    assert parse_mm_limits("image=3") == {"image": 3}  # older vLLM's form
-    assert canonical_mm_limits({"image": 0}) == '{"image":0}'
+    assert parse_mm_limits(None) == {"image": 4, "audio": 4}
+    assert parse_mm_limits('{"image": 2}') == {"image": 2, "audio": 4}
+    assert parse_mm_limits("image=3,audio=1") == {"image": 3, "audio": 1}  # older vLLM's form
+    assert canonical_mm_limits({"image": 0}) == '{"audio":4,"image":0}'
     for value, match in [
         ("[1]", "JSON object"),
         ("{", "JSON object"),
-        ('{"audio": 1}', "unsupported modality 'audio'"),
         ('{"image": -1}', "non-negative integer"),
         ("image=-1", "non-negative integer"),
         ("video=1", "unsupported modality 'video'"),

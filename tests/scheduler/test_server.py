@@ -94,6 +94,20 @@ def test_generate_streams_tokens_until_length(stub):
     assert info.max_model_len == 512 and info.vocab_size == 1000
 
 
+def test_generate_sends_heartbeats_only_when_asked(stub):
+    """Empty responses between a request's tokens (the fake worker takes 10 ms a step) when
+    the caller asks for them, so it tells a quiet request from a stalled scheduler."""
+    plain = list(stub.Generate(gen_request_proto("hb-off", [5, 6, 7], 40)))
+    assert all(m.ByteSize() for m in plain)
+    req = gen_request_proto("hb-on", [5, 6, 7], 40)
+    req.heartbeat_interval_s = 0.002
+    msgs = list(stub.Generate(req))
+    beats = [m for m in msgs if not m.ByteSize()]
+    assert beats, "no heartbeat in 40 steps of 10 ms at a 2 ms interval"
+    assert sum(len(m.token_ids) for m in msgs) == 40
+    assert msgs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
 def test_cancel_mid_stream_frees_blocks(stub):
     idle = stats(stub).num_free_blocks
     assert idle == NUM_BLOCKS

@@ -15,7 +15,7 @@ import torch
 
 from splitserve.common import messages as msg
 from splitserve.entrypoints.launcher import free_port
-from splitserve.protos import worker_pb2, worker_pb2_grpc
+from splitserve.protos import common_pb2, worker_pb2, worker_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.engine_core import EngineCore
 from splitserve.worker.config import WorkerConfig
@@ -395,3 +395,67 @@ def test_newer_architectures_split_over_ranks_match_transformers(checkpoint, arc
     out = driver.run()
     got = {rid: req.outputs for rid, req in out.items()}
     assert got == _transformers_greedy(path, workload)
+
+
+IDLE_TIMEOUT_S = 2.0
+
+
+def _bursts_with_finishes_and_aborts(engine: EngineCore, vocab: int, rounds: int) -> int:
+    """Bursts of requests of mixed lengths, some aborted while their steps are in flight;
+    returns how many requests ran to their length."""
+    rng = random.Random(11)
+    completed = 0
+    for burst in range(rounds):
+        ids = []
+        for i in range(rng.randint(4, 12)):
+            rid = f"b{burst}-{i}"
+            prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
+            sp = msg.SamplingParams(max_tokens=rng.randint(1, 10), temperature=0, ignore_eos=True)
+            engine.scheduler.add_request(
+                msg.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling_params=sp)
+            )
+            ids.append(rid)
+        steps = 0
+        while engine.has_work:
+            for o in engine.step():
+                assert not o.error, o.error
+                completed += bool(
+                    o.finished and o.finish_reason != common_pb2.FinishReason.FINISH_REASON_ABORT
+                )
+            steps += 1
+            if steps in (1, 3):  # abort while this burst's steps are in the pipeline
+                for rid in rng.sample(ids, 2):
+                    engine.scheduler.abort_request(rid)
+    return completed
+
+
+def test_an_idle_pipeline_outlives_its_transfer_timeout(checkpoint, tmp_path):
+    """Bursts with finishes and aborts landing on in-flight micro-batches, then the stack
+    idles past --distributed-timeout-seconds: every rank must still be alive and answer.
+    (A gloo send reads as not completed until it is waited on, so a rank that only polled its
+    sends kept the last burst's as "untaken" and failed an idle stack after the timeout.)"""
+    from splitserve.scheduler.executor_grpc import GrpcExecutor
+
+    path = checkpoint("llama_pp", num_layers=3, tie=True)
+    pipelines = {pp: PipelineWorkers(path, pp, tmp_path, IDLE_TIMEOUT_S) for pp in (2, 3)}
+    try:
+        for pp, workers in pipelines.items():
+            try:
+                engine = EngineCore(_config(), GrpcExecutor(workers.addresses, STARTUP_S))
+            except Exception:
+                raise AssertionError(workers.tail()) from None
+            try:
+                assert _bursts_with_finishes_and_aborts(engine, 96, rounds=6) > 0
+                # Idle: rank 0's check runs every max(0.5, timeout / 4) seconds.
+                time.sleep(IDLE_TIMEOUT_S * 2 + 1.5)
+                dead = [r for r, p in enumerate(workers.procs) if p.poll() is not None]
+                assert not dead, f"P={pp}: ranks {dead} exited while idle\n{workers.tail()}"
+                out = _generate(engine, [([5, 6, 7], 4), ([8, 9], 3)])
+                assert [len(v) for v in out.values()] == [4, 3]
+                stats = workers.stage_stats()
+                assert len({s.num_steps for s in stats}) == 1, stats
+            finally:
+                engine.shutdown()
+    finally:
+        for workers in pipelines.values():
+            workers.kill()

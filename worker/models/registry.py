@@ -9,6 +9,7 @@ from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mixtral import MixtralForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
+from splitserve.worker.models.qwen2_audio import Qwen2AudioForConditionalGeneration
 from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
 from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -20,6 +21,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "Qwen2AudioForConditionalGeneration": Qwen2AudioForConditionalGeneration,
 }
 
 
