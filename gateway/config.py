@@ -93,7 +93,7 @@ class GatewayConfig(engine_fields("max_logprobs", "enable_lora", "max_lora_rank"
     reasoning_parser: str | None = None
     """Split chat output's <think> text into the message's reasoning (and reasoning_content) field: deepseek_r1 (the template opens <think>) or qwen3."""
     limit_mm_per_prompt: str | None = None
-    """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2}'; images default to 4 (vLLM: 999). Only models that take images accept any."""
+    """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2, "audio": 1}'; each defaults to 4 (vLLM: 999). Only models that take a modality accept any of it."""
     allowed_media_domains: list[str] | None = None
     """Hosts chat image_url parts may be fetched from over http(s) (vLLM's flag); None: no remote fetch (data: URLs always work). Hosts must resolve to public addresses only."""
     allowed_local_media_path: str | None = None

@@ -1,6 +1,8 @@
-"""Fetching the images of chat `image_url` parts, with the server's rules on where from.
+"""Fetching the images of chat `image_url` parts and the audio of `audio_url` parts, with the
+server's rules on where from (one policy per kind of media, `MediaPolicy.kind`).
 
-- `data:` URLs (base64) always work, up to `max_image_bytes` decoded.
+- `data:` URLs (base64) always work, up to `max_bytes` decoded (--max-image-bytes for images,
+  25 MB for audio, OpenAI's upload limit).
 - `http(s)://` is off unless `--allowed-media-domains` names the URL's host. Even then the
   host's addresses must all be public: loopback, private, link-local, unspecified, multicast,
   reserved and shared ranges (IPv4 and IPv6, IPv4-mapped IPv6 read as IPv4) are refused. The
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import ipaddress
 import os
 import pathlib
@@ -73,6 +76,10 @@ class MediaPolicy:
     """host, port -> addresses (tests answer for DNS)."""
     check_address: Callable[[str], str | None] = address_refusal
     """address -> why it is refused, or None."""
+    kind: str = "image"
+    """What is fetched ("image" or "audio"): the data: URL media type, and the messages."""
+    size_limit: str = "--max-image-bytes"
+    """Where `max_bytes` comes from, for the message past it."""
 
     @classmethod
     def from_config(cls, config) -> MediaPolicy:
@@ -85,10 +92,22 @@ class MediaPolicy:
         )
 
 
+AUDIO_MAX_BYTES = 25 * 1024 * 1024
+"""Largest audio file a chat part may carry (OpenAI's upload limit)."""
+
+
+def audio_policy(policy: MediaPolicy) -> MediaPolicy:
+    """`policy`'s rules on where from, for audio files."""
+    return dataclasses.replace(
+        policy, kind="audio", max_bytes=AUDIO_MAX_BYTES, size_limit="OpenAI's 25 MB upload limit"
+    )
+
+
 async def load_image(url: str, policy: MediaPolicy, param: str) -> bytes:
-    """The bytes of the image at `url`; a 400 (RequestError) naming `param` when refused."""
+    """The bytes of the image (or, with an audio policy, the audio file) at `url`; a 400
+    (RequestError) naming `param` when refused."""
     if not isinstance(url, str) or not url:
-        raise bad_request(f"{param}: the image URL must be a non-empty string", param)
+        raise bad_request(f"{param}: the {policy.kind} URL must be a non-empty string", param)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return _decode_data_url(url, policy, param)
@@ -99,10 +118,11 @@ async def load_image(url: str, policy: MediaPolicy, param: str) -> bytes:
             return await asyncio.wait_for(_fetch(url, policy, param), policy.timeout_s)
         except TimeoutError:
             raise bad_request(
-                f"{param}: fetching the image took longer than {policy.timeout_s:g} s", param
+                f"{param}: fetching the {policy.kind} took longer than {policy.timeout_s:g} s",
+                param,
             ) from None
     raise bad_request(
-        f"{param}: unsupported image URL scheme {scheme!r}; use a data: URL (base64)", param
+        f"{param}: unsupported {policy.kind} URL scheme {scheme!r}; use a data: URL (base64)", param
     )
 
 
@@ -113,27 +133,40 @@ def _decode_data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
     parts = header.split(";")
     if "base64" not in parts[1:]:
         raise bad_request(f"{param}: only base64 data: URLs are supported", param)
-    if parts[0] and not parts[0].lower().startswith("image/"):
-        raise bad_request(f"{param}: the data: URL holds {parts[0]!r}, not an image", param)
+    if parts[0] and not parts[0].lower().startswith(policy.kind + "/"):
+        article = "an" if policy.kind[0] in "aeiou" else "a"
+        raise bad_request(
+            f"{param}: the data: URL holds {parts[0]!r}, not {article} {policy.kind}", param
+        )
+    return decode_base64(payload, policy, param, "the data: URL")
+
+
+def decode_base64(payload: str, policy: MediaPolicy, param: str, what: str = "the data") -> bytes:
+    """Base64 `payload` decoded, within `policy.max_bytes`; a 400 naming `param` otherwise."""
     if len(payload) * 3 // 4 > policy.max_bytes + 3:
-        raise bad_request(_too_big(param, policy, "the data: URL"), param)
+        raise bad_request(_too_big(param, policy, what), param)
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise bad_request(f"{param}: the data: URL is not valid base64: {exc}", param) from None
+        raise bad_request(f"{param}: {what} is not valid base64: {exc}", param) from None
     if len(data) > policy.max_bytes:
-        raise bad_request(_too_big(param, policy, "the data: URL"), param)
+        raise bad_request(_too_big(param, policy, what), param)
     return data
 
 
+def _plural(kind: str) -> str:
+    return "images" if kind == "image" else kind
+
+
 def _too_big(param: str, policy: MediaPolicy, what: str) -> str:
-    return f"{param}: {what} holds more than {policy.max_bytes} bytes (--max-image-bytes)"
+    return f"{param}: {what} holds more than {policy.max_bytes} bytes ({policy.size_limit})"
 
 
 async def _read_local(url: str, policy: MediaPolicy, param: str) -> bytes:
     if policy.local_root is None:
         raise bad_request(
-            f"{param}: file:// images are refused: this server has no --allowed-local-media-path",
+            f"{param}: file:// {_plural(policy.kind)} are refused: this server has no "
+            "--allowed-local-media-path",
             param,
         )
     parts = urlsplit(url)
@@ -145,7 +178,7 @@ async def _read_local(url: str, policy: MediaPolicy, param: str) -> bytes:
 
     def read() -> bytes:
         if not path.is_file():
-            raise bad_request(f"{param}: no such image file", param)
+            raise bad_request(f"{param}: no such {policy.kind} file", param)
         if path.stat().st_size > policy.max_bytes:
             raise bad_request(_too_big(param, policy, "the file"), param)
         return path.read_bytes()
@@ -161,8 +194,8 @@ async def _checked_address(url: str, policy: MediaPolicy, param: str) -> tuple[s
     host = (parts.hostname or "").lower()
     if not policy.allowed_domains:
         raise bad_request(
-            f"{param}: fetching images over http(s) is off: this server has no "
-            "--allowed-media-domains (send the image as a data: URL)",
+            f"{param}: fetching {_plural(policy.kind)} over http(s) is off: this server has no "
+            f"--allowed-media-domains (send the {policy.kind} as a data: URL)",
             param,
         )
     if host not in policy.allowed_domains:
@@ -197,7 +230,8 @@ async def _fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
                 body = await _get(client, pinned, headers, extensions, policy, param)
             except httpx.HTTPError as exc:
                 raise bad_request(
-                    f"{param}: fetching the image failed: {type(exc).__name__}: {exc}", param
+                    f"{param}: fetching the {policy.kind} failed: {type(exc).__name__}: {exc}",
+                    param,
                 ) from None
             if isinstance(body, bytes):
                 return body
@@ -215,11 +249,11 @@ async def _get(client, url, headers, extensions, policy: MediaPolicy, param: str
             return location
         if resp.status_code != 200:
             raise bad_request(
-                f"{param}: fetching the image returned HTTP {resp.status_code}", param
+                f"{param}: fetching the {policy.kind} returned HTTP {resp.status_code}", param
             )
         body = bytearray()
         async for chunk in resp.aiter_bytes():
             body += chunk
             if len(body) > policy.max_bytes:
-                raise bad_request(_too_big(param, policy, "the fetched image"), param)
+                raise bad_request(_too_big(param, policy, f"the fetched {policy.kind}"), param)
         return bytes(body)

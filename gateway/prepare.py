@@ -25,14 +25,15 @@ from splitserve.common.sampling_params import SamplingParams
 from splitserve.gateway.clients import TOKENIZER_SERVICE
 from splitserve.gateway.errors import RequestError, bad_request, param_from_details
 from splitserve.gateway.generation import Deadline
-from splitserve.gateway.media import MediaPolicy, load_image
+from splitserve.gateway.media import MediaPolicy, audio_policy, decode_base64, load_image
 from splitserve.gateway.protocol import ChatMessage
 from splitserve.gateway.structured import Constraint
 from splitserve.protos import tokenizer_pb2
 from splitserve.tokenizer_svc.prepare import PART_GRAMMAR, PART_METADATA_KEY, PART_PROMPT
 
 _MAX_TOTAL_IMAGE_BYTES = 48 << 20
-"""The images of one request travel to the tokenizer service in one gRPC message (64 MiB)."""
+"""The images (or audio) of one request travel to the tokenizer service in one gRPC message
+(64 MiB)."""
 
 
 async def prepare(
@@ -168,7 +169,7 @@ async def chat_input(
             "continue_final_message and add_generation_prompt cannot both be true",
             "continue_final_message",
         )
-    rendered_json, image_urls = messages_json(messages)
+    rendered_json, image_urls, audio_parts = messages_json(messages)
     chat = tokenizer_pb2.ChatInput(
         messages_json=rendered_json,
         add_generation_prompt=add_generation_prompt,
@@ -176,6 +177,8 @@ async def chat_input(
     )
     if image_urls:
         chat.images.extend(await _load_images(image_urls, config))
+    if audio_parts:
+        chat.audio.extend(await _load_audio(audio_parts, config))
     if chat_template is not None:
         chat.chat_template = chat_template
     if chat_template_kwargs:
@@ -187,12 +190,17 @@ async def chat_input(
     return chat
 
 
-def messages_json(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str]]]:
+def messages_json(
+    messages: list[ChatMessage],
+) -> tuple[str, list[tuple[str, str]], list[tuple[str, str, str]]]:
     """The messages as the tokenizer service takes them: text parts joined into one string,
-    or, with images, a list of text parts and `{"type": "image"}` placeholders; and the
-    (url, param) of every image_url part, in order."""
+    or, with images or audio, a list of text parts and `{"type": "image"}` / `{"type":
+    "audio"}` placeholders; the (url, param) of every image_url part, in order; and the
+    (kind, value, param) of every audio part, in order: ("data", base64) for OpenAI's
+    `input_audio`, ("url", url) for vLLM's `audio_url`."""
     out = []
     images: list[tuple[str, str]] = []
+    audio: list[tuple[str, str, str]] = []
     for k, message in enumerate(messages):
         m = message.model_dump(exclude_unset=True)
         content = message.content
@@ -203,20 +211,75 @@ def messages_json(messages: list[ChatMessage]) -> tuple[str, list[tuple[str, str
                     param = f"messages[{k}].content[{j}].image_url"
                     images.append((_image_url(part, param), param))
                     parts.append({"type": "image"})
+                elif part.type in ("input_audio", "audio_url"):
+                    param = f"messages[{k}].content[{j}].{part.type}"
+                    audio.append((*_audio_source(part, param), param))
+                    parts.append({"type": "audio"})
                 elif part.type == "text" and part.text is not None:
                     parts.append({"type": "text", "text": part.text})
                 else:
                     raise bad_request(
                         f"messages[{k}]: content part type '{part.type}' is not "
-                        f"supported (only text and image_url)",
+                        f"supported (only text, image_url, input_audio and audio_url)",
                         "messages",
                     )
-            if any(p["type"] == "image" for p in parts):
+            if any(p["type"] != "text" for p in parts):
                 m["content"] = parts
             else:
                 m["content"] = "\n".join(p["text"] for p in parts)
         out.append(m)
-    return json.dumps(out), images
+    return json.dumps(out), images, audio
+
+
+_AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
+
+
+def _audio_source(part, param: str) -> tuple[str, str]:
+    """("data", base64) of an `input_audio` part, ("url", url) of an `audio_url` part."""
+    value = (part.model_extra or {}).get(part.type)
+    if part.type == "audio_url":
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"{param}.url must be a non-empty string", param)
+        return "url", url
+    if not isinstance(value, dict) or not isinstance(value.get("data"), str) or not value["data"]:
+        raise bad_request(f"{param}.data must be a non-empty base64 string", param)
+    fmt = value.get("format")
+    if fmt is not None and fmt not in _AUDIO_FORMATS:
+        raise bad_request(
+            f"{param}.format must be one of {', '.join(_AUDIO_FORMATS)}, got {fmt!r}", param
+        )
+    return "data", value["data"]
+
+
+async def _load_audio(parts: list[tuple[str, str, str]], config) -> list[bytes]:
+    """Read every audio part (data decoded, URLs fetched under the media rules), after checking
+    their number against the limit. Decoding and length limits are the tokenizer service's."""
+    if config is None:
+        raise bad_request("audio parts are not accepted on this endpoint", parts[0][2])
+    limit = parse_mm_limits(config.limit_mm_per_prompt)["audio"]
+    if len(parts) > limit:
+        raise bad_request(
+            f"the messages carry {len(parts)} audio parts, more than the limit of {limit} "
+            "(--limit-mm-per-prompt)",
+            "messages",
+        )
+    policy = audio_policy(MediaPolicy.from_config(config))
+
+    async def load(kind: str, value: str, param: str) -> bytes:
+        if kind == "url":
+            return await load_image(value, policy, param)
+        return decode_base64(value, policy, param)
+
+    blobs = list(await asyncio.gather(*(load(*part) for part in parts)))
+    total = sum(len(b) for b in blobs)
+    if total > _MAX_TOTAL_IMAGE_BYTES:
+        raise bad_request(
+            f"the messages' audio holds {total} bytes together, more than "
+            f"{_MAX_TOTAL_IMAGE_BYTES} per request",
+            "messages",
+        )
+    return blobs
 
 
 def _image_url(part, param: str) -> str:

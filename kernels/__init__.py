@@ -18,6 +18,7 @@ Modules:
     rotary_kernel       in-place rotary embedding (neox and gpt-j layouts)
     activation          SiLU-and-mul, GELU-and-mul (erf and tanh)
     token_bitmask       packed int32 grammar bitmask applied to logits
+    fp8_gemm            W8A16 FP8 GEMM (per-tensor, per-channel and block scales)
     dispatch            backend choice and the op-level functions the worker calls
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 from .dispatch import (
     apply_rotary,
     apply_token_bitmask,
+    fp8_linear,
     fused_add_rms_norm,
     fused_moe,
     gelu_and_mul,
@@ -39,6 +41,7 @@ from .dispatch import (
 __all__ = [
     "apply_rotary",
     "apply_token_bitmask",
+    "fp8_linear",
     "fused_add_rms_norm",
     "fused_moe",
     "gelu_and_mul",

@@ -264,3 +264,26 @@ def apply_token_bitmask(
         _kernel_module("token_bitmask").apply_token_bitmask(logits, bitmask, indices)
     else:
         torch_ops.apply_token_bitmask(logits, bitmask, indices)
+
+
+# --------------------------------------------------------------------------- quantized GEMM
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x [..., K] @ dequant(weight).T + bias -> [..., N] in x.dtype, weight-only (W8A16).
+
+    weight: float8_e4m3fn [N, K]; scale: float32 [ceil(N / bn), ceil(K / bk)]; block: (bn, bk).
+    Triton on CUDA (the weight stays FP8 and is widened in the GEMM's load stage); the torch
+    path dequantizes the whole weight first (the CPU worker dequantizes once at load instead).
+    """
+    if _use_triton(x, backend):
+        return _kernel_module("fp8_gemm").fp8_w8a16_linear(x, weight, scale, block, bias)
+    return ref.fp8_linear_ref(x, weight, scale, block, bias)

@@ -314,3 +314,31 @@ def fused_moe_ref(
             hidden = rounded(F.silu(gate) * up)
             out[t] += float(topk_weights[t, j]) * rounded(w2[e].float().cpu() @ hidden)
     return out.to(device=x.device, dtype=x.dtype)
+
+
+def fp8_dequantize_ref(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The real weight of an FP8 one: weight[n, k] * scale[n // bn, k // bk], in `dtype`.
+
+    Args:
+        weight: float8_e4m3fn [N, K]; scale: [ceil(N / bn), ceil(K / bk)]; block: (bn, bk).
+    """
+    n, k = weight.shape
+    bn, bk = block
+    full = scale.float().repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
+    return (weight.float() * full).to(dtype)
+
+
+def fp8_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ dequant(weight).T + bias in x.dtype (weight-only: x is not quantized)."""
+    return F.linear(x, fp8_dequantize_ref(weight, scale, block, x.dtype), bias)

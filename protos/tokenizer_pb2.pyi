@@ -90,7 +90,7 @@ class DetokenizeStreamResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., stopped: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., flushed: _Optional[bool] = ...) -> None: ...
 
 class ChatInput(_message.Message):
-    __slots__ = ("messages_json", "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs_json", "tools_json", "images", "documents_json")
+    __slots__ = ("messages_json", "add_generation_prompt", "continue_final_message", "chat_template", "chat_template_kwargs_json", "tools_json", "images", "documents_json", "audio")
     MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class ChatInput(_message.Message):
     TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
     messages_json: str
     add_generation_prompt: bool
     continue_final_message: bool
@@ -107,7 +108,8 @@ class ChatInput(_message.Message):
     tools_json: str
     images: _containers.RepeatedScalarFieldContainer[bytes]
     documents_json: str
-    def __init__(self, messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., tools_json: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., documents_json: _Optional[str] = ...) -> None: ...
+    audio: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., tools_json: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., documents_json: _Optional[str] = ..., audio: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("chat", "prompts", "bad_words", "grammar", "truncate_prompt_tokens", "return_prompt_text")

@@ -13,6 +13,8 @@ pickle), how many frames hold audio, and a SHA-256 of them go to the engine as a
 from __future__ import annotations
 
 import hashlib
+import json
+import pathlib
 
 import numpy as np
 
@@ -43,6 +45,10 @@ class AudioPreprocessor:
         self.sampling_rate = int(extractor.sampling_rate)
         self.audio_token_id = audio_token_id
         self.audio_token = self.processor.tokenizer.convert_ids_to_tokens(audio_token_id)
+        bos = getattr(self.processor, "audio_bos_token", None) or ""
+        eos = getattr(self.processor, "audio_eos_token", None) or ""
+        self.placeholder = f"{bos}{self.audio_token}{eos}"
+        """What stands for one item in a prompt (chat's string content format writes it)."""
         self.limits = limits
 
     def check_count(self, num_items: int) -> None:
@@ -125,3 +131,28 @@ class AudioPreprocessor:
                 )
             )
         return ProcessedPrompt(prompt, ids, mm_inputs)
+
+
+def audio_token_id_of(path: pathlib.Path) -> int | None:
+    """The audio placeholder token id of the model folder's config.json (Qwen2-Audio's
+    audio_token_index), or None for a model that takes no audio."""
+    config = path / "config.json"
+    if not config.exists():
+        return None
+    raw = json.loads(config.read_text())
+    value = raw.get("audio_token_id", raw.get("audio_token_index"))
+    return int(value) if value is not None else None
+
+
+def load_audio_preprocessor(path: pathlib.Path | None, limits: dict[str, int]):
+    """The AudioPreprocessor of a model folder whose config names an audio token and which
+    ships a feature extractor config; None otherwise."""
+    if path is None:
+        return None
+    token_id = audio_token_id_of(path)
+    has_processor = any(
+        (path / name).exists() for name in ("processor_config.json", "preprocessor_config.json")
+    )
+    if token_id is None or not has_processor:
+        return None
+    return AudioPreprocessor(str(path), token_id, limits)

@@ -20,8 +20,11 @@ Images: for a model with an image processor, an `{"type": "image"}` content part
 has fetched the image and sends its bytes beside the messages) becomes, in the string format,
 the model's image placeholder text (LLaVA's `<image>`) at its place among the text parts; in
 the openai format the template writes the placeholder. The processor later expands it
-(tokenizer_svc/multimodal.py). `image_url` parts must be resolved by the caller first;
-audio / video / file parts are refused.
+(tokenizer_svc/multimodal.py). Audio likewise, for a model with an audio processor: an
+`{"type": "audio"}` part becomes its placeholder (Qwen2-Audio's
+`<|audio_bos|><|AUDIO|><|audio_eos|>`; tokenizer_svc/audio_processor.py). `image_url`,
+`input_audio` and `audio_url` parts must be resolved by the caller first; video and file parts
+are refused.
 """
 
 from __future__ import annotations
@@ -96,9 +99,19 @@ class ChatRequest:
     tools: list[dict] | None = None
     kwargs: dict = field(default_factory=dict)
     num_images: int = 0
+    """`{"type": "image"}` parts in the messages (each is an image placeholder in the text)."""
     documents: list[dict] | None = None
     """vLLM's `documents`, for RAG templates."""
-    """`{"type": "image"}` parts in the messages (each is an image placeholder in the text)."""
+    num_audio: int = 0
+    """`{"type": "audio"}` parts in the messages (each is an audio placeholder in the text)."""
+
+
+@dataclass(slots=True)
+class _Media:
+    """The placeholder text of each modality the model takes, and the parts found, in order."""
+
+    placeholders: dict[str, str]
+    found: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -120,10 +133,12 @@ def parse_chat_request(
     image_placeholder: str | None = None,
     content_format: str = "string",
     documents_json: str | None = None,
+    audio_placeholder: str | None = None,
 ) -> ChatRequest:
     """Validate a ChatInput's JSON fields; InvalidRequest says what's wrong.
     `image_placeholder` (the model's image token text; None when it takes no images) stands in
-    for each `{"type": "image"}` part; `content_format` is "string" or "openai" (see above)."""
+    for each `{"type": "image"}` part, `audio_placeholder` for each `{"type": "audio"}` part;
+    `content_format` is "string" or "openai" (see above)."""
     if add_generation_prompt and continue_final_message:
         raise InvalidRequest(
             "add_generation_prompt and continue_final_message cannot both be set: the first "
@@ -132,10 +147,10 @@ def parse_chat_request(
     messages = _load_json(messages_json, "messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty JSON array of message objects")
-    images: list[int] = []
+    placeholders = {"image": image_placeholder, "audio": audio_placeholder}
+    media = _Media({k: v for k, v in placeholders.items() if v is not None})
     parsed = [
-        _parse_message(m, i, image_placeholder, images, content_format == "openai")
-        for i, m in enumerate(messages)
+        _parse_message(m, i, media, content_format == "openai") for i, m in enumerate(messages)
     ]
     if continue_final_message and parsed[-1]["role"] != "assistant":
         raise InvalidRequest(
@@ -172,8 +187,9 @@ def parse_chat_request(
         chat_template,
         tools,
         kwargs,
-        len(images),
+        media.found.count("image"),
         documents,
+        media.found.count("audio"),
     )
 
 
@@ -184,9 +200,7 @@ def _load_json(text: str, what: str):
         raise InvalidRequest(f"{what} is not valid JSON: {exc}") from None
 
 
-def _parse_message(
-    message, i: int, image_placeholder: str | None, images: list[int], as_parts: bool = False
-) -> dict:
+def _parse_message(message, i: int, media: _Media, as_parts: bool = False) -> dict:
     if not isinstance(message, dict):
         raise InvalidRequest(f"messages[{i}] must be an object, got {type(message).__name__}")
     role = message.get("role")
@@ -194,29 +208,24 @@ def _parse_message(
         raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
     out = dict(message)
     if as_parts:
-        out["content"] = _content_parts(message.get("content"), role, i, image_placeholder, images)
+        out["content"] = _content_parts(message.get("content"), role, i, media)
     else:
-        out["content"] = _content_text(message.get("content"), role, i, image_placeholder, images)
+        out["content"] = _content_text(message.get("content"), role, i, media)
     tool_calls = out.get("tool_calls")
     if tool_calls is not None:
         out["tool_calls"] = _parse_tool_calls(tool_calls, i)
     return out
 
 
-def _content_text(
-    content,
-    role: str,
-    i: int,
-    image_placeholder: str | None = None,
-    images: list[int] | None = None,
-) -> str:
-    """OpenAI content (a string or a list of parts) as one string, text parts (and image
-    placeholders) joined by '\\n'; every image part found appends its message index to
-    `images`."""
+def _content_text(content, role: str, i: int, media: _Media | None = None) -> str:
+    """OpenAI content (a string or a list of parts) as one string, text parts (and image or
+    audio placeholders) joined by '\\n'; every media part found is noted in `media`."""
     if content is None or isinstance(content, str):
         return _plain_content(content, role, i)
-    parts = _content_parts(content, role, i, image_placeholder, images)
-    return "\n".join(image_placeholder if p["type"] == "image" else p["text"] for p in parts)
+    parts = _content_parts(content, role, i, media)
+    return "\n".join(
+        p["text"] if p["type"] == "text" else media.placeholders[p["type"]] for p in parts
+    )
 
 
 def _plain_content(content: str | None, role: str, i: int) -> str:
@@ -227,11 +236,11 @@ def _plain_content(content: str | None, role: str, i: int) -> str:
     return content
 
 
-def _content_parts(
-    content, role: str, i: int, image_placeholder: str | None, images: list[int] | None
-) -> list[dict] | str:
-    """OpenAI content as a list of `{"type": "text", "text"}` and `{"type": "image"}` parts
-    (the "openai" content format); a missing assistant content stays ""."""
+def _content_parts(content, role: str, i: int, media: _Media | None) -> list[dict] | str:
+    """OpenAI content as a list of `{"type": "text", "text"}`, `{"type": "image"}` and
+    `{"type": "audio"}` parts (the "openai" content format); a missing assistant content
+    stays ""."""
+    takes = media.placeholders if media is not None else {}
     if content is None or isinstance(content, str):
         text = _plain_content(content, role, i)
         return [{"type": "text", "text": text}] if content is not None else text
@@ -251,14 +260,18 @@ def _content_parts(
             if not isinstance(text, str):
                 raise InvalidRequest(f"{where}.{kind} must be a string")
             parts.append({"type": "text", "text": text})
-        elif kind == "image" and image_placeholder is not None:
-            parts.append({"type": "image"})
-            if images is not None:
-                images.append(i)
-        elif kind in ("image_url", "input_image") and image_placeholder is not None:
+        elif kind in ("image", "audio") and kind in takes:
+            parts.append({"type": kind})
+            media.found.append(kind)
+        elif kind in ("image_url", "input_image") and "image" in takes:
             raise InvalidRequest(
                 f"{where}: {kind!r} parts are fetched by the gateway; send {{'type': 'image'}} "
                 "parts with the image files in ChatInput.images"
+            )
+        elif kind in ("input_audio", "audio_url") and "audio" in takes:
+            raise InvalidRequest(
+                f"{where}: {kind!r} parts are read by the gateway; send {{'type': 'audio'}} "
+                "parts with the audio files in ChatInput.audio"
             )
         elif kind in _MEDIA_PARTS:
             raise InvalidRequest(

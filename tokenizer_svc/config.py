@@ -60,9 +60,11 @@ class TokenizerServiceConfig:
     grammar_max_pending: int = 16
     """Compiles running or queued past which new ones are refused with RESOURCE_EXHAUSTED."""
     limit_mm_per_prompt: str | None = None
-    """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2}'; images default to 4 (vLLM: 999). Only models that take images accept any."""
+    """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2, "audio": 1}'; each defaults to 4 (vLLM: 999). Only models that take a modality accept any of it."""
     max_image_pixels: int = 4096 * 4096
     """Largest image (width times height, read from its header before decoding) a request may carry."""
+    max_audio_seconds: float = 600.0
+    """Longest audio item a prompt may carry, in seconds after decoding (a 400 naming the part past it); its encoded file may hold at most 25 MB, as OpenAI's uploads."""
     mm_processor_cache_gb: float = 4.0
     """GiB of processed images kept by the SHA-256 of their files (vLLM's flag), so a repeated image skips decoding and the image processor; 0 disables."""
     disable_mm_preprocessor_cache: bool = False
@@ -128,6 +130,8 @@ class TokenizerServiceConfig:
             )
         if self.max_image_pixels < 1:
             raise ValueError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if not self.max_audio_seconds > 0:
+            raise ValueError(f"max_audio_seconds must be positive, got {self.max_audio_seconds}")
 
         # A dict (the in-process LLM's keyword) becomes compact JSON, as the flag carries it.
         self.limit_mm_per_prompt = canonical_mm_limits(self.limit_mm_per_prompt)

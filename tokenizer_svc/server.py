@@ -38,6 +38,8 @@ from splitserve.common.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from . import memory
+from .audio import AudioLimits
+from .audio_processor import AudioPreprocessor, load_audio_preprocessor
 from .chat import ChatRenderer, parse_chat_request
 from .config import TokenizerServiceConfig, mm_cache_bytes
 from .errors import InvalidRequest, NotReady, RequestError
@@ -77,6 +79,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._renderer: ChatRenderer | None = None
         self._images: ImagePreprocessor | None = None
         """The model's processor, when the model takes images."""
+        self._audio: AudioPreprocessor | None = None
+        """The model's processor, when the model takes audio."""
         self.grammars: GrammarCompiler | None = None
 
     def set_tokenizer(self, handle: TokenizerHandle) -> None:
@@ -87,11 +91,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             self._config.chat_template_content_format,
         )
         self.grammars = make_grammar_compiler(self._config, handle)
-        self._images = load_image_preprocessor(
-            handle.path,
-            parse_mm_limits(self._config.limit_mm_per_prompt),
-            mm_cache_bytes(self._config),
-        )
+        limits = parse_mm_limits(self._config.limit_mm_per_prompt)
+        self._images = load_image_preprocessor(handle.path, limits, mm_cache_bytes(self._config))
+        self._audio = load_audio_preprocessor(handle.path, limits)
         self._handle = handle
 
     def _ready(self) -> TokenizerHandle:
@@ -209,11 +211,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             ),
         )
 
-        images = self._images
+        images, audio = self._images, self._audio
         fields["image_placeholder"] = images.image_token if images is not None else None
+        fields["audio_placeholder"] = audio.placeholder if audio is not None else None
         fields["content_format"] = renderer.content_format(fields["chat_template"])
         if request.images and images is None:
             raise InvalidRequest("images were sent, but this model does not take image inputs")
+        if request.audio and audio is None:
+            raise InvalidRequest("audio was sent, but this model does not take audio inputs")
 
         def parse_and_render():
             chat = parse_chat_request(request.messages_json, **fields)
@@ -222,6 +227,22 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     f"messages hold {chat.num_images} image parts but {len(request.images)} "
                     "images were sent"
                 )
+            if chat.num_audio != len(request.audio):
+                raise InvalidRequest(
+                    f"messages hold {chat.num_audio} audio parts but {len(request.audio)} "
+                    "audio files were sent"
+                )
+            if chat.num_audio:
+                try:
+                    audio.check_count(chat.num_audio)
+                    return audio.process_files(
+                        renderer.render_prompt(chat),
+                        list(request.audio),
+                        AudioLimits(max_seconds=self._config.max_audio_seconds),
+                        add_special_tokens=False,
+                    )
+                except ValueError as exc:
+                    raise InvalidRequest(f"messages: {exc}") from None
             if not chat.num_images:
                 return renderer.render(chat)
             try:

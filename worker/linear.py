@@ -7,16 +7,61 @@ weight is in place, and `apply` runs the projection. `UnquantizedLinearMethod` i
 today: a plain weight, packed for oneDNN on CPU float32 (`cpu_linear`). Quantized formats add
 their own methods on the same seam.
 
-Fused projections (q/k/v, gate/up) know where each checkpoint shard lives along their output
-dimension, so the loader copies `q_proj.weight` into the right rows of `qkv_proj.weight`.
+Every parameter carries its own `weight_loader(param, tensor, shard_id=None)`, set by whoever
+creates it (`set_weight_attrs`); the model loader only maps a checkpoint name to (parameter,
+shard id) and calls it. Fused projections (q/k/v, gate/up) know where each checkpoint shard lives
+along their output dimension, so their loader copies `q_proj.weight` (or `q_proj.weight_scale`,
+whatever the quant method registered) into the right rows of `qkv_proj.weight`. A parameter's
+`row_block` (default 1) says how many output rows one of its rows covers (a block-wise scale
+has one row per block of outputs); `per_shard` marks a tensor with one entry per checkpoint
+shard (a per-tensor scale).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from splitserve.worker import cpu_linear
+
+WeightLoader = Callable[..., None]
+"""weight_loader(param, loaded, shard_id=None): copy one checkpoint tensor into `param`."""
+
+
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+    """Copy a whole tensor of the same shape (cast to the parameter's dtype)."""
+    if shard_id is not None:
+        raise ValueError(f"is one shard ({shard_id!r}) of a parameter that has no shards")
+    if param.numel() == loaded.numel() == 1:
+        loaded = loaded.reshape(param.shape)  # a scalar scale saved as [] or [1]
+    if param.shape != loaded.shape:
+        raise ValueError(f"has shape {tuple(loaded.shape)}, the model expects {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(loaded)
+
+
+def set_weight_attrs(module: nn.Module, name: str, **attrs: Any) -> None:
+    """Attach loading attributes (weight_loader, row_block, per_shard, shard_ids) to parameter
+    `name` of `module`, and remember them so `restore_weight_attrs` puts them back on the new
+    parameter objects that `to_empty` makes."""
+    saved = module.__dict__.setdefault("_weight_attrs", {})
+    saved.setdefault(name, {}).update(attrs)
+    param = getattr(module, name)
+    for key, value in attrs.items():
+        setattr(param, key, value)
+
+
+def restore_weight_attrs(model: nn.Module) -> None:
+    """Re-attach every `set_weight_attrs` attribute (after `to_empty` from the meta device)."""
+    for module in model.modules():
+        for name, attrs in module.__dict__.get("_weight_attrs", {}).items():
+            param = getattr(module, name, None)
+            if param is not None:
+                for key, value in attrs.items():
+                    setattr(param, key, value)
 
 
 class LinearMethod:
@@ -46,10 +91,8 @@ class UnquantizedLinearMethod(LinearMethod):
         self, layer: Linear, in_features: int, out_features: int, bias: bool
     ) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        if bias:
-            layer.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-        else:
-            layer.register_parameter("bias", None)
+        layer.register_weight("weight")
+        layer.create_bias(bias)
         layer.onednn = False
 
     def process_weights_after_loading(self, layer: Linear) -> None:
@@ -82,11 +125,36 @@ class Linear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.method = method if method is not None else UnquantizedLinearMethod()
+        self.has_bias = bias
         self.keep_plain_weight = False
         """Set before `process_weights_after_loading` when something else needs the plain
         weight (the loader sets it for weights shared with another module)."""
         self.method.create_weights(self, in_features, out_features, bias)
         self.register_state_dict_post_hook(_plain_state)
+
+    def register_weight(self, name: str, **attrs: Any) -> None:
+        """Give parameter `name` this layer's weight loader (plus `attrs`: row_block, ...)."""
+        set_weight_attrs(self, name, weight_loader=self.weight_loader, **attrs)
+
+    def create_bias(self, bias: bool) -> None:
+        """The bias [out_features] in the compute dtype (every method's, quantized or not)."""
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False)
+            self.register_weight("bias")
+        else:
+            self.register_parameter("bias", None)
+
+    def set_method(self, method: LinearMethod) -> None:
+        """Swap the quant method before loading: drop the parameters and create the new ones."""
+        for name in list(self._parameters):
+            delattr(self, name)
+        self.__dict__.pop("_weight_attrs", None)
+        self.method = method
+        self.method.create_weights(self, self.in_features, self.out_features, self.has_bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        """Copy one checkpoint tensor into `param` (a plain layer has no shards)."""
+        default_weight_loader(param, loaded, shard_id)
 
     def process_weights_after_loading(self) -> None:
         self.method.process_weights_after_loading(self)
@@ -121,6 +189,8 @@ def process_weights_after_loading(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if not isinstance(module, Linear):
+            if hasattr(module, "process_weights_after_loading"):  # MoE experts
+                module.process_weights_after_loading()
             continue
         if owners.get(id(module.weight), 0) > 1:
             module.keep_plain_weight = True
@@ -133,30 +203,50 @@ class MergedLinear(Linear):
     """A Linear whose output rows stack several checkpoint projections, in declaration order."""
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
         self.shard_sizes = dict(shard_sizes)
         self.shard_offsets: dict[str, int] = {}
         offset = 0
         for shard_id, size in shard_sizes.items():
             self.shard_offsets[shard_id] = offset
             offset += size
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
 
-    def load_shard(self, param_name: str, shard_id: str, loaded: torch.Tensor) -> None:
-        """Copy one checkpoint tensor (`weight` or `bias` of shard `shard_id`) into place."""
-        param = getattr(self, param_name)
-        if param is None:
+    def register_weight(self, name: str, **attrs: Any) -> None:
+        super().register_weight(name, shard_ids=list(self.shard_sizes), **attrs)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        """Copy checkpoint tensor `loaded` of shard `shard_id` into its rows of `param` (the
+        whole fused tensor when shard_id is None)."""
+        if shard_id is None:
+            default_weight_loader(param, loaded)
+            return
+        name = self._param_name(param)
+        if getattr(param, "per_shard", False):
+            target = param.data[list(self.shard_sizes).index(shard_id)]
+            loaded = loaded.reshape(()) if loaded.numel() == 1 else loaded
+        else:
+            start, size = self.shard_offsets[shard_id], self.shard_sizes[shard_id]
+            block = getattr(param, "row_block", 1)
+            if start % block:
+                raise ValueError(
+                    f"shard {shard_id!r} starts at output row {start}, not a multiple of the "
+                    f"{name} block size {block}"
+                )
+            start, size = start // block, -(-size // block)
+            target = param.data[start : start + size]
+        if loaded.shape != target.shape:
             raise ValueError(
-                f"checkpoint has a {param_name} for shard {shard_id!r} but the "
-                f"module was built without one"
-            )
-        start, size = self.shard_offsets[shard_id], self.shard_sizes[shard_id]
-        if loaded.shape[0] != size or loaded.shape[1:] != param.shape[1:]:
-            raise ValueError(
-                f"shard {shard_id!r} {param_name} has shape {tuple(loaded.shape)}, "
-                f"expected ({size}, {', '.join(map(str, param.shape[1:]))})"
+                f"shard {shard_id!r} {name} has shape {tuple(loaded.shape)}, "
+                f"expected ({', '.join(map(str, target.shape))})"
             )
         with torch.no_grad():
-            param.data[start : start + size].copy_(loaded)
+            target.copy_(loaded)
+
+    def _param_name(self, param: torch.Tensor) -> str:
+        for name, p in self.named_parameters(recurse=False):
+            if p is param:
+                return name
+        return "tensor"
 
 
 class QKVLinear(MergedLinear):

@@ -35,10 +35,16 @@ from splitserve.common.model_path import (
 )
 from splitserve.common.pooling import is_base_model
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.linear import MergedLinear, process_weights_after_loading
+from splitserve.worker.linear import (
+    MergedLinear,
+    default_weight_loader,
+    process_weights_after_loading,
+    restore_weight_attrs,
+)
 from splitserve.worker.models.registry import get_model_class
 from splitserve.worker.moe import MoEExperts
 from splitserve.worker.pipeline import layer_range
+from splitserve.worker.quantization import apply_quant_config, resolve_quant_config
 from splitserve.worker.weight_files import iterate_weights, read_shard_shapes
 
 logger = logging.getLogger(__name__)
@@ -252,8 +258,11 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
         config.layer_partition(),
     )
     cls = get_model_class(raw.get("architectures"))
+    quant_config = resolve_quant_config(raw, config.quantization)
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
+        if quant_config is not None:
+            apply_quant_config(model, quant_config)
     if is_base_model(raw.get("architectures")):
         # NOTE: saved from AutoModel: names lack "model." and there is no lm_head (unused by
         # the pooling runner; it takes the embedding, as a tied one would).
@@ -291,6 +300,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
     skeleton = _build_skeleton(config, path)
     model, hf_config, device = skeleton.model, skeleton.hf_config, skeleton.device
     model.to_empty(device=device)
+    restore_weight_attrs(model)  # to_empty makes new parameter objects
     model.post_materialize()
     if config.load_format == "dummy":
         _init_dummy(model, config.seed)
@@ -392,8 +402,9 @@ def _owned_by(model: nn.Module) -> Callable[[str], bool]:
 
 
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into `model` by name, packing fused shards and stacking MoE
-    experts; check completeness.
+    """Copy checkpoint tensors into `model`: each name is looked up to (parameter, shard id)
+    and handed to that parameter's `weight_loader` (fused q/k/v and gate/up shards, expert
+    stacks and quantized tensors all place themselves); then check completeness.
 
     A tied (or missing) lm_head takes model.embed_tokens.weight. A model with a
     `checkpoint_name(name)` method renames checkpoint tensors to its module paths first; the
@@ -405,6 +416,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
     renames: tuple[tuple[re.Pattern, str], ...] = getattr(model, "checkpoint_renames", ())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    quant_config = getattr(model, "quant_config", None)
     expected = _expected_keys(model)
     loaded: set[tuple[str, str | None]] = set()
     embed: torch.Tensor | None = None
@@ -414,50 +426,32 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             continue
         for pattern, replacement in renames:
             name = pattern.sub(replacement, name)
-        if (m := _EXPERT_RE.match(name)) and isinstance(
-            experts := modules.get(m["module"]), MoEExperts
-        ):
-            try:
-                stacked, shard = experts.load_expert(
-                    int(m["expert"]), m["proj"], m["param"], tensor
-                )
-            except ValueError as exc:
-                raise ValueError(f"checkpoint tensor {file_name}: {exc}") from None
-            loaded.add((f"{m['module']}.{stacked}", shard))
-            continue
         if name == "model.embed_tokens.weight":
             embed = tensor
         if name == "lm_head.weight" and tied:
             continue  # a tied lm_head is the embedding, whatever the file also stores
-        module_name, _, param_name = name.rpartition(".")
-        head, _, leaf = module_name.rpartition(".")
-        if leaf in packed:
-            fused_name, shard = packed[leaf]
-            fused = f"{head}.{fused_name}" if head else fused_name
-            module = modules.get(fused)
-            if isinstance(module, MergedLinear):
-                try:
-                    module.load_shard(param_name, shard, tensor)
-                except ValueError as exc:
-                    raise ValueError(f"checkpoint tensor {file_name}: {exc}") from None
-                loaded.add((f"{fused}.{param_name}", shard))
-                continue
-        if name not in params:
+        if quant_config is not None and quant_config.skips_tensor(name):
+            continue
+        try:
+            target = _param_target(name, params, modules, packed)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint tensor {file_name}: {exc}") from None
+        if target is None:
             if name != "model.embed_tokens.weight":
                 logger.warning("ignoring checkpoint tensor %s: no such parameter", file_name)
             continue
-        _copy(params[name], tensor, file_name)
-        owner = modules.get(module_name)
-        if isinstance(owner, MoEExperts):  # all experts at once, already stacked
-            loaded.update((name, s) for s in owner.shard_ids(param_name))
+        param_name, shard = target
+        _load(params[param_name], tensor, shard, file_name)
+        if shard is not None:
+            loaded.add((param_name, shard))
         else:
-            loaded.add((name, None))
+            loaded.update((param_name, s) for s in getattr(params[param_name], "shard_ids", [None]))
     if "lm_head.weight" in params and ("lm_head.weight", None) not in loaded:
         if embed is None:
             raise ValueError(
                 "lm_head.weight is missing and no model.embed_tokens.weight to tie it to"
             )
-        _copy(params["lm_head.weight"], embed, "lm_head.weight (tied to model.embed_tokens)")
+        _load(params["lm_head.weight"], embed, None, "lm_head.weight (tied to model.embed_tokens)")
         loaded.add(("lm_head.weight", None))
     missing = sorted(f"{n}[{s}]" if s else n for n, s in expected - loaded)
     if missing:
@@ -467,25 +461,44 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         )
 
 
+def _param_target(
+    name: str,
+    params: dict[str, nn.Parameter],
+    modules: dict[str, nn.Module],
+    packed: dict[str, tuple[str, str]],
+) -> tuple[str, str | None] | None:
+    """The (parameter name, shard id) a checkpoint tensor loads into; None: no such parameter."""
+    if (m := _EXPERT_RE.match(name)) and isinstance(
+        experts := modules.get(m["module"]), MoEExperts
+    ):
+        stacked, shard = experts.checkpoint_target(int(m["expert"]), m["proj"], m["param"])
+        return f"{m['module']}.{stacked}", shard
+    module_name, _, param_name = name.rpartition(".")
+    head, _, leaf = module_name.rpartition(".")
+    if leaf in packed:
+        fused_name, shard = packed[leaf]
+        fused = f"{head}.{fused_name}" if head else fused_name
+        if f"{fused}.{param_name}" in params:
+            return f"{fused}.{param_name}", shard
+        if param_name == "bias" and isinstance(modules.get(fused), MergedLinear):
+            raise ValueError(
+                f"checkpoint has a bias for shard {shard!r} but the module was built without one"
+            )
+    return (name, None) if name in params else None
+
+
 def _expected_keys(model: nn.Module) -> set[tuple[str, str | None]]:
     keys: set[tuple[str, str | None]] = set()
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module, MergedLinear):
-                keys.update((full, shard) for shard in module.shard_sizes)
-            elif isinstance(module, MoEExperts):
-                keys.update((full, shard) for shard in module.shard_ids(param_name))
-            else:
-                keys.add((full, None))
+    for name, param in model.named_parameters(remove_duplicate=False):
+        keys.update((name, shard) for shard in getattr(param, "shard_ids", [None]))
     return keys
 
 
-def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
-    if param.shape != tensor.shape:
-        raise ValueError(
-            f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model "
-            f"expects {tuple(param.shape)}"
-        )
-    with torch.no_grad():
-        param.copy_(tensor)
+def _load(param: torch.Tensor, tensor: torch.Tensor, shard: str | None, name: str) -> None:
+    """`param.weight_loader(param, tensor, shard)`; a ValueError names the checkpoint tensor."""
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        loader(param, tensor, shard)
+    except ValueError as exc:
+        sep = " " if str(exc).startswith("has shape") else ": "
+        raise ValueError(f"checkpoint tensor {name}{sep}{exc}") from None

@@ -6,7 +6,10 @@ expert's gate rows, then its up rows) and `experts.down_proj` [E, H, I], the lay
 transformers keeps in memory, so a fused-MoE kernel reads one tensor per projection. Checkpoints
 store experts one by one (`experts.N.w1.weight` for Mixtral, `experts.N.gate_proj.weight` for
 Qwen3-MoE: what transformers 5 writes), or already stacked (a saved state dict);
-`MoEExperts.load_expert` places a per-expert tensor, and the stacked ones load by name.
+each stacked parameter's `weight_loader` places a per-expert tensor (shard "3.gate"), or takes
+the stacked one whole. A quantized checkpoint gives the experts a `MoEExpertsMethod` (from the
+model's QuantConfig) that holds the stacks in the checkpoint's form (FP8 weights plus stacked
+scales) and turns them into the dense stacks after loading.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch
+from splitserve.worker.linear import default_weight_loader, set_weight_attrs
 
 ExpertNames = dict[str, tuple[str, str | None]]
 """Per-expert checkpoint projection -> (stacked parameter, shard: "gate" / "up" / None)."""
@@ -56,6 +60,21 @@ def select_experts(
     return weights, ids
 
 
+class MoEExpertsMethod:
+    """How MoEExperts hold their stacked weights (the quant method of the MoE layer; None on
+    the experts is the plain float stacks)."""
+
+    checkpoint_params: dict[str, str]
+    """Checkpoint parameter name (weight, weight_scale, ...) -> suffix of the stacked
+    parameter it loads into ("" for the weight, "_scale" ...)."""
+
+    def create_weights(self, experts: MoEExperts) -> None:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, experts: MoEExperts) -> None:
+        raise NotImplementedError
+
+
 class MoEExperts(nn.Module):
     """E SwiGLU experts with stacked weights; forward runs the routed tokens through them."""
 
@@ -64,12 +83,41 @@ class MoEExperts(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
+        self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.checkpoint_names = dict(names)
+        self.method: MoEExpertsMethod | None = None
         self.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size)
         )
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        for name in ("gate_up_proj", "down_proj"):
+            self.register_stacked(name)
+
+    def register_stacked(self, name: str, checkpoint_param: str = "weight", **attrs) -> None:
+        """Give stacked parameter `name` the experts' loader; `attrs`: row_block (output rows
+        per row of this tensor), per_shard (one value per gate / up half)."""
+        stack = "gate_up_proj" if name.startswith("gate_up_proj") else "down_proj"
+        set_weight_attrs(
+            self,
+            name,
+            weight_loader=self.weight_loader,
+            shard_ids=self.shard_ids(stack),
+            checkpoint_param=checkpoint_param,
+            **attrs,
+        )
+
+    def set_method(self, method: MoEExpertsMethod) -> None:
+        """Hold the experts as `method` says (before loading, on the meta device)."""
+        for name in list(self._parameters):
+            delattr(self, name)
+        self.__dict__.pop("_weight_attrs", None)
+        self.method = method
+        method.create_weights(self)
+
+    def process_weights_after_loading(self) -> None:
+        if self.method is not None:
+            self.method.process_weights_after_loading(self)
 
     def shard_ids(self, param_name: str) -> list[str]:
         """The per-expert pieces a stacked parameter is filled from ("3.gate", "3.up", "3")."""
@@ -77,33 +125,45 @@ class MoEExperts(nn.Module):
             return [f"{e}.{s}" for e in range(self.num_experts) for s in ("gate", "up")]
         return [str(e) for e in range(self.num_experts)]
 
-    def load_expert(
-        self, expert: int, proj: str, param: str, loaded: torch.Tensor
-    ) -> tuple[str, str]:
-        """Copy checkpoint tensor `experts.{expert}.{proj}.{param}` into its stacked slot;
-        returns (stacked parameter name, shard id)."""
+    def checkpoint_target(self, expert: int, proj: str, param: str) -> tuple[str, str]:
+        """Where checkpoint tensor `experts.{expert}.{proj}.{param}` goes: (stacked parameter
+        name, shard id)."""
         if proj not in self.checkpoint_names:
             raise ValueError(
                 f"unknown expert projection {proj!r}; expected one of "
                 f"{', '.join(self.checkpoint_names)}"
             )
-        if param != "weight":
-            raise ValueError(f"experts have weights only, not {proj}.{param}")
+        params = self.method.checkpoint_params if self.method else {"weight": ""}
+        if param not in params:
+            raise ValueError(f"experts have {', '.join(params)} tensors only, not {proj}.{param}")
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is out of range: the config has {self.num_experts}")
         stacked, shard = self.checkpoint_names[proj]
-        target = getattr(self, stacked)[expert]
-        if shard is not None:
-            size = self.intermediate_size
-            target = target[:size] if shard == "gate" else target[size:]
+        return stacked + params[param], f"{expert}.{shard}" if shard else str(expert)
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        """Copy one expert's tensor (shard "3.gate", "3.up" or "3") into its stacked slot, or
+        all experts at once (shard_id None)."""
+        if shard_id is None:
+            default_weight_loader(param, loaded)
+            return
+        expert, _, half = shard_id.partition(".")
+        target = param.data[int(expert)]
+        if half and getattr(param, "per_shard", False):
+            target = target[0 if half == "gate" else 1]
+        elif half:
+            rows = self.intermediate_size // getattr(param, "row_block", 1)
+            target = target[:rows] if half == "gate" else target[rows:]
+        if loaded.numel() == target.numel() == 1:
+            loaded = loaded.reshape(target.shape)  # a scalar scale saved as [] or [1]
         if loaded.shape != target.shape:
+            proj = next(p for p, (_, s) in self.checkpoint_names.items() if (s or "") == half)
             raise ValueError(
-                f"expert {expert} {proj!r} weight has shape {tuple(loaded.shape)}, "
-                f"expected {tuple(target.shape)}"
+                f"expert {expert} {proj!r} {getattr(param, 'checkpoint_param', 'weight')} has "
+                f"shape {tuple(loaded.shape)}, expected {tuple(target.shape)}"
             )
         with torch.no_grad():
             target.copy_(loaded)
-        return stacked, f"{expert}.{shard}" if shard else str(expert)
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor

@@ -116,14 +116,6 @@ PINNED: tuple[Pinned, ...] = (
         parse=_int,
     ),
     Pinned(
-        "--quantization",
-        "loads quantized weights (awq, gptq, fp8, ...).",
-        (),
-        "splitserve loads unquantized checkpoints only; drop the flag",
-        frozenset({_W}),
-        aliases=("-q",),
-    ),
-    Pinned(
         "--kv-cache-dtype",
         "stores the KV cache in another dtype (fp8, ...).",
         ("auto",),

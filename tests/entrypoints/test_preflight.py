@@ -66,6 +66,10 @@ def _remote(c):
     c["model_type"] = "x-custom"
 
 
+def _gptq(c):
+    c["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+
+
 def _bad_shape(folder):
     state = load_file(folder / "model.safetensors")
     state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"][:60]
@@ -87,6 +91,14 @@ def _bad_shape(folder):
         ("good", ["--max-model-len", "4096"], r"--max-model-len 4096 is longer .*=128"),
         ("good", ["--tokenizer", "/no/such/tokenizer"], r"/no/such/tokenizer"),
         ("good", ["--pipeline-parallel-size", "3"], r"pipeline"),
+        (
+            "quant",
+            [],
+            r"quant_method 'gptq', which splitserve does not load; supported: fp8, fbgemm_fp8, "
+            r"compressed-tensors",
+        ),
+        ("good", ["--quantization", "fbgemm_fp8"], r"needs a checkpoint saved in that format"),
+        ("good", ["--quantization", "awq"], r"quantization must be one of fp8, fbgemm_fp8"),
     ],
 )
 def test_bad_model_fails_before_any_process(
@@ -95,6 +107,7 @@ def test_bad_model_fails_before_any_process(
     folder = {
         "absent": lambda: tmp_path / "absent",
         "arch": lambda: _copy(good_model, tmp_path / "m", _bad_arch),
+        "quant": lambda: _copy(good_model, tmp_path / "m", _gptq),
         "remote": lambda: _copy(good_model, tmp_path / "m", _remote),
         "shape": lambda: _copy(good_model, tmp_path / "m"),
         "noweights": lambda: _copy(good_model, tmp_path / "m"),

@@ -205,7 +205,16 @@ def test_image_part_refused(http):
     assert_error(r, 400, "messages[0].content[0].image_url")
     assert "--allowed-media-domains" in r.json()["error"]["message"]
     msgs[0]["content"][0] = {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}
-    assert_error(http.post(CHAT, json={"messages": msgs}), 400, "messages")
+    r = http.post(CHAT, json={"messages": msgs})
+    assert_error(r, 400, "messages[0].content[0].input_audio")
+    assert "non-empty base64" in r.json()["error"]["message"]
+    msgs[0]["content"][0] = {
+        "type": "input_audio",
+        "input_audio": {"data": "AA==", "format": "aac"},
+    }
+    r = http.post(CHAT, json={"messages": msgs})
+    assert_error(r, 400, "messages[0].content[0].input_audio")
+    assert "format must be one of wav, mp3, flac, ogg" in r.json()["error"]["message"]
 
 
 def test_untrusted_chat_template_is_400(http):

@@ -60,7 +60,9 @@ def build_qwen2_audio(out_dir, tokenizer_dir, seed: int = 0) -> pathlib.Path:
         chunk_length=CHUNK_SECONDS,
         n_fft=400,
     )
-    processor = transformers.Qwen2AudioProcessor(feature_extractor=extractor, tokenizer=tok)
+    processor = transformers.Qwen2AudioProcessor(
+        feature_extractor=extractor, tokenizer=tok, chat_template=tok.chat_template
+    )
     processor.save_pretrained(out)
     return out
 

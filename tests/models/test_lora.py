@@ -214,3 +214,21 @@ def test_one_load_number_for_two_paths_is_refused_while_in_use(setup):
     with pytest.raises(RuntimeError, match="lora_int_id 1 is in use"):
         llm.generate(PROMPTS[:2], GREEDY, lora_request=[a, b])
     assert llm.engine.scheduler.kv.num_free_blocks == llm.engine.scheduler.kv.pool.num_blocks
+
+
+def test_adapter_on_an_fp8_base_matches_peft_on_its_dequantized_weights(model_factory, tmp_path):
+    """LoRA wraps the base layer whatever its quant method: a block-wise FP8 checkpoint with an
+    adapter gives peft's tokens on the dequantized base."""
+    from splitserve.testing.fp8_pack import pack_checkpoint
+
+    fp8, dense = pack_checkpoint(model_factory("llama"), tmp_path / "fp8", "fp8-block")
+    adapter = make_adapter(
+        dense, tmp_path / "loras" / "a", ["q_proj", "v_proj", "down_proj"], 8, 16, 3
+    )
+    expected = peft_greedy(dense, adapter, PROMPTS, MAX_TOKENS)
+    llm = LLM(str(fp8), enable_lora=True, lora_root=str(tmp_path / "loras"), max_lora_rank=8)
+    try:
+        outs = llm.generate(PROMPTS, GREEDY, lora_request=LoRARequest("a", 1, str(adapter)))
+        assert [o.outputs[0].token_ids for o in outs] == expected
+    finally:
+        llm.shutdown()

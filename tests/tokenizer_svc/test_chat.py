@@ -218,3 +218,31 @@ def test_lone_surrogate_and_nul(handle):
         render(handle, '[{"role": "user", "content": "bad \\ud800 text"}]')
     out = render(handle, '[{"role": "user", "content": "nul \\u0000 byte"}]')
     assert "nul \x00 byte" in out.prompt and out.token_ids
+
+
+def test_audio_parts_become_the_models_placeholder():
+    """An `{"type": "audio"}` part stands for one audio file sent beside the messages; in the
+    string content format it is the model's placeholder among the text parts. Unread audio
+    parts (`input_audio`, `audio_url`) are refused, as is audio on a model without it."""
+    messages = json.dumps(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio"},
+                    {"type": "text", "text": "what?"},
+                    {"type": "audio"},
+                ],
+            }
+        ]
+    )
+    chat = parse_chat_request(messages, audio_placeholder="<A>", image_placeholder="<I>")
+    assert chat.num_audio == 2 and chat.num_images == 0
+    assert chat.messages[0]["content"] == "<A>\nwhat?\n<A>"
+    parts = parse_chat_request(messages, audio_placeholder="<A>", content_format="openai")
+    assert [p["type"] for p in parts.messages[0]["content"]] == ["audio", "text", "audio"]
+    raw = json.dumps([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}])
+    with pytest.raises(InvalidRequest, match="read by the gateway"):
+        parse_chat_request(raw, audio_placeholder="<A>")
+    with pytest.raises(InvalidRequest, match="audio are not supported by this model"):
+        parse_chat_request(messages)

@@ -1,0 +1,143 @@
+"""Quantized checkpoints: CPU step time of each FP8 format against the same model
+unquantized, and (on CUDA) the W8A16 FP8 GEMM against the fp16 GEMM at decode shapes.
+
+    python bench/quant.py            # ~60M-param Llama (fp32 on CPU), batch 1 and 8
+    python bench/quant.py --small    # a tiny model, one round (a quick check)
+
+CPU: one random Llama is saved unquantized and packed into each FP8 format
+(`splitserve.testing.fp8_pack`: fbgemm_fp8 per channel, fp8 block-wise 128x128,
+compressed-tensors per channel), plus `--quantization fp8` on the unquantized folder; one
+in-process engine (`splitserve.LLM`) per variant, all in one process, run alternately
+(`--rounds`, the order reversed every other round), the median ratio printed last. Each run: `batch` random 64-token prompts, 32 output tokens (greedy,
+`ignore_eos`); printed: output tokens/s of each and its ratio to the unquantized engine of
+the same round. The CPU worker dequantizes FP8 to the compute dtype at load, so the expected
+ratio is 1.0: this checks that nothing else (a per-step dequantization, lost oneDNN packing)
+slipped in.
+
+CUDA (when available): `kernels.fp8_gemm.fp8_w8a16_linear` against `torch.matmul` in fp16 on
+the same shapes, M = 1, 4, 16 (decode) and 256, N = K = 4096 and N = 14336, K = 4096
+(Llama-3-8B's MLP), per-channel and 128x128 block scales; prints microseconds and the speedup
+(target >= 1.6x at decode shapes: the GEMM reads half the weight bytes). Without CUDA it says
+so and exits 0 after the CPU part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import random
+import statistics
+import tempfile
+import time
+
+VARIANTS = ("unquantized", "fbgemm_fp8", "fp8-block", "ct-channel", "online-fp8")
+
+
+def build(root: pathlib.Path, small: bool) -> dict[str, tuple[pathlib.Path, dict]]:
+    from splitserve.testing.demo_model import build_model
+    from splitserve.testing.fp8_pack import pack_checkpoint
+
+    size = (
+        {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2}
+        if small
+        else {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 6}
+    )
+    src = build_model(root / "base", "llama", vocab_size=2000, max_position_embeddings=512, **size)
+    block = (32, 32) if small else (128, 128)
+    out = {"unquantized": (src, {}), "online-fp8": (src, {"quantization": "fp8"})}
+    for fmt in ("fbgemm_fp8", "fp8-block", "ct-channel"):
+        out[fmt] = (pack_checkpoint(src, root / fmt, fmt, block)[0], {})
+    return out
+
+
+def tokens_per_s(llm, prompts, output_len: int) -> float:
+    from splitserve import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == len(prompts) * output_len
+    return len(prompts) * output_len / elapsed
+
+
+def cpu(args) -> None:
+    from splitserve import LLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build(pathlib.Path(tmp), args.small)
+        engines = {
+            name: LLM(str(path), kv_cache_memory=256 << 20, max_model_len=512, **kw)
+            for name, (path, kw) in models.items()
+        }
+        rng = random.Random(0)
+        for batch in args.batches:
+            prompts = [[rng.randrange(10, 2000) for _ in range(64)] for _ in range(batch)]
+            for llm in engines.values():
+                tokens_per_s(llm, prompts[:1], 4)  # warm-up
+            ratios: dict[str, list[float]] = {name: [] for name in engines}
+            for r in range(args.rounds):
+                order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+                speed = {n: tokens_per_s(engines[n], prompts, args.output_len) for n in order}
+                base = speed["unquantized"]
+                line = ", ".join(
+                    f"{n} {speed[n]:.1f} tok/s ({speed[n] / base:.2f}x)" for n in engines
+                )
+                print(f"CPU batch {batch} round {r + 1}: {line}", flush=True)
+                for n in engines:
+                    ratios[n].append(speed[n] / base)
+            medians = ", ".join(
+                f"{n} {statistics.median(v):.2f}x" for n, v in ratios.items() if n != "unquantized"
+            )
+            print(f"CPU batch {batch} median ratio to unquantized: {medians}", flush=True)
+
+
+def gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: GPU part skipped")
+        return
+    from triton.testing import do_bench
+
+    from splitserve.kernels.fp8_gemm import fp8_w8a16_linear
+
+    print(f"GPU: {torch.cuda.get_device_name()}")
+    for n, k in ((4096, 4096), (14336, 4096)):
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        w8 = (w16.float() / (w16.abs().amax() / 448)).to(torch.float8_e4m3fn)
+        scales = {
+            "channel": (torch.rand(n, 1, device="cuda") * 1e-4, (1, k)),
+            "block128": (torch.rand(n // 128, k // 128, device="cuda") * 1e-4, (128, 128)),
+        }
+        for m in (1, 4, 16, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t16 = do_bench(lambda x=x, w=w16: torch.matmul(x, w.t())) * 1e3
+            for name, (scale, block) in scales.items():
+                t8 = (
+                    do_bench(lambda x=x, w=w8, s=scale, b=block: fp8_w8a16_linear(x, w, s, b)) * 1e3
+                )
+                print(
+                    f"W8A16 {name:8s} M={m:4d} N={n} K={k}: {t8:8.1f} us vs fp16 "
+                    f"{t16:8.1f} us -> {t16 / t8:.2f}x"
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny model, one round")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--batches", default="1,8", help="concurrencies, comma-separated")
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--skip-cpu", action="store_true")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.small:
+        args.rounds, args.output_len = 1, 16
+    if not args.skip_cpu:
+        cpu(args)
+    gpu()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,417 @@
+"""FP8 (e4m3) checkpoints: `fp8` (per-tensor, or block-wise `weight_block_size`), `fbgemm_fp8`
+(per-channel), `compressed-tensors` FP8 (`float-quantized`: tensor, channel or block), and
+`--quantization fp8` on an unquantized model (quantized per output channel at load).
+
+Every format keeps, per layer, an FP8 weight [out, in] and a scale that reduces to one layout,
+`scale [ceil(out / bn), ceil(in / bk)]` with a block (bn, bk): per-tensor is block (out, in)
+(fused q/k/v and gate/up carry one scale per shard, so they become per-row), per-channel
+(1, in), block-wise (bn, bk). The real weight is `weight[n, k] * scale[n // bn, k // bk]`
+(`kernels.reference.fp8_dequantize_ref`).
+
+On CUDA the weight stays FP8 and `kernels.dispatch.fp8_linear` runs the W8A16 Triton GEMM
+(dequantized in the load stage). On CPU the weight is dequantized to the compute dtype once,
+in `process_weights_after_loading`, and the layer then runs as an unquantized one (oneDNN
+included): weight-only, activations are never quantized, so the CPU model equals the model
+on its dequantized weights.
+
+Memory trade-off of dequantizing once at load: a CPU worker holds the dense weights (4 bytes
+per parameter in fp32, 4x the FP8 checkpoint; 2x in bf16) and pays the dequantization once;
+each step is then exactly as fast as the unquantized model. Dequantizing per layer on each
+forward would keep the FP8 bytes (1 per parameter) at the cost of one dequantization of every
+weight per step (about the cost of the GEMM itself at decode shapes) and a transient dense copy
+of the largest layer. Serving FP8 on CPU is about loading FP8 checkpoints, not saving memory.
+While loading, the FP8 tensors of a layer and its dense copy coexist only for that layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from splitserve.kernels import dispatch
+from splitserve.kernels.reference import fp8_dequantize_ref
+from splitserve.worker.linear import Linear, LinearMethod, MergedLinear, UnquantizedLinearMethod
+from splitserve.worker.moe import MoEExperts, MoEExpertsMethod
+from splitserve.worker.quantization import QuantConfig, matches
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+SCALE_KINDS = ("tensor", "channel", "block")
+
+_DENSE = UnquantizedLinearMethod()
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight [N, K], float32 scale [N, 1]) with each row's absmax mapped to 448."""
+    amax = weight.detach().abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def scale_2d(
+    kind: str,
+    scale: torch.Tensor,
+    shape: tuple[int, int],
+    shards: list[int] | None,
+    block: tuple[int, int] | None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A checkpoint scale of layout `kind` for a weight of `shape` [N, K] (fused from `shards`
+    output sizes, or None) as [ceil(N / bn), ceil(K / bk)] float32, and (bn, bk)."""
+    n, k = shape
+    scale = scale.float()
+    if kind == "channel":
+        return scale.reshape(n, 1), (1, k)
+    if kind == "block":
+        return scale, block
+    if shards is not None:
+        sizes = torch.tensor(shards, device=scale.device)
+        return scale.reshape(-1).repeat_interleave(sizes).reshape(n, 1), (1, k)
+    return scale.reshape(1, 1), (n, k)
+
+
+def _check_finite(scale: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(scale).all():
+        raise ValueError(f"{where}: its FP8 scale holds non-finite values (a corrupt checkpoint?)")
+
+
+def _finish(layer: Linear, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]):
+    """Hold the FP8 weight for the Triton GEMM (CUDA), or its dense copy (CPU)."""
+    _check_finite(scale, f"layer ({layer.extra_repr()})")
+    layer.fp8_dense = not (weight.is_cuda and dispatch.triton_available())
+    if layer.fp8_dense:
+        dense = fp8_dequantize_ref(weight, scale, block, layer.compute_dtype)
+        layer.weight = nn.Parameter(dense, requires_grad=False)
+        _DENSE.process_weights_after_loading(layer)  # oneDNN on CPU float32, as unquantized
+        return
+    layer.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    layer.fp8_scale = nn.Parameter(scale.float().contiguous(), requires_grad=False)
+    layer.fp8_block = block
+
+
+def _apply(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    if layer.fp8_dense:
+        return _DENSE.apply(layer, x)
+    return dispatch.fp8_linear(x, layer.weight, layer.fp8_scale, layer.fp8_block, layer.bias)
+
+
+class Fp8LinearMethod(LinearMethod):
+    """A serialized FP8 weight and its scale tensor, as the checkpoint stores them.
+
+    kind "tensor": `scale_name` holds one value per checkpoint shard (shape [shards]);
+    "channel": [out, 1]; "block": [ceil(out / bn), ceil(in / bk)], every fused shard's rows a
+    whole number of blocks.
+    """
+
+    def __init__(self, scale_name: str, kind: str, block: tuple[int, int] | None = None) -> None:
+        if kind not in SCALE_KINDS or (kind == "block") != (block is not None):
+            raise ValueError(f"bad FP8 layout {kind!r} {block}")
+        self.scale_name, self.kind, self.block = scale_name, kind, block
+
+    def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
+        layer.compute_dtype = torch.get_default_dtype()
+        layer.onednn = False
+        layer.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False
+        )
+        layer.register_weight("weight")
+        attrs: dict[str, Any] = {}
+        if self.kind == "channel":
+            shape: tuple[int, ...] = (out_features, 1)
+        elif self.kind == "tensor":
+            shape = (len(layer.shard_sizes) if isinstance(layer, MergedLinear) else 1,)
+            attrs["per_shard"] = True
+        else:
+            bn, bk = self.block
+            for shard, size in getattr(layer, "shard_sizes", {}).items():
+                if size % bn:
+                    raise ValueError(
+                        f"weight_block_size [{bn}, {bk}] does not divide shard {shard!r}: its "
+                        f"{size} output rows are not a multiple of {bn}"
+                    )
+            shape = (-(-out_features // bn), -(-in_features // bk))
+            attrs["row_block"] = bn
+        scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+        setattr(layer, self.scale_name, scale)
+        layer.register_weight(self.scale_name, **attrs)
+        layer.create_bias(bias)
+
+    def scale_2d(self, layer: Linear) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The layer's scale as [ceil(N / bn), ceil(K / bk)] float32, and (bn, bk)."""
+        shards = list(layer.shard_sizes.values()) if isinstance(layer, MergedLinear) else None
+        return scale_2d(
+            self.kind,
+            getattr(layer, self.scale_name).detach(),
+            (layer.out_features, layer.in_features),
+            shards,
+            self.block,
+        )
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        scale, block = self.scale_2d(layer)
+        delattr(layer, self.scale_name)
+        _finish(layer, layer.weight.detach(), scale, block)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return _apply(layer, x)
+
+
+class Fp8OnlineLinearMethod(UnquantizedLinearMethod):
+    """`--quantization fp8` on an unquantized checkpoint: the weight loads in the compute
+    dtype, then is quantized per output channel (absmax -> 448); CPU keeps its dequantized
+    copy (the FP8-rounded weight), CUDA the FP8 weight. Loading briefly holds the full-
+    precision weight, as the unquantized model would."""
+
+    def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
+        super().create_weights(layer, in_features, out_features, bias)
+        layer.compute_dtype = torch.get_default_dtype()
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        weight, scale = quantize_per_channel(layer.weight.detach())
+        _finish(layer, weight, scale, (1, layer.in_features))
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return _apply(layer, x)
+
+
+def _expert_shapes(experts: MoEExperts) -> dict[str, tuple[tuple[int, int], list[int] | None]]:
+    """Stacked parameter -> (one expert's [N, K], its fused shard sizes or None)."""
+    hidden, inter = experts.hidden_size, experts.intermediate_size
+    return {
+        "gate_up_proj": ((2 * inter, hidden), [inter, inter]),
+        "down_proj": ((hidden, inter), None),
+    }
+
+
+class Fp8MoEMethod(MoEExpertsMethod):
+    """FP8 experts as the checkpoint stores them (per expert: weight + scale of layout `kind`),
+    stacked, then dequantized to the compute dtype at load on every device: the fused-MoE
+    paths read dense stacks (an FP8 grouped GEMM is a later slice), so an FP8 MoE checkpoint
+    loads and computes as its dequantized model but takes the dense model's memory."""
+
+    def __init__(self, scale_name: str, kind: str, block: tuple[int, int] | None = None) -> None:
+        self.scale_name, self.kind, self.block = scale_name, kind, block
+        self.checkpoint_params = {"weight": "", scale_name: "_scale"}
+
+    def create_weights(self, experts: MoEExperts) -> None:
+        experts.compute_dtype = torch.get_default_dtype()
+        num = experts.num_experts
+        if self.kind == "block" and experts.intermediate_size % self.block[0]:
+            bn, bk = self.block
+            raise ValueError(
+                f"weight_block_size [{bn}, {bk}] does not divide the experts' intermediate size "
+                f"{experts.intermediate_size} (the gate / up halves of one stacked tensor)"
+            )
+        for name, ((n, k), shards) in _expert_shapes(experts).items():
+            weight = torch.empty(num, n, k, dtype=FP8_DTYPE)
+            setattr(experts, name, nn.Parameter(weight, requires_grad=False))
+            experts.register_stacked(name)
+            attrs: dict[str, Any] = {}
+            if self.kind == "channel":
+                shape: tuple[int, ...] = (num, n, 1)
+            elif self.kind == "tensor":
+                shape = (num, 2) if shards else (num,)
+                attrs["per_shard"] = True
+            else:
+                bn, bk = self.block
+                shape = (num, -(-n // bn), -(-k // bk))
+                attrs["row_block"] = bn
+            scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+            setattr(experts, name + "_scale", scale)
+            experts.register_stacked(name + "_scale", self.scale_name, **attrs)
+
+    def process_weights_after_loading(self, experts: MoEExperts) -> None:
+        for name, (shape, shards) in _expert_shapes(experts).items():
+            weight = getattr(experts, name).detach()
+            scales = getattr(experts, name + "_scale").detach()
+            dense = torch.empty(weight.shape, dtype=experts.compute_dtype, device=weight.device)
+            for e in range(experts.num_experts):
+                scale, block = scale_2d(self.kind, scales[e], shape, shards, self.block)
+                _check_finite(scale, f"expert {e} {name}")
+                dense[e] = fp8_dequantize_ref(weight[e], scale, block, experts.compute_dtype)
+            delattr(experts, name + "_scale")
+            setattr(experts, name, nn.Parameter(dense, requires_grad=False))
+
+
+class Fp8OnlineMoEMethod(MoEExpertsMethod):
+    """`--quantization fp8` on unquantized experts: each expert's stacks quantized per output
+    channel at load, then held dequantized (see Fp8MoEMethod)."""
+
+    checkpoint_params = {"weight": ""}
+
+    def create_weights(self, experts: MoEExperts) -> None:
+        num = experts.num_experts
+        for name, ((n, k), _) in _expert_shapes(experts).items():
+            setattr(experts, name, nn.Parameter(torch.empty(num, n, k), requires_grad=False))
+            experts.register_stacked(name)
+
+    def process_weights_after_loading(self, experts: MoEExperts) -> None:
+        for name in ("gate_up_proj", "down_proj"):
+            stack = getattr(experts, name).detach()
+            for e in range(experts.num_experts):
+                weight, scale = quantize_per_channel(stack[e])
+                stack[e] = fp8_dequantize_ref(weight, scale, (1, stack.shape[2]), stack.dtype)
+
+
+def _ignored(config: Any, names: list[str], patterns: list[str]) -> bool:
+    """Whether a layer (its checkpoint names) is left unquantized; fused shards must agree."""
+    hits = [matches(n, patterns) for n in names]
+    if any(hits) and not all(hits):
+        raise ValueError(
+            f"{config.name} quantizes only some of {', '.join(names)}, which splitserve fuses "
+            "into one layer; they must be quantized alike"
+        )
+    return all(hits)
+
+
+def _block(value: Any, field: str) -> tuple[int, int]:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and v > 0 for v in value)
+    ):
+        raise ValueError(f"quantization_config.{field} must be two positive ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+class Fp8Config(QuantConfig):
+    """quant_method "fp8": per-tensor `weight_scale` (+ static `input_scale`), or block-wise
+    `weight_scale_inv` with `weight_block_size` (DeepSeek-V3, Qwen3-FP8). Not serialized: the
+    online `--quantization fp8` of an unquantized checkpoint."""
+
+    name: ClassVar[str] = "fp8"
+
+    def __init__(
+        self,
+        serialized: bool = True,
+        block: tuple[int, int] | None = None,
+        ignored: list[str] | None = None,
+    ) -> None:
+        self.serialized, self.block, self.ignored = serialized, block, list(ignored or [])
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Fp8Config:
+        scheme = config.get("activation_scheme", "dynamic")
+        if scheme not in ("static", "dynamic"):
+            raise ValueError(
+                f"quantization_config.activation_scheme must be static or dynamic, got {scheme!r}"
+            )
+        block = config.get("weight_block_size")
+        ignored = config.get("ignored_layers") or config.get("modules_to_not_convert") or []
+        return cls(True, None if block is None else _block(block, "weight_block_size"), ignored)
+
+    def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
+        if _ignored(self, checkpoint_names, self.ignored):
+            return None
+        if not self.serialized:
+            return Fp8OnlineLinearMethod()
+        if self.block is not None:
+            return Fp8LinearMethod("weight_scale_inv", "block", self.block)
+        return Fp8LinearMethod("weight_scale", "tensor")
+
+    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
+        if _ignored(self, [name], self.ignored):
+            return None
+        if not self.serialized:
+            return Fp8OnlineMoEMethod()
+        if self.block is not None:
+            return Fp8MoEMethod("weight_scale_inv", "block", self.block)
+        return Fp8MoEMethod("weight_scale", "tensor")
+
+    def skips_tensor(self, name: str) -> bool:
+        return name.endswith(".input_scale")
+
+
+class FbgemmFp8Config(QuantConfig):
+    """quant_method "fbgemm_fp8": per-channel `weight_scale` [out, 1]; activations are
+    quantized per token on GPUs with FP8 GEMMs, capped by `activation_scale_ub` (kept for that
+    path; the weight-only paths do not quantize activations)."""
+
+    name: ClassVar[str] = "fbgemm_fp8"
+
+    def __init__(self, activation_scale_ub: float, ignored: list[str]) -> None:
+        self.activation_scale_ub, self.ignored = activation_scale_ub, ignored
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FbgemmFp8Config:
+        ub = config.get("activation_scale_ub", 1200.0)
+        if not isinstance(ub, int | float) or ub <= 0:
+            raise ValueError(
+                f"quantization_config.activation_scale_ub must be a positive number, got {ub!r}"
+            )
+        return cls(float(ub), list(config.get("modules_to_not_convert") or []))
+
+    def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
+        if _ignored(self, checkpoint_names, self.ignored):
+            return None
+        return Fp8LinearMethod("weight_scale", "channel")
+
+    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
+        if _ignored(self, [name], self.ignored):
+            return None
+        return Fp8MoEMethod("weight_scale", "channel")
+
+    def skips_tensor(self, name: str) -> bool:
+        return name.endswith(".input_scale_ub")
+
+
+_CT_FORMATS = ("float-quantized", "naive-quantized")
+_CT_STRATEGIES = {"tensor": "tensor", "channel": "channel", "block": "block"}
+
+
+class CompressedTensorsConfig(QuantConfig):
+    """quant_method "compressed-tensors" (llm-compressor), its FP8 schemes: format
+    `float-quantized`, weights `type: float`, 8 bits, symmetric, strategy tensor / channel /
+    block (`block_structure`); `weight_scale` holds the scale whatever the strategy. Input
+    activations (dynamic per token, or a static `input_scale`) are the GPU path's business."""
+
+    name: ClassVar[str] = "compressed-tensors"
+
+    def __init__(self, kind: str, block: tuple[int, int] | None, ignored: list[str]) -> None:
+        self.kind, self.block, self.ignored = kind, block, ignored
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> CompressedTensorsConfig:
+        groups = config.get("config_groups") or {}
+        if len(groups) != 1:
+            raise ValueError(
+                "compressed-tensors: splitserve loads checkpoints with exactly one of "
+                f"config_groups, got {len(groups)} ({', '.join(groups) or 'none'})"
+            )
+        ((group_name, group),) = groups.items()
+        fmt = group.get("format") or config.get("format")
+        weights = group.get("weights") or {}
+        where = f"compressed-tensors config_groups.{group_name}"
+        if fmt not in _CT_FORMATS or weights.get("type") != "float" or weights.get("num_bits") != 8:
+            raise ValueError(
+                f"{where}: format {fmt!r} with {weights.get('num_bits')}-bit "
+                f"{weights.get('type')} weights is not supported yet; splitserve loads the FP8 "
+                f"schemes ({' / '.join(_CT_FORMATS)}, 8-bit float weights)"
+            )
+        if group.get("targets") != ["Linear"]:
+            raise ValueError(f"{where}: targets {group.get('targets')!r}; supported: ['Linear']")
+        if not weights.get("symmetric", True) or weights.get("dynamic", False):
+            raise ValueError(f"{where}: FP8 weights must be static and symmetric")
+        strategy = weights.get("strategy")
+        if strategy not in _CT_STRATEGIES:
+            raise ValueError(
+                f"{where}: weight strategy {strategy!r}; supported: {', '.join(_CT_STRATEGIES)}"
+            )
+        block = None
+        if strategy == "block":
+            block = _block(weights.get("block_structure"), "weights.block_structure")
+        return cls(_CT_STRATEGIES[strategy], block, list(config.get("ignore") or []))
+
+    def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
+        if _ignored(self, checkpoint_names, self.ignored):
+            return None
+        return Fp8LinearMethod("weight_scale", self.kind, self.block)
+
+    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
+        if _ignored(self, [name], self.ignored):
+            return None
+        return Fp8MoEMethod("weight_scale", self.kind, self.block)
+
+    def skips_tensor(self, name: str) -> bool:
+        return name.endswith((".input_scale", ".input_zero_point", ".weight_zero_point"))
