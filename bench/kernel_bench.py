@@ -221,7 +221,7 @@ def cpu_step_time(shape: str, steps: int, batch: int = 64, block_size: int = 16)
     import numpy as np
     import transformers
 
-    from splitserve.protos import common_pb2, worker_pb2
+    from splitserve.common import messages as msg
     from splitserve.worker.config import WorkerConfig
     from splitserve.worker.model_runner import ModelRunner
 
@@ -242,20 +242,20 @@ def cpu_step_time(shape: str, steps: int, batch: int = 64, block_size: int = 16)
     new, first = [], 0
     for i, n in enumerate(lens):
         new.append(
-            worker_pb2.NewRequest(
+            msg.NewRequest(
                 request_id=f"r{i}", token_ids=rng.integers(0, 1000, n).tolist(),
                 block_ids=list(range(first, first + need[i])), num_computed_tokens=n - 1,
-                num_prompt_tokens=n, sampling_params=common_pb2.SamplingParams(temperature=0),
+                num_prompt_tokens=n, sampling_params=msg.SamplingParams(temperature=0),
             )
         )  # fmt: skip
         first += need[i]
     times = []
     for s in range(steps + 2):
-        step = worker_pb2.StepRequest(
+        step = msg.StepRequest(
             step_id=s,
             new_requests=new if s == 0 else [],
             cached_requests=[
-                worker_pb2.CachedRequest(request_id=f"r{i}", num_computed_tokens=n - 1 + s)
+                msg.CachedRequest(request_id=f"r{i}", num_computed_tokens=n - 1 + s)
                 for i, n in enumerate(lens)
             ]
             if s

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from splitserve.common.messages_proto import generate_request_from_proto
 from splitserve.entrypoints.launcher import free_port
 
 MODEL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8)
@@ -128,8 +129,10 @@ def generate(engine, prompts: list[list[int]], output_len: int, tag: str) -> int
     for i, prompt in enumerate(prompts):
         sp = common_pb2.SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
         engine.scheduler.add_request(
-            scheduler_pb2.GenerateRequest(
-                request_id=f"{tag}{i}", prompt_token_ids=prompt, sampling_params=sp
+            generate_request_from_proto(
+                scheduler_pb2.GenerateRequest(
+                    request_id=f"{tag}{i}", prompt_token_ids=prompt, sampling_params=sp
+                )
             )
         )
     tokens = 0

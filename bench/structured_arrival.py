@@ -62,14 +62,19 @@ def synchronous(structured):
 def trial(llm, schema: dict, tag: str, prompt_ids: list[int], n_plain: int) -> float:
     """Worst step gap after the arrival / median gap before it."""
     from splitserve import SamplingParams, StructuredOutputsParams
+    from splitserve.common.messages_proto import generate_request_from_proto
     from splitserve.protos import scheduler_pb2
 
     sched = llm.engine.scheduler
     plain = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True).to_proto()
     for i in range(n_plain):
         sched.add_request(
-            scheduler_pb2.GenerateRequest(
-                request_id=f"{tag}-p{i}", prompt_token_ids=prompt_ids[:24], sampling_params=plain
+            generate_request_from_proto(
+                scheduler_pb2.GenerateRequest(
+                    request_id=f"{tag}-p{i}",
+                    prompt_token_ids=prompt_ids[:24],
+                    sampling_params=plain,
+                )
             )
         )
     schema = {**schema, "title": tag}  # a new handle: nothing cached anywhere
@@ -84,10 +89,12 @@ def trial(llm, schema: dict, tag: str, prompt_ids: list[int], n_plain: int) -> f
         if len(gaps) == 8 and arrival is None:
             arrival = len(gaps)
             sched.add_request(
-                scheduler_pb2.GenerateRequest(
-                    request_id=f"{tag}-s",
-                    prompt_token_ids=prompt_ids,
-                    sampling_params=sp.to_proto(),
+                generate_request_from_proto(
+                    scheduler_pb2.GenerateRequest(
+                        request_id=f"{tag}-s",
+                        prompt_token_ids=prompt_ids,
+                        sampling_params=sp.to_proto(),
+                    )
                 ),
                 grammar,
             )

@@ -14,6 +14,7 @@ from collections import deque
 from typing import Protocol
 
 from splitserve.common import engine_config
+from splitserve.common import messages as msg
 from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
 
 from .config import SchedulerConfig
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    """Runs steps on the pipeline ranks; results come back in submission order."""
+    """Runs steps on the pipeline ranks; results come back in submission order. Steps and
+    results are `messages` dataclasses: an executor that crosses gRPC converts them itself."""
 
     def describe(
         self, block_size: int, engine: common_pb2.EngineConfig
@@ -31,9 +33,9 @@ class Executor(Protocol):
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None: ...
 
-    def submit(self, step: worker_pb2.StepRequest) -> None: ...
+    def submit(self, step: msg.StepRequest) -> None: ...
 
-    def get_result(self) -> worker_pb2.StepResult: ...
+    def get_result(self) -> msg.StepResult: ...
 
     def shutdown(self) -> None: ...
 
@@ -139,7 +141,7 @@ class EngineCore:
             else config.async_scheduling_depth
         )
         """Steps outstanding at most: P micro-batches, or the async depth with one rank."""
-        self._inflight: deque[worker_pb2.StepRequest] = deque()
+        self._inflight: deque[msg.StepRequest] = deque()
 
     @property
     def has_work(self) -> bool:

@@ -15,7 +15,8 @@ import queue
 import threading
 from collections.abc import Callable
 
-from splitserve.protos import common_pb2, scheduler_pb2
+from splitserve.common import messages as msg
+from splitserve.protos import common_pb2
 
 from .engine_core import EngineCore
 from .scheduler import RequestOutput, RequestRejected
@@ -89,8 +90,8 @@ class EngineLoop:
     # -- called on the event loop -------------------------------------------------------
     def add_request(
         self,
-        req: scheduler_pb2.GenerateRequest,
-        grammar: common_pb2.CompiledGrammar | common_pb2.GrammarSpec | None = None,
+        req: msg.GenerateRequest,
+        grammar: msg.CompiledGrammar | msg.GrammarSpec | None = None,
         trace_context: dict[str, str] | None = None,
         stream: OutputStream | None = None,
     ) -> asyncio.Queue | None:
@@ -101,7 +102,7 @@ class EngineLoop:
         if self.dead is not None:
             raise RequestRejected("UNAVAILABLE", f"the engine is dead: {self.dead}")
         # validate() reads only fixed state, so it is safe off the engine thread.
-        self.engine.scheduler.validate(list(req.prompt_token_ids), req.sampling_params)
+        self.engine.scheduler.validate(req.prompt_token_ids, req.sampling_params)
         self.engine.scheduler.check_priority(req.priority)
         if req.request_id in self._streams:
             raise RequestRejected("ALREADY_EXISTS", f"request id {req.request_id!r} is in use")

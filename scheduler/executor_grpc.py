@@ -23,7 +23,9 @@ import time
 
 import grpc
 
+from splitserve.common import messages as msg
 from splitserve.common.engine_config import EngineConfigConflict
+from splitserve.common.messages_proto import step_request_to_proto, step_result_from_proto
 from splitserve.protos import common_pb2, worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -143,11 +145,13 @@ class GrpcExecutor:
             logger.error("%s", self._failure)
             self._streams[-1].cancel()
 
-    def submit(self, step: worker_pb2.StepRequest) -> None:
+    def submit(self, step: msg.StepRequest) -> None:
+        # The gRPC edge: one message, built once, goes to every rank.
+        proto = step_request_to_proto(step)
         for q in self._queues:
-            q.put(step)
+            q.put(proto)
 
-    def get_result(self) -> worker_pb2.StepResult:
+    def get_result(self) -> msg.StepResult:
         try:
             item = self._results.get(timeout=self.step_timeout_s)
         except queue.Empty:
@@ -160,7 +164,7 @@ class GrpcExecutor:
                 stream.cancel()
             raise WorkerDied(self._failure) from None
         if not isinstance(item, BaseException):
-            return item
+            return step_result_from_proto(item)
         if self._failure is not None:
             raise WorkerDied(self._failure) from item
         raise WorkerDied(f"the last pipeline rank's step stream ended: {item}") from item

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from splitserve.protos import common_pb2
+from splitserve.common import messages as msg
 
 from .block_pool import KVBlock
 
@@ -20,7 +20,7 @@ class RequestStatus(enum.Enum):
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: common_pb2.SamplingParams
+    sampling_params: msg.SamplingParams
     max_tokens: int
     """Resolved cap on output tokens (the request's max_tokens within the context)."""
     eos_token_ids: frozenset[int]
@@ -60,10 +60,10 @@ class Request:
     """Wall-clock time (ns) the request first left the waiting queue; 0 before (tracing)."""
     trace_context: dict[str, str] | None = None
     """W3C trace headers sent to the workers with the request (detailed traces only)."""
-    grammar: common_pb2.CompiledGrammar | common_pb2.GrammarSpec | None = None
+    grammar: msg.CompiledGrammar | msg.GrammarSpec | None = None
     """Structured-output constraint, compiled or a spec for the sampling rank to compile; sent
     to the workers with the request (and on resume)."""
-    mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
+    mm_inputs: list[msg.MultiModalInput] = field(default_factory=list)
     """Images of the prompt, sent to the workers with the request (and on resume)."""
     mm_spans: tuple[tuple[int, int, bytes], ...] = ()
     """(offset, length, hash) of each image's placeholder tokens, for the prefix-cache keys."""

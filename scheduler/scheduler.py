@@ -1,9 +1,11 @@
 """The step planner: waiting/running queues, token budget, preemption, stop checks.
 
-No torch here: it plans steps as `worker_pb2.StepRequest` messages (new requests in full,
-running ones as deltas) and reads back `worker_pb2.StepResult`. Steps may be planned before
-earlier results are back (async scheduling): a running request then carries `num_inflight`
-placeholder tokens that the workers already know and the scheduler learns later.
+No torch, and no protobuf message per step: it takes requests as `messages.GenerateRequest`,
+plans steps as `messages.StepRequest` dataclasses (new requests in full, running ones as
+deltas) and reads back `messages.StepResult`; the gRPC executor and the scheduler's service
+convert at their edges, the in-process engine passes them straight through. Steps may be
+planned before earlier results are back (async scheduling): a running request then carries
+`num_inflight` placeholder tokens that the workers already know and the scheduler learns later.
 
 With pipeline parallelism (`pipeline_parallel_size` P > 1) a token is sampled on the last rank
 but embedded on rank 0, so placeholders cannot work: a request that awaits a sampled token
@@ -22,8 +24,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from splitserve.common import messages as msg
 from splitserve.common.pooling import dimensions_problem, finish_embedding
-from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
+from splitserve.protos import common_pb2, scheduler_pb2
 
 from .config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
@@ -55,8 +58,8 @@ class RequestOutput:
 
     request_id: str
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    logprobs: list[msg.TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[msg.TokenLogprobs] = field(default_factory=list)
     finish_reason: int = FinishReason.FINISH_REASON_UNSPECIFIED
     stop_token_id: int | None = None
     num_prompt_tokens: int = 0
@@ -75,19 +78,19 @@ class RequestOutput:
 
 
 def request_constraint(
-    req: scheduler_pb2.GenerateRequest,
-) -> common_pb2.CompiledGrammar | common_pb2.GrammarSpec | None:
+    req: msg.GenerateRequest,
+) -> msg.CompiledGrammar | msg.GrammarSpec | None:
     """The request's structured-output constraint: compiled (the gateway compiled it in its
     Prepare call) or a spec (a direct Generate caller), or None; both is INVALID_ARGUMENT.
 
     NOTE: the scheduler compiles nothing and holds no tokenizer: the sampling rank builds its
     matcher from either form, so a constraint costs no call from here, and a bad spec fails
     its request with INVALID_ARGUMENT when it reaches that rank."""
-    if req.HasField("compiled_grammar"):
-        if req.HasField("grammar"):
+    if req.compiled_grammar is not None:
+        if req.grammar is not None:
             raise RequestRejected("INVALID_ARGUMENT", "give grammar or compiled_grammar, not both")
         return req.compiled_grammar
-    return req.grammar if req.HasField("grammar") else None
+    return req.grammar
 
 
 class Scheduler:
@@ -131,8 +134,8 @@ class Scheduler:
     # ------------------------------------------------------------------ requests
     def add_request(
         self,
-        req: scheduler_pb2.GenerateRequest,
-        grammar: common_pb2.CompiledGrammar | common_pb2.GrammarSpec | None = None,
+        req: msg.GenerateRequest,
+        grammar: msg.CompiledGrammar | msg.GrammarSpec | None = None,
     ) -> Request:
         """Validate and queue a request (with its constraint, compiled or as a spec, if it has
         one; see `request_constraint`); raises RequestRejected."""
@@ -146,7 +149,7 @@ class Scheduler:
         self._validate_runner(req)
         if req.pooling:
             self.validate_pooling(prompt)
-            sp = common_pb2.SamplingParams()
+            sp = msg.SamplingParams()
         else:
             self.validate(prompt, sp)
         self.check_priority(req.priority)
@@ -158,7 +161,7 @@ class Scheduler:
                 f"the waiting queue is full ({len(self.waiting)} requests); retry later",
             )
         room = self.max_model_len - len(prompt)
-        max_tokens = min(sp.max_tokens, room) if sp.HasField("max_tokens") else room
+        max_tokens = room if sp.max_tokens is None else min(sp.max_tokens, room)
         if req.pooling:
             max_tokens = 1  # its one "step result" is the pooled state
         r = Request(
@@ -168,20 +171,20 @@ class Scheduler:
             max_tokens=max_tokens,
             eos_token_ids=frozenset() if sp.ignore_eos else self.eos_token_ids,
             stop_token_ids=frozenset(sp.stop_token_ids),
-            min_tokens=sp.min_tokens,
+            min_tokens=sp.min_tokens or 0,
             arrival=next(self._arrival),
             priority=req.priority,
             lora_name=req.lora_name,
             lora_path=req.lora_path,
             cache_salt=req.cache_salt,
             lora_int_id=req.lora_int_id,
-            prompt_logprobs_pending=sp.HasField("prompt_logprobs"),
+            prompt_logprobs_pending=sp.prompt_logprobs is not None,
             grammar=grammar,
             mm_inputs=list(req.mm_inputs),
             mm_spans=tuple((m.offset, m.length, m.hash) for m in req.mm_inputs),
             pooling=req.pooling,
-            dimensions=req.dimensions if req.HasField("dimensions") else None,
-            normalize=req.normalize if req.HasField("normalize") else None,
+            dimensions=req.dimensions,
+            normalize=req.normalize,
         )
         self.requests[rid] = r
         self._enqueue_waiting(r)
@@ -191,7 +194,7 @@ class Scheduler:
     def is_pooling(self) -> bool:
         return self.runner_info.runner == "pooling"
 
-    def _validate_runner(self, req: scheduler_pb2.GenerateRequest) -> None:
+    def _validate_runner(self, req: msg.GenerateRequest) -> None:
         """A pooling runner serves only pooling requests, a generate runner none."""
         if req.pooling and not self.is_pooling:
             raise RequestRejected(
@@ -205,11 +208,11 @@ class Scheduler:
                 "this model runs with --runner pooling and serves only embeddings; "
                 "generation is not supported",
             )
-        if req.pooling and (req.HasField("grammar") or req.HasField("compiled_grammar")):
+        if req.pooling and (req.grammar is not None or req.compiled_grammar is not None):
             raise RequestRejected(
                 "INVALID_ARGUMENT", "a pooling request takes no structured-output constraint"
             )
-        if req.HasField("dimensions"):
+        if req.dimensions is not None:
             info = self.runner_info
             problem = dimensions_problem(
                 req.dimensions,
@@ -250,7 +253,7 @@ class Scheduler:
                 f"only {self.kv.pool.num_blocks}",
             )
 
-    def _validate_lora(self, req: scheduler_pb2.GenerateRequest) -> None:
+    def _validate_lora(self, req: msg.GenerateRequest) -> None:
         if not req.lora_name:
             if req.lora_path:
                 raise RequestRejected("INVALID_ARGUMENT", "lora_path given without lora_name")
@@ -266,7 +269,7 @@ class Scheduler:
                 "INVALID_ARGUMENT", f"LoRA adapter {req.lora_name!r} needs its lora_path"
             )
 
-    def _validate_mm(self, req: scheduler_pb2.GenerateRequest) -> None:
+    def _validate_mm(self, req: msg.GenerateRequest) -> None:
         """Images must sit inside the prompt, in order, apart, each with its hash (the
         worker checks the rest: the model takes images, the spans hold image tokens)."""
         end, n = 0, len(req.prompt_token_ids)
@@ -294,7 +297,7 @@ class Scheduler:
         running = {(r.lora_name, r.lora_int_id) for r in self.running if r.lora_name}
         return (req.lora_name, req.lora_int_id) in running or len(running) < self.config.max_loras
 
-    def validate(self, prompt: list[int], sp: common_pb2.SamplingParams) -> None:
+    def validate(self, prompt: list[int], sp: msg.SamplingParams) -> None:
         """Raise RequestRejected for a request that can never run; reads only fixed state."""
         n = self._check_prompt_ids(prompt)
         if n >= self.max_model_len:
@@ -303,7 +306,7 @@ class Scheduler:
                 f"the prompt has {n} tokens but the maximum context length is "
                 f"{self.max_model_len}: leave room for at least one output token",
             )
-        if sp.HasField("max_tokens"):
+        if sp.max_tokens is not None:
             if sp.max_tokens < 1:
                 raise RequestRejected(
                     "INVALID_ARGUMENT", f"max_tokens must be at least 1, got {sp.max_tokens}"
@@ -316,11 +319,11 @@ class Scheduler:
                     f"{self.max_model_len} tokens",
                 )
         for name in ("logprobs", "prompt_logprobs"):
-            if sp.HasField(name) and not 0 <= getattr(sp, name) <= self.config.max_logprobs:
+            value = getattr(sp, name)
+            if value is not None and not 0 <= value <= self.config.max_logprobs:
                 raise RequestRejected(
                     "INVALID_ARGUMENT",
-                    f"{name} must be between 0 and "
-                    f"{self.config.max_logprobs}, got {getattr(sp, name)}",
+                    f"{name} must be between 0 and {self.config.max_logprobs}, got {value}",
                 )
         need = self.kv.blocks_for(n + 1)
         if need > self.kv.pool.num_blocks:
@@ -381,10 +384,10 @@ class Scheduler:
         return bool(self.requests)
 
     # ------------------------------------------------------------------ planning
-    def schedule(self) -> worker_pb2.StepRequest | None:
+    def schedule(self) -> msg.StepRequest | None:
         """Plan the next step, or None when nothing can run now."""
         budget = self.config.max_num_batched_tokens
-        step = worker_pb2.StepRequest()
+        step = msg.StepRequest()
         scheduled: dict[str, int] = {}
         preempted = False
         pipelined = self.pipeline_parallel_size > 1
@@ -414,15 +417,17 @@ class Scheduler:
             num_computed = req.num_computed_tokens
             self._commit(req, n)
             if req.known_to_worker:
-                c = step.cached_requests.add()
-                c.request_id = req.request_id
-                c.new_block_ids.extend(b.block_id for b in req.blocks[req.num_sent_blocks :])
-                c.num_computed_tokens = num_computed
+                c = msg.CachedRequest(
+                    req.request_id,
+                    [b.block_id for b in req.blocks[req.num_sent_blocks :]],
+                    num_computed,
+                )
+                step.cached_requests.append(c)
                 req.num_sent_blocks = len(req.blocks)
                 if pipelined:
-                    c.new_token_ids.extend(
-                        req.output_token_ids[req.num_sent_tokens - req.num_prompt_tokens :]
-                    )
+                    c.new_token_ids = req.output_token_ids[
+                        req.num_sent_tokens - req.num_prompt_tokens :
+                    ]
                     req.num_sent_tokens = req.num_tokens
             else:
                 self._add_new(step, req, num_computed)
@@ -470,29 +475,27 @@ class Scheduler:
             scheduled[req.request_id] = n
             budget -= n
 
-        if self._finished_for_workers:
-            step.finished_request_ids.extend(self._finished_for_workers)
-            self._finished_for_workers.clear()
         if not scheduled:
-            if step.finished_request_ids:
-                # Nothing to run: keep the ids for the next step that runs.
-                self._finished_for_workers.extend(step.finished_request_ids)
-            return None
-        step.num_scheduled_tokens.update(scheduled)
+            return None  # NOTE: ended ids stay for the next step that runs
+        if self._finished_for_workers:
+            step.finished_request_ids = self._finished_for_workers
+            self._finished_for_workers = []
+        step.num_scheduled_tokens = scheduled
         step.step_id = next(self._step_ids)
         self.num_steps += 1
         self.step_tokens.observe(sum(scheduled.values()))
         return step
 
-    def release_step(self) -> worker_pb2.StepRequest | None:
+    def release_step(self) -> msg.StepRequest | None:
         """A step that runs nothing and only tells the workers which requests ended, for when
         no step is planned: an aborted or stop-string request must not keep its worker row and
         grammar matcher until some later request comes. None when there is nothing to tell."""
         if not self._finished_for_workers:
             return None
-        step = worker_pb2.StepRequest(step_id=next(self._step_ids))
-        step.finished_request_ids.extend(self._finished_for_workers)
-        self._finished_for_workers.clear()
+        step = msg.StepRequest(
+            step_id=next(self._step_ids), finished_request_ids=self._finished_for_workers
+        )
+        self._finished_for_workers = []
         return step
 
     @property
@@ -527,26 +530,28 @@ class Scheduler:
             req.num_inflight += 1  # this step samples the request's next token
         self.kv.cache_blocks(req)
 
-    def _add_new(self, step: worker_pb2.StepRequest, req: Request, num_computed: int) -> None:
-        m = step.new_requests.add()
-        m.request_id = req.request_id
-        m.token_ids.extend(req.prompt_token_ids)
-        m.token_ids.extend(req.output_token_ids)
-        m.sampling_params.CopyFrom(req.sampling_params)
-        m.block_ids.extend(b.block_id for b in req.blocks)
-        m.num_computed_tokens = num_computed
-        m.num_prompt_tokens = req.num_prompt_tokens
+    def _add_new(self, step: msg.StepRequest, req: Request, num_computed: int) -> None:
+        # NOTE: the lists are the worker's own (the in-process worker may keep them), except
+        # the request's fixed parts (sampling params, constraint, images), which nobody edits.
+        m = msg.NewRequest(
+            request_id=req.request_id,
+            token_ids=req.prompt_token_ids + req.output_token_ids,
+            sampling_params=req.sampling_params,
+            block_ids=[b.block_id for b in req.blocks],
+            num_computed_tokens=num_computed,
+            num_prompt_tokens=req.num_prompt_tokens,
+            mm_inputs=req.mm_inputs,
+        )
         if req.trace_context:
-            m.trace_context.update(req.trace_context)
-        if isinstance(req.grammar, common_pb2.CompiledGrammar):
-            m.grammar.CopyFrom(req.grammar)
+            m.trace_context = dict(req.trace_context)
+        if isinstance(req.grammar, msg.CompiledGrammar):
+            m.grammar = req.grammar
         elif req.grammar is not None:
-            m.grammar_spec.CopyFrom(req.grammar)
+            m.grammar_spec = req.grammar
         if req.lora_name:
             m.lora_name, m.lora_path = req.lora_name, req.lora_path
             m.lora_int_id = req.lora_int_id
-        if req.mm_inputs:
-            m.mm_inputs.extend(req.mm_inputs)
+        step.new_requests.append(m)
         req.num_sent_tokens = req.num_tokens
         req.known_to_worker = True
         req.num_sent_blocks = len(req.blocks)
@@ -565,7 +570,7 @@ class Scheduler:
         self._enqueue_waiting(req)
 
     # ------------------------------------------------------------------ results
-    def update_from_output(self, result: worker_pb2.StepResult) -> list[RequestOutput]:
+    def update_from_output(self, result: msg.StepResult) -> list[RequestOutput]:
         """Apply a step's sampled tokens; returns one output per request that changed."""
         outputs: dict[str, RequestOutput] = {}
         grammar_done = set(result.grammar_terminated_ids)
@@ -573,7 +578,7 @@ class Scheduler:
             r = self.requests.get(rid)
             if r is not None and r.prompt_logprobs_pending:
                 out = outputs.setdefault(rid, self._output(r))
-                out.prompt_logprobs.extend(entries.entries)
+                out.prompt_logprobs.extend(entries)
         for i, rid in enumerate(result.request_ids):
             r = self.requests.get(rid)
             if r is None:
@@ -586,7 +591,7 @@ class Scheduler:
             self.num_generation_tokens += 1
             out = outputs.setdefault(rid, self._output(r))
             out.token_ids.append(tok)
-            if r.sampling_params.HasField("logprobs"):
+            if r.sampling_params.logprobs is not None:
                 out.logprobs.append(result.logprobs[i])
             if r.prompt_logprobs_pending:
                 r.prompt_logprobs_pending = False

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from splitserve.common import tracing
 from splitserve.common.engine_config import EngineConfigConflict
 from splitserve.common.grpc_errors import ErrorInterceptor
+from splitserve.common.messages_proto import extend_token_logprobs, generate_request_from_proto
 from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
 from .config import SchedulerConfig
@@ -43,9 +44,9 @@ def fill_response(
     """Write `out` into the empty message `r`; returns `r`."""
     r.token_ids.extend(out.token_ids)
     if out.logprobs:
-        r.logprobs.extend(out.logprobs)
+        extend_token_logprobs(r.logprobs, out.logprobs)
     if out.prompt_logprobs:
-        r.prompt_logprobs.extend(out.prompt_logprobs)
+        extend_token_logprobs(r.prompt_logprobs, out.prompt_logprobs)
     r.finish_reason = out.finish_reason
     r.num_prompt_tokens = out.num_prompt_tokens
     r.num_cached_tokens = out.num_cached_tokens
@@ -101,8 +102,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return self.engine_loop
 
     async def _queue(self, request, context, stream: OutputStream | None = None):
-        """Queue the request; refusals abort the call."""
+        """Queue the request (a GenerateRequest message: converted here, the scheduler's
+        gRPC edge); refusals abort the call."""
         engine_loop = await self._engine(context)
+        request = generate_request_from_proto(request)
         # Arrival is noted before the request is queued: queue time starts here.
         timeline = RequestTimeline(request.request_id)
         if stream is not None:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from splitserve.protos import worker_pb2
+from splitserve.common import messages as msg
 from splitserve.worker.sampler import SamplingMetadata
 
 _SAMPLING_EPS = 1e-5
@@ -104,7 +104,7 @@ class InputBatch:
         self.stop_ids += [[] for _ in range(old)]
         self.free_rows = list(range(2 * old - 1, old - 1, -1))
 
-    def add(self, req: worker_pb2.NewRequest) -> str | None:
+    def add(self, req: msg.NewRequest) -> str | None:
         """Create the request's row; return an error message instead when it is invalid."""
         error = self._validate(req)
         if error:
@@ -126,7 +126,7 @@ class InputBatch:
         self._set_sampling(row, req.sampling_params)
         return None
 
-    def _validate(self, req: worker_pb2.NewRequest) -> str | None:
+    def _validate(self, req: msg.NewRequest) -> str | None:
         n = len(req.token_ids)
         if n == 0:
             return "request has no token ids"
@@ -145,23 +145,24 @@ class InputBatch:
     def _check_sampling(self, sp) -> str | None:
         """What would make this request's row NaN or crash the batch (the gateway checks the
         rest); everything else was validated upstream."""
-        bad_words = [t for seq in sp.bad_words_token_ids for t in seq.token_ids]
+        bad_words = [t for seq in sp.bad_words_token_ids for t in seq]
         for t in [*sp.stop_token_ids, *sp.logit_bias, *sp.allowed_token_ids, *bad_words]:
             if not 0 <= t < self.vocab_size:
                 return f"token id {t} in sampling parameters is outside [0, {self.vocab_size})"
-        if any(not seq.token_ids for seq in sp.bad_words_token_ids):
+        if any(not seq for seq in sp.bad_words_token_ids):
             return "bad_words_token_ids holds an empty sequence"
-        if sp.HasField("temperature") and not sp.temperature >= 0:
+        if sp.temperature is not None and not sp.temperature >= 0:
             return f"temperature must be non-negative, got {sp.temperature}"
-        if sp.HasField("top_p") and not 0 < sp.top_p <= 1:
+        if sp.top_p is not None and not 0 < sp.top_p <= 1:
             return f"top_p must be in (0, 1], got {sp.top_p}"
-        if sp.HasField("repetition_penalty") and not sp.repetition_penalty > 0:
+        if sp.repetition_penalty is not None and not sp.repetition_penalty > 0:
             return f"repetition_penalty must be greater than 0, got {sp.repetition_penalty}"
-        if not 0 <= sp.min_p <= 1:
+        if sp.min_p is not None and not 0 <= sp.min_p <= 1:
             return f"min_p must be in [0, 1], got {sp.min_p}"
         for name in ("logprobs", "prompt_logprobs"):
-            if sp.HasField(name) and not 0 <= getattr(sp, name) <= self.max_logprobs:
-                return f"{name} must be between 0 and {self.max_logprobs}, got {getattr(sp, name)}"
+            value = getattr(sp, name)
+            if value is not None and not 0 <= value <= self.max_logprobs:
+                return f"{name} must be between 0 and {self.max_logprobs}, got {value}"
         return None
 
     def _check_blocks(self, block_ids, have: int) -> str | None:
@@ -174,19 +175,20 @@ class InputBatch:
             return f"block table would exceed {self.max_blocks_per_seq} blocks"
         return None
 
-    def _set_sampling(self, row: int, sp) -> None:
-        temperature = sp.temperature if sp.HasField("temperature") else 1.0
+    def _set_sampling(self, row: int, sp: msg.SamplingParams) -> None:
+        # Unset (None) fields take the values common.proto names.
+        temperature = 1.0 if sp.temperature is None else sp.temperature
         self.temperature[row] = temperature if temperature >= _SAMPLING_EPS else 0.0
-        self.top_p[row] = sp.top_p if sp.HasField("top_p") else 1.0
-        self.top_k[row] = max(sp.top_k, 0) if sp.HasField("top_k") else 0
-        self.min_p[row] = sp.min_p
-        self.presence[row] = sp.presence_penalty
-        self.frequency[row] = sp.frequency_penalty
-        self.repetition[row] = sp.repetition_penalty if sp.HasField("repetition_penalty") else 1.0
-        self.min_tokens[row] = sp.min_tokens
-        self.logprobs[row] = sp.logprobs if sp.HasField("logprobs") else -1
-        self.prompt_logprobs[row] = sp.prompt_logprobs if sp.HasField("prompt_logprobs") else -1
-        self.ignore_eos[row] = sp.ignore_eos
+        self.top_p[row] = 1.0 if sp.top_p is None else sp.top_p
+        self.top_k[row] = max(sp.top_k or 0, 0)
+        self.min_p[row] = sp.min_p or 0.0
+        self.presence[row] = sp.presence_penalty or 0.0
+        self.frequency[row] = sp.frequency_penalty or 0.0
+        self.repetition[row] = 1.0 if sp.repetition_penalty is None else sp.repetition_penalty
+        self.min_tokens[row] = sp.min_tokens or 0
+        self.logprobs[row] = -1 if sp.logprobs is None else sp.logprobs
+        self.prompt_logprobs[row] = -1 if sp.prompt_logprobs is None else sp.prompt_logprobs
+        self.ignore_eos[row] = bool(sp.ignore_eos)
         self.logit_bias[row] = dict(sp.logit_bias) or None
         self.num_biased += self.logit_bias[row] is not None
         if sp.allowed_token_ids:
@@ -196,11 +198,11 @@ class InputBatch:
             self.num_allowed += 1
         else:
             self.allowed[row] = None
-        words = [tuple(seq.token_ids) for seq in sp.bad_words_token_ids]
+        words = [tuple(seq) for seq in sp.bad_words_token_ids]
         self.bad_words[row] = words or None
         self.num_bad_words += bool(words)
         self.stop_ids[row] = list(sp.stop_token_ids)
-        if sp.HasField("seed"):
+        if sp.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(sp.seed)
             self.generators[row] = gen

@@ -10,6 +10,9 @@ requests, go through lm_head. A constrained request whose grammar is still compi
 sample: it is reported in `deferred_request_ids`, its last position counts as not computed, and
 a later step computes that position again (the scheduler takes it off num_computed_tokens; a
 step planned before the scheduler saw the deferral is corrected here).
+
+Steps and results are `splitserve.common.messages` dataclasses: the worker's gRPC service
+converts at its edge, the in-process engine hands them over as they are.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from splitserve.common import engine_config
+from splitserve.common import messages as msg
 from splitserve.common.lora import check_lora_fields
 from splitserve.protos import common_pb2, worker_pb2
 from splitserve.worker import kv_cache as kv
@@ -218,18 +222,18 @@ class ModelRunner:
         capacity = self.kv_cache.num_blocks * self.block_size
         length = max(1, min(16, capacity - 1, self.max_model_len - 1))
         blocks = list(range(math.ceil((length + 1) / self.block_size)))
-        req = worker_pb2.NewRequest(
+        req = msg.NewRequest(
             request_id="__warmup__",
             token_ids=[0] * length,
             block_ids=blocks,
             num_prompt_tokens=length,
-            sampling_params=common_pb2.SamplingParams(temperature=0),
+            sampling_params=msg.SamplingParams(temperature=0),
         )
         steps = [
-            worker_pb2.StepRequest(
+            msg.StepRequest(
                 step_id=-1, new_requests=[req], num_scheduled_tokens={"__warmup__": length}
             ),
-            worker_pb2.StepRequest(step_id=-1, num_scheduled_tokens={"__warmup__": 1}),
+            msg.StepRequest(step_id=-1, num_scheduled_tokens={"__warmup__": 1}),
         ]
         if self.runner == "pooling":
             steps = steps[:1]  # prompt-only: a pooling request never decodes
@@ -370,8 +374,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, step: worker_pb2.StepRequest, intermediate: IntermediateTensors | None = None
-    ) -> worker_pb2.StepResult | IntermediateTensors:
+        self, step: msg.StepRequest, intermediate: IntermediateTensors | None = None
+    ) -> msg.StepResult | IntermediateTensors:
         """Run one scheduler step. The last rank returns a StepResult; the others return the
         tensors for the next rank (and must later be told the sampled tokens, see
         `record_sampled`)."""
@@ -387,7 +391,7 @@ class ModelRunner:
         if plan is None:
             if not self.is_last:
                 return self._empty_intermediate()
-            return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
+            return msg.StepResult(step_id=step.step_id, errors=errors)
         masks = self._start_masks(plan)
         out = self._forward(plan, intermediate)
         batch.num_computed[plan.rows] = plan.ends
@@ -406,7 +410,7 @@ class ModelRunner:
                 errors,
             )
         if plan.logits_indices.numel() == 0:  # only partial prefill chunks this step
-            return worker_pb2.StepResult(step_id=step.step_id, errors=errors)
+            return msg.StepResult(step_id=step.step_id, errors=errors)
         logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
         return self._sample(step, plan, logits, errors, masks)
 
@@ -467,7 +471,7 @@ class ModelRunner:
 
     def _check_intermediate(
         self,
-        step: worker_pb2.StepRequest,
+        step: msg.StepRequest,
         plan: StepPlan | None,
         intermediate: IntermediateTensors | None,
     ) -> None:
@@ -499,7 +503,7 @@ class ModelRunner:
                 batch.token_ids[row, batch.num_tokens[row]] = tok
                 batch.num_tokens[row] += 1
 
-    def _update_states(self, step: worker_pb2.StepRequest, errors: dict[str, str]) -> None:
+    def _update_states(self, step: msg.StepRequest, errors: dict[str, str]) -> None:
         batch = self.batch
         structured = self.structured
         for rid in step.finished_request_ids:
@@ -542,7 +546,7 @@ class ModelRunner:
         batch.num_tokens[row] = n + k
         return ""
 
-    def _add_images(self, req: worker_pb2.NewRequest) -> str | None:
+    def _add_images(self, req: msg.NewRequest) -> str | None:
         """Keep the request's images and audio (first rank: it embeds the tokens); an error
         message."""
         if self.mm is not None:
@@ -551,11 +555,11 @@ class ModelRunner:
             return f"this model does not take {req.mm_inputs[0].modality or 'multimodal'} inputs"
         return None
 
-    def _add_grammar(self, req: worker_pb2.NewRequest) -> str | None:
+    def _add_grammar(self, req: msg.NewRequest) -> str | None:
         """Give a constrained request its matcher, replaying outputs kept across a preemption."""
-        if req.HasField("grammar"):
+        if req.grammar is not None:
             grammar = req.grammar
-        elif req.HasField("grammar_spec"):
+        elif req.grammar_spec is not None:
             grammar = req.grammar_spec  # a direct caller's constraint: compiled here
         else:
             self.structured.remove(req.request_id)  # a reused id must not keep an old matcher
@@ -563,7 +567,7 @@ class ModelRunner:
         num_prompt = req.num_prompt_tokens if req.num_prompt_tokens > 0 else len(req.token_ids)
         return self.structured.add(req.request_id, grammar, list(req.token_ids[num_prompt:]))
 
-    def _add_lora(self, req: worker_pb2.NewRequest) -> str | None:
+    def _add_lora(self, req: msg.NewRequest) -> str | None:
         """Load the request's adapter (if it names one); an error message, or None."""
         if self.lora is not None:
             self.lora.remove_request(req.request_id)  # a reused id must not keep an old adapter
@@ -585,7 +589,7 @@ class ModelRunner:
         if self.structured is not None:
             self.structured.remove(request_id)
 
-    def _plan(self, step: worker_pb2.StepRequest, errors: dict[str, str]) -> StepPlan | None:
+    def _plan(self, step: msg.StepRequest, errors: dict[str, str]) -> StepPlan | None:
         batch = self.batch
         rows_of = batch.rows
         rows_list: list[int] = []
@@ -703,17 +707,17 @@ class ModelRunner:
 
     def _sample(
         self,
-        step: worker_pb2.StepRequest,
+        step: msg.StepRequest,
         plan: StepPlan,
         logits: torch.Tensor,
         errors: dict[str, str],
         masks: GrammarMasks | None = None,
-    ) -> worker_pb2.StepResult:
+    ) -> msg.StepResult:
         batch = self.batch
         rows = plan.sample_rows
         n = rows.size  # NOTE: the prompt-logprob logits follow the n sampling ones
         sample_logits = logits[:n]
-        result = worker_pb2.StepResult(step_id=step.step_id, errors=errors)
+        result = msg.StepResult(step_id=step.step_id, errors=errors)
         if masks is not None and masks.deferred:
             rows, sample_logits = self._defer(result, rows, sample_logits, masks.deferred)
         if rows.size:
@@ -739,8 +743,8 @@ class ModelRunner:
             batch.token_ids[rows, lengths] = tokens
             batch.num_tokens[rows] = lengths + 1
             req_ids = batch.req_ids
-            result.request_ids.extend([req_ids[r] for r in rows.tolist()])
-            result.token_ids.extend(tokens.tolist())
+            result.request_ids = [req_ids[r] for r in rows.tolist()]
+            result.token_ids = tokens.tolist()
             self._add_logprobs(result, rows, logprobs)
         for rid, first, count, top in plan.prompt_logprobs:
             chunk = compute_logprobs(
@@ -748,7 +752,7 @@ class ModelRunner:
                 plan.prompt_targets[first - n : first - n + count].long(),
                 top,
             )
-            result.prompt_logprobs[rid].entries.extend(chunk.to_protos([top] * count))
+            result.prompt_logprobs.setdefault(rid, []).extend(chunk.to_entries([top] * count))
         return result
 
     def _defer(self, result, rows: np.ndarray, logits: torch.Tensor, deferred: list[int]):
@@ -763,14 +767,15 @@ class ModelRunner:
         keep = np.setdiff1d(np.arange(rows.size), deferred)
         return rows[keep], logits[torch.from_numpy(keep).to(logits.device)]
 
-    def _add_logprobs(self, result: worker_pb2.StepResult, rows: np.ndarray, logprobs) -> None:
+    def _add_logprobs(self, result: msg.StepResult, rows: np.ndarray, logprobs) -> None:
+        """One entry per sampled row (None where the request did not ask); none at all when
+        no row asked."""
         if logprobs is None:
-            result.logprobs.extend([common_pb2.TokenLogprobs() for _ in range(rows.size)])
             return
         num = self.batch.logprobs[rows]
         wanted = np.flatnonzero(num >= 0)
-        filled = logprobs.to_protos(num[wanted].tolist())
-        entries = [common_pb2.TokenLogprobs() for _ in range(rows.size)]
+        filled = logprobs.to_entries(num[wanted].tolist())
+        entries: list[msg.TokenLogprobs | None] = [None] * rows.size
         for i, entry in zip(wanted.tolist(), filled, strict=True):
             entries[i] = entry
-        result.logprobs.extend(entries)
+        result.logprobs = entries

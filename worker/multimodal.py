@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from splitserve.protos import common_pb2, worker_pb2
+from splitserve.common import messages as msg
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def tensor_from_proto(t: common_pb2.TensorData) -> torch.Tensor:
-    """The tensor of a TensorData message; ValueError when its fields disagree."""
+def tensor_from_proto(t: msg.TensorData) -> torch.Tensor:
+    """The tensor of a TensorData (dataclass or message); ValueError when its fields disagree."""
+    if t is None:  # a dataclass MultiModalInput without this tensor (an unset message field)
+        t = msg.TensorData()
     dtype = _DTYPES.get(t.dtype)
     if dtype is None:
         raise ValueError(f"unsupported tensor dtype {t.dtype!r}; supported: {sorted(_DTYPES)}")
@@ -65,7 +67,7 @@ class MultiModalInputs:
     def __len__(self) -> int:
         return len(self.images)
 
-    def add(self, req: worker_pb2.NewRequest) -> str | None:
+    def add(self, req: msg.NewRequest) -> str | None:
         """Take a new request's items; an error message when they are invalid."""
         self.images.pop(req.request_id, None)
         if not req.mm_inputs:
@@ -102,7 +104,7 @@ class MultiModalInputs:
         self.images[req.request_id] = items
         return None
 
-    def _image(self, i: int, mm: common_pb2.MultiModalInput) -> tuple[_Item | None, str]:
+    def _image(self, i: int, mm: msg.MultiModalInput) -> tuple[_Item | None, str]:
         want = self.model.num_image_tokens
         if mm.length != want:
             return None, f"image {i}: {mm.length} placeholder tokens, the model yields {want}"
@@ -118,7 +120,7 @@ class MultiModalInputs:
             )
         return _Item("image", mm.offset, mm.length, pixels), ""
 
-    def _audio(self, i: int, mm: common_pb2.MultiModalInput) -> tuple[_Item | None, str]:
+    def _audio(self, i: int, mm: msg.MultiModalInput) -> tuple[_Item | None, str]:
         try:
             features = tensor_from_proto(mm.input_features)
         except ValueError as exc:

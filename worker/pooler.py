@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from splitserve.common import messages as msg
 from splitserve.common.pooling import (
     PoolerSettings,
     check_runner,
     matryoshka_dimensions,
     resolve_pooler,
 )
-from splitserve.protos import common_pb2, worker_pb2
+from splitserve.protos import common_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +103,15 @@ class Pooler:
         starts: np.ndarray,
         done: np.ndarray,
         errors: dict[str, str],
-    ) -> worker_pb2.StepResult:
+    ) -> msg.StepResult:
         """One step of the pooling runner as its StepResult: the pooled vector of every
         request whose prompt ended this step (nothing is sampled, no token is appended)."""
         finished, vectors = self.pool(request_ids, hidden, counts, starts, done, errors)
-        result = worker_pb2.StepResult(step_id=step_id, errors=errors)
+        result = msg.StepResult(step_id=step_id, errors=errors)
         if vectors is not None:
             for rid, row in zip(finished, vectors.cpu().numpy(), strict=True):
                 if rid not in errors:
-                    result.pooled.add(request_id=rid, data=row.tolist())
+                    result.pooled.append(msg.PooledOutput(rid, row.tolist()))
         return result
 
 

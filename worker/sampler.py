@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitserve.common.messages import TokenLogprobs
 from splitserve.kernels import dispatch
-from splitserve.protos import common_pb2
 
 
 @dataclass(slots=True)
@@ -99,18 +99,12 @@ class LogprobsTensors:
     top_logprobs: torch.Tensor
     """float32 [L, K] their logprobs."""
 
-    def to_protos(self, counts: list[int]) -> list[common_pb2.TokenLogprobs]:
+    def to_entries(self, counts: list[int]) -> list[TokenLogprobs]:
         """One TokenLogprobs per row, keeping the first counts[i] top entries of row i."""
         ids, lps, ranks = self.token_ids.tolist(), self.logprobs.tolist(), self.ranks.tolist()
         top_ids, top_lps = self.top_ids.tolist(), self.top_logprobs.tolist()
         return [
-            common_pb2.TokenLogprobs(
-                token_id=ids[i],
-                logprob=lps[i],
-                rank=ranks[i],
-                top_token_ids=top_ids[i][:k],
-                top_logprobs=top_lps[i][:k],
-            )
+            TokenLogprobs(ids[i], lps[i], ranks[i], top_ids[i][:k], top_lps[i][:k])
             for i, k in enumerate(counts)
         ]
 

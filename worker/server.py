@@ -5,6 +5,10 @@ allocated the cache and warmed up, then SERVING; it turns NOT_SERVING again if a
 unexpectedly (the engine is dead). All runner calls go through one thread, in order, so the
 event loop stays free to read the next StepRequest while a step computes.
 
+Execute is the worker's gRPC edge for steps: the event loop converts each StepRequest message
+into the `splitserve.common.messages` dataclass the runner works on, and each result back (while
+the step thread computes); the runner itself never sees protobuf.
+
 With pipeline parallelism (P > 1) the rank joins the torch.distributed group once its weights
 are loaded (see stage_transfer.py); each step then receives the previous rank's activations
 and sends its own to the next on that same thread. A transfer failure (a peer died or timed
@@ -26,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from splitserve.common import tracing
 from splitserve.common.engine_config import EngineConfigConflict
 from splitserve.common.grpc_errors import ErrorInterceptor
+from splitserve.common.messages_proto import step_request_from_proto, step_result_to_proto
 from splitserve.protos import worker_pb2, worker_pb2_grpc
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.trace_spans import WorkerSpans
@@ -111,7 +116,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             # Keeps reading while a step computes, so the scheduler's next step is queued.
             try:
                 async for step in request_iterator:
-                    await queue.put(step)
+                    await queue.put(step_request_from_proto(step))
             finally:
                 await queue.put(None)
 
@@ -129,13 +134,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     break
                 spans = self.spans
                 if spans is None:
-                    yield await self._run_step(self.stage.execute, step)
+                    yield step_result_to_proto(await self._run_step(self.stage.execute, step))
                     continue
                 spans.before(step)
                 start_ns = time.time_ns()
                 result = await self._run_step(self.stage.execute, step)
                 spans.after(step, start_ns, time.time_ns())
-                yield result
+                yield step_result_to_proto(result)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

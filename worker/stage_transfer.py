@@ -26,6 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from splitserve.common import messages as msg
 from splitserve.protos import worker_pb2
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.pipeline import IntermediateTensors
@@ -216,7 +217,7 @@ class PipelineStage:
         self._first_start: float | None = None
         self._last_end: float | None = None
 
-    def execute(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
+    def execute(self, step: msg.StepRequest) -> msg.StepResult:
         """Run `step` on this rank; non-last ranks answer with the step id only."""
         start = time.perf_counter()
         recv_wait = send_wait = 0.0
@@ -230,7 +231,7 @@ class PipelineStage:
         out = runner.execute(step, intermediate)
         if link is not None and not link.is_last:
             send_wait = link.send(step.step_id, out, runner.last_layout)
-            out = worker_pb2.StepResult(step_id=step.step_id)
+            out = msg.StepResult(step_id=step.step_id)
         end = time.perf_counter()
         with self._lock:
             if self._first_start is None:

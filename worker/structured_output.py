@@ -56,6 +56,7 @@ from threading import Lock
 
 import torch
 
+from splitserve.common import messages as msg
 from splitserve.protos import common_pb2
 from splitserve.tokenizer_svc.grammar import (
     GrammarError,
@@ -188,7 +189,7 @@ class StructuredOutputs:
     def add(
         self,
         request_id: str,
-        grammar: common_pb2.CompiledGrammar | common_pb2.GrammarSpec,
+        grammar: msg.CompiledGrammar | msg.GrammarSpec,
         replay: list[int],
     ) -> str | None:
         """Create the request's matcher and replay `replay` (outputs kept across a preemption);
@@ -196,7 +197,7 @@ class StructuredOutputs:
         compiling in the background; its matcher is built before the request's first mask,
         and an error found then is reported by `fill`. A GrammarSpec is built here first."""
         self.remove(request_id)
-        if isinstance(grammar, common_pb2.GrammarSpec):
+        if isinstance(grammar, (msg.GrammarSpec, common_pb2.GrammarSpec)):
             try:
                 grammar = self._from_spec(grammar)
             except GrammarError as exc:  # the constraint itself is bad: the service's words

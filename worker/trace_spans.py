@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from splitserve.common import messages as msg
 from splitserve.common import tracing
-from splitserve.protos import worker_pb2
 
 
 @dataclass(slots=True)
@@ -43,7 +43,7 @@ class WorkerSpans:
         self._stays: dict[str, _Stay] = {}
         self._tracer = tracing.get_tracer(__name__)
 
-    def before(self, step: worker_pb2.StepRequest) -> None:
+    def before(self, step: msg.StepRequest) -> None:
         """Close the stays of requests that leave before `step`; open the new ones'."""
         if step.finished_request_ids and self._stays:
             now = time.time_ns()
@@ -61,7 +61,7 @@ class WorkerSpans:
                     resumed=len(new.token_ids) > new.num_prompt_tokens,
                 )
 
-    def after(self, step: worker_pb2.StepRequest, start_ns: int, end_ns: int) -> None:
+    def after(self, step: msg.StepRequest, start_ns: int, end_ns: int) -> None:
         """Count `step` into the stays of the traced requests it ran (and, per_step, emit
         their step spans)."""
         if not self._stays:

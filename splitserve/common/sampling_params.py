@@ -1,4 +1,5 @@
-"""Sampling parameters: the user-facing dataclass (vLLM's names) and its protobuf form.
+"""Sampling parameters: the user-facing dataclass (vLLM's names), its engine form and its
+protobuf form.
 
 Torch-free: the gateway and the scheduler import it.
 """
@@ -75,10 +76,14 @@ class SamplingParams:
         if errors:
             raise ValueError(errors[0][1])
 
-    def to_proto(self):
-        from splitserve.protos import common_pb2
+    def to_engine(self):
+        """The engine's form (`splitserve.common.messages.SamplingParams`), which the
+        in-process engine hands to the scheduler as it is."""
+        from splitserve.common import messages
 
-        p = common_pb2.SamplingParams(
+        if self.bad_words and self.bad_words_token_ids is None:
+            raise ValueError("bad_words must be tokenized (bad_words_token_ids) before sending")
+        return messages.SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -86,30 +91,27 @@ class SamplingParams:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            max_tokens=self.max_tokens,
             min_tokens=self.min_tokens,
-            stop_token_ids=self.stop_token_ids,
+            stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
-            logit_bias=self.logit_bias,
-            stop=self.stop,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            logit_bias=dict(self.logit_bias),
+            stop=list(self.stop),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             n=self.n,
+            allowed_token_ids=list(self.allowed_token_ids or ()),
+            bad_words_token_ids=[list(seq) for seq in self.bad_words_token_ids or ()],
         )
-        if self.seed is not None:
-            p.seed = self.seed
-        if self.max_tokens is not None:
-            p.max_tokens = self.max_tokens
-        if self.logprobs is not None:
-            p.logprobs = self.logprobs
-        if self.prompt_logprobs is not None:
-            p.prompt_logprobs = self.prompt_logprobs
-        if self.allowed_token_ids:
-            p.allowed_token_ids.extend(self.allowed_token_ids)
-        if self.bad_words and self.bad_words_token_ids is None:
-            raise ValueError("bad_words must be tokenized (bad_words_token_ids) before sending")
-        for seq in self.bad_words_token_ids or ():
-            p.bad_words_token_ids.add(token_ids=seq)
-        return p
+
+    def to_proto(self):
+        """The wire form (common.SamplingParams) of `to_engine()`."""
+        from splitserve.common.messages_proto import sampling_params_to_proto
+
+        return sampling_params_to_proto(self.to_engine())
 
 
 def bad_word_variants(word: str) -> tuple[str, str]:

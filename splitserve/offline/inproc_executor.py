@@ -1,5 +1,8 @@
 """Runs the worker's ModelRunner in this process, on its own thread.
 
+Steps and results pass as they are (`splitserve.common.messages` dataclasses): no protobuf
+message is built per step here (tests/offline/test_no_protobuf_steps.py checks).
+
 The engine loop plans step N+1 while this thread computes step N (torch releases the GIL
 inside its kernels), the same overlap the gRPC executor gets across processes.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 
+from splitserve.common import messages as msg
 from splitserve.protos import common_pb2, worker_pb2
 
 _END = object()
@@ -38,10 +42,10 @@ class InprocExecutor:
             except BaseException as exc:  # handed to the engine loop, which fails loudly
                 self._results.put(exc)
 
-    def submit(self, step: worker_pb2.StepRequest) -> None:
+    def submit(self, step: msg.StepRequest) -> None:
         self._steps.put(step)
 
-    def get_result(self) -> worker_pb2.StepResult:
+    def get_result(self) -> msg.StepResult:
         r = self._results.get()
         if isinstance(r, BaseException):
             raise r

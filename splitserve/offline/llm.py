@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitserve.common import messages as msg
 from splitserve.common.generation_config import SamplingDefaults
 from splitserve.common.lora import LoRARequest
+from splitserve.common.messages_proto import compiled_grammar_from_proto, mm_input_from_proto
 from splitserve.common.sampling_params import SamplingParams
 from splitserve.offline.prompts import as_batch, progress_bar, unpack_prompt_dict
-from splitserve.protos import common_pb2, scheduler_pb2
 
 
 @dataclass
@@ -30,7 +31,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    logprobs: list[common_pb2.TokenLogprobs] | None
+    logprobs: list[msg.TokenLogprobs] | None
     finish_reason: str | None
     stop_reason: int | str | None = None
     cumulative_logprob: float | None = None
@@ -44,7 +45,7 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
-    prompt_logprobs: list[common_pb2.TokenLogprobs] | None = None
+    prompt_logprobs: list[msg.TokenLogprobs] | None = None
     num_cached_tokens: int = 0
     finished: bool = True
 
@@ -187,9 +188,10 @@ class LLM:
         if self._grammars is None:
             self._grammars = make_grammar_compiler(self._tokenizer_config, self.tokenizer)
         try:
-            return self._grammars.compile_sync(sp.structured_outputs.to_proto()).grammar
+            compiled = self._grammars.compile_sync(sp.structured_outputs.to_proto()).grammar
         except GrammarError as exc:
             raise ValueError(exc.message) from None
+        return compiled_grammar_from_proto(compiled)  # once per request: the engine's form
 
     def _tokenize_bad_words(self, sp: SamplingParams) -> SamplingParams:
         """A copy of sp with bad_words tokenized as the tokenizer service's Prepare does (the
@@ -383,13 +385,15 @@ class LLM:
             eos.add(self.tokenizer.tokenizer.eos_token_id)
         eos = frozenset(eos)
         grammars = [self._compile(sp) for sp in params_list]
+        # NOTE: the image processor builds wire messages; converted once per prompt here.
+        mm_inputs = [[mm_input_from_proto(m) for m in items] for items in mm_list or ()]
         params_list = [self._tokenize_bad_words(sp) for sp in params_list]
         for pi, (ids, sp) in enumerate(zip(ids_list, params_list)):
             lora = loras[pi] if loras else None
             for i in range(sp.n):
-                proto = sp.to_proto()
+                params = sp.to_engine()
                 if sp.seed is not None:
-                    proto.seed = sp.seed + i  # n sequences differ yet stay reproducible
+                    params.seed = sp.seed + i  # n sequences differ yet stay reproducible
                 rid = f"llm-{next(self._ids)}"
                 stream = (
                     SequenceStream(
@@ -414,16 +418,16 @@ class LLM:
                 seqs[rid] = _Seq(i, pi, proc)
                 try:
                     sched.add_request(
-                        scheduler_pb2.GenerateRequest(
+                        msg.GenerateRequest(
                             request_id=rid,
-                            prompt_token_ids=ids,
-                            sampling_params=proto,
+                            prompt_token_ids=list(ids),
+                            sampling_params=params,
                             lora_name=lora.lora_name if lora else "",
                             lora_path=str(lora.lora_path) if lora else "",
                             lora_int_id=lora.lora_int_id if lora else 0,
                             cache_salt=salts[pi] if salts else "",
                             priority=priorities[pi] if priorities else 0,
-                            mm_inputs=mm_list[pi] if mm_list else [],
+                            mm_inputs=mm_inputs[pi] if mm_inputs else [],
                         ),
                         grammars[pi],
                     )

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from splitserve.common import messages as msg
 from splitserve.offline.prompts import as_batch, progress_bar, unpack_prompt_dict
-from splitserve.protos import scheduler_pb2
 
 
 @dataclass
@@ -98,13 +98,14 @@ def embed(
             ids, k if k is not None else truncate_prompt_tokens, llm.max_model_len
         )
         rid = f"llm-embed-{next(llm._ids)}"
-        req = scheduler_pb2.GenerateRequest(
-            request_id=rid, prompt_token_ids=ids, pooling=True, cache_salt=salt
+        req = msg.GenerateRequest(
+            request_id=rid,
+            prompt_token_ids=list(ids),
+            pooling=True,
+            cache_salt=salt or "",
+            dimensions=pp.dimensions,
+            normalize=pp.normalize,
         )
-        if pp.dimensions is not None:
-            req.dimensions = pp.dimensions
-        if pp.normalize is not None:
-            req.normalize = pp.normalize
         if lora is not None:
             req.lora_name, req.lora_path = lora.lora_name, str(lora.lora_path)
             req.lora_int_id = lora.lora_int_id

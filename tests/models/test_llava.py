@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from splitserve import LLM, SamplingParams
+from splitserve.common.messages_proto import generate_request_from_proto
 from splitserve.protos import scheduler_pb2
 
 from .llava_utils import NUM_IMAGE_TOKENS, build_llava, random_image, transparent_image
@@ -192,11 +193,13 @@ def test_worker_refuses_inconsistent_image_spans(llava_path, images):
             bad.pixel_values.shape[:] = [3, 30, 29]
             bad.pixel_values.data = bad.pixel_values.data[: 4 * 3 * 30 * 29]
         sched.add_request(
-            scheduler_pb2.GenerateRequest(
-                request_id=rid,
-                prompt_token_ids=ids,
-                sampling_params=greedy().to_proto(),
-                mm_inputs=[bad],
+            generate_request_from_proto(
+                scheduler_pb2.GenerateRequest(
+                    request_id=rid,
+                    prompt_token_ids=ids,
+                    sampling_params=greedy().to_proto(),
+                    mm_inputs=[bad],
+                )
             )
         )
     errors = {}

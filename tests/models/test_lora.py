@@ -14,6 +14,7 @@ import pytest
 
 from splitserve import LLM, SamplingParams
 from splitserve.common.lora import LoRARequest
+from splitserve.common.messages_proto import generate_request_from_proto
 
 from .lora_utils import make_adapter, peft_greedy
 
@@ -165,13 +166,15 @@ def test_reload_serves_new_files_while_a_running_request_keeps_the_old(setup, tm
 
     def add(rid: str, int_id: int) -> None:
         sched.add_request(
-            scheduler_pb2.GenerateRequest(
-                request_id=rid,
-                prompt_token_ids=prompt,
-                sampling_params=sp,
-                lora_name="reloaded",
-                lora_path=str(path),
-                lora_int_id=int_id,
+            generate_request_from_proto(
+                scheduler_pb2.GenerateRequest(
+                    request_id=rid,
+                    prompt_token_ids=prompt,
+                    sampling_params=sp,
+                    lora_name="reloaded",
+                    lora_path=str(path),
+                    lora_int_id=int_id,
+                )
             )
         )
 

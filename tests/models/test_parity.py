@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from splitserve.protos import common_pb2
+from splitserve.common import messages as msg
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.model_runner import ModelRunner
 
@@ -31,8 +31,8 @@ def _prompts(lengths: list[int], seed: int = 0, vocab: int = 1000) -> list[list[
 PROMPTS = _prompts([7, 23, 3, 40, 16])
 
 
-def _greedy(logprobs: int | None = NUM_LOGPROBS, **kwargs) -> common_pb2.SamplingParams:
-    params = common_pb2.SamplingParams(temperature=0, **kwargs)
+def _greedy(logprobs: int | None = NUM_LOGPROBS, **kwargs) -> msg.SamplingParams:
+    params = msg.SamplingParams(temperature=0, **kwargs)
     if logprobs is not None:
         params.logprobs = logprobs
     return params

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from splitserve import LLM, SamplingParams, StructuredOutputsParams
+from splitserve.common.messages_proto import generate_request_from_proto
 from splitserve.protos import scheduler_pb2
 from splitserve.worker.structured_output import _XgrammarMatcher
 
@@ -56,10 +57,12 @@ def assert_all_released(llm, idle_blocks):
 
 def add(llm, rid: str, prompt: str, sp: SamplingParams) -> None:
     llm.engine.scheduler.add_request(
-        scheduler_pb2.GenerateRequest(
-            request_id=rid,
-            prompt_token_ids=llm.tokenizer.encode(prompt, add_special_tokens=True),
-            sampling_params=sp.to_proto(),
+        generate_request_from_proto(
+            scheduler_pb2.GenerateRequest(
+                request_id=rid,
+                prompt_token_ids=llm.tokenizer.encode(prompt, add_special_tokens=True),
+                sampling_params=sp.to_proto(),
+            )
         ),
         llm._compile(sp),
     )
@@ -318,10 +321,12 @@ def test_a_deferred_request_keeps_pipeline_ranks_in_step(llm, llama_path):
         ("slow", "The answer is", slow_sp),
     ):
         engine.scheduler.add_request(
-            scheduler_pb2.GenerateRequest(
-                request_id=rid,
-                prompt_token_ids=llm.tokenizer.encode(prompt, add_special_tokens=True),
-                sampling_params=sp.to_proto(),
+            generate_request_from_proto(
+                scheduler_pb2.GenerateRequest(
+                    request_id=rid,
+                    prompt_token_ids=llm.tokenizer.encode(prompt, add_special_tokens=True),
+                    sampling_params=sp.to_proto(),
+                )
             ),
             llm._compile(sp),
         )

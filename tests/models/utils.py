@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from splitserve.protos import common_pb2, worker_pb2
+from splitserve.common import messages as msg
 
 TokensLogprobs = tuple[list[int], list[dict[int, float]]]
 """(token ids, per position {token id: logprob} of the top-k)."""
@@ -103,7 +103,7 @@ def check_logprobs_close(
 class DriverRequest:
     request_id: str
     token_ids: list[int]
-    params: common_pb2.SamplingParams
+    params: msg.SamplingParams
     max_tokens: int
     num_prompt: int
     block_ids: list[int] = field(default_factory=list)
@@ -111,8 +111,8 @@ class DriverRequest:
     sent: bool = False
     new_blocks: list[int] = field(default_factory=list)
     outputs: list[int] = field(default_factory=list)
-    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
-    prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    logprobs: list[msg.TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[msg.TokenLogprobs] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -150,13 +150,13 @@ class StepDriver:
         request_id: str,
         prompt: Sequence[int],
         max_tokens: int = 8,
-        params: common_pb2.SamplingParams | None = None,
+        params: msg.SamplingParams | None = None,
         shared_prefix_from: str | None = None,
         num_shared_blocks: int = 0,
     ) -> DriverRequest:
         """Queue a request; with shared_prefix_from, reuse that request's first blocks as a
         prefix-cache hit (num_computed_tokens > 0)."""
-        params = params if params is not None else common_pb2.SamplingParams(temperature=0)
+        params = params if params is not None else msg.SamplingParams(temperature=0)
         req = DriverRequest(request_id, list(prompt), params, max_tokens, len(prompt))
         if shared_prefix_from is not None:
             source = self.requests[shared_prefix_from]
@@ -173,8 +173,8 @@ class StepDriver:
         req.block_ids += new
         req.new_blocks += new
 
-    def build_step(self) -> worker_pb2.StepRequest:
-        step = worker_pb2.StepRequest(step_id=self.step_id, finished_request_ids=self.finished)
+    def build_step(self) -> msg.StepRequest:
+        step = msg.StepRequest(step_id=self.step_id, finished_request_ids=self.finished)
         self.finished = []
         for req in self.requests.values():
             if req.done:
@@ -185,20 +185,24 @@ class StepDriver:
                 n = min(n, self.chunk_size)
             self._alloc(req, req.num_computed + n)
             if not req.sent:
-                step.new_requests.add(
-                    request_id=req.request_id,
-                    token_ids=req.token_ids,
-                    sampling_params=req.params,
-                    block_ids=req.block_ids,
-                    num_computed_tokens=req.num_computed,
-                    num_prompt_tokens=req.num_prompt,
+                step.new_requests.append(
+                    msg.NewRequest(
+                        request_id=req.request_id,
+                        token_ids=list(req.token_ids),
+                        sampling_params=req.params,
+                        block_ids=list(req.block_ids),
+                        num_computed_tokens=req.num_computed,
+                        num_prompt_tokens=req.num_prompt,
+                    )
                 )
                 req.sent = True
             else:
-                step.cached_requests.add(
-                    request_id=req.request_id,
-                    new_block_ids=req.new_blocks,
-                    num_computed_tokens=req.num_computed,
+                step.cached_requests.append(
+                    msg.CachedRequest(
+                        request_id=req.request_id,
+                        new_block_ids=req.new_blocks,
+                        num_computed_tokens=req.num_computed,
+                    )
                 )
             req.new_blocks = []
             step.num_scheduled_tokens[req.request_id] = n
@@ -206,17 +210,19 @@ class StepDriver:
         self.step_id += 1
         return step
 
-    def step(self) -> worker_pb2.StepResult:
+    def step(self) -> msg.StepResult:
         result = self.runner.execute(self.build_step())
-        for rid, tok, lp in zip(result.request_ids, result.token_ids, result.logprobs, strict=True):
+        # No entries when no request asked; None for one that did not.
+        lps = result.logprobs or [None] * len(result.request_ids)
+        for rid, tok, lp in zip(result.request_ids, result.token_ids, lps, strict=True):
             req = self.requests[rid]
             req.outputs.append(tok)
             req.token_ids.append(tok)
-            req.logprobs.append(lp)
+            req.logprobs.append(lp if lp is not None else msg.TokenLogprobs())
             if req.done:
                 self.finished.append(rid)
         for rid, entries in result.prompt_logprobs.items():
-            self.requests[rid].prompt_logprobs.extend(entries.entries)
+            self.requests[rid].prompt_logprobs.extend(entries)
         for rid, message in result.errors.items():
             if rid in self.requests:
                 self.requests[rid].error = message

@@ -5,7 +5,8 @@ whole context back through its block table and hashes it into the next token, so
 block table, a prefix-cache hit on the wrong block or a block reused too early changes the
 output. Step semantics are the real worker's (see worker.proto): finished ids first, new
 requests in full, cached ones as deltas, sample when the scheduled chunk reaches the end of
-the known tokens.
+the known tokens. Steps and results are the engine's dataclasses (`splitserve.common.messages`),
+as with the in-process executor.
 
 With `pipeline_parallel_size` P > 1 it also plays the ranks that do not sample: it keeps rank
 0's copy of every request's tokens, fed only by new requests and `new_token_ids`, and fails
@@ -20,7 +21,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from splitserve.protos import common_pb2, worker_pb2
+from splitserve.common import messages as msg
+from splitserve.protos import worker_pb2
 
 
 @dataclass
@@ -58,8 +60,8 @@ class FakeWorkerExecutor:
         self.reqs: dict[str, _Req] = {}
         self.cache: dict[int, tuple[int, int]] = {}
         self.block_size = 0
-        self.steps: list[worker_pb2.StepRequest] = []
-        self._results: deque[worker_pb2.StepResult] = deque()
+        self.steps: list[msg.StepRequest] = []
+        self._results: deque[msg.StepResult] = deque()
         self.force_token: dict[str, list[int]] = {}
         """Per request, tokens to emit instead of the hashed ones (to test stop rules)."""
         self.pipeline_parallel_size = pipeline_parallel_size
@@ -71,7 +73,7 @@ class FakeWorkerExecutor:
         """Per request, the output length at which its grammar terminates."""
         self.grammars_seen: dict[str, list[bytes]] = {}
         """Per request, the compiled grammar of every NewRequest (b"" when none)."""
-        self.grammar_specs_seen: dict[str, list[common_pb2.GrammarSpec]] = {}
+        self.grammar_specs_seen: dict[str, list[msg.GrammarSpec]] = {}
         """Per request, the uncompiled constraint (grammar_spec) of every NewRequest that had one."""
         self.defer_first: dict[str, int] = {}
         """Per request, how many times it is deferred (no token, its grammar compiling) at
@@ -100,14 +102,14 @@ class FakeWorkerExecutor:
         self.block_size = block_size
         self.num_blocks = num_blocks
 
-    def submit(self, step: worker_pb2.StepRequest) -> None:
+    def submit(self, step: msg.StepRequest) -> None:
         self.steps.append(step)
         if self.pipeline_parallel_size > 1:
             self._check_pipeline(step)
         self._results.append(self._execute(step))
         self.max_outstanding = max(self.max_outstanding, len(self._results))
 
-    def _check_pipeline(self, step: worker_pb2.StepRequest) -> None:
+    def _check_pipeline(self, step: msg.StepRequest) -> None:
         sampling = {rid for res in self._results for rid in res.request_ids}
         again = sampling & set(step.num_scheduled_tokens)
         assert not again, f"step {step.step_id} schedules {again} while their tokens are in flight"
@@ -127,7 +129,7 @@ class FakeWorkerExecutor:
             known = self.rank0_tokens[rid][: first + n]
             assert known == truth[: first + n], f"{rid}: rank 0 cannot embed [{first}, {first + n})"
 
-    def get_result(self) -> worker_pb2.StepResult:
+    def get_result(self) -> msg.StepResult:
         if self.step_seconds:
             time.sleep(self.step_seconds)
         return self._results.popleft()
@@ -140,7 +142,7 @@ class FakeWorkerExecutor:
         assert 0 <= bid < self.num_blocks, bid
         return bid * self.block_size + pos % self.block_size
 
-    def _execute(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
+    def _execute(self, step: msg.StepRequest) -> msg.StepResult:
         for rid in step.finished_request_ids:
             self.reqs.pop(rid, None)
         for m in step.new_requests:
@@ -151,11 +153,11 @@ class FakeWorkerExecutor:
             self.reqs[m.request_id].num_prompt = m.num_prompt_tokens
             self._defer_left[m.request_id] = self.defer_first.get(m.request_id, 0)
             self._deferred.discard(m.request_id)
-            assert not (m.HasField("grammar") and m.HasField("grammar_spec")), m.request_id
+            assert not (m.grammar is not None and m.grammar_spec is not None), m.request_id
             self.grammars_seen.setdefault(m.request_id, []).append(
-                m.grammar.compiled if m.HasField("grammar") else b""
+                m.grammar.compiled if m.grammar is not None else b""
             )
-            if m.HasField("grammar_spec"):
+            if m.grammar_spec is not None:
                 self.grammar_specs_seen.setdefault(m.request_id, []).append(m.grammar_spec)
         for c in step.cached_requests:
             r = self.reqs[c.request_id]
@@ -168,7 +170,7 @@ class FakeWorkerExecutor:
                 c.num_computed_tokens,
             )
             r.block_ids.extend(c.new_block_ids)
-        out = worker_pb2.StepResult(step_id=step.step_id)
+        out = msg.StepResult(step_id=step.step_id)
         # Write every scheduled token's KV first (as the real worker does per layer) ...
         for rid, n in step.num_scheduled_tokens.items():
             r = self.reqs[rid]
@@ -197,7 +199,7 @@ class FakeWorkerExecutor:
                 r.token_ids.append(tok)
                 out.request_ids.append(rid)
                 out.token_ids.append(tok)
-                out.logprobs.add()
+                out.logprobs.append(None)
                 ends = self.grammar_ends_after.get(rid)
                 if ends is not None and len(r.token_ids) - r.num_prompt == ends:
                     out.grammar_terminated_ids.append(rid)

@@ -13,19 +13,24 @@ import threading
 import grpc
 import pytest
 
+from splitserve.common import messages as msg
 from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler
 
 from .fake_worker import FakeWorkerExecutor
 from .test_server import free_port, wait_for
-from .utils import gen_request, make_engine, prompts, run_to_completion
+from .utils import gen_request, gen_request_proto, make_engine, prompts, run_to_completion
 
 STOP = common_pb2.FinishReason.FINISH_REASON_STOP
 LENGTH = common_pb2.FinishReason.FINISH_REASON_LENGTH
 
 
-def grammar(tag: str) -> common_pb2.CompiledGrammar:
+def grammar(tag: str) -> msg.CompiledGrammar:
+    return msg.CompiledGrammar(handle=f"h-{tag}", backend="xgrammar", compiled=tag.encode())
+
+
+def grammar_proto(tag: str) -> common_pb2.CompiledGrammar:
     return common_pb2.CompiledGrammar(handle=f"h-{tag}", backend="xgrammar", compiled=tag.encode())
 
 
@@ -91,15 +96,15 @@ def stack():
 
 
 def constrained(rid: str, regex: str) -> scheduler_pb2.GenerateRequest:
-    req = gen_request(rid, [5, 6, 7], max_tokens=3)
+    req = gen_request_proto(rid, [5, 6, 7], max_tokens=3)
     req.grammar.CopyFrom(common_pb2.GrammarSpec(kind="regex", spec=regex))
     return req
 
 
 def test_a_compiled_constraint_goes_to_the_worker_as_it_came(stack):
     stub, worker = stack
-    req = gen_request("compiled", [5, 6, 7], max_tokens=3)
-    req.compiled_grammar.CopyFrom(grammar("compiled"))
+    req = gen_request_proto("compiled", [5, 6, 7], max_tokens=3)
+    req.compiled_grammar.CopyFrom(grammar_proto("compiled"))
     outs = list(stub.Generate(req, timeout=10))
     assert outs[-1].finish_reason == LENGTH
     assert worker.grammars_seen["compiled"] == [b"compiled"]
@@ -111,9 +116,9 @@ def test_a_spec_goes_to_the_worker_uncompiled(stack):
     outs = list(stub.Generate(constrained("spec", "[a-z]+"), timeout=10))
     assert outs[-1].finish_reason == LENGTH
     (seen,) = worker.grammar_specs_seen["spec"]
-    assert seen == common_pb2.GrammarSpec(kind="regex", spec="[a-z]+")
+    assert seen == msg.GrammarSpec(kind="regex", spec="[a-z]+")
     assert worker.grammars_seen["spec"] == [b""]
-    plain = list(stub.Generate(gen_request("plain", [5, 6], max_tokens=2), timeout=10))
+    plain = list(stub.Generate(gen_request_proto("plain", [5, 6], max_tokens=2), timeout=10))
     assert plain[-1].finish_reason == LENGTH
     assert "plain" not in worker.grammar_specs_seen and worker.grammars_seen["plain"] == [b""]
 
@@ -122,7 +127,7 @@ def test_both_forms_at_once_are_refused_before_the_engine_sees_them(stack):
     stub, worker = stack
     before = stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=5)
     req = constrained("both", "[a-z]+")
-    req.compiled_grammar.CopyFrom(grammar("both"))
+    req.compiled_grammar.CopyFrom(grammar_proto("both"))
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Generate(req, timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

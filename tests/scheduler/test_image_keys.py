@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from splitserve.protos import common_pb2
+from splitserve.common import messages as msg
 from splitserve.scheduler.scheduler import RequestRejected
 
 from .utils import cached_keys, gen_request, make_engine
@@ -25,7 +25,7 @@ SPAN = (6, 5)
 
 
 def image(digest: bytes, offset: int = SPAN[0], length: int = SPAN[1]):
-    return common_pb2.MultiModalInput(modality="image", hash=digest, offset=offset, length=length)
+    return msg.MultiModalInput(modality="image", hash=digest, offset=offset, length=length)
 
 
 def chain(tokens: list[int], images: list[tuple[int, int, bytes]]) -> list[bytes]:

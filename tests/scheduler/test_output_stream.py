@@ -10,7 +10,7 @@ import pytest
 from splitserve.protos import scheduler_pb2
 
 from .test_server import NUM_BLOCKS, scheduler_addr, stats, stub, wait_for  # noqa: F401
-from .utils import gen_request
+from .utils import gen_request_proto
 
 
 class Reader:
@@ -52,7 +52,7 @@ def test_one_message_per_step_for_all_requests_of_a_stream(stub):  # noqa: F811
     reader = Reader(stub, "gw-batch")
     lengths = {"s1": 30, "s2": 31, "s3": 32}
     for rid, n in lengths.items():
-        submit(stub, "gw-batch", gen_request(rid, [5, 6, 7], n))
+        submit(stub, "gw-batch", gen_request_proto(rid, [5, 6, 7], n))
     wait_for(lambda: all(reader.finished(r) for r in lengths), what="all requests finished")
     steps = stats(stub).num_steps - steps_before
     for rid, n in lengths.items():
@@ -70,8 +70,8 @@ def test_one_message_per_step_for_all_requests_of_a_stream(stub):  # noqa: F811
 
 def test_closing_the_stream_aborts_its_requests(stub):  # noqa: F811
     reader = Reader(stub, "gw-close")
-    submit(stub, "gw-close", gen_request("long1", list(range(5, 40)), 400))
-    submit(stub, "gw-close", gen_request("long2", list(range(5, 40)), 400))
+    submit(stub, "gw-close", gen_request_proto("long1", list(range(5, 40)), 400))
+    submit(stub, "gw-close", gen_request_proto("long2", list(range(5, 40)), 400))
     wait_for(lambda: reader.outputs("long1") and reader.outputs("long2"), what="first tokens")
     assert stats(stub).num_free_blocks < NUM_BLOCKS
     reader.call.cancel()
@@ -85,8 +85,8 @@ def test_closing_the_stream_aborts_its_requests(stub):  # noqa: F811
 
 def test_abort_ends_one_request_and_spares_the_others(stub):  # noqa: F811
     reader = Reader(stub, "gw-abort")
-    submit(stub, "gw-abort", gen_request("ab1", [5, 6, 7], 400))
-    submit(stub, "gw-abort", gen_request("ab2", [5, 6, 7], 40))
+    submit(stub, "gw-abort", gen_request_proto("ab1", [5, 6, 7], 400))
+    submit(stub, "gw-abort", gen_request_proto("ab2", [5, 6, 7], 40))
     wait_for(lambda: reader.outputs("ab1"), what="first token")
     assert stub.Abort(scheduler_pb2.AbortRequest(request_id="ab1")).aborted
     wait_for(lambda: reader.finished("ab2"), what="the other request finished")
@@ -98,18 +98,18 @@ def test_abort_ends_one_request_and_spares_the_others(stub):  # noqa: F811
 
 def test_submit_refusals_keep_generate_status_codes(stub):  # noqa: F811
     with pytest.raises(grpc.RpcError) as e:
-        submit(stub, "no-such-stream", gen_request("x1", [5, 6], 2))
+        submit(stub, "no-such-stream", gen_request_proto("x1", [5, 6], 2))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no open output stream" in e.value.details()
     reader = Reader(stub, "gw-bad")
     with pytest.raises(grpc.RpcError) as e:
-        submit(stub, "gw-bad", gen_request("b1", list(range(5, 500)), 100))
+        submit(stub, "gw-bad", gen_request_proto("b1", list(range(5, 500)), 100))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "495" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         stub.StreamOutputs(scheduler_pb2.StreamOutputsRequest(stream_id="gw-bad")).next()
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    submit(stub, "gw-bad", gen_request("ok1", [5, 6], 3))
+    submit(stub, "gw-bad", gen_request_proto("ok1", [5, 6], 3))
     wait_for(lambda: reader.finished("ok1"), what="a good request after refusals")
     assert not reader.outputs("b1")
     reader.call.cancel()
@@ -122,7 +122,7 @@ def test_a_quiet_stream_carries_heartbeats_only_when_asked(stub):  # noqa: F811
     # from a stalled one by them (--rpc-timeout-s).
     wait_for(lambda: len(beating.batches) >= 3, what="three heartbeats")
     assert all(not b.outputs for b in beating.batches)
-    submit(stub, "gw-heartbeats", gen_request("hb1", [5, 6, 7], 4))
+    submit(stub, "gw-heartbeats", gen_request_proto("hb1", [5, 6, 7], 4))
     wait_for(lambda: beating.finished("hb1"), what="the request on a heartbeat stream")
     assert sum(len(o.token_ids) for o in beating.outputs("hb1")) == 4
     assert quiet.batches == []  # none asked for, none sent

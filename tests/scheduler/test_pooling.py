@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
+from splitserve.common import messages as msg
+from splitserve.protos import common_pb2
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.scheduler import RequestRejected, Scheduler
 
@@ -22,10 +23,8 @@ def make(pooling_type="LAST", **info) -> Scheduler:
     return Scheduler(config, 32, 32, 1000, [2], runner_info=runner)
 
 
-def embed(rid, prompt, **kw) -> scheduler_pb2.GenerateRequest:
-    return scheduler_pb2.GenerateRequest(
-        request_id=rid, prompt_token_ids=prompt, pooling=True, **kw
-    )
+def embed(rid, prompt, **kw) -> msg.GenerateRequest:
+    return msg.GenerateRequest(request_id=rid, prompt_token_ids=prompt, pooling=True, **kw)
 
 
 def test_chunks_then_finishes_on_the_pooled_state():
@@ -34,10 +33,10 @@ def test_chunks_then_finishes_on_the_pooled_state():
     chunks = []
     while (step := s.schedule()) is not None:
         chunks.append(step.num_scheduled_tokens["a"])
-        assert not s.update_from_output(worker_pb2.StepResult(step_id=step.step_id))
+        assert not s.update_from_output(msg.StepResult(step_id=step.step_id))
     assert chunks == [8, 8, 4]
-    result = worker_pb2.StepResult(step_id=99)
-    result.pooled.add(request_id="a", data=[3.0, 4.0, 0.0, 0.0])
+    result = msg.StepResult(step_id=99)
+    result.pooled.append(msg.PooledOutput("a", [3.0, 4.0, 0.0, 0.0]))
     (out,) = s.update_from_output(result)
     assert out.finish_reason == STOP and out.num_prompt_tokens == 20
     assert out.embedding == pytest.approx([0.6, 0.8, 0.0, 0.0])
@@ -57,7 +56,7 @@ def test_whole_context_prompt_and_limits():
 def test_runner_mismatch_is_refused():
     s = make()
     with pytest.raises(RequestRejected, match="--runner pooling and serves only embeddings"):
-        s.add_request(scheduler_pb2.GenerateRequest(request_id="g", prompt_token_ids=[1, 2]))
+        s.add_request(msg.GenerateRequest(request_id="g", prompt_token_ids=[1, 2]))
     generate = Scheduler(SchedulerConfig(block_size=4), 32, 32, 1000, [2])
     with pytest.raises(RequestRejected, match="does not support the Embeddings API"):
         generate.add_request(embed("e", [1, 2]))
@@ -69,15 +68,15 @@ def test_dimensions_need_matryoshka():
     s = make(is_matryoshka=True)
     s.add_request(embed("d", [1, 2], dimensions=2))
     step = s.schedule()
-    result = worker_pb2.StepResult(step_id=step.step_id)
-    result.pooled.add(request_id="d", data=[0.0, 2.0, 9.0, 9.0])
+    result = msg.StepResult(step_id=step.step_id)
+    result.pooled.append(msg.PooledOutput("d", [0.0, 2.0, 9.0, 9.0]))
     (out,) = s.update_from_output(result)
     assert np.allclose(out.embedding, [0.0, 1.0])
     # normalize=False per request: truncated, not normalized.
     s.add_request(embed("raw", [1, 2], dimensions=3, normalize=False))
     step = s.schedule()
-    result = worker_pb2.StepResult(step_id=step.step_id)
-    result.pooled.add(request_id="raw", data=[0.0, 2.0, 9.0, 9.0])
+    result = msg.StepResult(step_id=step.step_id)
+    result.pooled.append(msg.PooledOutput("raw", [0.0, 2.0, 9.0, 9.0]))
     (out,) = s.update_from_output(result)
     assert out.embedding == [0.0, 2.0, 9.0]
 
@@ -89,9 +88,9 @@ def test_prefix_cache_hits_only_for_last_pooling(pooling_type, hit):
     for rid in ("first", "second"):
         s.add_request(embed(rid, prompt))
         while (step := s.schedule()) is not None:
-            s.update_from_output(worker_pb2.StepResult(step_id=step.step_id))
-        result = worker_pb2.StepResult()
-        result.pooled.add(request_id=rid, data=[1.0, 0, 0, 0])
+            s.update_from_output(msg.StepResult(step_id=step.step_id))
+        result = msg.StepResult()
+        result.pooled.append(msg.PooledOutput(rid, [1.0, 0, 0, 0]))
         (out,) = s.update_from_output(result)
     assert out.num_cached_tokens == hit
 

@@ -228,7 +228,7 @@ def test_stop_rules():
 def test_max_model_len_caps_output():
     engine, _ = make_engine(max_model_len=20)
     r = gen_request("a", list(range(5, 15)), 0)
-    r.sampling_params.ClearField("max_tokens")
+    r.sampling_params.max_tokens = None
     engine.scheduler.add_request(r)
     got = run_to_completion(engine)
     assert len(got["a"][0]) == 10 and got["a"][1] == LENGTH

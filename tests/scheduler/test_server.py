@@ -16,7 +16,7 @@ from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.server import run_scheduler
 
 from .fake_worker import FakeWorkerExecutor
-from .utils import gen_request
+from .utils import gen_request_proto
 
 NUM_BLOCKS = 64
 
@@ -87,7 +87,7 @@ def stats(stub):
 
 
 def test_generate_streams_tokens_until_length(stub):
-    msgs = list(stub.Generate(gen_request("g1", [5, 6, 7], 5)))
+    msgs = list(stub.Generate(gen_request_proto("g1", [5, 6, 7], 5)))
     assert sum(len(m.token_ids) for m in msgs) == 5
     assert msgs[-1].finish_reason == 2 and msgs[0].num_prompt_tokens == 3
     info = stub.GetModelInfo(scheduler_pb2.GetModelInfoRequest())
@@ -97,9 +97,9 @@ def test_generate_streams_tokens_until_length(stub):
 def test_generate_sends_heartbeats_only_when_asked(stub):
     """Empty responses between a request's tokens (the fake worker takes 10 ms a step) when
     the caller asks for them, so it tells a quiet request from a stalled scheduler."""
-    plain = list(stub.Generate(gen_request("hb-off", [5, 6, 7], 40)))
+    plain = list(stub.Generate(gen_request_proto("hb-off", [5, 6, 7], 40)))
     assert all(m.ByteSize() for m in plain)
-    req = gen_request("hb-on", [5, 6, 7], 40)
+    req = gen_request_proto("hb-on", [5, 6, 7], 40)
     req.heartbeat_interval_s = 0.002
     msgs = list(stub.Generate(req))
     beats = [m for m in msgs if not m.ByteSize()]
@@ -111,7 +111,7 @@ def test_generate_sends_heartbeats_only_when_asked(stub):
 def test_cancel_mid_stream_frees_blocks(stub):
     idle = stats(stub).num_free_blocks
     assert idle == NUM_BLOCKS
-    call = stub.Generate(gen_request("c1", list(range(5, 40)), 400))
+    call = stub.Generate(gen_request_proto("c1", list(range(5, 40)), 400))
     next(call)
     next(call)
     assert stats(stub).num_free_blocks < idle
@@ -123,7 +123,7 @@ def test_cancel_mid_stream_frees_blocks(stub):
 
 
 def test_abort_rpc_ends_stream(stub):
-    call = stub.Generate(gen_request("a1", [5, 6, 7], 400), timeout=30)
+    call = stub.Generate(gen_request_proto("a1", [5, 6, 7], 400), timeout=30)
     next(call)
     assert stub.Abort(scheduler_pb2.AbortRequest(request_id="a1")).aborted
     # The Generate call ends (its last message says ABORT) instead of waiting forever.
@@ -136,11 +136,11 @@ def test_abort_rpc_ends_stream(stub):
 
 def test_bad_requests_get_invalid_argument(stub):
     with pytest.raises(grpc.RpcError) as e:
-        list(stub.Generate(gen_request("b1", list(range(5, 500)), 100)))
+        list(stub.Generate(gen_request_proto("b1", list(range(5, 500)), 100)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "495" in e.value.details() and "512" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
-        list(stub.Generate(gen_request("b2", [5, 5000], 1)))
+        list(stub.Generate(gen_request_proto("b2", [5, 5000], 1)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stats(stub).num_free_blocks == NUM_BLOCKS
 

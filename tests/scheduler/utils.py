@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
+from splitserve.common import messages as msg
 from splitserve.protos import common_pb2, scheduler_pb2
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.engine_core import EngineCore
@@ -25,9 +26,18 @@ def make_engine(
     return EngineCore(config, ex), ex
 
 
-def gen_request(
+def gen_request(rid: str, prompt: list[int], max_tokens: int = 8, **sp) -> msg.GenerateRequest:
+    """The engine's form, for calls into the scheduler itself."""
+    params = msg.SamplingParams(max_tokens=max_tokens, **sp)
+    return msg.GenerateRequest(
+        request_id=rid, prompt_token_ids=list(prompt), sampling_params=params
+    )
+
+
+def gen_request_proto(
     rid: str, prompt: list[int], max_tokens: int = 8, **sp
 ) -> scheduler_pb2.GenerateRequest:
+    """The wire form, for calls to the scheduler's gRPC service."""
     params = common_pb2.SamplingParams(max_tokens=max_tokens, **sp)
     return scheduler_pb2.GenerateRequest(
         request_id=rid, prompt_token_ids=prompt, sampling_params=params

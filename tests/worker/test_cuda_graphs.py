@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from splitserve.protos import common_pb2, worker_pb2
+from splitserve.common import messages as msg
 from splitserve.worker import model_runner
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.cuda_graphs import (
@@ -133,12 +133,12 @@ PROMPTS = {"a": [5, 9, 13, 17, 21], "b": [7, 3, 1], "c": [11, 12, 13, 14, 15, 16
 
 
 def _new(rid, tokens, blocks):
-    return worker_pb2.NewRequest(
+    return msg.NewRequest(
         request_id=rid,
         token_ids=tokens,
         block_ids=blocks,
         num_prompt_tokens=len(tokens),
-        sampling_params=common_pb2.SamplingParams(temperature=0, logprobs=3),
+        sampling_params=msg.SamplingParams(temperature=0, logprobs=3),
     )
 
 
@@ -148,7 +148,7 @@ def _steps():
     14 tokens of context."""
     blocks = {"a": list(range(0, 8)), "b": list(range(8, 16)), "c": list(range(16, 24))}
     steps = [
-        worker_pb2.StepRequest(
+        msg.StepRequest(
             step_id=0,
             new_requests=[_new(r, p, blocks[r]) for r, p in PROMPTS.items() if r != "c"],
             num_scheduled_tokens={"a": 5, "b": 3},
@@ -166,12 +166,12 @@ def _steps():
         if new:
             scheduled["c"] = len(PROMPTS["c"])
         steps.append(
-            worker_pb2.StepRequest(
+            msg.StepRequest(
                 step_id=i,
                 new_requests=new,
                 finished_request_ids=finished,
                 cached_requests=[
-                    worker_pb2.CachedRequest(request_id=r, num_computed_tokens=n)
+                    msg.CachedRequest(request_id=r, num_computed_tokens=n)
                     for r, n in computed.items()
                 ],
                 num_scheduled_tokens=scheduled,

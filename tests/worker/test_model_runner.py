@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splitserve.common import messages as msg
 from splitserve.kernels import torch_paged_decode
-from splitserve.protos import common_pb2, worker_pb2
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.model_runner import ModelRunner
 from splitserve.worker.pipeline import IntermediateTensors
@@ -24,18 +24,18 @@ def runner(tiny_llama):
 
 def _new(rid, tokens, blocks, computed=0, num_prompt=None, **params):
     params.setdefault("temperature", 0)
-    return worker_pb2.NewRequest(
+    return msg.NewRequest(
         request_id=rid,
         token_ids=tokens,
         block_ids=blocks,
         num_computed_tokens=computed,
         num_prompt_tokens=len(tokens) if num_prompt is None else num_prompt,
-        sampling_params=common_pb2.SamplingParams(**params),
+        sampling_params=msg.SamplingParams(**params),
     )
 
 
 def _decode(rid, computed, new_blocks=()):
-    return worker_pb2.CachedRequest(
+    return msg.CachedRequest(
         request_id=rid, num_computed_tokens=computed, new_block_ids=list(new_blocks)
     )
 
@@ -43,7 +43,7 @@ def _decode(rid, computed, new_blocks=()):
 def _generate(runner, rid, prompt, n, blocks, first_step=0, **params):
     """Prefill then n - 1 decodes of one request; returns its tokens."""
     res = runner.execute(
-        worker_pb2.StepRequest(
+        msg.StepRequest(
             step_id=first_step,
             new_requests=[_new(rid, prompt, blocks, **params)],
             num_scheduled_tokens={rid: len(prompt)},
@@ -52,14 +52,14 @@ def _generate(runner, rid, prompt, n, blocks, first_step=0, **params):
     tokens = list(res.token_ids)
     for i in range(1, n):
         res = runner.execute(
-            worker_pb2.StepRequest(
+            msg.StepRequest(
                 step_id=first_step + i,
                 cached_requests=[_decode(rid, len(prompt) + i - 1)],
                 num_scheduled_tokens={rid: 1},
             )
         )
         tokens += list(res.token_ids)
-    runner.execute(worker_pb2.StepRequest(step_id=first_step + n, finished_request_ids=[rid]))
+    runner.execute(msg.StepRequest(step_id=first_step + n, finished_request_ids=[rid]))
     return tokens
 
 
@@ -84,7 +84,7 @@ def test_warm_up_leaves_no_request_behind(runner):
 
 
 def test_step_result_shape_and_partial_chunks(runner):
-    step = worker_pb2.StepRequest(
+    step = msg.StepRequest(
         step_id=7,
         new_requests=[_new("whole", PROMPT, [0, 1], logprobs=2), _new("chunked", PROMPT, [2, 3])],
         num_scheduled_tokens={"whole": len(PROMPT), "chunked": 3},
@@ -95,7 +95,7 @@ def test_step_result_shape_and_partial_chunks(runner):
     assert len(res.token_ids) == len(res.logprobs) == 1
     assert len(res.logprobs[0].top_token_ids) == 2 and res.logprobs[0].token_id == res.token_ids[0]
     res = runner.execute(
-        worker_pb2.StepRequest(
+        msg.StepRequest(
             step_id=8,
             cached_requests=[_decode("whole", len(PROMPT)), _decode("chunked", 3)],
             num_scheduled_tokens={"whole": 1, "chunked": len(PROMPT) - 3},
@@ -103,13 +103,13 @@ def test_step_result_shape_and_partial_chunks(runner):
     )
     assert sorted(res.request_ids) == ["chunked", "whole"]
     by_id = dict(zip(res.request_ids, res.logprobs, strict=True))
-    assert by_id["chunked"] == common_pb2.TokenLogprobs()  # did not ask: an empty entry
-    runner.execute(worker_pb2.StepRequest(step_id=9, finished_request_ids=["whole", "chunked"]))
+    assert by_id["chunked"] is None  # did not ask
+    runner.execute(msg.StepRequest(step_id=9, finished_request_ids=["whole", "chunked"]))
     assert len(runner.batch) == 0
 
 
 def test_bad_requests_fail_alone(runner):
-    step = worker_pb2.StepRequest(
+    step = msg.StepRequest(
         step_id=1,
         new_requests=[
             _new("ok", PROMPT, [0, 1]),
@@ -139,7 +139,7 @@ def test_bad_requests_fail_alone(runner):
     assert set(runner.batch.rows) == {"ok"}
     # forgotten requests are forgotten; unknown finished ids are ignored
     res = runner.execute(
-        worker_pb2.StepRequest(
+        msg.StepRequest(
             step_id=2, finished_request_ids=["ok", "never-seen"], num_scheduled_tokens={"ok": 1}
         )
     )
@@ -159,7 +159,7 @@ def test_decode_input_is_the_token_sampled_last_step(runner, tiny_llama):
 def test_resumed_after_preemption_continues_the_same_sequence(runner):
     full = _generate(runner, "a", PROMPT, 8, [0, 1, 2, 3])
     # preempted after 3 outputs: resumed as a new request carrying them, recomputed from 0
-    resumed = worker_pb2.StepRequest(
+    resumed = msg.StepRequest(
         step_id=20,
         new_requests=[
             _new("a", PROMPT + full[:3], [10, 11, 12, 13], num_prompt=len(PROMPT), min_tokens=4)
@@ -169,7 +169,7 @@ def test_resumed_after_preemption_continues_the_same_sequence(runner):
     res = runner.execute(resumed)
     assert list(res.token_ids) == [full[3]]
     assert runner.batch.num_prompt[runner.batch.rows["a"]] == len(PROMPT)
-    runner.execute(worker_pb2.StepRequest(step_id=21, finished_request_ids=["a"]))
+    runner.execute(msg.StepRequest(step_id=21, finished_request_ids=["a"]))
 
 
 def test_min_tokens_counts_outputs_kept_across_preemption(runner):
@@ -192,7 +192,7 @@ def test_seeded_request_ignores_its_neighbours(runner):
         _new("y", PROMPT[:5], [21, 22], temperature=0.8, seed=9),
     ]
     res = runner.execute(
-        worker_pb2.StepRequest(
+        msg.StepRequest(
             step_id=0,
             new_requests=[*others, _new("s", PROMPT, [0, 1, 2, 3], **params)],
             num_scheduled_tokens={"x": 3, "y": 5, "s": len(PROMPT)},
@@ -201,7 +201,7 @@ def test_seeded_request_ignores_its_neighbours(runner):
     got = [dict(zip(res.request_ids, res.token_ids, strict=True))["s"]]
     for i in range(1, 10):
         res = runner.execute(
-            worker_pb2.StepRequest(
+            msg.StepRequest(
                 step_id=i,
                 cached_requests=[
                     _decode("x", 3 + i - 1),
@@ -212,7 +212,7 @@ def test_seeded_request_ignores_its_neighbours(runner):
             )
         )
         got.append(dict(zip(res.request_ids, res.token_ids, strict=True))["s"])
-    runner.execute(worker_pb2.StepRequest(step_id=10, finished_request_ids=["x", "y", "s"]))
+    runner.execute(msg.StepRequest(step_id=10, finished_request_ids=["x", "y", "s"]))
     assert got == alone
     assert _generate(runner, "s2", PROMPT, 10, [0, 1, 2, 3], temperature=1.0, seed=4321) != alone
 
@@ -231,7 +231,7 @@ def test_two_pipeline_ranks_reproduce_one(runner, tiny_llama):
     assert ranks[0].model.lm_head is None and ranks[1].model.model.embed_tokens is None
     params = dict(temperature=0, logprobs=1)
     steps = [
-        worker_pb2.StepRequest(
+        msg.StepRequest(
             step_id=0,
             new_requests=[
                 _new("p", PROMPT, [0, 1, 2, 3], **params),
@@ -242,7 +242,7 @@ def test_two_pipeline_ranks_reproduce_one(runner, tiny_llama):
     ]
     for i in range(1, 5):
         steps.append(
-            worker_pb2.StepRequest(
+            msg.StepRequest(
                 step_id=i,
                 cached_requests=[_decode("p", len(PROMPT) + i - 1), _decode("q", 2 + i)],
                 num_scheduled_tokens={"p": 1, "q": 1},
@@ -263,13 +263,13 @@ def test_two_pipeline_ranks_reproduce_one(runner, tiny_llama):
             strict=True,
         ):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
-    runner.execute(worker_pb2.StepRequest(step_id=9, finished_request_ids=["p", "q"]))
+    runner.execute(msg.StepRequest(step_id=9, finished_request_ids=["p", "q"]))
 
 
 def test_execute_before_initialize_cache_fails(tiny_llama):
     fresh = ModelRunner(WorkerConfig(model=str(tiny_llama)))
     with pytest.raises(RuntimeError, match="initialize_cache"):
-        fresh.execute(worker_pb2.StepRequest())
+        fresh.execute(msg.StepRequest())
 
 
 def test_logits_only_for_sampled_positions(runner, monkeypatch):
@@ -282,7 +282,7 @@ def test_logits_only_for_sampled_positions(runner, monkeypatch):
 
     monkeypatch.setattr(runner.model, "compute_logits", spy)
     runner.execute(
-        worker_pb2.StepRequest(
+        msg.StepRequest(
             step_id=0,
             new_requests=[
                 _new("l1", PROMPT, [0, 1]),
@@ -294,7 +294,7 @@ def test_logits_only_for_sampled_positions(runner, monkeypatch):
     )
     # l1 samples (1 row), l2 is a partial chunk (0), l3 samples + 6 prompt positions
     assert seen == [1 + 1 + len(PROMPT) - 1]
-    runner.execute(worker_pb2.StepRequest(step_id=1, finished_request_ids=["l1", "l2", "l3"]))
+    runner.execute(msg.StepRequest(step_id=1, finished_request_ids=["l1", "l2", "l3"]))
     assert torch.is_inference_mode_enabled() is False
 
 

@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 
+from splitserve.common import messages as msg
 from splitserve.entrypoints.launcher import free_port
-from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
+from splitserve.protos import common_pb2, worker_pb2, worker_pb2_grpc
 from splitserve.scheduler.config import SchedulerConfig
 from splitserve.scheduler.engine_core import EngineCore
 from splitserve.worker.config import WorkerConfig
@@ -98,11 +99,9 @@ class PipelineWorkers:
 
 def _generate(engine: EngineCore, workload) -> dict[str, list[int]]:
     for i, (prompt, n) in enumerate(workload):
-        sp = common_pb2.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        sp = msg.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         engine.scheduler.add_request(
-            scheduler_pb2.GenerateRequest(
-                request_id=f"r{i}", prompt_token_ids=prompt, sampling_params=sp
-            )
+            msg.GenerateRequest(request_id=f"r{i}", prompt_token_ids=prompt, sampling_params=sp)
         )
     outs: dict[str, list[int]] = {}
     deadline = time.monotonic() + 120
@@ -306,11 +305,11 @@ def test_a_rank_refuses_activations_laid_out_differently(checkpoint):
     ]
     for r in ranks:
         r.initialize_cache(8, 4)
-    sp = common_pb2.SamplingParams(temperature=0)
-    step = worker_pb2.StepRequest(
+    sp = msg.SamplingParams(temperature=0)
+    step = msg.StepRequest(
         step_id=0,
         new_requests=[
-            worker_pb2.NewRequest(
+            msg.NewRequest(
                 request_id=rid,
                 token_ids=[5, 6, 7],
                 block_ids=[i],
@@ -330,7 +329,7 @@ def test_a_rank_refuses_activations_laid_out_differently(checkpoint):
     fresh.initialize_cache(8, 4)
     assert list(fresh.execute(step, good).request_ids) == ["a", "b"]
     with pytest.raises(RuntimeError, match="plans 0 tokens but the previous pipeline rank sent 6"):
-        fresh.execute(worker_pb2.StepRequest(step_id=1), good)
+        fresh.execute(msg.StepRequest(step_id=1), good)
 
 
 def test_layer_partition_from_vllm_environment_variable(checkpoint, monkeypatch):
@@ -390,7 +389,7 @@ def test_newer_architectures_split_over_ranks_match_transformers(checkpoint, arc
     ]
     assert [(r.loaded.start_layer, r.loaded.end_layer) for r in ranks] == [(0, 2), (2, 3)]
     driver = StepDriver(_ChainedRanks(ranks), block_size=4, chunk_size=7)
-    sp = common_pb2.SamplingParams(temperature=0, ignore_eos=True)
+    sp = msg.SamplingParams(temperature=0, ignore_eos=True)
     for i, (prompt, n) in enumerate(workload):
         driver.add(f"r{i}", prompt, n, sp)
     out = driver.run()
@@ -411,20 +410,18 @@ def _bursts_with_finishes_and_aborts(engine: EngineCore, vocab: int, rounds: int
         for i in range(rng.randint(4, 12)):
             rid = f"b{burst}-{i}"
             prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 40))]
-            sp = common_pb2.SamplingParams(
-                max_tokens=rng.randint(1, 10), temperature=0, ignore_eos=True
-            )
+            sp = msg.SamplingParams(max_tokens=rng.randint(1, 10), temperature=0, ignore_eos=True)
             engine.scheduler.add_request(
-                scheduler_pb2.GenerateRequest(
-                    request_id=rid, prompt_token_ids=prompt, sampling_params=sp
-                )
+                msg.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling_params=sp)
             )
             ids.append(rid)
         steps = 0
         while engine.has_work:
             for o in engine.step():
                 assert not o.error, o.error
-                completed += bool(o.finished and o.finish_reason != common_pb2.FINISH_REASON_ABORT)
+                completed += bool(
+                    o.finished and o.finish_reason != common_pb2.FinishReason.FINISH_REASON_ABORT
+                )
             steps += 1
             if steps in (1, 3):  # abort while this burst's steps are in the pipeline
                 for rid in rng.sample(ids, 2):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitserve.protos import common_pb2, worker_pb2
+from splitserve.common import messages as msg
 from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.sampler import Sampler
 
@@ -15,7 +15,7 @@ EOS = [0]
 
 
 def _metadata(
-    params: list[common_pb2.SamplingParams],
+    params: list[msg.SamplingParams],
     prompt: list[int] | None = None,
     outputs: list[list[int]] | None = None,
 ):
@@ -31,7 +31,7 @@ def _metadata(
     for i, p in enumerate(params):
         out = outputs[i] if outputs else []
         batch.add(
-            worker_pb2.NewRequest(
+            msg.NewRequest(
                 request_id=str(i),
                 token_ids=prompt + out,
                 num_prompt_tokens=len(prompt),
@@ -50,8 +50,8 @@ def _logits(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 2
 
 
-def _params(**kwargs) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(**kwargs)
+def _params(**kwargs) -> msg.SamplingParams:
+    return msg.SamplingParams(**kwargs)
 
 
 def test_greedy_is_argmax_of_raw_logits():
@@ -110,9 +110,7 @@ def test_presence_and_frequency_penalties_use_output_counts_only():
     torch.testing.assert_close(delta, expected)  # prompt tokens 1, 2 untouched
 
 
-def _histogram(
-    params: common_pb2.SamplingParams, logits_row: torch.Tensor, n: int = 4000
-) -> torch.Tensor:
+def _histogram(params: msg.SamplingParams, logits_row: torch.Tensor, n: int = 4000) -> torch.Tensor:
     logits = logits_row.expand(n, V).clone()
     tokens, _ = _sampler(1)(logits, _metadata([params] * n))
     return torch.bincount(tokens, minlength=V).float() / n
@@ -171,7 +169,7 @@ def test_mixed_batch_applies_each_rows_parameters():
     assert tokens[2] == 3
 
 
-def _seeded_run(seed: int, neighbours: list[common_pb2.SamplingParams], steps: int = 20):
+def _seeded_run(seed: int, neighbours: list[msg.SamplingParams], steps: int = 20):
     logits_row = _logits(1, seed=5)
     params = [*neighbours, _params(temperature=1.0, seed=seed)]
     meta = _metadata(params)
@@ -206,9 +204,9 @@ def test_logprobs_come_from_raw_logits():
     torch.testing.assert_close(logprobs.logprobs[0], raw[1])
     assert int(logprobs.ranks[0]) == int((raw >= raw[1]).sum())
     torch.testing.assert_close(logprobs.top_logprobs[0], raw.topk(3).values)
-    proto = logprobs.to_protos([3])[0]
+    proto = logprobs.to_entries([3])[0]
     assert proto.token_id == 1 and list(proto.top_token_ids) == raw.topk(3).indices.tolist()
-    assert list(logprobs.to_protos([0])[0].top_token_ids) == []
+    assert list(logprobs.to_entries([0])[0].top_token_ids) == []
 
 
 def _bitmask(rows: int, allowed: dict[int, list[int]]) -> torch.Tensor:
@@ -259,8 +257,8 @@ def test_logprobs_stay_those_of_the_raw_logits_under_a_mask():
     assert torch.allclose(lp.logprobs[0], expected)
 
 
-def _bad_words(*seqs: list[int]) -> list[common_pb2.TokenIdSequence]:
-    return [common_pb2.TokenIdSequence(token_ids=s) for s in seqs]
+def _bad_words(*seqs: list[int]) -> list[list[int]]:
+    return [list(s) for s in seqs]
 
 
 def test_allowed_token_ids_limit_greedy_and_random_rows_only():
@@ -324,7 +322,7 @@ def test_rows_release_their_allowed_and_bad_words_state():
     batch = InputBatch(64, 4, V, 8, torch.device("cpu"), initial_rows=1)
     sp = _params(temperature=0, allowed_token_ids=[1], bad_words_token_ids=_bad_words([2]))
     for rid in ("a", "b"):
-        batch.add(worker_pb2.NewRequest(request_id=rid, token_ids=[3], sampling_params=sp))
+        batch.add(msg.NewRequest(request_id=rid, token_ids=[3], sampling_params=sp))
     assert (batch.num_allowed, batch.num_bad_words) == (2, 2)
     batch.remove("a")
     batch.remove("b")
@@ -343,5 +341,5 @@ def test_rows_release_their_allowed_and_bad_words_state():
 )
 def test_out_of_vocab_allowed_or_bad_word_ids_are_refused(params):
     batch = InputBatch(64, 4, V, 8, torch.device("cpu"), initial_rows=1)
-    error = batch.add(worker_pb2.NewRequest(request_id="x", token_ids=[3], sampling_params=params))
+    error = batch.add(msg.NewRequest(request_id="x", token_ids=[3], sampling_params=params))
     assert error and ("outside" in error or "empty" in error)
