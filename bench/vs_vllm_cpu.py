@@ -259,7 +259,9 @@ def main() -> None:
     print(f"model {path}; {_load_line()}", flush=True)
     table: dict[str, list[dict]] = {n: [] for n in names}
     for rnd in range(args.rounds):
-        for name in names:
+        # NOTE: every other round runs the servers in reverse order, so that neither always
+        # goes first (right after the previous server exited, or while it still drains).
+        for name in names if rnd % 2 == 0 else names[::-1]:
             port = free_port()
             if name in ("splitserve", "baseline"):
                 exe, extra = args.splitserve_exe, args.splitserve_args
