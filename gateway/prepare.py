@@ -255,15 +255,7 @@ def _audio_source(part, param: str) -> tuple[str, str]:
 async def _load_audio(parts: list[tuple[str, str, str]], config) -> list[bytes]:
     """Read every audio part (data decoded, URLs fetched under the media rules), after checking
     their number against the limit. Decoding and length limits are the tokenizer service's."""
-    if config is None:
-        raise bad_request("audio parts are not accepted on this endpoint", parts[0][2])
-    limit = parse_mm_limits(config.limit_mm_per_prompt)["audio"]
-    if len(parts) > limit:
-        raise bad_request(
-            f"the messages carry {len(parts)} audio parts, more than the limit of {limit} "
-            "(--limit-mm-per-prompt)",
-            "messages",
-        )
+    _check_count(config, "audio", len(parts), "audio parts", parts[0][2])
     policy = audio_policy(MediaPolicy.from_config(config))
 
     async def load(kind: str, value: str, param: str) -> bytes:
@@ -271,15 +263,7 @@ async def _load_audio(parts: list[tuple[str, str, str]], config) -> list[bytes]:
             return await load_image(value, policy, param)
         return decode_base64(value, policy, param)
 
-    blobs = list(await asyncio.gather(*(load(*part) for part in parts)))
-    total = sum(len(b) for b in blobs)
-    if total > _MAX_TOTAL_IMAGE_BYTES:
-        raise bad_request(
-            f"the messages' audio holds {total} bytes together, more than "
-            f"{_MAX_TOTAL_IMAGE_BYTES} per request",
-            "messages",
-        )
-    return blobs
+    return _check_total(list(await asyncio.gather(*(load(*part) for part in parts))), "audio")
 
 
 def _image_url(part, param: str) -> str:
@@ -292,21 +276,31 @@ def _image_url(part, param: str) -> str:
 
 async def _load_images(urls: list[tuple[str, str]], config) -> list[bytes]:
     """Fetch every image (concurrently), after checking their number against the limit."""
+    _check_count(config, "image", len(urls), "images", urls[0][1], "image_url parts")
+    policy = MediaPolicy.from_config(config)
+    blobs = list(await asyncio.gather(*(load_image(url, policy, p) for url, p in urls)))
+    return _check_total(blobs, "images")
+
+
+def _check_count(config, modality: str, n: int, what: str, param: str, parts: str = "") -> None:
+    """400 unless this endpoint takes `modality` parts and `n` is within its limit."""
     if config is None:
-        raise bad_request("image_url parts are not accepted on this endpoint", urls[0][1])
-    limit = parse_mm_limits(config.limit_mm_per_prompt)["image"]
-    if len(urls) > limit:
+        raise bad_request(f"{parts or what} are not accepted on this endpoint", param)
+    limit = parse_mm_limits(config.limit_mm_per_prompt)[modality]
+    if n > limit:
         raise bad_request(
-            f"the messages carry {len(urls)} images, more than the limit of {limit} "
+            f"the messages carry {n} {what}, more than the limit of {limit} "
             "(--limit-mm-per-prompt)",
             "messages",
         )
-    policy = MediaPolicy.from_config(config)
-    blobs = list(await asyncio.gather(*(load_image(url, policy, p) for url, p in urls)))
+
+
+def _check_total(blobs: list[bytes], what: str) -> list[bytes]:
+    """`blobs`, unless together they exceed what one message to the tokenizer service holds."""
     total = sum(len(b) for b in blobs)
     if total > _MAX_TOTAL_IMAGE_BYTES:
         raise bad_request(
-            f"the messages' images hold {total} bytes together, more than "
+            f"the messages' {what} hold {total} bytes together, more than "
             f"{_MAX_TOTAL_IMAGE_BYTES} per request",
             "messages",
         )

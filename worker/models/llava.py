@@ -21,8 +21,8 @@ from torch import nn
 
 from splitserve.worker.models.clip import CLIPVisionTower
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
+from splitserve.worker.models.multimodal_lm import MultiModalCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
-from splitserve.worker.pipeline import IntermediateTensors
 
 _TEXT_MODELS: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
@@ -64,11 +64,12 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(nn.Module):
+class LlavaForConditionalGeneration(MultiModalCausalLM):
     """LLaVA-1.5 on one rank; `compute_logits` is the language model's lm_head."""
 
     supports_images = True
     packed_modules = LlamaForCausalLM.packed_modules
+    renames = _RENAMES
 
     def __init__(
         self,
@@ -80,8 +81,7 @@ class LlavaForConditionalGeneration(nn.Module):
         max_positions: int,
     ) -> None:
         super().__init__()
-        if not (is_first and is_last):
-            raise ValueError("LLaVA models run on one rank: pipeline parallelism is not supported")
+        self.check_one_rank(is_first, is_last, "LLaVA")
         self.config = config
         text = config.text_config
         text_cls = _TEXT_MODELS.get(getattr(text, "model_type", None))
@@ -107,15 +107,6 @@ class LlavaForConditionalGeneration(nn.Module):
         self.language_model = text_cls(text, start_layer, end_layer, True, True, max_positions)
 
     @property
-    def model(self):
-        """The decoder stack (what the loader and LoRA look for as `model.model`)."""
-        return self.language_model.model
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.language_model.lm_head
-
-    @property
     def num_image_tokens(self) -> int:
         """Embeddings (placeholder tokens) per image."""
         vc = self.config.vision_config
@@ -128,18 +119,6 @@ class LlavaForConditionalGeneration(nn.Module):
         vc = self.config.vision_config
         return (vc.num_channels, vc.image_size, vc.image_size)
 
-    @staticmethod
-    def checkpoint_name(name: str) -> str:
-        """The module path of a checkpoint tensor in this model."""
-        for pattern, replacement in _RENAMES:
-            if pattern.match(name):
-                return pattern.sub(replacement, name, count=1)
-        return name
-
-    def owns_weight(self, name: str) -> bool:
-        """Every checkpoint tensor belongs to the one rank."""
-        return True
-
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, num_image_tokens, text hidden]."""
         dtype = self.multi_modal_projector.linear_1.weight.dtype
@@ -147,29 +126,3 @@ class LlavaForConditionalGeneration(nn.Module):
         if self.feature_strategy == "default":
             states = [s[:, 1:] for s in states]
         return self.multi_modal_projector(torch.cat(states, dim=-1))
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Hidden states after the final norm; `inputs_embeds` (with image embeddings in
-        place) replaces the token embedding when given."""
-        lm = self.language_model.model
-        hidden = inputs_embeds if inputs_embeds is not None else lm.embed_tokens(input_ids)
-        residual = None
-        for i in range(lm.start_layer, lm.end_layer):
-            hidden, residual = lm.layers[i](positions, hidden, residual)
-        hidden, _ = lm.norm(hidden, residual)
-        return hidden
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden_states)
-
-    def post_materialize(self) -> None:
-        self.language_model.post_materialize()

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.worker.models.multimodal_lm import MultiModalCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
-from splitserve.worker.pipeline import IntermediateTensors
 
 _RENAMES = [
     (re.compile(r"^model\.audio_tower\."), "audio_tower."),
@@ -129,11 +129,12 @@ class Qwen2AudioEncoder(nn.Module):
         return self.layer_norm(x)
 
 
-class Qwen2AudioForConditionalGeneration(nn.Module):
+class Qwen2AudioForConditionalGeneration(MultiModalCausalLM):
     """Qwen2-Audio on one rank; `compute_logits` is the language model's lm_head."""
 
     supports_audio = True
     packed_modules = Qwen2ForCausalLM.packed_modules
+    renames = _RENAMES
 
     def __init__(
         self,
@@ -145,10 +146,7 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         max_positions: int,
     ) -> None:
         super().__init__()
-        if not (is_first and is_last):
-            raise ValueError(
-                "Qwen2-Audio models run on one rank: pipeline parallelism is not supported"
-            )
+        self.check_one_rank(is_first, is_last, "Qwen2-Audio")
         self.config = config
         text = config.text_config
         if getattr(text, "model_type", None) != "qwen2":
@@ -165,15 +163,6 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
         )
 
     @property
-    def model(self):
-        """The decoder stack (what the loader and LoRA look for as `model.model`)."""
-        return self.language_model.model
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.language_model.lm_head
-
-    @property
     def feature_shape(self) -> tuple[int, int]:
         """[mel bins, frames] of one processed audio item."""
         return (self.audio_tower.num_mel_bins, self.audio_tower.num_frames)
@@ -182,46 +171,8 @@ class Qwen2AudioForConditionalGeneration(nn.Module):
     def num_audio_tokens(num_frames: int) -> int:
         return int(num_audio_tokens(num_frames))
 
-    @staticmethod
-    def checkpoint_name(name: str) -> str:
-        """The module path of a checkpoint tensor in this model."""
-        for pattern, replacement in _RENAMES:
-            if pattern.match(name):
-                return pattern.sub(replacement, name, count=1)
-        return name
-
-    def owns_weight(self, name: str) -> bool:
-        """Every checkpoint tensor belongs to the one rank."""
-        return True
-
     def embed_audio(self, features: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
         """features [B, mel, frames window], frames [B] -> per item [num_audio_tokens, hidden]."""
         out = self.multi_modal_projector.linear(self.audio_tower(features, frames))
         lengths = num_audio_tokens(frames).tolist()
         return [o[:n] for o, n in zip(out, lengths, strict=True)]
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate: IntermediateTensors | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Hidden states after the final norm; `inputs_embeds` (with audio embeddings in
-        place) replaces the token embedding when given."""
-        lm = self.language_model.model
-        hidden = inputs_embeds if inputs_embeds is not None else lm.embed_tokens(input_ids)
-        residual = None
-        for i in range(lm.start_layer, lm.end_layer):
-            hidden, residual = lm.layers[i](positions, hidden, residual)
-        hidden, _ = lm.norm(hidden, residual)
-        return hidden
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden_states)
-
-    def post_materialize(self) -> None:
-        self.language_model.post_materialize()
