@@ -73,12 +73,24 @@ def decode(data: bytes, part: str, limits: AudioLimits = AudioLimits()) -> tuple
         ) from None
     if samples.shape[0] / rate > limits.max_seconds:
         raise AudioError(_too_long(part, samples.shape[0] / rate, limits))
-    if samples.shape[0] == 0:
+    return to_mono(samples, part), rate
+
+
+def to_mono(samples, part: str) -> np.ndarray:
+    """Samples [n] or [n, channels] as contiguous mono float32 (channels averaged);
+    AudioError naming the part when empty, of another shape, or not finite."""
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if samples.ndim != 1:
+        raise AudioError(
+            f"{part}: expected mono samples or [samples, channels], got shape {samples.shape}"
+        )
+    if samples.size == 0:
         raise AudioError(f"{part}: the audio has no samples")
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    if not np.isfinite(mono).all():
+    if not np.isfinite(samples).all():
         raise AudioError(f"{part}: the audio holds samples that are not finite numbers")
-    return np.ascontiguousarray(mono), rate
+    return np.ascontiguousarray(samples)
 
 
 def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:

@@ -92,14 +92,8 @@ class AudioPreprocessor:
             )
         waves = []
         for i, (samples, rate) in enumerate(items):
-            samples = np.asarray(samples, dtype=np.float32)
-            if samples.ndim == 2:  # [samples, channels] -> mono
-                samples = samples.mean(axis=1, dtype=np.float32)
-            if samples.ndim != 1 or samples.size == 0:
-                raise ValueError(f"audio {i}: expected mono samples, got shape {samples.shape}")
-            if not np.isfinite(samples).all():
-                raise ValueError(f"audio {i}: samples that are not finite numbers")
-            waves.append(audio.resample(samples, int(rate), self.sampling_rate))
+            mono = audio.to_mono(samples, f"audio {i}")
+            waves.append(audio.resample(mono, int(rate), self.sampling_rate))
         try:
             out = self.processor(
                 text=[prompt],

@@ -234,7 +234,6 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 )
             if chat.num_audio:
                 try:
-                    audio.check_count(chat.num_audio)
                     return audio.process_files(
                         renderer.render_prompt(chat),
                         list(request.audio),

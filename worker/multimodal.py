@@ -54,22 +54,42 @@ class _Item:
     """[length, hidden] once encoded; dropped when the prompt is computed past the span."""
 
 
+_MODALITIES = {
+    # modality: (the model's flag, its placeholder token id, the item's tensor field, the
+    # model's shape for it, what the shape's dimensions are)
+    "image": (
+        "supports_images",
+        "image_token_id",
+        "pixel_values",
+        "pixel_shape",
+        "[channels, height, width]",
+    ),
+    "audio": (
+        "supports_audio",
+        "audio_token_id",
+        "input_features",
+        "feature_shape",
+        "[mel bins, frames]",
+    ),
+}
+
+
 class MultiModalInputs:
-    """The images of the live requests of one (first) pipeline rank."""
+    """The images and audio of the live requests of one (first) pipeline rank."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.model = model
         self.device = device
-        self.images: dict[str, list[_Item]] = {}
+        self.items: dict[str, list[_Item]] = {}
         self.num_encoded = 0
-        """Images encoded so far (tests check each is encoded once)."""
+        """Items encoded so far (tests check each is encoded once)."""
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.items)
 
     def add(self, req: msg.NewRequest) -> str | None:
         """Take a new request's items; an error message when they are invalid."""
-        self.images.pop(req.request_id, None)
+        self.items.pop(req.request_id, None)
         if not req.mm_inputs:
             return None
         num_prompt = req.num_prompt_tokens or len(req.token_ids)
@@ -77,72 +97,61 @@ class MultiModalInputs:
         items: list[_Item] = []
         end = 0
         for i, mm in enumerate(req.mm_inputs):
-            if mm.modality not in ("image", "audio"):
-                return f"multimodal input {i}: unsupported modality {mm.modality!r}"
             kind = mm.modality
-            if not getattr(
-                self.model, f"supports_{kind}s" if kind == "image" else "supports_audio", False
-            ):
+            if kind not in _MODALITIES:
+                return f"multimodal input {i}: unsupported modality {kind!r}"
+            supports, token_attr, field, shape_attr, dims = _MODALITIES[kind]
+            if not getattr(self.model, supports, False):
                 return f"this model does not take {kind} inputs"
             if mm.offset < end or mm.offset + mm.length > num_prompt:
                 return (
                     f"{kind} {i}: placeholder span [{mm.offset}, {mm.offset + mm.length}) "
                     f"overlaps another item or leaves the {num_prompt}-token prompt"
                 )
-            item, error = (self._image if kind == "image" else self._audio)(i, mm)
+            try:
+                data = tensor_from_proto(getattr(mm, field))
+            except ValueError as exc:
+                return f"{kind} {i}: {exc}"
+            want_shape = list(getattr(self.model, shape_attr))
+            if list(data.shape) != want_shape:
+                return (
+                    f"{kind} {i}: {field} of shape {list(data.shape)}, the model takes "
+                    f"{want_shape} ({dims})"
+                )
+            error = self._check_length(i, mm, want_shape)
             if error:
                 return error
-            token = self.model.image_token_id if kind == "image" else self.model.audio_token_id
+            token = getattr(self.model, token_attr)
             span = token_ids[mm.offset : mm.offset + mm.length]
             if (span != token).any():
                 return (
                     f"{kind} {i}: the prompt holds other tokens than the {kind} token "
                     f"{token} in [{mm.offset}, {mm.offset + mm.length})"
                 )
-            items.append(item)
+            items.append(_Item(kind, mm.offset, mm.length, data, mm.num_frames))
             end = mm.offset + mm.length
-        self.images[req.request_id] = items
+        self.items[req.request_id] = items
         return None
 
-    def _image(self, i: int, mm: msg.MultiModalInput) -> tuple[_Item | None, str]:
-        want = self.model.num_image_tokens
-        if mm.length != want:
-            return None, f"image {i}: {mm.length} placeholder tokens, the model yields {want}"
-        try:
-            pixels = tensor_from_proto(mm.pixel_values)
-        except ValueError as exc:
-            return None, f"image {i}: {exc}"
-        want_shape = list(self.model.pixel_shape)
-        if list(pixels.shape) != want_shape:
-            return None, (
-                f"image {i}: pixel_values of shape {list(pixels.shape)}, the model takes "
-                f"{want_shape} ([channels, height, width])"
-            )
-        return _Item("image", mm.offset, mm.length, pixels), ""
-
-    def _audio(self, i: int, mm: msg.MultiModalInput) -> tuple[_Item | None, str]:
-        try:
-            features = tensor_from_proto(mm.input_features)
-        except ValueError as exc:
-            return None, f"audio {i}: {exc}"
-        want_shape = list(self.model.feature_shape)
-        if list(features.shape) != want_shape:
-            return None, (
-                f"audio {i}: input_features of shape {list(features.shape)}, the model takes "
-                f"{want_shape} ([mel bins, frames])"
-            )
-        if not 0 < mm.num_frames <= want_shape[1]:
-            return None, f"audio {i}: num_frames {mm.num_frames} outside [1, {want_shape[1]}]"
+    def _check_length(self, i: int, mm: msg.MultiModalInput, shape: list[int]) -> str:
+        """An error unless the item's span has as many tokens as the encoder yields for it."""
+        if mm.modality == "image":
+            want = self.model.num_image_tokens
+            if mm.length != want:
+                return f"image {i}: {mm.length} placeholder tokens, the model yields {want}"
+            return ""
+        if not 0 < mm.num_frames <= shape[1]:
+            return f"audio {i}: num_frames {mm.num_frames} outside [1, {shape[1]}]"
         want = self.model.num_audio_tokens(mm.num_frames)
         if mm.length != want:
-            return None, (
+            return (
                 f"audio {i}: {mm.length} placeholder tokens, the model yields {want} for "
                 f"{mm.num_frames} frames"
             )
-        return _Item("audio", mm.offset, mm.length, features, mm.num_frames), ""
+        return ""
 
     def remove(self, request_id: str) -> None:
-        self.images.pop(request_id, None)
+        self.items.pop(request_id, None)
 
     def embeddings(
         self,
@@ -152,22 +161,22 @@ class MultiModalInputs:
         offsets: np.ndarray,
         input_ids: torch.Tensor,
     ) -> torch.Tensor | None:
-        """The step's input embeddings with every scheduled image position filled in, or
-        None when the step computes no image position. Row i of the step computes prompt
+        """The step's input embeddings with every scheduled image or audio position filled
+        in, or None when the step computes no such position. Row i of the step computes prompt
         positions [starts[i], ends[i]) at flat token offset offsets[i]."""
         spans: list[tuple[_Item, int, int, int]] = []
         for i, rid in enumerate(req_ids):
-            for image in self.images.get(rid, ()):
-                lo = max(int(starts[i]), image.offset)
-                hi = min(int(ends[i]), image.offset + image.length)
+            for item in self.items.get(rid, ()):
+                lo = max(int(starts[i]), item.offset)
+                hi = min(int(ends[i]), item.offset + item.length)
                 if lo < hi:
-                    spans.append((image, lo, hi, int(offsets[i]) + lo - int(starts[i])))
+                    spans.append((item, lo, hi, int(offsets[i]) + lo - int(starts[i])))
         if not spans:
             return None
-        self._encode([image for image, *_ in spans if image.embeds is None])
+        self._encode([item for item, *_ in spans if item.embeds is None])
         embeds = self.model.embed_tokens(input_ids)
-        for image, lo, hi, at in spans:
-            embeds[at : at + hi - lo] = image.embeds[lo - image.offset : hi - image.offset]
+        for item, lo, hi, at in spans:
+            embeds[at : at + hi - lo] = item.embeds[lo - item.offset : hi - item.offset]
         return embeds
 
     def _encode(self, pending: list[_Item]) -> None:
@@ -186,13 +195,13 @@ class MultiModalInputs:
         self.num_encoded += len(unique)
 
     def release_computed(self, req_ids: list[str], ends: np.ndarray) -> None:
-        """Drop the embeddings of images a step has computed past (a position after the span
+        """Drop the embeddings of items a step has computed past (a position after the span
         is computed: a deferred last position may still need the span)."""
         for rid, end in zip(req_ids, ends.tolist(), strict=True):
-            images = self.images.get(rid)
-            if images:
-                left = [image for image in images if image.offset + image.length >= end]
+            items = self.items.get(rid)
+            if items:
+                left = [item for item in items if item.offset + item.length >= end]
                 if left:
-                    self.images[rid] = left
+                    self.items[rid] = left
                 else:
-                    del self.images[rid]
+                    del self.items[rid]
