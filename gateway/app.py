@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge
@@ -141,6 +142,8 @@ def build_app(config: GatewayConfig, clients: ServiceClients | None = None) -> F
         info = clients.model_info
         if info is not None:
             config.agree_with_engine(info.engine)
+            if config.enable_lora:
+                await app.state.loras.start(clients.scheduler)
         metrics.set_model_name(
             config.model_names(info.model if info else "")[0], info.max_model_len if info else None
         )
@@ -265,6 +268,7 @@ def _add_routes(
     state: GatewayState,
 ) -> None:
     loras = LoRARegistry(config)
+    app.state.loras = loras
     completions = CompletionsService(config, clients, metrics, loras)
     chat = ChatService(config, clients, metrics, loras)
     base = ServingBase(config, clients, metrics, loras)
@@ -306,7 +310,7 @@ def _add_routes(
                 parent=a.base_model_name or names[0],
                 max_model_len=clients.max_model_len,
             )
-            for a in loras.adapters.values()
+            for a in (await _adapters(loras))
         ]
         return ModelList(data=cards)
 
@@ -378,6 +382,17 @@ def _add_routes(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+async def _adapters(loras: LoRARegistry) -> list:
+    """The scheduler's adapters for /v1/models (the last seen ones if it cannot answer now)."""
+    if not loras.enabled:
+        return []
+    try:
+        await loras.refresh()
+    except grpc.aio.AioRpcError as exc:
+        logger.warning("listing the scheduler's LoRA adapters failed (%s): last seen ones", exc)
+    return list(loras.adapters.values())
+
+
 def _add_lora_routes(app: FastAPI, base: ServingBase, loras: LoRARegistry) -> None:
     """vLLM's runtime adapter routes (only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
 
@@ -389,7 +404,7 @@ def _add_lora_routes(app: FastAPI, base: ServingBase, loras: LoRARegistry) -> No
                 RequestError(400, "lora_name and lora_path must be strings", "lora_name")
             )
         try:
-            loras.load(name, path, base.served_names)
+            await loras.load(name, path, base.served_names)
         except RequestError as exc:
             return error_response(exc)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -400,7 +415,7 @@ def _add_lora_routes(app: FastAPI, base: ServingBase, loras: LoRARegistry) -> No
         if not isinstance(name, str):
             return error_response(RequestError(400, "lora_name must be a string", "lora_name"))
         try:
-            loras.unload(name)
+            await loras.unload(name)
         except RequestError as exc:
             return error_response(exc)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
@@ -418,7 +433,7 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
     deadline = Deadline(base.config.request_timeout_s)
     if "messages" in body:
         chat_req = TokenizeChatRequest.model_validate(body)
-        base.check_model(chat_req.model)
+        await base.check_model(chat_req.model)
         chat = await chat_input(
             chat_req.messages,
             add_generation_prompt=chat_req.add_generation_prompt,
@@ -432,7 +447,7 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
         ids, want_strs = list(prepared.prompts[0].token_ids), chat_req.return_token_strs
     else:
         req = TokenizeCompletionRequest.model_validate(body)
-        base.check_model(req.model)
+        await base.check_model(req.model)
         check_prompt_chars(clients, len(req.prompt), "the prompt", "prompt")
         resp = await clients.unary(
             TOKENIZER_SERVICE,
@@ -454,7 +469,7 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
 
 
 async def _detokenize(base: ServingBase, req: DetokenizeRequest) -> Response:
-    base.check_model(req.model)
+    await base.check_model(req.model)
     limits = base.limits()
     check_token_ids(req.tokens, limits, "tokens")
     if len(req.tokens) > limits.max_model_len:

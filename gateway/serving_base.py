@@ -45,11 +45,12 @@ class ServingBase:
         reported = self.clients.model_info.model if self.clients.model_info else ""
         return self.config.model_names(reported)
 
-    def check_model(self, name: str | None) -> str:
+    async def check_model(self, name: str | None) -> str:
         """The name to report (an adapter's own name for a LoRA adapter); unknown names are a
-        404 (`model_not_found`)."""
+        404 (`model_not_found`). A name that is not a base name is looked up among the
+        scheduler's adapters (a call only when this gateway has not seen it)."""
         names = self.served_names
-        if self.loras.get(name) is not None:
+        if name and name not in names and await self.loras.lookup(name) is not None:
             return name
         if name and name not in names:
             raise RequestError(
@@ -63,12 +64,13 @@ class ServingBase:
 
     def attach_lora(self, specs: list[SequenceSpec], model: str | None) -> None:
         """Point every sequence at the adapter `model` names, if it names one."""
+        # NOTE: the name alone: the scheduler resolves it to the folder and load number it
+        # holds now (another gateway may have reloaded it), or refuses it with NOT_FOUND.
         adapter = self.loras.get(model)
         if adapter is None:
             return
         for spec in specs:
-            spec.lora_name, spec.lora_path = adapter.name, str(adapter.path)
-            spec.lora_int_id = adapter.int_id
+            spec.lora_name = adapter.name
 
     def limits(self) -> Limits:
         info = self.clients.model_info

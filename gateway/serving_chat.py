@@ -44,7 +44,7 @@ class ChatService(ServingBase):
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
-        model = self.check_model(req.model)
+        model = await self.check_model(req.model)
         check_stream_fields(req)
         refuse_unsupported(req)
         response_id = vllm_extras.response_id("chatcmpl", req.request_id)

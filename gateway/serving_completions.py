@@ -50,7 +50,7 @@ class CompletionsService(ServingBase):
 
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         arrival = time.monotonic()
-        model = self.check_model(req.model)
+        model = await self.check_model(req.model)
         check_stream_fields(req)
         constraint = resolve_constraint(req)
         if req.suffix is not None:

@@ -85,7 +85,7 @@ class EmbeddingsService(ServingBase):
 
     async def create(self, req: EmbeddingRequest, raw: Request) -> Response:
         arrival = time.monotonic()
-        model = self.check_model(req.model)
+        model = await self.check_model(req.model)
         info = self.clients.model_info.runner_info
         if info.runner != "pooling":
             raise bad_request(
@@ -215,8 +215,7 @@ class EmbeddingsService(ServingBase):
             message.normalize = req.normalize
         adapter = self.loras.get(req.model)
         if adapter is not None:  # the model names a LoRA adapter: embed through it
-            message.lora_name, message.lora_path = adapter.name, str(adapter.path)
-            message.lora_int_id = adapter.int_id
+            message.lora_name = adapter.name  # the scheduler resolves it (see attach_lora)
         message.heartbeat_interval_s = self.clients.heartbeat_interval_s
         embedding: list[float] | None = None
         call = self.clients.scheduler.Generate(message, timeout=deadline.remaining())

@@ -25,39 +25,49 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitserve/protos/scheduler.proto\x12\x17splitserve.scheduler.v1\x1a\x1esplitserve/protos/common.proto\"\xbc\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.common.v1.SamplingParams\x12\x11\n\tlora_name\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x37\n\x07grammar\x18\x07 \x01(\x0b\x32!.splitserve.common.v1.GrammarSpecH\x00\x88\x01\x01\x12\x11\n\tlora_path\x18\x08 \x01(\t\x12\x12\n\ncache_salt\x18\t \x01(\t\x12\x13\n\x0blora_int_id\x18\x0c \x01(\x04\x12\x38\n\tmm_inputs\x18\r \x03(\x0b\x32%.splitserve.common.v1.MultiModalInput\x12\x0f\n\x07pooling\x18\x0e \x01(\x08\x12\x17\n\ndimensions\x18\x0f \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tnormalize\x18\x10 \x01(\x08H\x02\x88\x01\x01\x12\x44\n\x10\x63ompiled_grammar\x18\x11 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x03\x88\x01\x01\x12\x1c\n\x14heartbeat_interval_s\x18\x12 \x01(\x02\x42\n\n\x08_grammarB\r\n\x0b_dimensionsB\x0c\n\n_normalizeB\x13\n\x11_compiled_grammarJ\x04\x08\x05\x10\x06\"\xe5\x03\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x35\n\x08logprobs\x18\x02 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12<\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".splitserve.common.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x19\n\x0cqueue_time_s\x18\x14 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tembedding\x18\x15 \x03(\x02\x12\x1b\n\x0eprefill_time_s\x18\x16 \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\rdecode_time_s\x18\x17 \x01(\x01H\x03\x88\x01\x01\x42\x10\n\x0e_stop_token_idB\x0f\n\r_queue_time_sB\x11\n\x0f_prefill_time_sB\x10\n\x0e_decode_time_s\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"G\n\x14StreamOutputsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x02\"]\n\rSubmitRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x39\n\x07request\x18\x02 \x01(\x0b\x32(.splitserve.scheduler.v1.GenerateRequest\"\x10\n\x0eSubmitResponse\"s\n\x0eStreamedOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x39\n\x06output\x18\x02 \x01(\x0b\x32).splitserve.scheduler.v1.GenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\t\"G\n\x0bOutputBatch\x12\x38\n\x07outputs\x18\x01 \x03(\x0b\x32\'.splitserve.scheduler.v1.StreamedOutput\"\x11\n\x0fGetStatsRequest\"\xbd\x03\n\x0eSchedulerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x1c\n\x14prefix_cache_queries\x18\x05 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x11\n\tnum_steps\x18\x08 \x01(\x03\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x1f\n\x17iteration_tokens_bounds\x18\n \x03(\x01\x12&\n\x1eiteration_tokens_bucket_counts\x18\x0b \x03(\x03\x12\x1c\n\x14iteration_tokens_sum\x18\x0c \x01(\x03\x12\x1d\n\x15\x65nable_prefix_caching\x18\r \x01(\x08\x12\x11\n\tmax_loras\x18\x0e \x01(\x05\x12\x1d\n\x15running_lora_adapters\x18\x0f \x03(\t\x12\x1d\n\x15waiting_lora_adapters\x18\x10 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xa0\x02\n\tModelInfo\x12\x15\n\rmax_model_len\x18\x01 \x01(\x05\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\reos_token_ids\x18\x03 \x03(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cmax_logprobs\x18\x05 \x01(\x05\x12\x41\n\x11sampling_defaults\x18\x06 \x01(\x0b\x32&.splitserve.common.v1.SamplingDefaults\x12\x35\n\x0brunner_info\x18\x07 \x01(\x0b\x32 .splitserve.common.v1.RunnerInfo\x12\x32\n\x06\x65ngine\x18\x08 \x01(\x0b\x32\".splitserve.common.v1.EngineConfig2\xd1\x04\n\x10SchedulerService\x12\x61\n\x08Generate\x12(.splitserve.scheduler.v1.GenerateRequest\x1a).splitserve.scheduler.v1.GenerateResponse0\x01\x12V\n\x05\x41\x62ort\x12%.splitserve.scheduler.v1.AbortRequest\x1a&.splitserve.scheduler.v1.AbortResponse\x12]\n\x08GetStats\x12(.splitserve.scheduler.v1.GetStatsRequest\x1a\'.splitserve.scheduler.v1.SchedulerStats\x12`\n\x0cGetModelInfo\x12,.splitserve.scheduler.v1.GetModelInfoRequest\x1a\".splitserve.scheduler.v1.ModelInfo\x12\x66\n\rStreamOutputs\x12-.splitserve.scheduler.v1.StreamOutputsRequest\x1a$.splitserve.scheduler.v1.OutputBatch0\x01\x12Y\n\x06Submit\x12&.splitserve.scheduler.v1.SubmitRequest\x1a\'.splitserve.scheduler.v1.SubmitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitserve/protos/scheduler.proto\x12\x17splitserve.scheduler.v1\x1a\x1esplitserve/protos/common.proto\"j\n\x16LoadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\x12\x17\n\x0f\x62\x61se_model_name\x18\x03 \x01(\t\x12\x11\n\tif_absent\x18\x04 \x01(\x08\"-\n\x18UnloadLoRAAdapterRequest\x12\x11\n\tlora_name\x18\x01 \x01(\t\"\x19\n\x17ListLoRAAdaptersRequest\"R\n\x18ListLoRAAdaptersResponse\x12\x36\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32$.splitserve.scheduler.v1.LoRAAdapter\"a\n\x0bLoRAAdapter\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x11\n\tlora_path\x18\x02 \x01(\t\x12\x13\n\x0blora_int_id\x18\x03 \x01(\x04\x12\x17\n\x0f\x62\x61se_model_name\x18\x04 \x01(\t\"\xbc\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.common.v1.SamplingParams\x12\x11\n\tlora_name\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x37\n\x07grammar\x18\x07 \x01(\x0b\x32!.splitserve.common.v1.GrammarSpecH\x00\x88\x01\x01\x12\x11\n\tlora_path\x18\x08 \x01(\t\x12\x12\n\ncache_salt\x18\t \x01(\t\x12\x13\n\x0blora_int_id\x18\x0c \x01(\x04\x12\x38\n\tmm_inputs\x18\r \x03(\x0b\x32%.splitserve.common.v1.MultiModalInput\x12\x0f\n\x07pooling\x18\x0e \x01(\x08\x12\x17\n\ndimensions\x18\x0f \x01(\x05H\x01\x88\x01\x01\x12\x16\n\tnormalize\x18\x10 \x01(\x08H\x02\x88\x01\x01\x12\x44\n\x10\x63ompiled_grammar\x18\x11 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x03\x88\x01\x01\x12\x1c\n\x14heartbeat_interval_s\x18\x12 \x01(\x02\x42\n\n\x08_grammarB\r\n\x0b_dimensionsB\x0c\n\n_normalizeB\x13\n\x11_compiled_grammarJ\x04\x08\x05\x10\x06\"\xe5\x03\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x35\n\x08logprobs\x18\x02 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12<\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12\x39\n\rfinish_reason\x18\x04 \x01(\x0e\x32\".splitserve.common.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x19\n\x0cqueue_time_s\x18\x14 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tembedding\x18\x15 \x03(\x02\x12\x1b\n\x0eprefill_time_s\x18\x16 \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\rdecode_time_s\x18\x17 \x01(\x01H\x03\x88\x01\x01\x42\x10\n\x0e_stop_token_idB\x0f\n\r_queue_time_sB\x11\n\x0f_prefill_time_sB\x10\n\x0e_decode_time_s\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"G\n\x14StreamOutputsRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x02\"]\n\rSubmitRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x39\n\x07request\x18\x02 \x01(\x0b\x32(.splitserve.scheduler.v1.GenerateRequest\"\x10\n\x0eSubmitResponse\"s\n\x0eStreamedOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x39\n\x06output\x18\x02 \x01(\x0b\x32).splitserve.scheduler.v1.GenerateResponse\x12\x12\n\nerror_code\x18\x03 \x01(\t\"G\n\x0bOutputBatch\x12\x38\n\x07outputs\x18\x01 \x03(\x0b\x32\'.splitserve.scheduler.v1.StreamedOutput\"\x11\n\x0fGetStatsRequest\"\xbd\x03\n\x0eSchedulerStats\x12\x13\n\x0bnum_waiting\x18\x01 \x01(\x05\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x1c\n\x14prefix_cache_queries\x18\x05 \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\x06 \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x11\n\tnum_steps\x18\x08 \x01(\x03\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x1f\n\x17iteration_tokens_bounds\x18\n \x03(\x01\x12&\n\x1eiteration_tokens_bucket_counts\x18\x0b \x03(\x03\x12\x1c\n\x14iteration_tokens_sum\x18\x0c \x01(\x03\x12\x1d\n\x15\x65nable_prefix_caching\x18\r \x01(\x08\x12\x11\n\tmax_loras\x18\x0e \x01(\x05\x12\x1d\n\x15running_lora_adapters\x18\x0f \x03(\t\x12\x1d\n\x15waiting_lora_adapters\x18\x10 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xa0\x02\n\tModelInfo\x12\x15\n\rmax_model_len\x18\x01 \x01(\x05\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\reos_token_ids\x18\x03 \x03(\x05\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cmax_logprobs\x18\x05 \x01(\x05\x12\x41\n\x11sampling_defaults\x18\x06 \x01(\x0b\x32&.splitserve.common.v1.SamplingDefaults\x12\x35\n\x0brunner_info\x18\x07 \x01(\x0b\x32 .splitserve.common.v1.RunnerInfo\x12\x32\n\x06\x65ngine\x18\x08 \x01(\x0b\x32\".splitserve.common.v1.EngineConfig2\xa2\x07\n\x10SchedulerService\x12\x61\n\x08Generate\x12(.splitserve.scheduler.v1.GenerateRequest\x1a).splitserve.scheduler.v1.GenerateResponse0\x01\x12V\n\x05\x41\x62ort\x12%.splitserve.scheduler.v1.AbortRequest\x1a&.splitserve.scheduler.v1.AbortResponse\x12]\n\x08GetStats\x12(.splitserve.scheduler.v1.GetStatsRequest\x1a\'.splitserve.scheduler.v1.SchedulerStats\x12`\n\x0cGetModelInfo\x12,.splitserve.scheduler.v1.GetModelInfoRequest\x1a\".splitserve.scheduler.v1.ModelInfo\x12\x66\n\rStreamOutputs\x12-.splitserve.scheduler.v1.StreamOutputsRequest\x1a$.splitserve.scheduler.v1.OutputBatch0\x01\x12Y\n\x06Submit\x12&.splitserve.scheduler.v1.SubmitRequest\x1a\'.splitserve.scheduler.v1.SubmitResponse\x12h\n\x0fLoadLoRAAdapter\x12/.splitserve.scheduler.v1.LoadLoRAAdapterRequest\x1a$.splitserve.scheduler.v1.LoRAAdapter\x12l\n\x11UnloadLoRAAdapter\x12\x31.splitserve.scheduler.v1.UnloadLoRAAdapterRequest\x1a$.splitserve.scheduler.v1.LoRAAdapter\x12w\n\x10ListLoRAAdapters\x12\x30.splitserve.scheduler.v1.ListLoRAAdaptersRequest\x1a\x31.splitserve.scheduler.v1.ListLoRAAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.protos.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=95
-  _globals['_GENERATEREQUEST']._serialized_end=667
-  _globals['_GENERATERESPONSE']._serialized_start=670
-  _globals['_GENERATERESPONSE']._serialized_end=1155
-  _globals['_ABORTREQUEST']._serialized_start=1157
-  _globals['_ABORTREQUEST']._serialized_end=1191
-  _globals['_ABORTRESPONSE']._serialized_start=1193
-  _globals['_ABORTRESPONSE']._serialized_end=1225
-  _globals['_STREAMOUTPUTSREQUEST']._serialized_start=1227
-  _globals['_STREAMOUTPUTSREQUEST']._serialized_end=1298
-  _globals['_SUBMITREQUEST']._serialized_start=1300
-  _globals['_SUBMITREQUEST']._serialized_end=1393
-  _globals['_SUBMITRESPONSE']._serialized_start=1395
-  _globals['_SUBMITRESPONSE']._serialized_end=1411
-  _globals['_STREAMEDOUTPUT']._serialized_start=1413
-  _globals['_STREAMEDOUTPUT']._serialized_end=1528
-  _globals['_OUTPUTBATCH']._serialized_start=1530
-  _globals['_OUTPUTBATCH']._serialized_end=1601
-  _globals['_GETSTATSREQUEST']._serialized_start=1603
-  _globals['_GETSTATSREQUEST']._serialized_end=1620
-  _globals['_SCHEDULERSTATS']._serialized_start=1623
-  _globals['_SCHEDULERSTATS']._serialized_end=2068
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2070
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2091
-  _globals['_MODELINFO']._serialized_start=2094
-  _globals['_MODELINFO']._serialized_end=2382
-  _globals['_SCHEDULERSERVICE']._serialized_start=2385
-  _globals['_SCHEDULERSERVICE']._serialized_end=2978
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_start=94
+  _globals['_LOADLORAADAPTERREQUEST']._serialized_end=200
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_start=202
+  _globals['_UNLOADLORAADAPTERREQUEST']._serialized_end=247
+  _globals['_LISTLORAADAPTERSREQUEST']._serialized_start=249
+  _globals['_LISTLORAADAPTERSREQUEST']._serialized_end=274
+  _globals['_LISTLORAADAPTERSRESPONSE']._serialized_start=276
+  _globals['_LISTLORAADAPTERSRESPONSE']._serialized_end=358
+  _globals['_LORAADAPTER']._serialized_start=360
+  _globals['_LORAADAPTER']._serialized_end=457
+  _globals['_GENERATEREQUEST']._serialized_start=460
+  _globals['_GENERATEREQUEST']._serialized_end=1032
+  _globals['_GENERATERESPONSE']._serialized_start=1035
+  _globals['_GENERATERESPONSE']._serialized_end=1520
+  _globals['_ABORTREQUEST']._serialized_start=1522
+  _globals['_ABORTREQUEST']._serialized_end=1556
+  _globals['_ABORTRESPONSE']._serialized_start=1558
+  _globals['_ABORTRESPONSE']._serialized_end=1590
+  _globals['_STREAMOUTPUTSREQUEST']._serialized_start=1592
+  _globals['_STREAMOUTPUTSREQUEST']._serialized_end=1663
+  _globals['_SUBMITREQUEST']._serialized_start=1665
+  _globals['_SUBMITREQUEST']._serialized_end=1758
+  _globals['_SUBMITRESPONSE']._serialized_start=1760
+  _globals['_SUBMITRESPONSE']._serialized_end=1776
+  _globals['_STREAMEDOUTPUT']._serialized_start=1778
+  _globals['_STREAMEDOUTPUT']._serialized_end=1893
+  _globals['_OUTPUTBATCH']._serialized_start=1895
+  _globals['_OUTPUTBATCH']._serialized_end=1966
+  _globals['_GETSTATSREQUEST']._serialized_start=1968
+  _globals['_GETSTATSREQUEST']._serialized_end=1985
+  _globals['_SCHEDULERSTATS']._serialized_start=1988
+  _globals['_SCHEDULERSTATS']._serialized_end=2433
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2435
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2456
+  _globals['_MODELINFO']._serialized_start=2459
+  _globals['_MODELINFO']._serialized_end=2747
+  _globals['_SCHEDULERSERVICE']._serialized_start=2750
+  _globals['_SCHEDULERSERVICE']._serialized_end=3680
 # @@protoc_insertion_point(module_scope)

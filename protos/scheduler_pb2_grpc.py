@@ -65,6 +65,21 @@ class SchedulerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/splitserve.scheduler.v1.SchedulerService/LoadLoRAAdapter',
+                request_serializer=splitserve_dot_protos_dot_scheduler__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.LoRAAdapter.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/splitserve.scheduler.v1.SchedulerService/UnloadLoRAAdapter',
+                request_serializer=splitserve_dot_protos_dot_scheduler__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.LoRAAdapter.FromString,
+                _registered_method=True)
+        self.ListLoRAAdapters = channel.unary_unary(
+                '/splitserve.scheduler.v1.SchedulerService/ListLoRAAdapters',
+                request_serializer=splitserve_dot_protos_dot_scheduler__pb2.ListLoRAAdaptersRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.ListLoRAAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -123,6 +138,30 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """Add a LoRA adapter under a fresh load number (needs --enable-lora). ALREADY_EXISTS when
+        the name is loaded (unless if_absent); INVALID_ARGUMENT for an empty name or path. The
+        scheduler does not open the folder: callers check it, and the workers check it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Remove a LoRA adapter by name (NOT_FOUND when none); requests already running on it
+        finish on its weights, new ones naming it are refused with NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoRAAdapters(self, request, context):
+        """Every loaded LoRA adapter, in load order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +194,21 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_scheduler__pb2.LoRAAdapter.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_scheduler__pb2.LoRAAdapter.SerializeToString,
+            ),
+            'ListLoRAAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoRAAdapters,
+                    request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.ListLoRAAdaptersRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_scheduler__pb2.ListLoRAAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +374,87 @@ class SchedulerService:
             '/splitserve.scheduler.v1.SchedulerService/Submit',
             splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.SerializeToString,
             splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.scheduler.v1.SchedulerService/LoadLoRAAdapter',
+            splitserve_dot_protos_dot_scheduler__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            splitserve_dot_protos_dot_scheduler__pb2.LoRAAdapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.scheduler.v1.SchedulerService/UnloadLoRAAdapter',
+            splitserve_dot_protos_dot_scheduler__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            splitserve_dot_protos_dot_scheduler__pb2.LoRAAdapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoRAAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.scheduler.v1.SchedulerService/ListLoRAAdapters',
+            splitserve_dot_protos_dot_scheduler__pb2.ListLoRAAdaptersRequest.SerializeToString,
+            splitserve_dot_protos_dot_scheduler__pb2.ListLoRAAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -104,6 +104,9 @@ class EngineLoop:
         # validate() reads only fixed state, so it is safe off the engine thread.
         self.engine.scheduler.validate(req.prompt_token_ids, req.sampling_params)
         self.engine.scheduler.check_priority(req.priority)
+        # NOTE: the adapter table is thread-safe; an unload racing this check fails the request
+        # on the engine thread instead (an error output, same status).
+        self.engine.scheduler.resolve_lora(req)
         if req.request_id in self._streams:
             raise RequestRejected("ALREADY_EXISTS", f"request id {req.request_id!r} is in use")
         if len(self.engine.scheduler.waiting) >= self.engine.config.max_waiting_requests:

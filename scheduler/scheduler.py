@@ -30,6 +30,7 @@ from splitserve.protos import common_pb2, scheduler_pb2
 
 from .config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
+from .lora_adapters import AdapterTable
 from .request import Request, RequestStatus
 from .step_tokens import StepTokenHistogram
 
@@ -114,6 +115,8 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.adapters = AdapterTable(config.lora_modules)
+        """The LoRA adapters served by name (loads, unloads and lists from every front end)."""
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         """Sorted by arrival (fcfs) or by (priority, arrival) (--scheduling-policy priority)."""
@@ -153,7 +156,7 @@ class Scheduler:
         else:
             self.validate(prompt, sp)
         self.check_priority(req.priority)
-        self._validate_lora(req)
+        lora_path, lora_int_id = self.resolve_lora(req)
         self._validate_mm(req)
         if len(self.waiting) >= self.config.max_waiting_requests:
             raise RequestRejected(
@@ -175,9 +178,9 @@ class Scheduler:
             arrival=next(self._arrival),
             priority=req.priority,
             lora_name=req.lora_name,
-            lora_path=req.lora_path,
+            lora_path=lora_path,
             cache_salt=req.cache_salt,
-            lora_int_id=req.lora_int_id,
+            lora_int_id=lora_int_id,
             prompt_logprobs_pending=sp.prompt_logprobs is not None,
             grammar=grammar,
             mm_inputs=list(req.mm_inputs),
@@ -253,21 +256,44 @@ class Scheduler:
                 f"only {self.kv.pool.num_blocks}",
             )
 
-    def _validate_lora(self, req: msg.GenerateRequest) -> None:
-        if not req.lora_name:
+    def resolve_lora(self, req: msg.GenerateRequest) -> tuple[str, int]:
+        """(folder, load number) of the request's adapter; ("", 0) for the base model.
+
+        A name in the adapter table is that adapter (a path or number the request also gives
+        must agree). A name the table does not hold needs its folder in the request: the
+        direct-caller form (vLLM's LoRARequest), keyed by the number the caller gives."""
+        name = req.lora_name
+        if not name:
             if req.lora_path:
                 raise RequestRejected("INVALID_ARGUMENT", "lora_path given without lora_name")
-            return
+            return "", 0
         if not self.config.enable_lora:
             raise RequestRejected(
                 "INVALID_ARGUMENT",
-                f"LoRA adapter {req.lora_name!r} asked for, but the server runs without "
-                "--enable-lora",
+                f"LoRA adapter {name!r} asked for, but the server runs without --enable-lora",
             )
-        if not req.lora_path:
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            if not req.lora_path:
+                raise RequestRejected(
+                    "NOT_FOUND",
+                    f"The lora adapter '{name}' is not loaded (load it first, or give its "
+                    "lora_path)",
+                )
+            return req.lora_path, req.lora_int_id
+        if req.lora_path and req.lora_path != adapter.path:
             raise RequestRejected(
-                "INVALID_ARGUMENT", f"LoRA adapter {req.lora_name!r} needs its lora_path"
+                "INVALID_ARGUMENT",
+                f"lora_path {req.lora_path!r} is not the folder of the loaded adapter {name!r} "
+                f"({adapter.path!r}); leave lora_path empty to use the loaded one",
             )
+        if req.lora_int_id and req.lora_int_id != adapter.int_id:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"lora_int_id {req.lora_int_id} is not the load number of adapter {name!r} "
+                f"({adapter.int_id}); leave it 0 to use the loaded one",
+            )
+        return adapter.path, adapter.int_id
 
     def _validate_mm(self, req: msg.GenerateRequest) -> None:
         """Images must sit inside the prompt, in order, apart, each with its hash (the

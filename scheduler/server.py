@@ -1,6 +1,7 @@
 """The scheduler's gRPC service: Generate streams, batched output streams (StreamOutputs +
-Submit), Abort, stats, model info; the standard health service and server reflection, so that
-a client calling Generate directly (grpcurl, a stub of its own) can discover the API.
+Submit), Abort, stats, model info, the LoRA adapter table (load, unload, list); the standard
+health service and server reflection, so that a client calling Generate directly (grpcurl, a
+stub of its own) can discover the API.
 
 The scheduler talks to no tokenizer service: a structured-output constraint arrives compiled
 (the gateway's Prepare call) or as a spec (a direct Generate caller), and either way goes to the
@@ -25,6 +26,7 @@ from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 from .config import SchedulerConfig
 from .engine_core import EngineCore
 from .engine_loop import EngineLoop, OutputStream
+from .lora_adapters import Adapter, AdapterError, AdapterTable
 from .request_spans import RequestTimeline
 from .scheduler import RequestOutput, RequestRejected, request_constraint
 from .stats_logger import start_stats_logging, stats_interval_s
@@ -212,6 +214,57 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     async def GetModelInfo(self, request, context):
         return (await self._engine(context)).engine.model_info
+
+    # NOTE: the adapter table is the engine's (its scheduler's), so the in-process engine and
+    # every front end of this scheduler share one set of names and load numbers.
+
+    async def _adapters(self, context) -> AdapterTable:
+        engine = (await self._engine(context)).engine
+        if not engine.config.enable_lora:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "LoRA is not enabled: start the scheduler with --enable-lora",
+            )
+        return engine.scheduler.adapters
+
+    async def LoadLoRAAdapter(self, request, context):
+        table = await self._adapters(context)
+        try:
+            adapter = table.load(
+                request.lora_name, request.lora_path, request.base_model_name, request.if_absent
+            )
+        except AdapterError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        logger.info("LoRA adapter %r loaded from %s (load %d)", *_named(adapter))
+        return _adapter_proto(adapter)
+
+    async def UnloadLoRAAdapter(self, request, context):
+        table = await self._adapters(context)
+        try:
+            adapter = table.unload(request.lora_name)
+        except AdapterError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        logger.info("LoRA adapter %r unloaded (was %s, load %d)", *_named(adapter))
+        return _adapter_proto(adapter)
+
+    async def ListLoRAAdapters(self, request, context):
+        table = await self._adapters(context)
+        return scheduler_pb2.ListLoRAAdaptersResponse(
+            adapters=[_adapter_proto(a) for a in table.list()]
+        )
+
+
+def _named(adapter: Adapter) -> tuple[str, str, int]:
+    return adapter.name, adapter.path, adapter.int_id
+
+
+def _adapter_proto(adapter: Adapter) -> scheduler_pb2.LoRAAdapter:
+    return scheduler_pb2.LoRAAdapter(
+        lora_name=adapter.name,
+        lora_path=adapter.path,
+        lora_int_id=adapter.int_id,
+        base_model_name=adapter.base_model_name,
+    )
 
 
 async def run_scheduler(

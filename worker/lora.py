@@ -13,7 +13,7 @@ Adapters live in a CPU LRU of `max_cpu_loras`; the ones a step uses are copied t
 into one of `max_loras` slots (also LRU). Every path is re-checked against the worker's own
 allowed roots before a file is opened.
 
-Both caches are keyed by (name, lora_int_id): the gateway numbers every load of an adapter, so
+Both caches are keyed by (name, lora_int_id): the scheduler numbers every load of an adapter, so
 an adapter unloaded and loaded again (say its files were rewritten) is read from disk afresh,
 while requests still running on the old load keep the old weights until they finish.
 """

@@ -137,4 +137,5 @@ def test_adapter_name_must_differ_from_the_base_model(tmp_path):
     with pytest.raises(ValueError, match="base model's name"):
         LoRARegistry(cfg)
     ok = LoRARegistry(GatewayConfig(enable_lora=True, lora_modules=[f"x={ad}"]))
-    assert ok.get("x").path == ad.resolve()
+    # Checked here; loaded into the scheduler (which owns adapter identity) when it starts.
+    assert ok.startup == [("x", ad.resolve(), None)] and ok.get("x") is None

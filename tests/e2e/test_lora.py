@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -15,7 +18,7 @@ import pytest
 
 from tests.models.lora_utils import make_adapter, peft_greedy
 
-from .conftest import Server
+from .conftest import Server, free_port, wait_for
 
 PROMPT = [11, 57, 300, 42, 9, 610, 77]
 MAX_TOKENS = 10
@@ -173,3 +176,62 @@ def test_lora_requests_info(lora_setup):
         stream.close()
     assert labels["running_lora_adapters"] == "a"
     assert labels["max_lora"] == "2"
+
+
+def test_two_gateways_share_the_schedulers_adapters(lora_setup, tmp_path):
+    """The scheduler owns adapter identity: an adapter loaded through one gateway is served
+    and listed by another in front of the same scheduler, and unloaded through either."""
+    server, client, root, _ = lora_setup
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "gateway2.log").open("w")
+    gw = subprocess.Popen(
+        [
+            sys.executable, "-m", "splitserve.entrypoints.cli", "gateway",
+            "--port", str(port),
+            "--scheduler-address", server.scheduler_address,
+            "--tokenizer-address", server.tokenizer_address,
+            "--enable-lora", "--max-lora-rank", "8", "--lora-root", str(root),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+    )  # fmt: skip
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 120, "the second gateway", gw)
+        other = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        # The first gateway's --lora-modules are the scheduler's: the second serves them too.
+        assert {m.id for m in other.models.list().data} == {server.model, "a", "b"}
+        assert _complete(other, "a") == _complete(client, "a")
+        # Loaded through the second gateway, then served and listed by the first.
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "s2", "lora_path": "b"})
+        assert r.status_code == 200, r.text
+        assert "s2" in {m.id for m in client.models.list().data}
+        assert _complete(client, "s2") == _complete(client, "b")
+        # One name, one adapter: the first gateway cannot load it again.
+        r = httpx.post(
+            server.url + "/v1/load_lora_adapter", json={"lora_name": "s2", "lora_path": "a"}
+        )
+        assert r.status_code == 400 and "already in use" in r.json()["error"]["message"]
+        # Unloaded through the first: the second (which saw it loaded) refuses it now.
+        r = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "s2"})
+        assert r.status_code == 200, r.text
+        with pytest.raises(openai.NotFoundError):
+            _complete(other, "s2")
+        assert "s2" not in {m.id for m in other.models.list().data}
+        r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "s2"})
+        assert r.status_code == 404
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        try:
+            gw.wait(30)
+        except subprocess.TimeoutExpired:
+            gw.kill()
+    assert server.scheduler_stats().num_free_blocks == server.scheduler_stats().num_total_blocks

@@ -49,6 +49,7 @@ from splitserve.protos import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
+from splitserve.scheduler.lora_adapters import AdapterError, AdapterTable
 from splitserve.tokenizer_svc.prepare import PART_METADATA_KEY
 
 BOS, EOS = 256, 257
@@ -356,6 +357,12 @@ class GenerateCall:
     started_at: float = field(default_factory=time.monotonic)
 
 
+def _adapter(a) -> scheduler_pb2.LoRAAdapter:
+    return scheduler_pb2.LoRAAdapter(
+        lora_name=a.name, lora_path=a.path, lora_int_id=a.int_id, base_model_name=a.base_model_name
+    )
+
+
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self) -> None:
         self.waiter = Waiter()
@@ -373,9 +380,31 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.batches_sent = 0
         self.outputs_stalled = False
         """True: the output streams send nothing, heartbeats included (a stopped scheduler)."""
+        self.adapters = AdapterTable()
+        """The LoRA adapters (the scheduler's own table class)."""
 
     def calls_matching(self, needle: str) -> list[GenerateCall]:
         return [c for c in list(self.calls.values()) if needle in c.prompt_text]
+
+    async def LoadLoRAAdapter(self, request, context):
+        try:
+            a = self.adapters.load(
+                request.lora_name, request.lora_path, request.base_model_name, request.if_absent
+            )
+        except AdapterError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        return _adapter(a)
+
+    async def UnloadLoRAAdapter(self, request, context):
+        try:
+            return _adapter(self.adapters.unload(request.lora_name))
+        except AdapterError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+
+    async def ListLoRAAdapters(self, request, context):
+        return scheduler_pb2.ListLoRAAdaptersResponse(
+            adapters=[_adapter(a) for a in self.adapters.list()]
+        )
 
     async def GetModelInfo(self, request, context):
         return scheduler_pb2.ModelInfo(

@@ -219,8 +219,10 @@ def test_lora_adapter_is_passed_on(loop_thread, fakes, tmp_path):
             for c in fakes.scheduler.calls.values()
             if list(c.request.prompt_token_ids) == [5, 6, 71]
         ]
+        # The name alone: the scheduler resolves it (the gateway loaded it there at start).
         assert call.request.pooling and call.request.lora_name == "emb"
-        assert call.request.lora_path == str(folder.resolve())
+        assert call.request.lora_path == "" and call.request.lora_int_id == 0
+        assert fakes.scheduler.adapters.get("emb").path == str(folder.resolve())
     finally:
         stop_gateway(loop_thread, gw)
 

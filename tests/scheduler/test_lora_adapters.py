@@ -1,0 +1,206 @@
+"""The scheduler owns LoRA adapter identity: one table of names, folders and load numbers that
+every front end loads into, unloads from and reads; requests name an adapter and the scheduler
+resolves it (torch blocked, fake worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+
+from splitserve.entrypoints.launcher import free_port
+from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
+from splitserve.scheduler.config import SchedulerConfig
+from splitserve.scheduler.lora_adapters import AdapterError, AdapterTable
+from splitserve.scheduler.scheduler import RequestRejected
+from splitserve.scheduler.server import run_scheduler
+
+from .fake_worker import FakeWorkerExecutor
+from .test_server import wait_for
+from .utils import gen_request, gen_request_proto, make_engine, run_to_completion
+
+
+def test_every_load_gets_a_fresh_number():
+    table = AdapterTable()
+    a = table.load("a", "/adapters/a")
+    b = table.load("b", "/adapters/b", "base-7b")
+    assert (a.int_id, b.int_id) == (1, 2) and b.base_model_name == "base-7b"
+    with pytest.raises(AdapterError) as e:
+        table.load("a", "/adapters/other")
+    assert e.value.code == "ALREADY_EXISTS" and "/adapters/a" in e.value.message
+    # A front end's start-up adapter that is loaded already: the loaded one, unchanged.
+    assert table.load("a", "/adapters/other", if_absent=True) == a
+    assert table.unload("a") == a
+    with pytest.raises(AdapterError) as e:
+        table.unload("a")
+    assert e.value.code == "NOT_FOUND"
+    again = table.load("a", "/adapters/a")
+    assert again.int_id == 3  # never a number an earlier load had
+    assert [x.name for x in table.list()] == ["b", "a"]
+    with pytest.raises(AdapterError) as e:
+        table.load("", "/adapters/x")
+    assert e.value.code == "INVALID_ARGUMENT"
+
+
+def test_lora_modules_are_loaded_at_start():
+    engine, _ = make_engine(
+        enable_lora=True,
+        lora_modules=["a=adapters/a", '{"name": "b", "path": "/abs/b", "base_model_name": "m"}'],
+    )
+    table = engine.scheduler.adapters
+    a, b = table.get("a"), table.get("b")
+    assert a.path.endswith("/adapters/a") and a.path.startswith("/")  # made absolute
+    assert (b.path, b.base_model_name, b.int_id) == ("/abs/b", "m", 2)
+    with pytest.raises(ValueError, match="need --enable-lora"):
+        make_engine(lora_modules=["a=/adapters/a"])
+
+
+def _named(rid: str, name: str, max_tokens: int = 4, **lora):
+    req = gen_request(rid, [5, 6, 7, 8, 9], max_tokens)
+    req.lora_name = name
+    for k, v in lora.items():
+        setattr(req, k, v)
+    return req
+
+
+def test_requests_name_the_adapter_and_the_scheduler_resolves_it():
+    engine, ex = make_engine(num_blocks=100, enable_lora=True, max_loras=2)
+    sched = engine.scheduler
+    x = sched.adapters.load("x", "/adapters/x")
+    sent: dict[str, tuple[str, str, int]] = {}
+    original = sched.schedule
+
+    def watch():
+        step = original()
+        if step is not None:
+            for m in step.new_requests:
+                sent[m.request_id] = (m.lora_name, m.lora_path, m.lora_int_id)
+        return step
+
+    sched.schedule = watch
+    sched.add_request(_named("by-name", "x"))
+    sched.add_request(_named("same-number", "x", lora_int_id=x.int_id, lora_path="/adapters/x"))
+    # A name the table does not hold, with its folder: the direct caller's form, as before.
+    sched.add_request(_named("direct", "y", lora_path="/adapters/y", lora_int_id=9))
+    got = run_to_completion(engine)
+    assert set(got) == {"by-name", "same-number", "direct"}
+    assert sent["by-name"] == sent["same-number"] == ("x", "/adapters/x", x.int_id)
+    assert sent["direct"] == ("y", "/adapters/y", 9)
+
+    for bad, match in (
+        (_named("r1", "x", lora_path="/elsewhere"), "not the folder"),
+        (_named("r2", "x", lora_int_id=x.int_id + 5), "not the load number"),
+    ):
+        with pytest.raises(RequestRejected, match=match) as e:
+            sched.add_request(bad)
+        assert e.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(RequestRejected, match="not loaded") as e:
+        sched.add_request(_named("r3", "nobody"))
+    assert e.value.code == "NOT_FOUND"
+    assert sched.kv.num_free_blocks == 100
+
+
+def test_unload_lets_running_requests_finish_and_refuses_new_ones():
+    engine, _ = make_engine(num_blocks=100, enable_lora=True, max_loras=2)
+    sched = engine.scheduler
+    first = sched.adapters.load("x", "/adapters/x")
+    sched.add_request(_named("old", "x", max_tokens=6))
+    first_tokens = sum(len(o.token_ids) for o in engine.step())  # running on the first load
+    assert first_tokens == 1
+    sched.adapters.unload("x")
+    with pytest.raises(RequestRejected) as e:
+        sched.add_request(_named("late", "x"))
+    assert e.value.code == "NOT_FOUND"
+    second = sched.adapters.load("x", "/adapters/x")
+    new = sched.add_request(_named("new", "x"))
+    old = sched.requests["old"]
+    # Two loads of one name are two adapters: the old request keeps its load's number.
+    assert (old.lora_int_id, new.lora_int_id) == (first.int_id, second.int_id)
+    got = run_to_completion(engine)
+    assert first_tokens + len(got["old"][0]) == 6 and len(got["new"][0]) == 4
+    assert sched.kv.num_free_blocks == 100
+
+
+@pytest.fixture(scope="module")
+def lora_scheduler():
+    addr = f"127.0.0.1:{free_port()}"
+    config = SchedulerConfig(
+        block_size=4, max_model_len=512, enable_lora=True, max_loras=2,
+        lora_modules=["start=/adapters/start"],
+    )  # fmt: skip
+    loop = asyncio.new_event_loop()
+    stop = {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+        stop["task"] = loop.create_task(
+            run_scheduler(
+                config,
+                addr,
+                executor_factory=lambda: FakeWorkerExecutor(64, max_model_len=1024),
+            )
+        )
+        try:
+            loop.run_until_complete(stop["task"])
+        except asyncio.CancelledError:
+            pass
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    ch = grpc.insecure_channel(addr)
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+
+    def up():
+        try:
+            stub.GetModelInfo(scheduler_pb2.GetModelInfoRequest(), timeout=1)
+            return True
+        except grpc.RpcError:
+            return False
+
+    wait_for(up, what="scheduler up")
+    yield stub
+    loop.call_soon_threadsafe(stop["task"].cancel)
+    t.join(10)
+    ch.close()
+
+
+def test_adapter_rpcs(lora_scheduler):
+    stub = lora_scheduler
+
+    def names():
+        resp = stub.ListLoRAAdapters(scheduler_pb2.ListLoRAAdaptersRequest())
+        return [(a.lora_name, a.lora_path, a.lora_int_id) for a in resp.adapters]
+
+    assert names() == [("start", "/adapters/start", 1)]
+    loaded = stub.LoadLoRAAdapter(
+        scheduler_pb2.LoadLoRAAdapterRequest(lora_name="x", lora_path="/adapters/x")
+    )
+    assert (loaded.lora_name, loaded.lora_int_id) == ("x", 2)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.LoadLoRAAdapter(
+            scheduler_pb2.LoadLoRAAdapterRequest(lora_name="x", lora_path="/adapters/y")
+        )
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    same = stub.LoadLoRAAdapter(
+        scheduler_pb2.LoadLoRAAdapterRequest(lora_name="x", lora_path="/y", if_absent=True)
+    )
+    assert (same.lora_path, same.lora_int_id) == ("/adapters/x", 2)
+    assert names() == [("start", "/adapters/start", 1), ("x", "/adapters/x", 2)]
+
+    # A request naming the adapter runs on it (the fake worker needs no folder).
+    req = gen_request_proto("by-name", [1, 2, 3], max_tokens=3)
+    req.lora_name = "x"
+    assert sum(len(r.token_ids) for r in stub.Generate(req, timeout=30)) == 3
+
+    stub.UnloadLoRAAdapter(scheduler_pb2.UnloadLoRAAdapterRequest(lora_name="x"))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.UnloadLoRAAdapter(scheduler_pb2.UnloadLoRAAdapterRequest(lora_name="x"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    req = gen_request_proto("after-unload", [1, 2, 3], max_tokens=3)
+    req.lora_name = "x"
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(req, timeout=30))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "not loaded" in e.value.details()
+    assert names() == [("start", "/adapters/start", 1)]
