@@ -105,7 +105,7 @@ class CachedRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "new_requests", "cached_requests", "num_scheduled_tokens", "finished_request_ids")
+    __slots__ = ("step_id", "new_requests", "cached_requests", "num_scheduled_tokens", "finished_request_ids", "lora_evictions", "lora_slots")
     class NumScheduledTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -118,12 +118,32 @@ class StepRequest(_message.Message):
     CACHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_SCHEDULED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    LORA_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LORA_SLOTS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
     cached_requests: _containers.RepeatedCompositeFieldContainer[CachedRequest]
     num_scheduled_tokens: _containers.ScalarMap[str, int]
     finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Mapping[str, int]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    lora_evictions: _containers.RepeatedCompositeFieldContainer[LoRAKey]
+    lora_slots: _containers.RepeatedCompositeFieldContainer[LoRASlot]
+    def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Mapping[str, int]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., lora_evictions: _Optional[_Iterable[_Union[LoRAKey, _Mapping]]] = ..., lora_slots: _Optional[_Iterable[_Union[LoRASlot, _Mapping]]] = ...) -> None: ...
+
+class LoRAKey(_message.Message):
+    __slots__ = ("lora_name", "lora_int_id")
+    LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    LORA_INT_ID_FIELD_NUMBER: _ClassVar[int]
+    lora_name: str
+    lora_int_id: int
+    def __init__(self, lora_name: _Optional[str] = ..., lora_int_id: _Optional[int] = ...) -> None: ...
+
+class LoRASlot(_message.Message):
+    __slots__ = ("adapter", "slot")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    adapter: LoRAKey
+    slot: int
+    def __init__(self, adapter: _Optional[_Union[LoRAKey, _Mapping]] = ..., slot: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "prompt_logprobs", "errors", "grammar_terminated_ids", "deferred_request_ids", "pooled")

@@ -54,6 +54,8 @@ class SchedulerConfig(
     worker_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50053"])
     """gRPC addresses of the pipeline ranks, rank 0 first (several per value when
     comma-separated)."""
+    max_cpu_loras: int | None = None
+    """LoRA adapters the workers keep loaded in CPU memory (least recently used evicted, as the scheduler decides); None means max_loras."""
     lora_modules: list[str] | None = None
     """LoRA adapters loaded at start, as name=path or JSON (vLLM's --lora-modules); with --enable-lora, every front end then serves them (the scheduler never opens their files: the gateway and the workers check them)."""
     otlp_traces_endpoint: str | None = None

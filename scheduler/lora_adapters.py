@@ -50,6 +50,7 @@ class AdapterTable:
         self._by_name: dict[str, Adapter] = {}
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
+        self._unloaded: list[tuple[str, int]] = []
         for m in parse_lora_modules(lora_modules):
             # NOTE: a relative --lora-modules path is relative to the working directory, as
             # the gateway and the workers read it.
@@ -80,6 +81,8 @@ class AdapterTable:
         """Remove an adapter (requests already running on it finish on its weights)."""
         with self._lock:
             adapter = self._by_name.pop(name, None)
+            if adapter is not None:
+                self._unloaded.append((adapter.name, adapter.int_id))
         if adapter is None:
             raise AdapterError("NOT_FOUND", f"The lora adapter '{name}' cannot be found.")
         return adapter
@@ -92,3 +95,9 @@ class AdapterTable:
         """Every adapter, in load order."""
         with self._lock:
             return sorted(self._by_name.values(), key=lambda a: a.int_id)
+
+    def take_unloaded(self) -> list[tuple[str, int]]:
+        """(name, load number) of the adapters unloaded since the last call."""
+        with self._lock:
+            out, self._unloaded = self._unloaded, []
+        return out

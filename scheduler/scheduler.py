@@ -31,6 +31,7 @@ from splitserve.protos import common_pb2, scheduler_pb2
 from .config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
 from .lora_adapters import AdapterTable
+from .lora_residency import LoRAResidency
 from .request import Request, RequestStatus
 from .step_tokens import StepTokenHistogram
 
@@ -117,6 +118,8 @@ class Scheduler:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.adapters = AdapterTable(config.lora_modules)
         """The LoRA adapters served by name (loads, unloads and lists from every front end)."""
+        self.lora_residency = LoRAResidency(config.max_loras, config.max_cpu_loras)
+        """Which adapters the workers hold in CPU memory and in which device slots."""
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         """Sorted by arrival (fcfs) or by (priority, arrival) (--scheduling-policy priority)."""
@@ -506,11 +509,25 @@ class Scheduler:
         if self._finished_for_workers:
             step.finished_request_ids = self._finished_for_workers
             self._finished_for_workers = []
+        if self.config.enable_lora:
+            self._place_loras(step, scheduled)
         step.num_scheduled_tokens = scheduled
         step.step_id = next(self._step_ids)
         self.num_steps += 1
         self.step_tokens.observe(sum(scheduled.values()))
         return step
+
+    def _place_loras(self, step: msg.StepRequest, scheduled: dict[str, int]) -> None:
+        """The step's adapter evictions and device slots (`lora_residency`)."""
+        running = {(r.lora_name, r.lora_int_id) for r in self.running if r.lora_name}
+        used = set()
+        for rid in scheduled:
+            r = self.requests[rid]
+            if r.lora_name:
+                used.add((r.lora_name, r.lora_int_id))
+        placement = self.lora_residency.place(used, running, self.adapters.take_unloaded())
+        step.lora_evictions = placement.evictions
+        step.lora_slots = placement.slots
 
     def release_step(self) -> msg.StepRequest | None:
         """A step that runs nothing and only tells the workers which requests ended, for when

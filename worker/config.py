@@ -110,8 +110,6 @@ class WorkerConfig(
     """Adapters to serve, each name=path or vLLM's JSON form {"name": .., "path": .., "base_model_name": ..} (peft folders: adapter_config.json + adapter_model.safetensors or .bin)."""
     lora_root: str | None = None
     """Folder every adapter path must resolve inside (symlinks followed); None allows only the --lora-modules folders."""
-    max_cpu_loras: int | None = None
-    """Adapters kept loaded in CPU memory (least recently used evicted); None means max_loras."""
     lora_extra_vocab_size: int = 0
     """Extra vocabulary of adapters; only 0 is supported (adapters that add tokens are refused)."""
     generation_config: str = "auto"

@@ -9,9 +9,11 @@ For a fused projection the shards' A matrices are stacked ([n*r, in]) and their 
 laid out block-diagonally ([out, n*r], rows at each shard's offset), so one pair of matmuls
 serves q, k and v (or gate and up) together. The scale is folded into B at load time.
 
-Adapters live in a CPU LRU of `max_cpu_loras`; the ones a step uses are copied to the device
-into one of `max_loras` slots (also LRU). Every path is re-checked against the worker's own
-allowed roots before a file is opened.
+The scheduler decides what this worker holds (`scheduler/lora_residency.py`): a step message
+names the adapters to drop (`lora_evictions`, its LRU over --max-cpu-loras) and the device slots
+to fill (`lora_slots`, its slot table over --max-loras); a new request naming an adapter not in
+CPU memory has it read from disk. Every path is re-checked against the worker's own allowed
+roots before a file is opened.
 
 Both caches are keyed by (name, lora_int_id): the scheduler numbers every load of an adapter, so
 an adapter unloaded and loaded again (say its files were rewritten) is read from disk afresh,
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,11 @@ class LoRAManager:
         self.device = device
         self.dtype = dtype
         self.roots = allowed_roots(config.lora_root, parse_lora_modules(config.lora_modules))
-        self.cpu: OrderedDict[AdapterKey, _Loaded] = OrderedDict()
-        self.slots: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
+        self.cpu: dict[AdapterKey, _Loaded] = {}
+        self.slots: dict[int, AdapterKey] = {}
+        """Device slot -> the adapter the scheduler put in it."""
+        self.on_device: dict[AdapterKey, AdapterWeights] = {}
+        """Device copies of the adapters in slots (made when a step first uses one)."""
         self.request_adapter: dict[str, AdapterKey] = {}
         self.active: list[tuple[AdapterWeights, torch.Tensor | None]] = []
         self._targets = self._wrap()
@@ -107,10 +111,6 @@ class LoRAManager:
     def max_loras(self) -> int:
         # NOTE: read from the config, which takes the scheduler's value at Describe.
         return self.config.max_loras
-
-    @property
-    def max_cpu(self) -> int:
-        return self.config.max_cpu_loras or self.config.max_loras
 
     # ------------------------------------------------------------------ model surgery
 
@@ -145,7 +145,6 @@ class LoRAManager:
     def _load(self, key: AdapterKey, path: str) -> _Loaded:
         loaded = self.cpu.get(key)
         if loaded is not None and loaded.path == path:
-            self.cpu.move_to_end(key)
             return loaded
         if loaded is not None and key in self.request_adapter.values():
             # NOTE: replacing the weights under a running request would change its output
@@ -156,20 +155,37 @@ class LoRAManager:
             )
         folder = resolve_adapter_path(path, self.roots)
         loaded = _Loaded(path, self._read(folder))
-        self.slots.pop(key, None)  # a reloaded adapter must not keep stale device weights
+        self.on_device.pop(key, None)  # a reloaded adapter must not keep stale device weights
         self.cpu[key] = loaded
-        self.cpu.move_to_end(key)
-        in_use = set(self.request_adapter.values()) | {key}
-        while len(self.cpu) > self.max_cpu:
-            # NOTE: an adapter a running request still uses stays, past the limit if need be.
-            victim = next((n for n in self.cpu if n not in in_use), None)
-            if victim is None:
-                break
-            del self.cpu[victim]
-            self.slots.pop(victim, None)
-            logger.info("LoRA adapter %r (load %d) evicted from CPU memory", *victim)
         logger.info("LoRA adapter %r (load %d) read from %s", key[0], key[1], folder)
         return loaded
+
+    # ------------------------------------------------------------------ placement
+
+    def evict(self, keys: list[AdapterKey]) -> None:
+        """Drop adapters from CPU memory and their device slots (the scheduler's LRU)."""
+        for key in keys:
+            if self.cpu.pop(key, None) is not None:
+                logger.info("LoRA adapter %r (load %d) evicted from memory", *key)
+            self._drop_slot(key)
+
+    def place(self, slots: list[tuple[AdapterKey, int]]) -> None:
+        """Put each adapter in its device slot (the scheduler's slot table), replacing what
+        the slot held; its device copy is made when a step first uses it."""
+        for key, slot in slots:
+            if not 0 <= slot < self.max_loras:
+                raise RuntimeError(f"LoRA slot {slot} is outside [0, {self.max_loras})")
+            old = self.slots.get(slot)
+            if old is not None:
+                self.on_device.pop(old, None)
+            self._drop_slot(key)
+            self.slots[slot] = key
+
+    def _drop_slot(self, key: AdapterKey) -> None:
+        self.on_device.pop(key, None)
+        for slot, held in list(self.slots.items()):
+            if held == key:
+                del self.slots[slot]
 
     def _read(self, folder: Path) -> AdapterWeights:
         cfg = read_adapter_config(folder, self.config.max_lora_rank)
@@ -267,8 +283,16 @@ class LoRAManager:
             )
         code = {key: j for j, key in enumerate(distinct)}
         token_codes = np.repeat(np.array([code.get(n, -1) for n in names]), counts)
+        placed = set(self.slots.values())
         for j, name in enumerate(distinct):
-            weights = self._slot(name, keep=distinct)
+            if name not in placed:
+                raise RuntimeError(
+                    f"LoRA adapter {name[0]!r} (load {name[1]}) is in no device slot: the "
+                    "scheduler places every adapter a step uses"
+                )
+            weights = self.on_device.get(name)
+            if weights is None:
+                weights = self.on_device[name] = self._to_device(self.cpu[name])
             if len(distinct) == 1 and all(n is not None for n in names):
                 self.active.append((weights, None))
                 continue
@@ -278,21 +302,8 @@ class LoRAManager:
     def end_step(self) -> None:
         self.active = []
 
-    def _slot(self, name: AdapterKey, keep: list[AdapterKey]) -> AdapterWeights:
-        """The adapter's device copy, evicting the least recently used slot not in `keep`."""
-        weights = self.slots.get(name)
-        if weights is not None:
-            self.slots.move_to_end(name)
-            return weights
-        loaded = self.cpu[name]
-        weights = {
+    def _to_device(self, loaded: _Loaded) -> AdapterWeights:
+        return {
             k: (a.to(self.device, self.dtype), b.to(self.device, self.dtype))
             for k, (a, b) in loaded.weights.items()
         }
-        while len(self.slots) >= self.max_loras:
-            victim = next((n for n in self.slots if n not in keep), None)
-            if victim is None:
-                break
-            del self.slots[victim]
-        self.slots[name] = weights
-        return weights

@@ -508,6 +508,8 @@ class ModelRunner:
         structured = self.structured
         for rid in step.finished_request_ids:
             self._forget(rid)
+        if self.lora is not None:
+            self.lora.evict(step.lora_evictions)
         for req in step.new_requests:
             error = self._add_lora(req) or batch.add(req) or self._add_images(req)
             if not error and structured is not None:
@@ -515,6 +517,8 @@ class ModelRunner:
             if error:
                 errors[req.request_id] = error
                 self._forget(req.request_id)  # drops the adapter reference too
+        if self.lora is not None:
+            self.lora.place(step.lora_slots)
         for cached in step.cached_requests:
             row = batch.rows.get(cached.request_id)
             if row is None:

@@ -166,6 +166,10 @@ class StepRequest:
     cached_requests: list[CachedRequest] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_request_ids: list[str] = field(default_factory=list)
+    lora_evictions: list[tuple[str, int]] = field(default_factory=list)
+    """(adapter name, load number) to drop before the new requests are added."""
+    lora_slots: list[tuple[tuple[str, int], int]] = field(default_factory=list)
+    """((adapter name, load number), device slot) to fill before the forward."""
 
 
 @dataclass(slots=True)

@@ -257,6 +257,10 @@ def step_request_to_proto(step: msg.StepRequest) -> worker_pb2.StepRequest:
     )
     for r in step.new_requests:
         _new_request_to_proto(p.new_requests.add(), r)
+    for name, int_id in step.lora_evictions:
+        p.lora_evictions.add(lora_name=name, lora_int_id=int_id)
+    for (name, int_id), slot in step.lora_slots:
+        p.lora_slots.add(adapter=worker_pb2.LoRAKey(lora_name=name, lora_int_id=int_id), slot=slot)
     # NOTE: per running request per step, so the cheapest form: attribute sets, and the
     # (mostly empty) lists only when they hold something (4x faster than add(**fields)).
     add = p.cached_requests.add
@@ -293,6 +297,8 @@ def step_request_from_proto(p: worker_pb2.StepRequest) -> msg.StepRequest:
         cached_requests=cached,
         num_scheduled_tokens=dict(p.num_scheduled_tokens),
         finished_request_ids=list(p.finished_request_ids),
+        lora_evictions=[(k.lora_name, k.lora_int_id) for k in p.lora_evictions],
+        lora_slots=[((s.adapter.lora_name, s.adapter.lora_int_id), s.slot) for s in p.lora_slots],
     )
 
 

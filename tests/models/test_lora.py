@@ -98,22 +98,30 @@ def test_refusals(setup, tmp_path):
 
 
 def test_cpu_lru_evicts_idle_adapters_and_reloads_them(setup):
+    """The scheduler keeps the CPU LRU (max_cpu_loras, default max_loras) and the slot table;
+    the worker holds exactly what it is told."""
     llm, root, expected = setup
     manager = llm.engine.executor.runner.lora
-    assert manager.max_cpu == 2 and manager.max_loras == 2
+    residency = llm.engine.scheduler.lora_residency
+    assert residency.max_cpu == 2 and manager.max_loras == 2
     c = root / "c"
     if not c.exists():
         shutil.copytree(root / "a", c)  # same weights as a, under another name
     reqs = {n: LoRARequest(n, i, str(root / n)) for i, n in enumerate("abc", 1)}
+    evictions = residency.num_evictions
     for name in ("a", "b", "c"):
         llm.generate(PROMPTS[:1], GREEDY, lora_request=reqs[name])
-    assert list(manager.cpu) == [("b", 2), ("c", 3)]  # a, least recently used, went first
-    assert set(manager.slots) <= {("b", 2), ("c", 3)} and len(manager.slots) <= 2
+    assert residency.num_evictions > evictions
+    assert list(residency.cpu) == [("b", 2), ("c", 3)]  # a, least recently used, went first
+    assert set(manager.cpu) == {("b", 2), ("c", 3)}  # the worker follows
+    assert manager.slots == {i: k for i, k in enumerate(residency.slots) if k is not None}
+    assert set(manager.slots.values()) <= {("b", 2), ("c", 3)}
     # Finished requests let go of their adapter (the worker hears of it with the next step).
     assert set(manager.request_adapter.values()) <= {("c", 3)}
     outs = llm.generate(PROMPTS, GREEDY, lora_request=reqs["a"])  # read again from disk
     assert [o.outputs[0].token_ids for o in outs] == expected["a"]
-    assert list(manager.cpu) == [("c", 3), ("a", 1)]
+    assert list(residency.cpu) == [("c", 3), ("a", 1)]
+    assert set(manager.cpu) == {("c", 3), ("a", 1)}
     assert set(manager.request_adapter.values()) <= {("a", 1)}
 
 

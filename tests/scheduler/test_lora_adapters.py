@@ -204,3 +204,105 @@ def test_adapter_rpcs(lora_scheduler):
         list(stub.Generate(req, timeout=30))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND and "not loaded" in e.value.details()
     assert names() == [("start", "/adapters/start", 1)]
+
+
+class _WorkerMirror:
+    """What a worker holds when it does exactly what the step messages say."""
+
+    def __init__(self) -> None:
+        self.cpu: set[tuple[str, int]] = set()
+        self.slots: dict[int, tuple[str, int]] = {}
+        self.request_key: dict[str, tuple[str, int]] = {}
+
+    def apply(self, step, max_loras: int, max_cpu: int) -> set[tuple[str, int]]:
+        for rid in step.finished_request_ids:
+            self.request_key.pop(rid, None)
+        for key in step.lora_evictions:
+            assert key not in self.request_key.values(), f"{key} evicted while in use"
+            self.cpu.discard(key)
+            self.slots = {s: k for s, k in self.slots.items() if k != key}
+        for m in step.new_requests:
+            if m.lora_name:
+                key = (m.lora_name, m.lora_int_id)
+                self.cpu.add(key)  # read from disk if it was not held
+                self.request_key[m.request_id] = key
+        for key, slot in step.lora_slots:
+            assert 0 <= slot < max_loras and key in self.cpu
+            self.slots[slot] = key
+        assert len(self.cpu) <= max_cpu, self.cpu
+        used = {self.request_key[r] for r in step.num_scheduled_tokens if r in self.request_key}
+        assert used <= set(self.slots.values()), (used, self.slots)
+        return used
+
+
+@pytest.mark.parametrize("max_loras, max_cpu", [(1, 1), (1, 3), (2, 2), (2, 3)])
+def test_step_messages_keep_workers_within_the_limits(max_loras, max_cpu):
+    """The scheduler's LRU and slot table, followed literally by a worker, keep every step's
+    adapters on the device, never evict an adapter a request uses, and never hold more than
+    max_cpu_loras; a warm adapter is not evicted while there is room."""
+    engine, _ = make_engine(
+        num_blocks=300, enable_lora=True, max_loras=max_loras, max_cpu_loras=max_cpu
+    )
+    sched = engine.scheduler
+    for name in "abcd":
+        sched.adapters.load(name, f"/adapters/{name}")
+    mirror = _WorkerMirror()
+    original = sched.schedule
+    evicted: list[tuple[str, int]] = []
+
+    def watch():
+        step = original()
+        if step is not None:
+            evicted.extend(step.lora_evictions)
+            mirror.apply(step, max_loras, max_cpu)
+        return step
+
+    sched.schedule = watch
+    release = sched.release_step
+
+    def watch_release():
+        step = release()
+        if step is not None:
+            mirror.apply(step, max_loras, max_cpu)
+        return step
+
+    sched.release_step = watch_release
+    order = ["a", "b", "", "a", "c", "d", "a", "b", "c", "", "d", "a"]
+    for i, name in enumerate(order):
+        sched.add_request(_named(f"r{i}", name, max_tokens=3 + i % 4))
+    got = run_to_completion(engine)
+    assert len(got) == len(order)
+    assert len(mirror.cpu) == min(max_cpu, 4)
+    if max_cpu >= 4:
+        assert evicted == []
+    else:
+        assert evicted  # four adapters through fewer places
+    assert sched.kv.num_free_blocks == 300
+
+
+def test_unloaded_adapter_leaves_memory_once_its_requests_finish():
+    engine, _ = make_engine(num_blocks=100, enable_lora=True, max_loras=2, max_cpu_loras=4)
+    sched = engine.scheduler
+    x = sched.adapters.load("x", "/adapters/x")
+    sched.adapters.load("y", "/adapters/y")
+    steps = []
+    original = sched.schedule
+
+    def watch():
+        step = original()
+        if step is not None:
+            steps.append(step)
+        return step
+
+    sched.schedule = watch
+    sched.add_request(_named("rx", "x", max_tokens=5))
+    engine.step()
+    sched.adapters.unload("x")
+    sched.add_request(_named("ry", "y", max_tokens=8))
+    engine.step()
+    assert all((x.name, x.int_id) not in s.lora_evictions for s in steps)  # still in use
+    run_to_completion(engine)
+    dropped = [s for s in steps if (x.name, x.int_id) in s.lora_evictions]
+    assert len(dropped) == 1 and "rx" in set().union(*(s.finished_request_ids for s in steps))
+    assert (x.name, x.int_id) not in sched.lora_residency.cpu
+    assert ("y", 2) in sched.lora_residency.cpu  # the served one stays warm
