@@ -105,7 +105,7 @@ class CachedRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "new_requests", "cached_requests", "num_scheduled_tokens", "finished_request_ids", "lora_evictions", "lora_slots")
+    __slots__ = ("step_id", "new_requests", "cached_requests", "num_scheduled_tokens", "finished_request_ids", "lora_evictions", "lora_slots", "encoder_evictions")
     class NumScheduledTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class StepRequest(_message.Message):
     FINISHED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     LORA_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     LORA_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
     cached_requests: _containers.RepeatedCompositeFieldContainer[CachedRequest]
@@ -127,7 +128,8 @@ class StepRequest(_message.Message):
     finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
     lora_evictions: _containers.RepeatedCompositeFieldContainer[LoRAKey]
     lora_slots: _containers.RepeatedCompositeFieldContainer[LoRASlot]
-    def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Mapping[str, int]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., lora_evictions: _Optional[_Iterable[_Union[LoRAKey, _Mapping]]] = ..., lora_slots: _Optional[_Iterable[_Union[LoRASlot, _Mapping]]] = ...) -> None: ...
+    encoder_evictions: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Mapping[str, int]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., lora_evictions: _Optional[_Iterable[_Union[LoRAKey, _Mapping]]] = ..., lora_slots: _Optional[_Iterable[_Union[LoRASlot, _Mapping]]] = ..., encoder_evictions: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class LoRAKey(_message.Message):
     __slots__ = ("lora_name", "lora_int_id")

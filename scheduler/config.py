@@ -9,6 +9,9 @@ from splitserve.common.lora import check_lora_fields
 from splitserve.common.tracing import check_endpoint
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
+MIN_ENCODER_TOKENS = 8192
+"""Default floor of both encoder budgets: above the largest item of the supported models
+(LLaVA-NeXT's any-resolution images, 30 s of Qwen2-Audio)."""
 
 
 @dataclass
@@ -56,6 +59,10 @@ class SchedulerConfig(
     comma-separated)."""
     max_cpu_loras: int | None = None
     """LoRA adapters the workers keep loaded in CPU memory (least recently used evicted, as the scheduler decides); None means max_loras."""
+    max_num_encoder_input_tokens: int | None = None
+    """Encoder output tokens (image or audio placeholder tokens) one step may encode; chunks stop before an item that does not fit. None: max(max_num_batched_tokens, 8192) (vLLM's name)."""
+    encoder_cache_size: int | None = None
+    """Encoder output tokens the first worker rank keeps, keyed by the item's hash, so the same image or clip in a later request is not encoded again (least recently used evicted). None: max(max_num_batched_tokens, 8192) (vLLM's name)."""
     lora_modules: list[str] | None = None
     """LoRA adapters loaded at start, as name=path or JSON (vLLM's --lora-modules); with --enable-lora, every front end then serves them (the scheduler never opens their files: the gateway and the workers check them)."""
     otlp_traces_endpoint: str | None = None
@@ -65,6 +72,10 @@ class SchedulerConfig(
     def __post_init__(self) -> None:
         super().__post_init__()
         check_lora_fields(self)
+        for name in ("max_num_encoder_input_tokens", "encoder_cache_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         # A comma-separated item is several addresses (one flag value from an env variable).
         self.worker_addresses = [
             a.strip() for item in self.worker_addresses for a in item.split(",") if a.strip()
@@ -115,3 +126,18 @@ class SchedulerConfig(
                 f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens})"
                 f" must be >= max_model_len ({max_model_len})"
             )
+
+    # NOTE: the defaults are resolved here, not written back into the fields, so that a
+    # field left unset is not passed on to a child process as if it had been given.
+
+    @property
+    def encoder_budget(self) -> int:
+        """max_num_encoder_input_tokens, its default resolved."""
+        return self.max_num_encoder_input_tokens or max(
+            self.max_num_batched_tokens, MIN_ENCODER_TOKENS
+        )
+
+    @property
+    def encoder_cache_tokens(self) -> int:
+        """encoder_cache_size, its default resolved."""
+        return self.encoder_cache_size or max(self.max_num_batched_tokens, MIN_ENCODER_TOKENS)

@@ -29,6 +29,7 @@ from splitserve.common.pooling import dimensions_problem, finish_embedding
 from splitserve.protos import common_pb2, scheduler_pb2
 
 from .config import SchedulerConfig
+from .encoder_cache import EncoderCache
 from .kv_cache_manager import KVCacheManager
 from .lora_adapters import AdapterTable
 from .lora_residency import LoRAResidency
@@ -119,6 +120,8 @@ class Scheduler:
         self.adapters = AdapterTable(config.lora_modules)
         """The LoRA adapters served by name (loads, unloads and lists from every front end)."""
         self.lora_residency = LoRAResidency(config.max_loras, config.max_cpu_loras)
+        self.encoder = EncoderCache(config.encoder_cache_tokens, config.encoder_budget)
+        """Which encoder outputs (images, audio) the first worker rank holds, by item hash."""
         """Which adapters the workers hold in CPU memory and in which device slots."""
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
@@ -315,6 +318,13 @@ class Scheduler:
                     f"mm_inputs[{i}]: hash must be a 32-byte SHA-256 digest, got {len(m.hash)} bytes",
                 )
             end = m.offset + m.length
+            cache, budget = self.config.encoder_cache_tokens, self.config.encoder_budget
+            if m.length > min(cache, budget):
+                raise RequestRejected(
+                    "INVALID_ARGUMENT",
+                    f"mm_inputs[{i}]: {m.length} placeholder tokens exceed the encoder budget "
+                    f"(--encoder-cache-size {cache}, --max-num-encoder-input-tokens {budget})",
+                )
 
     def _lora_fits(self, req: Request) -> bool:
         """Whether admitting `req` keeps the running adapters within max_loras (every running
@@ -403,6 +413,8 @@ class Scheduler:
             self.waiting.remove(r)
         r.status = RequestStatus.FINISHED
         self.kv.free(r)
+        if r.mm_spans:
+            self.encoder.release(r.request_id, r.mm_spans)
         if r.known_to_worker:
             self._finished_for_workers.append(r.request_id)
             r.known_to_worker = False
@@ -421,6 +433,13 @@ class Scheduler:
         preempted = False
         pipelined = self.pipeline_parallel_size > 1
         max_seqs = self._max_seqs_per_step()
+        encoder = self.encoder
+        encoder.begin_step()
+        # NOTE: references are dropped here, not when the chunk that passes an item is planned:
+        # an output this step's own forward still reads must not be evicted by this step.
+        for r in self.running:
+            if r.mm_spans:
+                encoder.release_computed(r.request_id, r.mm_spans, r.num_computed_tokens)
 
         for req in list(self.running):
             if budget == 0 or len(scheduled) >= max_seqs:
@@ -430,6 +449,8 @@ class Scheduler:
             if pipelined and req.num_inflight:
                 continue  # its next input token is still being sampled
             n = self._tokens_to_schedule(req, budget)
+            if n and req.mm_spans:
+                n = encoder.fit(req.request_id, req.mm_spans, req.num_computed_tokens, n)
             if n == 0:
                 continue
             while True:
@@ -444,6 +465,8 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue
             num_computed = req.num_computed_tokens
+            if req.mm_spans:
+                encoder.commit(req.request_id, req.mm_spans, num_computed, n)
             self._commit(req, n)
             if req.known_to_worker:
                 c = msg.CachedRequest(
@@ -488,6 +511,10 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
             n = min(remaining, budget)
+            if req.mm_spans:
+                n = encoder.fit(req.request_id, req.mm_spans, num_hit, n)
+                if n == 0 or (n < remaining and not self.config.enable_chunked_prefill):
+                    break  # its next item waits for encoder budget or cache room
             if self.kv.allocate_slots(req, n, hits) is None:
                 break
             self.waiting.pop(idx)
@@ -499,6 +526,8 @@ class Scheduler:
             self.kv.record_lookup(req.num_tokens, num_hit)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
+            if req.mm_spans:
+                encoder.commit(req.request_id, req.mm_spans, num_hit, n)
             self._commit(req, n)
             self._add_new(step, req, num_hit)
             scheduled[req.request_id] = n
@@ -511,6 +540,7 @@ class Scheduler:
             self._finished_for_workers = []
         if self.config.enable_lora:
             self._place_loras(step, scheduled)
+        step.encoder_evictions = encoder.take_evictions()
         step.num_scheduled_tokens = scheduled
         step.step_id = next(self._step_ids)
         self.num_steps += 1
@@ -604,6 +634,8 @@ class Scheduler:
         logger.debug("preempting %s at %d tokens", req.request_id, req.num_tokens)
         self.running.remove(req)
         self.kv.free(req)
+        if req.mm_spans:
+            self.encoder.release(req.request_id, req.mm_spans)
         req.num_computed_tokens = 0
         if req.known_to_worker:
             self._finished_for_workers.append(req.request_id)
@@ -716,4 +748,7 @@ class Scheduler:
             max_loras=self.config.max_loras if self.config.enable_lora else 0,
             running_lora_adapters=sorted({r.lora_name for r in self.running if r.lora_name}),
             waiting_lora_adapters=sorted({r.lora_name for r in self.waiting if r.lora_name}),
+            encoder_cache_queries=self.encoder.num_queries,
+            encoder_cache_hits=self.encoder.num_hits,
+            encoder_cache_usage=self.encoder.usage,
         )

@@ -66,7 +66,7 @@ class TokenizerServiceConfig:
     max_audio_seconds: float = 600.0
     """Longest audio item a prompt may carry, in seconds after decoding (a 400 naming the part past it); its encoded file may hold at most 25 MB, as OpenAI's uploads."""
     mm_processor_cache_gb: float = 4.0
-    """GiB of processed images kept by the SHA-256 of their files (vLLM's flag), so a repeated image skips decoding and the image processor; 0 disables."""
+    """GiB of processed images kept by the SHA-256 of their files (vLLM's flag), so a repeated image skips decoding and the image processor; 0 disables. (The encoder's outputs are cached by the scheduler: --encoder-cache-size.)"""
     disable_mm_preprocessor_cache: bool = False
     """No preprocessor cache (vLLM's older flag; the same as --mm-processor-cache-gb 0)."""
 

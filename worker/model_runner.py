@@ -510,6 +510,8 @@ class ModelRunner:
             self._forget(rid)
         if self.lora is not None:
             self.lora.evict(step.lora_evictions)
+        if self.mm is not None and step.encoder_evictions:
+            self.mm.evict(step.encoder_evictions)
         for req in step.new_requests:
             error = self._add_lora(req) or batch.add(req) or self._add_images(req)
             if not error and structured is not None:

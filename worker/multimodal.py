@@ -1,11 +1,12 @@
 """Image and audio inputs on the worker: decode them, encode each once, splice the embeddings in.
 
 A request's items arrive with it (`NewRequest.mm_inputs`): processed pixels (images) or log-mel
-features (audio) as raw bytes, and the prompt span [offset, offset + length) of each item's
-placeholder tokens. The encoder runs the first time a step computes any of an item's
-placeholder positions, and its output is kept until a step has computed past the span, so a
-prefill chunk that cuts through an item reuses it. A prefix-cache hit that starts inside an
-item still works: the item is encoded then.
+features (audio) as raw bytes, the prompt span [offset, offset + length) of each item's
+placeholder tokens, and the item's hash. The encoder runs when a step computes any of an
+item's placeholder positions and no output for its hash is held; outputs are kept by hash
+until the scheduler evicts them (`StepRequest.encoder_evictions`, its encoder cache), so a
+prefill chunk that cuts through an item, and a later request with the same image or clip,
+reuse it. A prefix-cache hit that starts inside an item still works: the item is encoded then.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ class _Item:
     length: int
     data: torch.Tensor
     """Images: pixel_values [C, H, W]; audio: input_features [mel bins, frames]."""
+    hash: bytes = b""
+    """The processed input's SHA-256: the encoder cache key."""
     num_frames: int = 0
     """Audio: the frames of `data` that hold audio."""
-    embeds: torch.Tensor | None = None
-    """[length, hidden] once encoded; dropped when the prompt is computed past the span."""
 
 
 _MODALITIES = {
@@ -81,6 +82,8 @@ class MultiModalInputs:
         self.model = model
         self.device = device
         self.items: dict[str, list[_Item]] = {}
+        self.cache: dict[bytes, torch.Tensor] = {}
+        """Encoder outputs [length, hidden] by item hash, until the scheduler evicts them."""
         self.num_encoded = 0
         """Items encoded so far (tests check each is encoded once)."""
 
@@ -128,7 +131,7 @@ class MultiModalInputs:
                     f"{kind} {i}: the prompt holds other tokens than the {kind} token "
                     f"{token} in [{mm.offset}, {mm.offset + mm.length})"
                 )
-            items.append(_Item(kind, mm.offset, mm.length, data, mm.num_frames))
+            items.append(_Item(kind, mm.offset, mm.length, data, mm.hash, mm.num_frames))
             end = mm.offset + mm.length
         self.items[req.request_id] = items
         return None
@@ -153,6 +156,11 @@ class MultiModalInputs:
     def remove(self, request_id: str) -> None:
         self.items.pop(request_id, None)
 
+    def evict(self, hashes: list[bytes]) -> None:
+        """Drop encoder outputs the scheduler's encoder cache evicted."""
+        for h in hashes:
+            self.cache.pop(h, None)
+
     def embeddings(
         self,
         req_ids: list[str],
@@ -173,25 +181,26 @@ class MultiModalInputs:
                     spans.append((item, lo, hi, int(offsets[i]) + lo - int(starts[i])))
         if not spans:
             return None
-        self._encode([item for item, *_ in spans if item.embeds is None])
+        cache = self.cache
+        self._encode([item for item, *_ in spans if item.hash not in cache])
         embeds = self.model.embed_tokens(input_ids)
         for item, lo, hi, at in spans:
-            embeds[at : at + hi - lo] = item.embeds[lo - item.offset : hi - item.offset]
+            embeds[at : at + hi - lo] = cache[item.hash][lo - item.offset : hi - item.offset]
         return embeds
 
     def _encode(self, pending: list[_Item]) -> None:
-        unique = list({id(item): item for item in pending}.values())
+        unique = list({item.hash: item for item in pending}.values())
         images = [item for item in unique if item.modality == "image"]
         audio = [item for item in unique if item.modality == "audio"]
         if images:
             pixels = torch.stack([item.data for item in images]).to(self.device)
             for item, embeds in zip(images, self.model.embed_images(pixels), strict=True):
-                item.embeds = embeds
+                self.cache[item.hash] = embeds
         if audio:
             features = torch.stack([item.data for item in audio]).to(self.device)
             frames = torch.tensor([item.num_frames for item in audio])
             for item, embeds in zip(audio, self.model.embed_audio(features, frames), strict=True):
-                item.embeds = embeds
+                self.cache[item.hash] = embeds
         self.num_encoded += len(unique)
 
     def release_computed(self, req_ids: list[str], ends: np.ndarray) -> None:

@@ -170,6 +170,8 @@ class StepRequest:
     """(adapter name, load number) to drop before the new requests are added."""
     lora_slots: list[tuple[tuple[str, int], int]] = field(default_factory=list)
     """((adapter name, load number), device slot) to fill before the forward."""
+    encoder_evictions: list[bytes] = field(default_factory=list)
+    """Item hashes whose encoder outputs the first rank drops before this step."""
 
 
 @dataclass(slots=True)

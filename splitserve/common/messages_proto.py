@@ -254,6 +254,7 @@ def step_request_to_proto(step: msg.StepRequest) -> worker_pb2.StepRequest:
         step_id=step.step_id,
         num_scheduled_tokens=step.num_scheduled_tokens,
         finished_request_ids=step.finished_request_ids,
+        encoder_evictions=step.encoder_evictions,
     )
     for r in step.new_requests:
         _new_request_to_proto(p.new_requests.add(), r)
@@ -299,6 +300,7 @@ def step_request_from_proto(p: worker_pb2.StepRequest) -> msg.StepRequest:
         finished_request_ids=list(p.finished_request_ids),
         lora_evictions=[(k.lora_name, k.lora_int_id) for k in p.lora_evictions],
         lora_slots=[((s.adapter.lora_name, s.adapter.lora_int_id), s.slot) for s in p.lora_slots],
+        encoder_evictions=list(p.encoder_evictions),
     )
 
 

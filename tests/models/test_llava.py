@@ -116,6 +116,40 @@ def test_llava_prefix_cache_keeps_images_apart(llava_path, images, hf_ref):
     llm.shutdown()
 
 
+@pytest.mark.parametrize("cache_images", [2, 1])
+def test_llava_encoder_cache_reuses_images_across_requests(llava_path, images, cache_images):
+    """The scheduler's encoder cache: the same image under other words (no prefix-cache hit)
+    is not encoded again; with room for one image, the other image evicts it and it is
+    encoded again. Every output equals transformers'."""
+    llm = LLM(
+        str(llava_path),
+        kv_cache_memory=8 << 20,
+        enable_prefix_caching=False,
+        encoder_cache_size=cache_images * NUM_IMAGE_TOKENS,
+    )
+    prompts = [
+        (f"{TEXT} <image> what is it?", [0]),
+        ("describe <image> in a few words", [0]),
+        ("and now <image>", [1]),
+        ("once more <image>", [0]),
+    ]
+    mm = llm.engine.executor.runner.mm
+    got, encoded = [], []
+    for p in prompts:
+        got.append(llm.generate(requests(images, [p]), greedy())[0].outputs[0].token_ids)
+        encoded.append(mm.num_encoded)
+    assert got == hf_greedy(llava_path, prompts, images)
+    stats = llm.engine.scheduler.stats()
+    if cache_images == 2:
+        assert encoded == [1, 1, 2, 2]  # image 0 encoded once for three requests
+        assert (stats.encoder_cache_queries, stats.encoder_cache_hits) == (4, 2)
+    else:
+        assert encoded == [1, 1, 2, 3]  # image 1 evicted image 0, so it was encoded again
+        assert (stats.encoder_cache_queries, stats.encoder_cache_hits) == (4, 1)
+    assert len(mm.cache) == cache_images  # the worker holds what the scheduler's table says
+    llm.shutdown()
+
+
 def test_llava_refuses_bad_image_inputs(llava_path, images):
     llm = LLM(str(llava_path), kv_cache_memory=8 << 20, limit_mm_per_prompt={"image": 1})
     bad = [
