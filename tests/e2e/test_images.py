@@ -141,3 +141,34 @@ def test_refused_images_are_400_and_the_server_stays_up(
     assert ok.choices[0].finish_reason == "length"
     stats = llava_server.scheduler_stats()
     assert stats.num_free_blocks == stats.num_total_blocks  # nothing held after the requests
+
+
+def test_a_repeated_image_is_not_encoded_again(llava_server, llava_client):
+    """The scheduler's encoder cache through the stack: the same image after other words (so
+    the prefix cache cannot serve it) is a cache hit, counted by the scheduler; a new image
+    is a miss."""
+    image = random_image(11, size=(44, 36))
+
+    def ask(words: str, img) -> None:
+        content = [
+            {"type": "text", "text": words},
+            {"type": "image_url", "image_url": {"url": data_url(img)}},
+        ]
+        resp = llava_client.chat.completions.create(
+            model=llava_server.model,
+            messages=[{"role": "user", "content": content}],
+            max_tokens=2,
+            temperature=0,
+        )
+        assert resp.usage.completion_tokens == 2
+
+    def counters() -> tuple[int, int]:
+        stats = llava_server.scheduler_stats()
+        return stats.encoder_cache_queries, stats.encoder_cache_hits
+
+    ask("first look at this", image)
+    queries, hits = counters()
+    ask("and now, with other words in front, the same", image)
+    assert counters() == (queries + 1, hits + 1)
+    ask("a new one", random_image(12, size=(44, 36)))
+    assert counters() == (queries + 2, hits + 1)
