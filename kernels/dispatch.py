@@ -287,3 +287,24 @@ def fp8_linear(
     if _use_triton(x, backend):
         return _kernel_module("fp8_gemm").fp8_w8a16_linear(x, weight, scale, block, bias)
     return ref.fp8_linear_ref(x, weight, scale, block, bias)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x [..., K] @ dequant(W).T + bias -> [..., N] in x.dtype, weight-only int4 (W4A16).
+
+    qweight: int32 [K / 8, N] (`reference.int4_pack_k`); scales, zeros: [K / g, N]. Triton on
+    CUDA (int4 unpacked in the GEMM's load stage); the torch path dequantizes the whole weight
+    first (the CPU worker dequantizes once at load instead).
+    """
+    if _use_triton(x, backend):
+        return _kernel_module("w4a16_gemm").w4a16_linear(x, qweight, scales, zeros, group, bias)
+    return ref.w4a16_linear_ref(x, qweight, scales, zeros, group, bias)

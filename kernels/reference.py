@@ -22,8 +22,12 @@ __all__ = [
     "gelu_and_mul_ref",
     "paged_attention_ref",
     "rms_norm_ref",
+    "int4_pack_k",
+    "int4_unpack_k",
     "silu_and_mul_ref",
     "soft_cap_logits",
+    "w4a16_dequantize_ref",
+    "w4a16_linear_ref",
     "write_kv_cache_ref",
 ]
 
@@ -342,3 +346,57 @@ def fp8_linear_ref(
 ) -> torch.Tensor:
     """x @ dequant(weight).T + bias in x.dtype (weight-only: x is not quantized)."""
     return F.linear(x, fp8_dequantize_ref(weight, scale, block, x.dtype), bias)
+
+
+def int4_pack_k(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values q [N, K] (0..15, K % 8 == 0) along K: int32 [K / 8, N] whose bits
+    4j..4j+3 of word [r, n] hold q[n, 8r + j] (the W4A16 GEMM's weight layout: a row of the
+    packed tensor is contiguous over N, so a tile's loads coalesce)."""
+    n, k = q.shape
+    if k % 8:
+        raise ValueError(f"int4 packing along K needs K % 8 == 0, got K = {k}")
+    v = q.to(torch.int32).t().reshape(k // 8, 8, n)
+    out = torch.zeros(k // 8, n, dtype=torch.int32, device=q.device)
+    for j in range(8):
+        out |= v[:, j] << (4 * j)
+    return out
+
+
+def int4_unpack_k(qweight: torch.Tensor) -> torch.Tensor:
+    """The inverse of `int4_pack_k`: int32 [K / 8, N] -> int32 [N, K] in 0..15."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    values = (qweight[:, None, :] >> shifts[None, :, None]) & 0xF  # [K / 8, 8, N]
+    return values.reshape(-1, qweight.shape[1]).t()
+
+
+def w4a16_dequantize_ref(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The real weight [N, K] of a W4A16 one: (q[n, k] - zeros[k // g, n]) * scales[k // g, n],
+    computed in fp32, in `dtype`.
+
+    Args:
+        qweight: int32 [K / 8, N] (`int4_pack_k`); scales, zeros: [ceil(K / g), N] (zeros hold
+        integers 0..15; 8 for a symmetric format); group: g.
+    """
+    q = int4_unpack_k(qweight).float()
+    k = q.shape[1]
+    s = scales.float().t().repeat_interleave(group, dim=1)[:, :k]
+    z = zeros.float().t().repeat_interleave(group, dim=1)[:, :k]
+    return ((q - z) * s).to(dtype)
+
+
+def w4a16_linear_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ dequant(W).T + bias in x.dtype (weight-only: x is not quantized)."""
+    return F.linear(x, w4a16_dequantize_ref(qweight, scales, zeros, group, x.dtype), bias)
