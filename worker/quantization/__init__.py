@@ -8,7 +8,8 @@ checkpoint's format, or quantizes an unquantized model at load; a mismatch is a 
 naming both. Every check here runs on the meta-device skeleton, so preflight refuses a bad
 format before any process starts or port opens.
 
-Formats: fp8.py (`fp8`, `fbgemm_fp8`, `compressed-tensors` FP8, and online `fp8`).
+Formats: fp8.py (`fp8`, `fbgemm_fp8`, `compressed-tensors` FP8, and online `fp8`), awq.py
+(`awq`, AutoAWQ's GEMM layout); int4.py holds what the int4 formats share.
 """
 
 from __future__ import annotations
@@ -49,9 +50,12 @@ class QuantConfig:
 
 
 def _registry() -> dict[str, type[QuantConfig]]:
-    from splitserve.worker.quantization import fp8
+    from splitserve.worker.quantization import awq, fp8
 
-    configs = {c.name: c for c in (fp8.Fp8Config, fp8.FbgemmFp8Config, fp8.CompressedTensorsConfig)}
+    configs = {
+        c.name: c
+        for c in (fp8.Fp8Config, fp8.FbgemmFp8Config, fp8.CompressedTensorsConfig, awq.AwqConfig)
+    }
     assert tuple(configs) == QUANTIZATION_METHODS, "worker.config lists the same formats"
     return configs
 
@@ -144,3 +148,14 @@ def matches(name: str, patterns: list[str]) -> bool:
         elif name == pattern or name.endswith("." + pattern):
             return True
     return False
+
+
+def ignored_layer(format_name: str, names: list[str], patterns: list[str]) -> bool:
+    """Whether a layer (its checkpoint names) is left unquantized; fused shards must agree."""
+    hits = [matches(n, patterns) for n in names]
+    if any(hits) and not all(hits):
+        raise ValueError(
+            f"{format_name} quantizes only some of {', '.join(names)}, which splitserve fuses "
+            "into one layer; they must be quantized alike"
+        )
+    return all(hits)

@@ -34,7 +34,7 @@ from splitserve.kernels import dispatch
 from splitserve.kernels.reference import fp8_dequantize_ref
 from splitserve.worker.linear import Linear, LinearMethod, MergedLinear, UnquantizedLinearMethod
 from splitserve.worker.moe import MoEExperts, MoEExpertsMethod
-from splitserve.worker.quantization import QuantConfig, matches
+from splitserve.worker.quantization import QuantConfig, ignored_layer
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -254,17 +254,6 @@ class Fp8OnlineMoEMethod(MoEExpertsMethod):
                 stack[e] = fp8_dequantize_ref(weight, scale, (1, stack.shape[2]), stack.dtype)
 
 
-def _ignored(config: Any, names: list[str], patterns: list[str]) -> bool:
-    """Whether a layer (its checkpoint names) is left unquantized; fused shards must agree."""
-    hits = [matches(n, patterns) for n in names]
-    if any(hits) and not all(hits):
-        raise ValueError(
-            f"{config.name} quantizes only some of {', '.join(names)}, which splitserve fuses "
-            "into one layer; they must be quantized alike"
-        )
-    return all(hits)
-
-
 def _block(value: Any, field: str) -> tuple[int, int]:
     if (
         not isinstance(value, list | tuple)
@@ -302,7 +291,7 @@ class Fp8Config(QuantConfig):
         return cls(True, None if block is None else _block(block, "weight_block_size"), ignored)
 
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
-        if _ignored(self, checkpoint_names, self.ignored):
+        if ignored_layer(self.name, checkpoint_names, self.ignored):
             return None
         if not self.serialized:
             return Fp8OnlineLinearMethod()
@@ -311,7 +300,7 @@ class Fp8Config(QuantConfig):
         return Fp8LinearMethod("weight_scale", "tensor")
 
     def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
-        if _ignored(self, [name], self.ignored):
+        if ignored_layer(self.name, [name], self.ignored):
             return None
         if not self.serialized:
             return Fp8OnlineMoEMethod()
@@ -343,12 +332,12 @@ class FbgemmFp8Config(QuantConfig):
         return cls(float(ub), list(config.get("modules_to_not_convert") or []))
 
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
-        if _ignored(self, checkpoint_names, self.ignored):
+        if ignored_layer(self.name, checkpoint_names, self.ignored):
             return None
         return Fp8LinearMethod("weight_scale", "channel")
 
     def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
-        if _ignored(self, [name], self.ignored):
+        if ignored_layer(self.name, [name], self.ignored):
             return None
         return Fp8MoEMethod("weight_scale", "channel")
 
@@ -404,12 +393,12 @@ class CompressedTensorsConfig(QuantConfig):
         return cls(_CT_STRATEGIES[strategy], block, list(config.get("ignore") or []))
 
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
-        if _ignored(self, checkpoint_names, self.ignored):
+        if ignored_layer(self.name, checkpoint_names, self.ignored):
             return None
         return Fp8LinearMethod("weight_scale", self.kind, self.block)
 
     def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
-        if _ignored(self, [name], self.ignored):
+        if ignored_layer(self.name, [name], self.ignored):
             return None
         return Fp8MoEMethod("weight_scale", self.kind, self.block)
 

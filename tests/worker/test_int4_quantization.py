@@ -1,0 +1,188 @@
+"""Int4 checkpoints on CPU: AWQ (AutoAWQ GEMM layout) packed here from tiny random models, its
+nibble order checked against a plain reference of the documented order, and the model's greedy
+tokens and logprobs equal to transformers on the dequantized weights (fp32). Plus the start-up
+errors of a bad int4 checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splitserve.testing.demo_model import build_model
+from splitserve.testing.int4_pack import AWQ_ORDER, pack_awq, pack_checkpoint, pack_words
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.linear import Linear
+from splitserve.worker.model_loader import check_model, load_model
+from splitserve.worker.quantization.awq import AwqLinearMethod
+from splitserve.worker.quantization.int4 import unpack_int32
+
+from .test_quantization import _assert_parity, _both, _edited
+from .test_weight_loading import PROMPT
+from .utils import model_forward
+
+
+@pytest.fixture(scope="module")
+def qwen2(checkpoint):
+    """hidden 32, intermediate 64, q/k/v biases: group 32 fits every projection."""
+    return checkpoint("qwen2_int4", arch="qwen2")
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+    """hidden 64, intermediate 128: group 64 fits every projection."""
+    root = tmp_path_factory.mktemp("int4")
+    return build_model(root / "llama64", vocab_size=96, num_layers=2, max_position_embeddings=256)
+
+
+def _fused_qkv_equals_dense(model, dense_folder):
+    dense = load_file(dense_folder / "model.safetensors")
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    expected = torch.cat([dense[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(qkv.state_dict()["weight"], expected)
+    gate_up = model.model.layers[0].mlp.gate_up_proj.state_dict()["weight"]
+    expected = torch.cat([dense[f"model.layers.0.mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    assert torch.equal(gate_up, expected)
+    assert model.lm_head.weight.dtype == torch.float32  # lm_head stays unquantized
+
+
+@pytest.mark.parametrize("model,group", [("qwen2", 32), ("llama64", 64)])
+def test_awq_matches_transformers_on_dequantized_weights(model, group, request, tmp_path):
+    src = request.getfixturevalue(model)
+    folder, dense_folder = pack_checkpoint(src, tmp_path / "awq", "awq", group)
+    assert "model.layers.0.self_attn.k_proj.qzeros" in load_file(folder / "model.safetensors")
+    loaded = load_model(WorkerConfig(model=str(folder), quantization="awq")).model
+    _fused_qkv_equals_dense(loaded, dense_folder)
+    _assert_parity(loaded, dense_folder)
+
+
+def test_awq_group_128_layer(tmp_path):
+    """A group of 128 (the common AutoAWQ setting) on one 128-wide layer, loaded through its
+    parameters' weight loaders."""
+    torch.manual_seed(0)
+    w = torch.randn(24, 256) * 0.1
+    tensors, dense = pack_awq(w, 128)
+    layer = Linear(256, 24, bias=False, method=AwqLinearMethod(128))
+    for name, tensor in tensors.items():
+        param = getattr(layer, name)
+        param.weight_loader(param, tensor)
+    layer.process_weights_after_loading()
+    assert torch.equal(layer.state_dict()["weight"], dense)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), x @ dense.t(), atol=1e-5, rtol=1e-5)
+
+
+def _documented_awq_word(columns: list[int]) -> int:
+    """A word of 8 column values in AutoAWQ's documented order, read as a hex string: its
+    least significant digit is column 0, then columns 2, 4, 6, 1, 3, 5, 7."""
+    digits = [f"{columns[c]:x}" for c in (0, 2, 4, 6, 1, 3, 5, 7)]
+    return int("".join(reversed(digits)), 16)
+
+
+def test_awq_nibble_order_is_autoawqs():
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, size=(5, 24))  # [K, N]
+    ours = pack_words(q, AWQ_ORDER)
+    expected = np.array(
+        [[_documented_awq_word(list(q[r, 8 * c : 8 * c + 8])) for c in range(3)] for r in range(5)],
+        dtype=np.uint32,
+    ).view(np.int32)
+    assert np.array_equal(ours, expected)
+    naive = pack_words(q, tuple(range(8)))
+    assert not np.array_equal(naive, expected)  # the order matters: this test can fail
+    # The worker unpacks the documented order back to the columns, and a naive-order
+    # checkpoint to something else.
+    worker = unpack_int32(torch.from_numpy(ours), AWQ_ORDER)
+    assert np.array_equal(worker.numpy(), q)
+    assert not np.array_equal(unpack_int32(torch.from_numpy(naive), AWQ_ORDER).numpy(), q)
+
+
+def test_awq_dummy_weights_load(qwen2, tmp_path):
+    folder, _ = pack_checkpoint(qwen2, tmp_path / "awq", "awq")
+    model = load_model(WorkerConfig(model=str(folder), load_format="dummy")).model
+    assert torch.isfinite(model_forward(model, PROMPT)).all()
+
+
+# --- bad input: start-up errors naming the problem ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def awq32(qwen2, tmp_path_factory):
+    return pack_checkpoint(qwen2, tmp_path_factory.mktemp("awq") / "awq", "awq")[0]
+
+
+def test_awq_group_size_that_does_not_divide_the_input_dim(awq32, tmp_path):
+    def group(config):
+        config["quantization_config"]["group_size"] = 24
+
+    _both(
+        _edited(awq32, tmp_path / "g", config_edit=group),
+        r"layer model\.layers\.0\.self_attn\.qkv_proj: group_size 24 does not divide the input "
+        r"dim 32 of the layer",
+    )
+
+
+@pytest.mark.parametrize(
+    "tensor,shape,message",
+    [
+        (
+            "model.layers.0.self_attn.k_proj.scales",
+            (1, 24),
+            r"checkpoint tensor model\.layers\.0\.self_attn\.k_proj\.scales: shard 'k' scales has "
+            r"shape \(1, 24\), expected \(1, 16\)",
+        ),
+        (
+            "model.layers.1.mlp.down_proj.qweight",
+            (64, 3),
+            r"checkpoint tensor model\.layers\.1\.mlp\.down_proj\.qweight has shape \(64, 3\), "
+            r"the model expects \(64, 4\)",
+        ),
+    ],
+)
+def test_awq_corrupt_tensor_is_named(awq32, tmp_path, tensor, shape, message):
+    def bad(state):
+        state[tensor] = torch.ones(shape, dtype=state[tensor].dtype)
+
+    _both(_edited(awq32, tmp_path / "bad", state_edit=bad), message)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"bits": 8}, r"quantization_config\.bits 8: AWQ checkpoints of 4 bits only"),
+        ({"version": "gemv"}, r"quantization_config\.version 'gemv'"),
+        ({"zero_point": False}, r"AWQ without zero points is not supported"),
+    ],
+)
+def test_awq_unsupported_config(awq32, tmp_path, edit, message):
+    _both(_edited(awq32, tmp_path / "c", config_edit=lambda c: c["quantization_config"].update(edit)), message)  # fmt: skip
+
+
+def test_awq_non_finite_scale_is_refused_at_load(awq32, tmp_path):
+    def nan(state):
+        state["model.layers.1.self_attn.o_proj.scales"][0, 3] = float("nan")
+
+    folder = _edited(awq32, tmp_path / "nan", state_edit=nan)
+    check_model(WorkerConfig(model=str(folder)))  # headers only: shapes are right
+    with pytest.raises(ValueError, match="its int4 scales hold non-finite values"):
+        load_model(WorkerConfig(model=str(folder)))
+
+
+def test_awq_moe_is_refused_at_start_up(checkpoint, tmp_path):
+    src = checkpoint("mixtral_int4", arch="mixtral", num_layers=2, num_local_experts=4)
+    folder = tmp_path / "moe"
+    shutil.copytree(src, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"awq quantization of MoE experts \(model\.layers\.0\."):
+        check_model(WorkerConfig(model=str(folder)))
+
+
+def test_unquantized_model_refuses_the_awq_flag(qwen2):
+    with pytest.raises(ValueError, match="--quantization awq needs a checkpoint saved in that"):
+        check_model(WorkerConfig(model=str(qwen2), quantization="awq"))

@@ -1,0 +1,121 @@
+"""Weight-only int4 (W4A16) layers: what AWQ (awq.py) and compressed-tensors `pack-quantized`
+(compressed_tensors.py) share once their checkpoint tensors are unpacked.
+
+A format's method registers the checkpoint's own packed tensors (`create_weights`) and turns
+them into one canonical form (`unpack`): unsigned 4-bit values q [N, K] in 0..15, zero points
+[N, G] in 0..15 (8 for a symmetric format) and scales [N, G], G = K / group; the real weight is
+(q[n, k] - zeros[n, k // group]) * scales[n, k // group], computed in fp32.
+
+On CUDA (with triton) the weight stays int4: it is repacked along K into int32 [K / 8, N] with
+scales and zeros [G, N] in the compute dtype, the layout `kernels.w4a16_gemm` reads with
+coalesced loads, and every projection runs that W4A16 GEMM (`kernels.dispatch.w4a16_linear`).
+On CPU the weight is dequantized to the compute dtype once, in `process_weights_after_loading`,
+and the layer then runs as an unquantized one (oneDNN included): weight-only, activations are
+never quantized, so the CPU model equals the model on its dequantized weights.
+
+Memory trade-off of dequantizing once at load: a CPU worker holds dense weights, 4 bytes per
+parameter in fp32 (8x the int4 checkpoint's half byte, plus its scales), 2 in bf16, and each
+step runs at the unquantized model's speed. Dequantizing per layer on every forward would keep
+the packed bytes (about 0.53 bytes per parameter at group 128) but unpack and rescale every
+weight each step, which costs more than the GEMM itself at decode shapes, plus a transient
+dense copy of the largest layer. Serving int4 on CPU is about loading AWQ / W4A16 checkpoints,
+not about saving memory. While loading, the packed tensors of a layer and its dense copy coexist
+only for that layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from splitserve.kernels import dispatch
+from splitserve.kernels.reference import int4_pack_k, w4a16_dequantize_ref
+from splitserve.worker.linear import Linear, LinearMethod, UnquantizedLinearMethod
+
+PACK = 8
+"""4-bit values per int32."""
+
+_DENSE = UnquantizedLinearMethod()
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def unpack_int32(packed: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """int32 [R, C] -> int32 [R, 8C] in 0..15, unpacking along the last dim: nibble i (bits
+    4i..4i+3) of word c is element 8c + order[i] (order None: element 8c + i)."""
+    nibbles = (packed[..., None] >> _SHIFTS.to(packed.device)) & 0xF  # [R, C, 8]
+    if order is not None:
+        placed = torch.empty_like(nibbles)
+        placed[..., list(order)] = nibbles
+        nibbles = placed
+    return nibbles.reshape(*packed.shape[:-1], packed.shape[-1] * PACK)
+
+
+def pack_int32(values: torch.Tensor, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The inverse of `unpack_int32`: int [R, 8C] in 0..15 -> int32 [R, C]."""
+    grouped = values.to(torch.int32).reshape(*values.shape[:-1], -1, PACK)
+    if order is not None:
+        grouped = grouped[..., list(order)]
+    out = torch.zeros(grouped.shape[:-1], dtype=torch.int32, device=values.device)
+    for i in range(PACK):
+        out |= grouped[..., i] << (4 * i)
+    return out
+
+
+def check_layer(layer: Linear, in_features: int, out_features: int, group: int) -> None:
+    """ValueError unless the group divides the input dim and every (fused) output size packs
+    into whole int32 words."""
+    if group <= 0 or in_features % group:
+        raise ValueError(
+            f"group_size {group} does not divide the input dim {in_features} of the layer"
+        )
+    for shard, size in getattr(layer, "shard_sizes", {None: out_features}).items():
+        if size % PACK:
+            what = f"shard {shard!r}" if shard else "the layer"
+            raise ValueError(
+                f"{what} has {size} outputs, not a multiple of {PACK} (int4 packs 8 per int32)"
+            )
+
+
+class Int4LinearMethod(LinearMethod):
+    """The shared post-load step and forward of the W4A16 formats; subclasses register the
+    checkpoint tensors (`create_weights`, which must call `init_layer`) and `unpack` them."""
+
+    checkpoint_params: tuple[str, ...] = ()
+    """The tensors `create_weights` registers (dropped after unpacking)."""
+
+    def init_layer(self, layer: Linear, group: int) -> None:
+        layer.compute_dtype = torch.get_default_dtype()
+        layer.onednn = False
+        layer.int4_group = group
+
+    def unpack(self, layer: Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q int [N, K] 0..15, zeros int [N, G] 0..15, scales float [N, G])."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        q, zeros, scales = self.unpack(layer)
+        if not torch.isfinite(scales).all():
+            raise ValueError(
+                f"layer ({layer.extra_repr()}): its int4 scales hold non-finite values "
+                "(a corrupt checkpoint?)"
+            )
+        for name in self.checkpoint_params:
+            delattr(layer, name)
+        group, dtype = layer.int4_group, layer.compute_dtype
+        layer.int4_dense = not (q.is_cuda and dispatch.triton_available())
+        if layer.int4_dense:
+            dense = w4a16_dequantize_ref(int4_pack_k(q), scales.t(), zeros.t(), group, dtype)
+            layer.weight = nn.Parameter(dense, requires_grad=False)
+            _DENSE.process_weights_after_loading(layer)  # oneDNN on CPU float32, as unquantized
+            return
+        layer.int4_qweight = nn.Parameter(int4_pack_k(q), requires_grad=False)
+        layer.int4_scales = nn.Parameter(scales.t().to(dtype).contiguous(), requires_grad=False)
+        layer.int4_zeros = nn.Parameter(zeros.t().to(dtype).contiguous(), requires_grad=False)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if layer.int4_dense:
+            return _DENSE.apply(layer, x)
+        return dispatch.w4a16_linear(
+            x, layer.int4_qweight, layer.int4_scales, layer.int4_zeros, layer.int4_group,
+            layer.bias,
+        )  # fmt: skip
