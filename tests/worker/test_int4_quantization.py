@@ -1,7 +1,8 @@
-"""Int4 checkpoints on CPU: AWQ (AutoAWQ GEMM layout) packed here from tiny random models, its
-nibble order checked against a plain reference of the documented order, and the model's greedy
-tokens and logprobs equal to transformers on the dequantized weights (fp32). Plus the start-up
-errors of a bad int4 checkpoint."""
+"""Int4 checkpoints on CPU: AWQ (AutoAWQ GEMM layout) and compressed-tensors W4A16
+(`pack-quantized`) packed here from tiny random models; AWQ's nibble order checked against a
+plain reference of the documented order, the compressed-tensors layout against the
+compressed-tensors package itself; the model's greedy tokens and logprobs equal to transformers
+on the dequantized weights (fp32). Plus the start-up errors of a bad int4 checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ import torch
 from safetensors.torch import load_file
 
 from splitserve.testing.demo_model import build_model
-from splitserve.testing.int4_pack import AWQ_ORDER, pack_awq, pack_checkpoint, pack_words
+from splitserve.testing.int4_pack import (
+    AWQ_ORDER,
+    LINEAR_RE,
+    ct_scheme,
+    pack_awq,
+    pack_checkpoint,
+    pack_ct,
+    pack_words,
+    quantize,
+)
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.linear import Linear
 from splitserve.worker.model_loader import check_model, load_model
@@ -107,6 +117,47 @@ def test_awq_dummy_weights_load(qwen2, tmp_path):
     assert torch.isfinite(model_forward(model, PROMPT)).all()
 
 
+CT_FORMATS = {"w4a16": (32, True), "w4a16-asym": (32, False), "w4a16-channel": (None, True)}
+
+
+@pytest.mark.parametrize("fmt", list(CT_FORMATS))
+def test_w4a16_matches_transformers_on_dequantized_weights(fmt, qwen2, tmp_path):
+    folder, dense_folder = pack_checkpoint(qwen2, tmp_path / fmt, fmt)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized"
+    loaded = load_model(WorkerConfig(model=str(folder), quantization="compressed-tensors")).model
+    _fused_qkv_equals_dense(loaded, dense_folder)
+    _assert_parity(loaded, dense_folder)
+
+
+@pytest.mark.parametrize("fmt", list(CT_FORMATS))
+def test_compressed_tensors_is_the_oracle_of_pack_quantized(fmt, qwen2):
+    """compressed-tensors' own compressor packs the same int32 words (weights and zero points)
+    from the dequantized weights and the packer's scales, and unpacks ours to the same
+    weights."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    group, symmetric = CT_FORMATS[fmt]
+    scheme = ct_scheme(group, symmetric)
+    state = load_file(qwen2 / "model.safetensors")
+    for key, w in state.items():
+        if not LINEAR_RE.match(key):
+            continue
+        ours, dense = pack_ct(w, group, symmetric)
+        _, zeros, scales = quantize(w, group or w.shape[1], symmetric, torch.bfloat16)
+        given = {"weight": dense, "weight_scale": scales.float()}
+        if not symmetric:
+            given["weight_zero_point"] = (zeros - 8).to(torch.int8)
+        theirs = PackedQuantizationCompressor.compress(given, scheme)
+        for name in ("weight_packed", "weight_zero_point", "weight_shape"):
+            if name in ours or name in theirs:
+                assert torch.equal(theirs[name], ours[name]), (key, name)
+        back = PackedQuantizationCompressor.decompress(
+            dict(ours, weight_scale=ours["weight_scale"].float()), scheme
+        )
+        torch.testing.assert_close(back["weight"], dense, atol=0, rtol=0)
+
+
 # --- bad input: start-up errors naming the problem ------------------------------------------
 
 
@@ -186,3 +237,73 @@ def test_awq_moe_is_refused_at_start_up(checkpoint, tmp_path):
 def test_unquantized_model_refuses_the_awq_flag(qwen2):
     with pytest.raises(ValueError, match="--quantization awq needs a checkpoint saved in that"):
         check_model(WorkerConfig(model=str(qwen2), quantization="awq"))
+
+
+@pytest.fixture(scope="module")
+def ct_asym(qwen2, tmp_path_factory):
+    return pack_checkpoint(qwen2, tmp_path_factory.mktemp("ct") / "ct", "w4a16-asym")[0]
+
+
+def _ct_weights(config):
+    return config["quantization_config"]["config_groups"]["group_0"]["weights"]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            lambda c: _ct_weights(c).update(num_bits=8),
+            r"pack-quantized with 8-bit int weights is not supported; splitserve loads 4-bit",
+        ),
+        (
+            lambda c: _ct_weights(c).update(group_size=48),
+            r"layer model\.layers\.0\.self_attn\.qkv_proj: group_size 48 does not divide the "
+            r"input dim 32",
+        ),
+        (
+            lambda c: _ct_weights(c).update(actorder="group"),
+            r"actorder 'group' .* is not supported",
+        ),
+    ],
+)
+def test_w4a16_unsupported_config(ct_asym, tmp_path, edit, message):
+    _both(_edited(ct_asym, tmp_path / "c", config_edit=edit), message)
+
+
+@pytest.mark.parametrize(
+    "tensor,shape,message",
+    [
+        (
+            "model.layers.0.mlp.gate_proj.weight_scale",
+            (64, 2),
+            r"checkpoint tensor model\.layers\.0\.mlp\.gate_proj\.weight_scale: shard 'gate' "
+            r"weight_scale has shape \(64, 2\), expected \(64, 1\)",
+        ),
+        (
+            "model.layers.1.self_attn.o_proj.weight_packed",
+            (32, 8),
+            r"checkpoint tensor model\.layers\.1\.self_attn\.o_proj\.weight_packed has shape "
+            r"\(32, 8\), the model expects \(32, 4\)",
+        ),
+        (
+            "model.layers.1.self_attn.v_proj.weight_zero_point",
+            (1, 1),
+            r"checkpoint tensor model\.layers\.1\.self_attn\.v_proj\.weight_zero_point: shard "
+            r"'v' weight_zero_point has shape \(1, 1\), expected \(2, 1\)",
+        ),
+    ],
+)
+def test_w4a16_corrupt_tensor_is_named(ct_asym, tmp_path, tensor, shape, message):
+    def bad(state):
+        state[tensor] = torch.ones(shape, dtype=state[tensor].dtype)
+
+    _both(_edited(ct_asym, tmp_path / "bad", state_edit=bad), message)
+
+
+def test_w4a16_weight_shape_is_checked_at_load(ct_asym, tmp_path):
+    def wrong(state):
+        state["model.layers.0.self_attn.k_proj.weight_shape"] = torch.tensor([16, 24])
+
+    folder = _edited(ct_asym, tmp_path / "shape", state_edit=wrong)
+    with pytest.raises(ValueError, match=r"shard 'k' weight_shape says \[16, 24\], the model expects \[16, 32\]"):  # fmt: skip
+        load_model(WorkerConfig(model=str(folder)))

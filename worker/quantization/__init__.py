@@ -8,8 +8,9 @@ checkpoint's format, or quantizes an unquantized model at load; a mismatch is a 
 naming both. Every check here runs on the meta-device skeleton, so preflight refuses a bad
 format before any process starts or port opens.
 
-Formats: fp8.py (`fp8`, `fbgemm_fp8`, `compressed-tensors` FP8, and online `fp8`), awq.py
-(`awq`, AutoAWQ's GEMM layout); int4.py holds what the int4 formats share.
+Formats: fp8.py (`fp8`, `fbgemm_fp8`, and online `fp8`), compressed_tensors.py
+(`compressed-tensors`: its FP8 schemes and W4A16 `pack-quantized`), awq.py (`awq`, AutoAWQ's
+GEMM layout); int4.py holds what the int4 formats share.
 """
 
 from __future__ import annotations
@@ -50,12 +51,15 @@ class QuantConfig:
 
 
 def _registry() -> dict[str, type[QuantConfig]]:
-    from splitserve.worker.quantization import awq, fp8
+    from splitserve.worker.quantization import awq, compressed_tensors, fp8
 
-    configs = {
-        c.name: c
-        for c in (fp8.Fp8Config, fp8.FbgemmFp8Config, fp8.CompressedTensorsConfig, awq.AwqConfig)
-    }
+    formats = (
+        fp8.Fp8Config,
+        fp8.FbgemmFp8Config,
+        compressed_tensors.CompressedTensorsConfig,
+        awq.AwqConfig,
+    )
+    configs = {c.name: c for c in formats}
     assert tuple(configs) == QUANTIZATION_METHODS, "worker.config lists the same formats"
     return configs
 

@@ -1,5 +1,6 @@
 """FP8 (e4m3) checkpoints: `fp8` (per-tensor, or block-wise `weight_block_size`), `fbgemm_fp8`
-(per-channel), `compressed-tensors` FP8 (`float-quantized`: tensor, channel or block), and
+(per-channel), `compressed-tensors` FP8 (`float-quantized`: tensor, channel or block; its config
+is parsed in compressed_tensors.py), and
 `--quantization fp8` on an unquantized model (quantized per output channel at load).
 
 Every format keeps, per layer, an FP8 weight [out, in] and a scale that reduces to one layout,
@@ -254,7 +255,7 @@ class Fp8OnlineMoEMethod(MoEExpertsMethod):
                 stack[e] = fp8_dequantize_ref(weight, scale, (1, stack.shape[2]), stack.dtype)
 
 
-def _block(value: Any, field: str) -> tuple[int, int]:
+def parse_block(value: Any, field: str) -> tuple[int, int]:
     if (
         not isinstance(value, list | tuple)
         or len(value) != 2
@@ -288,7 +289,9 @@ class Fp8Config(QuantConfig):
             )
         block = config.get("weight_block_size")
         ignored = config.get("ignored_layers") or config.get("modules_to_not_convert") or []
-        return cls(True, None if block is None else _block(block, "weight_block_size"), ignored)
+        return cls(
+            True, None if block is None else parse_block(block, "weight_block_size"), ignored
+        )
 
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
         if ignored_layer(self.name, checkpoint_names, self.ignored):
@@ -343,64 +346,3 @@ class FbgemmFp8Config(QuantConfig):
 
     def skips_tensor(self, name: str) -> bool:
         return name.endswith(".input_scale_ub")
-
-
-_CT_FORMATS = ("float-quantized", "naive-quantized")
-_CT_STRATEGIES = {"tensor": "tensor", "channel": "channel", "block": "block"}
-
-
-class CompressedTensorsConfig(QuantConfig):
-    """quant_method "compressed-tensors" (llm-compressor), its FP8 schemes: format
-    `float-quantized`, weights `type: float`, 8 bits, symmetric, strategy tensor / channel /
-    block (`block_structure`); `weight_scale` holds the scale whatever the strategy. Input
-    activations (dynamic per token, or a static `input_scale`) are the GPU path's business."""
-
-    name: ClassVar[str] = "compressed-tensors"
-
-    def __init__(self, kind: str, block: tuple[int, int] | None, ignored: list[str]) -> None:
-        self.kind, self.block, self.ignored = kind, block, ignored
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> CompressedTensorsConfig:
-        groups = config.get("config_groups") or {}
-        if len(groups) != 1:
-            raise ValueError(
-                "compressed-tensors: splitserve loads checkpoints with exactly one of "
-                f"config_groups, got {len(groups)} ({', '.join(groups) or 'none'})"
-            )
-        ((group_name, group),) = groups.items()
-        fmt = group.get("format") or config.get("format")
-        weights = group.get("weights") or {}
-        where = f"compressed-tensors config_groups.{group_name}"
-        if fmt not in _CT_FORMATS or weights.get("type") != "float" or weights.get("num_bits") != 8:
-            raise ValueError(
-                f"{where}: format {fmt!r} with {weights.get('num_bits')}-bit "
-                f"{weights.get('type')} weights is not supported yet; splitserve loads the FP8 "
-                f"schemes ({' / '.join(_CT_FORMATS)}, 8-bit float weights)"
-            )
-        if group.get("targets") != ["Linear"]:
-            raise ValueError(f"{where}: targets {group.get('targets')!r}; supported: ['Linear']")
-        if not weights.get("symmetric", True) or weights.get("dynamic", False):
-            raise ValueError(f"{where}: FP8 weights must be static and symmetric")
-        strategy = weights.get("strategy")
-        if strategy not in _CT_STRATEGIES:
-            raise ValueError(
-                f"{where}: weight strategy {strategy!r}; supported: {', '.join(_CT_STRATEGIES)}"
-            )
-        block = None
-        if strategy == "block":
-            block = _block(weights.get("block_structure"), "weights.block_structure")
-        return cls(_CT_STRATEGIES[strategy], block, list(config.get("ignore") or []))
-
-    def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
-        if ignored_layer(self.name, checkpoint_names, self.ignored):
-            return None
-        return Fp8LinearMethod("weight_scale", self.kind, self.block)
-
-    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
-        if ignored_layer(self.name, [name], self.ignored):
-            return None
-        return Fp8MoEMethod("weight_scale", self.kind, self.block)
-
-    def skips_tensor(self, name: str) -> bool:
-        return name.endswith((".input_scale", ".input_zero_point", ".weight_zero_point"))

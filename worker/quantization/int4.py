@@ -62,8 +62,13 @@ def pack_int32(values: torch.Tensor, order: tuple[int, ...] | None = None) -> to
 
 
 def check_layer(layer: Linear, in_features: int, out_features: int, group: int) -> None:
-    """ValueError unless the group divides the input dim and every (fused) output size packs
-    into whole int32 words."""
+    """ValueError unless the input dim and every (fused) output size pack into whole int32
+    words and the group divides the input dim."""
+    if in_features % PACK:
+        raise ValueError(
+            f"the input dim {in_features} of the layer is not a multiple of {PACK} (int4 packs "
+            "8 per int32)"
+        )
     if group <= 0 or in_features % group:
         raise ValueError(
             f"group_size {group} does not divide the input dim {in_features} of the layer"
