@@ -111,6 +111,30 @@ def test_awq_nibble_order_is_autoawqs():
     assert not np.array_equal(unpack_int32(torch.from_numpy(naive), AWQ_ORDER).numpy(), q)
 
 
+@pytest.mark.parametrize("fmt", ["awq", "w4a16-asym"])
+def test_cuda_layout_on_cpu(fmt, qwen2, tmp_path, monkeypatch):
+    """The repacked layout the GPU keeps (int4 along K, scales and zeros [G, N]) computes the
+    dequantized model: through the torch reference of the packed GEMM for the whole model, and
+    through the Triton kernel (interpreter) for one fused layer."""
+    from splitserve.kernels import dispatch
+    from splitserve.worker.quantization import int4
+
+    folder, dense_folder = pack_checkpoint(qwen2, tmp_path / fmt, fmt)
+    monkeypatch.setattr(int4, "keeps_packed", lambda t: True)
+    model = load_model(WorkerConfig(model=str(folder))).model
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    assert not hasattr(qkv, "weight") and qkv.int4_qweight.shape == (32 // 8, 64)
+    _assert_parity(model, dense_folder)
+    dense = load_file(dense_folder / "model.safetensors")
+    w = torch.cat([dense[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
+    x = torch.randn(5, 32)
+    out = dispatch.w4a16_linear(
+        x, qkv.int4_qweight, qkv.int4_scales, qkv.int4_zeros, qkv.int4_group, qkv.bias,
+        backend="triton",
+    )  # fmt: skip
+    torch.testing.assert_close(out, x @ w.t() + qkv.bias, atol=1e-4, rtol=1e-4)
+
+
 def test_awq_dummy_weights_load(qwen2, tmp_path):
     folder, _ = pack_checkpoint(qwen2, tmp_path / "awq", "awq")
     model = load_model(WorkerConfig(model=str(folder), load_format="dummy")).model

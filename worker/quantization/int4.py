@@ -81,6 +81,12 @@ def check_layer(layer: Linear, in_features: int, out_features: int, group: int) 
             )
 
 
+def keeps_packed(t: torch.Tensor) -> bool:
+    """Whether a layer whose weights are on t's device keeps them int4 for the Triton GEMM
+    (CUDA with triton), rather than dequantizing them once."""
+    return t.is_cuda and dispatch.triton_available()
+
+
 class Int4LinearMethod(LinearMethod):
     """The shared post-load step and forward of the W4A16 formats; subclasses register the
     checkpoint tensors (`create_weights`, which must call `init_layer`) and `unpack` them."""
@@ -107,7 +113,7 @@ class Int4LinearMethod(LinearMethod):
         for name in self.checkpoint_params:
             delattr(layer, name)
         group, dtype = layer.int4_group, layer.compute_dtype
-        layer.int4_dense = not (q.is_cuda and dispatch.triton_available())
+        layer.int4_dense = not keeps_packed(q)
         if layer.int4_dense:
             dense = w4a16_dequantize_ref(int4_pack_k(q), scales.t(), zeros.t(), group, dtype)
             layer.weight = nn.Parameter(dense, requires_grad=False)
