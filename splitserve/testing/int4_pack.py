@@ -29,8 +29,11 @@ import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AutoAWQ's nibble order: nibble i of a word holds column AWQ_ORDER[i] of its 8."""
-LINEAR_RE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")  # fmt: skip
-"""The tensors packed: attention and MLP projections."""
+LINEAR_RE = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj"
+    r"|(mlp|block_sparse_moe)\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3))\.weight$"
+)
+"""The tensors packed: attention and MLP projections, and each expert's (not the router)."""
 
 
 def quantize(

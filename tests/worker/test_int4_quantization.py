@@ -7,7 +7,7 @@ on the dequantized weights (fp32). Plus the start-up errors of a bad int4 checkp
 from __future__ import annotations
 
 import json
-import shutil
+import re
 
 import numpy as np
 import pytest
@@ -247,15 +247,44 @@ def test_awq_non_finite_scale_is_refused_at_load(awq32, tmp_path):
         load_model(WorkerConfig(model=str(folder)))
 
 
-def test_awq_moe_is_refused_at_start_up(checkpoint, tmp_path):
-    src = checkpoint("mixtral_int4", arch="mixtral", num_layers=2, num_local_experts=4)
-    folder = tmp_path / "moe"
-    shutil.copytree(src, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32}
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"awq quantization of MoE experts \(model\.layers\.0\."):
-        check_model(WorkerConfig(model=str(folder)))
+MOE = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1]
+    ),
+}
+
+
+@pytest.mark.parametrize("arch,fmt", [("mixtral", "awq"), ("qwen3_moe", "w4a16-asym")])
+def test_int4_moe_experts_match_transformers(arch, fmt, checkpoint, tmp_path):
+    src = checkpoint(f"{arch}_int4", arch=arch, num_layers=2, **MOE[arch])
+    folder, dense_folder = pack_checkpoint(src, tmp_path / fmt, fmt)
+    names = load_file(folder / "model.safetensors").keys()
+    assert any(".experts.3." in n and n.endswith(("qzeros", "weight_zero_point")) for n in names)
+    model = load_model(WorkerConfig(model=str(folder))).model
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float32
+    dense = load_file(dense_folder / "model.safetensors")
+    gate, up = ("w1", "w3") if arch == "mixtral" else ("gate_proj", "up_proj")
+    moe = "block_sparse_moe" if arch == "mixtral" else "mlp"
+    expected = torch.cat([dense[f"model.layers.0.{moe}.experts.2.{p}.weight"] for p in (gate, up)])
+    assert torch.equal(experts.gate_up_proj[2], expected)
+    _assert_parity(model, dense_folder)
+
+
+def test_corrupt_int4_expert_tensor_is_named(checkpoint, tmp_path):
+    src = checkpoint("mixtral_int4", arch="mixtral", num_layers=2, **MOE["mixtral"])
+    folder, _ = pack_checkpoint(src, tmp_path / "awq", "awq")
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.qzeros"
+
+    def bad(state):
+        state[name] = torch.ones(1, 16, dtype=torch.int32)
+
+    _both(
+        _edited(folder, tmp_path / "bad", state_edit=bad),
+        rf"checkpoint tensor {re.escape(name)}: expert 2 'w3' qzeros has shape \(1, 16\), "
+        r"expected \(1, 8\)",
+    )
 
 
 def test_unquantized_model_refuses_the_awq_flag(qwen2):

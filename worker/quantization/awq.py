@@ -10,7 +10,8 @@ The real weight is W[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group,
 output axis is the last one, so fused q/k/v and gate/up shards load into column ranges
 (`output_dim` 1; 8 outputs per word of qweight / qzeros). See int4.py for how the unpacked
 weight is held (repacked for the Triton GEMM on CUDA, dequantized once on CPU) and the memory
-trade-off.
+trade-off. MoE experts store the same tensors per expert (`experts.3.w1.qweight`); they are
+dequantized at load (int4.Int4MoEMethod).
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from splitserve.worker.linear import Linear, LinearMethod
+from splitserve.worker.moe import MoEExperts, MoEExpertsMethod
 from splitserve.worker.quantization import QuantConfig, ignored_layer
-from splitserve.worker.quantization.int4 import PACK, Int4LinearMethod, check_layer, unpack_int32
+from splitserve.worker.quantization.int4 import (
+    PACK,
+    Int4LinearMethod,
+    Int4MoEMethod,
+    TensorSpecs,
+    unpack_int32,
+)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """Nibble i of an AutoAWQ word holds column AWQ_ORDER[i] of its group of 8 columns."""
@@ -38,24 +45,30 @@ class AwqLinearMethod(Int4LinearMethod):
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size
 
-    def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
-        check_layer(layer, in_features, out_features, self.group_size)
-        self.init_layer(layer, self.group_size)
-        groups, packed = in_features // self.group_size, out_features // PACK
-        shapes = {
-            "qweight": ((in_features, packed), torch.int32, PACK),
-            "qzeros": ((groups, packed), torch.int32, PACK),
-            "scales": ((groups, out_features), torch.float32, 1),
-        }
-        for name, (shape, dtype, per_row) in shapes.items():
-            setattr(layer, name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
-            layer.register_weight(name, output_dim=1, row_block=per_row)
-        layer.create_bias(bias)
+    def group_for(self, in_features: int) -> int:
+        return self.group_size
 
-    def unpack(self, layer: Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = unpack_int32(layer.qweight.detach(), AWQ_ORDER).t()
-        zeros = unpack_int32(layer.qzeros.detach(), AWQ_ORDER).t()
-        return q, zeros, layer.scales.detach().float().t()
+    def tensor_specs(
+        self, in_features: int, out_features: int, shards: dict[str, int] | None
+    ) -> TensorSpecs:
+        groups, packed = in_features // self.group_size, out_features // PACK
+        attrs = {"output_dim": 1, "row_block": PACK}
+        return {
+            "qweight": ((in_features, packed), torch.int32, attrs),
+            "qzeros": ((groups, packed), torch.int32, attrs),
+            "scales": ((groups, out_features), torch.float32, {"output_dim": 1}),
+        }
+
+    def unpack(
+        self,
+        tensors: dict[str, torch.Tensor],
+        shards: dict[str | None, int],
+        in_features: int,
+        where: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = unpack_int32(tensors["qweight"], AWQ_ORDER).t()
+        zeros = unpack_int32(tensors["qzeros"], AWQ_ORDER).t()
+        return q, zeros, tensors["scales"].float().t()
 
 
 class AwqConfig(QuantConfig):
@@ -96,3 +109,8 @@ class AwqConfig(QuantConfig):
         if ignored_layer(self.name, checkpoint_names, self.ignored):
             return None
         return AwqLinearMethod(self.group_size)
+
+    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
+        if ignored_layer(self.name, [name], self.ignored):
+            return None
+        return Int4MoEMethod(AwqLinearMethod(self.group_size))

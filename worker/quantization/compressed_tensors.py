@@ -10,7 +10,8 @@ dispatched by its `format` to a quant method.
   [2] (the unpacked [N, K]), and for an asymmetric scheme `weight_zero_point` int32
   [N / 8, K / group] packed along the outputs (signed + 8 as well). The real weight is
   (q - zero) * scale; a symmetric scheme's zero is 0 (8 unsigned). See int4.py for how it is held
-  (repacked for the Triton W4A16 GEMM on CUDA, dequantized once on CPU).
+  (repacked for the Triton W4A16 GEMM on CUDA, dequantized once on CPU); MoE experts store the
+  same tensors per expert and are dequantized at load.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from splitserve.worker.linear import Linear, LinearMethod, MergedLinear
+from splitserve.worker.linear import Linear, LinearMethod
 from splitserve.worker.moe import MoEExperts, MoEExpertsMethod
 from splitserve.worker.quantization import QuantConfig, ignored_layer
 from splitserve.worker.quantization.fp8 import Fp8LinearMethod, Fp8MoEMethod, parse_block
-from splitserve.worker.quantization.int4 import PACK, Int4LinearMethod, check_layer, unpack_int32
+from splitserve.worker.quantization.int4 import (
+    PACK,
+    Int4LinearMethod,
+    Int4MoEMethod,
+    TensorSpecs,
+    unpack_int32,
+)
 
 FP8_FORMATS = ("float-quantized", "naive-quantized")
 INT4_FORMAT = "pack-quantized"
@@ -43,47 +49,46 @@ class PackQuantizedLinearMethod(Int4LinearMethod):
         if not symmetric:
             self.checkpoint_params += ("weight_zero_point",)
 
-    def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
-        group = self.group or in_features
-        check_layer(layer, in_features, out_features, group)
-        self.init_layer(layer, group)
-        groups = in_features // group
-        merged = isinstance(layer, MergedLinear)
-        shapes: dict[str, tuple[tuple[int, ...], torch.dtype, dict]] = {
+    def group_for(self, in_features: int) -> int:
+        return self.group or in_features
+
+    def tensor_specs(
+        self, in_features: int, out_features: int, shards: dict[str, int] | None
+    ) -> TensorSpecs:
+        groups = in_features // self.group_for(in_features)
+        specs: TensorSpecs = {
             "weight_packed": ((out_features, in_features // PACK), torch.int32, {}),
             "weight_scale": ((out_features, groups), torch.float32, {}),
             "weight_shape": (
-                (len(layer.shard_sizes), 2) if merged else (2,),
+                (len(shards), 2) if shards else (2,),
                 torch.int64,
-                {"per_shard": True} if merged else {},
+                {"per_shard": True} if shards else {},
             ),
         }
         if not self.symmetric:
-            shapes["weight_zero_point"] = ((out_features // PACK, groups), torch.int32, {"row_block": PACK})  # fmt: skip
-        for name, (shape, dtype, attrs) in shapes.items():
-            setattr(layer, name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
-            layer.register_weight(name, **attrs)
-        layer.create_bias(bias)
+            specs["weight_zero_point"] = ((out_features // PACK, groups), torch.int32, {"row_block": PACK})  # fmt: skip
+        return specs
 
-    def _check_shape(self, layer: Linear) -> None:
-        sizes = getattr(layer, "shard_sizes", {None: layer.out_features})
-        saved = layer.weight_shape.detach().reshape(-1, 2).tolist()
-        for (shard, size), shape in zip(sizes.items(), saved, strict=True):
-            if shape != [size, layer.in_features]:
+    def unpack(
+        self,
+        tensors: dict[str, torch.Tensor],
+        shards: dict[str | None, int],
+        in_features: int,
+        where: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        saved = tensors["weight_shape"].reshape(-1, 2).tolist()
+        for (shard, size), shape in zip(shards.items(), saved, strict=True):
+            if shape != [size, in_features]:
                 what = f"shard {shard!r} weight_shape" if shard else "weight_shape"
                 raise ValueError(
-                    f"layer ({layer.extra_repr()}): {what} says {shape}, the model expects "
-                    f"[{size}, {layer.in_features}]"
+                    f"{where}: {what} says {shape}, the model expects [{size}, {in_features}]"
                 )
-
-    def unpack(self, layer: Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self._check_shape(layer)
-        q = unpack_int32(layer.weight_packed.detach())
-        scales = layer.weight_scale.detach().float()
+        q = unpack_int32(tensors["weight_packed"])
+        scales = tensors["weight_scale"].float()
         if self.symmetric:
             zeros = torch.full(scales.shape, 8, dtype=torch.int32, device=scales.device)
         else:
-            zeros = unpack_int32(layer.weight_zero_point.detach().t()).t()
+            zeros = unpack_int32(tensors["weight_zero_point"].t()).t()
         return q, zeros, scales
 
 
@@ -185,7 +190,7 @@ class CompressedTensorsConfig(QuantConfig):
         if ignored_layer(self.name, [name], self.ignored):
             return None
         if self.kind == "int4":
-            return super().moe_method(experts, name)
+            return Int4MoEMethod(PackQuantizedLinearMethod(self.group, self.symmetric))
         return Fp8MoEMethod("weight_scale", self.kind, self.block)
 
     def skips_tensor(self, name: str) -> bool:
