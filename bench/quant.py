@@ -22,7 +22,10 @@ the same shapes, M = 1, 4, 16 (decode) and 256, N = K = 4096 and N = 14336, K = 
 (target >= 1.6x at decode shapes: the GEMM reads half the weight bytes); then
 `kernels.w4a16_gemm.w4a16_linear` (group 128, asymmetric) against the same fp16 GEMM at
 M = 1, 2, 4, 8, 16 and 256 (target >= 2.5x at M <= 16: a quarter of the weight bytes), with the
-weight bytes each reads per microsecond. Without CUDA it says so and exits 0 after the CPU part.
+weight bytes each reads per microsecond; then, on GPUs with FP8 tensor cores (>= 8.9),
+`kernels.fp8_scaled_mm.fp8_w8a8_linear` (activations quantized per token, included in the
+time) against fp16 at prefill shapes M = 256, 1024, 4096 (target >= 1.5x). Without CUDA it
+says so and exits 0 after the CPU part.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ def gpu() -> None:
                     flush=True,
                 )
     gpu_w4a16()
+    gpu_w8a8()
 
 
 def gpu_w4a16() -> None:
@@ -158,6 +162,37 @@ def gpu_w4a16() -> None:
                 f"GB/s of int4 weight) vs fp16 {t16:8.1f} us -> {t16 / t4:.2f}x",
                 flush=True,
             )
+
+
+def gpu_w8a8() -> None:
+    """W8A8 FP8 (activations quantized per token) against fp16 at prefill shapes."""
+    import torch
+    from triton.testing import do_bench
+
+    from splitserve.kernels import dispatch
+    from splitserve.kernels.fp8_scaled_mm import fp8_w8a8_linear
+
+    if torch.cuda.get_device_capability() < dispatch.W8A8_MIN_CAPABILITY:
+        print("W8A8: no FP8 tensor cores on this GPU (capability < 8.9): skipped")
+        return
+    for n, k in ((4096, 4096), (14336, 4096)):
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        w8 = (w16.float() / (w16.abs().amax() / 448)).to(torch.float8_e4m3fn)
+        scales = {
+            "channel": (torch.rand(n, 1, device="cuda") * 1e-4, (1, k)),
+            "block128": (torch.rand(n // 128, k // 128, device="cuda") * 1e-4, (128, 128)),
+        }
+        for m in (256, 1024, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t16 = do_bench(lambda x=x, w=w16: torch.matmul(x, w.t())) * 1e3
+            for name, (scale, block) in scales.items():
+                args = (w8, scale, block)
+                t8 = do_bench(lambda x=x, a=args: fp8_w8a8_linear(x, *a)) * 1e3
+                print(
+                    f"W8A8 {name:8s} M={m:5d} N={n} K={k}: {t8:8.1f} us (activation "
+                    f"quantization included) vs fp16 {t16:8.1f} us -> {t16 / t8:.2f}x",
+                    flush=True,
+                )
 
 
 def main() -> None:

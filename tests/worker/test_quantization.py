@@ -94,6 +94,15 @@ def test_compressed_tensors_is_the_oracle_of_its_format(kind, source):
         torch.testing.assert_close(back["weight"].float(), dequant(q, scale, kind), atol=0, rtol=0)
 
 
+def test_fbgemm_activation_scale_ub_reaches_the_layers(packed):
+    """The cap the GPU's W8A8 path applies to each token's absmax comes from the config."""
+    model = load_model(WorkerConfig(model=str(packed["fbgemm_fp8"][0]))).model
+    assert model.model.layers[0].self_attn.o_proj.fp8_activation_scale_ub == 1200.0
+    assert model.model.layers[1].mlp.gate_up_proj.fp8_activation_scale_ub == 1200.0
+    block = load_model(WorkerConfig(model=str(packed["fp8-block"][0]))).model
+    assert block.model.layers[0].self_attn.o_proj.fp8_activation_scale_ub is None
+
+
 def test_quantization_fp8_on_an_unquantized_model(source, tmp_path):
     """--quantization fp8 quantizes each layer per output channel at load."""
     state = load_file(source / "model.safetensors")

@@ -9,8 +9,11 @@ Every format keeps, per layer, an FP8 weight [out, in] and a scale that reduces 
 (1, in), block-wise (bn, bk). The real weight is `weight[n, k] * scale[n // bn, k // bk]`
 (`kernels.reference.fp8_dequantize_ref`).
 
-On CUDA the weight stays FP8 and `kernels.dispatch.fp8_linear` runs the W8A16 Triton GEMM
-(dequantized in the load stage). On CPU the weight is dequantized to the compute dtype once,
+On CUDA the weight stays FP8 and `kernels.dispatch.fp8_linear` picks by capability: the W8A8
+Triton GEMM (activations quantized dynamically per token, or per token and bk-group when
+block-scaled; fbgemm_fp8's `activation_scale_ub` caps them; a static `input_scale` is not used)
+on GPUs with FP8 tensor cores (>= 8.9), else the W8A16 GEMM (dequantized in the load stage).
+On CPU the weight is dequantized to the compute dtype once,
 in `process_weights_after_loading`, and the layer then runs as an unquantized one (oneDNN
 included): weight-only, activations are never quantized, so the CPU model equals the model
 on its dequantized weights.
@@ -94,7 +97,10 @@ def _finish(layer: Linear, weight: torch.Tensor, scale: torch.Tensor, block: tup
 def _apply(layer: Linear, x: torch.Tensor) -> torch.Tensor:
     if layer.fp8_dense:
         return _DENSE.apply(layer, x)
-    return dispatch.fp8_linear(x, layer.weight, layer.fp8_scale, layer.fp8_block, layer.bias)
+    return dispatch.fp8_linear(
+        x, layer.weight, layer.fp8_scale, layer.fp8_block, layer.bias,
+        activation_scale_ub=getattr(layer, "fp8_activation_scale_ub", None),
+    )  # fmt: skip
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -105,10 +111,18 @@ class Fp8LinearMethod(LinearMethod):
     whole number of blocks.
     """
 
-    def __init__(self, scale_name: str, kind: str, block: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        scale_name: str,
+        kind: str,
+        block: tuple[int, int] | None = None,
+        activation_scale_ub: float | None = None,
+    ) -> None:
         if kind not in SCALE_KINDS or (kind == "block") != (block is not None):
             raise ValueError(f"bad FP8 layout {kind!r} {block}")
         self.scale_name, self.kind, self.block = scale_name, kind, block
+        self.activation_scale_ub = activation_scale_ub
+        """Cap on a token's absmax where the GPU quantizes activations (W8A8; fbgemm_fp8)."""
 
     def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
         layer.compute_dtype = torch.get_default_dtype()
@@ -152,6 +166,7 @@ class Fp8LinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: Linear) -> None:
         scale, block = self.scale_2d(layer)
         delattr(layer, self.scale_name)
+        layer.fp8_activation_scale_ub = self.activation_scale_ub
         _finish(layer, layer.weight.detach(), scale, block)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +352,7 @@ class FbgemmFp8Config(QuantConfig):
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
         if ignored_layer(self.name, checkpoint_names, self.ignored):
             return None
-        return Fp8LinearMethod("weight_scale", "channel")
+        return Fp8LinearMethod("weight_scale", "channel", None, self.activation_scale_ub)
 
     def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
         if ignored_layer(self.name, [name], self.ignored):
