@@ -4,9 +4,9 @@ The weight is held packed along K, int32 [K / 8, N] (bits 4j..4j+3 of word [r, n
 unsigned value q[n, 8r + j], `reference.int4_pack_k`), with per-group scales and zero points
 [K / g, N] in the activation dtype: the real weight is (q - zero) * scale. AWQ and
 compressed-tensors `pack-quantized` checkpoints are both repacked into it at load. A row of the
-packed tensor is contiguous over N, so the loads of a [BLOCK_K, BLOCK_N] tile coalesce (the
-eight K rows of one word hit the same cache lines); a K tile reads a quarter of the bytes of an
-fp16 weight tile.
+packed tensor is contiguous over N, so a tile's [BLOCK_K / 8, BLOCK_N] words load coalesced,
+each once, and are spread over the tile's K rows in registers (shift, mask, reshape); a K tile
+reads a quarter of the bytes of an fp16 weight tile.
 
 Each K step unpacks its tile to (q - zero), which is exact in fp16 / bf16 / fp32, and feeds
 tl.dot; the scale multiplies the tile's partial product when a group spans whole K tiles
@@ -68,9 +68,8 @@ def _w4a16_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # NOTE: every K tile starts on a multiple of BLOCK_K (a multiple of 8), so a row's nibble
-    # is its position within the tile modulo 8.
-    shifts = ((offs_k % 8) * 4)[:, None]
+    offs_words = tl.arange(0, BLOCK_K // 8)
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -83,12 +82,16 @@ def _w4a16_kernel(
             other=0.0,
         )
         w_mask = mask_k[:, None] & mask_n[None, :]
+        # NOTE: K tiles start on multiples of BLOCK_K and k_end is a multiple of 8 (K % 8 == 0),
+        # so a tile is whole words: load each word once, then spread its 8 nibbles over 8 rows.
+        words = k0 // 8 + offs_words
         packed = tl.load(
-            qw_ptr + (k // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-            mask=w_mask,
+            qw_ptr + words[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+            mask=(words * 8 < k_end)[:, None] & mask_n[None, :],
             other=0,
-        )
-        q = ((packed >> shifts) & 0xF).to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        )  # [BLOCK_K / 8, BLOCK_N]
+        nibbles = (packed[:, None, :] >> shifts) & 0xF  # [BLOCK_K / 8, 8, BLOCK_N]
+        q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)  # row 8w + j: nibble j of w
         if SCALE_PER_TILE:
             row = (k0 // group).to(tl.int64) * stride_sk
             s = tl.load(scale_ptr + row + offs_n, mask=mask_n, other=0.0).to(tl.float32)
