@@ -273,8 +273,14 @@ W8A8_MIN_CAPABILITY = (8, 9)
 """FP8 tensor cores (Ada, Hopper and later): the W8A8 GEMM; older GPUs take W8A16."""
 
 
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _cuda_capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    """The compute capability of a CUDA device (looked up once: every FP8 layer asks)."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def fp8_gemm_kind(x: torch.Tensor, block: tuple[int, int], backend: str | None = None) -> str:

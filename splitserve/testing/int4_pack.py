@@ -114,7 +114,10 @@ def ct_scheme(group: int | None, symmetric: bool):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "dynamic": False}
-    weights.update(strategy="group", group_size=group) if group else weights.update(strategy="channel")  # fmt: skip
+    if group:
+        weights.update(strategy="group", group_size=group)
+    else:
+        weights["strategy"] = "channel"
     return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
 
 

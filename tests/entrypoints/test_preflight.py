@@ -165,6 +165,19 @@ INT4_BAD = {
         r"checkpoint tensor model\.layers\.0\.mlp\.up_proj\.qweight: shard 'up' qweight has "
         r"shape \(32, 7\), expected \(32, 8\)",
     ),
+    "w4a16-bits": (
+        _int4_edit("w4a16", lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=2)),
+        r"pack-quantized with 2-bit int weights is not supported; splitserve loads 4-bit",
+    ),
+    "w4a16-zero-point": (
+        _int4_edit(
+            "w4a16-asym",
+            tensor="model.layers.1.mlp.down_proj.weight_zero_point",
+            shape=(4, 1),
+        ),
+        r"checkpoint tensor model\.layers\.1\.mlp\.down_proj\.weight_zero_point has shape "
+        r"\(4, 1\), the model expects \(4, 2\)",
+    ),
 }
 
 
