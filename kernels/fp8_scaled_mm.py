@@ -151,7 +151,9 @@ def fp8_w8a8_linear(
         )
     block_k = block_k_for(block, k)
     if block_k is None:
-        raise ValueError(f"W8A8 needs a weight block whose bk spans K or is a multiple of 32, got {tuple(block)}")  # fmt: skip
+        raise ValueError(
+            f"W8A8 needs a weight block whose bk spans K or is a multiple of 32, got {tuple(block)}"
+        )
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, scale=scale, bias=bias)

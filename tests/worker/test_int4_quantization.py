@@ -234,7 +234,10 @@ def test_awq_corrupt_tensor_is_named(awq32, tmp_path, tensor, shape, message):
     ],
 )
 def test_awq_unsupported_config(awq32, tmp_path, edit, message):
-    _both(_edited(awq32, tmp_path / "c", config_edit=lambda c: c["quantization_config"].update(edit)), message)  # fmt: skip
+    _both(
+        _edited(awq32, tmp_path / "c", config_edit=lambda c: c["quantization_config"].update(edit)),
+        message,
+    )
 
 
 def test_awq_non_finite_scale_is_refused_at_load(awq32, tmp_path):
@@ -358,5 +361,7 @@ def test_w4a16_weight_shape_is_checked_at_load(ct_asym, tmp_path):
         state["model.layers.0.self_attn.k_proj.weight_shape"] = torch.tensor([16, 24])
 
     folder = _edited(ct_asym, tmp_path / "shape", state_edit=wrong)
-    with pytest.raises(ValueError, match=r"shard 'k' weight_shape says \[16, 24\], the model expects \[16, 32\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"shard 'k' weight_shape says \[16, 24\], the model expects \[16, 32\]"
+    ):
         load_model(WorkerConfig(model=str(folder)))

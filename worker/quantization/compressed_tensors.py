@@ -66,7 +66,11 @@ class PackQuantizedLinearMethod(Int4LinearMethod):
             ),
         }
         if not self.symmetric:
-            specs["weight_zero_point"] = ((out_features // PACK, groups), torch.int32, {"row_block": PACK})  # fmt: skip
+            specs["weight_zero_point"] = (
+                (out_features // PACK, groups),
+                torch.int32,
+                {"row_block": PACK},
+            )
         return specs
 
     def unpack(

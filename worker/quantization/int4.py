@@ -143,7 +143,8 @@ class Int4LinearMethod(LinearMethod):
         layer.compute_dtype = torch.get_default_dtype()
         layer.onednn = False
         layer.int4_group = group
-        for name, (shape, dtype, attrs) in self.tensor_specs(in_features, out_features, shards).items():  # fmt: skip
+        specs = self.tensor_specs(in_features, out_features, shards)
+        for name, (shape, dtype, attrs) in specs.items():
             setattr(layer, name, nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False))
             layer.register_weight(name, **attrs)
         layer.create_bias(bias)
@@ -159,7 +160,8 @@ class Int4LinearMethod(LinearMethod):
         group, dtype = layer.int4_group, layer.compute_dtype
         layer.int4_dense = not keeps_packed(q)
         if layer.int4_dense:
-            layer.weight = nn.Parameter(dequantize(q, zeros, scales, group, dtype), requires_grad=False)  # fmt: skip
+            dense = dequantize(q, zeros, scales, group, dtype)
+            layer.weight = nn.Parameter(dense, requires_grad=False)
             _DENSE.process_weights_after_loading(layer)  # oneDNN on CPU float32, as unquantized
             return
         layer.int4_qweight = nn.Parameter(int4_pack_k(q), requires_grad=False)
@@ -190,7 +192,10 @@ class Int4MoEMethod(MoEExpertsMethod):
     def _stacks(experts: MoEExperts) -> dict[str, tuple[int, dict[str | None, int]]]:
         """Stack -> (one expert's input dim, its output shards)."""
         hidden, inter = experts.hidden_size, experts.intermediate_size
-        return {"gate_up_proj": (hidden, {"gate": inter, "up": inter}), "down_proj": (inter, {None: hidden})}  # fmt: skip
+        return {
+            "gate_up_proj": (hidden, {"gate": inter, "up": inter}),
+            "down_proj": (inter, {None: hidden}),
+        }
 
     def create_weights(self, experts: MoEExperts) -> None:
         experts.compute_dtype = torch.get_default_dtype()
@@ -209,12 +214,13 @@ class Int4MoEMethod(MoEExpertsMethod):
             stacked = {name: getattr(experts, f"{stack}_{name}").detach() for name in names}
             group = self.method.group_for(k)
             device = stacked[names[0]].device
-            dense = torch.empty(
-                experts.num_experts, sum(shards.values()), k, dtype=experts.compute_dtype, device=device
-            )  # fmt: skip
+            shape = (experts.num_experts, sum(shards.values()), k)
+            dense = torch.empty(shape, dtype=experts.compute_dtype, device=device)
             for e in range(experts.num_experts):
                 where = f"expert {e} {stack}"
-                q, zeros, scales = self.method.unpack({n: t[e] for n, t in stacked.items()}, shards, k, where)  # fmt: skip
+                q, zeros, scales = self.method.unpack(
+                    {n: t[e] for n, t in stacked.items()}, shards, k, where
+                )
                 _check_finite(scales, where)
                 dense[e] = dequantize(q, zeros, scales, group, experts.compute_dtype)
             for name in names:
