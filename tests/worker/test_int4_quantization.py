@@ -365,3 +365,21 @@ def test_w4a16_weight_shape_is_checked_at_load(ct_asym, tmp_path):
         ValueError, match=r"shard 'k' weight_shape says \[16, 24\], the model expects \[16, 32\]"
     ):
         load_model(WorkerConfig(model=str(folder)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["awq", "w4a16-asym"])
+def test_int4_on_cuda_keeps_int4_and_runs_the_kernel(fmt, qwen2, tmp_path):
+    """On CUDA the layers hold the repacked int4 weight and compute through the W4A16 GEMM:
+    a fused projection equals the dequantized weights' (fp16 output rounding)."""
+    folder, dense_folder = pack_checkpoint(qwen2, tmp_path / fmt, fmt)
+    model = load_model(WorkerConfig(model=str(folder), device="cuda", dtype="float16")).model
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    assert not qkv.int4_dense and qkv.int4_qweight.is_cuda and not hasattr(qkv, "weight")
+    dense = load_file(dense_folder / "model.safetensors")
+    w = torch.cat([dense[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]).cuda()
+    for m in (1, 7, 40):
+        x = torch.randn(m, 32, device="cuda", dtype=torch.float16)
+        expected = x.float() @ w.t() + qkv.bias.float()
+        torch.testing.assert_close(qkv(x).float(), expected, atol=2e-2, rtol=1e-2)
