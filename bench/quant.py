@@ -1,24 +1,31 @@
-"""Quantized checkpoints: CPU step time of each FP8 format against the same model
-unquantized, and (on CUDA) the W8A16 FP8 GEMM against the fp16 GEMM at decode shapes.
+"""Quantized checkpoints: CPU step time of each FP8 and int4 format against the same model
+unquantized, and (on CUDA) the W8A16 FP8 and W4A16 int4 GEMMs against the fp16 GEMM at decode
+shapes.
 
     python bench/quant.py            # ~60M-param Llama (fp32 on CPU), batch 1 and 8
     python bench/quant.py --small    # a tiny model, one round (a quick check)
 
 CPU: one random Llama is saved unquantized and packed into each FP8 format
 (`splitserve.testing.fp8_pack`: fbgemm_fp8 per channel, fp8 block-wise 128x128,
-compressed-tensors per channel), plus `--quantization fp8` on the unquantized folder; one
+compressed-tensors per channel), into AWQ and compressed-tensors W4A16 (`splitserve.testing.
+int4_pack`, group 128; 32 with --small), plus `--quantization fp8` on the unquantized folder; one
 in-process engine (`splitserve.LLM`) per variant, all in one process, run alternately
 (`--rounds`, the order reversed every other round), the median ratio printed last. Each run: `batch` random 64-token prompts, 32 output tokens (greedy,
 `ignore_eos`); printed: output tokens/s of each and its ratio to the unquantized engine of
-the same round. The CPU worker dequantizes FP8 to the compute dtype at load, so the expected
+the same round. The CPU worker dequantizes FP8 and int4 to the compute dtype at load, so the expected
 ratio is 1.0: this checks that nothing else (a per-step dequantization, lost oneDNN packing)
 slipped in.
 
 CUDA (when available): `kernels.fp8_gemm.fp8_w8a16_linear` against `torch.matmul` in fp16 on
 the same shapes, M = 1, 4, 16 (decode) and 256, N = K = 4096 and N = 14336, K = 4096
 (Llama-3-8B's MLP), per-channel and 128x128 block scales; prints microseconds and the speedup
-(target >= 1.6x at decode shapes: the GEMM reads half the weight bytes). Without CUDA it says
-so and exits 0 after the CPU part.
+(target >= 1.6x at decode shapes: the GEMM reads half the weight bytes); then
+`kernels.w4a16_gemm.w4a16_linear` (group 128, asymmetric) against the same fp16 GEMM at
+M = 1, 2, 4, 8, 16 and 256 (target >= 2.5x at M <= 16: a quarter of the weight bytes), with the
+weight bytes each reads per microsecond; then, on GPUs with FP8 tensor cores (>= 8.9),
+`kernels.fp8_scaled_mm.fp8_w8a8_linear` (activations quantized per token, included in the
+time) against fp16 at prefill shapes M = 256, 1024, 4096 (target >= 1.5x). Without CUDA it
+says so and exits 0 after the CPU part.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ import statistics
 import tempfile
 import time
 
-VARIANTS = ("unquantized", "fbgemm_fp8", "fp8-block", "ct-channel", "online-fp8")
+VARIANTS = ("unquantized", "fbgemm_fp8", "fp8-block", "ct-channel", "online-fp8", "awq", "w4a16")
 
 
 def build(root: pathlib.Path, small: bool) -> dict[str, tuple[pathlib.Path, dict]]:
+    from splitserve.testing import int4_pack
     from splitserve.testing.demo_model import build_model
     from splitserve.testing.fp8_pack import pack_checkpoint
 
@@ -47,6 +55,9 @@ def build(root: pathlib.Path, small: bool) -> dict[str, tuple[pathlib.Path, dict
     out = {"unquantized": (src, {}), "online-fp8": (src, {"quantization": "fp8"})}
     for fmt in ("fbgemm_fp8", "fp8-block", "ct-channel"):
         out[fmt] = (pack_checkpoint(src, root / fmt, fmt, block)[0], {})
+    for fmt in ("awq", "w4a16"):
+        out[fmt] = (int4_pack.pack_checkpoint(src, root / fmt, fmt, 32 if small else 128)[0], {})
+    assert set(out) == set(VARIANTS)
     return out
 
 
@@ -119,7 +130,68 @@ def gpu() -> None:
                 )
                 print(
                     f"W8A16 {name:8s} M={m:4d} N={n} K={k}: {t8:8.1f} us vs fp16 "
-                    f"{t16:8.1f} us -> {t16 / t8:.2f}x"
+                    f"{t16:8.1f} us -> {t16 / t8:.2f}x",
+                    flush=True,
+                )
+    gpu_w4a16()
+    gpu_w8a8()
+
+
+def gpu_w4a16() -> None:
+    """W4A16 (group 128) against the fp16 GEMM, decode shapes and one prefill shape."""
+    import torch
+    from triton.testing import do_bench
+
+    from splitserve.kernels.reference import int4_pack_k
+    from splitserve.kernels.w4a16_gemm import w4a16_linear
+
+    group = 128
+    for n, k in ((4096, 4096), (14336, 4096)):
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        qweight = int4_pack_k(torch.randint(0, 16, (n, k), device="cuda"))
+        scales = torch.rand(k // group, n, device="cuda", dtype=torch.float16) * 1e-2
+        zeros = torch.randint(0, 16, (k // group, n), device="cuda").to(torch.float16)
+        weight_bytes = qweight.numel() * 4 + scales.numel() * 2 * 2
+        for m in (1, 2, 4, 8, 16, 256):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t16 = do_bench(lambda x=x, w=w16: torch.matmul(x, w.t())) * 1e3
+            args = (qweight, scales, zeros, group)
+            t4 = do_bench(lambda x=x, a=args: w4a16_linear(x, *a)) * 1e3
+            print(
+                f"W4A16 g{group} M={m:4d} N={n} K={k}: {t4:8.1f} us ({weight_bytes / t4 / 1e3:6.0f} "
+                f"GB/s of int4 weight) vs fp16 {t16:8.1f} us -> {t16 / t4:.2f}x",
+                flush=True,
+            )
+
+
+def gpu_w8a8() -> None:
+    """W8A8 FP8 (activations quantized per token) against fp16 at prefill shapes."""
+    import torch
+    from triton.testing import do_bench
+
+    from splitserve.kernels import dispatch
+    from splitserve.kernels.fp8_scaled_mm import fp8_w8a8_linear
+
+    if torch.cuda.get_device_capability() < dispatch.W8A8_MIN_CAPABILITY:
+        print("W8A8: no FP8 tensor cores on this GPU (capability < 8.9): skipped")
+        return
+    for n, k in ((4096, 4096), (14336, 4096)):
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        w8 = (w16.float() / (w16.abs().amax() / 448)).to(torch.float8_e4m3fn)
+        scales = {
+            "channel": (torch.rand(n, 1, device="cuda") * 1e-4, (1, k)),
+            "block128": (torch.rand(n // 128, k // 128, device="cuda") * 1e-4, (128, 128)),
+        }
+        for m in (256, 1024, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            t16 = do_bench(lambda x=x, w=w16: torch.matmul(x, w.t())) * 1e3
+            for name, (scale, block) in scales.items():
+                args = (w8, scale, block)
+                t8 = do_bench(lambda x=x, a=args: fp8_w8a8_linear(x, *a)) * 1e3
+                print(
+                    f"W8A8 {name:8s} M={m:5d} N={n} K={k}: {t8:8.1f} us (activation "
+                    f"quantization included) vs fp16 {t16:8.1f} us -> {t16 / t8:.2f}x",
+                    flush=True,
                 )
 
 

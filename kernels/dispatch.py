@@ -269,6 +269,39 @@ def apply_token_bitmask(
 # --------------------------------------------------------------------------- quantized GEMM
 
 
+W8A8_MIN_CAPABILITY = (8, 9)
+"""FP8 tensor cores (Ada, Hopper and later): the W8A8 GEMM; older GPUs take W8A16."""
+
+
+@functools.cache
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device (looked up once: every FP8 layer asks)."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fp8_gemm_kind(x: torch.Tensor, block: tuple[int, int], backend: str | None = None) -> str:
+    """Which FP8 GEMM `fp8_linear` runs for activations `x` and a weight scale block: "torch"
+    (the reference, weight-only) off the Triton backend, else `fp8_kernel_for` the device."""
+    if not _use_triton(x, backend):
+        return "torch"
+    capability = _cuda_capability(x.device) if x.is_cuda else None
+    return fp8_kernel_for(capability, block, x.shape[-1])
+
+
+def fp8_kernel_for(capability: tuple[int, int] | None, block: tuple[int, int], k: int) -> str:
+    """ "w8a8" (activations quantized per token, FP8 tensor cores) on CUDA capability >= 8.9
+    for a block the kernel takes; otherwise "w8a16" (weight-only; capability None: not CUDA,
+    e.g. the Triton interpreter)."""
+    if capability is None or tuple(capability) < W8A8_MIN_CAPABILITY:
+        return "w8a16"
+    fp8_scaled_mm = _kernel_module("fp8_scaled_mm")
+    return "w8a8" if fp8_scaled_mm.block_k_for(block, k) is not None else "w8a16"
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -277,13 +310,42 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    activation_scale_ub: float | None = None,
 ) -> torch.Tensor:
-    """x [..., K] @ dequant(weight).T + bias -> [..., N] in x.dtype, weight-only (W8A16).
+    """x [..., K] @ dequant(weight).T + bias -> [..., N] in x.dtype.
 
     weight: float8_e4m3fn [N, K]; scale: float32 [ceil(N / bn), ceil(K / bk)]; block: (bn, bk).
-    Triton on CUDA (the weight stays FP8 and is widened in the GEMM's load stage); the torch
-    path dequantizes the whole weight first (the CPU worker dequantizes once at load instead).
+    `fp8_gemm_kind` picks by capability: on CUDA >= 8.9 the W8A8 GEMM (activations quantized
+    per token, capped by `activation_scale_ub`, or per token and bk-group when block-scaled);
+    on older GPUs the W8A16 GEMM (the weight widened in the load stage); the torch path
+    dequantizes the whole weight first (the CPU worker dequantizes once at load instead).
     """
-    if _use_triton(x, backend):
+    kind = fp8_gemm_kind(x, block, backend)
+    if kind == "w8a8":
+        return _kernel_module("fp8_scaled_mm").fp8_w8a8_linear(
+            x, weight, scale, block, bias, activation_scale_ub
+        )
+    if kind == "w8a16":
         return _kernel_module("fp8_gemm").fp8_w8a16_linear(x, weight, scale, block, bias)
     return ref.fp8_linear_ref(x, weight, scale, block, bias)
+
+
+def w4a16_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """x [..., K] @ dequant(W).T + bias -> [..., N] in x.dtype, weight-only int4 (W4A16).
+
+    qweight: int32 [K / 8, N] (`reference.int4_pack_k`); scales, zeros: [K / g, N]. Triton on
+    CUDA (int4 unpacked in the GEMM's load stage); the torch path dequantizes the whole weight
+    first (the CPU worker dequantizes once at load instead).
+    """
+    if _use_triton(x, backend):
+        return _kernel_module("w4a16_gemm").w4a16_linear(x, qweight, scales, zeros, group, bias)
+    return ref.w4a16_linear_ref(x, qweight, scales, zeros, group, bias)

@@ -18,12 +18,18 @@ __all__ = [
     "apply_rotary_ref",
     "apply_token_bitmask_ref",
     "fused_add_rms_norm_ref",
+    "fp8_quantize_tokens_ref",
+    "fp8_w8a8_linear_ref",
     "fused_moe_ref",
     "gelu_and_mul_ref",
     "paged_attention_ref",
     "rms_norm_ref",
+    "int4_pack_k",
+    "int4_unpack_k",
     "silu_and_mul_ref",
     "soft_cap_logits",
+    "w4a16_dequantize_ref",
+    "w4a16_linear_ref",
     "write_kv_cache_ref",
 ]
 
@@ -342,3 +348,99 @@ def fp8_linear_ref(
 ) -> torch.Tensor:
     """x @ dequant(weight).T + bias in x.dtype (weight-only: x is not quantized)."""
     return F.linear(x, fp8_dequantize_ref(weight, scale, block, x.dtype), bias)
+
+
+def fp8_quantize_tokens_ref(
+    x: torch.Tensor, group: int, scale_ub: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic FP8 (e4m3) quantization of activations per token and per group of `group`
+    features: (x_q float8_e4m3fn [M, K], scale float32 [M, ceil(K / group)]) with each group's
+    absmax (capped at `scale_ub` when given, as fbgemm's activation_scale_ub does) mapped to
+    448; x[m, k] ~ x_q[m, k] * scale[m, k // group].
+    """
+    m, k = x.shape
+    groups = -(-k // group)
+    padded = x.float()
+    if groups * group != k:
+        padded = F.pad(padded, (0, groups * group - k))
+    padded = padded.view(m, groups, group)
+    amax = padded.abs().amax(dim=-1)
+    if scale_ub is not None:
+        amax = amax.clamp(max=scale_ub)
+    scale = amax.clamp(min=1e-12) / 448.0
+    q = (padded / scale[..., None]).clamp(-448.0, 448.0).view(m, -1)[:, :k]
+    return q.to(torch.float8_e4m3fn), scale
+
+
+def fp8_w8a8_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    scale_ub: float | None = None,
+) -> torch.Tensor:
+    """x @ dequant(weight).T + bias with x quantized to FP8 first (W8A8): per token over the
+    whole K when the weight's scale block spans K (per-tensor, per-channel), else per token and
+    per group of the weight block's bk (block-scaled, the DeepSeek-V3 recipe). In x.dtype."""
+    k = x.shape[-1]
+    group = block[1] if block[1] < k else k
+    x_q, x_scale = fp8_quantize_tokens_ref(x.reshape(-1, k), group, scale_ub)
+    x_deq = x_q.float() * x_scale.repeat_interleave(group, dim=1)[:, :k]
+    w_deq = fp8_dequantize_ref(weight, scale, block, torch.float32)
+    out = F.linear(x_deq, w_deq, None if bias is None else bias.float())
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def int4_pack_k(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values q [N, K] (0..15, K % 8 == 0) along K: int32 [K / 8, N] whose bits
+    4j..4j+3 of word [r, n] hold q[n, 8r + j] (the W4A16 GEMM's weight layout: a row of the
+    packed tensor is contiguous over N, so a tile's loads coalesce)."""
+    n, k = q.shape
+    if k % 8:
+        raise ValueError(f"int4 packing along K needs K % 8 == 0, got K = {k}")
+    v = q.to(torch.int32).t().reshape(k // 8, 8, n)
+    out = torch.zeros(k // 8, n, dtype=torch.int32, device=q.device)
+    for j in range(8):
+        out |= v[:, j] << (4 * j)
+    return out
+
+
+def int4_unpack_k(qweight: torch.Tensor) -> torch.Tensor:
+    """The inverse of `int4_pack_k`: int32 [K / 8, N] -> int32 [N, K] in 0..15."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    values = (qweight[:, None, :] >> shifts[None, :, None]) & 0xF  # [K / 8, 8, N]
+    return values.reshape(-1, qweight.shape[1]).t()
+
+
+def w4a16_dequantize_ref(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The real weight [N, K] of a W4A16 one: (q[n, k] - zeros[k // g, n]) * scales[k // g, n],
+    computed in fp32, in `dtype`.
+
+    Args:
+        qweight: int32 [K / 8, N] (`int4_pack_k`); scales, zeros: [ceil(K / g), N] (zeros hold
+        integers 0..15; 8 for a symmetric format); group: g.
+    """
+    q = int4_unpack_k(qweight).float()
+    k = q.shape[1]
+    s = scales.float().t().repeat_interleave(group, dim=1)[:, :k]
+    z = zeros.float().t().repeat_interleave(group, dim=1)[:, :k]
+    return ((q - z) * s).to(dtype)
+
+
+def w4a16_linear_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x @ dequant(W).T + bias in x.dtype (weight-only: x is not quantized)."""
+    return F.linear(x, w4a16_dequantize_ref(qweight, scales, zeros, group, x.dtype), bias)

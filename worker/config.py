@@ -20,7 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 GUIDED_DECODING_BACKENDS = ("xgrammar", "guidance", "auto")
-QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
+QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "awq")
 """Checkpoint formats splitserve loads (config.json quantization_config.quant_method)."""
 PP_PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
 
@@ -70,7 +70,7 @@ class WorkerConfig(
     load_format: str = "auto"
     """Weights format: auto (safetensors, else .bin/.pt), safetensors, pt (.bin/.pt read with torch.load(weights_only=True)), or dummy (random, reads no weight file)."""
     quantization: str | None = None
-    """Quantized checkpoint format (vLLM's flag): None reads config.json's quantization_config; a value must match it (fp8, fbgemm_fp8, compressed-tensors), except fp8 on an unquantized model, which is quantized per channel at load. CPU runs weight-only on weights dequantized at load."""
+    """Quantized checkpoint format (vLLM's flag): None reads config.json's quantization_config; a value must match it (fp8, fbgemm_fp8, compressed-tensors, awq), except fp8 on an unquantized model, which is quantized per channel at load. CPU runs weight-only on weights dequantized at load."""
     max_parallel_loading_workers: int | None = None
     """Threads reading checkpoint shards at once (each holds at most one shard in memory); None: min(8, CPU count)."""
     rank: int = 0

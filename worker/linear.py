@@ -13,8 +13,9 @@ shard id) and calls it. Fused projections (q/k/v, gate/up) know where each check
 along their output dimension, so their loader copies `q_proj.weight` (or `q_proj.weight_scale`,
 whatever the quant method registered) into the right rows of `qkv_proj.weight`. A parameter's
 `row_block` (default 1) says how many output rows one of its rows covers (a block-wise scale
-has one row per block of outputs); `per_shard` marks a tensor with one entry per checkpoint
-shard (a per-tensor scale).
+has one row per block of outputs); `output_dim` (default 0) names the axis that runs over the
+outputs (1 for int4 layouts stored [in, out / 8], whose `row_block` 8 is the pack factor);
+`per_shard` marks a tensor with one entry per checkpoint shard (a per-tensor scale).
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def process_weights_after_loading(model: nn.Module) -> int:
             if hasattr(module, "process_weights_after_loading"):  # MoE experts
                 module.process_weights_after_loading()
             continue
-        if owners.get(id(module.weight), 0) > 1:
+        weight = getattr(module, "weight", None)  # int4 layers hold qweight, not weight
+        if weight is not None and owners.get(id(weight), 0) > 1:
             module.keep_plain_weight = True
         module.process_weights_after_loading()
         count += bool(getattr(module, "onednn", False))
@@ -233,7 +235,7 @@ class MergedLinear(Linear):
                     f"{name} block size {block}"
                 )
             start, size = start // block, -(-size // block)
-            target = param.data[start : start + size]
+            target = param.data.narrow(getattr(param, "output_dim", 0), start, size)
         if loaded.shape != target.shape:
             raise ValueError(
                 f"shard {shard_id!r} {name} has shape {tuple(loaded.shape)}, "

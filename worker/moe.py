@@ -96,7 +96,8 @@ class MoEExperts(nn.Module):
 
     def register_stacked(self, name: str, checkpoint_param: str = "weight", **attrs) -> None:
         """Give stacked parameter `name` the experts' loader; `attrs`: row_block (output rows
-        per row of this tensor), per_shard (one value per gate / up half)."""
+        per row of this tensor), output_dim (one expert's output axis, default 0), per_shard
+        (one value per gate / up half)."""
         stack = "gate_up_proj" if name.startswith("gate_up_proj") else "down_proj"
         set_weight_attrs(
             self,
@@ -153,7 +154,8 @@ class MoEExperts(nn.Module):
             target = target[0 if half == "gate" else 1]
         elif half:
             rows = self.intermediate_size // getattr(param, "row_block", 1)
-            target = target[:rows] if half == "gate" else target[rows:]
+            # NOTE: output_dim is one expert's output axis (1 for int4 stored [in, out / 8]).
+            target = target.narrow(getattr(param, "output_dim", 0), 0 if half == "gate" else rows, rows)  # fmt: skip
         if loaded.numel() == target.numel() == 1:
             loaded = loaded.reshape(target.shape)  # a scalar scale saved as [] or [1]
         if loaded.shape != target.shape:

@@ -1,10 +1,12 @@
-"""An FP8 checkpoint (block-wise `fp8`, the DeepSeek-V3 / Qwen3-FP8 layout) through the real
-stack: greedy tokens equal to transformers on the dequantized weights, logprobs within 1e-3."""
+"""Quantized checkpoints through the real stack: FP8 (block-wise `fp8`, the DeepSeek-V3 /
+Qwen3-FP8 layout), AWQ int4 and compressed-tensors W4A16 (asymmetric, group 64): greedy tokens
+equal to transformers on the dequantized weights, logprobs within 1e-3."""
 
 from __future__ import annotations
 
 import pytest
 
+from splitserve.testing import int4_pack
 from splitserve.testing.fp8_pack import pack_checkpoint
 
 from .conftest import Server
@@ -40,13 +42,13 @@ def _hf_greedy(folder) -> tuple[list[int], list[float]]:
     return ids[len(PROMPT_IDS) :], logprobs
 
 
-def test_fp8_checkpoint_serves_transformers_tokens(fp8_server, fp8_folders):
+def _completion_matches(server, dense_folder):
     import httpx
 
     r = httpx.post(
-        fp8_server.url + "/v1/completions",
+        server.url + "/v1/completions",
         json={
-            "model": fp8_server.model,
+            "model": server.model,
             "prompt": PROMPT_IDS,
             "max_tokens": STEPS,
             "temperature": 0,
@@ -58,7 +60,23 @@ def test_fp8_checkpoint_serves_transformers_tokens(fp8_server, fp8_folders):
     assert r.status_code == 200, r.text
     logprobs = r.json()["choices"][0]["logprobs"]
     tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
-    expected_tokens, expected_logprobs = _hf_greedy(fp8_folders[1])
+    expected_tokens, expected_logprobs = _hf_greedy(dense_folder)
     assert tokens == expected_tokens
     for got, want in zip(logprobs["token_logprobs"], expected_logprobs, strict=True):
         assert abs(got - want) <= 1e-3
+
+
+def test_fp8_checkpoint_serves_transformers_tokens(fp8_server, fp8_folders):
+    _completion_matches(fp8_server, fp8_folders[1])
+
+
+@pytest.mark.parametrize("fmt,flag", [("awq", "awq"), ("w4a16-asym", "compressed-tensors")])
+def test_int4_checkpoint_serves_transformers_tokens(fmt, flag, tiny_model, tmp_path):
+    folder, dense_folder = int4_pack.pack_checkpoint(tiny_model, tmp_path / fmt, fmt, group=64)
+    server = Server(
+        folder, ["--quantization", flag, "--return-tokens-as-token-ids"], tmp_path / "log"
+    )
+    try:
+        _completion_matches(server, dense_folder)
+    finally:
+        server.stop()

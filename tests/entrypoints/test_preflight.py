@@ -12,6 +12,7 @@ import sys
 import types
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from splitserve.entrypoints import cli, launcher
@@ -98,7 +99,12 @@ def _bad_shape(folder):
             r"compressed-tensors",
         ),
         ("good", ["--quantization", "fbgemm_fp8"], r"needs a checkpoint saved in that format"),
-        ("good", ["--quantization", "awq"], r"quantization must be one of fp8, fbgemm_fp8"),
+        (
+            "good",
+            ["--quantization", "mxfp4"],
+            r"quantization must be one of fp8, fbgemm_fp8, compressed-tensors, awq",
+        ),
+        ("good", ["--quantization", "awq"], r"--quantization awq needs a checkpoint saved in"),
     ],
 )
 def test_bad_model_fails_before_any_process(
@@ -122,6 +128,70 @@ def test_bad_model_fails_before_any_process(
     assert code == 2
     assert spawned == []
     assert "splitserve serve: error:" in err
+    assert re.search(message, err), err
+
+
+def _int4_edit(fmt, config_edit=None, tensor=None, shape=None):
+    def edit(folder):
+        if config_edit:
+            config = json.loads((folder / "config.json").read_text())
+            config_edit(config["quantization_config"])
+            (folder / "config.json").write_text(json.dumps(config))
+        if tensor:
+            state = load_file(folder / "model.safetensors")
+            state[tensor] = torch.ones(shape, dtype=state[tensor].dtype)
+            save_file(state, folder / "model.safetensors")
+
+    return fmt, edit
+
+
+INT4_BAD = {
+    "awq-group": (
+        _int4_edit("awq", lambda q: q.update(group_size=24)),
+        r"layer model\.layers\.0\.self_attn\.qkv_proj: group_size 24 does not divide the "
+        r"input dim 32",
+    ),
+    "awq-bits": (
+        _int4_edit("awq", lambda q: q.update(bits=3)),
+        r"quantization_config\.bits 3: AWQ checkpoints of 4 bits only are supported",
+    ),
+    "awq-scales": (
+        _int4_edit("awq", tensor="model.layers.1.self_attn.v_proj.scales", shape=(2, 16)),
+        r"checkpoint tensor model\.layers\.1\.self_attn\.v_proj\.scales: shard 'v' scales "
+        r"has shape \(2, 16\), expected \(1, 16\)",
+    ),
+    "awq-qweight": (
+        _int4_edit("awq", tensor="model.layers.0.mlp.up_proj.qweight", shape=(32, 7)),
+        r"checkpoint tensor model\.layers\.0\.mlp\.up_proj\.qweight: shard 'up' qweight has "
+        r"shape \(32, 7\), expected \(32, 8\)",
+    ),
+    "w4a16-bits": (
+        _int4_edit("w4a16", lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=2)),
+        r"pack-quantized with 2-bit int weights is not supported; splitserve loads 4-bit",
+    ),
+    "w4a16-zero-point": (
+        _int4_edit(
+            "w4a16-asym",
+            tensor="model.layers.1.mlp.down_proj.weight_zero_point",
+            shape=(4, 1),
+        ),
+        r"checkpoint tensor model\.layers\.1\.mlp\.down_proj\.weight_zero_point has shape "
+        r"\(4, 1\), the model expects \(4, 2\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INT4_BAD))
+def test_bad_int4_checkpoint_fails_before_any_process(case, good_model, tmp_path, spawned, capsys):
+    from splitserve.testing.int4_pack import pack_checkpoint
+
+    (fmt, edit), message = INT4_BAD[case]
+    folder, _ = pack_checkpoint(good_model, tmp_path / "q", fmt)
+    edit(folder)
+    code = cli.main(["serve", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert spawned == []
     assert re.search(message, err), err
 
 

