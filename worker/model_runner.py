@@ -17,6 +17,7 @@ converts at its edge, the in-process engine hands them over as they are.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -37,6 +38,7 @@ from splitserve.worker.attention import (
     get_attention_backend,
 )
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.cross_attention import CrossAttentionSlots, cross_attention_context
 from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_capture_memory
 from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.lora import LoRAManager
@@ -95,6 +97,12 @@ class ModelRunner:
             else None
         )
         """Images and audio of the live requests (models that take them)."""
+        # NOTE: allocated before describe() measures memory, so the KV budget is what remains
+        # after one slot per possible running request (see cross_attention.py).
+        self.cross = CrossAttentionSlots.for_model(
+            self.model, self.config.max_num_seqs, self.dtype, self.device
+        )
+        """Encoder-decoder models: the encoder outputs' cross-attention K/V per request."""
         # --runner: a pooling runner pools on the last rank instead of sampling.
         self.runner, self.pooler, self.runner_info = setup_runner(
             self.config, self.loaded, self.is_last
@@ -228,6 +236,7 @@ class ModelRunner:
             block_ids=blocks,
             num_prompt_tokens=length,
             sampling_params=msg.SamplingParams(temperature=0),
+            mm_inputs=self.cross.warm_up_inputs(length) if self.cross is not None else [],
         )
         steps = [
             msg.StepRequest(
@@ -241,9 +250,7 @@ class ModelRunner:
             if not self.is_last and i == 1:
                 self.record_sampled(["__warmup__"], [0])
             self.execute(step, self._dummy_intermediate(length if i == 0 else 1))
-        self.batch.remove("__warmup__")
-        if self.pooler is not None:
-            self.pooler.remove("__warmup__")
+        self._forget("__warmup__")
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -363,8 +370,11 @@ class ModelRunner:
             max_query_len=max(lens),
             max_seq_len=max(lens),
         )
+        cross = contextlib.nullcontext()
+        if self.cross is not None:
+            cross = cross_attention_context(self.cross.profile(cu.tolist()))
         # No cache exists yet, and the kernels read keys from it: profile with the torch path.
-        with forward_context(TorchAttentionBackend(), meta):
+        with forward_context(TorchAttentionBackend(), meta), cross:
             out = self.model(input_ids, positions, self._dummy_intermediate(num_tokens))
         if self.is_last:
             rows = min(self.config.max_num_seqs, num_tokens)
@@ -437,6 +447,10 @@ class ModelRunner:
     ) -> torch.Tensor | IntermediateTensors:
         """The model over the step: a graph replay for decode-only steps that fit one."""
         attn, graphs = plan.attn, self.graphs
+        if self.cross is not None:
+            rows = [self.batch.req_ids[r] for r in plan.rows.tolist()]
+            with forward_context(self.backend, attn), self.cross.run_step(rows, plan.counts):
+                return self.model(plan.input_ids, plan.positions, intermediate)
         embeds = self._image_embeddings(plan)
         if (
             embeds is None
@@ -551,6 +565,8 @@ class ModelRunner:
         message."""
         if self.mm is not None:
             return self.mm.add(req)
+        if self.cross is not None:
+            return self.cross.add(req)
         if req.mm_inputs and self.is_first:
             return f"this model does not take {req.mm_inputs[0].modality or 'multimodal'} inputs"
         return None
@@ -584,6 +600,8 @@ class ModelRunner:
         self._deferred.discard(request_id)
         if self.mm is not None:
             self.mm.remove(request_id)
+        if self.cross is not None:
+            self.cross.remove(request_id)
         if self.lora is not None:
             self.lora.remove_request(request_id)
         if self.structured is not None:
