@@ -27,6 +27,8 @@ from splitserve.tokenizer_svc.audio_processor import audio_hash
 from splitserve.tokenizer_svc.multimodal import ProcessedPrompt, tensor_proto
 
 TASKS = ("transcribe", "translate")
+TIMESTAMP_ZERO = "<|0.00|>"
+"""Whisper's first timestamp token; the others follow it in 0.02 s steps."""
 SPLIT_WINDOW = 1600
 """Samples per energy window when looking for a split point (100 ms at 16 kHz; vLLM's
 min_energy_split_window_size)."""
@@ -80,9 +82,14 @@ class WhisperPreprocessor:
         if missing:
             raise ValueError(f"the Whisper tokenizer at {path} lacks {', '.join(missing)}")
         self.has_prev = "<|startofprev|>" in vocab
+        self.has_timestamps = TIMESTAMP_ZERO in vocab
 
-    def decoder_prompt(self, language: str | None, task: str, prompt: str = "") -> str:
-        """The decoder's task prefix; ValueError naming an unknown language or task."""
+    def decoder_prompt(
+        self, language: str | None, task: str, prompt: str = "", timestamps: bool = False
+    ) -> str:
+        """The decoder's task prefix (ending with the first timestamp, `<|0.00|>`, instead of
+        `<|notimestamps|>` when `timestamps`, as vLLM's verbose_json); ValueError naming an
+        unknown language or task."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
         language = language or "en"  # vLLM's default when the request names none
@@ -96,7 +103,15 @@ class WhisperPreprocessor:
             if not self.has_prev:
                 raise ValueError("this model's tokenizer has no <|startofprev|> for a prompt")
             head = f"<|startofprev|>{prompt}"
-        return f"{head}<|startoftranscript|><|{language}|><|{task}|><|notimestamps|>"
+        tail = "<|notimestamps|>"
+        if timestamps:
+            if not self.has_timestamps:
+                raise ValueError(
+                    "this model's tokenizer has no timestamp tokens (<|0.00|>): "
+                    "response_format verbose_json needs them"
+                )
+            tail = TIMESTAMP_ZERO
+        return f"{head}<|startoftranscript|><|{language}|><|{task}|>{tail}"
 
     def features(self, samples: np.ndarray) -> np.ndarray:
         """Log-mel features [mel bins, window frames] of mono samples at the model's rate
