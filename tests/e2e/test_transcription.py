@@ -1,0 +1,209 @@
+"""`splitserve serve` on a tiny Whisper: OpenAI's `/v1/audio/transcriptions` and
+`/v1/audio/translations` through the gateway's multipart form, the tokenizer service's decoding,
+log-mel features and chunking, the scheduler and the worker's encoder-decoder, with the official
+`openai` client, streamed and not. The text equals transformers' greedy decode of the same audio
+on the same weights. Bad input gets a 400 naming the problem, and the server stays healthy."""
+
+from __future__ import annotations
+
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import soundfile
+import torch
+
+from splitserve.tokenizer_svc.whisper_processor import split
+from tests.models.whisper_utils import SAMPLING_RATE, build_whisper, random_audio
+
+from .conftest import Server
+
+N = 16
+"""max_completion_tokens of every request (a random model rarely stops by itself)."""
+
+
+@pytest.fixture(scope="module")
+def whisper_server(tiny_model, tmp_path_factory):
+    path = build_whisper(tmp_path_factory.mktemp("e2e-whisper") / "tiny-whisper", tiny_model)
+    s = Server(
+        path,
+        ["--max-model-len", "448", "--max-num-seqs", "8", "--max-audio-seconds", "75"],
+        tmp_path_factory.mktemp("logs") / "whisper.log",
+    )
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(whisper_server):
+    return openai.OpenAI(
+        base_url=whisper_server.url + "/v1", api_key="unused", max_retries=0, timeout=300
+    )
+
+
+def wav(samples: np.ndarray, rate: int = SAMPLING_RATE, fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, rate, format=fmt)
+    return buf.getvalue()
+
+
+def decoded(data: bytes) -> np.ndarray:
+    """The samples libsndfile reads from the file (what the server decodes)."""
+    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32")
+    assert rate == SAMPLING_RATE
+    return samples
+
+
+@torch.inference_mode()
+def hf_text(path, samples, task="transcribe", language="en", prompt="") -> str:
+    """transformers' greedy Whisper decode of each 30 s chunk (split as the server splits),
+    N new tokens at most, texts joined."""
+    import transformers
+
+    extractor = transformers.WhisperFeatureExtractor.from_pretrained(path)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(path).eval()
+    head = f"<|startofprev|>{prompt}" if prompt else ""
+    text = f"{head}<|startoftranscript|><|{language}|><|{task}|><|notimestamps|>"
+    ids = tok.encode(text, add_special_tokens=False)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    out = []
+    for chunk in split(samples, SAMPLING_RATE, 30.0):
+        feats = extractor(chunk, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+        seq = model.generate(
+            feats, decoder_input_ids=torch.tensor([ids]), max_new_tokens=N, do_sample=False
+        )[0].tolist()
+        if seq[: len(ids)] == ids:
+            seq = seq[len(ids) :]
+        if eos in seq:
+            seq = seq[: seq.index(eos)]
+        out.append(tok.decode(seq, skip_special_tokens=True))
+    return "".join(out)
+
+
+def transcribe(client, server, data: bytes, **kw):
+    return client.audio.transcriptions.create(
+        model=server.model,
+        file=("clip.wav", data, "audio/wav"),
+        extra_body={"max_completion_tokens": N},
+        **kw,
+    )
+
+
+def test_transcriptions_match_transformers_concurrently(whisper_server, client):
+    clips = [wav(random_audio(i, s)) for i, s in enumerate((1.0, 2.5, 4.0, 0.7))]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda d: transcribe(client, whisper_server, d), clips))
+    want = [hf_text(whisper_server.model, decoded(d)) for d in clips]
+    assert [g.text for g in got] == want
+    assert all(want) and len(set(want)) > 1  # real text, and the audio decides it
+    assert got[1].usage.seconds == 3  # 2.5 s, rounded up
+
+
+def test_text_format_language_and_prompt(whisper_server, client):
+    data = wav(random_audio(5, 1.5))
+    samples = decoded(data)
+    text = transcribe(client, whisper_server, data, response_format="text", language="fr")
+    assert isinstance(text, str)
+    assert text == hf_text(whisper_server.model, samples, language="fr")
+    prompted = transcribe(client, whisper_server, data, prompt="earlier words")
+    assert prompted.text == hf_text(whisper_server.model, samples, prompt="earlier words")
+
+
+def test_translation_matches_transformers(whisper_server, client):
+    data = wav(random_audio(6, 2.0))
+    got = client.audio.translations.create(
+        model=whisper_server.model,
+        file=("clip.wav", data, "audio/wav"),
+        extra_body={"max_completion_tokens": N, "language": "de"},
+    )
+    assert got.text == hf_text(whisper_server.model, decoded(data), "translate", "de")
+
+
+def test_streamed_transcription_matches(whisper_server, client):
+    data = wav(random_audio(7, 3.0))
+    stream = transcribe(client, whisper_server, data, stream=True)
+    events = list(stream)
+    text = "".join(_delta(e) for e in events)
+    assert text and text == hf_text(whisper_server.model, decoded(data))
+    assert len(events) > 1
+    assert _field(events[-1], "choices")[0]["finish_reason"] in ("stop", "length")
+
+
+def _field(event, name):
+    return event[name] if isinstance(event, dict) else getattr(event, name)
+
+
+def _delta(event) -> str:
+    choices = _field(event, "choices")
+    return choices[0]["delta"]["content"] if choices else ""
+
+
+def test_long_audio_is_split_into_chunks(whisper_server, client):
+    """70 s: three chunks (split at the quietest 100 ms before each 30 s mark, vLLM's way),
+    each transcribed, the texts joined; streamed, the chunks come in order."""
+    rng = np.random.default_rng(0)
+    samples = np.concatenate([random_audio(i, 10.0) for i in range(7)])
+    samples[int(29.3 * SAMPLING_RATE) : int(29.5 * SAMPLING_RATE)] = 0.0  # a pause
+    samples += 0.01 * rng.standard_normal(samples.size).astype(np.float32)
+    data = wav(samples)
+    chunks = split(decoded(data), SAMPLING_RATE, 30.0)
+    assert len(chunks) == 3
+    assert abs(len(chunks[0]) / SAMPLING_RATE - 29.3) < 0.11  # cut in the pause
+    want = hf_text(whisper_server.model, decoded(data))
+    parts = [hf_text(whisper_server.model, c) for c in chunks]
+    assert all(parts) and want == "".join(parts)
+    got = transcribe(client, whisper_server, data)
+    assert got.text == want
+    assert got.usage.seconds == 70
+    streamed = transcribe(client, whisper_server, data, stream=True)
+    events = list(streamed)
+    assert "".join(_delta(e) for e in events) == want
+    finishes = [e for e in events if _field(e, "choices")[0].get("finish_reason")]
+    assert len(finishes) == 3  # one per chunk
+
+
+def post(server, data: bytes | None, **fields):
+    files = {"file": ("clip.wav", data, "audio/wav")} if data is not None else None
+    form = {"model": server.model, **fields}
+    return httpx.post(server.url + "/v1/audio/transcriptions", data=form, files=files, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "data, fields, param, match",
+    [
+        (b"RIFF\x00\x00\x00\x00WAVEjunk", {}, "file", "could not be decoded"),
+        (b"plain text, not audio" * 10, {}, "file", "could not be decoded"),
+        (None, {}, "file", "file is required"),
+        ("long", {}, "file", "more than the 75s allowed"),
+        ("ok", {"response_format": "srt"}, "response_format", "not supported"),
+        ("ok", {"response_format": "vtt"}, "response_format", "not supported"),
+        ("ok", {"response_format": "yaml"}, "response_format", "must be one of"),
+        ("ok", {"language": "xx"}, "language", "not supported by this model"),
+        ("ok", {"temperature": "-1"}, "temperature", "temperature"),
+        ("ok", {"timestamp_granularities[]": "word"}, "timestamp_granularities", "word"),
+        ("ok", {"chunking_strategy": "auto"}, "chunking_strategy", "unsupported field"),
+        ("ok", {"model": "nope"}, "model", "does not exist"),
+    ],
+)
+def test_bad_input_is_a_400_naming_it(whisper_server, data, fields, param, match):
+    if data == "ok":
+        data = wav(random_audio(8, 0.5))
+    elif data == "long":
+        data = wav(np.zeros(76 * SAMPLING_RATE, dtype=np.float32))
+    r = post(whisper_server, data, **fields)
+    assert r.status_code == (404 if param == "model" else 400), r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert match in err["message"]
+    assert httpx.get(whisper_server.url + "/health").status_code == 200
+
+
+def test_verbose_json_needs_timestamp_tokens(whisper_server):
+    r = post(whisper_server, wav(random_audio(9, 0.5)), response_format="verbose_json")
+    assert r.status_code == 400, r.text
+    assert "timestamp" in json.loads(r.text)["error"]["message"]
