@@ -207,3 +207,19 @@ def test_verbose_json_needs_timestamp_tokens(whisper_server):
     r = post(whisper_server, wav(random_audio(9, 0.5)), response_format="verbose_json")
     assert r.status_code == 400, r.text
     assert "timestamp" in json.loads(r.text)["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "path, api", [("transcriptions", "Transcriptions"), ("translations", "Translations")]
+)
+def test_a_text_model_refuses_speech_to_text(server, path, api):
+    r = httpx.post(
+        f"{server.url}/v1/audio/{path}",
+        data={"model": server.model},
+        files={"file": ("clip.wav", wav(random_audio(0, 0.5)), "audio/wav")},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "model"
+    assert f"does not support the {api} API" in err["message"]

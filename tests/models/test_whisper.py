@@ -115,3 +115,34 @@ def test_decoder_length_bounds_max_model_len(whisper_path):
     max_model_len; asking for more is refused with both numbers."""
     with pytest.raises(ValueError, match=r"max_target_positions=448.*at most 448"):
         LLM(str(whisper_path), max_model_len=449)
+
+
+def test_abort_frees_the_cross_attention_slot(whisper_path, clips):
+    """An aborted request's slot comes back (the release reaches the worker even when no
+    other step runs), and the freed slot serves the next request correctly."""
+    from splitserve.common import messages as msg
+    from splitserve.common.messages_proto import mm_input_from_proto
+
+    llm = LLM(str(whisper_path), max_num_seqs=2)
+    engine, runner = llm.engine, llm.engine.executor.runner
+    processed = llm._audio.process(PREFIX, [(clips[0], SAMPLING_RATE)])
+    for rid in ("a", "b"):
+        engine.scheduler.add_request(
+            msg.GenerateRequest(
+                request_id=rid,
+                prompt_token_ids=list(processed.token_ids),
+                sampling_params=msg.SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+                mm_inputs=[mm_input_from_proto(m) for m in processed.mm_inputs],
+            ),
+            None,
+        )
+    while runner.cross.num_free:
+        engine.step()  # both admitted: both slots taken
+    assert set(runner.cross.slot_of) == {"a", "b"}
+    engine.scheduler.abort_request("a")
+    engine.scheduler.abort_request("b")
+    while engine.has_work:
+        engine.step()
+    assert runner.cross.num_free == 2 and not runner.cross.slot_of
+    out = llm.generate(requests(clips, [PROMPTS[1]]), greedy(), use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == hf_greedy(whisper_path, [PROMPTS[1]], clips)[0]
