@@ -275,7 +275,8 @@ def split_segments(out: SequenceDelta, base: int, start_s: float) -> list[dict]:
             piece = seq[start:i]
             segments.append(
                 {
-                    "seek": start_s,
+                    # Whisper's seek: the chunk's offset in mel frames (10 ms each).
+                    "seek": round(start_s * 100),
                     "start": start_s + TIMESTAMP_STEP_S * (piece[0] - base),
                     "end": start_s + TIMESTAMP_STEP_S * (piece[-1] - base),
                     "tokens": piece[1:-1],

@@ -7,7 +7,6 @@ on the same weights. Bad input gets a 400 naming the problem, and the server sta
 from __future__ import annotations
 
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -187,6 +186,8 @@ def post(server, data: bytes | None, **fields):
         ("ok", {"temperature": "-1"}, "temperature", "temperature"),
         ("ok", {"timestamp_granularities[]": "word"}, "timestamp_granularities", "word"),
         ("ok", {"chunking_strategy": "auto"}, "chunking_strategy", "unsupported field"),
+        ("ok", {"response_format": "verbose_json", "stream": "true"}, "stream", "streamed"),
+        ("ok", {"timestamp_granularities[]": "segment"}, "timestamp_granularities", "needs"),
         ("ok", {"model": "nope"}, "model", "does not exist"),
     ],
 )
@@ -203,10 +204,65 @@ def test_bad_input_is_a_400_naming_it(whisper_server, data, fields, param, match
     assert httpx.get(whisper_server.url + "/health").status_code == 200
 
 
-def test_verbose_json_needs_timestamp_tokens(whisper_server):
-    r = post(whisper_server, wav(random_audio(9, 0.5)), response_format="verbose_json")
-    assert r.status_code == 400, r.text
-    assert "timestamp" in json.loads(r.text)["error"]["message"]
+@torch.inference_mode()
+def hf_timestamped(path, samples, n: int) -> tuple[list[int], int]:
+    """transformers' greedy tokens after the timestamped prompt (ending <|0.00|>), EOS and
+    what follows cut; and the id of <|0.00|>."""
+    import transformers
+
+    extractor = transformers.WhisperFeatureExtractor.from_pretrained(path)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.WhisperForConditionalGeneration.from_pretrained(path).eval()
+    text = "<|startoftranscript|><|en|><|transcribe|><|0.00|>"
+    ids = tok.encode(text, add_special_tokens=False)
+    feats = extractor(samples, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
+    seq = model.generate(
+        feats, decoder_input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False
+    )[0].tolist()
+    seq = seq[len(ids) :] if seq[: len(ids)] == ids else seq
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    return (seq[: seq.index(eos)] if eos in seq else seq), ids[-1]
+
+
+def test_verbose_json_segments_follow_the_timestamp_tokens(whisper_server, client):
+    import transformers
+
+    data = wav(random_audio(9, 1.5))
+    n = 120  # long enough for the random model to emit timestamp pairs
+    got = client.audio.transcriptions.create(
+        model=whisper_server.model,
+        file=("clip.wav", data, "audio/wav"),
+        response_format="verbose_json",
+        timestamp_granularities=["segment"],
+        extra_body={"max_completion_tokens": n},
+    )
+    tokens, base = hf_timestamped(whisper_server.model, decoded(data), n)
+    tok = transformers.AutoTokenizer.from_pretrained(whisper_server.model)
+
+    def ts(t):
+        return base <= t <= base + 1500
+
+    # Segments by definition: from <|0.00|> (the prompt's last token), each closes at a
+    # timestamp followed by another timestamp; a lone trailing timestamp closes the last.
+    seq = [base, *tokens]
+    if len(seq) >= 2 and ts(seq[-1]) and not ts(seq[-2]):
+        seq.append(seq[-1])
+    want, opening = [], 0
+    for i in range(len(seq) - 1):
+        if ts(seq[i]) and ts(seq[i + 1]):
+            want.append(seq[opening : i + 1])
+            opening = i + 1
+    assert len(want) >= 2 and any(len(w) > 2 for w in want), f"nothing to test: {tokens}"
+    segments = [s if isinstance(s, dict) else s.model_dump() for s in got.segments]
+    assert [s["tokens"] for s in segments] == [w[1:-1] for w in want]
+    assert [s["start"] for s in segments] == pytest.approx([0.02 * (w[0] - base) for w in want])
+    assert [s["end"] for s in segments] == pytest.approx([0.02 * (w[-1] - base) for w in want])
+    texts = [tok.decode(w[1:-1], skip_special_tokens=True) for w in want]
+    assert [s["text"] for s in segments] == texts
+    assert got.text == "".join(texts)
+    assert all(s["avg_logprob"] <= 0 for s in segments)
+    assert float(got.duration) == pytest.approx(1.5, abs=1e-3)
+    assert got.language == "en"
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,20 @@ SPECIAL = [
 ]
 
 
-def build_whisper(out_dir, tokenizer_dir, seed: int = 0, max_target_positions: int = 448):
+TIMESTAMPS = [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
+"""Whisper's timestamp tokens, <|0.00|> to <|30.00|>, consecutive ids after SPECIAL."""
+
+
+def build_whisper(
+    out_dir,
+    tokenizer_dir,
+    seed: int = 0,
+    max_target_positions: int = 448,
+    timestamps: bool = True,
+):
     """Save a tiny WhisperForConditionalGeneration (2 encoder, 2 decoder layers, d_model 32)
-    with its tokenizer and feature extractor; returns the folder."""
+    with its tokenizer (timestamp tokens too, unless not `timestamps`) and feature
+    extractor; returns the folder."""
     import torch
     import transformers
 
@@ -31,6 +42,8 @@ def build_whisper(out_dir, tokenizer_dir, seed: int = 0, max_target_positions: i
     out.mkdir(parents=True, exist_ok=True)
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.add_tokens(SPECIAL, special_tokens=True)
+    if timestamps:
+        tok.add_tokens(TIMESTAMPS, special_tokens=True)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     tok.eos_token = "<|endoftext|>"
     tok.pad_token = "<|endoftext|>"

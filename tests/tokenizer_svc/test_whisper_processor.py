@@ -25,7 +25,7 @@ def pre(tmp_path_factory):
     from splitserve.testing.demo_model import build_tokenizer
 
     tok_dir = build_tokenizer(tmp_path_factory.mktemp("tok"))
-    path = build_whisper(tmp_path_factory.mktemp("whisper"), tok_dir)
+    path = build_whisper(tmp_path_factory.mktemp("whisper"), tok_dir, timestamps=False)
     return WhisperPreprocessor(str(path), AutoTokenizer.from_pretrained(path))
 
 
