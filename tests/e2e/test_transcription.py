@@ -7,6 +7,7 @@ on the same weights. Bad input gets a 400 naming the problem, and the server sta
 from __future__ import annotations
 
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -84,11 +85,11 @@ def hf_text(path, samples, task="transcribe", language="en", prompt="") -> str:
     return "".join(out)
 
 
-def transcribe(client, server, data: bytes, **kw):
+def transcribe(client, server, data: bytes, extra_body: dict | None = None, **kw):
     return client.audio.transcriptions.create(
         model=server.model,
         file=("clip.wav", data, "audio/wav"),
-        extra_body={"max_completion_tokens": N},
+        extra_body={"max_completion_tokens": N, **(extra_body or {})},
         **kw,
     )
 
@@ -120,7 +121,42 @@ def test_translation_matches_transformers(whisper_server, client):
         file=("clip.wav", data, "audio/wav"),
         extra_body={"max_completion_tokens": N, "language": "de"},
     )
-    assert got.text == hf_text(whisper_server.model, decoded(data), "translate", "de")
+    want = hf_text(whisper_server.model, decoded(data), "translate", "de")
+    assert got.text == want
+    assert not hasattr(got, "usage") or got.usage is None  # vLLM: no usage for translations
+    # The client's translations.create has no `stream` (OpenAI does not stream translations;
+    # vLLM does): the form field goes in extra_body and the events are read raw.
+    with client.audio.translations.with_streaming_response.create(
+        model=whisper_server.model,
+        file=("clip.wav", data, "audio/wav"),
+        extra_body={"max_completion_tokens": N, "language": "de", "stream": True},
+    ) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    assert "".join(_delta(e) for e in events) == want
+    assert {_field(e, "object") for e in events} == {"translation.chunk"}
+
+
+def test_sampling_fields_and_stream_usage(whisper_server, client):
+    data = wav(random_audio(10, 1.0))
+    kw = dict(temperature=1.5, extra_body={"seed": 7, "top_k": 50})
+    a, b = (transcribe(client, whisper_server, data, **kw).text for _ in range(2))
+    assert a == b  # seeded sampling is reproducible
+    assert a != hf_text(whisper_server.model, decoded(data))  # and not greedy
+    events = list(
+        client.audio.transcriptions.create(
+            model=whisper_server.model,
+            file=("clip.wav", data, "audio/wav"),
+            stream=True,
+            extra_body={"max_completion_tokens": N, "stream_include_usage": True},
+        )
+    )
+    usage = _field(events[-1], "usage")
+    usage = usage if isinstance(usage, dict) else usage.model_dump()
+    assert _field(events[-1], "choices") == []
+    assert usage["prompt_tokens"] == 4  # the task tokens
+    assert usage["completion_tokens"] == usage["total_tokens"] - 4 > 0
 
 
 def test_streamed_transcription_matches(whisper_server, client):
