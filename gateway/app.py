@@ -65,6 +65,7 @@ from splitserve.gateway.serving_embeddings import (
 )
 from splitserve.gateway.serving_transcription import TranscriptionService
 from splitserve.gateway.streaming import DirectBodyMiddleware, SSEResponse
+from splitserve.gateway.transcription_form import speech_request_body
 from splitserve.protos import tokenizer_pb2
 
 logger = logging.getLogger(__name__)
@@ -401,9 +402,12 @@ def _add_speech_route(
         observer = RequestObserver(metrics, base.served_names[0], path)
         return _observed(observer, await _guard(service.create(raw, task), retry))
 
-    app.post(path, responses={200: _generated(dict), **_ERRORS}, name=f"create_{task}")(
-        create_speech
-    )
+    app.post(
+        path,
+        responses={200: _generated(dict), **_ERRORS},
+        name=f"create_{task}",
+        openapi_extra={"requestBody": speech_request_body()},
+    )(create_speech)
 
 
 def _add_lora_routes(app: FastAPI, base: ServingBase, loras: LoRARegistry) -> None:

@@ -100,6 +100,28 @@ async def parse_form(form: FormData, task: str) -> TranscriptionForm:
     return out
 
 
+def speech_request_body() -> dict:
+    """The OpenAPI request body of the speech-to-text routes (the form is parsed by hand)."""
+    number, integer = {"type": "number"}, {"type": "integer"}
+    boolean = {"type": "boolean"}
+    props: dict = {
+        "file": {"type": "string", "format": "binary"},
+        "model": {"type": "string"},
+        "language": {"type": "string"},
+        "prompt": {"type": "string"},
+        "response_format": {"type": "string", "enum": list(SERVED_FORMATS), "default": "json"},
+        "timestamp_granularities[]": {
+            "type": "array",
+            "items": {"type": "string", "enum": ["segment"]},
+        },
+        **{name: number for name in (*_FLOATS, *_FLOATS_OPT)},
+        **{name: integer for name in _INTS},
+        **{name: boolean for name in _BOOLS},
+    }
+    schema = {"type": "object", "required": ["file"], "properties": props}
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+
+
 def _check(out: TranscriptionForm) -> None:
     fmt = out.response_format
     if fmt not in OPENAI_FORMATS:

@@ -315,3 +315,22 @@ def test_a_text_model_refuses_speech_to_text(server, path, api):
     err = r.json()["error"]
     assert err["param"] == "model"
     assert f"does not support the {api} API" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("completions", {"prompt": "hello", "max_tokens": 4}),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}),
+    ],
+)
+def test_text_routes_on_whisper_are_a_400(whisper_server, route, body):
+    """Whisper's decoder needs its audio: a text-only request fails alone, with the reason."""
+    r = httpx.post(
+        f"{whisper_server.url}/v1/{route}",
+        json={"model": whisper_server.model, **body},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert "takes exactly one audio input per request" in r.json()["error"]["message"]
+    assert httpx.get(whisper_server.url + "/health").status_code == 200
