@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from splitserve.gateway.errors import bad_request
-from splitserve.gateway.generation import SequenceDelta, merge_deltas
+from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.prepare import check_prompt_chars, prepare
 from splitserve.gateway.sampling import build_sampling, resolve_max_tokens, sequence_specs
 from splitserve.gateway.serving_base import ServingBase
@@ -91,7 +91,8 @@ class TranscriptionService(ServingBase):
         for spec, p in zip(specs, prepared.prompts, strict=True):
             spec.mm_inputs = list(p.mm_inputs)
         self.attach_lora(specs, form.model)
-        view = _View(self, form, task, request_id, model, prepared, [len(p) for p in prompts])
+        lens = [len(p) for p in prompts]
+        view = _View(self, form, task, request_id, model, prepared, lens, deadline)
         if form.stream:
             return await self.stream(raw, specs, deadline, arrival, view.render, view.finish)
         results = await self.collect(raw, specs, deadline, arrival)
@@ -132,6 +133,7 @@ class _View:
         model: str,
         prepared: tokenizer_pb2.PrepareResponse,
         prompt_lens: list[int],
+        deadline: Deadline,
     ) -> None:
         self.serving = serving
         self.form = form
@@ -147,6 +149,8 @@ class _View:
         """The audio chunk whose output streams now."""
         self.waiting: dict[int, list[SequenceDelta]] = {}
         """Output of later chunks, held until the earlier ones have finished."""
+        self.deadline = deadline
+        """The request's deadline, for verbose_json's tokenizer calls."""
 
     # ------------------------------------------------------------------ streaming
 
@@ -241,7 +245,8 @@ class _View:
         """The id of `<|0.00|>` (the tokenizer service checked the tokenizer has it)."""
         clients = self.serving.clients
         resp = await clients.tokenizer.Tokenize(
-            tokenizer_pb2.TokenizeRequest(text="<|0.00|>", add_special_tokens=False)
+            tokenizer_pb2.TokenizeRequest(text="<|0.00|>", add_special_tokens=False),
+            timeout=clients.call_timeout(self.deadline),
         )
         if len(resp.token_ids) != 1:
             raise bad_request("this model's tokenizer has no <|0.00|> token", "response_format")
@@ -250,7 +255,8 @@ class _View:
     async def _decode(self, ids: list[int]) -> str:
         clients = self.serving.clients
         resp = await clients.tokenizer.Detokenize(
-            tokenizer_pb2.DetokenizeRequest(token_ids=ids, skip_special_tokens=True)
+            tokenizer_pb2.DetokenizeRequest(token_ids=ids, skip_special_tokens=True),
+            timeout=clients.call_timeout(self.deadline),
         )
         return resp.text
 

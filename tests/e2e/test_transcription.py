@@ -334,3 +334,30 @@ def test_text_routes_on_whisper_are_a_400(whisper_server, route, body):
     assert r.status_code == 400, r.text
     assert "takes exactly one audio input per request" in r.json()["error"]["message"]
     assert httpx.get(whisper_server.url + "/health").status_code == 200
+
+
+def test_disconnects_release_everything(whisper_server, client):
+    """CHECKLIST row 17 for speech: more streams than --max-num-seqs (8) are dropped after
+    their first event. Each abort must reach the worker and free the request's
+    cross-attention slot (a leaked slot would refuse the later requests), and the KV blocks
+    come back; then a request is served exactly."""
+    from .conftest import wait_for
+
+    data = wav(random_audio(11, 2.0))
+    for _ in range(10):
+        with client.audio.transcriptions.with_streaming_response.create(
+            model=whisper_server.model,
+            file=("clip.wav", data, "audio/wav"),
+            stream=True,
+            extra_body={"max_completion_tokens": 400},
+        ) as r:
+            assert r.status_code == 200
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+
+    def idle():
+        s = whisper_server.scheduler_stats()
+        return s.num_running == 0 and s.num_free_blocks == s.num_total_blocks
+
+    wait_for(idle, 60, "the scheduler to release every block")
+    got = transcribe(client, whisper_server, data)
+    assert got.text == hf_text(whisper_server.model, decoded(data))
