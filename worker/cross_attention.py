@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,17 +118,39 @@ class CrossAttentionSlots:
         """Requests encoded so far (tests check each is encoded once per admission)."""
 
     @classmethod
-    def for_model(
-        cls, model: torch.nn.Module, num_slots: int, dtype: torch.dtype, device: torch.device
+    def fit(
+        cls,
+        current: CrossAttentionSlots | None,
+        model: torch.nn.Module,
+        config,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> CrossAttentionSlots | None:
-        """The slots of an encoder-decoder model, bound to its decoder layers; None for a
-        decoder-only model."""
+        """`current` when it has `config.max_num_seqs` slots, else new slots of that many
+        (the old ones released first), bound to the decoder layers; None for a decoder-only
+        model. ValueError naming the sizes when they cannot be allocated."""
         if not getattr(model, "is_encoder_decoder", False):
             return None
-        slots = cls(model, num_slots, dtype, device)
+        num_slots = config.max_num_seqs
+        if current is not None:
+            if current.num_slots == num_slots:
+                return current
+            if current.slot_of:
+                raise RuntimeError("cross-attention slots cannot be resized while in use")
+            model.bind_cross_caches(None)
+            current.caches.clear()
+        per_slot = 2 * model.num_decoder_layers * math.prod(model.cross_kv_shape)
+        per_slot *= torch.empty((), dtype=dtype).element_size()
+        try:
+            slots = cls(model, num_slots, dtype, device)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            raise ValueError(
+                f"cannot allocate the cross-attention slots: {num_slots} (max_num_seqs) x "
+                f"{per_slot / 2**20:.1f} MiB; lower --max-num-seqs ({exc})"
+            ) from None
         model.bind_cross_caches(slots.caches)
         logger.info(
-            "cross-attention: %d slots (max_num_seqs), %.1f MiB", num_slots, slots.nbytes / 2**20
+            "cross-attention: %d slots (max_num_seqs) of %.1f MiB", num_slots, per_slot / 2**20
         )
         return slots
 
@@ -216,13 +239,15 @@ class CrossAttentionSlots:
         loc = [0, *np.cumsum(counts).tolist()]
         return CrossAttentionStep(slots, loc, bool((counts == 1).all()))
 
-    def profile(self, query_start_loc: list[int]) -> CrossAttentionStep:
+    @contextlib.contextmanager
+    def profile(self, query_start_loc: list[int]) -> Iterator[None]:
         """For the memory profile: one encoder batch of ENCODER_BATCH items (its activation
-        peak), and a step whose rows (`query_start_loc`) all read slot 0."""
+        peak), then a forward inside whose rows (`query_start_loc`) all read slot 0."""
         batch = min(ENCODER_BATCH, self.num_slots)
         dtype = self.caches[0][0].dtype
         features = torch.zeros(batch, *self.model.feature_shape, dtype=dtype, device=self.device)
         self.model.encode(features)
         rows = len(query_start_loc) - 1
         slots = torch.zeros(rows, dtype=torch.int64, device=self.device)
-        return CrossAttentionStep(slots, list(query_start_loc), False)
+        with cross_attention_context(CrossAttentionStep(slots, list(query_start_loc), False)):
+            yield

@@ -17,11 +17,11 @@ converts at its edge, the in-process engine hands them over as they are.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import math
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from splitserve.worker.attention import (
     get_attention_backend,
 )
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.cross_attention import CrossAttentionSlots, cross_attention_context
+from splitserve.worker.cross_attention import CrossAttentionSlots
 from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_capture_memory
 from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.lora import LoRAManager
@@ -97,12 +97,9 @@ class ModelRunner:
             else None
         )
         """Images and audio of the live requests (models that take them)."""
-        # NOTE: allocated before describe() measures memory, so the KV budget is what remains
-        # after one slot per possible running request (see cross_attention.py).
-        self.cross = CrossAttentionSlots.for_model(
-            self.model, self.config.max_num_seqs, self.dtype, self.device
-        )
-        """Encoder-decoder models: the encoder outputs' cross-attention K/V per request."""
+        self.cross = CrossAttentionSlots.fit(None, self.model, self.config, self.dtype, self.device)
+        """Encoder-decoder models: the encoder outputs' cross-attention K/V per request (one
+        slot per max_num_seqs, held before describe() measures memory: cross_attention.py)."""
         # --runner: a pooling runner pools on the last rank instead of sampling.
         self.runner, self.pooler, self.runner_info = setup_runner(
             self.config, self.loaded, self.is_last
@@ -145,6 +142,9 @@ class ModelRunner:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self._agree_engine(engine)
+        self.cross = CrossAttentionSlots.fit(  # max_num_seqs may be the scheduler's now
+            self.cross, self.model, self.config, self.dtype, self.device
+        )
         if self.kv_cache is not None:
             available = self.kv_cache.nbytes
         elif self.device.type == "cuda":
@@ -370,9 +370,7 @@ class ModelRunner:
             max_query_len=max(lens),
             max_seq_len=max(lens),
         )
-        cross = contextlib.nullcontext()
-        if self.cross is not None:
-            cross = cross_attention_context(self.cross.profile(cu.tolist()))
+        cross = self.cross.profile(cu.tolist()) if self.cross is not None else nullcontext()
         # No cache exists yet, and the kernels read keys from it: profile with the torch path.
         with forward_context(TorchAttentionBackend(), meta), cross:
             out = self.model(input_ids, positions, self._dummy_intermediate(num_tokens))

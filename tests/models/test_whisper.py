@@ -146,3 +146,23 @@ def test_abort_frees_the_cross_attention_slot(whisper_path, clips):
     assert runner.cross.num_free == 2 and not runner.cross.slot_of
     out = llm.generate(requests(clips, [PROMPTS[1]]), greedy(), use_tqdm=False)
     assert list(out[0].outputs[0].token_ids) == hf_greedy(whisper_path, [PROMPTS[1]], clips)[0]
+
+
+def test_slots_follow_the_agreed_max_num_seqs_and_the_profile_runs(whisper_path):
+    """A worker left at the default max_num_seqs takes the scheduler's before it measures
+    memory: its slots are refitted to that number (never fewer than the scheduler admits).
+    The memory profile's forward runs the encoder and the cross-attention."""
+    from splitserve.common import engine_config
+    from splitserve.scheduler.config import SchedulerConfig
+    from splitserve.worker.config import WorkerConfig
+    from splitserve.worker.model_runner import ModelRunner
+
+    runner = ModelRunner(WorkerConfig(model=str(whisper_path), kv_cache_memory=1 << 20))
+    assert runner.cross.num_slots == 256  # the default, until the scheduler says otherwise
+    scheduler = engine_config.engine_values(SchedulerConfig(max_num_seqs=300), "scheduler")
+    runner.describe(16, engine_config.to_proto(scheduler))
+    assert runner.config.max_num_seqs == 300
+    assert runner.cross.num_slots == runner.cross.num_free == 300
+    layer = runner.model.model.decoder.layers[0]
+    assert layer.cross_cache[0] is runner.cross.caches[0][0]  # the new slots are bound
+    runner.profile_forward()
