@@ -139,9 +139,7 @@ class WhisperPreprocessor:
         )
         return ProcessedPrompt(decoder_prompt, ids, [item])
 
-    def process(
-        self, prompt: str, items: list[tuple[np.ndarray, int]], add_special_tokens: bool = True
-    ) -> ProcessedPrompt:
+    def process(self, prompt: str, items: list[tuple[np.ndarray, int]]) -> ProcessedPrompt:
         """vLLM's in-process form: a decoder prompt and one (samples, rate) audio of at most
         one window; ValueError naming the problem."""
         if len(items) != 1:
