@@ -361,3 +361,27 @@ def test_disconnects_release_everything(whisper_server, client):
     wait_for(idle, 60, "the scheduler to release every block")
     got = transcribe(client, whisper_server, data)
     assert got.text == hf_text(whisper_server.model, decoded(data))
+
+
+def test_other_rates_channels_and_containers(whisper_server, client):
+    """A stereo 44.1 kHz FLAC is mixed down and resampled to 16 kHz (libsoxr) before the
+    features: the text is transformers' on those samples."""
+    from splitserve.tokenizer_svc import audio
+
+    mono = random_audio(12, 1.2, rate=44100)
+    stereo = np.stack([mono, 0.5 * mono], axis=1)
+    data = wav(stereo, 44100, "FLAC")
+    got = client.audio.transcriptions.create(
+        model=whisper_server.model,
+        file=("clip.flac", data, "audio/flac"),
+        extra_body={"max_completion_tokens": N},
+    )
+    assert got.text == hf_text(whisper_server.model, audio.load(data, SAMPLING_RATE, "file"))
+    assert got.usage.seconds == 2
+
+
+def test_a_body_past_the_limit_is_a_413(whisper_server):
+    big = wav(np.zeros(17 * 1024 * 1024 // 2, dtype=np.float32))  # 16-bit PCM: 17 MiB
+    r = post(whisper_server, big)
+    assert r.status_code == 413, r.text
+    assert httpx.get(whisper_server.url + "/health").status_code == 200
