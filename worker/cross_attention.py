@@ -131,6 +131,12 @@ class CrossAttentionSlots:
         model. ValueError naming the sizes when they cannot be allocated."""
         if not getattr(model, "is_encoder_decoder", False):
             return None
+        if getattr(config, "enable_lora", False):
+            # NOTE: refused, not ignored: the encoder-decoder step runs no adapter.
+            raise ValueError(
+                f"--enable-lora is not supported with {type(model).__name__} "
+                "(an encoder-decoder model)"
+            )
         num_slots = config.max_num_seqs
         if current is not None:
             if current.num_slots == num_slots:

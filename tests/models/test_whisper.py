@@ -117,6 +117,11 @@ def test_decoder_length_bounds_max_model_len(whisper_path):
         LLM(str(whisper_path), max_model_len=449)
 
 
+def test_lora_is_refused_not_ignored(whisper_path):
+    with pytest.raises(ValueError, match="--enable-lora is not supported with Whisper"):
+        LLM(str(whisper_path), enable_lora=True)
+
+
 def test_abort_frees_the_cross_attention_slot(whisper_path, clips):
     """An aborted request's slot comes back (the release reaches the worker even when no
     other step runs), and the freed slot serves the next request correctly."""
