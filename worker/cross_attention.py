@@ -131,11 +131,16 @@ class CrossAttentionSlots:
         model. ValueError naming the sizes when they cannot be allocated."""
         if not getattr(model, "is_encoder_decoder", False):
             return None
+        # NOTE: refused, not ignored: the encoder-decoder step runs no adapter, and its
+        # projections are plain linears that take no quant method.
         if getattr(config, "enable_lora", False):
-            # NOTE: refused, not ignored: the encoder-decoder step runs no adapter.
             raise ValueError(
                 f"--enable-lora is not supported with {type(model).__name__} "
                 "(an encoder-decoder model)"
+            )
+        if getattr(model, "quant_config", None) is not None:
+            raise ValueError(
+                f"quantized {type(model).__name__} checkpoints and --quantization are not supported"
             )
         num_slots = config.max_num_seqs
         if current is not None:

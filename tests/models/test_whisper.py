@@ -117,9 +117,11 @@ def test_decoder_length_bounds_max_model_len(whisper_path):
         LLM(str(whisper_path), max_model_len=449)
 
 
-def test_lora_is_refused_not_ignored(whisper_path):
+def test_lora_and_quantization_are_refused_not_ignored(whisper_path):
     with pytest.raises(ValueError, match="--enable-lora is not supported with Whisper"):
         LLM(str(whisper_path), enable_lora=True)
+    with pytest.raises(ValueError, match="--quantization are not supported"):
+        LLM(str(whisper_path), quantization="fp8")
 
 
 def test_abort_frees_the_cross_attention_slot(whisper_path, clips):
