@@ -13,7 +13,9 @@ and lists in `finished_request_ids` every request that leaves `running` while kn
 worker: finished, aborted, or preempted (preemption by recompute re-sends the request later,
 and its encoder runs again then). The runner forgets the finished ids of a step before it
 adds the step's new requests, so the worker's live set after each step's update is a subset
-of the scheduler's `running` when it planned that step: never more than `max_num_seqs`. A
+of the scheduler's `running` when it planned that step: never more than `max_num_seqs`. (With
+steps planned ahead of results, the worker still applies them in order, and a request that
+ended since is listed in the next step planned: the bound holds per step.) A
 request the worker cannot place (which would mean that invariant broke) fails alone, with an
 error naming the slots.
 """
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from splitserve.common import messages as msg
+from splitserve.worker.kv_cache import CPU_MEMORY_SHARE, _available_cpu_memory
 from splitserve.worker.multimodal import tensor_from_proto
 
 logger = logging.getLogger(__name__)
@@ -152,13 +155,21 @@ class CrossAttentionSlots:
             current.caches.clear()
         per_slot = 2 * model.num_decoder_layers * math.prod(model.cross_kv_shape)
         per_slot *= torch.empty((), dtype=dtype).element_size()
+        too_many = (
+            f"cannot allocate the cross-attention slots: {num_slots} (max_num_seqs) x "
+            f"{per_slot / 2**20:.1f} MiB"
+        )
+        free = _available_cpu_memory() if device.type == "cpu" else None
+        if free is not None and num_slots * per_slot > free * CPU_MEMORY_SHARE:
+            # NOTE: a CPU allocation this large may succeed lazily and be killed when touched.
+            raise ValueError(
+                f"{too_many} is more than {CPU_MEMORY_SHARE:.0%} of the "
+                f"{free / 2**30:.1f} GiB available; lower --max-num-seqs"
+            )
         try:
             slots = cls(model, num_slots, dtype, device)
         except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-            raise ValueError(
-                f"cannot allocate the cross-attention slots: {num_slots} (max_num_seqs) x "
-                f"{per_slot / 2**20:.1f} MiB; lower --max-num-seqs ({exc})"
-            ) from None
+            raise ValueError(f"{too_many}; lower --max-num-seqs ({exc})") from None
         model.bind_cross_caches(slots.caches)
         logger.info(
             "cross-attention: %d slots (max_num_seqs) of %.1f MiB", num_slots, per_slot / 2**20

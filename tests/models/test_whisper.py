@@ -173,3 +173,11 @@ def test_slots_follow_the_agreed_max_num_seqs_and_the_profile_runs(whisper_path)
     layer = runner.model.model.decoder.layers[0]
     assert layer.cross_cache[0] is runner.cross.caches[0][0]  # the new slots are bound
     runner.profile_forward()
+
+
+def test_slots_past_the_machine_are_refused_with_the_sizes(whisper_path):
+    """One slot is 2 layers x (K, V) x 1500 positions x 32 wide x 4 bytes = 750 KiB; ten
+    million of them cannot be held: a clear start-up error, not an allocation that is killed
+    when touched."""
+    with pytest.raises(ValueError, match=r"10000000 \(max_num_seqs\) x 0\.7 MiB.*--max-num-seqs"):
+        LLM(str(whisper_path), max_num_seqs=10_000_000)
