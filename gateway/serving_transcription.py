@@ -27,6 +27,7 @@ from starlette.responses import PlainTextResponse, Response
 from splitserve.gateway.errors import bad_request
 from splitserve.gateway.generation import Deadline, SequenceDelta, merge_deltas
 from splitserve.gateway.prepare import check_prompt_chars, prepare
+from splitserve.gateway.request_log import log_request
 from splitserve.gateway.sampling import build_sampling, resolve_max_tokens, sequence_specs
 from splitserve.gateway.serving_base import ServingBase
 from splitserve.gateway.streaming import sse
@@ -88,9 +89,11 @@ class TranscriptionService(ServingBase):
         ]
         request_id = self.new_id(task)
         specs = sequence_specs(request_id, prompts, max_tokens, sampling, 0)
-        for spec, p in zip(specs, prepared.prompts, strict=True):
+        for i, (spec, p) in enumerate(zip(specs, prepared.prompts, strict=True)):
             spec.mm_inputs = list(p.mm_inputs)
-        self.attach_lora(specs, form.model)
+            log_request(
+                self.config, f"{request_id}-{i}", p.text, spec.prompt_token_ids, sampling, None
+            )
         lens = [len(p) for p in prompts]
         view = _View(self, form, task, request_id, model, prepared, lens, deadline)
         if form.stream:
