@@ -64,7 +64,9 @@ from splitserve.gateway.serving_embeddings import (
     EmbeddingResponse,
     EmbeddingsService,
 )
+from splitserve.gateway.serving_transcription import TranscriptionService
 from splitserve.gateway.streaming import DirectBodyMiddleware, SSEResponse
+from splitserve.gateway.transcription_form import speech_request_body
 from splitserve.protos import tokenizer_pb2
 
 logger = logging.getLogger(__name__)
@@ -273,6 +275,7 @@ def _add_routes(
     chat = ChatService(config, clients, metrics, loras)
     base = ServingBase(config, clients, metrics, loras)
     embeddings = EmbeddingsService(config, clients, metrics, loras)
+    transcriptions = TranscriptionService(config, clients, metrics, loras)
     retry = config.retry_after_s
 
     @app.post("/v1/completions", responses={200: _generated(CompletionResponse), **_ERRORS})
@@ -293,6 +296,12 @@ def _add_routes(
     async def create_embedding(body: EmbeddingRequest, raw: Request) -> Response:
         observer = RequestObserver(metrics, body.model or base.served_names[0], "/v1/embeddings")
         return _observed(observer, await _guard(embeddings.create(body, raw), retry))
+
+    for path, task in (
+        ("/v1/audio/transcriptions", "transcribe"),
+        ("/v1/audio/translations", "translate"),
+    ):
+        _add_speech_route(app, path, task, transcriptions, base, metrics, retry)
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def show_models() -> ModelList:
@@ -391,6 +400,29 @@ async def _adapters(loras: LoRARegistry) -> list:
     except grpc.aio.AioRpcError as exc:
         logger.warning("listing the scheduler's LoRA adapters failed (%s): last seen ones", exc)
     return list(loras.adapters.values())
+
+
+def _add_speech_route(
+    app: FastAPI,
+    path: str,
+    task: str,
+    service: TranscriptionService,
+    base: ServingBase,
+    metrics: GatewayMetrics,
+    retry: int,
+) -> None:
+    """A multipart speech-to-text route (OpenAI's form fields; see transcription_form.py)."""
+
+    async def create_speech(raw: Request) -> Response:
+        observer = RequestObserver(metrics, base.served_names[0], path)
+        return _observed(observer, await _guard(service.create(raw, task), retry))
+
+    app.post(
+        path,
+        responses={200: _generated(dict), **_ERRORS},
+        name=f"create_{task}",
+        openapi_extra={"requestBody": speech_request_body()},
+    )(create_speech)
 
 
 def _add_lora_routes(app: FastAPI, base: ServingBase, loras: LoRARegistry) -> None:

@@ -125,6 +125,9 @@ def _refusal(
             return RequestError(
                 400, f"{constraint.label} took too long to compile: {details}", constraint.param
             )
+    if part == PART_PROMPT and request.HasField("transcription"):
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return bad_request(details, _transcription_param(details))
     if part == PART_PROMPT and request.HasField("chat"):
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             param = param_from_details(details)
@@ -133,6 +136,14 @@ def _refusal(
                 param = "chat_template" if has_template else "messages"
             return bad_request(details, param)
     return None
+
+
+def _transcription_param(details: str) -> str:
+    """The form field a refused transcription names: the audio unless the message says."""
+    for param in ("language", "response_format", "model"):
+        if param in details or (param == "response_format" and "timestamp" in details):
+            return param
+    return "prompt" if "<|startofprev|>" in details else "file"
 
 
 def prompt_list(items: list[Any], add_special_tokens: bool) -> tokenizer_pb2.PromptList:

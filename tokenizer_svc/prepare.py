@@ -35,6 +35,8 @@ class Prepared:
     text: str | None
     """The prompt text, None when only ids are known (see PreparedPrompt.text)."""
     mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
+    audio_start_seconds: float = 0.0
+    """Transcription prompts: where the prompt's audio chunk starts in the file."""
 
 
 def bad_words_token_ids(handle: TokenizerHandle, words: Iterable[str]) -> list[list[int]]:
@@ -79,7 +81,9 @@ def finish_prompts(
 
 
 def to_proto(p: Prepared) -> tokenizer_pb2.PreparedPrompt:
-    out = tokenizer_pb2.PreparedPrompt(token_ids=p.token_ids, mm_inputs=p.mm_inputs)
+    out = tokenizer_pb2.PreparedPrompt(
+        token_ids=p.token_ids, mm_inputs=p.mm_inputs, audio_start_seconds=p.audio_start_seconds
+    )
     if p.text is not None:
         out.text = p.text
     return out

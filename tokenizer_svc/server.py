@@ -57,6 +57,8 @@ from .prepare import (
 )
 from .stream import SequenceStream, StreamDelta
 from .tokenizer import TokenizerHandle, load_tokenizer
+from .transcription import prepare_transcription
+from .whisper_processor import WhisperPreprocessor, is_whisper_folder
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         """The model's processor, when the model takes images."""
         self._audio: AudioPreprocessor | None = None
         """The model's processor, when the model takes audio."""
+        self._whisper: WhisperPreprocessor | None = None
+        """The feature extractor and task tokens of a speech-to-text model (Whisper)."""
         self.grammars: GrammarCompiler | None = None
 
     def set_tokenizer(self, handle: TokenizerHandle) -> None:
@@ -94,6 +98,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         limits = parse_mm_limits(self._config.limit_mm_per_prompt)
         self._images = load_image_preprocessor(handle.path, limits, mm_cache_bytes(self._config))
         self._audio = load_audio_preprocessor(handle.path, limits)
+        if is_whisper_folder(handle.path):
+            self._whisper = WhisperPreprocessor(str(handle.path), handle.tokenizer)
         self._handle = handle
 
     def _ready(self) -> TokenizerHandle:
@@ -130,6 +136,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         """Prompts and bad words in the tokenizer pool, the constraint in the grammar pool,
         concurrently: a request waits for the slower of the two, not for their sum."""
         handle = self._ready()
+        if request.WhichOneof("input") == "transcription":
+            return await self._prepare_transcription(request, context)
         compile_task = (
             asyncio.ensure_future(self._compile(request.grammar))
             if request.HasField("grammar")
@@ -194,6 +202,29 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             if span is not None:
                 span.set_attribute("splitserve.num_tokens", sum(len(p.token_ids) for p in prompts))
         return prompts, bad
+
+    async def _prepare_transcription(self, request, context):
+        """The prompts of a speech-to-text request, one per chunk of its audio (no bad words
+        or constraint: the transcription endpoints take none)."""
+        try:
+            if self._whisper is None:
+                raise InvalidRequest("this model does not support transcription or translation")
+            limits = AudioLimits(max_seconds=self._config.max_audio_seconds)
+            with tracing.span("prepare_transcription") as span:
+                try:
+                    prompts, seconds = await self._offload(
+                        prepare_transcription, self._whisper, request.transcription, limits
+                    )
+                except ValueError as exc:
+                    raise InvalidRequest(str(exc)) from None
+                if span is not None:
+                    span.set_attribute("splitserve.audio_seconds", seconds)
+        except RequestError:
+            context.set_trailing_metadata(((PART_METADATA_KEY, PART_PROMPT),))
+            raise
+        response = tokenizer_pb2.PrepareResponse(audio_seconds=seconds)
+        response.prompts.extend(to_proto(p) for p in prompts)
+        return response
 
     async def _render_chat(self, request):
         """Render and tokenize chat messages (ChatInput); with images, process them too."""
@@ -295,6 +326,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             has_chat_template=info.has_chat_template,
             name=info.name,
             max_token_chars=info.max_token_chars,
+            supports_transcription=self._whisper is not None,
         )
 
     async def DetokenizeStream(self, request_iterator, context):

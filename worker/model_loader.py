@@ -343,7 +343,13 @@ def load_model(config: WorkerConfig) -> LoadedModel:
 
 
 def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
-    limit = int(getattr(hf_config.get_text_config(), "max_position_embeddings", 0) or 0)
+    text = hf_config.get_text_config()
+    # NOTE: an encoder-decoder (Whisper) names its decoder's learned positions
+    # max_target_positions: that bounds the decoder tokens a request may hold.
+    field = "max_position_embeddings"
+    if not getattr(text, field, None) and getattr(text, "max_target_positions", None):
+        field = "max_target_positions"
+    limit = int(getattr(text, field, 0) or 0)
     if config.max_model_len is None:
         if not limit:
             raise ValueError("the model config has no max_position_embeddings; set max_model_len")
@@ -351,7 +357,7 @@ def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
     if limit and config.max_model_len > limit:
         raise ValueError(
             f"--max-model-len {config.max_model_len} is longer than the model's context "
-            f"length (max_position_embeddings={limit} in its config.json); use at most {limit}"
+            f"length ({field}={limit} in its config.json); use at most {limit}"
         )
     return config.max_model_len
 

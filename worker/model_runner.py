@@ -21,6 +21,7 @@ import gc
 import logging
 import math
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from splitserve.worker.attention import (
     get_attention_backend,
 )
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.cross_attention import CrossAttentionSlots
 from splitserve.worker.cuda_graphs import DecodeGraphs, capture_sizes, measure_capture_memory
 from splitserve.worker.input_batch import InputBatch
 from splitserve.worker.lora import LoRAManager
@@ -95,6 +97,9 @@ class ModelRunner:
             else None
         )
         """Images and audio of the live requests (models that take them)."""
+        self.cross = CrossAttentionSlots.fit(None, self.model, self.config, self.dtype, self.device)
+        """Encoder-decoder models: the encoder outputs' cross-attention K/V per request (one
+        slot per max_num_seqs, held before describe() measures memory: cross_attention.py)."""
         # --runner: a pooling runner pools on the last rank instead of sampling.
         self.runner, self.pooler, self.runner_info = setup_runner(
             self.config, self.loaded, self.is_last
@@ -137,6 +142,9 @@ class ModelRunner:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self._agree_engine(engine)
+        self.cross = CrossAttentionSlots.fit(  # max_num_seqs may be the scheduler's now
+            self.cross, self.model, self.config, self.dtype, self.device
+        )
         if self.kv_cache is not None:
             available = self.kv_cache.nbytes
         elif self.device.type == "cuda":
@@ -228,6 +236,7 @@ class ModelRunner:
             block_ids=blocks,
             num_prompt_tokens=length,
             sampling_params=msg.SamplingParams(temperature=0),
+            mm_inputs=self.cross.warm_up_inputs(length) if self.cross is not None else [],
         )
         steps = [
             msg.StepRequest(
@@ -241,9 +250,7 @@ class ModelRunner:
             if not self.is_last and i == 1:
                 self.record_sampled(["__warmup__"], [0])
             self.execute(step, self._dummy_intermediate(length if i == 0 else 1))
-        self.batch.remove("__warmup__")
-        if self.pooler is not None:
-            self.pooler.remove("__warmup__")
+        self._forget("__warmup__")
 
     # ------------------------------------------------------------------ CUDA graphs
 
@@ -363,8 +370,9 @@ class ModelRunner:
             max_query_len=max(lens),
             max_seq_len=max(lens),
         )
+        cross = self.cross.profile(cu.tolist()) if self.cross is not None else nullcontext()
         # No cache exists yet, and the kernels read keys from it: profile with the torch path.
-        with forward_context(TorchAttentionBackend(), meta):
+        with forward_context(TorchAttentionBackend(), meta), cross:
             out = self.model(input_ids, positions, self._dummy_intermediate(num_tokens))
         if self.is_last:
             rows = min(self.config.max_num_seqs, num_tokens)
@@ -437,6 +445,10 @@ class ModelRunner:
     ) -> torch.Tensor | IntermediateTensors:
         """The model over the step: a graph replay for decode-only steps that fit one."""
         attn, graphs = plan.attn, self.graphs
+        if self.cross is not None:
+            rows = [self.batch.req_ids[r] for r in plan.rows.tolist()]
+            with forward_context(self.backend, attn), self.cross.run_step(rows, plan.counts):
+                return self.model(plan.input_ids, plan.positions, intermediate)
         embeds = self._image_embeddings(plan)
         if (
             embeds is None
@@ -557,6 +569,8 @@ class ModelRunner:
         message."""
         if self.mm is not None:
             return self.mm.add(req)
+        if self.cross is not None:
+            return self.cross.add(req)
         if req.mm_inputs and self.is_first:
             return f"this model does not take {req.mm_inputs[0].modality or 'multimodal'} inputs"
         return None
@@ -590,6 +604,8 @@ class ModelRunner:
         self._deferred.discard(request_id)
         if self.mm is not None:
             self.mm.remove(request_id)
+        if self.cross is not None:
+            self.cross.remove(request_id)
         if self.lora is not None:
             self.lora.remove_request(request_id)
         if self.structured is not None:

@@ -154,6 +154,13 @@ class LLM:
     @staticmethod
     def _audio_preprocessor(runner, tok_cfg):
         """The model folder's processor when the model takes audio, else None."""
+        if getattr(runner.model, "is_encoder_decoder", False):
+            from transformers import AutoTokenizer
+
+            from splitserve.tokenizer_svc.whisper_processor import WhisperPreprocessor
+
+            path = str(runner.loaded.path)
+            return WhisperPreprocessor(path, AutoTokenizer.from_pretrained(path))
         if not getattr(runner.model, "supports_audio", False):
             return None
         from splitserve.common.mm_limits import parse_mm_limits

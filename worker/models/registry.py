@@ -12,6 +12,7 @@ from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
 from splitserve.worker.models.qwen2_audio import Qwen2AudioForConditionalGeneration
 from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
 from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
+from splitserve.worker.models.whisper import WhisperForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -22,6 +23,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "Qwen2AudioForConditionalGeneration": Qwen2AudioForConditionalGeneration,
+    "WhisperForConditionalGeneration": WhisperForConditionalGeneration,
 }
 
 
