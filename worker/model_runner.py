@@ -46,6 +46,7 @@ from splitserve.worker.model_loader import load_model
 from splitserve.worker.multimodal import MultiModalInputs
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.pooler import setup_runner
+from splitserve.worker.request_states import RequestStates
 from splitserve.worker.sampler import Sampler, compute_logprobs
 from splitserve.worker.step_plan import GrammarMasks, StepPlan
 from splitserve.worker.structured_output import StructuredOutputs
@@ -72,6 +73,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.last_layout = 0
         """`step_layout` of the last step run (pipeline ranks compare it)."""
+        self.states = RequestStates(self)
+        """Adds and removes each request's state in every holder (`request_states`)."""
 
     def _init_model(self) -> None:
         loaded = load_model(self.config)
@@ -119,7 +122,7 @@ class ModelRunner:
             if self.is_last
             else None
         )
-        self._deferred: set[str] = set()
+        self.deferred_ids: set[str] = set()
         """Requests that did not sample at their sampling position (grammar compiling)."""
 
     def _load_tokenizer(self):
@@ -516,100 +519,10 @@ class ModelRunner:
                 batch.num_tokens[row] += 1
 
     def _update_states(self, step: msg.StepRequest, errors: dict[str, str]) -> None:
-        batch = self.batch
-        structured = self.structured
-        for rid in step.finished_request_ids:
-            self._forget(rid)
-        if self.lora is not None:
-            self.lora.evict(step.lora_evictions)
-        if self.mm is not None and step.encoder_evictions:
-            self.mm.evict(step.encoder_evictions)
-        for req in step.new_requests:
-            error = self._add_lora(req) or batch.add(req) or self._add_images(req)
-            if not error and structured is not None:
-                error = self._add_grammar(req)
-            if error:
-                errors[req.request_id] = error
-                self._forget(req.request_id)  # drops the adapter reference too
-        if self.lora is not None:
-            self.lora.place(step.lora_slots)
-        for cached in step.cached_requests:
-            row = batch.rows.get(cached.request_id)
-            if row is None:
-                continue  # reported if it is scheduled
-            error = batch.append_blocks(row, cached.new_block_ids) or self._append_tokens(
-                row, cached.new_token_ids
-            )
-            if error:
-                errors[cached.request_id] = error
-                self._forget(cached.request_id)
-                continue
-            computed = cached.num_computed_tokens
-            if cached.request_id in self._deferred:
-                # NOTE: a step planned before the scheduler saw the deferral counts the
-                # deferred position as computed; this rank computes it again.
-                computed = min(computed, int(batch.num_computed[row]))
-            batch.num_computed[row] = computed
-
-    def _append_tokens(self, row: int, token_ids) -> str:
-        """Take the tokens the last rank sampled (pipeline parallelism); the last rank
-        already appended them when it sampled. Returns an error, or "" when they fit."""
-        if self.is_last or not token_ids:
-            return ""
-        batch = self.batch
-        n, k = int(batch.num_tokens[row]), len(token_ids)
-        if n + k > batch.token_ids.shape[1]:
-            return f"{n + k} tokens exceed the context length {batch.token_ids.shape[1]}"
-        batch.token_ids[row, n : n + k] = token_ids
-        batch.num_tokens[row] = n + k
-        return ""
-
-    def _add_images(self, req: msg.NewRequest) -> str | None:
-        """Keep the request's images and audio (first rank: it embeds the tokens); an error
-        message."""
-        if self.mm is not None:
-            return self.mm.add(req)
-        if self.cross is not None:
-            return self.cross.add(req)
-        if req.mm_inputs and self.is_first:
-            return f"this model does not take {req.mm_inputs[0].modality or 'multimodal'} inputs"
-        return None
-
-    def _add_grammar(self, req: msg.NewRequest) -> str | None:
-        """Give a constrained request its matcher, replaying outputs kept across a preemption."""
-        if req.grammar is not None:
-            grammar = req.grammar
-        elif req.grammar_spec is not None:
-            grammar = req.grammar_spec  # a direct caller's constraint: compiled here
-        else:
-            self.structured.remove(req.request_id)  # a reused id must not keep an old matcher
-            return None
-        num_prompt = req.num_prompt_tokens if req.num_prompt_tokens > 0 else len(req.token_ids)
-        return self.structured.add(req.request_id, grammar, list(req.token_ids[num_prompt:]))
-
-    def _add_lora(self, req: msg.NewRequest) -> str | None:
-        """Load the request's adapter (if it names one); an error message, or None."""
-        if self.lora is not None:
-            self.lora.remove_request(req.request_id)  # a reused id must not keep an old adapter
-        if not req.lora_name:
-            return None
-        if self.lora is None:
-            return f"LoRA adapter {req.lora_name!r} asked for, but this worker runs without --enable-lora"
-        return self.lora.add_request(req.request_id, req.lora_name, req.lora_path, req.lora_int_id)
+        self.states.update(step, errors)
 
     def _forget(self, request_id: str) -> None:
-        self.batch.remove(request_id)
-        if self.pooler is not None:
-            self.pooler.remove(request_id)
-        self._deferred.discard(request_id)
-        if self.mm is not None:
-            self.mm.remove(request_id)
-        if self.cross is not None:
-            self.cross.remove(request_id)
-        if self.lora is not None:
-            self.lora.remove_request(request_id)
-        if self.structured is not None:
-            self.structured.remove(request_id)
+        self.states.forget(request_id)
 
     def _plan(self, step: msg.StepRequest, errors: dict[str, str]) -> StepPlan | None:
         batch = self.batch
@@ -743,7 +656,7 @@ class ModelRunner:
         if masks is not None and masks.deferred:
             rows, sample_logits = self._defer(result, rows, sample_logits, masks.deferred)
         if rows.size:
-            self._deferred.difference_update(batch.req_ids[r] for r in rows.tolist())
+            self.deferred_ids.difference_update(batch.req_ids[r] for r in rows.tolist())
             meta = batch.sampling_metadata(rows, self.eos_token_ids)
             if masks is not None and masks.future is not None:
                 bitmask, failed = masks.future.result()
@@ -784,7 +697,7 @@ class ModelRunner:
         out = rows[deferred]
         batch.num_computed[out] -= 1
         ids = [batch.req_ids[r] for r in out.tolist()]
-        self._deferred.update(ids)
+        self.deferred_ids.update(ids)
         result.deferred_request_ids.extend(ids)
         keep = np.setdiff1d(np.arange(rows.size), deferred)
         return rows[keep], logits[torch.from_numpy(keep).to(logits.device)]
