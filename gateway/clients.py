@@ -26,6 +26,20 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]
+SCHEDULER_CHANNEL_OPTIONS = [
+    *_CHANNEL_OPTIONS,
+    # NOTE: backpressure on the output stream. With gRPC's defaults (64 KiB per stream, grown
+    # by BDP probing) a gateway that falls behind the engine lets megabytes of OutputBatch
+    # messages pile up in its own receive buffers, and then handles them one step at a time:
+    # one write per token per stream. With a small fixed window the scheduler's write waits
+    # instead, its OutputStream collects the next steps' outputs into one message, and each
+    # stream gets its waiting tokens in one write (serving_base._sse_body). On the saturated
+    # 2-core stack benchmark this cut the gateway's CPU per token by about a quarter
+    # (bench/RESULTS.md, "Stack overhead"). A message larger than the window still flows: gRPC
+    # opens the window for a message the gateway is reading.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 16 * 1024),
+]
 SCHEDULER = "scheduler"
 HEARTBEATS_PER_TIMEOUT = 4
 """Heartbeats a scheduler stream sends per --rpc-timeout-s of silence: a few may be late or
@@ -68,7 +82,7 @@ class ServiceClients:
         """Open the channels and wait (retrying) until both services answer. Idempotent."""
         if self._scheduler_channel is None:
             self._scheduler_channel = grpc.aio.insecure_channel(
-                self.scheduler_address, options=_CHANNEL_OPTIONS
+                self.scheduler_address, options=SCHEDULER_CHANNEL_OPTIONS
             )
             # The tokenizer service is stateless between calls: with several replicas behind
             # one DNS name (docker compose --scale tokenizer=N) calls spread over all of them.

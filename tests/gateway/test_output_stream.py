@@ -77,3 +77,16 @@ def test_a_broken_stream_fails_its_requests_and_the_next_request_reopens(
     r = gateway.client().post(COMPL, json={"prompt": f"again {t}", "max_tokens": 5})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == SCRIPT[:5]
     wait_until(lambda: fakes.scheduler.streams_opened == opened + 1, what="a new stream")
+
+
+def test_the_scheduler_channel_pushes_back_on_a_slow_gateway():
+    """The output stream's backpressure (gateway/clients.py, SCHEDULER_CHANNEL_OPTIONS): a
+    small fixed HTTP/2 window, no BDP growth, on the scheduler channel only, so that a
+    gateway behind the engine gets fewer, merged OutputBatch messages (the throughput effect
+    is measured by bench/stack_overhead.py, not here)."""
+    from splitserve.gateway.clients import _CHANNEL_OPTIONS, SCHEDULER_CHANNEL_OPTIONS
+
+    options = dict(SCHEDULER_CHANNEL_OPTIONS)
+    assert options["grpc.http2.bdp_probe"] == 0
+    assert options["grpc.http2.lookahead_bytes"] <= 64 * 1024
+    assert "grpc.http2.bdp_probe" not in dict(_CHANNEL_OPTIONS)  # the tokenizer channel
