@@ -53,3 +53,23 @@ def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: full IEEE for fp32 tensors (Triton would silently use TF32,
     ~1e-3 relative error, which fp32 models do not expect); irrelevant for fp16/bf16."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_fp8_weight(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+) -> tuple[int, int]:
+    """The FP8 GEMMs' shared checks: x [..., K] float, weight float8_e4m3fn [N, K], scale
+    [ceil(N / bn), ceil(K / bk)]; returns (N, K)."""
+    check_float("x", x, x.dim())
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+        raise ValueError(f"weight must be float8_e4m3fn [N, K], got {weight.dtype} {weight.shape}")
+    n, k = weight.shape
+    bn, bk = block
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
+    if scale.shape != (cdiv(n, bn), cdiv(k, bk)):
+        raise ValueError(
+            f"scale must be [{cdiv(n, bn)}, {cdiv(k, bk)}] for weight {tuple(weight.shape)} "
+            f"and block {tuple(block)}, got {tuple(scale.shape)}"
+        )
+    return n, k

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import cdiv, check_float, check_same_device, dot_precision
+from ._checks import cdiv, check_fp8_weight, check_same_device, dot_precision
 
 
 @triton.jit
@@ -118,18 +118,8 @@ def fp8_w8a16_linear(
     Returns:
         [..., N] in x.dtype.
     """
-    check_float("x", x, x.dim())
-    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
-        raise ValueError(f"weight must be float8_e4m3fn [N, K], got {weight.dtype} {weight.shape}")
-    n, k = weight.shape
+    n, k = check_fp8_weight(x, weight, scale, block)
     bn, bk = block
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")
-    if scale.shape != (cdiv(n, bn), cdiv(k, bk)):
-        raise ValueError(
-            f"scale must be [{cdiv(n, bn)}, {cdiv(k, bk)}] for weight {tuple(weight.shape)} "
-            f"and block {tuple(block)}, got {tuple(scale.shape)}"
-        )
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, scale=scale, bias=bias)
