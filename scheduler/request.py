@@ -46,6 +46,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0
     """Leading blocks registered in the prefix cache."""
+    state_slot: int = -1
+    """Recurrent-state slot held while running (models with state-space layers); -1: none."""
     num_cached_tokens: int = -1
     """Prompt tokens served by the prefix cache on first schedule (-1 before)."""
     known_to_worker: bool = False

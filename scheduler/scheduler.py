@@ -103,6 +103,7 @@ class Scheduler:
         eos_token_ids: list[int],
         pipeline_parallel_size: int = 1,
         runner_info: common_pb2.RunnerInfo | None = None,
+        num_state_slots: int = 0,
     ) -> None:
         config.check_model_len(max_model_len)
         self.runner_info = runner_info or common_pb2.RunnerInfo(runner="generate")
@@ -113,7 +114,10 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, num_state_slots
+        )
+        """The cache coordinator: paged blocks, and state slots with recurrent layers."""
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         """Sorted by arrival (fcfs) or by (priority, arrival) (--scheduling-policy priority)."""
@@ -541,6 +545,7 @@ class Scheduler:
             num_computed_tokens=num_computed,
             num_prompt_tokens=req.num_prompt_tokens,
             mm_inputs=req.mm_inputs,
+            state_slot=req.state_slot,
         )
         if req.trace_context:
             m.trace_context = dict(req.trace_context)
@@ -669,7 +674,7 @@ class Scheduler:
             iteration_tokens_bounds=self.step_tokens.bounds,
             iteration_tokens_bucket_counts=self.step_tokens.cumulative(),
             iteration_tokens_sum=self.step_tokens.total,
-            enable_prefix_caching=self.config.enable_prefix_caching,
+            enable_prefix_caching=self.kv.enable_caching,
             max_loras=self.config.max_loras if self.config.enable_lora else 0,
             running_lora_adapters=sorted({r.lora_name for r in self.running if r.lora_name}),
             waiting_lora_adapters=sorted({r.lora_name for r in self.waiting if r.lora_name}),

@@ -29,6 +29,7 @@ from splitserve.common import engine_config
 from splitserve.common import messages as msg
 from splitserve.common.lora import check_lora_fields
 from splitserve.protos import common_pb2, worker_pb2
+from splitserve.worker import cache_spec
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
     AttentionMetadata,
@@ -45,6 +46,7 @@ from splitserve.worker.multimodal import MultiModalInputs
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.pooler import setup_runner
 from splitserve.worker.sampler import Sampler, compute_logprobs
+from splitserve.worker.state_cache import StateCache
 from splitserve.worker.step_plan import GrammarMasks, StepPlan
 from splitserve.worker.structured_output import StructuredOutputs
 
@@ -65,6 +67,8 @@ class ModelRunner:
         self._init_model()
         self._init_sampling()
         self.kv_cache: kv.KVCache | None = None
+        self.state_cache: StateCache | None = None
+        """Recurrent states (models with state-space layers), one per scheduler slot."""
         self.batch: InputBatch | None = None
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
@@ -137,8 +141,11 @@ class ModelRunner:
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self._agree_engine(engine)
+        specs = cache_spec.layer_cache_specs(self.model, block_size, self.dtype)
         if self.kv_cache is not None:
             available = self.kv_cache.nbytes
+            if self.state_cache is not None:
+                available += self.state_cache.nbytes
         elif self.device.type == "cuda":
             available = kv.available_kv_bytes(
                 self.config,
@@ -154,7 +161,7 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
-            bytes_per_block=kv.bytes_per_block(self.model, block_size, self.dtype),
+            bytes_per_block=cache_spec.bytes_per_block(specs),
             available_kv_bytes=available,
             model=self.config.model,
             sampling_defaults=self.loaded.sampling_defaults.to_proto(),
@@ -162,6 +169,7 @@ class ModelRunner:
             engine=engine_config.to_proto(
                 engine_config.engine_values(self.config, self.engine_label).all_fixed()
             ),
+            cache_specs=[s.to_proto() for s in specs],
         )
 
     def _agree_engine(self, engine: common_pb2.EngineConfig | None) -> None:
@@ -185,16 +193,31 @@ class ModelRunner:
         check_lora_fields(self.config)  # --max-cpu-loras against a max_loras taken just now
         self.max_model_len = self.config.max_model_len or limit
 
-    def initialize_cache(self, num_blocks: int, block_size: int) -> float:
-        """Allocate the KV cache and warm up with a dummy step; returns the seconds spent."""
+    def initialize_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0) -> float:
+        """Allocate the KV cache (and, for recurrent layers, `num_state_slots` states) and warm
+        up with a dummy step; returns the seconds spent."""
         start = time.perf_counter()
         self.graphs = None  # captured against the old cache
         if self.kv_cache is not None:
             self.kv_cache.unbind()
             self.kv_cache = None
+        if self.state_cache is not None:
+            self.state_cache.unbind()
+            self.state_cache = None
         self.kv_cache = kv.KVCache(
             self.model, num_blocks, block_size, self.dtype, self.device, self.backend.new_kv_cache
         )
+        has_state = bool(
+            cache_spec.bytes_per_state_slot(
+                cache_spec.layer_cache_specs(self.model, block_size, self.dtype)
+            )
+        )
+        if has_state:
+            if num_state_slots < 1:
+                raise ValueError(
+                    "this model has recurrent-state layers: num_state_slots must be positive"
+                )
+            self.state_cache = StateCache(self.model, num_state_slots, self.dtype, self.device)
         self.block_size = block_size
         self.batch = InputBatch(
             self.max_model_len,
@@ -204,6 +227,7 @@ class ModelRunner:
             self.device,
             initial_rows=min(self.config.max_num_seqs, 64),
             max_logprobs=min(self.config.max_logprobs, self.vocab_size),
+            num_state_slots=self.state_cache.num_slots if self.state_cache is not None else 0,
         )
         self._warm_up()
         self._capture_graphs()
@@ -228,6 +252,7 @@ class ModelRunner:
             block_ids=blocks,
             num_prompt_tokens=length,
             sampling_params=msg.SamplingParams(temperature=0),
+            state_slot=0 if self.state_cache is not None else -1,
         )
         steps = [
             msg.StepRequest(
@@ -661,6 +686,9 @@ class ModelRunner:
             max_query_len=int(q.max()),
             max_seq_len=int(ends.max()),
         )
+        if self.state_cache is not None:
+            attn.state_slots = torch.from_numpy(batch.state_slot[rows]).to(device)
+            attn.has_initial_state = torch.from_numpy(starts > 0).to(device)
         sampling = ends == batch.num_tokens[rows]
         indices = cu[sampling] - 1
         prompt_chunks, targets = self._prompt_logprob_positions(

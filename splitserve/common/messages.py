@@ -145,6 +145,8 @@ class NewRequest:
     lora_path: str = ""
     lora_int_id: int = 0
     mm_inputs: list[MultiModalInput] = field(default_factory=list)
+    state_slot: int = -1
+    """Recurrent-state slot (models with state-space layers); -1: none."""
 
 
 @dataclass(slots=True)

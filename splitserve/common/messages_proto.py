@@ -226,6 +226,8 @@ def _new_request_to_proto(m: worker_pb2.NewRequest, r: msg.NewRequest) -> None:
     m.lora_int_id = r.lora_int_id
     if r.mm_inputs:
         m.mm_inputs.extend(mm_input_to_proto(x) for x in r.mm_inputs)
+    if r.state_slot >= 0:
+        m.state_slot = r.state_slot
 
 
 def _new_request_from_proto(m: worker_pb2.NewRequest) -> msg.NewRequest:
@@ -245,6 +247,7 @@ def _new_request_from_proto(m: worker_pb2.NewRequest) -> msg.NewRequest:
         lora_path=m.lora_path,
         lora_int_id=m.lora_int_id,
         mm_inputs=[mm_input_from_proto(x) for x in m.mm_inputs],
+        state_slot=m.state_slot if m.HasField("state_slot") else -1,
     )
 
 

@@ -49,12 +49,20 @@ class FakeWorkerExecutor:
         bytes_per_block: int = 1,
         step_seconds: float = 0.0,
         pipeline_parallel_size: int = 1,
+        state_slot_bytes: int = 0,
     ) -> None:
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = list(eos_token_ids)
         self.bytes_per_block = bytes_per_block
+        self.state_slot_bytes = state_slot_bytes
+        """> 0: play a model with one attention layer and one recurrent-state layer whose
+        state takes this many bytes per request (the budget then also holds the slots)."""
+        self.num_state_slots = 0
+        self.slot_of: dict[str, int] = {}
+        """Recurrent models: the state slot of every live request."""
+        self.max_slots_in_use = 0
         self.step_seconds = step_seconds
         """Simulated compute time per step (service tests need steps that take a while)."""
         self.reqs: dict[str, _Req] = {}
@@ -94,13 +102,28 @@ class FakeWorkerExecutor:
                 bytes_per_block=self.bytes_per_block,
                 available_kv_bytes=self.num_blocks * self.bytes_per_block,
                 model="fake",
+                cache_specs=self._cache_specs(),
             )
             for rank in range(self.pipeline_parallel_size)
         ]
 
-    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
+    def _cache_specs(self) -> list[worker_pb2.LayerCacheSpec]:
+        if not self.state_slot_bytes:
+            return []
+        kind = worker_pb2.LayerCacheSpec.Kind
+        return [
+            worker_pb2.LayerCacheSpec(
+                layer_idx=0, kind=kind.KIND_FULL_ATTENTION, page_bytes=self.bytes_per_block
+            ),
+            worker_pb2.LayerCacheSpec(
+                layer_idx=1, kind=kind.KIND_RECURRENT_STATE, page_bytes=self.state_slot_bytes
+            ),
+        ]
+
+    def initialize_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.num_state_slots = num_state_slots
 
     def submit(self, step: msg.StepRequest) -> None:
         self.steps.append(step)
@@ -145,8 +168,17 @@ class FakeWorkerExecutor:
     def _execute(self, step: msg.StepRequest) -> msg.StepResult:
         for rid in step.finished_request_ids:
             self.reqs.pop(rid, None)
+            self.slot_of.pop(rid, None)
         for m in step.new_requests:
             assert m.request_id not in self.reqs, f"{m.request_id} sent as new twice"
+            if self.num_state_slots:
+                assert 0 <= m.state_slot < self.num_state_slots, (m.request_id, m.state_slot)
+                assert m.state_slot not in self.slot_of.values(), f"slot {m.state_slot} shared"
+                assert m.num_computed_tokens == 0, f"{m.request_id}: no state for a cache hit"
+                self.slot_of[m.request_id] = m.state_slot
+                self.max_slots_in_use = max(self.max_slots_in_use, len(self.slot_of))
+            else:
+                assert m.state_slot == -1, m.request_id
             self.reqs[m.request_id] = _Req(
                 list(m.token_ids), list(m.block_ids), m.num_computed_tokens
             )

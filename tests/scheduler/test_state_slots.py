@@ -1,0 +1,164 @@
+"""Recurrent-state slots in the cache coordinator: one per running request, never leaked,
+admission refused when none is free, prefix caching off for such models.
+
+The fake worker plays a model with one attention layer and one recurrent layer
+(`state_slot_bytes`); it asserts that every new request carries a slot in range that no other
+live request holds, and that no request resumes from a prefix-cache hit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from splitserve.common import messages as msg
+from splitserve.scheduler.config import SchedulerConfig
+from splitserve.scheduler.engine_core import EngineCore
+from splitserve.scheduler.request import Request
+from splitserve.scheduler.state_slots import StateSlotManager
+
+from .fake_worker import FakeWorkerExecutor
+from .utils import gen_request, prompts, run_to_completion
+
+
+def make_recurrent_engine(
+    num_blocks: int = 64, slot_bytes: int = 16, block_size: int = 4, **cfg
+) -> tuple[EngineCore, FakeWorkerExecutor]:
+    """A budget of `num_blocks` bytes; the state slots take at most half of it."""
+    ex = FakeWorkerExecutor(num_blocks, state_slot_bytes=slot_bytes)
+    return EngineCore(SchedulerConfig(block_size=block_size, **cfg), ex), ex
+
+
+def reference(ps, max_tokens=8):
+    out = {}
+    for i, p in enumerate(ps):
+        engine, _ = make_recurrent_engine(num_blocks=1024)
+        engine.scheduler.add_request(gen_request(f"r{i}", p, max_tokens))
+        out.update(run_to_completion(engine))
+    return out
+
+
+def _idle(engine: EngineCore) -> None:
+    kv = engine.scheduler.kv
+    assert kv.num_free_state_slots == kv.num_state_slots
+    assert kv.num_free_blocks == kv.pool.num_blocks
+
+
+def test_plan_splits_the_budget_and_admission_waits_for_a_slot():
+    engine, ex = make_recurrent_engine(num_blocks=64, slot_bytes=16)
+    kv = engine.scheduler.kv
+    # 64 bytes: half (32) to 16-byte slots, the rest to 1-byte blocks.
+    assert (kv.num_state_slots, kv.pool.num_blocks) == (2, 32)
+    assert ex.num_state_slots == 2
+    ps = prompts(6, lo=3, hi=12)
+    ref = reference(ps)
+    for i, p in enumerate(ps):
+        engine.scheduler.add_request(gen_request(f"r{i}", p, 8))
+    most_running = 0
+
+    def watch(e):
+        nonlocal most_running
+        most_running = max(most_running, len(e.scheduler.running))
+        assert len(e.scheduler.waiting) + len(e.scheduler.running) <= len(ps)
+
+    got = run_to_completion(engine, on_step=watch)
+    assert got == ref
+    assert most_running == 2  # the blocks would allow more: the slots refused them
+    assert ex.max_slots_in_use == 2
+    _idle(engine)
+
+
+def test_slots_survive_preemption_abort_and_errors():
+    # 40 bytes: 1 slot of 16 would leave 24 blocks; 2 slots of 10 leave 20 one-byte blocks of
+    # 4 tokens: two requests growing to 44 tokens cannot both fit, so one is preempted.
+    engine, ex = make_recurrent_engine(num_blocks=40, slot_bytes=10)
+    s = engine.scheduler
+    assert s.kv.num_state_slots == 2
+    ps = prompts(2, lo=30, hi=30, seed=3)
+    ref = reference(ps, max_tokens=14)
+    for i, p in enumerate(ps):
+        s.add_request(gen_request(f"r{i}", p, 14))
+    assert run_to_completion(engine) == ref
+    assert s.num_preemptions > 0
+    _idle(engine)
+
+    # Abort while waiting and while running.
+    for i, p in enumerate(prompts(3, seed=4)):
+        s.add_request(gen_request(f"a{i}", p, 50))
+    engine.step()
+    assert {r.request_id for r in s.running} == {"a0", "a1"}
+    assert s.kv.num_free_state_slots == 0
+    assert s.abort_request("a2") and s.abort_request("a0")
+    assert s.kv.num_free_state_slots == 1
+    s.abort_request("a1")
+    run_to_completion(engine)
+    _idle(engine)
+
+    # A per-request error from the worker finishes the request: its slot comes back.
+    s.add_request(gen_request("e0", [5, 6, 7], 50))
+    step = s.schedule()
+    assert step is not None and s.kv.num_free_state_slots == 1
+    outs = s.update_from_output(msg.StepResult(step_id=step.step_id, errors={"e0": "boom"}))
+    assert outs[0].error == "boom"
+    _idle(engine)
+
+
+def test_prefix_caching_is_off_for_recurrent_models(caplog):
+    with caplog.at_level("INFO", logger="splitserve.scheduler.kv_cache_manager"):
+        engine, _ = make_recurrent_engine(num_blocks=256, enable_prefix_caching=True)
+    assert sum("prefix caching is off" in r.getMessage() for r in caplog.records) == 1
+    s = engine.scheduler
+    prompt = list(range(10, 40))
+    outs = {}
+    for rid in ("x", "y"):
+        s.add_request(gen_request(rid, prompt, 4))
+        for o in run_to_completion(engine).items():
+            outs[o[0]] = o[1]
+    assert outs["x"] == outs["y"]
+    assert s.kv.prefix_hits == 0 and not s.stats().enable_prefix_caching
+    _idle(engine)
+
+
+def test_attention_only_models_keep_prefix_caching_and_take_no_slots():
+    ex = FakeWorkerExecutor(64)
+    engine = EngineCore(SchedulerConfig(block_size=4), ex)
+    s = engine.scheduler
+    assert s.kv.state is None and s.kv.enable_caching and ex.num_state_slots == 0
+    prompt = list(range(10, 40))
+    for rid in ("x", "y"):
+        s.add_request(gen_request(rid, prompt, 4))
+        run_to_completion(engine)
+    assert s.kv.prefix_hits > 0
+
+
+def test_state_slot_manager_refuses_double_take_and_foreign_free():
+    m = StateSlotManager(2)
+    a = Request("a", [1], msg.SamplingParams(), 1, frozenset(), frozenset(), 0, 0)
+    b = Request("b", [1], msg.SamplingParams(), 1, frozenset(), frozenset(), 0, 1)
+    m.allocate(a)
+    with pytest.raises(RuntimeError, match="already holds"):
+        m.allocate(a)
+    b.state_slot = a.state_slot
+    with pytest.raises(RuntimeError, match="does not hold"):
+        m.free(b)
+    m.free(a)
+    m.free(a)  # nothing held: nothing to do
+    assert m.num_free_slots == 2
+
+
+def test_no_room_for_a_slot_is_a_startup_error():
+    with pytest.raises(ValueError, match="recurrent-state slot"):
+        make_recurrent_engine(num_blocks=8, slot_bytes=100)
+
+
+def test_state_slots_with_torch_blocked():
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from splitserve.scheduler.kv_cache_manager import KVCacheManager\n"
+        "from splitserve.scheduler.cache_specs import plan_cache\n"
+        "assert KVCacheManager(4, 4, True, 2).state.num_slots == 2\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
