@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from . import reference as ref
-from . import torch_ops
+from . import torch_mamba, torch_ops
 from .torch_attention import TorchAttentionPlan, paged_attention_torch, write_kv_cache_torch
 from .torch_moe import fused_moe_torch
 
@@ -287,3 +287,36 @@ def fp8_linear(
     if _use_triton(x, backend):
         return _kernel_module("fp8_gemm").fp8_w8a16_linear(x, weight, scale, block, bias)
     return ref.fp8_linear_ref(x, weight, scale, block, bias)
+
+
+# ---------------------------------------------------------------------------- Mamba2 (SSD)
+# Shapes and semantics: `torch_mamba`. Prefill ops take Python lists (query_start_loc, slots,
+# has-initial flags) that the mixer builds once per step.
+
+
+def causal_conv1d_prefill(
+    x, weight, bias, conv_states, query_start_loc, state_slots, has_initial_state
+) -> torch.Tensor:
+    """Depthwise causal conv (SiLU) over packed sequences, conv states read and written."""
+    return torch_mamba.causal_conv1d_prefill(
+        x, weight, bias, conv_states, query_start_loc, state_slots, has_initial_state
+    )
+
+
+def causal_conv1d_update(x, weight, bias, conv_states, state_slots) -> torch.Tensor:
+    """One conv step (SiLU) per sequence, conv states updated at `state_slots`."""
+    return torch_mamba.causal_conv1d_update(x, weight, bias, conv_states, state_slots)
+
+
+def ssd_chunk_scan(
+    x, dt, A, B, C, D, chunk_size, ssm_states, query_start_loc, state_slots, has_initial_state
+) -> torch.Tensor:
+    """The chunked SSD scan over packed sequences, SSM states read and written."""
+    return torch_mamba.ssd_chunk_scan(
+        x, dt, A, B, C, D, chunk_size, ssm_states, query_start_loc, state_slots, has_initial_state
+    )
+
+
+def selective_state_update(ssm_states, x, dt, A, B, C, D, state_slots) -> torch.Tensor:
+    """One recurrent step per sequence, SSM states updated at `state_slots`."""
+    return torch_mamba.selective_state_update(ssm_states, x, dt, A, B, C, D, state_slots)

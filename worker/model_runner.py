@@ -447,7 +447,9 @@ class ModelRunner:
             return None
         req_ids = self.batch.req_ids
         rids = [req_ids[r] for r in plan.sample_rows.tolist()]
-        deferred = structured.compiling(rids)
+        # NOTE: a deferred position is computed again, which would advance a recurrent state
+        # twice: with recurrent layers the step waits for the compile instead (in `fill`).
+        deferred = structured.compiling(rids) if self.state_cache is None else []
         if deferred:
             skip = set(deferred)
             rids = [rid for i, rid in enumerate(rids) if i not in skip]

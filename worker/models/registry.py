@@ -7,6 +7,7 @@ from torch import nn
 from splitserve.common.pooling import BASE_MODEL_ARCHITECTURES
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
+from splitserve.worker.models.mamba2 import Mamba2ForCausalLM
 from splitserve.worker.models.mixtral import MixtralForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
 from splitserve.worker.models.qwen2_audio import Qwen2AudioForConditionalGeneration
@@ -16,6 +17,7 @@ from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "Mamba2ForCausalLM": Mamba2ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,

@@ -1,0 +1,130 @@
+"""Mamba2ForCausalLM in the in-process engine (real scheduler, real worker) against
+transformers' Mamba2 on the same tiny random weights (float32, CPU): greedy tokens identical,
+top-k logprobs within the parity rule. Prompts of 40-300 tokens run concurrently (states
+batched over slots), prefill chunks cut through them, a small block budget forces preemption
+(recompute), a small state budget limits the slots, and n = 2 runs two sequences per prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitserve import LLM, SamplingParams
+from splitserve.testing.mamba2_model import build_mamba2
+
+from .utils import check_logprobs_close, hf_greedy_logprobs, hf_model
+
+N_TOKENS = 16
+LENGTHS = [40, 300, 117, 64, 203]
+
+
+def _prompts(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 1000, (n,), generator=gen).tolist() for n in lengths]
+
+
+PROMPTS = _prompts(LENGTHS)
+
+
+@pytest.fixture(scope="module")
+def mamba2_path(model_factory, tmp_path_factory):
+    # The session's tokenizer (model_factory trained it for the llama checkpoint).
+    tokenizer_dir = model_factory("llama")
+    out = tmp_path_factory.mktemp("mamba2") / "tiny-mamba2"
+    # chunk_size 32: transformers' scan and ours both cut every prompt into several chunks.
+    return build_mamba2(out, tokenizer_dir=tokenizer_dir, num_layers=2, chunk_size=32)
+
+
+@pytest.fixture(scope="module")
+def hf_ref(mamba2_path):
+    return hf_greedy_logprobs(hf_model(mamba2_path), PROMPTS, N_TOKENS, 5)
+
+
+def _engine_logprobs(outs, index=0) -> list:
+    res = []
+    for o in outs:
+        c = o.outputs[index]
+        tops = [dict(zip(lp.top_token_ids, lp.top_logprobs, strict=True)) for lp in c.logprobs]
+        res.append((list(c.token_ids), tops))
+    return res
+
+
+def _greedy(**kw) -> SamplingParams:
+    return SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True, logprobs=5, **kw)
+
+
+def _check(hf_ref, got):
+    assert [t for t, _ in got] == [t for t, _ in hf_ref]
+    check_logprobs_close(hf_ref, got, "transformers", "splitserve")
+
+
+def _idle(llm):
+    kv = llm.engine.scheduler.kv
+    assert kv.num_free_state_slots == kv.num_state_slots > 0
+    assert kv.num_free_blocks == kv.pool.num_blocks
+
+
+@pytest.mark.parametrize(
+    "engine_kw",
+    [
+        {"max_num_batched_tokens": 2048},
+        # Prefill chunks of at most 48 tokens (with decodes of other requests in the same step):
+        # every prompt is cut, and the state is carried from chunk to chunk.
+        {"max_num_batched_tokens": 48},
+    ],
+    ids=["whole", "chunked"],
+)
+def test_concurrent_prompts_match_transformers(mamba2_path, hf_ref, engine_kw):
+    llm = LLM(str(mamba2_path), kv_cache_memory=1 << 20, max_model_len=512, **engine_kw)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy())
+        _check(hf_ref, _engine_logprobs(outs))
+        assert not llm.engine.scheduler.kv.enable_caching
+        _idle(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_preemption_and_few_slots_still_match(mamba2_path, hf_ref):
+    # Two state slots (about 21 KiB each): three of the five prompts wait for a slot. And 26
+    # blocks of 16 tokens cannot hold two long requests: the scheduler preempts and the worker
+    # recomputes the state from the prompt.
+    llm = LLM(
+        str(mamba2_path),
+        kv_cache_memory=45_000,
+        num_gpu_blocks_override=26,
+        max_model_len=512,
+        max_num_batched_tokens=64,
+    )
+    try:
+        assert llm.engine.scheduler.kv.num_state_slots == 2
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy())
+        _check(hf_ref, _engine_logprobs(outs))
+        assert llm.engine.scheduler.num_preemptions > 0
+        _idle(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_n2_both_sequences_match(mamba2_path, hf_ref):
+    llm = LLM(str(mamba2_path), kv_cache_memory=1 << 20, max_model_len=512)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], _greedy(n=2))
+        for index in (0, 1):
+            _check(hf_ref[:3], _engine_logprobs(outs, index))
+        _idle(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_prefix_cache_request_is_served_without_a_hit(mamba2_path, hf_ref):
+    """Prefix caching is off for a recurrent model: the same prompt twice is computed twice,
+    reports no cached tokens, and both match."""
+    llm = LLM(str(mamba2_path), kv_cache_memory=1 << 20, max_model_len=512)
+    try:
+        for _ in range(2):
+            out = llm.generate([{"prompt_token_ids": PROMPTS[1]}], _greedy())
+            assert out[0].num_cached_tokens == 0
+            _check(hf_ref[1:2], _engine_logprobs(out))
+    finally:
+        llm.shutdown()
