@@ -8,6 +8,14 @@ import shutil
 
 from splitserve.testing.demo_model import build_tokenizer
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+"""What `tokenizer_dir` gives the checkpoint (a model folder may hold other weights)."""
+
 
 def build_mamba2(
     out_dir: str | os.PathLike,
@@ -26,14 +34,17 @@ def build_mamba2(
     **config_kwargs,
 ) -> pathlib.Path:
     """Save the checkpoint (expand = num_heads * head_dim / hidden_size); `tokenizer_dir`
-    copies a trained tokenizer instead of training one. `config_kwargs` are further
+    (a tokenizer or model folder) gives its tokenizer files instead of training one. `config_kwargs` are further
     `Mamba2Config` fields (use_bias, time_step_limit, hidden_act, ...)."""
     import torch
     import transformers
 
     out = pathlib.Path(out_dir)
     if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, out, dirs_exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (pathlib.Path(tokenizer_dir) / name).exists():
+                shutil.copy(pathlib.Path(tokenizer_dir) / name, out / name)
     else:
         build_tokenizer(out, vocab_size=vocab_size)
     tok = transformers.AutoTokenizer.from_pretrained(out)
