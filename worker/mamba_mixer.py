@@ -86,48 +86,44 @@ class MambaStepPlan:
     """How one step's sequences split, shared by every mixer layer of the step."""
 
     num_decodes: int
-    """Leading one-token sequences: one recurrent step each."""
+    """Leading one-token sequences that continue from their slot: one recurrent step each
+    (none without a state cache)."""
     num_decode_tokens: int
     decode_slots: torch.Tensor | None
     """int64 [num_decodes]."""
     fresh_decode_slots: torch.Tensor | None
     """Slots of leading one-token sequences that start a prompt: zeroed before the step."""
-    prefill_qsl: list[int]
-    """Token offsets of the prefill sequences, from num_decode_tokens."""
-    prefill_slots: list[int] | None
-    prefill_has_initial: list[bool] | None
+    prefill_cu: torch.Tensor
+    """int32 offsets of the remaining sequences' tokens, counted from num_decode_tokens."""
+    prefill_slots: torch.Tensor | None
+    prefill_has_initial: torch.Tensor | None
 
 
 def step_plan(meta: AttentionMetadata) -> MambaStepPlan:
     plan = meta.extras.get("mamba_plan")
     if plan is not None:
         return plan
-    qsl = meta.query_start_loc.tolist()
-    lens = [b - a for a, b in zip(qsl, qsl[1:], strict=False)]
-    num_decodes = 0
-    while num_decodes < len(lens) and lens[num_decodes] == 1:
-        num_decodes += 1
+    qsl_t = meta.query_start_loc
+    qsl = qsl_t.tolist()
     cached = meta.state_slots is not None
+    num_decodes = 0
+    while cached and num_decodes < len(qsl) - 1 and qsl[num_decodes + 1] - qsl[num_decodes] == 1:
+        num_decodes += 1
     decode_slots = fresh = None
-    slots = has_init = None
-    if cached:
-        slots = meta.state_slots.tolist()
-        has_init = meta.has_initial_state.tolist()
-        if num_decodes:
-            decode_slots = meta.state_slots[:num_decodes]
-            new = [s for s, h in zip(slots[:num_decodes], has_init, strict=False) if not h]
-            if new:
-                fresh = torch.tensor(new, dtype=torch.int64, device=meta.state_slots.device)
-    if not cached:
-        num_decodes = 0  # nothing to continue from: every sequence goes through the scan
+    if num_decodes:
+        decode_slots = meta.state_slots[:num_decodes]
+        initial = meta.has_initial_state[:num_decodes]
+        if not bool(initial.all()):
+            fresh = decode_slots[~initial]
+    ndt = qsl[num_decodes]
     plan = MambaStepPlan(
         num_decodes,
-        qsl[num_decodes],
+        ndt,
         decode_slots,
         fresh,
-        qsl[num_decodes:],
-        slots[num_decodes:] if cached else None,
-        has_init[num_decodes:] if cached else None,
+        (qsl_t[num_decodes:] - ndt).to(torch.int32),
+        meta.state_slots[num_decodes:] if cached else None,
+        meta.has_initial_state[num_decodes:] if cached else None,
     )
     meta.extras["mamba_plan"] = plan
     return plan
@@ -214,13 +210,12 @@ class MambaMixer2(nn.Module):
                 ssm_states, x_d, dt[:ndt], A, B_d, C_d, self.D, plan.decode_slots
             )
         if ndt < hidden_states.shape[0]:
-            qsl = [q - ndt for q in plan.prefill_qsl]
             xbc_p = dispatch.causal_conv1d_prefill(
                 xbc[ndt:],
                 weight,
                 self.conv1d.bias,
                 cache[0] if cache is not None else None,
-                qsl,
+                plan.prefill_cu,
                 plan.prefill_slots,
                 plan.prefill_has_initial,
             )
@@ -234,7 +229,7 @@ class MambaMixer2(nn.Module):
                 self.D,
                 self.chunk_size,
                 cache[1] if cache is not None else None,
-                qsl,
+                plan.prefill_cu,
                 plan.prefill_slots,
                 plan.prefill_has_initial,
             )

@@ -128,3 +128,33 @@ def test_prefix_cache_request_is_served_without_a_hit(mamba2_path, hf_ref):
             _check(hf_ref[1:2], _engine_logprobs(out))
     finally:
         llm.shutdown()
+
+
+def test_triton_kernels_in_the_engine_match(mamba2_path, hf_ref, monkeypatch):
+    """The dispatcher's Triton side (conv, scan, state update; the interpreter on CPU) inside
+    the engine: chunked prefill, decodes and a fresh one-token prompt batched together."""
+    from splitserve.kernels import dispatch
+
+    calls: list[str] = []
+    real = dispatch._kernel_module
+
+    def kernel_module(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(dispatch, "_use_triton", lambda t, backend: True)
+    monkeypatch.setattr(dispatch, "_kernel_module", kernel_module)
+    llm = LLM(
+        str(mamba2_path), kv_cache_memory=1 << 20, max_model_len=512, max_num_batched_tokens=24
+    )
+    try:
+        prompts = [PROMPTS[0], PROMPTS[3], [PROMPTS[2][0]]]
+        ref = hf_greedy_logprobs(hf_model(mamba2_path), prompts, 6, 5)
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5),
+        )
+        _check(ref, _engine_logprobs(outs))
+    finally:
+        llm.shutdown()
+    assert {"causal_conv1d", "ssd_scan"} <= set(calls)
