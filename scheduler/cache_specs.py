@@ -58,10 +58,21 @@ class CachePlan:
     num_blocks: int
     num_state_slots: int
     """0 when no rank has recurrent layers."""
+    sliding_window: int | None = None
+    """Set when every attention layer slides (see `common_sliding_window`)."""
 
 
 def has_recurrent_layers(ranks: list[worker_pb2.DescribeResponse]) -> bool:
     return any(s.kind == Kind.KIND_RECURRENT_STATE for r in ranks for s in r.cache_specs)
+
+
+def common_sliding_window(ranks: list[worker_pb2.DescribeResponse]) -> int | None:
+    """The widest window when every attention layer of every rank slides; None when some
+    layer attends to everything (or no rank reports its specs)."""
+    specs = [s for r in ranks for s in r.cache_specs if s.kind in ATTENTION_KINDS]
+    if not specs or any(s.kind != Kind.KIND_SLIDING_WINDOW for s in specs):
+        return None
+    return max(s.sliding_window for s in specs)
 
 
 def plan_rank(
@@ -110,4 +121,6 @@ def plan_cache(
         plan_rank(RankCache.of(r), max_num_seqs, blocks_per_seq, block_override) for r in ranks
     ]
     slots = [p.num_state_slots for p in plans if p.num_state_slots]
-    return CachePlan(min(p.num_blocks for p in plans), min(slots) if slots else 0)
+    return CachePlan(
+        min(p.num_blocks for p in plans), min(slots) if slots else 0, common_sliding_window(ranks)
+    )

@@ -110,6 +110,8 @@ class EngineCore:
             raise ValueError(f"the pipeline ranks run different runners (--runner): {runners}")
         plan, self.max_model_len = plan_kv_cache(config, ranks)
         self.num_blocks, self.num_state_slots = plan.num_blocks, plan.num_state_slots
+        self.sliding_window = plan.sliding_window
+        """Every attention layer's window (blocks out of it are released early), or None."""
         last = ranks[-1]
         self.model_info = scheduler_pb2.ModelInfo(
             max_model_len=self.max_model_len,
@@ -141,6 +143,7 @@ class EngineCore:
             pipeline_parallel_size=self.pipeline_parallel_size,
             runner_info=last.runner_info if last.HasField("runner_info") else None,
             num_state_slots=self.num_state_slots,
+            sliding_window=self.sliding_window,
         )
         self.max_inflight = (
             self.pipeline_parallel_size

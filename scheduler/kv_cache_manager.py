@@ -1,7 +1,8 @@
 """The KV-cache coordinator: one manager per kind of layer cache, behind one interface.
 
-Attention layers (full and sliding-window) keep paged blocks with the prefix cache
-(`PagedBlockManager`); recurrent-state layers keep one slot per running request
+Attention layers keep paged blocks with the prefix cache (`PagedBlockManager`; when every
+attention layer slides, `SlidingWindowBlockManager`, which releases blocks that fall out of the
+window); recurrent-state layers keep one slot per running request
 (`StateSlotManager`). `allocate_slots` admits a request only when every kind has room, and
 `free` gives back what it holds of each kind (finish, abort, error and preemption all go
 through it).
@@ -17,6 +18,7 @@ import logging
 from .block_pool import BlockPool, KVBlock
 from .paged_blocks import PagedBlockManager
 from .request import Request
+from .sliding_window import SlidingWindowBlockManager
 from .state_slots import StateSlotManager
 
 logger = logging.getLogger(__name__)
@@ -29,14 +31,21 @@ class KVCacheManager:
         block_size: int,
         enable_caching: bool = True,
         num_state_slots: int = 0,
+        sliding_window: int | None = None,
     ) -> None:
+        """`sliding_window`: every attention layer slides over at most this many tokens, so
+        blocks out of the window are released early (None: some layer attends to all)."""
         if num_state_slots and enable_caching:
             logger.info(
                 "prefix caching is off: the model has recurrent-state layers, whose state "
                 "at a cached prefix is not kept"
             )
             enable_caching = False
-        self.blocks = PagedBlockManager(num_blocks, block_size, enable_caching)
+        self.blocks = (
+            PagedBlockManager(num_blocks, block_size, enable_caching)
+            if sliding_window is None
+            else SlidingWindowBlockManager(num_blocks, block_size, sliding_window, enable_caching)
+        )
         self.state = StateSlotManager(num_state_slots) if num_state_slots else None
         """None for models without recurrent layers."""
 

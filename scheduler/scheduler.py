@@ -104,6 +104,7 @@ class Scheduler:
         pipeline_parallel_size: int = 1,
         runner_info: common_pb2.RunnerInfo | None = None,
         num_state_slots: int = 0,
+        sliding_window: int | None = None,
     ) -> None:
         config.check_model_len(max_model_len)
         self.runner_info = runner_info or common_pb2.RunnerInfo(runner="generate")
@@ -115,7 +116,11 @@ class Scheduler:
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.kv = KVCacheManager(
-            num_blocks, config.block_size, config.enable_prefix_caching, num_state_slots
+            num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            num_state_slots,
+            sliding_window,
         )
         """The cache coordinator: paged blocks, and state slots with recurrent layers."""
         self.requests: dict[str, Request] = {}

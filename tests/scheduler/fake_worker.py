@@ -50,6 +50,7 @@ class FakeWorkerExecutor:
         step_seconds: float = 0.0,
         pipeline_parallel_size: int = 1,
         state_slot_bytes: int = 0,
+        sliding_window: int | None = None,
     ) -> None:
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size
@@ -59,6 +60,9 @@ class FakeWorkerExecutor:
         self.state_slot_bytes = state_slot_bytes
         """> 0: play a model with one attention layer and one recurrent-state layer whose
         state takes this many bytes per request (the budget then also holds the slots)."""
+        self.sliding_window = sliding_window
+        """Play a model whose one attention layer slides: a context is read back only over
+        the last `sliding_window` positions."""
         self.num_state_slots = 0
         self.slot_of: dict[str, int] = {}
         """Recurrent models: the state slot of every live request."""
@@ -108,9 +112,18 @@ class FakeWorkerExecutor:
         ]
 
     def _cache_specs(self) -> list[worker_pb2.LayerCacheSpec]:
+        kind = worker_pb2.LayerCacheSpec.Kind
+        if self.sliding_window:
+            return [
+                worker_pb2.LayerCacheSpec(
+                    layer_idx=0,
+                    kind=kind.KIND_SLIDING_WINDOW,
+                    sliding_window=self.sliding_window,
+                    page_bytes=self.bytes_per_block,
+                )
+            ]
         if not self.state_slot_bytes:
             return []
-        kind = worker_pb2.LayerCacheSpec.Kind
         return [
             worker_pb2.LayerCacheSpec(
                 layer_idx=0, kind=kind.KIND_FULL_ATTENTION, page_bytes=self.bytes_per_block
@@ -214,8 +227,9 @@ class FakeWorkerExecutor:
             r = self.reqs[rid]
             r.num_computed += n
             if r.num_computed == len(r.token_ids):
-                ctx = [self.cache.get(self._slot(r, p)) for p in range(r.num_computed)]
-                assert all(c is not None and c[1] == p for p, c in enumerate(ctx)), (
+                first = max(0, r.num_computed - self.sliding_window) if self.sliding_window else 0
+                ctx = [self.cache.get(self._slot(r, p)) for p in range(first, r.num_computed)]
+                assert all(c is not None and c[1] == p for p, c in enumerate(ctx, first)), (
                     f"{rid}: context read back wrong"
                 )
                 if self._defer_left.get(rid, 0) > 0:
