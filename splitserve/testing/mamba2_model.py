@@ -1,4 +1,5 @@
-"""A tiny random Mamba2 checkpoint (transformers `Mamba2ForCausalLM`) with the demo tokenizer."""
+"""Tiny random state-space checkpoints with the demo tokenizer: transformers' `Mamba2ForCausalLM`
+and the hybrid attention + Mamba2 `BambaForCausalLM`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,70 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 """What `tokenizer_dir` gives the checkpoint (a model folder may hold other weights)."""
+
+
+def _tokenizer(out: pathlib.Path, tokenizer_dir, vocab_size: int):
+    import transformers
+
+    if tokenizer_dir is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (pathlib.Path(tokenizer_dir) / name).exists():
+                shutil.copy(pathlib.Path(tokenizer_dir) / name, out / name)
+    else:
+        build_tokenizer(out, vocab_size=vocab_size)
+    return transformers.AutoTokenizer.from_pretrained(out)
+
+
+def build_bamba(
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    vocab_size: int = 1000,
+    hidden_size: int = 64,
+    num_layers: int = 3,
+    attn_layer_indices: tuple[int, ...] = (1,),
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    mamba_n_heads: int = 8,
+    mamba_d_head: int = 16,
+    mamba_d_state: int = 16,
+    mamba_n_groups: int = 2,
+    mamba_chunk_size: int = 32,
+    seed: int = 0,
+    **config_kwargs,
+) -> pathlib.Path:
+    """Save a hybrid checkpoint: Mamba2 mixers everywhere but `attn_layer_indices`."""
+    import torch
+    import transformers
+
+    out = pathlib.Path(out_dir)
+    tok = _tokenizer(out, tokenizer_dir, vocab_size)
+    cfg = transformers.BambaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        attn_layer_indices=list(attn_layer_indices),
+        mamba_n_heads=mamba_n_heads,
+        mamba_d_head=mamba_d_head,
+        mamba_d_state=mamba_d_state,
+        mamba_n_groups=mamba_n_groups,
+        mamba_chunk_size=mamba_chunk_size,
+        mamba_expand=mamba_n_heads * mamba_d_head // hidden_size,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        **config_kwargs,
+    )
+    torch.manual_seed(seed)
+    model = transformers.BambaForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    return out
 
 
 def build_mamba2(
@@ -40,14 +105,7 @@ def build_mamba2(
     import transformers
 
     out = pathlib.Path(out_dir)
-    if tokenizer_dir is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES:
-            if (pathlib.Path(tokenizer_dir) / name).exists():
-                shutil.copy(pathlib.Path(tokenizer_dir) / name, out / name)
-    else:
-        build_tokenizer(out, vocab_size=vocab_size)
-    tok = transformers.AutoTokenizer.from_pretrained(out)
+    tok = _tokenizer(out, tokenizer_dir, vocab_size)
     expand = num_heads * head_dim // hidden_size
     cfg = transformers.Mamba2Config(
         vocab_size=len(tok),

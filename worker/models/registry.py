@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from splitserve.common.pooling import BASE_MODEL_ARCHITECTURES
+from splitserve.worker.models.bamba import BambaForCausalLM
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mamba2 import Mamba2ForCausalLM
@@ -15,6 +16,7 @@ from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
 from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "BambaForCausalLM": BambaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Mamba2ForCausalLM": Mamba2ForCausalLM,
