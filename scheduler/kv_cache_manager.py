@@ -7,8 +7,10 @@ window); recurrent-state layers keep one slot per running request
 `free` gives back what it holds of each kind (finish, abort, error and preemption all go
 through it).
 
-Prefix caching needs the state at the end of a cached prefix, which recurrent layers do not
-keep per block: for such models it is turned off (one log line), never served wrong.
+With recurrent layers a prefix-cache hit also needs the state at the end of the cached prefix:
+`StateSlotManager` keeps snapshots of it at block boundaries, keyed by the same hash chain. A
+hit is cut back to the longest prefix that has a snapshot, and prompt chunks are cut to end on
+block boundaries (`align_chunk`) so snapshots get taken.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ class KVCacheManager:
         blocks out of the window are released early (None: some layer attends to all)."""
         if num_state_slots and enable_caching:
             logger.info(
-                "prefix caching is off: the model has recurrent-state layers, whose state "
-                "at a cached prefix is not kept"
+                "prefix caching with recurrent-state snapshots at block boundaries; prompt "
+                "chunks end on block boundaries"
             )
-            enable_caching = False
         self.blocks = (
             PagedBlockManager(num_blocks, block_size, enable_caching)
             if sliding_window is None
@@ -86,8 +87,50 @@ class KVCacheManager:
         return self.blocks.blocks_for(num_tokens)
 
     # ----------------------------------------------------------- per request
+    @property
+    def snapshots(self) -> bool:
+        """Recurrent layers with prefix caching: state snapshots at block boundaries."""
+        return self.state is not None and self.enable_caching
+
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
-        return self.blocks.get_computed_blocks(req)
+        """The cached prefix (see `PagedBlockManager`); with recurrent layers, cut back to
+        the longest one whose end state has a snapshot (`req.restore_state_slot`)."""
+        hits, num = self.blocks.get_computed_blocks(req)
+        if self.state is None:
+            return hits, num
+        req.restore_state_slot = -1
+        for k in range(len(hits), 0, -1):
+            slot = self.state.lookup(req.block_hashes[k - 1])
+            if slot is not None:
+                req.restore_state_slot = slot
+                return hits[:k], k * self.block_size
+        return [], 0
+
+    def align_chunk(self, req: Request, start: int, num_tokens: int) -> int:
+        """With snapshots: a prompt chunk [start, start + num_tokens) that crosses a block
+        boundary inside the prompt stops at the last one, so its end state is snapshotted."""
+        if not self.snapshots:
+            return num_tokens
+        bs = self.block_size
+        boundary = min(start + num_tokens, req.num_prompt_tokens) // bs * bs
+        return boundary - start if start < boundary < start + num_tokens else num_tokens
+
+    def take_snapshot(self, req: Request) -> int | None:
+        """After committing a chunk: a snapshot slot when the request's computed prompt tokens
+        end on a block boundary with no snapshot yet (the workers fill it after the step)."""
+        if not self.snapshots:
+            return None
+        c = req.num_computed_tokens
+        if c == 0 or c % self.block_size or c > req.num_prompt_tokens:
+            return None
+        k = c // self.block_size
+        if len(req.block_hashes) < k:
+            return None
+        return self.state.snapshot(req.block_hashes[k - 1])
+
+    def publish_snapshots(self) -> None:
+        if self.state is not None:
+            self.state.publish()
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         self.blocks.record_lookup(num_tokens, num_hit)

@@ -401,6 +401,7 @@ class Scheduler:
         preempted = False
         pipelined = self.pipeline_parallel_size > 1
         max_seqs = self._max_seqs_per_step()
+        self.kv.publish_snapshots()
 
         for req in list(self.running):
             if budget == 0 or len(scheduled) >= max_seqs:
@@ -412,6 +413,7 @@ class Scheduler:
             n = self._tokens_to_schedule(req, budget)
             if n == 0:
                 continue
+            n = self.kv.align_chunk(req, req.num_computed_tokens, n)
             while True:
                 new_blocks = self.kv.allocate_slots(req, n)
                 if new_blocks is not None:
@@ -425,6 +427,7 @@ class Scheduler:
                 continue
             num_computed = req.num_computed_tokens
             self._commit(req, n)
+            self._snapshot(step, req)
             if req.known_to_worker:
                 c = msg.CachedRequest(
                     req.request_id,
@@ -468,6 +471,8 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
             n = min(remaining, budget)
+            if self.config.enable_chunked_prefill:
+                n = self.kv.align_chunk(req, num_hit, n)
             if self.kv.allocate_slots(req, n, hits) is None:
                 break
             self.waiting.pop(idx)
@@ -481,6 +486,7 @@ class Scheduler:
                 req.num_cached_tokens = num_hit
             self._commit(req, n)
             self._add_new(step, req, num_hit)
+            self._snapshot(step, req)
             scheduled[req.request_id] = n
             budget -= n
 
@@ -539,6 +545,11 @@ class Scheduler:
             req.num_inflight += 1  # this step samples the request's next token
         self.kv.cache_blocks(req)
 
+    def _snapshot(self, step: msg.StepRequest, req: Request) -> None:
+        slot = self.kv.take_snapshot(req)
+        if slot is not None:
+            step.state_snapshots.append((req.request_id, slot))
+
     def _add_new(self, step: msg.StepRequest, req: Request, num_computed: int) -> None:
         # NOTE: the lists are the worker's own (the in-process worker may keep them), except
         # the request's fixed parts (sampling params, constraint, images), which nobody edits.
@@ -551,6 +562,7 @@ class Scheduler:
             num_prompt_tokens=req.num_prompt_tokens,
             mm_inputs=req.mm_inputs,
             state_slot=req.state_slot,
+            restore_state_slot=req.restore_state_slot if num_computed else -1,
         )
         if req.trace_context:
             m.trace_context = dict(req.trace_context)

@@ -1,12 +1,23 @@
-"""Recurrent-state slots: one per running request of a model with state-space layers.
+"""Recurrent-state slots: one per running request of a model with state-space layers, and
+prefix-cache snapshots of the state in the slots no request holds.
 
-A slot indexes every recurrent layer's state tensors on the workers (conv state and SSM state
-of that request). A request takes one when it is admitted and keeps it until it finishes, is
-aborted, fails or is preempted; it then goes back to the free list. Preemption recomputes, so
-a preempted request's state is simply dropped.
+A slot indexes every recurrent layer's state tensors on the workers (conv state and SSM state).
+A request takes one when it is admitted and keeps it until it finishes, is aborted, fails or is
+preempted; it then goes back to the free list. Preemption recomputes, so a preempted request's
+state is simply dropped.
+
+Snapshots (prefix caching): when a step's prompt chunk ends on a block boundary, the workers copy
+the request's state into a slot keyed by the hash of that block (the prefix cache's SHA-256
+chain, so the key covers every token before it). A later request whose prompt starts with the
+same blocks copies the snapshot into its own slot and computes from there. Snapshots live in
+slots nobody runs in and are evicted least recently used when a request needs a slot; a
+snapshot planned in a step becomes visible from the next planned step (the workers write it
+after the step, and steps run in order).
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from .request import Request
 
@@ -21,21 +32,39 @@ class StateSlotManager:
         # NOTE: a stack: the slot freed last is reused first (its state lines are warm).
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
         self._owner: dict[int, str] = {}
+        self._snapshots: OrderedDict[bytes, int] = OrderedDict()
+        """Block hash -> slot holding the state after that block; least recently used first."""
+        self._pending: list[tuple[bytes, int]] = []
+        """Snapshots planned in the step being built: neither visible nor evictable yet."""
+        self.num_snapshots_taken = 0
 
     @property
     def num_free_slots(self) -> int:
-        return len(self._free)
+        """Slots no request runs in (snapshots included: they give way on demand)."""
+        return self.num_slots - len(self._owner)
+
+    @property
+    def num_snapshots(self) -> int:
+        return len(self._snapshots) + len(self._pending)
 
     def can_allocate(self) -> bool:
-        return bool(self._free)
+        return bool(self._free) or bool(self._snapshots)
+
+    def _take(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        if self._snapshots:
+            return self._snapshots.popitem(last=False)[1]
+        return None
 
     def allocate(self, req: Request) -> int:
-        """Give `req` a slot; RuntimeError if it holds one already or none is free."""
+        """Give `req` a slot (evicting the oldest snapshot when none is free); RuntimeError if
+        it holds one already or every slot runs a request."""
         if req.state_slot >= 0:
             raise RuntimeError(f"{req.request_id} already holds state slot {req.state_slot}")
-        if not self._free:
+        slot = self._take()
+        if slot is None:
             raise RuntimeError("no free state slot")
-        slot = self._free.pop()
         self._owner[slot] = req.request_id
         req.state_slot = slot
         return slot
@@ -50,3 +79,29 @@ class StateSlotManager:
         del self._owner[slot]
         self._free.append(slot)
         req.state_slot = -1
+
+    # ------------------------------------------------------------------ snapshots
+    def lookup(self, block_hash: bytes) -> int | None:
+        """The slot of a visible snapshot after `block_hash` (now most recently used)."""
+        slot = self._snapshots.get(block_hash)
+        if slot is not None:
+            self._snapshots.move_to_end(block_hash)
+        return slot
+
+    def snapshot(self, block_hash: bytes) -> int | None:
+        """A slot for a new snapshot after `block_hash`, visible from the next step; None when
+        it exists already or no slot is free or held by an older snapshot."""
+        if block_hash in self._snapshots or any(h == block_hash for h, _ in self._pending):
+            return None
+        slot = self._take()
+        if slot is None:
+            return None
+        self._pending.append((block_hash, slot))
+        self.num_snapshots_taken += 1
+        return slot
+
+    def publish(self) -> None:
+        """Make the snapshots planned in earlier steps visible (a new step is being planned)."""
+        for block_hash, slot in self._pending:
+            self._snapshots[block_hash] = slot
+        self._pending.clear()

@@ -148,9 +148,12 @@ class InputBatch:
         if self.num_state_slots:
             if not 0 <= req.state_slot < self.num_state_slots:
                 return f"state_slot {req.state_slot} is outside [0, {self.num_state_slots})"
-            if req.num_computed_tokens:
-                # NOTE: a recurrent state exists only at the end of what this rank computed.
-                return "a model with recurrent layers cannot start from cached tokens"
+            if req.num_computed_tokens and not 0 <= req.restore_state_slot < self.num_state_slots:
+                # NOTE: a recurrent state exists only where it was computed or snapshotted.
+                return (
+                    "a model with recurrent layers starts from cached tokens only with a state "
+                    f"snapshot (restore_state_slot {req.restore_state_slot})"
+                )
         return self._check_sampling(req.sampling_params) or self._check_blocks(req.block_ids, 0)
 
     def _check_sampling(self, sp) -> str | None:

@@ -419,6 +419,8 @@ class ModelRunner:
             return msg.StepResult(step_id=step.step_id, errors=errors)
         masks = self._start_masks(plan)
         out = self._forward(plan, intermediate)
+        if step.state_snapshots and self.state_cache is not None:
+            self._take_snapshots(step.state_snapshots)
         batch.num_computed[plan.rows] = plan.ends
         if self.mm is not None and len(self.mm):
             self.mm.release_computed([batch.req_ids[r] for r in plan.rows.tolist()], plan.ends)
@@ -438,6 +440,15 @@ class ModelRunner:
             return msg.StepResult(step_id=step.step_id, errors=errors)
         logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
         return self._sample(step, plan, logits, errors, masks)
+
+    def _take_snapshots(self, snapshots: list[tuple[str, int]]) -> None:
+        """Copy the named requests' states (computed to a block boundary by this step) into
+        their snapshot slots."""
+        batch, num_slots = self.batch, self.state_cache.num_slots
+        for rid, slot in snapshots:
+            row = batch.rows.get(rid)
+            if row is not None and 0 <= slot < num_slots:
+                self.state_cache.copy(int(batch.state_slot[row]), slot)
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
         """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it
@@ -539,6 +550,9 @@ class ModelRunner:
             error = self._add_lora(req) or batch.add(req) or self._add_images(req)
             if not error and structured is not None:
                 error = self._add_grammar(req)
+            if not error and self.state_cache is not None and req.num_computed_tokens:
+                # A prefix-cache hit: start from the snapshot of the state at the hit's end.
+                self.state_cache.copy(req.restore_state_slot, req.state_slot)
             if error:
                 errors[req.request_id] = error
                 self._forget(req.request_id)  # drops the adapter reference too

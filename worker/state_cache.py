@@ -49,6 +49,14 @@ class StateCache:
         for layer in self.layers:
             layer.state_cache = None
 
+    def copy(self, src: int, dst: int) -> None:
+        """Copy slot `src`'s state of every layer into slot `dst` (snapshots, restores)."""
+        if src == dst:
+            return
+        for conv, ssm in self.caches:
+            conv[dst].copy_(conv[src])
+            ssm[dst].copy_(ssm[src])
+
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes + s.nbytes for c, s in self.caches)

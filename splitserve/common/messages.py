@@ -147,6 +147,8 @@ class NewRequest:
     mm_inputs: list[MultiModalInput] = field(default_factory=list)
     state_slot: int = -1
     """Recurrent-state slot (models with state-space layers); -1: none."""
+    restore_state_slot: int = -1
+    """A prefix-cache hit: the snapshot slot to copy into state_slot first; -1: none."""
 
 
 @dataclass(slots=True)
@@ -168,6 +170,8 @@ class StepRequest:
     cached_requests: list[CachedRequest] = field(default_factory=list)
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_request_ids: list[str] = field(default_factory=list)
+    state_snapshots: list[tuple[str, int]] = field(default_factory=list)
+    """(request id, snapshot slot): copy the request's recurrent state there after the step."""
 
 
 @dataclass(slots=True)

@@ -228,6 +228,8 @@ def _new_request_to_proto(m: worker_pb2.NewRequest, r: msg.NewRequest) -> None:
         m.mm_inputs.extend(mm_input_to_proto(x) for x in r.mm_inputs)
     if r.state_slot >= 0:
         m.state_slot = r.state_slot
+    if r.restore_state_slot >= 0:
+        m.restore_state_slot = r.restore_state_slot
 
 
 def _new_request_from_proto(m: worker_pb2.NewRequest) -> msg.NewRequest:
@@ -248,6 +250,7 @@ def _new_request_from_proto(m: worker_pb2.NewRequest) -> msg.NewRequest:
         lora_int_id=m.lora_int_id,
         mm_inputs=[mm_input_from_proto(x) for x in m.mm_inputs],
         state_slot=m.state_slot if m.HasField("state_slot") else -1,
+        restore_state_slot=m.restore_state_slot if m.HasField("restore_state_slot") else -1,
     )
 
 
@@ -260,6 +263,8 @@ def step_request_to_proto(step: msg.StepRequest) -> worker_pb2.StepRequest:
     )
     for r in step.new_requests:
         _new_request_to_proto(p.new_requests.add(), r)
+    for rid, slot in step.state_snapshots:
+        p.state_snapshots.add(request_id=rid, slot=slot)
     # NOTE: per running request per step, so the cheapest form: attribute sets, and the
     # (mostly empty) lists only when they hold something (4x faster than add(**fields)).
     add = p.cached_requests.add
@@ -296,6 +301,7 @@ def step_request_from_proto(p: worker_pb2.StepRequest) -> msg.StepRequest:
         cached_requests=cached,
         num_scheduled_tokens=dict(p.num_scheduled_tokens),
         finished_request_ids=list(p.finished_request_ids),
+        state_snapshots=[(s.request_id, s.slot) for s in p.state_snapshots],
     )
 
 

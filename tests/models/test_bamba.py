@@ -69,8 +69,25 @@ def test_hybrid_matches_transformers(bamba_path, hf_ref, engine_kw):
         s = llm.engine.scheduler
         if "num_gpu_blocks_override" in engine_kw:
             assert s.num_preemptions > 0
-        assert s.kv.num_state_slots > 0 and not s.kv.enable_caching
+        assert s.kv.num_state_slots > 0
         assert s.kv.num_free_state_slots == s.kv.num_state_slots
         assert s.kv.num_free_blocks == s.kv.pool.num_blocks
+    finally:
+        llm.shutdown()
+
+
+def test_hybrid_prefix_hit_restores_blocks_and_state(bamba_path, hf_ref):
+    """The same prompt twice: the second takes the attention blocks and the mixers' state
+    snapshot of the cached prefix together, and still matches."""
+    llm = LLM(str(bamba_path), kv_cache_memory=1 << 20, max_model_len=512, block_size=16)
+    try:
+        params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True, logprobs=5)
+        for expected_cached in (0, 112):  # 117 tokens: 7 blocks of 16
+            out = llm.generate([{"prompt_token_ids": PROMPTS[2]}], params)
+            c = out[0].outputs[0]
+            tops = [dict(zip(lp.top_token_ids, lp.top_logprobs, strict=True)) for lp in c.logprobs]
+            assert out[0].num_cached_tokens == expected_cached
+            assert list(c.token_ids) == hf_ref[2][0]
+            check_logprobs_close(hf_ref[2:3], [(list(c.token_ids), tops)], "transformers", "ours")
     finally:
         llm.shutdown()

@@ -2,7 +2,8 @@
 transformers' Mamba2 on the same tiny random weights (float32, CPU): greedy tokens identical,
 top-k logprobs within the parity rule. Prompts of 40-300 tokens run concurrently (states
 batched over slots), prefill chunks cut through them, a small block budget forces preemption
-(recompute), a small state budget limits the slots, and n = 2 runs two sequences per prompt."""
+(recompute), a small state budget limits the slots, n = 2 runs two sequences per prompt, and
+a prefix-cache hit starts from a state snapshot."""
 
 from __future__ import annotations
 
@@ -79,7 +80,6 @@ def test_concurrent_prompts_match_transformers(mamba2_path, hf_ref, engine_kw):
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy())
         _check(hf_ref, _engine_logprobs(outs))
-        assert not llm.engine.scheduler.kv.enable_caching
         _idle(llm)
     finally:
         llm.shutdown()
@@ -117,15 +117,25 @@ def test_n2_both_sequences_match(mamba2_path, hf_ref):
         llm.shutdown()
 
 
-def test_prefix_cache_request_is_served_without_a_hit(mamba2_path, hf_ref):
-    """Prefix caching is off for a recurrent model: the same prompt twice is computed twice,
-    reports no cached tokens, and both match."""
-    llm = LLM(str(mamba2_path), kv_cache_memory=1 << 20, max_model_len=512)
+def test_prefix_cache_hit_restores_the_state_snapshot(mamba2_path, hf_ref):
+    """The same prompt twice: the second starts from the state snapshot at the prompt's last
+    block boundary, reports those tokens as cached, and still matches; so does a longer
+    prompt that extends the first one's prompt and output (a second turn)."""
+    llm = LLM(str(mamba2_path), kv_cache_memory=1 << 20, max_model_len=512, block_size=16)
     try:
+        assert llm.engine.scheduler.kv.enable_caching
+        cached = []
         for _ in range(2):
             out = llm.generate([{"prompt_token_ids": PROMPTS[1]}], _greedy())
-            assert out[0].num_cached_tokens == 0
+            cached.append(out[0].num_cached_tokens)
             _check(hf_ref[1:2], _engine_logprobs(out))
+        assert cached == [0, 288]  # 300 tokens: 18 blocks of 16
+        turn2 = PROMPTS[1] + list(out[0].outputs[0].token_ids) + [5, 6, 7]
+        ref2 = hf_greedy_logprobs(hf_model(mamba2_path), [turn2], N_TOKENS, 5)
+        out2 = llm.generate([{"prompt_token_ids": turn2}], _greedy())
+        assert out2[0].num_cached_tokens == 288
+        _check(ref2, _engine_logprobs(out2))
+        assert llm.engine.scheduler.kv.state.num_snapshots_taken >= 2
     finally:
         llm.shutdown()
 

@@ -67,6 +67,11 @@ class FakeWorkerExecutor:
         self.slot_of: dict[str, int] = {}
         """Recurrent models: the state slot of every live request."""
         self.max_slots_in_use = 0
+        self.states: dict[int, list[int]] = {}
+        """Recurrent models: each slot's simulated state, the tokens folded into it so far
+        (restores and snapshots copy it; a request's state must always equal its computed
+        tokens)."""
+        self.num_restores = 0
         self.step_seconds = step_seconds
         """Simulated compute time per step (service tests need steps that take a while)."""
         self.reqs: dict[str, _Req] = {}
@@ -187,7 +192,15 @@ class FakeWorkerExecutor:
             if self.num_state_slots:
                 assert 0 <= m.state_slot < self.num_state_slots, (m.request_id, m.state_slot)
                 assert m.state_slot not in self.slot_of.values(), f"slot {m.state_slot} shared"
-                assert m.num_computed_tokens == 0, f"{m.request_id}: no state for a cache hit"
+                if m.num_computed_tokens:
+                    src = self.states.get(m.restore_state_slot)
+                    assert src == list(m.token_ids[: m.num_computed_tokens]), (
+                        f"{m.request_id}: snapshot {m.restore_state_slot} holds the wrong state"
+                    )
+                    self.states[m.state_slot] = list(src)
+                    self.num_restores += 1
+                else:
+                    self.states[m.state_slot] = []
                 self.slot_of[m.request_id] = m.state_slot
                 self.max_slots_in_use = max(self.max_slots_in_use, len(self.slot_of))
             else:
@@ -222,6 +235,11 @@ class FakeWorkerExecutor:
             assert r.num_computed + n <= len(r.token_ids), (rid, r.num_computed, n)
             for pos in range(r.num_computed, r.num_computed + n):
                 self.cache[self._slot(r, pos)] = (r.token_ids[pos], pos)
+        if self.num_state_slots:
+            for rid, n in step.num_scheduled_tokens.items():
+                r, state = self.reqs[rid], self.states[self.slot_of[rid]]
+                assert state == r.token_ids[: r.num_computed], f"{rid}: state out of step"
+                state.extend(r.token_ids[r.num_computed : r.num_computed + n])
         # ... then read contexts back and sample.
         for rid, n in step.num_scheduled_tokens.items():
             r = self.reqs[rid]
@@ -249,4 +267,8 @@ class FakeWorkerExecutor:
                 ends = self.grammar_ends_after.get(rid)
                 if ends is not None and len(r.token_ids) - r.num_prompt == ends:
                     out.grammar_terminated_ids.append(rid)
+        for rid, slot in step.state_snapshots:
+            assert self.num_state_slots and 0 <= slot < self.num_state_slots, slot
+            assert slot not in self.slot_of.values(), f"snapshot into running slot {slot}"
+            self.states[slot] = list(self.states[self.slot_of[rid]])
         return out

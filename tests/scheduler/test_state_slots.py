@@ -65,7 +65,7 @@ def test_plan_splits_the_budget_and_admission_waits_for_a_slot():
     got = run_to_completion(engine, on_step=watch)
     assert got == ref
     assert most_running == 2  # the blocks would allow more: the slots refused them
-    assert ex.max_slots_in_use == 2
+    assert ex.max_slots_in_use == 2  # only possible with the snapshot evicted
     _idle(engine)
 
 
@@ -104,20 +104,66 @@ def test_slots_survive_preemption_abort_and_errors():
     _idle(engine)
 
 
-def test_prefix_caching_is_off_for_recurrent_models(caplog):
+def test_prefix_hits_restore_state_snapshots(caplog):
+    """A prompt chunk ends on the prompt's last block boundary and its state is snapshotted;
+    the same prompt later starts from the snapshot (the fake worker checks the restored state
+    holds exactly the cached tokens), reports the cached tokens and samples the same."""
     with caplog.at_level("INFO", logger="splitserve.scheduler.kv_cache_manager"):
-        engine, _ = make_recurrent_engine(num_blocks=256, enable_prefix_caching=True)
-    assert sum("prefix caching is off" in r.getMessage() for r in caplog.records) == 1
+        engine, ex = make_recurrent_engine(num_blocks=256, enable_prefix_caching=True)
+    assert sum("snapshots at block boundaries" in r.getMessage() for r in caplog.records) == 1
     s = engine.scheduler
-    prompt = list(range(10, 40))
-    outs = {}
+    prompt = list(range(10, 40))  # 30 tokens: 7 full blocks of 4
+    outs, cached = {}, {}
     for rid in ("x", "y"):
         s.add_request(gen_request(rid, prompt, 4))
-        for o in run_to_completion(engine).items():
-            outs[o[0]] = o[1]
+        for _ in range(100):
+            if not engine.has_work:
+                break
+            for o in engine.step():
+                outs.setdefault(rid, []).extend(o.token_ids)
+                cached[rid] = o.num_cached_tokens
     assert outs["x"] == outs["y"]
-    assert s.kv.prefix_hits == 0 and not s.stats().enable_prefix_caching
+    assert cached == {"x": 0, "y": 28}
+    assert ex.num_restores == 1 and s.kv.state.num_snapshots_taken == 1
+    assert s.stats().enable_prefix_caching
+    # Multi-turn: the first turn's prompt and output, then more: a hit on the snapshot at 28.
+    longer = prompt + outs["x"] + [7, 8, 9]
+    s.add_request(gen_request("z", longer, 4))
+    got = run_to_completion(engine)
+    ref_engine, _ = make_recurrent_engine(num_blocks=256, enable_prefix_caching=False)
+    ref_engine.scheduler.add_request(gen_request("z", longer, 4))
+    assert got == run_to_completion(ref_engine)
+    assert ex.num_restores == 2
     _idle(engine)
+
+
+def test_snapshots_give_way_to_running_requests():
+    """Two slots: a snapshot taken while one request runs sits in the other; two requests
+    running together then take both slots (the snapshot is evicted)."""
+    engine, ex = make_recurrent_engine(num_blocks=64, slot_bytes=16, enable_prefix_caching=True)
+    s = engine.scheduler
+    assert s.kv.num_state_slots == 2
+    ps = prompts(3, lo=9, hi=20, seed=5)
+    ref = reference(ps)
+    s.add_request(gen_request("r0", ps[0], 8))
+    got = run_to_completion(engine)
+    assert s.kv.state.num_snapshots == 1
+    for i in (1, 2):
+        s.add_request(gen_request(f"r{i}", ps[i], 8))
+    got.update(run_to_completion(engine))
+    assert got == ref
+    assert ex.max_slots_in_use == 2  # only possible with the snapshot evicted
+    _idle(engine)
+
+
+def test_no_snapshots_without_prefix_caching():
+    engine, ex = make_recurrent_engine(num_blocks=256, enable_prefix_caching=False)
+    s = engine.scheduler
+    for rid in ("x", "y"):
+        s.add_request(gen_request(rid, list(range(10, 40)), 4))
+        run_to_completion(engine)
+    assert s.kv.state.num_snapshots_taken == 0 and ex.num_restores == 0
+    assert not s.stats().enable_prefix_caching
 
 
 def test_attention_only_models_keep_prefix_caching_and_take_no_slots():
@@ -162,3 +208,21 @@ def test_state_slots_with_torch_blocked():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_recomputed_block_replaces_a_free_duplicate_as_lookup_target():
+    """A hit cut back (no state snapshot there) computes its blocks again: the new block must
+    become the cache entry, or evicting the free old one would lose the prefix."""
+    from splitserve.scheduler.block_pool import BlockPool
+
+    pool = BlockPool(3)
+    (old,) = pool.allocate(1)
+    pool.cache_block(old, b"h")
+    pool.release([old])
+    (new,) = pool.allocate(1)
+    assert new is not old
+    pool.cache_block(new, b"h")
+    assert pool.lookup(b"h") is new
+    pool.release([new])
+    taken = pool.allocate(2)  # evicts the two oldest free blocks: `old` among them
+    assert old in taken and pool.lookup(b"h") is new

@@ -1,6 +1,6 @@
 """The worker side of the cache seam for a Mamba2 checkpoint: Describe reports one recurrent
 spec per layer whose bytes match the state tensors it allocates; requests must carry a slot in
-range and cannot start from cached tokens; a state written in one step is read by the next."""
+range and start from cached tokens only with a snapshot to restore; a state written in one step is read by the next."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _new(rid, tokens, slot, computed=0):
     )
 
 
-def test_requests_without_a_valid_slot_or_with_cached_tokens_fail(runner):
+def test_requests_without_a_valid_slot_or_snapshot_fail(runner):
     runner.initialize_cache(8, 16, 3)
     step = msg.StepRequest(
         step_id=1,
@@ -67,7 +67,7 @@ def test_requests_without_a_valid_slot_or_with_cached_tokens_fail(runner):
     result = runner.execute(step)
     assert "state_slot -1 is outside [0, 3)" in result.errors["noslot"]
     assert "state_slot 3 is outside [0, 3)" in result.errors["far"]
-    assert "cannot start from cached tokens" in result.errors["hit"]
+    assert "only with a state snapshot (restore_state_slot -1)" in result.errors["hit"]
 
 
 def test_chunks_read_the_state_the_previous_chunk_wrote(runner):
