@@ -46,7 +46,7 @@ from splitserve.worker.multimodal import MultiModalInputs
 from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.pooler import setup_runner
 from splitserve.worker.sampler import Sampler, compute_logprobs
-from splitserve.worker.state_cache import StateCache
+from splitserve.worker.state_cache import StateCache, new_state_cache
 from splitserve.worker.step_plan import GrammarMasks, StepPlan
 from splitserve.worker.structured_output import StructuredOutputs
 
@@ -143,9 +143,7 @@ class ModelRunner:
         self._agree_engine(engine)
         specs = cache_spec.layer_cache_specs(self.model, block_size, self.dtype)
         if self.kv_cache is not None:
-            available = self.kv_cache.nbytes
-            if self.state_cache is not None:
-                available += self.state_cache.nbytes
+            available = self.kv_cache.nbytes + getattr(self.state_cache, "nbytes", 0)
         elif self.device.type == "cuda":
             available = kv.available_kv_bytes(
                 self.config,
@@ -194,30 +192,16 @@ class ModelRunner:
         self.max_model_len = self.config.max_model_len or limit
 
     def initialize_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0) -> float:
-        """Allocate the KV cache (and, for recurrent layers, `num_state_slots` states) and warm
-        up with a dummy step; returns the seconds spent."""
+        """Allocate the KV cache and recurrent states, warm up with a dummy step; seconds spent."""
         start = time.perf_counter()
         self.graphs = None  # captured against the old cache
-        if self.kv_cache is not None:
-            self.kv_cache.unbind()
-            self.kv_cache = None
-        if self.state_cache is not None:
-            self.state_cache.unbind()
-            self.state_cache = None
+        for cache in (self.kv_cache, self.state_cache):
+            if cache is not None:
+                cache.unbind()
         self.kv_cache = kv.KVCache(
             self.model, num_blocks, block_size, self.dtype, self.device, self.backend.new_kv_cache
         )
-        has_state = bool(
-            cache_spec.bytes_per_state_slot(
-                cache_spec.layer_cache_specs(self.model, block_size, self.dtype)
-            )
-        )
-        if has_state:
-            if num_state_slots < 1:
-                raise ValueError(
-                    "this model has recurrent-state layers: num_state_slots must be positive"
-                )
-            self.state_cache = StateCache(self.model, num_state_slots, self.dtype, self.device)
+        self.state_cache = new_state_cache(self.model, num_state_slots, self.dtype, self.device)
         self.block_size = block_size
         self.batch = InputBatch(
             self.max_model_len,
@@ -420,7 +404,7 @@ class ModelRunner:
         masks = self._start_masks(plan)
         out = self._forward(plan, intermediate)
         if step.state_snapshots and self.state_cache is not None:
-            self._take_snapshots(step.state_snapshots)
+            self.state_cache.take_snapshots(step.state_snapshots, batch.rows, batch.state_slot)
         batch.num_computed[plan.rows] = plan.ends
         if self.mm is not None and len(self.mm):
             self.mm.release_computed([batch.req_ids[r] for r in plan.rows.tolist()], plan.ends)
@@ -440,15 +424,6 @@ class ModelRunner:
             return msg.StepResult(step_id=step.step_id, errors=errors)
         logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
         return self._sample(step, plan, logits, errors, masks)
-
-    def _take_snapshots(self, snapshots: list[tuple[str, int]]) -> None:
-        """Copy the named requests' states (computed to a block boundary by this step) into
-        their snapshot slots."""
-        batch, num_slots = self.batch, self.state_cache.num_slots
-        for rid, slot in snapshots:
-            row = batch.rows.get(rid)
-            if row is not None and 0 <= slot < num_slots:
-                self.state_cache.copy(int(batch.state_slot[row]), slot)
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
         """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it

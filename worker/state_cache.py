@@ -8,6 +8,7 @@ forward context (`AttentionMetadata.state_slots`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,18 @@ def recurrent_layers(model: nn.Module) -> list[nn.Module]:
         for m in cache_layers(model)
         if isinstance(m.cache_spec(1, torch.float32), RecurrentStateSpec)
     ]
+
+
+def new_state_cache(
+    model: nn.Module, num_slots: int, dtype: torch.dtype, device: torch.device
+) -> StateCache | None:
+    """The model's state cache; None without recurrent layers. ValueError when it has some
+    and the scheduler gave no slots."""
+    if not recurrent_layers(model):
+        return None
+    if num_slots < 1:
+        raise ValueError("this model has recurrent-state layers: num_state_slots must be positive")
+    return StateCache(model, num_slots, dtype, device)
 
 
 class StateCache:
@@ -56,6 +69,16 @@ class StateCache:
         for conv, ssm in self.caches:
             conv[dst].copy_(conv[src])
             ssm[dst].copy_(ssm[src])
+
+    def take_snapshots(
+        self, snapshots: list[tuple[str, int]], rows: dict[str, int], slots: np.ndarray
+    ) -> None:
+        """Copy each named request's state (`slots[rows[request id]]`, computed to a block
+        boundary by the step just run) into its snapshot slot."""
+        for rid, slot in snapshots:
+            row = rows.get(rid)
+            if row is not None and 0 <= slot < self.num_slots:
+                self.copy(int(slots[row]), slot)
 
     @property
     def nbytes(self) -> int:
