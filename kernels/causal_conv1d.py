@@ -131,26 +131,36 @@ def _conv_update_kernel(
     stride_state_d,
     # meta
     K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < dim
+    ks = tl.arange(0, BLOCK_K)
+    kmask = ks < K - 1
+    m2 = cmask[:, None] & kmask[None, :]
     slot = tl.load(slot_ptr + seq).to(tl.int64)
     state_row = state_ptr + slot * stride_state_slot + cols * stride_state_d
     x = tl.load(x_ptr + seq * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # Taps 0..K-2 read the state, tap K-1 the new input.
+    state = tl.load(state_row[:, None] + ks[None, :], mask=m2, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=m2, other=0.0)
+    acc = tl.sum(state * w.to(tl.float32), axis=1)
+    acc += x * tl.load(w_ptr + cols * stride_w + (K - 1), mask=cmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    # Taps 0..K-2 read the state, tap K-1 the new input; then the state shifts by one.
-    for k in tl.static_range(K - 1):
-        v = tl.load(state_row + k, mask=cmask, other=0.0).to(tl.float32)
-        acc += v * tl.load(w_ptr + cols * stride_w + k, mask=cmask, other=0.0).to(tl.float32)
-        if k > 0:
-            tl.store(state_row + (k - 1), v.to(state_ptr.dtype.element_ty), mask=cmask)
-    acc += x * tl.load(w_ptr + cols * stride_w + (K - 1), mask=cmask, other=0.0).to(tl.float32)
-    tl.store(state_row + (K - 2), x.to(state_ptr.dtype.element_ty), mask=cmask)
+    # The state shifts by one and takes the new input last; every read happens before the
+    # writes.
+    later = tl.load(
+        state_row[:, None] + (ks + 1)[None, :],
+        mask=cmask[:, None] & (ks + 1 < K - 1)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    shifted = tl.where((ks == K - 2)[None, :], x[:, None], later)
+    tl.debug_barrier()
+    tl.store(state_row[:, None] + ks[None, :], shifted.to(state_ptr.dtype.element_ty), mask=m2)
     acc = acc / (1.0 + tl.exp(-acc))
     tl.store(out_ptr + seq * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
@@ -250,6 +260,7 @@ def causal_conv1d_update(
         conv_states.stride(0),
         conv_states.stride(1),
         K=weight.shape[1],
+        BLOCK_K=max(2, next_power_of_2(weight.shape[1] - 1)),
         HAS_BIAS=bias is not None,
         BLOCK_D=block_d,
     )

@@ -33,7 +33,7 @@ def _packed(lengths, num_slots, seed_init=True):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
-@pytest.mark.parametrize("width", [4, 2])
+@pytest.mark.parametrize("width", [4, 3, 2])
 def test_conv1d_prefill_matches_reference(dtype, lengths, width):
     dim, num_slots = 40, 8
     cu, slots, has_init = _packed(lengths, num_slots)
@@ -64,8 +64,9 @@ def test_conv1d_prefill_matches_reference(dtype, lengths, width):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_conv1d_update_matches_reference(dtype):
-    dim, width, num_slots = 72, 4, 6
+@pytest.mark.parametrize("width", [4, 3, 2])
+def test_conv1d_update_matches_reference(dtype, width):
+    dim, num_slots = 72, 6
     slots = torch.tensor([4, 0, 3], dtype=torch.int64)
     x = torch.randn(3, dim, dtype=dtype)
     w, bias = torch.randn(dim, width, dtype=dtype), torch.randn(dim, dtype=dtype)
