@@ -168,3 +168,43 @@ def test_triton_kernels_in_the_engine_match(mamba2_path, hf_ref, monkeypatch):
     finally:
         llm.shutdown()
     assert {"causal_conv1d", "ssd_scan"} <= set(calls)
+
+
+def test_a_compiling_grammar_never_recomputes_a_position(mamba2_path):
+    """An attention model defers a row whose grammar is still compiling and computes its last
+    position again; that would fold the position into a recurrent state twice. A Mamba2 step
+    waits for the compile instead: with the grammar reported as compiling at the first two
+    sampling positions, tokens and logprobs equal those of a run with it compiled already."""
+    from splitserve import StructuredOutputsParams
+
+    llm = LLM(str(mamba2_path), kv_cache_memory=1 << 20, max_model_len=512)
+    try:
+        params = SamplingParams(
+            max_tokens=10,
+            temperature=0,
+            logprobs=5,
+            structured_outputs=StructuredOutputsParams(
+                backend="xgrammar", regex="[a-z]+( [a-z]+)*"
+            ),
+        )
+        prompt = {"prompt_token_ids": PROMPTS[0]}
+        (compiled,) = llm.generate([prompt], params)
+        runner = llm.engine.executor.runner
+        real, calls = runner.structured.compiling, []
+
+        def compiling(rids):
+            calls.append(rids)
+            return list(range(len(rids))) if len(calls) <= 2 else real(rids)
+
+        runner.structured.compiling = compiling
+        (again,) = llm.generate([prompt], params)
+        a, b = compiled.outputs[0], again.outputs[0]
+        assert a.token_ids == b.token_ids and len(a.token_ids) > 1
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.top_token_ids == y.top_token_ids
+            torch.testing.assert_close(
+                torch.tensor(x.top_logprobs), torch.tensor(y.top_logprobs), atol=1e-5, rtol=0
+            )
+        assert not runner._deferred
+    finally:
+        llm.shutdown()
