@@ -49,6 +49,9 @@ class KVCacheManager:
         )
         self.state = StateSlotManager(num_state_slots) if num_state_slots else None
         """None for models without recurrent layers."""
+        self.num_snapshot_hits = 0
+        """Admission lookups that found a state snapshot (a request may look up again when
+        it could not be admitted at once)."""
 
     # ----------------------------------------------------------- the paged blocks' facts
     @property
@@ -103,6 +106,7 @@ class KVCacheManager:
             slot = self.state.lookup(req.block_hashes[k - 1])
             if slot is not None:
                 req.restore_state_slot = slot
+                self.num_snapshot_hits += 1
                 return hits[:k], k * self.block_size
         return [], 0
 
@@ -127,6 +131,17 @@ class KVCacheManager:
         if len(req.block_hashes) < k:
             return None
         return self.state.snapshot(req.block_hashes[k - 1])
+
+    def snapshot_coming(self, req: Request, num_hit: int) -> bool:
+        """Whether a snapshot planned in this step would give `req` a longer cached prefix
+        than `num_hit` (n > 1 sequences of one prompt, or the same prompt sent twice at
+        once): it is visible from the next step, so waiting one step copies the prompt's
+        state instead of computing it again."""
+        if not self.snapshots or not self.state.has_pending:
+            return False
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hashes = req.block_hashes[num_hit // self.block_size : max_blocks]
+        return any(self.state.is_pending(h) for h in hashes)
 
     def publish_snapshots(self) -> None:
         if self.state is not None:

@@ -467,6 +467,9 @@ class Scheduler:
                 hits, num_hit = [], 0
             else:
                 hits, num_hit = self.kv.get_computed_blocks(req)
+                if self.kv.snapshot_coming(req, num_hit):
+                    idx += 1  # a request of this step snapshots a longer prefix: wait a step
+                    continue
             remaining = req.num_tokens - num_hit
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break

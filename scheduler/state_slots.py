@@ -100,6 +100,14 @@ class StateSlotManager:
         self.num_snapshots_taken += 1
         return slot
 
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def is_pending(self, block_hash: bytes) -> bool:
+        """Whether a snapshot after `block_hash` is planned in the step being built."""
+        return any(h == block_hash for h, _ in self._pending)
+
     def publish(self) -> None:
         """Make the snapshots planned in earlier steps visible (a new step is being planned)."""
         for block_hash, slot in self._pending:

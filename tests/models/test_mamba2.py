@@ -112,6 +112,8 @@ def test_n2_both_sequences_match(mamba2_path, hf_ref):
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], _greedy(n=2))
         for index in (0, 1):
             _check(hf_ref[:3], _engine_logprobs(outs, index))
+        # The second sequence of each prompt copied the first's state snapshot.
+        assert llm.engine.scheduler.kv.num_snapshot_hits == 3
         _idle(llm)
     finally:
         llm.shutdown()

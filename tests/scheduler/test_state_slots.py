@@ -137,6 +137,26 @@ def test_prefix_hits_restore_state_snapshots(caplog):
     _idle(engine)
 
 
+def test_the_same_prompt_twice_at_once_copies_the_state():
+    """Two requests with one prompt arrive together (n = 2): the second waits one step for
+    the first's snapshot and starts from it instead of computing the prompt again."""
+    engine, ex = make_recurrent_engine(num_blocks=256, enable_prefix_caching=True)
+    s = engine.scheduler
+    prompt = list(range(10, 40))
+    for rid in ("a", "b"):
+        s.add_request(gen_request(rid, prompt, 5))
+    cached = {}
+    outs = {}
+    while engine.has_work:
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.token_ids)
+            cached[o.request_id] = o.num_cached_tokens
+    assert outs["a"] == outs["b"] and len(outs["a"]) == 5
+    assert cached == {"a": 0, "b": 28}
+    assert ex.num_restores == 1
+    _idle(engine)
+
+
 def test_snapshots_give_way_to_running_requests():
     """Two slots: a snapshot taken while one request runs sits in the other; two requests
     running together then take both slots (the snapshot is evicted)."""
