@@ -114,7 +114,11 @@ def test_dataclass_fields_are_the_proto_fields(dc, proto):
 def test_every_nested_message_has_a_dataclass():
     """A message field added to any of them (a new nested message) needs its dataclass too."""
     known = {p.DESCRIPTOR.full_name for _, p in PAIRS}
-    flattened = {"splitserve.common.v1.TokenIdSequence", "splitserve.worker.v1.PromptLogprobs"}
+    flattened = {
+        "splitserve.common.v1.TokenIdSequence",
+        "splitserve.worker.v1.PromptLogprobs",
+        "splitserve.worker.v1.StateSnapshot",  # (request id, slot) tuples
+    }
     for _, proto in PAIRS:
         for fd in proto.DESCRIPTOR.fields:
             mt = fd.message_type
