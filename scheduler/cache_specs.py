@@ -9,12 +9,9 @@ scheduler then takes the smallest answer over the ranks.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from splitserve.protos import worker_pb2
-
-logger = logging.getLogger(__name__)
 
 Kind = worker_pb2.LayerCacheSpec.Kind
 ATTENTION_KINDS = frozenset({Kind.KIND_FULL_ATTENTION, Kind.KIND_SLIDING_WINDOW})
@@ -60,10 +57,6 @@ class CachePlan:
     """0 when no rank has recurrent layers."""
     sliding_window: int | None = None
     """Set when every attention layer slides (see `common_sliding_window`)."""
-
-
-def has_recurrent_layers(ranks: list[worker_pb2.DescribeResponse]) -> bool:
-    return any(s.kind == Kind.KIND_RECURRENT_STATE for r in ranks for s in r.cache_specs)
 
 
 def common_sliding_window(ranks: list[worker_pb2.DescribeResponse]) -> int | None:

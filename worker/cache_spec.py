@@ -103,7 +103,3 @@ def layer_cache_specs(model: nn.Module, block_size: int, dtype: torch.dtype) -> 
 
 def bytes_per_block(specs: list[CacheSpec]) -> int:
     return sum(s.page_bytes for s in specs if isinstance(s, AttentionSpec))
-
-
-def bytes_per_state_slot(specs: list[CacheSpec]) -> int:
-    return sum(s.page_bytes for s in specs if isinstance(s, RecurrentStateSpec))

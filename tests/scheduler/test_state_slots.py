@@ -1,9 +1,10 @@
 """Recurrent-state slots in the cache coordinator: one per running request, never leaked,
-admission refused when none is free, prefix caching off for such models.
+admission refused when none is free; prefix-cache hits restore state snapshots.
 
 The fake worker plays a model with one attention layer and one recurrent layer
 (`state_slot_bytes`); it asserts that every new request carries a slot in range that no other
-live request holds, and that no request resumes from a prefix-cache hit."""
+live request holds, and simulates each slot's state (the tokens folded into it): a restored
+snapshot must hold exactly the cached tokens, and a request's state its computed ones."""
 
 from __future__ import annotations
 

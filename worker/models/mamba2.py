@@ -3,8 +3,8 @@
 Checkpoints name the stack `backbone.*` (`embeddings`, `layers.N.{norm,mixer}`, `norm_f`);
 `checkpoint_renames` maps them onto the usual `model.*` layout, so the loader's layer
 ownership, tying and pipeline slicing work as for the decoders. Every layer keeps a recurrent
-state (`MambaMixer2.cache_spec`), so the scheduler gives each running request a state slot and
-runs without prefix caching.
+state (`MambaMixer2.cache_spec`), so the scheduler gives each running request a state slot, and
+its prefix cache keeps state snapshots at block boundaries.
 """
 
 from __future__ import annotations
