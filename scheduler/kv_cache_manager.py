@@ -119,9 +119,10 @@ class KVCacheManager:
         boundary = min(start + num_tokens, req.num_prompt_tokens) // bs * bs
         return boundary - start if start < boundary < start + num_tokens else num_tokens
 
-    def take_snapshot(self, req: Request) -> int | None:
+    def take_snapshot(self, req: Request, reserve: int = 0) -> int | None:
         """After committing a chunk: a snapshot slot when the request's computed prompt tokens
-        end on a block boundary with no snapshot yet (the workers fill it after the step)."""
+        end on a block boundary with no snapshot yet (the workers fill it after the step),
+        leaving at least `reserve` slots for waiting requests."""
         if not self.snapshots:
             return None
         c = req.num_computed_tokens
@@ -130,22 +131,28 @@ class KVCacheManager:
         k = c // self.block_size
         if len(req.block_hashes) < k:
             return None
-        return self.state.snapshot(req.block_hashes[k - 1])
+        return self.state.snapshot(req.block_hashes[k - 1], req.request_id, reserve)
 
     def snapshot_coming(self, req: Request, num_hit: int) -> bool:
-        """Whether a snapshot planned in this step would give `req` a longer cached prefix
+        """Whether a snapshot not yet published would give `req` a longer cached prefix
         than `num_hit` (n > 1 sequences of one prompt, or the same prompt sent twice at
-        once): it is visible from the next step, so waiting one step copies the prompt's
-        state instead of computing it again."""
+        once): it is visible once its step's result is back, so waiting that long copies the
+        prompt's state instead of computing it again."""
         if not self.snapshots or not self.state.has_pending:
             return False
         max_blocks = (req.num_tokens - 1) // self.block_size
         hashes = req.block_hashes[num_hit // self.block_size : max_blocks]
         return any(self.state.is_pending(h) for h in hashes)
 
-    def publish_snapshots(self) -> None:
+    def seal_snapshots(self, step_id: int) -> None:
         if self.state is not None:
-            self.state.publish()
+            self.state.seal(step_id)
+
+    def publish_snapshots(self, step_id: int, failed: set[str]) -> None:
+        """A step's result is back: its snapshots become visible (those of failed requests
+        are dropped)."""
+        if self.state is not None:
+            self.state.publish(step_id, failed)
 
     def record_lookup(self, num_tokens: int, num_hit: int) -> None:
         self.blocks.record_lookup(num_tokens, num_hit)

@@ -401,7 +401,6 @@ class Scheduler:
         preempted = False
         pipelined = self.pipeline_parallel_size > 1
         max_seqs = self._max_seqs_per_step()
-        self.kv.publish_snapshots()
 
         for req in list(self.running):
             if budget == 0 or len(scheduled) >= max_seqs:
@@ -500,6 +499,7 @@ class Scheduler:
             self._finished_for_workers = []
         step.num_scheduled_tokens = scheduled
         step.step_id = next(self._step_ids)
+        self.kv.seal_snapshots(step.step_id)
         self.num_steps += 1
         self.step_tokens.observe(sum(scheduled.values()))
         return step
@@ -549,7 +549,8 @@ class Scheduler:
         self.kv.cache_blocks(req)
 
     def _snapshot(self, step: msg.StepRequest, req: Request) -> None:
-        slot = self.kv.take_snapshot(req)
+        # NOTE: a pending snapshot's slot cannot run a request: leave one per waiting request.
+        slot = self.kv.take_snapshot(req, reserve=len(self.waiting))
         if slot is not None:
             step.state_snapshots.append((req.request_id, slot))
 
@@ -598,6 +599,7 @@ class Scheduler:
     def update_from_output(self, result: msg.StepResult) -> list[RequestOutput]:
         """Apply a step's sampled tokens; returns one output per request that changed."""
         outputs: dict[str, RequestOutput] = {}
+        self.kv.publish_snapshots(result.step_id, set(result.errors))
         grammar_done = set(result.grammar_terminated_ids)
         for rid, entries in result.prompt_logprobs.items():
             r = self.requests.get(rid)

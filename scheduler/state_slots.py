@@ -10,9 +10,10 @@ Snapshots (prefix caching): when a step's prompt chunk ends on a block boundary,
 the request's state into a slot keyed by the hash of that block (the prefix cache's SHA-256
 chain, so the key covers every token before it). A later request whose prompt starts with the
 same blocks copies the snapshot into its own slot and computes from there. Snapshots live in
-slots nobody runs in and are evicted least recently used when a request needs a slot; a
-snapshot planned in a step becomes visible from the next planned step (the workers write it
-after the step, and steps run in order).
+slots nobody runs in and are evicted least recently used when a request needs a slot. A
+snapshot planned in a step stays pending (neither visible nor evictable) until that step's
+result is back: then the workers have written it, and a request that failed in that step
+(whose state was never computed) has its snapshot dropped instead of published.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class StateSlotManager:
         self._owner: dict[int, str] = {}
         self._snapshots: OrderedDict[bytes, int] = OrderedDict()
         """Block hash -> slot holding the state after that block; least recently used first."""
-        self._pending: list[tuple[bytes, int]] = []
-        """Snapshots planned in the step being built: neither visible nor evictable yet."""
+        self._pending: dict[int, list[tuple[bytes, int, str]]] = {}
+        """Step id -> (block hash, slot, request id) of the snapshots it takes; -1 while the
+        step is being planned."""
         self.num_snapshots_taken = 0
 
     @property
@@ -45,7 +47,7 @@ class StateSlotManager:
 
     @property
     def num_snapshots(self) -> int:
-        return len(self._snapshots) + len(self._pending)
+        return len(self._snapshots) + sum(len(v) for v in self._pending.values())
 
     def can_allocate(self) -> bool:
         return bool(self._free) or bool(self._snapshots)
@@ -88,15 +90,18 @@ class StateSlotManager:
             self._snapshots.move_to_end(block_hash)
         return slot
 
-    def snapshot(self, block_hash: bytes) -> int | None:
-        """A slot for a new snapshot after `block_hash`, visible from the next step; None when
-        it exists already or no slot is free or held by an older snapshot."""
-        if block_hash in self._snapshots or any(h == block_hash for h, _ in self._pending):
+    def snapshot(self, block_hash: bytes, request_id: str, reserve: int = 0) -> int | None:
+        """A slot for a new snapshot after `block_hash`, taken by `request_id`'s step; None
+        when it exists already, or when fewer than `reserve` slots (free or held by published
+        snapshots, which give way) would be left for requests waiting to run."""
+        if block_hash in self._snapshots or self.is_pending(block_hash):
+            return None
+        if len(self._free) + len(self._snapshots) <= reserve:
             return None
         slot = self._take()
         if slot is None:
             return None
-        self._pending.append((block_hash, slot))
+        self._pending.setdefault(-1, []).append((block_hash, slot, request_id))
         self.num_snapshots_taken += 1
         return slot
 
@@ -105,11 +110,20 @@ class StateSlotManager:
         return bool(self._pending)
 
     def is_pending(self, block_hash: bytes) -> bool:
-        """Whether a snapshot after `block_hash` is planned in the step being built."""
-        return any(h == block_hash for h, _ in self._pending)
+        """Whether a snapshot after `block_hash` is planned and not yet published."""
+        return any(h == block_hash for v in self._pending.values() for h, _, _ in v)
 
-    def publish(self) -> None:
-        """Make the snapshots planned in earlier steps visible (a new step is being planned)."""
-        for block_hash, slot in self._pending:
-            self._snapshots[block_hash] = slot
-        self._pending.clear()
+    def seal(self, step_id: int) -> None:
+        """The step being planned got its id: its snapshots wait for its result."""
+        planned = self._pending.pop(-1, None)
+        if planned:
+            self._pending[step_id] = planned
+
+    def publish(self, step_id: int, failed: set[str] | frozenset[str] = frozenset()) -> None:
+        """Step `step_id`'s result is back: publish its snapshots, except those of requests
+        that failed in it (their slots go back to the free list)."""
+        for block_hash, slot, request_id in self._pending.pop(step_id, ()):
+            if request_id in failed:
+                self._free.append(slot)
+            else:
+                self._snapshots[block_hash] = slot

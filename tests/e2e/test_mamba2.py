@@ -94,13 +94,15 @@ def test_concurrent_chunked_preempted_requests_match_transformers(ssm_server, ma
     for choice in body["choices"]:
         assert _tokens_logprobs(choice)[0] == ref[2][0]
 
-    # Alone, the prompt's state is snapshotted at its last block boundary (under load both
-    # slots may have been running); the next time it starts from there.
+    # Alone, the prompt's state is snapshotted at block boundaries its chunks end on (under
+    # load both slots may have been running; with two slots, a snapshot whose step is still
+    # in flight holds the spare one, so not every boundary gets one); the next time it
+    # starts from the last snapshot it has.
     for expect_hit in (False, True):
         again = _complete(ssm_server, PROMPTS[1])
         assert _tokens_logprobs(again["choices"][0])[0] == ref[1][0]
         cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
-        assert (cached == 288) if expect_hit else (cached in (0, 288)), (expect_hit, cached)
+        assert cached % 16 == 0 and cached <= 288 and (cached > 0 or not expect_hit), cached
 
     stats = ssm_server.scheduler_stats()
     assert stats.num_preemptions > 0

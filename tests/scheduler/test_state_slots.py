@@ -247,3 +247,28 @@ def test_a_recomputed_block_replaces_a_free_duplicate_as_lookup_target():
     pool.release([new])
     taken = pool.allocate(2)  # evicts the two oldest free blocks: `old` among them
     assert old in taken and pool.lookup(b"h") is new
+
+
+def test_a_snapshot_is_published_only_when_its_step_succeeded():
+    """The snapshot waits for its step's result: a request that failed there never computed
+    the state, so its snapshot is dropped (its slot freed) and the same prompt later computes
+    from scratch; a successful step publishes it."""
+    engine, _ = make_recurrent_engine(num_blocks=256, enable_prefix_caching=True)
+    s = engine.scheduler
+    prompt = list(range(10, 40))
+    s.add_request(gen_request("bad", prompt, 4))
+    step = s.schedule()
+    assert [rid for rid, _ in step.state_snapshots] == ["bad"]
+    s.add_request(gen_request("early", prompt, 4))
+    early = s.schedule()  # planned before the result: the snapshot is not visible yet
+    assert "early" not in {m.request_id for m in early.new_requests}
+    s.update_from_output(msg.StepResult(step_id=step.step_id, errors={"bad": "boom"}))
+    assert s.kv.state.num_snapshots == 0
+    assert s.kv.num_free_state_slots == s.kv.num_state_slots
+    s.abort_request("early")
+    s.add_request(gen_request("again", prompt, 4))
+    step = s.schedule()
+    (new,) = step.new_requests
+    assert new.request_id == "again" and new.num_computed_tokens == 0
+    s.update_from_output(msg.StepResult(step_id=step.step_id))
+    assert s.kv.state.num_snapshots == 1  # published: its step came back without an error
