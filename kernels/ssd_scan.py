@@ -275,6 +275,8 @@ def ssd_chunk_scan(
         BLOCK_Q=max(16, block_q),
         BLOCK_P=block_p,
         BLOCK_N=block_n,
+        # NOTE: the carried state [BLOCK_P, BLOCK_N] and a chunk's B and C live in registers.
+        num_warps=8,
     )
     return y
 
