@@ -1,5 +1,5 @@
 """Tiny random state-space checkpoints with the demo tokenizer: transformers' `Mamba2ForCausalLM`
-and the hybrid attention + Mamba2 `BambaForCausalLM`."""
+and the hybrid attention + Mamba2 `BambaForCausalLM` and `NemotronHForCausalLM`."""
 
 from __future__ import annotations
 
@@ -78,6 +78,50 @@ def build_bamba(
     )
     torch.manual_seed(seed)
     model = transformers.BambaForCausalLM(cfg).eval()
+    model.save_pretrained(out)
+    return out
+
+
+def build_nemotron_h(
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    vocab_size: int = 1000,
+    pattern: str = "M*M-",
+    hidden_size: int = 64,
+    seed: int = 0,
+    **config_kwargs,
+) -> pathlib.Path:
+    """Save a NemotronH checkpoint whose blocks follow `pattern` (M Mamba2, * attention, - MLP)."""
+    import torch
+    import transformers
+
+    out = pathlib.Path(out_dir)
+    tok = _tokenizer(out, tokenizer_dir, vocab_size)
+    kinds = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+    cfg = transformers.NemotronHConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        layers_block_type=[kinds[c] for c in pattern],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=2 * hidden_size,
+        mamba_num_heads=8,
+        mamba_head_dim=16,
+        ssm_state_size=16,
+        n_groups=2,
+        chunk_size=32,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        use_mamba_kernels=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        **config_kwargs,
+    )
+    torch.manual_seed(seed)
+    model = transformers.NemotronHForCausalLM(cfg).eval()
     model.save_pretrained(out)
     return out
 
