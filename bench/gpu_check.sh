@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      # default OUT_DIR: $OUT, else bench/gpu_out
 #
-# Each step runs under its own time limit (the limits add up to 7.5 minutes) and its log goes
+# Each step runs under its own time limit (the limits add up to 7.8 minutes) and its log goes
 # to OUT_DIR/<step>.log; OUT_DIR/summary.txt lists each step's status, seconds and last lines.
 # Without a CUDA device it says so and exits 2 before running anything.
 # Kernel issues add their GPU tests (mark them `@pytest.mark.gpu`, or put them under
@@ -60,7 +60,8 @@ step parity_tests 60 "$PY" -m pytest -q tests/models/test_parity.py -p no:cachep
 # Benchmarks: ratios measured in the same run.
 step kernel_bench 60 "$PY" bench/kernel_bench.py --quick
 step moe_bench 30 "$PY" bench/moe.py --quick
-step quant_bench 60 "$PY" bench/quant.py --skip-cpu  # W8A16 and W4A16 vs fp16
+step quant_bench 55 "$PY" bench/quant.py --skip-cpu  # W8A16 and W4A16 vs fp16
+step ssm_bench 25 "$PY" bench/ssm.py --quick --gpu-only
 
 echo "gpu_check: summary in $SUMMARY"
 cat "$SUMMARY"

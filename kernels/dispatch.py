@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from . import reference as ref
-from . import torch_ops
+from . import torch_mamba, torch_ops
 from .torch_attention import TorchAttentionPlan, paged_attention_torch, write_kv_cache_torch
 from .torch_moe import fused_moe_torch
 
@@ -349,3 +349,78 @@ def w4a16_linear(
     if _use_triton(x, backend):
         return _kernel_module("w4a16_gemm").w4a16_linear(x, qweight, scales, zeros, group, bias)
     return ref.w4a16_linear_ref(x, qweight, scales, zeros, group, bias)
+
+
+# ---------------------------------------------------------------------------- Mamba2 (SSD)
+# Shapes and semantics: `torch_mamba` (the torch path) and `causal_conv1d` / `ssd_scan` (the
+# Triton kernels). Sequences are packed: cu_seqlens int32 [S + 1], state_slots int64 [S],
+# has_initial_state bool [S]; the torch path reads them as lists.
+
+
+def _lists(*tensors: torch.Tensor | None) -> list[list | None]:
+    return [None if t is None else t.tolist() for t in tensors]
+
+
+def causal_conv1d_prefill(
+    x, weight, bias, conv_states, cu_seqlens, state_slots, has_initial_state, *, backend=None
+) -> torch.Tensor:
+    """Depthwise causal conv (SiLU) over packed sequences, conv states read and written."""
+    if _use_triton(x, backend):
+        return _kernel_module("causal_conv1d").causal_conv1d_prefill(
+            x, weight, bias, conv_states, cu_seqlens, state_slots, has_initial_state
+        )
+    return torch_mamba.causal_conv1d_prefill(
+        x, weight, bias, conv_states, *_lists(cu_seqlens, state_slots, has_initial_state)
+    )
+
+
+def causal_conv1d_update(x, weight, bias, conv_states, state_slots, *, backend=None):
+    """One conv step (SiLU) per sequence, conv states updated at `state_slots`."""
+    if _use_triton(x, backend):
+        return _kernel_module("causal_conv1d").causal_conv1d_update(
+            x, weight, bias, conv_states, state_slots
+        )
+    return torch_mamba.causal_conv1d_update(x, weight, bias, conv_states, state_slots)
+
+
+def ssd_chunk_scan(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D,
+    chunk_size,
+    ssm_states,
+    cu_seqlens,
+    state_slots,
+    has_initial_state,
+    *,
+    backend=None,
+) -> torch.Tensor:
+    """The chunked SSD scan over packed sequences, SSM states read and written. The Triton
+    kernel tiles by its own chunk (the result does not depend on it)."""
+    if _use_triton(x, backend):
+        return _kernel_module("ssd_scan").ssd_chunk_scan(
+            x, dt, A, B, C, D, ssm_states, cu_seqlens, state_slots, has_initial_state
+        )
+    return torch_mamba.ssd_chunk_scan(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        chunk_size,
+        ssm_states,
+        *_lists(cu_seqlens, state_slots, has_initial_state),
+    )
+
+
+def selective_state_update(ssm_states, x, dt, A, B, C, D, state_slots, *, backend=None):
+    """One recurrent step per sequence, SSM states updated at `state_slots`."""
+    if _use_triton(x, backend):
+        return _kernel_module("ssd_scan").selective_state_update(
+            ssm_states, x, dt, A, B, C, D, state_slots
+        )
+    return torch_mamba.selective_state_update(ssm_states, x, dt, A, B, C, D, state_slots)

@@ -82,9 +82,13 @@ class BlockPool:
         if not self.enable_caching or block.block_hash is not None:
             return
         block.block_hash = block_hash
-        # NOTE: an identical block cached earlier stays the lookup target; this one is
-        # just not shared (two requests computed the same prefix in the same step).
-        self._cached.setdefault(block_hash, block)
+        # NOTE: an identical block cached earlier stays the lookup target while someone holds
+        # it (two requests computed the same prefix in the same step); a free one gives way,
+        # since it is evicted first (a hit cut back, as recurrent models do without a state
+        # snapshot, computes its blocks again).
+        current = self._cached.get(block_hash)
+        if current is None or current.ref_cnt == 0:
+            self._cached[block_hash] = block
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is in use."""

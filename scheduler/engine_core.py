@@ -17,6 +17,7 @@ from splitserve.common import engine_config
 from splitserve.common import messages as msg
 from splitserve.protos import common_pb2, scheduler_pb2, worker_pb2
 
+from .cache_specs import CachePlan, plan_cache
 from .config import SchedulerConfig
 from .scheduler import RequestOutput, Scheduler
 
@@ -31,7 +32,9 @@ class Executor(Protocol):
         self, block_size: int, engine: common_pb2.EngineConfig
     ) -> list[worker_pb2.DescribeResponse]: ...
 
-    def initialize_cache(self, num_blocks: int, block_size: int) -> None: ...
+    def initialize_cache(
+        self, num_blocks: int, block_size: int, num_state_slots: int = 0
+    ) -> None: ...
 
     def submit(self, step: msg.StepRequest) -> None: ...
 
@@ -42,8 +45,9 @@ class Executor(Protocol):
 
 def plan_kv_cache(
     config: SchedulerConfig, ranks: list[worker_pb2.DescribeResponse]
-) -> tuple[int, int]:
-    """(num_blocks, max_model_len) from the ranks' memory profiles and model limits."""
+) -> tuple[CachePlan, int]:
+    """(blocks and state slots, max_model_len) from the ranks' cache specs, memory profiles
+    and model limits."""
     model_len = min(r.max_model_len for r in ranks)
     if config.max_model_len is not None:
         if config.max_model_len > model_len:
@@ -52,17 +56,14 @@ def plan_kv_cache(
                 f"length ({model_len})"
             )
         model_len = config.max_model_len
-    if config.num_gpu_blocks_override is not None:
-        num_blocks = config.num_gpu_blocks_override
-    else:
-        num_blocks = min(r.available_kv_bytes // max(r.bytes_per_block, 1) for r in ranks)
-    if num_blocks < 1:
-        need = max(r.bytes_per_block for r in ranks)
-        raise ValueError(
-            f"no room for a single KV block ({need} bytes per block on the largest rank); "
-            "raise --kv-cache-memory or --gpu-memory-utilization"
-        )
-    return int(num_blocks), int(model_len)
+    plan = plan_cache(
+        ranks,
+        config.max_num_seqs,
+        model_len,
+        config.block_size,
+        block_override=config.num_gpu_blocks_override,
+    )
+    return plan, int(model_len)
 
 
 def agree_with_ranks(
@@ -107,7 +108,10 @@ class EngineCore:
         runners = [r.runner_info.runner or "generate" for r in ranks]
         if len(set(runners)) > 1:  # started by hand with different --runner flags
             raise ValueError(f"the pipeline ranks run different runners (--runner): {runners}")
-        self.num_blocks, self.max_model_len = plan_kv_cache(config, ranks)
+        plan, self.max_model_len = plan_kv_cache(config, ranks)
+        self.num_blocks, self.num_state_slots = plan.num_blocks, plan.num_state_slots
+        self.sliding_window = plan.sliding_window
+        """Every attention layer's window (blocks out of it are released early), or None."""
         last = ranks[-1]
         self.model_info = scheduler_pb2.ModelInfo(
             max_model_len=self.max_model_len,
@@ -125,7 +129,11 @@ class EngineCore:
             config.block_size,
             self.max_model_len,
         )
-        executor.initialize_cache(self.num_blocks, config.block_size)
+        if self.num_state_slots:
+            logger.info("recurrent state: %d slots (one per running request)", self.num_state_slots)
+            executor.initialize_cache(self.num_blocks, config.block_size, self.num_state_slots)
+        else:  # NOTE: executors of attention-only models may take two arguments
+            executor.initialize_cache(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(
             config,
             self.num_blocks,
@@ -134,6 +142,8 @@ class EngineCore:
             list(last.eos_token_ids),
             pipeline_parallel_size=self.pipeline_parallel_size,
             runner_info=last.runner_info if last.HasField("runner_info") else None,
+            num_state_slots=self.num_state_slots,
+            sliding_window=self.sliding_window,
         )
         self.max_inflight = (
             self.pipeline_parallel_size

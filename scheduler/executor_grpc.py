@@ -106,8 +106,10 @@ class GrpcExecutor:
                 ) from None
         return answers
 
-    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
-        req = worker_pb2.InitializeCacheRequest(num_blocks=num_blocks, block_size=block_size)
+    def initialize_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0) -> None:
+        req = worker_pb2.InitializeCacheRequest(
+            num_blocks=num_blocks, block_size=block_size, num_state_slots=num_state_slots
+        )
         for s in self._stubs:
             s.InitializeCache(req, timeout=1800)
         for s in self._stubs:

@@ -46,6 +46,14 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0
     """Leading blocks registered in the prefix cache."""
+    num_skipped_blocks: int = 0
+    """Leading blocks released because they fell out of the sliding window (their entries
+    stay in `blocks`, not held)."""
+    state_slot: int = -1
+    restore_state_slot: int = -1
+    """Set by a prefix-cache hit on a recurrent model: the snapshot slot the workers copy
+    into state_slot when the request (re)starts."""
+    """Recurrent-state slot held while running (models with state-space layers); -1: none."""
     num_cached_tokens: int = -1
     """Prompt tokens served by the prefix cache on first schedule (-1 before)."""
     known_to_worker: bool = False

@@ -106,6 +106,8 @@ class Scheduler:
         eos_token_ids: list[int],
         pipeline_parallel_size: int = 1,
         runner_info: common_pb2.RunnerInfo | None = None,
+        num_state_slots: int = 0,
+        sliding_window: int | None = None,
     ) -> None:
         config.check_model_len(max_model_len)
         self.runner_info = runner_info or common_pb2.RunnerInfo(runner="generate")
@@ -116,13 +118,20 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            num_state_slots,
+            sliding_window,
+        )
+        """The cache coordinator: paged blocks, and state slots with recurrent layers."""
         self.adapters = AdapterTable(config.lora_modules)
         """The LoRA adapters served by name (loads, unloads and lists from every front end)."""
         self.lora_residency = LoRAResidency(config.max_loras, config.max_cpu_loras)
+        """Which adapters the workers hold in CPU memory and in which device slots."""
         self.encoder = EncoderCache(config.encoder_cache_tokens, config.encoder_budget)
         """Which encoder outputs (images, audio) the first worker rank holds, by item hash."""
-        """Which adapters the workers hold in CPU memory and in which device slots."""
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         """Sorted by arrival (fcfs) or by (priority, arrival) (--scheduling-policy priority)."""
@@ -453,6 +462,7 @@ class Scheduler:
                 n = encoder.fit(req.request_id, req.mm_spans, req.num_computed_tokens, n)
             if n == 0:
                 continue
+            n = self.kv.align_chunk(req, req.num_computed_tokens, n)
             while True:
                 new_blocks = self.kv.allocate_slots(req, n)
                 if new_blocks is not None:
@@ -468,6 +478,7 @@ class Scheduler:
             if req.mm_spans:
                 encoder.commit(req.request_id, req.mm_spans, num_computed, n)
             self._commit(req, n)
+            self._snapshot(step, req)
             if req.known_to_worker:
                 c = msg.CachedRequest(
                     req.request_id,
@@ -507,6 +518,9 @@ class Scheduler:
                 hits, num_hit = [], 0
             else:
                 hits, num_hit = self.kv.get_computed_blocks(req)
+                if self.kv.snapshot_coming(req, num_hit):
+                    idx += 1  # a request of this step snapshots a longer prefix: wait a step
+                    continue
             remaining = req.num_tokens - num_hit
             if not self.config.enable_chunked_prefill and remaining > budget:
                 break
@@ -515,6 +529,8 @@ class Scheduler:
                 n = encoder.fit(req.request_id, req.mm_spans, num_hit, n)
                 if n == 0 or (n < remaining and not self.config.enable_chunked_prefill):
                     break  # its next item waits for encoder budget or cache room
+            if self.config.enable_chunked_prefill:
+                n = self.kv.align_chunk(req, num_hit, n)
             if self.kv.allocate_slots(req, n, hits) is None:
                 break
             self.waiting.pop(idx)
@@ -530,6 +546,7 @@ class Scheduler:
                 encoder.commit(req.request_id, req.mm_spans, num_hit, n)
             self._commit(req, n)
             self._add_new(step, req, num_hit)
+            self._snapshot(step, req)
             scheduled[req.request_id] = n
             budget -= n
 
@@ -543,6 +560,7 @@ class Scheduler:
         step.encoder_evictions = encoder.take_evictions()
         step.num_scheduled_tokens = scheduled
         step.step_id = next(self._step_ids)
+        self.kv.seal_snapshots(step.step_id)
         self.num_steps += 1
         self.step_tokens.observe(sum(scheduled.values()))
         return step
@@ -603,6 +621,12 @@ class Scheduler:
             req.num_inflight += 1  # this step samples the request's next token
         self.kv.cache_blocks(req)
 
+    def _snapshot(self, step: msg.StepRequest, req: Request) -> None:
+        # NOTE: a pending snapshot's slot cannot run a request: leave one per waiting request.
+        slot = self.kv.take_snapshot(req, reserve=len(self.waiting))
+        if slot is not None:
+            step.state_snapshots.append((req.request_id, slot))
+
     def _add_new(self, step: msg.StepRequest, req: Request, num_computed: int) -> None:
         # NOTE: the lists are the worker's own (the in-process worker may keep them), except
         # the request's fixed parts (sampling params, constraint, images), which nobody edits.
@@ -614,6 +638,8 @@ class Scheduler:
             num_computed_tokens=num_computed,
             num_prompt_tokens=req.num_prompt_tokens,
             mm_inputs=req.mm_inputs,
+            state_slot=req.state_slot,
+            restore_state_slot=req.restore_state_slot if num_computed else -1,
         )
         if req.trace_context:
             m.trace_context = dict(req.trace_context)
@@ -648,6 +674,7 @@ class Scheduler:
     def update_from_output(self, result: msg.StepResult) -> list[RequestOutput]:
         """Apply a step's sampled tokens; returns one output per request that changed."""
         outputs: dict[str, RequestOutput] = {}
+        self.kv.publish_snapshots(result.step_id, set(result.errors))
         grammar_done = set(result.grammar_terminated_ids)
         for rid, entries in result.prompt_logprobs.items():
             r = self.requests.get(rid)
@@ -744,7 +771,7 @@ class Scheduler:
             iteration_tokens_bounds=self.step_tokens.bounds,
             iteration_tokens_bucket_counts=self.step_tokens.cumulative(),
             iteration_tokens_sum=self.step_tokens.total,
-            enable_prefix_caching=self.config.enable_prefix_caching,
+            enable_prefix_caching=self.kv.enable_caching,
             max_loras=self.config.max_loras if self.config.enable_lora else 0,
             running_lora_adapters=sorted({r.lora_name for r in self.running if r.lora_name}),
             waiting_lora_adapters=sorted({r.lora_name for r in self.waiting if r.lora_name}),

@@ -23,6 +23,7 @@ from torch import nn
 
 from splitserve.kernels import dispatch, torch_paged_decode
 from splitserve.kernels.torch_attention import TorchAttentionPlan, Workspace
+from splitserve.worker.cache_spec import AttentionSpec
 
 PAGED_DECODE_ENV = "SPLITSERVE_CPU_PAGED_DECODE"
 """Set to 0 to make the torch backend allocate plain caches, so its decodes take the older
@@ -49,6 +50,12 @@ class AttentionMetadata:
     """Longest query this step (1 means decodes only)."""
     max_seq_len: int = 0
     """Bound on seq_lens (the real maximum, or a fixed cap under CUDA graphs)."""
+    state_slots: torch.Tensor | None = None
+    """int64 [S] recurrent-state slot of each sequence (models with state-space layers);
+    None without a state cache (profiling) or without such layers."""
+    has_initial_state: torch.Tensor | None = None
+    """bool [S] with state_slots: the sequence continues from the state in its slot (False:
+    its first tokens, the state starts from zeros)."""
     extras: dict = field(default_factory=dict)
     """Backend-owned per-step state built on first use (cleared by `prepare`)."""
 
@@ -198,6 +205,14 @@ _LOCAL = threading.local()
 """Per thread: the step being computed (runners on different threads do not mix)."""
 
 
+def current_metadata() -> AttentionMetadata:
+    """The step being computed on this thread (layers other than Attention read it too)."""
+    context = getattr(_LOCAL, "context", None)
+    if context is None:
+        raise RuntimeError("a cache-reading layer was called outside forward_context()")
+    return context.metadata
+
+
 @contextlib.contextmanager
 def forward_context(backend: AttentionBackend, meta: AttentionMetadata) -> Iterator[None]:
     """Make `meta` the step every Attention layer reads while a forward runs."""
@@ -234,6 +249,12 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cache_spec(self, block_size: int, dtype: torch.dtype) -> AttentionSpec:
+        """Paged blocks of this layer's keys and values (windowed when it slides)."""
+        return AttentionSpec(
+            self.layer_idx, block_size, self.num_kv_heads, self.head_dim, dtype, self.sliding_window
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         context = getattr(_LOCAL, "context", None)

@@ -31,8 +31,11 @@ class InputBatch:
         device: torch.device,
         initial_rows: int = 64,
         max_logprobs: int = 20,
+        num_state_slots: int = 0,
     ) -> None:
         self.max_model_len = max_model_len
+        self.num_state_slots = num_state_slots
+        """Recurrent-state slots (models with state-space layers); 0: none."""
         self.max_logprobs = max_logprobs
         self.block_size = block_size
         self.vocab_size = vocab_size
@@ -62,6 +65,7 @@ class InputBatch:
         self.num_prompt = np.zeros(n, np.int32)
         self.num_computed = np.zeros(n, np.int32)
         self.num_blocks = np.zeros(n, np.int32)
+        self.state_slot = np.zeros(n, np.int64)
         self.temperature = np.zeros(n, np.float32)
         self.top_p = np.ones(n, np.float32)
         self.top_k = np.zeros(n, np.int32)
@@ -122,6 +126,7 @@ class InputBatch:
         self.num_prompt[row] = req.num_prompt_tokens if req.num_prompt_tokens > 0 else n
         self.num_computed[row] = req.num_computed_tokens
         self.num_blocks[row] = 0
+        self.state_slot[row] = req.state_slot
         self.append_blocks(row, req.block_ids)
         self._set_sampling(row, req.sampling_params)
         return None
@@ -140,6 +145,15 @@ class InputBatch:
             return f"num_computed_tokens {req.num_computed_tokens} is outside [0, {n})"
         if not 0 <= req.num_prompt_tokens <= n:
             return f"num_prompt_tokens {req.num_prompt_tokens} is outside [0, {n}]"
+        if self.num_state_slots:
+            if not 0 <= req.state_slot < self.num_state_slots:
+                return f"state_slot {req.state_slot} is outside [0, {self.num_state_slots})"
+            if req.num_computed_tokens and not 0 <= req.restore_state_slot < self.num_state_slots:
+                # NOTE: a recurrent state exists only where it was computed or snapshotted.
+                return (
+                    "a model with recurrent layers starts from cached tokens only with a state "
+                    f"snapshot (restore_state_slot {req.restore_state_slot})"
+                )
         return self._check_sampling(req.sampling_params) or self._check_blocks(req.block_ids, 0)
 
     def _check_sampling(self, sp) -> str | None:

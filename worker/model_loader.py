@@ -250,14 +250,14 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
         logger.info("config of %s with --hf-overrides %s", config.model, config.hf_overrides)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, raw, device)
-    max_model_len = _max_model_len(config, hf_config)
+    cls = get_model_class(raw.get("architectures"))
+    max_model_len = _max_model_len(config, hf_config, cls)
     start, end = layer_range(
         hf_config.get_text_config().num_hidden_layers,
         config.rank,
         config.pipeline_parallel_size,
         config.layer_partition(),
     )
-    cls = get_model_class(raw.get("architectures"))
     quant_config = resolve_quant_config(raw, config.quantization)
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
@@ -342,7 +342,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
     )
 
 
-def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
+def _max_model_len(config: WorkerConfig, hf_config: Any, cls: type | None = None) -> int:
     text = hf_config.get_text_config()
     # NOTE: an encoder-decoder (Whisper) names its decoder's learned positions
     # max_target_positions: that bounds the decoder tokens a request may hold.
@@ -351,6 +351,12 @@ def _max_model_len(config: WorkerConfig, hf_config: Any) -> int:
         field = "max_target_positions"
     limit = int(getattr(text, field, 0) or 0)
     if config.max_model_len is None:
+        default = getattr(cls, "default_max_model_len", None)
+        if not limit and default is not None:
+            # NOTE: a model without positions (state-space) has no context limit of its own.
+            value = default(hf_config)
+            logger.info("the config sets no context length; serving %d tokens", value)
+            return value
         if not limit:
             raise ValueError("the model config has no max_position_embeddings; set max_model_len")
         return limit

@@ -30,6 +30,7 @@ from splitserve.common import engine_config
 from splitserve.common import messages as msg
 from splitserve.common.lora import check_lora_fields
 from splitserve.protos import common_pb2, worker_pb2
+from splitserve.worker import cache_spec
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
     AttentionMetadata,
@@ -48,6 +49,7 @@ from splitserve.worker.pipeline import IntermediateTensors, step_layout
 from splitserve.worker.pooler import setup_runner
 from splitserve.worker.request_states import RequestStates
 from splitserve.worker.sampler import Sampler, compute_logprobs
+from splitserve.worker.state_cache import StateCache, new_state_cache
 from splitserve.worker.step_plan import GrammarMasks, StepPlan
 from splitserve.worker.structured_output import StructuredOutputs
 
@@ -68,6 +70,8 @@ class ModelRunner:
         self._init_model()
         self._init_sampling()
         self.kv_cache: kv.KVCache | None = None
+        self.state_cache: StateCache | None = None
+        """Recurrent states (models with state-space layers), one per scheduler slot."""
         self.batch: InputBatch | None = None
         self.block_size = 0
         self.graphs: DecodeGraphs | None = None
@@ -148,8 +152,9 @@ class ModelRunner:
         self.cross = CrossAttentionSlots.fit(  # max_num_seqs may be the scheduler's now
             self.cross, self.model, self.config, self.dtype, self.device
         )
+        specs = cache_spec.layer_cache_specs(self.model, block_size, self.dtype)
         if self.kv_cache is not None:
-            available = self.kv_cache.nbytes
+            available = self.kv_cache.nbytes + getattr(self.state_cache, "nbytes", 0)
         elif self.device.type == "cuda":
             available = kv.available_kv_bytes(
                 self.config,
@@ -165,7 +170,7 @@ class ModelRunner:
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
             eos_token_ids=self.eos_token_ids,
-            bytes_per_block=kv.bytes_per_block(self.model, block_size, self.dtype),
+            bytes_per_block=cache_spec.bytes_per_block(specs),
             available_kv_bytes=available,
             model=self.config.model,
             sampling_defaults=self.loaded.sampling_defaults.to_proto(),
@@ -173,6 +178,7 @@ class ModelRunner:
             engine=engine_config.to_proto(
                 engine_config.engine_values(self.config, self.engine_label).all_fixed()
             ),
+            cache_specs=[s.to_proto() for s in specs],
         )
 
     def _agree_engine(self, engine: common_pb2.EngineConfig | None) -> None:
@@ -196,16 +202,17 @@ class ModelRunner:
         check_lora_fields(self.config)  # --max-cpu-loras against a max_loras taken just now
         self.max_model_len = self.config.max_model_len or limit
 
-    def initialize_cache(self, num_blocks: int, block_size: int) -> float:
-        """Allocate the KV cache and warm up with a dummy step; returns the seconds spent."""
+    def initialize_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0) -> float:
+        """Allocate the KV cache and recurrent states, warm up with a dummy step; seconds spent."""
         start = time.perf_counter()
         self.graphs = None  # captured against the old cache
-        if self.kv_cache is not None:
-            self.kv_cache.unbind()
-            self.kv_cache = None
+        for cache in (self.kv_cache, self.state_cache):
+            if cache is not None:
+                cache.unbind()
         self.kv_cache = kv.KVCache(
             self.model, num_blocks, block_size, self.dtype, self.device, self.backend.new_kv_cache
         )
+        self.state_cache = new_state_cache(self.model, num_state_slots, self.dtype, self.device)
         self.block_size = block_size
         self.batch = InputBatch(
             self.max_model_len,
@@ -215,6 +222,7 @@ class ModelRunner:
             self.device,
             initial_rows=min(self.config.max_num_seqs, 64),
             max_logprobs=min(self.config.max_logprobs, self.vocab_size),
+            num_state_slots=self.state_cache.num_slots if self.state_cache is not None else 0,
         )
         self._warm_up()
         self._capture_graphs()
@@ -240,6 +248,7 @@ class ModelRunner:
             num_prompt_tokens=length,
             sampling_params=msg.SamplingParams(temperature=0),
             mm_inputs=self.cross.warm_up_inputs(length) if self.cross is not None else [],
+            state_slot=0 if self.state_cache is not None else -1,
         )
         steps = [
             msg.StepRequest(
@@ -405,6 +414,8 @@ class ModelRunner:
             return msg.StepResult(step_id=step.step_id, errors=errors)
         masks = self._start_masks(plan)
         out = self._forward(plan, intermediate)
+        if step.state_snapshots and self.state_cache is not None:
+            self.state_cache.take_snapshots(step.state_snapshots, batch.rows, batch.state_slot)
         batch.num_computed[plan.rows] = plan.ends
         if self.mm is not None and len(self.mm):
             self.mm.release_computed([batch.req_ids[r] for r in plan.rows.tolist()], plan.ends)
@@ -433,7 +444,9 @@ class ModelRunner:
             return None
         req_ids = self.batch.req_ids
         rids = [req_ids[r] for r in plan.sample_rows.tolist()]
-        deferred = structured.compiling(rids)
+        # NOTE: a deferred position is computed again, which would advance a recurrent state
+        # twice: with recurrent layers the step waits for the compile instead (in `fill`).
+        deferred = structured.compiling(rids) if self.state_cache is None else []
         if deferred:
             skip = set(deferred)
             rids = [rid for i, rid in enumerate(rids) if i not in skip]
@@ -596,6 +609,9 @@ class ModelRunner:
             max_query_len=int(q.max()),
             max_seq_len=int(ends.max()),
         )
+        if self.state_cache is not None:
+            attn.state_slots = torch.from_numpy(batch.state_slot[rows]).to(device)
+            attn.has_initial_state = torch.from_numpy(starts > 0).to(device)
         sampling = ends == batch.num_tokens[rows]
         indices = cu[sampling] - 1
         prompt_chunks, targets = self._prompt_logprob_positions(

@@ -2,7 +2,8 @@
 
 A request's state is spread over several holders: its row in the input batch, its LoRA
 adapter, its images or audio (first rank) or cross-attention slot (Whisper), its grammar
-matcher (sampling rank), its pooling state. `update` applies a step message's changes to all
+matcher (sampling rank), its pooling state, its recurrent-state slot (restored from a
+prefix-cache snapshot on a hit; the slot itself is the scheduler's, so nothing is freed here). `update` applies a step message's changes to all
 of them in order (ended requests first, then the scheduler's evictions, new requests, adapter
 placements and the running requests' deltas); `forget` drops a request from every holder, so a
 new holder cannot be forgotten in one path and kept in another.
@@ -40,6 +41,9 @@ class RequestStates:
             error = self._add_lora(req) or batch.add(req) or self._add_images(req)
             if not error and structured is not None:
                 error = self._add_grammar(req)
+            if not error and r.state_cache is not None and req.num_computed_tokens:
+                # A prefix-cache hit: start from the snapshot of the state at the hit's end.
+                r.state_cache.copy(req.restore_state_slot, req.state_slot)
             if error:
                 errors[req.request_id] = error
                 self.forget(req.request_id)  # drops the adapter reference too

@@ -100,7 +100,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 f"{request.num_blocks} and {request.block_size}",
             )
         await self.set_health(_NOT_SERVING)
-        seconds = await self._call(runner.initialize_cache, request.num_blocks, request.block_size)
+        seconds = await self._call(
+            runner.initialize_cache,
+            request.num_blocks,
+            request.block_size,
+            request.num_state_slots,
+        )
         await self.set_health(_SERVING)
         return worker_pb2.InitializeCacheResponse(seconds=seconds)
 

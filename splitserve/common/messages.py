@@ -145,6 +145,10 @@ class NewRequest:
     lora_path: str = ""
     lora_int_id: int = 0
     mm_inputs: list[MultiModalInput] = field(default_factory=list)
+    state_slot: int = -1
+    """Recurrent-state slot (models with state-space layers); -1: none."""
+    restore_state_slot: int = -1
+    """A prefix-cache hit: the snapshot slot to copy into state_slot first; -1: none."""
 
 
 @dataclass(slots=True)
@@ -172,6 +176,8 @@ class StepRequest:
     """((adapter name, load number), device slot) to fill before the forward."""
     encoder_evictions: list[bytes] = field(default_factory=list)
     """Item hashes whose encoder outputs the first rank drops before this step."""
+    state_snapshots: list[tuple[str, int]] = field(default_factory=list)
+    """(request id, snapshot slot): copy the request's recurrent state there after the step."""
 
 
 @dataclass(slots=True)

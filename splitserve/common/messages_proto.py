@@ -226,6 +226,10 @@ def _new_request_to_proto(m: worker_pb2.NewRequest, r: msg.NewRequest) -> None:
     m.lora_int_id = r.lora_int_id
     if r.mm_inputs:
         m.mm_inputs.extend(mm_input_to_proto(x) for x in r.mm_inputs)
+    if r.state_slot >= 0:
+        m.state_slot = r.state_slot
+    if r.restore_state_slot >= 0:
+        m.restore_state_slot = r.restore_state_slot
 
 
 def _new_request_from_proto(m: worker_pb2.NewRequest) -> msg.NewRequest:
@@ -245,6 +249,8 @@ def _new_request_from_proto(m: worker_pb2.NewRequest) -> msg.NewRequest:
         lora_path=m.lora_path,
         lora_int_id=m.lora_int_id,
         mm_inputs=[mm_input_from_proto(x) for x in m.mm_inputs],
+        state_slot=m.state_slot if m.HasField("state_slot") else -1,
+        restore_state_slot=m.restore_state_slot if m.HasField("restore_state_slot") else -1,
     )
 
 
@@ -262,6 +268,8 @@ def step_request_to_proto(step: msg.StepRequest) -> worker_pb2.StepRequest:
         p.lora_evictions.add(lora_name=name, lora_int_id=int_id)
     for (name, int_id), slot in step.lora_slots:
         p.lora_slots.add(adapter=worker_pb2.LoRAKey(lora_name=name, lora_int_id=int_id), slot=slot)
+    for rid, slot in step.state_snapshots:
+        p.state_snapshots.add(request_id=rid, slot=slot)
     # NOTE: per running request per step, so the cheapest form: attribute sets, and the
     # (mostly empty) lists only when they hold something (4x faster than add(**fields)).
     add = p.cached_requests.add
@@ -301,6 +309,7 @@ def step_request_from_proto(p: worker_pb2.StepRequest) -> msg.StepRequest:
         lora_evictions=[(k.lora_name, k.lora_int_id) for k in p.lora_evictions],
         lora_slots=[((s.adapter.lora_name, s.adapter.lora_int_id), s.slot) for s in p.lora_slots],
         encoder_evictions=list(p.encoder_evictions),
+        state_snapshots=[(s.request_id, s.slot) for s in p.state_snapshots],
     )
 
 

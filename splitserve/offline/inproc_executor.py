@@ -30,8 +30,8 @@ class InprocExecutor:
     ) -> list[worker_pb2.DescribeResponse]:
         return [self.runner.describe(block_size, engine)]
 
-    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
-        self.runner.initialize_cache(num_blocks, block_size)
+    def initialize_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0) -> None:
+        self.runner.initialize_cache(num_blocks, block_size, num_state_slots)
         self._thread = threading.Thread(target=self._run, name="inproc-worker", daemon=True)
         self._thread.start()
 

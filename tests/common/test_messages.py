@@ -119,6 +119,7 @@ def test_every_nested_message_has_a_dataclass():
         "splitserve.worker.v1.PromptLogprobs",
         "splitserve.worker.v1.LoRAKey",  # (name, load number) tuples
         "splitserve.worker.v1.LoRASlot",  # ((name, load number), slot) tuples
+        "splitserve.worker.v1.StateSnapshot",  # (request id, slot) tuples
     }
     for _, proto in PAIRS:
         for fd in proto.DESCRIPTOR.fields:

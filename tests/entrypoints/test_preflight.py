@@ -81,7 +81,11 @@ def _bad_shape(folder):
     "case,flags,message",
     [
         ("absent", [], "does not exist"),
-        ("arch", [], r"unsupported model architecture \['GPT2LMHeadModel'\]; supported: Llama"),
+        (
+            "arch",
+            [],
+            r"unsupported model architecture \['GPT2LMHeadModel'\]; supported: Bamba.*, Llama",
+        ),
         ("remote", [], r"needs remote code .*--trust-remote-code"),
         (
             "shape",

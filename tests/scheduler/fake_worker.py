@@ -49,12 +49,29 @@ class FakeWorkerExecutor:
         bytes_per_block: int = 1,
         step_seconds: float = 0.0,
         pipeline_parallel_size: int = 1,
+        state_slot_bytes: int = 0,
+        sliding_window: int | None = None,
     ) -> None:
         self.num_blocks = num_blocks
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = list(eos_token_ids)
         self.bytes_per_block = bytes_per_block
+        self.state_slot_bytes = state_slot_bytes
+        """> 0: play a model with one attention layer and one recurrent-state layer whose
+        state takes this many bytes per request (the budget then also holds the slots)."""
+        self.sliding_window = sliding_window
+        """Play a model whose one attention layer slides: a context is read back only over
+        the last `sliding_window` positions."""
+        self.num_state_slots = 0
+        self.slot_of: dict[str, int] = {}
+        """Recurrent models: the state slot of every live request."""
+        self.max_slots_in_use = 0
+        self.states: dict[int, list[int]] = {}
+        """Recurrent models: each slot's simulated state, the tokens folded into it so far
+        (restores and snapshots copy it; a request's state must always equal its computed
+        tokens)."""
+        self.num_restores = 0
         self.step_seconds = step_seconds
         """Simulated compute time per step (service tests need steps that take a while)."""
         self.reqs: dict[str, _Req] = {}
@@ -94,13 +111,37 @@ class FakeWorkerExecutor:
                 bytes_per_block=self.bytes_per_block,
                 available_kv_bytes=self.num_blocks * self.bytes_per_block,
                 model="fake",
+                cache_specs=self._cache_specs(),
             )
             for rank in range(self.pipeline_parallel_size)
         ]
 
-    def initialize_cache(self, num_blocks: int, block_size: int) -> None:
+    def _cache_specs(self) -> list[worker_pb2.LayerCacheSpec]:
+        kind = worker_pb2.LayerCacheSpec.Kind
+        if self.sliding_window:
+            return [
+                worker_pb2.LayerCacheSpec(
+                    layer_idx=0,
+                    kind=kind.KIND_SLIDING_WINDOW,
+                    sliding_window=self.sliding_window,
+                    page_bytes=self.bytes_per_block,
+                )
+            ]
+        if not self.state_slot_bytes:
+            return []
+        return [
+            worker_pb2.LayerCacheSpec(
+                layer_idx=0, kind=kind.KIND_FULL_ATTENTION, page_bytes=self.bytes_per_block
+            ),
+            worker_pb2.LayerCacheSpec(
+                layer_idx=1, kind=kind.KIND_RECURRENT_STATE, page_bytes=self.state_slot_bytes
+            ),
+        ]
+
+    def initialize_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.num_state_slots = num_state_slots
 
     def submit(self, step: msg.StepRequest) -> None:
         self.steps.append(step)
@@ -145,8 +186,25 @@ class FakeWorkerExecutor:
     def _execute(self, step: msg.StepRequest) -> msg.StepResult:
         for rid in step.finished_request_ids:
             self.reqs.pop(rid, None)
+            self.slot_of.pop(rid, None)
         for m in step.new_requests:
             assert m.request_id not in self.reqs, f"{m.request_id} sent as new twice"
+            if self.num_state_slots:
+                assert 0 <= m.state_slot < self.num_state_slots, (m.request_id, m.state_slot)
+                assert m.state_slot not in self.slot_of.values(), f"slot {m.state_slot} shared"
+                if m.num_computed_tokens:
+                    src = self.states.get(m.restore_state_slot)
+                    assert src == list(m.token_ids[: m.num_computed_tokens]), (
+                        f"{m.request_id}: snapshot {m.restore_state_slot} holds the wrong state"
+                    )
+                    self.states[m.state_slot] = list(src)
+                    self.num_restores += 1
+                else:
+                    self.states[m.state_slot] = []
+                self.slot_of[m.request_id] = m.state_slot
+                self.max_slots_in_use = max(self.max_slots_in_use, len(self.slot_of))
+            else:
+                assert m.state_slot == -1, m.request_id
             self.reqs[m.request_id] = _Req(
                 list(m.token_ids), list(m.block_ids), m.num_computed_tokens
             )
@@ -177,13 +235,19 @@ class FakeWorkerExecutor:
             assert r.num_computed + n <= len(r.token_ids), (rid, r.num_computed, n)
             for pos in range(r.num_computed, r.num_computed + n):
                 self.cache[self._slot(r, pos)] = (r.token_ids[pos], pos)
+        if self.num_state_slots:
+            for rid, n in step.num_scheduled_tokens.items():
+                r, state = self.reqs[rid], self.states[self.slot_of[rid]]
+                assert state == r.token_ids[: r.num_computed], f"{rid}: state out of step"
+                state.extend(r.token_ids[r.num_computed : r.num_computed + n])
         # ... then read contexts back and sample.
         for rid, n in step.num_scheduled_tokens.items():
             r = self.reqs[rid]
             r.num_computed += n
             if r.num_computed == len(r.token_ids):
-                ctx = [self.cache.get(self._slot(r, p)) for p in range(r.num_computed)]
-                assert all(c is not None and c[1] == p for p, c in enumerate(ctx)), (
+                first = max(0, r.num_computed - self.sliding_window) if self.sliding_window else 0
+                ctx = [self.cache.get(self._slot(r, p)) for p in range(first, r.num_computed)]
+                assert all(c is not None and c[1] == p for p, c in enumerate(ctx, first)), (
                     f"{rid}: context read back wrong"
                 )
                 if self._defer_left.get(rid, 0) > 0:
@@ -203,4 +267,8 @@ class FakeWorkerExecutor:
                 ends = self.grammar_ends_after.get(rid)
                 if ends is not None and len(r.token_ids) - r.num_prompt == ends:
                     out.grammar_terminated_ids.append(rid)
+        for rid, slot in step.state_snapshots:
+            assert self.num_state_slots and 0 <= slot < self.num_state_slots, slot
+            assert slot not in self.slot_of.values(), f"snapshot into running slot {slot}"
+            self.states[slot] = list(self.states[self.slot_of[rid]])
         return out

@@ -5,9 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from splitserve.common.pooling import BASE_MODEL_ARCHITECTURES
+from splitserve.worker.models.bamba import BambaForCausalLM
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
+from splitserve.worker.models.mamba2 import Mamba2ForCausalLM
 from splitserve.worker.models.mixtral import MixtralForCausalLM
+from splitserve.worker.models.nemotron_h import NemotronHForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
 from splitserve.worker.models.qwen2_audio import Qwen2AudioForConditionalGeneration
 from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
@@ -15,9 +18,12 @@ from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 from splitserve.worker.models.whisper import WhisperForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "BambaForCausalLM": BambaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "Mamba2ForCausalLM": Mamba2ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "NemotronHForCausalLM": NemotronHForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
