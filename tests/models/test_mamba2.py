@@ -207,6 +207,6 @@ def test_a_compiling_grammar_never_recomputes_a_position(mamba2_path):
             torch.testing.assert_close(
                 torch.tensor(x.top_logprobs), torch.tensor(y.top_logprobs), atol=1e-5, rtol=0
             )
-        assert not runner._deferred
+        assert not runner.deferred_ids
     finally:
         llm.shutdown()

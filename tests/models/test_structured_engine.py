@@ -169,7 +169,7 @@ def test_a_slow_compile_holds_back_only_its_own_request(llama_path, depth):
         (again,) = small.generate(["The answer is"], slow_sp)  # compiled: no deferral
         assert tokens["slow"] == again.outputs[0].token_ids
         assert re.fullmatch(REGEX, again.outputs[0].text), again.outputs[0].text
-        assert len(structured) == 0 and not small.engine.executor.runner._deferred
+        assert len(structured) == 0 and not small.engine.executor.runner.deferred_ids
         assert small.engine.scheduler.kv.num_free_blocks == small.engine.num_blocks
     finally:
         small.shutdown()
