@@ -238,17 +238,24 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
     backend: str | None = None,
 ) -> torch.Tensor:
     """SwiGLU experts on their routed tokens: x [T, H], w13 [E, 2I, H] (gate, then up rows),
     w2 [E, H, I], topk_weights [T, K], topk_ids int [T, K] -> [T, H], weighted sum per token.
+    Optional per-expert biases b13 [E, 2I], b2 [E, H]; a swiglu_limit selects gpt-oss's
+    clamped SwiGLU.
 
     Both paths compute each expert on its own tokens only. The torch path (`torch_moe`) reads
     the routing on the host; the Triton one (`fused_moe`) does not, so it can be captured.
     """
+    extra = dict(b13=b13, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
     if _use_triton(x, backend):
-        return _kernel_module("fused_moe").fused_moe(x, w13, w2, topk_weights, topk_ids)
-    return fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
+        return _kernel_module("fused_moe").fused_moe(x, w13, w2, topk_weights, topk_ids, **extra)
+    return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, **extra)
 
 
 def apply_token_bitmask(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from splitserve.common.pooling import BASE_MODEL_ARCHITECTURES
+from splitserve.worker.models.gpt_oss import GptOssForCausalLM
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mixtral import MixtralForCausalLM
@@ -14,6 +15,7 @@ from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
 from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "GptOssForCausalLM": GptOssForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
