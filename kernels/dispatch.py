@@ -22,6 +22,7 @@ from . import reference as ref
 from . import torch_ops
 from .torch_attention import TorchAttentionPlan, paged_attention_torch, write_kv_cache_torch
 from .torch_moe import fused_moe_torch
+from .torch_mxfp4 import fused_moe_mxfp4_torch
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +257,36 @@ def fused_moe(
     if _use_triton(x, backend):
         return _kernel_module("fused_moe").fused_moe(x, w13, w2, topk_weights, topk_ids, **extra)
     return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, **extra)
+
+
+def mxfp4_moe_available(device: torch.device) -> bool:
+    """Whether MXFP4 experts on `device` run packed through the Triton kernel (CUDA with
+    triton); elsewhere they are dequantized once at load."""
+    # NOTE: no Triton MXFP4 kernel yet: every device dequantizes at load.
+    return False
+
+
+def fused_moe_mxfp4(
+    x: torch.Tensor,
+    w13_blocks: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w2_blocks: torch.Tensor,
+    w2_scales: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """`fused_moe` on MXFP4 experts: w13 as blocks uint8 [E, 2I, H / 32, 16] + scales uint8
+    [E, 2I, H / 32] (gate rows, then up rows), w2 as [E, H, I / 32, 16] + [E, H, I / 32].
+    The torch path dequantizes first."""
+    extra = dict(b13=b13, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+    args = (x, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights, topk_ids)
+    return fused_moe_mxfp4_torch(*args, **extra)
 
 
 def apply_token_bitmask(

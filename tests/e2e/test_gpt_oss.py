@@ -90,3 +90,18 @@ def test_gpt_oss_serves_transformers_tokens(gpt_oss_model, tmp_path):
         assert_same(served_greedy(server), hf_greedy(gpt_oss_model))
     finally:
         server.stop()
+
+
+def test_mxfp4_gpt_oss_serves_transformers_dequantized_tokens(gpt_oss_model, tmp_path):
+    import transformers
+
+    from splitserve.testing.mxfp4_pack import pack_checkpoint
+
+    folder, _ = pack_checkpoint(gpt_oss_model, tmp_path / "tiny-gpt-oss-mxfp4")
+    flags = ["--quantization", "mxfp4", "--return-tokens-as-token-ids"]
+    server = Server(folder, flags, tmp_path / "log")
+    try:
+        theirs = hf_greedy(folder, quantization_config=transformers.Mxfp4Config(dequantize=True))
+        assert_same(served_greedy(server), theirs)
+    finally:
+        server.stop()

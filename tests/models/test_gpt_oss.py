@@ -85,3 +85,71 @@ def test_in_process_llm_matches_transformers(gpt_oss_path, reference):
         assert [list(o.outputs[0].token_ids) for o in outs] == [t for t, _ in reference]
     finally:
         llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mxfp4_folders(gpt_oss_path, tmp_path_factory):
+    from splitserve.testing.mxfp4_pack import pack_checkpoint
+
+    return pack_checkpoint(gpt_oss_path, tmp_path_factory.mktemp("mxfp4") / "gpt-oss-mxfp4")
+
+
+@pytest.fixture(scope="module")
+def mxfp4_reference(mxfp4_folders):
+    """transformers' own MXFP4 dequantization of the packed folder (CPU, float32)."""
+    import transformers
+
+    model = hf_model(
+        mxfp4_folders[0], quantization_config=transformers.Mxfp4Config(dequantize=True)
+    )
+    return hf_greedy_logprobs(model, PROMPTS, MAX_TOKENS, NUM_LOGPROBS)
+
+
+def test_mxfp4_experts_load_as_transformers_dequantizes_them(mxfp4_folders):
+    """The worker's dequantized stacks equal transformers' (gate rows first, then up)."""
+    import transformers
+
+    runner = ModelRunner(WorkerConfig(model=str(mxfp4_folders[0])))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        mxfp4_folders[0],
+        dtype=torch.float32,
+        quantization_config=transformers.Mxfp4Config(dequantize=True),
+    ).state_dict()
+    for i, layer in enumerate(runner.model.model.layers):
+        experts = layer.mlp.experts
+        assert not hasattr(experts, "gate_up_proj_blocks")  # freed after dequantizing (CPU)
+        gate_up = theirs[f"model.layers.{i}.mlp.experts.gate_up_proj"].transpose(1, 2)
+        assert torch.equal(experts.gate_up_proj, torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], 1))
+        down = theirs[f"model.layers.{i}.mlp.experts.down_proj"].transpose(1, 2)
+        assert torch.equal(experts.down_proj, down)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_mxfp4_matches_transformers_dequantized(mxfp4_folders, mxfp4_reference, chunk_size):
+    runner = ModelRunner(WorkerConfig(model=str(mxfp4_folders[0]), quantization="mxfp4"))
+    driver = StepDriver(runner, block_size=4, chunk_size=chunk_size)
+    for i, prompt in enumerate(PROMPTS):
+        driver.add(str(i), prompt, MAX_TOKENS, _greedy())
+    out = driver.run()
+    ours = [out[str(i)].top_logprobs() for i in range(len(PROMPTS))]
+    assert [t for t, _ in ours] == [t for t, _ in mxfp4_reference]
+    check_logprobs_close(mxfp4_reference, ours, "transformers-mxfp4", "splitserve")
+
+
+def test_mxfp4_in_process_llm_matches_transformers(mxfp4_folders, mxfp4_reference, reference):
+    llm = LLM(str(mxfp4_folders[0]))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        outs = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, params)]
+        assert outs == [t for t, _ in mxfp4_reference]
+    finally:
+        llm.shutdown()
+    # the 4-bit experts are not the original ones: the comparison above is not vacuous
+    assert [lp for _, lp in mxfp4_reference] != [lp for _, lp in reference]
+
+
+def test_quantization_flag_must_match_the_checkpoint(gpt_oss_path, mxfp4_folders):
+    with pytest.raises(ValueError, match="does not match the checkpoint"):
+        ModelRunner(WorkerConfig(model=str(mxfp4_folders[0]), quantization="awq"))
+    with pytest.raises(ValueError, match="--quantization mxfp4 needs a checkpoint"):
+        ModelRunner(WorkerConfig(model=str(gpt_oss_path), quantization="mxfp4"))
