@@ -262,8 +262,7 @@ def fused_moe(
 def mxfp4_moe_available(device: torch.device) -> bool:
     """Whether MXFP4 experts on `device` run packed through the Triton kernel (CUDA with
     triton); elsewhere they are dequantized once at load."""
-    # NOTE: no Triton MXFP4 kernel yet: every device dequantizes at load.
-    return False
+    return torch.device(device).type == "cuda" and triton_available()
 
 
 def fused_moe_mxfp4(
@@ -283,9 +282,12 @@ def fused_moe_mxfp4(
 ) -> torch.Tensor:
     """`fused_moe` on MXFP4 experts: w13 as blocks uint8 [E, 2I, H / 32, 16] + scales uint8
     [E, 2I, H / 32] (gate rows, then up rows), w2 as [E, H, I / 32, 16] + [E, H, I / 32].
-    The torch path dequantizes first."""
+    Triton (`mxfp4_moe`) decodes the blocks in the GEMM's load stage; the torch path
+    dequantizes first."""
     extra = dict(b13=b13, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
     args = (x, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights, topk_ids)
+    if _use_triton(x, backend):
+        return _kernel_module("mxfp4_moe").fused_moe_mxfp4(*args, **extra)
     return fused_moe_mxfp4_torch(*args, **extra)
 
 

@@ -153,3 +153,39 @@ def test_quantization_flag_must_match_the_checkpoint(gpt_oss_path, mxfp4_folders
         ModelRunner(WorkerConfig(model=str(mxfp4_folders[0]), quantization="awq"))
     with pytest.raises(ValueError, match="--quantization mxfp4 needs a checkpoint"):
         ModelRunner(WorkerConfig(model=str(gpt_oss_path), quantization="mxfp4"))
+
+
+def test_packed_mxfp4_experts_run_through_the_triton_kernel(
+    mxfp4_folders, mxfp4_reference, monkeypatch
+):
+    """As on CUDA: the experts stay packed and every MoE layer runs the MXFP4 kernel (here in
+    the Triton interpreter); tokens and logprobs still match transformers' dequantized model."""
+    import os
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    from splitserve.kernels import dispatch
+    from splitserve.kernels.mxfp4_moe import fused_moe_mxfp4
+
+    calls = []
+
+    def triton_mxfp4(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return fused_moe_mxfp4(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "mxfp4_moe_available", lambda device: True)
+    monkeypatch.setattr(dispatch, "fused_moe_mxfp4", triton_mxfp4)
+    runner = ModelRunner(WorkerConfig(model=str(mxfp4_folders[0])))
+    experts = runner.model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj_blocks.dtype == torch.uint8 and not hasattr(experts, "gate_up_proj")
+    tokens = 6  # the interpreter is slow
+    driver = StepDriver(runner, block_size=4, chunk_size=5)
+    for i in (1, 2):
+        driver.add(str(i), PROMPTS[i], tokens, _greedy())
+    out = driver.run()
+    assert len(calls) >= 3 * tokens  # three MoE layers, every step
+    ours = [out[str(i)].top_logprobs() for i in (1, 2)]
+    theirs = [(t[:tokens], lp[:tokens]) for t, lp in (mxfp4_reference[i] for i in (1, 2))]
+    assert [t for t, _ in ours] == [t for t, _ in theirs]
+    check_logprobs_close(theirs, ours, "transformers-mxfp4", "splitserve")
