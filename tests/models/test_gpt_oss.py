@@ -189,3 +189,20 @@ def test_packed_mxfp4_experts_run_through_the_triton_kernel(
     theirs = [(t[:tokens], lp[:tokens]) for t, lp in (mxfp4_reference[i] for i in (1, 2))]
     assert [t for t, _ in ours] == [t for t, _ in theirs]
     check_logprobs_close(theirs, ours, "transformers-mxfp4", "splitserve")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mxfp4_on_cuda_keeps_the_experts_packed(mxfp4_folders, mxfp4_reference):
+    """On CUDA the experts stay MXFP4 (uint8 blocks on the device) and the Triton kernel runs
+    them; greedy tokens still equal transformers' on the dequantized weights (float32)."""
+    runner = ModelRunner(WorkerConfig(model=str(mxfp4_folders[0]), device="cuda"))
+    experts = runner.model.model.layers[0].mlp.experts
+    assert experts.packed and experts.gate_up_proj_blocks.is_cuda
+    assert not hasattr(experts, "gate_up_proj")
+    driver = StepDriver(runner, block_size=4)
+    for i, prompt in enumerate(PROMPTS):
+        driver.add(str(i), prompt, MAX_TOKENS, _greedy())
+    out = driver.run()
+    ours = [out[str(i)].top_logprobs() for i in range(len(PROMPTS))]
+    assert [t for t, _ in ours] == [t for t, _ in mxfp4_reference]
