@@ -93,7 +93,8 @@ def _mxfp4_moe_kernel(
             b_mask = byte < K // 2
             wb_mask = b_mask[:, None] & n_mask[None, :]
             packed = tl.load(w_base + byte[:, None], mask=wb_mask, other=0).to(tl.int32)
-            s = tl.load(s_base + (byte // (GROUP // 2))[:, None], mask=wb_mask, other=127)
+            # NOTE: 16 bytes (32 values) share one scale; a literal, as kernels read no globals
+            s = tl.load(s_base + (byte // 16)[:, None], mask=wb_mask, other=127)
             s = s.to(tl.int32)
             # 2^(s - 127) from its float32 bits (exact); s = 0 is the subnormal 2^-127
             scale = tl.where(s == 0, 0x400000, s << 23).to(tl.float32, bitcast=True)
