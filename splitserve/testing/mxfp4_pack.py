@@ -65,9 +65,12 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return values.flatten(-2).float()
 
 
-def pack_checkpoint(src: pathlib.Path, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+def pack_checkpoint(
+    src: pathlib.Path, out: pathlib.Path, dense_layers: tuple[int, ...] = ()
+) -> tuple[pathlib.Path, pathlib.Path]:
     """Write `out` (the MXFP4 checkpoint of gpt-oss folder `src`) and `out`-dense (the same
-    model on its dequantized weights); returns both folders."""
+    model on its dequantized weights); returns both folders. The experts of `dense_layers`
+    stay unquantized and are listed in `modules_to_not_convert`."""
     from safetensors.torch import load_file, save_file
 
     state: dict[str, torch.Tensor] = {}
@@ -75,7 +78,7 @@ def pack_checkpoint(src: pathlib.Path, out: pathlib.Path) -> tuple[pathlib.Path,
         state.update(load_file(f))
     quant, dense = dict(state), dict(state)
     for key, w in state.items():
-        if not EXPERTS_RE.match(key):
+        if not EXPERTS_RE.match(key) or any(f".layers.{i}.mlp." in key for i in dense_layers):
             continue
         rows_out = w.transpose(1, 2)  # [E, N, K]: outputs as rows, as the format stores them
         blocks, scales = quantize(rows_out)
@@ -84,7 +87,8 @@ def pack_checkpoint(src: pathlib.Path, out: pathlib.Path) -> tuple[pathlib.Path,
         dense[key] = dequantize(blocks, scales).transpose(1, 2).contiguous().to(w.dtype)
     dense_out = out.with_name(out.name + "-dense")
     config = json.loads((src / "config.json").read_text())
-    qconfig = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_NOT_CONVERTED}
+    skipped = [f"model.layers.{i}.mlp.experts" for i in dense_layers]
+    qconfig = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_NOT_CONVERTED + skipped}
     for folder, tensors, q in ((out, quant, qconfig), (dense_out, dense, None)):
         shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
         written = dict(config, quantization_config=q) if q else config

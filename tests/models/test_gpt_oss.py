@@ -206,3 +206,37 @@ def test_mxfp4_on_cuda_keeps_the_experts_packed(mxfp4_folders, mxfp4_reference):
     out = driver.run()
     ours = [out[str(i)].top_logprobs() for i in range(len(PROMPTS))]
     assert [t for t, _ in ours] == [t for t, _ in mxfp4_reference]
+
+
+def test_modules_to_not_convert_patterns():
+    from splitserve.worker.quantization.mxfp4 import not_converted
+
+    patterns = ["model.layers.*.self_attn", "model.layers.1.mlp.experts", "lm_head"]
+    assert not_converted("model.layers.1.mlp.experts", patterns)
+    assert not_converted("model.layers.12.self_attn", patterns)
+    assert not not_converted("model.layers.11.mlp.experts", patterns)  # not a prefix at a dot
+    assert not not_converted("model.layers.0.mlp.experts", patterns)
+    assert not_converted("model.layers.0.mlp.experts", ["experts"])  # a suffix
+
+
+def test_experts_left_unconverted_load_dense(gpt_oss_path, tmp_path):
+    """Layer 1's experts saved unquantized and named in modules_to_not_convert: the worker
+    keeps them as they are, quantizes the others, and matches transformers."""
+    import transformers
+
+    from splitserve.testing.mxfp4_pack import pack_checkpoint
+
+    folder, _ = pack_checkpoint(gpt_oss_path, tmp_path / "mixed", dense_layers=(1,))
+    runner = ModelRunner(WorkerConfig(model=str(folder)))
+    layers = runner.model.model.layers
+    assert layers[1].mlp.experts.method is None
+    assert layers[0].mlp.experts.method is not None and layers[2].mlp.experts.method is not None
+    model = hf_model(folder, quantization_config=transformers.Mxfp4Config(dequantize=True))
+    theirs = hf_greedy_logprobs(model, PROMPTS[1:3], 8, NUM_LOGPROBS)
+    driver = StepDriver(runner, block_size=4)
+    for i, prompt in enumerate(PROMPTS[1:3]):
+        driver.add(str(i), prompt, 8, _greedy())
+    out = driver.run()
+    ours = [out[str(i)].top_logprobs() for i in range(2)]
+    assert [t for t, _ in ours] == [t for t, _ in theirs]
+    check_logprobs_close(theirs, ours, "transformers-mxfp4", "splitserve")

@@ -19,6 +19,7 @@ activations are never quantized).
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 import torch
@@ -119,9 +120,22 @@ class Mxfp4MoEMethod(MoEExpertsMethod):
         )
 
 
+def not_converted(name: str, patterns: list[str]) -> bool:
+    """Whether module `name` is left unquantized by `modules_to_not_convert`: a pattern names
+    it, or a module above it, from the start (`*` standing for any characters, so
+    "model.layers.*.mlp.experts" names every layer's experts), or is a suffix of it after a
+    dot."""
+    for pattern in patterns:
+        regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+        if re.match(rf"{regex}(\.|$)", name) or name.endswith("." + pattern):
+            return True
+    return False
+
+
 class Mxfp4Config(QuantConfig):
-    """quant_method "mxfp4": MoE experts in MXFP4, every linear layer unquantized (the format's
-    `modules_to_not_convert` names attention, router, embeddings and lm_head)."""
+    """quant_method "mxfp4": MoE experts in MXFP4, except those `modules_to_not_convert` names;
+    every linear layer unquantized (gpt-oss lists attention, router, embeddings and lm_head
+    there)."""
 
     name: ClassVar[str] = "mxfp4"
 
@@ -138,7 +152,9 @@ class Mxfp4Config(QuantConfig):
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
         return None
 
-    def moe_method(self, experts: nn.Module, name: str) -> MoEExpertsMethod:
+    def moe_method(self, experts: nn.Module, name: str) -> MoEExpertsMethod | None:
+        if not_converted(name, self.modules_to_not_convert):
+            return None  # saved unquantized: the plain stacks
         if not getattr(experts, "interleaved_gate_up", False):
             raise ValueError(
                 f"mxfp4 quantization of MoE experts ({name}) is supported for gpt-oss "
