@@ -44,8 +44,8 @@ def _mxfp4_moe_kernel(
     # pointers
     out_ptr,
     a_ptr,
-    w_ptr,
-    s_ptr,
+    blocks_ptr,
+    scales_ptr,
     bias_ptr,
     pair_ids_ptr,
     block_expert_ptr,
@@ -84,8 +84,8 @@ def _mxfp4_moe_kernel(
         n_mask = offs_n < N
         offs_b = tl.arange(0, BLOCK_K // 2)  # bytes of one K step
         e64 = expert.to(tl.int64)
-        w_base = w_ptr + e64 * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
-        s_base = s_ptr + e64 * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
+        w_base = blocks_ptr + e64 * stride_we + offs_n.to(tl.int64)[None, :] * stride_wn
+        s_base = scales_ptr + e64 * stride_se + offs_n.to(tl.int64)[None, :] * stride_sn
         a_rows = a_ptr + rows[:, None] * stride_am
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for b0 in range(0, K // 2, BLOCK_K // 2):
