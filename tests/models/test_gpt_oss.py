@@ -240,3 +240,23 @@ def test_experts_left_unconverted_load_dense(gpt_oss_path, tmp_path):
     ours = [out[str(i)].top_logprobs() for i in range(2)]
     assert [t for t, _ in ours] == [t for t, _ in theirs]
     check_logprobs_close(theirs, ours, "transformers-mxfp4", "splitserve")
+
+
+def test_hidden_size_twice_the_intermediate_loads_the_right_stacks(tmp_path):
+    """H = 2I: down_proj [E, I, H] transposed has the shape of gate_up's rows; only gate_up
+    (weights and bias) is de-interleaved."""
+    from splitserve.testing.demo_model import build_model
+
+    folder = build_model(
+        tmp_path / "h2i", "gpt_oss", vocab_size=300, hidden_size=64, intermediate_size=32,
+        num_layers=1, head_dim=16, num_local_experts=4, sliding_window=8,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    runner = ModelRunner(WorkerConfig(model=str(folder)))
+    theirs = hf_model(folder).state_dict()
+    experts = runner.model.model.layers[0].mlp.experts
+    gate_up = theirs["model.layers.0.mlp.experts.gate_up_proj"].transpose(1, 2)
+    assert torch.equal(experts.gate_up_proj, torch.cat([gate_up[:, 0::2], gate_up[:, 1::2]], 1))
+    down = theirs["model.layers.0.mlp.experts.down_proj"].transpose(1, 2)
+    assert torch.equal(experts.down_proj, down)
+    assert torch.equal(experts.down_proj_bias, theirs["model.layers.0.mlp.experts.down_proj_bias"])

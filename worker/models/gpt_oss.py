@@ -70,7 +70,8 @@ class GptOssExperts(MoEExperts):
 
     def bias_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         """gate_up_proj_bias [E, 2I] arrives interleaved; down_proj_bias [E, H] as is."""
-        if param.shape[1] == 2 * self.intermediate_size and loaded.dim() == 2:
+        # NOTE: by identity, not shape: H may equal 2I
+        if param is self._parameters.get("gate_up_proj_bias") and loaded.dim() == 2:
             loaded = deinterleave_rows(loaded)
         default_weight_loader(param, loaded, shard_id)
 
@@ -80,7 +81,7 @@ class GptOssExperts(MoEExperts):
             super().weight_loader(param, loaded, shard_id)
             return
         loaded = loaded.transpose(1, 2)
-        if loaded.shape[1] == 2 * self.intermediate_size and param.shape[1] == loaded.shape[1]:
+        if param is self._parameters.get("gate_up_proj"):  # by identity: H may equal 2I
             loaded = deinterleave_rows(loaded)
         default_weight_loader(param, loaded)
 
