@@ -53,15 +53,16 @@ step() {  # step NAME SECONDS COMMAND...
 # included), CUDA graphs, the model parity suite through the Triton backend, and everything
 # marked gpu.
 step kernel_tests 100 "$PY" -m pytest -q tests/kernels -p no:cacheprovider
-step gpu_marked_tests 80 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
+step gpu_marked_tests 70 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
 step cuda_graph_tests 60 "$PY" -m pytest -q tests/worker/test_cuda_graphs.py -p no:cacheprovider
 step parity_tests 60 "$PY" -m pytest -q tests/models/test_parity.py -p no:cacheprovider
 
 # Benchmarks: ratios measured in the same run.
-step kernel_bench 60 "$PY" bench/kernel_bench.py --quick
+step kernel_bench 55 "$PY" bench/kernel_bench.py --quick
 step moe_bench 30 "$PY" bench/moe.py --quick
-step quant_bench 55 "$PY" bench/quant.py --skip-cpu  # W8A16 and W4A16 vs fp16
-step ssm_bench 25 "$PY" bench/ssm.py --quick --gpu-only
+step mxfp4_moe_bench 25 "$PY" bench/moe.py --quick --mxfp4  # MXFP4 vs bf16 experts
+step quant_bench 50 "$PY" bench/quant.py --skip-cpu  # W8A16 and W4A16 vs fp16
+step ssm_bench 20 "$PY" bench/ssm.py --quick --gpu-only
 
 echo "gpu_check: summary in $SUMMARY"
 cat "$SUMMARY"

@@ -4,6 +4,11 @@ shapes.
 
     python bench/quant.py            # ~60M-param Llama (fp32 on CPU), batch 1 and 8
     python bench/quant.py --small    # a tiny model, one round (a quick check)
+    python bench/quant.py --mxfp4    # gpt-oss: MXFP4 experts against the unquantized model
+
+`--mxfp4` replaces the Llama variants with a random gpt-oss (sliding / full layers, 8 experts
+top-2) saved unquantized and packed by `splitserve.testing.mxfp4_pack`; the CPU worker
+dequantizes the experts at load, so the expected ratio is again 1.0.
 
 CPU: one random Llama is saved unquantized and packed into each FP8 format
 (`splitserve.testing.fp8_pack`: fbgemm_fp8 per channel, fp8 block-wise 128x128,
@@ -38,6 +43,23 @@ import tempfile
 import time
 
 VARIANTS = ("unquantized", "fbgemm_fp8", "fp8-block", "ct-channel", "online-fp8", "awq", "w4a16")
+
+
+def build_mxfp4(root: pathlib.Path, small: bool) -> dict[str, tuple[pathlib.Path, dict]]:
+    from splitserve.testing.demo_model import build_model
+    from splitserve.testing.mxfp4_pack import pack_checkpoint
+
+    size = (
+        {"hidden_size": 64, "intermediate_size": 64, "num_layers": 2, "head_dim": 16}
+        if small
+        else {"hidden_size": 768, "intermediate_size": 768, "num_layers": 6, "head_dim": 64}
+    )
+    src = build_model(
+        root / "gpt-oss", "gpt_oss", vocab_size=2000, max_position_embeddings=512,
+        num_heads=12 if not small else 4, num_kv_heads=4 if not small else 2,
+        num_local_experts=8, num_experts_per_tok=2, sliding_window=32, **size,
+    )  # fmt: skip
+    return {"unquantized": (src, {}), "mxfp4": (pack_checkpoint(src, root / "mxfp4")[0], {})}
 
 
 def build(root: pathlib.Path, small: bool) -> dict[str, tuple[pathlib.Path, dict]]:
@@ -76,7 +98,7 @@ def cpu(args) -> None:
     from splitserve import LLM
 
     with tempfile.TemporaryDirectory() as tmp:
-        models = build(pathlib.Path(tmp), args.small)
+        models = (build_mxfp4 if args.mxfp4 else build)(pathlib.Path(tmp), args.small)
         engines = {
             name: LLM(str(path), kv_cache_memory=256 << 20, max_model_len=512, **kw)
             for name, (path, kw) in models.items()
@@ -202,6 +224,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8", help="concurrencies, comma-separated")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument(
+        "--mxfp4", action="store_true", help="CPU: gpt-oss MXFP4 vs unquantized (not the Llama set)"
+    )
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     if args.small:

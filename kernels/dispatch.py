@@ -22,6 +22,7 @@ from . import reference as ref
 from . import torch_mamba, torch_ops
 from .torch_attention import TorchAttentionPlan, paged_attention_torch, write_kv_cache_torch
 from .torch_moe import fused_moe_torch
+from .torch_mxfp4 import fused_moe_mxfp4_torch
 
 logger = logging.getLogger(__name__)
 
@@ -238,17 +239,56 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
     backend: str | None = None,
 ) -> torch.Tensor:
     """SwiGLU experts on their routed tokens: x [T, H], w13 [E, 2I, H] (gate, then up rows),
     w2 [E, H, I], topk_weights [T, K], topk_ids int [T, K] -> [T, H], weighted sum per token.
+    Optional per-expert biases b13 [E, 2I], b2 [E, H]; a swiglu_limit selects gpt-oss's
+    clamped SwiGLU.
 
     Both paths compute each expert on its own tokens only. The torch path (`torch_moe`) reads
     the routing on the host; the Triton one (`fused_moe`) does not, so it can be captured.
     """
+    extra = dict(b13=b13, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
     if _use_triton(x, backend):
-        return _kernel_module("fused_moe").fused_moe(x, w13, w2, topk_weights, topk_ids)
-    return fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
+        return _kernel_module("fused_moe").fused_moe(x, w13, w2, topk_weights, topk_ids, **extra)
+    return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, **extra)
+
+
+def mxfp4_moe_available(device: torch.device) -> bool:
+    """Whether MXFP4 experts on `device` run packed through the Triton kernel (CUDA with
+    triton); elsewhere they are dequantized once at load."""
+    return torch.device(device).type == "cuda" and triton_available()
+
+
+def fused_moe_mxfp4(
+    x: torch.Tensor,
+    w13_blocks: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w2_blocks: torch.Tensor,
+    w2_scales: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """`fused_moe` on MXFP4 experts: w13 as blocks uint8 [E, 2I, H / 32, 16] + scales uint8
+    [E, 2I, H / 32] (gate rows, then up rows), w2 as [E, H, I / 32, 16] + [E, H, I / 32].
+    Triton (`mxfp4_moe`) decodes the blocks in the GEMM's load stage; the torch path
+    dequantizes first."""
+    extra = dict(b13=b13, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+    args = (x, w13_blocks, w13_scales, w2_blocks, w2_scales, topk_weights, topk_ids)
+    if _use_triton(x, backend):
+        return _kernel_module("mxfp4_moe").fused_moe_mxfp4(*args, **extra)
+    return fused_moe_mxfp4_torch(*args, **extra)
 
 
 def apply_token_bitmask(

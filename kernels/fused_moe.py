@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ._checks import cdiv, check_float, check_int, check_same_device, dot_precision
 from .activation import silu_and_mul
+from .torch_ops import clamped_swiglu
 
 BLOCK_M = 16  # tl.dot needs M >= 16
 BLOCK_N = 64
@@ -30,6 +31,7 @@ def _fused_moe_kernel(
     out_ptr,
     a_ptr,
     w_ptr,
+    bias_ptr,
     pair_ids_ptr,
     block_expert_ptr,
     topk_weights_ptr,
@@ -43,6 +45,7 @@ def _fused_moe_kernel(
     stride_am,
     stride_we,
     stride_wn,
+    stride_be,
     stride_om,
     # meta
     BLOCK_M: tl.constexpr,
@@ -50,6 +53,7 @@ def _fused_moe_kernel(
     BLOCK_K: tl.constexpr,
     A_BY_TOKEN: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -75,6 +79,9 @@ def _fused_moe_kernel(
                 w_base + (k0 + offs_k)[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0
             )
             acc += tl.dot(a, w, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_n, mask=n_mask)
+            acc += bias.to(tl.float32)[None, :]
         if MUL_WEIGHT:
             scale = tl.load(topk_weights_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
             acc = acc * scale[:, None]
@@ -128,16 +135,19 @@ def _grouped_gemm(
     top_k: int,
     a_by_token: bool,
     mul_weight: bool,
+    bias: torch.Tensor | None = None,
 ) -> None:
     num_pairs = topk_weights.numel()
     n, k = w.shape[1], w.shape[2]
     grid = (block_expert.numel(), cdiv(n, BLOCK_N))
     _fused_moe_kernel[grid](
-        out, a, w, pair_ids, block_expert, topk_weights,
+        out, a, w, bias if bias is not None else w, pair_ids, block_expert, topk_weights,
         n, k, num_pairs, top_k, w.shape[0],
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        a.stride(0), w.stride(0), w.stride(1), bias.stride(0) if bias is not None else 0,
+        out.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        A_BY_TOKEN=a_by_token, MUL_WEIGHT=mul_weight, DOT_PRECISION=dot_precision(a.dtype),
+        A_BY_TOKEN=a_by_token, MUL_WEIGHT=mul_weight, HAS_BIAS=bias is not None,
+        DOT_PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
 
 
@@ -147,12 +157,19 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
 ) -> torch.Tensor:
     """SwiGLU experts over their routed tokens, weighted and summed per token (Triton).
 
     Args:
         x: [T, H]; w13: [E, 2I, H] (each expert's gate rows, then its up rows);
         w2: [E, H, I]; topk_weights: float [T, K]; topk_ids: int32/int64 [T, K] in [0, E).
+        b13 [E, 2I], b2 [E, H]: optional per-expert biases (b2 before the routing weight);
+        swiglu_limit: gpt-oss's clamped SwiGLU (`torch_ops.clamped_swiglu`) instead of SiLU.
 
     Returns:
         [T, H] in x.dtype.
@@ -174,14 +191,28 @@ def fused_moe(
             f"topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
             f"must both be [{num_tokens}, K]"
         )
+    _check_biases(b13, b2, num_experts, two_inter, hidden)
     top_k = topk_ids.shape[1]
     if num_tokens == 0:
         return torch.zeros_like(x)
     weights = topk_weights.reshape(-1).contiguous()
     pair_ids, block_expert = moe_align(topk_ids, num_experts)
     gate_up = torch.empty(num_tokens * top_k, two_inter, dtype=x.dtype, device=x.device)
-    _grouped_gemm(gate_up, x, w13, pair_ids, block_expert, weights, top_k, True, False)
-    hidden_states = silu_and_mul(gate_up)
+    _grouped_gemm(gate_up, x, w13, pair_ids, block_expert, weights, top_k, True, False, b13)
+    if swiglu_limit is None:
+        hidden_states = silu_and_mul(gate_up)
+    else:
+        hidden_states = clamped_swiglu(gate_up, swiglu_alpha, swiglu_limit).contiguous()
     down = torch.empty(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm(down, hidden_states, w2, pair_ids, block_expert, weights, top_k, False, True)
+    _grouped_gemm(down, hidden_states, w2, pair_ids, block_expert, weights, top_k, False, True, b2)
     return down.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def _check_biases(
+    b13: torch.Tensor | None, b2: torch.Tensor | None, experts: int, two_inter: int, hidden: int
+) -> None:
+    for name, bias, shape in (("b13", b13, (experts, two_inter)), ("b2", b2, (experts, hidden))):
+        if bias is not None and (tuple(bias.shape) != shape or bias.stride(-1) != 1):
+            raise ValueError(
+                f"{name} must be a contiguous-row {list(shape)} bias, got {tuple(bias.shape)}"
+            )

@@ -295,6 +295,10 @@ def fused_moe_ref(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
 ) -> torch.Tensor:
     """Token by token, slot by slot: sum_j w[t, j] * down(silu(gate(x[t])) * up(x[t])) of
     expert topk_ids[t, j], in fp32 with the projections' outputs rounded to x.dtype, where a
@@ -302,7 +306,8 @@ def fused_moe_ref(
 
     Args:
         x: [T, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I];
-        topk_weights: [T, K]; topk_ids: int [T, K].
+        topk_weights: [T, K]; topk_ids: int [T, K]; b13 [E, 2I], b2 [E, H]: optional biases;
+        swiglu_limit: gpt-oss's clamped SwiGLU (gate <= limit, |up| <= limit) when set.
 
     Returns:
         [T, H] in x.dtype.
@@ -316,9 +321,19 @@ def fused_moe_ref(
         xt = x[t].float().cpu()
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
-            gate, up = rounded(w13[e].float().cpu() @ xt).chunk(2)
-            hidden = rounded(F.silu(gate) * up)
-            out[t] += float(topk_weights[t, j]) * rounded(w2[e].float().cpu() @ hidden)
+            gate_up = w13[e].float().cpu() @ xt
+            if b13 is not None:
+                gate_up = gate_up + b13[e].float().cpu()
+            gate, up = rounded(gate_up).chunk(2)
+            if swiglu_limit is None:
+                hidden = rounded(F.silu(gate) * up)
+            else:  # gpt-oss: clamped gate and up, sigmoid gain alpha, up shifted by one
+                gate, up = gate.clamp(max=swiglu_limit), up.clamp(-swiglu_limit, swiglu_limit)
+                hidden = rounded((up + 1) * gate * torch.sigmoid(swiglu_alpha * gate))
+            down = w2[e].float().cpu() @ hidden
+            if b2 is not None:
+                down = down + b2[e].float().cpu()
+            out[t] += float(topk_weights[t, j]) * rounded(down)
     return out.to(device=x.device, dtype=x.dtype)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .torch_ops import silu_and_mul
+from .torch_ops import moe_activation
 
 
 def fused_moe_torch(
@@ -24,12 +24,21 @@ def fused_moe_torch(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    swiglu_alpha: float = 1.702,
 ) -> torch.Tensor:
     """SwiGLU experts over their routed tokens, weighted and summed per token.
 
     Args:
         x: [T, H]; w13: [E, 2I, H] (each expert's gate rows, then its up rows);
         w2: [E, H, I]; topk_weights: [T, K] (any float dtype); topk_ids: int [T, K] in [0, E).
+        b13: [E, 2I], b2: [E, H] or None: per-expert biases of the two projections (the
+            down bias is added before the routing weight scales the output, as gpt-oss does).
+        swiglu_limit, swiglu_alpha: a limit selects gpt-oss's clamped SwiGLU
+            (`torch_ops.clamped_swiglu`); None is SiLU-and-mul.
 
     Returns:
         [T, H] in x.dtype: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
@@ -49,8 +58,11 @@ def fused_moe_torch(
         if count == 0:
             continue
         rows = tokens[start : start + count]
-        hidden = silu_and_mul(F.linear(x.index_select(0, rows), w13[expert]))
-        hidden = F.linear(hidden, w2[expert]).mul_(weights[start : start + count])
+        bias13 = b13[expert] if b13 is not None else None
+        bias2 = b2[expert] if b2 is not None else None
+        hidden = F.linear(x.index_select(0, rows), w13[expert], bias13)
+        hidden = moe_activation(hidden, swiglu_limit, swiglu_alpha)
+        hidden = F.linear(hidden, w2[expert], bias2).mul_(weights[start : start + count])
         out.index_add_(0, rows, hidden)
         start += count
     return out

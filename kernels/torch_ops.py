@@ -43,6 +43,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate).mul_(up)
 
 
+def clamped_swiglu(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's gated activation over x [..., 2I] = [gate | up], in x's dtype:
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit)."""
+    gate, up = x.chunk(2, dim=-1)
+    gate = gate.clamp(max=limit)
+    glu = gate * torch.sigmoid(gate * alpha)
+    return (up.clamp(-limit, limit) + 1) * glu
+
+
+def moe_activation(
+    x: torch.Tensor, swiglu_limit: float | None, swiglu_alpha: float
+) -> torch.Tensor:
+    """The experts' gated activation: SiLU-and-mul, or the clamped SwiGLU when a limit is set."""
+    if swiglu_limit is None:
+        return silu_and_mul(x)
+    return clamped_swiglu(x, swiglu_alpha, swiglu_limit)
+
+
 def _joint_view(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """q and k as ONE [T, Hq + Hk, D] view when k's heads directly follow q's in memory (the
     fused qkv projection's layout), so both rotate in one pass; else None."""

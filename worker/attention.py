@@ -86,8 +86,10 @@ class AttentionBackend:
         k: torch.Tensor,
         v: torch.Tensor,
         meta: AttentionMetadata,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hk, D] (views may be strided) -> [T, Hq * D]."""
+        """q [T, Hq, D], k/v [T, Hk, D] (views may be strided) -> [T, Hq * D]; sinks: fp32
+        [Hq] attention-sink logits (gpt-oss) or None."""
         key_cache, value_cache = layer.kv_cache if layer.kv_cache is not None else (None, None)
         if key_cache is not None and meta.slot_mapping is not None:
             dispatch.write_kv_cache(
@@ -102,6 +104,7 @@ class AttentionBackend:
             meta.query_start_loc,
             layer.scale,
             sliding_window=layer.sliding_window,
+            sinks=sinks,
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
             backend=self.name,
@@ -169,10 +172,11 @@ class TritonAttentionBackend(AttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         meta: AttentionMetadata,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if layer.kv_cache is None:
             raise RuntimeError("the triton backend needs a KV cache; profile with 'torch'")
-        return super().forward(layer, q, k, v, meta)
+        return super().forward(layer, q, k, v, meta, sinks)
 
 
 _BACKENDS: dict[str, type[AttentionBackend]] = {
@@ -256,8 +260,11 @@ class Attention(nn.Module):
             self.layer_idx, block_size, self.num_kv_heads, self.head_dim, dtype, self.sliding_window
         )
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """sinks: fp32 [Hq], one extra softmax logit per head that attends to no value."""
         context = getattr(_LOCAL, "context", None)
         if context is None:
             raise RuntimeError("Attention called outside forward_context()")
-        return context.backend.forward(self, q, k, v, context.metadata)
+        return context.backend.forward(self, q, k, v, context.metadata, sinks)

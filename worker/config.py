@@ -20,7 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 GUIDED_DECODING_BACKENDS = ("xgrammar", "guidance", "auto")
-QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "awq")
+QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "awq", "mxfp4")
 """Checkpoint formats splitserve loads (config.json quantization_config.quant_method)."""
 PP_PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
 

@@ -47,6 +47,7 @@ ARCHS: dict[str, tuple[str, str, dict]] = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"tie_word_embeddings": False}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"tie_word_embeddings": False}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {"tie_word_embeddings": False}),
 }
 """build_model's arch -> (transformers config class, model class, default config fields)."""
 
@@ -186,9 +187,9 @@ def build_model(
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     config_name, model_name, defaults = ARCHS[arch]
     fields = {**defaults, **common, **config_kwargs}
-    if arch in ("llama", "mistral", "qwen3", "qwen3_moe"):
+    if arch in ("llama", "mistral", "qwen3", "qwen3_moe", "gpt_oss"):
         fields["head_dim"] = head_dim or hidden_size // num_heads
-    if arch in ("mixtral", "qwen3_moe"):
+    if arch in ("mixtral", "qwen3_moe", "gpt_oss"):
         if not {"num_experts", "num_local_experts"} & fields.keys():
             fields["num_local_experts"] = 4
         fields.setdefault("num_experts_per_tok", 2)

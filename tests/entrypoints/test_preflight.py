@@ -100,13 +100,14 @@ def _bad_shape(folder):
             "quant",
             [],
             r"quant_method 'gptq', which splitserve does not load; supported: fp8, fbgemm_fp8, "
-            r"compressed-tensors",
+            r"compressed-tensors, awq, mxfp4",
         ),
         ("good", ["--quantization", "fbgemm_fp8"], r"needs a checkpoint saved in that format"),
+        ("good", ["--quantization", "mxfp4"], r"--quantization mxfp4 needs a checkpoint saved"),
         (
             "good",
-            ["--quantization", "mxfp4"],
-            r"quantization must be one of fp8, fbgemm_fp8, compressed-tensors, awq",
+            ["--quantization", "gptq"],
+            r"quantization must be one of fp8, fbgemm_fp8, compressed-tensors, awq, mxfp4",
         ),
         ("good", ["--quantization", "awq"], r"--quantization awq needs a checkpoint saved in"),
     ],
@@ -192,6 +193,64 @@ def test_bad_int4_checkpoint_fails_before_any_process(case, good_model, tmp_path
     (fmt, edit), message = INT4_BAD[case]
     folder, _ = pack_checkpoint(good_model, tmp_path / "q", fmt)
     edit(folder)
+    code = cli.main(["serve", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert spawned == []
+    assert re.search(message, err), err
+
+
+@pytest.fixture(scope="module")
+def mxfp4_model(tmp_path_factory):
+    from splitserve.testing.mxfp4_pack import pack_checkpoint
+
+    root = tmp_path_factory.mktemp("preflight_mxfp4")
+    dense = build_model(
+        root / "gpt-oss",
+        "gpt_oss",
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=32,
+        num_layers=2,
+        head_dim=8,
+        num_local_experts=4,
+        sliding_window=8,
+        max_position_embeddings=128,
+    )
+    return pack_checkpoint(dense, root / "gpt-oss-mxfp4")[0]
+
+
+MXFP4_BAD = {
+    "scales": (
+        "model.layers.1.mlp.experts.down_proj_scales",
+        (4, 32, 2),
+        r"checkpoint tensor model\.layers\.1\.mlp\.experts\.down_proj_scales has shape "
+        r"\(4, 32, 2\), the model expects \(4, 32, 1\)",
+    ),
+    "blocks": (
+        "model.layers.0.mlp.experts.gate_up_proj_blocks",
+        (4, 64, 1, 8),
+        r"checkpoint tensor model\.layers\.0\.mlp\.experts\.gate_up_proj_blocks has shape "
+        r"\(4, 64, 1, 8\), the model expects \(4, 64, 1, 16\)",
+    ),
+}
+
+
+def test_good_mxfp4_checkpoint_passes_preflight(mxfp4_model, spawned):
+    with pytest.raises(Spawned):
+        cli.main(["serve", str(mxfp4_model), "--quantization", "mxfp4"])
+    assert len(spawned) == 1
+
+
+@pytest.mark.parametrize("case", list(MXFP4_BAD))
+def test_bad_mxfp4_checkpoint_fails_before_any_process(
+    case, mxfp4_model, tmp_path, spawned, capsys
+):
+    tensor, shape, message = MXFP4_BAD[case]
+    folder = _copy(mxfp4_model, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    state[tensor] = torch.ones(shape, dtype=torch.uint8)
+    save_file(state, folder / "model.safetensors")
     code = cli.main(["serve", str(folder)])
     err = capsys.readouterr().err
     assert code == 2

@@ -25,6 +25,7 @@ INT32_POINTERS = {
     "pair_ids_ptr", "block_expert_ptr",
 }  # fmt: skip
 INT64_POINTERS = {"positions_ptr", "slot_mapping_ptr"}
+UINT8_POINTERS = {"blocks_ptr", "scales_ptr"}
 FP32_POINTERS = {"sinks_ptr", "part_acc_ptr", "part_m_ptr", "part_l_ptr", "topk_weights_ptr"}
 FLOAT_SCALARS = {"scale", "soft_cap", "eps"}
 
@@ -43,6 +44,8 @@ def _compile(kernel, dtype: str, constexprs: dict, arch: int = 90):
             signature[name] = "*i32"
         elif name in INT64_POINTERS:
             signature[name] = "*i64"
+        elif name in UINT8_POINTERS:
+            signature[name] = "*u8"
         elif name in FP32_POINTERS:
             signature[name] = "*fp32"
         elif name.endswith("_ptr"):
@@ -88,6 +91,7 @@ def _cases() -> dict[str, object]:
     from splitserve.kernels.attention_prefill import _paged_attention_prefill_kernel
     from splitserve.kernels.fused_moe import _fused_moe_kernel
     from splitserve.kernels.kv_cache import _write_kv_cache_kernel
+    from splitserve.kernels.mxfp4_moe import _mxfp4_moe_kernel
     from splitserve.kernels.rms_norm import _rms_norm_kernel
     from splitserve.kernels.rotary_kernel import _rotary_kernel
     from splitserve.kernels.token_bitmask import _apply_token_bitmask_kernel
@@ -141,11 +145,18 @@ def _cases() -> dict[str, object]:
             meta = {
                 "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 32, "A_BY_TOKEN": gate_up,
                 "MUL_WEIGHT": not gate_up, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                "HAS_BIAS": gate_up,
             }  # fmt: skip
             cases[f"fused_moe-{dtype}-sm{arch}-{'gate_up' if gate_up else 'down'}"] = (
                 _fused_moe_kernel,
                 dtype,
                 meta,
+                arch,
+            )
+            cases[f"mxfp4_moe-{dtype}-sm{arch}-{'gate_up' if gate_up else 'down'}"] = (
+                _mxfp4_moe_kernel,
+                dtype,
+                {**meta, "BLOCK_K": 64, "HAS_BIAS": True},
                 arch,
             )
     return cases
@@ -161,6 +172,7 @@ CASE_NAMES = [
     "reduce-featuresTrue", "reduce-featuresFalse",
     *(f"{k}-{d}" for d in ("fp16", "bf16") for k in ("kv_cache", "rms_norm", "rotary", "act0", "act1", "act2", "bitmask")),
     *(f"fused_moe-{d}-{p}" for d in ("fp16-sm90", "bf16-sm80", "fp32-sm90") for p in ("gate_up", "down")),
+    *(f"mxfp4_moe-{d}-{p}" for d in ("fp16-sm90", "bf16-sm80", "fp32-sm90") for p in ("gate_up", "down")),
 ]  # fmt: skip
 
 

@@ -77,3 +77,25 @@ def test_dispatch_routes_by_backend():
 def test_bf16_on_gpu():
     args = _case(300, 8, 2, 512, 256, torch.bfloat16)
     assert_close(fused_moe(*args), reference.fused_moe_ref(*args), MOE_TOL)
+
+
+def _biased(num_experts, hidden, inter, dtype):
+    b13 = (torch.randn(num_experts, 2 * inter, device=DEVICE) * 2).to(dtype)
+    b2 = torch.randn(num_experts, hidden, device=DEVICE).to(dtype)
+    return b13, b2
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=str)
+def test_biases_and_clamped_swiglu_match_reference(shape):
+    """gpt-oss experts: biases on both projections, the clamped SwiGLU (large biases push the
+    gate and up past the limit, so the clamps decide the result)."""
+    args = _case(*shape, torch.float32)
+    b13, b2 = _biased(shape[1], shape[3], shape[4], torch.float32)
+    extra = dict(b13=b13, b2=b2, swiglu_limit=1.0, swiglu_alpha=1.702)
+    expected = reference.fused_moe_ref(*args, **extra)
+    assert_close(fused_moe(*args, **extra), expected, MOE_TOL)
+    assert_close(dispatch.fused_moe(*args, **extra, backend="torch"), expected, MOE_TOL)
+    plain = reference.fused_moe_ref(*args)
+    assert not torch.allclose(plain, expected, atol=1e-2)  # the options change the function
+    unclamped = reference.fused_moe_ref(*args, b13=b13, b2=b2, swiglu_limit=1e9)
+    assert not torch.allclose(unclamped, expected, atol=1e-2)

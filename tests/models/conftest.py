@@ -58,6 +58,30 @@ MODEL_KWARGS: dict[str, dict] = {
         attention_bias=True,
         max_position_embeddings=512,
     ),
+    # gpt-oss: sliding (8 tokens) / full / sliding layers with sinks, YaRN, 4 biased experts
+    # top-2 with a low SwiGLU limit so the clamps bite.
+    "gpt_oss": dict(
+        arch="gpt_oss",
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        swiglu_limit=1.5,
+        max_position_embeddings=512,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 128,
+        },
+    ),
     "llama3_rope": dict(
         arch="llama",
         max_position_embeddings=512,

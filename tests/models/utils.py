@@ -23,10 +23,10 @@ TokensLogprobs = tuple[list[int], list[dict[int, float]]]
 # --------------------------------------------------------------------------- the oracle
 
 
-def hf_model(path, dtype=torch.float32):
+def hf_model(path, dtype=torch.float32, **kwargs):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     model.generation_config.eos_token_id = None  # generate the full length, like the driver
     return model.eval()
 

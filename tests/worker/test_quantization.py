@@ -131,8 +131,11 @@ def test_flag_confirms_the_checkpoint_format(packed):
 
 def test_registry_lists_the_config_choices():
     assert tuple(_registry()) == QUANTIZATION_METHODS
-    with pytest.raises(ValueError, match="quantization must be one of fp8, fbgemm_fp8"):
-        WorkerConfig(model="x", quantization="mxfp4")
+    with pytest.raises(
+        ValueError,
+        match="quantization must be one of fp8, fbgemm_fp8, compressed-tensors, awq, mxfp4",
+    ):
+        WorkerConfig(model="x", quantization="gptq")
 
 
 # --- bad input: start-up errors naming the problem ------------------------------------------

@@ -6,6 +6,7 @@ from torch import nn
 
 from splitserve.common.pooling import BASE_MODEL_ARCHITECTURES
 from splitserve.worker.models.bamba import BambaForCausalLM
+from splitserve.worker.models.gpt_oss import GptOssForCausalLM
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mamba2 import Mamba2ForCausalLM
@@ -19,6 +20,7 @@ from splitserve.worker.models.whisper import WhisperForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "BambaForCausalLM": BambaForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Mamba2ForCausalLM": Mamba2ForCausalLM,

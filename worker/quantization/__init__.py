@@ -10,7 +10,8 @@ format before any process starts or port opens.
 
 Formats: fp8.py (`fp8`, `fbgemm_fp8`, and online `fp8`), compressed_tensors.py
 (`compressed-tensors`: its FP8 schemes and W4A16 `pack-quantized`), awq.py (`awq`, AutoAWQ's
-GEMM layout); int4.py holds what the int4 formats share.
+GEMM layout), mxfp4.py (`mxfp4`, gpt-oss's MoE experts); int4.py holds what the int4 formats
+share.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ class QuantConfig:
 
 
 def _registry() -> dict[str, type[QuantConfig]]:
-    from splitserve.worker.quantization import awq, compressed_tensors, fp8
+    from splitserve.worker.quantization import awq, compressed_tensors, fp8, mxfp4
 
     formats = (
         fp8.Fp8Config,
         fp8.FbgemmFp8Config,
         compressed_tensors.CompressedTensorsConfig,
         awq.AwqConfig,
+        mxfp4.Mxfp4Config,
     )
     configs = {c.name: c for c in formats}
     assert tuple(configs) == QUANTIZATION_METHODS, "worker.config lists the same formats"
