@@ -88,6 +88,8 @@ class ModelRunner:
             if self.config.enable_lora
             else None
         )
+        self.logits_width = self.vocab_size if self.lora is None else self.lora.logits_width
+        """Columns of the sampled logits: the vocabulary plus --lora-extra-vocab-size."""
         self.mm = (
             MultiModalInputs(self.model, self.device)
             if getattr(self.model, "supports_images", False)
@@ -144,7 +146,7 @@ class ModelRunner:
                 self.config,
                 self.device,
                 self._profile_peak_memory,
-                reserved=self._graph_memory(block_size),
+                reserved=self._graph_memory(block_size) + self._extra_vocab_memory(),
             )
         else:
             available = kv.available_kv_bytes(self.config, self.device)
@@ -199,7 +201,7 @@ class ModelRunner:
         self.batch = InputBatch(
             self.max_model_len,
             block_size,
-            self.vocab_size,
+            self.logits_width,
             num_blocks,
             self.device,
             initial_rows=min(self.config.max_num_seqs, 64),
@@ -327,6 +329,16 @@ class ModelRunner:
         logger.info("CUDA graphs will hold about %.1f MiB", reserved / 2**20)
         return reserved
 
+    def _extra_vocab_memory(self) -> int:
+        """Bytes the adapters' added rows may hold on the device (--max-loras slots of
+        --lora-extra-vocab-size rows, an embedding and an lm_head row each, on the ranks that
+        own them); their logits columns are part of the profiled step."""
+        if self.lora is None or not self.lora.extra_vocab_size:
+            return 0
+        item = torch.empty((), dtype=self.dtype).element_size()
+        row = self.loaded.text_config.hidden_size * item * (int(self.is_first) + int(self.is_last))
+        return self.config.max_loras * self.lora.extra_vocab_size * row
+
     def _dummy_intermediate(self, num_tokens: int) -> IntermediateTensors | None:
         if self.is_first:
             return None
@@ -368,7 +380,10 @@ class ModelRunner:
             out = self.model(input_ids, positions, self._dummy_intermediate(num_tokens))
         if self.is_last:
             rows = min(self.config.max_num_seqs, num_tokens)
-            self.model.compute_logits(out[:rows]).float().log_softmax(-1)
+            logits = self.model.compute_logits(out[:rows])
+            if self.logits_width > self.vocab_size:
+                logits = self.lora.extend_logits(out[:rows], logits, [None] * rows)
+            logits.float().log_softmax(-1)
 
     # ------------------------------------------------------------------ steps
 
@@ -411,8 +426,19 @@ class ModelRunner:
             )
         if plan.logits_indices.numel() == 0:  # only partial prefill chunks this step
             return msg.StepResult(step_id=step.step_id, errors=errors)
-        logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
+        hidden = out.index_select(0, plan.logits_indices)
+        logits = self.model.compute_logits(hidden)
+        if self.logits_width > self.vocab_size:
+            logits = self.lora.extend_logits(hidden, logits, self._logits_req_ids(plan))
         return self._sample(step, plan, logits, errors, masks)
+
+    def _logits_req_ids(self, plan: StepPlan) -> list[str | None]:
+        """The request of each logits row: the sampling rows, then prompt-logprob chunks."""
+        req_ids = self.batch.req_ids
+        out = [req_ids[r] for r in plan.sample_rows.tolist()]
+        for rid, _, count, _ in plan.prompt_logprobs:
+            out += [rid] * count
+        return out
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
         """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it
@@ -436,6 +462,19 @@ class ModelRunner:
         self, plan: StepPlan, intermediate: IntermediateTensors | None
     ) -> torch.Tensor | IntermediateTensors:
         """The model over the step: a graph replay for decode-only steps that fit one."""
+        if self.lora is None:
+            return self._run_model(plan, intermediate)
+        req_ids = self.batch.req_ids
+        # NOTE: before the image embeddings: they embed the text tokens too, added ones included.
+        self.lora.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
+        try:
+            return self._run_model(plan, intermediate)
+        finally:
+            self.lora.end_step()
+
+    def _run_model(
+        self, plan: StepPlan, intermediate: IntermediateTensors | None
+    ) -> torch.Tensor | IntermediateTensors:
         attn, graphs = plan.attn, self.graphs
         embeds = self._image_embeddings(plan)
         if (
@@ -448,16 +487,8 @@ class ModelRunner:
             args, kwargs = (plan.input_ids, plan.positions, intermediate), {}
         else:
             args, kwargs = (None, plan.positions, intermediate), {"inputs_embeds": embeds}
-        if self.lora is None:
-            with forward_context(self.backend, attn):
-                return self.model(*args, **kwargs)
-        req_ids = self.batch.req_ids
-        self.lora.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
-        try:
-            with forward_context(self.backend, attn):
-                return self.model(*args, **kwargs)
-        finally:
-            self.lora.end_step()
+        with forward_context(self.backend, attn):
+            return self.model(*args, **kwargs)
 
     def _image_embeddings(self, plan: StepPlan) -> torch.Tensor | None:
         """The step's input embeddings with image embeddings at image positions; None when
@@ -513,7 +544,12 @@ class ModelRunner:
         if self.mm is not None and step.encoder_evictions:
             self.mm.evict(step.encoder_evictions)
         for req in step.new_requests:
-            error = self._add_lora(req) or batch.add(req) or self._add_images(req)
+            # NOTE: the vocabulary limit is read after _add_lora has the request's adapter.
+            error = (
+                self._add_lora(req)
+                or batch.add(req, self.lora and self.lora.vocab_limit(req.request_id))
+                or self._add_images(req)
+            )
             if not error and structured is not None:
                 error = self._add_grammar(req)
             if error:
@@ -736,6 +772,7 @@ class ModelRunner:
                     self.structured.remove(rid)
                 meta.bitmask = bitmask.to(self.device, non_blocking=True)
                 meta.bitmask_rows = torch.tensor(masks.positions, device=self.device)
+                meta.bitmask_vocab = self.vocab_size
             sampled, logprobs = self.sampler(sample_logits, meta)
             tokens = sampled.cpu().numpy()
             if masks is not None and masks.future is not None:

@@ -80,7 +80,8 @@ def test_paths_outside_the_root_are_refused_without_reading(tmp_path, monkeypatc
     ("overrides", "message"),
     [
         ({"use_dora": True}, "DoRA"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"modules_to_save": ["score"]}, "modules_to_save"),
+        ({"trainable_token_indices": {"q_proj": [5]}}, "trainable_token_indices of 'q_proj'"),
         ({"target_modules": ["embed_tokens", "q_proj"]}, "embed_tokens"),
         ({"target_modules": ".*proj"}, "target_modules"),
         (
@@ -107,7 +108,7 @@ def test_scaling(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--enable-lora", "--lora-extra-vocab-size", "256"], "--lora-extra-vocab-size 256"),
+        (["--enable-lora", "--lora-extra-vocab-size", "-1"], "lora_extra_vocab_size must be"),
         (["--lora-modules", "a=/x"], "need --enable-lora"),
         (["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
         (["--enable-lora", "--max-lora-rank", "0"], "max_lora_rank"),
@@ -139,3 +140,20 @@ def test_adapter_name_must_differ_from_the_base_model(tmp_path):
     ok = LoRARegistry(GatewayConfig(enable_lora=True, lora_modules=[f"x={ad}"]))
     # Checked here; loaded into the scheduler (which owns adapter identity) when it starts.
     assert ok.startup == [("x", ad.resolve(), None)] and ok.get("x") is None
+
+
+def test_vocab_modules_are_read(tmp_path):
+    cfg = read_adapter_config(
+        _adapter(
+            tmp_path / "a",
+            modules_to_save=["lm_head", "embed_tokens"],
+            trainable_token_indices=[7, 8],
+        ),
+        16,
+    )
+    assert cfg.modules_to_save == ("embed_tokens", "lm_head")
+    assert cfg.trainable_token_indices == (("embed_tokens", (7, 8)),)
+    both = read_adapter_config(
+        _adapter(tmp_path / "b", trainable_token_indices={"embed_tokens": [9], "lm_head": [9]}), 16
+    )
+    assert both.trainable_token_indices == (("embed_tokens", (9,)), ("lm_head", (9,)))

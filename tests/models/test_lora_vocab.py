@@ -1,0 +1,112 @@
+"""LoRA adapters that add tokens (--lora-extra-vocab-size) against transformers + peft on the
+base resized to V + k with the adapter's rows (float32, CPU), in mixed batches with the base
+model and an adapter that adds nothing.
+
+The added lm_head rows are made large, so the added tokens win argmaxes: they are sampled
+(and then embedded from the adapter's rows), and they appear in the prompts too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve import LLM, SamplingParams
+from splitserve.common.lora import LoRARequest
+
+from .lora_utils import make_adapter, peft_greedy
+from .lora_vocab_utils import base_vocab_size, make_vocab_adapter, peft_vocab_greedy
+
+MAX_TOKENS = 10
+K = 4
+EXTRA = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+# (model, {adapter name: layout}); llama is untied (and padded past its tokenizer), qwen3 tied.
+CASES = {
+    "llama": {"tti": "tti_dict", "new": "new_embeddings"},
+    "qwen3": {"tti": "tti", "mts": "mts"},
+}
+
+
+def _prompts(v: int) -> list[list[int]]:
+    return [[11, 57, v + 1, 42, 9], [5, v, 13, v + 3, 88, 7], [400, 401, 402]]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def setup(request, model_factory, tmp_path_factory):
+    base = model_factory(request.param)
+    v = base_vocab_size(base)
+    root = tmp_path_factory.mktemp(f"vocab_loras_{request.param}")
+    prompts = _prompts(v)
+    base_prompts = [p for p in prompts if max(p) < v]
+    plain = make_adapter(base, root / "plain", ["q_proj", "v_proj"], 4, 8, 3)
+    expected = {
+        "": peft_greedy(base, None, base_prompts, MAX_TOKENS),
+        "plain": peft_greedy(base, plain, base_prompts, MAX_TOKENS),
+    }
+    for i, (name, layout) in enumerate(CASES[request.param].items()):
+        path = make_vocab_adapter(base, root / name, K, layout, seed=10 + i)
+        expected[name] = peft_vocab_greedy(base, path, K, prompts, MAX_TOKENS)
+    llm = LLM(
+        str(base),
+        enable_lora=True,
+        lora_root=str(root),
+        max_loras=4,
+        max_lora_rank=8,
+        lora_extra_vocab_size=EXTRA,
+    )
+    yield llm, root, v, expected
+    llm.shutdown()
+
+
+def test_added_tokens_match_peft_in_a_mixed_batch(setup):
+    llm, root, v, expected = setup
+    names = [n for n in expected if n not in ("", "plain")]
+    for name in names:  # the oracle itself samples added tokens: the test exercises them
+        assert any(t >= v for out in expected[name] for t in out), name
+    prompts = _prompts(v)
+    base_prompts = [p for p in prompts if max(p) < v]
+    batch, loras, want = [], [], []
+    for i, name in enumerate(names, 1):
+        req = LoRARequest(name, i, str(root / name))
+        batch += prompts
+        loras += [req] * len(prompts)
+        want += expected[name]
+    plain = LoRARequest("plain", 9, str(root / "plain"))
+    for req, key in ((None, ""), (plain, "plain")):
+        batch += base_prompts
+        loras += [req] * len(base_prompts)
+        want += expected[key]
+    outs = llm.generate(batch, GREEDY, lora_request=loras)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    assert got == want
+    # Rows without an adapter that adds tokens never sample one.
+    n_added = len(names) * len(prompts)
+    assert all(t < v for out in got[n_added:] for t in out)
+
+
+def test_added_token_ids_need_their_adapter(setup):
+    llm, root, v, expected = setup
+    name = next(n for n in expected if n not in ("", "plain"))
+    # The base model refuses ids past V at the scheduler (no adapter: no extra vocabulary).
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {v}\)"):
+        llm.generate([[5, v, 7]], GREEDY)
+    # An adapter that adds nothing: the scheduler lets ids up to V + EXTRA through, the
+    # worker knows this adapter adds none.
+    plain = LoRARequest("plain", 9, str(root / "plain"))
+    with pytest.raises(RuntimeError, match=rf"token id {v} is outside the vocabulary \[0, {v}\)"):
+        llm.generate([[5, v, 7]], GREEDY, lora_request=plain)
+    # The adapter takes its own K added ids, not the rest of --lora-extra-vocab-size.
+    req = LoRARequest(name, 1, str(root / name))
+    assert llm.generate([[5, v + K - 1, 7]], GREEDY, lora_request=req)[0].outputs[0].token_ids
+    with pytest.raises(RuntimeError, match=rf"outside the vocabulary \[0, {v + K}\)"):
+        llm.generate([[5, v + K, 7]], GREEDY, lora_request=req)
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {v + EXTRA}\)"):
+        llm.generate([[5, v + EXTRA, 7]], GREEDY, lora_request=req)
+    # Stop ids may name added tokens of the request's adapter.
+    first = expected[name][0]
+    stop_at = next(i for i, t in enumerate(first) if t >= v)
+    sp = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[first[stop_at]])
+    out = llm.generate([_prompts(v)[0]], sp, lora_request=req)[0].outputs[0]
+    assert list(out.token_ids) == first[: stop_at + 1]
+    assert out.finish_reason == "stop"
