@@ -23,6 +23,7 @@ class SchedulerConfig(
         "max_logprobs",
         "enable_lora",
         "max_loras",
+        "lora_extra_vocab_size",
     )
 ):
     """Continuous batching and KV-cache settings (vLLM's flag names); the engine fields it
@@ -63,8 +64,6 @@ class SchedulerConfig(
     """Encoder output tokens (image or audio placeholder tokens) one step may encode; chunks stop before an item that does not fit. None: max(max_num_batched_tokens, 8192) (vLLM's name)."""
     encoder_cache_size: int | None = None
     """Encoder output tokens the first worker rank keeps, keyed by the item's hash, so the same image or clip in a later request is not encoded again (least recently used evicted). None: max(max_num_batched_tokens, 8192) (vLLM's name)."""
-    lora_extra_vocab_size: int = 0
-    """Tokens a LoRA adapter may add past the base vocabulary (vLLM's flag): prompt ids of a request with an adapter may go this far past it (the workers check what that adapter adds)."""
     lora_modules: list[str] | None = None
     """LoRA adapters loaded at start, as name=path or JSON (vLLM's --lora-modules); with --enable-lora, every front end then serves them (the scheduler never opens their files: the gateway and the workers check them)."""
     otlp_traces_endpoint: str | None = None

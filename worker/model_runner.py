@@ -57,9 +57,12 @@ class ModelRunner:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.engine_label = f"worker rank {config.rank}"
-        # NOTE: enable_lora is fixed: the LoRA layers are wrapped while the model loads.
+        # NOTE: enable_lora and lora_extra_vocab_size are fixed: the LoRA layers (and the
+        # embedding, for added tokens) are wrapped while the model loads.
         self.engine = engine_config.engine_values(
-            config, self.engine_label, also_fixed=frozenset({"enable_lora"})
+            config,
+            self.engine_label,
+            also_fixed=frozenset({"enable_lora", "lora_extra_vocab_size"}),
         )
         """This rank's own engine fields (its flags), before it takes any of the scheduler's."""
         self._init_model()

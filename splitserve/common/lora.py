@@ -236,6 +236,8 @@ def check_lora_fields(config) -> None:
     extra = get("lora_extra_vocab_size", 0)
     if extra is not None and not 0 <= extra <= MAX_EXTRA_VOCAB:
         raise ValueError(f"lora_extra_vocab_size must be in [0, {MAX_EXTRA_VOCAB}], got {extra}")
+    if extra and not get("enable_lora", False):
+        raise ValueError(f"--lora-extra-vocab-size {extra} needs --enable-lora")
     for name in ("max_loras", "max_lora_rank"):
         value = get(name)
         if value is not None and value < 1:
