@@ -7,6 +7,8 @@ import json
 
 import torch
 
+ADDED_TOKEN = "<extra_{}>"
+"""Text of the adapter tokenizer's added token j (id V + j)."""
 SCALE = 4.0
 """Added lm_head rows are this many times a typical row: large enough that they win argmaxes."""
 
@@ -109,3 +111,15 @@ def peft_vocab_greedy(base_path, adapter_dir, k, prompts, max_tokens):
 
 def base_vocab_size(base_path) -> int:
     return json.loads((base_path / "config.json").read_text())["vocab_size"]
+
+
+def save_adapter_tokenizer(base_path, adapter_dir, k):
+    """The base tokenizer plus k added tokens (ids V .. V+k-1), saved in the adapter folder."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_path))
+    v = base_vocab_size(base_path)
+    assert len(tok) == v, "added tokens take ids from len(tokenizer): it must equal V"
+    tok.add_tokens([ADDED_TOKEN.format(j) for j in range(k)])
+    assert tok.convert_tokens_to_ids(ADDED_TOKEN.format(k - 1)) == v + k - 1
+    tok.save_pretrained(str(adapter_dir))

@@ -8,13 +8,21 @@ The added lm_head rows are made large, so the added tokens win argmaxes: they ar
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from splitserve import LLM, SamplingParams
 from splitserve.common.lora import LoRARequest
 
 from .lora_utils import make_adapter, peft_greedy
-from .lora_vocab_utils import base_vocab_size, make_vocab_adapter, peft_vocab_greedy
+from .lora_vocab_utils import (
+    ADDED_TOKEN,
+    base_vocab_size,
+    make_vocab_adapter,
+    peft_vocab_greedy,
+    save_adapter_tokenizer,
+)
 
 MAX_TOKENS = 10
 K = 4
@@ -47,6 +55,8 @@ def setup(request, model_factory, tmp_path_factory):
     for i, (name, layout) in enumerate(CASES[request.param].items()):
         path = make_vocab_adapter(base, root / name, K, layout, seed=10 + i)
         expected[name] = peft_vocab_greedy(base, path, K, prompts, MAX_TOKENS)
+    if request.param == "qwen3":  # its vocabulary is its tokenizer's: added tokens follow it
+        save_adapter_tokenizer(base, root / "tti", K)
     llm = LLM(
         str(base),
         enable_lora=True,
@@ -110,3 +120,28 @@ def test_added_token_ids_need_their_adapter(setup):
     out = llm.generate([_prompts(v)[0]], sp, lora_request=req)[0].outputs[0]
     assert list(out.token_ids) == first[: stop_at + 1]
     assert out.finish_reason == "stop"
+
+
+def test_text_prompts_use_the_adapter_tokenizer(setup):
+    """Text through the adapter: its tokenizer's added tokens become ids >= V on the way in,
+    and sampled added tokens come back as their text; the base model tokenizes the same text
+    into base tokens."""
+    from transformers import AutoTokenizer
+
+    llm, root, v, _ = setup
+    if not (root / "tti" / "tokenizer_config.json").exists():
+        pytest.skip("only the qwen3 case ships an adapter tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(root / "tti"))
+    text = f"hello {ADDED_TOKEN.format(1)} world {ADDED_TOKEN.format(3)}"
+    ids = tok.encode(text)
+    assert v + 1 in ids and v + 3 in ids
+    want = peft_vocab_greedy(Path(llm.worker_config.model), root / "tti", K, [ids], MAX_TOKENS)[0]
+    assert any(t >= v for t in want)
+    req = LoRARequest("tti", 1, str(root / "tti"))
+    out = llm.generate([text], GREEDY, lora_request=req)[0]
+    assert list(out.prompt_token_ids) == ids
+    assert list(out.outputs[0].token_ids) == want
+    assert out.outputs[0].text == tok.decode(want, skip_special_tokens=True)
+    assert any(ADDED_TOKEN.format(j) in out.outputs[0].text for j in range(K))
+    base_out = llm.generate([text], GREEDY)[0]
+    assert max(base_out.prompt_token_ids) < v
