@@ -72,11 +72,17 @@ class ServingBase:
         for spec in specs:
             spec.lora_name = adapter.name
 
-    def limits(self) -> Limits:
+    def limits(self, model: str | None = None) -> Limits:
+        """The request limits; a request whose `model` names an adapter may use token ids up
+        to --lora-extra-vocab-size past the vocabulary (the worker checks what that adapter
+        adds)."""
         info = self.clients.model_info
+        vocab = self.clients.vocab_size
+        if model and self.loras.get(model) is not None:
+            vocab += self.config.lora_extra_vocab_size
         return Limits.from_config(
             self.config,
-            self.clients.vocab_size,
+            vocab,
             self.clients.max_model_len,
             info.max_logprobs if info is not None else 0,
             self.clients.sampling_defaults,

@@ -67,7 +67,7 @@ class ChatService(ServingBase):
                 "named function)",
                 "echo",
             )
-        limits = self.limits()
+        limits = self.limits(req.model)
         n = check_n(req, limits)
         top = req.top_logprobs
         if top is not None:

@@ -57,7 +57,7 @@ class CompletionsService(ServingBase):
             raise bad_request("suffix is not supported", "suffix")
         refuse_unsupported(req)
         response_id = vllm_extras.response_id("cmpl", req.request_id)
-        limits = self.limits()
+        limits = self.limits(req.model)
         n = check_n(req, limits)
         if req.best_of is not None and req.best_of != n:
             raise bad_request("best_of other than n is not supported", "best_of")
