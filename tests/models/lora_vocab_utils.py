@@ -123,3 +123,14 @@ def save_adapter_tokenizer(base_path, adapter_dir, k):
     tok.add_tokens([ADDED_TOKEN.format(j) for j in range(k)])
     assert tok.convert_tokens_to_ids(ADDED_TOKEN.format(k - 1)) == v + k - 1
     tok.save_pretrained(str(adapter_dir))
+
+
+def peft_vocab_prompt_logprobs(base_path, adapter_dir, k, ids):
+    """log_softmax over V + k of transformers + peft at every prompt position: [len(ids), V+k]."""
+    from peft import PeftModel
+
+    model, _ = _resized_base(base_path, k)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)

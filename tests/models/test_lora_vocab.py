@@ -21,6 +21,7 @@ from .lora_vocab_utils import (
     base_vocab_size,
     make_vocab_adapter,
     peft_vocab_greedy,
+    peft_vocab_prompt_logprobs,
     save_adapter_tokenizer,
 )
 
@@ -145,3 +146,27 @@ def test_text_prompts_use_the_adapter_tokenizer(setup):
     assert any(ADDED_TOKEN.format(j) in out.outputs[0].text for j in range(K))
     base_out = llm.generate([text], GREEDY)[0]
     assert max(base_out.prompt_token_ids) < v
+
+
+def test_logprobs_cover_the_added_tokens(setup):
+    """Prompt logprobs of added prompt tokens and the top logprobs of sampled ones are taken
+    over V + k, as transformers + peft give them; the base model's stay within V."""
+    import torch
+
+    llm, root, v, expected = setup
+    name = next(n for n in expected if n not in ("", "plain"))
+    prompt = _prompts(v)[1]  # holds v and v + 3
+    want = peft_vocab_prompt_logprobs(Path(llm.worker_config.model), root / name, K, prompt)
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=3, prompt_logprobs=3)
+    req = LoRARequest(name, 1, str(root / name))
+    out = llm.generate([prompt], sp, lora_request=req)[0]
+    entries = out.prompt_logprobs
+    assert [e.token_id for e in entries] == prompt[1:]
+    got = torch.tensor([e.logprob for e in entries])
+    targets = torch.tensor(prompt[1:])
+    ref = want[:-1].gather(1, targets[:, None])[:, 0]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    sampled = out.outputs[0].logprobs[0]
+    assert sampled.top_token_ids == want[-1].topk(3).indices.tolist()
+    base = llm.generate([prompt[:1] + [400, 401]], sp)[0]
+    assert all(t < v for e in base.prompt_logprobs for t in e.top_token_ids)
