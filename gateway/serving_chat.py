@@ -105,7 +105,9 @@ class ChatService(ServingBase):
             documents=req.documents,
             config=config,
         )
-        prepare_request = tokenizer_pb2.PrepareRequest(chat=chat)
+        prepare_request = tokenizer_pb2.PrepareRequest(
+            chat=chat, lora_path=self.adapter_tokenizer(req.model)
+        )
         keep = check_truncation(req.truncate_prompt_tokens, limits)
         if keep is not None:
             if chat.images:

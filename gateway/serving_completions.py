@@ -163,6 +163,7 @@ class CompletionsService(ServingBase):
             prompts=prompt_list(items, req.add_special_tokens),
             # Echo shows the prompt: id-only and truncated prompts get their text decoded.
             return_prompt_text=bool(req.echo),
+            lora_path=self.adapter_tokenizer(req.model),
         )
         if keep is not None:
             request.truncate_prompt_tokens = keep

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitserve/protos/tokenizer.proto\x12\x17splitserve.tokenizer.v1\x1a\x1esplitserve/protos/common.proto\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"&\n\x11\x44\x65\x63odeEachRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"9\n\x12\x44\x65\x63odeEachResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x03(\x0c\"\x8e\x01\n\x0f\x44\x65tokenizeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x05 \x01(\x08\"\x91\x01\n\x17\x44\x65tokenizeStreamRequest\x12\x39\n\x05start\x18\x01 \x01(\x0b\x32(.splitserve.tokenizer.v1.DetokenizeStartH\x00\x12\x33\n\x06tokens\x18\x02 \x01(\x0b\x32!.splitserve.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"_\n\x18\x44\x65tokenizeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07stopped\x18\x02 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\x12\x0f\n\x07\x66lushed\x18\x04 \x01(\x08\"\xcc\x02\n\tChatInput\x12\x15\n\rmessages_json\x18\x01 \x01(\t\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1a\n\rchat_template\x18\x04 \x01(\tH\x00\x88\x01\x01\x12&\n\x19\x63hat_template_kwargs_json\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x17\n\ntools_json\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x0e\n\x06images\x18\x07 \x03(\x0c\x12\x1b\n\x0e\x64ocuments_json\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\r\n\x05\x61udio\x18\t \x03(\x0c\x42\x10\n\x0e_chat_templateB\x1c\n\x1a_chat_template_kwargs_jsonB\r\n\x0b_tools_jsonB\x11\n\x0f_documents_json\"\xb9\x02\n\x0ePrepareRequest\x12\x32\n\x04\x63hat\x18\x01 \x01(\x0b\x32\".splitserve.tokenizer.v1.ChatInputH\x00\x12\x36\n\x07prompts\x18\x02 \x01(\x0b\x32#.splitserve.tokenizer.v1.PromptListH\x00\x12\x11\n\tbad_words\x18\x03 \x03(\t\x12\x37\n\x07grammar\x18\x04 \x01(\x0b\x32!.splitserve.common.v1.GrammarSpecH\x01\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x1a\n\x12return_prompt_text\x18\x06 \x01(\x08\x42\x07\n\x05inputB\n\n\x08_grammarB\x19\n\x17_truncate_prompt_tokens\"_\n\nPromptList\x12\x35\n\x07prompts\x18\x01 \x03(\x0b\x32$.splitserve.tokenizer.v1.PromptInput\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"]\n\x0bPromptInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x02 \x01(\x0b\x32!.splitserve.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"y\n\x0ePreparedPrompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x38\n\tmm_inputs\x18\x03 \x03(\x0b\x32%.splitserve.common.v1.MultiModalInputB\x07\n\x05_text\"\xed\x01\n\x0fPrepareResponse\x12\x38\n\x07prompts\x18\x01 \x03(\x0b\x32\'.splitserve.tokenizer.v1.PreparedPrompt\x12>\n\x13\x62\x61\x64_words_token_ids\x18\x02 \x03(\x0b\x32!.splitserve.tokenizer.v1.TokenIds\x12;\n\x07grammar\x18\x03 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x00\x88\x01\x01\x12\x17\n\x0f\x63ompile_seconds\x18\x04 \x01(\x02\x42\n\n\x08_grammar\"\x13\n\x11GetDecoderRequest\"m\n\x0b\x44\x65\x63oderSpec\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x18\n\x10skip_special_ids\x18\x02 \x03(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x18\n\x10max_stop_strings\x18\x04 \x01(\x05\"\x19\n\x17GetTokenizerInfoRequest\"\x91\x01\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x62os_token_id\x18\x03 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x17\n\x0fmax_token_chars\x18\x06 \x01(\x05\x32\xea\x05\n\x10TokenizerService\x12_\n\x08Tokenize\x12(.splitserve.tokenizer.v1.TokenizeRequest\x1a).splitserve.tokenizer.v1.TokenizeResponse\x12\x65\n\nDetokenize\x12*.splitserve.tokenizer.v1.DetokenizeRequest\x1a+.splitserve.tokenizer.v1.DetokenizeResponse\x12{\n\x10\x44\x65tokenizeStream\x12\x30.splitserve.tokenizer.v1.DetokenizeStreamRequest\x1a\x31.splitserve.tokenizer.v1.DetokenizeStreamResponse(\x01\x30\x01\x12\x65\n\nDecodeEach\x12*.splitserve.tokenizer.v1.DecodeEachRequest\x1a+.splitserve.tokenizer.v1.DecodeEachResponse\x12l\n\x10GetTokenizerInfo\x12\x30.splitserve.tokenizer.v1.GetTokenizerInfoRequest\x1a&.splitserve.tokenizer.v1.TokenizerInfo\x12\\\n\x07Prepare\x12\'.splitserve.tokenizer.v1.PrepareRequest\x1a(.splitserve.tokenizer.v1.PrepareResponse\x12^\n\nGetDecoder\x12*.splitserve.tokenizer.v1.GetDecoderRequest\x1a$.splitserve.tokenizer.v1.DecoderSpecb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!splitserve/protos/tokenizer.proto\x12\x17splitserve.tokenizer.v1\x1a\x1esplitserve/protos/common.proto\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"&\n\x11\x44\x65\x63odeEachRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"9\n\x12\x44\x65\x63odeEachResponse\x12\x0e\n\x06tokens\x18\x01 \x03(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x03(\x0c\"\xa1\x01\n\x0f\x44\x65tokenizeStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13skip_special_tokens\x18\x03 \x01(\x08\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x05 \x01(\x08\x12\x11\n\tlora_path\x18\x06 \x01(\t\"\x91\x01\n\x17\x44\x65tokenizeStreamRequest\x12\x39\n\x05start\x18\x01 \x01(\x0b\x32(.splitserve.tokenizer.v1.DetokenizeStartH\x00\x12\x33\n\x06tokens\x18\x02 \x01(\x0b\x32!.splitserve.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"\x1d\n\x08TokenIds\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"_\n\x18\x44\x65tokenizeStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0f\n\x07stopped\x18\x02 \x01(\x08\x12\x13\n\x0bstop_reason\x18\x03 \x01(\t\x12\x0f\n\x07\x66lushed\x18\x04 \x01(\x08\"\xcc\x02\n\tChatInput\x12\x15\n\rmessages_json\x18\x01 \x01(\t\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08\x12\x1e\n\x16\x63ontinue_final_message\x18\x03 \x01(\x08\x12\x1a\n\rchat_template\x18\x04 \x01(\tH\x00\x88\x01\x01\x12&\n\x19\x63hat_template_kwargs_json\x18\x05 \x01(\tH\x01\x88\x01\x01\x12\x17\n\ntools_json\x18\x06 \x01(\tH\x02\x88\x01\x01\x12\x0e\n\x06images\x18\x07 \x03(\x0c\x12\x1b\n\x0e\x64ocuments_json\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\r\n\x05\x61udio\x18\t \x03(\x0c\x42\x10\n\x0e_chat_templateB\x1c\n\x1a_chat_template_kwargs_jsonB\r\n\x0b_tools_jsonB\x11\n\x0f_documents_json\"\xcc\x02\n\x0ePrepareRequest\x12\x32\n\x04\x63hat\x18\x01 \x01(\x0b\x32\".splitserve.tokenizer.v1.ChatInputH\x00\x12\x36\n\x07prompts\x18\x02 \x01(\x0b\x32#.splitserve.tokenizer.v1.PromptListH\x00\x12\x11\n\tbad_words\x18\x03 \x03(\t\x12\x37\n\x07grammar\x18\x04 \x01(\x0b\x32!.splitserve.common.v1.GrammarSpecH\x01\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x1a\n\x12return_prompt_text\x18\x06 \x01(\x08\x12\x11\n\tlora_path\x18\x07 \x01(\tB\x07\n\x05inputB\n\n\x08_grammarB\x19\n\x17_truncate_prompt_tokens\"_\n\nPromptList\x12\x35\n\x07prompts\x18\x01 \x03(\x0b\x32$.splitserve.tokenizer.v1.PromptInput\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"]\n\x0bPromptInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x02 \x01(\x0b\x32!.splitserve.tokenizer.v1.TokenIdsH\x00\x42\x06\n\x04kind\"y\n\x0ePreparedPrompt\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x11\n\x04text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x38\n\tmm_inputs\x18\x03 \x03(\x0b\x32%.splitserve.common.v1.MultiModalInputB\x07\n\x05_text\"\xed\x01\n\x0fPrepareResponse\x12\x38\n\x07prompts\x18\x01 \x03(\x0b\x32\'.splitserve.tokenizer.v1.PreparedPrompt\x12>\n\x13\x62\x61\x64_words_token_ids\x18\x02 \x03(\x0b\x32!.splitserve.tokenizer.v1.TokenIds\x12;\n\x07grammar\x18\x03 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x00\x88\x01\x01\x12\x17\n\x0f\x63ompile_seconds\x18\x04 \x01(\x02\x42\n\n\x08_grammar\"\x13\n\x11GetDecoderRequest\"m\n\x0b\x44\x65\x63oderSpec\x12\x16\n\x0etokenizer_json\x18\x01 \x01(\t\x12\x18\n\x10skip_special_ids\x18\x02 \x03(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x18\n\x10max_stop_strings\x18\x04 \x01(\x05\"\x19\n\x17GetTokenizerInfoRequest\"\x91\x01\n\rTokenizerInfo\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x02 \x01(\x05\x12\x14\n\x0c\x62os_token_id\x18\x03 \x01(\x05\x12\x19\n\x11has_chat_template\x18\x04 \x01(\x08\x12\x0c\n\x04name\x18\x05 \x01(\t\x12\x17\n\x0fmax_token_chars\x18\x06 \x01(\x05\x32\xea\x05\n\x10TokenizerService\x12_\n\x08Tokenize\x12(.splitserve.tokenizer.v1.TokenizeRequest\x1a).splitserve.tokenizer.v1.TokenizeResponse\x12\x65\n\nDetokenize\x12*.splitserve.tokenizer.v1.DetokenizeRequest\x1a+.splitserve.tokenizer.v1.DetokenizeResponse\x12{\n\x10\x44\x65tokenizeStream\x12\x30.splitserve.tokenizer.v1.DetokenizeStreamRequest\x1a\x31.splitserve.tokenizer.v1.DetokenizeStreamResponse(\x01\x30\x01\x12\x65\n\nDecodeEach\x12*.splitserve.tokenizer.v1.DecodeEachRequest\x1a+.splitserve.tokenizer.v1.DecodeEachResponse\x12l\n\x10GetTokenizerInfo\x12\x30.splitserve.tokenizer.v1.GetTokenizerInfoRequest\x1a&.splitserve.tokenizer.v1.TokenizerInfo\x12\\\n\x07Prepare\x12\'.splitserve.tokenizer.v1.PrepareRequest\x1a(.splitserve.tokenizer.v1.PrepareResponse\x12^\n\nGetDecoder\x12*.splitserve.tokenizer.v1.GetDecoderRequest\x1a$.splitserve.tokenizer.v1.DecoderSpecb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,33 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEEACHRESPONSE']._serialized_start=339
   _globals['_DECODEEACHRESPONSE']._serialized_end=396
   _globals['_DETOKENIZESTART']._serialized_start=399
-  _globals['_DETOKENIZESTART']._serialized_end=541
-  _globals['_DETOKENIZESTREAMREQUEST']._serialized_start=544
-  _globals['_DETOKENIZESTREAMREQUEST']._serialized_end=689
-  _globals['_TOKENIDS']._serialized_start=691
-  _globals['_TOKENIDS']._serialized_end=720
-  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_start=722
-  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_end=817
-  _globals['_CHATINPUT']._serialized_start=820
-  _globals['_CHATINPUT']._serialized_end=1152
-  _globals['_PREPAREREQUEST']._serialized_start=1155
-  _globals['_PREPAREREQUEST']._serialized_end=1468
-  _globals['_PROMPTLIST']._serialized_start=1470
-  _globals['_PROMPTLIST']._serialized_end=1565
-  _globals['_PROMPTINPUT']._serialized_start=1567
-  _globals['_PROMPTINPUT']._serialized_end=1660
-  _globals['_PREPAREDPROMPT']._serialized_start=1662
-  _globals['_PREPAREDPROMPT']._serialized_end=1783
-  _globals['_PREPARERESPONSE']._serialized_start=1786
-  _globals['_PREPARERESPONSE']._serialized_end=2023
-  _globals['_GETDECODERREQUEST']._serialized_start=2025
-  _globals['_GETDECODERREQUEST']._serialized_end=2044
-  _globals['_DECODERSPEC']._serialized_start=2046
-  _globals['_DECODERSPEC']._serialized_end=2155
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=2157
-  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=2182
-  _globals['_TOKENIZERINFO']._serialized_start=2185
-  _globals['_TOKENIZERINFO']._serialized_end=2330
-  _globals['_TOKENIZERSERVICE']._serialized_start=2333
-  _globals['_TOKENIZERSERVICE']._serialized_end=3079
+  _globals['_DETOKENIZESTART']._serialized_end=560
+  _globals['_DETOKENIZESTREAMREQUEST']._serialized_start=563
+  _globals['_DETOKENIZESTREAMREQUEST']._serialized_end=708
+  _globals['_TOKENIDS']._serialized_start=710
+  _globals['_TOKENIDS']._serialized_end=739
+  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_start=741
+  _globals['_DETOKENIZESTREAMRESPONSE']._serialized_end=836
+  _globals['_CHATINPUT']._serialized_start=839
+  _globals['_CHATINPUT']._serialized_end=1171
+  _globals['_PREPAREREQUEST']._serialized_start=1174
+  _globals['_PREPAREREQUEST']._serialized_end=1506
+  _globals['_PROMPTLIST']._serialized_start=1508
+  _globals['_PROMPTLIST']._serialized_end=1603
+  _globals['_PROMPTINPUT']._serialized_start=1605
+  _globals['_PROMPTINPUT']._serialized_end=1698
+  _globals['_PREPAREDPROMPT']._serialized_start=1700
+  _globals['_PREPAREDPROMPT']._serialized_end=1821
+  _globals['_PREPARERESPONSE']._serialized_start=1824
+  _globals['_PREPARERESPONSE']._serialized_end=2061
+  _globals['_GETDECODERREQUEST']._serialized_start=2063
+  _globals['_GETDECODERREQUEST']._serialized_end=2082
+  _globals['_DECODERSPEC']._serialized_start=2084
+  _globals['_DECODERSPEC']._serialized_end=2193
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_start=2195
+  _globals['_GETTOKENIZERINFOREQUEST']._serialized_end=2220
+  _globals['_TOKENIZERINFO']._serialized_start=2223
+  _globals['_TOKENIZERINFO']._serialized_end=2368
+  _globals['_TOKENIZERSERVICE']._serialized_start=2371
+  _globals['_TOKENIZERSERVICE']._serialized_end=3117
 # @@protoc_insertion_point(module_scope)

@@ -50,18 +50,20 @@ class DecodeEachResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[str]] = ..., token_bytes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class DetokenizeStart(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "skip_special_tokens", "stop", "include_stop_str_in_output")
+    __slots__ = ("request_id", "prompt_token_ids", "skip_special_tokens", "stop", "include_stop_str_in_output", "lora_path")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_STOP_STR_IN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    LORA_PATH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     skip_special_tokens: bool
     stop: _containers.RepeatedScalarFieldContainer[str]
     include_stop_str_in_output: bool
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., skip_special_tokens: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ...) -> None: ...
+    lora_path: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., skip_special_tokens: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., include_stop_str_in_output: _Optional[bool] = ..., lora_path: _Optional[str] = ...) -> None: ...
 
 class DetokenizeStreamRequest(_message.Message):
     __slots__ = ("start", "tokens")
@@ -112,20 +114,22 @@ class ChatInput(_message.Message):
     def __init__(self, messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., tools_json: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., documents_json: _Optional[str] = ..., audio: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("chat", "prompts", "bad_words", "grammar", "truncate_prompt_tokens", "return_prompt_text")
+    __slots__ = ("chat", "prompts", "bad_words", "grammar", "truncate_prompt_tokens", "return_prompt_text", "lora_path")
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     BAD_WORDS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RETURN_PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    LORA_PATH_FIELD_NUMBER: _ClassVar[int]
     chat: ChatInput
     prompts: PromptList
     bad_words: _containers.RepeatedScalarFieldContainer[str]
     grammar: _common_pb2.GrammarSpec
     truncate_prompt_tokens: int
     return_prompt_text: bool
-    def __init__(self, chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompts: _Optional[_Union[PromptList, _Mapping]] = ..., bad_words: _Optional[_Iterable[str]] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_prompt_text: _Optional[bool] = ...) -> None: ...
+    lora_path: str
+    def __init__(self, chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompts: _Optional[_Union[PromptList, _Mapping]] = ..., bad_words: _Optional[_Iterable[str]] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_prompt_text: _Optional[bool] = ..., lora_path: _Optional[str] = ...) -> None: ...
 
 class PromptList(_message.Message):
     __slots__ = ("prompts", "add_special_tokens")

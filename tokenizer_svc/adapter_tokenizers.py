@@ -16,15 +16,12 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from splitserve.common.lora import resolve_adapter_path
+from splitserve.common.lora import TOKENIZER_FILES, resolve_adapter_path
 
 from .config import TokenizerServiceConfig
 from .tokenizer import TokenizerHandle, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-"""A folder holding one of these has its own tokenizer."""
 
 
 class AdapterTokenizers:

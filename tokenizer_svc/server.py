@@ -34,10 +34,12 @@ from grpc_health.v1.health import aio as health_aio
 
 from splitserve.common import tracing
 from splitserve.common.grpc_errors import ErrorInterceptor
+from splitserve.common.lora import LoRAPathError, allowed_roots, parse_lora_modules
 from splitserve.common.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from . import memory
+from .adapter_tokenizers import AdapterTokenizers
 from .audio import AudioLimits
 from .audio_processor import AudioPreprocessor, load_audio_preprocessor
 from .chat import ChatRenderer, parse_chat_request
@@ -94,12 +96,26 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         limits = parse_mm_limits(self._config.limit_mm_per_prompt)
         self._images = load_image_preprocessor(handle.path, limits, mm_cache_bytes(self._config))
         self._audio = load_audio_preprocessor(handle.path, limits)
+        roots = allowed_roots(self._config.lora_root, parse_lora_modules(self._config.lora_modules))
+        self._adapters = AdapterTokenizers(self._config, handle, roots)
+        """Tokenizers of adapter folders that have one (their added tokens)."""
         self._handle = handle
 
     def _ready(self) -> TokenizerHandle:
         if self._handle is None:
             raise NotReady("the tokenizer is still loading")
         return self._handle
+
+    async def _handle_for(self, lora_path: str) -> TokenizerHandle:
+        """The adapter folder's tokenizer (loaded in the pool the first time), else the
+        model's; an adapter folder outside the allowed roots is INVALID_ARGUMENT."""
+        handle = self._ready()
+        if not lora_path:
+            return handle
+        try:
+            return await self._offload(self._adapters.get, lora_path)
+        except (LoRAPathError, ValueError, OSError) as exc:
+            raise InvalidRequest(f"adapter tokenizer: {exc}") from exc
 
     async def _offload(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -129,7 +145,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def Prepare(self, request, context):
         """Prompts and bad words in the tokenizer pool, the constraint in the grammar pool,
         concurrently: a request waits for the slower of the two, not for their sum."""
-        handle = self._ready()
+        handle = await self._handle_for(request.lora_path)
         compile_task = (
             asyncio.ensure_future(self._compile(request.grammar))
             if request.HasField("grammar")
@@ -322,7 +338,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     raise InvalidRequest("`start` sent twice on one DetokenizeStream")
                 start = request.start
                 seq = SequenceStream(
-                    self._ready(),
+                    await self._handle_for(start.lora_path),
                     start.prompt_token_ids,
                     start.skip_special_tokens,
                     start.stop,

@@ -24,6 +24,8 @@ WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 RUNTIME_UPDATE_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 VOCAB_MODULES = ("embed_tokens", "lm_head")
 """Modules an adapter may resize to add tokens (modules_to_save, trainable_token_indices)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+"""An adapter folder holding one of these has its own tokenizer (with the tokens it adds)."""
 NEW_EMBEDDINGS_NAME = "new_embeddings.safetensors"
 """The older extra-vocabulary layout: input_embeddings / output_embeddings of the added tokens."""
 
