@@ -86,12 +86,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.grammars: GrammarCompiler | None = None
 
     def set_tokenizer(self, handle: TokenizerHandle) -> None:
-        self._renderer = ChatRenderer(
-            handle,
-            self._config.trust_request_chat_template,
-            self._config.chat_template_timeout_s,
-            self._config.chat_template_content_format,
-        )
+        self._renderer = self._make_renderer(handle)
+        self._adapter_renderers: dict[int, tuple[TokenizerHandle, ChatRenderer]] = {}
+        """id(adapter tokenizer handle) -> (handle, its chat renderer)."""
         self.grammars = make_grammar_compiler(self._config, handle)
         limits = parse_mm_limits(self._config.limit_mm_per_prompt)
         self._images = load_image_preprocessor(handle.path, limits, mm_cache_bytes(self._config))
@@ -100,6 +97,25 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self._adapters = AdapterTokenizers(self._config, handle, roots)
         """Tokenizers of adapter folders that have one (their added tokens)."""
         self._handle = handle
+
+    def _make_renderer(self, handle: TokenizerHandle) -> ChatRenderer:
+        return ChatRenderer(
+            handle,
+            self._config.trust_request_chat_template,
+            self._config.chat_template_timeout_s,
+            self._config.chat_template_content_format,
+        )
+
+    def _renderer_for(self, handle: TokenizerHandle) -> ChatRenderer:
+        """The chat renderer of the model's tokenizer, or of an adapter's (made once)."""
+        if handle is self._handle:
+            return self._renderer
+        kept = self._adapter_renderers.get(id(handle))
+        if kept is None or kept[0] is not handle:
+            if len(self._adapter_renderers) >= 2 * self._adapters.max_cached:
+                self._adapter_renderers.clear()  # handles the adapter cache dropped
+            kept = self._adapter_renderers[id(handle)] = (handle, self._make_renderer(handle))
+        return kept[1]
 
     def _ready(self) -> TokenizerHandle:
         if self._handle is None:
@@ -199,7 +215,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         with tracing.span("tokenize", {"splitserve.chat_template": chat}) as span:
             prompts: list[Prepared] = []
             if chat:
-                rendered = await self._render_chat(request.chat)
+                rendered = await self._render_chat(request.chat, self._renderer_for(handle))
                 prompts.append(Prepared(list(rendered.token_ids), rendered.prompt))
                 if isinstance(rendered, ProcessedPrompt):
                     prompts[0].mm_inputs = list(rendered.mm_inputs)
@@ -211,9 +227,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                 span.set_attribute("splitserve.num_tokens", sum(len(p.token_ids) for p in prompts))
         return prompts, bad
 
-    async def _render_chat(self, request):
-        """Render and tokenize chat messages (ChatInput); with images, process them too."""
-        renderer = self._renderer
+    async def _render_chat(self, request, renderer: ChatRenderer | None = None):
+        """Render and tokenize chat messages (ChatInput), with `renderer` (default the
+        model's); with images, process them too."""
+        renderer = renderer or self._renderer
         fields = dict(
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,

@@ -339,12 +339,20 @@ class LLM:
             if chat_template_content_format == "auto"
             else chat_template_content_format
         )
-        renderer = ChatRenderer(
-            self.tokenizer, trust_request_chat_template=True, content_format=content_format
-        )
+        n = len(convs)
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * n
+        if len(loras) != n:
+            raise ValueError(f"{len(loras)} LoRA requests for {n} conversations")
+        renderers: dict[int, ChatRenderer] = {}  # one per tokenizer (an adapter may have its own)
         placeholder = self._images.image_token if self._images is not None else None
         texts, ids_list, mm_list = [], [], []
-        for conv in convs:
+        for conv, lora in zip(convs, loras, strict=True):
+            tokenizer = self._tokenizer_for(lora)
+            renderer = renderers.get(id(tokenizer))
+            if renderer is None:
+                renderer = renderers[id(tokenizer)] = ChatRenderer(
+                    tokenizer, trust_request_chat_template=True, content_format=content_format
+                )
             conv, images = _take_chat_images(conv) if placeholder else (conv, [])
             req = parse_chat_request(  # InvalidRequest (a ValueError) for bad messages
                 json.dumps(conv),
@@ -370,14 +378,10 @@ class LLM:
             texts.append(rendered.prompt)
             ids_list.append(list(rendered.token_ids))
             mm_list.append([])
-        n = len(convs)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, Sequence) else [params] * n
         if len(params_list) != n:
             raise ValueError(f"{len(params_list)} sampling params for {n} conversations")
-        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * n
-        if len(loras) != n:
-            raise ValueError(f"{len(loras)} LoRA requests for {n} conversations")
         return self._run(texts, ids_list, params_list, loras, use_tqdm=use_tqdm, mm_list=mm_list)
 
     def _run(

@@ -75,3 +75,13 @@ def test_adapter_tokenizer_end_to_end(vocab_setup, tiny_model):
     # The base model tokenizes the same text without the added tokens.
     base = client.completions.create(model=server.model, prompt=text, max_tokens=1, temperature=0)
     assert base.usage.prompt_tokens > len(ids)
+    # Chat messages render with the adapter's tokenizer as well.
+    msgs = [{"role": "user", "content": text}]
+    rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    want_chat = len(tok.encode(rendered, add_special_tokens=False))
+    chat = client.chat.completions.create(model="v", messages=msgs, max_tokens=1, temperature=0)
+    assert chat.usage.prompt_tokens == want_chat
+    base_chat = client.chat.completions.create(
+        model=server.model, messages=msgs, max_tokens=1, temperature=0
+    )
+    assert base_chat.usage.prompt_tokens > want_chat

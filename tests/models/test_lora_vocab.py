@@ -146,6 +146,11 @@ def test_text_prompts_use_the_adapter_tokenizer(setup):
     assert any(ADDED_TOKEN.format(j) in out.outputs[0].text for j in range(K))
     base_out = llm.generate([text], GREEDY)[0]
     assert max(base_out.prompt_token_ids) < v
+    # Chat renders with the adapter's tokenizer too: its added tokens stay one id each.
+    conv = [{"role": "user", "content": text}]
+    chat = llm.chat(conv, GREEDY, lora_request=req)[0]
+    assert v + 1 in chat.prompt_token_ids and v + 3 in chat.prompt_token_ids
+    assert max(llm.chat(conv, GREEDY)[0].prompt_token_ids) < v
 
 
 def test_logprobs_cover_the_added_tokens(setup):
