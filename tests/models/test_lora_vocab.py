@@ -175,3 +175,34 @@ def test_logprobs_cover_the_added_tokens(setup):
     assert sampled.top_token_ids == want[-1].topk(3).indices.tolist()
     base = llm.generate([prompt[:1] + [400, 401]], sp)[0]
     assert all(t < v for e in base.prompt_logprobs for t in e.top_token_ids)
+
+
+def test_pipeline_ranks_keep_only_their_rows(model_factory, tmp_path):
+    """The first rank keeps the added embedding rows, the last the lm_head rows; both know how
+    many ids the adapter adds (they bound its requests' token ids alike)."""
+    from splitserve.worker.config import WorkerConfig
+    from splitserve.worker.lora import LoRAManager
+    from splitserve.worker.model_loader import load_model
+
+    base = model_factory("llama")
+    v = base_vocab_size(base)
+    make_vocab_adapter(base, tmp_path / "ad", K, "mts", seed=7)
+    kept = []
+    for rank in (0, 1):
+        cfg = WorkerConfig(
+            model=str(base),
+            pipeline_parallel_size=2,
+            rank=rank,
+            master_port=1,
+            enable_lora=True,
+            lora_root=str(tmp_path),
+            lora_extra_vocab_size=EXTRA,
+        )
+        loaded = load_model(cfg)
+        manager = LoRAManager(cfg, loaded.model, loaded.device, loaded.dtype)
+        assert manager.add_request("r", "ad", "ad") is None
+        extra = manager.cpu[("ad", 0)].extra
+        kept.append((extra.num_tokens, extra.embed is not None, extra.lm_head is not None))
+        assert manager.vocab_limit("r") == v + K and manager.vocab_limit("other") == v
+        assert manager.logits_width == v + EXTRA
+    assert kept == [(K, True, False), (K, False, True)]
