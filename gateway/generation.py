@@ -278,10 +278,11 @@ def _prefetch(
     if prompt_lps:
         wanted.extend(spec.prompt_token_ids)
         wanted.extend(_ids_in(prompt_lps))
-    missing = clients.missing_token_strings(wanted)
+    path = spec.tokenizer_lora_path
+    missing = clients.missing_token_strings(wanted, path)
     if not missing:
         return None
-    return asyncio.ensure_future(clients.fetch_token_strings(missing, deadline))
+    return asyncio.ensure_future(clients.fetch_token_strings(missing, deadline, path))
 
 
 def _ids_in(entries: Iterable[common_pb2.TokenLogprobs]) -> Iterable[int]:

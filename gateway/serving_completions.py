@@ -219,7 +219,12 @@ class _CompletionView:
         self.finish_reasons: list[str] = []
         self.builders = (
             [
-                CompletionLogprobsBuilder(self.clients, req.logprobs, serving.tokens_as_ids(req))
+                CompletionLogprobsBuilder(
+                    self.clients,
+                    req.logprobs,
+                    serving.tokens_as_ids(req),
+                    serving.adapter_tokenizer(req.model),
+                )
                 for _ in range(count)
             ]
             if req.logprobs is not None

@@ -36,10 +36,12 @@ class DetokenizeResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class DecodeEachRequest(_message.Message):
-    __slots__ = ("token_ids",)
+    __slots__ = ("token_ids", "lora_path")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LORA_PATH_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    lora_path: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., lora_path: _Optional[str] = ...) -> None: ...
 
 class DecodeEachResponse(_message.Message):
     __slots__ = ("tokens", "token_bytes")

@@ -298,7 +298,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             ) from None
 
     async def DecodeEach(self, request, context):
-        handle = self._ready()
+        handle = await self._handle_for(request.lora_path)
         ids = request.token_ids
         if len(ids) <= _INLINE_DECODE_EACH:  # a step's logprobs: cheaper than a thread hop
             strings, raw = handle.decode_each(ids)

@@ -75,12 +75,34 @@ def test_adapter_tokenizer_end_to_end(vocab_setup, tiny_model):
     # The base model tokenizes the same text without the added tokens.
     base = client.completions.create(model=server.model, prompt=text, max_tokens=1, temperature=0)
     assert base.usage.prompt_tokens > len(ids)
+    # Logprob token strings come from the adapter's tokenizer (added tokens by name).
+    lp = client.completions.create(
+        model="v",
+        prompt=text,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=1,
+        extra_body={"ignore_eos": True},
+    )
+    assert lp.choices[0].logprobs.tokens == [tok.decode([t]) for t in want]
     # Chat messages render with the adapter's tokenizer as well.
     msgs = [{"role": "user", "content": text}]
     rendered = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    want_chat = len(tok.encode(rendered, add_special_tokens=False))
-    chat = client.chat.completions.create(model="v", messages=msgs, max_tokens=1, temperature=0)
+    chat_ids = tok.encode(rendered, add_special_tokens=False)
+    want_chat = len(chat_ids)
+    chat = client.chat.completions.create(
+        model="v",
+        messages=msgs,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
     assert chat.usage.prompt_tokens == want_chat
+    chat_want = peft_vocab_greedy(tiny_model, path, K, [chat_ids], MAX_TOKENS)[0]
+    tokens = [c.token for c in chat.choices[0].logprobs.content]
+    assert tokens == [tok.decode([t]) for t in chat_want]
+    assert any(t >= v for t in chat_want)  # an added token, named by the adapter's tokenizer
     base_chat = client.chat.completions.create(
         model=server.model, messages=msgs, max_tokens=1, temperature=0
     )
