@@ -137,7 +137,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def Tokenize(self, request, context):
-        handle = self._ready()
+        handle = await self._handle_for(request.lora_path)
         with tracing.span("tokenize", {"splitserve.text_chars": len(request.text)}) as span:
             ids = await self._offload(handle.encode, request.text, request.add_special_tokens)
             if span is not None:
@@ -151,7 +151,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return response
 
     async def Detokenize(self, request, context):
-        handle = self._ready()
+        handle = await self._handle_for(request.lora_path)
         with tracing.span("detokenize", {"splitserve.num_tokens": len(request.token_ids)}):
             text = await self._offload(
                 handle.decode, request.token_ids, request.skip_special_tokens

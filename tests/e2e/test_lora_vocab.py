@@ -6,6 +6,7 @@ equals what transformers + peft generate on the resized base, decoded by that to
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -107,3 +108,23 @@ def test_adapter_tokenizer_end_to_end(vocab_setup, tiny_model):
         model=server.model, messages=msgs, max_tokens=1, temperature=0
     )
     assert base_chat.usage.prompt_tokens > want_chat
+
+
+def test_tokenize_and_detokenize_through_the_adapter(vocab_setup):
+    server, _, path = vocab_setup
+    tok = AutoTokenizer.from_pretrained(str(path))
+    text = f"a {ADDED_TOKEN.format(3)} b"
+    ids = tok.encode(text)
+    r = httpx.post(
+        server.url + "/tokenize",
+        json={"model": "v", "prompt": text, "return_token_strs": True},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == ids
+    assert ADDED_TOKEN.format(3) in r.json()["token_strs"]
+    r = httpx.post(server.url + "/detokenize", json={"model": "v", "tokens": ids}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt"] == tok.decode(ids)
+    base = httpx.post(server.url + "/tokenize", json={"prompt": text}, timeout=60).json()
+    assert len(base["tokens"]) > len(ids)
