@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,12 +166,22 @@ class LoRAManager:
         hf = getattr(self.model, "config", None)
         hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
         self.vocab_size = int(hf.vocab_size)
+        self.hidden_size = int(hf.hidden_size)
         self.tied = bool(getattr(hf, "tie_word_embeddings", False))
 
     @property
     def logits_width(self) -> int:
         """Columns of every step's logits: the base vocabulary plus the extra vocabulary."""
         return self.vocab_size + self.extra_vocab_size
+
+    def extra_vocab_bytes(self) -> int:
+        """Device bytes the added rows may take (--max-loras slots of --lora-extra-vocab-size
+        rows: an embedding row on the first rank, an lm_head row on the last), for the memory
+        profile; their logits columns are part of the profiled step."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        ranks = int(self.config.is_first_rank) + int(self.config.is_last_rank)
+        rows = self.max_loras * self.extra_vocab_size * ranks
+        return rows * self.hidden_size * item
 
     def vocab_limit(self, request_id: str) -> int:
         """Token ids of this request lie below this: V plus what its adapter adds."""
@@ -412,6 +423,16 @@ class LoRAManager:
     def end_step(self) -> None:
         self.active = []
         self.embed_step = None
+
+    @contextmanager
+    def step(self, req_ids: list[str | None], plan):
+        """begin_step over the rows of `plan` (a StepPlan; `req_ids` by batch row) for the
+        forward pass, end_step after it."""
+        self.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
+        try:
+            yield
+        finally:
+            self.end_step()
 
     def _to_device(self, loaded: _Loaded) -> AdapterWeights:
         return {

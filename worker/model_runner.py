@@ -21,6 +21,7 @@ import gc
 import logging
 import math
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -57,8 +58,7 @@ class ModelRunner:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.engine_label = f"worker rank {config.rank}"
-        # NOTE: enable_lora and lora_extra_vocab_size are fixed: the LoRA layers (and the
-        # embedding, for added tokens) are wrapped while the model loads.
+        # NOTE: enable_lora, lora_extra_vocab_size fixed: LoRA wraps layers while loading.
         self.engine = engine_config.engine_values(
             config,
             self.engine_label,
@@ -149,7 +149,8 @@ class ModelRunner:
                 self.config,
                 self.device,
                 self._profile_peak_memory,
-                reserved=self._graph_memory(block_size) + self._extra_vocab_memory(),
+                reserved=self._graph_memory(block_size)
+                + (self.lora.extra_vocab_bytes() if self.lora else 0),
             )
         else:
             available = kv.available_kv_bytes(self.config, self.device)
@@ -332,16 +333,6 @@ class ModelRunner:
         logger.info("CUDA graphs will hold about %.1f MiB", reserved / 2**20)
         return reserved
 
-    def _extra_vocab_memory(self) -> int:
-        """Bytes the adapters' added rows may hold on the device (--max-loras slots of
-        --lora-extra-vocab-size rows, an embedding and an lm_head row each, on the ranks that
-        own them); their logits columns are part of the profiled step."""
-        if self.lora is None or not self.lora.extra_vocab_size:
-            return 0
-        item = torch.empty((), dtype=self.dtype).element_size()
-        row = self.loaded.text_config.hidden_size * item * (int(self.is_first) + int(self.is_last))
-        return self.config.max_loras * self.lora.extra_vocab_size * row
-
     def _dummy_intermediate(self, num_tokens: int) -> IntermediateTensors | None:
         if self.is_first:
             return None
@@ -432,16 +423,9 @@ class ModelRunner:
         hidden = out.index_select(0, plan.logits_indices)
         logits = self.model.compute_logits(hidden)
         if self.logits_width > self.vocab_size:
-            logits = self.lora.extend_logits(hidden, logits, self._logits_req_ids(plan))
+            req_ids = plan.logits_request_ids(self.batch.req_ids)
+            logits = self.lora.extend_logits(hidden, logits, req_ids)
         return self._sample(step, plan, logits, errors, masks)
-
-    def _logits_req_ids(self, plan: StepPlan) -> list[str | None]:
-        """The request of each logits row: the sampling rows, then prompt-logprob chunks."""
-        req_ids = self.batch.req_ids
-        out = [req_ids[r] for r in plan.sample_rows.tolist()]
-        for rid, _, count, _ in plan.prompt_logprobs:
-            out += [rid] * count
-        return out
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
         """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it
@@ -465,33 +449,24 @@ class ModelRunner:
         self, plan: StepPlan, intermediate: IntermediateTensors | None
     ) -> torch.Tensor | IntermediateTensors:
         """The model over the step: a graph replay for decode-only steps that fit one."""
-        if self.lora is None:
-            return self._run_model(plan, intermediate)
-        req_ids = self.batch.req_ids
-        # NOTE: before the image embeddings: they embed the text tokens too, added ones included.
-        self.lora.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
-        try:
-            return self._run_model(plan, intermediate)
-        finally:
-            self.lora.end_step()
-
-    def _run_model(
-        self, plan: StepPlan, intermediate: IntermediateTensors | None
-    ) -> torch.Tensor | IntermediateTensors:
         attn, graphs = plan.attn, self.graphs
-        embeds = self._image_embeddings(plan)
-        if (
-            embeds is None
-            and graphs is not None
-            and graphs.can_run(plan.rows.size, attn.max_query_len, attn.max_seq_len)
-        ):
-            return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
-        if embeds is None:
-            args, kwargs = (plan.input_ids, plan.positions, intermediate), {}
-        else:
-            args, kwargs = (None, plan.positions, intermediate), {"inputs_embeds": embeds}
-        with forward_context(self.backend, attn):
-            return self.model(*args, **kwargs)
+        # NOTE: the LoRA step opens before the image embeddings: they embed the text tokens
+        # too, an adapter's added tokens included.
+        lora = nullcontext() if self.lora is None else self.lora.step(self.batch.req_ids, plan)
+        with lora:
+            embeds = self._image_embeddings(plan)
+            if (
+                embeds is None
+                and graphs is not None
+                and graphs.can_run(plan.rows.size, attn.max_query_len, attn.max_seq_len)
+            ):
+                return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
+            if embeds is None:
+                args, kwargs = (plan.input_ids, plan.positions, intermediate), {}
+            else:
+                args, kwargs = (None, plan.positions, intermediate), {"inputs_embeds": embeds}
+            with forward_context(self.backend, attn):
+                return self.model(*args, **kwargs)
 
     def _image_embeddings(self, plan: StepPlan) -> torch.Tensor | None:
         """The step's input embeddings with image embeddings at image positions; None when
@@ -547,12 +522,9 @@ class ModelRunner:
         if self.mm is not None and step.encoder_evictions:
             self.mm.evict(step.encoder_evictions)
         for req in step.new_requests:
-            # NOTE: the vocabulary limit is read after _add_lora has the request's adapter.
-            error = (
-                self._add_lora(req)
-                or batch.add(req, self.lora and self.lora.vocab_limit(req.request_id))
-                or self._add_images(req)
-            )
+            error = self._add_lora(req)  # first: the row's vocabulary limit is its adapter's
+            error = error or batch.add(req, self.lora and self.lora.vocab_limit(req.request_id))
+            error = error or self._add_images(req)
             if not error and structured is not None:
                 error = self._add_grammar(req)
             if error:
