@@ -475,25 +475,31 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
             tools=chat_req.tools,
             config=base.config,
         )
-        prepared = await prepare(clients, tokenizer_pb2.PrepareRequest(chat=chat), deadline)
+        lora_path = base.adapter_tokenizer(chat_req.model)
+        prepared = await prepare(
+            clients, tokenizer_pb2.PrepareRequest(chat=chat, lora_path=lora_path), deadline
+        )
         ids, want_strs = list(prepared.prompts[0].token_ids), chat_req.return_token_strs
     else:
         req = TokenizeCompletionRequest.model_validate(body)
         await base.check_model(req.model)
         check_prompt_chars(clients, len(req.prompt), "the prompt", "prompt")
+        lora_path = base.adapter_tokenizer(req.model)
         resp = await clients.unary(
             TOKENIZER_SERVICE,
             clients.tokenizer.Tokenize,
             tokenizer_pb2.TokenizeRequest(
-                text=req.prompt, add_special_tokens=req.add_special_tokens
+                text=req.prompt, add_special_tokens=req.add_special_tokens, lora_path=lora_path
             ),
             deadline,
         )
         ids, want_strs = list(resp.token_ids), req.return_token_strs
     token_strs = None
     if want_strs:
-        await clients.fetch_token_strings(clients.missing_token_strings(ids), deadline)
-        token_strs = [clients.token_string(t)[0] for t in ids]
+        await clients.fetch_token_strings(
+            clients.missing_token_strings(ids, lora_path), deadline, lora_path
+        )
+        token_strs = [clients.token_string(t, lora_path)[0] for t in ids]
     out = TokenizeResponse(
         count=len(ids), max_model_len=clients.max_model_len, tokens=ids, token_strs=token_strs
     )
@@ -502,7 +508,7 @@ async def _tokenize(base: ServingBase, body: dict[str, Any]) -> Response:
 
 async def _detokenize(base: ServingBase, req: DetokenizeRequest) -> Response:
     await base.check_model(req.model)
-    limits = base.limits()
+    limits = base.limits(req.model)
     check_token_ids(req.tokens, limits, "tokens")
     if len(req.tokens) > limits.max_model_len:
         raise bad_request(
@@ -514,7 +520,9 @@ async def _detokenize(base: ServingBase, req: DetokenizeRequest) -> Response:
     resp = await clients.unary(
         TOKENIZER_SERVICE,
         clients.tokenizer.Detokenize,
-        tokenizer_pb2.DetokenizeRequest(token_ids=req.tokens),
+        tokenizer_pb2.DetokenizeRequest(
+            token_ids=req.tokens, lora_path=base.adapter_tokenizer(req.model)
+        ),
         Deadline(base.config.request_timeout_s),
     )
     return Response(

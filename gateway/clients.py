@@ -72,6 +72,8 @@ class ServiceClients:
         self.sampling_defaults = SamplingDefaults()
         """Defaults for request fields left unset (the model's generation config)."""
         self._token_strings: dict[int, tuple[str, bytes]] = {}
+        self._adapter_token_strings: dict[str, dict[int, tuple[str, bytes]]] = {}
+        """Adapter folder (with its own tokenizer) -> its token strings."""
         self.router = None
         """The batched output stream (an OutputRouter), once the services support it; None:
         each sequence runs its own Generate and DetokenizeStream calls."""
@@ -232,30 +234,38 @@ class ServiceClients:
 
     # ------------------------------------------------------------------ token strings
 
-    def missing_token_strings(self, ids: Iterable[int]) -> list[int]:
+    def _strings(self, lora_path: str) -> dict[int, tuple[str, bytes]]:
+        """The token-string cache of the model's tokenizer, or of an adapter folder's own
+        (its added tokens); each is bounded by its vocabulary."""
+        if not lora_path:
+            return self._token_strings
+        return self._adapter_token_strings.setdefault(lora_path, {})
+
+    def missing_token_strings(self, ids: Iterable[int], lora_path: str = "") -> list[int]:
         """Ids whose decoded string is not cached yet (deduplicated, order kept)."""
-        cache = self._token_strings
+        cache = self._strings(lora_path)
         return list(dict.fromkeys(i for i in ids if i not in cache))
 
-    async def fetch_token_strings(self, ids: list[int], deadline=None) -> None:
+    async def fetch_token_strings(self, ids: list[int], deadline=None, lora_path: str = "") -> None:
         """Decode each id alone (DecodeEach) and cache it; the vocabulary bounds the cache."""
         if not ids:
             return
         resp = await self.unary(
             TOKENIZER_SERVICE,
             self.tokenizer.DecodeEach,
-            tokenizer_pb2.DecodeEachRequest(token_ids=ids),
+            tokenizer_pb2.DecodeEachRequest(token_ids=ids, lora_path=lora_path),
             deadline,
         )
+        cache = self._strings(lora_path)
         token_bytes = list(resp.token_bytes)
         for k, token_id in enumerate(ids):
             text = resp.tokens[k] if k < len(resp.tokens) else ""
             raw = token_bytes[k] if k < len(token_bytes) else text.encode("utf-8", "replace")
-            self._token_strings[token_id] = (text, raw)
+            cache[token_id] = (text, raw)
 
-    def token_string(self, token_id: int) -> tuple[str, bytes]:
+    def token_string(self, token_id: int, lora_path: str = "") -> tuple[str, bytes]:
         """The cached (text, bytes) of one id; fetch_token_strings must have run for it."""
-        return self._token_strings.get(token_id, ("", b""))
+        return self._strings(lora_path).get(token_id, ("", b""))
 
 
 async def _call_with_retries(call, deadline: float, what: str, retry_unimplemented=True):

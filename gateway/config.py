@@ -14,7 +14,9 @@ from splitserve.gateway.tool_parsers import TOOL_PARSERS
 
 
 @dataclass
-class GatewayConfig(engine_fields("max_logprobs", "enable_lora", "max_lora_rank")):
+class GatewayConfig(
+    engine_fields("max_logprobs", "enable_lora", "max_lora_rank", "lora_extra_vocab_size")
+):
     """How the HTTP gateway listens, where its services are, and the limits it enforces; the
     engine fields it shares with the scheduler and the workers are declared in
     splitserve.common.engine_config."""

@@ -86,6 +86,9 @@ class SequenceSpec:
     """Filled in by note_timings: first token to last token, from the last message."""
     mm_inputs: list[common_pb2.MultiModalInput] = field(default_factory=list)
     """The prompt's processed images (chat requests with image_url parts)."""
+    tokenizer_lora_path: str = ""
+    """The adapter folder whose own tokenizer (added tokens) decodes this sequence; empty: the
+    model's. Such sequences detokenize on the tokenizer service (per-sequence path)."""
 
     def to_request(self) -> scheduler_pb2.GenerateRequest:
         """The scheduler request for this sequence (Generate and Submit take the same)."""
@@ -148,6 +151,7 @@ async def run_sequence(
                     skip_special_tokens=spec.skip_special_tokens,
                     stop=spec.stop,
                     include_stop_str_in_output=spec.include_stop_str_in_output,
+                    lora_path=spec.tokenizer_lora_path,
                 )
             )
         )
@@ -274,10 +278,11 @@ def _prefetch(
     if prompt_lps:
         wanted.extend(spec.prompt_token_ids)
         wanted.extend(_ids_in(prompt_lps))
-    missing = clients.missing_token_strings(wanted)
+    path = spec.tokenizer_lora_path
+    missing = clients.missing_token_strings(wanted, path)
     if not missing:
         return None
-    return asyncio.ensure_future(clients.fetch_token_strings(missing, deadline))
+    return asyncio.ensure_future(clients.fetch_token_strings(missing, deadline, path))
 
 
 def _ids_in(entries: Iterable[common_pb2.TokenLogprobs]) -> Iterable[int]:
@@ -415,7 +420,8 @@ class SequenceGroup:
         self._run = None
         self._tasks: list[asyncio.Task] = []
         router = getattr(clients, "router", None)
-        if router is not None:
+        # NOTE: the router decodes with the model's tokenizer only.
+        if router is not None and not any(s.tokenizer_lora_path for s in specs):
             # NOTE: the batched path: the router's reader puts each delta on the queue.
             self._run = router.start(specs, deadline, self._queue.put_nowait)
             return

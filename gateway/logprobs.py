@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -14,11 +15,12 @@ _FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM report this floor instead.
 TokenLogprobs = common_pb2.TokenLogprobs
 
 
-def token_strings(clients: ServiceClients, as_ids: bool = False):
-    """token id -> (text, bytes): the decoded token, or vLLM's "token_id:N" form when
+def token_strings(clients: ServiceClients, as_ids: bool = False, lora_path: str = ""):
+    """token id -> (text, bytes): the decoded token (by the tokenizer of the adapter folder
+    `lora_path` when it has its own), or vLLM's "token_id:N" form when
     return_tokens_as_token_ids asks for it."""
     if not as_ids:
-        return clients.token_string
+        return functools.partial(clients.token_string, lora_path=lora_path)
 
     def as_id(token_id: int) -> tuple[str, bytes]:
         text = f"token_id:{token_id}"
@@ -49,8 +51,10 @@ class CompletionLogprobsBuilder:
 
     __slots__ = ("_lookup", "_top_n", "offset")
 
-    def __init__(self, clients: ServiceClients, top_n: int, as_ids: bool = False) -> None:
-        self._lookup = token_strings(clients, as_ids)
+    def __init__(
+        self, clients: ServiceClients, top_n: int, as_ids: bool = False, lora_path: str = ""
+    ) -> None:
+        self._lookup = token_strings(clients, as_ids, lora_path)
         self._top_n = top_n
         self.offset = 0
 
@@ -90,11 +94,15 @@ class CompletionLogprobsBuilder:
 
 
 def chat_logprobs(
-    clients: ServiceClients, entries: Sequence[TokenLogprobs], top_n: int, as_ids: bool = False
+    clients: ServiceClients,
+    entries: Sequence[TokenLogprobs],
+    top_n: int,
+    as_ids: bool = False,
+    lora_path: str = "",
 ) -> list[dict[str, Any]]:
     """Chat format: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
     out = []
-    lookup = token_strings(clients, as_ids)
+    lookup = token_strings(clients, as_ids, lora_path)
     for entry in entries:
         text, raw = lookup(entry.token_id)
         tops = []

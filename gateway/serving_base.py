@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from starlette.requests import Request
 from starlette.responses import Response
 
+from splitserve.common.lora import TOKENIZER_FILES
 from splitserve.gateway.clients import ServiceClients
 from splitserve.gateway.config import GatewayConfig
 from splitserve.gateway.errors import RequestError, sse_error_event
@@ -69,14 +70,30 @@ class ServingBase:
         adapter = self.loras.get(model)
         if adapter is None:
             return
+        tokenizer = self.adapter_tokenizer(model)
         for spec in specs:
             spec.lora_name = adapter.name
+            spec.tokenizer_lora_path = tokenizer
 
-    def limits(self) -> Limits:
+    def adapter_tokenizer(self, model: str | None) -> str:
+        """The folder of the adapter `model` names when it ships its own tokenizer (tokens it
+        adds), for the tokenizer service to tokenize and decode with; else ""."""
+        adapter = self.loras.get(model)
+        if adapter is None or not any((adapter.path / f).is_file() for f in TOKENIZER_FILES):
+            return ""
+        return str(adapter.path)
+
+    def limits(self, model: str | None = None) -> Limits:
+        """The request limits; a request whose `model` names an adapter may use token ids up
+        to --lora-extra-vocab-size past the vocabulary (the worker checks what that adapter
+        adds)."""
         info = self.clients.model_info
+        vocab = self.clients.vocab_size
+        if model and self.loras.get(model) is not None:
+            vocab += self.config.lora_extra_vocab_size
         return Limits.from_config(
             self.config,
-            self.clients.vocab_size,
+            vocab,
             self.clients.max_model_len,
             info.max_logprobs if info is not None else 0,
             self.clients.sampling_defaults,

@@ -67,7 +67,7 @@ class ChatService(ServingBase):
                 "named function)",
                 "echo",
             )
-        limits = self.limits()
+        limits = self.limits(req.model)
         n = check_n(req, limits)
         top = req.top_logprobs
         if top is not None:
@@ -105,7 +105,9 @@ class ChatService(ServingBase):
             documents=req.documents,
             config=config,
         )
-        prepare_request = tokenizer_pb2.PrepareRequest(chat=chat)
+        prepare_request = tokenizer_pb2.PrepareRequest(
+            chat=chat, lora_path=self.adapter_tokenizer(req.model)
+        )
         keep = check_truncation(req.truncate_prompt_tokens, limits)
         if keep is not None:
             if chat.images:
@@ -198,6 +200,8 @@ class _ChatView:
         self.top_n = req.top_logprobs or 0
         self.want_logprobs = bool(req.logprobs)
         self.as_ids = serving.tokens_as_ids(req)
+        self.lora_path = serving.adapter_tokenizer(req.model)
+        """The adapter folder whose own tokenizer names logprob tokens; "" for the model's."""
         self.return_token_ids = bool(req.return_token_ids)
         opts = req.stream_options
         self.include_usage = bool(opts and opts.include_usage)
@@ -269,7 +273,11 @@ class _ChatView:
         self.num_tokens[index] += len(delta.token_ids)
         self.num_cached[index] = max(self.num_cached[index], delta.num_cached_tokens)
         if self.want_logprobs and delta.logprobs:
-            return {"content": chat_logprobs(self.clients, delta.logprobs, self.top_n, self.as_ids)}
+            return {
+                "content": chat_logprobs(
+                    self.clients, delta.logprobs, self.top_n, self.as_ids, self.lora_path
+                )
+            }
         return None
 
     def _role_chunk(self, index: int, content: str | None) -> str:
@@ -375,7 +383,9 @@ class _ChatView:
             logprobs = None
             if self.want_logprobs:
                 logprobs = {
-                    "content": chat_logprobs(self.clients, merged.logprobs, self.top_n, self.as_ids)
+                    "content": chat_logprobs(
+                        self.clients, merged.logprobs, self.top_n, self.as_ids, self.lora_path
+                    )
                 }
             if prompt_lps is None and self.req.prompt_logprobs is not None:
                 prompt_lps = prompt_logprobs_vllm(

@@ -57,7 +57,7 @@ class CompletionsService(ServingBase):
             raise bad_request("suffix is not supported", "suffix")
         refuse_unsupported(req)
         response_id = vllm_extras.response_id("cmpl", req.request_id)
-        limits = self.limits()
+        limits = self.limits(req.model)
         n = check_n(req, limits)
         if req.best_of is not None and req.best_of != n:
             raise bad_request("best_of other than n is not supported", "best_of")
@@ -163,6 +163,7 @@ class CompletionsService(ServingBase):
             prompts=prompt_list(items, req.add_special_tokens),
             # Echo shows the prompt: id-only and truncated prompts get their text decoded.
             return_prompt_text=bool(req.echo),
+            lora_path=self.adapter_tokenizer(req.model),
         )
         if keep is not None:
             request.truncate_prompt_tokens = keep
@@ -218,7 +219,12 @@ class _CompletionView:
         self.finish_reasons: list[str] = []
         self.builders = (
             [
-                CompletionLogprobsBuilder(self.clients, req.logprobs, serving.tokens_as_ids(req))
+                CompletionLogprobsBuilder(
+                    self.clients,
+                    req.logprobs,
+                    serving.tokens_as_ids(req),
+                    serving.adapter_tokenizer(req.model),
+                )
                 for _ in range(count)
             ]
             if req.logprobs is not None

@@ -176,7 +176,7 @@ class RunnerInfo(_message.Message):
     def __init__(self, runner: _Optional[str] = ..., pooling_type: _Optional[str] = ..., normalize: _Optional[bool] = ..., hidden_size: _Optional[int] = ..., is_matryoshka: _Optional[bool] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EngineConfig(_message.Message):
-    __slots__ = ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "max_logprobs", "enable_lora", "max_loras", "max_lora_rank", "fixed_fields")
+    __slots__ = ("max_model_len", "max_num_batched_tokens", "max_num_seqs", "max_logprobs", "enable_lora", "max_loras", "max_lora_rank", "lora_extra_vocab_size", "fixed_fields")
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,7 @@ class EngineConfig(_message.Message):
     ENABLE_LORA_FIELD_NUMBER: _ClassVar[int]
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_EXTRA_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     FIXED_FIELDS_FIELD_NUMBER: _ClassVar[int]
     max_model_len: int
     max_num_batched_tokens: int
@@ -192,5 +193,6 @@ class EngineConfig(_message.Message):
     enable_lora: bool
     max_loras: int
     max_lora_rank: int
+    lora_extra_vocab_size: int
     fixed_fields: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., enable_lora: _Optional[bool] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., fixed_fields: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, max_model_len: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., enable_lora: _Optional[bool] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., lora_extra_vocab_size: _Optional[int] = ..., fixed_fields: _Optional[_Iterable[str]] = ...) -> None: ...

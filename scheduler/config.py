@@ -23,6 +23,7 @@ class SchedulerConfig(
         "max_logprobs",
         "enable_lora",
         "max_loras",
+        "lora_extra_vocab_size",
     )
 ):
     """Continuous batching and KV-cache settings (vLLM's flag names); the engine fields it

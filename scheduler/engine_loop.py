@@ -102,7 +102,7 @@ class EngineLoop:
         if self.dead is not None:
             raise RequestRejected("UNAVAILABLE", f"the engine is dead: {self.dead}")
         # validate() reads only fixed state, so it is safe off the engine thread.
-        self.engine.scheduler.validate(req.prompt_token_ids, req.sampling_params)
+        self.engine.scheduler.validate(req.prompt_token_ids, req.sampling_params, req.lora_name)
         self.engine.scheduler.check_priority(req.priority)
         # NOTE: the adapter table is thread-safe; an unload racing this check fails the request
         # on the engine thread instead (an error output, same status).

@@ -166,10 +166,10 @@ class Scheduler:
         sp = req.sampling_params
         self._validate_runner(req)
         if req.pooling:
-            self.validate_pooling(prompt)
+            self.validate_pooling(prompt, req.lora_name)
             sp = msg.SamplingParams()
         else:
-            self.validate(prompt, sp)
+            self.validate(prompt, sp, req.lora_name)
         self.check_priority(req.priority)
         lora_path, lora_int_id = self.resolve_lora(req)
         self._validate_mm(req)
@@ -242,22 +242,30 @@ class Scheduler:
             if problem:
                 raise RequestRejected("INVALID_ARGUMENT", problem)
 
-    def _check_prompt_ids(self, prompt: list[int]) -> int:
+    def vocab_limit(self, lora_name: str = "") -> int:
+        """Token ids of a request lie below this. A request through a LoRA adapter may use the
+        tokens adapters add, up to --lora-extra-vocab-size past the base vocabulary; the
+        scheduler never opens adapter files, so the exact bound (what that adapter adds) is
+        the worker's check, which fails the request with its own message."""
+        return self.vocab_size + (self.config.lora_extra_vocab_size if lora_name else 0)
+
+    def _check_prompt_ids(self, prompt: list[int], lora_name: str = "") -> int:
         """The prompt's length; RequestRejected when it is empty or leaves the vocabulary."""
         if not prompt:
             raise RequestRejected("INVALID_ARGUMENT", "the prompt must hold at least one token")
         lo, hi = min(prompt), max(prompt)
-        if lo < 0 or hi >= self.vocab_size:
+        limit = self.vocab_limit(lora_name)
+        if lo < 0 or hi >= limit:
             bad = lo if lo < 0 else hi
             raise RequestRejected(
                 "INVALID_ARGUMENT",
-                f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                f"prompt token id {bad} is outside the vocabulary [0, {limit})",
             )
         return len(prompt)
 
-    def validate_pooling(self, prompt: list[int]) -> None:
+    def validate_pooling(self, prompt: list[int], lora_name: str = "") -> None:
         """validate() for an embedding request: the whole context may hold the prompt."""
-        n = self._check_prompt_ids(prompt)
+        n = self._check_prompt_ids(prompt, lora_name)
         if n > self.max_model_len:
             raise RequestRejected(
                 "INVALID_ARGUMENT",
@@ -345,9 +353,9 @@ class Scheduler:
         running = {(r.lora_name, r.lora_int_id) for r in self.running if r.lora_name}
         return (req.lora_name, req.lora_int_id) in running or len(running) < self.config.max_loras
 
-    def validate(self, prompt: list[int], sp: msg.SamplingParams) -> None:
+    def validate(self, prompt: list[int], sp: msg.SamplingParams, lora_name: str = "") -> None:
         """Raise RequestRejected for a request that can never run; reads only fixed state."""
-        n = self._check_prompt_ids(prompt)
+        n = self._check_prompt_ids(prompt, lora_name)
         if n >= self.max_model_len:
             raise RequestRejected(
                 "INVALID_ARGUMENT",

@@ -59,6 +59,10 @@ class TokenizerServiceConfig:
     """Threads compiling constraints."""
     grammar_max_pending: int = 16
     """Compiles running or queued past which new ones are refused with RESOURCE_EXHAUSTED."""
+    lora_root: str | None = None
+    """Folder every LoRA adapter path must resolve inside (symlinks followed), for adapters with their own tokenizer (added tokens); None allows only the --lora-modules folders."""
+    lora_modules: list[str] | None = None
+    """LoRA adapters served, as name=path or vLLM's JSON form: their folders are where adapter tokenizers may be read from when --lora-root is not given."""
     limit_mm_per_prompt: str | None = None
     """Most multimodal items one prompt may carry, per modality, as JSON (vLLM's flag), e.g. '{"image": 2, "audio": 1}'; each defaults to 4 (vLLM: 999). Only models that take a modality accept any of it."""
     max_image_pixels: int = 4096 * 4096

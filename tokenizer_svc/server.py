@@ -34,10 +34,12 @@ from grpc_health.v1.health import aio as health_aio
 
 from splitserve.common import tracing
 from splitserve.common.grpc_errors import ErrorInterceptor
+from splitserve.common.lora import LoRAPathError, allowed_roots, parse_lora_modules
 from splitserve.common.mm_limits import parse_mm_limits
 from splitserve.protos import tokenizer_pb2, tokenizer_pb2_grpc
 
 from . import memory
+from .adapter_tokenizers import AdapterTokenizers
 from .audio import AudioLimits
 from .audio_processor import AudioPreprocessor, load_audio_preprocessor
 from .chat import ChatRenderer, parse_chat_request
@@ -88,30 +90,60 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         self.grammars: GrammarCompiler | None = None
 
     def set_tokenizer(self, handle: TokenizerHandle) -> None:
-        self._renderer = ChatRenderer(
+        self._renderer = self._make_renderer(handle)
+        self._adapter_renderers: dict[int, tuple[TokenizerHandle, ChatRenderer]] = {}
+        """id(adapter tokenizer handle) -> (handle, its chat renderer)."""
+        self.grammars = make_grammar_compiler(self._config, handle)
+        limits = parse_mm_limits(self._config.limit_mm_per_prompt)
+        self._images = load_image_preprocessor(handle.path, limits, mm_cache_bytes(self._config))
+        self._audio = load_audio_preprocessor(handle.path, limits)
+        roots = allowed_roots(self._config.lora_root, parse_lora_modules(self._config.lora_modules))
+        self._adapters = AdapterTokenizers(self._config, handle, roots)
+        """Tokenizers of adapter folders that have one (their added tokens)."""
+        if is_whisper_folder(handle.path):
+            self._whisper = WhisperPreprocessor(str(handle.path), handle.tokenizer)
+        self._handle = handle
+
+    def _make_renderer(self, handle: TokenizerHandle) -> ChatRenderer:
+        return ChatRenderer(
             handle,
             self._config.trust_request_chat_template,
             self._config.chat_template_timeout_s,
             self._config.chat_template_content_format,
         )
-        self.grammars = make_grammar_compiler(self._config, handle)
-        limits = parse_mm_limits(self._config.limit_mm_per_prompt)
-        self._images = load_image_preprocessor(handle.path, limits, mm_cache_bytes(self._config))
-        self._audio = load_audio_preprocessor(handle.path, limits)
-        if is_whisper_folder(handle.path):
-            self._whisper = WhisperPreprocessor(str(handle.path), handle.tokenizer)
-        self._handle = handle
+
+    def _renderer_for(self, handle: TokenizerHandle) -> ChatRenderer:
+        """The chat renderer of the model's tokenizer, or of an adapter's (made once)."""
+        if handle is self._handle:
+            return self._renderer
+        kept = self._adapter_renderers.get(id(handle))
+        if kept is None or kept[0] is not handle:
+            if len(self._adapter_renderers) >= 2 * self._adapters.max_cached:
+                self._adapter_renderers.clear()  # handles the adapter cache dropped
+            kept = self._adapter_renderers[id(handle)] = (handle, self._make_renderer(handle))
+        return kept[1]
 
     def _ready(self) -> TokenizerHandle:
         if self._handle is None:
             raise NotReady("the tokenizer is still loading")
         return self._handle
 
+    async def _handle_for(self, lora_path: str) -> TokenizerHandle:
+        """The adapter folder's tokenizer (loaded in the pool the first time), else the
+        model's; an adapter folder outside the allowed roots is INVALID_ARGUMENT."""
+        handle = self._ready()
+        if not lora_path:
+            return handle
+        try:
+            return await self._offload(self._adapters.get, lora_path)
+        except (LoRAPathError, ValueError, OSError) as exc:
+            raise InvalidRequest(f"adapter tokenizer: {exc}") from exc
+
     async def _offload(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def Tokenize(self, request, context):
-        handle = self._ready()
+        handle = await self._handle_for(request.lora_path)
         with tracing.span("tokenize", {"splitserve.text_chars": len(request.text)}) as span:
             ids = await self._offload(handle.encode, request.text, request.add_special_tokens)
             if span is not None:
@@ -125,7 +157,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         return response
 
     async def Detokenize(self, request, context):
-        handle = self._ready()
+        handle = await self._handle_for(request.lora_path)
         with tracing.span("detokenize", {"splitserve.num_tokens": len(request.token_ids)}):
             text = await self._offload(
                 handle.decode, request.token_ids, request.skip_special_tokens
@@ -135,7 +167,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
     async def Prepare(self, request, context):
         """Prompts and bad words in the tokenizer pool, the constraint in the grammar pool,
         concurrently: a request waits for the slower of the two, not for their sum."""
-        handle = self._ready()
+        handle = await self._handle_for(request.lora_path)
         if request.WhichOneof("input") == "transcription":
             return await self._prepare_transcription(request, context)
         compile_task = (
@@ -191,7 +223,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         with tracing.span("tokenize", {"splitserve.chat_template": chat}) as span:
             prompts: list[Prepared] = []
             if chat:
-                rendered = await self._render_chat(request.chat)
+                rendered = await self._render_chat(request.chat, self._renderer_for(handle))
                 prompts.append(Prepared(list(rendered.token_ids), rendered.prompt))
                 if isinstance(rendered, ProcessedPrompt):
                     prompts[0].mm_inputs = list(rendered.mm_inputs)
@@ -226,9 +258,10 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         response.prompts.extend(to_proto(p) for p in prompts)
         return response
 
-    async def _render_chat(self, request):
-        """Render and tokenize chat messages (ChatInput); with images, process them too."""
-        renderer = self._renderer
+    async def _render_chat(self, request, renderer: ChatRenderer | None = None):
+        """Render and tokenize chat messages (ChatInput), with `renderer` (default the
+        model's); with images, process them too."""
+        renderer = renderer or self._renderer
         fields = dict(
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
@@ -296,7 +329,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
             ) from None
 
     async def DecodeEach(self, request, context):
-        handle = self._ready()
+        handle = await self._handle_for(request.lora_path)
         ids = request.token_ids
         if len(ids) <= _INLINE_DECODE_EACH:  # a step's logprobs: cheaper than a thread hop
             strings, raw = handle.decode_each(ids)
@@ -354,7 +387,7 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
                     raise InvalidRequest("`start` sent twice on one DetokenizeStream")
                 start = request.start
                 seq = SequenceStream(
-                    self._ready(),
+                    await self._handle_for(start.lora_path),
                     start.prompt_token_ids,
                     start.skip_special_tokens,
                     start.stop,

@@ -38,6 +38,7 @@ class WorkerConfig(
         "enable_lora",
         "max_loras",
         "max_lora_rank",
+        "lora_extra_vocab_size",
     )
 ):
     """What one worker (one pipeline rank) loads and how it runs; the engine fields it shares
@@ -110,8 +111,6 @@ class WorkerConfig(
     """Adapters to serve, each name=path or vLLM's JSON form {"name": .., "path": .., "base_model_name": ..} (peft folders: adapter_config.json + adapter_model.safetensors or .bin)."""
     lora_root: str | None = None
     """Folder every adapter path must resolve inside (symlinks followed); None allows only the --lora-modules folders."""
-    lora_extra_vocab_size: int = 0
-    """Extra vocabulary of adapters; only 0 is supported (adapters that add tokens are refused)."""
     generation_config: str = "auto"
     """Where default sampling parameters come from (vLLM's flag): auto reads the model folder's generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as the default max_tokens), vllm ignores it (splitserve's own defaults), or a folder holding a generation_config.json. They apply to the fields a request leaves unset."""
     override_generation_config: str | None = None

@@ -108,9 +108,11 @@ class InputBatch:
         self.stop_ids += [[] for _ in range(old)]
         self.free_rows = list(range(2 * old - 1, old - 1, -1))
 
-    def add(self, req: msg.NewRequest) -> str | None:
-        """Create the request's row; return an error message instead when it is invalid."""
-        error = self._validate(req)
+    def add(self, req: msg.NewRequest, vocab_limit: int | None = None) -> str | None:
+        """Create the request's row; return an error message instead when it is invalid.
+        `vocab_limit` bounds its token ids (default vocab_size; a LoRA adapter's added tokens
+        give its requests more, the rest of the batch less: see worker/lora_vocab.py)."""
+        error = self._validate(req, self.vocab_size if vocab_limit is None else vocab_limit)
         if error:
             return error
         if req.request_id in self.rows:
@@ -131,16 +133,16 @@ class InputBatch:
         self._set_sampling(row, req.sampling_params)
         return None
 
-    def _validate(self, req: msg.NewRequest) -> str | None:
+    def _validate(self, req: msg.NewRequest, limit: int) -> str | None:
         n = len(req.token_ids)
         if n == 0:
             return "request has no token ids"
         if n > self.max_model_len:
             return f"request has {n} tokens, more than max_model_len ({self.max_model_len})"
         ids = np.asarray(req.token_ids, dtype=np.int64)
-        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        bad = ids[(ids < 0) | (ids >= limit)]
         if bad.size:
-            return f"token id {int(bad[0])} is outside the vocabulary [0, {self.vocab_size})"
+            return f"token id {int(bad[0])} is outside the vocabulary [0, {limit})"
         if not 0 <= req.num_computed_tokens < n:
             return f"num_computed_tokens {req.num_computed_tokens} is outside [0, {n})"
         if not 0 <= req.num_prompt_tokens <= n:
@@ -154,15 +156,17 @@ class InputBatch:
                     "a model with recurrent layers starts from cached tokens only with a state "
                     f"snapshot (restore_state_slot {req.restore_state_slot})"
                 )
-        return self._check_sampling(req.sampling_params) or self._check_blocks(req.block_ids, 0)
+        return self._check_sampling(req.sampling_params, limit) or self._check_blocks(
+            req.block_ids, 0
+        )
 
-    def _check_sampling(self, sp) -> str | None:
+    def _check_sampling(self, sp, limit: int) -> str | None:
         """What would make this request's row NaN or crash the batch (the gateway checks the
         rest); everything else was validated upstream."""
         bad_words = [t for seq in sp.bad_words_token_ids for t in seq]
         for t in [*sp.stop_token_ids, *sp.logit_bias, *sp.allowed_token_ids, *bad_words]:
-            if not 0 <= t < self.vocab_size:
-                return f"token id {t} in sampling parameters is outside [0, {self.vocab_size})"
+            if not 0 <= t < limit:
+                return f"token id {t} in sampling parameters is outside [0, {limit})"
         if any(not seq for seq in sp.bad_words_token_ids):
             return "bad_words_token_ids holds an empty sequence"
         if sp.temperature is not None and not sp.temperature >= 0:

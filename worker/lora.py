@@ -15,6 +15,10 @@ to fill (`lora_slots`, its slot table over --max-loras); a new request naming an
 CPU memory has it read from disk. Every path is re-checked against the worker's own allowed
 roots before a file is opened.
 
+An adapter may also add tokens (`lora_vocab.py`): with --lora-extra-vocab-size E > 0 the
+embedding is wrapped so that ids >= V read the step's adapters' added rows, and `extend_logits`
+widens every step's logits to V + E (-inf wherever a row's adapter adds no such token).
+
 Both caches are keyed by (name, lora_int_id): the scheduler numbers every load of an adapter, so
 an adapter unloaded and loaded again (say its files were rewritten) is read from disk afresh,
 while requests still running on the old load keep the old weights until they finish.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +45,14 @@ from splitserve.common.lora import (
 )
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.linear import Linear, MergedLinear
+from splitserve.worker.lora_vocab import (
+    EmbedStep,
+    ExtraVocab,
+    LoRAEmbedding,
+    extend_logits,
+    read_extra_vocab,
+    split_vocab_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +77,8 @@ AdapterKey = tuple[str, int]
 class _Loaded:
     path: str
     weights: AdapterWeights
+    extra: ExtraVocab | None = None
+    """Rows of the tokens the adapter adds (None: it adds none)."""
 
 
 class LoRALinear(nn.Module):
@@ -106,6 +121,7 @@ class LoRAManager:
         self.request_adapter: dict[str, AdapterKey] = {}
         self.active: list[tuple[AdapterWeights, torch.Tensor | None]] = []
         self._targets = self._wrap()
+        self._init_vocab()
 
     @property
     def max_loras(self) -> int:
@@ -125,6 +141,54 @@ class LoRAManager:
                 setattr(parent, attr, LoRALinear(module, name, self))
                 targets[name] = module
         return targets
+
+    def _init_vocab(self) -> None:
+        """The base vocabulary, this rank's embedding / lm_head weights, and (with
+        --lora-extra-vocab-size) the embedding wrapped to read added rows."""
+        self.extra_vocab_size = self.config.lora_extra_vocab_size or 0
+        self.extra_on_device: dict[AdapterKey, ExtraVocab] = {}
+        self.embed_step: EmbedStep | None = None
+        embed = head = None
+        for name, module in list(self.model.named_modules()):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "embed_tokens" and isinstance(module, nn.Embedding):
+                embed = module
+                if self.extra_vocab_size:
+                    parent_name, _, attr = name.rpartition(".")
+                    wrapper = LoRAEmbedding(module, lambda: self.embed_step)
+                    setattr(self.model.get_submodule(parent_name), attr, wrapper)
+            elif leaf == "lm_head" and isinstance(module, (nn.Linear, Linear)):
+                head = module
+        self.base_vocab = {
+            "embed_tokens": None if embed is None else embed.weight,
+            "lm_head": None if head is None else head.weight,
+        }
+        hf = getattr(self.model, "config", None)
+        hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        self.vocab_size = int(hf.vocab_size)
+        self.hidden_size = int(hf.hidden_size)
+        self.tied = bool(getattr(hf, "tie_word_embeddings", False))
+
+    @property
+    def logits_width(self) -> int:
+        """Columns of every step's logits: the base vocabulary plus the extra vocabulary."""
+        return self.vocab_size + self.extra_vocab_size
+
+    def extra_vocab_bytes(self) -> int:
+        """Device bytes the added rows may take (--max-loras slots of --lora-extra-vocab-size
+        rows: an embedding row on the first rank, an lm_head row on the last), for the memory
+        profile; their logits columns are part of the profiled step."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        ranks = int(self.config.is_first_rank) + int(self.config.is_last_rank)
+        rows = self.max_loras * self.extra_vocab_size * ranks
+        return rows * self.hidden_size * item
+
+    def vocab_limit(self, request_id: str) -> int:
+        """Token ids of this request lie below this: V plus what its adapter adds."""
+        key = self.request_adapter.get(request_id)
+        loaded = None if key is None else self.cpu.get(key)
+        extra = 0 if loaded is None or loaded.extra is None else loaded.extra.num_tokens
+        return self.vocab_size + extra
 
     # ------------------------------------------------------------------ requests
 
@@ -154,8 +218,9 @@ class LoRAManager:
                 "needs another lora_int_id"
             )
         folder = resolve_adapter_path(path, self.roots)
-        loaded = _Loaded(path, self._read(folder))
-        self.on_device.pop(key, None)  # a reloaded adapter must not keep stale device weights
+        loaded = self._read(path, folder)
+        self.on_device.pop(key, None)
+        self.extra_on_device.pop(key, None)  # a reloaded adapter must not keep stale device weights
         self.cpu[key] = loaded
         logger.info("LoRA adapter %r (load %d) read from %s", key[0], key[1], folder)
         return loaded
@@ -178,16 +243,18 @@ class LoRAManager:
             old = self.slots.get(slot)
             if old is not None:
                 self.on_device.pop(old, None)
+                self.extra_on_device.pop(old, None)
             self._drop_slot(key)
             self.slots[slot] = key
 
     def _drop_slot(self, key: AdapterKey) -> None:
         self.on_device.pop(key, None)
+        self.extra_on_device.pop(key, None)
         for slot, held in list(self.slots.items()):
             if held == key:
                 del self.slots[slot]
 
-    def _read(self, folder: Path) -> AdapterWeights:
+    def _read(self, path: str, folder: Path) -> _Loaded:
         cfg = read_adapter_config(folder, self.config.max_lora_rank)
         weight_file = adapter_weight_file(folder)
         if weight_file.suffix == ".safetensors":
@@ -196,7 +263,17 @@ class LoRAManager:
             tensors = load_file(str(weight_file), device="cpu")
         else:
             tensors = torch.load(weight_file, map_location="cpu", weights_only=True)
-        return self._pack(tensors, cfg.rank, cfg.scaling, folder.name)
+        tensors, vocab = split_vocab_tensors(tensors)
+        extra = read_extra_vocab(
+            folder,
+            cfg,
+            vocab,
+            self.base_vocab,
+            self.vocab_size,
+            self.tied,
+            self.extra_vocab_size,
+        )
+        return _Loaded(path, self._pack(tensors, cfg.rank, cfg.scaling, folder.name), extra)
 
     def _pack(
         self, tensors: dict[str, torch.Tensor], rank: int, scale: float, adapter: str
@@ -275,6 +352,7 @@ class LoRAManager:
         names = [self.request_adapter.get(rid) for rid in req_ids]
         distinct = sorted({n for n in names if n is not None})
         self.active = []
+        self.embed_step = None
         if not distinct:
             return
         if len(distinct) > self.max_loras:
@@ -298,9 +376,63 @@ class LoRAManager:
                 continue
             idx = np.flatnonzero(token_codes == j)
             self.active.append((weights, torch.from_numpy(idx).to(self.device)))
+        self._begin_embed_step(distinct, token_codes)
+
+    def _begin_embed_step(self, distinct: list[AdapterKey], token_codes: np.ndarray) -> None:
+        """The step's added-token rows for the wrapped embedding (none: it runs as the base)."""
+        tables, starts, start = [], np.zeros(len(distinct), np.int64), 0
+        for j, key in enumerate(distinct):
+            extra = self._extra(key)
+            if extra is None or extra.embed is None:
+                continue
+            tables.append(extra.embed)
+            starts[j] = start
+            start += extra.num_tokens
+        if not tables or not self.extra_vocab_size:
+            return
+        offsets = np.where(token_codes >= 0, starts[np.maximum(token_codes, 0)], 0)
+        self.embed_step = EmbedStep(torch.cat(tables), torch.from_numpy(offsets).to(self.device))
+
+    def _extra(self, key: AdapterKey) -> ExtraVocab | None:
+        """The device copy of an adapter's added rows (made on first use), or None."""
+        extra = self.extra_on_device.get(key)
+        if extra is None:
+            loaded = self.cpu[key].extra
+            if loaded is None:
+                return None
+            extra = self.extra_on_device[key] = loaded.to(self.device, self.dtype)
+        return extra
+
+    def extend_logits(
+        self, hidden: torch.Tensor, logits: torch.Tensor, req_ids: list[str | None]
+    ) -> torch.Tensor:
+        """logits [N, V] of rows of `req_ids` -> [N, logits_width]: each row's adapter's added
+        tokens, -inf where its adapter (or the base model) has none."""
+        groups: dict[AdapterKey, list[int]] = {}
+        for i, rid in enumerate(req_ids):
+            key = self.request_adapter.get(rid) if rid is not None else None
+            if key is not None:
+                groups.setdefault(key, []).append(i)
+        heads = []
+        for key, rows in groups.items():
+            extra = self._extra(key)
+            if extra is not None and extra.lm_head is not None:
+                heads.append((torch.tensor(rows, device=logits.device), extra.lm_head))
+        return extend_logits(hidden, logits, self.logits_width, heads)
 
     def end_step(self) -> None:
         self.active = []
+        self.embed_step = None
+
+    @contextmanager
+    def step(self, req_ids: list[str | None], plan):
+        """begin_step over the rows of `plan` (a StepPlan; `req_ids` by batch row) for the
+        forward pass, end_step after it."""
+        self.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
+        try:
+            yield
+        finally:
+            self.end_step()
 
     def _to_device(self, loaded: _Loaded) -> AdapterWeights:
         return {

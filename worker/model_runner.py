@@ -62,9 +62,11 @@ class ModelRunner:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.engine_label = f"worker rank {config.rank}"
-        # NOTE: enable_lora is fixed: the LoRA layers are wrapped while the model loads.
+        # NOTE: enable_lora, lora_extra_vocab_size fixed: LoRA wraps layers while loading.
         self.engine = engine_config.engine_values(
-            config, self.engine_label, also_fixed=frozenset({"enable_lora"})
+            config,
+            self.engine_label,
+            also_fixed=frozenset({"enable_lora", "lora_extra_vocab_size"}),
         )
         """This rank's own engine fields (its flags), before it takes any of the scheduler's."""
         self._init_model()
@@ -97,6 +99,8 @@ class ModelRunner:
             if self.config.enable_lora
             else None
         )
+        self.logits_width = self.vocab_size if self.lora is None else self.lora.logits_width
+        """Columns of the sampled logits: the vocabulary plus --lora-extra-vocab-size."""
         self.mm = (
             MultiModalInputs(self.model, self.device)
             if getattr(self.model, "supports_images", False)
@@ -160,7 +164,8 @@ class ModelRunner:
                 self.config,
                 self.device,
                 self._profile_peak_memory,
-                reserved=self._graph_memory(block_size),
+                reserved=self._graph_memory(block_size)
+                + (self.lora.extra_vocab_bytes() if self.lora else 0),
             )
         else:
             available = kv.available_kv_bytes(self.config, self.device)
@@ -217,7 +222,7 @@ class ModelRunner:
         self.batch = InputBatch(
             self.max_model_len,
             block_size,
-            self.vocab_size,
+            self.logits_width,
             num_blocks,
             self.device,
             initial_rows=min(self.config.max_num_seqs, 64),
@@ -388,7 +393,10 @@ class ModelRunner:
             out = self.model(input_ids, positions, self._dummy_intermediate(num_tokens))
         if self.is_last:
             rows = min(self.config.max_num_seqs, num_tokens)
-            self.model.compute_logits(out[:rows]).float().log_softmax(-1)
+            logits = self.model.compute_logits(out[:rows])
+            if self.logits_width > self.vocab_size:
+                logits = self.lora.extend_logits(out[:rows], logits, [None] * rows)
+            logits.float().log_softmax(-1)
 
     # ------------------------------------------------------------------ steps
 
@@ -433,7 +441,11 @@ class ModelRunner:
             )
         if plan.logits_indices.numel() == 0:  # only partial prefill chunks this step
             return msg.StepResult(step_id=step.step_id, errors=errors)
-        logits = self.model.compute_logits(out.index_select(0, plan.logits_indices))
+        hidden = out.index_select(0, plan.logits_indices)
+        logits = self.model.compute_logits(hidden)
+        if self.logits_width > self.vocab_size:
+            req_ids = plan.logits_request_ids(self.batch.req_ids)
+            logits = self.lora.extend_logits(hidden, logits, req_ids)
         return self._sample(step, plan, logits, errors, masks)
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
@@ -465,27 +477,23 @@ class ModelRunner:
             rows = [self.batch.req_ids[r] for r in plan.rows.tolist()]
             with forward_context(self.backend, attn), self.cross.run_step(rows, plan.counts):
                 return self.model(plan.input_ids, plan.positions, intermediate)
-        embeds = self._image_embeddings(plan)
-        if (
-            embeds is None
-            and graphs is not None
-            and graphs.can_run(plan.rows.size, attn.max_query_len, attn.max_seq_len)
-        ):
-            return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
-        if embeds is None:
-            args, kwargs = (plan.input_ids, plan.positions, intermediate), {}
-        else:
-            args, kwargs = (None, plan.positions, intermediate), {"inputs_embeds": embeds}
-        if self.lora is None:
+        # NOTE: the LoRA step opens before the image embeddings: they embed the text tokens
+        # too, an adapter's added tokens included.
+        lora = nullcontext() if self.lora is None else self.lora.step(self.batch.req_ids, plan)
+        with lora:
+            embeds = self._image_embeddings(plan)
+            if (
+                embeds is None
+                and graphs is not None
+                and graphs.can_run(plan.rows.size, attn.max_query_len, attn.max_seq_len)
+            ):
+                return graphs.run(attn, plan.input_ids, plan.positions, intermediate)
+            if embeds is None:
+                args, kwargs = (plan.input_ids, plan.positions, intermediate), {}
+            else:
+                args, kwargs = (None, plan.positions, intermediate), {"inputs_embeds": embeds}
             with forward_context(self.backend, attn):
                 return self.model(*args, **kwargs)
-        req_ids = self.batch.req_ids
-        self.lora.begin_step([req_ids[r] for r in plan.rows.tolist()], plan.counts)
-        try:
-            with forward_context(self.backend, attn):
-                return self.model(*args, **kwargs)
-        finally:
-            self.lora.end_step()
 
     def _image_embeddings(self, plan: StepPlan) -> torch.Tensor | None:
         """The step's input embeddings with image embeddings at image positions; None when
@@ -681,6 +689,7 @@ class ModelRunner:
                     self.structured.remove(rid)
                 meta.bitmask = bitmask.to(self.device, non_blocking=True)
                 meta.bitmask_rows = torch.tensor(masks.positions, device=self.device)
+                meta.bitmask_vocab = self.vocab_size
             sampled, logprobs = self.sampler(sample_logits, meta)
             tokens = sampled.cpu().numpy()
             if masks is not None and masks.future is not None:

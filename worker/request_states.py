@@ -38,7 +38,9 @@ class RequestStates:
         if r.mm is not None and step.encoder_evictions:
             r.mm.evict(step.encoder_evictions)
         for req in step.new_requests:
-            error = self._add_lora(req) or batch.add(req) or self._add_images(req)
+            error = self._add_lora(req)  # first: the row's vocabulary limit is its adapter's
+            error = error or batch.add(req, r.lora and r.lora.vocab_limit(req.request_id))
+            error = error or self._add_images(req)
             if not error and structured is not None:
                 error = self._add_grammar(req)
             if not error and r.state_cache is not None and req.num_computed_tokens:

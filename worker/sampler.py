@@ -66,6 +66,9 @@ class SamplingMetadata:
     rows in bitmask_rows are read. None when no row is constrained."""
     bitmask_rows: torch.Tensor | None = None
     """int64 [G] rows that have a grammar mask this step."""
+    bitmask_vocab: int = 0
+    """Tokens the grammar masks speak for (the base vocabulary); wider logits (a LoRA
+    adapter's added tokens) are -inf past it in those rows. 0: as wide as the logits."""
     logprob_rows: torch.Tensor | None = None
     """int64 [L] rows that asked for logprobs; None when none did."""
     max_num_logprobs: int = 0
@@ -181,6 +184,12 @@ class Sampler:
             apply_penalties(logits, meta)
         if meta.bitmask is not None:
             dispatch.apply_token_bitmask(logits, meta.bitmask, meta.bitmask_rows)
+            if 0 < meta.bitmask_vocab < logits.shape[1]:
+                rows = meta.bitmask_rows
+                if rows is None:
+                    logits[:, meta.bitmask_vocab :] = float("-inf")
+                else:
+                    logits[rows, meta.bitmask_vocab :] = float("-inf")
 
     def sample_random(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         """Temperature, min_p, top-k / top-p, then the exponential race."""

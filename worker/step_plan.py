@@ -51,3 +51,11 @@ class StepPlan:
     """The next prompt token of every prompt-logprobs position, in that order."""
     counts: np.ndarray | None = None
     """Tokens computed per row this step (LoRA groups tokens by their row's adapter)."""
+
+    def logits_request_ids(self, req_ids: list[str | None]) -> list[str | None]:
+        """The request of each logits row (`req_ids` by batch row): the sampling rows, then
+        the prompt-logprob chunks."""
+        out = [req_ids[r] for r in self.sample_rows.tolist()]
+        for rid, _, count, _ in self.prompt_logprobs:
+            out += [rid] * count
+        return out

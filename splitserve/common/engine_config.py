@@ -47,6 +47,8 @@ class EngineConfig:
     """Most distinct LoRA adapters in one batch (adapter slots on the device); requests for others wait."""
     max_lora_rank: int = 16
     """Largest adapter rank r accepted; larger adapters are refused."""
+    lora_extra_vocab_size: int = 0
+    """Tokens a LoRA adapter may add past the base vocabulary (vLLM's flag): new embedding and lm_head rows, for requests through that adapter only. Every step's logits are this much wider and the workers reserve --max-loras slots of rows; an adapter adding more is refused. 0 (vLLM's old default was 256) keeps memory and logits as without it."""
 
     def __post_init__(self) -> None:
         check_engine_fields(self)

@@ -22,6 +22,16 @@ MOE_TARGETS = ("w1", "w2", "w3", "gate", "experts", "block_sparse_moe", "gate_up
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 RUNTIME_UPDATE_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+VOCAB_MODULES = ("embed_tokens", "lm_head")
+"""Modules an adapter may resize to add tokens (modules_to_save, trainable_token_indices)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+"""An adapter folder holding one of these has its own tokenizer (with the tokens it adds)."""
+NEW_EMBEDDINGS_NAME = "new_embeddings.safetensors"
+"""The older extra-vocabulary layout: input_embeddings / output_embeddings of the added tokens."""
+
+
+MAX_EXTRA_VOCAB = 1 << 16
+"""Largest --lora-extra-vocab-size: every step's logits are that many columns wider."""
 
 
 class LoRAPathError(ValueError):
@@ -54,6 +64,10 @@ class AdapterConfig:
     alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
+    modules_to_save: tuple[str, ...] = ()
+    """Of VOCAB_MODULES: saved whole (resized), for the rows they add past the base vocabulary."""
+    trainable_token_indices: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(module, token ids) pairs of peft's TrainableTokens, a list form applying to embed_tokens."""
 
     @property
     def scaling(self) -> float:
@@ -155,11 +169,13 @@ def read_adapter_config(folder: Path, max_lora_rank: int) -> AdapterConfig:
         raise ValueError(f"{where}: peft_type {peft_type!r} is not supported (only LORA)")
     if cfg.get("use_dora"):
         raise ValueError(f"{where}: DoRA (use_dora) adapters are not supported")
-    if cfg.get("modules_to_save"):
+    to_save = cfg.get("modules_to_save") or []
+    if isinstance(to_save, str) or set(to_save) - set(VOCAB_MODULES):
         raise ValueError(
-            f"{where}: modules_to_save {cfg['modules_to_save']!r} is not supported "
-            "(only low-rank deltas of the projections are applied)"
+            f"{where}: modules_to_save {to_save!r} is not supported (only "
+            f"{' and '.join(VOCAB_MODULES)}, for tokens the adapter adds)"
         )
+    trainable = _trainable_token_indices(cfg.get("trainable_token_indices"), where)
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{where}: bias {cfg['bias']!r} is not supported (only 'none')")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -188,17 +204,42 @@ def read_adapter_config(folder: Path, max_lora_rank: int) -> AdapterConfig:
     alpha = cfg.get("lora_alpha", rank)
     if not isinstance(alpha, int | float):
         raise ValueError(f"{where}: lora_alpha must be a number, got {alpha!r}")
-    return AdapterConfig(rank, float(alpha), bool(cfg.get("use_rslora")), tuple(sorted(targets)))
+    return AdapterConfig(
+        rank,
+        float(alpha),
+        bool(cfg.get("use_rslora")),
+        tuple(sorted(targets)),
+        tuple(sorted(to_save)),
+        trainable,
+    )
+
+
+def _trainable_token_indices(value, where: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """peft's trainable_token_indices: a list (embed_tokens) or {module: list}, checked."""
+    if not value:
+        return ()
+    items = value.items() if isinstance(value, dict) else [("embed_tokens", value)]
+    out: list[tuple[str, tuple[int, ...]]] = []
+    for module, ids in items:
+        if module not in VOCAB_MODULES:
+            raise ValueError(
+                f"{where}: trainable_token_indices of {module!r} are not supported "
+                f"(only {' and '.join(VOCAB_MODULES)})"
+            )
+        if not isinstance(ids, list) or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise ValueError(f"{where}: trainable_token_indices must list token ids, got {ids!r}")
+        out.append((module, tuple(ids)))
+    return tuple(out)
 
 
 def check_lora_fields(config) -> None:
     """The LoRA flags a service config carries (whichever of them it has), checked."""
     get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
-    if get("lora_extra_vocab_size", 0):
-        raise ValueError(
-            f"--lora-extra-vocab-size {config.lora_extra_vocab_size} is not supported: "
-            "splitserve adapters cannot add tokens; leave the flag out (or give 0)"
-        )
+    extra = get("lora_extra_vocab_size", 0)
+    if extra is not None and not 0 <= extra <= MAX_EXTRA_VOCAB:
+        raise ValueError(f"lora_extra_vocab_size must be in [0, {MAX_EXTRA_VOCAB}], got {extra}")
+    if extra and not get("enable_lora", False):
+        raise ValueError(f"--lora-extra-vocab-size {extra} needs --enable-lora")
     for name in ("max_loras", "max_lora_rank"):
         value = get(name)
         if value is not None and value < 1:

@@ -122,6 +122,7 @@ class LLM:
         tok_cfg = pick(TokenizerServiceConfig, tokenizer=tokenizer or model)
         self.tokenizer = load_tokenizer(tok_cfg)
         self._tokenizer_config = tok_cfg
+        self._adapter_tokenizers = self._init_adapter_tokenizers(tok_cfg)
         self._grammars = None
         runner = ModelRunner(self.worker_config)
         self._images = self._image_preprocessor(runner, tok_cfg)
@@ -181,6 +182,20 @@ class LLM:
         override_generation_config) over splitserve's own; a fresh object each call."""
         return SamplingParams(**self.sampling_defaults.as_dict())
 
+    def _init_adapter_tokenizers(self, tok_cfg):
+        from splitserve.common.lora import allowed_roots, parse_lora_modules
+        from splitserve.tokenizer_svc.adapter_tokenizers import AdapterTokenizers
+
+        cfg = self.worker_config
+        roots = allowed_roots(cfg.lora_root, parse_lora_modules(cfg.lora_modules))
+        return AdapterTokenizers(tok_cfg, self.tokenizer, roots)
+
+    def _tokenizer_for(self, lora: LoRARequest | None):
+        """The adapter folder's tokenizer (its added tokens), else the model's."""
+        if lora is None or not self.worker_config.enable_lora:
+            return self.tokenizer
+        return self._adapter_tokenizers.get(str(lora.lora_path))
+
     def get_tokenizer(self):
         return self.tokenizer.tokenizer
 
@@ -200,14 +215,14 @@ class LLM:
             raise ValueError(exc.message) from None
         return compiled_grammar_from_proto(compiled)  # once per request: the engine's form
 
-    def _tokenize_bad_words(self, sp: SamplingParams) -> SamplingParams:
+    def _tokenize_bad_words(self, sp: SamplingParams, tokenizer=None) -> SamplingParams:
         """A copy of sp with bad_words tokenized as the tokenizer service's Prepare does (the
         same function: both spellings, no special tokens)."""
         if not sp.bad_words or sp.bad_words_token_ids is not None:
             return sp
         from splitserve.tokenizer_svc.prepare import bad_words_token_ids
 
-        ids = bad_words_token_ids(self.tokenizer, sp.bad_words)
+        ids = bad_words_token_ids(tokenizer or self.tokenizer, sp.bad_words)
         return dataclasses.replace(sp, bad_words_token_ids=ids)
 
     def generate(
@@ -233,11 +248,18 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(batch)
         if len(params_list) != len(batch):
             raise ValueError(f"{len(params_list)} sampling params for {len(batch)} prompts")
+        loras = (
+            list(lora_request)
+            if isinstance(lora_request, Sequence)
+            else [lora_request] * len(batch)
+        )
+        if len(loras) != len(batch):
+            raise ValueError(f"{len(loras)} LoRA requests for {len(batch)} prompts")
         texts: list[str | None] = []
         ids_list: list[list[int]] = []
         salts: list[str] = []
         mm_list: list[list] = []
-        for p in batch:
+        for p, lora in zip(batch, loras, strict=True):
             salt, images = "", None
             if isinstance(p, dict):
                 p, salt, images = unpack_prompt_dict(p)
@@ -250,17 +272,11 @@ class LLM:
                 mm_list[-1] = processed.mm_inputs
             elif isinstance(p, str):
                 texts.append(p)
-                ids_list.append(self.tokenizer.encode(p, add_special_tokens=True))
+                tokenizer = self._tokenizer_for(lora)
+                ids_list.append(tokenizer.encode(p, add_special_tokens=True))
             else:
                 texts.append(None)
                 ids_list.append(list(p))
-        loras = (
-            list(lora_request)
-            if isinstance(lora_request, Sequence)
-            else [lora_request] * len(batch)
-        )
-        if len(loras) != len(batch):
-            raise ValueError(f"{len(loras)} LoRA requests for {len(batch)} prompts")
         if priority is not None and len(priority) != len(batch):
             raise ValueError(f"{len(priority)} priorities for {len(batch)} prompts")
         return self._run(texts, ids_list, params_list, loras, salts, priority, use_tqdm, mm_list)
@@ -330,12 +346,20 @@ class LLM:
             if chat_template_content_format == "auto"
             else chat_template_content_format
         )
-        renderer = ChatRenderer(
-            self.tokenizer, trust_request_chat_template=True, content_format=content_format
-        )
+        n = len(convs)
+        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * n
+        if len(loras) != n:
+            raise ValueError(f"{len(loras)} LoRA requests for {n} conversations")
+        renderers: dict[int, ChatRenderer] = {}  # one per tokenizer (an adapter may have its own)
         placeholder = self._images.image_token if self._images is not None else None
         texts, ids_list, mm_list = [], [], []
-        for conv in convs:
+        for conv, lora in zip(convs, loras, strict=True):
+            tokenizer = self._tokenizer_for(lora)
+            renderer = renderers.get(id(tokenizer))
+            if renderer is None:
+                renderer = renderers[id(tokenizer)] = ChatRenderer(
+                    tokenizer, trust_request_chat_template=True, content_format=content_format
+                )
             conv, images = _take_chat_images(conv) if placeholder else (conv, [])
             req = parse_chat_request(  # InvalidRequest (a ValueError) for bad messages
                 json.dumps(conv),
@@ -361,14 +385,10 @@ class LLM:
             texts.append(rendered.prompt)
             ids_list.append(list(rendered.token_ids))
             mm_list.append([])
-        n = len(convs)
         params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, Sequence) else [params] * n
         if len(params_list) != n:
             raise ValueError(f"{len(params_list)} sampling params for {n} conversations")
-        loras = list(lora_request) if isinstance(lora_request, Sequence) else [lora_request] * n
-        if len(loras) != n:
-            raise ValueError(f"{len(loras)} LoRA requests for {n} conversations")
         return self._run(texts, ids_list, params_list, loras, use_tqdm=use_tqdm, mm_list=mm_list)
 
     def _run(
@@ -394,7 +414,12 @@ class LLM:
         grammars = [self._compile(sp) for sp in params_list]
         # NOTE: the image processor builds wire messages; converted once per prompt here.
         mm_inputs = [[mm_input_from_proto(m) for m in items] for items in mm_list or ()]
-        params_list = [self._tokenize_bad_words(sp) for sp in params_list]
+        tokenizers = [
+            self._tokenizer_for(loras[pi] if loras else None) for pi in range(len(ids_list))
+        ]
+        params_list = [
+            self._tokenize_bad_words(sp, tok) for sp, tok in zip(params_list, tokenizers)
+        ]
         for pi, (ids, sp) in enumerate(zip(ids_list, params_list)):
             lora = loras[pi] if loras else None
             for i in range(sp.n):
@@ -404,7 +429,7 @@ class LLM:
                 rid = f"llm-{next(self._ids)}"
                 stream = (
                     SequenceStream(
-                        self.tokenizer,
+                        tokenizers[pi],
                         ids,
                         sp.skip_special_tokens,
                         sp.stop,

@@ -80,7 +80,8 @@ def test_paths_outside_the_root_are_refused_without_reading(tmp_path, monkeypatc
     ("overrides", "message"),
     [
         ({"use_dora": True}, "DoRA"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"modules_to_save": ["score"]}, "modules_to_save"),
+        ({"trainable_token_indices": {"q_proj": [5]}}, "trainable_token_indices of 'q_proj'"),
         ({"target_modules": ["embed_tokens", "q_proj"]}, "embed_tokens"),
         ({"target_modules": ".*proj"}, "target_modules"),
         (
@@ -107,7 +108,8 @@ def test_scaling(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--enable-lora", "--lora-extra-vocab-size", "256"], "--lora-extra-vocab-size 256"),
+        (["--enable-lora", "--lora-extra-vocab-size", "-1"], "lora_extra_vocab_size must be"),
+        (["--lora-extra-vocab-size", "8"], "--lora-extra-vocab-size 8 needs --enable-lora"),
         (["--lora-modules", "a=/x"], "need --enable-lora"),
         (["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
         (["--enable-lora", "--max-lora-rank", "0"], "max_lora_rank"),
@@ -139,3 +141,52 @@ def test_adapter_name_must_differ_from_the_base_model(tmp_path):
     ok = LoRARegistry(GatewayConfig(enable_lora=True, lora_modules=[f"x={ad}"]))
     # Checked here; loaded into the scheduler (which owns adapter identity) when it starts.
     assert ok.startup == [("x", ad.resolve(), None)] and ok.get("x") is None
+
+
+def test_vocab_modules_are_read(tmp_path):
+    cfg = read_adapter_config(
+        _adapter(
+            tmp_path / "a",
+            modules_to_save=["lm_head", "embed_tokens"],
+            trainable_token_indices=[7, 8],
+        ),
+        16,
+    )
+    assert cfg.modules_to_save == ("embed_tokens", "lm_head")
+    assert cfg.trainable_token_indices == (("embed_tokens", (7, 8)),)
+    both = read_adapter_config(
+        _adapter(tmp_path / "b", trainable_token_indices={"embed_tokens": [9], "lm_head": [9]}), 16
+    )
+    assert both.trainable_token_indices == (("embed_tokens", (9,)), ("lm_head", (9,)))
+
+
+def test_extra_vocab_flag_reaches_the_scheduler_from_a_worker():
+    """A worker started with --lora-extra-vocab-size fixes it; a scheduler left at the default
+    takes it (its prompt-id bound), and a scheduler fixed to another value is refused."""
+    import argparse
+
+    from splitserve.common.engine_config import (
+        EngineConfigConflict,
+        adopt,
+        agree,
+        engine_values,
+        from_proto,
+        to_proto,
+    )
+    from splitserve.entrypoints.config_cli import add_config_flags, build_config
+    from splitserve.scheduler.config import SchedulerConfig
+    from splitserve.worker.config import WorkerConfig
+
+    def parse(cls, argv):
+        parser = argparse.ArgumentParser()
+        add_config_flags(parser, cls)
+        return build_config(cls, parser.parse_args(argv))
+
+    worker = parse(WorkerConfig, ["--enable-lora", "--lora-extra-vocab-size", "32"])
+    sent = from_proto(to_proto(engine_values(worker, "worker rank 0")), "worker rank 0")
+    sched = SchedulerConfig()
+    adopt(sched, agree(engine_values(sched, "scheduler"), sent))
+    assert (sched.enable_lora, sched.lora_extra_vocab_size) == (True, 32)
+    other = parse(SchedulerConfig, ["--enable-lora", "--lora-extra-vocab-size", "16"])
+    with pytest.raises(EngineConfigConflict, match="lora_extra_vocab_size"):
+        agree(engine_values(other, "scheduler"), sent)

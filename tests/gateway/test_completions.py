@@ -340,3 +340,44 @@ def test_prompt_logprobs_over_several_messages(http, stream):
         tokens, token_logprobs = lp["tokens"], lp["token_logprobs"]
     assert tokens == ["<s>", *prompt, "T", "h"]
     assert token_logprobs == [None] + [-1.0] * len(prompt) + [-0.25, -0.25]
+
+
+def test_adapter_requests_may_use_the_extra_vocabulary(loop_thread, fakes, tmp_path):
+    """With --lora-extra-vocab-size, a request naming an adapter may carry token ids up to that
+    far past the vocabulary (prompt, stop, logit_bias); without an adapter they are a 400."""
+    from .conftest import start_gateway, stop_gateway
+    from .fakes import MODEL_VOCAB
+
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "peft_type": "LORA"})
+    )
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    gw = start_gateway(
+        loop_thread,
+        fakes,
+        enable_lora=True,
+        lora_modules=[f"ad={folder}"],
+        lora_extra_vocab_size=4,
+    )
+    try:
+        with gw.client() as c:
+            body = {"max_tokens": 1, "stop_token_ids": [MODEL_VOCAB + 1]}
+            ok = c.post(COMPL, json={**body, "prompt": [5, MODEL_VOCAB + 3], "model": "ad"})
+            assert ok.status_code == 200, ok.text
+            far = c.post(COMPL, json={**body, "prompt": [5, MODEL_VOCAB + 4], "model": "ad"})
+            assert far.status_code == 400
+            assert f"[0, {MODEL_VOCAB + 4})" in far.json()["error"]["message"]
+            base = c.post(COMPL, json={"max_tokens": 1, "prompt": [5, MODEL_VOCAB]})
+            assert base.status_code == 400
+            assert f"[0, {MODEL_VOCAB})" in base.json()["error"]["message"]
+        (call,) = [
+            c
+            for c in fakes.scheduler.calls.values()
+            if list(c.request.prompt_token_ids) == [5, MODEL_VOCAB + 3]
+        ]
+        assert call.request.lora_name == "ad"
+        assert list(call.request.sampling_params.stop_token_ids) == [MODEL_VOCAB + 1]
+    finally:
+        stop_gateway(loop_thread, gw)

@@ -306,3 +306,24 @@ def test_unloaded_adapter_leaves_memory_once_its_requests_finish():
     assert len(dropped) == 1 and "rx" in set().union(*(s.finished_request_ids for s in steps))
     assert (x.name, x.int_id) not in sched.lora_residency.cpu
     assert ("y", 2) in sched.lora_residency.cpu  # the served one stays warm
+
+
+def test_adapter_requests_may_use_the_extra_vocabulary():
+    """Prompt ids past the vocabulary (1000) are let through to --lora-extra-vocab-size for a
+    request with an adapter (the worker checks what that adapter adds), never without one."""
+    engine, _ = make_engine(enable_lora=True, lora_extra_vocab_size=16)
+    sched = engine.scheduler
+    sched.adapters.load("x", "/adapters/x")
+    req = _named("ok", "x")
+    req.prompt_token_ids = [5, 1000, 1015]
+    sched.add_request(req)
+    too_far = _named("far", "x")
+    too_far.prompt_token_ids = [5, 1016]
+    with pytest.raises(RequestRejected, match=r"1016 is outside the vocabulary \[0, 1016\)"):
+        sched.add_request(too_far)
+    with pytest.raises(RequestRejected, match=r"1000 is outside the vocabulary \[0, 1000\)"):
+        sched.add_request(gen_request("base", [5, 1000]))
+    plain, _ = make_engine(enable_lora=True)
+    plain.scheduler.adapters.load("x", "/adapters/x")
+    with pytest.raises(RequestRejected, match=r"\[0, 1000\)"):
+        plain.scheduler.add_request(req)
