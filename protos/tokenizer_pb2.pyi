@@ -120,9 +120,10 @@ class ChatInput(_message.Message):
     def __init__(self, messages_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., chat_template: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., tools_json: _Optional[str] = ..., images: _Optional[_Iterable[bytes]] = ..., documents_json: _Optional[str] = ..., audio: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("chat", "prompts", "bad_words", "grammar", "truncate_prompt_tokens", "return_prompt_text", "lora_path")
+    __slots__ = ("chat", "prompts", "transcription", "bad_words", "grammar", "truncate_prompt_tokens", "return_prompt_text", "lora_path")
     CHAT_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPTION_FIELD_NUMBER: _ClassVar[int]
     BAD_WORDS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -130,12 +131,27 @@ class PrepareRequest(_message.Message):
     LORA_PATH_FIELD_NUMBER: _ClassVar[int]
     chat: ChatInput
     prompts: PromptList
+    transcription: TranscriptionInput
     bad_words: _containers.RepeatedScalarFieldContainer[str]
     grammar: _common_pb2.GrammarSpec
     truncate_prompt_tokens: int
     return_prompt_text: bool
     lora_path: str
-    def __init__(self, chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompts: _Optional[_Union[PromptList, _Mapping]] = ..., bad_words: _Optional[_Iterable[str]] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_prompt_text: _Optional[bool] = ..., lora_path: _Optional[str] = ...) -> None: ...
+    def __init__(self, chat: _Optional[_Union[ChatInput, _Mapping]] = ..., prompts: _Optional[_Union[PromptList, _Mapping]] = ..., transcription: _Optional[_Union[TranscriptionInput, _Mapping]] = ..., bad_words: _Optional[_Iterable[str]] = ..., grammar: _Optional[_Union[_common_pb2.GrammarSpec, _Mapping]] = ..., truncate_prompt_tokens: _Optional[int] = ..., return_prompt_text: _Optional[bool] = ..., lora_path: _Optional[str] = ...) -> None: ...
+
+class TranscriptionInput(_message.Message):
+    __slots__ = ("audio", "task", "language", "prompt", "timestamps")
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    audio: bytes
+    task: str
+    language: str
+    prompt: str
+    timestamps: bool
+    def __init__(self, audio: _Optional[bytes] = ..., task: _Optional[str] = ..., language: _Optional[str] = ..., prompt: _Optional[str] = ..., timestamps: _Optional[bool] = ...) -> None: ...
 
 class PromptList(_message.Message):
     __slots__ = ("prompts", "add_special_tokens")
@@ -154,26 +170,30 @@ class PromptInput(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class PreparedPrompt(_message.Message):
-    __slots__ = ("token_ids", "text", "mm_inputs")
+    __slots__ = ("token_ids", "text", "mm_inputs", "audio_start_seconds")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     MM_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_START_SECONDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     mm_inputs: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultiModalInput]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ...) -> None: ...
+    audio_start_seconds: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., mm_inputs: _Optional[_Iterable[_Union[_common_pb2.MultiModalInput, _Mapping]]] = ..., audio_start_seconds: _Optional[float] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("prompts", "bad_words_token_ids", "grammar", "compile_seconds")
+    __slots__ = ("prompts", "bad_words_token_ids", "grammar", "compile_seconds", "audio_seconds")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     BAD_WORDS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[PreparedPrompt]
     bad_words_token_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
     grammar: _common_pb2.CompiledGrammar
     compile_seconds: float
-    def __init__(self, prompts: _Optional[_Iterable[_Union[PreparedPrompt, _Mapping]]] = ..., bad_words_token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., grammar: _Optional[_Union[_common_pb2.CompiledGrammar, _Mapping]] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
+    audio_seconds: float
+    def __init__(self, prompts: _Optional[_Iterable[_Union[PreparedPrompt, _Mapping]]] = ..., bad_words_token_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., grammar: _Optional[_Union[_common_pb2.CompiledGrammar, _Mapping]] = ..., compile_seconds: _Optional[float] = ..., audio_seconds: _Optional[float] = ...) -> None: ...
 
 class GetDecoderRequest(_message.Message):
     __slots__ = ()
@@ -196,17 +216,19 @@ class GetTokenizerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TokenizerInfo(_message.Message):
-    __slots__ = ("vocab_size", "eos_token_id", "bos_token_id", "has_chat_template", "name", "max_token_chars")
+    __slots__ = ("vocab_size", "eos_token_id", "bos_token_id", "has_chat_template", "name", "max_token_chars", "supports_transcription")
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKEN_CHARS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_TRANSCRIPTION_FIELD_NUMBER: _ClassVar[int]
     vocab_size: int
     eos_token_id: int
     bos_token_id: int
     has_chat_template: bool
     name: str
     max_token_chars: int
-    def __init__(self, vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., name: _Optional[str] = ..., max_token_chars: _Optional[int] = ...) -> None: ...
+    supports_transcription: bool
+    def __init__(self, vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., name: _Optional[str] = ..., max_token_chars: _Optional[int] = ..., supports_transcription: _Optional[bool] = ...) -> None: ...
