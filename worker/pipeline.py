@@ -47,6 +47,34 @@ class IntermediateTensors:
     """The sender's `step_layout` of these tokens, when they crossed between processes."""
 
 
+def run_stage(
+    model: torch.nn.Module,
+    norm: torch.nn.Module | None,
+    input_ids: torch.Tensor | None,
+    positions: torch.Tensor,
+    intermediate: IntermediateTensors | None,
+) -> torch.Tensor | IntermediateTensors:
+    """A decoder stack's forward over its pipeline slice: embed (first rank) or take the
+    previous rank's tensors, run `model.layers[start_layer:end_layer]` (each
+    `(positions, hidden_states, residual) -> (hidden_states, residual)`), then the final `norm`
+    (last rank) or hand the tensors on."""
+    if model.embed_tokens is not None:
+        hidden_states, residual = model.embed_tokens(input_ids), None
+    else:
+        if intermediate is None:
+            raise ValueError("a non-first pipeline rank needs the previous rank's tensors")
+        # The first norm consumes hidden_states: keep the sender's tensor intact.
+        hidden_states = intermediate.hidden_states.clone()
+        residual = intermediate.residual
+    layers = model.layers
+    for i in range(model.start_layer, model.end_layer):
+        hidden_states, residual = layers[i](positions, hidden_states, residual)
+    if norm is None:
+        return IntermediateTensors(hidden_states, residual)
+    hidden_states, _ = norm(hidden_states, residual)
+    return hidden_states
+
+
 def step_layout(rows: np.ndarray, ends: np.ndarray) -> int:
     """A fingerprint of which batch rows a step computes, in which order, and each one's
     computed length after it: pipeline ranks must agree, or activations land on wrong rows."""

@@ -16,7 +16,7 @@ from torch import nn
 from splitserve.worker.attention import Attention
 from splitserve.worker.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
 from splitserve.worker.linear import GateUpLinear, Linear, QKVLinear
-from splitserve.worker.pipeline import IntermediateTensors
+from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
 
 def head_dim_of(config: Any) -> int:
@@ -174,20 +174,7 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         intermediate: IntermediateTensors | None = None,
     ) -> torch.Tensor | IntermediateTensors:
-        if self.embed_tokens is not None:
-            hidden_states, residual = self.embed_tokens(input_ids), None
-        else:
-            if intermediate is None:
-                raise ValueError("a non-first pipeline rank needs the previous rank's tensors")
-            # The first norm consumes hidden_states: keep the sender's tensor intact.
-            hidden_states = intermediate.hidden_states.clone()
-            residual = intermediate.residual
-        for i in range(self.start_layer, self.end_layer):
-            hidden_states, residual = self.layers[i](positions, hidden_states, residual)
-        if self.norm is None:
-            return IntermediateTensors(hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_stage(self, self.norm, input_ids, positions, intermediate)
 
 
 class LlamaForCausalLM(nn.Module):

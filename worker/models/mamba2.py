@@ -19,7 +19,7 @@ from torch import nn
 from splitserve.worker.layers import RMSNorm
 from splitserve.worker.linear import Linear
 from splitserve.worker.mamba_mixer import MambaMixer2, check_mamba2_config
-from splitserve.worker.pipeline import IntermediateTensors
+from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +67,7 @@ class Mamba2Model(nn.Module):
         positions: torch.Tensor,
         intermediate: IntermediateTensors | None = None,
     ) -> torch.Tensor | IntermediateTensors:
-        if self.embed_tokens is not None:
-            hidden_states, residual = self.embed_tokens(input_ids), None
-        else:
-            if intermediate is None:
-                raise ValueError("a non-first pipeline rank needs the previous rank's tensors")
-            hidden_states = intermediate.hidden_states.clone()
-            residual = intermediate.residual
-        for i in range(self.start_layer, self.end_layer):
-            hidden_states, residual = self.layers[i](positions, hidden_states, residual)
-        if self.norm is None:
-            return IntermediateTensors(hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_stage(self, self.norm, input_ids, positions, intermediate)
 
 
 class Mamba2ForCausalLM(nn.Module):

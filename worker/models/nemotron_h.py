@@ -21,7 +21,7 @@ from splitserve.worker.layers import RMSNorm
 from splitserve.worker.linear import Linear, QKVLinear
 from splitserve.worker.mamba_mixer import MambaMixer2, check_mamba2_config
 from splitserve.worker.models.llama import sliding_window_of
-from splitserve.worker.pipeline import IntermediateTensors
+from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
 BLOCK_TYPES = ("linear_attention", "full_attention", "mlp")
 
@@ -153,19 +153,7 @@ class NemotronHModel(nn.Module):
         positions: torch.Tensor,
         intermediate: IntermediateTensors | None = None,
     ) -> torch.Tensor | IntermediateTensors:
-        if self.embed_tokens is not None:
-            hidden_states, residual = self.embed_tokens(input_ids), None
-        else:
-            if intermediate is None:
-                raise ValueError("a non-first pipeline rank needs the previous rank's tensors")
-            hidden_states = intermediate.hidden_states.clone()
-            residual = intermediate.residual
-        for i in range(self.start_layer, self.end_layer):
-            hidden_states, residual = self.layers[i](positions, hidden_states, residual)
-        if self.norm is None:
-            return IntermediateTensors(hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+        return run_stage(self, self.norm, input_ids, positions, intermediate)
 
 
 class NemotronHForCausalLM(nn.Module):
