@@ -16,6 +16,7 @@ from torch import nn
 from splitserve.worker.attention import Attention
 from splitserve.worker.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
 from splitserve.worker.linear import GateUpLinear, Linear, QKVLinear
+from splitserve.worker.models.causal_lm import CausalLM
 from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
 
@@ -177,7 +178,7 @@ class LlamaModel(nn.Module):
         return run_stage(self, self.norm, input_ids, positions, intermediate)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Llama / Mistral for one pipeline slice; `compute_logits` exists on the last rank only."""
 
     packed_modules: dict[str, tuple[str, str]] = {
@@ -216,42 +217,13 @@ class LlamaForCausalLM(nn.Module):
             o_bias,
             mlp_bias,
         )
-        self.lm_head = (
-            Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
-        )
-        self._tie_weights()
-
-    def _tie_weights(self) -> None:
-        if (
-            self.lm_head is not None
-            and self.model.embed_tokens is not None
-            and self.ties_embeddings(self.config)
-        ):
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self._init_lm_head(config, is_last)
 
     @staticmethod
     def biases(config: Any) -> tuple[bool, bool, bool]:
         """(qkv, o_proj, mlp) bias flags."""
         attention_bias = bool(getattr(config, "attention_bias", False))
         return attention_bias, attention_bias, bool(getattr(config, "mlp_bias", False))
-
-    @staticmethod
-    def ties_embeddings(config: Any) -> bool:
-        """Whether lm_head shares the input embedding's weight."""
-        return bool(getattr(config, "tie_word_embeddings", False))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate: IntermediateTensors | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        """Hidden states after the final norm (last rank), else the tensors for the next rank."""
-        return self.model(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """lm_head over the (already selected) hidden states: [N, H] -> [N, vocab]."""
-        return self.lm_head(hidden_states)
 
     def post_materialize(self) -> None:
         """After `to_empty` from the meta device: rebuild the rotary cache, re-tie lm_head."""

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from splitserve.worker.layers import RMSNorm
-from splitserve.worker.linear import Linear
 from splitserve.worker.mamba_mixer import MambaMixer2, check_mamba2_config
+from splitserve.worker.models.causal_lm import CausalLM
 from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Mamba2Model(nn.Module):
         return run_stage(self, self.norm, input_ids, positions, intermediate)
 
 
-class Mamba2ForCausalLM(nn.Module):
+class Mamba2ForCausalLM(CausalLM):
     """Mamba2 for one pipeline slice; `compute_logits` exists on the last rank only."""
 
     checkpoint_renames = (
@@ -94,34 +94,9 @@ class Mamba2ForCausalLM(nn.Module):
         check_mamba2_config(config)
         self.config = config
         self.model = Mamba2Model(config, start_layer, end_layer, is_first, is_last)
-        self.lm_head = (
-            Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
-        )
-        self._tie_weights()
+        self._init_lm_head(config, is_last)
 
     @staticmethod
     def default_max_model_len(config: Any) -> int:
         """No positional limit: the context vLLM serves by default for such models."""
         return DEFAULT_MAX_MODEL_LEN
-
-    def _tie_weights(self) -> None:
-        if (
-            self.lm_head is not None
-            and self.model.embed_tokens is not None
-            and getattr(self.config, "tie_word_embeddings", False)
-        ):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate: IntermediateTensors | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
-
-    def post_materialize(self) -> None:
-        self._tie_weights()

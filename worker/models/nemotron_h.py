@@ -20,6 +20,7 @@ from splitserve.worker.attention import Attention
 from splitserve.worker.layers import RMSNorm
 from splitserve.worker.linear import Linear, QKVLinear
 from splitserve.worker.mamba_mixer import MambaMixer2, check_mamba2_config
+from splitserve.worker.models.causal_lm import CausalLM
 from splitserve.worker.models.llama import sliding_window_of
 from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
@@ -156,7 +157,7 @@ class NemotronHModel(nn.Module):
         return run_stage(self, self.norm, input_ids, positions, intermediate)
 
 
-class NemotronHForCausalLM(nn.Module):
+class NemotronHForCausalLM(CausalLM):
     packed_modules: dict[str, tuple[str, str]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
@@ -184,29 +185,4 @@ class NemotronHForCausalLM(nn.Module):
             check_mamba2_config(mamba_config(config))
         self.config = config
         self.model = NemotronHModel(config, start_layer, end_layer, is_first, is_last)
-        self.lm_head = (
-            Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
-        )
-        self._tie_weights()
-
-    def _tie_weights(self) -> None:
-        if (
-            self.lm_head is not None
-            and self.model.embed_tokens is not None
-            and getattr(self.config, "tie_word_embeddings", False)
-        ):
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate: IntermediateTensors | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        return self.model(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
-
-    def post_materialize(self) -> None:
-        self._tie_weights()
+        self._init_lm_head(config, is_last)
