@@ -454,9 +454,11 @@ class Scheduler:
         encoder.begin_step()
         # NOTE: references are dropped here, not when the chunk that passes an item is planned:
         # an output this step's own forward still reads must not be evicted by this step.
-        for r in self.running:
-            if r.mm_spans:
-                encoder.release_computed(r.request_id, r.mm_spans, r.num_computed_tokens)
+        # (Nothing held, nothing to drop: text-only models skip the walk over running.)
+        if encoder.entries:
+            for r in self.running:
+                if r.mm_spans:
+                    encoder.release_computed(r.request_id, r.mm_spans, r.num_computed_tokens)
 
         for req in list(self.running):
             if budget == 0 or len(scheduled) >= max_seqs:
