@@ -351,19 +351,26 @@ def fp8_linear(
     *,
     backend: str | None = None,
     activation_scale_ub: float | None = None,
+    input_scale: torch.Tensor | None = None,
+    weight_only: bool = False,
 ) -> torch.Tensor:
     """x [..., K] @ dequant(weight).T + bias -> [..., N] in x.dtype.
 
     weight: float8_e4m3fn [N, K]; scale: float32 [ceil(N / bn), ceil(K / bk)]; block: (bn, bk).
     `fp8_gemm_kind` picks by capability: on CUDA >= 8.9 the W8A8 GEMM (activations quantized
-    per token, capped by `activation_scale_ub`, or per token and bk-group when block-scaled);
+    per token, capped by `activation_scale_ub`, or per token and bk-group when block-scaled, or
+    with the static per-tensor `input_scale` when the checkpoint has one);
     on older GPUs the W8A16 GEMM (the weight widened in the load stage); the torch path
-    dequantizes the whole weight first (the CPU worker dequantizes once at load instead).
+    dequantizes the whole weight first (the CPU worker dequantizes once at load instead). The
+    weight-only paths do not quantize activations, so they take no activation scale;
+    `weight_only` (a checkpoint that quantized no activations) keeps W8A16 on any GPU.
     """
     kind = fp8_gemm_kind(x, block, backend)
+    if kind == "w8a8" and weight_only:
+        kind = "w8a16"
     if kind == "w8a8":
         return _kernel_module("fp8_scaled_mm").fp8_w8a8_linear(
-            x, weight, scale, block, bias, activation_scale_ub
+            x, weight, scale, block, bias, activation_scale_ub, input_scale
         )
     if kind == "w8a16":
         return _kernel_module("fp8_gemm").fp8_w8a16_linear(x, weight, scale, block, bias)

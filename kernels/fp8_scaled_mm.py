@@ -1,7 +1,8 @@
 """W8A8 FP8 scaled GEMM: y = (x_q * sx) @ (W * sw).T (+ b), both operands FP8 (e4m3) into
 tl.dot, for GPUs with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper).
 
-The activations are quantized on the fly per token (`reference.fp8_quantize_tokens_ref`), the
+The activations are quantized on the fly per token (`reference.fp8_quantize_tokens_ref`), or
+with the checkpoint's static per-tensor scale (`reference.fp8_quantize_static_ref`), the
 weight keeps its checkpoint scales in the layout every FP8 format reduces to,
 [ceil(N / bn), ceil(K / bk)] with a block (bn, bk) (see `fp8_gemm.py`). Two scalings:
 - per-token x per-channel (also per-tensor): the weight's scale block spans K, so one scale a
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._checks import cdiv, check_fp8_weight, check_same_device
-from .reference import fp8_quantize_tokens_ref
+from .reference import fp8_quantize_static_ref, fp8_quantize_tokens_ref
 
 
 @triton.jit
@@ -122,9 +123,11 @@ def fp8_w8a8_linear(
     block: tuple[int, int],
     bias: torch.Tensor | None = None,
     scale_ub: float | None = None,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ dequant(weight).T + bias with x quantized to FP8 per token (per token and bk-group
-    when block-scaled), both operands FP8 in the dot (Triton).
+    when block-scaled; with the checkpoint's static per-tensor `input_scale` when given), both
+    operands FP8 in the dot (Triton).
 
     Args:
         x: [..., K] fp32/fp16/bf16, last dim contiguous.
@@ -133,6 +136,8 @@ def fp8_w8a8_linear(
         block: (bn, bk); bk >= K (per-tensor / per-channel) or a multiple of 32.
         bias: [N] or None.
         scale_ub: cap on each token's absmax (fbgemm_fp8's activation_scale_ub), or None.
+        input_scale: float32 scalar, the static activation scale (`fp8` / compressed-tensors
+            checkpoints with activation_scheme static); needs a scale block spanning K.
 
     Returns:
         [..., N] in x.dtype.
@@ -148,7 +153,18 @@ def fp8_w8a8_linear(
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
     check_same_device(x=x, weight=weight, scale=scale, bias=bias)
     per_token = bk >= k
-    x_q, x_scale = fp8_quantize_tokens_ref(x.reshape(-1, k), k if per_token else bk, scale_ub)
+    if input_scale is not None:
+        if not per_token:
+            raise ValueError(
+                f"a static input scale needs a weight scale spanning K (per-tensor or per-channel), "
+                f"got block {tuple(block)}"
+            )
+        if input_scale.numel() != 1:
+            raise ValueError(f"input_scale must hold one value, got {tuple(input_scale.shape)}")
+        check_same_device(x=x, input_scale=input_scale)
+        x_q, x_scale = fp8_quantize_static_ref(x.reshape(-1, k), input_scale)
+    else:
+        x_q, x_scale = fp8_quantize_tokens_ref(x.reshape(-1, k), k if per_token else bk, scale_ub)
     weight = weight.contiguous()
     scale = scale.to(torch.float32).contiguous()
     m = x_q.shape[0]

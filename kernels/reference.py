@@ -387,6 +387,17 @@ def fp8_quantize_tokens_ref(
     return q.to(torch.float8_e4m3fn), scale
 
 
+def fp8_quantize_static_ref(
+    x: torch.Tensor, input_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static FP8 (e4m3) quantization of activations x [M, K] with the checkpoint's one
+    per-tensor `input_scale` (a calibrated absmax / 448): (x_q float8_e4m3fn [M, K], scale
+    float32 [M, 1], every row the same value); values past the calibrated range saturate."""
+    scale = input_scale.reshape(()).float()
+    q = (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q, scale.expand(x.shape[0], 1).contiguous()
+
+
 def fp8_w8a8_linear_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -394,13 +405,19 @@ def fp8_w8a8_linear_ref(
     block: tuple[int, int],
     bias: torch.Tensor | None = None,
     scale_ub: float | None = None,
+    input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x @ dequant(weight).T + bias with x quantized to FP8 first (W8A8): per token over the
-    whole K when the weight's scale block spans K (per-tensor, per-channel), else per token and
-    per group of the weight block's bk (block-scaled, the DeepSeek-V3 recipe). In x.dtype."""
+    """x @ dequant(weight).T + bias with x quantized to FP8 first (W8A8): with the static
+    per-tensor `input_scale` when given, else dynamically per token over the whole K when the
+    weight's scale block spans K (per-tensor, per-channel), or per token and per group of the
+    weight block's bk (block-scaled, the DeepSeek-V3 recipe). In x.dtype."""
     k = x.shape[-1]
     group = block[1] if block[1] < k else k
-    x_q, x_scale = fp8_quantize_tokens_ref(x.reshape(-1, k), group, scale_ub)
+    if input_scale is not None:
+        group = k
+        x_q, x_scale = fp8_quantize_static_ref(x.reshape(-1, k), input_scale)
+    else:
+        x_q, x_scale = fp8_quantize_tokens_ref(x.reshape(-1, k), group, scale_ub)
     x_deq = x_q.float() * x_scale.repeat_interleave(group, dim=1)[:, :k]
     w_deq = fp8_dequantize_ref(weight, scale, block, torch.float32)
     out = F.linear(x_deq, w_deq, None if bias is None else bias.float())

@@ -75,30 +75,36 @@ def dequant(
     return out
 
 
-def ct_scheme(kind: str, block: tuple[int, int] = BLOCK):
-    """The compressed-tensors FP8 scheme of layout `kind` (weights static, activations
-    dynamic per token, as llm-compressor's FP8_DYNAMIC / FP8_BLOCK write)."""
+def ct_scheme(kind: str, block: tuple[int, int] = BLOCK, activations: str = "dynamic"):
+    """The compressed-tensors FP8 scheme of layout `kind` (weights static; activations dynamic
+    per token, as llm-compressor's FP8_DYNAMIC / FP8_BLOCK write, or "static": one calibrated
+    per-tensor scale, as its FP8 scheme writes)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
     weights["strategy"] = kind
     if kind == "block":
         weights["block_structure"] = list(block)
+    static = activations == "static"
     return QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(**weights),
         input_activations=QuantizationArgs(
-            num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True
+            num_bits=8,
+            type="float",
+            strategy="tensor" if static else "token",
+            dynamic=not static,
+            symmetric=True,
         ),
     )
 
 
-def ct_config(kind: str, block: tuple[int, int] = BLOCK) -> dict:
+def ct_config(kind: str, block: tuple[int, int] = BLOCK, activations: str = "dynamic") -> dict:
     """config.json's quantization_config of that scheme, as compressed-tensors writes it."""
     from compressed_tensors.quantization import QuantizationConfig
 
     return QuantizationConfig(
-        config_groups={"group_0": ct_scheme(kind, block)},
+        config_groups={"group_0": ct_scheme(kind, block, activations)},
         format="float-quantized",
         ignore=["lm_head"],
         quantization_status="compressed",
@@ -130,6 +136,12 @@ FORMATS = {
     ),
     "ct-channel": (lambda block: ct_config("channel", block), "channel", "weight_scale", {}),
     "ct-block": (lambda block: ct_config("block", block), "block", "weight_scale", {}),
+    "ct-static": (
+        lambda block: ct_config("tensor", block, "static"),
+        "tensor",
+        "weight_scale",
+        {"input_scale": torch.tensor([0.05])},
+    ),
 }
 """name -> (quantization_config(block), layout, scale tensor name, extra per-layer tensors)."""
 

@@ -12,6 +12,7 @@ from splitserve.kernels import dispatch
 from splitserve.kernels.fp8_scaled_mm import block_k_for, fp8_w8a8_linear
 from splitserve.kernels.reference import (
     fp8_linear_ref,
+    fp8_quantize_static_ref,
     fp8_quantize_tokens_ref,
     fp8_w8a8_linear_ref,
 )
@@ -127,3 +128,68 @@ def test_fp8_w8a8_bf16_on_gpu(shape, block):
     m, n, k = shape
     x, weight, scale, bias = _case(m, n, k, block, torch.bfloat16)
     _check(fp8_w8a8_linear(x, weight, scale, block, bias), x, weight, scale, block, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["tensor", "channel"])
+def test_static_input_scale(layout, dtype):
+    """A checkpoint's static per-tensor activation scale replaces the per-token one: values
+    past its calibrated range saturate at 448, where the dynamic path would not."""
+    m, n, k = 6, 70, 96
+    block = _layouts(n, k)[layout]
+    x, weight, scale, bias = _case(m, n, k, block, dtype)
+    x[2, 3] = 40.0  # beyond 448 * 0.05
+    input_scale = torch.tensor(0.05, device=DEVICE)
+    out = fp8_w8a8_linear(x, weight, scale, block, bias, input_scale=input_scale)
+    expected = fp8_w8a8_linear_ref(
+        x.float(), weight, scale, block, bias.float(), input_scale=input_scale
+    )
+    atol, rtol = GEMM_TOL[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
+    dynamic = fp8_w8a8_linear(x, weight, scale, block, bias)
+    assert not torch.allclose(out[2].float(), dynamic[2].float(), atol=1e-1)
+    torch.testing.assert_close(out[0].float(), dynamic[0].float(), atol=0.5, rtol=0.1)
+
+
+def test_static_quantization_reference():
+    x = torch.tensor([[1.0, -2.0, 500.0], [0.0, 0.25, -1000.0]])
+    q, s = fp8_quantize_static_ref(x, torch.tensor([0.5]))
+    assert s.shape == (2, 1) and torch.equal(s, torch.full((2, 1), 0.5))
+    assert q[0, 0].float() == 2.0 and q[0, 1].float() == -4.0 and q[1, 1].float() == 0.5
+    assert q[0, 2].float() == 448.0 and q[1, 2].float() == -448.0
+
+
+def test_static_input_scale_needs_a_scale_spanning_k():
+    x, weight, scale, _ = _case(2, 48, 64, (16, 32), torch.float32)
+    with pytest.raises(ValueError, match=r"static input scale needs a weight scale spanning K"):
+        fp8_w8a8_linear(x, weight, scale, (16, 32), input_scale=torch.tensor(0.1))
+
+
+def test_dispatch_passes_the_activation_scheme(monkeypatch):
+    """fp8_linear hands the static scale to the W8A8 GEMM it picks, and a weight-only
+    checkpoint takes W8A16 even where W8A8 would run."""
+    x, weight, scale, bias = _case(3, 40, 128, (1, 128), torch.float32)
+    monkeypatch.setattr(dispatch, "fp8_gemm_kind", lambda *args: "w8a8")
+    input_scale = torch.tensor(0.01, device=DEVICE)
+    out = dispatch.fp8_linear(x, weight, scale, (1, 128), bias, input_scale=input_scale)
+    expected = fp8_w8a8_linear_ref(x, weight, scale, (1, 128), bias, input_scale=input_scale)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    weight_only = dispatch.fp8_linear(x, weight, scale, (1, 128), bias, weight_only=True)
+    torch.testing.assert_close(
+        weight_only, fp8_linear_ref(x, weight, scale, (1, 128), bias), atol=1e-4, rtol=1e-4
+    )
+
+
+@requires_compiled_gpu
+@pytest.mark.parametrize("shape", [(1, 4096, 4096), (256, 4096, 4096)])
+def test_fp8_w8a8_static_bf16_on_gpu(shape):
+    if torch.cuda.get_device_capability() < dispatch.W8A8_MIN_CAPABILITY:
+        pytest.skip("no FP8 tensor cores")
+    m, n, k = shape
+    x, weight, scale, bias = _case(m, n, k, (n, k), torch.bfloat16)
+    input_scale = torch.tensor(0.01, device=DEVICE)
+    out = fp8_w8a8_linear(x, weight, scale, (n, k), bias, input_scale=input_scale)
+    expected = fp8_w8a8_linear_ref(
+        x.float(), weight, scale, (n, k), bias.float(), input_scale=input_scale
+    )
+    torch.testing.assert_close(out.float(), expected, atol=1e-1, rtol=2e-2)

@@ -292,3 +292,82 @@ def test_corrupt_expert_scale_is_named(checkpoint, tmp_path):
         rf"checkpoint tensor {re.escape(name)}: expert 3 'up_proj' weight_scale has shape "
         r"\(23, 1\), expected \(24, 1\)",
     )
+
+
+@pytest.mark.parametrize("fmt", ["fp8-tensor", "ct-static"])
+def test_static_input_scales_reach_the_layers(fmt, packed, tmp_path):
+    """activation_scheme static: each layer keeps the checkpoint's input_scale for the GPU's
+    W8A8 path; a fused layer takes the maximum of its shards' scales."""
+    scales = {"q": 0.02, "k": 0.07, "v": 0.03, "gate": 0.01, "up": 0.04}
+
+    def calibrated(state):
+        for proj, value in scales.items():
+            part = "self_attn" if proj in "qkv" else "mlp"
+            state[f"model.layers.1.{part}.{proj}_proj.input_scale"] = torch.tensor([value])
+
+    folder = _edited(packed[fmt][0], tmp_path / fmt, state_edit=calibrated)
+    layers = load_model(WorkerConfig(model=str(folder))).model.model.layers
+    assert float(layers[1].self_attn.qkv_proj.fp8_input_scale) == pytest.approx(0.07)
+    assert float(layers[1].mlp.gate_up_proj.fp8_input_scale) == pytest.approx(0.04)
+    assert float(layers[0].self_attn.o_proj.fp8_input_scale) == pytest.approx(0.05)
+    dynamic = load_model(WorkerConfig(model=str(packed["ct-channel"][0]))).model
+    assert getattr(dynamic.model.layers[0].self_attn.o_proj, "fp8_input_scale", None) is None
+
+
+def test_static_input_scale_is_required_and_checked(packed, tmp_path):
+    name = "model.layers.0.self_attn.o_proj.input_scale"
+
+    def missing(state):
+        del state[name]
+
+    _both(_edited(packed["fp8-tensor"][0], tmp_path / "m", state_edit=missing), re.escape(name))
+
+    def zero(state):
+        state[name] = torch.tensor(0.0)
+
+    with pytest.raises(ValueError, match=r"input_scale must be finite and non-zero, got \[0\.0\]"):
+        load_model(
+            WorkerConfig(
+                model=str(_edited(packed["fp8-tensor"][0], tmp_path / "n", state_edit=zero))
+            )
+        )
+
+
+def test_compressed_tensors_activation_schemes(packed, tmp_path):
+    """No input_activations: FP8 weight-only (W8A16 on every GPU); int8 or static per-token
+    activations are refused by name; static block-wise fp8 is refused."""
+
+    def weight_only(config):
+        config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = None
+
+    model = load_model(
+        WorkerConfig(model=str(_edited(packed["ct-channel"][0], tmp_path / "w", weight_only)))
+    ).model
+    assert model.model.layers[0].self_attn.o_proj.fp8_weight_only is True
+
+    def int8(config):
+        config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {
+            "num_bits": 8, "type": "int", "strategy": "token", "dynamic": True,
+        }  # fmt: skip
+
+    _both(
+        _edited(packed["ct-channel"][0], tmp_path / "i", int8),
+        r"input_activations of 8-bit int \(symmetric\) are not supported",
+    )
+
+    def static_token(config):
+        acts = config["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+        acts.update(dynamic=False, strategy="token")
+
+    _both(
+        _edited(packed["ct-channel"][0], tmp_path / "t", static_token),
+        r"static input_activations strategy 'token'; supported: tensor",
+    )
+
+    def static_block(config):
+        config["quantization_config"]["activation_scheme"] = "static"
+
+    _both(
+        _edited(packed["fp8-block"][0], tmp_path / "b", static_block),
+        r"activation_scheme static with weight_block_size is not supported",
+    )

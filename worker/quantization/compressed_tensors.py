@@ -2,8 +2,11 @@
 dispatched by its `format` to a quant method.
 
 - `float-quantized` / `naive-quantized` with 8-bit float weights: FP8 (fp8.py), strategy tensor,
-  channel or block (`block_structure`); `weight_scale` holds the scale whatever the strategy;
-  input activations (dynamic per token, or a static `input_scale`) are the GPU path's business.
+  channel or block (`block_structure`); `weight_scale` holds the scale whatever the strategy.
+  `input_activations` say how the GPU's W8A8 path quantizes activations: dynamically (per token,
+  or per token group with block weights), statically with each layer's per-tensor `input_scale`
+  (`dynamic: false`, strategy tensor), or not at all (absent: FP8 weight-only, the W8A16
+  GEMM on every GPU). CPU never quantizes activations (see fp8.py).
 - `pack-quantized` with 4-bit int weights and no activation quantization: W4A16. Per layer
   `weight_packed` int32 [N, K / 8] (input 8c + i in nibble i of word c, stored as the signed
   value + 8), `weight_scale` [N, K / group] (strategy group) or [N, 1] (channel), `weight_shape`
@@ -35,6 +38,9 @@ from splitserve.worker.quantization.int4 import (
 FP8_FORMATS = ("float-quantized", "naive-quantized")
 INT4_FORMAT = "pack-quantized"
 FP8_STRATEGIES = ("tensor", "channel", "block")
+FP8_ACTIVATIONS = ("dynamic", "static", "none")
+"""How FP8 layers' activations are quantized: per token on the fly, with the checkpoint's
+per-tensor `input_scale`, or not at all (weight-only)."""
 INT4_STRATEGIES = ("group", "channel")
 STATIC_ACTORDER = (None, "static", "weight")
 """Activation orders that keep groups contiguous (no `weight_g_idx` to follow)."""
@@ -108,9 +114,13 @@ class CompressedTensorsConfig(QuantConfig):
         block: tuple[int, int] | None = None,
         group: int | None = None,
         symmetric: bool = True,
+        activations: str = "dynamic",
     ) -> None:
+        if activations not in FP8_ACTIVATIONS:
+            raise ValueError(f"activations must be one of {FP8_ACTIVATIONS}, got {activations!r}")
         self.kind, self.ignored, self.block = kind, ignored, block
         self.group, self.symmetric = group, symmetric
+        self.activations = activations
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> CompressedTensorsConfig:
@@ -146,7 +156,8 @@ class CompressedTensorsConfig(QuantConfig):
         block = None
         if strategy == "block":
             block = parse_block(weights.get("block_structure"), "weights.block_structure")
-        return cls(strategy, ignored, block=block)
+        activations = _fp8_activations(where, group.get("input_activations"), strategy)
+        return cls(strategy, ignored, block=block, activations=activations)
 
     @classmethod
     def _int4(cls, where: str, weights: dict, group: dict, ignored: list[str]):
@@ -188,16 +199,59 @@ class CompressedTensorsConfig(QuantConfig):
             return None
         if self.kind == "int4":
             return PackQuantizedLinearMethod(self.group, self.symmetric)
-        return Fp8LinearMethod("weight_scale", self.kind, self.block)
+        return Fp8LinearMethod(
+            "weight_scale",
+            self.kind,
+            self.block,
+            static_input=self.activations == "static",
+            weight_only=self.activations == "none",
+        )
 
     def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
         if ignored_layer(self.name, [name], self.ignored):
             return None
         if self.kind == "int4":
             return Int4MoEMethod(PackQuantizedLinearMethod(self.group, self.symmetric))
-        return Fp8MoEMethod("weight_scale", self.kind, self.block)
+        return Fp8MoEMethod(
+            "weight_scale", self.kind, self.block, static_input=self.activations == "static"
+        )
 
     def skips_tensor(self, name: str) -> bool:
         if self.kind == "int4":
             return False
-        return name.endswith((".input_scale", ".input_zero_point", ".weight_zero_point"))
+        if self.activations != "static" and name.endswith(".input_scale"):
+            return True
+        # Symmetric FP8 stores zero points of 0 (compressed-tensors writes them): nothing to read.
+        return name.endswith((".input_zero_point", ".weight_zero_point"))
+
+
+def _fp8_activations(where: str, args: dict | None, weight_strategy: str) -> str:
+    """FP8_ACTIVATIONS of a scheme's `input_activations`; anything else is refused by name."""
+    if args is None:
+        return "none"
+    kind, bits = args.get("type", "float"), args.get("num_bits", 8)
+    if kind != "float" or bits != 8 or not args.get("symmetric", True):
+        raise ValueError(
+            f"{where}: input_activations of {bits}-bit {kind} "
+            f"({'symmetric' if args.get('symmetric', True) else 'asymmetric'}) are not supported "
+            "with FP8 weights; supported: 8-bit float, symmetric"
+        )
+    strategy = args.get("strategy")
+    if args.get("dynamic", False):
+        if strategy not in ("token", "group", "tensor"):
+            raise ValueError(
+                f"{where}: dynamic input_activations strategy {strategy!r}; supported: token, "
+                "group, tensor"
+            )
+        return "dynamic"
+    if strategy != "tensor":
+        raise ValueError(
+            f"{where}: static input_activations strategy {strategy!r}; supported: tensor "
+            "(one calibrated input_scale per layer)"
+        )
+    if weight_strategy == "block":
+        raise ValueError(
+            f"{where}: static input_activations with block weights are not supported; block "
+            "FP8 quantizes activations per token group (dynamic)"
+        )
+    return "static"

@@ -10,9 +10,12 @@ Every format keeps, per layer, an FP8 weight [out, in] and a scale that reduces 
 (`kernels.reference.fp8_dequantize_ref`).
 
 On CUDA the weight stays FP8 and `kernels.dispatch.fp8_linear` picks by capability: the W8A8
-Triton GEMM (activations quantized dynamically per token, or per token and bk-group when
-block-scaled; fbgemm_fp8's `activation_scale_ub` caps them; a static `input_scale` is not used)
-on GPUs with FP8 tensor cores (>= 8.9), else the W8A16 GEMM (dequantized in the load stage).
+Triton GEMM on GPUs with FP8 tensor cores (>= 8.9), else the W8A16 GEMM (dequantized in the
+load stage). W8A8 quantizes activations as the checkpoint says: dynamically per token (or per
+token and bk-group when block-scaled; fbgemm_fp8's `activation_scale_ub` caps them), or, with
+activation_scheme "static" (`fp8`, compressed-tensors `input_activations.dynamic: false`), with
+the checkpoint's per-tensor `input_scale`. A fused q/k/v or gate/up layer reads one input, so
+its shards' input scales become their maximum (no shard's calibrated range is clipped).
 On CPU the weight is dequantized to the compute dtype once,
 in `process_weights_after_loading`, and the layer then runs as an unquantized one (oneDNN
 included): weight-only, activations are never quantized, so the CPU model equals the model
@@ -94,12 +97,28 @@ def _finish(layer: Linear, weight: torch.Tensor, scale: torch.Tensor, block: tup
     layer.fp8_block = block
 
 
+def _static_input_scale(layer: Linear) -> torch.Tensor:
+    """The layer's one activation scale (float32 scalar): its shards' maximum. Kept on CPU
+    layers too (the weight-only path does not read it) so what the GPU would use is visible."""
+    scales = layer.input_scale.detach().float()
+    delattr(layer, "input_scale")
+    if not torch.isfinite(scales).all() or (scales == 0).any():
+        raise ValueError(
+            f"layer ({layer.extra_repr()}): its FP8 input_scale must be finite and non-zero, "
+            f"got {scales.tolist()}"
+        )
+    # A scale's sign cancels (x / s, then * s); magnitudes compare (dummy weights are signed).
+    return nn.Parameter(scales.abs().max().reshape(()), requires_grad=False)
+
+
 def _apply(layer: Linear, x: torch.Tensor) -> torch.Tensor:
     if layer.fp8_dense:
         return _DENSE.apply(layer, x)
     return dispatch.fp8_linear(
         x, layer.weight, layer.fp8_scale, layer.fp8_block, layer.bias,
         activation_scale_ub=getattr(layer, "fp8_activation_scale_ub", None),
+        input_scale=getattr(layer, "fp8_input_scale", None),
+        weight_only=getattr(layer, "fp8_weight_only", False),
     )  # fmt: skip
 
 
@@ -108,7 +127,9 @@ class Fp8LinearMethod(LinearMethod):
 
     kind "tensor": `scale_name` holds one value per checkpoint shard (shape [shards]);
     "channel": [out, 1]; "block": [ceil(out / bn), ceil(in / bk)], every fused shard's rows a
-    whole number of blocks.
+    whole number of blocks. `static_input`: the checkpoint also stores each layer's (each
+    shard's) per-tensor activation scale, `input_scale`; `weight_only`: it quantized no
+    activations.
     """
 
     def __init__(
@@ -117,12 +138,23 @@ class Fp8LinearMethod(LinearMethod):
         kind: str,
         block: tuple[int, int] | None = None,
         activation_scale_ub: float | None = None,
+        static_input: bool = False,
+        weight_only: bool = False,
     ) -> None:
         if kind not in SCALE_KINDS or (kind == "block") != (block is not None):
             raise ValueError(f"bad FP8 layout {kind!r} {block}")
+        if static_input and kind == "block":
+            raise ValueError(
+                "static activation scales with block-wise weights are not a format: block-scaled "
+                "FP8 quantizes activations per token group (activation_scheme dynamic)"
+            )
         self.scale_name, self.kind, self.block = scale_name, kind, block
         self.activation_scale_ub = activation_scale_ub
         """Cap on a token's absmax where the GPU quantizes activations (W8A8; fbgemm_fp8)."""
+        self.static_input = static_input
+        self.weight_only = weight_only
+        """The checkpoint quantized no activations: the GPU takes the W8A16 GEMM whatever its
+        capability."""
 
     def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
         layer.compute_dtype = torch.get_default_dtype()
@@ -150,6 +182,10 @@ class Fp8LinearMethod(LinearMethod):
         scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
         setattr(layer, self.scale_name, scale)
         layer.register_weight(self.scale_name, **attrs)
+        if self.static_input:
+            shards = len(layer.shard_sizes) if isinstance(layer, MergedLinear) else 1
+            layer.input_scale = nn.Parameter(torch.empty(shards), requires_grad=False)
+            layer.register_weight("input_scale", per_shard=True)
         layer.create_bias(bias)
 
     def scale_2d(self, layer: Linear) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -167,6 +203,9 @@ class Fp8LinearMethod(LinearMethod):
         scale, block = self.scale_2d(layer)
         delattr(layer, self.scale_name)
         layer.fp8_activation_scale_ub = self.activation_scale_ub
+        layer.fp8_weight_only = self.weight_only
+        if self.static_input:
+            layer.fp8_input_scale = _static_input_scale(layer)
         _finish(layer, layer.weight.detach(), scale, block)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -204,11 +243,22 @@ class Fp8MoEMethod(MoEExpertsMethod):
     """FP8 experts as the checkpoint stores them (per expert: weight + scale of layout `kind`),
     stacked, then dequantized to the compute dtype at load on every device: the fused-MoE
     paths read dense stacks (an FP8 grouped GEMM is a later slice), so an FP8 MoE checkpoint
-    loads and computes as its dequantized model but takes the dense model's memory."""
+    loads and computes as its dequantized model but takes the dense model's memory. With
+    `static_input` the experts' `input_scale` tensors are read (their shapes checked) and then
+    dropped: dense experts do not quantize their activations."""
 
-    def __init__(self, scale_name: str, kind: str, block: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        scale_name: str,
+        kind: str,
+        block: tuple[int, int] | None = None,
+        static_input: bool = False,
+    ) -> None:
         self.scale_name, self.kind, self.block = scale_name, kind, block
+        self.static_input = static_input
         self.checkpoint_params = {"weight": "", scale_name: "_scale"}
+        if static_input:
+            self.checkpoint_params["input_scale"] = "_input_scale"
 
     def create_weights(self, experts: MoEExperts) -> None:
         experts.compute_dtype = torch.get_default_dtype()
@@ -236,6 +286,11 @@ class Fp8MoEMethod(MoEExpertsMethod):
             scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
             setattr(experts, name + "_scale", scale)
             experts.register_stacked(name + "_scale", self.scale_name, **attrs)
+            if self.static_input:
+                shape = (num, 2) if shards else (num,)
+                inputs = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+                setattr(experts, name + "_input_scale", inputs)
+                experts.register_stacked(name + "_input_scale", "input_scale", per_shard=True)
 
     def process_weights_after_loading(self, experts: MoEExperts) -> None:
         for name, (shape, shards) in _expert_shapes(experts).items():
@@ -247,6 +302,8 @@ class Fp8MoEMethod(MoEExpertsMethod):
                 _check_finite(scale, f"expert {e} {name}")
                 dense[e] = fp8_dequantize_ref(weight[e], scale, block, experts.compute_dtype)
             delattr(experts, name + "_scale")
+            if self.static_input:
+                delattr(experts, name + "_input_scale")
             setattr(experts, name, nn.Parameter(dense, requires_grad=False))
 
 
@@ -292,8 +349,11 @@ class Fp8Config(QuantConfig):
         serialized: bool = True,
         block: tuple[int, int] | None = None,
         ignored: list[str] | None = None,
+        static_input: bool = False,
     ) -> None:
         self.serialized, self.block, self.ignored = serialized, block, list(ignored or [])
+        self.static_input = static_input
+        """activation_scheme "static": every quantized layer stores its `input_scale`."""
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
@@ -304,8 +364,16 @@ class Fp8Config(QuantConfig):
             )
         block = config.get("weight_block_size")
         ignored = config.get("ignored_layers") or config.get("modules_to_not_convert") or []
+        if block is not None and scheme == "static":
+            raise ValueError(
+                "quantization_config: activation_scheme static with weight_block_size is not "
+                "supported (block-wise FP8 quantizes activations per token group: dynamic)"
+            )
         return cls(
-            True, None if block is None else parse_block(block, "weight_block_size"), ignored
+            True,
+            None if block is None else parse_block(block, "weight_block_size"),
+            ignored,
+            static_input=scheme == "static",
         )
 
     def linear_method(self, layer: Linear, checkpoint_names: list[str]) -> LinearMethod | None:
@@ -315,7 +383,7 @@ class Fp8Config(QuantConfig):
             return Fp8OnlineLinearMethod()
         if self.block is not None:
             return Fp8LinearMethod("weight_scale_inv", "block", self.block)
-        return Fp8LinearMethod("weight_scale", "tensor")
+        return Fp8LinearMethod("weight_scale", "tensor", static_input=self.static_input)
 
     def moe_method(self, experts: MoEExperts, name: str) -> MoEExpertsMethod | None:
         if ignored_layer(self.name, [name], self.ignored):
@@ -324,10 +392,11 @@ class Fp8Config(QuantConfig):
             return Fp8OnlineMoEMethod()
         if self.block is not None:
             return Fp8MoEMethod("weight_scale_inv", "block", self.block)
-        return Fp8MoEMethod("weight_scale", "tensor")
+        return Fp8MoEMethod("weight_scale", "tensor", static_input=self.static_input)
 
     def skips_tensor(self, name: str) -> bool:
-        return name.endswith(".input_scale")
+        # A dynamic-scheme checkpoint may still carry calibration input scales: unused.
+        return not self.static_input and name.endswith(".input_scale")
 
 
 class FbgemmFp8Config(QuantConfig):
