@@ -125,3 +125,19 @@ def test_qwen2_audio_refuses_bad_audio_inputs(qwen2_audio_path, clips):
         with pytest.raises(ValueError, match=match):
             llm.generate({"prompt": text, "multi_modal_data": data}, greedy())
     llm.shutdown()
+
+
+def test_quantization_names_the_layers_it_leaves_unquantized(qwen2_audio_path, caplog):
+    """--quantization fp8 reaches the language model's layers; the audio encoder's plain torch
+    projections stay in full precision, and the log says which."""
+    from splitserve.worker.config import WorkerConfig
+    from splitserve.worker.model_loader import load_model
+
+    with caplog.at_level("WARNING", logger="splitserve.worker.quantization"):
+        model = load_model(WorkerConfig(model=str(qwen2_audio_path), quantization="fp8")).model
+    assert "plain torch projections of Qwen2AudioForConditionalGeneration stay unquantized" in (
+        caplog.text
+    )
+    assert "audio_tower.layers.0.self_attn" in caplog.text
+    qkv = model.language_model.model.layers[0].self_attn.qkv_proj
+    assert type(qkv.method).__name__ == "Fp8OnlineLinearMethod"

@@ -16,6 +16,7 @@ share.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, ClassVar
 
@@ -23,6 +24,8 @@ from torch import nn
 
 from splitserve.worker.config import QUANTIZATION_METHODS
 from splitserve.worker.linear import Linear, LinearMethod, MergedLinear
+
+logger = logging.getLogger(__name__)
 
 
 class QuantConfig:
@@ -124,8 +127,10 @@ def apply_quant_config(model: nn.Module, config: QuantConfig) -> None:
     from splitserve.worker.moe import MoEExperts
 
     packed = getattr(model, "packed_modules", {})
+    seam, plain = 0, []
     for name, module in list(model.named_modules()):
         if isinstance(module, MoEExperts):
+            seam += 1
             moe_method = config.moe_method(module, name)
             if moe_method is not None:
                 try:
@@ -133,14 +138,30 @@ def apply_quant_config(model: nn.Module, config: QuantConfig) -> None:
                 except ValueError as exc:
                     raise ValueError(f"layer {name}: {exc}") from None
             continue
-        if not isinstance(module, Linear) or name.split(".")[-1] == "lm_head":
+        if name.split(".")[-1] == "lm_head":
             continue
+        if isinstance(module, nn.Linear):
+            plain.append(name)
+        if not isinstance(module, Linear):
+            continue
+        seam += 1
         method = config.linear_method(module, checkpoint_names(name, module, packed))
         if method is not None:
             try:
                 module.set_method(method)
             except ValueError as exc:
                 raise ValueError(f"layer {name}: {exc}") from None
+    arch = type(model).__name__
+    if not seam:
+        raise ValueError(
+            f"quantization {config.name!r}: {arch} builds its projections as plain torch layers "
+            "(no quant method seam), so nothing would be quantized; serve it unquantized"
+        )
+    if plain:
+        logger.warning(
+            "quantization %s: %d plain torch projections of %s stay unquantized (%s%s)",
+            config.name, len(plain), arch, ", ".join(plain[:3]), ", ..." if len(plain) > 3 else "",
+        )  # fmt: skip
     model.quant_config = config
 
 
