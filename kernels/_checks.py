@@ -11,6 +11,8 @@ import torch
 # NOTE: the kernels accumulate in fp32 but load/store in the tensor dtype; fp8 KV caches would
 # need per-tensor scales that no caller provides yet, so they are rejected up front.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+"""KV cache dtypes stored with a per-tensor scale (`--kv-cache-dtype fp8`)."""
 
 
 def next_power_of_2(n: int) -> int:
@@ -32,6 +34,15 @@ def check_float(name: str, t: torch.Tensor, ndim: int) -> None:
     # Vectorised loads along the last axis assume it is contiguous.
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def check_kv_cache(name: str, t: torch.Tensor, ndim: int) -> None:
+    """check_float for a KV cache, which may also be FP8 (FP8_KV_DTYPES)."""
+    if t.dtype in FP8_KV_DTYPES:
+        if t.dim() != ndim or (t.shape[-1] > 1 and t.stride(-1) != 1):
+            raise ValueError(f"{name}: rank {ndim}, last dim contiguous; got {t.stride()}")
+        return
+    check_float(name, t, ndim)
 
 
 def check_int(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...]) -> None:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import cdiv, dot_precision, next_power_of_2
+from ._checks import FP8_KV_DTYPES, cdiv, dot_precision, next_power_of_2
 from .attention_prefill import _tanh, check_paged_attention_args
 
 
@@ -40,6 +40,8 @@ def _paged_attention_decode_kernel(
     scale,
     soft_cap,
     sliding_window,
+    k_scale,
+    v_scale,
     head_dim,
     num_heads,
     num_partitions,
@@ -66,6 +68,7 @@ def _paged_attention_decode_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -119,7 +122,11 @@ def _paged_attention_decode_kernel(
         k_ptrs += kv_head * stride_k_h + d[:, None]
         k = tl.load(k_ptrs, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [D, BLOCK_N]
 
+        if KV_FP8:  # an FP8 cache: widen the tile, the layer's scale multiplies q.k
+            k = k.to(q.dtype)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if KV_FP8:
+            qk = qk * k_scale
         if USE_SOFTCAP:
             qk = soft_cap * _tanh(qk * (scale / soft_cap)) * 1.4426950408889634
         else:
@@ -136,7 +143,11 @@ def _paged_attention_decode_kernel(
         v_ptrs = v_cache_ptr + phys[:, None] * stride_v_b + slot_off[:, None] * stride_v_s
         v_ptrs += kv_head * stride_v_h + d[None, :]
         v = tl.load(v_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
+        if KV_FP8:
+            v = v.to(q.dtype)
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if KV_FP8:
+            pv = pv * v_scale
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -241,6 +252,8 @@ def paged_attention_decode(
     partition_size: int = 512,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Paged attention for a batch where every sequence has exactly ONE new token (Triton).
 
@@ -303,7 +316,8 @@ def paged_attention_decode(
     _paged_attention_decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_m, part_l, q, key_cache, value_cache, block_tables, seq_lens,
         cu_seqlens_q, sinks_arg,
-        float(scale), float(soft_cap) if soft_cap else 1.0, window, head_dim, num_heads,
+        float(scale), float(soft_cap) if soft_cap else 1.0, window,
+        float(k_scale), float(v_scale), head_dim, num_heads,
         num_partitions,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -319,6 +333,7 @@ def paged_attention_decode(
         USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=bool(soft_cap),
         USE_SINKS=sinks is not None,
+        KV_FP8=key_cache.dtype in FP8_KV_DTYPES,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
     )  # fmt: skip

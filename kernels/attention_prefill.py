@@ -15,9 +15,11 @@ import triton
 import triton.language as tl
 
 from ._checks import (
+    FP8_KV_DTYPES,
     cdiv,
     check_float,
     check_int,
+    check_kv_cache,
     check_same_device,
     dot_precision,
     next_power_of_2,
@@ -47,6 +49,8 @@ def _paged_attention_prefill_kernel(
     scale,
     soft_cap,
     sliding_window,
+    k_scale,
+    v_scale,
     head_dim,
     # strides (elements; the head-dim stride is 1)
     stride_q_t,
@@ -70,6 +74,7 @@ def _paged_attention_prefill_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
+    KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * QPK_PAD
@@ -131,7 +136,11 @@ def _paged_attention_prefill_kernel(
         k_ptrs += kv_head * stride_k_h + d[:, None]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [HEAD_DIM_PAD, BLOCK_N]
 
+        if KV_FP8:  # an FP8 cache: widen the tile, the layer's scale multiplies q.k
+            k = k.to(q.dtype)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if KV_FP8:
+            qk = qk * k_scale
         if USE_SOFTCAP:
             qk = soft_cap * _tanh(qk * (scale / soft_cap)) * 1.4426950408889634
         else:
@@ -151,7 +160,11 @@ def _paged_attention_prefill_kernel(
         v_ptrs = v_cache_ptr + phys[:, None] * stride_v_b + slot_off[:, None] * stride_v_s
         v_ptrs += kv_head * stride_v_h + d[None, :]
         v = tl.load(v_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
+        if KV_FP8:
+            v = v.to(q.dtype)
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        if KV_FP8:
+            pv = pv * v_scale
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
@@ -173,8 +186,8 @@ def check_paged_attention_args(
 ) -> None:
     """Shape/dtype/stride checks shared by the prefill and decode launchers."""
     check_float("q", q, 3)
-    check_float("key_cache", key_cache, 4)
-    check_float("value_cache", value_cache, 4)
+    check_kv_cache("key_cache", key_cache, 4)
+    check_kv_cache("value_cache", value_cache, 4)
     check_int("block_tables", block_tables, 2, (torch.int32,))
     check_int("seq_lens", seq_lens, 1, (torch.int32,))
     check_int("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,))
@@ -184,7 +197,9 @@ def check_paged_attention_args(
     )  # fmt: skip
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key/value cache shapes differ: {key_cache.shape} vs {value_cache.shape}")
-    if not (q.dtype == key_cache.dtype == value_cache.dtype):
+    if key_cache.dtype != value_cache.dtype or (
+        key_cache.dtype != q.dtype and key_cache.dtype not in FP8_KV_DTYPES
+    ):
         raise ValueError(
             f"q/cache dtypes differ: {q.dtype}, {key_cache.dtype}, {value_cache.dtype}"
         )
@@ -225,6 +240,8 @@ def paged_attention_prefill(
     out: torch.Tensor | None = None,
     block_q: int | None = None,
     block_n: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal varlen attention of new tokens against a paged KV cache (Triton).
 
@@ -234,7 +251,8 @@ def paged_attention_prefill(
 
     Args:
         q: [T, Hq, D] fp32/fp16/bf16, head dim contiguous.
-        key_cache, value_cache: [NB, BS, Hk, D], same dtype as q, BS a power of two.
+        key_cache, value_cache: [NB, BS, Hk, D], same dtype as q (or FP8, read as
+            cache * k_scale / v_scale), BS a power of two.
         block_tables: int32 [S, MB]; entries past ceil(seq_len / BS) are never read.
         seq_lens: int32 [S].
         cu_seqlens_q: int32 [S + 1], cu_seqlens_q[0] == 0.
@@ -245,6 +263,7 @@ def paged_attention_prefill(
         max_query_len: host-side max of query lengths; computed (one sync) when None.
         out: optional [T, Hq, D] output buffer.
         block_q, block_n: tile overrides (tests use them to force multi-tile paths).
+        k_scale, v_scale: an FP8 cache's per-tensor scales (ignored otherwise).
 
     Returns:
         out [T, Hq, D]; rows past cu_seqlens_q[-1] are left unwritten.
@@ -285,6 +304,7 @@ def paged_attention_prefill(
         float(scale),
         float(soft_cap) if soft_cap else 1.0,
         int(sliding_window) if sliding_window is not None else 0,
+        float(k_scale), float(v_scale),
         head_dim,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -299,6 +319,7 @@ def paged_attention_prefill(
         USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=bool(soft_cap),
         USE_SINKS=sinks is not None,
+        KV_FP8=key_cache.dtype in FP8_KV_DTYPES,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if head_dim_pad <= 128 else 8,
     )  # fmt: skip

@@ -110,6 +110,8 @@ def paged_attention(
     plan: TorchAttentionPlan | None = None,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal paged attention of new tokens against the KV cache (which already holds them).
 
@@ -119,6 +121,8 @@ def paged_attention(
         max_query_len, max_seq_len: host-side maxima (avoid a device sync; under CUDA graphs
             pass fixed values). max_query_len == 1 selects the split-KV decode kernel.
         backend: "triton", "torch", or None/"auto" to follow q's device.
+        k_scale, v_scale: per-tensor scales of an FP8 cache (`--kv-cache-dtype fp8`), which
+            holds keys / k_scale and values / v_scale; ignored by other cache dtypes.
         plan, key, value: torch path only (Triton ignores them): the step's
             `TorchAttentionPlan` shared by all layers, and this step's keys/values [T, Hk, D],
             which sequences without a cached prefix attend over directly. With no cache
@@ -128,7 +132,10 @@ def paged_attention(
     Returns:
         [T, Hq, D].
     """
-    kwargs = dict(sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks, out=out)
+    kwargs = dict(
+        sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks, out=out,
+        k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
     if key_cache is None or not _use_triton(q, backend):
         return paged_attention_torch(
             q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale,
@@ -157,13 +164,17 @@ def write_kv_cache(
     slot_mapping: torch.Tensor,
     *,
     backend: str | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Scatter key/value [T, Hk, D] into [NB, BS, Hk, D] caches at slot_mapping (int64 [T],
-    negative = skip), in place."""
+    negative = skip), in place; an FP8 cache stores them divided by k_scale / v_scale."""
     if _use_triton(key, backend):
-        _kernel_module("kv_cache").write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        _kernel_module("kv_cache").write_kv_cache(
+            key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale
+        )
     else:
-        write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping)
+        write_kv_cache_torch(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
 # --------------------------------------------------------------------------- elementwise ops

@@ -2,7 +2,13 @@
 
 One program per token copies its [Hk, D] key and value tiles to the cache slot named by
 slot_mapping. A negative slot (padding token of a CUDA-graph batch) is skipped. The store casts
-to the cache dtype, so an fp32 activation can land in an fp16 cache.
+to the cache dtype, so an fp32 activation can land in an fp16 cache. An FP8 cache
+(`--kv-cache-dtype fp8`) stores x / scale saturated at the format's range, with one scale for
+the layer's keys and one for its values: the new rows are quantized by
+`reference.kv_quantize_ref` first (one elementwise pass over T x Hk x D values, small beside
+the attention that reads them) and the kernel copies the FP8 bytes. NOTE: not in the kernel:
+the Triton interpreter rounds fp32 -> fp8 wrongly where the mantissa carries into the exponent
+(124.5 -> 64), so an in-kernel cast could not be checked on CPU.
 """
 
 from __future__ import annotations
@@ -11,7 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_float, check_int, check_same_device, next_power_of_2
+from ._checks import (
+    FP8_KV_DTYPES,
+    check_float,
+    check_int,
+    check_kv_cache,
+    check_same_device,
+    next_power_of_2,
+)
+from .reference import kv_quantize_ref
 
 
 @triton.jit
@@ -72,6 +86,8 @@ def write_kv_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write key/value rows into the paged cache at `slot_mapping`, in place (Triton).
 
@@ -79,11 +95,17 @@ def write_kv_cache(
         key, value: [T, Hk, D], head dim contiguous (may be strided views of a fused qkv).
         key_cache, value_cache: [NB, BS, Hk, D], head dim contiguous, any other strides.
         slot_mapping: int64 (or int32) [T]; slot = block_id * BS + offset; < 0 skips the token.
+        k_scale, v_scale: an FP8 cache's per-tensor scales (ignored by other dtypes).
     """
     check_float("key", key, 3)
     check_float("value", value, 3)
-    check_float("key_cache", key_cache, 4)
-    check_float("value_cache", value_cache, 4)
+    check_kv_cache("key_cache", key_cache, 4)
+    check_kv_cache("value_cache", value_cache, 4)
+    if key_cache.dtype != value_cache.dtype:
+        raise ValueError(f"key/value caches differ: {key_cache.dtype} vs {value_cache.dtype}")
+    if key_cache.dtype in FP8_KV_DTYPES:
+        key = kv_quantize_ref(key, key_cache.dtype, k_scale)
+        value = kv_quantize_ref(value, value_cache.dtype, v_scale)
     check_int("slot_mapping", slot_mapping, 1, (torch.int64, torch.int32))
     check_same_device(
         key=key,

@@ -81,6 +81,18 @@ def attention_mask(
     return mask
 
 
+def kv_quantize_ref(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Keys or values as an FP8 KV cache stores them: x / scale, saturated at the format's
+    largest finite value, rounded to `dtype` (float8_e4m3fn or float8_e5m2)."""
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp(-limit, limit).to(dtype)
+
+
+def kv_dequantize_ref(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """What attention reads from an FP8 KV cache: x * scale in `dtype`."""
+    return (x.float() * scale).to(dtype)
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     key_cache: torch.Tensor,

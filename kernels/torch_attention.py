@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from . import torch_paged_decode
-from .reference import soft_cap_logits
+from ._checks import FP8_KV_DTYPES
+from .reference import kv_dequantize_ref, kv_quantize_ref, soft_cap_logits
 from .torch_paged_decode import PagedDecodeLayout, paged_decode
 
 # Upper bound on fp32 logits materialised at once by the explicit-softmax path (elements).
@@ -330,6 +331,17 @@ def _attend(
     return out
 
 
+def _fp8(cache: torch.Tensor | None) -> bool:
+    return cache is not None and cache.dtype in FP8_KV_DTYPES
+
+
+def _widen(gathered: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered cache rows in the compute dtype (an FP8 cache's rows times its scale)."""
+    if gathered.dtype not in FP8_KV_DTYPES:
+        return gathered
+    return gathered.to(dtype).mul_(scale)
+
+
 def _decode_run(
     plan: TorchAttentionPlan,
     run: _DecodeRun,
@@ -340,6 +352,8 @@ def _decode_run(
     window: int | None,
     soft_cap: float | None,
     sinks: torch.Tensor | None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of one decode run: q [T, Hq, D] -> [n, Hq, D] for the run's rows."""
     layout = plan.decode_layout(run, window)
@@ -347,6 +361,7 @@ def _decode_run(
     hq, (hk, d) = q.shape[1], key_cache.shape[2:]
     keys = plan.workspace.gather("k", key_cache, layout.blocks).view(n, length, hk, d)
     values = plan.workspace.gather("v", value_cache, layout.blocks).view(n, length, hk, d)
+    keys, values = _widen(keys, k_scale, q.dtype), _widen(values, v_scale, q.dtype)
     if layout.stale is not None:
         keys.view(-1, hk * d).index_fill_(0, layout.stale, 0)
         values.view(-1, hk * d).index_fill_(0, layout.stale, 0)
@@ -381,6 +396,8 @@ def _prefill_seq(
     window: int | None,
     soft_cap: float | None,
     sinks: torch.Tensor | None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of one sequence's queries: -> [query_len, Hq, D]."""
     n, length = seq.end - seq.start, seq.seq_len
@@ -393,6 +410,9 @@ def _prefill_seq(
     lo = 0 if window is None else max(0, length - n - window + 1)
     if length == n and key is not None:  # no cached prefix: this step's own keys
         ki, vi = key[seq.start + lo : seq.end], value[seq.start + lo : seq.end]
+        if _fp8(key_cache):  # as the cache holds them, so every step reads the same keys
+            ki = kv_dequantize_ref(kv_quantize_ref(ki, key_cache.dtype, k_scale), k_scale, q.dtype)
+            vi = kv_dequantize_ref(kv_quantize_ref(vi, key_cache.dtype, v_scale), v_scale, q.dtype)
     elif key_cache is None:
         raise ValueError("a sequence with a cached prefix needs the KV cache")
     else:
@@ -402,6 +422,7 @@ def _prefill_seq(
         a, b = lo - first * plan.block_size, length - first * plan.block_size
         ki = plan.workspace.gather("k", key_cache, blocks).view(-1, hk, d)[a:b]
         vi = plan.workspace.gather("v", value_cache, blocks).view(-1, hk, d)[a:b]
+        ki, vi = _widen(ki, k_scale, q.dtype), _widen(vi, v_scale, q.dtype)
     ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]
     if plain and lo == 0 and length == n and (window is None or length <= window):
         out = F.scaled_dot_product_attention(
@@ -434,6 +455,8 @@ def paged_attention_torch(
     plan: TorchAttentionPlan | None = None,
     key: torch.Tensor | None = None,
     value: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal paged attention, torch path; contract of `reference.paged_attention_ref`.
 
@@ -446,6 +469,8 @@ def paged_attention_torch(
             Optional: sequences without a cached prefix then attend over them directly. With
             no cache at all (key_cache None) they are required, and every sequence must be
             all new (seq_len == query_len).
+        k_scale, v_scale: an FP8 cache's scales: its rows are read as cache * scale, and
+            this step's own keys / values as the cache stores them (rounded to FP8).
 
     Returns:
         [T, Hq, D]; rows of seq_len-0 sequences are zero; rows not covered by cu_seqlens_q
@@ -463,7 +488,7 @@ def paged_attention_torch(
         out = torch.empty_like(q) if covered else torch.zeros_like(q)
     for start, end in plan.empty_rows:
         out[start:end] = 0
-    features = (sliding_window, soft_cap, sinks)
+    features = (sliding_window, soft_cap, sinks, k_scale, v_scale)
     if plan.decode_runs and torch_paged_decode.supports(key_cache, value_cache):
         layout = plan.paged_layout(sliding_window, q.shape[1], *key_cache.shape[2:])
         out[layout.rows] = paged_decode(
@@ -485,16 +510,24 @@ def write_kv_cache_torch(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Scatter key/value [T, Hk, D] into [NB, BS, Hk, D] caches at slot_mapping [T] (slot < 0
     skips the token), in place; one index_copy_ per contiguous cache, an indexed assignment
-    for any other strides.
+    for any other strides. An FP8 cache stores key / k_scale and value / v_scale
+    (`reference.kv_quantize_ref`).
 
     NOTE: a token written at offset 0 starts its block: the block's other slots are zeroed
     first, so the slots past a sequence's last token never hold what a previous owner of the
     block left there (possibly inf or NaN). That is what `TorchAttentionPlan(clean_tails=True)`
     relies on; it costs one small fill per new block.
     """
+    if key_cache.dtype in FP8_KV_DTYPES:
+        # NOTE: as bytes: CPU torch has no index_fill_ / index_copy_ for FP8 (0x00 is 0.0).
+        key = kv_quantize_ref(key, key_cache.dtype, k_scale).view(torch.uint8)
+        value = kv_quantize_ref(value, value_cache.dtype, v_scale).view(torch.uint8)
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     block_size = key_cache.shape[1]
     slots = slot_mapping.long()
     if slots.device.type == "cpu":  # a few dozen indices: numpy beats torch's per-op overhead

@@ -7,7 +7,9 @@ it once per step (the torch path's `TorchAttentionPlan`).
 
 KV cache per layer: key and value tensors [num_blocks, block_size, num_kv_heads, head_dim];
 token at position p of a sequence lives at slot block_table[p // block_size] * block_size +
-p % block_size.
+p % block_size. With `--kv-cache-dtype fp8` a layer's cache is FP8 and holds keys / k_scale
+and values / v_scale (the layer's two per-tensor scales, from the checkpoint or 1.0); the
+backends read it back times the scale, so attention sees the same rounded keys on every step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch, torch_paged_decode
+from splitserve.kernels._checks import FP8_KV_DTYPES
 from splitserve.kernels.torch_attention import TorchAttentionPlan, Workspace
 from splitserve.worker.cache_spec import AttentionSpec
 
@@ -93,8 +96,9 @@ class AttentionBackend:
         key_cache, value_cache = layer.kv_cache if layer.kv_cache is not None else (None, None)
         if key_cache is not None and meta.slot_mapping is not None:
             dispatch.write_kv_cache(
-                k, v, key_cache, value_cache, meta.slot_mapping, backend=self.name
-            )
+                k, v, key_cache, value_cache, meta.slot_mapping, backend=self.name,
+                k_scale=layer.k_scale, v_scale=layer.v_scale,
+            )  # fmt: skip
         out = dispatch.paged_attention(
             q,
             key_cache,
@@ -111,6 +115,8 @@ class AttentionBackend:
             plan=self.torch_plan(meta, key_cache),
             key=k,
             value=v,
+            k_scale=layer.k_scale,
+            v_scale=layer.v_scale,
         )
         return out.view(q.shape[0], -1)
 
@@ -135,7 +141,9 @@ class TorchAttentionBackend(AttentionBackend):
     def new_kv_cache(
         self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.paged_decode:
+        if not self.paged_decode or dtype in FP8_KV_DTYPES:
+            # NOTE: the in-place decode multiplies fp32 caches; FP8 caches are gathered and
+            # widened per layer instead (slower, for the memory).
             return super().new_kv_cache(shape, dtype, device)
         return torch_paged_decode.new_kv_cache(*shape, dtype=dtype, device=device)
 
@@ -253,11 +261,24 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kv_cache_dtype: torch.dtype | None = None
+        """The cache's dtype when it is not the model's (an FP8 --kv-cache-dtype)."""
+        self.k_scale = 1.0
+        """An FP8 cache holds keys / k_scale (the checkpoint's k_scale, or 1.0)."""
+        self.v_scale = 1.0
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return self.kv_cache_dtype or model_dtype
 
     def cache_spec(self, block_size: int, dtype: torch.dtype) -> AttentionSpec:
         """Paged blocks of this layer's keys and values (windowed when it slides)."""
         return AttentionSpec(
-            self.layer_idx, block_size, self.num_kv_heads, self.head_dim, dtype, self.sliding_window
+            self.layer_idx,
+            block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.cache_dtype(dtype),
+            self.sliding_window,
         )
 
     def forward(

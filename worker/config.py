@@ -19,6 +19,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+"""--kv-cache-dtype values (vLLM's names): auto stores the model's dtype; fp8 is fp8_e4m3."""
 GUIDED_DECODING_BACKENDS = ("xgrammar", "guidance", "auto")
 QUANTIZATION_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors", "awq", "mxfp4")
 """Checkpoint formats splitserve loads (config.json quantization_config.quant_method)."""
@@ -70,6 +72,8 @@ class WorkerConfig(
     """Device: auto (cuda when available), cpu or cuda."""
     load_format: str = "auto"
     """Weights format: auto (safetensors, else .bin/.pt), safetensors, pt (.bin/.pt read with torch.load(weights_only=True)), or dummy (random, reads no weight file)."""
+    kv_cache_dtype: str = "auto"
+    """KV cache storage (vLLM's flag): auto (the model's dtype), fp8 / fp8_e4m3 (float8_e4m3fn with per-layer scales from the checkpoint's k_scale / v_scale tensors, 1.0 where it has none) or fp8_e5m2 (no scales). Attention reads keys and values as stored, so FP8 changes outputs slightly; it halves (bf16) or quarters (fp32) the KV bytes per token."""
     quantization: str | None = None
     """Quantized checkpoint format (vLLM's flag): None reads config.json's quantization_config; a value must match it (fp8, fbgemm_fp8, compressed-tensors, awq), except fp8 on an unquantized model, which is quantized per channel at load. CPU runs weight-only on weights dequantized at load."""
     max_parallel_loading_workers: int | None = None
@@ -149,6 +153,7 @@ class WorkerConfig(
             "device": DEVICES,
             "load_format": LOAD_FORMATS,
             "attention_backend": ATTENTION_BACKENDS,
+            "kv_cache_dtype": KV_CACHE_DTYPES,
         }
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(

@@ -33,8 +33,10 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 
 def bytes_per_block(model: nn.Module, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes over all of this rank's layers (keys and values)."""
-    item = torch.empty((), dtype=dtype).element_size()
-    return sum(2 * block_size * a.num_kv_heads * a.head_dim * item for a in attention_layers(model))
+    return sum(
+        2 * block_size * a.num_kv_heads * a.head_dim * a.cache_dtype(dtype).itemsize
+        for a in attention_layers(model)
+    )
 
 
 def _available_cpu_memory() -> int | None:
@@ -108,13 +110,14 @@ class KVCache:
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in self.layers:
             shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
+            layer_dtype = layer.cache_dtype(dtype)
             # NOTE: zeros, not empty: padded and stale slots are masked, but a NaN there
             # would still poison the attention output (0 * NaN).
             if allocate is None:
-                key = torch.zeros(shape, dtype=dtype, device=device)
-                value = torch.zeros(shape, dtype=dtype, device=device)
+                key = torch.zeros(shape, dtype=layer_dtype, device=device)
+                value = torch.zeros(shape, dtype=layer_dtype, device=device)
             else:
-                key, value = allocate(shape, dtype, device)
+                key, value = allocate(shape, layer_dtype, device)
             self.caches.append((key, value))
         self.bind()
 

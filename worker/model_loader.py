@@ -35,6 +35,7 @@ from splitserve.common.model_path import (
 )
 from splitserve.common.pooling import is_base_model
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.kv_cache_scales import configure_kv_cache, load_kv_scale, log_kv_cache
 from splitserve.worker.linear import (
     MergedLinear,
     default_weight_loader,
@@ -261,6 +262,7 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
     quant_config = resolve_quant_config(raw, config.quantization)
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
+        configure_kv_cache(model, config.kv_cache_dtype)
         if quant_config is not None:
             apply_quant_config(model, quant_config)
     if is_base_model(raw.get("architectures")):
@@ -316,6 +318,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         )
         load_weights(model, weights)
     model.eval()
+    log_kv_cache(model)
     onednn = process_weights_after_loading(model)  # CPU float32: linears through oneDNN
     if onednn:
         logger.info("%d linear layers run through oneDNN", onednn)
@@ -442,6 +445,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             embed = tensor
         if name == "lm_head.weight" and tied:
             continue  # a tied lm_head is the embedding, whatever the file also stores
+        if load_kv_scale(model, modules, name, tensor):
+            continue
         if quant_config is not None and quant_config.skips_tensor(name):
             continue
         try:

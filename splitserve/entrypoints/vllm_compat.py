@@ -1,6 +1,6 @@
 """vLLM flags that splitserve accepts with the one value that describes what it does.
 
-A vLLM script carries flags such as `--tensor-parallel-size 1` or `--kv-cache-dtype auto`.
+A vLLM script carries flags such as `--tensor-parallel-size 1` or `--data-parallel-size 1`.
 Each row of `PINNED` names such a flag, the value(s) that match splitserve's behaviour, and
 what to use instead; any other value exits 2 with that message, never silently ignored. The
 rows are the single source of these flags: `--help` lists them with their meaning, and every
@@ -114,13 +114,6 @@ PINNED: tuple[Pinned, ...] = (
         frozenset({_S, _W}),
         aliases=("-dp",),
         parse=_int,
-    ),
-    Pinned(
-        "--kv-cache-dtype",
-        "stores the KV cache in another dtype (fp8, ...).",
-        ("auto",),
-        "the KV cache always uses the model's --dtype",
-        frozenset({_S, _W}),
     ),
     Pinned(
         "--distributed-executor-backend",
@@ -314,7 +307,7 @@ PINNED: tuple[Pinned, ...] = (
         "--calculate-kv-scales",
         "computes scales for an fp8 KV cache on the fly.",
         (False,),
-        "the KV cache always uses the model's --dtype (see --kv-cache-dtype)",
+        "an FP8 KV cache takes its scales from the checkpoint (k_scale / v_scale), or 1.0",
         frozenset({_W}),
         boolean=True,
     ),

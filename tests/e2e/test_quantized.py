@@ -1,6 +1,7 @@
 """Quantized checkpoints through the real stack: FP8 (block-wise `fp8`, the DeepSeek-V3 /
 Qwen3-FP8 layout), AWQ int4 and compressed-tensors W4A16 (asymmetric, group 64): greedy tokens
-equal to transformers on the dequantized weights, logprobs within 1e-3."""
+equal to transformers on the dequantized weights, logprobs within 1e-3. Plus an FP8 KV cache
+on the FP8 checkpoint."""
 
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ def fp8_server(fp8_folders, tmp_path_factory):
     s.stop()
 
 
-def _hf_greedy(folder) -> tuple[list[int], list[float]]:
+def _hf_greedy(folder, **kwargs) -> tuple[list[int], list[float]]:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, **kwargs
+    ).eval()
     ids, logprobs = list(PROMPT_IDS), []
     with torch.no_grad():
         for _ in range(STEPS):
@@ -42,7 +45,7 @@ def _hf_greedy(folder) -> tuple[list[int], list[float]]:
     return ids[len(PROMPT_IDS) :], logprobs
 
 
-def _completion_matches(server, dense_folder):
+def _completion_matches(server, dense_folder, **hf_kwargs):
     import httpx
 
     r = httpx.post(
@@ -60,7 +63,7 @@ def _completion_matches(server, dense_folder):
     assert r.status_code == 200, r.text
     logprobs = r.json()["choices"][0]["logprobs"]
     tokens = [int(t.removeprefix("token_id:")) for t in logprobs["tokens"]]
-    expected_tokens, expected_logprobs = _hf_greedy(dense_folder)
+    expected_tokens, expected_logprobs = _hf_greedy(dense_folder, **hf_kwargs)
     assert tokens == expected_tokens
     for got, want in zip(logprobs["token_logprobs"], expected_logprobs, strict=True):
         assert abs(got - want) <= 1e-3
@@ -78,5 +81,20 @@ def test_int4_checkpoint_serves_transformers_tokens(fmt, flag, tiny_model, tmp_p
     )
     try:
         _completion_matches(server, dense_folder)
+    finally:
+        server.stop()
+
+
+def test_fp8_weights_with_an_fp8_kv_cache(fp8_folders, tmp_path):
+    """--kv-cache-dtype fp8 through the stack, on the FP8 checkpoint: transformers on the
+    dequantized weights with K and V rounded as the cache stores them (scales 1.0)."""
+    from splitserve.testing.fp8_kv import register_rounded_kv_attention
+
+    flags = ["--kv-cache-dtype", "fp8", "--return-tokens-as-token-ids"]
+    server = Server(fp8_folders[0], flags, tmp_path / "log")
+    try:
+        _completion_matches(
+            server, fp8_folders[1], attn_implementation=register_rounded_kv_attention({})
+        )
     finally:
         server.stop()

@@ -14,7 +14,6 @@ from splitserve.entrypoints.vllm_compat import PINNED
 _VALUES = {
     "--tensor-parallel-size": ("1", "2"),
     "--data-parallel-size": ("1", "4"),
-    "--kv-cache-dtype": ("auto", "fp8"),
     "--distributed-executor-backend": ("mp", "ray"),
     "--preemption-mode": ("recompute", "swap"),
     "--logprobs-mode": ("raw_logprobs", "processed_logprobs"),

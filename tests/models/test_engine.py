@@ -115,8 +115,8 @@ def test_llm_rejects_unknown_options_and_bad_requests(llama_path):
     # vLLM arguments with one supported value: that value is fine, another is refused sharply.
     with pytest.raises(ValueError, match="--tensor-parallel-size 2: .*pipeline"):
         LLM(str(llama_path), tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="--kv-cache-dtype fp8"):
-        LLM(str(llama_path), tensor_parallel_size=1, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of .*, got 'fp8_inc'"):
+        LLM(str(llama_path), tensor_parallel_size=1, kv_cache_dtype="fp8_inc")
     with pytest.raises(ValueError, match="pipeline_parallel_size must be 1, got 2"):
         LLM(str(llama_path), pipeline_parallel_size=2)
     llm = LLM(str(llama_path), kv_cache_memory=8 << 20, max_model_len=64)
