@@ -170,6 +170,9 @@ class MoEExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
+        apply = getattr(self.method, "apply", None)
+        if apply is not None:  # a method that keeps the experts in its own form (FP8 on CUDA)
+            return apply(self, x, topk_weights, topk_ids)
         return dispatch.fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
 

@@ -194,3 +194,25 @@ def test_grouped_moe_fp8_matches_its_reference(num_tokens, layout):
     )
     expected = fused_moe_fp8_ref(x, w13, s13, w2, s2, block, weights, ids)
     torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_dispatch_runs_plain_experts_on_the_grouped_gemm(monkeypatch):
+    """backend triton: SwiGLU experts go to the grouped GEMM; biases or the clamped SwiGLU
+    (gpt-oss) stay on the fused kernel; the torch path is unchanged."""
+    from splitserve.kernels import dispatch, fused_moe
+    from splitserve.kernels import grouped_moe as grouped_module
+
+    used = []
+    for module, name in ((grouped_module, "grouped_moe"), (fused_moe, "fused_moe")):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k)
+        )
+    args = _moe_case(9, 4, 2, 16, 8, torch.float32)
+    expected = reference.fused_moe_ref(*args)
+    assert_close(dispatch.fused_moe(*args, backend="triton"), expected, MOE_TOL)
+    assert used == ["grouped_moe"]
+    b13 = torch.zeros(4, 16, device=DEVICE)
+    assert_close(dispatch.fused_moe(*args, b13=b13, backend="triton"), expected, MOE_TOL)
+    assert_close(dispatch.fused_moe(*args, backend="torch"), expected, MOE_TOL)
+    assert used == ["grouped_moe", "fused_moe"]

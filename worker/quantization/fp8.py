@@ -202,9 +202,11 @@ def _expert_shapes(experts: MoEExperts) -> dict[str, tuple[tuple[int, int], list
 
 class Fp8MoEMethod(MoEExpertsMethod):
     """FP8 experts as the checkpoint stores them (per expert: weight + scale of layout `kind`),
-    stacked, then dequantized to the compute dtype at load on every device: the fused-MoE
-    paths read dense stacks (an FP8 grouped GEMM is a later slice), so an FP8 MoE checkpoint
-    loads and computes as its dequantized model but takes the dense model's memory."""
+    stacked. Block-scaled experts where `dispatch.fp8_moe_native` says so (CUDA with FP8
+    tensor cores) stay FP8 with their [E, ceil(N / bn), ceil(K / bk)] scales and run on the
+    FP8 grouped GEMM (W8A8, `dispatch.fused_moe_fp8`). Otherwise (CPU, other layouts) they are
+    dequantized to the compute dtype at load: an FP8 MoE checkpoint then computes as its
+    dequantized model but takes the dense model's memory."""
 
     def __init__(self, scale_name: str, kind: str, block: tuple[int, int] | None = None) -> None:
         self.scale_name, self.kind, self.block = scale_name, kind, block
@@ -238,6 +240,17 @@ class Fp8MoEMethod(MoEExpertsMethod):
             experts.register_stacked(name + "_scale", self.scale_name, **attrs)
 
     def process_weights_after_loading(self, experts: MoEExperts) -> None:
+        device = experts.gate_up_proj.device
+        experts.fp8_native = self.kind == "block" and dispatch.fp8_moe_native(device, self.block)
+        if experts.fp8_native:
+            experts.fp8_block = self.block
+            for name in _expert_shapes(experts):
+                scale = getattr(experts, name + "_scale").detach()
+                _check_finite(scale, f"experts {name}")
+                weight = getattr(experts, name).detach()
+                setattr(experts, name, nn.Parameter(weight.contiguous(), requires_grad=False))
+                setattr(experts, name + "_scale", nn.Parameter(scale.float().contiguous(), requires_grad=False))  # fmt: skip
+            return
         for name, (shape, shards) in _expert_shapes(experts).items():
             weight = getattr(experts, name).detach()
             scales = getattr(experts, name + "_scale").detach()
@@ -248,6 +261,22 @@ class Fp8MoEMethod(MoEExpertsMethod):
                 dense[e] = fp8_dequantize_ref(weight[e], scale, block, experts.compute_dtype)
             delattr(experts, name + "_scale")
             setattr(experts, name, nn.Parameter(dense, requires_grad=False))
+
+    def apply(
+        self,
+        experts: MoEExperts,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        if not experts.fp8_native:
+            return dispatch.fused_moe(
+                x, experts.gate_up_proj, experts.down_proj, topk_weights, topk_ids
+            )
+        return dispatch.fused_moe_fp8(
+            x, experts.gate_up_proj, experts.gate_up_proj_scale, experts.down_proj,
+            experts.down_proj_scale, experts.fp8_block, topk_weights, topk_ids,
+        )  # fmt: skip
 
 
 class Fp8OnlineMoEMethod(MoEExpertsMethod):
