@@ -14,6 +14,7 @@ scales) and turns them into the dense stacks after loading.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -202,8 +203,13 @@ class SparseMoE(nn.Module):
         self.renormalize = renormalize
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = MoEExperts(num_experts, hidden_size, intermediate_size, names)
+        self.eplb: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """EPLB's routing hook (`worker.eplb.state.LayerRouting`): counts the logical expert
+        ids and maps them to the physical slots of the widened stacks; None without EPLB."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        if self.eplb is not None:
+            ids = self.eplb(ids)
         return self.experts(x, weights, ids)
