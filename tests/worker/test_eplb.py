@@ -106,6 +106,9 @@ def test_map_spreads_a_replicated_expert_over_its_replicas():
     assert (placement[0][physical] == ids).all()  # each slot holds the chosen expert
     zero_slots = physical[ids == 0].tolist()
     assert sorted(zero_slots.count(s) for s in (0, 3, 5)) == [2, 2, 2]
+    # One-token decode steps rotate over the replicas as well.
+    decode = [int(expert_map.to_physical(0, torch.tensor([[0, 1]]))[0, 0]) for _ in range(6)]
+    assert sorted(decode.count(s) for s in (0, 3, 5)) == [2, 2, 2]
     with pytest.raises(ValueError, match=r"without a slot: \[\[0, 2\]\]"):
         expert_map.update(torch.tensor([[0, 1, 3, 0, 3, 0]]))
 

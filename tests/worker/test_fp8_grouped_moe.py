@@ -74,3 +74,24 @@ def test_fp8_experts_are_dequantized_where_not_native(fp8_folders):
     experts = load_model(WorkerConfig(model=str(folder))).model.model.layers[0].mlp.experts
     assert not experts.fp8_native and experts.gate_up_proj.dtype == torch.float32
     assert not hasattr(experts, "gate_up_proj_scale")
+
+
+@torch.inference_mode()
+def test_eplb_moves_fp8_experts_with_their_scales(fp8_folders, monkeypatch):
+    from splitserve.worker.eplb import EplbConfig, EplbState
+
+    folder, _ = fp8_folders
+    monkeypatch.setattr(dispatch, "fp8_moe_native", lambda device, block: True)
+    model = load_model(WorkerConfig(model=str(folder))).model
+    moe = model.model.layers[0].mlp
+    x = torch.randn(11, 32)
+    expected = moe(x)
+    state = EplbState.attach(model, EplbConfig(num_redundant_experts=2), num_ranks=2)
+    assert [t.dtype for t in state.stacks(0)].count(torch.float8_e4m3fn) == 2
+    assert len(state.stacks(0)) == 4 and all(t.shape[0] == 6 for t in state.stacks(0))
+    skew = torch.ones(1, 4)
+    skew[0, 3] = 100.0
+    before = state.map.placement(0)
+    state.rebalance(skew)
+    assert state.map.placement(0) != before and state.map.placement(0).count(3) == 3
+    torch.testing.assert_close(moe(x), expected, atol=1e-5, rtol=1e-5)

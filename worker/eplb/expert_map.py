@@ -1,8 +1,9 @@
 """The logical -> physical expert map of EPLB, and the router's spread over replicas.
 
 Physical slot p of a layer holds logical expert phy2log[p]; a logical expert with several
-replicas has its (token, slot) pairs dealt round-robin over them by pair index, so each
-replica gets an even share without any host sync. The tensors have fixed shapes for the
+replicas has its (token, slot) pairs dealt round-robin over them, by pair index plus a per-layer
+running offset kept on the device (so one-token decode steps rotate over the replicas too),
+and each replica gets an even share without any host sync. The tensors have fixed shapes for the
 lifetime of the map (log2phy's replica axis is sized for the most replicas any expert can
 get, num_physical - num_experts + 1), and a new placement is copied into them in place, so a
 captured CUDA graph that reads them stays valid.
@@ -32,6 +33,8 @@ class ExpertMap:
             device=device,
         )
         self.logcnt = torch.empty(num_layers, num_experts, dtype=torch.int64, device=device)
+        self.offset = torch.zeros(num_layers, dtype=torch.int64, device=device)
+        """Pairs routed so far per layer: where the next call's round-robin starts."""
         self.update(phy2log)
 
     @classmethod
@@ -70,10 +73,12 @@ class ExpertMap:
 
     def to_physical(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """Logical expert ids [T, K] -> physical slots [T, K] of layer `layer`: pair i of a
-        logical expert e goes to its replica i mod replicas[e] (an even, sync-free spread)."""
+        logical expert e goes to its replica (offset + i) mod replicas[e] (an even, sync-free
+        spread); the layer's offset then advances by T * K."""
         ids = topk_ids.to(torch.int64)
         counts = self.logcnt[layer][ids]
-        pair = torch.arange(ids.numel(), device=ids.device).view(ids.shape)
+        pair = torch.arange(ids.numel(), device=ids.device).view(ids.shape) + self.offset[layer]
+        self.offset[layer] += ids.numel()
         return self.log2phy[layer][ids, pair % counts]
 
     def placement(self, layer: int) -> list[int]:
