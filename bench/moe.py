@@ -204,7 +204,7 @@ def bench_grouped(reps: int, sizes: tuple[int, ...]) -> None:
             sync,
         )
         print(
-            f"  tokens {tokens:5d} ({choose_layout(tokens, experts, top_k):10s}): grouped "
+            f"  tokens {tokens:5d} ({choose_layout(tokens, experts):10s}): grouped "
             f"{grouped_s * 1e3:7.3f} ms, fused {fused_s * 1e3:7.3f} ms "
             f"({fused_s / grouped_s:4.2f}x), torch loop {loop_s * 1e3:7.3f} ms "
             f"({loop_s / grouped_s:4.2f}x)"

@@ -33,7 +33,7 @@ Fp8Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple
 """(w13 fp8, w13_scale, w2 fp8, w2_scale, block (bn, bk))."""
 
 
-def choose_layout(num_tokens: int, num_experts: int, top_k: int) -> str:
+def choose_layout(num_tokens: int, num_experts: int) -> str:
     """ "masked" for decode-sized batches (E * T rows stay small), else "contiguous"."""
     if num_tokens * num_experts <= MASKED_MAX_ROWS and num_tokens <= 64:
         return "masked"
@@ -187,7 +187,7 @@ def grouped_moe(
     if (block is None) != (w13_scale is None) or (block is None) != (w2_scale is None):
         raise ValueError("FP8 experts need w13_scale, w2_scale and block together")
     if layout == "auto":
-        layout = choose_layout(num_tokens, num_experts, topk_ids.shape[1])
+        layout = choose_layout(num_tokens, num_experts)
     if layout not in ("contiguous", "masked"):
         raise ValueError(f"layout must be 'contiguous', 'masked' or 'auto', got {layout!r}")
     if num_tokens == 0:
