@@ -83,7 +83,7 @@ def _grouped_gemm_kernel(
         row_mask = row_group == group
         active = group >= 0
     if active:
-        rows = rows.to(tl.int64)
+        row_offs = rows.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
@@ -92,7 +92,7 @@ def _grouped_gemm_kernel(
         for k0 in range(0, K, BLOCK_K):
             k_mask = (k0 + offs_k) < K
             a = tl.load(
-                a_ptr + rows[:, None] * stride_am + (k0 + offs_k)[None, :],
+                a_ptr + row_offs[:, None] * stride_am + (k0 + offs_k)[None, :],
                 mask=row_mask[:, None] & k_mask[None, :],
                 other=0.0,
             )
@@ -103,7 +103,7 @@ def _grouped_gemm_kernel(
             if FP8:
                 part = tl.dot(a, b, out_dtype=tl.float32)
                 sa = tl.load(
-                    a_scale_ptr + rows * stride_asm + k0 // scale_bk, mask=row_mask, other=0.0
+                    a_scale_ptr + row_offs * stride_asm + k0 // scale_bk, mask=row_mask, other=0.0
                 )
                 sb = tl.load(
                     b_scale_ptr
@@ -117,7 +117,7 @@ def _grouped_gemm_kernel(
             else:
                 acc += tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         tl.store(
-            out_ptr + rows[:, None] * stride_om + offs_n[None, :],
+            out_ptr + row_offs[:, None] * stride_om + offs_n[None, :],
             acc.to(out_ptr.dtype.element_ty),
             mask=row_mask[:, None] & n_mask[None, :],
         )
