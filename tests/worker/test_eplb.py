@@ -17,6 +17,7 @@ from splitserve.worker.eplb import (
     ExpertLoadCounter,
     ExpertMap,
     balancedness,
+    keep_in_place,
     plan_moves,
     rank_loads,
     rearrange_expert_weights,
@@ -158,6 +159,23 @@ def test_rearrangement_moves_weights_in_place_with_one_scratch_expert():
         plan_moves([0, 1], [0, 3])
 
 
+def test_keep_in_place_reorders_within_ranks_only():
+    old = [0, 1, 2, 3, 4, 5]
+    new = [1, 3, 0, 2, 5, 5]  # rank 0 gets {0, 1, 3} (was {0, 1, 2}), rank 1 {2, 5, 5}
+    kept = keep_in_place(old, new, 3)
+    assert kept == [0, 1, 3, 2, 5, 5]
+    for r in range(2):
+        assert sorted(kept[3 * r : 3 * r + 3]) == sorted(new[3 * r : 3 * r + 3])
+    assert len(plan_moves(old, kept)) < len(plan_moves(old, new))
+    rng = random.Random(1)
+    for _ in range(100):
+        old = _random_placement(rng, 6, 12)
+        new = _random_placement(rng, 6, 12)
+        kept = keep_in_place(old, new, 4)
+        assert all(sorted(kept[i : i + 4]) == sorted(new[i : i + 4]) for i in range(0, 12, 4))
+        assert sum(a == b for a, b in zip(old, kept)) >= sum(a == b for a, b in zip(old, new))
+
+
 def _moe_model(num_layers=2, num_experts=6, top_k=2) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -192,6 +210,8 @@ def test_layers_under_eplb_compute_the_same_across_rebalances():
     assert forced.changed_layers >= 1 and forced.peak_buffers <= 1
     assert forced.balancedness_after > forced.balancedness_before
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    idle = state.rebalance(torch.zeros(2, 6))  # no traffic: nothing moves
+    assert idle.changed_layers == 0 and state.map.placement(0) == after[0]
     load = state.counter.window_load()
     assert load.sum().item() == 2 * 2 * 23 * 2  # 2 steps in the window, 2 layers, 23 x top-2
     with pytest.raises(ValueError, match="already under EPLB"):

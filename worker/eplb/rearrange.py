@@ -34,6 +34,26 @@ class RearrangeStats:
     """Scratch buffers (one expert's tensors each) held at once, at most."""
 
 
+def keep_in_place(old: Sequence[int], new: Sequence[int], slots_per_rank: int) -> list[int]:
+    """`new` with each rank's experts reordered within the rank so that as many slots as
+    possible keep the expert they hold in `old` (the order of slots within a rank is free:
+    only which experts a rank holds matters), so a rebalance copies only what moves."""
+    if len(old) != len(new) or len(new) % slots_per_rank:
+        raise ValueError(f"placements of {len(old)} and {len(new)} slots, {slots_per_rank} a rank")
+    out: list[int] = []
+    for start in range(0, len(new), slots_per_rank):
+        before = list(old[start : start + slots_per_rank])
+        wanted = list(new[start : start + slots_per_rank])
+        row: list[int | None] = [None] * slots_per_rank
+        for i, expert in enumerate(before):
+            if expert in wanted:
+                wanted.remove(expert)
+                row[i] = expert
+        rest = iter(wanted)
+        out += [e if e is not None else next(rest) for e in row]
+    return out
+
+
 def plan_moves(old: Sequence[int], new: Sequence[int]) -> list[Move]:
     """The in-place copies turning slot contents `old` into `new` (both: a logical expert per
     slot; every expert of `new` must appear in `old`)."""

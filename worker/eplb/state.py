@@ -29,7 +29,7 @@ from .config import EplbConfig
 from .expert_map import ExpertMap
 from .load_counter import ExpertLoadCounter
 from .policy import balancedness, rank_loads, rebalance_experts
-from .rearrange import rearrange_expert_weights
+from .rearrange import keep_in_place, rearrange_expert_weights
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,16 @@ class EplbState:
         """Place the window's load (or `load` [L, E]) and move every layer's experts there."""
         load = self.counter.window_load() if load is None else load.cpu()
         before = self.balancedness(load)
+        if not load.any():  # no traffic in the window: nothing to balance, nothing to move
+            return RebalanceResult(before, before, 0, 0, 0)
         new = rebalance_experts(
             load, self.num_physical, self.num_ranks, self.num_groups, self.num_nodes
         )
         old = self.map.phy2log.cpu()
+        slots_per_rank = self.num_physical // self.num_ranks
+        for layer in range(len(self.layers)):
+            kept = keep_in_place(old[layer].tolist(), new[layer].tolist(), slots_per_rank)
+            new[layer] = torch.tensor(kept, dtype=new.dtype)
         changed = copies = peak = 0
         for layer in range(len(self.layers)):
             if torch.equal(old[layer], new[layer]):
