@@ -202,11 +202,9 @@ def _expert_shapes(experts: MoEExperts) -> dict[str, tuple[tuple[int, int], list
 
 class Fp8MoEMethod(MoEExpertsMethod):
     """FP8 experts as the checkpoint stores them (per expert: weight + scale of layout `kind`),
-    stacked. Block-scaled experts where `dispatch.fp8_moe_native` says so (CUDA with FP8
-    tensor cores) stay FP8 with their [E, ceil(N / bn), ceil(K / bk)] scales and run on the
-    FP8 grouped GEMM (W8A8, `dispatch.fused_moe_fp8`). Otherwise (CPU, other layouts) they are
-    dequantized to the compute dtype at load: an FP8 MoE checkpoint then computes as its
-    dequantized model but takes the dense model's memory."""
+    stacked, then dequantized to the compute dtype at load on every device: the fused-MoE
+    paths read dense stacks (an FP8 grouped GEMM is a later slice), so an FP8 MoE checkpoint
+    loads and computes as its dequantized model but takes the dense model's memory."""
 
     def __init__(self, scale_name: str, kind: str, block: tuple[int, int] | None = None) -> None:
         self.scale_name, self.kind, self.block = scale_name, kind, block
@@ -240,6 +238,10 @@ class Fp8MoEMethod(MoEExpertsMethod):
             experts.register_stacked(name + "_scale", self.scale_name, **attrs)
 
     def process_weights_after_loading(self, experts: MoEExperts) -> None:
+        """NOTE: block-scaled experts where `dispatch.fp8_moe_native` says so (CUDA with FP8
+        tensor cores) are the exception to the class docstring: they stay FP8 with their
+        [E, ceil(N / bn), ceil(K / bk)] scales and run on the FP8 grouped GEMM (W8A8,
+        `dispatch.fused_moe_fp8`); everywhere else the experts are dequantized here."""
         device = experts.gate_up_proj.device
         experts.fp8_native = self.kind == "block" and dispatch.fp8_moe_native(device, self.block)
         if experts.fp8_native:
