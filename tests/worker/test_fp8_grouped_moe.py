@@ -16,6 +16,8 @@ from splitserve.worker.moe import select_experts
 
 QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[1])  # fmt: skip
 BLOCK = (8, 32)
+# The Triton path runs compiled on a CUDA host, interpreted elsewhere (tests/worker/conftest).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def fp8_folders(checkpoint, tmp_path_factory):
 
 
 def _routed(moe, num_tokens=9):
-    x = torch.randn(num_tokens, 32)
+    x = torch.randn(num_tokens, 32, device=DEVICE)
     weights, ids = select_experts(moe.gate(x), moe.top_k, moe.renormalize)
     return x, weights, ids
 
@@ -33,20 +35,24 @@ def _routed(moe, num_tokens=9):
 @torch.inference_mode()
 def test_fp8_experts_stay_fp8_and_match_the_dequantized_model(fp8_folders, monkeypatch):
     folder, dense_folder = fp8_folders
-    dense_moe = load_model(WorkerConfig(model=str(dense_folder))).model.model.layers[0].mlp
+    config = dict(device=DEVICE.type)
+    dense_moe = load_model(WorkerConfig(model=str(dense_folder), **config)).model.model.layers[0].mlp  # fmt: skip
     monkeypatch.setattr(dispatch, "fp8_moe_native", lambda device, block: block[1] % 32 == 0)
-    moe = load_model(WorkerConfig(model=str(folder))).model.model.layers[0].mlp
+    moe = load_model(WorkerConfig(model=str(folder), **config)).model.model.layers[0].mlp
     experts = moe.experts
     assert experts.fp8_native and experts.fp8_block == BLOCK
     assert experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert experts.gate_up_proj_scale.shape == (4, 48 // 8, 1)
     assert experts.down_proj_scale.shape == (4, 32 // 8, 1)
+    stacks = (experts.gate_up_proj, experts.gate_up_proj_scale, experts.down_proj)
+    stacks = (*stacks, experts.down_proj_scale, BLOCK)
     x, weights, ids = _routed(moe)
-    expected_dense = dense_moe.experts(x, weights, ids)
-    # Off the Triton backend (CPU): the stacks dequantized on the fly, weight-only.
-    torch.testing.assert_close(experts(x, weights, ids), expected_dense, atol=1e-5, rtol=1e-5)
+    # Off the Triton backend: the stacks dequantized on the fly, weight-only.
+    weight_only = dispatch.fused_moe_fp8(x, *stacks, weights, ids, backend="torch")
+    torch.testing.assert_close(weight_only, dense_moe.experts(x, weights, ids), atol=1e-5, rtol=1e-5)  # fmt: skip
 
-    # The Triton path: the FP8 grouped GEMM with per-token, per-32-feature activation scales.
+    # The Triton path (what the experts run on CUDA): the FP8 grouped GEMM with per-token,
+    # per-32-feature activation scales.
     real = dispatch.fused_moe_fp8
     calls = []
 
@@ -58,8 +64,7 @@ def test_fp8_experts_stay_fp8_and_match_the_dequantized_model(fp8_folders, monke
     for num_tokens in (1, 9, 70):  # masked layout for decode sizes, contiguous past them
         x, weights, ids = _routed(moe, num_tokens)
         out = experts(x, weights, ids)
-        stacks = (experts.gate_up_proj, experts.gate_up_proj_scale, experts.down_proj)
-        expected = fused_moe_fp8_ref(x, *stacks, experts.down_proj_scale, BLOCK, weights, ids)
+        expected = fused_moe_fp8_ref(x, *stacks, weights, ids)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
         # Quantizing the activations to FP8 costs a few percent against the dense model.
         dense = dense_moe.experts(x, weights, ids)
@@ -71,7 +76,9 @@ def test_fp8_experts_are_dequantized_where_not_native(fp8_folders):
     folder, _ = fp8_folders
     assert not dispatch.fp8_moe_native("cpu", BLOCK)
     assert not dispatch.fp8_moe_native("cpu", (128, 128))
-    experts = load_model(WorkerConfig(model=str(folder))).model.model.layers[0].mlp.experts
+    experts = (
+        load_model(WorkerConfig(model=str(folder), device="cpu")).model.model.layers[0].mlp.experts
+    )
     assert not experts.fp8_native and experts.gate_up_proj.dtype == torch.float32
     assert not hasattr(experts, "gate_up_proj_scale")
 
@@ -82,7 +89,7 @@ def test_eplb_moves_fp8_experts_with_their_scales(fp8_folders, monkeypatch):
 
     folder, _ = fp8_folders
     monkeypatch.setattr(dispatch, "fp8_moe_native", lambda device, block: True)
-    model = load_model(WorkerConfig(model=str(folder))).model
+    model = load_model(WorkerConfig(model=str(folder), device="cpu")).model
     moe = model.model.layers[0].mlp
     x = torch.randn(11, 32)
     expected = moe(x)
