@@ -17,9 +17,18 @@ the GEMM's load stage) against the bf16 Triton kernel on the same layer at gpt-o
 steps read every routed expert's weights, which MXFP4 holds in 0.53 bytes a value against
 bf16's 2, so small token counts should approach 3.8x; large ones are compute-bound.
 
+Grouped GEMM (`--grouped`): the MoE on the grouped GEMM (`kernels.grouped_moe`, masked
+layout up to 64 tokens, contiguous past them) against the fused kernel (`kernels.fused_moe`)
+and the torch per-expert loop (`torch_moe`), bf16 at Mixtral-8x7B shapes; and block-scaled FP8
+experts on the FP8 grouped GEMM against the bf16 grouped GEMM on the same dequantized weights
+at DeepSeek-V3-like expert shapes (hidden 7168, intermediate 2048, 64 experts, top-6, 128x128
+blocks; FP8 needs capability >= 8.9). Without CUDA it runs tiny shapes in the Triton
+interpreter (TRITON_INTERPRET=1) and checks the outputs agree: no timings.
+
     python bench/moe.py            # full run
     python bench/moe.py --quick    # fewer repetitions
     python bench/moe.py --mxfp4    # MXFP4 vs bf16 experts only (CUDA)
+    python bench/moe.py --grouped  # grouped GEMM vs fused kernel vs torch loop; FP8 vs bf16
 """
 
 from __future__ import annotations
@@ -163,17 +172,108 @@ def _time_mxfp4(tokens, hidden, inter, experts, top_k, reps) -> list[float]:
     )
 
 
+def _fp8_stack(experts, n, k, block, device):
+    from splitserve.kernels.reference import fp8_dequantize_ref
+
+    weight = (torch.randn(experts, n, k, device=device) * 2).to(torch.float8_e4m3fn)
+    scale = torch.rand(experts, -(-n // block[0]), -(-k // block[1]), device=device) * 1e-3
+    dense = torch.stack([fp8_dequantize_ref(weight[e], scale[e], block) for e in range(experts)])
+    return weight, scale, dense.to(torch.bfloat16)
+
+
+def bench_grouped(reps: int, sizes: tuple[int, ...]) -> None:
+    from splitserve.kernels.fused_moe import fused_moe
+    from splitserve.kernels.grouped_moe import choose_layout, grouped_moe
+
+    sync = torch.cuda.synchronize
+    hidden, inter, experts, top_k = 4096, 14336, 8, 2
+    print(f"CUDA bf16: grouped GEMM vs fused kernel vs torch loop (hidden {hidden}, inter {inter}, {experts}x top-{top_k})")  # fmt: skip
+    for tokens in sizes:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+        w2 = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02
+        weights, ids = torch.softmax(torch.randn(tokens, experts, device="cuda"), -1).topk(top_k)
+        args = (x, w13, w2, weights, ids)
+        grouped_s, fused_s, loop_s = _time(
+            [
+                lambda a=args: grouped_moe(*a),
+                lambda a=args: fused_moe(*a),
+                lambda a=args: fused_moe_torch(*a),
+            ],
+            reps,
+            sync,
+        )
+        print(
+            f"  tokens {tokens:5d} ({choose_layout(tokens, experts):10s}): grouped "
+            f"{grouped_s * 1e3:7.3f} ms, fused {fused_s * 1e3:7.3f} ms "
+            f"({fused_s / grouped_s:4.2f}x), torch loop {loop_s * 1e3:7.3f} ms "
+            f"({loop_s / grouped_s:4.2f}x)"
+        )
+        del w13, w2
+    if torch.cuda.get_device_capability() < (8, 9):
+        print("FP8 grouped GEMM: skipped (needs FP8 tensor cores, capability >= 8.9)")
+        return
+    hidden, inter, experts, top_k, block = 7168, 2048, 64, 6, (128, 128)
+    w13, s13, d13 = _fp8_stack(experts, 2 * inter, hidden, block, "cuda")
+    w2, s2, d2 = _fp8_stack(experts, hidden, inter, block, "cuda")
+    print(f"CUDA: FP8 block-scaled vs bf16 grouped GEMM (hidden {hidden}, inter {inter}, {experts}x top-{top_k})")  # fmt: skip
+    fp8 = dict(w13_scale=s13, w2_scale=s2, block=block)
+    for tokens in sizes:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        weights, ids = torch.softmax(torch.randn(tokens, experts, device="cuda"), -1).topk(top_k)
+        routed = (x, weights, ids)
+        fp8_s, bf16_s = _time(
+            [
+                lambda r=routed: grouped_moe(r[0], w13, w2, *r[1:], **fp8),
+                lambda r=routed: grouped_moe(r[0], d13, d2, *r[1:]),
+            ],
+            reps,
+            sync,
+        )
+        print(
+            f"  tokens {tokens:5d}: fp8 {fp8_s * 1e3:7.3f} ms, bf16 {bf16_s * 1e3:7.3f} ms,"
+            f" speed-up {bf16_s / fp8_s:5.2f}x"
+        )
+
+
+def check_grouped_interpreted() -> None:
+    """No CUDA: the grouped and fused kernels in the interpreter on tiny shapes, compared."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--grouped without CUDA needs TRITON_INTERPRET=1 (a correctness check)")
+    from splitserve.kernels.fused_moe import fused_moe
+    from splitserve.kernels.grouped_moe import grouped_moe
+
+    print("no CUDA device: interpreter check of the grouped GEMM MoE (no timings)")
+    for tokens in (3, 80):
+        args = _inputs(tokens, 32, 24, 8, 2, torch.float32, "cpu")
+        diff = (grouped_moe(*args) - fused_moe(*args)).abs().max().item()
+        print(f"  tokens {tokens:3d}: max |grouped - fused| = {diff:.2e}")
+        if diff > 1e-4:
+            raise SystemExit("the grouped GEMM MoE disagrees with the fused kernel")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--mxfp4", action="store_true", help="MXFP4 vs bf16 experts (CUDA) only")
+    parser.add_argument(
+        "--grouped", action="store_true", help="grouped GEMM vs fused kernel; FP8 vs bf16 (CUDA)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 15
     torch.manual_seed(0)
     with torch.inference_mode():
+        if args.grouped:
+            if not torch.cuda.is_available():
+                check_grouped_interpreted()
+                return
+            bench_grouped(reps, (1, 64, 2048) if args.quick else (1, 16, 64, 256, 2048))
+            return
         if args.mxfp4:
             if not torch.cuda.is_available():
                 raise SystemExit("--mxfp4 needs a CUDA device (the kernel is GPU-only)")

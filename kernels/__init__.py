@@ -10,6 +10,9 @@ Modules:
     torch_ops           CPU paths of RMSNorm (+ residual add), rotary and SiLU-and-mul
     torch_moe           grouped torch path of the fused MoE op (each expert on its own tokens)
     fused_moe           grouped-GEMM MoE experts (device-side alignment, no host sync)
+    grouped_gemm        m-grouped GEMM, contiguous and masked layouts, float and block FP8
+    grouped_moe         MoE experts on the grouped GEMM (both layouts, FP8 experts kept FP8)
+    torch_grouped_gemm  plain-torch references of the grouped GEMM and the FP8 MoE
     attention_prefill   varlen paged attention (prefill, chunked prefill, mixed batches)
     attention_decode    split-KV paged decode attention + reduce
     kv_cache            scatter of new keys/values into the paged cache

@@ -262,12 +262,53 @@ def fused_moe(
     clamped SwiGLU.
 
     Both paths compute each expert on its own tokens only. The torch path (`torch_moe`) reads
-    the routing on the host; the Triton one (`fused_moe`) does not, so it can be captured.
+    the routing on the host; the Triton ones do not, so they can be captured: plain SwiGLU
+    experts run on the grouped GEMM (`grouped_moe`: contiguous layout for prefill, masked for
+    decode), experts with biases or the clamped SwiGLU on the fused kernel (`fused_moe`).
     """
     extra = dict(b13=b13, b2=b2, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
     if _use_triton(x, backend):
+        if b13 is None and b2 is None and swiglu_limit is None:
+            return _kernel_module("grouped_moe").grouped_moe(x, w13, w2, topk_weights, topk_ids)
         return _kernel_module("fused_moe").fused_moe(x, w13, w2, topk_weights, topk_ids, **extra)
     return fused_moe_torch(x, w13, w2, topk_weights, topk_ids, **extra)
+
+
+def fp8_moe_native(device: torch.device | str, block: tuple[int, int]) -> bool:
+    """Whether block-scaled FP8 experts on `device` stay FP8 and run on the FP8 grouped GEMM
+    (`fused_moe_fp8`): CUDA with triton and FP8 tensor cores (capability >= 8.9), bk a
+    multiple of 32. Elsewhere they are dequantized once at load."""
+    device = torch.device(device)
+    if device.type != "cuda" or not triton_available():
+        return False
+    return _cuda_capability(device) >= W8A8_MIN_CAPABILITY and block[1] % 32 == 0
+
+
+def fused_moe_fp8(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    block: tuple[int, int],
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """`fused_moe` on block-scaled FP8 experts: w13 float8_e4m3fn [E, 2I, H] with scales
+    [E, ceil(2I / bn), ceil(H / bk)], w2 [E, H, I] with [E, ceil(H / bn), ceil(I / bk)].
+    Triton: the FP8 grouped GEMM with the activations quantized per token and bk-group (W8A8);
+    the torch path dequantizes the stacks and runs weight-only."""
+    args = (x, w13, w2, topk_weights, topk_ids)
+    if _use_triton(x, backend):
+        return _kernel_module("grouped_moe").grouped_moe(
+            *args, w13_scale=w13_scale, w2_scale=w2_scale, block=block
+        )
+    torch_grouped_gemm = _kernel_module("torch_grouped_gemm")
+    return torch_grouped_gemm.fused_moe_fp8_weight_only_torch(
+        x, w13, w13_scale, w2, w2_scale, block, topk_weights, topk_ids
+    )
 
 
 def mxfp4_moe_available(device: torch.device) -> bool:

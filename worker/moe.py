@@ -14,6 +14,7 @@ scales) and turns them into the dense stacks after loading.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -170,6 +171,9 @@ class MoEExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
+        apply = getattr(self.method, "apply", None)
+        if apply is not None:  # a method that keeps the experts in its own form (FP8 on CUDA)
+            return apply(self, x, topk_weights, topk_ids)
         return dispatch.fused_moe(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
 
@@ -199,8 +203,13 @@ class SparseMoE(nn.Module):
         self.renormalize = renormalize
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = MoEExperts(num_experts, hidden_size, intermediate_size, names)
+        self.eplb: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """EPLB's routing hook (`worker.eplb.state.LayerRouting`): counts the logical expert
+        ids and maps them to the physical slots of the widened stacks; None without EPLB."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        if self.eplb is not None:
+            ids = self.eplb(ids)
         return self.experts(x, weights, ids)

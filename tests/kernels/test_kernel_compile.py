@@ -22,16 +22,20 @@ import pytest
 
 INT32_POINTERS = {
     "block_tables_ptr", "seq_lens_ptr", "cu_seqlens_q_ptr", "bitmask_ptr", "indices_ptr",
-    "pair_ids_ptr", "block_expert_ptr",
+    "pair_ids_ptr", "block_expert_ptr", "group_ptr",
 }  # fmt: skip
 INT64_POINTERS = {"positions_ptr", "slot_mapping_ptr"}
 UINT8_POINTERS = {"blocks_ptr", "scales_ptr"}
-FP32_POINTERS = {"sinks_ptr", "part_acc_ptr", "part_m_ptr", "part_l_ptr", "topk_weights_ptr"}
+FP32_POINTERS = {
+    "sinks_ptr", "part_acc_ptr", "part_m_ptr", "part_l_ptr", "topk_weights_ptr", "a_scale_ptr",
+    "b_scale_ptr",
+}  # fmt: skip
 FLOAT_SCALARS = {"scale", "soft_cap", "eps"}
 
 
-def _compile(kernel, dtype: str, constexprs: dict, arch: int = 90):
-    """Compile with every pointer typed `dtype` unless its name says otherwise (child only)."""
+def _compile(kernel, dtype: str, constexprs: dict, arch: int = 90, pointers: dict | None = None):
+    """Compile with every pointer typed `dtype` unless its name says otherwise, or `pointers`
+    (name -> type) does (child only)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -40,6 +44,8 @@ def _compile(kernel, dtype: str, constexprs: dict, arch: int = 90):
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif pointers and name in pointers:
+            signature[name] = pointers[name]
         elif name in INT32_POINTERS:
             signature[name] = "*i32"
         elif name in INT64_POINTERS:
@@ -90,6 +96,7 @@ def _cases() -> dict[str, object]:
     )
     from splitserve.kernels.attention_prefill import _paged_attention_prefill_kernel
     from splitserve.kernels.fused_moe import _fused_moe_kernel
+    from splitserve.kernels.grouped_gemm import _grouped_gemm_kernel
     from splitserve.kernels.kv_cache import _write_kv_cache_kernel
     from splitserve.kernels.mxfp4_moe import _mxfp4_moe_kernel
     from splitserve.kernels.rms_norm import _rms_norm_kernel
@@ -159,8 +166,29 @@ def _cases() -> dict[str, object]:
                 {**meta, "BLOCK_K": 64, "HAS_BIAS": True},
                 arch,
             )
+    for tag, dtype, arch, fp8 in GROUPED_CASES:
+        for masked in (False, True):
+            meta = {
+                "MASKED": masked, "FP8": fp8, "BLOCK_M": 64 if arch == 90 else 16,
+                "BLOCK_N": 64, "BLOCK_K": 128 if fp8 else 64,
+                "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            }  # fmt: skip
+            pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv"} if fp8 else {}
+            layout = "masked" if masked else "contiguous"
+            cases[f"grouped_gemm-{tag}-{layout}"] = (
+                _grouped_gemm_kernel, dtype, meta, arch, pointers
+            )  # fmt: skip
     return cases
 
+
+# (name, output dtype, arch, FP8 operands)
+GROUPED_CASES = [
+    ("bf16-sm90", "bf16", 90, False),
+    ("fp16-sm80", "fp16", 80, False),
+    ("fp32-sm90", "fp32", 90, False),
+    ("fp8-sm90", "bf16", 90, True),
+    ("fp8-sm89", "fp32", 89, True),
+]
 
 CASE_NAMES = [
     *(f"prefill-{d}-d{h}-{'features' if f else 'plain'}-sm{a}" for d, h, f, a in ATTENTION_CASES),
@@ -173,15 +201,16 @@ CASE_NAMES = [
     *(f"{k}-{d}" for d in ("fp16", "bf16") for k in ("kv_cache", "rms_norm", "rotary", "act0", "act1", "act2", "bitmask")),
     *(f"fused_moe-{d}-{p}" for d in ("fp16-sm90", "bf16-sm80", "fp32-sm90") for p in ("gate_up", "down")),
     *(f"mxfp4_moe-{d}-{p}" for d in ("fp16-sm90", "bf16-sm80", "fp32-sm90") for p in ("gate_up", "down")),
+    *(f"grouped_gemm-{c[0]}-{lay}" for c in GROUPED_CASES for lay in ("contiguous", "masked")),
 ]  # fmt: skip
 
 
 def _compile_all() -> dict[str, str]:
     """Child process body: compile every case, return name -> "ok" or the error text."""
     results = {}
-    for name, (kernel, dtype, meta, arch) in _cases().items():
+    for name, (kernel, dtype, meta, arch, *pointers) in _cases().items():
         try:
-            _compile(kernel, dtype, meta, arch)
+            _compile(kernel, dtype, meta, arch, *pointers)
             results[name] = "ok"
         except Exception:  # noqa: BLE001 - report every case, not just the first failure
             results[name] = traceback.format_exc(limit=3)

@@ -293,6 +293,21 @@ class Fp8MoEMethod(MoEExpertsMethod):
                 experts.register_stacked(name + "_input_scale", "input_scale", per_shard=True)
 
     def process_weights_after_loading(self, experts: MoEExperts) -> None:
+        """NOTE: block-scaled experts where `dispatch.fp8_moe_native` says so (CUDA with FP8
+        tensor cores) are the exception to the class docstring: they stay FP8 with their
+        [E, ceil(N / bn), ceil(K / bk)] scales and run on the FP8 grouped GEMM (W8A8,
+        `dispatch.fused_moe_fp8`); everywhere else the experts are dequantized here."""
+        device = experts.gate_up_proj.device
+        experts.fp8_native = self.kind == "block" and dispatch.fp8_moe_native(device, self.block)
+        if experts.fp8_native:
+            experts.fp8_block = self.block
+            for name in _expert_shapes(experts):
+                scale = getattr(experts, name + "_scale").detach()
+                _check_finite(scale, f"experts {name}")
+                weight = getattr(experts, name).detach()
+                setattr(experts, name, nn.Parameter(weight.contiguous(), requires_grad=False))
+                setattr(experts, name + "_scale", nn.Parameter(scale.float().contiguous(), requires_grad=False))  # fmt: skip
+            return
         for name, (shape, shards) in _expert_shapes(experts).items():
             weight = getattr(experts, name).detach()
             scales = getattr(experts, name + "_scale").detach()
@@ -305,6 +320,22 @@ class Fp8MoEMethod(MoEExpertsMethod):
             if self.static_input:
                 delattr(experts, name + "_input_scale")
             setattr(experts, name, nn.Parameter(dense, requires_grad=False))
+
+    def apply(
+        self,
+        experts: MoEExperts,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        if not experts.fp8_native:
+            return dispatch.fused_moe(
+                x, experts.gate_up_proj, experts.down_proj, topk_weights, topk_ids
+            )
+        return dispatch.fused_moe_fp8(
+            x, experts.gate_up_proj, experts.gate_up_proj_scale, experts.down_proj,
+            experts.down_proj_scale, experts.fp8_block, topk_weights, topk_ids,
+        )  # fmt: skip
 
 
 class Fp8OnlineMoEMethod(MoEExpertsMethod):
