@@ -241,9 +241,10 @@ def _expert_shapes(experts: MoEExperts) -> dict[str, tuple[tuple[int, int], list
 
 class Fp8MoEMethod(MoEExpertsMethod):
     """FP8 experts as the checkpoint stores them (per expert: weight + scale of layout `kind`),
-    stacked, then dequantized to the compute dtype at load on every device: the fused-MoE
-    paths read dense stacks (an FP8 grouped GEMM is a later slice), so an FP8 MoE checkpoint
-    loads and computes as its dequantized model but takes the dense model's memory. With
+    stacked. Block-scaled experts on GPUs with FP8 tensor cores stay FP8 and run on the FP8
+    grouped GEMM (`dispatch.fused_moe_fp8`); every other layout and device dequantizes them to
+    the compute dtype at load (the fused-MoE paths read dense stacks), so such a checkpoint
+    computes as its dequantized model but takes the dense model's memory. With
     `static_input` the experts' `input_scale` tensors are read (their shapes checked) and then
     dropped: dense experts do not quantize their activations."""
 
@@ -293,10 +294,9 @@ class Fp8MoEMethod(MoEExpertsMethod):
                 experts.register_stacked(name + "_input_scale", "input_scale", per_shard=True)
 
     def process_weights_after_loading(self, experts: MoEExperts) -> None:
-        """NOTE: block-scaled experts where `dispatch.fp8_moe_native` says so (CUDA with FP8
-        tensor cores) are the exception to the class docstring: they stay FP8 with their
-        [E, ceil(N / bn), ceil(K / bk)] scales and run on the FP8 grouped GEMM (W8A8,
-        `dispatch.fused_moe_fp8`); everywhere else the experts are dequantized here."""
+        """Block-scaled experts where `dispatch.fp8_moe_native` says so (CUDA with FP8 tensor
+        cores) stay FP8 with their [E, ceil(N / bn), ceil(K / bk)] scales (W8A8 on the grouped
+        GEMM); everywhere else the experts are dequantized here."""
         device = experts.gate_up_proj.device
         experts.fp8_native = self.kind == "block" and dispatch.fp8_moe_native(device, self.block)
         if experts.fp8_native:
