@@ -232,7 +232,9 @@ def _check(q, k, v, g, beta, states) -> tuple[int, int]:
         )
     if key_dim > 256:
         raise ValueError(f"key head dims above 256 are not supported, got {key_dim}")
-    return value_heads // key_heads, min(64, max(16, next_power_of_2(value_dim)))
+    # The state tile [Dk, BLOCK_V] lives in registers: narrower Dv blocks for wide keys.
+    widest = 64 if key_dim <= 64 else 32
+    return value_heads // key_heads, min(widest, max(16, next_power_of_2(value_dim)))
 
 
 def chunk_gated_delta_rule(

@@ -20,8 +20,9 @@ from .kernel_test_utils import DEVICE
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (2e-2, 2e-2)}
 
 LENGTHS = [[1], [5, 1, 37], [33, 64, 2, 1, 17]]
-# (Hk, Hv, Dk, Dv): equal heads; two value heads per key head, Dv not a power of two.
-HEADS = [(2, 2, 16, 16), (1, 2, 32, 24)]
+# (Hk, Hv, Dk, Dv): equal heads; two value heads per key head, Dv not a power of two; wide
+# keys, whose Dv is split over three programs (the last one partial).
+HEADS = [(2, 2, 16, 16), (1, 2, 32, 24), (1, 1, 128, 80)]
 
 
 def _inputs(tokens, hk, hv, dk, dv, dtype):
