@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._checks import next_power_of_2
 
-L2_EPS = 1e-6
+L2_EPS = tl.constexpr(1e-6)
 
 
 @triton.jit
