@@ -59,11 +59,13 @@ step parity_tests 60 "$PY" -m pytest -q tests/models/test_parity.py -p no:cachep
 
 # Benchmarks: ratios measured in the same run.
 step kernel_bench 45 "$PY" bench/kernel_bench.py --quick
-step moe_bench 30 "$PY" bench/moe.py --quick
+step moe_bench 25 "$PY" bench/moe.py --quick
 step mxfp4_moe_bench 25 "$PY" bench/moe.py --quick --mxfp4  # MXFP4 vs bf16 experts
 step grouped_moe_bench 20 "$PY" bench/moe.py --quick --grouped  # grouped GEMM; FP8 vs bf16
-step quant_bench 50 "$PY" bench/quant.py --skip-cpu  # W8A16 and W4A16 vs fp16
+step quant_bench 45 "$PY" bench/quant.py --skip-cpu  # W8A16 and W4A16 vs fp16
 step ssm_bench 20 "$PY" bench/ssm.py --quick --gpu-only
+# The GDN kernels' tests run in kernel_tests (tests/kernels/test_kernel_gdn.py).
+step gdn_bench 10 "$PY" bench/linear_attention.py --quick --gpu-only --part gdn
 
 echo "gpu_check: summary in $SUMMARY"
 cat "$SUMMARY"

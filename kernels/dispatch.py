@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from . import reference as ref
-from . import torch_mamba, torch_ops
+from . import torch_gdn, torch_mamba, torch_ops
 from .torch_attention import TorchAttentionPlan, paged_attention_torch, write_kv_cache_torch
 from .torch_moe import fused_moe_torch
 from .torch_mxfp4 import fused_moe_mxfp4_torch
@@ -523,3 +523,30 @@ def selective_state_update(ssm_states, x, dt, A, B, C, D, state_slots, *, backen
             ssm_states, x, dt, A, B, C, D, state_slots
         )
     return torch_mamba.selective_state_update(ssm_states, x, dt, A, B, C, D, state_slots)
+
+
+# ---------------------------------------------------------------------- gated delta rule
+# Shapes and semantics: `torch_gdn` (the torch path) and `gated_delta` (the Triton kernels);
+# packed sequences as for Mamba2 above. q and k are L2-normalised inside.
+
+
+def chunk_gated_delta_rule(
+    q, k, v, g, beta, states, cu_seqlens, state_slots, has_initial_state, *, backend=None
+) -> torch.Tensor:
+    """The chunked gated delta rule over packed sequences, states read and written."""
+    if _use_triton(v, backend):
+        return _kernel_module("gated_delta").chunk_gated_delta_rule(
+            q, k, v, g, beta, states, cu_seqlens, state_slots, has_initial_state
+        )
+    return torch_gdn.chunk_gated_delta_rule(
+        q, k, v, g, beta, states, *_lists(cu_seqlens, state_slots, has_initial_state)
+    )
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, g, beta, states, state_slots, *, backend=None):
+    """One gated delta step per sequence, states updated at `state_slots`."""
+    if _use_triton(v, backend):
+        return _kernel_module("gated_delta").fused_recurrent_gated_delta_rule(
+            q, k, v, g, beta, states, state_slots
+        )
+    return torch_gdn.fused_recurrent_gated_delta_rule(q, k, v, g, beta, states, state_slots)

@@ -16,6 +16,7 @@ from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
 from splitserve.worker.models.qwen2_audio import Qwen2AudioForConditionalGeneration
 from splitserve.worker.models.qwen3 import Qwen3ForCausalLM
 from splitserve.worker.models.qwen3_moe import Qwen3MoeForCausalLM
+from splitserve.worker.models.qwen3_next import Qwen3NextForCausalLM
 from splitserve.worker.models.whisper import WhisperForConditionalGeneration
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -29,6 +30,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "Qwen2AudioForConditionalGeneration": Qwen2AudioForConditionalGeneration,
     "WhisperForConditionalGeneration": WhisperForConditionalGeneration,
