@@ -10,6 +10,7 @@ from splitserve.worker.models.gpt_oss import GptOssForCausalLM
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mamba2 import Mamba2ForCausalLM
+from splitserve.worker.models.minimax import MiniMaxForCausalLM
 from splitserve.worker.models.mixtral import MixtralForCausalLM
 from splitserve.worker.models.nemotron_h import NemotronHForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
@@ -24,6 +25,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Mamba2ForCausalLM": Mamba2ForCausalLM,
+    "MiniMaxForCausalLM": MiniMaxForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "NemotronHForCausalLM": NemotronHForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
