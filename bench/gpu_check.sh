@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      # default OUT_DIR: $OUT, else bench/gpu_out
 #
-# Each step runs under its own time limit (the limits add up to 7.8 minutes) and its log goes
+# Each step runs under its own time limit (the limits add up to 8 minutes) and its log goes
 # to OUT_DIR/<step>.log; OUT_DIR/summary.txt lists each step's status, seconds and last lines.
 # Without a CUDA device it says so and exits 2 before running anything.
 # Kernel issues add their GPU tests (mark them `@pytest.mark.gpu`, or put them under
@@ -63,6 +63,7 @@ step moe_bench 30 "$PY" bench/moe.py --quick
 step mxfp4_moe_bench 25 "$PY" bench/moe.py --quick --mxfp4  # MXFP4 vs bf16 experts
 step quant_bench 50 "$PY" bench/quant.py --skip-cpu  # W8A16 and W4A16 vs fp16
 step ssm_bench 20 "$PY" bench/ssm.py --quick --gpu-only
+step linear_attention_bench 10 "$PY" bench/linear_attention.py --quick --gpu-only
 
 echo "gpu_check: summary in $SUMMARY"
 cat "$SUMMARY"

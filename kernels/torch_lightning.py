@@ -100,9 +100,9 @@ def lightning_decode(
     updated in place at state_slots int64 [B]. Returns o [B, H, Dv] in q's dtype."""
     state = kv_states.index_select(0, state_slots).float()  # [B, H, D, Dv]
     decay = torch.exp(-slope.float()).view(1, -1, 1, 1)
-    state = state * decay + k.float()[..., :, None] * v.float()[..., None, :]
+    state.mul_(decay).add_(k.float()[..., :, None] * v.float()[..., None, :])
     kv_states.index_copy_(0, state_slots, state.to(kv_states.dtype))
-    return torch.einsum("bhd,bhde->bhe", q.float(), state).to(q.dtype)
+    return torch.matmul(q.float()[..., None, :], state)[..., 0, :].to(q.dtype)
 
 
 def lightning_recurrence(
