@@ -11,6 +11,7 @@ from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mamba2 import Mamba2ForCausalLM
 from splitserve.worker.models.minimax import MiniMaxForCausalLM
+from splitserve.worker.models.minimax_vl import MiniMaxVL01ForConditionalGeneration
 from splitserve.worker.models.mixtral import MixtralForCausalLM
 from splitserve.worker.models.nemotron_h import NemotronHForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
@@ -32,6 +33,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "MiniMaxVL01ForConditionalGeneration": MiniMaxVL01ForConditionalGeneration,
     "Qwen2AudioForConditionalGeneration": Qwen2AudioForConditionalGeneration,
     "WhisperForConditionalGeneration": WhisperForConditionalGeneration,
 }
