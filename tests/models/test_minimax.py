@@ -124,3 +124,30 @@ def test_decay_tables_in_the_checkpoint_are_not_loaded_as_weights(minimax_path, 
         assert "ignoring checkpoint tensor" not in caplog.text
     finally:
         llm.shutdown()
+
+
+def test_rope_ignores_partial_rotary_factor_as_transformers_does(model_factory, tmp_path):
+    """transformers' MiniMax rotates the whole head even when rope_parameters carries a
+    partial_rotary_factor; MiniMax's own configs name a partial rotation `rotary_dim`."""
+    from types import SimpleNamespace
+
+    from splitserve.worker.models.minimax import minimax_rope_parameters
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    path = build_minimax(tmp_path / "m", tokenizer_dir=model_factory("llama"), rope_parameters=rope)
+    prompt = PROMPTS[0][:60]
+    want = hf_greedy_logprobs(hf_model(path), [prompt], 6, 5)
+    llm = LLM(str(path), kv_cache_memory=1 << 20, max_model_len=256)
+    try:
+        out = llm.generate(
+            [{"prompt_token_ids": prompt}],
+            SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+        )
+        assert list(out[0].outputs[0].token_ids) == want[0][0]
+        assert llm.engine.executor.runner.model.model.rotary_emb.rotary_dim == 16
+    finally:
+        llm.shutdown()
+    remote = SimpleNamespace(
+        rotary_dim=8, head_dim=16, rope_theta=10000.0, max_position_embeddings=64
+    )
+    assert minimax_rope_parameters(remote)["partial_rotary_factor"] == 0.5

@@ -71,6 +71,23 @@ def residual_factors(config: Any, kind: str) -> tuple[float, float, float, float
     )
 
 
+def minimax_rope_parameters(config: Any) -> dict[str, Any]:
+    """The softmax layers' rope: over `rotary_dim` dims where MiniMax's own config names it,
+    else over the whole head (transformers' MiniMax rotates every dim, whatever
+    partial_rotary_factor says)."""
+    params = rope_parameters(config)
+    params.pop("partial_rotary_factor", None)
+    rotary_dim = getattr(config, "rotary_dim", None)
+    head_dim = head_dim_of(config)
+    if rotary_dim is not None and rotary_dim != head_dim:
+        if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+            raise ValueError(
+                f"rotary_dim {rotary_dim} must be even and in (0, head_dim {head_dim}]"
+            )
+        params["partial_rotary_factor"] = rotary_dim / head_dim
+    return params
+
+
 def check_minimax_config(config: Any) -> None:
     """ValueError naming the first config field this model cannot serve."""
     kinds = layer_types(config)
@@ -151,7 +168,7 @@ class MiniMaxModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             head_dim_of(config),
             max_positions,
-            rope_parameters(config),
+            minimax_rope_parameters(config),
             config.max_position_embeddings,
         )
         kinds = layer_types(config)
