@@ -83,9 +83,10 @@ class LightningAttention(nn.Module):
         self.slope = rates.to(self.slope.device)
 
     def cache_spec(self, block_size: int, dtype: torch.dtype) -> RecurrentStateSpec:
-        # NOTE: no convolution: the conv part of the recurrent spec is empty.
+        """The running k^T v sum, kept in fp32 whatever the model's dtype: it accumulates over
+        the whole context. No convolution: the spec's conv part is empty."""
         return RecurrentStateSpec(
-            self.layer_idx, (0,), (self.num_heads, self.head_dim, self.head_dim), dtype
+            self.layer_idx, (0,), (self.num_heads, self.head_dim, self.head_dim), torch.float32
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

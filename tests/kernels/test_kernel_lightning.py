@@ -203,3 +203,35 @@ def test_kernels_match_transformers_minimax(length):
         got, got_state = _our_layer(layer, steps[0, i : i + 1], decode)
         torch.testing.assert_close(got, want[0], atol=2e-4, rtol=2e-4)
         torch.testing.assert_close(got_state, want_state[0], atol=2e-4, rtol=2e-4)
+
+
+def test_half_inputs_with_fp32_states():
+    """The model keeps the state in fp32 under a half-precision model: fp16 q, k, v with fp32
+    slots, prefill then a decode step, against the torch path."""
+    heads, head_dim, num_slots = 2, 16, 4
+    cu, slots, has_init = _packed([21, 5], num_slots)
+    q, k, v = _qkv(26, heads, head_dim, head_dim, torch.float16)
+    slope = _slope(heads)
+    states = torch.randn(num_slots, heads, head_dim, head_dim) * 0.3
+    ref_states = states.clone()
+    ref = torch_lightning.lightning_prefill(
+        q, k, v, slope, 16, ref_states, cu.tolist(), slots.tolist(), has_init.tolist()
+    )
+    got_states = states.clone().to(DEVICE)
+    got = lightning_attention.lightning_prefill(
+        *(t.to(DEVICE) for t in (q, k, v, slope)),
+        got_states,
+        cu.to(DEVICE),
+        slots.to(DEVICE),
+        has_init.to(DEVICE),
+    )
+    assert got.dtype == torch.float16 and got_states.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got_states.cpu(), ref_states, atol=1e-3, rtol=1e-3)
+    qd, kd, vd = _qkv(2, heads, head_dim, head_dim, torch.float16)
+    ref = torch_lightning.lightning_decode(qd, kd, vd, slope, ref_states, slots)
+    got = lightning_attention.lightning_decode(
+        *(t.to(DEVICE) for t in (qd, kd, vd, slope)), got_states, slots.to(DEVICE)
+    )
+    torch.testing.assert_close(got.cpu(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got_states.cpu(), ref_states, atol=1e-3, rtol=1e-3)

@@ -151,3 +151,21 @@ def test_rope_ignores_partial_rotary_factor_as_transformers_does(model_factory, 
         rotary_dim=8, head_dim=16, rope_theta=10000.0, max_position_embeddings=64
     )
     assert minimax_rope_parameters(remote)["partial_rotary_factor"] == 0.5
+
+
+def test_lightning_state_is_fp32_under_a_half_precision_model(minimax_path):
+    """The state sums k^T v over the whole context: it stays fp32 (and the scheduler's slot
+    budget counts fp32 bytes) when the model runs in bf16; bf16 decoding still runs."""
+    llm = LLM(str(minimax_path), kv_cache_memory=1 << 20, max_model_len=256, dtype="bfloat16")
+    try:
+        runner = llm.engine.executor.runner
+        specs = runner.describe(16).cache_specs
+        assert [s.dtype for s in specs] == ["float32", "bfloat16", "float32"]
+        assert specs[0].page_bytes == 4 * 16 * 16 * 4
+        conv, kv = runner.state_cache.caches[0]
+        assert kv.dtype == torch.float32 and conv.numel() == 0
+        out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], _params())
+        assert len(out[0].outputs[0].token_ids) == N_TOKENS
+        assert kv.abs().sum() > 0  # the prompt's state landed in its (fp32) slot
+    finally:
+        llm.shutdown()
