@@ -231,6 +231,8 @@ class ImagePreprocessor:
         spans = self._spans(ids, len(images), lengths)
         mm_inputs = []
         for (offset, length), pix, size in zip(spans, pixels, sizes, strict=True):
+            if size:
+                pix = drop_padding_tiles(pix)
             t = tensor_proto(pix)
             mm_inputs.append(
                 common_pb2.MultiModalInput(
@@ -265,6 +267,16 @@ class ImagePreprocessor:
         self, ids: list[int], num_images: int, lengths: list[int] | None = None
     ) -> list[tuple[int, int]]:
         return placeholder_spans(ids, self.image_token_id, num_images, "image", lengths)
+
+
+def drop_padding_tiles(tiles: np.ndarray) -> np.ndarray:
+    """An image's tiles without the all-zero ones the processor appends to batch images of
+    different grids (a normalised tile is never exactly zero), so the image's bytes and hash
+    do not depend on the other images of its prompt."""
+    keep = tiles.shape[0]
+    while keep > 1 and not tiles[keep - 1].any():
+        keep -= 1
+    return tiles[:keep]
 
 
 def placeholder_spans(

@@ -140,6 +140,15 @@ def test_minimax_vl_greedy_matches_composed_transformers(vl_path, images, hf_ref
         # Three distinct images: the first prompt's image, met again in the third, is taken
         # from the encoder cache by its hash.
         assert llm.engine.executor.runner.mm.num_encoded == 3
+        # The processor pads the third prompt's 1x2-grid image to the 2x2 image's five tiles;
+        # the tokenizer side drops the padding, so its bytes are its own.
+        third = llm._images.process(PROMPTS[2][0], [images[2], images[0]])
+        assert [list(m.pixel_values.shape) for m in third.mm_inputs] == [
+            [3, 3, 24, 24],
+            [5, 3, 24, 24],
+        ]
+        alone = llm._images.process("<image>", [images[2]])
+        assert alone.mm_inputs[0].hash == third.mm_inputs[0].hash
     finally:
         llm.shutdown()
 
