@@ -8,6 +8,8 @@ residual alpha / beta factors are not 1, so the post-norm residual wiring is exe
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -169,3 +171,59 @@ def test_lightning_state_is_fp32_under_a_half_precision_model(minimax_path):
         assert kv.abs().sum() > 0  # the prompt's state landed in its (fp32) slot
     finally:
         llm.shutdown()
+
+
+def test_n2_both_sequences_match(minimax_path, hf_ref):
+    """Two sequences per prompt: the second waits one step and copies the first's lightning
+    state snapshot instead of computing the prompt again."""
+    llm = LLM(str(minimax_path), kv_cache_memory=1 << 20, max_model_len=512)
+    try:
+        params = SamplingParams(
+            max_tokens=N_TOKENS, temperature=0, ignore_eos=True, logprobs=5, n=2
+        )
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], params)
+        for index in (0, 1):
+            got = []
+            for o in outs:
+                c = o.outputs[index]
+                tops = [dict(zip(lp.top_token_ids, lp.top_logprobs, strict=True)) for lp in c.logprobs]  # fmt: skip
+                got.append((list(c.token_ids), tops))
+            assert [t for t, _ in got] == [t for t, _ in hf_ref[:3]]
+            check_logprobs_close(hf_ref[:3], got, "transformers", "splitserve")
+        assert llm.engine.scheduler.kv.num_snapshot_hits == 3
+    finally:
+        llm.shutdown()
+
+
+def test_triton_kernels_in_the_engine_match(minimax_path, monkeypatch):
+    """The dispatcher's Triton side (lightning prefill and decode; the interpreter on CPU)
+    inside the engine: chunked prefill, decodes and a one-token prompt batched together."""
+    from splitserve.kernels import dispatch
+
+    calls: list[str] = []
+    real = dispatch._kernel_module
+
+    def kernel_module(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(dispatch, "_kernel_module", kernel_module)
+    # NOTE: only the lightning ops: the softmax layer's paged cache has the CPU layout.
+    for name in ("lightning_prefill", "lightning_decode"):
+        monkeypatch.setattr(dispatch, name, functools.partial(getattr(dispatch, name), backend="triton"))  # fmt: skip
+    llm = LLM(
+        str(minimax_path), kv_cache_memory=1 << 20, max_model_len=512, max_num_batched_tokens=24
+    )
+    try:
+        prompts = [PROMPTS[0], PROMPTS[3], [PROMPTS[2][0]]]
+        ref = hf_greedy_logprobs(hf_model(minimax_path), prompts, 6, 5)
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in prompts],
+            SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5),
+        )
+        got = _got(outs)
+        assert [t for t, _ in got] == [t for t, _ in ref]
+        check_logprobs_close(ref, got, "transformers", "splitserve")
+    finally:
+        llm.shutdown()
+    assert "lightning_attention" in calls
