@@ -161,9 +161,7 @@ def _lightning_gpu_prefill(num_seqs: int, length: int, reps: int) -> None:
     cu_l, slots_l, init_l = cu.tolist(), slots.tolist(), init.tolist()
     kernel, copy, torch_path = _time(
         [
-            lambda: lightning_attention.lightning_prefill(
-                q, k, v, slope, states, cu, slots, init, block_t=64
-            ),
+            lambda: lightning_attention.lightning_prefill(q, k, v, slope, states, cu, slots, init),
             lambda: dst.copy_(src),
             lambda: torch_lightning.lightning_prefill(
                 q, k, v, slope, 256, states, cu_l, slots_l, init_l
