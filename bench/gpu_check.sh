@@ -63,9 +63,9 @@ step moe_bench 25 "$PY" bench/moe.py --quick
 step mxfp4_moe_bench 25 "$PY" bench/moe.py --quick --mxfp4  # MXFP4 vs bf16 experts
 step grouped_moe_bench 20 "$PY" bench/moe.py --quick --grouped  # grouped GEMM; FP8 vs bf16
 step quant_bench 45 "$PY" bench/quant.py --skip-cpu  # W8A16 and W4A16 vs fp16
-step ssm_bench 20 "$PY" bench/ssm.py --quick --gpu-only
-# The GDN kernels' tests run in kernel_tests (tests/kernels/test_kernel_gdn.py).
-step gdn_bench 10 "$PY" bench/linear_attention.py --quick --gpu-only --part gdn
+step ssm_bench 15 "$PY" bench/ssm.py --quick --gpu-only
+# The GDN and lightning kernels' tests run in kernel_tests (tests/kernels/).
+step linear_attention_bench 15 "$PY" bench/linear_attention.py --quick --gpu-only  # gdn, lightning
 
 echo "gpu_check: summary in $SUMMARY"
 cat "$SUMMARY"

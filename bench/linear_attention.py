@@ -13,6 +13,18 @@ gdn (gated delta net, Qwen3-Next):
   many bytes as it reads and writes: q, k, v, g, beta in, o out, each sequence's state in and
   out); the fused recurrent step against a copy of the states it reads and writes.
 
+lightning (lightning attention, MiniMax):
+  CPU (unless --gpu-only):
+    - the block-wise prefill (`torch_lightning.lightning_block_one`) against the step-by-step
+      recurrence (`torch_lightning.lightning_recurrence`) over one long sequence;
+    - decode step time of splitserve's in-process engine on a small random MiniMax (lightning and
+      softmax layers, MoE) against transformers' cached generation of the same checkpoint (same
+      prompt, greedy): per decode token, (time for N tokens - time for 1 token) / (N - 1).
+
+  CUDA (when present, unless --cpu-only): the Triton block-wise prefill over packed sequences and
+  the decode step over state slots, each against the copy-bandwidth ceiling (a device copy of as
+  many bytes as the kernel must read and write), and the prefill against the torch path.
+
     python bench/linear_attention.py            # everything this machine can run
     python bench/linear_attention.py --quick    # fewer tokens and repetitions
 """
@@ -235,8 +247,183 @@ def gdn_gpu(quick: bool) -> None:
         _gdn_gpu_step(batch, reps)
 
 
+# ------------------------------------------------------------------ lightning attention: CPU
+
+
+def lightning_cpu_prefill(quick: bool) -> None:
+    from splitserve.kernels import torch_lightning
+
+    length = 512 if quick else 2048
+    heads, head_dim = 8, 128
+    q, k = (torch.randn(length, heads, head_dim) / head_dim**0.5 for _ in range(2))
+    v = torch.randn(length, heads, head_dim)
+    slope = (0.5 ** (8 / heads)) ** (torch.arange(heads, dtype=torch.float32) + 1)
+    init = torch.randn(heads, head_dim, head_dim)
+    block, step = _time(
+        [
+            lambda: torch_lightning.lightning_block_one(q, k, v, slope, 256, init),
+            lambda: torch_lightning.lightning_recurrence(q, k, v, slope, init),
+        ],
+        2 if quick else 3,
+        lambda: None,
+    )
+    print(
+        f"cpu lightning prefill, {length} tokens, 8x128 heads: block-wise (256) "
+        f"{block * 1e3:.1f} ms, step-by-step {step * 1e3:.1f} ms, speed-up {step / block:.1f}x"
+    )
+
+
+def lightning_cpu_decode(quick: bool) -> None:
+    import transformers
+
+    from splitserve import LLM, SamplingParams
+    from splitserve.testing.minimax_model import build_minimax
+
+    tokens = 16 if quick else 48
+    reps = 2 if quick else 4
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_minimax(
+            f"{tmp}/m",
+            hidden_size=256,
+            layer_types=(
+                "linear_attention",
+                "linear_attention",
+                "linear_attention",
+                "full_attention",
+            ),  # fmt: skip
+            num_heads=4,
+            num_kv_heads=4,
+            head_dim=64,
+            num_experts=4,
+            top_k=2,
+            block_size=64,
+        )
+        prompt = torch.randint(5, 900, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        hf.generation_config.eos_token_id = None
+
+        def hf_run(n: int) -> Callable[[], object]:
+            def run():
+                with torch.inference_mode():
+                    hf.generate(
+                        torch.tensor([prompt]),
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
+            return run
+
+        llm = LLM(str(path), kv_cache_memory=64 << 20, max_model_len=1024)
+
+        def ours(n: int) -> Callable[[], object]:
+            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            return lambda: llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+
+        try:
+            t_hf_n, t_hf_1, t_n, t_1 = _time(
+                [hf_run(tokens), hf_run(1), ours(tokens), ours(1)], reps, lambda: None
+            )
+        finally:
+            llm.shutdown()
+    hf_step = (t_hf_n - t_hf_1) / (tokens - 1)
+    our_step = (t_n - t_1) / (tokens - 1)
+    print(
+        f"cpu MiniMax decode step (hidden 256, 3 lightning + 1 softmax layers, 4x64 heads, "
+        f"4 experts top-2; batch 1): splitserve {our_step * 1e3:.2f} ms, transformers "
+        f"{hf_step * 1e3:.2f} ms, ratio transformers/splitserve {hf_step / our_step:.2f}x"
+    )
+
+
+# ------------------------------------------------------------------ lightning attention: GPU
+
+
+LIGHTNING_HEADS, LIGHTNING_HEAD_DIM = 64, 128
+"""MiniMax-Text-01's lightning layer shapes (one rank, no tensor parallelism)."""
+
+
+def _slopes(device: torch.device) -> torch.Tensor:
+    h = LIGHTNING_HEADS
+    return (0.5 ** (8 / h)) ** (torch.arange(h, dtype=torch.float32, device=device) + 1)
+
+
+def _lightning_gpu_prefill(num_seqs: int, length: int, reps: int) -> None:
+    from splitserve.kernels import lightning_attention, torch_lightning
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    tokens, h, d = num_seqs * length, LIGHTNING_HEADS, LIGHTNING_HEAD_DIM
+    q, k, v = (torch.randn(tokens, h, d, device=device, dtype=dtype) * 0.1 for _ in range(3))
+    slope = _slopes(device)
+    states = torch.zeros(num_seqs, h, d, d, device=device, dtype=torch.float32)
+    cu = torch.arange(0, tokens + 1, length, device=device, dtype=torch.int32)
+    slots = torch.arange(num_seqs, device=device)
+    init = torch.ones(num_seqs, dtype=torch.bool, device=device)
+    moved = q.nbytes * 4 + 2 * states.nbytes
+    src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    cu_l, slots_l, init_l = cu.tolist(), slots.tolist(), init.tolist()
+    kernel, copy, torch_path = _time(
+        [
+            lambda: lightning_attention.lightning_prefill(q, k, v, slope, states, cu, slots, init),
+            lambda: dst.copy_(src),
+            lambda: torch_lightning.lightning_prefill(
+                q, k, v, slope, 256, states, cu_l, slots_l, init_l
+            ),
+        ],
+        reps,
+        torch.cuda.synchronize,
+    )
+    print(
+        f"gpu lightning prefill {num_seqs}x{length} tokens (64x128 heads, bf16, fp32 state): "
+        f"{kernel * 1e3:.3f} ms, {moved / kernel / 1e9:.0f} GB/s; copy of the same bytes "
+        f"{copy * 1e3:.3f} ms (kernel/copy {kernel / copy:.1f}x); torch path "
+        f"{torch_path * 1e3:.3f} ms (torch/triton {torch_path / kernel:.1f}x)"
+    )
+
+
+def _lightning_gpu_decode(batch: int, reps: int) -> None:
+    from splitserve.kernels import lightning_attention
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    h, d = LIGHTNING_HEADS, LIGHTNING_HEAD_DIM
+    states = torch.randn(batch, h, d, d, device=device)
+    q, k, v = (torch.randn(batch, h, d, device=device, dtype=dtype) for _ in range(3))
+    slope = _slopes(device)
+    slots = torch.randperm(batch, device=device)
+    moved = 2 * states.nbytes
+    src = torch.empty(states.nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    upd, copy = _time(
+        [
+            lambda: lightning_attention.lightning_decode(q, k, v, slope, states, slots),
+            lambda: dst.copy_(src),
+        ],
+        reps,
+        torch.cuda.synchronize,
+    )
+    print(
+        f"gpu lightning decode, batch {batch}: {upd * 1e6:.1f} us, {moved / upd / 1e9:.0f} GB/s; "
+        f"copy of the states {copy * 1e6:.1f} us; decode/copy {upd / copy:.1f}x"
+    )
+
+
+def lightning_gpu(quick: bool) -> None:
+    reps = 5 if quick else 20
+    for num_seqs, length in ((4, 1024),) if quick else ((4, 4096), (32, 512)):
+        _lightning_gpu_prefill(num_seqs, length, reps)
+    for batch in (1, 64) if quick else (1, 64, 256):
+        _lightning_gpu_decode(batch, reps)
+
+
+def lightning_cpu(quick: bool) -> None:
+    lightning_cpu_prefill(quick)
+    lightning_cpu_decode(quick)
+
+
 PARTS: dict[str, tuple[Callable[[bool], None], Callable[[bool], None]]] = {
     "gdn": (gdn_cpu, gdn_gpu),
+    "lightning": (lightning_cpu, lightning_gpu),
 }
 """Part name -> (CPU benchmark, GPU benchmark), each taking `quick`."""
 

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 from . import reference as ref
-from . import torch_gdn, torch_mamba, torch_ops
+from . import torch_gdn, torch_lightning, torch_mamba, torch_ops
 from .torch_attention import TorchAttentionPlan, paged_attention_torch, write_kv_cache_torch
 from .torch_moe import fused_moe_torch
 from .torch_mxfp4 import fused_moe_mxfp4_torch
@@ -550,3 +550,42 @@ def fused_recurrent_gated_delta_rule(q, k, v, g, beta, states, state_slots, *, b
             q, k, v, g, beta, states, state_slots
         )
     return torch_gdn.fused_recurrent_gated_delta_rule(q, k, v, g, beta, states, state_slots)
+
+
+# ------------------------------------------------------------------ lightning attention
+# Shapes and semantics: `torch_lightning` (the torch path) and `lightning_attention` (the Triton
+# kernels). Packed as the Mamba2 ops: cu_seqlens int32 [S + 1], state_slots int64 [S],
+# has_initial_state bool [S].
+
+
+def lightning_prefill(
+    q,
+    k,
+    v,
+    slope,
+    block_size,
+    kv_states,
+    cu_seqlens,
+    state_slots,
+    has_initial_state,
+    *,
+    backend=None,
+) -> torch.Tensor:
+    """Block-wise lightning attention over packed sequences, KV states read and written. The
+    Triton kernel tiles by its own block (the result does not depend on it)."""
+    if _use_triton(q, backend):
+        return _kernel_module("lightning_attention").lightning_prefill(
+            q, k, v, slope, kv_states, cu_seqlens, state_slots, has_initial_state
+        )
+    return torch_lightning.lightning_prefill(
+        q, k, v, slope, block_size, kv_states, *_lists(cu_seqlens, state_slots, has_initial_state)
+    )
+
+
+def lightning_decode(q, k, v, slope, kv_states, state_slots, *, backend=None) -> torch.Tensor:
+    """One lightning-attention step per sequence, KV states updated at `state_slots`."""
+    if _use_triton(q, backend):
+        return _kernel_module("lightning_attention").lightning_decode(
+            q, k, v, slope, kv_states, state_slots
+        )
+    return torch_lightning.lightning_decode(q, k, v, slope, kv_states, state_slots)

@@ -142,7 +142,7 @@ class TensorData(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class MultiModalInput(_message.Message):
-    __slots__ = ("modality", "pixel_values", "hash", "offset", "length", "input_features", "num_frames")
+    __slots__ = ("modality", "pixel_values", "hash", "offset", "length", "input_features", "num_frames", "image_size")
     MODALITY_FIELD_NUMBER: _ClassVar[int]
     PIXEL_VALUES_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class MultiModalInput(_message.Message):
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     modality: str
     pixel_values: TensorData
     hash: bytes
@@ -157,7 +158,8 @@ class MultiModalInput(_message.Message):
     length: int
     input_features: TensorData
     num_frames: int
-    def __init__(self, modality: _Optional[str] = ..., pixel_values: _Optional[_Union[TensorData, _Mapping]] = ..., hash: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., input_features: _Optional[_Union[TensorData, _Mapping]] = ..., num_frames: _Optional[int] = ...) -> None: ...
+    image_size: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, modality: _Optional[str] = ..., pixel_values: _Optional[_Union[TensorData, _Mapping]] = ..., hash: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., input_features: _Optional[_Union[TensorData, _Mapping]] = ..., num_frames: _Optional[int] = ..., image_size: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RunnerInfo(_message.Message):
     __slots__ = ("runner", "pooling_type", "normalize", "hidden_size", "is_matryoshka", "matryoshka_dimensions")

@@ -41,12 +41,15 @@ def tensor_proto(array: np.ndarray) -> common_pb2.TensorData:
     )
 
 
-def image_hash(t: common_pb2.TensorData) -> bytes:
-    """SHA-256 of a processed image: dtype, shape and bytes."""
+def image_hash(t: common_pb2.TensorData, image_size: list[int] | None = None) -> bytes:
+    """SHA-256 of a processed image: dtype, shape and bytes (and, for tiled images, the
+    original size the tiles are unpadded to)."""
     h = hashlib.sha256(b"splitserve-image-v1")
     h.update(t.dtype.encode() + b"\x00")
     h.update(np.asarray(t.shape, dtype="<i8").tobytes())
     h.update(t.data)
+    if image_size:
+        h.update(b"size\x00" + np.asarray(image_size, dtype="<i8").tobytes())
     return h.digest()
 
 
@@ -220,25 +223,60 @@ class ImagePreprocessor:
         if not images:
             return ProcessedPrompt(prompt, ids, [])
         pixels = np.asarray(out["pixel_values"])
-        spans = self._spans(ids, len(images))
+        # Any-resolution processors (LLaVA-NeXT) give each image's tiles and original size.
+        sizes = out.get("image_sizes")
+        sizes = [[]] * len(images) if sizes is None else np.asarray(sizes).tolist()
+        # NOTE: tiled images are not all the same length: counted, not split evenly.
+        lengths = None if not sizes[0] else self._tile_token_counts(ids, len(images))
+        spans = self._spans(ids, len(images), lengths)
         mm_inputs = []
-        for (offset, length), pix in zip(spans, pixels, strict=True):
+        for (offset, length), pix, size in zip(spans, pixels, sizes, strict=True):
+            if size:
+                pix = drop_padding_tiles(pix)
             t = tensor_proto(pix)
             mm_inputs.append(
                 common_pb2.MultiModalInput(
                     modality="image",
                     pixel_values=t,
-                    hash=image_hash(t),
+                    hash=image_hash(t, size),
                     offset=offset,
                     length=length,
+                    image_size=[int(v) for v in size],
                 )
             )
         return ProcessedPrompt(prompt, ids, mm_inputs)
+
+    def _tile_token_counts(self, ids: list[int], num_images: int) -> list[int]:
+        """Each image's placeholder count, from the runs of image tokens (images of different
+        sizes expand to different counts; adjacent images would merge into one run)."""
+        runs, prev = [], -2
+        for pos in np.flatnonzero(np.asarray(ids) == self.image_token_id).tolist():
+            if pos == prev + 1:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+            prev = pos
+        if len(runs) != num_images:
+            raise ValueError(
+                f"the processor left {len(runs)} runs of image tokens for {num_images} images: "
+                "put text between adjacent images of this model"
+            )
+        return runs
 
     def _spans(
         self, ids: list[int], num_images: int, lengths: list[int] | None = None
     ) -> list[tuple[int, int]]:
         return placeholder_spans(ids, self.image_token_id, num_images, "image", lengths)
+
+
+def drop_padding_tiles(tiles: np.ndarray) -> np.ndarray:
+    """An image's tiles without the all-zero ones the processor appends to batch images of
+    different grids (a normalised tile is never exactly zero), so the image's bytes and hash
+    do not depend on the other images of its prompt."""
+    keep = tiles.shape[0]
+    while keep > 1 and not tiles[keep - 1].any():
+        keep -= 1
+    return tiles[:keep]
 
 
 def placeholder_spans(

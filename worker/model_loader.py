@@ -423,13 +423,15 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
 
     A tied (or missing) lm_head takes model.embed_tokens.weight. A model with a
     `checkpoint_name(name)` method renames checkpoint tensors to its module paths first; the
-    model's `checkpoint_renames` ((pattern, replacement) pairs) rewrite names after that.
+    model's `checkpoint_renames` ((pattern, replacement) pairs) rewrite names after that; its
+    `checkpoint_ignore` pattern drops tensors it computes itself (no warning).
     """
     rename = getattr(model, "checkpoint_name", None)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
     renames: tuple[tuple[re.Pattern, str], ...] = getattr(model, "checkpoint_renames", ())
+    ignore: re.Pattern | None = getattr(model, "checkpoint_ignore", None)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     quant_config = getattr(model, "quant_config", None)
     expected = _expected_keys(model)
@@ -437,7 +439,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     embed: torch.Tensor | None = None
     for file_name, tensor in weights:
         name = rename(file_name) if rename is not None else file_name
-        if _IGNORED_RE.search(name):
+        if _IGNORED_RE.search(name) or (ignore is not None and ignore.search(name)):
             continue
         for pattern, replacement in renames:
             name = pattern.sub(replacement, name)

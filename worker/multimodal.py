@@ -53,6 +53,8 @@ class _Item:
     """The processed input's SHA-256: the encoder cache key."""
     num_frames: int = 0
     """Audio: the frames of `data` that hold audio."""
+    image_size: tuple[int, ...] = ()
+    """Any-resolution images: the original (height, width); `data` is then its tiles."""
 
 
 _MODALITIES = {
@@ -115,15 +117,22 @@ class MultiModalInputs:
                 data = tensor_from_proto(getattr(mm, field))
             except ValueError as exc:
                 return f"{kind} {i}: {exc}"
-            want_shape = list(getattr(self.model, shape_attr))
-            if list(data.shape) != want_shape:
-                return (
-                    f"{kind} {i}: {field} of shape {list(data.shape)}, the model takes "
-                    f"{want_shape} ({dims})"
-                )
-            error = self._check_length(i, mm, want_shape)
-            if error:
-                return error
+            anyres = getattr(self.model, "image_item_error", None) if kind == "image" else None
+            if anyres is not None:
+                # NOTE: tiled images vary in shape and token count with the original size.
+                error = anyres(list(data.shape), list(mm.image_size), mm.length)
+                if error:
+                    return f"{kind} {i}: {error}"
+            else:
+                want_shape = list(getattr(self.model, shape_attr))
+                if list(data.shape) != want_shape:
+                    return (
+                        f"{kind} {i}: {field} of shape {list(data.shape)}, the model takes "
+                        f"{want_shape} ({dims})"
+                    )
+                error = self._check_length(i, mm, want_shape)
+                if error:
+                    return error
             token = getattr(self.model, token_attr)
             span = token_ids[mm.offset : mm.offset + mm.length]
             if (span != token).any():
@@ -131,7 +140,11 @@ class MultiModalInputs:
                     f"{kind} {i}: the prompt holds other tokens than the {kind} token "
                     f"{token} in [{mm.offset}, {mm.offset + mm.length})"
                 )
-            items.append(_Item(kind, mm.offset, mm.length, data, mm.hash, mm.num_frames))
+            items.append(
+                _Item(
+                    kind, mm.offset, mm.length, data, mm.hash, mm.num_frames, tuple(mm.image_size)
+                )
+            )
             end = mm.offset + mm.length
         self.items[req.request_id] = items
         return None
@@ -192,7 +205,11 @@ class MultiModalInputs:
         unique = list({item.hash: item for item in pending}.values())
         images = [item for item in unique if item.modality == "image"]
         audio = [item for item in unique if item.modality == "audio"]
-        if images:
+        if images and hasattr(self.model, "embed_image_items"):
+            tiled = [(item.data.to(self.device), list(item.image_size)) for item in images]
+            for item, embeds in zip(images, self.model.embed_image_items(tiled), strict=True):
+                self.cache[item.hash] = embeds
+        elif images:
             pixels = torch.stack([item.data for item in images]).to(self.device)
             for item, embeds in zip(images, self.model.embed_images(pixels), strict=True):
                 self.cache[item.hash] = embeds

@@ -49,8 +49,9 @@ class StateCache:
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in self.layers:
             spec: RecurrentStateSpec = layer.cache_spec(1, dtype)
-            conv = torch.zeros((num_slots, *spec.conv_state_shape), dtype=dtype, device=device)
-            ssm = torch.zeros((num_slots, *spec.ssm_state_shape), dtype=dtype, device=device)
+            # NOTE: the layer's spec may keep its state wider than the model (fp32 sums).
+            conv = torch.zeros((num_slots, *spec.conv_state_shape), dtype=spec.dtype, device=device)
+            ssm = torch.zeros((num_slots, *spec.ssm_state_shape), dtype=spec.dtype, device=device)
             self.caches.append((conv, ssm))
         self.bind()
 

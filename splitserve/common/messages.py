@@ -104,6 +104,8 @@ class MultiModalInput:
     length: int = 0
     input_features: TensorData | None = None
     num_frames: int = 0
+    image_size: list[int] = field(default_factory=list)
+    """Any-resolution images: the original [height, width]; empty otherwise."""
 
 
 @dataclass(slots=True)

@@ -134,6 +134,7 @@ def mm_input_from_proto(m: common_pb2.MultiModalInput) -> msg.MultiModalInput:
         length=m.length,
         input_features=_tensor_from_proto(m, "input_features"),
         num_frames=m.num_frames,
+        image_size=list(m.image_size),
     )
 
 
@@ -144,6 +145,7 @@ def mm_input_to_proto(m: msg.MultiModalInput) -> common_pb2.MultiModalInput:
         offset=m.offset,
         length=m.length,
         num_frames=m.num_frames,
+        image_size=m.image_size,
     )
     _tensor_to_proto(p.pixel_values, m.pixel_values)
     _tensor_to_proto(p.input_features, m.input_features)

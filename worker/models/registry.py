@@ -10,6 +10,8 @@ from splitserve.worker.models.gpt_oss import GptOssForCausalLM
 from splitserve.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
 from splitserve.worker.models.llava import LlavaForConditionalGeneration
 from splitserve.worker.models.mamba2 import Mamba2ForCausalLM
+from splitserve.worker.models.minimax import MiniMaxForCausalLM
+from splitserve.worker.models.minimax_vl import MiniMaxVL01ForConditionalGeneration
 from splitserve.worker.models.mixtral import MixtralForCausalLM
 from splitserve.worker.models.nemotron_h import NemotronHForCausalLM
 from splitserve.worker.models.qwen2 import Qwen2ForCausalLM
@@ -25,6 +27,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Mamba2ForCausalLM": Mamba2ForCausalLM,
+    "MiniMaxForCausalLM": MiniMaxForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "NemotronHForCausalLM": NemotronHForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -32,6 +35,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "MiniMaxVL01ForConditionalGeneration": MiniMaxVL01ForConditionalGeneration,
     "Qwen2AudioForConditionalGeneration": Qwen2AudioForConditionalGeneration,
     "WhisperForConditionalGeneration": WhisperForConditionalGeneration,
 }
