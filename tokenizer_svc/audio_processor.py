@@ -35,10 +35,16 @@ def audio_hash(features: common_pb2.TensorData, num_frames: int) -> bytes:
 class AudioPreprocessor:
     """The processor of one model folder, for prompts with audio."""
 
-    def __init__(self, path: str, audio_token_id: int, limits: dict[str, int]) -> None:
+    def __init__(
+        self,
+        path: str,
+        audio_token_id: int,
+        limits: dict[str, int],
+        trust_remote_code: bool = False,
+    ) -> None:
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(path)
+        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         extractor = getattr(self.processor, "feature_extractor", None)
         if extractor is None:
             raise ValueError(f"the model at {path} has no audio feature extractor")
@@ -138,7 +144,9 @@ def audio_token_id_of(path: pathlib.Path) -> int | None:
     return int(value) if value is not None else None
 
 
-def load_audio_preprocessor(path: pathlib.Path | None, limits: dict[str, int]):
+def load_audio_preprocessor(
+    path: pathlib.Path | None, limits: dict[str, int], trust_remote_code: bool = False
+):
     """The AudioPreprocessor of a model folder whose config names an audio token and which
     ships a feature extractor config; None otherwise."""
     if path is None:
@@ -149,4 +157,4 @@ def load_audio_preprocessor(path: pathlib.Path | None, limits: dict[str, int]):
     )
     if token_id is None or not has_processor:
         return None
-    return AudioPreprocessor(str(path), token_id, limits)
+    return AudioPreprocessor(str(path), token_id, limits, trust_remote_code)

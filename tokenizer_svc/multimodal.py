@@ -113,10 +113,13 @@ class ImagePreprocessor:
         image_token_id: int,
         limits: dict[str, int],
         cache: ProcessedImageCache | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(path)
+        # A processor shipped as the model's own code (MiniMax-VL-01's) loads only with
+        # --trust-remote-code, as the model's config does.
+        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         if getattr(self.processor, "image_processor", None) is None:
             raise ValueError(f"the model at {path} has no image processor")
         self.image_token_id = image_token_id
@@ -317,7 +320,10 @@ def image_token_id_of(path: pathlib.Path) -> int | None:
 
 
 def load_image_preprocessor(
-    path: pathlib.Path | None, limits: dict[str, int], cache_bytes: int = 0
+    path: pathlib.Path | None,
+    limits: dict[str, int],
+    cache_bytes: int = 0,
+    trust_remote_code: bool = False,
 ):
     """The ImagePreprocessor of a model folder whose config names an image token and which
     ships a processor config (with a preprocessor cache of `cache_bytes`, 0 for none); None
@@ -331,7 +337,7 @@ def load_image_preprocessor(
     if token_id is None or not has_processor:
         return None
     cache = ProcessedImageCache(cache_bytes) if cache_bytes > 0 else None
-    return ImagePreprocessor(str(path), token_id, limits, cache)
+    return ImagePreprocessor(str(path), token_id, limits, cache, trust_remote_code)
 
 
 def to_rgb(image):

@@ -95,8 +95,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServiceServicer):
         """id(adapter tokenizer handle) -> (handle, its chat renderer)."""
         self.grammars = make_grammar_compiler(self._config, handle)
         limits = parse_mm_limits(self._config.limit_mm_per_prompt)
-        self._images = load_image_preprocessor(handle.path, limits, mm_cache_bytes(self._config))
-        self._audio = load_audio_preprocessor(handle.path, limits)
+        trust = self._config.trust_remote_code
+        self._images = load_image_preprocessor(
+            handle.path, limits, mm_cache_bytes(self._config), trust
+        )
+        self._audio = load_audio_preprocessor(handle.path, limits, trust)
         roots = allowed_roots(self._config.lora_root, parse_lora_modules(self._config.lora_modules))
         self._adapters = AdapterTokenizers(self._config, handle, roots)
         """Tokenizers of adapter folders that have one (their added tokens)."""

@@ -150,6 +150,7 @@ class LLM:
             runner.model.image_token_id,
             parse_mm_limits(tok_cfg.limit_mm_per_prompt),
             ProcessedImageCache(cache_bytes) if cache_bytes else None,
+            tok_cfg.trust_remote_code,
         )
 
     @staticmethod
@@ -171,6 +172,7 @@ class LLM:
             str(runner.loaded.path),
             runner.model.audio_token_id,
             parse_mm_limits(tok_cfg.limit_mm_per_prompt),
+            tok_cfg.trust_remote_code,
         )
 
     @property

@@ -171,3 +171,26 @@ def test_triton_kernels_in_the_engine_match(qwen3_next_path, monkeypatch):
     finally:
         llm.shutdown()
     assert {"causal_conv1d", "gated_delta"} <= set(calls)
+
+
+def test_the_mtp_layer_is_read_past_quietly(qwen3_next_path, tmp_path, caplog):
+    """Released checkpoints carry a multi-token-prediction layer (`mtp.*`), which serving
+    does not use: it loads without a warning per tensor, and other unknown tensors still warn."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from splitserve.worker.config import WorkerConfig
+    from splitserve.worker.model_loader import load_model
+
+    folder = tmp_path / "with-mtp"
+    shutil.copytree(qwen3_next_path, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["mtp.fc.weight"] = torch.zeros(4, 4)
+    state["mtp.layers.0.input_layernorm.weight"] = torch.zeros(4)
+    state["model.layers.0.unexpected.weight"] = torch.zeros(2)
+    save_file(state, str(folder / "model.safetensors"))
+    with caplog.at_level("WARNING", logger="splitserve.worker.model_loader"):
+        load_model(WorkerConfig(model=str(folder)))
+    assert "mtp." not in caplog.text
+    assert "ignoring checkpoint tensor model.layers.0.unexpected.weight" in caplog.text

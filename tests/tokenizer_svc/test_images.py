@@ -244,3 +244,30 @@ def test_transparent_images_are_composited_on_white_as_transformers_does(server,
         np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     )
     assert np.abs(got - pixels(alpha_dropped)).max() > 0.1
+
+
+def test_a_processor_shipped_as_remote_code_needs_trust_remote_code(llava_dir, tmp_path):
+    """A model folder whose processor is its own code (MiniMax-VL-01 ships one) loads it only
+    with --trust-remote-code, which the tokenizer service passes to transformers."""
+    import shutil
+
+    folder = tmp_path / "remote-processor"
+    shutil.copytree(llava_dir, folder)
+    (folder / "my_processing.py").write_text(
+        "from transformers import LlavaProcessor\n\n\n"
+        "class RemoteLlavaProcessor(LlavaProcessor):\n"
+        "    remote = True\n"
+    )
+    config_path = folder / "processor_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config["processor_class"] = "RemoteLlavaProcessor"
+    config["auto_map"] = {"AutoProcessor": "my_processing.RemoteLlavaProcessor"}
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        ServerThread(TokenizerServiceConfig(tokenizer=str(folder)))
+    s = ServerThread(TokenizerServiceConfig(tokenizer=str(folder), trust_remote_code=True))
+    try:
+        assert getattr(s.server.servicer._images.processor, "remote", False)
+        assert apply(s, chat(1), [png(3)]).token_ids
+    finally:
+        s.close()

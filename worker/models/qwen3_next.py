@@ -13,6 +13,7 @@ state per request for the mixers), so a running request holds blocks and one sta
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -198,6 +199,9 @@ class Qwen3NextForCausalLM(CausalLM):
     }
     supports_cuda_graphs: bool = False
     """The mixers' state slots are not static graph inputs: decodes run eagerly."""
+    checkpoint_ignore = re.compile(r"^mtp\.")
+    """The released checkpoints' multi-token-prediction layer (for speculative decoding, which
+    splitserve does not run): read past without a warning per tensor."""
 
     def __init__(
         self,
