@@ -34,6 +34,7 @@ from splitserve.common.model_path import (
     resolve_model_path,
 )
 from splitserve.common.pooling import is_base_model
+from splitserve.worker import parallel_state
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.linear import (
     MergedLinear,
@@ -259,8 +260,13 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
         config.layer_partition(),
     )
     quant_config = resolve_quant_config(raw, config.quantization)
-    with _default_dtype(dtype), torch.device("meta"):
-        model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
+    state = parallel_state_of(config, start, end)
+    check_tensor_parallel(cls, raw.get("architectures"), config.tensor_parallel_size)
+    with _default_dtype(dtype), torch.device("meta"), parallel_state.use(state):
+        if getattr(cls, "takes_parallel_state", False):
+            model = cls(hf_config, state, max_model_len)
+        else:  # model files that take the older positional stage arguments
+            model = cls(hf_config, start, end, state.is_first, state.is_last, max_model_len)
         if quant_config is not None:
             apply_quant_config(model, quant_config)
     if is_base_model(raw.get("architectures")):
@@ -269,6 +275,34 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
         model.checkpoint_renames = (_BASE_MODEL_PREFIX, *getattr(model, "checkpoint_renames", ()))
         model.lm_head_from_embedding = True
     return _Skeleton(raw, hf_config, dtype, device, max_model_len, start, end, model)
+
+
+def parallel_state_of(config: WorkerConfig, start: int, end: int) -> parallel_state.ParallelState:
+    """The worker's place in the grid, for layers [start, end)."""
+    return parallel_state.ParallelState(
+        start,
+        end,
+        config.rank,
+        config.pipeline_parallel_size,
+        config.tp_rank,
+        config.tensor_parallel_size,
+    )
+
+
+def check_tensor_parallel(cls: type, architectures: list[str] | None, tp_size: int) -> None:
+    """ValueError naming the architecture when it cannot be sharded over `tp_size` ranks."""
+    if tp_size > 1 and not getattr(cls, "supports_tensor_parallel", False):
+        from splitserve.worker.models.registry import MODEL_REGISTRY
+
+        supported = sorted(
+            n for n, c in MODEL_REGISTRY.items() if getattr(c, "supports_tensor_parallel", False)
+        )
+        name = (architectures or [cls.__name__])[0]
+        raise ValueError(
+            f"{name} does not support tensor parallelism (--tensor-parallel-size {tp_size}); "
+            f"architectures that do: {', '.join(supported)}. Split it with "
+            "--pipeline-parallel-size instead"
+        )
 
 
 def check_model(config: WorkerConfig) -> pathlib.Path:

@@ -30,7 +30,7 @@ from splitserve.common import engine_config
 from splitserve.common import messages as msg
 from splitserve.common.lora import check_lora_fields
 from splitserve.protos import common_pb2, worker_pb2
-from splitserve.worker import cache_spec
+from splitserve.worker import cache_spec, parallel_state
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
     AttentionMetadata,
@@ -93,6 +93,9 @@ class ModelRunner:
         self.max_model_len = loaded.max_model_len
         self.is_first = self.config.is_first_rank
         self.is_last = self.config.is_last_rank
+        self.samples = self.is_last and self.config.tp_rank == 0
+        """Whether this rank samples: the last stage's driver (its tensor-parallel peers
+        compute the logits with it, then take the sampled tokens from it: `_share_samples`)."""
         self.backend = get_attention_backend(self.config.attention_backend, self.device)
         self.lora = (
             LoRAManager(self.config, self.model, self.device, self.dtype)
@@ -127,7 +130,7 @@ class ModelRunner:
                 self.eos_token_ids,
                 default_backend=self.config.guided_decoding_backend,
             )
-            if self.is_last
+            if self.samples
             else None
         )
         self.deferred_ids: set[str] = set()
@@ -276,6 +279,9 @@ class ModelRunner:
         enforce_eager, no LoRA, a graph-safe model, and the triton attention backend."""
         if self.device.type != "cuda" or self.config.enforce_eager or self.runner == "pooling":
             return []  # NOTE: a pooling runner only prefills: decode graphs would never run
+        if self.config.tensor_parallel_size > 1:
+            logger.info("CUDA graphs are not captured with tensor parallelism; decoding eagerly")
+            return []
         if self.lora is not None:
             logger.info("CUDA graphs are not captured with --enable-lora; decoding eagerly")
             return []
@@ -394,6 +400,8 @@ class ModelRunner:
         if self.is_last:
             rows = min(self.config.max_num_seqs, num_tokens)
             logits = self.model.compute_logits(out[:rows])
+            if logits is None:  # a tensor-parallel peer: the driver holds the logits
+                return
             if self.logits_width > self.vocab_size:
                 logits = self.lora.extend_logits(out[:rows], logits, [None] * rows)
             logits.float().log_softmax(-1)
@@ -443,10 +451,40 @@ class ModelRunner:
             return msg.StepResult(step_id=step.step_id, errors=errors)
         hidden = out.index_select(0, plan.logits_indices)
         logits = self.model.compute_logits(hidden)
+        if logits is None:  # a tensor-parallel peer: the driver samples
+            self._share_samples(plan, None)
+            return msg.StepResult(step_id=step.step_id, errors=errors)
         if self.logits_width > self.vocab_size:
             req_ids = plan.logits_request_ids(self.batch.req_ids)
             logits = self.lora.extend_logits(hidden, logits, req_ids)
-        return self._sample(step, plan, logits, errors, masks)
+        result = self._sample(step, plan, logits, errors, masks)
+        if self.config.tensor_parallel_size > 1:
+            self._share_samples(plan, result)
+        return result
+
+    def _share_samples(self, plan: StepPlan, result: msg.StepResult | None) -> None:
+        """The last stage's driver hands the tokens it sampled (and the rows it deferred) to
+        its tensor-parallel peers, which append them as it did (`result` None on a peer)."""
+        batch = self.batch
+        rows = plan.sample_rows
+        tokens = torch.full((rows.size,), -1, dtype=torch.int64)
+        if result is not None:
+            sampled = dict(zip(result.request_ids, result.token_ids, strict=True))
+            tokens = torch.tensor(
+                [sampled.get(batch.req_ids[r], -1) for r in rows.tolist()], dtype=torch.int64
+            )
+        tokens = parallel_state.tp_broadcast_from_driver(tokens.to(self.device)).cpu().numpy()
+        if result is not None:
+            return
+        took = tokens >= 0
+        if (~took).any():  # deferred at the driver: computed again later
+            batch.num_computed[rows[~took]] -= 1
+            self.deferred_ids.update(batch.req_ids[r] for r in rows[~took].tolist())
+        rows = rows[took]
+        self.deferred_ids.difference_update(batch.req_ids[r] for r in rows.tolist())
+        lengths = batch.num_tokens[rows]
+        batch.token_ids[rows, lengths] = tokens[took]
+        batch.num_tokens[rows] = lengths + 1
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
         """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it

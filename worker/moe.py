@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch
-from splitserve.worker.linear import default_weight_loader, set_weight_attrs
+from splitserve.worker import parallel_state
+from splitserve.worker.linear import check_sliceable, default_weight_loader, set_weight_attrs
 
 ExpertNames = dict[str, tuple[str, str | None]]
 """Per-expert checkpoint projection -> (stacked parameter, shard: "gate" / "up" / None)."""
@@ -76,12 +77,23 @@ class MoEExpertsMethod:
 
 
 class MoEExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; forward runs the routed tokens through them."""
+    """E SwiGLU experts with stacked weights; forward runs the routed tokens through them.
+
+    Under tensor parallelism every expert is sharded like a dense MLP: this rank holds its
+    slice of each expert's intermediate features (gate / up rows, down columns), the loader
+    narrows each checkpoint tensor to it, and the layer's output is a partial sum that
+    `SparseMoE` reduces over the stage.
+    """
 
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, names: ExpertNames
     ) -> None:
         super().__init__()
+        state = parallel_state.current()
+        self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
+        intermediate_size = parallel_state.shard_size(
+            intermediate_size, self.tp_size, "the experts' intermediate size"
+        )
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -110,6 +122,7 @@ class MoEExperts(nn.Module):
 
     def set_method(self, method: MoEExpertsMethod) -> None:
         """Hold the experts as `method` says (before loading, on the meta device)."""
+        check_sliceable(method, self.tp_size > 1)
         for name in list(self._parameters):
             delattr(self, name)
         self.__dict__.pop("_weight_attrs", None)
@@ -145,6 +158,8 @@ class MoEExperts(nn.Module):
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         """Copy one expert's tensor (shard "3.gate", "3.up" or "3") into its stacked slot, or
         all experts at once (shard_id None)."""
+        if self.tp_size > 1:
+            loaded = self._tp_slice(param, loaded, shard_id)
         if shard_id is None:
             default_weight_loader(param, loaded)
             return
@@ -166,6 +181,20 @@ class MoEExperts(nn.Module):
             )
         with torch.no_grad():
             target.copy_(loaded)
+
+    def _tp_slice(self, param: torch.Tensor, loaded: torch.Tensor, shard_id) -> torch.Tensor:
+        """This rank's intermediate features of a checkpoint tensor: a per-expert gate / up
+        [I, H] or down [H, I], or a whole stack [E, 2I, H] / [E, H, I]."""
+        size = self.intermediate_size
+        start = self.tp_rank * size
+        if shard_id is None and param is self.gate_up_proj:
+            full = loaded.shape[1] // 2
+            return torch.cat(
+                [loaded.narrow(1, start, size), loaded.narrow(1, full + start, size)], 1
+            )
+        if shard_id is None:
+            return loaded.narrow(2, start, size)
+        return loaded.narrow(0 if "." in shard_id else 1, start, size)
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -203,4 +232,4 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
-        return self.experts(x, weights, ids)
+        return parallel_state.tp_all_reduce(self.experts(x, weights, ids), self.experts.tp_size)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,10 +82,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return runner
 
     async def Describe(self, request, context):
-        runner = await self._runner(context)
+        await self._runner(context)
         engine = request.engine if request.HasField("engine") else None
         try:
-            return await self._call(runner.describe, request.block_size, engine)
+            return await self._call(self.stage.describe, request.block_size, engine)
         except EngineConfigConflict as exc:
             # The scheduler's engine fields contradict this rank's flags: it may not start.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -92,7 +93,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def InitializeCache(self, request, context):
-        runner = await self._runner(context)
+        await self._runner(context)
         if request.num_blocks < 1 or request.block_size < 1:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -101,7 +102,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         await self.set_health(_NOT_SERVING)
         seconds = await self._call(
-            runner.initialize_cache,
+            self.stage.initialize_cache,
             request.num_blocks,
             request.block_size,
             request.num_state_slots,
@@ -155,11 +156,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             return await self._call(fn, step) if step is not None else await self._call(fn)
         except Exception as exc:
-            where = f"step {step.step_id}" if step is not None else "the pipeline check"
+            where = f"step {step.step_id}" if step is not None else "the stage check"
             logger.error("%s failed; this worker is dead: %s", where, exc)
             self.dead = exc
             await self.set_health(_NOT_SERVING)
             raise
+
+    async def heartbeats(self) -> None:
+        """A tensor-parallel driver: while nothing else goes to its peers, tell them it is
+        alive (on the step thread, between commands); a failure kills the engine."""
+        channel = self.stage.channel
+        while self.dead is None:
+            await asyncio.sleep(channel.interval / 2)
+            if channel.heartbeat_due():
+                with contextlib.suppress(Exception):  # _run_step logged it and marked us dead
+                    await self._run_step(self.stage.heartbeat, None)
 
     async def GetStageStats(self, request, context):
         await self._runner(context)
@@ -177,7 +188,7 @@ async def run_worker(
     from splitserve.worker.model_runner import ModelRunner
     from splitserve.worker.stage_transfer import PipelineStage, StageLink
 
-    if config.pipeline_parallel_size > 1:
+    if config.world_size > 1:
         config.init_method()  # fail before listening when the ranks cannot meet
     loop = asyncio.get_running_loop()
     server = grpc.aio.server(
@@ -193,6 +204,18 @@ async def run_worker(
         spans = WorkerSpans(config.rank, per_step=config.collect_detailed_traces is not None)
     servicer = WorkerServicer(health_servicer, spans)
     await servicer.set_health(_NOT_SERVING)
+    if config.tp_rank > 0:
+        # A tensor-parallel peer serves health only: the scheduler talks to its driver.
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if not server.add_insecure_port(address) and not address.startswith("unix:"):
+            raise OSError(f"could not bind {address}")
+        await server.start()
+        try:
+            await _serve_peer(config, servicer, ready_event)
+        finally:
+            await servicer.set_health(_NOT_SERVING)
+            await server.stop(grace)
+        return
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if not server.add_insecure_port(address) and not address.startswith("unix:"):
@@ -207,18 +230,32 @@ async def run_worker(
     try:
         try:
             runner = await loop.run_in_executor(servicer.executor, ModelRunner, config)
-            if config.pipeline_parallel_size > 1:
+            if config.world_size > 1:
                 link = await loop.run_in_executor(
                     servicer.executor, StageLink, config, runner.device
                 )
         except Exception as exc:
             servicer.runner_ready.set_exception(exc)
             raise
-        servicer.stage = PipelineStage(runner, link)
+        channel = None
+        if config.tensor_parallel_size > 1:
+            from splitserve.worker.tp_channel import StageChannel
+
+            channel = StageChannel(runner.device, config.distributed_timeout_seconds)
+        servicer.stage = PipelineStage(runner, link, channel)
         servicer.runner_ready.set_result(runner)
+        if channel is not None:
+            heartbeats = asyncio.create_task(servicer.heartbeats())
         logger.info("weights loaded; waiting for InitializeCache")
         await stop.wait()
         logger.info("stopping (grace %.1fs)", grace)
+        if channel is not None:
+            heartbeats.cancel()
+            if servicer.dead is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        loop.run_in_executor(servicer.executor, servicer.stage.stop_peers), 10
+                    )
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -232,6 +269,43 @@ async def run_worker(
         servicer.executor.shutdown(wait=False, cancel_futures=True)
         if servicer.runner_ready.done() and not servicer.runner_ready.cancelled():
             servicer.runner_ready.exception()  # mark retrieved: raised above already
+
+
+async def _serve_peer(config: WorkerConfig, servicer: WorkerServicer, ready_event) -> None:
+    """A tensor-parallel peer: load, join the stage, then run the driver's commands until it
+    says stop (or SIGTERM); raises when the driver is gone, so the process exits non-zero."""
+    from splitserve.worker.model_runner import ModelRunner
+    from splitserve.worker.stage_transfer import PipelineStage, StageLink
+    from splitserve.worker.tp_channel import StageChannel, serve_peer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = _install_signal_handlers(loop, stop)
+    if ready_event is not None:
+        ready_event.set()
+    logger.info("tensor-parallel rank %d of stage %d", config.tp_rank, config.rank)
+    link = None
+    try:
+        runner = await loop.run_in_executor(servicer.executor, ModelRunner, config)
+        link = await loop.run_in_executor(servicer.executor, StageLink, config, runner.device)
+        channel = StageChannel(runner.device, config.distributed_timeout_seconds)
+        stage = PipelineStage(runner, link)
+        await servicer.set_health(_SERVING)
+        stopping = threading.Event()
+        serving = loop.run_in_executor(
+            servicer.executor, serve_peer, runner, stage, channel, stopping
+        )
+        stopped = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.set()
+        if serving in done:
+            serving.result()  # raises when the driver is gone
+        stopped.cancel()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        # NOTE: the step thread may be blocked in a collective: do not wait for it.
+        servicer.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> list:

@@ -92,6 +92,7 @@ def _parse_int(text: str) -> int:
 
 VLLM_SPELLINGS = {
     "pipeline_parallel_size": ("-pp",),
+    "tensor_parallel_size": ("-tp",),
     "drain_timeout_s": ("--shutdown-timeout",),
 }
 """vLLM's other spellings of flags that config fields generate."""
