@@ -4,6 +4,7 @@ by the real scheduler over gRPC, against one rank and against transformers; a de
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -178,9 +179,11 @@ def test_pp2_by_tp2_matches_transformers(checkpoint, tmp_path):
         grid.kill()
 
 
-def test_a_killed_tensor_parallel_rank_fails_the_stream(checkpoint, tmp_path):
-    """CHECKLIST rows 22 / 28: a peer dies mid-stream; the driver's collective fails, the
-    scheduler's executor raises instead of waiting, and the driver reports itself dead."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
+def test_a_dead_or_stuck_tensor_parallel_rank_fails_the_stream(checkpoint, tmp_path, sig):
+    """CHECKLIST rows 22 / 28: a peer dies (or stalls) mid-stream; the driver's collective
+    fails (at once, or after the distributed timeout), the scheduler's executor raises
+    instead of waiting, and the driver reports itself dead."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -201,7 +204,7 @@ def test_a_killed_tensor_parallel_rank_fails_the_stream(checkpoint, tmp_path):
         for _ in range(3):
             for out in engine.step():
                 assert not out.error
-        grid.procs[1].kill()
+        os.kill(grid.procs[1].pid, sig)
         start = time.monotonic()
         with pytest.raises(WorkerDied):
             while engine.has_work:
