@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from splitserve.worker import cpu_linear, parallel_state
+from splitserve.worker.checkpoint_slices import reads_slices
 
 WeightLoader = Callable[..., None]
 """weight_loader(param, loaded, shard_id=None): copy one checkpoint tensor into `param`."""
@@ -247,6 +248,7 @@ class MergedLinear(Linear):
     def register_weight(self, name: str, **attrs: Any) -> None:
         super().register_weight(name, shard_ids=list(self.shard_sizes), **attrs)
 
+    @reads_slices
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         """Copy checkpoint tensor `loaded` of shard `shard_id` into its rows of `param` (the
         whole fused tensor when shard_id is None)."""

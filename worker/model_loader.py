@@ -35,6 +35,7 @@ from splitserve.common.model_path import (
 )
 from splitserve.common.pooling import is_base_model
 from splitserve.worker import parallel_state
+from splitserve.worker.checkpoint_slices import read_shard_lazily, whole
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.linear import (
     MergedLinear,
@@ -347,6 +348,8 @@ def load_model(config: WorkerConfig) -> LoadedModel:
             ignore_patterns=config.weight_ignore_patterns(),
             desc=f"Loading {path.name if is_local_folder(config.model) else config.model} "
             f"(rank {config.rank})",
+            # Tensor-parallel ranks read only their slices of each tensor.
+            read=read_shard_lazily if config.tensor_parallel_size > 1 else None,
         )
         load_weights(model, weights)
     model.eval()
@@ -543,6 +546,8 @@ def _expected_keys(model: nn.Module) -> set[tuple[str, str | None]]:
 def _load(param: torch.Tensor, tensor: torch.Tensor, shard: str | None, name: str) -> None:
     """`param.weight_loader(param, tensor, shard)`; a ValueError names the checkpoint tensor."""
     loader = getattr(param, "weight_loader", default_weight_loader)
+    if not getattr(loader, "reads_slices", False):
+        tensor = whole(tensor)
     try:
         loader(param, tensor, shard)
     except ValueError as exc:

@@ -21,6 +21,7 @@ from torch import nn
 
 from splitserve.kernels import dispatch
 from splitserve.worker import parallel_state
+from splitserve.worker.checkpoint_slices import reads_slices
 from splitserve.worker.linear import check_sliceable, default_weight_loader, set_weight_attrs
 
 ExpertNames = dict[str, tuple[str, str | None]]
@@ -155,6 +156,7 @@ class MoEExperts(nn.Module):
         stacked, shard = self.checkpoint_names[proj]
         return stacked + params[param], f"{expert}.{shard}" if shard else str(expert)
 
+    @reads_slices
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         """Copy one expert's tensor (shard "3.gate", "3.up" or "3") into its stacked slot, or
         all experts at once (shard_id None)."""

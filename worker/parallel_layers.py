@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from splitserve.worker import parallel_state
+from splitserve.worker.checkpoint_slices import reads_slices, whole
 from splitserve.worker.linear import Linear, default_weight_loader, set_weight_attrs
 
 
@@ -31,12 +32,15 @@ class RowParallelLinear(Linear):
         local = parallel_state.shard_size(in_features, self.tp_size, "the input features")
         super().__init__(local, out_features, bias=bias)
 
+    @reads_slices
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         if param is self.weight:
             loaded = loaded.narrow(1, self.tp_rank * self.in_features, self.in_features)
         elif self.tp_rank != 0:
             # NOTE: only the driver adds the bias: the sum over ranks then holds it once.
-            loaded = torch.zeros_like(loaded)
+            loaded = torch.zeros(loaded.shape)
+        else:
+            loaded = whole(loaded)
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +76,7 @@ def _vocab_loader(module: nn.Module, vocab_size: int):
             param.zero_()
             param[:rows].copy_(loaded[start : start + rows])
 
-    return load
+    return reads_slices(load)
 
 
 class VocabParallelEmbedding(nn.Module):

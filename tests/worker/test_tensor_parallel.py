@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from splitserve.entrypoints.launcher import free_port
 from splitserve.scheduler.engine_core import EngineCore
@@ -131,9 +132,52 @@ def test_preflight_refuses_what_cannot_be_sharded(checkpoint, monkeypatch):
     check_model(WorkerConfig(model=path))
 
 
-def test_tp2_llama_and_qwen3_moe_match_one_rank_and_transformers(checkpoint, tmp_path):
-    llama = checkpoint("llama_tp", num_layers=2, tie=True)
-    moe = checkpoint(
+def test_each_rank_reads_only_its_slices(checkpoint, monkeypatch):
+    """Rank 1 of 2 of Qwen3-MoE (one KV head, replicated): every sharded tensor is read through
+    a narrowed safetensors slice, only replicated ones whole, and each parameter holds exactly
+    its rows / columns of the checkpoint."""
+    from safetensors.torch import load_file
+
+    from splitserve.worker.checkpoint_slices import LazyTensor
+    from splitserve.worker.model_loader import load_model
+
+    path = _moe_checkpoint(checkpoint)
+    whole_reads: list[str] = []
+    materialize = LazyTensor.materialize
+
+    def spy(self):
+        whole_reads.append(self.name)
+        return materialize(self)
+
+    monkeypatch.setattr(LazyTensor, "materialize", spy)
+    model = load_model(
+        WorkerConfig(model=str(path), tensor_parallel_size=2, tp_rank=1, max_model_len=64)
+    ).model
+    assert whole_reads and all(
+        n.endswith(("norm.weight", "mlp.gate.weight")) for n in whole_reads
+    ), whole_reads
+    ckpt = load_file(str(path / "model.safetensors"))
+    params = model.state_dict()  # checkpoint-form tensors (not oneDNN-packed)
+    attn, moe, dense = "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.mlp"
+    d = 8  # head_dim: 4 query heads -> 2 on rank 1 (heads 2, 3); the one KV head on both
+    q, k, v = (ckpt[f"{attn}.{p}_proj.weight"] for p in "qkv")
+    assert torch.equal(params[f"{attn}.qkv_proj.weight"], torch.cat([q[2 * d :], k, v]))
+    assert torch.equal(params[f"{attn}.o_proj.weight"], ckpt[f"{attn}.o_proj.weight"][:, 2 * d :])
+    gate, up = (ckpt[f"{dense}.{p}_proj.weight"] for p in ("gate", "up"))
+    assert torch.equal(params[f"{dense}.gate_up_proj.weight"], torch.cat([gate[32:], up[32:]]))
+    e3 = f"{moe}.experts.3"
+    stack = params[f"{moe}.experts.gate_up_proj"][3]  # moe_intermediate_size 32 -> 16 a rank
+    assert torch.equal(stack[:16], ckpt[f"{e3}.gate_proj.weight"][16:])
+    assert torch.equal(stack[16:], ckpt[f"{e3}.up_proj.weight"][16:])
+    down = params[f"{moe}.experts.down_proj"][3]
+    assert torch.equal(down, ckpt[f"{e3}.down_proj.weight"][:, 16:])
+    vocab = ckpt["model.embed_tokens.weight"]  # 96 rows -> rows 48..95 on rank 1
+    assert torch.equal(params["model.embed_tokens.weight"], vocab[48:])
+    assert torch.equal(params["lm_head.weight"], ckpt["lm_head.weight"][48:])
+
+
+def _moe_checkpoint(checkpoint):
+    return checkpoint(
         "qwen3_moe_tp",
         arch="qwen3_moe",
         num_layers=2,
@@ -143,6 +187,11 @@ def test_tp2_llama_and_qwen3_moe_match_one_rank_and_transformers(checkpoint, tmp
         mlp_only_layers=[1],
         num_key_value_heads=1,  # fewer KV heads than ranks: each rank holds a copy
     )
+
+
+def test_tp2_llama_and_qwen3_moe_match_one_rank_and_transformers(checkpoint, tmp_path):
+    llama = checkpoint("llama_tp", num_layers=2, tie=True)
+    moe = _moe_checkpoint(checkpoint)
     workload = _workload(96)[:12]
     # The peer gives less KV memory than its driver: the stage reports the least.
     grids = {
