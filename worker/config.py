@@ -82,6 +82,8 @@ class WorkerConfig(
     """Number of tensor-parallel ranks each pipeline stage is split over (vLLM's -tp): every layer's heads, MLP features, experts and vocabulary are sharded over them; each rank is its own process, and the stage's rank 0 (its driver) alone talks to the scheduler."""
     tp_rank: int = 0
     """Tensor-parallel rank of this worker within its pipeline stage (0: the stage's driver, which serves the scheduler; the others take each step from it over torch.distributed)."""
+    enable_expert_parallel: bool = False
+    """MoE layers (vLLM's --enable-expert-parallel): partition each layer's experts over the stage's tensor-parallel ranks, each rank holding whole experts and reading only its own from the checkpoint, instead of sharding every expert; tokens reach their experts' ranks and come back by all-to-all. Needs --tensor-parallel-size > 1."""
     pp_layer_partition: str | None = None
     """Decoder layers per pipeline rank, comma-separated, rank 0 first; they must sum to the model's layer count. None reads VLLM_PP_LAYER_PARTITION from the environment (as vLLM does), else splits evenly."""
     distributed_init_method: str | None = None
@@ -224,6 +226,11 @@ class WorkerConfig(
             raise ValueError(f"tensor_parallel_size must be at least 1, got {tp}")
         if not 0 <= self.tp_rank < tp:
             raise ValueError(f"tp_rank must be in [0, {tp}), got {self.tp_rank}")
+        if self.enable_expert_parallel and tp == 1:
+            raise ValueError(
+                "--enable-expert-parallel partitions the experts over a stage's tensor-parallel "
+                "ranks: it needs --tensor-parallel-size > 1"
+            )
         if tp > 1 and self.enable_lora:
             raise ValueError(
                 f"--enable-lora with --tensor-parallel-size {tp}: LoRA adapters are not "

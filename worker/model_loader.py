@@ -66,6 +66,10 @@ _EXPERT_RE = re.compile(
 )
 
 
+_ELSEWHERE = ("", "")
+"""`_param_target` of a tensor this rank does not hold by design (another rank's expert)."""
+
+
 @dataclass
 class LoadedModel:
     """A model slice on its device, with the facts the runner needs about it."""
@@ -287,6 +291,7 @@ def parallel_state_of(config: WorkerConfig, start: int, end: int) -> parallel_st
         config.pipeline_parallel_size,
         config.tp_rank,
         config.tensor_parallel_size,
+        config.enable_expert_parallel,
     )
 
 
@@ -353,6 +358,7 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         )
         load_weights(model, weights)
     model.eval()
+    _log_expert_placement(model)
     onednn = process_weights_after_loading(model)  # CPU float32: linears through oneDNN
     if onednn:
         logger.info("%d linear layers run through oneDNN", onednn)
@@ -377,6 +383,18 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         skeleton.max_model_len,
         sampling_defaults(config, path),
     )
+
+
+def _log_expert_placement(model: nn.Module) -> None:
+    experts = next((m for m in model.modules() if isinstance(m, MoEExperts)), None)
+    if experts is not None and experts.ep_size > 1:
+        first = experts.first_expert
+        logger.info(
+            "expert parallelism: experts [%d, %d) of %d in every MoE layer on this rank",
+            first,
+            first + experts.num_local_experts,
+            experts.num_experts,
+        )
 
 
 def _max_model_len(config: WorkerConfig, hf_config: Any, cls: type | None = None) -> int:
@@ -485,6 +503,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             target = _param_target(name, params, modules, packed)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {file_name}: {exc}") from None
+        if target is _ELSEWHERE:
+            continue  # an expert another expert-parallel rank holds: never read
         if target is None:
             if name != "model.embed_tokens.weight":
                 logger.warning("ignoring checkpoint tensor %s: no such parameter", file_name)
@@ -520,8 +540,10 @@ def _param_target(
     if (m := _EXPERT_RE.match(name)) and isinstance(
         experts := modules.get(m["module"]), MoEExperts
     ):
-        stacked, shard = experts.checkpoint_target(int(m["expert"]), m["proj"], m["param"])
-        return f"{m['module']}.{stacked}", shard
+        target = experts.checkpoint_target(int(m["expert"]), m["proj"], m["param"])
+        if target is None:
+            return _ELSEWHERE
+        return f"{m['module']}.{target[0]}", target[1]
     module_name, _, param_name = name.rpartition(".")
     head, _, leaf = module_name.rpartition(".")
     if leaf in packed:

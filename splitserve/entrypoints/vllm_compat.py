@@ -190,15 +190,6 @@ PINNED: tuple[Pinned, ...] = (
         boolean=True,
     ),
     Pinned(
-        "--enable-expert-parallel",
-        "places MoE experts on different GPUs.",
-        (False,),
-        "splitserve has no expert parallelism; each pipeline rank holds its layers' experts",
-        frozenset({_W}),
-        boolean=True,
-        aliases=("-ep",),
-    ),
-    Pinned(
         "--enable-eplb",
         "rebalances MoE experts across GPUs at run time.",
         (False,),

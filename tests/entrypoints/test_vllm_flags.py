@@ -24,7 +24,6 @@ _VALUES = {
     "--num-scheduler-steps": ("1", "8"),
     "--lora-dtype": ("auto", "bfloat16"),
     "--fully-sharded-loras": (False, True),
-    "--enable-expert-parallel": (False, True),
     "--enable-eplb": (False, True),
     "--compilation-config": ('{"level": 0}', '{"level": 3}'),
     "--max-num-partial-prefills": ("1", "4"),

@@ -26,11 +26,14 @@ STARTUP_S = 180.0
 class GridWorkers:
     """`splitserve worker` processes, P stages x T tensor-parallel ranks, one rendezvous."""
 
-    def __init__(self, model, pp: int, tp: int, log_dir, timeout_s: float, kv=None) -> None:
+    def __init__(
+        self, model, pp: int, tp: int, log_dir, timeout_s: float, kv=None, extra=()
+    ) -> None:
         init = f"tcp://127.0.0.1:{free_port()}"
         self.cells = [(r, k) for r in range(pp) for k in range(tp)]
         self.addresses = [f"127.0.0.1:{free_port()}" for _ in self.cells]
-        self.logs = [log_dir / f"pp{pp}tp{tp}-{r}-{k}.log" for r, k in self.cells]
+        tag = "-ep" if extra else ""
+        self.logs = [log_dir / f"pp{pp}tp{tp}{tag}-{r}-{k}.log" for r, k in self.cells]
         self.procs = [
             subprocess.Popen(
                 [
@@ -55,6 +58,7 @@ class GridWorkers:
                     str(timeout_s),
                     "--kv-cache-memory",
                     (kv or {}).get((r, k), "1MiB"),
+                    *extra,
                 ],
                 stdout=log.open("w"),
                 stderr=subprocess.STDOUT,
@@ -265,5 +269,46 @@ def test_a_dead_or_stuck_tensor_parallel_rank_fails_the_stream(checkpoint, tmp_p
             )
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
         engine.shutdown()
+    finally:
+        grid.kill()
+
+
+def test_expert_parallel_reads_only_local_experts(checkpoint, monkeypatch):
+    from splitserve.worker.checkpoint_slices import LazyTensor
+    from splitserve.worker.model_loader import load_model
+
+    path = _moe_checkpoint(checkpoint)
+    read: list[str] = []
+    for method in ("materialize", "narrow"):
+        original = getattr(LazyTensor, method)
+
+        def spy(self, *args, _original=original):
+            read.append(self.name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(LazyTensor, method, spy)
+    config = WorkerConfig(
+        model=str(path), tensor_parallel_size=2, tp_rank=1, enable_expert_parallel=True
+    )
+    experts = load_model(config).model.model.layers[0].mlp.experts
+    assert (experts.first_expert, experts.num_local_experts) == (2, 2)
+    assert experts.gate_up_proj.shape[0] == 2 and experts.intermediate_size == 32  # whole
+    read_experts = {int(n.split(".experts.")[1].split(".")[0]) for n in read if ".experts." in n}
+    assert read_experts == {2, 3}
+    with pytest.raises(ValueError, match="needs --tensor-parallel-size > 1"):
+        WorkerConfig(model=str(path), enable_expert_parallel=True)
+
+
+def test_ep2_qwen3_moe_matches_one_rank(checkpoint, tmp_path):
+    path = _moe_checkpoint(checkpoint)
+    workload = _workload(96)[:12]
+    grid = GridWorkers(path, 1, 2, tmp_path, 60, extra=["--enable-expert-parallel"])
+    try:
+        one = _one_rank(path, workload)
+        engine = grid.engine()
+        got = _generate(engine, workload)
+        engine.shutdown()
+        assert got == one
+        assert "experts [2, 4) of 4 in every MoE layer" in grid.logs[1].read_text()
     finally:
         grid.kill()
