@@ -312,3 +312,23 @@ def test_ep2_qwen3_moe_matches_one_rank(checkpoint, tmp_path):
         assert "experts [2, 4) of 4 in every MoE layer" in grid.logs[1].read_text()
     finally:
         grid.kill()
+
+
+def test_an_idle_stage_outlives_its_distributed_timeout(checkpoint, tmp_path):
+    """Peers wait for their driver's next command for at most the distributed timeout; the
+    driver's heartbeats keep an idle stage alive past it (this is the idle time under test,
+    not a synchronisation)."""
+    path = checkpoint("llama_tp", num_layers=2, tie=True)
+    timeout_s = 2.0
+    grid = GridWorkers(path, 1, 2, tmp_path, timeout_s)
+    try:
+        engine = grid.engine()
+        assert [len(v) for v in _generate(engine, [([5, 6, 7], 4)]).values()] == [4]
+        time.sleep(timeout_s * 2 + 1.5)
+        dead = [i for i, p in enumerate(grid.procs) if p.poll() is not None]
+        assert not dead, grid.tail()
+        out = _generate(engine, [([5, 6, 7], 4), ([8, 9], 3)])
+        assert {rid: len(v) for rid, v in out.items()} == {"r0": 4, "r1": 3}
+        engine.shutdown()
+    finally:
+        grid.kill()
