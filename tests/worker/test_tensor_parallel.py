@@ -218,16 +218,30 @@ def test_tp2_llama_and_qwen3_moe_match_one_rank_and_transformers(checkpoint, tmp
             grid.kill()
 
 
-def test_pp2_by_tp2_matches_transformers(checkpoint, tmp_path):
-    path = checkpoint("llama_tp_pp", num_layers=3)
+@pytest.mark.parametrize("model", ["llama", "qwen3_moe-ep"])
+def test_pp2_by_tp2_matches_transformers(checkpoint, tmp_path, model):
+    if model == "llama":
+        path, extra = checkpoint("llama_tp_pp", num_layers=3), []
+    else:  # experts partitioned over each stage's two ranks (stage 1 is global ranks 2, 3)
+        path = checkpoint(
+            "qwen3_moe_tp_pp",
+            arch="qwen3_moe",
+            num_layers=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        )
+        extra = ["--enable-expert-parallel"]
     workload = _workload(96)[:10]
-    grid = GridWorkers(path, 2, 2, tmp_path, 60)
+    grid = GridWorkers(path, 2, 2, tmp_path, 60, extra=extra)
     try:
         engine = grid.engine()
         assert engine.pipeline_parallel_size == 2
         got = _generate(engine, workload)
         engine.shutdown()
         assert got == _transformers_greedy(path, workload)
+        if extra:  # stage 1's second rank holds the upper half of layer 1's experts
+            assert "experts [2, 4) of 4" in grid.logs[3].read_text()
     finally:
         grid.kill()
 
