@@ -30,7 +30,7 @@ def ep_moe(
     """x [N, H] (the same on every rank), router weights [N, K] fp32, expert ids [N, K] ->
     [N, H] on every rank."""
     group = parallel_state.tp_group()
-    size, rank = experts.ep_size, experts.tp_rank
+    size, rank = experts.ep_size, experts.first_expert // experts.num_local_experts
     n, k = topk_ids.shape
     share = -(-n // size)
     start, stop = min(rank * share, n), min((rank + 1) * share, n)

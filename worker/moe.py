@@ -94,12 +94,12 @@ class MoEExperts(nn.Module):
         super().__init__()
         state = parallel_state.current()
         self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
-        self.ep_size = state.tp_size if state.enable_expert_parallel else 1
+        self.ep_size = state.ep_size
         """Ranks the experts are partitioned over (1: every rank holds every expert)."""
         self.num_local_experts = parallel_state.shard_size(
             num_experts, self.ep_size, "the number of experts"
         )
-        self.first_expert = state.tp_rank * self.num_local_experts if self.ep_size > 1 else 0
+        self.first_expert = state.ep_rank * self.num_local_experts
         if self.ep_size > 1:
             self.tp_size = 1  # NOTE: experts whole, not sharded over the stage
         intermediate_size = parallel_state.shard_size(

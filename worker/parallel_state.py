@@ -2,7 +2,9 @@
 
 A worker is one cell of a grid: pipeline stage `pp_rank` of `pp_size` (a slice of the decoder
 layers) and tensor-parallel rank `tp_rank` of `tp_size` within that stage (a slice of every
-layer's heads, intermediate features, experts and vocabulary). `ParallelState` names the cell;
+layer's heads, intermediate features, experts and vocabulary). With expert parallelism the
+same ranks form the expert-parallel group (`ep_rank` of `ep_size`), each holding whole
+experts. `ParallelState` names the cell;
 the model is built under `use(state)`, and its layers read `current()` at construction to size
 their shards, so model files need no extra constructor arguments for tensor parallelism. A model
 built outside `use` (a test, a model file that predates this) sees the single-rank default.
@@ -65,6 +67,18 @@ class ParallelState:
     def global_rank(self) -> int:
         """This worker's rank in the torch.distributed world of pp_size x tp_size ranks."""
         return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def ep_size(self) -> int:
+        """Ranks each MoE layer's experts are partitioned over: the stage's tensor-parallel
+        group with --enable-expert-parallel, else 1 (every rank holds a slice of every
+        expert)."""
+        return self.tp_size if self.enable_expert_parallel else 1
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place in the expert-parallel group (its tensor-parallel rank)."""
+        return self.tp_rank if self.enable_expert_parallel else 0
 
     def stage_ranks(self) -> list[int]:
         """Global ranks of this stage's tensor-parallel group, the driver first."""
