@@ -420,6 +420,8 @@ class ModelRunner:
             raise RuntimeError("initialize_cache must run before execute")
         errors: dict[str, str] = {}
         self._update_states(step, errors)
+        if self.is_last and self.config.tensor_parallel_size > 1:
+            self._share_refusals(errors)
         plan = self._plan(step, errors)
         self.last_layout = 0 if plan is None else step_layout(plan.rows, plan.ends)
         if not self.is_first:
@@ -461,6 +463,24 @@ class ModelRunner:
         if self.config.tensor_parallel_size > 1:
             self._share_samples(plan, result)
         return result
+
+    def _share_refusals(self, errors: dict[str, str]) -> None:
+        """The last stage's driver alone holds grammar matchers, so only it can refuse a new
+        request's constraint: it tells its peers which requests it dropped, and they drop
+        them too, so that every rank plans the same rows."""
+        payload = "\n".join(errors).encode() if self.samples else b""
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
+        size = int(parallel_state.tp_broadcast_from_driver(size).item())
+        if size == 0:
+            return
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
+        if data is None:
+            data = torch.empty(size, dtype=torch.uint8)
+        data = parallel_state.tp_broadcast_from_driver(data.to(self.device)).cpu()
+        if self.samples:
+            return
+        for rid in data.numpy().tobytes().decode().split("\n"):
+            self._forget(rid)
 
     def _share_samples(self, plan: StepPlan, result: msg.StepResult | None) -> None:
         """The last stage's driver hands the tokens it sampled (and the rows it deferred) to

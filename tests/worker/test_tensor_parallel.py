@@ -346,3 +346,40 @@ def test_an_idle_stage_outlives_its_distributed_timeout(checkpoint, tmp_path):
         engine.shutdown()
     finally:
         grid.kill()
+
+
+def test_a_constraint_only_the_driver_refuses_fails_that_request_only(checkpoint, tmp_path):
+    """Grammar matchers live on the last stage's driver: a constraint it refuses drops the
+    request there, and its peers must drop it too (or the ranks plan different rows and
+    their collectives no longer match); the other requests finish as on one rank."""
+    from splitserve.common import messages as msg
+
+    path = checkpoint("llama_tp", num_layers=2, tie=True)
+    workload = _workload(96)[:3]
+    grid = GridWorkers(path, 1, 2, tmp_path, 30)
+    try:
+        one = _one_rank(path, workload)
+        engine = grid.engine()
+        sp = msg.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        bad = msg.GenerateRequest(request_id="bad", prompt_token_ids=[5, 6, 7], sampling_params=sp)
+        engine.scheduler.add_request(bad, msg.GrammarSpec(kind="no-such-kind", spec="x"))
+        for i, (prompt, n) in enumerate(workload):
+            sp = msg.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            engine.scheduler.add_request(
+                msg.GenerateRequest(request_id=f"r{i}", prompt_token_ids=prompt, sampling_params=sp)
+            )
+        got: dict[str, list[int]] = {}
+        errors: dict[str, str] = {}
+        deadline = time.monotonic() + 120
+        while engine.has_work:
+            assert time.monotonic() < deadline, "generation did not finish"
+            for o in engine.step():
+                if o.error:
+                    errors[o.request_id] = o.error
+                else:
+                    got.setdefault(o.request_id, []).extend(o.token_ids)
+        assert list(errors) == ["bad"] and "no-such-kind" in errors["bad"], errors
+        assert got == one
+        engine.shutdown()
+    finally:
+        grid.kill()
