@@ -97,7 +97,7 @@ class WorkerConfig(
     attention_backend: str = "auto"
     """Attention implementation: auto (triton on CUDA, torch otherwise), torch or triton."""
     cpu_omp_threads_bind: str = "auto"
-    """CPU worker: cores its OpenMP threads are pinned to, one each: auto (on 4+ usable cores, all but one, split between pipeline ranks; nothing on CUDA or smaller machines), nobind, or a list such as 0-3,6. Set by the `worker` command before torch loads; ignored when OMP_PLACES or OMP_PROC_BIND is set. The in-process LLM accepts only auto or nobind (its threads are the caller's)."""
+    """CPU worker: cores its OpenMP threads are pinned to, one each: auto (on 4+ usable cores, all but one, split between the worker processes (pipeline x tensor-parallel ranks); nothing on CUDA or smaller machines), nobind, or a list such as 0-3,6. Set by the `worker` command before torch loads; ignored when OMP_PLACES or OMP_PROC_BIND is set. The in-process LLM accepts only auto or nobind (its threads are the caller's)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs (CUDA only; a CPU worker always runs eagerly)."""
     max_seq_len_to_capture: int = 8192

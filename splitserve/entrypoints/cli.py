@@ -246,11 +246,12 @@ def bind_openmp_threads(config, environ=os.environ) -> None:
     Must run before torch is imported."""
     from splitserve.worker import cpu_threads
 
+    # Every worker process of the grid gets its own cores (global rank order).
     cores = cpu_threads.apply(
         config.cpu_omp_threads_bind,
         config.device,
-        config.rank,
-        config.pipeline_parallel_size,
+        config.rank * config.tensor_parallel_size + config.tp_rank,
+        config.world_size,
         environ,
     )
     if cores:
