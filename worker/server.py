@@ -13,12 +13,18 @@ With pipeline parallelism (P > 1) the rank joins the torch.distributed group onc
 are loaded (see stage_transfer.py); each step then receives the previous rank's activations
 and sends its own to the next on that same thread. A transfer failure (a peer died or timed
 out) kills this rank's engine like any step failure.
+
+With tensor parallelism (T > 1) only a stage's driver (--tp-rank 0) serves WorkerService; it
+hands every Describe, InitializeCache and step to its peers over torch.distributed before
+running it (`tp_channel.py`), and heartbeats while idle. A peer serves gRPC health only, runs
+its driver's commands, and exits non-zero when the driver is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -122,7 +128,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             # Keeps reading while a step computes, so the scheduler's next step is queued.
             try:
                 async for step in request_iterator:
-                    await queue.put(step_request_from_proto(step))
+                    # The message itself rides along: a tensor-parallel driver forwards it.
+                    await queue.put((step_request_from_proto(step), step))
             finally:
                 await queue.put(None)
 
@@ -131,20 +138,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             while True:
                 try:
-                    step = await asyncio.wait_for(queue.get(), interval)
+                    item = await asyncio.wait_for(queue.get(), interval)
                 except TimeoutError:
                     # Idle: a pipeline rank checks that the next one still takes its sends.
                     await self._run_step(self.stage.check, None)
                     continue
-                if step is None:
+                if item is None:
                     break
+                step, message = item
+                execute = functools.partial(self.stage.execute, message=message)
                 spans = self.spans
                 if spans is None:
-                    yield step_result_to_proto(await self._run_step(self.stage.execute, step))
+                    yield step_result_to_proto(await self._run_step(execute, step))
                     continue
                 spans.before(step)
                 start_ns = time.time_ns()
-                result = await self._run_step(self.stage.execute, step)
+                result = await self._run_step(execute, step)
                 spans.after(step, start_ns, time.time_ns())
                 yield step_result_to_proto(result)
         finally:

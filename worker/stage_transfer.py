@@ -249,8 +249,10 @@ class PipelineStage:
         self._first_start: float | None = None
         self._last_end: float | None = None
 
-    def execute(self, step: msg.StepRequest) -> msg.StepResult:
-        """Run `step` on this rank; non-last ranks answer with the step id only."""
+    def execute(self, step: msg.StepRequest, message=None) -> msg.StepResult:
+        """Run `step` on this rank; non-last ranks answer with the step id only. `message`:
+        the StepRequest protobuf `step` came from, which a driver forwards to its peers as it
+        is (rebuilt from `step` when not given)."""
         start = time.perf_counter()
         recv_wait = send_wait = 0.0
         runner, link = self.runner, self.link
@@ -258,7 +260,9 @@ class PipelineStage:
             from splitserve.common.messages_proto import step_request_to_proto
             from splitserve.worker.tp_channel import Command
 
-            self.channel.send(Command.STEP, step_request_to_proto(step).SerializeToString())
+            if message is None:
+                message = step_request_to_proto(step)
+            self.channel.send(Command.STEP, message.SerializeToString())
         intermediate = None
         if link is not None and not link.is_first:
             intermediate = link.recv(
