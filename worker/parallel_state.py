@@ -59,16 +59,6 @@ class ParallelState:
         return self.pp_rank == self.pp_size - 1
 
     @property
-    def is_driver(self) -> bool:
-        """Whether this rank talks to the scheduler for its stage (and samples, when last)."""
-        return self.tp_rank == 0
-
-    @property
-    def global_rank(self) -> int:
-        """This worker's rank in the torch.distributed world of pp_size x tp_size ranks."""
-        return self.pp_rank * self.tp_size + self.tp_rank
-
-    @property
     def ep_size(self) -> int:
         """Ranks each MoE layer's experts are partitioned over: the stage's tensor-parallel
         group with --enable-expert-parallel, else 1 (every rank holds a slice of every
@@ -79,11 +69,6 @@ class ParallelState:
     def ep_rank(self) -> int:
         """This rank's place in the expert-parallel group (its tensor-parallel rank)."""
         return self.tp_rank if self.enable_expert_parallel else 0
-
-    def stage_ranks(self) -> list[int]:
-        """Global ranks of this stage's tensor-parallel group, the driver first."""
-        base = self.pp_rank * self.tp_size
-        return list(range(base, base + self.tp_size))
 
     @classmethod
     def from_stage_args(
