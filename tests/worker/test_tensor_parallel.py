@@ -124,7 +124,7 @@ def test_preflight_refuses_what_cannot_be_sharded(checkpoint, monkeypatch):
     from splitserve.worker.model_loader import check_model
     from splitserve.worker.models.llama import LlamaForCausalLM
 
-    path = str(checkpoint("llama_tp", num_layers=2, tie=True))
+    path = str(_llama_checkpoint(checkpoint))
     check_model(WorkerConfig(model=path, tensor_parallel_size=2))  # shards fine
     with pytest.raises(ValueError, match="num_attention_heads .4. is not divisible by .* 3"):
         check_model(WorkerConfig(model=path, tensor_parallel_size=3))
@@ -180,6 +180,11 @@ def test_each_rank_reads_only_its_slices(checkpoint, monkeypatch):
     assert torch.equal(params["lm_head.weight"], ckpt["lm_head.weight"][48:])
 
 
+def _llama_checkpoint(checkpoint):
+    # NOTE: 99 rows do not split evenly: rank 1's vocabulary chunk ends in a zero pad row.
+    return checkpoint("llama_tp", num_layers=2, tie=True, vocab_size=99)
+
+
 def _moe_checkpoint(checkpoint):
     return checkpoint(
         "qwen3_moe_tp",
@@ -194,7 +199,7 @@ def _moe_checkpoint(checkpoint):
 
 
 def test_tp2_llama_and_qwen3_moe_match_one_rank_and_transformers(checkpoint, tmp_path):
-    llama = checkpoint("llama_tp", num_layers=2, tie=True)
+    llama = _llama_checkpoint(checkpoint)
     moe = _moe_checkpoint(checkpoint)
     workload = _workload(96)[:12]
     # The peer gives less KV memory than its driver: the stage reports the least.
@@ -257,7 +262,7 @@ def test_a_dead_or_stuck_tensor_parallel_rank_fails_the_stream(checkpoint, tmp_p
     from splitserve.common import messages as msg
     from splitserve.scheduler.executor_grpc import WorkerDied
 
-    path = checkpoint("llama_tp", num_layers=2, tie=True)
+    path = _llama_checkpoint(checkpoint)
     grid = GridWorkers(path, 1, 2, tmp_path, 10)
     try:
         engine = grid.engine()
@@ -332,7 +337,7 @@ def test_an_idle_stage_outlives_its_distributed_timeout(checkpoint, tmp_path):
     """Peers wait for their driver's next command for at most the distributed timeout; the
     driver's heartbeats keep an idle stage alive past it (this is the idle time under test,
     not a synchronisation)."""
-    path = checkpoint("llama_tp", num_layers=2, tie=True)
+    path = _llama_checkpoint(checkpoint)
     timeout_s = 2.0
     grid = GridWorkers(path, 1, 2, tmp_path, timeout_s)
     try:
@@ -354,7 +359,7 @@ def test_a_constraint_only_the_driver_refuses_fails_that_request_only(checkpoint
     their collectives no longer match); the other requests finish as on one rank."""
     from splitserve.common import messages as msg
 
-    path = checkpoint("llama_tp", num_layers=2, tie=True)
+    path = _llama_checkpoint(checkpoint)
     workload = _workload(96)[:3]
     grid = GridWorkers(path, 1, 2, tmp_path, 30)
     try:
