@@ -30,7 +30,7 @@ from splitserve.common import engine_config
 from splitserve.common import messages as msg
 from splitserve.common.lora import check_lora_fields
 from splitserve.protos import common_pb2, worker_pb2
-from splitserve.worker import cache_spec, parallel_state
+from splitserve.worker import cache_spec, tp_channel
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
     AttentionMetadata,
@@ -95,7 +95,7 @@ class ModelRunner:
         self.is_last = self.config.is_last_rank
         self.samples = self.is_last and self.config.tp_rank == 0
         """Whether this rank samples: the last stage's driver (its tensor-parallel peers
-        compute the logits with it, then take the sampled tokens from it: `_share_samples`)."""
+        compute the logits with it, then take the sampled tokens from it: `tp_channel`)."""
         self.backend = get_attention_backend(self.config.attention_backend, self.device)
         self.lora = (
             LoRAManager(self.config, self.model, self.device, self.dtype)
@@ -421,7 +421,7 @@ class ModelRunner:
         errors: dict[str, str] = {}
         self._update_states(step, errors)
         if self.is_last and self.config.tensor_parallel_size > 1:
-            self._share_refusals(errors)
+            tp_channel.share_refusals(self, errors)
         plan = self._plan(step, errors)
         self.last_layout = 0 if plan is None else step_layout(plan.rows, plan.ends)
         if not self.is_first:
@@ -454,57 +454,15 @@ class ModelRunner:
         hidden = out.index_select(0, plan.logits_indices)
         logits = self.model.compute_logits(hidden)
         if logits is None:  # a tensor-parallel peer: the driver samples
-            self._share_samples(plan, None)
+            tp_channel.share_samples(self, plan, None)
             return msg.StepResult(step_id=step.step_id, errors=errors)
         if self.logits_width > self.vocab_size:
             req_ids = plan.logits_request_ids(self.batch.req_ids)
             logits = self.lora.extend_logits(hidden, logits, req_ids)
         result = self._sample(step, plan, logits, errors, masks)
         if self.config.tensor_parallel_size > 1:
-            self._share_samples(plan, result)
+            tp_channel.share_samples(self, plan, result)
         return result
-
-    def _share_refusals(self, errors: dict[str, str]) -> None:
-        """The last stage's driver alone holds grammar matchers, so only it can refuse a new
-        request's constraint: it tells its peers which requests it dropped, and they drop
-        them too, so that every rank plans the same rows."""
-        payload = "\n".join(errors).encode() if self.samples else b""
-        size = torch.tensor([len(payload)], dtype=torch.int64, device=self.device)
-        size = int(parallel_state.tp_broadcast_from_driver(size).item())
-        if size == 0:
-            return
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
-        if data is None:
-            data = torch.empty(size, dtype=torch.uint8)
-        data = parallel_state.tp_broadcast_from_driver(data.to(self.device)).cpu()
-        if self.samples:
-            return
-        for rid in data.numpy().tobytes().decode().split("\n"):
-            self._forget(rid)
-
-    def _share_samples(self, plan: StepPlan, result: msg.StepResult | None) -> None:
-        """The last stage's driver hands the tokens it sampled (and the rows it deferred) to
-        its tensor-parallel peers, which append them as it did (`result` None on a peer)."""
-        batch = self.batch
-        rows = plan.sample_rows
-        tokens = torch.full((rows.size,), -1, dtype=torch.int64)
-        if result is not None:
-            sampled = dict(zip(result.request_ids, result.token_ids, strict=True))
-            tokens = torch.tensor(
-                [sampled.get(batch.req_ids[r], -1) for r in rows.tolist()], dtype=torch.int64
-            )
-        tokens = parallel_state.tp_broadcast_from_driver(tokens.to(self.device)).cpu().numpy()
-        if result is not None:
-            return
-        took = tokens >= 0
-        if (~took).any():  # deferred at the driver: computed again later
-            batch.num_computed[rows[~took]] -= 1
-            self.deferred_ids.update(batch.req_ids[r] for r in rows[~took].tolist())
-        rows = rows[took]
-        self.deferred_ids.difference_update(batch.req_ids[r] for r in rows.tolist())
-        lengths = batch.num_tokens[rows]
-        batch.token_ids[rows, lengths] = tokens[took]
-        batch.num_tokens[rows] = lengths + 1
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
         """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it

@@ -8,6 +8,10 @@ broadcasts: a header [command, payload bytes] and, when there is a payload, the 
 protobuf request as a uint8 tensor (protobuf, never pickle). While idle the driver sends a
 heartbeat every `interval` seconds, so a peer that hears nothing for the distributed timeout
 knows its driver is gone (and exits), instead of waiting forever.
+
+Within a step, what only the last stage's driver decides (the requests its grammar matchers
+refuse, the tokens it samples, the rows it defers) reaches its peers the same way
+(`share_refusals`, `share_samples`), so every rank keeps the same request state.
 """
 
 from __future__ import annotations
@@ -134,3 +138,49 @@ def serve_peer(runner, stage, channel: StageChannel, stopping: threading.Event) 
         elif command is Command.STOP:
             logger.info("the stage's driver stopped; stopping")
             return
+
+
+def share_refusals(runner, errors: dict[str, str]) -> None:
+    """The last stage's driver alone holds grammar matchers, so only it can refuse a new
+    request's constraint: it tells its peers which requests it dropped, and they drop
+    them too, so that every rank plans the same rows. Every rank of the last stage calls it
+    after applying the step's request changes."""
+    payload = "\n".join(errors).encode() if runner.samples else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=runner.device)
+    size = int(parallel_state.tp_broadcast_from_driver(size).item())
+    if size == 0:
+        return
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else None
+    if data is None:
+        data = torch.empty(size, dtype=torch.uint8)
+    data = parallel_state.tp_broadcast_from_driver(data.to(runner.device)).cpu()
+    if runner.samples:
+        return
+    for rid in data.numpy().tobytes().decode().split("\n"):
+        runner.states.forget(rid)
+
+
+def share_samples(runner, plan, result) -> None:
+    """The last stage's driver hands the tokens it sampled (and the rows it deferred) to
+    its tensor-parallel peers, which append them as it did (`result`, the driver's
+    StepResult, is None on a peer). Every rank of the last stage calls it after the logits."""
+    batch = runner.batch
+    rows = plan.sample_rows
+    tokens = torch.full((rows.size,), -1, dtype=torch.int64)
+    if result is not None:
+        sampled = dict(zip(result.request_ids, result.token_ids, strict=True))
+        tokens = torch.tensor(
+            [sampled.get(batch.req_ids[r], -1) for r in rows.tolist()], dtype=torch.int64
+        )
+    tokens = parallel_state.tp_broadcast_from_driver(tokens.to(runner.device)).cpu().numpy()
+    if result is not None:
+        return
+    took = tokens >= 0
+    if (~took).any():  # deferred at the driver: computed again later
+        batch.num_computed[rows[~took]] -= 1
+        runner.deferred_ids.update(batch.req_ids[r] for r in rows[~took].tolist())
+    rows = rows[took]
+    runner.deferred_ids.difference_update(batch.req_ids[r] for r in rows.tolist())
+    lengths = batch.num_tokens[rows]
+    batch.token_ids[rows, lengths] = tokens[took]
+    batch.num_tokens[rows] = lengths + 1
