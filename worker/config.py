@@ -82,6 +82,12 @@ class WorkerConfig(
     """Pipeline rank of this worker."""
     pipeline_parallel_size: int = 1
     """Number of pipeline stages the model is split into."""
+    tensor_parallel_size: int = 1
+    """Number of tensor-parallel ranks each pipeline stage is split over (vLLM's -tp): every layer's heads, MLP features, experts and vocabulary are sharded over them; each rank is its own process, and the stage's rank 0 (its driver) alone talks to the scheduler."""
+    tp_rank: int = 0
+    """Tensor-parallel rank of this worker within its pipeline stage (0: the stage's driver, which serves the scheduler; the others take each step from it over torch.distributed)."""
+    enable_expert_parallel: bool = False
+    """MoE layers (vLLM's --enable-expert-parallel): partition each layer's experts over the stage's tensor-parallel ranks, each rank holding whole experts and reading only its own from the checkpoint, instead of sharding every expert; tokens reach their experts' ranks and come back by all-to-all. Needs --tensor-parallel-size > 1."""
     pp_layer_partition: str | None = None
     """Decoder layers per pipeline rank, comma-separated, rank 0 first; they must sum to the model's layer count. None reads VLLM_PP_LAYER_PARTITION from the environment (as vLLM does), else splits evenly."""
     distributed_init_method: str | None = None
@@ -95,7 +101,7 @@ class WorkerConfig(
     attention_backend: str = "auto"
     """Attention implementation: auto (triton on CUDA, torch otherwise), torch or triton."""
     cpu_omp_threads_bind: str = "auto"
-    """CPU worker: cores its OpenMP threads are pinned to, one each: auto (on 4+ usable cores, all but one, split between pipeline ranks; nothing on CUDA or smaller machines), nobind, or a list such as 0-3,6. Set by the `worker` command before torch loads; ignored when OMP_PLACES or OMP_PROC_BIND is set. The in-process LLM accepts only auto or nobind (its threads are the caller's)."""
+    """CPU worker: cores its OpenMP threads are pinned to, one each: auto (on 4+ usable cores, all but one, split between the worker processes (pipeline x tensor-parallel ranks); nothing on CUDA or smaller machines), nobind, or a list such as 0-3,6. Set by the `worker` command before torch loads; ignored when OMP_PLACES or OMP_PROC_BIND is set. The in-process LLM accepts only auto or nobind (its threads are the caller's)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs (CUDA only; a CPU worker always runs eagerly)."""
     max_seq_len_to_capture: int = 8192
@@ -176,6 +182,7 @@ class WorkerConfig(
                 f"{self.max_parallel_loading_workers}"
             )
         self._check_pipeline_fields()
+        self._check_tensor_parallel_fields()
         check_bind(self.cpu_omp_threads_bind)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
@@ -218,6 +225,33 @@ class WorkerConfig(
                 f"{self.distributed_init_method!r}"
             )
 
+    def _check_tensor_parallel_fields(self) -> None:
+        tp = self.tensor_parallel_size
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {tp}")
+        if not 0 <= self.tp_rank < tp:
+            raise ValueError(f"tp_rank must be in [0, {tp}), got {self.tp_rank}")
+        if self.enable_expert_parallel and tp == 1:
+            raise ValueError(
+                "--enable-expert-parallel partitions the experts over a stage's tensor-parallel "
+                "ranks: it needs --tensor-parallel-size > 1"
+            )
+        if tp > 1 and self.enable_lora:
+            raise ValueError(
+                f"--enable-lora with --tensor-parallel-size {tp}: LoRA adapters are not "
+                "sharded over tensor-parallel ranks; use --tensor-parallel-size 1"
+            )
+        if tp > 1 and self.runner == "pooling":
+            raise ValueError(
+                f"--runner pooling with --tensor-parallel-size {tp}: the pooling runner runs on "
+                "one rank per stage only; use --tensor-parallel-size 1"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Worker processes of the stack: pipeline stages x tensor-parallel ranks."""
+        return self.pipeline_parallel_size * self.tensor_parallel_size
+
     def layer_partition(self) -> list[int] | None:
         """`pp_layer_partition` as one layer count per rank, or None for an even split."""
         if self.pp_layer_partition is None:
@@ -244,7 +278,8 @@ class WorkerConfig(
             return self.distributed_init_method
         if self.master_port is None:
             raise ValueError(
-                f"pipeline_parallel_size {self.pipeline_parallel_size} needs "
+                f"pipeline_parallel_size {self.pipeline_parallel_size} x tensor_parallel_size "
+                f"{self.tensor_parallel_size} needs "
                 "--distributed-init-method tcp://HOST:PORT or --master-port (and --master-addr) "
                 "so the ranks can find each other"
             )

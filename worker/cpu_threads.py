@@ -10,8 +10,8 @@ it first. No torch import here.
 Values of `--cpu-omp-threads-bind`:
 - `auto`: on a machine with at least `AUTO_MIN_CORES` usable cores (the process's affinity
   mask), all of them but one, left to the other services of the stack (vLLM's CPU build
-  reserves one the same way), split evenly between the pipeline ranks (rank r takes the r-th
-  slice). Nothing is bound on a CUDA worker, on a smaller machine, or when the slice would be
+  reserves one the same way), split evenly between the worker processes (pipeline x
+  tensor-parallel ranks; global rank r takes the r-th slice). Nothing is bound on a CUDA worker, on a smaller machine, or when the slice would be
   empty. NOTE: on the 2-core machine measured (bench/RESULTS.md, 2026-12-06 "vs vLLM"), one
   pinned thread with a core left over gave 0.82-0.97x the tokens/s of two free threads, so
   small machines are left unbound; the threshold of 4 is a judgment, not a measurement.

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from splitserve.worker.attention import Attention
+from splitserve.worker.checkpoint_slices import whole
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def load_kv_scale(
     attention = _attention_under(modules.get(m["module"]))
     if attention is None:
         return False
+    tensor = whole(tensor)  # a tensor-parallel rank reads lazily; a scale is one value
     if tensor.numel() != 1:
         raise ValueError(
             f"checkpoint tensor {name}: a KV cache scale holds one value, got shape "

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitserve.worker import cpu_linear
+from splitserve.worker import cpu_linear, parallel_state
+from splitserve.worker.checkpoint_slices import reads_slices
 
 WeightLoader = Callable[..., None]
 """weight_loader(param, loaded, shard_id=None): copy one checkpoint tensor into `param`."""
@@ -68,6 +69,9 @@ def restore_weight_attrs(model: nn.Module) -> None:
 class LinearMethod:
     """How a `Linear` holds its weights and computes `x @ W.T + b`."""
 
+    supports_tensor_parallel: bool = False
+    """Whether its weight loader can take one tensor-parallel rank's slice of a tensor."""
+
     def create_weights(
         self, layer: Linear, in_features: int, out_features: int, bias: bool
     ) -> None:
@@ -87,6 +91,8 @@ class UnquantizedLinearMethod(LinearMethod):
     """A dense weight [out, in] in the model's dtype. On CPU float32, projections of several
     rows run through oneDNN, on the plain weight or on its packed form, which then replaces
     the plain one (`cpu_linear`); either way the model holds one copy."""
+
+    supports_tensor_parallel = True
 
     def create_weights(
         self, layer: Linear, in_features: int, out_features: int, bias: bool
@@ -127,6 +133,8 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.method = method if method is not None else UnquantizedLinearMethod()
         self.has_bias = bias
+        self.tp_sharded = getattr(self, "tp_sharded", False)
+        """Whether this rank holds a tensor-parallel slice (set by parallel subclasses)."""
         self.keep_plain_weight = False
         """Set before `process_weights_after_loading` when something else needs the plain
         weight (the loader sets it for weights shared with another module)."""
@@ -147,6 +155,7 @@ class Linear(nn.Module):
 
     def set_method(self, method: LinearMethod) -> None:
         """Swap the quant method before loading: drop the parameters and create the new ones."""
+        check_sliceable(method, self.tp_sharded)
         for name in list(self._parameters):
             delattr(self, name)
         self.__dict__.pop("_weight_attrs", None)
@@ -167,6 +176,16 @@ class Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, method={type(self.method).__name__}"
+        )
+
+
+def check_sliceable(method, tp_sharded: bool) -> None:
+    """ValueError when a tensor-parallel layer is given a quant method that cannot slice."""
+    if tp_sharded and not getattr(method, "supports_tensor_parallel", False):
+        raise ValueError(
+            f"the quantization method {type(method).__name__} cannot load one rank's slice of "
+            "a layer: quantized checkpoints need --tensor-parallel-size 1 (split the model "
+            "with --pipeline-parallel-size instead)"
         )
 
 
@@ -202,9 +221,22 @@ def process_weights_after_loading(model: nn.Module) -> int:
 
 
 class MergedLinear(Linear):
-    """A Linear whose output rows stack several checkpoint projections, in declaration order."""
+    """A Linear whose output rows stack several checkpoint projections, in declaration order.
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool) -> None:
+    Under tensor parallelism each shard holds only this rank's rows of its checkpoint tensor:
+    `shard_sources` gives, per shard, the first checkpoint row it takes (0 for all by default),
+    and the loader narrows each checkpoint tensor to those rows before copying.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        shard_sizes: dict[str, int],
+        bias: bool,
+        shard_sources: dict[str, int] | None = None,
+    ) -> None:
+        self.shard_sources = dict(shard_sources or {})
+        self.tp_sharded = bool(self.shard_sources)
         self.shard_sizes = dict(shard_sizes)
         self.shard_offsets: dict[str, int] = {}
         offset = 0
@@ -216,13 +248,22 @@ class MergedLinear(Linear):
     def register_weight(self, name: str, **attrs: Any) -> None:
         super().register_weight(name, shard_ids=list(self.shard_sizes), **attrs)
 
+    @reads_slices
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         """Copy checkpoint tensor `loaded` of shard `shard_id` into its rows of `param` (the
         whole fused tensor when shard_id is None)."""
         if shard_id is None:
+            if self.shard_sources:
+                raise ValueError(
+                    "is a whole fused tensor, which tensor parallelism cannot slice; save the "
+                    "checkpoint with separate projections"
+                )
             default_weight_loader(param, loaded)
             return
         name = self._param_name(param)
+        if self.shard_sources and not getattr(param, "per_shard", False):
+            # NOTE: unquantized layouts only (tensor parallelism refuses the others).
+            loaded = loaded.narrow(0, self.shard_sources[shard_id], self.shard_sizes[shard_id])
         if getattr(param, "per_shard", False):
             target = param.data[list(self.shard_sizes).index(shard_id)]
             loaded = loaded.reshape(()) if loaded.numel() == 1 else loaded
@@ -252,20 +293,48 @@ class MergedLinear(Linear):
 
 
 class QKVLinear(MergedLinear):
-    """q, k and v projections in one: output is [Hq * D | Hk * D | Hk * D]."""
+    """q, k and v projections in one: output is [Hq * D | Hk * D | Hk * D], over this
+    tensor-parallel rank's heads (`parallel_state.current()`; `local_heads`)."""
 
     def __init__(
         self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool
     ) -> None:
+        state = parallel_state.current()
+        (q0, hq), (k0, hk) = local_heads(num_heads, num_kv_heads, state.tp_rank, state.tp_size)
+        sources = None
+        if state.tp_size > 1:
+            sources = {"q": q0 * head_dim, "k": k0 * head_dim, "v": k0 * head_dim}
         super().__init__(
-            hidden_size,
-            {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim},
-            bias,
+            hidden_size, {"q": hq * head_dim, "k": hk * head_dim, "v": hk * head_dim}, bias, sources
         )
 
 
+def local_heads(
+    num_heads: int, num_kv_heads: int, tp_rank: int, tp_size: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((first q head, q heads), (first kv head, kv heads)) of tensor-parallel rank `tp_rank`:
+    query heads split evenly; KV heads split too, or, with fewer KV heads than ranks, each
+    rank holds the one KV head its query heads read (replicated over tp_size / Hk ranks)."""
+    hq = parallel_state.shard_size(num_heads, tp_size, "num_attention_heads")
+    if num_kv_heads >= tp_size:
+        hk = parallel_state.shard_size(num_kv_heads, tp_size, "num_key_value_heads")
+        return (tp_rank * hq, hq), (tp_rank * hk, hk)
+    if tp_size % num_kv_heads:
+        raise ValueError(
+            f"--tensor-parallel-size {tp_size} is not a multiple of num_key_value_heads "
+            f"({num_kv_heads}), so KV heads cannot be replicated evenly"
+        )
+    return (tp_rank * hq, hq), (tp_rank * num_kv_heads // tp_size, 1)
+
+
 class GateUpLinear(MergedLinear):
-    """gate and up projections in one: output is [gate | up]."""
+    """gate and up projections in one: output is [gate | up], over this tensor-parallel rank's
+    intermediate features."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
-        super().__init__(hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias)
+        state = parallel_state.current()
+        size = parallel_state.shard_size(intermediate_size, state.tp_size, "intermediate_size")
+        sources = None
+        if state.tp_size > 1:
+            sources = {"gate": state.tp_rank * size, "up": state.tp_rank * size}
+        super().__init__(hidden_size, {"gate": size, "up": size}, bias, sources)

@@ -34,6 +34,8 @@ from splitserve.common.model_path import (
     resolve_model_path,
 )
 from splitserve.common.pooling import is_base_model
+from splitserve.worker import parallel_state
+from splitserve.worker.checkpoint_slices import read_shard_lazily, whole
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.kv_cache_scales import configure_kv_cache, load_kv_scale, log_kv_cache
 from splitserve.worker.linear import (
@@ -63,6 +65,10 @@ _BASE_MODEL_PREFIX = (re.compile(r"^(?!model\.|lm_head\.)"), "model.")
 _EXPERT_RE = re.compile(
     r"^(?P<module>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<param>\w+)$"
 )
+
+
+_ELSEWHERE = ("", "")
+"""`_param_target` of a tensor this rank does not hold by design (another rank's expert)."""
 
 
 @dataclass
@@ -260,8 +266,13 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
         config.layer_partition(),
     )
     quant_config = resolve_quant_config(raw, config.quantization)
-    with _default_dtype(dtype), torch.device("meta"):
-        model = cls(hf_config, start, end, config.is_first_rank, config.is_last_rank, max_model_len)
+    state = parallel_state_of(config, start, end)
+    check_tensor_parallel(cls, raw.get("architectures"), config.tensor_parallel_size)
+    with _default_dtype(dtype), torch.device("meta"), parallel_state.use(state):
+        if getattr(cls, "takes_parallel_state", False):
+            model = cls(hf_config, state, max_model_len)
+        else:  # model files that take the older positional stage arguments
+            model = cls(hf_config, start, end, state.is_first, state.is_last, max_model_len)
         configure_kv_cache(model, config.kv_cache_dtype)
         if quant_config is not None:
             apply_quant_config(model, quant_config)
@@ -271,6 +282,35 @@ def _build_skeleton(config: WorkerConfig, path: pathlib.Path) -> _Skeleton:
         model.checkpoint_renames = (_BASE_MODEL_PREFIX, *getattr(model, "checkpoint_renames", ()))
         model.lm_head_from_embedding = True
     return _Skeleton(raw, hf_config, dtype, device, max_model_len, start, end, model)
+
+
+def parallel_state_of(config: WorkerConfig, start: int, end: int) -> parallel_state.ParallelState:
+    """The worker's place in the grid, for layers [start, end)."""
+    return parallel_state.ParallelState(
+        start,
+        end,
+        config.rank,
+        config.pipeline_parallel_size,
+        config.tp_rank,
+        config.tensor_parallel_size,
+        config.enable_expert_parallel,
+    )
+
+
+def check_tensor_parallel(cls: type, architectures: list[str] | None, tp_size: int) -> None:
+    """ValueError naming the architecture when it cannot be sharded over `tp_size` ranks."""
+    if tp_size > 1 and not getattr(cls, "supports_tensor_parallel", False):
+        from splitserve.worker.models.registry import MODEL_REGISTRY
+
+        supported = sorted(
+            n for n, c in MODEL_REGISTRY.items() if getattr(c, "supports_tensor_parallel", False)
+        )
+        name = (architectures or [cls.__name__])[0]
+        raise ValueError(
+            f"{name} does not support tensor parallelism (--tensor-parallel-size {tp_size}); "
+            f"architectures that do: {', '.join(supported)}. Split it with "
+            "--pipeline-parallel-size instead"
+        )
 
 
 def check_model(config: WorkerConfig) -> pathlib.Path:
@@ -315,10 +355,13 @@ def load_model(config: WorkerConfig) -> LoadedModel:
             ignore_patterns=config.weight_ignore_patterns(),
             desc=f"Loading {path.name if is_local_folder(config.model) else config.model} "
             f"(rank {config.rank})",
+            # Tensor-parallel ranks read only their slices of each tensor.
+            read=read_shard_lazily if config.tensor_parallel_size > 1 else None,
         )
         load_weights(model, weights)
     model.eval()
     log_kv_cache(model)
+    _log_expert_placement(model)
     onednn = process_weights_after_loading(model)  # CPU float32: linears through oneDNN
     if onednn:
         logger.info("%d linear layers run through oneDNN", onednn)
@@ -343,6 +386,18 @@ def load_model(config: WorkerConfig) -> LoadedModel:
         skeleton.max_model_len,
         sampling_defaults(config, path),
     )
+
+
+def _log_expert_placement(model: nn.Module) -> None:
+    experts = next((m for m in model.modules() if isinstance(m, MoEExperts)), None)
+    if experts is not None and experts.ep_size > 1:
+        first = experts.first_expert
+        logger.info(
+            "expert parallelism: experts [%d, %d) of %d in every MoE layer on this rank",
+            first,
+            first + experts.num_local_experts,
+            experts.num_experts,
+        )
 
 
 def _max_model_len(config: WorkerConfig, hf_config: Any, cls: type | None = None) -> int:
@@ -455,6 +510,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
             target = _param_target(name, params, modules, packed)
         except ValueError as exc:
             raise ValueError(f"checkpoint tensor {file_name}: {exc}") from None
+        if target is _ELSEWHERE:
+            continue  # an expert another expert-parallel rank holds: never read
         if target is None:
             if name != "model.embed_tokens.weight":
                 logger.warning("ignoring checkpoint tensor %s: no such parameter", file_name)
@@ -490,8 +547,10 @@ def _param_target(
     if (m := _EXPERT_RE.match(name)) and isinstance(
         experts := modules.get(m["module"]), MoEExperts
     ):
-        stacked, shard = experts.checkpoint_target(int(m["expert"]), m["proj"], m["param"])
-        return f"{m['module']}.{stacked}", shard
+        target = experts.checkpoint_target(int(m["expert"]), m["proj"], m["param"])
+        if target is None:
+            return _ELSEWHERE
+        return f"{m['module']}.{target[0]}", target[1]
     module_name, _, param_name = name.rpartition(".")
     head, _, leaf = module_name.rpartition(".")
     if leaf in packed:
@@ -516,6 +575,8 @@ def _expected_keys(model: nn.Module) -> set[tuple[str, str | None]]:
 def _load(param: torch.Tensor, tensor: torch.Tensor, shard: str | None, name: str) -> None:
     """`param.weight_loader(param, tensor, shard)`; a ValueError names the checkpoint tensor."""
     loader = getattr(param, "weight_loader", default_weight_loader)
+    if not getattr(loader, "reads_slices", False):
+        tensor = whole(tensor)
     try:
         loader(param, tensor, shard)
     except ValueError as exc:

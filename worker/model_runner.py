@@ -30,7 +30,7 @@ from splitserve.common import engine_config
 from splitserve.common import messages as msg
 from splitserve.common.lora import check_lora_fields
 from splitserve.protos import common_pb2, worker_pb2
-from splitserve.worker import cache_spec
+from splitserve.worker import cache_spec, tp_channel
 from splitserve.worker import kv_cache as kv
 from splitserve.worker.attention import (
     AttentionMetadata,
@@ -93,6 +93,9 @@ class ModelRunner:
         self.max_model_len = loaded.max_model_len
         self.is_first = self.config.is_first_rank
         self.is_last = self.config.is_last_rank
+        self.samples = self.is_last and self.config.tp_rank == 0
+        """Whether this rank samples: the last stage's driver (its tensor-parallel peers
+        compute the logits with it, then take the sampled tokens from it: `tp_channel`)."""
         self.backend = get_attention_backend(self.config.attention_backend, self.device)
         self.lora = (
             LoRAManager(self.config, self.model, self.device, self.dtype)
@@ -127,7 +130,7 @@ class ModelRunner:
                 self.eos_token_ids,
                 default_backend=self.config.guided_decoding_backend,
             )
-            if self.is_last
+            if self.samples
             else None
         )
         self.deferred_ids: set[str] = set()
@@ -276,6 +279,9 @@ class ModelRunner:
         enforce_eager, no LoRA, a graph-safe model, and the triton attention backend."""
         if self.device.type != "cuda" or self.config.enforce_eager or self.runner == "pooling":
             return []  # NOTE: a pooling runner only prefills: decode graphs would never run
+        if self.config.tensor_parallel_size > 1:
+            logger.info("CUDA graphs are not captured with tensor parallelism; decoding eagerly")
+            return []
         if self.lora is not None:
             logger.info("CUDA graphs are not captured with --enable-lora; decoding eagerly")
             return []
@@ -394,6 +400,8 @@ class ModelRunner:
         if self.is_last:
             rows = min(self.config.max_num_seqs, num_tokens)
             logits = self.model.compute_logits(out[:rows])
+            if logits is None:  # a tensor-parallel peer: the driver holds the logits
+                return
             if self.logits_width > self.vocab_size:
                 logits = self.lora.extend_logits(out[:rows], logits, [None] * rows)
             logits.float().log_softmax(-1)
@@ -412,6 +420,8 @@ class ModelRunner:
             raise RuntimeError("initialize_cache must run before execute")
         errors: dict[str, str] = {}
         self._update_states(step, errors)
+        if self.is_last and self.config.tensor_parallel_size > 1:
+            tp_channel.share_refusals(self, errors)
         plan = self._plan(step, errors)
         self.last_layout = 0 if plan is None else step_layout(plan.rows, plan.ends)
         if not self.is_first:
@@ -443,10 +453,16 @@ class ModelRunner:
             return msg.StepResult(step_id=step.step_id, errors=errors)
         hidden = out.index_select(0, plan.logits_indices)
         logits = self.model.compute_logits(hidden)
+        if logits is None:  # a tensor-parallel peer: the driver samples
+            tp_channel.share_samples(self, plan, None)
+            return msg.StepResult(step_id=step.step_id, errors=errors)
         if self.logits_width > self.vocab_size:
             req_ids = plan.logits_request_ids(self.batch.req_ids)
             logits = self.lora.extend_logits(hidden, logits, req_ids)
-        return self._sample(step, plan, logits, errors, masks)
+        result = self._sample(step, plan, logits, errors, masks)
+        if self.config.tensor_parallel_size > 1:
+            tp_channel.share_samples(self, plan, result)
+        return result
 
     def _start_masks(self, plan: StepPlan) -> GrammarMasks | None:
         """Start filling the grammar bitmasks of the sampling rows (on a helper thread, so it

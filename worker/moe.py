@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from splitserve.kernels import dispatch
-from splitserve.worker.linear import default_weight_loader, set_weight_attrs
+from splitserve.worker import parallel_state
+from splitserve.worker.checkpoint_slices import reads_slices, whole
+from splitserve.worker.linear import check_sliceable, default_weight_loader, set_weight_attrs
 
 ExpertNames = dict[str, tuple[str, str | None]]
 """Per-expert checkpoint projection -> (stacked parameter, shard: "gate" / "up" / None)."""
@@ -77,21 +79,41 @@ class MoEExpertsMethod:
 
 
 class MoEExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; forward runs the routed tokens through them."""
+    """E SwiGLU experts with stacked weights; forward runs the routed tokens through them.
+
+    Under tensor parallelism every expert is sharded like a dense MLP: this rank holds its
+    slice of each expert's intermediate features (gate / up rows, down columns), the loader
+    narrows each checkpoint tensor to it, and the layer's output is a partial sum that
+    `SparseMoE` reduces over the stage. With expert parallelism instead, this rank holds
+    experts [first_expert, first_expert + num_local_experts) whole (the loader reads no other
+    expert's tensors), and `expert_parallel.ep_moe` sends tokens to their experts' ranks.
+    """
 
     def __init__(
         self, num_experts: int, hidden_size: int, intermediate_size: int, names: ExpertNames
     ) -> None:
         super().__init__()
+        state = parallel_state.current()
+        self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
+        self.ep_size = state.ep_size
+        """Ranks the experts are partitioned over (1: every rank holds every expert)."""
+        self.num_local_experts = parallel_state.shard_size(
+            num_experts, self.ep_size, "the number of experts"
+        )
+        self.first_expert = state.ep_rank * self.num_local_experts
+        if self.ep_size > 1:
+            self.tp_size = 1  # NOTE: experts whole, not sharded over the stage
+        intermediate_size = parallel_state.shard_size(
+            intermediate_size, self.tp_size, "the experts' intermediate size"
+        )
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.checkpoint_names = dict(names)
         self.method: MoEExpertsMethod | None = None
-        self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size)
-        )
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        local = self.num_local_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(local, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(local, hidden_size, intermediate_size))
         for name in ("gate_up_proj", "down_proj"):
             self.register_stacked(name)
 
@@ -111,6 +133,7 @@ class MoEExperts(nn.Module):
 
     def set_method(self, method: MoEExpertsMethod) -> None:
         """Hold the experts as `method` says (before loading, on the meta device)."""
+        check_sliceable(method, self.tp_size > 1 or self.ep_size > 1)
         for name in list(self._parameters):
             delattr(self, name)
         self.__dict__.pop("_weight_attrs", None)
@@ -124,12 +147,12 @@ class MoEExperts(nn.Module):
     def shard_ids(self, param_name: str) -> list[str]:
         """The per-expert pieces a stacked parameter is filled from ("3.gate", "3.up", "3")."""
         if param_name == "gate_up_proj":
-            return [f"{e}.{s}" for e in range(self.num_experts) for s in ("gate", "up")]
-        return [str(e) for e in range(self.num_experts)]
+            return [f"{e}.{s}" for e in range(self.num_local_experts) for s in ("gate", "up")]
+        return [str(e) for e in range(self.num_local_experts)]
 
-    def checkpoint_target(self, expert: int, proj: str, param: str) -> tuple[str, str]:
+    def checkpoint_target(self, expert: int, proj: str, param: str) -> tuple[str, str] | None:
         """Where checkpoint tensor `experts.{expert}.{proj}.{param}` goes: (stacked parameter
-        name, shard id)."""
+        name, shard id); None for an expert another expert-parallel rank holds."""
         if proj not in self.checkpoint_names:
             raise ValueError(
                 f"unknown expert projection {proj!r}; expected one of "
@@ -141,11 +164,20 @@ class MoEExperts(nn.Module):
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is out of range: the config has {self.num_experts}")
         stacked, shard = self.checkpoint_names[proj]
+        expert -= self.first_expert
+        if not 0 <= expert < self.num_local_experts:
+            return None
         return stacked + params[param], f"{expert}.{shard}" if shard else str(expert)
 
+    @reads_slices
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         """Copy one expert's tensor (shard "3.gate", "3.up" or "3") into its stacked slot, or
         all experts at once (shard_id None)."""
+        if self.ep_size > 1 and shard_id is None:  # a whole stack: this rank's experts
+            loaded = loaded.narrow(0, self.first_expert, self.num_local_experts)
+        if self.tp_size > 1:
+            loaded = self._tp_slice(param, loaded, shard_id)
+        loaded = whole(loaded)
         if shard_id is None:
             default_weight_loader(param, loaded)
             return
@@ -167,6 +199,20 @@ class MoEExperts(nn.Module):
             )
         with torch.no_grad():
             target.copy_(loaded)
+
+    def _tp_slice(self, param: torch.Tensor, loaded: torch.Tensor, shard_id) -> torch.Tensor:
+        """This rank's intermediate features of a checkpoint tensor: a per-expert gate / up
+        [I, H] or down [H, I], or a whole stack [E, 2I, H] / [E, H, I]."""
+        size = self.intermediate_size
+        start = self.tp_rank * size
+        if shard_id is None and param is self.gate_up_proj:
+            full = loaded.shape[1] // 2
+            return torch.cat(
+                [loaded.narrow(1, start, size), loaded.narrow(1, full + start, size)], 1
+            )
+        if shard_id is None:
+            return loaded.narrow(2, start, size)
+        return loaded.narrow(0 if "." in shard_id else 1, start, size)
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -212,4 +258,8 @@ class SparseMoE(nn.Module):
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
         if self.eplb is not None:
             ids = self.eplb(ids)
-        return self.experts(x, weights, ids)
+        if self.experts.ep_size > 1:
+            from splitserve.worker.expert_parallel import ep_moe
+
+            return ep_moe(self.experts, x, weights, ids)
+        return parallel_state.tp_all_reduce(self.experts(x, weights, ids), self.experts.tp_size)

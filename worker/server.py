@@ -13,14 +13,21 @@ With pipeline parallelism (P > 1) the rank joins the torch.distributed group onc
 are loaded (see stage_transfer.py); each step then receives the previous rank's activations
 and sends its own to the next on that same thread. A transfer failure (a peer died or timed
 out) kills this rank's engine like any step failure.
+
+With tensor parallelism (T > 1) only a stage's driver (--tp-rank 0) serves WorkerService; it
+hands every Describe, InitializeCache and step to its peers over torch.distributed before
+running it (`tp_channel.py`), and heartbeats while idle. A peer serves gRPC health only, runs
+its driver's commands, and exits non-zero when the driver is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,10 +88,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         return runner
 
     async def Describe(self, request, context):
-        runner = await self._runner(context)
+        await self._runner(context)
         engine = request.engine if request.HasField("engine") else None
         try:
-            return await self._call(runner.describe, request.block_size, engine)
+            return await self._call(self.stage.describe, request.block_size, engine)
         except EngineConfigConflict as exc:
             # The scheduler's engine fields contradict this rank's flags: it may not start.
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
@@ -92,7 +99,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def InitializeCache(self, request, context):
-        runner = await self._runner(context)
+        await self._runner(context)
         if request.num_blocks < 1 or request.block_size < 1:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -101,7 +108,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             )
         await self.set_health(_NOT_SERVING)
         seconds = await self._call(
-            runner.initialize_cache,
+            self.stage.initialize_cache,
             request.num_blocks,
             request.block_size,
             request.num_state_slots,
@@ -121,7 +128,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             # Keeps reading while a step computes, so the scheduler's next step is queued.
             try:
                 async for step in request_iterator:
-                    await queue.put(step_request_from_proto(step))
+                    # The message itself rides along: a tensor-parallel driver forwards it.
+                    await queue.put((step_request_from_proto(step), step))
             finally:
                 await queue.put(None)
 
@@ -130,20 +138,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             while True:
                 try:
-                    step = await asyncio.wait_for(queue.get(), interval)
+                    item = await asyncio.wait_for(queue.get(), interval)
                 except TimeoutError:
                     # Idle: a pipeline rank checks that the next one still takes its sends.
                     await self._run_step(self.stage.check, None)
                     continue
-                if step is None:
+                if item is None:
                     break
+                step, message = item
+                execute = functools.partial(self.stage.execute, message=message)
                 spans = self.spans
                 if spans is None:
-                    yield step_result_to_proto(await self._run_step(self.stage.execute, step))
+                    yield step_result_to_proto(await self._run_step(execute, step))
                     continue
                 spans.before(step)
                 start_ns = time.time_ns()
-                result = await self._run_step(self.stage.execute, step)
+                result = await self._run_step(execute, step)
                 spans.after(step, start_ns, time.time_ns())
                 yield step_result_to_proto(result)
         finally:
@@ -155,11 +165,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             return await self._call(fn, step) if step is not None else await self._call(fn)
         except Exception as exc:
-            where = f"step {step.step_id}" if step is not None else "the pipeline check"
+            where = f"step {step.step_id}" if step is not None else "the stage check"
             logger.error("%s failed; this worker is dead: %s", where, exc)
             self.dead = exc
             await self.set_health(_NOT_SERVING)
             raise
+
+    async def heartbeats(self) -> None:
+        """A tensor-parallel driver: while nothing else goes to its peers, tell them it is
+        alive (on the step thread, between commands); a failure kills the engine."""
+        channel = self.stage.channel
+        while self.dead is None:
+            await asyncio.sleep(channel.interval / 2)
+            if channel.heartbeat_due():
+                with contextlib.suppress(Exception):  # _run_step logged it and marked us dead
+                    await self._run_step(self.stage.heartbeat, None)
 
     async def GetStageStats(self, request, context):
         await self._runner(context)
@@ -177,7 +197,7 @@ async def run_worker(
     from splitserve.worker.model_runner import ModelRunner
     from splitserve.worker.stage_transfer import PipelineStage, StageLink
 
-    if config.pipeline_parallel_size > 1:
+    if config.world_size > 1:
         config.init_method()  # fail before listening when the ranks cannot meet
     loop = asyncio.get_running_loop()
     server = grpc.aio.server(
@@ -193,6 +213,18 @@ async def run_worker(
         spans = WorkerSpans(config.rank, per_step=config.collect_detailed_traces is not None)
     servicer = WorkerServicer(health_servicer, spans)
     await servicer.set_health(_NOT_SERVING)
+    if config.tp_rank > 0:
+        # A tensor-parallel peer serves health only: the scheduler talks to its driver.
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if not server.add_insecure_port(address) and not address.startswith("unix:"):
+            raise OSError(f"could not bind {address}")
+        await server.start()
+        try:
+            await _serve_peer(config, servicer, ready_event)
+        finally:
+            await servicer.set_health(_NOT_SERVING)
+            await server.stop(grace)
+        return
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if not server.add_insecure_port(address) and not address.startswith("unix:"):
@@ -207,18 +239,32 @@ async def run_worker(
     try:
         try:
             runner = await loop.run_in_executor(servicer.executor, ModelRunner, config)
-            if config.pipeline_parallel_size > 1:
+            if config.world_size > 1:
                 link = await loop.run_in_executor(
                     servicer.executor, StageLink, config, runner.device
                 )
         except Exception as exc:
             servicer.runner_ready.set_exception(exc)
             raise
-        servicer.stage = PipelineStage(runner, link)
+        channel = None
+        if config.tensor_parallel_size > 1:
+            from splitserve.worker.tp_channel import StageChannel
+
+            channel = StageChannel(runner.device, config.distributed_timeout_seconds)
+        servicer.stage = PipelineStage(runner, link, channel)
         servicer.runner_ready.set_result(runner)
+        if channel is not None:
+            heartbeats = asyncio.create_task(servicer.heartbeats())
         logger.info("weights loaded; waiting for InitializeCache")
         await stop.wait()
         logger.info("stopping (grace %.1fs)", grace)
+        if channel is not None:
+            heartbeats.cancel()
+            if servicer.dead is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        loop.run_in_executor(servicer.executor, servicer.stage.stop_peers), 10
+                    )
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -232,6 +278,43 @@ async def run_worker(
         servicer.executor.shutdown(wait=False, cancel_futures=True)
         if servicer.runner_ready.done() and not servicer.runner_ready.cancelled():
             servicer.runner_ready.exception()  # mark retrieved: raised above already
+
+
+async def _serve_peer(config: WorkerConfig, servicer: WorkerServicer, ready_event) -> None:
+    """A tensor-parallel peer: load, join the stage, then run the driver's commands until it
+    says stop (or SIGTERM); raises when the driver is gone, so the process exits non-zero."""
+    from splitserve.worker.model_runner import ModelRunner
+    from splitserve.worker.stage_transfer import PipelineStage, StageLink
+    from splitserve.worker.tp_channel import StageChannel, serve_peer
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = _install_signal_handlers(loop, stop)
+    if ready_event is not None:
+        ready_event.set()
+    logger.info("tensor-parallel rank %d of stage %d", config.tp_rank, config.rank)
+    link = None
+    try:
+        runner = await loop.run_in_executor(servicer.executor, ModelRunner, config)
+        link = await loop.run_in_executor(servicer.executor, StageLink, config, runner.device)
+        channel = StageChannel(runner.device, config.distributed_timeout_seconds)
+        stage = PipelineStage(runner, link)
+        await servicer.set_health(_SERVING)
+        stopping = threading.Event()
+        serving = loop.run_in_executor(
+            servicer.executor, serve_peer, runner, stage, channel, stopping
+        )
+        stopped = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.set()
+        if serving in done:
+            serving.result()  # raises when the driver is gone
+        stopped.cancel()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        # NOTE: the step thread may be blocked in a collective: do not wait for it.
+        servicer.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> list:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from splitserve.common import messages as msg
 from splitserve.protos import worker_pb2
+from splitserve.worker import parallel_state
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.pipeline import IntermediateTensors
 from splitserve.worker.rendezvous import Rendezvous
@@ -52,11 +53,21 @@ class StageTransferError(RuntimeError):
 
 
 class StageLink:
-    """This rank's ends of the pipeline: receive from rank - 1, send to rank + 1."""
+    """This rank's ends of the pipeline: receive from rank - 1, send to rank + 1.
+
+    With tensor parallelism (T ranks per stage) the world holds P x T processes, global rank
+    pp_rank * T + tp_rank; each tensor-parallel rank exchanges activations with the same
+    tensor-parallel rank of the neighbouring stages (activations are whole on every rank),
+    and the stage's ranks also form a group of their own (`parallel_state.set_tp_group`).
+    """
 
     def __init__(self, config: WorkerConfig, device: torch.device) -> None:
-        self.rank = config.rank
-        self.world_size = config.pipeline_parallel_size
+        tp = config.tensor_parallel_size
+        self.rank = config.rank * tp + config.tp_rank
+        """This process's global rank (the pipeline rank when T = 1)."""
+        self.stride = tp
+        """Global-rank distance to the same tensor-parallel rank of the next stage."""
+        self.world_size = config.pipeline_parallel_size * tp
         self.device = device
         self.timeout = timedelta(seconds=config.distributed_timeout_seconds)
         self.is_first = config.is_first_rank
@@ -87,10 +98,23 @@ class StageLink:
                 timeout=join_timeout,
                 **({"device_id": _indexed(device)} if device.type == "cuda" else {}),
             )
+            if tp > 1:
+                self._join_tensor_parallel_group(config)
         except Exception as exc:
             raise StageTransferError(
                 f"rank {self.rank} could not join the pipeline group at {init_method}: {exc}"
             ) from exc
+
+    def _join_tensor_parallel_group(self, config: WorkerConfig) -> None:
+        """Make every stage's group (each process makes all of them, in the same order) and
+        record this stage's."""
+        tp = config.tensor_parallel_size
+        timeout = timedelta(seconds=config.distributed_timeout_seconds)
+        for stage in range(config.pipeline_parallel_size):
+            ranks = list(range(stage * tp, (stage + 1) * tp))
+            group = dist.new_group(ranks, timeout=timeout)
+            if stage == config.rank:
+                parallel_state.set_tp_group(group, ranks[0])
 
     # ------------------------------------------------------------------ send side
     def send(self, step_id: int, tensors: IntermediateTensors, layout: int) -> float:
@@ -109,16 +133,16 @@ class StageLink:
             len(self._pending) > MAX_PENDING_SENDS or self._pending[0][0].is_completed()
         ):
             start = time.perf_counter()
-            self._wait(self._pending.popleft()[0], "send to", self.rank + 1)
+            self._wait(self._pending.popleft()[0], "send to", self.rank + self.stride)
             waited += time.perf_counter() - start
         return waited
 
     def _isend(self, tensor: torch.Tensor) -> None:
         try:
-            work = dist.isend(tensor, self.rank + 1)
+            work = dist.isend(tensor, self.rank + self.stride)
         except Exception as exc:
             raise StageTransferError(
-                f"rank {self.rank} could not send to rank {self.rank + 1}: {exc}"
+                f"rank {self.rank} could not send to rank {self.rank + self.stride}: {exc}"
             ) from exc
         # NOTE: the tensor must stay alive until the send completes.
         self._pending.append((work, tensor, time.monotonic()))
@@ -140,7 +164,7 @@ class StageLink:
             work, _, sent = self._pending[0]
             age = time.monotonic() - sent
             if work.is_completed():
-                self._wait(work, "send to", self.rank + 1)
+                self._wait(work, "send to", self.rank + self.stride)
                 self._pending.popleft()
                 continue
             if self._sends_report_completion:
@@ -157,7 +181,7 @@ class StageLink:
     def _untaken(self, sent: float, cause: Exception | None = None) -> StageTransferError:
         limit = self.timeout.total_seconds()
         return StageTransferError(
-            f"pipeline rank {self.rank + 1} has not taken rank {self.rank}'s activations for "
+            f"pipeline rank {self.rank + self.stride} has not taken rank {self.rank}'s activations for "
             f"{time.monotonic() - sent:.0f}s (timeout {limit:.0f}s): it is stuck"
             + (f" ({cause})" if cause is not None else "")
         )
@@ -166,16 +190,22 @@ class StageLink:
     def recv(self, step_id: int, hidden_size: int, dtype: torch.dtype) -> IntermediateTensors:
         """The previous rank's activations for step `step_id` (possibly zero tokens)."""
         header = torch.empty(3, dtype=torch.int64, device=self.device)
-        self._wait(dist.irecv(header, self.rank - 1), "receive from", self.rank - 1)
+        self._wait(
+            dist.irecv(header, self.rank - self.stride), "receive from", self.rank - self.stride
+        )
         got_step, n, layout = (int(x) for x in header.tolist())
         if got_step != step_id:
             raise StageTransferError(
-                f"rank {self.rank} runs step {step_id} but rank {self.rank - 1} sent step "
+                f"rank {self.rank} runs step {step_id} but rank {self.rank - self.stride} sent step "
                 f"{got_step}: the ranks disagree on the step order"
             )
         payload = torch.empty(2, n, hidden_size, dtype=dtype, device=self.device)
         if n:
-            self._wait(dist.irecv(payload, self.rank - 1), "receive from", self.rank - 1)
+            self._wait(
+                dist.irecv(payload, self.rank - self.stride),
+                "receive from",
+                self.rank - self.stride,
+            )
         return IntermediateTensors(payload[0], payload[1], layout)
 
     def _wait(self, work, verb: str, peer: int) -> None:
@@ -205,9 +235,11 @@ class PipelineStage:
     Only the step thread calls `execute`; `stats` may be read from any thread.
     """
 
-    def __init__(self, runner, link: StageLink | None) -> None:
+    def __init__(self, runner, link: StageLink | None, channel=None) -> None:
         self.runner = runner
         self.link = link
+        self.channel = channel
+        """The driver's `tp_channel.StageChannel` to its tensor-parallel peers, or None."""
         self._lock = threading.Lock()
         self._reset_counters()
 
@@ -217,11 +249,20 @@ class PipelineStage:
         self._first_start: float | None = None
         self._last_end: float | None = None
 
-    def execute(self, step: msg.StepRequest) -> msg.StepResult:
-        """Run `step` on this rank; non-last ranks answer with the step id only."""
+    def execute(self, step: msg.StepRequest, message=None) -> msg.StepResult:
+        """Run `step` on this rank; non-last ranks answer with the step id only. `message`:
+        the StepRequest protobuf `step` came from, which a driver forwards to its peers as it
+        is (rebuilt from `step` when not given)."""
         start = time.perf_counter()
         recv_wait = send_wait = 0.0
         runner, link = self.runner, self.link
+        if self.channel is not None:
+            from splitserve.common.messages_proto import step_request_to_proto
+            from splitserve.worker.tp_channel import Command
+
+            if message is None:
+                message = step_request_to_proto(step)
+            self.channel.send(Command.STEP, message.SerializeToString())
         intermediate = None
         if link is not None and not link.is_first:
             intermediate = link.recv(
@@ -244,6 +285,53 @@ class PipelineStage:
             self.send_wait += send_wait
             self.compute += end - start - recv_wait - send_wait
         return out
+
+    def describe(self, block_size: int, engine=None) -> worker_pb2.DescribeResponse:
+        """The runner's describe; a driver runs it on every rank of its stage and reports the
+        least KV memory any of them can give."""
+        if self.channel is None:
+            return self.runner.describe(block_size, engine)
+        from splitserve.worker.tp_channel import Command, describe_payload
+
+        self.channel.send(Command.DESCRIBE, describe_payload(block_size, engine))
+        try:
+            answer = self.runner.describe(block_size, engine)
+        except Exception:
+            self.channel.min_over_stage(-1)
+            raise
+        least = self.channel.min_over_stage(answer.available_kv_bytes)
+        if least < 0:
+            raise ValueError(
+                "a tensor-parallel rank of this stage refused to describe itself (its log has "
+                "the reason)"
+            )
+        answer.available_kv_bytes = least
+        return answer
+
+    def initialize_cache(self, num_blocks: int, block_size: int, num_state_slots: int = 0):
+        """The runner's initialize_cache, on every rank of the stage."""
+        if self.channel is not None:
+            from splitserve.worker.tp_channel import Command
+
+            request = worker_pb2.InitializeCacheRequest(
+                num_blocks=num_blocks, block_size=block_size, num_state_slots=num_state_slots
+            )
+            self.channel.send(Command.INITIALIZE_CACHE, request.SerializeToString())
+        return self.runner.initialize_cache(num_blocks, block_size, num_state_slots)
+
+    def heartbeat(self) -> None:
+        """A driver with nothing to send tells its peers it is alive."""
+        if self.channel is not None and self.channel.heartbeat_due():
+            from splitserve.worker.tp_channel import Command
+
+            self.channel.send(Command.HEARTBEAT)
+
+    def stop_peers(self) -> None:
+        """Tell the peers the driver is stopping."""
+        if self.channel is not None:
+            from splitserve.worker.tp_channel import Command
+
+            self.channel.send(Command.STOP)
 
     @property
     def watch_interval(self) -> float | None:

@@ -26,7 +26,7 @@ from splitserve.entrypoints.vllm_compat import add_pinned_flags, check_pinned
 logger = logging.getLogger("splitserve")
 
 # Fields the launcher sets itself (addresses of the processes it starts).
-_WIRING = {"worker_addresses", "rank"}
+_WIRING = {"worker_addresses", "rank", "tp_rank"}
 
 
 def _model_arg(p: argparse.ArgumentParser, required: bool) -> None:
@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, scheduler_cfg)
     add_pinned_flags(p, "scheduler")
 
-    p = sub.add_parser("worker", help="one pipeline rank alone", allow_abbrev=False)
+    p = sub.add_parser(
+        "worker",
+        help="one worker alone (pipeline stage --rank, tensor-parallel rank --tp-rank)",
+        allow_abbrev=False,
+    )
     _common(parser, p, "worker")
     _model_arg(p, required=True)
     p.add_argument("--address", default="127.0.0.1:50053", help="where to listen")
@@ -242,11 +246,12 @@ def bind_openmp_threads(config, environ=os.environ) -> None:
     Must run before torch is imported."""
     from splitserve.worker import cpu_threads
 
+    # Every worker process of the grid gets its own cores (global rank order).
     cores = cpu_threads.apply(
         config.cpu_omp_threads_bind,
         config.device,
-        config.rank,
-        config.pipeline_parallel_size,
+        config.rank * config.tensor_parallel_size + config.tp_rank,
+        config.world_size,
         environ,
     )
     if cores:

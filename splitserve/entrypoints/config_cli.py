@@ -92,6 +92,8 @@ def _parse_int(text: str) -> int:
 
 VLLM_SPELLINGS = {
     "pipeline_parallel_size": ("-pp",),
+    "tensor_parallel_size": ("-tp",),
+    "enable_expert_parallel": ("-ep",),
     "drain_timeout_s": ("--shutdown-timeout",),
 }
 """vLLM's other spellings of flags that config fields generate."""

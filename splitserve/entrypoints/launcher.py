@@ -123,9 +123,10 @@ def _accepts_connections(host: str, port: int) -> bool:
 
 
 def _gpu_per_rank(worker_cfg) -> list[dict[str, str]] | None:
-    """With several pipeline ranks on CUDA, one visible GPU each (CUDA_VISIBLE_DEVICES);
-    None when they run on CPU or there is one rank."""
-    pp = worker_cfg.pipeline_parallel_size
+    """With several worker processes on CUDA, one visible GPU each (CUDA_VISIBLE_DEVICES),
+    in global rank order (stage by stage, tensor-parallel ranks within a stage); None when
+    they run on CPU or there is one worker."""
+    pp = worker_cfg.world_size
     if pp == 1 or worker_cfg.device == "cpu":
         return None
     import torch
@@ -139,7 +140,9 @@ def _gpu_per_rank(worker_cfg) -> list[dict[str, str]] | None:
     ids = visible.split(",") if visible else [str(i) for i in range(count)]
     if len(ids) < pp:
         raise ValueError(
-            f"--pipeline-parallel-size {pp} needs one GPU per stage, but {len(ids)} are visible"
+            f"--pipeline-parallel-size {worker_cfg.pipeline_parallel_size} x "
+            f"--tensor-parallel-size {worker_cfg.tensor_parallel_size} needs one GPU per "
+            f"worker ({pp}), but {len(ids)} are visible"
         )
     return [{"CUDA_VISIBLE_DEVICES": ids[rank]} for rank in range(pp)]
 
@@ -164,7 +167,7 @@ def serve(args: argparse.Namespace) -> int:
     # given neither, at a free loopback port.
     rendezvous = (
         {"master_port": free_port()}
-        if getattr(args, "pipeline_parallel_size", 1) > 1
+        if getattr(args, "pipeline_parallel_size", 1) * getattr(args, "tensor_parallel_size", 1) > 1
         and getattr(args, "distributed_init_method", None) is None
         and getattr(args, "master_port", None) is None
         else {}
@@ -181,9 +184,11 @@ def serve(args: argparse.Namespace) -> int:
         **rendezvous,
         **tok_overrides,
     )
-    worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.pipeline_parallel_size)]
+    tp = worker_cfg.tensor_parallel_size
+    # One address per worker, global rank order; the scheduler gets each stage's driver.
+    worker_addrs = [f"{host}:{free_port()}" for _ in range(worker_cfg.world_size)]
     rank_devices = _gpu_per_rank(worker_cfg)
-    scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs)
+    scheduler_cfg = build_config(scheduler_cls, args, worker_addresses=worker_addrs[::tp])
     # The demo model is served as DEMO_NAME unless the user names it.
     named = args.model_tag or getattr(args, "served_model_name", None)
     gateway_cfg = build_config(
@@ -221,9 +226,10 @@ def serve(args: argparse.Namespace) -> int:
         stack.spawn(
             "tokenizer", [*log, "tokenizer", "--address", tok_addr, *config_to_argv(tokenizer_cfg)]
         )
-        for rank, addr in enumerate(worker_addrs):
+        for index, addr in enumerate(worker_addrs):
+            rank, tp_rank = divmod(index, tp)
             stack.spawn(
-                f"worker{rank}",
+                f"worker{rank}" + (f"-tp{tp_rank}" if tp_rank else ""),
                 [
                     *log,
                     "worker",
@@ -232,9 +238,11 @@ def serve(args: argparse.Namespace) -> int:
                     addr,
                     "--rank",
                     str(rank),
-                    *config_to_argv(worker_cfg, skip={"model", "rank"}),
+                    "--tp-rank",
+                    str(tp_rank),
+                    *config_to_argv(worker_cfg, skip={"model", "rank", "tp_rank"}),
                 ],
-                env=rank_devices[rank] if rank_devices else None,
+                env=rank_devices[index] if rank_devices else None,
             )
         stack.spawn(
             "scheduler",

@@ -96,16 +96,6 @@ _W, _S, _T, _G = "worker", "scheduler", "tokenizer", "gateway"
 
 PINNED: tuple[Pinned, ...] = (
     Pinned(
-        "--tensor-parallel-size",
-        "shards each layer over N GPUs.",
-        (1,),
-        "splitserve has no tensor parallelism; split the model over GPUs with "
-        "--pipeline-parallel-size",
-        frozenset({_W}),
-        aliases=("-tp",),
-        parse=_int,
-    ),
-    Pinned(
         "--data-parallel-size",
         "runs N engine replicas behind one server.",
         (1,),
@@ -191,15 +181,6 @@ PINNED: tuple[Pinned, ...] = (
         "splitserve has no tensor parallelism, so nothing to shard",
         frozenset({_W}),
         boolean=True,
-    ),
-    Pinned(
-        "--enable-expert-parallel",
-        "places MoE experts on different GPUs.",
-        (False,),
-        "splitserve has no expert parallelism; each pipeline rank holds its layers' experts",
-        frozenset({_W}),
-        boolean=True,
-        aliases=("-ep",),
     ),
     Pinned(
         "--enable-eplb",

@@ -111,6 +111,12 @@ class LLM:
                 f"{self.worker_config.pipeline_parallel_size} (`splitserve serve "
                 "--pipeline-parallel-size P` runs one worker process per stage)"
             )
+        if self.worker_config.tensor_parallel_size != 1:
+            raise ValueError(
+                "LLM runs the model in this one process: tensor_parallel_size must be 1, got "
+                f"{self.worker_config.tensor_parallel_size} (`splitserve serve "
+                "--tensor-parallel-size T` runs one worker process per rank)"
+            )
         if self.worker_config.cpu_omp_threads_bind not in ("auto", "nobind"):
             raise ValueError(
                 "LLM runs in this process, whose OpenMP threads exist before it starts: "

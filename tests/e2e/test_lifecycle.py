@@ -91,20 +91,31 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-@pytest.mark.parametrize("pp", [1, 2], ids=["one-rank", "pp2-rank0-killed"])
-def test_worker_killed_fails_in_flight_and_stack_exits_nonzero(tiny_model, tmp_path, pp):
+@pytest.mark.parametrize(
+    ("pp", "tp", "victim"),
+    [(1, 1, "--rank 0"), (2, 1, "--rank 0"), (1, 2, "--tp-rank 1")],
+    ids=["one-rank", "pp2-rank0-killed", "tp2-peer-killed"],
+)
+def test_worker_killed_fails_in_flight_and_stack_exits_nonzero(
+    tiny_model, tmp_path, pp, tp, victim
+):
     import json
     import signal
     import subprocess
     import time
 
-    s = Server(tiny_model, ["--pipeline-parallel-size", str(pp)], tmp_path / "serve.log")
+    s = Server(
+        tiny_model,
+        ["--pipeline-parallel-size", str(pp), "--tensor-parallel-size", str(tp)],
+        tmp_path / "serve.log",
+    )
     try:
         workers = [p for p in s.children if " worker " in _cmdline(p)]
-        assert len(workers) == pp and len(s.children) == 3 + pp
-        # With two ranks, kill the first: the scheduler reads results from the last one,
-        # which then waits on a stage that is gone.
-        worker = next(p for p in workers if "--rank 0" in _cmdline(p))
+        assert len(workers) == pp * tp and len(s.children) == 3 + pp * tp
+        # With two stages, kill the first: the scheduler reads results from the last one,
+        # which then waits on a stage that is gone. With two tensor-parallel ranks, kill the
+        # peer the scheduler does not talk to: its driver's collectives fail.
+        worker = next(p for p in workers if victim in _cmdline(p))
         events, killed_at = stream_signalling(s.url, s.model, 500, worker, signal.SIGKILL)
         assert events[-1] == "[DONE]"
         assert "error" in json.loads(events[-2]), events[-3:]

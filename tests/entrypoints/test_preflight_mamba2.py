@@ -67,3 +67,14 @@ def test_a_good_mamba2_passes_preflight(mamba2, monkeypatch):
     with pytest.raises(Started):
         cli.main(["serve", str(mamba2)])
     assert started
+
+
+def test_tensor_parallelism_of_an_architecture_without_it_is_a_startup_error(
+    mamba2, spawned, capsys
+):
+    code = cli.main(["serve", str(mamba2), "--max-model-len", "256", "-tp", "2"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert spawned == []
+    assert "Mamba2ForCausalLM does not support tensor parallelism" in err, err
+    assert "--tensor-parallel-size 2" in err

@@ -12,7 +12,6 @@ from splitserve.entrypoints.vllm_compat import PINNED
 
 # A value each row accepts and one it refuses (None: the row accepts nothing).
 _VALUES = {
-    "--tensor-parallel-size": ("1", "2"),
     "--data-parallel-size": ("1", "4"),
     "--distributed-executor-backend": ("mp", "ray"),
     "--preemption-mode": ("recompute", "swap"),
@@ -24,7 +23,6 @@ _VALUES = {
     "--num-scheduler-steps": ("1", "8"),
     "--lora-dtype": ("auto", "bfloat16"),
     "--fully-sharded-loras": (False, True),
-    "--enable-expert-parallel": (False, True),
     "--enable-eplb": (False, True),
     "--compilation-config": ('{"level": 0}', '{"level": 3}'),
     "--max-num-partial-prefills": ("1", "4"),
@@ -109,8 +107,8 @@ def test_pinned_flags_in_help(capsys):
         build_parser().parse_args(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "vLLM flags with one supported value" in out
-    assert "splitserve has no tensor parallelism" in out
-    assert "-tp VALUE" in out and "-O VALUE" in out
+    assert "splitserve has no expert rebalancing" in out
+    assert "-tp TENSOR_PARALLEL_SIZE" in out and "-O VALUE" in out
 
 
 def test_short_aliases(capsys):
@@ -227,7 +225,7 @@ def test_config_file(tmp_path, capsys):
         ("no_such_flag: 1\n", "'no_such_flag' is not a flag of `serve`"),
         ("enable-prefix-caching: 3\n", "is a switch"),
         ("- a\n- b\n", "must hold a mapping"),
-        ("tensor-parallel-size: 2\n", "--tensor-parallel-size 2"),
+        ("data-parallel-size: 2\n", "--data-parallel-size 2"),
         ("a: [\n", "not valid YAML"),
     ],
 )

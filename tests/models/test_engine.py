@@ -113,7 +113,7 @@ def test_llm_rejects_unknown_options_and_bad_requests(llama_path):
     with pytest.raises(TypeError, match="no_such_option"):
         LLM(str(llama_path), no_such_option=2)
     # vLLM arguments with one supported value: that value is fine, another is refused sharply.
-    with pytest.raises(ValueError, match="--tensor-parallel-size 2: .*pipeline"):
+    with pytest.raises(ValueError, match="tensor_parallel_size must be 1, got 2"):
         LLM(str(llama_path), tensor_parallel_size=2)
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of .*, got 'fp8_inc'"):
         LLM(str(llama_path), tensor_parallel_size=1, kv_cache_dtype="fp8_inc")

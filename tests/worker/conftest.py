@@ -49,7 +49,7 @@ def save_checkpoint(
         intermediate_size=64,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=config_kwargs.pop("num_key_value_heads", 2),
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         initializer_range=0.2,

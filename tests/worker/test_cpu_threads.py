@@ -39,6 +39,26 @@ def test_auto_leaves_one_core_and_splits_ranks():
     assert cpu_threads.cores_for("2,5", "cpu", available=cores) == [2, 5]
 
 
+def test_every_worker_of_the_grid_gets_its_own_cores(monkeypatch):
+    from splitserve.entrypoints.cli import bind_openmp_threads
+    from splitserve.worker.config import WorkerConfig
+
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda _: set(range(9)))
+    monkeypatch.setattr(cpu_threads, "_cuda_visible", lambda: False)
+    got = {}
+    for rank in range(2):
+        for tp_rank in range(2):
+            env: dict[str, str] = {}
+            config = WorkerConfig(
+                model="m", pipeline_parallel_size=2, rank=rank, tensor_parallel_size=2,
+                tp_rank=tp_rank, device="cpu",
+            )  # fmt: skip
+            bind_openmp_threads(config, env)
+            got[rank, tp_rank] = env["OMP_PLACES"]
+    # 8 usable cores over 4 processes, global rank order (stage 1's peer is the last).
+    assert got == {(0, 0): "{0},{1}", (0, 1): "{2},{3}", (1, 0): "{4},{5}", (1, 1): "{6},{7}"}
+
+
 def test_environment_and_the_users_choice():
     env: dict[str, str] = {}
     assert cpu_threads.apply("1,3", "cpu", environ=env) == [1, 3]

@@ -289,8 +289,13 @@ def test_launcher_gives_each_rank_its_own_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert _gpu_per_rank(two) == [{"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"}]
     assert _gpu_per_rank(WorkerConfig(model="m", pipeline_parallel_size=2, device="cpu")) is None
-    with pytest.raises(ValueError, match="needs one GPU per stage, but 2 are visible"):
+    with pytest.raises(ValueError, match="needs one GPU per worker .3., but 2 are visible"):
         _gpu_per_rank(WorkerConfig(model="m", pipeline_parallel_size=3))
+    # Tensor-parallel ranks each get their own GPU too, in global rank order.
+    tp = WorkerConfig(model="m", tensor_parallel_size=2)
+    assert _gpu_per_rank(tp) == [{"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"}]
+    with pytest.raises(ValueError, match="--tensor-parallel-size 2 needs one GPU per worker"):
+        _gpu_per_rank(WorkerConfig(model="m", pipeline_parallel_size=2, tensor_parallel_size=2))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert _gpu_per_rank(two) is None
 

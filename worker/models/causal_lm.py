@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitserve.worker.linear import Linear
+from splitserve.worker.parallel_layers import lm_head
 from splitserve.worker.pipeline import IntermediateTensors
 
 
@@ -20,9 +20,7 @@ class CausalLM(nn.Module):
     positions, intermediate)`."""
 
     def _init_lm_head(self, config: Any, is_last: bool) -> None:
-        self.lm_head = (
-            Linear(config.hidden_size, config.vocab_size, bias=False) if is_last else None
-        )
+        self.lm_head = lm_head(config.hidden_size, config.vocab_size) if is_last else None
         self._tie_weights()
 
     @staticmethod
@@ -48,8 +46,11 @@ class CausalLM(nn.Module):
         return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """lm_head over the (already selected) hidden states: [N, H] -> [N, vocab]."""
-        return self.lm_head(hidden_states)
+        """lm_head over the (already selected) hidden states: [N, H] -> [N, vocab]; under
+        tensor parallelism the chunks are gathered on the stage's driver (None elsewhere)."""
+        logits = self.lm_head(hidden_states)
+        gather = getattr(self.lm_head, "gather", None)
+        return logits if gather is None else gather(logits)
 
     def post_materialize(self) -> None:
         """After `to_empty` from the meta device: re-tie lm_head."""

@@ -158,3 +158,4 @@ class GptOssForCausalLM(LlamaForCausalLM):
     model_cls = GptOssModel
     # NOTE: the Triton MoE path has no host sync, but capture is untested on a GPU yet.
     supports_cuda_graphs = False
+    supports_tensor_parallel = False  # NOTE: its sinks and experts are not sharded yet

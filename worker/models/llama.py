@@ -13,10 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from splitserve.worker import parallel_state
 from splitserve.worker.attention import Attention
 from splitserve.worker.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
-from splitserve.worker.linear import GateUpLinear, Linear, QKVLinear
+from splitserve.worker.linear import GateUpLinear, QKVLinear, local_heads
 from splitserve.worker.models.causal_lm import CausalLM
+from splitserve.worker.parallel_layers import row_parallel_linear, vocab_embedding
 from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
 
@@ -43,15 +45,18 @@ class LlamaAttention(nn.Module):
         self, config: Any, layer_idx: int, rotary_emb: RotaryEmbedding, qkv_bias: bool, o_bias: bool
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
         self.head_dim = head_dim_of(config)
+        self.qkv_proj = QKVLinear(config.hidden_size, heads, kv_heads, self.head_dim, qkv_bias)
+        # This tensor-parallel rank's heads (all of them on one rank).
+        state = parallel_state.current()
+        (_, self.num_heads), (_, self.num_kv_heads) = local_heads(
+            heads, kv_heads, state.tp_rank, state.tp_size
+        )
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = QKVLinear(
-            config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, bias=qkv_bias
-        )
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = row_parallel_linear(heads * self.head_dim, config.hidden_size, o_bias)
         self.rotary_emb = rotary_emb
         self.attn = Attention(
             self.num_heads,
@@ -85,7 +90,7 @@ class LlamaMLP(nn.Module):
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r}; supported: silu")
         self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.down_proj = row_parallel_linear(config.intermediate_size, config.hidden_size, bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +158,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.start_layer, self.end_layer = start_layer, end_layer
         self.embed_tokens = (
-            nn.Embedding(config.vocab_size, config.hidden_size) if is_first else None
+            vocab_embedding(config.vocab_size, config.hidden_size) if is_first else None
         )
         self.rotary_emb = RotaryEmbedding(
             head_dim_of(config),
@@ -194,30 +199,31 @@ class LlamaForCausalLM(CausalLM):
     supports_cuda_graphs: bool = True
     """Whether a decode step can be captured (no host syncs or data-dependent shapes)."""
 
-    def __init__(
-        self,
-        config: Any,
-        start_layer: int,
-        end_layer: int,
-        is_first: bool,
-        is_last: bool,
-        max_positions: int,
-    ) -> None:
+    takes_parallel_state: bool = True
+    """Constructed as (config, ParallelState, max_positions) (the older positional stage
+    arguments still work: `parallel_state.stage_arguments`)."""
+    supports_tensor_parallel: bool = True
+    """Whether --tensor-parallel-size > 1 can shard it (heads, MLP, experts, vocabulary)."""
+
+    def __init__(self, config: Any, parallel: parallel_state.ParallelState | int, *args) -> None:
         super().__init__()
+        state, max_positions = parallel_state.stage_arguments(parallel, args)
         self.config = config
+        self.parallel = state
         qkv_bias, o_bias, mlp_bias = self.biases(config)
-        self.model = self.model_cls(
-            config,
-            start_layer,
-            end_layer,
-            is_first,
-            is_last,
-            max_positions,
-            qkv_bias,
-            o_bias,
-            mlp_bias,
-        )
-        self._init_lm_head(config, is_last)
+        with parallel_state.use(state):
+            self.model = self.model_cls(
+                config,
+                state.start_layer,
+                state.end_layer,
+                state.is_first,
+                state.is_last,
+                max_positions,
+                qkv_bias,
+                o_bias,
+                mlp_bias,
+            )
+            self._init_lm_head(config, state.is_last)
 
     @staticmethod
     def biases(config: Any) -> tuple[bool, bool, bool]:

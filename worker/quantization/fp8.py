@@ -218,6 +218,8 @@ class Fp8OnlineLinearMethod(UnquantizedLinearMethod):
     copy (the FP8-rounded weight), CUDA the FP8 weight. Loading briefly holds the full-
     precision weight, as the unquantized model would."""
 
+    supports_tensor_parallel = False  # NOTE: untested on slices; refused for now
+
     def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
         super().create_weights(layer, in_features, out_features, bias)
         layer.compute_dtype = torch.get_default_dtype()
