@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from splitserve.worker.layers import RMSNorm, RotaryEmbedding, rope_parameters
+from splitserve.worker.layers import RMSNorm, RotaryEmbedding
 from splitserve.worker.mamba_mixer import MambaMixer2, check_mamba2_config
 from splitserve.worker.models.causal_lm import CausalLM
-from splitserve.worker.models.llama import LlamaAttention, LlamaMLP, head_dim_of
-from splitserve.worker.pipeline import IntermediateTensors, run_stage
+from splitserve.worker.models.hybrid_stack import HybridStack
+from splitserve.worker.models.llama import LlamaAttention, LlamaMLP
 
 
 def mamba_config(config: Any) -> SimpleNamespace:
@@ -81,7 +81,7 @@ class BambaDecoderLayer(nn.Module):
         return self.feed_forward(hidden_states), residual
 
 
-class BambaModel(nn.Module):
+class BambaModel(HybridStack):
     def __init__(
         self,
         config: Any,
@@ -91,33 +91,10 @@ class BambaModel(nn.Module):
         is_last: bool,
         max_positions: int,
     ) -> None:
-        super().__init__()
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.embed_tokens = (
-            nn.Embedding(config.vocab_size, config.hidden_size) if is_first else None
-        )
-        self.rotary_emb = RotaryEmbedding(
-            head_dim_of(config),
-            max_positions,
-            rope_parameters(config),
-            config.max_position_embeddings,
-        )
-        kinds = layer_types(config)
-        self.layers = nn.ModuleList(
-            BambaDecoderLayer(config, i, kinds[i], self.rotary_emb)
-            if start_layer <= i < end_layer
-            else nn.Identity()
-            for i in range(config.num_hidden_layers)
-        )
-        self.final_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate: IntermediateTensors | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        return run_stage(self, self.final_layernorm, input_ids, positions, intermediate)
+        super().__init__(
+            config, start_layer, end_layer, is_first, is_last, max_positions,
+            layer_types(config), BambaDecoderLayer, norm_name="final_layernorm",
+        )  # fmt: skip
 
 
 class BambaForCausalLM(CausalLM):

@@ -25,9 +25,9 @@ from torch import nn
 from splitserve.worker.layers import RMSNorm, RotaryEmbedding, rope_parameters
 from splitserve.worker.lightning_attn import LightningAttention, check_lightning_config
 from splitserve.worker.models.causal_lm import CausalLM
+from splitserve.worker.models.hybrid_stack import HybridStack
 from splitserve.worker.models.llama import LlamaAttention, head_dim_of
 from splitserve.worker.moe import MIXTRAL_EXPERT_NAMES, SparseMoE, num_experts_of
-from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
 LAYER_KINDS = ("full_attention", "linear_attention")
 
@@ -150,7 +150,7 @@ class MiniMaxDecoderLayer(nn.Module):
         return _scaled(out, self.mlp_beta), _scaled(normed, self.mlp_alpha)
 
 
-class MiniMaxModel(nn.Module):
+class MiniMaxModel(HybridStack):
     def __init__(
         self,
         config: Any,
@@ -160,33 +160,10 @@ class MiniMaxModel(nn.Module):
         is_last: bool,
         max_positions: int,
     ) -> None:
-        super().__init__()
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.embed_tokens = (
-            nn.Embedding(config.vocab_size, config.hidden_size) if is_first else None
-        )
-        self.rotary_emb = RotaryEmbedding(
-            head_dim_of(config),
-            max_positions,
-            minimax_rope_parameters(config),
-            config.max_position_embeddings,
-        )
-        kinds = layer_types(config)
-        self.layers = nn.ModuleList(
-            MiniMaxDecoderLayer(config, i, kinds[i], self.rotary_emb)
-            if start_layer <= i < end_layer
-            else nn.Identity()
-            for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate: IntermediateTensors | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        return run_stage(self, self.norm, input_ids, positions, intermediate)
+        super().__init__(
+            config, start_layer, end_layer, is_first, is_last, max_positions,
+            layer_types(config), MiniMaxDecoderLayer, rope=minimax_rope_parameters(config),
+        )  # fmt: skip
 
 
 class MiniMaxForCausalLM(CausalLM):

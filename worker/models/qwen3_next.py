@@ -22,13 +22,13 @@ from torch import nn
 
 from splitserve.worker.attention import Attention
 from splitserve.worker.gdn_mixer import GatedDeltaNet, check_gdn_config
-from splitserve.worker.layers import RMSNorm, RotaryEmbedding, rope_parameters
+from splitserve.worker.layers import RMSNorm, RotaryEmbedding
 from splitserve.worker.linear import Linear, default_weight_loader, set_weight_attrs
 from splitserve.worker.models.causal_lm import CausalLM
+from splitserve.worker.models.hybrid_stack import HybridStack
 from splitserve.worker.models.llama import LlamaMLP, head_dim_of
 from splitserve.worker.models.qwen3_moe import is_sparse_layer
 from splitserve.worker.moe import QWEN_EXPERT_NAMES, SparseMoE, num_experts_of
-from splitserve.worker.pipeline import IntermediateTensors, run_stage
 
 LAYER_TYPES = ("linear_attention", "full_attention")
 
@@ -151,7 +151,7 @@ class Qwen3NextDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-class Qwen3NextModel(nn.Module):
+class Qwen3NextModel(HybridStack):
     def __init__(
         self,
         config: Any,
@@ -161,33 +161,10 @@ class Qwen3NextModel(nn.Module):
         is_last: bool,
         max_positions: int,
     ) -> None:
-        super().__init__()
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.embed_tokens = (
-            nn.Embedding(config.vocab_size, config.hidden_size) if is_first else None
-        )
-        self.rotary_emb = RotaryEmbedding(
-            head_dim_of(config),
-            max_positions,
-            rope_parameters(config),
-            config.max_position_embeddings,
-        )
-        kinds = layer_types(config)
-        self.layers = nn.ModuleList(
-            Qwen3NextDecoderLayer(config, i, kinds[i], self.rotary_emb)
-            if start_layer <= i < end_layer
-            else nn.Identity()
-            for i in range(config.num_hidden_layers)
-        )
-        self.norm = OffsetRMSNorm(config.hidden_size, config.rms_norm_eps) if is_last else None
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None,
-        positions: torch.Tensor,
-        intermediate: IntermediateTensors | None = None,
-    ) -> torch.Tensor | IntermediateTensors:
-        return run_stage(self, self.norm, input_ids, positions, intermediate)
+        super().__init__(
+            config, start_layer, end_layer, is_first, is_last, max_positions,
+            layer_types(config), Qwen3NextDecoderLayer, norm=OffsetRMSNorm,
+        )  # fmt: skip
 
 
 class Qwen3NextForCausalLM(CausalLM):
