@@ -32,27 +32,12 @@ lightning (lightning attention, MiniMax):
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 
-
-def _time(fns: list[Callable[[], object]], reps: int, sync: Callable[[], None]) -> list[float]:
-    """Median seconds of one call of each function (interleaved, after a warm-up call)."""
-    for fn in fns:
-        fn()
-    sync()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, out in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+from splitserve.testing.bench_timing import decode_step_times, median_times
 
 
 def _gdn_inputs(tokens: int, hk: int, hv: int, dk: int, dv: int, device, dtype):
@@ -75,7 +60,7 @@ def gdn_cpu_chunk(quick: bool) -> None:
     hk, hv, dk, dv = 4, 8, 64, 64
     q, k, v, g, beta = _gdn_inputs(length, hk, hv, dk, dv, "cpu", torch.float32)
     init = torch.randn(hv, dk, dv) * 0.1
-    chunk, step = _time(
+    chunk, step = median_times(
         [
             lambda: torch_gdn.chunk_gated_delta_rule_one(q, k, v, g, beta, 64, init),
             lambda: torch_gdn.gated_delta_recurrence(q, k, v, g, beta, init),
@@ -90,9 +75,6 @@ def gdn_cpu_chunk(quick: bool) -> None:
 
 
 def gdn_cpu_decode(quick: bool) -> None:
-    import transformers
-
-    from splitserve import LLM, SamplingParams
     from splitserve.testing.qwen3_next_model import build_qwen3_next
 
     tokens = 16 if quick else 48
@@ -113,36 +95,7 @@ def gdn_cpu_decode(quick: bool) -> None:
             shared_expert_intermediate_size=256,
         )
         prompt = torch.randint(5, 900, (64,), generator=torch.Generator().manual_seed(0)).tolist()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-        hf.generation_config.eos_token_id = None
-
-        def hf_run(n: int) -> Callable[[], object]:
-            def run():
-                with torch.inference_mode():
-                    hf.generate(
-                        torch.tensor([prompt]),
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-
-            return run
-
-        llm = LLM(str(path), kv_cache_memory=64 << 20, max_model_len=1024)
-
-        def ours(n: int) -> Callable[[], object]:
-            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            return lambda: llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-
-        try:
-            t_hf_n, t_hf_1, t_n, t_1 = _time(
-                [hf_run(tokens), hf_run(1), ours(tokens), ours(1)], reps, lambda: None
-            )
-        finally:
-            llm.shutdown()
-    hf_step = (t_hf_n - t_hf_1) / (tokens - 1)
-    our_step = (t_n - t_1) / (tokens - 1)
+        our_step, hf_step = decode_step_times(path, prompt, tokens, reps)
     print(
         f"cpu decode step (Qwen3-Next, hidden 256, 3 GDN + 1 attention layers, 8 experts; "
         f"batch 1): splitserve {our_step * 1e3:.2f} ms, transformers {hf_step * 1e3:.2f} ms, "
@@ -189,7 +142,7 @@ def _gdn_gpu_chunk(
     src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     cu_list, slot_list, init_list = cu.tolist(), slots.tolist(), init.tolist()
-    triton_t, torch_t, copy = _time(
+    triton_t, torch_t, copy = median_times(
         [
             lambda: gated_delta.chunk_gated_delta_rule(q, k, v, g, beta, states, cu, slots, init),
             lambda: torch_gdn.chunk_gated_delta_rule(
@@ -224,7 +177,7 @@ def _gdn_gpu_step(
     slots = torch.randperm(batch, device=device)
     src = torch.empty(states.nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    step, copy = _time(
+    step, copy = median_times(
         [
             lambda: gated_delta.fused_recurrent_gated_delta_rule(q, k, v, g, beta, states, slots),
             lambda: dst.copy_(src),
@@ -259,7 +212,7 @@ def lightning_cpu_prefill(quick: bool) -> None:
     v = torch.randn(length, heads, head_dim)
     slope = (0.5 ** (8 / heads)) ** (torch.arange(heads, dtype=torch.float32) + 1)
     init = torch.randn(heads, head_dim, head_dim)
-    block, step = _time(
+    block, step = median_times(
         [
             lambda: torch_lightning.lightning_block_one(q, k, v, slope, 256, init),
             lambda: torch_lightning.lightning_recurrence(q, k, v, slope, init),
@@ -274,9 +227,6 @@ def lightning_cpu_prefill(quick: bool) -> None:
 
 
 def lightning_cpu_decode(quick: bool) -> None:
-    import transformers
-
-    from splitserve import LLM, SamplingParams
     from splitserve.testing.minimax_model import build_minimax
 
     tokens = 16 if quick else 48
@@ -299,36 +249,7 @@ def lightning_cpu_decode(quick: bool) -> None:
             block_size=64,
         )
         prompt = torch.randint(5, 900, (64,), generator=torch.Generator().manual_seed(0)).tolist()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-        hf.generation_config.eos_token_id = None
-
-        def hf_run(n: int) -> Callable[[], object]:
-            def run():
-                with torch.inference_mode():
-                    hf.generate(
-                        torch.tensor([prompt]),
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-
-            return run
-
-        llm = LLM(str(path), kv_cache_memory=64 << 20, max_model_len=1024)
-
-        def ours(n: int) -> Callable[[], object]:
-            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            return lambda: llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-
-        try:
-            t_hf_n, t_hf_1, t_n, t_1 = _time(
-                [hf_run(tokens), hf_run(1), ours(tokens), ours(1)], reps, lambda: None
-            )
-        finally:
-            llm.shutdown()
-    hf_step = (t_hf_n - t_hf_1) / (tokens - 1)
-    our_step = (t_n - t_1) / (tokens - 1)
+        our_step, hf_step = decode_step_times(path, prompt, tokens, reps)
     print(
         f"cpu MiniMax decode step (hidden 256, 3 lightning + 1 softmax layers, 4x64 heads, "
         f"4 experts top-2; batch 1): splitserve {our_step * 1e3:.2f} ms, transformers "
@@ -363,7 +284,7 @@ def _lightning_gpu_prefill(num_seqs: int, length: int, reps: int) -> None:
     src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     cu_l, slots_l, init_l = cu.tolist(), slots.tolist(), init.tolist()
-    kernel, copy, torch_path = _time(
+    kernel, copy, torch_path = median_times(
         [
             lambda: lightning_attention.lightning_prefill(q, k, v, slope, states, cu, slots, init),
             lambda: dst.copy_(src),
@@ -394,7 +315,7 @@ def _lightning_gpu_decode(batch: int, reps: int) -> None:
     moved = 2 * states.nbytes
     src = torch.empty(states.nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    upd, copy = _time(
+    upd, copy = median_times(
         [
             lambda: lightning_attention.lightning_decode(q, k, v, slope, states, slots),
             lambda: dst.copy_(src),

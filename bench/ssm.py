@@ -19,36 +19,16 @@ every slot's state in and out).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 
 import torch
 
-
-def _time(fns: list[Callable[[], object]], reps: int, sync: Callable[[], None]) -> list[float]:
-    """Median seconds of one call of each function (interleaved, after a warm-up call)."""
-    for fn in fns:
-        fn()
-    sync()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, out in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
+from splitserve.testing.bench_timing import decode_step_times, median_times
 
 # ---------------------------------------------------------------------------- CPU
 
 
 def cpu_decode(quick: bool) -> None:
-    import transformers
-
-    from splitserve import LLM, SamplingParams
     from splitserve.testing.mamba2_model import build_mamba2
 
     tokens = 16 if quick else 48
@@ -65,36 +45,7 @@ def cpu_decode(quick: bool) -> None:
             chunk_size=64,
         )
         prompt = torch.randint(5, 900, (64,), generator=torch.Generator().manual_seed(0)).tolist()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-        hf.generation_config.eos_token_id = None
-
-        def hf_run(n: int) -> Callable[[], object]:
-            def run():
-                with torch.inference_mode():
-                    hf.generate(
-                        torch.tensor([prompt]),
-                        max_new_tokens=n,
-                        min_new_tokens=n,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-
-            return run
-
-        llm = LLM(str(path), kv_cache_memory=64 << 20, max_model_len=1024)
-
-        def ours(n: int) -> Callable[[], object]:
-            params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-            return lambda: llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-
-        try:
-            t_hf_n, t_hf_1, t_n, t_1 = _time(
-                [hf_run(tokens), hf_run(1), ours(tokens), ours(1)], reps, lambda: None
-            )
-        finally:
-            llm.shutdown()
-    hf_step = (t_hf_n - t_hf_1) / (tokens - 1)
-    our_step = (t_n - t_1) / (tokens - 1)
+        our_step, hf_step = decode_step_times(path, prompt, tokens, reps)
     print(
         f"cpu decode step (hidden 256, 4 layers, 8x64 heads, state 64; batch 1): "
         f"splitserve {our_step * 1e3:.2f} ms, transformers {hf_step * 1e3:.2f} ms, "
@@ -113,7 +64,7 @@ def cpu_scan(quick: bool) -> None:
     B = torch.randn(length, groups, state)
     C = torch.randn(length, groups, state)
     init = torch.randn(heads, head_dim, state)
-    chunk, step = _time(
+    chunk, step = median_times(
         [
             lambda: torch_mamba.ssd_chunk_scan_one(x, dt, A, B, C, 64, init),
             lambda: torch_mamba.ssd_recurrence(x, dt, A, B, C, init),
@@ -152,7 +103,7 @@ def _gpu_scan(num_seqs: int, length: int, reps: int) -> None:
     moved = x.nbytes * 2 + dt.nbytes + B.nbytes + C.nbytes + 2 * states.nbytes
     src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    scan, copy = _time(
+    scan, copy = median_times(
         [
             lambda: ssd_scan.ssd_chunk_scan(x, dt, A, B, C, D, states, cu, slots, init),
             lambda: dst.copy_(src),
@@ -182,7 +133,7 @@ def _gpu_update(batch: int, reps: int) -> None:
     moved = 2 * states.nbytes
     src = torch.empty(states.nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    upd, copy = _time(
+    upd, copy = median_times(
         [
             lambda: ssd_scan.selective_state_update(states, x, dt, A, B, C, D, slots),
             lambda: dst.copy_(src),
