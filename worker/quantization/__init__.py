@@ -128,6 +128,15 @@ def apply_quant_config(model: nn.Module, config: QuantConfig) -> None:
 
     packed = getattr(model, "packed_modules", {})
     seam, plain = 0, []
+    # A MoE block's routing gates (plain linears beside its experts) stay in full precision on
+    # purpose, as lm_head does: they are not reported as left out.
+    routers = {
+        f"{block}.{child}"
+        for block, module in model.named_modules()
+        if isinstance(getattr(module, "experts", None), nn.Module)
+        for child, layer in module.named_children()
+        if isinstance(layer, nn.Linear)
+    }
     for name, module in list(model.named_modules()):
         if isinstance(module, MoEExperts):
             seam += 1
@@ -140,7 +149,7 @@ def apply_quant_config(model: nn.Module, config: QuantConfig) -> None:
             continue
         if name.split(".")[-1] == "lm_head":
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and name not in routers:
             plain.append(name)
         if not isinstance(module, Linear):
             continue
