@@ -9,8 +9,8 @@ slot's content is saved to a scratch buffer of one expert, which breaks the cycl
 memory is the scratch buffers the plan uses (`RearrangeStats.peak_buffers`, one expert's
 tensors each; one suffices in every case the tests generate).
 
-Multi-rank rearrangement (weights crossing ranks over all-to-all) builds on the same plan per
-rank with the sources on other ranks; this module is the single-process part.
+Across expert-parallel ranks (`exchange.py`), the experts a rank gains arrive first into
+buffers, which join the plan as read-only sources.
 """
 
 from __future__ import annotations
@@ -103,22 +103,35 @@ def plan_moves(old: Sequence[int], new: Sequence[int]) -> list[Move]:
 
 
 def rearrange_expert_weights(
-    stacks: Sequence[torch.Tensor], old: Sequence[int], new: Sequence[int]
+    stacks: Sequence[torch.Tensor],
+    old: Sequence[int],
+    new: Sequence[int],
+    received: Sequence[tuple[int, Sequence[torch.Tensor]]] = (),
 ) -> RearrangeStats:
-    """Rewrite every stack [P, ...] in place so slot p holds expert new[p] (it held old[p])."""
+    """Rewrite every stack [P, ...] in place so slot p holds expert new[p] (it held old[p]).
+
+    `received`: (expert, one tensor per stack) that arrived from other ranks, read-only
+    sources beside the slots (`exchange.exchange_expert_weights`)."""
+    num_slots = len(old)
+    old = [*old, *(e for e, _ in received)]
+    new = [*new, *(e for e, _ in received)]  # NOTE: the received copies stay where they are
     moves = plan_moves(old, new)
     scratch: dict[int, list[torch.Tensor]] = {}
     peak = 0
+
+    def source(index: int, b: int) -> torch.Tensor:
+        return stacks[index][b] if b < num_slots else received[b - num_slots][1][index]
+
     with torch.no_grad():
         for kind, a, b in moves:
             if kind == "copy":
-                for stack in stacks:
-                    stack[a].copy_(stack[b])
+                for index, stack in enumerate(stacks):
+                    stack[a].copy_(source(index, b))
             elif kind == "save":
                 if a not in scratch:
                     scratch[a] = [torch.empty_like(stack[0]) for stack in stacks]
-                for buf, stack in zip(scratch[a], stacks, strict=True):
-                    buf.copy_(stack[b])
+                for index, buf in enumerate(scratch[a]):
+                    buf.copy_(source(index, b))
                 peak = max(peak, len(scratch))
             else:
                 for buf, stack in zip(scratch[b], stacks, strict=True):
