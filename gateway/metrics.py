@@ -174,6 +174,18 @@ class SchedulerStatsCollector:
         )
         yield from self._iteration_tokens(s)
         yield from self._info(s)
+        if s.HasField("eplb_num_rebalances"):  # EPLB on; vLLM exports no metric of it
+            yield counter(
+                "splitserve:eplb_rebalances",
+                "Expert rebalances (EPLB) performed.",
+                s.eplb_num_rebalances,
+            )
+            yield gauge(
+                "splitserve:eplb_balancedness",
+                "Mean / max tokens per expert-parallel rank over the EPLB window, under the "
+                "placement of the last rebalance (1 is perfectly even; 0 before the first).",
+                s.eplb_balancedness,
+            )
 
     def _iteration_tokens(self, s: scheduler_pb2.SchedulerStats):
         counts = s.iteration_tokens_bucket_counts

@@ -162,7 +162,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "num_total_blocks", "num_free_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_steps", "block_size", "iteration_tokens_bounds", "iteration_tokens_bucket_counts", "iteration_tokens_sum", "enable_prefix_caching", "max_loras", "running_lora_adapters", "waiting_lora_adapters", "encoder_cache_queries", "encoder_cache_hits", "encoder_cache_usage")
+    __slots__ = ("num_waiting", "num_running", "num_total_blocks", "num_free_blocks", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "num_steps", "block_size", "iteration_tokens_bounds", "iteration_tokens_bucket_counts", "iteration_tokens_sum", "enable_prefix_caching", "max_loras", "running_lora_adapters", "waiting_lora_adapters", "encoder_cache_queries", "encoder_cache_hits", "encoder_cache_usage", "eplb_num_rebalances", "eplb_balancedness")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,8 @@ class SchedulerStats(_message.Message):
     ENCODER_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
     ENCODER_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     ENCODER_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    EPLB_NUM_REBALANCES_FIELD_NUMBER: _ClassVar[int]
+    EPLB_BALANCEDNESS_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     num_total_blocks: int
@@ -201,7 +203,9 @@ class SchedulerStats(_message.Message):
     encoder_cache_queries: int
     encoder_cache_hits: int
     encoder_cache_usage: float
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., block_size: _Optional[int] = ..., iteration_tokens_bounds: _Optional[_Iterable[float]] = ..., iteration_tokens_bucket_counts: _Optional[_Iterable[int]] = ..., iteration_tokens_sum: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ..., max_loras: _Optional[int] = ..., running_lora_adapters: _Optional[_Iterable[str]] = ..., waiting_lora_adapters: _Optional[_Iterable[str]] = ..., encoder_cache_queries: _Optional[int] = ..., encoder_cache_hits: _Optional[int] = ..., encoder_cache_usage: _Optional[float] = ...) -> None: ...
+    eplb_num_rebalances: int
+    eplb_balancedness: float
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., num_steps: _Optional[int] = ..., block_size: _Optional[int] = ..., iteration_tokens_bounds: _Optional[_Iterable[float]] = ..., iteration_tokens_bucket_counts: _Optional[_Iterable[int]] = ..., iteration_tokens_sum: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ..., max_loras: _Optional[int] = ..., running_lora_adapters: _Optional[_Iterable[str]] = ..., waiting_lora_adapters: _Optional[_Iterable[str]] = ..., encoder_cache_queries: _Optional[int] = ..., encoder_cache_hits: _Optional[int] = ..., encoder_cache_usage: _Optional[float] = ..., eplb_num_rebalances: _Optional[int] = ..., eplb_balancedness: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

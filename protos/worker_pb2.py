@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos import common_pb2 as splitserve_dot_protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/worker.proto\x12\x14splitserve.worker.v1\x1a\x1esplitserve/protos/common.proto\"Y\n\x0f\x44\x65scribeRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x32\n\x06\x65ngine\x18\x02 \x01(\x0b\x32\".splitserve.common.v1.EngineConfig\"\xa3\x03\n\x10\x44\x65scribeResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x17\n\x0f\x62ytes_per_block\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12\x41\n\x11sampling_defaults\x18\t \x01(\x0b\x32&.splitserve.common.v1.SamplingDefaults\x12\x35\n\x0brunner_info\x18\n \x01(\x0b\x32 .splitserve.common.v1.RunnerInfo\x12\x32\n\x06\x65ngine\x18\x0b \x01(\x0b\x32\".splitserve.common.v1.EngineConfig\x12\x39\n\x0b\x63\x61\x63he_specs\x18\x0c \x03(\x0b\x32$.splitserve.worker.v1.LayerCacheSpec\"\xf0\x02\n\x0eLayerCacheSpec\x12\x11\n\tlayer_idx\x18\x01 \x01(\x05\x12\x37\n\x04kind\x18\x02 \x01(\x0e\x32).splitserve.worker.v1.LayerCacheSpec.Kind\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\x16\n\x0esliding_window\x18\x06 \x01(\x05\x12\x18\n\x10\x63onv_state_shape\x18\x07 \x03(\x05\x12\x17\n\x0fssm_state_shape\x18\x08 \x03(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\npage_bytes\x18\n \x01(\x03\"h\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13KIND_FULL_ATTENTION\x10\x01\x12\x17\n\x13KIND_SLIDING_WINDOW\x10\x02\x12\x18\n\x14KIND_RECURRENT_STATE\x10\x03\"Y\n\x16InitializeCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x17\n\x0fnum_state_slots\x18\x03 \x01(\x05\"*\n\x17InitializeCacheResponse\x12\x0f\n\x07seconds\x18\x01 \x01(\x02\"\xaa\x05\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.common.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\x05\x12;\n\x07grammar\x18\x07 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x00\x88\x01\x01\x12<\n\x0cgrammar_spec\x18\x0c \x01(\x0b\x32!.splitserve.common.v1.GrammarSpecH\x01\x88\x01\x01\x12I\n\rtrace_context\x18\x14 \x03(\x0b\x32\x32.splitserve.worker.v1.NewRequest.TraceContextEntry\x12\x11\n\tlora_name\x18\x08 \x01(\t\x12\x11\n\tlora_path\x18\t \x01(\t\x12\x13\n\x0blora_int_id\x18\n \x01(\x04\x12\x38\n\tmm_inputs\x18\x0b \x03(\x0b\x32%.splitserve.common.v1.MultiModalInput\x12\x17\n\nstate_slot\x18\r \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12restore_state_slot\x18\x0e \x01(\x05H\x03\x88\x01\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_grammarB\x0f\n\r_grammar_specB\r\n\x0b_state_slotB\x15\n\x13_restore_state_slot\"n\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x15\n\rnew_token_ids\x18\x04 \x03(\x05\"\x8a\x04\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x36\n\x0cnew_requests\x18\x02 \x03(\x0b\x32 .splitserve.worker.v1.NewRequest\x12<\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32#.splitserve.worker.v1.CachedRequest\x12W\n\x14num_scheduled_tokens\x18\x04 \x03(\x0b\x32\x39.splitserve.worker.v1.StepRequest.NumScheduledTokensEntry\x12\x1c\n\x14\x66inished_request_ids\x18\x05 \x03(\t\x12<\n\x0fstate_snapshots\x18\x06 \x03(\x0b\x32#.splitserve.worker.v1.StateSnapshot\x12\x35\n\x0elora_evictions\x18\n \x03(\x0b\x32\x1d.splitserve.worker.v1.LoRAKey\x12\x32\n\nlora_slots\x18\x0b \x03(\x0b\x32\x1e.splitserve.worker.v1.LoRASlot\x12\x19\n\x11\x65ncoder_evictions\x18\x0c \x03(\x0c\x1a\x39\n\x17NumScheduledTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"1\n\x07LoRAKey\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x13\n\x0blora_int_id\x18\x02 \x01(\x04\"H\n\x08LoRASlot\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.splitserve.worker.v1.LoRAKey\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"1\n\rStateSnapshot\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"\x87\x04\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12M\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x34.splitserve.worker.v1.StepResult.PromptLogprobsEntry\x12<\n\x06\x65rrors\x18\x06 \x03(\x0b\x32,.splitserve.worker.v1.StepResult.ErrorsEntry\x12\x1e\n\x16grammar_terminated_ids\x18\x07 \x03(\t\x12\x1c\n\x14\x64\x65\x66\x65rred_request_ids\x18\x08 \x03(\t\x12\x32\n\x06pooled\x18\t \x03(\x0b\x32\".splitserve.worker.v1.PooledOutput\x1a[\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.splitserve.worker.v1.PromptLogprobs:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\x0cPooledOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x03(\x02\"F\n\x0ePromptLogprobs\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\"%\n\x14GetStageStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"\xad\x01\n\nStageStats\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tnum_steps\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x19\n\x11recv_wait_seconds\x18\x04 \x01(\x01\x12\x19\n\x11send_wait_seconds\x18\x05 \x01(\x01\x12\x19\n\x11step_wait_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x07 \x01(\x01\x32\x8d\x03\n\rWorkerService\x12Y\n\x08\x44\x65scribe\x12%.splitserve.worker.v1.DescribeRequest\x1a&.splitserve.worker.v1.DescribeResponse\x12n\n\x0fInitializeCache\x12,.splitserve.worker.v1.InitializeCacheRequest\x1a-.splitserve.worker.v1.InitializeCacheResponse\x12R\n\x07\x45xecute\x12!.splitserve.worker.v1.StepRequest\x1a .splitserve.worker.v1.StepResult(\x01\x30\x01\x12]\n\rGetStageStats\x12*.splitserve.worker.v1.GetStageStatsRequest\x1a .splitserve.worker.v1.StageStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitserve/protos/worker.proto\x12\x14splitserve.worker.v1\x1a\x1esplitserve/protos/common.proto\"Y\n\x0f\x44\x65scribeRequest\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x32\n\x06\x65ngine\x18\x02 \x01(\x0b\x32\".splitserve.common.v1.EngineConfig\"\xbf\x03\n\x10\x44\x65scribeResponse\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\x12\x17\n\x0f\x62ytes_per_block\x18\x06 \x01(\x03\x12\x1a\n\x12\x61vailable_kv_bytes\x18\x07 \x01(\x03\x12\r\n\x05model\x18\x08 \x01(\t\x12\x41\n\x11sampling_defaults\x18\t \x01(\x0b\x32&.splitserve.common.v1.SamplingDefaults\x12\x35\n\x0brunner_info\x18\n \x01(\x0b\x32 .splitserve.common.v1.RunnerInfo\x12\x32\n\x06\x65ngine\x18\x0b \x01(\x0b\x32\".splitserve.common.v1.EngineConfig\x12\x39\n\x0b\x63\x61\x63he_specs\x18\x0c \x03(\x0b\x32$.splitserve.worker.v1.LayerCacheSpec\x12\x1a\n\x12\x65plb_step_interval\x18\r \x01(\x05\"\xf0\x02\n\x0eLayerCacheSpec\x12\x11\n\tlayer_idx\x18\x01 \x01(\x05\x12\x37\n\x04kind\x18\x02 \x01(\x0e\x32).splitserve.worker.v1.LayerCacheSpec.Kind\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\x16\n\x0esliding_window\x18\x06 \x01(\x05\x12\x18\n\x10\x63onv_state_shape\x18\x07 \x03(\x05\x12\x17\n\x0fssm_state_shape\x18\x08 \x03(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\npage_bytes\x18\n \x01(\x03\"h\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13KIND_FULL_ATTENTION\x10\x01\x12\x17\n\x13KIND_SLIDING_WINDOW\x10\x02\x12\x18\n\x14KIND_RECURRENT_STATE\x10\x03\"Y\n\x16InitializeCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x17\n\x0fnum_state_slots\x18\x03 \x01(\x05\"*\n\x17InitializeCacheResponse\x12\x0f\n\x07seconds\x18\x01 \x01(\x02\"\xaa\x05\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12=\n\x0fsampling_params\x18\x03 \x01(\x0b\x32$.splitserve.common.v1.SamplingParams\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\x05\x12;\n\x07grammar\x18\x07 \x01(\x0b\x32%.splitserve.common.v1.CompiledGrammarH\x00\x88\x01\x01\x12<\n\x0cgrammar_spec\x18\x0c \x01(\x0b\x32!.splitserve.common.v1.GrammarSpecH\x01\x88\x01\x01\x12I\n\rtrace_context\x18\x14 \x03(\x0b\x32\x32.splitserve.worker.v1.NewRequest.TraceContextEntry\x12\x11\n\tlora_name\x18\x08 \x01(\t\x12\x11\n\tlora_path\x18\t \x01(\t\x12\x13\n\x0blora_int_id\x18\n \x01(\x04\x12\x38\n\tmm_inputs\x18\x0b \x03(\x0b\x32%.splitserve.common.v1.MultiModalInput\x12\x17\n\nstate_slot\x18\r \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12restore_state_slot\x18\x0e \x01(\x05H\x03\x88\x01\x01\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\n\n\x08_grammarB\x0f\n\r_grammar_specB\r\n\x0b_state_slotB\x15\n\x13_restore_state_slot\"n\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_block_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x15\n\rnew_token_ids\x18\x04 \x03(\x05\"\xa5\x04\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x36\n\x0cnew_requests\x18\x02 \x03(\x0b\x32 .splitserve.worker.v1.NewRequest\x12<\n\x0f\x63\x61\x63hed_requests\x18\x03 \x03(\x0b\x32#.splitserve.worker.v1.CachedRequest\x12W\n\x14num_scheduled_tokens\x18\x04 \x03(\x0b\x32\x39.splitserve.worker.v1.StepRequest.NumScheduledTokensEntry\x12\x1c\n\x14\x66inished_request_ids\x18\x05 \x03(\t\x12<\n\x0fstate_snapshots\x18\x06 \x03(\x0b\x32#.splitserve.worker.v1.StateSnapshot\x12\x35\n\x0elora_evictions\x18\n \x03(\x0b\x32\x1d.splitserve.worker.v1.LoRAKey\x12\x32\n\nlora_slots\x18\x0b \x03(\x0b\x32\x1e.splitserve.worker.v1.LoRASlot\x12\x19\n\x11\x65ncoder_evictions\x18\x0c \x03(\x0c\x12\x19\n\x11rebalance_experts\x18\r \x01(\x08\x1a\x39\n\x17NumScheduledTokensEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"1\n\x07LoRAKey\x12\x11\n\tlora_name\x18\x01 \x01(\t\x12\x13\n\x0blora_int_id\x18\x02 \x01(\x04\"H\n\x08LoRASlot\x12.\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1d.splitserve.worker.v1.LoRAKey\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"1\n\rStateSnapshot\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\"\xc5\x04\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x13\n\x0brequest_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x35\n\x08logprobs\x18\x04 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\x12M\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x34.splitserve.worker.v1.StepResult.PromptLogprobsEntry\x12<\n\x06\x65rrors\x18\x06 \x03(\x0b\x32,.splitserve.worker.v1.StepResult.ErrorsEntry\x12\x1e\n\x16grammar_terminated_ids\x18\x07 \x03(\t\x12\x1c\n\x14\x64\x65\x66\x65rred_request_ids\x18\x08 \x03(\t\x12\x32\n\x06pooled\x18\t \x03(\x0b\x32\".splitserve.worker.v1.PooledOutput\x12\x33\n\x04\x65plb\x18\n \x01(\x0b\x32 .splitserve.worker.v1.EplbReportH\x00\x88\x01\x01\x1a[\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.splitserve.worker.v1.PromptLogprobs:\x02\x38\x01\x1a-\n\x0b\x45rrorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_eplb\"\x8d\x01\n\nEplbReport\x12\x16\n\x0enum_rebalances\x18\x01 \x01(\x03\x12\x1b\n\x13\x62\x61lancedness_before\x18\x02 \x01(\x01\x12\x1a\n\x12\x62\x61lancedness_after\x18\x03 \x01(\x01\x12\x14\n\x0clayers_moved\x18\x04 \x01(\x05\x12\x18\n\x10\x65xperts_received\x18\x05 \x01(\x05\"0\n\x0cPooledOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x03(\x02\"F\n\x0ePromptLogprobs\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.splitserve.common.v1.TokenLogprobs\"%\n\x14GetStageStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"\xad\x01\n\nStageStats\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tnum_steps\x18\x02 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x19\n\x11recv_wait_seconds\x18\x04 \x01(\x01\x12\x19\n\x11send_wait_seconds\x18\x05 \x01(\x01\x12\x19\n\x11step_wait_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x07 \x01(\x01\x32\x8d\x03\n\rWorkerService\x12Y\n\x08\x44\x65scribe\x12%.splitserve.worker.v1.DescribeRequest\x1a&.splitserve.worker.v1.DescribeResponse\x12n\n\x0fInitializeCache\x12,.splitserve.worker.v1.InitializeCacheRequest\x1a-.splitserve.worker.v1.InitializeCacheResponse\x12R\n\x07\x45xecute\x12!.splitserve.worker.v1.StepRequest\x1a .splitserve.worker.v1.StepResult(\x01\x30\x01\x12]\n\rGetStageStats\x12*.splitserve.worker.v1.GetStageStatsRequest\x1a .splitserve.worker.v1.StageStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,45 +43,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=88
   _globals['_DESCRIBEREQUEST']._serialized_end=177
   _globals['_DESCRIBERESPONSE']._serialized_start=180
-  _globals['_DESCRIBERESPONSE']._serialized_end=599
-  _globals['_LAYERCACHESPEC']._serialized_start=602
-  _globals['_LAYERCACHESPEC']._serialized_end=970
-  _globals['_LAYERCACHESPEC_KIND']._serialized_start=866
-  _globals['_LAYERCACHESPEC_KIND']._serialized_end=970
-  _globals['_INITIALIZECACHEREQUEST']._serialized_start=972
-  _globals['_INITIALIZECACHEREQUEST']._serialized_end=1061
-  _globals['_INITIALIZECACHERESPONSE']._serialized_start=1063
-  _globals['_INITIALIZECACHERESPONSE']._serialized_end=1105
-  _globals['_NEWREQUEST']._serialized_start=1108
-  _globals['_NEWREQUEST']._serialized_end=1790
-  _globals['_NEWREQUEST_TRACECONTEXTENTRY']._serialized_start=1672
-  _globals['_NEWREQUEST_TRACECONTEXTENTRY']._serialized_end=1723
-  _globals['_CACHEDREQUEST']._serialized_start=1792
-  _globals['_CACHEDREQUEST']._serialized_end=1902
-  _globals['_STEPREQUEST']._serialized_start=1905
-  _globals['_STEPREQUEST']._serialized_end=2427
-  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_start=2370
-  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_end=2427
-  _globals['_LORAKEY']._serialized_start=2429
-  _globals['_LORAKEY']._serialized_end=2478
-  _globals['_LORASLOT']._serialized_start=2480
-  _globals['_LORASLOT']._serialized_end=2552
-  _globals['_STATESNAPSHOT']._serialized_start=2554
-  _globals['_STATESNAPSHOT']._serialized_end=2603
-  _globals['_STEPRESULT']._serialized_start=2606
-  _globals['_STEPRESULT']._serialized_end=3125
-  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_start=2987
-  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_end=3078
-  _globals['_STEPRESULT_ERRORSENTRY']._serialized_start=3080
-  _globals['_STEPRESULT_ERRORSENTRY']._serialized_end=3125
-  _globals['_POOLEDOUTPUT']._serialized_start=3127
-  _globals['_POOLEDOUTPUT']._serialized_end=3175
-  _globals['_PROMPTLOGPROBS']._serialized_start=3177
-  _globals['_PROMPTLOGPROBS']._serialized_end=3247
-  _globals['_GETSTAGESTATSREQUEST']._serialized_start=3249
-  _globals['_GETSTAGESTATSREQUEST']._serialized_end=3286
-  _globals['_STAGESTATS']._serialized_start=3289
-  _globals['_STAGESTATS']._serialized_end=3462
-  _globals['_WORKERSERVICE']._serialized_start=3465
-  _globals['_WORKERSERVICE']._serialized_end=3862
+  _globals['_DESCRIBERESPONSE']._serialized_end=627
+  _globals['_LAYERCACHESPEC']._serialized_start=630
+  _globals['_LAYERCACHESPEC']._serialized_end=998
+  _globals['_LAYERCACHESPEC_KIND']._serialized_start=894
+  _globals['_LAYERCACHESPEC_KIND']._serialized_end=998
+  _globals['_INITIALIZECACHEREQUEST']._serialized_start=1000
+  _globals['_INITIALIZECACHEREQUEST']._serialized_end=1089
+  _globals['_INITIALIZECACHERESPONSE']._serialized_start=1091
+  _globals['_INITIALIZECACHERESPONSE']._serialized_end=1133
+  _globals['_NEWREQUEST']._serialized_start=1136
+  _globals['_NEWREQUEST']._serialized_end=1818
+  _globals['_NEWREQUEST_TRACECONTEXTENTRY']._serialized_start=1700
+  _globals['_NEWREQUEST_TRACECONTEXTENTRY']._serialized_end=1751
+  _globals['_CACHEDREQUEST']._serialized_start=1820
+  _globals['_CACHEDREQUEST']._serialized_end=1930
+  _globals['_STEPREQUEST']._serialized_start=1933
+  _globals['_STEPREQUEST']._serialized_end=2482
+  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_start=2425
+  _globals['_STEPREQUEST_NUMSCHEDULEDTOKENSENTRY']._serialized_end=2482
+  _globals['_LORAKEY']._serialized_start=2484
+  _globals['_LORAKEY']._serialized_end=2533
+  _globals['_LORASLOT']._serialized_start=2535
+  _globals['_LORASLOT']._serialized_end=2607
+  _globals['_STATESNAPSHOT']._serialized_start=2609
+  _globals['_STATESNAPSHOT']._serialized_end=2658
+  _globals['_STEPRESULT']._serialized_start=2661
+  _globals['_STEPRESULT']._serialized_end=3242
+  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_start=3095
+  _globals['_STEPRESULT_PROMPTLOGPROBSENTRY']._serialized_end=3186
+  _globals['_STEPRESULT_ERRORSENTRY']._serialized_start=3188
+  _globals['_STEPRESULT_ERRORSENTRY']._serialized_end=3233
+  _globals['_EPLBREPORT']._serialized_start=3245
+  _globals['_EPLBREPORT']._serialized_end=3386
+  _globals['_POOLEDOUTPUT']._serialized_start=3388
+  _globals['_POOLEDOUTPUT']._serialized_end=3436
+  _globals['_PROMPTLOGPROBS']._serialized_start=3438
+  _globals['_PROMPTLOGPROBS']._serialized_end=3508
+  _globals['_GETSTAGESTATSREQUEST']._serialized_start=3510
+  _globals['_GETSTAGESTATSREQUEST']._serialized_end=3547
+  _globals['_STAGESTATS']._serialized_start=3550
+  _globals['_STAGESTATS']._serialized_end=3723
+  _globals['_WORKERSERVICE']._serialized_start=3726
+  _globals['_WORKERSERVICE']._serialized_end=4123
 # @@protoc_insertion_point(module_scope)

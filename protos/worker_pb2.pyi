@@ -17,7 +17,7 @@ class DescribeRequest(_message.Message):
     def __init__(self, block_size: _Optional[int] = ..., engine: _Optional[_Union[_common_pb2.EngineConfig, _Mapping]] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("rank", "world_size", "vocab_size", "max_model_len", "eos_token_ids", "bytes_per_block", "available_kv_bytes", "model", "sampling_defaults", "runner_info", "engine", "cache_specs")
+    __slots__ = ("rank", "world_size", "vocab_size", "max_model_len", "eos_token_ids", "bytes_per_block", "available_kv_bytes", "model", "sampling_defaults", "runner_info", "engine", "cache_specs", "eplb_step_interval")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class DescribeResponse(_message.Message):
     RUNNER_INFO_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     CACHE_SPECS_FIELD_NUMBER: _ClassVar[int]
+    EPLB_STEP_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     vocab_size: int
@@ -42,7 +43,8 @@ class DescribeResponse(_message.Message):
     runner_info: _common_pb2.RunnerInfo
     engine: _common_pb2.EngineConfig
     cache_specs: _containers.RepeatedCompositeFieldContainer[LayerCacheSpec]
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bytes_per_block: _Optional[int] = ..., available_kv_bytes: _Optional[int] = ..., model: _Optional[str] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ..., runner_info: _Optional[_Union[_common_pb2.RunnerInfo, _Mapping]] = ..., engine: _Optional[_Union[_common_pb2.EngineConfig, _Mapping]] = ..., cache_specs: _Optional[_Iterable[_Union[LayerCacheSpec, _Mapping]]] = ...) -> None: ...
+    eplb_step_interval: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bytes_per_block: _Optional[int] = ..., available_kv_bytes: _Optional[int] = ..., model: _Optional[str] = ..., sampling_defaults: _Optional[_Union[_common_pb2.SamplingDefaults, _Mapping]] = ..., runner_info: _Optional[_Union[_common_pb2.RunnerInfo, _Mapping]] = ..., engine: _Optional[_Union[_common_pb2.EngineConfig, _Mapping]] = ..., cache_specs: _Optional[_Iterable[_Union[LayerCacheSpec, _Mapping]]] = ..., eplb_step_interval: _Optional[int] = ...) -> None: ...
 
 class LayerCacheSpec(_message.Message):
     __slots__ = ("layer_idx", "kind", "block_size", "num_kv_heads", "head_dim", "sliding_window", "conv_state_shape", "ssm_state_shape", "dtype", "page_bytes")
@@ -148,7 +150,7 @@ class CachedRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., num_computed_tokens: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "new_requests", "cached_requests", "num_scheduled_tokens", "finished_request_ids", "state_snapshots", "lora_evictions", "lora_slots", "encoder_evictions")
+    __slots__ = ("step_id", "new_requests", "cached_requests", "num_scheduled_tokens", "finished_request_ids", "state_snapshots", "lora_evictions", "lora_slots", "encoder_evictions", "rebalance_experts")
     class NumScheduledTokensEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class StepRequest(_message.Message):
     LORA_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     LORA_SLOTS_FIELD_NUMBER: _ClassVar[int]
     ENCODER_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    REBALANCE_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     new_requests: _containers.RepeatedCompositeFieldContainer[NewRequest]
     cached_requests: _containers.RepeatedCompositeFieldContainer[CachedRequest]
@@ -174,7 +177,8 @@ class StepRequest(_message.Message):
     lora_evictions: _containers.RepeatedCompositeFieldContainer[LoRAKey]
     lora_slots: _containers.RepeatedCompositeFieldContainer[LoRASlot]
     encoder_evictions: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Mapping[str, int]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., state_snapshots: _Optional[_Iterable[_Union[StateSnapshot, _Mapping]]] = ..., lora_evictions: _Optional[_Iterable[_Union[LoRAKey, _Mapping]]] = ..., lora_slots: _Optional[_Iterable[_Union[LoRASlot, _Mapping]]] = ..., encoder_evictions: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    rebalance_experts: bool
+    def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., cached_requests: _Optional[_Iterable[_Union[CachedRequest, _Mapping]]] = ..., num_scheduled_tokens: _Optional[_Mapping[str, int]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., state_snapshots: _Optional[_Iterable[_Union[StateSnapshot, _Mapping]]] = ..., lora_evictions: _Optional[_Iterable[_Union[LoRAKey, _Mapping]]] = ..., lora_slots: _Optional[_Iterable[_Union[LoRASlot, _Mapping]]] = ..., encoder_evictions: _Optional[_Iterable[bytes]] = ..., rebalance_experts: _Optional[bool] = ...) -> None: ...
 
 class LoRAKey(_message.Message):
     __slots__ = ("lora_name", "lora_int_id")
@@ -201,7 +205,7 @@ class StateSnapshot(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., slot: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "prompt_logprobs", "errors", "grammar_terminated_ids", "deferred_request_ids", "pooled")
+    __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "prompt_logprobs", "errors", "grammar_terminated_ids", "deferred_request_ids", "pooled", "eplb")
     class PromptLogprobsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +229,7 @@ class StepResult(_message.Message):
     GRAMMAR_TERMINATED_IDS_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     POOLED_FIELD_NUMBER: _ClassVar[int]
+    EPLB_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -234,7 +239,22 @@ class StepResult(_message.Message):
     grammar_terminated_ids: _containers.RepeatedScalarFieldContainer[str]
     deferred_request_ids: _containers.RepeatedScalarFieldContainer[str]
     pooled: _containers.RepeatedCompositeFieldContainer[PooledOutput]
-    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ..., errors: _Optional[_Mapping[str, str]] = ..., grammar_terminated_ids: _Optional[_Iterable[str]] = ..., deferred_request_ids: _Optional[_Iterable[str]] = ..., pooled: _Optional[_Iterable[_Union[PooledOutput, _Mapping]]] = ...) -> None: ...
+    eplb: EplbReport
+    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Mapping[str, PromptLogprobs]] = ..., errors: _Optional[_Mapping[str, str]] = ..., grammar_terminated_ids: _Optional[_Iterable[str]] = ..., deferred_request_ids: _Optional[_Iterable[str]] = ..., pooled: _Optional[_Iterable[_Union[PooledOutput, _Mapping]]] = ..., eplb: _Optional[_Union[EplbReport, _Mapping]] = ...) -> None: ...
+
+class EplbReport(_message.Message):
+    __slots__ = ("num_rebalances", "balancedness_before", "balancedness_after", "layers_moved", "experts_received")
+    NUM_REBALANCES_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    num_rebalances: int
+    balancedness_before: float
+    balancedness_after: float
+    layers_moved: int
+    experts_received: int
+    def __init__(self, num_rebalances: _Optional[int] = ..., balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., layers_moved: _Optional[int] = ..., experts_received: _Optional[int] = ...) -> None: ...
 
 class PooledOutput(_message.Message):
     __slots__ = ("request_id", "data")

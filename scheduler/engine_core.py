@@ -152,6 +152,12 @@ class EngineCore:
         )
         """Steps outstanding at most: P micro-batches, or the async depth with one rank."""
         self._inflight: deque[msg.StepRequest] = deque()
+        self.eplb_step_interval = max(r.eplb_step_interval for r in ranks)
+        """EPLB on the workers (--enable-eplb): every this many model steps, one is marked
+        `rebalance_experts`, a step boundary at which every rank re-places its experts; 0: off."""
+        self._model_steps = 0
+        self.eplb_report: msg.EplbReport | None = None
+        """The last rebalance the last stage reported."""
 
     @property
     def has_work(self) -> bool:
@@ -170,6 +176,9 @@ class EngineCore:
                 step = self.scheduler.release_step()
                 if step is None:
                     break
+            elif self.eplb_step_interval:
+                self._model_steps += 1
+                step.rebalance_experts = self._model_steps % self.eplb_step_interval == 0
             self.executor.submit(step)
             self._inflight.append(step)
         if not self._inflight:
@@ -178,7 +187,19 @@ class EngineCore:
         result = self.executor.get_result()
         if result.step_id != sent.step_id:
             raise RuntimeError(f"worker answered step {result.step_id}, expected {sent.step_id}")
+        if result.eplb is not None:
+            self.eplb_report = result.eplb
         return self.scheduler.update_from_output(result)
+
+    def stats(self) -> scheduler_pb2.SchedulerStats:
+        """The scheduler's counters, plus EPLB's figures when it is on."""
+        stats = self.scheduler.stats()
+        if self.eplb_step_interval:
+            report = self.eplb_report
+            stats.eplb_num_rebalances = report.num_rebalances if report else 0
+            # NOTE: before the first rebalance nothing has been measured; 0 says so.
+            stats.eplb_balancedness = report.balancedness_after if report else 0.0
+        return stats
 
     def shutdown(self) -> None:
         self.executor.shutdown()

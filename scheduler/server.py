@@ -210,7 +210,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.AbortResponse(aborted=aborted)
 
     async def GetStats(self, request, context):
-        return (await self._engine(context)).engine.scheduler.stats()
+        return (await self._engine(context)).engine.stats()
 
     async def GetModelInfo(self, request, context):
         return (await self._engine(context)).engine.model_info

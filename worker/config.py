@@ -14,6 +14,7 @@ from splitserve.common.lora import check_lora_fields
 from splitserve.common.pooling import check_runner_fields, parse_pooler_config, resolve_runner
 from splitserve.common.tracing import check_endpoint, parse_detailed_traces
 from splitserve.worker.cpu_threads import check_bind
+from splitserve.worker.eplb.config import EplbConfig, parse_eplb_config
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -88,6 +89,10 @@ class WorkerConfig(
     """Tensor-parallel rank of this worker within its pipeline stage (0: the stage's driver, which serves the scheduler; the others take each step from it over torch.distributed)."""
     enable_expert_parallel: bool = False
     """MoE layers (vLLM's --enable-expert-parallel): partition each layer's experts over the stage's tensor-parallel ranks, each rank holding whole experts and reading only its own from the checkpoint, instead of sharding every expert; tokens reach their experts' ranks and come back by all-to-all. Needs --tensor-parallel-size > 1."""
+    enable_eplb: bool = False
+    """Expert-parallel load balancing (vLLM's --enable-eplb): count the tokens each MoE expert gets over a sliding window and, every step_interval steps (on the scheduler's signal, at a step boundary), re-place the experts over the stage's ranks, replicating the busiest into num_redundant_experts spare slots, moving weights between ranks in place. Needs --enable-expert-parallel."""
+    eplb_config: str | None = None
+    """JSON object of EPLB settings (vLLM's --eplb-config): window_size (steps counted, default 1000), step_interval (steps between rebalances, 3000), num_redundant_experts (spare expert slots per MoE layer, 0), log_balancedness (log mean / max tokens per rank, false), log_balancedness_interval (steps between those lines, 1). vLLM's use_async, policy, communicator and enable_migration_batching are accepted at the values splitserve runs (synchronous, default policy) and refused otherwise."""
     pp_layer_partition: str | None = None
     """Decoder layers per pipeline rank, comma-separated, rank 0 first; they must sum to the model's layer count. None reads VLLM_PP_LAYER_PARTITION from the environment (as vLLM does), else splits evenly."""
     distributed_init_method: str | None = None
@@ -236,6 +241,7 @@ class WorkerConfig(
                 "--enable-expert-parallel partitions the experts over a stage's tensor-parallel "
                 "ranks: it needs --tensor-parallel-size > 1"
             )
+        self._check_eplb_fields()
         if tp > 1 and self.enable_lora:
             raise ValueError(
                 f"--enable-lora with --tensor-parallel-size {tp}: LoRA adapters are not "
@@ -246,6 +252,26 @@ class WorkerConfig(
                 f"--runner pooling with --tensor-parallel-size {tp}: the pooling runner runs on "
                 "one rank per stage only; use --tensor-parallel-size 1"
             )
+
+    def _check_eplb_fields(self) -> None:
+        if isinstance(self.eplb_config, dict):  # the in-process LLM's keyword
+            self.eplb_config = json.dumps(self.eplb_config, separators=(",", ":"))
+        eplb = parse_eplb_config(self.eplb_config)
+        if self.enable_eplb and not self.enable_expert_parallel:
+            raise ValueError(
+                "--enable-eplb balances experts over expert-parallel ranks: it needs "
+                "--enable-expert-parallel (and --tensor-parallel-size > 1)"
+            )
+        if not self.enable_eplb and eplb.num_redundant_experts:
+            raise ValueError(
+                f"eplb_config num_redundant_experts is {eplb.num_redundant_experts} but EPLB is "
+                "off: add --enable-eplb or drop num_redundant_experts"
+            )
+
+    @property
+    def eplb(self) -> EplbConfig | None:
+        """The EPLB settings when --enable-eplb is on, else None."""
+        return parse_eplb_config(self.eplb_config) if self.enable_eplb else None
 
     @property
     def world_size(self) -> int:

@@ -294,6 +294,7 @@ def parallel_state_of(config: WorkerConfig, start: int, end: int) -> parallel_st
         config.tp_rank,
         config.tensor_parallel_size,
         config.enable_expert_parallel,
+        config.eplb.num_redundant_experts if config.eplb is not None else 0,
     )
 
 
@@ -390,7 +391,18 @@ def load_model(config: WorkerConfig) -> LoadedModel:
 
 def _log_expert_placement(model: nn.Module) -> None:
     experts = next((m for m in model.modules() if isinstance(m, MoEExperts)), None)
-    if experts is not None and experts.ep_size > 1:
+    if experts is not None and experts.ep_size > 1 and experts.num_physical > experts.num_experts:
+        first = experts.first_expert
+        logger.info(
+            "expert parallelism with EPLB: slots [%d, %d) of %d in every MoE layer on this "
+            "rank, holding experts %s of %d until the first rebalance",
+            first,
+            first + experts.num_local_experts,
+            experts.num_physical,
+            experts.slot_experts,
+            experts.num_experts,
+        )
+    elif experts is not None and experts.ep_size > 1:
         first = experts.first_expert
         logger.info(
             "expert parallelism: experts [%d, %d) of %d in every MoE layer on this rank",

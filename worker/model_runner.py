@@ -118,6 +118,12 @@ class ModelRunner:
         self.runner, self.pooler, self.runner_info = setup_runner(
             self.config, self.loaded, self.is_last
         )
+        self.eplb = None
+        """EPLB over this stage's MoE layers (--enable-eplb), driven by the scheduler's steps."""
+        if self.config.eplb is not None:
+            from splitserve.worker.eplb import EplbState
+
+            self.eplb = EplbState.for_stage(self.model, self.config.eplb, self.loaded.hf_config)
 
     def _init_sampling(self) -> None:
         generator = torch.Generator(device=self.device)
@@ -187,6 +193,7 @@ class ModelRunner:
                 engine_config.engine_values(self.config, self.engine_label).all_fixed()
             ),
             cache_specs=[s.to_proto() for s in specs],
+            eplb_step_interval=self.eplb.config.step_interval if self.eplb is not None else 0,
         )
 
     def _agree_engine(self, engine: common_pb2.EngineConfig | None) -> None:
@@ -234,6 +241,8 @@ class ModelRunner:
         )
         self._warm_up()
         self._capture_graphs()
+        if self.eplb is not None:  # the profile and warm-up routed no real token
+            self.eplb.counter.reset()
         seconds = time.perf_counter() - start
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), ready in %.2fs",
@@ -414,7 +423,21 @@ class ModelRunner:
     ) -> msg.StepResult | IntermediateTensors:
         """Run one scheduler step. The last rank returns a StepResult; the others return the
         tensors for the next rank (and must later be told the sampled tokens, see
-        `record_sampled`)."""
+        `record_sampled`). A step marked `rebalance_experts` first re-places the experts
+        (EPLB: every rank of the stage at the same point, before anything else of the step)."""
+        if self.eplb is None:
+            if step.rebalance_experts and self.config.eplb is None:
+                raise RuntimeError("the scheduler asked for an expert rebalance, EPLB is off")
+            return self._execute(step, intermediate)
+        report = self.eplb.rebalance_report() if step.rebalance_experts else None
+        out = self._execute(step, intermediate)
+        if report is not None and isinstance(out, msg.StepResult):
+            out.eplb = report
+        return out
+
+    def _execute(
+        self, step: msg.StepRequest, intermediate: IntermediateTensors | None
+    ) -> msg.StepResult | IntermediateTensors:
         batch = self.batch
         if batch is None:
             raise RuntimeError("initialize_cache must run before execute")
@@ -432,6 +455,8 @@ class ModelRunner:
             return msg.StepResult(step_id=step.step_id, errors=errors)
         masks = self._start_masks(plan)
         out = self._forward(plan, intermediate)
+        if self.eplb is not None:
+            self.eplb.end_step()
         if step.state_snapshots and self.state_cache is not None:
             self.state_cache.take_snapshots(step.state_snapshots, batch.rows, batch.state_slot)
         batch.num_computed[plan.rows] = plan.ends

@@ -97,10 +97,27 @@ class MoEExperts(nn.Module):
         self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
         self.ep_size = state.ep_size
         """Ranks the experts are partitioned over (1: every rank holds every expert)."""
+        self.num_physical = num_experts + state.num_redundant_experts
+        """Expert slots of the layer over all ranks: the experts, plus EPLB's spare slots."""
         self.num_local_experts = parallel_state.shard_size(
-            num_experts, self.ep_size, "the number of experts"
+            self.num_physical,
+            self.ep_size,
+            "the number of experts"
+            + (" plus redundant experts" if state.num_redundant_experts else ""),
         )
+        """Slots this rank holds (the leading axis of its stacks)."""
         self.first_expert = state.ep_rank * self.num_local_experts
+        """Global index of this rank's first slot."""
+        if self.num_local_experts > num_experts:
+            raise ValueError(
+                f"{state.num_redundant_experts} redundant experts over {self.ep_size} ranks "
+                f"give each rank {self.num_local_experts} slots for {num_experts} experts: a "
+                "rank would hold an expert twice; use fewer redundant experts"
+            )
+        self.slot_experts = [(self.first_expert + i) % num_experts for i in range(self.num_local_experts)]  # fmt: skip
+        """The expert each local slot holds as loaded (slot p of the layer holds expert
+        p mod num_experts: every expert once, then replicas of 0, 1, ... in the spare slots);
+        EPLB moves experts between slots afterwards."""
         if self.ep_size > 1:
             self.tp_size = 1  # NOTE: experts whole, not sharded over the stage
         intermediate_size = parallel_state.shard_size(
@@ -164,9 +181,9 @@ class MoEExperts(nn.Module):
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is out of range: the config has {self.num_experts}")
         stacked, shard = self.checkpoint_names[proj]
-        expert -= self.first_expert
-        if not 0 <= expert < self.num_local_experts:
+        if expert not in self.slot_experts:
             return None
+        expert = self.slot_experts.index(expert)
         return stacked + params[param], f"{expert}.{shard}" if shard else str(expert)
 
     @reads_slices
@@ -174,7 +191,11 @@ class MoEExperts(nn.Module):
         """Copy one expert's tensor (shard "3.gate", "3.up" or "3") into its stacked slot, or
         all experts at once (shard_id None)."""
         if self.ep_size > 1 and shard_id is None:  # a whole stack: this rank's experts
-            loaded = loaded.narrow(0, self.first_expert, self.num_local_experts)
+            first, count = self.slot_experts[0], self.num_local_experts
+            if self.slot_experts == list(range(first, first + count)):
+                loaded = loaded.narrow(0, first, count)
+            else:  # the slots wrap around to replicas of the first experts
+                loaded = whole(loaded)[self.slot_experts]
         if self.tp_size > 1:
             loaded = self._tp_slice(param, loaded, shard_id)
         loaded = whole(loaded)

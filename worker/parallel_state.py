@@ -41,12 +41,17 @@ class ParallelState:
     """Number of tensor-parallel ranks per stage."""
     enable_expert_parallel: bool = False
     """MoE experts are partitioned over the stage's ranks instead of each one sharded."""
+    num_redundant_experts: int = 0
+    """EPLB's spare expert slots per MoE layer: with expert parallelism each rank holds
+    (experts + this) / ep_size slots (physical experts), any of which may hold any expert."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.pp_rank < self.pp_size:
             raise ValueError(f"pp_rank must be in [0, {self.pp_size}), got {self.pp_rank}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank must be in [0, {self.tp_size}), got {self.tp_rank}")
+        if self.num_redundant_experts and not self.enable_expert_parallel:
+            raise ValueError("redundant expert slots need expert parallelism")
 
     @property
     def is_first(self) -> bool:

@@ -180,6 +180,8 @@ class StepRequest:
     """Item hashes whose encoder outputs the first rank drops before this step."""
     state_snapshots: list[tuple[str, int]] = field(default_factory=list)
     """(request id, snapshot slot): copy the request's recurrent state there after the step."""
+    rebalance_experts: bool = False
+    """EPLB: re-place the MoE experts before this step's forward (every step_interval steps)."""
 
 
 @dataclass(slots=True)
@@ -188,6 +190,17 @@ class PooledOutput:
 
     request_id: str = ""
     data: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class EplbReport:
+    """worker.EplbReport: one EPLB rebalance of a stage's MoE layers."""
+
+    num_rebalances: int = 0
+    balancedness_before: float = 0.0
+    balancedness_after: float = 0.0
+    layers_moved: int = 0
+    experts_received: int = 0
 
 
 @dataclass(slots=True)
@@ -206,3 +219,5 @@ class StepResult:
     grammar_terminated_ids: list[str] = field(default_factory=list)
     deferred_request_ids: list[str] = field(default_factory=list)
     pooled: list[PooledOutput] = field(default_factory=list)
+    eplb: EplbReport | None = None
+    """Set on the result of a step that rebalanced the experts."""

@@ -263,6 +263,7 @@ def step_request_to_proto(step: msg.StepRequest) -> worker_pb2.StepRequest:
         num_scheduled_tokens=step.num_scheduled_tokens,
         finished_request_ids=step.finished_request_ids,
         encoder_evictions=step.encoder_evictions,
+        rebalance_experts=step.rebalance_experts,
     )
     for r in step.new_requests:
         _new_request_to_proto(p.new_requests.add(), r)
@@ -312,6 +313,7 @@ def step_request_from_proto(p: worker_pb2.StepRequest) -> msg.StepRequest:
         lora_slots=[((s.adapter.lora_name, s.adapter.lora_int_id), s.slot) for s in p.lora_slots],
         encoder_evictions=list(p.encoder_evictions),
         state_snapshots=[(s.request_id, s.slot) for s in p.state_snapshots],
+        rebalance_experts=p.rebalance_experts,
     )
 
 
@@ -332,6 +334,13 @@ def step_result_to_proto(r: msg.StepResult) -> worker_pb2.StepResult:
     add = p.pooled.add
     for pooled in r.pooled:
         add(request_id=pooled.request_id, data=pooled.data)
+    if r.eplb is not None:
+        e = r.eplb
+        p.eplb.num_rebalances = e.num_rebalances
+        p.eplb.balancedness_before = e.balancedness_before
+        p.eplb.balancedness_after = e.balancedness_after
+        p.eplb.layers_moved = e.layers_moved
+        p.eplb.experts_received = e.experts_received
     return p
 
 
@@ -355,4 +364,13 @@ def step_result_from_proto(p: worker_pb2.StepResult) -> msg.StepResult:
         }
     if p.pooled:
         r.pooled = [msg.PooledOutput(x.request_id, list(x.data)) for x in p.pooled]
+    if p.HasField("eplb"):
+        e = p.eplb
+        r.eplb = msg.EplbReport(
+            e.num_rebalances,
+            e.balancedness_before,
+            e.balancedness_after,
+            e.layers_moved,
+            e.experts_received,
+        )
     return r

@@ -183,14 +183,6 @@ PINNED: tuple[Pinned, ...] = (
         boolean=True,
     ),
     Pinned(
-        "--enable-eplb",
-        "rebalances MoE experts across GPUs at run time.",
-        (False,),
-        "splitserve has no expert rebalancing yet",
-        frozenset({_W}),
-        boolean=True,
-    ),
-    Pinned(
         "--compilation-config",
         "torch.compile settings (level, CUDA graph sizes, ...).",
         (0,),

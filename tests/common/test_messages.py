@@ -33,6 +33,7 @@ PAIRS = [
     (msg.StepRequest, worker_pb2.StepRequest),
     (msg.PooledOutput, worker_pb2.PooledOutput),
     (msg.StepResult, worker_pb2.StepResult),
+    (msg.EplbReport, worker_pb2.EplbReport),
 ]
 
 ROUND_TRIPS = [

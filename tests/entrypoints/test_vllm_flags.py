@@ -23,7 +23,6 @@ _VALUES = {
     "--num-scheduler-steps": ("1", "8"),
     "--lora-dtype": ("auto", "bfloat16"),
     "--fully-sharded-loras": (False, True),
-    "--enable-eplb": (False, True),
     "--compilation-config": ('{"level": 0}', '{"level": 3}'),
     "--max-num-partial-prefills": ("1", "4"),
     "--long-prefill-token-threshold": ("0", "512"),
@@ -107,7 +106,8 @@ def test_pinned_flags_in_help(capsys):
         build_parser().parse_args(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "vLLM flags with one supported value" in out
-    assert "splitserve has no expert rebalancing" in out
+    assert "splitserve preempts by recompute and never swaps" in out
+    assert "--enable-eplb" in out and "--eplb-config EPLB_CONFIG" in out  # real flags now
     assert "-tp TENSOR_PARALLEL_SIZE" in out and "-O VALUE" in out
 
 

@@ -263,3 +263,19 @@ def test_iteration_tokens_and_info_gauges():
         "waiting_lora_adapters": "c",
     }
     assert lora.value >= before
+
+
+def test_eplb_figures_appear_only_when_the_scheduler_reports_them():
+    m = GatewayMetrics("tiny")
+    m.scheduler_stats.stats = stats(num_free_blocks=200)
+    assert not [name for name in families(m) if "eplb" in name]
+    m.scheduler_stats.stats = stats(
+        num_free_blocks=200, eplb_num_rebalances=3, eplb_balancedness=0.875
+    )
+    fams = families(m)
+    assert fams["splitserve:eplb_rebalances"].type == "counter"
+    name = "splitserve:eplb_rebalances"
+    assert value(fams, name, name + "_total", model_name="tiny") == 3
+    name = "splitserve:eplb_balancedness"
+    assert fams[name].type == "gauge"
+    assert value(fams, name, name, model_name="tiny") == 0.875

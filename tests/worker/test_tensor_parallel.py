@@ -233,7 +233,7 @@ def test_tp2_matches_one_rank_and_transformers(checkpoint, tmp_path):
             grid.kill()
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen3_moe-ep"])
+@pytest.mark.parametrize("model", ["llama", "qwen3_moe-ep-eplb"])
 def test_pp2_by_tp2_matches_transformers(checkpoint, tmp_path, model):
     if model == "llama":
         path, extra = checkpoint("llama_tp_pp", num_layers=3), []
@@ -246,7 +246,9 @@ def test_pp2_by_tp2_matches_transformers(checkpoint, tmp_path, model):
             num_experts_per_tok=2,
             moe_intermediate_size=32,
         )
-        extra = ["--enable-expert-parallel"]
+        # and rebalanced every 2 steps (each stage its own layer), weights crossing ranks.
+        eplb = '{"window_size": 2, "step_interval": 2, "num_redundant_experts": 2}'
+        extra = ["--enable-expert-parallel", "--enable-eplb", "--eplb-config", eplb]
     workload = _workload(96)[:10]
     grid = GridWorkers(path, 2, 2, tmp_path, 60, extra=extra)
     try:
@@ -255,8 +257,11 @@ def test_pp2_by_tp2_matches_transformers(checkpoint, tmp_path, model):
         got = _generate(engine, workload)
         engine.shutdown()
         assert got == _transformers_greedy(path, workload)
-        if extra:  # stage 1's second rank holds the upper half of layer 1's experts
-            assert "experts [2, 4) of 4" in grid.logs[3].read_text()
+        if extra:  # stage 1's second rank starts with slots 3..5: experts 3, 0, 1
+            assert "slots [3, 6) of 6" in grid.logs[3].read_text()
+            assert engine.eplb_report is not None and engine.eplb_report.num_rebalances > 0
+            for log in grid.logs:  # every rank of both stages rebalanced its own layer
+                assert "EPLB rebalance 1:" in log.read_text(), grid.tail()
     finally:
         grid.kill()
 

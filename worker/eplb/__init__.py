@@ -1,6 +1,6 @@
 """Expert-parallel load balancing (EPLB), the single-process parts.
 
-- `EplbConfig`: vLLM's `--eplb-config` fields.
+- `EplbConfig` / `parse_eplb_config`: vLLM's `--eplb-config` fields.
 - `rebalance_experts` (policy.py): the placement policy, pure; `rank_loads`, `balancedness`.
 - `ExpertMap` (expert_map.py): logical -> physical map, the router's spread over replicas.
 - `ExpertLoadCounter` (load_counter.py): per-layer, per-expert token counts over a window,
@@ -12,24 +12,33 @@
 
 from __future__ import annotations
 
-from .config import EplbConfig
-from .expert_map import ExpertMap
-from .load_counter import ExpertLoadCounter
-from .policy import balancedness, rank_loads, rebalance_experts
-from .rearrange import RearrangeStats, keep_in_place, plan_moves, rearrange_expert_weights
-from .state import EplbState, RebalanceResult
+import importlib
 
-__all__ = [
-    "EplbConfig",
-    "EplbState",
-    "ExpertLoadCounter",
-    "ExpertMap",
-    "RearrangeStats",
-    "RebalanceResult",
-    "balancedness",
-    "keep_in_place",
-    "plan_moves",
-    "rank_loads",
-    "rearrange_expert_weights",
-    "rebalance_experts",
-]
+from .config import EplbConfig, parse_eplb_config
+
+_LAZY = {
+    "EplbState": "state",
+    "RebalanceResult": "state",
+    "ExpertLoadCounter": "load_counter",
+    "ExpertMap": "expert_map",
+    "balancedness": "policy",
+    "rank_loads": "policy",
+    "rebalance_experts": "policy",
+    "RearrangeStats": "rearrange",
+    "keep_in_place": "rearrange",
+    "plan_moves": "rearrange",
+    "rearrange_expert_weights": "rearrange",
+    "exchange_expert_weights": "exchange",
+    "plan_transfers": "exchange",
+}
+"""Names imported on first use: the config module is read by the worker's flag parsing,
+which must not import torch (the CPU thread binding is set before torch loads)."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["EplbConfig", "parse_eplb_config", *_LAZY]

@@ -44,5 +44,7 @@ class ExpertLoadCounter:
         return self.ring.sum(dim=0).cpu()
 
     def reset(self) -> None:
+        """Forget every count (and the steps so far)."""
         self.current.zero_()
         self.ring.zero_()
+        self.cursor = self.steps = 0
