@@ -279,8 +279,18 @@ def _gpu_ids(service: dict) -> set[str]:
     return ids
 
 
+def _without_tp_flags(command: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in command:
+        if skip or arg in ("--tensor-parallel-size", "--tp-rank", "--distributed-init-method"):
+            skip = not skip
+            continue
+        out.append(arg)
+    return out
+
+
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
-def test_tp2_override_runs_one_stage_over_two_ranks(tp2_services, profile):
+def test_tp2_override_runs_one_stage_over_two_ranks(services, tp2_services, profile):
     workers = {
         name: svc
         for name, svc in tp2_services.items()
@@ -308,6 +318,8 @@ def test_tp2_override_runs_one_stage_over_two_ranks(tp2_services, profile):
     assert [split_address(a) for a in dialled] == [
         (host, split_address(configs[driver]["address"])[1])
     ]
+    # The override restates the main file's worker command, plus the tensor-parallel flags.
+    assert _without_tp_flags(workers[driver]["command"]) == services[driver]["command"]
     # The peer is built like the driver and checks its own health port.
     for key in ("image", "build", "volumes", "environment", "restart", "depends_on"):
         assert workers[peer][key] == workers[driver][key], key
