@@ -109,7 +109,8 @@ PINNED: tuple[Pinned, ...] = (
         "--distributed-executor-backend",
         "how workers are launched (mp, ray, uni, external_launcher).",
         ("mp",),
-        "splitserve always runs each pipeline rank as its own process (mp)",
+        "splitserve always runs each worker (pipeline stage x tensor-parallel rank) as its "
+        "own process (mp)",
         frozenset({_W}),
     ),
     Pinned(
@@ -146,8 +147,9 @@ PINNED: tuple[Pinned, ...] = (
         "--cpu-offload-gb",
         "GiB of weights kept in CPU memory and streamed to the GPU.",
         (0,),
-        "splitserve keeps all weights on the worker's device; use more pipeline ranks "
-        "(--pipeline-parallel-size) for a model that does not fit",
+        "splitserve keeps all weights on the worker's device; use more pipeline or "
+        "tensor-parallel ranks (--pipeline-parallel-size, --tensor-parallel-size) for a model "
+        "that does not fit",
         frozenset({_W}),
         parse=_int,
     ),
@@ -178,7 +180,8 @@ PINNED: tuple[Pinned, ...] = (
         "--fully-sharded-loras",
         "shards LoRA computation over tensor-parallel ranks.",
         (False,),
-        "splitserve has no tensor parallelism, so nothing to shard",
+        "LoRA is refused under tensor parallelism (--enable-lora needs "
+        "--tensor-parallel-size 1), so a fully-sharded LoRA has nothing to shard",
         frozenset({_W}),
         boolean=True,
     ),
@@ -288,7 +291,9 @@ PINNED: tuple[Pinned, ...] = (
         "--disable-custom-all-reduce",
         "uses NCCL instead of vLLM's own all-reduce between tensor-parallel GPUs.",
         (True, False),
-        "splitserve has no tensor parallelism, so no all-reduce; both values are accepted",
+        "splitserve's tensor-parallel all-reduce is always torch.distributed's (NCCL on CUDA, "
+        "gloo on CPU), the one vLLM falls back to when its own cannot run; both values are "
+        "accepted",
         frozenset({_W}),
         boolean=True,
     ),
@@ -393,8 +398,8 @@ PINNED: tuple[Pinned, ...] = (
         "--nnodes",
         "nodes that one multi-node engine spans.",
         (1,),
-        "`serve` runs on one host; on several hosts start `splitserve worker --rank N` on each "
-        "(with --distributed-init-method) and one `splitserve scheduler`",
+        "`serve` runs on one host; on several hosts start `splitserve worker --rank N "
+        "--tp-rank K` on each (with --distributed-init-method) and one `splitserve scheduler`",
         frozenset({_W}),
         aliases=("-n",),
         parse=_int,

@@ -243,3 +243,92 @@ def test_the_image_runs_every_service_without_sources_on_sys_path():
     assert any(f"rm -rf {copied_to}" in line for line in lines), "sources left in the image"
     assert workdirs[-1] != copied_to and not workdirs[-1].startswith(copied_to + "/")
     assert any("-c constraints.txt" in line for line in lines)
+
+
+def merge_compose(base, override):
+    """Compose's merge of an override file onto a base: mappings merge, sequences append, and
+    command / entrypoint / healthcheck test are replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            if key in ("command", "entrypoint", "test") or key not in base:
+                merged[key] = value
+            else:
+                merged[key] = merge_compose(base[key], value)
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        return base + override
+    return override
+
+
+@pytest.fixture(scope="module")
+def tp2_services() -> dict[str, dict]:
+    base = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+    override = yaml.safe_load((COMPOSE / "docker-compose.tp2.yml").read_text())
+    return interpolate(merge_compose(base, override)["services"], {})
+
+
+def _gpu_ids(service: dict) -> set[str]:
+    """The GPUs one container is given: `device_ids`, or the first `count` devices (Docker
+    hands out devices 0..count-1, it does not share them out between containers)."""
+    ids: set[str] = set()
+    for device in service["deploy"]["resources"]["reservations"]["devices"]:
+        assert device["capabilities"] == ["gpu"]
+        assert ("count" in device) != ("device_ids" in device), "one of count / device_ids"
+        ids |= set(device.get("device_ids") or map(str, range(int(device["count"]))))
+    return ids
+
+
+def _without_tp_flags(command: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in command:
+        if skip or arg in ("--tensor-parallel-size", "--tp-rank", "--distributed-init-method"):
+            skip = not skip
+            continue
+        out.append(arg)
+    return out
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_tp2_override_runs_one_stage_over_two_ranks(services, tp2_services, profile):
+    workers = {
+        name: svc
+        for name, svc in tp2_services.items()
+        if profile in svc.get("profiles", []) and svc["command"][0] == "worker"
+    }
+    # Each command through splitserve's own parser and WorkerConfig (--check-config).
+    configs = {name: check_config(svc["command"])["worker"] for name, svc in workers.items()}
+    cells = sorted((c["rank"], c["tp_rank"]) for c in configs.values())
+    assert cells == [(0, 0), (0, 1)], configs  # every rank once
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "distributed_init_method"):
+        assert len({c[key] for c in configs.values()}) == 1, key
+    # Apart from the rank, both run the same configuration (model, KV memory, dtype, traces).
+    same = [{k: v for k, v in c.items() if k != "tp_rank"} for c in configs.values()]
+    assert same[0] == same[1]
+    some = next(iter(configs.values()))
+    assert (some["tensor_parallel_size"], some["pipeline_parallel_size"]) == (2, 1)
+    driver = next(n for n, c in configs.items() if c["tp_rank"] == 0)
+    (peer,) = set(workers) - {driver}
+    # The rendezvous is the driver's (global rank 0 hosts the store).
+    host, _ = split_address(some["distributed_init_method"].removeprefix("tcp://"))
+    assert host in workers[driver]["networks"]["default"]["aliases"]
+    assert "networks" not in workers[peer]
+    # The scheduler dials the driver only.
+    dialled = flag(tp2_services["scheduler"]["command"], "--worker-addresses").split(",")
+    assert [split_address(a) for a in dialled] == [
+        (host, split_address(configs[driver]["address"])[1])
+    ]
+    # The override restates the main file's worker command, plus the tensor-parallel flags.
+    assert _without_tp_flags(workers[driver]["command"]) == services[driver]["command"]
+    # The peer is built like the driver and checks its own health port.
+    for key in ("image", "build", "volumes", "environment", "restart", "depends_on"):
+        assert workers[peer][key] == workers[driver][key], key
+    test = workers[peer]["healthcheck"]["test"]
+    assert test[-1] == f"127.0.0.1:{split_address(configs[peer]['address'])[1]}"
+    devices = {c["device"] for c in configs.values()}
+    if profile == "gpu":
+        assert devices == {"cuda"}
+        ids = [_gpu_ids(workers[n]) for n in (driver, peer)]
+        assert all(len(i) == 1 for i in ids) and not ids[0] & ids[1], ids  # a GPU each
+    else:
+        assert devices != {"cuda"} and all("deploy" not in w for w in workers.values())

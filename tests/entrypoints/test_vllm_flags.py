@@ -245,3 +245,14 @@ def test_config_file_missing(tmp_path, capsys):
         main(["serve", "--config", str(tmp_path / "none.yaml"), "--check-config"])
     assert exc.value.code == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+def test_tensor_parallel_rows_say_what_splitserve_does(capsys):
+    """Tensor parallelism exists: no row may say otherwise, and --fully-sharded-loras's reason
+    (LoRA is refused under tensor parallelism) is what the config really does."""
+    assert not [r.flag for r in PINNED if "no tensor parallelism" in r.instead]
+    assert main(["serve", "--fully-sharded-loras", "--check-config"]) == 2
+    assert "LoRA is refused under tensor parallelism" in capsys.readouterr().err
+    assert main(["serve", "--enable-lora", "-tp", "2", "--check-config"]) == 2
+    assert "--enable-lora with --tensor-parallel-size 2" in capsys.readouterr().err
+    assert main(["serve", "--enable-lora", "--check-config"]) == 0

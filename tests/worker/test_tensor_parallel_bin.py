@@ -1,0 +1,140 @@
+"""Tensor parallelism on .bin checkpoints: each rank copies only its slices out of a
+memory-mapped `torch.load(weights_only=True)`; a legacy (pre-zip) .bin still loads, whole."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+from splitserve.worker import weight_files
+from splitserve.worker.checkpoint_slices import LazyTensor, read_shard_lazily
+from splitserve.worker.config import WorkerConfig
+
+from .test_pipeline_parallel import _generate, _transformers_greedy, _workload
+from .test_tensor_parallel import GridWorkers, _one_rank
+
+# Tensors every rank holds whole; everything else is read through a narrowed slice.
+REPLICATED = ("norm.weight",)
+SLICED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _bin_checkpoint(checkpoint) -> pathlib.Path:
+    # NOTE: 99 rows do not split evenly over 2 ranks; the tied lm_head is the embedding.
+    return checkpoint("llama_tp_bin", num_layers=2, tie=True, vocab_size=99, safe=False)
+
+
+def _legacy_copy(path: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """`path` with its pytorch_model.bin rewritten in torch's legacy (non-zip) layout."""
+    shutil.copytree(path, out)
+    state = torch.load(out / "pytorch_model.bin", weights_only=True)
+    torch.save(state, out / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    return out
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Names of the lazy tensors read whole / narrowed, and the torch.load calls' options."""
+    seen: dict[str, list] = {"materialize": [], "narrow": [], "torch.load": []}
+    for method in ("materialize", "narrow"):
+        original = getattr(LazyTensor, method)
+
+        def spy(self, *args, _original=original, _method=method):
+            seen[_method].append(self.name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(LazyTensor, method, spy)
+    load = torch.load
+
+    def load_spy(*args, **kwargs):
+        seen["torch.load"].append((kwargs.get("mmap"), kwargs.get("weights_only")))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load_spy)
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["zip", "legacy"])
+def test_each_rank_reads_only_its_slices_of_a_bin(checkpoint, tmp_path, spies, layout):
+    from splitserve.worker.model_loader import load_model
+
+    path = _bin_checkpoint(checkpoint)
+    if layout == "legacy":
+        path = _legacy_copy(path, tmp_path / "legacy")
+    ckpt = torch.load(path / "pytorch_model.bin", weights_only=True)
+    spies["torch.load"].clear()
+    model = load_model(
+        WorkerConfig(model=str(path), tensor_parallel_size=2, tp_rank=1, max_model_len=64)
+    ).model
+    # The zip layout is memory-mapped; the legacy one cannot be, and is read whole after the
+    # mapped attempt fails. Never without weights_only.
+    expected = [(True, True)] if layout == "zip" else [(True, True), (None, True)]
+    assert spies["torch.load"] == expected
+    whole, narrowed = spies["materialize"], spies["narrow"]
+    assert whole and all(n.endswith(REPLICATED) for n in whole), whole
+    assert {n.split(".")[-2] for n in narrowed if ".layers." in n} == set(SLICED)
+    assert not set(whole) & set(narrowed)
+    assert "model.embed_tokens.weight" in narrowed  # vocabulary rows, read twice (tied head)
+
+    params = model.state_dict()
+    attn, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+    d = 8  # head_dim: 4 query heads -> heads 2, 3 on rank 1; 2 KV heads -> head 1
+    q, k, v = (ckpt[f"{attn}.{p}_proj.weight"] for p in "qkv")
+    assert torch.equal(params[f"{attn}.qkv_proj.weight"], torch.cat([q[2 * d :], k[d:], v[d:]]))
+    assert torch.equal(params[f"{attn}.o_proj.weight"], ckpt[f"{attn}.o_proj.weight"][:, 2 * d :])
+    gate, up = (ckpt[f"{mlp}.{p}_proj.weight"] for p in ("gate", "up"))
+    assert torch.equal(params[f"{mlp}.gate_up_proj.weight"], torch.cat([gate[32:], up[32:]]))
+    assert torch.equal(params[f"{mlp}.down_proj.weight"], ckpt[f"{mlp}.down_proj.weight"][:, 32:])
+    vocab = ckpt["model.embed_tokens.weight"]  # 99 rows, 50 a rank: rank 1 has 49 and a pad
+    assert torch.equal(params["model.embed_tokens.weight"][:49], vocab[50:])
+    assert not params["model.embed_tokens.weight"][49].any()
+    assert torch.equal(params["lm_head.weight"][:49], vocab[50:])
+
+
+def test_a_lazy_bin_slice_is_a_copy(checkpoint):
+    path = _bin_checkpoint(checkpoint)
+    name = "model.layers.0.mlp.down_proj.weight"
+    (tensor,) = [t for n, t in read_shard_lazily(path / "pytorch_model.bin", "pt", name.__eq__)]
+    expected = torch.load(path / "pytorch_model.bin", weights_only=True)[name]
+    assert tensor.shape == expected.shape and tensor.dim() == 2
+    cols = tensor.narrow(1, 32, 32)
+    assert torch.equal(cols, expected[:, 32:]) and cols.is_contiguous()
+    cols.zero_()  # the caller owns what it got: the mapping (and the next read) is untouched
+    assert torch.equal(tensor[10:20], expected[10:20])
+    assert torch.equal(tensor.materialize(), expected)
+
+
+def test_a_bin_that_runs_code_is_refused_by_the_lazy_reader(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.ones(2), "payload": _Mkdir(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"refusing to load .*weights_only=True"):
+        read_shard_lazily(tmp_path / "pytorch_model.bin", "pt", lambda n: True)
+    assert not marker.exists()
+
+
+class _Mkdir:
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
+def test_tp2_on_a_bin_matches_one_rank(checkpoint, tmp_path):
+    path = _bin_checkpoint(checkpoint)
+    assert weight_files.find_weight_files(path, "auto").kind == "pt"
+    workload = _workload(99)[:4]
+    grid = GridWorkers(path, 1, 2, tmp_path, 60)
+    try:
+        one = _one_rank(path, workload)
+        assert one == _transformers_greedy(path, workload)
+        engine = grid.engine()
+        got = _generate(engine, workload)
+        engine.shutdown()
+        assert got == one
+    finally:
+        grid.kill()
