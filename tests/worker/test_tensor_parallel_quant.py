@@ -129,6 +129,22 @@ def test_tp2_fp8_matches_one_rank_and_transformers(arch, fmt, packed, tmp_path):
         grid.kill()
 
 
+def test_pp2_by_tp2_fp8_matches_transformers(packed, tmp_path):
+    """Two stages of one layer each, two ranks a stage: each of the four ranks holds its
+    slices of its own layer's FP8 tensors."""
+    folder, dense_folder = packed("llama", "fp8-block")
+    workload = _workload(96)[:6]
+    grid = GridWorkers(folder, 2, 2, tmp_path, 60)
+    try:
+        engine = grid.engine()
+        assert engine.pipeline_parallel_size == 2
+        got = _generate(engine, workload)
+        engine.shutdown()
+        assert got == _transformers_greedy(dense_folder, workload)
+    finally:
+        grid.kill()
+
+
 @pytest.mark.parametrize(
     "block, message",
     [

@@ -136,7 +136,10 @@ class Fp8LinearMethod(LinearMethod):
     (fused q/k/v, gate/up) its output rows of the weight and of a per-channel or block scale
     (by whole blocks), a row-parallel one (o_proj, down_proj) its input columns of the weight
     and of a block scale (by whole blocks); per-tensor, per-channel-of-a-row-parallel-layer
-    and input scales are read whole. A slice that is not whole blocks is refused.
+    and input scales are read whole. A slice that is not whole blocks is refused. Where the
+    GPU quantizes activations dynamically, a row-parallel rank scales its own input columns:
+    per token group with block weights (whole groups, as on one rank), per token otherwise (the
+    scale of the rank's slice, which may be finer than one rank's whole-row scale).
     """
 
     supports_tensor_parallel = True
