@@ -104,6 +104,53 @@ def test_each_rank_reads_only_its_slices_of_fp8_tensors(fmt, packed, monkeypatch
                 assert got.dtype == torch.float32 and torch.equal(got, value), (rank, name)
 
 
+def _rank_scales(kind: str, scales: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """What a rank of 2 should hold as layer 0's q/k/v and o_proj scale in the common layout
+    [ceil(N / bn), ceil(K / bk)] (`fp8.scale_2d`), from the checkpoint's scales (TP_BLOCK)."""
+    q, k, v, o = (scales[p] for p in "qkvo")
+    if kind == "block":  # q: 2 block rows a rank, k / v: 1; o: 1 of 2 block columns
+        qkv = torch.cat([q[2 * rank : 2 * rank + 2], k[rank : rank + 1], v[rank : rank + 1]])
+        return {"qkv_proj": qkv, "o_proj": o[:, rank : rank + 1]}
+    if kind == "channel":  # rows of the column-parallel layer, all of the row-parallel one
+        qkv = torch.cat([q[16 * rank : 16 * rank + 16], k[8 * rank : 8 * rank + 8], v[8 * rank : 8 * rank + 8]])  # fmt: skip
+        return {"qkv_proj": qkv, "o_proj": o}
+    rows = [q.reshape(1, 1).expand(16, 1), k.reshape(1, 1).expand(8, 1), v.reshape(1, 1).expand(8, 1)]  # fmt: skip
+    return {"qkv_proj": torch.cat(rows), "o_proj": o.reshape(1, 1)}
+
+
+@pytest.mark.parametrize("fmt", ["fp8-tensor", "fp8-block", "ct-channel"])
+def test_each_rank_keeps_its_fp8_bytes_and_scales(fmt, packed, monkeypatch):
+    """What a CUDA rank keeps for the FP8 GEMM (the weight and scale handed to `_finish`
+    before the CPU dequantizes them) is exactly its slice of the checkpoint's FP8 bytes and
+    scales."""
+    from splitserve.worker.quantization import fp8
+
+    folder, _ = packed("llama", fmt)
+    ckpt = load_file(folder / "model.safetensors")
+    kind, scale_name = FORMATS[fmt][1], FORMATS[fmt][2]
+    pre = f"model.layers.0.{ATTN}"
+    scales = {p: ckpt[f"{pre}.{p}_proj.{scale_name}"] for p in "qkvo"}
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    finish = fp8._finish
+
+    def record(layer, weight, scale, block):
+        kept[id(layer)] = (weight.clone(), scale.clone())
+        return finish(layer, weight, scale, block)
+
+    monkeypatch.setattr(fp8, "_finish", record)
+    q, k, v, o = (ckpt[f"{pre}.{p}_proj.weight"].view(torch.uint8) for p in "qkvo")
+    for rank in range(2):
+        kept.clear()
+        config = WorkerConfig(model=str(folder), tensor_parallel_size=2, tp_rank=rank)
+        attn = load_model(config).model.model.layers[0].self_attn
+        qs, ks = slice(16 * rank, 16 * rank + 16), slice(8 * rank, 8 * rank + 8)
+        weights = {"qkv_proj": torch.cat([q[qs], k[ks], v[ks]]), "o_proj": o[:, qs]}
+        for name, expected_scale in _rank_scales(kind, scales, rank).items():
+            weight, scale = kept[id(getattr(attn, name))]
+            assert torch.equal(weight.view(torch.uint8), weights[name]), (rank, name)
+            assert torch.equal(scale, expected_scale.float()), (rank, name)
+
+
 @pytest.mark.parametrize(
     "arch, fmt",
     [
