@@ -16,6 +16,13 @@ whatever the quant method registered) into the right rows of `qkv_proj.weight`. 
 has one row per block of outputs); `output_dim` (default 0) names the axis that runs over the
 outputs (1 for int4 layouts stored [in, out / 8], whose `row_block` 8 is the pack factor);
 `per_shard` marks a tensor with one entry per checkpoint shard (a per-tensor scale).
+
+Under tensor parallelism the same attributes say how a rank's slice is cut: a fused column
+projection narrows each checkpoint tensor along `output_dim`, in units of `row_block` rows (a
+block scale by whole blocks of outputs); a row-parallel layer (`parallel_layers`) narrows a
+tensor along its `input_dim` (1 for a dense or FP8 weight [out, in]; unset: the tensor does
+not run over the inputs, and every rank reads it whole, as a per-channel or per-tensor scale),
+in units of `col_block` columns (a block scale's block width). A per-shard tensor is read whole.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 from torch import nn
 
 from splitserve.worker import cpu_linear, parallel_state
-from splitserve.worker.checkpoint_slices import reads_slices
+from splitserve.worker.checkpoint_slices import reads_slices, whole
 
 WeightLoader = Callable[..., None]
 """weight_loader(param, loaded, shard_id=None): copy one checkpoint tensor into `param`."""
@@ -98,7 +105,7 @@ class UnquantizedLinearMethod(LinearMethod):
         self, layer: Linear, in_features: int, out_features: int, bias: bool
     ) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        layer.register_weight("weight")
+        layer.register_weight("weight", input_dim=1)
         layer.create_bias(bias)
         layer.onednn = False
 
@@ -180,12 +187,16 @@ class Linear(nn.Module):
 
 
 def check_sliceable(method, tp_sharded: bool) -> None:
-    """ValueError when a tensor-parallel layer is given a quant method that cannot slice."""
+    """ValueError when a tensor-parallel layer is given a quant method that cannot slice; the
+    method's `tensor_parallel_refusal` (if it has one) says why."""
     if tp_sharded and not getattr(method, "supports_tensor_parallel", False):
+        why = getattr(method, "tensor_parallel_refusal", None) or (
+            "its layout is not sliced over tensor-parallel ranks"
+        )
         raise ValueError(
             f"the quantization method {type(method).__name__} cannot load one rank's slice of "
-            "a layer: quantized checkpoints need --tensor-parallel-size 1 (split the model "
-            "with --pipeline-parallel-size instead)"
+            f"a layer ({why}): serve this checkpoint with --tensor-parallel-size 1 (split the "
+            "model with --pipeline-parallel-size instead)"
         )
 
 
@@ -261,13 +272,13 @@ class MergedLinear(Linear):
             default_weight_loader(param, loaded)
             return
         name = self._param_name(param)
-        if self.shard_sources and not getattr(param, "per_shard", False):
-            # NOTE: unquantized layouts only (tensor parallelism refuses the others).
-            loaded = loaded.narrow(0, self.shard_sources[shard_id], self.shard_sizes[shard_id])
         if getattr(param, "per_shard", False):
             target = param.data[list(self.shard_sizes).index(shard_id)]
+            loaded = whole(loaded)
             loaded = loaded.reshape(()) if loaded.numel() == 1 else loaded
         else:
+            if self.shard_sources:
+                loaded = self._rank_rows(param, name, loaded, shard_id)
             start, size = self.shard_offsets[shard_id], self.shard_sizes[shard_id]
             block = getattr(param, "row_block", 1)
             if start % block:
@@ -284,6 +295,19 @@ class MergedLinear(Linear):
             )
         with torch.no_grad():
             target.copy_(loaded)
+
+    def _rank_rows(self, param: torch.Tensor, name: str, loaded, shard_id: str) -> torch.Tensor:
+        """This rank's rows of checkpoint tensor `loaded` of shard `shard_id`: along the
+        parameter's `output_dim`, a whole number of its `row_block`-row blocks."""
+        source, size = self.shard_sources[shard_id], self.shard_sizes[shard_id]
+        block = getattr(param, "row_block", 1)
+        if source % block or size % block:
+            raise ValueError(
+                f"tensor parallelism gives this rank output rows [{source}, {source + size}) of "
+                f"shard {shard_id!r}, not a whole number of the {name} blocks of {block} rows; "
+                "use a --tensor-parallel-size that splits every shard into whole blocks"
+            )
+        return loaded.narrow(getattr(param, "output_dim", 0), source // block, size // block)
 
     def _param_name(self, param: torch.Tensor) -> str:
         for name, p in self.named_parameters(recurse=False):

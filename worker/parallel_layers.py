@@ -34,14 +34,32 @@ class RowParallelLinear(Linear):
 
     @reads_slices
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
-        if param is self.weight:
-            loaded = loaded.narrow(1, self.tp_rank * self.in_features, self.in_features)
-        elif self.tp_rank != 0:
+        """This rank's input columns of a tensor that runs over the inputs (its `input_dim`,
+        in whole `col_block`-column blocks); the bias on the driver only; anything else (a
+        per-channel or per-tensor scale, a static input scale) whole."""
+        dim = getattr(param, "input_dim", None)
+        if dim is not None:
+            loaded = loaded.narrow(dim, *self.input_slice(param))
+        elif param is self.bias and self.tp_rank != 0:
             # NOTE: only the driver adds the bias: the sum over ranks then holds it once.
             loaded = torch.zeros(loaded.shape)
         else:
             loaded = whole(loaded)
         default_weight_loader(param, loaded, shard_id)
+
+    def input_slice(self, param: torch.Tensor) -> tuple[int, int]:
+        """(first, count) of this rank's entries along `param`'s input axis: its input
+        columns, counted in blocks of `col_block`; ValueError unless they are whole blocks."""
+        block = getattr(param, "col_block", 1)
+        if self.in_features % block:
+            raise ValueError(
+                f"tensor parallelism gives each of {self.tp_size} ranks "
+                f"{self.in_features} input columns of {self.tp_size * self.in_features}, not a "
+                f"whole number of the {block}-column blocks of its scales; use a "
+                "--tensor-parallel-size that splits the input features into whole blocks"
+            )
+        count = self.in_features // block
+        return self.tp_rank * count, count
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return parallel_state.tp_all_reduce(self.method.apply(self, x), self.tp_size)

@@ -41,6 +41,7 @@ from splitserve.kernels import dispatch
 from splitserve.kernels.reference import fp8_dequantize_ref
 from splitserve.worker.linear import Linear, LinearMethod, MergedLinear, UnquantizedLinearMethod
 from splitserve.worker.moe import MoEExperts, MoEExpertsMethod
+from splitserve.worker.parallel_layers import RowParallelLinear
 from splitserve.worker.quantization import QuantConfig, ignored_layer
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -130,7 +131,18 @@ class Fp8LinearMethod(LinearMethod):
     whole number of blocks. `static_input`: the checkpoint also stores each layer's (each
     shard's) per-tensor activation scale, `input_scale`; `weight_only`: it quantized no
     activations.
+
+    Under tensor parallelism a rank reads its slice of each tensor: a column-parallel layer
+    (fused q/k/v, gate/up) its output rows of the weight and of a per-channel or block scale
+    (by whole blocks), a row-parallel one (o_proj, down_proj) its input columns of the weight
+    and of a block scale (by whole blocks); per-tensor, per-channel-of-a-row-parallel-layer
+    and input scales are read whole. A slice that is not whole blocks is refused. Where the
+    GPU quantizes activations dynamically, a row-parallel rank scales its own input columns:
+    per token group with block weights (whole groups, as on one rank), per token otherwise (the
+    scale of the rank's slice, which may be finer than one rank's whole-row scale).
     """
+
+    supports_tensor_parallel = True
 
     def __init__(
         self,
@@ -162,7 +174,7 @@ class Fp8LinearMethod(LinearMethod):
         layer.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False
         )
-        layer.register_weight("weight")
+        layer.register_weight("weight", input_dim=1)
         attrs: dict[str, Any] = {}
         if self.kind == "channel":
             shape: tuple[int, ...] = (out_features, 1)
@@ -171,14 +183,9 @@ class Fp8LinearMethod(LinearMethod):
             attrs["per_shard"] = True
         else:
             bn, bk = self.block
-            for shard, size in getattr(layer, "shard_sizes", {}).items():
-                if size % bn:
-                    raise ValueError(
-                        f"weight_block_size [{bn}, {bk}] does not divide shard {shard!r}: its "
-                        f"{size} output rows are not a multiple of {bn}"
-                    )
+            check_whole_blocks(layer, bn, bk)
             shape = (-(-out_features // bn), -(-in_features // bk))
-            attrs["row_block"] = bn
+            attrs.update(row_block=bn, input_dim=1, col_block=bk)
         scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
         setattr(layer, self.scale_name, scale)
         layer.register_weight(self.scale_name, **attrs)
@@ -212,13 +219,46 @@ class Fp8LinearMethod(LinearMethod):
         return _apply(layer, x)
 
 
+def check_whole_blocks(layer: Linear, bn: int, bk: int) -> None:
+    """ValueError unless every fused shard of `layer` (under tensor parallelism: this rank's
+    rows of it) is a whole number of bn-row blocks, and a row-parallel layer's input columns
+    a whole number of bk-column blocks: a block scale is sliced by whole blocks only."""
+    what = f"weight_block_size [{bn}, {bk}]"
+    for shard, size in getattr(layer, "shard_sizes", {}).items():
+        if size % bn == 0:
+            continue
+        if getattr(layer, "shard_sources", None):
+            raise ValueError(
+                f"{what}: tensor parallelism gives this rank {size} output rows of shard "
+                f"{shard!r}, not a whole number of {bn}-row blocks; use a "
+                "--tensor-parallel-size that splits every shard into whole blocks (or 1)"
+            )
+        raise ValueError(
+            f"{what} does not divide shard {shard!r}: its {size} output rows are not a "
+            f"multiple of {bn}"
+        )
+    if isinstance(layer, RowParallelLinear) and layer.in_features % bk:
+        raise ValueError(
+            f"{what}: tensor parallelism gives each of {layer.tp_size} ranks "
+            f"{layer.in_features} of the {layer.tp_size * layer.in_features} input features, "
+            f"not a whole number of {bk}-column blocks; use a --tensor-parallel-size that "
+            "splits the input features into whole blocks (or 1)"
+        )
+
+
 class Fp8OnlineLinearMethod(UnquantizedLinearMethod):
     """`--quantization fp8` on an unquantized checkpoint: the weight loads in the compute
     dtype, then is quantized per output channel (absmax -> 448); CPU keeps its dequantized
     copy (the FP8-rounded weight), CUDA the FP8 weight. Loading briefly holds the full-
     precision weight, as the unquantized model would."""
 
-    supports_tensor_parallel = False  # NOTE: untested on slices; refused for now
+    supports_tensor_parallel = False
+    tensor_parallel_refusal = (
+        "--quantization fp8 at load takes each output channel's scale from its whole row, "
+        "which a row-parallel rank does not hold, so its scales would differ from one rank's; "
+        "quantize the checkpoint first (an fp8 or compressed-tensors FP8 checkpoint loads "
+        "under tensor parallelism)"
+    )
 
     def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
         super().create_weights(layer, in_features, out_features, bias)
@@ -249,6 +289,11 @@ class Fp8MoEMethod(MoEExpertsMethod):
     computes as its dequantized model but takes the dense model's memory. With
     `static_input` the experts' `input_scale` tensors are read (their shapes checked) and then
     dropped: dense experts do not quantize their activations."""
+
+    tensor_parallel_refusal = (
+        "FP8 MoE experts are not sliced over tensor- or expert-parallel ranks yet; only the "
+        "dense layers of an FP8 checkpoint are"
+    )
 
     def __init__(
         self,
@@ -343,6 +388,11 @@ class Fp8MoEMethod(MoEExpertsMethod):
 class Fp8OnlineMoEMethod(MoEExpertsMethod):
     """`--quantization fp8` on unquantized experts: each expert's stacks quantized per output
     channel at load, then held dequantized (see Fp8MoEMethod)."""
+
+    tensor_parallel_refusal = (
+        "FP8 MoE experts are not sliced over tensor- or expert-parallel ranks yet; only the "
+        "dense layers of an FP8 checkpoint are"
+    )
 
     checkpoint_params = {"weight": ""}
 

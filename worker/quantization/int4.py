@@ -115,6 +115,11 @@ class Int4LinearMethod(LinearMethod):
     checkpoint_params: tuple[str, ...] = ()
     """The tensors `tensor_specs` names (dropped after unpacking)."""
 
+    tensor_parallel_refusal = (
+        "int4 layouts (awq, compressed-tensors W4A16) are not sliced over tensor-parallel "
+        "ranks yet; FP8 checkpoints are"
+    )
+
     def group_for(self, in_features: int) -> int:
         """The group size along the input dim of a layer with `in_features` inputs."""
         raise NotImplementedError
@@ -183,6 +188,10 @@ class Int4MoEMethod(MoEExpertsMethod):
     the fused-MoE paths read dense stacks (an int4 grouped GEMM is a later slice), so an int4
     MoE checkpoint loads and computes as its dequantized model but takes the dense model's
     memory."""
+
+    tensor_parallel_refusal = (
+        "int4 MoE experts are not sliced over tensor- or expert-parallel ranks yet"
+    )
 
     def __init__(self, method: Int4LinearMethod) -> None:
         self.method = method
