@@ -1,4 +1,4 @@
-"""Expert-parallel load balancing (EPLB), the single-process parts.
+"""Expert-parallel load balancing (EPLB).
 
 - `EplbConfig` / `parse_eplb_config`: vLLM's `--eplb-config` fields.
 - `rebalance_experts` (policy.py): the placement policy, pure; `rank_loads`, `balancedness`.
@@ -7,7 +7,10 @@
   accumulated on the device.
 - `rearrange_expert_weights` / `plan_moves` / `keep_in_place` (rearrange.py): in-place moves
   to a new placement, reordered within ranks so that fewer experts move.
-- `EplbState` (state.py): all of it attached to a model's MoE layers, driven per step.
+- `exchange_expert_weights` / `plan_transfers` (exchange.py): the experts a rank gains
+  arrive from other expert-parallel ranks point-to-point, then the local rearrangement.
+- `EplbState` (state.py): all of it attached to a model's MoE layers, driven per step by the
+  model runner; the scheduler marks the steps that rebalance (`StepRequest.rebalance_experts`).
 """
 
 from __future__ import annotations

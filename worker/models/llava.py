@@ -29,13 +29,16 @@ _TEXT_MODELS: dict[str, type[LlamaForCausalLM]] = {
     "mistral": MistralForCausalLM,
     "qwen2": Qwen2ForCausalLM,
 }
-_RENAMES = [
+LLAVA_RENAMES = [
     (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
     (re.compile(r"^model\.vision_tower\.(vision_model\.)?"), "vision_tower."),
     (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
     (re.compile(r"^model\.language_model\."), "language_model.model."),
     (re.compile(r"^lm_head\."), "language_model.lm_head."),
 ]
+"""Checkpoint names of a LLaVA-layout model (either transformers' older or newer layout) ->
+this implementation's: the vision tower, the projector and the language model (also read by
+LLaVA-like models: MiniMax-VL-01)."""
 _PROJECTOR_ACTS = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -69,7 +72,7 @@ class LlavaForConditionalGeneration(MultiModalCausalLM):
 
     supports_images = True
     packed_modules = LlamaForCausalLM.packed_modules
-    renames = _RENAMES
+    renames = LLAVA_RENAMES
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from torch import nn
 
 from splitserve.worker.models.anyres import num_image_tokens, pack_image_features, tile_grid
 from splitserve.worker.models.clip import CLIPVisionTower
-from splitserve.worker.models.llava import _RENAMES, LlavaMultiModalProjector
+from splitserve.worker.models.llava import LLAVA_RENAMES, LlavaMultiModalProjector
 from splitserve.worker.models.minimax import MiniMaxForCausalLM
 from splitserve.worker.models.multimodal_lm import MultiModalCausalLM
 
@@ -34,7 +34,7 @@ class MiniMaxVL01ForConditionalGeneration(MultiModalCausalLM):
     packed_modules = MiniMaxForCausalLM.packed_modules
     checkpoint_ignore = MiniMaxForCausalLM.checkpoint_ignore
     supports_cuda_graphs = False
-    renames = _RENAMES
+    renames = LLAVA_RENAMES
 
     def __init__(
         self,
