@@ -13,6 +13,25 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP8_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 """KV cache dtypes stored with a per-tensor scale (`--kv-cache-dtype fp8`)."""
+E4M3_NATIVE_CAPABILITY = (8, 9)
+"""CUDA capability from which Triton has an e4m3 type (below it: e5m2 only)."""
+FP8_NATIVE, FP8_E4M3_BYTES = 1, 2
+"""`fp8_operand` modes (0: not FP8): a type Triton widens itself, or e4m3 passed as bytes."""
+
+
+def fp8_operand(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(what a kernel should load, mode) for a tensor that may be FP8: 0 not FP8;
+    FP8_NATIVE an FP8 type the kernel widens itself; FP8_E4M3_BYTES e4m3 on CUDA below
+    capability 8.9, passed as its bytes (uint8) for `fp8_bits.e4m3_to_f32` to decode."""
+    if t.dtype not in FP8_KV_DTYPES:
+        return t, 0
+    if (
+        t.dtype == torch.float8_e4m3fn
+        and t.is_cuda
+        and torch.cuda.get_device_capability(t.device) < E4M3_NATIVE_CAPABILITY
+    ):
+        return t.view(torch.uint8), FP8_E4M3_BYTES
+    return t, FP8_NATIVE
 
 
 def next_power_of_2(n: int) -> int:

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import FP8_KV_DTYPES, cdiv, dot_precision, next_power_of_2
+from ._checks import cdiv, dot_precision, fp8_operand, next_power_of_2
 from .attention_prefill import _tanh, check_paged_attention_args
+from .fp8_bits import e4m3_to_f32
 
 
 @triton.jit
@@ -68,7 +69,7 @@ def _paged_attention_decode_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr,  # 0, or the `_checks.fp8_operand` mode of the cache
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -122,7 +123,9 @@ def _paged_attention_decode_kernel(
         k_ptrs += kv_head * stride_k_h + d[:, None]
         k = tl.load(k_ptrs, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [D, BLOCK_N]
 
-        if KV_FP8:  # an FP8 cache: widen the tile, the layer's scale multiplies q.k
+        if KV_FP8 == 2:  # e4m3 bytes (no e4m3 type below sm_89): decode them
+            k = e4m3_to_f32(k).to(q.dtype)
+        elif KV_FP8:  # an FP8 cache: widen the tile, the layer's scale multiplies q.k
             k = k.to(q.dtype)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         if KV_FP8:
@@ -143,7 +146,9 @@ def _paged_attention_decode_kernel(
         v_ptrs = v_cache_ptr + phys[:, None] * stride_v_b + slot_off[:, None] * stride_v_s
         v_ptrs += kv_head * stride_v_h + d[None, :]
         v = tl.load(v_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
-        if KV_FP8:
+        if KV_FP8 == 2:
+            v = e4m3_to_f32(v).to(q.dtype)
+        elif KV_FP8:
             v = v.to(q.dtype)
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         if KV_FP8:
@@ -313,6 +318,8 @@ def paged_attention_decode(
     sinks_arg = sinks if sinks is not None else q
     window = int(sliding_window) if sliding_window is not None else 0
 
+    key_cache, kv_mode = fp8_operand(key_cache)
+    value_cache, _ = fp8_operand(value_cache)
     _paged_attention_decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_m, part_l, q, key_cache, value_cache, block_tables, seq_lens,
         cu_seqlens_q, sinks_arg,
@@ -333,7 +340,7 @@ def paged_attention_decode(
         USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=bool(soft_cap),
         USE_SINKS=sinks is not None,
-        KV_FP8=key_cache.dtype in FP8_KV_DTYPES,
+        KV_FP8=kv_mode,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
     )  # fmt: skip

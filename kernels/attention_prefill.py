@@ -22,8 +22,10 @@ from ._checks import (
     check_kv_cache,
     check_same_device,
     dot_precision,
+    fp8_operand,
     next_power_of_2,
 )
+from .fp8_bits import e4m3_to_f32
 
 LOG2E = 1.4426950408889634
 
@@ -74,7 +76,7 @@ def _paged_attention_prefill_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_SINKS: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr,  # 0, or the `_checks.fp8_operand` mode of the cache
     DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * QPK_PAD
@@ -136,7 +138,9 @@ def _paged_attention_prefill_kernel(
         k_ptrs += kv_head * stride_k_h + d[:, None]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # [HEAD_DIM_PAD, BLOCK_N]
 
-        if KV_FP8:  # an FP8 cache: widen the tile, the layer's scale multiplies q.k
+        if KV_FP8 == 2:  # e4m3 bytes (no e4m3 type below sm_89): decode them
+            k = e4m3_to_f32(k).to(q.dtype)
+        elif KV_FP8:  # an FP8 cache: widen the tile, the layer's scale multiplies q.k
             k = k.to(q.dtype)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         if KV_FP8:
@@ -160,7 +164,9 @@ def _paged_attention_prefill_kernel(
         v_ptrs = v_cache_ptr + phys[:, None] * stride_v_b + slot_off[:, None] * stride_v_s
         v_ptrs += kv_head * stride_v_h + d[None, :]
         v = tl.load(v_ptrs, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D]
-        if KV_FP8:
+        if KV_FP8 == 2:
+            v = e4m3_to_f32(v).to(q.dtype)
+        elif KV_FP8:
             v = v.to(q.dtype)
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         if KV_FP8:
@@ -298,6 +304,8 @@ def paged_attention_prefill(
     block_n = max(16, block_n)
 
     grid = (cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    key_cache, kv_mode = fp8_operand(key_cache)
+    value_cache, _ = fp8_operand(value_cache)
     _paged_attention_prefill_kernel[grid](
         out, q, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q,
         sinks if sinks is not None else q,  # dummy pointer, never read when USE_SINKS=False
@@ -319,7 +327,7 @@ def paged_attention_prefill(
         USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=bool(soft_cap),
         USE_SINKS=sinks is not None,
-        KV_FP8=key_cache.dtype in FP8_KV_DTYPES,
+        KV_FP8=kv_mode,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if head_dim_pad <= 128 else 8,
     )  # fmt: skip

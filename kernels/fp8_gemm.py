@@ -8,6 +8,10 @@ activation dtype and feeds tl.dot, so the GEMM reads half (fp16/bf16 weights) or
 need, as Marlin-FP8 does. Activations are not quantized, so the result equals x @ W_deq.T up
 to the GEMM's summation order.
 
+Triton has no e4m3 type below compute capability 8.9 (Ampere), so there the weight goes in as
+its raw bytes (uint8) and the kernel rebuilds each value from its bits (`W_BITS`,
+`fp8_bits.e4m3_to_f32`, exact); elsewhere the load widens the FP8 type itself.
+
 When a scale block spans whole K tiles (`bk % BLOCK_K == 0`: per-tensor, per-channel, and
 block-wise with 128-wide blocks), the scale is applied to the tile's partial product instead
 of to every weight (one multiply per output per tile); otherwise each weight element gets its
@@ -20,7 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import cdiv, check_fp8_weight, check_same_device, dot_precision
+from ._checks import (
+    FP8_E4M3_BYTES,
+    cdiv,
+    check_fp8_weight,
+    check_same_device,
+    dot_precision,
+    fp8_operand,
+)
+from .fp8_bits import e4m3_to_f32
 
 
 @triton.jit
@@ -49,6 +61,7 @@ def _fp8_w8a16_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    W_BITS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -69,9 +82,9 @@ def _fp8_w8a16_kernel(
         )
         w_mask = mask_k[:, None] & mask_n[None, :]
         # [BLOCK_K, BLOCK_N] view of W.T
-        w = tl.load(
-            w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=w_mask, other=0.0
-        )
+        w = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + k[:, None], mask=w_mask)
+        if W_BITS:
+            w = e4m3_to_f32(w)
         if SCALE_PER_TILE:
             s = tl.load(scale_rows + k0 // scale_bk, mask=mask_n, other=0.0)
             # e4m3 widens exactly to fp16 / bf16 / fp32
@@ -104,6 +117,7 @@ def fp8_w8a16_linear(
     scale: torch.Tensor,
     block: tuple[int, int],
     bias: torch.Tensor | None = None,
+    weight_bits: bool | None = None,
 ) -> torch.Tensor:
     """x @ dequant(weight).T + bias (Triton).
 
@@ -114,11 +128,15 @@ def fp8_w8a16_linear(
             is the real weight.
         block: (bn, bk).
         bias: [N] or None.
+        weight_bits: decode the weight from its bytes in the kernel; None: where Triton has
+            no e4m3 type (CUDA below capability 8.9, `_checks.fp8_operand`).
 
     Returns:
         [..., N] in x.dtype.
     """
     n, k = check_fp8_weight(x, weight, scale, block)
+    if weight_bits is None:
+        weight_bits = fp8_operand(weight)[1] == FP8_E4M3_BYTES
     bn, bk = block
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
@@ -134,7 +152,8 @@ def fp8_w8a16_linear(
         block_m, block_n, block_k = _block_sizes(m)
         grid = (cdiv(m, block_m), cdiv(n, block_n))
         _fp8_w8a16_kernel[grid](
-            out, x2, weight, scale, bias if bias is not None else out,
+            out, x2, weight.view(torch.uint8) if weight_bits else weight, scale,
+            bias if bias is not None else out,
             m, n, k, bn, bk,
             out.stride(0), x2.stride(0), weight.stride(0), scale.stride(0),
             HAS_BIAS=bias is not None,
@@ -143,5 +162,6 @@ def fp8_w8a16_linear(
             BLOCK_N=block_n,
             BLOCK_K=block_k,
             PRECISION=dot_precision(x.dtype),
+            W_BITS=weight_bits,
         )  # fmt: skip
     return out.view(*x.shape[:-1], n)

@@ -1,4 +1,4 @@
-"""Compile every kernel for real GPU targets (sm_80, sm_90) without a GPU.
+"""Compile every kernel for real GPU targets (sm_80, sm_89, sm_90) without a GPU.
 
 The interpreter runs kernels as numpy and forgives things the compiler does not (loop-carried
 type changes, tl.dot shape/dtype limits, bf16 paths, constexpr branches it never took). Triton
@@ -76,6 +76,7 @@ def _attention_meta(dtype: str, head_dim_pad: int, features: bool) -> dict:
         "USE_SOFTCAP": features,
         "USE_SINKS": features,
         "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        "KV_FP8": 0,
     }
 
 
@@ -117,6 +118,18 @@ def _cases() -> dict[str, object]:
                 decode,
                 arch,
             )
+    # An FP8 KV cache (`--kv-cache-dtype fp8`): e4m3 and e5m2 as types where Triton has them,
+    # e4m3 as bytes below sm_89 (mode 2, decoded in the kernel).
+    for name, cache, arch, mode in (
+        ("e4m3-sm90", "*fp8e4nv", 90, 1), ("e5m2-sm80", "*fp8e5", 80, 1),
+        ("e4m3bytes-sm80", "*u8", 80, 2),
+    ):  # fmt: skip
+        meta = {**_attention_meta("bf16", 128, False), "KV_FP8": mode}
+        pointers = {"k_cache_ptr": cache, "v_cache_ptr": cache}
+        prefill = {**meta, "QPK": 4, "QPK_PAD": 4, "BLOCK_Q": 16}
+        cases[f"prefill-kv_{name}"] = (_paged_attention_prefill_kernel, "bf16", prefill, arch, pointers)  # fmt: skip
+        decode = {**meta, "QPK": 4, "M_PAD": 16, "PARTITION_SIZE": 512, "SPLIT": True}
+        cases[f"decode-kv_{name}"] = (_paged_attention_decode_kernel, "bf16", decode, arch, pointers)  # fmt: skip
     for features in (True, False):
         meta = {
             "BLOCK_P": 8, "HEAD_DIM_PAD": 128, "PARTITION_SIZE": 512, "USE_WINDOW": features,
@@ -178,6 +191,61 @@ def _cases() -> dict[str, object]:
             cases[f"grouped_gemm-{tag}-{layout}"] = (
                 _grouped_gemm_kernel, dtype, meta, arch, pointers
             )  # fmt: skip
+    cases.update(_quant_and_state_cases())
+    return cases
+
+
+def _quant_and_state_cases() -> dict:
+    """The quantized GEMMs (W8A16 and W8A8 FP8, W4A16 int4) and the recurrent-state kernels
+    (Mamba2's SSD scan and state update, MiniMax's lightning attention)."""
+    from splitserve.kernels.fp8_gemm import _fp8_w8a16_kernel
+    from splitserve.kernels.fp8_scaled_mm import _fp8_w8a8_kernel
+    from splitserve.kernels.lightning_attention import (
+        _lightning_decode_kernel,
+        _lightning_prefill_kernel,
+    )
+    from splitserve.kernels.ssd_scan import _ssd_scan_kernel, _state_update_kernel
+    from splitserve.kernels.w4a16_gemm import _w4a16_kernel
+
+    fp8 = "*fp8e4nv"
+    state = {
+        "A_ptr": "*fp32", "D_ptr": "*fp32", "slope_ptr": "*fp32", "cu_ptr": "*i32",
+        "slot_ptr": "*i64", "init_ptr": "*i32",
+    }  # fmt: skip
+    cases = {}
+    for dtype, arch, per_tile in (("bf16", 90, True), ("fp16", 80, False), ("fp32", 90, True)):
+        gemm = {
+            "HAS_BIAS": per_tile, "SCALE_PER_TILE": per_tile, "BLOCK_M": 16, "BLOCK_N": 64,
+            "BLOCK_K": 128, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        }  # fmt: skip
+        # NOTE: below sm_89 Triton has no e4m3 type: the weight goes in as bytes.
+        bits = arch < 89
+        pointers = {"w_ptr": "*u8" if bits else fp8, "scale_ptr": "*fp32"}
+        meta = {**gemm, "W_BITS": bits}
+        cases[f"fp8_w8a16-{dtype}-sm{arch}"] = (_fp8_w8a16_kernel, dtype, meta, arch, pointers)
+        # NOTE: split-K partial sums go to an fp32 buffer.
+        pointers = {"qw_ptr": "*i32", "out_ptr": "*fp32" if per_tile else f"*{dtype}"}
+        cases[f"w4a16-{dtype}-sm{arch}"] = (_w4a16_kernel, dtype, gemm, arch, pointers)
+    for out, arch, at_end in (("bf16", 90, True), ("fp16", 89, False), ("fp32", 90, False)):
+        meta = {"HAS_BIAS": at_end, "SCALE_AT_END": at_end, "BLOCK_M": 64, "BLOCK_N": 64,
+                "BLOCK_K": 128}  # fmt: skip
+        pointers = {"a_ptr": fp8, "w_ptr": fp8, "w_scale_ptr": "*fp32"}
+        cases[f"fp8_w8a8-{out}-sm{arch}"] = (_fp8_w8a8_kernel, out, meta, arch, pointers)
+    for dtype, arch, has_state, st in (("bf16", 90, True, "fp32"), ("fp16", 80, False, "fp16")):
+        pointers = {**state, "state_ptr": f"*{st}"}
+        meta = {"HAS_D": has_state, "HAS_STATE": has_state, "BLOCK_Q": 32, "BLOCK_P": 64,
+                "BLOCK_N": 128}  # fmt: skip
+        cases[f"ssd_scan-{dtype}-sm{arch}"] = (_ssd_scan_kernel, dtype, meta, arch, pointers)
+        meta = {"HAS_D": has_state, "BLOCK_P": 32, "BLOCK_N": 128}
+        cases[f"ssd_update-{dtype}-sm{arch}"] = (_state_update_kernel, dtype, meta, arch, pointers)
+        meta = {"HAS_STATE": has_state, "BLOCK_T": 32, "BLOCK_D": 128, "BLOCK_V": 64}
+        cases[f"lightning_prefill-{dtype}-sm{arch}"] = (
+            _lightning_prefill_kernel, dtype, meta, arch, pointers
+        )  # fmt: skip
+        meta = {"BLOCK_D": 128, "BLOCK_V": 64}
+        cases[f"lightning_decode-{dtype}-sm{arch}"] = (
+            _lightning_decode_kernel, dtype, meta, arch, pointers
+        )  # fmt: skip
     return cases
 
 
@@ -197,11 +265,15 @@ CASE_NAMES = [
         for d, h, f, a in ATTENTION_CASES
         for s in (True, False)
     ),
+    *(f"{k}-kv_{c}" for k in ("prefill", "decode") for c in ("e4m3-sm90", "e5m2-sm80", "e4m3bytes-sm80")),
     "reduce-featuresTrue", "reduce-featuresFalse",
     *(f"{k}-{d}" for d in ("fp16", "bf16") for k in ("kv_cache", "rms_norm", "rotary", "act0", "act1", "act2", "bitmask")),
     *(f"fused_moe-{d}-{p}" for d in ("fp16-sm90", "bf16-sm80", "fp32-sm90") for p in ("gate_up", "down")),
     *(f"mxfp4_moe-{d}-{p}" for d in ("fp16-sm90", "bf16-sm80", "fp32-sm90") for p in ("gate_up", "down")),
     *(f"grouped_gemm-{c[0]}-{lay}" for c in GROUPED_CASES for lay in ("contiguous", "masked")),
+    *(f"{k}-{d}" for d in ("bf16-sm90", "fp16-sm80", "fp32-sm90") for k in ("fp8_w8a16", "w4a16")),
+    "fp8_w8a8-bf16-sm90", "fp8_w8a8-fp16-sm89", "fp8_w8a8-fp32-sm90",
+    *(f"{k}-{d}" for d in ("bf16-sm90", "fp16-sm80") for k in ("ssd_scan", "ssd_update", "lightning_prefill", "lightning_decode")),
 ]  # fmt: skip
 
 

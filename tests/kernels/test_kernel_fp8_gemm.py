@@ -63,6 +63,24 @@ def test_fp8_w8a16_matches_reference(shape, layout, dtype):
     _check(fp8_w8a16_linear(x, weight, scale, block), x, weight, scale, block, None)
 
 
+@pytest.mark.parametrize("layout", ["tensor", "block16x24"])
+def test_fp8_w8a16_decodes_weight_bytes_exactly(layout):
+    """The path GPUs below sm_89 take (no e4m3 type in Triton): the weight's bytes decoded in
+    the kernel. Every one of the 254 finite e4m3 values (subnormals, both signs) appears."""
+    n, k = 64, 128
+    finite = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    finite = finite[(finite & 0x7F) != 0x7F]  # NaN bytes
+    weight = finite.repeat(n * k // finite.numel() + 1)[: n * k].view(n, k)
+    weight = weight.view(torch.float8_e4m3fn).to(DEVICE)
+    block = _layouts(n, k)[layout]
+    _, _, scale, bias = _case(3, n, k, block, torch.float32)
+    x = torch.randn(3, k, device=DEVICE)
+    _check(fp8_w8a16_linear(x, weight, scale, block, bias, weight_bits=True), x, weight, scale, block, bias)  # fmt: skip
+    eye = torch.eye(k, device=DEVICE)  # the decoded weight itself, times its scale
+    out = fp8_w8a16_linear(eye, weight, torch.ones_like(scale), block, weight_bits=True)
+    assert torch.equal(out.T, weight.float())
+
+
 def test_fp8_w8a16_batched_input_and_empty_rows():
     x, weight, scale, bias = _case(6, 48, 64, (16, 32), torch.float32)
     out = fp8_w8a16_linear(x.view(2, 3, 64), weight, scale, (16, 32), bias)

@@ -111,6 +111,30 @@ def test_prefill_kernel_reads_fp8(cache_dtype, q_dtype):
     torch.testing.assert_close(out.float(), _reference(batch), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_kernels_decode_e4m3_bytes(kernel, q_dtype, monkeypatch):
+    """The path GPUs below sm_89 take (Triton has no e4m3 type there): the cache goes in as
+    its bytes and the kernels decode them; the result must not change."""
+    from splitserve.kernels import attention_decode, attention_prefill
+    from splitserve.kernels._checks import FP8_E4M3_BYTES
+
+    module = attention_decode if kernel == "decode" else attention_prefill
+    batch = _fp8_batch(SPECS if kernel == "decode" else PREFILL_SPECS, FP8[0], q_dtype)
+    run = module.paged_attention_decode if kernel == "decode" else module.paged_attention_prefill
+    native = run(*batch.attention_args(), SCALE, k_scale=SCALES[0], v_scale=SCALES[1])
+    seen = []
+
+    def as_bytes(t):
+        seen.append(t.dtype)
+        return t.view(torch.uint8), FP8_E4M3_BYTES
+
+    monkeypatch.setattr(module, "fp8_operand", as_bytes)
+    out = run(*batch.attention_args(), SCALE, k_scale=SCALES[0], v_scale=SCALES[1])
+    assert seen == [torch.float8_e4m3fn] * 2  # the key and the value cache
+    torch.testing.assert_close(out, native, atol=0, rtol=0)
+
+
 def test_scales_matter():
     """The kernels multiply by the scales they are given (not 1.0, not each other's)."""
     batch = _fp8_batch(SPECS, torch.float8_e4m3fn, torch.float32)
