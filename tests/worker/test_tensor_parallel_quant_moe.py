@@ -7,16 +7,25 @@ greedy tokens of one rank and of transformers on the dequantized weights."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from splitserve.entrypoints.launcher import free_port
 from splitserve.kernels import dispatch
+from splitserve.testing.fp8_moe_ranks import ep_fp8_native_layer
 from splitserve.testing.fp8_pack import FORMATS, pack_checkpoint
 from splitserve.worker.checkpoint_slices import LazyTensor
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.eplb import EplbConfig, EplbState
 from splitserve.worker.model_loader import check_model, load_model
+
+from .test_eplb_ranks import REBALANCE, _skewed
+from .test_pipeline_parallel import _generate, _transformers_greedy, _workload
+from .test_tensor_parallel import GridWorkers, _one_rank
 
 BLOCK = (8, 16)
 """Whole blocks on both ranks of 2: gate / up rows (16 a rank), down columns (16 a rank), and
@@ -204,3 +213,80 @@ def test_eplb_moves_fp8_scales_with_their_weights(packed, monkeypatch):
         assert torch.equal(experts.gate_up_proj_scale[slot], torch.cat([sg, su])), slot
         assert torch.equal(experts.down_proj_scale[slot], sd), slot
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_ep2_runs_and_rebalances_the_fp8_form_a_gpu_keeps(packed):
+    """Two gloo ranks with expert parallelism and EPLB, the experts held as FP8 stacks with
+    block scales (forced on CPU): `ep_moe` runs them through the experts' FP8 method, and
+    after EPLB moves experts between the ranks (weights and scales) the layer still equals
+    one rank's (`splitserve.testing.fp8_moe_ranks`)."""
+    folder, _ = packed("qwen3_moe", "fp8-block")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init = f"tcp://127.0.0.1:{free_port()}"
+    procs = [
+        ctx.Process(target=ep_fp8_native_layer, args=(r, 2, init, str(folder), out))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = sorted(out.get(timeout=5) for _ in range(2))
+    assert [moved for _, moved, _ in results] == [1, 1], results
+    assert sum(received for *_, received in results) > 0, "no expert crossed ranks"
+
+
+@pytest.mark.parametrize(
+    "arch, fmt",
+    [
+        ("qwen3_moe", "fp8-block"),
+        ("qwen3_moe", "fp8-tensor"),  # per-shard weight scales and static input scales
+        ("mixtral", "ct-channel"),  # block_sparse_moe w1 / w3 / w2; down's channel scales whole
+    ],
+)
+def test_tp2_and_ep2_fp8_moe_match_one_rank_and_transformers(arch, fmt, packed, tmp_path):
+    folder, dense_folder = packed(arch, fmt)
+    workload = _workload(96)[:8]
+    modes = {"tp": (), "ep": ("--enable-expert-parallel",)}
+    for mode in modes:
+        (tmp_path / mode).mkdir()
+    grids = {m: GridWorkers(folder, 1, 2, tmp_path / m, 60, extra=e) for m, e in modes.items()}
+    try:
+        one = _one_rank(folder, workload)
+        assert one == _transformers_greedy(dense_folder, workload)
+        for mode, grid in grids.items():
+            engine = grid.engine()
+            got = _generate(engine, workload)
+            engine.shutdown()
+            assert got == one, f"{arch} {fmt}: {mode.upper()}=2 differs from one rank"
+        assert "experts [2, 4) of 4 in every MoE layer" in grids["ep"].logs[1].read_text()
+    finally:
+        for grid in grids.values():
+            grid.kill()
+
+
+def test_ep2_with_eplb_on_fp8_experts_moves_them_and_keeps_the_tokens(packed, tmp_path):
+    """A skewed router (test_eplb_ranks._skewed) over FP8 experts: both ranks rebalance, experts
+    cross between them, and the tokens stay those of one rank and of transformers."""
+    folder, dense_folder = packed("qwen3_moe", "fp8-block")
+    folder = _skewed(folder, tmp_path / "skewed")
+    dense_folder = _skewed(dense_folder, tmp_path / "skewed-dense")
+    workload = _workload(96)[:10]
+    eplb = {"window_size": 4, "step_interval": 3, "num_redundant_experts": 2}
+    extra = ["--enable-expert-parallel", "--enable-eplb", "--eplb-config", json.dumps(eplb)]
+    grid = GridWorkers(folder, 1, 2, tmp_path, 60, extra=extra)
+    try:
+        one = _one_rank(folder, workload)
+        assert one == _transformers_greedy(dense_folder, workload)
+        engine = grid.engine()
+        got = _generate(engine, workload)
+        engine.shutdown()
+        assert got == one
+        moves = [REBALANCE.findall(log.read_text()) for log in grid.logs]
+        assert moves[0] and len(moves[0]) == len(moves[1]), grid.tail()
+        assert any(int(m[3]) > 0 for m in moves[0]), "the placement never changed"
+        assert any(int(m[5]) > 0 for m in moves[0] + moves[1]), "no expert crossed ranks"
+    finally:
+        grid.kill()
