@@ -143,6 +143,26 @@ def test_each_rank_keeps_its_fp8_expert_bytes_and_block_scales(mode, packed, mon
             assert torch.equal(experts.down_proj_scale[slot], sd)
 
 
+@pytest.mark.parametrize("fmt", ["fp8-block", "ct-block"])
+def test_tp_ranks_fp8_experts_sum_to_one_ranks(fmt, packed, monkeypatch):
+    """In the FP8 form (forced on CPU, run by the grouped GEMM's torch path), the two ranks'
+    partial expert outputs (what SparseMoE all-reduces) add up to the one-rank experts'."""
+    monkeypatch.setattr(dispatch, "fp8_moe_native", lambda device, block: True)
+    folder, _ = packed("qwen3_moe", fmt)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 32, generator=gen)
+    weights = torch.rand(24, 2, generator=gen)
+    ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(24)])
+
+    def experts_out(**tp) -> torch.Tensor:
+        experts = load_model(WorkerConfig(model=str(folder), **tp)).model.model.layers[0].mlp.experts  # fmt: skip
+        assert experts.fp8_native
+        return experts(x, weights, ids)
+
+    parts = [experts_out(tensor_parallel_size=2, tp_rank=r) for r in range(2)]
+    torch.testing.assert_close(parts[0] + parts[1], experts_out())
+
+
 def test_expert_parallel_reads_only_local_fp8_experts(packed, monkeypatch):
     folder, dense_folder = packed("qwen3_moe", "fp8-block")
     read: list[str] = []
