@@ -423,9 +423,9 @@ class Fp8OnlineMoEMethod(MoEExpertsMethod):
 
     def create_weights(self, experts: MoEExperts) -> None:
         num = experts.num_local_experts
-        for name, ((n, k), _) in _expert_shapes(experts).items():
+        for name, ((n, k), shards) in _expert_shapes(experts).items():
             setattr(experts, name, nn.Parameter(torch.empty(num, n, k), requires_grad=False))
-            experts.register_stacked(name)
+            experts.register_stacked(name, **({} if shards else {"input_dim": 1}))
 
     def process_weights_after_loading(self, experts: MoEExperts) -> None:
         for name in ("gate_up_proj", "down_proj"):
