@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from splitserve.kernels import dispatch
 from splitserve.worker import parallel_state
 
 
@@ -52,9 +51,9 @@ def ep_moe(
     # 2. this rank's experts over the rows it received.
     local_ids = (received_ids - experts.first_expert).unsqueeze(1)
     ones = torch.ones(local_ids.shape, dtype=torch.float32, device=x.device)
-    computed = dispatch.fused_moe(
-        received, experts.gate_up_proj, experts.down_proj, ones, local_ids
-    )
+    # NOTE: through the experts' forward, so a quant method that keeps its own form (FP8 on
+    # the GPU's grouped GEMM) runs its stacks of this rank's slots.
+    computed = experts(received, ones, local_ids)
     # 3. combine: results back to the ranks the rows came from, weighted into their tokens.
     returned = x.new_empty(len(tokens), x.shape[1])
     dist.all_to_all_single(returned, computed.contiguous(), send_splits, recv_splits, group=group)

@@ -84,9 +84,15 @@ class MoEExperts(nn.Module):
     Under tensor parallelism every expert is sharded like a dense MLP: this rank holds its
     slice of each expert's intermediate features (gate / up rows, down columns), the loader
     narrows each checkpoint tensor to it, and the layer's output is a partial sum that
-    `SparseMoE` reduces over the stage. With expert parallelism instead, this rank holds
-    experts [first_expert, first_expert + num_local_experts) whole (the loader reads no other
-    expert's tensors), and `expert_parallel.ep_moe` sends tokens to their experts' ranks.
+    `SparseMoE` reduces over the stage. A stacked tensor's attributes say how it is cut, as
+    for a dense layer (`linear`): a gate / up tensor along its `output_dim` in `row_block`
+    units, a down tensor along its `input_dim` in `col_block` units (no `input_dim`: it does
+    not run over the intermediate features, as a per-channel scale [H, 1], and is read
+    whole); a `per_shard` tensor (per-tensor scale) whole. With expert parallelism instead,
+    this rank holds slots [first_expert, first_expert + num_local_experts) whole (the loader
+    reads no other expert's tensors), and `expert_parallel.ep_moe` sends tokens to their
+    experts' ranks; a quant method's stacks (weights and scales alike) have one entry per
+    local slot along dim 0, so EPLB moves a slot's scales with its weights.
     """
 
     def __init__(
@@ -131,13 +137,15 @@ class MoEExperts(nn.Module):
         local = self.num_local_experts
         self.gate_up_proj = nn.Parameter(torch.empty(local, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(local, hidden_size, intermediate_size))
-        for name in ("gate_up_proj", "down_proj"):
-            self.register_stacked(name)
+        self.register_stacked("gate_up_proj")
+        self.register_stacked("down_proj", input_dim=1)
 
     def register_stacked(self, name: str, checkpoint_param: str = "weight", **attrs) -> None:
         """Give stacked parameter `name` the experts' loader; `attrs`: row_block (output rows
         per row of this tensor), output_dim (one expert's output axis, default 0), per_shard
-        (one value per gate / up half)."""
+        (one value per gate / up half), and for a down tensor input_dim (one expert's axis over
+        the intermediate features; unset: read whole under tensor parallelism) and col_block
+        (intermediate features per entry along it)."""
         stack = "gate_up_proj" if name.startswith("gate_up_proj") else "down_proj"
         set_weight_attrs(
             self,
@@ -145,6 +153,7 @@ class MoEExperts(nn.Module):
             weight_loader=self.weight_loader,
             shard_ids=self.shard_ids(stack),
             checkpoint_param=checkpoint_param,
+            moe_stack=stack,
             **attrs,
         )
 
@@ -223,17 +232,34 @@ class MoEExperts(nn.Module):
 
     def _tp_slice(self, param: torch.Tensor, loaded: torch.Tensor, shard_id) -> torch.Tensor:
         """This rank's intermediate features of a checkpoint tensor: a per-expert gate / up
-        [I, H] or down [H, I], or a whole stack [E, 2I, H] / [E, H, I]."""
-        size = self.intermediate_size
-        start = self.tp_rank * size
-        if shard_id is None and param is self.gate_up_proj:
-            full = loaded.shape[1] // 2
-            return torch.cat(
-                [loaded.narrow(1, start, size), loaded.narrow(1, full + start, size)], 1
+        [I, H] or down [H, I] (or its scale), or a whole stack [E, 2I, H] / [E, H, I]; cut
+        as the parameter's attributes say (see the class docstring)."""
+        if getattr(param, "per_shard", False):
+            return loaded
+        gate_up = param.moe_stack == "gate_up_proj"
+        if gate_up:
+            dim, block = getattr(param, "output_dim", 0), getattr(param, "row_block", 1)
+        else:
+            dim, block = getattr(param, "input_dim", None), getattr(param, "col_block", 1)
+            if dim is None:
+                return loaded
+        if self.intermediate_size % block:
+            raise ValueError(
+                f"tensor parallelism gives each of {self.tp_size} ranks "
+                f"{self.intermediate_size} of the experts' intermediate features, not a whole "
+                f"number of the {block}-feature blocks of their "
+                f"{getattr(param, 'checkpoint_param', 'weight')}; use a --tensor-parallel-size "
+                "that splits them into whole blocks (or --enable-expert-parallel)"
             )
-        if shard_id is None:
-            return loaded.narrow(2, start, size)
-        return loaded.narrow(0 if "." in shard_id else 1, start, size)
+        size = self.intermediate_size // block
+        start = self.tp_rank * size
+        if shard_id is None:  # a whole stack: experts lead
+            dim += 1
+            if gate_up:  # [E, gate rows | up rows, ...]: this rank's rows of each half
+                full = loaded.shape[dim] // 2
+                halves = [loaded.narrow(dim, start, size), loaded.narrow(dim, full + start, size)]
+                return torch.cat(halves, dim)
+        return loaded.narrow(dim, start, size)
 
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor

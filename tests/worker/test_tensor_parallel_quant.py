@@ -209,7 +209,10 @@ def test_a_block_scale_that_slices_mid_block_is_refused(block, message, packed):
 
 
 @pytest.mark.parametrize("extra", [{}, {"enable_expert_parallel": True}], ids=["tp", "ep"])
-def test_fp8_moe_experts_stay_refused_under_tensor_parallelism(extra, checkpoint, tmp_path):
+def test_fp8_moe_experts_load_under_tensor_and_expert_parallelism(extra, checkpoint, tmp_path):
+    """Each rank's experts (a slice of every expert under TP, whole ones under EP) hold exactly
+    the one-rank model's dequantized experts there (tests/worker/test_tensor_parallel_quant_moe.py
+    checks slices, bytes, scales and tokens in depth)."""
     source = checkpoint(
         "qwen3_moe_tp_fp8",
         arch="qwen3_moe",
@@ -219,10 +222,18 @@ def test_fp8_moe_experts_stay_refused_under_tensor_parallelism(extra, checkpoint
         moe_intermediate_size=32,
         mlp_only_layers=[1],
     )
-    folder, _ = pack_checkpoint(source, tmp_path / "moe-fp8", "fp8-block", TP_BLOCK)
-    check_model(WorkerConfig(model=str(folder)))
-    with pytest.raises(ValueError, match="Fp8MoEMethod cannot load .*FP8 MoE experts are not"):
-        check_model(WorkerConfig(model=str(folder), tensor_parallel_size=2, **extra))
+    folder, dense_folder = pack_checkpoint(source, tmp_path / "moe-fp8", "fp8-block", TP_BLOCK)
+    dense = load_file(dense_folder / "model.safetensors")
+    pre = "model.layers.0.mlp.experts"
+    config = WorkerConfig(model=str(folder), tensor_parallel_size=2, tp_rank=1, **extra)
+    experts = load_model(config).model.model.layers[0].mlp.experts
+    for slot, e in enumerate(experts.slot_experts):
+        gate, up, down = (dense[f"{pre}.{e}.{p}_proj.weight"] for p in ("gate", "up", "down"))
+        if not extra:  # rank 1 of 2: intermediate features 16..31 of every expert
+            gate, up, down = gate[16:], up[16:], down[:, 16:]
+        assert torch.equal(experts.gate_up_proj[slot], torch.cat([gate, up])), slot
+        assert torch.equal(experts.down_proj[slot], down), slot
+    assert experts.slot_experts == ([2, 3] if extra else [0, 1, 2, 3])
 
 
 def test_online_fp8_and_int4_stay_refused_with_their_reasons(checkpoint, tmp_path):

@@ -288,12 +288,16 @@ class Fp8MoEMethod(MoEExpertsMethod):
     the compute dtype at load (the fused-MoE paths read dense stacks), so such a checkpoint
     computes as its dequantized model but takes the dense model's memory. With
     `static_input` the experts' `input_scale` tensors are read (their shapes checked) and then
-    dropped: dense experts do not quantize their activations."""
+    dropped: dense experts do not quantize their activations.
 
-    tensor_parallel_refusal = (
-        "FP8 MoE experts are not sliced over tensor- or expert-parallel ranks yet; only the "
-        "dense layers of an FP8 checkpoint are"
-    )
+    Under tensor parallelism each rank reads its slice of every expert's intermediate
+    features: gate / up output rows of the weight and of a per-channel or block scale (by
+    whole bn-row blocks), down input columns of the weight and of a block scale (by whole
+    bk-column blocks); per-tensor, input and down's per-channel scales are read whole. A slice
+    that is not whole blocks is refused. Under expert parallelism every stack (weights and
+    scales) holds this rank's slots along dim 0, so EPLB moves a slot's scales with it."""
+
+    supports_tensor_parallel = True
 
     def __init__(
         self,
@@ -310,17 +314,14 @@ class Fp8MoEMethod(MoEExpertsMethod):
 
     def create_weights(self, experts: MoEExperts) -> None:
         experts.compute_dtype = torch.get_default_dtype()
-        num = experts.num_experts
-        if self.kind == "block" and experts.intermediate_size % self.block[0]:
-            bn, bk = self.block
-            raise ValueError(
-                f"weight_block_size [{bn}, {bk}] does not divide the experts' intermediate size "
-                f"{experts.intermediate_size} (the gate / up halves of one stacked tensor)"
-            )
+        num = experts.num_local_experts
+        if self.kind == "block":
+            check_expert_blocks(experts, *self.block)
         for name, ((n, k), shards) in _expert_shapes(experts).items():
+            down = shards is None
             weight = torch.empty(num, n, k, dtype=FP8_DTYPE)
             setattr(experts, name, nn.Parameter(weight, requires_grad=False))
-            experts.register_stacked(name)
+            experts.register_stacked(name, **({"input_dim": 1} if down else {}))
             attrs: dict[str, Any] = {}
             if self.kind == "channel":
                 shape: tuple[int, ...] = (num, n, 1)
@@ -331,6 +332,8 @@ class Fp8MoEMethod(MoEExpertsMethod):
                 bn, bk = self.block
                 shape = (num, -(-n // bn), -(-k // bk))
                 attrs["row_block"] = bn
+                if down:
+                    attrs.update(input_dim=1, col_block=bk)
             scale = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
             setattr(experts, name + "_scale", scale)
             experts.register_stacked(name + "_scale", self.scale_name, **attrs)
@@ -359,7 +362,7 @@ class Fp8MoEMethod(MoEExpertsMethod):
             weight = getattr(experts, name).detach()
             scales = getattr(experts, name + "_scale").detach()
             dense = torch.empty(weight.shape, dtype=experts.compute_dtype, device=weight.device)
-            for e in range(experts.num_experts):
+            for e in range(weight.shape[0]):  # local slots
                 scale, block = scale_2d(self.kind, scales[e], shape, shards, self.block)
                 _check_finite(scale, f"expert {e} {name}")
                 dense[e] = fp8_dequantize_ref(weight[e], scale, block, experts.compute_dtype)
@@ -385,27 +388,49 @@ class Fp8MoEMethod(MoEExpertsMethod):
         )  # fmt: skip
 
 
+def check_expert_blocks(experts: MoEExperts, bn: int, bk: int) -> None:
+    """ValueError unless the experts' intermediate features (this rank's, under tensor
+    parallelism) are whole bn-row blocks of gate / up and, when sliced over ranks, whole
+    bk-column blocks of down: a block scale is sliced by whole blocks only."""
+    inter, tp = experts.intermediate_size, experts.tp_size
+    what = f"weight_block_size [{bn}, {bk}]"
+    if tp > 1 and (inter % bn or inter % bk):
+        cut = f"{bn}-row blocks of gate / up" if inter % bn else f"{bk}-column blocks of down"
+        raise ValueError(
+            f"{what}: tensor parallelism gives each of {tp} ranks {inter} of the experts' "
+            f"{tp * inter} intermediate features, not a whole number of {cut}; use a "
+            "--tensor-parallel-size that splits them into whole blocks (or 1), or "
+            "--enable-expert-parallel (whole experts on each rank)"
+        )
+    if inter % bn:
+        raise ValueError(
+            f"{what} does not divide the experts' intermediate size {inter} (the gate / up "
+            "halves of one stacked tensor)"
+        )
+
+
 class Fp8OnlineMoEMethod(MoEExpertsMethod):
     """`--quantization fp8` on unquantized experts: each expert's stacks quantized per output
     channel at load, then held dequantized (see Fp8MoEMethod)."""
 
     tensor_parallel_refusal = (
-        "FP8 MoE experts are not sliced over tensor- or expert-parallel ranks yet; only the "
-        "dense layers of an FP8 checkpoint are"
+        "--quantization fp8 at load takes each expert's down_proj scales from whole rows, "
+        "which a tensor-parallel rank does not hold; quantize the checkpoint first (an fp8 or "
+        "compressed-tensors FP8 checkpoint's experts load under tensor and expert parallelism)"
     )
 
     checkpoint_params = {"weight": ""}
 
     def create_weights(self, experts: MoEExperts) -> None:
-        num = experts.num_experts
-        for name, ((n, k), _) in _expert_shapes(experts).items():
+        num = experts.num_local_experts
+        for name, ((n, k), shards) in _expert_shapes(experts).items():
             setattr(experts, name, nn.Parameter(torch.empty(num, n, k), requires_grad=False))
-            experts.register_stacked(name)
+            experts.register_stacked(name, **({} if shards else {"input_dim": 1}))
 
     def process_weights_after_loading(self, experts: MoEExperts) -> None:
         for name in ("gate_up_proj", "down_proj"):
             stack = getattr(experts, name).detach()
-            for e in range(experts.num_experts):
+            for e in range(stack.shape[0]):
                 weight, scale = quantize_per_channel(stack[e])
                 stack[e] = fp8_dequantize_ref(weight, scale, (1, stack.shape[2]), stack.dtype)
 
