@@ -101,8 +101,6 @@ class EplbState:
             )
         self.steps = 0
         self.num_rebalances = 0
-        self.last_balancedness: float | None = None
-        self.last_result: RebalanceResult | None = None
         self._init_tensors()
 
     @classmethod
@@ -257,9 +255,7 @@ class EplbState:
         self.map.update(new.to(self.map.phy2log.device))
         after = self.balancedness(load)
         self.num_rebalances += 1
-        self.last_balancedness = after
         result = RebalanceResult(before, after, changed, copies, peak, received)
-        self.last_result = result
         # NOTE: rare (every step_interval steps), so logged whatever log_balancedness says.
         logger.info(
             "EPLB rebalance %d: balancedness %.3f -> %.3f, %d layers moved (%d copies, "
@@ -282,10 +278,3 @@ class EplbState:
             min(self.counter.steps, self.config.window_size),
             self.num_rebalances,
         )
-
-    def metrics(self) -> dict[str, float]:
-        """Rebalances performed and the last window's balancedness (for the metrics owner)."""
-        return {
-            "eplb_num_rebalances": float(self.num_rebalances),
-            "eplb_balancedness": float(self.last_balancedness or 0.0),
-        }
