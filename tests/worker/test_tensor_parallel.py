@@ -76,6 +76,14 @@ class GridWorkers:
         except Exception:
             raise AssertionError(self.tail()) from None
 
+    def generate(self, workload) -> dict[str, list[int]]:
+        """Greedy tokens of `workload` through an engine over this grid (shut down after)."""
+        engine = self.engine()
+        try:
+            return _generate(engine, workload)
+        finally:
+            engine.shutdown()
+
     def kill(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -85,6 +93,23 @@ class GridWorkers:
 
     def tail(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in self.logs)
+
+
+def spy_reads(monkeypatch, *methods: str) -> list[str]:
+    """Names of the checkpoint tensors read from here on through LazyTensor's `methods`
+    ("materialize": read whole; "narrow": a slice), in order."""
+    from splitserve.worker.checkpoint_slices import LazyTensor
+
+    reads: list[str] = []
+    for method in methods:
+        original = getattr(LazyTensor, method)
+
+        def spy(self, *args, _original=original):
+            reads.append(self.name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(LazyTensor, method, spy)
+    return reads
 
 
 def _one_rank(path, workload) -> dict[str, list[int]]:
@@ -142,18 +167,10 @@ def test_each_rank_reads_only_its_slices(checkpoint, monkeypatch):
     its rows / columns of the checkpoint."""
     from safetensors.torch import load_file
 
-    from splitserve.worker.checkpoint_slices import LazyTensor
     from splitserve.worker.model_loader import load_model
 
     path = _moe_checkpoint(checkpoint)
-    whole_reads: list[str] = []
-    materialize = LazyTensor.materialize
-
-    def spy(self):
-        whole_reads.append(self.name)
-        return materialize(self)
-
-    monkeypatch.setattr(LazyTensor, "materialize", spy)
+    whole_reads = spy_reads(monkeypatch, "materialize")
     model = load_model(
         WorkerConfig(model=str(path), tensor_parallel_size=2, tp_rank=1, max_model_len=64)
     ).model
@@ -308,19 +325,10 @@ def test_a_dead_or_stuck_tensor_parallel_rank_fails_the_stream(checkpoint, tmp_p
 
 
 def test_expert_parallel_reads_only_local_experts(checkpoint, monkeypatch):
-    from splitserve.worker.checkpoint_slices import LazyTensor
     from splitserve.worker.model_loader import load_model
 
     path = _moe_checkpoint(checkpoint)
-    read: list[str] = []
-    for method in ("materialize", "narrow"):
-        original = getattr(LazyTensor, method)
-
-        def spy(self, *args, _original=original):
-            read.append(self.name)
-            return _original(self, *args)
-
-        monkeypatch.setattr(LazyTensor, method, spy)
+    read = spy_reads(monkeypatch, "materialize", "narrow")
     config = WorkerConfig(
         model=str(path), tensor_parallel_size=2, tp_rank=1, enable_expert_parallel=True
     )
@@ -339,9 +347,7 @@ def test_ep2_qwen3_moe_matches_one_rank(checkpoint, tmp_path):
     grid = GridWorkers(path, 1, 2, tmp_path, 60, extra=["--enable-expert-parallel"])
     try:
         one = _one_rank(path, workload)
-        engine = grid.engine()
-        got = _generate(engine, workload)
-        engine.shutdown()
+        got = grid.generate(workload)
         assert got == one
         assert "experts [2, 4) of 4 in every MoE layer" in grid.logs[1].read_text()
     finally:

@@ -13,7 +13,7 @@ from splitserve.worker import weight_files
 from splitserve.worker.checkpoint_slices import LazyTensor, read_shard_lazily
 from splitserve.worker.config import WorkerConfig
 
-from .test_pipeline_parallel import _generate, _transformers_greedy, _workload
+from .test_pipeline_parallel import _transformers_greedy, _workload
 from .test_tensor_parallel import GridWorkers, _one_rank
 
 # Tensors every rank holds whole; everything else is read through a narrowed slice.
@@ -132,9 +132,7 @@ def test_tp2_on_a_bin_matches_one_rank(checkpoint, tmp_path):
     try:
         one = _one_rank(path, workload)
         assert one == _transformers_greedy(path, workload)
-        engine = grid.engine()
-        got = _generate(engine, workload)
-        engine.shutdown()
+        got = grid.generate(workload)
         assert got == one
     finally:
         grid.kill()

@@ -11,12 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from splitserve.testing.fp8_pack import FORMATS, pack_checkpoint
-from splitserve.worker.checkpoint_slices import LazyTensor
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.model_loader import check_model, load_model
 
 from .test_pipeline_parallel import _generate, _transformers_greedy, _workload
-from .test_tensor_parallel import GridWorkers, _one_rank
+from .test_tensor_parallel import GridWorkers, _one_rank, spy_reads
 
 TP_BLOCK = (8, 16)
 """A block both ranks' slices hold whole: k / v rows (8 a rank), o_proj / down_proj input
@@ -40,19 +39,6 @@ def packed(checkpoint, tmp_path_factory):
         return built[key]
 
     return get
-
-
-def _whole_reads(monkeypatch) -> list[str]:
-    """Names of the checkpoint tensors read whole from here on (narrowed reads not listed)."""
-    reads: list[str] = []
-    materialize = LazyTensor.materialize
-
-    def spy(self):
-        reads.append(self.name)
-        return materialize(self)
-
-    monkeypatch.setattr(LazyTensor, "materialize", spy)
-    return reads
 
 
 def _expected_whole(fmt: str) -> set[str]:
@@ -81,7 +67,7 @@ def test_each_rank_reads_only_its_slices_of_fp8_tensors(fmt, packed, monkeypatch
     scales were sliced with their weights: a misplaced scale row or block changes values)."""
     folder, dense_folder = packed("llama", fmt)
     dense = load_file(dense_folder / "model.safetensors")
-    whole = _whole_reads(monkeypatch)
+    whole = spy_reads(monkeypatch, "materialize")
     for rank in range(2):
         whole.clear()
         config = WorkerConfig(model=str(folder), tensor_parallel_size=2, tp_rank=rank)
@@ -168,9 +154,7 @@ def test_tp2_fp8_matches_one_rank_and_transformers(arch, fmt, packed, tmp_path):
     try:
         one = _one_rank(folder, workload)
         assert one == _transformers_greedy(dense_folder, workload)
-        engine = grid.engine()
-        got = _generate(engine, workload)
-        engine.shutdown()
+        got = grid.generate(workload)
         assert got == one, f"{arch} {fmt}: TP=2 differs from one rank"
     finally:
         grid.kill()

@@ -18,14 +18,13 @@ from splitserve.entrypoints.launcher import free_port
 from splitserve.kernels import dispatch
 from splitserve.testing.fp8_moe_ranks import ep_fp8_native_layer
 from splitserve.testing.fp8_pack import FORMATS, pack_checkpoint
-from splitserve.worker.checkpoint_slices import LazyTensor
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.eplb import EplbConfig, EplbState
 from splitserve.worker.model_loader import check_model, load_model
 
 from .test_eplb_ranks import REBALANCE, _skewed
-from .test_pipeline_parallel import _generate, _transformers_greedy, _workload
-from .test_tensor_parallel import GridWorkers, _one_rank
+from .test_pipeline_parallel import _transformers_greedy, _workload
+from .test_tensor_parallel import GridWorkers, _one_rank, spy_reads
 
 BLOCK = (8, 16)
 """Whole blocks on both ranks of 2: gate / up rows (16 a rank), down columns (16 a rank), and
@@ -60,18 +59,6 @@ def _expert(state: dict[str, torch.Tensor], e: int, proj: str, param: str = "wei
     return state[f"{MOE}.{e}.{proj}_proj.{param}"]
 
 
-def _whole_reads(monkeypatch) -> list[str]:
-    reads: list[str] = []
-    materialize = LazyTensor.materialize
-
-    def spy(self):
-        reads.append(self.name)
-        return materialize(self)
-
-    monkeypatch.setattr(LazyTensor, "materialize", spy)
-    return reads
-
-
 def _whole_expert_tensors(fmt: str) -> set[str]:
     """What a TP rank may read whole of the experts: per-tensor and input scales, down's
     per-channel scales (one per hidden output, every rank keeps them); never an FP8 weight,
@@ -94,7 +81,7 @@ def test_each_rank_reads_only_its_slices_of_fp8_experts(fmt, packed, monkeypatch
     dequantized weights (a scale sliced apart from its weight would change values)."""
     folder, dense_folder = packed("qwen3_moe", fmt)
     dense = load_file(dense_folder / "model.safetensors")
-    whole = _whole_reads(monkeypatch)
+    whole = spy_reads(monkeypatch, "materialize")
     for rank in range(2):
         whole.clear()
         config = WorkerConfig(model=str(folder), tensor_parallel_size=2, tp_rank=rank)
@@ -165,15 +152,7 @@ def test_tp_ranks_fp8_experts_sum_to_one_ranks(fmt, packed, monkeypatch):
 
 def test_expert_parallel_reads_only_local_fp8_experts(packed, monkeypatch):
     folder, dense_folder = packed("qwen3_moe", "fp8-block")
-    read: list[str] = []
-    for method in ("materialize", "narrow"):
-        original = getattr(LazyTensor, method)
-
-        def spy(self, *args, _original=original):
-            read.append(self.name)
-            return _original(self, *args)
-
-        monkeypatch.setattr(LazyTensor, method, spy)
+    read = spy_reads(monkeypatch, "materialize", "narrow")
     config = WorkerConfig(
         model=str(folder), tensor_parallel_size=2, tp_rank=1, enable_expert_parallel=True
     )
@@ -277,9 +256,7 @@ def test_tp2_and_ep2_fp8_moe_match_one_rank_and_transformers(arch, fmt, packed, 
         one = _one_rank(folder, workload)
         assert one == _transformers_greedy(dense_folder, workload)
         for mode, grid in grids.items():
-            engine = grid.engine()
-            got = _generate(engine, workload)
-            engine.shutdown()
+            got = grid.generate(workload)
             assert got == one, f"{arch} {fmt}: {mode.upper()}=2 differs from one rank"
         assert "experts [2, 4) of 4 in every MoE layer" in grids["ep"].logs[1].read_text()
     finally:
@@ -300,9 +277,7 @@ def test_ep2_with_eplb_on_fp8_experts_moves_them_and_keeps_the_tokens(packed, tm
     try:
         one = _one_rank(folder, workload)
         assert one == _transformers_greedy(dense_folder, workload)
-        engine = grid.engine()
-        got = _generate(engine, workload)
-        engine.shutdown()
+        got = grid.generate(workload)
         assert got == one
         moves = [REBALANCE.findall(log.read_text()) for log in grid.logs]
         assert moves[0] and len(moves[0]) == len(moves[1]), grid.tail()
