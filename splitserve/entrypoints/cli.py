@@ -61,14 +61,79 @@ def _resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 def dashed_flags(argv: list[str]) -> list[str]:
     """vLLM takes `--max_num_seqs` for `--max-num-seqs`: the name part of every long flag
-    with dashes (a value after `=` is left as it is)."""
+    (up to a `.` or `=`) with dashes; a dotted key and a value are left as they are."""
     out = []
     for arg in argv:
-        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+        if arg.startswith("--"):
             name, eq, value = arg.partition("=")
-            arg = name.replace("_", "-") + eq + value
+            head, dot, keys = name.partition(".")
+            arg = head.replace("_", "-") + dot + keys + eq + value
         out.append(arg)
     return out
+
+
+def dotted_json_flags(argv: list[str]) -> list[str]:
+    """vLLM's dotted form of a JSON flag: `--eplb-config.window_size 100` (or `=100`),
+    `--hf-overrides.rope_scaling.factor 2.0`, `--x.key+ a,b` (a list). Each value is read as
+    JSON (else kept as a string); the dotted keys of one flag are merged into one object, over
+    the flag's whole-JSON value when that is given too (dotted keys win), and the flag is
+    passed once, as that JSON."""
+    objects: dict[str, dict] = {}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        i += 1
+        if not (arg.startswith("--") and "." in name):
+            out.append(arg)
+            continue
+        if not eq:
+            if i >= len(argv):
+                raise SystemExit(f"splitserve: {arg} needs a value")
+            value, i = argv[i], i + 1
+        flag, *keys = name.split(".")
+        parsed: object
+        if keys[-1].endswith("+"):
+            keys[-1], parsed = keys[-1][:-1], value.split(",")
+        else:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = value
+        node = objects.setdefault(flag, {})
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = parsed
+    for flag, obj in objects.items():
+        for j, arg in enumerate(out):  # the flag's whole-JSON value, if given
+            if arg == flag and j + 1 < len(out):
+                where, text = j + 1, out[j + 1]
+            elif arg.startswith(flag + "="):
+                where, text = j, arg[len(flag) + 1 :]
+            else:
+                continue
+            try:
+                base = json.loads(text)
+            except ValueError:
+                break
+            if isinstance(base, dict):
+                _merge(base, obj)
+                obj = base
+                del out[j : where + 1]
+            break
+        out += [flag, json.dumps(obj)]
+    return out
+
+
+def _merge(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +227,7 @@ def _common(parser: argparse.ArgumentParser, p: argparse.ArgumentParser, name: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = dashed_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = dotted_json_flags(dashed_flags(list(sys.argv[1:] if argv is None else argv)))
     args = parser.parse_args(argv)
     _resolve_model(parser, args)
     if args.config is not None:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from splitserve.entrypoints.cli import build_parser, main
+from splitserve.entrypoints.cli import build_parser, dotted_json_flags, main
 from splitserve.entrypoints.vllm_compat import PINNED
 
 # A value each row accepts and one it refuses (None: the row accepts nothing).
@@ -160,6 +160,46 @@ def test_vllm_spellings_of_flags(capsys):
     # A value with underscores stays as it is.
     out = _checked(["serve", "m", "--served-model-name", "my_model", "--check-config"], capsys)
     assert out["gateway"]["served_model_name"] == ["my_model"]
+
+
+def test_dotted_keys_of_json_flags(capsys):
+    """vLLM's `--json-flag.key value` form: keys merged into one object (over the flag's whole
+    JSON, dotted keys winning), nested keys, `=`, lists with `+`, underscores kept in keys."""
+    out = _checked(
+        [
+            "serve",
+            "m",
+            "-tp",
+            "2",
+            "--enable-expert-parallel",
+            "--enable-eplb",
+            "--eplb-config",
+            '{"window_size": 7, "step_interval": 9}',
+            "--eplb-config.step_interval=4",
+            "--eplb_config.num_redundant_experts",
+            "2",
+            "--hf-overrides.rope_scaling.factor",
+            "2.0",
+            "--hf-overrides.rope_scaling.rope_type",
+            "linear",
+            "--override-generation-config.temperature",
+            "0.5",
+            "--check-config",
+        ],
+        capsys,
+    )
+    worker = out["worker"]
+    assert json.loads(worker["eplb_config"]) == {
+        "window_size": 7,
+        "step_interval": 4,
+        "num_redundant_experts": 2,
+    }
+    assert json.loads(worker["hf_overrides"]) == {"rope_scaling": {"factor": 2.0, "rope_type": "linear"}}  # fmt: skip
+    assert json.loads(worker["override_generation_config"]) == {"temperature": 0.5}
+    assert dotted_json_flags(["--x.tags+", "a,b", "--x.n=1"]) == ["--x", '{"tags": ["a", "b"], "n": 1}']  # fmt: skip
+    assert dotted_json_flags(["m", "--served-model-name", "my.model"]) == ["m", "--served-model-name", "my.model"]  # fmt: skip
+    assert main(["serve", "m", "--eplb-config.windows", "3", "--check-config"]) == 2
+    assert "unknown eplb_config key 'windows'" in capsys.readouterr().err
 
 
 def test_model_twice_or_missing_is_an_error(capsys):
