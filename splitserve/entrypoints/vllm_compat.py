@@ -177,6 +177,23 @@ PINNED: tuple[Pinned, ...] = (
         frozenset({_W}),
     ),
     Pinned(
+        "--expert-placement-strategy",
+        "how experts are laid out over expert-parallel ranks (linear or round_robin).",
+        ("linear",),
+        "with --enable-expert-parallel each rank holds a contiguous range of experts (EPLB "
+        "places them by load instead)",
+        frozenset({_W}),
+    ),
+    Pinned(
+        "--all2all-backend",
+        "the token exchange of expert parallelism (DeepEP, pplx, allgather/reducescatter...).",
+        ("allgather_reducescatter",),
+        "splitserve's expert parallelism sends each token to its experts' ranks and back with "
+        "torch.distributed all_to_all_single over the stage's group; only vLLM's default "
+        "value is accepted, no other kernel library is used",
+        frozenset({_W}),
+    ),
+    Pinned(
         "--fully-sharded-loras",
         "shards LoRA computation over tensor-parallel ranks.",
         (False,),

@@ -23,6 +23,8 @@ _VALUES = {
     "--num-scheduler-steps": ("1", "8"),
     "--lora-dtype": ("auto", "bfloat16"),
     "--fully-sharded-loras": (False, True),
+    "--expert-placement-strategy": ("linear", "round_robin"),
+    "--all2all-backend": ("allgather_reducescatter", "deepep_low_latency"),
     "--compilation-config": ('{"level": 0}', '{"level": 3}'),
     "--max-num-partial-prefills": ("1", "4"),
     "--long-prefill-token-threshold": ("0", "512"),
