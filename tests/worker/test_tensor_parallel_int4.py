@@ -7,6 +7,8 @@ dequantized checkpoint; a rank's slice that is not whole groups is refused at st
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,6 +17,7 @@ from splitserve.testing.int4_pack import pack_checkpoint
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.model_loader import check_model, load_model
 
+from .test_eplb_ranks import REBALANCE, _skewed
 from .test_pipeline_parallel import _transformers_greedy, _workload
 from .test_tensor_parallel import GridWorkers, _one_rank, spy_reads
 
@@ -65,6 +68,21 @@ def _expected_whole(fmt: str) -> set[str]:
     return names
 
 
+def _rank_weights(dense: dict[str, torch.Tensor], layer: int, rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank` of 2's slices of one dense layer's weights (see the test below)."""
+    pre = f"model.layers.{layer}"
+    q, k, v, o = (dense[f"{pre}.{ATTN}.{p}_proj.weight"] for p in "qkvo")
+    gate, up, down = (dense[f"{pre}.{MLP}.{p}_proj.weight"] for p in ("gate", "up", "down"))
+    # 4 query heads of 8 dims -> 2 a rank; 2 KV heads -> 1; 64 MLP features -> 32.
+    qs, ks, ms = slice(16 * rank, 16 * rank + 16), slice(8 * rank, 8 * rank + 8), slice(32 * rank, 32 * rank + 32)  # fmt: skip
+    return {
+        f"{ATTN}.qkv_proj": torch.cat([q[qs], k[ks], v[ks]]),
+        f"{ATTN}.o_proj": o[:, qs],
+        f"{MLP}.gate_up_proj": torch.cat([gate[ms], up[ms]]),
+        f"{MLP}.down_proj": down[:, ms],
+    }
+
+
 @pytest.mark.parametrize("fmt", ["awq", "w4a16", "w4a16-asym", "w4a16-channel"])
 def test_each_rank_reads_only_its_slices_of_int4_tensors(fmt, packed, monkeypatch):
     """Both ranks of 2: what each reads whole is only what it keeps whole, and its dequantized
@@ -79,20 +97,31 @@ def test_each_rank_reads_only_its_slices_of_int4_tensors(fmt, packed, monkeypatc
         params = load_model(config).model.state_dict()  # dequantized on CPU
         assert set(whole) == _expected_whole(fmt), sorted(set(whole) ^ _expected_whole(fmt))
         for i in range(LAYERS):
-            pre = f"model.layers.{i}"
-            q, k, v, o = (dense[f"{pre}.{ATTN}.{p}_proj.weight"] for p in "qkvo")
-            gate, up, down = (dense[f"{pre}.{MLP}.{p}_proj.weight"] for p in ("gate", "up", "down"))  # fmt: skip
-            # 4 query heads of 8 dims -> 2 a rank; 2 KV heads -> 1; 64 MLP features -> 32.
-            qs, ks, ms = slice(16 * rank, 16 * rank + 16), slice(8 * rank, 8 * rank + 8), slice(32 * rank, 32 * rank + 32)  # fmt: skip
-            expect = {
-                f"{ATTN}.qkv_proj": torch.cat([q[qs], k[ks], v[ks]]),
-                f"{ATTN}.o_proj": o[:, qs],
-                f"{MLP}.gate_up_proj": torch.cat([gate[ms], up[ms]]),
-                f"{MLP}.down_proj": down[:, ms],
-            }
-            for name, value in expect.items():
-                got = params[f"{pre}.{name}.weight"]
+            for name, value in _rank_weights(dense, i, rank).items():
+                got = params[f"model.layers.{i}.{name}.weight"]
                 assert got.dtype == torch.float32 and torch.equal(got, value), (rank, name)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "w4a16-asym", "w4a16-channel"])
+def test_each_rank_keeps_its_slice_in_the_int4_form_a_gpu_runs(fmt, packed, monkeypatch):
+    """The form a CUDA rank keeps for the W4A16 GEMM (forced here on CPU, computed by the
+    kernel's torch reference): each projection's repacked int4 weight, scales and zeros give
+    exactly its slice of the dequantized weights (its partial product for o / down)."""
+    from splitserve.worker.quantization import int4
+
+    monkeypatch.setattr(int4, "keeps_packed", lambda t: True)
+    folder, dense_folder = packed("llama", fmt)
+    dense = load_file(dense_folder / "model.safetensors")
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    for rank in range(2):
+        config = WorkerConfig(model=str(folder), tensor_parallel_size=2, tp_rank=rank)
+        layer = load_model(config).model.model.layers[1]
+        for name, weight in _rank_weights(dense, 1, rank).items():
+            proj = layer.get_submodule(name)
+            assert not proj.int4_dense and proj.int4_qweight.dtype == torch.int32, name
+            xs = x[:, : weight.shape[1]]
+            got = proj.method.apply(proj, xs)  # this rank's part, before any all-reduce
+            torch.testing.assert_close(got, xs @ weight.t(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["awq", "w4a16-asym"])
@@ -232,3 +261,26 @@ def test_w4a16_weight_shape_is_checked_against_the_checkpoint_layer(tensor, shap
     config = WorkerConfig(model=str(folder), tensor_parallel_size=2, tp_rank=1)
     with pytest.raises(ValueError, match=message):
         load_model(config)
+
+
+def test_ep2_with_eplb_on_int4_experts_moves_them_and_keeps_the_tokens(packed, tmp_path):
+    """A skewed router (test_eplb_ranks._skewed) over AWQ experts with 2 redundant slots: both
+    ranks rebalance, experts cross between them, and the tokens stay those of one rank and of
+    transformers on the dequantized checkpoint."""
+    folder, dense_folder = packed("qwen3_moe", "awq")
+    folder = _skewed(folder, tmp_path / "skewed")
+    dense_folder = _skewed(dense_folder, tmp_path / "skewed-dense")
+    workload = _workload(96)[:10]
+    eplb = {"window_size": 4, "step_interval": 3, "num_redundant_experts": 2}
+    extra = ["--enable-expert-parallel", "--enable-eplb", "--eplb-config", json.dumps(eplb)]
+    grid = GridWorkers(folder, 1, 2, tmp_path, 60, extra=extra)
+    try:
+        one = _one_rank(folder, workload)
+        assert one == _transformers_greedy(dense_folder, workload)
+        assert grid.generate(workload) == one
+        moves = [REBALANCE.findall(log.read_text()) for log in grid.logs]
+        assert moves[0] and len(moves[0]) == len(moves[1]), grid.tail()
+        assert any(int(m[3]) > 0 for m in moves[0]), "the placement never changed"
+        assert any(int(m[5]) > 0 for m in moves[0] + moves[1]), "no expert crossed ranks"
+    finally:
+        grid.kill()
