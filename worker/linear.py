@@ -20,9 +20,11 @@ outputs (1 for int4 layouts stored [in, out / 8], whose `row_block` 8 is the pac
 Under tensor parallelism the same attributes say how a rank's slice is cut: a fused column
 projection narrows each checkpoint tensor along `output_dim`, in units of `row_block` rows (a
 block scale by whole blocks of outputs); a row-parallel layer (`parallel_layers`) narrows a
-tensor along its `input_dim` (1 for a dense or FP8 weight [out, in]; unset: the tensor does
-not run over the inputs, and every rank reads it whole, as a per-channel or per-tensor scale),
-in units of `col_block` columns (a block scale's block width). A per-shard tensor is read whole.
+tensor along its `input_dim` (1 for a dense or FP8 weight [out, in], 0 for AWQ's [in, out / 8];
+unset: the tensor does not run over the inputs, and every rank reads it whole, as a per-channel
+or per-tensor scale), in units of `col_block` columns (a block scale's block width, 8 for int4
+packed along the inputs, the group size for int4 scales and zero points). A per-shard tensor
+is read whole.
 """
 
 from __future__ import annotations

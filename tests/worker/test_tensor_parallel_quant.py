@@ -220,15 +220,13 @@ def test_fp8_moe_experts_load_under_tensor_and_expert_parallelism(extra, checkpo
     assert experts.slot_experts == ([2, 3] if extra else [0, 1, 2, 3])
 
 
-def test_online_fp8_and_int4_stay_refused_with_their_reasons(checkpoint, tmp_path):
+def test_online_fp8_stays_refused_with_its_reason(checkpoint, tmp_path):
+    """`--quantization fp8` at load stays refused; int4 checkpoints load under tensor
+    parallelism now (tests/worker/test_tensor_parallel_int4.py)."""
     from splitserve.testing import int4_pack
 
     source = checkpoint("llama_tp_fp8", arch="llama", num_layers=LAYERS)
     with pytest.raises(ValueError, match="scale from its whole row, which a row-parallel rank"):
         check_model(WorkerConfig(model=str(source), tensor_parallel_size=2, quantization="fp8"))
-    folder, _ = int4_pack.pack_checkpoint(source, tmp_path / "awq", "awq")
-    check_model(WorkerConfig(model=str(folder)))
-    with pytest.raises(
-        ValueError, match="AwqLinearMethod cannot load .*int4 layouts .* not sliced"
-    ):
-        check_model(WorkerConfig(model=str(folder), tensor_parallel_size=2))
+    folder, _ = int4_pack.pack_checkpoint(source, tmp_path / "awq", "awq", 16)
+    check_model(WorkerConfig(model=str(folder), tensor_parallel_size=2))

@@ -8,7 +8,9 @@ Per layer the checkpoint stores, transposed against nn.Linear ([in, out]):
 - `scales` fp16 [K / group, N].
 The real weight is W[n, k] = (q[k, n] - zero[k // group, n]) * scale[k // group, n]. The
 output axis is the last one, so fused q/k/v and gate/up shards load into column ranges
-(`output_dim` 1; 8 outputs per word of qweight / qzeros). See int4.py for how the unpacked
+(`output_dim` 1; 8 outputs per word of qweight / qzeros), and a tensor-parallel rank's slice of
+a row-parallel layer is a range of rows (`input_dim` 0; one input per row of qweight, a group
+per row of qzeros / scales). See int4.py for how the unpacked
 weight is held (repacked for the Triton GEMM on CUDA, dequantized once on CPU) and the memory
 trade-off. MoE experts store the same tensors per expert (`experts.3.w1.qweight`); they are
 dequantized at load (int4.Int4MoEMethod).
@@ -45,18 +47,18 @@ class AwqLinearMethod(Int4LinearMethod):
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size
 
-    def group_for(self, in_features: int) -> int:
+    def input_group(self) -> int | None:
         return self.group_size
 
     def tensor_specs(
         self, in_features: int, out_features: int, shards: dict[str, int] | None
     ) -> TensorSpecs:
         groups, packed = in_features // self.group_size, out_features // PACK
-        attrs = {"output_dim": 1, "row_block": PACK}
+        outputs, grouped = {"output_dim": 1, "row_block": PACK}, {"input_dim": 0, "col_block": self.group_size}  # fmt: skip
         return {
-            "qweight": ((in_features, packed), torch.int32, attrs),
-            "qzeros": ((groups, packed), torch.int32, attrs),
-            "scales": ((groups, out_features), torch.float32, {"output_dim": 1}),
+            "qweight": ((in_features, packed), torch.int32, {**outputs, "input_dim": 0}),
+            "qzeros": ((groups, packed), torch.int32, {**outputs, **grouped}),
+            "scales": ((groups, out_features), torch.float32, {"output_dim": 1, **grouped}),
         }
 
     def unpack(
@@ -65,6 +67,7 @@ class AwqLinearMethod(Int4LinearMethod):
         shards: dict[str | None, int],
         in_features: int,
         where: str,
+        row_sources: dict[str, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = unpack_int32(tensors["qweight"], AWQ_ORDER).t()
         zeros = unpack_int32(tensors["qzeros"], AWQ_ORDER).t()

@@ -12,7 +12,11 @@ dispatched by its `format` to a quant method.
   value + 8), `weight_scale` [N, K / group] (strategy group) or [N, 1] (channel), `weight_shape`
   [2] (the unpacked [N, K]), and for an asymmetric scheme `weight_zero_point` int32
   [N / 8, K / group] packed along the outputs (signed + 8 as well). The real weight is
-  (q - zero) * scale; a symmetric scheme's zero is 0 (8 unsigned). See int4.py for how it is held
+  (q - zero) * scale; a symmetric scheme's zero is 0 (8 unsigned). Under tensor parallelism a
+  row-parallel rank reads its columns (`input_dim` 1: 8 inputs per word of weight_packed, a
+  group per column of the group scales and zero points; a per-channel scale whole), a fused
+  column-parallel one its rows (8 per row of weight_zero_point); `weight_shape` is read whole
+  and checked against the checkpoint's layer. See int4.py for how it is held
   (repacked for the Triton W4A16 GEMM on CUDA, dequantized once on CPU); MoE experts store the
   same tensors per expert and are dequantized at load.
 """
@@ -55,16 +59,22 @@ class PackQuantizedLinearMethod(Int4LinearMethod):
         if not symmetric:
             self.checkpoint_params += ("weight_zero_point",)
 
-    def group_for(self, in_features: int) -> int:
-        return self.group or in_features
+    def input_group(self) -> int | None:
+        return self.group
 
     def tensor_specs(
         self, in_features: int, out_features: int, shards: dict[str, int] | None
     ) -> TensorSpecs:
         groups = in_features // self.group_for(in_features)
+        # NOTE: per channel (group None) a scale or zero point has no input axis to slice.
+        grouped = {"input_dim": 1, "col_block": self.group} if self.group else {}
         specs: TensorSpecs = {
-            "weight_packed": ((out_features, in_features // PACK), torch.int32, {}),
-            "weight_scale": ((out_features, groups), torch.float32, {}),
+            "weight_packed": (
+                (out_features, in_features // PACK),
+                torch.int32,
+                {"input_dim": 1, "col_block": PACK},
+            ),
+            "weight_scale": ((out_features, groups), torch.float32, grouped),
             "weight_shape": (
                 (len(shards), 2) if shards else (2,),
                 torch.int64,
@@ -75,7 +85,7 @@ class PackQuantizedLinearMethod(Int4LinearMethod):
             specs["weight_zero_point"] = (
                 (out_features // PACK, groups),
                 torch.int32,
-                {"row_block": PACK},
+                {"row_block": PACK, **grouped},
             )
         return specs
 
@@ -85,13 +95,20 @@ class PackQuantizedLinearMethod(Int4LinearMethod):
         shards: dict[str | None, int],
         in_features: int,
         where: str,
+        row_sources: dict[str, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         saved = tensors["weight_shape"].reshape(-1, 2).tolist()
         for (shard, size), shape in zip(shards.items(), saved, strict=True):
-            if shape != [size, in_features]:
-                what = f"shard {shard!r} weight_shape" if shard else "weight_shape"
+            what = f"shard {shard!r} weight_shape" if shard else "weight_shape"
+            first = (row_sources or {}).get(shard)
+            if first is None and shape != [size, in_features]:
                 raise ValueError(
                     f"{where}: {what} says {shape}, the model expects [{size}, {in_features}]"
+                )
+            if first is not None and (shape[1] != in_features or shape[0] < first + size):
+                raise ValueError(
+                    f"{where}: {what} says {shape}, the model expects {in_features} inputs and "
+                    f"this tensor-parallel rank's output rows [{first}, {first + size})"
                 )
         q = unpack_int32(tensors["weight_packed"])
         scales = tensors["weight_scale"].float()

@@ -219,11 +219,12 @@ class Fp8LinearMethod(LinearMethod):
         return _apply(layer, x)
 
 
-def check_whole_blocks(layer: Linear, bn: int, bk: int) -> None:
+def check_whole_blocks(layer: Linear, bn: int, bk: int, what: str | None = None) -> None:
     """ValueError unless every fused shard of `layer` (under tensor parallelism: this rank's
     rows of it) is a whole number of bn-row blocks, and a row-parallel layer's input columns
-    a whole number of bk-column blocks: a block scale is sliced by whole blocks only."""
-    what = f"weight_block_size [{bn}, {bk}]"
+    a whole number of bk-column blocks: a block scale (or an int4 pack or group, `what` naming
+    the layout in the message; default the FP8 block) is sliced by whole blocks only."""
+    what = what or f"weight_block_size [{bn}, {bk}]"
     for shard, size in getattr(layer, "shard_sizes", {}).items():
         if size % bn == 0:
             continue
@@ -388,12 +389,13 @@ class Fp8MoEMethod(MoEExpertsMethod):
         )  # fmt: skip
 
 
-def check_expert_blocks(experts: MoEExperts, bn: int, bk: int) -> None:
+def check_expert_blocks(experts: MoEExperts, bn: int, bk: int, what: str | None = None) -> None:
     """ValueError unless the experts' intermediate features (this rank's, under tensor
     parallelism) are whole bn-row blocks of gate / up and, when sliced over ranks, whole
-    bk-column blocks of down: a block scale is sliced by whole blocks only."""
+    bk-column blocks of down: a block scale (or an int4 pack or group, `what` naming the
+    layout; default the FP8 block) is sliced by whole blocks only."""
     inter, tp = experts.intermediate_size, experts.tp_size
-    what = f"weight_block_size [{bn}, {bk}]"
+    what = what or f"weight_block_size [{bn}, {bk}]"
     if tp > 1 and (inter % bn or inter % bk):
         cut = f"{bn}-row blocks of gate / up" if inter % bn else f"{bk}-column blocks of down"
         raise ValueError(

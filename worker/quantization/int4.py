@@ -25,10 +25,20 @@ only for that layer.
 MoE experts (`Int4MoEMethod`) load the same per-layer tensors per expert, stacked, and are
 dequantized to the dense stacks at load on every device, CUDA included: the fused-MoE kernels
 read dense stacks, so an int4 MoE model takes the dense model's memory there too.
+
+Under tensor parallelism a format's tensors carry the attributes the sliced layers cut by
+(`linear`, `parallel_layers.RowParallelLinear`, `moe.MoEExperts`): `output_dim` / `row_block`
+for the output axis (8 outputs per entry where the outputs are packed), `input_dim` /
+`col_block` for the input axis (8 inputs per entry where the inputs are packed, the group size
+for scales and zero points; a per-channel scale has no input axis and is read whole). A rank's
+slice must be whole packs and whole groups (`check_whole_blocks`, `check_expert_blocks`, shared
+with FP8's block scales); anything else is refused at start-up. Under expert parallelism every
+stack has one entry per local slot, as the dense stacks it becomes (which EPLB moves).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,6 +48,8 @@ from splitserve.kernels import dispatch
 from splitserve.kernels.reference import int4_pack_k, w4a16_dequantize_ref
 from splitserve.worker.linear import Linear, LinearMethod, UnquantizedLinearMethod
 from splitserve.worker.moe import MoEExperts, MoEExpertsMethod
+from splitserve.worker.parallel_layers import RowParallelLinear
+from splitserve.worker.quantization.fp8 import check_expert_blocks, check_whole_blocks
 
 PACK = 8
 """4-bit values per int32."""
@@ -115,14 +127,24 @@ class Int4LinearMethod(LinearMethod):
     checkpoint_params: tuple[str, ...] = ()
     """The tensors `tensor_specs` names (dropped after unpacking)."""
 
-    tensor_parallel_refusal = (
-        "int4 layouts (awq, compressed-tensors W4A16) are not sliced over tensor-parallel "
-        "ranks yet; FP8 checkpoints are"
-    )
+    supports_tensor_parallel = True
+
+    def input_group(self) -> int | None:
+        """The checkpoint's group size along the inputs; None: one group a row (per channel,
+        whatever part of the row a rank holds)."""
+        raise NotImplementedError
 
     def group_for(self, in_features: int) -> int:
         """The group size along the input dim of a layer with `in_features` inputs."""
-        raise NotImplementedError
+        return self.input_group() or in_features
+
+    def slice_block(self) -> tuple[int, str]:
+        """(input features a rank's slice must hold whole multiples of: the pack and the
+        group, the layout named for the refusal)."""
+        group = self.input_group()
+        if group is None:
+            return PACK, f"int4 per channel ({PACK} values per int32)"
+        return math.lcm(PACK, group), f"int4 group_size {group} ({PACK} values per int32)"
 
     def tensor_specs(
         self, in_features: int, out_features: int, shards: dict[str, int] | None
@@ -136,13 +158,20 @@ class Int4LinearMethod(LinearMethod):
         shards: dict[str | None, int],
         in_features: int,
         where: str,
+        row_sources: dict[str, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q int [N, K] 0..15, zeros int [N, G] 0..15, scales float [N, G]) of one layer's
-        loaded tensors; `where` names it in errors."""
+        loaded tensors (this rank's slice of them); `where` names it in errors. A shape the
+        checkpoint states is checked against `in_features`, the checkpoint layer's inputs,
+        and per output shard its size, or, for a shard in `row_sources` (its first row on
+        this rank), as holding this rank's rows."""
         raise NotImplementedError
 
     def create_weights(self, layer: Linear, in_features: int, out_features: int, bias: bool):
         shards = getattr(layer, "shard_sizes", None)
+        if layer.tp_sharded:
+            block, what = self.slice_block()
+            check_whole_blocks(layer, PACK, block, what)
         group = self.group_for(in_features)
         check_layer(in_features, shards or {None: out_features}, group)
         layer.compute_dtype = torch.get_default_dtype()
@@ -158,7 +187,11 @@ class Int4LinearMethod(LinearMethod):
         where = f"layer ({layer.extra_repr()})"
         tensors = {name: getattr(layer, name).detach() for name in self.checkpoint_params}
         shards = getattr(layer, "shard_sizes", None) or {None: layer.out_features}
-        q, zeros, scales = self.unpack(tensors, shards, layer.in_features, where)
+        inputs = layer.in_features
+        if isinstance(layer, RowParallelLinear):
+            inputs *= layer.tp_size
+        sources = getattr(layer, "shard_sources", None)
+        q, zeros, scales = self.unpack(tensors, shards, inputs, where, sources)
         _check_finite(scales, where)
         for name in self.checkpoint_params:
             delattr(layer, name)
@@ -187,11 +220,13 @@ class Int4MoEMethod(MoEExpertsMethod):
     `gate_up_proj_qweight` [E, ...]), dequantized to the dense stacks at load on every device:
     the fused-MoE paths read dense stacks (an int4 grouped GEMM is a later slice), so an int4
     MoE checkpoint loads and computes as its dequantized model but takes the dense model's
-    memory."""
+    memory.
 
-    tensor_parallel_refusal = (
-        "int4 MoE experts are not sliced over tensor- or expert-parallel ranks yet"
-    )
+    Under tensor parallelism each rank reads its rows of every expert's gate / up tensors and
+    its columns of down's (whole packs and groups, else refused); under expert parallelism
+    every stack holds this rank's slots along dim 0."""
+
+    supports_tensor_parallel = True
 
     def __init__(self, method: Int4LinearMethod) -> None:
         self.method = method
@@ -206,14 +241,30 @@ class Int4MoEMethod(MoEExpertsMethod):
             "down_proj": (inter, {None: hidden}),
         }
 
+    @staticmethod
+    def _checkpoint_layout(
+        experts: MoEExperts, stack: str, k: int
+    ) -> tuple[int, dict[str, int] | None]:
+        """(one checkpoint expert's inputs of `stack`, this rank's first gate / up rows or
+        None): what `Int4LinearMethod.unpack` checks stated shapes against."""
+        if experts.tp_size == 1:
+            return k, None
+        if stack == "down_proj":
+            return k * experts.tp_size, None
+        first = experts.tp_rank * experts.intermediate_size
+        return k, {"gate": first, "up": first}
+
     def create_weights(self, experts: MoEExperts) -> None:
         experts.compute_dtype = torch.get_default_dtype()
+        if experts.tp_size > 1:
+            block, what = self.method.slice_block()
+            check_expert_blocks(experts, PACK, block, what)
         for stack, (k, shards) in self._stacks(experts).items():
             check_layer(k, shards, self.method.group_for(k))
             merged = None if None in shards else shards
             specs = self.method.tensor_specs(k, sum(shards.values()), merged)
             for name, (shape, dtype, attrs) in specs.items():
-                stacked = torch.empty(experts.num_experts, *shape, dtype=dtype)
+                stacked = torch.empty(experts.num_local_experts, *shape, dtype=dtype)
                 setattr(experts, f"{stack}_{name}", nn.Parameter(stacked, requires_grad=False))
                 experts.register_stacked(f"{stack}_{name}", name, **attrs)
 
@@ -223,12 +274,13 @@ class Int4MoEMethod(MoEExpertsMethod):
             stacked = {name: getattr(experts, f"{stack}_{name}").detach() for name in names}
             group = self.method.group_for(k)
             device = stacked[names[0]].device
-            shape = (experts.num_experts, sum(shards.values()), k)
-            dense = torch.empty(shape, dtype=experts.compute_dtype, device=device)
-            for e in range(experts.num_experts):
-                where = f"expert {e} {stack}"
+            slots = experts.num_local_experts
+            dense = torch.empty((slots, sum(shards.values()), k), dtype=experts.compute_dtype, device=device)  # fmt: skip
+            inputs, sources = self._checkpoint_layout(experts, stack, k)
+            for e in range(slots):
+                where = f"expert {experts.slot_experts[e]} {stack}"
                 q, zeros, scales = self.method.unpack(
-                    {n: t[e] for n, t in stacked.items()}, shards, k, where
+                    {n: t[e] for n, t in stacked.items()}, shards, inputs, where, sources
                 )
                 _check_finite(scales, where)
                 dense[e] = dequantize(q, zeros, scales, group, experts.compute_dtype)
