@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,7 +23,7 @@ from splitserve.gateway.streaming import DONE, SSEResponse, run_until_disconnect
 
 logger = logging.getLogger(__name__)
 
-RenderDelta = Callable[[int, SequenceDelta], Iterable[str]]
+RenderDelta = Callable[[int, SequenceDelta], Sequence[str]]
 
 
 class ServingBase:
@@ -173,22 +173,28 @@ class ServingBase:
     ) -> AsyncIterator[str]:
         try:
             event = first
+            on_delta, poll, next_event = observer.on_delta, group.poll, group.next
             while event is not None:
                 # NOTE: the deltas already waiting go out in one write (same SSE events).
-                parts = list(render(*event))
+                parts = render(*event)
                 failed: Exception | None = None
                 try:
-                    while (ready := group.poll()) is not None:
-                        observer.on_delta(*ready)
-                        parts.extend(render(*ready))
+                    ready = poll()
+                    if ready is not None:
+                        parts = list(parts)
+                        while ready is not None:
+                            on_delta(*ready)
+                            parts.extend(render(*ready))
+                            ready = poll()
                 except Exception as exc:  # after what is rendered, as the SSE error event
                     failed = exc
-                yield "".join(parts)
+                if parts:  # an empty write would send no byte
+                    yield parts[0] if len(parts) == 1 else "".join(parts)
                 if failed is not None:
                     raise failed
-                event = await group.next()
+                event = await next_event()
                 if event is not None:
-                    observer.on_delta(*event)
+                    on_delta(*event)
             for chunk in finish():
                 yield chunk
         except Exception as exc:

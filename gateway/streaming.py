@@ -59,7 +59,7 @@ class TextChunkTemplate:
     "logprobs": null, "finish_reason", "stop_reason"}]} and, with `usage_null`, "usage": null.
     """
 
-    __slots__ = ("_head", "_tail")
+    __slots__ = ("_head", "_tail", "_running_tail")
 
     def __init__(self, id: str, object: str, created: int, model: str, usage_null: bool):
         self._head = (
@@ -67,6 +67,14 @@ class TextChunkTemplate:
             f'"model":{_json_str(model)},"choices":[{{"index":'
         )
         self._tail = ',"usage":null}\n\n' if usage_null else "}\n\n"
+        self._running_tail = ',"logprobs":null,"finish_reason":null,"stop_reason":null}]' + (
+            self._tail
+        )
+        """What follows the text of a chunk with no finish (all but a choice's last)."""
+
+    def render_running(self, index: int, text: str) -> str:
+        """`render(index, text, None, None)`: the chunk of a choice that goes on."""
+        return f'{self._head}{index},"text":{_json_str(text)}{self._running_tail}'
 
     def render(
         self, index: int, text: str, finish_reason: str | None, stop_reason: str | int | None
@@ -76,6 +84,28 @@ class TextChunkTemplate:
             f'"finish_reason":{_json_scalar(finish_reason)},'
             f'"stop_reason":{_json_scalar(stop_reason)}}}]{self._tail}'
         )
+
+
+class ChatContentChunkTemplate:
+    """`sse()` of a streamed chat chunk whose one choice adds content and nothing else (no
+    role, logprobs, token ids, finish or running usage), rendered like `TextChunkTemplate`:
+    {"id", "object", "created", "model", "choices": [{"index", "delta": {"content"},
+    "logprobs": null, "finish_reason": null, "stop_reason": null}]} and, with `usage_null`,
+    "usage": null."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, id: str, created: int, model: str, usage_null: bool):
+        self._head = (
+            f'data: {{"id":{_json_str(id)},"object":"chat.completion.chunk","created":{created},'
+            f'"model":{_json_str(model)},"choices":[{{"index":'
+        )
+        self._tail = '},"logprobs":null,"finish_reason":null,"stop_reason":null}]' + (
+            ',"usage":null}\n\n' if usage_null else "}\n\n"
+        )
+
+    def render(self, index: int, content: str) -> str:
+        return f'{self._head}{index},"delta":{{"content":{_json_str(content)}{self._tail}'
 
 
 async def _wait_for_disconnect(request: Request) -> None:
