@@ -19,7 +19,7 @@ from splitserve.gateway.lora_registry import LoRARegistry
 from splitserve.gateway.metrics import GatewayMetrics
 from splitserve.gateway.request_observer import RequestObserver, current_observer
 from splitserve.gateway.sampling import Limits
-from splitserve.gateway.streaming import DONE, SSEResponse, run_until_disconnect
+from splitserve.gateway.streaming import DONE, ChunkWriter, SSEResponse, run_until_disconnect
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,9 @@ class ServingBase:
             raise
         if first is not None:
             observer.on_delta(*first)
-        return SSEResponse(self._sse_body(group, first, render, finish, observer), group.aclose)
+        writer = ChunkWriter()
+        body = self._sse_body(group, first, render, finish, observer, writer)
+        return SSEResponse(body, group.aclose, writer)
 
     def _observer(self, specs: list[SequenceSpec]) -> RequestObserver:
         observer = current_observer()
@@ -170,10 +172,29 @@ class ServingBase:
         render: RenderDelta,
         finish: Callable[[], Iterable[str]],
         observer: RequestObserver,
+        writer: ChunkWriter,
     ) -> AsyncIterator[str]:
+        on_delta, poll, next_event = observer.on_delta, group.poll, group.next
+
+        def push(item: tuple) -> tuple | None:
+            """A delta that arrives while this task waits, rendered and written in the task
+            that produced it (the output router's reader): no wake-up of this task per
+            token. A sequence's last delta, errors, and anything while the writer is not
+            ready are handed back to the loop below."""
+            index, delta, exc = item
+            if exc is not None or delta.finish_reason is not None or not writer.ready:
+                return item
+            try:
+                on_delta(index, delta)
+                parts = render(index, delta)
+            except Exception as exc:  # the loop below raises it: the SSE error event
+                return (index, None, exc)
+            if parts:  # the same bytes the loop below would yield for it
+                writer.push(parts[0] if len(parts) == 1 else "".join(parts))
+            return None
+
         try:
             event = first
-            on_delta, poll, next_event = observer.on_delta, group.poll, group.next
             while event is not None:
                 # NOTE: the deltas already waiting go out in one write (same SSE events).
                 parts = render(*event)
@@ -192,7 +213,7 @@ class ServingBase:
                     yield parts[0] if len(parts) == 1 else "".join(parts)
                 if failed is not None:
                     raise failed
-                event = await next_event()
+                event = await next_event(push)
                 if event is not None:
                     on_delta(*event)
             for chunk in finish():

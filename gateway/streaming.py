@@ -11,6 +11,11 @@ that one, the outermost user middleware, leaves the `send` it was given in the s
 the whole chain (status, headers, CORS, metrics, drain's end-of-response), the chunks skip its
 six or seven send wrappers (only Starlette's error middleware and, with tracing, the
 OpenTelemetry one stay outside it).
+
+Most chunks do not even wake the response's task: while a stream waits for its next token,
+the output router's reader renders and sends the token itself (`ChunkWriter.push`, see
+`ServingBase._sse_body`); the task runs for the first chunk, the last ones, errors, and
+when a slow client's connection makes a send wait.
 """
 
 from __future__ import annotations
@@ -149,12 +154,92 @@ class DirectBodyMiddleware:
         await self.app(scope, receive, send)
 
 
+class ChunkWriter:
+    """Where an SSE response's body chunks go, in order: `send` from the response's own
+    task, or `push` from another one (the output router's reader, which then renders and
+    writes a token without waking the response's task: `ServingBase._sse_body`).
+
+    `push` runs the ASGI send right away; it finishes there unless the connection's write
+    buffer is full (a slow client), when the rest of it becomes a task that every later
+    chunk waits for (`ready` is False meanwhile, so pushers hand their chunks to `send`)."""
+
+    __slots__ = ("_send", "_blocked", "error")
+
+    def __init__(self) -> None:
+        self._send: Send | None = None
+        self._blocked: asyncio.Task | None = None
+        self.error: Exception | None = None
+        """What a pushed send raised; the next `send` raises it."""
+
+    def attach(self, send: Send) -> None:
+        self._send = send
+
+    @property
+    def ready(self) -> bool:
+        """A `push` now would be sent in order and at once."""
+        return self._send is not None and self._blocked is None and self.error is None
+
+    async def send(self, chunk: str) -> None:
+        await self.flush()
+        await self._send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+
+    def push(self, chunk: str) -> None:
+        """Send `chunk` now, from any task (only while `ready`)."""
+        message = {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+        coro = self._send(message)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:  # NOTE: re-raised by the response's task, as a send's error
+            self.error = exc
+            return
+        self._blocked = asyncio.ensure_future(self._finish(coro, waiting))
+
+    async def _finish(self, coro, waiting) -> None:
+        """Run the rest of a pushed send: what a task does with what a coroutine awaits."""
+        try:
+            while True:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    waiting._asyncio_future_blocking = False
+                    await asyncio.wait((waiting,))
+                try:
+                    waiting = coro.send(None)
+                except StopIteration:
+                    return
+        except Exception as exc:
+            self.error = exc
+        except BaseException:
+            coro.close()
+            raise
+
+    async def flush(self) -> None:
+        """Wait for a pushed send still under way; raise what a pushed send raised."""
+        if self._blocked is not None:
+            await self._blocked
+            self._blocked = None
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """The response ends: a pushed send still waiting is dropped."""
+        if self._blocked is not None and not self._blocked.done():
+            self._blocked.cancel()
+
+
 class SSEResponse(StreamingResponse):
     """A text/event-stream response that always runs `on_close` (completion, error or
     disconnect), so the request's gRPC calls are cancelled whatever ends the stream. Its
-    body chunks go to the scope's `DIRECT_SEND` when there is one."""
+    body chunks go through `writer` to the scope's `DIRECT_SEND` when there is one."""
 
-    def __init__(self, body: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
+    def __init__(
+        self,
+        body: AsyncIterator[str],
+        on_close: Callable[[], Awaitable[None]],
+        writer: ChunkWriter | None = None,
+    ):
         super().__init__(
             body,
             media_type="text/event-stream",
@@ -162,14 +247,21 @@ class SSEResponse(StreamingResponse):
         )
         self._on_close = on_close
         self._direct_send: Send | None = None
+        self.writer = writer if writer is not None else ChunkWriter()
+        """What the body may also push its chunks through (the response's task asleep)."""
 
     async def stream_response(self, send: Send) -> None:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        direct = self._direct_send or send
-        async for chunk in self.body_iterator:
-            await direct({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+        writer = self.writer
+        writer.attach(self._direct_send or send)
+        try:
+            async for chunk in self.body_iterator:
+                await writer.send(chunk)
+            await writer.flush()
+        finally:
+            writer.close()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
