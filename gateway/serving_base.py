@@ -177,10 +177,11 @@ class ServingBase:
         on_delta, poll, next_event = observer.on_delta, group.poll, group.next
 
         def push(item: tuple) -> tuple | None:
-            """A delta that arrives while this task waits, rendered and written in the task
-            that produced it (the output router's reader): no wake-up of this task per
-            token. A sequence's last delta, errors, and anything while the writer is not
-            ready are handed back to the loop below."""
+            """A delta that arrives while this task waits, rendered in the task that
+            produced it (the output router's reader) and written at the loop's next turn
+            with the rest of its batch: no wake-up of this task per token. A sequence's last
+            delta, errors, and anything while the writer is not ready are handed back to the
+            loop below."""
             index, delta, exc = item
             if exc is not None or delta.finish_reason is not None or not writer.ready:
                 return item

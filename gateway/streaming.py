@@ -156,17 +156,21 @@ class DirectBodyMiddleware:
 
 class ChunkWriter:
     """Where an SSE response's body chunks go, in order: `send` from the response's own
-    task, or `push` from another one (the output router's reader, which then renders and
-    writes a token without waking the response's task: `ServingBase._sse_body`).
+    task, or `push` from another one (the output router's reader, which then renders a
+    token without waking the response's task: `ServingBase._sse_body`).
 
-    `push` runs the ASGI send right away; it finishes there unless the connection's write
-    buffer is full (a slow client), when the rest of it becomes a task that every later
-    chunk waits for (`ready` is False meanwhile, so pushers hand their chunks to `send`)."""
+    What is pushed before the event loop's next turn goes out as one write (a batch that
+    holds several tokens of a stream: one write, as when the stream's task folds them), by
+    the ASGI send run right there; it finishes there unless the connection's write buffer is
+    full (a slow client), when the rest of it becomes a task that every later chunk waits
+    for (`ready` is False meanwhile, so pushers hand their chunks to `send`)."""
 
-    __slots__ = ("_send", "_blocked", "error")
+    __slots__ = ("_send", "_pending", "_blocked", "error")
 
     def __init__(self) -> None:
         self._send: Send | None = None
+        self._pending: list[str] = []
+        """Pushed chunks not written yet (a write is scheduled)."""
         self._blocked: asyncio.Task | None = None
         self.error: Exception | None = None
         """What a pushed send raised; the next `send` raises it."""
@@ -176,7 +180,7 @@ class ChunkWriter:
 
     @property
     def ready(self) -> bool:
-        """A `push` now would be sent in order and at once."""
+        """A `push` now would be sent in order, without waiting."""
         return self._send is not None and self._blocked is None and self.error is None
 
     async def send(self, chunk: str) -> None:
@@ -184,9 +188,19 @@ class ChunkWriter:
         await self._send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
 
     def push(self, chunk: str) -> None:
-        """Send `chunk` now, from any task (only while `ready`)."""
-        message = {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
-        coro = self._send(message)
+        """Send `chunk` at the loop's next turn, from any task (only while `ready`)."""
+        pending = self._pending
+        pending.append(chunk)
+        if len(pending) == 1:
+            asyncio.get_running_loop().call_soon(self._write_pending)
+
+    def _write_pending(self) -> None:
+        pending = self._pending
+        if not pending:
+            return  # written already (by `flush`), or dropped (`close`)
+        chunk = pending[0] if len(pending) == 1 else "".join(pending)
+        pending.clear()
+        coro = self._send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
         try:
             waiting = coro.send(None)
         except StopIteration:
@@ -216,7 +230,9 @@ class ChunkWriter:
             raise
 
     async def flush(self) -> None:
-        """Wait for a pushed send still under way; raise what a pushed send raised."""
+        """Write what is pushed, wait for a pushed send still under way; raise what a pushed
+        send raised."""
+        self._write_pending()
         if self._blocked is not None:
             await self._blocked
             self._blocked = None
@@ -224,7 +240,8 @@ class ChunkWriter:
             raise self.error
 
     def close(self) -> None:
-        """The response ends: a pushed send still waiting is dropped."""
+        """The response ends: what is pushed and not sent is dropped."""
+        self._pending.clear()
         if self._blocked is not None and not self._blocked.done():
             self._blocked.cancel()
 

@@ -34,7 +34,7 @@ class _Sends:
         assert message["more_body"] is True
 
 
-def test_push_sends_at_once_when_the_send_does_not_wait():
+def test_pushes_go_out_as_one_write_at_the_loops_next_turn():
     async def main() -> None:
         sends = _Sends()
         writer = ChunkWriter()
@@ -42,9 +42,15 @@ def test_push_sends_at_once_when_the_send_does_not_wait():
         writer.attach(sends)
         assert writer.ready
         writer.push("data: 1\n\n")
-        assert sends.bodies == [b"data: 1\n\n"]  # sent inside push, no task switch
-        await writer.send("data: 2\n\n")
-        assert sends.bodies == [b"data: 1\n\n", b"data: 2\n\n"]
+        writer.push("data: 2\n\n")  # a batch with two tokens of the stream: one write
+        assert sends.bodies == []
+        await asyncio.sleep(0)
+        assert sends.bodies == [b"data: 1\n\ndata: 2\n\n"]
+        writer.push("data: 3\n\n")
+        await writer.send("data: 4\n\n")  # what is pushed goes first
+        assert sends.bodies[1:] == [b"data: 3\n\n", b"data: 4\n\n"]
+        await asyncio.sleep(0)
+        assert len(sends.bodies) == 3  # the scheduled write found nothing left
 
     asyncio.run(main())
 
@@ -56,6 +62,7 @@ def test_a_push_that_must_wait_finishes_later_and_is_not_overtaken():
         writer.attach(sends)
         sends.gate = asyncio.Event()
         writer.push("data: 1\n\n")
+        await asyncio.sleep(0)
         assert sends.bodies == [] and not writer.ready  # it waits: later chunks must too
         later = asyncio.ensure_future(writer.send("data: 2\n\n"))
         await asyncio.sleep(0)
@@ -75,6 +82,7 @@ def test_an_error_of_a_pushed_send_is_raised_by_the_next_send():
         writer.attach(sends)
         sends.fail = RuntimeError("transport broke")
         writer.push("data: 1\n\n")
+        await asyncio.sleep(0)
         assert not writer.ready
         with pytest.raises(RuntimeError, match="transport broke"):
             await writer.send("data: 2\n\n")
@@ -89,6 +97,7 @@ def test_close_drops_a_pushed_send_still_waiting():
         writer.attach(sends)
         sends.gate = asyncio.Event()
         writer.push("data: 1\n\n")
+        await asyncio.sleep(0)
         writer.close()
         await asyncio.sleep(0)
         sends.gate.set()
@@ -158,9 +167,11 @@ def test_sse_response_pushed_chunks_keep_their_order_with_yielded_ones():
         async def body():
             yield "data: 1\n\n"
             writer.push("data: 2\n\n")
-            direct.gate = asyncio.Event()
-            writer.push("data: 3\n\n")  # must wait
-            asyncio.get_running_loop().call_soon(direct.gate.set)
+            writer.push("data: 3\n\n")
+            direct.gate = asyncio.Event()  # their write must wait
+            await asyncio.sleep(0)
+            assert not writer.ready
+            asyncio.get_running_loop().call_later(0.01, direct.gate.set)
             yield "data: 4\n\n"
 
         async def to_chain(message):
@@ -176,7 +187,7 @@ def test_sse_response_pushed_chunks_keep_their_order_with_yielded_ones():
         await SSEResponse(body(), on_close, writer)(scope, never_disconnects, to_chain)
 
     asyncio.run(main())
-    assert direct.bodies == [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n", b"data: 4\n\n"]
+    assert direct.bodies == [b"data: 1\n\n", b"data: 2\n\ndata: 3\n\n", b"data: 4\n\n"]
     assert [m["type"] for m in chain] == ["http.response.start", "http.response.body"]
     assert chain[1]["more_body"] is False
 
