@@ -2,6 +2,7 @@
 
     python -P bench/gateway_cpu.py                        # this tree's gateway only
     python -P bench/gateway_cpu.py --baseline main        # and `main`'s gateway, alternating
+    python -P bench/gateway_cpu.py --baseline main --stack   # whole stacks, alternating
 
 What `bench/stack_overhead.py` measures includes the scheduler and the workers; here the
 gateway is the only process under test. A fake scheduler in this process (gRPC, the real
@@ -20,6 +21,12 @@ this tree's, both against the same fake scheduler and tokenizer service, and the
 alternate between them. Prints each round's µs per token and the median ratio new/old. The
 machine's other load moves wall time far more than CPU time, but not nothing: compare the two
 within one run.
+
+The fake scheduler sends every token in its own step, so no stream ever gets two tokens in one
+write. A real scheduler folds steps when the gateway falls behind, and a gateway's cost per
+token depends on how often that happens. `--stack` measures that too: whole `splitserve serve`
+stacks of `stack_overhead.py` (this tree's, then REV's packages above in every process),
+alternating, `--rounds` stacks each, two 256 x 128 rounds in each, with every process's CPU.
 """
 
 from __future__ import annotations
@@ -48,12 +55,12 @@ from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # n
 REPO = pathlib.Path(__file__).resolve().parent.parent
 _LENGTH = int(common_pb2.FinishReason.FINISH_REASON_LENGTH)
 
-# Runs `splitserve gateway` with three packages taken from another source tree (argv[1]).
-_BOOTSTRAP = """
-import importlib.machinery, importlib.util, runpy, sys
-root = sys.argv.pop(1)
-DIRS = {"splitserve.gateway": root + "/gateway", "splitserve.tokenizer_svc":
-        root + "/tokenizer_svc", "splitserve.common": root + "/splitserve/common"}
+# A sitecustomize that takes three packages from another source tree (ROOT) in every process.
+_OLD_TREE_SITE = """
+import importlib.machinery, importlib.util, sys
+ROOT = {root!r}
+DIRS = {{"splitserve.gateway": ROOT + "/gateway", "splitserve.tokenizer_svc":
+        ROOT + "/tokenizer_svc", "splitserve.common": ROOT + "/splitserve/common"}}
 
 class OldTree:
     def find_spec(self, name, path=None, target=None):
@@ -63,13 +70,25 @@ class OldTree:
                     name, folder + "/__init__.py", submodule_search_locations=[folder])
             if name.startswith(pkg + "."):
                 sub = name[len(pkg) + 1:].split(".")
-                where = "/".join([folder, *sub[:-1]])
-                return importlib.machinery.PathFinder.find_spec(name, [where])
+                return importlib.machinery.PathFinder.find_spec(name, ["/".join([folder, *sub[:-1]])])
         return None
 
 sys.meta_path.insert(0, OldTree())
-runpy.run_module("splitserve.entrypoints.cli", run_name="__main__")
 """
+
+
+def old_tree_env(rev: str, folder: str) -> dict[str, str]:
+    """The environment of a process that runs `rev`'s gateway, tokenizer_svc and common."""
+    tree = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "gateway", "tokenizer_svc", "splitserve/common"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=tree, check=True)
+    site = pathlib.Path(folder) / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_OLD_TREE_SITE.format(root=folder))
+    return {**os.environ, "PYTHONPATH": str(site)}
 
 
 def cpu_times(pid: int, tick: int) -> tuple[float, float]:
@@ -177,24 +196,19 @@ async def start_scheduler(port: int, step_s: float) -> grpc.aio.Server:
 
 
 class Gateway:
-    """One `splitserve gateway` process: this tree's, or another tree's (`source`)."""
+    """One `splitserve gateway` process: this tree's, or another tree's (`env`)."""
 
     def __init__(
-        self, name: str, scheduler: str, tokenizer: str, source: str | None, profile: str = ""
+        self, name: str, scheduler: str, tokenizer: str, env: dict | None, profile: str = ""
     ) -> None:
         self.name = name
         self.port = free_port()
         args = ["--log-level", "warning", "gateway", "--port", str(self.port)]
         args += ["--scheduler-address", scheduler, "--tokenizer-address", tokenizer]
         args += ["--disable-uvicorn-access-log"]
-        if source is None:
-            prof = ["-m", "cProfile", "-o", profile] if profile else []
-            cmd = [sys.executable, "-P", *prof, "-m", "splitserve.entrypoints.cli", *args]
-        else:
-            boot = pathlib.Path(source) / "_gateway_boot.py"
-            boot.write_text(_BOOTSTRAP)
-            cmd = [sys.executable, "-P", str(boot), source, *args]
-        self.proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir())
+        prof = ["-m", "cProfile", "-o", profile] if profile else []
+        cmd = [sys.executable, "-P", *prof, "-m", "splitserve.entrypoints.cli", *args]
+        self.proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), env=env)
         self.us_per_token: list[float] = []
 
 
@@ -261,14 +275,8 @@ async def main_async(args: argparse.Namespace) -> None:
         addrs = (f"127.0.0.1:{sched_port}", f"127.0.0.1:{tok_port}")
         gateways.append(Gateway("new", *addrs, None, args.profile))
         if args.baseline:
-            tree = subprocess.run(
-                ["git", "-C", str(REPO), "archive", args.baseline, "gateway", "tokenizer_svc"]
-                + ["splitserve/common"],
-                check=True,
-                capture_output=True,
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", tmp.name], input=tree, check=True)
-            gateways.append(Gateway(f"old ({args.baseline})", *addrs, tmp.name))
+            env = old_tree_env(args.baseline, tmp.name)
+            gateways.append(Gateway(f"old ({args.baseline})", *addrs, env))
         for gw in gateways:
             await wait_ready(gw)
         prompts = [
@@ -317,6 +325,50 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"  new/old = {new / old:.3f} (per round: {', '.join(f'{r:.3f}' for r in ratios)})")
 
 
+def run_stacks(args: argparse.Namespace) -> None:
+    """`--stack`: whole stacks, this tree's and `--baseline`'s, alternating."""
+    import stack_overhead
+
+    path = model_folder()
+    prompts = stack_overhead.prompts_for(args.streams, 16, TINY_MODEL["vocab_size"])
+    total = args.streams * args.tokens
+    gateway_us: dict[str, list[float]] = {"new": [], "old": []}
+    with tempfile.TemporaryDirectory(prefix="gateway-cpu-") as tmp:
+        old_env = old_tree_env(args.baseline, tmp)
+        for k in range(2 * args.rounds):
+            name = ("new", "old")[k % 2]
+            saved = os.environ.copy()
+            if name == "old":  # NOTE: `Stack` starts `splitserve serve` with this environment
+                os.environ.update(old_env)
+            try:
+                stack = stack_overhead.Stack(path, "512MiB", [])
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            try:
+                stack.wait_ready()
+                asyncio.run(stack.run(prompts, 8))  # warm-up
+                for _ in range(2):
+                    before = stack._cpu_now()
+                    rate = asyncio.run(stack.run(prompts, args.tokens))
+                    cpu = {n: v - before.get(n, v) for n, v in stack._cpu_now().items()}
+                    gateway_us[name].append(cpu["gateway"] / total * 1e6)
+                    parts = ", ".join(f"{n} {v:.2f}" for n, v in sorted(cpu.items()))
+                    print(
+                        f"{name}: {rate:.0f} tok/s, gateway {gateway_us[name][-1]:.1f} µs/token;"
+                        f" CPU s: {parts}",
+                        flush=True,
+                    )
+            finally:
+                stack.stop()
+    new, old = (statistics.median(gateway_us[n]) for n in ("new", "old"))
+    print(
+        f"full stacks, {args.streams} streams x {args.tokens} tokens, {2 * args.rounds} rounds "
+        f"each: gateway CPU per token (median) new {new:.1f} µs, old ({args.baseline}) "
+        f"{old:.1f} µs, new/old = {new / old:.3f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--streams", type=int, default=256, help="concurrent streaming requests")
@@ -336,7 +388,18 @@ def main() -> None:
     ap.add_argument(
         "--baseline", default="", help="a git revision whose gateway runs beside this tree's"
     )
-    asyncio.run(main_async(ap.parse_args()))
+    ap.add_argument(
+        "--stack",
+        action="store_true",
+        help="whole stacks instead (with --baseline): --rounds stacks of each, alternating",
+    )
+    args = ap.parse_args()
+    if args.stack:
+        if not args.baseline:
+            ap.error("--stack compares with a --baseline revision")
+        run_stacks(args)
+    else:
+        asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
