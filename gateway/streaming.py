@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -192,7 +193,10 @@ class ChunkWriter:
         pending = self._pending
         pending.append(chunk)
         if len(pending) == 1:
-            asyncio.get_running_loop().call_soon(self._write_pending)
+            due = _due_writers()
+            due.append(self)
+            if len(due) == 1:  # NOTE: one callback a batch, not one a stream
+                asyncio.get_running_loop().call_soon(_write_due, due)
 
     def _write_pending(self) -> None:
         pending = self._pending
@@ -244,6 +248,25 @@ class ChunkWriter:
         self._pending.clear()
         if self._blocked is not None and not self._blocked.done():
             self._blocked.cancel()
+
+
+_thread = threading.local()
+
+
+def _due_writers() -> list[ChunkWriter]:
+    """This thread's (so this event loop's) writers with chunks pushed and not written."""
+    try:
+        return _thread.due_writers
+    except AttributeError:
+        _thread.due_writers = due = []
+        return due
+
+
+def _write_due(due: list[ChunkWriter]) -> None:
+    writers = due[:]
+    due.clear()
+    for writer in writers:
+        writer._write_pending()
 
 
 class SSEResponse(StreamingResponse):

@@ -55,6 +55,26 @@ def test_pushes_go_out_as_one_write_at_the_loops_next_turn():
     asyncio.run(main())
 
 
+def test_every_stream_pushed_in_a_turn_is_written_in_the_next():
+    async def main() -> None:
+        sends = [_Sends() for _ in range(3)]
+        writers = [ChunkWriter() for _ in sends]
+        for writer, send in zip(writers, sends, strict=True):
+            writer.attach(send)
+        for round_ in range(2):
+            for k, writer in enumerate(writers):
+                writer.push(f"data: {round_}-{k}\n\n")
+            writers[1].push(f"data: {round_}-1b\n\n")
+            await asyncio.sleep(0)
+        assert [s.bodies for s in sends] == [
+            [b"data: 0-0\n\n", b"data: 1-0\n\n"],
+            [b"data: 0-1\n\ndata: 0-1b\n\n", b"data: 1-1\n\ndata: 1-1b\n\n"],
+            [b"data: 0-2\n\n", b"data: 1-2\n\n"],
+        ]
+
+    asyncio.run(main())
+
+
 def test_a_push_that_must_wait_finishes_later_and_is_not_overtaken():
     async def main() -> None:
         sends = _Sends()
