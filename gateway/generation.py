@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -380,13 +380,24 @@ class _Inbox:
     at a fraction of its cost per item (no loop look-up, no getter list; it runs per token
     of every stream)."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "sink")
 
     def __init__(self) -> None:
         self._items: deque[tuple] = deque()
         self._waiter: asyncio.Future | None = None
+        self.sink: Callable[[tuple], tuple | None] | None = None
+        """Set by the consumer while it waits on an empty queue: takes an item in the
+        producer's task (None) or hands it back to be queued (the item, or one instead)."""
 
     def put_nowait(self, item: tuple) -> None:
+        sink = self.sink
+        if sink is not None:
+            taken = sink(item)
+            if taken is None:
+                return
+            # NOTE: once one item is queued, the rest queue behind it (order).
+            self.sink = None
+            item = taken
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -443,11 +454,27 @@ class SequenceGroup:
                 exc = request_timeout()
             self._queue.put_nowait((index, None, exc))
 
-    async def next(self) -> tuple[int, SequenceDelta] | None:
-        """The next delta of any sequence; None when all finished; a sequence's error raises."""
+    async def next(
+        self, sink: Callable[[tuple], tuple | None] | None = None
+    ) -> tuple[int, SequenceDelta] | None:
+        """The next delta of any sequence; None when all finished; a sequence's error raises.
+
+        With `sink`, while nothing is queued, each item produced is first offered to it, in
+        the producer's task: `sink((index, delta, exception))` returns None when it handled
+        the delta itself (it is not returned here), or the item to queue (it declines: the
+        same item, or an error instead). It must decline a sequence's last delta (the one
+        with a finish reason) and errors, which this group counts."""
         if self._live == 0:
             return None
-        index, delta, exc = await self._queue.get()
+        queue = self._queue
+        if sink is not None and queue.empty():
+            queue.sink = sink
+            try:
+                index, delta, exc = await queue.get()
+            finally:
+                queue.sink = None
+        else:
+            index, delta, exc = await queue.get()
         if exc is not None:
             raise exc
         if delta.finish_reason is not None:

@@ -115,27 +115,31 @@ class SequenceOutput:
             return True
         spec = self.spec
         note_timings(spec, resp)
+        token_ids = resp.token_ids
         if self.trace is not None:
-            self.trace.num_tokens += len(resp.token_ids)
-        if resp.finish_reason == _ERROR:
+            self.trace.num_tokens += len(token_ids)
+        finish = resp.finish_reason
+        if finish == _ERROR:
             self.fail(EngineError(resp.error or "unknown engine error"))
             return True
+        proc = self.proc
         try:
-            delta = self.proc.process(
-                resp.token_ids,
-                resp.logprobs,
-                resp.prompt_logprobs,
-                resp.finish_reason,
-                resp.stop_token_id if resp.HasField("stop_token_id") else None,
+            # NOTE: each protobuf field read costs; those the processor ignores are not read.
+            delta = proc.process(
+                token_ids,
+                resp.logprobs if spec.want_logprobs else (),
+                resp.prompt_logprobs if proc.prompt_lps is not None else (),
+                finish,
+                resp.stop_token_id if finish and resp.HasField("stop_token_id") else None,
                 resp.num_prompt_tokens,
                 resp.num_cached_tokens,
             )
         except TokenizerRequestError as exc:
             raise grpc_error(exc.status, exc.message) from None
         if delta is not None:
-            self.done = self.proc.done
+            self.done = proc.done
             self.put((self.index, delta, None))
-        return self.proc.done
+        return proc.done
 
 
 def _ids_in(entries) -> Iterable[int]:
@@ -161,6 +165,8 @@ class OutputRouter:
         self._clients = clients
         self._decoder = decoder
         self._seqs: dict[str, SequenceOutput] = {}
+        self._wanting_strings: set[SequenceOutput] = set()
+        """The registered sequences that want logprobs or prompt logprobs (token strings)."""
         self._call = None
         self._stream_id = ""
         self._opening: asyncio.Future | None = None
@@ -287,10 +293,11 @@ class OutputRouter:
     async def _dispatch(self, entries) -> None:
         seqs = self._seqs
         wanted: list[int] = []
-        for e in entries:
-            seq = seqs.get(e.request_id)
-            if seq is not None and seq.wants_strings:
-                wanted.extend(seq.wanted_strings(e.output))
+        if self._wanting_strings:  # NOTE: else no entry can want any (one pass, not two)
+            for e in entries:
+                seq = seqs.get(e.request_id)
+                if seq is not None and seq.wants_strings:
+                    wanted.extend(seq.wanted_strings(e.output))
         if wanted:
             missing = self._clients.missing_token_strings(wanted)
             if missing:
@@ -342,6 +349,8 @@ class OutputRouter:
 
     def _register(self, seq: SequenceOutput, deadline) -> None:
         self._seqs[seq.request_id] = seq
+        if seq.wants_strings:
+            self._wanting_strings.add(seq)
         remaining = deadline.remaining()
         if remaining is not None:
             seq.timer = asyncio.get_running_loop().call_later(remaining, self._expire, seq)
@@ -355,6 +364,7 @@ class OutputRouter:
     def _forget(self, seq: SequenceOutput) -> None:
         if self._seqs.get(seq.request_id) is seq:
             del self._seqs[seq.request_id]
+        self._wanting_strings.discard(seq)
         if seq.timer is not None:
             seq.timer.cancel()
             seq.timer = None

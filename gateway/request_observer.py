@@ -93,6 +93,18 @@ class RequestObserver:
 
     def on_delta(self, index: int, delta: SequenceDelta) -> None:
         now = time.monotonic()
+        last = self._last_token_at.get(index)
+        if last is not None:
+            # NOTE: the per-token path: the sequence's first output and queue time are in.
+            if delta.finish_reason is not None:
+                self._finished_at[index] = now
+            n = len(delta.token_ids)
+            if n:
+                if index < len(self._num_tokens):
+                    self._num_tokens[index] += n
+                self.metrics.inter_token_latency.observe(now - last)
+                self._last_token_at[index] = now
+            return
         if index not in self._first_at:
             # vLLM observes time to first token per child request: per sequence here.
             self._first_at[index] = now
@@ -111,9 +123,6 @@ class RequestObserver:
             return
         if index < len(self._num_tokens):
             self._num_tokens[index] += len(delta.token_ids)
-        last = self._last_token_at.get(index)
-        if last is not None:
-            self.metrics.inter_token_latency.observe(now - last)
         self._last_token_at[index] = now
 
     # ------------------------------------------------------------------ the end

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,11 +19,11 @@ from splitserve.gateway.lora_registry import LoRARegistry
 from splitserve.gateway.metrics import GatewayMetrics
 from splitserve.gateway.request_observer import RequestObserver, current_observer
 from splitserve.gateway.sampling import Limits
-from splitserve.gateway.streaming import DONE, SSEResponse, run_until_disconnect
+from splitserve.gateway.streaming import DONE, ChunkWriter, SSEResponse, run_until_disconnect
 
 logger = logging.getLogger(__name__)
 
-RenderDelta = Callable[[int, SequenceDelta], Iterable[str]]
+RenderDelta = Callable[[int, SequenceDelta], Sequence[str]]
 
 
 class ServingBase:
@@ -154,7 +154,9 @@ class ServingBase:
             raise
         if first is not None:
             observer.on_delta(*first)
-        return SSEResponse(self._sse_body(group, first, render, finish, observer), group.aclose)
+        writer = ChunkWriter()
+        body = self._sse_body(group, first, render, finish, observer, writer)
+        return SSEResponse(body, group.aclose, writer)
 
     def _observer(self, specs: list[SequenceSpec]) -> RequestObserver:
         observer = current_observer()
@@ -170,25 +172,51 @@ class ServingBase:
         render: RenderDelta,
         finish: Callable[[], Iterable[str]],
         observer: RequestObserver,
+        writer: ChunkWriter,
     ) -> AsyncIterator[str]:
+        on_delta, poll, next_event = observer.on_delta, group.poll, group.next
+
+        def push(item: tuple) -> tuple | None:
+            """A delta that arrives while this task waits, rendered in the task that
+            produced it (the output router's reader) and written at the loop's next turn
+            with the rest of its batch: no wake-up of this task per token. A sequence's last
+            delta, errors, and anything while the writer is not ready are handed back to the
+            loop below."""
+            index, delta, exc = item
+            if exc is not None or delta.finish_reason is not None or not writer.ready:
+                return item
+            try:
+                on_delta(index, delta)
+                parts = render(index, delta)
+            except Exception as exc:  # the loop below raises it: the SSE error event
+                return (index, None, exc)
+            if parts:  # the same bytes the loop below would yield for it
+                writer.push(parts[0] if len(parts) == 1 else "".join(parts))
+            return None
+
         try:
             event = first
             while event is not None:
                 # NOTE: the deltas already waiting go out in one write (same SSE events).
-                parts = list(render(*event))
+                parts = render(*event)
                 failed: Exception | None = None
                 try:
-                    while (ready := group.poll()) is not None:
-                        observer.on_delta(*ready)
-                        parts.extend(render(*ready))
+                    ready = poll()
+                    if ready is not None:
+                        parts = list(parts)
+                        while ready is not None:
+                            on_delta(*ready)
+                            parts.extend(render(*ready))
+                            ready = poll()
                 except Exception as exc:  # after what is rendered, as the SSE error event
                     failed = exc
-                yield "".join(parts)
+                if parts:  # an empty write would send no byte
+                    yield parts[0] if len(parts) == 1 else "".join(parts)
                 if failed is not None:
                     raise failed
-                event = await group.next()
+                event = await next_event(push)
                 if event is not None:
-                    observer.on_delta(*event)
+                    on_delta(*event)
             for chunk in finish():
                 yield chunk
         except Exception as exc:

@@ -31,7 +31,7 @@ from splitserve.gateway.sampling import (
     stop_strings,
 )
 from splitserve.gateway.serving_base import ServingBase
-from splitserve.gateway.streaming import sse
+from splitserve.gateway.streaming import ChatContentChunkTemplate, sse
 from splitserve.gateway.structured import resolve_constraint
 from splitserve.gateway.tool_calls import ToolCallParser, ToolMode, tool_constraint
 from splitserve.gateway.tool_parsers import TOOL_PARSERS
@@ -215,6 +215,12 @@ class _ChatView:
         self.parsers = [ToolCallParser(tool_mode) for _ in range(n)] if tool_mode else None
         # With --reasoning-parser or tool_choice "auto": each choice's own output parsers.
         self.outputs: list[ChoiceOutput] | None = None
+        self.content_chunk = (
+            None
+            if self.want_logprobs or self.return_token_ids or self.continuous_usage or tool_mode
+            else ChatContentChunkTemplate(self.id, self.created, model, self.include_usage)
+        )
+        """The renderer of what most chunks of a plain stream are: content, nothing else."""
 
     def _usage(self, completion_tokens: int, cached: int | None = None) -> dict[str, Any]:
         p = len(self.prompt_ids)
@@ -284,6 +290,19 @@ class _ChatView:
         return self._chunk(index, {"role": self.role, "content": content}, None, None, None)
 
     def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
+        if (
+            self.content_chunk is not None
+            and self.outputs is None
+            and delta.finish_reason is None
+            and self.started[index]
+        ):
+            # NOTE: the per-token path of a plain stream: what the general path below renders
+            # for a choice that goes on (its role chunk and echo came with its first delta).
+            self.num_tokens[index] += len(delta.token_ids)
+            if delta.num_cached_tokens > self.num_cached[index]:
+                self.num_cached[index] = delta.num_cached_tokens
+            text = delta.text
+            return (self.content_chunk.render(index, text),) if text else ()
         if self.parsers is not None:
             return self._render_tool_chunk(index, delta)
         if self.outputs is not None:

@@ -212,6 +212,12 @@ class _CompletionView:
             )
         )
         """The chunk renderer for what most streams send: text only, no logprobs."""
+        self.running_chunk = (
+            self.plain_chunk.render_running
+            if self.plain_chunk is not None and req.logprobs is None
+            else None
+        )
+        """`plain_chunk`'s renderer of a chunk without finish, where every chunk uses it."""
         count = len(prompts) * n
         self.started = [False] * count
         self.num_tokens = [0] * count
@@ -270,6 +276,14 @@ class _CompletionView:
     # ------------------------------------------------------------------ streaming
 
     def render_chunk(self, index: int, delta: SequenceDelta) -> Iterable[str]:
+        if self.running_chunk is not None and delta.finish_reason is None and self.started[index]:
+            # NOTE: the per-token path of a plain stream (no logprobs, token ids or running
+            # usage; echo is in the first chunk): what the general path below renders.
+            self.num_tokens[index] += len(delta.token_ids)
+            if delta.num_cached_tokens > self.num_cached[index]:
+                self.num_cached[index] = delta.num_cached_tokens
+            text = delta.text
+            return (self.running_chunk(index, text),) if text else ()
         first = not self.started[index]
         self.started[index] = True
         self.num_tokens[index] += len(delta.token_ids)

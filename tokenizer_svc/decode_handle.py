@@ -15,7 +15,7 @@ from collections.abc import Iterable
 class DecodeHandle:
     """The decode side of a Rust `tokenizers` tokenizer (no transformers, no model files)."""
 
-    __slots__ = ("vocab_size", "skip_ids", "_id_to_token", "tokens_to_string")
+    __slots__ = ("vocab_size", "skip_ids", "_id_to_token", "tokens_to_string", "one_token_texts")
 
     def __init__(self, tokenizer_json: str, skip_ids: Iterable[int], vocab_size: int) -> None:
         from tokenizers import Tokenizer
@@ -26,6 +26,8 @@ class DecodeHandle:
         self._id_to_token = backend.id_to_token
         decoder = backend.decoder
         self.tokens_to_string = decoder.decode if decoder is not None else " ".join
+        self.one_token_texts: dict[str, str] = {}
+        """`tokens_to_string([token])` of the tokens seen so far (IncrementalDetokenizer)."""
 
     def id_to_token(self, token_id: int) -> str:
         """The token string of one id; "" for an id past the tokenizer (a padded model vocab)."""

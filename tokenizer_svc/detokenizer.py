@@ -44,6 +44,7 @@ class IncrementalDetokenizer:
         "_prefix_offset",
         "_read_offset",
         "_prefix_text",
+        "_one_token_texts",
     )
 
     def __init__(
@@ -64,6 +65,10 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._tokens)
         self._prefix_offset = max(self._read_offset - PROMPT_CONTEXT_TOKENS, 0)
         self._prefix_text: str | None = None  # decode of tokens[prefix:read], computed lazily
+        # NOTE: after the window slides, its prefix is usually the one token just released,
+        # decoded on its own: a pure function of that token, so the handle keeps each such
+        # text (at most one per vocabulary entry) and most steps make one decode call, not two.
+        self._one_token_texts: dict[str, str] | None = getattr(handle, "one_token_texts", None)
 
     def push(self, token_ids: Iterable[int]) -> str:
         """Add generated ids; return the text they complete (possibly "")."""
@@ -84,7 +89,15 @@ class IncrementalDetokenizer:
     def _step(self, final: bool) -> str:
         to_string = self._handle.tokens_to_string
         if self._prefix_text is None:
-            self._prefix_text = to_string(self._tokens[self._prefix_offset : self._read_offset])
+            window = self._tokens[self._prefix_offset : self._read_offset]
+            memo = self._one_token_texts
+            if memo is not None and len(window) == 1:
+                text = memo.get(window[0])
+                if text is None:
+                    text = memo[window[0]] = to_string(window)
+                self._prefix_text = text
+            else:
+                self._prefix_text = to_string(window)
         prefix_text = self._prefix_text
         new_text = to_string(self._tokens[self._prefix_offset :])
         if len(new_text) <= len(prefix_text):

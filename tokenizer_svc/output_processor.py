@@ -102,8 +102,10 @@ class OutputProcessor:
         """One output (not an error); the delta to show, or None when there is nothing new."""
         ids = list(token_ids)
         finish = finish_reason
-        self.num_prompt = num_prompt_tokens or self.num_prompt
-        self.cached = max(self.cached, num_cached_tokens)
+        if num_prompt_tokens:
+            self.num_prompt = num_prompt_tokens
+        if num_cached_tokens > self.cached:
+            self.cached = num_cached_tokens
         detok_ids = ids
         if (
             finish == _STOP

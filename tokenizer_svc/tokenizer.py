@@ -66,6 +66,8 @@ class TokenizerHandle:
         """id -> the token's raw bytes, for a mistral_common tekken tokenizer; else None."""
         self.skip_ids = self._init_skip_ids()
         self._init_token_lookup()
+        self.one_token_texts: dict[str, str] = {}
+        """`tokens_to_string([token])` of the tokens seen so far (IncrementalDetokenizer)."""
 
     def _init_skip_ids(self) -> frozenset[int]:
         # NOTE: these must be the ids `tokenizer.decode(skip_special_tokens=True)` drops, so

@@ -144,3 +144,34 @@ def test_slow_tokenizer(byt5_dir):
     ids = tok.encode(text, add_special_tokens=False)
     deltas = stream_deltas(slow, tok.encode("Hi ", add_special_tokens=False), ids)
     assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+
+
+class _NoMemo:
+    """The handle without its `one_token_texts`: every window is decoded by the tokenizer."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def __getattr__(self, name):
+        if name == "one_token_texts":
+            raise AttributeError(name)
+        return getattr(self._handle, name)
+
+
+def test_single_token_memo_changes_no_delta(handle):
+    """The handle's memo of one-token decodes gives every step the same delta as decoding
+    each window afresh, over random ids (invalid bytes, special tokens) and many sequences
+    sharing one memo."""
+    rng = random.Random(7)
+    handle.one_token_texts.clear()
+    for _ in range(300):
+        skip = rng.random() < 0.5
+        prompt = [rng.randrange(handle.vocab_size) for _ in range(rng.randrange(0, 8))]
+        ids = [rng.randrange(handle.vocab_size) for _ in range(rng.randrange(1, 30))]
+        memo = IncrementalDetokenizer(handle, prompt, skip)
+        fresh = IncrementalDetokenizer(_NoMemo(handle), prompt, skip)  # type: ignore[arg-type]
+        assert [memo.push([i]) for i in ids] == [fresh.push([i]) for i in ids]
+        assert memo.flush() == fresh.flush()
+    assert handle.one_token_texts, "the memo was never used"
+    for token, text in handle.one_token_texts.items():
+        assert text == handle.tokens_to_string([token])
