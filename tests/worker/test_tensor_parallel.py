@@ -112,6 +112,25 @@ def spy_reads(monkeypatch, *methods: str) -> list[str]:
     return reads
 
 
+def check_tp_and_ep(folder, oracle_folder, workload, log_dir, label: str) -> None:
+    """TP=2 and EP=2 grids of a 4-expert MoE checkpoint give one rank's greedy tokens, which are
+    transformers' on `oracle_folder` (the checkpoint dequantized, for a quantized one)."""
+    modes = {"tp": (), "ep": ("--enable-expert-parallel",)}
+    for mode in modes:
+        (log_dir / mode).mkdir()
+    grids = {m: GridWorkers(folder, 1, 2, log_dir / m, 60, extra=e) for m, e in modes.items()}
+    try:
+        one = _one_rank(folder, workload)
+        assert one == _transformers_greedy(oracle_folder, workload)
+        for mode, grid in grids.items():
+            got = grid.generate(workload)
+            assert got == one, f"{label}: {mode.upper()}=2 differs from one rank"
+        assert "experts [2, 4) of 4 in every MoE layer" in grids["ep"].logs[1].read_text()
+    finally:
+        for grid in grids.values():
+            grid.kill()
+
+
 def _one_rank(path, workload) -> dict[str, list[int]]:
     from splitserve.offline.inproc_executor import InprocExecutor
 

@@ -19,7 +19,7 @@ from splitserve.worker.model_loader import check_model, load_model
 
 from .test_eplb_ranks import REBALANCE, _skewed
 from .test_pipeline_parallel import _transformers_greedy, _workload
-from .test_tensor_parallel import GridWorkers, _one_rank, spy_reads
+from .test_tensor_parallel import GridWorkers, _one_rank, check_tp_and_ep, spy_reads
 
 GROUP = 16
 """Whole groups on both ranks of 2: o_proj's 16 input features a rank, down_proj's 32 (dense)
@@ -197,20 +197,7 @@ def test_tp2_int4_matches_one_rank_and_transformers(fmt, packed, tmp_path):
 def test_tp2_and_ep2_int4_moe_match_one_rank_and_transformers(fmt, packed, tmp_path):
     folder, dense_folder = packed("qwen3_moe", fmt)
     workload = _workload(96)[:6]
-    modes = {"tp": (), "ep": ("--enable-expert-parallel",)}
-    for mode in modes:
-        (tmp_path / mode).mkdir()
-    grids = {m: GridWorkers(folder, 1, 2, tmp_path / m, 60, extra=e) for m, e in modes.items()}
-    try:
-        one = _one_rank(folder, workload)
-        assert one == _transformers_greedy(dense_folder, workload)
-        for mode, grid in grids.items():
-            got = grid.generate(workload)
-            assert got == one, f"{fmt}: {mode.upper()}=2 differs from one rank"
-        assert "experts [2, 4) of 4 in every MoE layer" in grids["ep"].logs[1].read_text()
-    finally:
-        for grid in grids.values():
-            grid.kill()
+    check_tp_and_ep(folder, dense_folder, workload, tmp_path, f"{fmt}")
 
 
 @pytest.mark.parametrize("fmt", ["awq", "w4a16-asym"])

@@ -24,7 +24,7 @@ from splitserve.worker.model_loader import check_model, load_model
 
 from .test_eplb_ranks import REBALANCE, _skewed
 from .test_pipeline_parallel import _transformers_greedy, _workload
-from .test_tensor_parallel import GridWorkers, _one_rank, spy_reads
+from .test_tensor_parallel import GridWorkers, _one_rank, check_tp_and_ep, spy_reads
 
 BLOCK = (8, 16)
 """Whole blocks on both ranks of 2: gate / up rows (16 a rank), down columns (16 a rank), and
@@ -248,20 +248,7 @@ def test_ep2_runs_and_rebalances_the_fp8_form_a_gpu_keeps(packed):
 def test_tp2_and_ep2_fp8_moe_match_one_rank_and_transformers(arch, fmt, packed, tmp_path):
     folder, dense_folder = packed(arch, fmt)
     workload = _workload(96)[:8]
-    modes = {"tp": (), "ep": ("--enable-expert-parallel",)}
-    for mode in modes:
-        (tmp_path / mode).mkdir()
-    grids = {m: GridWorkers(folder, 1, 2, tmp_path / m, 60, extra=e) for m, e in modes.items()}
-    try:
-        one = _one_rank(folder, workload)
-        assert one == _transformers_greedy(dense_folder, workload)
-        for mode, grid in grids.items():
-            got = grid.generate(workload)
-            assert got == one, f"{arch} {fmt}: {mode.upper()}=2 differs from one rank"
-        assert "experts [2, 4) of 4 in every MoE layer" in grids["ep"].logs[1].read_text()
-    finally:
-        for grid in grids.values():
-            grid.kill()
+    check_tp_and_ep(folder, dense_folder, workload, tmp_path, f"{arch} {fmt}")
 
 
 def test_ep2_with_eplb_on_fp8_experts_moves_them_and_keeps_the_tokens(packed, tmp_path):
