@@ -152,7 +152,13 @@ class EngineCore:
         )
         """Steps outstanding at most: P micro-batches, or the async depth with one rank."""
         self._inflight: deque[msg.StepRequest] = deque()
-        self.eplb_step_interval = max(r.eplb_step_interval for r in ranks)
+        intervals = [r.eplb_step_interval for r in ranks]
+        if len(set(intervals)) > 1:  # started by hand with different EPLB flags
+            raise ValueError(
+                f"the pipeline ranks disagree on EPLB (--enable-eplb, --eplb-config "
+                f"step_interval; 0: off): {intervals}"
+            )
+        self.eplb_step_interval = intervals[0]
         """EPLB on the workers (--enable-eplb): every this many model steps, one is marked
         `rebalance_experts`, a step boundary at which every rank re-places its experts; 0: off."""
         self._model_steps = 0

@@ -193,7 +193,7 @@ class ModelRunner:
                 engine_config.engine_values(self.config, self.engine_label).all_fixed()
             ),
             cache_specs=[s.to_proto() for s in specs],
-            eplb_step_interval=self.eplb.config.step_interval if self.eplb is not None else 0,
+            eplb_step_interval=self.config.eplb.step_interval if self.config.eplb else 0,
         )
 
     def _agree_engine(self, engine: common_pb2.EngineConfig | None) -> None:
