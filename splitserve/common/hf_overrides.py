@@ -11,19 +11,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from splitserve.common.json_object import json_object
+
 
 def parse_hf_overrides(value: str | dict | None) -> dict[str, Any]:
     """The overrides as a dict; a ValueError names what is wrong."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"hf_overrides must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"hf_overrides must be a JSON object, got {type(value).__name__}")
-    return value
+    return {} if value is None else json_object(value, "hf_overrides")
 
 
 def canonical_hf_overrides(value: str | dict | None) -> str | None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
+
+from splitserve.common.json_object import json_object
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,6 @@ class EplbConfig:
             raise ValueError(
                 f"eplb num_redundant_experts must be >= 0, got {self.num_redundant_experts}"
             )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
 
 
 _PINNED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -62,13 +60,7 @@ def parse_eplb_config(value: str | dict | EplbConfig | None) -> EplbConfig:
         return EplbConfig()
     if isinstance(value, EplbConfig):
         return value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"eplb_config must be a JSON object: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"eplb_config must be a JSON object, got {value!r}")
+    value = json_object(value, "eplb_config")
     known = {f.name for f in fields(EplbConfig)}
     kwargs = {}
     for key, item in value.items():

@@ -99,7 +99,6 @@ class EplbState:
                 f"{self.num_experts} experts + {config.num_redundant_experts} redundant = "
                 f"{self.num_physical} slots do not divide over {num_ranks} ranks"
             )
-        self.steps = 0
         self.num_rebalances = 0
         self._init_tensors()
 
@@ -191,9 +190,8 @@ class EplbState:
 
     def step(self) -> RebalanceResult | None:
         """A step boundary: close the step's counts; rebalance every step_interval steps."""
-        self.counter.advance()
-        self.steps += 1
-        if self.steps % self.config.step_interval == 0:
+        self.end_step()
+        if self.counter.steps % self.config.step_interval == 0:
             return self.rebalance()
         return None
 
