@@ -1,7 +1,10 @@
 """Every running sequence of this gateway over one scheduler stream, detokenized here.
 
-The gateway opens one `StreamOutputs` call to the scheduler and submits each sequence with
-`Submit`; each step then arrives as one `OutputBatch` holding the new tokens of all of them.
+The gateway opens one `StreamOutputs` call to the scheduler and one `SubmitStream` call beside
+it, and submits each sequence as a message on the latter: a unary call per request cost the two
+processes about three times the CPU (with tracing on, each request still gets its own `Submit`
+call, so that its trace goes on into the scheduler). Each step then arrives as one
+`OutputBatch` holding the new tokens of all of them; a refused request ends as an error output.
 One reader task fans a batch out: each sequence's `SequenceOutput` detokenizes its tokens with
 the same `SequenceStream` the tokenizer service runs (built from the service's `DecoderSpec`,
 fetched once), matches stop strings, and puts a `SequenceDelta` on its request's queue. So a
@@ -169,6 +172,10 @@ class OutputRouter:
         """The registered sequences that want logprobs or prompt logprobs (token strings)."""
         self._call = None
         self._stream_id = ""
+        self._submissions: asyncio.Queue | None = None
+        """SubmitRequests for the open stream's SubmitStream call; None while none is open."""
+        self._submit_call = None
+        self._submit_watch: asyncio.Task | None = None
         self._opening: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
@@ -176,6 +183,8 @@ class OutputRouter:
         """When the reader began waiting for the next batch (None while it handles one)."""
         self._stall_cancel: asyncio.Task | None = None
         """The reader the watchdog cancelled (its end is then the stall, not a shutdown)."""
+        self._cancel_error: BaseException | None = None
+        """Why `_stall_cancel` was cancelled when it was not a stall: the submissions broke."""
         self.stalled = False
         """The last stream went silent past --rpc-timeout-s; cleared when a new one opens."""
         self.batches_read = 0
@@ -213,7 +222,11 @@ class OutputRouter:
             raise
         if first is grpc.aio.EOF:
             raise EngineError("the scheduler closed the output stream at once")
+        submissions: asyncio.Queue = asyncio.Queue()
+        submit_call = self._clients.scheduler.SubmitStream(_queued(submissions))
         self._call, self._stream_id = call, stream_id
+        self._submissions, self._submit_call = submissions, submit_call
+        self._submit_watch = asyncio.ensure_future(self._watch_submissions(submit_call))
         self.stalled = False
         self._waiting_since = None
         self._reader = asyncio.ensure_future(self._read(call))
@@ -250,8 +263,29 @@ class OutputRouter:
                     len(self._seqs),
                 )
                 self.stalled = True
-                self._stall_cancel = reader
+                self._stall_cancel, self._cancel_error = reader, None
                 reader.cancel()
+
+    async def _watch_submissions(self, submit_call) -> None:
+        """Wait for the SubmitStream call to end. Unless the stream it served closed first (or
+        the gateway stops), the scheduler stopped taking requests: fail the stream, whose
+        requests would otherwise wait for outputs that never come."""
+        try:
+            await submit_call
+            error = grpc_error(
+                grpc.StatusCode.UNAVAILABLE, "the scheduler ended the request submissions"
+            )
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            return
+        if submit_call is not self._submit_call:
+            return  # its stream closed first, and its reader failed what ran on it
+        logger.error("the scheduler's submission call ended: %s", error.details())
+        reader = self._reader
+        if reader is not None and not reader.done():
+            self._stall_cancel, self._cancel_error = reader, error
+            reader.cancel()
 
     async def _read(self, call) -> None:
         error: BaseException | None = None
@@ -267,10 +301,13 @@ class OutputRouter:
                 await self._dispatch(batch.outputs)
         except asyncio.CancelledError:
             if self._stall_cancel is asyncio.current_task():
-                # NOTE: the watchdog's cancel; the call is dropped below (the scheduler, if it
-                # ever resumes, aborts every request on it), and the next request opens anew.
+                # NOTE: the watchdog's cancel (or the submissions broke); the call is dropped
+                # below (the scheduler, if it ever resumes, aborts every request on it), and
+                # the next request opens anew.
                 call.cancel()
-                error = service_stalled(SCHEDULER, self._clients.rpc_timeout_s)
+                error = self._cancel_error or service_stalled(
+                    SCHEDULER, self._clients.rpc_timeout_s
+                )
             else:
                 error = EngineError("the gateway is shutting down")
                 raise
@@ -283,6 +320,7 @@ class OutputRouter:
             self._waiting_since = None
             if self._call is call:
                 self._call = None
+                self._end_submissions()
             failure = error or grpc_error(
                 grpc.StatusCode.UNAVAILABLE, "the scheduler ended the output stream"
             )
@@ -335,9 +373,27 @@ class OutputRouter:
             self._watchdog = None
         if self._call is not None:
             self._call.cancel()
+        self._end_submissions()
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+
+    def _end_submissions(self) -> None:
+        submit_call, self._submit_call, self._submissions = self._submit_call, None, None
+        if submit_call is not None:
+            submit_call.cancel()
+
+    def _submit(self, stream_id: str, seq: SequenceOutput) -> None:
+        """Queue a registered sequence on `stream_id`'s submissions; fail it when that stream
+        broke since it opened (its reader failed only the sequences registered before)."""
+        if self._call is None or self._stream_id != stream_id or self._submissions is None:
+            self._forget(seq)
+            seq.fail(grpc_error(grpc.StatusCode.UNAVAILABLE, "the scheduler's stream broke"))
+            return
+        request = seq.spec.to_request()
+        self._submissions.put_nowait(
+            scheduler_pb2.SubmitRequest(stream_id=stream_id, request=request)
+        )
 
     # ------------------------------------------------------------------ sequences
 
@@ -415,11 +471,17 @@ class RouterGroup:
             return
         for seq in self._seqs:
             router._register(seq, deadline)
-        await asyncio.gather(*(self._submit(stream_id, seq, deadline) for seq in self._seqs))
+        if tracing.enabled():
+            # NOTE: a call per request, so that the scheduler's spans of each request hang
+            # under its own Submit call in the request's trace (a SubmitStream call is one
+            # span for all). Tracing is opt-in; its cost is that call.
+            await asyncio.gather(*(self._submit(stream_id, seq, deadline) for seq in self._seqs))
+            return
+        for seq in self._seqs:
+            router._submit(stream_id, seq)
 
     async def _submit(self, stream_id: str, seq: SequenceOutput, deadline) -> None:
-        spec = seq.spec
-        request = spec.to_request()
+        request = seq.spec.to_request()
         clients = self._router._clients
         try:
             await clients.scheduler.Submit(
@@ -449,3 +511,9 @@ class RouterGroup:
         for seq in self._seqs:
             if not seq.done:
                 self._router.cancel(seq)
+
+
+async def _queued(submissions: asyncio.Queue):
+    """A SubmitStream call's messages: what `submissions` gets, for as long as it is open."""
+    while True:
+        yield await submissions.get()

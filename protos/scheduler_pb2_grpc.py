@@ -65,6 +65,11 @@ class SchedulerServiceStub:
                 request_serializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitStream = channel.stream_unary(
+                '/splitserve.scheduler.v1.SchedulerService/SubmitStream',
+                request_serializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.FromString,
+                _registered_method=True)
         self.LoadLoRAAdapter = channel.unary_unary(
                 '/splitserve.scheduler.v1.SchedulerService/LoadLoRAAdapter',
                 request_serializer=splitserve_dot_protos_dot_scheduler__pb2.LoadLoRAAdapterRequest.SerializeToString,
@@ -138,6 +143,18 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitStream(self, request_iterator, context):
+        """Submit's requests on one long-lived call: a front end's way, cheaper than a call per
+        request. Each message is queued as Submit would queue it, except that a refusal is not a
+        call status: it is the request's output on its stream (StreamedOutput.error_code, with
+        Submit's codes). A message naming a stream that is not open is dropped: its front end
+        lost that stream, and fails the requests it submitted on it itself. The call answers
+        when the caller ends it; it fails only when the scheduler cannot take requests at all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadLoRAAdapter(self, request, context):
         """Add a LoRA adapter under a fresh load number (needs --enable-lora). ALREADY_EXISTS when
         the name is loaded (unless if_absent); INVALID_ARGUMENT for an empty name or path. The
@@ -192,6 +209,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
             ),
             'Submit': grpc.unary_unary_rpc_method_handler(
                     servicer.Submit,
+                    request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.FromString,
+                    response_serializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitStream,
                     request_deserializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.SerializeToString,
             ),
@@ -372,6 +394,33 @@ class SchedulerService:
             request,
             target,
             '/splitserve.scheduler.v1.SchedulerService/Submit',
+            splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.SerializeToString,
+            splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/splitserve.scheduler.v1.SchedulerService/SubmitStream',
             splitserve_dot_protos_dot_scheduler__pb2.SubmitRequest.SerializeToString,
             splitserve_dot_protos_dot_scheduler__pb2.SubmitResponse.FromString,
             options,

@@ -1,5 +1,5 @@
 """The scheduler's gRPC service: Generate streams, batched output streams (StreamOutputs +
-Submit), Abort, stats, model info, the LoRA adapter table (load, unload, list); the standard
+Submit or SubmitStream), Abort, stats, model info, the LoRA adapter table (load, unload, list); the standard
 health service and server reflection, so that a client calling Generate directly (grpcurl, a
 stub of its own) can discover the API.
 
@@ -21,7 +21,7 @@ from splitserve.common import tracing
 from splitserve.common.engine_config import EngineConfigConflict
 from splitserve.common.grpc_errors import ErrorInterceptor
 from splitserve.common.messages_proto import extend_token_logprobs, generate_request_from_proto
-from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
+from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .config import SchedulerConfig
 from .engine_core import EngineCore
@@ -107,6 +107,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         """Queue the request (a GenerateRequest message: converted here, the scheduler's
         gRPC edge); refusals abort the call."""
         engine_loop = await self._engine(context)
+        try:
+            q, timeline = self._add(engine_loop, request, stream)
+        except RequestRejected as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+        return engine_loop, q, timeline
+
+    def _add(self, engine_loop: EngineLoop, request, stream: OutputStream | None):
+        """(the request's own queue or None, its timeline); raises RequestRejected."""
         request = generate_request_from_proto(request)
         # Arrival is noted before the request is queued: queue time starts here.
         timeline = RequestTimeline(request.request_id)
@@ -119,11 +127,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 tracing.inject_current() if self.worker_traces else None,
                 stream,
             )
-        except RequestRejected as exc:
+        except RequestRejected:
             if stream is not None:
                 stream.timelines.pop(request.request_id, None)
-            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
-        return engine_loop, q, timeline
+            raise
+        return q, timeline
 
     async def Generate(self, request, context):
         engine_loop, q, timeline = await self._queue(request, context)
@@ -197,6 +205,34 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 f"no open output stream {request.stream_id!r}: call StreamOutputs first",
             )
         await self._queue(request.request, context, stream)
+        return scheduler_pb2.SubmitResponse()
+
+    async def SubmitStream(self, request_iterator, context):
+        engine_loop = await self._engine(context)
+        async for submit in request_iterator:
+            stream = engine_loop.output_stream(submit.stream_id)
+            if stream is None:
+                # NOTE: that stream broke; its front end fails what it submitted on it.
+                logger.debug(
+                    "request %s names output stream %s, which is not open: dropped",
+                    submit.request.request_id,
+                    submit.stream_id,
+                )
+                continue
+            try:
+                self._add(engine_loop, submit.request, stream)
+            except RequestRejected as exc:
+                # The refusal Submit would answer with, as the request's one output.
+                stream.deliver(
+                    [
+                        RequestOutput(
+                            submit.request.request_id,
+                            error=exc.message,
+                            error_code=exc.code,
+                            finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,
+                        )
+                    ]
+                )
         return scheduler_pb2.SubmitResponse()
 
     async def Abort(self, request, context):

@@ -11,12 +11,14 @@ text steer it:
   #say=KEY   the text `FakeScheduler.say[KEY]` (a list: item i for sequence i of n), then
              finish STOP without a stop token, as a grammar that terminated
   #cached@N  report N + 3*i prompt tokens found in the prefix cache for sequence i of n
+  a NUL byte (token 0) in a prompt sent on SubmitStream ends that call with UNAVAILABLE
 A pooling request (embeddings; `FakeScheduler.runner_info` says pooling) gets one message
 with `fake_embedding(prompt ids)`, truncated to the request's dimensions (#busy and #hang
 work there too).
 Every Generate call is recorded, with whether it was cancelled, for tests to wait on. A request
-Submitted to a StreamOutputs stream (the gateway's batched path) is recorded the same way: its
-outputs are those Generate would stream, and Abort or closing the stream "cancels" it.
+submitted to a StreamOutputs stream (Submit, or SubmitStream: the gateway's batched path) is
+recorded the same way: its outputs are those Generate would stream, and Abort or closing the
+stream "cancels" it; SubmitStream puts a refusal on the stream as an error output.
 FakeTokenizer.GetDecoder ships a Rust byte-level tokenizer that decodes as the fake does.
 FakeTokenizer.Prepare renders chat messages with a fake template (a request template is refused
 as untrusted), tokenizes prompts and bad words, truncates, and compiles a constraint: it checks
@@ -377,6 +379,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.running: dict[str, tuple[asyncio.Task, str]] = {}
         """Submitted requests still producing: id -> (task, output stream id)."""
         self.streams_opened = 0
+        self.submit_streams_opened = 0
+        self.unary_submits = 0
         self.batches_sent = 0
         self.outputs_stalled = False
         """True: the output streams send nothing, heartbeats included (a stopped scheduler)."""
@@ -520,11 +524,41 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         queue = self.output_streams.get(request.stream_id)
         if queue is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no such output stream")
+        self.unary_submits += 1
+        refusal = self._start_submitted(request, queue, context)
+        if refusal is not None:
+            await context.abort(*refusal)
+        return scheduler_pb2.SubmitResponse()
+
+    async def SubmitStream(self, request_iterator, context):
+        self.submit_streams_opened += 1
+        async for request in request_iterator:
+            queue = self.output_streams.get(request.stream_id)
+            if queue is None:
+                continue  # as the scheduler does: that stream's front end fails it
+            if 0 in request.request.prompt_token_ids:  # a NUL byte: "#break-submissions"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the submissions broke")
+            refusal = self._start_submitted(request, queue, context)
+            if refusal is not None:
+                code, details = refusal
+                queue.put_nowait(
+                    scheduler_pb2.StreamedOutput(
+                        request_id=request.request.request_id,
+                        output=scheduler_pb2.GenerateResponse(
+                            error=details, finish_reason=FINISH.FINISH_REASON_ERROR
+                        ),
+                        error_code=code.name,
+                    )
+                )
+        return scheduler_pb2.SubmitResponse()
+
+    def _start_submitted(self, request, queue: asyncio.Queue, context) -> tuple | None:
+        """Start a submitted request feeding `queue`; its refusal (code, details) or None."""
         req = request.request
         prompt = bytes(t for t in req.prompt_token_ids if t < 256).decode("utf-8", "replace")
         refusal = _refusal(req, prompt)
         if refusal is not None:
-            await context.abort(*refusal)
+            return refusal
         call = GenerateCall(req, prompt, submitted=True)
         self.calls[req.request_id] = call
         self.waiter.notify()
@@ -543,7 +577,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
                 self.waiter.notify()
 
         self.running[req.request_id] = (asyncio.ensure_future(run()), request.stream_id)
-        return scheduler_pb2.SubmitResponse()
+        return None
 
     async def _generate(self, call: GenerateCall, context):
         req, prompt = call.request, call.prompt_text

@@ -18,6 +18,8 @@ def _events(lines) -> list[dict]:
 def test_sequences_run_on_the_output_stream_without_tokenizer_calls(gateway, fakes):
     t = tag()
     opened = fakes.scheduler.streams_opened
+    submit_opened = fakes.scheduler.submit_streams_opened
+    unary_submits = fakes.scheduler.unary_submits
     detok_streams = fakes.tokenizer.streams_opened
     body = {
         "prompt": f"{t}",
@@ -41,6 +43,9 @@ def test_sequences_run_on_the_output_stream_without_tokenizer_calls(gateway, fak
     # and the scheduler stream is the gateway's one (opened once, reused).
     assert fakes.tokenizer.streams_opened == detok_streams
     assert fakes.scheduler.streams_opened <= max(opened, 1)
+    # The sequences went as messages on the stream's one SubmitStream call, not a call each.
+    assert fakes.scheduler.submit_streams_opened <= max(submit_opened, 1)
+    assert fakes.scheduler.unary_submits == unary_submits
 
 
 def test_stop_string_aborts_the_sequence_in_the_scheduler(http, fakes):
@@ -77,6 +82,26 @@ def test_a_broken_stream_fails_its_requests_and_the_next_request_reopens(
     r = gateway.client().post(COMPL, json={"prompt": f"again {t}", "max_tokens": 5})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == SCRIPT[:5]
     wait_until(lambda: fakes.scheduler.streams_opened == opened + 1, what="a new stream")
+
+
+def test_a_broken_submission_call_fails_the_stream_and_the_next_request_reopens(gateway, fakes):
+    t = tag()
+    submit_opened = fakes.scheduler.submit_streams_opened
+    body = {"prompt": f"#hold@3 {t}", "max_tokens": 50, "stream": True}
+    with gateway.client() as c, c.stream("POST", COMPL, json=body) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        assert json.loads(first[5:])["choices"]
+        # Token 0 makes the fake end the SubmitStream call (UNAVAILABLE) when it reads it.
+        broken = gateway.client().post(COMPL, json={"prompt": [0, 65, 66], "max_tokens": 3})
+        rest = list(lines)
+    assert broken.status_code == 503
+    errors = [e for e in _events(rest) if "error" in e]
+    assert errors and errors[0]["error"]["code"] == 503
+    assert "data: [DONE]" in rest
+    r = gateway.client().post(COMPL, json={"prompt": f"again {t}", "max_tokens": 5})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == SCRIPT[:5]
+    assert fakes.scheduler.submit_streams_opened == submit_opened + 1
 
 
 def test_the_scheduler_channel_pushes_back_on_a_slow_gateway():

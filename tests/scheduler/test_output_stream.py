@@ -1,4 +1,5 @@
-"""The batched output path: StreamOutputs (one message per step for a front end) and Submit."""
+"""The batched output path: StreamOutputs (one message per step for a front end), Submit and
+SubmitStream."""
 
 from __future__ import annotations
 
@@ -113,6 +114,40 @@ def test_submit_refusals_keep_generate_status_codes(stub):  # noqa: F811
     wait_for(lambda: reader.finished("ok1"), what="a good request after refusals")
     assert not reader.outputs("b1")
     reader.call.cancel()
+
+
+def test_submit_stream_queues_each_message_and_refuses_as_error_outputs(stub):  # noqa: F811
+    reader = Reader(stub, "gw-substream")
+    messages = [
+        ("gw-substream", gen_request_proto("ss1", [5, 6, 7], 60)),
+        # A stream that is not open: dropped, and the call goes on.
+        ("no-such-stream", gen_request_proto("ss-lost", [5, 6], 2)),
+        # Submit's refusal (INVALID_ARGUMENT, prompt + max_tokens too long), as an output.
+        ("gw-substream", gen_request_proto("ss-bad", list(range(5, 500)), 100)),
+        ("gw-substream", gen_request_proto("ss2", [8, 9], 4)),
+        # A running id again (60 tokens take longer than these messages): ALREADY_EXISTS, as
+        # the duplicate's output.
+        ("gw-substream", gen_request_proto("ss1", [5, 6, 7], 6)),
+    ]
+    answer = stub.SubmitStream(
+        scheduler_pb2.SubmitRequest(stream_id=sid, request=req) for sid, req in messages
+    )
+    assert answer == scheduler_pb2.SubmitResponse()
+    wait_for(
+        lambda: reader.finished("ss2") and reader.finished("ss-bad"), what="outputs and refusal"
+    )
+    wait_for(lambda: len([o for o in reader.outputs("ss1") if o.finish_reason]) == 2, what="ss1")
+    bad = [e for b in reader.batches for e in b.outputs if e.request_id == "ss-bad"]
+    assert len(bad) == 1 and bad[0].error_code == "INVALID_ARGUMENT"
+    assert "495" in bad[0].output.error and bad[0].output.finish_reason == 4  # ERROR
+    dup = [e for b in reader.batches for e in b.outputs if e.request_id == "ss1" and e.error_code]
+    assert len(dup) == 1 and dup[0].error_code == "ALREADY_EXISTS"
+    ss1 = [o for o in reader.outputs("ss1") if not o.error]
+    assert sum(len(o.token_ids) for o in ss1) == 60 and ss1[-1].finish_reason == 2
+    assert sum(len(o.token_ids) for o in reader.outputs("ss2")) == 4
+    assert not reader.outputs("ss-lost")
+    reader.call.cancel()
+    wait_for(lambda: stats(stub).num_free_blocks == NUM_BLOCKS, what="blocks free")
 
 
 def test_a_quiet_stream_carries_heartbeats_only_when_asked(stub):  # noqa: F811
