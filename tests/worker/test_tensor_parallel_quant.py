@@ -66,6 +66,7 @@ def test_each_rank_reads_only_its_slices_of_fp8_tensors(fmt, packed, monkeypatch
     q/k/v, o, gate/up and down weights are exactly its slices of the one-rank weights (the
     scales were sliced with their weights: a misplaced scale row or block changes values)."""
     folder, dense_folder = packed("llama", fmt)
+    check_model(WorkerConfig(model=str(folder), tensor_parallel_size=2))  # preflight accepts
     dense = load_file(dense_folder / "model.safetensors")
     whole = spy_reads(monkeypatch, "materialize")
     for rank in range(2):
@@ -137,13 +138,15 @@ def test_each_rank_keeps_its_fp8_bytes_and_scales(fmt, packed, monkeypatch):
             assert torch.equal(scale, expected_scale.float()), (rank, name)
 
 
+# NOTE: on CPU every FP8 layout is dequantized at load and runs the unquantized linear path
+# (fp8._finish), so past loading these grids run the same code whatever the format. What differs
+# per format is loading: every format's per-rank slices on Llama are checked above (and the PP x
+# TP grid below runs Llama's fp8-block end to end); these grids add what only other
+# architectures load: q/k/v biases beside FP8 scales (Qwen2) and q/k norms (Qwen3).
 @pytest.mark.parametrize(
     "arch, fmt",
     [
-        ("llama", "fp8-tensor"),  # per-shard scales of q/k/v and gate/up, static input scales
-        ("llama", "fp8-block"),
-        ("llama", "ct-channel"),
-        ("qwen2", "ct-static"),  # q/k/v biases sliced beside per-tensor scales
+        ("qwen2", "ct-static"),  # q/k/v biases sliced beside per-tensor and input scales
         ("qwen3", "ct-block"),  # q/k norms over each rank's heads
     ],
 )
