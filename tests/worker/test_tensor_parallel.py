@@ -19,6 +19,7 @@ from splitserve.worker.linear import local_heads
 from splitserve.worker.model_runner import ModelRunner
 
 from .test_pipeline_parallel import _config, _generate, _transformers_greedy, _workload
+from .utils import SharedGrid
 
 STARTUP_S = 180.0
 
@@ -93,36 +94,6 @@ class GridWorkers:
 
     def tail(self) -> str:
         return "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in self.logs)
-
-
-class SharedGrid:
-    """A grid started on first use and shared by several tests of a module, each connecting its
-    own engine (Describe and InitializeCache again, as a restarted scheduler would). A test that
-    breaks it (kills or stops a rank) `take`s it; the next user then starts a fresh one, as it
-    does when a rank has exited."""
-
-    def __init__(self, start) -> None:
-        self._start = start
-        self._grid: GridWorkers | None = None
-
-    def get(self) -> GridWorkers:
-        if self._grid is not None and any(p.poll() is not None for p in self._grid.procs):
-            self._grid.kill()
-            self._grid = None
-        if self._grid is None:
-            self._grid = self._start()
-        return self._grid
-
-    def take(self) -> GridWorkers:
-        """The grid, no longer shared: the caller kills it."""
-        grid = self.get()
-        self._grid = None
-        return grid
-
-    def close(self) -> None:
-        if self._grid is not None:
-            self._grid.kill()
-            self._grid = None
 
 
 def spy_reads(monkeypatch, *methods: str) -> list[str]:
