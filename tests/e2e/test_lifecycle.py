@@ -1,5 +1,6 @@
 """--api-key, SIGTERM draining a request in flight and exiting with no orphans, and a killed
-worker, each on a stack of its own."""
+worker, each on a stack of its own (the two-rank one first checks every socket it listens on
+is on loopback, test_listening_sockets.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from .conftest import Server, children_of, stream_signalling, wait_for
+from .test_listening_sockets import assert_every_listening_socket_is_on_loopback
 
 
 def test_api_key_and_clean_sigterm(tiny_model, tmp_path):
@@ -112,6 +114,8 @@ def test_worker_killed_fails_in_flight_and_stack_exits_nonzero(
     try:
         workers = [p for p in s.children if " worker " in _cmdline(p)]
         assert len(workers) == pp * tp and len(s.children) == 3 + pp * tp
+        if pp == 2:
+            assert_every_listening_socket_is_on_loopback(s)
         # With two stages, kill the first: the scheduler reads results from the last one,
         # which then waits on a stage that is gone. With two tensor-parallel ranks, kill the
         # peer the scheduler does not talk to: its driver's collectives fail.

@@ -1,7 +1,10 @@
 """CHECKLIST row 29: with two pipeline ranks, every socket any splitserve process listens on
 is on the loopback address it was told to use: the gateway, the gRPC services, rank 0's
 rendezvous store (torch's own tcp:// rendezvous listened on every interface) and gloo's
-connections between the ranks. Read from /proc, so no `ss` is needed."""
+connections between the ranks. Read from /proc, so no `ss` is needed.
+
+The check runs on the two-rank stack of test_lifecycle.py (its pp2 case, before it kills a
+rank) rather than on a stack of its own: `assert_every_listening_socket_is_on_loopback`."""
 
 from __future__ import annotations
 
@@ -56,18 +59,24 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback
 
 
-def test_every_listening_socket_is_on_loopback_with_two_ranks(tiny_model, tmp_path):
-    s = Server(tiny_model, ["--pipeline-parallel-size", "2"], tmp_path / "serve.log")
-    try:
-        assert len(s.children) == 5  # tokenizer, two workers, scheduler, gateway
-        # A request crosses both ranks, so gloo's pair connections exist.
-        body = {"model": s.model, "prompt": "hi", "max_tokens": 4}
-        assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 200
-        seen = {pid: listening_sockets(pid) for pid in [s.proc.pid, *s.children]}
-    finally:
-        s.stop()
+def assert_every_listening_socket_is_on_loopback(s: Server) -> None:
+    """On a healthy stack of two pipeline ranks."""
+    assert len(s.children) == 5  # tokenizer, two workers, scheduler, gateway
+    # A request crosses both ranks, so gloo's pair connections exist.
+    body = {"model": s.model, "prompt": "hi", "max_tokens": 4}
+    assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 200
+    seen = {pid: listening_sockets(pid) for pid in [s.proc.pid, *s.children]}
     everything = [sock for socks in seen.values() for sock in socks]
     assert any(port == s.port for _, port in everything), seen
     assert len(everything) >= 5, seen  # each service's own port at least, and the store
     outside = {pid: [a for a in socks if not is_loopback(a[0])] for pid, socks in seen.items()}
     assert not any(outside.values()), f"listening beyond loopback: {outside}"
+
+
+def test_addresses_read_from_proc_and_what_counts_as_loopback():
+    assert _address("0100007F") == ipaddress.IPv4Address("127.0.0.1")
+    assert _address("00000000") == ipaddress.IPv4Address("0.0.0.0")
+    assert _address("00000000000000000000000001000000") == ipaddress.IPv6Address("::1")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::")
+    assert not is_loopback("::ffff:10.0.0.1")

@@ -24,19 +24,27 @@ def _unhealthy(url: str) -> bool:
     return httpx.get(url + "/health", timeout=10).status_code == 503
 
 
+@pytest.fixture(scope="module")
+def shared_stack(tiny_model, tmp_path_factory):
+    """One stack for this file's tests: each resumes what it stopped and ends by checking the
+    stack answers again, so the next finds it healthy."""
+    log = tmp_path_factory.mktemp("stalled") / "serve.log"
+    s = Server(tiny_model, ["--rpc-timeout-s", str(RPC_TIMEOUT_S)], log)
+    yield s
+    s.stop()
+
+
 @pytest.fixture
-def stack(tiny_model, tmp_path):
-    s = Server(tiny_model, ["--rpc-timeout-s", str(RPC_TIMEOUT_S)], tmp_path / "serve.log")
+def stack(shared_stack):
     stopped: list[int] = []
     try:
-        yield s, stopped
+        yield shared_stack, stopped
     finally:
         for pid in stopped:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        s.stop()
 
 
 def _child(s: Server, word: str) -> int:

@@ -24,9 +24,12 @@ from splitserve.worker.model_runner import ModelRunner
 from splitserve.worker.pipeline import layer_range
 
 from ..models.utils import StepDriver
+from .utils import SharedGrid
 
 NUM_REQUESTS = 32
-HANG_TIMEOUT_S = 5.0
+TRANSFER_TIMEOUT_S = 2.0
+"""--distributed-timeout-seconds of the shared pipelines: short, so that the idle test idles
+past it quickly and a stopped last rank fails the engine soon."""
 STARTUP_S = 180.0
 
 
@@ -141,62 +144,6 @@ def _transformers_greedy(path, workload) -> dict[str, list[int]]:
         pad_token_id=0,
     )
     return {f"r{i}": out[i, width : width + n].tolist() for i, (_, n) in enumerate(workload)}
-
-
-def test_pipeline_ranks_match_one_rank_and_transformers(checkpoint, tmp_path):
-    from splitserve.offline.inproc_executor import InprocExecutor
-    from splitserve.scheduler.executor_grpc import GrpcExecutor
-
-    path = checkpoint("llama_pp", num_layers=3, tie=True)
-    workload = _workload(96)
-    # Start both pipelines at once: their processes load while this one works.
-    pipelines = {
-        # P=2 gets a short transfer timeout: the test ends by stopping its last rank.
-        2: PipelineWorkers(path, 2, tmp_path, HANG_TIMEOUT_S, ["--pp-layer-partition", "1,2"]),
-        3: PipelineWorkers(path, 3, tmp_path, 60),
-    }
-    try:
-        single = EngineCore(
-            _config(),
-            InprocExecutor(ModelRunner(WorkerConfig(model=str(path), kv_cache_memory=1 << 20))),
-        )
-        one = _generate(single, workload)
-        single.shutdown()
-        assert one == _transformers_greedy(path, workload)
-        for pp, workers in pipelines.items():
-            try:
-                engine = EngineCore(_config(), GrpcExecutor(workers.addresses, STARTUP_S))
-            except Exception:
-                raise AssertionError(workers.tail()) from None
-            assert engine.pipeline_parallel_size == pp and engine.max_inflight == pp
-            # Rank r gives P - r MiB to its own layers only (2 KiB per layer and block):
-            # the last rank has the fewest blocks, and they bound the scheduler's.
-            last_layers = 2 if pp == 2 else 1
-            assert engine.num_blocks == (1 << 20) // (last_layers * 2048)
-            got = _generate(engine, workload)
-            stats = workers.stage_stats()
-            assert got == one, f"P={pp} differs from one rank"
-            steps = {s.num_steps for s in stats}
-            assert len(steps) == 1 and steps.pop() > 0, stats  # every rank ran every step
-            assert stats[0].recv_wait_seconds == 0 and stats[-1].send_wait_seconds == 0
-            if pp == 2:
-                _last_rank_stuck_fails_the_engine(engine, workers)
-            engine.shutdown()
-    finally:
-        for workers in pipelines.values():
-            workers.kill()
-
-
-def _last_rank_stuck_fails_the_engine(engine: EngineCore, workers: PipelineWorkers) -> None:
-    """A stopped (not dead) last rank: rank 0 sees its activations untaken past the timeout
-    and fails, and the scheduler's executor turns that into WorkerDied instead of waiting."""
-    from splitserve.scheduler.executor_grpc import WorkerDied
-
-    os.kill(workers.procs[-1].pid, signal.SIGSTOP)
-    start = time.monotonic()
-    with pytest.raises(WorkerDied, match="rank 1 has not taken rank 0's activations"):
-        _generate(engine, [([5, 6, 7], 4), ([8, 9], 4)])
-    assert time.monotonic() - start < HANG_TIMEOUT_S + 20
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -402,7 +349,23 @@ def test_newer_architectures_split_over_ranks_match_transformers(checkpoint, arc
     assert got == _transformers_greedy(path, workload)
 
 
-IDLE_TIMEOUT_S = 2.0
+@pytest.fixture(scope="module")
+def llama_pipelines(checkpoint, tmp_path_factory):
+    """P=2 (layers 1 | 2) and P=3 pipelines of one Llama, shared: the idle test, then the
+    match test, which stops P=2's last rank (it takes that pipeline)."""
+    path = checkpoint("llama_pp", num_layers=3, tie=True)
+    partition = ["--pp-layer-partition", "1,2"]
+    shared = {
+        pp: SharedGrid(
+            lambda pp=pp, extra=extra: PipelineWorkers(
+                path, pp, tmp_path_factory.mktemp(f"pp{pp}"), TRANSFER_TIMEOUT_S, extra
+            )
+        )
+        for pp, extra in ((2, partition), (3, []))
+    }
+    yield shared
+    for pipeline in shared.values():
+        pipeline.close()
 
 
 def _bursts_with_finishes_and_aborts(engine: EngineCore, vocab: int, rounds: int) -> int:
@@ -434,33 +397,83 @@ def _bursts_with_finishes_and_aborts(engine: EngineCore, vocab: int, rounds: int
     return completed
 
 
-def test_an_idle_pipeline_outlives_its_transfer_timeout(checkpoint, tmp_path):
+def test_an_idle_pipeline_outlives_its_transfer_timeout(llama_pipelines):
     """Bursts with finishes and aborts landing on in-flight micro-batches, then the stack
     idles past --distributed-timeout-seconds: every rank must still be alive and answer.
     (A gloo send reads as not completed until it is waited on, so a rank that only polled its
     sends kept the last burst's as "untaken" and failed an idle stack after the timeout.)"""
     from splitserve.scheduler.executor_grpc import GrpcExecutor
 
+    # Both start at once: their processes load together.
+    pipelines = {pp: shared.get() for pp, shared in llama_pipelines.items()}
+    for pp, workers in pipelines.items():
+        try:
+            engine = EngineCore(_config(), GrpcExecutor(workers.addresses, STARTUP_S))
+        except Exception:
+            raise AssertionError(workers.tail()) from None
+        try:
+            assert _bursts_with_finishes_and_aborts(engine, 96, rounds=6) > 0
+            # Idle: rank 0's check runs every max(0.5, timeout / 4) seconds.
+            time.sleep(TRANSFER_TIMEOUT_S * 2 + 1.5)
+            dead = [r for r, p in enumerate(workers.procs) if p.poll() is not None]
+            assert not dead, f"P={pp}: ranks {dead} exited while idle\n{workers.tail()}"
+            out = _generate(engine, [([5, 6, 7], 4), ([8, 9], 3)])
+            assert [len(v) for v in out.values()] == [4, 3]
+            stats = workers.stage_stats()
+            assert len({s.num_steps for s in stats}) == 1, stats
+        finally:
+            engine.shutdown()
+
+
+def test_pipeline_ranks_match_one_rank_and_transformers(checkpoint, llama_pipelines):
+    """Last in this file: it stops P=2's last rank, breaking the pipeline the idle test
+    shared."""
+    from splitserve.offline.inproc_executor import InprocExecutor
+    from splitserve.scheduler.executor_grpc import GrpcExecutor
+
     path = checkpoint("llama_pp", num_layers=3, tie=True)
-    pipelines = {pp: PipelineWorkers(path, pp, tmp_path, IDLE_TIMEOUT_S) for pp in (2, 3)}
+    workload = _workload(96)
+    # Both pipelines start at once (unless the idle test left them running): their processes
+    # load while this one works. P=2 (layers 1 | 2) ends stopped: this test takes it.
+    pipelines = {2: llama_pipelines[2].take(), 3: llama_pipelines[3].get()}
     try:
+        single = EngineCore(
+            _config(),
+            InprocExecutor(ModelRunner(WorkerConfig(model=str(path), kv_cache_memory=1 << 20))),
+        )
+        one = _generate(single, workload)
+        single.shutdown()
+        assert one == _transformers_greedy(path, workload)
         for pp, workers in pipelines.items():
             try:
                 engine = EngineCore(_config(), GrpcExecutor(workers.addresses, STARTUP_S))
             except Exception:
                 raise AssertionError(workers.tail()) from None
-            try:
-                assert _bursts_with_finishes_and_aborts(engine, 96, rounds=6) > 0
-                # Idle: rank 0's check runs every max(0.5, timeout / 4) seconds.
-                time.sleep(IDLE_TIMEOUT_S * 2 + 1.5)
-                dead = [r for r, p in enumerate(workers.procs) if p.poll() is not None]
-                assert not dead, f"P={pp}: ranks {dead} exited while idle\n{workers.tail()}"
-                out = _generate(engine, [([5, 6, 7], 4), ([8, 9], 3)])
-                assert [len(v) for v in out.values()] == [4, 3]
-                stats = workers.stage_stats()
-                assert len({s.num_steps for s in stats}) == 1, stats
-            finally:
-                engine.shutdown()
+            assert engine.pipeline_parallel_size == pp and engine.max_inflight == pp
+            # Rank r gives P - r MiB to its own layers only (2 KiB per layer and block):
+            # the last rank has the fewest blocks, and they bound the scheduler's.
+            last_layers = 2 if pp == 2 else 1
+            assert engine.num_blocks == (1 << 20) // (last_layers * 2048)
+            got = _generate(engine, workload)
+            stats = workers.stage_stats()
+            assert got == one, f"P={pp} differs from one rank"
+            steps = {s.num_steps for s in stats}
+            assert len(steps) == 1 and steps.pop() > 0, stats  # every rank ran every step
+            assert stats[0].recv_wait_seconds == 0 and stats[-1].send_wait_seconds == 0
+            if pp == 2:
+                _last_rank_stuck_fails_the_engine(engine, workers)
+            engine.shutdown()
     finally:
-        for workers in pipelines.values():
-            workers.kill()
+        pipelines[2].kill()
+
+
+def _last_rank_stuck_fails_the_engine(engine: EngineCore, workers: PipelineWorkers) -> None:
+    """A stopped (not dead) last rank: rank 0 sees its activations untaken past the timeout
+    and fails, and the scheduler's executor turns that into WorkerDied instead of waiting."""
+    from splitserve.scheduler.executor_grpc import WorkerDied
+
+    os.kill(workers.procs[-1].pid, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(WorkerDied, match="rank 1 has not taken rank 0's activations"):
+        _generate(engine, [([5, 6, 7], 4), ([8, 9], 4)])
+    assert time.monotonic() - start < TRANSFER_TIMEOUT_S + 20

@@ -19,6 +19,7 @@ from splitserve.worker.linear import local_heads
 from splitserve.worker.model_runner import ModelRunner
 
 from .test_pipeline_parallel import _config, _generate, _transformers_greedy, _workload
+from .utils import SharedGrid
 
 STARTUP_S = 180.0
 
@@ -234,7 +235,36 @@ def _moe_checkpoint(checkpoint):
     )
 
 
-def test_tp2_matches_one_rank_and_transformers(checkpoint, tmp_path):
+IDLE_TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def llama_grid(checkpoint, tmp_path_factory):
+    """Llama TP=2, distributed timeout 10 s, its peer giving less KV memory than its driver:
+    shared by the tests that leave it working, taken last by the stuck-rank test."""
+    path = _llama_checkpoint(checkpoint)
+    shared = SharedGrid(
+        lambda: GridWorkers(
+            path, 1, 2, tmp_path_factory.mktemp("tp_llama"), 10, kv={(0, 1): "512KiB"}
+        )
+    )
+    yield shared
+    shared.close()
+
+
+@pytest.fixture(scope="module")
+def idle_llama_grid(checkpoint, tmp_path_factory):
+    """Llama TP=2 with a short distributed timeout: the idle-stage test, then the dead-rank
+    test takes it."""
+    path = _llama_checkpoint(checkpoint)
+    shared = SharedGrid(
+        lambda: GridWorkers(path, 1, 2, tmp_path_factory.mktemp("tp_idle"), IDLE_TIMEOUT_S)
+    )
+    yield shared
+    shared.close()
+
+
+def test_tp2_matches_one_rank_and_transformers(checkpoint, tmp_path, llama_grid):
     paths = {
         "llama": _llama_checkpoint(checkpoint),
         "moe": _moe_checkpoint(checkpoint),
@@ -245,14 +275,13 @@ def test_tp2_matches_one_rank_and_transformers(checkpoint, tmp_path):
         "qwen2": checkpoint("qwen2_tp", arch="qwen2", num_layers=2),  # q/k/v biases sliced too
     }
     workload = _workload(96)[:12]
-    # The peer gives less KV memory than its driver: the stage reports the least.
-    kv = {"llama": {(0, 1): "512KiB"}}
-    for name in paths:
+    own = [name for name in paths if name != "llama"]
+    for name in own:
         (tmp_path / name).mkdir()
-    grids = {
-        name: GridWorkers(path, 1, 2, tmp_path / name, 60, kv=kv.get(name))
-        for name, path in paths.items()
-    }
+    grids = {name: GridWorkers(paths[name], 1, 2, tmp_path / name, 60) for name in own}
+    # The shared Llama grid's peer gives less KV memory than its driver: the stage reports
+    # the least.
+    grids["llama"] = llama_grid.get()
     try:
         for name, path in paths.items():
             one = _one_rank(path, workload)
@@ -265,8 +294,8 @@ def test_tp2_matches_one_rank_and_transformers(checkpoint, tmp_path):
             engine.shutdown()
             assert got == one, f"{name}: TP=2 differs from one rank"
     finally:
-        for grid in grids.values():
-            grid.kill()
+        for name in own:
+            grids[name].kill()
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen3_moe-ep-eplb"])
@@ -302,47 +331,6 @@ def test_pp2_by_tp2_matches_transformers(checkpoint, tmp_path, model):
         grid.kill()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
-def test_a_dead_or_stuck_tensor_parallel_rank_fails_the_stream(checkpoint, tmp_path, sig):
-    """CHECKLIST rows 22 / 28: a peer dies (or stalls) mid-stream; the driver's collective
-    fails (at once, or after the distributed timeout), the scheduler's executor raises
-    instead of waiting, and the driver reports itself dead."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from splitserve.common import messages as msg
-    from splitserve.scheduler.executor_grpc import WorkerDied
-
-    path = _llama_checkpoint(checkpoint)
-    grid = GridWorkers(path, 1, 2, tmp_path, 10)
-    try:
-        engine = grid.engine()
-        for i in range(4):
-            sp = msg.SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-            engine.scheduler.add_request(
-                msg.GenerateRequest(
-                    request_id=f"k{i}", prompt_token_ids=[5, 6, 7], sampling_params=sp
-                )
-            )
-        for _ in range(3):
-            for out in engine.step():
-                assert not out.error
-        os.kill(grid.procs[1].pid, sig)
-        start = time.monotonic()
-        with pytest.raises(WorkerDied):
-            while engine.has_work:
-                engine.step()
-        assert time.monotonic() - start < 60
-        with grpc.insecure_channel(grid.drivers[0]) as ch:
-            status = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(), timeout=10
-            )
-        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        engine.shutdown()
-    finally:
-        grid.kill()
-
-
 def test_expert_parallel_reads_only_local_experts(checkpoint, monkeypatch):
     from splitserve.worker.model_loader import load_model
 
@@ -373,27 +361,24 @@ def test_ep2_qwen3_moe_matches_one_rank(checkpoint, tmp_path):
         grid.kill()
 
 
-def test_an_idle_stage_outlives_its_distributed_timeout(checkpoint, tmp_path):
+def test_an_idle_stage_outlives_its_distributed_timeout(idle_llama_grid):
     """Peers wait for their driver's next command for at most the distributed timeout; the
     driver's heartbeats keep an idle stage alive past it (this is the idle time under test,
     not a synchronisation)."""
-    path = _llama_checkpoint(checkpoint)
-    timeout_s = 2.0
-    grid = GridWorkers(path, 1, 2, tmp_path, timeout_s)
+    grid = idle_llama_grid.get()
+    engine = grid.engine()
     try:
-        engine = grid.engine()
         assert [len(v) for v in _generate(engine, [([5, 6, 7], 4)]).values()] == [4]
-        time.sleep(timeout_s * 2 + 1.5)
+        time.sleep(IDLE_TIMEOUT_S * 2 + 1.5)
         dead = [i for i, p in enumerate(grid.procs) if p.poll() is not None]
         assert not dead, grid.tail()
         out = _generate(engine, [([5, 6, 7], 4), ([8, 9], 3)])
         assert {rid: len(v) for rid, v in out.items()} == {"r0": 4, "r1": 3}
-        engine.shutdown()
     finally:
-        grid.kill()
+        engine.shutdown()
 
 
-def test_a_constraint_only_the_driver_refuses_fails_that_request_only(checkpoint, tmp_path):
+def test_a_constraint_only_the_driver_refuses_fails_that_request_only(checkpoint, llama_grid):
     """Grammar matchers live on the last stage's driver: a constraint it refuses drops the
     request there, and its peers must drop it too (or the ranks plan different rows and
     their collectives no longer match); the other requests finish as on one rank."""
@@ -401,10 +386,9 @@ def test_a_constraint_only_the_driver_refuses_fails_that_request_only(checkpoint
 
     path = _llama_checkpoint(checkpoint)
     workload = _workload(96)[:3]
-    grid = GridWorkers(path, 1, 2, tmp_path, 30)
+    one = _one_rank(path, workload)
+    engine = llama_grid.get().engine()
     try:
-        one = _one_rank(path, workload)
-        engine = grid.engine()
         sp = msg.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         bad = msg.GenerateRequest(request_id="bad", prompt_token_ids=[5, 6, 7], sampling_params=sp)
         engine.scheduler.add_request(bad, msg.GrammarSpec(kind="no-such-kind", spec="x"))
@@ -425,6 +409,50 @@ def test_a_constraint_only_the_driver_refuses_fails_that_request_only(checkpoint
                     got.setdefault(o.request_id, []).extend(o.token_ids)
         assert list(errors) == ["bad"] and "no-such-kind" in errors["bad"], errors
         assert got == one
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    "sig, shared",
+    [(signal.SIGKILL, "idle_llama_grid"), (signal.SIGSTOP, "llama_grid")],
+    ids=["killed", "stopped"],
+)
+def test_a_dead_or_stuck_tensor_parallel_rank_fails_the_stream(request, sig, shared):
+    """CHECKLIST rows 22 / 28: a peer dies (or stalls) mid-stream; the driver's collective
+    fails (at once, or after the distributed timeout, 10 s), the scheduler's executor raises
+    instead of waiting, and the driver reports itself dead. Last in this file: each case takes
+    (and breaks) a grid the tests above shared."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from splitserve.common import messages as msg
+    from splitserve.scheduler.executor_grpc import WorkerDied
+
+    grid = request.getfixturevalue(shared).take()
+    try:
+        engine = grid.engine()
+        for i in range(4):
+            sp = msg.SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+            engine.scheduler.add_request(
+                msg.GenerateRequest(
+                    request_id=f"k{i}", prompt_token_ids=[5, 6, 7], sampling_params=sp
+                )
+            )
+        for _ in range(3):
+            for out in engine.step():
+                assert not out.error
+        os.kill(grid.procs[1].pid, sig)
+        start = time.monotonic()
+        with pytest.raises(WorkerDied):
+            while engine.has_work:
+                engine.step()
+        assert time.monotonic() - start < 60
+        with grpc.insecure_channel(grid.drivers[0]) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+        assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
         engine.shutdown()
     finally:
         grid.kill()

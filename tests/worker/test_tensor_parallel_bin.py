@@ -1,5 +1,9 @@
 """Tensor parallelism on .bin checkpoints: each rank copies only its slices out of a
-memory-mapped `torch.load(weights_only=True)`; a legacy (pre-zip) .bin still loads, whole."""
+memory-mapped `torch.load(weights_only=True)`; a legacy (pre-zip) .bin still loads, whole.
+
+Checked per rank, in process: past loading a .bin checkpoint runs what a safetensors one does,
+and test_tensor_parallel.py runs this same Llama config (2 layers, tied head, 99 rows) over a
+TP=2 grid from safetensors; one rank of a .bin against transformers is test_weight_loading's."""
 
 from __future__ import annotations
 
@@ -12,9 +16,6 @@ import torch
 from splitserve.worker import weight_files
 from splitserve.worker.checkpoint_slices import LazyTensor, read_shard_lazily
 from splitserve.worker.config import WorkerConfig
-
-from .test_pipeline_parallel import _transformers_greedy, _workload
-from .test_tensor_parallel import GridWorkers, _one_rank
 
 # Tensors every rank holds whole; everything else is read through a narrowed slice.
 REPLICATED = ("norm.weight",)
@@ -58,39 +59,51 @@ def spies(monkeypatch):
 
 @pytest.mark.parametrize("layout", ["zip", "legacy"])
 def test_each_rank_reads_only_its_slices_of_a_bin(checkpoint, tmp_path, spies, layout):
+    """Both ranks of 2: what each reads whole or narrowed, and every parameter it holds is
+    exactly its rows / columns of the checkpoint."""
     from splitserve.worker.model_loader import load_model
 
     path = _bin_checkpoint(checkpoint)
     if layout == "legacy":
         path = _legacy_copy(path, tmp_path / "legacy")
+    assert weight_files.find_weight_files(path, "auto").kind == "pt"
     ckpt = torch.load(path / "pytorch_model.bin", weights_only=True)
-    spies["torch.load"].clear()
-    model = load_model(
-        WorkerConfig(model=str(path), tensor_parallel_size=2, tp_rank=1, max_model_len=64)
-    ).model
-    # The zip layout is memory-mapped; the legacy one cannot be, and is read whole after the
-    # mapped attempt fails. Never without weights_only.
-    expected = [(True, True)] if layout == "zip" else [(True, True), (None, True)]
-    assert spies["torch.load"] == expected
-    whole, narrowed = spies["materialize"], spies["narrow"]
-    assert whole and all(n.endswith(REPLICATED) for n in whole), whole
-    assert {n.split(".")[-2] for n in narrowed if ".layers." in n} == set(SLICED)
-    assert not set(whole) & set(narrowed)
-    assert "model.embed_tokens.weight" in narrowed  # vocabulary rows, read twice (tied head)
+    for rank in range(2):
+        for seen in spies.values():
+            seen.clear()
+        model = load_model(
+            WorkerConfig(model=str(path), tensor_parallel_size=2, tp_rank=rank, max_model_len=64)
+        ).model
+        # The zip layout is memory-mapped; the legacy one cannot be, and is read whole after
+        # the mapped attempt fails. Never without weights_only.
+        expected = [(True, True)] if layout == "zip" else [(True, True), (None, True)]
+        assert spies["torch.load"] == expected
+        whole, narrowed = spies["materialize"], spies["narrow"]
+        assert whole and all(n.endswith(REPLICATED) for n in whole), whole
+        assert {n.split(".")[-2] for n in narrowed if ".layers." in n} == set(SLICED)
+        assert not set(whole) & set(narrowed)
+        assert "model.embed_tokens.weight" in narrowed  # vocabulary rows, read twice (tied)
+        _assert_rank_slices(model.state_dict(), ckpt, rank)
 
-    params = model.state_dict()
+
+def _assert_rank_slices(params, ckpt, rank: int) -> None:
+    """Rank `rank` of 2 holds exactly its slices of layer 1 and of the vocabulary."""
     attn, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
-    d = 8  # head_dim: 4 query heads -> heads 2, 3 on rank 1; 2 KV heads -> head 1
+    # head_dim 8: 4 query heads -> 2 a rank; 2 KV heads -> 1; 64 MLP features -> 32.
+    qs, ks, ms = (slice(n * rank, n * rank + n) for n in (16, 8, 32))
     q, k, v = (ckpt[f"{attn}.{p}_proj.weight"] for p in "qkv")
-    assert torch.equal(params[f"{attn}.qkv_proj.weight"], torch.cat([q[2 * d :], k[d:], v[d:]]))
-    assert torch.equal(params[f"{attn}.o_proj.weight"], ckpt[f"{attn}.o_proj.weight"][:, 2 * d :])
+    assert torch.equal(params[f"{attn}.qkv_proj.weight"], torch.cat([q[qs], k[ks], v[ks]]))
+    assert torch.equal(params[f"{attn}.o_proj.weight"], ckpt[f"{attn}.o_proj.weight"][:, qs])
     gate, up = (ckpt[f"{mlp}.{p}_proj.weight"] for p in ("gate", "up"))
-    assert torch.equal(params[f"{mlp}.gate_up_proj.weight"], torch.cat([gate[32:], up[32:]]))
-    assert torch.equal(params[f"{mlp}.down_proj.weight"], ckpt[f"{mlp}.down_proj.weight"][:, 32:])
+    assert torch.equal(params[f"{mlp}.gate_up_proj.weight"], torch.cat([gate[ms], up[ms]]))
+    assert torch.equal(params[f"{mlp}.down_proj.weight"], ckpt[f"{mlp}.down_proj.weight"][:, ms])
     vocab = ckpt["model.embed_tokens.weight"]  # 99 rows, 50 a rank: rank 1 has 49 and a pad
-    assert torch.equal(params["model.embed_tokens.weight"][:49], vocab[50:])
-    assert not params["model.embed_tokens.weight"][49].any()
-    assert torch.equal(params["lm_head.weight"][:49], vocab[50:])
+    rows = vocab[50 * rank : 50 * rank + 50]
+    n = len(rows)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # the head is tied
+        assert params[name].shape[0] == 50, name
+        assert torch.equal(params[name][:n], rows), name
+        assert not params[name][n:].any(), name
 
 
 def test_a_lazy_bin_slice_is_a_copy(checkpoint):
@@ -122,17 +135,3 @@ class _Mkdir:
         import os
 
         return (os.mkdir, (self.path,))
-
-
-def test_tp2_on_a_bin_matches_one_rank(checkpoint, tmp_path):
-    path = _bin_checkpoint(checkpoint)
-    assert weight_files.find_weight_files(path, "auto").kind == "pt"
-    workload = _workload(99)[:4]
-    grid = GridWorkers(path, 1, 2, tmp_path, 60)
-    try:
-        one = _one_rank(path, workload)
-        assert one == _transformers_greedy(path, workload)
-        got = grid.generate(workload)
-        assert got == one
-    finally:
-        grid.kill()

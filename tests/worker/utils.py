@@ -31,3 +31,34 @@ def hf_logits(path, token_ids: list[int]) -> torch.Tensor:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model(torch.tensor([token_ids])).logits[0]
+
+
+class SharedGrid:
+    """Worker processes (GridWorkers, PipelineWorkers: `procs` and `kill()`) started on first
+    use and shared by several tests of a module, each connecting its own engine (Describe and
+    InitializeCache again, as a restarted scheduler would). A test that breaks them (kills or
+    stops a rank) `take`s them; the next user then starts fresh ones, as it does when a rank
+    has exited."""
+
+    def __init__(self, start) -> None:
+        self._start = start
+        self._grid = None
+
+    def get(self):
+        if self._grid is not None and any(p.poll() is not None for p in self._grid.procs):
+            self._grid.kill()
+            self._grid = None
+        if self._grid is None:
+            self._grid = self._start()
+        return self._grid
+
+    def take(self):
+        """The grid, no longer shared: the caller kills it."""
+        grid = self.get()
+        self._grid = None
+        return grid
+
+    def close(self) -> None:
+        if self._grid is not None:
+            self._grid.kill()
+            self._grid = None
