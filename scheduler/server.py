@@ -90,6 +90,20 @@ async def _heartbeats(stream: OutputStream, interval_s: float) -> None:
         stream.deliver([])
 
 
+def _refuse(stream: OutputStream, request_id: str, code: str, message: str) -> None:
+    """A request's end before it was queued, as its one output on `stream`."""
+    stream.deliver(
+        [
+            RequestOutput(
+                request_id,
+                error=message,
+                error_code=code,
+                finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,
+            )
+        ]
+    )
+
+
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self) -> None:
         self.engine_loop: EngineLoop | None = None
@@ -223,15 +237,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 self._add(engine_loop, submit.request, stream)
             except RequestRejected as exc:
                 # The refusal Submit would answer with, as the request's one output.
-                stream.deliver(
-                    [
-                        RequestOutput(
-                            submit.request.request_id,
-                            error=exc.message,
-                            error_code=exc.code,
-                            finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,
-                        )
-                    ]
+                _refuse(stream, submit.request.request_id, exc.code, exc.message)
+            except Exception as exc:
+                # NOTE: a bug fails this request (INTERNAL, as Submit's call would), not the
+                # call that carries every other request of its front end.
+                logger.exception("queueing request %s failed", submit.request.request_id)
+                _refuse(
+                    stream, submit.request.request_id, "INTERNAL", f"{type(exc).__name__}: {exc}"
                 )
         return scheduler_pb2.SubmitResponse()
 

@@ -150,6 +150,30 @@ def test_submit_stream_queues_each_message_and_refuses_as_error_outputs(stub):  
     wait_for(lambda: stats(stub).num_free_blocks == NUM_BLOCKS, what="blocks free")
 
 
+def test_submit_stream_fails_only_the_request_a_bug_hits(stub, monkeypatch):  # noqa: F811
+    from splitserve.scheduler import server
+
+    real = server.generate_request_from_proto
+
+    def convert(request):
+        if request.request_id == "bug1":
+            raise KeyError("a bug")
+        return real(request)
+
+    monkeypatch.setattr(server, "generate_request_from_proto", convert)
+    reader = Reader(stub, "gw-bug")
+    messages = [
+        gen_request_proto("bug1", [5, 6], 3),
+        gen_request_proto("after-bug", [5, 6], 3),
+    ]
+    stub.SubmitStream(scheduler_pb2.SubmitRequest(stream_id="gw-bug", request=r) for r in messages)
+    wait_for(lambda: reader.finished("after-bug") and reader.finished("bug1"), what="both ended")
+    bug = [e for b in reader.batches for e in b.outputs if e.request_id == "bug1"]
+    assert len(bug) == 1 and bug[0].error_code == "INTERNAL" and "a bug" in bug[0].output.error
+    assert sum(len(o.token_ids) for o in reader.outputs("after-bug")) == 3
+    reader.call.cancel()
+
+
 def test_a_quiet_stream_carries_heartbeats_only_when_asked(stub):  # noqa: F811
     quiet = Reader(stub, "gw-quiet")
     beating = Reader(stub, "gw-heartbeats", heartbeat_interval_s=0.1)
