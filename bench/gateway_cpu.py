@@ -47,7 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the bench fo
 
 import grpc  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
-from stack_overhead import TINY_MODEL, LeanClient, model_folder  # noqa: E402
+from stack_overhead import TINY_MODEL, LeanClient, model_folder, request_body  # noqa: E402
 
 from splitserve.entrypoints.launcher import free_port  # noqa: E402
 from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
@@ -126,15 +126,25 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
             running.pop(request.request_id, None)
         return scheduler_pb2.AbortResponse(aborted=True)
 
-    async def Submit(self, request, context):
+    async def Submit(self, request, context):  # a baseline gateway's way (one call each)
+        if not self._start(request):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "no such output stream")
+        return scheduler_pb2.SubmitResponse()
+
+    async def SubmitStream(self, request_iterator, context):
+        async for request in request_iterator:
+            self._start(request)  # NOTE: as the scheduler does, one naming no stream is dropped
+        return scheduler_pb2.SubmitResponse()
+
+    def _start(self, request) -> bool:
         running = self.streams.get(request.stream_id)
         if running is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no such output stream")
+            return False
         req = request.request
         tokens = req.sampling_params.max_tokens
         running[req.request_id] = [len(req.prompt_token_ids), tokens, random.Random(req.request_id)]
         self.wake[request.stream_id].set()
-        return scheduler_pb2.SubmitResponse()
+        return True
 
     async def StreamOutputs(self, request, context):
         running: dict = {}
@@ -233,15 +243,7 @@ async def drive(gw: Gateway, prompts: list[list[int]], tokens: int) -> None:
     client = LeanClient("127.0.0.1", gw.port)
 
     async def one(prompt: list[int]) -> None:
-        body = {
-            "model": str(model_folder()),
-            "prompt": prompt,
-            "max_tokens": tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        body = request_body(str(model_folder()), prompt, tokens)
         res = await client.stream("/v1/completions", json.dumps(body).encode())
         if not res.done or res.usage is None or res.usage["completion_tokens"] != tokens:
             raise RuntimeError(f"{gw.name}: a bad stream (usage {res.usage}, done {res.done})")

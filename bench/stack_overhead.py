@@ -252,6 +252,19 @@ def _parse_sse(body: bytes, result: StreamResult) -> None:
                 result.usage = payload["usage"]
 
 
+def request_body(model: str, prompt: list[int], tokens: int) -> dict:
+    """The benchmark's request: greedy, exactly `tokens` tokens streamed, usage at the end."""
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 # ---------------------------------------------------------------- (a) the full stack
 class Stack:
     def __init__(
@@ -291,15 +304,7 @@ class Stack:
             self.proc.kill()
 
     def body(self, prompt: list[int], tokens: int) -> dict:
-        return {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        return request_body(self.model, prompt, tokens)
 
     async def _one(self, client, prompt: list[int], tokens: int) -> tuple[int, float]:
         """(completion tokens from the usage chunk, seconds to the first token's chunk)."""
