@@ -34,6 +34,13 @@ class _Sends:
         assert message["more_body"] is True
 
 
+def _attached() -> tuple[_Sends, ChunkWriter]:
+    sends = _Sends()
+    writer = ChunkWriter()
+    writer.attach(sends)
+    return sends, writer
+
+
 def test_pushes_go_out_as_one_write_at_the_loops_next_turn():
     async def main() -> None:
         sends = _Sends()
@@ -77,9 +84,7 @@ def test_every_stream_pushed_in_a_turn_is_written_in_the_next():
 
 def test_a_push_that_must_wait_finishes_later_and_is_not_overtaken():
     async def main() -> None:
-        sends = _Sends()
-        writer = ChunkWriter()
-        writer.attach(sends)
+        sends, writer = _attached()
         sends.gate = asyncio.Event()
         writer.push("data: 1\n\n")
         await asyncio.sleep(0)
@@ -97,9 +102,7 @@ def test_a_push_that_must_wait_finishes_later_and_is_not_overtaken():
 
 def test_an_error_of_a_pushed_send_is_raised_by_the_next_send():
     async def main() -> None:
-        sends = _Sends()
-        writer = ChunkWriter()
-        writer.attach(sends)
+        sends, writer = _attached()
         sends.fail = RuntimeError("transport broke")
         writer.push("data: 1\n\n")
         await asyncio.sleep(0)
@@ -112,9 +115,7 @@ def test_an_error_of_a_pushed_send_is_raised_by_the_next_send():
 
 def test_close_drops_a_pushed_send_still_waiting():
     async def main() -> None:
-        sends = _Sends()
-        writer = ChunkWriter()
-        writer.attach(sends)
+        sends, writer = _attached()
         sends.gate = asyncio.Event()
         writer.push("data: 1\n\n")
         await asyncio.sleep(0)

@@ -60,47 +60,46 @@ def test_stop_string_aborts_the_sequence_in_the_scheduler(http, fakes):
     )
 
 
-def test_a_broken_stream_fails_its_requests_and_the_next_request_reopens(
-    gateway, fakes, loop_thread
-):
+def _break_a_running_stream(gateway, brk) -> None:
+    """A streamed request is running when `brk()` breaks the scheduler side: the request ends
+    with a 503 error event and [DONE], and the next request is answered."""
     t = tag()
-    opened = fakes.scheduler.streams_opened
     body = {"prompt": f"#hold@3 {t}", "max_tokens": 50, "stream": True}
     with gateway.client() as c, c.stream("POST", COMPL, json=body) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data:"))
         assert json.loads(first[5:])["choices"]
-
-        async def brk() -> None:
-            fakes.scheduler.break_streams()
-
-        loop_thread.run(brk())
+        brk()
         rest = list(lines)
     errors = [e for e in _events(rest) if "error" in e]
     assert errors and errors[0]["error"]["code"] == 503
     assert "data: [DONE]" in rest
     r = gateway.client().post(COMPL, json={"prompt": f"again {t}", "max_tokens": 5})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == SCRIPT[:5]
+
+
+def test_a_broken_stream_fails_its_requests_and_the_next_request_reopens(
+    gateway, fakes, loop_thread
+):
+    opened = fakes.scheduler.streams_opened
+
+    async def brk() -> None:
+        fakes.scheduler.break_streams()
+
+    _break_a_running_stream(gateway, lambda: loop_thread.run(brk()))
     wait_until(lambda: fakes.scheduler.streams_opened == opened + 1, what="a new stream")
 
 
 def test_a_broken_submission_call_fails_the_stream_and_the_next_request_reopens(gateway, fakes):
-    t = tag()
     submit_opened = fakes.scheduler.submit_streams_opened
-    body = {"prompt": f"#hold@3 {t}", "max_tokens": 50, "stream": True}
-    with gateway.client() as c, c.stream("POST", COMPL, json=body) as r:
-        lines = r.iter_lines()
-        first = next(line for line in lines if line.startswith("data:"))
-        assert json.loads(first[5:])["choices"]
+    broken = []
+
+    def brk() -> None:
         # Token 0 makes the fake end the SubmitStream call (UNAVAILABLE) when it reads it.
-        broken = gateway.client().post(COMPL, json={"prompt": [0, 65, 66], "max_tokens": 3})
-        rest = list(lines)
-    assert broken.status_code == 503
-    errors = [e for e in _events(rest) if "error" in e]
-    assert errors and errors[0]["error"]["code"] == 503
-    assert "data: [DONE]" in rest
-    r = gateway.client().post(COMPL, json={"prompt": f"again {t}", "max_tokens": 5})
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == SCRIPT[:5]
+        broken.append(gateway.client().post(COMPL, json={"prompt": [0, 65, 66], "max_tokens": 3}))
+
+    _break_a_running_stream(gateway, brk)
+    assert broken[0].status_code == 503
     assert fakes.scheduler.submit_streams_opened == submit_opened + 1
 
 

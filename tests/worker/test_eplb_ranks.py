@@ -37,6 +37,28 @@ def _skewed(path, out):
     return out
 
 
+def check_eplb_on_skewed(folder, dense_folder, tmp_path) -> None:
+    """EP=2 with EPLB over a skewed copy of `folder` (a quantized Qwen3-MoE) with 2 redundant
+    slots: both ranks rebalance alike, experts cross between them, and the tokens stay those of
+    one rank and of transformers on `dense_folder` (its dequantized form, skewed the same)."""
+    folder = _skewed(folder, tmp_path / "skewed")
+    dense_folder = _skewed(dense_folder, tmp_path / "skewed-dense")
+    workload = _workload(96)[:10]
+    eplb = {"window_size": 4, "step_interval": 3, "num_redundant_experts": 2}
+    extra = ["--enable-expert-parallel", "--enable-eplb", "--eplb-config", json.dumps(eplb)]
+    grid = GridWorkers(folder, 1, 2, tmp_path, 60, extra=extra)
+    try:
+        one = _one_rank(folder, workload)
+        assert one == _transformers_greedy(dense_folder, workload)
+        assert grid.generate(workload) == one
+        moves = [REBALANCE.findall(log.read_text()) for log in grid.logs]
+        assert moves[0] and len(moves[0]) == len(moves[1]), grid.tail()
+        assert any(int(m[3]) > 0 for m in moves[0]), "the placement never changed"
+        assert any(int(m[5]) > 0 for m in moves[0] + moves[1]), "no expert crossed ranks"
+    finally:
+        grid.kill()
+
+
 def test_ep2_with_eplb_moves_experts_and_keeps_the_tokens(checkpoint, tmp_path):
     path = _skewed(_moe_checkpoint(checkpoint), tmp_path / "skewed")
     workload = _workload(96)[:10]

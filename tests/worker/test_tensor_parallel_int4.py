@@ -7,8 +7,6 @@ dequantized checkpoint; a rank's slice that is not whole groups is refused at st
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +15,7 @@ from splitserve.testing.int4_pack import pack_checkpoint
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.model_loader import check_model, load_model
 
-from .test_eplb_ranks import REBALANCE, _skewed
+from .test_eplb_ranks import check_eplb_on_skewed
 from .test_pipeline_parallel import _transformers_greedy, _workload
 from .test_tensor_parallel import GridWorkers, _one_rank, check_tp_and_ep, spy_reads
 
@@ -257,23 +255,6 @@ def test_w4a16_weight_shape_is_checked_against_the_checkpoint_layer(tensor, shap
 
 
 def test_ep2_with_eplb_on_int4_experts_moves_them_and_keeps_the_tokens(packed, tmp_path):
-    """A skewed router (test_eplb_ranks._skewed) over AWQ experts with 2 redundant slots: both
-    ranks rebalance, experts cross between them, and the tokens stay those of one rank and of
-    transformers on the dequantized checkpoint."""
+    """EPLB over AWQ experts (`check_eplb_on_skewed`)."""
     folder, dense_folder = packed("qwen3_moe", "awq")
-    folder = _skewed(folder, tmp_path / "skewed")
-    dense_folder = _skewed(dense_folder, tmp_path / "skewed-dense")
-    workload = _workload(96)[:10]
-    eplb = {"window_size": 4, "step_interval": 3, "num_redundant_experts": 2}
-    extra = ["--enable-expert-parallel", "--enable-eplb", "--eplb-config", json.dumps(eplb)]
-    grid = GridWorkers(folder, 1, 2, tmp_path, 60, extra=extra)
-    try:
-        one = _one_rank(folder, workload)
-        assert one == _transformers_greedy(dense_folder, workload)
-        assert grid.generate(workload) == one
-        moves = [REBALANCE.findall(log.read_text()) for log in grid.logs]
-        assert moves[0] and len(moves[0]) == len(moves[1]), grid.tail()
-        assert any(int(m[3]) > 0 for m in moves[0]), "the placement never changed"
-        assert any(int(m[5]) > 0 for m in moves[0] + moves[1]), "no expert crossed ranks"
-    finally:
-        grid.kill()
+    check_eplb_on_skewed(folder, dense_folder, tmp_path)

@@ -7,8 +7,6 @@ greedy tokens of one rank and of transformers on the dequantized weights."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -22,9 +20,9 @@ from splitserve.worker.config import WorkerConfig
 from splitserve.worker.eplb import EplbConfig, EplbState
 from splitserve.worker.model_loader import check_model, load_model
 
-from .test_eplb_ranks import REBALANCE, _skewed
-from .test_pipeline_parallel import _transformers_greedy, _workload
-from .test_tensor_parallel import GridWorkers, _one_rank, check_tp_and_ep, spy_reads
+from .test_eplb_ranks import check_eplb_on_skewed
+from .test_pipeline_parallel import _workload
+from .test_tensor_parallel import check_tp_and_ep, spy_reads
 
 BLOCK = (8, 16)
 """Whole blocks on both ranks of 2: gate / up rows (16 a rank), down columns (16 a rank), and
@@ -256,23 +254,6 @@ def test_tp2_and_ep2_fp8_moe_match_one_rank_and_transformers(arch, fmt, packed, 
 
 
 def test_ep2_with_eplb_on_fp8_experts_moves_them_and_keeps_the_tokens(packed, tmp_path):
-    """A skewed router (test_eplb_ranks._skewed) over FP8 experts: both ranks rebalance, experts
-    cross between them, and the tokens stay those of one rank and of transformers."""
+    """EPLB over block-FP8 experts (`check_eplb_on_skewed`)."""
     folder, dense_folder = packed("qwen3_moe", "fp8-block")
-    folder = _skewed(folder, tmp_path / "skewed")
-    dense_folder = _skewed(dense_folder, tmp_path / "skewed-dense")
-    workload = _workload(96)[:10]
-    eplb = {"window_size": 4, "step_interval": 3, "num_redundant_experts": 2}
-    extra = ["--enable-expert-parallel", "--enable-eplb", "--eplb-config", json.dumps(eplb)]
-    grid = GridWorkers(folder, 1, 2, tmp_path, 60, extra=extra)
-    try:
-        one = _one_rank(folder, workload)
-        assert one == _transformers_greedy(dense_folder, workload)
-        got = grid.generate(workload)
-        assert got == one
-        moves = [REBALANCE.findall(log.read_text()) for log in grid.logs]
-        assert moves[0] and len(moves[0]) == len(moves[1]), grid.tail()
-        assert any(int(m[3]) > 0 for m in moves[0]), "the placement never changed"
-        assert any(int(m[5]) > 0 for m in moves[0] + moves[1]), "no expert crossed ranks"
-    finally:
-        grid.kill()
+    check_eplb_on_skewed(folder, dense_folder, tmp_path)
