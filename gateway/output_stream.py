@@ -181,10 +181,9 @@ class OutputRouter:
         self._watchdog: asyncio.Task | None = None
         self._waiting_since: float | None = None
         """When the reader began waiting for the next batch (None while it handles one)."""
-        self._stall_cancel: asyncio.Task | None = None
-        """The reader the watchdog cancelled (its end is then the stall, not a shutdown)."""
-        self._cancel_error: BaseException | None = None
-        """Why `_stall_cancel` was cancelled when it was not a stall: the submissions broke."""
+        self._broken: tuple[asyncio.Task, BaseException] | None = None
+        """A reader cancelled because its stream broke (it stalled, or its submissions ended),
+        and the error its requests fail with: its end is then that, not a shutdown."""
         self.stalled = False
         """The last stream went silent past --rpc-timeout-s; cleared when a new one opens."""
         self.batches_read = 0
@@ -263,7 +262,7 @@ class OutputRouter:
                     len(self._seqs),
                 )
                 self.stalled = True
-                self._stall_cancel, self._cancel_error = reader, None
+                self._broken = (reader, service_stalled(SCHEDULER, timeout))
                 reader.cancel()
 
     async def _watch_submissions(self, submit_call) -> None:
@@ -284,7 +283,7 @@ class OutputRouter:
         logger.error("the scheduler's submission call ended: %s", error.details())
         reader = self._reader
         if reader is not None and not reader.done():
-            self._stall_cancel, self._cancel_error = reader, error
+            self._broken = (reader, error)
             reader.cancel()
 
     async def _read(self, call) -> None:
@@ -300,14 +299,13 @@ class OutputRouter:
                 self.batches_read += 1
                 await self._dispatch(batch.outputs)
         except asyncio.CancelledError:
-            if self._stall_cancel is asyncio.current_task():
+            broken = self._broken
+            if broken is not None and broken[0] is asyncio.current_task():
                 # NOTE: the watchdog's cancel (or the submissions broke); the call is dropped
                 # below (the scheduler, if it ever resumes, aborts every request on it), and
                 # the next request opens anew.
                 call.cancel()
-                error = self._cancel_error or service_stalled(
-                    SCHEDULER, self._clients.rpc_timeout_s
-                )
+                error = broken[1]
             else:
                 error = EngineError("the gateway is shutting down")
                 raise
@@ -386,7 +384,8 @@ class OutputRouter:
     def _submit(self, stream_id: str, seq: SequenceOutput) -> None:
         """Queue a registered sequence on `stream_id`'s submissions; fail it when that stream
         broke since it opened (its reader failed only the sequences registered before)."""
-        if self._call is None or self._stream_id != stream_id or self._submissions is None:
+        # NOTE: `_submissions` is None once the stream's call ended or closed.
+        if self._submissions is None or self._stream_id != stream_id:
             self._forget(seq)
             seq.fail(grpc_error(grpc.StatusCode.UNAVAILABLE, "the scheduler's stream broke"))
             return

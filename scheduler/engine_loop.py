@@ -19,7 +19,7 @@ from splitserve.common import messages as msg
 from splitserve.protos import common_pb2
 
 from .engine_core import EngineCore
-from .scheduler import RequestOutput, RequestRejected
+from .scheduler import RequestOutput, RequestRejected, failed_output
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,7 @@ class EngineLoop:
                 request = self.engine.scheduler.add_request(req, grammar)
                 request.trace_context = trace_context
             except RequestRejected as exc:
-                out = RequestOutput(
-                    req.request_id,
-                    error=exc.message,
-                    error_code=exc.code,
-                    finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,
-                )
+                out = failed_output(req.request_id, exc.code, exc.message)
                 self.loop.call_soon_threadsafe(self._publish, [out])
         else:
             self.engine.scheduler.abort_request(arg)
@@ -224,14 +219,6 @@ class EngineLoop:
 
     def _fail_all(self, exc: BaseException) -> None:
         self._publish(
-            [
-                RequestOutput(
-                    rid,
-                    error=f"engine failed: {exc}",
-                    error_code="UNAVAILABLE",
-                    finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,
-                )
-                for rid in list(self._streams)
-            ]
+            [failed_output(rid, "UNAVAILABLE", f"engine failed: {exc}") for rid in self._streams]
         )
         self._streams.clear()

@@ -80,6 +80,13 @@ class RequestOutput:
         return self.finish_reason != _UNSPECIFIED
 
 
+def failed_output(request_id: str, code: str, message: str) -> RequestOutput:
+    """A request's end by an error (`code`: a grpc.StatusCode name) as its last output."""
+    return RequestOutput(
+        request_id, error=message, error_code=code, finish_reason=FinishReason.FINISH_REASON_ERROR
+    )
+
+
 def request_constraint(
     req: msg.GenerateRequest,
 ) -> msg.CompiledGrammar | msg.GrammarSpec | None:

@@ -1,7 +1,7 @@
 """The scheduler's gRPC service: Generate streams, batched output streams (StreamOutputs +
-Submit or SubmitStream), Abort, stats, model info, the LoRA adapter table (load, unload, list); the standard
-health service and server reflection, so that a client calling Generate directly (grpcurl, a
-stub of its own) can discover the API.
+Submit or SubmitStream), Abort, stats, model info, the LoRA adapter table (load, unload,
+list); the standard health service and server reflection, so that a client calling Generate
+directly (grpcurl, a stub of its own) can discover the API.
 
 The scheduler talks to no tokenizer service: a structured-output constraint arrives compiled
 (the gateway's Prepare call) or as a spec (a direct Generate caller), and either way goes to the
@@ -21,14 +21,14 @@ from splitserve.common import tracing
 from splitserve.common.engine_config import EngineConfigConflict
 from splitserve.common.grpc_errors import ErrorInterceptor
 from splitserve.common.messages_proto import extend_token_logprobs, generate_request_from_proto
-from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from splitserve.protos import scheduler_pb2, scheduler_pb2_grpc
 
 from .config import SchedulerConfig
 from .engine_core import EngineCore
 from .engine_loop import EngineLoop, OutputStream
 from .lora_adapters import Adapter, AdapterError, AdapterTable
 from .request_spans import RequestTimeline
-from .scheduler import RequestOutput, RequestRejected, request_constraint
+from .scheduler import RequestOutput, RequestRejected, failed_output, request_constraint
 from .stats_logger import start_stats_logging, stats_interval_s
 
 logger = logging.getLogger(__name__)
@@ -88,20 +88,6 @@ async def _heartbeats(stream: OutputStream, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         stream.deliver([])
-
-
-def _refuse(stream: OutputStream, request_id: str, code: str, message: str) -> None:
-    """A request's end before it was queued, as its one output on `stream`."""
-    stream.deliver(
-        [
-            RequestOutput(
-                request_id,
-                error=message,
-                error_code=code,
-                finish_reason=common_pb2.FinishReason.FINISH_REASON_ERROR,
-            )
-        ]
-    )
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -233,18 +219,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                     submit.stream_id,
                 )
                 continue
+            rid = submit.request.request_id
             try:
                 self._add(engine_loop, submit.request, stream)
             except RequestRejected as exc:
                 # The refusal Submit would answer with, as the request's one output.
-                _refuse(stream, submit.request.request_id, exc.code, exc.message)
+                stream.deliver([failed_output(rid, exc.code, exc.message)])
             except Exception as exc:
                 # NOTE: a bug fails this request (INTERNAL, as Submit's call would), not the
                 # call that carries every other request of its front end.
-                logger.exception("queueing request %s failed", submit.request.request_id)
-                _refuse(
-                    stream, submit.request.request_id, "INTERNAL", f"{type(exc).__name__}: {exc}"
-                )
+                logger.exception("queueing request %s failed", rid)
+                stream.deliver([failed_output(rid, "INTERNAL", f"{type(exc).__name__}: {exc}")])
         return scheduler_pb2.SubmitResponse()
 
     async def Abort(self, request, context):
