@@ -1,6 +1,6 @@
 """A Qwen3-Next checkpoint (gated delta net + gated attention, MoE with a shared expert)
 through the real stack (gateway, tokenizer, scheduler and worker processes): concurrent prompts
-of 40-300 tokens, prefill chunks of at most 48 tokens, few state slots and a block budget that
+of 75-300 tokens, prefill chunks of at most 48 tokens, few state slots and a block budget that
 forces preemption; greedy tokens equal to transformers, logprobs within the parity rule; the
 same prompt again starts from the mixers' state snapshot and the attention blocks of its cached
 prefix; afterwards every block is free again."""
@@ -19,7 +19,10 @@ from ..models.utils import check_logprobs_close, hf_greedy_logprobs, hf_model
 from .conftest import Server, wait_for
 
 STEPS = 10
-LENGTHS = [40, 300, 150, 75]
+# NOTE: preemption must not depend on the order the four requests reach the scheduler: with
+# these lengths every order, and arrivals up to 8 steps apart, preempts (checked by driving the
+# scheduler over the fake worker); with 40/300/150/75, the order 150, 40, 75, 300 did not.
+LENGTHS = [180, 300, 200, 75]
 
 
 def _prompts():
