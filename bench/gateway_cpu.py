@@ -47,7 +47,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the bench fo
 
 import grpc  # noqa: E402
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # noqa: E402
-from stack_overhead import TINY_MODEL, LeanClient, model_folder, request_body  # noqa: E402
+from stack_overhead import (  # noqa: E402
+    TINY_MODEL,
+    LeanClient,
+    model_folder,
+    request_body,
+    run_client,
+)
 
 from splitserve.entrypoints.launcher import free_port  # noqa: E402
 from splitserve.protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc  # noqa: E402
@@ -349,10 +355,10 @@ def run_stacks(args: argparse.Namespace) -> None:
                 os.environ.update(saved)
             try:
                 stack.wait_ready()
-                asyncio.run(stack.run(prompts, 8))  # warm-up
+                run_client(stack.run(prompts, 8))  # warm-up
                 for _ in range(2):
                     before = stack._cpu_now()
-                    rate = asyncio.run(stack.run(prompts, args.tokens))
+                    rate = run_client(stack.run(prompts, args.tokens))
                     cpu = {n: v - before.get(n, v) for n, v in stack._cpu_now().items()}
                     gateway_us[name].append(cpu["gateway"] / total * 1e6)
                     parts = ", ".join(f"{n} {v:.2f}" for n, v in sorted(cpu.items()))

@@ -136,17 +136,18 @@ class _ChunkedBody:
 
 
 class LeanClient:
-    """Streaming POSTs over HTTP/1.1 keep-alive connections with raw asyncio streams.
+    """Streaming POSTs over HTTP/1.1 keep-alive connections, parsed in asyncio protocols.
 
     It exists so that the benchmark's own client costs little of the CPU it shares with the
-    stack: no HTTP library, and of the SSE stream it parses only what it checks. Every event
-    is split out and counted; only events with `"usage"` or a non-null `"finish_reason"` are
-    decoded as JSON."""
+    stack: no HTTP library, no stream reader (each connection's bytes are parsed where they
+    arrive, and a request's coroutine wakes once, when its response is complete), and of the
+    SSE stream it parses only what it checks. Every event is split out and counted; only
+    events with `"usage"` or a non-null `"finish_reason"` are decoded as JSON."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_Connection] = []
         self._head = (
             f"POST {{path}} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
@@ -155,36 +156,116 @@ class LeanClient:
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for _, writer in idle:
-            writer.close()
-        for _, writer in idle:
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass  # the peer was gone already: closed either way
+        for conn in idle:
+            conn.transport.close()
 
     async def stream(self, path: str, body: bytes) -> StreamResult:
         if self._idle:
-            reader, writer = self._idle.pop()
+            conn = self._idle.pop()
         else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+            loop = asyncio.get_running_loop()
+            _, conn = await loop.create_connection(_Connection, self.host, self.port)
         head = self._head.format(path=path, length=len(body)).encode()
-        t0 = time.perf_counter()
-        writer.write(head + body)
+        done = conn.expect(time.perf_counter())
+        conn.transport.write(head + body)
         try:
-            result, keep = await self._read_response(reader, t0)
+            result, body, keep = await done
         except BaseException:
-            writer.close()
+            conn.transport.close()
             raise
-        if keep:
-            self._idle.append((reader, writer))
+        if keep and not conn.lost:
+            self._idle.append(conn)
         else:
-            writer.close()
+            conn.transport.close()
+        if result.status != 200:
+            raise HTTPStatusError(f"HTTP {result.status}: {body[:300]!r}")
+        _parse_sse(body, result)
         return result
 
-    async def _read_response(self, reader: asyncio.StreamReader, t0: float):
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection of `LeanClient`: the response to the request last sent,
+    parsed as its bytes arrive (head, then a chunked, sized or close-delimited body)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self._done: asyncio.Future | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def expect(self, t0: float) -> asyncio.Future:
+        """The next response: a future of (StreamResult, body bytes, keep-alive)."""
+        if self.lost:
+            raise ConnectionError("the connection is closed")
+        self._t0 = t0
+        self._head = b""
+        self._result: StreamResult | None = None
+        self._dechunk: _ChunkedBody | None = None
+        self._length = -1  # a Content-Length body's size; -1: chunked or until close
+        self._parts: list[bytes] = []
+        self._recent = b""
+        self._keep = False
+        self._done = asyncio.get_running_loop().create_future()
+        return self._done
+
+    def data_received(self, data: bytes) -> None:
+        done = self._done
+        if done is None or done.done():
+            self._fail(ValueError(f"bytes outside a response: {data[:64]!r}"))
+            return
+        try:
+            self._feed(data)
+        except Exception as exc:
+            self._fail(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        done = self._done
+        if done is None or done.done():
+            return
+        if self._result is not None and self._dechunk is None and self._length < 0:
+            self._finish()  # a body that ends with the connection
+        else:
+            self._fail(ConnectionError(f"the connection closed inside a response ({exc})"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(exc)
+        self.transport.close()
+
+    def _feed(self, data: bytes) -> None:
+        if self._result is None:
+            data = self._read_head(data)
+            if self._result is None or not data and self._length != 0:
+                return
+        if self._dechunk is not None:
+            body = self._dechunk.feed(data)
+            if body:
+                self._body(body)
+            if self._dechunk.finished:
+                if self._dechunk.buf:
+                    raise ValueError(f"bytes after the chunked body: {self._dechunk.buf[:64]!r}")
+                self._finish()
+        elif self._length >= 0:
+            self._parts.append(data)
+            self._length -= len(data)
+            if self._length < 0:
+                raise ValueError("bytes after a Content-Length body")
+            if self._length == 0:
+                self._finish()
+        else:
+            self._parts.append(data)
+
+    def _read_head(self, data: bytes) -> bytes:
+        """Collect the head; parse it once whole. Returns the bytes after it."""
+        head = self._head + data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            self._head = head
+            return b""
+        lines = head[:end].decode("latin-1").split("\r\n")
         version, status, *_ = lines[0].split(" ", 2)
         headers = {}
         for line in lines[1:]:
@@ -193,36 +274,28 @@ class LeanClient:
                 headers[key.strip().lower()] = value.strip()
         result = StreamResult()
         result.status = int(status)
-        keep = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
+        self._keep = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
         if headers.get("transfer-encoding", "").lower() == "chunked":
-            dechunk = _ChunkedBody()
-            parts = []
-            seen_text = False
-            recent = b""
-            while not dechunk.finished:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("the connection closed inside a chunked body")
-                body = dechunk.feed(data)
-                if body:
-                    if not seen_text:  # `"text"` may be cut between two reads
-                        recent = recent[-5:] + body
-                        seen_text = b'"text"' in recent
-                        if seen_text:
-                            result.first_token_s = time.perf_counter() - t0
-                    parts.append(body)
-            if dechunk.buf:
-                raise ValueError(f"bytes after the chunked body: {dechunk.buf[:64]!r}")
-            body = b"".join(parts)
+            self._dechunk = _ChunkedBody()
         elif "content-length" in headers:
-            body = await reader.readexactly(int(headers["content-length"]))
+            self._length = int(headers["content-length"])
         else:
-            body = await reader.read()
-            keep = False
-        if result.status != 200:
-            raise HTTPStatusError(f"HTTP {result.status}: {body[:300]!r}")
-        _parse_sse(body, result)
-        return result, keep
+            self._keep = False
+        self._result = result
+        return head[end + 4 :]
+
+    def _body(self, body: bytes) -> None:
+        if self._recent is not None:  # `"text"` may be cut between two reads
+            recent = self._recent[-5:] + body
+            if b'"text"' in recent:
+                self._result.first_token_s = time.perf_counter() - self._t0
+                self._recent = None
+            else:
+                self._recent = recent
+        self._parts.append(body)
+
+    def _finish(self) -> None:
+        self._done.set_result((self._result, b"".join(self._parts), self._keep))
 
 
 def _parse_sse(body: bytes, result: StreamResult) -> None:
@@ -250,6 +323,17 @@ def _parse_sse(body: bytes, result: StreamResult) -> None:
                     result.finish_reasons.append(choice["finish_reason"])
             if payload.get("usage"):
                 result.usage = payload["usage"]
+
+
+def run_client(main):
+    """`asyncio.run(main)` on uvloop's event loop when it is installed (the stack's gateway
+    runs on it too): the client's loop costs less of the CPU it shares with the stack."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def request_body(model: str, prompt: list[int], tokens: int) -> dict:
@@ -367,7 +451,7 @@ class Stack:
     def measure(self, prompts: list[list[int]], tokens: int) -> float:
         """run() with the CPU time of every process added to `cpu`."""
         before = self._cpu_now() if sys.platform == "linux" else {}
-        rate = asyncio.run(self.run(prompts, tokens))
+        rate = run_client(self.run(prompts, tokens))
         if before:
             for name, secs in self._cpu_now().items():
                 self.cpu[name] = self.cpu.get(name, 0.0) + secs - before.get(name, secs)
@@ -477,7 +561,7 @@ def main() -> None:
         engine = Engine(path, args.kv_cache_memory)
         stack.wait_ready()
         # Warm-up: both paths once at full concurrency (imports, caches, allocator).
-        asyncio.run(stack.run(prompts, 8))
+        run_client(stack.run(prompts, 8))
         engine.run(prompts, 8)
         a, b = [], []
         for k in range(args.rounds):
@@ -488,7 +572,7 @@ def main() -> None:
                 f"ratio {a[-1] / b[-1]:.3f}",
                 flush=True,
             )
-        ttft_a = asyncio.run(stack.ttft(prompts[0], args.ttft_samples))
+        ttft_a = run_client(stack.ttft(prompts[0], args.ttft_samples))
         ttft_b = engine.ttft(prompts[0], args.ttft_samples)
     finally:
         stack.stop()
