@@ -6,12 +6,15 @@ a serial hop in front of every stage. Hidden states travel between ranks over
 torch.distributed, not through here; the tokens the last rank samples come back here and
 reach the other ranks in a later step (`CachedRequest.new_token_ids`).
 
-The last rank's stream carries the results. The other ranks answer each step with its id
-once their part is done; a thread per rank drains those answers, and when a rank's stream
-breaks it cancels the last rank's stream, so `get_result` raises WorkerDied instead of
-waiting on a pipeline that lost a stage. A rank that is alive but stalled (stopped, stuck in
-a collective) breaks nothing, so `get_result` also gives up after `step_timeout_s` without a
-result (the step watchdog). Blocking calls: the engine loop runs in its own thread.
+The last rank's stream carries the results; the engine thread reads it itself in
+`get_result` (a reader thread in between would cost a thread handoff on every step). The
+other ranks answer each step with its id once their part is done; a thread per rank drains
+those answers, and when a rank's stream breaks it cancels the last rank's stream, so
+`get_result` raises WorkerDied instead of waiting on a pipeline that lost a stage. A rank that
+is alive but stalled (stopped, stuck in a collective) breaks nothing, so a watchdog thread
+cancels the streams when `get_result` has waited `step_timeout_s` without a result (it looks
+a few times a second; a gRPC stream's next() takes no timeout). Blocking calls: the engine
+loop runs in its own thread.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -66,9 +70,11 @@ class GrpcExecutor:
         self._queues: list[queue.Queue] = []
         self._streams = []
         self._failure: str | None = None
-        """Why a non-last rank's stream ended, once one has."""
-        self._results: queue.Queue = queue.Queue()
-        """The last rank's step results, or the exception that ended its stream."""
+        """Why the steps stopped (a non-last rank's stream ended, the watchdog, shutdown)."""
+        self._results: Iterator[worker_pb2.StepResult] | None = None
+        """The last rank's stream of step results."""
+        self._waiting_since: float | None = None
+        """When `get_result` began waiting for the result it waits for; None: not waiting."""
 
     def _wait_ready(self, timeout_s: float) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -120,17 +126,26 @@ class GrpcExecutor:
             threading.Thread(
                 target=self._drain, args=(rank, stream), name=f"rank{rank}-acks", daemon=True
             ).start()
-        threading.Thread(target=self._read_results, name="step-results", daemon=True).start()
+        self._results = self._streams[-1]
+        threading.Thread(target=self._watch, name="step-watchdog", daemon=True).start()
 
-    def _read_results(self) -> None:
-        """The last rank's stream into `_results`, so `get_result` can wait with a timeout
-        (a gRPC stream's next() cannot)."""
-        try:
-            for result in self._streams[-1]:
-                self._results.put(result)
-            self._results.put(StopIteration("the step stream ended"))
-        except grpc.RpcError as exc:
-            self._results.put(exc)
+    def _watch(self) -> None:
+        """Cancel every stream once `get_result` has waited `step_timeout_s` for a result."""
+        period = min(0.25, self.step_timeout_s / 8)
+        while self._failure is None:
+            time.sleep(period)
+            since = self._waiting_since
+            if since is None or time.monotonic() - since <= self.step_timeout_s:
+                continue
+            if self._failure is None:
+                self._failure = (
+                    f"no step result from the workers within {self.step_timeout_s:g}s "
+                    "(--worker-step-timeout-s): a worker rank is stalled"
+                )
+                logger.error("%s", self._failure)
+                for stream in self._streams:
+                    stream.cancel()
+            return
 
     def _drain(self, rank: int, stream) -> None:
         """Consume a non-last rank's per-step answers; on a break, stop the last rank's."""
@@ -154,22 +169,18 @@ class GrpcExecutor:
             q.put(proto)
 
     def get_result(self) -> msg.StepResult:
+        self._waiting_since = time.monotonic()
         try:
-            item = self._results.get(timeout=self.step_timeout_s)
-        except queue.Empty:
-            self._failure = (
-                f"no step result from the workers within {self.step_timeout_s:g}s "
-                "(--worker-step-timeout-s): a worker rank is stalled"
-            )
-            logger.error("%s", self._failure)
-            for stream in self._streams:
-                stream.cancel()
-            raise WorkerDied(self._failure) from None
-        if not isinstance(item, BaseException):
-            return step_result_from_proto(item)
-        if self._failure is not None:
-            raise WorkerDied(self._failure) from item
-        raise WorkerDied(f"the last pipeline rank's step stream ended: {item}") from item
+            item = next(self._results)
+        except (StopIteration, grpc.RpcError) as exc:
+            if isinstance(exc, StopIteration):
+                exc = StopIteration("the step stream ended")
+            if self._failure is not None:
+                raise WorkerDied(self._failure) from exc
+            raise WorkerDied(f"the last pipeline rank's step stream ended: {exc}") from exc
+        finally:
+            self._waiting_since = None
+        return step_result_from_proto(item)
 
     def shutdown(self) -> None:
         if self._failure is None:
