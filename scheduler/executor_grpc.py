@@ -137,14 +137,13 @@ class GrpcExecutor:
             since = self._waiting_since
             if since is None or time.monotonic() - since <= self.step_timeout_s:
                 continue
-            if self._failure is None:
-                self._failure = (
-                    f"no step result from the workers within {self.step_timeout_s:g}s "
-                    "(--worker-step-timeout-s): a worker rank is stalled"
-                )
-                logger.error("%s", self._failure)
-                for stream in self._streams:
-                    stream.cancel()
+            self._failure = (
+                f"no step result from the workers within {self.step_timeout_s:g}s "
+                "(--worker-step-timeout-s): a worker rank is stalled"
+            )
+            logger.error("%s", self._failure)
+            for stream in self._streams:
+                stream.cancel()
             return
 
     def _drain(self, rank: int, stream) -> None:
@@ -173,11 +172,10 @@ class GrpcExecutor:
         try:
             item = next(self._results)
         except (StopIteration, grpc.RpcError) as exc:
-            if isinstance(exc, StopIteration):
-                exc = StopIteration("the step stream ended")
             if self._failure is not None:
                 raise WorkerDied(self._failure) from exc
-            raise WorkerDied(f"the last pipeline rank's step stream ended: {exc}") from exc
+            why = exc if isinstance(exc, grpc.RpcError) else "the worker closed it"
+            raise WorkerDied(f"the last pipeline rank's step stream ended: {why}") from exc
         finally:
             self._waiting_since = None
         return step_result_from_proto(item)
