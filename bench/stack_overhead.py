@@ -238,8 +238,10 @@ class _Connection(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         if self._result is None:
             data = self._read_head(data)
-            if self._result is None or not data and self._length != 0:
-                return
+            if self._result is None:
+                return  # the head is not whole yet
+            if not data and self._length != 0:
+                return  # nothing of the body yet (an empty sized body is complete now)
         if self._dechunk is not None:
             body = self._dechunk.feed(data)
             if body:

@@ -23,7 +23,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 
@@ -71,8 +70,6 @@ class GrpcExecutor:
         self._streams = []
         self._failure: str | None = None
         """Why the steps stopped (a non-last rank's stream ended, the watchdog, shutdown)."""
-        self._results: Iterator[worker_pb2.StepResult] | None = None
-        """The last rank's stream of step results."""
         self._waiting_since: float | None = None
         """When `get_result` began waiting for the result it waits for; None: not waiting."""
 
@@ -126,7 +123,6 @@ class GrpcExecutor:
             threading.Thread(
                 target=self._drain, args=(rank, stream), name=f"rank{rank}-acks", daemon=True
             ).start()
-        self._results = self._streams[-1]
         threading.Thread(target=self._watch, name="step-watchdog", daemon=True).start()
 
     def _watch(self) -> None:
@@ -170,7 +166,7 @@ class GrpcExecutor:
     def get_result(self) -> msg.StepResult:
         self._waiting_since = time.monotonic()
         try:
-            item = next(self._results)
+            item = next(self._streams[-1])  # the last rank's: the results
         except (StopIteration, grpc.RpcError) as exc:
             if self._failure is not None:
                 raise WorkerDied(self._failure) from exc
